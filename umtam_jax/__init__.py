@@ -1,0 +1,1 @@
+"""umtam_jax: UMTAM training and model merging for JAX/Optax."""

@@ -1,0 +1,1 @@
+"""The UMTAM optimizer (Algorithm 1) as Optax gradient transformations."""

@@ -1,0 +1,111 @@
+"""State and statistics containers of the UMTAM optimizer.
+
+Every array of a leaf's state keeps the axes of the parameter it belongs to, so it can be
+sharded like that parameter: for a factored parameter of shape ``rows + cols`` (the 2-D view
+splits the shape after its first ``k`` axes), ``u`` has shape ``rows + (r,)``, ``v`` has shape
+``cols + (r,)``, ``row`` has shape ``rows`` and ``col`` has shape ``cols``; ``error``,
+``saliency`` and ``initial`` have the parameter's shape. The parameter's shape is therefore
+always ``row.shape + col.shape``, and no static metadata is needed to rebuild dense
+statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+Array = jax.Array
+
+
+class FactoredLeafState(NamedTuple):
+    """Optimizer state of one factored (matrix-like) parameter, SPEC §2.2.
+
+    Attributes:
+      u: left factor of the low-rank momentum, shape ``rows + (r,)``.
+      sigma: ``(r, r)`` core of the momentum ``U Σ Vᵀ`` (diagonal right after a
+        decomposition, a full core between refreshes, SPEC §2.5).
+      v: right factor, shape ``cols + (r,)``.
+      error: compression error ``E`` (parameter shape), ``None`` when ``error_decay == 0``.
+      row: row second moments ``R`` (shape ``rows``).
+      col: column second moments ``C`` (shape ``cols``).
+      saliency: tracked saliency ``S`` (parameter shape), ``None`` with ``saliency="final"``.
+      initial: the initial parameter ``W0``, ``None`` with ``saliency="final"``.
+      rank: active rank (int32 scalar) when adaptive rank is on, else ``None``.
+    """
+
+    u: Array
+    sigma: Array
+    v: Array
+    error: Array | None
+    row: Array
+    col: Array
+    saliency: Array | None
+    initial: Array | None
+    rank: Array | None
+
+
+class DenseLeafState(NamedTuple):
+    """Optimizer state of one dense (vector-like or small) parameter, SPEC §2.4.
+
+    Attributes:
+      mu: first moment ``m``.
+      nu: second moment ``v`` (initialised to ``eps``).
+      saliency: tracked saliency ``S``, ``None`` with ``saliency="final"``.
+      initial: the initial parameter ``W0``, ``None`` with ``saliency="final"``.
+    """
+
+    mu: Array
+    nu: Array
+    saliency: Array | None
+    initial: Array | None
+
+
+class ScaleByUmtamState(NamedTuple):
+    """State of :func:`umtam_jax.scale_by_umtam`.
+
+    Attributes:
+      count: number of updates applied so far (int32).
+      leaves: a pytree shaped like the parameters whose leaves are
+        :class:`FactoredLeafState` or :class:`DenseLeafState`.
+    """
+
+    count: Array
+    leaves: Any
+
+
+class FactoredStatistics(NamedTuple):
+    """Merging statistics of one factored parameter (SPEC §3).
+
+    ``saliency`` is ``None`` when the optimizer ran with ``saliency="final"``; merging then
+    computes it from the expert, the base and ``row``/``col``.
+    """
+
+    u: Array
+    sigma: Array
+    v: Array
+    row: Array
+    col: Array
+    saliency: Array | None
+
+
+class DenseStatistics(NamedTuple):
+    """Merging statistics of one dense parameter (SPEC §3): ``mu`` (m), ``nu`` (v), saliency."""
+
+    mu: Array
+    nu: Array
+    saliency: Array | None
+
+
+LeafState = FactoredLeafState | DenseLeafState
+LeafStatistics = FactoredStatistics | DenseStatistics
+
+
+def is_leaf_state(x: Any) -> bool:
+    """True for a per-parameter optimizer state node."""
+    return isinstance(x, FactoredLeafState | DenseLeafState)
+
+
+def is_leaf_statistics(x: Any) -> bool:
+    """True for a per-parameter statistics node."""
+    return isinstance(x, FactoredStatistics | DenseStatistics)

@@ -1,0 +1,203 @@
+"""Extraction of the merging statistics from an UMTAM optimizer state (SPEC §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from umtam_jax.optimizer._state import (
+    DenseLeafState,
+    DenseStatistics,
+    FactoredLeafState,
+    FactoredStatistics,
+    ScaleByUmtamState,
+    is_leaf_state,
+    is_leaf_statistics,
+)
+
+
+def _is_placeholder(x: Any) -> bool:
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _is_stat_node(x: Any) -> bool:
+    return is_leaf_statistics(x) or _is_placeholder(x)
+
+
+def _to_statistics(leaf: Any) -> Any:
+    if isinstance(leaf, FactoredLeafState):
+        return FactoredStatistics(
+            u=leaf.u, sigma=leaf.sigma, v=leaf.v, row=leaf.row, col=leaf.col, saliency=leaf.saliency
+        )
+    if isinstance(leaf, DenseLeafState):
+        return DenseStatistics(mu=leaf.mu, nu=leaf.nu, saliency=leaf.saliency)
+    return leaf
+
+
+def _combine(trees: list[Any]) -> Any:
+    """Overlays several params-shaped trees whose missing leaves are MaskedNode/None."""
+
+    def pick(*nodes: Any) -> Any:
+        found = [n for n in nodes if not _is_placeholder(n)]
+        if len(found) > 1:
+            raise ValueError("two UMTAM states hold statistics for the same parameter")
+        return found[0] if found else nodes[0]
+
+    return jax.tree.map(pick, *trees, is_leaf=lambda x: is_leaf_state(x) or _is_placeholder(x))
+
+
+def _contains_statistics(x: Any) -> bool:
+    nodes = jax.tree.leaves(x, is_leaf=is_leaf_statistics)
+    return bool(nodes) and all(is_leaf_statistics(n) for n in nodes)
+
+
+def statistics(x: Any) -> Any:
+    """Returns the per-parameter merging statistics held by an optimizer state.
+
+    Works on the state of :func:`umtam_jax.umtam` / :func:`umtam_jax.scale_by_umtam` and on
+    any Optax wrapper around it (``optax.chain``, ``optax.inject_hyperparams``,
+    ``optax.MultiSteps``, ``optax.masked``, ``optax.partition``, ``optax.apply_if_finite``).
+
+    Args:
+      x: an optimizer state, or a statistics pytree (returned unchanged).
+
+    Returns:
+      A pytree shaped like the parameters whose leaves are :class:`FactoredStatistics`
+      (``u, sigma, v, row, col, saliency``) or :class:`DenseStatistics` (``mu, nu,
+      saliency``); parameters the optimizer did not see (``optax.masked``) hold
+      ``optax.MaskedNode()``. Statistics are the raw (not bias-corrected) accumulators.
+
+    Raises:
+      ValueError: if ``x`` holds no UMTAM state.
+
+    Example:
+      >>> import jax.numpy as jnp, umtam_jax
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2)
+      >>> stats = umtam_jax.statistics(opt.init(params))
+      >>> stats["w"].nu.shape
+      (4, 3)
+    """
+    if _contains_statistics(x):
+        return x
+    states = [
+        s
+        for s in jax.tree.leaves(x, is_leaf=lambda n: isinstance(n, ScaleByUmtamState))
+        if isinstance(s, ScaleByUmtamState)
+    ]
+    if not states:
+        raise ValueError(
+            "no UMTAM optimizer state found: pass the state of umtam_jax.umtam(...) "
+            "(possibly wrapped by optax), or a statistics pytree"
+        )
+    leaves = _combine([s.leaves for s in states]) if len(states) > 1 else states[0].leaves
+    return jax.tree.map(_to_statistics, leaves, is_leaf=lambda n: is_leaf_state(n) or _is_placeholder(n))
+
+
+def _map_statistics(fn, x: Any) -> Any:
+    return jax.tree.map(
+        lambda s: s if _is_placeholder(s) else fn(s), statistics(x), is_leaf=_is_stat_node
+    )
+
+
+def _outer(row: jax.Array, col: jax.Array) -> jax.Array:
+    """``row ⊗ col`` laid out with the parameter's shape ``row.shape + col.shape``."""
+    return row.reshape(row.shape + (1,) * col.ndim) * col
+
+
+def _leaf_curvature(s: Any) -> jax.Array:
+    if isinstance(s, FactoredStatistics):
+        return _outer(s.row, s.col) / jnp.sum(s.row)
+    return s.nu
+
+
+def _leaf_momentum(s: Any) -> jax.Array:
+    if isinstance(s, FactoredStatistics):
+        rows, cols = s.row.shape, s.col.shape
+        u = s.u.reshape(-1, s.u.shape[-1])
+        v = s.v.reshape(-1, s.v.shape[-1])
+        return ((u @ s.sigma) @ v.T).reshape(rows + cols)
+    return s.mu
+
+
+def _leaf_root_curvature(s: Any) -> jax.Array:
+    """``sqrt(R_i C_j)`` (factored) or ``sqrt(v)`` (dense): the saliency's curvature factor."""
+    if isinstance(s, FactoredStatistics):
+        return jnp.sqrt(_outer(s.row, s.col))
+    return jnp.sqrt(s.nu)
+
+
+def curvature(x: Any) -> Any:
+    """Dense curvature estimates with the parameters' shapes.
+
+    Factored leaves: ``Ŝ = R Cᵀ / sum(R)`` (Adafactor's ``v_row v_colᵀ / mean(v_row)``);
+    dense leaves: the second moment ``v``.
+
+    Args:
+      x: an optimizer state (possibly wrapped) or a statistics pytree.
+
+    Returns:
+      A pytree of arrays shaped like the parameters.
+    """
+    return _map_statistics(_leaf_curvature, x)
+
+
+def momentum(x: Any) -> Any:
+    """Dense momenta with the parameters' shapes: ``U Σ Vᵀ`` (factored) or ``m`` (dense).
+
+    Args:
+      x: an optimizer state (possibly wrapped) or a statistics pytree.
+
+    Returns:
+      A pytree of arrays shaped like the parameters.
+    """
+    return _map_statistics(_leaf_momentum, x)
+
+
+def saliency(x: Any, params: Any = None, initial_params: Any = None) -> Any:
+    """Per-parameter saliency ``S`` with the parameters' shapes.
+
+    With tracked saliency (the default ``saliency="tracked"``) this is the running
+    ``S ← α S + (1 − α)(W − W0)² ⊙ sqrt(R_i C_j)`` of SPEC §2.2 step 9. When the optimizer ran
+    with ``saliency="final"`` no ``S`` is stored; pass ``params`` and ``initial_params`` and it
+    is computed once as ``(W − W0)² ⊙ sqrt(R_i C_j)`` (dense leaves: ``⊙ sqrt(v)``).
+
+    Args:
+      x: an optimizer state (possibly wrapped) or a statistics pytree.
+      params: final parameters, needed only for leaves without tracked saliency.
+      initial_params: initial parameters ``W0``, likewise.
+
+    Returns:
+      A pytree of arrays shaped like the parameters.
+
+    Raises:
+      ValueError: if a leaf has no tracked saliency and ``params``/``initial_params`` are
+        missing.
+    """
+    stats = statistics(x)
+    if params is None or initial_params is None:
+
+        def tracked(path, s):
+            if _is_placeholder(s):
+                return s
+            if s.saliency is None:
+                raise ValueError(
+                    f"no tracked saliency at {jax.tree_util.keystr(path)} (the optimizer ran "
+                    "with saliency='final'): pass params and initial_params"
+                )
+            return s.saliency
+
+        return jax.tree_util.tree_map_with_path(tracked, stats, is_leaf=_is_stat_node)
+
+    def final(s, w, w0):
+        if _is_placeholder(s):
+            return s
+        if s.saliency is not None:
+            return s.saliency
+        delta = jnp.asarray(w, jnp.float32) - jnp.asarray(w0, jnp.float32)
+        return jnp.square(delta) * _leaf_root_curvature(s)
+
+    return jax.tree.map(final, stats, params, initial_params, is_leaf=_is_stat_node)
