@@ -1,0 +1,39 @@
+"""Orbax checkpoints of parameters, UMTAM merging statistics and optimizer state (SPEC §6).
+
+One checkpoint directory holds separate Orbax items (``params``, ``statistics``,
+``opt_state`` and a JSON ``umtam_metadata``), each restorable alone; merging restores base,
+experts and statistics without rebuilding the optimizer. Saves are synchronous and atomic,
+and never overwrite an existing checkpoint unless asked. Restored arrays are ``jax.Array``
+(dtypes preserved, bfloat16 included), placed on the first local device or with the
+shardings of a given target.
+
+Example:
+  >>> import jax, jax.numpy as jnp, umtam_jax
+  >>> from umtam_jax import checkpoint
+  >>> params = {"w": jnp.ones((4, 3))}
+  >>> opt = umtam_jax.umtam(1e-2)
+  >>> path = checkpoint.save_checkpoint("/tmp/ckpt_pkg_doc", params,
+  ...                                   opt_state=opt.init(params), overwrite=True)
+  >>> stats = checkpoint.restore_statistics(path)
+  >>> state = checkpoint.restore_opt_state(path, jax.eval_shape(opt.init, params))
+"""
+
+from umtam_jax.checkpoint._checkpoint import (
+    Checkpoint,
+    read_metadata,
+    restore_checkpoint,
+    restore_opt_state,
+    restore_params,
+    restore_statistics,
+    save_checkpoint,
+)
+
+__all__ = [
+    "Checkpoint",
+    "read_metadata",
+    "restore_checkpoint",
+    "restore_opt_state",
+    "restore_params",
+    "restore_statistics",
+    "save_checkpoint",
+]

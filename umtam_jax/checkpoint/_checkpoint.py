@@ -1,0 +1,777 @@
+"""Orbax checkpoints of parameters, UMTAM merging statistics and optimizer state (SPEC §6).
+
+Layout of one checkpoint directory (an Orbax composite checkpoint written by a synchronous
+``orbax.checkpoint.Checkpointer``, so it appears under its final name only once complete)::
+
+    <directory>/
+      umtam_metadata/   JSON: format and library versions, the structure of every item,
+                        the statistics' node kinds, the user's metadata
+      params/           Orbax PyTree item: the parameters
+      statistics/       Orbax PyTree item: the merging statistics (SPEC §3), if any
+      opt_state/        Orbax PyTree item: the full optimizer state, if saved
+
+Orbax stores nested dictionaries of arrays; ``None`` fields, ``optax.MaskedNode`` and the
+NamedTuple / list / tuple containers are not stored by it faithfully. Every item is
+therefore stored as a nested dictionary of its arrays (lists and tuples keyed ``"0"``,
+``"1"``, ...; NamedTuples keyed by field name; ``None`` and ``MaskedNode`` omitted) and its
+exact structure is recorded in the JSON metadata, from which it is rebuilt on restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import importlib.metadata
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from umtam_jax.optimizer import _state
+
+FORMAT_NAME = "umtam_jax.checkpoint"
+FORMAT_VERSION = 1
+
+PARAMS = "params"
+STATISTICS = "statistics"
+OPT_STATE = "opt_state"
+METADATA = "umtam_metadata"
+_ARRAY_ITEMS = (PARAMS, STATISTICS, OPT_STATE)
+
+# Orbax's suffix for the temporary directory of an in-progress save (AtomicRenameTemporaryPath).
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+# NamedTuple classes rebuilt by name when restoring without a target.
+_KNOWN_NAMEDTUPLES = {
+    f"{cls.__module__}:{cls.__qualname__}": cls
+    for cls in (
+        _state.FactoredStatistics,
+        _state.DenseStatistics,
+        _state.FactoredLeafState,
+        _state.DenseLeafState,
+        _state.ScaleByUmtamState,
+    )
+}
+# Modules whose NamedTuples may be imported by name when restoring without a target.
+_IMPORTABLE_PACKAGES = ("umtam_jax", "optax")
+
+
+class Checkpoint(NamedTuple):
+    """Everything :func:`restore_checkpoint` read from one checkpoint directory.
+
+    Attributes:
+      params: the parameters.
+      statistics: the merging statistics (leaves :class:`FactoredStatistics` /
+        :class:`DenseStatistics` / ``optax.MaskedNode``), or ``None`` if none were saved.
+      opt_state: the optimizer state, or ``None`` when no ``opt_state_target`` was given or
+        no optimizer state was saved.
+      metadata: the checkpoint's metadata dictionary: ``format``, ``format_version``,
+        ``library_version``, ``orbax_version``, ``jax_version``, ``created`` (UTC ISO time),
+        ``items`` (the array items present), ``statistics_kinds`` (counts and per-path kinds
+        of the statistics nodes, or ``None``) and ``user`` (the ``metadata`` given to
+        :func:`save_checkpoint`, or ``None``).
+    """
+
+    params: Any
+    statistics: Any
+    opt_state: Any
+    metadata: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------
+# Structure encoding
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Encoded:
+    """A pytree split into a JSON structure spec and a nested dict of its arrays."""
+
+    spec: dict[str, Any]
+    arrays: dict[str, Any]  # nested dicts of arrays; empty subtrees omitted
+    paths: list[tuple[str, ...]]  # array paths inside ``arrays``, in jax flatten order
+    leaves: list[Any]  # the arrays, same order
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _is_array_leaf(x: Any) -> bool:
+    return isinstance(
+        x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct | bool | int | float | complex
+    )
+
+
+def _key_to_str(key: Any) -> tuple[str, str]:
+    """Dictionary key → (string used in the stored dict, kind to rebuild it)."""
+    if isinstance(key, str):
+        return key, "s"
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        return str(int(key)), "i"
+    raise TypeError(f"unsupported dictionary key {key!r} ({type(key).__name__}); use str or int")
+
+
+def _generic_key(key: Any) -> tuple[str, str]:
+    """A jax key-path entry of a custom pytree node → (stored name, kind)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return _key_to_str(getattr(key, attr))
+    return str(key), "s"
+
+
+def _leaf_spec(x: Any) -> dict[str, Any]:
+    return {"t": "array", "shape": [int(d) for d in np.shape(x)], "dtype": str(_dtype(x))}
+
+
+def _dtype(x: Any) -> np.dtype:
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+
+
+def _as_saveable(x: Any) -> Any:
+    if isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        return x
+    return np.asarray(x)  # Python / NumPy scalars: a fresh 0-d array, the input is untouched
+
+
+def _encode(tree: Any, what: str) -> _Encoded:
+    """Splits ``tree`` into a JSON structure spec and a nested dict of arrays."""
+    paths: list[tuple[str, ...]] = []
+    leaves: list[Any] = []
+
+    def children(entries, prefix, jax_path):
+        """entries: (stored name, key kind, child, jax key entry) in jax flatten order."""
+        spec_children, stored = [], {}
+        for name, kind, child, key in entries:
+            if name in stored or any(name == c[0] for c in spec_children):
+                raise ValueError(
+                    f"{what}: two children of {jax.tree_util.keystr(jax_path)} are stored "
+                    f"under the same name {name!r}"
+                )
+            child_spec, child_arrays = walk(child, prefix + (name,), jax_path + (key,))
+            spec_children.append([name, kind, child_spec])
+            if not (isinstance(child_arrays, dict) and not child_arrays):
+                stored[name] = child_arrays
+        return spec_children, stored
+
+    def walk(x, prefix, jax_path):
+        if x is None:
+            return {"t": "none"}, {}
+        if isinstance(x, optax.MaskedNode):
+            return {"t": "masked"}, {}
+        if _is_namedtuple(x):
+            cls = type(x)
+            entries = [(f, "s", getattr(x, f), jax.tree_util.GetAttrKey(f)) for f in cls._fields]
+            spec_children, stored = children(entries, prefix, jax_path)
+            spec = {"t": "namedtuple", "cls": f"{cls.__module__}:{cls.__qualname__}"}
+            spec["children"] = spec_children
+            return spec, stored
+        if type(x) is dict:
+            try:
+                keys = sorted(x)
+            except TypeError as e:
+                raise TypeError(
+                    f"{what}: unsortable keys at {jax.tree_util.keystr(jax_path)}"
+                ) from e
+            entries = [(*_key_to_str(k), x[k], jax.tree_util.DictKey(k)) for k in keys]
+            spec_children, stored = children(entries, prefix, jax_path)
+            return {"t": "dict", "children": spec_children}, stored
+        if type(x) in (list, tuple):
+            entries = [(str(i), "i", c, jax.tree_util.SequenceKey(i)) for i, c in enumerate(x)]
+            spec_children, stored = children(entries, prefix, jax_path)
+            return {"t": type(x).__name__, "children": spec_children}, stored
+        if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)):
+            if not _is_array_leaf(x):
+                raise TypeError(
+                    f"{what}: leaf at {jax.tree_util.keystr(jax_path)} is a "
+                    f"{type(x).__name__}, not an array or scalar"
+                )
+            paths.append(prefix)
+            leaves.append(_as_saveable(x))
+            return _leaf_spec(x), leaves[-1]
+        # Any other registered pytree node (FrozenDict, nnx.State, dataclasses, ...): one
+        # level of jax's own flattening; restored without a target as a plain dict.
+        flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda c: c is not x)
+        entries = [(*_generic_key(p[-1]), c, p[-1]) for p, c in flat]
+        spec_children, stored = children(entries, prefix, jax_path)
+        return {"t": "node", "type": type(x).__qualname__, "children": spec_children}, stored
+
+    spec, arrays = walk(tree, (), ())
+    if not isinstance(arrays, dict):  # the whole tree is one array
+        arrays = {"value": arrays}
+        paths[:] = [("value",)]
+        spec = {"t": "root_array", "leaf": spec}
+    return _Encoded(spec=spec, arrays=arrays, paths=paths, leaves=leaves)
+
+
+def _spec_arrays(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
+    """Yields (path, leaf spec) of every array of a structure spec, in flatten order."""
+    t = spec["t"]
+    if t == "root_array":
+        yield ("value",), spec["leaf"]
+    elif t == "array":
+        yield prefix, spec
+    elif t in ("dict", "list", "tuple", "namedtuple", "node"):
+        for name, _, child in spec["children"]:
+            yield from _spec_arrays(child, prefix + (name,))
+
+
+def _namedtuple_class(name: str) -> type | None:
+    if name in _KNOWN_NAMEDTUPLES:
+        return _KNOWN_NAMEDTUPLES[name]
+    if name == f"{optax.MaskedNode.__module__}:{optax.MaskedNode.__qualname__}":
+        return optax.MaskedNode
+    module, _, qualname = name.partition(":")
+    if module.split(".")[0] not in _IMPORTABLE_PACKAGES:
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj if isinstance(obj, type) and issubclass(obj, tuple) else None
+
+
+def _decode(spec: dict[str, Any], arrays: Any) -> Any:
+    """Rebuilds a pytree from its structure spec and the restored nested dict of arrays."""
+
+    def key(name, kind):
+        return int(name) if kind == "i" else name
+
+    def walk(s, a):
+        t = s["t"]
+        if t == "none":
+            return None
+        if t == "masked":
+            return optax.MaskedNode()
+        if t == "array":
+            return a
+        a = a if isinstance(a, Mapping) else {}
+        values = [(name, kind, walk(c, a.get(name, {}))) for name, kind, c in s["children"]]
+        if t == "list":
+            return [v for _, _, v in values]
+        if t == "tuple":
+            return tuple(v for _, _, v in values)
+        if t == "namedtuple":
+            cls = _namedtuple_class(s["cls"])
+            if cls is not None:
+                return cls(**{name: v for name, _, v in values})
+        return {key(name, kind): v for name, kind, v in values}  # dict, node, unknown tuple
+
+    if spec["t"] == "root_array":
+        return arrays["value"]
+    return walk(spec, arrays)
+
+
+def _nested_set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _nested_get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+# --------------------------------------------------------------------------------------
+# Statistics node kinds
+# --------------------------------------------------------------------------------------
+
+
+def _statistics_kinds(stats: Any) -> dict[str, Any]:
+    def is_node(x):
+        return _state.is_leaf_statistics(x) or x is None or isinstance(x, optax.MaskedNode)
+
+    kinds: dict[str, str] = {}
+
+    def record(path, node):
+        if isinstance(node, _state.FactoredStatistics):
+            kind = "factored"
+        elif isinstance(node, _state.DenseStatistics):
+            kind = "dense"
+        elif isinstance(node, optax.MaskedNode):
+            kind = "masked"
+        elif node is None:
+            kind = "none"
+        else:
+            kind = "array"
+        kinds[jax.tree_util.keystr(path)] = kind
+
+    jax.tree_util.tree_map_with_path(record, stats, is_leaf=is_node)
+    counts: dict[str, int] = {}
+    for kind in kinds.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return {"counts": counts, "paths": kinds}
+
+
+# --------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("umtam-jax")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        return "unknown"
+
+
+def _rmtree_quiet(path: epath.Path) -> None:
+    try:
+        if path.exists():
+            path.rmtree()
+    except OSError:  # pragma: no cover - best effort cleanup
+        pass
+
+
+def _write(path: epath.Path, items: dict[str, _Encoded], metadata: dict[str, Any]) -> None:
+    """One synchronous, atomic Orbax composite save to ``path`` (which must not exist)."""
+    args = {name: ocp.args.StandardSave(enc.arrays) for name, enc in items.items()}
+    args[METADATA] = ocp.args.JsonSave(metadata)
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(path, args=ocp.args.Composite(**args))
+    except BaseException:
+        # Orbax writes into ``<path>.orbax-checkpoint-tmp`` and renames it to ``path`` only
+        # when everything is written: a failed save leaves no ``path``; drop the leftovers.
+        _rmtree_quiet(path.parent / (path.name + _ORBAX_TMP_SUFFIX))
+        raise
+
+
+def save_checkpoint(
+    directory: str | epath.PathLike,
+    params: Any,
+    *,
+    opt_state: Any = None,
+    statistics: Any = None,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> epath.Path:
+    """Saves parameters, UMTAM merging statistics and (optionally) the optimizer state.
+
+    Everything goes into one Orbax composite checkpoint ``directory`` with separate items
+    (``params``, ``statistics``, ``opt_state``, ``umtam_metadata``) that can each be restored
+    alone. The save is synchronous (it returns once the checkpoint is complete) and atomic:
+    Orbax writes into a temporary directory and renames it to ``directory`` only when every
+    item is written, so a failed or interrupted save never leaves a ``directory`` behind.
+    With ``overwrite=True`` the new checkpoint is first written completely under a hidden
+    sibling name and then swapped in, so the old checkpoint is kept if the save fails. The
+    inputs are never modified.
+
+    Args:
+      directory: the checkpoint directory to create (local path or any ``etils.epath``
+        path Orbax supports).
+      params: the parameter pytree (dicts, lists, tuples, NamedTuples or any registered
+        pytree node, with array or scalar leaves; any dtype, including bfloat16).
+      opt_state: the optimizer state. When given it is saved in full (for resuming) and,
+        unless ``statistics`` is given, the merging statistics are extracted from it with
+        :func:`umtam_jax.statistics`; an optimizer state without any UMTAM state (e.g. an
+        AdamW baseline) is saved without statistics.
+      statistics: the merging statistics to save (a statistics pytree, or an optimizer
+        state to extract them from). Overrides the extraction from ``opt_state``.
+      overwrite: replace an existing ``directory``. Off by default.
+      metadata: a JSON-serialisable mapping stored with the checkpoint (e.g. the task name,
+        step, hyper-parameters); returned as ``metadata["user"]`` on restore.
+
+    Returns:
+      The checkpoint directory as an ``epath.Path``.
+
+    Raises:
+      FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+      TypeError: if ``metadata`` is not JSON-serialisable, or a tree holds a leaf that is
+        not an array or scalar.
+      ValueError: if ``statistics`` holds no UMTAM statistics.
+
+    Example:
+      >>> import jax.numpy as jnp, umtam_jax
+      >>> from umtam_jax.checkpoint import save_checkpoint, restore_statistics
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2)
+      >>> path = save_checkpoint("/tmp/ckpt_doc", params, opt_state=opt.init(params),
+      ...                        metadata={"task": "demo"}, overwrite=True)
+      >>> restore_statistics(path)["w"].nu.shape
+      (4, 3)
+    """
+    from umtam_jax.optimizer import _statistics  # the optimizer package imports lazily
+
+    directory = epath.Path(directory)
+    if not directory.is_absolute():
+        directory = epath.Path(directory.absolute())
+    if _ORBAX_TMP_SUFFIX in directory.name:
+        raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
+    if directory.exists() and not overwrite:
+        raise FileExistsError(
+            f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
+        )
+
+    # Everything is validated before anything is written.
+    if statistics is None and opt_state is not None:
+        try:
+            stats = _statistics.statistics(opt_state)
+        except ValueError:  # no UMTAM state inside: save without statistics
+            stats = None
+    elif statistics is not None:
+        stats = _statistics.statistics(statistics)
+    else:
+        stats = None
+
+    trees = {PARAMS: params, STATISTICS: stats, OPT_STATE: opt_state}
+    encoded = {name: _encode(tree, name) for name, tree in trees.items() if tree is not None}
+    user = None
+    if metadata is not None:
+        try:
+            user = json.loads(json.dumps(dict(metadata)))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "orbax_version": importlib.metadata.version("orbax-checkpoint"),
+        "jax_version": jax.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "items": [name for name, enc in encoded.items() if enc.leaves],
+        "structures": {name: enc.spec for name, enc in encoded.items()},
+        "statistics_kinds": _statistics_kinds(stats) if stats is not None else None,
+        "user": user,
+    }
+    # Orbax does not store empty trees: items without arrays live in the metadata only.
+    items = {name: enc for name, enc in encoded.items() if enc.leaves}
+
+    if not directory.exists():
+        _write(directory, items, meta)
+        return directory
+
+    # Overwrite: write the new checkpoint completely, then swap it in.
+    token = uuid.uuid4().hex[:12]
+    staging = directory.parent / f".{directory.name}.umtam-new-{token}"
+    retired = directory.parent / f".{directory.name}.umtam-old-{token}"
+    _write(staging, items, meta)
+    try:
+        directory.rename(retired)
+    except BaseException:
+        _rmtree_quiet(staging)
+        raise
+    try:
+        staging.rename(directory)
+    except BaseException:
+        retired.rename(directory)
+        _rmtree_quiet(staging)
+        raise
+    _rmtree_quiet(retired)
+    return directory
+
+
+# --------------------------------------------------------------------------------------
+# Restore
+# --------------------------------------------------------------------------------------
+
+
+def _check_directory(directory: str | epath.PathLike) -> epath.Path:
+    directory = epath.Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"no checkpoint at {directory}: the directory does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"not a checkpoint directory: {directory} is a file")
+    if _ORBAX_TMP_SUFFIX in directory.name:
+        raise ValueError(f"incomplete checkpoint (an unfinished Orbax save): {directory}")
+    return directory
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any]:
+    """Restores the given items; any Orbax failure becomes a short ValueError."""
+    for name in args:
+        if not (directory / name).exists():
+            raise FileNotFoundError(
+                f"checkpoint {directory} is missing its item {name!r} ({directory / name} "
+                "does not exist): the checkpoint is incomplete or corrupt"
+            )
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(directory, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
+        names = ", ".join(repr(n) for n in args)
+        raise ValueError(
+            f"cannot restore item(s) {names} of checkpoint {directory}: the checkpoint is "
+            f"corrupt or incompatible ({_short(e)})"
+        ) from None
+    return {name: restored[name] for name in args}
+
+
+def read_metadata(directory: str | epath.PathLike) -> dict[str, Any]:
+    """Reads the metadata of a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+      directory: the checkpoint directory.
+
+    Returns:
+      The metadata dictionary described in :class:`Checkpoint` (without the internal
+      structure records).
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint or no metadata item at ``directory``.
+      ValueError: if the metadata is corrupt or from an unknown format.
+
+    Example:
+      >>> read_metadata("/tmp/ckpt_doc")["user"]  # doctest: +SKIP
+      {'task': 'demo'}
+    """
+    meta = _read_full_metadata(_check_directory(directory))
+    return {k: v for k, v in meta.items() if k != "structures"}
+
+
+def _read_full_metadata(directory: epath.Path) -> dict[str, Any]:
+    if not (directory / METADATA).exists():
+        raise FileNotFoundError(
+            f"{directory} is not a umtam_jax checkpoint or is incomplete: its item "
+            f"{METADATA!r} ({directory / METADATA}) does not exist"
+        )
+    meta = _restore_items(directory, {METADATA: ocp.args.JsonRestore()})[METADATA]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{directory / METADATA} is not umtam_jax checkpoint metadata")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {directory} has format version {meta['format_version']}, newer than "
+            f"this library's {FORMAT_VERSION}: upgrade umtam_jax"
+        )
+    return meta
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _abstract_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    sharding = _default_sharding()
+    tree: dict[str, Any] = {}
+    for path, leaf in _spec_arrays(spec):
+        abstract = jax.ShapeDtypeStruct(
+            tuple(leaf["shape"]), np.dtype(leaf["dtype"]), sharding=sharding
+        )
+        _nested_set(tree, path, abstract)
+    return tree
+
+
+def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
+    sharding = getattr(x, "sharding", None) or _default_sharding()
+    return jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=sharding)
+
+
+def _match_target(
+    directory: epath.Path, item: str, saved_spec: dict[str, Any], target: Any
+) -> tuple[_Encoded, dict[str, Any]]:
+    """Checks ``target`` against the saved structure; returns its encoding and abstract tree."""
+    enc = _encode(target, f"{item} target")
+    saved = {path: leaf for path, leaf in _spec_arrays(saved_spec)}
+    wanted = {path: _leaf_spec(x) for path, x in zip(enc.paths, enc.leaves, strict=True)}
+    problems = []
+    for path in wanted.keys() - saved.keys():
+        problems.append(f"{'/'.join(path)}: in the target but not in the checkpoint")
+    for path in saved.keys() - wanted.keys():
+        problems.append(f"{'/'.join(path)}: in the checkpoint but not in the target")
+    for path in wanted.keys() & saved.keys():
+        if wanted[path]["shape"] != saved[path]["shape"]:
+            problems.append(
+                f"{'/'.join(path)}: shape {tuple(saved[path]['shape'])} in the checkpoint, "
+                f"{tuple(wanted[path]['shape'])} in the target"
+            )
+    if problems:
+        shown = "; ".join(sorted(problems)[:8])
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ValueError(
+            f"the {item} target does not match checkpoint {directory / item}: {shown}{more}"
+        )
+    abstract: dict[str, Any] = {}
+    for path, x in zip(enc.paths, enc.leaves, strict=True):
+        _nested_set(abstract, path, _abstract_leaf(x))
+    return enc, abstract
+
+
+def _restore_array_items(
+    directory: epath.Path,
+    meta: dict[str, Any],
+    items: list[str],
+    targets: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Restores ``items``; those in ``targets`` take the target's structure and shardings."""
+    structures = meta.get("structures", {})
+    for item in items:
+        if item not in structures:
+            raise FileNotFoundError(
+                f"checkpoint {directory} has no {item!r} item (saved items: "
+                f"{', '.join(sorted(structures)) or 'none'})"
+            )
+    args, encodings = {}, {}
+    for item in items:
+        target = targets.get(item)
+        if target is not None:
+            encodings[item], abstract = _match_target(directory, item, structures[item], target)
+        else:
+            abstract = _abstract_from_spec(structures[item])
+        if item in meta.get("items", []):
+            args[item] = ocp.args.StandardRestore(abstract)
+    restored = _restore_items(directory, args) if args else {}
+    out = {}
+    for item in items:
+        arrays = restored.get(item, {})
+        if item in encodings:  # rebuild with the target's own tree structure
+            enc = encodings[item]
+            leaves = [_nested_get(arrays, p) for p in enc.paths]
+            out[item] = jax.tree.unflatten(jax.tree.structure(targets[item]), leaves)
+        else:
+            out[item] = _decode(structures[item], arrays)
+    return out
+
+
+def restore_params(directory: str | epath.PathLike, *, target: Any = None) -> Any:
+    """Restores the parameters of a checkpoint.
+
+    Without ``target`` the parameters come back with the saved containers (dicts, lists,
+    tuples and known NamedTuples; other pytree nodes such as ``FrozenDict`` as plain dicts)
+    as ``jax.Array`` on the first local device, dtypes preserved.
+
+    Args:
+      directory: the checkpoint directory.
+      target: optional pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. from
+        ``jax.eval_shape``) with the saved structure and shapes: the result takes its tree
+        structure, dtypes and shardings (leaves without a sharding go to the first local
+        device).
+
+    Returns:
+      The parameter pytree.
+
+    Raises:
+      FileNotFoundError: if the checkpoint or its ``params`` item does not exist.
+      ValueError: if the checkpoint is corrupt or ``target`` does not match it.
+
+    Example:
+      >>> params = restore_params("/tmp/ckpt_doc")  # doctest: +SKIP
+    """
+    directory = _check_directory(directory)
+    meta = _read_full_metadata(directory)
+    return _restore_array_items(directory, meta, [PARAMS], {PARAMS: target})[PARAMS]
+
+
+def restore_statistics(directory: str | epath.PathLike, *, target: Any = None) -> Any:
+    """Restores the UMTAM merging statistics of a checkpoint, without any optimizer.
+
+    Args:
+      directory: the checkpoint directory.
+      target: optional statistics pytree (arrays or ``jax.ShapeDtypeStruct``) giving the
+        structure, dtypes and shardings, e.g.
+        ``jax.eval_shape(lambda: umtam_jax.statistics(opt.init(params)))``.
+
+    Returns:
+      A pytree shaped like the parameters whose leaves are :class:`FactoredStatistics` /
+      :class:`DenseStatistics` (fields that were ``None`` are ``None`` again) or
+      ``optax.MaskedNode()``, with ``jax.Array`` leaves (first local device without target).
+
+    Raises:
+      FileNotFoundError: if the checkpoint does not exist or was saved without statistics.
+      ValueError: if the checkpoint is corrupt or ``target`` does not match it.
+
+    Example:
+      >>> stats = restore_statistics("/tmp/ckpt_doc")  # doctest: +SKIP
+      >>> stats["w"].saliency.shape  # doctest: +SKIP
+      (4, 3)
+    """
+    directory = _check_directory(directory)
+    meta = _read_full_metadata(directory)
+    return _restore_array_items(directory, meta, [STATISTICS], {STATISTICS: target})[STATISTICS]
+
+
+def restore_opt_state(directory: str | epath.PathLike, target: Any) -> Any:
+    """Restores the full optimizer state of a checkpoint into the structure of ``target``.
+
+    The restored state has ``target``'s tree structure (so its NamedTuples, ``None`` fields
+    and ``optax.MaskedNode`` placeholders), dtypes and shardings, and the saved values bit
+    for bit: training resumed from it continues exactly as uninterrupted training.
+
+    Args:
+      directory: the checkpoint directory.
+      target: an optimizer state of the same optimizer, concrete or abstract, e.g.
+        ``jax.eval_shape(opt.init, params)``; leaves without a sharding are placed on the
+        first local device.
+
+    Returns:
+      The optimizer state.
+
+    Raises:
+      FileNotFoundError: if the checkpoint does not exist or was saved without ``opt_state``.
+      ValueError: if the checkpoint is corrupt or ``target``'s structure or shapes differ
+        from the saved state (the message lists the differing paths).
+
+    Example:
+      >>> abstract = jax.eval_shape(opt.init, params)  # doctest: +SKIP
+      >>> opt_state = restore_opt_state("/tmp/ckpt_doc", abstract)  # doctest: +SKIP
+    """
+    if target is None:
+        raise TypeError("restore_opt_state needs a target, e.g. jax.eval_shape(opt.init, params)")
+    directory = _check_directory(directory)
+    meta = _read_full_metadata(directory)
+    return _restore_array_items(directory, meta, [OPT_STATE], {OPT_STATE: target})[OPT_STATE]
+
+
+def restore_checkpoint(
+    directory: str | epath.PathLike,
+    *,
+    opt_state_target: Any = None,
+    params_target: Any = None,
+    statistics_target: Any = None,
+) -> Checkpoint:
+    """Restores everything a checkpoint holds in one Orbax read.
+
+    Args:
+      directory: the checkpoint directory.
+      opt_state_target: the optimizer state's target (see :func:`restore_opt_state`); the
+        optimizer state is restored only when it is given.
+      params_target: optional target for the parameters (see :func:`restore_params`).
+      statistics_target: optional target for the statistics (see
+        :func:`restore_statistics`).
+
+    Returns:
+      A :class:`Checkpoint` ``(params, statistics, opt_state, metadata)``; ``statistics`` is
+      ``None`` when none were saved, ``opt_state`` when no ``opt_state_target`` was given.
+
+    Raises:
+      FileNotFoundError: if the checkpoint does not exist, or ``opt_state_target`` is given
+        but no optimizer state was saved.
+      ValueError: if the checkpoint is corrupt or a target does not match it.
+
+    Example:
+      >>> ckpt = restore_checkpoint("/tmp/ckpt_doc")  # doctest: +SKIP
+      >>> ckpt.metadata["user"]  # doctest: +SKIP
+      {'task': 'demo'}
+    """
+    directory = _check_directory(directory)
+    meta = _read_full_metadata(directory)
+    structures = meta.get("structures", {})
+    items = [PARAMS]
+    if STATISTICS in structures:
+        items.append(STATISTICS)
+    if opt_state_target is not None:
+        items.append(OPT_STATE)
+    targets = {PARAMS: params_target, STATISTICS: statistics_target, OPT_STATE: opt_state_target}
+    out = _restore_array_items(directory, meta, items, targets)
+    return Checkpoint(
+        params=out[PARAMS],
+        statistics=out.get(STATISTICS),
+        opt_state=out.get(OPT_STATE),
+        metadata={k: v for k, v in meta.items() if k != "structures"},
+    )
