@@ -1,0 +1,831 @@
+"""Real, offline classification tasks for the experiments (SPEC §7).
+
+Every task is built from a Debian package (no hub downloads) and lives in a small
+registry, so that a new task plugs in without editing this module::
+
+    from umtam_jax.experiments import data
+
+    data.register_task(
+        "my_task",
+        builder=lambda seed: data.Examples(texts=["a", "b"], labels=[0, 1]),
+        labels=("neg", "pos"),
+        metric="accuracy",
+    )
+    task = data.load_task("my_task", seed=0)
+
+Built-in tasks (the label order is the integer label):
+
+============== ====== ================================================ ===========
+name           kind   labels                                           metric
+============== ====== ================================================ ===========
+wn_defmatch    pair   different, defines                               accuracy
+kjv_section    single law, prophets, gospels_acts, epistles_revelation macro_f1
+fortune_topic  single computers, politics, science, songs_poems        macro_f1
+wn_supersense  single animal, plant, food, artifact, person            macro_f1
+============== ====== ================================================ ===========
+
+``wn_defmatch`` is balanced by construction (one positive and one negative per
+synset), hence accuracy; the other three have class ratios of 1.7x to 4.5x, hence
+macro-F1.
+
+Builders are deterministic given the seed; splits are stratified by label (80/10/10
+by default) and disjoint; ``max_per_split`` subsamples each split with the class
+proportions preserved (for quick runs). Built examples are cached as JSON under
+:func:`cache_dir` (``$UMTAM_JAX_CACHE`` or ``~/.cache/umtam_jax``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "APT_PACKAGES",
+    "Examples",
+    "MissingDataError",
+    "SPLITS",
+    "TaskData",
+    "TaskSpec",
+    "accuracy",
+    "available_tasks",
+    "cache_dir",
+    "compute_metric",
+    "get_task",
+    "load_task",
+    "macro_f1",
+    "register_metric",
+    "register_task",
+    "stratified_split",
+    "stratified_subsample",
+    "unregister_task",
+]
+
+SPLITS = ("train", "validation", "test")
+
+#: Debian packages holding the task data (``apt-get install -y`` these).
+APT_PACKAGES = ("fortunes", "fortunes-min", "wordnet-base", "bible-kjv", "bible-kjv-text")
+
+# Bump when a built-in builder changes, so stale caches are not reused.
+_BUILTIN_VERSION = 1
+
+
+class MissingDataError(RuntimeError):
+    """Raised when the Debian package (or file) holding a data set is missing."""
+
+
+def _missing(what: str, packages: Sequence[str]) -> MissingDataError:
+    cmd = "apt-get update && apt-get install -y " + " ".join(packages)
+    return MissingDataError(
+        f"{what} not found. Install the Debian package(s) with:\n    {cmd}\n"
+        "(or run umtam_jax/experiments/install_data.sh)"
+    )
+
+
+def cache_dir() -> Path:
+    """Returns the cache directory (``$UMTAM_JAX_CACHE`` or ``~/.cache/umtam_jax``)."""
+    env = os.environ.get("UMTAM_JAX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "umtam_jax"
+
+
+def _rng(seed: int, *salt: str) -> np.random.Generator:
+    """A generator keyed by seed and stable string salts (never Python's ``hash``)."""
+    return np.random.default_rng([int(seed), *(zlib.crc32(s.encode()) for s in salt)])
+
+
+# ---------------------------------------------------------------------------
+# Containers
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """A list of examples.
+
+    Attributes:
+        texts: ``list[str]`` for single-text tasks, ``list[tuple[str, str]]`` for pair
+            tasks.
+        labels: int64 array of shape ``[len(texts)]``.
+    """
+
+    texts: list
+    labels: np.ndarray
+
+    def __post_init__(self):
+        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(
+            self, "texts", [t if isinstance(t, str) else tuple(t) for t in self.texts]
+        )
+        if len(self.texts) != labels.shape[0]:
+            raise ValueError(f"{len(self.texts)} texts but {labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, idx: np.ndarray) -> Examples:
+        """Returns the examples at the integer indices ``idx``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return Examples([self.texts[i] for i in idx], self.labels[idx])
+
+    def class_counts(self, num_labels: int) -> np.ndarray:
+        """Returns the number of examples of each class."""
+        return np.bincount(self.labels, minlength=num_labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A registered task.
+
+    Attributes:
+        name: Registry key.
+        builder: ``builder(seed) -> Examples | Mapping[str, Examples]`` (a mapping must
+            hold all of :data:`SPLITS`: a pre-split task). Builders may also take no
+            argument.
+        labels: Label names; label ``i`` is ``labels[i]``.
+        metric: Name of the metric (see :func:`compute_metric`).
+        kind: ``"single"`` (texts are strings) or ``"pair"`` (texts are 2-tuples).
+        description: Free text.
+        cache: Whether built examples are cached on disk.
+        version: Part of the cache key; bump it when the builder changes.
+    """
+
+    name: str
+    builder: Callable[..., Any]
+    labels: tuple[str, ...]
+    metric: str = "accuracy"
+    kind: str = "single"
+    description: str = ""
+    cache: bool = False
+    version: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """A loaded task with its splits.
+
+    Attributes:
+        name: Task name.
+        kind: ``"single"`` or ``"pair"``.
+        label_names: Label names.
+        metric: Metric name (see :func:`compute_metric`).
+        train: Training split.
+        validation: Validation split.
+        test: Test split.
+    """
+
+    name: str
+    kind: str
+    label_names: tuple[str, ...]
+    metric: str
+    train: Examples
+    validation: Examples
+    test: Examples
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+    @property
+    def splits(self) -> dict[str, Examples]:
+        """The three splits by name."""
+        return {s: getattr(self, s) for s in SPLITS}
+
+    def evaluate(self, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        """Computes the task metric."""
+        return compute_metric(self.metric, y_true, y_pred, num_labels=self.num_labels)
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int | None = None) -> float:
+    """Fraction of correct predictions."""
+    del num_labels
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float(np.mean(y_true == y_pred)) if y_true.size else 0.0
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int | None = None) -> float:
+    """Unweighted mean of the per-class F1 scores (classes absent from both count 0).
+
+    Args:
+        y_true: True labels.
+        y_pred: Predicted labels.
+        num_labels: Number of classes (default: max label + 1).
+
+    Returns:
+        Macro-F1 in [0, 1], like ``sklearn.metrics.f1_score(average="macro")`` over
+        ``labels=range(num_labels)``.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if num_labels is None:
+        num_labels = int(max(y_true.max(initial=-1), y_pred.max(initial=-1)) + 1)
+    f1 = []
+    for c in range(num_labels):
+        tp = np.sum((y_true == c) & (y_pred == c))
+        fp = np.sum((y_true != c) & (y_pred == c))
+        fn = np.sum((y_true == c) & (y_pred != c))
+        denom = 2 * tp + fp + fn
+        f1.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(f1)) if f1 else 0.0
+
+
+_METRICS: dict[str, Callable[..., float]] = {"accuracy": accuracy, "macro_f1": macro_f1}
+
+
+def register_metric(name: str, fn: Callable[..., float]) -> None:
+    """Registers ``fn(y_true, y_pred, num_labels=None) -> float`` under ``name``."""
+    _METRICS[name] = fn
+
+
+def compute_metric(
+    name: str, y_true: np.ndarray, y_pred: np.ndarray, num_labels: int | None = None
+) -> float:
+    """Computes the metric ``name`` ("accuracy", "macro_f1" or a registered one)."""
+    if name not in _METRICS:
+        raise KeyError(f"unknown metric {name!r}; known: {sorted(_METRICS)}")
+    return _METRICS[name](y_true, y_pred, num_labels=num_labels)
+
+
+# ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def register_task(
+    name: str,
+    builder: Callable[..., Any],
+    labels: Sequence[str],
+    metric: str = "accuracy",
+    kind: str = "single",
+    *,
+    description: str = "",
+    cache: bool = False,
+    version: int = 1,
+    overwrite: bool = False,
+) -> TaskSpec:
+    """Registers a task.
+
+    Args:
+        name: Task name.
+        builder: ``builder(seed) -> Examples | Mapping[str, Examples]`` (or a
+            zero-argument callable). A mapping gives pre-made train/validation/test
+            splits; otherwise :func:`load_task` splits stratified by label. A
+            ``(texts, labels)`` tuple is accepted in place of :class:`Examples`.
+        labels: Label names, label ``i`` being ``labels[i]``.
+        metric: Metric name ("accuracy", "macro_f1" or one from
+            :func:`register_metric`).
+        kind: "single" or "pair".
+        description: Free text.
+        cache: Cache the built examples as JSON under :func:`cache_dir`.
+        version: Cache-key version.
+        overwrite: Allow replacing an existing task of that name.
+
+    Returns:
+        The registered :class:`TaskSpec`.
+    """
+    if kind not in ("single", "pair"):
+        raise ValueError(f"kind must be 'single' or 'pair', got {kind!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"task {name!r} already registered (pass overwrite=True)")
+    if metric not in _METRICS:
+        raise KeyError(f"unknown metric {metric!r}; known: {sorted(_METRICS)}")
+    spec = TaskSpec(
+        name=name,
+        builder=builder,
+        labels=tuple(labels),
+        metric=metric,
+        kind=kind,
+        description=description,
+        cache=cache,
+        version=version,
+    )
+    _REGISTRY[name] = spec
+    return spec
+
+
+def unregister_task(name: str) -> None:
+    """Removes a task from the registry (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def get_task(name: str) -> TaskSpec:
+    """Returns the :class:`TaskSpec` registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; available: {available_tasks()}") from None
+
+
+def available_tasks() -> list[str]:
+    """Returns the registered task names, sorted."""
+    return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> list[np.ndarray]:
+    """Splits indices per class in the given fractions (disjoint, covering all).
+
+    Args:
+        labels: Integer labels (or any integer stratum, e.g. a group's class).
+        fractions: One fraction per split; normalised to sum to 1.
+        seed: Random seed.
+
+    Returns:
+        One sorted index array per split.
+    """
+    labels = np.asarray(labels)
+    fr = np.asarray(fractions, dtype=np.float64)
+    fr = fr / fr.sum()
+    rng = _rng(seed, "stratified_split")
+    parts: list[list[np.ndarray]] = [[] for _ in fr]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(idx.size)]
+        # Later splits get round(n * f); the first one takes the rest.
+        counts = [int(round(idx.size * f)) for f in fr[1:]]
+        while sum(counts) > idx.size:
+            counts[int(np.argmax(counts))] -= 1
+        bounds = np.cumsum([idx.size - sum(counts), *counts])[:-1]
+        for k, piece in enumerate(np.split(idx, bounds)):
+            parts[k].append(piece)
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+def stratified_subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Picks ``n`` indices with the class proportions kept (largest remainder).
+
+    Args:
+        labels: Integer labels.
+        n: Number of indices wanted (all are returned if ``n >= len(labels)``).
+        seed: Random seed.
+
+    Returns:
+        Sorted index array.
+    """
+    labels = np.asarray(labels)
+    if n >= labels.size:
+        return np.arange(labels.size)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n / labels.size
+    quota = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quota), kind="stable")
+    quota[order[: n - quota.sum()]] += 1
+    rng = _rng(seed, "stratified_subsample")
+    picked = []
+    for c, q in zip(classes, quota, strict=True):
+        idx = np.flatnonzero(labels == c)
+        picked.append(idx[rng.permutation(idx.size)[:q]])
+    return np.sort(np.concatenate(picked))
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def _coerce_examples(obj: Any) -> Examples:
+    if isinstance(obj, Examples):
+        return obj
+    if isinstance(obj, Mapping):
+        return Examples(obj["texts"], obj["labels"])
+    texts, labels = obj
+    return Examples(list(texts), labels)
+
+
+def _call_builder(builder: Callable[..., Any], seed: int) -> Any:
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return builder(seed)
+    return builder(seed) if params else builder()
+
+
+def _to_json(ex: Examples) -> dict:
+    return {
+        "texts": [t if isinstance(t, str) else list(t) for t in ex.texts],
+        "labels": ex.labels.tolist(),
+    }
+
+
+def _build(spec: TaskSpec, seed: int, use_cache: bool, root: Path) -> Examples | dict:
+    path = root / "tasks" / f"{spec.name}-v{spec.version}-seed{seed}.json"
+    if use_cache and path.exists():
+        raw = json.loads(path.read_text())
+        if "splits" in raw:
+            return {s: _coerce_examples(raw["splits"][s]) for s in SPLITS}
+        return _coerce_examples(raw)
+    out = _call_builder(spec.builder, seed)
+    if isinstance(out, Mapping) and all(s in out for s in SPLITS):
+        built: Examples | dict = {s: _coerce_examples(out[s]) for s in SPLITS}
+        payload = {"splits": {s: _to_json(built[s]) for s in SPLITS}}
+    else:
+        built = _coerce_examples(out)
+        payload = _to_json(built)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path)
+    return built
+
+
+def _check(spec: TaskSpec, ex: Examples) -> None:
+    if len(ex) and (ex.labels.min() < 0 or ex.labels.max() >= len(spec.labels)):
+        raise ValueError(f"task {spec.name!r}: labels outside [0, {len(spec.labels)})")
+    for t in ex.texts[:100]:
+        ok = (
+            isinstance(t, str)
+            if spec.kind == "single"
+            else (isinstance(t, tuple) and len(t) == 2 and all(isinstance(s, str) for s in t))
+        )
+        if not ok:
+            raise TypeError(f"task {spec.name!r} ({spec.kind}): bad example {t!r}")
+
+
+def load_task(
+    name: str,
+    *,
+    seed: int = 0,
+    max_per_split: int | Mapping[str, int] | None = None,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    use_cache: bool | None = None,
+    cache_root: str | os.PathLike | None = None,
+) -> TaskData:
+    """Builds (or reads from cache) a registered task and splits it.
+
+    Args:
+        name: Registered task name (see :func:`available_tasks`).
+        seed: Seed of the builder, the split, the subsampling and the shuffling.
+        max_per_split: Cap on the examples per split (an int for all splits, or a
+            mapping split name -> cap); subsampling is stratified by label.
+        fractions: Train/validation/test fractions (ignored by pre-split tasks).
+        use_cache: Override the task's caching flag.
+        cache_root: Override :func:`cache_dir`.
+
+    Returns:
+        A :class:`TaskData`; each split is shuffled (deterministically).
+    """
+    spec = get_task(name)
+    root = Path(cache_root) if cache_root is not None else cache_dir()
+    built = _build(spec, seed, spec.cache if use_cache is None else use_cache, root)
+    if isinstance(built, dict):
+        splits = dict(built)
+    else:
+        idx = stratified_split(built.labels, fractions, seed)
+        splits = {s: built.take(i) for s, i in zip(SPLITS, idx, strict=True)}
+    out = {}
+    for s in SPLITS:
+        ex = splits[s]
+        _check(spec, ex)
+        cap = max_per_split.get(s) if isinstance(max_per_split, Mapping) else max_per_split
+        if cap is not None:
+            ex = ex.take(stratified_subsample(ex.labels, int(cap), seed))
+        out[s] = ex.take(_rng(seed, "shuffle", s).permutation(len(ex)))
+    return TaskData(
+        name=spec.name,
+        kind=spec.kind,
+        label_names=spec.labels,
+        metric=spec.metric,
+        **out,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Helpers for the built-in tasks
+# ---------------------------------------------------------------------------
+
+
+def _dedupe(texts: list, labels: list[int]) -> Examples:
+    """Keeps the first copy of each text; drops texts seen with two labels."""
+    first: dict = {}
+    conflict = set()
+    for t, y in zip(texts, labels, strict=True):
+        if t in first and first[t] != y:
+            conflict.add(t)
+        first.setdefault(t, y)
+    seen = set()
+    keep_t, keep_y = [], []
+    for t, y in zip(texts, labels, strict=True):
+        if t in conflict or t in seen:
+            continue
+        seen.add(t)
+        keep_t.append(t)
+        keep_y.append(y)
+    return Examples(keep_t, np.asarray(keep_y, dtype=np.int64))
+
+
+def wordnet_dir() -> Path:
+    """Returns the WordNet database directory (``$UMTAM_WORDNET_DIR`` or Debian's)."""
+    candidates = [os.environ.get("UMTAM_WORDNET_DIR"), "/usr/share/wordnet"]
+    for c in candidates:
+        if c and (Path(c) / "data.noun").exists():
+            return Path(c)
+    raise _missing("WordNet data.noun", ["wordnet-base"])
+
+
+@dataclasses.dataclass(frozen=True)
+class NounSynset:
+    """One noun synset of WordNet's ``data.noun``.
+
+    Attributes:
+        offset: Byte offset (the synset id).
+        lexfile: Lexicographer file number (the supersense; 5 = noun.animal ...).
+        words: Lemmas, underscores replaced by spaces.
+        definition: The gloss without its quoted examples.
+    """
+
+    offset: int
+    lexfile: int
+    words: tuple[str, ...]
+    definition: str
+
+
+_EXAMPLE_RE = re.compile(r'\s*;?\s*"')
+
+
+def read_noun_synsets(path: str | os.PathLike | None = None) -> list[NounSynset]:
+    """Parses WordNet's ``data.noun`` (format: ``wndb(5)``).
+
+    Args:
+        path: File path (default: ``wordnet_dir() / "data.noun"``).
+
+    Returns:
+        The noun synsets in file order.
+    """
+    path = Path(path) if path is not None else wordnet_dir() / "data.noun"
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("  ") or "|" not in line:
+                continue  # license header
+            head, gloss = line.split(" | ", 1)
+            fields = head.split()
+            w_cnt = int(fields[3], 16)
+            words = tuple(w.replace("_", " ") for w in fields[4 : 4 + 2 * w_cnt : 2])
+            definition = _EXAMPLE_RE.split(gloss.strip(), maxsplit=1)[0].strip().rstrip(";")
+            if definition:
+                out.append(NounSynset(int(fields[0]), int(fields[1]), words, definition))
+    return out
+
+
+# Lexicographer file numbers (lexnames(5)).
+_SUPERSENSES = {"animal": 5, "plant": 20, "food": 13, "artifact": 6, "person": 18}
+
+
+def build_wn_supersense(seed: int = 0) -> Examples:
+    """Noun definitions labelled animal / plant / food / artifact / person.
+
+    Args:
+        seed: Unused (the data are fixed); kept for the builder signature.
+
+    Returns:
+        Deduplicated examples (definitions seen under two labels are dropped).
+    """
+    del seed
+    lex_to_label = {lex: i for i, lex in enumerate(_SUPERSENSES.values())}
+    texts, labels = [], []
+    for s in read_noun_synsets():
+        if s.lexfile in lex_to_label:
+            texts.append(s.definition)
+            labels.append(lex_to_label[s.lexfile])
+    return _dedupe(texts, labels)
+
+
+def build_wn_defmatch(seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict:
+    """(lemma, definition) pairs: does the definition define the lemma?
+
+    Synsets are split 80/10/10 stratified by lexicographer file (supersense); every
+    synset gives a positive pair (its first lemma, its definition) and a negative pair
+    (the same lemma, the definition of another synset of the same supersense and of
+    the same split that does not contain the lemma). Labels are thus exactly balanced
+    and no definition is shared across splits.
+
+    Args:
+        seed: Seed of the synset split and of the negative sampling.
+        fractions: Train/validation/test fractions.
+
+    Returns:
+        A mapping split name -> :class:`Examples` with labels 0 (different) and 1
+        (defines).
+    """
+    synsets = read_noun_synsets()
+    # One synset per definition (a few definitions are shared verbatim).
+    by_def: dict[str, NounSynset] = {}
+    for s in synsets:
+        by_def.setdefault(s.definition, s)
+    synsets = list(by_def.values())
+    lex = np.array([s.lexfile for s in synsets])
+    parts = stratified_split(lex, fractions, seed)
+    rng = _rng(seed, "wn_defmatch")
+    out = {}
+    for name, idx in zip(SPLITS, parts, strict=True):
+        pool: dict[int, np.ndarray] = {int(c): idx[lex[idx] == c] for c in np.unique(lex[idx])}
+        texts, labels = [], []
+        for i in idx:
+            s = synsets[i]
+            lemma = s.words[0]
+            cands = pool[s.lexfile]
+            neg = None
+            for _ in range(20):
+                t = synsets[int(cands[rng.integers(cands.size)])]
+                if t is not s and lemma.lower() not in {w.lower() for w in t.words}:
+                    neg = t
+                    break
+            if neg is None:
+                continue
+            pair = [((lemma, s.definition), 1), ((lemma, neg.definition), 0)]
+            for text, y in pair:
+                texts.append(text)
+                labels.append(y)
+        out[name] = Examples(texts, np.asarray(labels, dtype=np.int64))
+    return out
+
+
+_KJV_GROUPS = (
+    (0, 5),  # law: Genesis..Deuteronomy
+    (22, 39),  # prophets: Isaiah..Malachi
+    (39, 44),  # gospels + acts: Matthew..Acts
+    (44, 66),  # epistles + revelation: Romans..Revelation
+)
+
+_VERSE_RE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+)\s+(.*)$")
+
+
+def kjv_verses(data_dir: str | os.PathLike | None = None) -> list[tuple[int, str, str]]:
+    """Dumps the King James Bible with Debian's ``bible`` program.
+
+    Runs ``bible -f -p <dir> gen1:1-rev22:21`` (``-f`` turns pretty-printing off: one
+    verse per line, prefixed by its reference).
+
+    Args:
+        data_dir: Directory holding ``bible.data`` (default: ``$UMTAM_BIBLE_DIR`` or
+            ``/usr/lib``, where ``bible-kjv-text`` puts it).
+
+    Returns:
+        ``(book_index, reference, text)`` for all 31,102 verses, ``book_index`` being
+        0 (Genesis) .. 65 (Revelation).
+    """
+    exe = shutil.which("bible")
+    if exe is None:
+        raise _missing("The `bible` program", ["bible-kjv", "bible-kjv-text"])
+    dirs = [data_dir, os.environ.get("UMTAM_BIBLE_DIR"), "/usr/lib", "/usr/share/bible-kjv"]
+    found = next((Path(d) for d in dirs if d and (Path(d) / "bible.data").exists()), None)
+    if found is None:
+        raise _missing("The KJV text (bible.data)", ["bible-kjv-text"])
+    res = subprocess.run(
+        [exe, "-f", "-p", str(found), "gen1:1-rev22:21"],
+        capture_output=True,
+        text=True,
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    books: dict[str, int] = {}
+    out = []
+    for line in res.stdout.splitlines():
+        m = _VERSE_RE.match(line.strip())
+        if not m:
+            continue
+        book = m.group(1)
+        b = books.setdefault(book, len(books))
+        out.append((b, f"{book}{m.group(2)}:{m.group(3)}", m.group(4).strip()))
+    if len(books) != 66:
+        raise RuntimeError(f"expected 66 books from `bible`, parsed {len(books)}")
+    return out
+
+
+def build_kjv_section(seed: int = 0) -> Examples:
+    """KJV verses labelled law / prophets / gospels_acts / epistles_revelation.
+
+    Law = Genesis-Deuteronomy, prophets = Isaiah-Malachi, gospels_acts =
+    Matthew-Acts, epistles_revelation = Romans-Revelation; the historical and wisdom
+    books (Joshua-Song of Solomon) are left out. Repeated verses are deduplicated.
+
+    Args:
+        seed: Unused (the data are fixed).
+
+    Returns:
+        The examples.
+    """
+    del seed
+    texts, labels = [], []
+    for book, _, text in kjv_verses():
+        for label, (lo, hi) in enumerate(_KJV_GROUPS):
+            if lo <= book < hi:
+                texts.append(text)
+                labels.append(label)
+    return _dedupe(texts, labels)
+
+
+_FORTUNE_FILES = ("computers", "politics", "science", "songs-poems")
+_OVERSTRIKE_RE = re.compile(r".\x08")
+
+
+def fortune_entries(name: str, fortune_dir: str | os.PathLike | None = None) -> list[str]:
+    """Reads the entries of one fortune file (separated by lines holding ``%``).
+
+    Args:
+        name: File name, e.g. ``"computers"``.
+        fortune_dir: Directory (default: ``$UMTAM_FORTUNE_DIR`` or
+            ``/usr/share/games/fortunes``).
+
+    Returns:
+        The non-empty entries, with overstriking (``x\\bx``) removed.
+    """
+    d = Path(fortune_dir or os.environ.get("UMTAM_FORTUNE_DIR") or "/usr/share/games/fortunes")
+    path = d / name
+    if not path.exists():
+        raise _missing(f"The fortune file {path}", ["fortunes", "fortunes-min"])
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    text = _OVERSTRIKE_RE.sub("", text.replace("\r\n", "\n"))
+    entries = re.split(r"\n%\n", "\n" + text + "\n")
+    return [e.strip() for e in entries if e.strip() and e.strip() != "%"]
+
+
+def build_fortune_topic(seed: int = 0) -> Examples:
+    """Fortunes labelled computers / politics / science / songs_poems.
+
+    Args:
+        seed: Unused (the data are fixed).
+
+    Returns:
+        Deduplicated examples.
+    """
+    del seed
+    texts, labels = [], []
+    for label, name in enumerate(_FORTUNE_FILES):
+        for e in fortune_entries(name):
+            texts.append(e)
+            labels.append(label)
+    return _dedupe(texts, labels)
+
+
+def _register_builtins() -> None:
+    common = {"cache": True, "version": _BUILTIN_VERSION, "overwrite": True}
+    register_task(
+        "wn_defmatch",
+        build_wn_defmatch,
+        ("different", "defines"),
+        "accuracy",
+        "pair",
+        description="(noun lemma, WordNet definition) -> does it define the lemma "
+        "(negatives: same supersense); balanced.",
+        **common,
+    )
+    register_task(
+        "kjv_section",
+        build_kjv_section,
+        ("law", "prophets", "gospels_acts", "epistles_revelation"),
+        "macro_f1",
+        "single",
+        description="KJV verse -> section of the Bible.",
+        **common,
+    )
+    register_task(
+        "fortune_topic",
+        build_fortune_topic,
+        ("computers", "politics", "science", "songs_poems"),
+        "macro_f1",
+        "single",
+        description="fortune(6) entry -> file it comes from.",
+        **common,
+    )
+    register_task(
+        "wn_supersense",
+        build_wn_supersense,
+        tuple(_SUPERSENSES),
+        "macro_f1",
+        "single",
+        description="WordNet noun definition -> supersense (lexicographer file).",
+        **common,
+    )
+
+
+_register_builtins()
