@@ -1,1 +1,38 @@
-"""umtam_jax: UMTAM training and model merging for JAX/Optax."""
+"""umtam_jax: UMTAM training and model merging for JAX/Optax.
+
+The optimizer (``umtam``, ``scale_by_umtam``) keeps per-parameter low-rank momentum,
+factored second moments and saliency; ``statistics``/``saliency``/``curvature``/``momentum``
+read them back for merging (``umtam_jax.merging``) and checkpoints (``umtam_jax.checkpoint``).
+"""
+
+from umtam_jax.optimizer import (
+    DenseLeafState,
+    DenseStatistics,
+    FactoredLeafState,
+    FactoredStatistics,
+    ScaleByUmtamState,
+    curvature,
+    default_row_axes,
+    momentum,
+    saliency,
+    scale_by_umtam,
+    statistics,
+    umtam,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseLeafState",
+    "DenseStatistics",
+    "FactoredLeafState",
+    "FactoredStatistics",
+    "ScaleByUmtamState",
+    "curvature",
+    "default_row_axes",
+    "momentum",
+    "saliency",
+    "scale_by_umtam",
+    "statistics",
+    "umtam",
+]

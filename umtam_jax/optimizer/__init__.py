@@ -1,1 +1,28 @@
 """The UMTAM optimizer (Algorithm 1) as Optax gradient transformations."""
+
+from umtam_jax.optimizer._lowrank import SVD_METHODS
+from umtam_jax.optimizer._state import (
+    DenseLeafState,
+    DenseStatistics,
+    FactoredLeafState,
+    FactoredStatistics,
+    ScaleByUmtamState,
+)
+from umtam_jax.optimizer._statistics import curvature, momentum, saliency, statistics
+from umtam_jax.optimizer._transform import default_row_axes, scale_by_umtam, umtam
+
+__all__ = [
+    "SVD_METHODS",
+    "DenseLeafState",
+    "DenseStatistics",
+    "FactoredLeafState",
+    "FactoredStatistics",
+    "ScaleByUmtamState",
+    "curvature",
+    "default_row_axes",
+    "momentum",
+    "saliency",
+    "scale_by_umtam",
+    "statistics",
+    "umtam",
+]

@@ -94,7 +94,9 @@ def statistics(x: Any) -> Any:
             "(possibly wrapped by optax), or a statistics pytree"
         )
     leaves = _combine([s.leaves for s in states]) if len(states) > 1 else states[0].leaves
-    return jax.tree.map(_to_statistics, leaves, is_leaf=lambda n: is_leaf_state(n) or _is_placeholder(n))
+    return jax.tree.map(
+        _to_statistics, leaves, is_leaf=lambda n: is_leaf_state(n) or _is_placeholder(n)
+    )
 
 
 def _map_statistics(fn, x: Any) -> Any:

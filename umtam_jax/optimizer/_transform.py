@@ -1,0 +1,589 @@
+"""UMTAM (Algorithm 1) as Optax gradient transformations."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from umtam_jax.optimizer._lowrank import SVD_METHODS, Decomposition, exact_svd, subspace_svd
+from umtam_jax.optimizer._state import (
+    DenseLeafState,
+    FactoredLeafState,
+    ScaleByUmtamState,
+)
+
+RowAxesFn = Callable[[tuple[Any, ...], tuple[int, ...]], int]
+"""``(key_path, shape) -> k``: the first ``k`` axes of a leaf form the rows of its 2-D view."""
+
+
+def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
+    """Default 2-D view: fan-in × fan-out = ``(prod(shape[:-1]), shape[-1])``.
+
+    Right for Flax ``Dense`` (in, out), ``DenseGeneral`` and ``Conv`` (..., in, out) kernels.
+    """
+    del path
+    return max(len(shape) - 1, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    rank: int
+    b1: float
+    b2: float
+    eps: float
+    error_decay: float
+    clip_threshold: float | None
+    saliency_decay: float
+    svd_method: str
+    svd_every: int
+    oversampling: int
+    power_iterations: int
+    min_dim_size_to_factor: int
+    row_axes: RowAxesFn
+    bias_correction: bool
+    track_saliency: bool
+    buffer_dtype: Any
+    adaptive_rank: bool
+    max_rank: int
+    min_rank: int
+    rank_step: int
+    rank_update_every: int
+    rank_grow_threshold: float
+    rank_shrink_threshold: float
+    seed: int
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _validate(cfg: _Config) -> None:
+    _check(
+        isinstance(cfg.rank, int) and cfg.rank >= 1, f"rank must be an int ≥ 1, got {cfg.rank!r}"
+    )
+    for name in ("b1", "b2", "saliency_decay"):
+        value = getattr(cfg, name)
+        _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}")
+    _check(0.0 <= cfg.error_decay <= 1.0, f"error_decay must be in [0, 1], got {cfg.error_decay!r}")
+    _check(cfg.eps > 0.0, f"eps must be > 0, got {cfg.eps!r}")
+    _check(
+        cfg.clip_threshold is None or cfg.clip_threshold > 0.0,
+        f"clip_threshold must be > 0 or None, got {cfg.clip_threshold!r}",
+    )
+    _check(
+        cfg.svd_method in SVD_METHODS,
+        f"unknown svd_method {cfg.svd_method!r}; expected one of {SVD_METHODS}",
+    )
+    _check(
+        isinstance(cfg.svd_every, int) and cfg.svd_every >= 1,
+        f"svd_every must be an int ≥ 1, got {cfg.svd_every!r}",
+    )
+    _check(cfg.oversampling >= 0, f"oversampling must be ≥ 0, got {cfg.oversampling!r}")
+    _check(cfg.power_iterations >= 0, f"power_iterations must be ≥ 0, got {cfg.power_iterations!r}")
+    _check(
+        cfg.min_dim_size_to_factor >= 1,
+        f"min_dim_size_to_factor must be ≥ 1, got {cfg.min_dim_size_to_factor!r}",
+    )
+    if cfg.adaptive_rank:
+        _check(
+            1 <= cfg.min_rank <= cfg.rank <= cfg.max_rank,
+            "adaptive rank needs 1 ≤ min_rank ≤ rank ≤ max_rank, got "
+            f"min_rank={cfg.min_rank}, rank={cfg.rank}, max_rank={cfg.max_rank}",
+        )
+        _check(cfg.rank_step >= 1, f"rank_step must be ≥ 1, got {cfg.rank_step!r}")
+        _check(
+            cfg.rank_update_every >= 1,
+            f"rank_update_every must be ≥ 1, got {cfg.rank_update_every!r}",
+        )
+        _check(
+            cfg.rank_grow_threshold > 1.0,
+            f"rank_grow_threshold must be > 1, got {cfg.rank_grow_threshold!r}",
+        )
+        _check(
+            0.0 < cfg.rank_shrink_threshold < 1.0,
+            f"rank_shrink_threshold must be in (0, 1), got {cfg.rank_shrink_threshold!r}",
+        )
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Static per-leaf layout: the 2-D view and the buffer rank (``None`` = dense)."""
+
+    row_axes: int | None
+    rows: int = 0
+    cols: int = 0
+    buffer_rank: int = 0
+
+
+def _layout(cfg: _Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> _Layout:
+    if len(shape) < 2:
+        return _Layout(None)
+    k = cfg.row_axes(path, shape)
+    if not isinstance(k, int) or not 0 <= k <= len(shape):
+        raise ValueError(
+            f"row_axes returned {k!r} for {jax.tree_util.keystr(path)} of shape {shape}; "
+            f"expected an int in [0, {len(shape)}]"
+        )
+    rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
+    if min(rows, cols) < cfg.min_dim_size_to_factor or k in (0, len(shape)):
+        return _Layout(None)
+    max_rank = cfg.max_rank if cfg.adaptive_rank else cfg.rank
+    return _Layout(k, rows, cols, min(max_rank, rows, cols))
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
+    dtype = _compute_dtype(param.dtype)
+    buffer_dtype = cfg.buffer_dtype or dtype
+    initial = param if cfg.track_saliency else None
+    saliency = jnp.zeros(param.shape, buffer_dtype) if cfg.track_saliency else None
+    if layout.row_axes is None:
+        return DenseLeafState(
+            mu=jnp.zeros(param.shape, dtype),
+            nu=jnp.full(param.shape, cfg.eps, dtype),
+            saliency=saliency,
+            initial=initial,
+        )
+    k, r = layout.row_axes, layout.buffer_rank
+    rows_shape, cols_shape = param.shape[:k], param.shape[k:]
+    key_u, key_v = jax.random.split(key)
+    # Algorithm 1, line 3: U ~ N(0, 1/√(m r)), V ~ N(0, 1/√(n r)), read as standard deviations.
+    u = jax.random.normal(key_u, rows_shape + (r,), dtype) / math.sqrt(layout.rows * r)
+    v = jax.random.normal(key_v, cols_shape + (r,), dtype) / math.sqrt(layout.cols * r)
+    return FactoredLeafState(
+        u=u,
+        sigma=cfg.eps * jnp.eye(r, dtype=dtype),
+        v=v,
+        error=jnp.zeros(param.shape, buffer_dtype) if cfg.error_decay > 0 else None,
+        row=jnp.full(rows_shape, cfg.eps, dtype),
+        col=jnp.full(cols_shape, cfg.eps, dtype),
+        saliency=saliency,
+        initial=initial,
+        rank=jnp.asarray(min(cfg.rank, r), jnp.int32) if cfg.adaptive_rank else None,
+    )
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
+    """Per-leaf Frobenius clipping (step 1). Returns the clipped gradient and its norm."""
+    norm = jnp.linalg.norm(g.ravel())
+    if cfg.clip_threshold is None:
+        return g, norm
+    scale = jnp.minimum(1.0, cfg.clip_threshold / jnp.maximum(norm, jnp.finfo(g.dtype).tiny))
+    return g * scale, norm * scale
+
+
+def _adaptive_eps(cfg: _Config, g_norm: jax.Array, w: jax.Array) -> jax.Array:
+    """Step 7: ``ε_t = eps · max(1, ‖G‖/‖W‖)``, with the ratio taken as 1 where ‖W‖ = 0."""
+    w_norm = jnp.linalg.norm(w.ravel())
+    ratio = jnp.where(w_norm > 0, g_norm / jnp.where(w_norm > 0, w_norm, 1.0), 1.0)
+    return cfg.eps * jnp.maximum(1.0, ratio)
+
+
+def _bias_corrections(cfg: _Config, count: jax.Array, dtype: Any) -> tuple[Any, Any]:
+    if not cfg.bias_correction:
+        return 1.0, 1.0
+    t = count.astype(dtype)
+    return 1.0 - cfg.b1**t, 1.0 - cfg.b2**t
+
+
+def _update_dense(cfg, g, w, state: DenseLeafState, count):
+    dtype = state.mu.dtype
+    g, g_norm = _clip(g.astype(dtype), cfg)
+    w = w.astype(dtype)
+    eps_t = _adaptive_eps(cfg, g_norm, w)
+    mu = cfg.b1 * state.mu + (1 - cfg.b1) * g
+    nu = cfg.b2 * state.nu + (1 - cfg.b2) * jnp.square(g)
+    c1, c2 = _bias_corrections(cfg, count, dtype)
+    direction = (mu / c1) * jax.lax.rsqrt(nu / c2 + eps_t)
+    saliency = None
+    if state.saliency is not None:
+        deviation = jnp.square(w - state.initial.astype(dtype))
+        fresh = deviation * jnp.sqrt(nu)
+        saliency = (cfg.saliency_decay * state.saliency + (1 - cfg.saliency_decay) * fresh).astype(
+            state.saliency.dtype
+        )
+    return direction, state._replace(mu=mu, nu=nu, saliency=saliency)
+
+
+def _active_mask(rank: jax.Array | None, size: int, dtype: Any) -> jax.Array | None:
+    if rank is None:
+        return None
+    return (jnp.arange(size) < rank).astype(dtype)
+
+
+def _decompose(cfg, m_tilde, v_prev, rank_buf, key) -> Decomposition:
+    if cfg.svd_method == "exact":
+        return exact_svd(m_tilde, rank_buf)
+    return subspace_svd(
+        m_tilde,
+        v_prev,
+        rank_buf,
+        oversampling=cfg.oversampling,
+        power_iterations=cfg.power_iterations,
+        key=key,
+    )
+
+
+def _stable_rank(frob_sq: jax.Array, top: jax.Array) -> jax.Array:
+    """``‖M‖_F² / σ₁(M)²`` (Eq. 5/15: the paper's r_s and r_eff coincide, SPEC §9.5)."""
+    return frob_sq / jnp.maximum(jnp.square(top), jnp.finfo(frob_sq.dtype).tiny)
+
+
+def _next_rank(cfg: _Config, rank: jax.Array, stable_rank: jax.Array, limit: int, count):
+    """Eq. 16, applied every ``rank_update_every`` steps."""
+    r = rank.astype(stable_rank.dtype)
+    grow = (stable_rank > cfg.rank_grow_threshold * r) & (stable_rank > 0.9 * r)
+    shrink = (stable_rank < cfg.rank_shrink_threshold * r) | (stable_rank < 0.5 * r)
+    new = jnp.where(
+        grow,
+        jnp.minimum(rank + cfg.rank_step, limit),
+        jnp.where(shrink, jnp.maximum(rank - cfg.rank_step, cfg.min_rank), rank),
+    )
+    return jnp.where(count % cfg.rank_update_every == 0, new, rank).astype(jnp.int32)
+
+
+def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count, key):
+    dtype = state.sigma.dtype
+    shape = w.shape
+    m, n, r = layout.rows, layout.cols, layout.buffer_rank
+    g, g_norm = _clip(g.astype(dtype).reshape(m, n), cfg)
+    w = w.astype(dtype)
+    eps_t = _adaptive_eps(cfg, g_norm, w)
+    u, v, sigma = state.u.reshape(m, r), state.v.reshape(n, r), state.sigma
+    mask = _active_mask(state.rank, r, dtype)
+
+    # Step 2 without the previous momentum: X = (1 − b1) G + γ E, so M̃ = b1 U Σ Vᵀ + X.
+    x = (1 - cfg.b1) * g
+    if state.error is not None:
+        x = x + cfg.error_decay * state.error.astype(dtype).reshape(m, n)
+
+    def refresh(_):
+        # Steps 2–4 with a fresh rank-r decomposition of M̃.
+        m_tilde = cfg.b1 * ((u @ sigma) @ v.T) + x
+        dec = _decompose(cfg, m_tilde, v, r, key)
+        s = dec.s if mask is None else dec.s * mask
+        momentum = (dec.u * s) @ dec.v.T
+        top = dec.s[0]
+        frob_sq = jnp.sum(jnp.square(m_tilde)) if cfg.adaptive_rank else top
+        return dec.u, jnp.diag(s), dec.v, momentum, m_tilde - momentum, frob_sq, top
+
+    def project(_):
+        # SPEC §2.5 / paper Eq. 34: keep U, V; Σ ← Uᵀ M̃ V; E ← M̃ − U Σ Vᵀ. With orthonormal
+        # U, V (every refresh returns them) Uᵀ M̃ V = b1 Σ + Uᵀ X V, and
+        # M̃ − U Σ' Vᵀ = X − U (Σ' − b1 Σ) Vᵀ, so the old momentum is never materialised.
+        core = cfg.b1 * sigma + u.T @ (x @ v)
+        new_sigma = core if mask is None else core * mask[:, None] * mask[None, :]
+        momentum = (u @ new_sigma) @ v.T
+        error = x - (u @ (new_sigma - cfg.b1 * sigma)) @ v.T
+        top = jnp.linalg.norm(core, 2)
+        frob_sq = jnp.sum(jnp.square(error + momentum)) if cfg.adaptive_rank else top
+        return u, new_sigma, v, momentum, error, frob_sq, top
+
+    if cfg.svd_every == 1:
+        outs = refresh(None)
+    else:
+        outs = jax.lax.cond((count - 1) % cfg.svd_every == 0, refresh, project, None)
+    new_u, new_sigma, new_v, momentum, error, frob_sq, top = outs
+
+    # Steps 5–6: factored second moments and the preconditioner Ŝ = R Cᵀ / sum(R).
+    g_sq = jnp.square(g)
+    row = cfg.b2 * state.row.reshape(m) + (1 - cfg.b2) * jnp.sum(g_sq, axis=1)
+    col = cfg.b2 * state.col.reshape(n) + (1 - cfg.b2) * jnp.sum(g_sq, axis=0)
+    c1, c2 = _bias_corrections(cfg, count, dtype)
+    s_hat = jnp.outer(row / jnp.sum(row), col) / c2
+    # Step 8: D = (U Σ Vᵀ) ⊙ (Ŝ + ε_t)^(−1/2).
+    direction = (momentum / c1) * jax.lax.rsqrt(s_hat + eps_t)
+
+    saliency = None
+    if state.saliency is not None:
+        # Step 9: S ← α S + (1 − α) (W − W0)² ⊙ sqrt(R_i C_j).
+        deviation = jnp.square(w - state.initial.astype(dtype)).reshape(m, n)
+        fresh = deviation * jnp.sqrt(jnp.outer(row, col))
+        saliency = cfg.saliency_decay * state.saliency.astype(dtype).reshape(m, n)
+        saliency = (saliency + (1 - cfg.saliency_decay) * fresh).reshape(shape)
+        saliency = saliency.astype(state.saliency.dtype)
+
+    rank = state.rank
+    if rank is not None:
+        rank = _next_rank(cfg, rank, _stable_rank(frob_sq, top), r, count)
+
+    new_state = state._replace(
+        u=new_u.reshape(state.u.shape),
+        sigma=new_sigma,
+        v=new_v.reshape(state.v.shape),
+        error=None if state.error is None else error.reshape(shape).astype(state.error.dtype),
+        row=row.reshape(state.row.shape),
+        col=col.reshape(state.col.shape),
+        saliency=saliency,
+        rank=rank,
+    )
+    return direction.reshape(shape), new_state
+
+
+def scale_by_umtam(
+    *,
+    rank: int = 32,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    error_decay: float = 0.9,
+    clip_threshold: float | None = 1.0,
+    saliency_decay: float = 0.9,
+    svd_method: Literal["exact", "subspace"] = "subspace",
+    svd_every: int = 1,
+    oversampling: int = 0,
+    power_iterations: int = 0,
+    min_dim_size_to_factor: int = 128,
+    row_axes: RowAxesFn | None = None,
+    bias_correction: bool = False,
+    saliency: Literal["tracked", "final"] = "tracked",
+    buffer_dtype: Any = None,
+    adaptive_rank: bool = False,
+    max_rank: int | None = None,
+    min_rank: int = 1,
+    rank_step: int = 4,
+    rank_update_every: int = 100,
+    rank_grow_threshold: float = 1.5,
+    rank_shrink_threshold: float = 0.5,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """Rescales gradients by UMTAM's low-rank, error-fed, factored-preconditioned momentum.
+
+    For each matrix-like parameter (see ``row_axes``/``min_dim_size_to_factor``) and step t
+    (SPEC §2.2), with the clipped gradient G:
+
+    1. ``M̃ = b1 U Σ Vᵀ + (1 − b1) G + γ E``; ``(U, Σ, V) = TruncatedSVD_r(M̃)``;
+       ``E = M̃ − U Σ Vᵀ``.
+    2. ``R ← b2 R + (1 − b2) rowsum(G²)``, ``C ← b2 C + (1 − b2) colsum(G²)``,
+       ``Ŝ = R Cᵀ / sum(R)``, ``ε_t = eps · max(1, ‖G‖_F / ‖W‖_F)``.
+    3. Output ``D = (U Σ Vᵀ) ⊙ (Ŝ + ε_t)^(−1/2)``.
+    4. Saliency ``S ← α S + (1 − α)(W − W0)² ⊙ sqrt(R_i C_j)``.
+
+    Other parameters (biases, norms, small matrices) use an Adam-like rule with the same
+    hyper-parameters and no bias correction (SPEC §2.4). ``update`` needs ``params``.
+
+    Args:
+      rank: rank r of the momentum (clipped to ``min(m, n)`` per parameter).
+      b1: momentum decay β1 in [0, 1).
+      b2: second-moment decay β2 in [0, 1).
+      eps: ε > 0, scaled per step into the adaptive ε_t.
+      error_decay: error-feedback weight γ; ``0`` allocates no error buffer at all.
+      clip_threshold: per-parameter Frobenius-norm clipping threshold τ (``None``: off).
+      saliency_decay: saliency EMA decay α in [0, 1).
+      svd_method: ``"exact"`` (full SVD, the reference) or ``"subspace"`` (warm-started
+        randomized range finder reusing the previous V, two m×n×r matmuls).
+      svd_every: a fresh decomposition every ``svd_every`` steps; in between the bases are
+        kept and only the r×r core is re-projected (SPEC §2.5).
+      oversampling: extra random sketch columns for ``"subspace"``.
+      power_iterations: extra power iterations for ``"subspace"``.
+      min_dim_size_to_factor: factor a parameter only if both sides of its 2-D view are at
+        least this large (as in ``optax.adafactor``).
+      row_axes: ``(key_path, shape) -> k`` choosing the 2-D view ``(prod(shape[:k]),
+        prod(shape[k:]))`` per parameter; default :func:`default_row_axes` (fan-in ×
+        fan-out). Returning 0 makes a parameter dense.
+      bias_correction: divide the momentum by ``1 − b1^t`` and Ŝ (dense: v) by ``1 − b2^t``.
+      saliency: ``"tracked"`` keeps W0 and S in the state; ``"final"`` keeps neither (merge
+        code computes S once from the expert, the base and R, C).
+      buffer_dtype: dtype of the m×n buffers E and S (default: the compute dtype).
+      adaptive_rank: adapt the rank with Eq. 16 (buffers sized ``max_rank``).
+      max_rank: buffer rank with adaptive rank (default ``2 * rank``).
+      min_rank: lower bound of the adaptive rank.
+      rank_step: Δr of Eq. 16.
+      rank_update_every: T_adapt of Algorithm 1.
+      rank_grow_threshold: α > 1 of Eq. 16.
+      rank_shrink_threshold: β < 1 of Eq. 16.
+      seed: seed of the random initial factors and of the oversampling columns.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByUmtamState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, umtam_jax
+      >>> params = {"w": jnp.ones((256, 128)), "b": jnp.zeros(128)}
+      >>> tx = umtam_jax.scale_by_umtam(rank=8)
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.full((256, 128), 0.1), "b": jnp.ones(128)}
+      >>> updates, state = tx.update(grads, state, params)
+
+    References:
+      UMTAM, arXiv:2512.17109, Algorithm 1; Adafactor, arXiv:1804.04235.
+    """
+    if saliency not in ("tracked", "final"):
+        raise ValueError(f"saliency must be 'tracked' or 'final', got {saliency!r}")
+    cfg = _Config(
+        rank=rank,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        error_decay=error_decay,
+        clip_threshold=clip_threshold,
+        saliency_decay=saliency_decay,
+        svd_method=svd_method,
+        svd_every=svd_every,
+        oversampling=oversampling,
+        power_iterations=power_iterations,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        row_axes=row_axes or default_row_axes,
+        bias_correction=bias_correction,
+        track_saliency=saliency == "tracked",
+        buffer_dtype=None if buffer_dtype is None else jnp.dtype(buffer_dtype),
+        adaptive_rank=adaptive_rank,
+        max_rank=max_rank if max_rank is not None else 2 * rank,
+        min_rank=min_rank,
+        rank_step=rank_step,
+        rank_update_every=rank_update_every,
+        rank_grow_threshold=rank_grow_threshold,
+        rank_shrink_threshold=rank_shrink_threshold,
+        seed=seed,
+    )
+    _validate(cfg)
+    base_key = jax.random.key(seed)
+
+    def init_fn(params):
+        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        leaves = []
+        for index, (path, param) in enumerate(paths_and_leaves):
+            param = jnp.asarray(param)
+            _require_float(path, param.dtype, "parameter")
+            layout = _layout(cfg, path, param.shape)
+            leaves.append(_init_leaf(cfg, layout, param, jax.random.fold_in(base_key, index)))
+        return ScaleByUmtamState(
+            count=jnp.zeros([], jnp.int32), leaves=jax.tree_util.tree_unflatten(treedef, leaves)
+        )
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "scale_by_umtam needs params: call update(grads, state, params) (SPEC §2.2)"
+            )
+        count = optax.safe_increment(state.count)
+        grads_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        param_leaves = treedef.flatten_up_to(params)
+        leaf_states = treedef.flatten_up_to(state.leaves)
+        directions, new_states = [], []
+        for index, ((path, g), w, leaf_state) in enumerate(
+            zip(grads_with_path, param_leaves, leaf_states, strict=True)
+        ):
+            _require_float(path, g.dtype, "gradient")
+            if g.shape != w.shape:
+                raise ValueError(
+                    f"gradient shape {g.shape} differs from parameter shape {w.shape} at "
+                    f"{jax.tree_util.keystr(path)}"
+                )
+            layout = _layout(cfg, path, w.shape)
+            if layout.row_axes is None:
+                d, new = _update_dense(cfg, g, w, leaf_state, count)
+            else:
+                key = jax.random.fold_in(jax.random.fold_in(base_key, index), count)
+                d, new = _update_factored(cfg, layout, g, w, leaf_state, count, key)
+            directions.append(d.astype(g.dtype))
+            new_states.append(new)
+        return (
+            jax.tree_util.tree_unflatten(treedef, directions),
+            ScaleByUmtamState(
+                count=count, leaves=jax.tree_util.tree_unflatten(treedef, new_states)
+            ),
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _require_float(path, dtype, what: str) -> None:
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{what} at {jax.tree_util.keystr(path)} has dtype {dtype}; UMTAM needs floating "
+            "point leaves (freeze integer leaves with optax.masked / optax.partition)"
+        )
+
+
+def umtam(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int = 32,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    error_decay: float = 0.9,
+    clip_threshold: float | None = 1.0,
+    saliency_decay: float = 0.9,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    svd_method: Literal["exact", "subspace"] = "subspace",
+    svd_every: int = 1,
+    min_dim_size_to_factor: int = 128,
+    **kwargs: Any,
+) -> optax.GradientTransformation:
+    """The UMTAM optimizer: ``chain(scale_by_umtam, add_decayed_weights, scale_by_learning_rate)``.
+
+    With ``learning_rate=1`` and ``weight_decay=0`` the update is exactly ``−D`` of SPEC §2.2.
+    The state keeps, per parameter, what model merging needs (momentum factors, factored
+    second moments, saliency): read it with :func:`umtam_jax.statistics`.
+
+    Args:
+      learning_rate: a float or an Optax schedule.
+      rank: momentum rank r.
+      b1: momentum decay.
+      b2: second-moment decay.
+      eps: base regulariser of the preconditioner.
+      error_decay: error-feedback weight γ (0: no error buffer).
+      clip_threshold: per-parameter gradient-norm clipping (``None``: off).
+      saliency_decay: saliency EMA decay α.
+      weight_decay: decoupled weight decay, applied as in ``optax.adamw``.
+      mask: pytree or callable choosing the parameters that receive weight decay.
+      svd_method: ``"exact"`` or ``"subspace"`` (default, warm-started range finder).
+      svd_every: fresh decomposition period (core re-projection in between).
+      min_dim_size_to_factor: smallest side of a factored parameter.
+      **kwargs: further keywords of :func:`scale_by_umtam` (``row_axes``, ``saliency``,
+        ``adaptive_rank``, ``bias_correction``, ``buffer_dtype``, ...).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, umtam_jax
+      >>> params = {"w": jnp.ones((256, 128))}
+      >>> opt = optax.chain(optax.clip_by_global_norm(1.0), umtam_jax.umtam(1e-3, rank=8))
+      >>> state = opt.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = opt.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      UMTAM, arXiv:2512.17109.
+    """
+    return optax.chain(
+        scale_by_umtam(
+            rank=rank,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            error_decay=error_decay,
+            clip_threshold=clip_threshold,
+            saliency_decay=saliency_decay,
+            svd_method=svd_method,
+            svd_every=svd_every,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            **kwargs,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
