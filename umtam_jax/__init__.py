@@ -6,6 +6,7 @@ read them back for merging (``umtam_jax.merging``) and checkpoints (``umtam_jax.
 """
 
 from umtam_jax.optimizer import (
+    STATIC_HYPERPARAMS,
     DenseLeafState,
     DenseStatistics,
     FactoredLeafState,
@@ -23,6 +24,7 @@ from umtam_jax.optimizer import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "STATIC_HYPERPARAMS",
     "DenseLeafState",
     "DenseStatistics",
     "FactoredLeafState",

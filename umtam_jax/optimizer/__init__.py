@@ -9,9 +9,15 @@ from umtam_jax.optimizer._state import (
     ScaleByUmtamState,
 )
 from umtam_jax.optimizer._statistics import curvature, momentum, saliency, statistics
-from umtam_jax.optimizer._transform import default_row_axes, scale_by_umtam, umtam
+from umtam_jax.optimizer._transform import (
+    STATIC_HYPERPARAMS,
+    default_row_axes,
+    scale_by_umtam,
+    umtam,
+)
 
 __all__ = [
+    "STATIC_HYPERPARAMS",
     "SVD_METHODS",
     "DenseLeafState",
     "DenseStatistics",

@@ -59,32 +59,57 @@ class _Config:
     seed: int
 
 
+STATIC_HYPERPARAMS = ("rank", "svd_every", "min_dim_size_to_factor")
+"""Integer arguments that fix array shapes or control flow: pass them as
+``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
 
 
+def _concrete(value: Any) -> float | None:
+    """The value of a hyper-parameter, or ``None`` when it is traced (inject_hyperparams)."""
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_range(name: str, value: Any, low: float, high: float, high_open: bool) -> None:
+    v = _concrete(value)
+    if v is None:
+        return
+    ok = low <= v < high if high_open else low <= v <= high
+    bracket = ")" if high_open else "]"
+    _check(ok, f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
 def _validate(cfg: _Config) -> None:
-    _check(
-        isinstance(cfg.rank, int) and cfg.rank >= 1, f"rank must be an int ≥ 1, got {cfg.rank!r}"
-    )
-    for name in ("b1", "b2", "saliency_decay"):
+    for name in STATIC_HYPERPARAMS:
         value = getattr(cfg, name)
-        _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}")
-    _check(0.0 <= cfg.error_decay <= 1.0, f"error_decay must be in [0, 1], got {cfg.error_decay!r}")
-    _check(cfg.eps > 0.0, f"eps must be > 0, got {cfg.eps!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(
+                f"{name} must be a Python int (it fixes array shapes), got {value!r}; with "
+                "optax.inject_hyperparams pass static_args=umtam_jax.STATIC_HYPERPARAMS"
+            )
+    _check(cfg.rank >= 1, f"rank must be ≥ 1, got {cfg.rank!r}")
+    for name in ("b1", "b2", "saliency_decay"):
+        _check_range(name, getattr(cfg, name), 0.0, 1.0, high_open=True)
+    _check_range("error_decay", cfg.error_decay, 0.0, 1.0, high_open=False)
+    eps = _concrete(cfg.eps)
+    _check(eps is None or eps > 0.0, f"eps must be > 0, got {cfg.eps!r}")
+    clip = None if cfg.clip_threshold is None else _concrete(cfg.clip_threshold)
     _check(
-        cfg.clip_threshold is None or cfg.clip_threshold > 0.0,
+        clip is None or clip > 0.0,
         f"clip_threshold must be > 0 or None, got {cfg.clip_threshold!r}",
     )
     _check(
         cfg.svd_method in SVD_METHODS,
         f"unknown svd_method {cfg.svd_method!r}; expected one of {SVD_METHODS}",
     )
-    _check(
-        isinstance(cfg.svd_every, int) and cfg.svd_every >= 1,
-        f"svd_every must be an int ≥ 1, got {cfg.svd_every!r}",
-    )
+    _check(cfg.svd_every >= 1, f"svd_every must be ≥ 1, got {cfg.svd_every!r}")
     _check(cfg.oversampling >= 0, f"oversampling must be ≥ 0, got {cfg.oversampling!r}")
     _check(cfg.power_iterations >= 0, f"power_iterations must be ≥ 0, got {cfg.power_iterations!r}")
     _check(
@@ -99,7 +124,7 @@ def _validate(cfg: _Config) -> None:
         )
         _check(cfg.rank_step >= 1, f"rank_step must be ≥ 1, got {cfg.rank_step!r}")
         _check(
-            cfg.rank_update_every >= 1,
+            isinstance(cfg.rank_update_every, int) and cfg.rank_update_every >= 1,
             f"rank_update_every must be ≥ 1, got {cfg.rank_update_every!r}",
         )
         _check(
@@ -141,6 +166,10 @@ def _layout(cfg: _Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> _Lay
     return _Layout(k, rows, cols, min(max_rank, rows, cols))
 
 
+def _is_static_zero(value: Any) -> bool:
+    return isinstance(value, int | float) and value == 0
+
+
 def _compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -170,7 +199,7 @@ def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
         u=u,
         sigma=cfg.eps * jnp.eye(r, dtype=dtype),
         v=v,
-        error=jnp.zeros(param.shape, buffer_dtype) if cfg.error_decay > 0 else None,
+        error=None if _is_static_zero(cfg.error_decay) else jnp.zeros(param.shape, buffer_dtype),
         row=jnp.full(rows_shape, cfg.eps, dtype),
         col=jnp.full(cols_shape, cfg.eps, dtype),
         saliency=saliency,
@@ -182,9 +211,21 @@ def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
 # ----------------------------------------------------------------------------- update
 
 
+def _norm(x: jax.Array) -> jax.Array:
+    """Frobenius norm that does not overflow: rescales by max|x| only when ‖x‖² overflows."""
+    norm = jnp.linalg.norm(x.ravel())
+
+    def rescaled():
+        peak = jnp.max(jnp.abs(x))
+        safe = jnp.where(peak > 0, peak, 1.0)
+        return peak * jnp.linalg.norm((x / safe).ravel())
+
+    return jax.lax.cond(jnp.isfinite(norm), lambda: norm, rescaled)
+
+
 def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
     """Per-leaf Frobenius clipping (step 1). Returns the clipped gradient and its norm."""
-    norm = jnp.linalg.norm(g.ravel())
+    norm = _norm(g)
     if cfg.clip_threshold is None:
         return g, norm
     scale = jnp.minimum(1.0, cfg.clip_threshold / jnp.maximum(norm, jnp.finfo(g.dtype).tiny))
@@ -193,7 +234,7 @@ def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
 
 def _adaptive_eps(cfg: _Config, g_norm: jax.Array, w: jax.Array) -> jax.Array:
     """Step 7: ``ε_t = eps · max(1, ‖G‖/‖W‖)``, with the ratio taken as 1 where ‖W‖ = 0."""
-    w_norm = jnp.linalg.norm(w.ravel())
+    w_norm = _norm(w)
     ratio = jnp.where(w_norm > 0, g_norm / jnp.where(w_norm > 0, w_norm, 1.0), 1.0)
     return cfg.eps * jnp.maximum(1.0, ratio)
 
@@ -230,17 +271,26 @@ def _active_mask(rank: jax.Array | None, size: int, dtype: Any) -> jax.Array | N
     return (jnp.arange(size) < rank).astype(dtype)
 
 
-def _decompose(cfg, m_tilde, v_prev, rank_buf, key) -> Decomposition:
+COLD_START_POWER_ITERATIONS = 4
+"""Extra power iterations of the first decomposition, whose warm start V0 is random."""
+
+
+def _decompose(cfg, m_tilde, v_prev, rank_buf, key, count) -> Decomposition:
     if cfg.svd_method == "exact":
         return exact_svd(m_tilde, rank_buf)
-    return subspace_svd(
-        m_tilde,
-        v_prev,
-        rank_buf,
-        oversampling=cfg.oversampling,
-        power_iterations=cfg.power_iterations,
-        key=key,
-    )
+
+    def subspace(power_iterations):
+        return lambda: subspace_svd(
+            m_tilde,
+            v_prev,
+            rank_buf,
+            oversampling=cfg.oversampling,
+            power_iterations=power_iterations,
+            key=key,
+        )
+
+    cold = subspace(cfg.power_iterations + COLD_START_POWER_ITERATIONS)
+    return jax.lax.cond(count == 1, cold, subspace(cfg.power_iterations))
 
 
 def _stable_rank(frob_sq: jax.Array, top: jax.Array) -> jax.Array:
@@ -279,7 +329,7 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
     def refresh(_):
         # Steps 2–4 with a fresh rank-r decomposition of M̃.
         m_tilde = cfg.b1 * ((u @ sigma) @ v.T) + x
-        dec = _decompose(cfg, m_tilde, v, r, key)
+        dec = _decompose(cfg, m_tilde, v, r, key, count)
         s = dec.s if mask is None else dec.s * mask
         momentum = (dec.u * s) @ dec.v.T
         top = dec.s[0]
