@@ -335,12 +335,21 @@ def _rmtree_quiet(path: epath.Path) -> None:
         pass
 
 
+def _composite_handler() -> ocp.CompositeCheckpointHandler:
+    # Item directories are created synchronously: with Orbax's default (a background
+    # thread) a failed save could recreate the temporary directory after its cleanup.
+    options = ocp.CompositeOptions(
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)
+    )
+    return ocp.CompositeCheckpointHandler(composite_options=options)
+
+
 def _write(path: epath.Path, items: dict[str, _Encoded], metadata: dict[str, Any]) -> None:
     """One synchronous, atomic Orbax composite save to ``path`` (which must not exist)."""
     args = {name: ocp.args.StandardSave(enc.arrays) for name, enc in items.items()}
     args[METADATA] = ocp.args.JsonSave(metadata)
     try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        with ocp.Checkpointer(_composite_handler()) as checkpointer:
             checkpointer.save(path, args=ocp.args.Composite(**args))
     except BaseException:
         # Orbax writes into ``<path>.orbax-checkpoint-tmp`` and renames it to ``path`` only
@@ -490,8 +499,11 @@ def _check_directory(directory: str | epath.PathLike) -> epath.Path:
 
 
 def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+    lines = str(err).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    if len(text) > 400:
+        text = text[:400] + "..."
+    return f"{type(err).__name__}: {text}"
 
 
 def _restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any]:
