@@ -1,0 +1,41 @@
+"""Model merging over parameter pytrees: UMTAM (Algorithm 2) and standard baselines.
+
+Every function is pure: it takes pytrees of arrays (e.g. as restored by Orbax: nested dicts
+of ``jax.Array``/NumPy arrays), never modifies them, and returns a new pytree with the
+base's structure and dtypes (16-bit floats are computed in float32 and cast back). Inputs
+are validated first (tree structure, shapes and dtypes across base, experts and
+statistics; density in (0, 1]; option values), and errors name the offending leaf path.
+With their Python options (densities, mode strings, flags) static, all merges are
+jit-compatible; random methods take an explicit PRNG ``key``.
+
+Keep counts are exact: ``max(1, int(density · N))`` entries per tensor (``scope="tensor"``)
+or per expert (``scope="global"``), equal scores going to the lower flat index.
+
+Methods:
+  - :func:`umtam`: curvature-aware merging with the optimizer's statistics (SPEC §4).
+  - :func:`task_arithmetic`, :func:`ties`, :func:`dare`, :func:`dare_ties`: mergekit's
+    generalized task arithmetic family (SPEC §5).
+  - :func:`fisher` (with :func:`diagonal_fisher`) and :func:`ota`: curvature-weighted
+    averages.
+  - :func:`prune`: keep the top-density entries of one expert's task vector.
+
+References:
+  UMTAM, arXiv:2512.17109; TIES, arXiv:2306.01708; DARE, arXiv:2311.03099; Fisher merging,
+  arXiv:2111.09832; OTA merging, arXiv:2509.11167.
+"""
+
+from umtam_jax.merging._baselines import dare, dare_ties, ota, prune, task_arithmetic, ties
+from umtam_jax.merging._fisher import diagonal_fisher, fisher
+from umtam_jax.merging._umtam import umtam
+
+__all__ = [
+    "dare",
+    "dare_ties",
+    "diagonal_fisher",
+    "fisher",
+    "ota",
+    "prune",
+    "task_arithmetic",
+    "ties",
+    "umtam",
+]

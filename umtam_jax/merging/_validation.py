@@ -1,0 +1,351 @@
+"""Input validation and tree plumbing shared by every merging method (SPEC §5, last item).
+
+All checks are on static information only (tree structure, shapes, dtypes, Python option
+values), so every merge stays traceable by ``jax.jit`` / ``jax.eval_shape`` when its Python
+options are static. Errors name the offending leaf with :func:`jax.tree_util.keystr`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics
+
+_FACTORED_FIELDS = frozenset(FactoredStatistics._fields)
+_DENSE_FIELDS = frozenset(DenseStatistics._fields)
+_FACTORED_REQUIRED = _FACTORED_FIELDS - {"saliency"}
+_DENSE_REQUIRED = _DENSE_FIELDS - {"saliency"}
+
+
+class Prepared(NamedTuple):
+    """Flattened base and experts of one merge call.
+
+    Attributes:
+      treedef: the base's tree structure (used to rebuild the result).
+      paths: ``keystr`` of every leaf, in flattening order.
+      base: the base leaves as JAX arrays.
+      experts: one list of leaves per expert, aligned with ``base``.
+    """
+
+    treedef: Any
+    paths: list[str]
+    base: list[jax.Array]
+    experts: list[list[jax.Array]]
+
+
+def _describe(x: Any) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"array of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic) or (
+        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
+    )
+
+
+def _as_array(x: Any) -> jax.Array:
+    # jnp.asarray never writes to a NumPy input; it copies (or aliases read-only) its data.
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def _flatten(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    paths = [jax.tree_util.keystr(p) for p, _ in with_path]
+    return paths, [x for _, x in with_path], treedef
+
+
+def _structure_error(what: str, ref_paths: list[str], paths: list[str], ref: str) -> ValueError:
+    missing = [p for p in ref_paths if p not in set(paths)]
+    extra = [p for p in paths if p not in set(ref_paths)]
+    if missing:
+        detail = f"leaf {missing[0]} of {ref} is missing"
+    elif extra:
+        detail = f"it has an extra leaf {extra[0]} that {ref} lacks"
+    else:
+        detail = "the containers differ (same leaf paths, different node types or order)"
+    return ValueError(f"{what} does not have the tree structure of {ref}: {detail}")
+
+
+def check_sequence(x: Any, what: str, *, allow_empty: bool = False) -> list[Any]:
+    """Returns ``x`` as a list after checking it is a (non-empty) sequence of pytrees."""
+    if isinstance(x, str | bytes | Mapping) or not isinstance(x, Sequence):
+        raise TypeError(
+            f"{what} must be a sequence (list or tuple) with one pytree per expert, "
+            f"got {type(x).__name__}"
+        )
+    if not x and not allow_empty:
+        raise ValueError(f"{what} is empty: at least one expert is required")
+    return list(x)
+
+
+def float_dtype(dtype: Any, path: str, what: str) -> jnp.dtype:
+    """The dtype merges compute in: float32 for 16-bit floats, else the leaf's own."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{what}{path} has dtype {dtype}; merging needs floating-point leaves")
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
+    """Validates ``base`` and ``experts`` (structure, shapes, dtypes) and flattens them.
+
+    Raises:
+      TypeError: ``experts`` is not a sequence, or a leaf is not a floating-point array.
+      ValueError: no experts, or an expert's structure, shapes or dtypes differ from the
+        base's; the message names the leaf path.
+    """
+    experts = check_sequence(experts, what)
+    paths, base_leaves, treedef = _flatten(base)
+    if not base_leaves:
+        raise ValueError("base has no array leaves")
+    for path, leaf in zip(paths, base_leaves, strict=True):
+        if not _is_array(leaf):
+            raise TypeError(f"base{path} is a {type(leaf).__name__}, not an array")
+        float_dtype(leaf.dtype, path, "base")
+    out = []
+    for i, expert in enumerate(experts):
+        e_paths, e_leaves, e_treedef = _flatten(expert)
+        if e_treedef != treedef:
+            raise _structure_error(f"{what}[{i}]", paths, e_paths, "base")
+        for path, b, e in zip(paths, base_leaves, e_leaves, strict=True):
+            if not _is_array(e):
+                raise TypeError(f"{what}[{i}]{path} is a {type(e).__name__}, not an array")
+            if tuple(e.shape) != tuple(b.shape):
+                raise ValueError(
+                    f"shape mismatch at {path}: base has {tuple(b.shape)}, "
+                    f"{what}[{i}] has {tuple(e.shape)}"
+                )
+            if jnp.dtype(e.dtype) != jnp.dtype(b.dtype):
+                raise ValueError(
+                    f"dtype mismatch at {path}: base has {jnp.dtype(b.dtype)}, "
+                    f"{what}[{i}] has {jnp.dtype(e.dtype)}"
+                )
+        out.append([_as_array(x) for x in e_leaves])
+    return Prepared(treedef, paths, [_as_array(x) for x in base_leaves], out)
+
+
+def leaves_like(tree: Any, prepared: Prepared, what: str, *, any_float: bool = True) -> list:
+    """Flattens a params-shaped tree (Fisher, scores, curvatures) after checking it."""
+    paths, leaves, treedef = _flatten(tree)
+    if treedef != prepared.treedef:
+        raise _structure_error(what, prepared.paths, paths, "base")
+    out = []
+    for path, b, x in zip(paths, prepared.base, leaves, strict=True):
+        if not _is_array(x):
+            raise TypeError(f"{what}{path} is a {type(x).__name__}, not an array")
+        if tuple(x.shape) != tuple(b.shape):
+            raise ValueError(
+                f"shape mismatch at {path}: base has {tuple(b.shape)}, {what} has {tuple(x.shape)}"
+            )
+        if any_float:
+            float_dtype(x.dtype, path, what)
+        out.append(_as_array(x))
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _is_placeholder(x: Any) -> bool:
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _is_stats_dict(x: Any) -> bool:
+    if not isinstance(x, Mapping) or not x:
+        return False
+    keys = frozenset(x)
+    if not all(v is None or _is_array(v) for v in x.values()):
+        return False
+    return (_FACTORED_REQUIRED <= keys <= _FACTORED_FIELDS) or (
+        _DENSE_REQUIRED <= keys <= _DENSE_FIELDS
+    )
+
+
+def is_stats_node(x: Any) -> bool:
+    """A per-parameter statistics node: NamedTuple, checkpoint dict, or placeholder."""
+    return (
+        isinstance(x, FactoredStatistics | DenseStatistics)
+        or _is_stats_dict(x)
+        or (_is_placeholder(x))
+    )
+
+
+def _as_node(x: Any) -> Any:
+    if isinstance(x, FactoredStatistics | DenseStatistics) or _is_placeholder(x):
+        return x
+    if frozenset(x) >= _FACTORED_REQUIRED:
+        return FactoredStatistics(**{f: x.get(f) for f in FactoredStatistics._fields})
+    return DenseStatistics(**{f: x.get(f) for f in DenseStatistics._fields})
+
+
+def has_stats_nodes(tree: Any) -> bool:
+    nodes = jax.tree.leaves(tree, is_leaf=is_stats_node)
+    return bool(nodes) and all(is_stats_node(n) for n in nodes)
+
+
+def _check_node(node: Any, shape: tuple[int, ...], where: str) -> None:
+    def check(name: str, x: Any, expected: tuple[int, ...] | None) -> None:
+        if not _is_array(x):
+            raise TypeError(f"{where}.{name} is a {type(x).__name__}, not an array")
+        float_dtype(x.dtype, "", f"{where}.{name}")
+        if expected is not None and tuple(x.shape) != expected:
+            raise ValueError(
+                f"statistics shape mismatch at {where}.{name}: expected {expected} for a "
+                f"parameter of shape {shape}, got {tuple(x.shape)}"
+            )
+
+    if isinstance(node, FactoredStatistics):
+        for name in ("row", "col"):
+            check(name, getattr(node, name), None)
+        rows, cols = tuple(node.row.shape), tuple(node.col.shape)
+        if rows + cols != shape:
+            raise ValueError(
+                f"statistics shape mismatch at {where}: row {rows} + col {cols} does not "
+                f"give the parameter's shape {shape}"
+            )
+        check("u", node.u, None)
+        r = node.u.shape[-1] if node.u.ndim else -1
+        check("u", node.u, rows + (r,))
+        check("v", node.v, cols + (r,))
+        check("sigma", node.sigma, (r, r))
+    else:
+        check("mu", node.mu, shape)
+        check("nu", node.nu, shape)
+    if node.saliency is not None:
+        check("saliency", node.saliency, shape)
+
+
+def statistics_leaves(stats: Any, prepared: Prepared, what: str) -> list[Any]:
+    """Flattens one expert's statistics pytree into nodes aligned with the base leaves.
+
+    Accepts a statistics pytree (leaves ``FactoredStatistics`` / ``DenseStatistics``, or
+    dicts with those field names as restored from a checkpoint) or an optimizer state
+    holding an UMTAM state (extracted with ``umtam_jax.optimizer._statistics.statistics``).
+
+    Raises:
+      ValueError: structure or shape mismatch with the base, or a parameter without
+        statistics (the optimizer did not see it); the message names the leaf path.
+    """
+    if not has_stats_nodes(stats):
+        from umtam_jax.optimizer._statistics import statistics as _extract
+
+        try:
+            stats = _extract(stats)
+        except ValueError as err:
+            raise ValueError(f"{what} holds no UMTAM statistics: {err}") from None
+    paths, nodes, _ = _flatten(stats, is_leaf=is_stats_node)
+    if paths != prepared.paths:
+        raise _structure_error(what, prepared.paths, paths, "base")
+    out = []
+    for path, b, node in zip(paths, prepared.base, nodes, strict=True):
+        if not is_stats_node(node):
+            raise TypeError(f"{what}{path} is a {_describe(node)}, not a statistics node")
+        if _is_placeholder(node):
+            raise ValueError(
+                f"{what}{path} has no statistics (the optimizer did not update this "
+                "parameter, e.g. it was masked out); merge it with another method"
+            )
+        node = _as_node(node)
+        _check_node(node, tuple(b.shape), f"{what}{path}")
+        out.append(jax.tree.map(_as_array, node))
+    return out
+
+
+# --------------------------------------------------------------------------- options
+
+
+def check_option(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """Checks a string option against its allowed values."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"unknown {name}={value!r}; expected one of " + ", ".join(repr(a) for a in allowed)
+        )
+    return value
+
+
+def check_densities(density: Any, n: int) -> list[float]:
+    """One density per expert from a float or a sequence; each must lie in (0, 1]."""
+    if isinstance(density, Sequence) and not isinstance(density, str | bytes):
+        values = list(density)
+        if len(values) != n:
+            raise ValueError(f"got {len(values)} densities for {n} experts")
+    else:
+        values = [density] * n
+    out = []
+    for i, d in enumerate(values):
+        try:
+            f = float(d)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"density must be a static Python float (mark it static under jit), got {d!r}"
+            ) from None
+        if not 0.0 < f <= 1.0:
+            which = "" if len(set(map(float, values))) == 1 else f" (expert {i})"
+            raise ValueError(f"density must lie in (0, 1], got {d!r}{which}")
+        out.append(f)
+    return out
+
+
+def check_weights(weights: Any, n: int, what: str = "weights") -> list[Any]:
+    """Per-expert weights (default 1.0); scalars, possibly traced."""
+    if weights is None:
+        return [1.0] * n
+    if isinstance(weights, str | bytes | Mapping) or not isinstance(weights, Sequence):
+        if hasattr(weights, "shape") and getattr(weights, "ndim", 0) == 1:
+            weights = list(weights)
+        else:
+            raise TypeError(f"{what} must be a sequence with one number per expert")
+    weights = list(weights)
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} {what} for {n} experts")
+    for w in weights:
+        if getattr(w, "ndim", 0) != 0:
+            raise ValueError(f"each of {what} must be a scalar, got shape {w.shape}")
+    return weights
+
+
+def check_count(items: list[Any], n: int, what: str) -> None:
+    if len(items) != n:
+        raise ValueError(f"got {len(items)} {what} for {n} experts (one per expert is needed)")
+
+
+def arrays_or_statistics(x: Any, prepared: Prepared, what: str) -> tuple[str, list[Any]]:
+    """Classifies a per-expert input that may be a params-shaped tree of arrays or UMTAM
+    statistics (or an optimizer state holding them).
+
+    Returns:
+      ``("arrays", leaves)`` or ``("statistics", nodes)``, aligned with the base leaves.
+    """
+    if has_stats_nodes(x):
+        return "statistics", statistics_leaves(x, prepared, what)
+    if jax.tree.structure(x) == prepared.treedef:
+        return "arrays", leaves_like(x, prepared, what)
+    from umtam_jax.optimizer._statistics import statistics as _extract
+
+    try:
+        stats = _extract(x)
+    except ValueError:
+        paths, _, _ = _flatten(x)
+        raise _structure_error(what, prepared.paths, paths, "base") from None
+    return "statistics", statistics_leaves(stats, prepared, what)
+
+
+def leaf_seed(path: str) -> np.uint32:
+    """A stable 32-bit seed from a leaf path, so random masks depend on the leaf's name only
+    (merging one leaf at a time gives the same result as merging the whole tree)."""
+    return np.uint32(zlib.crc32(path.encode()))
+
+
+def finish(prepared: Prepared, leaves: list[jax.Array]) -> Any:
+    """Casts each result leaf back to its base dtype and rebuilds the tree."""
+    out = [x.astype(b.dtype) for x, b in zip(leaves, prepared.base, strict=True)]
+    return jax.tree_util.tree_unflatten(prepared.treedef, out)
