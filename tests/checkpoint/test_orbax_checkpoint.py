@@ -512,3 +512,18 @@ def test_restore_honours_target_sharding(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK" in out.stdout
+
+
+def test_relative_path_and_custom_nodes(tmp_path, monkeypatch):
+    from flax.core import FrozenDict
+
+    monkeypatch.chdir(tmp_path)
+    params = FrozenDict({"a": {"k": jnp.ones((2, 2))}, "b": jnp.zeros(3)})
+    path = save_checkpoint("sub/ckpt", params)
+    assert path == tmp_path / "sub" / "ckpt"
+    plain = restore_params("sub/ckpt")  # custom nodes come back as plain dicts
+    assert type(plain) is dict and type(plain["a"]) is dict
+    assert_trees_identical(plain, params.unfreeze())
+    restored = restore_params("sub/ckpt", target=params)  # ... or as the target's nodes
+    assert isinstance(restored, FrozenDict)
+    assert_trees_identical(restored, params)

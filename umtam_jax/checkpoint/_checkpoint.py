@@ -414,9 +414,7 @@ def save_checkpoint(
     """
     from umtam_jax.optimizer import _statistics  # the optimizer package imports lazily
 
-    directory = epath.Path(directory)
-    if not directory.is_absolute():
-        directory = epath.Path(directory.absolute())
+    directory = _absolute(directory)
     if _ORBAX_TMP_SUFFIX in directory.name:
         raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
     if directory.exists() and not overwrite:
@@ -487,8 +485,13 @@ def save_checkpoint(
 # --------------------------------------------------------------------------------------
 
 
-def _check_directory(directory: str | epath.PathLike) -> epath.Path:
+def _absolute(directory: str | epath.PathLike) -> epath.Path:
     directory = epath.Path(directory)
+    return directory if directory.is_absolute() else epath.Path(directory.absolute())
+
+
+def _check_directory(directory: str | epath.PathLike) -> epath.Path:
+    directory = _absolute(directory)
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoint at {directory}: the directory does not exist")
     if not directory.is_dir():
@@ -656,7 +659,8 @@ def restore_params(directory: str | epath.PathLike, *, target: Any = None) -> An
 
     Without ``target`` the parameters come back with the saved containers (dicts, lists,
     tuples and known NamedTuples; other pytree nodes such as ``FrozenDict`` as plain dicts)
-    as ``jax.Array`` on the first local device, dtypes preserved.
+    as ``jax.Array`` on the first local device, dtypes preserved (Python scalar leaves were
+    saved as 0-d NumPy arrays; 64-bit ones come back 32-bit unless ``jax_enable_x64``).
 
     Args:
       directory: the checkpoint directory.
