@@ -37,6 +37,7 @@ proportions preserved (for quick runs). Built examples are cached as JSON under
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -77,7 +78,7 @@ SPLITS = ("train", "validation", "test")
 APT_PACKAGES = ("fortunes", "fortunes-min", "wordnet-base", "bible-kjv", "bible-kjv-text")
 
 # Bump when a built-in builder changes, so stale caches are not reused.
-_BUILTIN_VERSION = 1
+_BUILTIN_VERSION = 2
 
 
 class MissingDataError(RuntimeError):
@@ -538,10 +539,13 @@ def _dedupe(texts: list, labels: list[int]) -> Examples:
     return Examples(keep_t, np.asarray(keep_y, dtype=np.int64))
 
 
+#: Where WordNet's database is looked for (after ``$UMTAM_WORDNET_DIR``).
+WORDNET_DIRS = ("/usr/share/wordnet",)
+
+
 def wordnet_dir() -> Path:
     """Returns the WordNet database directory (``$UMTAM_WORDNET_DIR`` or Debian's)."""
-    candidates = [os.environ.get("UMTAM_WORDNET_DIR"), "/usr/share/wordnet"]
-    for c in candidates:
+    for c in (os.environ.get("UMTAM_WORDNET_DIR"), *WORDNET_DIRS):
         if c and (Path(c) / "data.noun").exists():
             return Path(c)
     raise _missing("WordNet data.noun", ["wordnet-base"])
@@ -577,6 +581,11 @@ def read_noun_synsets(path: str | os.PathLike | None = None) -> list[NounSynset]
         The noun synsets in file order.
     """
     path = Path(path) if path is not None else wordnet_dir() / "data.noun"
+    return list(_read_noun_synsets(str(path.resolve())))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_noun_synsets(path: str) -> tuple[NounSynset, ...]:
     out = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -589,7 +598,7 @@ def read_noun_synsets(path: str | os.PathLike | None = None) -> list[NounSynset]
             definition = _EXAMPLE_RE.split(gloss.strip(), maxsplit=1)[0].strip().rstrip(";")
             if definition:
                 out.append(NounSynset(int(fields[0]), int(fields[1]), words, definition))
-    return out
+    return tuple(out)
 
 
 # Lexicographer file numbers (lexnames(5)).
@@ -672,6 +681,9 @@ _KJV_GROUPS = (
     (44, 66),  # epistles + revelation: Romans..Revelation
 )
 
+#: Where ``bible.data`` is looked for (after ``$UMTAM_BIBLE_DIR``).
+BIBLE_DIRS = ("/usr/lib", "/usr/share/bible-kjv")
+
 _VERSE_RE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+)\s+(.*)$")
 
 
@@ -692,7 +704,7 @@ def kjv_verses(data_dir: str | os.PathLike | None = None) -> list[tuple[int, str
     exe = shutil.which("bible")
     if exe is None:
         raise _missing("The `bible` program", ["bible-kjv", "bible-kjv-text"])
-    dirs = [data_dir, os.environ.get("UMTAM_BIBLE_DIR"), "/usr/lib", "/usr/share/bible-kjv"]
+    dirs = [data_dir, os.environ.get("UMTAM_BIBLE_DIR"), *BIBLE_DIRS]
     found = next((Path(d) for d in dirs if d and (Path(d) / "bible.data").exists()), None)
     if found is None:
         raise _missing("The KJV text (bible.data)", ["bible-kjv-text"])
@@ -741,7 +753,20 @@ def build_kjv_section(seed: int = 0) -> Examples:
 
 
 _FORTUNE_FILES = ("computers", "politics", "science", "songs-poems")
-_OVERSTRIKE_RE = re.compile(r".\x08")
+
+
+def _strip_overstrike(text: str) -> str:
+    """Applies backspaces ("___\\b\\b\\bfoo" -> "foo", "_\\bI" -> "I")."""
+    if "\b" not in text:
+        return text
+    out: list[str] = []
+    for ch in text:
+        if ch == "\b":
+            if out and out[-1] != "\n":
+                out.pop()
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def fortune_entries(name: str, fortune_dir: str | os.PathLike | None = None) -> list[str]:
@@ -764,7 +789,7 @@ def fortune_entries(name: str, fortune_dir: str | os.PathLike | None = None) -> 
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
-    text = _OVERSTRIKE_RE.sub("", text.replace("\r\n", "\n"))
+    text = _strip_overstrike(text.replace("\r\n", "\n"))
     entries = re.split(r"\n%\n", "\n" + text + "\n")
     return [e.strip() for e in entries if e.strip() and e.strip() != "%"]
 

@@ -1,0 +1,202 @@
+"""Tests of the real-task builders, splits, cache, metrics and registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from umtam_jax.experiments import data
+
+BUILTIN = ("fortune_topic", "kjv_section", "wn_defmatch", "wn_supersense")
+CAPS = {"train": 300, "validation": 80, "test": 80}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("umtam_cache")
+
+
+def _load(name, cache_root, **kw):
+    try:
+        return data.load_task(name, use_cache=True, cache_root=cache_root, **kw)
+    except data.MissingDataError as e:
+        pytest.skip(f"Debian data for {name} not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def full(cache):
+    return {name: _load(name, cache, seed=0) for name in BUILTIN}
+
+
+def test_builtins_registered():
+    assert set(BUILTIN) <= set(data.available_tasks())
+    assert data.get_task("wn_defmatch").kind == "pair"
+    assert data.get_task("wn_defmatch").metric == "accuracy"
+    for name in ("kjv_section", "fortune_topic", "wn_supersense"):
+        spec = data.get_task(name)
+        assert spec.kind == "single" and spec.metric == "macro_f1"
+    with pytest.raises(KeyError, match="available"):
+        data.get_task("nope")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_full_splits_stratified_and_disjoint(full, name):
+    task = full[name]
+    spec = data.get_task(name)
+    assert task.label_names == spec.labels
+    total = sum(len(e) for e in task.splits.values())
+    counts = {s: e.class_counts(task.num_labels) for s, e in task.splits.items()}
+    all_counts = sum(counts.values())
+    assert (all_counts > 0).all()
+    for s, frac in zip(data.SPLITS, (0.8, 0.1, 0.1), strict=True):
+        # Per class, each split holds its fraction up to rounding (or +-1% for the
+        # group-split pair task).
+        tol = 1 if name != "wn_defmatch" else 0.01 * all_counts + 2
+        assert np.all(np.abs(counts[s] - frac * all_counts) <= tol + 1), (s, counts[s])
+    texts = {s: set(e.texts) for s, e in task.splits.items()}
+    assert not texts["train"] & texts["validation"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+    assert total > 2000
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_small_slice_sane_and_deterministic(name, cache):
+    a = _load(name, cache, seed=0, max_per_split=CAPS)
+    b = data.load_task(name, seed=0, max_per_split=CAPS, use_cache=False)  # fresh build
+    c = _load(name, cache, seed=1, max_per_split=CAPS)
+    kind = data.get_task(name).kind
+    for s, cap in CAPS.items():
+        ex = a.splits[s]
+        assert len(ex) == cap
+        assert ex.labels.dtype == np.int64
+        assert ex.labels.min() >= 0 and ex.labels.max() < a.num_labels
+        assert len(np.unique(ex.labels)) == a.num_labels  # every class present
+        if kind == "pair":
+            assert all(isinstance(t, tuple) and len(t) == 2 for t in ex.texts)
+        else:
+            assert all(isinstance(t, str) and t.strip() for t in ex.texts)
+        assert ex.texts == b.splits[s].texts
+        np.testing.assert_array_equal(ex.labels, b.splits[s].labels)
+    assert a.train.texts != c.train.texts
+
+
+def test_subsample_keeps_proportions(full):
+    task = full["wn_supersense"]
+    n = 1000
+    idx = data.stratified_subsample(task.train.labels, n, seed=3)
+    assert idx.size == n and np.unique(idx).size == n
+    p_full = task.train.class_counts(5) / len(task.train)
+    p_sub = np.bincount(task.train.labels[idx], minlength=5) / n
+    np.testing.assert_allclose(p_sub, p_full, atol=1.0 / n + 1e-9)
+
+
+def test_defmatch_pairs(full):
+    task = full["wn_defmatch"]
+    for ex in task.splits.values():
+        counts = ex.class_counts(2)
+        assert counts[0] == counts[1]
+        # Every lemma appears once as a positive and once as a negative.
+        pos = sorted(t[0] for t, y in zip(ex.texts, ex.labels, strict=True) if y == 1)
+        neg = sorted(t[0] for t, y in zip(ex.texts, ex.labels, strict=True) if y == 0)
+        assert pos == neg
+    synsets = data.read_noun_synsets()
+    by_def = {s.definition: s for s in synsets}
+    for (lemma, gloss), y in list(zip(task.test.texts, task.test.labels, strict=True))[:500]:
+        words = {w.lower() for w in by_def[gloss].words}
+        assert (lemma.lower() in words) == bool(y)
+
+
+def test_kjv_and_fortune_content(full):
+    try:
+        verses = data.kjv_verses()
+    except data.MissingDataError as e:
+        pytest.skip(str(e))
+    assert len(verses) == 31102
+    assert verses[0][0] == 0 and verses[-1][0] == 65
+    kjv = full["kjv_section"]
+    lookup = dict(zip(kjv.train.texts + kjv.test.texts + kjv.validation.texts,
+                      np.concatenate([kjv.train.labels, kjv.test.labels,
+                                      kjv.validation.labels]), strict=True))  # fmt: skip
+    assert lookup["In the beginning God created the heaven and the earth."] == 0
+    assert lookup["Jesus wept."] == 2
+    fort = full["fortune_topic"]
+    for ex in fort.splits.values():
+        assert not any("\x08" in t or t == "%" for t in ex.texts)
+
+
+def test_missing_packages_name_apt_command(tmp_path, monkeypatch):
+    with pytest.raises(data.MissingDataError, match="apt-get install -y fortunes"):
+        data.fortune_entries("computers", fortune_dir=tmp_path)
+    monkeypatch.setenv("UMTAM_WORDNET_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "WORDNET_DIRS", ())
+    with pytest.raises(data.MissingDataError, match="apt-get install -y wordnet-base"):
+        data.wordnet_dir()
+    monkeypatch.setattr(data, "BIBLE_DIRS", ())
+    monkeypatch.delenv("UMTAM_BIBLE_DIR", raising=False)
+    with pytest.raises(data.MissingDataError, match="apt-get install -y bible-kjv"):
+        data.kjv_verses()
+
+
+def test_cache_roundtrip(tmp_path):
+    calls = []
+
+    def builder(seed):
+        calls.append(seed)
+        return data.Examples([f"t{i}" for i in range(40)], np.arange(40) % 2)
+
+    data.register_task("cached_toy", builder, ("a", "b"), cache=True, overwrite=True)
+    try:
+        a = data.load_task("cached_toy", seed=5, cache_root=tmp_path)
+        b = data.load_task("cached_toy", seed=5, cache_root=tmp_path)
+        assert calls == [5]
+        assert (tmp_path / "tasks" / "cached_toy-v1-seed5.json").exists()
+        assert a.test.texts == b.test.texts
+    finally:
+        data.unregister_task("cached_toy")
+
+
+def test_custom_tasks_plug_in():
+    def pairs(seed):
+        rng = np.random.default_rng(seed)
+        texts = [(f"q{i}", f"a{i}") for i in range(60)]
+        return texts, rng.permutation(np.arange(60) % 3)
+
+    data.register_task("toy_pair", pairs, ("x", "y", "z"), "macro_f1", "pair")
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            data.register_task("toy_pair", pairs, ("x", "y", "z"))
+        assert "toy_pair" in data.available_tasks()
+        task = data.load_task("toy_pair", seed=0, fractions=(0.5, 0.25, 0.25))
+        assert (len(task.train), len(task.validation), len(task.test)) == (30, 15, 15)
+        assert task.evaluate(task.test.labels, task.test.labels) == 1.0
+
+        def presplit():
+            ex = data.Examples(["u", "v"], [0, 1])
+            return {"train": ex, "validation": ex, "test": ex}
+
+        data.register_task("toy_presplit", presplit, ("neg", "pos"))
+        assert data.load_task("toy_presplit").test.texts in (["u", "v"], ["v", "u"])
+
+        data.register_task("toy_bad", lambda: (["a"], [7]), ("neg", "pos"))
+        with pytest.raises(ValueError, match="labels outside"):
+            data.load_task("toy_bad")
+        with pytest.raises(ValueError, match="kind"):
+            data.register_task("toy_kind", pairs, ("a",), kind="triple")
+    finally:
+        for n in ("toy_pair", "toy_presplit", "toy_bad"):
+            data.unregister_task(n)
+    assert "toy_pair" not in data.available_tasks()
+
+
+def test_metrics():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0, 1, 1, 1, 2, 0])
+    assert data.accuracy(y, p) == pytest.approx(4 / 6)
+    # per class F1: c0: tp1 fp1 fn1 -> .5; c1: tp2 fp1 fn0 -> .8; c2: tp1 fp0 fn1 -> 2/3
+    assert data.macro_f1(y, p) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert data.compute_metric("macro_f1", y, p, num_labels=4) == pytest.approx(
+        (0.5 + 0.8 + 2 / 3) / 4
+    )
+    data.register_metric("always_one", lambda t, p, num_labels=None: 1.0)
+    assert data.compute_metric("always_one", y, p) == 1.0
