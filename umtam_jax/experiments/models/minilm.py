@@ -73,8 +73,9 @@ class BertConfig:
         max_position: Learned positions.
         type_vocab_size: Token-type (segment) vocabulary.
         layer_norm_eps: LayerNorm epsilon.
-        dropout_rate: Hidden and attention dropout (used only when a dropout rng is
-            given).
+        dropout_rate: Hidden dropout (used only when a dropout rng is given).
+        attention_dropout_rate: Dropout on the attention probabilities (idem). On CPU
+            it costs about as much as the rest of the step; 0 skips it.
     """
 
     vocab_size: int = 30522
@@ -86,6 +87,7 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
 
 
 #: The all-MiniLM-L6-v2 configuration.
@@ -107,7 +109,7 @@ class _SelfAttention(nn.Module):
         q, k, v = heads("query"), heads("key"), heads("value")
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh).astype(x.dtype) + bias
         probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(c.dropout_rate)(probs, deterministic=deterministic)
+        probs = nn.Dropout(c.attention_dropout_rate)(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h)
         return nn.Dense(h, name="output")(ctx)
 
@@ -344,7 +346,7 @@ def tokenize_batch(
     """Tokenizes texts or text pairs, padded/truncated to exactly ``max_length``.
 
     Pairs are encoded as ``[CLS] a [SEP] b [SEP]`` with token types 0/1 (longest-first
-    truncation).
+    truncation). Sets the tokenizer's truncation and padding options in place.
 
     Args:
         tokenizer: A ``tokenizers.Tokenizer`` (e.g. :func:`load_minilm_tokenizer`).
