@@ -11,6 +11,7 @@ statistics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -99,6 +100,14 @@ class DenseStatistics(NamedTuple):
 
 LeafState = FactoredLeafState | DenseLeafState
 LeafStatistics = FactoredStatistics | DenseStatistics
+
+
+def as_leaf_state(x: Any) -> Any:
+    """Rebuilds a leaf state from its mapping form (``flax.nnx`` State, Orbax restore)."""
+    if is_leaf_state(x) or not isinstance(x, Mapping):
+        return x
+    kind = FactoredLeafState if "sigma" in x else DenseLeafState
+    return kind(**{field: x.get(field) for field in kind._fields})
 
 
 def is_leaf_state(x: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -14,6 +15,7 @@ from umtam_jax.optimizer._state import (
     FactoredLeafState,
     FactoredStatistics,
     ScaleByUmtamState,
+    as_leaf_state,
     is_leaf_state,
     is_leaf_statistics,
 )
@@ -28,6 +30,7 @@ def _is_stat_node(x: Any) -> bool:
 
 
 def _to_statistics(leaf: Any) -> Any:
+    leaf = as_leaf_state(leaf)
     if isinstance(leaf, FactoredLeafState):
         return FactoredStatistics(
             u=leaf.u, sigma=leaf.sigma, v=leaf.v, row=leaf.row, col=leaf.col, saliency=leaf.saliency
@@ -46,7 +49,30 @@ def _combine(trees: list[Any]) -> Any:
             raise ValueError("two UMTAM states hold statistics for the same parameter")
         return found[0] if found else nodes[0]
 
-    return jax.tree.map(pick, *trees, is_leaf=lambda x: is_leaf_state(x) or _is_placeholder(x))
+    return jax.tree.map(pick, *trees, is_leaf=_is_state_node)
+
+
+def _unwrap_variables(x: Any) -> Any:
+    """Plain arrays from a ``flax.nnx.Optimizer.opt_state`` (its leaves are nnx Variables)."""
+    from flax import nnx
+
+    is_variable = lambda n: isinstance(n, nnx.Variable | nnx.State)  # noqa: E731
+    if not any(is_variable(n) for n in jax.tree.leaves(x, is_leaf=is_variable)):
+        return x
+    # nnx.State flattens nested mappings in one go: turn each into nested plain dicts.
+    return jax.tree.map(
+        lambda n: nnx.to_pure_dict(n) if isinstance(n, nnx.State) else n,
+        nnx.as_pure(x),
+        is_leaf=lambda n: isinstance(n, nnx.State),
+    )
+
+
+def _is_state_node(x: Any) -> bool:
+    return is_leaf_state(x) or _is_placeholder(x) or _is_mapping_leaf_state(x)
+
+
+def _is_mapping_leaf_state(x: Any) -> bool:
+    return isinstance(x, Mapping) and ("nu" in x or "sigma" in x)
 
 
 def _contains_statistics(x: Any) -> bool:
@@ -83,6 +109,7 @@ def statistics(x: Any) -> Any:
     """
     if _contains_statistics(x):
         return x
+    x = _unwrap_variables(x)
     states = [
         s
         for s in jax.tree.leaves(x, is_leaf=lambda n: isinstance(n, ScaleByUmtamState))
@@ -94,9 +121,7 @@ def statistics(x: Any) -> Any:
             "(possibly wrapped by optax), or a statistics pytree"
         )
     leaves = _combine([s.leaves for s in states]) if len(states) > 1 else states[0].leaves
-    return jax.tree.map(
-        _to_statistics, leaves, is_leaf=lambda n: is_leaf_state(n) or _is_placeholder(n)
-    )
+    return jax.tree.map(_to_statistics, leaves, is_leaf=_is_state_node)
 
 
 def _map_statistics(fn, x: Any) -> Any:

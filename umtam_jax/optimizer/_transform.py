@@ -16,6 +16,7 @@ from umtam_jax.optimizer._state import (
     DenseLeafState,
     FactoredLeafState,
     ScaleByUmtamState,
+    as_leaf_state,
 )
 
 RowAxesFn = Callable[[tuple[Any, ...], tuple[int, ...]], int]
@@ -59,9 +60,21 @@ class _Config:
     seed: int
 
 
-STATIC_HYPERPARAMS = ("rank", "svd_every", "min_dim_size_to_factor")
-"""Integer arguments that fix array shapes or control flow: pass them as
-``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
+STATIC_HYPERPARAMS = (
+    "rank",
+    "svd_every",
+    "min_dim_size_to_factor",
+    "oversampling",
+    "power_iterations",
+    "max_rank",
+    "min_rank",
+    "rank_step",
+    "rank_update_every",
+    "seed",
+    "row_axes",
+)
+"""Arguments that fix array shapes or control flow (integers, and the ``row_axes`` callable):
+pass ``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -88,6 +101,8 @@ def _check_range(name: str, value: Any, low: float, high: float, high_open: bool
 
 def _validate(cfg: _Config) -> None:
     for name in STATIC_HYPERPARAMS:
+        if name == "row_axes":
+            continue
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(
@@ -528,7 +543,7 @@ def scale_by_umtam(
         count = optax.safe_increment(state.count)
         grads_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
         param_leaves = treedef.flatten_up_to(params)
-        leaf_states = treedef.flatten_up_to(state.leaves)
+        leaf_states = [as_leaf_state(x) for x in treedef.flatten_up_to(state.leaves)]
         directions, new_states = [], []
         for index, ((path, g), w, leaf_state) in enumerate(
             zip(grads_with_path, param_leaves, leaf_states, strict=True)
@@ -580,7 +595,20 @@ def umtam(
     svd_method: Literal["exact", "subspace"] = "subspace",
     svd_every: int = 1,
     min_dim_size_to_factor: int = 128,
-    **kwargs: Any,
+    oversampling: int = 0,
+    power_iterations: int = 0,
+    row_axes: RowAxesFn | None = None,
+    bias_correction: bool = False,
+    saliency: Literal["tracked", "final"] = "tracked",
+    buffer_dtype: Any = None,
+    adaptive_rank: bool = False,
+    max_rank: int | None = None,
+    min_rank: int = 1,
+    rank_step: int = 4,
+    rank_update_every: int = 100,
+    rank_grow_threshold: float = 1.5,
+    rank_shrink_threshold: float = 0.5,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
     """The UMTAM optimizer: ``chain(scale_by_umtam, add_decayed_weights, scale_by_learning_rate)``.
 
@@ -602,8 +630,9 @@ def umtam(
       svd_method: ``"exact"`` or ``"subspace"`` (default, warm-started range finder).
       svd_every: fresh decomposition period (core re-projection in between).
       min_dim_size_to_factor: smallest side of a factored parameter.
-      **kwargs: further keywords of :func:`scale_by_umtam` (``row_axes``, ``saliency``,
-        ``adaptive_rank``, ``bias_correction``, ``buffer_dtype``, ...).
+      oversampling, power_iterations, row_axes, bias_correction, saliency, buffer_dtype,
+        adaptive_rank, max_rank, min_rank, rank_step, rank_update_every,
+        rank_grow_threshold, rank_shrink_threshold, seed: as in :func:`scale_by_umtam`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -632,7 +661,20 @@ def umtam(
             svd_method=svd_method,
             svd_every=svd_every,
             min_dim_size_to_factor=min_dim_size_to_factor,
-            **kwargs,
+            oversampling=oversampling,
+            power_iterations=power_iterations,
+            row_axes=row_axes,
+            bias_correction=bias_correction,
+            saliency=saliency,
+            buffer_dtype=buffer_dtype,
+            adaptive_rank=adaptive_rank,
+            max_rank=max_rank,
+            min_rank=min_rank,
+            rank_step=rank_step,
+            rank_update_every=rank_update_every,
+            rank_grow_threshold=rank_grow_threshold,
+            rank_shrink_threshold=rank_shrink_threshold,
+            seed=seed,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

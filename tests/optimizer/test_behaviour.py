@@ -1,0 +1,443 @@
+"""UMTAM as an Optax citizen: jit, wrappers, schedules, dtypes, bad input, convergence."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import umtam_jax
+from umtam_jax.optimizer._lowrank import exact_svd, subspace_svd
+
+SMALL = dict(rank=4, min_dim_size_to_factor=8)
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32)},
+        "bias": jnp.asarray(rng.normal(size=(12,)), jnp.float32),
+    }
+
+
+def _grads(params, seed):
+    keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params)))
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten(
+        [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves, strict=True)]
+    )
+
+
+def _run(opt, params, steps=6, jit=True):
+    state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
+    outs = []
+    for t in range(steps):
+        updates, state = update(_grads(params, t), state, params)
+        outs.append(updates)
+    return outs, state, update
+
+
+# ----------------------------------------------------------------------------- fast SVD
+
+
+def _trajectory(m=256, n=192, signal_rank=16, decay=0.85, steps=60, seed=0):
+    """Gradients with a decaying low-rank signal whose coefficients fluctuate, plus noise."""
+    rng = np.random.default_rng(seed)
+    left, _ = np.linalg.qr(rng.normal(size=(m, signal_rank)))
+    right, _ = np.linalg.qr(rng.normal(size=(n, signal_rank)))
+    spectrum = decay ** np.arange(signal_rank)
+    for _ in range(steps):
+        coefficients = spectrum * (1 + 0.3 * rng.normal(size=signal_rank))
+        noise = 0.05 * rng.normal(size=(m, n)) / np.sqrt(n)
+        yield (left * coefficients) @ right.T + noise
+
+
+def _updates_and_momenta(method, grads, rank=16):
+    params = {"w": jnp.full(grads[0].shape, 0.02)}
+    opt = umtam_jax.umtam(1.0, rank=rank, svd_method=method)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    updates, momenta = [], []
+    for g in grads:
+        u, state = update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        updates.append(np.asarray(u["w"], np.float64))
+        momenta.append(np.asarray(umtam_jax.momentum(state)["w"], np.float64))
+    return updates, momenta
+
+
+def test_subspace_method_tracks_exact_svd_along_a_training_trajectory():
+    grads = list(_trajectory())
+    fast_updates, fast_momenta = _updates_and_momenta("subspace", grads)
+    exact_updates, exact_momenta = _updates_and_momenta("exact", grads)
+    for t in range(10, len(grads)):  # after a short warm-up of the warm start
+        captured_fast = np.linalg.norm(fast_momenta[t]) ** 2
+        captured_exact = np.linalg.norm(exact_momenta[t]) ** 2
+        assert abs(captured_fast / captured_exact - 1) < 0.01, t
+        error = np.linalg.norm(fast_updates[t] - exact_updates[t])
+        assert error / np.linalg.norm(exact_updates[t]) <= 1e-2, t
+
+
+def test_subspace_method_on_a_flat_tail_spectrum_keeps_captured_energy():
+    # No spectral gap at rank 16: single directions are ambiguous, captured energy is not.
+    grads = list(_trajectory(signal_rank=64, steps=40))
+    fast_updates, fast_momenta = _updates_and_momenta("subspace", grads)
+    exact_updates, exact_momenta = _updates_and_momenta("exact", grads)
+    ratios = [
+        np.linalg.norm(f) ** 2 / np.linalg.norm(e) ** 2
+        for f, e in zip(fast_momenta, exact_momenta, strict=True)
+    ]
+    assert min(ratios[10:]) > 0.99
+    errors = [
+        np.linalg.norm(f - e) / np.linalg.norm(e)
+        for f, e in zip(fast_updates, exact_updates, strict=True)
+    ]
+    assert np.median(errors[10:]) <= 1e-2
+
+
+def test_subspace_svd_with_a_good_warm_start_matches_exact_truncation():
+    rng = np.random.default_rng(0)
+    left, _ = np.linalg.qr(rng.normal(size=(120, 40)))
+    right, _ = np.linalg.qr(rng.normal(size=(90, 40)))
+    matrix = jnp.asarray((left * 0.7 ** np.arange(40)) @ right.T, jnp.float32)
+    warm = jnp.asarray(right[:, :8] + 0.05 * rng.normal(size=(90, 8)), jnp.float32)
+    fast = subspace_svd(matrix, warm, 8, power_iterations=1)
+    exact = exact_svd(matrix, 8)
+    np.testing.assert_allclose(fast.s, exact.s, rtol=1e-3)
+    reconstruct = lambda d: (d.u * d.s) @ d.v.T  # noqa: E731
+    err = jnp.linalg.norm(reconstruct(fast) - reconstruct(exact)) / jnp.linalg.norm(
+        reconstruct(exact)
+    )
+    assert err < 1e-3
+    # Orthonormal factors, as the fixed-basis projection of svd_every > 1 assumes.
+    np.testing.assert_allclose(fast.u.T @ fast.u, np.eye(8), atol=1e-5)
+    np.testing.assert_allclose(fast.v.T @ fast.v, np.eye(8), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Optax citizenship
+
+
+def test_no_recompilation_after_the_first_jitted_step():
+    for kwargs in ({}, {"svd_every": 3}, {"adaptive_rank": True, "rank_update_every": 2}):
+        _, _, update = _run(umtam_jax.umtam(1e-2, **SMALL, **kwargs), _params(), steps=7)
+        assert update._cache_size() == 1, kwargs
+
+
+def test_learning_rate_one_and_no_weight_decay_gives_minus_the_direction():
+    params = _params()
+    scale = umtam_jax.scale_by_umtam(**SMALL)
+    full = umtam_jax.umtam(1.0, **SMALL)
+    directions, _, _ = _run(scale, params)
+    updates, _, _ = _run(full, params)
+    for d, u in zip(directions, updates, strict=True):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(b, -a, rtol=1e-6), d, u)
+
+
+def test_schedules_scale_the_updates_step_by_step():
+    params = _params()
+    schedule = optax.linear_schedule(1.0, 0.0, transition_steps=4)
+    scheduled, _, _ = _run(umtam_jax.umtam(schedule, **SMALL), params, steps=5)
+    constant, _, _ = _run(umtam_jax.umtam(1.0, **SMALL), params, steps=5)
+    for t in range(5):
+        factor = float(schedule(t))
+        jax.tree.map(
+            lambda a, b, f=factor: np.testing.assert_allclose(a, f * b, rtol=1e-5, atol=1e-7),
+            scheduled[t],
+            constant[t],
+        )
+
+
+def test_weight_decay_is_added_before_the_learning_rate():
+    params = _params()
+    decayed, _, _ = _run(umtam_jax.umtam(0.1, weight_decay=0.5, **SMALL), params, steps=2)
+    plain, _, _ = _run(umtam_jax.umtam(0.1, **SMALL), params, steps=2)
+    expected = jax.tree.map(lambda u, p: u - 0.1 * 0.5 * p, plain[-1], params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), decayed[-1], expected)
+
+
+def test_inject_hyperparams_gives_identical_results():
+    # In x64 mode injected hyper-parameters are float64 like Python floats: same arithmetic.
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), _params())
+        injected = optax.inject_hyperparams(
+            umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS
+        )
+        a, state, _ = _run(injected(learning_rate=0.1, b1=0.8, **SMALL), params)
+        b, _, _ = _run(umtam_jax.umtam(0.1, b1=0.8, **SMALL), params)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-12), a[-1], b[-1])
+        assert umtam_jax.statistics(state)["dense"]["kernel"].row.shape == (16,)
+
+
+def test_inject_hyperparams_without_static_args_explains_the_fix():
+    with pytest.raises(TypeError, match="STATIC_HYPERPARAMS"):
+        optax.inject_hyperparams(umtam_jax.umtam)(learning_rate=0.1, rank=4).init(_params())
+
+
+def test_multisteps_accumulates_then_applies():
+    params = _params()
+    opt = optax.MultiSteps(umtam_jax.umtam(0.1, **SMALL), every_k_schedule=2)
+    state = opt.init(params)
+    g = _grads(params, 0)
+    u1, state = opt.update(g, state, params)
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u1))
+    u2, state = opt.update(g, state, params)
+    # The mean of two equal gradients is that gradient: one UMTAM step on it.
+    single, _ = umtam_jax.umtam(0.1, **SMALL).update(
+        g, umtam_jax.umtam(0.1, **SMALL).init(params), params
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u2, single)
+    assert umtam_jax.saliency(state)["bias"].shape == (12,)
+
+
+def test_statistics_through_masked_and_partition():
+    params = _params()
+    masked = optax.masked(umtam_jax.umtam(0.1, **SMALL), {"dense": {"kernel": True}, "bias": False})
+    _, state, _ = _run(masked, params, steps=2, jit=False)
+    stats = umtam_jax.statistics(state)
+    assert isinstance(stats["dense"]["kernel"], umtam_jax.FactoredStatistics)
+    assert isinstance(stats["bias"], optax.MaskedNode)
+    assert umtam_jax.curvature(state)["dense"]["kernel"].shape == (16, 12)
+
+    labels = {"dense": {"kernel": "a"}, "bias": "b"}
+    both = optax.partition(
+        {"a": umtam_jax.umtam(0.1, **SMALL), "b": umtam_jax.umtam(0.2, **SMALL)}, labels
+    )
+    _, state, _ = _run(both, params, steps=2, jit=False)
+    stats = umtam_jax.statistics(state)
+    assert isinstance(stats["dense"]["kernel"], umtam_jax.FactoredStatistics)
+    assert isinstance(stats["bias"], umtam_jax.DenseStatistics)
+
+
+def test_statistics_of_a_chain_match_the_state():
+    params = _params()
+    opt = optax.chain(optax.clip_by_global_norm(1.0), umtam_jax.umtam(0.1, **SMALL))
+    _, state, _ = _run(opt, params, steps=3)
+    leaf = state[1][0].leaves["dense"]["kernel"]
+    stats = umtam_jax.statistics(state)["dense"]["kernel"]
+    np.testing.assert_array_equal(stats.row, leaf.row)
+    np.testing.assert_array_equal(umtam_jax.saliency(state)["dense"]["kernel"], leaf.saliency)
+    assert umtam_jax.statistics(stats) is stats
+
+
+def test_statistics_of_a_foreign_state_is_an_error():
+    with pytest.raises(ValueError, match="no UMTAM optimizer state"):
+        umtam_jax.statistics(optax.adam(1e-3).init(_params()))
+
+
+# ----------------------------------------------------------------------------- memory modes
+
+
+def test_lean_mode_keeps_no_matrix_sized_buffers():
+    params = _params()
+    opt = umtam_jax.umtam(0.1, error_decay=0.0, saliency="final", **SMALL)
+    _, state, _ = _run(opt, params, steps=3)
+    leaf = state[0].leaves["dense"]["kernel"]
+    assert leaf.error is None and leaf.saliency is None and leaf.initial is None
+    with pytest.raises(ValueError, match="saliency='final'"):
+        umtam_jax.saliency(state)
+    final = umtam_jax.saliency(
+        state, params=jax.tree.map(lambda p: p + 1.0, params), initial_params=params
+    )
+    row, col = np.asarray(leaf.row, np.float64), np.asarray(leaf.col, np.float64)
+    np.testing.assert_allclose(final["dense"]["kernel"], np.sqrt(np.outer(row, col)), rtol=1e-5)
+
+
+def test_buffer_dtype_sets_error_and_saliency_dtype():
+    opt = umtam_jax.umtam(0.1, buffer_dtype=jnp.bfloat16, **SMALL)
+    _, state, _ = _run(opt, _params(), steps=2)
+    leaf = state[0].leaves["dense"]["kernel"]
+    assert leaf.error.dtype == jnp.bfloat16 and leaf.saliency.dtype == jnp.bfloat16
+    assert leaf.row.dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def test_bfloat16_params_keep_float32_statistics_and_bfloat16_updates():
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+    updates, state, _ = _run(umtam_jax.umtam(0.1, **SMALL), params, steps=3)
+    assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates[-1]))
+    leaf = state[0].leaves["dense"]["kernel"]
+    for name in ("u", "sigma", "v", "row", "col", "saliency", "error"):
+        assert getattr(leaf, name).dtype == jnp.float32, name
+    assert leaf.initial.dtype == jnp.bfloat16
+    assert state[0].leaves["bias"].nu.dtype == jnp.float32
+
+
+def test_float64_params_in_x64_mode():
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), _params())
+        updates, state, _ = _run(umtam_jax.umtam(0.1, **SMALL), params, steps=2)
+        assert all(u.dtype == jnp.float64 for u in jax.tree.leaves(updates[-1]))
+        assert state[0].leaves["dense"]["kernel"].sigma.dtype == jnp.float64
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("method", ["exact", "subspace"])
+@pytest.mark.parametrize("grad_scale", [0.0, 1e30, 1e-30])
+@pytest.mark.parametrize("param_scale", [0.0, 1.0])
+def test_extreme_gradients_and_params_give_finite_updates_and_state(
+    method, grad_scale, param_scale
+):
+    params = jax.tree.map(lambda p: p * param_scale, _params())
+    opt = umtam_jax.umtam(0.1, svd_method=method, **SMALL)
+    state = opt.init(params)
+    for t in range(3):
+        grads = jax.tree.map(lambda g: g * grad_scale, _grads(params, t))
+        updates, state = opt.update(grads, state, params)
+        for leaf in jax.tree.leaves((updates, state)):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert bool(jnp.all(jnp.isfinite(leaf)))
+    if grad_scale:
+        assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
+
+
+def test_non_finite_gradients_are_not_absorbed_and_apply_if_finite_skips_them():
+    params = _params()
+    grads = _grads(params, 0)
+    grads["dense"]["kernel"] = grads["dense"]["kernel"].at[0, 0].set(jnp.nan)
+    grads["bias"] = grads["bias"].at[1].set(jnp.inf)
+    opt = umtam_jax.umtam(0.1, **SMALL)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert not bool(jnp.all(jnp.isfinite(updates["dense"]["kernel"])))
+    assert not bool(jnp.all(jnp.isfinite(updates["bias"])))
+
+    safe = optax.apply_if_finite(umtam_jax.umtam(0.1, **SMALL), max_consecutive_errors=3)
+    state = safe.init(params)
+    updates, state = safe.update(grads, state, params)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+    assert int(state.notfinite_count) == 1
+    assert bool(jnp.all(umtam_jax.saliency(state)["dense"]["kernel"] == 0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank"),
+        ({"b1": 1.0}, "b1"),
+        ({"b1": -0.1}, "b1"),
+        ({"b2": 1.5}, "b2"),
+        ({"eps": -1e-8}, "eps"),
+        ({"eps": 0.0}, "eps"),
+        ({"svd_method": "lanczos"}, "svd_method"),
+        ({"svd_every": 0}, "svd_every"),
+        ({"clip_threshold": 0.0}, "clip_threshold"),
+        ({"saliency_decay": 1.0}, "saliency_decay"),
+        ({"error_decay": 2.0}, "error_decay"),
+        ({"saliency": "never"}, "saliency"),
+        ({"adaptive_rank": True, "max_rank": 2, "rank": 4}, "max_rank"),
+        ({"oversampling": -1}, "oversampling"),
+    ],
+)
+def test_invalid_hyper_parameters_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        umtam_jax.umtam(0.1, **kwargs)
+
+
+def test_rank_must_be_a_python_int():
+    with pytest.raises(TypeError, match="rank"):
+        umtam_jax.umtam(0.1, rank=4.0)
+
+
+def test_update_without_params_and_mismatched_shapes_are_explained():
+    params = _params()
+    opt = umtam_jax.umtam(0.1, **SMALL)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="needs params"):
+        opt.update(_grads(params, 0), state)
+    bad = _grads(params, 0)
+    bad["bias"] = jnp.ones(5)
+    with pytest.raises(ValueError, match=r"\['bias'\]"):
+        opt.update(bad, state, params)
+
+
+def test_integer_leaves_are_rejected_with_their_path():
+    with pytest.raises(TypeError, match=r"\['step'\]"):
+        umtam_jax.umtam(0.1).init({"step": jnp.zeros((), jnp.int32)})
+
+
+def test_inputs_are_not_mutated():
+    params = jax.tree.map(np.asarray, _params())
+    before = jax.tree.map(np.copy, params)
+    grads = jax.tree.map(np.asarray, _grads(params, 0))
+    grads_before = jax.tree.map(np.copy, grads)
+    opt = umtam_jax.umtam(0.1, **SMALL)
+    opt.update(grads, opt.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, params, before)
+    jax.tree.map(np.testing.assert_array_equal, grads, grads_before)
+
+
+# ----------------------------------------------------------------------------- convergence
+
+
+def _minimise(loss, params, opt, steps):
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    for _ in range(steps):
+        params, state, value = step(params, state)
+    return params, float(loss(params))
+
+
+def test_converges_on_an_ill_conditioned_quadratic():
+    rng = np.random.default_rng(0)
+    target = jnp.asarray(rng.normal(size=(24, 16)), jnp.float32)
+    scales = jnp.asarray(np.logspace(-1, 1, 24)[:, None], jnp.float32)
+    loss = lambda p: 0.5 * jnp.sum(scales * (p["w"] - target) ** 2)  # noqa: E731
+    params = {"w": jnp.zeros((24, 16))}
+    start = float(loss(params))
+    _, final = _minimise(loss, params, umtam_jax.umtam(0.05, rank=8, min_dim_size_to_factor=8), 400)
+    assert final < 1e-3 * start
+
+
+def test_converges_on_a_rosenbrock_valley():
+    def loss(p):
+        x, y = p["xy"][0], p["xy"][1]
+        return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+    params = {"xy": jnp.asarray([-1.2, 1.0])}
+    solution, final = _minimise(loss, params, umtam_jax.umtam(0.02, clip_threshold=None), 3000)
+    assert final < 1e-3
+    np.testing.assert_allclose(solution["xy"], [1.0, 1.0], atol=0.05)
+
+
+def test_trains_a_flax_nnx_model_with_nnx_optimizer():
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(8, 32, rngs=rngs)
+            self.out = nnx.Linear(32, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jax.nn.gelu(self.hidden(x)))
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(128, 8)), jnp.float32)
+    y = jnp.sin(x[:, :1]) + 0.5 * x[:, 1:2] ** 2
+    model = MLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(
+        model, umtam_jax.umtam(3e-3, rank=4, min_dim_size_to_factor=8), wrt=nnx.Param
+    )
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    first = float(train_step(model, optimizer))
+    for _ in range(300):
+        last = float(train_step(model, optimizer))
+    assert last < 0.2 * first
+    stats = umtam_jax.statistics(optimizer.opt_state)
+    assert isinstance(stats["hidden"]["kernel"], umtam_jax.FactoredStatistics)
