@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._select import keep_masks
+from umtam_jax.merging._umtam import _importance
 from umtam_jax.optimizer._statistics import curvature as _curvature
-from umtam_jax.optimizer._statistics import saliency as _saliency
 
 SCOPES = ("tensor", "global")
 
@@ -24,42 +24,72 @@ SCOPES = ("tensor", "global")
 _L1_EPS = 1e-7
 
 
-def _deltas(prepared: V.Prepared) -> tuple[list, list, list[list[jax.Array]]]:
-    dtypes = [
-        V.float_dtype(b.dtype, p, "base")
-        for p, b in zip(prepared.paths, prepared.base, strict=True)
-    ]
-    w0 = [b.astype(dt) for b, dt in zip(prepared.base, dtypes, strict=True)]
-    deltas = [
-        [w.astype(dt) - b for w, b, dt in zip(leaves, w0, dtypes, strict=True)]
-        for leaves in prepared.experts
-    ]
-    return dtypes, w0, deltas
+def _compute_dtype(x: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _weighted_sum(terms: list[jax.Array]) -> jax.Array:
+def _check_float(prepared: V.Prepared) -> None:
+    for path, b in zip(prepared.paths, prepared.base, strict=True):
+        V.float_dtype(b.dtype, path, "base")
+
+
+def _sum(terms: list[jax.Array]) -> jax.Array:
     return sum(terms[1:], terms[0])
 
 
-def _consensus(weighted: list[jax.Array]) -> list[jax.Array]:
-    """mergekit's ``get_mask(method="sum")``: keep entries whose sign matches the sign of the
-    sum of the weighted deltas (a zero sum votes +1; zero entries never match)."""
-    vote = jnp.where(_weighted_sum(weighted) >= 0, 1, -1)
-    return [jnp.sign(x) == vote for x in weighted]
+# Rescale modes of _gta (traced, so switching them does not recompile).
+_NO_RESCALE, _INVERSE, _L1 = 0, 1, 2
 
 
-def _ties_mix(
-    deltas: list[jax.Array], weights: list[Any], normalize: bool, dtype: Any
+@jax.jit
+def _gta(
+    base: jax.Array,
+    ws: list[jax.Array],
+    masks: list[jax.Array] | None,
+    weights: list[Any],
+    scaling: Any,
+    densities: list[Any],
+    rescale: Any,
+    consensus: Any,
+    normalize: Any,
 ) -> jax.Array:
-    weighted = [jnp.asarray(w, dtype) * d for w, d in zip(weights, deltas, strict=True)]
-    keep = _consensus(weighted)
-    mixed = _weighted_sum([jnp.where(m, x, 0) for m, x in zip(keep, weighted, strict=True)])
-    if normalize:
-        divisor = _weighted_sum(
-            [jnp.where(m, jnp.asarray(w, dtype), 0) for m, w in zip(keep, weights, strict=True)]
-        )
-        mixed = mixed / jnp.where(divisor == 0, 1, divisor)
-    return mixed
+    """mergekit's generalized task arithmetic for one leaf.
+
+    Compiled once per leaf shape, dtype and number of experts (``masks=None`` aside); the
+    options are traced. ``masks`` sparsify the task vectors (``None``: keep all);
+    ``rescale`` is ``_NO_RESCALE``, ``_INVERSE`` (divide by the density) or ``_L1`` (match
+    the unmasked L1 norm, skipped when either norm is below 1e-7); ``consensus`` is
+    mergekit's ``get_mask(method="sum")``: keep entries whose sign matches that of the sum
+    of the weighted deltas (a zero sum votes +1, zeros never match); ``normalize`` divides
+    by the summed weights of the kept experts (0 → 1).
+    """
+    dt = _compute_dtype(base)
+    b = base.astype(dt)
+    deltas = []
+    for t, w in enumerate(ws):
+        d = w.astype(dt) - b
+        if masks is not None:
+            kept = jnp.where(masks[t], d, 0)
+            before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
+            ok = (before >= _L1_EPS) & (after >= _L1_EPS)
+            l1 = jnp.where(ok, kept * (before / jnp.where(ok, after, 1)), kept)
+            inverse = kept / jnp.asarray(densities[t], dt)
+            d = jnp.where(rescale == _L1, l1, jnp.where(rescale == _INVERSE, inverse, kept))
+        deltas.append(d)
+    wts = [jnp.asarray(w, dt) for w in weights]
+    weighted = [w * d for w, d in zip(wts, deltas, strict=True)]
+    vote = jnp.where(_sum(weighted) >= 0, 1, -1)
+    keep = [(jnp.sign(x) == vote) | jnp.logical_not(consensus) for x in weighted]
+    mixed = _sum([jnp.where(m, x, 0) for m, x in zip(keep, weighted, strict=True)])
+    divisor = _sum([jnp.where(m, w, 0) for m, w in zip(keep, wts, strict=True)])
+    mixed = jnp.where(normalize, mixed / jnp.where(divisor == 0, 1, divisor), mixed)
+    return (b + scaling * mixed).astype(base.dtype)
+
+
+@jax.jit
+def _abs_delta(base: jax.Array, w: jax.Array) -> jax.Array:
+    dt = _compute_dtype(base)
+    return jnp.abs(w.astype(dt) - base.astype(dt))
 
 
 def task_arithmetic(
@@ -101,12 +131,22 @@ def task_arithmetic(
     prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     weights = V.check_weights(weights, k)
-    dtypes, w0, deltas = _deltas(prepared)
-    out = []
-    for j, (b, dt) in enumerate(zip(w0, dtypes, strict=True)):
-        mixed = _weighted_sum([jnp.asarray(weights[t], dt) * deltas[t][j] for t in range(k)])
-        out.append(b + scaling * mixed)
-    return V.finish(prepared, out)
+    _check_float(prepared)
+    out = [
+        _gta(
+            b,
+            [e[j] for e in prepared.experts],
+            None,
+            weights,
+            scaling,
+            [1.0] * k,
+            rescale=_NO_RESCALE,
+            consensus=False,
+            normalize=False,
+        )
+        for j, b in enumerate(prepared.base)
+    ]
+    return jax.tree_util.tree_unflatten(prepared.treedef, out)
 
 
 def ties(
@@ -164,45 +204,65 @@ def ties(
     k = len(prepared.experts)
     weights = V.check_weights(weights, k)
     densities = V.check_densities(density, k)
-    dtypes, w0, deltas = _deltas(prepared)
-    masks = [keep_masks([jnp.abs(d) for d in deltas[t]], densities[t], scope) for t in range(k)]
-    out = []
-    for j, (b, dt) in enumerate(zip(w0, dtypes, strict=True)):
-        trimmed = [jnp.where(masks[t][j], deltas[t][j], 0) for t in range(k)]
-        out.append(b + scaling * _ties_mix(trimmed, weights, True, dt))
-    return V.finish(prepared, out)
+    _check_float(prepared)
+    masks = [
+        keep_masks([_abs_delta(b, w) for b, w in zip(prepared.base, e, strict=True)], d, scope)
+        for e, d in zip(prepared.experts, densities, strict=True)
+    ]
+    out = [
+        _gta(
+            b,
+            [e[j] for e in prepared.experts],
+            [m[j] for m in masks],
+            weights,
+            scaling,
+            densities,
+            rescale=_NO_RESCALE,
+            consensus=True,
+            normalize=True,
+        )
+        for j, b in enumerate(prepared.base)
+    ]
+    return jax.tree_util.tree_unflatten(prepared.treedef, out)
 
 
-def _dare_deltas(
-    prepared: V.Prepared,
-    deltas: list[list[jax.Array]],
-    densities: list[float],
-    key: jax.Array,
-    rescale: bool,
-    l1_rescale: bool,
-) -> list[list[jax.Array]]:
+def _dare_masks(prepared: V.Prepared, densities: list[float], key: jax.Array) -> list:
+    """Bernoulli keep masks from ``fold_in(fold_in(key, expert), crc32(leaf path))``."""
     out = []
-    for t, leaves in enumerate(deltas):
+    for t, p_keep in enumerate(densities):
         expert_key = jax.random.fold_in(key, t)
         row = []
-        for path, d in zip(prepared.paths, leaves, strict=True):
-            p_keep = densities[t]
+        for path, b in zip(prepared.paths, prepared.base, strict=True):
             if p_keep >= 1.0:  # mergekit returns the tensor unchanged at density >= 1
-                row.append(d)
-                continue
-            leaf_key = jax.random.fold_in(expert_key, V.leaf_seed(path))
-            keep = jax.random.bernoulli(leaf_key, p_keep, d.shape)
-            masked = jnp.where(keep, d, 0)
-            if l1_rescale:
-                before = jnp.sum(jnp.abs(d))
-                after = jnp.sum(jnp.abs(masked))
-                ok = (before >= _L1_EPS) & (after >= _L1_EPS)
-                masked = jnp.where(ok, masked * (before / jnp.where(ok, after, 1)), masked)
-            elif rescale:
-                masked = masked / p_keep
-            row.append(masked)
+                row.append(jnp.ones(b.shape, bool))
+            else:
+                leaf_key = jax.random.fold_in(expert_key, V.leaf_seed(path))
+                row.append(jax.random.bernoulli(leaf_key, p_keep, b.shape))
         out.append(row)
     return out
+
+
+def _dare_merge(
+    prepared, densities, key, weights, scaling, rescale, l1_rescale, consensus, normalize
+):
+    _check_float(prepared)
+    masks = _dare_masks(prepared, densities, key)
+    mode = _L1 if l1_rescale else (_INVERSE if rescale else _NO_RESCALE)
+    out = [
+        _gta(
+            b,
+            [e[j] for e in prepared.experts],
+            [m[j] for m in masks],
+            weights,
+            scaling,
+            densities,
+            rescale=mode,
+            consensus=bool(consensus),
+            normalize=bool(normalize),
+        )
+        for j, b in enumerate(prepared.base)
+    ]
+    return jax.tree_util.tree_unflatten(prepared.treedef, out)
 
 
 def _check_key(key: Any) -> jax.Array:
@@ -270,13 +330,9 @@ def dare(
     weights = V.check_weights(weights, k)
     densities = V.check_densities(density, k)
     key = _check_key(key)
-    dtypes, w0, deltas = _deltas(prepared)
-    dropped = _dare_deltas(prepared, deltas, densities, key, rescale, l1_rescale)
-    out = []
-    for j, (b, dt) in enumerate(zip(w0, dtypes, strict=True)):
-        mixed = _weighted_sum([jnp.asarray(weights[t], dt) * dropped[t][j] for t in range(k)])
-        out.append(b + scaling * mixed)
-    return V.finish(prepared, out)
+    return _dare_merge(
+        prepared, densities, key, weights, scaling, rescale, l1_rescale, False, False
+    )
 
 
 def dare_ties(
@@ -333,13 +389,9 @@ def dare_ties(
     weights = V.check_weights(weights, k)
     densities = V.check_densities(density, k)
     key = _check_key(key)
-    dtypes, w0, deltas = _deltas(prepared)
-    dropped = _dare_deltas(prepared, deltas, densities, key, rescale, l1_rescale)
-    out = []
-    for j, (b, dt) in enumerate(zip(w0, dtypes, strict=True)):
-        mixed = _ties_mix([dropped[t][j] for t in range(k)], weights, normalize, dt)
-        out.append(b + scaling * mixed)
-    return V.finish(prepared, out)
+    return _dare_merge(
+        prepared, densities, key, weights, scaling, rescale, l1_rescale, True, normalize
+    )
 
 
 def _curvature_leaves(x: Any, prepared: V.Prepared, what: str) -> list[jax.Array]:
@@ -399,15 +451,25 @@ def ota(
     V.check_count(curvatures, k, "curvature pytrees")
     weights = V.check_weights(weights, k)
     curv = [_curvature_leaves(c, prepared, f"curvatures[{i}]") for i, c in enumerate(curvatures)]
-    dtypes, w0, deltas = _deltas(prepared)
-    out = []
-    for j, (b, dt) in enumerate(zip(w0, dtypes, strict=True)):
-        coef = [jnp.asarray(weights[t], dt) * curv[t][j].astype(dt) ** power for t in range(k)]
-        num = _weighted_sum([c * deltas[t][j] for t, c in enumerate(coef)])
-        den = _weighted_sum(coef)
-        delta = jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
-        out.append(b + scaling * delta)
-    return V.finish(prepared, out)
+    _check_float(prepared)
+    out = [
+        _ota_leaf(
+            b, [e[j] for e in prepared.experts], [c[j] for c in curv], weights, power, scaling
+        )
+        for j, b in enumerate(prepared.base)
+    ]
+    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+
+
+@jax.jit
+def _ota_leaf(base, ws, curv, weights, power, scaling):
+    dt = _compute_dtype(base)
+    b = base.astype(dt)
+    coef = [jnp.asarray(w, dt) * c.astype(dt) ** power for w, c in zip(weights, curv, strict=True)]
+    num = _sum([c * (w.astype(dt) - b) for c, w in zip(coef, ws, strict=True)])
+    den = _sum(coef)
+    delta = jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
+    return (b + scaling * delta).astype(base.dtype)
 
 
 def prune(
@@ -457,22 +519,18 @@ def prune(
     prepared = V.prepare(base, [expert], what="expert")
     (d,) = V.check_densities(density, 1)
     w = prepared.experts[0]
-    dtypes = [
-        V.float_dtype(b.dtype, p, "base")
-        for p, b in zip(prepared.paths, prepared.base, strict=True)
-    ]
+    _check_float(prepared)
     if scores is None:
-        s = [
-            jnp.abs(x.astype(dt) - b.astype(dt))
-            for x, b, dt in zip(w, prepared.base, dtypes, strict=True)
-        ]
+        s = [_abs_delta(b, x) for b, x in zip(prepared.base, w, strict=True)]
     else:
         kind, s = V.arrays_or_statistics(scores, prepared, "scores")
         if kind == "statistics":
-            s = [
-                _saliency(n) if n.saliency is not None else _saliency(n, params=x, initial_params=b)
-                for n, x, b in zip(s, w, prepared.base, strict=True)
-            ]
+            s = [_importance(b, x, n, True) for b, x, n in zip(prepared.base, w, s, strict=True)]
     masks = keep_masks(s, d, scope)
-    out = [jnp.where(m, x, b) for m, x, b in zip(masks, w, prepared.base, strict=True)]
+    out = [_select(m, x, b) for m, x, b in zip(masks, w, prepared.base, strict=True)]
     return jax.tree_util.tree_unflatten(prepared.treedef, out)
+
+
+@jax.jit
+def _select(mask: jax.Array, x: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(mask, x, b)

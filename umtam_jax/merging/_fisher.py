@@ -65,19 +65,29 @@ def fisher(
     V.check_count(fishers, k, "Fisher pytrees")
     weights = V.check_weights(weights, k)
     f_leaves = [V.leaves_like(f, prepared, f"fishers[{i}]") for i, f in enumerate(fishers)]
-    out = []
-    for j, (path, b) in enumerate(zip(prepared.paths, prepared.base, strict=True)):
-        dt = V.float_dtype(b.dtype, path, "base")
-        w0 = b.astype(dt)
-        coef = [
-            jnp.asarray(weights[t], dt) * jnp.maximum(f_leaves[t][j].astype(dt), fisher_floor)
-            for t in range(k)
-        ]
-        num = sum(c * (prepared.experts[t][j].astype(dt) - w0) for t, c in enumerate(coef))
-        den = sum(coef)
-        delta = jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
-        out.append(w0 + delta)
-    return V.finish(prepared, out)
+    for path, b in zip(prepared.paths, prepared.base, strict=True):
+        V.float_dtype(b.dtype, path, "base")
+    out = [
+        _fisher_leaf(
+            b, [e[j] for e in prepared.experts], [f[j] for f in f_leaves], weights, fisher_floor
+        )
+        for j, b in enumerate(prepared.base)
+    ]
+    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+
+
+@jax.jit
+def _fisher_leaf(base, ws, fishers, weights, fisher_floor):
+    dt = jnp.promote_types(base.dtype, jnp.float32)
+    w0 = base.astype(dt)
+    coef = [
+        jnp.asarray(c, dt) * jnp.maximum(f.astype(dt), fisher_floor)
+        for c, f in zip(weights, fishers, strict=True)
+    ]
+    num = sum(c * (w.astype(dt) - w0) for c, w in zip(coef, ws, strict=True))
+    den = sum(coef)
+    delta = jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
+    return (w0 + delta).astype(base.dtype)
 
 
 def diagonal_fisher(

@@ -17,6 +17,8 @@ the fastest, so it is used.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -26,18 +28,36 @@ def keep_count(n: int, density: float) -> int:
     return min(n, max(1, int(density * n)))
 
 
-def topk_mask(scores: jax.Array, k: int) -> jax.Array:
-    """Boolean mask (shape of ``scores``) with exactly ``k`` True at the largest scores.
-
-    Ties are broken towards the lower flat index. NaN scores count as the largest values
-    (``lax.top_k``'s order).
-    """
+def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
     flat = scores.reshape(-1)
     n = flat.shape[0]
     if k >= n:
         return jnp.ones(scores.shape, bool)
     _, idx = jax.lax.top_k(flat, k)
     return jnp.zeros((n,), bool).at[idx].set(True).reshape(scores.shape)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def topk_mask(scores: jax.Array, k: int) -> jax.Array:
+    """Boolean mask (shape of ``scores``) with exactly ``k`` True at the largest scores.
+
+    Ties are broken towards the lower flat index. NaN scores count as the largest values
+    (``lax.top_k``'s order).
+    """
+    return _topk_mask(scores, k)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def global_masks(scores: list[jax.Array], k: int) -> list[jax.Array]:
+    """Masks keeping exactly ``k`` entries over all the score leaves together."""
+    dtype = jnp.result_type(*[s.dtype for s in scores])
+    flat = jnp.concatenate([s.reshape(-1).astype(dtype) for s in scores])
+    mask = _topk_mask(flat, k)
+    out, start = [], 0
+    for s in scores:
+        out.append(mask[start : start + s.size].reshape(s.shape))
+        start += s.size
+    return out
 
 
 def keep_masks(scores: list[jax.Array], density: float, scope: str) -> list[jax.Array]:
@@ -54,11 +74,4 @@ def keep_masks(scores: list[jax.Array], density: float, scope: str) -> list[jax.
     """
     if scope == "tensor":
         return [topk_mask(s, keep_count(s.size, density)) for s in scores]
-    dtype = jnp.result_type(*[s.dtype for s in scores])
-    flat = jnp.concatenate([s.reshape(-1).astype(dtype) for s in scores])
-    mask = topk_mask(flat, keep_count(flat.shape[0], density))
-    out, start = [], 0
-    for s in scores:
-        out.append(mask[start : start + s.size].reshape(s.shape))
-        start += s.size
-    return out
+    return global_masks(list(scores), keep_count(sum(s.size for s in scores), density))

@@ -18,12 +18,6 @@ NORMALIZE_MODES = ("all", "selected")
 SCOPES = ("tensor", "global")
 
 
-def _leaf_saliency(node: Any, w: jax.Array, w0: jax.Array) -> jax.Array:
-    if node.saliency is not None:
-        return _saliency(node)
-    return _saliency(node, params=w, initial_params=w0)
-
-
 def umtam(
     base: Any,
     experts: Sequence[Any],
@@ -122,58 +116,102 @@ def umtam(
     V.check_count(statistics, k, "statistics pytrees")
     densities = V.check_densities(density, k)
     nodes = [V.statistics_leaves(s, prepared, f"statistics[{i}]") for i, s in enumerate(statistics)]
-
-    dtypes = [
-        V.float_dtype(b.dtype, p, "base")
-        for p, b in zip(prepared.paths, prepared.base, strict=True)
-    ]
-    w0 = [b.astype(dt) for b, dt in zip(prepared.base, dtypes, strict=True)]
-    deltas = [
-        [w.astype(dt) - b for w, b, dt in zip(leaves, w0, dtypes, strict=True)]
-        for leaves in prepared.experts
-    ]
+    for path, b in zip(prepared.paths, prepared.base, strict=True):
+        V.float_dtype(b.dtype, path, "base")
 
     # Steps 1-2: importance and keep masks, per expert.
-    importance, masks = [], []
+    masks, importance = [], []
     for t in range(k):
-        if curvature_pruning:
-            imp = [
-                _leaf_saliency(n, w, b).astype(dt)
-                for n, w, b, dt in zip(
-                    nodes[t], prepared.experts[t], prepared.base, dtypes, strict=True
-                )
-            ]
-        else:
-            imp = [jnp.abs(d) for d in deltas[t]]
+        imp = [
+            _importance(b, w, n, curvature_pruning)
+            for b, w, n in zip(prepared.base, prepared.experts[t], nodes[t], strict=True)
+        ]
         importance.append(imp)
         masks.append(keep_masks(imp, densities[t], scope))
 
+    # Steps 3-6, one leaf at a time.
     out = []
-    for j, (b, dt) in enumerate(zip(w0, dtypes, strict=True)):
-        d = [deltas[t][j] for t in range(k)]
-        m = [masks[t][j] for t in range(k)]
-        # Step 3: importance-weighted sign election.
-        if sign_election:
-            support = [jnp.abs(d[t]) * importance[t][j] for t in range(k)]
-            s_pos = sum(jnp.where(m[t] & (d[t] > 0), support[t], 0) for t in range(k))
-            s_neg = sum(jnp.where(m[t] & (d[t] < 0), support[t], 0) for t in range(k))
-            elected = jnp.sign(s_pos - s_neg)
-            m = [m[t] & (jnp.sign(d[t]) == elected) & (elected != 0) for t in range(k)]
-        # Step 4: elementwise preconditioner weights.
-        if curvature_aggregation:
-            p = []
-            for t in range(k):
-                node = nodes[t][j]
-                mom = _momentum(node).astype(dt)
-                curv = _curvature(node).astype(dt)
-                p.append(lambda_momentum * jnp.square(mom) + lambda_curvature * curv)
-        else:
-            p = [jnp.ones_like(b)] * k
-        # Step 5: curvature-weighted average.
-        num = sum(jnp.where(m[t], p[t] * d[t], 0) for t in range(k))
-        selected = [jnp.where(m[t], p[t], 0) for t in range(k)]
-        den = sum(p) if normalize == "all" else sum(selected)
-        safe = jnp.where(den == 0, 1, den)
-        delta = jnp.where(den == 0, 0, num / safe)
-        out.append(b + scaling * delta)
-    return V.finish(prepared, out)
+    for j, b in enumerate(prepared.base):
+        out.append(
+            _combine(
+                b,
+                [prepared.experts[t][j] for t in range(k)],
+                [importance[t][j] for t in range(k)],
+                [masks[t][j] for t in range(k)],
+                [nodes[t][j] for t in range(k)],
+                scaling,
+                lambda_momentum,
+                lambda_curvature,
+                bool(sign_election),
+                bool(curvature_aggregation),
+                normalize == "all",
+            )
+        )
+    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+
+
+def _compute_dtype(x: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+# The kernels below are jit-compiled once per leaf shape, dtype and number of experts; the
+# boolean options are traced (both branches are computed and selected), so the ablations of
+# SPEC §4 do not trigger recompilation. Under an outer jit with static options, XLA folds
+# the unused branch away.
+
+
+@jax.jit
+def _importance(w0: jax.Array, w: jax.Array, node: Any, curvature_pruning: Any) -> jax.Array:
+    """Step 1: saliency ``S`` (tracked, or from ``Δ`` and ``R``, ``C``) or ``|Δ|``."""
+    dt = _compute_dtype(w0)
+    if node.saliency is not None:
+        sal = _saliency(node).astype(dt)
+    else:
+        sal = _saliency(node, params=w, initial_params=w0).astype(dt)
+    return jnp.where(curvature_pruning, sal, jnp.abs(w.astype(dt) - w0.astype(dt)))
+
+
+@jax.jit
+def _combine(
+    base: jax.Array,
+    ws: list[jax.Array],
+    imps: list[jax.Array],
+    masks: list[jax.Array],
+    nodes: list[Any],
+    scaling: Any,
+    lambda_momentum: Any,
+    lambda_curvature: Any,
+    sign_election: Any,
+    curvature_aggregation: Any,
+    normalize_all: Any,
+) -> jax.Array:
+    """Steps 3-6 for one leaf."""
+    dt = _compute_dtype(base)
+    k = len(ws)
+    b = base.astype(dt)
+    d = [w.astype(dt) - b for w in ws]
+    # Step 3: importance-weighted sign election.
+    support = [jnp.abs(d[t]) * imps[t] for t in range(k)]
+    s_pos = sum(jnp.where(masks[t] & (d[t] > 0), support[t], 0) for t in range(k))
+    s_neg = sum(jnp.where(masks[t] & (d[t] < 0), support[t], 0) for t in range(k))
+    elected = jnp.sign(s_pos - s_neg)
+    agree = (elected != 0) | jnp.logical_not(sign_election)
+    m = [masks[t] & agree & ((jnp.sign(d[t]) == elected) | ~sign_election) for t in range(k)]
+    # Step 4: elementwise preconditioner weights (1 without curvature aggregation).
+    p = [
+        jnp.where(
+            curvature_aggregation,
+            lambda_momentum * jnp.square(_momentum(n).astype(dt))
+            + lambda_curvature * _curvature(n).astype(dt),
+            1,
+        )
+        for n in nodes
+    ]
+    # Step 5: curvature-weighted average over all experts or over the kept ones.
+    num = sum(jnp.where(m[t], p[t] * d[t], 0) for t in range(k))
+    den_all = sum(p)
+    den_selected = sum(jnp.where(m[t], p[t], 0) for t in range(k))
+    den = jnp.where(normalize_all, den_all, den_selected)
+    delta = jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
+    # Step 6.
+    return (b + scaling * delta).astype(base.dtype)

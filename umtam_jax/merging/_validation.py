@@ -343,9 +343,3 @@ def leaf_seed(path: str) -> np.uint32:
     """A stable 32-bit seed from a leaf path, so random masks depend on the leaf's name only
     (merging one leaf at a time gives the same result as merging the whole tree)."""
     return np.uint32(zlib.crc32(path.encode()))
-
-
-def finish(prepared: Prepared, leaves: list[jax.Array]) -> Any:
-    """Casts each result leaf back to its base dtype and rebuilds the tree."""
-    out = [x.astype(b.dtype) for x, b in zip(leaves, prepared.base, strict=True)]
-    return jax.tree_util.tree_unflatten(prepared.treedef, out)

@@ -1,0 +1,282 @@
+"""Every merging method against the float64 NumPy reference in ``helpers`` (x64 enabled)."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from umtam_jax import merging
+
+from . import helpers as H
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+FLAGS = list(itertools.product([True, False], repeat=3))
+
+
+@pytest.mark.parametrize("normalize", ["all", "selected"])
+@pytest.mark.parametrize("pruning,election,aggregation", FLAGS)
+def test_umtam_matches_reference_all_flag_combinations(pruning, election, aggregation, normalize):
+    rng = np.random.default_rng(hash((pruning, election, aggregation, normalize)) % 2**32)
+    base, experts = H.random_experts(rng, 3)
+    stats = H.random_statistics(rng, 3)
+    kwargs = dict(
+        density=0.4,
+        lambda_momentum=0.7,
+        lambda_curvature=1.3,
+        curvature_pruning=pruning,
+        sign_election=election,
+        curvature_aggregation=aggregation,
+        normalize=normalize,
+        scaling=0.9,
+    )
+    got = merging.umtam(base, experts, stats, **kwargs)
+    H.assert_tree_close(got, H.ref_umtam(base, experts, stats, **kwargs))
+    assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(lambda x: x.dtype, base)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0, (0.2, 0.6, 0.9)])
+def test_umtam_scope_and_density(scope, density):
+    rng = np.random.default_rng(7)
+    base, experts = H.random_experts(rng, 3)
+    stats = H.random_statistics(rng, 3)
+    got = merging.umtam(base, experts, stats, density=density, scope=scope)
+    H.assert_tree_close(got, H.ref_umtam(base, experts, stats, density=density, scope=scope))
+
+
+@pytest.mark.parametrize("normalize", ["all", "selected"])
+def test_umtam_final_saliency_and_dict_statistics(normalize):
+    # Statistics without tracked saliency (optimizer run with saliency="final"), restored as
+    # plain dicts: S is computed from the experts, the base and R, C (in float32 by the
+    # optimizer's helper, hence the looser tolerance).
+    rng = np.random.default_rng(3)
+    base, experts = H.random_experts(rng, 2)
+    stats = H.random_statistics(rng, 2, tracked=False)
+    got = merging.umtam(
+        base, experts, [H.as_dict_statistics(s) for s in stats], density=0.5, normalize=normalize
+    )
+    want = H.ref_umtam(base, experts, stats, density=0.5, normalize=normalize)
+    H.assert_tree_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_umtam_from_real_optimizer_state(monkeypatch):
+    import umtam_jax
+
+    rng = np.random.default_rng(11)
+    base = {"w": jnp.asarray(rng.standard_normal((8, 6))), "b": jnp.zeros(6)}
+    opt = umtam_jax.umtam(0.05, rank=2, min_dim_size_to_factor=4)
+
+    @jax.jit
+    def step(params, state, target):
+        loss = lambda p: jnp.sum((p["w"] - target) ** 2) + jnp.sum(p["b"] ** 2)  # noqa: E731
+        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        return jax.tree.map(lambda p, u: p + u, params, updates), state
+
+    experts, states = [], []
+    for seed in range(2):
+        target = jnp.asarray(np.random.default_rng(seed).standard_normal((8, 6)))
+        params, state = base, jax.jit(opt.init)(base)
+        for _ in range(3):
+            params, state = step(params, state, target)
+        experts.append(params)
+        states.append(state)
+    stats = [umtam_jax.statistics(s) for s in states]
+    got_state = merging.umtam(base, experts, states, density=0.5)
+    got_stats = merging.umtam(base, experts, stats, density=0.5)
+    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(got_stats), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setattr(H, "PATHS", [("b",), ("w",)])  # the reference over this tree
+    want = H.ref_umtam(base, experts, stats, density=0.5)
+    H.assert_tree_close(got_stats, want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("weights", [None, [0.5, 2.0, -1.0]])
+def test_task_arithmetic(weights):
+    rng = np.random.default_rng(1)
+    base, experts = H.random_experts(rng, 3)
+    got = merging.task_arithmetic(base, experts, scaling=0.7, weights=weights)
+    H.assert_tree_close(got, H.ref_task_arithmetic(base, experts, scaling=0.7, weights=weights))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0, [0.3, 0.8, 0.5]])
+@pytest.mark.parametrize("weights", [None, [0.5, 2.0, 1.0], [1.0, -1.0, 1.0]])
+def test_ties(scope, density, weights):
+    rng = np.random.default_rng(2)
+    base, experts = H.random_experts(rng, 3)
+    got = merging.ties(base, experts, density=density, scaling=1.1, weights=weights, scope=scope)
+    want = H.ref_ties(base, experts, density=density, scaling=1.1, weights=weights, scope=scope)
+    H.assert_tree_close(got, want)
+
+
+def test_ties_vote_zero_is_positive_and_zero_divisor():
+    # Hand-made entries: opposite equal deltas (sum 0 -> vote +1), all-zero deltas
+    # (divisor 0 -> 1), weights summing to 0 among the kept experts.
+    base = {"w": jnp.zeros(3)}
+    experts = [{"w": jnp.array([1.0, 0.0, 2.0])}, {"w": jnp.array([-1.0, 0.0, 3.0])}]
+    got = merging.ties(base, experts, density=1.0)
+    np.testing.assert_allclose(np.asarray(got["w"]), [1.0, 0.0, 2.5])
+    got = merging.ties(base, experts, density=1.0, weights=[1.0, -1.0])
+    # weighted deltas [1, 0, 2] and [1, 0, -3]: votes +, +, -; divisors 0 -> 1, 1, -1.
+    np.testing.assert_allclose(np.asarray(got["w"]), [2.0, 0.0, 3.0])
+
+
+def _dare_keeps(key, densities, base):
+    keeps = []
+    for t, d in enumerate(densities):
+        ek = jax.random.fold_in(key, t)
+        res = {}
+        for p in H.PATHS:
+            path = "".join(f"[{k!r}]" for k in p)
+            lk = jax.random.fold_in(ek, np.uint32(zlib.crc32(path.encode())))
+            res[p] = np.asarray(jax.random.bernoulli(lk, d, np.shape(H.get(base, p))))
+        keeps.append(res)
+    return keeps
+
+
+@pytest.mark.parametrize("rescale,l1", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("density", [0.5, [0.3, 1.0]])
+def test_dare_and_dare_ties(rescale, l1, density):
+    rng = np.random.default_rng(4)
+    base, experts = H.random_experts(rng, 2)
+    key = jax.random.key(5)
+    dens = density if isinstance(density, list) else [density] * 2
+    keeps = _dare_keeps(key, dens, base)
+    kw = dict(density=density, scaling=0.8, weights=[1.5, 0.5], rescale=rescale, l1_rescale=l1)
+    got = merging.dare(base, experts, key=key, **kw)
+    H.assert_tree_close(got, H.ref_dare(base, experts, keeps, **kw))
+    for normalize in (False, True):
+        got = merging.dare_ties(base, experts, key=key, normalize=normalize, **kw)
+        want = H.ref_dare_ties(base, experts, keeps, normalize=normalize, **kw)
+        H.assert_tree_close(got, want)
+
+
+def test_dare_is_reproducible_and_keeps_density_fraction():
+    base = {"w": jnp.zeros((200, 100))}
+    experts = [{"w": jnp.ones((200, 100))}]
+    a = merging.dare(base, experts, density=0.3, key=jax.random.key(0))
+    b = merging.dare(base, experts, density=0.3, key=jax.random.key(0))
+    c = merging.dare(base, experts, density=0.3, key=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(a["w"]), np.asarray(b["w"]))
+    assert not np.array_equal(np.asarray(a["w"]), np.asarray(c["w"]))
+    kept = np.asarray(a["w"]) != 0
+    assert abs(kept.mean() - 0.3) < 0.02
+    np.testing.assert_allclose(np.asarray(a["w"])[kept], 1 / 0.3)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("weights", [None, [2.0, 1.0, 0.5]])
+def test_fisher(with_base, weights):
+    rng = np.random.default_rng(6)
+    base, experts = H.random_experts(rng, 3)
+    fishers = [H.build(lambda p, s, _: rng.random(s)) for _ in range(3)]
+    got = merging.fisher(base if with_base else None, experts, fishers, weights=weights)
+    H.assert_tree_close(got, H.ref_fisher(base, experts, fishers, weights=weights), rtol=1e-9)
+
+
+def test_fisher_zero_fishers_floor_gives_mean():
+    experts = [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 6.0])}]
+    zeros = [{"w": jnp.zeros(2)}] * 2
+    got = merging.fisher(None, experts, zeros)
+    np.testing.assert_allclose(np.asarray(got["w"]), [2.0, 4.0])
+    got = merging.fisher({"w": jnp.full(2, 9.0)}, experts, zeros, fisher_floor=0.0)
+    np.testing.assert_allclose(np.asarray(got["w"]), [9.0, 9.0])
+
+
+def test_diagonal_fisher_per_example_and_per_batch():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal(3)
+    xs = [rng.standard_normal((4, 3)) for _ in range(2)]
+    ys = [rng.standard_normal(4) for _ in range(2)]
+    batches = [{"x": x, "y": y} for x, y in zip(xs, ys, strict=True)]
+
+    def loss(p, b):
+        return jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+
+    got = merging.diagonal_fisher(loss, {"w": jnp.asarray(w)}, batches)
+    # grad of (x·w − y)² for one example: 2 (x·w − y) x.
+    per_ex = [2 * (x @ w - y)[:, None] * x for x, y in zip(xs, ys, strict=True)]
+    want = np.mean(np.concatenate(per_ex) ** 2, axis=0)
+    np.testing.assert_allclose(np.asarray(got["w"]), want, rtol=1e-10)
+    got = merging.diagonal_fisher(loss, {"w": jnp.asarray(w)}, batches, per_example=False)
+    want = np.mean([np.mean(g, axis=0) ** 2 for g in per_ex], axis=0)
+    np.testing.assert_allclose(np.asarray(got["w"]), want, rtol=1e-10)
+    with pytest.raises(ValueError, match="empty"):
+        merging.diagonal_fisher(loss, {"w": jnp.asarray(w)}, [])
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_ota_with_arrays_and_statistics(power):
+    rng = np.random.default_rng(9)
+    base, experts = H.random_experts(rng, 3)
+    curv = [H.build(lambda p, s, _: rng.random(s)) for _ in range(3)]
+    curv[0]["norm"]["scale"] = np.zeros(())  # one zero curvature
+    kw = dict(power=power, weights=[1.0, 2.0, 0.5], scaling=0.9)
+    got = merging.ota(base, experts, curv, **kw)
+    want = H.ref_ota(base, experts, [{p: H.get(c, p) for p in H.PATHS} for c in curv], **kw)
+    H.assert_tree_close(got, want)
+    stats = H.random_statistics(rng, 3)
+    got = merging.ota(base, experts, stats, **kw)
+    curv = [{p: H.ref_curvature(H.get(s, p)) for p in H.PATHS} for s in stats]
+    H.assert_tree_close(got, H.ref_ota(base, experts, curv, **kw))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("density", [0.01, 0.25, 1.0])
+def test_prune(scope, density):
+    rng = np.random.default_rng(10)
+    base, (expert,) = H.random_experts(rng, 1)
+    scores = H.build(lambda p, s, _: rng.random(s))
+    got = merging.prune(base, expert, scores, density=density, scope=scope)
+    ref_scores = {p: H.get(scores, p) for p in H.PATHS}
+    H.assert_tree_close(got, H.ref_prune(base, expert, ref_scores, density=density, scope=scope))
+    # Magnitude pruning (scores=None) and saliency from statistics.
+    got = merging.prune(base, expert, None, density=density, scope=scope)
+    mag = {p: np.abs(H.get(expert, p) - H.get(base, p)) for p in H.PATHS}
+    H.assert_tree_close(got, H.ref_prune(base, expert, mag, density=density, scope=scope))
+    (stats,) = H.random_statistics(rng, 1)
+    got = merging.prune(base, expert, stats, density=density, scope=scope)
+    sal = {p: H.get(stats, p).saliency for p in H.PATHS}
+    H.assert_tree_close(got, H.ref_prune(base, expert, sal, density=density, scope=scope))
+
+
+def test_bfloat16_computed_in_float32_and_cast_back():
+    rng = np.random.default_rng(12)
+    base, experts = H.random_experts(rng, 3)
+    stats = H.random_statistics(rng, 3, dtype=np.float32)
+    bf = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), t)  # noqa: E731
+    base16, experts16 = bf(base), [bf(e) for e in experts]
+    as64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    cases = [
+        (
+            merging.task_arithmetic(base16, experts16, scaling=0.5),
+            H.ref_task_arithmetic(as64(base16), [as64(e) for e in experts16], scaling=0.5),
+        ),
+        (
+            merging.ties(base16, experts16, density=0.5),
+            H.ref_ties(as64(base16), [as64(e) for e in experts16], density=0.5),
+        ),
+        (
+            merging.umtam(base16, experts16, stats, density=0.5),
+            H.ref_umtam(as64(base16), [as64(e) for e in experts16], stats, density=0.5),
+        ),
+    ]
+    for got, want in cases:
+        for p in H.PATHS:
+            leaf = H.get(got, p)
+            assert leaf.dtype == jnp.bfloat16
+            # Within one bfloat16 rounding of the float64 result.
+            np.testing.assert_allclose(
+                np.asarray(leaf, np.float64), want[p], rtol=2.0**-8, atol=1e-6, err_msg=str(p)
+            )
