@@ -1,0 +1,163 @@
+"""Input validation: clear errors that name the offending leaf path."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from umtam_jax import merging
+from umtam_jax.optimizer._state import DenseStatistics
+
+from . import helpers as H
+
+
+@pytest.fixture
+def inputs():
+    rng = np.random.default_rng(0)
+    base, experts = H.random_experts(rng, 2, dtype=np.float32)
+    stats = H.random_statistics(rng, 2, dtype=np.float32)
+    return base, experts, stats
+
+
+KEY = jax.random.key(0)
+ALL = {
+    "umtam": lambda b, e, s, **kw: merging.umtam(b, e, s, **kw),
+    "ties": lambda b, e, s, **kw: merging.ties(b, e, density=kw.pop("density", 0.5), **kw),
+    "task_arithmetic": lambda b, e, s, **kw: merging.task_arithmetic(b, e, **kw),
+    "dare": lambda b, e, s, **kw: merging.dare(b, e, density=kw.pop("density", 0.5), key=KEY),
+    "dare_ties": lambda b, e, s, **kw: merging.dare_ties(
+        b, e, density=kw.pop("density", 0.5), key=KEY
+    ),
+    "ota": lambda b, e, s, **kw: merging.ota(b, e, s),
+    "fisher": lambda b, e, s, **kw: merging.fisher(b, e, [H.build(lambda *a: 1.0)] * len(e)),
+}
+
+
+def _set(tree, path, value):
+    tree = jax.tree.map(lambda x: x, tree)
+    tree[path[0]][path[1]] = value
+    return tree
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_shape_mismatch_names_leaf(inputs, method):
+    base, experts, stats = inputs
+    bad = _set(experts[1], ("attn", "kernel"), np.zeros((5, 6), np.float32))
+    with pytest.raises(ValueError, match=re.escape("['attn']['kernel']")):
+        ALL[method](base, [experts[0], bad], stats)
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_dtype_mismatch_names_leaf(inputs, method):
+    base, experts, stats = inputs
+    bad = _set(experts[0], ("conv", "kernel"), np.zeros((2, 3, 4), np.float16))
+    with pytest.raises(ValueError, match=re.escape("dtype mismatch at ['conv']['kernel']")):
+        ALL[method](base, [bad, experts[1]], stats)
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_structure_mismatch_names_leaf(inputs, method):
+    base, experts, stats = inputs
+    bad = jax.tree.map(lambda x: x, experts[1])
+    del bad["norm"]["scale"]
+    bad["norm"]["bias"] = np.zeros((), np.float32)
+    with pytest.raises(ValueError, match=re.escape("experts[1]") + ".*" + re.escape("['norm']")):
+        ALL[method](base, [experts[0], bad], stats)
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_no_experts(inputs, method):
+    base, _, _ = inputs
+    with pytest.raises(ValueError, match="at least one expert"):
+        ALL[method](base, [], [])
+
+
+@pytest.mark.parametrize("method", ["umtam", "ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_density_out_of_range(inputs, method, density):
+    base, experts, stats = inputs
+    with pytest.raises(ValueError, match=r"density must lie in \(0, 1\]"):
+        ALL[method](base, experts, stats, density=density)
+
+
+def test_prune_density_and_scores_errors(inputs):
+    base, experts, stats = inputs
+    with pytest.raises(ValueError, match="density"):
+        merging.prune(base, experts[0], None, density=0.0)
+    bad = H.build(lambda p, s, _: np.ones(s, np.float32))
+    bad["attn"]["bias"] = np.ones(7, np.float32)
+    with pytest.raises(ValueError, match=re.escape("['attn']['bias']")):
+        merging.prune(base, experts[0], bad, density=0.5)
+
+
+def test_wrong_counts(inputs):
+    base, experts, stats = inputs
+    with pytest.raises(ValueError, match="1 statistics pytrees for 2 experts"):
+        merging.umtam(base, experts, stats[:1])
+    with pytest.raises(ValueError, match="3 weights for 2 experts"):
+        merging.ties(base, experts, density=0.5, weights=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="3 densities for 2 experts"):
+        merging.ties(base, experts, density=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="1 curvature pytrees for 2 experts"):
+        merging.ota(base, experts, stats[:1])
+    with pytest.raises(ValueError, match="1 Fisher pytrees for 2 experts"):
+        merging.fisher(base, experts, stats[:1])
+
+
+def test_unknown_options(inputs):
+    base, experts, stats = inputs
+    with pytest.raises(ValueError, match="unknown normalize='mean'"):
+        merging.umtam(base, experts, stats, normalize="mean")
+    with pytest.raises(ValueError, match="unknown scope='layer'"):
+        merging.umtam(base, experts, stats, scope="layer")
+    with pytest.raises(ValueError, match="unknown scope"):
+        merging.ties(base, experts, density=0.5, scope="model")
+    with pytest.raises(ValueError, match="unknown scope"):
+        merging.prune(base, experts[0], None, density=0.5, scope=None)
+
+
+def test_statistics_errors_name_leaf(inputs):
+    base, experts, stats = inputs
+    bad = jax.tree.map(lambda x: x, stats[1], is_leaf=lambda x: hasattr(x, "_fields"))
+    node = bad["attn"]["kernel"]
+    bad["attn"]["kernel"] = node._replace(row=np.ones(7, np.float32))
+    with pytest.raises(ValueError, match=re.escape("statistics[1]['attn']['kernel']")):
+        merging.umtam(base, experts, [stats[0], bad])
+    bad["attn"]["kernel"] = node._replace(sigma=np.ones((3, 3), np.float32))
+    with pytest.raises(ValueError, match=re.escape("statistics[1]['attn']['kernel'].sigma")):
+        merging.umtam(base, experts, [stats[0], bad])
+    bad["attn"]["kernel"] = optax.MaskedNode()
+    with pytest.raises(ValueError, match=re.escape("statistics[1]['attn']['kernel'] has no")):
+        merging.umtam(base, experts, [stats[0], bad])
+    missing = {"attn": stats[1]["attn"], "conv": stats[1]["conv"]}
+    with pytest.raises(ValueError, match=re.escape("['norm']['scale']")):
+        merging.umtam(base, experts, [stats[0], missing])
+    with pytest.raises(ValueError, match="holds no UMTAM statistics"):
+        merging.umtam(base, experts, [stats[0], {"foo": np.zeros(3)}])
+
+
+def test_type_errors(inputs):
+    base, experts, stats = inputs
+    with pytest.raises(TypeError, match="sequence"):
+        merging.task_arithmetic(base, experts[0])
+    with pytest.raises(TypeError, match="floating"):
+        merging.task_arithmetic({"i": np.arange(3)}, [{"i": np.arange(3)}])
+    with pytest.raises(TypeError, match="PRNG key"):
+        merging.dare(base, experts, density=0.5, key=None)
+    with pytest.raises(TypeError, match="static"):
+        jax.jit(lambda d: merging.ties(base, experts, density=d))(0.5)
+
+
+def test_statistics_dict_with_dense_node():
+    base = {"b": jnp.zeros(3)}
+    experts = [{"b": jnp.array([1.0, -2.0, 3.0])}]
+    as_tuple = [{"b": DenseStatistics(mu=jnp.ones(3), nu=jnp.ones(3), saliency=None)}]
+    as_dict = [{"b": {"mu": jnp.ones(3), "nu": jnp.ones(3)}}]
+    a = merging.umtam(base, experts, as_tuple, density=0.5)
+    b = merging.umtam(base, experts, as_dict, density=0.5)
+    np.testing.assert_array_equal(np.asarray(a["b"]), np.asarray(b["b"]))
