@@ -1,0 +1,1 @@
+"""Command-line tools: ``umtam-merge`` (merge checkpoints) and ``umtam-demo``."""

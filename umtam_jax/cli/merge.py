@@ -1,0 +1,502 @@
+"""``umtam-merge``: merge Orbax checkpoints with any ``umtam_jax.merging`` method.
+
+A YAML configuration in the spirit of mergekit's::
+
+    method: umtam                 # umtam, task_arithmetic, ties, dare, dare_ties,
+                                  # fisher, ota, prune
+    base: ckpt/base               # checkpoint of the shared initial parameters
+    experts:
+      - path: ckpt/task_a         # checkpoint of a fine-tuned expert
+        weight: 1.0               # per-expert weight (methods with `weights`)
+        density: 0.3              # per-expert density (methods with `density`)
+      - ckpt/task_b               # a bare path is fine too
+    parameters:                   # keyword arguments of the merging function
+      density: 0.2
+      normalize: all
+    output: ckpt/merged           # where the merged parameters are written
+    seed: 0                       # PRNG seed of dare / dare_ties (default 0)
+
+or the same through flags (which override the file)::
+
+    umtam-merge --method ties --base ckpt/base --expert ckpt/a --expert ckpt/b,weight=0.5 \\
+        --param density=0.2 --output ckpt/merged
+
+Statistics for ``umtam`` (and the curvature for ``ota``, the saliency for ``prune``) are
+restored from each expert's checkpoint (``umtam_jax.checkpoint``); ``fisher`` takes a
+``fisher: PATH`` per expert, a checkpoint whose parameters hold that expert's diagonal
+Fisher. ``prune`` takes exactly one expert and a ``scores`` parameter, ``saliency``
+(default) or ``magnitude``. Relative paths are taken from the working directory.
+
+The configuration is read with ``yaml.safe_load``; the method, the parameter names and
+their types are checked against the merging function's signature before anything is
+loaded. ``--dry-run`` loads every checkpoint and validates the whole merge (structures,
+shapes, dtypes, statistics, options) with ``jax.eval_shape``, without computing or writing
+anything. An existing output is never replaced without ``--force``, and the output may
+never be one of the inputs. Leaves are merged one at a time with a progress bar
+(``scope: global`` merges the whole tree at once, as it must).
+
+Exit status: 0 on success, 2 for an invalid configuration, input or output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import yaml
+
+from umtam_jax import merging
+
+PROG = "umtam-merge"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration (reported with exit status 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How the CLI calls one merging function.
+
+    Attributes:
+      fn: the merging function.
+      inputs: what its positional arguments after ``base, experts`` are built from:
+        ``"statistics"`` (each expert's restored statistics), ``"fishers"`` (each expert's
+        ``fisher`` checkpoint) or nothing.
+      single_expert: the function takes one expert (``prune``).
+    """
+
+    fn: Callable[..., Any]
+    inputs: str | None = None
+    single_expert: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {
+    "umtam": MethodSpec(merging.umtam, "statistics"),
+    "task_arithmetic": MethodSpec(merging.task_arithmetic),
+    "ties": MethodSpec(merging.ties),
+    "dare": MethodSpec(merging.dare),
+    "dare_ties": MethodSpec(merging.dare_ties),
+    "fisher": MethodSpec(merging.fisher, "fishers"),
+    "ota": MethodSpec(merging.ota, "statistics"),
+    "prune": MethodSpec(merging.prune, "scores", single_expert=True),
+}
+
+# Keyword arguments the CLI fills itself, from the experts' entries or the seed.
+_MANAGED = {"weights", "key"}
+_TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed"}
+_EXPERT_KEYS = {"path", "weight", "density", "fisher"}
+_PRUNE_SCORES = ("saliency", "magnitude")
+
+
+@dataclasses.dataclass
+class Expert:
+    path: str
+    weight: float | None = None
+    density: float | None = None
+    fisher: str | None = None
+
+
+@dataclasses.dataclass
+class Plan:
+    """A validated merge request."""
+
+    method: str
+    base: str
+    experts: list[Expert]
+    parameters: dict[str, Any]
+    output: str | None
+    seed: int
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _keyword_parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    return {
+        name: p
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _check_type(method: str, name: str, value: Any, default: Any) -> None:
+    if name == "density":
+        ok = _is_number(value) or (
+            isinstance(value, list) and value and all(_is_number(v) for v in value)
+        )
+        expected = "a number or a list of numbers"
+    elif isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif _is_number(default):
+        ok, expected = _is_number(value), "a number"
+    elif isinstance(default, str):
+        ok, expected = isinstance(value, str), "a string"
+    else:
+        ok, expected = True, ""
+    if not ok:
+        raise ConfigError(
+            f"parameter {name!r} of method {method!r} must be {expected}, got {value!r}"
+        )
+
+
+def _parse_expert(entry: Any, index: int) -> Expert:
+    if isinstance(entry, str):
+        return Expert(path=entry)
+    if not isinstance(entry, dict):
+        raise ConfigError(f"experts[{index}] must be a path or a mapping with a 'path'")
+    unknown = set(entry) - _EXPERT_KEYS
+    if unknown:
+        raise ConfigError(
+            f"experts[{index}] has unknown keys {sorted(unknown)}; allowed: {sorted(_EXPERT_KEYS)}"
+        )
+    if not isinstance(entry.get("path"), str):
+        raise ConfigError(f"experts[{index}] needs a 'path' (a string)")
+    for key in ("weight", "density"):
+        if key in entry and not _is_number(entry[key]):
+            raise ConfigError(f"experts[{index}].{key} must be a number, got {entry[key]!r}")
+    if "fisher" in entry and not isinstance(entry["fisher"], str):
+        raise ConfigError(f"experts[{index}].fisher must be a path")
+    return Expert(
+        path=entry["path"],
+        weight=entry.get("weight"),
+        density=entry.get("density"),
+        fisher=entry.get("fisher"),
+    )
+
+
+def build_plan(config: dict[str, Any]) -> Plan:
+    """Validates a configuration mapping (file merged with flags) into a :class:`Plan`.
+
+    Raises:
+      ConfigError: unknown keys, method or parameters; wrong types; missing inputs.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError("the configuration must be a YAML mapping")
+    unknown = set(config) - _TOP_LEVEL
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration keys {sorted(unknown)}; allowed: {sorted(_TOP_LEVEL)}"
+        )
+    method = config.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    spec = METHODS[method]
+    if not isinstance(config.get("base"), str):
+        raise ConfigError("'base' (the base checkpoint path) is required")
+    raw_experts = config.get("experts")
+    if not isinstance(raw_experts, list) or not raw_experts:
+        raise ConfigError("'experts' must be a non-empty list of checkpoint paths or mappings")
+    experts = [_parse_expert(e, i) for i, e in enumerate(raw_experts)]
+    if spec.single_expert and len(experts) != 1:
+        raise ConfigError(f"method {method!r} takes exactly one expert, got {len(experts)}")
+
+    if not isinstance(config.get("parameters") or {}, dict):
+        raise ConfigError("'parameters' must be a mapping")
+    params = dict(config.get("parameters") or {})
+    seed = config.get("seed", params.pop("seed", 0))
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"'seed' must be an integer, got {seed!r}")
+
+    signature = _keyword_parameters(spec.fn)
+    allowed = {n for n in signature if n not in _MANAGED}
+    if method == "prune":
+        allowed.add("scores")
+    unknown = set(params) - allowed
+    if unknown:
+        raise ConfigError(
+            f"unknown parameters {sorted(unknown)} for method {method!r}; allowed: "
+            f"{sorted(allowed)}"
+        )
+    for name, value in params.items():
+        if name == "scores":
+            if value not in _PRUNE_SCORES:
+                raise ConfigError(f"'scores' must be one of {_PRUNE_SCORES}, got {value!r}")
+            continue
+        _check_type(method, name, value, signature[name].default)
+
+    # Per-expert weights and densities.
+    if any(e.weight is not None for e in experts):
+        if "weights" not in signature:
+            raise ConfigError(f"method {method!r} takes no per-expert weights")
+        params["weights"] = [1.0 if e.weight is None else e.weight for e in experts]
+    if any(e.density is not None for e in experts):
+        if "density" not in signature:
+            raise ConfigError(f"method {method!r} takes no density")
+        fallback = params.get("density", signature["density"].default)
+        if fallback is inspect.Parameter.empty and any(e.density is None for e in experts):
+            raise ConfigError("give a density to every expert or a default in 'parameters'")
+        if isinstance(fallback, list):
+            raise ConfigError("per-expert densities need a scalar default density")
+        densities = [fallback if e.density is None else e.density for e in experts]
+        params["density"] = densities[0] if spec.single_expert else densities
+    if any(e.fisher is not None for e in experts) and spec.inputs != "fishers":
+        raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
+    if spec.inputs == "fishers" and any(e.fisher is None for e in experts):
+        raise ConfigError("method 'fisher' needs a 'fisher' checkpoint for every expert")
+    for name, p in signature.items():
+        if name in _MANAGED or p.default is not inspect.Parameter.empty:
+            continue
+        if name not in params:
+            raise ConfigError(f"method {method!r} requires the parameter {name!r}")
+
+    output = config.get("output")
+    if output is not None and not isinstance(output, str):
+        raise ConfigError("'output' must be a path")
+    return Plan(method, config["base"], experts, params, output, seed)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def _expert_flag(text: str) -> dict[str, Any]:
+    """``PATH[,weight=W][,density=D][,fisher=PATH]``."""
+    path, *options = text.split(",")
+    entry: dict[str, Any] = {"path": path}
+    for opt in options:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise ConfigError(f"--expert option {opt!r} is not KEY=VALUE")
+        entry[key.strip()] = value if key.strip() == "fisher" else _parse_value(value)
+    return entry
+
+
+def load_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The YAML file (if any) with the command-line flags applied on top."""
+    config: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                config = yaml.safe_load(f) or {}
+        except OSError as err:
+            raise ConfigError(f"cannot read {args.config}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{args.config} is not valid YAML: {err}") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{args.config} must hold a YAML mapping")
+    for key in ("method", "base", "output", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            config[key] = value
+    if args.expert:
+        config["experts"] = [_expert_flag(e) for e in args.expert]
+    if args.param:
+        params = dict(config.get("parameters") or {})
+        for item in args.param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--param {item!r} is not KEY=VALUE")
+            params[key.strip()] = _parse_value(value)
+        config["parameters"] = params
+    return config
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _restore(plan: Plan) -> tuple[Any, list[Any], list[Any] | None]:
+    from umtam_jax import checkpoint
+
+    def params_of(path: str, what: str) -> Any:
+        try:
+            return checkpoint.restore_params(path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"cannot restore {what} from {path}: {err}") from None
+
+    base = params_of(plan.base, "the base")
+    experts = [params_of(e.path, f"expert {i}") for i, e in enumerate(plan.experts)]
+    spec = METHODS[plan.method]
+    extra = None
+    needs_stats = spec.inputs == "statistics" or (
+        spec.inputs == "scores" and plan.parameters.get("scores", "saliency") == "saliency"
+    )
+    if needs_stats:
+        extra = []
+        for i, e in enumerate(plan.experts):
+            try:
+                stats = checkpoint.restore_statistics(e.path)
+            except FileNotFoundError:
+                stats = None
+            if stats is None:
+                hint = " (or use scores: magnitude)" if spec.inputs == "scores" else ""
+                raise ConfigError(
+                    f"method {plan.method!r} needs UMTAM statistics, but the checkpoint of "
+                    f"expert {i} ({e.path}) has none{hint}"
+                )
+            extra.append(stats)
+    elif spec.inputs == "fishers":
+        extra = [
+            params_of(e.fisher, f"the Fisher of expert {i}") for i, e in enumerate(plan.experts)
+        ]
+    return base, experts, extra
+
+
+def _call(plan: Plan, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
+    spec = METHODS[plan.method]
+    kwargs = {k: v for k, v in plan.parameters.items() if k != "scores"}
+    if "key" in _keyword_parameters(spec.fn):
+        kwargs["key"] = jax.random.key(plan.seed)
+    if spec.single_expert:
+        return spec.fn(base, experts[0], None if extra is None else extra[0], **kwargs)
+    if spec.inputs is None:
+        return spec.fn(base, experts, **kwargs)
+    return spec.fn(base, experts, extra, **kwargs)
+
+
+def _dict_path(path: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    keys = []
+    for k in path:
+        if not isinstance(k, jax.tree_util.DictKey):
+            return None
+        keys.append(k.key)
+    return tuple(keys)
+
+
+def _get(tree: Any, keys: tuple[Any, ...]) -> Any:
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _nest(keys: tuple[Any, ...], value: Any) -> Any:
+    for k in reversed(keys):
+        value = {k: value}
+    return value
+
+
+def merge(
+    plan: Plan, base: Any, experts: list[Any], extra: list[Any] | None, *, progress: bool = True
+) -> Any:
+    """Runs the merge, one leaf at a time when the method's semantics allow it."""
+    from tqdm.auto import tqdm
+
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(base)
+    keys = [_dict_path(p) for p, _ in with_path]
+    per_leaf = plan.parameters.get("scope", "tensor") != "global" and all(
+        k is not None for k in keys
+    )
+    if not per_leaf:
+        with tqdm(total=1, desc=f"{plan.method} (whole tree)", disable=not progress) as bar:
+            merged = _call(plan, base, experts, extra)
+            jax.block_until_ready(merged)
+            bar.update(1)
+        return merged
+    out = []
+    for k in tqdm(keys, desc=plan.method, unit="leaf", disable=not progress):
+        sub = lambda tree, k=k: _nest(k, _get(tree, k))  # noqa: E731
+        part = _call(
+            plan,
+            sub(base),
+            [sub(e) for e in experts],
+            None if extra is None else [sub(x) for x in extra],
+        )
+        out.append(jax.block_until_ready(_get(part, k)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Merge Orbax checkpoints with UMTAM (Algorithm 2) or a baseline method.",
+        epilog=f"Methods: {', '.join(METHODS)}. See the module docstring of "
+        "umtam_jax.cli.merge for the YAML schema.",
+    )
+    p.add_argument("config", nargs="?", help="YAML configuration file")
+    p.add_argument("--method", choices=list(METHODS), help="merging method")
+    p.add_argument("--base", help="base checkpoint directory")
+    p.add_argument(
+        "--expert",
+        action="append",
+        metavar="PATH[,weight=W][,density=D][,fisher=PATH]",
+        help="expert checkpoint (repeat; replaces the file's experts)",
+    )
+    p.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="method parameter (repeat)"
+    )
+    p.add_argument("--output", "-o", help="output checkpoint directory")
+    p.add_argument("--seed", type=int, help="PRNG seed for dare / dare_ties")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--dry-run", action="store_true", help="load and validate everything, write nothing"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Executes a parsed command line; returns the exit status."""
+    plan = build_plan(load_config(args))
+    if plan.output is None and not args.dry_run:
+        raise ConfigError("'output' is required (or use --dry-run)")
+    inputs = [plan.base] + [e.path for e in plan.experts]
+    inputs += [e.fisher for e in plan.experts if e.fisher]
+    if plan.output is not None:
+        if any(_same_path(plan.output, i) for i in inputs):
+            raise ConfigError(f"the output {plan.output} is one of the inputs")
+        if os.path.exists(plan.output) and not args.force:
+            raise ConfigError(f"the output {plan.output} exists; pass --force to replace it")
+
+    base, experts, extra = _restore(plan)
+    if args.dry_run:
+        try:
+            shapes = jax.eval_shape(lambda b, e, x: _call(plan, b, e, x), base, experts, extra)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"the merge would fail: {err}") from None
+        n = len(jax.tree.leaves(shapes))
+        print(
+            f"{PROG}: dry run OK: {plan.method} of {len(experts)} expert(s), {n} leaves"
+            + (f", would write {plan.output}" if plan.output else "")
+        )
+        return 0
+
+    try:
+        merged = merge(plan, base, experts, extra, progress=not args.no_progress)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"merge failed: {err}") from None
+
+    from umtam_jax import checkpoint
+
+    metadata = {
+        "merge": {
+            "method": plan.method,
+            "base": plan.base,
+            "experts": [dataclasses.asdict(e) for e in plan.experts],
+            "parameters": plan.parameters,
+            "seed": plan.seed,
+        }
+    }
+    path = checkpoint.save_checkpoint(plan.output, merged, overwrite=args.force, metadata=metadata)
+    print(f"{PROG}: wrote {path} ({plan.method} of {len(experts)} expert(s))")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of ``umtam-merge``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
