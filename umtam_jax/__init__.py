@@ -23,6 +23,18 @@ from umtam_jax.optimizer import (
 
 __version__ = "0.1.0"
 
+_SUBMODULES = ("checkpoint", "experiments", "merging")
+
+
+def __getattr__(name: str):
+    # Lazy submodules: ``import umtam_jax`` stays light (no Orbax import) until used.
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"umtam_jax.{name}")
+    raise AttributeError(f"module 'umtam_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "STATIC_HYPERPARAMS",
     "DenseLeafState",
@@ -30,8 +42,10 @@ __all__ = [
     "FactoredLeafState",
     "FactoredStatistics",
     "ScaleByUmtamState",
+    "checkpoint",
     "curvature",
     "default_row_axes",
+    "merging",
     "momentum",
     "saliency",
     "scale_by_umtam",
