@@ -1,0 +1,373 @@
+"""End-to-end tests of ``umtam-merge`` on real Orbax checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from tests.merging import helpers as H
+from umtam_jax import merging
+from umtam_jax.cli.merge import main
+
+checkpoint = pytest.importorskip("umtam_jax.checkpoint")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A base, two experts with UMTAM statistics, one without, and two Fisher checkpoints."""
+    root = tmp_path_factory.mktemp("ckpts")
+    rng = np.random.default_rng(0)
+    base, experts = H.random_experts(rng, 3, dtype=np.float32)
+    stats = H.random_statistics(rng, 2, dtype=np.float32)
+    fishers = [H.random_params(rng, dtype=np.float32) for _ in range(2)]
+    fishers = [jax.tree.map(np.abs, f) for f in fishers]
+    paths = {"base": str(root / "base")}
+    checkpoint.save_checkpoint(paths["base"], base)
+    for i in range(2):
+        paths[f"e{i}"] = str(root / f"e{i}")
+        checkpoint.save_checkpoint(paths[f"e{i}"], experts[i], statistics=stats[i])
+        paths[f"f{i}"] = str(root / f"f{i}")
+        checkpoint.save_checkpoint(paths[f"f{i}"], fishers[i])
+    paths["plain"] = str(root / "plain")
+    checkpoint.save_checkpoint(paths["plain"], experts[2])
+    return {"paths": paths, "base": base, "experts": experts, "stats": stats, "fishers": fishers}
+
+
+def _same(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb, strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "merge.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_yaml_umtam_matches_library(ckpts, tmp_path):
+    p = ckpts["paths"]
+    out = tmp_path / "merged"
+    cfg = _write(
+        tmp_path,
+        f"""
+        method: umtam
+        base: {p["base"]}
+        experts:
+          - path: {p["e0"]}
+            density: 0.3
+          - {p["e1"]}
+        parameters:
+          density: 0.5
+          normalize: selected
+          sign_election: false
+        output: {out}
+        """,
+    )
+    assert main([cfg, "--no-progress"]) == 0
+    got = checkpoint.restore_params(str(out))
+    want = merging.umtam(
+        ckpts["base"],
+        ckpts["experts"][:2],
+        ckpts["stats"],
+        density=[0.3, 0.5],
+        normalize="selected",
+        sign_election=False,
+    )
+    _same(got, want)
+    meta = checkpoint.read_metadata(str(out))
+    assert meta["user"]["merge"]["method"] == "umtam"
+
+
+def test_flags_ties_dare_and_global_scope(ckpts, tmp_path):
+    p = ckpts["paths"]
+    base, experts = ckpts["base"], ckpts["experts"][:2]
+    common = ["--base", p["base"], "--no-progress"]
+    e = ["--expert", f"{p['e0']},weight=2.0", "--expert", f"{p['e1']},density=0.7"]
+    assert (
+        main(["--method", "ties", *common, *e, "--param", "density=0.2", "-o", str(tmp_path / "t")])
+        == 0
+    )
+    want = merging.ties(base, experts, density=[0.2, 0.7], weights=[2.0, 1.0])
+    _same(checkpoint.restore_params(str(tmp_path / "t")), want)
+    # DARE is merged leaf by leaf but equals the whole-tree call (keys depend on leaf paths).
+    assert (
+        main(
+            [
+                "--method",
+                "dare_ties",
+                *common,
+                *e,
+                "--param",
+                "density=0.5",
+                "--seed",
+                "3",
+                "--param",
+                "normalize=true",
+                "-o",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
+    want = merging.dare_ties(
+        base, experts, density=[0.5, 0.7], weights=[2.0, 1.0], key=jax.random.key(3), normalize=True
+    )
+    _same(checkpoint.restore_params(str(tmp_path / "d")), want)
+    assert (
+        main(
+            [
+                "--method",
+                "umtam",
+                *common,
+                "--expert",
+                p["e0"],
+                "--param",
+                "scope=global",
+                "--param",
+                "density=0.1",
+                "-o",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 0
+    )
+    want = merging.umtam(base, experts[:1], ckpts["stats"][:1], density=0.1, scope="global")
+    _same(checkpoint.restore_params(str(tmp_path / "g")), want)
+
+
+def test_fisher_ota_prune(ckpts, tmp_path):
+    p = ckpts["paths"]
+    base, experts = ckpts["base"], ckpts["experts"][:2]
+    common = ["--base", p["base"], "--no-progress"]
+    assert (
+        main(
+            [
+                "--method",
+                "fisher",
+                *common,
+                "--expert",
+                f"{p['e0']},fisher={p['f0']}",
+                "--expert",
+                f"{p['e1']},fisher={p['f1']}",
+                "-o",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
+    _same(
+        checkpoint.restore_params(str(tmp_path / "f")),
+        merging.fisher(base, experts, ckpts["fishers"]),
+    )
+    assert (
+        main(
+            [
+                "--method",
+                "ota",
+                *common,
+                "--expert",
+                p["e0"],
+                "--expert",
+                p["e1"],
+                "--param",
+                "power=1.0",
+                "-o",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    _same(
+        checkpoint.restore_params(str(tmp_path / "o")),
+        merging.ota(base, experts, ckpts["stats"], power=1.0),
+    )
+    assert (
+        main(
+            [
+                "--method",
+                "prune",
+                *common,
+                "--expert",
+                p["e0"],
+                "--param",
+                "density=0.25",
+                "-o",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
+    _same(
+        checkpoint.restore_params(str(tmp_path / "p")),
+        merging.prune(base, experts[0], ckpts["stats"][0], density=0.25),
+    )
+    assert (
+        main(
+            [
+                "--method",
+                "prune",
+                *common,
+                "--expert",
+                p["plain"],
+                "--param",
+                "density=0.25",
+                "--param",
+                "scores=magnitude",
+                "-o",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    _same(
+        checkpoint.restore_params(str(tmp_path / "m")),
+        merging.prune(base, ckpts["experts"][2], None, density=0.25),
+    )
+
+
+def test_dry_run_and_overwrite(ckpts, tmp_path, capsys):
+    p = ckpts["paths"]
+    out = tmp_path / "out"
+    args = [
+        "--method",
+        "task_arithmetic",
+        "--base",
+        p["base"],
+        "--expert",
+        p["e0"],
+        "--no-progress",
+        "-o",
+        str(out),
+    ]
+    assert main([*args, "--dry-run"]) == 0
+    assert "dry run OK" in capsys.readouterr().out
+    assert not out.exists()
+    assert main(args) == 0
+    assert out.exists()
+    assert main(args) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main([*args, "--param", "scaling=0.5", "--force"]) == 0
+    _same(
+        checkpoint.restore_params(str(out)),
+        merging.task_arithmetic(ckpts["base"], ckpts["experts"][:1], scaling=0.5),
+    )
+    # The output may never be an input, even with --force.
+    assert (
+        main(
+            [
+                "--method",
+                "task_arithmetic",
+                "--base",
+                p["base"],
+                "--expert",
+                p["e0"],
+                "-o",
+                p["e0"],
+                "--force",
+            ]
+        )
+        == 2
+    )
+    assert "one of the inputs" in capsys.readouterr().err
+
+
+def test_dry_run_reports_shape_mismatch(ckpts, tmp_path, capsys):
+    bad = jax.tree.map(lambda x: x, ckpts["experts"][0])
+    bad["attn"]["kernel"] = np.zeros((5, 6), np.float32)
+    checkpoint.save_checkpoint(str(tmp_path / "bad"), bad)
+    rc = main(
+        [
+            "--method",
+            "ties",
+            "--base",
+            ckpts["paths"]["base"],
+            "--expert",
+            str(tmp_path / "bad"),
+            "--param",
+            "density=0.5",
+            "--dry-run",
+        ]
+    )
+    assert rc == 2
+    assert "['attn']['kernel']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("method: slerp\nbase: b\nexperts: [a]\noutput: o\n", "unknown method 'slerp'"),
+        ("method: ties\nbase: b\nexperts: [a]\noutput: o\n", "requires the parameter 'density'"),
+        (
+            "method: ties\nbase: b\nexperts: [a]\nparameters: {density: 0.2, lamda: 1}\n",
+            "unknown parameters ['lamda']",
+        ),
+        (
+            "method: umtam\nbase: b\nexperts: [a]\nparameters: {sign_election: 1}\n",
+            "must be true or false",
+        ),
+        (
+            "method: ota\nbase: b\nexperts: [{path: a, weight: 2}]\nparameters: {power: x}\n",
+            "must be a number",
+        ),
+        ("method: umtam\nbase: b\nexperts: [{path: a, weight: 2}]\n", "no per-expert weights"),
+        (
+            "method: prune\nbase: b\nexperts: [a, c]\nparameters: {density: 0.1}\n",
+            "exactly one expert",
+        ),
+        ("method: fisher\nbase: b\nexperts: [a]\n", "needs a 'fisher' checkpoint"),
+        ("method: ties\nbase: b\nexperts: [{path: a, alpha: 1}]\n", "unknown keys ['alpha']"),
+        ("method: ties\nmodel: x\n", "unknown configuration keys ['model']"),
+        ("!!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),
+        ("method: ties\nbase: b\nexperts: []\n", "non-empty list"),
+    ],
+)
+def test_config_errors(tmp_path, capsys, config, message):
+    assert main([_write(tmp_path, config), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_statistics_and_checkpoint(ckpts, tmp_path, capsys):
+    p = ckpts["paths"]
+    assert (
+        main(["--method", "umtam", "--base", p["base"], "--expert", p["plain"], "--dry-run"]) == 2
+    )
+    assert "has none" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--method",
+                "ties",
+                "--base",
+                str(tmp_path / "nope"),
+                "--expert",
+                p["e0"],
+                "--param",
+                "density=0.5",
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
+    assert "cannot restore the base" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run(
+        [sys.executable, "-m", "umtam_jax.merge", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 0
+    assert "umtam-merge" in res.stdout
