@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check umtam_jax tests benchmarks
+.venv/bin/ruff check .
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
