@@ -241,3 +241,24 @@ def test_float16_roundtrip_dtype():
     half = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float16), t)  # noqa: E731
     out = merging.umtam(half(base), [half(e) for e in experts], stats, density=0.5)
     assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(out))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    data=st.data(),
+    n=st.sampled_from([1, 6]),
+    pool=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=4),
+)
+def test_topk_mask_matches_stable_argsort(data, n, pool):
+    # Few distinct values (infinities included), so ties are common.
+    from umtam_jax.merging._select import topk_mask
+
+    idx = data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
+    scores = np.asarray([pool[i] for i in idx], np.float32) + np.float32(0.0)  # no -0.0
+    k = data.draw(st.integers(1, n))
+    want = np.zeros(n, bool)
+    want[np.argsort(-scores, kind="stable")[:k]] = True
+    np.testing.assert_array_equal(np.asarray(topk_mask(jnp.asarray(scores), k)), want)
+    with jax.enable_x64(True):
+        got = topk_mask(jnp.asarray(scores.astype(np.float64)), k)
+        np.testing.assert_array_equal(np.asarray(got), want)
