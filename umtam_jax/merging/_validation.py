@@ -282,6 +282,8 @@ def check_densities(density: Any, n: int) -> list[float]:
         values = [density] * n
     out = []
     for i, d in enumerate(values):
+        if isinstance(d, bool):
+            raise TypeError(f"density must be a float in (0, 1], got {d!r}")
         try:
             f = float(d)
         except (TypeError, ValueError):
