@@ -235,11 +235,17 @@ def parse_args(argv=None):
         default="best",
         help="rank sweep at the best lr of --rank (best) or over the whole lr grid (all)",
     )
+    p.add_argument(
+        "--extend-grid",
+        type=int,
+        default=2,
+        help="max extra lrs beyond a grid edge when the best lr is on it",
+    )
     p.add_argument("--skip-exact", action="store_true", help="no exact-SVD comparison run")
     p.add_argument(
         "--exact-budget-s",
         type=float,
-        default=600.0,
+        default=300.0,
         help="abandon the exact-SVD run when its projected time exceeds this",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -369,14 +375,32 @@ def main(argv=None) -> dict[str, Any]:
 
     # 1. Learning-rate grid per optimizer (UMTAM and GaLore at --rank).
     order = [o for o in ("adamw", "umtam", "adafactor", "galore") if o in optimizers]
-    for opt in order:
-        for lr in grids[opt]:
-            do_run(opt, lr, args.rank if opt in ("umtam", "galore") else None)
 
     def best_of(rs):
         ok = [r for r in rs if r["final_val_loss"] is not None and not r["diverged"]]
         ok = [r for r in ok if not r.get("aborted")]
         return min(ok, key=lambda r: r["final_val_loss"]) if ok else None
+
+    grids = {k: list(v) for k, v in grids.items()}
+    for opt in order:
+        rank = args.rank if opt in ("umtam", "galore") else None
+        rs = [do_run(opt, lr, rank) for lr in grids[opt]]
+        # A best lr on the edge of the grid gets up to --extend-grid more lrs beyond it
+        # (×/÷ 3), still chosen on validation loss only.
+        for _ in range(args.extend_grid):
+            b = best_of(rs)
+            if b is None or len(grids[opt]) < 2:
+                break
+            lo, hi = min(grids[opt]), max(grids[opt])
+            if b["lr"] == lo:
+                new = lo / 3
+            elif b["lr"] == hi:
+                new = hi * 3
+            else:
+                break
+            grids[opt].append(new)
+            grids[opt].sort()
+            rs.append(do_run(opt, new, rank))
 
     best = {}
     for opt in order:

@@ -1,0 +1,101 @@
+"""Smoke tests of the benchmark scripts' --quick code path (tiny sizes) and the report helper."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench_modules():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield {m: importlib.import_module(m) for m in ("_report", "training", "spectrum")}
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_write_result_regenerates_all_sections(tmp_path, bench_modules):
+    report = bench_modules["_report"]
+    rdir = tmp_path / "results"
+    report.write_result(
+        "alpha",
+        {"x": float("nan"), "y": [1, 2]},
+        "| a |\n|---|\n| 1 |",
+        results_dir=rdir,
+        command="python alpha.py --quick",
+    )
+    report.write_result("beta", {"z": 3}, "beta body", results_dir=rdir)
+    rec = json.loads((rdir / "alpha.json").read_text())
+    assert rec["result"] == {"x": None, "y": [1, 2]}
+    assert rec["command"] == "python alpha.py --quick"
+    assert {"jax", "optax", "cpu", "loadavg_1_5_15min"} <= set(rec["environment"])
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert md.index("## alpha") < md.index("## beta")
+    assert "Command: `python alpha.py --quick`" in md and "beta body" in md
+
+
+def test_training_and_spectrum_quick_path(tmp_path, bench_modules):
+    training, spectrum = bench_modules["training"], bench_modules["spectrum"]
+    rdir = tmp_path / "results"
+    out = training.main(
+        [
+            "--quick",
+            "--steps",
+            "3",
+            "--eval-every",
+            "3",
+            "--optimizers",
+            "umtam",
+            "--lrs",
+            "1e-2",
+            "--rank",
+            "8",
+            "--ranks",
+            "8",
+            "--skip-exact",
+            "--no-plot",
+            "--results-dir",
+            str(rdir),
+        ]
+    )
+    assert out["size"] == "quick"
+    (row,) = out["summary"]
+    assert row["optimizer"] == "umtam" and math.isfinite(row["final_val_loss"])
+    assert out["rank_sweep"]["rows"][0]["rank"] == 8
+    assert (rdir / "training_quick.json").exists()
+    assert not (rdir / "training_quick.runs.jsonl").exists()
+
+    sp = spectrum.main(
+        [
+            "--quick",
+            "--steps",
+            "2",
+            "--log-every",
+            "1",
+            "--rank",
+            "8",
+            "--ranks",
+            "4,8",
+            "--no-plot",
+            "--results-dir",
+            str(rdir),
+        ]
+    )
+    for r in ("4", "8"):
+        s = sp["summary"][r]["all_steps_and_matrices"]
+        assert 0.0 < s["min"] <= s["median"] <= 1.0 + 1e-6
+    # own factors at the run's rank never beat the optimal rank-8 truncation
+    assert (
+        sp["own_factors_captured"]["max"]
+        <= sp["summary"]["8"]["all_steps_and_matrices"]["max"] + 1e-4
+    )
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## training_quick" in md and "## spectrum_quick" in md
