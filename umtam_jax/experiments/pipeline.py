@@ -911,7 +911,7 @@ def load_base(config: PipelineConfig = PipelineConfig()) -> Params:  # noqa: B00
 
 #: Quick preset: sized for about 10 minutes for 4 tasks on 2 idle CPU cores.
 QUICK = PipelineConfig(
-    max_length=40, batch_size=32, steps=80, learning_rate=1e-4, max_train=4096, max_eval=200
+    max_length=40, batch_size=32, steps=60, learning_rate=1e-4, max_train=4096, max_eval=200
 )
 #: Full-size preset.
 FULL = PipelineConfig(

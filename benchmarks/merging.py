@@ -1,0 +1,312 @@
+"""Multi-task merging of UMTAM-trained MiniLM experts (paper Tables 2, 3, 9).
+
+Four experts (one per task, default the four built-in tasks) fine-tuned with UMTAM from
+the same pretrained MiniLM-L6; their encoders are merged and each task keeps its own head
+(the protocol of :mod:`umtam_jax.experiments.pipeline`). Every merge hyper-parameter is
+chosen on the validation split (mean normalized score over tasks) and reported on test.
+
+Sections:
+
+1. Main table (Table 2): Linear (task arithmetic 1/K), TIES, DARE, DARE-TIES, Fisher
+   (post-hoc diagonal Fisher; its extra time is reported), OTA (UMTAM second moments),
+   UMTAM; expert upper bound; per-task metric, average, normalized average.
+2. Density sweep 5–80 % for UMTAM and TIES (scaling chosen on validation per density;
+   with ``--quick`` the scaling the main table chose for that method).
+3. UMTAM ablations (Table 3): curvature_pruning, sign_election, curvature_aggregation off
+   one at a time, and ``normalize="selected"`` vs ``"all"`` (each re-selected on the
+   main UMTAM grid).
+4. Memory modes (Table 9): experts trained with ``error_decay=0`` (no error buffer;
+   a different trajectory, so retrained) and with ``saliency="final"`` (no tracked
+   saliency). The saliency does not enter the update, so ``saliency="final"`` experts
+   have bit-identical parameters; their statistics are the default ones with the
+   tracked saliency removed (``saliency=None``), exactly what a ``saliency="final"``
+   state holds, and merging recomputes ``S`` from ``(w − w0)² ⊙ sqrt(R Cᵀ)``.
+   Each variant is merged with UMTAM (main grid, selected on validation).
+
+    python benchmarks/merging.py --quick --workdir umtam-demo-work   # the demo's experts
+    python benchmarks/merging.py --workdir umtam-demo-work           # full size (hours)
+
+Writes ``benchmarks/results/merging.json``, ``merging.png``, ``merging_density.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import RESULTS_DIR, write_result  # noqa: E402
+
+from umtam_jax.experiments import pipeline as P  # noqa: E402
+from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics  # noqa: E402
+
+SWEEP = (0.05, 0.1, 0.2, 0.4, 0.8)
+ABLATIONS = {
+    "UMTAM (default)": {},
+    "- curvature_pruning (|Δ| ranks)": {"curvature_pruning": False},
+    "- sign_election": {"sign_election": False},
+    "- curvature_aggregation (uniform)": {"curvature_aggregation": False},
+    'normalize="selected"': {"normalize": "selected"},
+}
+
+
+def _drop_saliency(stats: Any) -> Any:
+    def f(x):
+        if isinstance(x, FactoredStatistics | DenseStatistics):
+            return x._replace(saliency=None)
+        return x
+
+    return jax.tree.map(
+        f, stats, is_leaf=lambda x: isinstance(x, FactoredStatistics | DenseStatistics)
+    )
+
+
+def _row(name, r, tasks):
+    s = r["test"]
+    hp = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["hparams"].items()
+    )
+    return (
+        f"| {name} | "
+        + " | ".join(f"{s[t]:.3f}" for t in tasks)
+        + f" | {s['avg']:.3f} | {s['norm']:.3f} | {r['validation']['norm']:.3f} | {hp} |"
+    )
+
+
+def _header(tasks):
+    h = ["Variant", *tasks, "Avg", "Norm. avg (test)", "Norm. avg (val)", "Chosen on val"]
+    return ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="demo-size experts and small grids")
+    ap.add_argument("--workdir", default="umtam-demo-work")
+    ap.add_argument("--tasks", default=",".join(P.DEFAULT_TASKS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--skip-error-decay0", action="store_true", help="do not train the error_decay=0 experts"
+    )
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--results-dir", default=str(RESULTS_DIR))
+    args = ap.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    full = not args.quick
+    config = dataclasses.replace(P.FULL if full else P.QUICK, seed=args.seed)
+    workdir = Path(args.workdir)
+    P.enable_compilation_cache(workdir / "jax_cache")
+    prog = not args.no_progress
+    grids = P.default_grids(full=full)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    print("experts (UMTAM defaults of the demo)")
+    base, ttasks, experts = P.prepare_experts(
+        tasks, config, workdir, optimizer_kwargs=P.DEMO_UMTAM_KWARGS, progress=prog
+    )
+    timings["experts"] = time.perf_counter() - t0
+    stats = [e.statistics["encoder"] for e in experts]
+    common = {"statistics": stats, "key": jax.random.key(P._seed_for(config.seed, "merge"))}
+
+    def select(method, grid, exps=experts, fixed=None, st=None):
+        kw = dict(common)
+        if st is not None:
+            kw["statistics"] = st
+        return P.select_on_validation(
+            method, grid, base, exps, ttasks, config, fixed=fixed, progress=prog, **kw
+        )
+
+    # 1. main table
+    t = time.perf_counter()
+    main_res = P.run_merging(
+        experts,
+        ttasks,
+        base,
+        config,
+        grids=grids,
+        fisher_examples=256 if full else 64,
+        progress=prog,
+    )
+    timings["main"] = time.perf_counter() - t
+    print(P.format_table(main_res))
+
+    # 2. density sweep
+    t = time.perf_counter()
+    sweep: dict[str, dict[str, Any]] = {}
+    for m in ("umtam", "ties"):
+        scales = (
+            sorted({g["scaling"] for g in grids[m]})
+            if full
+            else [main_res["methods"][m]["hparams"]["scaling"]]
+        )
+        sweep[m] = {}
+        for d in SWEEP:
+            r = select(m, [{"density": d, "scaling": s} for s in scales])
+            sweep[m][str(d)] = r
+            print(f"sweep {m} density {d}: test norm {r['test']['norm']:.3f}")
+    timings["sweep"] = time.perf_counter() - t
+
+    # 3. ablations (incl. normalize modes)
+    t = time.perf_counter()
+    abl = {}
+    for name, flags in ABLATIONS.items():
+        abl[name] = (
+            main_res["methods"]["umtam"]
+            if not flags
+            else select("umtam", grids["umtam"], fixed=flags)
+        )
+        abl[name]["method"] = name
+        print(f"ablation {name}: test norm {abl[name]['test']['norm']:.3f}")
+    timings["ablations"] = time.perf_counter() - t
+
+    # 4. memory modes
+    t = time.perf_counter()
+    memory: dict[str, Any] = {
+        "default (error_decay=0.9, saliency tracked)": {
+            "merge": main_res["methods"]["umtam"],
+            "experts": {e.task: e.scores for e in experts},
+        }
+    }
+    final_stats = [_drop_saliency(s) for s in stats]
+    memory['saliency="final"'] = {
+        "merge": select("umtam", grids["umtam"], st=final_stats),
+        "experts": {e.task: e.scores for e in experts},
+        "note": "same parameters (saliency does not enter the update); S recomputed at merge",
+    }
+    if not args.skip_error_decay0:
+        kw0 = {**P.DEMO_UMTAM_KWARGS, "error_decay": 0.0}
+        _, _, exps0 = P.prepare_experts(
+            tasks,
+            config,
+            workdir,
+            optimizer_kwargs=kw0,
+            tag="ed0",
+            base_encoder=base,
+            ttasks=ttasks,
+            progress=prog,
+        )
+        st0 = [e.statistics["encoder"] for e in exps0]
+        memory['error_decay=0 + saliency="final" (lean)'] = {
+            "merge": select(
+                "umtam", grids["umtam"], exps=exps0, st=[_drop_saliency(s) for s in st0]
+            ),
+            "experts": {e.task: e.scores for e in exps0},
+        }
+        memory["error_decay=0"] = {
+            "merge": select("umtam", grids["umtam"], exps=exps0, st=st0),
+            "experts": {e.task: e.scores for e in exps0},
+        }
+    timings["memory_modes"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    # report
+    out = Path(args.results_dir)
+    P.plot_merging(
+        main_res, out / "merging.png", title=f"merging ({'full' if full else 'quick'}): test"
+    )
+    _plot_sweep(sweep, out / "merging_density.png")
+    mode = "quick: the umtam-demo experts" if not full else "full-size experts"
+    md = [
+        f"MiniLM-L6 experts fine-tuned with UMTAM ({mode}; {config.steps} steps × "
+        f"{config.batch_size} × {config.max_length} tokens, UMTAM {P.DEMO_UMTAM_KWARGS}); "
+        f"encoders merged, each task keeps its head; hyper-parameters chosen on validation "
+        f"(≤{config.max_eval} examples/task), reported on test (≤{config.max_eval}/task). "
+        "Norm. avg = mean over tasks of merged / expert.",
+        "",
+        "### Main table (Table 2)",
+        "",
+        P.format_table(main_res),
+        "",
+        f"Fisher's post-hoc Fisher pass: {main_res['fisher_seconds']:.1f}s extra "
+        f"({256 if full else 64} training examples per task, per-example gradients); "
+        "UMTAM and OTA use the statistics saved during training (no extra pass).",
+        "",
+        "![merging](results/merging.png)",
+        "",
+        "### Density sweep (UMTAM vs TIES)",
+        "",
+        "| density | " + " | ".join(f"{d:.0%}" for d in SWEEP) + " |",
+        "|---|" + "---|" * len(SWEEP),
+    ]
+    for m in sweep:
+        md.append(
+            f"| {P.MERGE_METHODS[m].name} (test norm) | "
+            + " | ".join(f"{sweep[m][str(d)]['test']['norm']:.3f}" for d in SWEEP)
+            + " |"
+        )
+    md += [
+        "",
+        "![density](results/merging_density.png)",
+        "",
+        "### UMTAM ablations and normalize modes (Table 3)",
+        "",
+        *_header(tasks),
+    ]
+    md += [_row(n, r, tasks) for n, r in abl.items()]
+    md += ["", "### Memory modes (Table 9)", "", *_header(tasks)]
+    md += [_row(n, v["merge"], tasks) for n, v in memory.items()]
+    md += [
+        "",
+        "Expert test scores per memory mode: "
+        + "; ".join(
+            f"{n}: " + ", ".join(f"{t} {v['experts'][t]['test']:.3f}" for t in tasks)
+            for n, v in memory.items()
+        ),
+        "",
+        "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+    ]
+    md = "\n".join(md) + "\n"
+
+    def slim(r):
+        return {k: v for k, v in r.items()}
+
+    payload = {
+        "mode": "full" if full else "quick",
+        "tasks": tasks,
+        "config": {**dataclasses.asdict(config), "config": None},
+        "umtam_kwargs": P.DEMO_UMTAM_KWARGS,
+        "grids": grids,
+        "main": main_res,
+        "density_sweep": sweep,
+        "ablations": {n: slim(r) for n, r in abl.items()},
+        "memory_modes": memory,
+        "seconds": timings,
+    }
+    write_result("merging", payload, md, results_dir=out, title="merging (Tables 2, 3, 9)")
+    print(md)
+    return 0
+
+
+def _plot_sweep(sweep, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m, marker in (("umtam", "o-"), ("ties", "s--")):
+        ax.plot(
+            [100 * d for d in SWEEP],
+            [sweep[m][str(d)]["test"]["norm"] for d in SWEEP],
+            marker,
+            label=P.MERGE_METHODS[m].name,
+        )
+    ax.set_xscale("log")
+    ax.set_xticks([100 * d for d in SWEEP], [f"{100 * d:g}" for d in SWEEP])
+    ax.set_xlabel("density (%)")
+    ax.set_ylabel("normalized avg (test)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
