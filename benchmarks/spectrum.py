@@ -34,9 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import RESULTS_DIR, write_result  # noqa: E402
-from training import DEFAULT, QUICK, make_tx, set_lr  # noqa: E402
+from training import DEFAULT, QUICK, base_transform, make_tx, set_lr  # noqa: E402
 
-import umtam_jax  # noqa: E402
 from umtam_jax import ScaleByUmtamState  # noqa: E402
 from umtam_jax.experiments.lm_data import lm_token_arrays  # noqa: E402
 from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step  # noqa: E402
@@ -103,6 +102,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--error-decay", type=float, default=0.9)
     p.add_argument("--svd-method", choices=("subspace", "exact"), default="subspace")
+    p.add_argument(
+        "--factor-embeddings",
+        action="store_true",
+        help="factor the embedding tables too (as training.py; slow on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
     p.add_argument("--no-plot", action="store_true")
@@ -110,11 +114,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _default_lr(rdir: Path, size, rank: int) -> tuple[float, str]:
+def _default_lr(rdir: Path, size, rank: int, factor_embeddings: bool) -> tuple[float, str]:
     path = rdir / "training.json"
     try:
         rec = json.loads(path.read_text())["result"]
-        if rec["config"] == dataclasses.asdict(size):
+        same_embeddings = rec.get("embeddings_factored_by_umtam_and_galore") == factor_embeddings
+        if rec["config"] == dataclasses.asdict(size) and same_embeddings:
             for row in rec["summary"]:
                 if row["optimizer"] == "umtam" and row.get("rank") == rank and row.get("best_lr"):
                     return float(row["best_lr"]), "best UMTAM lr of results/training.json"
@@ -135,7 +140,9 @@ def main(argv=None) -> dict[str, Any]:
     rdir = Path(args.results_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     ranks = [int(x) for x in args.ranks.split(",") if x]
-    lr, lr_source = (args.lr, "--lr") if args.lr else _default_lr(rdir, size, args.rank)
+    lr, lr_source = (
+        (args.lr, "--lr") if args.lr else _default_lr(rdir, size, args.rank, args.factor_embeddings)
+    )
 
     train, _ = lm_token_arrays()
     rng = np.random.default_rng(args.seed)
@@ -149,12 +156,13 @@ def main(argv=None) -> dict[str, Any]:
         n_heads=size.n_heads,
     )
     params = init_gpt(jax.random.key(args.seed), cfg)
-    base = umtam_jax.umtam(
-        1.0,
+    base = base_transform(
+        "umtam",
         rank=args.rank,
-        min_dim_size_to_factor=size.min_dim_size_to_factor,
+        min_dim=size.min_dim_size_to_factor,
         svd_method=args.svd_method,
         error_decay=args.error_decay,
+        factor_embeddings=args.factor_embeddings,
     )
     tx = make_tx(base, size.steps, size.warmup_frac)
     step_fn = make_gpt_train_step(tx, config=cfg)
@@ -246,6 +254,7 @@ def main(argv=None) -> dict[str, Any]:
             "lr": lr,
             "lr_source": lr_source,
             "min_dim_size_to_factor": size.min_dim_size_to_factor,
+            "embeddings_factored": args.factor_embeddings,
             "schedule": "lr × warmup_cosine (as training.py)",
         },
         "definition": "fraction(r) = sum_{i<=r} σ_i² / sum_i σ_i², σ = singular values of "

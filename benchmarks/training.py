@@ -99,8 +99,33 @@ DEFAULT_LRS = {
 QUICK_LRS = {k: (3e-3, 1e-2) for k in OPTIMIZERS}
 
 
+#: Embedding tables kept dense (Adam-like rule) in UMTAM and GaLore unless
+#: ``--factor-embeddings``: GaLore projects only the transformer-block matrices, and on this
+#: CPU the QR of UMTAM's 4096×r sketch of the 4096×256 token embedding alone costs ~0.65 s
+#: per step (measured; the block matrices together ~0.09 s), which would make every UMTAM
+#: run ~10× longer.
+EMBEDDINGS = ("wte", "wpe")
+
+
+def _top_key(path) -> str:
+    k = path[0]
+    return str(getattr(k, "key", getattr(k, "name", k)))
+
+
+def umtam_row_axes(path, shape) -> int:
+    """UMTAM 2-D view: embeddings dense (0), everything else fan-in × fan-out."""
+    return 0 if _top_key(path) in EMBEDDINGS else umtam_jax.default_row_axes(path, shape)
+
+
 def base_transform(
-    name: str, *, rank: int, min_dim: int, svd_method: str = "subspace", galore_gap: int = 50
+    name: str,
+    *,
+    rank: int,
+    min_dim: int,
+    svd_method: str = "subspace",
+    galore_gap: int = 50,
+    factor_embeddings: bool = False,
+    error_decay: float = 0.9,
 ) -> optax.GradientTransformation:
     """The optimizer with learning rate 1 (the lr and schedule are applied outside).
 
@@ -115,10 +140,24 @@ def base_transform(
             1.0, min_dim_size_to_factor=min_dim, multiply_by_parameter_scale=False
         )
     if name == "galore":
-        return optax.contrib.galore(1.0, rank=rank, update_proj_gap=galore_gap)
+        galore = optax.contrib.galore(1.0, rank=rank, update_proj_gap=galore_gap)
+        if factor_embeddings:
+            return galore
+        return optax.multi_transform(
+            {"lowrank": galore, "dense": optax.adam(1.0)},
+            lambda params: {
+                k: jax.tree.map(lambda _, k=k: "dense" if k in EMBEDDINGS else "lowrank", v)
+                for k, v in params.items()
+            },
+        )
     if name == "umtam":
         return umtam_jax.umtam(
-            1.0, rank=rank, min_dim_size_to_factor=min_dim, svd_method=svd_method
+            1.0,
+            rank=rank,
+            min_dim_size_to_factor=min_dim,
+            svd_method=svd_method,
+            error_decay=error_decay,
+            row_axes=None if factor_embeddings else umtam_row_axes,
         )
     raise ValueError(f"unknown optimizer {name!r}")
 
@@ -241,6 +280,11 @@ def parse_args(argv=None):
         default=2,
         help="max extra lrs beyond a grid edge when the best lr is on it",
     )
+    p.add_argument(
+        "--factor-embeddings",
+        action="store_true",
+        help="let UMTAM/GaLore factor the embedding tables too (slow on CPU, see EMBEDDINGS)",
+    )
     p.add_argument("--skip-exact", action="store_true", help="no exact-SVD comparison run")
     p.add_argument(
         "--exact-budget-s",
@@ -300,7 +344,9 @@ def main(argv=None) -> dict[str, Any]:
     shapes = {
         jax.tree_util.keystr(k): list(v.shape)
         for k, v in jax.tree_util.tree_flatten_with_path(params0)[0]
-        if v.ndim == 2 and min(v.shape) >= size.min_dim_size_to_factor
+        if v.ndim == 2
+        and min(v.shape) >= size.min_dim_size_to_factor
+        and (args.factor_embeddings or _top_key(k) not in EMBEDDINGS)
     }
 
     @jax.jit
@@ -318,6 +364,8 @@ def main(argv=None) -> dict[str, Any]:
     # Finished runs survive an interrupted invocation (same size/seed only).
     runs_path = rdir / f"{name}.runs.jsonl"
     signature = {"size": dataclasses.asdict(size), "seed": args.seed}
+    if args.factor_embeddings:
+        signature["factor_embeddings"] = True
     done: dict[str, dict[str, Any]] = {}
     if runs_path.exists() and not args.fresh:
         for line in runs_path.read_text().splitlines():
@@ -354,6 +402,7 @@ def main(argv=None) -> dict[str, Any]:
                 min_dim=size.min_dim_size_to_factor,
                 svd_method=svd_method,
                 galore_gap=max(10, size.steps // 5),
+                factor_embeddings=args.factor_embeddings,
             )
             tx = make_tx(base, size.steps, size.warmup_frac)
             compiled[ckey] = (tx, make_gpt_train_step(tx, config=cfg))
@@ -515,6 +564,7 @@ def main(argv=None) -> dict[str, Any]:
         },
         "schedule": "lr × warmup_cosine(0 → 1 over warmup_frac·steps, cosine to 0.1)",
         "weight_decay": 0.0,
+        "embeddings_factored_by_umtam_and_galore": args.factor_embeddings,
         "lr_grids": {o: list(grids[o]) for o in order},
         "lr_selection": "lowest final validation loss (no test split is used)",
         "threshold_val_loss": threshold,
@@ -552,8 +602,15 @@ def markdown(p: dict[str, Any], args) -> str:
         f"{m['n_params']:,} params; batch {c['batch']}, {c['steps']} steps "
         f"({c['steps'] * c['batch'] * c['context']:,} tokens), eval every {c['eval_every']} "
         f"steps on {p['data']['val_windows']} fixed validation windows. Warmup+cosine schedule, "
-        f"no weight decay, same init and batch order for every run. Factored matrices "
-        f"(min_dim_size_to_factor={c['min_dim_size_to_factor']}): "
+        f"no weight decay, same init and batch order for every run. Matrices factored by "
+        f"UMTAM / projected by GaLore (min_dim_size_to_factor={c['min_dim_size_to_factor']}"
+        + (
+            ""
+            if p["embeddings_factored_by_umtam_and_galore"]
+            else "; the wte/wpe embeddings are kept dense — Adam-like rule — because the QR of "
+            "the 4096×r sketch costs ~0.65 s per step on this CPU"
+        )
+        + "): "
         + ", ".join(f"{k} {tuple(v)}" for k, v in p["factored_matrix_shapes"].items())
         + ". Learning rates chosen on validation loss. Step times are wall-clock on a shared, "
         "loaded CPU (load average in the header) — compare them only within this table.",
