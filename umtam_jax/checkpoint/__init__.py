@@ -27,13 +27,16 @@ from umtam_jax.checkpoint._checkpoint import (
     restore_statistics,
     save_checkpoint,
 )
+from umtam_jax.checkpoint._streaming import CheckpointReader, save_params_streaming
 
 __all__ = [
     "Checkpoint",
+    "CheckpointReader",
     "read_metadata",
     "restore_checkpoint",
     "restore_opt_state",
     "restore_params",
     "restore_statistics",
     "save_checkpoint",
+    "save_params_streaming",
 ]

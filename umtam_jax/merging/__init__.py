@@ -18,6 +18,8 @@ Methods:
   - :func:`fisher` (with :func:`diagonal_fisher`) and :func:`ota`: curvature-weighted
     averages.
   - :func:`prune`: keep the top-density entries of one expert's task vector.
+  - :func:`merge_checkpoints`: any of the above, out of core, from Orbax checkpoints to
+    an Orbax checkpoint, leaf by leaf (same results as the in-memory call).
 
 References:
   UMTAM, arXiv:2512.17109; TIES, arXiv:2306.01708; DARE, arXiv:2311.03099; Fisher merging,
@@ -26,6 +28,7 @@ References:
 
 from umtam_jax.merging._baselines import dare, dare_ties, ota, prune, task_arithmetic, ties
 from umtam_jax.merging._fisher import diagonal_fisher, fisher
+from umtam_jax.merging._streaming import merge_checkpoints, validate_merge_checkpoints
 from umtam_jax.merging._umtam import umtam
 
 __all__ = [
@@ -33,9 +36,11 @@ __all__ = [
     "dare_ties",
     "diagonal_fisher",
     "fisher",
+    "merge_checkpoints",
     "ota",
     "prune",
     "task_arithmetic",
     "ties",
     "umtam",
+    "validate_merge_checkpoints",
 ]

@@ -1,0 +1,297 @@
+"""Out-of-core merging (``merging.merge_checkpoints``) equals the in-memory methods."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests.merging import helpers as H
+from umtam_jax import checkpoint, merging
+from umtam_jax.merging import _streaming
+
+# A simulated failure mid-save abandons Orbax coroutines; Python warns when they are collected.
+pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+
+K = 3
+
+
+def _quantized(rng, base, scale):
+    """Task vectors on a coarse grid: many equal magnitudes within and across leaves."""
+    return jax.tree.map(
+        lambda b: (b + scale * rng.integers(-2, 3, np.shape(b))).astype(np.float32), base
+    )
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    rng = np.random.default_rng(0)
+    base, experts = H.random_experts(rng, K, dtype=np.float32)
+    stats = H.random_statistics(rng, K, dtype=np.float32)
+    stats[1] = H.random_statistics(rng, 1, tracked=False, dtype=np.float32)[0]
+    fishers = [jax.tree.map(np.abs, H.random_params(rng, dtype=np.float32)) for _ in range(K)]
+    tied = [_quantized(rng, base, 0.5) for _ in range(K)]
+    paths = {"base": str(root / "base")}
+    checkpoint.save_checkpoint(paths["base"], base)
+    for i in range(K):
+        paths[f"e{i}"] = str(root / f"e{i}")
+        checkpoint.save_checkpoint(paths[f"e{i}"], experts[i], statistics=stats[i])
+        paths[f"f{i}"] = str(root / f"f{i}")
+        checkpoint.save_checkpoint(paths[f"f{i}"], fishers[i])
+        paths[f"t{i}"] = str(root / f"t{i}")
+        checkpoint.save_checkpoint(paths[f"t{i}"], tied[i])
+    # Restored exactly as the in-memory CLI path restores them.
+    restored = {
+        "base": checkpoint.restore_params(paths["base"]),
+        "experts": [checkpoint.restore_params(paths[f"e{i}"]) for i in range(K)],
+        "stats": [checkpoint.restore_statistics(paths[f"e{i}"]) for i in range(K)],
+        "fishers": [checkpoint.restore_params(paths[f"f{i}"]) for i in range(K)],
+        "tied": [checkpoint.restore_params(paths[f"t{i}"]) for i in range(K)],
+    }
+    return {"paths": paths, **restored}
+
+
+def _identical(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+def _experts(p, prefix="e", n=K):
+    return [p[f"{prefix}{i}"] for i in range(n)]
+
+
+CASES = [
+    ("task_arithmetic", None, {"scaling": 0.5, "weights": [1.0, 2.0, 0.5]}),
+    ("ties", None, {"density": [0.3, 0.6, 0.2], "weights": [1.0, 2.0, 0.5]}),
+    ("dare", None, {"density": 0.5, "key": jax.random.key(3)}),
+    (
+        "dare_ties",
+        None,
+        {"density": 0.6, "key": jax.random.key(1), "normalize": True, "l1_rescale": True},
+    ),
+    ("fisher", "fishers", {"weights": [1.0, 0.5, 2.0]}),
+    ("ota", "stats", {"power": 1.0}),
+    ("umtam", "stats", {"density": 0.3, "normalize": "selected"}),
+    ("umtam", "stats", {"density": [0.2, 0.5, 0.9], "sign_election": False}),
+]
+
+
+@pytest.mark.parametrize("method,extra,kwargs", CASES)
+def test_tensor_scope_equals_in_memory(ckpts, tmp_path, method, extra, kwargs):
+    p = ckpts["paths"]
+    out = tmp_path / "out"
+    fisher_dirs = _experts(p, "f") if extra == "fishers" else None
+    merging.merge_checkpoints(
+        method,
+        p["base"],
+        _experts(p),
+        out,
+        fisher_dirs=fisher_dirs,
+        progress=False,
+        group_bytes=100,
+        **kwargs,
+    )
+    fn = getattr(merging, method)
+    if extra is None:
+        want = fn(ckpts["base"], ckpts["experts"], **kwargs)
+    else:
+        want = fn(ckpts["base"], ckpts["experts"], ckpts[extra], **kwargs)
+    _identical(checkpoint.restore_params(out), want)
+    meta = checkpoint.read_metadata(out)
+    assert meta["user"]["merge"]["method"] == method
+    assert meta["items"] == ["params"]
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_prune_equals_in_memory(ckpts, tmp_path, statistics, scope):
+    p = ckpts["paths"]
+    out = tmp_path / "out"
+    merging.merge_checkpoints(
+        "prune",
+        p["base"],
+        [p["e1"]],
+        out,
+        statistics=statistics,
+        density=0.3,
+        scope=scope,
+        progress=False,
+    )
+    scores = ckpts["stats"][1] if statistics else None
+    want = merging.prune(ckpts["base"], ckpts["experts"][1], scores, density=0.3, scope=scope)
+    _identical(checkpoint.restore_params(out), want)
+
+
+@pytest.mark.parametrize("group_bytes", [1, 10**9])
+@pytest.mark.parametrize("density", [0.05, 0.37, 1.0])
+def test_global_ties_exact_with_many_ties(ckpts, tmp_path, group_bytes, density):
+    # Task vectors in {0, ±0.5, ±1}: the threshold falls inside groups of equal scores
+    # spanning several leaves, so the lower-flat-index rule decides what is kept.
+    p = ckpts["paths"]
+    out = tmp_path / "out"
+    merging.merge_checkpoints(
+        "ties",
+        p["base"],
+        _experts(p, "t"),
+        out,
+        density=density,
+        scope="global",
+        group_bytes=group_bytes,
+        progress=False,
+    )
+    want = merging.ties(ckpts["base"], ckpts["tied"], density=density, scope="global")
+    _identical(checkpoint.restore_params(out), want)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"density": 0.25},
+        {"density": [0.1, 0.4, 0.7], "normalize": "selected", "curvature_pruning": False},
+    ],
+)
+def test_global_umtam_equals_in_memory(ckpts, tmp_path, kwargs):
+    p = ckpts["paths"]
+    out = tmp_path / "out"
+    merging.merge_checkpoints(
+        "umtam", p["base"], _experts(p), out, scope="global", progress=False, **kwargs
+    )
+    want = merging.umtam(ckpts["base"], ckpts["experts"], ckpts["stats"], scope="global", **kwargs)
+    _identical(checkpoint.restore_params(out), want)
+
+
+def test_global_ties_weights(ckpts, tmp_path):
+    p = ckpts["paths"]
+    kwargs = {"density": [0.2, 0.5, 0.35], "weights": [2.0, -1.0, 0.5], "scaling": 0.7}
+    merging.merge_checkpoints(
+        "ties", p["base"], _experts(p), tmp_path / "o", scope="global", progress=False, **kwargs
+    )
+    want = merging.ties(ckpts["base"], ckpts["experts"], scope="global", **kwargs)
+    _identical(checkpoint.restore_params(tmp_path / "o"), want)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_overwrite_refused_then_allowed(ckpts, tmp_path):
+    p = ckpts["paths"]
+    out = tmp_path / "out"
+    args = ("task_arithmetic", p["base"], [p["e0"]], out)
+    merging.merge_checkpoints(*args, progress=False)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        merging.merge_checkpoints(*args, progress=False, scaling=0.5)
+    merging.merge_checkpoints(*args, progress=False, scaling=0.5, overwrite=True)
+    want = merging.task_arithmetic(ckpts["base"], ckpts["experts"][:1], scaling=0.5)
+    _identical(checkpoint.restore_params(out), want)
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging leftovers
+    with pytest.raises(ValueError, match="one of the inputs"):
+        merging.merge_checkpoints(
+            "task_arithmetic", p["base"], [p["e0"]], p["e0"], overwrite=True, progress=False
+        )
+
+
+def _fail_on_third_leaf(monkeypatch):
+    calls = []
+    original = _streaming._Job.merge_leaf
+
+    def failing(self, j, data, pos):
+        calls.append(j)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure mid-merge")
+        return original(self, j, data, pos)
+
+    monkeypatch.setattr(_streaming._Job, "merge_leaf", failing)
+
+
+def test_failed_merge_is_atomic(ckpts, tmp_path, monkeypatch):
+    p = ckpts["paths"]
+    out = tmp_path / "out"
+    _fail_on_third_leaf(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        merging.merge_checkpoints("task_arithmetic", p["base"], [p["e0"]], out, progress=False)
+    assert os.listdir(tmp_path) == []
+    # A failed overwrite keeps the old checkpoint.
+    monkeypatch.undo()
+    merging.merge_checkpoints("task_arithmetic", p["base"], [p["e0"]], out, progress=False)
+    _fail_on_third_leaf(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        merging.merge_checkpoints(
+            "task_arithmetic", p["base"], [p["e1"]], out, overwrite=True, progress=False
+        )
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    want = merging.task_arithmetic(ckpts["base"], ckpts["experts"][:1])
+    _identical(checkpoint.restore_params(out), want)
+
+
+def test_missing_checkpoint_and_statistics(ckpts, tmp_path):
+    p = ckpts["paths"]
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="expert 1's checkpoint"):
+        merging.merge_checkpoints(
+            "ties", p["base"], [p["e0"], str(tmp_path / "nope")], out, density=0.5
+        )
+    with pytest.raises(FileNotFoundError, match="the base checkpoint"):
+        merging.merge_checkpoints("ties", str(tmp_path / "nope"), [p["e0"]], out, density=0.5)
+    with pytest.raises(ValueError, match="expert 0 .* has none"):
+        merging.merge_checkpoints("umtam", p["base"], [p["t0"]], out)
+    assert not out.exists()
+
+
+def test_invalid_merge_writes_nothing(ckpts, tmp_path):
+    p = ckpts["paths"]
+    bad = jax.tree.map(lambda x: x, ckpts["experts"][0])
+    bad["attn"]["kernel"] = np.zeros((5, 6), np.float32)
+    checkpoint.save_checkpoint(tmp_path / "bad", bad)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"\['attn'\]\['kernel'\]"):
+        merging.merge_checkpoints("ties", p["base"], [str(tmp_path / "bad")], out, density=0.5)
+    with pytest.raises(ValueError, match="density must lie in"):
+        merging.merge_checkpoints("ties", p["base"], [p["e0"]], out, density=1.5)
+    with pytest.raises(ValueError, match="unknown method"):
+        merging.merge_checkpoints("slerp", p["base"], [p["e0"]], out)
+    assert not out.exists()
+    shapes = merging.validate_merge_checkpoints("ties", p["base"], [p["e0"]], density=0.5)
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(np.shape, ckpts["base"])
+
+
+# ------------------------------------------------------------------------------ checkpoint I/O
+
+
+def test_reader_and_streaming_writer_round_trip(tmp_path):
+    import ml_dtypes
+
+    params = {
+        "layers": [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, ml_dtypes.bfloat16)],
+        "scale": np.float32(2.0),
+    }
+    checkpoint.save_checkpoint(tmp_path / "src", params)
+    reader = checkpoint.CheckpointReader(tmp_path / "src")
+    a, b = reader.restore_arrays("params", [("layers", "1"), ("scale",)])
+    assert a.dtype == ml_dtypes.bfloat16 and a.shape == (4,)
+    assert b.shape == () and float(b) == 2.0
+    abstract = reader.abstract("params")
+    leaves = jax.tree.leaves(params)
+    order = []
+
+    def produce(i):
+        order.append(i)
+        return np.asarray(leaves[i]) * 2
+
+    checkpoint.save_params_streaming(tmp_path / "out", abstract, produce)
+    assert order == [0, 1, 2]
+    got = checkpoint.restore_params(tmp_path / "out")
+    assert isinstance(got["layers"], list)
+    for x, y in zip(jax.tree.leaves(got), leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y) * 2)
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+    with pytest.raises(ValueError, match="expected"):
+        checkpoint.save_params_streaming(
+            tmp_path / "bad", abstract, lambda i: np.zeros(7, np.float32)
+        )
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,352 @@
+"""Out-of-core access to checkpoints: partial restore and incremental parameter writes.
+
+Two pieces let a model larger than host memory be processed a few arrays at a time, with
+Orbax doing all the I/O:
+
+- :class:`CheckpointReader` restores chosen arrays of one item (``params``,
+  ``statistics``, ...) with Orbax's partial restore
+  (``ocp.args.PyTreeRestore(item=..., partial_restore=True)`` on the item directory): only
+  the requested arrays are read, as NumPy arrays on the host.
+- :func:`save_params_streaming` writes a parameter checkpoint whose arrays are produced
+  one at a time by a callback, during a single Orbax save: each array is computed,
+  written by TensorStore and dropped before the next one is requested, so the host never
+  holds more than one output array (plus Orbax's buffers for it). The result is an
+  ordinary :func:`umtam_jax.checkpoint.save_checkpoint` checkpoint with a ``params`` item
+  (arrays stored like NumPy arrays, restored as ``jax.Array`` by
+  :func:`~umtam_jax.checkpoint.restore_params`) and the same JSON metadata. The save is
+  atomic as Orbax's always is (temporary directory, renamed when complete); with
+  ``overwrite=True`` the new checkpoint is written under a hidden sibling name and swapped
+  in, so a failed write keeps the old one.
+
+How the incremental write works: the save is given a tree of lazy placeholders, and a
+TypeHandler registered for them (a subclass of Orbax's ``NumpyHandler`` with the same type
+string, so the checkpoint is indistinguishable from one of NumPy arrays) materialises
+them sequentially in its background commit, in the tree's flattening order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import importlib.metadata
+import json
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import future as ocp_future
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from umtam_jax.checkpoint import _checkpoint as C
+
+__all__ = ["CheckpointReader", "save_params_streaming"]
+
+Path = tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------
+# Partial restore
+# --------------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """Restores a few arrays at a time from a checkpoint written by this package.
+
+    Args:
+      directory: the checkpoint directory.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or no metadata) at ``directory``.
+      ValueError: the directory is not a complete umtam_jax checkpoint.
+
+    Example:
+      >>> reader = CheckpointReader("/tmp/ckpt_doc")  # doctest: +SKIP
+      >>> spec = reader.structure("params")  # doctest: +SKIP
+      >>> [kernel] = reader.restore_arrays("params", [("dense", "kernel")])  # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | epath.PathLike):
+        self.directory = C._check_directory(directory)
+        self._meta = C._read_full_metadata(self.directory)
+        self._handler = ocp.PyTreeCheckpointHandler()
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The checkpoint's metadata (as :func:`~umtam_jax.checkpoint.read_metadata`)."""
+        return {k: v for k, v in self._meta.items() if k != "structures"}
+
+    def has_item(self, item: str) -> bool:
+        """Whether the checkpoint holds ``item`` (``"params"``, ``"statistics"``, ...)."""
+        return item in self._meta.get("structures", {})
+
+    def structure(self, item: str) -> dict[str, Any]:
+        """The JSON structure record of ``item`` (see ``_checkpoint._encode``).
+
+        Raises:
+          FileNotFoundError: the checkpoint has no such item.
+        """
+        structures = self._meta.get("structures", {})
+        if item not in structures:
+            raise FileNotFoundError(
+                f"checkpoint {self.directory} has no {item!r} item (saved items: "
+                f"{', '.join(sorted(structures)) or 'none'})"
+            )
+        return structures[item]
+
+    def abstract(self, item: str) -> Any:
+        """``item``'s pytree (as restored without target) with ``jax.ShapeDtypeStruct`` leaves."""
+        spec = self.structure(item)
+        arrays: dict[str, Any] = {}
+        for path, leaf in C._spec_arrays(spec):
+            C._nested_set(
+                arrays, path, jax.ShapeDtypeStruct(tuple(leaf["shape"]), np.dtype(leaf["dtype"]))
+            )
+        return C._decode(spec, arrays)
+
+    def restore_arrays(self, item: str, paths: Sequence[Path]) -> list[np.ndarray]:
+        """Reads only the arrays at ``paths`` (stored paths inside ``item``) from disk.
+
+        Args:
+          item: the item name.
+          paths: stored paths, e.g. ``("dense", "kernel")`` (as yielded by
+            ``_checkpoint._spec_arrays``).
+
+        Returns:
+          One NumPy array per path, dtypes as saved.
+
+        Raises:
+          FileNotFoundError: missing item.
+          ValueError: a path not in the checkpoint, or a corrupt checkpoint.
+        """
+        spec = self.structure(item)
+        if not paths:
+            return []
+        saved = {path for path, _ in C._spec_arrays(spec)}
+        for path in paths:
+            if tuple(path) not in saved:
+                raise ValueError(
+                    f"checkpoint {self.directory} has no array {'/'.join(path)} in its "
+                    f"{item!r} item"
+                )
+        target: dict[str, Any] = {}
+        restore_args: dict[str, Any] = {}
+        for path in paths:
+            C._nested_set(target, tuple(path), 0)
+            C._nested_set(restore_args, tuple(path), ocp.RestoreArgs(restore_type=np.ndarray))
+        try:
+            restored = self._handler.restore(
+                self.directory / item,
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
+            raise ValueError(
+                f"cannot restore {len(paths)} array(s) of item {item!r} of checkpoint "
+                f"{self.directory}: the checkpoint is corrupt or incompatible ({C._short(e)})"
+            ) from None
+        return [np.asarray(C._nested_get(restored, tuple(path))) for path in paths]
+
+
+# --------------------------------------------------------------------------------------
+# Incremental write
+# --------------------------------------------------------------------------------------
+
+
+class _LazyArray:
+    """A placeholder leaf whose array is produced when Orbax writes it."""
+
+    def __init__(self, index: int, shape: tuple[int, ...], dtype: np.dtype, produce: Callable):
+        self.index = index
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._produce = produce
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def materialize(self) -> np.ndarray:
+        value = np.asarray(self._produce())
+        if value.shape != self.shape or value.dtype != self.dtype:
+            raise ValueError(
+                f"leaf {self.index} was produced with shape {value.shape} and dtype "
+                f"{value.dtype}; expected {self.shape} and {self.dtype}"
+            )
+        return value
+
+
+class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Writes :class:`_LazyArray` leaves one at a time, in their ``index`` order.
+
+    Same type string as Orbax's ``NumpyHandler`` (``"np.ndarray"``): the stored arrays and
+    metadata are those of NumPy leaves, restored by the standard handlers.
+    """
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _write_sequentially(self, values, infos, args) -> None:
+        for value, info, arg in sorted(
+            zip(values, infos, args, strict=True), key=lambda x: x[0].index
+        ):
+            # Produced in a worker thread: the callback may itself run Orbax restores
+            # (which start their own event loop) and long computations.
+            array = await asyncio.to_thread(value.materialize)
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info,
+                arg=arg,
+                global_shape=array.shape,
+                local_shape=array.shape,
+                dtype=array.dtype,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=None
+                ),
+                metadata_key=self._metadata_key,
+            )
+            await self._open_and_write(array, spec.json, info.ts_context)
+            del array
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        ocp.type_handlers.check_input_arguments(values, infos, args)
+        return [
+            ocp_future.CommitFutureAwaitingContractedSignals(
+                self._write_sequentially(values, infos, args), name="umtam_streaming_write"
+            )
+        ]
+
+
+def _streaming_handler() -> ocp.CompositeCheckpointHandler:
+    types = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (_LazyArray, _LazyArrayHandler()),
+    )
+    registry = ocp.DefaultCheckpointHandlerRegistry()
+    registry.add(
+        C.PARAMS, ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(type_handler_registry=types)
+    )
+    registry.add(C.METADATA, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+    options = ocp.CompositeOptions(
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)
+    )
+    return ocp.CompositeCheckpointHandler(handler_registry=registry, composite_options=options)
+
+
+def _write_streaming(path: epath.Path, arrays: dict[str, Any], metadata: dict[str, Any]) -> None:
+    args = ocp.args.Composite(
+        **{C.PARAMS: ocp.args.PyTreeSave(arrays), C.METADATA: ocp.args.JsonSave(metadata)}
+    )
+    try:
+        with ocp.Checkpointer(_streaming_handler()) as checkpointer:
+            checkpointer.save(path, args=args)
+    except BaseException:
+        C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
+        raise
+
+
+def save_params_streaming(
+    directory: str | epath.PathLike,
+    abstract_params: Any,
+    produce: Callable[[int], Any],
+    *,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> epath.Path:
+    """Writes a parameter checkpoint whose arrays are computed one at a time.
+
+    ``produce(i)`` is called exactly once for each leaf ``i`` of ``abstract_params``, in
+    ``jax.tree_util`` flattening order, each call after the previous array has been
+    handed to TensorStore, and must return an array of that leaf's shape and dtype. Calls
+    happen in a worker thread during the Orbax save; an exception raised by ``produce``
+    aborts the save (nothing is left at ``directory``) and is re-raised.
+
+    Args:
+      directory: the checkpoint directory to create.
+      abstract_params: a pytree of ``jax.ShapeDtypeStruct`` (or arrays) giving the
+        parameters' structure, shapes and dtypes.
+      produce: ``produce(leaf_index) -> array``.
+      overwrite: replace an existing ``directory`` (written under a hidden sibling name,
+        then swapped in).
+      metadata: JSON-serialisable user metadata (``metadata["user"]`` on restore).
+
+    Returns:
+      The checkpoint directory; restorable with :func:`~umtam_jax.checkpoint.restore_params`.
+
+    Raises:
+      FileExistsError: ``directory`` exists and ``overwrite`` is False.
+      TypeError: unserialisable metadata or non-array leaves.
+      ValueError: no array leaves, or ``produce`` returned a wrong shape or dtype.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> like = {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}
+      >>> path = save_params_streaming("/tmp/stream_doc", like,
+      ...                              lambda i: np.ones((2, 3), np.float32), overwrite=True)
+    """
+    directory = C._absolute(directory)
+    if C._ORBAX_TMP_SUFFIX in directory.name:
+        raise ValueError(f"checkpoint name must not contain {C._ORBAX_TMP_SUFFIX!r}: {directory}")
+    if directory.exists() and not overwrite:
+        raise FileExistsError(
+            f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
+        )
+    enc = C._encode(abstract_params, C.PARAMS)
+    if not enc.leaves:
+        raise ValueError("abstract_params has no array leaves")
+    arrays: dict[str, Any] = {}
+    for i, (path, leaf) in enumerate(zip(enc.paths, enc.leaves, strict=True)):
+        shape, dtype = tuple(np.shape(leaf)), C._dtype(leaf)
+        C._nested_set(arrays, path, _LazyArray(i, shape, dtype, lambda i=i: produce(i)))
+    user = None
+    if metadata is not None:
+        try:
+            user = json.loads(json.dumps(dict(metadata)))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+    # The same record as save_checkpoint writes for a params-only checkpoint.
+    meta = {
+        "format": C.FORMAT_NAME,
+        "format_version": C.FORMAT_VERSION,
+        "library_version": C._library_version(),
+        "orbax_version": importlib.metadata.version("orbax-checkpoint"),
+        "jax_version": jax.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "items": [C.PARAMS],
+        "structures": {C.PARAMS: enc.spec},
+        "statistics_kinds": None,
+        "user": user,
+    }
+    if not directory.exists():
+        _write_streaming(directory, arrays, meta)
+        return directory
+    token = uuid.uuid4().hex[:12]
+    staging = directory.parent / f".{directory.name}.umtam-new-{token}"
+    retired = directory.parent / f".{directory.name}.umtam-old-{token}"
+    _write_streaming(staging, arrays, meta)
+    try:
+        directory.rename(retired)
+    except BaseException:
+        C._rmtree_quiet(staging)
+        raise
+    try:
+        staging.rename(directory)
+    except BaseException:
+        retired.rename(directory)
+        C._rmtree_quiet(staging)
+        raise
+    C._rmtree_quiet(retired)
+    return directory
