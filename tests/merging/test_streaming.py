@@ -295,3 +295,20 @@ def test_reader_and_streaming_writer_round_trip(tmp_path):
             tmp_path / "bad", abstract, lambda i: np.zeros(7, np.float32)
         )
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cli_streaming_equals_in_memory(ckpts, tmp_path, capsys):
+    from umtam_jax.cli.merge import main
+
+    p = ckpts["paths"]
+    common = ["--method", "ties", "--base", p["base"], "--expert", p["t0"], "--expert", p["t1"]]
+    common += ["--param", "density=0.3", "--param", "scope=global"]
+    assert main([*common, "-o", str(tmp_path / "s")]) == 0
+    assert "out of core" in capsys.readouterr().out
+    assert main([*common, "--no-progress", "--in-memory", "-o", str(tmp_path / "m")]) == 0
+    _identical(checkpoint.restore_params(tmp_path / "s"), checkpoint.restore_params(tmp_path / "m"))
+    assert main([*common, "--dry-run"]) == 0
+    assert "dry run OK" in capsys.readouterr().out

@@ -32,8 +32,16 @@ their types are checked against the merging function's signature before anything
 loaded. ``--dry-run`` loads every checkpoint and validates the whole merge (structures,
 shapes, dtypes, statistics, options) with ``jax.eval_shape``, without computing or writing
 anything. An existing output is never replaced without ``--force``, and the output may
-never be one of the inputs. Leaves are merged one at a time with a progress bar
-(``scope: global`` merges the whole tree at once, as it must).
+never be one of the inputs.
+
+By default the merge is out of core (``umtam_jax.merging.merge_checkpoints``): small
+groups of leaves are read from every checkpoint with Orbax's partial restore, merged and
+written to the output one array at a time, with a progress bar over the leaves, so peak
+host memory is about one model's leaves in flight rather than K + 1 models; ``scope:
+global`` takes two extra passes over the inputs to find the exact global threshold. The
+results are identical to the in-memory merge. ``--dry-run`` then reads only the
+checkpoints' metadata. ``--in-memory`` restores every checkpoint whole first (the
+original path), merging leaf by leaf (``scope: global`` over the whole tree at once).
 
 Exit status: 0 on success, 2 for an invalid configuration, input or output.
 """
@@ -438,6 +446,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="load and validate everything, write nothing"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="restore every checkpoint whole and merge in memory (default: out of core, "
+        "leaf by leaf, same result)",
+    )
     return p
 
 
@@ -453,6 +467,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"the output {plan.output} is one of the inputs")
         if os.path.exists(plan.output) and not args.force:
             raise ConfigError(f"the output {plan.output} exists; pass --force to replace it")
+
+    if not args.in_memory:
+        return _run_streaming(plan, args)
 
     base, experts, extra = _restore(plan)
     if args.dry_run:
@@ -474,7 +491,15 @@ def run(args: argparse.Namespace) -> int:
 
     from umtam_jax import checkpoint
 
-    metadata = {
+    path = checkpoint.save_checkpoint(
+        plan.output, merged, overwrite=args.force, metadata=_metadata(plan)
+    )
+    print(f"{PROG}: wrote {path} ({plan.method} of {len(experts)} expert(s))")
+    return 0
+
+
+def _metadata(plan: Plan) -> dict[str, Any]:
+    return {
         "merge": {
             "method": plan.method,
             "base": plan.base,
@@ -483,8 +508,81 @@ def run(args: argparse.Namespace) -> int:
             "seed": plan.seed,
         }
     }
-    path = checkpoint.save_checkpoint(plan.output, merged, overwrite=args.force, metadata=metadata)
-    print(f"{PROG}: wrote {path} ({plan.method} of {len(experts)} expert(s))")
+
+
+def _needs_statistics(plan: Plan) -> bool:
+    spec = METHODS[plan.method]
+    return spec.inputs == "statistics" or (
+        spec.inputs == "scores" and plan.parameters.get("scores", "saliency") == "saliency"
+    )
+
+
+def _check_inputs(plan: Plan) -> None:
+    """The checks of :func:`_restore` on the checkpoints' metadata alone (same messages)."""
+    from umtam_jax import checkpoint
+
+    def open_reader(path: str, what: str) -> checkpoint.CheckpointReader:
+        try:
+            return checkpoint.CheckpointReader(path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"cannot restore {what} from {path}: {err}") from None
+        except ValueError as err:
+            raise ConfigError(f"cannot read {what} from {path}: {err}") from None
+
+    open_reader(plan.base, "the base")
+    spec = METHODS[plan.method]
+    for i, e in enumerate(plan.experts):
+        reader = open_reader(e.path, f"expert {i}")
+        if _needs_statistics(plan) and not reader.has_item("statistics"):
+            hint = " (or use scores: magnitude)" if spec.inputs == "scores" else ""
+            raise ConfigError(
+                f"method {plan.method!r} needs UMTAM statistics, but the checkpoint of "
+                f"expert {i} ({e.path}) has none{hint}"
+            )
+        if spec.inputs == "fishers":
+            open_reader(e.fisher, f"the Fisher of expert {i}")
+
+
+def _run_streaming(plan: Plan, args: argparse.Namespace) -> int:
+    """Dry run or merge with ``merging.merge_checkpoints`` (out of core)."""
+    _check_inputs(plan)
+    spec = METHODS[plan.method]
+    kwargs = {k: v for k, v in plan.parameters.items() if k != "scores"}
+    if "key" in _keyword_parameters(spec.fn):
+        kwargs["key"] = jax.random.key(plan.seed)
+    common = {
+        "statistics": _needs_statistics(plan) if spec.inputs in ("statistics", "scores") else None,
+        "fisher_dirs": [e.fisher for e in plan.experts] if spec.inputs == "fishers" else None,
+    }
+    experts = [e.path for e in plan.experts]
+    if args.dry_run:
+        try:
+            shapes = merging.validate_merge_checkpoints(
+                plan.method, plan.base, experts, **common, **kwargs
+            )
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"the merge would fail: {err}") from None
+        n = len(jax.tree.leaves(shapes))
+        print(
+            f"{PROG}: dry run OK: {plan.method} of {len(experts)} expert(s), {n} leaves"
+            + (f", would write {plan.output}" if plan.output else "")
+        )
+        return 0
+    try:
+        path = merging.merge_checkpoints(
+            plan.method,
+            plan.base,
+            experts,
+            plan.output,
+            overwrite=args.force,
+            progress=not args.no_progress,
+            metadata=_metadata(plan),
+            **common,
+            **kwargs,
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"merge failed: {err}") from None
+    print(f"{PROG}: wrote {path} ({plan.method} of {len(experts)} expert(s), out of core)")
     return 0
 
 
