@@ -1,0 +1,325 @@
+"""Peak host memory of out-of-core vs in-memory merging of Orbax checkpoints (issue 6).
+
+Writes a base and K synthetic experts (GPT-2-medium-shaped float32 pytrees, d = 1024: 22
+blocks plus a 32000 × 1024 embedding ≈ 310M parameters, 1.24 GB each; ``--quick``: 2
+blocks plus 4096 × 1024 ≈ 29M) as Orbax checkpoints on disk, then runs ``umtam-merge`` on
+them once per mode, each in a fresh subprocess that reports its own peak resident set
+size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
+
+- ``streaming``: the default, out of core (``merging.merge_checkpoints``);
+- ``in_memory``: ``umtam-merge --in-memory`` (restore base and experts whole, merge,
+  save);
+- ``floor``: a process that imports the same modules and runs one tiny merge (the
+  interpreter + JAX + Orbax baseline, included in every other number).
+
+Both merges must produce identical checkpoints (compared leaf by leaf at the end, with
+partial restores). Target: streaming peak RSS ≤ 2 × one model's bytes.
+
+Usage::
+
+    .venv/bin/python benchmarks/merge_memory.py            # 4 experts × ~310M params
+    .venv/bin/python benchmarks/merge_memory.py --quick    # 4 experts × ~29M params
+    .venv/bin/python benchmarks/merge_memory.py --scope global   # TIES with global trim
+
+Writes ``benchmarks/results/merge_memory.json`` (``--no-write`` to skip) via
+``benchmarks/_report.py``. The checkpoints go to a temporary directory under ``--workdir``
+(default: the system temporary directory), removed at the end unless ``--keep``; the
+script stops first if that disk has less free space than the run needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+D = 1024
+
+
+def model_shapes(quick: bool) -> dict[str, Any]:
+    """Nested dict of leaf shapes (GPT-2-medium-like, d = 1024)."""
+    blocks, vocab = (2, 4096) if quick else (22, 32000)
+
+    def dense(i, o):
+        return {"kernel": (i, o), "bias": (o,)}
+
+    def norm():
+        return {"scale": (D,), "bias": (D,)}
+
+    shapes: dict[str, Any] = {"wte": {"embedding": (vocab, D)}, "ln_f": norm()}
+    for b in range(blocks):
+        shapes[f"h{b:02d}"] = {
+            "ln_1": norm(),
+            "attn": {"c_attn": dense(D, 3 * D), "c_proj": dense(D, D)},
+            "ln_2": norm(),
+            "mlp": {"c_fc": dense(D, 4 * D), "c_proj": dense(4 * D, D)},
+        }
+    return shapes
+
+
+def _leaves(shapes: dict[str, Any]) -> list[tuple[int, ...]]:
+    import jax
+
+    return jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def n_params(shapes: dict[str, Any]) -> int:
+    return sum(int(np.prod(s)) for s in _leaves(shapes))
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------- children
+
+
+def child_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Writes base and experts one at a time (one model in memory)."""
+    import jax
+
+    from umtam_jax import checkpoint
+
+    shapes = model_shapes(args.quick)
+    rng = np.random.default_rng(0)
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    base = jax.tree.map(
+        lambda s: 0.02 * rng.standard_normal(s, np.float32), shapes, is_leaf=is_shape
+    )
+    work = Path(args.workdir)
+    t0 = time.perf_counter()
+    checkpoint.save_checkpoint(work / "base", base)
+    for i in range(args.experts):
+        expert = jax.tree.map(lambda b: b + 1e-3 * rng.standard_normal(b.shape, np.float32), base)
+        checkpoint.save_checkpoint(work / f"expert{i}", expert)
+        del expert
+    return {"setup_s": time.perf_counter() - t0}
+
+
+def _cli_args(args: argparse.Namespace, output: str) -> list[str]:
+    work = Path(args.workdir)
+    cli = ["--method", args.method, "--base", str(work / "base"), "--no-progress"]
+    for i in range(args.experts):
+        cli += ["--expert", str(work / f"expert{i}")]
+    cli += ["--param", f"density={args.density}", "--param", f"scope={args.scope}"]
+    return [*cli, "-o", output]
+
+
+def child_merge(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    from umtam_jax.cli.merge import main
+
+    cli = _cli_args(args, str(Path(args.workdir) / f"out_{mode}"))
+    if mode == "in_memory":
+        cli.append("--in-memory")
+    t0 = time.perf_counter()
+    rc = main(cli)
+    if rc != 0:
+        raise SystemExit(f"umtam-merge failed with status {rc}")
+    return {"wall_s": time.perf_counter() - t0}
+
+
+def child_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The same imports and one tiny merge: the process's fixed cost."""
+    import jax.numpy as jnp
+
+    from umtam_jax import checkpoint, merging  # noqa: F401
+    from umtam_jax.cli import merge  # noqa: F401
+
+    base = {"w": jnp.zeros((8, 8))}
+    merging.ties(base, [{"w": jnp.ones((8, 8))}], density=0.5)
+    return {}
+
+
+def child_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Leaf-by-leaf comparison of the two outputs (partial restores, little memory)."""
+    from umtam_jax import checkpoint
+    from umtam_jax.checkpoint import _checkpoint as C
+
+    work = Path(args.workdir)
+    a = checkpoint.CheckpointReader(work / "out_streaming")
+    b = checkpoint.CheckpointReader(work / "out_in_memory")
+    paths = [p for p, _ in C._spec_arrays(a.structure("params"))]
+    assert paths == [p for p, _ in C._spec_arrays(b.structure("params"))]
+    differing = 0
+    for p in paths:
+        (x,) = a.restore_arrays("params", [p])
+        (y,) = b.restore_arrays("params", [p])
+        if x.dtype != y.dtype or not np.array_equal(x, y):
+            differing += 1
+    return {"leaves": len(paths), "differing_leaves": differing}
+
+
+def run_child(args: argparse.Namespace, role: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", role, "--workdir", args.workdir]
+    cmd += ["--experts", str(args.experts), "--method", args.method]
+    cmd += ["--density", str(args.density), "--scope", args.scope]
+    if args.quick:
+        cmd.append("--quick")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout[-4000:] + res.stderr[-4000:])
+        raise SystemExit(f"child {role!r} failed with status {res.returncode}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["process_wall_s"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="~29M-parameter models")
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--method", default="ties", choices=["ties", "task_arithmetic"])
+    p.add_argument("--density", type=float, default=0.2)
+    p.add_argument("--scope", default="tensor", choices=["tensor", "global"])
+    p.add_argument("--workdir", default=None, help="where the checkpoints are written")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--no-write", action="store_true", help="do not write the result file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.method == "task_arithmetic":
+        args.scope = "tensor"
+
+    if args.child is not None:
+        role = args.child
+        if role == "setup":
+            out = child_setup(args)
+        elif role == "floor":
+            out = child_floor(args)
+        elif role == "compare":
+            out = child_compare(args)
+        else:
+            out = child_merge(args, role)
+        out["maxrss_bytes"] = _rss_bytes()
+        print(json.dumps(out))
+        return 0
+
+    shapes = model_shapes(args.quick)
+    n = n_params(shapes)
+    model_bytes = 4 * n
+    k = args.experts
+    parent = Path(args.workdir or tempfile.gettempdir())
+    need_disk = int((k + 3) * model_bytes * 1.1)
+    free = shutil.disk_usage(parent).free
+    if free < need_disk:
+        raise SystemExit(
+            f"{parent} has {free / 1e9:.1f} GB free; this run needs about "
+            f"{need_disk / 1e9:.1f} GB (use --quick, fewer --experts or another --workdir)"
+        )
+    work = Path(tempfile.mkdtemp(prefix="umtam_merge_memory_", dir=parent))
+    args.workdir = str(work)
+    gb = 1e9
+    print(
+        f"{n / 1e6:.1f}M parameters ({model_bytes / gb:.2f} GB float32) per model, "
+        f"{k} experts, {args.method} density={args.density} scope={args.scope}; "
+        f"checkpoints in {work}",
+        flush=True,
+    )
+    try:
+        setup = run_child(args, "setup")
+        print(f"setup: {setup['setup_s']:.0f} s", flush=True)
+        rows: dict[str, Any] = {"floor": run_child(args, "floor")}
+        rows["streaming"] = run_child(args, "streaming")
+        print(f"streaming: {rows['streaming']['maxrss_bytes'] / gb:.2f} GB", flush=True)
+        available = _mem_available()
+        need = (k + 4) * model_bytes
+        if available is not None and available < need:
+            rows["in_memory"] = {
+                "skipped": f"MemAvailable {available / gb:.1f} GB < {need / gb:.1f} GB needed"
+            }
+        else:
+            rows["in_memory"] = run_child(args, "in_memory")
+            print(f"in memory: {rows['in_memory']['maxrss_bytes'] / gb:.2f} GB", flush=True)
+            rows["comparison"] = run_child(args, "compare")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    for name in ("floor", "streaming", "in_memory"):
+        r = rows[name]
+        if "maxrss_bytes" in r:
+            r["maxrss_gb"] = r["maxrss_bytes"] / gb
+            r["maxrss_over_model"] = r["maxrss_bytes"] / model_bytes
+    streaming_ratio = rows["streaming"]["maxrss_over_model"]
+    payload = {
+        "quick": args.quick,
+        "parameters_per_model": n,
+        "model_bytes": model_bytes,
+        "experts": k,
+        "method": args.method,
+        "density": args.density,
+        "scope": args.scope,
+        "leaves_per_model": len(_leaves(shapes)),
+        "largest_leaf_bytes": 4 * max(int(np.prod(s)) for s in _leaves(shapes)),
+        "modes": rows,
+        "target": "streaming peak RSS <= 2 x model bytes",
+        "target_met": streaming_ratio <= 2.0,
+        "identical_outputs": rows.get("comparison", {}).get("differing_leaves") == 0
+        if "comparison" in rows
+        else None,
+        "available_memory_bytes_before_in_memory": _mem_available(),
+    }
+    lines = [
+        f"{args.method} (density {args.density}, scope {args.scope}) of {k} experts of "
+        f"{n / 1e6:.1f}M float32 parameters ({model_bytes / gb:.2f} GB per model, "
+        f"{payload['leaves_per_model']} leaves, largest {payload['largest_leaf_bytes'] / 1e6:.0f}"
+        " MB) through `umtam-merge`; peak RSS of a fresh process per mode.",
+        "",
+        "| mode | peak RSS (GB) | ÷ model bytes | wall (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("floor", "streaming", "in_memory"):
+        r = rows[name]
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | |")
+            continue
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
+        lines.append(f"| {name} | {r['maxrss_gb']:.2f} | {r['maxrss_over_model']:.2f} | {wall} |")
+    lines += [
+        "",
+        f"Target streaming ≤ 2 × model bytes: {'met' if payload['target_met'] else 'MISSED'} "
+        f"({streaming_ratio:.2f}×). Outputs identical: {payload['identical_outputs']}.",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        from _report import write_result
+
+        name = "merge_memory_quick" if args.quick else "merge_memory"
+        if args.scope == "global":
+            name += "_global"
+        path = write_result(name, payload, table, title=f"Merge peak memory ({name})")
+        print(f"wrote {path}")
+    return 0 if payload["target_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
