@@ -1,0 +1,272 @@
+"""Optimizer update time and state size on GPT-2-shaped pytrees, measured side by side.
+
+Every optimizer's ``update`` is jitted (the optimizer state donated, as in a training loop)
+and timed interleaved in one process: after warm-up, each repetition runs one update of
+every optimizer in turn (round-robin, ``block_until_ready`` on updates and state), and the
+median over repetitions is reported, so a background load slows all optimizers alike.
+Gradients are synthetic (fixed across steps; the update cost does not depend on values).
+
+Usage::
+
+    .venv/bin/python benchmarks/step_time.py            # 4 blocks (SPEC §8), 11 reps
+    .venv/bin/python benchmarks/step_time.py --large    # also 12 blocks (GPT-2 small body)
+    .venv/bin/python benchmarks/step_time.py --quick    # CI-size check, no exact SVD
+    .venv/bin/python benchmarks/step_time.py --check    # exit 1 if a target is missed
+
+Writes ``benchmarks/results/step_time.json`` (``--out`` to change, ``--no-write`` to skip)
+and prints a markdown table: ms per update, ratio to ``optax.adamw``, state bytes ÷
+parameter bytes.
+
+Targets (issue 5, this 2-core CPU): ``umtam(1e-3)`` ≤ 2.5× AdamW; lean
+(``error_decay=0.0, saliency="final"``) ≤ 1.2× AdamW; lean state ≤ 0.15× parameter bytes.
+
+Hook for an end-to-end comparison (e.g. a MiniLM fine-tune step): :func:`optimizers` gives
+the optimizer factories and :func:`time_interleaved` the timing loop; a caller passes its
+own jitted ``train_step`` closures to :func:`time_interleaved`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import (  # noqa: E402
+    RESULTS,
+    environment,
+    gpt2_params,
+    like,
+    markdown_table,
+    tree_bytes,
+    tree_size,
+    write_json,
+)
+
+import umtam_jax  # noqa: E402
+
+LR = 1e-3
+TARGETS = {
+    # name: (max ratio of update time to AdamW, max state bytes / parameter bytes)
+    "umtam default": (2.5, None),
+    "umtam lean": (1.2, 0.15),
+}
+
+
+def _galore() -> optax.GradientTransformation | None:
+    contrib = getattr(optax, "contrib", None)
+    galore = getattr(contrib, "galore", None)
+    if galore is None:
+        return None
+    # Rank 32 as UMTAM's; projector refresh (an SVD of the gradient) every 200 steps, so the
+    # timed steps are the in-between ones, the cost GaLore's design amortises.
+    return galore(LR, rank=32, update_proj_gap=200)
+
+
+def optimizers(*, exact: bool = True, extra: bool = True) -> dict[str, Callable[[], Any]]:
+    """Name → factory of the compared optimizers (``None`` factory result: unavailable)."""
+    cases: dict[str, Callable[[], Any]] = {
+        "optax.sgd": lambda: optax.sgd(LR),
+        "optax.adamw": lambda: optax.adamw(LR),
+        "optax.adafactor": lambda: optax.adafactor(LR),
+        "optax.contrib.galore": _galore,
+    }
+    if exact:
+        cases["umtam exact SVD"] = lambda: umtam_jax.umtam(LR, svd_method="exact")
+    cases["umtam default"] = lambda: umtam_jax.umtam(LR)
+    cases["umtam lean"] = lambda: umtam_jax.umtam(LR, error_decay=0.0, saliency="final")
+    if extra:
+        cases["umtam default svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4)
+        cases["umtam lean svd_every=4"] = lambda: umtam_jax.umtam(
+            LR, error_decay=0.0, saliency="final", svd_every=4
+        )
+    return cases
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], Any]], *, reps: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Round-robin timing: ``steps[name]()`` runs one blocking step. Returns per-name times
+    (seconds, one per repetition) and the first-call (compile + run) time."""
+    first: dict[str, float] = {}
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        step()
+        first[name] = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return times, first
+
+
+def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any):
+    """A blocking closure running one jitted, state-donating update; plus the state bytes."""
+    # Returns (state, updates): JAX pairs donated inputs with outputs of the same shape in
+    # order, so state-first output lets every state buffer (UMTAM's unchanged W0 included)
+    # alias its own input, as in a train step returning (params, state).
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p)[::-1], donate_argnums=1)
+    holder = {"state": opt.init(params)}
+    state_bytes = tree_bytes(holder["state"])
+
+    def step():
+        holder["state"], updates = update(grads, holder["state"], params)
+        jax.block_until_ready((updates, holder["state"]))
+
+    return step, state_bytes
+
+
+def run(blocks: int, *, reps: int, warmup: int, exact: bool, extra: bool, only) -> dict:
+    params = jax.device_put(gpt2_params(blocks))
+    grads = jax.device_put(like(params, seed=1))
+    param_bytes = tree_bytes(params)
+    steps, rows, notes = {}, {}, {}
+    for name, factory in optimizers(exact=exact, extra=extra).items():
+        if only and not any(o in name for o in only):
+            continue
+        opt = factory()
+        if opt is None:
+            notes[name] = "not available in the installed optax"
+            print(f"[{blocks} blocks] {name}: not available in optax {optax.__version__}")
+            continue
+        steps[name], state_bytes = _update_step(opt, params, grads)
+        rows[name] = {"state_bytes": state_bytes, "state_ratio": state_bytes / param_bytes}
+    times, first = time_interleaved(steps, reps=reps, warmup=warmup)
+    adamw = statistics.median(times["optax.adamw"]) if "optax.adamw" in times else None
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        rows[name].update(
+            median_ms=1e3 * median,
+            min_ms=1e3 * min(ts),
+            max_ms=1e3 * max(ts),
+            times_ms=[round(1e3 * t, 3) for t in ts],
+            first_call_s=round(first[name], 3),
+            ratio_to_adamw=None if adamw is None else median / adamw,
+        )
+    return {
+        "blocks": blocks,
+        "d": 768,
+        "param_count": tree_size(params),
+        "param_bytes": param_bytes,
+        "reps": reps,
+        "warmup": warmup,
+        "results": rows,
+        "notes": notes,
+    }
+
+
+def check_targets(result: dict) -> dict[str, dict[str, Any]]:
+    verdicts = {}
+    for name, (max_time, max_state) in TARGETS.items():
+        row = result["results"].get(name)
+        if row is None or row.get("ratio_to_adamw") is None:
+            continue
+        ok_time = row["ratio_to_adamw"] <= max_time
+        ok_state = max_state is None or row["state_ratio"] <= max_state
+        verdicts[name] = {
+            "time_target": max_time,
+            "time_ratio": round(row["ratio_to_adamw"], 3),
+            "time_met": ok_time,
+            "state_target": max_state,
+            "state_ratio": round(row["state_ratio"], 4),
+            "state_met": ok_state,
+        }
+    return verdicts
+
+
+def table(result: dict) -> str:
+    rows = []
+    for name, row in result["results"].items():
+        if "median_ms" not in row:
+            continue
+        ratio = row["ratio_to_adamw"]
+        rows.append(
+            [
+                name,
+                f"{row['median_ms']:.1f}",
+                f"{row['min_ms']:.1f}–{row['max_ms']:.1f}",
+                "—" if ratio is None else f"{ratio:.2f}×",
+                f"{row['state_ratio']:.3f}",
+            ]
+        )
+    header = (
+        f"{result['blocks']} blocks, {result['param_count'] / 1e6:.1f}M parameters, "
+        f"median of {result['reps']}"
+    )
+    return (
+        header
+        + "\n\n"
+        + markdown_table(
+            ["optimizer", "ms / update", "range (ms)", "× AdamW", "state ÷ params"], rows
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 blocks, 7 reps, no exact SVD")
+    parser.add_argument("--large", action="store_true", help="also time 12 blocks (~85M)")
+    parser.add_argument("--blocks", type=int, nargs="+", help="block counts (default 4)")
+    parser.add_argument("--reps", type=int, help="timed repetitions (≥ 7; default 11)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-exact", action="store_true", help="skip UMTAM exact SVD")
+    parser.add_argument("--no-extra", action="store_true", help="skip svd_every=4 variants")
+    parser.add_argument("--only", nargs="+", help="substrings of optimizer names to run")
+    parser.add_argument("--out", type=Path, default=RESULTS / "step_time.json")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+
+    reps = args.reps or (7 if args.quick else 11)
+    if reps < 7:
+        parser.error("--reps must be ≥ 7 (median of at least 7)")
+    blocks = args.blocks or ([4, 12] if args.large and not args.quick else [4])
+    exact = not (args.no_exact or args.quick)
+    payload: dict[str, Any] = {"environment": environment(), "runs": []}
+    all_met = True
+    for b in blocks:
+        result = run(
+            b, reps=reps, warmup=args.warmup, exact=exact, extra=not args.no_extra, only=args.only
+        )
+        result["targets"] = check_targets(result)
+        all_met &= all(v["time_met"] and v["state_met"] for v in result["targets"].values())
+        payload["runs"].append(result)
+        print(table(result))
+        for name, v in result["targets"].items():
+            state = (
+                ""
+                if v["state_target"] is None
+                else (
+                    f", state {v['state_ratio']} (≤ {v['state_target']}: "
+                    f"{'met' if v['state_met'] else 'MISSED'})"
+                )
+            )
+            print(
+                f"  target {name}: {v['time_ratio']}× AdamW (≤ {v['time_target']}: "
+                f"{'met' if v['time_met'] else 'MISSED'}){state}"
+            )
+        print()
+    payload["end_to_end"] = None  # filled by an end-to-end (MiniLM fine-tune) benchmark
+    if not args.no_write:
+        write_json(args.out, payload)
+        print(f"wrote {args.out}")
+    return 0 if (all_met or not args.check) else 1
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    raise SystemExit(main())
