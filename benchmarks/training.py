@@ -285,6 +285,12 @@ def parse_args(argv=None):
         action="store_true",
         help="let UMTAM/GaLore factor the embedding tables too (slow on CPU, see EMBEDDINGS)",
     )
+    p.add_argument(
+        "--run-budget-s",
+        type=float,
+        default=None,
+        help="abandon a rank-sweep run whose projected time exceeds this (default: none)",
+    )
     p.add_argument("--skip-exact", action="store_true", help="no exact-SVD comparison run")
     p.add_argument(
         "--exact-budget-s",
@@ -464,14 +470,16 @@ def main(argv=None) -> dict[str, Any]:
 
     # 2. UMTAM rank sweep; 3. exact SVD vs the default method at --rank.
     rank_best: dict[int, dict[str, Any] | None] = {}
+    rank_attempts: dict[int, list[dict[str, Any]]] = {}
     exact = None
     exact_note = None
     if "umtam" in optimizers and best.get("umtam") is not None:
         lr_star = best["umtam"]["lr"]
         for r in ranks:
             lrs = grids["umtam"] if args.rank_lrs == "all" else (lr_star,)
-            rs = [do_run("umtam", lr, r) for lr in lrs]
+            rs = [do_run("umtam", lr, r, max_seconds=args.run_budget_s) for lr in lrs]
             rank_best[r] = best_of(rs)
+            rank_attempts[r] = rs
         if not args.skip_exact:
             exact = do_run("umtam", lr_star, args.rank, "exact", args.exact_budget_s)
             if exact.get("aborted"):
@@ -506,13 +514,17 @@ def main(argv=None) -> dict[str, Any]:
     rank_rows = []
     for r, b in rank_best.items():
         eff = [min(r, *s) for s in shapes.values()]
+        tried = rank_attempts.get(r, [])
+        abandoned = [x for x in tried if x.get("aborted")]
+        timing = b or (abandoned[0] if abandoned else None)
         rank_rows.append(
             {
                 "rank": r,
                 "effective_ranks": sorted(set(eff)),
                 "lr": b["lr"] if b else None,
                 "final_val_loss": b["final_val_loss"] if b else None,
-                "step_ms_median": b["step_s_median"] * 1e3 if b else None,
+                "step_ms_median": timing["step_s_median"] * 1e3 if timing else None,
+                "abandoned_over_time_budget": bool(abandoned) and b is None,
             }
         )
     rank_finals = [
@@ -526,6 +538,11 @@ def main(argv=None) -> dict[str, Any]:
             "max": max(rank_finals),
             "max_minus_min": max(rank_finals) - min(rank_finals),
             "relative": (max(rank_finals) - min(rank_finals)) / min(rank_finals),
+            "ranks": [
+                x["rank"]
+                for x in rank_rows
+                if x["final_val_loss"] is not None and math.isfinite(x["final_val_loss"])
+            ],
         }
         if rank_finals
         else None
@@ -651,15 +668,21 @@ def markdown(p: dict[str, Any], args) -> str:
             "|---|---|---|---|---|",
         ]
         for r in rs["rows"]:
+            final = (
+                "abandoned (projected time over --run-budget-s)"
+                if r.get("abandoned_over_time_budget")
+                else _fmt(r["final_val_loss"])
+            )
             out.append(
                 f"| {r['rank']} | {r['effective_ranks']} | {_fmt(r['lr'], 'g')} | "
-                f"{_fmt(r['final_val_loss'])} | {_fmt(r['step_ms_median'], '.0f')} |"
+                f"{final} | {_fmt(r['step_ms_median'], '.0f')} |"
             )
         if rs["spread"]:
             s = rs["spread"]
             out += [
                 "",
-                f"Spread of final val loss across ranks: {s['min']:.4f} – {s['max']:.4f} "
+                f"Spread of final val loss across ranks {s['ranks']}: {s['min']:.4f} – "
+                f"{s['max']:.4f} "
                 f"(max − min {s['max_minus_min']:.4f}, {100 * s['relative']:.2f} % of min).",
             ]
     e = p["exact_vs_subspace"]
