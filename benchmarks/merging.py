@@ -14,14 +14,14 @@ Sections:
    with ``--quick`` the scaling the main table chose for that method).
 3. UMTAM ablations (Table 3): curvature_pruning, sign_election, curvature_aggregation off
    one at a time, and ``normalize="selected"`` vs ``"all"`` (each re-selected on the
-   main UMTAM grid).
+   main UMTAM grid; with ``--quick`` on its scaling grid at the main table's density).
 4. Memory modes (Table 9): experts trained with ``error_decay=0`` (no error buffer;
    a different trajectory, so retrained) and with ``saliency="final"`` (no tracked
    saliency). The saliency does not enter the update, so ``saliency="final"`` experts
    have bit-identical parameters; their statistics are the default ones with the
    tracked saliency removed (``saliency=None``), exactly what a ``saliency="final"``
    state holds, and merging recomputes ``S`` from ``(w − w0)² ⊙ sqrt(R Cᵀ)``.
-   Each variant is merged with UMTAM (main grid, selected on validation).
+   Each variant is merged with UMTAM (same grid as the ablations, selected on validation).
 
     python benchmarks/merging.py --quick --workdir umtam-demo-work   # the demo's experts
     python benchmarks/merging.py --workdir umtam-demo-work           # full size (hours)
@@ -158,14 +158,19 @@ def main(argv=None) -> int:
             print(f"sweep {m} density {d}: test norm {r['test']['norm']:.3f}")
     timings["sweep"] = time.perf_counter() - t
 
+    # Variant grid: the main UMTAM grid (full); with --quick, the scaling grid at the
+    # density the main table chose (still selected on validation, half the merges).
+    chosen = main_res["methods"]["umtam"]["hparams"]
+    vgrid = (
+        grids["umtam"] if full else [g for g in grids["umtam"] if g["density"] == chosen["density"]]
+    )
+
     # 3. ablations (incl. normalize modes)
     t = time.perf_counter()
     abl = {}
     for name, flags in ABLATIONS.items():
         abl[name] = (
-            main_res["methods"]["umtam"]
-            if not flags
-            else select("umtam", grids["umtam"], fixed=flags)
+            main_res["methods"]["umtam"] if not flags else select("umtam", vgrid, fixed=flags)
         )
         abl[name]["method"] = name
         print(f"ablation {name}: test norm {abl[name]['test']['norm']:.3f}")
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
     }
     final_stats = [_drop_saliency(s) for s in stats]
     memory['saliency="final"'] = {
-        "merge": select("umtam", grids["umtam"], st=final_stats),
+        "merge": select("umtam", vgrid, st=final_stats),
         "experts": {e.task: e.scores for e in experts},
         "note": "same parameters (saliency does not enter the update); S recomputed at merge",
     }
@@ -199,13 +204,11 @@ def main(argv=None) -> int:
         )
         st0 = [e.statistics["encoder"] for e in exps0]
         memory['error_decay=0 + saliency="final" (lean)'] = {
-            "merge": select(
-                "umtam", grids["umtam"], exps=exps0, st=[_drop_saliency(s) for s in st0]
-            ),
+            "merge": select("umtam", vgrid, exps=exps0, st=[_drop_saliency(s) for s in st0]),
             "experts": {e.task: e.scores for e in exps0},
         }
         memory["error_decay=0"] = {
-            "merge": select("umtam", grids["umtam"], exps=exps0, st=st0),
+            "merge": select("umtam", vgrid, exps=exps0, st=st0),
             "experts": {e.task: e.scores for e in exps0},
         }
     timings["memory_modes"] = time.perf_counter() - t
