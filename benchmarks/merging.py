@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--skip-error-decay0", action="store_true", help="do not train the error_decay=0 experts"
     )
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="reuse sections 1-3 of an existing merging.json; (re)do only the memory modes",
+    )
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -123,58 +129,73 @@ def main(argv=None) -> int:
             method, grid, base, exps, ttasks, config, fixed=fixed, progress=prog, **kw
         )
 
-    # 1. main table
-    t = time.perf_counter()
-    main_res = _demo_result(workdir, tasks, config, full)
-    if main_res is not None:
-        print(f"main table: reusing {workdir / 'demo_results.json'} (same experts and grids)")
-    else:
-        main_res = P.run_merging(
-            experts,
-            ttasks,
-            base,
-            config,
-            methods=MAIN_METHODS,
-            grids=grids,
-            fisher_examples=256 if full else 64,
-            progress=prog,
-        )
-    timings["main"] = time.perf_counter() - t
-    print(P.format_table(main_res))
-
-    # 2. density sweep
-    t = time.perf_counter()
-    sweep: dict[str, dict[str, Any]] = {}
-    for m in ("umtam", "ties"):
-        scales = (
-            sorted({g["scaling"] for g in grids[m]})
+    if args.memory_only:
+        prev = json.loads((Path(args.results_dir) / "merging.json").read_text())["result"]
+        main_res, sweep, abl = prev["main"], prev["density_sweep"], prev["ablations"]
+        timings.update({k: v for k, v in prev["seconds"].items() if k != "total"})
+        chosen = main_res["methods"]["umtam"]["hparams"]
+        vgrid = (
+            grids["umtam"]
             if full
-            else [main_res["methods"][m]["hparams"]["scaling"]]
+            else [g for g in grids["umtam"] if g["density"] == chosen["density"]]
         )
-        sweep[m] = {}
-        for d in SWEEP:
-            r = select(m, [{"density": d, "scaling": s} for s in scales])
-            sweep[m][str(d)] = r
-            print(f"sweep {m} density {d}: test norm {r['test']['norm']:.3f}")
-    timings["sweep"] = time.perf_counter() - t
+    else:
+        # 1. main table
+        t = time.perf_counter()
+        main_res = _demo_result(workdir, tasks, config, full)
+        if main_res is not None:
+            print(f"main table: reusing {workdir / 'demo_results.json'} (same experts and grids)")
+        else:
+            main_res = P.run_merging(
+                experts,
+                ttasks,
+                base,
+                config,
+                methods=MAIN_METHODS,
+                grids=grids,
+                fisher_examples=256 if full else 64,
+                progress=prog,
+            )
+        timings["main"] = time.perf_counter() - t
+        print(P.format_table(main_res))
 
-    # Variant grid: the main UMTAM grid (full); with --quick, the scaling grid at the
-    # density the main table chose (still selected on validation, half the merges).
-    chosen = main_res["methods"]["umtam"]["hparams"]
-    vgrid = (
-        grids["umtam"] if full else [g for g in grids["umtam"] if g["density"] == chosen["density"]]
-    )
+        # 2. density sweep
+        t = time.perf_counter()
+        sweep: dict[str, dict[str, Any]] = {}
+        for m in ("umtam", "ties"):
+            scales = (
+                sorted({g["scaling"] for g in grids[m]})
+                if full
+                else [main_res["methods"][m]["hparams"]["scaling"]]
+            )
+            sweep[m] = {}
+            for d in SWEEP:
+                r = select(m, [{"density": d, "scaling": s} for s in scales])
+                sweep[m][str(d)] = r
+                print(f"sweep {m} density {d}: test norm {r['test']['norm']:.3f}")
+        timings["sweep"] = time.perf_counter() - t
 
-    # 3. ablations (incl. normalize modes)
-    t = time.perf_counter()
-    abl = {}
-    for name, flags in ABLATIONS.items():
-        abl[name] = (
-            main_res["methods"]["umtam"] if not flags else select("umtam", vgrid, fixed=flags)
+        # Variant grid: the main UMTAM grid (full); with --quick, the scaling grid at the
+        # density the main table chose (still selected on validation, half the merges).
+        chosen = main_res["methods"]["umtam"]["hparams"]
+        vgrid = (
+            grids["umtam"]
+            if full
+            else [g for g in grids["umtam"] if g["density"] == chosen["density"]]
         )
-        abl[name]["method"] = name
-        print(f"ablation {name}: test norm {abl[name]['test']['norm']:.3f}")
-    timings["ablations"] = time.perf_counter() - t
+
+        # 3. ablations (incl. normalize modes)
+        t = time.perf_counter()
+        abl = {}
+        for name, flags in ABLATIONS.items():
+            abl[name] = (
+                dict(main_res["methods"]["umtam"])
+                if not flags
+                else select("umtam", vgrid, fixed=flags)
+            )
+            abl[name]["method"] = name
+            print(f"ablation {name}: test norm {abl[name]['test']['norm']:.3f}")
+        timings["ablations"] = time.perf_counter() - t
 
     # 4. memory modes
     t = time.perf_counter()
@@ -184,12 +205,15 @@ def main(argv=None) -> int:
             "experts": {e.task: e.scores for e in experts},
         }
     }
-    final_stats = [_drop_saliency(s) for s in stats]
-    memory['saliency="final"'] = {
-        "merge": select("umtam", vgrid, st=final_stats),
-        "experts": {e.task: e.scores for e in experts},
-        "note": "same parameters (saliency does not enter the update); S recomputed at merge",
-    }
+    if args.memory_only and 'saliency="final"' in prev["memory_modes"]:
+        memory['saliency="final"'] = prev["memory_modes"]['saliency="final"']
+    else:
+        final_stats = [_drop_saliency(s) for s in stats]
+        memory['saliency="final"'] = {
+            "merge": select("umtam", vgrid, st=final_stats),
+            "experts": {e.task: e.scores for e in experts},
+            "note": "same parameters (saliency does not enter the update); S recomputed at merge",
+        }
     if not args.skip_error_decay0:
         kw0 = {**P.DEMO_UMTAM_KWARGS, "error_decay": 0.0}
         _, _, exps0 = P.prepare_experts(
@@ -215,6 +239,7 @@ def main(argv=None) -> int:
     timings["total"] = time.perf_counter() - t0
 
     # report
+    main_res["methods"]["umtam"]["method"] = P.MERGE_METHODS["umtam"].name
     out = Path(args.results_dir)
     P.plot_merging(
         main_res, out / "merging.png", title=f"merging ({'full' if full else 'quick'}): test"
@@ -294,8 +319,6 @@ def main(argv=None) -> int:
 
 def _demo_result(workdir, tasks, config, full):
     """The demo's main table when it was run with the same experts and grids."""
-    import json
-
     path = workdir / "demo_results.json"
     if not path.exists():
         return None
