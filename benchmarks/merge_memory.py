@@ -20,6 +20,11 @@ Usage::
     .venv/bin/python benchmarks/merge_memory.py            # 4 experts × ~310M params
     .venv/bin/python benchmarks/merge_memory.py --quick    # 4 experts × ~29M params
     .venv/bin/python benchmarks/merge_memory.py --scope global   # TIES with global trim
+    .venv/bin/python benchmarks/merge_memory.py --keep           # keep the checkpoints,
+    .venv/bin/python benchmarks/merge_memory.py --reuse DIR      # ... and measure again
+
+The in-memory mode is skipped (and recorded as such) when ``MemAvailable`` is below about
+(K + 6) model sizes, so as not to push a shared machine into swapping or the OOM killer.
 
 Writes ``benchmarks/results/merge_memory.json`` (``--no-write`` to skip) via
 ``benchmarks/_report.py``. The checkpoints go to a temporary directory under ``--workdir``
@@ -202,6 +207,9 @@ def main() -> int:
     p.add_argument("--scope", default="tensor", choices=["tensor", "global"])
     p.add_argument("--workdir", default=None, help="where the checkpoints are written")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument(
+        "--reuse", default=None, help="checkpoints kept by an earlier --keep run (same sizes)"
+    )
     p.add_argument("--no-write", action="store_true", help="do not write the result file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -226,15 +234,28 @@ def main() -> int:
     n = n_params(shapes)
     model_bytes = 4 * n
     k = args.experts
-    parent = Path(args.workdir or tempfile.gettempdir())
-    need_disk = int((k + 3) * model_bytes * 1.1)
-    free = shutil.disk_usage(parent).free
-    if free < need_disk:
-        raise SystemExit(
-            f"{parent} has {free / 1e9:.1f} GB free; this run needs about "
-            f"{need_disk / 1e9:.1f} GB (use --quick, fewer --experts or another --workdir)"
-        )
-    work = Path(tempfile.mkdtemp(prefix="umtam_merge_memory_", dir=parent))
+    config = {"parameters": n, "experts": k}
+    if args.reuse is not None:
+        work = Path(args.reuse)
+        try:
+            saved = json.loads((work / "config.json").read_text())
+        except OSError:
+            saved = None
+        if saved != config:
+            raise SystemExit(f"{work} holds no checkpoints of this size ({saved} != {config})")
+        for mode in ("streaming", "in_memory"):
+            shutil.rmtree(work / f"out_{mode}", ignore_errors=True)
+        args.keep = True
+    else:
+        parent = Path(args.workdir or tempfile.gettempdir())
+        need_disk = int((k + 3) * model_bytes * 1.1)
+        free = shutil.disk_usage(parent).free
+        if free < need_disk:
+            raise SystemExit(
+                f"{parent} has {free / 1e9:.1f} GB free; this run needs about "
+                f"{need_disk / 1e9:.1f} GB (use --quick, fewer --experts or another --workdir)"
+            )
+        work = Path(tempfile.mkdtemp(prefix="umtam_merge_memory_", dir=parent))
     args.workdir = str(work)
     gb = 1e9
     print(
@@ -244,13 +265,16 @@ def main() -> int:
         flush=True,
     )
     try:
-        setup = run_child(args, "setup")
-        print(f"setup: {setup['setup_s']:.0f} s", flush=True)
+        if args.reuse is None:
+            setup = run_child(args, "setup")
+            (work / "config.json").write_text(json.dumps(config))
+            print(f"setup: {setup['setup_s']:.0f} s", flush=True)
         rows: dict[str, Any] = {"floor": run_child(args, "floor")}
         rows["streaming"] = run_child(args, "streaming")
         print(f"streaming: {rows['streaming']['maxrss_bytes'] / gb:.2f} GB", flush=True)
         available = _mem_available()
-        need = (k + 4) * model_bytes
+        # Measured with --quick: the in-memory path peaks near floor + (K + 5) models.
+        need = (k + 6) * model_bytes + 2**29
         if available is not None and available < need:
             rows["in_memory"] = {
                 "skipped": f"MemAvailable {available / gb:.1f} GB < {need / gb:.1f} GB needed"
@@ -262,6 +286,8 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"checkpoints kept in {work}", flush=True)
 
     for name in ("floor", "streaming", "in_memory"):
         r = rows[name]

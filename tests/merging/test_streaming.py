@@ -312,3 +312,32 @@ def test_cli_streaming_equals_in_memory(ckpts, tmp_path, capsys):
     _identical(checkpoint.restore_params(tmp_path / "s"), checkpoint.restore_params(tmp_path / "m"))
     assert main([*common, "--dry-run"]) == 0
     assert "dry run OK" in capsys.readouterr().out
+
+
+def test_global_scope_float64_keys(tmp_path):
+    # float64 scores have 64-bit keys: four 16-bit histogram passes before the final one.
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        base, _ = H.random_experts(rng, 1)
+        experts = [_quantized(rng, base, 0.25) for _ in range(2)]
+        experts = [jax.tree.map(lambda x: x.astype(np.float64), e) for e in experts]
+        checkpoint.save_checkpoint(tmp_path / "b", base)
+        for i, e in enumerate(experts):
+            checkpoint.save_checkpoint(tmp_path / f"e{i}", e)
+        dirs = [str(tmp_path / f"e{i}") for i in range(2)]
+        merging.merge_checkpoints(
+            "ties",
+            tmp_path / "b",
+            dirs,
+            tmp_path / "o",
+            density=0.3,
+            scope="global",
+            progress=False,
+        )
+        got = checkpoint.restore_params(tmp_path / "o")
+        restored = [checkpoint.restore_params(d) for d in dirs]
+        want = merging.ties(
+            checkpoint.restore_params(tmp_path / "b"), restored, density=0.3, scope="global"
+        )
+        assert jax.tree.leaves(got)[0].dtype == np.float64
+        _identical(got, want)

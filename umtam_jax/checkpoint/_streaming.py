@@ -18,10 +18,14 @@ Orbax doing all the I/O:
   ``overwrite=True`` the new checkpoint is written under a hidden sibling name and swapped
   in, so a failed write keeps the old one.
 
-How the incremental write works: the save is given a tree of lazy placeholders, and a
-TypeHandler registered for them (a subclass of Orbax's ``NumpyHandler`` with the same type
-string, so the checkpoint is indistinguishable from one of NumPy arrays) materialises
-them sequentially in its background commit, in the tree's flattening order.
+How the incremental write works: the save runs in a background thread and is given a
+tree of lazy placeholders; a TypeHandler registered for them (a subclass of Orbax's
+``NumpyHandler`` with the same type string, so the checkpoint is indistinguishable from
+one of NumPy arrays) writes them one by one in the tree's flattening order, each waiting
+for its array from the calling thread, which produces them in that order through a
+one-slot queue. All computation thus stays in the caller's thread (with its JAX
+configuration contexts, e.g. ``jax.enable_x64``), overlapped with the writing of the
+previous array.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import asyncio
 import datetime
 import importlib.metadata
 import json
+import queue
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -158,15 +164,54 @@ class CheckpointReader:
 # --------------------------------------------------------------------------------------
 
 
-class _LazyArray:
-    """A placeholder leaf whose array is produced when Orbax writes it."""
+class _Aborted(Exception):
+    """Raised in the writer when the producing thread gave up (its error is re-raised)."""
 
-    def __init__(self, index: int, shape: tuple[int, ...], dtype: np.dtype, produce: Callable):
+
+class _Channel:
+    """Hands produced arrays from the caller's thread to Orbax's writer, in index order.
+
+    At most one array waits in the channel, so the caller computes leaf ``i + 1`` while
+    leaf ``i`` is written, and no more than that is ever in flight.
+    """
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self.aborted = threading.Event()
+        self.writer_done = threading.Event()
+
+    def put(self, index: int, array: np.ndarray) -> bool:
+        """False if the writer stopped (its error is reported by the save thread)."""
+        while True:
+            try:
+                self._queue.put((index, array), timeout=0.05)
+                return True
+            except queue.Full:
+                if self.writer_done.is_set():
+                    return False
+
+    def get(self, index: int) -> np.ndarray:
+        while True:
+            try:
+                got, array = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self.aborted.is_set():
+                    raise _Aborted("the producer of the streamed arrays failed") from None
+                continue
+            if got != index:  # pragma: no cover - the handler sorts by index
+                raise RuntimeError(f"streamed leaf {got} arrived when {index} was expected")
+            return array
+
+
+class _LazyArray:
+    """A placeholder leaf whose array arrives through a :class:`_Channel` when written."""
+
+    def __init__(self, index: int, shape: tuple[int, ...], dtype: np.dtype, channel: _Channel):
         self.index = index
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
-        self._produce = produce
+        self._channel = channel
 
     @property
     def size(self) -> int:
@@ -177,13 +222,7 @@ class _LazyArray:
         return self.size * self.dtype.itemsize
 
     def materialize(self) -> np.ndarray:
-        value = np.asarray(self._produce())
-        if value.shape != self.shape or value.dtype != self.dtype:
-            raise ValueError(
-                f"leaf {self.index} was produced with shape {value.shape} and dtype "
-                f"{value.dtype}; expected {self.shape} and {self.dtype}"
-            )
-        return value
+        return self._channel.get(self.index)
 
 
 class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
@@ -200,8 +239,7 @@ class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
         for value, info, arg in sorted(
             zip(values, infos, args, strict=True), key=lambda x: x[0].index
         ):
-            # Produced in a worker thread: the callback may itself run Orbax restores
-            # (which start their own event loop) and long computations.
+            # Waits (in a worker thread) for the caller's thread to produce the array.
             array = await asyncio.to_thread(value.materialize)
             await info.await_path_creation()
             spec = ts_utils.build_array_write_spec(
@@ -246,16 +284,53 @@ def _streaming_handler() -> ocp.CompositeCheckpointHandler:
     return ocp.CompositeCheckpointHandler(handler_registry=registry, composite_options=options)
 
 
-def _write_streaming(path: epath.Path, arrays: dict[str, Any], metadata: dict[str, Any]) -> None:
+def _write_streaming(
+    path: epath.Path,
+    leaves: list[tuple[tuple[str, ...], tuple[int, ...], np.dtype]],
+    produce: Callable[[int], Any],
+    metadata: dict[str, Any],
+) -> None:
+    """Runs the Orbax save in a thread while this thread produces the arrays in order."""
+    channel = _Channel()
+    arrays: dict[str, Any] = {}
+    for i, (path_i, shape, dtype) in enumerate(leaves):
+        C._nested_set(arrays, path_i, _LazyArray(i, shape, dtype, channel))
     args = ocp.args.Composite(
         **{C.PARAMS: ocp.args.PyTreeSave(arrays), C.METADATA: ocp.args.JsonSave(metadata)}
     )
+    errors: list[BaseException] = []
+
+    def save() -> None:
+        try:
+            with ocp.Checkpointer(_streaming_handler()) as checkpointer:
+                checkpointer.save(path, args=args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(e)
+        finally:
+            channel.writer_done.set()
+
+    writer = threading.Thread(target=save, name="umtam_streaming_save", daemon=True)
+    writer.start()
     try:
-        with ocp.Checkpointer(_streaming_handler()) as checkpointer:
-            checkpointer.save(path, args=args)
+        for i, (_, shape, dtype) in enumerate(leaves):
+            array = np.asarray(produce(i))
+            if array.shape != shape or array.dtype != dtype:
+                raise ValueError(
+                    f"leaf {i} was produced with shape {array.shape} and dtype "
+                    f"{array.dtype}; expected {shape} and {dtype}"
+                )
+            if not channel.put(i, array):
+                break
+            del array
     except BaseException:
+        channel.aborted.set()
+        writer.join()
         C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
         raise
+    writer.join()
+    if errors:
+        C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
+        raise errors[0]
 
 
 def save_params_streaming(
@@ -269,10 +344,11 @@ def save_params_streaming(
     """Writes a parameter checkpoint whose arrays are computed one at a time.
 
     ``produce(i)`` is called exactly once for each leaf ``i`` of ``abstract_params``, in
-    ``jax.tree_util`` flattening order, each call after the previous array has been
-    handed to TensorStore, and must return an array of that leaf's shape and dtype. Calls
-    happen in a worker thread during the Orbax save; an exception raised by ``produce``
-    aborts the save (nothing is left at ``directory``) and is re-raised.
+    ``jax.tree_util`` flattening order, in the calling thread, and must return an array of
+    that leaf's shape and dtype. While it computes leaf ``i + 1``, Orbax (in a background
+    thread) writes leaf ``i``; at most one more produced array waits, so about two output
+    leaves are held at a time. An exception raised by ``produce`` aborts the save (nothing
+    is left at ``directory``) and is re-raised.
 
     Args:
       directory: the checkpoint directory to create.
@@ -307,10 +383,10 @@ def save_params_streaming(
     enc = C._encode(abstract_params, C.PARAMS)
     if not enc.leaves:
         raise ValueError("abstract_params has no array leaves")
-    arrays: dict[str, Any] = {}
-    for i, (path, leaf) in enumerate(zip(enc.paths, enc.leaves, strict=True)):
-        shape, dtype = tuple(np.shape(leaf)), C._dtype(leaf)
-        C._nested_set(arrays, path, _LazyArray(i, shape, dtype, lambda i=i: produce(i)))
+    leaves = [
+        (path, tuple(np.shape(leaf)), C._dtype(leaf))
+        for path, leaf in zip(enc.paths, enc.leaves, strict=True)
+    ]
     user = None
     if metadata is not None:
         try:
@@ -331,12 +407,12 @@ def save_params_streaming(
         "user": user,
     }
     if not directory.exists():
-        _write_streaming(directory, arrays, meta)
+        _write_streaming(directory, leaves, produce, meta)
         return directory
     token = uuid.uuid4().hex[:12]
     staging = directory.parent / f".{directory.name}.umtam-new-{token}"
     retired = directory.parent / f".{directory.name}.umtam-old-{token}"
-    _write_streaming(staging, arrays, meta)
+    _write_streaming(staging, leaves, produce, meta)
     try:
         directory.rename(retired)
     except BaseException:
