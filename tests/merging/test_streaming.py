@@ -341,3 +341,31 @@ def test_global_scope_float64_keys(tmp_path):
         )
         assert jax.tree.leaves(got)[0].dtype == np.float64
         _identical(got, want)
+
+
+def test_bare_array_params_with_statistics(tmp_path):
+    from umtam_jax.optimizer._state import DenseStatistics
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(10).astype(np.float32)
+    checkpoint.save_checkpoint(tmp_path / "b", base)
+    for i in range(2):
+        node = DenseStatistics(
+            mu=rng.standard_normal(10).astype(np.float32),
+            nu=rng.random(10).astype(np.float32),
+            saliency=rng.random(10).astype(np.float32),
+        )
+        expert = base + rng.standard_normal(10).astype(np.float32)
+        checkpoint.save_checkpoint(tmp_path / f"e{i}", expert, statistics=node)
+    dirs = [tmp_path / "e0", tmp_path / "e1"]
+    merging.merge_checkpoints(
+        "umtam", tmp_path / "b", dirs, tmp_path / "o", density=0.3, scope="global", progress=False
+    )
+    want = merging.umtam(
+        checkpoint.restore_params(tmp_path / "b"),
+        [checkpoint.restore_params(d) for d in dirs],
+        [checkpoint.restore_statistics(d) for d in dirs],
+        density=0.3,
+        scope="global",
+    )
+    _identical(checkpoint.restore_params(tmp_path / "o"), want)

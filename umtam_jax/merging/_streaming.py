@@ -253,6 +253,8 @@ class _Job:
         self.stats_specs = (
             [r.structure(C.STATISTICS) for r in self.experts] if self.statistics else None
         )
+        # A bare-array params tree is stored under "value"; its statistics node is the root.
+        self.root_array = spec["t"] == "root_array"
         self.scope = self.kwargs.get("scope", "tensor")
 
     # ---------------------------------------------------------------- reading
@@ -289,6 +291,8 @@ class _Job:
 
     def _read_nodes(self, t: int, paths: list[tuple[str, ...]]) -> list[Any]:
         what = f"the statistics of expert {t} ({self.experts[t].directory})"
+        if self.root_array:
+            paths = [()]
         node_specs = [_subspec(self.stats_specs[t], p, what) for p in paths]
         full = [
             [p + sub for sub, _ in C._spec_arrays(ns)] if ns["t"] != "array" else [p]
