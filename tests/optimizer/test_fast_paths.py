@@ -1,0 +1,176 @@
+"""The performance paths of the optimizer compute the same thing as the plain ones.
+
+- ``orthonormalize`` (Gram/eigh passes, Householder fallback) returns an orthonormal basis
+  of the same column space as a Householder QR, also for ill-conditioned, rank-deficient,
+  zero and wide inputs.
+- ``LowRankPlusDense`` products equal those of the materialised matrix, and
+  ``subspace_svd`` gives the same decomposition from either form.
+- Without error buffer (γ = 0) UMTAM keeps M̃ factored; its updates and state equal those of
+  the materialised path (forced here by a negligible γ), with and without ``svd_every``.
+- The one-pass clipped square sums handle overflowing gradients like the two-pass norm.
+- Donating both params and optimizer state to a jitted step works (W0 is its own buffer).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import umtam_jax
+from umtam_jax.optimizer._lowrank import (
+    LowRankPlusDense,
+    exact_svd,
+    orthonormalize,
+    subspace_svd,
+)
+
+
+def _with_spectrum(rng, m, k, spectrum):
+    left, _ = np.linalg.qr(rng.normal(size=(m, k)))
+    right, _ = np.linalg.qr(rng.normal(size=(k, k)))
+    return (left * spectrum) @ right.T
+
+
+def _same_span(q, y):
+    """‖(I − q qᵀ) y‖ / ‖y‖: y lies in span(q)."""
+    q, y = np.asarray(q, np.float64), np.asarray(y, np.float64)
+    return np.linalg.norm(y - q @ (q.T @ y)) / max(np.linalg.norm(y), 1e-300)
+
+
+@pytest.mark.parametrize("condition", [1.0, 1e2, 1e3, 1e5, 1e8])
+def test_orthonormalize_is_orthonormal_and_spans_the_input(condition):
+    rng = np.random.default_rng(0)
+    y = _with_spectrum(rng, 600, 24, np.geomspace(1.0, 1.0 / condition, 24))
+    q = orthonormalize(jnp.asarray(y, jnp.float32))
+    assert q.shape == (600, 24)
+    np.testing.assert_allclose(np.asarray(q.T @ q), np.eye(24), atol=2e-5)
+    assert _same_span(q, y) < 1e-5
+
+
+def test_orthonormalize_rank_deficient_zero_and_wide_inputs():
+    rng = np.random.default_rng(1)
+    rank3 = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 16))
+    for y in (rank3, np.zeros((200, 16))):
+        q = orthonormalize(jnp.asarray(y, jnp.float32))
+        np.testing.assert_allclose(np.asarray(q.T @ q), np.eye(16), atol=2e-5)
+        assert _same_span(q, y) < 1e-5
+    wide = orthonormalize(jnp.asarray(rng.normal(size=(5, 9)), jnp.float32))
+    np.testing.assert_allclose(np.asarray(wide.T @ wide), np.eye(5), atol=1e-5)
+    bad = orthonormalize(jnp.full((50, 4), jnp.nan, jnp.float32))
+    assert bad.shape == (50, 4)
+
+
+def test_orthonormalize_under_jit_matches_householder_span():
+    rng = np.random.default_rng(2)
+    y = jnp.asarray(rng.normal(size=(300, 12)), jnp.float32)
+    q = jax.jit(orthonormalize)(y)
+    householder, _ = jnp.linalg.qr(y)
+    # Same column space: the projectors agree.
+    np.testing.assert_allclose(
+        np.asarray(q @ q.T), np.asarray(householder @ householder.T), atol=1e-5
+    )
+
+
+def test_low_rank_plus_dense_products_and_decomposition_match_the_dense_matrix():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        dense = jnp.asarray(rng.normal(size=(60, 40)))
+        left, right = jnp.asarray(rng.normal(size=(60, 6))), jnp.asarray(rng.normal(size=(40, 6)))
+        op = LowRankPlusDense(dense, 0.3, left, right)
+        full = 0.3 * dense + left @ right.T
+        w, q = jnp.asarray(rng.normal(size=(40, 5))), jnp.asarray(rng.normal(size=(60, 5)))
+        np.testing.assert_allclose(op.matmul(w), full @ w, rtol=1e-12)
+        np.testing.assert_allclose(op.rmatmul(q), q.T @ full, rtol=1e-12)
+        assert op.shape == (60, 40) and op.dtype == jnp.float64
+        warm = jnp.asarray(rng.normal(size=(40, 6)))
+        for kwargs in ({}, {"power_iterations": 2}, {"oversampling": 3, "key": jax.random.key(0)}):
+            a = subspace_svd(op, warm, 6, **kwargs)
+            b = subspace_svd(full, warm, 6, **kwargs)
+            np.testing.assert_allclose(a.s, b.s, rtol=1e-9)
+            np.testing.assert_allclose((a.u * a.s) @ a.v.T, (b.u * b.s) @ b.v.T, atol=1e-9)
+
+
+def test_subspace_svd_factors_are_orthonormal_on_a_decaying_spectrum():
+    rng = np.random.default_rng(4)
+    matrix = jnp.asarray(_with_spectrum(rng, 300, 200, 0.93 ** np.arange(200)), jnp.float32)
+    warm = jnp.asarray(rng.normal(size=(200, 16)), jnp.float32)
+    dec = subspace_svd(matrix, warm, 16, power_iterations=4)
+    np.testing.assert_allclose(np.asarray(dec.u.T @ dec.u), np.eye(16), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dec.v.T @ dec.v), np.eye(16), atol=2e-5)
+    # Random start, slow decay: the leading values have converged, the tail not yet.
+    exact = exact_svd(matrix, 16)
+    np.testing.assert_allclose(dec.s[:10], exact.s[:10], rtol=1e-4)
+
+
+def _run(opt, params, steps, seed=0):
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    rng = np.random.default_rng(seed)
+    outs = []
+    for _ in range(steps):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        updates, state = update(grads, state, params)
+        outs.append(updates)
+    return outs, state
+
+
+@pytest.mark.parametrize("svd_every", [1, 3])
+def test_factored_momentum_path_equals_the_materialised_one(svd_every):
+    """γ = 0 keeps M̃ = b1 U Σ Vᵀ + (1 − b1) G̃ factored; a negligible γ forces the
+    materialised path, and both must agree (float64, so only the algorithm is compared)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        params = {
+            "w": jnp.asarray(rng.normal(size=(40, 24))),
+            "conv": jnp.asarray(rng.normal(size=(3, 8, 24))),
+            "b": jnp.asarray(rng.normal(size=(24,))),
+        }
+        common = dict(rank=5, min_dim_size_to_factor=8, svd_every=svd_every, saliency="final")
+        lean, lean_state = _run(umtam_jax.umtam(1.0, error_decay=0.0, **common), params, 9)
+        full, full_state = _run(umtam_jax.umtam(1.0, error_decay=1e-300, **common), params, 9)
+        assert lean_state[0].leaves["w"].error is None
+        assert full_state[0].leaves["w"].error is not None
+        for a, b in zip(lean, full, strict=True):
+            for name in params:
+                np.testing.assert_allclose(a[name], b[name], rtol=1e-9, atol=1e-12)
+        for quantity in (umtam_jax.momentum, umtam_jax.curvature):
+            for name in params:
+                np.testing.assert_allclose(
+                    quantity(lean_state)[name], quantity(full_state)[name], rtol=1e-9, atol=1e-12
+                )
+
+
+@pytest.mark.parametrize("error_decay", [0.9, 0.0])
+def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay):
+    params = {"w": jnp.full((16, 12), 0.5, jnp.float32)}
+    opt = umtam_jax.scale_by_umtam(
+        rank=2, min_dim_size_to_factor=8, clip_threshold=1.0, error_decay=error_decay
+    )
+    state = opt.init(params)
+    huge = jnp.full((16, 12), 1e30, jnp.float32)  # ‖G‖² overflows float32, ‖G‖ does not
+    updates, state = jax.jit(opt.update)({"w": huge}, state, params)
+    assert np.all(np.isfinite(updates["w"]))
+    # Clipped G = G / ‖G‖: each entry 1/√192; R, C are their (1 − b2)-weighted squares.
+    leaf = state.leaves["w"]
+    np.testing.assert_allclose(leaf.row, 1e-8 * 0.999 + 0.001 * 12 / 192, rtol=1e-5)
+    np.testing.assert_allclose(leaf.col, 1e-8 * 0.999 + 0.001 * 16 / 192, rtol=1e-5)
+
+
+def test_params_and_state_can_both_be_donated():
+    params = {"w": jnp.ones((16, 12)), "b": jnp.zeros(12)}
+    opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=8)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return jax.tree.map(jnp.add, params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):
+        params, state = step(params, state, grads)
+    assert np.all(np.isfinite(params["w"]))
+    np.testing.assert_array_equal(umtam_jax.statistics(state)["w"].row.shape, (16,))
