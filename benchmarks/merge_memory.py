@@ -24,7 +24,8 @@ Usage::
     .venv/bin/python benchmarks/merge_memory.py --reuse DIR      # ... and measure again
 
 The in-memory mode is skipped (and recorded as such) when ``MemAvailable`` is below about
-(K + 6) model sizes, so as not to push a shared machine into swapping or the OOM killer.
+(K + 4) model sizes + 1 GiB ((K + 8) for ``--scope global``), so as not to push a shared
+machine into the OOM killer.
 
 Writes ``benchmarks/results/merge_memory.json`` (``--no-write`` to skip) via
 ``benchmarks/_report.py``. The checkpoints go to a temporary directory under ``--workdir``
@@ -273,8 +274,9 @@ def main() -> int:
         rows["streaming"] = run_child(args, "streaming")
         print(f"streaming: {rows['streaming']['maxrss_bytes'] / gb:.2f} GB", flush=True)
         available = _mem_available()
-        # Measured with --quick: the in-memory path peaks near floor + (K + 5) models.
-        need = (k + 6) * model_bytes + 2**29
+        # Measured (tensor scope): the in-memory path peaks near floor + (K + 3.5) models;
+        # the global trim concatenates an expert's scores, keys and masks on top.
+        need = (k + 4 + (4 if args.scope == "global" else 0)) * model_bytes + 2**30
         if available is not None and available < need:
             rows["in_memory"] = {
                 "skipped": f"MemAvailable {available / gb:.1f} GB < {need / gb:.1f} GB needed"
