@@ -29,10 +29,10 @@ Fisher. ``prune`` takes exactly one expert and a ``scores`` parameter, ``salienc
 
 The configuration is read with ``yaml.safe_load``; the method, the parameter names and
 their types are checked against the merging function's signature before anything is
-loaded. ``--dry-run`` loads every checkpoint and validates the whole merge (structures,
-shapes, dtypes, statistics, options) with ``jax.eval_shape``, without computing or writing
-anything. An existing output is never replaced without ``--force``, and the output may
-never be one of the inputs.
+loaded. ``--dry-run`` validates the whole merge (structures, shapes, dtypes, statistics,
+options) with ``jax.eval_shape``, without computing or writing anything. An existing
+output is never replaced without ``--force``, and the output may never be one of the
+inputs.
 
 By default the merge is out of core (``umtam_jax.merging.merge_checkpoints``): small
 groups of leaves are read from every checkpoint with Orbax's partial restore, merged and
@@ -42,8 +42,8 @@ float32 parameters: 2.1 GB, 1.7 × one model, against 9.6 GB in memory; see
 ``benchmarks/merge_memory.py``); ``scope: global`` takes two extra passes over the inputs
 to find the exact global threshold. The results are identical to the in-memory merge.
 ``--dry-run`` then reads only the checkpoints' metadata. ``--in-memory`` restores every
-checkpoint whole first (the original path), merging leaf by leaf (``scope: global`` over
-the whole tree at once).
+checkpoint whole first (the original path; ``--dry-run`` too), merging leaf by leaf
+(``scope: global`` over the whole tree at once).
 
 Exit status: 0 on success, 2 for an invalid configuration, input or output.
 """
