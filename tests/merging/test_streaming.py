@@ -369,3 +369,25 @@ def test_bare_array_params_with_statistics(tmp_path):
         scope="global",
     )
     _identical(checkpoint.restore_params(tmp_path / "o"), want)
+
+
+def test_chunked_histogram_and_mask(monkeypatch):
+    monkeypatch.setattr(_streaming, "_CHUNK", 7)  # many slices on a small array
+    rng = np.random.default_rng(1)
+    keys = rng.integers(0, 4, 100).astype(np.uint32) << np.uint32(16)
+    keys |= rng.integers(0, 3, 100).astype(np.uint32)
+    np.testing.assert_array_equal(
+        _streaming._histogram(keys, 16, None), np.bincount(keys >> 16, minlength=2**16)
+    )
+    sel = keys[(keys >> 16) == 2] & 0xFFFF
+    np.testing.assert_array_equal(
+        _streaming._histogram(keys, 0, 2), np.bincount(sel, minlength=2**16)
+    )
+    t = (2 << 16) | 1
+    equal = np.flatnonzero(keys == t)
+    for take in [0, 1, 5, equal.size, equal.size + 3]:
+        mask, took = _streaming._leaf_mask(keys, t, take)
+        want = keys > t
+        want[equal[: min(take, equal.size)]] = True
+        np.testing.assert_array_equal(mask, want)
+        assert took == min(take, equal.size)

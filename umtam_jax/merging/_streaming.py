@@ -377,6 +377,49 @@ def _keys_jit(scores: jax.Array, like: jax.Array) -> jax.Array:
     return _sortable_keys(scores.reshape(-1).astype(like.dtype))[0]
 
 
+_CHUNK = 1 << 22  # entries per slice in the NumPy histogram and mask steps
+
+
+def _histogram(keys: np.ndarray, shift: int, prefix: int | None) -> np.ndarray:
+    """Counts of the 16-bit digit ``(key >> shift) & 0xFFFF`` over the keys whose higher
+    bits equal ``prefix`` (all keys when ``prefix`` is None), in bounded-size slices."""
+    size = 2**_DIGIT_BITS
+    counts = np.zeros(size, np.int64)
+    utype = keys.dtype.type
+    for start in range(0, keys.size, _CHUNK):
+        part = keys[start : start + _CHUNK]
+        if prefix is not None:
+            part = part[(part >> utype(shift + _DIGIT_BITS)) == utype(prefix)]
+        digits = ((part >> utype(shift)) & utype(size - 1)).astype(np.int32)
+        counts += np.bincount(digits, minlength=size)
+    return counts
+
+
+def _leaf_mask(keys: np.ndarray, threshold: int, take_at_most: int) -> tuple[np.ndarray, int]:
+    """``key > threshold`` plus the first ``take_at_most`` keys equal to it (flat order).
+
+    Returns the mask and how many equal keys it took.
+    """
+    t = keys.dtype.type(threshold)
+    mask = keys > t
+    equal = keys == t
+    n_equal = int(np.count_nonzero(equal))
+    take = min(take_at_most, n_equal)
+    if take == n_equal:
+        mask |= equal
+    elif take > 0:
+        seen = 0
+        for start in range(0, keys.size, _CHUNK):
+            part = equal[start : start + _CHUNK]
+            c = int(np.count_nonzero(part))
+            if seen + c >= take:
+                stop = start + int(np.flatnonzero(part)[take - seen - 1]) + 1
+                mask[:stop] |= equal[:stop]
+                break
+            seen += c
+    return mask, take
+
+
 class _GlobalSelect:
     """Exact global top-k masks, computed over several passes through the inputs."""
 
@@ -399,30 +442,27 @@ class _GlobalSelect:
         self.need = list(self.keep)
         self.remaining = list(self.keep)  # equal-to-threshold entries still to take
 
-    # Scores of one leaf for each expert, exactly as the in-memory function computes them.
-    def scores(self, j: int, data: dict[str, Any], pos: int) -> dict[int, jax.Array]:
-        job, name = self.job, self.job.name
-        kp = job.leaves[j].keypath
+    def _prepare(self, j: int, data: dict[str, Any], pos: int, experts: list[int]):
+        kp = self.job.leaves[j].keypath
         base = _wrap(kp, data["base"][pos])
-        experts = list(data["experts"])
-        prepared = V.prepare(base, [_wrap(kp, data["experts"][t][pos]) for t in experts])
-        b = prepared.base[0]
-        out = {}
-        for i, t in enumerate(experts):
-            w = prepared.experts[i][0]
-            if name == "ties" or (name == "prune" and not job.statistics):
-                out[t] = B._abs_delta(b, w)
-            else:
-                node = V.statistics_leaves(
-                    _wrap(kp, data["extra"][t][pos]), prepared, f"statistics[{t}]"
-                )[0]
-                pruning = (
-                    True
-                    if name == "prune"
-                    else _option(job.method.fn, job.kwargs, "curvature_pruning")
-                )
-                out[t] = U._importance(b, w, node, pruning)
-        return out
+        return V.prepare(base, [_wrap(kp, data["experts"][t][pos]) for t in experts])
+
+    def score(self, j: int, data: dict[str, Any], pos: int, prepared, i: int, t: int):
+        """Expert ``t``'s scores on leaf ``j``, exactly as the in-memory function computes
+        them (``i``: the expert's position in ``prepared``)."""
+        job, name = self.job, self.job.name
+        b, w = prepared.base[0], prepared.experts[i][0]
+        if name == "ties" or (name == "prune" and not job.statistics):
+            return B._abs_delta(b, w)
+        kp = job.leaves[j].keypath
+        node = V.statistics_leaves(_wrap(kp, data["extra"][t][pos]), prepared, f"statistics[{t}]")[
+            0
+        ]
+        if name == "prune":
+            pruning = True
+        else:
+            pruning = _option(job.method.fn, job.kwargs, "curvature_pruning")
+        return U._importance(b, w, node, pruning)
 
     def keys(self, scores: jax.Array) -> np.ndarray:
         return np.asarray(_keys_jit(scores, self.like))
@@ -455,14 +495,13 @@ class _GlobalSelect:
                     _release_free_memory()
                     data = self.job.read(group, experts=active, extra=self.job.statistics)
                     for pos, j in enumerate(group):
-                        for t, s in self.scores(j, data, pos).items():
-                            keys = self.keys(s)
-                            if p > 0:
-                                keys = keys[(keys >> (shift + _DIGIT_BITS)) == prefix[t]]
-                            digits = ((keys >> shift) & (2**_DIGIT_BITS - 1)).astype(np.intp)
-                            hist[t] += np.bincount(digits, minlength=2**_DIGIT_BITS)
+                        prepared = self._prepare(j, data, pos, active)
+                        for i, t in enumerate(active):
+                            keys = self.keys(self.score(j, data, pos, prepared, i, t))
+                            hist[t] += _histogram(keys, shift, prefix[t] if p > 0 else None)
+                            del keys
+                        del prepared
                         bar.update(1)
-                    del data
             for t in active:
                 # Largest digit d with count(digit >= d) >= need: the k-th largest's digit.
                 above = np.cumsum(hist[t][::-1])  # above[i] = count(digit >= 65535 - i)
@@ -474,43 +513,31 @@ class _GlobalSelect:
             self.threshold[t] = prefix[t]
             self.remaining[t] = self.need[t]
 
-    def masks(self, j: int, scores: dict[int, jax.Array]) -> dict[int, jax.Array]:
-        """Leaf ``j``'s keep masks (leaves must be visited in flattening order)."""
-        out = {}
+    def mask(self, j: int, t: int, scores: jax.Array) -> jax.Array:
+        """Expert ``t``'s keep mask on leaf ``j`` (leaves visited in flattening order)."""
         shape = self.job.leaves[j].shape
-        for t, s in scores.items():
-            if self.everything[t]:
-                out[t] = jnp.ones(shape, bool)
-                continue
-            keys = self.keys(s)
-            utype = keys.dtype.type
-            mask = keys > utype(self.threshold[t])
-            equal = np.flatnonzero(keys == utype(self.threshold[t]))
-            take = min(self.remaining[t], equal.size)
-            mask[equal[:take]] = True
-            self.remaining[t] -= take
-            out[t] = jnp.asarray(mask.reshape(shape))
-        return out
+        if self.everything[t]:
+            return jnp.ones(shape, bool)
+        mask, took = _leaf_mask(self.keys(scores), self.threshold[t], self.remaining[t])
+        self.remaining[t] -= took
+        return jnp.asarray(mask.reshape(shape))
 
     def merge_leaf(self, j: int, data: dict[str, Any], pos: int) -> np.ndarray:
         job, fn, kw = self.job, self.job.method.fn, self.job.kwargs
         k = len(job.experts)
-        scores = self.scores(j, data, pos)
-        masks = self.masks(j, scores)
-        kp = job.leaves[j].keypath
-        prepared = V.prepare(
-            _wrap(kp, data["base"][pos]), [_wrap(kp, data["experts"][t][pos]) for t in range(k)]
-        )
+        prepared = self._prepare(j, data, pos, list(range(k)))
         b = prepared.base[0]
         ws = [prepared.experts[t][0] for t in range(k)]
         if job.name == "prune":
-            out = B._select(masks[0], ws[0], b)
-        elif job.name == "ties":
+            scores = self.score(j, data, pos, prepared, 0, 0)
+            return np.asarray(B._select(self.mask(j, 0, scores), ws[0], b))
+        if job.name == "ties":
+            masks = [self.mask(j, t, self.score(j, data, pos, prepared, t, t)) for t in range(k)]
             weights = V.check_weights(_option(fn, kw, "weights"), k)
             out = B._gta(
                 b,
                 ws,
-                [masks[t] for t in range(k)],
+                masks,
                 weights,
                 _option(fn, kw, "scaling"),
                 self.densities,
@@ -518,26 +545,28 @@ class _GlobalSelect:
                 consensus=True,
                 normalize=True,
             )
-        else:  # umtam
-            nodes = [
-                V.statistics_leaves(_wrap(kp, data["extra"][t][pos]), prepared, f"statistics[{t}]")[
-                    0
-                ]
-                for t in range(k)
-            ]
-            out = U._combine(
-                b,
-                ws,
-                [scores[t] for t in range(k)],
-                [masks[t] for t in range(k)],
-                nodes,
-                _option(fn, kw, "scaling"),
-                _option(fn, kw, "lambda_momentum"),
-                _option(fn, kw, "lambda_curvature"),
-                bool(_option(fn, kw, "sign_election")),
-                bool(_option(fn, kw, "curvature_aggregation")),
-                _option(fn, kw, "normalize") == "all",
-            )
+            return np.asarray(out)
+        # umtam: the importances are needed again by the sign election.
+        kp = job.leaves[j].keypath
+        imps = [self.score(j, data, pos, prepared, t, t) for t in range(k)]
+        masks = [self.mask(j, t, imps[t]) for t in range(k)]
+        nodes = [
+            V.statistics_leaves(_wrap(kp, data["extra"][t][pos]), prepared, f"statistics[{t}]")[0]
+            for t in range(k)
+        ]
+        out = U._combine(
+            b,
+            ws,
+            imps,
+            masks,
+            nodes,
+            _option(fn, kw, "scaling"),
+            _option(fn, kw, "lambda_momentum"),
+            _option(fn, kw, "lambda_curvature"),
+            bool(_option(fn, kw, "sign_election")),
+            bool(_option(fn, kw, "curvature_aggregation")),
+            _option(fn, kw, "normalize") == "all",
+        )
         return np.asarray(out)
 
 
