@@ -17,6 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.optimizer import _sharding
+
 SVD_METHODS = ("exact", "subspace")
 
 
@@ -35,7 +37,7 @@ def _tn(q: jax.Array, a: jax.Array) -> jax.Array:
     instead of contracting both operands over their leading axis: ~20% less CPU time for
     the GPT-2 shapes of ``benchmarks/step_time.py``.
     """
-    return jax.lax.optimization_barrier(q.T) @ a
+    return _sharding.matmul(jax.lax.optimization_barrier(q.T), a)
 
 
 class LowRankPlusDense(NamedTuple):
@@ -63,17 +65,19 @@ class LowRankPlusDense(NamedTuple):
         """``M @ w``."""
         # The scale goes on the thin operand: ``dense`` may be an unclipped gradient whose
         # products would overflow, while ``scale · dense`` is the clipped one.
-        return self.dense @ (self.scale * w) + self.left @ (self.right.T @ w)
+        mm = _sharding.matmul
+        return mm(self.dense, self.scale * w) + self.left @ mm(self.right.T, w)
 
     def rmatmul(self, q: jax.Array) -> jax.Array:
         """``qᵀ @ M``."""
-        return _tn(self.scale * q, self.dense) + (q.T @ self.left) @ self.right.T
+        mm = _sharding.matmul
+        return _tn(self.scale * q, self.dense) + mm(q.T, self.left) @ self.right.T
 
 
 def _matmul(matrix, w):
     if isinstance(matrix, LowRankPlusDense):
         return matrix.matmul(w)
-    return matrix @ w
+    return _sharding.matmul(matrix, w)
 
 
 def _rmatmul(matrix, q):
@@ -83,13 +87,14 @@ def _rmatmul(matrix, q):
 
 
 def _householder(y: jax.Array) -> jax.Array:
-    q, _ = jnp.linalg.qr(y)
-    return q
+    # LAPACK needs the thin y whole: gather it (m×k, never m×n) and shard q back like y.
+    q, _ = jnp.linalg.qr(_sharding.replicate(y))
+    return _sharding.reshard_like(q, _sharding.explicit_spec(y))
 
 
 def _gram_pass(y: jax.Array, floor_factor: float) -> tuple[jax.Array, jax.Array]:
     """``y G^{-1/2}`` with ``G = yᵀy`` (eigenvalues floored at ``floor_factor · max``)."""
-    lam, w = jnp.linalg.eigh(y.T @ y)
+    lam, w = jnp.linalg.eigh(_sharding.matmul(y.T, y))
     top = lam[-1]
     floor = jnp.maximum(top * floor_factor, jnp.finfo(y.dtype).tiny)
     return y @ (w * jax.lax.rsqrt(jnp.maximum(lam, floor))), lam
@@ -118,7 +123,8 @@ def orthonormalize(y: jax.Array) -> jax.Array:
 
 def exact_svd(matrix: jax.Array, rank: int) -> Decomposition:
     """Truncated SVD from a full (thin) SVD of ``matrix``: the reference method."""
-    u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+    # Under Explicit sharding this gathers the whole m×n matrix: the reference method only.
+    u, s, vt = jnp.linalg.svd(_sharding.replicate(matrix), full_matrices=False)
     return Decomposition(u[:, :rank], s[:rank], vt[:rank].T)
 
 
@@ -126,10 +132,10 @@ def _small_svd(b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array
     """SVD of a wide k×n ``b`` (k ≤ n): ``b = L Qᵀ`` with ``Q = orth(bᵀ)``, then the k×k
     SVD of ``L``. Returns ``(ub, s, v)`` with ``b ≈ ub diag(s) vᵀ`` truncated to ``rank``."""
     if b.shape[0] > b.shape[1]:
-        ub, s, vt = jnp.linalg.svd(b, full_matrices=False)
+        ub, s, vt = jnp.linalg.svd(_sharding.replicate(b), full_matrices=False)
         return ub[:, :rank], s[:rank], vt[:rank].T
     q = orthonormalize(b.T)
-    ul, s, vlt = jnp.linalg.svd(b @ q, full_matrices=False)
+    ul, s, vlt = jnp.linalg.svd(_sharding.matmul(b, q), full_matrices=False)
     return ul[:, :rank], s[:rank], q @ vlt[:rank].T
 
 

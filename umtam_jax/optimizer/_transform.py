@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from umtam_jax.optimizer import _sharding
 from umtam_jax.optimizer._lowrank import (
     SVD_METHODS,
     Decomposition,
@@ -203,11 +204,13 @@ def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
     buffer_dtype = cfg.buffer_dtype or dtype
     # A copy, not the params buffer itself: a training step may donate params and state.
     initial = jnp.array(param, copy=True) if cfg.track_saliency else None
-    saliency = jnp.zeros(param.shape, buffer_dtype) if cfg.track_saliency else None
+    # State arrays live where the parameter lives, partitioned like its axes.
+    spec = _sharding.partition_of(param) or (None,) * param.ndim
+    saliency = jnp.zeros_like(param, buffer_dtype) if cfg.track_saliency else None
     if layout.row_axes is None:
         return DenseLeafState(
-            mu=jnp.zeros(param.shape, dtype),
-            nu=jnp.full(param.shape, cfg.eps, dtype),
+            mu=jnp.zeros_like(param, dtype),
+            nu=jnp.full_like(param, cfg.eps, dtype),
             saliency=saliency,
             initial=initial,
         )
@@ -217,13 +220,14 @@ def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
     # Algorithm 1, line 3: U ~ N(0, 1/√(m r)), V ~ N(0, 1/√(n r)), read as standard deviations.
     u = jax.random.normal(key_u, rows_shape + (r,), dtype) / math.sqrt(layout.rows * r)
     v = jax.random.normal(key_v, cols_shape + (r,), dtype) / math.sqrt(layout.cols * r)
+    place = lambda x, axes: _sharding.place_like(x, param, axes)  # noqa: E731
     return FactoredLeafState(
-        u=u,
+        u=place(u, spec[:k] + (None,)),
         sigma=cfg.eps * jnp.eye(r, dtype=dtype),
-        v=v,
-        error=None if _is_static_zero(cfg.error_decay) else jnp.zeros(param.shape, buffer_dtype),
-        row=jnp.full(rows_shape, cfg.eps, dtype),
-        col=jnp.full(cols_shape, cfg.eps, dtype),
+        v=place(v, spec[k:] + (None,)),
+        error=None if _is_static_zero(cfg.error_decay) else jnp.zeros_like(param, buffer_dtype),
+        row=place(jnp.full(rows_shape, cfg.eps, dtype), spec[:k]),
+        col=place(jnp.full(cols_shape, cfg.eps, dtype), spec[k:]),
         saliency=saliency,
         initial=initial,
         rank=jnp.asarray(min(cfg.rank, r), jnp.int32) if cfg.adaptive_rank else None,
@@ -233,14 +237,19 @@ def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
 # ----------------------------------------------------------------------------- update
 
 
+def _outer(row: jax.Array, col: jax.Array) -> jax.Array:
+    """``row colᵀ`` by broadcasting (keeps both vectors' shardings)."""
+    return row[:, None] * col[None, :]
+
+
 def _norm(x: jax.Array) -> jax.Array:
     """Frobenius norm that does not overflow: rescales by max|x| only when ‖x‖² overflows."""
-    norm = jnp.linalg.norm(x.ravel())
+    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
 
     def rescaled():
         peak = jnp.max(jnp.abs(x))
         safe = jnp.where(peak > 0, peak, 1.0)
-        return peak * jnp.linalg.norm((x / safe).ravel())
+        return peak * jnp.sqrt(jnp.sum(jnp.square(x / safe)))
 
     return jax.lax.cond(jnp.isfinite(norm), lambda: norm, rescaled)
 
@@ -413,11 +422,16 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
         # Step 3: a fresh rank-r decomposition of M̃.
         dec = _decompose(cfg, operand, v, r, key, count)
         s = dec.s if mask is None else dec.s * mask
-        return dec.u, jnp.diag(s), dec.v, dec.s[0]
+        # Keep the factors sharded like the parameter's rows / columns (Explicit meshes).
+        new_u = _sharding.reshard_like(dec.u, _sharding.explicit_spec(u))
+        new_v = _sharding.reshard_like(dec.v, _sharding.explicit_spec(v))
+        return new_u, jnp.diag(s), new_v, dec.s[0]
 
     def project():
         # SPEC §2.5 / paper Eq. 34: keep U, V; Σ ← Uᵀ M̃ V.
-        core = u.T @ (operand.matmul(v) if m_tilde is None else m_tilde @ v)
+        core = _sharding.matmul(
+            u.T, operand.matmul(v) if m_tilde is None else _sharding.matmul(m_tilde, v)
+        )
         new_sigma = core if mask is None else core * mask[:, None] * mask[None, :]
         top = jnp.linalg.norm(core, 2) if cfg.adaptive_rank else core[0, 0]
         return u, new_sigma, v, top
@@ -434,7 +448,7 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
     row = cfg.b2 * state.row.reshape(m) + (1 - cfg.b2) * row_sq
     col = cfg.b2 * state.col.reshape(n) + (1 - cfg.b2) * col_sq
     c1, c2 = _bias_corrections(cfg, count, dtype)
-    s_hat = jnp.outer(row / jnp.sum(row), col) / c2
+    s_hat = _outer(row / jnp.sum(row), col) / c2
     # Step 8: D = (U Σ Vᵀ) ⊙ (Ŝ + ε_t)^(−1/2).
     direction = (momentum / c1) * jax.lax.rsqrt(s_hat + eps_t)
 
@@ -442,7 +456,7 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
     if state.saliency is not None:
         # Step 9: S ← α S + (1 − α) (W − W0)² ⊙ sqrt(R_i C_j).
         deviation = jnp.square(w - state.initial.astype(dtype)).reshape(m, n)
-        fresh = deviation * jnp.sqrt(jnp.outer(row, col))
+        fresh = deviation * jnp.sqrt(_outer(row, col))
         saliency = cfg.saliency_decay * state.saliency.astype(dtype).reshape(m, n)
         saliency = (saliency + (1 - cfg.saliency_decay) * fresh).reshape(shape)
         saliency = saliency.astype(state.saliency.dtype)

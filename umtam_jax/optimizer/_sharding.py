@@ -1,0 +1,180 @@
+"""Sharding helpers: UMTAM under ``jax.jit`` on a device mesh (Auto and Explicit axes).
+
+With ``AxisType.Auto`` meshes the compiler (GSPMD/Shardy) propagates shardings by itself
+and these helpers do nothing. With ``AxisType.Explicit`` meshes (``jax.make_mesh``'s
+default) shardings are part of the types: a contraction over a sharded axis needs an
+output sharding, and LAPACK-backed decompositions refuse inputs sharded on a non-batch
+axis. The optimizer's m×n work is all matmuls and elementwise passes that shard like the
+parameter; only thin (m×k, k×n) or k×k matrices are ever gathered for a decomposition,
+never a whole m×n matrix (except by ``svd_method="exact"``, the reference, documented).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState, ScaleByUmtamState
+
+
+def _explicit_mesh(x: Any):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    return mesh
+
+
+def explicit_spec(x: Any) -> tuple | None:
+    """The per-axis partition of ``x`` when it is sharded over Explicit mesh axes, else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` for 2-D operands; with Explicit sharding the result keeps ``a``'s row and
+    ``b``'s column partition, and a contraction over a sharded axis is summed across devices.
+    """
+    sa, sb = explicit_spec(a), explicit_spec(b)
+    if sa is None and sb is None:
+        return a @ b
+    rows = sa[0] if sa else None
+    cols = sb[-1] if sb else None
+    if cols is not None and cols == rows:
+        cols = None
+    mesh = _explicit_mesh(a) if sa is not None else _explicit_mesh(b)
+    return jnp.matmul(a, b, out_sharding=NamedSharding(mesh, P(rows, cols)))
+
+
+def replicate(x: jax.Array) -> jax.Array:
+    """Gathers an explicitly sharded (thin or small) array onto every device."""
+    spec = explicit_spec(x)
+    if spec is None or all(s is None for s in spec):
+        return x
+    return jax.sharding.reshard(x, NamedSharding(_explicit_mesh(x), P()))
+
+
+def reshard_like(x: jax.Array, spec: tuple | None) -> jax.Array:
+    """Reshards ``x`` to ``spec`` when it is explicitly sharded (``spec`` from
+    :func:`explicit_spec` of the array it should match); a no-op otherwise."""
+    if spec is None or explicit_spec(x) is None or explicit_spec(x) == spec:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(_explicit_mesh(x), P(*spec)))
+
+
+def place_like(x: jax.Array, param: Any, spec: tuple) -> jax.Array:
+    """Puts a freshly created state array where ``param`` lives, partitioned by ``spec``
+    (a function of ``param``'s own partition): for a concrete parameter with a
+    ``NamedSharding`` a ``device_put``, under Explicit sharding a ``reshard``."""
+    if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
+        sharding = getattr(param, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return jax.device_put(x, NamedSharding(sharding.mesh, P(*spec)))
+        return x
+    mesh = _explicit_mesh(param)
+    if mesh is not None:
+        return jax.sharding.reshard(x, NamedSharding(mesh, P(*spec)))
+    return x
+
+
+def partition_of(param: Any) -> tuple | None:
+    """``param``'s per-axis partition (concrete NamedSharding or Explicit type), else None."""
+    spec = explicit_spec(param) if isinstance(param, jax.core.Tracer) else None
+    if spec is not None:
+        return spec
+    sharding = getattr(param, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec)
+        return spec + (None,) * (len(param.shape) - len(spec))
+    return None
+
+
+def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, ndim: int) -> Any:
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    named = lambda *s: NamedSharding(sharding.mesh, P(*s))  # noqa: E731
+    full = named(*spec)
+    if isinstance(leaf, DenseLeafState):
+        return DenseLeafState(
+            mu=full,
+            nu=full,
+            saliency=None if leaf.saliency is None else full,
+            initial=None if leaf.initial is None else full,
+        )
+    k = leaf.u.ndim - 1  # u has shape rows + (r,)
+    return FactoredLeafState(
+        u=named(*spec[:k], None),
+        sigma=named(),
+        v=named(*spec[k:], None),
+        error=None if leaf.error is None else full,
+        row=named(*spec[:k]),
+        col=named(*spec[k:]),
+        saliency=None if leaf.saliency is None else full,
+        initial=None if leaf.initial is None else full,
+        rank=None if leaf.rank is None else named(),
+    )
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """Shardings of ``optimizer.init(params)`` for sharded ``params``.
+
+    Every UMTAM state array is sharded like the parameter it belongs to: ``u`` like the
+    rows of the parameter's 2-D view, ``v`` like its columns, ``error``, ``saliency`` and
+    ``initial`` like the parameter, ``row``/``col`` like the matching axes; the r×r core and
+    the counters are replicated. Parameter-shaped states of other transforms (e.g. Adam
+    moments in a chain) follow the parameters; everything else is replicated.
+
+    Args:
+      optimizer: any Optax transformation containing UMTAM (``umtam_jax.umtam(...)``,
+        possibly wrapped).
+      params: arrays or ``jax.ShapeDtypeStruct`` whose ``.sharding`` is a
+        ``NamedSharding`` (all on one mesh).
+
+    Returns:
+      A pytree of ``NamedSharding`` matching ``optimizer.init(params)``: pass it as
+      ``jax.jit(optimizer.init, out_shardings=...)``, as the update's ``out_shardings``, or
+      to an Orbax restore target.
+
+    Example:
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> w = jax.ShapeDtypeStruct((256, 128), jnp.float32,
+      ...                          sharding=NamedSharding(mesh, P(None, "model")))
+      >>> shardings = state_shardings(umtam(1e-3), {"w": w})
+    """
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    if not all(isinstance(s, NamedSharding) for s in jax.tree.leaves(shardings)):
+        raise ValueError("state_shardings needs parameters whose .sharding is a NamedSharding")
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    abstract = jax.eval_shape(optimizer.init, params)
+    params_def = jax.tree.structure(params)
+    replicated = NamedSharding(mesh, P())
+
+    def _is_params_like(n: Any) -> bool:
+        return bool(jax.tree.leaves(n)) and jax.tree.structure(n) == params_def
+
+    def is_node(n: Any) -> bool:
+        return isinstance(n, ScaleByUmtamState) or _is_params_like(n)
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, ScaleByUmtamState):
+            leaves = jax.tree.map(
+                lambda leaf, s, p: _leaf_state_shardings(leaf, s, len(p.shape)),
+                node.leaves,
+                shardings,
+                params,
+                is_leaf=lambda n: isinstance(n, FactoredLeafState | DenseLeafState),
+            )
+            return ScaleByUmtamState(count=replicated, leaves=leaves)
+        if _is_params_like(node):
+            return shardings
+        return replicated
+
+    return jax.tree.map(convert, abstract, is_leaf=is_node)
