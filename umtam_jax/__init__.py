@@ -17,6 +17,7 @@ from umtam_jax.optimizer import (
     momentum,
     saliency,
     scale_by_umtam,
+    state_shardings,
     statistics,
     umtam,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "momentum",
     "saliency",
     "scale_by_umtam",
+    "state_shardings",
     "statistics",
     "umtam",
 ]

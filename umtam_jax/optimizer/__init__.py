@@ -1,6 +1,7 @@
 """The UMTAM optimizer (Algorithm 1) as Optax gradient transformations."""
 
 from umtam_jax.optimizer._lowrank import SVD_METHODS
+from umtam_jax.optimizer._sharding import state_shardings
 from umtam_jax.optimizer._state import (
     DenseLeafState,
     DenseStatistics,
@@ -29,6 +30,7 @@ __all__ = [
     "momentum",
     "saliency",
     "scale_by_umtam",
+    "state_shardings",
     "statistics",
     "umtam",
 ]
