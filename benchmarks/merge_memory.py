@@ -212,6 +212,12 @@ def main() -> int:
         "--reuse", default=None, help="checkpoints kept by an earlier --keep run (same sizes)"
     )
     p.add_argument("--no-write", action="store_true", help="do not write the result file")
+    p.add_argument(
+        "--skip-in-memory",
+        default=None,
+        metavar="REASON",
+        help="measure the streaming mode only, recording REASON for the in-memory mode",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.method == "task_arithmetic":
@@ -277,7 +283,9 @@ def main() -> int:
         # Measured (tensor scope): the in-memory path peaks near floor + (K + 3.5) models;
         # the global trim concatenates an expert's scores, keys and masks on top.
         need = (k + 4 + (4 if args.scope == "global" else 0)) * model_bytes + 2**30
-        if available is not None and available < need:
+        if args.skip_in_memory is not None:
+            rows["in_memory"] = {"skipped": args.skip_in_memory}
+        elif available is not None and available < need:
             rows["in_memory"] = {
                 "skipped": f"MemAvailable {available / gb:.1f} GB < {need / gb:.1f} GB needed"
             }
@@ -309,7 +317,9 @@ def main() -> int:
         "largest_leaf_bytes": 4 * max(int(np.prod(s)) for s in _leaves(shapes)),
         "modes": rows,
         "target": "streaming peak RSS <= 2 x model bytes",
-        "target_met": streaming_ratio <= 2.0,
+        # The target is for the ~300M-parameter run; at --quick size the process's fixed
+        # cost (interpreter, JAX, Orbax, compiled kernels) alone exceeds 2 models.
+        "target_met": None if args.quick else streaming_ratio <= 2.0,
         "identical_outputs": rows.get("comparison", {}).get("differing_leaves") == 0
         if "comparison" in rows
         else None,
@@ -333,8 +343,11 @@ def main() -> int:
         lines.append(f"| {name} | {r['maxrss_gb']:.2f} | {r['maxrss_over_model']:.2f} | {wall} |")
     lines += [
         "",
-        f"Target streaming ≤ 2 × model bytes: {'met' if payload['target_met'] else 'MISSED'} "
-        f"({streaming_ratio:.2f}×). Outputs identical: {payload['identical_outputs']}.",
+        "Target streaming ≤ 2 × model bytes (for ~300M parameters): "
+        + {True: "met", False: "MISSED", None: "not applicable at --quick size"}[
+            payload["target_met"]
+        ]
+        + f" ({streaming_ratio:.2f}×). Outputs identical: {payload['identical_outputs']}.",
     ]
     table = "\n".join(lines)
     print(table)
@@ -346,7 +359,7 @@ def main() -> int:
             name += "_global"
         path = write_result(name, payload, table, title=f"Merge peak memory ({name})")
         print(f"wrote {path}")
-    return 0 if payload["target_met"] else 1
+    return 1 if payload["target_met"] is False else 0
 
 
 if __name__ == "__main__":
