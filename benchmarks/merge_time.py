@@ -1,0 +1,424 @@
+"""Merge time and peak memory of every ``umtam_jax.merging`` method, plus top-k selection.
+
+Every method runs in a fresh subprocess (``--worker``), so its peak memory is its own: the
+worker builds base, 4 experts and whatever the method needs (UMTAM statistics, Fisher
+diagonals) for a GPT-2-shaped pytree (14 blocks at d = 768 ≈ 99M parameters; ``--quick``:
+2 blocks ≈ 14M), then times the merge twice (first call: tracing + compilation of the
+per-leaf kernels + run; second call: run only) and reports:
+
+- parameters per second of the second call (base-sized parameters merged per second);
+- peak resident memory: ``ru_maxrss`` of the process at the end and before the merge (the
+  high-water mark of building the inputs), and the peak of the resident set sampled every
+  2 ms by a thread during the merge calls (``psutil``), minus the resident set before;
+  ``tracemalloc`` sees no XLA buffer, so it is not used;
+- the input size, so the peak can be read as "inputs + N× one tensor".
+
+Then a top-k study: keep masks of the k = 0.2 N largest scores of one tensor of N float32
+entries, by ``jax.lax.top_k`` + scatter, a full ``jnp.sort`` threshold, ``jnp.partition``
+threshold, and the library's exact radix select (``umtam_jax.merging._select.topk_mask``).
+
+Usage::
+
+    .venv/bin/python benchmarks/merge_time.py            # ~99M parameters, 4 experts
+    .venv/bin/python benchmarks/merge_time.py --quick    # ~14M parameters
+    .venv/bin/python benchmarks/merge_time.py --only ties umtam --no-topk
+
+Writes ``benchmarks/results/merge_time.json`` and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see step_time.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import RESULTS, environment, gpt2_params, markdown_table, write_json  # noqa: E402
+
+EXPERTS = 4
+DENSITY = 0.2
+RANK = 32
+METHODS = (
+    "task_arithmetic",
+    "ties",
+    "ties_global",
+    "dare",
+    "dare_ties",
+    "fisher",
+    "ota",
+    "prune",
+    "umtam",
+    "umtam_final_saliency",
+    "umtam_global",
+)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _uniform(rng, shape, scale=1.0, offset=0.0):
+    import numpy as np
+
+    return (rng.random(shape, dtype=np.float32) * (2 * scale) - scale + offset).astype(np.float32)
+
+
+def _experts(base: dict, seed: int) -> list:
+    """Fine-tuned-like experts: base + a dense small delta with a few large entries."""
+    import jax
+    import numpy as np
+
+    out = []
+    for t in range(EXPERTS):
+        rng = np.random.default_rng(seed + 1000 * t)
+
+        def perturb(b, rng=rng):
+            delta = _uniform(rng, b.shape, 1e-3)
+            spikes = rng.random(b.shape, dtype=np.float32) < 0.01
+            return b + np.where(spikes, 50 * delta, delta)
+
+        out.append(jax.tree.map(perturb, base))
+    return out
+
+
+def _statistics(base: dict, experts: list, *, tracked: bool, seed: int) -> list:
+    """Synthetic UMTAM statistics (the merge cost does not depend on their values)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from umtam_jax import DenseStatistics, FactoredStatistics
+
+    stats = []
+    for t, expert in enumerate(experts):
+        rng = np.random.default_rng(seed + 7 + 1000 * t)
+
+        def node(b, e, rng=rng):
+            row_pos = lambda n: np.abs(_uniform(rng, (n,), 1.0)) + 1e-6  # noqa: E731
+            saliency = None
+            if tracked:
+                saliency = jnp.asarray(np.square(e - b) * np.abs(_uniform(rng, b.shape, 1.0)))
+            if b.ndim == 2 and min(b.shape) >= 128:
+                m, n = b.shape
+                return FactoredStatistics(
+                    u=jnp.asarray(_uniform(rng, (m, RANK), 0.05)),
+                    sigma=jnp.diag(jnp.asarray(np.sort(row_pos(RANK))[::-1].copy())),
+                    v=jnp.asarray(_uniform(rng, (n, RANK), 0.05)),
+                    row=jnp.asarray(row_pos(m)),
+                    col=jnp.asarray(row_pos(n)),
+                    saliency=saliency,
+                )
+            return DenseStatistics(
+                mu=jnp.asarray(_uniform(rng, b.shape, 1e-3)),
+                nu=jnp.asarray(np.abs(_uniform(rng, b.shape, 1e-6)) + 1e-12),
+                saliency=saliency,
+            )
+
+        stats.append(jax.tree.map(node, base, expert))
+    return stats
+
+
+def _fishers(base: dict, seed: int) -> list:
+    import jax
+    import numpy as np
+
+    out = []
+    for t in range(EXPERTS):
+        rng = np.random.default_rng(seed + 13 + 1000 * t)
+        out.append(jax.tree.map(lambda b, rng=rng: np.abs(_uniform(rng, b.shape, 1e-4)), base))
+    return out
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # pragma: no cover - psutil is installed in the project venv
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+class _PeakSampler:
+    """Samples the resident set every ``interval`` seconds in a background thread."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, _rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def worker(method: str, blocks: int, seed: int = 0) -> dict[str, Any]:
+    """Runs one method in this process and returns its measurements."""
+    import jax
+    import jax.numpy as jnp
+    from _common import tree_bytes, tree_size
+
+    from umtam_jax import merging
+
+    t_build = time.perf_counter()
+    base = gpt2_params(blocks, seed=seed)
+    experts = _experts(base, seed)
+    extra: dict[str, Any] = {}
+    if method.startswith("umtam") or method in ("ota", "prune"):
+        extra["stats"] = _statistics(
+            base, experts, tracked=method != "umtam_final_saliency", seed=seed
+        )
+    if method == "fisher":
+        extra["fishers"] = _fishers(base, seed)
+    base = jax.tree.map(jnp.asarray, base)
+    experts = [jax.tree.map(jnp.asarray, e) for e in experts]
+    extra = jax.tree.map(jnp.asarray, extra)
+    jax.block_until_ready((base, experts, extra))
+    build_s = time.perf_counter() - t_build
+    key = jax.random.key(seed)
+    stats, fishers = extra.get("stats"), extra.get("fishers")
+    calls = {
+        "task_arithmetic": lambda: merging.task_arithmetic(base, experts, scaling=1 / EXPERTS),
+        "ties": lambda: merging.ties(base, experts, density=DENSITY),
+        "ties_global": lambda: merging.ties(base, experts, density=DENSITY, scope="global"),
+        "dare": lambda: merging.dare(base, experts, density=DENSITY, key=key),
+        "dare_ties": lambda: merging.dare_ties(base, experts, density=DENSITY, key=key),
+        "fisher": lambda: merging.fisher(base, experts, fishers),
+        "ota": lambda: merging.ota(base, experts, stats),
+        "prune": lambda: merging.prune(base, experts[0], stats[0], density=DENSITY),
+        "umtam": lambda: merging.umtam(base, experts, stats, density=DENSITY),
+        "umtam_final_saliency": lambda: merging.umtam(base, experts, stats, density=DENSITY),
+        "umtam_global": lambda: merging.umtam(
+            base, experts, stats, density=DENSITY, scope="global"
+        ),
+    }
+    call = calls[method]
+    input_bytes = tree_bytes((base, experts, extra))
+    rss_before, maxrss_before = _rss_bytes(), _maxrss_bytes()
+    times = []
+    with _PeakSampler() as sampler:
+        for _ in range(2):
+            t0 = time.perf_counter()
+            merged = call()
+            jax.block_until_ready(merged)
+            times.append(time.perf_counter() - t0)
+            del merged
+    n = tree_size(base)
+    return {
+        "method": method,
+        "param_count": n,
+        "experts": EXPERTS,
+        "density": DENSITY,
+        "input_bytes": input_bytes,
+        "build_s": round(build_s, 2),
+        "first_call_s": round(times[0], 3),
+        "second_call_s": round(times[1], 3),
+        "params_per_s": n / times[1],
+        "rss_before_bytes": rss_before,
+        "peak_rss_sampled_bytes": sampler.peak,
+        "peak_over_inputs_bytes": sampler.peak - rss_before,
+        "maxrss_before_bytes": maxrss_before,
+        "maxrss_end_bytes": _maxrss_bytes(),
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+def topk_study(sizes: list[int], reps: int, top_k_max: int) -> list[dict[str, Any]]:
+    """Keep-mask of the k = 0.2 N largest of N float32 scores by four methods."""
+    import jax
+    import jax.numpy as jnp
+
+    from umtam_jax.merging._select import topk_mask
+
+    def by_top_k(x, k):
+        _, idx = jax.lax.top_k(x, k)
+        return jnp.zeros(x.shape, bool).at[idx].set(True)
+
+    def by_sort(x, k):
+        return x >= jnp.sort(x)[x.shape[0] - k]
+
+    def by_partition(x, k):
+        return x >= jnp.partition(x, x.shape[0] - k)[x.shape[0] - k]
+
+    methods = {
+        "lax.top_k + scatter": by_top_k,
+        "jnp.sort threshold": by_sort,
+        "jnp.partition threshold": by_partition,
+        "radix select (topk_mask)": lambda x, k: topk_mask(x, k),
+    }
+    rows = []
+    for n in sizes:
+        x = jax.random.normal(jax.random.key(n), (n,), jnp.float32)
+        k = max(1, int(DENSITY * n))
+        for name, fn in methods.items():
+            if name != "radix select (topk_mask)" and n > top_k_max:
+                rows.append({"n": n, "k": k, "method": name, "skipped": f"n > {top_k_max}"})
+                continue
+            f = jax.jit(fn, static_argnums=1)
+            t0 = time.perf_counter()
+            mask = jax.block_until_ready(f(x, k))
+            first = time.perf_counter() - t0
+            count = int(mask.sum())
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(x, k))
+                ts.append(time.perf_counter() - t0)
+            rows.append(
+                {
+                    "n": n,
+                    "k": k,
+                    "method": name,
+                    "first_call_s": round(first, 4),
+                    "median_s": statistics.median(ts),
+                    "min_s": min(ts),
+                    "kept": count,
+                    "exact_count": count == k,
+                }
+            )
+            print(
+                f"  top-k n={n:>10,} {name:26s} {statistics.median(ts):8.3f} s"
+                f"  kept {count} (k={k})",
+                flush=True,
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _run_worker(method: str, blocks: int, timeout: float) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        method,
+        "--blocks",
+        str(blocks),
+    ]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {
+            "method": method,
+            "error": f"exit {proc.returncode}",
+            "stderr_tail": proc.stderr[-2000:],
+        }
+    out = json.loads(lines[-1])
+    out["subprocess_wall_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 blocks (~14M parameters)")
+    parser.add_argument("--blocks", type=int, help="GPT-2 blocks (default 14 ≈ 99M)")
+    parser.add_argument("--only", nargs="+", choices=METHODS, help="methods to run")
+    parser.add_argument("--no-topk", action="store_true")
+    parser.add_argument("--topk-sizes", type=int, nargs="+")
+    parser.add_argument("--topk-reps", type=int, default=3)
+    parser.add_argument(
+        "--topk-max", type=int, default=10_000_000, help="largest N for the sort-based methods"
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="per method, seconds")
+    parser.add_argument("--out", type=Path, default=RESULTS / "merge_time.json")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    blocks = args.blocks or (2 if args.quick else 14)
+    if args.worker:
+        print(json.dumps(worker(args.worker, blocks)), flush=True)
+        return 0
+
+    payload: dict[str, Any] = {"environment": environment(), "blocks": blocks, "methods": []}
+    try:
+        import psutil
+
+        payload["environment"]["memory_total_bytes"] = psutil.virtual_memory().total
+    except ImportError:  # pragma: no cover
+        pass
+    rows = []
+    for method in args.only or METHODS:
+        print(f"[{method}] ...", flush=True)
+        res = _run_worker(method, blocks, args.timeout)
+        payload["methods"].append(res)
+        if "error" in res:
+            print(f"[{method}] failed: {res['error']}\n{res.get('stderr_tail', '')}", flush=True)
+            continue
+        rows.append(
+            [
+                method,
+                f"{res['param_count'] / 1e6:.1f}M",
+                f"{res['first_call_s']:.2f}",
+                f"{res['second_call_s']:.2f}",
+                f"{res['params_per_s'] / 1e6:.1f}M",
+                _gb(res["input_bytes"]),
+                _gb(res["peak_over_inputs_bytes"]),
+                _gb(res["maxrss_end_bytes"]),
+            ]
+        )
+        print("  " + " | ".join(rows[-1]), flush=True)
+    table = markdown_table(
+        [
+            "method",
+            "params",
+            "1st call s",
+            "2nd call s",
+            "params/s",
+            "inputs GiB",
+            "peak over inputs GiB",
+            "max RSS GiB",
+        ],
+        rows,
+    )
+    print(f"\n{EXPERTS} experts, density {DENSITY}, {blocks} GPT-2 blocks\n\n{table}\n")
+    if not args.no_topk:
+        sizes = args.topk_sizes or (
+            [1_000_000, 4_000_000] if args.quick else [1_000_000, 10_000_000, 38_597_376]
+        )
+        print("top-k selection (k = 0.2 N, float32):", flush=True)
+        payload["topk"] = topk_study(sizes, args.topk_reps, args.topk_max)
+    if not args.no_write:
+        write_json(args.out, payload)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
