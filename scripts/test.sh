@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 status=0
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
+.venv/bin/python -m pytest -p no:cacheprovider "$@" || status=$?
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
 exit "$status"
