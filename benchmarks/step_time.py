@@ -10,7 +10,7 @@ Usage::
 
     .venv/bin/python benchmarks/step_time.py            # 4 blocks (SPEC §8), 11 reps
     .venv/bin/python benchmarks/step_time.py --large    # also 12 blocks (GPT-2 small body)
-    .venv/bin/python benchmarks/step_time.py --quick    # CI-size check, no exact SVD
+    .venv/bin/python benchmarks/step_time.py --quick    # CI-size: no exact SVD, no variants
     .venv/bin/python benchmarks/step_time.py --check    # exit 1 if a target is missed
 
 Writes ``benchmarks/results/step_time.json`` (``--out`` to change, ``--no-write`` to skip)
@@ -259,7 +259,9 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 blocks, 7 reps, no exact SVD")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 blocks, 7 reps, no exact SVD, no extra variants"
+    )
     parser.add_argument("--large", action="store_true", help="also time 12 blocks (~85M)")
     parser.add_argument("--blocks", type=int, nargs="+", help="block counts (default 4)")
     parser.add_argument("--reps", type=int, help="timed repetitions (≥ 7; default 11)")
@@ -288,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     all_met = True
     for b in blocks:
         result = run(
-            b, reps=reps, warmup=args.warmup, exact=exact, extra=not args.no_extra, only=args.only
+            b,
+            reps=reps,
+            warmup=args.warmup,
+            exact=exact,
+            extra=not (args.no_extra or args.quick),
+            only=args.only,
         )
         result["targets"] = check_targets(result)
         all_met &= all(v["time_met"] and v["state_met"] for v in result["targets"].values())
