@@ -311,19 +311,28 @@ def _decompose(cfg, m_tilde, v_prev, rank_buf, key, count) -> Decomposition:
     if cfg.svd_method == "exact":
         return exact_svd(m_tilde, rank_buf)
 
-    def subspace(power_iterations):
-        return lambda: subspace_svd(
+    def subspace(cold_start=None, power_iterations=cfg.power_iterations):
+        return subspace_svd(
             m_tilde,
             v_prev,
             rank_buf,
             oversampling=cfg.oversampling,
             power_iterations=power_iterations,
             key=key,
+            cold_start=cold_start,
         )
 
-    # Only one branch runs; the cold one (first step) costs compile time, not step time.
-    cold = subspace(cfg.power_iterations + COLD_START_POWER_ITERATIONS)
-    return jax.lax.cond(count == 1, cold, subspace(cfg.power_iterations))
+    # The first step's warm start V0 is random: COLD_START_POWER_ITERATIONS more iterations
+    # then. Under jit they sit in a lax.cond around those iterations only: a conditional
+    # around the whole decomposition is run by XLA:CPU as one serialised unit (10–15 ms per
+    # step on the 28M-parameter benchmark). Called eagerly (concrete count), the whole
+    # decomposition is one compiled conditional, so eager results equal jitted ones.
+    try:
+        int(count)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return subspace(cold_start=(count == 1, COLD_START_POWER_ITERATIONS))
+    cold = cfg.power_iterations + COLD_START_POWER_ITERATIONS
+    return jax.lax.cond(count == 1, lambda: subspace(power_iterations=cold), subspace)
 
 
 def _stable_rank(frob_sq: jax.Array, top: jax.Array) -> jax.Array:
