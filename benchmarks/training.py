@@ -476,8 +476,8 @@ def main(argv=None) -> dict[str, Any]:
     # 2. UMTAM rank sweep; 3. exact SVD vs the default method at --rank.
     rank_best: dict[int, dict[str, Any] | None] = {}
     rank_attempts: dict[int, list[dict[str, Any]]] = {}
-    exact = None
-    exact_note = None
+    exact: dict[str, dict[str, Any]] = {}
+    exact_notes: list[str] = []
     if "umtam" in optimizers and best.get("umtam") is not None:
         lr_star = best["umtam"]["lr"]
         for r in ranks:
@@ -485,14 +485,19 @@ def main(argv=None) -> dict[str, Any]:
             rs = [do_run("umtam", lr, r, max_seconds=args.run_budget_s) for lr in lrs]
             rank_best[r] = best_of(rs)
             rank_attempts[r] = rs
-        if not args.skip_exact:
-            exact = do_run("umtam", lr_star, args.rank, "exact", args.exact_budget_s)
-            if exact.get("aborted"):
-                exact_note = (
-                    f"exact-SVD run abandoned: projected time exceeded {args.exact_budget_s:.0f}"
-                    f" s (median step {exact['step_s_median'] * 1e3:.0f} ms over 3 steps)"
-                )
-                exact = None
+    # Exact SVD vs the default method, at each UMTAM variant's best lr.
+    for opt in ("umtam", "umtam_bc"):
+        if args.skip_exact or opt not in optimizers or best.get(opt) is None:
+            continue
+        run = do_run(opt, best[opt]["lr"], args.rank, "exact", args.exact_budget_s)
+        if run.get("aborted"):
+            exact_notes.append(
+                f"{opt} exact-SVD run abandoned: projected time exceeded "
+                f"{args.exact_budget_s:.0f} s (median step {run['step_s_median'] * 1e3:.0f} ms"
+                " over 3 steps)"
+            )
+        else:
+            exact[opt] = run
 
     # Summaries.
     finals = {o: (b["final_val_loss"] if b else None) for o, b in best.items()}
@@ -552,20 +557,23 @@ def main(argv=None) -> dict[str, Any]:
         if rank_finals
         else None
     )
-    exact_cmp = None
-    if exact is not None and best.get("umtam") is not None:
-        a, e = best["umtam"]["final_val_loss"], exact["final_val_loss"]
+    exact_cmp = []
+    for opt, run in exact.items():
+        a, e = best[opt]["final_val_loss"], run["final_val_loss"]
         rel = abs(e - a) / a if math.isfinite(a) and math.isfinite(e) else float("inf")
-        exact_cmp = {
-            "rank": args.rank,
-            "lr": exact["lr"],
-            "subspace_final_val_loss": a,
-            "exact_final_val_loss": e,
-            "relative_difference": rel,
-            "within_1_percent": bool(rel <= 0.01),
-            "subspace_step_ms": best["umtam"]["step_s_median"] * 1e3,
-            "exact_step_ms": exact["step_s_median"] * 1e3,
-        }
+        exact_cmp.append(
+            {
+                "optimizer": opt,
+                "rank": args.rank,
+                "lr": run["lr"],
+                "subspace_final_val_loss": a,
+                "exact_final_val_loss": e,
+                "relative_difference": rel,
+                "within_1_percent": bool(rel <= 0.01),
+                "subspace_step_ms": best[opt]["step_s_median"] * 1e3,
+                "exact_step_ms": run["step_s_median"] * 1e3,
+            }
+        )
 
     plot_name = f"{name}_curves.png"
     if not args.no_plot:
@@ -594,7 +602,7 @@ def main(argv=None) -> dict[str, Any]:
         "summary": summary_rows,
         "rank_sweep": {"lr_policy": args.rank_lrs, "rows": rank_rows, "spread": spread},
         "exact_vs_subspace": exact_cmp,
-        "exact_note": exact_note,
+        "exact_notes": exact_notes,
         "galore_available": hasattr(optax.contrib, "galore"),
         "galore_update_proj_gap": max(10, size.steps // 5),
         "total_wall_s": time.perf_counter() - t_start,
@@ -693,19 +701,19 @@ def markdown(p: dict[str, Any], args) -> str:
                 f"{s['max']:.4f} "
                 f"(max − min {s['max_minus_min']:.4f}, {100 * s['relative']:.2f} % of min).",
             ]
-    e = p["exact_vs_subspace"]
-    if e:
+    for e in p["exact_vs_subspace"]:
         verdict = "holds" if e["within_1_percent"] else "does NOT hold"
         out += [
             "",
-            f"Exact SVD vs default (subspace) at rank {e['rank']}, lr {e['lr']:g}: final val "
+            f"{e['optimizer']}: exact SVD vs default (subspace) at rank {e['rank']}, lr "
+            f"{e['lr']:g}: final val "
             f"loss {e['exact_final_val_loss']:.4f} vs {e['subspace_final_val_loss']:.4f} "
             f"(relative difference {100 * e['relative_difference']:.2f} %; the ≤ 1 % criterion "
             f"{verdict}); median step {e['exact_step_ms']:.0f} ms vs "
             f"{e['subspace_step_ms']:.0f} ms.",
         ]
-    if p.get("exact_note"):
-        out += ["", p["exact_note"] + "."]
+    for note in p["exact_notes"]:
+        out += ["", note + "."]
     if not p["galore_available"]:
         out += ["", "optax.contrib.galore is not available in this optax version."]
     if p["plot"]:
@@ -733,8 +741,10 @@ def plot(runs, best, rank_best, exact, path: Path, threshold) -> None:
     for r, b in rank_best.items():
         if b:
             ax.plot(b["eval_steps"], b["val_loss"], marker=".", label=f"rank {r} lr={b['lr']:g}")
-    if exact:
-        ax.plot(exact["eval_steps"], exact["val_loss"], "k--", label="exact SVD")
+    for (opt, run), style in zip(exact.items(), ("k--", "k:"), strict=False):
+        ax.plot(
+            run["eval_steps"], run["val_loss"], style, label=f"{opt} exact SVD lr={run['lr']:g}"
+        )
     ax.set(title="UMTAM ranks", xlabel="step", ylabel="validation loss (nats)")
     ax.legend(fontsize=8)
     ax = axes[2]
