@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import RESULTS_DIR, write_result  # noqa: E402
 
 import umtam_jax  # noqa: E402
+from umtam_jax.experiments import data as data_lib  # noqa: E402
 from umtam_jax.experiments import pipeline as P  # noqa: E402
 from umtam_jax.experiments.models import minilm  # noqa: E402
 
@@ -57,6 +58,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--task", default="fortune_topic")
+    ap.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module (or .py file) that registers tasks (repeatable)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7 / 15)")
@@ -64,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="umtam-demo-work")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
+    data_lib.import_task_modules(args.imports)
     rounds = args.rounds or (7 if args.quick else 15)
     P.enable_compilation_cache(Path(args.workdir) / "jax_cache")
 

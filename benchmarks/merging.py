@@ -44,6 +44,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import RESULTS_DIR, write_result  # noqa: E402
 
+from umtam_jax.experiments import data as data_lib  # noqa: E402
 from umtam_jax.experiments import pipeline as P  # noqa: E402
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics  # noqa: E402
 
@@ -91,6 +92,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="demo-size experts and small grids")
     ap.add_argument("--workdir", default="umtam-demo-work")
     ap.add_argument("--tasks", default=",".join(P.DEFAULT_TASKS))
+    ap.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module (or .py file) that registers tasks (repeatable)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--skip-error-decay0", action="store_true", help="do not train the error_decay=0 experts"
@@ -103,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
+    data_lib.import_task_modules(args.imports)
     tasks = [t for t in args.tasks.split(",") if t]
     full = not args.quick
     config = dataclasses.replace(P.FULL if full else P.QUICK, seed=args.seed)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import RESULTS_DIR, write_result  # noqa: E402
 
 from umtam_jax import merging  # noqa: E402
+from umtam_jax.experiments import data as data_lib  # noqa: E402
 from umtam_jax.experiments import pipeline as P  # noqa: E402
 
 DENSITIES = (0.01, 0.05, 0.10, 0.20, 0.40)
@@ -38,10 +39,19 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="demo-size experts (umtam-demo preset)")
     ap.add_argument("--workdir", default="umtam-demo-work")
     ap.add_argument("--tasks", default=",".join(P.DEFAULT_TASKS))
+    ap.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module (or .py file) that registers tasks (repeatable)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
+    data_lib.import_task_modules(args.imports)
     tasks = [t for t in args.tasks.split(",") if t]
     config = dataclasses.replace(P.QUICK if args.quick else P.FULL, seed=args.seed)
     workdir = Path(args.workdir)

@@ -101,6 +101,11 @@ def parse_args(argv=None):
         "matches, else 3e-3)",
     )
     p.add_argument("--error-decay", type=float, default=0.9)
+    p.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="UMTAM with bias_correction=True (training.py's umtam_bc; default lr: its best)",
+    )
     p.add_argument("--svd-method", choices=("subspace", "exact"), default="subspace")
     p.add_argument(
         "--factor-embeddings",
@@ -114,15 +119,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _default_lr(rdir: Path, size, rank: int, factor_embeddings: bool) -> tuple[float, str]:
+def _default_lr(
+    rdir: Path, size, rank: int, factor_embeddings: bool, optimizer: str = "umtam"
+) -> tuple[float, str]:
     path = rdir / "training.json"
     try:
         rec = json.loads(path.read_text())["result"]
         same_embeddings = rec.get("embeddings_factored_by_umtam_and_galore") == factor_embeddings
         if rec["config"] == dataclasses.asdict(size) and same_embeddings:
             for row in rec["summary"]:
-                if row["optimizer"] == "umtam" and row.get("rank") == rank and row.get("best_lr"):
-                    return float(row["best_lr"]), "best UMTAM lr of results/training.json"
+                if row["optimizer"] == optimizer and row.get("rank") == rank and row.get("best_lr"):
+                    return float(row["best_lr"]), f"best {optimizer} lr of results/training.json"
     except (OSError, KeyError, ValueError, TypeError):
         pass
     return 3e-3, "fixed default 3e-3 (no matching results/training.json)"
@@ -140,8 +147,11 @@ def main(argv=None) -> dict[str, Any]:
     rdir = Path(args.results_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     ranks = [int(x) for x in args.ranks.split(",") if x]
+    optimizer = "umtam_bc" if args.bias_correction else "umtam"
     lr, lr_source = (
-        (args.lr, "--lr") if args.lr else _default_lr(rdir, size, args.rank, args.factor_embeddings)
+        (args.lr, "--lr")
+        if args.lr
+        else _default_lr(rdir, size, args.rank, args.factor_embeddings, optimizer)
     )
 
     train, _ = lm_token_arrays()
@@ -157,7 +167,7 @@ def main(argv=None) -> dict[str, Any]:
     )
     params = init_gpt(jax.random.key(args.seed), cfg)
     base = base_transform(
-        "umtam",
+        optimizer,
         rank=args.rank,
         min_dim=size.min_dim_size_to_factor,
         svd_method=args.svd_method,
@@ -176,7 +186,8 @@ def main(argv=None) -> dict[str, Any]:
     print(
         f"[spectrum] size {'QUICK' if args.quick else 'DEFAULT'} {dataclasses.asdict(size)}; "
         f"UMTAM rank {args.rank} ({args.svd_method}), lr {lr:g} ({lr_source}), "
-        f"error_decay {args.error_decay}; {len(paths)} factored matrices {shapes}",
+        f"error_decay {args.error_decay}, bias_correction {args.bias_correction}; "
+        f"{len(paths)} factored matrices {shapes}",
         flush=True,
     )
 
@@ -251,6 +262,7 @@ def main(argv=None) -> dict[str, Any]:
             "rank": args.rank,
             "svd_method": args.svd_method,
             "error_decay": args.error_decay,
+            "bias_correction": args.bias_correction,
             "lr": lr,
             "lr_source": lr_source,
             "min_dim_size_to_factor": size.min_dim_size_to_factor,
@@ -290,7 +302,8 @@ def markdown(p: dict[str, Any]) -> str:
     out = [
         f"Size **{p['size']}** (GPT d_model={m['d_model']}, {m['n_layers']} layers, context "
         f"{m['context']}, batch {c['batch']}, {c['steps']} steps); UMTAM rank {o['rank']} "
-        f"({o['svd_method']} SVD), error_decay {o['error_decay']}, lr {o['lr']:g} "
+        f"({o['svd_method']} SVD), error_decay {o['error_decay']}, bias_correction "
+        f"{o.get('bias_correction', False)}, lr {o['lr']:g} "
         f"({o['lr_source']}). {len(p['matrices'])} factored matrices, logged at "
         f"{len(p['log_steps'])} steps ({p['log_steps'][0]}…{p['log_steps'][-1]}). "
         "Captured fraction = energy of the best rank-r truncation of M̃ = UΣVᵀ + E.",

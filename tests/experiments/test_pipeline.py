@@ -187,3 +187,83 @@ def test_demo_cli_rejects_unknown_task(capsys):
     assert "no_such_task" in capsys.readouterr().err
     assert demo.main(["--list-tasks"]) == 0
     assert "kjv_section" in capsys.readouterr().out
+
+
+_PLUGIN = '''
+from umtam_jax.experiments import data
+
+data.register_task(
+    "{name}",
+    lambda seed: data.Examples(["a good one", "a bad one"] * 20, [0, 1] * 20),
+    ("good", "bad"),
+    overwrite=True,
+)
+'''
+
+
+def test_demo_cli_imports_task_modules_from_a_file_and_a_module(
+    tmp_path, monkeypatch, capsys
+):
+    from umtam_jax.cli import demo
+
+    (tmp_path / "my_tasks_file.py").write_text(_PLUGIN.format(name="plugin_task_file"))
+    (tmp_path / "my_tasks_mod.py").write_text(_PLUGIN.format(name="plugin_task_mod"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        argv = ["--import", str(tmp_path / "my_tasks_file.py"), "--import", "my_tasks_mod"]
+        assert demo.main([*argv, "--list-tasks"]) == 0
+        out = capsys.readouterr().out
+        assert "plugin_task_file" in out and "plugin_task_mod" in out
+        assert data_lib.load_task("plugin_task_file").train.labels.size > 0
+    finally:
+        data_lib.unregister_task("plugin_task_file")
+        data_lib.unregister_task("plugin_task_mod")
+    assert demo.main(["--import", "no_such_module_xyz", "--list-tasks"]) == 2
+    assert "no_such_module_xyz" in capsys.readouterr().err
+    assert demo.main(["--import", str(tmp_path / "missing.py"), "--list-tasks"]) == 2
+    assert "missing.py" in capsys.readouterr().err
+
+
+def test_tasks_from_the_entry_point_group_are_registered_on_first_use(monkeypatch):
+    import importlib.metadata
+
+    calls = []
+
+    def register():
+        calls.append(1)
+        data_lib.register_task(
+            "entry_point_task", lambda seed: (["x", "y"] * 10, [0, 1] * 10), ("a", "b")
+        )
+
+    class FakeEntryPoint:
+        name, value = "demo_plugin", "some_pkg.tasks:register"
+
+        def load(self):
+            return register
+
+    def entry_points(group):
+        return [FakeEntryPoint()] if group == data_lib.ENTRY_POINT_GROUP else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(data_lib, "_PLUGINS_LOADED", False)
+    try:
+        assert "entry_point_task" in data_lib.available_tasks()
+        assert data_lib.get_task("entry_point_task").labels == ("a", "b")
+        assert calls == [1]  # loaded once
+    finally:
+        data_lib.unregister_task("entry_point_task")
+
+
+def test_a_broken_entry_point_names_itself(monkeypatch):
+    import importlib.metadata
+
+    class Broken:
+        name, value = "broken_plugin", "nowhere.mod"
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'nowhere'")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Broken()])
+    monkeypatch.setattr(data_lib, "_PLUGINS_LOADED", False)
+    with pytest.raises(ImportError, match="broken_plugin"):
+        data_lib.available_tasks()

@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated registered task names (default: the four built-in tasks)",
     )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module or .py file that registers tasks (repeatable); installed "
+        "packages can also register through the 'umtam_jax.tasks' entry-point group",
+    )
     p.add_argument("--workdir", default="umtam-demo-work", help="checkpoints, caches, results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="override fine-tuning steps")
@@ -69,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     from umtam_jax.experiments import data as data_lib
     from umtam_jax.experiments import pipeline as P
 
+    try:
+        data_lib.import_task_modules(args.imports)
+    except (ImportError, FileNotFoundError) as e:
+        print(f"umtam-demo: {e}", file=sys.stderr)
+        return 2
     if args.list_tasks:
         for t in data_lib.available_tasks():
             s = data_lib.get_task(t)

@@ -13,6 +13,16 @@ registry, so that a new task plugs in without editing this module::
     )
     task = data.load_task("my_task", seed=0)
 
+Tasks defined outside this package reach the command-line tools in two ways: an installed
+package declares an entry point in the group ``umtam_jax.tasks`` (the referenced module
+is imported, and a referenced callable is called, on first use of the registry), or the
+tools' ``--import MODULE_OR_FILE`` option imports a module that calls
+:func:`register_task` (see :func:`import_task_modules`)::
+
+    # pyproject.toml of a package that ships tasks
+    [project.entry-points."umtam_jax.tasks"]
+    my_tasks = "my_package.tasks"          # or "my_package.tasks:register"
+
 Built-in tasks (the label order is the integer label):
 
 ============== ====== ================================================ ===========
@@ -38,6 +48,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import importlib.metadata
+import importlib.util
 import inspect
 import json
 import os
@@ -63,6 +76,7 @@ __all__ = [
     "cache_dir",
     "compute_metric",
     "get_task",
+    "import_task_modules",
     "load_task",
     "macro_f1",
     "register_metric",
@@ -327,8 +341,72 @@ def unregister_task(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+#: Entry-point group through which installed packages contribute tasks.
+ENTRY_POINT_GROUP = "umtam_jax.tasks"
+_PLUGINS_LOADED = False
+
+
+def _load_entry_point_tasks() -> None:
+    """Imports (and calls, when callable) every ``umtam_jax.tasks`` entry point, once."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must say which one it is
+            raise ImportError(
+                f"task plugin {ep.name!r} ({ep.value}) of entry-point group "
+                f"{ENTRY_POINT_GROUP!r} failed to load: {e}"
+            ) from e
+        if callable(obj):
+            obj()
+
+
+def import_task_modules(specs: Sequence[str]) -> list[str]:
+    """Imports modules that register tasks; returns the task names they added.
+
+    Args:
+        specs: Each a module name importable from ``sys.path`` (``"my_pkg.tasks"``) or the
+            path of a ``.py`` file.
+
+    Returns:
+        The names newly added to the registry, in registration order.
+
+    Raises:
+        FileNotFoundError: A ``.py`` path that does not exist.
+        ImportError: A module that cannot be imported (the message names it).
+
+    Example:
+        >>> from umtam_jax.experiments import data
+        >>> data.import_task_modules([])
+        []
+    """
+    _load_entry_point_tasks()
+    before = list(_REGISTRY)
+    for spec in specs:
+        if spec.endswith(".py") or os.sep in spec:
+            path = Path(spec)
+            if not path.is_file():
+                raise FileNotFoundError(f"task module file {spec!r} does not exist")
+            name = "umtam_jax_task_module_" + re.sub(r"\W", "_", path.stem)
+            mod_spec = importlib.util.spec_from_file_location(name, path)
+            if mod_spec is None or mod_spec.loader is None:
+                raise ImportError(f"cannot import task module file {spec!r}")
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(spec)
+            except ImportError as e:
+                raise ImportError(f"cannot import task module {spec!r}: {e}") from e
+    return [n for n in _REGISTRY if n not in before]
+
+
 def get_task(name: str) -> TaskSpec:
     """Returns the :class:`TaskSpec` registered under ``name``."""
+    _load_entry_point_tasks()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -336,7 +414,8 @@ def get_task(name: str) -> TaskSpec:
 
 
 def available_tasks() -> list[str]:
-    """Returns the registered task names, sorted."""
+    """Returns the registered task names (built-in, registered, from plugins), sorted."""
+    _load_entry_point_tasks()
     return sorted(_REGISTRY)
 
 
