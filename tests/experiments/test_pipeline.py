@@ -189,7 +189,7 @@ def test_demo_cli_rejects_unknown_task(capsys):
     assert "kjv_section" in capsys.readouterr().out
 
 
-_PLUGIN = '''
+_PLUGIN = """
 from umtam_jax.experiments import data
 
 data.register_task(
@@ -198,12 +198,10 @@ data.register_task(
     ("good", "bad"),
     overwrite=True,
 )
-'''
+"""
 
 
-def test_demo_cli_imports_task_modules_from_a_file_and_a_module(
-    tmp_path, monkeypatch, capsys
-):
+def test_demo_cli_imports_task_modules_from_a_file_and_a_module(tmp_path, monkeypatch, capsys):
     from umtam_jax.cli import demo
 
     (tmp_path / "my_tasks_file.py").write_text(_PLUGIN.format(name="plugin_task_file"))
