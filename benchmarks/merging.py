@@ -22,6 +22,10 @@ Sections:
    tracked saliency removed (``saliency=None``), exactly what a ``saliency="final"``
    state holds, and merging recomputes ``S`` from ``(w − w0)² ⊙ sqrt(R Cᵀ)``.
    Each variant is merged with UMTAM (same grid as the ablations, selected on validation).
+5. The strongest alternative pipeline: experts fine-tuned with ``optax.adamw`` (same
+   config, learning rate and schedule) and merged with Linear, TIES, DARE, DARE-TIES and
+   post-hoc Fisher (same grids, selected on validation). Compared on the absolute test
+   metric, since the normalized average divides by different experts.
 
     python benchmarks/merging.py --quick --workdir umtam-demo-work   # the demo's experts
     python benchmarks/merging.py --workdir umtam-demo-work           # full size (hours)
@@ -49,6 +53,7 @@ from umtam_jax.experiments import pipeline as P  # noqa: E402
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics  # noqa: E402
 
 MAIN_METHODS = ("linear", "ties", "dare", "dare_ties", "fisher", "ota", "umtam")
+ADAMW_METHODS = ("linear", "ties", "dare", "dare_ties", "fisher")
 SWEEP = (0.05, 0.1, 0.2, 0.4, 0.8)
 ABLATIONS = {
     "UMTAM (default)": {},
@@ -108,6 +113,9 @@ def main(argv=None) -> int:
         "--memory-only",
         action="store_true",
         help="reuse sections 1-3 of an existing merging.json; (re)do only the memory modes",
+    )
+    ap.add_argument(
+        "--skip-adamw", action="store_true", help="do not train/merge the AdamW experts (5)"
     )
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
@@ -246,6 +254,34 @@ def main(argv=None) -> int:
             "experts": {e.task: e.scores for e in exps0},
         }
     timings["memory_modes"] = time.perf_counter() - t
+
+    # 5. AdamW experts merged with the baselines (no UMTAM statistics: no OTA / UMTAM).
+    adamw_res = None
+    if not args.skip_adamw:
+        t = time.perf_counter()
+        print("AdamW experts (same config)")
+        _, _, adam_experts = P.prepare_experts(
+            tasks,
+            config,
+            workdir,
+            optimizer="adamw",
+            tag="adamw",
+            base_encoder=base,
+            ttasks=ttasks,
+            progress=prog,
+        )
+        adamw_res = P.run_merging(
+            adam_experts,
+            ttasks,
+            base,
+            config,
+            methods=ADAMW_METHODS,
+            grids=grids,
+            fisher_examples=256 if full else 64,
+            progress=prog,
+        )
+        print(P.format_table(adamw_res))
+        timings["adamw"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     # report
@@ -302,6 +338,10 @@ def main(argv=None) -> int:
             f"{n}: " + ", ".join(f"{t} {v['experts'][t]['test']:.3f}" for t in tasks)
             for n, v in memory.items()
         ),
+    ]
+    if adamw_res is not None:
+        md += ["", *_adamw_section(main_res, adamw_res)]
+    md += [
         "",
         "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
     ]
@@ -320,11 +360,33 @@ def main(argv=None) -> int:
         "density_sweep": sweep,
         "ablations": {n: slim(r) for n, r in abl.items()},
         "memory_modes": memory,
+        "adamw_experts": adamw_res,
         "seconds": timings,
     }
     write_result("merging", payload, md, results_dir=out, title="merging (Tables 2, 3, 9)")
     print(md)
     return 0
+
+
+def _adamw_section(umtam_res, adamw_res) -> list[str]:
+    """Markdown: AdamW experts + baselines vs UMTAM experts + every method (absolute)."""
+
+    def best(res):
+        name, r = max(res["methods"].items(), key=lambda kv: kv[1]["validation"]["avg"])
+        return r["method"], r
+
+    (um_name, um), (ad_name, ad) = best(umtam_res), best(adamw_res)
+    return [
+        "### AdamW experts merged with the baselines (the alternative pipeline)",
+        "",
+        P.format_table(adamw_res),
+        "",
+        "Absolute test average of the merged model, the method chosen on validation average "
+        f"for each pipeline: UMTAM-trained experts → {um_name} {um['test']['avg']:.3f} "
+        f"(experts {umtam_res['expert_avg']['test']:.3f}); AdamW-trained experts → {ad_name} "
+        f"{ad['test']['avg']:.3f} (experts {adamw_res['expert_avg']['test']:.3f}). UMTAM merging "
+        f"itself on UMTAM experts: {umtam_res['methods']['umtam']['test']['avg']:.3f}.",
+    ]
 
 
 def _demo_result(workdir, tasks, config, full):
