@@ -58,14 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--task", default="fortune_topic")
-    ap.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE_OR_FILE",
-        help="import a module (or .py file) that registers tasks (repeatable)",
-    )
+    data_lib.add_task_import_option(ap)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7 / 15)")

@@ -97,14 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="demo-size experts and small grids")
     ap.add_argument("--workdir", default="umtam-demo-work")
     ap.add_argument("--tasks", default=",".join(P.DEFAULT_TASKS))
-    ap.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE_OR_FILE",
-        help="import a module (or .py file) that registers tasks (repeatable)",
-    )
+    data_lib.add_task_import_option(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--skip-error-decay0", action="store_true", help="do not train the error_decay=0 experts"

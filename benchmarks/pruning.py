@@ -39,14 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="demo-size experts (umtam-demo preset)")
     ap.add_argument("--workdir", default="umtam-demo-work")
     ap.add_argument("--tasks", default=",".join(P.DEFAULT_TASKS))
-    ap.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE_OR_FILE",
-        help="import a module (or .py file) that registers tasks (repeatable)",
-    )
+    data_lib.add_task_import_option(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))

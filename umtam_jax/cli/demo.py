@@ -32,6 +32,8 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from umtam_jax.experiments import data as data_lib
+
     p = argparse.ArgumentParser(
         prog="umtam-demo",
         description="Fine-tune MiniLM experts with UMTAM on real offline tasks, merge them "
@@ -43,15 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated registered task names (default: the four built-in tasks)",
     )
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE_OR_FILE",
-        help="import a module or .py file that registers tasks (repeatable); installed "
-        "packages can also register through the 'umtam_jax.tasks' entry-point group",
-    )
+    data_lib.add_task_import_option(p)
     p.add_argument("--workdir", default="umtam-demo-work", help="checkpoints, caches, results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="override fine-tuning steps")

@@ -72,6 +72,7 @@ __all__ = [
     "TaskData",
     "TaskSpec",
     "accuracy",
+    "add_task_import_option",
     "available_tasks",
     "cache_dir",
     "compute_metric",
@@ -402,6 +403,20 @@ def import_task_modules(specs: Sequence[str]) -> list[str]:
             except ImportError as e:
                 raise ImportError(f"cannot import task module {spec!r}: {e}") from e
     return [n for n in _REGISTRY if n not in before]
+
+
+def add_task_import_option(parser: Any) -> None:
+    """Adds ``--import MODULE_OR_FILE`` (repeatable, into ``args.imports``) to an
+    :class:`argparse.ArgumentParser`; pass ``args.imports`` to :func:`import_task_modules`."""
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module or .py file that registers tasks (repeatable); installed "
+        f"packages can also register through the {ENTRY_POINT_GROUP!r} entry-point group",
+    )
 
 
 def get_task(name: str) -> TaskSpec:
