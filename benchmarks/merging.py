@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         )
 
     reused_from = None
+    main_from = None  # the umtam-demo command whose main table is reused, if any
     if args.memory_only:
         prev_doc = json.loads((Path(args.results_dir) / "merging.json").read_text())
         prev = prev_doc["result"]
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
             "date": prev_doc["date"],
         }
         main_res, sweep, abl = prev["main"], prev["density_sweep"], prev["ablations"]
+        main_from = prev.get("main_table_from")
         timings.update({k: v for k, v in prev["seconds"].items() if k != "total"})
         chosen = main_res["methods"]["umtam"]["hparams"]
         vgrid = (
@@ -163,6 +165,7 @@ def main(argv=None) -> int:
         main_res = _demo_result(workdir, tasks, config, full)
         if main_res is not None:
             print(f"main table: reusing {workdir / 'demo_results.json'} (same experts and grids)")
+            main_from = main_res.pop("_command")
         else:
             main_res = P.run_merging(
                 experts,
@@ -302,6 +305,11 @@ def main(argv=None) -> int:
         "### Main table (Table 2)",
         "",
         P.format_table(main_res),
+        *(
+            ["", f"Main table from the demo run `{main_from}` (same experts and grids)."]
+            if main_from
+            else []
+        ),
         "",
         f"Fisher's post-hoc Fisher pass: {main_res['fisher_seconds']:.1f}s extra "
         f"({256 if full else 64} training examples per task, per-example gradients); "
@@ -369,6 +377,7 @@ def main(argv=None) -> int:
         "memory_modes": memory,
         "adamw_experts": adamw_res,
         "sections_1_3_from": reused_from,
+        "main_table_from": main_from,
         "seconds": timings,
     }
     write_result("merging", payload, md, results_dir=out, title="merging (Tables 2, 3, 9)")
@@ -411,7 +420,7 @@ def _demo_result(workdir, tasks, config, full):
         == json.loads(json.dumps({**dataclasses.asdict(config), "config": None}))
         and list(d["result"]["methods"]) == list(MAIN_METHODS)
     )
-    return d["result"] if same else None
+    return {**d["result"], "_command": d.get("command")} if same else None
 
 
 def _plot_sweep(sweep, path):
