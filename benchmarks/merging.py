@@ -132,6 +132,21 @@ def main(argv=None) -> int:
     stats = [e.statistics["encoder"] for e in experts]
     common = {"statistics": stats, "key": jax.random.key(P._seed_for(config.seed, "merge"))}
 
+    fisher_examples = 256 if full else 64
+
+    def merge_table(exps, methods):
+        """Every method of ``methods`` on ``exps``, each selected on validation."""
+        return P.run_merging(
+            exps,
+            ttasks,
+            base,
+            config,
+            methods=methods,
+            grids=grids,
+            fisher_examples=fisher_examples,
+            progress=prog,
+        )
+
     def select(method, grid, exps=experts, fixed=None, st=None):
         kw = dict(common)
         if st is not None:
@@ -152,7 +167,8 @@ def main(argv=None) -> int:
         }
         main_res, sweep, abl = prev["main"], prev["density_sweep"], prev["ablations"]
         main_from = prev.get("main_table_from")
-        timings.update({k: v for k, v in prev["seconds"].items() if k != "total"})
+        # Only the reused sections' times: memory modes and AdamW are timed by this run.
+        timings.update({k: prev["seconds"][k] for k in ("main", "sweep", "ablations")})
         chosen = main_res["methods"]["umtam"]["hparams"]
         vgrid = (
             grids["umtam"]
@@ -162,21 +178,12 @@ def main(argv=None) -> int:
     else:
         # 1. main table
         t = time.perf_counter()
-        main_res = _demo_result(workdir, tasks, config, full)
-        if main_res is not None:
+        demo = _demo_result(workdir, tasks, config, full)
+        if demo is not None:
             print(f"main table: reusing {workdir / 'demo_results.json'} (same experts and grids)")
-            main_from = main_res.pop("_command")
+            main_res, main_from = demo
         else:
-            main_res = P.run_merging(
-                experts,
-                ttasks,
-                base,
-                config,
-                methods=MAIN_METHODS,
-                grids=grids,
-                fisher_examples=256 if full else 64,
-                progress=prog,
-            )
+            main_res = merge_table(experts, MAIN_METHODS)
         timings["main"] = time.perf_counter() - t
         print(P.format_table(main_res))
 
@@ -273,16 +280,7 @@ def main(argv=None) -> int:
             ttasks=ttasks,
             progress=prog,
         )
-        adamw_res = P.run_merging(
-            adam_experts,
-            ttasks,
-            base,
-            config,
-            methods=ADAMW_METHODS,
-            grids=grids,
-            fisher_examples=256 if full else 64,
-            progress=prog,
-        )
+        adamw_res = merge_table(adam_experts, ADAMW_METHODS)
         print(P.format_table(adamw_res))
         timings["adamw"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -312,7 +310,7 @@ def main(argv=None) -> int:
         ),
         "",
         f"Fisher's post-hoc Fisher pass: {main_res['fisher_seconds']:.1f}s extra "
-        f"({256 if full else 64} training examples per task, per-example gradients); "
+        f"({fisher_examples} training examples per task, per-example gradients); "
         "UMTAM and OTA use the statistics saved during training (no extra pass).",
         "",
         "![merging](results/merging.png)",
@@ -358,7 +356,8 @@ def main(argv=None) -> int:
             "",
             f"Sections 1–3 (main table, density sweep, ablations) come from "
             f"`{reused_from['command']}` ({reused_from['date']}); this run (--memory-only) "
-            "recomputed the memory modes and the AdamW pipeline.",
+            "recomputed the memory modes"
+            + (" and the AdamW pipeline." if adamw_res is not None else "."),
         ]
     md = "\n".join(md) + "\n"
 
@@ -406,8 +405,8 @@ def _adamw_section(umtam_res, adamw_res) -> list[str]:
     ]
 
 
-def _demo_result(workdir, tasks, config, full):
-    """The demo's main table when it was run with the same experts and grids."""
+def _demo_result(workdir, tasks, config, full) -> tuple[dict[str, Any], str] | None:
+    """``(main table, command)`` of the demo run with the same experts and grids, if any."""
     path = workdir / "demo_results.json"
     if not path.exists():
         return None
@@ -420,7 +419,7 @@ def _demo_result(workdir, tasks, config, full):
         == json.loads(json.dumps({**dataclasses.asdict(config), "config": None}))
         and list(d["result"]["methods"]) == list(MAIN_METHODS)
     )
-    return {**d["result"], "_command": d.get("command")} if same else None
+    return (d["result"], d.get("command")) if same else None
 
 
 def _plot_sweep(sweep, path):

@@ -98,7 +98,8 @@ QUICK = Size(
 #: (R, C ≈ (1 − b2^t) × their mean) and the early steps are up to 1/sqrt(1 − b2^t) ≈ 31×
 #: larger than Adam's; in a 240-step run that factor is still 2.2× at the end.
 OPTIMIZERS = ("adamw", "adafactor", "galore", "umtam", "umtam_bc")
-LOWRANK = ("umtam", "umtam_bc", "galore")
+UMTAM_VARIANTS = ("umtam", "umtam_bc")
+LOWRANK = (*UMTAM_VARIANTS, "galore")
 DEFAULT_LRS = {k: (3e-4, 1e-3, 3e-3, 1e-2) for k in OPTIMIZERS}
 QUICK_LRS = {k: (3e-3, 1e-2) for k in OPTIMIZERS}
 
@@ -154,7 +155,7 @@ def base_transform(
                 for k, v in params.items()
             },
         )
-    if name in ("umtam", "umtam_bc"):
+    if name in UMTAM_VARIANTS:
         return umtam_jax.umtam(
             1.0,
             rank=rank,
@@ -395,7 +396,7 @@ def main(argv=None) -> dict[str, Any]:
         max_seconds: float | None = None,
     ):
         spec = {"optimizer": opt, "lr": lr, "rank": rank, "svd_method": svd_method}
-        if opt not in ("umtam", "umtam_bc"):
+        if opt not in UMTAM_VARIANTS:
             spec["svd_method"] = "-"
         key = run_key(spec)
         for r in runs:
@@ -486,7 +487,7 @@ def main(argv=None) -> dict[str, Any]:
             rank_best[r] = best_of(rs)
             rank_attempts[r] = rs
     # Exact SVD vs the default method, at each UMTAM variant's best lr.
-    for opt in ("umtam", "umtam_bc"):
+    for opt in UMTAM_VARIANTS:
         if args.skip_exact or opt not in optimizers or best.get(opt) is None:
             continue
         run = do_run(opt, best[opt]["lr"], args.rank, "exact", args.exact_budget_s)
