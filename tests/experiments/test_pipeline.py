@@ -189,8 +189,19 @@ def test_demo_cli_rejects_unknown_task(capsys):
     assert "kjv_section" in capsys.readouterr().out
 
 
+# A realistic plugin: string annotations and a dataclass need the module in sys.modules.
 _PLUGIN = """
+from __future__ import annotations
+
+import dataclasses
+
 from umtam_jax.experiments import data
+
+
+@dataclasses.dataclass
+class Source:
+    texts: list[str]
+
 
 data.register_task(
     "{name}",

@@ -57,6 +57,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -396,6 +397,9 @@ def import_task_modules(specs: Sequence[str]) -> list[str]:
             if mod_spec is None or mod_spec.loader is None:
                 raise ImportError(f"cannot import task module file {spec!r}")
             module = importlib.util.module_from_spec(mod_spec)
+            # Registered before it runs, as for a normal import (dataclasses, pickling and
+            # relative look-ups in the file need ``sys.modules[name]``).
+            sys.modules[name] = module
             mod_spec.loader.exec_module(module)
         else:
             try:
