@@ -219,6 +219,7 @@ def worker(method: str, blocks: int, seed: int = 0) -> dict[str, Any]:
     call = calls[method]
     input_bytes = tree_bytes((base, experts, extra))
     rss_before, maxrss_before = _rss_bytes(), _maxrss_bytes()
+    device_before = _device_memory()
     times = []
     with _PeakSampler() as sampler:
         for _ in range(2):
@@ -244,6 +245,33 @@ def worker(method: str, blocks: int, seed: int = 0) -> dict[str, Any]:
         "maxrss_before_bytes": maxrss_before,
         "maxrss_end_bytes": _maxrss_bytes(),
         "loadavg": list(os.getloadavg()),
+        **_device_fields(device_before, _device_memory()),
+    }
+
+
+def _device_memory() -> dict[str, int] | None:
+    """The accelerator allocator's counters (``None`` on CPU, whose buffers are in the RSS)."""
+    import jax
+
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        return None
+    return device.memory_stats()
+
+
+def _device_fields(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, Any]:
+    """Device memory in use before the merges and the allocator's peak after them.
+
+    The peak counter cannot be reset, so it also covers building the inputs; the merge's
+    own share is at most ``peak - in_use_before``.
+    """
+    if not before or not after:
+        return {}
+    return {
+        "device_in_use_before_bytes": before.get("bytes_in_use"),
+        "device_peak_bytes": after.get("peak_bytes_in_use"),
+        "device_peak_over_inputs_bytes": after.get("peak_bytes_in_use", 0)
+        - before.get("bytes_in_use", 0),
     }
 
 
@@ -391,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                 _gb(res["input_bytes"]),
                 _gb(res["peak_over_inputs_bytes"]),
                 _gb(res["maxrss_end_bytes"]),
+                _gb(res["device_peak_over_inputs_bytes"])
+                if "device_peak_over_inputs_bytes" in res
+                else "–",
             ]
         )
         print("  " + " | ".join(rows[-1]), flush=True)
@@ -404,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             "inputs GiB",
             "peak over inputs GiB",
             "max RSS GiB",
+            "device peak over inputs GiB",
         ],
         rows,
     )

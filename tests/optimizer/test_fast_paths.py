@@ -33,6 +33,12 @@ def _with_spectrum(rng, m, k, spectrum):
     return (left * spectrum) @ right.T
 
 
+def _gram(q):
+    """``qᵀq`` in float64 NumPy (a jnp product would run as TF32 on a GPU)."""
+    q = np.asarray(q, np.float64)
+    return q.T @ q
+
+
 def _same_span(q, y):
     """‖(I − q qᵀ) y‖ / ‖y‖: y lies in span(q)."""
     q, y = np.asarray(q, np.float64), np.asarray(y, np.float64)
@@ -45,7 +51,7 @@ def test_orthonormalize_is_orthonormal_and_spans_the_input(condition):
     y = _with_spectrum(rng, 600, 24, np.geomspace(1.0, 1.0 / condition, 24))
     q = orthonormalize(jnp.asarray(y, jnp.float32))
     assert q.shape == (600, 24)
-    np.testing.assert_allclose(np.asarray(q.T @ q), np.eye(24), atol=2e-5)
+    np.testing.assert_allclose(_gram(q), np.eye(24), atol=2e-5)
     assert _same_span(q, y) < 1e-5
 
 
@@ -54,10 +60,10 @@ def test_orthonormalize_rank_deficient_zero_and_wide_inputs():
     rank3 = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 16))
     for y in (rank3, np.zeros((200, 16))):
         q = orthonormalize(jnp.asarray(y, jnp.float32))
-        np.testing.assert_allclose(np.asarray(q.T @ q), np.eye(16), atol=2e-5)
+        np.testing.assert_allclose(_gram(q), np.eye(16), atol=2e-5)
         assert _same_span(q, y) < 1e-5
     wide = orthonormalize(jnp.asarray(rng.normal(size=(5, 9)), jnp.float32))
-    np.testing.assert_allclose(np.asarray(wide.T @ wide), np.eye(5), atol=1e-5)
+    np.testing.assert_allclose(_gram(wide), np.eye(5), atol=1e-5)
     bad = orthonormalize(jnp.full((50, 4), jnp.nan, jnp.float32))
     assert bad.shape == (50, 4)
 
@@ -67,10 +73,9 @@ def test_orthonormalize_under_jit_matches_householder_span():
     y = jnp.asarray(rng.normal(size=(300, 12)), jnp.float32)
     q = jax.jit(orthonormalize)(y)
     householder, _ = jnp.linalg.qr(y)
+    q, householder = np.asarray(q, np.float64), np.asarray(householder, np.float64)
     # Same column space: the projectors agree.
-    np.testing.assert_allclose(
-        np.asarray(q @ q.T), np.asarray(householder @ householder.T), atol=1e-5
-    )
+    np.testing.assert_allclose(q @ q.T, householder @ householder.T, atol=1e-5)
 
 
 def test_low_rank_plus_dense_products_and_decomposition_match_the_dense_matrix():
@@ -97,8 +102,8 @@ def test_subspace_svd_factors_are_orthonormal_on_a_decaying_spectrum():
     matrix = jnp.asarray(_with_spectrum(rng, 300, 200, 0.93 ** np.arange(200)), jnp.float32)
     warm = jnp.asarray(rng.normal(size=(200, 16)), jnp.float32)
     dec = subspace_svd(matrix, warm, 16, power_iterations=4)
-    np.testing.assert_allclose(np.asarray(dec.u.T @ dec.u), np.eye(16), atol=2e-5)
-    np.testing.assert_allclose(np.asarray(dec.v.T @ dec.v), np.eye(16), atol=2e-5)
+    np.testing.assert_allclose(_gram(dec.u), np.eye(16), atol=2e-5)
+    np.testing.assert_allclose(_gram(dec.v), np.eye(16), atol=2e-5)
     # Random start, slow decay: the leading values have converged, the tail not yet.
     exact = exact_svd(matrix, 16)
     np.testing.assert_allclose(dec.s[:10], exact.s[:10], rtol=1e-4)
@@ -142,8 +147,13 @@ def test_factored_momentum_path_equals_the_materialised_one(svd_every):
                 )
 
 
+@pytest.mark.parametrize("guard", ["cond", "select"])
 @pytest.mark.parametrize("error_decay", [0.9, 0.0])
-def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay):
+def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay, guard, monkeypatch):
+    if guard == "select":  # the branch-free guard used off CPU, here forced on CPU
+        monkeypatch.setattr(
+            jax.lax, "platform_dependent", lambda *args, default, **_: default(*args)
+        )
     params = {"w": jnp.full((16, 12), 0.5, jnp.float32)}
     opt = umtam_jax.scale_by_umtam(
         rank=2, min_dim_size_to_factor=8, clip_threshold=1.0, error_decay=error_decay
