@@ -184,3 +184,40 @@ def test_params_and_state_can_both_be_donated():
         params, state = step(params, state, grads)
     assert np.all(np.isfinite(params["w"]))
     np.testing.assert_array_equal(umtam_jax.statistics(state)["w"].row.shape, (16,))
+
+
+def _weights(case, rng):
+    w = 0.5 * rng.normal(size=(64, 32))
+    if case == "small_tail":  # ‖W‖ < ‖G‖: only the full norm gives the ratio
+        w[:-1] = 0.0
+        w[-1] *= 1e-3
+    elif case == "large_tail":  # the prefix cannot certify, the full norm does
+        w[:-8] *= 1e-4
+    elif case == "zero":
+        w[:] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("guard", ["cond", "select"])
+@pytest.mark.parametrize("case", ["trained", "small_tail", "large_tail", "zero"])
+def test_adaptive_eps_follows_step_7_with_or_without_the_prefix_certificate(
+    case, guard, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from umtam_jax.optimizer._transform import _adaptive_eps
+
+    if guard == "select":
+        monkeypatch.setattr(
+            jax.lax, "platform_dependent", lambda *args, default, **_: default(*args)
+        )
+    w = _weights(case, np.random.default_rng(3))
+    g_norm = 1.0
+    w_norm = np.linalg.norm(w)
+    expected = 1e-3 * max(1.0, g_norm / w_norm if w_norm > 0 else 1.0)
+    got = jax.jit(lambda g, w: _adaptive_eps(SimpleNamespace(eps=1e-3), g, w))(
+        jnp.float32(g_norm), jnp.asarray(w, jnp.float32)
+    )
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+    if case == "small_tail":
+        assert expected > 1e-3 * 100  # the case exercises a ratio above 1

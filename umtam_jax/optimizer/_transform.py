@@ -282,10 +282,34 @@ def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
 
 
 def _adaptive_eps(cfg: _Config, g_norm: jax.Array, w: jax.Array) -> jax.Array:
-    """Step 7: ``ε_t = eps · max(1, ‖G‖/‖W‖)``, with the ratio taken as 1 where ‖W‖ = 0."""
-    w_norm = _norm(w)
-    ratio = jnp.where(w_norm > 0, g_norm / jnp.where(w_norm > 0, w_norm, 1.0), 1.0)
-    return cfg.eps * jnp.maximum(1.0, ratio)
+    """Step 7: ``ε_t = eps · max(1, ‖G‖/‖W‖)``, with the ratio taken as 1 where ‖W‖ = 0.
+
+    On CPU the full read of ``W`` is skipped when a prefix of its entries already proves
+    ``‖W‖ ≥ ‖G‖`` (then ``ε_t = eps`` exactly): with clipping (‖G‖ ≤ τ) that holds for any
+    trained or initialised weight matrix, and it saves one of the few m×n passes of a
+    step. Elsewhere the full norm is read (a conditional there costs a synchronisation).
+    """
+
+    def full():
+        w_norm = _norm(w)
+        ratio = jnp.where(w_norm > 0, g_norm / jnp.where(w_norm > 0, w_norm, 1.0), 1.0)
+        return cfg.eps * jnp.maximum(1.0, ratio)
+
+    if w.ndim == 0 or _sharding.explicit_spec(w) is not None:
+        return full()
+
+    def certified_first():
+        head = w[: -(-w.shape[0] // _NORM_PREFIX)]  # leading rows: a contiguous prefix
+        # ‖head‖ ≤ ‖W‖, so ‖G‖ ≤ ‖head‖ gives ratio ≤ 1 (NaN compares false: full path).
+        certified = jnp.isfinite(g_norm) & (jnp.sqrt(jnp.sum(jnp.square(head))) >= g_norm)
+        eps = jnp.asarray(cfg.eps, g_norm.dtype)
+        return jax.lax.cond(certified, lambda: eps, lambda: full().astype(eps.dtype))
+
+    return jax.lax.platform_dependent(cpu=certified_first, default=full)
+
+
+_NORM_PREFIX = 8
+""":func:`_adaptive_eps` first reads the leading 1/_NORM_PREFIX of the rows of ``W``."""
 
 
 def _bias_corrections(cfg: _Config, count: jax.Array, dtype: Any) -> tuple[Any, Any]:
