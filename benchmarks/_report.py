@@ -154,10 +154,17 @@ def _section(record: dict[str, Any], stem: str) -> str:
         meta.append(
             ", ".join(f"{k} {env[k]}" for k in ("jax", "optax", "flax") if env.get(k) is not None)
         )
-        if env.get("cpu"):
-            meta.append(f"CPU {env['cpu']} × {env.get('cpu_count')}")
+        cpu = env.get("cpu")
+        if isinstance(cpu, dict):  # benchmarks/_common.environment()
+            meta.append(f"CPU {cpu.get('model')} × {cpu.get('affinity')}")
+            if env.get("backend") not in (None, "cpu"):
+                meta.append(f"device {env.get('device_kind')}")
+        elif cpu:
+            meta.append(f"CPU {cpu} × {env.get('cpu_count')}")
         if env.get("loadavg_1_5_15min") is not None:
             meta.append(f"load avg at write {env['loadavg_1_5_15min']}")
+        elif env.get("loadavg_end") is not None:
+            meta.append(f"load avg at end {[round(x, 2) for x in env['loadavg_end']]}")
     if meta:
         lines += ["_" + "; ".join(meta) + "_", ""]
     body = record.get("markdown")
