@@ -15,18 +15,20 @@ buffer) and prints the criteria of issue 5: captured energy within 1 % and momen
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 
 
-def trajectory(m=256, n=192, signal_rank=16, decay=0.85, steps=60, seed=0):
-    """The test suite's trajectory: a decaying low-rank signal with fluctuating weights."""
-    rng = np.random.default_rng(seed)
-    left, _ = np.linalg.qr(rng.normal(size=(m, signal_rank)))
-    right, _ = np.linalg.qr(rng.normal(size=(n, signal_rank)))
-    spectrum = decay ** np.arange(signal_rank)
-    for _ in range(steps):
-        weights = spectrum * (1 + 0.3 * rng.normal(size=signal_rank))
-        yield (left * weights) @ right.T + 0.05 * rng.normal(size=(m, n)) / np.sqrt(n)
+def _test_trajectory():
+    """``_trajectory`` of ``tests/optimizer/test_behaviour.py``: the very gradients the
+    accuracy tests use (a decaying low-rank signal with fluctuating weights, plus noise)."""
+    path = Path(__file__).resolve().parent.parent / "tests" / "optimizer" / "test_behaviour.py"
+    spec = importlib.util.spec_from_file_location("_umtam_test_behaviour", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._trajectory
 
 
 def momenta(grads, method, rank=16, b1=0.9, error_decay=0.0):
@@ -61,6 +63,7 @@ def momenta(grads, method, rank=16, b1=0.9, error_decay=0.0):
 def main() -> None:
     print("| trajectory | error_decay | method | captured energy (min–max) | error median | max |")
     print("|---|---|---|---|---|---|")
+    trajectory = _test_trajectory()
     for signal_rank, steps in ((16, 60), (64, 40)):
         grads = list(trajectory(signal_rank=signal_rank, steps=steps))
         for error_decay in (0.0, 0.9):
