@@ -740,6 +740,8 @@ def scale_by_umtam(
                 leaf.send(factors)
             except StopIteration as done:
                 d, new = done.value
+            else:  # pragma: no cover - a generator that asks twice is a bug here
+                raise RuntimeError("_update_factored must yield exactly one request")
             directions[index] = d.astype(dtype)
             new_states[index] = new
         return (
