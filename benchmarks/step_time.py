@@ -257,6 +257,25 @@ def table(result: dict) -> str:
     )
 
 
+def report_lines(result: dict) -> list[str]:
+    """The markdown table of one run and a line per target (met or MISSED)."""
+    lines = [table(result)]
+    for name, v in result["targets"].items():
+        state = (
+            ""
+            if v["state_target"] is None
+            else (
+                f", state {v['state_ratio']} (≤ {v['state_target']}: "
+                f"{'met' if v['state_met'] else 'MISSED'})"
+            )
+        )
+        lines.append(
+            f"- target {name}: {v['time_ratio']}× AdamW (≤ {v['time_target']}: "
+            f"{'met' if v['time_met'] else 'MISSED'}){state}"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -308,22 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         result["targets"] = check_targets(result)
         all_met &= all(v["time_met"] and v["state_met"] for v in result["targets"].values())
         payload["runs"].append(result)
-        report.append(table(result))
-        for name, v in result["targets"].items():
-            state = (
-                ""
-                if v["state_target"] is None
-                else (
-                    f", state {v['state_ratio']} (≤ {v['state_target']}: "
-                    f"{'met' if v['state_met'] else 'MISSED'})"
-                )
-            )
-            report.append(
-                f"- target {name}: {v['time_ratio']}× AdamW (≤ {v['time_target']}: "
-                f"{'met' if v['time_met'] else 'MISSED'}){state}"
-            )
-        print("\n".join(report[-1 - len(result["targets"]) :]) + "\n", flush=True)
-        report.append("")
+        section = report_lines(result)
+        print("\n".join(section) + "\n", flush=True)
+        report += [*section, ""]
     payload["markdown"] = (
         f"Device: {env['device_kind']} ({env['backend']}). Wall ms per update (median), "
         "ratio to optax.adamw in the same run, process CPU ms, state bytes ÷ parameter "

@@ -23,7 +23,7 @@ from umtam_jax.optimizer import _sharding
 SVD_METHODS = ("exact", "subspace")
 
 
-def _full_precision(fn):
+def full_precision(fn):
     """Runs ``fn``'s matmuls in full float32: on GPU/TPU the default precision (TF32/bf16
     passes) leaves the Gram-based bases ~1e-4 away from orthonormal (measured on an H100)."""
 
@@ -124,7 +124,7 @@ def _group_by_width(ys: list[jax.Array]) -> dict[tuple, list[int]]:
     return groups
 
 
-@_full_precision
+@full_precision
 def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
     """:func:`orthonormalize` of several tall matrices at once.
 
@@ -176,7 +176,7 @@ def orthonormalize(y: jax.Array) -> jax.Array:
     return orthonormalize_many([y])[0]
 
 
-@_full_precision
+@full_precision
 def exact_svd(matrix: jax.Array, rank: int) -> Decomposition:
     """Truncated SVD from a full (thin) SVD of ``matrix``: the reference method."""
     # Under Explicit sharding this gathers the whole m×n matrix: the reference method only.
@@ -207,7 +207,7 @@ def _small_svd_many(bs: list[jax.Array], rank: list[int]):
     return out
 
 
-@_full_precision
+@full_precision
 def subspace_svd_many(
     matrices: list[jax.Array | LowRankPlusDense],
     warm_starts: list[jax.Array],

@@ -17,6 +17,7 @@ from umtam_jax.optimizer._lowrank import (
     Decomposition,
     LowRankPlusDense,
     exact_svd,
+    full_precision,
     matmul_any,
     subspace_svd_many,
 )
@@ -700,11 +701,11 @@ def scale_by_umtam(
             raise ValueError(
                 "scale_by_umtam needs params: call update(grads, state, params) (SPEC §2.2)"
             )
-        # Full float32 products: the default on GPU/TPU would run them as TF32/bf16 passes,
-        # whose ~1e-3 rounding breaks the orthonormality of U and V (measured on an H100).
-        with jax.default_matmul_precision("highest"):
-            return _update(updates, state, params)
+        return _update(updates, state, params)
 
+    # Full float32 products: the default on GPU/TPU would run them as TF32/bf16 passes,
+    # whose ~1e-3 rounding breaks the orthonormality of U and V (measured on an H100).
+    @full_precision
     def _update(updates, state, params):
         count = optax.safe_increment(state.count)
         grads_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
