@@ -74,13 +74,13 @@ def spectra(opt_state):
     for _, s in flat:
         if not isinstance(s, FactoredLeafState):
             continue
-        if s.error is None:
-            raise ValueError("run with error_decay > 0: E is needed to rebuild M̃")
+        if s.dense_momentum is None:
+            raise ValueError("run with error_decay > 0: the state then keeps M̃")
         r = s.sigma.shape[0]
         u = s.u.reshape(-1, r)
         v = s.v.reshape(-1, r)
         low = (u @ s.sigma) @ v.T
-        m_tilde = low + s.error.reshape(low.shape).astype(low.dtype)
+        m_tilde = s.dense_momentum.reshape(low.shape).astype(low.dtype)
         sv = jnp.linalg.svd(m_tilde.astype(jnp.float32), compute_uv=False)
         out.append((sv, jnp.sum(jnp.square(low)), jnp.sum(jnp.square(m_tilde))))
     return out
@@ -270,7 +270,7 @@ def main(argv=None) -> dict[str, Any]:
             "schedule": "lr × warmup_cosine (as training.py)",
         },
         "definition": "fraction(r) = sum_{i<=r} σ_i² / sum_i σ_i², σ = singular values of "
-        "M̃ = UΣVᵀ + E rebuilt from the optimizer state after each logged step",
+        "M̃ = UΣVᵀ + E read from the optimizer state after each logged step",
         "matrices": shapes,
         "log_steps": log_steps,
         "train_loss_first_last": [losses[0], losses[-1]],

@@ -131,7 +131,7 @@ def hand_opt_state():
             u=jnp.ones((4, 2)),
             sigma=jnp.eye(2),
             v=jnp.full((3, 2), 0.5),
-            error=None,
+            dense_momentum=None,
             row=jnp.ones(4),
             col=jnp.ones(3),
             saliency=jnp.zeros((4, 3)),

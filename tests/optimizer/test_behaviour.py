@@ -184,11 +184,12 @@ def test_multisteps_accumulates_then_applies():
     u1, state = opt.update(g, state, params)
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u1))
     u2, state = opt.update(g, state, params)
-    # The mean of two equal gradients is that gradient: one UMTAM step on it.
+    # The mean of two equal gradients is that gradient: one UMTAM step on it (equal up to
+    # float32 rounding, which the cold-start decomposition amplifies to ~1e-6 absolute).
     single, _ = umtam_jax.umtam(0.1, **SMALL).update(
         g, umtam_jax.umtam(0.1, **SMALL).init(params), params
     )
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u2, single)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), u2, single)
     assert umtam_jax.saliency(state)["bias"].shape == (12,)
 
 
@@ -235,7 +236,7 @@ def test_lean_mode_keeps_no_matrix_sized_buffers():
     opt = umtam_jax.umtam(0.1, error_decay=0.0, saliency="final", **SMALL)
     _, state, _ = _run(opt, params, steps=3)
     leaf = state[0].leaves["dense"]["kernel"]
-    assert leaf.error is None and leaf.saliency is None and leaf.initial is None
+    assert leaf.dense_momentum is None and leaf.saliency is None and leaf.initial is None
     with pytest.raises(ValueError, match="saliency='final'"):
         umtam_jax.saliency(state)
     final = umtam_jax.saliency(
@@ -249,7 +250,7 @@ def test_buffer_dtype_sets_error_and_saliency_dtype():
     opt = umtam_jax.umtam(0.1, buffer_dtype=jnp.bfloat16, **SMALL)
     _, state, _ = _run(opt, _params(), steps=2)
     leaf = state[0].leaves["dense"]["kernel"]
-    assert leaf.error.dtype == jnp.bfloat16 and leaf.saliency.dtype == jnp.bfloat16
+    assert leaf.dense_momentum.dtype == jnp.bfloat16 and leaf.saliency.dtype == jnp.bfloat16
     assert leaf.row.dtype == jnp.float32
 
 
@@ -261,7 +262,7 @@ def test_bfloat16_params_keep_float32_statistics_and_bfloat16_updates():
     updates, state, _ = _run(umtam_jax.umtam(0.1, **SMALL), params, steps=3)
     assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates[-1]))
     leaf = state[0].leaves["dense"]["kernel"]
-    for name in ("u", "sigma", "v", "row", "col", "saliency", "error"):
+    for name in ("u", "sigma", "v", "row", "col", "saliency", "dense_momentum"):
         assert getattr(leaf, name).dtype == jnp.float32, name
     assert leaf.initial.dtype == jnp.bfloat16
     assert state[0].leaves["bias"].nu.dtype == jnp.float32

@@ -110,7 +110,24 @@ def test_default_hyper_parameters_match_reference():
 
 def test_without_error_feedback_matches_reference_and_allocates_no_error():
     state, _ = run_against_reference(Hyper(error_decay=0.0))
-    assert state[0].leaves["kernel"].error is None
+    assert state[0].leaves["kernel"].dense_momentum is None
+
+
+@pytest.mark.parametrize("svd_every", [1, 4])
+def test_error_decay_unlike_b1_matches_reference(svd_every):
+    # b1 ≠ γ: the next momentum γ M̃ + (b1 − γ) U Σ Vᵀ + (1 − b1) G needs the low-rank term.
+    run_against_reference(Hyper(b1=0.8, error_decay=0.5, svd_every=svd_every))
+
+
+def test_state_keeps_the_momentum_whose_compression_error_is_e():
+    state, refs = run_against_reference(Hyper())
+    leaf = state[0].leaves["conv"]
+    r = leaf.sigma.shape[0]
+    low = (np.asarray(leaf.u).reshape(-1, r) @ np.asarray(leaf.sigma)) @ np.asarray(
+        leaf.v
+    ).reshape(-1, r).T
+    error = np.asarray(leaf.dense_momentum).reshape(low.shape) - low
+    assert _relative_error(error, refs["conv"].error) < 1e-8
 
 
 def test_clipping_active_matches_reference():

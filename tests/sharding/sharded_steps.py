@@ -110,7 +110,7 @@ def checkpoint_to_another_mesh(directory: str) -> dict:
         "values_equal": all(jax.tree.leaves(same)),
         "u_spec": _normalized(leaf.u.sharding.spec),
         "v_spec": _normalized(leaf.v.sharding.spec),
-        "error_spec": _normalized(leaf.error.sharding.spec),
+        "dense_momentum_spec": _normalized(leaf.dense_momentum.sharding.spec),
         "a_spec": _normalized(restored_params["a"].sharding.spec),
         "n_devices_u": len(leaf.u.sharding.device_set),
     }
@@ -146,7 +146,7 @@ def main(svd_method: str) -> dict:
                     "update_specs": {k: _spec(v) for k, v in updates[-1].items()},
                     "input_specs": {k: tuple(s) for k, s in specs.items()},
                     "state_a": {
-                        f: _spec(getattr(leaf, f)) for f in ("u", "v", "row", "col", "error")
+                        f: _spec(getattr(leaf, f)) for f in ("u", "v", "row", "col", "dense_momentum")
                     },
                 }
     return report

@@ -61,7 +61,7 @@ def test_updates_and_state_keep_the_parameters_sharding(report, run):
     assert _trim(state["v"]) == _trim([a_cols])
     assert _trim(state["row"]) == _trim([a_rows])
     assert _trim(state["col"]) == _trim([a_cols])
-    assert _trim(state["error"]) == _trim([a_rows, a_cols])
+    assert _trim(state["dense_momentum"]) == _trim([a_rows, a_cols])
 
 
 def test_checkpoint_from_one_mesh_restores_onto_another(report):
@@ -69,5 +69,5 @@ def test_checkpoint_from_one_mesh_restores_onto_another(report):
     assert entry["values_equal"]
     assert entry["a_spec"] == ["model", "data"]
     assert entry["u_spec"] == ["model"] and entry["v_spec"] == ["data"]
-    assert entry["error_spec"] == ["model", "data"]
+    assert entry["dense_momentum_spec"] == ["model", "data"]
     assert entry["n_devices_u"] == 8

@@ -114,7 +114,7 @@ def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, ndim: int) -> Any:
         u=named(*spec[:k], None),
         sigma=named(),
         v=named(*spec[k:], None),
-        error=None if leaf.error is None else full,
+        dense_momentum=None if leaf.dense_momentum is None else full,
         row=named(*spec[:k]),
         col=named(*spec[k:]),
         saliency=None if leaf.saliency is None else full,
@@ -127,7 +127,7 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
     """Shardings of ``optimizer.init(params)`` for sharded ``params``.
 
     Every UMTAM state array is sharded like the parameter it belongs to: ``u`` like the
-    rows of the parameter's 2-D view, ``v`` like its columns, ``error``, ``saliency`` and
+    rows of the parameter's 2-D view, ``v`` like its columns, ``dense_momentum``, ``saliency`` and
     ``initial`` like the parameter, ``row``/``col`` like the matching axes; the r×r core and
     the counters are replicated. Parameter-shaped states of other transforms (e.g. Adam
     moments in a chain) follow the parameters; everything else is replicated.

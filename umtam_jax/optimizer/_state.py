@@ -3,7 +3,7 @@
 Every array of a leaf's state keeps the axes of the parameter it belongs to, so it can be
 sharded like that parameter: for a factored parameter of shape ``rows + cols`` (the 2-D view
 splits the shape after its first ``k`` axes), ``u`` has shape ``rows + (r,)``, ``v`` has shape
-``cols + (r,)``, ``row`` has shape ``rows`` and ``col`` has shape ``cols``; ``error``,
+``cols + (r,)``, ``row`` has shape ``rows`` and ``col`` has shape ``cols``; ``dense_momentum``,
 ``saliency`` and ``initial`` have the parameter's shape. The parameter's shape is therefore
 always ``row.shape + col.shape``, and no static metadata is needed to rebuild dense
 statistics.
@@ -27,7 +27,11 @@ class FactoredLeafState(NamedTuple):
       sigma: ``(r, r)`` core of the momentum ``U Σ Vᵀ`` (diagonal right after a
         decomposition, a full core between refreshes, SPEC §2.5).
       v: right factor, shape ``cols + (r,)``.
-      error: compression error ``E`` (parameter shape), ``None`` when ``error_decay == 0``.
+      dense_momentum: the last step's momentum ``M̃`` before its rank-r compression
+        (parameter shape), so that the compression error is ``E = M̃ − U Σ Vᵀ``; ``None``
+        when ``error_decay == 0``. Keeping ``M̃`` rather than ``E`` (same size) lets the next
+        step form ``b1 U Σ Vᵀ + γ E = γ M̃ + (b1 − γ) U Σ Vᵀ`` without expanding ``U Σ Vᵀ``
+        when ``b1 == γ`` (the defaults).
       row: row second moments ``R`` (shape ``rows``).
       col: column second moments ``C`` (shape ``cols``).
       saliency: tracked saliency ``S`` (parameter shape), ``None`` with ``saliency="final"``.
@@ -38,7 +42,7 @@ class FactoredLeafState(NamedTuple):
     u: Array
     sigma: Array
     v: Array
-    error: Array | None
+    dense_momentum: Array | None
     row: Array
     col: Array
     saliency: Array | None

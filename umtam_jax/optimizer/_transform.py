@@ -223,11 +223,17 @@ def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
     u = jax.random.normal(key_u, rows_shape + (r,), dtype) / math.sqrt(layout.rows * r)
     v = jax.random.normal(key_v, cols_shape + (r,), dtype) / math.sqrt(layout.cols * r)
     place = lambda x, axes: _sharding.place_like(x, param, axes)  # noqa: E731
+    sigma = cfg.eps * jnp.eye(r, dtype=dtype)
+    dense_momentum = None
+    if not _is_static_zero(cfg.error_decay):
+        # M̃_0 = U_0 Σ_0 V_0ᵀ + E_0 with E_0 = 0 (see FactoredLeafState.dense_momentum).
+        expanded = (u.reshape(layout.rows, r) @ sigma) @ v.reshape(layout.cols, r).T
+        dense_momentum = place(expanded.reshape(param.shape).astype(buffer_dtype), spec)
     return FactoredLeafState(
         u=place(u, spec[:k] + (None,)),
-        sigma=cfg.eps * jnp.eye(r, dtype=dtype),
+        sigma=sigma,
         v=place(v, spec[k:] + (None,)),
-        error=None if _is_static_zero(cfg.error_decay) else jnp.zeros_like(param, buffer_dtype),
+        dense_momentum=None if _is_static_zero(cfg.error_decay) else dense_momentum,
         row=place(jnp.full(rows_shape, cfg.eps, dtype), spec[:k]),
         col=place(jnp.full(cols_shape, cfg.eps, dtype), spec[k:]),
         saliency=saliency,
@@ -491,13 +497,14 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
     ``(direction, new_state)``.
 
     Work per step (r the rank, every product below is m×n×r unless noted): the momentum
-    ``M̃ = b1 U Σ Vᵀ + X`` with ``X = (1 − b1) s G + γ E`` (s the clip factor) is
-    materialised only when it is needed as a whole: for ``E ← M̃ − U' Σ' V'ᵀ``, for the
-    exact SVD and for the adaptive rank's ‖M̃‖_F. Otherwise (γ = 0) it stays a
-    :class:`LowRankPlusDense` and ``M̃ Ω``, ``Qᵀ M̃`` cost one product with G each. Per step:
-    refresh with E: build M̃ (1), sketch (1), project (1), new momentum (1); refresh without
-    E: 3; fixed basis (svd_every > 1): with E 3, without E 2 (``Uᵀ M̃ V`` and the new
-    momentum). The decomposition and the outputs are then elementwise passes that XLA fuses.
+    ``M̃ = γ M̃_prev + (b1 − γ) U Σ Vᵀ + (1 − b1) s G`` (s the clip factor) is materialised
+    only when it is needed as a whole: to keep it in the state (γ > 0), for the exact SVD and
+    for the adaptive rank's ‖M̃‖_F. With b1 = γ the old momentum is not expanded. Without
+    the buffer (γ = 0) it stays a :class:`LowRankPlusDense` ``b1 U Σ Vᵀ + (1 − b1) s G``,
+    and ``M̃ Ω``, ``Qᵀ M̃`` cost one product with G each. Per step: refresh: sketch (1),
+    project (1), new momentum (1), plus one to build M̃ when γ > 0 and b1 ≠ γ; fixed basis
+    (svd_every > 1): ``Uᵀ M̃ V`` (1) and the new momentum (1), plus the same build product.
+    The decomposition and the outputs are then elementwise passes that XLA fuses.
     """
     dtype = state.sigma.dtype
     shape = w.shape
@@ -509,14 +516,20 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
     u, v, sigma = state.u.reshape(m, r), state.v.reshape(n, r), state.sigma
     mask = _active_mask(state.rank, r, dtype)
 
-    # Step 2: M̃ = b1 U Σ Vᵀ + X, X = (1 − b1) G̃ + γ E with G̃ = clip_scale · G.
+    # Step 2: M̃ = b1 U Σ Vᵀ + (1 − b1) G̃ + γ E with G̃ = clip_scale · G. The state keeps
+    # M̃_prev instead of E = M̃_prev − U Σ Vᵀ, so M̃ = γ M̃_prev + (b1 − γ) U Σ Vᵀ + (1 − b1) G̃:
+    # with b1 = γ (the defaults) the old momentum is never expanded.
     g_coef = (1 - cfg.b1) * clip_scale
     m_tilde = None
-    if state.error is not None or cfg.adaptive_rank or cfg.svd_method == "exact":
-        x = g_coef * g
-        if state.error is not None:
-            x = x + cfg.error_decay * state.error.astype(dtype).reshape(m, n)
-        m_tilde = cfg.b1 * ((u @ sigma) @ v.T) + x
+    if state.dense_momentum is not None or cfg.adaptive_rank or cfg.svd_method == "exact":
+        m_tilde = g_coef * g
+        low_rank_coef = cfg.b1
+        if state.dense_momentum is not None:
+            previous = state.dense_momentum.astype(dtype).reshape(m, n)
+            m_tilde = m_tilde + cfg.error_decay * previous
+            low_rank_coef = cfg.b1 - cfg.error_decay
+        if not _is_static_zero(low_rank_coef):
+            m_tilde = m_tilde + (u @ (low_rank_coef * sigma)) @ v.T
         operand = m_tilde
     else:
         operand = LowRankPlusDense(g, g_coef, u @ (cfg.b1 * sigma), v)
@@ -542,10 +555,11 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
         saliency = (saliency + (1 - cfg.saliency_decay) * fresh).reshape(shape)
         saliency = saliency.astype(state.saliency.dtype)
 
-    error = None
-    if state.error is not None:
-        # Step 4: E ← M̃ − U Σ Vᵀ (also between refreshes, SPEC §2.5).
-        error = (m_tilde - momentum).reshape(shape).astype(state.error.dtype)
+    dense_momentum = None
+    if state.dense_momentum is not None:
+        # Step 4, E ← M̃ − U Σ Vᵀ (also between refreshes, SPEC §2.5), is kept implicit:
+        # the state holds M̃ itself, and E = M̃ − U Σ Vᵀ with the new factors.
+        dense_momentum = m_tilde.reshape(shape).astype(state.dense_momentum.dtype)
 
     rank = state.rank
     if rank is not None:
@@ -556,7 +570,7 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
         u=new_u.reshape(state.u.shape),
         sigma=new_sigma,
         v=new_v.reshape(state.v.shape),
-        error=error,
+        dense_momentum=dense_momentum,
         row=row.reshape(state.row.shape),
         col=col.reshape(state.col.shape),
         saliency=saliency,
@@ -612,7 +626,8 @@ def scale_by_umtam(
       b1: momentum decay β1 in [0, 1).
       b2: second-moment decay β2 in [0, 1).
       eps: ε > 0, scaled per step into the adaptive ε_t.
-      error_decay: error-feedback weight γ; ``0`` allocates no error buffer at all.
+      error_decay: error-feedback weight γ; ``0`` allocates no m×n momentum buffer at all
+        (with γ > 0 the state keeps M̃, from which ``E = M̃ − U Σ Vᵀ``).
       clip_threshold: per-parameter Frobenius-norm clipping threshold τ (``None``: off).
       saliency_decay: saliency EMA decay α in [0, 1).
       svd_method: ``"exact"`` (full SVD, the reference) or ``"subspace"`` (warm-started
@@ -629,7 +644,8 @@ def scale_by_umtam(
       bias_correction: divide the momentum by ``1 − b1^t`` and Ŝ (dense: v) by ``1 − b2^t``.
       saliency: ``"tracked"`` keeps W0 and S in the state; ``"final"`` keeps neither (merge
         code computes S once from the expert, the base and R, C).
-      buffer_dtype: dtype of the m×n buffers E and S (default: the compute dtype).
+      buffer_dtype: dtype of the m×n buffers (the momentum M̃ kept for error feedback, and
+        S; default: the compute dtype).
       adaptive_rank: adapt the rank with Eq. 16 (buffers sized ``max_rank``).
       max_rank: buffer rank with adaptive rank (default ``2 * rank``).
       min_rank: lower bound of the adaptive rank.
