@@ -123,9 +123,9 @@ def test_state_keeps_the_momentum_whose_compression_error_is_e():
     state, refs = run_against_reference(Hyper())
     leaf = state[0].leaves["conv"]
     r = leaf.sigma.shape[0]
-    low = (np.asarray(leaf.u).reshape(-1, r) @ np.asarray(leaf.sigma)) @ np.asarray(
-        leaf.v
-    ).reshape(-1, r).T
+    low = (np.asarray(leaf.u).reshape(-1, r) @ np.asarray(leaf.sigma)) @ np.asarray(leaf.v).reshape(
+        -1, r
+    ).T
     error = np.asarray(leaf.dense_momentum).reshape(low.shape) - low
     assert _relative_error(error, refs["conv"].error) < 1e-8
 

@@ -146,7 +146,8 @@ def main(svd_method: str) -> dict:
                     "update_specs": {k: _spec(v) for k, v in updates[-1].items()},
                     "input_specs": {k: tuple(s) for k, s in specs.items()},
                     "state_a": {
-                        f: _spec(getattr(leaf, f)) for f in ("u", "v", "row", "col", "dense_momentum")
+                        f: _spec(getattr(leaf, f))
+                        for f in ("u", "v", "row", "col", "dense_momentum")
                     },
                 }
     return report
