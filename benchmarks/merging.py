@@ -15,7 +15,7 @@ Sections:
 3. UMTAM ablations (Table 3): curvature_pruning, sign_election, curvature_aggregation off
    one at a time, and ``normalize="selected"`` vs ``"all"`` (each re-selected on the
    main UMTAM grid; with ``--quick`` on its scaling grid at the main table's density).
-4. Memory modes (Table 9): experts trained with ``error_decay=0`` (no error buffer;
+4. Memory modes (Table 9): experts trained with ``error_decay=0`` (no m×n momentum buffer;
    a different trajectory, so retrained) and with ``saliency="final"`` (no tracked
    saliency). The saliency does not enter the update, so ``saliency="final"`` experts
    have bit-identical parameters; their statistics are the default ones with the

@@ -99,7 +99,7 @@ def optimizers(*, exact: bool = True, extra: bool = True) -> dict[str, Callable[
     if extra:
         lean = dict(error_decay=0.0, saliency="final")
         cases["umtam default svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4)
-        cases["umtam default bf16 E/S"] = lambda: umtam_jax.umtam(LR, buffer_dtype="bfloat16")
+        cases["umtam default bf16 M̃/S"] = lambda: umtam_jax.umtam(LR, buffer_dtype="bfloat16")
         cases["umtam lean svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4, **lean)
         cases["umtam lean svd_every=16"] = lambda: umtam_jax.umtam(LR, svd_every=16, **lean)
         cases["umtam lean rank=8"] = lambda: umtam_jax.umtam(LR, rank=8, **lean)

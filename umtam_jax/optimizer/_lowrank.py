@@ -56,7 +56,7 @@ def _tn(q: jax.Array, a: jax.Array) -> jax.Array:
 class LowRankPlusDense(NamedTuple):
     """The matrix ``scale · dense + left @ rightᵀ`` without materialising it.
 
-    UMTAM's ``M̃ = b1 U Σ Vᵀ + (1 − b1) G`` (no error buffer) has this form: products with
+    UMTAM's ``M̃ = b1 U Σ Vᵀ + (1 − b1) G`` (no error feedback) has this form: products with
     it cost one m×n×k matmul with ``dense`` plus thin ones, instead of an extra m×n×r
     matmul and two m×n passes to build ``M̃`` first.
     """

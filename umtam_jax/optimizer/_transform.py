@@ -821,7 +821,7 @@ def umtam(
       b1: momentum decay.
       b2: second-moment decay.
       eps: base regulariser of the preconditioner.
-      error_decay: error-feedback weight γ (0: no error buffer).
+      error_decay: error-feedback weight γ (0: no m×n momentum buffer).
       clip_threshold: per-parameter gradient-norm clipping (``None``: off).
       saliency_decay: saliency EMA decay α.
       weight_decay: decoupled weight decay, applied as in ``optax.adamw``.

@@ -1,0 +1,194 @@
+"""Where one optimizer update spends its time: XLA thunk time per kind of operation.
+
+Runs ``jax.profiler`` around a few jitted, state-donating updates on the GPT-2-shaped
+pytree of ``step_time.py`` and sums the duration of every XLA thunk over the runtime's
+worker threads, grouped by what the thunk computes (from the compiled HLO):
+
+- ``product m×n×r → m×r`` (sketches ``M̃ V``, thin ``Y W`` products), ``→ r×n``
+  (projections ``Qᵀ M̃``), ``→ m×n`` (expansions ``U Σ Vᵀ``), ``small`` (r×r outputs);
+- ``reduction`` (row/column sums of G², norms);
+- ``elementwise`` passes, by number of m×n operands (e.g. the saliency update reads three);
+- ``eigh`` / ``svd`` (the batched k×k linear algebra), and the rest.
+
+Thread time is summed over the (here two) worker threads, so it exceeds the wall time
+when both are busy. Prints a markdown table; nothing is written.
+
+Usage::
+
+    .venv/bin/python benchmarks/profile_step.py                 # UMTAM default, lean, AdamW
+    .venv/bin/python benchmarks/profile_step.py --only lean --blocks 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see step_time.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+_INSTRUCTION = re.compile(r"^\s*%([\w.\-]+) = (\S+) (\w[\w\-]*)\((.*?)\)(.*)$")
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    """Body lines of every computation of an HLO module text, by name."""
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
+        if header:
+            name = header.group(1)
+            bodies[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            bodies[name].append(line)
+    return bodies
+
+
+def _dims(shape: str) -> tuple[int, ...]:
+    inner = re.search(r"\[([\d,]*)\]", shape)
+    if not inner or not inner.group(1):
+        return ()
+    return tuple(int(d) for d in inner.group(1).split(","))
+
+
+def classify(hlo: str, rank: int) -> dict[str, str]:
+    """Maps each instruction name of the entry computation (and of nested computations)
+    to a category label."""
+    bodies = _computations(hlo)
+    shapes = {}
+    for lines in bodies.values():
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if match:
+                shapes[match.group(1)] = _dims(match.group(2))
+    labels = {}
+    for lines in bodies.values():
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if not match:
+                continue
+            name, shape, opcode, operands, rest = match.groups()
+            dims = _dims(shape)
+            called = re.search(r"calls=%([\w.\-]+)", rest)
+            body = "\n".join(bodies.get(called.group(1), [])) if called else ""
+            ops = set(re.findall(r"= \S+ (\w[\w\-]*)\(", body)) | {opcode}
+            if opcode in ("custom-call",) or "eigh" in name or "svd" in name:
+                labels[name] = (
+                    "eigh / svd / LAPACK"
+                    if re.search(r"eigh|svd|lapack|qr", line)
+                    else "custom call"
+                )
+            elif "dot" in ops or "convolution" in ops:
+                if len(dims) == 2 and min(dims) > rank:
+                    labels[name] = "product → m×n (expansion)"
+                elif len(dims) == 2 and dims[0] <= rank < dims[1]:
+                    labels[name] = "product → r×n (projection)"
+                elif len(dims) >= 2 and dims[-1] <= rank < dims[-2]:
+                    labels[name] = "product → m×r (sketch, thin)"
+                else:
+                    labels[name] = "product, small"
+            elif "reduce" in ops and (len(dims) <= 1):
+                labels[name] = "reduction"
+            elif len(dims) == 2 and min(dims) > rank:
+                names = re.findall(r"%([\w.\-]+)", operands)
+                large = sum(
+                    1 for o in names if len(shapes.get(o, ())) == 2 and min(shapes[o]) > rank
+                )
+                labels[name] = f"elementwise m×n pass reading {large} m×n array(s)"
+            else:
+                labels[name] = "other (small)"
+    return labels
+
+
+def profile(opt, params, grads, *, steps: int = 10) -> dict[str, float]:
+    """Milliseconds of thunk time per category and step, plus ``wall``."""
+    import time
+
+    import jax
+    from jax._src.lib import _profile_data
+    from step_time import _update_step
+
+    step, _ = _update_step(opt, params, grads)
+    for _ in range(3):
+        step()
+    state = opt.init(params)
+    jitted = jax.jit(lambda g, s, p: opt.update(g, s, p)[::-1], donate_argnums=1)
+    labels = classify(jitted.lower(grads, state, params).compile().as_text(), rank=64)
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+        jax.profiler.stop_trace()
+        trace = next(Path(folder).rglob("*.xplane.pb"))
+        data = _profile_data.ProfileData.from_file(str(trace))
+    totals: dict[str, float] = collections.defaultdict(float)
+    for plane in data.planes:
+        for line in plane.lines:
+            if "Eigen" not in line.name and "XLA" not in line.name:
+                continue
+            for event in line.events:
+                base = event.name.removeprefix("end: ")
+                if base.startswith(("ThunkExecutor", "SlinkyThreadPool")) or " " in base:
+                    continue
+                label = labels.get(base) or labels.get(re.sub(r"\.\d+$", "", base), "other")
+                totals[label] += event.duration_ns / 1e6 / steps
+    totals = dict(totals)
+    totals["wall"] = wall * 1e3
+    return totals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--only", nargs="+", default=None, help="substrings of names to run")
+    args = parser.parse_args(argv)
+
+    import jax
+    import optax
+    from _common import gpt2_params, like
+
+    import umtam_jax
+
+    params = jax.device_put(gpt2_params(args.blocks))
+    grads = jax.device_put(like(params, seed=1))
+    cases = {
+        "optax.adamw": lambda: optax.adamw(1e-3),
+        "umtam default": lambda: umtam_jax.umtam(1e-3),
+        "umtam lean": lambda: umtam_jax.umtam(1e-3, error_decay=0.0, saliency="final"),
+    }
+    results = {}
+    for name, factory in cases.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        results[name] = profile(factory(), params, grads)
+    names = list(results)
+    categories = sorted(
+        {c for r in results.values() for c in r if c != "wall"},
+        key=lambda c: -max(r.get(c, 0.0) for r in results.values()),
+    )
+    print(f"{args.blocks} blocks, thunk time per update summed over worker threads (ms)\n")
+    print("| category | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for category in categories:
+        cells = [f"{results[n].get(category, 0.0):.1f}" for n in names]
+        print(f"| {category} | " + " | ".join(cells) + " |")
+    total = [f"**{sum(v for k, v in results[n].items() if k != 'wall'):.1f}**" for n in names]
+    print("| **all thunks** | " + " | ".join(total) + " |")
+    print(
+        "| wall time per update | " + " | ".join(f"{results[n]['wall']:.1f}" for n in names) + " |"
+    )
+    print(f"\nload average {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
