@@ -16,7 +16,8 @@ Sections:
    one at a time, and ``normalize="selected"`` vs ``"all"`` (each re-selected on the
    main UMTAM grid; with ``--quick`` on its scaling grid at the main table's density).
 4. Memory modes (Table 9): experts trained with ``error_decay=0`` (no m×n momentum buffer;
-   a different trajectory, so retrained) and with ``saliency="final"`` (no tracked
+   a different trajectory, so retrained), with ``buffer_dtype="bfloat16"`` (M̃ and S
+   stored in bfloat16; retrained) and with ``saliency="final"`` (no tracked
    saliency). The saliency does not enter the update, so ``saliency="final"`` experts
    have bit-identical parameters; their statistics are the default ones with the
    tracked saliency removed (``saliency=None``), exactly what a ``saliency="final"``
@@ -101,6 +102,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--skip-error-decay0", action="store_true", help="do not train the error_decay=0 experts"
+    )
+    ap.add_argument(
+        "--skip-bf16",
+        action="store_true",
+        help='do not train the buffer_dtype="bfloat16" experts',
     )
     ap.add_argument(
         "--memory-only",
@@ -262,6 +268,24 @@ def main(argv=None) -> int:
         memory["error_decay=0"] = {
             "merge": select("umtam", vgrid, exps=exps0, st=st0),
             "experts": {e.task: e.scores for e in exps0},
+        }
+    if not args.skip_bf16:
+        kw16 = {**P.DEMO_UMTAM_KWARGS, "buffer_dtype": "bfloat16"}
+        _, _, exps16 = P.prepare_experts(
+            tasks,
+            config,
+            workdir,
+            optimizer_kwargs=kw16,
+            tag="bf16",
+            base_encoder=base,
+            ttasks=ttasks,
+            progress=prog,
+        )
+        memory['buffer_dtype="bfloat16" (M̃ and S)'] = {
+            "merge": select(
+                "umtam", vgrid, exps=exps16, st=[e.statistics["encoder"] for e in exps16]
+            ),
+            "experts": {e.task: e.scores for e in exps16},
         }
     timings["memory_modes"] = time.perf_counter() - t
 
