@@ -248,18 +248,23 @@ def main(argv=None) -> int:
             "experts": {e.task: e.scores for e in experts},
             "note": "same parameters (saliency does not enter the update); S recomputed at merge",
         }
-    if not args.skip_error_decay0:
-        kw0 = {**P.DEMO_UMTAM_KWARGS, "error_decay": 0.0}
-        _, _, exps0 = P.prepare_experts(
+
+    def retrained(tag: str, **changes: Any) -> list:
+        """The experts trained with the demo's UMTAM settings changed by ``changes``."""
+        kwargs = {**P.DEMO_UMTAM_KWARGS, **changes}
+        return P.prepare_experts(
             tasks,
             config,
             workdir,
-            optimizer_kwargs=kw0,
-            tag="ed0",
+            optimizer_kwargs=kwargs,
+            tag=tag,
             base_encoder=base,
             ttasks=ttasks,
             progress=prog,
-        )
+        )[2]
+
+    if not args.skip_error_decay0:
+        exps0 = retrained("ed0", error_decay=0.0)
         st0 = [e.statistics["encoder"] for e in exps0]
         memory['error_decay=0 + saliency="final" (lean)'] = {
             "merge": select("umtam", vgrid, exps=exps0, st=[_drop_saliency(s) for s in st0]),
@@ -270,17 +275,7 @@ def main(argv=None) -> int:
             "experts": {e.task: e.scores for e in exps0},
         }
     if not args.skip_bf16:
-        kw16 = {**P.DEMO_UMTAM_KWARGS, "buffer_dtype": "bfloat16"}
-        _, _, exps16 = P.prepare_experts(
-            tasks,
-            config,
-            workdir,
-            optimizer_kwargs=kw16,
-            tag="bf16",
-            base_encoder=base,
-            ttasks=ttasks,
-            progress=prog,
-        )
+        exps16 = retrained("bf16", buffer_dtype="bfloat16")
         memory['buffer_dtype="bfloat16" (M̃ and S)'] = {
             "merge": select(
                 "umtam", vgrid, exps=exps16, st=[e.statistics["encoder"] for e in exps16]
