@@ -99,3 +99,39 @@ def test_training_and_spectrum_quick_path(tmp_path, bench_modules):
     )
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## training_quick" in md and "## spectrum_quick" in md
+
+
+def test_profile_step_classifies_products_passes_and_reductions():
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        profile_step = importlib.import_module("profile_step")
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def step(g, u, v, w, s):
+        sketch = g @ v  # m×r
+        projection = u.T @ g  # r×n
+        expansion = u @ v.T  # m×n
+        pass3 = 0.9 * s + (w - g) ** 2  # reads three m×n arrays
+        return sketch, projection, expansion * 2.0, pass3, jnp.sum(g * g, axis=1)
+
+    m, n, r = 96, 80, 4
+    args = [
+        jnp.ones((m, n)),
+        jnp.ones((m, r)),
+        jnp.ones((n, r)),
+        jnp.ones((m, n)),
+        jnp.ones((m, n)),
+    ]
+    hlo = jax.jit(step).lower(*args).compile().as_text()
+    labels = set(profile_step.classify(hlo, rank=8).values())
+    assert {
+        "product → m×r (sketch, thin)",
+        "product → r×n (projection)",
+        "product → m×n (expansion)",
+        "elementwise m×n pass reading 3 m×n array(s)",
+        "reduction",
+    } <= labels
