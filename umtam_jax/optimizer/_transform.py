@@ -223,17 +223,19 @@ def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
     u = jax.random.normal(key_u, rows_shape + (r,), dtype) / math.sqrt(layout.rows * r)
     v = jax.random.normal(key_v, cols_shape + (r,), dtype) / math.sqrt(layout.cols * r)
     place = lambda x, axes: _sharding.place_like(x, param, axes)  # noqa: E731
+    u, v = place(u, spec[:k] + (None,)), place(v, spec[k:] + (None,))
     sigma = cfg.eps * jnp.eye(r, dtype=dtype)
     dense_momentum = None
     if not _is_static_zero(cfg.error_decay):
-        # M̃_0 = U_0 Σ_0 V_0ᵀ + E_0 with E_0 = 0 (see FactoredLeafState.dense_momentum).
-        expanded = (u.reshape(layout.rows, r) @ sigma) @ v.reshape(layout.cols, r).T
-        dense_momentum = place(expanded.reshape(param.shape).astype(buffer_dtype), spec)
+        # M̃_0 = U_0 Σ_0 V_0ᵀ + E_0 with E_0 = 0 (see FactoredLeafState.dense_momentum),
+        # contracted over r only, so that it is computed sharded like the parameter.
+        expanded = jnp.tensordot(cfg.eps * u, v, axes=((k,), (v.ndim - 1,)))
+        dense_momentum = place(expanded.astype(buffer_dtype), spec)
     return FactoredLeafState(
-        u=place(u, spec[:k] + (None,)),
+        u=u,
         sigma=sigma,
-        v=place(v, spec[k:] + (None,)),
-        dense_momentum=None if _is_static_zero(cfg.error_decay) else dense_momentum,
+        v=v,
+        dense_momentum=dense_momentum,
         row=place(jnp.full(rows_shape, cfg.eps, dtype), spec[:k]),
         col=place(jnp.full(cols_shape, cfg.eps, dtype), spec[k:]),
         saliency=saliency,
