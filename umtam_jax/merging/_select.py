@@ -7,10 +7,10 @@ scores are broken deterministically in favour of the lower flat index (row-major
 count is exact even when many scores tie (e.g. all-zero saliencies).
 
 Implementation: an exact radix select. Scores are mapped to unsigned integers with the same
-order (the IEEE-754 bit pattern, sign-flipped), the k-th largest key is found bit by bit
-from the most significant one (32 passes of ``count(key >= candidate)`` for float32, 64 for
-float64), and the mask is ``key > t`` plus the first ``k − count(key > t)`` entries equal to
-``t`` in flat order (a cumulative sum). This is the same mask as ``jax.lax.top_k`` on the
+order (the IEEE-754 bit pattern, sign-flipped), the k-th largest key ``t`` is found 16 bits
+at a time from the most significant digit (one histogram pass per digit: 2 for float32, 4
+for float64), and the mask is ``key > t`` plus the first ``k − count(key > t)`` entries
+equal to ``t`` in flat order (a cumulative sum). This is the same mask as ``jax.lax.top_k`` on the
 flattened scores scattered into a boolean array (``top_k`` also returns the lower index
 first among equal values), but it streams over the scores instead of sorting them.
 Measured with jit on the project's 2-core CPU, k = 0.2 N, float32: N = 1M, 0.15 s for
@@ -49,25 +49,53 @@ def _sortable_keys(x: jax.Array) -> tuple[jax.Array, Any, int]:
     return bits ^ flip, utype, nbits
 
 
+DIGIT_BITS = 16
+"""Bits resolved per histogram pass of the radix select (2 passes for float32)."""
+
+
+def _kth_largest_key(keys: jax.Array, k: int, utype: Any, nbits: int):
+    """The k-th largest of ``keys`` (unsigned), by most-significant-digit radix select.
+
+    Each pass histograms one ``DIGIT_BITS``-bit digit of the keys that share the digits
+    found so far (a scatter-add into ``2**DIGIT_BITS`` bins, the other keys go to an extra
+    bin) and picks the digit that holds the k-th largest: ``nbits / DIGIT_BITS`` passes.
+
+    Returns:
+      ``(t, need, ties)``: the key ``t``, how many keys equal to ``t`` belong to the top k
+      (``k − count(keys > t)``) and how many keys equal ``t``.
+    """
+    bins = 1 << DIGIT_BITS
+    digit_mask = utype(bins - 1)
+    prefix = utype(0)
+    rank = jnp.asarray(k, jnp.int32)  # wanted rank among the keys matching ``prefix``
+    for level in range(nbits // DIGIT_BITS):
+        shift = utype(nbits - (level + 1) * DIGIT_BITS)
+        digit = ((keys >> shift) & digit_mask).astype(jnp.int32)
+        if level:
+            high = shift + utype(DIGIT_BITS)
+            digit = jnp.where((keys >> high) == (prefix >> high), digit, bins)
+        hist = jnp.bincount(digit, length=bins + 1)[:bins].astype(jnp.int32)
+        at_least = jnp.cumsum(hist[::-1])[::-1]  # matching keys with digit >= d
+        chosen = jnp.max(jnp.where(at_least >= rank, jnp.arange(bins), -1))
+        rank = rank - (at_least[chosen] - hist[chosen])  # minus those with a larger digit
+        prefix = prefix | (chosen.astype(utype) << shift)
+    return prefix, rank, hist[chosen]
+
+
 def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
     flat = scores.reshape(-1)
     n = flat.shape[0]
     if k >= n:
         return jnp.ones(scores.shape, bool)
     keys, utype, nbits = _sortable_keys(flat)
+    t, need, ties = _kth_largest_key(keys, k, utype, nbits)
 
-    def refine(i, t):
-        candidate = t | (utype(1) << (utype(nbits - 1) - i.astype(utype)))
-        enough = jnp.sum(keys >= candidate, dtype=jnp.int32) >= k
-        return jnp.where(enough, candidate, t)
+    def first_ties():  # more keys equal t than fit: the first ``need`` in flat order
+        equal = keys == t
+        return (keys > t) | (equal & (jnp.cumsum(equal, dtype=jnp.int32) <= need))
 
-    # t: the largest key with at least k keys >= t, i.e. the k-th largest key.
-    t = jax.lax.fori_loop(0, nbits, refine, utype(0))
-    above = keys > t
-    need = k - jnp.sum(above, dtype=jnp.int32)
-    equal = keys == t
-    first_equal = equal & (jnp.cumsum(equal, dtype=jnp.int32) <= need)
-    return (above | first_equal).reshape(scores.shape)
+    mask = jax.lax.cond(need == ties, lambda: keys >= t, first_ties)
+    return mask.reshape(scores.shape)
 
 
 @functools.partial(jax.jit, static_argnums=1)
