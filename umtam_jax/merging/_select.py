@@ -12,12 +12,12 @@ at a time from the most significant digit (one histogram pass per digit: 2 for f
 for float64), and the mask is ``key > t`` plus the first ``k − count(key > t)`` entries
 equal to ``t`` in flat order (a cumulative sum). This is the same mask as ``jax.lax.top_k`` on the
 flattened scores scattered into a boolean array (``top_k`` also returns the lower index
-first among equal values), but it streams over the scores instead of sorting them.
-Measured with jit on the project's 2-core CPU, k = 0.2 N, float32: N = 1M, 0.15 s for
-``top_k`` + scatter against 0.37 s for a full ``jnp.sort`` threshold and 0.42 s for a
-stable ``argsort`` (idle machine); and, with the machine shared by other jobs, N = 100k /
-1M / 11.7M (MiniLM's embedding): 0.017 / 0.26 / 9.6 s for ``top_k`` against
-0.007 / 0.08 / 1.3 s for the radix select, which is therefore used.
+first among equal values), but it streams over the scores instead of sorting them: with jit
+on the project's 2-core CPU, k = 0.2 N, float32, N = 1M / 10M / 38.6M, 0.005 / 0.073 /
+0.49 s, against 0.014 / 0.20 / 1.06 s for the previous 1-bit radix select (32 counting
+passes) and 0.12 / 3.2 s for ``top_k`` + scatter at 1M / 10M
+(``benchmarks/merge_time.py``). The tie-breaking cumulative sum runs only when more keys
+equal ``t`` than fit.
 Bit patterns order ``-0.0`` below ``+0.0`` and NaN above ``+inf`` (NaN scores are kept
 first).
 """

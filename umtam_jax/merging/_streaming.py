@@ -46,6 +46,7 @@ from umtam_jax.merging import _baselines as B
 from umtam_jax.merging import _fisher as F
 from umtam_jax.merging import _umtam as U
 from umtam_jax.merging import _validation as V
+from umtam_jax.merging._select import DIGIT_BITS as _DIGIT_BITS
 from umtam_jax.merging._select import _sortable_keys, keep_count
 
 __all__ = ["merge_checkpoints", "validate_merge_checkpoints"]
@@ -65,7 +66,6 @@ C = _LazyCheckpointModule()
 
 # Default size of the groups of leaves read together (bytes of the base's leaves).
 DEFAULT_GROUP_BYTES = 16 * 2**20
-_DIGIT_BITS = 16
 
 
 @dataclasses.dataclass(frozen=True)
