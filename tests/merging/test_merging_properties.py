@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -262,3 +263,34 @@ def test_topk_mask_matches_stable_argsort(data, n, pool):
     with jax.enable_x64(True):
         got = topk_mask(jnp.asarray(scores.astype(np.float64)), k)
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 37, 500, 999, 1000, "boundary"])
+def test_topk_mask_on_large_tensors_with_ties_nan_and_signed_zeros(dtype, k):
+    # 1000 scores from a few values: both the exact-fit path (every key equal to the k-th
+    # largest is kept) and the tie-breaking path (only the first ones in flat order) occur.
+    from umtam_jax.merging._select import topk_mask
+
+    rng = np.random.default_rng(7)
+    pool = np.asarray([np.nan, np.inf, 3.5, 1e-30, 0.0, -0.0, -2.0, -np.inf], dtype)
+    scores = pool[rng.integers(0, len(pool), 1000)]
+    scores[rng.integers(0, 1000, 200)] = rng.normal(size=200).astype(dtype)  # distinct ones
+    if k == "boundary":  # the k-th largest is the last +inf: all its ties fit exactly
+        k = int(np.isnan(scores).sum() + (scores == np.inf).sum())
+    # Reference order: NaN first, then descending, -0.0 below +0.0, lower index first.
+    order = sorted(
+        range(scores.size),
+        key=lambda i: (
+            not np.isnan(scores[i]),
+            0.0 if np.isnan(scores[i]) else -scores[i],
+            bool(np.signbit(scores[i])),
+            i,
+        ),
+    )
+    want = np.zeros(scores.size, bool)
+    want[order[:k]] = True
+    with jax.enable_x64(dtype == np.float64):
+        got = np.asarray(topk_mask(jnp.asarray(scores), k))
+    assert got.sum() == k
+    np.testing.assert_array_equal(got, want)
