@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import RESULTS, environment, gpt2_params, markdown_table, write_json  # noqa: E402
+from _report import regenerate_results_md  # noqa: E402
 
 EXPERTS = 4
 DENSITY = 0.2
@@ -394,7 +395,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, blocks)), flush=True)
         return 0
 
-    payload: dict[str, Any] = {"environment": environment(), "blocks": blocks, "methods": []}
+    env = environment()
+    payload: dict[str, Any] = {
+        "name": "merge_time",
+        "title": "merge time and memory, 4 experts",
+        "command": env["command"],
+        "date": env["date"],
+        "environment": env,
+        "blocks": blocks,
+        "methods": [],
+    }
     try:
         import psutil
 
@@ -439,15 +449,39 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
-    print(f"\n{EXPERTS} experts, density {DENSITY}, {blocks} GPT-2 blocks\n\n{table}\n")
+    heading = f"{EXPERTS} experts, density {DENSITY}, {blocks} GPT-2 blocks"
+    print(f"\n{heading}\n\n{table}\n")
+    markdown = [
+        f"{heading}; each method in a fresh process, '2nd call' without compilation, peak "
+        "memory = sampled resident set during the calls minus that before them.",
+        "",
+        table,
+    ]
     if not args.no_topk:
         sizes = args.topk_sizes or (
             [1_000_000, 4_000_000] if args.quick else [1_000_000, 10_000_000, 38_597_376]
         )
         print("top-k selection (k = 0.2 N, float32):", flush=True)
         payload["topk"] = topk_study(sizes, args.topk_reps, args.topk_max)
+        topk_rows = [
+            [f"{r['n']:,}", r["method"]]
+            + (
+                [r["skipped"], "–"]
+                if "skipped" in r
+                else [f"{r['median_s']:.3f}", "yes" if r["exact_count"] else "no"]
+            )
+            for r in payload["topk"]
+        ]
+        markdown += [
+            "",
+            "Top-k keep mask, k = 0.2 N float32 scores, one tensor (median s):",
+            "",
+            markdown_table(["N", "method", "median s", "exactly k kept"], topk_rows),
+        ]
+    payload["markdown"] = "\n".join(markdown)
     if not args.no_write:
         write_json(args.out, payload)
+        regenerate_results_md(args.out.parent)
         print(f"wrote {args.out}")
     return 0
 
