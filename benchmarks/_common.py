@@ -118,11 +118,17 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` atomically; a file in ``benchmarks/results`` also refreshes
+    ``benchmarks/RESULTS.md`` (a file written elsewhere touches nothing else)."""
+    from _report import regenerate_results_md
+
     payload.setdefault("environment", {})["loadavg_end"] = list(os.getloadavg())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
+    if path.resolve().parent == RESULTS:
+        regenerate_results_md(RESULTS)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import RESULTS, environment, gpt2_params, markdown_table, write_json  # noqa: E402
-from _report import regenerate_results_md  # noqa: E402
 
 EXPERTS = 4
 DENSITY = 0.2
@@ -481,7 +480,6 @@ def main(argv: list[str] | None = None) -> int:
     payload["markdown"] = "\n".join(markdown)
     if not args.no_write:
         write_json(args.out, payload)
-        regenerate_results_md(args.out.parent)
         print(f"wrote {args.out}")
     return 0
 
