@@ -189,9 +189,11 @@ def _small_svd_many(bs: list[jax.Array], rank: list[int]):
     k×k SVD of ``L`` (batched across matrices of the same k). Returns ``(ub, s, v)`` per
     matrix with ``b ≈ ub diag(s) vᵀ`` truncated to its ``rank``."""
     out: list[tuple | None] = [None] * len(bs)
-    wide = [i for i, b in enumerate(bs) if b.shape[0] <= b.shape[1]]
+    wide = []
     for i, b in enumerate(bs):
-        if i not in wide:
+        if b.shape[0] <= b.shape[1]:
+            wide.append(i)
+        else:
             ub, s, vt = jnp.linalg.svd(_sharding.replicate(b), full_matrices=False)
             out[i] = ub[:, : rank[i]], s[: rank[i]], vt[: rank[i]].T
     qs = orthonormalize_many([bs[i].T for i in wide])

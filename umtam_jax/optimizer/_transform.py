@@ -360,8 +360,7 @@ COLD_START_POWER_ITERATIONS = 4
 class _FactorRequest(NamedTuple):
     """What one factored leaf needs from step 3: its momentum and its previous factors."""
 
-    operand: jax.Array | LowRankPlusDense  # M̃, materialised or low-rank-plus-dense
-    m_tilde: jax.Array | None  # M̃ when materialised
+    operand: jax.Array | LowRankPlusDense  # M̃ (always materialised for the exact SVD)
     u: jax.Array
     v: jax.Array
     mask: jax.Array | None  # adaptive rank: active components
@@ -372,7 +371,7 @@ class _FactorRequest(NamedTuple):
 def _decompose_all(cfg, requests: list[_FactorRequest], count) -> list[Decomposition]:
     """Step 3 for every factored leaf; the subspace method runs the leaves in lockstep."""
     if cfg.svd_method == "exact":
-        return [exact_svd(req.m_tilde, req.rank) for req in requests]
+        return [exact_svd(req.operand, req.rank) for req in requests]
 
     def subspace(cold_start=None, power_iterations=cfg.power_iterations):
         return subspace_svd_many(
@@ -537,7 +536,7 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
         operand = LowRankPlusDense(g, g_coef, u @ (cfg.b1 * sigma), v)
 
     # Step 3 (or the fixed-basis projection): computed for all leaves together by the caller.
-    new_u, new_sigma, new_v, top = yield _FactorRequest(operand, m_tilde, u, v, mask, key, r)
+    new_u, new_sigma, new_v, top = yield _FactorRequest(operand, u, v, mask, key, r)
     momentum = (new_u @ new_sigma) @ new_v.T
 
     # Steps 5–6: factored second moments and the preconditioner Ŝ = R Cᵀ / sum(R).
