@@ -62,48 +62,41 @@ def classify(hlo: str, rank: int) -> dict[str, str]:
     """Maps each instruction name of the entry computation (and of nested computations)
     to a category label."""
     bodies = _computations(hlo)
-    shapes = {}
-    for lines in bodies.values():
-        for line in lines:
-            match = _INSTRUCTION.match(line)
-            if match:
-                shapes[match.group(1)] = _dims(match.group(2))
+    instructions = [
+        (line, match)
+        for lines in bodies.values()
+        for line in lines
+        if (match := _INSTRUCTION.match(line))
+    ]
+    shapes = {match.group(1): _dims(match.group(2)) for _, match in instructions}
     labels = {}
-    for lines in bodies.values():
-        for line in lines:
-            match = _INSTRUCTION.match(line)
-            if not match:
-                continue
-            name, shape, opcode, operands, rest = match.groups()
-            dims = _dims(shape)
-            called = re.search(r"calls=%([\w.\-]+)", rest)
-            body = "\n".join(bodies.get(called.group(1), [])) if called else ""
-            ops = set(re.findall(r"= \S+ (\w[\w\-]*)\(", body)) | {opcode}
-            if opcode in ("custom-call",) or "eigh" in name or "svd" in name:
-                labels[name] = (
-                    "eigh / svd / LAPACK"
-                    if re.search(r"eigh|svd|lapack|qr", line)
-                    else "custom call"
-                )
-            elif "dot" in ops or "convolution" in ops:
-                if len(dims) == 2 and min(dims) > rank:
-                    labels[name] = "product → m×n (expansion)"
-                elif len(dims) == 2 and dims[0] <= rank < dims[1]:
-                    labels[name] = "product → r×n (projection)"
-                elif len(dims) >= 2 and dims[-1] <= rank < dims[-2]:
-                    labels[name] = "product → m×r (sketch, thin)"
-                else:
-                    labels[name] = "product, small"
-            elif "reduce" in ops and (len(dims) <= 1):
-                labels[name] = "reduction"
-            elif len(dims) == 2 and min(dims) > rank:
-                names = re.findall(r"%([\w.\-]+)", operands)
-                large = sum(
-                    1 for o in names if len(shapes.get(o, ())) == 2 and min(shapes[o]) > rank
-                )
-                labels[name] = f"elementwise m×n pass reading {large} m×n array(s)"
+    for line, match in instructions:
+        name, shape, opcode, operands, rest = match.groups()
+        dims = _dims(shape)
+        called = re.search(r"calls=%([\w.\-]+)", rest)
+        body = "\n".join(bodies.get(called.group(1), [])) if called else ""
+        ops = set(re.findall(r"= \S+ (\w[\w\-]*)\(", body)) | {opcode}
+        if opcode in ("custom-call",) or "eigh" in name or "svd" in name:
+            labels[name] = (
+                "eigh / svd / LAPACK" if re.search(r"eigh|svd|lapack|qr", line) else "custom call"
+            )
+        elif "dot" in ops or "convolution" in ops:
+            if len(dims) == 2 and min(dims) > rank:
+                labels[name] = "product → m×n (expansion)"
+            elif len(dims) == 2 and dims[0] <= rank < dims[1]:
+                labels[name] = "product → r×n (projection)"
+            elif len(dims) >= 2 and dims[-1] <= rank < dims[-2]:
+                labels[name] = "product → m×r (sketch, thin)"
             else:
-                labels[name] = "other (small)"
+                labels[name] = "product, small"
+        elif "reduce" in ops and (len(dims) <= 1):
+            labels[name] = "reduction"
+        elif len(dims) == 2 and min(dims) > rank:
+            names = re.findall(r"%([\w.\-]+)", operands)
+            large = sum(1 for o in names if len(shapes.get(o, ())) == 2 and min(shapes[o]) > rank)
+            labels[name] = f"elementwise m×n pass reading {large} m×n array(s)"
+        else:
+            labels[name] = "other (small)"
     return labels
 
 
