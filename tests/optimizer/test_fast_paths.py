@@ -147,13 +147,18 @@ def test_factored_momentum_path_equals_the_materialised_one(svd_every):
                 )
 
 
-@pytest.mark.parametrize("guard", ["cond", "select"])
-@pytest.mark.parametrize("error_decay", [0.9, 0.0])
-def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay, guard, monkeypatch):
-    if guard == "select":  # the branch-free guard used off CPU, here forced on CPU
+def _use_guard(guard, monkeypatch):
+    """``"select"``: the branch-free path that GPU/TPU take, forced on CPU; ``"cond"``: CPU's."""
+    if guard == "select":
         monkeypatch.setattr(
             jax.lax, "platform_dependent", lambda *args, default, **_: default(*args)
         )
+
+
+@pytest.mark.parametrize("guard", ["cond", "select"])
+@pytest.mark.parametrize("error_decay", [0.9, 0.0])
+def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay, guard, monkeypatch):
+    _use_guard(guard, monkeypatch)
     params = {"w": jnp.full((16, 12), 0.5, jnp.float32)}
     opt = umtam_jax.scale_by_umtam(
         rank=2, min_dim_size_to_factor=8, clip_threshold=1.0, error_decay=error_decay
@@ -207,10 +212,7 @@ def test_adaptive_eps_follows_step_7_with_or_without_the_prefix_certificate(
 
     from umtam_jax.optimizer._transform import _adaptive_eps
 
-    if guard == "select":
-        monkeypatch.setattr(
-            jax.lax, "platform_dependent", lambda *args, default, **_: default(*args)
-        )
+    _use_guard(guard, monkeypatch)
     w = _weights(case, np.random.default_rng(3))
     g_norm = 1.0
     w_norm = np.linalg.norm(w)
