@@ -12,12 +12,20 @@ Usage::
     .venv/bin/python benchmarks/step_time.py --large    # also 12 blocks (GPT-2 small body)
     .venv/bin/python benchmarks/step_time.py --quick    # CI-size: no exact SVD, no variants
     .venv/bin/python benchmarks/step_time.py --check    # exit 1 if a target is missed
+    .venv/bin/python benchmarks/step_time.py --keep-freed-memory  # no allocator page faults
 
 Writes ``benchmarks/results/step_time.json`` (``--out`` to change, ``--no-write`` to skip)
 and prints a markdown table: wall ms per update (median, range), ratio to ``optax.adamw``,
 process CPU ms per update (user + sys, from ``getrusage``: the total work, less sensitive
-than wall time to other processes on a shared machine) and its ratio, state bytes ÷
-parameter bytes. The targets are checked on the wall-time ratio.
+than wall time to other processes on a shared machine) and its ratio, the kernel's part of
+that CPU time and the minor page faults per update, state bytes ÷ parameter bytes. The
+targets are checked on the wall-time ratio.
+
+Page faults: glibc hands large freed blocks back to the kernel, so an update that writes a
+fresh buffer (every optimizer's ``updates``) may pay a fault per touched page, depending on
+the allocator's state. That varies between runs and between the optimizers of one run, and
+moves the ratios by ±0.3×. ``--keep-freed-memory`` re-runs the command with glibc told to
+keep freed memory (:data:`KEEP_FREED_MEMORY`), which removes this noise for all optimizers.
 
 Targets (issue 5, this 2-core CPU): ``umtam(1e-3)`` ≤ 2.5× AdamW; lean
 (``error_decay=0.0, saliency="final"``) ≤ 1.2× AdamW; lean state ≤ 0.15× parameter bytes.
@@ -44,7 +52,7 @@ if "--openblas-default" not in sys.argv:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -109,6 +117,21 @@ def optimizers(*, exact: bool = True, extra: bool = True) -> dict[str, Callable[
     return cases
 
 
+KEEP_FREED_MEMORY = {
+    # glibc's largest mmap threshold on 64-bit (bigger values are ignored): blocks up to
+    # 32 MiB come from the heap; the heap is never trimmed back to the kernel; one arena,
+    # because per-thread arenas still unmap their emptied heaps (measured: ~10,000 faults
+    # per UMTAM update remained without it).
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(2**36),
+    "MALLOC_ARENA_MAX": "1",
+}
+"""``--keep-freed-memory``: the environment that stops glibc from handing freed buffers back
+to the kernel, so that no update pays first-touch page faults on fresh memory (measured at
+0 to ~18,000 faults and up to ~30 ms of kernel time per update here, varying between runs
+and optimizers with the allocator's state)."""
+
+
 def time_interleaved(
     steps: dict[str, Callable[[], Any]], *, reps: int, warmup: int
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -122,21 +145,34 @@ def time_interleaved(
         for _ in range(warmup - 1):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    usage: dict[str, list[_Usage]] = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
-            c0 = _cpu_seconds()
+            u0 = _usage()
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
-            cpu[name].append(_cpu_seconds() - c0)
-    time_interleaved.cpu = cpu  # per-step process CPU time (user + sys), same order
+            usage[name].append(_usage() - u0)
+    # Per-step process resources, same order as ``times``: CPU seconds (user + sys), the
+    # kernel's share of them and minor page faults (first touches of fresh memory).
+    time_interleaved.cpu = {n: [u.user + u.sys for u in us] for n, us in usage.items()}
+    time_interleaved.sys = {n: [u.sys for u in us] for n, us in usage.items()}
+    time_interleaved.faults = {n: [u.faults for u in us] for n, us in usage.items()}
     return times, first
 
 
-def _cpu_seconds() -> float:
+class _Usage(NamedTuple):
+    user: float
+    sys: float
+    faults: int
+
+    def __sub__(self, other: _Usage) -> _Usage:
+        return _Usage(self.user - other.user, self.sys - other.sys, self.faults - other.faults)
+
+
+def _usage() -> _Usage:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return _Usage(usage.ru_utime, usage.ru_stime, usage.ru_minflt)
 
 
 def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any):
@@ -171,7 +207,7 @@ def run(blocks: int, *, reps: int, warmup: int, exact: bool, extra: bool, only) 
         steps[name], state_bytes = _update_step(opt, params, grads)
         rows[name] = {"state_bytes": state_bytes, "state_ratio": state_bytes / param_bytes}
     times, first = time_interleaved(steps, reps=reps, warmup=warmup)
-    cpu = time_interleaved.cpu
+    cpu, sys_time, faults = time_interleaved.cpu, time_interleaved.sys, time_interleaved.faults
     adamw = statistics.median(times["optax.adamw"]) if "optax.adamw" in times else None
     adamw_cpu = statistics.median(cpu["optax.adamw"]) if "optax.adamw" in cpu else None
     for name, ts in times.items():
@@ -183,6 +219,8 @@ def run(blocks: int, *, reps: int, warmup: int, exact: bool, extra: bool, only) 
             max_ms=1e3 * max(ts),
             times_ms=[round(1e3 * t, 3) for t in ts],
             cpu_median_ms=1e3 * cpu_median,
+            sys_median_ms=1e3 * statistics.median(sys_time[name]),
+            page_faults_median=statistics.median(faults[name]),
             first_call_s=round(first[name], 3),
             ratio_to_adamw=None if adamw is None else median / adamw,
             cpu_ratio_to_adamw=None if adamw_cpu is None else cpu_median / adamw_cpu,
@@ -232,6 +270,8 @@ def table(result: dict) -> str:
                 "—" if ratio is None else f"{ratio:.2f}×",
                 f"{row['cpu_median_ms']:.0f}",
                 "—" if row["cpu_ratio_to_adamw"] is None else f"{row['cpu_ratio_to_adamw']:.2f}×",
+                f"{row['sys_median_ms']:.0f}" if "sys_median_ms" in row else "—",
+                f"{row['page_faults_median']:.0f}" if "page_faults_median" in row else "—",
                 f"{row['state_ratio']:.3f}",
             ]
         )
@@ -250,6 +290,8 @@ def table(result: dict) -> str:
                 "× AdamW",
                 "CPU ms",
                 "CPU × AdamW",
+                "of it kernel ms",
+                "page faults",
                 "state ÷ params",
             ],
             rows,
@@ -292,11 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="re-run with glibc told to keep freed memory (no first-touch page faults)",
+    )
+    parser.add_argument(
         "--openblas-default",
         action="store_true",
         help="keep OpenBLAS's default thread count (default here: OPENBLAS_NUM_THREADS=1)",
     )
     args = parser.parse_args(argv)
+    if args.keep_freed_memory and not all(k in os.environ for k in KEEP_FREED_MEMORY):
+        # glibc reads these when the process starts: run this command again with them.
+        env = {**os.environ, **KEEP_FREED_MEMORY}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     reps = args.reps or (7 if args.quick else 11)
     if reps < 7:
@@ -305,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = not (args.no_exact or args.quick)
     env = environment()
     env["openblas_num_threads"] = os.environ.get("OPENBLAS_NUM_THREADS")
+    env["malloc"] = {k: os.environ[k] for k in KEEP_FREED_MEMORY if k in os.environ}
     payload: dict[str, Any] = {
         "name": "step_time",
         "title": f"optimizer update time, interleaved with AdamW ({env['device_kind']})",

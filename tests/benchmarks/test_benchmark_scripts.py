@@ -135,3 +135,28 @@ def test_profile_step_classifies_products_passes_and_reductions():
         "elementwise m×n pass reading 3 m×n array(s)",
         "reduction",
     } <= labels
+
+
+def test_step_time_records_kernel_time_and_page_faults_per_step():
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        step_time = importlib.import_module("step_time")
+    finally:
+        sys.path.remove(str(BENCH))
+    kept = []
+
+    def touch_fresh_memory():
+        # 64 MiB is above glibc's largest mmap threshold: always new pages, always faults.
+        kept.append(np.ones(8 << 20))
+
+    steps = {"fresh": touch_fresh_memory, "idle": lambda: None}
+    times, first = step_time.time_interleaved(steps, reps=3, warmup=1)
+    cpu, kernel = step_time.time_interleaved.cpu, step_time.time_interleaved.sys
+    faults = step_time.time_interleaved.faults
+    assert set(first) == set(steps) and all(len(times[n]) == 3 for n in steps)
+    for name in steps:
+        assert all(0 <= k <= c + 1e-6 for k, c in zip(kernel[name], cpu[name], strict=True))
+    assert min(faults["fresh"]) > 0
+    assert max(faults["idle"]) < min(faults["fresh"])
