@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     env["malloc"] = {k: os.environ[k] for k in KEEP_FREED_MEMORY if k in os.environ}
     payload: dict[str, Any] = {
         "name": "step_time",
-        "title": f"optimizer update time, interleaved with AdamW ({env['device_kind']})",
+        "title": f"optimizer update time, interleaved with AdamW ({env['device_kind']}"
+        + (", glibc keeping freed memory)" if env["malloc"] else ")"),
         "command": env["command"],
         "date": env["date"],
         "environment": env,
@@ -384,8 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         report += [*section, ""]
     payload["markdown"] = (
         f"Device: {env['device_kind']} ({env['backend']}). Wall ms per update (median), "
-        "ratio to optax.adamw in the same run, process CPU ms, state bytes ÷ parameter "
-        "bytes. The end-to-end fine-tune step is in the efficiency section.\n\n" + "\n".join(report)
+        "ratio to optax.adamw in the same run, process CPU ms (and its kernel part), minor "
+        "page faults per update, state bytes ÷ parameter bytes. "
+        + (
+            f"glibc kept freed memory ({env['malloc']}). "
+            if env["malloc"]
+            else "Default process (page faults vary between runs; see --keep-freed-memory). "
+        )
+        + "The end-to-end fine-tune step is in the efficiency section.\n\n"
+        + "\n".join(report)
     )
     if not args.no_write:
         write_json(args.out, payload)
