@@ -101,15 +101,20 @@ def test_training_and_spectrum_quick_path(tmp_path, bench_modules):
     assert "## training_quick" in md and "## spectrum_quick" in md
 
 
+def _bench_module(name: str):
+    """A module of ``benchmarks/`` (which import each other by plain name)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def test_profile_step_classifies_products_passes_and_reductions():
     import jax
     import jax.numpy as jnp
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        profile_step = importlib.import_module("profile_step")
-    finally:
-        sys.path.remove(str(BENCH))
+    profile_step = _bench_module("profile_step")
 
     def step(g, u, v, w, s):
         sketch = g @ v  # m×r
@@ -140,11 +145,7 @@ def test_profile_step_classifies_products_passes_and_reductions():
 def test_step_time_records_kernel_time_and_page_faults_per_step():
     import numpy as np
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        step_time = importlib.import_module("step_time")
-    finally:
-        sys.path.remove(str(BENCH))
+    step_time = _bench_module("step_time")
     kept = []
 
     def touch_fresh_memory():
