@@ -357,10 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     env["openblas_num_threads"] = os.environ.get("OPENBLAS_NUM_THREADS")
     env["malloc"] = {k: os.environ[k] for k in KEEP_FREED_MEMORY if k in os.environ}
+    kept = env["malloc"] == KEEP_FREED_MEMORY
+    malloc_note = (
+        f"glibc kept freed memory ({env['malloc']}). "
+        if kept
+        else f"glibc settings {env['malloc'] or 'default'} (page faults vary between runs; "
+        "see --keep-freed-memory). "
+    )
     payload: dict[str, Any] = {
         "name": "step_time",
         "title": f"optimizer update time, interleaved with AdamW ({env['device_kind']}"
-        + (", glibc keeping freed memory)" if env["malloc"] else ")"),
+        + (", glibc keeping freed memory)" if kept else ")"),
         "command": env["command"],
         "date": env["date"],
         "environment": env,
@@ -387,11 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Device: {env['device_kind']} ({env['backend']}). Wall ms per update (median), "
         "ratio to optax.adamw in the same run, process CPU ms (and its kernel part), minor "
         "page faults per update, state bytes ÷ parameter bytes. "
-        + (
-            f"glibc kept freed memory ({env['malloc']}). "
-            if env["malloc"]
-            else "Default process (page faults vary between runs; see --keep-freed-memory). "
-        )
+        + malloc_note
         + "The end-to-end fine-tune step is in the efficiency section.\n\n"
         + "\n".join(report)
     )
