@@ -176,7 +176,8 @@ def _usage() -> _Usage:
 
 
 def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any):
-    """A blocking closure running one jitted, state-donating update; plus the state bytes."""
+    """A blocking closure running one jitted, state-donating update (``step.lower()`` lowers
+    that update); plus the state bytes."""
     # Returns (state, updates): JAX pairs donated inputs with outputs of the same shape in
     # order, so state-first output lets every state buffer (UMTAM's unchanged W0 included)
     # alias its own input, as in a train step returning (params, state).
@@ -188,6 +189,8 @@ def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any):
         holder["state"], updates = update(grads, holder["state"], params)
         jax.block_until_ready((updates, holder["state"]))
 
+    # The step's own jitted update, lowered for its current state (e.g. to read its HLO).
+    step.lower = lambda: update.lower(grads, holder["state"], params)
     return step, state_bytes
 
 
