@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -161,3 +163,22 @@ def test_step_time_records_kernel_time_and_page_faults_per_step():
         assert all(0 <= k <= c + 1e-6 for k, c in zip(kernel[name], cpu[name], strict=True))
     assert min(faults["fresh"]) > 0
     assert max(faults["idle"]) < min(faults["fresh"])
+
+
+_HAS_AVX512 = Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.mark.skipif(not _HAS_AVX512, reason="the design study's kernels need AVX-512")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="needs a C++ compiler")
+def test_fused_kernel_design_study_matches_the_float64_reference(tmp_path):
+    """benchmarks/design_fused_kernels: every custom call equals its NumPy formula (to
+    float32 rounding) on shapes with ragged row, column and rank tails."""
+    path = BENCH / "design_fused_kernels" / "run.py"
+    spec = importlib.util.spec_from_file_location("design_fused_kernels_run", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    study.register(study.build(tmp_path / "kernels.so"))
+    kernels = study.kernels()
+    assert len(kernels) == len(study.NAMES)
+    for name, (fused, _, reference, make_inputs, _) in kernels.items():
+        assert study.check(name, fused, reference, make_inputs) <= 1e-5
