@@ -400,62 +400,17 @@ ffi::Future SquareSumsSketchImpl(ffi::ThreadPool pool, F32 g, F32 v, F32Out rows
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ExpandPrecondition, ExpandPreconditionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>());
+// Bindings deduced from each implementation's parameters (thread pool, buffers, results);
+// the thread pool needs this declaration to be deduced.
+template <>
+struct xla::ffi::CtxBinding<xla::ffi::ThreadPool> {
+  using Ctx = xla::ffi::ThreadPool;
+};
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildSketch, BuildSketchImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TransposedProduct, TransposedProductImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SquareSums, SquareSumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SquareSumsSketch, SquareSumsSketchImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ExpandPreconditionSaliency, ExpandPreconditionSaliencyImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()  // a
-                                  .Arg<F32>()  // vt
-                                  .Arg<F32>()  // row
-                                  .Arg<F32>()  // col
-                                  .Arg<F32>()  // eps
-                                  .Arg<F32>()  // s (aliased with the second result)
-                                  .Arg<F32>()  // w
-                                  .Arg<F32>()  // w0
-                                  .Arg<F32>()  // sqrt(R)
-                                  .Arg<F32>()  // sqrt(C)
-                                  .Arg<F32>()  // alpha
-                                  .Ret<F32>()
-                                  .Ret<F32>());
+// ExpandPreconditionSaliency's s argument is aliased with its second result.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ExpandPrecondition, ExpandPreconditionImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildSketch, BuildSketchImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TransposedProduct, TransposedProductImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SquareSums, SquareSumsImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SquareSumsSketch, SquareSumsSketchImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ExpandPreconditionSaliency, ExpandPreconditionSaliencyImpl);
