@@ -173,6 +173,39 @@ def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay, gua
     np.testing.assert_allclose(leaf.col, 1e-8 * 0.999 + 0.001 * 16 / 192, rtol=1e-5)
 
 
+@pytest.mark.parametrize("guard", ["cond", "select"])
+@pytest.mark.parametrize("lean", [False, True])
+@pytest.mark.parametrize("magnitude", [1e30, 1e36, 3e37, 3e38])
+def test_any_finite_gradient_is_clipped_to_the_same_update(magnitude, lean, guard, monkeypatch):
+    """Clipping maps c·G to G/‖G‖ for every c > 0, also where the clip factor τ/‖c·G‖ is
+    below float32's smallest normal number (‖c·G‖ ≳ 1e38) or ‖c·G‖ itself overflows."""
+    _use_guard(guard, monkeypatch)
+    rng = np.random.default_rng(3)
+    # A decaying spectrum, so the rank-2 subspace is well determined.
+    direction = rng.normal(size=(16, 2)) @ np.diag([3.0, 1.0]) @ rng.normal(size=(2, 12))
+    direction = (direction + 0.01 * rng.normal(size=(16, 12))) / np.abs(direction).max()
+    bias = rng.uniform(0.5, 1.0, size=12)
+    params = {"w": jnp.full((16, 12), 0.5, jnp.float32), "b": jnp.zeros(12, jnp.float32)}
+    lean_kwargs = {"error_decay": 0.0, "saliency": "final"} if lean else {}
+    opt = umtam_jax.scale_by_umtam(
+        rank=2, min_dim_size_to_factor=8, clip_threshold=1.0, **lean_kwargs
+    )
+
+    def update(scale):
+        grads = {"w": jnp.asarray(direction * scale, jnp.float32)}
+        grads["b"] = jnp.asarray(bias * scale, jnp.float32)
+        return jax.jit(opt.update)(grads, opt.init(params), params)
+
+    reference, reference_state = update(1.0)  # ‖G‖ > τ: clipped on the ordinary path
+    updates, state = update(magnitude)
+    for name in ("w", "b"):
+        assert np.all(np.isfinite(updates[name]))
+        np.testing.assert_allclose(
+            updates[name], reference[name], rtol=1e-4, atol=1e-4 * np.abs(reference[name]).max()
+        )
+    np.testing.assert_allclose(state.leaves["w"].row, reference_state.leaves["w"].row, rtol=1e-5)
+
+
 def test_params_and_state_can_both_be_donated():
     params = {"w": jnp.ones((16, 12)), "b": jnp.zeros(12)}
     opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=8)

@@ -54,17 +54,20 @@ def _tn(q: jax.Array, a: jax.Array) -> jax.Array:
 
 
 class LowRankPlusDense(NamedTuple):
-    """The matrix ``scale · dense + left @ rightᵀ`` without materialising it.
+    """The matrix ``scale · scale_out · dense + left @ rightᵀ`` without materialising it.
 
     UMTAM's ``M̃ = b1 U Σ Vᵀ + (1 − b1) G`` (no error feedback) has this form: products with
     it cost one m×n×k matmul with ``dense`` plus thin ones, instead of an extra m×n×r
-    matmul and two m×n passes to build ``M̃`` first.
+    matmul and two m×n passes to build ``M̃`` first. ``scale`` multiplies the thin operand
+    of a product with ``dense`` and ``scale_out`` its thin result, so a factor too small for
+    the dtype (a clip factor of a gradient with ‖G‖ ≳ 1e38) is applied in two halves.
     """
 
     dense: jax.Array
     scale: jax.Array | float
     left: jax.Array
     right: jax.Array
+    scale_out: jax.Array | float = 1.0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,12 +82,13 @@ class LowRankPlusDense(NamedTuple):
         # The scale goes on the thin operand: ``dense`` may be an unclipped gradient whose
         # products would overflow, while ``scale · dense`` is the clipped one.
         mm = _sharding.matmul
-        return mm(self.dense, self.scale * w) + self.left @ mm(self.right.T, w)
+        return mm(self.dense, self.scale * w) * self.scale_out + self.left @ mm(self.right.T, w)
 
     def rmatmul(self, q: jax.Array) -> jax.Array:
         """``qᵀ @ M``."""
         mm = _sharding.matmul
-        return _tn(self.scale * q, self.dense) + mm(q.T, self.left) @ self.right.T
+        dense = _tn(self.scale * q, self.dense) * self.scale_out
+        return dense + mm(q.T, self.left) @ self.right.T
 
 
 def matmul_any(matrix: jax.Array | LowRankPlusDense, w: jax.Array) -> jax.Array:

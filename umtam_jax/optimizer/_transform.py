@@ -281,13 +281,45 @@ def _norm(x: jax.Array) -> jax.Array:
     return _unless_overflow(jnp.isfinite(norm), lambda: norm, rescaled)
 
 
-def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
-    """Per-leaf Frobenius clipping (step 1). Returns the clipped gradient and its norm."""
-    norm = _norm(g)
+def _half_clip_scale(cfg: _Config, peak: jax.Array, unit: jax.Array | float = 1.0) -> jax.Array:
+    """``√s`` for the clipping factor ``s = min(1, τ / ‖G‖)`` with ``‖G‖ = peak · unit``.
+
+    ``s`` itself underflows (to a subnormal, flushed to 0 on CPU) once ‖G‖ ≳ 1e38 τ in
+    float32, and ``peak · unit`` overflows beyond 3.4e38; ``√s`` stays representable for
+    any finite gradient. Consumers apply it twice, ``(x · √s) · √s``, or split it across a
+    product's two sides.
+    """
+    dtype = jnp.result_type(peak)
     if cfg.clip_threshold is None:
-        return g, norm
-    scale = jnp.minimum(1.0, cfg.clip_threshold / jnp.maximum(norm, jnp.finfo(g.dtype).tiny))
-    return g * scale, norm * scale
+        return jnp.ones((), dtype)
+    root = jnp.sqrt(jnp.maximum(peak, jnp.finfo(dtype).tiny)) * jnp.sqrt(unit)
+    return jnp.minimum(1.0, jnp.sqrt(jnp.asarray(cfg.clip_threshold, dtype)) / root).astype(dtype)
+
+
+def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
+    """Per-leaf Frobenius clipping (step 1). Returns the clipped gradient and its norm.
+
+    When ‖g‖² overflows, the norm is taken of ``g / max|g|`` (as :func:`_norm`), and the
+    factor is applied as :func:`_half_clip_scale` describes, so that any finite gradient
+    gives a finite clipped one.
+    """
+    if cfg.clip_threshold is None:
+        return g, _norm(g)
+    sum_sq = jnp.sum(jnp.square(g))
+
+    def direct():
+        norm = jnp.sqrt(sum_sq)
+        half = _half_clip_scale(cfg, norm)
+        return (g * half) * half, (norm * half) * half
+
+    def rescaled():
+        peak = jnp.max(jnp.abs(g))
+        peak = jnp.where(peak > 0, peak, 1.0)
+        unit = jnp.sqrt(jnp.sum(jnp.square(g / peak)))
+        half = _half_clip_scale(cfg, peak, unit)
+        return (g * half) * half, unit * jnp.minimum(peak, cfg.clip_threshold / unit)
+
+    return _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled)
 
 
 def _adaptive_eps(cfg: _Config, g_norm: jax.Array, w: jax.Array) -> jax.Array:
@@ -453,10 +485,11 @@ def _next_rank(cfg: _Config, rank: jax.Array, stable_rank: jax.Array, limit: int
 def _clipped_square_sums(g: jax.Array, cfg: _Config):
     """Step 1 and the sums of step 5 from one pass over the unclipped ``g`` (m×n).
 
-    Returns ``(rows, cols, norm, scale)``: ``scale`` the clipping factor, ``rows``/``cols``
-    the row/column sums of ``(scale · g)²`` and ``norm = ‖scale · g‖_F``. The clipped
-    gradient itself is never formed: its consumers take ``g`` and the scalar ``scale``.
-    When ``‖g‖²`` overflows, the sums are recomputed from ``g / max|g|`` (as :func:`_norm`).
+    Returns ``(rows, cols, norm, half)``: ``half`` the square root of the clipping factor
+    (:func:`_half_clip_scale`; the clipped gradient is ``(g · half) · half``), ``rows`` and
+    ``cols`` the row/column sums of the clipped gradient squared and ``norm`` its Frobenius
+    norm. The clipped gradient itself is never formed: its consumers take ``g`` and
+    ``half``. When ``‖g‖²`` overflows, the sums are recomputed from ``g / max|g|``.
     """
     # Two reductions, each squaring in its own fusion: a shared G² would be written out and
     # read twice (measured 4–9× slower than the two fused reductions on CPU); the barrier
@@ -467,25 +500,32 @@ def _clipped_square_sums(g: jax.Array, cfg: _Config):
     # sum into a third reduction of G² and materialises G² again.
     sum_sq = jnp.sum(jax.lax.optimization_barrier(rows))
 
-    def clip_scale(norm):
-        if cfg.clip_threshold is None:
-            return jnp.ones((), g.dtype)
-        return jnp.minimum(1.0, cfg.clip_threshold / jnp.maximum(norm, jnp.finfo(g.dtype).tiny))
-
     def direct():
         norm = jnp.sqrt(sum_sq)
-        scale = clip_scale(norm)
-        return (rows * scale) * scale, (cols * scale) * scale, norm * scale, scale
+        half = _half_clip_scale(cfg, norm)
+
+        def times_scale_squared(x):  # x · s², as four representable factors
+            return (((x * half) * half) * half) * half
+
+        return times_scale_squared(rows), times_scale_squared(cols), (norm * half) * half, half
 
     def rescaled():
         peak = jnp.max(jnp.abs(g))
         peak = jnp.where(peak > 0, peak, 1.0)
         unit_sq = jnp.square(g / peak)
         rows_u, cols_u = jnp.sum(unit_sq, axis=1), jnp.sum(unit_sq, axis=0)
-        norm = peak * jnp.sqrt(jnp.sum(rows_u))
-        scale = clip_scale(norm)
-        factor = jnp.square(scale * peak)
-        return rows_u * factor, cols_u * factor, norm * scale, scale
+        unit = jnp.sqrt(jnp.sum(rows_u))
+        # The clipped gradient is (g / peak) · clipped_peak; clipped_peak = s · peak.
+        clipped_peak = peak
+        if cfg.clip_threshold is not None:
+            clipped_peak = jnp.minimum(peak, cfg.clip_threshold / unit)
+        factor = jnp.square(clipped_peak)
+        return (
+            rows_u * factor,
+            cols_u * factor,
+            unit * clipped_peak,
+            _half_clip_scale(cfg, peak, unit),
+        )
 
     return _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled)
 
@@ -498,7 +538,8 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
     ``(direction, new_state)``.
 
     Work per step (r the rank, every product below is m×n×r unless noted): the momentum
-    ``M̃ = γ M̃_prev + (b1 − γ) U Σ Vᵀ + (1 − b1) s G`` (s the clip factor) is materialised
+    ``M̃ = γ M̃_prev + (b1 − γ) U Σ Vᵀ + (1 − b1) s G`` (s the clip factor, applied as two
+    square roots: :func:`_half_clip_scale`) is materialised
     only when it is needed as a whole: to keep it in the state (γ > 0), for the exact SVD and
     for the adaptive rank's ‖M̃‖_F. With b1 = γ the old momentum is not expanded. Without
     the buffer (γ = 0) it stays a :class:`LowRankPlusDense` ``b1 U Σ Vᵀ + (1 − b1) s G``,
@@ -511,19 +552,19 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
     shape = w.shape
     m, n, r = layout.rows, layout.cols, layout.buffer_rank
     g = g.astype(dtype).reshape(m, n)
-    row_sq, col_sq, g_norm, clip_scale = _clipped_square_sums(g, cfg)
+    row_sq, col_sq, g_norm, half_scale = _clipped_square_sums(g, cfg)
     w = w.astype(dtype)
     eps_t = _adaptive_eps(cfg, g_norm, w)
     u, v, sigma = state.u.reshape(m, r), state.v.reshape(n, r), state.sigma
     mask = _active_mask(state.rank, r, dtype)
 
-    # Step 2: M̃ = b1 U Σ Vᵀ + (1 − b1) G̃ + γ E with G̃ = clip_scale · G. The state keeps
+    # Step 2: M̃ = b1 U Σ Vᵀ + (1 − b1) G̃ + γ E with G̃ = (G · half) · half. The state keeps
     # M̃_prev instead of E = M̃_prev − U Σ Vᵀ, so M̃ = γ M̃_prev + (b1 − γ) U Σ Vᵀ + (1 − b1) G̃:
     # with b1 = γ (the defaults) the old momentum is never expanded.
-    g_coef = (1 - cfg.b1) * clip_scale
+    g_coef = (1 - cfg.b1) * half_scale
     m_tilde = None
     if state.dense_momentum is not None or cfg.adaptive_rank or cfg.svd_method == "exact":
-        m_tilde = g_coef * g
+        m_tilde = (g * half_scale) * g_coef
         low_rank_coef = cfg.b1
         if state.dense_momentum is not None:
             previous = state.dense_momentum.astype(dtype).reshape(m, n)
@@ -533,7 +574,7 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
             m_tilde = m_tilde + (u @ (low_rank_coef * sigma)) @ v.T
         operand = m_tilde
     else:
-        operand = LowRankPlusDense(g, g_coef, u @ (cfg.b1 * sigma), v)
+        operand = LowRankPlusDense(g, g_coef, u @ (cfg.b1 * sigma), v, scale_out=half_scale)
 
     # Step 3 (or the fixed-basis projection): computed for all leaves together by the caller.
     new_u, new_sigma, new_v, top = yield _FactorRequest(operand, u, v, mask, key, r)
