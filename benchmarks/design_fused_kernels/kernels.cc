@@ -4,7 +4,7 @@
 //
 //   ExpandPrecondition  out[i, j] = (a[i, :] · vt[:, j]) / sqrt(row[i] col[j] + eps)
 //                       (SPEC step 8 with the expansion U Σ Vᵀ in the same pass)
-//   BuildSketch         out = c0 · prev + c1 · g (in place of prev) and y = out @ v
+//   BuildSketch         out = c0 · prev + (c1 · g) · c2 (in place of prev) and y = out @ v
 //                       (the momentum build with the sketch M̃ V in the same pass)
 //   TransposedProduct   out = qᵀ a (the projection Qᵀ M̃)
 //   SquareSums          row and (per chunk of rows) column sums of g² (step 5) from one read
@@ -210,21 +210,22 @@ UMTAM_AVX512 inline void SketchColumn(const float* v, const float* out, int64_t 
   }
 }
 
-// kR rows: out = c0 prev + c1 g, 16 columns at a time, then y += out[:, j:j+16] @ v[j:j+16].
+// kR rows: out = c0 prev + (c1 g) c2, 16 columns at a time, then y += out[:, j:j+16] @ v[j:j+16].
+// (The factor on g comes in two parts: one would underflow for gradients with ‖G‖ ≳ 1e38.)
 template <int kR, int kV>
 UMTAM_AVX512 void BuildSketchRows(const float* prev, const float* g, const float* v, float c0,
-                                  float c1, float* out, float* y, int64_t n) {
+                                  float c1, float c2, float* out, float* y, int64_t n) {
   constexpr int64_t r = 16 * kV;
   __m512 acc[kR][kV];
   for (int i = 0; i < kR; ++i)
     for (int c = 0; c < kV; ++c) acc[i][c] = _mm512_setzero_ps();
-  const __m512 a = _mm512_set1_ps(c0), b = _mm512_set1_ps(c1);
+  const __m512 a = _mm512_set1_ps(c0), b = _mm512_set1_ps(c1), b2 = _mm512_set1_ps(c2);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 mask = Mask(n - j);
     for (int i = 0; i < kR; ++i) {
       const __m512 p = _mm512_maskz_loadu_ps(mask, prev + i * n + j);
       const __m512 q = _mm512_maskz_loadu_ps(mask, g + i * n + j);
-      _mm512_mask_storeu_ps(out + i * n + j, mask, _mm512_fmadd_ps(a, p, _mm512_mul_ps(b, q)));
+      _mm512_mask_storeu_ps(out + i * n + j, mask, _mm512_fmadd_ps(a, p, _mm512_mul_ps(_mm512_mul_ps(b, q), b2)));
     }
     if (n - j >= 16) {
 #pragma GCC unroll 16
@@ -239,31 +240,31 @@ UMTAM_AVX512 void BuildSketchRows(const float* prev, const float* g, const float
 
 template <int kV>
 UMTAM_AVX512 void BuildSketchChunk(const float* prev, const float* g, const float* v, float c0,
-                                   float c1, float* out, float* y, int64_t n, int64_t begin,
+                                   float c1, float c2, float* out, float* y, int64_t n, int64_t begin,
                                    int64_t end) {
   constexpr int64_t r = 16 * kV;
   int64_t i = begin;
   for (; i + 6 <= end; i += 6)
-    BuildSketchRows<6, kV>(prev + i * n, g + i * n, v, c0, c1, out + i * n, y + i * r, n);
+    BuildSketchRows<6, kV>(prev + i * n, g + i * n, v, c0, c1, c2, out + i * n, y + i * r, n);
   for (; i < end; ++i)
-    BuildSketchRows<1, kV>(prev + i * n, g + i * n, v, c0, c1, out + i * n, y + i * r, n);
+    BuildSketchRows<1, kV>(prev + i * n, g + i * n, v, c0, c1, c2, out + i * n, y + i * r, n);
 }
 
 ffi::Future BuildSketchImpl(ffi::ThreadPool pool, F32 prev, F32 g, F32 v, F32 coef, F32Out out,
                             F32Out y) {
   const auto pd = prev.dimensions(), vd = v.dimensions();
   if (pd.size() != 2 || vd.size() != 2 || vd[0] != pd[1] || static_cast<int64_t>(g.element_count()) != pd[0] * pd[1] ||
-      coef.element_count() != 2 || (vd[1] != 16 && vd[1] != 32))
-    return Failed("BuildSketch: expects prev, g (m, n), v (n, 16 or 32), coef (2)");
+      coef.element_count() != 3 || (vd[1] != 16 && vd[1] != 32))
+    return Failed("BuildSketch: expects prev, g (m, n), v (n, 16 or 32), coef (3)");
   if (!__builtin_cpu_supports("avx512f")) return Failed("BuildSketch needs AVX-512");
   const int64_t m = pd[0], n = pd[1], r = vd[1];
   const float *pp = prev.typed_data(), *gp = g.typed_data(), *vp = v.typed_data();
-  const float c0 = coef.typed_data()[0], c1 = coef.typed_data()[1];
+  const float c0 = coef.typed_data()[0], c1 = coef.typed_data()[1], c2 = coef.typed_data()[2];
   float *op = out->typed_data(), *yp = y->typed_data();
   return RunAsync(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t c) {
     const int64_t begin = c * kRowsPerChunk, end = std::min(m, begin + kRowsPerChunk);
-    if (r == 32) BuildSketchChunk<2>(pp, gp, vp, c0, c1, op, yp, n, begin, end);
-    else BuildSketchChunk<1>(pp, gp, vp, c0, c1, op, yp, n, begin, end);
+    if (r == 32) BuildSketchChunk<2>(pp, gp, vp, c0, c1, c2, op, yp, n, begin, end);
+    else BuildSketchChunk<1>(pp, gp, vp, c0, c1, c2, op, yp, n, begin, end);
   });
 }
 

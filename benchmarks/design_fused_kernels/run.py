@@ -105,11 +105,11 @@ def kernels():
         )
 
     def sketch_xla(prev, g, v, coef):
-        momentum = coef[0] * prev + coef[1] * g
+        momentum = coef[0] * prev + (coef[1] * g) * coef[2]
         return momentum, momentum @ v
 
     def sketch_reference(prev, g, v, coef):
-        momentum = coef[0] * prev + coef[1] * g
+        momentum = coef[0] * prev + coef[1] * coef[2] * g
         return momentum, momentum @ v
 
     def sketch_inputs(rng, m, n, r):
@@ -118,7 +118,7 @@ def kernels():
             rng.standard_normal((m, n)),
             rng.standard_normal((m, n)),
             rng.standard_normal((n, r)),
-            np.asarray([0.9, 0.1]),
+            np.asarray([0.9, 0.1, 0.5]),
         )
 
     def tn_fused(q, a):
