@@ -79,8 +79,9 @@ class LowRankPlusDense(NamedTuple):
 
     def matmul(self, w: jax.Array) -> jax.Array:
         """``M @ w``."""
-        # The scale goes on the thin operand: ``dense`` may be an unclipped gradient whose
-        # products would overflow, while ``scale · dense`` is the clipped one.
+        # The scales go on the thin operand and the thin result: ``dense`` may be an
+        # unclipped gradient whose products would overflow, while ``scale · scale_out ·
+        # dense`` is the clipped one.
         mm = _sharding.matmul
         return mm(self.dense, self.scale * w) * self.scale_out + self.left @ mm(self.right.T, w)
 
