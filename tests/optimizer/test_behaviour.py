@@ -298,6 +298,32 @@ def test_extreme_gradients_and_params_give_finite_updates_and_state(
         assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
 
 
+def test_unclipped_large_gradients_keep_a_finite_saliency_and_curvature():
+    """Without clipping, R_i C_j can exceed float32's range (here ~1e42) while R, C, Ŝ and
+    S = (1 − α)(W − W0)² √(R_i C_j) do not: they match a float64 reference."""
+    initial = _params()
+    params = jax.tree.map(lambda p: p + 0.5, initial)
+    grads = jax.tree.map(lambda g: g * 3e11, _grads(initial, 0))
+    opt = umtam_jax.umtam(0.1, clip_threshold=None, **SMALL)
+    _, state = opt.update(grads, opt.init(initial), params)
+    g = np.asarray(grads["dense"]["kernel"], np.float64)
+    b2, eps, alpha = 0.999, 1e-8, 0.9
+    row = b2 * eps + (1 - b2) * np.sum(g * g, axis=1)
+    col = b2 * eps + (1 - b2) * np.sum(g * g, axis=0)
+    assert np.max(np.outer(row, col)) > 1e40  # beyond float32
+    deviation = np.asarray(params["dense"]["kernel"], np.float64) - np.asarray(
+        initial["dense"]["kernel"], np.float64
+    )
+    want_saliency = (1 - alpha) * deviation**2 * np.sqrt(np.outer(row, col))
+    want_curvature = np.outer(row, col) / row.sum()
+    np.testing.assert_allclose(
+        umtam_jax.saliency(state)["dense"]["kernel"], want_saliency, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        umtam_jax.curvature(state)["dense"]["kernel"], want_curvature, rtol=1e-5
+    )
+
+
 def test_non_finite_gradients_are_not_absorbed_and_apply_if_finite_skips_them():
     params = _params()
     grads = _grads(params, 0)

@@ -137,7 +137,7 @@ def _outer(row: jax.Array, col: jax.Array) -> jax.Array:
 
 def _leaf_curvature(s: Any) -> jax.Array:
     if isinstance(s, FactoredStatistics):
-        return _outer(s.row, s.col) / jnp.sum(s.row)
+        return _outer(s.row / jnp.sum(s.row), s.col)  # R Cᵀ itself may overflow
     return s.nu
 
 
@@ -153,7 +153,7 @@ def _leaf_momentum(s: Any) -> jax.Array:
 def _leaf_root_curvature(s: Any) -> jax.Array:
     """``sqrt(R_i C_j)`` (factored) or ``sqrt(v)`` (dense): the saliency's curvature factor."""
     if isinstance(s, FactoredStatistics):
-        return jnp.sqrt(_outer(s.row, s.col))
+        return _outer(jnp.sqrt(s.row), jnp.sqrt(s.col))  # R Cᵀ itself may overflow
     return jnp.sqrt(s.nu)
 
 

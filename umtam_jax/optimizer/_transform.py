@@ -592,7 +592,7 @@ def _update_factored(cfg, layout: _Layout, g, w, state: FactoredLeafState, count
     if state.saliency is not None:
         # Step 9: S ← α S + (1 − α) (W − W0)² ⊙ sqrt(R_i C_j).
         deviation = jnp.square(w - state.initial.astype(dtype)).reshape(m, n)
-        fresh = deviation * jnp.sqrt(_outer(row, col))
+        fresh = deviation * _outer(jnp.sqrt(row), jnp.sqrt(col))  # R Cᵀ may overflow
         saliency = cfg.saliency_decay * state.saliency.astype(dtype).reshape(m, n)
         saliency = (saliency + (1 - cfg.saliency_decay) * fresh).reshape(shape)
         saliency = saliency.astype(state.saliency.dtype)
