@@ -310,16 +310,18 @@ def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
     def direct():
         norm = jnp.sqrt(sum_sq)
         half = _half_clip_scale(cfg, norm)
-        return (g * half) * half, (norm * half) * half
+        return half, (norm * half) * half
 
     def rescaled():
         peak = jnp.max(jnp.abs(g))
         peak = jnp.where(peak > 0, peak, 1.0)
         unit = jnp.sqrt(jnp.sum(jnp.square(g / peak)))
-        half = _half_clip_scale(cfg, peak, unit)
-        return (g * half) * half, unit * jnp.minimum(peak, cfg.clip_threshold / unit)
+        return _half_clip_scale(cfg, peak, unit), unit * jnp.minimum(
+            peak, cfg.clip_threshold / unit
+        )
 
-    return _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled)
+    half, norm = _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled)
+    return (g * half) * half, norm
 
 
 def _adaptive_eps(cfg: _Config, g_norm: jax.Array, w: jax.Array) -> jax.Array:
