@@ -269,14 +269,21 @@ def _unless_overflow(ok: jax.Array, direct: Callable[[], Any], rescaled: Callabl
     )
 
 
+def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(peak, x / peak)`` with ``peak = max|x|`` (1 for an all-zero ``x``): the rescaling
+    after which squares and their sums cannot overflow."""
+    peak = jnp.max(jnp.abs(x))
+    peak = jnp.where(peak > 0, peak, 1.0)
+    return peak, x / peak
+
+
 def _norm(x: jax.Array) -> jax.Array:
     """Frobenius norm that does not overflow: rescales by max|x| only when ‖x‖² overflows."""
     norm = jnp.sqrt(jnp.sum(jnp.square(x)))
 
     def rescaled():
-        peak = jnp.max(jnp.abs(x))
-        safe = jnp.where(peak > 0, peak, 1.0)
-        return peak * jnp.sqrt(jnp.sum(jnp.square(x / safe)))
+        peak, unit_x = _divided_by_peak(x)
+        return peak * jnp.sqrt(jnp.sum(jnp.square(unit_x)))
 
     return _unless_overflow(jnp.isfinite(norm), lambda: norm, rescaled)
 
@@ -313,9 +320,8 @@ def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
         return half, (norm * half) * half
 
     def rescaled():
-        peak = jnp.max(jnp.abs(g))
-        peak = jnp.where(peak > 0, peak, 1.0)
-        unit = jnp.sqrt(jnp.sum(jnp.square(g / peak)))
+        peak, unit_g = _divided_by_peak(g)
+        unit = jnp.sqrt(jnp.sum(jnp.square(unit_g)))
         return _half_clip_scale(cfg, peak, unit), unit * jnp.minimum(
             peak, cfg.clip_threshold / unit
         )
@@ -512,9 +518,8 @@ def _clipped_square_sums(g: jax.Array, cfg: _Config):
         return times_scale_squared(rows), times_scale_squared(cols), (norm * half) * half, half
 
     def rescaled():
-        peak = jnp.max(jnp.abs(g))
-        peak = jnp.where(peak > 0, peak, 1.0)
-        unit_sq = jnp.square(g / peak)
+        peak, unit_g = _divided_by_peak(g)
+        unit_sq = jnp.square(unit_g)
         rows_u, cols_u = jnp.sum(unit_sq, axis=1), jnp.sum(unit_sq, axis=0)
         unit = jnp.sqrt(jnp.sum(rows_u))
         # The clipped gradient is (g / peak) · clipped_peak; clipped_peak = s · peak.
