@@ -50,6 +50,12 @@ ffi::Future RunAsync(ffi::ThreadPool& pool, int64_t chunks, Body body) {
   return future;
 }
 
+// The instruction sets the kernels are compiled for (checked before every call).
+bool Supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma");
+}
+
 ffi::Future Failed(const char* message) {
   ffi::Promise promise;
   ffi::Future future(promise);
@@ -157,11 +163,11 @@ void ExpandChunk(const float* a, const float* vt, const float* row, const float*
 
 ffi::Future ExpandPreconditionImpl(ffi::ThreadPool pool, F32 a, F32 vt, F32 row, F32 col,
                                    F32 eps, F32Out out) {
+  if (!Supported()) return Failed("needs AVX-512 F and DQ and FMA");
   const auto ad = a.dimensions(), vd = vt.dimensions();
   if (ad.size() != 2 || vd.size() != 2 || ad[1] != vd[0] || static_cast<int64_t>(row.element_count()) != ad[0] ||
       static_cast<int64_t>(col.element_count()) != vd[1] || eps.element_count() != 1)
     return Failed("ExpandPrecondition: expects a (m, r), vt (r, n), row (m), col (n), eps ()");
-  if (!__builtin_cpu_supports("avx512f")) return Failed("ExpandPrecondition needs AVX-512");
   const int64_t m = ad[0], r = ad[1], n = vd[1];
   const float *ap = a.typed_data(), *vp = vt.typed_data(), *rp = row.typed_data(),
               *cp = col.typed_data();
@@ -176,6 +182,7 @@ ffi::Future ExpandPreconditionImpl(ffi::ThreadPool pool, F32 a, F32 vt, F32 row,
 ffi::Future ExpandPreconditionSaliencyImpl(ffi::ThreadPool pool, F32 a, F32 vt, F32 row,
                                            F32 col, F32 eps, F32 s, F32 w, F32 w0, F32 sr,
                                            F32 sc, F32 alpha, F32Out out, F32Out s_out) {
+  if (!Supported()) return Failed("needs AVX-512 F and DQ and FMA");
   const auto ad = a.dimensions(), vd = vt.dimensions();
   if (ad.size() != 2 || vd.size() != 2 || ad[1] != vd[0])
     return Failed("ExpandPreconditionSaliency: expects a (m, r), vt (r, n)");
@@ -252,11 +259,11 @@ UMTAM_AVX512 void BuildSketchChunk(const float* prev, const float* g, const floa
 
 ffi::Future BuildSketchImpl(ffi::ThreadPool pool, F32 prev, F32 g, F32 v, F32 coef, F32Out out,
                             F32Out y) {
+  if (!Supported()) return Failed("needs AVX-512 F and DQ and FMA");
   const auto pd = prev.dimensions(), vd = v.dimensions();
   if (pd.size() != 2 || vd.size() != 2 || vd[0] != pd[1] || static_cast<int64_t>(g.element_count()) != pd[0] * pd[1] ||
       coef.element_count() != 3 || (vd[1] != 16 && vd[1] != 32))
     return Failed("BuildSketch: expects prev, g (m, n), v (n, 16 or 32), coef (3)");
-  if (!__builtin_cpu_supports("avx512f")) return Failed("BuildSketch needs AVX-512");
   const int64_t m = pd[0], n = pd[1], r = vd[1];
   const float *pp = prev.typed_data(), *gp = g.typed_data(), *vp = v.typed_data();
   const float c0 = coef.typed_data()[0], c1 = coef.typed_data()[1], c2 = coef.typed_data()[2];
@@ -305,10 +312,10 @@ UMTAM_AVX512 void TnPanel(const float* q, const float* a, float* out, int64_t m,
 }
 
 ffi::Future TransposedProductImpl(ffi::ThreadPool pool, F32 q, F32 a, F32Out out) {
+  if (!Supported()) return Failed("needs AVX-512 F and DQ and FMA");
   const auto qd = q.dimensions(), ad = a.dimensions();
   if (qd.size() != 2 || ad.size() != 2 || qd[0] != ad[0])
     return Failed("TransposedProduct: expects q (m, k) and a (m, n)");
-  if (!__builtin_cpu_supports("avx512f")) return Failed("TransposedProduct needs AVX-512");
   const int64_t m = qd[0], k = qd[1], n = ad[1];
   const float *qp = q.typed_data(), *ap = a.typed_data();
   float* op = out->typed_data();
@@ -373,6 +380,7 @@ UMTAM_AVX512 void SquareSumsChunk(const float* g, const float* v, float* rows, f
 }
 
 ffi::Future SquareSumsImpl(ffi::ThreadPool pool, F32 g, F32Out rows, F32Out cols) {
+  if (!Supported()) return Failed("needs AVX-512 F and DQ and FMA");
   const auto gd = g.dimensions();
   if (gd.size() != 2) return Failed("SquareSums: expects g (m, n)");
   const int64_t m = gd[0], n = gd[1];
@@ -386,6 +394,7 @@ ffi::Future SquareSumsImpl(ffi::ThreadPool pool, F32 g, F32Out rows, F32Out cols
 
 ffi::Future SquareSumsSketchImpl(ffi::ThreadPool pool, F32 g, F32 v, F32Out rows, F32Out cols,
                                  F32Out y) {
+  if (!Supported()) return Failed("needs AVX-512 F and DQ and FMA");
   const auto gd = g.dimensions(), vd = v.dimensions();
   if (gd.size() != 2 || vd.size() != 2 || vd[0] != gd[1] || (vd[1] != 16 && vd[1] != 32))
     return Failed("SquareSumsSketch: expects g (m, n), v (n, 16 or 32)");

@@ -45,6 +45,15 @@ NAMES = (
 """The custom calls of ``kernels.cc``, registered as ``umtam_<name>``."""
 
 
+def cpu_supported() -> bool:
+    """Whether this CPU has the instruction sets ``kernels.cc`` is compiled for."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return False
+    flags = set(cpuinfo.read_text().split())
+    return {"avx512f", "avx512dq", "fma"} <= flags
+
+
 def build(library: Path) -> Path:
     """Compiles ``kernels.cc`` into the shared library ``library``."""
     import jax
@@ -296,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.library:
         build(args.library)
         return 0
-    if "avx512f" not in Path("/proc/cpuinfo").read_text():
-        raise SystemExit("these kernels need an x86-64 CPU with AVX-512")
+    if not cpu_supported():
+        raise SystemExit("these kernels need an x86-64 CPU with AVX-512 (F, DQ) and FMA")
 
     from _common import environment, markdown_table
     from step_time import KEEP_FREED_MEMORY
