@@ -303,6 +303,16 @@ def _half_clip_scale(cfg: _Config, peak: jax.Array, unit: jax.Array | float = 1.
     return jnp.minimum(1.0, jnp.sqrt(jnp.asarray(cfg.clip_threshold, dtype)) / root).astype(dtype)
 
 
+def _clip_from_peak(cfg: _Config, peak: jax.Array, unit: jax.Array):
+    """The clipping of a gradient with ``‖G‖ = peak · unit`` (``unit = ‖G / peak‖``), for
+    the overflow paths: ``(√s, s · peak)``. ``s · peak = min(peak, τ / unit)`` is formed
+    without ``s``, which may underflow; the clipped norm is ``unit · s · peak``."""
+    clipped_peak = peak
+    if cfg.clip_threshold is not None:
+        clipped_peak = jnp.minimum(peak, cfg.clip_threshold / unit)
+    return _half_clip_scale(cfg, peak, unit), clipped_peak
+
+
 def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
     """Per-leaf Frobenius clipping (step 1). Returns the clipped gradient and its norm.
 
@@ -322,9 +332,8 @@ def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
     def rescaled():
         peak, unit_g = _divided_by_peak(g)
         unit = jnp.sqrt(jnp.sum(jnp.square(unit_g)))
-        return _half_clip_scale(cfg, peak, unit), unit * jnp.minimum(
-            peak, cfg.clip_threshold / unit
-        )
+        half, clipped_peak = _clip_from_peak(cfg, peak, unit)
+        return half, unit * clipped_peak
 
     half, norm = _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled)
     return (g * half) * half, norm
@@ -522,17 +531,10 @@ def _clipped_square_sums(g: jax.Array, cfg: _Config):
         unit_sq = jnp.square(unit_g)
         rows_u, cols_u = jnp.sum(unit_sq, axis=1), jnp.sum(unit_sq, axis=0)
         unit = jnp.sqrt(jnp.sum(rows_u))
-        # The clipped gradient is (g / peak) · clipped_peak; clipped_peak = s · peak.
-        clipped_peak = peak
-        if cfg.clip_threshold is not None:
-            clipped_peak = jnp.minimum(peak, cfg.clip_threshold / unit)
+        # The clipped gradient is (g / peak) · clipped_peak.
+        half, clipped_peak = _clip_from_peak(cfg, peak, unit)
         factor = jnp.square(clipped_peak)
-        return (
-            rows_u * factor,
-            cols_u * factor,
-            unit * clipped_peak,
-            _half_clip_scale(cfg, peak, unit),
-        )
+        return rows_u * factor, cols_u * factor, unit * clipped_peak, half
 
     return _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled)
 
