@@ -196,14 +196,20 @@ def test_any_finite_gradient_is_clipped_to_the_same_update(magnitude, lean, guar
         grads["b"] = jnp.asarray(bias * scale, jnp.float32)
         return jax.jit(opt.update)(grads, opt.init(params), params)
 
-    reference, reference_state = update(1.0)  # ‖G‖ > τ: clipped on the ordinary path
+    reference, _ = update(1.0)  # ‖G‖ > τ: clipped on the ordinary path
     updates, state = update(magnitude)
     for name in ("w", "b"):
         assert np.all(np.isfinite(updates[name]))
         np.testing.assert_allclose(
             updates[name], reference[name], rtol=1e-4, atol=1e-4 * np.abs(reference[name]).max()
         )
-    np.testing.assert_allclose(state.leaves["w"].row, reference_state.leaves["w"].row, rtol=1e-5)
+    # Against float64: the clipped gradients G/‖G‖ in R (factored) and in the momentum m
+    # (dense), b1 = 0.9, b2 = 0.999, eps = 1e-8 at step 1.
+    w_clipped = direction / np.linalg.norm(direction)
+    np.testing.assert_allclose(
+        state.leaves["w"].row, 0.999e-8 + 0.001 * np.sum(w_clipped**2, axis=1), rtol=1e-5
+    )
+    np.testing.assert_allclose(state.leaves["b"].mu, 0.1 * bias / np.linalg.norm(bias), rtol=1e-5)
 
 
 def test_params_and_state_can_both_be_donated():
