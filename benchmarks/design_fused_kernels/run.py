@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
 
 NAMES = (
@@ -308,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu_supported():
         raise SystemExit("these kernels need an x86-64 CPU with AVX-512 (F, DQ) and FMA")
 
+    sys.path.insert(0, str(HERE.parent))  # benchmarks/: _common, step_time
     from _common import environment, markdown_table
     from step_time import KEEP_FREED_MEMORY
 
