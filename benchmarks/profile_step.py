@@ -100,18 +100,71 @@ def classify(hlo: str, rank: int) -> dict[str, str]:
     return labels
 
 
-def profile(opt, params, grads, *, steps: int = 10) -> dict[str, float]:
-    """Milliseconds of thunk time per category and step, plus ``wall``."""
+def device_summary(data, steps: int, wall_ms: float, top: int = 25) -> str:
+    """What an accelerator spent one update on, from a profile's device planes.
+
+    Kernel time by kernel name (largest first), the number of kernels and of
+    device-to-host copies per update, and how much of the wall time the device was busy
+    (union of its kernel and copy intervals): on a GPU the gap is launch latency and host
+    synchronisation (conditionals, cuSOLVER's host-side checks).
+    """
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    intervals, lines_seen = [], collections.Counter()
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            events = list(line.events)
+            lines_seen[f"{plane.name} / {line.name}"] += len(events)
+            if not re.search(r"stream|memcpy", line.name, re.I) or "XLA" in line.name:
+                continue
+            for event in events:
+                entry = by_name[event.name[:90]]
+                entry[0] += 1
+                entry[1] += event.duration_ns / 1e6
+                intervals.append((event.start_ns, event.end_ns))
+    busy, end = 0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    kernels = sum(n for n, _ in by_name.values()) / steps
+    to_host = re.compile(r"memcpy.*(dtoh|d2h)", re.I)
+    copies = sum(n for name, (n, _) in by_name.items() if to_host.search(name))
+    out = [
+        f"device busy {busy / 1e6 / steps:.2f} ms of {wall_ms:.2f} ms wall per update; "
+        f"{kernels:.0f} kernels/copies per update, {copies / steps:.0f} device-to-host copies",
+        "",
+        "| kernel | per update | ms per update |",
+        "|---|---|---|",
+    ]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    out += [f"| `{name}` | {n / steps:.1f} | {ms / steps:.3f} |" for name, (n, ms) in ranked]
+    out += ["", "events per device line: " + ", ".join(f"{k}: {v}" for k, v in lines_seen.items())]
+    return "\n".join(out)
+
+
+def profile(
+    opt, params, grads, *, steps: int = 10, keep: Path | None = None, apply: bool = False
+) -> dict:
+    """Milliseconds of thunk time per category and step, plus ``wall`` (and ``device``, a
+    summary of accelerator kernels, off CPU)."""
     import time
 
     import jax
     from jax._src.lib import _profile_data
     from step_time import _update_step
 
-    step, _ = _update_step(opt, params, grads)
+    step, _ = _update_step(opt, params, grads, apply=apply)
     for _ in range(3):
         step()
-    labels = classify(step.lower().compile().as_text(), rank=64)
+    hlo = step.lower().compile().as_text()
+    if keep is not None:
+        keep.with_suffix(".hlo.txt").write_text(hlo)
+    labels = classify(hlo, rank=64)
     with tempfile.TemporaryDirectory() as folder:
         jax.profiler.start_trace(folder)
         start = time.perf_counter()
@@ -121,6 +174,8 @@ def profile(opt, params, grads, *, steps: int = 10) -> dict[str, float]:
         jax.profiler.stop_trace()
         trace = next(Path(folder).rglob("*.xplane.pb"))
         data = _profile_data.ProfileData.from_file(str(trace))
+        if keep is not None:
+            keep.write_bytes(trace.read_bytes())
     totals: dict[str, float] = collections.defaultdict(float)
     for plane in data.planes:
         for line in plane.lines:
@@ -134,6 +189,8 @@ def profile(opt, params, grads, *, steps: int = 10) -> dict[str, float]:
                 totals[label] += event.duration_ns / 1e6 / steps
     totals = dict(totals)
     totals["wall"] = wall * 1e3
+    if jax.default_backend() != "cpu":
+        totals["device"] = device_summary(data, steps, wall * 1e3)
     return totals
 
 
@@ -141,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--only", nargs="+", default=None, help="substrings of names to run")
+    parser.add_argument("--apply", action="store_true", help="as step_time.py --apply")
+    parser.add_argument("--keep-traces", type=Path, default=None, help="folder for the traces")
     args = parser.parse_args(argv)
 
     import jax
@@ -160,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, factory in cases.items():
         if args.only and not any(o in name for o in args.only):
             continue
-        results[name] = profile(factory(), params, grads)
+        keep = None
+        if args.keep_traces is not None:
+            args.keep_traces.mkdir(parents=True, exist_ok=True)
+            keep = args.keep_traces / (re.sub(r"\W+", "_", name) + ".xplane.pb")
+        results[name] = profile(factory(), params, grads, keep=keep, apply=args.apply)
+        if "device" in results[name]:
+            print(f"\n## {name}\n\n{results[name].pop('device')}\n")
     names = list(results)
     categories = sorted(
         {c for r in results.values() for c in r if c != "wall"},

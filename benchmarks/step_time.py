@@ -175,26 +175,46 @@ def _usage() -> _Usage:
     return _Usage(usage.ru_utime, usage.ru_stime, usage.ru_minflt)
 
 
-def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any):
+def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any, apply: bool = False):
     """A blocking closure running one jitted, state-donating update (``step.lower()`` lowers
-    that update); plus the state bytes."""
-    # Returns (state, updates): JAX pairs donated inputs with outputs of the same shape in
-    # order, so state-first output lets every state buffer (UMTAM's unchanged W0 included)
-    # alias its own input, as in a train step returning (params, state).
-    update = jax.jit(lambda g, s, p: opt.update(g, s, p)[::-1], donate_argnums=1)
-    holder = {"state": opt.init(params)}
+    that update); plus the state bytes.
+
+    With ``apply``, the step is the optimizer part of a training step: it also applies the
+    update, ``params ← optax.apply_updates(params, updates)``, with parameters and state
+    donated, so every output reuses its input's buffer (the update itself stays inside
+    the step). On a GPU this is what a training loop sees: the isolated update writes fresh
+    output buffers each call, which makes XLA re-record its CUDA graphs every step.
+    """
+    if apply:
+
+        def train(g, s, p):
+            updates, s = opt.update(g, s, p)
+            return s, optax.apply_updates(p, updates)
+
+        update = jax.jit(train, donate_argnums=(1, 2))
+        holder = {"state": opt.init(params), "params": jax.tree.map(jax.numpy.copy, params)}
+    else:
+        # Returns (state, updates): JAX pairs donated inputs with outputs of the same shape
+        # in order, so state-first output lets every state buffer (UMTAM's unchanged W0
+        # included) alias its own input, as in a train step returning (params, state).
+        update = jax.jit(lambda g, s, p: opt.update(g, s, p)[::-1], donate_argnums=1)
+        holder = {"state": opt.init(params), "params": params}
     state_bytes = tree_bytes(holder["state"])
 
     def step():
-        holder["state"], updates = update(grads, holder["state"], params)
-        jax.block_until_ready((updates, holder["state"]))
+        holder["state"], out = update(grads, holder["state"], holder["params"])
+        if apply:
+            holder["params"] = out
+        jax.block_until_ready((out, holder["state"]))
 
     # The step's own jitted update, lowered for its current state (e.g. to read its HLO).
-    step.lower = lambda: update.lower(grads, holder["state"], params)
+    step.lower = lambda: update.lower(grads, holder["state"], holder["params"])
     return step, state_bytes
 
 
-def run(blocks: int, *, reps: int, warmup: int, exact: bool, extra: bool, only) -> dict:
+def run(
+    blocks: int, *, reps: int, warmup: int, exact: bool, extra: bool, only, apply: bool = False
+) -> dict:
     params = jax.device_put(gpt2_params(blocks))
     grads = jax.device_put(like(params, seed=1))
     param_bytes = tree_bytes(params)
@@ -207,7 +227,7 @@ def run(blocks: int, *, reps: int, warmup: int, exact: bool, extra: bool, only) 
             notes[name] = "not available in the installed optax"
             print(f"[{blocks} blocks] {name}: not available in optax {optax.__version__}")
             continue
-        steps[name], state_bytes = _update_step(opt, params, grads)
+        steps[name], state_bytes = _update_step(opt, params, grads, apply=apply)
         rows[name] = {"state_bytes": state_bytes, "state_ratio": state_bytes / param_bytes}
     times, first = time_interleaved(steps, reps=reps, warmup=warmup)
     cpu, sys_time, faults = time_interleaved.cpu, time_interleaved.sys, time_interleaved.faults
@@ -335,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="substrings of optimizer names to run")
     parser.add_argument("--out", type=Path, default=RESULTS / "step_time.json")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--apply",
+        action="store_true",
+        help="time update + apply_updates with parameters and state donated (a training "
+        "step's optimizer part; on GPU this avoids re-recording CUDA graphs every call)",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument(
         "--keep-freed-memory",
@@ -386,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             exact=exact,
             extra=not (args.no_extra or args.quick),
             only=args.only,
+            apply=args.apply,
         )
         result["targets"] = check_targets(result)
         all_met &= all(v["time_met"] and v["state_met"] for v in result["targets"].values())
