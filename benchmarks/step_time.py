@@ -108,6 +108,11 @@ def optimizers(*, exact: bool = True, extra: bool = True) -> dict[str, Callable[
         lean = dict(error_decay=0.0, saliency="final")
         cases["umtam default svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4)
         cases["umtam default bf16 M̃/S"] = lambda: umtam_jax.umtam(LR, buffer_dtype="bfloat16")
+        # group_leaves defaults to on off CPU: the other setting, side by side.
+        other = {"group_leaves": jax.default_backend() == "cpu"}
+        flag = "grouped" if other["group_leaves"] else "per-leaf"
+        cases[f"umtam default {flag}"] = lambda: umtam_jax.umtam(LR, **other)
+        cases[f"umtam lean {flag}"] = lambda: umtam_jax.umtam(LR, **lean, **other)
         cases["umtam lean svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4, **lean)
         cases["umtam lean svd_every=16"] = lambda: umtam_jax.umtam(LR, svd_every=16, **lean)
         cases["umtam lean rank=8"] = lambda: umtam_jax.umtam(LR, rank=8, **lean)
@@ -212,6 +217,12 @@ def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any, app
     return step, state_bytes
 
 
+def _selected(name: str, only: list[str], names) -> bool:
+    """``--only``: an entry that is a whole optimizer name selects that one; any other entry
+    selects every name containing it."""
+    return name in only or any(o in name for o in only if o not in names)
+
+
 def run(
     blocks: int, *, reps: int, warmup: int, exact: bool, extra: bool, only, apply: bool = False
 ) -> dict:
@@ -219,8 +230,9 @@ def run(
     grads = jax.device_put(like(params, seed=1))
     param_bytes = tree_bytes(params)
     steps, rows, notes = {}, {}, {}
-    for name, factory in optimizers(exact=exact, extra=extra).items():
-        if only and not any(o in name for o in only):
+    cases = optimizers(exact=exact, extra=extra)
+    for name, factory in cases.items():
+        if only and not _selected(name, only, cases):
             continue
         opt = factory()
         if opt is None:
@@ -352,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-exact", action="store_true", help="skip UMTAM exact SVD")
     parser.add_argument("--no-extra", action="store_true", help="skip svd_every=4 variants")
-    parser.add_argument("--only", nargs="+", help="substrings of optimizer names to run")
+    parser.add_argument("--only", nargs="+", help="optimizer names, or substrings of names, to run")
     parser.add_argument("--out", type=Path, default=RESULTS / "step_time.json")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
@@ -396,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {
         "name": "step_time",
         "title": f"optimizer update time, interleaved with AdamW ({env['device_kind']}"
-        + (", glibc keeping freed memory)" if kept else ")"),
+        + (", glibc keeping freed memory" if kept else "")
+        + (", update + apply_updates" if args.apply else "")
+        + ")",
+        "apply": args.apply,
         "command": env["command"],
         "date": env["date"],
         "environment": env,
@@ -421,7 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(section) + "\n", flush=True)
         report += [*section, ""]
     payload["markdown"] = (
-        f"Device: {env['device_kind']} ({env['backend']}). Wall ms per update (median), "
+        f"Device: {env['device_kind']} ({env['backend']}). "
+        + (
+            "Each step is update + apply_updates, parameters and state donated (--apply). "
+            if args.apply
+            else ""
+        )
+        + "Wall ms per update (median), "
         "ratio to optax.adamw in the same run, process CPU ms (and its kernel part), minor "
         "page faults per update, state bytes ÷ parameter bytes. "
         + malloc_note

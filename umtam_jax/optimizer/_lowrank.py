@@ -13,6 +13,7 @@ Householder QR remains as a fallback for (near) rank-deficient sketches, taken t
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -36,7 +37,12 @@ def full_precision(fn):
 
 
 class Decomposition(NamedTuple):
-    """``M ≈ u diag(s) vᵀ`` with orthonormal columns in ``u`` (m×r) and ``v`` (n×r)."""
+    """``M ≈ u diag(s) vᵀ`` with orthonormal columns in ``u`` (m×r) and ``v`` (n×r).
+
+    Every function of this module also takes stacks of matrices (leading batch axes, as
+    for the optimizer's groups of equally shaped parameters); the fields then carry the
+    same leading axes.
+    """
 
     u: jax.Array
     s: jax.Array
@@ -50,7 +56,12 @@ def _tn(q: jax.Array, a: jax.Array) -> jax.Array:
     instead of contracting both operands over their leading axis: ~20% less CPU time for
     the GPT-2 shapes of ``benchmarks/step_time.py``.
     """
-    return _sharding.matmul(jax.lax.optimization_barrier(q.T), a)
+    return _sharding.matmul(jax.lax.optimization_barrier(q.mT), a)
+
+
+def _per_matrix(scale: jax.Array | float) -> jax.Array:
+    """A scalar, or one scalar per matrix of a stack, broadcastable against the stack."""
+    return jnp.asarray(scale)[..., None, None]
 
 
 class LowRankPlusDense(NamedTuple):
@@ -70,7 +81,7 @@ class LowRankPlusDense(NamedTuple):
     scale_out: jax.Array | float = 1.0
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return self.dense.shape
 
     @property
@@ -83,13 +94,14 @@ class LowRankPlusDense(NamedTuple):
         # unclipped gradient whose products would overflow, while ``scale · scale_out ·
         # dense`` is the clipped one.
         mm = _sharding.matmul
-        return mm(self.dense, self.scale * w) * self.scale_out + self.left @ mm(self.right.T, w)
+        dense = mm(self.dense, _per_matrix(self.scale) * w) * _per_matrix(self.scale_out)
+        return dense + self.left @ mm(self.right.mT, w)
 
     def rmatmul(self, q: jax.Array) -> jax.Array:
         """``qᵀ @ M``."""
         mm = _sharding.matmul
-        dense = _tn(self.scale * q, self.dense) * self.scale_out
-        return dense + mm(q.T, self.left) @ self.right.T
+        dense = _tn(_per_matrix(self.scale) * q, self.dense) * _per_matrix(self.scale_out)
+        return dense + mm(q.mT, self.left) @ self.right.mT
 
 
 def matmul_any(matrix: jax.Array | LowRankPlusDense, w: jax.Array) -> jax.Array:
@@ -112,20 +124,45 @@ def _householder(y: jax.Array) -> jax.Array:
     return _sharding.reshard_like(q, _sharding.explicit_spec(y))
 
 
+def _batch_size(x: jax.Array) -> int:
+    """How many matrices ``x`` holds (1 for a matrix, the product of its leading axes for
+    a stack)."""
+    return math.prod(x.shape[:-2])
+
+
+def _unstack(flat: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
+    """Splits ``flat`` (matrices of several stacks, one after another along axis 0) back
+    into arrays with the leading axes of ``like``'s members."""
+    out, start = [], 0
+    for x in like:
+        size = _batch_size(x)
+        out.append(flat[start : start + size].reshape(x.shape[:-2] + flat.shape[1:]))
+        start += size
+    return out
+
+
+def _flat_stack(xs: list[jax.Array]) -> jax.Array:
+    """The matrices of ``xs`` (matrices or stacks of them) as one stack, in order."""
+    return jnp.concatenate([x.reshape((-1,) + x.shape[-2:]) for x in xs])
+
+
 def _batched_gram_pass(ys: list[jax.Array], floor_factor: float):
     """``y G^{-1/2}`` with ``G = yᵀy`` for every ``y`` (same width, eigenvalues floored at
-    ``floor_factor · max``); the k×k eigendecompositions run as one batched call."""
-    lam, w = jnp.linalg.eigh(jnp.stack([_sharding.matmul(y.T, y) for y in ys]))
+    ``floor_factor · max``); the k×k eigendecompositions run as one batched call.
+
+    Returns the new matrices and the eigenvalues, one row per matrix (stacks flattened)."""
+    grams = [_sharding.matmul(y.mT, y) for y in ys]
+    lam, w = jnp.linalg.eigh(_flat_stack(grams))
     top = lam[:, -1:]
     floor = jnp.maximum(top * floor_factor, jnp.finfo(lam.dtype).tiny)
     scale = w * jax.lax.rsqrt(jnp.maximum(lam, floor))[:, None, :]
-    return [y @ scale[i] for i, y in enumerate(ys)], lam
+    return [y @ s for y, s in zip(ys, _unstack(scale, grams), strict=True)], lam
 
 
 def _group_by_width(ys: list[jax.Array]) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = {}
     for i, y in enumerate(ys):
-        groups.setdefault((y.shape[1], jnp.dtype(y.dtype)), []).append(i)
+        groups.setdefault((y.shape[-1], jnp.dtype(y.dtype)), []).append(i)
     return groups
 
 
@@ -143,7 +180,7 @@ def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
     out: list[jax.Array | None] = [None] * len(ys)
     tall = []
     for i, y in enumerate(ys):
-        if y.shape[1] > y.shape[0]:  # wide: rank-deficient by shape, no Gram shortcut
+        if y.shape[-1] > y.shape[-2]:  # wide: rank-deficient by shape, no Gram shortcut
             out[i] = _householder(y)
         else:
             tall.append(i)
@@ -153,12 +190,14 @@ def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
         eps = float(jnp.finfo(group[0].dtype).eps)
         q1, lam1 = _batched_gram_pass(group, eps)
         q2, lam2 = _batched_gram_pass(q1, eps)
-        ok = jnp.stack([jnp.all(jnp.isfinite(q)) for q in q2])
+        finite = [jnp.all(jnp.isfinite(q), axis=(-2, -1)).reshape(-1) for q in q2]
+        ok = jnp.concatenate(finite)
         ok = ok & (lam1[:, -1] > 0) & (lam2[:, 0] > 0.05) & (lam2[:, -1] < 20.0)
 
         def fallback(ok=ok, group=group, q2=q2):
-            pairs = zip(q2, group, strict=True)
-            return [jnp.where(ok[j], q, _householder(y)) for j, (q, y) in enumerate(pairs)]
+            oks = _unstack(ok[:, None, None], q2)
+            pairs = zip(oks, q2, group, strict=True)
+            return [jnp.where(ok_q, q, _householder(y)) for ok_q, q, y in pairs]
 
         result = jax.lax.cond(jnp.all(ok), lambda q2=q2: q2, fallback)
         for i, q in zip(index, result, strict=True):
@@ -196,21 +235,28 @@ def _small_svd_many(bs: list[jax.Array], rank: list[int]):
     out: list[tuple | None] = [None] * len(bs)
     wide = []
     for i, b in enumerate(bs):
-        if b.shape[0] <= b.shape[1]:
+        if b.shape[-2] <= b.shape[-1]:
             wide.append(i)
         else:
             ub, s, vt = jnp.linalg.svd(_sharding.replicate(b), full_matrices=False)
-            out[i] = ub[:, : rank[i]], s[: rank[i]], vt[: rank[i]].T
-    qs = orthonormalize_many([bs[i].T for i in wide])
+            r = rank[i]
+            out[i] = ub[..., :r], s[..., :r], vt[..., :r, :].mT
+    qs = orthonormalize_many([bs[i].mT for i in wide])
     for index in _group_by_width(qs).values():
         members = [wide[j] for j in index]
-        core = jnp.stack(
-            [_sharding.matmul(bs[i], qs[j]) for i, j in zip(members, index, strict=True)]
+        cores = [_sharding.matmul(bs[i], qs[j]) for i, j in zip(members, index, strict=True)]
+        ul, s, vlt = jnp.linalg.svd(_flat_stack(cores), full_matrices=False)
+        parts = zip(
+            members,
+            index,
+            _unstack(ul, cores),
+            _unstack(s[:, :, None], cores),
+            _unstack(vlt, cores),
+            strict=True,
         )
-        ul, s, vlt = jnp.linalg.svd(core, full_matrices=False)
-        for n, (i, j) in enumerate(zip(members, index, strict=True)):
+        for i, j, ul_i, s_i, vlt_i in parts:
             r = rank[i]
-            out[i] = ul[n, :, :r], s[n, :r], qs[j] @ vlt[n, :r].T
+            out[i] = ul_i[..., :r], s_i[..., :r, 0], qs[j] @ vlt_i[..., :r, :].mT
     return out
 
 
@@ -237,13 +283,16 @@ def subspace_svd_many(
     for i, (matrix, warm) in enumerate(zip(matrices, warm_starts, strict=True)):
         omega = warm.astype(matrix.dtype)
         if oversampling:
-            extra = jax.random.normal(keys[i], (matrix.shape[1], oversampling), matrix.dtype)
-            omega = jnp.concatenate([omega, extra], axis=1)
+            shape, dtype = (matrix.shape[-1], oversampling), matrix.dtype
+            normal = functools.partial(jax.random.normal, shape=shape, dtype=dtype)
+            for _ in range(keys[i].ndim):  # a stack of matrices draws with a stack of keys
+                normal = jax.vmap(normal)
+            omega = jnp.concatenate([omega, normal(keys[i])], axis=-1)
         omegas.append(omega)
     qs = orthonormalize_many([matmul_any(a, o) for a, o in zip(matrices, omegas, strict=True)])
 
     def power_iteration(qs):
-        zs = orthonormalize_many([rmatmul_any(a, q).T for a, q in zip(matrices, qs, strict=True)])
+        zs = orthonormalize_many([rmatmul_any(a, q).mT for a, q in zip(matrices, qs, strict=True)])
         return orthonormalize_many([matmul_any(a, z) for a, z in zip(matrices, zs, strict=True)])
 
     for _ in range(power_iterations):
