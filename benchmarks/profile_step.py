@@ -11,12 +11,20 @@ worker threads, grouped by what the thunk computes (from the compiled HLO):
 - ``eigh`` / ``svd`` (the batched k×k linear algebra), and the rest.
 
 Thread time is summed over the (here two) worker threads, so it exceeds the wall time
-when both are busy. Prints a markdown table; nothing is written.
+when both are busy. Prints a markdown table; nothing is written (``--keep-traces DIR``
+keeps each profile and compiled HLO).
+
+On a GPU or TPU it also prints, per optimizer, what the device did (:func:`device_summary`):
+kernel time by kernel name, kernel launches and device-to-host copies per update, and the
+device's busy time against the wall time (the rest is host work: launches, CUDA-graph
+updates, conditionals). ``--apply`` profiles update + ``apply_updates`` with parameters and
+state donated, as ``step_time.py --apply``.
 
 Usage::
 
     .venv/bin/python benchmarks/profile_step.py                 # UMTAM default, lean, AdamW
     .venv/bin/python benchmarks/profile_step.py --only lean --blocks 12
+    python3 benchmarks/profile_step.py --apply --keep-traces /tmp/traces   # on a GPU
 """
 
 from __future__ import annotations

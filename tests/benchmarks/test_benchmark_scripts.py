@@ -144,6 +144,68 @@ def test_profile_step_classifies_products_passes_and_reductions():
     } <= labels
 
 
+def test_profile_step_device_summary_counts_launches_copies_and_busy_time():
+    from types import SimpleNamespace as Node
+
+    profile_step = _bench_module("profile_step")
+
+    def event(name, start, stop):
+        return Node(name=name, start_ns=start, end_ns=stop, duration_ns=stop - start)
+
+    # Two steps on one GPU stream: overlapping kernels count once towards busy time; the
+    # XLA op line (host-side annotations) and the host plane are not device work.
+    stream = [
+        event("gemm", 0, 100_000),
+        event("fusion", 50_000, 200_000),
+        event("MemcpyDtoH", 300_000, 310_000),
+        event("gemm", 1_000_000, 1_100_000),
+        event("fusion", 1_100_000, 1_250_000),
+        event("MemcpyDtoH", 1_300_000, 1_310_000),
+    ]
+    data = Node(
+        planes=[
+            Node(
+                name="/device:GPU:0",
+                lines=[
+                    Node(name="Stream #14(Compute,MemcpyD2H)", events=stream),
+                    Node(name="XLA Ops", events=[event("fusion", 0, 10_000_000)]),
+                ],
+            ),
+            Node(name="/host:CPU", lines=[Node(name="python3", events=stream)]),
+        ]
+    )
+    summary = profile_step.device_summary(data, steps=2, wall_ms=1.0)
+    first = summary.splitlines()[0]
+    # Busy per step: (200 + 10 + 100 + 150 + 10) µs / 2 = 0.235 ms.
+    assert first.startswith("device busy 0.23 ms of 1.00 ms wall per update")
+    assert "3 kernels/copies per update, 1 device-to-host copies" in first
+    assert "| `fusion` | 1.0 | 0.150 |" in summary  # (150 + 150) µs over 2 steps
+
+
+def test_step_time_only_selects_whole_names_exactly_and_substrings_otherwise():
+    step_time = _bench_module("step_time")
+    names = ["umtam default", "umtam default per-leaf", "umtam lean", "optax.adamw"]
+    picked = [n for n in names if step_time._selected(n, ["umtam default", "adamw"], names)]
+    assert picked == ["umtam default", "optax.adamw"]
+
+
+def test_step_time_apply_donates_a_copy_of_the_parameters():
+    import jax.numpy as jnp
+    import optax
+
+    step_time = _bench_module("step_time")
+    params = {"w": jnp.ones((4, 3))}
+    grads = {"w": jnp.full((4, 3), 0.5)}
+    step, state_bytes = step_time._update_step(optax.sgd(0.1), params, grads, apply=True)
+    assert state_bytes == 0
+    for _ in range(3):
+        step()
+    # The step donates its own copy of the parameters (updated in place), not the caller's.
+    assert float(params["w"][0, 0]) == 1.0
+    text = step.lower().as_text()
+    assert "tf.aliasing_output" in text or "jax.buffer_donor" in text
+
+
 def test_step_time_records_kernel_time_and_page_faults_per_step():
     import numpy as np
 

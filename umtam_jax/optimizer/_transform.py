@@ -464,7 +464,7 @@ def _new_factors(cfg, requests: list[_FactorRequest], count) -> list[tuple]:
 
     All leaves share the step count, so one ``lax.cond`` decides for all of them. A
     request may hold a stack of equally shaped leaves (leading axis), see
-    :func:`_update_group`.
+    :func:`_on_stack`.
     """
 
     def refresh():
@@ -789,8 +789,9 @@ def scale_by_umtam(
       seed: seed of the random initial factors and of the oversampling columns.
       group_leaves: update parameters of equal shape (and equal state layout) as one
         stack, mapped with ``jax.vmap``: one kernel per operation for all of them instead
-        of one per parameter, at the price of copying them into the stack and back. Results
-        equal the per-parameter ones up to rounding. ``None`` (default): on when tracing
+        of one per parameter, at the price of copying them into the stack and back (and,
+        during the update, the memory of those copies). Results equal the per-parameter
+        ones up to rounding. ``None`` (default): on when tracing
         for a GPU or TPU (``jax.default_backend()``), where an update of many parameters is
         bound by kernel launches, off on CPU, where the copies cost more than they save.
         Parameters under Explicit sharding, and factored ones with ``svd_method="exact"``,
