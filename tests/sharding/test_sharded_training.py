@@ -71,3 +71,12 @@ def test_checkpoint_from_one_mesh_restores_onto_another(report):
     assert entry["u_spec"] == ["model"] and entry["v_spec"] == ["data"]
     assert entry["dense_momentum_spec"] == ["model", "data"]
     assert entry["n_devices_u"] == 8
+
+
+@pytest.mark.parametrize("axes", ["Auto", "Explicit"])
+def test_stacked_leaves_on_a_mesh_equal_single_device_steps(report, axes):
+    entry = report["grouped"][axes]
+    assert entry["param_rel_err"] < 1e-4
+    if axes == "Explicit":
+        assert entry["update_specs"]["a2"] == ["data", "model"]
+        assert entry["update_specs"]["bias2"] == ["model"]
