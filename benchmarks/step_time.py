@@ -108,11 +108,9 @@ def optimizers(*, exact: bool = True, extra: bool = True) -> dict[str, Callable[
         lean = dict(error_decay=0.0, saliency="final")
         cases["umtam default svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4)
         cases["umtam default bf16 M̃/S"] = lambda: umtam_jax.umtam(LR, buffer_dtype="bfloat16")
-        # group_leaves defaults to on off CPU: the other setting, side by side.
-        other = {"group_leaves": jax.default_backend() == "cpu"}
-        flag = "grouped" if other["group_leaves"] else "per-leaf"
-        cases[f"umtam default {flag}"] = lambda: umtam_jax.umtam(LR, **other)
-        cases[f"umtam lean {flag}"] = lambda: umtam_jax.umtam(LR, **lean, **other)
+        grouped = {"group_leaves": True}
+        cases["umtam default grouped"] = lambda: umtam_jax.umtam(LR, **grouped)
+        cases["umtam lean grouped"] = lambda: umtam_jax.umtam(LR, **lean, **grouped)
         cases["umtam lean svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4, **lean)
         cases["umtam lean svd_every=16"] = lambda: umtam_jax.umtam(LR, svd_every=16, **lean)
         cases["umtam lean rank=8"] = lambda: umtam_jax.umtam(LR, rank=8, **lean)

@@ -154,7 +154,7 @@ def main(svd_method: str) -> dict:
 
 
 def grouped_on_meshes() -> dict:
-    """``group_leaves=True`` (the GPU/TPU default) with two equally shaped matrices and two
+    """``group_leaves=True`` (the GPU/TPU option) with two equally shaped matrices and two
     equal biases, sharded alike: Auto meshes stack them (the compiler shards the stack),
     Explicit ones update them one by one. Compared with single-device per-leaf training."""
     rng = np.random.default_rng(1)
