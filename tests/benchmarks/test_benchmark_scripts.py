@@ -242,3 +242,16 @@ def test_fused_kernel_design_study_matches_the_float64_reference(tmp_path):
     assert len(kernels) == len(study.NAMES)
     for name, (fused, _, reference, make_inputs, _) in kernels.items():
         assert study.check(name, fused, reference, make_inputs) <= 1e-5
+
+
+def test_fused_kernel_patch_still_applies_to_the_optimizer():
+    root = BENCH.parent
+    if not (root / ".git").exists() or not shutil.which("git"):
+        pytest.skip("needs a git checkout")
+    import subprocess
+
+    patch = BENCH / "design_fused_kernels" / "in_step.patch"
+    out = subprocess.run(
+        ["git", "apply", "--check", str(patch)], cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
