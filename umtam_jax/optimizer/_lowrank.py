@@ -131,8 +131,9 @@ def _batch_size(x: jax.Array) -> int:
 
 
 def _unstack(flat: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
-    """Splits ``flat`` (matrices of several stacks, one after another along axis 0) back
-    into arrays with the leading axes of ``like``'s members."""
+    """Splits ``flat`` (the entries of several stacks of matrices, one after another along
+    axis 0: matrices, vectors, ...) back into arrays with the leading axes of ``like``'s
+    members."""
     out, start = [], 0
     for x in like:
         size = _batch_size(x)
@@ -225,7 +226,7 @@ def exact_svd(matrix: jax.Array, rank: int) -> Decomposition:
     """Truncated SVD from a full (thin) SVD of ``matrix``: the reference method."""
     # Under Explicit sharding this gathers the whole m×n matrix: the reference method only.
     u, s, vt = jnp.linalg.svd(_sharding.replicate(matrix), full_matrices=False)
-    return Decomposition(u[:, :rank], s[:rank], vt[:rank].T)
+    return Decomposition(u[..., :rank], s[..., :rank], vt[..., :rank, :].mT)
 
 
 def _small_svd_many(bs: list[jax.Array], rank: list[int]):
@@ -250,13 +251,13 @@ def _small_svd_many(bs: list[jax.Array], rank: list[int]):
             members,
             index,
             _unstack(ul, cores),
-            _unstack(s[:, :, None], cores),
+            _unstack(s, cores),
             _unstack(vlt, cores),
             strict=True,
         )
         for i, j, ul_i, s_i, vlt_i in parts:
             r = rank[i]
-            out[i] = ul_i[..., :r], s_i[..., :r, 0], qs[j] @ vlt_i[..., :r, :].mT
+            out[i] = ul_i[..., :r], s_i[..., :r], qs[j] @ vlt_i[..., :r, :].mT
     return out
 
 

@@ -706,11 +706,6 @@ def _unstacked(out: Any, size: int) -> list[Any]:
     return [jax.tree.map(lambda x, i=i: x[i], out) for i in range(size)]
 
 
-def _on_members(fn: Callable[..., Any], args: list[tuple], count: jax.Array) -> list[Any]:
-    """``fn(*arg, count)`` per leaf of a group, as one stacked computation."""
-    return _unstacked(_on_stack(fn, [(*a, count) for a in args]), len(args))
-
-
 def scale_by_umtam(
     *,
     rank: int = 32,
@@ -898,8 +893,9 @@ def scale_by_umtam(
             layout = layouts[members[0]]
             args = [(grads[i], param_leaves[i], leaf_states[i]) for i in members]
             if layout.row_axes is None:
-                outs = _on_members(functools.partial(_update_dense, cfg), args, count)
-                for i, (d, new) in zip(members, outs, strict=True):
+                dense = functools.partial(_update_dense, cfg)
+                out = _on_stack(dense, [(*a, count) for a in args])
+                for i, (d, new) in zip(members, _unstacked(out, len(members)), strict=True):
                     directions[i], new_states[i] = d.astype(grads[i].dtype), new
                 continue
             keys = [jax.random.fold_in(jax.random.fold_in(base_key, i), count) for i in members]
