@@ -113,8 +113,8 @@ def device_summary(data, steps: int, wall_ms: float, top: int = 25) -> str:
 
     Kernel time by kernel name (largest first), the number of kernels and of
     device-to-host copies per update, and how much of the wall time the device was busy
-    (union of its kernel and copy intervals): on a GPU the gap is launch latency and host
-    synchronisation (conditionals, cuSOLVER's host-side checks).
+    (union of its kernel and copy intervals): on a GPU the gap is host work (launches,
+    CUDA-graph updates, and waits at conditionals, whose predicates are read on the host).
     """
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
     intervals, lines_seen = [], collections.Counter()

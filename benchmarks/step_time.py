@@ -13,6 +13,7 @@ Usage::
     .venv/bin/python benchmarks/step_time.py --quick    # CI-size: no exact SVD, no variants
     .venv/bin/python benchmarks/step_time.py --check    # exit 1 if a target is missed
     .venv/bin/python benchmarks/step_time.py --keep-freed-memory  # no allocator page faults
+    python3 benchmarks/step_time.py --blocks 4 12 --apply   # update + apply_updates (GPU)
 
 Writes ``benchmarks/results/step_time.json`` (``--out`` to change, ``--no-write`` to skip)
 and prints a markdown table: wall ms per update (median, range), ratio to ``optax.adamw``,
