@@ -397,6 +397,16 @@ def test_bad_metadata_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_empty_array_is_refused_with_its_path_and_writes_nothing(tmp_path):
+    params = {"w": jnp.ones((3, 3)), "extra_tokens": jnp.zeros((0, 3))}
+    with pytest.raises(ValueError, match=r"params: the array at \['extra_tokens'\] is empty"):
+        save_checkpoint(tmp_path / "ckpt", params)
+    opt = umtam_jax.umtam(0.1, rank=1, min_dim_size_to_factor=1)
+    with pytest.raises(ValueError, match=r"\['extra_tokens'\].*is empty"):
+        save_checkpoint(tmp_path / "ckpt", {"w": params["w"]}, opt_state=opt.init(params))
+    assert os.listdir(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------------
 # missing or corrupt checkpoints
 # ------------------------------------------------------------------------------------------

@@ -388,6 +388,29 @@ def test_integer_leaves_are_rejected_with_their_path():
         umtam_jax.umtam(0.1).init({"step": jnp.zeros((), jnp.int32)})
 
 
+def test_complex_leaves_are_rejected_with_their_path():
+    with pytest.raises(TypeError, match=r"\['z'\].*real floating-point"):
+        umtam_jax.umtam(0.1).init({"z": jnp.zeros((4, 4), jnp.complex64)})
+
+
+def test_empty_leaves_get_empty_updates_and_leave_the_others_unchanged():
+    params = _params()
+    with_empty = {**params, "empty": jnp.zeros((0, 16)), "no_cols": jnp.zeros((16, 0))}
+    opt = umtam_jax.umtam(0.1, **SMALL)
+    update = jax.jit(opt.update)
+    state, state_e = opt.init(params), opt.init(with_empty)
+    for t in range(3):
+        grads = _grads(params, t)
+        grads_e = {**grads, "empty": jnp.zeros((0, 16)), "no_cols": jnp.zeros((16, 0))}
+        updates, state = update(grads, state, params)
+        updates_e, state_e = update(grads_e, state_e, with_empty)
+        assert updates_e["empty"].shape == (0, 16) and updates_e["no_cols"].shape == (16, 0)
+        for name in params:
+            jax.tree.map(np.testing.assert_array_equal, updates[name], updates_e[name])
+        params = optax.apply_updates(params, updates)
+        with_empty = optax.apply_updates(with_empty, updates_e)
+
+
 def test_inputs_are_not_mutated():
     params = jax.tree.map(np.asarray, _params())
     before = jax.tree.map(np.copy, params)

@@ -194,6 +194,12 @@ def _encode(tree: Any, what: str) -> _Encoded:
                     f"{what}: leaf at {jax.tree_util.keystr(jax_path)} is a "
                     f"{type(x).__name__}, not an array or scalar"
                 )
+            if 0 in np.shape(x):
+                raise ValueError(
+                    f"{what}: the array at {jax.tree_util.keystr(jax_path)} is empty (shape "
+                    f"{tuple(np.shape(x))}); Orbax cannot store empty arrays: leave it out "
+                    "of the tree"
+                )
             paths.append(prefix)
             leaves.append(_as_saveable(x))
             return _leaf_spec(x), leaves[-1]

@@ -279,7 +279,7 @@ def _unless_overflow(ok: jax.Array, direct: Callable[[], Any], rescaled: Callabl
 def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(peak, x / peak)`` with ``peak = max|x|`` (1 for an all-zero ``x``): the rescaling
     after which squares and their sums cannot overflow."""
-    peak = jnp.max(jnp.abs(x))
+    peak = jnp.max(jnp.abs(x), initial=0.0)  # initial: a zero-size leaf has peak 0
     peak = jnp.where(peak > 0, peak, 1.0)
     return peak, x / peak
 
@@ -923,8 +923,8 @@ def scale_by_umtam(
 def _require_float(path, dtype, what: str) -> None:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
-            f"{what} at {jax.tree_util.keystr(path)} has dtype {dtype}; UMTAM needs floating "
-            "point leaves (freeze integer leaves with optax.masked / optax.partition)"
+            f"{what} at {jax.tree_util.keystr(path)} has dtype {dtype}; UMTAM needs real "
+            "floating-point leaves (freeze the others with optax.masked / optax.partition)"
         )
 
 
