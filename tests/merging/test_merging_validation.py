@@ -85,6 +85,58 @@ def test_density_out_of_range(inputs, method, density):
         ALL[method](base, experts, stats, density=density)
 
 
+def _with_value(tree, path, value):
+    leaf = np.array(tree[path[0]][path[1]])  # a copy: the caller's tree stays as it was
+    leaf.flat[0] = value
+    return _set(tree, path, leaf)
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_non_finite_expert_or_base_is_refused_with_its_path(inputs, method, value):
+    base, experts, stats = inputs
+    bad = _with_value(experts[1], ("attn", "kernel"), value)
+    with pytest.raises(ValueError, match=re.escape("experts[1]['attn']['kernel'] is not finite")):
+        ALL[method](base, [experts[0], bad], stats)
+    assert np.all(np.isfinite(experts[1]["attn"]["kernel"]))
+    bad_base = _with_value(base, ("conv", "kernel"), value)
+    with pytest.raises(ValueError, match=re.escape("base['conv']['kernel'] is not finite")):
+        ALL[method](bad_base, experts, stats)
+
+
+def test_non_finite_statistics_curvatures_fishers_and_scores_are_refused(inputs):
+    base, experts, stats = inputs
+    node = stats[0]["attn"]["kernel"]
+    row = np.array(node.row)
+    row[0] = np.inf
+    bad = jax.tree.map(lambda x: x, stats[0], is_leaf=lambda x: hasattr(x, "_fields"))
+    bad["attn"]["kernel"] = node._replace(row=row)
+    with pytest.raises(ValueError, match=re.escape("statistics[0]['attn']['kernel'].row is not")):
+        merging.umtam(base, experts, [bad, stats[1]])
+    with pytest.raises(ValueError, match=re.escape("curvatures[0]['attn']['kernel'].row is not")):
+        merging.ota(base, experts, [bad, stats[1]])
+    ones = H.build(lambda p, s, _: np.ones(s, np.float32))
+    nan_fisher = _with_value(ones, ("norm", "scale"), np.nan)
+    with pytest.raises(ValueError, match=re.escape("fishers[1]['norm']['scale'] is not finite")):
+        merging.fisher(base, experts, [ones, nan_fisher])
+    with pytest.raises(ValueError, match=re.escape("scores['norm']['scale'] is not finite")):
+        merging.prune(base, experts[0], nan_fisher, density=0.5)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda b, e, s: merging.task_arithmetic(b, e, scaling=np.nan), "scaling"),
+        (lambda b, e, s: merging.ties(b, e, density=0.5, weights=[1.0, np.inf]), "weights[1]"),
+        (lambda b, e, s: merging.umtam(b, e, s, lambda_curvature=np.nan), "lambda_curvature"),
+        (lambda b, e, s: merging.ota(b, e, s, power=np.inf), "power"),
+    ],
+)
+def test_non_finite_scalar_options_are_refused(inputs, call, name):
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be finite")):
+        call(*inputs)
+
+
 def test_prune_density_and_scores_errors(inputs):
     base, experts, stats = inputs
     with pytest.raises(ValueError, match="density"):

@@ -128,6 +128,7 @@ def task_arithmetic(
     References:
       Ilharco et al., "Editing Models with Task Arithmetic", arXiv:2212.04089.
     """
+    V.check_finite_scalars(scaling=scaling)
     prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     weights = V.check_weights(weights, k)
@@ -200,6 +201,7 @@ def ties(
       arXiv:2306.01708; mergekit (arcee-ai/mergekit) ``ties`` method.
     """
     V.check_option("scope", scope, SCOPES)
+    V.check_finite_scalars(scaling=scaling)
     prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     weights = V.check_weights(weights, k)
@@ -325,6 +327,7 @@ def dare(
       Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
       Models as a Free Lunch", arXiv:2311.03099; mergekit ``dare_linear``.
     """
+    V.check_finite_scalars(scaling=scaling)
     prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     weights = V.check_weights(weights, k)
@@ -384,6 +387,7 @@ def dare_ties(
       Yu et al., arXiv:2311.03099 (DARE); Yadav et al., arXiv:2306.01708 (TIES);
       mergekit ``dare_ties``.
     """
+    V.check_finite_scalars(scaling=scaling)
     prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     weights = V.check_weights(weights, k)
@@ -445,6 +449,7 @@ def ota(
       Mahdavinia et al., "Harnessing Optimization Dynamics for Curvature-Informed Model
       Merging" (OTA merging), arXiv:2509.11167.
     """
+    V.check_finite_scalars(power=power, scaling=scaling)
     prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     curvatures = V.check_sequence(curvatures, "curvatures")

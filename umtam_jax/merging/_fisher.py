@@ -54,6 +54,7 @@ def fisher(
     References:
       Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", arXiv:2111.09832.
     """
+    V.check_finite_scalars(fisher_floor=fisher_floor)
     if base is None:
         experts = V.check_sequence(experts, "experts")
         ref = experts[0]

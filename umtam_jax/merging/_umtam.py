@@ -110,6 +110,9 @@ def umtam(
     """
     V.check_option("normalize", normalize, NORMALIZE_MODES)
     V.check_option("scope", scope, SCOPES)
+    V.check_finite_scalars(
+        lambda_momentum=lambda_momentum, lambda_curvature=lambda_curvature, scaling=scaling
+    )
     prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     statistics = V.check_sequence(statistics, "statistics")
