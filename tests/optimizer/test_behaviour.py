@@ -366,6 +366,15 @@ def test_invalid_hyper_parameters_fail_at_construction(kwargs, message):
         umtam_jax.umtam(0.1, **kwargs)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_learning_rate_or_weight_decay_fails_at_construction(value):
+    with pytest.raises(ValueError, match="learning_rate must be finite"):
+        umtam_jax.umtam(value)
+    with pytest.raises(ValueError, match="weight_decay must be finite"):
+        umtam_jax.umtam(0.1, weight_decay=value)
+    umtam_jax.umtam(optax.constant_schedule(0.1))  # schedules are not evaluated here
+
+
 def test_rank_must_be_a_python_int():
     with pytest.raises(TypeError, match="rank"):
         umtam_jax.umtam(0.1, rank=4.0)

@@ -999,6 +999,9 @@ def umtam(
     References:
       UMTAM, arXiv:2512.17109.
     """
+    for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
+        number = _concrete(value)  # None for a schedule or a traced value
+        _check(number is None or math.isfinite(number), f"{name} must be finite, got {value!r}")
     return optax.chain(
         scale_by_umtam(
             rank=rank,
