@@ -34,6 +34,7 @@ import asyncio
 import datetime
 import importlib.metadata
 import json
+import logging
 import queue
 import threading
 import uuid
@@ -203,6 +204,14 @@ class _Channel:
             return array
 
 
+class _HideAbortTraces(logging.Filter):
+    """Drops the tracebacks Orbax's writer threads log for :class:`_Aborted`: the producer's
+    own error is what the caller gets, and those traces would only bury it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _Aborted))
+
+
 class _LazyArray:
     """A placeholder leaf whose array arrives through a :class:`_Channel` when written."""
 
@@ -310,6 +319,8 @@ def _write_streaming(
             channel.writer_done.set()
 
     writer = threading.Thread(target=save, name="umtam_streaming_save", daemon=True)
+    hide = _HideAbortTraces()
+    logging.getLogger("absl").addFilter(hide)  # Orbax logs through absl
     writer.start()
     try:
         for i, (_, shape, dtype) in enumerate(leaves):
@@ -327,7 +338,9 @@ def _write_streaming(
         writer.join()
         C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
         raise
-    writer.join()
+    finally:
+        writer.join()
+        logging.getLogger("absl").removeFilter(hide)
     if errors:
         C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
         raise errors[0]
