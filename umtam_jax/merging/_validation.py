@@ -169,7 +169,7 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
     return prepared
 
 
-def leaves_like(tree: Any, prepared: Prepared, what: str, *, any_float: bool = True) -> list:
+def leaves_like(tree: Any, prepared: Prepared, what: str) -> list:
     """Flattens a params-shaped tree (Fisher, scores, curvatures) after checking it."""
     paths, leaves, treedef = _flatten(tree)
     if treedef != prepared.treedef:
@@ -182,8 +182,7 @@ def leaves_like(tree: Any, prepared: Prepared, what: str, *, any_float: bool = T
             raise ValueError(
                 f"shape mismatch at {path}: base has {tuple(b.shape)}, {what} has {tuple(x.shape)}"
             )
-        if any_float:
-            float_dtype(x.dtype, path, what)
+        float_dtype(x.dtype, path, what)
         out.append(_as_array(x))
     check_finite([(f"{what}{path}", x) for path, x in zip(paths, out, strict=True)])
     return out
