@@ -392,6 +392,20 @@ def test_update_without_params_and_mismatched_shapes_are_explained():
         opt.update(bad, state, params)
 
 
+def test_mismatched_params_or_state_trees_name_the_argument():
+    params = _params()
+    opt = umtam_jax.umtam(0.1, **SMALL)
+    state = opt.init(params)
+    grads = _grads(params, 0)
+    with pytest.raises(ValueError, match=r"params does not have the tree structure.*'bias'"):
+        opt.update(grads, state, {"dense": params["dense"]})
+    with pytest.raises(ValueError, match=r"optimizer state \(from init\) does not have"):
+        other = {"x": params["bias"]}
+        opt.update(other, state, other)
+    with pytest.raises(ValueError, match=r"gradients PyTreeDef\(\[\*, \*\]\)"):
+        opt.update([grads["bias"], grads["dense"]["kernel"]], state, params)
+
+
 def test_integer_leaves_are_rejected_with_their_path():
     with pytest.raises(TypeError, match=r"\['step'\]"):
         umtam_jax.umtam(0.1).init({"step": jnp.zeros((), jnp.int32)})

@@ -27,6 +27,7 @@ from umtam_jax.optimizer._state import (
     FactoredLeafState,
     ScaleByUmtamState,
     as_leaf_state,
+    is_leaf_state,
 )
 
 RowAxesFn = Callable[[tuple[Any, ...], tuple[int, ...]], int]
@@ -865,8 +866,9 @@ def scale_by_umtam(
     def _update(updates, state, params):
         count = optax.safe_increment(state.count)
         grads_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        param_leaves = treedef.flatten_up_to(params)
-        leaf_states = [as_leaf_state(x) for x in treedef.flatten_up_to(state.leaves)]
+        param_leaves = _flatten_like(treedef, params, "params")
+        state_leaves = _flatten_like(treedef, state.leaves, "the optimizer state (from init)")
+        leaf_states = [as_leaf_state(x) for x in state_leaves]
         stack = cfg.group_leaves
         groups: dict[Any, list[int]] = {}
         layouts = []
@@ -918,6 +920,22 @@ def scale_by_umtam(
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _flatten_like(treedef: Any, tree: Any, what: str) -> list[Any]:
+    """``treedef.flatten_up_to(tree)``, with an error that says which argument differs."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError):
+
+        def short(structure: Any) -> str:
+            text = str(structure)
+            return text if len(text) <= 200 else text[:200] + "…"
+
+        raise ValueError(
+            f"{what} does not have the tree structure of the gradients: gradients "
+            f"{short(treedef)}, {what} {short(jax.tree.structure(tree, is_leaf=is_leaf_state))}"
+        ) from None
 
 
 def _require_float(path, dtype, what: str) -> None:
