@@ -397,6 +397,42 @@ def test_bad_metadata_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_flax_nnx_state_is_stored_as_its_arrays_and_lines_up_with_its_statistics(tmp_path):
+    from flax import nnx
+
+    from umtam_jax import merging
+
+    def model(seed):
+        return nnx.Sequential(nnx.Linear(12, 16, rngs=nnx.Rngs(seed)), nnx.relu)
+
+    trained = model(0)
+    optimizer = nnx.Optimizer(
+        trained, umtam_jax.umtam(0.1, rank=2, min_dim_size_to_factor=8), wrt=nnx.Param
+    )
+    x = jnp.linspace(-1.0, 1.0, 48).reshape(4, 12)
+    for _ in range(2):
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(trained)
+        optimizer.update(trained, grads)
+    params = nnx.state(trained, nnx.Param)
+    save_checkpoint(tmp_path / "base", nnx.state(model(0), nnx.Param))
+    save_checkpoint(tmp_path / "expert", params, opt_state=optimizer.opt_state)
+
+    restored = restore_params(tmp_path / "expert")  # plain arrays under the Variables' paths
+    np.testing.assert_array_equal(restored["layers"][0]["kernel"], params["layers"][0]["kernel"])
+    into = restore_params(tmp_path / "expert", target=nnx.state(model(1), nnx.Param))
+    fresh = model(1)
+    nnx.update(fresh, into)
+    np.testing.assert_array_equal(fresh(x), trained(x))
+
+    out = tmp_path / "merged"
+    base, expert = tmp_path / "base", tmp_path / "expert"
+    merging.merge_checkpoints("umtam", base, [expert], out, progress=False)
+    merged = restore_params(out)
+    stats = restore_statistics(tmp_path / "expert")
+    expected = merging.umtam(restore_params(tmp_path / "base"), [restored], [stats])
+    jax.tree.map(np.testing.assert_array_equal, merged, expected)
+
+
 def test_empty_array_is_refused_with_its_path_and_writes_nothing(tmp_path):
     params = {"w": jnp.ones((3, 3)), "extra_tokens": jnp.zeros((0, 3))}
     with pytest.raises(ValueError, match=r"params: the array at \['extra_tokens'\] is empty"):

@@ -15,6 +15,10 @@ NamedTuple / list / tuple containers are not stored by it faithfully. Every item
 therefore stored as a nested dictionary of its arrays (lists and tuples keyed ``"0"``,
 ``"1"``, ...; NamedTuples keyed by field name; ``None`` and ``MaskedNode`` omitted) and its
 exact structure is recorded in the JSON metadata, from which it is rebuilt on restore.
+A ``flax.nnx`` Variable is stored as the array it wraps (the layout of
+``nnx.to_pure_dict``): ``nnx.state(model, nnx.Param)`` then saves under the same paths as
+the statistics of the ``nnx.Optimizer`` that trained it, and restores into Variables
+when passed as the ``target``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from umtam_jax import _pytrees
 from umtam_jax.optimizer import _state
 
 FORMAT_NAME = "umtam_jax.checkpoint"
@@ -100,6 +105,9 @@ class _Encoded:
     leaves: list[Any]  # the arrays, same order
 
 
+_VALUE_KEY = jax.tree_util.GetAttrKey("value")
+
+
 def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
@@ -163,6 +171,8 @@ def _encode(tree: Any, what: str) -> _Encoded:
         return spec_children, stored
 
     def walk(x, prefix, jax_path):
+        if _pytrees.is_variable(x):  # stored as its array, as nnx.to_pure_dict does
+            return walk(_pytrees.variable_value(x), prefix, jax_path + (_VALUE_KEY,))
         if x is None:
             return {"t": "none"}, {}
         if isinstance(x, optax.MaskedNode):

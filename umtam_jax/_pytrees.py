@@ -1,0 +1,25 @@
+"""Pytree helpers shared by the checkpoint and merging modules: ``flax.nnx`` Variables.
+
+``nnx.state(model, nnx.Param)`` holds ``nnx.Variable`` nodes, each wrapping one array
+under the key ``.value``; an optimizer state built by ``nnx.Optimizer`` holds plain arrays
+at the same paths without it. Checkpoints store a Variable as its array (the layout of
+``nnx.to_pure_dict``), and merges match statistics to a Variable's path, so both kinds of
+tree line up.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def is_variable(x: Any) -> bool:
+    """True for a ``flax.nnx.Variable`` (never imports Flax: without ``flax.nnx`` loaded
+    there can be no Variable)."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def variable_value(x: Any) -> Any:
+    """The array a ``flax.nnx.Variable`` wraps."""
+    return x.get_value() if hasattr(x, "get_value") else x.value
