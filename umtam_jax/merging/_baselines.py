@@ -147,7 +147,7 @@ def task_arithmetic(
         )
         for j, b in enumerate(prepared.base)
     ]
-    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+    return V.rebuild(prepared, out)
 
 
 def ties(
@@ -225,7 +225,7 @@ def ties(
         )
         for j, b in enumerate(prepared.base)
     ]
-    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+    return V.rebuild(prepared, out)
 
 
 def _dare_masks(prepared: V.Prepared, densities: list[float], key: jax.Array) -> list:
@@ -264,7 +264,7 @@ def _dare_merge(
         )
         for j, b in enumerate(prepared.base)
     ]
-    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+    return V.rebuild(prepared, out)
 
 
 def _check_key(key: Any) -> jax.Array:
@@ -463,7 +463,7 @@ def ota(
         )
         for j, b in enumerate(prepared.base)
     ]
-    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+    return V.rebuild(prepared, out)
 
 
 @jax.jit
@@ -533,7 +533,7 @@ def prune(
             s = [_importance(b, x, n, True) for b, x, n in zip(prepared.base, w, s, strict=True)]
     masks = keep_masks(s, d, scope)
     out = [_select(m, x, b) for m, x, b in zip(masks, w, prepared.base, strict=True)]
-    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+    return V.rebuild(prepared, out)
 
 
 @jax.jit

@@ -74,7 +74,7 @@ def fisher(
         )
         for j, b in enumerate(prepared.base)
     ]
-    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+    return V.rebuild(prepared, out)
 
 
 @jax.jit

@@ -150,7 +150,7 @@ def umtam(
                 normalize == "all",
             )
         )
-    return jax.tree_util.tree_unflatten(prepared.treedef, out)
+    return V.rebuild(prepared, out)
 
 
 def _compute_dtype(x: jax.Array) -> jnp.dtype:

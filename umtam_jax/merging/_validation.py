@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from umtam_jax import _pytrees
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics
 
 _FACTORED_FIELDS = frozenset(FactoredStatistics._fields)
@@ -33,16 +34,29 @@ class Prepared(NamedTuple):
     """Flattened base and experts of one merge call.
 
     Attributes:
-      treedef: the base's tree structure (used to rebuild the result).
-      paths: ``keystr`` of every leaf, in flattening order.
+      treedef: the base's tree structure (used to rebuild the result), with any
+        ``flax.nnx`` Variable as a leaf.
+      paths: ``keystr`` of every leaf, in flattening order (a Variable's path, without
+        ``.value``: the path of its statistics).
       base: the base leaves as JAX arrays.
       experts: one list of leaves per expert, aligned with ``base``.
+      variables: the base's Variable at each leaf, or ``None`` for a plain array.
     """
 
     treedef: Any
     paths: list[str]
     base: list[jax.Array]
     experts: list[list[jax.Array]]
+    variables: list[Any]
+
+
+def rebuild(prepared: Prepared, leaves: list[Any]) -> Any:
+    """The merged tree: ``leaves`` in the base's structure (and Variables)."""
+    wrapped = [
+        x if v is None else v.replace(value=x)
+        for v, x in zip(prepared.variables, leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(prepared.treedef, wrapped)
 
 
 def _describe(x: Any) -> str:
@@ -62,10 +76,21 @@ def _as_array(x: Any) -> jax.Array:
     return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
+def _with_variables(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
+    """Flattens ``tree`` with ``flax.nnx`` Variables as leaves: paths, leaves, treedef."""
+
+    def leaf(x: Any) -> bool:
+        return _pytrees.is_variable(x) or (is_leaf is not None and is_leaf(x))
+
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)
+    return [jax.tree_util.keystr(p) for p, _ in with_path], [x for _, x in with_path], treedef
+
+
 def _flatten(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    paths = [jax.tree_util.keystr(p) for p, _ in with_path]
-    return paths, [x for _, x in with_path], treedef
+    """Paths, leaves and treedef of ``tree``; a Variable counts as the array it wraps."""
+    paths, leaves, treedef = _with_variables(tree, is_leaf)
+    values = [_pytrees.variable_value(x) if _pytrees.is_variable(x) else x for x in leaves]
+    return paths, values, treedef
 
 
 def _structure_error(what: str, ref_paths: list[str], paths: list[str], ref: str) -> ValueError:
@@ -76,7 +101,7 @@ def _structure_error(what: str, ref_paths: list[str], paths: list[str], ref: str
     elif extra:
         detail = f"it has an extra leaf {extra[0]} that {ref} lacks"
     else:
-        detail = "the containers differ (same leaf paths, different node types or order)"
+        detail = "it has the same leaf paths in a different order"
     return ValueError(f"{what} does not have the tree structure of {ref}: {detail}")
 
 
@@ -135,7 +160,12 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
         base's; the message names the leaf path.
     """
     experts = check_sequence(experts, what)
-    paths, base_leaves, treedef = _flatten(base)
+    paths, wrapped, treedef = _with_variables(base)
+    variables = [x if _pytrees.is_variable(x) else None for x in wrapped]
+    base_leaves = [
+        x if v is None else _pytrees.variable_value(v)
+        for v, x in zip(variables, wrapped, strict=True)
+    ]
     if not base_leaves:
         raise ValueError("base has no array leaves")
     for path, leaf in zip(paths, base_leaves, strict=True):
@@ -144,8 +174,8 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
         float_dtype(leaf.dtype, path, "base")
     out = []
     for i, expert in enumerate(experts):
-        e_paths, e_leaves, e_treedef = _flatten(expert)
-        if e_treedef != treedef:
+        e_paths, e_leaves, _ = _flatten(expert)
+        if e_paths != paths:  # by path: an nnx.State and its pure dict line up
             raise _structure_error(f"{what}[{i}]", paths, e_paths, "base")
         for path, b, e in zip(paths, base_leaves, e_leaves, strict=True):
             if not _is_array(e):
@@ -161,7 +191,7 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
                     f"{what}[{i}] has {jnp.dtype(e.dtype)}"
                 )
         out.append([_as_array(x) for x in e_leaves])
-    prepared = Prepared(treedef, paths, [_as_array(x) for x in base_leaves], out)
+    prepared = Prepared(treedef, paths, [_as_array(x) for x in base_leaves], out, variables)
     named = [(f"base{path}", b) for path, b in zip(paths, prepared.base, strict=True)]
     for i, leaves in enumerate(out):
         named += [(f"{what}[{i}]{path}", x) for path, x in zip(paths, leaves, strict=True)]
@@ -171,8 +201,8 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
 
 def leaves_like(tree: Any, prepared: Prepared, what: str) -> list:
     """Flattens a params-shaped tree (Fisher, scores, curvatures) after checking it."""
-    paths, leaves, treedef = _flatten(tree)
-    if treedef != prepared.treedef:
+    paths, leaves, _ = _flatten(tree)
+    if paths != prepared.paths:
         raise _structure_error(what, prepared.paths, paths, "base")
     out = []
     for path, b, x in zip(paths, prepared.base, leaves, strict=True):
@@ -390,7 +420,7 @@ def arrays_or_statistics(x: Any, prepared: Prepared, what: str) -> tuple[str, li
     """
     if has_stats_nodes(x):
         return "statistics", statistics_leaves(x, prepared, what)
-    if jax.tree.structure(x) == prepared.treedef:
+    if _flatten(x)[0] == prepared.paths:
         return "arrays", leaves_like(x, prepared, what)
     from umtam_jax.optimizer._statistics import statistics as _extract
 
