@@ -3,7 +3,7 @@
 The structural checks use static information only (tree structure, shapes, dtypes, Python
 option values), so every merge stays traceable by ``jax.jit`` / ``jax.eval_shape`` when its
 Python options are static. Called on concrete arrays, a merge also checks that every input
-value is finite (one reduction per leaf, one device-to-host read per input tree): a NaN or
+value is finite (one reduction per leaf, one device-to-host read for all of them): a NaN or
 infinity would otherwise come out as a NaN merge or, through the top-k selections, be
 silently kept or dropped. Under tracing the values are not known and are not checked.
 Errors name the offending leaf with :func:`jax.tree_util.keystr`.
