@@ -1,12 +1,17 @@
 """Model merging over parameter pytrees: UMTAM (Algorithm 2) and standard baselines.
 
-Every function is pure: it takes pytrees of arrays (e.g. as restored by Orbax: nested dicts
-of ``jax.Array``/NumPy arrays), never modifies them, and returns a new pytree with the
-base's structure and dtypes (16-bit floats are computed in float32 and cast back). Inputs
-are validated first (tree structure, shapes and dtypes across base, experts and
-statistics; density in (0, 1]; option values), and errors name the offending leaf path.
-With their Python options (densities, mode strings, flags) static, all merges are
-jit-compatible; random methods take an explicit PRNG ``key``.
+Every function is pure. It takes pytrees of arrays: nested dicts of ``jax.Array``/NumPy
+arrays as Orbax restores them, or ``flax.nnx`` states, whose Variables count as the arrays
+they wrap. It never modifies them, and returns a new pytree with the base's structure,
+Variables and dtypes (16-bit floats are computed in float32 and cast back).
+
+Inputs are validated first:
+- leaf paths, shapes and dtypes across base, experts and statistics;
+- outside tracing, finite values;
+- density in (0, 1] and the other option values.
+
+Errors name the offending leaf path. With their Python options (densities, mode strings,
+flags) static, all merges are jit-compatible. Random methods take an explicit PRNG ``key``.
 
 Keep counts are exact: ``max(1, int(density · N))`` entries per tensor (``scope="tensor"``)
 or per expert (``scope="global"``), equal scores going to the lower flat index.
