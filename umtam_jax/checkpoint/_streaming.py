@@ -334,15 +334,14 @@ def _write_streaming(
                 break
             del array
     except BaseException:
-        channel.aborted.set()
-        writer.join()
-        C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
+        channel.aborted.set()  # the writer stops; the producer's error is the one raised
         raise
     finally:
         writer.join()
         logging.getLogger("absl").removeFilter(hide)
+        if channel.aborted.is_set() or errors:
+            C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
     if errors:
-        C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
         raise errors[0]
 
 
