@@ -23,3 +23,8 @@ def is_variable(x: Any) -> bool:
 def variable_value(x: Any) -> Any:
     """The array a ``flax.nnx.Variable`` wraps."""
     return x.get_value() if hasattr(x, "get_value") else x.value
+
+
+def unwrap(x: Any) -> Any:
+    """``x``'s array if it is a ``flax.nnx.Variable``, else ``x`` itself."""
+    return variable_value(x) if is_variable(x) else x

@@ -89,8 +89,7 @@ def _with_variables(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]
 def _flatten(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
     """Paths, leaves and treedef of ``tree``; a Variable counts as the array it wraps."""
     paths, leaves, treedef = _with_variables(tree, is_leaf)
-    values = [_pytrees.variable_value(x) if _pytrees.is_variable(x) else x for x in leaves]
-    return paths, values, treedef
+    return paths, [_pytrees.unwrap(x) for x in leaves], treedef
 
 
 def _structure_error(what: str, ref_paths: list[str], paths: list[str], ref: str) -> ValueError:
@@ -162,10 +161,7 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
     experts = check_sequence(experts, what)
     paths, wrapped, treedef = _with_variables(base)
     variables = [x if _pytrees.is_variable(x) else None for x in wrapped]
-    base_leaves = [
-        x if v is None else _pytrees.variable_value(v)
-        for v, x in zip(variables, wrapped, strict=True)
-    ]
+    base_leaves = [_pytrees.unwrap(x) for x in wrapped]
     if not base_leaves:
         raise ValueError("base has no array leaves")
     for path, leaf in zip(paths, base_leaves, strict=True):
