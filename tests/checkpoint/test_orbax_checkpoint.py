@@ -481,10 +481,6 @@ def test_opt_state_not_saved(tmp_path):
         restore_opt_state(path, hand_opt_state())
 
 
-# Orbax's reader threads may still post a callback to the restore's event loop after the
-# failure has closed it ("Event loop is closed", reported by pytest as an unraisable
-# exception from a thread; seen once in a CI run): Orbax's internals, not this library.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_array_file(saved):
     for f in glob.glob(str(saved / "params" / "**" / "d" / "*"), recursive=True):
         with open(f, "r+b") as fh:
