@@ -2,10 +2,11 @@
 
 One checkpoint directory holds separate Orbax items (``params``, ``statistics``,
 ``opt_state`` and a JSON ``umtam_metadata``), each restorable alone; merging restores base,
-experts and statistics without rebuilding the optimizer. Saves are synchronous and atomic,
-and never overwrite an existing checkpoint unless asked. Restored arrays are ``jax.Array``
-(dtypes preserved, bfloat16 included), placed on the first local device or with the
-shardings of a given target.
+experts and statistics without rebuilding the optimizer. Saves are synchronous, atomic and
+locked; they never overwrite an existing checkpoint unless asked, and never replace
+anything that is not a umtam_jax checkpoint. Every array carries a checksum that restores
+verify. Restored arrays are ``jax.Array`` (dtypes preserved, bfloat16 included), placed on
+the first local device or with the shardings of a given target.
 
 Example:
   >>> import jax, jax.numpy as jnp, umtam_jax
@@ -27,10 +28,14 @@ from umtam_jax.checkpoint._checkpoint import (
     restore_statistics,
     save_checkpoint,
 )
+from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+from umtam_jax.checkpoint._safety import CheckpointBusyError
 from umtam_jax.checkpoint._streaming import CheckpointReader, save_params_streaming
 
 __all__ = [
     "Checkpoint",
+    "CheckpointBusyError",
+    "CheckpointCorruptError",
     "CheckpointReader",
     "read_metadata",
     "restore_checkpoint",

@@ -28,7 +28,6 @@ import datetime
 import importlib
 import importlib.metadata
 import json
-import uuid
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -39,10 +38,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from umtam_jax import _pytrees
+from umtam_jax.checkpoint import _integrity, _safety
 from umtam_jax.optimizer import _state
 
-FORMAT_NAME = "umtam_jax.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_NAME = _safety._FORMAT_NAME
+# 2: stored names escape '%', '.' and '/'; arrays have checksums (_integrity).
+FORMAT_VERSION = 2
 
 PARAMS = "params"
 STATISTICS = "statistics"
@@ -51,7 +52,7 @@ METADATA = "umtam_metadata"
 _ARRAY_ITEMS = (PARAMS, STATISTICS, OPT_STATE)
 
 # Orbax's suffix for the temporary directory of an in-progress save (AtomicRenameTemporaryPath).
-_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_ORBAX_TMP_SUFFIX = _safety._ORBAX_TMP_SUFFIX
 
 # NamedTuple classes rebuilt by name when restoring without a target.
 _KNOWN_NAMEDTUPLES = {
@@ -119,12 +120,21 @@ def _is_array_leaf(x: Any) -> bool:
 
 
 def _key_to_str(key: Any) -> tuple[str, str]:
-    """Dictionary key → (string used in the stored dict, kind to rebuild it)."""
+    """Dictionary key → (its string, kind to rebuild it)."""
     if isinstance(key, str):
         return key, "s"
     if isinstance(key, int | np.integer) and not isinstance(key, bool):
         return str(int(key)), "i"
     raise TypeError(f"unsupported dictionary key {key!r} ({type(key).__name__}); use str or int")
+
+
+# Orbax joins nested names with "." (and "/" makes folders): a key "a.b" and a nested
+# a → b would be the same array. Stored names escape those characters (and the escape).
+_ESCAPES = str.maketrans({"%": "%25", ".": "%2E", "/": "%2F"})
+
+
+def _stored_name(name: str) -> str:
+    return name.translate(_ESCAPES)
 
 
 def _generic_key(key: Any) -> tuple[str, str]:
@@ -157,17 +167,20 @@ def _encode(tree: Any, what: str) -> _Encoded:
 
     def children(entries, prefix, jax_path):
         """entries: (stored name, key kind, child, jax key entry) in jax flatten order."""
-        spec_children, stored = [], {}
+        spec_children, stored, seen = [], {}, set()
         for name, kind, child, key in entries:
-            if name in stored or any(name == c[0] for c in spec_children):
+            if name in seen:
                 raise ValueError(
                     f"{what}: two children of {jax.tree_util.keystr(jax_path)} are stored "
                     f"under the same name {name!r}"
                 )
-            child_spec, child_arrays = walk(child, prefix + (name,), jax_path + (key,))
-            spec_children.append([name, kind, child_spec])
+            seen.add(name)
+            safe = _stored_name(name)
+            child_spec, child_arrays = walk(child, prefix + (safe,), jax_path + (key,))
+            # [stored name, key kind, child spec(, original name when escaped)]
+            spec_children.append([safe, kind, child_spec] + ([name] if safe != name else []))
             if not (isinstance(child_arrays, dict) and not child_arrays):
-                stored[name] = child_arrays
+                stored[safe] = child_arrays
         return spec_children, stored
 
     def walk(x, prefix, jax_path):
@@ -236,7 +249,7 @@ def _spec_arrays(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
     elif t == "array":
         yield prefix, spec
     elif t in ("dict", "list", "tuple", "namedtuple", "node"):
-        for name, _, child in spec["children"]:
+        for name, _, child, *_ in spec["children"]:
             yield from _spec_arrays(child, prefix + (name,))
 
 
@@ -272,7 +285,9 @@ def _decode(spec: dict[str, Any], arrays: Any) -> Any:
         if t == "array":
             return a
         a = a if isinstance(a, Mapping) else {}
-        values = [(name, kind, walk(c, a.get(name, {}))) for name, kind, c in s["children"]]
+        values = [  # entry: stored name, kind, child spec(, original name)
+            (e[3] if len(e) > 3 else e[0], e[1], walk(e[2], a.get(e[0], {}))) for e in s["children"]
+        ]
         if t == "list":
             return [v for _, _, v in values]
         if t == "tuple":
@@ -343,14 +358,6 @@ def _library_version() -> str:
         return "unknown"
 
 
-def _rmtree_quiet(path: epath.Path) -> None:
-    try:
-        if path.exists():
-            path.rmtree()
-    except OSError:  # pragma: no cover - best effort cleanup
-        pass
-
-
 def _composite_handler() -> ocp.CompositeCheckpointHandler:
     # Item directories are created synchronously: with Orbax's default (a background
     # thread) a failed save could recreate the temporary directory after its cleanup.
@@ -360,18 +367,50 @@ def _composite_handler() -> ocp.CompositeCheckpointHandler:
     return ocp.CompositeCheckpointHandler(composite_options=options)
 
 
+def _user_metadata(metadata: Mapping[str, Any] | None) -> Any:
+    if metadata is None:
+        return None
+    try:
+        return json.loads(json.dumps(dict(metadata)))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+
+
+def _metadata_record(
+    encoded: Mapping[str, _Encoded], stats_kinds: Any, user: Any
+) -> dict[str, Any]:
+    """The ``umtam_metadata`` item of a checkpoint holding the ``encoded`` items."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "orbax_version": importlib.metadata.version("orbax-checkpoint"),
+        "jax_version": jax.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
+        "items": [name for name, enc in encoded.items() if enc.leaves],
+        "structures": {name: enc.spec for name, enc in encoded.items()},
+        "statistics_kinds": stats_kinds,
+        "user": user,
+    }
+
+
+def _checksums(enc: _Encoded) -> dict[str, Any]:
+    """Checksum records of an encoded item's arrays (see :mod:`_integrity`)."""
+    records = {}
+    for path, leaf in zip(enc.paths, enc.leaves, strict=True):
+        host = _integrity.host_array(leaf)
+        if host is not None:
+            records[_integrity.key(path)] = _integrity.record(host)
+    return records
+
+
 def _write(path: epath.Path, items: dict[str, _Encoded], metadata: dict[str, Any]) -> None:
-    """One synchronous, atomic Orbax composite save to ``path`` (which must not exist)."""
+    """One synchronous Orbax composite save to ``path`` (which must not exist), checksums."""
     args = {name: ocp.args.StandardSave(enc.arrays) for name, enc in items.items()}
     args[METADATA] = ocp.args.JsonSave(metadata)
-    try:
-        with ocp.Checkpointer(_composite_handler()) as checkpointer:
-            checkpointer.save(path, args=ocp.args.Composite(**args))
-    except BaseException:
-        # Orbax writes into ``<path>.orbax-checkpoint-tmp`` and renames it to ``path`` only
-        # when everything is written: a failed save leaves no ``path``; drop the leftovers.
-        _rmtree_quiet(path.parent / (path.name + _ORBAX_TMP_SUFFIX))
-        raise
+    with ocp.Checkpointer(_composite_handler()) as checkpointer:
+        checkpointer.save(path, args=ocp.args.Composite(**args))
+    _integrity.write(path, {name: _checksums(enc) for name, enc in items.items()})
 
 
 def save_checkpoint(
@@ -387,12 +426,14 @@ def save_checkpoint(
 
     Everything goes into one Orbax composite checkpoint ``directory`` with separate items
     (``params``, ``statistics``, ``opt_state``, ``umtam_metadata``) that can each be restored
-    alone. The save is synchronous (it returns once the checkpoint is complete) and atomic:
-    Orbax writes into a temporary directory and renames it to ``directory`` only when every
-    item is written, so a failed or interrupted save never leaves a ``directory`` behind.
-    With ``overwrite=True`` the new checkpoint is first written completely under a hidden
-    sibling name and then swapped in, so the old checkpoint is kept if the save fails. The
-    inputs are never modified.
+    alone. Every array's dtype, shape and CRC-32 are recorded; restores verify them.
+
+    The save is synchronous and atomic: the checkpoint is written completely under a
+    hidden sibling name and then renamed to ``directory`` (or, with ``overwrite=True``,
+    swapped atomically with the old checkpoint), so a failed or killed save leaves the
+    old state at ``directory``. Only an existing umtam_jax checkpoint is ever replaced —
+    never a file or another folder — and a second save to the same path while one runs
+    fails at once with :class:`CheckpointBusyError`. The inputs are never modified.
 
     Args:
       directory: the checkpoint directory to create (local path or any ``etils.epath``
@@ -413,10 +454,13 @@ def save_checkpoint(
       The checkpoint directory as an ``epath.Path``.
 
     Raises:
-      FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+      FileExistsError: if ``directory`` is a checkpoint and ``overwrite`` is False.
+      CheckpointBusyError: another save to ``directory`` is in progress.
       TypeError: if ``metadata`` is not JSON-serialisable, or a tree holds a leaf that is
         not an array or scalar.
-      ValueError: if ``statistics`` holds no UMTAM statistics.
+      ValueError: if ``statistics`` holds no UMTAM statistics, or ``directory`` is a
+        symbolic link, a file or a folder that is not a umtam_jax checkpoint.
+      NotADirectoryError: a parent of ``directory`` is a file.
 
     Example:
       >>> import jax.numpy as jnp, umtam_jax
@@ -431,12 +475,7 @@ def save_checkpoint(
     from umtam_jax.optimizer import _statistics  # the optimizer package imports lazily
 
     directory = _absolute(directory)
-    if _ORBAX_TMP_SUFFIX in directory.name:
-        raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
-    if directory.exists() and not overwrite:
-        raise FileExistsError(
-            f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
-        )
+    _safety.check_target(directory, overwrite=overwrite)
 
     # Everything is validated before anything is written.
     if statistics is None and opt_state is not None:
@@ -451,48 +490,12 @@ def save_checkpoint(
 
     trees = {PARAMS: params, STATISTICS: stats, OPT_STATE: opt_state}
     encoded = {name: _encode(tree, name) for name, tree in trees.items() if tree is not None}
-    user = None
-    if metadata is not None:
-        try:
-            user = json.loads(json.dumps(dict(metadata)))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
-        "orbax_version": importlib.metadata.version("orbax-checkpoint"),
-        "jax_version": jax.__version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(),
-        "items": [name for name, enc in encoded.items() if enc.leaves],
-        "structures": {name: enc.spec for name, enc in encoded.items()},
-        "statistics_kinds": _statistics_kinds(stats) if stats is not None else None,
-        "user": user,
-    }
+    kinds = _statistics_kinds(stats) if stats is not None else None
+    meta = _metadata_record(encoded, kinds, _user_metadata(metadata))
     # Orbax does not store empty trees: items without arrays live in the metadata only.
     items = {name: enc for name, enc in encoded.items() if enc.leaves}
-
-    if not directory.exists():
-        _write(directory, items, meta)
-        return directory
-
-    # Overwrite: write the new checkpoint completely, then swap it in.
-    token = uuid.uuid4().hex[:12]
-    staging = directory.parent / f".{directory.name}.umtam-new-{token}"
-    retired = directory.parent / f".{directory.name}.umtam-old-{token}"
-    _write(staging, items, meta)
-    try:
-        directory.rename(retired)
-    except BaseException:
-        _rmtree_quiet(staging)
-        raise
-    try:
-        staging.rename(directory)
-    except BaseException:
-        retired.rename(directory)
-        _rmtree_quiet(staging)
-        raise
-    _rmtree_quiet(retired)
+    with _safety.publishing(directory, overwrite=overwrite) as staging:
+        _write(staging, items, meta)
     return directory
 
 
@@ -509,6 +512,8 @@ def _absolute(directory: str | epath.PathLike) -> epath.Path:
 def _check_directory(directory: str | epath.PathLike) -> epath.Path:
     directory = _absolute(directory)
     if not directory.exists():
+        _safety.recover(directory)  # a save killed in the middle of its swap
+    if not directory.exists():
         raise FileNotFoundError(f"no checkpoint at {directory}: the directory does not exist")
     if not directory.is_dir():
         raise ValueError(f"not a checkpoint directory: {directory} is a file")
@@ -520,6 +525,7 @@ def _check_directory(directory: str | epath.PathLike) -> epath.Path:
 def _short(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    text = text.split(" See full TensorStore details")[0]
     if len(text) > 400:
         text = text[:400] + "..."
     return f"{type(err).__name__}: {text}"
@@ -538,7 +544,7 @@ def _restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any
             restored = checkpointer.restore(directory, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
         names = ", ".join(repr(n) for n in args)
-        raise ValueError(
+        raise _integrity.CheckpointCorruptError(
             f"cannot restore item(s) {names} of checkpoint {directory}: the checkpoint is "
             f"corrupt or incompatible ({_short(e)})"
         ) from None
@@ -588,26 +594,23 @@ def _default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def _abstract_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    sharding = _default_sharding()
-    tree: dict[str, Any] = {}
-    for path, leaf in _spec_arrays(spec):
-        abstract = jax.ShapeDtypeStruct(
-            tuple(leaf["shape"]), np.dtype(leaf["dtype"]), sharding=sharding
-        )
-        _nested_set(tree, path, abstract)
-    return tree
+def _restore_leaf(leaf: dict[str, Any], sharding: jax.sharding.Sharding | None) -> Any:
+    """What Orbax restores one saved array as: its saved dtype, so it can be verified.
 
-
-def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
-    sharding = getattr(x, "sharding", None) or _default_sharding()
-    return jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=sharding)
+    A 64-bit array JAX cannot hold (``jax_enable_x64`` off) is read as NumPy first.
+    """
+    dtype = np.dtype(leaf["dtype"])
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        return np.zeros((), dtype)  # a NumPy placeholder: restored as np.ndarray
+    return jax.ShapeDtypeStruct(
+        tuple(leaf["shape"]), dtype, sharding=sharding or _default_sharding()
+    )
 
 
 def _match_target(
     directory: epath.Path, item: str, saved_spec: dict[str, Any], target: Any
-) -> tuple[_Encoded, dict[str, Any]]:
-    """Checks ``target`` against the saved structure; returns its encoding and abstract tree."""
+) -> _Encoded:
+    """Checks ``target`` against the saved structure and shapes; returns its encoding."""
     enc = _encode(target, f"{item} target")
     saved = {path: leaf for path, leaf in _spec_arrays(saved_spec)}
     wanted = {path: _leaf_spec(x) for path, x in zip(enc.paths, enc.leaves, strict=True)}
@@ -628,10 +631,7 @@ def _match_target(
         raise ValueError(
             f"the {item} target does not match checkpoint {directory / item}: {shown}{more}"
         )
-    abstract: dict[str, Any] = {}
-    for path, x in zip(enc.paths, enc.leaves, strict=True):
-        _nested_set(abstract, path, _abstract_leaf(x))
-    return enc, abstract
+    return enc
 
 
 def _restore_array_items(
@@ -639,8 +639,14 @@ def _restore_array_items(
     meta: dict[str, Any],
     items: list[str],
     targets: Mapping[str, Any],
+    *,
+    verify: bool = True,
 ) -> dict[str, Any]:
-    """Restores ``items``; those in ``targets`` take the target's structure and shardings."""
+    """Restores ``items``; those in ``targets`` take the target's structure and shardings.
+
+    Arrays are read in their saved dtypes, checked against the checksum record (unless
+    ``verify`` is False), then cast to the target's dtypes.
+    """
     structures = meta.get("structures", {})
     for item in items:
         if item not in structures:
@@ -648,19 +654,39 @@ def _restore_array_items(
                 f"checkpoint {directory} has no {item!r} item (saved items: "
                 f"{', '.join(sorted(structures)) or 'none'})"
             )
-    args, encodings = {}, {}
+    records = _integrity.read(directory, meta.get("format_version", 1)) if verify else None
+    args, encodings, wanted = {}, {}, {}
     for item in items:
+        saved = dict(_spec_arrays(structures[item]))
+        _integrity.check_spec(
+            directory, item, {_integrity.key(p): leaf for p, leaf in saved.items()}, records
+        )
         target = targets.get(item)
         if target is not None:
-            encodings[item], abstract = _match_target(directory, item, structures[item], target)
+            encodings[item] = enc = _match_target(directory, item, structures[item], target)
+            wanted[item] = {
+                p: (_dtype(x), getattr(x, "sharding", None))
+                for p, x in zip(enc.paths, enc.leaves, strict=True)
+            }
         else:
-            abstract = _abstract_from_spec(structures[item])
+            wanted[item] = {p: (np.dtype(leaf["dtype"]), None) for p, leaf in saved.items()}
+        abstract: dict[str, Any] = {}
+        for path, leaf in saved.items():
+            _nested_set(abstract, path, _restore_leaf(leaf, wanted[item][path][1]))
         if item in meta.get("items", []):
             args[item] = ocp.args.StandardRestore(abstract)
     restored = _restore_items(directory, args) if args else {}
     out = {}
     for item in items:
         arrays = restored.get(item, {})
+        for path, (dtype, sharding) in wanted[item].items():
+            array = _nested_get(arrays, path)
+            _integrity.verify(directory, item, _integrity.key(path), array, records)
+            if isinstance(array, np.ndarray):  # 64-bit without x64: JAX's canonical dtype
+                array = jax.device_put(array, sharding or _default_sharding())
+            if array.dtype != jax.dtypes.canonicalize_dtype(dtype):
+                array = array.astype(dtype)
+            _nested_set(arrays, path, array)
         if item in encodings:  # rebuild with the target's own tree structure
             enc = encodings[item]
             leaves = [_nested_get(arrays, p) for p in enc.paths]
@@ -670,7 +696,9 @@ def _restore_array_items(
     return out
 
 
-def restore_params(directory: str | epath.PathLike, *, target: Any = None) -> Any:
+def restore_params(
+    directory: str | epath.PathLike, *, target: Any = None, verify: bool = True
+) -> Any:
     """Restores the parameters of a checkpoint.
 
     Without ``target`` the parameters come back with the saved containers (dicts, lists,
@@ -684,12 +712,15 @@ def restore_params(directory: str | epath.PathLike, *, target: Any = None) -> An
         ``jax.eval_shape``) with the saved structure and shapes: the result takes its tree
         structure, dtypes and shardings (leaves without a sharding go to the first local
         device).
+      verify: check every array against the checksums recorded at save time (the
+        default); False skips that pass for trusted, fast paths.
 
     Returns:
       The parameter pytree.
 
     Raises:
       FileNotFoundError: if the checkpoint or its ``params`` item does not exist.
+      CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
       ValueError: if the checkpoint is corrupt or ``target`` does not match it.
 
     Example:
@@ -697,10 +728,12 @@ def restore_params(directory: str | epath.PathLike, *, target: Any = None) -> An
     """
     directory = _check_directory(directory)
     meta = _read_full_metadata(directory)
-    return _restore_array_items(directory, meta, [PARAMS], {PARAMS: target})[PARAMS]
+    return _restore_array_items(directory, meta, [PARAMS], {PARAMS: target}, verify=verify)[PARAMS]
 
 
-def restore_statistics(directory: str | epath.PathLike, *, target: Any = None) -> Any:
+def restore_statistics(
+    directory: str | epath.PathLike, *, target: Any = None, verify: bool = True
+) -> Any:
     """Restores the UMTAM merging statistics of a checkpoint, without any optimizer.
 
     Args:
@@ -708,6 +741,8 @@ def restore_statistics(directory: str | epath.PathLike, *, target: Any = None) -
       target: optional statistics pytree (arrays or ``jax.ShapeDtypeStruct``) giving the
         structure, dtypes and shardings, e.g.
         ``jax.eval_shape(lambda: umtam_jax.statistics(opt.init(params)))``.
+      verify: check every array against the checksums recorded at save time (the
+        default); False skips that pass for trusted, fast paths.
 
     Returns:
       A pytree shaped like the parameters whose leaves are :class:`FactoredStatistics` /
@@ -716,6 +751,7 @@ def restore_statistics(directory: str | epath.PathLike, *, target: Any = None) -
 
     Raises:
       FileNotFoundError: if the checkpoint does not exist or was saved without statistics.
+      CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
       ValueError: if the checkpoint is corrupt or ``target`` does not match it.
 
     Example:
@@ -725,10 +761,11 @@ def restore_statistics(directory: str | epath.PathLike, *, target: Any = None) -
     """
     directory = _check_directory(directory)
     meta = _read_full_metadata(directory)
-    return _restore_array_items(directory, meta, [STATISTICS], {STATISTICS: target})[STATISTICS]
+    items = _restore_array_items(directory, meta, [STATISTICS], {STATISTICS: target}, verify=verify)
+    return items[STATISTICS]
 
 
-def restore_opt_state(directory: str | epath.PathLike, target: Any) -> Any:
+def restore_opt_state(directory: str | epath.PathLike, target: Any, *, verify: bool = True) -> Any:
     """Restores the full optimizer state of a checkpoint into the structure of ``target``.
 
     The restored state has ``target``'s tree structure (so its NamedTuples, ``None`` fields
@@ -740,6 +777,8 @@ def restore_opt_state(directory: str | epath.PathLike, target: Any) -> Any:
       target: an optimizer state of the same optimizer, concrete or abstract, e.g.
         ``jax.eval_shape(opt.init, params)``; leaves without a sharding are placed on the
         first local device.
+      verify: check every array against the checksums recorded at save time (the
+        default); False skips that pass for trusted, fast paths.
 
     Returns:
       The optimizer state.
@@ -757,7 +796,8 @@ def restore_opt_state(directory: str | epath.PathLike, target: Any) -> Any:
         raise TypeError("restore_opt_state needs a target, e.g. jax.eval_shape(opt.init, params)")
     directory = _check_directory(directory)
     meta = _read_full_metadata(directory)
-    return _restore_array_items(directory, meta, [OPT_STATE], {OPT_STATE: target})[OPT_STATE]
+    items = _restore_array_items(directory, meta, [OPT_STATE], {OPT_STATE: target}, verify=verify)
+    return items[OPT_STATE]
 
 
 def restore_checkpoint(
@@ -766,6 +806,7 @@ def restore_checkpoint(
     opt_state_target: Any = None,
     params_target: Any = None,
     statistics_target: Any = None,
+    verify: bool = True,
 ) -> Checkpoint:
     """Restores everything a checkpoint holds in one Orbax read.
 
@@ -776,6 +817,8 @@ def restore_checkpoint(
       params_target: optional target for the parameters (see :func:`restore_params`).
       statistics_target: optional target for the statistics (see
         :func:`restore_statistics`).
+      verify: check every array against the checksums recorded at save time (the
+        default); False skips that pass for trusted, fast paths.
 
     Returns:
       A :class:`Checkpoint` ``(params, statistics, opt_state, metadata)``; ``statistics`` is
@@ -800,7 +843,7 @@ def restore_checkpoint(
     if opt_state_target is not None:
         items.append(OPT_STATE)
     targets = {PARAMS: params_target, STATISTICS: statistics_target, OPT_STATE: opt_state_target}
-    out = _restore_array_items(directory, meta, items, targets)
+    out = _restore_array_items(directory, meta, items, targets, verify=verify)
     return Checkpoint(
         params=out[PARAMS],
         statistics=out.get(STATISTICS),

@@ -31,13 +31,9 @@ previous array.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import importlib.metadata
-import json
 import logging
 import queue
 import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,6 +46,7 @@ from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from umtam_jax.checkpoint import _checkpoint as C
+from umtam_jax.checkpoint import _integrity, _safety
 
 __all__ = ["CheckpointReader", "save_params_streaming"]
 
@@ -66,6 +63,8 @@ class CheckpointReader:
 
     Args:
       directory: the checkpoint directory.
+      verify: check every array read against the checksums recorded at save time (the
+        default); False skips that pass for trusted, fast paths.
 
     Raises:
       FileNotFoundError: no checkpoint (or no metadata) at ``directory``.
@@ -77,10 +76,16 @@ class CheckpointReader:
       >>> [kernel] = reader.restore_arrays("params", [("dense", "kernel")])  # doctest: +SKIP
     """
 
-    def __init__(self, directory: str | epath.PathLike):
+    def __init__(self, directory: str | epath.PathLike, *, verify: bool = True):
         self.directory = C._check_directory(directory)
         self._meta = C._read_full_metadata(self.directory)
         self._handler = ocp.PyTreeCheckpointHandler()
+        self._records = (
+            _integrity.read(self.directory, self._meta.get("format_version", 1)) if verify else None
+        )
+        for item, spec in self._meta.get("structures", {}).items():
+            leaves = {_integrity.key(p): leaf for p, leaf in C._spec_arrays(spec)}
+            _integrity.check_spec(self.directory, item, leaves, self._records)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -128,6 +133,7 @@ class CheckpointReader:
 
         Raises:
           FileNotFoundError: missing item.
+          CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
           ValueError: a path not in the checkpoint, or a corrupt checkpoint.
         """
         spec = self.structure(item)
@@ -157,7 +163,10 @@ class CheckpointReader:
                 f"cannot restore {len(paths)} array(s) of item {item!r} of checkpoint "
                 f"{self.directory}: the checkpoint is corrupt or incompatible ({C._short(e)})"
             ) from None
-        return [np.asarray(C._nested_get(restored, tuple(path))) for path in paths]
+        arrays = [np.asarray(C._nested_get(restored, tuple(path))) for path in paths]
+        for path, array in zip(paths, arrays, strict=True):
+            _integrity.verify(self.directory, item, _integrity.key(path), array, self._records)
+        return arrays
 
 
 # --------------------------------------------------------------------------------------
@@ -308,6 +317,7 @@ def _write_streaming(
         **{C.PARAMS: ocp.args.PyTreeSave(arrays), C.METADATA: ocp.args.JsonSave(metadata)}
     )
     errors: list[BaseException] = []
+    records: dict[str, Any] = {}
 
     def save() -> None:
         try:
@@ -330,6 +340,7 @@ def _write_streaming(
                     f"leaf {i} was produced with shape {array.shape} and dtype "
                     f"{array.dtype}; expected {shape} and {dtype}"
                 )
+            records[_integrity.key(leaves[i][0])] = _integrity.record(array)
             if not channel.put(i, array):
                 break
             del array
@@ -339,10 +350,9 @@ def _write_streaming(
     finally:
         writer.join()
         logging.getLogger("absl").removeFilter(hide)
-        if channel.aborted.is_set() or errors:
-            C._rmtree_quiet(path.parent / (path.name + C._ORBAX_TMP_SUFFIX))
     if errors:
         raise errors[0]
+    _integrity.write(path, {C.PARAMS: records})
 
 
 def save_params_streaming(
@@ -386,12 +396,7 @@ def save_params_streaming(
       ...                              lambda i: np.ones((2, 3), np.float32), overwrite=True)
     """
     directory = C._absolute(directory)
-    if C._ORBAX_TMP_SUFFIX in directory.name:
-        raise ValueError(f"checkpoint name must not contain {C._ORBAX_TMP_SUFFIX!r}: {directory}")
-    if directory.exists() and not overwrite:
-        raise FileExistsError(
-            f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
-        )
+    _safety.check_target(directory, overwrite=overwrite)
     enc = C._encode(abstract_params, C.PARAMS)
     if not enc.leaves:
         raise ValueError("abstract_params has no array leaves")
@@ -399,42 +404,7 @@ def save_params_streaming(
         (path, tuple(np.shape(leaf)), C._dtype(leaf))
         for path, leaf in zip(enc.paths, enc.leaves, strict=True)
     ]
-    user = None
-    if metadata is not None:
-        try:
-            user = json.loads(json.dumps(dict(metadata)))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
-    # The same record as save_checkpoint writes for a params-only checkpoint.
-    meta = {
-        "format": C.FORMAT_NAME,
-        "format_version": C.FORMAT_VERSION,
-        "library_version": C._library_version(),
-        "orbax_version": importlib.metadata.version("orbax-checkpoint"),
-        "jax_version": jax.__version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(),
-        "items": [C.PARAMS],
-        "structures": {C.PARAMS: enc.spec},
-        "statistics_kinds": None,
-        "user": user,
-    }
-    if not directory.exists():
-        _write_streaming(directory, leaves, produce, meta)
-        return directory
-    token = uuid.uuid4().hex[:12]
-    staging = directory.parent / f".{directory.name}.umtam-new-{token}"
-    retired = directory.parent / f".{directory.name}.umtam-old-{token}"
-    _write_streaming(staging, leaves, produce, meta)
-    try:
-        directory.rename(retired)
-    except BaseException:
-        C._rmtree_quiet(staging)
-        raise
-    try:
-        staging.rename(directory)
-    except BaseException:
-        retired.rename(directory)
-        C._rmtree_quiet(staging)
-        raise
-    C._rmtree_quiet(retired)
+    meta = C._metadata_record({C.PARAMS: enc}, None, C._user_metadata(metadata))
+    with _safety.publishing(directory, overwrite=overwrite) as staging:
+        _write_streaming(staging, leaves, produce, meta)
     return directory

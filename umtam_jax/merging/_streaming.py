@@ -640,7 +640,8 @@ def merge_checkpoints(
         ``|w − w0|``); other methods take none.
       fisher_dirs: for ``fisher``, one checkpoint per expert whose params hold its
         diagonal Fisher.
-      overwrite: replace an existing ``output_dir``.
+      overwrite: replace an existing umtam_jax checkpoint at ``output_dir`` (nothing
+        else is ever replaced).
       progress: show progress bars over the leaves (one per pass).
       metadata: JSON-serialisable metadata stored with the output (``metadata["user"]``);
         default: a record of the merge (method, inputs, JSON-serialisable options).
@@ -655,8 +656,11 @@ def merge_checkpoints(
     Raises:
       FileNotFoundError: a missing input checkpoint (the message names which).
       FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
-      ValueError / TypeError: invalid options, mismatched checkpoints, missing statistics;
-        messages name the leaf path. Nothing is written in these cases.
+      CheckpointBusyError: another save to ``output_dir`` is in progress.
+      ValueError / TypeError: invalid options, mismatched checkpoints, missing statistics,
+        an input that fails its checksum; an ``output_dir`` that is, contains or lies
+        inside an input, or is a file or a folder that is not a umtam_jax checkpoint;
+        messages name the leaf path or file. Nothing is written in these cases.
 
     Example:
       >>> from umtam_jax import merging
@@ -666,17 +670,10 @@ def merge_checkpoints(
     """
     from tqdm.auto import tqdm
 
+    from umtam_jax.checkpoint import _safety
     from umtam_jax.checkpoint._streaming import save_params_streaming
 
     output = C._absolute(output_dir)
-    if output.exists() and not overwrite:
-        raise FileExistsError(
-            f"checkpoint directory {output} already exists; pass overwrite=True to replace it"
-        )
-    inputs = [base_dir, *expert_dirs, *(fisher_dirs or [])]
-    for i in inputs:
-        if os.path.realpath(os.fspath(i)) == os.path.realpath(os.fspath(output)):
-            raise ValueError(f"the output {output} is one of the inputs")
     if not isinstance(group_bytes, int) or group_bytes < 1:
         raise ValueError(f"group_bytes must be a positive integer, got {group_bytes!r}")
     job = _Job(
@@ -687,6 +684,11 @@ def merge_checkpoints(
         fisher_dirs=fisher_dirs,
         kwargs=method_kwargs,
     )
+    inputs = [("the base", job.base.directory)]
+    inputs += [(f"expert {i}", d.directory) for i, d in enumerate(job.experts)]
+    inputs += [(f"the Fisher of expert {i}", d.directory) for i, d in enumerate(job.fishers or [])]
+    _safety.check_output_not_input(output, inputs)
+    _safety.check_target(output, overwrite=overwrite)
     if metadata is None:
         metadata = {
             "merge": {

@@ -1,0 +1,391 @@
+"""Checkpoints never lose or silently corrupt data: overwrite rules, crash-safe swaps,
+locking, leftovers of killed saves, checksums and exact round trips of awkward keys."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from etils import epath
+
+from umtam_jax import checkpoint, merging
+from umtam_jax.checkpoint import _safety
+
+OLD = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(3, np.float32)}
+NEW = {"w": -np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(3, np.float32)}
+
+
+def _tree_files(root) -> dict[str, bytes]:
+    out = {}
+    for path in glob.glob(os.path.join(root, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _assert_params(path, expected):
+    got = checkpoint.restore_params(path)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(np.asarray(got[k]), v)
+
+
+def _hidden_leftovers(path) -> list[str]:
+    parent, name = os.path.split(os.fspath(path))
+    return sorted(n for n in os.listdir(parent) if n.startswith(f".{name}.") or ".orbax" in n)
+
+
+# ----------------------------------------------------------------------------- overwrite
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_never_replaces_a_regular_file(tmp_path, overwrite):
+    target = tmp_path / "notes.txt"
+    target.write_text("precious")
+    with pytest.raises(ValueError, match="is not a umtam_jax checkpoint"):
+        checkpoint.save_checkpoint(target, OLD, overwrite=overwrite)
+    assert target.read_text() == "precious"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_never_replaces_a_foreign_folder(tmp_path, overwrite):
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    before = _tree_files(folder)
+    with pytest.raises(ValueError, match="not a umtam_jax checkpoint"):
+        checkpoint.save_checkpoint(folder, OLD, overwrite=overwrite)
+    like = {"w": jnp.zeros((2,))}
+    with pytest.raises(ValueError, match="not a umtam_jax checkpoint"):
+        checkpoint.save_params_streaming(
+            folder, like, lambda i: np.zeros(2, np.float32), overwrite=overwrite
+        )
+    assert _tree_files(folder) == before
+
+
+def test_existing_checkpoint_needs_overwrite_then_is_replaced(tmp_path):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        checkpoint.save_checkpoint(path, NEW)
+    _assert_params(path, OLD)
+    checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    _assert_params(path, NEW)
+    assert _hidden_leftovers(path) == []
+
+
+def test_symlinks_and_file_parents_are_refused(tmp_path):
+    real = tmp_path / "real"
+    checkpoint.save_checkpoint(real, OLD)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for path in (link, dangling):
+        with pytest.raises(ValueError, match="symbolic link"):
+            checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    assert not (tmp_path / "nowhere").exists()
+    _assert_params(real, OLD)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        checkpoint.save_checkpoint(tmp_path / "file" / "ckpt", OLD)
+    for bad in ("", "."):
+        with pytest.raises(ValueError):
+            checkpoint.save_checkpoint(bad, OLD, overwrite=True)
+
+
+@pytest.fixture
+def experts(tmp_path):
+    base = checkpoint.save_checkpoint(tmp_path / "base", OLD)
+    a = checkpoint.save_checkpoint(tmp_path / "a", NEW)
+    b = checkpoint.save_checkpoint(tmp_path / "b", {k: v * 2 for k, v in NEW.items()})
+    return base, a, b
+
+
+@pytest.mark.parametrize(
+    "output", [".", "", "..", "base", "base/merged", "base/params/merged", "a/x/y"]
+)
+def test_merge_output_never_touches_an_input(tmp_path, experts, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    before = _tree_files(tmp_path)
+    with pytest.raises(ValueError, match="output"):
+        merging.merge_checkpoints(
+            "task_arithmetic", "base", ["a", "b"], output, overwrite=True, progress=False
+        )
+    assert _tree_files(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- crashes
+
+_KILL_AT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from umtam_jax import checkpoint
+    from umtam_jax.checkpoint import _safety
+
+    path, step, exchange = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    _safety._use_exchange = exchange
+    def hook(name):
+        if name == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    _safety._step_hook = hook
+    new = {"w": -np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(3, np.float32)}
+    checkpoint.save_checkpoint(path, new, overwrite=True)
+    """
+)
+
+
+def _run_killed(path, step, exchange) -> int:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT, os.fspath(path), step, "1" if exchange else "0"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    return proc.returncode
+
+
+@pytest.mark.parametrize(
+    "exchange,step",
+    [
+        (True, "locked"),
+        (True, "staged"),
+        (True, "swapped"),
+        (True, "trashed"),
+        (False, "staged"),
+        (False, "retired"),
+        (False, "swapped"),
+        (False, "trashed"),
+    ],
+)
+def test_overwrite_killed_at_each_step_keeps_old_or_new(tmp_path, exchange, step):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    assert _run_killed(path, step, exchange) == -9
+    # Right after the kill, or after the automatic recovery of the next call, the final
+    # path holds the complete old or the complete new checkpoint.
+    got = checkpoint.restore_params(path)
+    is_new = np.array_equal(np.asarray(got["w"]), NEW["w"])
+    _assert_params(path, NEW if is_new else OLD)
+    if step in ("locked", "staged", "retired"):
+        assert not is_new
+    if step in ("swapped", "trashed"):
+        assert is_new
+    # The next save cleans up everything the killed one left and still works.
+    checkpoint.save_checkpoint(path, OLD, overwrite=True)
+    _assert_params(path, OLD)
+    assert _hidden_leftovers(path) == []
+
+
+def test_killed_streaming_write_leaves_nothing_at_the_path(tmp_path):
+    path = tmp_path / "merged"
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        import jax, numpy as np
+        from umtam_jax import checkpoint
+        like = {f"w{i}": jax.ShapeDtypeStruct((64,), np.float32) for i in range(4)}
+        def produce(i):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return np.full((64,), i, np.float32)
+        checkpoint.save_params_streaming(sys.argv[1], like, produce)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, os.fspath(path)],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9
+    assert not path.exists()
+    assert _hidden_leftovers(path)  # the killed run's staging folder is still there ...
+    with pytest.raises(FileNotFoundError):
+        checkpoint.restore_params(path)
+    checkpoint.save_checkpoint(path, OLD)
+    assert _hidden_leftovers(path) == []  # ... until the next save to that path
+    _assert_params(path, OLD)
+
+
+def test_stale_leftovers_removed_and_neighbours_untouched(tmp_path):
+    path = tmp_path / "ckpt"
+    for name in (".ckpt.umtam-new-abc", ".ckpt.umtam-trash-abc", "ckpt.orbax-checkpoint-tmp-1"):
+        (tmp_path / name / "params").mkdir(parents=True)
+        (tmp_path / name / "params" / "junk").write_bytes(b"0" * 1000)
+    neighbours = [".ckpt2.umtam-new-abc", "ckpt.txt", ".ckpt"]
+    for name in neighbours:
+        (tmp_path / name).write_text("mine")
+    checkpoint.save_checkpoint(path, OLD)
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", *neighbours])
+
+
+# ----------------------------------------------------------------------------- locking
+
+
+def test_second_writer_fails_at_once(tmp_path):
+    path = tmp_path / "ckpt"
+    with _safety._locked(epath.Path(path)):
+        with pytest.raises(checkpoint.CheckpointBusyError, match="being written"):
+            checkpoint.save_checkpoint(path, OLD)
+        with pytest.raises(checkpoint.CheckpointBusyError):
+            merging.merge_checkpoints(
+                "task_arithmetic",
+                checkpoint.save_checkpoint(tmp_path / "base", OLD),
+                [checkpoint.save_checkpoint(tmp_path / "e", NEW)],
+                path,
+                progress=False,
+            )
+    assert not path.exists()
+    checkpoint.save_checkpoint(path, OLD)  # the lock is gone with its holder
+    assert _hidden_leftovers(path) == []
+
+
+def test_concurrent_processes_never_mix(tmp_path):
+    """A writer paused after staging holds the lock; a second process is refused."""
+    path = tmp_path / "ckpt"
+    ready = tmp_path / "ready"
+    go = tmp_path / "go"
+    slow = textwrap.dedent(
+        """
+        import os, sys, time
+        import numpy as np
+        from umtam_jax import checkpoint
+        from umtam_jax.checkpoint import _safety
+        def hook(name):
+            if name == "staged":
+                open(sys.argv[2], "w").close()
+                while not os.path.exists(sys.argv[3]):
+                    time.sleep(0.05)
+        _safety._step_hook = hook
+        checkpoint.save_checkpoint(sys.argv[1], {"w": np.full(8, 1.0, np.float32)})
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    first = subprocess.Popen(
+        [sys.executable, "-c", slow, os.fspath(path), os.fspath(ready), os.fspath(go)], env=env
+    )
+    try:
+        for _ in range(1200):
+            if ready.exists() or first.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert ready.exists()
+        with pytest.raises(checkpoint.CheckpointBusyError):
+            checkpoint.save_checkpoint(path, {"w": np.full(8, 2.0, np.float32)})
+    finally:
+        go.touch()
+        first.wait(timeout=120)
+    assert first.returncode == 0
+    np.testing.assert_array_equal(np.asarray(checkpoint.restore_params(path)["w"]), 1.0)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _data_files(path):
+    return sorted(
+        (f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(f)),
+        key=os.path.getsize,
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flipped_byte_is_detected(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.standard_normal((32, 32)).astype(np.float32)}
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", params)
+    data = _data_files(path)[-1]  # the array's data file is the largest
+    blob = bytearray(pathlib.Path(data).read_bytes())
+    blob[int(rng.integers(len(blob)))] ^= 1 << int(rng.integers(8))
+    pathlib.Path(data).write_bytes(blob)
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="params/w|corrupt"):
+        checkpoint.restore_params(path)
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="params/w|corrupt"):
+        checkpoint.CheckpointReader(path).restore_arrays("params", [("w",)])
+    got = checkpoint.restore_params(path, verify=False)  # the explicit opt-out: no check
+    assert got["w"].shape == (32, 32)
+
+
+def test_flipped_statistics_and_opt_state_are_detected(tmp_path):
+    import jax
+
+    import umtam_jax
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)}
+    opt = umtam_jax.umtam(1e-2, rank=2)
+    state = opt.init(params)
+    grads = {"w": jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)}
+    _, state = opt.update(grads, state, params)
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", params, opt_state=state)
+    for item, restore in [
+        ("statistics", lambda: checkpoint.restore_statistics(path)),
+        ("opt_state", lambda: checkpoint.restore_opt_state(path, state)),
+    ]:
+        saved = jax.tree.leaves(restore())
+        data = [f for f in _data_files(path) if os.sep + item + os.sep in f][-1]
+        original = pathlib.Path(data).read_bytes()
+        detected = 0
+        for position in range(len(original) // 8, len(original), len(original) // 8):
+            blob = bytearray(original)
+            blob[position] ^= 0x40
+            pathlib.Path(data).write_bytes(blob)
+            try:  # either an error naming the corruption, or bytes no array uses
+                got = jax.tree.leaves(restore())
+            except checkpoint.CheckpointCorruptError as err:
+                assert "corrupt" in str(err)
+                detected += 1
+            else:
+                for g, want in zip(got, saved, strict=True):
+                    np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
+        assert detected >= 4
+        pathlib.Path(data).write_bytes(original)
+        restore()
+
+
+def test_edited_metadata_dtype_and_missing_checksums(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", {"w": jnp.ones((2, 2))})
+    meta = path / "umtam_metadata" / "metadata"
+    text = meta.read_text()
+    for edited in ("float16", "int32"):
+        meta.write_text(text.replace('"float32"', f'"{edited}"'))
+        with pytest.raises(checkpoint.CheckpointCorruptError, match=f"params/w dtype {edited}"):
+            checkpoint.restore_params(path)
+    meta.write_text(text)
+    (path / "umtam_checksums.json").unlink()
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="checksum record .* missing"):
+        checkpoint.restore_params(path)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"a.b": 1.0, "a": {"b": 2.0}},
+        {"a/b": 1.0, "a": {"b": 2.0}},
+        {"%2E": 1.0, ".": 2.0, "%": 3.0, "": 4.0},
+        {"x.y": {"z.w": 1.0}, "x": {"y": {"z": {"w": 2.0}}}},
+    ],
+)
+def test_keys_with_separators_round_trip_exactly(tmp_path, tree):
+    import jax
+
+    arrays = jax.tree.map(lambda v: np.full((3,), v, np.float32), tree)
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", arrays)
+    got = checkpoint.restore_params(path)
+    assert jax.tree.structure(got) == jax.tree.structure(arrays)
+    for g, want in zip(jax.tree.leaves(got), jax.tree.leaves(arrays), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), want)
+    reader = checkpoint.CheckpointReader(path)
+    assert jax.tree.structure(reader.abstract("params")) == jax.tree.structure(arrays)

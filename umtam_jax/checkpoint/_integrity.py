@@ -1,0 +1,158 @@
+"""Checksums of saved arrays, verified on restore.
+
+Every array a save writes is recorded in ``umtam_checksums.json`` at the checkpoint's
+root: its dtype, shape and the CRC-32 of its bytes (C order), keyed by item and stored
+path. Restores read the arrays back, check them against the record and raise
+:class:`CheckpointCorruptError` naming the checkpoint, item and leaf on any difference:
+a flipped byte, a truncated file, an edited dtype or shape. The record is written into
+the staging folder after the arrays and before the checkpoint is published, so a
+checkpoint at its final path always has one.
+
+CRC-32 (``zlib.crc32``) detects every error burst of up to 32 bits and any other
+corruption with probability 1 − 2⁻³²; it runs at about 3 GB/s on one core, about twice
+SHA-256. It guards against damaged files, not against deliberate tampering.
+
+Checkpoints of format version 1 (written before checksums existed) restore unverified.
+An array that is not fully addressable by this process (multi-host sharding) is neither
+recorded nor verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+CHECKSUMS_FILE = "umtam_checksums.json"
+ALGORITHM = "crc32"
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's files do not hold what was saved (damaged, truncated or edited)."""
+
+
+def key(path: tuple[str, ...]) -> str:
+    """The record key of a stored path (stored names never contain ``/``)."""
+    return "/".join(path)
+
+
+def host_array(x: Any) -> np.ndarray | None:
+    """``x`` as a NumPy array, or None if this process cannot see all of it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def crc32(array: np.ndarray) -> int:
+    """CRC-32 of the array's bytes in C order."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return zlib.crc32(flat)
+
+
+def record(array: np.ndarray) -> dict[str, Any]:
+    """The checksum record of one array."""
+    return {"dtype": str(array.dtype), "shape": list(array.shape), ALGORITHM: crc32(array)}
+
+
+def write(directory: epath.Path, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Writes ``{item: {key: record}}`` into ``directory`` (the unpublished staging folder)."""
+    text = json.dumps({"algorithm": ALGORITHM, "items": records}, separators=(",", ":"))
+    path = directory / CHECKSUMS_FILE
+    path.write_text(text)
+    if "://" not in os.fspath(path):
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]] | None:
+    """The checkpoint's records, or None for a checkpoint older than checksums.
+
+    Raises:
+      CheckpointCorruptError: the record is missing or unreadable.
+    """
+    if format_version < 2:
+        return None
+    path = directory / CHECKSUMS_FILE
+    try:
+        data = json.loads(path.read_text())
+        if data.get("algorithm") != ALGORITHM:
+            raise ValueError(f"unknown checksum algorithm {data.get('algorithm')!r}")
+        items = data["items"]
+        for records in items.values():
+            for rec in records.values():
+                if not (
+                    isinstance(rec["dtype"], str)
+                    and isinstance(rec["shape"], list)
+                    and isinstance(rec[ALGORITHM], int)
+                ):
+                    raise ValueError("malformed record")
+    except FileNotFoundError:
+        raise CheckpointCorruptError(
+            f"checkpoint {directory} is corrupt: its checksum record {path} is missing"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointCorruptError(
+            f"checkpoint {directory} is corrupt: cannot read its checksum record {path} "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    return items
+
+
+def check_spec(
+    directory: epath.Path, item: str, leaves: Mapping[str, Mapping[str, Any]], records: Any
+) -> None:
+    """Checks the structure record's dtypes and shapes against the checksum record.
+
+    Args:
+      directory: the checkpoint (for messages).
+      item: the item name.
+      leaves: ``{key: {"dtype": ..., "shape": ...}}`` from the structure record.
+      records: :func:`read`'s result (None: nothing to check).
+    """
+    if records is None:
+        return
+    saved = records.get(item, {})
+    for k, leaf in leaves.items():
+        rec = saved.get(k)
+        if rec is None:
+            continue  # not fully addressable when saved
+        if rec["dtype"] != leaf["dtype"] or list(rec["shape"]) != list(leaf["shape"]):
+            raise CheckpointCorruptError(
+                f"checkpoint {directory} is corrupt: its metadata gives {item}/{k} dtype "
+                f"{leaf['dtype']} and shape {tuple(leaf['shape'])}, but {rec['dtype']} and "
+                f"{tuple(rec['shape'])} were saved"
+            )
+
+
+def verify(directory: epath.Path, item: str, k: str, array: Any, records: Any) -> None:
+    """Checks one restored array against its record.
+
+    Raises:
+      CheckpointCorruptError: dtype, shape or checksum differ from what was saved.
+    """
+    if records is None:
+        return
+    rec = records.get(item, {}).get(k)
+    host = host_array(array)
+    if rec is None or host is None:
+        return
+    where = f"checkpoint {directory} is corrupt: array {item}/{k}"
+    if str(host.dtype) != rec["dtype"] or list(host.shape) != list(rec["shape"]):
+        raise CheckpointCorruptError(
+            f"{where} reads back as {host.dtype}{tuple(host.shape)}, but "
+            f"{rec['dtype']}{tuple(rec['shape'])} was saved"
+        )
+    if crc32(host) != rec[ALGORITHM]:
+        raise CheckpointCorruptError(
+            f"{where} does not match its checksum: its data file was damaged or edited "
+            "after the save"
+        )

@@ -1,0 +1,351 @@
+"""Writing a checkpoint directory without ever losing what is already on disk.
+
+Every save goes through :func:`publishing`, which
+
+1. refuses a target it may not write: a symbolic link, a path under a regular file, an
+   existing file or folder that is not a umtam_jax checkpoint (even with ``overwrite``),
+   an existing checkpoint without ``overwrite``;
+2. takes an exclusive lock on the target (a hidden ``.<name>.umtam-lock`` file beside it,
+   removed when the save ends), so a second writer to the same path fails at once with
+   :class:`CheckpointBusyError` instead of mixing its arrays with the first one's;
+3. under the lock, repairs what a killed earlier save left behind (see below);
+4. hands the caller a fresh hidden staging folder ``.<name>.umtam-new-<token>`` to write
+   the complete checkpoint into;
+5. publishes it: a new target is a single ``rename``; an existing checkpoint is swapped
+   with the staging folder in one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux, so at
+   every instant either the old or the new checkpoint is at the final path. Where the
+   exchange is unavailable (another OS, a file system without it) the old checkpoint is
+   first renamed to ``.<name>.umtam-old-<token>``; a process killed between that rename
+   and the next leaves no checkpoint at the final path, and the next save to, or restore
+   from, that path renames the old checkpoint back.
+
+The replaced checkpoint is renamed to ``.<name>.umtam-trash-<token>`` before it is
+deleted, so a partly deleted folder is never mistaken for a checkpoint to recover. Staging
+and trash folders of killed saves (and Orbax's own ``<name>.orbax-checkpoint-tmp*``
+folders) are deleted by the next save to the same path. Only these names, all derived
+from the target's, are ever deleted.
+
+The lock and the atomic swap need a local file system; on other ``etils.epath`` back ends
+(cloud buckets) the checks still run but writes are neither locked nor atomically swapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from etils import epath
+
+# Names of the files that identify a umtam_jax checkpoint (see _checkpoint.py).
+_METADATA_FILE = ("umtam_metadata", "metadata")
+_FORMAT_NAME = "umtam_jax.checkpoint"
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+_LOCK = "umtam-lock"
+_NEW = "umtam-new-"
+_OLD = "umtam-old-"
+_TRASH = "umtam-trash-"
+
+# Test hook: called with the name of each step of a save ("locked", "staged", "retired",
+# "swapped", "trashed"), so a test can kill the process between any two of them.
+_step_hook: Callable[[str], None] | None = None
+# Whether renameat2(RENAME_EXCHANGE) may be tried (tests turn it off for the fallback).
+_use_exchange = True
+
+
+class CheckpointBusyError(OSError):
+    """Another process (or thread) is writing the same checkpoint path right now."""
+
+
+def _step(name: str) -> None:
+    if _step_hook is not None:
+        _step_hook(name)
+
+
+def is_local(path: epath.Path) -> bool:
+    """Whether ``path`` is on a local (POSIX) file system."""
+    return "://" not in os.fspath(path)
+
+
+def is_checkpoint(path: epath.Path) -> bool:
+    """Whether ``path`` is a folder holding a umtam_jax checkpoint's metadata."""
+    meta = path.joinpath(*_METADATA_FILE)
+    try:
+        record = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == _FORMAT_NAME
+
+
+def _hidden(directory: epath.Path, kind: str, token: str = "") -> epath.Path:
+    return directory.parent / f".{directory.name}.{kind}{token}"
+
+
+def _siblings(directory: epath.Path, kind: str) -> list[epath.Path]:
+    prefix = f".{directory.name}.{kind}"
+    try:
+        return sorted(p for p in directory.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+
+
+def _rmtree(path: epath.Path) -> None:
+    """Deletes ``path`` (a folder, file or link; a link, never what it points to)."""
+    with contextlib.suppress(OSError):
+        if not is_local(path):
+            if path.exists():
+                path.rmtree()
+        elif os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+
+
+def _fsync_dir(path: epath.Path) -> None:
+    if not is_local(path):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_target(directory: epath.Path, *, overwrite: bool) -> None:
+    """Raises a clear error if a save may not write ``directory``.
+
+    Raises:
+      ValueError: an empty name, a symbolic link, a file or a folder that is not a
+        umtam_jax checkpoint (whatever ``overwrite`` says).
+      NotADirectoryError: a component of the parent path is a file.
+      FileExistsError: an existing checkpoint and ``overwrite`` is False.
+    """
+    if directory.name in ("", ".", ".."):
+        raise ValueError(f"not a valid checkpoint path: {directory!s}")
+    if _ORBAX_TMP_SUFFIX in directory.name:
+        raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
+    if is_local(directory):
+        for parent in reversed(directory.parents):
+            if os.path.lexists(parent) and not os.path.isdir(parent):
+                raise NotADirectoryError(
+                    f"cannot write checkpoint {directory}: {parent} is a file, not a folder"
+                )
+        if os.path.islink(directory):
+            raise ValueError(
+                f"refusing to write checkpoint {directory}: it is a symbolic link "
+                f"(to {os.readlink(directory)}); give the real path"
+            )
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(
+            f"refusing to write checkpoint {directory}: a file of that name exists and "
+            "is not a umtam_jax checkpoint (it is never replaced)"
+        )
+    if not is_checkpoint(directory):
+        raise ValueError(
+            f"refusing to write checkpoint {directory}: the folder exists and is not a "
+            "umtam_jax checkpoint (only a umtam_jax checkpoint is ever replaced)"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
+        )
+
+
+def _real(path: Any) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def check_output_not_input(output: Any, inputs: Sequence[tuple[str, Any]]) -> None:
+    """Raises ValueError if ``output`` is, contains or lies inside one of the ``inputs``.
+
+    Args:
+      output: the path to be written.
+      inputs: ``(what, path)`` pairs, e.g. ``("the base", "ckpt/base")``.
+    """
+    out = _real(output)
+    for what, path in inputs:
+        src = _real(path)
+        if out == src:
+            raise ValueError(f"the output {output} is {what} ({path})")
+        if src.startswith(out.rstrip(os.sep) + os.sep):
+            raise ValueError(f"the output {output} contains {what} ({path})")
+        if out.startswith(src.rstrip(os.sep) + os.sep):
+            raise ValueError(f"the output {output} is inside {what} ({path})")
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+@contextlib.contextmanager
+def _locked(directory: epath.Path) -> Iterator[None]:
+    """Holds an exclusive, non-blocking lock on ``directory`` for a save."""
+    if not is_local(directory):
+        yield
+        return
+    lock_path = os.fspath(_hidden(directory, _LOCK))
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OSError(
+                err.errno, f"cannot write checkpoint {directory}: {err.strerror}", lock_path
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointBusyError(
+                errno.EBUSY,
+                f"checkpoint {directory} is being written by another process right now "
+                f"(lock file {lock_path}); wait for it to finish",
+            ) from None
+        try:  # the holder before us may have removed the file after we opened it
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- repair
+
+
+def _repair(directory: epath.Path) -> None:
+    """Under the lock: puts back an interrupted swap's old checkpoint, drops leftovers."""
+    if not directory.exists():
+        olds = [p for p in _siblings(directory, _OLD) if is_checkpoint(p)]
+        if olds:
+            newest = max(olds, key=lambda p: p.stat().mtime)
+            newest.rename(directory)
+            _fsync_dir(directory.parent)
+    for kind in (_NEW, _TRASH, _OLD):
+        for leftover in _siblings(directory, kind):
+            _rmtree(leftover)
+    for leftover in directory.parent.glob(f"{directory.name}{_ORBAX_TMP_SUFFIX}*"):
+        _rmtree(leftover)
+
+
+def recover(directory: epath.Path) -> None:
+    """Puts back the checkpoint of a save killed in the middle of a swap, if any.
+
+    Called by the restore functions when ``directory`` does not exist; does nothing when
+    there is nothing to recover or another process holds the lock.
+    """
+    if directory.exists() or not _siblings(directory, _OLD):
+        return
+    with contextlib.suppress(CheckpointBusyError), _locked(directory):
+        _repair(directory)
+
+
+# ----------------------------------------------------------------------------- publish
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_libc: Any = None
+
+
+def _renameat2(src: epath.Path, dst: epath.Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the OS or file system lacks it."""
+    global _libc
+    if not (_use_exchange and is_local(src) and hasattr(os, "uname")):
+        return False
+    if os.uname().sysname != "Linux":
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(os.fspath(src)), at_fdcwd, os.fsencode(os.fspath(dst)), flags)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(dst))
+
+
+def _publish(staging: epath.Path, directory: epath.Path, token: str) -> None:
+    trash = _hidden(directory, _TRASH, token)
+    if not directory.exists():
+        if not _renameat2(staging, directory, _RENAME_NOREPLACE):
+            staging.rename(directory)
+        _step("swapped")
+        _fsync_dir(directory.parent)
+        return
+    if _renameat2(staging, directory, _RENAME_EXCHANGE):
+        _step("swapped")  # the old checkpoint now sits at the staging name
+        staging.rename(trash)
+    else:
+        retired = _hidden(directory, _OLD, token)
+        directory.rename(retired)
+        _fsync_dir(directory.parent)
+        _step("retired")
+        try:
+            staging.rename(directory)
+        except BaseException:
+            retired.rename(directory)
+            raise
+        _step("swapped")
+        retired.rename(trash)
+    _fsync_dir(directory.parent)
+    _step("trashed")
+    _rmtree(trash)
+
+
+@contextlib.contextmanager
+def publishing(directory: epath.Path, *, overwrite: bool) -> Iterator[epath.Path]:
+    """Yields a staging folder to write a complete checkpoint into, then publishes it.
+
+    Args:
+      directory: the final checkpoint path (absolute).
+      overwrite: whether an existing umtam_jax checkpoint at ``directory`` may be replaced.
+
+    Yields:
+      A path that does not exist yet; the body must create the checkpoint there. If the
+      body raises, the staging folder is deleted and ``directory`` is left as it was.
+
+    Raises:
+      CheckpointBusyError: another save to ``directory`` is in progress.
+      ValueError / FileExistsError / NotADirectoryError: see :func:`check_target`.
+    """
+    check_target(directory, overwrite=overwrite)
+    if is_local(directory):
+        os.makedirs(os.fspath(directory.parent), exist_ok=True)
+    with _locked(directory):
+        _step("locked")
+        _repair(directory)
+        check_target(directory, overwrite=overwrite)  # again: the repair may restore one
+        token = uuid.uuid4().hex[:12]
+        staging = _hidden(directory, _NEW, token)
+        try:
+            yield staging
+            _step("staged")
+            _publish(staging, directory, token)
+        finally:
+            _rmtree(staging)
+            for leftover in staging.parent.glob(f"{staging.name}{_ORBAX_TMP_SUFFIX}*"):
+                _rmtree(leftover)
