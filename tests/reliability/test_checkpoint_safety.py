@@ -389,3 +389,22 @@ def test_keys_with_separators_round_trip_exactly(tmp_path, tree):
         np.testing.assert_array_equal(np.asarray(g), want)
     reader = checkpoint.CheckpointReader(path)
     assert jax.tree.structure(reader.abstract("params")) == jax.tree.structure(arrays)
+
+
+def test_multiprocess_save_publishes_from_process_zero(tmp_path, monkeypatch):
+    """The collective path: a shared staging name, barriers, process 0 publishes."""
+    barriers = []
+    monkeypatch.setattr(_safety, "_process_count", lambda: 2)
+    monkeypatch.setattr(_safety, "_shared_token", lambda: "sharedtoken0")
+    monkeypatch.setattr(_safety, "_barrier", barriers.append)
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    assert [b.rsplit("_", 1)[0] for b in barriers[:3]] == [
+        "umtam_checkpoint_start",
+        "umtam_checkpoint_staged",
+        "umtam_checkpoint_published",
+    ]
+    assert len(barriers) == 6
+    _assert_params(path, NEW)
+    assert _hidden_leftovers(path) == []

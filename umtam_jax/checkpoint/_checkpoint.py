@@ -410,7 +410,8 @@ def _write(path: epath.Path, items: dict[str, _Encoded], metadata: dict[str, Any
     args[METADATA] = ocp.args.JsonSave(metadata)
     with ocp.Checkpointer(_composite_handler()) as checkpointer:
         checkpointer.save(path, args=ocp.args.Composite(**args))
-    _integrity.write(path, {name: _checksums(enc) for name, enc in items.items()})
+    if jax.process_index() == 0:
+        _integrity.write(path, {name: _checksums(enc) for name, enc in items.items()})
 
 
 def save_checkpoint(

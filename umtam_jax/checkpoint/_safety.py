@@ -27,6 +27,8 @@ from the target's, are ever deleted.
 
 The lock and the atomic swap need a local file system; on other ``etils.epath`` back ends
 (cloud buckets) the checks still run but writes are neither locked nor atomically swapped.
+In a multi-process JAX run every process calls the save together: process 0 alone
+repairs, publishes and cleans up, between barriers, and there is no lock.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
+import numpy as np
 from etils import epath
 
 # Names of the files that identify a umtam_jax checkpoint (see _checkpoint.py).
@@ -333,8 +337,12 @@ def publishing(directory: epath.Path, *, overwrite: bool) -> Iterator[epath.Path
       ValueError / FileExistsError / NotADirectoryError: see :func:`check_target`.
     """
     check_target(directory, overwrite=overwrite)
-    if is_local(directory):
+    if is_local(directory) and _is_primary():
         os.makedirs(os.fspath(directory.parent), exist_ok=True)
+    if _process_count() > 1:
+        with _publishing_collectively(directory) as staging:
+            yield staging
+        return
     with _locked(directory):
         _step("locked")
         _repair(directory)
@@ -346,6 +354,57 @@ def publishing(directory: epath.Path, *, overwrite: bool) -> Iterator[epath.Path
             _step("staged")
             _publish(staging, directory, token)
         finally:
-            _rmtree(staging)
-            for leftover in staging.parent.glob(f"{staging.name}{_ORBAX_TMP_SUFFIX}*"):
-                _rmtree(leftover)
+            _discard(staging)
+
+
+def _discard(staging: epath.Path) -> None:
+    _rmtree(staging)
+    for leftover in staging.parent.glob(f"{staging.name}{_ORBAX_TMP_SUFFIX}*"):
+        _rmtree(leftover)
+
+
+def _process_count() -> int:
+    return jax.process_count()
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _shared_token() -> str:
+    """A random token, the same on every process (process 0's)."""
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(uuid.uuid4().hex[:12].encode(), np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine))).decode()
+
+
+@contextlib.contextmanager
+def _publishing_collectively(directory: epath.Path) -> Iterator[epath.Path]:
+    """:func:`publishing` when every process of a multi-host run calls the save.
+
+    Every process writes its shards into the same staging folder (Orbax coordinates
+    them); process 0 alone repairs, publishes and cleans up, between barriers. There is
+    no lock: the processes of one run write together, and Orbax's own synchronisation
+    keeps them in step.
+    """
+    token = _shared_token()
+    staging = _hidden(directory, _NEW, token)
+    if _is_primary():
+        _repair(directory)
+    _barrier(f"umtam_checkpoint_start_{token}")
+    try:
+        yield staging
+        _barrier(f"umtam_checkpoint_staged_{token}")
+        if _is_primary():
+            _publish(staging, directory, token)
+        _barrier(f"umtam_checkpoint_published_{token}")
+    finally:
+        if _is_primary():
+            _discard(staging)
