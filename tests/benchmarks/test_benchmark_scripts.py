@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -225,33 +224,3 @@ def test_step_time_records_kernel_time_and_page_faults_per_step():
         assert all(0 <= k <= c + 1e-6 for k, c in zip(kernel[name], cpu[name], strict=True))
     assert min(faults["fresh"]) > 0
     assert max(faults["idle"]) < min(faults["fresh"])
-
-
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="needs a C++ compiler")
-def test_fused_kernel_design_study_matches_the_float64_reference(tmp_path):
-    """benchmarks/design_fused_kernels: every custom call equals its NumPy formula (to
-    float32 rounding) on shapes with ragged row, column and rank tails."""
-    path = BENCH / "design_fused_kernels" / "run.py"
-    spec = importlib.util.spec_from_file_location("design_fused_kernels_run", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    if not study.cpu_supported():
-        pytest.skip("the design study's kernels need AVX-512 (F, DQ) and FMA")
-    study.register(study.build(tmp_path / "kernels.so"))
-    kernels = study.kernels()
-    assert len(kernels) == len(study.NAMES)
-    for name, (fused, _, reference, make_inputs, _) in kernels.items():
-        assert study.check(name, fused, reference, make_inputs) <= 1e-5
-
-
-def test_fused_kernel_patch_still_applies_to_the_optimizer():
-    root = BENCH.parent
-    if not (root / ".git").exists() or not shutil.which("git"):
-        pytest.skip("needs a git checkout")
-    import subprocess
-
-    patch = BENCH / "design_fused_kernels" / "in_step.patch"
-    out = subprocess.run(
-        ["git", "apply", "--check", str(patch)], cwd=root, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr

@@ -266,19 +266,22 @@ def _check_node(node: Any, shape: tuple[int, ...], where: str) -> None:
             )
 
     if isinstance(node, FactoredStatistics):
-        for name in ("row", "col"):
+        for name in ("row", "col", "u", "sigma"):
             check(name, getattr(node, name), None)
-        rows, cols = tuple(node.row.shape), tuple(node.col.shape)
-        if rows + cols != shape:
+        # A leaf holding a stack of matrices has leading batch axes on every field.
+        nb = max(node.sigma.ndim - 2, 0)
+        batch = tuple(node.sigma.shape[:nb])
+        rows, cols = tuple(node.row.shape[nb:]), tuple(node.col.shape[nb:])
+        if batch + rows + cols != shape or tuple(node.col.shape[:nb]) != batch:
             raise ValueError(
-                f"statistics shape mismatch at {where}: row {rows} + col {cols} does not "
-                f"give the parameter's shape {shape}"
+                f"statistics shape mismatch at {where}: row {tuple(node.row.shape)} and col "
+                f"{tuple(node.col.shape)} (batch {batch}) do not give the parameter's shape "
+                f"{shape}"
             )
-        check("u", node.u, None)
         r = node.u.shape[-1] if node.u.ndim else -1
-        check("u", node.u, rows + (r,))
-        check("v", node.v, cols + (r,))
-        check("sigma", node.sigma, (r, r))
+        check("u", node.u, batch + rows + (r,))
+        check("v", node.v, batch + cols + (r,))
+        check("sigma", node.sigma, batch + (r, r))
     else:
         check("mu", node.mu, shape)
         check("nu", node.nu, shape)

@@ -1,5 +1,6 @@
 """The UMTAM optimizer (Algorithm 1) as Optax gradient transformations."""
 
+from umtam_jax.optimizer._layout import MatrixAxes, scanned
 from umtam_jax.optimizer._lowrank import SVD_METHODS
 from umtam_jax.optimizer._sharding import state_shardings
 from umtam_jax.optimizer._state import (
@@ -24,12 +25,14 @@ __all__ = [
     "DenseStatistics",
     "FactoredLeafState",
     "FactoredStatistics",
+    "MatrixAxes",
     "ScaleByUmtamState",
     "curvature",
     "default_row_axes",
     "momentum",
     "saliency",
     "scale_by_umtam",
+    "scanned",
     "state_shardings",
     "statistics",
     "umtam",

@@ -109,17 +109,19 @@ def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, ndim: int) -> Any:
             saliency=None if leaf.saliency is None else full,
             initial=None if leaf.initial is None else full,
         )
-    k = leaf.u.ndim - 1  # u has shape rows + (r,)
+    nb = leaf.sigma.ndim - 2  # batch axes: one (r, r) core per matrix
+    k = leaf.u.ndim - 1  # u has shape batch + rows + (r,)
+    cols = spec[:nb] + spec[k:]
     return FactoredLeafState(
         u=named(*spec[:k], None),
-        sigma=named(),
-        v=named(*spec[k:], None),
+        sigma=named(*spec[:nb], None, None),
+        v=named(*cols, None),
         dense_momentum=None if leaf.dense_momentum is None else full,
         row=named(*spec[:k]),
-        col=named(*spec[k:]),
+        col=named(*cols),
         saliency=None if leaf.saliency is None else full,
         initial=None if leaf.initial is None else full,
-        rank=None if leaf.rank is None else named(),
+        rank=None if leaf.rank is None else named(*spec[:nb]),
     )
 
 

@@ -130,30 +130,42 @@ def _map_statistics(fn, x: Any) -> Any:
     )
 
 
-def _outer(row: jax.Array, col: jax.Array) -> jax.Array:
-    """``row ⊗ col`` laid out with the parameter's shape ``row.shape + col.shape``."""
-    return row.reshape(row.shape + (1,) * col.ndim) * col
+def _batch_axes(s: FactoredStatistics) -> int:
+    """Leading batch axes of a factored leaf (one ``(r, r)`` core per matrix)."""
+    return s.sigma.ndim - 2
+
+
+def _outer(s: FactoredStatistics, row: jax.Array, col: jax.Array) -> jax.Array:
+    """``row ⊗ col`` of every matrix, laid out as the parameter ``batch + rows + cols``."""
+    nb = _batch_axes(s)
+    col_axes, row_axes = col.ndim - nb, row.ndim - nb
+    return row.reshape(row.shape + (1,) * col_axes) * col.reshape(
+        col.shape[:nb] + (1,) * row_axes + col.shape[nb:]
+    )
 
 
 def _leaf_curvature(s: Any) -> jax.Array:
     if isinstance(s, FactoredStatistics):
-        return _outer(s.row / jnp.sum(s.row), s.col)  # R Cᵀ itself may overflow
+        # Ŝ = R Cᵀ / sum(R) per matrix; R Cᵀ itself may overflow.
+        row_sum = jnp.sum(s.row, axis=tuple(range(_batch_axes(s), s.row.ndim)), keepdims=True)
+        return _outer(s, s.row / row_sum, s.col)
     return s.nu
 
 
 def _leaf_momentum(s: Any) -> jax.Array:
     if isinstance(s, FactoredStatistics):
-        rows, cols = s.row.shape, s.col.shape
-        u = s.u.reshape(-1, s.u.shape[-1])
-        v = s.v.reshape(-1, s.v.shape[-1])
-        return ((u @ s.sigma) @ v.T).reshape(rows + cols)
+        nb = _batch_axes(s)
+        batch, rows, cols = s.sigma.shape[:nb], s.row.shape[nb:], s.col.shape[nb:]
+        u = s.u.reshape(batch + (-1, s.u.shape[-1]))
+        v = s.v.reshape(batch + (-1, s.v.shape[-1]))
+        return ((u @ s.sigma) @ v.mT).reshape(batch + rows + cols)
     return s.mu
 
 
 def _leaf_root_curvature(s: Any) -> jax.Array:
     """``sqrt(R_i C_j)`` (factored) or ``sqrt(v)`` (dense): the saliency's curvature factor."""
     if isinstance(s, FactoredStatistics):
-        return _outer(jnp.sqrt(s.row), jnp.sqrt(s.col))  # R Cᵀ itself may overflow
+        return _outer(s, jnp.sqrt(s.row), jnp.sqrt(s.col))  # R Cᵀ itself may overflow
     return jnp.sqrt(s.nu)
 
 

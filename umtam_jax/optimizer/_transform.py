@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import optax
 
 from umtam_jax.optimizer import _sharding
+from umtam_jax.optimizer._layout import Layout as _Layout
+from umtam_jax.optimizer._layout import RowAxesFn, default_row_axes
+from umtam_jax.optimizer._layout import layout as _layout_of
 from umtam_jax.optimizer._lowrank import (
     SVD_METHODS,
     Decomposition,
@@ -29,18 +32,6 @@ from umtam_jax.optimizer._state import (
     as_leaf_state,
     is_leaf_state,
 )
-
-RowAxesFn = Callable[[tuple[Any, ...], tuple[int, ...]], int]
-"""``(key_path, shape) -> k``: the first ``k`` axes of a leaf form the rows of its 2-D view."""
-
-
-def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
-    """Default 2-D view: fan-in × fan-out = ``(prod(shape[:-1]), shape[-1])``.
-
-    Right for Flax ``Dense`` (in, out), ``DenseGeneral`` and ``Conv`` (..., in, out) kernels.
-    """
-    del path
-    return max(len(shape) - 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,30 +163,9 @@ def _validate(cfg: _Config) -> None:
 # ----------------------------------------------------------------------------- layout
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Static per-leaf layout: the 2-D view and the buffer rank (``None`` = dense)."""
-
-    row_axes: int | None
-    rows: int = 0
-    cols: int = 0
-    buffer_rank: int = 0
-
-
 def _layout(cfg: _Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> _Layout:
-    if len(shape) < 2:
-        return _Layout(None)
-    k = cfg.row_axes(path, shape)
-    if not isinstance(k, int) or not 0 <= k <= len(shape):
-        raise ValueError(
-            f"row_axes returned {k!r} for {jax.tree_util.keystr(path)} of shape {shape}; "
-            f"expected an int in [0, {len(shape)}]"
-        )
-    rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
-    if min(rows, cols) < cfg.min_dim_size_to_factor or k in (0, len(shape)):
-        return _Layout(None)
     max_rank = cfg.max_rank if cfg.adaptive_rank else cfg.rank
-    return _Layout(k, rows, cols, min(max_rank, rows, cols))
+    return _layout_of(cfg.row_axes, cfg.min_dim_size_to_factor, max_rank, path, shape)
 
 
 def _is_static_zero(value: Any) -> bool:
@@ -224,32 +194,51 @@ def _init_leaf(cfg: _Config, layout: _Layout, param: jax.Array, key: jax.Array):
             saliency=saliency,
             initial=initial,
         )
-    k, r = layout.row_axes, layout.buffer_rank
-    rows_shape, cols_shape = param.shape[:k], param.shape[k:]
+    nb, r = layout.batch_axes, layout.buffer_rank
+    k = nb + layout.row_axes  # batch and row axes: the leading axes of u and row
+    batch = param.shape[:nb]
+    rows_shape, cols_shape = param.shape[:k], batch + param.shape[k:]
+    rows_spec, cols_spec = spec[:k], spec[:nb] + spec[k:]
     key_u, key_v = jax.random.split(key)
     # Algorithm 1, line 3: U ~ N(0, 1/√(m r)), V ~ N(0, 1/√(n r)), read as standard deviations.
     u = jax.random.normal(key_u, rows_shape + (r,), dtype) / math.sqrt(layout.rows * r)
     v = jax.random.normal(key_v, cols_shape + (r,), dtype) / math.sqrt(layout.cols * r)
     place = lambda x, axes: _sharding.place_like(x, param, axes)  # noqa: E731
-    u, v = place(u, spec[:k] + (None,)), place(v, spec[k:] + (None,))
-    sigma = cfg.eps * jnp.eye(r, dtype=dtype)
+    u, v = place(u, rows_spec + (None,)), place(v, cols_spec + (None,))
+    sigma = jnp.broadcast_to(cfg.eps * jnp.eye(r, dtype=dtype), batch + (r, r))
+    sigma = place(sigma, spec[:nb] + (None, None)) if nb else sigma
     dense_momentum = None
     if not _is_static_zero(cfg.error_decay):
         # M̃_0 = U_0 Σ_0 V_0ᵀ + E_0 with E_0 = 0 (see FactoredLeafState.dense_momentum),
         # contracted over r only, so that it is computed sharded like the parameter.
-        expanded = jnp.tensordot(cfg.eps * u, v, axes=((k,), (v.ndim - 1,)))
+        expanded = _expand(cfg.eps * u, v, nb)
         dense_momentum = place(expanded.astype(buffer_dtype), spec)
+    rank = None
+    if cfg.adaptive_rank:
+        rank = jnp.full(batch, min(cfg.rank, r), jnp.int32)
     return FactoredLeafState(
         u=u,
         sigma=sigma,
         v=v,
         dense_momentum=dense_momentum,
-        row=place(jnp.full(rows_shape, cfg.eps, dtype), spec[:k]),
-        col=place(jnp.full(cols_shape, cfg.eps, dtype), spec[k:]),
+        row=place(jnp.full(rows_shape, cfg.eps, dtype), rows_spec),
+        col=place(jnp.full(cols_shape, cfg.eps, dtype), cols_spec),
         saliency=saliency,
         initial=initial,
-        rank=jnp.asarray(min(cfg.rank, r), jnp.int32) if cfg.adaptive_rank else None,
+        rank=rank,
     )
+
+
+def _expand(u: jax.Array, v: jax.Array, batch_axes: int) -> jax.Array:
+    """``Σ_k u[..., k] v[..., k]`` laid out as ``batch + rows + cols``: the product
+    ``U Vᵀ`` of every matrix, contracted over r only (no reshape of sharded axes)."""
+    if batch_axes == 0:
+        return jnp.tensordot(u, v, axes=((u.ndim - 1,), (v.ndim - 1,)))
+    letters = iter("abcdefghijklmnopqrstuvwxy")
+    batch = "".join(next(letters) for _ in range(batch_axes))
+    rows = "".join(next(letters) for _ in range(u.ndim - 1 - batch_axes))
+    cols = "".join(next(letters) for _ in range(v.ndim - 1 - batch_axes))
+    return jnp.einsum(f"{batch}{rows}z,{batch}{cols}z->{batch}{rows}{cols}", u, v)
 
 
 # ----------------------------------------------------------------------------- update
@@ -666,11 +655,27 @@ def _factored_finish(cfg, layout: _Layout, carry: _FactoredCarry, factors, count
 # ----------------------------------------------------------------------------- stacking
 
 
+def _merge_batch(layout: _Layout, x: jax.Array) -> jax.Array:
+    """A batched leaf's array with its leading batch axes merged into one."""
+    return x.reshape((-1,) + x.shape[layout.batch_axes :])
+
+
+def _on_batch(layout: _Layout, fn: Callable[..., Any], args: tuple, count: jax.Array) -> Any:
+    """``fn(g, w, state, count)`` mapped over the leading batch axes of a leaf."""
+    batch = args[1].shape[: layout.batch_axes]
+    flat = jax.tree.map(functools.partial(_merge_batch, layout), args)
+    out = jax.vmap(fn, in_axes=(0, 0, 0, None))(*flat, count)
+    return jax.tree.map(lambda x: x.reshape(batch + x.shape[1:]), out)
+
+
 def _stackable(cfg: _Config, layout: _Layout, g: jax.Array, w: jax.Array) -> bool:
     """Whether a leaf may join a stack of equally shaped leaves: not under Explicit
-    sharding (stacks would need their own partition), and factored leaves only with the
-    subspace method (the exact SVD is the per-matrix reference)."""
+    sharding (stacks would need their own partition), not a leaf that is already a stack
+    of matrices (batch axes), and factored leaves only with the subspace method (the
+    exact SVD is the per-matrix reference)."""
     if _sharding.explicit_spec(g) is not None or _sharding.explicit_spec(w) is not None:
+        return False
+    if layout.batch_axes:
         return False
     return layout.row_axes is None or cfg.svd_method == "subspace"
 
@@ -767,9 +772,13 @@ def scale_by_umtam(
       power_iterations: extra power iterations for ``"subspace"``.
       min_dim_size_to_factor: factor a parameter only if both sides of its 2-D view are at
         least this large (as in ``optax.adafactor``).
-      row_axes: ``(key_path, shape) -> k`` choosing the 2-D view ``(prod(shape[:k]),
-        prod(shape[k:]))`` per parameter; default :func:`default_row_axes` (fan-in ×
-        fan-out). Returning 0 makes a parameter dense.
+      row_axes: ``(key_path, shape) -> k | MatrixAxes`` choosing the matrix view per
+        parameter: ``k`` gives one ``(prod(shape[:k]), prod(shape[k:]))`` matrix;
+        ``MatrixAxes(batch, rows)`` makes the leading ``batch`` axes a stack of
+        independent matrices (layer-stacked models; see :func:`umtam_jax.scanned`), each
+        with its own factors, second moments, clipping norm, ε_t, saliency and rank.
+        Default :func:`default_row_axes` (fan-in × fan-out). Rows or columns of size 0
+        make a parameter dense.
       bias_correction: divide the momentum by ``1 − b1^t`` and Ŝ (dense: v) by ``1 − b2^t``.
       saliency: ``"tracked"`` keeps W0 and S in the state; ``"final"`` keeps neither (merge
         code computes S once from the expert, the base and R, C).
@@ -896,21 +905,44 @@ def scale_by_umtam(
             args = [(grads[i], param_leaves[i], leaf_states[i]) for i in members]
             if layout.row_axes is None:
                 dense = functools.partial(_update_dense, cfg)
+                if layout.batch_axes:  # one clipping norm and ε_t per slice
+                    out = _on_batch(layout, dense, args[0], count)
+                    directions[members[0]] = out[0].astype(grads[members[0]].dtype)
+                    new_states[members[0]] = out[1]
+                    continue
                 out = _on_stack(dense, [(*a, count) for a in args])
                 for i, (d, new) in zip(members, _unstacked(out, len(members)), strict=True):
                     directions[i], new_states[i] = d.astype(grads[i].dtype), new
                 continue
             keys = [jax.random.fold_in(jax.random.fold_in(base_key, i), count) for i in members]
-            args = [(*a, count, key) for a, key in zip(args, keys, strict=True)]
-            request, carry = _on_stack(functools.partial(_factored_request, cfg, layout), args)
+            request_fn = functools.partial(_factored_request, cfg, layout)
+            if layout.batch_axes:  # a stack of matrices in one leaf: mapped over its batch
+                ((g, w, leaf_state),) = args
+                batch = w.shape[: layout.batch_axes]
+                keys = jax.random.split(keys[0], math.prod(batch))
+                flat = jax.tree.map(functools.partial(_merge_batch, layout), (g, w, leaf_state))
+                mapped = jax.vmap(request_fn, in_axes=(0, 0, 0, None, 0))
+                request, carry = mapped(*flat, count, keys)
+            else:
+                args = [(*a, count, key) for a, key in zip(args, keys, strict=True)]
+                request, carry = _on_stack(request_fn, args)
             pending.append((members, layout, carry))
             requests.append(request._replace(rank=layout.buffer_rank))
         for (members, layout, carry), factors in zip(
             pending, _new_factors(cfg, requests, count), strict=True
         ):
             finish = functools.partial(_factored_finish, cfg, layout, count=count)
-            out = finish(carry, factors) if len(members) == 1 else jax.vmap(finish)(carry, factors)
-            for i, (d, new) in zip(members, _unstacked(out, len(members)), strict=True):
+            if layout.batch_axes:
+                batch = param_leaves[members[0]].shape[: layout.batch_axes]
+                out = jax.tree.map(
+                    lambda x, b=batch: x.reshape(b + x.shape[1:]), jax.vmap(finish)(carry, factors)
+                )
+                outs = [out]
+            elif len(members) == 1:
+                outs = [finish(carry, factors)]
+            else:
+                outs = _unstacked(jax.vmap(finish)(carry, factors), len(members))
+            for i, (d, new) in zip(members, outs, strict=True):
                 directions[i], new_states[i] = d.astype(grads[i].dtype), new
         return (
             jax.tree_util.tree_unflatten(treedef, directions),
