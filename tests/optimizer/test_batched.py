@@ -247,3 +247,27 @@ def test_merging_and_checkpoints_take_batched_statistics(tmp_path):
         col = np.asarray(stats[0]["w"].col[i], np.float64)
         want = np.outer(row, col) / row.sum()
         assert _relative_error(curv[i], want) < 1e-6
+
+
+def _lowered_ops(blocks: int) -> int:
+    """Operations in the update of a scanned model, lowered for a GPU (no GPU needed)."""
+    import re
+
+    from jax import export
+
+    d = 128
+    params = {
+        "blocks": {
+            "kernel": jax.ShapeDtypeStruct((blocks, d, d), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((blocks, d), jnp.float32),
+        },
+        "head": jax.ShapeDtypeStruct((d, 8), jnp.float32),
+    }
+    opt = umtam_jax.umtam(1e-3, rank=8, row_axes=umtam_jax.scanned("blocks"))
+    state = jax.eval_shape(opt.init, params)
+    lowered = export.export(jax.jit(opt.update), platforms=("cuda",))(params, state, params)
+    return len(re.findall(r"= \"?[a-z_]+\.[a-z_]+", lowered.mlir_module()))
+
+
+def test_update_of_a_scanned_model_does_not_grow_with_its_layers():
+    assert _lowered_ops(12) == _lowered_ops(2)
