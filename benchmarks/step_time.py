@@ -39,6 +39,7 @@ own jitted ``train_step`` closures to :func:`time_interleaved`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -93,8 +94,16 @@ def _galore() -> optax.GradientTransformation | None:
     return galore(LR, rank=32, update_proj_gap=200)
 
 
-def optimizers(*, exact: bool = True, extra: bool = True) -> dict[str, Callable[[], Any]]:
-    """Name → factory of the compared optimizers (``None`` factory result: unavailable)."""
+def optimizers(
+    *, exact: bool = True, extra: bool = True, scanned: bool = False
+) -> dict[str, Callable[[], Any]]:
+    """Name → factory of the compared optimizers (``None`` factory result: unavailable).
+
+    ``scanned``: the parameters are layer-stacked (:func:`scanned_params`); UMTAM treats
+    their leading axis as a batch of matrices (``row_axes=umtam_jax.scanned("blocks")``).
+    """
+    scan = {"row_axes": umtam_jax.scanned("blocks")} if scanned else {}
+    umtam = functools.partial(umtam_jax.umtam, LR, **scan)
     cases: dict[str, Callable[[], Any]] = {
         "optax.sgd": lambda: optax.sgd(LR),
         "optax.adamw": lambda: optax.adamw(LR),
@@ -102,22 +111,20 @@ def optimizers(*, exact: bool = True, extra: bool = True) -> dict[str, Callable[
         "optax.contrib.galore": _galore,
     }
     if exact:
-        cases["umtam exact SVD"] = lambda: umtam_jax.umtam(LR, svd_method="exact")
-    cases["umtam default"] = lambda: umtam_jax.umtam(LR)
-    cases["umtam lean"] = lambda: umtam_jax.umtam(LR, error_decay=0.0, saliency="final")
+        cases["umtam exact SVD"] = lambda: umtam(svd_method="exact")
+    cases["umtam default"] = lambda: umtam()
+    cases["umtam lean"] = lambda: umtam(error_decay=0.0, saliency="final")
     if extra:
         lean = dict(error_decay=0.0, saliency="final")
-        cases["umtam default svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4)
-        cases["umtam default bf16 M̃/S"] = lambda: umtam_jax.umtam(LR, buffer_dtype="bfloat16")
+        cases["umtam default svd_every=4"] = lambda: umtam(svd_every=4)
+        cases["umtam default bf16 M̃/S"] = lambda: umtam(buffer_dtype="bfloat16")
         grouped = {"group_leaves": True}
-        cases["umtam default grouped"] = lambda: umtam_jax.umtam(LR, **grouped)
-        cases["umtam lean grouped"] = lambda: umtam_jax.umtam(LR, **lean, **grouped)
-        cases["umtam lean svd_every=4"] = lambda: umtam_jax.umtam(LR, svd_every=4, **lean)
-        cases["umtam lean svd_every=16"] = lambda: umtam_jax.umtam(LR, svd_every=16, **lean)
-        cases["umtam lean rank=8"] = lambda: umtam_jax.umtam(LR, rank=8, **lean)
-        cases["umtam lean rank=8 svd_every=4"] = lambda: umtam_jax.umtam(
-            LR, rank=8, svd_every=4, **lean
-        )
+        cases["umtam default grouped"] = lambda: umtam(**grouped)
+        cases["umtam lean grouped"] = lambda: umtam(**lean, **grouped)
+        cases["umtam lean svd_every=4"] = lambda: umtam(svd_every=4, **lean)
+        cases["umtam lean svd_every=16"] = lambda: umtam(svd_every=16, **lean)
+        cases["umtam lean rank=8"] = lambda: umtam(rank=8, **lean)
+        cases["umtam lean rank=8 svd_every=4"] = lambda: umtam(rank=8, svd_every=4, **lean)
     return cases
 
 
@@ -222,14 +229,30 @@ def _selected(name: str, only: list[str], names) -> bool:
     return name in only or any(o in name for o in only if o not in names)
 
 
+def scanned_params(blocks: int) -> dict[str, Any]:
+    """The GPT-2 blocks of :func:`gpt2_params` stacked along a leading layer axis, as
+    ``nnx.scan`` / ``linen.scan`` keep them: ``{"blocks": ..., "ln_f": ...}``."""
+    flat = gpt2_params(blocks)
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *(flat[f"h{i}"] for i in range(blocks)))
+    return {"blocks": stacked, "ln_f": flat["ln_f"]}
+
+
 def run(
-    blocks: int, *, reps: int, warmup: int, exact: bool, extra: bool, only, apply: bool = False
+    blocks: int,
+    *,
+    reps: int,
+    warmup: int,
+    exact: bool,
+    extra: bool,
+    only,
+    apply: bool = False,
+    scanned: bool = False,
 ) -> dict:
-    params = jax.device_put(gpt2_params(blocks))
+    params = jax.device_put(scanned_params(blocks) if scanned else gpt2_params(blocks))
     grads = jax.device_put(like(params, seed=1))
     param_bytes = tree_bytes(params)
     steps, rows, notes = {}, {}, {}
-    cases = optimizers(exact=exact, extra=extra)
+    cases = optimizers(exact=exact, extra=extra, scanned=scanned)
     for name, factory in cases.items():
         if only and not _selected(name, only, cases):
             continue
@@ -261,6 +284,7 @@ def run(
         )
     return {
         "blocks": blocks,
+        "scanned": scanned,
         "d": 768,
         "param_count": tree_size(params),
         "param_bytes": param_bytes,
@@ -310,8 +334,9 @@ def table(result: dict) -> str:
             ]
         )
     header = (
-        f"{result['blocks']} blocks, {result['param_count'] / 1e6:.1f}M parameters, "
-        f"median of {result['reps']}"
+        f"{result['blocks']} blocks"
+        + (" (scanned: [L, ...] leaves)" if result.get("scanned") else "")
+        + f", {result['param_count'] / 1e6:.1f}M parameters, median of {result['reps']}"
     )
     return (
         header
@@ -372,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         help="time update + apply_updates with parameters and state donated (a training "
         "step's optimizer part; on GPU this avoids re-recording CUDA graphs every call)",
     )
+    parser.add_argument(
+        "--scanned",
+        action="store_true",
+        help="layer-stacked parameters ([L, ...] leaves, as nnx.scan keeps them); UMTAM with "
+        "row_axes=umtam_jax.scanned('blocks')",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument(
         "--keep-freed-memory",
@@ -427,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             extra=not (args.no_extra or args.quick),
             only=args.only,
             apply=args.apply,
+            scanned=args.scanned,
         )
         result["targets"] = check_targets(result)
         all_met &= all(v["time_met"] and v["state_met"] for v in result["targets"].values())
