@@ -55,6 +55,59 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, out_sharding=NamedSharding(mesh, P(rows, cols)))
 
 
+def _reshape_spec(shape: tuple, spec: tuple, new_shape: tuple, mesh) -> tuple:
+    """The partition of ``reshape(x, new_shape)`` for ``x`` partitioned by ``spec``.
+
+    The shapes are cut into the smallest aligned groups (equal products); the mesh axes
+    sharding a group's input axes go to the first output axis of the group that they
+    divide evenly (else that group is replicated).
+    """
+    out: list[Any] = [None] * len(new_shape)
+    i = j = 0
+    while i < len(shape) or j < len(new_shape):
+        gi, gj = [i], [j]
+        a = shape[i] if i < len(shape) else 1
+        b = new_shape[j] if j < len(new_shape) else 1
+        i, j = i + 1, j + 1
+        while a != b:
+            if a < b:
+                a *= shape[i]
+                gi.append(i)
+                i += 1
+            else:
+                b *= new_shape[j]
+                gj.append(j)
+                j += 1
+        axes: list[str] = []
+        for k in gi:
+            if k < len(spec) and spec[k] is not None:
+                axes += list(spec[k]) if isinstance(spec[k], tuple) else [spec[k]]
+        if not axes:
+            continue
+        size = 1
+        for name in axes:
+            size *= mesh.shape[name]
+        for k in gj:
+            if k < len(new_shape) and new_shape[k] % size == 0:
+                out[k] = axes[0] if len(axes) == 1 else tuple(axes)
+                break
+    return tuple(out)
+
+
+def reshape(x: jax.Array, new_shape: tuple) -> jax.Array:
+    """``x.reshape(new_shape)``; under Explicit sharding the result's partition is given
+    (:func:`_reshape_spec`), also where JAX cannot infer it (a sharded axis merged with a
+    major one: ``(2, 8@x) → 16@x``): then the data moves all-to-all, and the whole array
+    is never gathered onto every device."""
+    new_shape = tuple(new_shape)
+    spec = explicit_spec(x)
+    if spec is None or x.shape == new_shape:
+        return x.reshape(new_shape)
+    mesh = _explicit_mesh(x)
+    out = _reshape_spec(tuple(x.shape), spec, new_shape, mesh)
+    return jax.lax.reshape(x, new_shape, out_sharding=NamedSharding(mesh, P(*out)))
+
+
 def replicate(x: jax.Array) -> jax.Array:
     """Gathers an explicitly sharded (thin or small) array onto every device."""
     spec = explicit_spec(x)

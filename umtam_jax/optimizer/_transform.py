@@ -249,18 +249,32 @@ def _outer(row: jax.Array, col: jax.Array) -> jax.Array:
     return row[:, None] * col[None, :]
 
 
-def _unless_overflow(ok: jax.Array, direct: Callable[[], Any], rescaled: Callable[[], Any]):
+def _unless_overflow(
+    ok: jax.Array, direct: Callable[[], Any], rescaled: Callable[[], Any], like: jax.Array
+):
     """``direct()`` where ``ok``, else ``rescaled()`` (the overflow-safe recomputation).
 
     On CPU a ``lax.cond``, so the extra passes of ``rescaled`` run only on overflow. On
     other platforms both are computed and selected: there a conditional costs a
     device-to-host synchronisation (measured ~0.8 ms each on an H100, one per leaf per
-    guard), far more than the extra memory-bound passes.
+    guard), far more than the extra memory-bound passes. ``like`` is the leaf's array:
+    under Explicit sharding the selection is always used, with the predicate placed like
+    each result (a ``lax.cond`` mapped over a batch of matrices becomes a select whose
+    predicate JAX leaves unsharded).
     """
 
     def select():
-        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), direct(), rescaled())
+        def pick(a, b):
+            which = ok
+            spec = _sharding.explicit_spec(a)
+            if spec is not None and a.ndim:
+                which = _sharding.reshard_like(jnp.broadcast_to(ok, a.shape), spec)
+            return jnp.where(which, a, b)
 
+        return jax.tree.map(pick, direct(), rescaled())
+
+    if _sharding.explicit_spec(like) is not None:
+        return select()
     return jax.lax.platform_dependent(
         cpu=lambda: jax.lax.cond(ok, direct, rescaled), default=select
     )
@@ -282,7 +296,7 @@ def _norm(x: jax.Array) -> jax.Array:
         peak, unit_x = _divided_by_peak(x)
         return peak * jnp.sqrt(jnp.sum(jnp.square(unit_x)))
 
-    return _unless_overflow(jnp.isfinite(norm), lambda: norm, rescaled)
+    return _unless_overflow(jnp.isfinite(norm), lambda: norm, rescaled, x)
 
 
 def _half_clip_scale(cfg: _Config, peak: jax.Array, unit: jax.Array | float = 1.0) -> jax.Array:
@@ -332,7 +346,7 @@ def _clip(g: jax.Array, cfg: _Config) -> tuple[jax.Array, jax.Array]:
         half, clipped_peak = _clip_from_peak(cfg, peak, unit)
         return half, unit * clipped_peak
 
-    half, norm = _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled)
+    half, norm = _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled, g)
     return (g * half) * half, norm
 
 
@@ -540,7 +554,7 @@ def _clipped_square_sums(g: jax.Array, cfg: _Config):
         factor = jnp.square(clipped_peak)
         return rows_u * factor, cols_u * factor, unit * clipped_peak, half
 
-    return _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled)
+    return _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled, g)
 
 
 class _FactoredCarry(NamedTuple):
@@ -572,11 +586,12 @@ def _factored_request(cfg, layout: _Layout, g, w, state: FactoredLeafState, coun
     """
     dtype = state.sigma.dtype
     m, n, r = layout.rows, layout.cols, layout.buffer_rank
-    g = g.astype(dtype).reshape(m, n)
+    g = _sharding.reshape(g.astype(dtype), (m, n))
     row_sq, col_sq, g_norm, half_scale = _clipped_square_sums(g, cfg)
     w = w.astype(dtype)
     eps_t = _adaptive_eps(cfg, g_norm, w)
-    u, v, sigma = state.u.reshape(m, r), state.v.reshape(n, r), state.sigma
+    u, v = _sharding.reshape(state.u, (m, r)), _sharding.reshape(state.v, (n, r))
+    sigma = state.sigma
     mask = _active_mask(state.rank, r, dtype)
 
     # Step 2: M̃ = b1 U Σ Vᵀ + (1 − b1) G̃ + γ E with G̃ = (G · half) · half. The state keeps
@@ -588,7 +603,7 @@ def _factored_request(cfg, layout: _Layout, g, w, state: FactoredLeafState, coun
         m_tilde = (g * half_scale) * g_coef
         low_rank_coef = cfg.b1
         if state.dense_momentum is not None:
-            previous = state.dense_momentum.astype(dtype).reshape(m, n)
+            previous = _sharding.reshape(state.dense_momentum.astype(dtype), (m, n))
             m_tilde = m_tilde + cfg.error_decay * previous
             low_rank_coef = cfg.b1 - cfg.error_decay
         if not _is_static_zero(low_rank_coef):
@@ -612,8 +627,8 @@ def _factored_finish(cfg, layout: _Layout, carry: _FactoredCarry, factors, count
     momentum = (new_u @ new_sigma) @ new_v.T
 
     # Steps 5–6: factored second moments and the preconditioner Ŝ = R Cᵀ / sum(R).
-    row = cfg.b2 * state.row.reshape(m) + (1 - cfg.b2) * row_sq
-    col = cfg.b2 * state.col.reshape(n) + (1 - cfg.b2) * col_sq
+    row = cfg.b2 * _sharding.reshape(state.row, (m,)) + (1 - cfg.b2) * row_sq
+    col = cfg.b2 * _sharding.reshape(state.col, (n,)) + (1 - cfg.b2) * col_sq
     c1, c2 = _bias_corrections(cfg, count, dtype)
     s_hat = _outer(row / jnp.sum(row), col) / c2
     # Step 8: D = (U Σ Vᵀ) ⊙ (Ŝ + ε_t)^(−1/2).
@@ -622,17 +637,17 @@ def _factored_finish(cfg, layout: _Layout, carry: _FactoredCarry, factors, count
     saliency = None
     if state.saliency is not None:
         # Step 9: S ← α S + (1 − α) (W − W0)² ⊙ sqrt(R_i C_j).
-        deviation = jnp.square(w - state.initial.astype(dtype)).reshape(m, n)
+        deviation = _sharding.reshape(jnp.square(w - state.initial.astype(dtype)), (m, n))
         fresh = deviation * _outer(jnp.sqrt(row), jnp.sqrt(col))  # R Cᵀ may overflow
-        saliency = cfg.saliency_decay * state.saliency.astype(dtype).reshape(m, n)
-        saliency = (saliency + (1 - cfg.saliency_decay) * fresh).reshape(shape)
+        saliency = cfg.saliency_decay * _sharding.reshape(state.saliency.astype(dtype), (m, n))
+        saliency = _sharding.reshape(saliency + (1 - cfg.saliency_decay) * fresh, shape)
         saliency = saliency.astype(state.saliency.dtype)
 
     dense_momentum = None
     if state.dense_momentum is not None:
         # Step 4, E ← M̃ − U Σ Vᵀ (also between refreshes, SPEC §2.5), is kept implicit:
         # the state holds M̃ itself, and E = M̃ − U Σ Vᵀ with the new factors.
-        dense_momentum = m_tilde.reshape(shape).astype(state.dense_momentum.dtype)
+        dense_momentum = _sharding.reshape(m_tilde, shape).astype(state.dense_momentum.dtype)
 
     rank = state.rank
     if rank is not None:
@@ -640,16 +655,16 @@ def _factored_finish(cfg, layout: _Layout, carry: _FactoredCarry, factors, count
         rank = _next_rank(cfg, rank, _stable_rank(frob_sq, top), r, count)
 
     new_state = state._replace(
-        u=new_u.reshape(state.u.shape),
+        u=_sharding.reshape(new_u, state.u.shape),
         sigma=new_sigma,
-        v=new_v.reshape(state.v.shape),
+        v=_sharding.reshape(new_v, state.v.shape),
         dense_momentum=dense_momentum,
-        row=row.reshape(state.row.shape),
-        col=col.reshape(state.col.shape),
+        row=_sharding.reshape(row, state.row.shape),
+        col=_sharding.reshape(col, state.col.shape),
         saliency=saliency,
         rank=rank,
     )
-    return direction.reshape(shape), new_state
+    return _sharding.reshape(direction, shape), new_state
 
 
 # ----------------------------------------------------------------------------- stacking
@@ -657,7 +672,9 @@ def _factored_finish(cfg, layout: _Layout, carry: _FactoredCarry, factors, count
 
 def _merge_batch(layout: _Layout, x: jax.Array) -> jax.Array:
     """A batched leaf's array with its leading batch axes merged into one."""
-    return x.reshape((-1,) + x.shape[layout.batch_axes :])
+    return _sharding.reshape(
+        x, (math.prod(x.shape[: layout.batch_axes]),) + x.shape[layout.batch_axes :]
+    )
 
 
 def _on_batch(layout: _Layout, fn: Callable[..., Any], args: tuple, count: jax.Array) -> Any:
@@ -665,7 +682,7 @@ def _on_batch(layout: _Layout, fn: Callable[..., Any], args: tuple, count: jax.A
     batch = args[1].shape[: layout.batch_axes]
     flat = jax.tree.map(functools.partial(_merge_batch, layout), args)
     out = jax.vmap(fn, in_axes=(0, 0, 0, None))(*flat, count)
-    return jax.tree.map(lambda x: x.reshape(batch + x.shape[1:]), out)
+    return jax.tree.map(lambda x: _sharding.reshape(x, batch + x.shape[1:]), out)
 
 
 def _stackable(cfg: _Config, layout: _Layout, g: jax.Array, w: jax.Array) -> bool:
@@ -919,8 +936,11 @@ def scale_by_umtam(
             if layout.batch_axes:  # a stack of matrices in one leaf: mapped over its batch
                 ((g, w, leaf_state),) = args
                 batch = w.shape[: layout.batch_axes]
-                keys = jax.random.split(keys[0], math.prod(batch))
                 flat = jax.tree.map(functools.partial(_merge_batch, layout), (g, w, leaf_state))
+                keys = jax.random.split(keys[0], math.prod(batch))
+                spec = _sharding.explicit_spec(flat[1])
+                if spec is not None:  # vmap needs its mapped axis sharded alike
+                    keys = _sharding.reshard_like(keys, spec[:1])
                 mapped = jax.vmap(request_fn, in_axes=(0, 0, 0, None, 0))
                 request, carry = mapped(*flat, count, keys)
             else:
@@ -935,7 +955,8 @@ def scale_by_umtam(
             if layout.batch_axes:
                 batch = param_leaves[members[0]].shape[: layout.batch_axes]
                 out = jax.tree.map(
-                    lambda x, b=batch: x.reshape(b + x.shape[1:]), jax.vmap(finish)(carry, factors)
+                    lambda x, b=batch: _sharding.reshape(x, b + x.shape[1:]),
+                    jax.vmap(finish)(carry, factors),
                 )
                 outs = [out]
             elif len(members) == 1:
