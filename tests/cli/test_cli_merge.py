@@ -277,7 +277,7 @@ def test_dry_run_and_overwrite(ckpts, tmp_path, capsys):
         )
         == 2
     )
-    assert "one of the inputs" in capsys.readouterr().err
+    assert "is expert 0" in capsys.readouterr().err
 
 
 def test_dry_run_reports_shape_mismatch(ckpts, tmp_path, capsys):

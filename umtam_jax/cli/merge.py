@@ -27,12 +27,15 @@ restored from each expert's checkpoint (``umtam_jax.checkpoint``); ``fisher`` ta
 Fisher. ``prune`` takes exactly one expert and a ``scores`` parameter, ``saliency``
 (default) or ``magnitude``. Relative paths are taken from the working directory.
 
-The configuration is read with ``yaml.safe_load``; the method, the parameter names and
-their types are checked against the merging function's signature before anything is
-loaded. ``--dry-run`` validates the whole merge (structures, shapes, dtypes, statistics,
-options) with ``jax.eval_shape``, without computing or writing anything. An existing
-output is never replaced without ``--force``, and the output may never be one of the
-inputs.
+The configuration is read with a safe YAML loader (no tags that build objects) that
+also refuses anchors and aliases (so no "billion laughs" expansion), duplicate keys, and
+files over 1 MiB; values given with ``--param``/``--expert`` go through the same loader.
+The method, the parameter names and their types are checked against the merging
+function's signature before anything is loaded. ``--dry-run`` validates the whole merge
+(structures, shapes, dtypes, statistics, options) with ``jax.eval_shape``, without
+computing or writing anything. An existing output is replaced only with ``--force`` and
+only if it is a umtam_jax checkpoint; the output may not be, contain or lie inside an
+input.
 
 By default the merge is out of core (``umtam_jax.merging.merge_checkpoints``): small
 groups of leaves are read from every checkpoint with Orbax's partial restore, merged and
@@ -45,12 +48,14 @@ to find the exact global threshold. The results are identical to the in-memory m
 checkpoint whole first (the original path; ``--dry-run`` too), merging leaf by leaf
 (``scope: global`` over the whole tree at once).
 
-Exit status: 0 on success, 2 for an invalid configuration, input or output.
+Exit status: 0 on success, 2 for an invalid configuration, input or output (one line on
+standard error naming the key, file or leaf; nothing is written).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -68,6 +73,48 @@ PROG = "umtam-merge"
 
 class ConfigError(ValueError):
     """An invalid configuration (reported with exit status 2)."""
+
+
+MAX_CONFIG_BYTES = 2**20
+"""Largest configuration file read (1 MiB)."""
+
+_SEED_RANGE = (0, 2**63 - 1)
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors/aliases and with duplicate keys refused."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(
+                f"YAML aliases (*{event.anchor}) are not allowed, line {event.start_mark.line + 1}"
+            )
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise yaml.YAMLError(
+                f"YAML anchors (&{anchor}) are not allowed, line {event.start_mark.line + 1}"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                duplicate = False
+            if duplicate:
+                raise yaml.YAMLError(f"duplicate key {key!r}, line {key_node.start_mark.line + 1}")
+            with contextlib.suppress(TypeError):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +264,8 @@ def build_plan(config: dict[str, Any]) -> Plan:
     seed = config.get("seed", params.pop("seed", 0))
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"'seed' must be an integer, got {seed!r}")
+    if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise ConfigError(f"'seed' must be in [0, 2**63 - 1], got {seed}")
 
     signature = _keyword_parameters(spec.fn)
     allowed = {n for n in signature if n not in _MANAGED}
@@ -261,13 +310,18 @@ def build_plan(config: dict[str, Any]) -> Plan:
             raise ConfigError(f"method {method!r} requires the parameter {name!r}")
 
     output = config.get("output")
-    if output is not None and not isinstance(output, str):
-        raise ConfigError("'output' must be a path")
+    if output is not None and (not isinstance(output, str) or not output.strip()):
+        raise ConfigError(f"'output' must be a non-empty path, got {output!r}")
     return Plan(method, config["base"], experts, params, output, seed)
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+def _parse_value(text: str, flag: str) -> Any:
+    if not text.strip():
+        return ""
+    try:
+        return _load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{flag} value {text!r} is not valid: {_one_line(err)}") from None
 
 
 def _expert_flag(text: str) -> dict[str, Any]:
@@ -278,7 +332,7 @@ def _expert_flag(text: str) -> dict[str, Any]:
         key, sep, value = opt.partition("=")
         if not sep:
             raise ConfigError(f"--expert option {opt!r} is not KEY=VALUE")
-        entry[key.strip()] = value if key.strip() == "fisher" else _parse_value(value)
+        entry[key.strip()] = value if key.strip() == "fisher" else _parse_value(value, "--expert")
     return entry
 
 
@@ -287,12 +341,18 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = {}
     if args.config is not None:
         try:
-            with open(args.config, encoding="utf-8") as f:
-                config = yaml.safe_load(f) or {}
+            with open(args.config, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as err:
             raise ConfigError(f"cannot read {args.config}: {err.strerror}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{args.config} is larger than {MAX_CONFIG_BYTES} bytes")
+        try:
+            config = _load_yaml(raw.decode("utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{args.config} is not UTF-8 text") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{args.config} is not valid YAML: {err}") from None
+            raise ConfigError(f"{args.config} is not valid YAML: {_one_line(err)}") from None
         if not isinstance(config, dict):
             raise ConfigError(f"{args.config} must hold a YAML mapping")
     for key in ("method", "base", "output", "seed"):
@@ -307,16 +367,12 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"--param {item!r} is not KEY=VALUE")
-            params[key.strip()] = _parse_value(value)
+            params[key.strip()] = _parse_value(value, "--param")
         config["parameters"] = params
     return config
 
 
 # --------------------------------------------------------------------------- merging
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _restore(plan: Plan) -> tuple[Any, list[Any], list[Any] | None]:
@@ -465,10 +521,21 @@ def run(args: argparse.Namespace) -> int:
     inputs = [plan.base] + [e.path for e in plan.experts]
     inputs += [e.fisher for e in plan.experts if e.fisher]
     if plan.output is not None:
-        if any(_same_path(plan.output, i) for i in inputs):
-            raise ConfigError(f"the output {plan.output} is one of the inputs")
-        if os.path.exists(plan.output) and not args.force:
-            raise ConfigError(f"the output {plan.output} exists; pass --force to replace it")
+        from etils import epath
+
+        from umtam_jax.checkpoint import _safety
+
+        output = epath.Path(os.path.abspath(plan.output))
+        named = [("the base", plan.base)]
+        named += [(f"expert {i}", e.path) for i, e in enumerate(plan.experts)]
+        named += [(f"the Fisher of expert {i}", e.fisher) for i, e in enumerate(plan.experts)]
+        _safety.check_output_not_input(output, [(w, p) for w, p in named if p])
+        try:
+            _safety.check_target(output, overwrite=args.force)
+        except FileExistsError:
+            raise ConfigError(
+                f"the output {plan.output} exists; pass --force to replace it"
+            ) from None
 
     if not args.in_memory:
         return _run_streaming(plan, args)
@@ -588,13 +655,24 @@ def _run_streaming(plan: Plan, args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror and err.filename and str(err.filename) not in text:
+        text = f"{err.strerror}: {err.filename}"
+    return text or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point of ``umtam-merge``; returns the exit status."""
+    """Console entry point of ``umtam-merge``; returns the exit status.
+
+    Every problem the user can fix (configuration, inputs, output, disk) is reported as
+    one line on standard error with exit status 2; programming errors propagate.
+    """
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, TypeError, OSError, yaml.YAMLError) as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,251 @@
+"""``umtam-merge`` answers every bad configuration, input or output with one line on
+standard error and exit status 2, writes nothing and leaves every input as it was."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import umtam_jax
+from umtam_jax import checkpoint
+from umtam_jax.cli import merge as cli
+
+
+@pytest.fixture
+def ckpts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    base = {"w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}
+    opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=4)
+    checkpoint.save_checkpoint("base", base)
+    for name in ("a", "b"):
+        state = opt.init(base)
+        g = {"w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}
+        updates, state = opt.update(g, state, base)
+        expert = jax.tree.map(lambda p, u: p + u, base, updates)
+        checkpoint.save_checkpoint(name, expert, opt_state=state)
+    return tmp_path
+
+
+def _files(root) -> dict[str, bytes]:
+    out = {}
+    for folder, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(folder, n)
+            if os.path.islink(path):
+                out[os.path.relpath(path, root)] = os.readlink(path).encode()
+                continue
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _run(capsys, *argv) -> str:
+    code = cli.main([*argv, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("umtam-merge: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _config(tmp_path, text: str) -> str:
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BOMB = """\
+a: &a [x, x, x, x, x, x, x, x, x, x]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+"""
+
+
+@pytest.mark.parametrize("where", ["seed: *h", "parameters: {density: *h}", "weight"])
+def test_yaml_alias_bomb_is_refused_before_expansion(ckpts, capsys, where):
+    body = "method: ties\nbase: base\noutput: out\n"
+    if where == "weight":
+        body += "experts:\n  - {path: a, weight: *h}\n"
+    else:
+        body += f"experts: [a]\n{where}\n"
+    start = time.perf_counter()
+    line = _run(capsys, _config(ckpts, BOMB + body))
+    assert time.perf_counter() - start < 5
+    assert "not allowed" in line and "line" in line
+    assert not (ckpts / "out").exists()
+
+
+def test_duplicate_keys_and_oversized_files_are_refused(ckpts, capsys):
+    text = "method: ties\nmethod: task_arithmetic\nbase: base\nexperts: [a]\noutput: out\n"
+    assert "duplicate key 'method'" in _run(capsys, _config(ckpts, text))
+    big = "method: ties\n" + "#" * (cli.MAX_CONFIG_BYTES + 1)
+    assert "larger than" in _run(capsys, _config(ckpts, big))
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--param", "density=!!python/object/apply:os.system ['echo hacked']"],
+        ["--expert", "a,weight=!!python/object/apply:os.system ['echo hacked']"],
+        ["--param", "density=*x"],
+    ],
+)
+def test_flag_values_use_the_safe_loader(ckpts, capsys, flag):
+    line = _run(capsys, "--method", "ties", "--base", "base", "--expert", "a", *flag, "-o", "out")
+    assert flag[0] in line
+    assert not (ckpts / "out").exists()
+
+
+@pytest.mark.parametrize("seed", [2**70, -1])
+def test_seed_out_of_range(ckpts, capsys, seed):
+    line = _run(
+        capsys,
+        "--method",
+        "dare",
+        "--base",
+        "base",
+        "--expert",
+        "a",
+        "--param",
+        "density=0.5",
+        "--seed",
+        str(seed),
+        "-o",
+        "out",
+    )
+    assert "'seed'" in line
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+@pytest.mark.parametrize(
+    "output",
+    [
+        "",
+        ".",
+        "..",
+        "base",
+        "base/merged",
+        "base/params/merged",
+        "notes.txt",
+        "folder",
+        "dangling",
+        "notes.txt/out",
+    ],
+)
+def test_bad_outputs_never_touch_anything(ckpts, capsys, output, in_memory):
+    (ckpts / "notes.txt").write_text("precious")
+    (ckpts / "folder").mkdir()
+    (ckpts / "folder" / "data.bin").write_bytes(b"\x01\x02")
+    (ckpts / "dangling").symlink_to(ckpts / "nowhere")
+    before = _files(ckpts)
+    extra = ["--in-memory"] if in_memory else []
+    _run(
+        capsys,
+        "--method",
+        "task_arithmetic",
+        "--base",
+        "base",
+        "--expert",
+        "a",
+        "--expert",
+        "b",
+        "-o",
+        output,
+        "--force",
+        *extra,
+    )
+    assert _files(ckpts) == before
+    assert not (ckpts / "nowhere").exists()
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatch, in_memory):
+    from umtam_jax.checkpoint import _checkpoint, _streaming
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "out")
+
+    monkeypatch.setattr(_checkpoint, "_write", full)
+    monkeypatch.setattr(_streaming, "_write_streaming", full)
+    before = _files(ckpts)
+    extra = ["--in-memory"] if in_memory else []
+    line = _run(
+        capsys,
+        "--method",
+        "ties",
+        "--base",
+        "base",
+        "--expert",
+        "a",
+        "--param",
+        "density=0.5",
+        "-o",
+        "out",
+        *extra,
+    )
+    assert "No space left on device" in line
+    assert _files(ckpts) == before  # no output, no staging left behind
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(ckpts / "locked"))
+
+    monkeypatch.setattr(os, "makedirs", denied)
+    line = _run(
+        capsys,
+        "--method",
+        "ties",
+        "--base",
+        "base",
+        "--expert",
+        "a",
+        "--param",
+        "density=0.5",
+        "-o",
+        "locked/out",
+        *extra,
+    )
+    assert "Permission denied" in line
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_expert_is_named(ckpts, capsys, in_memory, damage):
+    data = max(
+        (os.path.join(d, n) for d, _, ns in os.walk(ckpts / "a" / "params") for n in ns),
+        key=os.path.getsize,
+    )
+    blob = bytearray(open(data, "rb").read())  # noqa: SIM115
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 0x20
+    else:
+        blob = blob[: len(blob) // 2]
+    with open(data, "wb") as f:
+        f.write(blob)
+    extra = ["--in-memory"] if in_memory else []
+    line = _run(
+        capsys,
+        "--method",
+        "task_arithmetic",
+        "--base",
+        "base",
+        "--expert",
+        "a",
+        "-o",
+        "out",
+        *extra,
+    )
+    assert "corrupt" in line and os.fspath(ckpts / "a") in line
+    assert not (ckpts / "out").exists()
