@@ -10,6 +10,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from umtam_jax.optimizer import _sharding
@@ -76,9 +77,11 @@ STATIC_HYPERPARAMS = (
     "seed",
     "row_axes",
     "group_leaves",
+    "error_decay",
 )
-"""Arguments that fix array shapes or control flow (integers, and the ``row_axes`` callable):
-pass ``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
+"""Arguments that fix array shapes or control flow (integers, the ``row_axes`` callable, and
+``error_decay``, whose value 0 drops the m×n momentum buffer from the state): pass
+``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -105,7 +108,7 @@ def _check_range(name: str, value: Any, low: float, high: float, high_open: bool
 
 def _validate(cfg: _Config) -> None:
     for name in STATIC_HYPERPARAMS:
-        if name == "row_axes":
+        if name in ("row_axes", "error_decay"):
             continue
         value = getattr(cfg, name)
         if name == "group_leaves":
@@ -122,12 +125,21 @@ def _validate(cfg: _Config) -> None:
         _check_range(name, getattr(cfg, name), 0.0, 1.0, high_open=True)
     _check_range("error_decay", cfg.error_decay, 0.0, 1.0, high_open=False)
     eps = _concrete(cfg.eps)
-    _check(eps is None or eps > 0.0, f"eps must be > 0, got {cfg.eps!r}")
+    _check(
+        eps is None or (eps > 0.0 and math.isfinite(eps)),
+        f"eps must be finite and > 0, got {cfg.eps!r}",
+    )
     clip = None if cfg.clip_threshold is None else _concrete(cfg.clip_threshold)
     _check(
-        clip is None or clip > 0.0,
-        f"clip_threshold must be > 0 or None, got {cfg.clip_threshold!r}",
+        clip is None or (clip > 0.0 and math.isfinite(clip)),
+        f"clip_threshold must be finite and > 0, or None, got {cfg.clip_threshold!r}",
     )
+    if cfg.buffer_dtype is not None and not jnp.issubdtype(cfg.buffer_dtype, jnp.floating):
+        raise TypeError(
+            f"buffer_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got "
+            f"{cfg.buffer_dtype}: an integer buffer would silently zero the momentum and "
+            "saliency"
+        )
     _check(
         cfg.svd_method in SVD_METHODS,
         f"unknown svd_method {cfg.svd_method!r}; expected one of {SVD_METHODS}",
@@ -853,7 +865,7 @@ def scale_by_umtam(
         row_axes=row_axes or default_row_axes,
         bias_correction=bias_correction,
         track_saliency=saliency == "tracked",
-        buffer_dtype=None if buffer_dtype is None else jnp.dtype(buffer_dtype),
+        buffer_dtype=_as_dtype(buffer_dtype),
         adaptive_rank=adaptive_rank,
         max_rank=max_rank if max_rank is not None else 2 * rank,
         min_rank=min_rank,
@@ -871,7 +883,7 @@ def scale_by_umtam(
         paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
         leaves = []
         for index, (path, param) in enumerate(paths_and_leaves):
-            param = jnp.asarray(param)
+            param = _concrete_param(cfg, path, param)
             _require_float(path, param.dtype, "parameter")
             layout = _layout(cfg, path, param.shape)
             leaves.append(_init_leaf(cfg, layout, param, jax.random.fold_in(base_key, index)))
@@ -892,7 +904,9 @@ def scale_by_umtam(
     def _update(updates, state, params):
         count = optax.safe_increment(state.count)
         grads_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        param_leaves = _flatten_like(treedef, params, "params")
+        # Python scalar leaves become 0-d arrays, as optax's own transforms treat them.
+        grads_with_path = [(path, jnp.asarray(g)) for path, g in grads_with_path]
+        param_leaves = [jnp.asarray(w) for w in _flatten_like(treedef, params, "params")]
         state_leaves = _flatten_like(treedef, state.leaves, "the optimizer state (from init)")
         leaf_states = [as_leaf_state(x) for x in state_leaves]
         stack = cfg.group_leaves
@@ -973,6 +987,44 @@ def scale_by_umtam(
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _concrete_param(cfg: _Config, path: tuple[Any, ...], param: Any) -> jax.Array:
+    """The parameter as an array; an abstract one (``jax.ShapeDtypeStruct``) gives zeros of
+    its shape, dtype and sharding, which is all ``init`` reads without tracked saliency."""
+    if not isinstance(param, jax.ShapeDtypeStruct):
+        return jnp.asarray(param)
+    if cfg.track_saliency:
+        raise ValueError(
+            f"init got an abstract parameter (jax.ShapeDtypeStruct) at "
+            f"{jax.tree_util.keystr(path) or 'the root'}: tracked saliency keeps the "
+            "initial values W0, so pass the parameters themselves, use saliency='final', "
+            "or take shapes with jax.eval_shape(opt.init, params)"
+        )
+    sharding = param.sharding if isinstance(param.sharding, jax.sharding.Sharding) else None
+    return jnp.zeros(param.shape, param.dtype, device=sharding)
+
+
+def _as_dtype(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise TypeError(f"buffer_dtype must be a dtype, got {value!r}") from None
+
+
+def _check_learning_rate(value: Any) -> None:
+    """A float, a 0-d array (or traced value) or an Optax schedule; finite when concrete."""
+    if callable(value):
+        return
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    is_scalar_array = isinstance(value, jax.Array | np.ndarray | np.generic) and not np.shape(value)
+    if not (is_number or is_scalar_array):
+        raise TypeError(
+            "learning_rate must be a float, a scalar array or an optax schedule (a "
+            f"callable of the step), got {value!r} ({type(value).__name__})"
+        )
 
 
 def _flatten_like(treedef: Any, tree: Any, what: str) -> list[Any]:
@@ -1070,6 +1122,7 @@ def umtam(
     References:
       UMTAM, arXiv:2512.17109.
     """
+    _check_learning_rate(learning_rate)
     for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
         number = _concrete(value)  # None for a schedule or a traced value
         _check(number is None or math.isfinite(number), f"{name} must be finite, got {value!r}")
