@@ -426,7 +426,8 @@ def ota(
       curvatures: one per expert: either a params-shaped pytree of non-negative curvature
         arrays (e.g. Adam's ``nu``), or UMTAM statistics / optimizer state, whose
         curvature ``Ŝ = R Cᵀ / sum(R)`` (dense leaves: ``v``) is used.
-      power: exponent ``p`` on the curvature.
+      power: exponent ``p`` on the curvature; with ``p < 0`` every curvature entry must
+        be positive.
       weights: one weight per expert (default 1.0 each).
       scaling: factor on the merged task vector.
 
@@ -434,7 +435,8 @@ def ota(
       The merged parameters, a pytree like ``base``.
 
     Raises:
-      ValueError / TypeError: invalid inputs; messages name the leaf path.
+      ValueError / TypeError: invalid inputs (a negative curvature entry, or a zero one
+        with ``power < 0``, included); messages name the leaf path.
 
     Example:
       >>> import jax.numpy as jnp
@@ -456,6 +458,7 @@ def ota(
     V.check_count(curvatures, k, "curvature pytrees")
     weights = V.check_weights(weights, k)
     curv = [_curvature_leaves(c, prepared, f"curvatures[{i}]") for i, c in enumerate(curvatures)]
+    _check_curvature_domain(curv, prepared.paths, power)
     _check_float(prepared)
     out = [
         _ota_leaf(
@@ -464,6 +467,25 @@ def ota(
         for j, b in enumerate(prepared.base)
     ]
     return V.rebuild(prepared, out)
+
+
+def _check_curvature_domain(curv: list[list[jax.Array]], paths: list[str], power: Any) -> None:
+    """OTA's ``v^power`` is defined for ``v ≥ 0`` (``v > 0`` when ``power < 0``); checked
+    outside ``jax.jit`` (one reduction per leaf), as the finite check is."""
+    flat = [
+        (i, path, c) for i, leaves in enumerate(curv) for path, c in zip(paths, leaves, strict=True)
+    ]
+    if any(isinstance(c, jax.core.Tracer) for _, _, c in flat):
+        return
+    strict = not isinstance(power, jax.core.Tracer) and float(power) < 0
+    lows = jax.device_get([jnp.min(c, initial=jnp.inf) for _, _, c in flat])
+    for (i, path, _), low in zip(flat, lows, strict=True):
+        if low < 0 or (strict and low == 0):
+            bound = "> 0 when power < 0" if strict else "≥ 0"
+            raise ValueError(
+                f"curvatures[{i}]{path} has an entry {float(low)}: OTA needs curvatures {bound} "
+                "(v^power is not a real number otherwise)"
+            )
 
 
 @jax.jit

@@ -51,7 +51,17 @@ class Prepared(NamedTuple):
 
 
 def rebuild(prepared: Prepared, leaves: list[Any]) -> Any:
-    """The merged tree: ``leaves`` in the base's structure (and Variables)."""
+    """The merged tree: ``leaves`` in the base's structure (and Variables).
+
+    Outside ``jax.jit`` every merged leaf is checked to be finite: finite inputs whose
+    merge overflows (values near the dtype's maximum) raise ``ValueError`` naming the
+    leaf instead of returning an infinity or a NaN.
+    """
+    check_finite(
+        [(f"the merged leaf {path}", x) for path, x in zip(prepared.paths, leaves, strict=True)],
+        problem="overflowed although every input is finite: scale the inputs down or "
+        "merge in a wider dtype",
+    )
     wrapped = [
         x if v is None else v.replace(value=x)
         for v, x in zip(prepared.variables, leaves, strict=True)
@@ -117,10 +127,21 @@ def check_sequence(x: Any, what: str, *, allow_empty: bool = False) -> list[Any]
 
 
 def float_dtype(dtype: Any, path: str, what: str) -> jnp.dtype:
-    """The dtype merges compute in: float32 for 16-bit floats, else the leaf's own."""
+    """The dtype merges compute in: float32 for 16-bit floats, else the leaf's own.
+
+    Raises:
+      TypeError: a non-floating dtype, or a 64-bit one JAX would silently compute in 32
+        bits (``jax_enable_x64`` off).
+    """
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{what}{path} has dtype {dtype}; merging needs floating-point leaves")
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        raise TypeError(
+            f"{what}{path} is {dtype}, but jax_enable_x64 is off, so JAX would merge it in "
+            f"{jax.dtypes.canonicalize_dtype(dtype)}: cast the inputs to float32, or enable "
+            "x64 (jax.config.update('jax_enable_x64', True))"
+        )
     return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -131,11 +152,16 @@ def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.isfinite(jnp.sum(x * 0))
 
 
-def check_finite(named_leaves: Sequence[tuple[str, Any]]) -> None:
-    """Raises ``ValueError`` naming the first input that holds a NaN or an infinity.
+def check_finite(
+    named_leaves: Sequence[tuple[str, Any]],
+    *,
+    problem: str = "merging needs finite inputs",
+) -> None:
+    """Raises ``ValueError`` naming the first array that holds a NaN or an infinity.
 
-    ``named_leaves`` pairs each array with its name in messages (``experts[1]['w']``).
-    Skipped under tracing (``jax.jit``, ``jax.eval_shape``), where values are unknown.
+    ``named_leaves`` pairs each array with its name in messages (``experts[1]['w']``);
+    ``problem`` ends the message. Skipped under tracing (``jax.jit``, ``jax.eval_shape``),
+    where values are unknown.
     """
     arrays = [x for _, x in named_leaves]
     if any(isinstance(x, jax.core.Tracer) for x in arrays):
@@ -146,7 +172,7 @@ def check_finite(named_leaves: Sequence[tuple[str, Any]]) -> None:
             nans, infs = int(jnp.sum(jnp.isnan(x))), int(jnp.sum(jnp.isinf(x)))
             raise ValueError(
                 f"{name} is not finite ({nans} NaN and {infs} infinite of {x.size} "
-                "values): merging needs finite inputs"
+                f"values): {problem}"
             )
 
 
