@@ -13,6 +13,7 @@ from flax import nnx
 
 import umtam_jax
 from tests.optimizer.reference import DenseReference, FactoredReference, Hyper
+from tests.optimizer.test_reference import _optimizer
 from umtam_jax import merging
 
 
@@ -22,25 +23,7 @@ def _relative_error(actual, expected):
 
 
 def _opt(hp: Hyper, row_axes, **extra):
-    return umtam_jax.umtam(
-        1.0,
-        rank=hp.rank,
-        b1=hp.b1,
-        b2=hp.b2,
-        eps=hp.eps,
-        error_decay=hp.error_decay,
-        clip_threshold=hp.clip_threshold,
-        saliency_decay=hp.saliency_decay,
-        svd_method="exact",
-        min_dim_size_to_factor=4,
-        adaptive_rank=hp.adaptive_rank,
-        max_rank=hp.max_rank,
-        min_rank=hp.min_rank,
-        rank_step=hp.rank_step,
-        rank_update_every=hp.rank_update_every,
-        row_axes=row_axes,
-        **extra,
-    )
+    return _optimizer(hp, row_axes=row_axes, **extra)
 
 
 @pytest.mark.parametrize(

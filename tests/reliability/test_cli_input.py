@@ -56,6 +56,10 @@ def _run(capsys, *argv) -> str:
     return lines[0]
 
 
+TIES = ["--method", "ties", "--base", "base", "--expert", "a", "--param", "density=0.5"]
+SUM_A = ["--method", "task_arithmetic", "--base", "base", "--expert", "a"]
+
+
 def _config(tmp_path, text: str) -> str:
     path = tmp_path / "merge.yaml"
     path.write_text(text)
@@ -152,21 +156,7 @@ def test_bad_outputs_never_touch_anything(ckpts, capsys, output, in_memory):
     (ckpts / "dangling").symlink_to(ckpts / "nowhere")
     before = _files(ckpts)
     extra = ["--in-memory"] if in_memory else []
-    _run(
-        capsys,
-        "--method",
-        "task_arithmetic",
-        "--base",
-        "base",
-        "--expert",
-        "a",
-        "--expert",
-        "b",
-        "-o",
-        output,
-        "--force",
-        *extra,
-    )
+    _run(capsys, *SUM_A, "--expert", "b", "-o", output, "--force", *extra)
     assert _files(ckpts) == before
     assert not (ckpts / "nowhere").exists()
 
@@ -182,20 +172,7 @@ def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatc
     monkeypatch.setattr(_streaming, "_write_streaming", full)
     before = _files(ckpts)
     extra = ["--in-memory"] if in_memory else []
-    line = _run(
-        capsys,
-        "--method",
-        "ties",
-        "--base",
-        "base",
-        "--expert",
-        "a",
-        "--param",
-        "density=0.5",
-        "-o",
-        "out",
-        *extra,
-    )
+    line = _run(capsys, *TIES, "-o", "out", *extra)
     assert "No space left on device" in line
     assert _files(ckpts) == before  # no output, no staging left behind
 
@@ -203,20 +180,7 @@ def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatc
         raise PermissionError(errno.EACCES, "Permission denied", str(ckpts / "locked"))
 
     monkeypatch.setattr(os, "makedirs", denied)
-    line = _run(
-        capsys,
-        "--method",
-        "ties",
-        "--base",
-        "base",
-        "--expert",
-        "a",
-        "--param",
-        "density=0.5",
-        "-o",
-        "locked/out",
-        *extra,
-    )
+    line = _run(capsys, *TIES, "-o", "locked/out", *extra)
     assert "Permission denied" in line
 
 
@@ -235,17 +199,6 @@ def test_corrupt_expert_is_named(ckpts, capsys, in_memory, damage):
     with open(data, "wb") as f:
         f.write(blob)
     extra = ["--in-memory"] if in_memory else []
-    line = _run(
-        capsys,
-        "--method",
-        "task_arithmetic",
-        "--base",
-        "base",
-        "--expert",
-        "a",
-        "-o",
-        "out",
-        *extra,
-    )
+    line = _run(capsys, *SUM_A, "-o", "out", *extra)
     assert "corrupt" in line and os.fspath(ckpts / "a") in line
     assert not (ckpts / "out").exists()
