@@ -1,4 +1,4 @@
-"""Orbax checkpoints of parameters, UMTAM merging statistics and optimizer state (SPEC §6).
+"""Orbax checkpoints of parameters, UMTAM merging statistics and optimizer state.
 
 One checkpoint directory holds separate Orbax items (``params``, ``statistics``,
 ``opt_state`` and a JSON ``umtam_metadata``), each restorable alone; merging restores base,

@@ -1,29 +1,25 @@
-"""Orbax checkpoints of parameters, UMTAM merging statistics and optimizer state (SPEC §6).
+"""Orbax checkpoints of parameters, UMTAM merging statistics and optimizer state.
 
-Layout of one checkpoint directory (an Orbax composite checkpoint written by a synchronous
-``orbax.checkpoint.Checkpointer``, so it appears under its final name only once complete)::
+Layout of one checkpoint directory (an Orbax composite checkpoint, published at its path
+only once complete: see :mod:`umtam_jax.checkpoint._safety`)::
 
     <directory>/
-      umtam_metadata/   JSON: format and library versions, the structure of every item,
-                        the statistics' node kinds, the user's metadata
-      params/           Orbax PyTree item: the parameters
-      statistics/       Orbax PyTree item: the merging statistics (SPEC §3), if any
-      opt_state/        Orbax PyTree item: the full optimizer state, if saved
+      umtam_metadata/        JSON: format and library versions, the structure of every
+                             item, the statistics' node kinds, the user's metadata
+      params/                Orbax PyTree item: the parameters
+      statistics/            Orbax PyTree item: the merging statistics, if any
+      opt_state/             Orbax PyTree item: the full optimizer state, if saved
+      umtam_checksums.json   dtype, shape and CRC-32 of every array (:mod:`_integrity`)
 
-Orbax stores nested dictionaries of arrays; ``None`` fields, ``optax.MaskedNode`` and the
-NamedTuple / list / tuple containers are not stored by it faithfully. Every item is
-therefore stored as a nested dictionary of its arrays (lists and tuples keyed ``"0"``,
-``"1"``, ...; NamedTuples keyed by field name; ``None`` and ``MaskedNode`` omitted) and its
-exact structure is recorded in the JSON metadata, from which it is rebuilt on restore.
-A ``flax.nnx`` Variable is stored as the array it wraps (the layout of
-``nnx.to_pure_dict``): ``nnx.state(model, nnx.Param)`` then saves under the same paths as
-the statistics of the ``nnx.Optimizer`` that trained it, and restores into Variables
-when passed as the ``target``.
+Each item is stored as nested dicts of its arrays plus a JSON record of its exact
+structure (:mod:`umtam_jax.checkpoint._encoding`). A ``flax.nnx`` Variable is stored as
+the array it wraps: ``nnx.state(model, nnx.Param)`` then saves under the same paths as the
+statistics of the ``nnx.Optimizer`` that trained it, and restores into Variables when
+passed as the ``target``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib
 import importlib.metadata
@@ -37,7 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from umtam_jax import _pytrees
+from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _safety
 from umtam_jax.optimizer import _state
 
@@ -53,20 +49,6 @@ _ARRAY_ITEMS = (PARAMS, STATISTICS, OPT_STATE)
 
 # Orbax's suffix for the temporary directory of an in-progress save (AtomicRenameTemporaryPath).
 _ORBAX_TMP_SUFFIX = _safety._ORBAX_TMP_SUFFIX
-
-# NamedTuple classes rebuilt by name when restoring without a target.
-_KNOWN_NAMEDTUPLES = {
-    f"{cls.__module__}:{cls.__qualname__}": cls
-    for cls in (
-        _state.FactoredStatistics,
-        _state.DenseStatistics,
-        _state.FactoredLeafState,
-        _state.DenseLeafState,
-        _state.ScaleByUmtamState,
-    )
-}
-# Modules whose NamedTuples may be imported by name when restoring without a target.
-_IMPORTABLE_PACKAGES = ("umtam_jax", "optax")
 
 
 class Checkpoint(NamedTuple):
@@ -89,230 +71,6 @@ class Checkpoint(NamedTuple):
     statistics: Any
     opt_state: Any
     metadata: dict[str, Any]
-
-
-# --------------------------------------------------------------------------------------
-# Structure encoding
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Encoded:
-    """A pytree split into a JSON structure spec and a nested dict of its arrays."""
-
-    spec: dict[str, Any]
-    arrays: dict[str, Any]  # nested dicts of arrays; empty subtrees omitted
-    paths: list[tuple[str, ...]]  # array paths inside ``arrays``, in jax flatten order
-    leaves: list[Any]  # the arrays, same order
-
-
-_VALUE_KEY = jax.tree_util.GetAttrKey("value")
-
-
-def _is_namedtuple(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(type(x), "_fields")
-
-
-def _is_array_leaf(x: Any) -> bool:
-    return isinstance(
-        x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct | bool | int | float | complex
-    )
-
-
-def _key_to_str(key: Any) -> tuple[str, str]:
-    """Dictionary key → (its string, kind to rebuild it)."""
-    if isinstance(key, str):
-        return key, "s"
-    if isinstance(key, int | np.integer) and not isinstance(key, bool):
-        return str(int(key)), "i"
-    raise TypeError(f"unsupported dictionary key {key!r} ({type(key).__name__}); use str or int")
-
-
-# Orbax joins nested names with "." (and "/" makes folders): a key "a.b" and a nested
-# a → b would be the same array. Stored names escape those characters (and the escape).
-_ESCAPES = str.maketrans({"%": "%25", ".": "%2E", "/": "%2F"})
-
-
-def _stored_name(name: str) -> str:
-    return name.translate(_ESCAPES)
-
-
-def _generic_key(key: Any) -> tuple[str, str]:
-    """A jax key-path entry of a custom pytree node → (stored name, kind)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return _key_to_str(getattr(key, attr))
-    return str(key), "s"
-
-
-def _leaf_spec(x: Any) -> dict[str, Any]:
-    return {"t": "array", "shape": [int(d) for d in np.shape(x)], "dtype": str(_dtype(x))}
-
-
-def _dtype(x: Any) -> np.dtype:
-    dtype = getattr(x, "dtype", None)
-    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
-
-
-def _as_saveable(x: Any) -> Any:
-    if isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
-        return x
-    return np.asarray(x)  # Python / NumPy scalars: a fresh 0-d array, the input is untouched
-
-
-def _encode(tree: Any, what: str) -> _Encoded:
-    """Splits ``tree`` into a JSON structure spec and a nested dict of arrays."""
-    paths: list[tuple[str, ...]] = []
-    leaves: list[Any] = []
-
-    def children(entries, prefix, jax_path):
-        """entries: (stored name, key kind, child, jax key entry) in jax flatten order."""
-        spec_children, stored, seen = [], {}, set()
-        for name, kind, child, key in entries:
-            if name in seen:
-                raise ValueError(
-                    f"{what}: two children of {jax.tree_util.keystr(jax_path)} are stored "
-                    f"under the same name {name!r}"
-                )
-            seen.add(name)
-            safe = _stored_name(name)
-            child_spec, child_arrays = walk(child, prefix + (safe,), jax_path + (key,))
-            # [stored name, key kind, child spec(, original name when escaped)]
-            spec_children.append([safe, kind, child_spec] + ([name] if safe != name else []))
-            if not (isinstance(child_arrays, dict) and not child_arrays):
-                stored[safe] = child_arrays
-        return spec_children, stored
-
-    def walk(x, prefix, jax_path):
-        if _pytrees.is_variable(x):  # stored as its array, as nnx.to_pure_dict does
-            return walk(_pytrees.variable_value(x), prefix, jax_path + (_VALUE_KEY,))
-        if x is None:
-            return {"t": "none"}, {}
-        if isinstance(x, optax.MaskedNode):
-            return {"t": "masked"}, {}
-        if _is_namedtuple(x):
-            cls = type(x)
-            entries = [(f, "s", getattr(x, f), jax.tree_util.GetAttrKey(f)) for f in cls._fields]
-            spec_children, stored = children(entries, prefix, jax_path)
-            spec = {"t": "namedtuple", "cls": f"{cls.__module__}:{cls.__qualname__}"}
-            spec["children"] = spec_children
-            return spec, stored
-        if type(x) is dict:
-            try:
-                keys = sorted(x)
-            except TypeError as e:
-                raise TypeError(
-                    f"{what}: unsortable keys at {jax.tree_util.keystr(jax_path)}"
-                ) from e
-            entries = [(*_key_to_str(k), x[k], jax.tree_util.DictKey(k)) for k in keys]
-            spec_children, stored = children(entries, prefix, jax_path)
-            return {"t": "dict", "children": spec_children}, stored
-        if type(x) in (list, tuple):
-            entries = [(str(i), "i", c, jax.tree_util.SequenceKey(i)) for i, c in enumerate(x)]
-            spec_children, stored = children(entries, prefix, jax_path)
-            return {"t": type(x).__name__, "children": spec_children}, stored
-        if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)):
-            if not _is_array_leaf(x):
-                raise TypeError(
-                    f"{what}: leaf at {jax.tree_util.keystr(jax_path)} is a "
-                    f"{type(x).__name__}, not an array or scalar"
-                )
-            if 0 in np.shape(x):
-                raise ValueError(
-                    f"{what}: the array at {jax.tree_util.keystr(jax_path)} is empty (shape "
-                    f"{tuple(np.shape(x))}); Orbax cannot store empty arrays: leave it out "
-                    "of the tree"
-                )
-            paths.append(prefix)
-            leaves.append(_as_saveable(x))
-            return _leaf_spec(x), leaves[-1]
-        # Any other registered pytree node (FrozenDict, nnx.State, dataclasses, ...): one
-        # level of jax's own flattening; restored without a target as a plain dict.
-        flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda c: c is not x)
-        entries = [(*_generic_key(p[-1]), c, p[-1]) for p, c in flat]
-        spec_children, stored = children(entries, prefix, jax_path)
-        return {"t": "node", "type": type(x).__qualname__, "children": spec_children}, stored
-
-    spec, arrays = walk(tree, (), ())
-    if not isinstance(arrays, dict):  # the whole tree is one array
-        arrays = {"value": arrays}
-        paths[:] = [("value",)]
-        spec = {"t": "root_array", "leaf": spec}
-    return _Encoded(spec=spec, arrays=arrays, paths=paths, leaves=leaves)
-
-
-def _spec_arrays(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
-    """Yields (path, leaf spec) of every array of a structure spec, in flatten order."""
-    t = spec["t"]
-    if t == "root_array":
-        yield ("value",), spec["leaf"]
-    elif t == "array":
-        yield prefix, spec
-    elif t in ("dict", "list", "tuple", "namedtuple", "node"):
-        for name, _, child, *_ in spec["children"]:
-            yield from _spec_arrays(child, prefix + (name,))
-
-
-def _namedtuple_class(name: str) -> type | None:
-    if name in _KNOWN_NAMEDTUPLES:
-        return _KNOWN_NAMEDTUPLES[name]
-    if name == f"{optax.MaskedNode.__module__}:{optax.MaskedNode.__qualname__}":
-        return optax.MaskedNode
-    module, _, qualname = name.partition(":")
-    if module.split(".")[0] not in _IMPORTABLE_PACKAGES:
-        return None
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        return None
-    return obj if isinstance(obj, type) and issubclass(obj, tuple) else None
-
-
-def _decode(spec: dict[str, Any], arrays: Any) -> Any:
-    """Rebuilds a pytree from its structure spec and the restored nested dict of arrays."""
-
-    def key(name, kind):
-        return int(name) if kind == "i" else name
-
-    def walk(s, a):
-        t = s["t"]
-        if t == "none":
-            return None
-        if t == "masked":
-            return optax.MaskedNode()
-        if t == "array":
-            return a
-        a = a if isinstance(a, Mapping) else {}
-        values = [  # entry: stored name, kind, child spec(, original name)
-            (e[3] if len(e) > 3 else e[0], e[1], walk(e[2], a.get(e[0], {}))) for e in s["children"]
-        ]
-        if t == "list":
-            return [v for _, _, v in values]
-        if t == "tuple":
-            return tuple(v for _, _, v in values)
-        if t == "namedtuple":
-            cls = _namedtuple_class(s["cls"])
-            if cls is not None:
-                return cls(**{name: v for name, _, v in values})
-        return {key(name, kind): v for name, kind, v in values}  # dict, node, unknown tuple
-
-    if spec["t"] == "root_array":
-        return arrays["value"]
-    return walk(spec, arrays)
-
-
-def _nested_set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def _nested_get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for name in path:
-        tree = tree[name]
-    return tree
 
 
 # --------------------------------------------------------------------------------------
@@ -377,7 +135,7 @@ def _user_metadata(metadata: Mapping[str, Any] | None) -> Any:
 
 
 def _metadata_record(
-    encoded: Mapping[str, _Encoded], stats_kinds: Any, user: Any
+    encoded: Mapping[str, E.Encoded], stats_kinds: Any, user: Any
 ) -> dict[str, Any]:
     """The ``umtam_metadata`` item of a checkpoint holding the ``encoded`` items."""
     return {
@@ -394,7 +152,7 @@ def _metadata_record(
     }
 
 
-def _checksums(enc: _Encoded) -> dict[str, Any]:
+def _checksums(enc: E.Encoded) -> dict[str, Any]:
     """Checksum records of an encoded item's arrays (see :mod:`_integrity`)."""
     records = {}
     for path, leaf in zip(enc.paths, enc.leaves, strict=True):
@@ -404,7 +162,7 @@ def _checksums(enc: _Encoded) -> dict[str, Any]:
     return records
 
 
-def _write(path: epath.Path, items: dict[str, _Encoded], metadata: dict[str, Any]) -> None:
+def _write(path: epath.Path, items: dict[str, E.Encoded], metadata: dict[str, Any]) -> None:
     """One synchronous Orbax composite save to ``path`` (which must not exist), checksums."""
     args = {name: ocp.args.StandardSave(enc.arrays) for name, enc in items.items()}
     args[METADATA] = ocp.args.JsonSave(metadata)
@@ -490,7 +248,7 @@ def save_checkpoint(
         stats = None
 
     trees = {PARAMS: params, STATISTICS: stats, OPT_STATE: opt_state}
-    encoded = {name: _encode(tree, name) for name, tree in trees.items() if tree is not None}
+    encoded = {name: E.encode(tree, name) for name, tree in trees.items() if tree is not None}
     kinds = _statistics_kinds(stats) if stats is not None else None
     meta = _metadata_record(encoded, kinds, _user_metadata(metadata))
     # Orbax does not store empty trees: items without arrays live in the metadata only.
@@ -610,11 +368,11 @@ def _restore_leaf(leaf: dict[str, Any], sharding: jax.sharding.Sharding | None) 
 
 def _match_target(
     directory: epath.Path, item: str, saved_spec: dict[str, Any], target: Any
-) -> _Encoded:
+) -> E.Encoded:
     """Checks ``target`` against the saved structure and shapes; returns its encoding."""
-    enc = _encode(target, f"{item} target")
-    saved = {path: leaf for path, leaf in _spec_arrays(saved_spec)}
-    wanted = {path: _leaf_spec(x) for path, x in zip(enc.paths, enc.leaves, strict=True)}
+    enc = E.encode(target, f"{item} target")
+    saved = {path: leaf for path, leaf in E.spec_arrays(saved_spec)}
+    wanted = {path: E.leaf_spec(x) for path, x in zip(enc.paths, enc.leaves, strict=True)}
     problems = []
     for path in wanted.keys() - saved.keys():
         problems.append(f"{'/'.join(path)}: in the target but not in the checkpoint")
@@ -658,7 +416,7 @@ def _restore_array_items(
     records = _integrity.read(directory, meta.get("format_version", 1)) if verify else None
     args, encodings, wanted = {}, {}, {}
     for item in items:
-        saved = dict(_spec_arrays(structures[item]))
+        saved = dict(E.spec_arrays(structures[item]))
         _integrity.check_spec(
             directory, item, {_integrity.key(p): leaf for p, leaf in saved.items()}, records
         )
@@ -666,14 +424,14 @@ def _restore_array_items(
         if target is not None:
             encodings[item] = enc = _match_target(directory, item, structures[item], target)
             wanted[item] = {
-                p: (_dtype(x), getattr(x, "sharding", None))
+                p: (E.dtype_of(x), getattr(x, "sharding", None))
                 for p, x in zip(enc.paths, enc.leaves, strict=True)
             }
         else:
             wanted[item] = {p: (np.dtype(leaf["dtype"]), None) for p, leaf in saved.items()}
         abstract: dict[str, Any] = {}
         for path, leaf in saved.items():
-            _nested_set(abstract, path, _restore_leaf(leaf, wanted[item][path][1]))
+            E.nested_set(abstract, path, _restore_leaf(leaf, wanted[item][path][1]))
         if item in meta.get("items", []):
             args[item] = ocp.args.StandardRestore(abstract)
     restored = _restore_items(directory, args) if args else {}
@@ -681,19 +439,19 @@ def _restore_array_items(
     for item in items:
         arrays = restored.get(item, {})
         for path, (dtype, sharding) in wanted[item].items():
-            array = _nested_get(arrays, path)
+            array = E.nested_get(arrays, path)
             _integrity.verify(directory, item, _integrity.key(path), array, records)
             if isinstance(array, np.ndarray):  # 64-bit without x64: JAX's canonical dtype
                 array = jax.device_put(array, sharding or _default_sharding())
             if array.dtype != jax.dtypes.canonicalize_dtype(dtype):
                 array = array.astype(dtype)
-            _nested_set(arrays, path, array)
+            E.nested_set(arrays, path, array)
         if item in encodings:  # rebuild with the target's own tree structure
             enc = encodings[item]
-            leaves = [_nested_get(arrays, p) for p in enc.paths]
+            leaves = [E.nested_get(arrays, p) for p in enc.paths]
             out[item] = jax.tree.unflatten(jax.tree.structure(targets[item]), leaves)
         else:
-            out[item] = _decode(structures[item], arrays)
+            out[item] = E.decode(structures[item], arrays)
     return out
 
 

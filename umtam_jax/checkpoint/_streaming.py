@@ -46,6 +46,7 @@ from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from umtam_jax.checkpoint import _checkpoint as C
+from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _safety
 
 __all__ = ["CheckpointReader", "save_params_streaming"]
@@ -84,7 +85,7 @@ class CheckpointReader:
             _integrity.read(self.directory, self._meta.get("format_version", 1)) if verify else None
         )
         for item, spec in self._meta.get("structures", {}).items():
-            leaves = {_integrity.key(p): leaf for p, leaf in C._spec_arrays(spec)}
+            leaves = {_integrity.key(p): leaf for p, leaf in E.spec_arrays(spec)}
             _integrity.check_spec(self.directory, item, leaves, self._records)
 
     @property
@@ -114,11 +115,11 @@ class CheckpointReader:
         """``item``'s pytree (as restored without target) with ``jax.ShapeDtypeStruct`` leaves."""
         spec = self.structure(item)
         arrays: dict[str, Any] = {}
-        for path, leaf in C._spec_arrays(spec):
-            C._nested_set(
+        for path, leaf in E.spec_arrays(spec):
+            E.nested_set(
                 arrays, path, jax.ShapeDtypeStruct(tuple(leaf["shape"]), np.dtype(leaf["dtype"]))
             )
-        return C._decode(spec, arrays)
+        return E.decode(spec, arrays)
 
     def restore_arrays(self, item: str, paths: Sequence[Path]) -> list[np.ndarray]:
         """Reads only the arrays at ``paths`` (stored paths inside ``item``) from disk.
@@ -139,7 +140,7 @@ class CheckpointReader:
         spec = self.structure(item)
         if not paths:
             return []
-        saved = {path for path, _ in C._spec_arrays(spec)}
+        saved = {path for path, _ in E.spec_arrays(spec)}
         for path in paths:
             if tuple(path) not in saved:
                 raise ValueError(
@@ -149,8 +150,8 @@ class CheckpointReader:
         target: dict[str, Any] = {}
         restore_args: dict[str, Any] = {}
         for path in paths:
-            C._nested_set(target, tuple(path), 0)
-            C._nested_set(restore_args, tuple(path), ocp.RestoreArgs(restore_type=np.ndarray))
+            E.nested_set(target, tuple(path), 0)
+            E.nested_set(restore_args, tuple(path), ocp.RestoreArgs(restore_type=np.ndarray))
         try:
             restored = self._handler.restore(
                 self.directory / item,
@@ -163,7 +164,7 @@ class CheckpointReader:
                 f"cannot restore {len(paths)} array(s) of item {item!r} of checkpoint "
                 f"{self.directory}: the checkpoint is corrupt or incompatible ({C._short(e)})"
             ) from None
-        arrays = [np.asarray(C._nested_get(restored, tuple(path))) for path in paths]
+        arrays = [np.asarray(E.nested_get(restored, tuple(path))) for path in paths]
         for path, array in zip(paths, arrays, strict=True):
             _integrity.verify(self.directory, item, _integrity.key(path), array, self._records)
         return arrays
@@ -312,7 +313,7 @@ def _write_streaming(
     channel = _Channel()
     arrays: dict[str, Any] = {}
     for i, (path_i, shape, dtype) in enumerate(leaves):
-        C._nested_set(arrays, path_i, _LazyArray(i, shape, dtype, channel))
+        E.nested_set(arrays, path_i, _LazyArray(i, shape, dtype, channel))
     args = ocp.args.Composite(
         **{C.PARAMS: ocp.args.PyTreeSave(arrays), C.METADATA: ocp.args.JsonSave(metadata)}
     )
@@ -397,11 +398,11 @@ def save_params_streaming(
     """
     directory = C._absolute(directory)
     _safety.check_target(directory, overwrite=overwrite)
-    enc = C._encode(abstract_params, C.PARAMS)
+    enc = E.encode(abstract_params, C.PARAMS)
     if not enc.leaves:
         raise ValueError("abstract_params has no array leaves")
     leaves = [
-        (path, tuple(np.shape(leaf)), C._dtype(leaf))
+        (path, tuple(np.shape(leaf)), E.dtype_of(leaf))
         for path, leaf in zip(enc.paths, enc.leaves, strict=True)
     ]
     meta = C._metadata_record({C.PARAMS: enc}, None, C._user_metadata(metadata))

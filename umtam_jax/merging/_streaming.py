@@ -53,16 +53,20 @@ __all__ = ["merge_checkpoints", "validate_merge_checkpoints"]
 
 
 class _LazyCheckpointModule:
-    """``umtam_jax.checkpoint._checkpoint``, imported on first use (Orbax is slow to import
-    and ``umtam_jax.merging`` does not need it otherwise)."""
+    """A module of ``umtam_jax.checkpoint``, imported on first use (Orbax is slow to
+    import and ``umtam_jax.merging`` does not need it otherwise)."""
+
+    def __init__(self, name: str):
+        self._name = f"umtam_jax.checkpoint.{name}"
 
     def __getattr__(self, name: str) -> Any:
-        from umtam_jax.checkpoint import _checkpoint
+        import importlib
 
-        return getattr(_checkpoint, name)
+        return getattr(importlib.import_module(self._name), name)
 
 
-C = _LazyCheckpointModule()
+C = _LazyCheckpointModule("_checkpoint")
+E = _LazyCheckpointModule("_encoding")
 
 # Default size of the groups of leaves read together (bytes of the base's leaves).
 DEFAULT_GROUP_BYTES = 16 * 2**20
@@ -235,11 +239,11 @@ class _Job:
 
         # Leaf table: jax flattening order of the (decoded) base, with stored paths.
         spec = self.base.structure(C.PARAMS)
-        stored = [path for path, _ in C._spec_arrays(spec)]
+        stored = [path for path, _ in E.spec_arrays(spec)]
         index_tree: dict[str, Any] = {}
         for i, path in enumerate(stored):
-            C._nested_set(index_tree, path, i)
-        skeleton = C._decode(spec, index_tree)
+            E.nested_set(index_tree, path, i)
+        skeleton = E.decode(spec, index_tree)
         out_leaves = jax.tree.leaves(self.output)
         self.leaves = []
         for (keypath, i), out in zip(
@@ -295,7 +299,7 @@ class _Job:
             paths = [()]
         node_specs = [_subspec(self.stats_specs[t], p, what) for p in paths]
         full = [
-            [p + sub for sub, _ in C._spec_arrays(ns)] if ns["t"] != "array" else [p]
+            [p + sub for sub, _ in E.spec_arrays(ns)] if ns["t"] != "array" else [p]
             for p, ns in zip(paths, node_specs, strict=True)
         ]
         flat = _to_jax(self.experts[t].restore_arrays(C.STATISTICS, [q for f in full for q in f]))
@@ -306,8 +310,8 @@ class _Job:
             else:
                 arrays: dict[str, Any] = {}
                 for q, a in zip(f, flat[start : start + len(f)], strict=True):
-                    C._nested_set(arrays, q[len(p) :], a)
-                nodes.append(C._decode(ns, arrays))
+                    E.nested_set(arrays, q[len(p) :], a)
+                nodes.append(E.decode(ns, arrays))
             start += len(f)
         return nodes
 

@@ -1,0 +1,259 @@
+"""How a pytree is stored in a checkpoint: a JSON structure record plus nested dicts of
+arrays.
+
+Orbax stores nested dictionaries of arrays; ``None`` fields, ``optax.MaskedNode`` and the
+NamedTuple / list / tuple containers are not stored by it faithfully. Every item is
+therefore stored as a nested dictionary of its arrays (lists and tuples keyed ``"0"``,
+``"1"``, ...; NamedTuples keyed by field name; ``None`` and ``MaskedNode`` omitted) and its
+exact structure is recorded as JSON, from which it is rebuilt on restore. Orbax joins
+nested names with ``.``, so stored names escape ``%``, ``.`` and ``/``: a key ``"a.b"`` and a
+nested ``a → b`` stay two arrays. A ``flax.nnx`` Variable is stored as the array it wraps
+(the layout of ``nnx.to_pure_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from umtam_jax import _pytrees
+from umtam_jax.optimizer import _state
+
+# NamedTuple classes rebuilt by name when restoring without a target.
+_KNOWN_NAMEDTUPLES = {
+    f"{cls.__module__}:{cls.__qualname__}": cls
+    for cls in (
+        _state.FactoredStatistics,
+        _state.DenseStatistics,
+        _state.FactoredLeafState,
+        _state.DenseLeafState,
+        _state.ScaleByUmtamState,
+    )
+}
+# Modules whose NamedTuples may be imported by name when restoring without a target.
+_IMPORTABLE_PACKAGES = ("umtam_jax", "optax")
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A pytree split into a JSON structure spec and a nested dict of its arrays."""
+
+    spec: dict[str, Any]
+    arrays: dict[str, Any]  # nested dicts of arrays; empty subtrees omitted
+    paths: list[tuple[str, ...]]  # array paths inside ``arrays``, in jax flatten order
+    leaves: list[Any]  # the arrays, same order
+
+
+_VALUE_KEY = jax.tree_util.GetAttrKey("value")
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _is_array_leaf(x: Any) -> bool:
+    return isinstance(
+        x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct | bool | int | float | complex
+    )
+
+
+def _key_to_str(key: Any) -> tuple[str, str]:
+    """Dictionary key → (its string, kind to rebuild it)."""
+    if isinstance(key, str):
+        return key, "s"
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        return str(int(key)), "i"
+    raise TypeError(f"unsupported dictionary key {key!r} ({type(key).__name__}); use str or int")
+
+
+# Orbax joins nested names with "." (and "/" makes folders): a key "a.b" and a nested
+# a → b would be the same array. Stored names escape those characters (and the escape).
+_ESCAPES = str.maketrans({"%": "%25", ".": "%2E", "/": "%2F"})
+
+
+def _stored_name(name: str) -> str:
+    return name.translate(_ESCAPES)
+
+
+def _generic_key(key: Any) -> tuple[str, str]:
+    """A jax key-path entry of a custom pytree node → (stored name, kind)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return _key_to_str(getattr(key, attr))
+    return str(key), "s"
+
+
+def leaf_spec(x: Any) -> dict[str, Any]:
+    return {"t": "array", "shape": [int(d) for d in np.shape(x)], "dtype": str(dtype_of(x))}
+
+
+def dtype_of(x: Any) -> np.dtype:
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+
+
+def _as_saveable(x: Any) -> Any:
+    if isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        return x
+    return np.asarray(x)  # Python / NumPy scalars: a fresh 0-d array, the input is untouched
+
+
+def encode(tree: Any, what: str) -> Encoded:
+    """Splits ``tree`` into a JSON structure spec and a nested dict of arrays."""
+    paths: list[tuple[str, ...]] = []
+    leaves: list[Any] = []
+
+    def children(entries, prefix, jax_path):
+        """entries: (stored name, key kind, child, jax key entry) in jax flatten order."""
+        spec_children, stored, seen = [], {}, set()
+        for name, kind, child, key in entries:
+            if name in seen:
+                raise ValueError(
+                    f"{what}: two children of {jax.tree_util.keystr(jax_path)} are stored "
+                    f"under the same name {name!r}"
+                )
+            seen.add(name)
+            safe = _stored_name(name)
+            child_spec, child_arrays = walk(child, prefix + (safe,), jax_path + (key,))
+            # [stored name, key kind, child spec(, original name when escaped)]
+            spec_children.append([safe, kind, child_spec] + ([name] if safe != name else []))
+            if not (isinstance(child_arrays, dict) and not child_arrays):
+                stored[safe] = child_arrays
+        return spec_children, stored
+
+    def walk(x, prefix, jax_path):
+        if _pytrees.is_variable(x):  # stored as its array, as nnx.to_pure_dict does
+            return walk(_pytrees.variable_value(x), prefix, jax_path + (_VALUE_KEY,))
+        if x is None:
+            return {"t": "none"}, {}
+        if isinstance(x, optax.MaskedNode):
+            return {"t": "masked"}, {}
+        if _is_namedtuple(x):
+            cls = type(x)
+            entries = [(f, "s", getattr(x, f), jax.tree_util.GetAttrKey(f)) for f in cls._fields]
+            spec_children, stored = children(entries, prefix, jax_path)
+            spec = {"t": "namedtuple", "cls": f"{cls.__module__}:{cls.__qualname__}"}
+            spec["children"] = spec_children
+            return spec, stored
+        if type(x) is dict:
+            try:
+                keys = sorted(x)
+            except TypeError as e:
+                raise TypeError(
+                    f"{what}: unsortable keys at {jax.tree_util.keystr(jax_path)}"
+                ) from e
+            entries = [(*_key_to_str(k), x[k], jax.tree_util.DictKey(k)) for k in keys]
+            spec_children, stored = children(entries, prefix, jax_path)
+            return {"t": "dict", "children": spec_children}, stored
+        if type(x) in (list, tuple):
+            entries = [(str(i), "i", c, jax.tree_util.SequenceKey(i)) for i, c in enumerate(x)]
+            spec_children, stored = children(entries, prefix, jax_path)
+            return {"t": type(x).__name__, "children": spec_children}, stored
+        if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)):
+            if not _is_array_leaf(x):
+                raise TypeError(
+                    f"{what}: leaf at {jax.tree_util.keystr(jax_path)} is a "
+                    f"{type(x).__name__}, not an array or scalar"
+                )
+            if 0 in np.shape(x):
+                raise ValueError(
+                    f"{what}: the array at {jax.tree_util.keystr(jax_path)} is empty (shape "
+                    f"{tuple(np.shape(x))}); Orbax cannot store empty arrays: leave it out "
+                    "of the tree"
+                )
+            paths.append(prefix)
+            leaves.append(_as_saveable(x))
+            return leaf_spec(x), leaves[-1]
+        # Any other registered pytree node (FrozenDict, nnx.State, dataclasses, ...): one
+        # level of jax's own flattening; restored without a target as a plain dict.
+        flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda c: c is not x)
+        entries = [(*_generic_key(p[-1]), c, p[-1]) for p, c in flat]
+        spec_children, stored = children(entries, prefix, jax_path)
+        return {"t": "node", "type": type(x).__qualname__, "children": spec_children}, stored
+
+    spec, arrays = walk(tree, (), ())
+    if not isinstance(arrays, dict):  # the whole tree is one array
+        arrays = {"value": arrays}
+        paths[:] = [("value",)]
+        spec = {"t": "root_array", "leaf": spec}
+    return Encoded(spec=spec, arrays=arrays, paths=paths, leaves=leaves)
+
+
+def spec_arrays(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
+    """Yields (path, leaf spec) of every array of a structure spec, in flatten order."""
+    t = spec["t"]
+    if t == "root_array":
+        yield ("value",), spec["leaf"]
+    elif t == "array":
+        yield prefix, spec
+    elif t in ("dict", "list", "tuple", "namedtuple", "node"):
+        for name, _, child, *_ in spec["children"]:
+            yield from spec_arrays(child, prefix + (name,))
+
+
+def _namedtuple_class(name: str) -> type | None:
+    if name in _KNOWN_NAMEDTUPLES:
+        return _KNOWN_NAMEDTUPLES[name]
+    if name == f"{optax.MaskedNode.__module__}:{optax.MaskedNode.__qualname__}":
+        return optax.MaskedNode
+    module, _, qualname = name.partition(":")
+    if module.split(".")[0] not in _IMPORTABLE_PACKAGES:
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj if isinstance(obj, type) and issubclass(obj, tuple) else None
+
+
+def decode(spec: dict[str, Any], arrays: Any) -> Any:
+    """Rebuilds a pytree from its structure spec and the restored nested dict of arrays."""
+
+    def key(name, kind):
+        return int(name) if kind == "i" else name
+
+    def walk(s, a):
+        t = s["t"]
+        if t == "none":
+            return None
+        if t == "masked":
+            return optax.MaskedNode()
+        if t == "array":
+            return a
+        a = a if isinstance(a, Mapping) else {}
+        values = [  # entry: stored name, kind, child spec(, original name)
+            (e[3] if len(e) > 3 else e[0], e[1], walk(e[2], a.get(e[0], {}))) for e in s["children"]
+        ]
+        if t == "list":
+            return [v for _, _, v in values]
+        if t == "tuple":
+            return tuple(v for _, _, v in values)
+        if t == "namedtuple":
+            cls = _namedtuple_class(s["cls"])
+            if cls is not None:
+                return cls(**{name: v for name, _, v in values})
+        return {key(name, kind): v for name, kind, v in values}  # dict, node, unknown tuple
+
+    if spec["t"] == "root_array":
+        return arrays["value"]
+    return walk(spec, arrays)
+
+
+def nested_set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def nested_get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree
