@@ -113,24 +113,71 @@ def test_flag_values_use_the_safe_loader(ckpts, capsys, flag):
     assert not (ckpts / "out").exists()
 
 
-@pytest.mark.parametrize("seed", [2**70, -1])
+DARE = ["--method", "dare", "--base", "base", "--expert", "a", "--param", "density=0.5"]
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**63, -(2**63) - 1])
 def test_seed_out_of_range(ckpts, capsys, seed):
-    line = _run(
-        capsys,
-        "--method",
-        "dare",
-        "--base",
-        "base",
-        "--expert",
-        "a",
-        "--param",
-        "density=0.5",
-        "--seed",
-        str(seed),
-        "-o",
-        "out",
-    )
+    line = _run(capsys, *DARE, "--seed", str(seed), "-o", "out")
     assert "'seed'" in line
+    assert not (ckpts / "out").exists()
+
+
+def test_seed_range_is_what_jax_accepts(ckpts, capsys):
+    for seed in (-1, -(2**63), 2**63 - 1):  # jax.random.key takes any C long
+        assert cli.main([*DARE, "--seed", str(seed), "--dry-run"]) == 0
+        assert "dry run OK" in capsys.readouterr().out
+
+
+@pytest.fixture
+def no_ckpts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "yaml is not valid YAML: YAML nested deeper"),
+        ("a: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", "nested deeper than 64 levels, line 1"),
+        ("method: ties\n<<: {base: b}\nexperts: [a]\n", "merge keys (<<) are not allowed, line 2"),
+        ("method: [ties]\nbase: b\nexperts: [a]\n", "unknown method ['ties']"),
+        ("1: x\nmodel: y\n", "unknown configuration keys [1, 'model']"),
+        ("method: ties\nbase: b\nexperts: [{path: a, 2: x, y: 1}]\n", "unknown keys [2, 'y']"),
+        ("method: ties\nbase: ''\nexperts: [a]\n", "'base' (the base checkpoint path)"),
+        ("method: ties\nbase: b\nexperts: ['']\n", "experts[0] needs a 'path'"),
+        ("method: fisher\nbase: b\nexperts: [{path: a, fisher: ''}]\n", "experts[0].fisher"),
+        ("method: dare\nbase: b\nexperts: [a]\nparameters: {density: 1}\noutput: ''\n", "'output'"),
+    ],
+)
+def test_odd_yaml_gives_one_line(no_ckpts, capsys, text, message):
+    line = _run(capsys, _config(no_ckpts, text))
+    assert message in line
+
+
+def test_readme_weight_example_names_the_key(no_ckpts, capsys):
+    text = (
+        "method: umtam\nbase: ckpt/base\nexperts:\n  - {path: ckpt/task_a, weight: 1.0}\n"
+        "  - {path: ckpt/task_b, density: 0.3}\nparameters: {density: 0.2, normalize: all}\n"
+        "output: ckpt/merged\n"
+    )
+    line = _run(capsys, _config(no_ckpts, text))
+    assert "experts[0].weight: method 'umtam' takes no per-expert weights" in line
+    assert "task_arithmetic" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--seed", "abc"], ["--bogus"], ["--method", "slerp"], ["a.yaml", "b.yaml"]],
+)
+def test_bad_command_line_gives_one_line(no_ckpts, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("umtam-merge: error: "), err
+    assert "usage" not in err
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
@@ -182,6 +229,7 @@ def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatc
     monkeypatch.setattr(os, "makedirs", denied)
     line = _run(capsys, *TIES, "-o", "locked/out", *extra)
     assert "Permission denied" in line
+    assert _files(ckpts) == before
 
 
 @pytest.mark.parametrize("in_memory", [False, True])

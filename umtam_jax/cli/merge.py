@@ -28,8 +28,10 @@ Fisher. ``prune`` takes exactly one expert and a ``scores`` parameter, ``salienc
 (default) or ``magnitude``. Relative paths are taken from the working directory.
 
 The configuration is read with a safe YAML loader (no tags that build objects) that
-also refuses anchors and aliases (so no "billion laughs" expansion), duplicate keys, and
-files over 1 MiB; values given with ``--param``/``--expert`` go through the same loader.
+also refuses anchors and aliases (so no "billion laughs" expansion), merge keys (``<<``),
+duplicate keys, nesting deeper than 64 levels and files over 1 MiB, naming the file and
+line; values given with ``--param``/``--expert`` go through the same loader. ``seed`` is
+any integer ``jax.random.key`` takes, in [-2**63, 2**63 - 1].
 The method, the parameter names and their types are checked against the merging
 function's signature before anything is loaded. ``--dry-run`` validates the whole merge
 (structures, shapes, dtypes, statistics, options) with ``jax.eval_shape``, without
@@ -48,8 +50,8 @@ to find the exact global threshold. The results are identical to the in-memory m
 checkpoint whole first (the original path; ``--dry-run`` too), merging leaf by leaf
 (``scope: global`` over the whole tree at once).
 
-Exit status: 0 on success, 2 for an invalid configuration, input or output (one line on
-standard error naming the key, file or leaf; nothing is written).
+Exit status: 0 on success, 2 for an invalid command line, configuration, input or output
+(one line on standard error naming the flag, key, file or leaf; nothing is written).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import yaml
@@ -78,13 +80,28 @@ class ConfigError(ValueError):
 MAX_CONFIG_BYTES = 2**20
 """Largest configuration file read (1 MiB)."""
 
-_SEED_RANGE = (0, 2**63 - 1)
+MAX_CONFIG_DEPTH = 64
+"""Deepest nesting of YAML collections accepted (PyYAML's composer recurses)."""
+
+_SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key accepts (a C long)
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` without anchors/aliases and with duplicate keys refused."""
+    """``yaml.SafeLoader`` refusing anchors/aliases, merge keys, duplicate keys and deep nesting."""
+
+    _depth = 0
 
     def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self._depth >= MAX_CONFIG_DEPTH:
+            line = self.peek_event().start_mark.line + 1
+            raise yaml.YAMLError(f"YAML nested deeper than {MAX_CONFIG_DEPTH} levels, line {line}")
+        self._depth += 1
+        try:
+            return self._compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.YAMLError(
@@ -101,6 +118,10 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise yaml.YAMLError(
+                    f"YAML merge keys (<<) are not allowed, line {key_node.start_mark.line + 1}"
+                )
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
@@ -113,8 +134,14 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _load_yaml(text: str, name: str) -> Any:
+    """``text`` parsed with :class:`_Loader`; ``name`` (a file or flag) appears in errors."""
+    loader = _Loader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +214,10 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _methods_with(name: str) -> list[str]:
+    return [m for m, spec in METHODS.items() if name in _keyword_parameters(spec.fn)]
+
+
 def _check_type(method: str, name: str, value: Any, default: Any) -> None:
     if name == "density":
         ok = _is_number(value) or (
@@ -209,21 +240,22 @@ def _check_type(method: str, name: str, value: Any, default: Any) -> None:
 
 def _parse_expert(entry: Any, index: int) -> Expert:
     if isinstance(entry, str):
-        return Expert(path=entry)
+        entry = {"path": entry}
     if not isinstance(entry, dict):
         raise ConfigError(f"experts[{index}] must be a path or a mapping with a 'path'")
     unknown = set(entry) - _EXPERT_KEYS
     if unknown:
         raise ConfigError(
-            f"experts[{index}] has unknown keys {sorted(unknown)}; allowed: {sorted(_EXPERT_KEYS)}"
+            f"experts[{index}] has unknown keys {sorted(unknown, key=str)}; "
+            f"allowed: {sorted(_EXPERT_KEYS)}"
         )
-    if not isinstance(entry.get("path"), str):
-        raise ConfigError(f"experts[{index}] needs a 'path' (a string)")
+    if not isinstance(entry.get("path"), str) or not entry["path"].strip():
+        raise ConfigError(f"experts[{index}] needs a 'path' (a non-empty string)")
     for key in ("weight", "density"):
         if key in entry and not _is_number(entry[key]):
             raise ConfigError(f"experts[{index}].{key} must be a number, got {entry[key]!r}")
-    if "fisher" in entry and not isinstance(entry["fisher"], str):
-        raise ConfigError(f"experts[{index}].fisher must be a path")
+    if "fisher" in entry and (not isinstance(entry["fisher"], str) or not entry["fisher"].strip()):
+        raise ConfigError(f"experts[{index}].fisher must be a non-empty path")
     return Expert(
         path=entry["path"],
         weight=entry.get("weight"),
@@ -243,13 +275,13 @@ def build_plan(config: dict[str, Any]) -> Plan:
     unknown = set(config) - _TOP_LEVEL
     if unknown:
         raise ConfigError(
-            f"unknown configuration keys {sorted(unknown)}; allowed: {sorted(_TOP_LEVEL)}"
+            f"unknown configuration keys {sorted(unknown, key=str)}; allowed: {sorted(_TOP_LEVEL)}"
         )
     method = config.get("method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
-    if not isinstance(config.get("base"), str):
+    if not isinstance(config.get("base"), str) or not config["base"].strip():
         raise ConfigError("'base' (the base checkpoint path) is required")
     raw_experts = config.get("experts")
     if not isinstance(raw_experts, list) or not raw_experts:
@@ -265,7 +297,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"'seed' must be an integer, got {seed!r}")
     if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
-        raise ConfigError(f"'seed' must be in [0, 2**63 - 1], got {seed}")
+        raise ConfigError(f"'seed' must be in [-2**63, 2**63 - 1], got {seed}")
 
     signature = _keyword_parameters(spec.fn)
     allowed = {n for n in signature if n not in _MANAGED}
@@ -274,7 +306,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     unknown = set(params) - allowed
     if unknown:
         raise ConfigError(
-            f"unknown parameters {sorted(unknown)} for method {method!r}; allowed: "
+            f"unknown parameters {sorted(unknown, key=str)} for method {method!r}; allowed: "
             f"{sorted(allowed)}"
         )
     for name, value in params.items():
@@ -287,11 +319,19 @@ def build_plan(config: dict[str, Any]) -> Plan:
     # Per-expert weights and densities.
     if any(e.weight is not None for e in experts):
         if "weights" not in signature:
-            raise ConfigError(f"method {method!r} takes no per-expert weights")
+            i = next(i for i, e in enumerate(experts) if e.weight is not None)
+            raise ConfigError(
+                f"experts[{i}].weight: method {method!r} takes no per-expert weights (methods "
+                f"with weights: {', '.join(_methods_with('weights'))})"
+            )
         params["weights"] = [1.0 if e.weight is None else e.weight for e in experts]
     if any(e.density is not None for e in experts):
         if "density" not in signature:
-            raise ConfigError(f"method {method!r} takes no density")
+            i = next(i for i, e in enumerate(experts) if e.density is not None)
+            raise ConfigError(
+                f"experts[{i}].density: method {method!r} takes no density (methods with "
+                f"densities: {', '.join(_methods_with('density'))})"
+            )
         fallback = params.get("density", signature["density"].default)
         if fallback is inspect.Parameter.empty and any(e.density is None for e in experts):
             raise ConfigError("give a density to every expert or a default in 'parameters'")
@@ -319,7 +359,7 @@ def _parse_value(text: str, flag: str) -> Any:
     if not text.strip():
         return ""
     try:
-        return _load_yaml(text)
+        return _load_yaml(text, flag)
     except yaml.YAMLError as err:
         raise ConfigError(f"{flag} value {text!r} is not valid: {_one_line(err)}") from None
 
@@ -348,7 +388,7 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{args.config} is larger than {MAX_CONFIG_BYTES} bytes")
         try:
-            config = _load_yaml(raw.decode("utf-8")) or {}
+            config = _load_yaml(raw.decode("utf-8"), args.config) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"{args.config} is not UTF-8 text") from None
         except yaml.YAMLError as err:
@@ -478,8 +518,15 @@ def merge(
 # --------------------------------------------------------------------------- entry point
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad command line as one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog=PROG,
         description="Merge Orbax checkpoints with UMTAM (Algorithm 2) or a baseline method.",
         epilog=f"Methods: {', '.join(METHODS)}. See the module docstring of "
