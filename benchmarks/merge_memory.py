@@ -6,7 +6,7 @@ blocks plus 4096 × 1024 ≈ 29M) as Orbax checkpoints on disk, then runs ``umta
 them once per mode, each in a fresh subprocess that reports its own peak resident set
 size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
 
-- ``streaming``: the default, out of core (``merging.merge_checkpoints``);
+- ``streaming``: the default, out of core (``engine.merge_checkpoints``);
 - ``in_memory``: ``umtam-merge --in-memory`` (restore base and experts whole, merge,
   save);
 - ``floor``: a process that imports the same modules and runs one tiny merge (the
@@ -142,7 +142,7 @@ def child_floor(args: argparse.Namespace) -> dict[str, Any]:
     """The same imports and one tiny merge: the process's fixed cost."""
     import jax.numpy as jnp
 
-    from umtam_jax import checkpoint, merging  # noqa: F401
+    from umtam_jax import checkpoint, engine, merging  # noqa: F401
     from umtam_jax.cli import merge  # noqa: F401
 
     base = {"w": jnp.zeros((8, 8))}

@@ -26,7 +26,7 @@ from umtam_jax.optimizer import (
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "experiments", "merging")
+_SUBMODULES = ("checkpoint", "engine", "experiments", "merging")
 
 
 def __getattr__(name: str):
@@ -47,6 +47,7 @@ __all__ = [
     "MatrixAxes",
     "ScaleByUmtamState",
     "checkpoint",
+    "engine",
     "curvature",
     "default_row_axes",
     "merging",

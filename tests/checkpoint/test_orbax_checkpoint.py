@@ -400,7 +400,7 @@ def test_bad_metadata_writes_nothing(tmp_path):
 def test_flax_nnx_state_is_stored_as_its_arrays_and_lines_up_with_its_statistics(tmp_path):
     from flax import nnx
 
-    from umtam_jax import merging
+    from umtam_jax import engine, merging
 
     def model(seed):
         return nnx.Sequential(nnx.Linear(12, 16, rngs=nnx.Rngs(seed)), nnx.relu)
@@ -426,7 +426,7 @@ def test_flax_nnx_state_is_stored_as_its_arrays_and_lines_up_with_its_statistics
 
     out = tmp_path / "merged"
     base, expert = tmp_path / "base", tmp_path / "expert"
-    merging.merge_checkpoints("umtam", base, [expert], out, progress=False)
+    engine.merge_checkpoints("umtam", base, [expert], out, progress=False)
     merged = restore_params(out)
     stats = restore_statistics(tmp_path / "expert")
     expected = merging.umtam(restore_params(tmp_path / "base"), [restored], [stats])

@@ -1,4 +1,4 @@
-"""Out-of-core merging (``merging.merge_checkpoints``) equals the in-memory methods."""
+"""Out-of-core merging (``engine.merge_checkpoints``) equals the in-memory methods."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.merging import helpers as H
-from umtam_jax import checkpoint, merging
-from umtam_jax.merging import _streaming
+from umtam_jax import checkpoint, engine, merging
+from umtam_jax.engine import _global_topk, _merge
 
 # A simulated failure mid-save abandons Orbax coroutines; Python warns when they are collected.
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
@@ -87,7 +87,7 @@ def test_tensor_scope_equals_in_memory(ckpts, tmp_path, method, extra, kwargs):
     p = ckpts["paths"]
     out = tmp_path / "out"
     fisher_dirs = _experts(p, "f") if extra == "fishers" else None
-    merging.merge_checkpoints(
+    engine.merge_checkpoints(
         method,
         p["base"],
         _experts(p),
@@ -113,7 +113,7 @@ def test_tensor_scope_equals_in_memory(ckpts, tmp_path, method, extra, kwargs):
 def test_prune_equals_in_memory(ckpts, tmp_path, statistics, scope):
     p = ckpts["paths"]
     out = tmp_path / "out"
-    merging.merge_checkpoints(
+    engine.merge_checkpoints(
         "prune",
         p["base"],
         [p["e1"]],
@@ -135,7 +135,7 @@ def test_global_ties_exact_with_many_ties(ckpts, tmp_path, group_bytes, density)
     # spanning several leaves, so the lower-flat-index rule decides what is kept.
     p = ckpts["paths"]
     out = tmp_path / "out"
-    merging.merge_checkpoints(
+    engine.merge_checkpoints(
         "ties",
         p["base"],
         _experts(p, "t"),
@@ -159,7 +159,7 @@ def test_global_ties_exact_with_many_ties(ckpts, tmp_path, group_bytes, density)
 def test_global_umtam_equals_in_memory(ckpts, tmp_path, kwargs):
     p = ckpts["paths"]
     out = tmp_path / "out"
-    merging.merge_checkpoints(
+    engine.merge_checkpoints(
         "umtam", p["base"], _experts(p), out, scope="global", progress=False, **kwargs
     )
     want = merging.umtam(ckpts["base"], ckpts["experts"], ckpts["stats"], scope="global", **kwargs)
@@ -169,7 +169,7 @@ def test_global_umtam_equals_in_memory(ckpts, tmp_path, kwargs):
 def test_global_ties_weights(ckpts, tmp_path):
     p = ckpts["paths"]
     kwargs = {"density": [0.2, 0.5, 0.35], "weights": [2.0, -1.0, 0.5], "scaling": 0.7}
-    merging.merge_checkpoints(
+    engine.merge_checkpoints(
         "ties", p["base"], _experts(p), tmp_path / "o", scope="global", progress=False, **kwargs
     )
     want = merging.ties(ckpts["base"], ckpts["experts"], scope="global", **kwargs)
@@ -183,30 +183,30 @@ def test_overwrite_refused_then_allowed(ckpts, tmp_path):
     p = ckpts["paths"]
     out = tmp_path / "out"
     args = ("task_arithmetic", p["base"], [p["e0"]], out)
-    merging.merge_checkpoints(*args, progress=False)
+    engine.merge_checkpoints(*args, progress=False)
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        merging.merge_checkpoints(*args, progress=False, scaling=0.5)
-    merging.merge_checkpoints(*args, progress=False, scaling=0.5, overwrite=True)
+        engine.merge_checkpoints(*args, progress=False, scaling=0.5)
+    engine.merge_checkpoints(*args, progress=False, scaling=0.5, overwrite=True)
     want = merging.task_arithmetic(ckpts["base"], ckpts["experts"][:1], scaling=0.5)
     _identical(checkpoint.restore_params(out), want)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging leftovers
     with pytest.raises(ValueError, match="the output .* is expert 0"):
-        merging.merge_checkpoints(
+        engine.merge_checkpoints(
             "task_arithmetic", p["base"], [p["e0"]], p["e0"], overwrite=True, progress=False
         )
 
 
 def _fail_on_third_leaf(monkeypatch):
     calls = []
-    original = _streaming._Job.merge_leaf
+    original = _merge.Job.merge
 
-    def failing(self, j, data, pos):
-        calls.append(j)
+    def failing(self, call, topk):
+        calls.append(call)
         if len(calls) == 3:
             raise RuntimeError("simulated failure mid-merge")
-        return original(self, j, data, pos)
+        return original(self, call, topk)
 
-    monkeypatch.setattr(_streaming._Job, "merge_leaf", failing)
+    monkeypatch.setattr(_merge.Job, "merge", failing)
 
 
 def test_failed_merge_is_atomic(ckpts, tmp_path, monkeypatch, caplog):
@@ -214,16 +214,16 @@ def test_failed_merge_is_atomic(ckpts, tmp_path, monkeypatch, caplog):
     out = tmp_path / "out"
     _fail_on_third_leaf(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        merging.merge_checkpoints("task_arithmetic", p["base"], [p["e0"]], out, progress=False)
+        engine.merge_checkpoints("task_arithmetic", p["base"], [p["e0"]], out, progress=False)
     assert os.listdir(tmp_path) == []
     # The caller gets the producer's error; Orbax's writer threads log no traces of the abort.
     assert not [r for r in caplog.records if r.exc_info], caplog.text[:2000]
     # A failed overwrite keeps the old checkpoint.
     monkeypatch.undo()
-    merging.merge_checkpoints("task_arithmetic", p["base"], [p["e0"]], out, progress=False)
+    engine.merge_checkpoints("task_arithmetic", p["base"], [p["e0"]], out, progress=False)
     _fail_on_third_leaf(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        merging.merge_checkpoints(
+        engine.merge_checkpoints(
             "task_arithmetic", p["base"], [p["e1"]], out, overwrite=True, progress=False
         )
     assert sorted(os.listdir(tmp_path)) == ["out"]
@@ -235,13 +235,13 @@ def test_missing_checkpoint_and_statistics(ckpts, tmp_path):
     p = ckpts["paths"]
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="expert 1's checkpoint"):
-        merging.merge_checkpoints(
+        engine.merge_checkpoints(
             "ties", p["base"], [p["e0"], str(tmp_path / "nope")], out, density=0.5
         )
     with pytest.raises(FileNotFoundError, match="the base checkpoint"):
-        merging.merge_checkpoints("ties", str(tmp_path / "nope"), [p["e0"]], out, density=0.5)
+        engine.merge_checkpoints("ties", str(tmp_path / "nope"), [p["e0"]], out, density=0.5)
     with pytest.raises(ValueError, match="expert 0 .* has none"):
-        merging.merge_checkpoints("umtam", p["base"], [p["t0"]], out)
+        engine.merge_checkpoints("umtam", p["base"], [p["t0"]], out)
     assert not out.exists()
 
 
@@ -252,13 +252,13 @@ def test_invalid_merge_writes_nothing(ckpts, tmp_path):
     checkpoint.save_checkpoint(tmp_path / "bad", bad)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"\['attn'\]\['kernel'\]"):
-        merging.merge_checkpoints("ties", p["base"], [str(tmp_path / "bad")], out, density=0.5)
+        engine.merge_checkpoints("ties", p["base"], [str(tmp_path / "bad")], out, density=0.5)
     with pytest.raises(ValueError, match="density must lie in"):
-        merging.merge_checkpoints("ties", p["base"], [p["e0"]], out, density=1.5)
+        engine.merge_checkpoints("ties", p["base"], [p["e0"]], out, density=1.5)
     with pytest.raises(ValueError, match="unknown method"):
-        merging.merge_checkpoints("slerp", p["base"], [p["e0"]], out)
+        engine.merge_checkpoints("slerp", p["base"], [p["e0"]], out)
     assert not out.exists()
-    shapes = merging.validate_merge_checkpoints("ties", p["base"], [p["e0"]], density=0.5)
+    shapes = engine.validate_merge_checkpoints("ties", p["base"], [p["e0"]], density=0.5)
     assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(np.shape, ckpts["base"])
 
 
@@ -327,7 +327,7 @@ def test_global_scope_float64_keys(tmp_path):
         for i, e in enumerate(experts):
             checkpoint.save_checkpoint(tmp_path / f"e{i}", e)
         dirs = [str(tmp_path / f"e{i}") for i in range(2)]
-        merging.merge_checkpoints(
+        engine.merge_checkpoints(
             "ties",
             tmp_path / "b",
             dirs,
@@ -360,7 +360,7 @@ def test_bare_array_params_with_statistics(tmp_path):
         expert = base + rng.standard_normal(10).astype(np.float32)
         checkpoint.save_checkpoint(tmp_path / f"e{i}", expert, statistics=node)
     dirs = [tmp_path / "e0", tmp_path / "e1"]
-    merging.merge_checkpoints(
+    engine.merge_checkpoints(
         "umtam", tmp_path / "b", dirs, tmp_path / "o", density=0.3, scope="global", progress=False
     )
     want = merging.umtam(
@@ -374,21 +374,21 @@ def test_bare_array_params_with_statistics(tmp_path):
 
 
 def test_chunked_histogram_and_mask(monkeypatch):
-    monkeypatch.setattr(_streaming, "_CHUNK", 7)  # many slices on a small array
+    monkeypatch.setattr(_global_topk, "_CHUNK", 7)  # many slices on a small array
     rng = np.random.default_rng(1)
     keys = rng.integers(0, 4, 100).astype(np.uint32) << np.uint32(16)
     keys |= rng.integers(0, 3, 100).astype(np.uint32)
     np.testing.assert_array_equal(
-        _streaming._histogram(keys, 16, None), np.bincount(keys >> 16, minlength=2**16)
+        _global_topk._histogram(keys, 16, None), np.bincount(keys >> 16, minlength=2**16)
     )
     sel = keys[(keys >> 16) == 2] & 0xFFFF
     np.testing.assert_array_equal(
-        _streaming._histogram(keys, 0, 2), np.bincount(sel, minlength=2**16)
+        _global_topk._histogram(keys, 0, 2), np.bincount(sel, minlength=2**16)
     )
     t = (2 << 16) | 1
     equal = np.flatnonzero(keys == t)
     for take in [0, 1, 5, equal.size, equal.size + 3]:
-        mask, took = _streaming._leaf_mask(keys, t, take)
+        mask, took = _global_topk._leaf_mask(keys, t, take)
         want = keys > t
         want[equal[: min(take, equal.size)]] = True
         np.testing.assert_array_equal(mask, want)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from umtam_jax import checkpoint, merging
+from umtam_jax import checkpoint, engine
 from umtam_jax.checkpoint import _safety
 
 OLD = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(3, np.float32)}
@@ -116,7 +116,7 @@ def test_merge_output_never_touches_an_input(tmp_path, experts, monkeypatch, out
     monkeypatch.chdir(tmp_path)
     before = _tree_files(tmp_path)
     with pytest.raises(ValueError, match="output"):
-        merging.merge_checkpoints(
+        engine.merge_checkpoints(
             "task_arithmetic", "base", ["a", "b"], output, overwrite=True, progress=False
         )
     assert _tree_files(tmp_path) == before
@@ -238,7 +238,7 @@ def test_second_writer_fails_at_once(tmp_path):
         with pytest.raises(checkpoint.CheckpointBusyError, match="being written"):
             checkpoint.save_checkpoint(path, OLD)
         with pytest.raises(checkpoint.CheckpointBusyError):
-            merging.merge_checkpoints(
+            engine.merge_checkpoints(
                 "task_arithmetic",
                 checkpoint.save_checkpoint(tmp_path / "base", OLD),
                 [checkpoint.save_checkpoint(tmp_path / "e", NEW)],

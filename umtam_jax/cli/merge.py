@@ -32,14 +32,14 @@ also refuses anchors and aliases (so no "billion laughs" expansion), merge keys 
 duplicate keys, nesting deeper than 64 levels and files over 1 MiB, naming the file and
 line; values given with ``--param``/``--expert`` go through the same loader. ``seed`` is
 any integer ``jax.random.key`` takes, in [-2**63, 2**63 - 1].
-The method, the parameter names and their types are checked against the merging
-function's signature before anything is loaded. ``--dry-run`` validates the whole merge
-(structures, shapes, dtypes, statistics, options) with ``jax.eval_shape``, without
-computing or writing anything. An existing output is replaced only with ``--force`` and
-only if it is a umtam_jax checkpoint; the output may not be, contain or lie inside an
-input.
+The method, the parameter names and their types are checked against the method's entry in
+``umtam_jax.merging.METHODS`` before anything is loaded (``--list-methods`` prints them).
+``--dry-run`` validates the whole merge (structures, shapes, dtypes, statistics, options)
+with ``jax.eval_shape``, without computing or writing anything. An existing output is
+replaced only with ``--force`` and only if it is a umtam_jax checkpoint; the output may
+not be, contain or lie inside an input.
 
-By default the merge is out of core (``umtam_jax.merging.merge_checkpoints``): small
+By default the merge is out of core (``umtam_jax.engine.merge_checkpoints``): small
 groups of leaves are read from every checkpoint with Orbax's partial restore, merged and
 written to the output one array at a time, with a progress bar over the leaves, so peak
 host memory is a few leaves per checkpoint rather than K + 1 models (4 experts of 310M
@@ -47,8 +47,7 @@ float32 parameters: 2.1 GB, 1.7 × one model, against 9.6 GB in memory; see
 ``benchmarks/merge_memory.py``); ``scope: global`` takes two extra passes over the inputs
 to find the exact global threshold. The results are identical to the in-memory merge.
 ``--dry-run`` then reads only the checkpoints' metadata. ``--in-memory`` restores every
-checkpoint whole first (the original path; ``--dry-run`` too), merging leaf by leaf
-(``scope: global`` over the whole tree at once).
+checkpoint whole (``--dry-run`` too) and calls the in-memory method on the whole trees.
 
 Exit status: 0 on success, 2 for an invalid command line, configuration, input or output
 (one line on standard error naming the flag, key, file or leaf; nothing is written).
@@ -59,16 +58,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import jax
 import yaml
 
-from umtam_jax import merging
+from umtam_jax import engine, merging
+from umtam_jax.merging import METHODS
 
 PROG = "umtam-merge"
 
@@ -144,36 +143,8 @@ def _load_yaml(text: str, name: str) -> Any:
         loader.dispose()
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """How the CLI calls one merging function.
-
-    Attributes:
-      fn: the merging function.
-      inputs: what its positional arguments after ``base, experts`` are built from:
-        ``"statistics"`` (each expert's restored statistics), ``"fishers"`` (each expert's
-        ``fisher`` checkpoint) or nothing.
-      single_expert: the function takes one expert (``prune``).
-    """
-
-    fn: Callable[..., Any]
-    inputs: str | None = None
-    single_expert: bool = False
-
-
-METHODS: dict[str, MethodSpec] = {
-    "umtam": MethodSpec(merging.umtam, "statistics"),
-    "task_arithmetic": MethodSpec(merging.task_arithmetic),
-    "ties": MethodSpec(merging.ties),
-    "dare": MethodSpec(merging.dare),
-    "dare_ties": MethodSpec(merging.dare_ties),
-    "fisher": MethodSpec(merging.fisher, "fishers"),
-    "ota": MethodSpec(merging.ota, "statistics"),
-    "prune": MethodSpec(merging.prune, "scores", single_expert=True),
-}
-
-# Keyword arguments the CLI fills itself, from the experts' entries or the seed.
-_MANAGED = {"weights", "key"}
+# Parameter kinds the CLI fills itself, from the experts' entries or the seed.
+_MANAGED_KINDS = ("weights", "key")
 _TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed"}
 _EXPERT_KEYS = {"path", "weight", "density", "fisher"}
 _PRUNE_SCORES = ("saliency", "magnitude")
@@ -202,34 +173,27 @@ class Plan:
 # --------------------------------------------------------------------------- config
 
 
-def _keyword_parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-    return {
-        name: p
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def _methods_with(name: str) -> list[str]:
-    return [m for m, spec in METHODS.items() if name in _keyword_parameters(spec.fn)]
+    return [m for m, method in METHODS.items() if method.param(name) is not None]
 
 
-def _check_type(method: str, name: str, value: Any, default: Any) -> None:
-    if name == "density":
+def _check_type(method: str, param: merging.Param, value: Any) -> None:
+    name = param.name
+    if param.kind == "density":
         ok = _is_number(value) or (
             isinstance(value, list) and value and all(_is_number(v) for v in value)
         )
         expected = "a number or a list of numbers"
-    elif isinstance(default, bool):
+    elif param.kind == "bool":
         ok, expected = isinstance(value, bool), "true or false"
-    elif _is_number(default):
+    elif param.kind == "number":
         ok, expected = _is_number(value), "a number"
-    elif isinstance(default, str):
-        ok, expected = isinstance(value, str), "a string"
+    elif param.kind == "choice":
+        ok, expected = value in param.choices, "one of " + ", ".join(param.choices)
     else:
         ok, expected = True, ""
     if not ok:
@@ -281,6 +245,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
+    defaults = spec.defaults()
     if not isinstance(config.get("base"), str) or not config["base"].strip():
         raise ConfigError("'base' (the base checkpoint path) is required")
     raw_experts = config.get("experts")
@@ -299,9 +264,8 @@ def build_plan(config: dict[str, Any]) -> Plan:
     if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
         raise ConfigError(f"'seed' must be in [-2**63, 2**63 - 1], got {seed}")
 
-    signature = _keyword_parameters(spec.fn)
-    allowed = {n for n in signature if n not in _MANAGED}
-    if method == "prune":
+    allowed = {p.name for p in spec.params if p.kind not in _MANAGED_KINDS}
+    if spec.extra == "scores":
         allowed.add("scores")
     unknown = set(params) - allowed
     if unknown:
@@ -314,11 +278,11 @@ def build_plan(config: dict[str, Any]) -> Plan:
             if value not in _PRUNE_SCORES:
                 raise ConfigError(f"'scores' must be one of {_PRUNE_SCORES}, got {value!r}")
             continue
-        _check_type(method, name, value, signature[name].default)
+        _check_type(method, spec.param(name), value)
 
     # Per-expert weights and densities.
     if any(e.weight is not None for e in experts):
-        if "weights" not in signature:
+        if spec.param("weights") is None:
             i = next(i for i, e in enumerate(experts) if e.weight is not None)
             raise ConfigError(
                 f"experts[{i}].weight: method {method!r} takes no per-expert weights (methods "
@@ -326,25 +290,26 @@ def build_plan(config: dict[str, Any]) -> Plan:
             )
         params["weights"] = [1.0 if e.weight is None else e.weight for e in experts]
     if any(e.density is not None for e in experts):
-        if "density" not in signature:
+        if spec.param("density") is None:
             i = next(i for i, e in enumerate(experts) if e.density is not None)
             raise ConfigError(
                 f"experts[{i}].density: method {method!r} takes no density (methods with "
                 f"densities: {', '.join(_methods_with('density'))})"
             )
-        fallback = params.get("density", signature["density"].default)
-        if fallback is inspect.Parameter.empty and any(e.density is None for e in experts):
+        fallback = params.get("density", defaults["density"])
+        if fallback is merging.REQUIRED and any(e.density is None for e in experts):
             raise ConfigError("give a density to every expert or a default in 'parameters'")
         if isinstance(fallback, list):
             raise ConfigError("per-expert densities need a scalar default density")
         densities = [fallback if e.density is None else e.density for e in experts]
         params["density"] = densities[0] if spec.single_expert else densities
-    if any(e.fisher is not None for e in experts) and spec.inputs != "fishers":
+    if any(e.fisher is not None for e in experts) and spec.extra != "fishers":
         raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
-    if spec.inputs == "fishers" and any(e.fisher is None for e in experts):
-        raise ConfigError("method 'fisher' needs a 'fisher' checkpoint for every expert")
-    for name, p in signature.items():
-        if name in _MANAGED or p.default is not inspect.Parameter.empty:
+    if spec.extra == "fishers" and any(e.fisher is None for e in experts):
+        raise ConfigError(f"method {method!r} needs a 'fisher' checkpoint for every expert")
+    for p in spec.params:
+        name = p.name
+        if p.kind in _MANAGED_KINDS or defaults[name] is not merging.REQUIRED:
             continue
         if name not in params:
             raise ConfigError(f"method {method!r} requires the parameter {name!r}")
@@ -416,6 +381,7 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _restore(plan: Plan) -> tuple[Any, list[Any], list[Any] | None]:
+    """Every input restored whole (``--in-memory``)."""
     from umtam_jax import checkpoint
 
     def params_of(path: str, what: str) -> Any:
@@ -426,93 +392,30 @@ def _restore(plan: Plan) -> tuple[Any, list[Any], list[Any] | None]:
 
     base = params_of(plan.base, "the base")
     experts = [params_of(e.path, f"expert {i}") for i, e in enumerate(plan.experts)]
-    spec = METHODS[plan.method]
     extra = None
-    needs_stats = spec.inputs == "statistics" or (
-        spec.inputs == "scores" and plan.parameters.get("scores", "saliency") == "saliency"
-    )
-    if needs_stats:
-        extra = []
-        for i, e in enumerate(plan.experts):
-            try:
-                stats = checkpoint.restore_statistics(e.path)
-            except FileNotFoundError:
-                stats = None
-            if stats is None:
-                hint = " (or use scores: magnitude)" if spec.inputs == "scores" else ""
-                raise ConfigError(
-                    f"method {plan.method!r} needs UMTAM statistics, but the checkpoint of "
-                    f"expert {i} ({e.path}) has none{hint}"
-                )
-            extra.append(stats)
-    elif spec.inputs == "fishers":
+    if _needs_statistics(plan):
+        extra = [checkpoint.restore_statistics(e.path) for e in plan.experts]
+    elif METHODS[plan.method].extra == "fishers":
         extra = [
             params_of(e.fisher, f"the Fisher of expert {i}") for i, e in enumerate(plan.experts)
         ]
     return base, experts, extra
 
 
-def _call(plan: Plan, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
-    spec = METHODS[plan.method]
+def _method_kwargs(plan: Plan) -> dict[str, Any]:
+    """The method's keyword arguments: the parameters, and the PRNG key from the seed."""
     kwargs = {k: v for k, v in plan.parameters.items() if k != "scores"}
-    if "key" in _keyword_parameters(spec.fn):
+    if METHODS[plan.method].param("key") is not None:
         kwargs["key"] = jax.random.key(plan.seed)
-    if spec.single_expert:
-        return spec.fn(base, experts[0], None if extra is None else extra[0], **kwargs)
-    if spec.inputs is None:
-        return spec.fn(base, experts, **kwargs)
-    return spec.fn(base, experts, extra, **kwargs)
+    return kwargs
 
 
-def _dict_path(path: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    keys = []
-    for k in path:
-        if not isinstance(k, jax.tree_util.DictKey):
-            return None
-        keys.append(k.key)
-    return tuple(keys)
-
-
-def _get(tree: Any, keys: tuple[Any, ...]) -> Any:
-    for k in keys:
-        tree = tree[k]
-    return tree
-
-
-def _nest(keys: tuple[Any, ...], value: Any) -> Any:
-    for k in reversed(keys):
-        value = {k: value}
-    return value
-
-
-def merge(
-    plan: Plan, base: Any, experts: list[Any], extra: list[Any] | None, *, progress: bool = True
-) -> Any:
-    """Runs the merge, one leaf at a time when the method's semantics allow it."""
-    from tqdm.auto import tqdm
-
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(base)
-    keys = [_dict_path(p) for p, _ in with_path]
-    per_leaf = plan.parameters.get("scope", "tensor") != "global" and all(
-        k is not None for k in keys
-    )
-    if not per_leaf:
-        with tqdm(total=1, desc=f"{plan.method} (whole tree)", disable=not progress) as bar:
-            merged = _call(plan, base, experts, extra)
-            jax.block_until_ready(merged)
-            bar.update(1)
-        return merged
-    out = []
-    for k in tqdm(keys, desc=plan.method, unit="leaf", disable=not progress):
-        sub = lambda tree, k=k: _nest(k, _get(tree, k))  # noqa: E731
-        part = _call(
-            plan,
-            sub(base),
-            [sub(e) for e in experts],
-            None if extra is None else [sub(x) for x in extra],
-        )
-        out.append(jax.block_until_ready(_get(part, k)))
-    return jax.tree_util.tree_unflatten(treedef, out)
+def _call(plan: Plan, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
+    """The in-memory merge of whole trees."""
+    method = METHODS[plan.method]
+    if method.single_expert:
+        experts, extra = experts[0], None if extra is None else extra[0]
+    return merging.merge(method, base, experts, extra, **_method_kwargs(plan))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -557,11 +460,19 @@ def _parser() -> argparse.ArgumentParser:
         help="restore every checkpoint whole and merge in memory (default: out of core, "
         "leaf by leaf, same result)",
     )
+    p.add_argument(
+        "--list-methods",
+        action="store_true",
+        help="print every method with its inputs and parameters (defaults), then exit",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Executes a parsed command line; returns the exit status."""
+    if args.list_methods:
+        print("\n".join(merging.describe(m) for m in METHODS.values()))
+        return 0
     plan = build_plan(load_config(args))
     if plan.output is None and not args.dry_run:
         raise ConfigError("'output' is required (or use --dry-run)")
@@ -601,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        merged = merge(plan, base, experts, extra, progress=not args.no_progress)
+        merged = _call(plan, base, experts, extra)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"merge failed: {err}") from None
 
@@ -628,8 +539,8 @@ def _metadata(plan: Plan) -> dict[str, Any]:
 
 def _needs_statistics(plan: Plan) -> bool:
     spec = METHODS[plan.method]
-    return spec.inputs == "statistics" or (
-        spec.inputs == "scores" and plan.parameters.get("scores", "saliency") == "saliency"
+    return spec.extra in ("statistics", "curvatures") or (
+        spec.extra == "scores" and plan.parameters.get("scores", "saliency") == "saliency"
     )
 
 
@@ -650,30 +561,28 @@ def _check_inputs(plan: Plan) -> None:
     for i, e in enumerate(plan.experts):
         reader = open_reader(e.path, f"expert {i}")
         if _needs_statistics(plan) and not reader.has_item("statistics"):
-            hint = " (or use scores: magnitude)" if spec.inputs == "scores" else ""
+            hint = " (or use scores: magnitude)" if spec.extra == "scores" else ""
             raise ConfigError(
                 f"method {plan.method!r} needs UMTAM statistics, but the checkpoint of "
                 f"expert {i} ({e.path}) has none{hint}"
             )
-        if spec.inputs == "fishers":
+        if spec.extra == "fishers":
             open_reader(e.fisher, f"the Fisher of expert {i}")
 
 
 def _run_streaming(plan: Plan, args: argparse.Namespace) -> int:
-    """Dry run or merge with ``merging.merge_checkpoints`` (out of core)."""
+    """Dry run or merge with ``engine.merge_checkpoints`` (out of core)."""
     _check_inputs(plan)
     spec = METHODS[plan.method]
-    kwargs = {k: v for k, v in plan.parameters.items() if k != "scores"}
-    if "key" in _keyword_parameters(spec.fn):
-        kwargs["key"] = jax.random.key(plan.seed)
+    kwargs = _method_kwargs(plan)
     common = {
-        "statistics": _needs_statistics(plan) if spec.inputs in ("statistics", "scores") else None,
-        "fisher_dirs": [e.fisher for e in plan.experts] if spec.inputs == "fishers" else None,
+        "statistics": _needs_statistics(plan) if spec.extra is not None else None,
+        "fisher_dirs": [e.fisher for e in plan.experts] if spec.extra == "fishers" else None,
     }
     experts = [e.path for e in plan.experts]
     if args.dry_run:
         try:
-            shapes = merging.validate_merge_checkpoints(
+            shapes = engine.validate_merge_checkpoints(
                 plan.method, plan.base, experts, **common, **kwargs
             )
         except (ValueError, TypeError) as err:
@@ -685,7 +594,7 @@ def _run_streaming(plan: Plan, args: argparse.Namespace) -> int:
         )
         return 0
     try:
-        path = merging.merge_checkpoints(
+        path = engine.merge_checkpoints(
             plan.method,
             plan.base,
             experts,

@@ -23,8 +23,11 @@ Methods:
   - :func:`fisher` (with :func:`diagonal_fisher`) and :func:`ota`: curvature-weighted
     averages.
   - :func:`prune`: keep the top-density entries of one expert's task vector.
-  - :func:`merge_checkpoints`: any of the above, out of core, from Orbax checkpoints to
-    an Orbax checkpoint, leaf by leaf (same results as the in-memory call).
+  - :data:`METHODS`: the registry of the methods above (name → :class:`Method`: inputs,
+    parameters with kinds and defaults, steps), read by every entry point, and
+    :func:`merge`, any of them by name.
+
+Out of core, from files to files, the same methods run in :mod:`umtam_jax.engine`.
 
 References:
   UMTAM, arXiv:2512.17109; TIES, arXiv:2306.01708; DARE, arXiv:2311.03099; Fisher merging,
@@ -33,19 +36,23 @@ References:
 
 from umtam_jax.merging._baselines import dare, dare_ties, ota, prune, task_arithmetic, ties
 from umtam_jax.merging._fisher import diagonal_fisher, fisher
-from umtam_jax.merging._streaming import merge_checkpoints, validate_merge_checkpoints
+from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe, merge
 from umtam_jax.merging._umtam import umtam
 
 __all__ = [
+    "METHODS",
+    "REQUIRED",
+    "Method",
+    "Param",
     "dare",
     "dare_ties",
+    "describe",
     "diagonal_fisher",
     "fisher",
-    "merge_checkpoints",
+    "merge",
     "ota",
     "prune",
     "task_arithmetic",
     "ties",
     "umtam",
-    "validate_merge_checkpoints",
 ]

@@ -13,12 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.merging import _validation as V
-from umtam_jax.merging._select import keep_masks
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, WEIGHTS, Param
 from umtam_jax.merging._umtam import _importance
-from umtam_jax.optimizer._statistics import curvature as _curvature
-
-SCOPES = ("tensor", "global")
 
 # mergekit's guard in its L1 rescale (``rescaled_masked_tensor``): tiny norms skip rescaling.
 _L1_EPS = 1e-7
@@ -26,11 +23,6 @@ _L1_EPS = 1e-7
 
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
     return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def _check_float(prepared: V.Prepared) -> None:
-    for path, b in zip(prepared.paths, prepared.base, strict=True):
-        V.float_dtype(b.dtype, path, "base")
 
 
 def _sum(terms: list[jax.Array]) -> jax.Array:
@@ -128,26 +120,7 @@ def task_arithmetic(
     References:
       Ilharco et al., "Editing Models with Task Arithmetic", arXiv:2212.04089.
     """
-    V.check_finite_scalars(scaling=scaling)
-    prepared = V.prepare(base, experts)
-    k = len(prepared.experts)
-    weights = V.check_weights(weights, k)
-    _check_float(prepared)
-    out = [
-        _gta(
-            b,
-            [e[j] for e in prepared.experts],
-            None,
-            weights,
-            scaling,
-            [1.0] * k,
-            rescale=_NO_RESCALE,
-            consensus=False,
-            normalize=False,
-        )
-        for j, b in enumerate(prepared.base)
-    ]
-    return V.rebuild(prepared, out)
+    return R.merge(TASK_ARITHMETIC, base, experts, None, scaling=scaling, weights=weights)
 
 
 def ties(
@@ -200,77 +173,9 @@ def ties(
       Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
       arXiv:2306.01708; mergekit (arcee-ai/mergekit) ``ties`` method.
     """
-    V.check_option("scope", scope, SCOPES)
-    V.check_finite_scalars(scaling=scaling)
-    prepared = V.prepare(base, experts)
-    k = len(prepared.experts)
-    weights = V.check_weights(weights, k)
-    densities = V.check_densities(density, k)
-    _check_float(prepared)
-    masks = [
-        keep_masks([_abs_delta(b, w) for b, w in zip(prepared.base, e, strict=True)], d, scope)
-        for e, d in zip(prepared.experts, densities, strict=True)
-    ]
-    out = [
-        _gta(
-            b,
-            [e[j] for e in prepared.experts],
-            [m[j] for m in masks],
-            weights,
-            scaling,
-            densities,
-            rescale=_NO_RESCALE,
-            consensus=True,
-            normalize=True,
-        )
-        for j, b in enumerate(prepared.base)
-    ]
-    return V.rebuild(prepared, out)
-
-
-def _dare_masks(prepared: V.Prepared, densities: list[float], key: jax.Array) -> list:
-    """Bernoulli keep masks from ``fold_in(fold_in(key, expert), crc32(leaf path))``."""
-    out = []
-    for t, p_keep in enumerate(densities):
-        expert_key = jax.random.fold_in(key, t)
-        row = []
-        for path, b in zip(prepared.paths, prepared.base, strict=True):
-            if p_keep >= 1.0:  # mergekit returns the tensor unchanged at density >= 1
-                row.append(jnp.ones(b.shape, bool))
-            else:
-                leaf_key = jax.random.fold_in(expert_key, V.leaf_seed(path))
-                row.append(jax.random.bernoulli(leaf_key, p_keep, b.shape))
-        out.append(row)
-    return out
-
-
-def _dare_merge(
-    prepared, densities, key, weights, scaling, rescale, l1_rescale, consensus, normalize
-):
-    _check_float(prepared)
-    masks = _dare_masks(prepared, densities, key)
-    mode = _L1 if l1_rescale else (_INVERSE if rescale else _NO_RESCALE)
-    out = [
-        _gta(
-            b,
-            [e[j] for e in prepared.experts],
-            [m[j] for m in masks],
-            weights,
-            scaling,
-            densities,
-            rescale=mode,
-            consensus=bool(consensus),
-            normalize=bool(normalize),
-        )
-        for j, b in enumerate(prepared.base)
-    ]
-    return V.rebuild(prepared, out)
-
-
-def _check_key(key: Any) -> jax.Array:
-    if key is None:
-        raise TypeError("a PRNG key is required (e.g. key=jax.random.key(0))")
-    return key
+    return R.merge(
+        TIES, base, experts, None, density=density, scaling=scaling, weights=weights, scope=scope
+    )
 
 
 def dare(
@@ -327,14 +232,17 @@ def dare(
       Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
       Models as a Free Lunch", arXiv:2311.03099; mergekit ``dare_linear``.
     """
-    V.check_finite_scalars(scaling=scaling)
-    prepared = V.prepare(base, experts)
-    k = len(prepared.experts)
-    weights = V.check_weights(weights, k)
-    densities = V.check_densities(density, k)
-    key = _check_key(key)
-    return _dare_merge(
-        prepared, densities, key, weights, scaling, rescale, l1_rescale, False, False
+    return R.merge(
+        DARE,
+        base,
+        experts,
+        None,
+        density=density,
+        key=key,
+        scaling=scaling,
+        weights=weights,
+        rescale=rescale,
+        l1_rescale=l1_rescale,
     )
 
 
@@ -387,20 +295,19 @@ def dare_ties(
       Yu et al., arXiv:2311.03099 (DARE); Yadav et al., arXiv:2306.01708 (TIES);
       mergekit ``dare_ties``.
     """
-    V.check_finite_scalars(scaling=scaling)
-    prepared = V.prepare(base, experts)
-    k = len(prepared.experts)
-    weights = V.check_weights(weights, k)
-    densities = V.check_densities(density, k)
-    key = _check_key(key)
-    return _dare_merge(
-        prepared, densities, key, weights, scaling, rescale, l1_rescale, True, normalize
+    return R.merge(
+        DARE_TIES,
+        base,
+        experts,
+        None,
+        density=density,
+        key=key,
+        scaling=scaling,
+        weights=weights,
+        rescale=rescale,
+        l1_rescale=l1_rescale,
+        normalize=normalize,
     )
-
-
-def _curvature_leaves(x: Any, prepared: V.Prepared, what: str) -> list[jax.Array]:
-    kind, leaves = V.arrays_or_statistics(x, prepared, what)
-    return leaves if kind == "arrays" else [_curvature(n) for n in leaves]
 
 
 def ota(
@@ -451,27 +358,13 @@ def ota(
       Mahdavinia et al., "Harnessing Optimization Dynamics for Curvature-Informed Model
       Merging" (OTA merging), arXiv:2509.11167.
     """
-    V.check_finite_scalars(power=power, scaling=scaling)
-    prepared = V.prepare(base, experts)
-    k = len(prepared.experts)
-    curvatures = V.check_sequence(curvatures, "curvatures")
-    V.check_count(curvatures, k, "curvature pytrees")
-    weights = V.check_weights(weights, k)
-    curv = [_curvature_leaves(c, prepared, f"curvatures[{i}]") for i, c in enumerate(curvatures)]
-    _check_curvature_domain(curv, prepared.paths, power)
-    _check_float(prepared)
-    out = [
-        _ota_leaf(
-            b, [e[j] for e in prepared.experts], [c[j] for c in curv], weights, power, scaling
-        )
-        for j, b in enumerate(prepared.base)
-    ]
-    return V.rebuild(prepared, out)
+    return R.merge(OTA, base, experts, curvatures, power=power, weights=weights, scaling=scaling)
 
 
-def _check_curvature_domain(curv: list[list[jax.Array]], paths: list[str], power: Any) -> None:
+def _check_curvature_domain(call: R.Call) -> None:
     """OTA's ``v^power`` is defined for ``v ≥ 0`` (``v > 0`` when ``power < 0``); checked
     outside ``jax.jit`` (one reduction per leaf), as the finite check is."""
+    curv, paths, power = call.extras, call.prepared.paths, call.options["power"]
     flat = [
         (i, path, c) for i, leaves in enumerate(curv) for path, c in zip(paths, leaves, strict=True)
     ]
@@ -542,22 +435,138 @@ def prune(
       UMTAM, arXiv:2512.17109, Sec. 4.2 (curvature-aware vs magnitude pruning);
       TIES-Merging's trim step, arXiv:2306.01708.
     """
-    V.check_option("scope", scope, SCOPES)
-    prepared = V.prepare(base, [expert], what="expert")
-    (d,) = V.check_densities(density, 1)
-    w = prepared.experts[0]
-    _check_float(prepared)
-    if scores is None:
-        s = [_abs_delta(b, x) for b, x in zip(prepared.base, w, strict=True)]
-    else:
-        kind, s = V.arrays_or_statistics(scores, prepared, "scores")
-        if kind == "statistics":
-            s = [_importance(b, x, n, True) for b, x, n in zip(prepared.base, w, s, strict=True)]
-    masks = keep_masks(s, d, scope)
-    out = [_select(m, x, b) for m, x, b in zip(masks, w, prepared.base, strict=True)]
-    return V.rebuild(prepared, out)
+    return R.merge(PRUNE, base, expert, scores, density=density, scope=scope)
 
 
 @jax.jit
 def _select(mask: jax.Array, x: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(mask, x, b)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _magnitude(opts: Any, b: jax.Array, w: jax.Array, x: Any) -> jax.Array:
+    return _abs_delta(b, w)
+
+
+def _gta_kernel(rescale: Any, consensus: Any, normalize: Any):
+    """A ``_gta`` configuration as a registry kernel; each of ``rescale``, ``consensus``,
+    ``normalize`` is a value or a function of the options."""
+
+    def value(x: Any, opts: Any) -> Any:
+        return x(opts) if callable(x) else x
+
+    def kernel(opts, b, ws, masks, scores, extras):
+        k = len(ws)
+        return _gta(
+            b,
+            ws,
+            masks,
+            opts["weights"],
+            opts["scaling"],
+            opts.get("density", [1.0] * k),
+            rescale=value(rescale, opts),
+            consensus=value(consensus, opts),
+            normalize=value(normalize, opts),
+        )
+
+    return kernel
+
+
+def _dare_rescale(opts: Any) -> int:
+    return _L1 if opts["l1_rescale"] else (_INVERSE if opts["rescale"] else _NO_RESCALE)
+
+
+_KEY = Param("key", "key", "JAX PRNG key of the random drop (the CLI derives it from 'seed')")
+_RESCALE = Param("rescale", "bool", "rescale kept entries by 1 / density")
+_L1_RESCALE = Param("l1_rescale", "bool", "rescale to the unmasked L1 norm (mergekit >= 0.1)")
+
+TASK_ARITHMETIC = R.register(
+    R.Method(
+        "task_arithmetic",
+        task_arithmetic,
+        "w0 + scaling · Σ weight · (w − w0)",
+        (SCALING, WEIGHTS),
+        _gta_kernel(_NO_RESCALE, False, False),
+    )
+)
+TIES = R.register(
+    R.Method(
+        "ties",
+        ties,
+        "trim to the top-density |Δ|, elect signs, average the agreeing entries",
+        (DENSITY, SCALING, WEIGHTS, SCOPE),
+        _gta_kernel(_NO_RESCALE, True, True),
+        importance=_magnitude,
+        sparsify="topk",
+    )
+)
+DARE = R.register(
+    R.Method(
+        "dare",
+        dare,
+        "random drop with keep probability density, rescale, then task arithmetic",
+        (DENSITY, _KEY, SCALING, WEIGHTS, _RESCALE, _L1_RESCALE),
+        _gta_kernel(_dare_rescale, False, False),
+        sparsify="bernoulli",
+    )
+)
+DARE_TIES = R.register(
+    R.Method(
+        "dare_ties",
+        dare_ties,
+        "DARE's random drop and rescale, then TIES's sign consensus",
+        (
+            DENSITY,
+            _KEY,
+            SCALING,
+            WEIGHTS,
+            _RESCALE,
+            _L1_RESCALE,
+            Param("normalize", "bool", "divide by the summed weights of agreeing experts"),
+        ),
+        _gta_kernel(_dare_rescale, True, lambda opts: opts["normalize"]),
+        sparsify="bernoulli",
+    )
+)
+OTA = R.register(
+    R.Method(
+        "ota",
+        ota,
+        "task vectors averaged with weights curvature^power (Adam's v or UMTAM's Ŝ)",
+        (
+            Param("power", "number", "exponent on the curvature (0.5: Adam's sqrt(v))"),
+            WEIGHTS,
+            SCALING,
+        ),
+        lambda opts, b, ws, masks, scores, curv: _ota_leaf(
+            b, ws, curv, opts["weights"], opts["power"], opts["scaling"]
+        ),
+        extra="curvatures",
+        check=_check_curvature_domain,
+    )
+)
+
+
+def _prune_importance(opts: Any, b: jax.Array, w: jax.Array, x: Any) -> jax.Array:
+    if x is None:
+        return _abs_delta(b, w)
+    if hasattr(x, "saliency"):  # a statistics node: its saliency
+        return _importance(b, w, x, True)
+    return x
+
+
+PRUNE = R.register(
+    R.Method(
+        "prune",
+        prune,
+        "keep one expert's top-density entries by saliency or |Δ|, revert the rest",
+        (Param("density", "density", "fraction in (0, 1] of entries kept"), SCOPE),
+        lambda opts, b, ws, masks, scores, extras: _select(masks[0], ws[0], b),
+        extra="scores",
+        importance=_prune_importance,
+        sparsify="topk",
+        single_expert=True,
+    )
+)

@@ -8,7 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.merging import _validation as V
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging._registry import WEIGHTS, Param
 
 
 def fisher(
@@ -54,27 +55,7 @@ def fisher(
     References:
       Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", arXiv:2111.09832.
     """
-    V.check_finite_scalars(fisher_floor=fisher_floor)
-    if base is None:
-        experts = V.check_sequence(experts, "experts")
-        ref = experts[0]
-        prepared = V.prepare(jax.tree.map(jnp.zeros_like, ref), experts)
-    else:
-        prepared = V.prepare(base, experts)
-    k = len(prepared.experts)
-    fishers = V.check_sequence(fishers, "fishers")
-    V.check_count(fishers, k, "Fisher pytrees")
-    weights = V.check_weights(weights, k)
-    f_leaves = [V.leaves_like(f, prepared, f"fishers[{i}]") for i, f in enumerate(fishers)]
-    for path, b in zip(prepared.paths, prepared.base, strict=True):
-        V.float_dtype(b.dtype, path, "base")
-    out = [
-        _fisher_leaf(
-            b, [e[j] for e in prepared.experts], [f[j] for f in f_leaves], weights, fisher_floor
-        )
-        for j, b in enumerate(prepared.base)
-    ]
-    return V.rebuild(prepared, out)
+    return R.merge(FISHER, base, experts, fishers, weights=weights, fisher_floor=fisher_floor)
 
 
 @jax.jit
@@ -89,6 +70,21 @@ def _fisher_leaf(base, ws, fishers, weights, fisher_floor):
     den = sum(coef)
     delta = jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
     return (w0 + delta).astype(base.dtype)
+
+
+FISHER = R.register(
+    R.Method(
+        "fisher",
+        fisher,
+        "Fisher-weighted average Σ c F w / Σ c F of the experts",
+        (WEIGHTS, Param("fisher_floor", "number", "lower bound on every Fisher value")),
+        lambda opts, b, ws, masks, scores, fishers: _fisher_leaf(
+            b, ws, fishers, opts["weights"], opts["fisher_floor"]
+        ),
+        extra="fishers",
+        base_optional=True,
+    )
+)
 
 
 def diagonal_fisher(

@@ -8,14 +8,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.merging import _validation as V
-from umtam_jax.merging._select import keep_masks
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
 from umtam_jax.optimizer._statistics import curvature as _curvature
 from umtam_jax.optimizer._statistics import momentum as _momentum
 from umtam_jax.optimizer._statistics import saliency as _saliency
 
 NORMALIZE_MODES = ("all", "selected")
-SCOPES = ("tensor", "global")
 
 
 def umtam(
@@ -108,49 +107,21 @@ def umtam(
       TIES-Merging (sign election), arXiv:2306.01708.
       OTA merging (second moments as curvature weights), arXiv:2509.11167.
     """
-    V.check_option("normalize", normalize, NORMALIZE_MODES)
-    V.check_option("scope", scope, SCOPES)
-    V.check_finite_scalars(
-        lambda_momentum=lambda_momentum, lambda_curvature=lambda_curvature, scaling=scaling
+    return R.merge(
+        UMTAM,
+        base,
+        experts,
+        statistics,
+        density=density,
+        lambda_momentum=lambda_momentum,
+        lambda_curvature=lambda_curvature,
+        curvature_pruning=curvature_pruning,
+        sign_election=sign_election,
+        curvature_aggregation=curvature_aggregation,
+        normalize=normalize,
+        scaling=scaling,
+        scope=scope,
     )
-    prepared = V.prepare(base, experts)
-    k = len(prepared.experts)
-    statistics = V.check_sequence(statistics, "statistics")
-    V.check_count(statistics, k, "statistics pytrees")
-    densities = V.check_densities(density, k)
-    nodes = [V.statistics_leaves(s, prepared, f"statistics[{i}]") for i, s in enumerate(statistics)]
-    for path, b in zip(prepared.paths, prepared.base, strict=True):
-        V.float_dtype(b.dtype, path, "base")
-
-    # Steps 1-2: importance and keep masks, per expert.
-    masks, importance = [], []
-    for t in range(k):
-        imp = [
-            _importance(b, w, n, curvature_pruning)
-            for b, w, n in zip(prepared.base, prepared.experts[t], nodes[t], strict=True)
-        ]
-        importance.append(imp)
-        masks.append(keep_masks(imp, densities[t], scope))
-
-    # Steps 3-6, one leaf at a time.
-    out = []
-    for j, b in enumerate(prepared.base):
-        out.append(
-            _combine(
-                b,
-                [prepared.experts[t][j] for t in range(k)],
-                [importance[t][j] for t in range(k)],
-                [masks[t][j] for t in range(k)],
-                [nodes[t][j] for t in range(k)],
-                scaling,
-                lambda_momentum,
-                lambda_curvature,
-                bool(sign_election),
-                bool(curvature_aggregation),
-                normalize == "all",
-            )
-        )
-    return V.rebuild(prepared, out)
 
 
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
@@ -218,3 +189,44 @@ def _combine(
     delta = jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
     # Step 6.
     return (b + scaling * delta).astype(base.dtype)
+
+
+UMTAM = R.register(
+    R.Method(
+        "umtam",
+        umtam,
+        "saliency masks, importance-weighted sign election, curvature-weighted average",
+        (
+            DENSITY,
+            Param("lambda_momentum", "number", "weight λ1 of the squared momentum in P̂"),
+            Param("lambda_curvature", "number", "weight λ2 of the curvature Ŝ in P̂"),
+            Param("curvature_pruning", "bool", "rank entries by saliency (else by |Δ|)"),
+            Param("sign_election", "bool", "importance-weighted sign election"),
+            Param("curvature_aggregation", "bool", "weight experts by P̂ (else uniformly)"),
+            Param(
+                "normalize",
+                "choice",
+                "denominator: P̂ of all experts or of the kept ones",
+                choices=NORMALIZE_MODES,
+            ),
+            SCALING,
+            SCOPE,
+        ),
+        lambda opts, b, ws, masks, imps, nodes: _combine(
+            b,
+            ws,
+            imps,
+            masks,
+            nodes,
+            opts["scaling"],
+            opts["lambda_momentum"],
+            opts["lambda_curvature"],
+            opts["sign_election"],
+            opts["curvature_aggregation"],
+            opts["normalize"] == "all",
+        ),
+        extra="statistics",
+        importance=lambda opts, b, w, node: _importance(b, w, node, opts["curvature_pruning"]),
+        sparsify="topk",
+    )
+)

@@ -1,0 +1,464 @@
+"""Out-of-core merging: any registered method, leaf by leaf, from sources to a sink."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from umtam_jax.engine._global_topk import GlobalTopK
+from umtam_jax.engine._sources import OrbaxSource, Source
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging import _validation as V
+
+# Default size of the groups of leaves read together (bytes of the base's leaves).
+DEFAULT_GROUP_BYTES = 16 * 2**20
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class _PathNode:
+    """A pytree node with one child under a given key entry (DictKey, SequenceKey, ...).
+
+    A chain of these rebuilds a leaf's exact key path around the leaf alone, so
+    ``keystr`` paths (and hence error messages and DARE's per-leaf keys) are unchanged.
+    """
+
+    def __init__(self, key: Any, child: Any):
+        self.key = key
+        self.child = child
+
+    def tree_flatten_with_keys(self):
+        return ((self.key, self.child),), self.key
+
+    @classmethod
+    def tree_unflatten(cls, key, children):
+        return cls(key, children[0])
+
+
+def _wrap(keypath: tuple[Any, ...], leaf: Any) -> Any:
+    for key in reversed(keypath):
+        leaf = _PathNode(key, leaf)
+    return leaf
+
+
+@dataclasses.dataclass
+class _Leaf:
+    keypath: tuple[Any, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype  # of the merged output (canonical)
+    nbytes: int
+
+
+def _to_jax(arrays: list[np.ndarray]) -> list[jax.Array]:
+    """Moves restored NumPy arrays into JAX buffers, dropping each NumPy copy at once (the
+    merging functions would copy them anyway; converting as soon as they are read keeps
+    one copy of the inputs alive instead of two)."""
+    out = []
+    while arrays:
+        out.append(jnp.asarray(arrays.pop(0)))
+    return out
+
+
+_LIBC: Any = None
+
+
+def _release_free_memory() -> None:
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Leaves of a few MB are below glibc's dynamic mmap threshold, so their buffers come from
+    the heap arenas of the threads that touch them (XLA, TensorStore, Orbax's writer), and
+    freed chunks stay in the resident set: without trimming, RSS creeps up by a leaf or
+    two per leaf merged.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+class Job:
+    """A validated out-of-core merge: the method, its sources and the leaf table.
+
+    Args:
+      method: a registered method.
+      base: the base's source.
+      experts: one source per expert.
+      extras: where the per-expert input comes from: ``"statistics"`` (each expert's
+        stored statistics), a list of sources (their parameters, e.g. Fishers), or None.
+      kwargs: the method's keyword arguments.
+
+    Raises:
+      ValueError / TypeError: as the in-memory call would, with the same messages (the
+        whole merge is validated with ``jax.eval_shape`` on the abstract trees).
+    """
+
+    def __init__(
+        self,
+        method: R.Method,
+        base: Source,
+        experts: list[Source],
+        extras: str | list[Source] | None,
+        kwargs: Mapping[str, Any],
+    ):
+        self.method, self.base, self.experts, self.extras = method, base, experts, extras
+        self.kwargs = dict(kwargs)
+        if extras == "statistics":
+            for i, source in enumerate(experts):
+                if not source.has_statistics():
+                    raise ValueError(
+                        f"method {method.name!r} needs UMTAM statistics, but expert {i} "
+                        f"({source.location}) has none"
+                    )
+        base_abs = base.abstract()
+        experts_abs = [s.abstract() for s in experts]
+        extra_abs = None
+        if extras == "statistics":
+            extra_abs = [s.abstract_statistics() for s in experts]
+        elif extras is not None:
+            extra_abs = [s.abstract() for s in extras]
+        self.output = jax.eval_shape(
+            lambda b, e, x: self._run(b, e, x), base_abs, experts_abs, extra_abs
+        )
+        self.leaves = []
+        for keypath, out in jax.tree_util.tree_flatten_with_path(self.output)[0]:
+            dtype = np.dtype(out.dtype)
+            n = int(np.prod(out.shape, dtype=np.int64))
+            self.leaves.append(_Leaf(tuple(keypath), tuple(out.shape), dtype, n * dtype.itemsize))
+        self.scope = self.kwargs.get("scope", "tensor")
+
+    def _run(self, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
+        return R.merge(self.method, base, *self._arguments(experts, extra), **self.kwargs)
+
+    def _arguments(self, experts: list[Any], extra: list[Any] | None) -> tuple[Any, Any]:
+        if self.method.single_expert:
+            return experts[0], None if extra is None else extra[0]
+        return experts, extra
+
+    # ---------------------------------------------------------------- reading
+
+    def groups(self, group_bytes: int) -> list[list[int]]:
+        """Consecutive leaves in groups of about ``group_bytes`` (at least one leaf each)."""
+        out, current, size = [], [], 0
+        for j, leaf in enumerate(self.leaves):
+            if current and size + leaf.nbytes > group_bytes:
+                out.append(current)
+                current, size = [], 0
+            current.append(j)
+            size += leaf.nbytes
+        if current:
+            out.append(current)
+        return out
+
+    def read(self, group: list[int]) -> dict[str, Any]:
+        """The group's leaves of every input, as JAX arrays (statistics as nodes)."""
+        data: dict[str, Any] = {"base": _to_jax(self.base.read(group))}
+        data["experts"] = [_to_jax(s.read(group)) for s in self.experts]
+        if self.extras == "statistics":
+            data["extra"] = [s.read_statistics(group) for s in self.experts]
+        elif self.extras is not None:
+            data["extra"] = [_to_jax(s.read(group)) for s in self.extras]
+        return data
+
+    # ---------------------------------------------------------------- merging
+
+    def plan(self, j: int, data: dict[str, Any], pos: int) -> R.Call:
+        """The method's validated call on leaf ``j`` alone (``pos``: its index in the group),
+        with the leaf's full key path."""
+        kp = self.leaves[j].keypath
+        experts = [_wrap(kp, leaves[pos]) for leaves in data["experts"]]
+        extra = None
+        if "extra" in data:
+            extra = [_wrap(kp, leaves[pos]) for leaves in data["extra"]]
+        return R.plan(
+            self.method, _wrap(kp, data["base"][pos]), *self._arguments(experts, extra), self.kwargs
+        )
+
+    def merge(self, call: R.Call, topk: GlobalTopK | None) -> np.ndarray:
+        """The method's steps on one leaf; ``topk`` replaces the per-tensor masks."""
+        scores = R.importances(call)
+        if topk is None:
+            keep = R.masks(call, scores)
+        else:
+            keep = [[topk.mask(t, s[0])] for t, s in enumerate(scores)]
+        merged = V.rebuild(call.prepared, R.combine(call, keep, scores))
+        return np.asarray(jax.tree.leaves(merged)[0])
+
+
+def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
+    """Finds the global thresholds of a ``scope="global"`` merge (extra passes)."""
+    from tqdm.auto import tqdm
+
+    densities = V.check_densities(R.options_of(job.method, job.kwargs)["density"], len(job.experts))
+    topk = GlobalTopK(
+        [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in job.leaves],
+        [leaf.dtype for leaf in job.leaves],
+        densities,
+    )
+    active = topk.active()
+
+    def scan(p: int):
+        bar = tqdm(
+            total=len(job.leaves),
+            desc=f"{job.method.name} global threshold, pass {p + 1}/{topk.passes}",
+            unit="leaf",
+            disable=not progress,
+        )
+        with bar:
+            for group in job.groups(group_bytes):
+                data = None
+                _release_free_memory()
+                data = job.read(group)
+                for pos, j in enumerate(group):
+                    scores = R.importances(job.plan(j, data, pos))
+                    yield [scores[t][0] for t in active]
+                    bar.update(1)
+
+    topk.find_thresholds(scan, lambda p: None)
+    return topk
+
+
+def merge(
+    job: Job,
+    write: Any,
+    *,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    progress: bool = True,
+) -> Any:
+    """Runs ``job``: ``write(abstract_output, produce)`` writes the output, calling
+    ``produce(j)`` for each leaf ``j`` in flattening order; returns what ``write`` returns."""
+    from tqdm.auto import tqdm
+
+    topk = None
+    if job.scope == "global" and job.method.global_scope:
+        topk = _global_topk(job, group_bytes, progress)
+    groups = job.groups(group_bytes)
+    state: dict[str, Any] = {"group": -1, "data": None}
+    where = {j: (g, pos) for g, group in enumerate(groups) for pos, j in enumerate(group)}
+    bar = tqdm(total=len(job.leaves), desc=job.method.name, unit="leaf", disable=not progress)
+
+    def produce(j: int) -> np.ndarray:
+        g, pos = where[j]
+        if state["group"] != g:
+            state["data"] = None  # drop the previous group before reading the next
+            _release_free_memory()
+            state["data"] = job.read(groups[g])
+            state["group"] = g
+        out = job.merge(job.plan(j, state["data"], pos), topk)
+        if job.leaves[j].nbytes >= 2**20:
+            _release_free_memory()
+        bar.update(1)
+        return out
+
+    with bar:
+        return write(job.output, produce)
+
+
+def orbax_job(
+    method: str,
+    base_dir: Any,
+    expert_dirs: Any,
+    *,
+    statistics: bool | None,
+    fisher_dirs: Sequence[Any] | None,
+    kwargs: Mapping[str, Any],
+) -> Job:
+    """A :class:`Job` over umtam_jax checkpoints (see :func:`merge_checkpoints`)."""
+    m = R.get(method)
+    if isinstance(expert_dirs, str | bytes | os.PathLike) or not isinstance(expert_dirs, Sequence):
+        raise TypeError("expert_dirs must be a sequence of checkpoint directories")
+    expert_dirs = list(expert_dirs)
+    if not expert_dirs:
+        raise ValueError("expert_dirs is empty: at least one expert is required")
+    if m.single_expert and len(expert_dirs) != 1:
+        raise ValueError(f"method {method!r} takes exactly one expert, got {len(expert_dirs)}")
+    if "scores" in kwargs:
+        raise TypeError(
+            "pass statistics=True (saliency scores) or statistics=False (magnitude) "
+            "instead of scores"
+        )
+    takes_statistics = m.extra in ("statistics", "curvatures", "scores")
+    if statistics is None:
+        statistics = takes_statistics
+    if statistics and not takes_statistics:
+        raise ValueError(f"method {method!r} takes no statistics")
+    if not statistics and m.extra in ("statistics", "curvatures"):
+        raise ValueError(f"method {method!r} needs the experts' UMTAM statistics")
+    if m.extra == "fishers":
+        if fisher_dirs is None:
+            raise ValueError(f"method {method!r} needs fisher_dirs, one per expert")
+        fisher_dirs = list(fisher_dirs)
+        if len(fisher_dirs) != len(expert_dirs):
+            raise ValueError(f"got {len(fisher_dirs)} fisher_dirs for {len(expert_dirs)} experts")
+    elif fisher_dirs is not None:
+        raise ValueError(f"method {method!r} takes no fisher_dirs")
+    base = OrbaxSource(base_dir, "the base")
+    experts = [OrbaxSource(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
+    extras: str | list[Source] | None = "statistics" if statistics else None
+    if fisher_dirs is not None:
+        extras = [OrbaxSource(d, f"expert {i}'s Fisher") for i, d in enumerate(fisher_dirs)]
+    return Job(m, base, experts, extras, kwargs)
+
+
+def validate_merge_checkpoints(
+    method: str,
+    base_dir: str | os.PathLike,
+    expert_dirs: Sequence[str | os.PathLike],
+    *,
+    statistics: bool | None = None,
+    fisher_dirs: Sequence[str | os.PathLike] | None = None,
+    **method_kwargs: Any,
+) -> Any:
+    """Checks a :func:`merge_checkpoints` call from the checkpoints' metadata alone.
+
+    Reads no arrays: the merge is validated with ``jax.eval_shape`` of the in-memory
+    method on the checkpoints' abstract trees.
+
+    Returns:
+      The merged parameters' abstract pytree (``jax.ShapeDtypeStruct`` leaves).
+
+    Raises:
+      FileNotFoundError, ValueError, TypeError: as :func:`merge_checkpoints`.
+
+    Example:
+      >>> from umtam_jax import engine
+      >>> engine.validate_merge_checkpoints(  # doctest: +SKIP
+      ...     "ties", "ckpt/base", ["ckpt/a", "ckpt/b"], density=0.2)
+    """
+    job = orbax_job(
+        method,
+        base_dir,
+        expert_dirs,
+        statistics=statistics,
+        fisher_dirs=fisher_dirs,
+        kwargs=method_kwargs,
+    )
+    return job.output
+
+
+def merge_checkpoints(
+    method: str,
+    base_dir: str | os.PathLike,
+    expert_dirs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    statistics: bool | None = None,
+    fisher_dirs: Sequence[str | os.PathLike] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    **method_kwargs: Any,
+) -> epath.Path:
+    """Merges checkpoints leaf by leaf, out of core, into a new checkpoint.
+
+    Equivalent to restoring the base and experts with
+    :func:`umtam_jax.checkpoint.restore_params` (and the statistics with
+    ``restore_statistics``), calling the merging function ``method`` and saving the result
+    with :func:`~umtam_jax.checkpoint.save_checkpoint` — the same merged values, bit for
+    bit — but with peak host memory of about one group of leaves per input plus one output
+    leaf, instead of K + 1 models. ``scope="global"`` costs extra passes over the inputs
+    (three reads for float32 scores).
+
+    Args:
+      method: a name in :data:`umtam_jax.merging.METHODS` (``"umtam"``, ``"ties"``, ...).
+      base_dir: the base checkpoint (its ``params``).
+      expert_dirs: the experts' checkpoints (exactly one for ``prune``).
+      output_dir: the checkpoint to create (params only; restorable with
+        ``restore_params``). Written atomically.
+      statistics: use the experts' UMTAM statistics. Default: yes for ``umtam`` and
+        ``ota`` (required) and ``prune`` (saliency scores; ``False`` prunes by magnitude
+        ``|w − w0|``); other methods take none.
+      fisher_dirs: for ``fisher``, one checkpoint per expert whose params hold its
+        diagonal Fisher.
+      overwrite: replace an existing umtam_jax checkpoint at ``output_dir`` (nothing
+        else is ever replaced).
+      progress: show progress bars over the leaves (one per pass).
+      metadata: JSON-serialisable metadata stored with the output (``metadata["user"]``);
+        default: a record of the merge (method, inputs, JSON-serialisable options).
+      group_bytes: leaves are read in consecutive groups of about this many bytes (of the
+        base; at least one leaf per group). Larger groups mean fewer reads.
+      **method_kwargs: keyword arguments of the merging function (``density``,
+        ``scaling``, ``weights``, ``scope``, ``key``, ...).
+
+    Returns:
+      The output directory.
+
+    Raises:
+      FileNotFoundError: a missing input checkpoint (the message names which).
+      FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
+      CheckpointBusyError: another save to ``output_dir`` is in progress.
+      ValueError / TypeError: invalid options, mismatched checkpoints, missing statistics,
+        an input that fails its checksum; an ``output_dir`` that is, contains or lies
+        inside an input, or is a file or a folder that is not a umtam_jax checkpoint;
+        messages name the leaf path or file. Nothing is written in these cases.
+
+    Example:
+      >>> from umtam_jax import engine
+      >>> engine.merge_checkpoints(  # doctest: +SKIP
+      ...     "ties", "ckpt/base", ["ckpt/a", "ckpt/b"], "ckpt/merged", density=0.2,
+      ...     scope="global")
+    """
+    from umtam_jax.checkpoint import _checkpoint as C
+    from umtam_jax.checkpoint import _safety
+    from umtam_jax.checkpoint._streaming import save_params_streaming
+
+    output = C._absolute(output_dir)
+    if not isinstance(group_bytes, int) or group_bytes < 1:
+        raise ValueError(f"group_bytes must be a positive integer, got {group_bytes!r}")
+    job = orbax_job(
+        method,
+        base_dir,
+        expert_dirs,
+        statistics=statistics,
+        fisher_dirs=fisher_dirs,
+        kwargs=method_kwargs,
+    )
+    inputs = [("the base", job.base.directory)]
+    inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
+    if isinstance(job.extras, list):
+        inputs += [(f"the Fisher of expert {i}", s.directory) for i, s in enumerate(job.extras)]
+    _safety.check_output_not_input(output, inputs)
+    _safety.check_target(output, overwrite=overwrite)
+    if metadata is None:
+        metadata = {
+            "merge": {
+                "method": method,
+                "base": os.fspath(base_dir),
+                "experts": [os.fspath(e) for e in expert_dirs],
+                "parameters": _jsonable(method_kwargs),
+                "statistics": job.extras == "statistics",
+                "streaming": True,
+            }
+        }
+
+    def write(abstract: Any, produce: Any) -> epath.Path:
+        return save_params_streaming(
+            output, abstract, produce, overwrite=overwrite, metadata=metadata
+        )
+
+    return merge(job, write, group_bytes=group_bytes, progress=progress)
+
+
+def _jsonable(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, value in kwargs.items():
+        if isinstance(value, list | tuple):
+            value = [float(v) if isinstance(v, np.generic) else v for v in value]
+        if isinstance(value, bool | int | float | str | list | type(None)):
+            out[name] = value
+        else:
+            out[name] = repr(value) if name != "key" else "<PRNG key>"
+    return out
