@@ -6,6 +6,9 @@ entry where that is clearer, with NumPy's stable argsort for the top-k selection
 
 from __future__ import annotations
 
+import zlib
+
+import jax
 import numpy as np
 
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics
@@ -276,6 +279,21 @@ def ref_dare_drop(deltas, keeps, densities, rescale, l1_rescale):
             res[p] = masked
         out.append(res)
     return out
+
+
+def dare_keeps(key, densities, base):
+    """DARE's Bernoulli keep masks by the documented derivation:
+    ``fold_in(fold_in(key, expert), crc32(keystr(leaf path)))``."""
+    keeps = []
+    for t, d in enumerate(densities):
+        ek = jax.random.fold_in(key, t)
+        res = {}
+        for p in PATHS:
+            path = "".join(f"[{k!r}]" for k in p)
+            lk = jax.random.fold_in(ek, np.uint32(zlib.crc32(path.encode())))
+            res[p] = np.asarray(jax.random.bernoulli(lk, d, np.shape(get(base, p))))
+        keeps.append(res)
+    return keeps
 
 
 def ref_dare(

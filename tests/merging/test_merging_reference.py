@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -132,19 +131,6 @@ def test_ties_vote_zero_is_positive_and_zero_divisor():
     np.testing.assert_allclose(np.asarray(got["w"]), [2.0, 0.0, 3.0])
 
 
-def _dare_keeps(key, densities, base):
-    keeps = []
-    for t, d in enumerate(densities):
-        ek = jax.random.fold_in(key, t)
-        res = {}
-        for p in H.PATHS:
-            path = "".join(f"[{k!r}]" for k in p)
-            lk = jax.random.fold_in(ek, np.uint32(zlib.crc32(path.encode())))
-            res[p] = np.asarray(jax.random.bernoulli(lk, d, np.shape(H.get(base, p))))
-        keeps.append(res)
-    return keeps
-
-
 @pytest.mark.parametrize("rescale,l1", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("density", [0.5, [0.3, 1.0]])
 def test_dare_and_dare_ties(rescale, l1, density):
@@ -152,7 +138,7 @@ def test_dare_and_dare_ties(rescale, l1, density):
     base, experts = H.random_experts(rng, 2)
     key = jax.random.key(5)
     dens = density if isinstance(density, list) else [density] * 2
-    keeps = _dare_keeps(key, dens, base)
+    keeps = H.dare_keeps(key, dens, base)
     kw = dict(density=density, scaling=0.8, weights=[1.5, 0.5], rescale=rescale, l1_rescale=l1)
     got = merging.dare(base, experts, key=key, **kw)
     H.assert_tree_close(got, H.ref_dare(base, experts, keeps, **kw))

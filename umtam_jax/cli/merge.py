@@ -1,6 +1,7 @@
 """``umtam-merge``: merge Orbax checkpoints with any ``umtam_jax.merging`` method.
 
-A YAML configuration in the spirit of mergekit's::
+A YAML configuration of its own, or a mergekit configuration unchanged (see
+:mod:`umtam_jax.cli._mergekit` for what carries over)::
 
     method: umtam                 # umtam, task_arithmetic, ties, dare, dare_ties,
                                   # fisher, ota, prune
@@ -56,7 +57,6 @@ Exit status: 0 on success, 2 for an invalid command line, configuration, input o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -67,85 +67,18 @@ import jax
 import yaml
 
 from umtam_jax import engine, merging
+from umtam_jax.cli import _mergekit
+from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
 from umtam_jax.merging import METHODS
 
 PROG = "umtam-merge"
 
-
-class ConfigError(ValueError):
-    """An invalid configuration (reported with exit status 2)."""
-
-
-MAX_CONFIG_BYTES = 2**20
-"""Largest configuration file read (1 MiB)."""
-
-MAX_CONFIG_DEPTH = 64
-"""Deepest nesting of YAML collections accepted (PyYAML's composer recurses)."""
-
 _SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key accepts (a C long)
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` refusing anchors/aliases, merge keys, duplicate keys and deep nesting."""
-
-    _depth = 0
-
-    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
-        if self._depth >= MAX_CONFIG_DEPTH:
-            line = self.peek_event().start_mark.line + 1
-            raise yaml.YAMLError(f"YAML nested deeper than {MAX_CONFIG_DEPTH} levels, line {line}")
-        self._depth += 1
-        try:
-            return self._compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def _compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(
-                f"YAML aliases (*{event.anchor}) are not allowed, line {event.start_mark.line + 1}"
-            )
-        event = self.peek_event()
-        anchor = getattr(event, "anchor", None)
-        if anchor is not None:
-            raise yaml.YAMLError(
-                f"YAML anchors (&{anchor}) are not allowed, line {event.start_mark.line + 1}"
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise yaml.YAMLError(
-                    f"YAML merge keys (<<) are not allowed, line {key_node.start_mark.line + 1}"
-                )
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                duplicate = False
-            if duplicate:
-                raise yaml.YAMLError(f"duplicate key {key!r}, line {key_node.start_mark.line + 1}")
-            with contextlib.suppress(TypeError):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(text: str, name: str) -> Any:
-    """``text`` parsed with :class:`_Loader`; ``name`` (a file or flag) appears in errors."""
-    loader = _Loader(text)
-    loader.name = name
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 # Parameter kinds the CLI fills itself, from the experts' entries or the seed.
 _MANAGED_KINDS = ("weights", "key")
-_TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed"}
+_TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed", "dtype", "out_dtype"}
 _EXPERT_KEYS = {"path", "weight", "density", "fisher"}
 _PRUNE_SCORES = ("saliency", "magnitude")
 
@@ -168,6 +101,8 @@ class Plan:
     parameters: dict[str, Any]
     output: str | None
     seed: int
+    dtype: str | None = None
+    out_dtype: str | None = None
 
 
 # --------------------------------------------------------------------------- config
@@ -317,14 +252,20 @@ def build_plan(config: dict[str, Any]) -> Plan:
     output = config.get("output")
     if output is not None and (not isinstance(output, str) or not output.strip()):
         raise ConfigError(f"'output' must be a non-empty path, got {output!r}")
-    return Plan(method, config["base"], experts, params, output, seed)
+    dtypes = [config.get(key) for key in ("dtype", "out_dtype")]
+    for key, value in zip(("dtype", "out_dtype"), dtypes, strict=True):
+        if value is not None and value not in _mergekit.DTYPES:
+            raise ConfigError(
+                f"'{key}' must be one of {', '.join(_mergekit.DTYPES)}, got {value!r}"
+            )
+    return Plan(method, config["base"], experts, params, output, seed, *dtypes)
 
 
 def _parse_value(text: str, flag: str) -> Any:
     if not text.strip():
         return ""
     try:
-        return _load_yaml(text, flag)
+        return load_yaml(text, flag)
     except yaml.YAMLError as err:
         raise ConfigError(f"{flag} value {text!r} is not valid: {_one_line(err)}") from None
 
@@ -353,13 +294,15 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{args.config} is larger than {MAX_CONFIG_BYTES} bytes")
         try:
-            config = _load_yaml(raw.decode("utf-8"), args.config) or {}
+            config = load_yaml(raw.decode("utf-8"), args.config) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"{args.config} is not UTF-8 text") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{args.config} is not valid YAML: {_one_line(err)}") from None
         if not isinstance(config, dict):
             raise ConfigError(f"{args.config} must hold a YAML mapping")
+        if _mergekit.is_mergekit(config):
+            config = _mergekit.translate(config)
     for key in ("method", "base", "output", "seed"):
         value = getattr(args, key)
         if value is not None:
@@ -411,11 +354,22 @@ def _method_kwargs(plan: Plan) -> dict[str, Any]:
 
 
 def _call(plan: Plan, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
-    """The in-memory merge of whole trees."""
+    """The in-memory merge of whole trees (inputs read as ``dtype``, output ``out_dtype``)."""
     method = METHODS[plan.method]
+
+    def cast(tree: Any, dtype: str | None) -> Any:
+        if dtype is None:
+            return tree
+        return jax.tree.map(
+            lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
+            tree,
+        )
+
+    base, experts = cast(base, plan.dtype), [cast(e, plan.dtype) for e in experts]
     if method.single_expert:
         experts, extra = experts[0], None if extra is None else extra[0]
-    return merging.merge(method, base, experts, extra, **_method_kwargs(plan))
+    merged = merging.merge(method, base, experts, extra, **_method_kwargs(plan))
+    return cast(merged, plan.out_dtype or plan.dtype)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -578,6 +532,8 @@ def _run_streaming(plan: Plan, args: argparse.Namespace) -> int:
     common = {
         "statistics": _needs_statistics(plan) if spec.extra is not None else None,
         "fisher_dirs": [e.fisher for e in plan.experts] if spec.extra == "fishers" else None,
+        "dtype": plan.dtype,
+        "out_dtype": plan.out_dtype,
     }
     experts = [e.path for e in plan.experts]
     if args.dry_run:

@@ -99,6 +99,8 @@ class Job:
       extras: where the per-expert input comes from: ``"statistics"`` (each expert's
         stored statistics), a list of sources (their parameters, e.g. Fishers), or None.
       kwargs: the method's keyword arguments.
+      dtype: the dtype the parameters are read in (floating leaves; default: as stored).
+      out_dtype: the output's dtype (default: ``dtype``, else the merge's).
 
     Raises:
       ValueError / TypeError: as the in-memory call would, with the same messages (the
@@ -112,9 +114,15 @@ class Job:
         experts: list[Source],
         extras: str | list[Source] | None,
         kwargs: Mapping[str, Any],
+        *,
+        dtype: Any = None,
+        out_dtype: Any = None,
     ):
         self.method, self.base, self.experts, self.extras = method, base, experts, extras
         self.kwargs = dict(kwargs)
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        out_dtype = out_dtype if out_dtype is not None else dtype
+        self.out_dtype = None if out_dtype is None else np.dtype(out_dtype)
         if extras == "statistics":
             for i, source in enumerate(experts):
                 if not source.has_statistics():
@@ -122,8 +130,8 @@ class Job:
                         f"method {method.name!r} needs UMTAM statistics, but expert {i} "
                         f"({source.location}) has none"
                     )
-        base_abs = base.abstract()
-        experts_abs = [s.abstract() for s in experts]
+        base_abs = self._cast(base.abstract())
+        experts_abs = [self._cast(s.abstract()) for s in experts]
         extra_abs = None
         if extras == "statistics":
             extra_abs = [s.abstract_statistics() for s in experts]
@@ -132,12 +140,30 @@ class Job:
         self.output = jax.eval_shape(
             lambda b, e, x: self._run(b, e, x), base_abs, experts_abs, extra_abs
         )
+        if self.out_dtype is not None:
+            self.output = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, self.out_dtype), self.output
+            )
         self.leaves = []
         for keypath, out in jax.tree_util.tree_flatten_with_path(self.output)[0]:
             dtype = np.dtype(out.dtype)
             n = int(np.prod(out.shape, dtype=np.int64))
             self.leaves.append(_Leaf(tuple(keypath), tuple(out.shape), dtype, n * dtype.itemsize))
         self.scope = self.kwargs.get("scope", "tensor")
+
+    def _cast(self, tree: Any) -> Any:
+        """``tree`` (arrays or abstract leaves) in the read dtype, floating leaves only."""
+        if self.dtype is None:
+            return tree
+
+        def cast(x: Any) -> Any:
+            if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == self.dtype:
+                return x
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(x.shape, self.dtype)
+            return x.astype(self.dtype)
+
+        return jax.tree.map(cast, tree)
 
     def _run(self, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
         return R.merge(self.method, base, *self._arguments(experts, extra), **self.kwargs)
@@ -164,8 +190,8 @@ class Job:
 
     def read(self, group: list[int]) -> dict[str, Any]:
         """The group's leaves of every input, as JAX arrays (statistics as nodes)."""
-        data: dict[str, Any] = {"base": _to_jax(self.base.read(group))}
-        data["experts"] = [_to_jax(s.read(group)) for s in self.experts]
+        data: dict[str, Any] = {"base": self._cast(_to_jax(self.base.read(group)))}
+        data["experts"] = [self._cast(_to_jax(s.read(group))) for s in self.experts]
         if self.extras == "statistics":
             data["extra"] = [s.read_statistics(group) for s in self.experts]
         elif self.extras is not None:
@@ -194,7 +220,8 @@ class Job:
         else:
             keep = [[topk.mask(t, s[0])] for t, s in enumerate(scores)]
         merged = V.rebuild(call.prepared, R.combine(call, keep, scores))
-        return np.asarray(jax.tree.leaves(merged)[0])
+        out = np.asarray(jax.tree.leaves(merged)[0])
+        return out if self.out_dtype is None else out.astype(self.out_dtype)
 
 
 def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
@@ -274,6 +301,8 @@ def orbax_job(
     statistics: bool | None,
     fisher_dirs: Sequence[Any] | None,
     kwargs: Mapping[str, Any],
+    dtype: Any = None,
+    out_dtype: Any = None,
 ) -> Job:
     """A :class:`Job` over umtam_jax checkpoints (see :func:`merge_checkpoints`)."""
     m = R.get(method)
@@ -309,7 +338,7 @@ def orbax_job(
     extras: str | list[Source] | None = "statistics" if statistics else None
     if fisher_dirs is not None:
         extras = [OrbaxSource(d, f"expert {i}'s Fisher") for i, d in enumerate(fisher_dirs)]
-    return Job(m, base, experts, extras, kwargs)
+    return Job(m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype)
 
 
 def validate_merge_checkpoints(
@@ -319,6 +348,8 @@ def validate_merge_checkpoints(
     *,
     statistics: bool | None = None,
     fisher_dirs: Sequence[str | os.PathLike] | None = None,
+    dtype: Any = None,
+    out_dtype: Any = None,
     **method_kwargs: Any,
 ) -> Any:
     """Checks a :func:`merge_checkpoints` call from the checkpoints' metadata alone.
@@ -344,6 +375,8 @@ def validate_merge_checkpoints(
         statistics=statistics,
         fisher_dirs=fisher_dirs,
         kwargs=method_kwargs,
+        dtype=dtype,
+        out_dtype=out_dtype,
     )
     return job.output
 
@@ -360,6 +393,8 @@ def merge_checkpoints(
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
     group_bytes: int = DEFAULT_GROUP_BYTES,
+    dtype: Any = None,
+    out_dtype: Any = None,
     **method_kwargs: Any,
 ) -> epath.Path:
     """Merges checkpoints leaf by leaf, out of core, into a new checkpoint.
@@ -390,6 +425,8 @@ def merge_checkpoints(
         default: a record of the merge (method, inputs, JSON-serialisable options).
       group_bytes: leaves are read in consecutive groups of about this many bytes (of the
         base; at least one leaf per group). Larger groups mean fewer reads.
+      dtype: read the parameters in this dtype (floating leaves; default: as stored).
+      out_dtype: write the output in this dtype (default: ``dtype``, else the merge's).
       **method_kwargs: keyword arguments of the merging function (``density``,
         ``scaling``, ``weights``, ``scope``, ``key``, ...).
 
@@ -425,6 +462,8 @@ def merge_checkpoints(
         statistics=statistics,
         fisher_dirs=fisher_dirs,
         kwargs=method_kwargs,
+        dtype=dtype,
+        out_dtype=out_dtype,
     )
     inputs = [("the base", job.base.directory)]
     inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]

@@ -521,79 +521,40 @@ def _optimizer_for(name: str, config: PipelineConfig, kwargs: Mapping[str, Any])
 
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
-    """A named merge of encoders.
+    """A method of :data:`umtam_jax.merging.METHODS` as the experiments run it.
 
     Attributes:
         name: Display name.
-        fn: ``fn(base, experts, *, statistics, fishers, key, **hp) -> merged``.
-        needs: ``"statistics"``, ``"fisher"`` or ``""``.
+        method: The registry key.
+        defaults: Experiment defaults for parameters the registry requires (``density``)
+            or sets otherwise; ``scaling=None`` means ``1/K``.
     """
 
     name: str
-    fn: Callable[..., Any]
-    needs: str = ""
+    method: str
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def needs(self) -> str:
+        """``"statistics"``, ``"fisher"`` or ``""``: the per-expert input besides the experts."""
+        from umtam_jax import merging
 
-def _m_linear(base, experts, *, scaling=None, **_):
-    from umtam_jax import merging
-
-    k = len(experts)
-    return merging.task_arithmetic(base, experts, scaling=1.0 / k if scaling is None else scaling)
-
-
-def _m_task_arithmetic(base, experts, *, scaling=1.0, **_):
-    from umtam_jax import merging
-
-    return merging.task_arithmetic(base, experts, scaling=scaling)
-
-
-def _m_ties(base, experts, *, density=0.2, scaling=1.0, **_):
-    from umtam_jax import merging
-
-    return merging.ties(base, experts, density=density, scaling=scaling)
-
-
-def _m_dare(base, experts, *, density=0.5, scaling=1.0, key=None, **_):
-    from umtam_jax import merging
-
-    return merging.dare(base, experts, density=density, scaling=scaling, key=key)
-
-
-def _m_dare_ties(base, experts, *, density=0.5, scaling=1.0, key=None, **_):
-    from umtam_jax import merging
-
-    return merging.dare_ties(base, experts, density=density, scaling=scaling, key=key)
-
-
-def _m_fisher(base, experts, *, fishers=None, **_):
-    from umtam_jax import merging
-
-    return merging.fisher(base, experts, fishers)
-
-
-def _m_ota(base, experts, *, statistics=None, power=0.5, scaling=1.0, **_):
-    from umtam_jax import merging
-
-    return merging.ota(base, experts, statistics, power=power, scaling=scaling)
-
-
-def _m_umtam(base, experts, *, statistics=None, **hp):
-    from umtam_jax import merging
-
-    hp = {k: v for k, v in hp.items() if k not in ("key", "fishers")}
-    return merging.umtam(base, experts, statistics, **hp)
+        extra = merging.METHODS[self.method].extra
+        return {"statistics": "statistics", "curvatures": "statistics", "fishers": "fisher"}.get(
+            extra, ""
+        )
 
 
 #: Merge methods by key (display name in ``.name``).
 MERGE_METHODS: dict[str, MergeMethod] = {
-    "linear": MergeMethod("Linear (TA 1/K)", _m_linear),
-    "task_arithmetic": MergeMethod("Task arithmetic", _m_task_arithmetic),
-    "ties": MergeMethod("TIES", _m_ties),
-    "dare": MergeMethod("DARE", _m_dare),
-    "dare_ties": MergeMethod("DARE-TIES", _m_dare_ties),
-    "fisher": MergeMethod("Fisher (post-hoc)", _m_fisher, "fisher"),
-    "ota": MergeMethod("OTA (UMTAM stats)", _m_ota, "statistics"),
-    "umtam": MergeMethod("UMTAM", _m_umtam, "statistics"),
+    "linear": MergeMethod("Linear (TA 1/K)", "task_arithmetic", {"scaling": None}),
+    "task_arithmetic": MergeMethod("Task arithmetic", "task_arithmetic"),
+    "ties": MergeMethod("TIES", "ties", {"density": 0.2}),
+    "dare": MergeMethod("DARE", "dare", {"density": 0.5}),
+    "dare_ties": MergeMethod("DARE-TIES", "dare_ties", {"density": 0.5}),
+    "fisher": MergeMethod("Fisher (post-hoc)", "fisher"),
+    "ota": MergeMethod("OTA (UMTAM stats)", "ota"),
+    "umtam": MergeMethod("UMTAM", "umtam"),
 }
 
 
@@ -656,21 +617,21 @@ def merge_encoders(
     Returns:
         The merged encoder.
     """
+    from umtam_jax import merging
+
     m = MERGE_METHODS[method] if isinstance(method, str) else method
     if m.needs == "statistics" and statistics is None:
         raise ValueError(f"{m.name} needs the experts' UMTAM statistics")
     if m.needs == "fisher" and fishers is None:
         raise ValueError(f"{m.name} needs the experts' Fishers")
-    if key is None:
-        key = jax.random.key(0)
-    return m.fn(
-        base_encoder,
-        list(expert_encoders),
-        statistics=statistics,
-        fishers=fishers,
-        key=key,
-        **hparams,
-    )
+    registered = merging.METHODS[m.method]
+    options = {**m.defaults, **hparams}
+    if options.get("scaling", 0.0) is None:
+        options["scaling"] = 1.0 / len(expert_encoders)
+    if registered.param("key") is not None:
+        options["key"] = jax.random.key(0) if key is None else key
+    extra = {"statistics": statistics, "fisher": fishers}.get(m.needs)
+    return merging.merge(registered, base_encoder, list(expert_encoders), extra, **options)
 
 
 def post_hoc_fishers(

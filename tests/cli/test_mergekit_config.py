@@ -1,0 +1,224 @@
+"""mergekit configurations run unchanged through ``umtam-merge`` with mergekit's semantics,
+checked against the float64 reference of mergekit's generalized task arithmetic."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from tests.merging import helpers as H
+from umtam_jax import checkpoint
+from umtam_jax.cli.merge import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergekit")
+    rng = np.random.default_rng(3)
+    base, experts = H.random_experts(rng, 2, dtype=np.float32)
+    paths = {"base": str(root / "base"), "a": str(root / "a"), "b": str(root / "b")}
+    checkpoint.save_checkpoint(paths["base"], base)
+    for name, expert in zip("ab", experts, strict=True):
+        checkpoint.save_checkpoint(paths[name], expert)
+    return {"paths": paths, "base": base, "experts": experts}
+
+
+def _run(tmp_path, models, text, *flags):
+    p = models["paths"]
+    config = tmp_path / "mergekit.yaml"
+    config.write_text(textwrap.dedent(text).format(**p))
+    out = tmp_path / "out"
+    status = main([str(config), "--output", str(out), "--no-progress", *flags])
+    return status, out
+
+
+def _close(got, want, rtol=1e-5, atol=1e-6):
+    for path in H.PATHS:
+        np.testing.assert_allclose(
+            np.asarray(H.get(got, path), np.float64), want[path], rtol=rtol, atol=atol
+        )
+
+
+@pytest.mark.parametrize("flags", [(), ("--in-memory",)])
+def test_ties_with_weights_densities_lambda_and_the_base_among_the_models(tmp_path, models, flags):
+    status, out = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: ties
+        base_model: {base}
+        models:
+          - model: {base}
+          - model: {a}
+            parameters: {{weight: 1.0, density: 0.5}}
+          - model: {b}
+            parameters: {{weight: 0.5, density: 0.3}}
+        parameters: {{normalize: true, int8_mask: true, lambda: 0.8}}
+        dtype: float32
+        tokenizer_source: base
+        """,
+        *flags,
+    )
+    assert status == 0
+    want = H.ref_ties(
+        models["base"], models["experts"], density=[0.5, 0.3], scaling=0.8, weights=[1.0, 0.5]
+    )
+    _close(checkpoint.restore_params(out), want)
+
+
+def test_task_arithmetic_normalize_divides_by_the_summed_weights(tmp_path, models):
+    status, out = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: task_arithmetic
+        base_model: {base}
+        models:
+          - {{model: {a}, parameters: {{weight: 0.7}}}}
+          - {{model: {b}, parameters: {{weight: 0.8}}}}
+        parameters: {{normalize: true, lambda: 1.5}}
+        """,
+    )
+    assert status == 0
+    want = H.ref_task_arithmetic(
+        models["base"], models["experts"], scaling=1.5 / 1.5, weights=[0.7, 0.8]
+    )
+    _close(checkpoint.restore_params(out), want)
+
+
+@pytest.mark.parametrize(
+    "method,rescale,normalize",
+    [("dare_ties", None, None), ("dare_ties", False, True), ("dare_linear", None, None)],
+)
+def test_dare_methods_use_mergekit_rescale_defaults(tmp_path, models, method, rescale, normalize):
+    params = {"rescale": rescale, "normalize": normalize}
+    given = ", ".join(f"{k}: {str(v).lower()}" for k, v in params.items() if v is not None)
+    status, out = _run(
+        tmp_path,
+        models,
+        f"""
+        merge_method: {method}
+        base_model: {{base}}
+        models:
+          - {{{{model: {{a}}, parameters: {{{{weight: 1.0, density: 0.6}}}}}}}}
+          - {{{{model: {{b}}, parameters: {{{{weight: 0.5, density: 0.4}}}}}}}}
+        parameters: {{{{{given}}}}}
+        """,
+        "--seed",
+        "7",
+    )
+    assert status == 0
+    keeps = H.dare_keeps(jax.random.key(7), [0.6, 0.4], models["base"])
+    l1 = True if rescale is None else rescale  # mergekit's dare default: L1 rescale
+    kw = dict(density=[0.6, 0.4], weights=[1.0, 0.5], rescale=False, l1_rescale=l1)
+    if method == "dare_ties":
+        want = H.ref_dare_ties(
+            models["base"], models["experts"], keeps, normalize=bool(normalize), **kw
+        )
+    else:
+        want = H.ref_dare(models["base"], models["experts"], keeps, **kw)
+    _close(checkpoint.restore_params(out), want)
+
+
+def test_out_dtype_casts_the_merge(tmp_path, models):
+    status, out = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: task_arithmetic
+        base_model: {base}
+        models: [{{model: {a}}}, {{model: {b}}}]
+        out_dtype: bfloat16
+        """,
+    )
+    assert status == 0
+    got = checkpoint.restore_params(out)
+    assert {np.asarray(x).dtype.name for x in jax.tree.leaves(got)} == {"bfloat16"}
+    want = H.ref_task_arithmetic(models["base"], models["experts"])
+    _close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}}}]", "merge_method"),
+        ("merge_method: ties\nslices: []\nbase_model: {base}\nmodels: [{{model: {a}}}]", "slices"),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "tokenizer_source: union",
+            "tokenizer_source",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\n"
+            "models: [{{model: {a}, parameters: {{density: [0.1, 0.9]}}}}]",
+            "gradients",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{lambda: [{{filter: mlp, value: 1}}]}}",
+            "gradients",
+        ),
+        ("merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}+lora}}]", "LoRA"),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{normalize: false}}",
+            "normalize",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {base}}}]",
+            "no model besides",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\ndtype: int8",
+            "dtype",
+        ),
+    ],
+)
+def test_unsupported_mergekit_features_are_one_clear_error(tmp_path, models, capsys, body, needle):
+    status, out = _run(tmp_path, models, body)
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out)
+
+
+def test_dry_run_and_mergekit_parameter_names(tmp_path, models, capsys):
+    status, _ = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: ties
+        base_model: {base}
+        models: [{{model: {a}, parameters: {{density: 0.5}}}}, {{model: {b}}}]
+        """,
+        "--dry-run",
+    )
+    assert status == 0
+    assert "dry run OK: ties of 2 expert(s)" in capsys.readouterr().out
+    status, _ = _run(
+        tmp_path,
+        models,
+        "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+        "parameters: {{scaling: 0.5}}",
+    )
+    assert status == 2  # mergekit's task_arithmetic names it lambda
+
+
+def test_any_registry_method_in_mergekit_syntax_keeps_its_own_parameters():
+    from umtam_jax.cli import _mergekit
+
+    config = _mergekit.translate(
+        {
+            "merge_method": "umtam",
+            "base_model": "b",
+            "models": [{"model": "b"}, {"model": "x", "parameters": {"density": 0.3}}, "y"],
+            "parameters": {"normalize": "selected", "scope": "global"},
+        }
+    )
+    assert config["method"] == "umtam"
+    assert config["experts"] == [{"path": "x", "density": 0.3}, {"path": "y"}]
+    assert config["parameters"] == {"normalize": "selected", "scope": "global"}
