@@ -29,6 +29,12 @@ from umtam_jax.checkpoint._checkpoint import (
     save_checkpoint,
 )
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+from umtam_jax.checkpoint._safetensors import SafetensorsReader, names_from_tree, tree_from_names
+from umtam_jax.checkpoint._safetensors_write import (
+    orbax_to_safetensors,
+    safetensors_to_orbax,
+    save_safetensors,
+)
 from umtam_jax.checkpoint._safety import CheckpointBusyError
 from umtam_jax.checkpoint._streaming import CheckpointReader, save_params_streaming
 
@@ -37,11 +43,17 @@ __all__ = [
     "CheckpointBusyError",
     "CheckpointCorruptError",
     "CheckpointReader",
+    "SafetensorsReader",
+    "names_from_tree",
+    "orbax_to_safetensors",
     "read_metadata",
     "restore_checkpoint",
     "restore_opt_state",
     "restore_params",
     "restore_statistics",
+    "safetensors_to_orbax",
     "save_checkpoint",
     "save_params_streaming",
+    "save_safetensors",
+    "tree_from_names",
 ]

@@ -4,7 +4,9 @@ Every save goes through :func:`publishing`, which
 
 1. refuses a target it may not write: a symbolic link, a path under a regular file, an
    existing file or folder that is not a umtam_jax checkpoint (even with ``overwrite``),
-   an existing checkpoint without ``overwrite``;
+   an existing checkpoint without ``overwrite``. Writers of other formats pass their own
+   ``is_own`` test (e.g. the safetensors writer recognises its marker file), so only
+   their own earlier output is ever replaced;
 2. takes an exclusive lock on the target (a hidden ``.<name>.umtam-lock`` file beside it,
    removed when the save ends), so a second writer to the same path fails at once with
    :class:`CheckpointBusyError` instead of mixing its arrays with the first one's;
@@ -127,8 +129,19 @@ def _fsync_dir(path: epath.Path) -> None:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_target(directory: epath.Path, *, overwrite: bool) -> None:
+def check_target(
+    directory: epath.Path,
+    *,
+    overwrite: bool,
+    is_own: Callable[[epath.Path], bool] = is_checkpoint,
+) -> None:
     """Raises a clear error if a save may not write ``directory``.
+
+    Args:
+      directory: the path to be written.
+      overwrite: whether an existing output of ours at ``directory`` may be replaced.
+      is_own: recognises an existing folder as this writer's own output (the only kind
+        ever replaced); by default a umtam_jax checkpoint.
 
     Raises:
       ValueError: an empty name, a symbolic link, a file or a folder that is not a
@@ -158,7 +171,7 @@ def check_target(directory: epath.Path, *, overwrite: bool) -> None:
             f"refusing to write checkpoint {directory}: a file of that name exists and "
             "is not a umtam_jax checkpoint (it is never replaced)"
         )
-    if not is_checkpoint(directory):
+    if not is_own(directory):
         raise ValueError(
             f"refusing to write checkpoint {directory}: the folder exists and is not a "
             "umtam_jax checkpoint (only a umtam_jax checkpoint is ever replaced)"
@@ -235,10 +248,10 @@ def _locked(directory: epath.Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------- repair
 
 
-def _repair(directory: epath.Path) -> None:
+def _repair(directory: epath.Path, is_own: Callable[[epath.Path], bool] = is_checkpoint) -> None:
     """Under the lock: puts back an interrupted swap's old checkpoint, drops leftovers."""
     if not directory.exists():
-        olds = [p for p in _siblings(directory, _OLD) if is_checkpoint(p)]
+        olds = [p for p in _siblings(directory, _OLD) if is_own(p)]
         if olds:
             newest = max(olds, key=lambda p: p.stat().mtime)
             newest.rename(directory)
@@ -250,16 +263,17 @@ def _repair(directory: epath.Path) -> None:
         _rmtree(leftover)
 
 
-def recover(directory: epath.Path) -> None:
+def recover(directory: epath.Path, is_own: Callable[[epath.Path], bool] = is_checkpoint) -> None:
     """Puts back the checkpoint of a save killed in the middle of a swap, if any.
 
     Called by the restore functions when ``directory`` does not exist; does nothing when
-    there is nothing to recover or another process holds the lock.
+    there is nothing to recover or another process holds the lock. ``is_own`` as in
+    :func:`check_target`.
     """
     if directory.exists() or not _siblings(directory, _OLD):
         return
     with contextlib.suppress(CheckpointBusyError), _locked(directory):
-        _repair(directory)
+        _repair(directory, is_own)
 
 
 # ----------------------------------------------------------------------------- publish
@@ -321,12 +335,19 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str) -> None:
 
 
 @contextlib.contextmanager
-def publishing(directory: epath.Path, *, overwrite: bool) -> Iterator[epath.Path]:
+def publishing(
+    directory: epath.Path,
+    *,
+    overwrite: bool,
+    is_own: Callable[[epath.Path], bool] = is_checkpoint,
+) -> Iterator[epath.Path]:
     """Yields a staging folder to write a complete checkpoint into, then publishes it.
 
     Args:
       directory: the final checkpoint path (absolute).
       overwrite: whether an existing umtam_jax checkpoint at ``directory`` may be replaced.
+      is_own: recognises the writer's own earlier output, the only thing ever replaced
+        (and the only old folder a repair puts back); see :func:`check_target`.
 
     Yields:
       A path that does not exist yet; the body must create the checkpoint there. If the
@@ -336,17 +357,18 @@ def publishing(directory: epath.Path, *, overwrite: bool) -> Iterator[epath.Path
       CheckpointBusyError: another save to ``directory`` is in progress.
       ValueError / FileExistsError / NotADirectoryError: see :func:`check_target`.
     """
-    check_target(directory, overwrite=overwrite)
+    check_target(directory, overwrite=overwrite, is_own=is_own)
     if is_local(directory) and _is_primary():
         os.makedirs(os.fspath(directory.parent), exist_ok=True)
     if _process_count() > 1:
-        with _publishing_collectively(directory) as staging:
+        with _publishing_collectively(directory, is_own) as staging:
             yield staging
         return
     with _locked(directory):
         _step("locked")
-        _repair(directory)
-        check_target(directory, overwrite=overwrite)  # again: the repair may restore one
+        _repair(directory, is_own)
+        # Again: the repair may have put back an old folder.
+        check_target(directory, overwrite=overwrite, is_own=is_own)
         token = uuid.uuid4().hex[:12]
         staging = _hidden(directory, _NEW, token)
         try:
@@ -386,7 +408,9 @@ def _shared_token() -> str:
 
 
 @contextlib.contextmanager
-def _publishing_collectively(directory: epath.Path) -> Iterator[epath.Path]:
+def _publishing_collectively(
+    directory: epath.Path, is_own: Callable[[epath.Path], bool] = is_checkpoint
+) -> Iterator[epath.Path]:
     """:func:`publishing` when every process of a multi-host run calls the save.
 
     Every process writes its shards into the same staging folder (Orbax coordinates
@@ -397,7 +421,7 @@ def _publishing_collectively(directory: epath.Path) -> Iterator[epath.Path]:
     token = _shared_token()
     staging = _hidden(directory, _NEW, token)
     if _is_primary():
-        _repair(directory)
+        _repair(directory, is_own)
     _barrier(f"umtam_checkpoint_start_{token}")
     try:
         yield staging

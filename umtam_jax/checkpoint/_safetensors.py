@@ -1,0 +1,366 @@
+"""Hugging Face safetensors model folders, read and written lazily, without torch.
+
+A folder holds one ``model.safetensors``, or shards ``model-00001-of-00003.safetensors``, ...
+listed in ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes},
+"weight_map": {name: shard}}``). A file is an 8-byte little-endian header length, a JSON
+header (each tensor's ``dtype``, ``shape`` and ``data_offsets``, plus ``__metadata__``
+strings) padded with spaces to a multiple of 8, then the tensors' little-endian bytes.
+:class:`SafetensorsReader` reads headers when opened and then one tensor at a time;
+:func:`save_safetensors` writes each header first and then streams the tensors, so neither
+holds a whole model. Nothing is ever unpickled: folders of PyTorch pickles are refused.
+
+Names and pytrees: a tensor name split on ``"."`` gives nested dicts with string keys,
+``"bert.encoder.layer.0.attention.self.query.weight"`` ↔ ``{"bert": {"encoder": {"layer":
+{"0": {"attention": {"self": {"query": {"weight": array}}}}}}}}``. From a pytree, dict keys,
+sequence indices and attribute names are the components; an empty component, one holding
+``"."`` or a name that is also another's prefix (``"a.b"``, ``"a.b.c"``) is refused, so the
+mapping is exact both ways.
+
+Integrity and safety: files written here record each tensor's CRC-32 in ``__metadata__``
+under ``"umtam_jax.crc32"`` (a JSON string ``{name: 8 hex digits}``), checked on read with
+``verify=True``; foreign files have no checksum, only their structure is checked. A written
+folder holds the marker file ``umtam_jax_safetensors.json`` (``{"format":
+"umtam_jax-safetensors", "version": 1}``). Writes are atomic and locked (``_safety``) and
+only a folder with that marker is ever replaced, with ``overwrite=True``. Local disks only.
+
+Example:
+  >>> import numpy as np, jax.numpy as jnp
+  >>> from umtam_jax.checkpoint import SafetensorsReader, save_safetensors
+  >>> tree = {"dense": {"kernel": np.ones((2, 3), jnp.bfloat16)}}
+  >>> path = save_safetensors("/tmp/st_module_doc", tree, overwrite=True)
+  >>> SafetensorsReader(path).abstract()["dense"]["kernel"].dtype
+  dtype(bfloat16)
+
+References:
+  The safetensors format: https://github.com/huggingface/safetensors#format
+  Sharded checkpoints: https://huggingface.co/docs/transformers/main/en/big_models
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from umtam_jax.checkpoint import _checkpoint as C
+from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+
+MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MARKER_FILE = "umtam_jax_safetensors.json"
+MARKER = {"format": "umtam_jax-safetensors", "version": 1}
+CRC_KEY = "umtam_jax.crc32"
+COPIED_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+    "added_tokens.json", "chat_template.jinja",
+)  # fmt: skip
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+_TYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+    "F16": np.float16, "BF16": jnp.bfloat16, "F32": np.float32, "F64": np.float64,
+    "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2,
+}  # fmt: skip
+_DTYPES = {name: np.dtype(t) for name, t in _TYPES.items()}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _split(name: str) -> tuple[str, ...]:
+    keys = tuple(name.split(".")) if isinstance(name, str) else ("",)
+    if "" in keys:
+        raise ValueError(f"tensor name {name!r} is not a string of non-empty, dot-separated keys")
+    return keys
+
+
+def tree_from_names(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """Nests ``{tensor name: leaf}`` into dicts split on ``"."``.
+
+    Args:
+      mapping: tensor names to leaves (arrays, ``jax.ShapeDtypeStruct``, ...).
+
+    Returns:
+      Nested dicts with string keys; :func:`names_from_tree` inverts it.
+
+    Raises:
+      ValueError: an empty component, or a name that is also the prefix of another.
+
+    Example:
+      >>> tree_from_names({"a.b": 1, "a.c": 2})
+      {'a': {'b': 1, 'c': 2}}
+    """
+    tree: dict[str, Any] = {}
+    for name, value in mapping.items():
+        keys, node = _split(name), tree
+        for i, k in enumerate(keys[:-1]):
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                prefix = ".".join(keys[: i + 1])
+                raise ValueError(f"tensor {prefix!r} is also the prefix of tensor {name!r}")
+        if isinstance(node.get(keys[-1]), dict):
+            other = next(iter(names_from_tree(node[keys[-1]])))
+            raise ValueError(f"tensor {name!r} is also the prefix of tensor '{name}.{other}'")
+        node[keys[-1]] = value
+    return tree
+
+
+def _component(key: Any) -> str:
+    """A jax key path entry as a name component (dict key, sequence index, attribute)."""
+    return str(next((getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)), key))
+
+
+def names_from_tree(tree: Any) -> dict[str, Any]:
+    """Flattens a pytree into ``{tensor name: leaf}``, in ``jax.tree.leaves`` order.
+
+    Args:
+      tree: a pytree; dict keys become ``str(key)``, sequence indices ``str(index)`` and
+        attributes their names.
+
+    Returns:
+      The dot-joined key path of each leaf, mapped to the leaf.
+
+    Raises:
+      ValueError: a key that is empty or contains ``"."`` (naming its path), or a name that
+        is also the prefix of another.
+
+    Example:
+      >>> names_from_tree({"a": {"b": 1}, "c": [2]})
+      {'a.b': 1, 'c.0': 2}
+    """
+    names: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [_component(k) for k in path]
+        if not keys or any(k == "" or "." in k for k in keys):
+            where = jax.tree_util.keystr(path) or "the root"
+            raise ValueError(f"the leaf at {where} has no tensor name (empty key or '.' in it)")
+        if (name := ".".join(keys)) in names:
+            raise ValueError(f"two leaves are named {name!r}")
+        names[name] = leaf
+    tree_from_names(names)  # refuses a name that is also a prefix
+    return names
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _is_own(path: epath.Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`save_safetensors` (its marker file)."""
+    try:
+        return json.loads((path / MARKER_FILE).read_text()) == MARKER
+    except (OSError, ValueError):
+        return False
+
+
+def _pickle_note(files: Iterable[str]) -> str:
+    if not (pickles := [f for f in files if f.endswith(_PICKLES)]):
+        return ""
+    return (
+        f"; it holds pickled weights ({', '.join(pickles)}), which are never loaded "
+        "(unpickling can run arbitrary code): convert them to safetensors first"
+    )
+
+
+def _parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
+    """``({name: (dtype, shape, begin, end)}``, ``__metadata__)``, offsets in the file.
+
+    Raises:
+      ValueError: naming the file (and tensor): malformed, truncated or unsupported.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (-1,)
+            if not 0 < length <= min(size - 8, _MAX_HEADER):
+                raise ValueError(f"its header length {length} does not fit its {size} bytes")
+            header = json.loads(f.read(length).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise ValueError("its __metadata__ is not a mapping of strings")
+        entries = []
+        for name, e in header.items():
+            try:
+                dtype, shape, (begin, end) = _DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
+                if not all(type(i) is int and i >= 0 for i in [*shape, begin, end]):
+                    raise TypeError
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"tensor {name!r} has an invalid entry {e}") from None
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise ValueError(f"tensor {name!r}: its data_offsets do not fit shape and dtype")
+            entries.append((begin, end, name, dtype, tuple(shape)))
+        entries.sort()
+        cursor, data = 0, 8 + length
+        for begin, end, name, _, _ in entries:
+            if begin != cursor:
+                raise ValueError(f"tensor {name!r} does not start where the previous one ends")
+            cursor = end
+        if data + cursor > size:
+            last = entries[-1][2]
+            raise ValueError(f"it is truncated: {last!r} ends at {data + cursor}, file {size} B")
+        if data + cursor < size:
+            raise ValueError(f"it has {size - data - cursor} stray bytes after its tensors")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
+    return {n: (d, s, data + b, data + e) for b, e, n, d, s in entries}, meta
+
+
+class SafetensorsReader:
+    """Reads tensors one at a time from a Hugging Face safetensors folder (or file).
+
+    Opening reads only the headers. ``names`` lists tensors by shard file name, then by
+    position in the file; ``metadata`` is the first shard's ``__metadata__``.
+
+    Args:
+      folder: a folder with ``model.safetensors``, or ``model.safetensors.index.json`` and
+        its shards; or one ``.safetensors`` file.
+      verify: check the tensors of files written by :func:`save_safetensors` against their
+        recorded CRC-32 as they are read.
+
+    Raises:
+      FileNotFoundError: no such path, no safetensors weights, or a missing shard.
+      ValueError: pickled weights only, an invalid index or header, a truncated file, a
+        tensor absent from its shard or in two shards.
+      CheckpointCorruptError: with ``verify``, an unreadable checksum record.
+
+    Example:
+      >>> import numpy as np
+      >>> path = save_safetensors("/tmp/st_reader_doc", {"w": np.ones(3)}, overwrite=True)
+      >>> reader = SafetensorsReader(path)
+      >>> reader.names, reader.shape("w"), reader.read(["w"])[0].sum()
+      (['w'], (3,), np.float64(3.0))
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, verify: bool = True):
+        path = C._absolute(folder)
+        if not path.exists():
+            _safety.recover(path, _is_own)  # a save killed in the middle of its swap
+        if not path.exists():
+            raise FileNotFoundError(f"no safetensors model at {path}: it does not exist")
+        if path.is_dir():
+            self.folder, shard_of = path, self._shard_map(path)
+            files = [MODEL_FILE] if shard_of is None else sorted(set(shard_of.values()))
+        elif path.name.endswith(".safetensors"):
+            self.folder, shard_of, files = path.parent, None, [path.name]
+        else:
+            raise ValueError(f"{path} is not a .safetensors file{_pickle_note([path.name])}")
+        self.files = [self.folder / f for f in files]
+        if missing := [f for f in self.files if not f.is_file()]:
+            raise FileNotFoundError(f"{INDEX_FILE} in {path} names missing shard {missing[0]}")
+        self._entries: dict[str, tuple] = {}
+        self._crcs: dict[str, int] = {}
+        headers = [(os.fspath(f), *_parse_header(os.fspath(f))) for f in self.files]
+        self.metadata: dict[str, str] = headers[0][2]
+        for file, tensors, meta in headers:
+            for name, entry in tensors.items():
+                if name in self._entries:
+                    first = self._entries[name][0]
+                    raise ValueError(f"tensor {name!r} is in two shards: {first} and {file}")
+                self._entries[name] = (file, *entry)
+            if verify and CRC_KEY in meta:
+                self._crcs.update(self._checksums(file, meta[CRC_KEY], tensors))
+        for name, shard in (shard_of or {}).items():
+            if name not in self._entries:
+                raise ValueError(
+                    f"tensor {name!r} is listed in {INDEX_FILE} but absent from {shard}"
+                )
+            if os.path.basename(found := self._entries[name][0]) != shard:
+                raise ValueError(f"{INDEX_FILE} maps {name!r} to {shard}, but it is in {found}")
+        if shard_of is not None and (unlisted := self._entries.keys() - shard_of.keys()):
+            raise ValueError(f"{INDEX_FILE} in {path} does not list tensor {min(unlisted)!r}")
+        self.names = list(self._entries)
+
+    @staticmethod
+    def _shard_map(folder: epath.Path) -> dict[str, str] | None:
+        """``{name: shard file}`` from the index, or None for a single ``model.safetensors``."""
+        if (folder / MODEL_FILE).is_file():
+            return None
+        index = folder / INDEX_FILE
+        if not index.is_file():
+            note = _pickle_note(sorted(p.name for p in folder.iterdir()))
+            error = ValueError if note else FileNotFoundError
+            raise error(f"no {MODEL_FILE} or {INDEX_FILE} in {folder}{note}")
+        try:
+            shard_of = json.loads(index.read_text())["weight_map"]
+            if not shard_of or any(os.path.basename(v) != v for v in shard_of.values()):
+                raise ValueError("its weight_map is empty or names a shard outside the folder")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index: {err}") from None
+        return shard_of
+
+    @staticmethod
+    def _checksums(file: str, record: str, tensors: Mapping[str, Any]) -> dict[str, int]:
+        try:
+            crcs = {n: int(v, 16) for n, v in json.loads(record).items()}
+        except (ValueError, TypeError, AttributeError):
+            crcs = {}
+        if crcs.keys() != tensors.keys():
+            raise CheckpointCorruptError(f"{file} is corrupt: its {CRC_KEY} record is damaged")
+        return crcs
+
+    def _entry(self, name: str) -> tuple:
+        if name not in self._entries:
+            raise ValueError(f"{self.folder} has no tensor {name!r}")
+        return self._entries[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``."""
+        return self._entry(name)[2]
+
+    def dtype(self, name: str) -> np.dtype:
+        """The NumPy dtype of tensor ``name`` (BF16 is ``ml_dtypes.bfloat16``)."""
+        return self._entry(name)[1]
+
+    def paths(self) -> dict[str, tuple[str, ...]]:
+        """``{tensor name: its key path in abstract()}``."""
+        return {name: _split(name) for name in self.names}
+
+    def abstract(self) -> dict[str, Any]:
+        """The tensors as a nested-dict pytree of ``jax.ShapeDtypeStruct``."""
+        return tree_from_names(
+            {n: jax.ShapeDtypeStruct(e[2], e[1]) for n, e in self._entries.items()}
+        )
+
+    def read(self, names: Iterable[str]) -> list[np.ndarray]:
+        """Reads tensors, one at a time, into fresh writable NumPy arrays.
+
+        Args:
+          names: tensor names.
+
+        Returns:
+          One array per name, dtype and bytes as stored.
+
+        Raises:
+          ValueError: an unknown name, or a file that cannot be read (changed since opened).
+          CheckpointCorruptError: with ``verify``, a tensor that differs from its CRC-32.
+        """
+        out = []
+        for name in names:
+            file, dtype, shape, begin, end = self._entry(name)
+            buf = np.empty(end - begin, np.uint8)
+            try:
+                with open(file, "rb") as f:
+                    f.seek(begin)
+                    if f.readinto(buf) != buf.size:
+                        raise OSError("the file is shorter than when it was opened")
+            except OSError as err:
+                raise ValueError(f"cannot read tensor {name!r} from {file}: {err}") from None
+            array = buf.view(dtype).reshape(shape)
+            if name in self._crcs and _integrity.crc32(array) != self._crcs[name]:
+                raise CheckpointCorruptError(
+                    f"{file} is corrupt: tensor {name!r} fails its checksum"
+                )
+            out.append(array)
+        return out
