@@ -357,7 +357,7 @@ def test_missing_statistics_and_checkpoint(ckpts, tmp_path, capsys):
         )
         == 2
     )
-    assert "cannot restore the base" in capsys.readouterr().err
+    assert "cannot read the base" in capsys.readouterr().err
 
 
 def test_module_entry_point():

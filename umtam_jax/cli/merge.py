@@ -58,16 +58,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-import jax
 import yaml
 
 from umtam_jax import engine, merging
-from umtam_jax.cli import _mergekit
+from umtam_jax.cli import _mergekit, _run
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
 from umtam_jax.merging import METHODS
 
@@ -79,7 +77,7 @@ _SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key accepts (a C long)
 # Parameter kinds the CLI fills itself, from the experts' entries or the seed.
 _MANAGED_KINDS = ("weights", "key")
 _TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed", "dtype", "out_dtype"}
-_EXPERT_KEYS = {"path", "weight", "density", "fisher"}
+_EXPERT_KEYS = {"path", "weight", "density", "fisher", "curvature"}
 _PRUNE_SCORES = ("saliency", "magnitude")
 
 
@@ -89,6 +87,7 @@ class Expert:
     weight: float | None = None
     density: float | None = None
     fisher: str | None = None
+    curvature: str | None = None
 
 
 @dataclasses.dataclass
@@ -153,13 +152,15 @@ def _parse_expert(entry: Any, index: int) -> Expert:
     for key in ("weight", "density"):
         if key in entry and not _is_number(entry[key]):
             raise ConfigError(f"experts[{index}].{key} must be a number, got {entry[key]!r}")
-    if "fisher" in entry and (not isinstance(entry["fisher"], str) or not entry["fisher"].strip()):
-        raise ConfigError(f"experts[{index}].fisher must be a non-empty path")
+    for key in ("fisher", "curvature"):
+        if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
+            raise ConfigError(f"experts[{index}].{key} must be a non-empty path")
     return Expert(
         path=entry["path"],
         weight=entry.get("weight"),
         density=entry.get("density"),
         fisher=entry.get("fisher"),
+        curvature=entry.get("curvature"),
     )
 
 
@@ -242,6 +243,11 @@ def build_plan(config: dict[str, Any]) -> Plan:
         raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
     if spec.extra == "fishers" and any(e.fisher is None for e in experts):
         raise ConfigError(f"method {method!r} needs a 'fisher' checkpoint for every expert")
+    curvatures = [e.curvature is not None for e in experts]
+    if any(curvatures) and spec.extra != "curvatures":
+        raise ConfigError(f"method {method!r} takes no 'curvature' files")
+    if any(curvatures) and not all(curvatures):
+        raise ConfigError("give a 'curvature' to every expert or to none")
     for p in spec.params:
         name = p.name
         if p.kind in _MANAGED_KINDS or defaults[name] is not merging.REQUIRED:
@@ -278,7 +284,8 @@ def _expert_flag(text: str) -> dict[str, Any]:
         key, sep, value = opt.partition("=")
         if not sep:
             raise ConfigError(f"--expert option {opt!r} is not KEY=VALUE")
-        entry[key.strip()] = value if key.strip() == "fisher" else _parse_value(value, "--expert")
+        path_key = key.strip() in ("fisher", "curvature")
+        entry[key.strip()] = value if path_key else _parse_value(value, "--expert")
     return entry
 
 
@@ -323,58 +330,6 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- merging
 
 
-def _restore(plan: Plan) -> tuple[Any, list[Any], list[Any] | None]:
-    """Every input restored whole (``--in-memory``)."""
-    from umtam_jax import checkpoint
-
-    def params_of(path: str, what: str) -> Any:
-        try:
-            return checkpoint.restore_params(path)
-        except FileNotFoundError as err:
-            raise ConfigError(f"cannot restore {what} from {path}: {err}") from None
-
-    base = params_of(plan.base, "the base")
-    experts = [params_of(e.path, f"expert {i}") for i, e in enumerate(plan.experts)]
-    extra = None
-    if _needs_statistics(plan):
-        extra = [checkpoint.restore_statistics(e.path) for e in plan.experts]
-    elif METHODS[plan.method].extra == "fishers":
-        extra = [
-            params_of(e.fisher, f"the Fisher of expert {i}") for i, e in enumerate(plan.experts)
-        ]
-    return base, experts, extra
-
-
-def _method_kwargs(plan: Plan) -> dict[str, Any]:
-    """The method's keyword arguments: the parameters, and the PRNG key from the seed."""
-    kwargs = {k: v for k, v in plan.parameters.items() if k != "scores"}
-    if METHODS[plan.method].param("key") is not None:
-        kwargs["key"] = jax.random.key(plan.seed)
-    return kwargs
-
-
-def _call(plan: Plan, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
-    """The in-memory merge of whole trees (inputs read as ``dtype``, output ``out_dtype``)."""
-    method = METHODS[plan.method]
-
-    def cast(tree: Any, dtype: str | None) -> Any:
-        if dtype is None:
-            return tree
-        return jax.tree.map(
-            lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
-            tree,
-        )
-
-    base, experts = cast(base, plan.dtype), [cast(e, plan.dtype) for e in experts]
-    if method.single_expert:
-        experts, extra = experts[0], None if extra is None else extra[0]
-    merged = merging.merge(method, base, experts, extra, **_method_kwargs(plan))
-    return cast(merged, plan.out_dtype or plan.dtype)
-
-
-# --------------------------------------------------------------------------- entry point
-
-
 class _ArgumentParser(argparse.ArgumentParser):
     """Reports a bad command line as one line (no usage block), exit status 2."""
 
@@ -395,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--expert",
         action="append",
-        metavar="PATH[,weight=W][,density=D][,fisher=PATH]",
+        metavar="PATH[,weight=W][,density=D][,fisher=PATH][,curvature=PATH]",
         help="expert checkpoint (repeat; replaces the file's experts)",
     )
     p.add_argument(
@@ -415,6 +370,18 @@ def _parser() -> argparse.ArgumentParser:
         "leaf by leaf, same result)",
     )
     p.add_argument(
+        "--output-format",
+        choices=engine.OUTPUT_FORMATS,
+        default="auto",
+        help="output format (default auto: the base's, a umtam_jax checkpoint or a Hugging "
+        "Face safetensors folder)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors shard, e.g. 5GB or 500MB (default 5GB)",
+    )
+    p.add_argument(
         "--list-methods",
         action="store_true",
         help="print every method with its inputs and parameters (defaults), then exit",
@@ -427,144 +394,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list_methods:
         print("\n".join(merging.describe(m) for m in METHODS.values()))
         return 0
-    plan = build_plan(load_config(args))
-    if plan.output is None and not args.dry_run:
-        raise ConfigError("'output' is required (or use --dry-run)")
-    inputs = [plan.base] + [e.path for e in plan.experts]
-    inputs += [e.fisher for e in plan.experts if e.fisher]
-    if plan.output is not None:
-        from etils import epath
-
-        from umtam_jax.checkpoint import _safety
-
-        output = epath.Path(os.path.abspath(plan.output))
-        named = [("the base", plan.base)]
-        named += [(f"expert {i}", e.path) for i, e in enumerate(plan.experts)]
-        named += [(f"the Fisher of expert {i}", e.fisher) for i, e in enumerate(plan.experts)]
-        _safety.check_output_not_input(output, [(w, p) for w, p in named if p])
-        try:
-            _safety.check_target(output, overwrite=args.force)
-        except FileExistsError:
-            raise ConfigError(
-                f"the output {plan.output} exists; pass --force to replace it"
-            ) from None
-
-    if not args.in_memory:
-        return _run_streaming(plan, args)
-
-    base, experts, extra = _restore(plan)
-    if args.dry_run:
-        try:
-            shapes = jax.eval_shape(lambda b, e, x: _call(plan, b, e, x), base, experts, extra)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"the merge would fail: {err}") from None
-        n = len(jax.tree.leaves(shapes))
-        print(
-            f"{PROG}: dry run OK: {plan.method} of {len(experts)} expert(s), {n} leaves"
-            + (f", would write {plan.output}" if plan.output else "")
-        )
-        return 0
-
-    try:
-        merged = _call(plan, base, experts, extra)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"merge failed: {err}") from None
-
-    from umtam_jax import checkpoint
-
-    path = checkpoint.save_checkpoint(
-        plan.output, merged, overwrite=args.force, metadata=_metadata(plan)
-    )
-    print(f"{PROG}: wrote {path} ({plan.method} of {len(experts)} expert(s))")
-    return 0
-
-
-def _metadata(plan: Plan) -> dict[str, Any]:
-    return {
-        "merge": {
-            "method": plan.method,
-            "base": plan.base,
-            "experts": [dataclasses.asdict(e) for e in plan.experts],
-            "parameters": plan.parameters,
-            "seed": plan.seed,
-        }
-    }
-
-
-def _needs_statistics(plan: Plan) -> bool:
-    spec = METHODS[plan.method]
-    return spec.extra in ("statistics", "curvatures") or (
-        spec.extra == "scores" and plan.parameters.get("scores", "saliency") == "saliency"
-    )
-
-
-def _check_inputs(plan: Plan) -> None:
-    """The checks of :func:`_restore` on the checkpoints' metadata alone (same messages)."""
-    from umtam_jax import checkpoint
-
-    def open_reader(path: str, what: str) -> checkpoint.CheckpointReader:
-        try:
-            return checkpoint.CheckpointReader(path)
-        except FileNotFoundError as err:
-            raise ConfigError(f"cannot restore {what} from {path}: {err}") from None
-        except ValueError as err:
-            raise ConfigError(f"cannot read {what} from {path}: {err}") from None
-
-    open_reader(plan.base, "the base")
-    spec = METHODS[plan.method]
-    for i, e in enumerate(plan.experts):
-        reader = open_reader(e.path, f"expert {i}")
-        if _needs_statistics(plan) and not reader.has_item("statistics"):
-            hint = " (or use scores: magnitude)" if spec.extra == "scores" else ""
-            raise ConfigError(
-                f"method {plan.method!r} needs UMTAM statistics, but the checkpoint of "
-                f"expert {i} ({e.path}) has none{hint}"
-            )
-        if spec.extra == "fishers":
-            open_reader(e.fisher, f"the Fisher of expert {i}")
-
-
-def _run_streaming(plan: Plan, args: argparse.Namespace) -> int:
-    """Dry run or merge with ``engine.merge_checkpoints`` (out of core)."""
-    _check_inputs(plan)
-    spec = METHODS[plan.method]
-    kwargs = _method_kwargs(plan)
-    common = {
-        "statistics": _needs_statistics(plan) if spec.extra is not None else None,
-        "fisher_dirs": [e.fisher for e in plan.experts] if spec.extra == "fishers" else None,
-        "dtype": plan.dtype,
-        "out_dtype": plan.out_dtype,
-    }
-    experts = [e.path for e in plan.experts]
-    if args.dry_run:
-        try:
-            shapes = engine.validate_merge_checkpoints(
-                plan.method, plan.base, experts, **common, **kwargs
-            )
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"the merge would fail: {err}") from None
-        n = len(jax.tree.leaves(shapes))
-        print(
-            f"{PROG}: dry run OK: {plan.method} of {len(experts)} expert(s), {n} leaves"
-            + (f", would write {plan.output}" if plan.output else "")
-        )
-        return 0
-    try:
-        path = engine.merge_checkpoints(
-            plan.method,
-            plan.base,
-            experts,
-            plan.output,
-            overwrite=args.force,
-            progress=not args.no_progress,
-            metadata=_metadata(plan),
-            **common,
-            **kwargs,
-        )
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"merge failed: {err}") from None
-    print(f"{PROG}: wrote {path} ({plan.method} of {len(experts)} expert(s), out of core)")
-    return 0
+    return _run.execute(build_plan(load_config(args)), args)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,9 +1,11 @@
 """The out-of-core merge engine: any merging method, model files in, model files out.
 
-:func:`merge_checkpoints` merges umtam_jax (Orbax) checkpoints without ever holding K + 1
-models: it reads a small group of leaves at a time from the base, the experts (and their
-statistics or Fisher checkpoints), runs the method's steps (:data:`umtam_jax.merging.METHODS`)
-on each leaf alone and streams the merged leaf to the output. Peak host memory is a few
+:func:`merge_checkpoints` merges umtam_jax (Orbax) checkpoints and Hugging Face safetensors
+models (folders with ``model.safetensors`` or shards and an index; never PyTorch pickles)
+into either format without ever holding K + 1 models: it reads a small group of leaves at
+a time from the base, the experts (and their statistics, Fishers or curvatures), runs the
+method's steps (:data:`umtam_jax.merging.METHODS`) on each leaf alone and streams the
+merged leaf to the output. Peak host memory is a few
 leaves of each input plus one output leaf, whatever the model size.
 
 Semantics are those of the in-memory functions, exactly:
@@ -18,24 +20,50 @@ Semantics are those of the in-memory functions, exactly:
   (two extra passes over the inputs for float32 scores).
 
 The engine sits above :mod:`umtam_jax.merging` (pure functions on pytrees) and
-:mod:`umtam_jax.checkpoint` (files); it reads models through a small source interface.
+:mod:`umtam_jax.checkpoint` (files); it reads models through a small :class:`Source`
+interface with two implementations, :class:`OrbaxSource` and :class:`SafetensorsSource`,
+and writes with ``save_params_streaming`` or ``save_safetensors``. A Hugging Face model's
+tensor ``"a.b.weight"`` is the pytree leaf ``["a"]["b"]["weight"]``; its UMTAM statistics
+live in a ``umtam_statistics`` safetensors folder inside it, named ``"a.b.weight.row"``,
+``"a.b.weight.col"``, ... (see :data:`STATISTICS_FOLDER`).
 """
 
 from umtam_jax.engine._merge import (
     DEFAULT_GROUP_BYTES,
+    OUTPUT_FORMATS,
     Job,
+    check_output,
+    job_from_paths,
     merge,
     merge_checkpoints,
+    resolve_output_format,
     validate_merge_checkpoints,
+    writer,
 )
-from umtam_jax.engine._sources import OrbaxSource, Source
+from umtam_jax.engine._sources import (
+    STATISTICS_FOLDER,
+    OrbaxSource,
+    SafetensorsSource,
+    Source,
+    is_huggingface,
+    open_source,
+)
 
 __all__ = [
     "DEFAULT_GROUP_BYTES",
+    "OUTPUT_FORMATS",
+    "STATISTICS_FOLDER",
     "Job",
     "OrbaxSource",
+    "SafetensorsSource",
     "Source",
+    "check_output",
+    "is_huggingface",
+    "job_from_paths",
+    "open_source",
+    "resolve_output_format",
     "merge",
     "merge_checkpoints",
     "validate_merge_checkpoints",
+    "writer",
 ]

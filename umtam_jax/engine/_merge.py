@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -13,7 +13,7 @@ import numpy as np
 from etils import epath
 
 from umtam_jax.engine._global_topk import GlobalTopK
-from umtam_jax.engine._sources import OrbaxSource, Source
+from umtam_jax.engine._sources import SafetensorsSource, Source, open_source
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
 
@@ -293,18 +293,20 @@ def merge(
         return write(job.output, produce)
 
 
-def orbax_job(
+def job_from_paths(
     method: str,
     base_dir: Any,
     expert_dirs: Any,
     *,
     statistics: bool | None,
-    fisher_dirs: Sequence[Any] | None,
+    fisher_dirs: Sequence[Any] | None = None,
+    curvature_dirs: Sequence[Any] | None = None,
     kwargs: Mapping[str, Any],
     dtype: Any = None,
     out_dtype: Any = None,
 ) -> Job:
-    """A :class:`Job` over umtam_jax checkpoints (see :func:`merge_checkpoints`)."""
+    """A :class:`Job` over model files, each a umtam_jax checkpoint or a Hugging Face
+    safetensors model (see :func:`merge_checkpoints`)."""
     m = R.get(method)
     if isinstance(expert_dirs, str | bytes | os.PathLike) or not isinstance(expert_dirs, Sequence):
         raise TypeError("expert_dirs must be a sequence of checkpoint directories")
@@ -318,26 +320,37 @@ def orbax_job(
             "pass statistics=True (saliency scores) or statistics=False (magnitude) "
             "instead of scores"
         )
+    extra_dirs, extra_name = None, None
+    for name, dirs, kind in (
+        ("fisher_dirs", fisher_dirs, "fishers"),
+        ("curvature_dirs", curvature_dirs, "curvatures"),
+    ):
+        if dirs is None:
+            continue
+        if m.extra != kind:
+            raise ValueError(f"method {method!r} takes no {name}")
+        extra_dirs, extra_name = list(dirs), name
+        if len(extra_dirs) != len(expert_dirs):
+            raise ValueError(f"got {len(extra_dirs)} {name} for {len(expert_dirs)} experts")
+    if m.extra == "fishers" and extra_dirs is None:
+        raise ValueError(f"method {method!r} needs fisher_dirs, one per expert")
     takes_statistics = m.extra in ("statistics", "curvatures", "scores")
     if statistics is None:
-        statistics = takes_statistics
+        statistics = takes_statistics and extra_dirs is None
     if statistics and not takes_statistics:
         raise ValueError(f"method {method!r} takes no statistics")
-    if not statistics and m.extra in ("statistics", "curvatures"):
+    if statistics and extra_dirs is not None:
+        raise ValueError(f"give either statistics=True or {extra_name}, not both")
+    if m.extra == "statistics" and not statistics:
         raise ValueError(f"method {method!r} needs the experts' UMTAM statistics")
-    if m.extra == "fishers":
-        if fisher_dirs is None:
-            raise ValueError(f"method {method!r} needs fisher_dirs, one per expert")
-        fisher_dirs = list(fisher_dirs)
-        if len(fisher_dirs) != len(expert_dirs):
-            raise ValueError(f"got {len(fisher_dirs)} fisher_dirs for {len(expert_dirs)} experts")
-    elif fisher_dirs is not None:
-        raise ValueError(f"method {method!r} takes no fisher_dirs")
-    base = OrbaxSource(base_dir, "the base")
-    experts = [OrbaxSource(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
+    if m.extra == "curvatures" and not statistics and extra_dirs is None:
+        raise ValueError(f"method {method!r} needs the experts' UMTAM statistics or curvature_dirs")
+    base = open_source(base_dir, "the base")
+    experts = [open_source(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
     extras: str | list[Source] | None = "statistics" if statistics else None
-    if fisher_dirs is not None:
-        extras = [OrbaxSource(d, f"expert {i}'s Fisher") for i, d in enumerate(fisher_dirs)]
+    if extra_dirs is not None:
+        what = "Fisher" if extra_name == "fisher_dirs" else "curvature"
+        extras = [open_source(d, f"expert {i}'s {what}") for i, d in enumerate(extra_dirs)]
     return Job(m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype)
 
 
@@ -348,14 +361,15 @@ def validate_merge_checkpoints(
     *,
     statistics: bool | None = None,
     fisher_dirs: Sequence[str | os.PathLike] | None = None,
+    curvature_dirs: Sequence[str | os.PathLike] | None = None,
     dtype: Any = None,
     out_dtype: Any = None,
     **method_kwargs: Any,
 ) -> Any:
-    """Checks a :func:`merge_checkpoints` call from the checkpoints' metadata alone.
+    """Checks a :func:`merge_checkpoints` call from the inputs' metadata alone.
 
     Reads no arrays: the merge is validated with ``jax.eval_shape`` of the in-memory
-    method on the checkpoints' abstract trees.
+    method on the inputs' abstract trees.
 
     Returns:
       The merged parameters' abstract pytree (``jax.ShapeDtypeStruct`` leaves).
@@ -368,17 +382,84 @@ def validate_merge_checkpoints(
       >>> engine.validate_merge_checkpoints(  # doctest: +SKIP
       ...     "ties", "ckpt/base", ["ckpt/a", "ckpt/b"], density=0.2)
     """
-    job = orbax_job(
+    job = job_from_paths(
         method,
         base_dir,
         expert_dirs,
         statistics=statistics,
         fisher_dirs=fisher_dirs,
+        curvature_dirs=curvature_dirs,
         kwargs=method_kwargs,
         dtype=dtype,
         out_dtype=out_dtype,
     )
     return job.output
+
+
+OUTPUT_FORMATS = ("auto", "orbax", "safetensors")
+
+
+def resolve_output_format(base: Source, output_format: str) -> str:
+    """``"orbax"`` or ``"safetensors"``: ``"auto"`` writes the base's format."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(
+            f"unknown output_format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}"
+        )
+    if output_format != "auto":
+        return output_format
+    return "safetensors" if isinstance(base, SafetensorsSource) else "orbax"
+
+
+def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> None:
+    """Refuses an output that is, contains or lies inside an input, or that may not be
+    written (an existing file or folder not written by umtam_jax in format ``fmt``)."""
+    from umtam_jax.checkpoint import _safetensors, _safety
+
+    inputs = [("the base", job.base.directory)]
+    inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
+    if isinstance(job.extras, list):
+        inputs += [(f"the Fisher or curvature of expert {i}", s.directory)
+                   for i, s in enumerate(job.extras)]  # fmt: skip
+    _safety.check_output_not_input(output, inputs)
+    if fmt == "safetensors":
+        _safety.check_target(output, overwrite=overwrite, is_own=_safetensors._is_own)
+    else:
+        _safety.check_target(output, overwrite=overwrite)
+
+
+def writer(
+    job: Job,
+    output: epath.Path,
+    fmt: str,
+    *,
+    overwrite: bool,
+    metadata: Mapping[str, Any] | None,
+    max_shard_size: int | str = 5 * 10**9,
+) -> Callable[[Any, Callable[[int], np.ndarray]], epath.Path]:
+    """``write(abstract, produce)`` saving the output of ``job`` at ``output`` in ``fmt``
+    (safetensors output gets the base's config and tokenizer files when it has them)."""
+
+    def write(abstract: Any, produce: Callable[[int], np.ndarray]) -> epath.Path:
+        if fmt == "orbax":
+            from umtam_jax.checkpoint._streaming import save_params_streaming
+
+            return save_params_streaming(
+                output, abstract, produce, overwrite=overwrite, metadata=metadata
+            )
+        from umtam_jax.checkpoint._safetensors_write import save_safetensors
+
+        copy_from = job.base.directory if isinstance(job.base, SafetensorsSource) else None
+        return save_safetensors(
+            output,
+            abstract,
+            produce,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            copy_files_from=copy_from,
+            metadata=metadata,
+        )
+
+    return write
 
 
 def merge_checkpoints(
@@ -389,44 +470,50 @@ def merge_checkpoints(
     *,
     statistics: bool | None = None,
     fisher_dirs: Sequence[str | os.PathLike] | None = None,
+    curvature_dirs: Sequence[str | os.PathLike] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
     group_bytes: int = DEFAULT_GROUP_BYTES,
     dtype: Any = None,
     out_dtype: Any = None,
+    output_format: str = "auto",
+    max_shard_size: int | str = 5 * 10**9,
     **method_kwargs: Any,
 ) -> epath.Path:
-    """Merges checkpoints leaf by leaf, out of core, into a new checkpoint.
+    """Merges models leaf by leaf, out of core, into a new model folder.
 
-    Equivalent to restoring the base and experts with
-    :func:`umtam_jax.checkpoint.restore_params` (and the statistics with
-    ``restore_statistics``), calling the merging function ``method`` and saving the result
-    with :func:`~umtam_jax.checkpoint.save_checkpoint` — the same merged values, bit for
-    bit — but with peak host memory of about one group of leaves per input plus one output
-    leaf, instead of K + 1 models. ``scope="global"`` costs extra passes over the inputs
-    (three reads for float32 scores).
+    Inputs are umtam_jax (Orbax) checkpoints or Hugging Face safetensors models (a folder
+    with ``model.safetensors`` or an index and shards), in any mix with the same parameter
+    names and shapes. The result equals restoring everything, calling the in-memory
+    merging function ``method`` and saving the merge — the same values, bit for bit — with
+    peak host memory of about one group of leaves per input plus one output leaf instead
+    of K + 1 models. ``scope="global"`` costs extra passes over the inputs (three reads
+    for float32 scores).
 
     Args:
       method: a name in :data:`umtam_jax.merging.METHODS` (``"umtam"``, ``"ties"``, ...).
-      base_dir: the base checkpoint (its ``params``).
-      expert_dirs: the experts' checkpoints (exactly one for ``prune``).
-      output_dir: the checkpoint to create (params only; restorable with
-        ``restore_params``). Written atomically.
-      statistics: use the experts' UMTAM statistics. Default: yes for ``umtam`` and
-        ``ota`` (required) and ``prune`` (saliency scores; ``False`` prunes by magnitude
-        ``|w − w0|``); other methods take none.
-      fisher_dirs: for ``fisher``, one checkpoint per expert whose params hold its
-        diagonal Fisher.
-      overwrite: replace an existing umtam_jax checkpoint at ``output_dir`` (nothing
-        else is ever replaced).
+      base_dir: the base model.
+      expert_dirs: the experts' models (exactly one for ``prune``).
+      output_dir: the folder to create, written atomically: a umtam_jax checkpoint
+        (params only) or a safetensors folder with the base's config and tokenizer files.
+      statistics: use the experts' UMTAM statistics (a checkpoint's ``statistics`` item; a
+        Hugging Face model's ``umtam_statistics`` folder). Default: yes for ``umtam``,
+        ``ota`` (unless ``curvature_dirs``) and ``prune`` (``False`` prunes by magnitude).
+      fisher_dirs: for ``fisher``, one model per expert holding its diagonal Fisher.
+      curvature_dirs: for ``ota``, one model per expert holding its curvature (e.g. Adam's
+        second moments ``exp_avg_sq`` saved under the parameters' names).
+      overwrite: replace an existing output written by umtam_jax (nothing else is ever
+        replaced).
       progress: show progress bars over the leaves (one per pass).
-      metadata: JSON-serialisable metadata stored with the output (``metadata["user"]``);
-        default: a record of the merge (method, inputs, JSON-serialisable options).
+      metadata: JSON-serialisable metadata stored with the output; default: a record of
+        the merge (method, inputs, JSON-serialisable options).
       group_bytes: leaves are read in consecutive groups of about this many bytes (of the
         base; at least one leaf per group). Larger groups mean fewer reads.
       dtype: read the parameters in this dtype (floating leaves; default: as stored).
       out_dtype: write the output in this dtype (default: ``dtype``, else the merge's).
+      output_format: ``"auto"`` (the base's format), ``"orbax"`` or ``"safetensors"``.
+      max_shard_size: for safetensors output, bytes per shard (an int or ``"5GB"``).
       **method_kwargs: keyword arguments of the merging function (``density``,
         ``scaling``, ``weights``, ``scope``, ``key``, ...).
 
@@ -434,43 +521,37 @@ def merge_checkpoints(
       The output directory.
 
     Raises:
-      FileNotFoundError: a missing input checkpoint (the message names which).
+      FileNotFoundError: a missing input (the message names which).
       FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
       CheckpointBusyError: another save to ``output_dir`` is in progress.
-      ValueError / TypeError: invalid options, mismatched checkpoints, missing statistics,
-        an input that fails its checksum; an ``output_dir`` that is, contains or lies
-        inside an input, or is a file or a folder that is not a umtam_jax checkpoint;
-        messages name the leaf path or file. Nothing is written in these cases.
+      ValueError / TypeError: invalid options, mismatched inputs, missing statistics, an
+        input that fails its checksum or is truncated, PyTorch pickles (never loaded); an
+        ``output_dir`` that is, contains or lies inside an input, or is a file or a folder
+        not written by umtam_jax; messages name the leaf path or file. Nothing is written.
 
     Example:
       >>> from umtam_jax import engine
       >>> engine.merge_checkpoints(  # doctest: +SKIP
-      ...     "ties", "ckpt/base", ["ckpt/a", "ckpt/b"], "ckpt/merged", density=0.2,
-      ...     scope="global")
+      ...     "ties", "models/base", ["models/a", "models/b"], "models/merged", density=0.2)
     """
     from umtam_jax.checkpoint import _checkpoint as C
-    from umtam_jax.checkpoint import _safety
-    from umtam_jax.checkpoint._streaming import save_params_streaming
 
     output = C._absolute(output_dir)
     if not isinstance(group_bytes, int) or group_bytes < 1:
         raise ValueError(f"group_bytes must be a positive integer, got {group_bytes!r}")
-    job = orbax_job(
+    job = job_from_paths(
         method,
         base_dir,
         expert_dirs,
         statistics=statistics,
         fisher_dirs=fisher_dirs,
+        curvature_dirs=curvature_dirs,
         kwargs=method_kwargs,
         dtype=dtype,
         out_dtype=out_dtype,
     )
-    inputs = [("the base", job.base.directory)]
-    inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
-    if isinstance(job.extras, list):
-        inputs += [(f"the Fisher of expert {i}", s.directory) for i, s in enumerate(job.extras)]
-    _safety.check_output_not_input(output, inputs)
-    _safety.check_target(output, overwrite=overwrite)
+    fmt = resolve_output_format(job.base, output_format)
+    check_output(output, job, fmt, overwrite=overwrite)
     if metadata is None:
         metadata = {
             "merge": {
@@ -483,11 +564,9 @@ def merge_checkpoints(
             }
         }
 
-    def write(abstract: Any, produce: Any) -> epath.Path:
-        return save_params_streaming(
-            output, abstract, produce, overwrite=overwrite, metadata=metadata
-        )
-
+    write = writer(
+        job, output, fmt, overwrite=overwrite, metadata=metadata, max_shard_size=max_shard_size
+    )
     return merge(job, write, group_bytes=group_bytes, progress=progress)
 
 

@@ -111,3 +111,94 @@ class OrbaxSource:
                 nodes.append(E.decode(ns, arrays))
             start += len(f)
         return nodes
+
+
+STATISTICS_FOLDER = "umtam_statistics"
+"""Where a Hugging Face model folder keeps its UMTAM statistics: a safetensors folder
+inside it, each tensor named ``<parameter name>.<field>`` (``row``, ``col``, ``u``, ``sigma``,
+``v``, ``saliency`` for factored leaves; ``mu``, ``nu``, ``saliency`` for dense ones), as
+``save_safetensors(f"{model}/umtam_statistics", umtam_jax.statistics(opt_state))`` writes
+them for parameters named like the model's tensors."""
+
+
+class SafetensorsSource:
+    """A Hugging Face safetensors model (a folder with ``model.safetensors`` or an index
+    and shards, or one ``.safetensors`` file), and its UMTAM statistics if it has them
+    (:data:`STATISTICS_FOLDER`).
+
+    Args:
+      path: the folder or file.
+      what: how messages name it.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        from umtam_jax.checkpoint._safetensors import SafetensorsReader, names_from_tree
+
+        try:
+            self.reader = SafetensorsReader(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"cannot read {what} model {path}: {err}") from None
+        self.directory = self.reader.folder
+        self.location = os.fspath(path)
+        self._abstract = self.reader.abstract()
+        self._names = list(names_from_tree(self._abstract))  # flattening order
+        self._statistics: Any = None
+        self._fields: dict[str, list[str]] = {}
+
+    def abstract(self) -> Any:
+        return self._abstract
+
+    def read(self, leaves: Sequence[int]) -> list[np.ndarray]:
+        return self.reader.read([self._names[j] for j in leaves])
+
+    def _stats_reader(self) -> Any:
+        from umtam_jax.checkpoint._safetensors import SafetensorsReader
+
+        if self._statistics is None:
+            self._statistics = SafetensorsReader(self.directory / STATISTICS_FOLDER)
+            for n in self._statistics.names:  # "<tensor name>.<field>"
+                self._fields.setdefault(n.rpartition(".")[0], []).append(n)
+        return self._statistics
+
+    def has_statistics(self) -> bool:
+        return (self.directory / STATISTICS_FOLDER).is_dir()
+
+    def abstract_statistics(self) -> Any:
+        return self._stats_reader().abstract()
+
+    def read_statistics(self, leaves: Sequence[int]) -> list[Any]:
+        reader = self._stats_reader()
+        out = []
+        for j in leaves:
+            name = self._names[j]
+            fields = self._fields.get(name)
+            if not fields:
+                raise ValueError(
+                    f"the statistics of {self.location} have no entry for tensor {name!r}"
+                )
+            arrays = reader.read(fields)
+            out.append({f.rpartition(".")[2]: a for f, a in zip(fields, arrays, strict=True)})
+        return out
+
+
+_HF_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def is_huggingface(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face model (safetensors, or pickles to refuse)."""
+    p = os.fspath(path)
+    if p.endswith(".safetensors") or any(os.path.isfile(os.path.join(p, f)) for f in _HF_FILES):
+        return True
+    try:
+        names = os.listdir(p)
+    except OSError:
+        return False
+    return "config.json" in names or any(n.endswith(_PICKLES) for n in names)
+
+
+def open_source(path: str | os.PathLike, what: str) -> Source:
+    """A source for ``path``: a Hugging Face safetensors model, else a umtam_jax checkpoint."""
+    if is_huggingface(path):
+        return SafetensorsSource(path, what)
+    return OrbaxSource(path, what)

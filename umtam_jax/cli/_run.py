@@ -1,0 +1,189 @@
+"""Running a validated ``umtam-merge`` plan: out of core through the engine, or in memory.
+
+Both paths open the inputs as :mod:`umtam_jax.engine` sources (umtam_jax checkpoints or
+Hugging Face safetensors models), validate the whole merge on their metadata first, and
+write through the same writer; ``--in-memory`` only reads every input whole and calls the
+in-memory method on the whole trees instead of merging leaf by leaf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from umtam_jax import engine, merging
+from umtam_jax.cli._yaml import ConfigError
+from umtam_jax.merging import METHODS
+
+PROG = "umtam-merge"
+
+
+def needs_statistics(plan: Any) -> bool:
+    """Whether the plan reads the experts' UMTAM statistics."""
+    method = METHODS[plan.method]
+    if method.extra == "curvatures":
+        return not any(e.curvature for e in plan.experts)
+    return method.extra == "statistics" or (
+        method.extra == "scores" and plan.parameters.get("scores", "saliency") == "saliency"
+    )
+
+
+def method_kwargs(plan: Any) -> dict[str, Any]:
+    """The method's keyword arguments: the parameters, and the PRNG key from the seed."""
+    kwargs = {k: v for k, v in plan.parameters.items() if k != "scores"}
+    if METHODS[plan.method].param("key") is not None:
+        kwargs["key"] = jax.random.key(plan.seed)
+    return kwargs
+
+
+def _job(plan: Any) -> engine.Job:
+    method = METHODS[plan.method]
+    extra = {
+        "fisher_dirs": [e.fisher for e in plan.experts] if method.extra == "fishers" else None,
+        "curvature_dirs": (
+            [e.curvature for e in plan.experts] if any(e.curvature for e in plan.experts) else None
+        ),
+    }
+    try:
+        return engine.job_from_paths(
+            plan.method,
+            plan.base,
+            [e.path for e in plan.experts],
+            statistics=needs_statistics(plan) if method.extra is not None else None,
+            kwargs=method_kwargs(plan),
+            dtype=plan.dtype,
+            out_dtype=plan.out_dtype,
+            **extra,
+        )
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    except (ValueError, TypeError) as err:
+        hint = (
+            " (or use scores: magnitude)"
+            if method.extra == "scores" and "has none" in str(err)
+            else ""
+        )
+        raise ConfigError(f"the merge would fail: {err}{hint}") from None
+
+
+def _metadata(plan: Any) -> dict[str, Any]:
+    return {
+        "merge": {
+            "method": plan.method,
+            "base": plan.base,
+            "experts": [dataclasses.asdict(e) for e in plan.experts],
+            "parameters": plan.parameters,
+            "seed": plan.seed,
+        }
+    }
+
+
+def _describe(plan: Any, job: engine.Job, fmt: str, max_shard_size: int) -> str:
+    """The dry run's plan: inputs, tensors and bytes, method, parameters, output."""
+    kinds = {engine.SafetensorsSource: "safetensors", engine.OrbaxSource: "umtam_jax checkpoint"}
+    total = sum(leaf.nbytes for leaf in job.leaves)
+    lines = [f"{PROG}: dry run OK: {plan.method} of {len(job.experts)} expert(s)"]
+    lines.append(f"  base: {plan.base} ({kinds[type(job.base)]})")
+    for i, e in enumerate(plan.experts):
+        lines.append(f"  expert {i}: {e.path} ({kinds[type(job.experts[i])]})")
+    shown = {k: v for k, v in plan.parameters.items()}
+    lines.append(f"  parameters: {shown}" + (f", seed {plan.seed}" if "key" in job.kwargs else ""))
+    lines.append(f"  tensors: {len(job.leaves)}, {total:,} bytes merged")
+    if plan.output is not None:
+        where = f"  output: {plan.output} ({fmt}"
+        if fmt == "safetensors":
+            shards = _shard_count([leaf.nbytes for leaf in job.leaves], max_shard_size)
+            where += f", {shards} shard(s)"
+        lines.append(where + ")")
+    return "\n".join(lines)
+
+
+def _shard_count(sizes: list[int], limit: int) -> int:
+    count, current = 1, 0
+    for size in sizes:
+        if current and current + size > limit:
+            count, current = count + 1, 0
+        current += size
+    return count
+
+
+def _whole(source: engine.Source, n: int, treedef: Any) -> Any:
+    return jax.tree_util.tree_unflatten(treedef, source.read(range(n)))
+
+
+def _in_memory(plan: Any, job: engine.Job) -> Any:
+    """Every input read whole, then the in-memory method on the whole trees."""
+    treedef = jax.tree.structure(job.base.abstract())
+    n = len(job.leaves)
+    base = _whole(job.base, n, treedef)
+    experts = [_whole(s, n, treedef) for s in job.experts]
+    extra = None
+    if job.extras == "statistics":
+        extra = [
+            jax.tree_util.tree_unflatten(treedef, s.read_statistics(range(n))) for s in job.experts
+        ]
+    elif job.extras is not None:
+        extra = [_whole(s, n, treedef) for s in job.extras]
+    base, experts = job._cast(base), [job._cast(e) for e in experts]
+    method = METHODS[plan.method]
+    if method.single_expert:
+        experts, extra = experts[0], None if extra is None else extra[0]
+    try:
+        merged = merging.merge(method, base, experts, extra, **job.kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"merge failed: {err}") from None
+    leaves = [np.asarray(x) for x in jax.tree.leaves(merged)]
+    if job.out_dtype is not None:
+        leaves = [x.astype(job.out_dtype) for x in leaves]
+    return leaves
+
+
+def execute(plan: Any, args: argparse.Namespace) -> int:
+    """Validates the inputs and the output, then merges (or prints the dry run's plan)."""
+    from etils import epath
+
+    if plan.output is None and not args.dry_run:
+        raise ConfigError("'output' is required (or use --dry-run)")
+    job = _job(plan)
+    fmt = engine.resolve_output_format(job.base, args.output_format)
+    limit = _shard_limit(args.max_shard_size)
+    if plan.output is not None:
+        output = epath.Path(os.path.abspath(plan.output))
+        try:
+            engine.check_output(output, job, fmt, overwrite=args.force)
+        except FileExistsError:
+            raise ConfigError(
+                f"the output {plan.output} exists; pass --force to replace it"
+            ) from None
+    if args.dry_run:
+        print(_describe(plan, job, fmt, limit))
+        return 0
+    write = engine.writer(
+        job, output, fmt, overwrite=args.force, metadata=_metadata(plan), max_shard_size=limit
+    )
+    if args.in_memory:
+        leaves = _in_memory(plan, job)
+        path = write(job.output, lambda j: leaves[j])
+        how = "in memory"
+    else:
+        try:
+            path = engine.merge(job, write, progress=not args.no_progress)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"merge failed: {err}") from None
+        how = "out of core"
+    print(f"{PROG}: wrote {path} ({plan.method} of {len(job.experts)} expert(s), {fmt}, {how})")
+    return 0
+
+
+def _shard_limit(size: Any) -> int:
+    from umtam_jax.checkpoint._safetensors_write import _parse_size
+
+    try:
+        return _parse_size(size)
+    except ValueError as err:
+        raise ConfigError(f"--max-shard-size: {err}") from None
