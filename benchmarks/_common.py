@@ -21,8 +21,9 @@ def gpt2_params(blocks: int, d: int = 768, *, seed: int = 0, dtype=np.float32) -
 
     Per block: ``ln_1``/``ln_2`` (scale, bias), ``attn.c_attn`` (d, 3d) + bias, ``attn.c_proj``
     (d, d) + bias, ``mlp.c_fc`` (d, 4d) + bias, ``mlp.c_proj`` (4d, d) + bias; plus a final
-    ``ln_f``. At d = 768 a block has 7,087,872 parameters: 4 blocks ≈ 28.4M (the SPEC §8
-    reference pytree), 12 blocks ≈ 85.1M (GPT-2 small without its embeddings).
+    ``ln_f``. At d = 768 a block has 7,087,872 parameters: 4 blocks ≈ 28.4M (the reference
+    pytree of the update-time targets in ``PERFORMANCE.md``), 12 blocks ≈ 85.1M (GPT-2 small
+    without its embeddings).
     Kernels are (fan-in, fan-out), as Flax ``Dense`` stores them.
     """
     rng = np.random.default_rng(seed)

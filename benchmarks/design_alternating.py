@@ -7,8 +7,8 @@ written out). An *alternating* one-sided scheme would drop the projection: on od
 basis), i.e. half a subspace iteration per step. This float64 NumPy simulation runs both
 against the exact truncated SVD on the gradient trajectories of
 ``tests/optimizer/test_behaviour.py`` (rank 16, b1 = 0.9, with and without the error
-buffer) and prints the criteria of issue 5: captured energy within 1 % and momentum
-(hence update) relative error ≤ 1e-2.
+buffer) and prints the accuracy criteria of the subspace method (docs/algorithm.md §2.5):
+captured energy within 1 % and momentum (hence update) relative error ≤ 1e-2.
 
     python benchmarks/design_alternating.py
 """
@@ -32,7 +32,8 @@ def _test_trajectory():
 
 
 def momenta(grads, method, rank=16, b1=0.9, error_decay=0.0):
-    """Rank-``rank`` momentum approximations of SPEC §2.2 steps 1–4 under ``method``."""
+    """Rank-``rank`` momentum approximations (docs/algorithm.md §2.2, steps 1–4) under
+    ``method``."""
     m, n = grads[0].shape
     u = np.linalg.qr(np.random.default_rng(1).normal(size=(m, rank)))[0]
     v = np.linalg.qr(np.random.default_rng(2).normal(size=(n, rank)))[0]

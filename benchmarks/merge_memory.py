@@ -1,4 +1,4 @@
-"""Peak host memory of out-of-core vs in-memory merging of Orbax checkpoints (issue 6).
+"""Peak host memory of out-of-core vs in-memory merging of Orbax checkpoints.
 
 Writes a base and K synthetic experts (GPT-2-medium-shaped float32 pytrees, d = 1024: 22
 blocks plus a 32000 × 1024 embedding ≈ 310M parameters, 1.24 GB each; ``--quick``: 2

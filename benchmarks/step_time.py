@@ -28,7 +28,7 @@ the allocator's state. That varies between runs and between the optimizers of on
 moves the ratios by ±0.3×. ``--keep-freed-memory`` re-runs the command with glibc told to
 keep freed memory (:data:`KEEP_FREED_MEMORY`), which removes this noise for all optimizers.
 
-Targets (issue 5, this 2-core CPU): ``umtam(1e-3)`` ≤ 2.5× AdamW; lean
+Targets (this 2-core CPU, see ``PERFORMANCE.md``): ``umtam(1e-3)`` ≤ 2.5× AdamW; lean
 (``error_decay=0.0, saliency="final"``) ≤ 1.2× AdamW; lean state ≤ 0.15× parameter bytes.
 
 Hook for an end-to-end comparison (e.g. a MiniLM fine-tune step): :func:`optimizers` gives

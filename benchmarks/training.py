@@ -93,10 +93,11 @@ QUICK = Size(
     min_dim_size_to_factor=32,
 )
 
-#: ``umtam_bc`` is ``umtam(..., bias_correction=True)``: the paper (and SPEC §2.2) has no
-#: bias correction, so with b2 = 0.999 the early second moments are underestimated
-#: (R, C ≈ (1 − b2^t) × their mean) and the early steps are up to 1/sqrt(1 − b2^t) ≈ 31×
-#: larger than Adam's; in a 240-step run that factor is still 2.2× at the end.
+#: ``umtam_bc`` is ``umtam(..., bias_correction=True)``: the paper (and the library default,
+#: docs/algorithm.md §2.2) has no bias correction, so with b2 = 0.999 the early second
+#: moments are underestimated (R, C ≈ (1 − b2^t) × their mean) and the early steps are up to
+#: 1/sqrt(1 − b2^t) ≈ 31× larger than Adam's; in a 240-step run that factor is still 2.2× at
+#: the end.
 OPTIMIZERS = ("adamw", "adafactor", "galore", "umtam", "umtam_bc")
 UMTAM_VARIANTS = ("umtam", "umtam_bc")
 LOWRANK = (*UMTAM_VARIANTS, "galore")
@@ -643,9 +644,9 @@ def markdown(p: dict[str, Any], args) -> str:
         )
         + "): "
         + ", ".join(f"{k} {tuple(v)}" for k, v in p["factored_matrix_shapes"].items())
-        + ". `umtam_bc` is UMTAM with `bias_correction=True` (SPEC §2.2 option; the paper and "
-        "the library default have none, so with b2 = 0.999 UMTAM's early steps are up to "
-        "1/sqrt(1 − b2^t) larger than Adam's — still 2.2× at step 240)"
+        + ". `umtam_bc` is UMTAM with `bias_correction=True` (docs/algorithm.md §2.2 option; "
+        "the paper and the library default have none, so with b2 = 0.999 UMTAM's early steps "
+        "are up to 1/sqrt(1 − b2^t) larger than Adam's — still 2.2× at step 240)"
         + ". Learning rates chosen on validation loss. Step times are wall-clock on a shared, "
         "loaded CPU (load average in the header) — compare them only within this table.",
         "",

@@ -1,7 +1,8 @@
 """Random inputs and an independent float64 NumPy reference of every merging method.
 
-The reference never calls ``umtam_jax.merging``; it follows SPEC §4–§5 literally, entry by
-entry where that is clearer, with NumPy's stable argsort for the top-k selection.
+The reference never calls ``umtam_jax.merging``; it follows docs/algorithm.md §4–§5
+literally, entry by entry where that is clearer, with NumPy's stable argsort for the top-k
+selection.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An independent float64 NumPy implementation of SPEC §2 (Algorithm 1), for the tests.
+"""An independent float64 NumPy implementation of docs/algorithm.md §2 (Algorithm 1), for the tests.
 
 It shares no code with ``umtam_jax``: only the random initial factors U0, V0 are taken from
 the optimizer's ``init`` (they are inputs, not results).
@@ -45,7 +45,7 @@ def _eps_t(g: np.ndarray, w: np.ndarray, hp: Hyper) -> float:
 
 
 class FactoredReference:
-    """SPEC §2.2 on one (m, n) matrix."""
+    """docs/algorithm.md §2.2 on one (m, n) matrix."""
 
     def __init__(self, u0, v0, w0, hp: Hyper):
         self.hp = hp
@@ -113,7 +113,7 @@ class FactoredReference:
 
 
 class DenseReference:
-    """SPEC §2.4 on one leaf."""
+    """docs/algorithm.md §2.4 on one leaf."""
 
     def __init__(self, w0, hp: Hyper):
         self.hp = hp

@@ -1,4 +1,6 @@
-"""UMTAM updates and statistics equal an independent float64 NumPy reference (SPEC §2–§3).
+"""UMTAM updates and statistics equal an independent float64 NumPy reference.
+
+The reference (``reference.py``) implements docs/algorithm.md §2–§3.
 
 The caller passes the same gradients and the same ``params`` to both at every step (no
 trajectory coupling), and every update is compared, for ≥ 20 steps.

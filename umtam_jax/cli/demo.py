@@ -1,6 +1,6 @@
 """``umtam-demo``: fine-tune MiniLM experts with UMTAM, merge them with every method.
 
-The main job of the project, on real offline data (SPEC §7):
+The main job of the project, on real offline data:
 
 1. fine-tunes one expert per task (default: the four built-in tasks) from the shared
    pretrained MiniLM-L6 encoder with :func:`umtam_jax.umtam`, saving each as an Orbax

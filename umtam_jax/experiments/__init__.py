@@ -1,4 +1,4 @@
-"""Real, offline experiments: data (SPEC §7) and Flax models.
+"""Real, offline experiments: data and Flax models.
 
 * :mod:`umtam_jax.experiments.data` -- task registry and the four Debian-packaged
   classification tasks (``wn_defmatch``, ``kjv_section``, ``fortune_topic``,

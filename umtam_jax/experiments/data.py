@@ -1,4 +1,4 @@
-"""Real, offline classification tasks for the experiments (SPEC §7).
+"""Real, offline classification tasks for the experiments.
 
 Every task is built from a Debian package (no hub downloads) and lives in a small
 registry, so that a new task plugs in without editing this module::

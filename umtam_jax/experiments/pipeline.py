@@ -879,7 +879,7 @@ FULL = PipelineConfig(
     max_length=64, batch_size=32, steps=600, learning_rate=1e-4, max_train=None, max_eval=2000
 )
 #: UMTAM settings of the demo: library defaults except a fresh subspace decomposition
-#: every 10 steps, the fixed-basis projection of SPEC §2.5 in between (see the
+#: every 10 steps, the fixed-basis projection of docs/algorithm.md §2.5 in between (see the
 #: ``efficiency`` benchmark for the per-step cost of ``svd_every=1``).
 DEMO_UMTAM_KWARGS: dict[str, Any] = {"svd_every": 10}
 

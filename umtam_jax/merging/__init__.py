@@ -17,9 +17,9 @@ Keep counts are exact: ``max(1, int(density · N))`` entries per tensor (``scope
 or per expert (``scope="global"``), equal scores going to the lower flat index.
 
 Methods:
-  - :func:`umtam`: curvature-aware merging with the optimizer's statistics (SPEC §4).
+  - :func:`umtam`: curvature-aware merging with the optimizer's statistics (docs/algorithm.md §4).
   - :func:`task_arithmetic`, :func:`ties`, :func:`dare`, :func:`dare_ties`: mergekit's
-    generalized task arithmetic family (SPEC §5).
+    generalized task arithmetic family (docs/algorithm.md §5).
   - :func:`fisher` (with :func:`diagonal_fisher`) and :func:`ota`: curvature-weighted
     averages.
   - :func:`prune`: keep the top-density entries of one expert's task vector.

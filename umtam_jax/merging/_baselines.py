@@ -1,4 +1,4 @@
-"""Baseline merges with semantics pinned to the reference toolkits (SPEC §5).
+"""Baseline merges with semantics pinned to the reference toolkits (docs/algorithm.md §5).
 
 ``task_arithmetic``, ``ties``, ``dare`` and ``dare_ties`` follow mergekit 0.1.x's
 generalized task arithmetic (``mergekit/merge_methods/generalized_task_arithmetic.py`` and
@@ -132,7 +132,7 @@ def ties(
     weights: Sequence[float] | None = None,
     scope: str = "tensor",
 ) -> Any:
-    """TIES merging with mergekit's ``ties`` semantics (SPEC §5).
+    """TIES merging with mergekit's ``ties`` semantics (docs/algorithm.md §5.2).
 
     1. Trim: each task vector ``Δ_τ = w_τ − w0`` keeps its ``max(1, int(density · N))``
        largest-magnitude entries (per tensor, or over the whole expert with
@@ -411,9 +411,9 @@ def prune(
       base: the initial parameters ``w0``.
       expert: the fine-tuned parameters, with the base's structure, shapes and dtypes.
       scores: a params-shaped pytree of scores; or the expert's UMTAM statistics /
-        optimizer state, whose saliency ``S`` is used (SPEC §3; computed from the expert,
-        the base, ``R`` and ``C`` when not tracked); or ``None`` for magnitude pruning by
-        ``|w − w0|``.
+        optimizer state, whose saliency ``S`` is used (docs/algorithm.md §3; computed from
+        the expert, the base, ``R`` and ``C`` when not tracked); or ``None`` for magnitude
+        pruning by ``|w − w0|``.
       density: fraction in (0, 1] of entries to keep.
       scope: ``"tensor"`` or ``"global"``.
 

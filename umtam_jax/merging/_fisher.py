@@ -1,4 +1,4 @@
-"""Fisher-weighted averaging and a post-hoc diagonal Fisher estimate (SPEC §5)."""
+"""Fisher-weighted averaging and a post-hoc diagonal Fisher estimate (docs/algorithm.md §5.4)."""
 
 from __future__ import annotations
 

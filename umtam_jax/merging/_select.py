@@ -1,4 +1,4 @@
-"""Top-k keep masks with exact counts (SPEC §4 step 2, §5 TIES trim, SPEC §9 item 4).
+"""Top-k keep masks with exact counts (docs/algorithm.md §4.2: UMTAM, TIES trim, prune).
 
 A mask keeps exactly ``max(1, int(density * N))`` entries with the largest scores, ``N`` the
 size of one tensor (``scope="tensor"``) or of the whole expert (``scope="global"``). Equal

@@ -1,4 +1,4 @@
-"""UMTAM merging, Algorithm 2 of the paper in the elementwise reading of SPEC §4."""
+"""UMTAM merging, Algorithm 2 of the paper in the elementwise reading of docs/algorithm.md §4."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def umtam(
     scaling: float = 1.0,
     scope: str = "tensor",
 ) -> Any:
-    """Merges experts with UMTAM's curvature-aware merging (Algorithm 2, SPEC §4).
+    """Merges experts with UMTAM's curvature-aware merging (Algorithm 2, docs/algorithm.md §4).
 
     Per leaf, with task vectors ``Δ_τ = w_τ − w0``:
 
@@ -103,7 +103,7 @@ def umtam(
 
     References:
       UMTAM: "Bridging Training and Merging Through Momentum-Aware Optimization",
-      arXiv:2512.17109, Algorithm 2 (read elementwise, SPEC §4 and §9).
+      arXiv:2512.17109, Algorithm 2 (read elementwise: docs/algorithm.md §4, §6, §7).
       TIES-Merging (sign election), arXiv:2306.01708.
       OTA merging (second moments as curvature weights), arXiv:2509.11167.
     """
@@ -130,8 +130,8 @@ def _compute_dtype(x: jax.Array) -> jnp.dtype:
 
 # The kernels below are jit-compiled once per leaf shape, dtype and number of experts; the
 # boolean options are traced (both branches are computed and selected), so the ablations of
-# SPEC §4 do not trigger recompilation. Under an outer jit with static options, XLA folds
-# the unused branch away.
+# docs/algorithm.md §4.1 do not trigger recompilation. Under an outer jit with static
+# options, XLA folds the unused branch away.
 
 
 @jax.jit

@@ -1,4 +1,4 @@
-"""Input validation and tree plumbing shared by every merging method (SPEC §5, last item).
+"""Input validation and tree plumbing shared by every merging method (docs/algorithm.md §5.7).
 
 The structural checks use static information only (tree structure, shapes, dtypes, Python
 option values), so every merge stays traceable by ``jax.jit`` / ``jax.eval_shape`` when its

@@ -1,4 +1,4 @@
-"""Rank-r decompositions of the momentum matrix (SPEC §2.2 step 3 and §2.5).
+"""Rank-r decompositions of the momentum matrix (docs/algorithm.md §2.2 step 3 and §2.5).
 
 Performance note (CPU). jaxlib runs LAPACK through SciPy's OpenBLAS, whose own threads
 compete with XLA's thread pool: on a loaded 2-core machine a thin Householder QR of a

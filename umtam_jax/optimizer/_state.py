@@ -20,12 +20,12 @@ Array = jax.Array
 
 
 class FactoredLeafState(NamedTuple):
-    """Optimizer state of one factored (matrix-like) parameter, SPEC §2.2.
+    """Optimizer state of one factored (matrix-like) parameter, docs/algorithm.md §2.2.
 
     Attributes:
       u: left factor of the low-rank momentum, shape ``rows + (r,)``.
       sigma: ``(r, r)`` core of the momentum ``U Σ Vᵀ`` (diagonal right after a
-        decomposition, a full core between refreshes, SPEC §2.5).
+        decomposition, a full core between refreshes, docs/algorithm.md §2.5).
       v: right factor, shape ``cols + (r,)``.
       dense_momentum: the last step's momentum ``M̃`` before its rank-r compression
         (parameter shape), so that the compression error is ``E = M̃ − U Σ Vᵀ``; ``None``
@@ -51,7 +51,7 @@ class FactoredLeafState(NamedTuple):
 
 
 class DenseLeafState(NamedTuple):
-    """Optimizer state of one dense (vector-like or small) parameter, SPEC §2.4.
+    """Optimizer state of one dense (vector-like or small) parameter, docs/algorithm.md §2.4.
 
     Attributes:
       mu: first moment ``m``.
@@ -80,7 +80,7 @@ class ScaleByUmtamState(NamedTuple):
 
 
 class FactoredStatistics(NamedTuple):
-    """Merging statistics of one factored parameter (SPEC §3).
+    """Merging statistics of one factored parameter (docs/algorithm.md §3).
 
     ``saliency`` is ``None`` when the optimizer ran with ``saliency="final"``; merging then
     computes it from the expert, the base and ``row``/``col``.
@@ -95,7 +95,8 @@ class FactoredStatistics(NamedTuple):
 
 
 class DenseStatistics(NamedTuple):
-    """Merging statistics of one dense parameter (SPEC §3): ``mu`` (m), ``nu`` (v), saliency."""
+    """Merging statistics of one dense parameter (docs/algorithm.md §3): ``mu`` (m), ``nu`` (v),
+    saliency."""
 
     mu: Array
     nu: Array

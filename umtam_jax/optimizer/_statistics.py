@@ -1,4 +1,4 @@
-"""Extraction of the merging statistics from an UMTAM optimizer state (SPEC §3)."""
+"""Extraction of the merging statistics from an UMTAM optimizer state (docs/algorithm.md §3)."""
 
 from __future__ import annotations
 
@@ -200,7 +200,8 @@ def saliency(x: Any, params: Any = None, initial_params: Any = None) -> Any:
     """Per-parameter saliency ``S`` with the parameters' shapes.
 
     With tracked saliency (the default ``saliency="tracked"``) this is the running
-    ``S ← α S + (1 − α)(W − W0)² ⊙ sqrt(R_i C_j)`` of SPEC §2.2 step 9. When the optimizer ran
+    ``S ← α S + (1 − α)(W − W0)² ⊙ sqrt(R_i C_j)`` of docs/algorithm.md §2.2 step 9. When the
+    optimizer ran
     with ``saliency="final"`` no ``S`` is stored; pass ``params`` and ``initial_params`` and it
     is computed once as ``(W − W0)² ⊙ sqrt(R_i C_j)`` (dense leaves: ``⊙ sqrt(v)``).
 

@@ -476,7 +476,7 @@ def _diag(s: jax.Array) -> jax.Array:
 
 def _new_factors(cfg, requests: list[_FactorRequest], count) -> list[tuple]:
     """``(U, Σ, V, σ₁)`` of every factored leaf: a fresh decomposition (step 3) on refresh
-    steps, else the fixed-basis projection ``Σ ← Uᵀ M̃ V`` of SPEC §2.5.
+    steps, else the fixed-basis projection ``Σ ← Uᵀ M̃ V`` of docs/algorithm.md §2.5.
 
     All leaves share the step count, so one ``lax.cond`` decides for all of them. A
     request may hold a stack of equally shaped leaves (leading axis), see
@@ -496,7 +496,7 @@ def _new_factors(cfg, requests: list[_FactorRequest], count) -> list[tuple]:
     def project():
         out = []
         for req in requests:
-            # SPEC §2.5 / paper Eq. 34: keep U, V; Σ ← Uᵀ M̃ V.
+            # docs/algorithm.md §2.5 / paper Eq. 34: keep U, V; Σ ← Uᵀ M̃ V.
             core = _sharding.matmul(req.u.mT, matmul_any(req.operand, req.v))
             if req.mask is not None:
                 core = core * req.mask[..., :, None] * req.mask[..., None, :]
@@ -512,7 +512,8 @@ def _new_factors(cfg, requests: list[_FactorRequest], count) -> list[tuple]:
 
 
 def _stable_rank(frob_sq: jax.Array, top: jax.Array) -> jax.Array:
-    """``‖M‖_F² / σ₁(M)²`` (Eq. 5/15: the paper's r_s and r_eff coincide, SPEC §9.5)."""
+    """``‖M‖_F² / σ₁(M)²`` (Eq. 5/15: the paper's r_s and r_eff coincide; docs/algorithm.md
+    §2.6)."""
     return frob_sq / jnp.maximum(jnp.square(top), jnp.finfo(frob_sq.dtype).tiny)
 
 
@@ -657,7 +658,7 @@ def _factored_finish(cfg, layout: _Layout, carry: _FactoredCarry, factors, count
 
     dense_momentum = None
     if state.dense_momentum is not None:
-        # Step 4, E ← M̃ − U Σ Vᵀ (also between refreshes, SPEC §2.5), is kept implicit:
+        # Step 4, E ← M̃ − U Σ Vᵀ (also between refreshes, docs/algorithm.md §2.5), is kept implicit:
         # the state holds M̃ itself, and E = M̃ − U Σ Vᵀ with the new factors.
         dense_momentum = _sharding.reshape(m_tilde, shape).astype(state.dense_momentum.dtype)
 
@@ -772,7 +773,7 @@ def scale_by_umtam(
     """Rescales gradients by UMTAM's low-rank, error-fed, factored-preconditioned momentum.
 
     For each matrix-like parameter (see ``row_axes``/``min_dim_size_to_factor``) and step t
-    (SPEC §2.2), with the clipped gradient G:
+    (docs/algorithm.md §2.2), with the clipped gradient G:
 
     1. ``M̃ = b1 U Σ Vᵀ + (1 − b1) G + γ E``; ``(U, Σ, V) = TruncatedSVD_r(M̃)``;
        ``E = M̃ − U Σ Vᵀ``.
@@ -782,7 +783,8 @@ def scale_by_umtam(
     4. Saliency ``S ← α S + (1 − α)(W − W0)² ⊙ sqrt(R_i C_j)``.
 
     Other parameters (biases, norms, small matrices) use an Adam-like rule with the same
-    hyper-parameters and no bias correction (SPEC §2.4). ``update`` needs ``params``.
+    hyper-parameters (docs/algorithm.md §2.4); ``bias_correction`` applies to both kinds.
+    ``update`` needs ``params``.
 
     Args:
       rank: rank r of the momentum (clipped to ``min(m, n)`` per parameter).
@@ -796,7 +798,7 @@ def scale_by_umtam(
       svd_method: ``"exact"`` (full SVD, the reference) or ``"subspace"`` (warm-started
         randomized range finder reusing the previous V, two m×n×r matmuls).
       svd_every: a fresh decomposition every ``svd_every`` steps; in between the bases are
-        kept and only the r×r core is re-projected (SPEC §2.5).
+        kept and only the r×r core is re-projected (docs/algorithm.md §2.5).
       oversampling: extra random sketch columns for ``"subspace"``.
       power_iterations: extra power iterations for ``"subspace"``.
       min_dim_size_to_factor: factor a parameter only if both sides of its 2-D view are at
@@ -893,9 +895,7 @@ def scale_by_umtam(
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError(
-                "scale_by_umtam needs params: call update(grads, state, params) (SPEC §2.2)"
-            )
+            raise ValueError("scale_by_umtam needs params: call update(grads, state, params)")
         return _update(updates, state, params)
 
     # Full float32 products: the default on GPU/TPU would run them as TF32/bf16 passes,
@@ -1084,9 +1084,10 @@ def umtam(
 ) -> optax.GradientTransformation:
     """The UMTAM optimizer: ``chain(scale_by_umtam, add_decayed_weights, scale_by_learning_rate)``.
 
-    With ``learning_rate=1`` and ``weight_decay=0`` the update is exactly ``−D`` of SPEC §2.2.
-    The state keeps, per parameter, what model merging needs (momentum factors, factored
-    second moments, saliency): read it with :func:`umtam_jax.statistics`.
+    With ``learning_rate=1`` and ``weight_decay=0`` the update is exactly ``−D`` of
+    docs/algorithm.md §2.2. The state keeps, per parameter, what model merging needs
+    (momentum factors, factored second moments, saliency): read it with
+    :func:`umtam_jax.statistics`.
 
     Args:
       learning_rate: a float or an Optax schedule.
