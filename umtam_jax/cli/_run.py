@@ -112,35 +112,27 @@ def _shard_count(sizes: list[int], limit: int) -> int:
     return count
 
 
-def _whole(source: engine.Source, n: int, treedef: Any) -> Any:
-    return jax.tree_util.tree_unflatten(treedef, source.read(range(n)))
+def _in_memory(plan: Any, job: engine.Job) -> list[np.ndarray]:
+    """Every input read whole, then the in-memory method on the whole trees; returns the
+    output's leaves (non-floating ones copied from the base)."""
+    everything = list(range(len(job.leaves)))
+    data = job.read(everything)
 
+    def tree(leaves: dict[int, Any]) -> Any:
+        values = [None if j in job.passthrough else leaves[j] for j in everything]
+        return jax.tree_util.tree_unflatten(job._treedef, values)
 
-def _in_memory(plan: Any, job: engine.Job) -> Any:
-    """Every input read whole, then the in-memory method on the whole trees."""
-    treedef = jax.tree.structure(job.base.abstract())
-    n = len(job.leaves)
-    base = _whole(job.base, n, treedef)
-    experts = [_whole(s, n, treedef) for s in job.experts]
-    extra = None
-    if job.extras == "statistics":
-        extra = [
-            jax.tree_util.tree_unflatten(treedef, s.read_statistics(range(n))) for s in job.experts
-        ]
-    elif job.extras is not None:
-        extra = [_whole(s, n, treedef) for s in job.extras]
-    base, experts = job._cast(base), [job._cast(e) for e in experts]
+    base, experts = tree(data["base"]), [tree(e) for e in data["experts"]]
+    extra = [tree(x) for x in data["extra"]] if "extra" in data else None
     method = METHODS[plan.method]
     if method.single_expert:
         experts, extra = experts[0], None if extra is None else extra[0]
     try:
-        merged = merging.merge(method, base, experts, extra, **job.kwargs)
+        merged = iter(jax.tree.leaves(merging.merge(method, base, experts, extra, **job.kwargs)))
+        out = [job.copy(j, data) if j in job.passthrough else next(merged) for j in everything]
     except (ValueError, TypeError) as err:
         raise ConfigError(f"merge failed: {err}") from None
-    leaves = [np.asarray(x) for x in jax.tree.leaves(merged)]
-    if job.out_dtype is not None:
-        leaves = [x.astype(job.out_dtype) for x in leaves]
-    return leaves
+    return [np.asarray(x).astype(leaf.dtype) for x, leaf in zip(out, job.leaves, strict=True)]
 
 
 def execute(plan: Any, args: argparse.Namespace) -> int:

@@ -55,6 +55,12 @@ class _Leaf:
     nbytes: int
 
 
+def _positions(tree: Any) -> dict[str, int]:
+    """``{keystr(path): flattening position}`` of a tree's leaves."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(kp): i for i, (kp, _) in enumerate(flat)}
+
+
 def _to_jax(arrays: list[np.ndarray]) -> list[jax.Array]:
     """Moves restored NumPy arrays into JAX buffers, dropping each NumPy copy at once (the
     merging functions would copy them anyway; converting as soon as they are read keeps
@@ -130,26 +136,72 @@ class Job:
                         f"method {method.name!r} needs UMTAM statistics, but expert {i} "
                         f"({source.location}) has none"
                     )
+        # Non-floating leaves (integer buffers such as BERT's position_ids) are not merged:
+        # they must be equal in every model and are copied from the base.
         base_abs = self._cast(base.abstract())
+        flat, treedef = jax.tree_util.tree_flatten_with_path(base_abs)
+        self.passthrough = {
+            j for j, (_, x) in enumerate(flat) if not jnp.issubdtype(x.dtype, jnp.floating)
+        }
+        self._treedef = treedef
         experts_abs = [self._cast(s.abstract()) for s in experts]
         extra_abs = None
         if extras == "statistics":
             extra_abs = [s.abstract_statistics() for s in experts]
         elif extras is not None:
-            extra_abs = [s.abstract() for s in extras]
-        self.output = jax.eval_shape(
-            lambda b, e, x: self._run(b, e, x), base_abs, experts_abs, extra_abs
+            extra_abs = [self.floating(s.abstract()) for s in extras]
+        merged = jax.eval_shape(
+            lambda b, e, x: self._run(b, e, x),
+            self.floating(base_abs),
+            [self.floating(e) for e in experts_abs],
+            extra_abs,
         )
+        out = iter(jax.tree.leaves(merged))
+        leaves = [x if j in self.passthrough else next(out) for j, (_, x) in enumerate(flat)]
         if self.out_dtype is not None:
-            self.output = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, self.out_dtype), self.output
-            )
+            leaves = [
+                x if j in self.passthrough else jax.ShapeDtypeStruct(x.shape, self.out_dtype)
+                for j, x in enumerate(leaves)
+            ]
+        self.output = jax.tree_util.tree_unflatten(treedef, leaves)
         self.leaves = []
-        for keypath, out in jax.tree_util.tree_flatten_with_path(self.output)[0]:
-            dtype = np.dtype(out.dtype)
-            n = int(np.prod(out.shape, dtype=np.int64))
-            self.leaves.append(_Leaf(tuple(keypath), tuple(out.shape), dtype, n * dtype.itemsize))
+        for (keypath, _), x in zip(flat, leaves, strict=True):
+            dtype = np.dtype(x.dtype)
+            n = int(np.prod(x.shape, dtype=np.int64))
+            self.leaves.append(_Leaf(tuple(keypath), tuple(x.shape), dtype, n * dtype.itemsize))
+        # Where each leaf sits in every source (found by path: a source may order or hold
+        # its leaves differently, e.g. a curvature file without the integer buffers).
+        self._where = {
+            id(s): _positions(s.abstract()) for s in [base, *experts, *self._extra_sources()]
+        }
         self.scope = self.kwargs.get("scope", "tensor")
+
+    def floating(self, tree: Any) -> Any:
+        """``tree`` without the non-floating leaves (None there), if it has the base's
+        structure; any other tree as it is (validation names the difference)."""
+        if not self.passthrough:
+            return tree
+        leaves, treedef = jax.tree.flatten(tree)
+        if treedef != self._treedef:
+            return tree
+        leaves = [None if j in self.passthrough else x for j, x in enumerate(leaves)]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def _extra_sources(self) -> list[Source]:
+        return self.extras if isinstance(self.extras, list) else []
+
+    def _read(self, source: Source, group: list[int]) -> dict[int, Any]:
+        where = self._where[id(source)]
+        keys = [jax.tree_util.keystr(self.leaves[j].keypath) for j in group]
+        missing = [k for k in keys if k not in where]
+        if missing:
+            raise ValueError(f"{source.location} has no tensor {missing[0]}")
+        arrays = source.read([where[k] for k in keys])
+        out = {}
+        for j in group:  # non-floating leaves stay NumPy arrays (JAX may narrow int64)
+            array = arrays.pop(0)
+            out[j] = array if j in self.passthrough else jnp.asarray(array)
+        return out
 
     def _cast(self, tree: Any) -> Any:
         """``tree`` (arrays or abstract leaves) in the read dtype, floating leaves only."""
@@ -189,28 +241,44 @@ class Job:
         return out
 
     def read(self, group: list[int]) -> dict[str, Any]:
-        """The group's leaves of every input, as JAX arrays (statistics as nodes)."""
-        data: dict[str, Any] = {"base": self._cast(_to_jax(self.base.read(group)))}
-        data["experts"] = [self._cast(_to_jax(s.read(group))) for s in self.experts]
+        """The group's leaves of every input, as JAX arrays (statistics as nodes), each a
+        dict by leaf index."""
+        data: dict[str, Any] = {"base": self._cast(self._read(self.base, group))}
+        data["experts"] = [self._cast(self._read(s, group)) for s in self.experts]
+        merged = [j for j in group if j not in self.passthrough]
         if self.extras == "statistics":
-            data["extra"] = [s.read_statistics(group) for s in self.experts]
+            data["extra"] = []
+            for s in self.experts:
+                where = self._where[id(s)]
+                keys = [where[jax.tree_util.keystr(self.leaves[j].keypath)] for j in merged]
+                data["extra"].append(dict(zip(merged, s.read_statistics(keys), strict=True)))
         elif self.extras is not None:
-            data["extra"] = [_to_jax(s.read(group)) for s in self.extras]
+            data["extra"] = [self._read(s, merged) for s in self.extras]
         return data
 
     # ---------------------------------------------------------------- merging
 
-    def plan(self, j: int, data: dict[str, Any], pos: int) -> R.Call:
-        """The method's validated call on leaf ``j`` alone (``pos``: its index in the group),
-        with the leaf's full key path."""
+    def plan(self, j: int, data: dict[str, Any]) -> R.Call:
+        """The method's validated call on leaf ``j`` alone, with the leaf's full key path."""
         kp = self.leaves[j].keypath
-        experts = [_wrap(kp, leaves[pos]) for leaves in data["experts"]]
+        experts = [_wrap(kp, leaves[j]) for leaves in data["experts"]]
         extra = None
         if "extra" in data:
-            extra = [_wrap(kp, leaves[pos]) for leaves in data["extra"]]
+            extra = [_wrap(kp, leaves[j]) for leaves in data["extra"]]
         return R.plan(
-            self.method, _wrap(kp, data["base"][pos]), *self._arguments(experts, extra), self.kwargs
+            self.method, _wrap(kp, data["base"][j]), *self._arguments(experts, extra), self.kwargs
         )
+
+    def copy(self, j: int, data: dict[str, Any]) -> np.ndarray:
+        """A non-floating leaf: the base's, after checking every expert holds the same."""
+        base = np.asarray(data["base"][j])
+        for i, leaves in enumerate(data["experts"]):
+            if not np.array_equal(np.asarray(leaves[j]), base):
+                raise ValueError(
+                    f"the non-floating leaf {jax.tree_util.keystr(self.leaves[j].keypath)} of "
+                    f"expert {i} differs from the base's; integer tensors are not merged"
+                )
+        return base
 
     def merge(self, call: R.Call, topk: GlobalTopK | None) -> np.ndarray:
         """The method's steps on one leaf; ``topk`` replaces the per-tensor masks."""
@@ -229,9 +297,10 @@ def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
     from tqdm.auto import tqdm
 
     densities = V.check_densities(R.options_of(job.method, job.kwargs)["density"], len(job.experts))
+    merged = [leaf for j, leaf in enumerate(job.leaves) if j not in job.passthrough]
     topk = GlobalTopK(
-        [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in job.leaves],
-        [leaf.dtype for leaf in job.leaves],
+        [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in merged],
+        [leaf.dtype for leaf in merged],
         densities,
     )
     active = topk.active()
@@ -248,9 +317,10 @@ def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
                 data = None
                 _release_free_memory()
                 data = job.read(group)
-                for pos, j in enumerate(group):
-                    scores = R.importances(job.plan(j, data, pos))
-                    yield [scores[t][0] for t in active]
+                for j in group:
+                    if j not in job.passthrough:
+                        scores = R.importances(job.plan(j, data))
+                        yield [scores[t][0] for t in active]
                     bar.update(1)
 
     topk.find_thresholds(scan, lambda p: None)
@@ -273,17 +343,20 @@ def merge(
         topk = _global_topk(job, group_bytes, progress)
     groups = job.groups(group_bytes)
     state: dict[str, Any] = {"group": -1, "data": None}
-    where = {j: (g, pos) for g, group in enumerate(groups) for pos, j in enumerate(group)}
+    where = {j: g for g, group in enumerate(groups) for j in group}
     bar = tqdm(total=len(job.leaves), desc=job.method.name, unit="leaf", disable=not progress)
 
     def produce(j: int) -> np.ndarray:
-        g, pos = where[j]
+        g = where[j]
         if state["group"] != g:
             state["data"] = None  # drop the previous group before reading the next
             _release_free_memory()
             state["data"] = job.read(groups[g])
             state["group"] = g
-        out = job.merge(job.plan(j, state["data"], pos), topk)
+        if j in job.passthrough:
+            out = job.copy(j, state["data"])
+        else:
+            out = job.merge(job.plan(j, state["data"]), topk)
         if job.leaves[j].nbytes >= 2**20:
             _release_free_memory()
         bar.update(1)
