@@ -1,4 +1,5 @@
-"""Peak host memory of out-of-core vs in-memory merging of Orbax checkpoints.
+"""Peak host memory of out-of-core vs in-memory merging of umtam_jax checkpoints or
+Hugging Face safetensors folders (``--format``).
 
 Writes a base and K synthetic experts (GPT-2-medium-shaped float32 pytrees, d = 1024: 22
 blocks plus a 32000 × 1024 embedding ≈ 310M parameters, 1.24 GB each; ``--quick``: 2
@@ -20,6 +21,7 @@ Usage::
     .venv/bin/python benchmarks/merge_memory.py            # 4 experts × ~310M params
     .venv/bin/python benchmarks/merge_memory.py --quick    # 4 experts × ~29M params
     .venv/bin/python benchmarks/merge_memory.py --scope global   # TIES with global trim
+    .venv/bin/python benchmarks/merge_memory.py --format safetensors  # HF folders
     .venv/bin/python benchmarks/merge_memory.py --keep           # keep the checkpoints,
     .venv/bin/python benchmarks/merge_memory.py --reuse DIR      # ... and measure again
 
@@ -108,10 +110,13 @@ def child_setup(args: argparse.Namespace) -> dict[str, Any]:
     )
     work = Path(args.workdir)
     t0 = time.perf_counter()
-    checkpoint.save_checkpoint(work / "base", base)
+    save = checkpoint.save_checkpoint
+    if args.format == "safetensors":  # Hugging Face folders in 2 GB shards
+        save = lambda path, tree: checkpoint.save_safetensors(path, tree, max_shard_size="2GB")  # noqa: E731
+    save(work / "base", base)
     for i in range(args.experts):
         expert = jax.tree.map(lambda b: b + 1e-3 * rng.standard_normal(b.shape, np.float32), base)
-        checkpoint.save_checkpoint(work / f"expert{i}", expert)
+        save(work / f"expert{i}", expert)
         del expert
     return {"setup_s": time.perf_counter() - t0}
 
@@ -156,14 +161,21 @@ def child_compare(args: argparse.Namespace) -> dict[str, Any]:
     from umtam_jax.checkpoint import _checkpoint as C
 
     work = Path(args.workdir)
-    a = checkpoint.CheckpointReader(work / "out_streaming")
-    b = checkpoint.CheckpointReader(work / "out_in_memory")
-    paths = [p for p, _ in C._spec_arrays(a.structure("params"))]
-    assert paths == [p for p, _ in C._spec_arrays(b.structure("params"))]
+    if args.format == "safetensors":
+        a = checkpoint.SafetensorsReader(work / "out_streaming")
+        b = checkpoint.SafetensorsReader(work / "out_in_memory")
+        paths = list(a.names)
+        assert sorted(paths) == sorted(b.names)
+        read = lambda r, p: r.read([p])[0]  # noqa: E731
+    else:
+        a = checkpoint.CheckpointReader(work / "out_streaming")
+        b = checkpoint.CheckpointReader(work / "out_in_memory")
+        paths = [p for p, _ in C._spec_arrays(a.structure("params"))]
+        assert paths == [p for p, _ in C._spec_arrays(b.structure("params"))]
+        read = lambda r, p: r.restore_arrays("params", [p])[0]  # noqa: E731
     differing = 0
     for p in paths:
-        (x,) = a.restore_arrays("params", [p])
-        (y,) = b.restore_arrays("params", [p])
+        x, y = read(a, p), read(b, p)
         if x.dtype != y.dtype or not np.array_equal(x, y):
             differing += 1
     return {"leaves": len(paths), "differing_leaves": differing}
@@ -172,7 +184,7 @@ def child_compare(args: argparse.Namespace) -> dict[str, Any]:
 def run_child(args: argparse.Namespace, role: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", role, "--workdir", args.workdir]
     cmd += ["--experts", str(args.experts), "--method", args.method]
-    cmd += ["--density", str(args.density), "--scope", args.scope]
+    cmd += ["--density", str(args.density), "--scope", args.scope, "--format", args.format]
     if args.quick:
         cmd.append("--quick")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -206,6 +218,12 @@ def main() -> int:
     p.add_argument("--method", default="ties", choices=["ties", "task_arithmetic"])
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--scope", default="tensor", choices=["tensor", "global"])
+    p.add_argument(
+        "--format",
+        default="orbax",
+        choices=["orbax", "safetensors"],
+        help="inputs and output as umtam_jax checkpoints or Hugging Face safetensors folders",
+    )
     p.add_argument("--workdir", default=None, help="where the checkpoints are written")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument(
@@ -241,7 +259,7 @@ def main() -> int:
     n = n_params(shapes)
     model_bytes = 4 * n
     k = args.experts
-    config = {"parameters": n, "experts": k}
+    config = {"parameters": n, "experts": k, "format": args.format}
     if args.reuse is not None:
         work = Path(args.reuse)
         try:
@@ -313,6 +331,7 @@ def main() -> int:
         "method": args.method,
         "density": args.density,
         "scope": args.scope,
+        "format": args.format,
         "leaves_per_model": len(_leaves(shapes)),
         "largest_leaf_bytes": 4 * max(int(np.prod(s)) for s in _leaves(shapes)),
         "modes": rows,
@@ -327,7 +346,7 @@ def main() -> int:
     }
     lines = [
         f"{args.method} (density {args.density}, scope {args.scope}) of {k} experts of "
-        f"{n / 1e6:.1f}M float32 parameters ({model_bytes / gb:.2f} GB per model, "
+        f"{n / 1e6:.1f}M float32 parameters ({model_bytes / gb:.2f} GB per model, {args.format}, "
         f"{payload['leaves_per_model']} leaves, largest {payload['largest_leaf_bytes'] / 1e6:.0f}"
         " MB) through `umtam-merge`; peak RSS of a fresh process per mode.",
         "",
@@ -357,6 +376,8 @@ def main() -> int:
         name = "merge_memory_quick" if args.quick else "merge_memory"
         if args.scope == "global":
             name += "_global"
+        if args.format == "safetensors":
+            name += "_safetensors"
         path = write_result(name, payload, table, title=f"Merge peak memory ({name})")
         print(f"wrote {path}")
     return 1 if payload["target_met"] is False else 0

@@ -1,0 +1,63 @@
+"""The method registry: every entry point reads the same methods and parameters."""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.merging import helpers as H
+from umtam_jax import merging
+from umtam_jax.cli.merge import main
+
+
+def test_every_public_method_is_registered_with_its_signature():
+    public = {"umtam", "task_arithmetic", "ties", "dare", "dare_ties", "fisher", "ota", "prune"}
+    assert set(merging.METHODS) == public
+    for name, method in merging.METHODS.items():
+        assert method.fn is getattr(merging, name)
+        signature = inspect.signature(method.fn).parameters
+        for p in method.params:
+            assert signature[p.name].kind is inspect.Parameter.KEYWORD_ONLY
+            assert method.defaults()[p.name] == signature[p.name].default
+            assert p.kind in ("number", "density", "weights", "bool", "choice", "key")
+
+
+def test_merge_by_name_equals_the_function_and_checks_its_parameters():
+    rng = np.random.default_rng(0)
+    base, experts = H.random_experts(rng, 2, dtype=np.float32)
+    by_name = merging.merge("ties", base, experts, density=0.4, scaling=0.7)
+    direct = merging.ties(base, experts, density=0.4, scaling=0.7)
+    jax.tree.map(np.testing.assert_array_equal, by_name, direct)
+    with pytest.raises(ValueError, match="unknown method 'slerp'; choose one of umtam"):
+        merging.merge("slerp", base, experts)
+    with pytest.raises(TypeError, match=r"unexpected parameters \['lambda'\]"):
+        merging.merge("ties", base, experts, density=0.4, **{"lambda": 1.0})
+    with pytest.raises(TypeError, match="requires the parameter 'density'"):
+        merging.merge("ties", base, experts)
+    with pytest.raises(TypeError, match="sign_election must be True or False"):
+        merging.merge("umtam", base, experts, [None, None], sign_election="yes")
+
+
+def test_prune_by_name_takes_one_expert_and_optional_scores():
+    base = {"w": jnp.zeros(4)}
+    expert = {"w": jnp.array([1.0, -3.0, 2.0, 0.5])}
+    got = merging.merge("prune", base, expert, density=0.5)
+    np.testing.assert_array_equal(np.asarray(got["w"]), [0.0, -3.0, 2.0, 0.0])
+    scores = {"w": jnp.array([4.0, 0.0, 0.0, 3.0])}
+    got = merging.merge("prune", base, expert, scores, density=0.5)
+    np.testing.assert_array_equal(np.asarray(got["w"]), [1.0, 0.0, 0.0, 0.5])
+
+
+def test_list_methods_prints_the_registry(capsys):
+    assert main(["--list-methods"]) == 0
+    out = capsys.readouterr().out
+    for name, method in merging.METHODS.items():
+        assert f"{name}: {method.summary}" in out
+        for p in method.params:
+            assert f"  {p.name} (" in out
+    assert "density (density, required; per expert as 'density')" in out
+    assert "normalize (choice, default 'all', one of all, selected)" in out
