@@ -58,6 +58,8 @@ class Param:
       choices: the allowed strings of a ``"choice"``.
       per_expert: the key under which configuration files give it per expert
         (``weight``, ``density``), or None.
+      low, high: the closed range a ``"number"`` must lie in (None: unbounded); checked
+        when the value is known (not traced).
     """
 
     name: str
@@ -65,11 +67,20 @@ class Param:
     doc: str
     choices: tuple[str, ...] = ()
     per_expert: str | None = None
+    low: float | None = None
+    high: float | None = None
 
     def check(self, value: Any, k: int) -> Any:
         """The validated value (densities and weights as one entry per expert)."""
         if self.kind == "number":
             V.check_finite_scalars(**{self.name: value})
+            if not isinstance(value, jax.core.Tracer) and (
+                (self.low is not None and float(value) < self.low)
+                or (self.high is not None and float(value) > self.high)
+            ):
+                bounds = f"[{self.low if self.low is not None else '-inf'}, "
+                bounds += f"{self.high if self.high is not None else 'inf'}]"
+                raise ValueError(f"{self.name} must lie in {bounds}, got {value!r}")
             return value
         if self.kind == "density":
             return V.check_densities(value, k)
