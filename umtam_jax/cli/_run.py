@@ -132,7 +132,10 @@ def _in_memory(plan: Any, job: engine.Job) -> list[np.ndarray]:
         out = [job.copy(j, data) if j in job.passthrough else next(merged) for j in everything]
     except (ValueError, TypeError) as err:
         raise ConfigError(f"merge failed: {err}") from None
-    return [np.asarray(x).astype(leaf.dtype) for x, leaf in zip(out, job.leaves, strict=True)]
+    return [
+        np.asarray(x).astype(leaf.dtype, copy=False)
+        for x, leaf in zip(out, job.leaves, strict=True)
+    ]
 
 
 def execute(plan: Any, args: argparse.Namespace) -> int:
