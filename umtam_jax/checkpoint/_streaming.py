@@ -121,6 +121,53 @@ class CheckpointReader:
             )
         return E.decode(spec, arrays)
 
+    def leaf_paths(self, item: str) -> list[Path]:
+        """The stored paths of ``item``'s arrays in JAX's flattening order of the restored
+        tree (the order of ``jax.tree.leaves(reader.abstract(item))``)."""
+        spec = self.structure(item)
+        stored = [path for path, _ in E.spec_arrays(spec)]
+        index_tree: dict[str, Any] = {}
+        for i, path in enumerate(stored):
+            E.nested_set(index_tree, path, i)
+        return [stored[i] for i in jax.tree.leaves(E.decode(spec, index_tree))]
+
+    def restore_subtrees(self, item: str, paths: Sequence[Path]) -> list[Any]:
+        """The decoded subtree of ``item`` at each stored path (an array, or e.g. a
+        statistics node as a dict of arrays), reading only the arrays under those paths.
+
+        Raises:
+          ValueError: a path not in the checkpoint; as :meth:`restore_arrays`.
+        """
+        spec = self.structure(item)
+        subspecs = []
+        for path in paths:
+            sub = spec
+            for name in path:
+                children = {c[0]: c[2] for c in sub.get("children", [])}
+                if name not in children:
+                    raise ValueError(
+                        f"checkpoint {self.directory} has no entry {'/'.join(path)} in its "
+                        f"{item!r} item"
+                    )
+                sub = children[name]
+            subspecs.append(sub)
+        full = [
+            [tuple(p) + q for q, _ in E.spec_arrays(sub)] if sub["t"] != "array" else [tuple(p)]
+            for p, sub in zip(paths, subspecs, strict=True)
+        ]
+        flat = self.restore_arrays(item, [q for f in full for q in f])
+        out, start = [], 0
+        for p, sub, f in zip(paths, subspecs, full, strict=True):
+            if sub["t"] == "array":
+                out.append(flat[start])
+            else:
+                arrays: dict[str, Any] = {}
+                for q, a in zip(f, flat[start : start + len(f)], strict=True):
+                    E.nested_set(arrays, q[len(p) :], a)
+                out.append(E.decode(sub, arrays))
+            start += len(f)
+        return out
+
     def restore_arrays(self, item: str, paths: Sequence[Path]) -> list[np.ndarray]:
         """Reads only the arrays at ``paths`` (stored paths inside ``item``) from disk.
 

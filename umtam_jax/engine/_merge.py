@@ -514,12 +514,12 @@ def writer(
 
     def write(abstract: Any, produce: Callable[[int], np.ndarray]) -> epath.Path:
         if fmt == "orbax":
-            from umtam_jax.checkpoint._streaming import save_params_streaming
+            from umtam_jax.checkpoint import save_params_streaming
 
             return save_params_streaming(
                 output, abstract, produce, overwrite=overwrite, metadata=metadata
             )
-        from umtam_jax.checkpoint._safetensors_write import save_safetensors
+        from umtam_jax.checkpoint import save_safetensors
 
         copy_from = job.base.directory if isinstance(job.base, SafetensorsSource) else None
         return save_safetensors(

@@ -12,7 +12,6 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import jax
 import numpy as np
 
 
@@ -37,16 +36,6 @@ class Source(Protocol):
         """The statistics node (a dict of arrays, or an array) of each of these leaves."""
 
 
-def _subspec(spec: dict[str, Any], path: tuple[str, ...], what: str) -> dict[str, Any]:
-    """The structure record at stored ``path`` inside ``spec``."""
-    for name in path:
-        children = {c[0]: c[2] for c in spec.get("children", [])}
-        if name not in children:
-            raise ValueError(f"{what} has no entry {'/'.join(path)}")
-        spec = children[name]
-    return spec
-
-
 class OrbaxSource:
     """A umtam_jax (Orbax) checkpoint: its ``params`` item, and ``statistics`` if saved.
 
@@ -56,61 +45,33 @@ class OrbaxSource:
     """
 
     def __init__(self, directory: str | os.PathLike, what: str):
-        from umtam_jax.checkpoint import _checkpoint as C
-        from umtam_jax.checkpoint import _encoding as E
-        from umtam_jax.checkpoint._streaming import CheckpointReader
+        from umtam_jax.checkpoint import CheckpointReader
 
-        self._C, self._E = C, E
         try:
             self.reader = CheckpointReader(directory)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"cannot read {what} checkpoint {directory}: {err}") from None
         self.location = os.fspath(self.reader.directory)
         self.directory = self.reader.directory
-        spec = self.reader.structure(C.PARAMS)
-        stored = [path for path, _ in E.spec_arrays(spec)]
-        index_tree: dict[str, Any] = {}
-        for i, path in enumerate(stored):
-            E.nested_set(index_tree, path, i)
-        # Stored paths in JAX's flattening order of the decoded tree.
-        self._stored = [stored[i] for i in jax.tree.leaves(E.decode(spec, index_tree))]
+        self._paths = self.reader.leaf_paths("params")
         # A bare-array params tree is stored under "value"; its statistics node is the root.
-        self._root_array = spec["t"] == "root_array"
+        self._root_array = self.reader.structure("params")["t"] == "root_array"
 
     def abstract(self) -> Any:
-        return self.reader.abstract(self._C.PARAMS)
+        return self.reader.abstract("params")
 
     def read(self, leaves: Sequence[int]) -> list[np.ndarray]:
-        return self.reader.restore_arrays(self._C.PARAMS, [self._stored[j] for j in leaves])
+        return self.reader.restore_arrays("params", [self._paths[j] for j in leaves])
 
     def has_statistics(self) -> bool:
-        return self.reader.has_item(self._C.STATISTICS)
+        return self.reader.has_item("statistics")
 
     def abstract_statistics(self) -> Any:
-        return self.reader.abstract(self._C.STATISTICS)
+        return self.reader.abstract("statistics")
 
     def read_statistics(self, leaves: Sequence[int]) -> list[Any]:
-        E, item = self._E, self._C.STATISTICS
-        what = f"the statistics of {self.location}"
-        spec = self.reader.structure(item)
-        paths = [()] if self._root_array else [self._stored[j] for j in leaves]
-        node_specs = [_subspec(spec, p, what) for p in paths]
-        full = [
-            [p + sub for sub, _ in E.spec_arrays(ns)] if ns["t"] != "array" else [p]
-            for p, ns in zip(paths, node_specs, strict=True)
-        ]
-        flat = self.reader.restore_arrays(item, [q for f in full for q in f])
-        nodes, start = [], 0
-        for p, ns, f in zip(paths, node_specs, full, strict=True):
-            if ns["t"] == "array":
-                nodes.append(flat[start])
-            else:
-                arrays: dict[str, Any] = {}
-                for q, a in zip(f, flat[start : start + len(f)], strict=True):
-                    E.nested_set(arrays, q[len(p) :], a)
-                nodes.append(E.decode(ns, arrays))
-            start += len(f)
-        return nodes
+        paths = [()] if self._root_array else [self._paths[j] for j in leaves]
+        return self.reader.restore_subtrees("statistics", paths)
 
 
 STATISTICS_FOLDER = "umtam_statistics"
@@ -132,7 +93,7 @@ class SafetensorsSource:
     """
 
     def __init__(self, path: str | os.PathLike, what: str):
-        from umtam_jax.checkpoint._safetensors import SafetensorsReader, names_from_tree
+        from umtam_jax.checkpoint import SafetensorsReader, names_from_tree
 
         try:
             self.reader = SafetensorsReader(path)
@@ -152,7 +113,7 @@ class SafetensorsSource:
         return self.reader.read([self._names[j] for j in leaves])
 
     def _stats_reader(self) -> Any:
-        from umtam_jax.checkpoint._safetensors import SafetensorsReader
+        from umtam_jax.checkpoint import SafetensorsReader
 
         if self._statistics is None:
             self._statistics = SafetensorsReader(self.directory / STATISTICS_FOLDER)
