@@ -283,65 +283,86 @@ def _extras(method: Method, extra: Any, prepared: V.Prepared, options: dict) -> 
     return out
 
 
-def importances(call: Call) -> list[list[jax.Array]] | None:
-    """Step 2: each expert's importance leaves (None for methods that rank nothing)."""
+def leaf_importances(call: Call, j: int) -> list[jax.Array] | None:
+    """Step 2 on leaf ``j``: each expert's importance (None for methods that rank nothing)."""
     m, p = call.method, call.prepared
     if m.importance is None:
         return None
-    out = []
-    for t, ws in enumerate(p.experts):
-        xs = call.extras[t] if call.extras is not None else [None] * len(ws)
-        out.append(
-            [m.importance(call.options, b, w, x) for b, w, x in zip(p.base, ws, xs, strict=True)]
-        )
-    return out
+    extras = call.extras
+    return [
+        m.importance(call.options, p.base[j], ws[j], None if extras is None else extras[t][j])
+        for t, ws in enumerate(p.experts)
+    ]
 
 
-def masks(call: Call, scores: list[list[jax.Array]] | None) -> list[list[jax.Array]] | None:
-    """Step 3: each expert's keep masks (None for methods that keep everything)."""
-    m, opts = call.method, call.options
+def leaf_masks(call: Call, j: int, scores: list[jax.Array] | None) -> list[jax.Array] | None:
+    """Step 3 on leaf ``j`` alone (per-tensor keep counts): each expert's keep mask."""
+    m, opts, p = call.method, call.options, call.prepared
     if m.sparsify == "topk":
-        scope = opts.get("scope", "tensor")
-        return [keep_masks(s, d, scope) for s, d in zip(scores, opts["density"], strict=True)]
+        return [
+            keep_masks([s], d, "tensor")[0] for s, d in zip(scores, opts["density"], strict=True)
+        ]
     if m.sparsify == "bernoulli":
-        return _bernoulli_masks(call.prepared, opts["density"], opts["key"])
+        return [
+            _bernoulli_mask(opts["key"], t, p.paths[j], p.base[j].shape, d)
+            for t, d in enumerate(opts["density"])
+        ]
     return None
 
 
-def _bernoulli_masks(prepared: V.Prepared, densities: list[float], key: jax.Array) -> list:
-    """Keep masks drawn from ``fold_in(fold_in(key, expert), crc32(leaf path))``, so a leaf's
-    draw depends on its path only (merging a tree whole or leaf by leaf is the same)."""
-    out = []
-    for t, p_keep in enumerate(densities):
-        expert_key = jax.random.fold_in(key, t)
-        row = []
-        for path, b in zip(prepared.paths, prepared.base, strict=True):
-            if p_keep >= 1.0:  # mergekit returns the tensor unchanged at density >= 1
-                row.append(jnp.ones(b.shape, bool))
-            else:
-                leaf_key = jax.random.fold_in(expert_key, V.leaf_seed(path))
-                row.append(jax.random.bernoulli(leaf_key, p_keep, b.shape))
-        out.append(row)
-    return out
+def _bernoulli_mask(key: jax.Array, t: int, path: str, shape: tuple, p_keep: float) -> jax.Array:
+    """Expert ``t``'s keep mask on the leaf at ``path``, drawn from
+    ``fold_in(fold_in(key, t), crc32(path))``: it depends on the leaf's path only, so merging
+    a tree whole or leaf by leaf is the same."""
+    if p_keep >= 1.0:  # mergekit returns the tensor unchanged at density >= 1
+        return jnp.ones(shape, bool)
+    leaf_key = jax.random.fold_in(jax.random.fold_in(key, t), V.leaf_seed(path))
+    return jax.random.bernoulli(leaf_key, p_keep, shape)
+
+
+def leaf_combine(call: Call, j: int, keep: list | None, scores: list | None) -> jax.Array:
+    """Step 4: the kernel on leaf ``j``."""
+    p, extras = call.prepared, call.extras
+    return call.method.kernel(
+        call.options,
+        p.base[j],
+        [ws[j] for ws in p.experts],
+        keep,
+        scores,
+        None if extras is None else [x[j] for x in extras],
+    )
+
+
+def importances(call: Call) -> list[list[jax.Array]] | None:
+    """Step 2 on every leaf: one list of importance leaves per expert (or None)."""
+    rows = [leaf_importances(call, j) for j in range(len(call.prepared.base))]
+    return None if call.method.importance is None else [list(r) for r in zip(*rows, strict=True)]
+
+
+def masks(call: Call, scores: list[list[jax.Array]] | None) -> list[list[jax.Array]] | None:
+    """Step 3 on every leaf: one list of keep masks per expert (or None); with
+    ``scope="global"`` the keep count is exact over all the leaves together."""
+    m, opts = call.method, call.options
+    if m.sparsify == "topk" and opts.get("scope", "tensor") == "global":
+        return [keep_masks(s, d, "global") for s, d in zip(scores, opts["density"], strict=True)]
+    if m.sparsify is None:
+        return None
+    n = len(call.prepared.base)
+    rows = [
+        leaf_masks(call, j, None if scores is None else [s[j] for s in scores]) for j in range(n)
+    ]
+    return [list(r) for r in zip(*rows, strict=True)]
 
 
 def combine(call: Call, keep: list[list[Any]] | None, scores: list[list[Any]] | None) -> list:
     """Step 4: the kernel on every leaf."""
-    p, opts = call.prepared, call.options
 
     def column(rows: list[list[Any]] | None, j: int) -> list[Any] | None:
         return None if rows is None else [row[j] for row in rows]
 
     return [
-        call.method.kernel(
-            opts,
-            b,
-            column(p.experts, j),
-            column(keep, j),
-            column(scores, j),
-            column(call.extras, j),
-        )
-        for j, b in enumerate(p.base)
+        leaf_combine(call, j, column(keep, j), column(scores, j))
+        for j in range(len(call.prepared.base))
     ]
 
 
@@ -375,8 +396,14 @@ def merge(method: str | Method, base: Any, experts: Any, extra: Any = None, **kw
     if not isinstance(method, Method):
         method = get(method)
     call = plan(method, base, experts, extra, kwargs)
-    scores = importances(call)
-    return V.rebuild(call.prepared, combine(call, masks(call, scores), scores))
+    if method.sparsify == "topk" and call.options.get("scope", "tensor") == "global":
+        scores = importances(call)
+        return V.rebuild(call.prepared, combine(call, masks(call, scores), scores))
+    out = []  # one leaf at a time: no more than one leaf's scores and masks alive
+    for j in range(len(call.prepared.base)):
+        scores = leaf_importances(call, j)
+        out.append(leaf_combine(call, j, leaf_masks(call, j, scores), scores))
+    return V.rebuild(call.prepared, out)
 
 
 def describe(method: Method) -> str:
