@@ -158,8 +158,6 @@ def child_floor(args: argparse.Namespace) -> dict[str, Any]:
 def child_compare(args: argparse.Namespace) -> dict[str, Any]:
     """Leaf-by-leaf comparison of the two outputs (partial restores, little memory)."""
     from umtam_jax import checkpoint
-    from umtam_jax.checkpoint import _checkpoint as C
-
     work = Path(args.workdir)
     if args.format == "safetensors":
         a = checkpoint.SafetensorsReader(work / "out_streaming")
@@ -170,8 +168,8 @@ def child_compare(args: argparse.Namespace) -> dict[str, Any]:
     else:
         a = checkpoint.CheckpointReader(work / "out_streaming")
         b = checkpoint.CheckpointReader(work / "out_in_memory")
-        paths = [p for p, _ in C._spec_arrays(a.structure("params"))]
-        assert paths == [p for p, _ in C._spec_arrays(b.structure("params"))]
+        paths = a.leaf_paths("params")
+        assert paths == b.leaf_paths("params")
         read = lambda r, p: r.restore_arrays("params", [p])[0]  # noqa: E731
     differing = 0
     for p in paths:

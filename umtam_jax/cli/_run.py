@@ -116,7 +116,16 @@ def _in_memory(plan: Any, job: engine.Job) -> list[np.ndarray]:
     """Every input read whole, then the in-memory method on the whole trees; returns the
     output's leaves (non-floating ones copied from the base)."""
     everything = list(range(len(job.leaves)))
-    data = job.read(everything)
+    data: dict[str, Any] = {}
+    for group in job.groups(engine.DEFAULT_GROUP_BYTES):  # bounded reads, all kept
+        part = job.read(group)
+        if not data:
+            data = part
+            continue
+        data["base"].update(part["base"])
+        for key in ("experts", "extra"):
+            for whole, more in zip(data.get(key, []), part.get(key, []), strict=True):
+                whole.update(more)
 
     def tree(leaves: dict[int, Any]) -> Any:
         values = [None if j in job.passthrough else leaves[j] for j in everything]
