@@ -237,6 +237,7 @@ class SafetensorsReader:
 
     Example:
       >>> import numpy as np
+      >>> from umtam_jax.checkpoint import SafetensorsReader, save_safetensors
       >>> path = save_safetensors("/tmp/st_reader_doc", {"w": np.ones(3)}, overwrite=True)
       >>> reader = SafetensorsReader(path)
       >>> reader.names, reader.shape("w"), reader.read(["w"])[0].sum()

@@ -199,6 +199,9 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
       to an Orbax restore target.
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> from umtam_jax import state_shardings, umtam
       >>> mesh = jax.make_mesh((1,), ("model",))
       >>> w = jax.ShapeDtypeStruct((256, 128), jnp.float32,
       ...                          sharding=NamedSharding(mesh, P(None, "model")))
