@@ -304,7 +304,10 @@ def test_dry_run_reports_shape_mismatch(ckpts, tmp_path, capsys):
 @pytest.mark.parametrize(
     "config,message",
     [
-        ("method: slerp\nbase: b\nexperts: [a]\noutput: o\n", "unknown method 'slerp'"),
+        (
+            "method: frankenmerge\nbase: b\nexperts: [a]\noutput: o\n",
+            "unknown method 'frankenmerge'",
+        ),
         ("method: ties\nbase: b\nexperts: [a]\noutput: o\n", "requires the parameter 'density'"),
         (
             "method: ties\nbase: b\nexperts: [a]\nparameters: {density: 0.2, lamda: 1}\n",

@@ -145,7 +145,10 @@ def test_out_dtype_casts_the_merge(tmp_path, models):
 @pytest.mark.parametrize(
     "body,needle",
     [
-        ("merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}}}]", "merge_method"),
+        (
+            "merge_method: frankenmerge\nbase_model: {base}\nmodels: [{{model: {a}}}]",
+            "merge_method",
+        ),
         ("merge_method: ties\nslices: []\nbase_model: {base}\nmodels: [{{model: {a}}}]", "slices"),
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
@@ -222,3 +225,99 @@ def test_any_registry_method_in_mergekit_syntax_keeps_its_own_parameters():
     assert config["method"] == "umtam"
     assert config["experts"] == [{"path": "x", "density": 0.3}, {"path": "y"}]
     assert config["parameters"] == {"normalize": "selected", "scope": "global"}
+
+
+def _restored(out):
+    return jax.tree.map(np.asarray, checkpoint.restore_params(out))
+
+
+def test_linear_without_a_base_model_and_global_weight_defaults(tmp_path, models):
+    status, out = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: linear
+        models:
+          - model: {a}
+            parameters: {{weight: 3.0}}
+          - model: {b}
+        parameters: {{weight: 1.0}}
+        """,
+    )
+    assert status == 0
+    a, b = models["experts"]
+    want = {p: (3.0 * H.f64(H.get(a, p)) + H.f64(H.get(b, p))) / 4.0 for p in H.PATHS}
+    _close(checkpoint.restore_params(out), want)
+
+
+def test_karcher_takes_the_base_model_as_one_more_input(tmp_path, models):
+    status, out = _run(
+        tmp_path,
+        models,
+        "merge_method: karcher\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]",
+    )
+    assert status == 0
+    from umtam_jax import merging
+
+    want = merging.karcher(None, [models["base"], *models["experts"]])
+    jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
+
+
+def test_slerp_and_nuslerp_with_a_base_model(tmp_path, models):
+    from umtam_jax import merging
+
+    status, out = _run(
+        tmp_path,
+        models,
+        "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}}}]\nparameters: {{t: 0.3}}",
+    )
+    assert status == 0
+    want = merging.slerp(models["base"], models["experts"][0], t=0.3)
+    jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
+    status, out = _run(
+        tmp_path / "nu" if (tmp_path / "nu").mkdir() is None else tmp_path,
+        models,
+        "merge_method: nuslerp\nbase_model: {base}\nmodels:\n"
+        "  - {{model: {a}, parameters: {{weight: 0.3}}}}\n"
+        "  - {{model: {b}, parameters: {{weight: 0.7}}}}",
+    )
+    assert status == 0
+    want = merging.nuslerp(models["base"], models["experts"], weights=[0.3, 0.7])
+    jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
+
+
+def test_della_uses_mergekit_rescale_and_shared_epsilon(tmp_path, models):
+    from umtam_jax import merging
+
+    status, out = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: della
+        base_model: {base}
+        models:
+          - {{model: {a}, parameters: {{weight: 1.0, density: 0.5, epsilon: 0.1}}}}
+          - {{model: {b}, parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}}}
+        parameters: {{lambda: 0.9, int8_mask: true}}
+        """,
+        "--seed",
+        "3",
+    )
+    assert status == 0
+    want = merging.della(
+        models["base"], models["experts"], density=0.5, epsilon=0.1, key=jax.random.key(3),
+        scaling=0.9, weights=[1.0, 0.5], rescale=False, l1_rescale=True, normalize=True,
+    )  # fmt: skip
+    jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
+    status, _ = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: della
+        base_model: {base}
+        models:
+          - {{model: {a}, parameters: {{epsilon: 0.1}}}}
+          - {{model: {b}, parameters: {{epsilon: 0.2}}}}
+        """,
+    )
+    assert status == 2

@@ -16,6 +16,9 @@ from umtam_jax.cli.merge import main
 
 def test_every_public_method_is_registered_with_its_signature():
     public = {"umtam", "task_arithmetic", "ties", "dare", "dare_ties", "fisher", "ota", "prune"}
+    public |= {"linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"}
+    public |= {"arcee_fusion", "passthrough", "breadcrumbs", "breadcrumbs_ties", "della"}
+    public |= {"della_linear", "sce", "ram", "ramplus_tl"}
     assert set(merging.METHODS) == public
     for name, method in merging.METHODS.items():
         assert method.fn is getattr(merging, name)
@@ -32,8 +35,8 @@ def test_merge_by_name_equals_the_function_and_checks_its_parameters():
     by_name = merging.merge("ties", base, experts, density=0.4, scaling=0.7)
     direct = merging.ties(base, experts, density=0.4, scaling=0.7)
     jax.tree.map(np.testing.assert_array_equal, by_name, direct)
-    with pytest.raises(ValueError, match="unknown method 'slerp'; choose one of umtam"):
-        merging.merge("slerp", base, experts)
+    with pytest.raises(ValueError, match="unknown method 'frankenmerge'; choose one of umtam"):
+        merging.merge("frankenmerge", base, experts)
     with pytest.raises(TypeError, match=r"unexpected parameters \['lambda'\]"):
         merging.merge("ties", base, experts, density=0.4, **{"lambda": 1.0})
     with pytest.raises(TypeError, match="requires the parameter 'density'"):

@@ -256,7 +256,7 @@ def test_invalid_merge_writes_nothing(ckpts, tmp_path):
     with pytest.raises(ValueError, match="density must lie in"):
         engine.merge_checkpoints("ties", p["base"], [p["e0"]], out, density=1.5)
     with pytest.raises(ValueError, match="unknown method"):
-        engine.merge_checkpoints("slerp", p["base"], [p["e0"]], out)
+        engine.merge_checkpoints("frankenmerge", p["base"], [p["e0"]], out)
     assert not out.exists()
     shapes = engine.validate_merge_checkpoints("ties", p["base"], [p["e0"]], density=0.5)
     assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(np.shape, ckpts["base"])

@@ -168,7 +168,7 @@ def test_readme_weight_example_names_the_key(no_ckpts, capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--seed", "abc"], ["--bogus"], ["--method", "slerp"], ["a.yaml", "b.yaml"]],
+    [["--seed", "abc"], ["--bogus"], ["--method", "frankenmerge"], ["a.yaml", "b.yaml"]],
 )
 def test_bad_command_line_gives_one_line(no_ckpts, capsys, argv):
     with pytest.raises(SystemExit) as exc:

@@ -22,18 +22,25 @@ mergekit                  umtam_jax
 ``ties``                  ``ties`` (``normalize: true``, the default, only)
 ``dare_linear``           ``dare`` with mergekit's L1 ``rescale`` (default true)
 ``dare_ties``             ``dare_ties`` with mergekit's L1 ``rescale`` (default true)
+``breadcrumbs[_ties]``    the same, ``gamma`` shared by every model
+``della[_linear]``        the same, ``epsilon`` shared by every model
+other mergekit methods    the registry method of the same name (``slerp``, ``linear``,
+                          ``model_stock``, ``sce``, ...), its parameters by name
 ========================  =====================================================
 
 ``lambda`` is ``scaling``; a model's ``weight`` and ``density`` are the expert's (mergekit's
-defaults: density 1); ``int8_mask`` only changes mergekit's mask dtype and is accepted. A
-``models`` entry naming the base model is the base, not an expert. Any method of
-:data:`umtam_jax.merging.METHODS` may be named too (``merge_method: umtam``), its
-parameters under ``parameters``. ``dtype`` is the dtype the inputs are read in (the merge
-computes in float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the
-inputs'). ``tokenizer_source: base`` is the default: a Hugging Face output gets the base's
-config and tokenizer files. mergekit features umtam_jax does not have (``slices``,
-per-layer gradients and filtered parameters, tokenizer merging, chat templates, LoRA
-``model+lora`` references, other methods) are refused with one error naming the key.
+defaults: density 1), and given under ``parameters`` they are every model's default;
+``int8_mask`` only changes mergekit's mask dtype and is accepted. A ``models`` entry naming
+the base model is the base, not an expert, except for ``linear``, ``karcher`` and
+``passthrough``, which have no base role: mergekit merges their base model as one more
+input, and so does this. Any method of :data:`umtam_jax.merging.METHODS` may be named
+(``merge_method: umtam``), its parameters under ``parameters``. ``dtype`` is the dtype the
+inputs are read in (the merge computes in float32 or wider) and ``out_dtype`` the output's
+(default: ``dtype``, else the inputs'). ``tokenizer_source: base`` is the default: a
+Hugging Face output gets the base's config and tokenizer files. mergekit features
+umtam_jax does not have (``slices``, per-layer gradients and filtered parameters,
+tokenizer merging, chat templates, LoRA ``model+lora`` references, other methods) are
+refused with one error naming the key.
 """
 
 from __future__ import annotations
@@ -49,7 +56,14 @@ _GTA = {
     "ties": ("ties", True, False),
     "dare_linear": ("dare", False, True),
     "dare_ties": ("dare_ties", False, True),
+    "breadcrumbs": ("breadcrumbs", False, False),
+    "breadcrumbs_ties": ("breadcrumbs_ties", False, False),
+    "della": ("della", True, True),
+    "della_linear": ("della_linear", False, True),
 }
+# Tensor parameters mergekit takes per model that are one number per merge here: given per
+# model, every model must give the same value.
+_SHARED_PER_MODEL = ("gamma", "epsilon")
 _TOP_LEVEL = {
     "merge_method",
     "base_model",
@@ -67,6 +81,8 @@ _UNSUPPORTED = {
     "modules": "per-module configurations",
 }
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Methods for which mergekit has no base role: a base_model given is one more input.
+_BASE_IS_AN_INPUT = ("linear", "karcher", "passthrough")
 
 
 def is_mergekit(config: Any) -> bool:
@@ -119,7 +135,10 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"merge_method {name!r} is not supported; supported: {', '.join(known)}")
     if config.get("tokenizer_source", "base") != "base":
         raise ConfigError("'tokenizer_source': only 'base' is supported")
-    base = _model(config.get("base_model"), "'base_model'")
+    registered = METHODS.get(_GTA[name][0] if name in _GTA else name)
+    base = config.get("base_model")
+    if base is not None or not registered.base_optional:
+        base = _model(base, "'base_model'")
     models = config.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError("'models' must be a non-empty list of {model, parameters} entries")
@@ -127,6 +146,13 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(global_params, dict):
         raise ConfigError("'parameters' must be a mapping")
     global_params = {k: _scalar(v, f"parameters.{k}") for k, v in global_params.items()}
+    # mergekit's tensor parameters given globally are every model's default.
+    model_defaults = {k: global_params.pop(k) for k in ("weight", "density") if k in global_params}
+    if name in _BASE_IS_AN_INPUT and base is not None:
+        # These methods have no base role: mergekit merges the base model as one more input.
+        if all(_model(m.get("model") if isinstance(m, dict) else m, "") != base for m in models):
+            models = [{"model": base}, *models]
+        base = None
 
     experts = []
     for i, entry in enumerate(models):
@@ -139,21 +165,32 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         if extra:
             raise ConfigError(f"{where} has unsupported keys {sorted(extra, key=str)}")
         path = _model(entry["model"], f"{where}.model")
-        if path == base:  # mergekit lists the base among the models; it is no expert
+        if base is not None and path == base:  # the base listed among the models: no expert
             continue
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.parameters must be a mapping")
+        if name == "passthrough" and "scale" in params:  # its one model's scale
+            global_params["scale"] = _scalar(params.pop("scale"), f"{where}.parameters.scale")
+        for key in _SHARED_PER_MODEL:
+            if key in params:
+                value = _scalar(params.pop(key), f"{where}.parameters.{key}")
+                if global_params.setdefault(key, value) != value:
+                    raise ConfigError(
+                        f"{where}.parameters.{key}: every model must give the same {key} "
+                        f"({global_params[key]!r} elsewhere, {value!r} here)"
+                    )
         unknown = set(params) - {"weight", "density"}
         if unknown:
             raise ConfigError(
                 f"{where}.parameters: {sorted(unknown, key=str)} not supported per model "
-                "(only weight and density)"
+                f"(only weight, density, {', '.join(_SHARED_PER_MODEL)})"
             )
         expert = {"path": path}
         for key in ("weight", "density"):
-            if key in params:
-                expert[key] = _scalar(params[key], f"{where}.parameters.{key}")
+            if key in params or key in model_defaults:
+                value = params.get(key, model_defaults.get(key))
+                expert[key] = _scalar(value, f"{where}.parameters.{key}")
         experts.append(expert)
     if not experts:
         raise ConfigError("'models' lists no model besides the base model")
@@ -167,37 +204,45 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         out["method"], out["parameters"] = name, global_params
         return out
     method, normalize, rescale = _GTA[name]
+    registered = METHODS[method]
     normalize = global_params.pop("normalize", normalize)
     rescale = global_params.pop("rescale", rescale)
     global_params.pop("int8_mask", None)
     scaling = global_params.pop("lambda", 1.0)
+    own = {k: global_params.pop(k) for k in _SHARED_PER_MODEL if k in global_params}
     if global_params:
         raise ConfigError(
             f"parameters {sorted(global_params)} are not supported for merge_method {name!r} "
-            "(supported: lambda, normalize, rescale, int8_mask)"
+            "(supported: lambda, normalize, rescale, int8_mask"
+            + "".join(f", {k}" for k in _SHARED_PER_MODEL if registered.param(k))
+            + ")"
         )
+    unknown = [k for k in own if registered.param(k) is None]
+    if unknown:
+        raise ConfigError(f"merge_method {name!r} takes no {unknown[0]!r}")
     if not isinstance(normalize, bool) or not isinstance(rescale, bool):
         raise ConfigError("'normalize' and 'rescale' must be true or false")
-    if method != "task_arithmetic":  # mergekit's default density
+    if registered.param("density") is not None:  # mergekit's default density
         for e in experts:
             e.setdefault("density", 1.0)
-    parameters: dict[str, Any] = {"scaling": scaling}
+    parameters: dict[str, Any] = {"scaling": scaling, **own}
     if method == "ties":
         if not normalize or rescale:
             raise ConfigError(
                 "merge_method 'ties' is supported with normalize: true and rescale: false only"
             )
-    elif method == "dare_ties":
-        parameters.update(normalize=normalize, l1_rescale=rescale, rescale=False)
-    else:
-        if method == "dare":
-            parameters.update(l1_rescale=rescale, rescale=False)
-        if normalize:  # mergekit divides the weighted sum by Σ weight (unless |Σ| < 1e-8)
-            weights = [e.get("weight", 1.0) for e in experts]
-            if not all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
-                raise ConfigError("with normalize: true every model's weight must be a number")
-            total = sum(weights)
-            if abs(total) >= 1e-8:
-                parameters["scaling"] = scaling / total
+    elif registered.param("normalize") is not None:
+        parameters["normalize"] = normalize
+    elif normalize:  # mergekit divides the weighted sum by Σ weight (unless |Σ| < 1e-8)
+        weights = [e.get("weight", 1.0) for e in experts]
+        if not all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
+            raise ConfigError("with normalize: true every model's weight must be a number")
+        total = sum(weights)
+        if abs(total) >= 1e-8:
+            parameters["scaling"] = scaling / total
+    if registered.param("l1_rescale") is not None:  # mergekit's rescale is an L1 rescale
+        parameters["l1_rescale"] = rescale
+        if registered.param("rescale") is not None:
+            parameters["rescale"] = False
     out["method"], out["parameters"] = method, parameters
     return out

@@ -88,7 +88,10 @@ def _describe(plan: Any, job: engine.Job, fmt: str, max_shard_size: int) -> str:
     kinds = {engine.SafetensorsSource: "safetensors", engine.OrbaxSource: "umtam_jax checkpoint"}
     total = sum(leaf.nbytes for leaf in job.leaves)
     lines = [f"{PROG}: dry run OK: {plan.method} of {len(job.experts)} expert(s)"]
-    lines.append(f"  base: {plan.base} ({kinds[type(job.base)]})")
+    if plan.base is not None:
+        lines.append(f"  base: {plan.base} ({kinds[type(job.base)]})")
+    else:
+        lines.append("  base: none (the method takes none; expert 0 gives the structure)")
     for i, e in enumerate(plan.experts):
         lines.append(f"  expert {i}: {e.path} ({kinds[type(job.experts[i])]})")
     shown = {k: v for k, v in plan.parameters.items()}

@@ -95,7 +95,7 @@ class Plan:
     """A validated merge request."""
 
     method: str
-    base: str
+    base: str | None
     experts: list[Expert]
     parameters: dict[str, Any]
     output: str | None
@@ -182,8 +182,13 @@ def build_plan(config: dict[str, Any]) -> Plan:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
     defaults = spec.defaults()
-    if not isinstance(config.get("base"), str) or not config["base"].strip():
+    base = config.get("base")
+    if base is None and not spec.base_optional:
         raise ConfigError("'base' (the base checkpoint path) is required")
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise ConfigError(
+            f"'base' (the base checkpoint path) must be a non-empty path, got {base!r}"
+        )
     raw_experts = config.get("experts")
     if not isinstance(raw_experts, list) or not raw_experts:
         raise ConfigError("'experts' must be a non-empty list of checkpoint paths or mappings")
@@ -264,7 +269,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
             raise ConfigError(
                 f"'{key}' must be one of {', '.join(_mergekit.DTYPES)}, got {value!r}"
             )
-    return Plan(method, config["base"], experts, params, output, seed, *dtypes)
+    return Plan(method, base, experts, params, output, seed, *dtypes)
 
 
 def _parse_value(text: str, flag: str) -> Any:

@@ -123,8 +123,12 @@ class Job:
         *,
         dtype: Any = None,
         out_dtype: Any = None,
+        base_input: bool = True,
     ):
         self.method, self.base, self.experts, self.extras = method, base, experts, extras
+        # base_input=False: ``base`` only gives the structure (and integer buffers, config
+        # files); the method gets base=None (methods with base_optional).
+        self.base_input = base_input
         self.kwargs = dict(kwargs)
         self.dtype = None if dtype is None else np.dtype(dtype)
         out_dtype = out_dtype if out_dtype is not None else dtype
@@ -218,6 +222,7 @@ class Job:
         return jax.tree.map(cast, tree)
 
     def _run(self, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
+        base = base if self.base_input else None
         return R.merge(self.method, base, *self._arguments(experts, extra), **self.kwargs)
 
     def _arguments(self, experts: list[Any], extra: list[Any] | None) -> tuple[Any, Any]:
@@ -265,9 +270,8 @@ class Job:
         extra = None
         if "extra" in data:
             extra = [_wrap(kp, leaves[j]) for leaves in data["extra"]]
-        return R.plan(
-            self.method, _wrap(kp, data["base"][j]), *self._arguments(experts, extra), self.kwargs
-        )
+        base = _wrap(kp, data["base"][j]) if self.base_input else None
+        return R.plan(self.method, base, *self._arguments(experts, extra), self.kwargs)
 
     def copy(self, j: int, data: dict[str, Any]) -> np.ndarray:
         """A non-floating leaf: the base's, after checking every expert holds the same."""
@@ -418,13 +422,18 @@ def job_from_paths(
         raise ValueError(f"method {method!r} needs the experts' UMTAM statistics")
     if m.extra == "curvatures" and not statistics and extra_dirs is None:
         raise ValueError(f"method {method!r} needs the experts' UMTAM statistics or curvature_dirs")
-    base = open_source(base_dir, "the base")
+    if base_dir is None and not m.base_optional:
+        raise ValueError(f"method {method!r} needs a base model")
     experts = [open_source(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
+    base = experts[0] if base_dir is None else open_source(base_dir, "the base")
     extras: str | list[Source] | None = "statistics" if statistics else None
     if extra_dirs is not None:
         what = "Fisher" if extra_name == "fisher_dirs" else "curvature"
         extras = [open_source(d, f"expert {i}'s {what}") for i, d in enumerate(extra_dirs)]
-    return Job(m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype)
+    return Job(
+        m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype,
+        base_input=base_dir is not None,
+    )  # fmt: skip
 
 
 def validate_merge_checkpoints(
@@ -566,7 +575,8 @@ def merge_checkpoints(
 
     Args:
       method: a name in :data:`umtam_jax.merging.METHODS` (``"umtam"``, ``"ties"``, ...).
-      base_dir: the base model.
+      base_dir: the base model; None for methods that take none (``linear``, ``karcher``,
+        ...), the first expert then giving the structure and config files.
       expert_dirs: the experts' models (exactly one for ``prune``).
       output_dir: the folder to create, written atomically: a umtam_jax checkpoint
         (params only) or a safetensors folder with the base's config and tokenizer files.
@@ -629,7 +639,7 @@ def merge_checkpoints(
         metadata = {
             "merge": {
                 "method": method,
-                "base": os.fspath(base_dir),
+                "base": None if base_dir is None else os.fspath(base_dir),
                 "experts": [os.fspath(e) for e in expert_dirs],
                 "parameters": _jsonable(method_kwargs),
                 "statistics": job.extras == "statistics",

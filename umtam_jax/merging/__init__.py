@@ -35,8 +35,25 @@ References:
 """
 
 from umtam_jax.merging._baselines import dare, dare_ties, ota, prune, task_arithmetic, ties
+from umtam_jax.merging._data_free import (
+    arcee_fusion,
+    karcher,
+    model_stock,
+    nearswap,
+    passthrough,
+)
 from umtam_jax.merging._fisher import diagonal_fisher, fisher
+from umtam_jax.merging._interpolation import linear, multislerp, nuslerp, slerp
 from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe, merge
+from umtam_jax.merging._sparsification import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    della,
+    della_linear,
+    ram,
+    ramplus_tl,
+    sce,
+)
 from umtam_jax.merging._umtam import umtam
 
 __all__ = [
@@ -44,14 +61,30 @@ __all__ = [
     "REQUIRED",
     "Method",
     "Param",
+    "arcee_fusion",
+    "breadcrumbs",
+    "breadcrumbs_ties",
     "dare",
     "dare_ties",
+    "della",
+    "della_linear",
     "describe",
     "diagonal_fisher",
     "fisher",
+    "karcher",
+    "linear",
     "merge",
+    "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
     "ota",
+    "passthrough",
     "prune",
+    "ram",
+    "ramplus_tl",
+    "sce",
+    "slerp",
     "task_arithmetic",
     "ties",
     "umtam",

@@ -1,0 +1,564 @@
+"""Model Breadcrumbs, DELLA, SCE and RAM against float64 NumPy references, out of core, in
+bfloat16, and (where mergekit and torch import) against mergekit's own tensor code.
+
+The references never call ``umtam_jax.merging``; they follow mergekit 0.1.5's semantics as
+the docstrings state them, entry by entry where that is clearer. DELLA's random draw is
+recomputed from the documented derivation: ``u = uniform(fold_in(fold_in(key, expert),
+crc32(keystr(leaf path))), shape, float32)``, kept where ``u < p``.
+
+The mergekit comparison runs only where ``mergekit`` and ``torch`` import, e.g.::
+
+    PYTHONPATH=/work/main /tmp/mkvenv/bin/python -m pytest \\
+        tests/merging/test_sparsification_methods.py -k mergekit
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.merging import helpers as H
+from umtam_jax import checkpoint, engine, merging
+
+NEW = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl")
+
+
+# Tests on float32 inputs run without x64 (they share compilations); the float64
+# references need it.
+_FLOAT32_TESTS = {
+    "test_della_with_zero_epsilon_draws_dare_masks",
+    "test_bfloat16_computes_in_float32",
+    "test_out_of_core_equals_in_memory",
+}
+
+
+@pytest.fixture(autouse=True)
+def _x64(request):
+    with jax.enable_x64(request.function.__name__ not in _FLOAT32_TESTS):
+        yield
+
+
+def _deltas(base, experts):
+    return [{p: H.f64(H.get(e, p)) - H.f64(H.get(base, p)) for p in H.PATHS} for e in experts]
+
+
+def _l1(d, kept):
+    before, after = np.abs(d).sum(), np.abs(kept).sum()
+    return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+
+
+def _desc_order(x):
+    """Flat indices by descending |x|, equal magnitudes lower index first."""
+    return np.argsort(-np.abs(np.ravel(x)), kind="stable")
+
+
+# ------------------------------------------------------------------------ references
+
+
+def ref_breadcrumbs(base, experts, *, density, gamma=0.01, scaling=1.0, weights=None,
+                    l1_rescale=False, consensus=False, normalize=False):  # fmt: skip
+    k = len(experts)
+    dens = density if isinstance(density, list | tuple) else [density] * k
+    sparse = []
+    for d, delta in zip(dens, _deltas(base, experts), strict=True):
+        out = {}
+        for p in H.PATHS:
+            x = delta[p]
+            n = x.size
+            if d >= 1:
+                out[p] = x
+                continue
+            n_keep, n_top = int(d * n), int(gamma * n)
+            n_bot = max(0, n - n_keep - n_top)
+            ascending = _desc_order(x)[::-1]
+            keep = np.zeros(n, bool)
+            keep[ascending[n_bot : n_bot + n_keep]] = True
+            kept = np.where(keep.reshape(x.shape), x, 0.0)
+            out[p] = _l1(x, kept) if l1_rescale else kept
+        sparse.append(out)
+    return H._ref_gta(base, sparse, weights or [1.0] * k, consensus, normalize, scaling)
+
+
+def della_probs(x, density, epsilon):
+    """Keep probabilities: rank along axis 1 (a vector's only axis), ascending |x|."""
+    rows = np.abs(x).reshape(1, -1) if x.ndim < 2 else np.abs(x)
+    m = rows.shape[1]
+    p = np.empty(rows.shape)
+    for idx in np.ndindex(*rows.shape):
+        i = idx[1]
+        row = [idx[:1] + (j,) + idx[2:] for j in range(m)]
+        rank = sum(rows[r] < rows[idx] or (rows[r] == rows[idx] and r[1] < i) for r in row)
+        p[idx] = density if m == 1 else density - epsilon + 2 * epsilon * rank / (m - 1)
+    return p.reshape(x.shape)
+
+
+def della_uniforms(key, t, keystr, shape):
+    """The documented draw of expert ``t`` on the leaf ``keystr`` (``"['attn']['bias']"``)."""
+    leaf_key = jax.random.fold_in(
+        jax.random.fold_in(key, t), np.uint32(zlib.crc32(keystr.encode()))
+    )
+    return np.asarray(jax.random.uniform(leaf_key, shape, jnp.float32))
+
+
+def ref_della(base, experts, key, *, density, epsilon=0.15, scaling=1.0, weights=None,
+              rescale=True, l1_rescale=False, consensus=True, normalize=False):  # fmt: skip
+    k = len(experts)
+    dens = density if isinstance(density, list | tuple) else [density] * k
+    dropped = []
+    for t, (d, delta) in enumerate(zip(dens, _deltas(base, experts), strict=True)):
+        out = {}
+        for p in H.PATHS:
+            x = delta[p]
+            if d >= 1:
+                out[p] = x
+                continue
+            prob = della_probs(x, d, epsilon)
+            keystr = "".join(f"[{k!r}]" for k in p)
+            kept = np.where(della_uniforms(key, t, keystr, x.shape) < prob, x, 0.0)
+            out[p] = _l1(x, kept) if l1_rescale else (kept / prob if rescale else kept)
+        dropped.append(out)
+    return H._ref_gta(base, dropped, weights or [1.0] * k, consensus, normalize, scaling)
+
+
+def ref_sce(base, experts, *, select_topk=1.0, scaling=1.0):
+    k, out = len(experts), {}
+    deltas = _deltas(base, experts)
+    for p in H.PATHS:
+        tv = np.stack([d[p] for d in deltas])
+        if select_topk < 1:
+            var = ((tv - tv.mean(0)) ** 2).mean(0)
+            n_keep = int(np.float32(np.count_nonzero(var)) * np.float32(select_topk))
+            keep = np.zeros(var.size, bool)
+            keep[np.argsort(-var.ravel(), kind="stable")[:n_keep]] = True
+            tv = tv * keep.reshape(var.shape)
+        c = np.array([np.mean(x**2) for x in tv])
+        c = np.full(k, 1.0 / k) if abs(c.sum()) < 1e-6 else c / c.sum()
+        merged = np.zeros(tv.shape[1:])
+        for idx in np.ndindex(*merged.shape):
+            col = tv[(slice(None),) + idx]
+            vote = 1.0 if col.sum() >= 0 else -1.0
+            m = [np.sign(x) == vote for x in col]
+            num = sum(c[t] * col[t] for t in range(k) if m[t])
+            merged[idx] = num / max(sum(c[t] for t in range(k) if m[t]), 1e-6)
+        out[p] = H.f64(H.get(base, p)) + scaling * merged
+    return out
+
+
+def ref_ram(base, experts, *, epsilon=1e-5, scaling=1.0, r=0.0, alpha=0.0):
+    """RAM (r = 0) or RAM+ tensor-local."""
+    k, out = len(experts), {}
+    deltas = _deltas(base, experts)
+    for p in H.PATHS:
+        tv = np.stack([d[p] for d in deltas]).reshape(k, -1)
+        counted = np.abs(tv) > epsilon
+        count = counted.sum(0)
+        unique = [(counted[t] & (count == 1)).sum() for t in range(k)]
+        shared = [(counted[t] & (count > 1)).sum() for t in range(k)]
+        lam = [
+            1 + r * min(max(s / max(u, epsilon), 0), alpha)
+            for s, u in zip(shared, unique, strict=True)
+        ]
+        merged = np.zeros(tv.shape[1])
+        for i in range(tv.shape[1]):
+            who = [t for t in range(k) if counted[t, i]]
+            if len(who) == 1:
+                merged[i] = tv[who[0], i] * lam[who[0]]
+            elif who:
+                merged[i] = np.mean([tv[t, i] for t in who])
+        out[p] = H.f64(H.get(base, p)) + scaling * merged.reshape(np.shape(H.get(base, p)))
+    return out
+
+
+# ------------------------------------------------------------------------ against references
+
+
+def test_registry_entries_match_their_functions():
+    for name in NEW:
+        m = merging.METHODS[name]
+        assert m.fn is getattr(merging, name)
+        assert name in merging.describe(m)
+    assert merging.METHODS["della"].defaults()["epsilon"] == 0.15
+    assert merging.METHODS["breadcrumbs"].defaults()["gamma"] == 0.01
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"density": 0.5},
+        {"density": [0.3, 0.9, 1.0], "gamma": 0.1, "scaling": 0.7, "weights": [1.0, -0.5, 2.0]},
+        {"density": 0.6, "gamma": 0.5, "l1_rescale": True},  # n_bot = 0: outlier drop reduced
+        {"density": 0.15, "gamma": 0.0},  # int(density · N) = 0 on small leaves: all dropped
+    ],
+)
+def test_breadcrumbs_matches_reference(ties, kwargs):
+    base, experts = H.random_experts(np.random.default_rng(1), 3)
+    if ties:
+        for normalize in (False, True):
+            got = merging.breadcrumbs_ties(base, experts, normalize=normalize, **kwargs)
+            want = ref_breadcrumbs(base, experts, consensus=True, normalize=normalize, **kwargs)
+            H.assert_tree_close(got, want)
+    else:
+        H.assert_tree_close(
+            merging.breadcrumbs(base, experts, **kwargs), ref_breadcrumbs(base, experts, **kwargs)
+        )
+
+
+def test_breadcrumbs_equal_magnitudes_lower_index_ranks_higher():
+    base = {"w": jnp.zeros(6)}
+    experts = [{"w": jnp.array([2.0, -2.0, 2.0, 1.0, -1.0, 1.0])}]
+    # N = 6: drop int(0.2·6) = 1 largest (the first 2), keep int(0.5·6) = 3 next.
+    got = merging.breadcrumbs(base, experts, density=0.5, gamma=0.2)["w"]
+    np.testing.assert_array_equal(got, [0.0, -2.0, 2.0, 1.0, 0.0, 0.0])
+    # quantized task vectors: many ties inside and across the window
+    rng = np.random.default_rng(2)
+    base, experts = H.random_experts(rng, 2)
+    experts = [jax.tree.map(lambda b: b + 0.5 * rng.integers(-2, 3, np.shape(b)), base)] * 2
+    kwargs = {"density": 0.4, "gamma": 0.2, "weights": [1.0, 0.5]}
+    H.assert_tree_close(
+        merging.breadcrumbs(base, experts, **kwargs), ref_breadcrumbs(base, experts, **kwargs)
+    )
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"density": 0.5},
+        {"density": [0.3, 0.7, 1.0], "epsilon": 0.2, "weights": [1.0, 2.0, -0.5], "scaling": 0.8},
+        {"density": 0.4, "epsilon": 0.0, "rescale": False},
+        {"density": 0.6, "epsilon": 0.3, "l1_rescale": True},
+    ],
+)
+def test_della_matches_reference_given_the_documented_draws(linear, kwargs):
+    base, experts = H.random_experts(np.random.default_rng(3), 3)
+    key = jax.random.key(7)
+    if linear:
+        got = merging.della_linear(base, experts, key=key, **kwargs)
+        H.assert_tree_close(got, ref_della(base, experts, key, consensus=False, **kwargs))
+        return
+    for normalize in (False, True):
+        got = merging.della(base, experts, key=key, normalize=normalize, **kwargs)
+        want = ref_della(base, experts, key, normalize=normalize, **kwargs)
+        H.assert_tree_close(got, want)
+
+
+def test_della_keep_rates_follow_the_magnitude_ranks():
+    # one 200×400 leaf, |Δ| distinct: rows of 400 ranked independently
+    rng = np.random.default_rng(4)
+    delta = rng.permuted(np.tile(np.arange(1.0, 401.0), (200, 1)), axis=1)
+    base, expert = {"w": jnp.zeros((200, 400))}, {"w": jnp.asarray(delta)}
+    d, eps = 0.4, 0.2
+    kept = []
+    for t, key in enumerate([jax.random.key(0), jax.random.key(1)]):
+        out = merging.della_linear(base, [expert], density=d, epsilon=eps, key=key, rescale=False)
+        kept.append(np.asarray(out["w"]) != 0)
+        assert abs(kept[t].mean() - d) < 0.01  # mean keep probability: the density
+        low, high = kept[t][delta <= 40].mean(), kept[t][delta > 360].mean()
+        assert abs(low - (d - 0.9 * eps)) < 0.02 and abs(high - (d + 0.9 * eps)) < 0.02
+    assert (kept[0] != kept[1]).mean() > 0.3  # another key, another draw
+    # two leaves of the same shape get different draws (the key depends on the path)
+    out = merging.della_linear({"a": base["w"], "b": base["w"]}, [{"a": delta, "b": delta}],
+                               density=d, key=jax.random.key(0), rescale=False)  # fmt: skip
+    assert (np.asarray(out["a"]) != np.asarray(out["b"])).mean() > 0.3
+
+
+def test_della_degenerate_cases():
+    base, experts = H.random_experts(np.random.default_rng(5), 3)
+    key = jax.random.key(0)
+    # density 1: nothing dropped (della = ties without trimming, della_linear = TA)
+    H.assert_tree_close(merging.della(base, experts, density=1.0, key=key),
+                        H.ref_ties(base, experts, density=1.0))  # fmt: skip
+    H.assert_tree_close(merging.della_linear(base, experts, density=1.0, key=key, scaling=0.5),
+                        H.ref_task_arithmetic(base, experts, scaling=0.5))  # fmt: skip
+    with pytest.raises(ValueError, match="density ± epsilon"):
+        merging.della(base, experts, density=0.1, key=key)  # 0.1 - 0.15 <= 0
+    with pytest.raises(ValueError, match="density ± epsilon"):
+        merging.della_linear(base, experts, density=[0.5, 0.9, 0.5], epsilon=0.1, key=key)
+    with pytest.raises(ValueError, match=r"epsilon must lie in \[0.0, inf\]"):
+        merging.della(base, experts, density=0.5, epsilon=-0.1, key=key)
+    with pytest.raises(TypeError, match="PRNG key is required"):
+        merging.della(base, experts, density=0.5, key=None)
+
+
+def test_della_with_zero_epsilon_draws_dare_masks():
+    # ε = 0: every keep probability is the density, and the draw is DARE's
+    rng = np.random.default_rng(6)
+    base = {"a": {"w": np.zeros((4, 50), np.float32)}}
+    experts = [{"a": {"w": rng.standard_normal((4, 50)).astype(np.float32)}} for _ in range(2)]
+    key = jax.random.key(11)
+    for rescale in (False, True):  # the same masks; rescaled equal up to rounding
+        got = merging.della_linear(
+            base, experts, density=0.3, epsilon=0.0, key=key, rescale=rescale
+        )
+        want = merging.dare(base, experts, density=0.3, key=key, rescale=rescale)
+        np.testing.assert_allclose(
+            got["a"]["w"], want["a"]["w"], rtol=0, atol=1e-5 if rescale else 0
+        )
+        assert 0.4 < np.mean(np.asarray(got["a"]["w"]) != 0) < 0.62  # 1 − 0.7²
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
+def test_sce_matches_reference(select_topk):
+    base, experts = H.random_experts(np.random.default_rng(7), 3)
+    for scaling in (1.0, 0.6):
+        got = merging.sce(base, experts, select_topk=select_topk, scaling=scaling)
+        H.assert_tree_close(got, ref_sce(base, experts, select_topk=select_topk, scaling=scaling))
+
+
+def test_sce_degenerate_cases():
+    rng = np.random.default_rng(8)
+    base, experts = H.random_experts(rng, 2)
+    # tiny task vectors: Σ mean(Δ²) < 1e-6 gives uniform weights
+    tiny = [jax.tree.map(lambda b, e: b + 1e-4 * (e - b), base, e) for e in experts]
+    for s in (1.0, 0.5):
+        H.assert_tree_close(merging.sce(base, tiny, select_topk=s),
+                            ref_sce(base, tiny, select_topk=s))  # fmt: skip
+    # one expert: zero variance everywhere, so a selection keeps nothing
+    H.assert_tree_close(merging.sce(base, experts[:1]), ref_sce(base, experts[:1]))
+    out = merging.sce(base, experts[:1], select_topk=0.5)
+    jax.tree.map(np.testing.assert_array_equal, out, base)
+    with pytest.raises(ValueError, match="select_topk must lie in"):
+        merging.sce(base, experts, select_topk=1.5)
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 0.05, 10.0])
+def test_ram_matches_reference(epsilon):
+    rng = np.random.default_rng(9)
+    base, experts = H.random_experts(rng, 3)
+    # many entries unchanged by one or more experts: unique, shared and empty entries
+    experts = [
+        jax.tree.map(lambda b, e: np.where(rng.random(np.shape(b)) < 0.5, b, e), base, e)
+        for e in experts
+    ]
+    got = merging.ram(base, experts, epsilon=epsilon, scaling=0.9)
+    H.assert_tree_close(got, ref_ram(base, experts, epsilon=epsilon, scaling=0.9))
+    for r, alpha in ((0.1, 0.2), (0.5, 3.0)):
+        got = merging.ramplus_tl(base, experts, r=r, alpha=alpha, epsilon=epsilon)
+        H.assert_tree_close(got, ref_ram(base, experts, epsilon=epsilon, r=r, alpha=alpha))
+
+
+def test_option_errors():
+    base, experts = H.random_experts(np.random.default_rng(10), 2)
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0.0, 1.0\]"):
+        merging.breadcrumbs(base, experts, density=0.5, gamma=1.5)
+    with pytest.raises(ValueError, match="density must lie in"):
+        merging.breadcrumbs_ties(base, experts, density=0.0)
+    with pytest.raises(TypeError, match="gamma must be a static"):
+        jax.jit(lambda g: merging.breadcrumbs(base, experts, density=0.5, gamma=g))(0.1)
+    with pytest.raises(ValueError, match="epsilon must lie in"):
+        merging.ram(base, experts, epsilon=-1.0)
+    with pytest.raises(TypeError, match="unexpected parameters"):
+        merging.merge("sce", base, experts, weights=[1.0, 1.0])
+
+
+# ------------------------------------------------------------------------ bf16, out of core
+
+CASES = [
+    ("breadcrumbs", {"density": [0.5, 0.8, 0.3], "gamma": 0.1, "weights": [1.0, 2.0, 0.5]}),
+    ("breadcrumbs_ties", {"density": 0.6, "l1_rescale": True, "normalize": True}),
+    ("della", {"density": 0.5, "key": jax.random.key(3), "epsilon": 0.1}),
+    ("della_linear", {"density": [0.4, 0.6, 1.0], "key": jax.random.key(4), "l1_rescale": True}),
+    ("sce", {"select_topk": 0.4}),
+    ("ram", {"epsilon": 0.05}),
+    ("ramplus_tl", {"r": 0.3, "alpha": 0.5, "epsilon": 0.05}),
+]
+
+
+@pytest.mark.parametrize("method,kwargs", CASES)
+def test_bfloat16_computes_in_float32(method, kwargs):
+    base, experts = H.random_experts(np.random.default_rng(12), 3, dtype=np.float32)
+    bf = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), t)  # noqa: E731
+    f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
+    b16, e16 = bf(base), [bf(e) for e in experts]
+    got = merging.merge(method, b16, e16, **kwargs)
+    want = merging.merge(method, f32(b16), [f32(e) for e in e16], **kwargs)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert x.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y.astype(jnp.bfloat16)))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparsify")
+    base, experts = H.random_experts(np.random.default_rng(12), 3, dtype=np.float32)
+    paths = [str(root / name) for name in ("base", "e0", "e1", "e2")]
+    for path, params in zip(paths, [base, *experts], strict=True):
+        checkpoint.save_checkpoint(path, params)
+    restored = [checkpoint.restore_params(p) for p in paths]
+    return paths, restored
+
+
+@pytest.mark.parametrize("method,kwargs", CASES)
+def test_out_of_core_equals_in_memory(ckpts, tmp_path, method, kwargs):
+    (base_dir, *expert_dirs), (base, *experts) = ckpts
+    out = tmp_path / "out"
+    engine.merge_checkpoints(
+        method, base_dir, expert_dirs, out, progress=False, group_bytes=100, **kwargs
+    )
+    got, want = checkpoint.restore_params(out), getattr(merging, method)(base, experts, **kwargs)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------ mergekit itself
+
+_HAS_MERGEKIT = all(importlib.util.find_spec(m) for m in ("mergekit", "torch"))
+mergekit_only = pytest.mark.skipif(not _HAS_MERGEKIT, reason="needs mergekit and torch")
+
+MK_SHAPES = {"attn": {"bias": (16,), "kernel": (12, 16)}, "conv": {"kernel": (3, 5, 4)}}
+MK_WEIGHTS, MK_SCALING, MK_ATOL = [1.0, 0.5], 0.8, 1e-5
+
+
+@pytest.fixture(scope="module")
+def mk_models():
+    rng = np.random.default_rng(13)
+    tree = lambda f: {m: {n: f(s) for n, s in v.items()} for m, v in MK_SHAPES.items()}  # noqa: E731
+    base = tree(lambda s: rng.standard_normal(s).astype(np.float32))
+    experts = [
+        jax.tree.map(lambda b: (b + 0.1 * rng.standard_normal(b.shape)).astype(np.float32), base)
+        for _ in MK_WEIGHTS
+    ]
+    return base, experts
+
+
+def _leaves(tree):
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in flat]
+
+
+def _mergekit(method, base, experts, parameters):
+    torch = pytest.importorskip("torch")
+    from mergekit.merge_methods import merge_tensors
+
+    out = {}
+    for (path, b), *ws in zip(_leaves(base), *map(_leaves, experts), strict=True):
+        tensors = [torch.from_numpy(b.copy())] + [torch.from_numpy(w.copy()) for _, w in ws]
+        out[path] = merge_tensors(tensors, method, parameters=parameters, base_index=0).numpy()
+    return out
+
+
+def _assert_mergekit(ours, theirs):
+    leaves = _leaves(ours)
+    assert [p for p, _ in leaves] == list(theirs)
+    for path, x in leaves:
+        assert x.dtype == np.float32, path
+        np.testing.assert_allclose(x, theirs[path], rtol=0, atol=MK_ATOL, err_msg=path)
+
+
+@mergekit_only
+def test_mergekit_sparsification_defaults_are_the_ones_mirrored():
+    pytest.importorskip("mergekit")
+    from mergekit.merge_methods import get
+
+    def defaults(name):
+        return {p.name: p.default for p in get(name).spec.parameters if not p.required}
+
+    assert defaults("breadcrumbs")["gamma"] == defaults("breadcrumbs_ties")["gamma"] == 0.01
+    assert defaults("della")["epsilon"] == defaults("della_linear")["epsilon"] == 0.15
+    assert (defaults("breadcrumbs")["normalize"], defaults("breadcrumbs_ties")["normalize"]) == (
+        False,
+        False,
+    )
+    assert (defaults("della")["normalize"], defaults("della_linear")["normalize"]) == (True, False)
+    assert defaults("della")["rescale"] and not defaults("breadcrumbs")["rescale"]
+    assert defaults("sce") == {"int8_mask": False, "select_topk": 1.0}
+    assert defaults("ram") == {"epsilon": 1e-5}
+    assert defaults("ramplus_tl") == {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}
+
+
+@mergekit_only
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+def test_mergekit_breadcrumbs(mk_models, name, rescale):
+    base, experts = mk_models
+    for density, gamma in ((0.5, 0.05), (0.7, 0.4), (1.0, 0.1)):
+        params = {"density": density, "gamma": gamma, "weight": MK_WEIGHTS, "lambda": MK_SCALING}
+        kwargs = {"density": density, "gamma": gamma, "weights": MK_WEIGHTS}
+        for normalize in (False, True) if name == "breadcrumbs_ties" else (False,):
+            if name == "breadcrumbs_ties":
+                params["normalize"] = kwargs["normalize"] = normalize
+            ours = merging.merge(name, base, experts, scaling=MK_SCALING, l1_rescale=rescale,
+                                 **kwargs)  # fmt: skip
+            theirs = _mergekit(name, base, experts, {**params, "rescale": rescale})
+            _assert_mergekit(ours, theirs)
+
+
+@pytest.fixture
+def replay_della(monkeypatch):
+    """Replaces ``torch.bernoulli`` in mergekit's DELLA by our documented draw ``u < p``
+    (after checking mergekit's probabilities are ours)."""
+    torch = pytest.importorskip("torch")
+    queue = []
+
+    def fake(probs, *args, **kwargs):
+        assert not args and not kwargs
+        u, want = queue.pop(0)
+        np.testing.assert_allclose(probs.numpy().reshape(want.shape), want, rtol=0, atol=1e-6)
+        return torch.from_numpy(u.reshape(probs.shape) < probs.numpy()).to(probs.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", fake)
+    return queue
+
+
+@mergekit_only
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_mergekit_della(mk_models, replay_della, name, rescale):
+    base, experts = mk_models
+    key = jax.random.key(5)
+    for density, eps in ((0.5, 0.15), (0.3, 0.25), (1.0, 0.15)):
+        draws = []  # in mergekit's order: leaf by leaf, expert by expert
+        if density < 1:
+            for path, b in _leaves(base):
+                for t, e in enumerate(experts):
+                    u = della_uniforms(key, t, path, b.shape)
+                    draws.append((u, della_probs(dict(_leaves(e))[path] - b, density, eps)))
+        params = {"density": density, "epsilon": eps, "weight": MK_WEIGHTS, "lambda": MK_SCALING}
+        kwargs = {"density": density, "epsilon": eps, "weights": MK_WEIGHTS, "key": key}
+        for normalize in (False, True) if name == "della" else (False,):
+            if name == "della":
+                params["normalize"] = kwargs["normalize"] = normalize
+            ours = merging.merge(name, base, experts, scaling=MK_SCALING, rescale=False,
+                                 l1_rescale=rescale, **kwargs)  # fmt: skip
+            replay_della.extend(draws)
+            theirs = _mergekit(name, base, experts, {**params, "rescale": rescale})
+            assert not replay_della  # every draw was consumed
+            _assert_mergekit(ours, theirs)
+
+
+@mergekit_only
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.2, 0.0])
+def test_mergekit_sce(mk_models, select_topk):
+    base, experts = mk_models
+    ours = merging.sce(base, experts, select_topk=select_topk)
+    _assert_mergekit(ours, _mergekit("sce", base, experts, {"select_topk": select_topk}))
+    experts3 = [*experts, jax.tree.map(lambda b: b + np.float32(0.05), base)]
+    ours = merging.sce(base, experts3, select_topk=select_topk)
+    _assert_mergekit(ours, _mergekit("sce", base, experts3, {"select_topk": select_topk}))
+
+
+@mergekit_only
+@pytest.mark.parametrize("epsilon", [1e-5, 0.08])
+def test_mergekit_ram(mk_models, epsilon):
+    base, experts = mk_models
+    rng = np.random.default_rng(14)
+    experts = [  # entries unchanged by some experts: unique and shared contributions
+        jax.tree.map(lambda b, e: np.where(rng.random(b.shape) < 0.4, b, e), base, e)
+        for e in experts
+    ]
+    ours = merging.ram(base, experts, epsilon=epsilon)
+    _assert_mergekit(ours, _mergekit("ram", base, experts, {"epsilon": epsilon}))
+    for r, alpha in ((0.1, 0.2), (0.7, 5.0)):
+        ours = merging.ramplus_tl(base, experts, r=r, alpha=alpha, epsilon=epsilon)
+        theirs = _mergekit(
+            "ramplus_tl", base, experts, {"r": r, "alpha": alpha, "epsilon": epsilon}
+        )
+        _assert_mergekit(ours, theirs)

@@ -1,0 +1,452 @@
+"""Data-free interpolations with mergekit's semantics: linear, SLERP, NuSLERP and
+Multi-SLERP (the Karcher mean and the other data-free methods: :mod:`._data_free`).
+
+Each follows the method of the same name in mergekit 0.1.5 (``mergekit/merge_methods/``),
+with its parameter names and defaults; differences are listed in each docstring. Every
+merge works on one tensor (leaf) at a time, so the out-of-core engine and ``umtam-merge``
+run them too. Inputs in 16-bit floats are computed in float32 and the result cast back
+(mergekit computes ``linear`` and ``slerp`` in float32 too, the others in the inputs' own
+dtype). Methods without a base role in mergekit take ``base=None``; a given base is then
+only checked (structure, shapes, dtypes) and otherwise ignored, or, for ``nuslerp`` and
+``multislerp``, the interpolation runs on the task vectors ``w − w0`` and adds ``w0`` back
+(``base=None`` is the same computation with ``w0 = 0``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging._baselines import _compute_dtype, _sum
+from umtam_jax.merging._registry import WEIGHTS, Param
+
+_SLERP_DOT_THRESHOLD = 0.9995  # mergekit's slerp: |cos θ| above it interpolates linearly
+_SLERP_EPS = 1e-8  # mergekit's slerp: a norm at most this is replaced by 1
+_NUSLERP_EPS = 1e-8  # mergekit's nuslerp: colinear when 1 − cos²θ ≤ eps²
+_NUSLERP_NORM_EPS = 1e-7  # mergekit's nuslerp: norms clamped below at this
+_NUSLERP_ZERO_TOTAL = 1e-6  # mergekit's nuslerp: |Σ weight| below it gives t = 0.5
+
+
+def _traced(*values: Any) -> bool:
+    return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
+def _count(call: R.Call, low: int, high: int | None = None) -> None:
+    """Raises ValueError unless the call has ``low`` to ``high`` experts."""
+    k, name = len(call.prepared.experts), call.method.name
+    if k < low or (high is not None and k > high):
+        want = f"exactly {low}" if low == high else f"at least {low}"
+        want = "exactly one expert" if want == "exactly 1" else f"{want} experts"
+        raise ValueError(f"{name} merges {want}, got {k}")
+
+
+def _check_weight_sum(call: R.Call, flag: str) -> None:
+    """Normalizing by Σ weight needs Σ weight ≠ 0 (mergekit would return NaN or inf)."""
+    weights = call.options["weights"]
+    if call.options[flag] is True and not _traced(*weights) and sum(map(float, weights)) == 0:
+        raise ValueError(
+            f"{call.method.name} with {flag}=True divides by the sum of the weights, which is "
+            f"0 for weights {[float(w) for w in weights]}; change a weight or set {flag}=False"
+        )
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear(
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+) -> Any:
+    """Weighted average of the experts (a "model soup"): ``Σ_τ c_τ w_τ / Σ_τ c_τ``.
+
+    With ``normalize=False`` the weighted sum ``Σ_τ c_τ w_τ`` itself. mergekit's ``linear``
+    has no base role: ``base`` is only checked against the experts and may be None (in a
+    mergekit configuration a listed or given ``base_model`` is one more weighted input; list
+    it among ``experts`` for that). mergekit requires every model's ``weight``; here they
+    default to 1.0 each (a plain average).
+
+    Args:
+      base: parameters with the experts' structure, or None (not used otherwise).
+      experts: a sequence of parameter pytrees with a common structure, shapes and dtypes.
+      weights: one weight ``c_τ`` per expert (mergekit's per-model ``weight``).
+      normalize: divide by ``Σ_τ c_τ`` (mergekit's default).
+
+    Returns:
+      The merged parameters, a pytree like the experts.
+
+    Raises:
+      ValueError / TypeError: invalid inputs (messages name the leaf path), or
+        ``normalize=True`` with weights summing to 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> experts = [{"w": jnp.array([1., 2.])}, {"w": jnp.array([4., 8.])}]
+      >>> merging.linear(None, experts, weights=[2., 1.])["w"].tolist()
+      [2.0, 4.0]
+
+    References:
+      Wortsman et al., "Model soups", arXiv:2203.05482; mergekit ``linear``.
+    """
+    return R.merge(LINEAR, base, experts, None, weights=weights, normalize=normalize)
+
+
+@jax.jit
+def _linear_leaf(ws: list[jax.Array], weights: list[Any], normalize: Any) -> jax.Array:
+    dt = _compute_dtype(ws[0])
+    c = [jnp.asarray(w, dt) for w in weights]
+    total = _sum([ci * w.astype(dt) for ci, w in zip(c, ws, strict=True)])
+    return (total / jnp.where(normalize, _sum(c), 1)).astype(ws[0].dtype)
+
+
+# --------------------------------------------------------------------------- slerp
+
+
+def slerp(base: Any, expert: Any, *, t: float) -> Any:
+    """Spherical linear interpolation from the base to one expert, per tensor.
+
+    Each tensor is flattened to vectors ``a`` (base) and ``b`` (expert); with
+    ``cos θ = ⟨a/‖a‖, b/‖b‖⟩`` clipped to [-1, 1] (a norm ≤ 1e-8 counts as 1)::
+
+        slerp = sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b
+
+    and ``(1−t)·a + t·b`` where ``|cos θ| > 0.9995`` (nearly parallel or antiparallel
+    vectors). The raw vectors are combined, so norms are interpolated too, as in mergekit.
+    As in mergekit, ``t`` is not bounded: outside [0, 1] it extrapolates.
+
+    Args:
+      base: the base parameters (``t = 0``).
+      expert: the other model's parameters (``t = 1``), with the base's structure, shapes
+        and dtypes.
+      t: interpolation factor (0: the base, 1: the expert).
+
+    Returns:
+      The interpolated parameters, a pytree like ``base``.
+
+    Raises:
+      ValueError / TypeError: a non-finite ``t``, no base, or invalid inputs (messages
+        name the leaf path).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> out = merging.slerp({"w": jnp.array([1., 0.])}, {"w": jnp.array([0., 1.])}, t=0.5)
+      >>> [round(x, 6) for x in out["w"].tolist()]
+      [0.707107, 0.707107]
+
+    References:
+      Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985; mergekit
+      ``slerp``.
+    """
+    _require_base(base, "slerp")
+    return R.merge(SLERP, base, expert, None, t=t)
+
+
+def _require_base(base: Any, name: str) -> None:
+    if base is None:
+        raise TypeError(f"{name} needs the base model (base=None is not allowed)")
+
+
+@jax.jit
+def _slerp_leaf(base: jax.Array, expert: jax.Array, t: Any) -> jax.Array:
+    if base.size == 0:
+        return base
+    dt = _compute_dtype(base)
+    a, b = base.astype(dt).reshape(-1), expert.astype(dt).reshape(-1)
+    t = jnp.asarray(t, dt)
+    na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+    na = jnp.where(na > _SLERP_EPS, na, 1)
+    nb = jnp.where(nb > _SLERP_EPS, nb, 1)
+    dot = jnp.clip(jnp.sum((a / na) * (b / nb)), -1, 1)
+    lin = jnp.abs(dot) > _SLERP_DOT_THRESHOLD
+    theta = jnp.arccos(jnp.where(lin, 0, dot))
+    sin = jnp.where(lin, 1, jnp.sin(theta))
+    ca = jnp.where(lin, 1 - t, jnp.sin((1 - t) * theta) / sin)
+    cb = jnp.where(lin, t, jnp.sin(t * theta) / sin)
+    return (ca * a + cb * b).reshape(base.shape).astype(base.dtype)
+
+
+# --------------------------------------------------------------------------- nuslerp
+
+
+def nuslerp(
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> Any:
+    """SLERP between two experts with ``t`` from their weights, optionally about a base.
+
+    ``t = c₂ / (c₁ + c₂)`` (``t = 0.5`` when ``|c₁ + c₂| < 1e-6``). With a base the two
+    task vectors ``v_i = w_i − w0`` are interpolated and the base added back,
+    ``w0 + nuslerp(v₁, v₂)``; without one (``base=None``) the experts themselves. With
+    ``u = v/max(‖v‖, 1e-7)`` and ``cos θ = ⟨u₁, u₂⟩`` clipped to [-1, 1]::
+
+        nuslerp(v₁, v₂) = (sin((1−t)θ)·v₁ + sin(tθ)·v₂) / sin θ
+
+    and ``(1−t)·v₁ + t·v₂`` where ``1 − cos²θ ≤ 1e-16`` (colinear). The vectors are whole
+    tensors (``nuslerp_flatten=True``, the default), else each row along the last axis, or
+    along the first axis with ``nuslerp_row_wise=True``. mergekit requires both models'
+    ``weight``; here they default to 1.0 each (``t = 0.5``).
+
+    Args:
+      base: the base parameters ``w0``, or None.
+      experts: exactly two parameter pytrees with the base's structure, shapes and dtypes.
+      weights: the two weights ``c₁, c₂`` (mergekit's per-model ``weight``).
+      nuslerp_flatten: interpolate whole tensors as single vectors.
+      nuslerp_row_wise: without flattening, interpolate along the first axis instead of
+        the last.
+
+    Returns:
+      The merged parameters, a pytree like the experts.
+
+    Raises:
+      ValueError / TypeError: not exactly two experts, or invalid inputs (messages name
+        the leaf path).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> experts = [{"w": jnp.array([2., 0.])}, {"w": jnp.array([0., 2.])}]
+      >>> out = merging.nuslerp(None, experts, weights=[1., 1.])
+      >>> [round(x, 5) for x in out["w"].tolist()]
+      [1.41421, 1.41421]
+
+    References:
+      mergekit ``nuslerp`` (arcee-ai/mergekit); Shoemake, SIGGRAPH 1985 (SLERP).
+    """
+    return R.merge(
+        NUSLERP,
+        base,
+        experts,
+        None,
+        weights=weights,
+        nuslerp_flatten=nuslerp_flatten,
+        nuslerp_row_wise=nuslerp_row_wise,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("flatten", "row_wise"))
+def _nuslerp_leaf(base, w1, w2, weights, flatten: bool, row_wise: bool) -> jax.Array:
+    dt = _compute_dtype(base)
+    b = base.astype(dt)
+    v1, v2 = w1.astype(dt) - b, w2.astype(dt) - b
+    c1, c2 = (jnp.asarray(c, dt) for c in weights)
+    small = jnp.abs(c1 + c2) < _NUSLERP_ZERO_TOTAL
+    t = jnp.where(small, 0.5, c2 / jnp.where(small, 1, c1 + c2))
+    flat = flatten or b.ndim == 0
+    swap = row_wise and not flat
+    if flat:
+        v1, v2 = v1.reshape(-1), v2.reshape(-1)
+    elif swap:
+        v1, v2 = jnp.swapaxes(v1, 0, -1), jnp.swapaxes(v2, 0, -1)
+
+    def unit(v: jax.Array) -> jax.Array:
+        return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), _NUSLERP_NORM_EPS)
+
+    cos = jnp.clip(jnp.sum(unit(v1) * unit(v2), axis=-1, keepdims=True), -1, 1)
+    colinear = (1 - cos**2) <= _NUSLERP_EPS**2
+    theta = jnp.arccos(jnp.where(colinear, 0, cos))
+    sin = jnp.where(colinear, 1, jnp.sin(theta))
+    out = (jnp.sin((1 - t) * theta) * v1 + jnp.sin(t * theta) * v2) / sin
+    out = jnp.where(colinear, (1 - t) * v1 + t * v2, out)
+    if swap:
+        out = jnp.swapaxes(out, 0, -1)
+    return (b + out.reshape(b.shape)).astype(base.dtype)
+
+
+# --------------------------------------------------------------------------- multislerp
+
+
+def multislerp(
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> Any:
+    """Weighted spherical barycenter of K experts (tangent-space interpolation), per tensor.
+
+    With a base the task vectors ``x_τ = w_τ − w0`` (flattened per tensor) are merged and
+    the base added back; without one (``base=None``) the experts themselves. With weights
+    ``c`` (divided by ``Σ c`` when ``normalize_weights``), ``u_τ = x_τ / (‖x_τ‖ + eps)``,
+    ``m = Σ c_τ u_τ / ‖Σ c_τ u_τ‖``, the tangent vector ``g = Σ c_τ (u_τ − ⟨u_τ, m⟩ m)``
+    and ``γ = ‖g‖ + eps``::
+
+        multislerp = (cos γ · m + sin γ / γ · g) · Σ_τ c_τ ‖x_τ‖   (+ w0)
+
+    One expert is returned unchanged. Where ``‖Σ c_τ u_τ‖ < eps`` (antipodal vectors with
+    balancing weights) two experts fall back to ``c₁x₁ + c₂x₂ (+ w0)``, and more raise
+    ValueError, as in mergekit. mergekit requires every model's ``weight``; here they
+    default to 1.0 each.
+
+    Args:
+      base: the base parameters ``w0``, or None.
+      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
+      weights: one weight per expert (mergekit's per-model ``weight``).
+      normalize_weights: divide the weights by their sum.
+      eps: the stabilizing constant above (≥ 0).
+
+    Returns:
+      The merged parameters, a pytree like the experts.
+
+    Raises:
+      ValueError / TypeError: invalid inputs (messages name the leaf path); weights summing
+        to 0 with ``normalize_weights``; a tensor whose weighted mean direction vanishes
+        with three or more experts.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> experts = [{"w": jnp.array([2., 0.])}, {"w": jnp.array([0., 2.])}]
+      >>> out = merging.multislerp(None, experts)
+      >>> [round(x, 5) for x in out["w"].tolist()]
+      [1.41421, 1.41421]
+
+    References:
+      C. Goddard, "Multi-SLERP" (goddard.blog/posts/multislerp-wow-what-a-cool-idea);
+      Buss & Fillmore, "Spherical Averages and Applications to Spherical Splines and
+      Interpolation", ACM TOG 2001; mergekit ``multislerp``.
+    """
+    return R.merge(
+        MULTISLERP,
+        base,
+        experts,
+        None,
+        weights=weights,
+        normalize_weights=normalize_weights,
+        eps=eps,
+    )
+
+
+def _multislerp_terms(base, ws, weights, normalize_weights, eps):
+    dt = _compute_dtype(base)
+    b = base.astype(dt).reshape(-1)
+    xs = [w.astype(dt).reshape(-1) - b for w in ws]
+    c = [jnp.asarray(w, dt) for w in weights]
+    total = _sum(c)
+    c = [jnp.where(normalize_weights, ci / jnp.where(normalize_weights, total, 1), ci) for ci in c]
+    eps = jnp.asarray(eps, dt)
+    norms = [jnp.linalg.norm(x) for x in xs]
+    units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
+    mean = _sum([ci * u for ci, u in zip(c, units, strict=True)])
+    mean_norm = jnp.linalg.norm(mean)
+    return dt, b, xs, c, eps, norms, units, mean, mean_norm
+
+
+@jax.jit
+def _multislerp_degenerate(base, ws, weights, normalize_weights, eps) -> jax.Array:
+    *_, eps, _, _, _, mean_norm = _multislerp_terms(base, ws, weights, normalize_weights, eps)
+    return mean_norm < eps
+
+
+@jax.jit
+def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
+    if len(ws) == 1:
+        return ws[0]
+    terms = _multislerp_terms(base, ws, weights, normalize_weights, eps)
+    dt, b, xs, c, eps, norms, units, mean, mean_norm = terms
+    degenerate = mean_norm < eps
+    mean = mean / jnp.where(degenerate, 1, mean_norm)
+    g = _sum([ci * (u - jnp.sum(u * mean) * mean) for ci, u in zip(c, units, strict=True)])
+    gamma = jnp.linalg.norm(g) + eps
+    out = mean * jnp.cos(gamma) + g * (jnp.sin(gamma) / gamma)
+    out = out * _sum([n * ci for n, ci in zip(norms, c, strict=True)])
+    fallback = c[0] * xs[0] + c[1] * xs[1] if len(ws) == 2 else jnp.full_like(out, jnp.nan)
+    out = jnp.where(degenerate, fallback, out)
+    return (out + b).reshape(base.shape).astype(base.dtype)
+
+
+def _check_multislerp(call: R.Call) -> None:
+    _check_weight_sum(call, "normalize_weights")
+    opts, p = call.options, call.prepared
+    if len(p.experts) < 3 or _traced(*p.base, opts["eps"], *opts["weights"]):
+        return
+    w, nw, eps = opts["weights"], opts["normalize_weights"], opts["eps"]
+    columns = [[ws[j] for ws in p.experts] for j in range(len(p.base))]
+    flags = jax.device_get(
+        [_multislerp_degenerate(b, col, w, nw, eps) for b, col in zip(p.base, columns, strict=True)]
+    )
+    for path, bad in zip(p.paths, flags, strict=True):
+        if bad:
+            raise ValueError(
+                f"multislerp: at {path} the weighted sum of the experts' unit vectors is 0 "
+                "(antipodal experts whose weights balance out); change the weights"
+            )
+
+
+# --------------------------------------------------------------------------- registry
+
+LINEAR = R.register(
+    R.Method(
+        "linear",
+        linear,
+        "weighted average Σ c·w / Σ c of the experts (base not used)",
+        (WEIGHTS, Param("normalize", "bool", "divide by the sum of the weights")),
+        lambda opts, b, ws, masks, scores, extras: _linear_leaf(
+            ws, opts["weights"], opts["normalize"]
+        ),
+        base_optional=True,
+        check=lambda call: _check_weight_sum(call, "normalize"),
+    )
+)
+SLERP = R.register(
+    R.Method(
+        "slerp",
+        slerp,
+        "spherical interpolation from the base (t = 0) to one expert (t = 1), per tensor",
+        (Param("t", "number", "interpolation factor: 0 the base, 1 the expert"),),
+        lambda opts, b, ws, masks, scores, extras: _slerp_leaf(b, ws[0], opts["t"]),
+        single_expert=True,
+    )
+)
+NUSLERP = R.register(
+    R.Method(
+        "nuslerp",
+        nuslerp,
+        "SLERP of two experts (or their task vectors) with t = c2 / (c1 + c2)",
+        (
+            WEIGHTS,
+            Param("nuslerp_flatten", "bool", "interpolate whole tensors as one vector"),
+            Param("nuslerp_row_wise", "bool", "unflattened: along the first axis, not the last"),
+        ),
+        lambda opts, b, ws, masks, scores, extras: _nuslerp_leaf(
+            b,
+            ws[0],
+            ws[1],
+            opts["weights"],
+            flatten=opts["nuslerp_flatten"],
+            row_wise=opts["nuslerp_row_wise"],
+        ),
+        base_optional=True,
+        check=lambda call: _count(call, 2, 2),
+    )
+)
+MULTISLERP = R.register(
+    R.Method(
+        "multislerp",
+        multislerp,
+        "weighted spherical barycenter of the experts (or their task vectors), per tensor",
+        (
+            WEIGHTS,
+            Param("normalize_weights", "bool", "divide the weights by their sum"),
+            Param("eps", "number", "stabilizing constant of the norms", low=0),
+        ),
+        lambda opts, b, ws, masks, scores, extras: _multislerp_leaf(
+            b, ws, opts["weights"], opts["normalize_weights"], opts["eps"]
+        ),
+        base_optional=True,
+        check=_check_multislerp,
+    )
+)
