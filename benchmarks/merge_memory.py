@@ -158,6 +158,7 @@ def child_floor(args: argparse.Namespace) -> dict[str, Any]:
 def child_compare(args: argparse.Namespace) -> dict[str, Any]:
     """Leaf-by-leaf comparison of the two outputs (partial restores, little memory)."""
     from umtam_jax import checkpoint
+
     work = Path(args.workdir)
     if args.format == "safetensors":
         a = checkpoint.SafetensorsReader(work / "out_streaming")
