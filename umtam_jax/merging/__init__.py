@@ -23,6 +23,11 @@ Methods:
   - :func:`fisher` (with :func:`diagonal_fisher`) and :func:`ota`: curvature-weighted
     averages.
   - :func:`prune`: keep the top-density entries of one expert's task vector.
+  - mergekit's other data-free methods, with its parameter names and defaults:
+    :func:`linear`, :func:`slerp`, :func:`nuslerp`, :func:`multislerp`, :func:`karcher`,
+    :func:`model_stock`, :func:`nearswap`, :func:`arcee_fusion`, :func:`passthrough`,
+    :func:`breadcrumbs`, :func:`breadcrumbs_ties`, :func:`della`, :func:`della_linear`,
+    :func:`sce`, :func:`ram`, :func:`ramplus_tl`.
   - :data:`METHODS`: the registry of the methods above (name → :class:`Method`: inputs,
     parameters with kinds and defaults, steps), read by every entry point, and
     :func:`merge`, any of them by name.
