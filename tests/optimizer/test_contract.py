@@ -1,0 +1,251 @@
+"""The contract every UMTAM configuration keeps, in the style of Optax's optimizer harness.
+
+One suite, parametrized over the configurations users run: all-dense (Adam-like leaves),
+factored with the fast subspace SVD, factored with the exact SVD, lean (no m×n momentum
+buffer) and batched (a layer-stacked leaf factored per layer). Each test states one
+property an Optax optimizer must have: convergence on standard problems, dtype
+preservation, a stable state, no recompilation, ``inject_hyperparams``, ``MultiSteps``,
+schedules, abstract initialisation and a stable sharding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import umtam_jax
+
+_FACTORED = dict(rank=3, min_dim_size_to_factor=4)
+CONFIGS = {
+    "dense": dict(rank=3, min_dim_size_to_factor=1_000_000),
+    "factored": dict(_FACTORED),
+    "exact": dict(_FACTORED, svd_method="exact"),
+    "lean": dict(_FACTORED, error_decay=0.0, saliency="final"),
+    "batched": dict(_FACTORED, row_axes=umtam_jax.scanned("stack")),
+}
+# Which leaf states hold a low-rank momentum in each configuration.
+FACTORED_LEAVES = {
+    "dense": set(),
+    "factored": {"stack", "kernel"},
+    "exact": {"stack", "kernel"},
+    "lean": {"stack", "kernel"},
+    "batched": {"stack", "kernel"},
+}
+
+configs = pytest.mark.parametrize("name", list(CONFIGS))
+
+
+def _opt(name, learning_rate=0.1, **extra):
+    return umtam_jax.umtam(learning_rate, **{**CONFIGS[name], **extra})
+
+
+@functools.cache
+def _default(name):
+    """The configuration at learning rate 0.1 with its jitted update, compiled once."""
+    opt = _opt(name)
+    return opt, jax.jit(opt.update)
+
+
+def _params(dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    leaf = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    return {"stack": leaf(3, 8, 6), "kernel": leaf(10, 6), "bias": leaf(6)}
+
+
+def _grads(params, t):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(t), len(leaves))
+    return treedef.unflatten(
+        [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves, strict=True)]
+    )
+
+
+def _run(opt, params, steps, update=None):
+    state = opt.init(params)
+    update = jax.jit(opt.update) if update is None else update
+    updates = []
+    for t in range(steps):
+        u, state = update(_grads(params, t), state, params)
+        updates.append(u)
+    return updates, state, update
+
+
+def _minimise(loss, params, opt, steps):
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params
+
+
+# ----------------------------------------------------------------------------- convergence
+
+
+@configs
+def test_converges_on_an_ill_conditioned_quadratic(name):
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(jnp.zeros_like, _params())
+    targets = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    scales = jax.tree.map(  # curvatures spread over two decades within every leaf
+        lambda p: jnp.asarray(np.logspace(-1, 1, p.size).reshape(p.shape), p.dtype), params
+    )
+
+    def loss(p):
+        terms = jax.tree.map(lambda w, t, s: jnp.sum(s * (w - t) ** 2), p, targets, scales)
+        return 0.5 * sum(jax.tree.leaves(terms))
+
+    start = float(loss(params))
+    final = float(loss(_minimise(loss, params, _opt(name, 0.05), 400)))
+    assert final < 1e-3 * start, (start, final)
+
+
+@configs
+def test_converges_on_rosenbrock_valleys_in_every_leaf(name):
+    # Each leaf is a set of independent 2-D Rosenbrock problems (its entries paired up by
+    # the last axis), so factored leaves see the valley's curvature through their rows.
+    def rosenbrock(w):
+        x, y = jnp.split(w, 2, axis=-1)
+        return jnp.sum((1 - x) ** 2 + 100 * (y - x**2) ** 2)
+
+    params = {
+        "stack": jnp.full((3, 8, 6), -0.5),
+        "kernel": jnp.full((10, 6), -0.5),
+        "bias": jnp.full((6,), -0.5),
+    }
+    loss = lambda p: sum(rosenbrock(w) for w in jax.tree.leaves(p))  # noqa: E731
+    solution = _minimise(loss, params, _opt(name, 0.02, clip_threshold=None), 3000)
+    for path, w in jax.tree_util.tree_leaves_with_path(solution):
+        np.testing.assert_allclose(w, 1.0, atol=0.05, err_msg=jax.tree_util.keystr(path))
+
+
+# ----------------------------------------------------------------------------- types and state
+
+
+@configs
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_updates_keep_the_params_dtype_and_the_state_keeps_its_types(name, dtype):
+    params = _params(dtype)
+    opt, update = _default(name)
+    initial = opt.init(params)
+    updates, state, _ = _run(opt, params, 3, update)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates[-1], params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, initial)
+    assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+
+@configs
+def test_factored_leaves_are_the_expected_ones(name):
+    opt, update = _default(name)
+    _, state, _ = _run(opt, _params(), 1, update)
+    stats = umtam_jax.statistics(state)
+    factored = {k for k, s in stats.items() if isinstance(s, umtam_jax.FactoredStatistics)}
+    assert factored == FACTORED_LEAVES[name]
+    sigma = state[0].leaves["stack"].sigma if factored else None
+    if name == "batched":
+        assert sigma.shape == (3, 3, 3)  # one low-rank core per layer
+    elif factored:
+        assert sigma.shape == (3, 3)  # one matrix over the stacked rows
+
+
+@configs
+def test_no_recompilation_after_the_first_jitted_step(name):
+    _, _, update = _run(_opt(name), _params(), steps=5)
+    assert update._cache_size() == 1
+
+
+@configs
+def test_inputs_are_not_mutated(name):
+    params = jax.tree.map(np.asarray, _params())
+    grads = jax.tree.map(np.asarray, _grads(params, 0))
+    before = jax.tree.map(np.copy, (params, grads))
+    opt, update = _default(name)
+    update(grads, opt.init(params), params)
+    chex.assert_trees_all_equal((params, grads), before)
+
+
+# ----------------------------------------------------------------------------- Optax wrappers
+
+
+@configs
+def test_inject_hyperparams_gives_the_same_updates(name):
+    # In x64 mode injected hyper-parameters are float64 like Python floats: same arithmetic.
+    with jax.enable_x64(True):
+        params = _params(jnp.float64)
+        injected = optax.inject_hyperparams(
+            umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS
+        )
+        got, state, _ = _run(injected(learning_rate=0.1, b1=0.8, **CONFIGS[name]), params, 4)
+        want, plain, _ = _run(_opt(name, b1=0.8), params, 4)
+        chex.assert_trees_all_close(got[-1], want[-1], rtol=1e-12)
+        # Static arguments keep the state's layout: no m×n buffer in lean mode either.
+        chex.assert_trees_all_equal_shapes_and_dtypes(state.inner_state, plain)
+        assert float(state.hyperparams["learning_rate"]) == 0.1
+
+
+@configs
+def test_multisteps_accumulates_then_applies_one_step_on_the_mean_gradient(name):
+    params = _params()
+    opt = optax.MultiSteps(_opt(name), every_k_schedule=2)
+    state, update = opt.init(params), jax.jit(opt.update)
+    g1, g2 = _grads(params, 0), _grads(params, 1)
+    first, state = update(g1, state, params)
+    chex.assert_trees_all_equal(first, jax.tree.map(jnp.zeros_like, params))
+    second, state = update(g2, state, params)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+    opt, update = _default(name)
+    single, _ = update(mean, opt.init(params), params)
+    chex.assert_trees_all_close(second, single, rtol=1e-5, atol=2e-6)
+
+
+@configs
+def test_a_schedule_scales_each_step_by_its_value(name):
+    params = _params()
+    schedule = optax.linear_schedule(1.0, 0.0, transition_steps=4)
+    scheduled, _, _ = _run(_opt(name, schedule), params, steps=5)
+    constant, _, _ = _run(_opt(name, 1.0), params, steps=5)
+    for t in range(5):
+        factor = float(schedule(t))
+        want = jax.tree.map(lambda u, f=factor: f * u, constant[t])
+        chex.assert_trees_all_close(scheduled[t], want, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- abstract init
+
+
+@configs
+def test_abstract_init_has_the_shapes_of_the_real_one(name):
+    params = _params()
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    shapes = jax.eval_shape(_opt(name).init, abstract)
+    chex.assert_trees_all_equal_shapes_and_dtypes(shapes, _opt(name).init(params))
+    final = _opt(name, saliency="final")  # keeps no W0, so init needs no values at all
+    chex.assert_trees_all_equal_shapes_and_dtypes(final.init(abstract), final.init(params))
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+@configs
+def test_state_sharding_is_stable_across_jitted_updates(name):
+    mesh = jax.make_mesh((1,), ("x",))
+    params = jax.device_put(_params(), NamedSharding(mesh, P()))
+    opt, update = _default(name)
+    state = jax.jit(opt.init)(params)
+    _, new_state = update(_grads(params, 0), state, params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new_state), strict=True):
+        assert after.sharding.is_equivalent_to(before.sharding, before.ndim)
