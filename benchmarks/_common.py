@@ -1,19 +1,33 @@
-"""Shared helpers of the benchmarks: synthetic pytrees, environment record, JSON output."""
+"""Shared helpers of the benchmarks: synthetic pytrees, the environment record and the one
+results writer (:func:`write_results`), which every benchmark uses for its JSON file.
+
+Run the benchmarks as modules from the repository root, e.g.
+``python -m benchmarks.step_time --quick``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib.metadata
 import json
+import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: The repository root (the folder holding ``benchmarks/``).
+ROOT = Path(__file__).resolve().parent.parent
+#: Default output folder of :func:`write_results` (``benchmarks/results``).
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+_PACKAGES = ("umtam-jax", "jax", "jaxlib", "optax", "flax", "orbax-checkpoint", "numpy")
 
 
 def gpt2_params(blocks: int, d: int = 768, *, seed: int = 0, dtype=np.float32) -> dict[str, Any]:
@@ -22,8 +36,8 @@ def gpt2_params(blocks: int, d: int = 768, *, seed: int = 0, dtype=np.float32) -
     Per block: ``ln_1``/``ln_2`` (scale, bias), ``attn.c_attn`` (d, 3d) + bias, ``attn.c_proj``
     (d, d) + bias, ``mlp.c_fc`` (d, 4d) + bias, ``mlp.c_proj`` (4d, d) + bias; plus a final
     ``ln_f``. At d = 768 a block has 7,087,872 parameters: 4 blocks ≈ 28.4M (the reference
-    pytree of the update-time targets in ``PERFORMANCE.md``), 12 blocks ≈ 85.1M (GPT-2 small
-    without its embeddings).
+    pytree of the update-time targets in ``docs/performance.md``), 12 blocks ≈ 85.1M (GPT-2
+    small without its embeddings).
     Kernels are (fan-in, fan-out), as Flax ``Dense`` stores them.
     """
     rng = np.random.default_rng(seed)
@@ -77,6 +91,15 @@ def tree_size(tree: Any) -> int:
     return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
 
 
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
 def cpu_info() -> dict[str, Any]:
     model = platform.processor() or ""
     try:
@@ -95,44 +118,217 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
-def environment() -> dict[str, Any]:
-    """What a result depends on: command, versions, CPU/device, date, load."""
-    import jax
-    import jaxlib
-    import optax
+def command() -> str:
+    """This process's command line as it is run from the repository root:
+    ``python -m benchmarks.<name> ARGS`` for a benchmark run as a module."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    args = sys.argv[1:]
+    if spec is not None and spec.name:
+        head = ["python", "-m", spec.name.removesuffix(".__main__")]
+    else:
+        script = sys.argv[0] if sys.argv else ""
+        if script and Path(script).is_absolute():
+            with contextlib.suppress(ValueError):
+                script = str(Path(script).relative_to(ROOT))
+        head = ["python", script] if script else ["python"]
+    return " ".join(head + [shlex.quote(a) for a in args])
 
-    return {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+
+def git_commit() -> dict[str, Any]:
+    """The checkout's commit, and whether tracked files differ from it (``None`` outside a
+    git checkout)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if head else None
+    return {"commit": head, "dirty": None if status is None else bool(status)}
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on: machine and device, package versions, load at the start.
+
+    A benchmark may call it at its start (to use or extend the record) and hand it to
+    :func:`write_results`; otherwise the writer calls it.
+    """
+    env: dict[str, Any] = {
         "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "device_kind": jax.devices()[0].device_kind,
+        "platform": platform.platform(),
+        "packages": _versions(),
         "cpu": cpu_info(),
         "loadavg_start": list(os.getloadavg()),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+    try:
+        import jax
+
+        env["backend"] = jax.default_backend()
+        env["devices"] = [str(d) for d in jax.devices()]
+        env["device_kind"] = jax.devices()[0].device_kind
+    except Exception as e:  # pragma: no cover - provenance only
+        env["backend"] = f"unavailable ({type(e).__name__})"
+    return env
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` atomically; a file in ``benchmarks/results`` also refreshes
-    ``benchmarks/RESULTS.md`` (a file written elsewhere touches nothing else)."""
-    from _report import regenerate_results_md
+def _jsonable(x: Any) -> Any:
+    """NumPy/JAX scalars and arrays to lists and numbers, paths to strings; non-finite
+    floats become None (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, str | bytes):
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
 
-    payload.setdefault("environment", {})["loadavg_end"] = list(os.getloadavg())
+
+def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    if path.resolve().parent == RESULTS:
-        regenerate_results_md(RESULTS)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+# ----------------------------------------------------------------------------- the writer
+
+
+def write_results(
+    name: str,
+    result: dict[str, Any],
+    markdown: str,
+    *,
+    title: str | None = None,
+    results_dir: str | os.PathLike | None = None,
+    env: dict[str, Any] | None = None,
+    command_line: str | None = None,
+) -> Path:
+    """Writes ``<results_dir>/<name>.json`` atomically (temporary file + ``os.replace``).
+
+    The record holds ``name``, ``title``, ``command`` (this process's, as run from the
+    repository root), ``date`` (UTC), ``git`` (commit, and whether tracked files differed
+    from it), ``environment`` (machine, device, package versions, load average at the start
+    and at the end), ``markdown`` (the human-readable summary) and ``result`` (the data;
+    NumPy values converted, non-finite floats as null). When ``results_dir`` is a folder
+    named ``results`` (``benchmarks/results`` by default), ``RESULTS.md`` beside it is
+    regenerated from all of its JSON files.
+
+    Args:
+        name: File stem and section name.
+        result: The benchmark's data.
+        markdown: Markdown body of its ``RESULTS.md`` section (links relative to
+            ``RESULTS.md``).
+        title: Section heading (default ``name``).
+        results_dir: Output folder (default ``benchmarks/results``).
+        env: An :func:`environment` record taken at the benchmark's start (default: taken
+            now), possibly extended by the benchmark.
+        command_line: The command to record (default: :func:`command`).
+
+    Returns:
+        The path of the JSON file.
+    """
+    rdir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    env = dict(env) if env is not None else environment()
+    env["loadavg_end"] = list(os.getloadavg())
+    record = {
+        "name": name,
+        "title": title or name,
+        "command": command_line or command(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": git_commit(),
+        "environment": env,
+        "markdown": markdown,
+        "result": result,
+    }
+    path = rdir / f"{name}.json"
+    _atomic_write(path, json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n")
+    if rdir.resolve().name == "results":
+        regenerate_results_md(rdir)
+    return path
+
+
+# ----------------------------------------------------------------------------- RESULTS.md
+
+
+def _section(record: dict[str, Any], stem: str) -> str:
+    env = record.get("environment") or {}
+    lines = [f"## {record.get('title') or record.get('name') or stem}", ""]
+    if record.get("command"):
+        lines += [f"Command: `{record['command']}`", ""]
+    meta = []
+    date = record.get("date") or env.get("date")
+    if date:
+        meta.append(f"date {date}")
+    commit = (record.get("git") or {}).get("commit")
+    if commit:
+        dirty = (record.get("git") or {}).get("dirty")
+        meta.append(f"commit {commit[:10]}" + (" with local changes" if dirty else ""))
+    versions = env.get("packages") or env
+    names = ("jax", "optax", "flax")
+    if any(versions.get(k) for k in names):
+        meta.append(", ".join(f"{k} {versions[k]}" for k in names if versions.get(k)))
+    cpu = env.get("cpu")
+    if isinstance(cpu, dict):
+        meta.append(f"CPU {cpu.get('model')} × {cpu.get('affinity')}")
+    elif cpu:
+        meta.append(f"CPU {cpu} × {env.get('cpu_count')}")
+    if env.get("backend") not in (None, "cpu"):
+        meta.append(f"device {env.get('device_kind')}")
+    if env.get("loadavg_1_5_15min") is not None:
+        meta.append(f"load avg at write {env['loadavg_1_5_15min']}")
+    elif env.get("loadavg_end") is not None:
+        meta.append(f"load avg at end {[round(x, 2) for x in env['loadavg_end']]}")
+    if meta:
+        lines += ["_" + "; ".join(meta) + "_", ""]
+    body = record.get("markdown")
+    lines.append(body.strip() if body else f"(no markdown summary; see `results/{stem}.json`)")
+    lines.append("")
     return "\n".join(lines)
+
+
+def regenerate_results_md(results_dir: str | os.PathLike | None = None) -> Path:
+    """Rebuilds ``RESULTS.md`` (next to ``results_dir``) from every ``results_dir/*.json``,
+    one section per file, each with the command that produced it."""
+    rdir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    parts = [
+        "# Benchmark results",
+        "",
+        "Generated by `benchmarks/_common.py` from `benchmarks/results/*.json`; do not edit "
+        "by hand — rerun the command shown in a section (from the repository root) to "
+        "refresh it. What the numbers mean: `docs/performance.md`.",
+        "",
+    ]
+    for path in sorted(rdir.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            parts.append(f"## {path.stem}\n\n(unreadable: {e})\n")
+            continue
+        if isinstance(record, dict):
+            parts.append(_section(record, path.stem))
+    out = rdir.parent / "RESULTS.md"
+    _atomic_write(out, "\n".join(parts).rstrip() + "\n")
+    return out

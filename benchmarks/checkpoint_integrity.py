@@ -15,8 +15,8 @@ Reported: the median of ``--reps`` runs and the min–max, and the ratio verify 
 
 Usage::
 
-    .venv/bin/python benchmarks/checkpoint_integrity.py            # 4 blocks, 7 reps
-    .venv/bin/python benchmarks/checkpoint_integrity.py --quick    # 1 block, 3 reps
+    python -m benchmarks.checkpoint_integrity            # 4 blocks, 7 reps
+    python -m benchmarks.checkpoint_integrity --quick    # 1 block, 3 reps
 
 Writes ``benchmarks/results/checkpoint_integrity.json`` and its RESULTS.md section.
 """
@@ -26,17 +26,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _common import gpt2_params, tree_bytes, tree_size  # noqa: E402
-from _report import write_result  # noqa: E402
+from benchmarks._common import gpt2_params, tree_bytes, tree_size, write_results
 
 
 def _time(fn) -> float:
@@ -145,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
     )
     print(markdown)
-    write_result(
+    write_results(
         "checkpoint_integrity",
         result,
         markdown,

@@ -9,8 +9,8 @@ every step), UMTAM as the demo runs it (``svd_every=10``) and lean UMTAM
 (round-robin over the optimizers, so machine load hits all alike), and the median is
 reported with the optimizer-state bytes, both also as ratios to AdamW.
 
-    python benchmarks/efficiency.py --quick     # 7 timed rounds
-    python benchmarks/efficiency.py             # 15 timed rounds
+    python -m benchmarks.efficiency --quick     # 7 timed rounds
+    python -m benchmarks.efficiency             # 15 timed rounds
 
 Writes ``benchmarks/results/efficiency.json`` and its RESULTS.md section.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -28,10 +27,8 @@ import jax
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import RESULTS_DIR, write_result  # noqa: E402
-
 import umtam_jax  # noqa: E402
+from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
 from umtam_jax.experiments import data as data_lib  # noqa: E402
 from umtam_jax.experiments import pipeline as P  # noqa: E402
 from umtam_jax.experiments.models import minilm  # noqa: E402
@@ -156,7 +153,7 @@ def main(argv=None) -> int:
         "runs": payload_runs,
         "loadavg_end": load,
     }
-    write_result(
+    write_results(
         "efficiency", payload, md, results_dir=args.results_dir, title="efficiency (Table 8)"
     )
     print(md)

@@ -18,19 +18,20 @@ partial restores). Target: streaming peak RSS ≤ 2 × one model's bytes.
 
 Usage::
 
-    .venv/bin/python benchmarks/merge_memory.py            # 4 experts × ~310M params
-    .venv/bin/python benchmarks/merge_memory.py --quick    # 4 experts × ~29M params
-    .venv/bin/python benchmarks/merge_memory.py --scope global   # TIES with global trim
-    .venv/bin/python benchmarks/merge_memory.py --format safetensors  # HF folders
-    .venv/bin/python benchmarks/merge_memory.py --keep           # keep the checkpoints,
-    .venv/bin/python benchmarks/merge_memory.py --reuse DIR      # ... and measure again
+    python -m benchmarks.merge_memory            # 4 experts × ~310M params
+    python -m benchmarks.merge_memory --quick    # 4 experts × ~29M params
+    python -m benchmarks.merge_memory --scope global   # TIES with global trim
+    python -m benchmarks.merge_memory --format safetensors  # HF folders
+    python -m benchmarks.merge_memory --keep           # keep the checkpoints,
+    python -m benchmarks.merge_memory --reuse DIR      # ... and measure again
 
 The in-memory mode is skipped (and recorded as such) when ``MemAvailable`` is below about
 (K + 4) model sizes + 1 GiB ((K + 8) for ``--scope global``), so as not to push a shared
 machine into the OOM killer.
 
-Writes ``benchmarks/results/merge_memory.json`` (``--no-write`` to skip) via
-``benchmarks/_report.py``. The checkpoints go to a temporary directory under ``--workdir``
+Writes ``benchmarks/results/merge_memory.json`` (``--no-write`` to skip; ``--quick``,
+``--scope global`` and ``--format safetensors`` add ``_quick``, ``_global``,
+``_safetensors`` to the name). The checkpoints go to a temporary directory under ``--workdir``
 (default: the system temporary directory), removed at the end unless ``--keep``; the
 script stops first if that disk has less free space than the run needs.
 """
@@ -51,9 +52,7 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from benchmarks._common import ROOT, write_results
 
 D = 1024
 
@@ -181,14 +180,14 @@ def child_compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(args: argparse.Namespace, role: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", role, "--workdir", args.workdir]
+    cmd = [sys.executable, "-m", __spec__.name, "--child", role, "--workdir", args.workdir]
     cmd += ["--experts", str(args.experts), "--method", args.method]
     cmd += ["--density", str(args.density), "--scope", args.scope, "--format", args.format]
     if args.quick:
         cmd.append("--quick")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:
         sys.stderr.write(res.stdout[-4000:] + res.stderr[-4000:])
         raise SystemExit(f"child {role!r} failed with status {res.returncode}")
@@ -210,7 +209,7 @@ def _mem_available() -> int | None:
     return None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="~29M-parameter models")
     p.add_argument("--experts", type=int, default=4)
@@ -236,7 +235,7 @@ def main() -> int:
         help="measure the streaming mode only, recording REASON for the in-memory mode",
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.method == "task_arithmetic":
         args.scope = "tensor"
 
@@ -280,7 +279,7 @@ def main() -> int:
                 f"{need_disk / 1e9:.1f} GB (use --quick, fewer --experts or another --workdir)"
             )
         work = Path(tempfile.mkdtemp(prefix="umtam_merge_memory_", dir=parent))
-    args.workdir = str(work)
+    args.workdir = str(work.resolve())  # the children run in the repository root
     gb = 1e9
     print(
         f"{n / 1e6:.1f}M parameters ({model_bytes / gb:.2f} GB float32) per model, "
@@ -370,14 +369,12 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        from _report import write_result
-
         name = "merge_memory_quick" if args.quick else "merge_memory"
         if args.scope == "global":
             name += "_global"
         if args.format == "safetensors":
             name += "_safetensors"
-        path = write_result(name, payload, table, title=f"Merge peak memory ({name})")
+        path = write_results(name, payload, table, title=f"Merge peak memory ({name})")
         print(f"wrote {path}")
     return 1 if payload["target_met"] is False else 0
 

@@ -19,9 +19,9 @@ threshold, and the library's exact radix select (``umtam_jax.merging._select.top
 
 Usage::
 
-    .venv/bin/python benchmarks/merge_time.py            # ~99M parameters, 4 experts
-    .venv/bin/python benchmarks/merge_time.py --quick    # ~14M parameters
-    .venv/bin/python benchmarks/merge_time.py --only ties umtam --no-topk
+    python -m benchmarks.merge_time            # ~99M parameters, 4 experts
+    python -m benchmarks.merge_time --quick    # ~14M parameters
+    python -m benchmarks.merge_time --only ties umtam --no-topk
 
 Writes ``benchmarks/results/merge_time.json`` and prints markdown tables.
 """
@@ -42,10 +42,14 @@ from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see step_time.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _common import RESULTS, environment, gpt2_params, markdown_table, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RESULTS_DIR,
+    ROOT,
+    environment,
+    gpt2_params,
+    markdown_table,
+    write_results,
+)
 
 EXPERTS = 4
 DENSITY = 0.2
@@ -180,8 +184,8 @@ def worker(method: str, blocks: int, seed: int = 0) -> dict[str, Any]:
     """Runs one method in this process and returns its measurements."""
     import jax
     import jax.numpy as jnp
-    from _common import tree_bytes, tree_size
 
+    from benchmarks._common import tree_bytes, tree_size
     from umtam_jax import merging
 
     t_build = time.perf_counter()
@@ -345,7 +349,8 @@ def topk_study(sizes: list[int], reps: int, top_k_max: int) -> list[dict[str, An
 def _run_worker(method: str, blocks: int, timeout: float) -> dict[str, Any]:
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        __spec__.name,
         "--worker",
         method,
         "--blocks",
@@ -353,7 +358,7 @@ def _run_worker(method: str, blocks: int, timeout: float) -> dict[str, Any]:
     ]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"method": method, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -384,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "--topk-max", type=int, default=10_000_000, help="largest N for the sort-based methods"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="per method, seconds")
-    parser.add_argument("--out", type=Path, default=RESULTS / "merge_time.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "merge_time.json")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -395,19 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     env = environment()
-    payload: dict[str, Any] = {
-        "name": "merge_time",
-        "title": "merge time and memory, 4 experts",
-        "command": env["command"],
-        "date": env["date"],
-        "environment": env,
-        "blocks": blocks,
-        "methods": [],
-    }
+    payload: dict[str, Any] = {"blocks": blocks, "methods": []}
     try:
         import psutil
 
-        payload["environment"]["memory_total_bytes"] = psutil.virtual_memory().total
+        env["memory_total_bytes"] = psutil.virtual_memory().total
     except ImportError:  # pragma: no cover
         pass
     rows = []
@@ -477,10 +474,16 @@ def main(argv: list[str] | None = None) -> int:
             "",
             markdown_table(["N", "method", "median s", "exactly k kept"], topk_rows),
         ]
-    payload["markdown"] = "\n".join(markdown)
     if not args.no_write:
-        write_json(args.out, payload)
-        print(f"wrote {args.out}")
+        path = write_results(
+            args.out.stem,
+            payload,
+            "\n".join(markdown),
+            title="merge time and memory, 4 experts",
+            results_dir=args.out.parent,
+            env=env,
+        )
+        print(f"wrote {path}")
     return 0
 
 

@@ -6,8 +6,9 @@ model; ``--quick``: 2 blocks at d = 256, 1,973,248) are saved once as ``.npz``; 
 library merges them in a fresh subprocess (so its peak memory is its own):
 
 - umtam_jax: ``merging.merge(method, base, experts, ...)`` on the dict of ``jax.Array`` leaves;
-- mergekit, run by ``--mergekit-python`` (default ``/tmp/mkvenv/bin/python`` if it exists;
-  skipped with a note otherwise): its tensor-level ``mergekit.merge_methods.merge_tensors(
+- mergekit, run by the interpreter of a separate environment with mergekit and torch,
+  given as ``--mergekit-python`` or the ``MERGEKIT_PYTHON`` variable (skipped with a note
+  otherwise): its tensor-level ``mergekit.merge_methods.merge_tensors(
   [base, *experts], method, parameters=..., base_index=0)`` per leaf, under ``no_grad``.
 
 Methods: ``ties`` (density 0.2, weights 1, normalize true, lambda 1) and
@@ -22,7 +23,9 @@ are counted.
 
 Usage::
 
-    .venv/bin/python benchmarks/merge_vs_mergekit.py [--quick] [--mergekit-python PYTHON]
+    python -m benchmarks.merge_vs_mergekit [--quick] [--mergekit-python PYTHON]
+
+(from the repository root; the mergekit worker runs there as well).
 
 Writes ``benchmarks/results/merge_vs_mergekit.json`` (``--no-write``: print only) and prints
 a markdown table.
@@ -44,16 +47,19 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _common import RESULTS, environment, gpt2_params, markdown_table, write_json  # noqa: E402
+from benchmarks._common import (
+    RESULTS_DIR,
+    ROOT,
+    environment,
+    gpt2_params,
+    markdown_table,
+    write_results,
+)
 
 EXPERTS = 4
 DENSITY = 0.2
 REPS = 3
 METHODS = ("ties", "task_arithmetic")
-DEFAULT_MERGEKIT_PYTHON = Path("/tmp/mkvenv/bin/python")
 HEADERS = (
     "method|library|median s (min–max)|params/s|peak RSS GiB (after load)|mergekit/umtam_jax"
     "|max abs diff|differing fraction"
@@ -192,9 +198,9 @@ def worker(framework: str, method: str, data: Path, out: Path) -> dict[str, Any]
 
 def run_worker(python: str, framework: str, method: str, data: Path, timeout: float) -> dict:
     out = data / f"out_{framework}_{method}.npz"
-    cmd = [python, str(Path(__file__).resolve()), "--worker", framework, method, str(data)]
+    cmd = [python, "-m", __spec__.name, "--worker", framework, method, str(data), str(out)]
     try:
-        proc = subprocess.run(cmd + [str(out)], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"framework": framework, "method": method, "error": f"timed out ({timeout} s)"}
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -234,9 +240,9 @@ def compare(a_path: Path, b_path: Path, data: Path, ties: dict[str, float]) -> d
 
 def mergekit_python(arg: str | None) -> tuple[str | None, str]:
     """The interpreter to run mergekit with, or None and why not."""
-    path = arg or (str(DEFAULT_MERGEKIT_PYTHON) if DEFAULT_MERGEKIT_PYTHON.exists() else None)
-    if path is None:
-        return None, f"no --mergekit-python and no {DEFAULT_MERGEKIT_PYTHON}: mergekit skipped"
+    path = arg or os.environ.get("MERGEKIT_PYTHON")
+    if not path:
+        return None, "no --mergekit-python and no MERGEKIT_PYTHON: mergekit skipped"
     probe = subprocess.run([path, "-c", "import mergekit, torch"], capture_output=True, text=True)
     if probe.returncode != 0:
         return None, f"{path} cannot import mergekit and torch: mergekit skipped"
@@ -263,9 +269,11 @@ def _row(r: dict[str, Any], c: dict[str, Any] | None, n: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~2M parameters per model")
-    parser.add_argument("--mergekit-python", help=f"default {DEFAULT_MERGEKIT_PYTHON}")
+    parser.add_argument(
+        "--mergekit-python", help="interpreter with mergekit and torch (default: $MERGEKIT_PYTHON)"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="per worker, seconds")
-    parser.add_argument("--out", type=Path, default=RESULTS / "merge_vs_mergekit.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "merge_vs_mergekit.json")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -326,9 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         if r["framework"] == "mergekit" and "error" not in r:
             env["mergekit_worker"] = {k: r[k] for k in ("python", "torch", "mergekit")}
     payload = {
-        "name": "merge_vs_mergekit",
-        "title": "umtam_jax vs mergekit: TIES and task arithmetic, identical tensors",
-        "environment": env,
         "size": size,
         "param_count": n,
         "experts": EXPERTS,
@@ -338,11 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "comparisons": comparisons,
         "notes": notes,
-        "markdown": markdown,
     }
     if not args.no_write:
-        write_json(args.out, payload)
-        print(f"wrote {args.out}")
+        path = write_results(
+            args.out.stem,
+            payload,
+            markdown,
+            title="umtam_jax vs mergekit: TIES and task arithmetic, identical tensors",
+            results_dir=args.out.parent,
+            env=env,
+        )
+        print(f"wrote {path}")
     return 0
 
 

@@ -28,8 +28,8 @@ Sections:
    post-hoc Fisher (same grids, selected on validation). Compared on the absolute test
    metric, since the normalized average divides by different experts.
 
-    python benchmarks/merging.py --quick --workdir umtam-demo-work   # the demo's experts
-    python benchmarks/merging.py --workdir umtam-demo-work           # full size (hours)
+    python -m benchmarks.merging --quick --workdir umtam-demo-work   # the demo's experts
+    python -m benchmarks.merging --workdir umtam-demo-work           # full size (hours)
 
 Writes ``benchmarks/results/merging.json``, ``merging.png``, ``merging_density.png``.
 """
@@ -39,16 +39,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import RESULTS_DIR, write_result  # noqa: E402
-
+from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
 from umtam_jax.experiments import data as data_lib  # noqa: E402
 from umtam_jax.experiments import pipeline as P  # noqa: E402
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics  # noqa: E402
@@ -398,7 +395,7 @@ def main(argv=None) -> int:
         "main_table_from": main_from,
         "seconds": timings,
     }
-    write_result("merging", payload, md, results_dir=out, title="merging (Tables 2, 3, 9)")
+    write_results("merging", payload, md, results_dir=out, title="merging (Tables 2, 3, 9)")
     print(md)
     return 0
 

@@ -8,8 +8,8 @@ The metric is the task's own, on the test split (densities are fixed, nothing is
 The experts are the ``umtam-demo`` ones (same presets), trained or restored from
 ``--workdir``.
 
-    python benchmarks/pruning.py --quick --workdir umtam-demo-work   # demo experts
-    python benchmarks/pruning.py --workdir umtam-demo-work           # full-size experts
+    python -m benchmarks.pruning --quick --workdir umtam-demo-work   # demo experts
+    python -m benchmarks.pruning --workdir umtam-demo-work           # full-size experts
 
 Writes ``benchmarks/results/pruning.json``, ``pruning.png`` and its RESULTS.md section.
 """
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import RESULTS_DIR, write_result  # noqa: E402
-
+from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
 from umtam_jax import merging  # noqa: E402
 from umtam_jax.experiments import data as data_lib  # noqa: E402
 from umtam_jax.experiments import pipeline as P  # noqa: E402
@@ -135,7 +132,7 @@ def main(argv=None) -> int:
         "seconds": seconds,
         "experts": {e.task: str(e.path.name) for e in experts},
     }
-    write_result("pruning", payload, md, results_dir=out, title="pruning (Table 1 / Fig. 3)")
+    write_results("pruning", payload, md, results_dir=out, title="pruning (Table 1 / Fig. 3)")
     print(md)
     return 0
 

@@ -10,8 +10,8 @@ matrix that step decomposed is rebuilt from the optimizer state,
 factors hold, ``‖U Σ Vᵀ‖_F² / ‖M̃‖_F²`` at the run's rank, is logged beside it (it equals the
 optimal one with ``--svd-method exact``; with the fast default it can only be lower).
 
-    python benchmarks/spectrum.py --quick
-    python benchmarks/spectrum.py            # the default size of training.py
+    python -m benchmarks.spectrum --quick
+    python -m benchmarks.spectrum            # the default size of training.py
 
 Writes ``benchmarks/results/spectrum.json``, ``spectrum.png`` and the ``spectrum``
 section of ``benchmarks/RESULTS.md``.
@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import RESULTS_DIR, write_result  # noqa: E402
-from training import DEFAULT, QUICK, base_transform, make_tx, set_lr  # noqa: E402
-
+from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
+from benchmarks.training import DEFAULT, QUICK, base_transform, make_tx, set_lr  # noqa: E402
 from umtam_jax import ScaleByUmtamState  # noqa: E402
 from umtam_jax.experiments.lm_data import lm_token_arrays  # noqa: E402
 from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step  # noqa: E402
@@ -292,7 +289,7 @@ def main(argv=None) -> dict[str, Any]:
     if not args.no_plot:
         plot(payload, rdir / f"{name}.png")
     md = markdown(payload)
-    write_result(name, payload, md, results_dir=rdir, title=f"{name} (momentum energy at rank r)")
+    write_results(name, payload, md, results_dir=rdir, title=f"{name} (momentum energy at rank r)")
     print(md, flush=True)
     return payload
 

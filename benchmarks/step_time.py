@@ -8,12 +8,14 @@ Gradients are synthetic (fixed across steps; the update cost does not depend on 
 
 Usage::
 
-    .venv/bin/python benchmarks/step_time.py            # 4 blocks (SPEC §8), 11 reps
-    .venv/bin/python benchmarks/step_time.py --large    # also 12 blocks (GPT-2 small body)
-    .venv/bin/python benchmarks/step_time.py --quick    # CI-size: no exact SVD, no variants
-    .venv/bin/python benchmarks/step_time.py --check    # exit 1 if a target is missed
-    .venv/bin/python benchmarks/step_time.py --keep-freed-memory  # no allocator page faults
-    python3 benchmarks/step_time.py --blocks 4 12 --apply   # update + apply_updates (GPU)
+    python -m benchmarks.step_time            # 4 blocks (28.4M parameters), 11 reps
+    python -m benchmarks.step_time --large    # also 12 blocks (GPT-2 small body)
+    python -m benchmarks.step_time --quick    # CI-size: no exact SVD, no variants
+    python -m benchmarks.step_time --check    # exit 1 if a target is missed
+    python -m benchmarks.step_time --keep-freed-memory  # no allocator page faults
+    python -m benchmarks.step_time --blocks 4 12 --apply   # update + apply_updates (GPU)
+
+(from the repository root, as every benchmark).
 
 Writes ``benchmarks/results/step_time.json`` (``--out`` to change, ``--no-write`` to skip)
 and prints a markdown table: wall ms per update (median, range), ratio to ``optax.adamw``,
@@ -28,7 +30,7 @@ the allocator's state. That varies between runs and between the optimizers of on
 moves the ratios by ±0.3×. ``--keep-freed-memory`` re-runs the command with glibc told to
 keep freed memory (:data:`KEEP_FREED_MEMORY`), which removes this noise for all optimizers.
 
-Targets (this 2-core CPU, see ``PERFORMANCE.md``): ``umtam(1e-3)`` ≤ 2.5× AdamW; lean
+Targets (this 2-core CPU, see ``docs/performance.md``): ``umtam(1e-3)`` ≤ 2.5× AdamW; lean
 (``error_decay=0.0, saliency="final"``) ≤ 1.2× AdamW; lean state ≤ 0.15× parameter bytes.
 
 Hook for an end-to-end comparison (e.g. a MiniLM fine-tune step): :func:`optimizers` gives
@@ -60,21 +62,17 @@ import jax
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _common import (  # noqa: E402
-    RESULTS,
+import umtam_jax
+from benchmarks._common import (
+    RESULTS_DIR,
     environment,
     gpt2_params,
     like,
     markdown_table,
     tree_bytes,
     tree_size,
-    write_json,
+    write_results,
 )
-
-import umtam_jax  # noqa: E402
 
 LR = 1e-3
 TARGETS = {
@@ -389,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-exact", action="store_true", help="skip UMTAM exact SVD")
     parser.add_argument("--no-extra", action="store_true", help="skip svd_every=4 variants")
     parser.add_argument("--only", nargs="+", help="optimizer names, or substrings of names, to run")
-    parser.add_argument("--out", type=Path, default=RESULTS / "step_time.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "step_time.json")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--apply",
@@ -418,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory and not all(k in os.environ for k in KEEP_FREED_MEMORY):
         # glibc reads these when the process starts: run this command again with them.
         env = {**os.environ, **KEEP_FREED_MEMORY}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
 
     reps = args.reps or (7 if args.quick else 11)
     if reps < 7:
@@ -435,18 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         else f"glibc settings {env['malloc'] or 'default'} (page faults vary between runs; "
         "see --keep-freed-memory). "
     )
-    payload: dict[str, Any] = {
-        "name": "step_time",
-        "title": f"optimizer update time, interleaved with AdamW ({env['device_kind']}"
+    title = (
+        f"optimizer update time, interleaved with AdamW ({env['device_kind']}"
         + (", glibc keeping freed memory" if kept else "")
         + (", update + apply_updates" if args.apply else "")
-        + ")",
-        "apply": args.apply,
-        "command": env["command"],
-        "date": env["date"],
-        "environment": env,
-        "runs": [],
-    }
+        + ")"
+    )
+    payload: dict[str, Any] = {"apply": args.apply, "runs": []}
     report: list[str] = []  # the printed tables and target lines, also kept as markdown
     all_met = True
     for b in blocks:
@@ -466,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         section = report_lines(result)
         print("\n".join(section) + "\n", flush=True)
         report += [*section, ""]
-    payload["markdown"] = (
+    markdown = (
         f"Device: {env['device_kind']} ({env['backend']}). "
         + (
             "Each step is update + apply_updates, parameters and state donated (--apply). "
@@ -481,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(report)
     )
     if not args.no_write:
-        write_json(args.out, payload)
-        print(f"wrote {args.out}")
+        path = write_results(
+            args.out.stem, payload, markdown, title=title, results_dir=args.out.parent, env=env
+        )
+        print(f"wrote {path}")
     return 0 if (all_met or not args.check) else 1
 
 

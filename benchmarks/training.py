@@ -11,8 +11,8 @@ the learning rate follows the same warmup + cosine shape for every optimizer. Th
 learning rate is a traced scale in the optimizer state, so each optimizer configuration
 is compiled once and reused across its learning rates.
 
-    python benchmarks/training.py --quick      # tiny model, ~100 steps, minutes
-    python benchmarks/training.py              # default size (see DEFAULT below)
+    python -m benchmarks.training --quick      # tiny model, ~100 steps, minutes
+    python -m benchmarks.training              # default size (see DEFAULT below)
 
 Writes ``benchmarks/results/training.json``, ``training_curves.png`` and the
 ``training`` section of ``benchmarks/RESULTS.md``.
@@ -25,13 +25,12 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 # LAPACK (exact SVD, GaLore's projector refresh) through OpenBLAS threads fights XLA's
-# thread pool on a small CPU (see benchmarks/PERFORMANCE.md); set before numpy loads it.
+# thread pool on a small CPU (see docs/performance.md); set before numpy loads it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
@@ -39,10 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import RESULTS_DIR, write_result  # noqa: E402
-
 import umtam_jax  # noqa: E402
+from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
 from umtam_jax.experiments.lm_data import lm_token_arrays  # noqa: E402
 from umtam_jax.experiments.models.gpt import (  # noqa: E402
     GPTConfig,
@@ -612,7 +609,7 @@ def main(argv=None) -> dict[str, Any]:
         "plot": None if args.no_plot else plot_name,
     }
     md = markdown(payload, args)
-    write_result(name, payload, md, results_dir=rdir, title=f"{name} (small GPT, Python docs)")
+    write_results(name, payload, md, results_dir=rdir, title=f"{name} (small GPT, Python docs)")
     runs_path.unlink(missing_ok=True)
     print(md, flush=True)
     return payload

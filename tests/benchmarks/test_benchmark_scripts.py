@@ -1,50 +1,100 @@
-"""Smoke tests of the benchmark scripts' --quick code path (tiny sizes) and the report helper."""
+"""Smoke tests of the product benchmarks (``benchmarks/``, run as ``python -m benchmarks.X``):
+every one imports as a module of the ``benchmarks`` package and parses its options; the
+results writer records provenance; training and spectrum run their ``--quick`` path at a
+tiny size; step_time's timing harness and donation."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmarks import _common
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Every benchmark whose results the README or docs/performance.md report.
+PRODUCT_BENCHMARKS = (
+    "checkpoint_integrity",
+    "efficiency",
+    "merge_memory",
+    "merge_time",
+    "merge_vs_mergekit",
+    "merging",
+    "pruning",
+    "spectrum",
+    "step_time",
+    "training",
+    "update_memory",
+)
 
 
-@pytest.fixture(scope="module")
-def bench_modules():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield {m: importlib.import_module(m) for m in ("_report", "training", "spectrum")}
-    finally:
-        sys.path.remove(str(BENCH))
+def test_benchmarks_folder_holds_exactly_the_product_benchmarks():
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == set(PRODUCT_BENCHMARKS)
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
 
 
-def test_write_result_regenerates_all_sections(tmp_path, bench_modules):
-    report = bench_modules["_report"]
+@pytest.mark.parametrize("name", PRODUCT_BENCHMARKS)
+def test_benchmark_imports_as_a_module_and_parses_its_options(name, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out or name == "update_memory"
+    assert f"python -m benchmarks.{name}" in module.__doc__
+
+
+def test_benchmark_runs_as_a_module_from_the_repository_root():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.merge_vs_mergekit", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--mergekit-python" in proc.stdout
+
+
+def test_write_results_records_provenance_and_regenerates_all_sections(tmp_path):
     rdir = tmp_path / "results"
-    report.write_result(
+    path = _common.write_results(
         "alpha",
         {"x": float("nan"), "y": [1, 2]},
         "| a |\n|---|\n| 1 |",
         results_dir=rdir,
-        command="python alpha.py --quick",
+        command_line="python -m benchmarks.alpha --quick",
     )
-    report.write_result("beta", {"z": 3}, "beta body", results_dir=rdir)
-    rec = json.loads((rdir / "alpha.json").read_text())
+    _common.write_results("beta", {"z": 3}, "beta body", results_dir=rdir, title="Beta")
+    assert path == rdir / "alpha.json"
+    assert sorted(p.name for p in rdir.iterdir()) == ["alpha.json", "beta.json"]  # no temp files
+    rec = json.loads(path.read_text())
     assert rec["result"] == {"x": None, "y": [1, 2]}
-    assert rec["command"] == "python alpha.py --quick"
-    assert {"jax", "optax", "cpu", "loadavg_1_5_15min"} <= set(rec["environment"])
+    assert rec["command"] == "python -m benchmarks.alpha --quick"
+    assert rec["date"].endswith("+00:00")
+    assert {"commit", "dirty"} <= set(rec["git"])
+    env = rec["environment"]
+    assert {"jax", "jaxlib", "optax", "numpy"} <= set(env["packages"])
+    assert {"cpu", "backend", "device_kind", "loadavg_start", "loadavg_end"} <= set(env)
     md = (tmp_path / "RESULTS.md").read_text()
-    assert md.index("## alpha") < md.index("## beta")
-    assert "Command: `python alpha.py --quick`" in md and "beta body" in md
+    assert md.index("## alpha") < md.index("## Beta")
+    assert "Command: `python -m benchmarks.alpha --quick`" in md and "beta body" in md
+    # Written elsewhere than a ``results`` folder, a file touches nothing else.
+    _common.write_results("gamma", {}, "", results_dir=tmp_path / "other")
+    assert "gamma" not in (tmp_path / "RESULTS.md").read_text()
 
 
-def test_training_and_spectrum_quick_path(tmp_path, bench_modules):
-    training, spectrum = bench_modules["training"], bench_modules["spectrum"]
+def test_training_and_spectrum_quick_path(tmp_path):
+    training = importlib.import_module("benchmarks.training")
+    spectrum = importlib.import_module("benchmarks.spectrum")
     rdir = tmp_path / "results"
     out = training.main(
         [
@@ -102,87 +152,9 @@ def test_training_and_spectrum_quick_path(tmp_path, bench_modules):
     assert "## training_quick" in md and "## spectrum_quick" in md
 
 
-def _bench_module(name: str):
-    """A module of ``benchmarks/`` (which import each other by plain name)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_profile_step_classifies_products_passes_and_reductions():
-    import jax
-    import jax.numpy as jnp
-
-    profile_step = _bench_module("profile_step")
-
-    def step(g, u, v, w, s):
-        sketch = g @ v  # m×r
-        projection = u.T @ g  # r×n
-        expansion = u @ v.T  # m×n
-        pass3 = 0.9 * s + (w - g) ** 2  # reads three m×n arrays
-        return sketch, projection, expansion * 2.0, pass3, jnp.sum(g * g, axis=1)
-
-    m, n, r = 96, 80, 4
-    args = [
-        jnp.ones((m, n)),
-        jnp.ones((m, r)),
-        jnp.ones((n, r)),
-        jnp.ones((m, n)),
-        jnp.ones((m, n)),
-    ]
-    hlo = jax.jit(step).lower(*args).compile().as_text()
-    labels = set(profile_step.classify(hlo, rank=8).values())
-    assert {
-        "product → m×r (sketch, thin)",
-        "product → r×n (projection)",
-        "product → m×n (expansion)",
-        "elementwise m×n pass reading 3 m×n array(s)",
-        "reduction",
-    } <= labels
-
-
-def test_profile_step_device_summary_counts_launches_copies_and_busy_time():
-    from types import SimpleNamespace as Node
-
-    profile_step = _bench_module("profile_step")
-
-    def event(name, start, stop):
-        return Node(name=name, start_ns=start, end_ns=stop, duration_ns=stop - start)
-
-    # Two steps on one GPU stream: overlapping kernels count once towards busy time; the
-    # XLA op line (host-side annotations) and the host plane are not device work.
-    stream = [
-        event("gemm", 0, 100_000),
-        event("fusion", 50_000, 200_000),
-        event("MemcpyDtoH", 300_000, 310_000),
-        event("gemm", 1_000_000, 1_100_000),
-        event("fusion", 1_100_000, 1_250_000),
-        event("MemcpyDtoH", 1_300_000, 1_310_000),
-    ]
-    data = Node(
-        planes=[
-            Node(
-                name="/device:GPU:0",
-                lines=[
-                    Node(name="Stream #14(Compute,MemcpyD2H)", events=stream),
-                    Node(name="XLA Ops", events=[event("fusion", 0, 10_000_000)]),
-                ],
-            ),
-            Node(name="/host:CPU", lines=[Node(name="python3", events=stream)]),
-        ]
-    )
-    summary = profile_step.device_summary(data, steps=2, wall_ms=1.0)
-    first = summary.splitlines()[0]
-    # Busy per step: (200 + 10 + 100 + 150 + 10) µs / 2 = 0.235 ms.
-    assert first.startswith("device busy 0.23 ms of 1.00 ms wall per update")
-    assert "3 kernels/copies per update, 1 device-to-host copies" in first
-    assert "| `fusion` | 1.0 | 0.150 |" in summary  # (150 + 150) µs over 2 steps
-
-
 def test_step_time_only_selects_whole_names_exactly_and_substrings_otherwise():
-    step_time = _bench_module("step_time")
+    from benchmarks import step_time
+
     names = ["umtam default", "umtam default per-leaf", "umtam lean", "optax.adamw"]
     picked = [n for n in names if step_time._selected(n, ["umtam default", "adamw"], names)]
     assert picked == ["umtam default", "optax.adamw"]
@@ -192,7 +164,8 @@ def test_step_time_apply_donates_a_copy_of_the_parameters():
     import jax.numpy as jnp
     import optax
 
-    step_time = _bench_module("step_time")
+    from benchmarks import step_time
+
     params = {"w": jnp.ones((4, 3))}
     grads = {"w": jnp.full((4, 3), 0.5)}
     step, state_bytes = step_time._update_step(optax.sgd(0.1), params, grads, apply=True)
@@ -205,10 +178,24 @@ def test_step_time_apply_donates_a_copy_of_the_parameters():
     assert "tf.aliasing_output" in text or "jax.buffer_donor" in text
 
 
+def test_update_memory_plans_the_donating_step():
+    import jax.numpy as jnp
+    import optax
+
+    from benchmarks import update_memory
+
+    params = {"w": jnp.ones((64, 32))}
+    memory = update_memory.planned_memory(optax.adam(1e-3), params, {"w": jnp.ones((64, 32))})
+    # gradients + parameters + Adam's two moments (and its step count)
+    assert memory["arguments"] >= 4 * 64 * 32 * 4
+    assert memory["temporaries"] >= 0
+
+
 def test_step_time_records_kernel_time_and_page_faults_per_step():
     import numpy as np
 
-    step_time = _bench_module("step_time")
+    from benchmarks import step_time
+
     kept = []
 
     def touch_fresh_memory():
