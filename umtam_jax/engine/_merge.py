@@ -392,6 +392,11 @@ def job_from_paths(
         raise ValueError("expert_dirs is empty: at least one expert is required")
     if m.single_expert and len(expert_dirs) != 1:
         raise ValueError(f"method {method!r} takes exactly one expert, got {len(expert_dirs)}")
+    if m.extra == "grams":
+        raise ValueError(
+            f"method {method!r} needs each expert's Gram matrices, which the out-of-core "
+            "engine does not read: merge in memory with umtam_jax.merging.regmean"
+        )
     if "scores" in kwargs:
         raise TypeError(
             "pass statistics=True (saliency scores) or statistics=False (magnitude) "

@@ -117,7 +117,8 @@ class Method:
         over experts; ``masks``/``importances``/``extras`` None when the method has none).
       extra: the per-expert input after the experts: ``"statistics"`` (UMTAM statistics
         or optimizer states), ``"curvatures"`` (arrays or statistics), ``"fishers"``
-        (arrays), ``"scores"`` (arrays, statistics or None); None for none.
+        (arrays), ``"grams"`` (Gram matrices at some leaves), ``"scores"`` (arrays,
+        statistics or None); None for none.
       importance: ``importance(opts, base, w, extra)`` for one expert and leaf, the
         scores ``sparsify="topk"`` ranks.
       sparsify: ``"topk"`` (by importance, ``density`` and ``scope``), ``"bernoulli"``
@@ -257,6 +258,7 @@ _EXTRA_NAMES = {
     "statistics": "statistics pytrees",
     "curvatures": "curvature pytrees",
     "fishers": "Fisher pytrees",
+    "grams": "Gram pytrees",
 }
 
 
@@ -276,6 +278,10 @@ def _extras(method: Method, extra: Any, prepared: V.Prepared, options: dict) -> 
         return [V.statistics_leaves(s, prepared, f"statistics[{i}]") for i, s in enumerate(items)]
     if kind == "fishers":
         return [V.leaves_like(f, prepared, f"fishers[{i}]") for i, f in enumerate(items)]
+    if kind == "grams":  # Gram matrices at some leaves, None elsewhere
+        from umtam_jax.merging._regmean import gram_leaves  # it imports this module
+
+        return [gram_leaves(g, prepared, f"grams[{i}]") for i, g in enumerate(items)]
     out = []
     for i, c in enumerate(items):  # arrays, or statistics whose curvature Ŝ is used
         what, leaves = V.arrays_or_statistics(c, prepared, f"curvatures[{i}]")

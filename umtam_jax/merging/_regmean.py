@@ -1,0 +1,399 @@
+"""RegMean: merging linear layers by their inputs' Gram matrices, and a pass that collects them.
+
+RegMean (Jin et al. 2023) merges each linear layer ``y = x W`` (Flax layout: ``W`` is
+``(d_in, d_out)``) so that the merged layer's outputs stay closest, in least squares, to
+every expert's outputs on that expert's own inputs ``X_i``::
+
+    W* = argmin_W Σ_i ‖X_i W − X_i W_i‖²  =  (Σ_i G_i)⁻¹ Σ_i G_i W_i,   G_i = X_iᵀ X_i.
+
+The Gram matrices ``G_i`` are the only statistics of the data that merging needs (they do
+not reveal the examples). Their off-diagonal entries are shrunk, ``G̃_i = α G_i +
+(1 − α) diag(G_i)``, which regularises the solve and interpolates between the exact
+solution (``α = 1``) and a per-input-feature weighted average (``α = 0``). Leaves without a
+Gram (biases, norms, embeddings) are averaged.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from umtam_jax import _pytrees
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging import _validation as V
+from umtam_jax.merging._registry import WEIGHTS, Param
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def regmean(
+    base: Any,
+    experts: Sequence[Any],
+    grams: Sequence[Any],
+    *,
+    alpha: float = 0.9,
+    weights: Sequence[float] | None = None,
+) -> Any:
+    """RegMean: each linear layer's least-squares merge given its inputs' Gram matrices.
+
+    For every leaf ``W`` of shape ``(..., d_in, d_out)`` with Grams ``G_i`` of shape
+    ``(..., d_in, d_in)`` (leading axes: stacked layers, e.g. a scanned model)::
+
+        G̃_i = α G_i + (1 − α) diag(G_i)
+        W*  = (Σ_i c_i G̃_i)⁻¹ Σ_i c_i G̃_i W_i
+
+    solved with ``jnp.linalg.solve`` in float32 at least (16-bit leaves are computed in
+    float32 and cast back). ``c_i`` are the expert weights (default 1); a weight scales an
+    expert's Gram, as if it had seen ``c_i`` times the data. Leaves without Grams get the
+    weighted average ``Σ c_i W_i / Σ c_i``. An input feature that is zero in every
+    expert's data (a zero diagonal entry of ``Σ c_i G̃_i``) leaves its row of ``W``
+    undetermined; that row gets the weighted average too. With ``α = 1`` the Grams must be
+    invertible together (fewer examples than ``d_in`` are not enough); any ``α < 1`` makes
+    them so when every feature is seen.
+
+    RegMean needs no base: with ``base=None`` the experts are merged directly; with a base
+    the same solution is computed on task vectors, ``w0 + (Σ c G̃)⁻¹ Σ c G̃ (W_i − w0)``
+    (identical in exact arithmetic, better conditioned in floating point), and the result
+    takes the base's structure and dtypes.
+
+    Args:
+      base: the shared initial parameters, or ``None``.
+      experts: a sequence of parameter pytrees with a common structure, shapes and dtypes.
+      grams: one pytree per expert holding the Gram matrix ``X_iᵀ X_i`` of a leaf's
+        inputs at that leaf's path (shape ``kernel.shape[:-1] + (d_in,)``) and ``None``
+        (or nothing) at the other paths, e.g. from :func:`input_grams`. Every expert must
+        give Grams for the same leaves.
+      alpha: the factor ``α`` in [0, 1] on the Grams' off-diagonal entries (FusionBench's
+        ``reduce_non_diagonal_ratio``).
+      weights: one non-negative weight per expert, with a positive sum (default 1.0 each).
+
+    Returns:
+      The merged parameters, a pytree like the base (the first expert when ``base=None``).
+
+    Raises:
+      ValueError / TypeError: invalid inputs; messages name the leaf path and the expert
+        (``grams[1]['layer']['kernel']: expected shape (4, 4), got (5, 5)``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> experts = [{"w": jnp.array([[1.0], [0.0]])}, {"w": jnp.array([[0.0], [1.0]])}]
+      >>> grams = [{"w": jnp.diag(jnp.array([3.0, 0.0]))}, {"w": jnp.diag(jnp.array([1.0, 2.0]))}]
+      >>> merging.regmean(None, experts, grams)["w"].tolist()  # row 1: feature 1 only in expert 1
+      [[0.75], [1.0]]
+
+    References:
+      Jin, Ren, Preotiuc-Pietro & Cheng, "Dataless Knowledge Fusion by Merging Weights of
+      Language Models", ICLR 2023, arXiv:2212.09849.
+    """
+    return R.merge(REGMEAN, base, experts, grams, alpha=alpha, weights=weights)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_none_or_variable(x: Any) -> bool:
+    return x is None or _pytrees.is_variable(x)
+
+
+def gram_leaves(tree: Any, prepared: V.Prepared, what: str) -> list[jax.Array | None]:
+    """One expert's Grams, aligned with the base's leaves (None where a leaf has none).
+
+    Raises:
+      ValueError / TypeError: a Gram at a path the base lacks, not a floating array, of
+        the wrong shape or not finite; messages name ``what`` and the leaf path.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none_or_variable)
+    index = {path: j for j, path in enumerate(prepared.paths)}
+    out: list[Any] = [None] * len(prepared.paths)
+    for keypath, x in flat:
+        x = _pytrees.unwrap(x)
+        if x is None:
+            continue
+        path = jax.tree_util.keystr(keypath)
+        if path not in index:
+            raise ValueError(f"{what}{path}: the base has no leaf {path} for this Gram")
+        if not V._is_array(x):
+            raise TypeError(f"{what}{path} is a {type(x).__name__}, not an array")
+        V.float_dtype(x.dtype, path, what)
+        w = prepared.base[index[path]]
+        if w.ndim < 2:
+            raise ValueError(
+                f"{what}{path}: a Gram needs a kernel of shape (..., d_in, d_out), but the "
+                f"leaf has shape {tuple(w.shape)}"
+            )
+        expected = (*w.shape[:-1], w.shape[-2])
+        if tuple(x.shape) != expected:
+            raise ValueError(
+                f"{what}{path}: expected shape {expected} (the inputs' Gram of a kernel of "
+                f"shape {tuple(w.shape)}), got {tuple(x.shape)}"
+            )
+        out[index[path]] = V._as_array(x)
+    V.check_finite(
+        [(f"{what}{p}", g) for p, g in zip(prepared.paths, out, strict=True) if g is not None]
+    )
+    return out
+
+
+def _check(call: R.Call) -> None:
+    """Every expert has Grams at the same leaves; concrete weights are usable."""
+    first = call.extras[0]
+    for i, leaves in enumerate(call.extras[1:], start=1):
+        for path, g0, g in zip(call.prepared.paths, first, leaves, strict=True):
+            if (g0 is None) != (g is None):
+                given, lacking = (0, i) if g is None else (i, 0)
+                raise ValueError(
+                    f"grams[{lacking}]{path} is missing while grams[{given}]{path} is given: "
+                    "every expert needs a Gram at the same leaves"
+                )
+    c = call.options["weights"]
+    if not any(isinstance(w, jax.core.Tracer) for w in c):
+        values = [float(w) for w in c]
+        if min(values) < 0 or sum(values) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {values}")
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@jax.jit
+def _regmean_leaf(base, ws, grams, weights, alpha):
+    dt = jnp.promote_types(base.dtype, jnp.float32)
+    if grams[0] is not None:
+        dt = jnp.promote_types(dt, grams[0].dtype)
+    w0 = base.astype(dt)
+    c = [jnp.asarray(ci, dt) for ci in weights]
+    deltas = [w.astype(dt) - w0 for w in ws]
+    mean = sum(ci * d for ci, d in zip(c, deltas, strict=True)) / sum(c)
+    if grams[0] is None:
+        return (w0 + mean).astype(base.dtype)
+    n = base.shape[-2]
+    shrink = alpha + (1 - alpha) * jnp.eye(n, dtype=dt)  # α off the diagonal, 1 on it
+    tilde = [ci * g.astype(dt) * shrink for ci, g in zip(c, grams, strict=True)]
+    lhs = sum(tilde)
+    rhs = sum(jnp.matmul(g, d, precision=_HIGHEST) for g, d in zip(tilde, deltas, strict=True))
+    # A feature no expert saw has a zero row and column in every (PSD) Gram: its row of the
+    # solution is free, so it is pinned to the weighted average (1 on the diagonal).
+    unseen = jnp.diagonal(lhs, axis1=-2, axis2=-1) == 0
+    lhs = lhs + jnp.eye(n, dtype=dt) * unseen[..., None, :]
+    rhs = jnp.where(unseen[..., :, None], mean, rhs)
+    return (w0 + jnp.linalg.solve(lhs, rhs)).astype(base.dtype)
+
+
+REGMEAN = R.register(
+    R.Method(
+        "regmean",
+        regmean,
+        "least-squares merge of linear layers (Σ G̃)⁻¹ Σ G̃ W from their inputs' Grams",
+        (
+            Param("alpha", "number", "factor on the Grams' off-diagonal entries", low=0, high=1),
+            WEIGHTS,
+        ),
+        lambda opts, b, ws, masks, scores, grams: _regmean_leaf(
+            b, ws, grams, opts["weights"], opts["alpha"]
+        ),
+        extra="grams",
+        base_optional=True,
+        check=_check,
+    )
+)
+
+
+# --------------------------------------------------------------------------- Gram pass
+
+
+class _Recorder:
+    """What the forward pass being traced records: each layer's path (by ``id``), the
+    mask's value, and the Grams and row counts by path."""
+
+    def __init__(self, mask: jax.Array | None):
+        self.mask = mask
+        self.paths: dict[int, tuple] = {}
+        self.grams: dict[str, tuple[jax.Array, jax.Array]] = {}
+        self.names: dict[str, tuple] = {}
+
+    def add(self, path: tuple, x: jax.Array) -> None:
+        x = jnp.asarray(x)
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.mask is not None:
+            if tuple(self.mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"mask has shape {tuple(self.mask.shape)} but the inputs of the layer at "
+                    f"{_name(path)} have leading shape {tuple(x.shape[:-1])}"
+                )
+            x = x * self.mask[..., None].astype(x.dtype)
+            count = jnp.sum(self.mask.astype(x.dtype))
+        else:
+            count = jnp.asarray(np.prod(x.shape[:-1]), x.dtype)
+        x = x.reshape(-1, x.shape[-1])
+        gram = jnp.matmul(x.T, x, precision=_HIGHEST)
+        name = _name(path)
+        if name in self.grams:
+            gram, count = self.grams[name][0] + gram, self.grams[name][1] + count
+        self.grams[name], self.names[name] = (gram, count), path
+
+
+# The recorder of the forward pass being traced, and the recording nnx.Linear subclasses.
+_RECORDER: contextvars.ContextVar[_Recorder] = contextvars.ContextVar("regmean_recorder")
+_RECORDING: dict[type, type] = {}
+
+
+def _name(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _recording_class(cls: type) -> type:
+    """A subclass of an ``nnx.Linear`` class whose calls record their inputs' Gram."""
+    if cls not in _RECORDING:
+
+        def __call__(self, inputs, *args, **kwargs):  # noqa: N807
+            recorder = _RECORDER.get()
+            if id(self) not in recorder.paths:  # a copy made by an nnx transform
+                raise ValueError("input_grams cannot see nnx.Linear layers inside nnx transforms")
+            recorder.add(recorder.paths[id(self)], inputs)
+            return cls.__call__(self, inputs, *args, **kwargs)
+
+        _RECORDING[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
+    return _RECORDING[cls]
+
+
+def _key(entry: Any) -> Any:
+    for name in ("key", "idx", "name"):
+        if hasattr(entry, name):
+            return getattr(entry, name)
+    return entry
+
+
+def input_grams(
+    model: Any,
+    params: Any,
+    batches: Iterable[Any],
+    *,
+    mask: Callable[[Any], jax.Array] | None = None,
+    normalize: bool = False,
+) -> Any:
+    """The Gram matrix ``G = Σ_n x_n x_nᵀ`` of every linear layer's inputs, for :func:`regmean`.
+
+    One streaming pass over ``batches`` (each jitted; no activation outlives its batch):
+    every call of a ``flax.nnx.Linear`` or ``flax.linen.Dense`` layer adds ``XᵀX`` of its
+    inputs ``X`` (all leading axes, e.g. batch and tokens, flattened into rows; in float32
+    at least) to the layer's Gram. A layer called several times sums over its calls. By
+    default the Grams are the paper's sums; ``normalize=True`` divides each by its number
+    of rows (a per-token mean). Only the ratio between experts' Grams matters to RegMean:
+    sums weight each expert by its amount of data, means weight experts equally.
+
+    Args:
+      model: an ``nnx.Module`` (called as ``model(batch)``, or ``model(*batch)`` for a
+        tuple batch; put it in the mode you want, e.g. ``model.eval()``), a
+        ``linen.Module`` (``model.apply({"params": params}, batch)``), or a function
+        ``model(params, batch)`` running linen modules (e.g. a model's ``apply``). Layers
+        inside ``nnx``/``linen`` transforms (``scan``, ``vmap``, ``remat``) are not
+        supported (JAX raises a leaked-tracer error).
+      params: the parameters to evaluate at: for an ``nnx`` model its ``nnx.Param``
+        state (or ``nnx.to_pure_dict`` of it), or ``None`` for the model's own; for
+        linen the ``params`` collection, whose paths must be the modules' paths.
+      batches: an iterable of batches.
+      mask: ``mask(batch)``, a 0/1 weight per input row with the layers' inputs' leading
+        shape (e.g. ``lambda b: b["attention_mask"]`` to leave out padding tokens).
+      normalize: divide each Gram by its number of rows (or the mask's sum).
+
+    Returns:
+      A nested dict shaped like the parameters (``nnx.to_pure_dict`` layout for ``nnx``),
+      with the ``(d_in, d_in)`` Gram at the kernel of every layer that was called and
+      ``None`` elsewhere: one expert's ``grams`` for :func:`regmean`.
+
+    Raises:
+      ValueError: ``batches`` is empty, no linear layer was called, or a layer's kernel
+        is not in ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from umtam_jax import merging
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> grams = merging.input_grams(model, None, [jnp.array([[1.0, 2.0]])] * 3)
+      >>> grams["kernel"].tolist(), grams["bias"]
+      ([[3.0, 6.0], [6.0, 12.0]], None)
+
+    References:
+      Jin, Ren, Preotiuc-Pietro & Cheng, "Dataless Knowledge Fusion by Merging Weights of
+      Language Models", ICLR 2023, arXiv:2212.09849.
+    """
+    from flax import nnx
+
+    def args(batch: Any) -> tuple:
+        return batch if isinstance(batch, tuple) else (batch,)
+
+    if isinstance(model, nnx.Module):
+        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+        if params is not None and not isinstance(params, nnx.State):
+            nnx.replace_by_pure_dict(state, params)
+        elif params is not None:
+            state = params
+        layout = nnx.to_pure_dict(state)
+
+        def forward(p: Any, batch: Any) -> None:
+            m = nnx.merge(graphdef, p, rest)
+            recorder = _RECORDER.get()
+            for path, node in nnx.iter_graph(m):
+                if isinstance(node, nnx.Linear):
+                    recorder.paths[id(node)] = tuple(path)
+                    node.__class__ = _recording_class(type(node))
+            m(*args(batch))
+
+    else:
+        import flax.linen as nn
+
+        if params is None:
+            raise TypeError("params are required for a linen model or an apply function")
+        layout, state = params, params
+        apply = model.apply if isinstance(model, nn.Module) else None
+
+        def intercept(next_fun, a, kwargs, context):
+            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+                _RECORDER.get().add(tuple(context.module.path), a[0])
+            return next_fun(*a, **kwargs)
+
+        def forward(p: Any, batch: Any) -> None:
+            with nn.intercept_methods(intercept):
+                if apply is not None:
+                    apply({"params": p}, *args(batch))
+                else:
+                    model(p, batch)
+
+    names: dict[str, tuple] = {}  # filled while tracing
+
+    @jax.jit
+    def step(p: Any, batch: Any) -> dict:
+        recorder = _Recorder(None if mask is None else jnp.asarray(mask(batch)))
+        token = _RECORDER.set(recorder)
+        try:
+            forward(p, batch)
+        finally:
+            _RECORDER.reset(token)
+        names.update(recorder.names)
+        return recorder.grams
+
+    total = None
+    for batch in batches:
+        grams = step(state, batch)
+        total = grams if total is None else jax.tree.map(jnp.add, total, grams)
+    if total is None:
+        raise ValueError("batches is empty: the Grams need at least one batch")
+    if not total:
+        raise ValueError("no nnx.Linear or linen.Dense layer was called on the batches")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(layout, is_leaf=_is_none_or_variable)
+    paths = [tuple(_key(k) for k in kp) for kp, _ in flat]
+    found = {(*names[k], "kernel"): g / n if normalize else g for k, (g, n) in total.items()}
+    missing = [p for p in found if p not in paths]
+    if missing:
+        raise ValueError(
+            f"the layer at {_name(missing[0][:-1])} has no kernel in params "
+            "(params' paths must be the modules' paths)"
+        )
+    return jax.tree_util.tree_unflatten(treedef, [found.get(p) for p in paths])
