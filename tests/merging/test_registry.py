@@ -19,6 +19,7 @@ def test_every_public_method_is_registered_with_its_signature():
     public |= {"linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"}
     public |= {"arcee_fusion", "passthrough", "breadcrumbs", "breadcrumbs_ties", "della"}
     public |= {"della_linear", "sce", "ram", "ramplus_tl"}
+    public |= {"regmean", "tsv_merge", "iso_c", "iso_cts", "consensus", "consensus_ties"}
     assert set(merging.METHODS) == public
     for name, method in merging.METHODS.items():
         assert method.fn is getattr(merging, name)

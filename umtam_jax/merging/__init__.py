@@ -23,11 +23,17 @@ Methods:
   - :func:`fisher` (with :func:`diagonal_fisher`) and :func:`ota`: curvature-weighted
     averages.
   - :func:`prune`: keep the top-density entries of one expert's task vector.
+  - :func:`regmean` (with :func:`input_grams`): least-squares merging of linear layers
+    from their inputs' Gram matrices.
   - mergekit's other data-free methods, with its parameter names and defaults:
     :func:`linear`, :func:`slerp`, :func:`nuslerp`, :func:`multislerp`, :func:`karcher`,
     :func:`model_stock`, :func:`nearswap`, :func:`arcee_fusion`, :func:`passthrough`,
     :func:`breadcrumbs`, :func:`breadcrumbs_ties`, :func:`della`, :func:`della_linear`,
     :func:`sce`, :func:`ram`, :func:`ramplus_tl`.
+  - :func:`tsv_merge`, :func:`iso_c`, :func:`iso_cts`: SVD subspace merges (TSV, isotropic).
+  - :func:`consensus`, :func:`consensus_ties` (with :func:`tall_masks`,
+    :func:`apply_task_mask`) and :func:`emr_merge` (with :func:`emr_task_model`): mask-based
+    merges and per-task models (TALL masks, consensus merging, EMR-merging).
   - :data:`METHODS`: the registry of the methods above (name → :class:`Method`: inputs,
     parameters with kinds and defaults, steps), read by every entry point, and
     :func:`merge`, any of them by name.
@@ -36,7 +42,8 @@ Out of core, from files to files, the same methods run in :mod:`umtam_jax.engine
 
 References:
   UMTAM, arXiv:2512.17109; TIES, arXiv:2306.01708; DARE, arXiv:2311.03099; Fisher merging,
-  arXiv:2111.09832; OTA merging, arXiv:2509.11167.
+  arXiv:2111.09832; OTA merging, arXiv:2509.11167; RegMean, arXiv:2212.09849; TSV,
+  arXiv:2412.00081; Iso-C/Iso-CTS, arXiv:2502.04959.
 """
 
 from umtam_jax.merging._baselines import dare, dare_ties, ota, prune, task_arithmetic, ties
@@ -50,6 +57,7 @@ from umtam_jax.merging._data_free import (
 from umtam_jax.merging._fisher import diagonal_fisher, fisher
 from umtam_jax.merging._interpolation import linear, multislerp, nuslerp, slerp
 from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe, merge
+from umtam_jax.merging._regmean import input_grams, regmean
 from umtam_jax.merging._sparsification import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -59,23 +67,44 @@ from umtam_jax.merging._sparsification import (
     ramplus_tl,
     sce,
 )
+from umtam_jax.merging._subspace import iso_c, iso_cts, tsv_merge
+from umtam_jax.merging._task_masks import (
+    EMRMerged,
+    apply_task_mask,
+    consensus,
+    consensus_ties,
+    emr_merge,
+    emr_task_model,
+    pack_mask,
+    tall_masks,
+    unpack_mask,
+)
 from umtam_jax.merging._umtam import umtam
 
 __all__ = [
     "METHODS",
     "REQUIRED",
+    "EMRMerged",
     "Method",
     "Param",
+    "apply_task_mask",
     "arcee_fusion",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "consensus",
+    "consensus_ties",
     "dare",
     "dare_ties",
     "della",
     "della_linear",
     "describe",
     "diagonal_fisher",
+    "emr_merge",
+    "emr_task_model",
     "fisher",
+    "input_grams",
+    "iso_c",
+    "iso_cts",
     "karcher",
     "linear",
     "merge",
@@ -84,13 +113,18 @@ __all__ = [
     "nearswap",
     "nuslerp",
     "ota",
+    "pack_mask",
     "passthrough",
     "prune",
     "ram",
     "ramplus_tl",
+    "regmean",
     "sce",
     "slerp",
+    "tall_masks",
     "task_arithmetic",
     "ties",
+    "tsv_merge",
     "umtam",
+    "unpack_mask",
 ]

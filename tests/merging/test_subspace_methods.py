@@ -1,0 +1,310 @@
+"""TSV-Merge, Iso-C and Iso-CTS against float64 NumPy references written here (whitening
+by an eigendecomposition, not the implementation's SVD polar factor), their defining
+properties, degenerate inputs, jit, validation and the out-of-core engine."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from umtam_jax import checkpoint, engine, merging
+
+SHAPES = {"bias": (5,), "kernel": (6, 5), "wide": (3, 4), "stack": (2, 6, 5), "scale": ()}
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _random(rng, k, dtype=np.float64):
+    base = {n: rng.standard_normal(s).astype(dtype) for n, s in SHAPES.items()}
+    experts = [
+        {n: (x + 0.1 * rng.standard_normal(x.shape)).astype(dtype) for n, x in base.items()}
+        for _ in range(k)
+    ]
+    return base, experts
+
+
+# ------------------------------------------------------------------ float64 references
+
+
+def _whiten(x):
+    """``x (xᵀx)^{-1/2}`` (pseudo-inverse square root) by an eigendecomposition."""
+    lam, q = np.linalg.eigh(x.T @ x)
+    keep = lam > 1e-10 * lam.max()
+    inv = np.where(keep, 1 / np.sqrt(np.where(keep, lam, 1)), 0)
+    return x @ (q * inv) @ q.T
+
+
+def _per_matrix(fn):
+    """A reference on matrices, applied per matrix of a stack; other leaves: the mean."""
+
+    def leaf(base, ws, scaling=1.0, **kw):
+        deltas = [np.asarray(w, np.float64) - np.asarray(base, np.float64) for w in ws]
+        if np.ndim(base) < 2:
+            return base + scaling * sum(deltas) / len(deltas)
+        shape = np.shape(base)
+        stacks = [d.reshape(-1, *shape[-2:]) for d in deltas]
+        out = np.stack([fn([s[i] for s in stacks], **kw) for i in range(stacks[0].shape[0])])
+        return base + scaling * out.reshape(shape)
+
+    return leaf
+
+
+@_per_matrix
+def ref_tsv(deltas, rank_fraction=1.0):
+    t, r = len(deltas), min(deltas[0].shape)
+    k = max(1, int(r * (rank_fraction / t)))
+    svds = [np.linalg.svd(d, full_matrices=False) for d in deltas]
+    u = np.concatenate([u[:, :k] for u, _, _ in svds], 1)
+    s = np.concatenate([s[:k] for _, s, _ in svds])
+    v = np.concatenate([vh[:k].T for _, _, vh in svds], 1)
+    return _whiten(u) @ np.diag(s) @ _whiten(v).T
+
+
+@_per_matrix
+def ref_iso_c(deltas):
+    u, s, vh = np.linalg.svd(sum(deltas), full_matrices=False)
+    return s.mean() * u @ vh
+
+
+@_per_matrix
+def ref_iso_cts(deltas, common_space_fraction=0.8, layout="in_out"):
+    if layout == "in_out":  # the paper's (out, in) orientation
+        deltas = [d.T for d in deltas]
+    t, r = len(deltas), min(deltas[0].shape)
+    common = int(r * common_space_fraction)
+    specific = round((r - common) / t) * t
+    specific = specific - t if specific > r else specific
+    c, per = r - specific, specific // t
+    u, s, vh = np.linalg.svd(sum(deltas), full_matrices=False)
+    us, ss, vs = [u[:, :c]], [s[:c]], [vh[:c].T]
+    for d in deltas:
+        ut, st, vht = np.linalg.svd(d - u[:, :c] @ u[:, :c].T @ d, full_matrices=False)
+        us.append(ut[:, :per]), ss.append(st[:per]), vs.append(vht[:per].T)
+    sigma = np.concatenate(ss).mean()
+    out = sigma * _whiten(np.concatenate(us, 1)) @ _whiten(np.concatenate(vs, 1)).T
+    return out.T if layout == "in_out" else out
+
+
+REFS = {"tsv_merge": ref_tsv, "iso_c": ref_iso_c, "iso_cts": ref_iso_cts}
+CASES = [
+    ("tsv_merge", 3, {}),
+    ("tsv_merge", 2, {"scaling": 0.7, "rank_fraction": 0.5}),
+    ("iso_c", 3, {"scaling": 1.5}),
+    ("iso_cts", 3, {}),
+    ("iso_cts", 3, {"common_space_fraction": 0.4, "scaling": 1.3}),  # c = 0 at (3, 4)
+    ("iso_cts", 2, {"common_space_fraction": 0.0}),  # FusionBench's c < 0 clamped
+    ("iso_cts", 3, {"common_space_fraction": 0.4, "layout": "out_in"}),
+]
+
+
+def _reference(name, base, experts, kwargs):
+    return {n: REFS[name](base[n], [e[n] for e in experts], **kwargs) for n in base}
+
+
+def _assert_close(got, want, rtol, atol):
+    for n in want:
+        np.testing.assert_allclose(np.asarray(got[n]), want[n], rtol=rtol, atol=atol, err_msg=n)
+
+
+@pytest.mark.parametrize("name,k,kwargs", CASES)
+def test_matches_float64_reference(x64, name, k, kwargs):
+    base, experts = _random(np.random.default_rng(k + len(kwargs)), k)
+    got = getattr(merging, name)(base, experts, **kwargs)
+    assert jax.tree.structure(got) == jax.tree.structure(base)
+    _assert_close(got, _reference(name, base, experts, kwargs), 1e-9, 1e-10)
+    by_name = merging.merge(name, base, experts, **kwargs)
+    jax.tree.map(np.testing.assert_array_equal, by_name, got)
+
+
+FLOAT32 = [("tsv_merge", {}), ("iso_c", {}), ("iso_cts", {"common_space_fraction": 0.4})]
+
+
+@pytest.mark.parametrize("name,kwargs", FLOAT32)
+def test_float32_within_float32_tolerance(name, kwargs):
+    base, experts = _random(np.random.default_rng(7), 2, np.float32)
+    got = getattr(merging, name)(base, experts, **kwargs)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got))
+    _assert_close(got, _reference(name, base, experts, kwargs), 1e-4, 2e-5)
+
+
+@pytest.mark.parametrize("name", list(REFS))
+def test_bfloat16_computed_in_float32_and_cast_back(name):
+    base, experts = _random(np.random.default_rng(3), 2, np.float32)
+    cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), t)  # noqa: E731
+    got = getattr(merging, name)(cast(base), [cast(e) for e in experts])
+    up = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float32), t)  # noqa: E731
+    want = getattr(merging, name)(up(cast(base)), [up(cast(e)) for e in experts])
+    for n in SHAPES:
+        assert got[n].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(got[n], jnp.asarray(want[n], jnp.bfloat16), err_msg=n)
+
+
+# ------------------------------------------------------------------ properties
+
+
+def test_tsv_one_full_rank_expert_is_task_arithmetic(x64):
+    base, experts = _random(np.random.default_rng(0), 1)
+    got = merging.tsv_merge(base, experts, scaling=0.6)
+    want = merging.task_arithmetic(base, experts, scaling=0.6)
+    _assert_close(got, {n: np.asarray(x) for n, x in want.items()}, 1e-10, 1e-12)
+
+
+def _orthogonal(rng, n):
+    return np.linalg.qr(rng.standard_normal((n, n)))[0]
+
+
+def test_tsv_merges_tasks_with_disjoint_singular_subspaces_as_their_sum():
+    rng = np.random.default_rng(1)
+    u, v = _orthogonal(rng, 8), _orthogonal(rng, 6)
+    tasks = [  # rank 2 each (below k = 3: the third triplet is zero and dropped)
+        u[:, 2 * t : 2 * t + 2] @ np.diag(rng.uniform(0.5, 2, 2)) @ v[:, 2 * t : 2 * t + 2].T
+        for t in range(2)
+    ]
+    base = {"w": rng.standard_normal((8, 6)).astype(np.float32)}
+    experts = [{"w": (base["w"] + d).astype(np.float32)} for d in tasks]
+    got = merging.tsv_merge(base, experts)["w"]
+    want = merging.task_arithmetic(base, experts)["w"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_iso_c_flattens_the_spectrum_of_every_matrix():
+    base, experts = _random(np.random.default_rng(2), 2, np.float32)
+    got = merging.iso_c(base, experts)
+    for n in ("kernel", "wide", "stack"):
+        delta = np.asarray(got[n], np.float64) - base[n]
+        total = sum(e[n].astype(np.float64) - base[n] for e in experts)
+        s = np.linalg.svd(delta.reshape(-1, *delta.shape[-2:]), compute_uv=False)
+        mean = np.linalg.svd(total.reshape(s.shape[0], *delta.shape[-2:]), compute_uv=False)
+        np.testing.assert_allclose(s, np.broadcast_to(mean.mean(-1)[:, None], s.shape), 1e-4)
+
+
+def test_iso_cts_with_the_whole_rank_common_is_iso_c():
+    base, experts = _random(np.random.default_rng(4), 2, np.float32)
+    got = merging.iso_cts(base, experts, common_space_fraction=1.0)
+    want = merging.iso_c(base, experts)
+    _assert_close(got, {n: np.asarray(x) for n, x in want.items()}, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("name", list(REFS))
+def test_transposition(x64, name):
+    base, experts = _random(np.random.default_rng(5), 3)
+    tr = lambda t: {n: np.swapaxes(x, -1, -2) if x.ndim >= 2 else x for n, x in t.items()}  # noqa: E731
+    kwargs = {"common_space_fraction": 0.4} if name == "iso_cts" else {}
+    want = tr(getattr(merging, name)(base, experts, **kwargs))
+    if name == "iso_cts":  # not invariant: the transposed layers need their layout
+        other = merging.iso_cts(tr(base), [tr(e) for e in experts], **kwargs)
+        assert not np.allclose(other["kernel"], want["kernel"], atol=1e-6)
+        kwargs["layout"] = "out_in"
+    got = getattr(merging, name)(tr(base), [tr(e) for e in experts], **kwargs)
+    _assert_close(got, {n: np.asarray(x) for n, x in want.items()}, 1e-10, 1e-12)
+
+
+@pytest.mark.parametrize("name", list(REFS))
+def test_inputs_not_mutated_and_degenerate_inputs(name):
+    base, experts = _random(np.random.default_rng(6), 2, np.float32)
+    copies = jax.tree.map(np.copy, (base, experts))
+    fn = getattr(merging, name)
+    fn(base, experts)
+    jax.tree.map(np.testing.assert_array_equal, (base, experts), copies)
+    # Zero task vectors: the base; empty leaves pass through.
+    same = fn(base, [base, base])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), same, base)
+    empty = {"e": np.zeros((0, 3), np.float32), "f": np.zeros((2, 3, 0), np.float32)}
+    assert jax.tree.map(np.shape, fn(empty, [empty])) == jax.tree.map(np.shape, empty)
+
+
+def test_rank_deficient_inputs_are_deterministic():
+    rng = np.random.default_rng(8)
+    low = rng.standard_normal((6, 2)) @ rng.standard_normal((2, 5))  # rank 2 of 5
+    base = {"w": np.zeros((6, 5), np.float32)}
+    twins = [{"w": low.astype(np.float32)}] * 2
+    # Identical tasks (k = 2 each): whitening merges the shared directions once.
+    np.testing.assert_allclose(merging.tsv_merge(base, twins)["w"], low, atol=1e-5)
+    # Iso-C keeps the sum's two directions, each with the mean of all five σ.
+    s = np.linalg.svd(2 * low, compute_uv=False)
+    got = np.linalg.svd(np.asarray(merging.iso_c(base, twins)["w"]), compute_uv=False)
+    np.testing.assert_allclose(got, [s.mean()] * 2 + [0] * 3, atol=1e-5)
+
+
+def test_jit_with_traced_scaling():
+    base, experts = _random(np.random.default_rng(9), 2, np.float32)
+    base = {n: base[n] for n in ("bias", "stack")}
+    experts = [{n: e[n] for n in base} for e in experts]
+    for name in REFS:
+        fn = getattr(merging, name)
+        jitted = jax.jit(lambda b, e, s, fn=fn: fn(b, e, scaling=s))  # noqa: B023
+        _assert_close(
+            jitted(base, experts, 0.5),
+            {n: np.asarray(x) for n, x in fn(base, experts, scaling=0.5).items()},
+            1e-5,
+            1e-6,
+        )
+    with pytest.raises(TypeError, match="rank_fraction must be a Python number, not traced"):
+        jax.jit(lambda f: merging.tsv_merge(base, experts, rank_fraction=f))(0.5)
+
+
+def test_validation_names_the_parameter_or_leaf():
+    base, experts = _random(np.random.default_rng(10), 2, np.float32)
+    with pytest.raises(ValueError, match=r"rank_fraction must lie in \(0, 1\], got 0"):
+        merging.tsv_merge(base, experts, rank_fraction=0)
+    with pytest.raises(ValueError, match=r"rank_fraction must lie in \[0, 1\], got 1.5"):
+        merging.tsv_merge(base, experts, rank_fraction=1.5)
+    with pytest.raises(ValueError, match=r"common_space_fraction must lie in \[0, 1\]"):
+        merging.iso_cts(base, experts, common_space_fraction=-0.1)
+    with pytest.raises(ValueError, match="unknown layout='torch'; expected one of 'in_out'"):
+        merging.iso_cts(base, experts, layout="torch")
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        merging.iso_c(base, experts, scaling=float("inf"))
+    bad = dict(experts[1], stack=np.zeros((2, 5, 6), np.float32))
+    with pytest.raises(ValueError, match=r"shape mismatch at \['stack'\]"):
+        merging.tsv_merge(base, [experts[0], bad])
+    bad = dict(experts[1], kernel=np.full((6, 5), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"\['kernel'\]"):
+        merging.iso_c(base, [experts[0], bad])
+
+
+def test_registered():
+    assert merging.METHODS["tsv_merge"].defaults() == {"scaling": 1.0, "rank_fraction": 1.0}
+    assert merging.METHODS["iso_c"].defaults() == {"scaling": 1.0}
+    assert merging.METHODS["iso_cts"].defaults() == {
+        "scaling": 1.0,
+        "common_space_fraction": 0.8,
+        "layout": "in_out",
+    }
+    for name in REFS:
+        assert merging.METHODS[name].fn is getattr(merging, name)
+        assert name in merging.__all__
+        assert merging.describe(merging.METHODS[name]).startswith(f"{name}: ")
+
+
+# ------------------------------------------------------------------ out of core
+
+
+def test_out_of_core_equals_in_memory(tmp_path):
+    base, experts = _random(np.random.default_rng(11), 2, np.float32)
+    base = {n: base[n] for n in ("bias", "stack", "scale")}
+    experts = [{n: e[n] for n in base} for e in experts]
+    checkpoint.save_checkpoint(str(tmp_path / "base"), base)
+    dirs = []
+    for i, e in enumerate(experts):
+        dirs.append(str(tmp_path / f"e{i}"))
+        checkpoint.save_checkpoint(dirs[-1], e)
+    restored = checkpoint.restore_params(str(tmp_path / "base"))
+    restored_experts = [checkpoint.restore_params(d) for d in dirs]
+    for name, kwargs in FLOAT32:
+        out = tmp_path / name
+        engine.merge_checkpoints(
+            name, str(tmp_path / "base"), dirs, out, progress=False, group_bytes=100, **kwargs
+        )
+        got = checkpoint.restore_params(out)
+        want = getattr(merging, name)(restored, restored_experts, **kwargs)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert np.asarray(x).dtype == np.asarray(y).dtype
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

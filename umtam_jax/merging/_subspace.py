@@ -1,0 +1,399 @@
+"""Subspace merges: TSV-Merge (Task Singular Vectors) and isotropic merging (Iso-C, Iso-CTS).
+
+Each works on the singular value decompositions of the task vectors ``Δ_t = w_t − w0``,
+one matrix at a time, and follows the authors' code as FusionBench packages it
+(``fusion_bench/method/task_singular_vector``, ``fusion_bench/method/isotropic_merging``);
+differences are listed in each docstring. Shared rules:
+
+- *Matrices*: every leaf with two or more axes is a stack of matrices over its last two
+  axes, each merged on its own (a 2-D kernel is one matrix; a scanned ``(L, m, n)`` leaf
+  L of them; a convolution kernel ``(kh, kw, d_in, d_out)`` kh·kw of them; embedding
+  tables too). FusionBench merges 2-D tensors only, averaging the rest and the keys in its
+  ``exclude_keys`` (which has no counterpart here). The SVD is taken of the matrix as
+  stored; TSV-Merge and Iso-C are invariant under transposing it, Iso-CTS takes the layout
+  as a parameter.
+- *Other leaves* (biases, norms, scalars): ``w0 + scaling · (1/T) Σ_t Δ_t``, the mean task
+  vector, as FusionBench and the authors' code do.
+- *Numerics*: computed in float32 at least (16-bit inputs cast back), per leaf and
+  jit-compatible (``scaling`` may be traced; the fractions, which set shapes, may not).
+  Singular values ``≤ max(m, n) · ε · Σ_t ‖Δ_t‖_F`` (ε the machine epsilon of the compute
+  dtype) count as zero and their directions are dropped: a rank-deficient input then has
+  a deterministic result instead of arbitrary null-space vectors (full-rank inputs are
+  unaffected). Orthogonalisation is the polar factor ``P Qᵀ`` of ``X = P S Qᵀ`` over the
+  directions with ``s > max(shape) · ε · s_max``, i.e. ``X ((XᵀX)⁺)^{1/2}``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging._baselines import _compute_dtype, _sum
+from umtam_jax.merging._interpolation import _traced
+from umtam_jax.merging._registry import SCALING, Param
+
+
+def _swap(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _deltas(base: jax.Array, ws: list[jax.Array], dt: jnp.dtype) -> jax.Array:
+    """The task vectors as one stack of matrices ``(T, B, m, n)`` (a leaf with ≥ 2 axes)."""
+    b = base.astype(dt).reshape((-1, *base.shape[-2:]))
+    return jnp.stack([w.astype(dt).reshape(b.shape) - b for w in ws])
+
+
+def _finish(base: jax.Array, delta: jax.Array, scaling: Any, dt: jnp.dtype) -> jax.Array:
+    """``w0 + scaling · Δ`` in the base's shape and dtype."""
+    out = base.astype(dt) + jnp.asarray(scaling, dt) * delta.reshape(base.shape)
+    return out.astype(base.dtype)
+
+
+def _mean_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any) -> jax.Array:
+    """A non-matrix leaf: ``w0 + scaling · (1/T) Σ_t Δ_t``."""
+    dt = _compute_dtype(base)
+    b = base.astype(dt)
+    return _finish(base, _sum([w.astype(dt) - b for w in ws]) / len(ws), scaling, dt)
+
+
+def _zero_cutoff(deltas: jax.Array) -> jax.Array:
+    """Per matrix ``(B, 1)``, the singular value at or below which a direction is zero."""
+    eps = max(deltas.shape[-2:]) * jnp.finfo(deltas.dtype).eps
+    return eps * jnp.sum(jnp.linalg.norm(deltas, axis=(-2, -1)), 0)[:, None]
+
+
+def _polar(x: jax.Array) -> jax.Array:
+    """The polar factor ``P Qᵀ`` of ``x = P S Qᵀ`` over its nonzero singular values."""
+    p, s, qh = jnp.linalg.svd(x, full_matrices=False)
+    keep = s > max(x.shape[-2:]) * jnp.finfo(x.dtype).eps * s[..., :1]
+    return (p * keep[..., None, :]) @ qh
+
+
+def _top(d: jax.Array, k: int, cutoff: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The top ``k`` singular triplets of each matrix ``(..., B, m, n)``, zero-valued ones
+    set to zero: ``U (..., B, m, k)``, ``σ (..., B, k)``, ``Vᵀ (..., B, k, n)``."""
+    u, s, vh = jnp.linalg.svd(d, full_matrices=False)
+    keep = s[..., :k] > cutoff
+    u, vh = u[..., :k] * keep[..., None, :], vh[..., :k, :] * keep[..., None]
+    return u, jnp.where(keep, s[..., :k], 0), vh
+
+
+def _tasks_side_by_side(u, s, vh):
+    """Per-task triplets ``(T, B, …)`` concatenated along the rank: ``[U_1 … U_T]``."""
+    t, b, m, k = u.shape
+    u = jnp.moveaxis(u, 0, -2).reshape(b, m, t * k)
+    s = jnp.moveaxis(s, 0, -2).reshape(b, t * k)
+    return u, s, vh.swapaxes(0, 1).reshape(b, t * k, -1)
+
+
+# --------------------------------------------------------------------------- TSV-Merge
+
+
+def tsv_merge(
+    base: Any, experts: Sequence[Any], *, scaling: float = 1.0, rank_fraction: float = 1.0
+) -> Any:
+    """TSV-Merge: each task's top singular vectors, decorrelated across tasks, per matrix.
+
+    For each matrix (``r = min(m, n)``, ``T`` experts), each task vector is truncated to
+    its top ``k = max(1, ⌊r · rank_fraction / T⌋)`` singular triplets,
+    ``Δ_t ≈ U_t Σ_t V_tᵀ``; they are concatenated, ``U = [U_1 … U_T]``,
+    ``Σ = diag(Σ_1 … Σ_T)``, ``V = [V_1 … V_T]``, and the singular vectors of different
+    tasks decorrelated by whitening (the paper's orthogonal Procrustes step)::
+
+        U⊥ = U (UᵀU)^{-1/2} = P_U Q_Uᵀ,   V⊥ = V (VᵀV)^{-1/2} = P_V Q_Vᵀ
+        Δ = U⊥ Σ V⊥ᵀ,   merged = w0 + scaling · Δ
+
+    with ``U = P_U S_U Q_Uᵀ`` the SVD (likewise ``V``). Task vectors whose singular
+    subspaces are already orthogonal across tasks are merged as the sum of their rank-k
+    truncations; one expert at ``rank_fraction=1`` is task arithmetic. Other leaves:
+    ``w0 + scaling · mean_t Δ_t``. The paper and FusionBench use ``k = ⌊r/T⌋`` (here
+    ``rank_fraction=1``), which is 0 when ``T > r`` (FusionBench's merge of such a matrix
+    is then 0; here each task keeps one direction).
+
+    Args:
+      base: the shared initial parameters ``w0``.
+      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
+      scaling: factor α on the merged task vector (FusionBench's ``alpha``; the paper
+        finds 1.0 needs no tuning).
+      rank_fraction: fraction in (0, 1] of each matrix's rank shared by the tasks (a
+        Python number: it sets shapes).
+
+    Returns:
+      The merged parameters, a pytree like ``base``.
+
+    Raises:
+      ValueError / TypeError: invalid inputs (messages name the leaf path) or options.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base = {"w": jnp.zeros((2, 2))}
+      >>> experts = [{"w": jnp.array([[2., 0.], [0., 0.]])}, {"w": jnp.array([[0., 0.], [0., 3.]])}]
+      >>> merging.tsv_merge(base, experts)["w"].round(5).tolist()
+      [[2.0, 0.0], [0.0, 3.0]]
+
+    References:
+      Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
+      Merging", CVPR 2025, arXiv:2412.00081; FusionBench ``TaskSingularVectorMerging``.
+    """
+    return R.merge(TSV_MERGE, base, experts, None, scaling=scaling, rank_fraction=rank_fraction)
+
+
+@functools.partial(jax.jit, static_argnames="rank_fraction")
+def _tsv_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any, rank_fraction: float):
+    if base.size == 0:
+        return base
+    if base.ndim < 2:
+        return _mean_leaf(base, ws, scaling)
+    dt = _compute_dtype(base)
+    deltas = _deltas(base, ws, dt)
+    r = min(base.shape[-2:])
+    k = max(1, int(r * (rank_fraction / len(ws))))  # FusionBench: int(r * (1 / T))
+    u, s, vh = _tasks_side_by_side(*_top(deltas, k, _zero_cutoff(deltas)))
+    return _finish(base, (_polar(u) * s[:, None, :]) @ _polar(vh), scaling, dt)
+
+
+# --------------------------------------------------------------------------- Iso-C
+
+
+def iso_c(base: Any, experts: Sequence[Any], *, scaling: float = 1.0) -> Any:
+    """Iso-C: the summed task vectors with a flat (isotropic) spectrum, per matrix.
+
+    For each matrix, the task arithmetic sum ``Δ_TA = Σ_t Δ_t = U Σ Vᵀ`` keeps its
+    singular vectors and every singular value is replaced by their mean
+    ``σ̄ = (1/r) Σ_i σ_i`` (``r = min(m, n)``)::
+
+        Δ = σ̄ U Vᵀ,   merged = w0 + scaling · Δ
+
+    so every direction of the common subspace gets the same weight (``‖Δ‖_F = √r · σ̄``
+    when ``Δ_TA`` has full rank). Directions with a zero singular value are dropped
+    (FusionBench keeps the SVD's arbitrary null-space vectors with weight σ̄; see the
+    module docstring). Other leaves: ``w0 + scaling · mean_t Δ_t``.
+
+    Args:
+      base: the shared initial parameters ``w0``.
+      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
+      scaling: factor α on the merged task vector (FusionBench's ``scaling_factor``; the
+        paper selects it on validation data, FusionBench's examples use 1.5).
+
+    Returns:
+      The merged parameters, a pytree like ``base``.
+
+    Raises:
+      ValueError / TypeError: invalid inputs (messages name the leaf path) or options.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base = {"w": jnp.zeros((2, 2))}
+      >>> experts = [{"w": jnp.array([[3., 0.], [0., 0.]])}, {"w": jnp.array([[0., 0.], [0., 1.]])}]
+      >>> merging.iso_c(base, experts)["w"].round(5).tolist()
+      [[2.0, 0.0], [0.0, 2.0]]
+
+    References:
+      Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+      Task-Specific Subspaces", ICML 2025, arXiv:2502.04959; FusionBench ``ISO_C_Merge``.
+    """
+    return R.merge(ISO_C, base, experts, None, scaling=scaling)
+
+
+@jax.jit
+def _iso_c_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any) -> jax.Array:
+    if base.size == 0:
+        return base
+    if base.ndim < 2:
+        return _mean_leaf(base, ws, scaling)
+    dt = _compute_dtype(base)
+    deltas = _deltas(base, ws, dt)
+    u, s, vh = jnp.linalg.svd(jnp.sum(deltas, 0), full_matrices=False)
+    keep = s > _zero_cutoff(deltas)
+    mean = jnp.mean(jnp.where(keep, s, 0), -1)[:, None, None]
+    delta = mean * ((u * keep[:, None, :]) @ vh)
+    return _finish(base, delta, scaling, dt)
+
+
+# --------------------------------------------------------------------------- Iso-CTS
+
+
+def iso_cts(
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    scaling: float = 1.0,
+    common_space_fraction: float = 0.8,
+    layout: str = "in_out",
+) -> Any:
+    """Iso-CTS: Iso-C on a common subspace plus each task's own top directions, per matrix.
+
+    For each matrix in the paper's ``(d_out, d_in)`` orientation (``r = min(m, n)``, ``T``
+    experts), the common subspace is the top ``c`` singular vectors of
+    ``Δ_TA = Σ_t Δ_t = U Σ Vᵀ``, and each task adds its top ``s`` directions outside it::
+
+        s = round((r − ⌊r · common_space_fraction⌋) / T)   (less 1 if T·s > r),   c = r − T·s
+        Δ̂_t = Δ_t − U_c U_cᵀ Δ_t = Û_t Σ̂_t V̂_tᵀ
+        U* = ⊥[Û_1[:, :s] … Û_T[:, :s]  U_c],   V* likewise with V̂_t, V_c
+        Δ = σ̄ U* V*ᵀ,   merged = w0 + scaling · Δ
+
+    where ``⊥`` orthogonalises (the polar factor, as TSV-Merge) and ``σ̄`` is the mean of
+    the ``r`` kept singular values ``Σ_c`` and ``Σ̂_t[:s]``. ``round`` is Python's (halves
+    to even) as in FusionBench. ``common_space_fraction=1`` is Iso-C. Other leaves:
+    ``w0 + scaling · mean_t Δ_t``. Unlike TSV-Merge and Iso-C the result depends on which
+    axis is the layer's output, the side the common subspace is projected out of: set
+    ``layout`` to the matrices' layout.
+
+    Args:
+      base: the shared initial parameters ``w0``.
+      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
+      scaling: factor α on the merged task vector (FusionBench's ``scaling_factor``; the
+        paper selects it on validation data, FusionBench's examples use 1.5).
+      common_space_fraction: fraction in [0, 1] of each matrix's rank given to the common
+        subspace (before rounding the task-specific part to a multiple of ``T``; a Python
+        number: it sets shapes). FusionBench's default, 0.8.
+      layout: the matrices' last two axes: ``"in_out"`` (Flax/JAX kernels, ``(d_in,
+        d_out)``) or ``"out_in"`` (PyTorch/safetensors weights, ``(d_out, d_in)``).
+
+    Returns:
+      The merged parameters, a pytree like ``base``.
+
+    Raises:
+      ValueError / TypeError: invalid inputs (messages name the leaf path) or options.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base = {"w": jnp.zeros((2, 2))}
+      >>> experts = [{"w": jnp.array([[3., 0.], [0., 0.]])}, {"w": jnp.array([[0., 0.], [0., 1.]])}]
+      >>> merging.iso_cts(base, experts, common_space_fraction=0.0)["w"].round(5).tolist()
+      [[2.0, 0.0], [0.0, 2.0]]
+
+    References:
+      Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+      Task-Specific Subspaces", ICML 2025, arXiv:2502.04959; FusionBench ``ISO_CTS_Merge``.
+    """
+    return R.merge(
+        ISO_CTS,
+        base,
+        experts,
+        None,
+        scaling=scaling,
+        common_space_fraction=common_space_fraction,
+        layout=layout,
+    )
+
+
+def _iso_cts_split(fraction: float, r: int, t: int) -> tuple[int, int]:
+    """FusionBench's common size ``c`` and per-task size ``s`` (``c + T·s = r``)."""
+    specific = round((r - int(r * fraction)) / t) * t
+    if specific > r:  # FusionBench's common size would be negative (fraction near 0)
+        specific -= t
+    return r - specific, specific // t
+
+
+@functools.partial(jax.jit, static_argnames=("common_space_fraction", "layout"))
+def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) -> jax.Array:
+    if base.size == 0:
+        return base
+    if base.ndim < 2:
+        return _mean_leaf(base, ws, scaling)
+    dt = _compute_dtype(base)
+    deltas = _deltas(base, ws, dt)
+    if layout == "in_out":  # the paper's orientation: rows are the layer's outputs
+        deltas = _swap(deltas)
+    r = min(base.shape[-2:])
+    c, s = _iso_cts_split(common_space_fraction, r, len(ws))
+    cutoff = _zero_cutoff(deltas)
+    uc, sc, vhc = _top(jnp.sum(deltas, 0), c, cutoff)
+    if s > 0:  # each task's top directions outside the common subspace
+        own = _top(deltas - uc @ (_swap(uc) @ deltas), s, cutoff)
+        u, sv, vh = _tasks_side_by_side(*own)
+        uc, sc, vhc = (
+            jnp.concatenate(x, a) for x, a in [((u, uc), -1), ((sv, sc), -1), ((vh, vhc), -2)]
+        )
+    delta = jnp.mean(sc, -1)[:, None, None] * (_polar(uc) @ _polar(vhc))
+    if layout == "in_out":
+        delta = _swap(delta)
+    return _finish(base, delta, scaling, dt)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _static_fraction(name: str, positive: bool):
+    def check(call: R.Call) -> None:
+        value = call.options[name]
+        if _traced(value):
+            raise TypeError(f"{name} must be a Python number, not traced: it sets shapes")
+        if positive and float(value) <= 0:
+            raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+        call.options[name] = float(value)
+
+    return check
+
+
+TSV_MERGE = R.register(
+    R.Method(
+        "tsv_merge",
+        tsv_merge,
+        "per matrix, each task vector's top singular vectors (rank/T each), "
+        "orthogonalised across tasks (TSV-Merge)",
+        (
+            SCALING,
+            Param(
+                "rank_fraction",
+                "number",
+                "fraction of each matrix's rank the tasks share (k = rank·fraction/T each)",
+                low=0,
+                high=1,
+            ),
+        ),
+        lambda opts, b, ws, masks, scores, extras: _tsv_leaf(
+            b, ws, opts["scaling"], rank_fraction=opts["rank_fraction"]
+        ),
+        check=_static_fraction("rank_fraction", positive=True),
+    )
+)
+ISO_C = R.register(
+    R.Method(
+        "iso_c",
+        iso_c,
+        "per matrix, the summed task vectors' singular vectors with their mean singular value",
+        (SCALING,),
+        lambda opts, b, ws, masks, scores, extras: _iso_c_leaf(b, ws, opts["scaling"]),
+    )
+)
+ISO_CTS = R.register(
+    R.Method(
+        "iso_cts",
+        iso_cts,
+        "Iso-C on the sum's top directions plus each task's top directions outside them",
+        (
+            SCALING,
+            Param(
+                "common_space_fraction",
+                "number",
+                "fraction of each matrix's rank given to the common subspace",
+                low=0,
+                high=1,
+            ),
+            Param(
+                "layout",
+                "choice",
+                "the matrices' last two axes: Flax (d_in, d_out) or PyTorch (d_out, d_in)",
+                choices=("in_out", "out_in"),
+            ),
+        ),
+        lambda opts, b, ws, masks, scores, extras: _iso_cts_leaf(
+            b,
+            ws,
+            opts["scaling"],
+            common_space_fraction=opts["common_space_fraction"],
+            layout=opts["layout"],
+        ),
+        check=_static_fraction("common_space_fraction", positive=False),
+    )
+)

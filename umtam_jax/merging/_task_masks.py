@@ -1,0 +1,547 @@
+"""Mask-based merging: TALL masks, consensus merging and EMR-merging.
+
+With ``θ_0`` the base, ``θ_t`` expert ``t`` and ``τ_t = θ_t − θ_0`` its task vector:
+
+- **TALL masks** (Wang et al., 2024) mark, per task, the entries of a multi-task vector
+  ``τ_MTL`` that matter to that task: ``m_t = 1{|τ_t| ≥ λ_t · |τ_MTL − τ_t|}``; the task's
+  model is rebuilt as ``θ_0 + m_t ∘ τ_MTL`` (:func:`tall_masks`, :func:`apply_task_mask`).
+- **Consensus merging** (same paper) keeps the entries of ``τ_MTL`` that at least ``k``
+  TALL masks keep, dropping "selfish" (one task) and "catastrophic" (no task) weights: one
+  model, a registered method (:func:`consensus`, :func:`consensus_ties`).
+- **EMR-merging** (Huang et al., 2024) keeps one unified task vector plus, per task, a
+  boolean mask and one scalar (:func:`emr_merge`, :func:`emr_task_model`).
+
+Masks are boolean pytrees with the base's structure, 1 byte per entry in memory and 1 bit
+packed (:func:`pack_mask`, :func:`unpack_mask`). Everything is computed in float32 for
+16-bit inputs (the inputs' dtype when wider) and every model cast back to the base's dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.merging import _baselines as B
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging import _validation as V
+from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class _NumberOrPerExpert(Param):
+    """A ``"number"`` that may also be one number per expert (a sequence); the count is
+    checked once the experts are known (:func:`_per_expert`)."""
+
+    def check(self, value: Any, k: int) -> Any:
+        if isinstance(value, str | bytes) or not (
+            isinstance(value, Sequence) or getattr(value, "ndim", 0) == 1
+        ):
+            return super().check(value, k)
+        values = list(value)
+        for i, v in enumerate(values):
+            dataclasses.replace(self, name=f"{self.name}[{i}]").check(v, k)
+        return values
+
+
+_LAMBDAS = _NumberOrPerExpert(
+    "lambdas", "number", "TALL mask threshold λ_t ≥ 0 (one, or one per expert)", low=0.0
+)
+
+
+def _per_expert(value: Any, k: int, name: str) -> list[Any]:
+    """A checked scalar or sequence as one value per expert."""
+    if not isinstance(value, list):
+        return [value] * k
+    if len(value) != k:
+        raise ValueError(f"got {len(value)} {name} for {k} experts")
+    return value
+
+
+def _check_lambdas(call: R.Call) -> None:
+    k = len(call.prepared.experts)
+    call.options["lambdas"] = _per_expert(call.options["lambdas"], k, "lambdas")
+
+
+def _mask_leaves(mask: Any, prepared: V.Prepared, what: str) -> list[jax.Array]:
+    """The boolean leaves of ``mask`` after checking its paths and shapes against the base."""
+    paths, leaves, _ = V._flatten(mask)
+    if paths != prepared.paths:
+        raise V._structure_error(what, prepared.paths, paths, "base")
+    for path, b, m in zip(paths, prepared.base, leaves, strict=True):
+        if not V._is_array(m) or jnp.dtype(m.dtype) != jnp.bool_:
+            raise TypeError(f"{what}{path} must be a boolean array, got {V._describe(m)}")
+        if tuple(m.shape) != tuple(b.shape):
+            raise ValueError(
+                f"shape mismatch at {path}: base has {tuple(b.shape)}, {what} has {tuple(m.shape)}"
+            )
+    return [V._as_array(m) for m in leaves]
+
+
+def _unflatten(prepared: V.Prepared, leaves: list[Any]) -> Any:
+    """``leaves`` (masks, task vectors) in the base's structure, without Variables."""
+    return jax.tree_util.tree_unflatten(prepared.treedef, leaves)
+
+
+# --------------------------------------------------------------------------- leaf steps
+
+
+def _tall(taus: list[jax.Array], mtl: jax.Array, lambdas: list[Any]) -> list[jax.Array]:
+    """``m_t = |τ_t| ≥ λ_t · |τ_MTL − τ_t|`` for each task (traced helper)."""
+    return [
+        jnp.abs(t) >= jnp.asarray(lam, t.dtype) * jnp.abs(mtl - t)
+        for t, lam in zip(taus, lambdas, strict=True)
+    ]
+
+
+def _task_vectors(base: jax.Array, ws: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+    dt = B._compute_dtype(base)
+    b = base.astype(dt)
+    return b, [w.astype(dt) - b for w in ws]
+
+
+@jax.jit
+def _tall_leaf(base, ws, merged, lambdas):
+    b, taus = _task_vectors(base, ws)
+    if merged is None:
+        mtl = B._sum(taus)
+    else:
+        dt = jnp.promote_types(b.dtype, merged.dtype)
+        b, taus, mtl = b.astype(dt), [t.astype(dt) for t in taus], merged.astype(dt) - b
+    return _tall(taus, mtl, lambdas)
+
+
+@functools.partial(jax.jit, static_argnames="ties")
+def _consensus_leaf(base, ws, trims, lambdas, k, scaling, ties, normalize):
+    """Consensus TA (``ties`` False: ``τ_MTL = Σ τ_t``) or TIES (``τ_MTL``: TIES on the
+    ``trims``-masked task vectors, mergekit's sign vote, summed or with ``normalize``
+    averaged), then ``θ_0 + scaling · 1{Σ_t m_t ≥ k} ∘ τ_MTL``."""
+    b, taus = _task_vectors(base, ws)
+    n = len(ws)
+    if ties:  # _gta on task vectors over a zero base: exactly TIES's merged task vector
+        zero = jnp.zeros_like(b)
+        mtl = B._gta(zero, taus, trims, [1.0] * n, 1.0, [1.0] * n, B._NO_RESCALE, True, normalize)
+    else:
+        mtl = B._sum(taus)
+    count = B._sum([m.astype(jnp.int32) for m in _tall(taus, mtl, lambdas)])
+    keep = count >= k
+    return (b + scaling * jnp.where(keep, mtl, 0)).astype(base.dtype)
+
+
+@jax.jit
+def _reconstruct(base, delta, mask, scale):
+    """``θ_0 + scale · mask ∘ Δ`` in the wider of the compute and ``Δ`` dtypes."""
+    dt = jnp.promote_types(B._compute_dtype(base), delta.dtype)
+    out = base.astype(dt) + jnp.asarray(scale, dt) * jnp.where(mask, delta.astype(dt), 0)
+    return out.astype(base.dtype)
+
+
+@jax.jit
+def _apply_leaf(base, merged, mask):
+    dt = jnp.promote_types(B._compute_dtype(base), merged.dtype)
+    return _reconstruct(base, merged.astype(dt) - base.astype(dt), mask, 1.0)
+
+
+@jax.jit
+def _emr_leaf(base, ws):
+    """One leaf of EMR: ``τ_uni``, the masks and, per task, ``Σ|τ_t|`` and ``Σ|M_t ∘ τ_uni|``."""
+    _, taus = _task_vectors(base, ws)
+    tv = jnp.stack(taus)
+    gamma = jnp.sign(jnp.sum(tv, axis=0))
+    eps = jnp.max(jnp.where(tv * gamma > 0, jnp.abs(tv), 0), axis=0)
+    uni = gamma * eps
+    masks = tv * uni > 0
+    axes = tuple(range(1, tv.ndim))
+    before = jnp.sum(jnp.abs(tv), axis=axes)
+    after = jnp.sum(jnp.where(masks, jnp.abs(uni), 0), axis=axes)
+    return uni, list(masks), before, after
+
+
+# --------------------------------------------------------------------------- TALL masks
+
+
+def tall_masks(
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    lambdas: float | Sequence[float] = 0.4,
+    merged: Any = None,
+) -> list[Any]:
+    """TALL masks: the entries of the multi-task vector each task needs.
+
+    ``m_t = 1{|τ_t| ≥ λ_t · |τ_MTL − τ_t|}`` entrywise (Wang et al., Eq. 3), with
+    ``τ_t = θ_t − θ_0`` and ``τ_MTL`` the multi-task vector: task arithmetic's ``Σ_t τ_t``,
+    or ``θ_merged − θ_0`` for a given merged model (TIES, ...). ``m_t`` keeps the entries
+    where the merge is closer to the task's model than the base is, up to ``λ_t``; the
+    task's model is ``θ_0 + m_t ∘ τ_MTL`` (:func:`apply_task_mask`). ``λ_t = 0`` keeps
+    everything; entries no task changes count as kept (``0 ≥ 0``; the reference code's
+    strict ``>`` drops them: the same models, since ``τ_MTL`` is 0 there). The paper picks
+    ``λ_t`` per task on validation data from {0.2, …, 0.6}.
+
+    Args:
+      base: the shared initial parameters ``θ_0``.
+      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
+      lambdas: ``λ ≥ 0``, one for every expert or one per expert.
+      merged: the merged model whose task vector is ``τ_MTL`` (default: ``θ_0 + Σ τ_t``).
+
+    Returns:
+      One mask per expert: a pytree of boolean arrays with the base's structure.
+
+    Raises:
+      ValueError / TypeError: invalid inputs or ``lambdas``; messages name the leaf path.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base = {"w": jnp.zeros(3)}
+      >>> experts = [{"w": jnp.array([1., 0., 2.])}, {"w": jnp.array([0., 1., 2.])}]
+      >>> [m["w"].tolist() for m in merging.tall_masks(base, experts, lambdas=0.5)]
+      [[True, False, True], [False, True, True]]
+
+    References:
+      Wang et al., "Localizing Task Information for Improved Model Merging and
+      Compression", ICML 2024, arXiv:2405.07813; FusionBench ``tall_mask``.
+    """
+    lambdas = _LAMBDAS.check(lambdas, 0)
+    prepared = V.prepare(base, experts)
+    k = len(prepared.experts)
+    lambdas = _per_expert(lambdas, k, "lambdas")
+    mtl = [None] * len(prepared.base)
+    if merged is not None:
+        mtl = V.leaves_like(merged, prepared, "merged")
+    rows = [
+        _tall_leaf(b, [ws[j] for ws in prepared.experts], mtl[j], lambdas)
+        for j, b in enumerate(prepared.base)
+    ]
+    return [_unflatten(prepared, [row[t] for row in rows]) for t in range(k)]
+
+
+def apply_task_mask(base: Any, merged: Any, mask: Any) -> Any:
+    """A task's model from a merged one and its mask: ``θ_0 + m_t ∘ (θ_merged − θ_0)``.
+
+    Entries outside the mask take the base's value. Used with :func:`tall_masks` (the
+    paper's per-task reconstruction) or any boolean mask.
+
+    Args:
+      base: the shared initial parameters ``θ_0``.
+      merged: the merged parameters, with the base's structure, shapes and dtypes.
+      mask: a pytree of boolean arrays with the base's structure and shapes.
+
+    Returns:
+      The task's parameters, a pytree like ``base``.
+
+    Raises:
+      ValueError / TypeError: invalid inputs; messages name the leaf path.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base, merged = {"w": jnp.zeros(2)}, {"w": jnp.array([3., 4.])}
+      >>> merging.apply_task_mask(base, merged, {"w": jnp.array([True, False])})["w"].tolist()
+      [3.0, 0.0]
+
+    References:
+      Wang et al., arXiv:2405.07813, Eq. 2.
+    """
+    prepared = V.prepare(base, [merged], what="merged")
+    masks = _mask_leaves(mask, prepared, "mask")
+    out = [
+        _apply_leaf(b, w, m)
+        for b, w, m in zip(prepared.base, prepared.experts[0], masks, strict=True)
+    ]
+    return V.rebuild(prepared, out)
+
+
+# --------------------------------------------------------------------------- consensus
+
+
+def consensus(
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    k: float = 2,
+    lambdas: float | Sequence[float] = 0.4,
+    scaling: float = 1.0,
+) -> Any:
+    """Consensus task arithmetic: keep the entries at least ``k`` TALL masks agree on.
+
+    With ``τ_MTL = Σ_t τ_t`` and the TALL masks ``m_t`` of :func:`tall_masks` (threshold
+    ``λ_t``), ``m_cons = 1{Σ_t m_t ≥ k}`` (Wang et al., Eq. 4) and the result is
+    ``θ_0 + scaling · m_cons ∘ τ_MTL``. ``k = 2`` (the paper's default) removes the
+    "selfish" weights one task alone needs and the "catastrophic" ones no task needs;
+    ``k = 1`` only the catastrophic ones; ``k = 0`` is task arithmetic; ``k`` above the
+    number of experts gives the base. The reference code calls ``k`` ``prun_thre_k`` and
+    ``λ`` ``tall_mask_lambda``; ``scaling`` is task arithmetic's ``α`` (selected on
+    validation in the paper, as the ``λ_t``). Computed per tensor, so the out-of-core
+    engine gives the same result.
+
+    Args:
+      base: the shared initial parameters ``θ_0``.
+      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
+      k: the minimum number ``≥ 0`` of tasks whose masks keep an entry.
+      lambdas: TALL mask threshold ``λ ≥ 0``, one or one per expert.
+      scaling: factor on the kept multi-task vector.
+
+    Returns:
+      The merged parameters, a pytree like ``base``.
+
+    Raises:
+      ValueError / TypeError: invalid inputs or options; messages name the leaf path.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base = {"w": jnp.zeros(3)}
+      >>> experts = [{"w": jnp.array([1., 0., 2.])}, {"w": jnp.array([0., 1., 2.])}]
+      >>> merging.consensus(base, experts, lambdas=0.5)["w"].tolist()
+      [0.0, 0.0, 4.0]
+
+    References:
+      Wang et al., "Localizing Task Information for Improved Model Merging and
+      Compression", ICML 2024, arXiv:2405.07813 (Consensus TA).
+    """
+    return R.merge(CONSENSUS, base, experts, None, k=k, lambdas=lambdas, scaling=scaling)
+
+
+def consensus_ties(
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    density: float | Sequence[float],
+    k: float = 2,
+    lambdas: float | Sequence[float] = 0.4,
+    scaling: float = 1.0,
+    normalize: bool = False,
+    scope: str = "tensor",
+) -> Any:
+    """Consensus TIES: :func:`consensus` with TIES's merged task vector as ``τ_MTL``.
+
+    ``τ_MTL`` is TIES's on the task vectors (:func:`ties`: each keeps its top-``density``
+    ``|τ_t|``, per tensor or with ``scope="global"`` over the whole expert as the paper's
+    20%; ``vote = sign(Σ trimmed)``, a zero sum voting +1; agreeing entries summed, or
+    averaged with ``normalize`` (the reference code's ``ties_agg``: ``"sum"`` by default,
+    ``"mean"``)). The TALL masks compare the untrimmed ``τ_t`` with it; the result is
+    ``θ_0 + scaling · 1{Σ_t m_t ≥ k} ∘ τ_MTL``.
+
+    Args:
+      base: the shared initial parameters ``θ_0``.
+      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
+      density: fraction in (0, 1] of each task vector TIES keeps, or one per expert.
+      k: the minimum number ``≥ 0`` of tasks whose masks keep an entry.
+      lambdas: TALL mask threshold ``λ ≥ 0``, one or one per expert.
+      scaling: factor on the kept multi-task vector.
+      normalize: average the agreeing entries instead of summing them.
+      scope: ``"tensor"`` or ``"global"``, where TIES's keep count is exact.
+
+    Returns:
+      The merged parameters, a pytree like ``base``.
+
+    Raises:
+      ValueError / TypeError: invalid inputs or options; messages name the leaf path.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base = {"w": jnp.zeros(3)}
+      >>> experts = [{"w": jnp.array([1., -1., 2.])}, {"w": jnp.array([0., 1., 2.])}]
+      >>> merging.consensus_ties(base, experts, density=1.0)["w"].tolist()
+      [0.0, 1.0, 4.0]
+
+    References:
+      Wang et al., arXiv:2405.07813 (Consensus TIES); Yadav et al., arXiv:2306.01708.
+    """
+    return R.merge(
+        CONSENSUS_TIES, base, experts, None, density=density, k=k, lambdas=lambdas,
+        scaling=scaling, normalize=normalize, scope=scope,
+    )  # fmt: skip
+
+
+def _consensus_kernel(ties: bool):
+    def kernel(opts, b, ws, masks, scores, extras):
+        return _consensus_leaf(
+            b, ws, masks, opts["lambdas"], opts["k"], opts["scaling"], ties,
+            opts.get("normalize", False),
+        )  # fmt: skip
+
+    return kernel
+
+
+_K = Param("k", "number", "minimum number of TALL masks keeping an entry", low=0.0)
+
+CONSENSUS = R.register(
+    R.Method(
+        "consensus",
+        consensus,
+        "task arithmetic on the entries at least k TALL masks keep",
+        (_K, _LAMBDAS, SCALING),
+        _consensus_kernel(False),
+        check=_check_lambdas,
+    )
+)
+CONSENSUS_TIES = R.register(
+    R.Method(
+        "consensus_ties",
+        consensus_ties,
+        "TIES on the entries at least k TALL masks keep",
+        (DENSITY, _K, _LAMBDAS, SCALING,
+         Param("normalize", "bool", "average the agreeing entries (TIES) instead of summing"),
+         SCOPE),
+        _consensus_kernel(True),
+        importance=B._magnitude,
+        sparsify="topk",
+        check=_check_lambdas,
+    )
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- EMR
+
+
+class EMRMerged(NamedTuple):
+    """EMR-merging's output: one unified task vector and a light modulator per task.
+
+    Attributes:
+      unified: ``τ_uni``, a pytree with the base's structure (float32 for 16-bit bases).
+      masks: one boolean pytree ``M_t`` per task (1 bit per entry packed: :func:`pack_mask`).
+      rescalers: the ``λ_t``, an array of shape ``(K,)``.
+    """
+
+    unified: Any
+    masks: list[Any]
+    rescalers: jax.Array
+
+
+def emr_merge(base: Any, experts: Sequence[Any], *, rescale: str = "sum") -> EMRMerged:
+    """EMR-merging: elect a unified task vector, then mask and rescale it per task.
+
+    With ``τ_t = θ_t − θ_0`` (Huang et al., Eqs. 2–6):
+
+    1. Elect: ``γ = sign(Σ_t τ_t)``, ``ε = max_t |τ_t|`` over the tasks whose sign is
+       ``γ``, ``τ_uni = γ ∘ ε`` (0 where ``Σ_t τ_t = 0``; the reference code votes −1
+       there).
+    2. Mask: ``M_t = 1{τ_t ∘ τ_uni > 0}``.
+    3. Rescale: ``λ_t = Σ|τ_t| / Σ|M_t ∘ τ_uni|``, one scalar per task over all the
+       parameters, as the paper's equation (``rescale="sum"``); the reference code (and
+       FusionBench) sums each tensor's mean instead, ``Σ_l mean|τ_t,l| / Σ_l mean|M_t ∘
+       τ_uni,l|`` (``rescale="tensor_mean"``: small tensors such as biases weigh more).
+       ``λ_t = 1`` where the denominator is 0 (``M_t`` keeps nothing).
+
+    Task ``t``'s model is ``θ_0 + λ_t M_t ∘ τ_uni`` (:func:`emr_task_model`); evaluate
+    each task with its own. Storage: ``τ_uni`` (one model) plus 1 bit per parameter and a
+    scalar per task.
+
+    Args:
+      base: the shared initial parameters ``θ_0``.
+      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
+      rescale: ``"sum"`` or ``"tensor_mean"``, how ``λ_t`` sums over the tensors.
+
+    Returns:
+      An :class:`EMRMerged` ``(unified, masks, rescalers)``.
+
+    Raises:
+      ValueError / TypeError: invalid inputs or options; messages name the leaf path.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base = {"w": jnp.zeros(3)}
+      >>> experts = [{"w": jnp.array([1., -2., 1.])}, {"w": jnp.array([3., 1., 1.])}]
+      >>> emr = merging.emr_merge(base, experts)
+      >>> emr.unified["w"].tolist(), emr.masks[1]["w"].tolist()
+      ([3.0, -2.0, 1.0], [True, False, True])
+      >>> [round(x, 4) for x in emr.rescalers.tolist()]  # 4/6 and 5/4
+      [0.6667, 1.25]
+      >>> merging.emr_task_model(base, emr, 1)["w"].tolist()
+      [3.75, 0.0, 1.25]
+
+    References:
+      Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS
+      2024, arXiv:2405.17461; FusionBench ``emr_merging``.
+    """
+    V.check_option("rescale", rescale, ("sum", "tensor_mean"))
+    prepared = V.prepare(base, experts)
+    rows = [_emr_leaf(b, [ws[j] for ws in prepared.experts]) for j, b in enumerate(prepared.base)]
+    acc = jnp.result_type(*[uni.dtype for uni, *_ in rows])
+    num = den = jnp.zeros(len(prepared.experts), acc)
+    for (_, _, before, after), b in zip(rows, prepared.base, strict=True):
+        n = b.size if rescale == "tensor_mean" else 1
+        num, den = num + before.astype(acc) / n, den + after.astype(acc) / n
+    rescalers = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 1)
+    unified = _unflatten(prepared, [uni for uni, *_ in rows])
+    masks = [_unflatten(prepared, [row[1][t] for row in rows]) for t in range(len(num))]
+    return EMRMerged(unified, masks, rescalers)
+
+
+def emr_task_model(base: Any, emr: EMRMerged, task: int | None) -> Any:
+    """Task ``task``'s model from :func:`emr_merge`: ``θ_0 + λ_t M_t ∘ τ_uni``.
+
+    ``task=None`` gives the unified model ``θ_0 + τ_uni`` (one model for every task).
+
+    Args:
+      base: the shared initial parameters ``θ_0``.
+      emr: :func:`emr_merge`'s output for this base.
+      task: the expert's index ``t`` in ``0 … K − 1``, or None.
+
+    Returns:
+      The task's parameters, a pytree like ``base`` (computed in float32 or wider).
+
+    Raises:
+      ValueError / TypeError: a task out of range or trees unlike the base.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> base = {"w": jnp.zeros(2)}
+      >>> emr = merging.emr_merge(base, [{"w": jnp.array([1., -2.])}])
+      >>> merging.emr_task_model(base, emr, 0)["w"].tolist()
+      [1.0, -2.0]
+
+    References:
+      Huang et al., arXiv:2405.17461, Eq. 7.
+    """
+    prepared = V.prepare(base, [base], what="base")  # the base, flattened and checked
+    unified = V.leaves_like(emr.unified, prepared, "emr.unified")
+    k = len(emr.masks)
+    if task is None:
+        masks, scale = [True] * len(unified), 1.0
+    else:
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < k:
+            raise ValueError(f"task must be an expert index in [0, {k - 1}] or None, got {task!r}")
+        masks = _mask_leaves(emr.masks[task], prepared, f"emr.masks[{task}]")
+        scale = emr.rescalers[task]
+    leaves = zip(prepared.base, unified, masks, strict=True)
+    out = [_reconstruct(b, u, m, scale) for b, u, m in leaves]
+    return V.rebuild(prepared, out)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_mask(mask: Any) -> Any:
+    """A boolean mask pytree as 1 bit per entry: each leaf ``jnp.packbits`` of its
+    flattened entries (``uint8``, ``ceil(N / 8)`` bytes); :func:`unpack_mask` inverts it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax import merging
+      >>> packed = merging.pack_mask({"w": jnp.array([True, False, True])})
+      >>> packed["w"].tolist()
+      [160]
+      >>> merging.unpack_mask(packed, {"w": jnp.zeros(3)})["w"].tolist()
+      [True, False, True]
+    """
+    return jax.tree.map(lambda m: jnp.packbits(jnp.ravel(jnp.asarray(m, bool))), mask)
+
+
+def unpack_mask(packed: Any, like: Any) -> Any:
+    """The boolean mask :func:`pack_mask` packed, with the shapes of ``like``'s leaves
+    (the base, or any pytree with its structure)."""
+    return jax.tree.map(
+        lambda p, x: jnp.unpackbits(p, count=x.size).astype(bool).reshape(x.shape), packed, like
+    )
