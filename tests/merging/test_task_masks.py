@@ -355,7 +355,24 @@ def test_registry_lists_the_consensus_methods():
         m = merging.METHODS[name]
         assert m.fn is getattr(merging, name)
         assert m.defaults()["k"] == 2 and m.defaults()["lambdas"] == 0.4
-        assert "lambdas (number, default 0.4)" in merging.describe(m)
+        assert "lambdas (numbers, default 0.4; per expert as 'tall_lambda')" in merging.describe(m)
+
+
+def test_per_expert_lambdas_from_a_configuration():
+    from umtam_jax.cli.merge import ConfigError, build_plan
+
+    config = {
+        "method": "consensus",
+        "base": "b",
+        "experts": [{"path": "x", "tall_lambda": 0.2}, "y", {"path": "z", "tall_lambda": 0.6}],
+        "parameters": {"lambdas": 0.3},
+    }
+    assert build_plan(config).parameters["lambdas"] == [0.2, 0.3, 0.6]
+    with pytest.raises(ConfigError, match=r"experts\[0\].tall_lambda: method 'ties' takes no"):
+        build_plan({**config, "method": "ties", "parameters": {"density": 0.5}})
+    with pytest.raises(ValueError, match=r"lambdas\[1\] must lie in \[0.0, inf\]"):
+        base, experts = H.random_experts(np.random.default_rng(0), 3)
+        merging.consensus(base, experts, lambdas=[0.2, -1.0, 0.1])
 
 
 # ------------------------------------------------------------------------ out of core

@@ -3,13 +3,13 @@
 A YAML configuration of its own, or a mergekit configuration unchanged (see
 :mod:`umtam_jax.cli._mergekit` for what carries over)::
 
-    method: umtam                 # umtam, task_arithmetic, ties, dare, dare_ties,
-                                  # fisher, ota, prune
+    method: umtam                 # any name of `umtam-merge --list-methods`
     base: ckpt/base               # checkpoint of the shared initial parameters
     experts:
       - path: ckpt/task_a         # checkpoint of a fine-tuned expert
         weight: 1.0               # per-expert weight (methods with `weights`)
         density: 0.3              # per-expert density (methods with `density`)
+        tall_lambda: 0.4          # per-expert TALL threshold (consensus methods)
       - ckpt/task_b               # a bare path is fine too
     parameters:                   # keyword arguments of the merging function
       density: 0.2
@@ -77,15 +77,21 @@ _SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key accepts (a C long)
 # Parameter kinds the CLI fills itself, from the experts' entries or the seed.
 _MANAGED_KINDS = ("weights", "key")
 _TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed", "dtype", "out_dtype"}
-_EXPERT_KEYS = {"path", "weight", "density", "fisher", "curvature"}
+# Per-expert values: the key configuration files use for each per-expert parameter.
+_PER_EXPERT = {
+    p.per_expert: p.name for m in METHODS.values() for p in m.params if p.per_expert is not None
+}
+_EXPERT_KEYS = {"path", "fisher", "curvature", *_PER_EXPERT}
 _PRUNE_SCORES = ("saliency", "magnitude")
 
 
 @dataclasses.dataclass
 class Expert:
+    """One expert entry: its checkpoint, per-expert values (``weight``, ``density``, ...,
+    by configuration key) and per-expert input files."""
+
     path: str
-    weight: float | None = None
-    density: float | None = None
+    values: dict[str, float] = dataclasses.field(default_factory=dict)
     fisher: str | None = None
     curvature: str | None = None
 
@@ -117,7 +123,7 @@ def _methods_with(name: str) -> list[str]:
 
 def _check_type(method: str, param: merging.Param, value: Any) -> None:
     name = param.name
-    if param.kind == "density":
+    if param.kind in ("density", "numbers"):
         ok = _is_number(value) or (
             isinstance(value, list) and value and all(_is_number(v) for v in value)
         )
@@ -149,7 +155,7 @@ def _parse_expert(entry: Any, index: int) -> Expert:
         )
     if not isinstance(entry.get("path"), str) or not entry["path"].strip():
         raise ConfigError(f"experts[{index}] needs a 'path' (a non-empty string)")
-    for key in ("weight", "density"):
+    for key in _PER_EXPERT:
         if key in entry and not _is_number(entry[key]):
             raise ConfigError(f"experts[{index}].{key} must be a number, got {entry[key]!r}")
     for key in ("fisher", "curvature"):
@@ -157,11 +163,37 @@ def _parse_expert(entry: Any, index: int) -> Expert:
             raise ConfigError(f"experts[{index}].{key} must be a non-empty path")
     return Expert(
         path=entry["path"],
-        weight=entry.get("weight"),
-        density=entry.get("density"),
+        values={key: entry[key] for key in _PER_EXPERT if key in entry},
         fisher=entry.get("fisher"),
         curvature=entry.get("curvature"),
     )
+
+
+def _per_expert_values(
+    spec: merging.Method, params: dict[str, Any], experts: list[Expert], key: str, name: str
+) -> None:
+    """Puts the experts' ``key`` values into ``params[name]``, one per expert; an expert
+    without one takes the parameter's value from 'parameters' or its default (1.0 for
+    weights)."""
+    given = [i for i, e in enumerate(experts) if key in e.values]
+    if not given:
+        return
+    param = spec.param(name)
+    if param is None or param.per_expert != key:
+        raise ConfigError(
+            f"experts[{given[0]}].{key}: method {spec.name!r} takes no per-expert {name} "
+            f"(methods that do: {', '.join(_methods_with(name))})"
+        )
+    if param.kind == "weights":
+        fallback = 1.0
+    else:
+        fallback = params.get(name, spec.defaults()[name])
+        if fallback is merging.REQUIRED and len(given) < len(experts):
+            raise ConfigError(f"give a {key} to every expert or a default {name!r} in 'parameters'")
+        if isinstance(fallback, list):
+            raise ConfigError(f"per-expert {key} values need a scalar default {name!r}")
+    values = [e.values.get(key, fallback) for e in experts]
+    params[name] = values[0] if spec.single_expert else values
 
 
 def build_plan(config: dict[str, Any]) -> Plan:
@@ -221,29 +253,8 @@ def build_plan(config: dict[str, Any]) -> Plan:
             continue
         _check_type(method, spec.param(name), value)
 
-    # Per-expert weights and densities.
-    if any(e.weight is not None for e in experts):
-        if spec.param("weights") is None:
-            i = next(i for i, e in enumerate(experts) if e.weight is not None)
-            raise ConfigError(
-                f"experts[{i}].weight: method {method!r} takes no per-expert weights (methods "
-                f"with weights: {', '.join(_methods_with('weights'))})"
-            )
-        params["weights"] = [1.0 if e.weight is None else e.weight for e in experts]
-    if any(e.density is not None for e in experts):
-        if spec.param("density") is None:
-            i = next(i for i, e in enumerate(experts) if e.density is not None)
-            raise ConfigError(
-                f"experts[{i}].density: method {method!r} takes no density (methods with "
-                f"densities: {', '.join(_methods_with('density'))})"
-            )
-        fallback = params.get("density", defaults["density"])
-        if fallback is merging.REQUIRED and any(e.density is None for e in experts):
-            raise ConfigError("give a density to every expert or a default in 'parameters'")
-        if isinstance(fallback, list):
-            raise ConfigError("per-expert densities need a scalar default density")
-        densities = [fallback if e.density is None else e.density for e in experts]
-        params["density"] = densities[0] if spec.single_expert else densities
+    for key, name in _PER_EXPERT.items():
+        _per_expert_values(spec, params, experts, key, name)
     if any(e.fisher is not None for e in experts) and spec.extra != "fishers":
         raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
     if spec.extra == "fishers" and any(e.fisher is None for e in experts):

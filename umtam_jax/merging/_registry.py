@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,7 +42,7 @@ from umtam_jax.optimizer._statistics import curvature as _curvature
 REQUIRED = inspect.Parameter.empty
 
 # Parameter kinds whose check needs the number of experts.
-_PER_EXPERT_KINDS = ("density", "weights")
+_PER_EXPERT_KINDS = ("density", "weights", "numbers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,8 @@ class Param:
 
     Attributes:
       name: the keyword, as in the public function.
-      kind: ``"number"`` (a finite scalar, possibly traced), ``"density"`` (a float in
+      kind: ``"number"`` (a finite scalar, possibly traced), ``"numbers"`` (a
+        ``"number"`` for every expert, or one per expert), ``"density"`` (a float in
         (0, 1], or one per expert), ``"weights"`` (one finite number per expert),
         ``"bool"``, ``"choice"`` (one of ``choices``) or ``"key"`` (a JAX PRNG key).
       doc: one line on what it does.
@@ -73,15 +74,16 @@ class Param:
     def check(self, value: Any, k: int) -> Any:
         """The validated value (densities and weights as one entry per expert)."""
         if self.kind == "number":
-            V.check_finite_scalars(**{self.name: value})
-            if not isinstance(value, jax.core.Tracer) and (
-                (self.low is not None and float(value) < self.low)
-                or (self.high is not None and float(value) > self.high)
+            return self._one_number(value)
+        if self.kind == "numbers":
+            if isinstance(value, str | bytes) or not (
+                isinstance(value, Sequence) or getattr(value, "ndim", 0) == 1
             ):
-                bounds = f"[{self.low if self.low is not None else '-inf'}, "
-                bounds += f"{self.high if self.high is not None else 'inf'}]"
-                raise ValueError(f"{self.name} must lie in {bounds}, got {value!r}")
-            return value
+                return [self._one_number(value)] * k
+            values = list(value)
+            if len(values) != k:
+                raise ValueError(f"got {len(values)} {self.name} for {k} experts")
+            return [self._one_number(v, f"{self.name}[{i}]") for i, v in enumerate(values)]
         if self.kind == "density":
             return V.check_densities(value, k)
         if self.kind == "weights":
@@ -97,6 +99,19 @@ class Param:
                 raise TypeError("a PRNG key is required (e.g. key=jax.random.key(0))")
             return value
         raise AssertionError(self.kind)
+
+    def _one_number(self, value: Any, name: str | None = None) -> Any:
+        """A finite scalar within ``[low, high]`` (bounds checked when not traced)."""
+        name = self.name if name is None else name
+        V.check_finite_scalars(**{name: value})
+        if not isinstance(value, jax.core.Tracer) and (
+            (self.low is not None and float(value) < self.low)
+            or (self.high is not None and float(value) > self.high)
+        ):
+            bounds = f"[{self.low if self.low is not None else '-inf'}, "
+            bounds += f"{self.high if self.high is not None else 'inf'}]"
+            raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
+        return value
 
 
 # Signatures of the steps (``opts``: the validated options by name).

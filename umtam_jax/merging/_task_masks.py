@@ -18,7 +18,6 @@ packed (:func:`pack_mask`, :func:`unpack_mask`). Everything is computed in float
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -34,39 +33,13 @@ from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
 # --------------------------------------------------------------------------- options
 
 
-@dataclasses.dataclass(frozen=True)
-class _NumberOrPerExpert(Param):
-    """A ``"number"`` that may also be one number per expert (a sequence); the count is
-    checked once the experts are known (:func:`_per_expert`)."""
-
-    def check(self, value: Any, k: int) -> Any:
-        if isinstance(value, str | bytes) or not (
-            isinstance(value, Sequence) or getattr(value, "ndim", 0) == 1
-        ):
-            return super().check(value, k)
-        values = list(value)
-        for i, v in enumerate(values):
-            dataclasses.replace(self, name=f"{self.name}[{i}]").check(v, k)
-        return values
-
-
-_LAMBDAS = _NumberOrPerExpert(
-    "lambdas", "number", "TALL mask threshold λ_t ≥ 0 (one, or one per expert)", low=0.0
+_LAMBDAS = Param(
+    "lambdas",
+    "numbers",
+    "TALL mask threshold λ_t ≥ 0 (one, or one per expert)",
+    per_expert="tall_lambda",
+    low=0.0,
 )
-
-
-def _per_expert(value: Any, k: int, name: str) -> list[Any]:
-    """A checked scalar or sequence as one value per expert."""
-    if not isinstance(value, list):
-        return [value] * k
-    if len(value) != k:
-        raise ValueError(f"got {len(value)} {name} for {k} experts")
-    return value
-
-
-def _check_lambdas(call: R.Call) -> None:
-    k = len(call.prepared.experts)
-    call.options["lambdas"] = _per_expert(call.options["lambdas"], k, "lambdas")
 
 
 def _mask_leaves(mask: Any, prepared: V.Prepared, what: str) -> list[jax.Array]:
@@ -208,10 +181,9 @@ def tall_masks(
       Wang et al., "Localizing Task Information for Improved Model Merging and
       Compression", ICML 2024, arXiv:2405.07813; FusionBench ``tall_mask``.
     """
-    lambdas = _LAMBDAS.check(lambdas, 0)
     prepared = V.prepare(base, experts)
     k = len(prepared.experts)
-    lambdas = _per_expert(lambdas, k, "lambdas")
+    lambdas = _LAMBDAS.check(lambdas, k)
     mtl = [None] * len(prepared.base)
     if merged is not None:
         mtl = V.leaves_like(merged, prepared, "merged")
@@ -381,7 +353,6 @@ CONSENSUS = R.register(
         "task arithmetic on the entries at least k TALL masks keep",
         (_K, _LAMBDAS, SCALING),
         _consensus_kernel(False),
-        check=_check_lambdas,
     )
 )
 CONSENSUS_TIES = R.register(
@@ -395,7 +366,6 @@ CONSENSUS_TIES = R.register(
         _consensus_kernel(True),
         importance=B._magnitude,
         sparsify="topk",
-        check=_check_lambdas,
     )
 )  # fmt: skip
 
