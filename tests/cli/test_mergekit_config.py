@@ -307,6 +307,7 @@ def test_della_uses_mergekit_rescale_and_shared_epsilon(tmp_path, models):
     want = merging.della(
         models["base"], models["experts"], density=0.5, epsilon=0.1, key=jax.random.key(3),
         scaling=0.9, weights=[1.0, 0.5], rescale=False, l1_rescale=True, normalize=True,
+        layout="out_in",  # mergekit configurations name PyTorch-layout weights
     )  # fmt: skip
     jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
     status, _ = _run(

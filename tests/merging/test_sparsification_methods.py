@@ -84,8 +84,12 @@ def ref_breadcrumbs(base, experts, *, density, gamma=0.01, scaling=1.0, weights=
     return H._ref_gta(base, sparse, weights or [1.0] * k, consensus, normalize, scaling)
 
 
-def della_probs(x, density, epsilon):
-    """Keep probabilities: rank along axis 1 (a vector's only axis), ascending |x|."""
+def della_probs(x, density, epsilon, layout="out_in"):
+    """Keep probabilities: rank along the input axis (axis 1 of a PyTorch weight, axis -2
+    of a Flax kernel; a vector's only axis), ascending |x|."""
+    if x.ndim >= 2 and layout == "in_out":
+        moved = np.moveaxis(x, -2, 1)
+        return np.moveaxis(della_probs(moved, density, epsilon), 1, -2)
     rows = np.abs(x).reshape(1, -1) if x.ndim < 2 else np.abs(x)
     m = rows.shape[1]
     p = np.empty(rows.shape)
@@ -106,7 +110,8 @@ def della_uniforms(key, t, keystr, shape):
 
 
 def ref_della(base, experts, key, *, density, epsilon=0.15, scaling=1.0, weights=None,
-              rescale=True, l1_rescale=False, consensus=True, normalize=False):  # fmt: skip
+              rescale=True, l1_rescale=False, consensus=True, normalize=False,
+              layout="in_out"):  # fmt: skip
     k = len(experts)
     dens = density if isinstance(density, list | tuple) else [density] * k
     dropped = []
@@ -117,7 +122,7 @@ def ref_della(base, experts, key, *, density, epsilon=0.15, scaling=1.0, weights
             if d >= 1:
                 out[p] = x
                 continue
-            prob = della_probs(x, d, epsilon)
+            prob = della_probs(x, d, epsilon, layout)
             keystr = "".join(f"[{k!r}]" for k in p)
             kept = np.where(della_uniforms(key, t, keystr, x.shape) < prob, x, 0.0)
             out[p] = _l1(x, kept) if l1_rescale else (kept / prob if rescale else kept)
@@ -235,9 +240,11 @@ def test_breadcrumbs_equal_magnitudes_lower_index_ranks_higher():
         {"density": 0.6, "epsilon": 0.3, "l1_rescale": True},
     ],
 )
-def test_della_matches_reference_given_the_documented_draws(linear, kwargs):
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_della_matches_reference_given_the_documented_draws(linear, kwargs, layout):
     base, experts = H.random_experts(np.random.default_rng(3), 3)
     key = jax.random.key(7)
+    kwargs = {**kwargs, "layout": layout}
     if linear:
         got = merging.della_linear(base, experts, key=key, **kwargs)
         H.assert_tree_close(got, ref_della(base, experts, key, consensus=False, **kwargs))
@@ -249,14 +256,16 @@ def test_della_matches_reference_given_the_documented_draws(linear, kwargs):
 
 
 def test_della_keep_rates_follow_the_magnitude_ranks():
-    # one 200×400 leaf, |Δ| distinct: rows of 400 ranked independently
+    # one 200×400 PyTorch-layout leaf, |Δ| distinct: rows of 400 ranked independently
     rng = np.random.default_rng(4)
     delta = rng.permuted(np.tile(np.arange(1.0, 401.0), (200, 1)), axis=1)
     base, expert = {"w": jnp.zeros((200, 400))}, {"w": jnp.asarray(delta)}
     d, eps = 0.4, 0.2
     kept = []
     for t, key in enumerate([jax.random.key(0), jax.random.key(1)]):
-        out = merging.della_linear(base, [expert], density=d, epsilon=eps, key=key, rescale=False)
+        out = merging.della_linear(
+            base, [expert], density=d, epsilon=eps, key=key, rescale=False, layout="out_in"
+        )
         kept.append(np.asarray(out["w"]) != 0)
         assert abs(kept[t].mean() - d) < 0.01  # mean keep probability: the density
         low, high = kept[t][delta <= 40].mean(), kept[t][delta > 360].mean()
@@ -520,9 +529,11 @@ def test_mergekit_della(mk_models, replay_della, name, rescale):
             for path, b in _leaves(base):
                 for t, e in enumerate(experts):
                     u = della_uniforms(key, t, path, b.shape)
-                    draws.append((u, della_probs(dict(_leaves(e))[path] - b, density, eps)))
+                    delta = dict(_leaves(e))[path] - b
+                    draws.append((u, della_probs(delta, density, eps, "out_in")))
         params = {"density": density, "epsilon": eps, "weight": MK_WEIGHTS, "lambda": MK_SCALING}
         kwargs = {"density": density, "epsilon": eps, "weights": MK_WEIGHTS, "key": key}
+        kwargs["layout"] = "out_in"  # mergekit's tensors are PyTorch (d_out, d_in) weights
         for normalize in (False, True) if name == "della" else (False,):
             if name == "della":
                 params["normalize"] = kwargs["normalize"] = normalize

@@ -23,7 +23,8 @@ mergekit                  umtam_jax
 ``dare_linear``           ``dare`` with mergekit's L1 ``rescale`` (default true)
 ``dare_ties``             ``dare_ties`` with mergekit's L1 ``rescale`` (default true)
 ``breadcrumbs[_ties]``    the same, ``gamma`` shared by every model
-``della[_linear]``        the same, ``epsilon`` shared by every model
+``della[_linear]``        the same, ``epsilon`` shared by every model, ranked along
+                          PyTorch's input axis (``layout: out_in``) as mergekit does
 other mergekit methods    the registry method of the same name (``slerp``, ``linear``,
                           ``model_stock``, ``sce``, ...), its parameters by name
 ========================  =====================================================
@@ -244,5 +245,7 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         parameters["l1_rescale"] = rescale
         if registered.param("rescale") is not None:
             parameters["rescale"] = False
+    if registered.param("layout") is not None:  # mergekit reads PyTorch (d_out, d_in) weights
+        parameters.setdefault("layout", "out_in")
     out["method"], out["parameters"] = method, parameters
     return out

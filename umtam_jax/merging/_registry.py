@@ -179,6 +179,12 @@ SCALING = Param("scaling", "number", "factor on the merged task vector")
 WEIGHTS = Param(
     "weights", "weights", "one weight per expert (default 1.0 each)", per_expert="weight"
 )
+LAYOUT = Param(
+    "layout",
+    "choice",
+    "the matrices' last two axes: Flax/JAX (d_in, d_out) or PyTorch/safetensors (d_out, d_in)",
+    choices=("in_out", "out_in"),
+)
 SCOPE = Param(
     "scope",
     "choice",

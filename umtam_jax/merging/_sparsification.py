@@ -9,6 +9,7 @@ leaf (the out-of-core engine) gives the same result. 16-bit inputs are computed 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,12 +206,15 @@ def della(
     rescale: bool = True,
     l1_rescale: bool = False,
     normalize: bool = True,
+    layout: str = "in_out",
 ) -> Any:
     """DELLA: magnitude-ranked random drop (MagPrune), rescale, then TIES's sign consensus.
 
-    ``Δ_τ = w_τ − w0`` is ranked by ``|Δ|`` along axis 1 (a vector's only axis; mergekit's
-    torch layout, ``(out, in)``), ascending, equal magnitudes by index: ranks ``r = 0 …
-    m − 1`` in rows of ``m``. Entry ``i`` is kept with probability
+    ``Δ_τ = w_τ − w0`` is ranked by ``|Δ|`` among the weights into each output unit, in
+    ascending order, equal magnitudes by index: ranks ``r = 0 … m − 1`` over the ``m``
+    inputs. That is along axis ``-2`` of a Flax kernel (``layout="in_out"``, ``(..., d_in,
+    d_out)``) and along axis 1 of a PyTorch weight (``layout="out_in"``, ``(d_out, d_in,
+    ...)``, mergekit's ranking); a vector is ranked whole. Entry ``i`` is kept with probability
     ``p_i = density − ε + 2ε · r_i / (m − 1)`` (``density`` if ``m = 1``, where mergekit
     raises): where ``u_i < p_i``, ``u = uniform(leaf_key, shape, float32)``, ``leaf_key =
     fold_in(fold_in(key, expert_index), crc32(keystr(leaf path)))`` as in :func:`dare`.
@@ -232,6 +236,8 @@ def della(
       rescale: divide kept entries by their keep probability.
       l1_rescale: rescale to the unmasked L1 norm instead (mergekit ≥ 0.1).
       normalize: divide by the summed weights of the agreeing experts.
+      layout: ``"in_out"`` (Flax/JAX kernels) or ``"out_in"`` (PyTorch / safetensors
+        weights, as mergekit ranks them).
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -266,6 +272,7 @@ def della_linear(
     weights: Sequence[float] | None = None,
     rescale: bool = True,
     l1_rescale: bool = False,
+    layout: str = "in_out",
 ) -> Any:
     """DELLA's MagPrune and rescale, then task arithmetic (mergekit's ``della_linear``).
 
@@ -282,6 +289,8 @@ def della_linear(
       weights: one weight per expert (default 1.0 each).
       rescale: divide kept entries by their keep probability.
       l1_rescale: rescale to the unmasked L1 norm instead (mergekit ≥ 0.1).
+      layout: ``"in_out"`` (Flax/JAX kernels) or ``"out_in"`` (PyTorch / safetensors
+        weights, as mergekit ranks them).
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -304,14 +313,19 @@ def della_linear(
     return _run(DELLA_LINEAR, locals())
 
 
-@jax.jit
-def _magprune(base, w, key, low, spread):
+@functools.partial(jax.jit, static_argnames="layout")
+def _magprune(base, w, key, low, spread, layout):
     """DELLA's keep mask and probabilities ``low + spread · r / (m − 1)`` (one leaf)."""
     dt = B._compute_dtype(base)
     mag = jnp.abs(w.astype(dt) - base.astype(dt))
-    rows = mag.reshape(1, -1) if mag.ndim < 2 else mag
+    if mag.ndim < 2:
+        rows = mag.reshape(1, -1)
+    else:  # the inputs of each output unit along axis 1
+        rows = mag if layout == "out_in" else jnp.moveaxis(mag, -2, 1)
     m = rows.shape[1]
     norm = _ranks(rows).astype(dt) / (m - 1) if m > 1 else jnp.full(rows.shape, 0.5, dt)
+    if mag.ndim >= 2 and layout == "in_out":
+        norm = jnp.moveaxis(norm, 1, -2)
     p = (low + norm * spread).reshape(base.shape).astype(dt)
     return jax.random.uniform(key, base.shape, jnp.float32) < p, p
 
@@ -338,7 +352,9 @@ def _della_kernel(consensus: bool):
         masks, probs, eps = [], [], opts["epsilon"]
         for w, d, k in zip(ws, opts["density"], keys, strict=True):
             m, p = (
-                (jnp.ones(b.shape, bool), 1.0) if d >= 1 else _magprune(b, w, k, d - eps, 2 * eps)
+                (jnp.ones(b.shape, bool), 1.0)
+                if d >= 1
+                else _magprune(b, w, k, d - eps, 2 * eps, opts["layout"])
             )
             masks.append(m)
             probs.append(p)
@@ -534,6 +550,7 @@ _DELLA = (
     Param("rescale", "bool", "divide kept entries by their keep probability"),
     B._L1_RESCALE,
 )
+_DELLA_LAYOUT = (R.LAYOUT,)
 _RAM_EPSILON = Param("epsilon", "number", "magnitude a change must exceed to count", low=0.0)
 
 BREADCRUMBS = _register(
@@ -546,11 +563,11 @@ BREADCRUMBS_TIES = _register(
 )  # fmt: skip
 DELLA = _register(
     "della", della, "random drop, keep probabilities ranked by |Δ|, rescale, sign consensus",
-    (*_DELLA, _NORMALIZE), _della_kernel(True), _della_check,
+    (*_DELLA, _NORMALIZE, *_DELLA_LAYOUT), _della_kernel(True), _della_check,
 )  # fmt: skip
 DELLA_LINEAR = _register(
     "della_linear", della_linear, "DELLA's random drop and rescale, then task arithmetic",
-    _DELLA, _della_kernel(False), _della_check,
+    (*_DELLA, *_DELLA_LAYOUT), _della_kernel(False), _della_check,
 )  # fmt: skip
 SCE = _register(
     "sce", sce, "keep top-variance entries, weight experts by mean Δ², erase minority signs",

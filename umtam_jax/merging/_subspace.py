@@ -380,12 +380,7 @@ ISO_CTS = R.register(
                 low=0,
                 high=1,
             ),
-            Param(
-                "layout",
-                "choice",
-                "the matrices' last two axes: Flax (d_in, d_out) or PyTorch (d_out, d_in)",
-                choices=("in_out", "out_in"),
-            ),
+            R.LAYOUT,
         ),
         lambda opts, b, ws, masks, scores, extras: _iso_cts_leaf(
             b,
