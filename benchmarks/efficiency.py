@@ -29,8 +29,8 @@ import optax
 
 import umtam_jax  # noqa: E402
 from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
+from umtam_jax import experiments as E  # noqa: E402
 from umtam_jax.experiments import data as data_lib  # noqa: E402
-from umtam_jax.experiments import pipeline as P  # noqa: E402
 from umtam_jax.experiments.models import minilm  # noqa: E402
 
 LR = 1e-4
@@ -65,14 +65,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     data_lib.import_task_modules(args.imports)
     rounds = args.rounds or (7 if args.quick else 15)
-    P.enable_compilation_cache(Path(args.workdir) / "jax_cache")
+    E.enable_compilation_cache(Path(args.workdir) / "jax_cache")
 
-    cfg = dataclasses.replace(P.QUICK, max_length=args.max_length, max_train=args.batch_size * 4)
-    tt = P.prepare_task(args.task, minilm.load_minilm_tokenizer(), cfg)
+    cfg = dataclasses.replace(E.QUICK, max_length=args.max_length, max_train=args.batch_size * 4)
+    tt = E.prepare_task(args.task, minilm.load_minilm_tokenizer(), cfg)
     batch = {k: v[: args.batch_size] for k, v in tt.arrays["train"].items()}
     base = minilm.load_minilm()
-    params0 = P.init_expert(base, tt.num_labels, cfg, tt.name)
-    param_bytes = P.tree_bytes(params0)
+    params0 = E.init_expert(base, tt.num_labels, cfg, tt.name)
+    param_bytes = E.tree_bytes(params0)
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params0))
 
     runs = {}
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             "state": s,
             "times": [],
             "compile_plus_first_s": compile_s,
-            "state_bytes": P.tree_bytes(s),
+            "state_bytes": E.tree_bytes(s),
         }
         print(
             f"{name}: compiled+first step {compile_s:.1f}s, "

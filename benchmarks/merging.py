@@ -46,8 +46,8 @@ from typing import Any
 import jax
 
 from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
+from umtam_jax import experiments as E  # noqa: E402
 from umtam_jax.experiments import data as data_lib  # noqa: E402
-from umtam_jax.experiments import pipeline as P  # noqa: E402
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics  # noqa: E402
 
 MAIN_METHODS = ("linear", "ties", "dare", "dare_ties", "fisher", "ota", "umtam")
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="demo-size experts and small grids")
     ap.add_argument("--workdir", default="umtam-demo-work")
-    ap.add_argument("--tasks", default=",".join(P.DEFAULT_TASKS))
+    ap.add_argument("--tasks", default=",".join(E.DEFAULT_TASKS))
     data_lib.add_task_import_option(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -119,27 +119,27 @@ def main(argv=None) -> int:
     data_lib.import_task_modules(args.imports)
     tasks = [t for t in args.tasks.split(",") if t]
     full = not args.quick
-    config = dataclasses.replace(P.FULL if full else P.QUICK, seed=args.seed)
+    config = dataclasses.replace(E.FULL if full else E.QUICK, seed=args.seed)
     workdir = Path(args.workdir)
-    P.enable_compilation_cache(workdir / "jax_cache")
+    E.enable_compilation_cache(workdir / "jax_cache")
     prog = not args.no_progress
-    grids = P.default_grids(full=full)
+    grids = E.default_grids(full=full)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
     print("experts (UMTAM defaults of the demo)")
-    base, ttasks, experts = P.prepare_experts(
-        tasks, config, workdir, optimizer_kwargs=P.DEMO_UMTAM_KWARGS, progress=prog
+    base, ttasks, experts = E.prepare_experts(
+        tasks, config, workdir, optimizer_kwargs=E.DEMO_UMTAM_KWARGS, progress=prog
     )
     timings["experts"] = time.perf_counter() - t0
     stats = [e.statistics["encoder"] for e in experts]
-    common = {"statistics": stats, "key": jax.random.key(P._seed_for(config.seed, "merge"))}
+    common = {"statistics": stats, "key": E.merge_key(config)}
 
     fisher_examples = 256 if full else 64
 
     def merge_table(exps, methods):
         """Every method of ``methods`` on ``exps``, each selected on validation."""
-        return P.run_merging(
+        return E.run_merging(
             exps,
             ttasks,
             base,
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         kw = dict(common)
         if st is not None:
             kw["statistics"] = st
-        return P.select_on_validation(
+        return E.select_on_validation(
             method, grid, base, exps, ttasks, config, fixed=fixed, progress=prog, **kw
         )
 
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         else:
             main_res = merge_table(experts, MAIN_METHODS)
         timings["main"] = time.perf_counter() - t
-        print(P.format_table(main_res))
+        print(E.format_table(main_res))
 
         # 2. density sweep
         t = time.perf_counter()
@@ -248,8 +248,8 @@ def main(argv=None) -> int:
 
     def retrained(tag: str, **changes: Any) -> list:
         """The experts trained with the demo's UMTAM settings changed by ``changes``."""
-        kwargs = {**P.DEMO_UMTAM_KWARGS, **changes}
-        return P.prepare_experts(
+        kwargs = {**E.DEMO_UMTAM_KWARGS, **changes}
+        return E.prepare_experts(
             tasks,
             config,
             workdir,
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     if not args.skip_adamw:
         t = time.perf_counter()
         print("AdamW experts (same config)")
-        _, _, adam_experts = P.prepare_experts(
+        _, _, adam_experts = E.prepare_experts(
             tasks,
             config,
             workdir,
@@ -297,28 +297,28 @@ def main(argv=None) -> int:
             progress=prog,
         )
         adamw_res = merge_table(adam_experts, ADAMW_METHODS)
-        print(P.format_table(adamw_res))
+        print(E.format_table(adamw_res))
         timings["adamw"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     # report
-    main_res["methods"]["umtam"]["method"] = P.MERGE_METHODS["umtam"].name
+    main_res["methods"]["umtam"]["method"] = E.MERGE_METHODS["umtam"].name
     out = Path(args.results_dir)
-    P.plot_merging(
+    E.plot_merging(
         main_res, out / "merging.png", title=f"merging ({'full' if full else 'quick'}): test"
     )
     _plot_sweep(sweep, out / "merging_density.png")
     mode = "quick: the umtam-demo experts" if not full else "full-size experts"
     md = [
         f"MiniLM-L6 experts fine-tuned with UMTAM ({mode}; {config.steps} steps × "
-        f"{config.batch_size} × {config.max_length} tokens, UMTAM {P.DEMO_UMTAM_KWARGS}); "
+        f"{config.batch_size} × {config.max_length} tokens, UMTAM {E.DEMO_UMTAM_KWARGS}); "
         f"encoders merged, each task keeps its head; hyper-parameters chosen on validation "
         f"(≤{config.max_eval} examples/task), reported on test (≤{config.max_eval}/task). "
         "Norm. avg = mean over tasks of merged / expert.",
         "",
         "### Main table (Table 2)",
         "",
-        P.format_table(main_res),
+        E.format_table(main_res),
         *(
             ["", f"Main table from the demo run `{main_from}` (same experts and grids)."]
             if main_from
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     ]
     for m in sweep:
         md.append(
-            f"| {P.MERGE_METHODS[m].name} (test norm) | "
+            f"| {E.MERGE_METHODS[m].name} (test norm) | "
             + " | ".join(f"{sweep[m][str(d)]['test']['norm']:.3f}" for d in SWEEP)
             + " |"
         )
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
         "mode": "full" if full else "quick",
         "tasks": tasks,
         "config": {**dataclasses.asdict(config), "config": None},
-        "umtam_kwargs": P.DEMO_UMTAM_KWARGS,
+        "umtam_kwargs": E.DEMO_UMTAM_KWARGS,
         "grids": grids,
         "main": main_res,
         "density_sweep": sweep,
@@ -411,7 +411,7 @@ def _adamw_section(umtam_res, adamw_res) -> list[str]:
     return [
         "### AdamW experts merged with the baselines (the alternative pipeline)",
         "",
-        P.format_table(adamw_res),
+        E.format_table(adamw_res),
         "",
         "Absolute test average of the merged model, the method chosen on validation average "
         f"for each pipeline: UMTAM-trained experts → {um_name} {um['test']['avg']:.3f} "
@@ -430,7 +430,7 @@ def _demo_result(workdir, tasks, config, full) -> tuple[dict[str, Any], str] | N
     same = (
         d.get("mode") == ("full" if full else "quick")
         and d.get("tasks") == tasks
-        and d.get("umtam_kwargs") == P.DEMO_UMTAM_KWARGS
+        and d.get("umtam_kwargs") == E.DEMO_UMTAM_KWARGS
         and d.get("config")
         == json.loads(json.dumps({**dataclasses.asdict(config), "config": None}))
         and list(d["result"]["methods"]) == list(MAIN_METHODS)
@@ -450,7 +450,7 @@ def _plot_sweep(sweep, path):
             [100 * d for d in SWEEP],
             [sweep[m][str(d)]["test"]["norm"] for d in SWEEP],
             marker,
-            label=P.MERGE_METHODS[m].name,
+            label=E.MERGE_METHODS[m].name,
         )
     ax.set_xscale("log")
     ax.set_xticks([100 * d for d in SWEEP], [f"{100 * d:g}" for d in SWEEP])

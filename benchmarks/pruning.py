@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
+from umtam_jax import experiments as E  # noqa: E402
 from umtam_jax import merging  # noqa: E402
 from umtam_jax.experiments import data as data_lib  # noqa: E402
-from umtam_jax.experiments import pipeline as P  # noqa: E402
 
 DENSITIES = (0.01, 0.05, 0.10, 0.20, 0.40)
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="demo-size experts (umtam-demo preset)")
     ap.add_argument("--workdir", default="umtam-demo-work")
-    ap.add_argument("--tasks", default=",".join(P.DEFAULT_TASKS))
+    ap.add_argument("--tasks", default=",".join(E.DEFAULT_TASKS))
     data_lib.add_task_import_option(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
@@ -43,15 +43,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     data_lib.import_task_modules(args.imports)
     tasks = [t for t in args.tasks.split(",") if t]
-    config = dataclasses.replace(P.QUICK if args.quick else P.FULL, seed=args.seed)
+    config = dataclasses.replace(E.QUICK if args.quick else E.FULL, seed=args.seed)
     workdir = Path(args.workdir)
-    P.enable_compilation_cache(workdir / "jax_cache")
+    E.enable_compilation_cache(workdir / "jax_cache")
     t0 = time.perf_counter()
-    base, ttasks, experts = P.prepare_experts(
+    base, ttasks, experts = E.prepare_experts(
         tasks,
         config,
         workdir,
-        optimizer_kwargs=P.DEMO_UMTAM_KWARGS,
+        optimizer_kwargs=E.DEMO_UMTAM_KWARGS,
         progress=not args.no_progress,
     )
     rows = {}
@@ -61,14 +61,14 @@ def main(argv=None) -> int:
         enc = e.params["encoder"]
         r = {
             "expert": e.scores["test"],
-            "base_encoder": P.evaluate_params({"encoder": base, "head": head}, tt, "test", config),
+            "base_encoder": E.evaluate_params({"encoder": base, "head": head}, tt, "test", config),
             "saliency": {},
             "magnitude": {},
         }
         for d in DENSITIES:
             for how, scores in (("saliency", e.statistics["encoder"]), ("magnitude", None)):
                 pruned = merging.prune(base, enc, scores, density=d)
-                r[how][str(d)] = P.evaluate_params(
+                r[how][str(d)] = E.evaluate_params(
                     {"encoder": pruned, "head": head}, tt, "test", config
                 )
         rows[e.task] = r
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         "mode": "quick" if args.quick else "full",
         "densities": list(DENSITIES),
         "config": {**dataclasses.asdict(config), "config": None},
-        "umtam_kwargs": P.DEMO_UMTAM_KWARGS,
+        "umtam_kwargs": E.DEMO_UMTAM_KWARGS,
         "per_task": rows,
         "mean": mean,
         "saliency_wins": wins,

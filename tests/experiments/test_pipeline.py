@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from umtam_jax import experiments as E
 from umtam_jax.experiments import data as data_lib
-from umtam_jax.experiments import pipeline as P
 from umtam_jax.experiments.models import minilm
 
 TINY = minilm.BertConfig(
@@ -21,7 +21,7 @@ TINY = minilm.BertConfig(
     dropout_rate=0.0,
     attention_dropout_rate=0.0,
 )
-CFG = P.PipelineConfig(
+CFG = E.PipelineConfig(
     max_length=16,
     batch_size=8,
     steps=3,
@@ -93,17 +93,17 @@ def custom_tasks():
 
 
 def _run(tasks, tokenizer, base, workdir, grids=GRIDS):
-    _, ttasks, experts = P.prepare_experts(
+    _, ttasks, experts = E.prepare_experts(
         tasks,
         CFG,
         workdir,
         optimizer_kwargs=UMTAM_KW,
         base_encoder=base,
-        ttasks={t: P.prepare_task(t, tokenizer, CFG, cache_dir=workdir / "tok") for t in tasks},
+        ttasks={t: E.prepare_task(t, tokenizer, CFG, cache_dir=workdir / "tok") for t in tasks},
         progress=False,
         log=None,
     )
-    result = P.run_merging(
+    result = E.run_merging(
         experts,
         ttasks,
         base,
@@ -124,7 +124,7 @@ def _check_result(result, tasks, grids=GRIDS):
             assert all(0.0 <= r[split][t] <= 1.0 for t in tasks)
             assert np.isfinite(r[split]["norm"])
     assert ("fisher" not in grids) or result["fisher_seconds"] > 0
-    table = P.format_table(result)
+    table = E.format_table(result)
     assert "UMTAM" in table and "Expert" in table
 
 
@@ -171,12 +171,12 @@ def test_builtin_tasks_end_to_end(tokenizer, base, tmp_path):
 
 
 def test_retrain_when_config_changes(custom_tasks, tokenizer, base, tmp_path):
-    tt = P.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path / "tok")
-    e1 = P.train_expert(tt, base, CFG, tmp_path, optimizer_kwargs=UMTAM_KW, progress=False)
+    tt = E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path / "tok")
+    e1 = E.train_expert(tt, base, CFG, tmp_path, optimizer_kwargs=UMTAM_KW, progress=False)
     cfg2 = dataclasses.replace(CFG, steps=1)
-    e2 = P.train_expert(tt, base, cfg2, tmp_path, optimizer_kwargs=UMTAM_KW, progress=False)
+    e2 = E.train_expert(tt, base, cfg2, tmp_path, optimizer_kwargs=UMTAM_KW, progress=False)
     assert e1.path != e2.path and not e2.info["restored"]
-    e3 = P.train_expert(tt, base, cfg2, tmp_path, optimizer="adamw", progress=False)
+    e3 = E.train_expert(tt, base, cfg2, tmp_path, optimizer="adamw", progress=False)
     assert e3.statistics is None
 
 

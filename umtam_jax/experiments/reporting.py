@@ -1,0 +1,93 @@
+"""Reporting: the merging results as a Markdown table and a plot, and sizes of pytrees.
+
+:func:`format_table` and :func:`plot_merging` read the result of
+:func:`~umtam_jax.experiments.pipeline.run_merging` (the JSON the demo and the benchmarks
+write is that result as is); :func:`tree_bytes` measures parameters and optimizer states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["format_table", "plot_merging", "tree_bytes"]
+
+
+def format_table(result: Mapping[str, Any], split: str = "test") -> str:
+    """A Markdown table: per-task metric, average, normalized average (merged/expert)."""
+    tasks = list(result["experts"])
+    head = ["Method", *tasks, "Avg", "Norm. avg", "Chosen (on validation)"]
+    rows = [
+        [
+            "Expert (upper bound)",
+            *[f"{result['experts'][t][split]:.3f}" for t in tasks],
+            f"{result['expert_avg'][split]:.3f}",
+            "1.000",
+            "",
+        ]
+    ]
+    for r in result["methods"].values():
+        s = r[split]
+        hp = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["hparams"].items()
+        )
+        rows.append(
+            [
+                r["method"],
+                *[f"{s[t]:.3f}" for t in tasks],
+                f"{s['avg']:.3f}",
+                f"{s['norm']:.3f}",
+                hp,
+            ]
+        )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_merging(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """Bar charts of the test metric per task and of the normalized average per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(result["experts"])
+    rows = [("Expert", {**{t: result["experts"][t]["test"] for t in tasks}, "norm": 1.0})]
+    rows += [(r["method"], r["test"]) for r in result["methods"].values()]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=[2, 1])
+    width = 0.8 / len(rows)
+    x = np.arange(len(tasks))
+    for i, (name, s) in enumerate(rows):
+        a1.bar(x + i * width, [s[t] for t in tasks], width, label=name)
+    a1.set_xticks(x + 0.4 - width / 2, tasks)
+    a1.set_ylabel("test metric")
+    a1.legend(fontsize=7, ncol=2)
+    a1.set_ylim(0, 1)
+    names = [n for n, _ in rows]
+    a2.barh(names, [s["norm"] for _, s in rows], color="tab:blue")
+    a2.axvline(1.0, color="k", lw=0.8)
+    a2.set_xlabel("normalized avg (merged / expert)")
+    a2.invert_yaxis()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the array leaves of a pytree."""
+    return int(
+        sum(
+            np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
+            for x in jax.tree.leaves(tree)
+        )
+    )

@@ -1,0 +1,108 @@
+"""Tokenized tasks: a registered task's capped splits, tokenized for MiniLM (cached as ``.npz``).
+
+The task registry and the raw examples live in :mod:`umtam_jax.experiments.data`; this
+module turns one registered task into the arrays the training and evaluation stages read
+(:class:`TokenizedTask`), keyed on disk by the task's name, version, kind, content and the
+config's :meth:`~umtam_jax.experiments.config.PipelineConfig.data_key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from umtam_jax.experiments import data as data_lib
+from umtam_jax.experiments._keys import stable_hash
+from umtam_jax.experiments.config import PipelineConfig
+from umtam_jax.experiments.models import minilm
+
+__all__ = ["TokenizedTask", "prepare_task"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedTask:
+    """A task with its tokenized splits.
+
+    Attributes:
+        name: Task name.
+        task: The :class:`~umtam_jax.experiments.data.TaskData`.
+        arrays: split -> ``{"input_ids", "attention_mask", "token_type_ids", "labels"}``
+            NumPy arrays.
+    """
+
+    name: str
+    task: data_lib.TaskData
+    arrays: dict[str, dict[str, np.ndarray]]
+
+    @property
+    def num_labels(self) -> int:
+        return self.task.num_labels
+
+    def evaluate(self, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        """The task's own metric."""
+        return self.task.evaluate(y_true, y_pred)
+
+
+def prepare_task(
+    name: str,
+    tokenizer: Any,
+    config: PipelineConfig,
+    *,
+    cache_dir: str | Path | None = None,
+) -> TokenizedTask:
+    """Loads a registered task, caps its splits and tokenizes them (cached as ``.npz``).
+
+    Args:
+        name: A registered task name.
+        tokenizer: The MiniLM tokenizer (:func:`~umtam_jax.experiments.models.minilm.\
+load_minilm_tokenizer`).
+        config: Sizes (``max_length``, ``max_train``, ``max_eval``, ``seed``).
+        cache_dir: Where to keep the tokenized arrays (None: no cache).
+
+    Returns:
+        The :class:`TokenizedTask`.
+    """
+    caps = {"train": config.max_train, "validation": config.max_eval, "test": config.max_eval}
+    caps = {k: v for k, v in caps.items() if v is not None}
+    task = data_lib.load_task(name, seed=config.seed, max_per_split=caps or None)
+    spec = data_lib.get_task(name)
+    path = None
+    if cache_dir is not None:
+        # The task's content enters the key, so a re-registered task is re-tokenized.
+        digest = zlib.crc32(
+            json.dumps([task.validation.texts[:50], task.train.texts[:50]], default=str).encode()
+        )
+        key = stable_hash(
+            [name, spec.version, spec.kind, config.data_key(), digest, len(task.train)]
+        )
+        path = Path(cache_dir) / f"{name}-{key}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                arrays: dict[str, dict[str, np.ndarray]] = {}
+                for k in z.files:
+                    split, field = k.split("/")
+                    arrays.setdefault(split, {})[field] = z[k]
+            return TokenizedTask(name, task, arrays)
+    arrays = {}
+    for split, ex in task.splits.items():
+        if len(ex):
+            enc = minilm.tokenize_batch(tokenizer, ex.texts, config.max_length)
+        else:
+            enc = {
+                k: np.zeros((0, config.max_length), np.int32)
+                for k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+        enc["labels"] = ex.labels.astype(np.int32)
+        arrays[split] = enc
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flat = {f"{s}/{f}": v for s, d in arrays.items() for f, v in d.items()}
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **flat)
+        tmp.replace(path)
+    return TokenizedTask(name, task, arrays)
