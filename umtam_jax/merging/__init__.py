@@ -46,6 +46,7 @@ References:
   arXiv:2412.00081; Iso-C/Iso-CTS, arXiv:2502.04959.
 """
 
+from umtam_jax.merging import diagnostics
 from umtam_jax.merging._baselines import dare, dare_ties, ota, prune, task_arithmetic, ties
 from umtam_jax.merging._data_free import (
     arcee_fusion,
@@ -98,6 +99,7 @@ __all__ = [
     "della",
     "della_linear",
     "describe",
+    "diagnostics",
     "diagonal_fisher",
     "emr_merge",
     "emr_task_model",
