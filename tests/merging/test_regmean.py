@@ -4,6 +4,7 @@ validation."""
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,17 +78,15 @@ def ref_regmean(experts, grams, alpha, weights=None):
     return out
 
 
-def _close(got, want, **tol):
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, **tol), got, want)
-
-
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("weights", [None, [1.0, 2.0, 0.5]])
 @pytest.mark.parametrize("with_base", [True, False])
 def test_matches_float64_reference(x64, alpha, weights, with_base):
     base, experts, grams = _inputs(np.random.default_rng(0))
     got = merging.regmean(base if with_base else None, experts, grams, alpha=alpha, weights=weights)
-    _close(got, ref_regmean(experts, grams, alpha, weights), rtol=1e-9, atol=1e-10)
+    chex.assert_trees_all_close(
+        got, ref_regmean(experts, grams, alpha, weights), rtol=1e-9, atol=1e-10
+    )
     assert got["attn"]["kernel"].dtype == jnp.float64
 
 
@@ -118,7 +117,7 @@ def test_identical_experts_give_that_expert():
     expert = jax.tree.map(lambda x: x.astype(np.float32), experts[0])
     grams = [jax.tree.map(lambda x: x.astype(np.float32), g) for g in grams]
     got = merging.regmean(base=None, experts=[expert] * 3, grams=grams)
-    _close(got, expert, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(got, expert, rtol=1e-4, atol=1e-5)
 
 
 def test_scaled_identity_grams_give_the_average(x64):
@@ -133,12 +132,16 @@ def test_scaled_identity_grams_give_the_average(x64):
         }
 
     got = merging.regmean(base, experts, [identity(2.5)] * 3, alpha=0.7)
-    _close(got, jax.tree.map(lambda *w: sum(w) / 3, *experts), rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(
+        got, jax.tree.map(lambda *w: sum(w) / 3, *experts), rtol=1e-10, atol=1e-12
+    )
     # different multiples of the identity weight the experts by them
     got = merging.regmean(base, experts, [identity(c) for c in (1.0, 2.0, 5.0)])
-    _close(got, ref_regmean(experts, [identity(c) for c in (1.0, 2.0, 5.0)], 0.9), rtol=1e-10)
+    chex.assert_trees_all_close(
+        got, ref_regmean(experts, [identity(c) for c in (1.0, 2.0, 5.0)], 0.9), rtol=1e-10
+    )
     want = jax.tree.map(lambda a, b, c: (a + 2 * b + 5 * c) / 8, *experts)
-    _close(got["attn"]["kernel"], want["attn"]["kernel"], rtol=1e-10)
+    chex.assert_trees_all_close(got["attn"]["kernel"], want["attn"]["kernel"], rtol=1e-10)
 
 
 def test_an_unseen_input_feature_gets_the_average(x64):
@@ -166,7 +169,9 @@ def test_bfloat16_is_computed_in_float32_and_cast_back():
     up = lambda t: to(to(t, jnp.bfloat16), jnp.float32)  # noqa: E731
     want = merging.regmean(up(base), [up(e) for e in experts], grams)
     assert got["attn"]["kernel"].dtype == jnp.bfloat16
-    _close(to(got, jnp.float32), to(to(want, jnp.bfloat16), jnp.float32), rtol=0, atol=0)
+    chex.assert_trees_all_close(
+        to(got, jnp.float32), to(to(want, jnp.bfloat16), jnp.float32), rtol=0, atol=0
+    )
 
 
 def test_jit_by_name_and_no_mutation():
@@ -178,10 +183,10 @@ def test_jit_by_name_and_no_mutation():
     jitted = jax.jit(lambda b, e, g, a: merging.regmean(b, e, g, alpha=a))(
         base, experts, grams, 0.5
     )
-    _close(jitted, jax.tree.map(np.asarray, eager), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jitted, jax.tree.map(np.asarray, eager), rtol=1e-5, atol=1e-6)
     by_name = merging.merge("regmean", base, experts, grams, alpha=0.5)
-    _close(by_name, jax.tree.map(np.asarray, eager), rtol=0, atol=0)
-    jax.tree.map(np.testing.assert_array_equal, (base, experts, grams), copies)
+    chex.assert_trees_all_close(by_name, jax.tree.map(np.asarray, eager), rtol=0, atol=0)
+    chex.assert_trees_all_equal((base, experts, grams), copies)
 
 
 # ------------------------------------------------------------------ validation
@@ -218,9 +223,14 @@ def test_validation_errors_name_the_expert_and_the_path():
         merging.regmean(None, ws, [good, good], weights=[1.0, -1.0])
 
 
-def test_the_engine_refuses_regmean():
-    with pytest.raises(ValueError, match="Gram matrices.*in memory"):
+def test_the_engine_and_the_cli_refuse_regmean_before_reading_anything(capsys):
+    from umtam_jax.cli.merge import main
+
+    with pytest.raises(ValueError, match="grams, which the checkpoint engine does not read"):
         engine.validate_merge_checkpoints("regmean", "base", ["a", "b"])
+    assert main(["--method", "regmean", "--expert", "a", "--expert", "b", "--dry-run"]) == 2
+    assert "umtam-merge does not read from checkpoints" in capsys.readouterr().err
+    assert "in memory only" in merging.describe(merging.METHODS["regmean"])
 
 
 # ------------------------------------------------------------------ the Gram pass
@@ -254,7 +264,7 @@ def test_nnx_grams_equal_the_inputs_gram_by_hand():
     np.testing.assert_allclose(np.asarray(grams["first"]["kernel"]), g1, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grams["layers"][0]["kernel"]), g2, rtol=1e-5)
     one = merging.input_grams(model, None, [jnp.concatenate(batches)])
-    _close(one, jax.tree.map(np.asarray, grams), rtol=1e-5)
+    chex.assert_trees_all_close(one, jax.tree.map(np.asarray, grams), rtol=1e-5)
     mean = merging.input_grams(model, None, batches, normalize=True)
     np.testing.assert_allclose(np.asarray(mean["first"]["kernel"]), g1 / 15, rtol=1e-5)
     # another point's parameters, as an nnx.State or a pure dict
@@ -263,7 +273,7 @@ def test_nnx_grams_equal_the_inputs_gram_by_hand():
     at_dict = merging.input_grams(model, nnx.to_pure_dict(state), batches)
     g1, g2 = _by_hand(2 * model.first.kernel[...], 2 * model.first.bias[...], batches)
     np.testing.assert_allclose(np.asarray(at_state["layers"][0]["kernel"]), g2, rtol=1e-5)
-    _close(at_dict, jax.tree.map(np.asarray, at_state), rtol=1e-6)
+    chex.assert_trees_all_close(at_dict, jax.tree.map(np.asarray, at_state), rtol=1e-6)
 
 
 def test_nnx_grams_with_a_padding_mask_and_token_axes():
@@ -332,6 +342,8 @@ def test_nnx_experts_merge_with_their_grams():
     merged = merging.regmean(None, states, grams, alpha=0.8)
     assert isinstance(merged, nnx.State)
     pure = merging.regmean(None, [nnx.to_pure_dict(s) for s in states], grams, alpha=0.8)
-    _close(nnx.to_pure_dict(merged), jax.tree.map(np.asarray, pure), rtol=0, atol=0)
+    chex.assert_trees_all_close(
+        nnx.to_pure_dict(merged), jax.tree.map(np.asarray, pure), rtol=0, atol=0
+    )
     bias = (states[0]["first"]["bias"][...] + states[1]["first"]["bias"][...]) / 2
     np.testing.assert_allclose(np.asarray(pure["first"]["bias"]), bias, rtol=1e-6)

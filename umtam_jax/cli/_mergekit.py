@@ -201,14 +201,18 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         if key in config:
             out[key] = config[key]
     out["dtype"], out["out_dtype"] = _dtype(config, "dtype"), _dtype(config, "out_dtype")
+    global_params.pop("int8_mask", None)  # only mergekit's mask dtype, in any method
+    # mergekit reads PyTorch (d_out, d_in) weights: methods that depend on the layout say so.
+    layout = {}
+    if registered.param("layout") is not None:
+        layout["layout"] = global_params.pop("layout", "out_in")
     if name not in _GTA:
-        out["method"], out["parameters"] = name, global_params
+        out["method"], out["parameters"] = name, {**global_params, **layout}
         return out
     method, normalize, rescale = _GTA[name]
     registered = METHODS[method]
     normalize = global_params.pop("normalize", normalize)
     rescale = global_params.pop("rescale", rescale)
-    global_params.pop("int8_mask", None)
     scaling = global_params.pop("lambda", 1.0)
     own = {k: global_params.pop(k) for k in _SHARED_PER_MODEL if k in global_params}
     if global_params:
@@ -245,7 +249,5 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         parameters["l1_rescale"] = rescale
         if registered.param("rescale") is not None:
             parameters["rescale"] = False
-    if registered.param("layout") is not None:  # mergekit reads PyTorch (d_out, d_in) weights
-        parameters.setdefault("layout", "out_in")
-    out["method"], out["parameters"] = method, parameters
+    out["method"], out["parameters"] = method, {**parameters, **layout}
     return out

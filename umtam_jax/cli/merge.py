@@ -213,6 +213,11 @@ def build_plan(config: dict[str, Any]) -> Plan:
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
+    if not spec.out_of_core:
+        raise ConfigError(
+            f"method {method!r} needs each expert's {spec.extra}, which umtam-merge does not "
+            f"read from checkpoints: merge in memory with umtam_jax.merging.{method}"
+        )
     defaults = spec.defaults()
     base = config.get("base")
     if base is None and not spec.base_optional:

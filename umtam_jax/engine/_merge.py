@@ -392,10 +392,10 @@ def job_from_paths(
         raise ValueError("expert_dirs is empty: at least one expert is required")
     if m.single_expert and len(expert_dirs) != 1:
         raise ValueError(f"method {method!r} takes exactly one expert, got {len(expert_dirs)}")
-    if m.extra == "grams":
+    if not m.out_of_core:
         raise ValueError(
-            f"method {method!r} needs each expert's Gram matrices, which the out-of-core "
-            "engine does not read: merge in memory with umtam_jax.merging.regmean"
+            f"method {method!r} needs each expert's {m.extra}, which the checkpoint engine "
+            f"does not read: merge in memory with umtam_jax.merging.{method}"
         )
     if "scores" in kwargs:
         raise TypeError(

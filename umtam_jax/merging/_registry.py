@@ -164,6 +164,12 @@ class Method:
         return {p.name: signature[p.name].default for p in self.params}
 
     @property
+    def out_of_core(self) -> bool:
+        """Whether the checkpoint engine and ``umtam-merge`` can run it: every per-expert
+        input but Gram matrices is read from checkpoints."""
+        return self.extra != "grams"
+
+    @property
     def global_scope(self) -> bool:
         """Whether the method takes ``scope="global"``."""
         return self.param("scope") is not None
@@ -438,6 +444,8 @@ def describe(method: Method) -> str:
     inputs = "base, one expert" if method.single_expert else "base, experts"
     if method.extra is not None:
         inputs += f", {method.extra}"
+    if not method.out_of_core:
+        inputs += " (in memory only: umtam_jax.merging, not checkpoints)"
     lines = [f"{method.name}: {method.summary}", f"  inputs: {inputs}"]
     for p, default in zip(method.params, method.defaults().values(), strict=True):
         shown = "required" if default is REQUIRED else f"default {default!r}"

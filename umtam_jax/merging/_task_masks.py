@@ -153,8 +153,11 @@ def tall_masks(
     or ``θ_merged − θ_0`` for a given merged model (TIES, ...). ``m_t`` keeps the entries
     where the merge is closer to the task's model than the base is, up to ``λ_t``; the
     task's model is ``θ_0 + m_t ∘ τ_MTL`` (:func:`apply_task_mask`). ``λ_t = 0`` keeps
-    everything; entries no task changes count as kept (``0 ≥ 0``; the reference code's
-    strict ``>`` drops them: the same models, since ``τ_MTL`` is 0 there). The paper picks
+    everything. Difference from the reference code, whose comparison is strict (``>``):
+    an entry with ``|τ_t| = λ_t · |τ_MTL − τ_t|`` is kept here. Where no task changes an
+    entry this changes nothing (``τ_MTL`` is 0 there), but with ``λ_t = 0`` the entries
+    task t leaves unchanged while others change them (``τ_t = 0 ≠ τ_MTL``) are kept here
+    and dropped there, which changes task t's model and the consensus counts. The paper picks
     ``λ_t`` per task on validation data from {0.2, …, 0.6}.
 
     Args:
