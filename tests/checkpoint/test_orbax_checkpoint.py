@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import umtam_jax
+from tests import trees
 from umtam_jax.checkpoint import (
     Checkpoint,
     read_metadata,
@@ -40,16 +42,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:R
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-
-
-def assert_trees_identical(a, b):
-    """Same structure (NamedTuple types, None, MaskedNode), dtypes and bit-identical values."""
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype
-        assert x.shape == y.shape
-        np.testing.assert_array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8))
 
 
 def tiny_params(dtype=jnp.float32):
@@ -160,15 +152,15 @@ def test_hand_built_round_trip(tmp_path):
     opt_state = hand_opt_state()
     path = save_checkpoint(tmp_path / "ckpt", params, opt_state=opt_state, metadata={"step": 3})
 
-    assert_trees_identical(restore_params(path), params)
+    trees.assert_trees_bitwise_equal(restore_params(path), params)
     stats = restore_statistics(path)
-    assert_trees_identical(stats, umtam_jax.statistics(opt_state))
+    trees.assert_trees_bitwise_equal(stats, umtam_jax.statistics(opt_state))
     assert isinstance(stats["w"], FactoredStatistics)
     assert isinstance(stats["b"], DenseStatistics) and stats["b"].saliency is None
     assert isinstance(stats["m"], optax.MaskedNode)
     assert stats["b"].mu.dtype == jnp.bfloat16
     restored = restore_opt_state(path, jax.eval_shape(lambda: opt_state))
-    assert_trees_identical(restored, opt_state)
+    trees.assert_trees_bitwise_equal(restored, opt_state)
     assert isinstance(jax.tree.leaves(restored)[0], jax.Array)
 
 
@@ -176,7 +168,7 @@ def test_statistics_tree_saved_directly(tmp_path):
     stats = hand_statistics()
     path = save_checkpoint(tmp_path / "ckpt", {"p": jnp.zeros(2)}, statistics=stats)
     restored = restore_statistics(path)
-    assert_trees_identical(restored, stats)
+    trees.assert_trees_bitwise_equal(restored, stats)
     assert restored["head"].saliency is None
     assert restored["enc"]["bias"].mu.dtype == jnp.bfloat16
     kinds = read_metadata(path)["statistics_kinds"]
@@ -205,7 +197,7 @@ def test_param_containers_and_scalars(tmp_path):
     assert isinstance(restored["layers"], list) and isinstance(restored["pair"], tuple)
     assert restored["empty"] == {} and restored["nothing"] is None
     assert restored["layers"][1]["w"].dtype == jnp.bfloat16
-    assert_trees_identical(restored, jax.tree.map(jnp.asarray, params))
+    trees.assert_trees_bitwise_equal(restored, jax.tree.map(jnp.asarray, params))
 
 
 def test_inputs_not_modified(tmp_path):
@@ -213,7 +205,7 @@ def test_inputs_not_modified(tmp_path):
     opt_state = hand_opt_state()
     before = jax.tree.map(np.array, (params, opt_state))
     save_checkpoint(tmp_path / "ckpt", params, opt_state=opt_state)
-    assert_trees_identical((params, opt_state), before)
+    trees.assert_trees_bitwise_equal((params, opt_state), before)
     assert isinstance(params["w"], np.ndarray)
 
 
@@ -223,9 +215,9 @@ def test_restore_checkpoint_everything(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt", params, opt_state=opt_state, metadata={"task": "t"})
     ckpt = restore_checkpoint(path, opt_state_target=jax.eval_shape(lambda: opt_state))
     assert isinstance(ckpt, Checkpoint)
-    assert_trees_identical(ckpt.params, params)
-    assert_trees_identical(ckpt.statistics, umtam_jax.statistics(opt_state))
-    assert_trees_identical(ckpt.opt_state, opt_state)
+    trees.assert_trees_bitwise_equal(ckpt.params, params)
+    trees.assert_trees_bitwise_equal(ckpt.statistics, umtam_jax.statistics(opt_state))
+    trees.assert_trees_bitwise_equal(ckpt.opt_state, opt_state)
     assert ckpt.metadata["user"] == {"task": "t"}
     assert ckpt.metadata["library_version"] == umtam_jax.__version__
     assert ckpt.metadata["items"] == ["params", "statistics", "opt_state"]
@@ -242,7 +234,7 @@ def test_params_target_gives_structure_and_sharding(tmp_path):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), params
     )
     restored = restore_params(path, target=target)
-    assert_trees_identical(restored, params)
+    trees.assert_trees_bitwise_equal(restored, params)
     assert all(x.sharding == sharding for x in jax.tree.leaves(restored))
 
 
@@ -298,11 +290,11 @@ def test_resume_is_bit_identical(tmp_path, make_opt):
     abstract_params = jax.eval_shape(lambda: tiny_params())
     restored_params = restore_params(path, target=abstract_params)
     restored_state = restore_opt_state(path, jax.eval_shape(opt2.init, abstract_params))
-    assert_trees_identical(restored_state, opt_state)
+    trees.assert_trees_bitwise_equal(restored_state, opt_state)
     resumed_params, resumed_state = train(make_step(opt2), restored_params, restored_state, 3)
 
-    assert_trees_identical(resumed_params, expected_params)
-    assert_trees_identical(resumed_state, expected_state)
+    trees.assert_trees_bitwise_equal(resumed_params, expected_params)
+    trees.assert_trees_bitwise_equal(resumed_state, expected_state)
 
 
 def test_statistics_round_trip_from_training(tmp_path):
@@ -312,16 +304,11 @@ def test_statistics_round_trip_from_training(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt", params, opt_state=opt_state)
     expected = umtam_jax.statistics(opt_state)
     restored = restore_statistics(path)
-    assert_trees_identical(restored, expected)
+    trees.assert_trees_bitwise_equal(restored, expected)
     kinds = read_metadata(path)["statistics_kinds"]["counts"]
     assert kinds["factored"] >= 1 and kinds["dense"] >= 1
     # statistics-only consumers need no optimizer
-    for got, want in zip(
-        jax.tree.leaves(umtam_jax.saliency(restored)),
-        jax.tree.leaves(umtam_jax.saliency(opt_state)),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(got, want)
+    chex.assert_trees_all_equal(umtam_jax.saliency(restored), umtam_jax.saliency(opt_state))
 
 
 def test_bfloat16_params_training(tmp_path):
@@ -331,9 +318,9 @@ def test_bfloat16_params_training(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt", params, opt_state=opt_state)
     restored = restore_params(path)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(restored))
-    assert_trees_identical(restored, params)
+    trees.assert_trees_bitwise_equal(restored, params)
     state = restore_opt_state(path, jax.eval_shape(opt.init, params0))
-    assert_trees_identical(state, opt_state)
+    trees.assert_trees_bitwise_equal(state, opt_state)
 
 
 def test_state_without_umtam_saves_no_statistics(tmp_path):
@@ -345,7 +332,9 @@ def test_state_without_umtam_saves_no_statistics(tmp_path):
     with pytest.raises(FileNotFoundError, match="no 'statistics' item"):
         restore_statistics(path)
     assert restore_checkpoint(path).statistics is None
-    assert_trees_identical(restore_opt_state(path, jax.eval_shape(opt.init, params)), opt_state)
+    trees.assert_trees_bitwise_equal(
+        restore_opt_state(path, jax.eval_shape(opt.init, params)), opt_state
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -430,7 +419,7 @@ def test_flax_nnx_state_is_stored_as_its_arrays_and_lines_up_with_its_statistics
     merged = restore_params(out)
     stats = restore_statistics(tmp_path / "expert")
     expected = merging.umtam(restore_params(tmp_path / "base"), [restored], [stats])
-    jax.tree.map(np.testing.assert_array_equal, merged, expected)
+    chex.assert_trees_all_equal(merged, expected)
 
 
 def test_empty_array_is_refused_with_its_path_and_writes_nothing(tmp_path):
@@ -569,7 +558,7 @@ def test_relative_path_and_custom_nodes(tmp_path, monkeypatch):
     assert path == tmp_path / "sub" / "ckpt"
     plain = restore_params("sub/ckpt")  # custom nodes come back as plain dicts
     assert type(plain) is dict and type(plain["a"]) is dict
-    assert_trees_identical(plain, params.unfreeze())
+    trees.assert_trees_bitwise_equal(plain, params.unfreeze())
     restored = restore_params("sub/ckpt", target=params)  # ... or as the target's nodes
     assert isinstance(restored, FrozenDict)
-    assert_trees_identical(restored, params)
+    trees.assert_trees_bitwise_equal(restored, params)

@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from tests import trees
 from umtam_jax.checkpoint import (
     CheckpointCorruptError,
     CheckpointReader,
@@ -43,11 +44,6 @@ SPECIAL_BITS = np.array(
 
 def bits(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8).tobytes()
-
-
-def assert_same(got: np.ndarray, want: np.ndarray) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert bits(got) == bits(want)
 
 
 def small_tree() -> dict:
@@ -81,7 +77,7 @@ def load_all(folder) -> dict[str, np.ndarray]:
         out.update(load_file(path))
         with safe_open(path, framework="numpy") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                assert_same(f.get_tensor(name), out[name])
+                trees.assert_trees_bitwise_equal(f.get_tensor(name), out[name])
     return out
 
 
@@ -123,9 +119,7 @@ def test_real_bert_model_split_into_three_shards_is_bit_exact(tmp_path):
     assert set(index["weight_map"]) == set(original)
     assert set(index["weight_map"].values()) == set(shards)
     for got in (read_all(out), load_all(out)):
-        assert got.keys() == original.keys()
-        for name, want in original.items():
-            assert_same(got[name], want)
+        trees.assert_trees_bitwise_equal(got, original)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         assert (out / name).read_bytes() == (model / name).read_bytes()
     assert (out / "special_tokens_map.json").exists()
@@ -142,9 +136,7 @@ def test_half_precision_round_trip_keeps_every_bit(tmp_path, dtype):
     tree = {"x": array, "scalar": SPECIAL_BITS[4:5].view(dtype).reshape(())}
     out = save_safetensors(tmp_path / "half", tree)
     for got in (read_all(out), load_all(out)):
-        assert got["x"].dtype == np.dtype(dtype)
-        np.testing.assert_array_equal(got["x"].view(np.uint16), array.view(np.uint16))
-        assert got["scalar"].shape == () and got["scalar"].view(np.uint16) == SPECIAL_BITS[4]
+        trees.assert_trees_bitwise_equal(got, tree)
 
 
 def test_other_dtypes_round_trip_and_reads_are_fresh_writable_arrays(tmp_path):
@@ -165,12 +157,11 @@ def test_other_dtypes_round_trip_and_reads_are_fresh_writable_arrays(tmp_path):
     assert reader.metadata["format"] == "pt" and reader.metadata["note"] == "hi"
     assert reader.metadata["n"] == "3" and S.CRC_KEY in reader.metadata
     for got in (read_all(out), load_all(out)):
-        for name, want in tree.items():
-            assert_same(got[name], np.asarray(want))
+        trees.assert_trees_bitwise_equal(got, tree)
     first = reader.read(["f32"])[0]
     assert first.flags.writeable
     first[:] = 0  # a fresh array: the file and the next read are unaffected
-    assert_same(reader.read(["f32"])[0], tree["f32"])
+    trees.assert_trees_bitwise_equal(reader.read(["f32"])[0], tree["f32"])
     assert reader.shape("f64") == (5,) and reader.dtype("jax") == np.dtype(BF16)
     with pytest.raises(ValueError, match="no tensor 'nope'"):
         reader.read(["nope"])
@@ -238,8 +229,7 @@ def test_streaming_writer_produces_each_leaf_once_in_order(tmp_path):
     assert len(set(index["weight_map"].values())) > 2  # really sharded
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in leaves)
     got = read_all(out)
-    for name, want in names_from_tree(tree).items():
-        assert_same(got[name], want)
+    trees.assert_trees_bitwise_equal(got, names_from_tree(tree))
     assert tree_from_names(got).keys() == tree.keys()
     one = save_safetensors(tmp_path / "one", tree, max_shard_size="1KB")
     assert sorted(p.name for p in one.iterdir()) == ["model.safetensors", S.MARKER_FILE]
@@ -374,7 +364,7 @@ def test_a_tensor_in_two_shards_is_refused(tmp_path):
         SafetensorsReader(folder)
     save_file({"b": np.ones(1)}, folder / "s2.safetensors")
     got = read_all(folder)  # consistent now: a foreign folder reads without checksums
-    assert_same(got["a"], np.ones(2, np.float32)) and assert_same(got["b"], np.ones(1))
+    trees.assert_trees_bitwise_equal(got, {"a": np.ones(2, np.float32), "b": np.ones(1)})
 
 
 def test_a_corrupt_byte_is_caught_by_the_checksum(tmp_path):
@@ -385,7 +375,7 @@ def test_a_corrupt_byte_is_caught_by_the_checksum(tmp_path):
     data[-1] ^= 0x40  # the last byte belongs to the last tensor in leaf order, "b"
     path.write_bytes(bytes(data))
     reader = SafetensorsReader(out)
-    assert_same(reader.read(["a"])[0], tree["a"])
+    trees.assert_trees_bitwise_equal(reader.read(["a"])[0], tree["a"])
     with pytest.raises(CheckpointCorruptError, match="model.safetensors.*'b'.*checksum"):
         reader.read(["b"])
     unverified = SafetensorsReader(out, verify=False).read(["b"])[0]
@@ -418,9 +408,9 @@ def test_only_our_own_output_is_ever_replaced(tmp_path):
     ours = save_safetensors(tmp_path / "ours", {"w": np.ones(3)})
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_safetensors(ours, {"w": np.zeros(3)})
-    assert_same(read_all(ours)["w"], np.ones(3))
+    trees.assert_trees_bitwise_equal(read_all(ours)["w"], np.ones(3))
     save_safetensors(ours, {"v": np.zeros(2)}, overwrite=True)
-    assert_same(read_all(ours)["v"], np.zeros(2)) and "w" not in read_all(ours)
+    trees.assert_trees_bitwise_equal(read_all(ours), {"v": np.zeros(2)})
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf_model", "notes.txt", "ours"]
 
 
@@ -440,7 +430,7 @@ def test_an_interrupted_replacement_is_put_back(tmp_path, monkeypatch):
     # The next save repairs first: the old folder is ours, so it is put back, not deleted.
     with pytest.raises(FileExistsError):
         save_safetensors(ours, {"w": np.zeros(3)})
-    assert_same(read_all(ours)["w"], np.ones(3))
+    trees.assert_trees_bitwise_equal(read_all(ours)["w"], np.ones(3))
     assert os.listdir(tmp_path) == ["ours"]
 
 
@@ -457,15 +447,13 @@ def test_orbax_and_safetensors_convert_both_ways_exactly(tmp_path, monkeypatch):
     reader = CheckpointReader(ckpt)
     for path, want in names_from_tree(tree).items():
         [got] = reader.restore_arrays("params", [tuple(path.split("."))])
-        assert_same(got, want)
+        trees.assert_trees_bitwise_equal(got, want)
     config = tmp_path / "cfg"
     config.mkdir()
     (config / "config.json").write_bytes(b'{"hidden_size": 4}\n')
     back = orbax_to_safetensors(ckpt, tmp_path / "back", max_shard_size=64, copy_files_from=config)
     assert (back / "config.json").read_bytes() == b'{"hidden_size": 4}\n'
-    got = read_all(back)
-    for name, want in names_from_tree(tree).items():
-        assert_same(got[name], want)
+    trees.assert_trees_bitwise_equal(read_all(back), names_from_tree(tree))
     assert sorted(p.name for p in back.glob("*.safetensors")) == sorted(
         p.name for p in src.glob("*.safetensors")
     )

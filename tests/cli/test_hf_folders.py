@@ -8,12 +8,14 @@ import os
 import textwrap
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+from tests import trees  # noqa: E402
 from umtam_jax import checkpoint, engine, merging  # noqa: E402
 from umtam_jax.cli.merge import main  # noqa: E402
 
@@ -60,18 +62,6 @@ def _split(tree):
     floats = [x if _floating(x) else None for _, x in flat]
     others = {jax.tree_util.keystr(k): x for k, x in flat if not _floating(x)}
     return jax.tree_util.tree_unflatten(treedef, floats), others
-
-
-def _assert_merge(got, want, base):
-    """``got`` equals ``want`` on the floating leaves and the base on the others (BERT's
-    integer ``position_ids`` buffer is copied, not merged)."""
-    got_floats, got_others = _split(got)
-    want_floats, _ = _split(want)
-    base_others = _split(base)[1]
-    assert set(got_others) == set(base_others) == {"['embeddings']['position_ids']"}
-    for k, x in base_others.items():
-        np.testing.assert_array_equal(got_others[k], x)
-    jax.tree.map(np.testing.assert_array_equal, got_floats, jax.tree.map(np.asarray, want_floats))
 
 
 def _merge_floats(fn, base, experts, *args, **kwargs):
@@ -128,7 +118,12 @@ def test_mergekit_ties_yaml_on_folders_equals_the_in_memory_merge(models, tmp_pa
         weights=[1.0, 0.5],
         scaling=0.9,
     )
-    _assert_merge(_load(out), want, models["base"])
+    # ``want`` on the floating leaves, the base on the others (BERT's integer
+    # ``position_ids`` buffer is copied, not merged).
+    (got_floats, got_others), base_others = _split(_load(out)), _split(models["base"])[1]
+    assert set(base_others) == {"['embeddings']['position_ids']"}
+    chex.assert_trees_all_equal(got_others, base_others)
+    chex.assert_trees_all_equal(got_floats, _split(want)[0])
     for name in COPIED:  # the base's config and tokenizer, byte for byte
         assert (out / name).read_bytes() == (Path(p["base"]) / name).read_bytes()
     assert len(list(out.glob("model-*.safetensors"))) >= 2
@@ -158,11 +153,7 @@ def test_bf16_output_round_trips_exactly(models, tmp_path):
     )
     want = jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), want)
     assert {x.dtype for x in jax.tree.leaves(got)} == {np.dtype(jax.numpy.bfloat16)}
-    jax.tree.map(
-        lambda a, b: np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16)),
-        got,
-        want,
-    )
+    trees.assert_trees_bitwise_equal(got, want)
 
 
 def test_umtam_statistics_folder_and_ota_curvature_files(models, tmp_path):
@@ -205,14 +196,14 @@ def test_umtam_statistics_folder_and_ota_curvature_files(models, tmp_path):
         density=0.5, progress=False,
     )  # fmt: skip
     want = merging.umtam(base, experts, stats, density=0.5)
-    jax.tree.map(np.testing.assert_array_equal, _load(out), jax.tree.map(np.asarray, want))
+    chex.assert_trees_all_equal(_load(out), want)
 
     out = engine.merge_checkpoints(
         "ota", tmp_path / "base", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "o",
         curvature_dirs=[tmp_path / "e0_curv", tmp_path / "e1_curv"], progress=False,
     )  # fmt: skip
     want = merging.ota(base, experts, curvatures)
-    jax.tree.map(np.testing.assert_array_equal, _load(out), jax.tree.map(np.asarray, want))
+    chex.assert_trees_all_equal(_load(out), want)
 
 
 def _corrupt_copy(src: str, dst: Path, how: str) -> None:

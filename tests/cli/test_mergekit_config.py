@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import textwrap
 
+import chex
 import jax
 import numpy as np
 import pytest
 
+from tests import trees
 from tests.merging import helpers as H
 from umtam_jax import checkpoint
 from umtam_jax.cli.merge import main
@@ -36,11 +38,8 @@ def _run(tmp_path, models, text, *flags):
     return status, out
 
 
-def _close(got, want, rtol=1e-5, atol=1e-6):
-    for path in H.PATHS:
-        np.testing.assert_allclose(
-            np.asarray(H.get(got, path), np.float64), want[path], rtol=rtol, atol=atol
-        )
+# float32 outputs against the float64 reference by path.
+TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.mark.parametrize("flags", [(), ("--in-memory",)])
@@ -67,7 +66,7 @@ def test_ties_with_weights_densities_lambda_and_the_base_among_the_models(tmp_pa
     want = H.ref_ties(
         models["base"], models["experts"], density=[0.5, 0.3], scaling=0.8, weights=[1.0, 0.5]
     )
-    _close(checkpoint.restore_params(out), want)
+    trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
 def test_task_arithmetic_normalize_divides_by_the_summed_weights(tmp_path, models):
@@ -87,7 +86,7 @@ def test_task_arithmetic_normalize_divides_by_the_summed_weights(tmp_path, model
     want = H.ref_task_arithmetic(
         models["base"], models["experts"], scaling=1.5 / 1.5, weights=[0.7, 0.8]
     )
-    _close(checkpoint.restore_params(out), want)
+    trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +120,7 @@ def test_dare_methods_use_mergekit_rescale_defaults(tmp_path, models, method, re
         )
     else:
         want = H.ref_dare(models["base"], models["experts"], keeps, **kw)
-    _close(checkpoint.restore_params(out), want)
+    trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
 def test_out_dtype_casts_the_merge(tmp_path, models):
@@ -139,7 +138,7 @@ def test_out_dtype_casts_the_merge(tmp_path, models):
     got = checkpoint.restore_params(out)
     assert {np.asarray(x).dtype.name for x in jax.tree.leaves(got)} == {"bfloat16"}
     want = H.ref_task_arithmetic(models["base"], models["experts"])
-    _close(got, want, rtol=1e-2, atol=1e-2)
+    trees.assert_tree_close(got, want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +246,7 @@ def test_linear_without_a_base_model_and_global_weight_defaults(tmp_path, models
     assert status == 0
     a, b = models["experts"]
     want = {p: (3.0 * H.f64(H.get(a, p)) + H.f64(H.get(b, p))) / 4.0 for p in H.PATHS}
-    _close(checkpoint.restore_params(out), want)
+    trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
 def test_karcher_takes_the_base_model_as_one_more_input(tmp_path, models):
@@ -260,7 +259,7 @@ def test_karcher_takes_the_base_model_as_one_more_input(tmp_path, models):
     from umtam_jax import merging
 
     want = merging.karcher(None, [models["base"], *models["experts"]])
-    jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
+    chex.assert_trees_all_equal(_restored(out), want)
 
 
 def test_slerp_and_nuslerp_with_a_base_model(tmp_path, models):
@@ -273,7 +272,7 @@ def test_slerp_and_nuslerp_with_a_base_model(tmp_path, models):
     )
     assert status == 0
     want = merging.slerp(models["base"], models["experts"][0], t=0.3)
-    jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
+    chex.assert_trees_all_equal(_restored(out), want)
     status, out = _run(
         tmp_path / "nu" if (tmp_path / "nu").mkdir() is None else tmp_path,
         models,
@@ -283,7 +282,7 @@ def test_slerp_and_nuslerp_with_a_base_model(tmp_path, models):
     )
     assert status == 0
     want = merging.nuslerp(models["base"], models["experts"], weights=[0.3, 0.7])
-    jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
+    chex.assert_trees_all_equal(_restored(out), want)
 
 
 def test_della_uses_mergekit_rescale_and_shared_epsilon(tmp_path, models):
@@ -309,7 +308,7 @@ def test_della_uses_mergekit_rescale_and_shared_epsilon(tmp_path, models):
         scaling=0.9, weights=[1.0, 0.5], rescale=False, l1_rescale=True, normalize=True,
         layout="out_in",  # mergekit configurations name PyTorch-layout weights
     )  # fmt: skip
-    jax.tree.map(np.testing.assert_array_equal, _restored(out), jax.tree.map(np.asarray, want))
+    chex.assert_trees_all_equal(_restored(out), want)
     status, _ = _run(
         tmp_path,
         models,
@@ -322,3 +321,22 @@ def test_della_uses_mergekit_rescale_and_shared_epsilon(tmp_path, models):
         """,
     )
     assert status == 2
+
+
+def test_int8_mask_and_layout_for_methods_passed_by_name():
+    from umtam_jax.cli._mergekit import translate
+
+    config = {
+        "merge_method": "sce",
+        "base_model": "b",
+        "models": [{"model": "x"}, {"model": "y"}],
+        "parameters": {"int8_mask": True, "select_topk": 0.5},
+    }
+    assert translate(config)["parameters"] == {"select_topk": 0.5}
+    # mergekit files name PyTorch-layout weights: methods taking a layout read it so
+    iso = translate({**config, "merge_method": "iso_cts", "parameters": {}})
+    assert iso["parameters"] == {"layout": "out_in"}
+    own = translate({**config, "merge_method": "iso_cts", "parameters": {"layout": "in_out"}})
+    assert own["parameters"] == {"layout": "in_out"}
+    della = translate({**config, "merge_method": "della", "parameters": {"epsilon": 0.1}})
+    assert della["parameters"]["layout"] == "out_in"

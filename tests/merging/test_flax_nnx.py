@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,10 +58,10 @@ def test_nnx_states_merge_like_their_pure_dicts_and_come_back_as_states(states, 
     expected = METHODS[method](_pure(base), [_pure(e) for e in experts], stats)
     assert isinstance(merged, nnx.State)
     assert isinstance(merged["layers"][0]["kernel"], nnx.Param)
-    jax.tree.map(np.testing.assert_array_equal, _pure(merged), expected)
+    chex.assert_trees_all_equal(_pure(merged), expected)
     # An nnx base with experts restored as pure dicts (e.g. from checkpoints) lines up too.
     mixed = METHODS[method](base, [_pure(e) for e in experts], stats)
-    jax.tree.map(np.testing.assert_array_equal, _pure(mixed), expected)
+    chex.assert_trees_all_equal(_pure(mixed), expected)
 
 
 def test_merged_state_updates_a_model(states):
@@ -68,4 +69,4 @@ def test_merged_state_updates_a_model(states):
     model = _model()
     nnx.update(model, merging.umtam(base, experts, stats))
     want = merging.umtam(_pure(base), [_pure(e) for e in experts], stats)
-    jax.tree.map(np.testing.assert_array_equal, _pure(nnx.state(model, nnx.Param)), want)
+    chex.assert_trees_all_equal(_pure(nnx.state(model, nnx.Param)), want)

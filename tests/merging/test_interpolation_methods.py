@@ -9,11 +9,15 @@ against mergekit's own tensor-level functions::
 
 from __future__ import annotations
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import trees
 from umtam_jax import checkpoint, engine, merging
 
 from . import helpers as H
@@ -209,22 +213,12 @@ def _call(name, base, experts, kwargs):
     return fn(base, experts[0] if single else experts[:k], **kwargs)
 
 
-def _paths(tree):
-    return [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _reference(name, base, experts, kwargs):
-    """The reference applied leaf by leaf: a dict by key path."""
+    """The reference applied leaf by leaf: a dict by leaf path."""
     ref, k, _, _ = CASES[name]
-    get = lambda t, p: None if t is None else H.get(t, [q.key for q in p])  # noqa: E731
-    return {
-        p: ref(get(base, p), [get(e, p) for e in experts[:k]], **kwargs) for p in _paths(experts[0])
-    }
-
-
-def _assert_close(got, want, rtol=1e-10, atol=1e-10):
-    for p, x in jax.tree_util.tree_flatten_with_path(got)[0]:
-        np.testing.assert_allclose(x, want[p], rtol=rtol, atol=atol, err_msg=str(p))
+    get = lambda t, p: None if t is None else H.get(t, p)  # noqa: E731
+    paths = trees.leaves_by_path(experts[0])
+    return {p: ref(get(base, p), [get(e, p) for e in experts[:k]], **kwargs) for p in paths}
 
 
 def test_registered_with_mergekit_names():
@@ -249,10 +243,11 @@ def test_matches_float64_reference(x64, name, variant):
     kwargs = CASES[name][3][variant]
     got = _call(name, base, experts, kwargs)
     assert jax.tree.structure(got) == jax.tree.structure(base)
-    _assert_close(got, _reference(name, base, experts, kwargs))
+    trees.assert_tree_close(got, _reference(name, base, experts, kwargs), rtol=1e-10, atol=1e-10)
     if name in BASE_OPTIONAL:
         got = _call(name, None, experts, kwargs)
-        _assert_close(got, _reference(name, None, experts, kwargs))
+        want = _reference(name, None, experts, kwargs)
+        trees.assert_tree_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -269,7 +264,7 @@ def test_bfloat16_computed_in_float32_and_cast_back(name):
     np.testing.assert_array_equal(got, np.asarray(f32["w"]).astype(jnp.bfloat16))
     want = _reference(name, cast(base, np.float64), [cast(e, np.float64) for e in experts], kwargs)
     # Within one bfloat16 rounding of the float64 result.
-    _assert_close({"w": np.asarray(got, np.float64)}, want, rtol=2.0**-8, atol=1e-6)
+    trees.assert_tree_close({"w": got}, want, rtol=2.0**-8, atol=1e-6)
 
 
 # ------------------------------------------------------------------ degenerate cases
@@ -279,21 +274,21 @@ def _w(*values):
     return {"w": jnp.asarray(values, jnp.float64)}
 
 
-def _close(tree, values, atol=1e-12):
-    np.testing.assert_allclose(np.asarray(tree["w"]), values, rtol=0, atol=atol)
+# Degenerate results against their exact values, in float64.
+_close = functools.partial(chex.assert_trees_all_close, rtol=0, atol=1e-12)
 
 
 def test_slerp_degenerate(x64):
     a = _w(1.0, 2.0, -1.0)
-    _close(merging.slerp(a, _w(2.0, 4.0, -2.0), t=0.25), [1.25, 2.5, -1.25])  # parallel: lerp
-    _close(merging.slerp(a, _w(-1.0, -2.0, 1.0), t=0.25), [0.5, 1.0, -0.5])  # antiparallel
+    _close(merging.slerp(a, _w(2.0, 4.0, -2.0), t=0.25), _w(1.25, 2.5, -1.25))  # parallel: lerp
+    _close(merging.slerp(a, _w(-1.0, -2.0, 1.0), t=0.25), _w(0.5, 1.0, -0.5))  # antiparallel
     zero = merging.slerp(_w(0.0, 0.0, 0.0), _w(3.0, 0.0, 4.0), t=0.5)  # norm 0 counts as 1
-    _close(zero, np.sin(np.pi / 4) * np.array([3.0, 0.0, 4.0]))
-    _close(merging.slerp(a, _w(0.0, 1.0, 5.0), t=0.0), [1.0, 2.0, -1.0])
+    _close(zero, _w(*np.sin(np.pi / 4) * np.array([3.0, 0.0, 4.0])))
+    _close(merging.slerp(a, _w(0.0, 1.0, 5.0), t=0.0), _w(1.0, 2.0, -1.0))
     empty = merging.slerp({"w": jnp.zeros((0, 3))}, {"w": jnp.zeros((0, 3))}, t=0.5)
     assert empty["w"].shape == (0, 3)
     # t is unbounded as in mergekit: parallel vectors extrapolate linearly.
-    _close(merging.slerp(a, _w(2.0, 4.0, -2.0), t=1.5), [2.5, 5.0, -2.5])
+    _close(merging.slerp(a, _w(2.0, 4.0, -2.0), t=1.5), _w(2.5, 5.0, -2.5))
     with pytest.raises(ValueError, match="t must be finite"):
         merging.slerp(a, a, t=float("nan"))
     with pytest.raises(TypeError, match="requires the parameter 't'"):
@@ -304,11 +299,11 @@ def test_slerp_degenerate(x64):
 
 def test_nuslerp_degenerate(x64):
     a, b = _w(1.0, 2.0), _w(3.0, 6.0)
-    _close(merging.nuslerp(None, [a, b], weights=[1.0, 3.0]), [2.5, 5.0])  # colinear: lerp
-    _close(merging.nuslerp(None, [a, b], weights=[1.0, -1.0]), [2.0, 4.0])  # Σ = 0: t = 0.5
+    _close(merging.nuslerp(None, [a, b], weights=[1.0, 3.0]), _w(2.5, 5.0))  # colinear: lerp
+    _close(merging.nuslerp(None, [a, b], weights=[1.0, -1.0]), _w(2.0, 4.0))  # Σ = 0: t = 0.5
     base = _w(1.0, 1.0)
     got = merging.nuslerp(base, [_w(2.0, 1.0), _w(1.0, 2.0)])
-    _close(got, [1.0 + np.sqrt(0.5), 1.0 + np.sqrt(0.5)])
+    _close(got, _w(1.0 + np.sqrt(0.5), 1.0 + np.sqrt(0.5)))
     with pytest.raises(ValueError, match="nuslerp merges exactly 2 experts, got 3"):
         merging.nuslerp(None, [a, b, a])
     with pytest.raises(ValueError, match="got 3 weights for 2 experts"):
@@ -317,28 +312,28 @@ def test_nuslerp_degenerate(x64):
 
 def test_multislerp_degenerate(x64):
     a = _w(1.0, 2.0)
-    _close(merging.multislerp(_w(5.0, 5.0), [a]), [1.0, 2.0])  # one expert: itself
+    _close(merging.multislerp(_w(5.0, 5.0), [a]), _w(1.0, 2.0))  # one expert: itself
     # Antipodal pair with balancing weights: the linear fallback.
-    _close(merging.multislerp(None, [a, _w(-2.0, -4.0)]), [-0.5, -1.0])
-    _close(merging.multislerp(_w(1.0, 1.0), [_w(2.0, 3.0), _w(-1.0, -3.0)]), [0.5, 0.0])
+    _close(merging.multislerp(None, [a, _w(-2.0, -4.0)]), _w(-0.5, -1.0))
+    _close(merging.multislerp(_w(1.0, 1.0), [_w(2.0, 3.0), _w(-1.0, -3.0)]), _w(0.5, 0.0))
     with pytest.raises(ValueError, match=r"multislerp: at \['w'\] the weighted sum"):
         merging.multislerp(None, [a, _w(-1.0, -2.0), _w(1.0, 2.0)], weights=[1.0, 2.0, 1.0])
     with pytest.raises(ValueError, match="normalize_weights=True divides by the sum"):
         merging.multislerp(None, [a, a], weights=[1.0, -1.0])
-    _close(merging.multislerp(None, [a, a], weights=[1.0, -1.0], normalize_weights=False), [0, 0])
+    _close(merging.multislerp(None, [a, a], weights=[1.0, -1.0], normalize_weights=False), _w(0, 0))
     with pytest.raises(ValueError, match=r"eps must lie in \[0"):
         merging.multislerp(None, [a, a], eps=-1.0)
 
 
 def test_karcher_degenerate(x64):
     a = _w(3.0, 4.0)
-    _close(merging.karcher(None, [a]), [3.0, 4.0])
-    _close(merging.karcher(None, [_w(0.0, 0.0), _w(1e-7, 0.0)]), [0.0, 0.0])  # all ≤ tol
+    _close(merging.karcher(None, [a]), _w(3.0, 4.0))
+    _close(merging.karcher(None, [_w(0.0, 0.0), _w(1e-7, 0.0)]), _w(0.0, 0.0))  # all ≤ tol
     # A zero expert is left out of the direction but counts in the mean norm.
-    _close(merging.karcher(None, [a, _w(0.0, 0.0)]), [1.5, 2.0])
-    _close(merging.karcher(None, [a, _w(6.0, 8.0)]), [4.5, 6.0])  # parallel
+    _close(merging.karcher(None, [a, _w(0.0, 0.0)]), _w(1.5, 2.0))
+    _close(merging.karcher(None, [a, _w(6.0, 8.0)]), _w(4.5, 6.0))  # parallel
     got = merging.karcher(None, [_w(1.0, 0.0), _w(0.0, 1.0)], max_iter=0)
-    _close(got, [np.sqrt(0.5), np.sqrt(0.5)])
+    _close(got, _w(np.sqrt(0.5), np.sqrt(0.5)))
     with pytest.raises(TypeError, match="max_iter must be a non-negative integer"):
         merging.karcher(None, [a, a], max_iter=2.5)
     with pytest.raises(ValueError, match=r"max_iter must lie in \[0"):
@@ -348,10 +343,10 @@ def test_karcher_degenerate(x64):
 def test_model_stock_degenerate(x64):
     base = _w(1.0, 1.0)
     same = merging.model_stock(base, [_w(2.0, 3.0), _w(2.0, 3.0)])  # cos 1: t = 1
-    _close(same, [2.0, 3.0])
+    _close(same, _w(2.0, 3.0))
     # Opposite task vectors: 1 + (K−1) cos θ = 0, the base is kept.
-    _close(merging.model_stock(base, [_w(2.0, 3.0), _w(0.0, -1.0)]), [1.0, 1.0])
-    _close(merging.model_stock(base, [base, base]), [1.0, 1.0])  # zero task vectors: t = 0
+    _close(merging.model_stock(base, [_w(2.0, 3.0), _w(0.0, -1.0)]), _w(1.0, 1.0))
+    _close(merging.model_stock(base, [base, base]), _w(1.0, 1.0))  # zero task vectors: t = 0
     with pytest.raises(ValueError, match="model_stock merges at least 2 experts, got 1"):
         merging.model_stock(base, [base])
     with pytest.raises(TypeError, match="model_stock needs the base model"):
@@ -360,10 +355,10 @@ def test_model_stock_degenerate(x64):
 
 def test_nearswap_arcee_fusion_passthrough_degenerate(x64):
     base, expert = _w(0.0, 1.0, 2.0), _w(0.0, 1.5, -2.0)
-    _close(merging.nearswap(base, expert, t=0.0), [0.0, 1.0, 2.0])
-    _close(merging.nearswap(base, expert, t=-3.0), [0.0, 1.0, 2.0])
-    _close(merging.nearswap(base, expert, t=10.0), [0.0, 1.5, -2.0])
-    _close(merging.arcee_fusion(base, base), [0.0, 1.0, 2.0])
+    _close(merging.nearswap(base, expert, t=0.0), _w(0.0, 1.0, 2.0))
+    _close(merging.nearswap(base, expert, t=-3.0), _w(0.0, 1.0, 2.0))
+    _close(merging.nearswap(base, expert, t=10.0), _w(0.0, 1.5, -2.0))
+    _close(merging.arcee_fusion(base, base), _w(0.0, 1.0, 2.0))
     scalar = merging.arcee_fusion({"s": jnp.float64(1.0)}, {"s": jnp.float64(3.0)})
     assert float(scalar["s"]) == 3.0  # one entry: its importance is the threshold
     ones = {"w": jnp.ones((4, 4))}  # ≥ 3/4 of the entries unchanged: threshold 0, all kept
@@ -371,17 +366,17 @@ def test_nearswap_arcee_fusion_passthrough_degenerate(x64):
     np.testing.assert_array_equal(merging.arcee_fusion(ones, changed)["w"], changed["w"])
     model = {"w": jnp.arange(3.0)}
     assert merging.passthrough(None, [model])["w"] is model["w"]
-    _close(merging.passthrough(base, [model], scale=2.0), [0.0, 2.0, 4.0])
+    _close(merging.passthrough(base, [model], scale=2.0), _w(0.0, 2.0, 4.0))
     with pytest.raises(ValueError, match="passthrough merges exactly one expert, got 2"):
         merging.passthrough(None, [model, model])
 
 
 def test_linear_degenerate(x64):
     a, b = _w(1.0, 2.0), _w(3.0, 5.0)
-    _close(merging.linear(a, [a, b], weights=[1.0, -1.0], normalize=False), [-2.0, -3.0])
+    _close(merging.linear(a, [a, b], weights=[1.0, -1.0], normalize=False), _w(-2.0, -3.0))
     with pytest.raises(ValueError, match="normalize=True divides by the sum of the weights"):
         merging.linear(None, [a, b], weights=[1.0, -1.0])
-    _close(merging.merge("linear", None, [a, b]), [2.0, 3.5])
+    _close(merging.merge("linear", None, [a, b]), _w(2.0, 3.5))
 
 
 def test_jit_with_traced_parameters():
@@ -426,10 +421,7 @@ def test_out_of_core_equals_in_memory(ckpts, tmp_path, name, variant):
     )
     want = _call(name, base, experts, kwargs)
     got = checkpoint.restore_params(out)
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert np.asarray(x).dtype == np.asarray(y).dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    trees.assert_trees_equal(got, want)
 
 
 # ------------------------------------------------------------------ mergekit itself

@@ -28,6 +28,7 @@ import jax  # noqa: E402
 from mergekit.merge_methods import get as mergekit_method  # noqa: E402
 from mergekit.merge_methods import merge_tensors  # noqa: E402
 
+from tests import trees  # noqa: E402
 from umtam_jax import merging  # noqa: E402
 
 SHAPES = {
@@ -37,7 +38,8 @@ SHAPES = {
 }  # 375 entries
 WEIGHTS = [1.0, 0.5]
 SCALING = 0.8
-ATOL = 1e-5
+# Our float32 outputs against mergekit's, name by name.
+TOL = {"rtol": 0, "atol": 1e-5, "dtype": np.float32}
 
 
 def _tree(fn):
@@ -55,27 +57,14 @@ def models():
     return base, experts
 
 
-def _leaves(tree):
-    """(keystr path, array) of every leaf, in jax's flattening order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in flat]
-
-
 def _mergekit(method, base, experts, parameters):
     """mergekit's merge of every leaf, as a dict keyed by the leaf path."""
     out = {}
-    for (path, b), *ws in zip(_leaves(base), *map(_leaves, experts), strict=True):
+    named = [trees.leaves_by_name(t).items() for t in (base, *experts)]
+    for (path, b), *ws in zip(*named, strict=True):
         tensors = [torch.from_numpy(b.copy())] + [torch.from_numpy(w.copy()) for _, w in ws]
         out[path] = merge_tensors(tensors, method, parameters=parameters, base_index=0).numpy()
     return out
-
-
-def _assert_equal(umtam_tree, mergekit_out):
-    leaves = _leaves(umtam_tree)
-    assert [p for p, _ in leaves] == list(mergekit_out)
-    for path, x in leaves:
-        assert x.dtype == np.float32, path
-        np.testing.assert_allclose(x, mergekit_out[path], rtol=0, atol=ATOL, err_msg=path)
 
 
 def _dare_keeps(key, densities, base):
@@ -92,7 +81,7 @@ def _dare_keeps(key, densities, base):
                         b.shape,
                     )
                 )
-                for path, b in _leaves(base)
+                for path, b in trees.leaves_by_name(base).items()
             }
         )
     return keeps
@@ -138,7 +127,8 @@ def test_ties_boundary_has_no_ties(models):
     (mergekit's argsort is unstable there; umtam_jax keeps the lower flat index)."""
     base, experts = models
     for expert in experts:
-        for (path, b), (_, w) in zip(_leaves(base), _leaves(expert), strict=True):
+        named = [trees.leaves_by_name(t).items() for t in (base, expert)]
+        for (path, b), (_, w) in zip(*named, strict=True):
             mag = np.sort(np.abs(w - b).ravel())[::-1]
             k = max(1, int(0.5 * mag.size))
             assert k == mag.size or mag[k - 1] != mag[k], path
@@ -151,14 +141,14 @@ def test_ties(models, density):
     theirs = _mergekit(
         "ties", base, experts, {"density": density, "weight": WEIGHTS, "lambda": SCALING}
     )
-    _assert_equal(ours, theirs)
+    trees.assert_close_by_name(ours, theirs, **TOL)
 
 
 def test_ties_via_registry_default_weights(models):
     base, experts = models
     ours = merging.merge("ties", base, experts, density=0.2)
     theirs = _mergekit("ties", base, experts, {"density": 0.2, "weight": 1.0})
-    _assert_equal(ours, theirs)
+    trees.assert_close_by_name(ours, theirs, **TOL)
 
 
 def test_ties_zero_votes_and_zero_deltas():
@@ -171,14 +161,14 @@ def test_ties_zero_votes_and_zero_deltas():
     for weights in ([1.0, 1.0], [1.0, 0.5]):
         ours = merging.ties(base, experts, density=1.0, weights=weights)
         theirs = _mergekit("ties", base, experts, {"density": 1.0, "weight": weights})
-        _assert_equal(ours, theirs)
+        trees.assert_close_by_name(ours, theirs, **TOL)
 
 
 def test_task_arithmetic(models):
     base, experts = models
     ours = merging.task_arithmetic(base, experts, weights=WEIGHTS, scaling=SCALING)
     theirs = _mergekit("task_arithmetic", base, experts, {"weight": WEIGHTS, "lambda": SCALING})
-    _assert_equal(ours, theirs)
+    trees.assert_close_by_name(ours, theirs, **TOL)
 
 
 # mergekit 0.1.x's `rescale: true` matches the unmasked L1 norm: umtam_jax's `l1_rescale=True`.
@@ -199,12 +189,12 @@ def test_dare_linear(models, replay_bernoulli, density, rescale):
     keeps = _dare_keeps(key, [density] * len(experts), base)
     if density < 1:
         assert 0 < sum(k.sum() for k in keeps[0].values()) < 375
-        for path, _ in _leaves(base):
+        for path in trees.leaves_by_name(base):
             replay_bernoulli.extend((k[path], density) for k in keeps)
     params = {"density": density, "weight": WEIGHTS, "lambda": SCALING, "rescale": mk_rescale}
     theirs = _mergekit("dare_linear", base, experts, params)
     assert not replay_bernoulli  # every mask was consumed
-    _assert_equal(ours, theirs)
+    trees.assert_close_by_name(ours, theirs, **TOL)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -226,13 +216,13 @@ def test_dare_ties(models, replay_bernoulli, density, rescale, normalize):
     )
     if density < 1:
         keeps = _dare_keeps(key, [density] * len(experts), base)
-        for path, _ in _leaves(base):
+        for path in trees.leaves_by_name(base):
             replay_bernoulli.extend((k[path], density) for k in keeps)
     params = {"density": density, "weight": WEIGHTS, "lambda": SCALING, "rescale": mk_rescale}
     params["normalize"] = normalize
     theirs = _mergekit("dare_ties", base, experts, params)
     assert not replay_bernoulli
-    _assert_equal(ours, theirs)
+    trees.assert_close_by_name(ours, theirs, **TOL)
 
 
 def test_dare_ties_mergekit_defaults(models, replay_bernoulli):
@@ -241,7 +231,7 @@ def test_dare_ties_mergekit_defaults(models, replay_bernoulli):
     key = jax.random.key(5)
     ours = merging.dare_ties(base, experts, density=0.5, key=key, weights=WEIGHTS, l1_rescale=True)
     keeps = _dare_keeps(key, [0.5, 0.5], base)
-    for path, _ in _leaves(base):
+    for path in trees.leaves_by_name(base):
         replay_bernoulli.extend((k[path], 0.5) for k in keeps)
     theirs = _mergekit("dare_ties", base, experts, {"density": 0.5, "weight": WEIGHTS})
-    _assert_equal(ours, theirs)
+    trees.assert_close_by_name(ours, theirs, **TOL)

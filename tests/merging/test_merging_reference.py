@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +94,7 @@ def test_umtam_from_real_optimizer_state(monkeypatch):
     stats = [umtam_jax.statistics(s) for s in states]
     got_state = merging.umtam(base, experts, states, density=0.5)
     got_stats = merging.umtam(base, experts, stats, density=0.5)
-    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(got_stats), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(got_state, got_stats)
     monkeypatch.setattr(H, "PATHS", [("b",), ("w",)])  # the reference over this tree
     want = H.ref_umtam(base, experts, stats, density=0.5)
     H.assert_tree_close(got_stats, want, rtol=1e-6, atol=1e-9)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,7 +35,7 @@ def test_merge_by_name_equals_the_function_and_checks_its_parameters():
     base, experts = H.random_experts(rng, 2, dtype=np.float32)
     by_name = merging.merge("ties", base, experts, density=0.4, scaling=0.7)
     direct = merging.ties(base, experts, density=0.4, scaling=0.7)
-    jax.tree.map(np.testing.assert_array_equal, by_name, direct)
+    chex.assert_trees_all_equal(by_name, direct)
     with pytest.raises(ValueError, match="unknown method 'frankenmerge'; choose one of umtam"):
         merging.merge("frankenmerge", base, experts)
     with pytest.raises(TypeError, match=r"unexpected parameters \['lambda'\]"):

@@ -17,11 +17,13 @@ from __future__ import annotations
 import importlib.util
 import zlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import trees
 from tests.merging import helpers as H
 from umtam_jax import checkpoint, engine, merging
 
@@ -331,7 +333,7 @@ def test_sce_degenerate_cases():
     # one expert: zero variance everywhere, so a selection keeps nothing
     H.assert_tree_close(merging.sce(base, experts[:1]), ref_sce(base, experts[:1]))
     out = merging.sce(base, experts[:1], select_topk=0.5)
-    jax.tree.map(np.testing.assert_array_equal, out, base)
+    chex.assert_trees_all_equal(out, base)
     with pytest.raises(ValueError, match="select_topk must lie in"):
         merging.sce(base, experts, select_topk=1.5)
 
@@ -387,9 +389,7 @@ def test_bfloat16_computes_in_float32(method, kwargs):
     b16, e16 = bf(base), [bf(e) for e in experts]
     got = merging.merge(method, b16, e16, **kwargs)
     want = merging.merge(method, f32(b16), [f32(e) for e in e16], **kwargs)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert x.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y.astype(jnp.bfloat16)))
+    trees.assert_trees_equal(got, jax.tree.map(lambda y: y.astype(jnp.bfloat16), want))
 
 
 @pytest.fixture(scope="module")
@@ -411,10 +411,7 @@ def test_out_of_core_equals_in_memory(ckpts, tmp_path, method, kwargs):
         method, base_dir, expert_dirs, out, progress=False, group_bytes=100, **kwargs
     )
     got, want = checkpoint.restore_params(out), getattr(merging, method)(base, experts, **kwargs)
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert np.asarray(x).dtype == np.asarray(y).dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    trees.assert_trees_equal(got, want)
 
 
 # ------------------------------------------------------------------------ mergekit itself
@@ -423,7 +420,9 @@ _HAS_MERGEKIT = all(importlib.util.find_spec(m) for m in ("mergekit", "torch"))
 mergekit_only = pytest.mark.skipif(not _HAS_MERGEKIT, reason="needs mergekit and torch")
 
 MK_SHAPES = {"attn": {"bias": (16,), "kernel": (12, 16)}, "conv": {"kernel": (3, 5, 4)}}
-MK_WEIGHTS, MK_SCALING, MK_ATOL = [1.0, 0.5], 0.8, 1e-5
+MK_WEIGHTS, MK_SCALING = [1.0, 0.5], 0.8
+# Our float32 outputs against mergekit's, name by name.
+MK_TOL = {"rtol": 0, "atol": 1e-5, "dtype": np.float32}
 
 
 @pytest.fixture(scope="module")
@@ -438,28 +437,16 @@ def mk_models():
     return base, experts
 
 
-def _leaves(tree):
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in flat]
-
-
 def _mergekit(method, base, experts, parameters):
     torch = pytest.importorskip("torch")
     from mergekit.merge_methods import merge_tensors
 
     out = {}
-    for (path, b), *ws in zip(_leaves(base), *map(_leaves, experts), strict=True):
+    named = [trees.leaves_by_name(t).items() for t in (base, *experts)]
+    for (path, b), *ws in zip(*named, strict=True):
         tensors = [torch.from_numpy(b.copy())] + [torch.from_numpy(w.copy()) for _, w in ws]
         out[path] = merge_tensors(tensors, method, parameters=parameters, base_index=0).numpy()
     return out
-
-
-def _assert_mergekit(ours, theirs):
-    leaves = _leaves(ours)
-    assert [p for p, _ in leaves] == list(theirs)
-    for path, x in leaves:
-        assert x.dtype == np.float32, path
-        np.testing.assert_allclose(x, theirs[path], rtol=0, atol=MK_ATOL, err_msg=path)
 
 
 @mergekit_only
@@ -497,7 +484,7 @@ def test_mergekit_breadcrumbs(mk_models, name, rescale):
             ours = merging.merge(name, base, experts, scaling=MK_SCALING, l1_rescale=rescale,
                                  **kwargs)  # fmt: skip
             theirs = _mergekit(name, base, experts, {**params, "rescale": rescale})
-            _assert_mergekit(ours, theirs)
+            trees.assert_close_by_name(ours, theirs, **MK_TOL)
 
 
 @pytest.fixture
@@ -526,10 +513,10 @@ def test_mergekit_della(mk_models, replay_della, name, rescale):
     for density, eps in ((0.5, 0.15), (0.3, 0.25), (1.0, 0.15)):
         draws = []  # in mergekit's order: leaf by leaf, expert by expert
         if density < 1:
-            for path, b in _leaves(base):
+            for path, b in trees.leaves_by_name(base).items():
                 for t, e in enumerate(experts):
                     u = della_uniforms(key, t, path, b.shape)
-                    delta = dict(_leaves(e))[path] - b
+                    delta = trees.leaves_by_name(e)[path] - b
                     draws.append((u, della_probs(delta, density, eps, "out_in")))
         params = {"density": density, "epsilon": eps, "weight": MK_WEIGHTS, "lambda": MK_SCALING}
         kwargs = {"density": density, "epsilon": eps, "weights": MK_WEIGHTS, "key": key}
@@ -542,7 +529,7 @@ def test_mergekit_della(mk_models, replay_della, name, rescale):
             replay_della.extend(draws)
             theirs = _mergekit(name, base, experts, {**params, "rescale": rescale})
             assert not replay_della  # every draw was consumed
-            _assert_mergekit(ours, theirs)
+            trees.assert_close_by_name(ours, theirs, **MK_TOL)
 
 
 @mergekit_only
@@ -550,10 +537,12 @@ def test_mergekit_della(mk_models, replay_della, name, rescale):
 def test_mergekit_sce(mk_models, select_topk):
     base, experts = mk_models
     ours = merging.sce(base, experts, select_topk=select_topk)
-    _assert_mergekit(ours, _mergekit("sce", base, experts, {"select_topk": select_topk}))
+    theirs = _mergekit("sce", base, experts, {"select_topk": select_topk})
+    trees.assert_close_by_name(ours, theirs, **MK_TOL)
     experts3 = [*experts, jax.tree.map(lambda b: b + np.float32(0.05), base)]
     ours = merging.sce(base, experts3, select_topk=select_topk)
-    _assert_mergekit(ours, _mergekit("sce", base, experts3, {"select_topk": select_topk}))
+    theirs = _mergekit("sce", base, experts3, {"select_topk": select_topk})
+    trees.assert_close_by_name(ours, theirs, **MK_TOL)
 
 
 @mergekit_only
@@ -566,10 +555,12 @@ def test_mergekit_ram(mk_models, epsilon):
         for e in experts
     ]
     ours = merging.ram(base, experts, epsilon=epsilon)
-    _assert_mergekit(ours, _mergekit("ram", base, experts, {"epsilon": epsilon}))
+    trees.assert_close_by_name(
+        ours, _mergekit("ram", base, experts, {"epsilon": epsilon}), **MK_TOL
+    )
     for r, alpha in ((0.1, 0.2), (0.7, 5.0)):
         ours = merging.ramplus_tl(base, experts, r=r, alpha=alpha, epsilon=epsilon)
         theirs = _mergekit(
             "ramplus_tl", base, experts, {"r": r, "alpha": alpha, "epsilon": epsilon}
         )
-        _assert_mergekit(ours, theirs)
+        trees.assert_close_by_name(ours, theirs, **MK_TOL)

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import trees
 from tests.merging import helpers as H
 from umtam_jax import checkpoint, engine, merging
 from umtam_jax.engine import _global_topk, _merge
@@ -54,14 +55,6 @@ def ckpts(tmp_path_factory):
     return {"paths": paths, **restored}
 
 
-def _identical(got, want):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(x, y)
-
-
 def _experts(p, prefix="e", n=K):
     return [p[f"{prefix}{i}"] for i in range(n)]
 
@@ -102,7 +95,7 @@ def test_tensor_scope_equals_in_memory(ckpts, tmp_path, method, extra, kwargs):
         want = fn(ckpts["base"], ckpts["experts"], **kwargs)
     else:
         want = fn(ckpts["base"], ckpts["experts"], ckpts[extra], **kwargs)
-    _identical(checkpoint.restore_params(out), want)
+    trees.assert_trees_equal(checkpoint.restore_params(out), want)
     meta = checkpoint.read_metadata(out)
     assert meta["user"]["merge"]["method"] == method
     assert meta["items"] == ["params"]
@@ -125,7 +118,7 @@ def test_prune_equals_in_memory(ckpts, tmp_path, statistics, scope):
     )
     scores = ckpts["stats"][1] if statistics else None
     want = merging.prune(ckpts["base"], ckpts["experts"][1], scores, density=0.3, scope=scope)
-    _identical(checkpoint.restore_params(out), want)
+    trees.assert_trees_equal(checkpoint.restore_params(out), want)
 
 
 @pytest.mark.parametrize("group_bytes", [1, 10**9])
@@ -146,7 +139,7 @@ def test_global_ties_exact_with_many_ties(ckpts, tmp_path, group_bytes, density)
         progress=False,
     )
     want = merging.ties(ckpts["base"], ckpts["tied"], density=density, scope="global")
-    _identical(checkpoint.restore_params(out), want)
+    trees.assert_trees_equal(checkpoint.restore_params(out), want)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +156,7 @@ def test_global_umtam_equals_in_memory(ckpts, tmp_path, kwargs):
         "umtam", p["base"], _experts(p), out, scope="global", progress=False, **kwargs
     )
     want = merging.umtam(ckpts["base"], ckpts["experts"], ckpts["stats"], scope="global", **kwargs)
-    _identical(checkpoint.restore_params(out), want)
+    trees.assert_trees_equal(checkpoint.restore_params(out), want)
 
 
 def test_global_ties_weights(ckpts, tmp_path):
@@ -173,7 +166,7 @@ def test_global_ties_weights(ckpts, tmp_path):
         "ties", p["base"], _experts(p), tmp_path / "o", scope="global", progress=False, **kwargs
     )
     want = merging.ties(ckpts["base"], ckpts["experts"], scope="global", **kwargs)
-    _identical(checkpoint.restore_params(tmp_path / "o"), want)
+    trees.assert_trees_equal(checkpoint.restore_params(tmp_path / "o"), want)
 
 
 # ------------------------------------------------------------------------------ errors
@@ -188,7 +181,7 @@ def test_overwrite_refused_then_allowed(ckpts, tmp_path):
         engine.merge_checkpoints(*args, progress=False, scaling=0.5)
     engine.merge_checkpoints(*args, progress=False, scaling=0.5, overwrite=True)
     want = merging.task_arithmetic(ckpts["base"], ckpts["experts"][:1], scaling=0.5)
-    _identical(checkpoint.restore_params(out), want)
+    trees.assert_trees_equal(checkpoint.restore_params(out), want)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging leftovers
     with pytest.raises(ValueError, match="the output .* is expert 0"):
         engine.merge_checkpoints(
@@ -228,7 +221,7 @@ def test_failed_merge_is_atomic(ckpts, tmp_path, monkeypatch, caplog):
         )
     assert sorted(os.listdir(tmp_path)) == ["out"]
     want = merging.task_arithmetic(ckpts["base"], ckpts["experts"][:1])
-    _identical(checkpoint.restore_params(out), want)
+    trees.assert_trees_equal(checkpoint.restore_params(out), want)
 
 
 def test_missing_checkpoint_and_statistics(ckpts, tmp_path):
@@ -289,9 +282,7 @@ def test_reader_and_streaming_writer_round_trip(tmp_path):
     assert order == [0, 1, 2]
     got = checkpoint.restore_params(tmp_path / "out")
     assert isinstance(got["layers"], list)
-    for x, y in zip(jax.tree.leaves(got), leaves, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y) * 2)
-        assert np.asarray(x).dtype == np.asarray(y).dtype
+    trees.assert_trees_equal(got, jax.tree.map(lambda y: np.asarray(y) * 2, params))
     with pytest.raises(ValueError, match="expected"):
         checkpoint.save_params_streaming(
             tmp_path / "bad", abstract, lambda i: np.zeros(7, np.float32)
@@ -311,7 +302,9 @@ def test_cli_streaming_equals_in_memory(ckpts, tmp_path, capsys):
     assert main([*common, "-o", str(tmp_path / "s")]) == 0
     assert "out of core" in capsys.readouterr().out
     assert main([*common, "--no-progress", "--in-memory", "-o", str(tmp_path / "m")]) == 0
-    _identical(checkpoint.restore_params(tmp_path / "s"), checkpoint.restore_params(tmp_path / "m"))
+    trees.assert_trees_equal(
+        checkpoint.restore_params(tmp_path / "s"), checkpoint.restore_params(tmp_path / "m")
+    )
     assert main([*common, "--dry-run"]) == 0
     assert "dry run OK" in capsys.readouterr().out
 
@@ -342,7 +335,7 @@ def test_global_scope_float64_keys(tmp_path):
             checkpoint.restore_params(tmp_path / "b"), restored, density=0.3, scope="global"
         )
         assert jax.tree.leaves(got)[0].dtype == np.float64
-        _identical(got, want)
+        trees.assert_trees_equal(got, want)
 
 
 def test_bare_array_params_with_statistics(tmp_path):
@@ -370,7 +363,7 @@ def test_bare_array_params_with_statistics(tmp_path):
         density=0.3,
         scope="global",
     )
-    _identical(checkpoint.restore_params(tmp_path / "o"), want)
+    trees.assert_trees_equal(checkpoint.restore_params(tmp_path / "o"), want)
 
 
 def test_chunked_histogram_and_mask(monkeypatch):

@@ -3,6 +3,7 @@ wrappers, memory modes, dtypes, bad input and a Flax model (see test_contract.py
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,7 +136,7 @@ def test_learning_rate_one_and_no_weight_decay_gives_minus_the_direction():
     directions, _, _ = _run(scale, params)
     updates, _, _ = _run(full, params)
     for d, u in zip(directions, updates, strict=True):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(b, -a, rtol=1e-6), d, u)
+        chex.assert_trees_all_close(u, jax.tree.map(lambda a: -a, d), rtol=1e-6)
 
 
 def test_weight_decay_is_added_before_the_learning_rate():
@@ -143,7 +144,7 @@ def test_weight_decay_is_added_before_the_learning_rate():
     decayed, _, _ = _run(umtam_jax.umtam(0.1, weight_decay=0.5, **SMALL), params, steps=2)
     plain, _, _ = _run(umtam_jax.umtam(0.1, **SMALL), params, steps=2)
     expected = jax.tree.map(lambda u, p: u - 0.1 * 0.5 * p, plain[-1], params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), decayed[-1], expected)
+    chex.assert_trees_all_close(decayed[-1], expected, rtol=1e-5)
 
 
 def test_inject_hyperparams_without_static_args_explains_the_fix():
@@ -387,7 +388,7 @@ def test_empty_leaves_get_empty_updates_and_leave_the_others_unchanged():
         updates_e, state_e = update(grads_e, state_e, with_empty)
         assert updates_e["empty"].shape == (0, 16) and updates_e["no_cols"].shape == (16, 0)
         for name in params:
-            jax.tree.map(np.testing.assert_array_equal, updates[name], updates_e[name])
+            chex.assert_trees_all_equal(updates[name], updates_e[name])
         params = optax.apply_updates(params, updates)
         with_empty = optax.apply_updates(with_empty, updates_e)
 

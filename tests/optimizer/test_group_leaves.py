@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import umtam_jax
+from tests import trees
 from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState
 
 STEPS = 3
@@ -70,14 +71,6 @@ def _invariants(result):
     return {"params": params, "state": leaves}
 
 
-def _assert_close(grouped, per_leaf, rtol):
-    flat, _ = jax.tree_util.tree_flatten_with_path(grouped)
-    for (path, a), b in zip(flat, jax.tree.leaves(per_leaf), strict=True):
-        scale = float(jnp.max(jnp.abs(b))) or 1.0
-        error = float(jnp.max(jnp.abs(a - b))) / scale
-        assert error <= rtol, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
-
-
 @pytest.mark.parametrize(
     "options, rtol",
     [
@@ -95,7 +88,7 @@ def _assert_close(grouped, per_leaf, rtol):
 def test_stacked_update_equals_the_per_leaf_update(options, rtol):
     grouped = _invariants(_train(True, **options))
     per_leaf = _invariants(_train(False, **options))
-    _assert_close(grouped, per_leaf, rtol)
+    trees.assert_trees_close_to_scale(grouped, per_leaf, rtol=rtol)
 
 
 def test_a_gradient_array_shared_by_two_leaves_is_stacked_like_two_copies():
@@ -107,7 +100,7 @@ def test_a_gradient_array_shared_by_two_leaves_is_stacked_like_two_copies():
         update = jax.jit(opt.update)
         updates, _ = update({"a": shared, "b": shared}, opt.init(params), params)
         results.append(updates)
-    _assert_close(results[0], results[1], 1e-5)
+    trees.assert_trees_close_to_scale(results[0], results[1], rtol=1e-5)
 
 
 def test_stacks_only_leaves_of_equal_layout():
@@ -127,7 +120,7 @@ def test_stacks_only_leaves_of_equal_layout():
         assert state[0].leaves["a"].u.shape == (4, 4)
         assert state[0].leaves["b"].u.shape == (4, 8, 4)
         results.append(jax.jit(opt.update)(grads, state, params)[0])
-    _assert_close(results[0], results[1], 1e-5)
+    trees.assert_trees_close_to_scale(results[0], results[1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("value", ["yes", 1, 0.0, None])

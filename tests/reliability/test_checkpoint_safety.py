@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,12 +30,6 @@ def _tree_files(root) -> dict[str, bytes]:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, root)] = f.read()
     return out
-
-
-def _assert_params(path, expected):
-    got = checkpoint.restore_params(path)
-    for k, v in expected.items():
-        np.testing.assert_array_equal(np.asarray(got[k]), v)
 
 
 def _hidden_leftovers(path) -> list[str]:
@@ -75,9 +70,9 @@ def test_existing_checkpoint_needs_overwrite_then_is_replaced(tmp_path):
     checkpoint.save_checkpoint(path, OLD)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         checkpoint.save_checkpoint(path, NEW)
-    _assert_params(path, OLD)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
     checkpoint.save_checkpoint(path, NEW, overwrite=True)
-    _assert_params(path, NEW)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW)
     assert _hidden_leftovers(path) == []
 
 
@@ -92,7 +87,7 @@ def test_symlinks_and_file_parents_are_refused(tmp_path):
         with pytest.raises(ValueError, match="symbolic link"):
             checkpoint.save_checkpoint(path, NEW, overwrite=True)
     assert not (tmp_path / "nowhere").exists()
-    _assert_params(real, OLD)
+    chex.assert_trees_all_equal(checkpoint.restore_params(real), OLD)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         checkpoint.save_checkpoint(tmp_path / "file" / "ckpt", OLD)
@@ -175,14 +170,14 @@ def test_overwrite_killed_at_each_step_keeps_old_or_new(tmp_path, exchange, step
     # path holds the complete old or the complete new checkpoint.
     got = checkpoint.restore_params(path)
     is_new = np.array_equal(np.asarray(got["w"]), NEW["w"])
-    _assert_params(path, NEW if is_new else OLD)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW if is_new else OLD)
     if step in ("locked", "staged", "retired"):
         assert not is_new
     if step in ("swapped", "trashed"):
         assert is_new
     # The next save cleans up everything the killed one left and still works.
     checkpoint.save_checkpoint(path, OLD, overwrite=True)
-    _assert_params(path, OLD)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
     assert _hidden_leftovers(path) == []
 
 
@@ -214,7 +209,7 @@ def test_killed_streaming_write_leaves_nothing_at_the_path(tmp_path):
         checkpoint.restore_params(path)
     checkpoint.save_checkpoint(path, OLD)
     assert _hidden_leftovers(path) == []  # ... until the next save to that path
-    _assert_params(path, OLD)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
 
 
 def test_stale_leftovers_removed_and_neighbours_untouched(tmp_path):
@@ -348,8 +343,7 @@ def test_flipped_statistics_and_opt_state_are_detected(tmp_path):
                 assert "corrupt" in str(err)
                 detected += 1
             else:
-                for g, want in zip(got, saved, strict=True):
-                    np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
+                chex.assert_trees_all_equal(got, saved)
         assert detected >= 4
         pathlib.Path(data).write_bytes(original)
         restore()
@@ -384,9 +378,7 @@ def test_keys_with_separators_round_trip_exactly(tmp_path, tree):
     arrays = jax.tree.map(lambda v: np.full((3,), v, np.float32), tree)
     path = checkpoint.save_checkpoint(tmp_path / "ckpt", arrays)
     got = checkpoint.restore_params(path)
-    assert jax.tree.structure(got) == jax.tree.structure(arrays)
-    for g, want in zip(jax.tree.leaves(got), jax.tree.leaves(arrays), strict=True):
-        np.testing.assert_array_equal(np.asarray(g), want)
+    chex.assert_trees_all_equal(got, arrays)
     reader = checkpoint.CheckpointReader(path)
     assert jax.tree.structure(reader.abstract("params")) == jax.tree.structure(arrays)
 
@@ -406,5 +398,5 @@ def test_multiprocess_save_publishes_from_process_zero(tmp_path, monkeypatch):
         "umtam_checkpoint_published",
     ]
     assert len(barriers) == 6
-    _assert_params(path, NEW)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW)
     assert _hidden_leftovers(path) == []
