@@ -7,6 +7,7 @@ import json
 import math
 import zlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -349,7 +350,7 @@ def test_inputs_are_not_mutated():
     stats = H.random_statistics(rng, 3)
     before = copy.deepcopy((base, experts, stats))
     D.diagnose("umtam", base, experts, experts[0], stats)
-    jax.tree.map(np.testing.assert_array_equal, (base, experts, stats), before)
+    chex.assert_trees_all_equal((base, experts, stats), before)
 
 
 def test_nnx_states_give_the_same_diagnostics_as_pure_dicts():
