@@ -14,8 +14,8 @@ stage (every public name below is importable from this package):
   presets, ``DEMO_UMTAM_KWARGS`` and ``DEFAULT_TASKS``.
 * :mod:`~umtam_jax.experiments.tasks` -- :class:`TokenizedTask`, :func:`prepare_task`
   (a registered task's capped, tokenized splits, cached as ``.npz``).
-* :mod:`~umtam_jax.experiments.training` -- optimizers, the schedule and
-  :func:`finetune` (expert fine-tuning).
+* :mod:`~umtam_jax.experiments.training` -- optimizers, the schedule,
+  :func:`finetune` (expert fine-tuning) and :class:`EarlyStopping`.
 * :mod:`~umtam_jax.experiments.experts` -- :class:`ExpertResult`, :func:`train_expert`
   (the checkpoint cache of trained experts, keyed by :func:`expert_fingerprint`).
 * :mod:`~umtam_jax.experiments.evaluation` -- :func:`predict`, :func:`evaluate_params`,
@@ -29,6 +29,17 @@ stage (every public name below is importable from this package):
   :func:`tree_bytes`.
 * :mod:`~umtam_jax.experiments.pipeline` -- the stages in order: :func:`prepare_experts`
   and :func:`run_merging`.
+
+The evaluation protocol (seeds, early-stopped experts, equal-budget searches, intervals):
+
+* :mod:`~umtam_jax.experiments.protocol` -- :func:`evaluate_merges` (run or resume, then
+  the table), :func:`run_protocol`, :class:`ProtocolSize` and its sizes (``tiny``,
+  ``medium``, ``full``); ``python -m umtam_jax.experiments.protocol`` runs it.
+* :mod:`~umtam_jax.experiments.spaces` -- :func:`candidates`: every compared method with
+  its searched axes (:class:`Candidate`), and the excluded registered methods.
+* :mod:`~umtam_jax.experiments.comparison` -- :func:`summarize` and :class:`MergeTable`
+  (normalized scores and paired differences with bootstrap intervals).
+* :mod:`~umtam_jax.experiments.store` -- atomic JSON / ``.npz`` writes of the caches.
 
 Tools for comparing merges, imported from their modules:
 :mod:`~umtam_jax.experiments.search` (an equal-budget validation search that extends grids
@@ -52,6 +63,7 @@ _EXPORTS = {
     **dict.fromkeys(("TokenizedTask", "prepare_task"), "tasks"),
     **dict.fromkeys(
         (
+            "EarlyStopping",
             "finetune",
             "init_expert",
             "init_opt_state",
@@ -74,6 +86,9 @@ _EXPORTS = {
     **dict.fromkeys(
         ("enable_compilation_cache", "load_base", "prepare_experts", "run_merging"), "pipeline"
     ),
+    **dict.fromkeys(("ProtocolSize", "evaluate_merges", "run_protocol"), "protocol"),
+    **dict.fromkeys(("MergeTable", "summarize"), "comparison"),
+    **dict.fromkeys(("Candidate", "candidates"), "spaces"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -32,6 +32,9 @@ class PipelineConfig:
         warmup_fraction: Fraction of the steps spent warming up.
         max_train: Cap on the training examples per task (stratified), None: all.
         max_eval: Cap on the validation and test examples per task, None: all.
+        max_test: Cap on the test examples per task when it differs from ``max_eval``
+            (an int, or None: all); the default ``"max_eval"`` uses ``max_eval`` and leaves
+            the cache keys as they were before this field existed.
         eval_batch_size: Batch size of the jitted forward pass in evaluation.
         dropout: Train with dropout (MiniLM's 0.1); off by default (faster on CPU).
         seed: Seed of data splits, head init, batch order and random merges.
@@ -45,19 +48,32 @@ class PipelineConfig:
     warmup_fraction: float = 0.1
     max_train: int | None = 4096
     max_eval: int | None = 200
+    max_test: int | None | str = "max_eval"
     eval_batch_size: int = 50
     dropout: bool = False
     seed: int = 0
     config: minilm.BertConfig = minilm.MINILM_L6
 
+    def __post_init__(self) -> None:
+        if isinstance(self.max_test, str) and self.max_test != "max_eval":
+            raise ValueError(f"max_test must be an int, None or 'max_eval', got {self.max_test!r}")
+
+    @property
+    def test_cap(self) -> int | None:
+        """The cap on the test examples per task (None: all)."""
+        return self.max_eval if self.max_test == "max_eval" else self.max_test  # type: ignore[return-value]
+
     def data_key(self) -> dict[str, Any]:
         """The fields that change the tokenized data."""
-        return {
+        key: dict[str, Any] = {
             "max_length": self.max_length,
             "max_train": self.max_train,
             "max_eval": self.max_eval,
             "seed": self.seed,
         }
+        if self.max_test != "max_eval":  # only then: older keys stay unchanged
+            key["max_test"] = self.max_test
+        return key
 
     def training_key(self) -> dict[str, Any]:
         """The fields that change a trained expert (part of its checkpoint fingerprint)."""

@@ -21,7 +21,7 @@ from umtam_jax.experiments._keys import stable_hash
 from umtam_jax.experiments.config import PipelineConfig
 from umtam_jax.experiments.evaluation import evaluate_params
 from umtam_jax.experiments.tasks import TokenizedTask
-from umtam_jax.experiments.training import finetune, optimizer_for
+from umtam_jax.experiments.training import EarlyStopping, finetune, optimizer_for
 
 __all__ = ["ExpertResult", "expert_fingerprint", "train_expert"]
 
@@ -54,6 +54,7 @@ def expert_fingerprint(
     config: PipelineConfig,
     optimizer: str = "umtam",
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> str:
     """The cache key of an expert: a hash of everything that changes its training.
 
@@ -62,19 +63,22 @@ def expert_fingerprint(
         config: Training config (its :meth:`~PipelineConfig.training_key`).
         optimizer: The optimizer's name.
         optimizer_kwargs: Extra optimizer arguments.
+        early_stopping: Early stopping settings; None (fixed steps) leaves the key as it
+            was before early stopping existed, so the fixed-step caches stay valid.
 
     Returns:
         16 hex digits, the last part of the checkpoint directory's name.
     """
-    return stable_hash(
-        {
-            "task": ttask.name,
-            "train": config.training_key(),
-            "optimizer": optimizer,
-            "kwargs": dict(optimizer_kwargs or {}),
-            "n": {s: len(a["labels"]) for s, a in ttask.arrays.items()},
-        }
-    )
+    key: dict[str, Any] = {
+        "task": ttask.name,
+        "train": config.training_key(),
+        "optimizer": optimizer,
+        "kwargs": dict(optimizer_kwargs or {}),
+        "n": {s: len(a["labels"]) for s, a in ttask.arrays.items()},
+    }
+    if early_stopping is not None:
+        key["early_stopping"] = early_stopping.key()
+    return stable_hash(key)
 
 
 def train_expert(
@@ -88,6 +92,7 @@ def train_expert(
     tag: str = "",
     progress: bool = True,
     save_opt_state: bool = False,
+    early_stopping: EarlyStopping | None = None,
 ) -> ExpertResult:
     """Fine-tunes (or restores) the expert of one task and saves it with its statistics.
 
@@ -105,6 +110,9 @@ def train_expert(
         tag: Free label in the directory name (e.g. ``"lean"``).
         progress: Show a progress bar.
         save_opt_state: Also save the full optimizer state (for resuming).
+        early_stopping: Train until validation stops improving (at most
+            ``config.steps`` steps) and keep the best checkpoint; None: exactly
+            ``config.steps`` steps.
 
     Returns:
         The :class:`ExpertResult`.
@@ -112,7 +120,7 @@ def train_expert(
     from umtam_jax import checkpoint
 
     kwargs = dict(optimizer_kwargs or {})
-    fp = expert_fingerprint(ttask, config, optimizer, kwargs)
+    fp = expert_fingerprint(ttask, config, optimizer, kwargs, early_stopping)
     name = "-".join(p for p in (ttask.name, tag, fp) if p)
     path = Path(workdir).absolute() / "experts" / name
     if path.exists():
@@ -132,7 +140,9 @@ def train_expert(
         except (FileNotFoundError, ValueError, KeyError):
             pass  # incomplete or foreign: retrain and overwrite
     tx = optimizer_for(optimizer, config, kwargs)
-    params, opt_state, info = finetune(ttask, base_encoder, tx, config, progress=progress)
+    params, opt_state, info = finetune(
+        ttask, base_encoder, tx, config, progress=progress, early_stopping=early_stopping
+    )
     scores = {s: evaluate_params(params, ttask, s, config) for s in ("validation", "test")}
     info = {**info, "optimizer": optimizer, "optimizer_kwargs": kwargs, "restored": False}
     stats = None

@@ -23,6 +23,10 @@ import numpy as np
 Metric = Callable[[np.ndarray, np.ndarray], float]
 """``metric(labels, predictions) -> score`` of one task (higher is better)."""
 
+Metrics = Metric | Mapping[str, Metric]
+"""One metric for every task, or a mapping task -> its own metric (tasks may differ:
+accuracy on one, macro-F1 on another)."""
+
 # predictions[seed][task] -> array of predicted labels on that seed's test split.
 Runs = Sequence[Mapping[str, np.ndarray]]
 
@@ -89,13 +93,14 @@ def _statistic(metric, labels, run, normalizers, tasks, seeds, draws) -> float:
     for s, draw in zip(seeds, draws, strict=True):
         for t in tasks:
             idx = draw[t]
-            score = metric(labels[s][t][idx], run[s][t][idx])
+            task_metric = metric[t] if isinstance(metric, Mapping) else metric
+            score = task_metric(labels[s][t][idx], run[s][t][idx])
             values.append(score / (normalizers[s][t] if normalizers is not None else 1.0))
     return float(np.mean(values))
 
 
 def _replicates(
-    metric: Metric,
+    metric: Metrics,
     labels: Runs,
     runs: Sequence[Runs],
     normalizers: Sequence[Mapping[str, float]] | None,
@@ -104,6 +109,8 @@ def _replicates(
 ) -> tuple[list[float], np.ndarray]:
     """The observed statistic of each run and ``samples`` paired bootstrap replicates."""
     tasks = _check(labels, runs, normalizers)
+    if isinstance(metric, Mapping) and not set(tasks) <= set(metric):
+        raise ValueError(f"no metric for tasks {sorted(set(tasks) - set(metric))}")
     n_seeds = len(labels)
     identity = [{t: np.arange(len(labels[s][t])) for t in tasks} for s in range(n_seeds)]
     observed = [
@@ -129,7 +136,7 @@ def _interval(estimate: float, replicates: np.ndarray, level: float) -> Interval
 
 
 def score_interval(
-    metric: Metric,
+    metric: Metrics,
     labels: Runs,
     predictions: Runs,
     *,
@@ -141,7 +148,8 @@ def score_interval(
     """One method's mean score over seeds and tasks, with its bootstrap interval.
 
     Args:
-      metric: ``metric(labels, predictions) -> float`` of one task.
+      metric: ``metric(labels, predictions) -> float`` of every task, or a mapping
+        task -> its metric.
       labels: per seed, a mapping task -> test labels.
       predictions: per seed, a mapping task -> predicted labels (same shapes).
       normalizers: per seed, task -> the expert's score (the statistic is then the mean
@@ -170,7 +178,7 @@ def score_interval(
 
 
 def paired_difference(
-    metric: Metric,
+    metric: Metrics,
     labels: Runs,
     predictions_a: Runs,
     predictions_b: Runs,
@@ -187,7 +195,8 @@ def paired_difference(
     for A against B.
 
     Args:
-      metric: ``metric(labels, predictions) -> float`` of one task.
+      metric: ``metric(labels, predictions) -> float`` of every task, or a mapping
+        task -> its metric.
       labels: per seed, a mapping task -> test labels.
       predictions_a, predictions_b: the two methods' predictions, shaped like ``labels``.
       normalizers: per seed, task -> the expert's score, or None for raw scores.

@@ -61,13 +61,13 @@ def prepare_task(
         name: A registered task name.
         tokenizer: The MiniLM tokenizer (:func:`~umtam_jax.experiments.models.minilm.\
 load_minilm_tokenizer`).
-        config: Sizes (``max_length``, ``max_train``, ``max_eval``, ``seed``).
+        config: Sizes (``max_length``, ``max_train``, ``max_eval``, ``max_test``, ``seed``).
         cache_dir: Where to keep the tokenized arrays (None: no cache).
 
     Returns:
         The :class:`TokenizedTask`.
     """
-    caps = {"train": config.max_train, "validation": config.max_eval, "test": config.max_eval}
+    caps = {"train": config.max_train, "validation": config.max_eval, "test": config.test_cap}
     caps = {k: v for k, v in caps.items() if v is not None}
     task = data_lib.load_task(name, seed=config.seed, max_per_split=caps or None)
     spec = data_lib.get_task(name)

@@ -2,12 +2,15 @@
 
 Every expert starts from the shared pretrained encoder ``w0`` with a fresh head seeded by
 ``(seed, task name)`` (:func:`init_expert`); :func:`finetune` trains encoder and head
-together with one Optax transform on batches drawn in a seeded order. Nothing here saves
-or restores: :mod:`umtam_jax.experiments.experts` caches the trained experts.
+together with one Optax transform on batches drawn in a seeded order, either for a fixed
+number of steps or, with :class:`EarlyStopping`, until the validation score stops
+improving (the best checkpoint is kept). Nothing here saves or restores:
+:mod:`umtam_jax.experiments.experts` caches the trained experts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +26,7 @@ from umtam_jax.experiments.models import minilm
 from umtam_jax.experiments.tasks import TokenizedTask
 
 __all__ = [
+    "EarlyStopping",
     "finetune",
     "init_expert",
     "init_opt_state",
@@ -32,6 +36,39 @@ __all__ = [
 ]
 
 Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """Train until the validation score stops improving, and keep the best checkpoint.
+
+    The expert is scored on its validation split every ``eval_every`` steps (and after the
+    last step); training stops once ``patience`` evaluations in a row failed to beat the
+    best score by more than ``min_delta``, or after ``config.steps`` steps (the maximum;
+    the learning-rate schedule decays over it). The parameters and optimizer state
+    (hence the UMTAM statistics) of the best evaluation are returned.
+
+    Attributes:
+        eval_every: Steps between validation evaluations.
+        patience: Evaluations without improvement before stopping.
+        min_delta: The improvement an evaluation must exceed to count.
+
+    Example:
+        >>> EarlyStopping(eval_every=25, patience=3).key()
+        {'eval_every': 25, 'patience': 3, 'min_delta': 0.0}
+    """
+
+    eval_every: int = 50
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 1 or self.patience < 1 or self.min_delta < 0:
+            raise ValueError(f"invalid early stopping settings: {self}")
+
+    def key(self) -> dict[str, Any]:
+        """The settings as a dict (part of an expert's cache key)."""
+        return dataclasses.asdict(self)
 
 
 def make_optimizer(
@@ -137,14 +174,31 @@ def finetune(
     config: PipelineConfig,
     *,
     progress: bool = True,
+    early_stopping: EarlyStopping | None = None,
+    validate: Callable[[Params], float] | None = None,
 ) -> tuple[Params, Any, dict[str, Any]]:
     """Fine-tunes encoder + a fresh head on ``ttask``'s training split.
 
     Batches are drawn epoch by epoch in an order fixed by ``(config.seed, task name)``;
-    the result is deterministic for a seed.
+    the result is deterministic for a seed. Without ``early_stopping`` it runs
+    ``config.steps`` steps and returns the last parameters; with it, at most
+    ``config.steps`` steps, stopping when the validation score stops improving, and
+    returns the parameters and optimizer state of the best validation score.
+
+    Args:
+        ttask: The tokenized task.
+        base_encoder: The shared pretrained encoder.
+        tx: The optimizer.
+        config: Training config.
+        progress: Show a progress bar.
+        early_stopping: Early stopping settings, or None (fixed number of steps).
+        validate: ``validate(params) -> score`` (higher is better) for early stopping;
+            by default the task metric on the validation split.
 
     Returns:
-        ``(params, opt_state, info)`` with ``info["losses"]`` and ``info["seconds"]``.
+        ``(params, opt_state, info)`` with ``info["losses"]`` and ``info["seconds"]``;
+        with early stopping also ``"best_step"``, ``"stopped_step"``, ``"stopped_early"``
+        and ``"validation_history"`` (``[step, score]`` pairs).
     """
     train = ttask.arrays["train"]
     n = len(train["labels"])
@@ -160,6 +214,7 @@ def finetune(
     losses = []
     t0 = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"train {ttask.name}", disable=not progress, leave=False)
+    stopper = _Stopper(early_stopping, ttask, config, validate) if early_stopping else None
     for i in bar:
         if order.size < bs:
             order = np.concatenate([order, *[rng.permutation(n) for _ in range(-(-bs // n))]])
@@ -170,5 +225,59 @@ def finetune(
         if i % 10 == 0 or i == config.steps - 1:
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if stopper is not None and stopper.update(i + 1, params, opt_state):
+            break
+    info: dict[str, Any] = {"losses": losses}
+    if stopper is not None:
+        params, opt_state = stopper.best_params, stopper.best_state
+        info.update(stopper.info())
     jax.block_until_ready(params)
-    return params, opt_state, {"losses": losses, "seconds": time.perf_counter() - t0}
+    return params, opt_state, {**info, "seconds": time.perf_counter() - t0}
+
+
+class _Stopper:
+    """The early-stopping state of :func:`finetune`: the best checkpoint and its score."""
+
+    def __init__(
+        self,
+        settings: EarlyStopping,
+        ttask: TokenizedTask,
+        config: PipelineConfig,
+        validate: Callable[[Params], float] | None,
+    ) -> None:
+        if validate is None:
+            from umtam_jax.experiments.evaluation import evaluate_params
+
+            def validate(p: Params) -> float:
+                return evaluate_params(p, ttask, "validation", config)
+
+        self.settings, self.validate, self.last_step = settings, validate, config.steps
+        self.history: list[list[float]] = []
+        self.best_score, self.best_step, self.bad = -np.inf, 0, 0
+        self.best_params: Params = {}
+        self.best_state: Any = None
+        self.stopped = False
+
+    def update(self, step: int, params: Params, opt_state: Any) -> bool:
+        """Scores ``params`` when due; True when training should stop."""
+        if step % self.settings.eval_every and step != self.last_step:
+            return False
+        score = float(self.validate(params))
+        self.history.append([step, score])
+        if not self.best_params or score > self.best_score + self.settings.min_delta:
+            self.best_score, self.best_step, self.bad = score, step, 0
+            self.best_params, self.best_state = params, opt_state  # immutable arrays
+        else:
+            self.bad += 1
+        self.stopped = self.bad >= self.settings.patience and step != self.last_step
+        return self.stopped
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "best_step": self.best_step,
+            "best_validation": self.best_score,
+            "stopped_step": int(self.history[-1][0]),
+            "stopped_early": self.stopped,
+            "validation_history": self.history,
+            "early_stopping": self.settings.key(),
+        }

@@ -1,0 +1,217 @@
+"""The protocol's table: normalized scores and paired differences with bootstrap intervals.
+
+:func:`summarize` reads what :func:`~umtam_jax.experiments.protocol.run_protocol` stored
+in a work directory (the test labels, every (seed, method)'s test predictions, the
+experts' test scores) and computes, with :mod:`~umtam_jax.experiments.intervals`:
+
+* per method, the mean over seeds and tasks of ``score / expert score`` (each seed's
+  expert on that task) with its 95 % interval, resampling seeds and test examples;
+* per method and reference method (UMTAM and task arithmetic by default), the paired
+  difference ``method − reference`` with its interval and verdict (``"better"``,
+  ``"worse"``, ``"tied"``).
+
+A :class:`MergeTable` holds the tidy rows (one dict per method) and renders Markdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from umtam_jax.experiments import intervals, store
+from umtam_jax.experiments.data import compute_metric
+
+__all__ = ["MergeTable", "summarize"]
+
+
+@dataclasses.dataclass
+class MergeTable:
+    """The protocol's comparison table.
+
+    Attributes:
+        rows: One dict per method: ``method``, ``name``, ``seeds``, ``score`` /
+            ``low`` / ``high`` (normalized test score and interval), ``raw_score`` (the
+            mean task metric), ``validation_score``, ``budget``, ``evaluations``,
+            ``open_edges`` (``"seed N: axis"`` strings), ``merge_seconds``, ``hparams``
+            (by seed) and, per reference ``R``, ``vs_R`` / ``vs_R_low`` / ``vs_R_high`` /
+            ``vs_R_verdict`` (None for the reference itself).
+        references: The reference methods.
+        seeds: The seeds summarized.
+        tasks: The tasks.
+        missing: Methods asked for but not finished for every seed.
+        level: The intervals' coverage.
+    """
+
+    rows: list[dict[str, Any]]
+    references: tuple[str, ...]
+    seeds: tuple[int, ...]
+    tasks: tuple[str, ...]
+    missing: tuple[str, ...] = ()
+    level: float = 0.95
+
+    def row(self, method: str) -> dict[str, Any]:
+        """The row of ``method``."""
+        for r in self.rows:
+            if r["method"] == method:
+                return r
+        raise KeyError(method)
+
+    def to_markdown(self, sort: bool = True) -> str:
+        """A Markdown table (best normalized score first when ``sort``).
+
+        Example:
+            >>> t = MergeTable(
+            ...     [{"method": "m", "name": "M", "score": 0.9, "low": 0.8, "high": 0.95,
+            ...       "budget": 1, "evaluations": 1, "open_edges": [], "merge_seconds": 0.1}],
+            ...     references=(), seeds=(0,), tasks=("a",))
+            >>> print(t.to_markdown())  # doctest: +NORMALIZE_WHITESPACE
+            | Method | Norm. test score [95 % CI] | Budget | Open edges | Merge s |
+            |---|---|---|---|---|
+            | M | 0.900 [0.800, 0.950] | 1 | 0 | 0.10 |
+        """
+        pct = f"{100 * self.level:g} %"
+        head = ["Method", f"Norm. test score [{pct} CI]"]
+        head += [f"Δ vs {self._name(r)} [{pct} CI]" for r in self.references]
+        head += ["Budget", "Open edges", "Merge s"]
+        rows = sorted(self.rows, key=lambda r: -r["score"]) if sort else self.rows
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r["name"], f"{r['score']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"]
+            for ref in self.references:
+                d = r.get(f"vs_{ref}")
+                cells.append(
+                    "—"
+                    if d is None
+                    else f"{d:+.3f} [{r[f'vs_{ref}_low']:+.3f}, {r[f'vs_{ref}_high']:+.3f}] "
+                    f"{r[f'vs_{ref}_verdict']}"
+                )
+            cells += [str(r["budget"]), str(len(r["open_edges"])), f"{r['merge_seconds']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        foot = []
+        if self.missing:
+            foot.append(f"Not finished for every seed: {', '.join(self.missing)}.")
+        if foot:
+            lines += ["", *foot]
+        return "\n".join(lines)
+
+    def _name(self, method: str) -> str:
+        try:
+            return self.row(method)["name"]
+        except KeyError:
+            return method
+
+
+def _metrics(protocol: dict[str, Any]) -> dict[str, Any]:
+    def make(name: str, k: int) -> intervals.Metric:
+        return lambda y, p: compute_metric(name, y, p, num_labels=k) if len(y) else float("nan")
+
+    return {t: make(m["metric"], m["num_labels"]) for t, m in protocol["metrics"].items()}
+
+
+def summarize(
+    workdir: str | Path,
+    *,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    references: Sequence[str] = ("umtam", "task_arithmetic"),
+    samples: int = 2000,
+    level: float = 0.95,
+    bootstrap_seed: int = 0,
+) -> MergeTable:
+    """The table of a protocol run, from its work directory.
+
+    Args:
+        workdir: The work directory of :func:`~umtam_jax.experiments.protocol.run_protocol`.
+        methods: Methods to summarize (default: every method run).
+        seeds: Seeds (default: every seed whose experts were trained); a method is
+            summarized only when it finished for all of them.
+        references: Reference methods of the paired differences.
+        samples: Bootstrap replicates.
+        level: Interval coverage.
+        bootstrap_seed: The resampling's seed.
+
+    Returns:
+        A :class:`MergeTable`.
+
+    Raises:
+        FileNotFoundError: ``workdir`` has no ``results.json``.
+    """
+    workdir = Path(workdir)
+    results = store.read_json(workdir / "results.json")
+    if results is None:
+        raise FileNotFoundError(f"no results.json in {workdir}")
+    protocol = results["protocol"]
+    tasks = tuple(protocol["tasks"])
+    seeds = tuple(int(s) for s in (seeds if seeds is not None else results["experts"]))
+    methods = list(methods or protocol["methods"])
+    labels, normalizers = [], []
+    for s in seeds:
+        arrays = store.read_npz(workdir / results["labels"][str(s)])
+        if arrays is None:
+            raise FileNotFoundError(f"test labels of seed {s} missing in {workdir}")
+        labels.append({t: arrays[t] for t in tasks})
+        normalizers.append(
+            {t: max(float(results["experts"][str(s)][t]["test"]), 1e-12) for t in tasks}
+        )
+    metric = _metrics(protocol)
+    preds: dict[str, list[dict[str, np.ndarray]]] = {}
+    missing = []
+    for m in methods:
+        runs = results["runs"].get(m, {})
+        loaded = [store.read_npz(workdir / runs[str(s)]["predictions"]) if str(s) in runs else None
+                  for s in seeds]  # fmt: skip
+        if any(x is None for x in loaded):
+            missing.append(m)
+            continue
+        preds[m] = [{t: x[t] for t in tasks} for x in loaded if x is not None]
+    kw = {"normalizers": normalizers, "samples": samples, "level": level, "seed": bootstrap_seed}
+    rows = []
+    for m, p in preds.items():
+        recs = [results["runs"][m][str(s)] for s in seeds]
+        ci = intervals.score_interval(metric, labels, p, **kw)
+        raw = np.mean(
+            [[metric[t](labels[i][t], p[i][t]) for t in tasks] for i in range(len(seeds))]
+        )
+        row: dict[str, Any] = {
+            "method": m,
+            "name": recs[0]["name"],
+            "seeds": len(seeds),
+            "score": ci.estimate,
+            "low": ci.low,
+            "high": ci.high,
+            "raw_score": float(raw),
+            "validation_score": float(np.mean([r["validation_norm"] for r in recs])),
+            "budget": recs[0]["budget"],
+            "evaluations": float(np.mean([r["evaluations"] for r in recs])),
+            "open_edges": [
+                f"seed {s}: {a}" for s, r in zip(seeds, recs, strict=True) for a in r["open_edges"]
+            ],  # fmt: skip
+            "merge_seconds": float(np.median([r["merge_seconds"] for r in recs])),
+            "hparams": {str(s): r["hparams"] for s, r in zip(seeds, recs, strict=True)},
+        }
+        for ref in references:
+            if ref == m or ref not in preds:
+                row.update({f"vs_{ref}{x}": None for x in ("", "_low", "_high", "_verdict")})
+                continue
+            d = intervals.paired_difference(metric, labels, p, preds[ref], **kw)
+            row.update(
+                {
+                    f"vs_{ref}": d.estimate,
+                    f"vs_{ref}_low": d.low,
+                    f"vs_{ref}_high": d.high,
+                    f"vs_{ref}_verdict": d.verdict(),
+                }
+            )
+        rows.append(row)
+    return MergeTable(
+        rows,
+        references=tuple(r for r in references if r in preds),
+        seeds=seeds,
+        tasks=tasks,
+        missing=tuple(missing),
+        level=level,
+    )

@@ -1,0 +1,103 @@
+"""Atomic on-disk records of the evaluation protocol: JSON and ``.npz`` files.
+
+Every file is written to a hidden temporary sibling and moved into place with
+:func:`os.replace`, so a reader sees either the old file or the complete new one, never a
+half-written one; a temporary file left behind by an interrupted write is never read
+(readers only open the final names). :func:`jsonable` turns NumPy and JAX values into
+plain JSON values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["jsonable", "read_json", "read_npz", "write_json", "write_npz"]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NumPy/JAX scalars and arrays as Python numbers and lists.
+
+    Non-finite floats become None (strict JSON has no NaN); other unknown leaves
+    become their ``str``.
+
+    Example:
+        >>> import numpy as np
+        >>> jsonable({"a": np.float32(0.5), "b": np.arange(2), "c": (1, float("nan"))})
+        {'a': 0.5, 'b': [0, 1], 'c': [1, None]}
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return jsonable(np.asarray(value).tolist())
+    return str(value)
+
+
+def _atomic(path: Path, write: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (mkstemp makes it 0600)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Writes ``jsonable(obj)`` to ``path`` atomically (temporary file + ``os.replace``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.json"
+        >>> _ = write_json(p, {"x": 1}); read_json(p)
+        {'x': 1}
+    """
+    data = json.dumps(jsonable(obj), indent=1, sort_keys=True).encode()
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON at ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
+    """Writes named arrays to ``path`` (an ``.npz``) atomically."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    return _atomic(Path(path), lambda f: np.savez(f, **arrays))
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The arrays of the ``.npz`` at ``path``, or None when missing or unreadable."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (FileNotFoundError, OSError, ValueError, EOFError):
+        return None
