@@ -1,6 +1,8 @@
 """The UMTAM optimizer (Algorithm 1) as Optax gradient transformations."""
 
-from umtam_jax.optimizer._layout import MatrixAxes, scanned
+from umtam_jax.optimizer._alias import umtam
+from umtam_jax.optimizer._config import STATIC_HYPERPARAMS
+from umtam_jax.optimizer._layout import MatrixAxes, default_row_axes, scanned
 from umtam_jax.optimizer._lowrank import SVD_METHODS
 from umtam_jax.optimizer._sharding import state_shardings
 from umtam_jax.optimizer._state import (
@@ -11,12 +13,7 @@ from umtam_jax.optimizer._state import (
     ScaleByUmtamState,
 )
 from umtam_jax.optimizer._statistics import curvature, momentum, saliency, statistics
-from umtam_jax.optimizer._transform import (
-    STATIC_HYPERPARAMS,
-    default_row_axes,
-    scale_by_umtam,
-    umtam,
-)
+from umtam_jax.optimizer._transform import scale_by_umtam
 
 __all__ = [
     "STATIC_HYPERPARAMS",

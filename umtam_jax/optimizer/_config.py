@@ -1,0 +1,193 @@
+"""Hyper-parameters of UMTAM: the frozen :class:`Config`, its validation at construction,
+and the quantities that derive from the hyper-parameters alone (compute dtype, bias
+corrections)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.optimizer._layout import RowAxesFn
+from umtam_jax.optimizer._lowrank import SVD_METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The options of :func:`umtam_jax.scale_by_umtam`, resolved (``row_axes`` and
+    ``max_rank`` defaulted, ``saliency`` read as ``track_saliency``, ``buffer_dtype`` a
+    dtype or ``None``)."""
+
+    rank: int
+    b1: float
+    b2: float
+    eps: float
+    error_decay: float
+    clip_threshold: float | None
+    saliency_decay: float
+    svd_method: str
+    svd_every: int
+    oversampling: int
+    power_iterations: int
+    min_dim_size_to_factor: int
+    row_axes: RowAxesFn
+    bias_correction: bool
+    track_saliency: bool
+    buffer_dtype: Any
+    adaptive_rank: bool
+    max_rank: int
+    min_rank: int
+    rank_step: int
+    rank_update_every: int
+    rank_grow_threshold: float
+    rank_shrink_threshold: float
+    seed: int
+    group_leaves: bool = False
+
+
+STATIC_HYPERPARAMS = (
+    "rank",
+    "svd_every",
+    "min_dim_size_to_factor",
+    "oversampling",
+    "power_iterations",
+    "max_rank",
+    "min_rank",
+    "rank_step",
+    "rank_update_every",
+    "seed",
+    "row_axes",
+    "group_leaves",
+    "error_decay",
+)
+"""Arguments that fix array shapes or control flow (integers, the ``row_axes`` callable, and
+``error_decay``, whose value 0 drops the m×n momentum buffer from the state): pass
+``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raises ``ValueError(message)`` unless ``condition``."""
+    if not condition:
+        raise ValueError(message)
+
+
+def concrete(value: Any) -> float | None:
+    """The value of a hyper-parameter, or ``None`` when it is traced (inject_hyperparams)."""
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_range(name: str, value: Any, low: float, high: float, high_open: bool) -> None:
+    v = concrete(value)
+    if v is None:
+        return
+    ok = low <= v < high if high_open else low <= v <= high
+    bracket = ")" if high_open else "]"
+    check(ok, f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def as_dtype(value: Any) -> Any:
+    """``buffer_dtype`` as a ``jnp.dtype`` (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise TypeError(f"buffer_dtype must be a dtype, got {value!r}") from None
+
+
+def validate(cfg: Config) -> None:
+    """Checks every option; traced (injected) float hyper-parameters are skipped.
+
+    Raises:
+      TypeError: a static option is not a Python int (``group_leaves``: bool), or
+        ``buffer_dtype`` is not floating-point.
+      ValueError: an option is out of its range.
+    """
+    for name in STATIC_HYPERPARAMS:
+        if name in ("row_axes", "error_decay"):
+            continue
+        value = getattr(cfg, name)
+        if name == "group_leaves":
+            if not isinstance(value, bool):
+                raise TypeError(f"group_leaves must be True or False, got {value!r}")
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(
+                f"{name} must be a Python int (it fixes array shapes), got {value!r}; with "
+                "optax.inject_hyperparams pass static_args=umtam_jax.STATIC_HYPERPARAMS"
+            )
+    check(cfg.rank >= 1, f"rank must be ≥ 1, got {cfg.rank!r}")
+    for name in ("b1", "b2", "saliency_decay"):
+        _check_range(name, getattr(cfg, name), 0.0, 1.0, high_open=True)
+    _check_range("error_decay", cfg.error_decay, 0.0, 1.0, high_open=False)
+    eps = concrete(cfg.eps)
+    check(
+        eps is None or (eps > 0.0 and math.isfinite(eps)),
+        f"eps must be finite and > 0, got {cfg.eps!r}",
+    )
+    clip = None if cfg.clip_threshold is None else concrete(cfg.clip_threshold)
+    check(
+        clip is None or (clip > 0.0 and math.isfinite(clip)),
+        f"clip_threshold must be finite and > 0, or None, got {cfg.clip_threshold!r}",
+    )
+    if cfg.buffer_dtype is not None and not jnp.issubdtype(cfg.buffer_dtype, jnp.floating):
+        raise TypeError(
+            f"buffer_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got "
+            f"{cfg.buffer_dtype}: an integer buffer would silently zero the momentum and "
+            "saliency"
+        )
+    check(
+        cfg.svd_method in SVD_METHODS,
+        f"unknown svd_method {cfg.svd_method!r}; expected one of {SVD_METHODS}",
+    )
+    check(cfg.svd_every >= 1, f"svd_every must be ≥ 1, got {cfg.svd_every!r}")
+    check(cfg.oversampling >= 0, f"oversampling must be ≥ 0, got {cfg.oversampling!r}")
+    check(cfg.power_iterations >= 0, f"power_iterations must be ≥ 0, got {cfg.power_iterations!r}")
+    check(
+        cfg.min_dim_size_to_factor >= 1,
+        f"min_dim_size_to_factor must be ≥ 1, got {cfg.min_dim_size_to_factor!r}",
+    )
+    if cfg.adaptive_rank:
+        check(
+            1 <= cfg.min_rank <= cfg.rank <= cfg.max_rank,
+            "adaptive rank needs 1 ≤ min_rank ≤ rank ≤ max_rank, got "
+            f"min_rank={cfg.min_rank}, rank={cfg.rank}, max_rank={cfg.max_rank}",
+        )
+        check(cfg.rank_step >= 1, f"rank_step must be ≥ 1, got {cfg.rank_step!r}")
+        check(
+            isinstance(cfg.rank_update_every, int) and cfg.rank_update_every >= 1,
+            f"rank_update_every must be ≥ 1, got {cfg.rank_update_every!r}",
+        )
+        check(
+            cfg.rank_grow_threshold > 1.0,
+            f"rank_grow_threshold must be > 1, got {cfg.rank_grow_threshold!r}",
+        )
+        check(
+            0.0 < cfg.rank_shrink_threshold < 1.0,
+            f"rank_shrink_threshold must be in (0, 1), got {cfg.rank_shrink_threshold!r}",
+        )
+
+
+def is_static_zero(value: Any) -> bool:
+    """True for a Python number equal to 0 (a traced or array value is never static)."""
+    return isinstance(value, int | float) and value == 0
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype a parameter's statistics are computed in: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def bias_corrections(cfg: Config, count: jax.Array, dtype: Any) -> tuple[Any, Any]:
+    """The divisors ``(1 − b1^t, 1 − b2^t)`` of step ``t = count`` (``(1, 1)`` without
+    ``bias_correction``)."""
+    if not cfg.bias_correction:
+        return 1.0, 1.0
+    t = count.astype(dtype)
+    return 1.0 - cfg.b1**t, 1.0 - cfg.b2**t

@@ -1,0 +1,109 @@
+"""Step 3 for all factored leaves at once: the new momentum factors ``(U, Σ, V, σ₁)``,
+from a fresh rank-r decomposition on refresh steps or by re-projecting the core onto the
+kept bases in between (docs/algorithm.md §2.5).
+
+Each leaf hands in a :class:`FactorRequest`; the subspace method runs all requests in
+lockstep (:func:`umtam_jax.optimizer._lowrank.subspace_svd_many`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.optimizer import _sharding
+from umtam_jax.optimizer._config import Config
+from umtam_jax.optimizer._lowrank import (
+    Decomposition,
+    LowRankPlusDense,
+    exact_svd,
+    matmul_any,
+    subspace_svd_many,
+)
+
+COLD_START_POWER_ITERATIONS = 4
+"""Extra power iterations of the first decomposition, whose warm start V0 is random."""
+
+
+class FactorRequest(NamedTuple):
+    """What one factored leaf needs from step 3: its momentum and its previous factors."""
+
+    operand: jax.Array | LowRankPlusDense  # M̃ (always materialised for the exact SVD)
+    u: jax.Array
+    v: jax.Array
+    mask: jax.Array | None  # adaptive rank: active components
+    key: jax.Array
+    rank: int | None
+
+
+def _decompose_all(cfg: Config, requests: list[FactorRequest], count) -> list[Decomposition]:
+    """Step 3 for every factored leaf; the subspace method runs the leaves in lockstep."""
+    if cfg.svd_method == "exact":
+        return [exact_svd(req.operand, req.rank) for req in requests]
+
+    def subspace(cold_start=None, power_iterations=cfg.power_iterations):
+        return subspace_svd_many(
+            [req.operand for req in requests],
+            [req.v for req in requests],
+            [req.rank for req in requests],
+            oversampling=cfg.oversampling,
+            power_iterations=power_iterations,
+            keys=[req.key for req in requests],
+            cold_start=cold_start,
+        )
+
+    # The first step's warm start V0 is random: COLD_START_POWER_ITERATIONS more iterations
+    # then. Under jit they sit in a lax.cond around those iterations only: a conditional
+    # around the whole decomposition is run by XLA:CPU as one serialised unit (10–15 ms per
+    # step on the 28M-parameter benchmark). Called eagerly (concrete count), the whole
+    # decomposition is one compiled conditional, so eager results equal jitted ones.
+    try:
+        int(count)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return subspace(cold_start=(count == 1, COLD_START_POWER_ITERATIONS))
+    cold = cfg.power_iterations + COLD_START_POWER_ITERATIONS
+    return jax.lax.cond(count == 1, lambda: subspace(power_iterations=cold), subspace)
+
+
+def _diag(s: jax.Array) -> jax.Array:
+    """``diag(s)``, also for a stack of vectors."""
+    return jnp.vectorize(jnp.diag, signature="(r)->(r,r)")(s)
+
+
+def new_factors(cfg: Config, requests: list[FactorRequest], count) -> list[tuple]:
+    """``(U, Σ, V, σ₁)`` of every factored leaf: a fresh decomposition (step 3) on refresh
+    steps, else the fixed-basis projection ``Σ ← Uᵀ M̃ V`` of docs/algorithm.md §2.5.
+
+    All leaves share the step count, so one ``lax.cond`` decides for all of them. A
+    request may hold a stack of equally shaped leaves (leading axis), see
+    :func:`umtam_jax.optimizer._grouping.on_stack`.
+    """
+
+    def refresh():
+        out = []
+        for req, dec in zip(requests, _decompose_all(cfg, requests, count), strict=True):
+            s = dec.s if req.mask is None else dec.s * req.mask
+            # Keep the factors sharded like the parameter's rows / columns (Explicit meshes).
+            new_u = _sharding.reshard_like(dec.u, _sharding.explicit_spec(req.u))
+            new_v = _sharding.reshard_like(dec.v, _sharding.explicit_spec(req.v))
+            out.append((new_u, _diag(s), new_v, dec.s[..., 0]))
+        return out
+
+    def project():
+        out = []
+        for req in requests:
+            # docs/algorithm.md §2.5 / paper Eq. 34: keep U, V; Σ ← Uᵀ M̃ V.
+            core = _sharding.matmul(req.u.mT, matmul_any(req.operand, req.v))
+            if req.mask is not None:
+                core = core * req.mask[..., :, None] * req.mask[..., None, :]
+            top = jnp.linalg.norm(core, 2, axis=(-2, -1)) if cfg.adaptive_rank else core[..., 0, 0]
+            out.append((req.u, core, req.v, top))
+        return out
+
+    if not requests:
+        return []
+    if cfg.svd_every == 1:
+        return refresh()
+    return jax.lax.cond((count - 1) % cfg.svd_every == 0, refresh, project)

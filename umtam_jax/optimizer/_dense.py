@@ -1,0 +1,53 @@
+"""Dense leaves (vectors, small matrices): an Adam-like rule with UMTAM's clipping,
+adaptive ε_t and saliency (docs/algorithm.md §2.4), as the state init and update of one
+leaf."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.optimizer._clipping import adaptive_eps, clip
+from umtam_jax.optimizer._config import Config, bias_corrections, compute_dtype
+from umtam_jax.optimizer._state import DenseLeafState
+
+
+def init_dense(cfg: Config, param: jax.Array) -> DenseLeafState:
+    """The initial state of one dense leaf: ``m = 0``, ``v = eps``, ``S = 0``."""
+    dtype = compute_dtype(param.dtype)
+    buffer_dtype = cfg.buffer_dtype or dtype
+    # A copy, not the params buffer itself: a training step may donate params and state.
+    initial = jnp.array(param, copy=True) if cfg.track_saliency else None
+    saliency = jnp.zeros_like(param, buffer_dtype) if cfg.track_saliency else None
+    return DenseLeafState(
+        mu=jnp.zeros_like(param, dtype),
+        nu=jnp.full_like(param, cfg.eps, dtype),
+        saliency=saliency,
+        initial=initial,
+    )
+
+
+def update_dense(
+    cfg: Config, g: jax.Array, w: jax.Array, state: DenseLeafState, count: jax.Array
+) -> tuple[jax.Array, DenseLeafState]:
+    """One step of one dense leaf: returns ``(direction, new_state)``.
+
+    ``direction = m̂ / sqrt(v̂ + ε_t)`` from the clipped gradient; the saliency EMA reads
+    ``(W − W0)² ⊙ sqrt(v)``.
+    """
+    dtype = state.mu.dtype
+    g, g_norm = clip(g.astype(dtype), cfg)
+    w = w.astype(dtype)
+    eps_t = adaptive_eps(cfg, g_norm, w)
+    mu = cfg.b1 * state.mu + (1 - cfg.b1) * g
+    nu = cfg.b2 * state.nu + (1 - cfg.b2) * jnp.square(g)
+    c1, c2 = bias_corrections(cfg, count, dtype)
+    direction = (mu / c1) * jax.lax.rsqrt(nu / c2 + eps_t)
+    saliency = None
+    if state.saliency is not None:
+        deviation = jnp.square(w - state.initial.astype(dtype))
+        fresh = deviation * jnp.sqrt(nu)
+        saliency = (cfg.saliency_decay * state.saliency + (1 - cfg.saliency_decay) * fresh).astype(
+            state.saliency.dtype
+        )
+    return direction, state._replace(mu=mu, nu=nu, saliency=saliency)
