@@ -1,10 +1,10 @@
 """mergekit's data-free interpolation methods (linear, slerp, nuslerp, multislerp, karcher,
 model_stock, nearswap, arcee_fusion, passthrough) against float64 NumPy references written
 here, in degenerate cases, in bfloat16, out of core, and (where mergekit and torch import)
-against mergekit's own tensor-level functions::
+against mergekit's own tensor-level functions, e.g. from the repository root with ``mk`` a
+virtual environment holding mergekit, torch and the test dependencies::
 
-    PYTHONPATH=/work/main /tmp/mkvenv/bin/python -m pytest \
-        tests/merging/test_interpolation_methods.py -k mergekit
+    PYTHONPATH=. mk/bin/python -m pytest tests/merging/test_interpolation_methods.py -k mergekit
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """umtam_jax's task-arithmetic family against mergekit itself, on identical float32 tensors.
 
 Runs only where ``mergekit`` and ``torch`` import (not in the project venv, where they are
-deliberately absent: this module then skips). For example, with mergekit in a separate venv
-that also has jax, optax, flax, orbax-checkpoint, pyyaml, tqdm, pytest and hypothesis::
+deliberately absent: this module then skips). For example, from the repository root with
+mergekit in a separate venv ``mk`` that also has the project's test dependencies::
 
-    PYTHONPATH=/work/main /tmp/mkvenv/bin/python -m pytest tests/merging/test_mergekit_equality.py
+    PYTHONPATH=. mk/bin/python -m pytest tests/merging/test_mergekit_equality.py
 
 mergekit is called through its public tensor-level API,
 ``mergekit.merge_methods.merge_tensors([base, *experts], method, parameters=..., base_index=0)``,

@@ -6,10 +6,10 @@ the docstrings state them, entry by entry where that is clearer. DELLA's random 
 recomputed from the documented derivation: ``u = uniform(fold_in(fold_in(key, expert),
 crc32(keystr(leaf path))), shape, float32)``, kept where ``u < p``.
 
-The mergekit comparison runs only where ``mergekit`` and ``torch`` import, e.g.::
+The mergekit comparison runs only where ``mergekit`` and ``torch`` import, e.g. from the
+repository root with ``mk`` a virtual environment holding them and the test dependencies::
 
-    PYTHONPATH=/work/main /tmp/mkvenv/bin/python -m pytest \\
-        tests/merging/test_sparsification_methods.py -k mergekit
+    PYTHONPATH=. mk/bin/python -m pytest tests/merging/test_sparsification_methods.py -k mergekit
 """
 
 from __future__ import annotations
