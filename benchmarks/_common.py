@@ -320,6 +320,10 @@ def regenerate_results_md(results_dir: str | os.PathLike | None = None) -> Path:
         "by hand — rerun the command shown in a section (from the repository root) to "
         "refresh it. What the numbers mean: `docs/performance.md`.",
         "",
+        "The paper's headline claims beside these measurements, with verdicts: "
+        "[results/claims.md](results/claims.md) (`python -m umtam_jax.experiments.claims "
+        "--protocol protocol-medium/results.json --out benchmarks/results/claims.md`).",
+        "",
     ]
     for path in sorted(rdir.glob("*.json")):
         try:

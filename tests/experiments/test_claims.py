@@ -1,0 +1,218 @@
+"""The claims table: verdicts on hand-made intervals, merging rows from a protocol-format
+work directory or a ready table, missing files, Markdown and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from umtam_jax.experiments import claims, store
+from umtam_jax.experiments.comparison import MergeTable, summarize
+
+TASKS = ("t_a", "t_b")
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "claimed", "kind", "verdict"),
+    [
+        (2.0, 20.0, 14.9, "effect", "reproduced"),  # excludes 0, covers the claim
+        (16.0, 30.0, 14.9, "effect", "reproduced"),  # exceeds the claim
+        (0.5, 3.0, None, "effect", "reproduced"),  # direction only
+        (1.0, 5.0, 14.9, "effect", "not reproduced"),  # right direction, too small
+        (-3.0, 1.0, 1.6, "effect", "not reproduced"),  # covers 0 but excludes the claim
+        (-5.0, -1.0, 1.6, "effect", "not reproduced"),  # other direction
+        (-1.0, 3.0, 1.6, "effect", "inconclusive"),  # covers 0 and the claim
+        (-1.0, 3.0, None, "effect", "inconclusive"),
+        (6.0, 10.0, 8.3, "cost", "reproduced"),  # covers the paper's cost
+        (1.0, 5.0, 8.3, "cost", "reproduced"),  # cheaper
+        (10.0, 13.2, 8.3, "cost", "not reproduced"),  # dearer
+        (90.0, 97.0, 82.0, "at_least", "reproduced"),
+        (79.0, 90.0, 82.0, "at_least", "inconclusive"),
+        (60.0, 80.0, 82.0, "at_least", "not reproduced"),
+        (0.01, 0.04, 0.05, "at_most", "reproduced"),
+        (0.01, 0.2, 0.05, "at_most", "inconclusive"),
+        (2.0, 4.0, 0.05, "at_most", "not reproduced"),
+    ],
+)
+def test_judge_on_hand_made_intervals(low, high, claimed, kind, verdict):
+    got, why = claims.judge(low, high, claimed, kind)
+    assert got == verdict, why
+    assert why
+
+
+def test_judge_without_an_interval_is_inconclusive_and_says_why():
+    verdict, why = claims.judge(None, None, 82.0, "at_least", estimate=96.8)
+    assert verdict == "inconclusive"
+    assert why.startswith("single run, no interval") and "reads reproduced" in why
+    assert claims.judge(None, None, 1.6) == ("inconclusive", "single run, no interval")
+    with pytest.raises(ValueError, match="unknown kind"):
+        claims.judge(0.0, 1.0, 1.0, "roughly")
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _protocol_workdir(root: Path, *, seeds=(0, 1), accuracy=None, skip=()) -> Path:
+    """A protocol-format work directory: results.json, test labels and predictions."""
+    accuracy = accuracy or {"umtam": 0.85, "linear": 0.55, "ties": 0.83}
+    rng = np.random.default_rng(0)
+    results = {
+        "protocol": {
+            "size": "tiny",
+            "tasks": list(TASKS),
+            "seeds": list(seeds),
+            "methods": list(accuracy),
+            "config": {"max_test": 400},
+            "metrics": {t: {"metric": "accuracy", "num_labels": 2} for t in TASKS},
+        },
+        "experts": {},
+        "runs": {m: {} for m in accuracy},
+        "labels": {},
+    }
+    for s in seeds:
+        labels = {t: rng.integers(0, 2, 400) for t in TASKS}
+        store.write_npz(root / "labels" / f"seed{s}.npz", labels)
+        results["labels"][str(s)] = f"labels/seed{s}.npz"
+        results["experts"][str(s)] = {t: {"test": 0.9} for t in TASKS}
+        for m, acc in accuracy.items():
+            if (m, s) in skip:
+                continue
+            wrong = {t: rng.random(400) > acc for t in TASKS}
+            preds = {t: np.where(wrong[t], 1 - labels[t], labels[t]) for t in TASKS}
+            store.write_npz(root / "runs" / f"{m}-{s}.npz", preds)
+            results["runs"][m][str(s)] = {
+                "name": m.upper(), "predictions": f"runs/{m}-{s}.npz", "validation_norm": 0.9,
+                "budget": 1, "evaluations": 1, "open_edges": [], "merge_seconds": 0.1,
+                "hparams": {},
+            }  # fmt: skip
+    store.write_json(root / "results.json", results)
+    return root / "results.json"
+
+
+def test_merging_rows_from_a_protocol_work_directory(tmp_path):
+    path = _protocol_workdir(tmp_path)
+    rows = claims.paper_claims(path, tmp_path / "no-benchmarks", samples=200)
+    table = summarize(tmp_path, methods=["umtam", "linear", "ties"],
+                      references=("linear", "ties"), samples=200)  # fmt: skip
+    umtam = table.row("umtam")
+    for row, ref in zip(rows[:2], ("linear", "ties"), strict=True):
+        base = table.row(ref)["score"]
+        assert row.estimate == pytest.approx(100 * umtam[f"vs_{ref}"] / base)
+        assert row.low == pytest.approx(100 * umtam[f"vs_{ref}_low"] / base)
+        assert row.high == pytest.approx(100 * umtam[f"vs_{ref}_high"] / base)
+        assert row.low <= row.estimate <= row.high
+        assert "2 of 2 seeds" in row.setting and "≤ 400 test" in row.setting
+        assert row.verdict in claims.VERDICTS
+    # UMTAM ~0.94 vs Linear ~0.61 normalized: +50 % or so, above 0 and past +14.9 %.
+    assert rows[0].low > 14.9 and rows[0].verdict == "reproduced"
+
+
+def test_merging_rows_from_a_ready_table_with_either_orientation():
+    table = MergeTable(
+        [
+            {"method": "umtam", "score": 0.80, "vs_linear": 0.10, "vs_linear_low": 0.06,
+             "vs_linear_high": 0.14, "vs_ties": None},
+            {"method": "linear", "score": 0.70},
+            {"method": "ties", "score": 0.79, "vs_umtam": -0.01, "vs_umtam_low": -0.03,
+             "vs_umtam_high": 0.02},
+        ],
+        references=("linear",), seeds=(0, 1, 2), tasks=TASKS,
+    )  # fmt: skip
+    linear, ties = claims.paper_claims(table, "missing-dir")[:2]
+    assert (linear.estimate, linear.low, linear.high) == pytest.approx(
+        (100 * 0.10 / 0.70, 100 * 0.06 / 0.70, 100 * 0.14 / 0.70)
+    )
+    assert linear.verdict == "reproduced" and "[+8.6, +20.0]" in linear.measurement
+    # UMTAM − TIES from the TIES row's "vs umtam", sign and ends flipped.
+    assert (ties.estimate, ties.low, ties.high) == pytest.approx(
+        (100 * 0.01 / 0.79, -100 * 0.02 / 0.79, 100 * 0.03 / 0.79)
+    )
+    assert ties.verdict == "inconclusive" and ties.why == "the interval covers 0"
+    assert "3 seeds" in ties.setting
+
+
+def test_unfinished_or_missing_protocol_results_give_no_numbers(tmp_path):
+    path = _protocol_workdir(tmp_path, skip={("umtam", 0), ("ties", 1)})
+    for source, text in [
+        (path, "protocol run in progress"),
+        (tmp_path / "nowhere" / "results.json", "no protocol results yet"),
+        (None, "no protocol results yet"),
+    ]:
+        for row in claims.paper_claims(source, tmp_path)[:2]:
+            assert row.verdict == "inconclusive" and row.why == "no data yet"
+            assert text in row.measurement and row.estimate is None
+    # A seed where all three finished is summarized on its own.
+    path = _protocol_workdir(tmp_path / "one", skip={("umtam", 1)})
+    row = claims.paper_claims(path, tmp_path, samples=100)[0]
+    assert "1 of 2 seeds" in row.setting and row.low is not None
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _record(result: dict) -> str:
+    env = {"cpu": {"affinity": 2}, "backend": "cpu"}
+    return json.dumps({"date": "2026-01-02T00:00:00", "environment": env, "result": result})
+
+
+def _benchmarks(root: Path) -> Path:
+    root.mkdir()
+    mean = {"saliency": {"0.01": 0.7, "0.1": 0.8}, "magnitude": {"0.01": 0.5, "0.1": 0.79}}
+    per_task = {"a": {"saliency": {"0.01": 0.6}, "magnitude": {"0.01": 0.3}},
+                "b": {"saliency": {"0.01": 0.8}, "magnitude": {"0.01": 0.7}}}  # fmt: skip
+    (root / "pruning.json").write_text(_record({
+        "densities": [0.01, 0.1], "mean": mean, "per_task": per_task, "config": {"steps": 60},
+        "saliency_wins": 3, "ties": 0, "cells": 4,
+    }))  # fmt: skip
+    spread = {"min": 6.0, "max": 6.003, "relative": 0.0005, "ranks": [8, 32]}
+    (root / "training.json").write_text(_record({"rank_sweep": {"spread": spread}}))
+    check = {"median_all": 0.968, "min_all": 0.789}
+    (root / "spectrum.json").write_text(_record({"claim_check": check, "matrices": [1, 2]}))
+    adamw = [1.0, 1.1, 0.9, 1.0, 1.05] * 3
+    runs = {"adamw": {"times_s": adamw},
+            "umtam (defaults, svd_every=1)": {"times_s": [1.25 * t for t in adamw]}}  # fmt: skip
+    (root / "efficiency.json").write_text(_record({"runs": runs, "n_params": 22.6e6}))
+    return root
+
+
+def test_benchmark_rows_read_the_recorded_results(tmp_path):
+    rows = {r.claim: r for r in claims.paper_claims(None, _benchmarks(tmp_path / "b"))}
+    every, best, rank, energy, speed = list(rows.values())[2:]
+    assert every.estimate == pytest.approx(100 * (0.8 / 0.79 - 1))  # the weakest density
+    assert best.estimate == pytest.approx(100.0) and "a at 1 %" in best.measurement
+    assert "behind in 1 of 4" in every.measurement
+    assert rank.estimate == pytest.approx(0.05) and "0.05 %" in rank.measurement
+    assert energy.estimate == pytest.approx(96.8) and "min 78.9 %" in energy.measurement
+    for row in (every, best, rank, energy):  # single runs: no interval, no verdict
+        assert row.verdict == "inconclusive" and row.why.startswith("single run, no interval")
+        assert row.low is None and "2-core CPU" in row.setting
+    # Every round of UMTAM takes 1.25x AdamW's: a cost of exactly 20 %, above 8.3 %.
+    assert speed.estimate == speed.low == speed.high == pytest.approx(20.0)
+    assert speed.verdict == "not reproduced" and speed.source == "`efficiency.json` (2026-01-02)"
+
+
+def test_missing_benchmark_files_give_no_data_rows(tmp_path):
+    rows = claims.paper_claims(None, tmp_path)
+    assert len(rows) == 7
+    for row in rows:
+        assert row.verdict == "inconclusive" and row.why == "no data yet"
+        assert row.measurement.startswith("no data") and row.estimate is None
+    assert "`pruning.json` (missing)" in rows[2].measurement
+
+
+def test_markdown_and_the_command_line(tmp_path):
+    bench = _benchmarks(tmp_path / "b")
+    text = claims.to_markdown(claims.paper_claims(None, bench))
+    lines = text.splitlines()
+    assert lines[0] == "# Paper claims beside our measurements"
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 2 + 7 and table[1] == "|" + "---|" * 7
+    assert all(line.count(" | ") == 6 for line in table[:1] + table[2:])
+    assert "**not reproduced**" in text and "Summary: 0 reproduced, 1 not reproduced" in text
+    out = tmp_path / "out" / "claims.md"
+    assert claims.main(["--benchmarks", str(bench), "--out", str(out)]) == 0
+    assert out.read_text() == text + "\n"
+    assert [p.name for p in out.parent.iterdir()] == ["claims.md"]  # no temporary file left

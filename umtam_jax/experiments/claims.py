@@ -1,0 +1,416 @@
+"""The paper's headline claims beside our measurements, as one table.
+
+:func:`paper_claims` reads the recorded results (the benchmarks' JSON files and, when
+given, a merge protocol run) and returns one :class:`ClaimRow` per claim: the paper's
+number, ours with its 95 % interval where the data has one, the setting that differs and a
+verdict from :func:`judge`. Nothing is estimated that the results do not hold: a missing
+file gives a row saying so, with verdict ``"inconclusive"``.
+
+From a shell (the table is written atomically)::
+
+    python -m umtam_jax.experiments.claims --protocol protocol-medium/results.json \\
+        --out benchmarks/results/claims.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+from umtam_jax.experiments import store
+from umtam_jax.experiments.comparison import MergeTable, summarize
+
+__all__ = ["VERDICTS", "ClaimRow", "judge", "main", "paper_claims", "to_markdown"]
+
+Kind = Literal["effect", "cost", "at_least", "at_most"]
+VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+
+
+class _Claim(NamedTuple):
+    claim: str
+    paper: str
+    kind: Kind
+    claimed: float | None
+
+
+_CLAIMS = {
+    "linear": _Claim("UMTAM merging beats Linear averaging (normalized score)",
+                     "+14.9 % (Table 2: average 0.675 vs 0.588)", "effect", 14.9),
+    "ties": _Claim("UMTAM merging beats TIES (normalized score)",
+                   "+1.6 % (Table 2: average 0.675 vs 0.664)", "effect", 1.6),
+    "every": _Claim("Saliency pruning beats magnitude pruning at every density",
+                    "ahead in 15 of 16 GLUE (task, density) cells, 1–20 % (Table 1)",
+                    "effect", None),
+    "best": _Claim("… by up to +135 % at 1 % density", "+134.7 % (MRPC, 1 % density, Table 1)",
+                   "effect", 134.7),
+    "rank": _Claim("Training is rank-invariant (spread of final loss across ranks)",
+                   "≤ 0.05 % (2.044–2.045 at ranks 8–128, Tables 4 and 7)", "at_most", 0.05),
+    "energy": _Claim("Rank 32 captures > 82 % of the momentum's energy",
+                     "> 82 % (the paper's summary; its text gives no number)", "at_least", 82.0),
+    "speed": _Claim("Throughput cost versus AdamW, end to end",
+                    "8.3 % (3,191 vs 3,481 tokens/s, Table 8)", "cost", 8.3),
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimRow:
+    """One claim of the paper beside our measurement.
+
+    Attributes:
+        claim: What the paper claims, in words.
+        paper: The paper's number.
+        measurement: Ours, with its interval or why there is none.
+        setting: How our setting differs from the paper's (model, data, size, device).
+        verdict: ``"reproduced"``, ``"not reproduced"`` or ``"inconclusive"``.
+        why: The reason for the verdict.
+        source: The recorded result it comes from.
+        estimate: Our point value in the claim's unit (%), or None.
+        low: Lower end of its 95 % interval, or None.
+        high: Upper end of its 95 % interval, or None.
+    """
+
+    claim: str
+    paper: str
+    measurement: str
+    setting: str
+    verdict: str
+    why: str
+    source: str
+    estimate: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+
+def judge(
+    low: float | None,
+    high: float | None,
+    claimed: float | None,
+    kind: Kind = "effect",
+    *,
+    estimate: float | None = None,
+    no_interval: str = "single run, no interval",
+) -> tuple[str, str]:
+    """The verdict of an interval against the paper's claim.
+
+    Kinds (values in the claim's unit; for ``"effect"`` positive is the paper's direction):
+
+    * ``"effect"``: reproduced when the interval excludes 0 on the positive side and
+      covers or exceeds ``claimed`` (if given); not reproduced when it lies below 0 or
+      below ``claimed``; inconclusive when it covers 0 (and not only values below
+      ``claimed``).
+    * ``"cost"``: a claimed cost; reproduced when the interval covers ``claimed`` or lies
+      below it, not reproduced when it lies above.
+    * ``"at_least"`` / ``"at_most"``: a threshold; reproduced when the whole interval is
+      on the claimed side, not reproduced when it is on the other, else inconclusive.
+
+    Without an interval the verdict is inconclusive (``no_interval``), with what the point
+    ``estimate`` alone would read.
+
+    Returns:
+        ``(verdict, why)``.
+
+    Example:
+        >>> judge(2.0, 20.0, 14.9)
+        ('reproduced', 'the interval is above 0 and reaches 14.9')
+        >>> judge(-1.0, 3.0, 1.6)[0], judge(-5.0, -1.0, 1.6)[0]
+        ('inconclusive', 'not reproduced')
+    """
+    if low is None or high is None:
+        if estimate is None:
+            return "inconclusive", no_interval
+        verdict, why = _read(estimate, estimate, claimed, kind, "the value")
+        return "inconclusive", f"{no_interval}; the point value alone reads {verdict}: {why}"
+    return _read(low, high, claimed, kind, "the interval")
+
+
+def _read(low: float, high: float, claimed: float | None, kind: Kind, it: str) -> tuple[str, str]:
+    if kind == "effect":
+        if high < 0:
+            return "not reproduced", f"{it} is below 0 (the other direction)"
+        if claimed is not None and high < claimed:
+            return "not reproduced", f"{it} is below the paper's {claimed:g}" + (
+                " and covers 0" if low <= 0 else ""
+            )
+        if low <= 0:
+            return "inconclusive", f"{it} covers 0"
+        return "reproduced", f"{it} is above 0" + (f" and reaches {claimed:g}" if claimed else "")
+    if kind == "cost":
+        if low > claimed:
+            return "not reproduced", f"{it} is above the paper's {claimed:g}"
+        return "reproduced", f"{it} is not above the paper's {claimed:g}"
+    if kind not in ("at_least", "at_most"):
+        raise ValueError(f"unknown kind {kind!r}")
+    up = kind == "at_least"
+    if (low > claimed) if up else (high < claimed):
+        return "reproduced", f"{it} is {'above' if up else 'below'} {claimed:g}"
+    if (high < claimed) if up else (low > claimed):
+        return "not reproduced", f"{it} is {'below' if up else 'above'} {claimed:g}"
+    return "inconclusive", f"{it} covers the threshold {claimed:g}"
+
+
+def _row(key: str, measurement: str, setting: str, source: str, est: float | None = None,
+         lo: float | None = None, hi: float | None = None) -> ClaimRow:  # fmt: skip
+    c = _CLAIMS[key]
+    verdict, why = judge(lo, hi, c.claimed, c.kind, estimate=est)
+    return ClaimRow(c.claim, c.paper, measurement, setting, verdict, why, source, est, lo, hi)
+
+
+def _missing(key: str, source: str, why: str) -> ClaimRow:
+    c = _CLAIMS[key]
+    return ClaimRow(c.claim, c.paper, f"no data: {why}", "—", "inconclusive", "no data yet", source)
+
+
+def _load(bdir: Path, name: str) -> tuple[dict[str, Any], str]:
+    """The ``result`` of ``bdir/name.json`` ({} when missing) and its source label."""
+    record = store.read_json(bdir / f"{name}.json")
+    if not isinstance(record, dict) or not isinstance(record.get("result"), dict):
+        return {}, f"`{name}.json` (missing)"
+    env = record.get("environment") or {}
+    backend = env.get("backend") or env.get("jax_backend")
+    cpu = env.get("cpu")
+    cores = cpu.get("affinity") if isinstance(cpu, dict) else env.get("cpu_count")
+    device = env.get("device_kind") if backend not in (None, "cpu") else f"{cores}-core CPU"
+    return {**record["result"], "device": device}, f"`{name}.json` ({record.get('date', '?')[:10]})"
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1f} %"
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _merge_table(protocol_results: Any, samples: int) -> tuple[MergeTable | None, str]:
+    """The protocol's table of UMTAM, Linear and TIES and our setting, or None and why."""
+    if protocol_results is None:
+        return None, "no protocol results yet"
+    if isinstance(protocol_results, MergeTable):
+        t = protocol_results
+        return t, f"experts of {len(t.seeds)} seeds, tasks {', '.join(t.tasks)}"
+    path = Path(protocol_results)
+    workdir = path if path.is_dir() else path.parent
+    results = store.read_json(workdir / "results.json")
+    if not isinstance(results, dict) or "protocol" not in results:
+        return None, f"no protocol results yet (`{path}` not found)"
+    runs, proto = results.get("runs", {}), results["protocol"]
+    methods = ["umtam", "linear", "ties"]
+    done = [s for s in results.get("experts", {}) if all(s in runs.get(m, {}) for m in methods)]
+    if not done:
+        return None, "protocol run in progress: no seed has UMTAM, Linear and TIES yet"
+    table = summarize(workdir, methods=methods, seeds=[int(s) for s in done],
+                      references=("linear", "ties"), samples=samples)  # fmt: skip
+    cap = (proto.get("config") or {}).get("max_test")
+    size, n_seeds = proto.get("size"), len(proto.get("seeds", []))
+    model = "random 1-layer BERT" if size == "tiny" else "MiniLM-L6"
+    return table, (
+        f"{model} experts, protocol size {size}, {len(done)} of {n_seeds} seeds, tasks "
+        f"{', '.join(proto.get('tasks', []))}, {'all' if cap is None else f'≤ {cap}'} test "
+        "examples/task"
+    )
+
+
+def _paired(table: MergeTable, ref: str) -> tuple[float, float, float] | None:
+    """UMTAM − ``ref`` (normalized score) with its interval, from either row."""
+    try:
+        row, other = table.row("umtam"), table.row(ref)
+    except KeyError:
+        return None
+    if row.get(f"vs_{ref}") is not None:
+        return row[f"vs_{ref}"], row[f"vs_{ref}_low"], row[f"vs_{ref}_high"]
+    if other.get("vs_umtam") is not None:
+        return -other["vs_umtam"], -other["vs_umtam_high"], -other["vs_umtam_low"]
+    return None
+
+
+def _merging_rows(protocol_results: Any, samples: int) -> list[ClaimRow]:
+    table, setting = _merge_table(protocol_results, samples)
+    source, rows = "merge protocol (`results.json`)", []
+    for ref, name in (("linear", "Linear"), ("ties", "TIES")):
+        d = _paired(table, ref) if table is not None else None
+        if table is None or d is None:
+            rows.append(_missing(ref, source, setting if table is None else f"no UMTAM − {name}"))
+            continue
+        base = table.row(ref)["score"]
+        est, lo, hi = (100 * x / base for x in d)
+        text = (f"{_pct(est)} [{lo:+.1f}, {hi:+.1f}] (Δ normalized score {d[0]:+.3f} "
+                f"[{d[1]:+.3f}, {d[2]:+.3f}] ÷ {name}'s {base:.3f})")  # fmt: skip
+        differs = f"{setting}; paper: BERT-base experts on GLUE RTE/MRPC/QNLI/CoLA, raw scores"
+        rows.append(_row(ref, text, differs, source, est, lo, hi))
+    return rows
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _pruning_rows(bdir: Path) -> list[ClaimRow]:
+    r, source = _load(bdir, "pruning")
+    if not r:
+        return [_missing("every", source, source), _missing("best", source, source)]
+    dens = sorted(r["densities"], key=float)
+    mean = {d: 100 * (r["mean"]["saliency"][str(d)] / r["mean"]["magnitude"][str(d)] - 1)
+            for d in dens}  # fmt: skip
+    low = str(dens[0])
+    task = {t: 100 * (v["saliency"][low] / v["magnitude"][low] - 1)
+            for t, v in r["per_task"].items()}  # fmt: skip
+    top, cfg, cells = max(task, key=task.get), r.get("config", {}), r.get("cells", 0)
+    setting = (f"MiniLM-L6, {len(task)} local tasks, {cfg.get('steps')} steps, ≤ "
+               f"{cfg.get('max_eval')} test examples, seed {cfg.get('seed')}, {r['device']}; "
+               "paper: BERT-base on GLUE")  # fmt: skip
+    every = (", ".join(f"{100 * float(d):g} %: {_pct(v)}" for d, v in mean.items())
+             + f" (task mean); ahead in {r.get('saliency_wins')}, tied in {r.get('ties')}, "
+             f"behind in {cells - r.get('saliency_wins', 0) - r.get('ties', 0)} of {cells} "
+             "(task, density) cells")  # fmt: skip
+    best = f"{_pct(task[top])} ({top} at {100 * float(low):g} %); task mean {_pct(mean[dens[0]])}"
+    return [
+        _row("every", every, setting, source, min(mean.values())),
+        _row("best", best, setting, source, task[top]),
+    ]
+
+
+def _rank_row(bdir: Path) -> ClaimRow:
+    r, source = _load(bdir, "training")
+    if not r.get("rank_sweep"):
+        return _missing("rank", source, f"no rank sweep in {source}")
+    s, cfg, model = r["rank_sweep"]["spread"], r.get("config", {}), r.get("model", {})
+    text = (f"{100 * s['relative']:.2f} % ({s['min']:.3f}–{s['max']:.3f} at ranks "
+            f"{', '.join(map(str, s['ranks']))})")  # fmt: skip
+    setting = (f"GPT d={model.get('d_model')}, {model.get('n_layers')} layers "
+               f"({model.get('n_params', 0) / 1e6:.1f}M), Python docs, {cfg.get('steps')} "
+               f"steps, {r['device']}; paper: GPT-2 124M on FineWeb, 1000 steps, GPU")  # fmt: skip
+    return _row("rank", text, setting, source, 100 * s["relative"])
+
+
+def _energy_row(bdir: Path) -> ClaimRow:
+    r, source = _load(bdir, "spectrum")
+    if not r.get("claim_check"):
+        return _missing("energy", source, f"no claim check in {source}")
+    c, model, cfg = r["claim_check"], r.get("model", {}), r.get("config", {})
+    n, steps = len(r.get("matrices", [])), len(r.get("log_steps", []))
+    text = (f"median {100 * c['median_all']:.1f} % (min {100 * c['min_all']:.1f} %) over "
+            f"{n} matrices × {steps} logged steps")  # fmt: skip
+    bc = _load(bdir, "spectrum_bc")[0].get("claim_check")
+    if bc:
+        text += (
+            f"; bias-corrected run {100 * bc['median_all']:.1f} % (min {100 * bc['min_all']:.1f} %)"
+        )
+    setting = (f"GPT d={model.get('d_model')}, {model.get('n_layers')} layers, Python docs, "
+               f"{cfg.get('steps')} steps, {r['device']}; paper: not stated")  # fmt: skip
+    return _row("energy", text, setting, source, 100 * c["median_all"])
+
+
+def _cost(umtam: Sequence[float], adamw: Sequence[float], samples: int) -> np.ndarray:
+    """Throughput cost 1 − median(AdamW)/median(UMTAM) in %, observed then per replicate
+    (rounds resampled in pairs: each round timed both optimizers)."""
+    u, a = np.asarray(umtam, float), np.asarray(adamw, float)
+    idx = np.random.default_rng(0).integers(0, len(u), (samples, len(u)))
+    full = np.arange(len(u))[None]
+    return 100 * (1 - np.median(a[np.r_[full, idx]], 1) / np.median(u[np.r_[full, idx]], 1))
+
+
+def _throughput_row(bdir: Path, samples: int) -> ClaimRow:
+    r, source = _load(bdir, "efficiency")
+    runs = r.get("runs", {})
+    umtam = next((k for k in runs if k.startswith("umtam (defaults")), None)
+    if "adamw" not in runs or umtam is None:
+        return _missing("speed", source, f"no AdamW / UMTAM defaults in {source}")
+    c = _cost(runs[umtam]["times_s"], runs["adamw"]["times_s"], samples)
+    lo, hi = np.percentile(c[1:], [2.5, 97.5])
+    text = (
+        f"{c[0]:.1f} % [{lo:.1f}, {hi:.1f}] ({umtam}; interval over "
+        f"{len(runs['adamw']['times_s'])} interleaved rounds of one session)"
+    )
+    demo = next((k for k in runs if k.startswith("umtam (demo")), None)
+    if demo:
+        text += f"; {demo}: {_cost(runs[demo]['times_s'], runs['adamw']['times_s'], 1)[0]:.1f} %"
+    setting = (
+        f"MiniLM-L6 fine-tune step ({r.get('n_params', 0) / 1e6:.1f}M), batch "
+        f"{r.get('batch_size')} × {r.get('max_length')} tokens, {r['device']}; "
+        f"paper: GPT-2 124M, FineWeb, batch 4 × 256, GPU"
+    )
+    return _row("speed", text, setting, source, c[0], lo, hi)
+
+
+def paper_claims(
+    protocol_results: MergeTable | str | os.PathLike | None = None,
+    benchmark_dir: str | os.PathLike = "benchmarks/results",
+    *,
+    samples: int = 2000,
+) -> list[ClaimRow]:
+    """The paper's headline claims beside our recorded measurements.
+
+    Args:
+        protocol_results: A merge protocol run: its ``results.json`` (or work directory),
+            whose stored predictions :func:`~umtam_jax.experiments.comparison.summarize`
+            turns into paired intervals; or a ready
+            :class:`~umtam_jax.experiments.comparison.MergeTable` with rows ``umtam``,
+            ``linear`` and ``ties``; None: the merging rows say there are no results yet.
+            The relative gain is the paired difference of normalized scores (and its
+            interval's ends) divided by the reference's normalized score, as the paper
+            divides averages; the reference score's own noise is not propagated.
+        benchmark_dir: The folder of the benchmarks' JSON files.
+        samples: Bootstrap replicates of the intervals computed here.
+
+    Returns:
+        One :class:`ClaimRow` per claim: merging vs Linear and vs TIES, pruning at every
+        density and at 1 %, rank invariance, energy at rank 32, throughput cost.
+    """
+    bdir = Path(benchmark_dir)
+    return [
+        *_merging_rows(protocol_results, samples),
+        *_pruning_rows(bdir),
+        _rank_row(bdir),
+        _energy_row(bdir),
+        _throughput_row(bdir, samples),
+    ]
+
+
+_HEADER = (
+    "Generated by `python -m umtam_jax.experiments.claims` from the recorded results "
+    "(`benchmarks/results/*.json` and the merge protocol's `results.json`); do not edit by "
+    "hand. Relative numbers are in %. Verdicts: **reproduced** = the 95 % interval excludes "
+    "0 in the paper's direction and covers or exceeds its number (a cost: covers it or lies "
+    "below; a threshold: lies wholly on its side); **not reproduced** = the interval "
+    "excludes the paper's effect or points the other way; **inconclusive** = the interval "
+    "covers 0, or there is no interval (single run) or no data yet."
+)
+
+
+def to_markdown(rows: Sequence[ClaimRow]) -> str:
+    """The claims as a Markdown table, with how verdicts are read."""
+    head = ["#", "Claim", "Paper", "Ours (95 % CI)", "Setting that differs", "Verdict", "Source"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows, 1):
+        verdict = f"**{r.verdict}** ({r.why})"
+        cells = (str(i), r.claim, r.paper, r.measurement, r.setting, verdict, r.source)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    counts = ", ".join(f"{sum(r.verdict == v for r in rows)} {v}" for v in VERDICTS)
+    return "\n".join(["# Paper claims beside our measurements", "", _HEADER, "", *lines, "",
+                      f"Summary: {counts}."])  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: print the table, or write it atomically with ``--out``."""
+    p = argparse.ArgumentParser(
+        prog="python -m umtam_jax.experiments.claims", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--protocol", default=None, help="a protocol run's results.json")
+    p.add_argument("--benchmarks", default="benchmarks/results", help="benchmark JSON folder")
+    p.add_argument("--out", default=None, help="Markdown file to write (default: print)")
+    p.add_argument("--samples", type=int, default=2000, help="bootstrap replicates")
+    args = p.parse_args(argv)
+    text = to_markdown(paper_claims(args.protocol, args.benchmarks, samples=args.samples)) + "\n"
+    if args.out:
+        store._atomic(Path(args.out), lambda f: f.write(text.encode()))  # temp + os.replace
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
