@@ -79,17 +79,15 @@ def _run(opt, params, steps, update=None):
 
 
 def _minimise(loss, params, opt, steps):
-    state = opt.init(params)
+    """``steps`` optimizer steps on ``loss``, as one compiled loop."""
 
-    @jax.jit
-    def step(params, state):
-        grads = jax.grad(loss)(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+    def step(carry, _):
+        params, state = carry
+        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        return (optax.apply_updates(params, updates), state), None
 
-    for _ in range(steps):
-        params, state = step(params, state)
-    return params
+    run = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), length=steps)[0][0])
+    return run(params)
 
 
 # ----------------------------------------------------------------------------- convergence
