@@ -50,6 +50,13 @@ def test_sharded_steps_equal_single_device_steps(report, run):
     assert report[run]["param_rel_err"] < 1e-4
 
 
+@pytest.mark.parametrize("run", MESH_RUNS)
+def test_updates_keep_the_parameters_sharding(report, run):
+    entry = report[run]
+    for name, spec in entry["input_specs"].items():
+        assert _trim(entry["update_specs"][name]) == _trim(spec), name
+
+
 @pytest.mark.parametrize("run", [r for r in MESH_RUNS if r.endswith("Explicit")])
 def test_updates_and_state_keep_the_parameters_sharding(report, run):
     entry = report[run]
@@ -77,6 +84,5 @@ def test_checkpoint_from_one_mesh_restores_onto_another(report):
 def test_stacked_leaves_on_a_mesh_equal_single_device_steps(report, axes):
     entry = report["grouped"][axes]
     assert entry["param_rel_err"] < 1e-4
-    if axes == "Explicit":
-        assert entry["update_specs"]["a2"] == ["data", "model"]
-        assert entry["update_specs"]["bias2"] == ["model"]
+    assert entry["update_specs"]["a2"] == ["data", "model"]
+    assert entry["update_specs"]["bias2"] == ["model"]

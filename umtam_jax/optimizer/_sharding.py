@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -122,6 +123,37 @@ def reshard_like(x: jax.Array, spec: tuple | None) -> jax.Array:
     if spec is None or explicit_spec(x) is None or explicit_spec(x) == spec:
         return x
     return jax.sharding.reshard(x, NamedSharding(_explicit_mesh(x), P(*spec)))
+
+
+def keep_like(new: Any, old: Any) -> Any:
+    """``new`` (a pytree of arrays) sharded like ``old`` (the same tree, leaf shapes equal),
+    under ``jax.jit`` on Auto (or no) mesh axes; the values are not touched.
+
+    Auto axes are not part of the types, so a tracer does not know its parameter's
+    partition, and the compiler's propagation cannot carry a partition through a reshape
+    that merges a sharded axis into a more major one (``(2, 8@x, 4) → (16, 4)``: the
+    merged axis would be sharded with a stride, which no tiling expresses). Without this the
+    update and state of such a leaf came back replicated; ``shard_alike`` puts each output
+    in one sharding group with its input, whose partition the compiler then gives both.
+    Under Explicit axes (where the types already agree), or outside a trace, a no-op.
+    """
+    new_leaves, treedef = jax.tree.flatten(new)
+    try:
+        old_leaves = treedef.flatten_up_to(old)
+    except (ValueError, TypeError):  # not alike: nothing to keep
+        return new
+    out = []
+    for x, y in zip(new_leaves, old_leaves, strict=True):
+        if (
+            isinstance(x, jax.core.Tracer)
+            and isinstance(y, jax.Array)
+            and x.shape == y.shape
+            and explicit_spec(x) is None
+            and explicit_spec(y) is None
+        ):
+            x, _ = shard_alike(x, y)
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
 
 
 def place_like(x: jax.Array, param: Any, spec: tuple) -> jax.Array:

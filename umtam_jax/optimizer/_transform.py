@@ -272,6 +272,10 @@ def scale_by_umtam(
                 outs = unstacked(jax.vmap(finish)(carry, factors), len(members))
             for i, (d, new) in zip(members, outs, strict=True):
                 directions[i], new_states[i] = d.astype(grads[i].dtype), new
+        # Updates keep the parameters' sharding and states their own (Optax's convention),
+        # also where an Auto mesh's propagation would lose it (_sharding.keep_like).
+        directions = _sharding.keep_like(directions, param_leaves)
+        new_states = _sharding.keep_like(new_states, leaf_states)
         return (
             jax.tree_util.tree_unflatten(treedef, directions),
             ScaleByUmtamState(
