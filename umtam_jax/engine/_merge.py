@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.extend import core as jex
 
 from umtam_jax.engine._global_topk import GlobalTopK
 from umtam_jax.engine._sources import SafetensorsSource, Source, open_source
@@ -179,6 +180,7 @@ class Job:
             id(s): _positions(s.abstract()) for s in [base, *experts, *self._extra_sources()]
         }
         self.scope = self.kwargs.get("scope", "tensor")
+        self._stand_ins: dict[Any, list[jax.ShapeDtypeStruct] | None] = {}
 
     def floating(self, tree: Any) -> Any:
         """``tree`` without the non-floating leaves (None there), if it has the base's
@@ -285,15 +287,102 @@ class Job:
         return base
 
     def merge(self, call: R.Call, topk: GlobalTopK | None) -> np.ndarray:
-        """The method's steps on one leaf; ``topk`` replaces the per-tensor masks."""
-        scores = R.importances(call)
-        if topk is None:
+        """The method's steps on one leaf; ``topk`` replaces the per-tensor masks.
+
+        The steps of ``R.importances``, ``R.masks`` and ``R.combine`` on the leaf (the
+        same values, bit for bit), ordered to hold less at once: each expert's scores are
+        made into its keep mask before the next expert's are computed, and dropped there
+        when the kernel does not read them (TIES: one expert's scores alive instead of K);
+        each mask is waited for, as JAX's CPU runtime would otherwise run the K
+        selections, each with its temporaries, side by side.
+        """
+        m, p = call.method, call.prepared
+        if m.importance is None:
+            keep = R.masks(call, None)
+            return self._finish(call, R.combine(call, keep, None))
+        stand_ins = self._unread_scores(call)  # None: the kernel reads the scores
+        from_scores = m.sparsify == "topk" or topk is not None
+        scores: list[list[Any]] | None = None
+        if stand_ins is None:
+            scores = []
+        elif not from_scores:
+            return self._finish(
+                call, R.combine(call, R.masks(call, None), [[s] for s in stand_ins])
+            )
+        keep: list[list[Any]] = []
+        for t in range(len(p.experts)):
+            extra = None if call.extras is None else call.extras[t][0]
+            s = m.importance(call.options, p.base[0], p.experts[t][0], extra)
+            if from_scores:
+                if topk is None:
+                    mask = R.keep_masks([s], call.options["density"][t], "tensor")[0]
+                else:
+                    mask = topk.mask(t, s)
+                keep.append([jax.block_until_ready(mask)])
+                del mask
+            if scores is not None:
+                scores.append([s])
+            del s
+        if not from_scores:
             keep = R.masks(call, scores)
-        else:
-            keep = [[topk.mask(t, s[0])] for t, s in enumerate(scores)]
-        merged = V.rebuild(call.prepared, R.combine(call, keep, scores))
+        if scores is None:
+            scores = [[s] for s in stand_ins]
+        return self._finish(call, R.combine(call, keep, scores))
+
+    def _finish(self, call: R.Call, leaves: list[Any]) -> np.ndarray:
+        merged = V.rebuild(call.prepared, leaves)
+        del leaves
         out = np.asarray(jax.tree.leaves(merged)[0])
+        del merged
         return out if self.out_dtype is None else out.astype(self.out_dtype)
+
+    def _unread_scores(self, call: R.Call) -> list[jax.ShapeDtypeStruct] | None:
+        """None if the method's kernel reads the importance scores it is given; else their
+        shapes and dtypes, given to it instead of the arrays (TIES's kernel, for one, only
+        needs the masks made from them).
+
+        Decided from the kernel's jaxpr on abstract masks and scores, once per leaf
+        signature: no scores among the inputs of its operations means that nothing but
+        their shapes and dtypes can matter. Any doubt (a trace that fails) answers None.
+        """
+        m, p = call.method, call.prepared
+        b, ws = p.base[0], [w[0] for w in p.experts]
+        extras = None if call.extras is None else [x[0] for x in call.extras]
+        signature = [(tuple(x.shape), str(x.dtype)) for x in [b, *ws]]
+        signature += [
+            (tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(extras)
+        ]
+        key = (str(jax.tree.structure(extras)), tuple(signature))
+        cache = self._stand_ins
+        if key not in cache:
+            cache[key] = None
+            try:
+                scores = [
+                    jax.eval_shape(
+                        lambda b, w, x: m.importance(call.options, b, w, x),
+                        b,
+                        w,
+                        None if extras is None else extras[t],
+                    )
+                    for t, w in enumerate(ws)
+                ]
+                masks = None
+                if m.sparsify == "topk" or self.scope == "global":
+                    masks = [jax.ShapeDtypeStruct(s.shape, jnp.bool_) for s in scores]
+                elif m.sparsify == "bernoulli":
+                    masks = [jax.ShapeDtypeStruct(b.shape, jnp.bool_) for _ in ws]
+                closed = jax.make_jaxpr(
+                    lambda keep, s: m.kernel(call.options, b, ws, keep, s, extras)
+                )(masks, scores)
+                jaxpr = closed.jaxpr
+                score_vars = set(jaxpr.invars[len(jax.tree.leaves(masks)) :])
+                used = {v for e in jaxpr.eqns for v in e.invars if isinstance(v, jex.Var)}
+                used |= {v for v in jaxpr.outvars if isinstance(v, jex.Var)}
+                if len(score_vars) == len(scores) and not score_vars & used:
+                    cache[key] = scores
+            except Exception:  # noqa: BLE001 - when in doubt, the kernel gets the scores
+                pass
+        return cache[key]
 
 
 def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
@@ -352,16 +441,19 @@ def merge(
 
     def produce(j: int) -> np.ndarray:
         g = where[j]
-        if state["group"] != g:
-            state["data"] = None  # drop the previous group before reading the next
-            _release_free_memory()
+        if state["group"] != g:  # the previous group's inputs were dropped after its last leaf
+            state["data"] = None
             state["data"] = job.read(groups[g])
             state["group"] = g
         if j in job.passthrough:
             out = job.copy(j, state["data"])
         else:
             out = job.merge(job.plan(j, state["data"]), topk)
-        if job.leaves[j].nbytes >= 2**20:
+        if j == groups[g][-1]:
+            # The group's inputs go now, not when the next group is read: the writer
+            # then writes this leaf (and waits for the next) without them.
+            state["data"], state["group"] = None, -1
+        if job.leaves[j].nbytes >= 2**20 or state["data"] is None:
             _release_free_memory()
         bar.update(1)
         return out
