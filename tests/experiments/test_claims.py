@@ -3,6 +3,7 @@ work directory or a ready table, missing files, Markdown and the command line.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def test_merging_rows_from_a_protocol_work_directory(tmp_path):
     assert rows[0].low > 14.9 and rows[0].verdict == "reproduced"
 
 
-def test_merging_rows_from_a_ready_table_with_either_orientation():
+def test_merging_rows_from_a_ready_table_with_either_orientation(tmp_path):
     table = MergeTable(
         [
             {"method": "umtam", "score": 0.80, "vs_linear": 0.10, "vs_linear_low": 0.06,
@@ -132,6 +133,20 @@ def test_merging_rows_from_a_ready_table_with_either_orientation():
     )
     assert ties.verdict == "inconclusive" and ties.why == "the interval covers 0"
     assert "3 seeds" in ties.setting
+    # The same table as the merging benchmark records it is read when no run is given.
+    proto = {"size": "medium", "seeds": [0, 1, 2], "tasks": list(TASKS),
+             "config": {"max_test": 1000}}  # fmt: skip
+    bdir = tmp_path / "b"
+    bdir.mkdir()
+    (bdir / "merging.json").write_text(
+        _record({"table": dataclasses.asdict(table), "protocol": proto})
+    )
+    recorded = claims.paper_claims(None, bdir)[:2]
+    assert [(r.estimate, r.low, r.high) for r in recorded] == [
+        (r.estimate, r.low, r.high) for r in (linear, ties)
+    ]
+    assert recorded[0].source == "`merging.json` (2026-01-02)"
+    assert "3 of 3 seeds" in recorded[0].setting and "≤ 1000 test" in recorded[0].setting
 
 
 def test_unfinished_or_missing_protocol_results_give_no_numbers(tmp_path):
@@ -139,7 +154,7 @@ def test_unfinished_or_missing_protocol_results_give_no_numbers(tmp_path):
     for source, text in [
         (path, "protocol run in progress"),
         (tmp_path / "nowhere" / "results.json", "no protocol results yet"),
-        (None, "no protocol results yet"),
+        (None, "no protocol table in `merging.json` (missing)"),
     ]:
         for row in claims.paper_claims(source, tmp_path)[:2]:
             assert row.verdict == "inconclusive" and row.why == "no data yet"
@@ -160,12 +175,21 @@ def _record(result: dict) -> str:
 
 def _benchmarks(root: Path) -> Path:
     root.mkdir()
-    mean = {"saliency": {"0.01": 0.7, "0.1": 0.8}, "magnitude": {"0.01": 0.5, "0.1": 0.79}}
-    per_task = {"a": {"saliency": {"0.01": 0.6}, "magnitude": {"0.01": 0.3}},
-                "b": {"saliency": {"0.01": 0.8}, "magnitude": {"0.01": 0.7}}}  # fmt: skip
+
+    def ci(est, low, high):
+        return {"estimate": est, "low": low, "high": high, "level": 0.95}
+
+    mean = {
+        "0.01": {"magnitude": ci(0.5, 0.4, 0.6), "difference": ci(0.2, 0.1, 0.3)},
+        "0.1": {"magnitude": ci(0.8, 0.7, 0.9), "difference": ci(0.01, -0.02, 0.04)},
+    }
+    per_task = {"a": {"0.01": {"relative": ci(100.0, 50.0, 150.0)}},
+                "b": {"0.01": {"relative": ci(14.0, -3.0, 30.0)}}}  # fmt: skip
+    summary = {"mean": mean, "per_task": per_task,
+               "counts": {"better": 1, "tied": 2, "worse": 1}}  # fmt: skip
     (root / "pruning.json").write_text(_record({
-        "densities": [0.01, 0.1], "mean": mean, "per_task": per_task, "config": {"steps": 60},
-        "saliency_wins": 3, "ties": 0, "cells": 4,
+        "size": "medium", "seeds": [0, 1, 2], "tasks": ["a", "b"], "densities": [0.1, 0.01],
+        "summary": summary,
     }))  # fmt: skip
     spread = {"min": 6.0, "max": 6.003, "relative": 0.0005, "ranks": [8, 32]}
     (root / "training.json").write_text(_record({"rank_sweep": {"spread": spread}}))
@@ -181,12 +205,16 @@ def _benchmarks(root: Path) -> Path:
 def test_benchmark_rows_read_the_recorded_results(tmp_path):
     rows = {r.claim: r for r in claims.paper_claims(None, _benchmarks(tmp_path / "b"))}
     every, best, rank, energy, speed = list(rows.values())[2:]
-    assert every.estimate == pytest.approx(100 * (0.8 / 0.79 - 1))  # the weakest density
-    assert best.estimate == pytest.approx(100.0) and "a at 1 %" in best.measurement
-    assert "behind in 1 of 4" in every.measurement
+    # The weakest density (lowest lower end) is 10 %: +1.25 % [-2.5, +5.0], covering 0.
+    assert (every.estimate, every.low, every.high) == pytest.approx((1.25, -2.5, 5.0))
+    assert every.verdict == "inconclusive" and "weakest 10 %" in every.measurement
+    assert "worse in 1 of 4" in every.measurement and "3 seeds" in every.setting
+    # The best task at 1 %: +100 % [+50, +150] reaches the paper's +134.7 %.
+    assert (best.estimate, best.low, best.high) == (100.0, 50.0, 150.0)
+    assert best.verdict == "reproduced" and "a at 1 %" in best.measurement
     assert rank.estimate == pytest.approx(0.05) and "0.05 %" in rank.measurement
     assert energy.estimate == pytest.approx(96.8) and "min 78.9 %" in energy.measurement
-    for row in (every, best, rank, energy):  # single runs: no interval, no verdict
+    for row in (rank, energy):  # single runs: no interval, no verdict
         assert row.verdict == "inconclusive" and row.why.startswith("single run, no interval")
         assert row.low is None and "2-core CPU" in row.setting
     # Every round of UMTAM takes 1.25x AdamW's: a cost of exactly 20 %, above 8.3 %.
@@ -211,7 +239,7 @@ def test_markdown_and_the_command_line(tmp_path):
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 7 and table[1] == "|" + "---|" * 7
     assert all(line.count(" | ") == 6 for line in table[:1] + table[2:])
-    assert "**not reproduced**" in text and "Summary: 0 reproduced, 1 not reproduced" in text
+    assert "**not reproduced**" in text and "Summary: 1 reproduced, 1 not reproduced" in text
     out = tmp_path / "out" / "claims.md"
     assert claims.main(["--benchmarks", str(bench), "--out", str(out)]) == 0
     assert out.read_text() == text + "\n"

@@ -269,3 +269,69 @@ def test_every_candidate_merges_and_scaling_is_linear():
         leaves = zip(*map(jax.tree.leaves, (unit, one, base)), strict=True)
         for u, o, b in leaves:
             np.testing.assert_allclose(o - b, s * (u - b), rtol=1e-4, atol=1e-6, err_msg=c.key)
+
+
+def test_adamw_experts_leave_out_the_methods_that_need_umtam_statistics(setup, tmp_path):
+    tokenizer, base, _ = setup
+    kw = {"size": "tiny", "base_encoder": base, "tokenizer": tokenizer, "log": None}
+    with pytest.raises(ValueError, match=r"\['umtam', 'ota'\].*experts_by='umtam'"):
+        protocol.run_protocol(TASKS, ["umtam", "ota", "ties"], [0], experts_by="adamw",
+                              workdir=tmp_path / "a", **kw)  # fmt: skip
+    assert not (tmp_path / "a" / "experts").exists()  # refused before training
+    results = protocol.run_protocol(TASKS, ["ties"], [0], experts_by="adamw",
+                                    workdir=tmp_path / "a", **kw)  # fmt: skip
+    assert results["protocol"]["experts_by"] == "adamw"
+    assert results["protocol"]["optimizer_kwargs"] == {}
+    assert set(results["runs"]) == {"ties"}
+    pool = spaces.candidates(len(TASKS))
+    left_out = set(pool) - set(protocol.usable(pool, "adamw"))
+    assert left_out and all(pool[m].needs == "statistics" for m in left_out)
+    assert {"umtam", "ota"} <= left_out
+    cfg, _, experts = protocol.seed_inputs(
+        protocol.SIZES["tiny"], 0, TASKS, tmp_path / "a", base, tokenizer, experts="adamw"
+    )
+    assert all(e.info["optimizer"] == "adamw" and e.statistics is None for e in experts)
+    assert all(e.info["restored"] for e in experts)  # the run's experts, not retrained
+    with pytest.raises(ValueError, match="experts trained by 'adamw'"):
+        protocol.run_protocol(TASKS, ["ties"], [0], workdir=tmp_path / "a", **kw)
+
+
+def test_pruning_study_reuses_the_protocol_experts_and_caches_predictions(first, setup):
+    from umtam_jax.experiments import pruning
+
+    tokenizer, base, workdir = setup
+    kw = {"size": "tiny", "tasks": TASKS, "seeds": (0, 1), "densities": (0.1, 1.0),
+          "base_encoder": base, "tokenizer": tokenizer, "log": None}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        train, pred = _Counter(experts_lib.finetune), _Counter(pruning.predict)
+        mp.setattr(experts_lib, "finetune", train)
+        mp.setattr(pruning, "predict", pred)
+        run = pruning.run_pruning(workdir, **kw)
+        assert train.calls == 0  # the protocol's experts
+        assert pred.calls == 2 * len(TASKS) * (1 + 2 * 2)  # base + 2 rankings x 2 densities
+        again = pruning.run_pruning(workdir, **kw)
+        assert pred.calls == 2 * len(TASKS) * 5  # nothing predicted again
+    assert {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in run.items() if k != "seconds"
+    }
+    summary = pruning.summarize_pruning(workdir, run, samples=200)
+    # Density 1 keeps the whole task vector: both rankings are the expert itself.
+    full = summary["mean"]["1"]
+    assert full["saliency"]["estimate"] == pytest.approx(1.0)
+    assert full["difference"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "level": 0.95,
+                                  "verdict": "tied"}  # fmt: skip
+    # The normalized mean against a hand computation from the stored predictions.
+    metrics = {t: (run["metrics"][t]["metric"], run["metrics"][t]["num_labels"]) for t in TASKS}
+    ref = []
+    for s in ("0", "1"):
+        arrays = store.read_npz(workdir / run["files"][s])
+        for t in TASKS:
+            name, k = metrics[t]
+            y, p = arrays[f"{t}/labels"], arrays[f"{t}/saliency/0.1"]
+            ref.append(data_lib.compute_metric(name, y, p, num_labels=k) / run["experts"][s][t])
+    cell = summary["mean"]["0.1"]["saliency"]
+    assert cell["estimate"] == pytest.approx(np.mean(ref))
+    assert cell["low"] <= cell["estimate"] <= cell["high"]
+    assert sum(summary["counts"].values()) == len(TASKS) * 2
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        pruning.run_pruning(workdir, **{**kw, "densities": (0.0,)})

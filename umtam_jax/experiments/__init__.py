@@ -38,7 +38,10 @@ The evaluation protocol (seeds, early-stopped experts, equal-budget searches, in
 * :mod:`~umtam_jax.experiments.spaces` -- :func:`candidates`: every compared method with
   its searched axes (:class:`Candidate`), and the excluded registered methods.
 * :mod:`~umtam_jax.experiments.comparison` -- :func:`summarize` and :class:`MergeTable`
-  (normalized scores and paired differences with bootstrap intervals).
+  (normalized scores and paired differences with bootstrap intervals), :func:`compare_runs`
+  (two pipelines, e.g. UMTAM- vs AdamW-trained experts, on raw scores).
+* :mod:`~umtam_jax.experiments.pruning` -- :func:`run_pruning` and
+  :func:`summarize_pruning`: saliency vs magnitude pruning of the protocol's experts.
 * :mod:`~umtam_jax.experiments.store` -- atomic JSON / ``.npz`` writes of the caches.
 
 Tools for comparing merges, imported from their modules:
@@ -87,7 +90,8 @@ _EXPORTS = {
         ("enable_compilation_cache", "load_base", "prepare_experts", "run_merging"), "pipeline"
     ),
     **dict.fromkeys(("ProtocolSize", "evaluate_merges", "run_protocol"), "protocol"),
-    **dict.fromkeys(("MergeTable", "summarize"), "comparison"),
+    **dict.fromkeys(("MergeTable", "compare_runs", "summarize"), "comparison"),
+    **dict.fromkeys(("run_pruning", "summarize_pruning"), "pruning"),
     **dict.fromkeys(("Candidate", "candidates"), "spaces"),
 }
 

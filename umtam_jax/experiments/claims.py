@@ -186,10 +186,28 @@ def _pct(x: float) -> str:
 # ----------------------------------------------------------------------------- merging
 
 
+def _setting(proto: dict[str, Any], done: int) -> str:
+    cap = (proto.get("config") or {}).get("max_test")
+    size, n_seeds = proto.get("size"), len(proto.get("seeds", []))
+    model = "random 1-layer BERT" if size == "tiny" else "MiniLM-L6"
+    return (
+        f"{model} experts, protocol size {size}, {done} of {n_seeds} seeds, tasks "
+        f"{', '.join(proto.get('tasks', []))}, {'all' if cap is None else f'≤ {cap}'} test "
+        "examples/task"
+    )
+
+
+def _recorded_table(bdir: Path) -> tuple[MergeTable | None, str, str]:
+    """The merging benchmark's recorded protocol table (``merging.json``)."""
+    r, source = _load(bdir, "merging")
+    if not r.get("table"):
+        return None, f"no protocol table in {source}", source
+    table = MergeTable(**r["table"])
+    return table, _setting(r.get("protocol", {}), len(table.seeds)), source
+
+
 def _merge_table(protocol_results: Any, samples: int) -> tuple[MergeTable | None, str]:
     """The protocol's table of UMTAM, Linear and TIES and our setting, or None and why."""
-    if protocol_results is None:
-        return None, "no protocol results yet"
     if isinstance(protocol_results, MergeTable):
         t = protocol_results
         return t, f"experts of {len(t.seeds)} seeds, tasks {', '.join(t.tasks)}"
@@ -205,14 +223,7 @@ def _merge_table(protocol_results: Any, samples: int) -> tuple[MergeTable | None
         return None, "protocol run in progress: no seed has UMTAM, Linear and TIES yet"
     table = summarize(workdir, methods=methods, seeds=[int(s) for s in done],
                       references=("linear", "ties"), samples=samples)  # fmt: skip
-    cap = (proto.get("config") or {}).get("max_test")
-    size, n_seeds = proto.get("size"), len(proto.get("seeds", []))
-    model = "random 1-layer BERT" if size == "tiny" else "MiniLM-L6"
-    return table, (
-        f"{model} experts, protocol size {size}, {len(done)} of {n_seeds} seeds, tasks "
-        f"{', '.join(proto.get('tasks', []))}, {'all' if cap is None else f'≤ {cap}'} test "
-        "examples/task"
-    )
+    return table, _setting(proto, len(done))
 
 
 def _paired(table: MergeTable, ref: str) -> tuple[float, float, float] | None:
@@ -228,9 +239,13 @@ def _paired(table: MergeTable, ref: str) -> tuple[float, float, float] | None:
     return None
 
 
-def _merging_rows(protocol_results: Any, samples: int) -> list[ClaimRow]:
-    table, setting = _merge_table(protocol_results, samples)
-    source, rows = "merge protocol (`results.json`)", []
+def _merging_rows(protocol_results: Any, samples: int, bdir: Path) -> list[ClaimRow]:
+    if protocol_results is None:
+        table, setting, source = _recorded_table(bdir)
+    else:
+        table, setting = _merge_table(protocol_results, samples)
+        source = "merge protocol (`results.json`)"
+    rows = []
     for ref, name in (("linear", "Linear"), ("ties", "TIES")):
         d = _paired(table, ref) if table is not None else None
         if table is None or d is None:
@@ -250,26 +265,46 @@ def _merging_rows(protocol_results: Any, samples: int) -> list[ClaimRow]:
 
 def _pruning_rows(bdir: Path) -> list[ClaimRow]:
     r, source = _load(bdir, "pruning")
-    if not r:
-        return [_missing("every", source, source), _missing("best", source, source)]
-    dens = sorted(r["densities"], key=float)
-    mean = {d: 100 * (r["mean"]["saliency"][str(d)] / r["mean"]["magnitude"][str(d)] - 1)
+    if not r.get("summary"):
+        why = source if not r else f"no protocol summary in {source}"
+        return [_missing("every", source, why), _missing("best", source, why)]
+    summ, dens = r["summary"], [f"{d:g}" for d in sorted(r["densities"])]
+
+    def pct(c: dict[str, Any], of: float) -> tuple[float, float, float]:
+        return tuple(100 * c[k] / max(of, 1e-12) for k in ("estimate", "low", "high"))
+
+    mean = {d: pct(summ["mean"][d]["difference"], summ["mean"][d]["magnitude"]["estimate"])
             for d in dens}  # fmt: skip
-    low = str(dens[0])
-    task = {t: 100 * (v["saliency"][low] / v["magnitude"][low] - 1)
-            for t, v in r["per_task"].items()}  # fmt: skip
-    top, cfg, cells = max(task, key=task.get), r.get("config", {}), r.get("cells", 0)
-    setting = (f"MiniLM-L6, {len(task)} local tasks, {cfg.get('steps')} steps, ≤ "
-               f"{cfg.get('max_eval')} test examples, seed {cfg.get('seed')}, {r['device']}; "
-               "paper: BERT-base on GLUE")  # fmt: skip
-    every = (", ".join(f"{100 * float(d):g} %: {_pct(v)}" for d, v in mean.items())
-             + f" (task mean); ahead in {r.get('saliency_wins')}, tied in {r.get('ties')}, "
-             f"behind in {cells - r.get('saliency_wins', 0) - r.get('ties', 0)} of {cells} "
-             "(task, density) cells")  # fmt: skip
-    best = f"{_pct(task[top])} ({top} at {100 * float(low):g} %); task mean {_pct(mean[dens[0]])}"
+    # The weakest density decides "at every density": one interval below 0 refutes the
+    # claim (the lowest upper end is shown), otherwise the lowest lower end decides.
+    refuted = [d for d in dens if mean[d][2] < 0]
+    worst = (
+        min(refuted, key=lambda d: mean[d][2]) if refuted else min(dens, key=lambda d: mean[d][1])
+    )
+    n = summ["counts"]
+    cells = sum(n.values())
+    setting = (f"MiniLM-L6, protocol size {r.get('size')}, {len(r.get('seeds', []))} seeds, "
+               f"tasks {', '.join(r.get('tasks', []))}, {r['device']}; paper: BERT-base on "
+               "GLUE, one seed")  # fmt: skip
+    every = (
+        ", ".join(
+            f"{100 * float(d):g} %: {mean[d][0]:+.1f} [{mean[d][1]:+.1f}, {mean[d][2]:+.1f}]"
+            for d in dens
+        )
+        + f" (normalized task mean; weakest {100 * float(worst):g} %); per (task, density) "
+        f"better in {n['better']}, tied in {n['tied']}, worse in {n['worse']} of {cells}"
+    )
+    low = dens[0]
+    task = {t: summ["per_task"][t][low]["relative"] for t in r["tasks"]}
+    top = max(task, key=lambda t: task[t]["estimate"])
+    t_ci = task[top]
+    best = (
+        f"{t_ci['estimate']:+.1f} % [{t_ci['low']:+.1f}, {t_ci['high']:+.1f}] ({top} at "
+        f"{100 * float(low):g} %, the best task); normalized task mean {mean[low][0]:+.1f} %"
+    )
     return [
-        _row("every", every, setting, source, min(mean.values())),
-        _row("best", best, setting, source, task[top]),
+        _row("every", every, setting, source, *mean[worst]),
+        _row("best", best, setting, source, t_ci["estimate"], t_ci["low"], t_ci["high"]),
     ]
 
 
@@ -349,7 +384,8 @@ def paper_claims(
             whose stored predictions :func:`~umtam_jax.experiments.comparison.summarize`
             turns into paired intervals; or a ready
             :class:`~umtam_jax.experiments.comparison.MergeTable` with rows ``umtam``,
-            ``linear`` and ``ties``; None: the merging rows say there are no results yet.
+            ``linear`` and ``ties``; None: the table recorded by the merging benchmark
+            (``merging.json`` in ``benchmark_dir``), if any.
             The relative gain is the paired difference of normalized scores (and its
             interval's ends) divided by the reference's normalized score, as the paper
             divides averages; the reference score's own noise is not propagated.
@@ -362,7 +398,7 @@ def paper_claims(
     """
     bdir = Path(benchmark_dir)
     return [
-        *_merging_rows(protocol_results, samples),
+        *_merging_rows(protocol_results, samples, bdir),
         *_pruning_rows(bdir),
         _rank_row(bdir),
         _energy_row(bdir),
@@ -372,7 +408,7 @@ def paper_claims(
 
 _HEADER = (
     "Generated by `python -m umtam_jax.experiments.claims` from the recorded results "
-    "(`benchmarks/results/*.json` and the merge protocol's `results.json`); do not edit by "
+    "(`benchmarks/results/*.json`, or a merge protocol run's `results.json`); do not edit by "
     "hand. Relative numbers are in %. Verdicts: **reproduced** = the 95 % interval excludes "
     "0 in the paper's direction and covers or exceeds its number (a cost: covers it or lies "
     "below; a threshold: lies wholly on its side); **not reproduced** = the interval "

@@ -25,7 +25,7 @@ import numpy as np
 from umtam_jax.experiments import intervals, store
 from umtam_jax.experiments.data import compute_metric
 
-__all__ = ["MergeTable", "summarize"]
+__all__ = ["MergeTable", "compare_runs", "summarize", "task_metrics"]
 
 
 @dataclasses.dataclass
@@ -105,11 +105,14 @@ class MergeTable:
             return method
 
 
-def _metrics(protocol: dict[str, Any]) -> dict[str, Any]:
+def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Each task's metric function from ``{task: {"metric", "num_labels"}}`` (as the
+    protocol records them); an empty split scores NaN."""
+
     def make(name: str, k: int) -> intervals.Metric:
         return lambda y, p: compute_metric(name, y, p, num_labels=k) if len(y) else float("nan")
 
-    return {t: make(m["metric"], m["num_labels"]) for t, m in protocol["metrics"].items()}
+    return {t: make(m["metric"], m["num_labels"]) for t, m in metrics.items()}
 
 
 def summarize(
@@ -157,7 +160,7 @@ def summarize(
         normalizers.append(
             {t: max(float(results["experts"][str(s)][t]["test"]), 1e-12) for t in tasks}
         )
-    metric = _metrics(protocol)
+    metric = task_metrics(protocol["metrics"])
     preds: dict[str, list[dict[str, np.ndarray]]] = {}
     missing = []
     for m in methods:
@@ -214,4 +217,73 @@ def summarize(
         tasks=tasks,
         missing=tuple(missing),
         level=level,
+    )
+
+
+def _run_predictions(workdir: Path, method: str, seeds: Sequence[int]) -> tuple[Any, list, list]:
+    results = store.read_json(workdir / "results.json")
+    if results is None:
+        raise FileNotFoundError(f"no results.json in {workdir}")
+    runs = results["runs"].get(method, {})
+    missing = [s for s in seeds if str(s) not in runs]
+    if missing:
+        raise ValueError(f"{method!r} has no finished run for seeds {missing} in {workdir}")
+    labels = [store.read_npz(workdir / results["labels"][str(s)]) for s in seeds]
+    preds = [store.read_npz(workdir / runs[str(s)]["predictions"]) for s in seeds]
+    if any(x is None for x in labels + preds):
+        raise FileNotFoundError(f"test labels or predictions of {method!r} missing in {workdir}")
+    return results["protocol"], labels, preds
+
+
+def compare_runs(
+    a: tuple[str | Path, str],
+    b: tuple[str | Path, str],
+    *,
+    seeds: Sequence[int] | None = None,
+    samples: int = 2000,
+    level: float = 0.95,
+    bootstrap_seed: int = 0,
+) -> intervals.Interval:
+    """Raw test score of one protocol run's method minus another's, paired.
+
+    For comparing *pipelines*: e.g. UMTAM-trained experts merged by UMTAM against
+    AdamW-trained experts merged by TIES, each from its own work directory. Their
+    normalized scores divide by different experts, so the raw task metrics (mean over
+    seeds and tasks) are compared; the pairing holds because a seed fixes the data split,
+    and the test labels are checked to be identical.
+
+    Args:
+        a, b: ``(work directory, method)`` of each side.
+        seeds: Seeds (default: those with experts in both runs).
+        samples, level, bootstrap_seed: As :func:`summarize`.
+
+    Returns:
+        The :class:`~umtam_jax.experiments.intervals.Interval` of A − B.
+
+    Raises:
+        ValueError: the runs differ in tasks or test labels, or a method did not finish.
+    """
+    wa, wb = Path(a[0]), Path(b[0])
+    if seeds is None:
+        ra, rb = store.read_json(wa / "results.json"), store.read_json(wb / "results.json")
+        if ra is None or rb is None:
+            raise FileNotFoundError(f"no results.json in {wa if ra is None else wb}")
+        seeds = sorted(int(s) for s in set(ra["experts"]) & set(rb["experts"]))
+    proto_a, labels_a, preds_a = _run_predictions(wa, a[1], seeds)
+    proto_b, labels_b, preds_b = _run_predictions(wb, b[1], seeds)
+    tasks = tuple(proto_a["tasks"])
+    if tuple(proto_b["tasks"]) != tasks:
+        raise ValueError(f"the runs hold different tasks: {tasks} vs {tuple(proto_b['tasks'])}")
+    for s, la, lb in zip(seeds, labels_a, labels_b, strict=True):
+        for t in tasks:
+            if not np.array_equal(la[t], lb[t]):
+                raise ValueError(f"seed {s}, task {t!r}: the runs' test labels differ")
+    return intervals.paired_difference(
+        task_metrics(proto_a["metrics"]),
+        [{t: x[t] for t in tasks} for x in labels_a],
+        [{t: x[t] for t in tasks} for x in preds_a],
+        [{t: x[t] for t in tasks} for x in preds_b],
+        samples=samples,
+        level=level,
+        seed=bootstrap_seed,
     )

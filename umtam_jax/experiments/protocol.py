@@ -59,15 +59,27 @@ import jax
 from umtam_jax.experiments import store
 from umtam_jax.experiments.comparison import MergeTable, summarize
 from umtam_jax.experiments.config import DEFAULT_TASKS, DEMO_UMTAM_KWARGS, PipelineConfig
-from umtam_jax.experiments.experts import train_expert
+from umtam_jax.experiments.experts import ExpertResult, train_expert
 from umtam_jax.experiments.models import minilm
 from umtam_jax.experiments.search import Axis
 from umtam_jax.experiments.seed_run import SeedRun
-from umtam_jax.experiments.spaces import EXCLUDED, candidates
-from umtam_jax.experiments.tasks import prepare_task
+from umtam_jax.experiments.spaces import EXCLUDED, Candidate, candidates
+from umtam_jax.experiments.tasks import TokenizedTask, prepare_task
 from umtam_jax.experiments.training import EarlyStopping
 
-__all__ = ["SIZES", "TINY_BERT", "ProtocolSize", "evaluate_merges", "main", "run_protocol"]
+__all__ = [
+    "EXPERT_OPTIMIZERS",
+    "ProtocolSize",
+    "SIZES",
+    "TINY_BERT",
+    "evaluate_merges",
+    "main",
+    "resolve_size",
+    "run_protocol",
+    "seed_inputs",
+    "start_encoder",
+    "usable",
+]
 
 Params = dict[str, Any]
 Log = Callable[[str], None] | None
@@ -177,7 +189,8 @@ SIZES: dict[str, ProtocolSize] = {
 }
 
 
-def _size(size: str | ProtocolSize) -> ProtocolSize:
+def resolve_size(size: str | ProtocolSize) -> ProtocolSize:
+    """The :class:`ProtocolSize` of a name of :data:`SIZES` (or the size itself)."""
     if isinstance(size, ProtocolSize):
         return size
     if size not in SIZES:
@@ -185,10 +198,70 @@ def _size(size: str | ProtocolSize) -> ProtocolSize:
     return SIZES[size]
 
 
-def _load_base(size: ProtocolSize) -> Params:
+def start_encoder(size: ProtocolSize) -> Params:
+    """The shared start encoder of a size: pretrained MiniLM-L6 or a random one (seed 0)."""
     if size.pretrained:
         return minilm.load_minilm()
     return minilm.init_encoder(jax.random.key(0), size.config.config)
+
+
+#: The optimizers the protocol can train its experts with.
+EXPERT_OPTIMIZERS = ("umtam", "adamw")
+
+
+def _expert_kwargs(size: ProtocolSize, experts_by: str) -> dict[str, Any]:
+    return dict(size.optimizer_kwargs) if experts_by == "umtam" else {}
+
+
+def usable(pool: Mapping[str, Candidate], experts_by: str) -> list[str]:
+    """The candidates of ``pool`` that experts trained by ``experts_by`` can run (those
+    merging UMTAM statistics need UMTAM-trained experts)."""
+    return [k for k, c in pool.items() if experts_by == "umtam" or c.needs != "statistics"]
+
+
+def seed_inputs(
+    size: ProtocolSize,
+    seed: int,
+    tasks: Sequence[str],
+    workdir: Path,
+    base_encoder: Params,
+    tokenizer: Any,
+    *,
+    experts: str = "umtam",
+    progress: bool = False,
+) -> tuple[PipelineConfig, dict[str, TokenizedTask], list[ExpertResult]]:
+    """One seed's config, tokenized tasks and experts, trained or restored from
+    ``workdir`` (the caches of :func:`run_protocol`, shared by the studies built on it).
+
+    Args:
+        size: The protocol size.
+        seed: The seed (training and data split).
+        tasks: Registered task names.
+        workdir: The work directory.
+        base_encoder: The shared start encoder.
+        tokenizer: The MiniLM tokenizer.
+        experts: The experts' optimizer (see :data:`EXPERT_OPTIMIZERS`).
+        progress: Show progress bars while training.
+
+    Returns:
+        ``(config, tokenized tasks by name, experts in task order)``.
+    """
+    cfg = dataclasses.replace(size.config, seed=seed)
+    ttasks = {t: prepare_task(t, tokenizer, cfg, cache_dir=workdir / "tokens") for t in tasks}
+    trained = [
+        train_expert(
+            ttasks[t],
+            base_encoder,
+            cfg,
+            workdir,
+            optimizer=experts,
+            optimizer_kwargs=_expert_kwargs(size, experts),
+            early_stopping=size.early_stopping,
+            progress=progress,
+        )
+        for t in tasks
+    ]
+    return cfg, ttasks, trained
 
 
 def run_protocol(
@@ -200,6 +273,7 @@ def run_protocol(
     workdir: str | Path,
     base_encoder: Params | None = None,
     tokenizer: Any = None,
+    experts_by: str = "umtam",
     diagnostics: bool = True,
     progress: bool = False,
     log: Log = print,
@@ -215,6 +289,9 @@ def run_protocol(
         workdir: The cache and results directory (resumed when it exists).
         base_encoder: The shared start encoder (default: the size's).
         tokenizer: The MiniLM tokenizer (default: loaded).
+        experts_by: The experts' optimizer, one of :data:`EXPERT_OPTIMIZERS`: ``"umtam"``
+            (with the size's ``optimizer_kwargs``) or ``"adamw"`` (Optax defaults, same
+            schedule; the methods that merge UMTAM statistics are then left out).
         diagnostics: Record :func:`umtam_jax.merging.diagnostics.diagnose` per merge.
         progress: Show progress bars.
         log: Where progress lines go (None: silent).
@@ -227,37 +304,47 @@ def run_protocol(
         the test predictions) and ``labels[seed]`` (path of the test labels).
 
     Raises:
-        ValueError: an unknown method, or ``workdir`` holds a run of another size or
-            task list.
+        ValueError: an unknown method, a method that needs UMTAM statistics with AdamW
+            experts, or ``workdir`` holds a run of another size, task list or expert
+            optimizer.
 
     Example (trains models, so not run as a doctest)::
 
         results = run_protocol(["kjv_section", "fortune_topic"], ["umtam", "ties"],
                                size="medium", workdir="protocol-medium")
     """
-    sz = _size(size)
+    sz = resolve_size(size)
     tasks = list(tasks or sz.tasks)
     seeds = list(sz.seeds if seeds is None else seeds)
+    if experts_by not in EXPERT_OPTIMIZERS:
+        raise ValueError(f"experts_by={experts_by!r}; use one of {EXPERT_OPTIMIZERS}")
     pool = candidates(len(tasks))
-    methods = list(methods or sz.methods or pool)
+    methods = list(methods or sz.methods or usable(pool, experts_by))
     unknown = [m for m in methods if m not in pool]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(pool)}")
+    unusable = [m for m in methods if m not in usable(pool, experts_by)]
+    if unusable:
+        raise ValueError(
+            f"methods {unusable} merge the UMTAM statistics saved during training; experts "
+            f"trained with {experts_by!r} have none (use experts_by='umtam')"
+        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _: None)
     if base_encoder is None:
-        base_encoder = _load_base(sz)
+        base_encoder = start_encoder(sz)
     if tokenizer is None:
         tokenizer = minilm.load_minilm_tokenizer()
     results_path = workdir / "results.json"
     results = store.read_json(results_path) or {}
     previous = results.get("protocol", {})
-    if previous and (previous.get("size"), previous.get("tasks")) != (sz.name, tasks):
+    held = (previous.get("size"), previous.get("tasks"), previous.get("experts_by", "umtam"))
+    if previous and held != (sz.name, tasks, experts_by):
         raise ValueError(
-            f"{workdir} holds a run of size {previous.get('size')!r} on tasks "
-            f"{previous.get('tasks')}; use another work directory for size {sz.name!r} "
-            f"on {tasks}"
+            f"{workdir} holds a run of size {held[0]!r} on tasks {held[1]} with experts "
+            f"trained by {held[2]!r}; use another work directory for size {sz.name!r} on "
+            f"{tasks} with experts trained by {experts_by!r}"
         )
     for part in ("experts", "posthoc", "runs", "labels"):
         results.setdefault(part, {})
@@ -269,26 +356,16 @@ def run_protocol(
         "budget": sz.budget,
         "early_stopping": sz.early_stopping.key(),
         "config": {**sz.config.training_key(), "max_test": sz.config.test_cap},
-        "optimizer_kwargs": dict(sz.optimizer_kwargs),
+        "experts_by": experts_by,
+        "optimizer_kwargs": _expert_kwargs(sz, experts_by),
         "excluded": EXCLUDED,
         "metrics": {},
     }
     for seed in seeds:
-        cfg = dataclasses.replace(sz.config, seed=seed)
         t0 = time.perf_counter()
-        ttasks = {t: prepare_task(t, tokenizer, cfg, cache_dir=workdir / "tokens") for t in tasks}
-        experts = [
-            train_expert(
-                ttasks[t],
-                base_encoder,
-                cfg,
-                workdir,
-                optimizer_kwargs=sz.optimizer_kwargs,
-                early_stopping=sz.early_stopping,
-                progress=progress,
-            )
-            for t in tasks
-        ]
+        cfg, ttasks, experts = seed_inputs(
+            sz, seed, tasks, workdir, base_encoder, tokenizer, experts=experts_by, progress=progress
+        )
         say(f"seed {seed}: {len(experts)} experts ready in {time.perf_counter() - t0:.0f}s")
         results["protocol"]["metrics"] = {
             t: {"metric": tt.task.metric, "num_labels": tt.num_labels} for t, tt in ttasks.items()
@@ -316,7 +393,7 @@ def run_protocol(
             ttasks,
             experts,
             cfg,
-            sz,
+            dataclasses.replace(sz, optimizer_kwargs=_expert_kwargs(sz, experts_by)),
             workdir,
             progress=progress,
             diagnostics=diagnostics,
@@ -372,7 +449,7 @@ def evaluate_merges(
                                 seeds=[0, 1, 2], size="medium", workdir="protocol-medium")
         print(table.to_markdown())
     """
-    sz = _size(size)
+    sz = resolve_size(size)
     run_protocol(tasks, methods, seeds, size=sz, workdir=workdir, **kwargs)
     return summarize(
         workdir,
@@ -398,6 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument(
+        "--experts",
+        default="umtam",
+        choices=EXPERT_OPTIMIZERS,
+        help="the experts' optimizer (adamw: the methods merging UMTAM statistics are left out)",
+    )
     p.add_argument("--references", nargs="+", default=["umtam", "task_arithmetic"])
     p.add_argument("--samples", type=int, default=None, help="bootstrap replicates")
     p.add_argument("--no-diagnostics", action="store_true")
@@ -423,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir=args.workdir,
         references=args.references,
         samples=args.samples,
+        experts_by=args.experts,
         diagnostics=not args.no_diagnostics,
         progress=args.progress,
         log=lambda s: print(s, flush=True),
