@@ -335,3 +335,15 @@ def test_pruning_study_reuses_the_protocol_experts_and_caches_predictions(first,
     assert sum(summary["counts"].values()) == len(TASKS) * 2
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         pruning.run_pruning(workdir, **{**kw, "densities": (0.0,)})
+
+
+def test_expert_recipes_add_the_memory_modes_to_the_size_settings():
+    medium = protocol.SIZES["medium"]
+    lean = protocol._expert_kwargs(medium, "umtam_lean")
+    assert lean == {**medium.optimizer_kwargs, "error_decay": 0.0, "saliency": "final"}
+    assert protocol._expert_kwargs(medium, "umtam") == dict(medium.optimizer_kwargs)
+    assert protocol._expert_kwargs(medium, "adamw") == {}
+    pool = spaces.candidates(4)
+    assert protocol.usable(pool, "umtam_bf16") == list(pool)
+    with pytest.raises(ValueError, match="experts_by='sgd'"):
+        protocol.run_protocol(["a"], size="tiny", workdir="unused", experts_by="sgd")

@@ -386,3 +386,26 @@ def test_chunked_histogram_and_mask(monkeypatch):
         want[equal[: min(take, equal.size)]] = True
         np.testing.assert_array_equal(mask, want)
         assert took == min(take, equal.size)
+
+
+def test_options_are_checked_once_per_merge_not_per_leaf(ckpts, tmp_path, monkeypatch):
+    """The engine validates the method's options once; every leaf reuses them."""
+    from umtam_jax.merging import _registry as R
+
+    calls = []
+    check = R.Param.check
+    monkeypatch.setattr(
+        R.Param, "check", lambda self, v, k: calls.append(self.name) or check(self, v, k)
+    )
+    p = ckpts["paths"]
+    n_leaves = len(jax.tree.leaves(ckpts["base"]))
+    assert n_leaves > 2
+    kwargs = {"density": [0.3, 0.6, 0.2], "weights": [1.0, 2.0, 0.5]}
+    engine.merge_checkpoints("ties", p["base"], _experts(p), tmp_path / "o", progress=False,
+                             group_bytes=100, **kwargs)  # fmt: skip
+    n_params = len(R.get("ties").params)
+    # The abstract validation merge and the engine's check: twice per parameter, whatever
+    # the number of leaves.
+    assert len(calls) == 2 * n_params, (len(calls), n_params, n_leaves)
+    want = merging.ties(ckpts["base"], ckpts["experts"], **kwargs)
+    trees.assert_trees_equal(checkpoint.restore_params(tmp_path / "o"), want)

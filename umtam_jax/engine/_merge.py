@@ -180,6 +180,10 @@ class Job:
             id(s): _positions(s.abstract()) for s in [base, *experts, *self._extra_sources()]
         }
         self.scope = self.kwargs.get("scope", "tensor")
+        # Checked once here (the abstract merge above validated them with the inputs);
+        # every leaf's plan reuses them.
+        k = 1 if method.single_expert else len(experts)
+        self.options = R.check_options(method, self.kwargs, k)
         self._stand_ins: dict[Any, list[jax.ShapeDtypeStruct] | None] = {}
 
     def floating(self, tree: Any) -> Any:
@@ -273,7 +277,8 @@ class Job:
         if "extra" in data:
             extra = [_wrap(kp, leaves[j]) for leaves in data["extra"]]
         base = _wrap(kp, data["base"][j]) if self.base_input else None
-        return R.plan(self.method, base, *self._arguments(experts, extra), self.kwargs)
+        args = self._arguments(experts, extra)
+        return R.plan(self.method, base, *args, self.options, checked=True)
 
     def copy(self, j: int, data: dict[str, Any]) -> np.ndarray:
         """A non-floating leaf: the base's, after checking every expert holds the same."""

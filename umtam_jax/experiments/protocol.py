@@ -69,6 +69,7 @@ from umtam_jax.experiments.training import EarlyStopping
 
 __all__ = [
     "EXPERT_OPTIMIZERS",
+    "EXPERT_RECIPES",
     "ProtocolSize",
     "SIZES",
     "TINY_BERT",
@@ -205,18 +206,30 @@ def start_encoder(size: ProtocolSize) -> Params:
     return minilm.init_encoder(jax.random.key(0), size.config.config)
 
 
-#: The optimizers the protocol can train its experts with.
-EXPERT_OPTIMIZERS = ("umtam", "adamw")
+#: How the protocol can train its experts: name -> (optimizer, settings). UMTAM recipes
+#: add their settings to the size's ``optimizer_kwargs``; AdamW takes Optax's defaults.
+#: The ``umtam_*`` recipes are the optimizer's memory modes: no m×n momentum buffer and
+#: no tracked saliency (``lean``), momentum and saliency stored in bfloat16 (``bf16``).
+EXPERT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "umtam": ("umtam", {}),
+    "adamw": ("adamw", {}),
+    "umtam_lean": ("umtam", {"error_decay": 0.0, "saliency": "final"}),
+    "umtam_bf16": ("umtam", {"buffer_dtype": "bfloat16"}),
+}
+#: The recipe names.
+EXPERT_OPTIMIZERS = tuple(EXPERT_RECIPES)
 
 
 def _expert_kwargs(size: ProtocolSize, experts_by: str) -> dict[str, Any]:
-    return dict(size.optimizer_kwargs) if experts_by == "umtam" else {}
+    optimizer, extra = EXPERT_RECIPES[experts_by]
+    return {**size.optimizer_kwargs, **extra} if optimizer == "umtam" else dict(extra)
 
 
 def usable(pool: Mapping[str, Candidate], experts_by: str) -> list[str]:
     """The candidates of ``pool`` that experts trained by ``experts_by`` can run (those
     merging UMTAM statistics need UMTAM-trained experts)."""
-    return [k for k, c in pool.items() if experts_by == "umtam" or c.needs != "statistics"]
+    umtam = EXPERT_RECIPES[experts_by][0] == "umtam"
+    return [k for k, c in pool.items() if umtam or c.needs != "statistics"]
 
 
 def seed_inputs(
@@ -240,7 +253,7 @@ def seed_inputs(
         workdir: The work directory.
         base_encoder: The shared start encoder.
         tokenizer: The MiniLM tokenizer.
-        experts: The experts' optimizer (see :data:`EXPERT_OPTIMIZERS`).
+        experts: The experts' recipe, a key of :data:`EXPERT_RECIPES`.
         progress: Show progress bars while training.
 
     Returns:
@@ -254,7 +267,7 @@ def seed_inputs(
             base_encoder,
             cfg,
             workdir,
-            optimizer=experts,
+            optimizer=EXPERT_RECIPES[experts][0],
             optimizer_kwargs=_expert_kwargs(size, experts),
             early_stopping=size.early_stopping,
             progress=progress,
@@ -289,9 +302,10 @@ def run_protocol(
         workdir: The cache and results directory (resumed when it exists).
         base_encoder: The shared start encoder (default: the size's).
         tokenizer: The MiniLM tokenizer (default: loaded).
-        experts_by: The experts' optimizer, one of :data:`EXPERT_OPTIMIZERS`: ``"umtam"``
-            (with the size's ``optimizer_kwargs``) or ``"adamw"`` (Optax defaults, same
-            schedule; the methods that merge UMTAM statistics are then left out).
+        experts_by: The experts' recipe, a key of :data:`EXPERT_RECIPES`: ``"umtam"``
+            (the size's ``optimizer_kwargs``), a UMTAM memory mode, or ``"adamw"``
+            (Optax defaults, same schedule; the methods that merge UMTAM statistics are
+            then left out).
         diagnostics: Record :func:`umtam_jax.merging.diagnostics.diagnose` per merge.
         progress: Show progress bars.
         log: Where progress lines go (None: silent).
@@ -479,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--experts",
         default="umtam",
         choices=EXPERT_OPTIMIZERS,
-        help="the experts' optimizer (adamw: the methods merging UMTAM statistics are left out)",
+        help="the experts' recipe: UMTAM, a UMTAM memory mode, or AdamW (then the methods "
+        "merging UMTAM statistics are left out)",
     )
     p.add_argument("--references", nargs="+", default=["umtam", "task_arithmetic"])
     p.add_argument("--samples", type=int, default=None, help="bootstrap replicates")

@@ -253,16 +253,36 @@ def options_of(method: Method, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def plan(method: Method, base: Any, experts: Any, extra: Any, kwargs: Mapping[str, Any]) -> Call:
-    """Validates a call of ``method``: options first, then the inputs.
-
-    ``experts`` is the single expert for a ``single_expert`` method. Raises ValueError or
-    TypeError naming the option, the tree or the leaf path.
-    """
+def check_options(method: Method, kwargs: Mapping[str, Any], k: int | None = None) -> dict:
+    """``kwargs`` completed with the defaults and checked; the per-expert parameters
+    (which need the number of experts) only when ``k`` is given."""
     options = options_of(method, kwargs)
-    for p in method.params:  # scalar options first: no input is touched for a typo
+    for p in method.params:
         if p.kind not in _PER_EXPERT_KINDS:
             options[p.name] = p.check(options[p.name], 0)
+        elif k is not None:
+            options[p.name] = p.check(options[p.name], k)
+    return options
+
+
+def plan(
+    method: Method,
+    base: Any,
+    experts: Any,
+    extra: Any,
+    kwargs: Mapping[str, Any],
+    *,
+    checked: bool = False,
+) -> Call:
+    """Validates a call of ``method``: options first, then the inputs.
+
+    ``experts`` is the single expert for a ``single_expert`` method. ``checked=True``
+    takes ``kwargs`` as the result of :func:`check_options` with the number of experts
+    (an engine checks them once per merge, then plans every leaf). Raises ValueError or
+    TypeError naming the option, the tree or the leaf path.
+    """
+    # Scalar options are checked first: no input is touched for a typo.
+    options = dict(kwargs) if checked else check_options(method, kwargs)
     if method.single_expert:
         prepared = V.prepare(base, [experts], what="expert")
     elif base is None and method.base_optional:
@@ -272,9 +292,10 @@ def plan(method: Method, base: Any, experts: Any, extra: Any, kwargs: Mapping[st
         prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     extras = _extras(method, extra, prepared, options)
-    for p in method.params:
-        if p.kind in _PER_EXPERT_KINDS:
-            options[p.name] = p.check(options[p.name], k)
+    if not checked:
+        for p in method.params:
+            if p.kind in _PER_EXPERT_KINDS:
+                options[p.name] = p.check(options[p.name], k)
     call = Call(method, prepared, options, extras)
     if method.check is not None:
         method.check(call)

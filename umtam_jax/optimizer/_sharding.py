@@ -156,6 +156,16 @@ def keep_like(new: Any, old: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+def _canonical(spec: tuple) -> P:
+    """``P(*spec)`` without trailing ``None`` entries: the form jit gives its outputs, so
+    that a state placed here and the same state coming out of a jitted step share one
+    compiled executable."""
+    spec = tuple(spec)
+    while spec and spec[-1] is None:
+        spec = spec[:-1]
+    return P(*spec)
+
+
 def place_like(x: jax.Array, param: Any, spec: tuple) -> jax.Array:
     """Puts a freshly created state array where ``param`` lives, partitioned by ``spec``
     (a function of ``param``'s own partition): for a concrete parameter with a
@@ -163,11 +173,11 @@ def place_like(x: jax.Array, param: Any, spec: tuple) -> jax.Array:
     if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
         sharding = getattr(param, "sharding", None)
         if isinstance(sharding, NamedSharding):
-            return jax.device_put(x, NamedSharding(sharding.mesh, P(*spec)))
+            return jax.device_put(x, NamedSharding(sharding.mesh, _canonical(spec)))
         return x
     mesh = _explicit_mesh(param)
     if mesh is not None:
-        return jax.sharding.reshard(x, NamedSharding(mesh, P(*spec)))
+        return jax.sharding.reshard(x, NamedSharding(mesh, _canonical(spec)))
     return x
 
 
@@ -185,7 +195,7 @@ def partition_of(param: Any) -> tuple | None:
 
 def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, ndim: int) -> Any:
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    named = lambda *s: NamedSharding(sharding.mesh, P(*s))  # noqa: E731
+    named = lambda *s: NamedSharding(sharding.mesh, _canonical(s))  # noqa: E731
     full = named(*spec)
     if isinstance(leaf, DenseLeafState):
         return DenseLeafState(
