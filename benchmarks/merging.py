@@ -91,8 +91,9 @@ def _diagnostics_md(summary: dict[str, Any], table: MergeTable) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     rate = _mean([d["sign_conflict"] for d in summary.values()])
     return (
-        f"Sign-conflict rate between the experts (entries where two experts' task vectors have "
-        f"opposite signs, seed mean): {_fmt(rate, '{:.3f}')}. The per-task methods (EMR, TALL "
+        "Sign-conflict rate between the experts (among entries where at least two task "
+        "vectors are non-zero, the share whose non-zero entries do not all share one sign; "
+        f"seed mean): {_fmt(rate, '{:.3f}')}. The per-task methods (EMR, TALL "
         "masks) have no single merged model and are left out.\n\n" + "\n".join(lines)
     )
 
