@@ -116,13 +116,24 @@ def _run(tasks, tokenizer, base, workdir, grids=GRIDS):
     return ttasks, experts, result
 
 
-def _check_result(result, tasks, grids=GRIDS):
+def _check_result(result, tasks, ttasks, grids=GRIDS):
+    ttasks_labels = {t: ttasks[t].arrays["test"]["labels"] for t in tasks}
     assert set(result["methods"]) == set(grids)
     for r in result["methods"].values():
         for split in ("validation", "test"):
             assert set(tasks) <= set(r[split])
             assert all(0.0 <= r[split][t] <= 1.0 for t in tasks)
             assert np.isfinite(r[split]["norm"])
+        ci = r["test_interval"]
+        assert ci["estimate"] == pytest.approx(r["test"]["norm"])
+        assert ci["low"] <= ci["estimate"] <= ci["high"]
+        # The stored predictions give the reported test scores.
+        for t in tasks:
+            labels = ttasks_labels[t]
+            spec = data_lib.get_task(t)
+            pred = np.asarray(r["test_predictions"][t])
+            want = data_lib.compute_metric(spec.metric, labels, pred, num_labels=len(spec.labels))
+            assert r["test"][t] == pytest.approx(want)
     assert ("fisher" not in grids) or result["fisher_seconds"] > 0
     table = E.format_table(result)
     assert "UMTAM" in table and "Expert" in table
@@ -135,7 +146,7 @@ def test_custom_tasks_end_to_end(custom_tasks, tokenizer, base, tmp_path):
     grids = {m: GRIDS[m] for m in ("ties", "umtam")}
     ttasks, experts, result = _run(custom_tasks, tokenizer, base, tmp_path, grids)
     assert ttasks["pipe_test_pair"].arrays["train"]["token_type_ids"].max() == 1
-    _check_result(result, custom_tasks, grids)
+    _check_result(result, custom_tasks, ttasks, grids)
     for e in experts:
         assert (e.path / "umtam_metadata").exists() or e.path.exists()
         restored = checkpoint.restore_params(e.path)
@@ -164,7 +175,7 @@ def test_builtin_tasks_end_to_end(tokenizer, base, tmp_path):
         pytest.skip(str(e))
     cfg_metric = {t: data_lib.get_task(t).metric for t in tasks}
     ttasks, experts, result = _run(tasks, tokenizer, base, tmp_path)
-    _check_result(result, tasks)
+    _check_result(result, tasks, ttasks)
     for t in tasks:
         assert ttasks[t].task.metric == cfg_metric[t]
         assert len(ttasks[t].arrays["validation"]["labels"]) <= CFG.max_eval

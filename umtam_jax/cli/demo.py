@@ -159,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     print(E.format_table(result, "test"))
     print()
     tdesc = ", ".join(f"{t}: {ttasks[t].task.metric}" for t in tasks)
-    print(f"Metrics: {tdesc}. Norm. avg = mean over tasks of merged/expert (test).")
+    n_test = ", ".join(f"{t}: {len(ttasks[t].arrays['test']['labels'])}" for t in tasks)
+    print(
+        f"Metrics: {tdesc}. Norm. avg = mean over tasks of merged/expert (test). Size "
+        f"{mode}: one seed ({config.seed}), test examples {n_test}; the 95 % intervals "
+        "resample test examples only (seed-to-seed noise is larger: `python -m "
+        "umtam_jax.experiments.protocol` runs several seeds)."
+    )
     if result.get("fisher_seconds") is not None:
         print(
             f"Fisher merging's post-hoc Fisher pass took {result['fisher_seconds']:.1f}s "

@@ -17,10 +17,18 @@ import numpy as np
 __all__ = ["format_table", "plot_merging", "tree_bytes"]
 
 
+def _norm_cell(r: Mapping[str, Any], split: str) -> str:
+    ci = r.get(f"{split}_interval")
+    if ci is None:
+        return f"{r[split]['norm']:.3f}"
+    return f"{r[split]['norm']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+
+
 def format_table(result: Mapping[str, Any], split: str = "test") -> str:
-    """A Markdown table: per-task metric, average, normalized average (merged/expert)."""
+    """A Markdown table: per-task metric, average, normalized average (merged/expert)
+    with its 95 % interval over the split's examples when the result has one."""
     tasks = list(result["experts"])
-    head = ["Method", *tasks, "Avg", "Norm. avg", "Chosen (on validation)"]
+    head = ["Method", *tasks, "Avg", "Norm. avg [95 % CI]", "Chosen (on validation)"]
     rows = [
         [
             "Expert (upper bound)",
@@ -40,7 +48,7 @@ def format_table(result: Mapping[str, Any], split: str = "test") -> str:
                 r["method"],
                 *[f"{s[t]:.3f}" for t in tasks],
                 f"{s['avg']:.3f}",
-                f"{s['norm']:.3f}",
+                _norm_cell(r, split),
                 hp,
             ]
         )
@@ -50,7 +58,8 @@ def format_table(result: Mapping[str, Any], split: str = "test") -> str:
 
 
 def plot_merging(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
-    """Bar charts of the test metric per task and of the normalized average per method."""
+    """Bar charts of the test metric per task and of the normalized average per method
+    (with its 95 % interval over test examples as error bars, when recorded)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,9 +78,16 @@ def plot_merging(result: Mapping[str, Any], path: str | Path, title: str = "") -
     a1.legend(fontsize=7, ncol=2)
     a1.set_ylim(0, 1)
     names = [n for n, _ in rows]
-    a2.barh(names, [s["norm"] for _, s in rows], color="tab:blue")
+    norms = [s["norm"] for _, s in rows]
+    cis = [None] + [r.get("test_interval") for r in result["methods"].values()]
+    pairs = list(zip(norms, cis, strict=True))
+    err = [
+        [0.0 if c is None else v - c["low"] for v, c in pairs],
+        [0.0 if c is None else c["high"] - v for v, c in pairs],
+    ]
+    a2.barh(names, norms, color="tab:blue", xerr=err, capsize=3)
     a2.axvline(1.0, color="k", lw=0.8)
-    a2.set_xlabel("normalized avg (merged / expert)")
+    a2.set_xlabel("normalized avg (merged / expert), 95 % CI")
     a2.invert_yaxis()
     if title:
         fig.suptitle(title)

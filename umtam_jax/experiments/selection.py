@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from umtam_jax.experiments import intervals
 from umtam_jax.experiments.config import PipelineConfig
-from umtam_jax.experiments.evaluation import merged_scores, normalized_score
+from umtam_jax.experiments.evaluation import merged_scores, normalized_score, predict
 from umtam_jax.experiments.experts import ExpertResult
 from umtam_jax.experiments.merge import MERGE_METHODS, MergeMethod, merge_encoders
 from umtam_jax.experiments.tasks import TokenizedTask
@@ -24,6 +25,30 @@ from umtam_jax.experiments.tasks import TokenizedTask
 __all__ = ["select_on_validation"]
 
 Params = dict[str, Any]
+
+
+def _test_scores(
+    merged: Params,
+    experts: Sequence[ExpertResult],
+    ttasks: Mapping[str, TokenizedTask],
+    config: PipelineConfig,
+    samples: int,
+) -> tuple[dict[str, float], intervals.Interval, dict[str, list[int]]]:
+    """Test scores by task, the interval of their normalized mean, the predictions."""
+    preds, labels, metrics = {}, {}, {}
+    for e in experts:
+        tt = ttasks[e.task]
+        arrays = tt.arrays["test"]
+        params = {"encoder": merged, "head": e.params["head"]}
+        preds[e.task] = predict(params, arrays, batch_size=config.eval_batch_size,
+                                config=config.config)  # fmt: skip
+        labels[e.task], metrics[e.task] = arrays["labels"], tt.evaluate
+    scores = {t: float(metrics[t](labels[t], p)) for t, p in preds.items()}
+    norm = [{e.task: max(e.scores["test"], 1e-12) for e in experts}]
+    interval = intervals.score_interval(
+        metrics, [labels], [preds], normalizers=norm, samples=samples
+    )
+    return scores, interval, {t: np.asarray(p).tolist() for t, p in preds.items()}
 
 
 def select_on_validation(
@@ -40,13 +65,20 @@ def select_on_validation(
     key: jax.Array | None = None,
     fixed: Mapping[str, Any] | None = None,
     progress: bool = True,
+    samples: int = 1000,
 ) -> dict[str, Any]:
     """Grid-searches one method on validation and reports the chosen setting on test.
 
+    Args:
+        samples: Bootstrap replicates of the test interval.
+
     Returns:
         ``{"method", "hparams", "validation": {task: score, "avg", "norm"}, "test": {...},
-        "grid": [{"hparams", "val_norm"}...], "merge_seconds"}`` where ``avg`` is the mean
-        task metric and ``norm`` the mean of merged/expert per task.
+        "test_interval", "test_predictions", "grid": [{"hparams", "val_norm"}...],
+        "merge_seconds"}`` where ``avg`` is the mean task metric, ``norm`` the mean of
+        merged/expert per task, ``test_interval`` the 95 % bootstrap interval of the test
+        ``norm`` over test examples (one seed: the noise of the test sample only) and
+        ``test_predictions`` the predicted labels by task.
     """
     m = MERGE_METHODS[method] if isinstance(method, str) else method
     fixed = dict(fixed or {})
@@ -77,7 +109,7 @@ def select_on_validation(
             best = (norm, dict(hp), merged, val)
     assert best is not None
     norm, hp, merged, val = best
-    test = merged_scores(merged, experts, ttasks, "test", config)
+    test, interval, predictions = _test_scores(merged, experts, ttasks, config, samples)
 
     def summary(s, split):
         return {
@@ -91,6 +123,8 @@ def select_on_validation(
         "hparams": {**fixed, **hp},
         "validation": summary(val, "validation"),
         "test": summary(test, "test"),
+        "test_interval": interval.as_dict(),
+        "test_predictions": predictions,
         "grid": trials,
         "merge_seconds": float(np.median(merge_s)),
     }
