@@ -12,7 +12,10 @@ statistics left out). Then reports:
 2. the diagnostics of each merge (:mod:`umtam_jax.merging.diagnostics`): sign-conflict
    rate between the experts, mean mask overlap, how far the per-entry expert weights are
    from uniform, the merged task vector's norm and its cosine with each expert's;
-3. the AdamW-experts table, and the two pipelines compared on raw test scores
+3. with ``--conflict``, every pair of tasks merged by UMTAM, TIES and task arithmetic
+   with the same experts: each pair's sign-conflict rate beside the methods' gains
+   (:func:`umtam_jax.experiments.conflict.conflict_study`);
+4. the AdamW-experts table, and the two pipelines compared on raw test scores
    (:func:`umtam_jax.experiments.comparison.compare_runs`): UMTAM experts merged by UMTAM
    and by the method each pipeline chose on validation, against AdamW experts merged by
    each method.
@@ -36,6 +39,7 @@ import numpy as np
 from benchmarks._common import RESULTS_DIR, environment, write_results
 from umtam_jax.experiments import store
 from umtam_jax.experiments.comparison import MergeTable, compare_runs
+from umtam_jax.experiments.conflict import conflict_study
 from umtam_jax.experiments.pipeline import enable_compilation_cache
 from umtam_jax.experiments.protocol import SIZES, evaluate_merges
 
@@ -145,6 +149,29 @@ def _pipelines_md(rows: list, umtam: dict, adamw: dict) -> str:
     return "\n".join(lines)
 
 
+def _conflict_md(study: dict[str, Any]) -> str:
+    methods = [m for m in study["methods"] if m != "task_arithmetic"]
+    head = ["Task pair", "Sign-conflict rate", *[f"{m} − task arithmetic" for m in methods]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in study["pairs"]:
+        gains = [r[f"gain_{m}"] for m in methods]
+        lines.append(
+            f"| {' + '.join(r['tasks'])} | {r['conflict']:.3f} | "
+            + " | ".join(
+                f"{g['estimate']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] {g['verdict']}"
+                for g in gains
+            )  # fmt: skip
+            + " |"
+        )
+    rho = ", ".join(f"{m} {_fmt(v, '{:+.2f}')}" for m, v in study["spearman"].items())
+    return (
+        "Every pair of tasks merged under the protocol with the same experts (seeds "
+        f"{', '.join(map(str, study['seeds']))}); gains are paired differences of normalized "
+        "test scores with 95 % intervals. Spearman correlation between a pair's conflict "
+        f"rate and each gain over the {len(study['pairs'])} pairs: {rho}.\n\n" + "\n".join(lines)
+    )
+
+
 def _plot(tables: dict[str, MergeTable], path: Path) -> None:
     import matplotlib
 
@@ -181,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adamw-workdir", default=None, help="AdamW experts' protocol run")
     ap.add_argument("--adamw-methods", nargs="+", default=None,
                     help="methods on the AdamW experts (default: every usable one)")  # fmt: skip
+    ap.add_argument("--conflict", action="store_true",
+                    help="also merge every pair of tasks: conflict rate vs gains")  # fmt: skip
     ap.add_argument("--samples", type=int, default=None, help="bootstrap replicates")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -224,6 +253,10 @@ def main(argv=None) -> int:
         "diagnostics": diag,
         "samples": samples,
     }
+    if args.conflict:
+        study = conflict_study(workdir, size=size, samples=samples, log=log)
+        md += ["", "### Conflict intensity: task pairs", "", _conflict_md(study)]
+        payload["conflict"] = study
     tables = {"UMTAM-trained experts": table}
     if args.adamw_workdir:
         adir = Path(args.adamw_workdir)

@@ -347,3 +347,39 @@ def test_expert_recipes_add_the_memory_modes_to_the_size_settings():
     assert protocol.usable(pool, "umtam_bf16") == list(pool)
     with pytest.raises(ValueError, match="experts_by='sgd'"):
         protocol.run_protocol(["a"], size="tiny", workdir="unused", experts_by="sgd")
+
+
+def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(first, setup):
+    from umtam_jax.experiments import conflict
+
+    tokenizer, base, workdir = setup
+    with pytest.MonkeyPatch.context() as mp:
+        train = _Counter(experts_lib.finetune)
+        mp.setattr(experts_lib, "finetune", train)
+        study = conflict.conflict_study(
+            workdir, size="tiny", tasks=TASKS, methods=("ties",), seeds=(0, 1),
+            samples=100, base_encoder=base, tokenizer=tokenizer, log=None,
+        )  # fmt: skip
+    assert train.calls == 0  # the main run's experts, through the linked cache
+    (row,) = study["pairs"]
+    assert row["tasks"] == list(TASKS) and study["spearman"] == {"ties": None}
+    g = row["gain_ties"]
+    assert g["low"] <= g["estimate"] <= g["high"] and g["verdict"] in ("better", "worse", "tied")
+    # The conflict rate against a NumPy count over the two experts' encoders.
+    rates = []
+    for seed in (0, 1):
+        _, _, experts = protocol.seed_inputs(
+            protocol.SIZES["tiny"], seed, TASKS, workdir, base, tokenizer
+        )
+        taus = [
+            np.concatenate([np.ravel(np.asarray(w, np.float64) - np.asarray(b, np.float64))
+                            for w, b in zip(jax.tree.leaves(e.params["encoder"]),
+                                            jax.tree.leaves(base), strict=True)])
+            for e in experts
+        ]  # fmt: skip
+        s0, s1 = np.sign(taus[0]), np.sign(taus[1])
+        both = (s0 != 0) & (s1 != 0)
+        rates.append(np.sum(both & (s0 != s1)) / np.sum(both))
+    assert row["conflict_by_seed"] == pytest.approx(rates)
+    assert row["conflict"] == pytest.approx(np.mean(rates))
+    assert (workdir / "pairs" / "+".join(TASKS) / "experts").is_symlink()

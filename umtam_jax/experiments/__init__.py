@@ -42,6 +42,8 @@ The evaluation protocol (seeds, early-stopped experts, equal-budget searches, in
   (two pipelines, e.g. UMTAM- vs AdamW-trained experts, on raw scores).
 * :mod:`~umtam_jax.experiments.pruning` -- :func:`run_pruning` and
   :func:`summarize_pruning`: saliency vs magnitude pruning of the protocol's experts.
+* :mod:`~umtam_jax.experiments.conflict` -- :func:`conflict_study`: every pair of tasks
+  merged with the same experts, sign-conflict rate beside each method's gain.
 * :mod:`~umtam_jax.experiments.store` -- atomic JSON / ``.npz`` writes of the caches.
 
 Tools for comparing merges, imported from their modules:
@@ -92,6 +94,7 @@ _EXPORTS = {
     **dict.fromkeys(("ProtocolSize", "evaluate_merges", "run_protocol"), "protocol"),
     **dict.fromkeys(("MergeTable", "compare_runs", "summarize"), "comparison"),
     **dict.fromkeys(("run_pruning", "summarize_pruning"), "pruning"),
+    "conflict_study": "conflict",
     **dict.fromkeys(("Candidate", "candidates"), "spaces"),
 }
 
