@@ -211,3 +211,38 @@ def test_step_time_records_kernel_time_and_page_faults_per_step():
         assert all(0 <= k <= c + 1e-6 for k, c in zip(kernel[name], cpu[name], strict=True))
     assert min(faults["fresh"]) > 0
     assert max(faults["idle"]) < min(faults["fresh"])
+
+
+def test_protocol_script_runs_every_stage_in_order(tmp_path):
+    """scripts/protocol.sh with a stand-in interpreter that records its arguments."""
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    stub.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "ADAMW_METHODS": "ties fisher"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "protocol.sh"), "full", "W"],
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines() == [
+        "-m benchmarks.merging --size full --workdir W --adamw-workdir W-adamw "
+        "--adamw-methods ties fisher --conflict",
+        "-m benchmarks.pruning --size full --workdir W",
+        "-m umtam_jax.experiments.claims --out benchmarks/results/claims.md",
+    ]
+    # Each stage's options parse: stop each benchmark where its work would begin.
+    from benchmarks import merging, pruning
+
+    class Parsed(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Parsed
+
+    calls = log.read_text().splitlines()
+    for module, line, heavy in ((merging, calls[0], "evaluate_merges"),
+                                (pruning, calls[1], "enable_compilation_cache")):  # fmt: skip
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(module, "enable_compilation_cache", stop)
+            mp.setattr(module, heavy, stop)
+            with pytest.raises(Parsed):
+                module.main(line.split()[2:])
