@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import _common
@@ -30,6 +31,7 @@ PRODUCT_BENCHMARKS = (
     "spectrum",
     "step_time",
     "training",
+    "training_seeds",
     "update_memory",
 )
 
@@ -246,3 +248,28 @@ def test_protocol_script_runs_every_stage_in_order(tmp_path):
             mp.setattr(module, heavy, stop)
             with pytest.raises(Parsed):
                 module.main(line.split()[2:])
+
+
+def test_training_seeds_intervals_against_a_hand_computation():
+    from benchmarks import training_seeds as ts
+
+    xs = [6.1, 6.3, 5.9]
+    ci = ts.t_interval(xs)
+    half = 4.302652729911275 * np.std(xs, ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert ci["estimate"] == pytest.approx(6.1)
+    assert (ci["low"], ci["high"]) == pytest.approx((6.1 - half, 6.1 + half))
+    assert ts.t_interval([1.0])["low"] is None and ts.t_interval([])["estimate"] is None
+
+    def record(seed, adamw, umtam, spread):
+        return {"data": {"seed": seed},
+                "summary": [{"optimizer": "adamw", "final_val_loss": adamw},
+                            {"optimizer": "umtam", "final_val_loss": umtam}],
+                "rank_sweep": {"spread": {"relative": spread, "ranks": [8, 32]}}}  # fmt: skip
+
+    out = ts.combine([record(0, 6.0, 6.2, 0.03), record(1, 6.1, 6.2, 0.01)])
+    assert out["seeds"] == [0, 1]
+    assert out["optimizers"]["umtam"]["minus_adamw"]["estimate"] == pytest.approx(0.15)
+    assert "minus_adamw" not in out["optimizers"]["adamw"]
+    assert out["rank_spread_percent"]["estimate"] == pytest.approx(2.0)
+    half = 12.706204736174707 * np.std([3.0, 1.0], ddof=1) / np.sqrt(2)
+    assert out["rank_spread_percent"]["high"] == pytest.approx(2.0 + half)

@@ -244,3 +244,16 @@ def test_markdown_and_the_command_line(tmp_path):
     assert claims.main(["--benchmarks", str(bench), "--out", str(out)]) == 0
     assert out.read_text() == text + "\n"
     assert [p.name for p in out.parent.iterdir()] == ["claims.md"]  # no temporary file left
+
+
+def test_rank_row_prefers_the_seeded_training_runs(tmp_path):
+    bdir = _benchmarks(tmp_path / "b")
+    spread = {"estimate": 2.0, "low": 0.5, "high": 3.5, "n": 3}
+    (bdir / "training_seeds.json").write_text(_record({
+        "seeds": [0, 1, 2], "rank_spread_percent": spread,
+        "rank_spread_by_seed": [{"ranks": [8, 32]}],
+    }))  # fmt: skip
+    rank = claims.paper_claims(None, bdir)[4]
+    assert (rank.estimate, rank.low, rank.high) == (2.0, 0.5, 3.5)
+    assert rank.verdict == "not reproduced" and "3 seeds" in rank.measurement
+    assert rank.source == "`training_seeds.json` (2026-01-02)"

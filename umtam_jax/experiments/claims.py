@@ -309,6 +309,17 @@ def _pruning_rows(bdir: Path) -> list[ClaimRow]:
 
 
 def _rank_row(bdir: Path) -> ClaimRow:
+    seeds, seeds_source = _load(bdir, "training_seeds")
+    spread = seeds.get("rank_spread_percent") or {}
+    if spread.get("low") is not None:
+        first = (seeds.get("rank_spread_by_seed") or [{}])[0]
+        ranks = ", ".join(map(str, first.get("ranks", [])))
+        text = (f"{spread['estimate']:.2f} % [{spread['low']:.2f}, {spread['high']:.2f}] at "
+                f"ranks {ranks}, mean over {spread['n']} seeds (Student-t interval)")  # fmt: skip
+        setting = (f"small GPT (2.6M), Python docs, seeds {seeds.get('seeds')}, "
+                   f"{seeds['device']}; paper: GPT-2 124M on FineWeb, 1000 steps, GPU")  # fmt: skip
+        return _row("rank", text, setting, seeds_source, spread["estimate"], spread["low"],
+                    spread["high"])  # fmt: skip
     r, source = _load(bdir, "training")
     if not r.get("rank_sweep"):
         return _missing("rank", source, f"no rank sweep in {source}")
