@@ -117,16 +117,17 @@ def _pipelines(umtam_dir: Path, adamw_dir: Path, umtam: dict, adamw: dict, sampl
     """UMTAM experts (merged by UMTAM, and by the method chosen on validation) minus
     AdamW experts merged by every method, on raw test scores."""
 
-    def chosen(results: dict[str, Any]) -> str:
-        done = {m: np.mean([r["validation_norm"] for r in runs.values()])
+    def finished(results: dict[str, Any]) -> dict[str, float]:
+        """Mean validation score of every method finished for every seed."""
+        return {m: float(np.mean([r["validation_norm"] for r in runs.values()]))
                 for m, runs in results["runs"].items()
-                if len(runs) == len(results["experts"])}  # fmt: skip
-        return max(done, key=done.get)
+                if set(runs) >= set(results["experts"])}  # fmt: skip
 
+    done_u, done_a = finished(umtam), finished(adamw)
+    best_u, best_a = max(done_u, key=done_u.get), max(done_a, key=done_a.get)
     rows = []
-    best_u, best_a = chosen(umtam), chosen(adamw)
     for left in dict.fromkeys(("umtam", best_u)):
-        for right in adamw["runs"]:
+        for right in done_a:
             d = compare_runs((umtam_dir, left), (adamw_dir, right), samples=samples)
             rows.append({"umtam_experts": left, "adamw_experts": right, **d.as_dict(),
                          "chosen": (left == best_u, right == best_a)})  # fmt: skip
