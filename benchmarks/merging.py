@@ -17,8 +17,8 @@ statistics left out). Then reports:
    (:func:`umtam_jax.experiments.conflict.conflict_study`);
 4. the AdamW-experts table, and the two pipelines compared on raw test scores
    (:func:`umtam_jax.experiments.comparison.compare_runs`): UMTAM experts merged by UMTAM
-   and by the method each pipeline chose on validation, against AdamW experts merged by
-   each method.
+   and by the single-model merge with the best validation score, against AdamW experts
+   merged by each method (the one with the best validation score marked).
 
     python -m benchmarks.merging --size medium --workdir protocol-medium \\
         --adamw-workdir protocol-medium-adamw
@@ -42,6 +42,7 @@ from umtam_jax.experiments.comparison import MergeTable, compare_runs
 from umtam_jax.experiments.conflict import conflict_study
 from umtam_jax.experiments.pipeline import enable_compilation_cache
 from umtam_jax.experiments.protocol import SIZES, evaluate_merges
+from umtam_jax.experiments.spaces import PER_TASK
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -123,8 +124,12 @@ def _pipelines(umtam_dir: Path, adamw_dir: Path, umtam: dict, adamw: dict, sampl
                 for m, runs in results["runs"].items()
                 if set(runs) >= set(results["experts"])}  # fmt: skip
 
+    def best(done: dict[str, float]) -> str:  # a single merged model, not one per task
+        single = {m: v for m, v in done.items() if m not in PER_TASK}
+        return max(single, key=single.get)
+
     done_u, done_a = finished(umtam), finished(adamw)
-    best_u, best_a = max(done_u, key=done_u.get), max(done_a, key=done_a.get)
+    best_u, best_a = best(done_u), best(done_a)
     rows = []
     for left in dict.fromkeys(("umtam", best_u)):
         for right in done_a:
