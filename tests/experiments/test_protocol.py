@@ -383,3 +383,39 @@ def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(fir
     assert row["conflict_by_seed"] == pytest.approx(rates)
     assert row["conflict"] == pytest.approx(np.mean(rates))
     assert (workdir / "pairs" / "+".join(TASKS) / "experts").is_symlink()
+
+
+def test_pipelines_compare_raw_scores_of_two_runs(first, setup, tmp_path):
+    """UMTAM-trained vs AdamW-trained experts: paired raw differences over the same test
+    examples, against a hand computation from the stored predictions."""
+    from benchmarks import merging as bench
+    from umtam_jax.experiments import comparison
+
+    tokenizer, base, workdir = setup
+    adir = tmp_path / "adamw"
+    protocol.run_protocol(TASKS, ["task_arithmetic", "tall_masks"], [0, 1], size="tiny",
+                          workdir=adir, base_encoder=base, tokenizer=tokenizer,
+                          experts_by="adamw", log=None)  # fmt: skip
+    umtam, adamw = (store.read_json(d / "results.json") for d in (workdir, adir))
+    rows = bench._pipelines(workdir, adir, umtam, adamw, samples=100)
+    lefts = {r["umtam_experts"] for r in rows}
+    assert "umtam" in lefts and not lefts & {"emr", "tall_masks"}
+    assert {r["adamw_experts"] for r in rows} == {"task_arithmetic", "tall_masks"}
+    assert sum(r["chosen"][1] for r in rows) == len(lefts)  # one marked AdamW choice each
+    r = next(r for r in rows if r["umtam_experts"] == "umtam"
+             and r["adamw_experts"] == "task_arithmetic")  # fmt: skip
+    metric = comparison.task_metrics(umtam["protocol"]["metrics"])
+
+    def raw(results, d, method):
+        vals = []
+        for s in ("0", "1"):
+            labels = store.read_npz(d / results["labels"][s])
+            preds = store.read_npz(d / results["runs"][method][s]["predictions"])
+            vals += [metric[t](labels[t], preds[t]) for t in TASKS]
+        return np.mean(vals)
+
+    want = raw(umtam, workdir, "umtam") - raw(adamw, adir, "task_arithmetic")
+    assert r["estimate"] == pytest.approx(want)
+    assert r["low"] <= r["estimate"] <= r["high"]
+    with pytest.raises(ValueError, match="no finished run"):
+        comparison.compare_runs((workdir, "umtam"), (adir, "ties"), seeds=[0, 1])
