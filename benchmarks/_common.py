@@ -322,7 +322,7 @@ def regenerate_results_md(results_dir: str | os.PathLike | None = None) -> Path:
         "",
         "The paper's headline claims beside these measurements, with verdicts: "
         "[results/claims.md](results/claims.md) (`python -m umtam_jax.experiments.claims "
-        "--protocol protocol-medium/results.json --out benchmarks/results/claims.md`).",
+        "--out benchmarks/results/claims.md`, from the results below).",
         "",
     ]
     for path in sorted(rdir.glob("*.json")):

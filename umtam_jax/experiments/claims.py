@@ -1,15 +1,15 @@
 """The paper's headline claims beside our measurements, as one table.
 
-:func:`paper_claims` reads the recorded results (the benchmarks' JSON files and, when
-given, a merge protocol run) and returns one :class:`ClaimRow` per claim: the paper's
+:func:`paper_claims` reads the recorded results (the benchmarks' JSON files, among them
+the merge protocol's table in ``merging.json``, or a protocol run's work directory when
+given) and returns one :class:`ClaimRow` per claim: the paper's
 number, ours with its 95 % interval where the data has one, the setting that differs and a
 verdict from :func:`judge`. Nothing is estimated that the results do not hold: a missing
 file gives a row saying so, with verdict ``"inconclusive"``.
 
 From a shell (the table is written atomically)::
 
-    python -m umtam_jax.experiments.claims --protocol protocol-medium/results.json \\
-        --out benchmarks/results/claims.md
+    python -m umtam_jax.experiments.claims --out benchmarks/results/claims.md
 """
 
 from __future__ import annotations
