@@ -124,3 +124,5 @@ def test_sharded_nd_leaf_updates_keep_the_sharding_on_explicit_meshes(report, ca
     assert entry["update_spec"] == entry["param_spec"], entry
     assert entry["eager_spec"] == entry["param_spec"], entry
     assert entry["types_equal"], entry
+    assert entry["state_shardings_kept"], entry
+    assert not entry["recompiled"], entry

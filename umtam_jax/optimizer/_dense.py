@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.optimizer import _sharding
 from umtam_jax.optimizer._clipping import adaptive_eps, clip
 from umtam_jax.optimizer._config import Config, bias_corrections, compute_dtype
 from umtam_jax.optimizer._state import DenseLeafState
@@ -19,11 +20,12 @@ def init_dense(cfg: Config, param: jax.Array) -> DenseLeafState:
     # A copy, not the params buffer itself: a training step may donate params and state.
     initial = jnp.array(param, copy=True) if cfg.track_saliency else None
     saliency = jnp.zeros_like(param, buffer_dtype) if cfg.track_saliency else None
+    place = lambda x: None if x is None else _sharding.place_as_param(x, param)  # noqa: E731
     return DenseLeafState(
-        mu=jnp.zeros_like(param, dtype),
-        nu=jnp.full_like(param, cfg.eps, dtype),
-        saliency=saliency,
-        initial=initial,
+        mu=place(jnp.zeros_like(param, dtype)),
+        nu=place(jnp.full_like(param, cfg.eps, dtype)),
+        saliency=place(saliency),
+        initial=place(initial),
     )
 
 

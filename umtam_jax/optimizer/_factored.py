@@ -45,10 +45,12 @@ def init_factored(
     dtype = compute_dtype(param.dtype)
     buffer_dtype = cfg.buffer_dtype or dtype
     # A copy, not the params buffer itself: a training step may donate params and state.
-    initial = jnp.array(param, copy=True) if cfg.track_saliency else None
+    initial = saliency = None
+    if cfg.track_saliency:
+        initial = _sharding.place_as_param(jnp.array(param, copy=True), param)
+        saliency = _sharding.place_as_param(jnp.zeros_like(param, buffer_dtype), param)
     # State arrays live where the parameter lives, partitioned like its axes.
     spec = _sharding.partition_of(param) or (None,) * param.ndim
-    saliency = jnp.zeros_like(param, buffer_dtype) if cfg.track_saliency else None
     nb, r = layout.batch_axes, layout.buffer_rank
     k = nb + layout.row_axes  # batch and row axes: the leading axes of u and row
     batch = param.shape[:nb]

@@ -156,11 +156,13 @@ def keep_like(new: Any, old: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def _canonical(spec: tuple) -> P:
-    """``P(*spec)`` without trailing ``None`` entries: the form jit gives its outputs, so
-    that a state placed here and the same state coming out of a jitted step share one
-    compiled executable."""
-    spec = tuple(spec)
+def _canonical(mesh: Any, spec: tuple, ndim: int) -> P:
+    """The ``PartitionSpec`` a jitted step gives an output partitioned by ``spec``: one
+    entry per axis on Explicit meshes, no trailing ``None`` on Auto ones. A state placed
+    this way and the same state coming out of a jitted step then share one executable."""
+    spec = tuple(spec) + (None,) * (ndim - len(spec))
+    if AxisType.Explicit in tuple(mesh.axis_types):
+        return P(*spec)
     while spec and spec[-1] is None:
         spec = spec[:-1]
     return P(*spec)
@@ -173,12 +175,20 @@ def place_like(x: jax.Array, param: Any, spec: tuple) -> jax.Array:
     if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
         sharding = getattr(param, "sharding", None)
         if isinstance(sharding, NamedSharding):
-            return jax.device_put(x, NamedSharding(sharding.mesh, _canonical(spec)))
+            spec = _canonical(sharding.mesh, spec, x.ndim)
+            return jax.device_put(x, NamedSharding(sharding.mesh, spec))
         return x
     mesh = _explicit_mesh(param)
     if mesh is not None:
-        return jax.sharding.reshard(x, NamedSharding(mesh, _canonical(spec)))
+        return jax.sharding.reshard(x, NamedSharding(mesh, _canonical(mesh, spec, x.ndim)))
     return x
+
+
+def place_as_param(x: jax.Array, param: Any) -> jax.Array:
+    """A fresh parameter-shaped state array placed and partitioned like ``param`` (in the
+    spec form a jitted step gives it back, see :func:`place_like`)."""
+    spec = partition_of(param)
+    return x if spec is None else place_like(x, param, spec)
 
 
 def partition_of(param: Any) -> tuple | None:
@@ -195,7 +205,8 @@ def partition_of(param: Any) -> tuple | None:
 
 def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, ndim: int) -> Any:
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    named = lambda *s: NamedSharding(sharding.mesh, _canonical(s))  # noqa: E731
+    # Every spec below has one entry per axis of its state array.
+    named = lambda *s: NamedSharding(sharding.mesh, _canonical(sharding.mesh, s, len(s)))  # noqa: E731
     full = named(*spec)
     if isinstance(leaf, DenseLeafState):
         return DenseLeafState(
