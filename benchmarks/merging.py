@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     if args.adamw_workdir:
         adir = Path(args.adamw_workdir)
         atable = evaluate_merges(
-            args.adamw_methods, size=size, workdir=adir, samples=samples, experts_by="adamw",
+            methods=args.adamw_methods, size=size, workdir=adir, samples=samples, experts_by="adamw",
             references=("task_arithmetic", "ties"), log=log,
         )  # fmt: skip
         aresults = store.read_json(adir / "results.json")
