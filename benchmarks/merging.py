@@ -267,8 +267,8 @@ def main(argv=None) -> int:
     if args.adamw_workdir:
         adir = Path(args.adamw_workdir)
         atable = evaluate_merges(
-            methods=args.adamw_methods, size=size, workdir=adir, samples=samples, experts_by="adamw",
-            references=("task_arithmetic", "ties"), log=log,
+            methods=args.adamw_methods, size=size, workdir=adir, samples=samples,
+            experts_by="adamw", references=("task_arithmetic", "ties"), log=log,
         )  # fmt: skip
         aresults = store.read_json(adir / "results.json")
         rows = _pipelines(workdir, adir, results, aresults, samples)
