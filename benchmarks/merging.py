@@ -18,10 +18,14 @@ statistics left out). Then reports:
 4. the AdamW-experts table, and the two pipelines compared on raw test scores
    (:func:`umtam_jax.experiments.comparison.compare_runs`): UMTAM experts merged by UMTAM
    and by the single-model merge with the best validation score, against AdamW experts
-   merged by each method (the one with the best validation score marked).
+   merged by each method (the one with the best validation score marked);
+5. with ``--memory-modes``, experts trained in UMTAM's memory modes (no m×n momentum
+   buffer and saliency from the final state: ``umtam_lean``; bfloat16 buffers:
+   ``umtam_bf16``; each in ``<workdir>-<mode>``) merged by UMTAM, TIES and task
+   arithmetic, and their UMTAM merge against the default mode's on raw test scores.
 
     python -m benchmarks.merging --size medium --workdir protocol-medium \\
-        --adamw-workdir protocol-medium-adamw
+        --adamw-workdir protocol-medium-adamw --memory-modes umtam_lean
     python -m benchmarks.merging --quick --workdir /tmp/m --no-write   # tiny smoke run
 
 Writes ``benchmarks/results/merging.json``, ``merging.png`` and its RESULTS.md section.
@@ -41,7 +45,7 @@ from umtam_jax.experiments import store
 from umtam_jax.experiments.comparison import MergeTable, compare_runs
 from umtam_jax.experiments.conflict import conflict_study
 from umtam_jax.experiments.pipeline import enable_compilation_cache
-from umtam_jax.experiments.protocol import SIZES, evaluate_merges
+from umtam_jax.experiments.protocol import EXPERT_RECIPES, SIZES, evaluate_merges
 from umtam_jax.experiments.spaces import PER_TASK
 
 
@@ -155,14 +159,36 @@ def _pipelines_md(rows: list, umtam: dict, adamw: dict) -> str:
     return "\n".join(lines)
 
 
+#: The experts' memory modes ``--memory-modes`` accepts, and the methods merging them.
+MEMORY_MODES = tuple(k for k in EXPERT_RECIPES if k.startswith("umtam_"))
+MEMORY_METHODS = ("umtam", "ties", "task_arithmetic")
+
+
+def _memory_md(mode: str, table: MergeTable, results: dict, vs_default: Any) -> str:
+    settings = EXPERT_RECIPES[mode][1]
+    return "\n".join([
+        f"#### Experts trained in the memory mode `{mode}` ({settings})",
+        "",
+        _experts_md(results),
+        "",
+        table.to_markdown(),
+        "",
+        f"UMTAM merge of these experts − UMTAM merge of the default-mode experts (raw test "
+        f"score, paired): {vs_default.estimate:+.3f} [{vs_default.low:+.3f}, "
+        f"{vs_default.high:+.3f}] {vs_default.verdict()}.",
+    ])  # fmt: skip
+
+
 def _conflict_md(study: dict[str, Any]) -> str:
     methods = [m for m in study["methods"] if m != "task_arithmetic"]
-    head = ["Task pair", "Sign-conflict rate", *[f"{m} − task arithmetic" for m in methods]]
+    head = ["Task pair", "Sign-conflict rate", "Magnitude at conflicts",
+            *[f"{m} − task arithmetic" for m in methods]]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in study["pairs"]:
         gains = [r[f"gain_{m}"] for m in methods]
         lines.append(
             f"| {' + '.join(r['tasks'])} | {r['conflict']:.3f} | "
+            f"{_fmt(r.get('conflict_mass'), '{:.3f}')} | "
             + " | ".join(
                 f"{g['estimate']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] {g['verdict']}"
                 for g in gains
@@ -216,6 +242,10 @@ def main(argv=None) -> int:
                     help="methods on the AdamW experts (default: every usable one)")  # fmt: skip
     ap.add_argument("--conflict", action="store_true",
                     help="also merge every pair of tasks: conflict rate vs gains")  # fmt: skip
+    ap.add_argument("--conflict-tasks", nargs="+", default=None,
+                    help="tasks whose pairs --conflict merges (default: the size's)")  # fmt: skip
+    ap.add_argument("--memory-modes", nargs="+", default=[], choices=MEMORY_MODES,
+                    help="also merge experts trained in these memory modes")  # fmt: skip
     ap.add_argument("--samples", type=int, default=None, help="bootstrap replicates")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -227,6 +257,24 @@ def main(argv=None) -> int:
     enable_compilation_cache(workdir / "jax-cache")
     log = lambda s: print(s, flush=True)  # noqa: E731
     table = evaluate_merges(size=size, workdir=workdir, samples=samples, log=log)
+    if args.adamw_workdir:  # both pipelines evaluated before any report is assembled
+        atable = evaluate_merges(
+            methods=args.adamw_methods, size=size, workdir=Path(args.adamw_workdir),
+            samples=samples, experts_by="adamw", references=("task_arithmetic", "ties"),
+            log=log,
+        )  # fmt: skip
+    mtables = {
+        mode: evaluate_merges(
+            methods=MEMORY_METHODS,
+            size=size,
+            workdir=Path(f"{args.workdir}-{mode}"),
+            samples=samples,
+            experts_by=mode,
+            references=("umtam", "task_arithmetic"),
+            log=log,
+        )  # fmt: skip
+        for mode in args.memory_modes
+    }
     results = store.read_json(workdir / "results.json")
     diag = diagnostics_summary(results, [r["method"] for r in table.rows])
     proto = results["protocol"]
@@ -260,16 +308,25 @@ def main(argv=None) -> int:
         "samples": samples,
     }
     if args.conflict:
-        study = conflict_study(workdir, size=size, samples=samples, log=log)
+        study = conflict_study(
+            workdir, size=size, tasks=args.conflict_tasks, samples=samples, log=log
+        )
         md += ["", "### Conflict intensity: task pairs", "", _conflict_md(study)]
         payload["conflict"] = study
     tables = {"UMTAM-trained experts": table}
+    for mode, mtable in mtables.items():
+        mdir = Path(f"{args.workdir}-{mode}")
+        mresults = store.read_json(mdir / "results.json")
+        vs_default = compare_runs((mdir, "umtam"), (workdir, "umtam"), samples=samples)
+        if mode == args.memory_modes[0]:
+            md += ["", "### Experts trained in UMTAM's memory modes", ""]
+        md += [_memory_md(mode, mtable, mresults, vs_default), ""]
+        payload.setdefault("memory_modes", {})[mode] = {
+            "table": dataclasses.asdict(mtable), "experts": mresults["experts"],
+            "umtam_vs_default": vs_default.as_dict(),
+        }  # fmt: skip
     if args.adamw_workdir:
         adir = Path(args.adamw_workdir)
-        atable = evaluate_merges(
-            methods=args.adamw_methods, size=size, workdir=adir, samples=samples,
-            experts_by="adamw", references=("task_arithmetic", "ties"), log=log,
-        )  # fmt: skip
         aresults = store.read_json(adir / "results.json")
         rows = _pipelines(workdir, adir, results, aresults, samples)
         tables["AdamW-trained experts"] = atable

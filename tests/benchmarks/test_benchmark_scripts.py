@@ -227,7 +227,8 @@ def test_protocol_script_runs_every_stage_in_order(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert log.read_text().splitlines() == [
         "-m benchmarks.merging --size full --workdir W --adamw-workdir W-adamw "
-        "--adamw-methods ties fisher --conflict",
+        "--adamw-methods ties fisher --conflict --conflict-tasks wn_defmatch kjv_section "
+        "fortune_topic wn_supersense py_package --memory-modes umtam_lean umtam_bf16",
         "-m benchmarks.pruning --size full --workdir W",
         "-m umtam_jax.experiments.claims --out benchmarks/results/claims.md",
     ]
@@ -273,3 +274,32 @@ def test_training_seeds_intervals_against_a_hand_computation():
     assert out["rank_spread_percent"]["estimate"] == pytest.approx(2.0)
     half = 12.706204736174707 * np.std([3.0, 1.0], ddof=1) / np.sqrt(2)
     assert out["rank_spread_percent"]["high"] == pytest.approx(2.0 + half)
+
+
+def test_merging_runs_the_adamw_pipeline_with_the_chosen_methods(tmp_path, monkeypatch):
+    """``--adamw-methods`` reaches the AdamW evaluation as its methods (not its tasks);
+    ``--memory-modes`` evaluates each mode's experts in its own work directory."""
+    from benchmarks import merging
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def record(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 3:
+            raise Stop
+
+    monkeypatch.setattr(merging, "enable_compilation_cache", lambda path: None)
+    monkeypatch.setattr(merging, "evaluate_merges", record)
+    with pytest.raises(Stop):
+        merging.main(["--quick", "--workdir", str(tmp_path / "u"),
+                      "--adamw-workdir", str(tmp_path / "a"), "--adamw-methods", "ties",
+                      "fisher", "--memory-modes", "umtam_lean"])  # fmt: skip
+    umtam, adamw, lean = calls
+    assert "methods" not in umtam and umtam["workdir"] == tmp_path / "u"
+    assert adamw["methods"] == ["ties", "fisher"] and "tasks" not in adamw
+    assert adamw["experts_by"] == "adamw" and adamw["workdir"] == tmp_path / "a"
+    assert lean["experts_by"] == "umtam_lean" and lean["workdir"] == tmp_path / "u-umtam_lean"
+    assert lean["methods"] == merging.MEMORY_METHODS

@@ -7,7 +7,7 @@ import pytest
 
 from umtam_jax.experiments import data
 
-BUILTIN = ("fortune_topic", "kjv_section", "wn_defmatch", "wn_supersense")
+BUILTIN = ("fortune_topic", "kjv_section", "wn_defmatch", "wn_supersense", "py_package")
 CAPS = {"train": 300, "validation": 80, "test": 80}
 
 
@@ -32,7 +32,7 @@ def test_builtins_registered():
     assert set(BUILTIN) <= set(data.available_tasks())
     assert data.get_task("wn_defmatch").kind == "pair"
     assert data.get_task("wn_defmatch").metric == "accuracy"
-    for name in ("kjv_section", "fortune_topic", "wn_supersense"):
+    for name in ("kjv_section", "fortune_topic", "wn_supersense", "py_package"):
         spec = data.get_task(name)
         assert spec.kind == "single" and spec.metric == "macro_f1"
     with pytest.raises(KeyError, match="available"):
@@ -136,6 +136,37 @@ def test_missing_packages_name_apt_command(tmp_path, monkeypatch):
     monkeypatch.delenv("UMTAM_BIBLE_DIR", raising=False)
     with pytest.raises(data.MissingDataError, match="apt-get install -y bible-kjv"):
         data.kjv_verses()
+
+
+def test_py_package_reads_every_function_of_each_package(tmp_path, monkeypatch):
+    from umtam_jax.experiments import code_task
+
+    for i, package in enumerate(code_task.PY_PACKAGES):
+        (tmp_path / package / "sub").mkdir(parents=True)
+        (tmp_path / package / "a.py").write_text(
+            f"def f{i}(x):\n    return x\n\n"
+            f"class C:\n    async def m{i}(self):\n\n        def inner():\n"
+            f"            pass\n        return 1\n"
+        )
+        (tmp_path / package / "sub" / "b.py").write_text("def shared():\n    pass\n")
+    assert code_task.stdlib_functions("xml", root=tmp_path) == [
+        "def f1(x):\nreturn x",
+        "async def m1(self):\ndef inner():\npass\nreturn 1",
+        "def inner():\npass",
+        "def shared():\npass",
+    ]
+    monkeypatch.setenv("UMTAM_PYTHON_STDLIB", str(tmp_path))
+    ex = code_task.build_py_package()
+    # ``shared`` and ``inner`` appear in every package with two labels: dropped.
+    assert ex.texts[:2] == [
+        "def f0(x):\nreturn x",
+        "async def m0(self):\ndef inner():\npass\nreturn 1",
+    ]
+    assert list(ex.labels) == [0, 0, 1, 1, 2, 2, 3, 3]
+    monkeypatch.setenv("UMTAM_PYTHON_STDLIB", str(tmp_path / "none"))
+    monkeypatch.setattr(code_task, "STDLIB_DIRS", ())
+    with pytest.raises(data.MissingDataError, match="apt-get install -y libpython3.11-stdlib"):
+        code_task.build_py_package()
 
 
 def test_cache_roundtrip(tmp_path):

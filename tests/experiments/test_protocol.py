@@ -366,7 +366,7 @@ def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(fir
     g = row["gain_ties"]
     assert g["low"] <= g["estimate"] <= g["high"] and g["verdict"] in ("better", "worse", "tied")
     # The conflict rate against a NumPy count over the two experts' encoders.
-    rates = []
+    rates, masses = [], []
     for seed in (0, 1):
         _, _, experts = protocol.seed_inputs(
             protocol.SIZES["tiny"], seed, TASKS, workdir, base, tokenizer
@@ -380,7 +380,10 @@ def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(fir
         s0, s1 = np.sign(taus[0]), np.sign(taus[1])
         both = (s0 != 0) & (s1 != 0)
         rates.append(np.sum(both & (s0 != s1)) / np.sum(both))
+        magnitude = np.abs(taus[0]) + np.abs(taus[1])
+        masses.append(magnitude[both & (s0 != s1)].sum() / magnitude.sum())
     assert row["conflict_by_seed"] == pytest.approx(rates)
+    assert row["conflict_mass"] == pytest.approx(np.mean(masses))
     assert row["conflict"] == pytest.approx(np.mean(rates))
     assert (workdir / "pairs" / "+".join(TASKS) / "experts").is_symlink()
 

@@ -73,11 +73,13 @@ def conflict_study(
             (``base_encoder``, ``tokenizer``, ...).
 
     Returns:
-        ``{"pairs": [{"tasks", "conflict", "conflict_by_seed", method: {"score", "low",
-        "high"}, "gain_<method>": {"estimate", "low", "high", "verdict"}}...],
+        ``{"pairs": [{"tasks", "conflict", "conflict_by_seed", "conflict_mass", method:
+        {"score", "low", "high"}, "gain_<method>": {"estimate", "low", "high",
+        "verdict"}}...],
         "spearman": {method: rho or None}, "methods", "seeds"}``: pairs sorted by
         conflict rate (seed mean); gains are paired differences of normalized test scores
-        against task arithmetic.
+        against task arithmetic; ``conflict_mass`` is the seed mean of the share of the
+        task vectors' magnitude at conflicting entries.
     """
     sz = resolve_size(size)
     tasks = list(tasks or sz.tasks)
@@ -91,16 +93,18 @@ def conflict_study(
         results = run_protocol([a, b], methods, seeds, size=sz, workdir=pair, log=log, **kwargs)
         table = summarize(pair, methods=methods, seeds=seeds, references=("task_arithmetic",),
                           samples=samples or sz.bootstrap_samples)  # fmt: skip
-        rates = [
-            (results["runs"]["task_arithmetic"][str(s)].get("diagnostics") or {})
-            .get("sign_conflict", {})
-            .get("rate")
+        found = [
+            (results["runs"]["task_arithmetic"][str(s)].get("diagnostics") or {}).get(
+                "sign_conflict", {}
+            )
             for s in seeds
         ]
+        rates, masses = [d.get("rate") for d in found], [d.get("mass") for d in found]
         row: dict[str, Any] = {
             "tasks": [a, b],
             "conflict": float(np.mean([r for r in rates if r is not None])),
             "conflict_by_seed": rates,
+            "conflict_mass": float(np.mean([m for m in masses if m is not None])),
         }
         for m in methods:
             r = table.row(m)

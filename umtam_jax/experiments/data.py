@@ -32,11 +32,13 @@ wn_defmatch    pair   different, defines                               accuracy
 kjv_section    single law, prophets, gospels_acts, epistles_revelation macro_f1
 fortune_topic  single computers, politics, science, songs_poems        macro_f1
 wn_supersense  single animal, plant, food, artifact, person            macro_f1
+py_package     single asyncio, xml, multiprocessing, email             macro_f1
 ============== ====== ================================================ ===========
 
 ``wn_defmatch`` is balanced by construction (one positive and one negative per
-synset), hence accuracy; the other three have class ratios of 1.7x to 4.5x, hence
-macro-F1.
+synset), hence accuracy; the others have class ratios of 1.7x to 4.5x, hence
+macro-F1. ``py_package`` (Python source, :mod:`~umtam_jax.experiments.code_task`) is
+the one task far from English prose: the distant domain of the conflict study.
 
 Builders are deterministic given the seed; splits are stratified by label (80/10/10
 by default) and disjoint; ``max_per_split`` subsamples each split with the class
@@ -91,7 +93,14 @@ __all__ = [
 SPLITS = ("train", "validation", "test")
 
 #: Debian packages holding the task data (``apt-get install -y`` these).
-APT_PACKAGES = ("fortunes", "fortunes-min", "wordnet-base", "bible-kjv", "bible-kjv-text")
+APT_PACKAGES = (
+    "fortunes",
+    "fortunes-min",
+    "wordnet-base",
+    "bible-kjv",
+    "bible-kjv-text",
+    "libpython3.11-stdlib",
+)
 
 # Bump when a built-in builder changes, so stale caches are not reused.
 _BUILTIN_VERSION = 2
@@ -949,6 +958,21 @@ def _register_builtins() -> None:
         description="WordNet noun definition -> supersense (lexicographer file).",
         **common,
     )
+    register_task(
+        "py_package",
+        _build_py_package,
+        ("asyncio", "xml", "multiprocessing", "email"),
+        "macro_f1",
+        "single",
+        description="Python standard-library function (source) -> its package.",
+        **common,
+    )
+
+
+def _build_py_package(seed: int = 0) -> Examples:
+    from umtam_jax.experiments.code_task import build_py_package
+
+    return build_py_package(seed)
 
 
 _register_builtins()

@@ -14,8 +14,9 @@ fi
 SUDO=""
 if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 
-# 1. Debian packages with the task data (WordNet, KJV + `bible`, fortunes).
-PKGS=(fortunes fortunes-min wordnet-base bible-kjv bible-kjv-text)
+# 1. Debian packages with the task data (WordNet, KJV + `bible`, fortunes, the Python
+#    3.11 standard library's sources).
+PKGS=(fortunes fortunes-min wordnet-base bible-kjv bible-kjv-text libpython3.11-stdlib)
 if ! dpkg -s "${PKGS[@]}" >/dev/null 2>&1; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${PKGS[@]}"
