@@ -20,7 +20,9 @@ def init_dense(cfg: Config, param: jax.Array) -> DenseLeafState:
     # A copy, not the params buffer itself: a training step may donate params and state.
     initial = jnp.array(param, copy=True) if cfg.track_saliency else None
     saliency = jnp.zeros_like(param, buffer_dtype) if cfg.track_saliency else None
-    place = lambda x: None if x is None else _sharding.place_as_param(x, param)  # noqa: E731
+    # State arrays live where the parameter lives, partitioned like it.
+    spec = _sharding.partition_of(param) or (None,) * param.ndim
+    place = lambda x: None if x is None else _sharding.place_like(x, param, spec)  # noqa: E731
     return DenseLeafState(
         mu=place(jnp.zeros_like(param, dtype)),
         nu=place(jnp.full_like(param, cfg.eps, dtype)),

@@ -44,13 +44,12 @@ def init_factored(
     partitioned like the parameter's axes it keeps."""
     dtype = compute_dtype(param.dtype)
     buffer_dtype = cfg.buffer_dtype or dtype
-    # A copy, not the params buffer itself: a training step may donate params and state.
-    initial = saliency = None
-    if cfg.track_saliency:
-        initial = _sharding.place_as_param(jnp.array(param, copy=True), param)
-        saliency = _sharding.place_as_param(jnp.zeros_like(param, buffer_dtype), param)
     # State arrays live where the parameter lives, partitioned like its axes.
     spec = _sharding.partition_of(param) or (None,) * param.ndim
+    place = lambda x, axes: _sharding.place_like(x, param, axes)  # noqa: E731
+    # A copy, not the params buffer itself: a training step may donate params and state.
+    initial = place(jnp.array(param, copy=True), spec) if cfg.track_saliency else None
+    saliency = place(jnp.zeros_like(param, buffer_dtype), spec) if cfg.track_saliency else None
     nb, r = layout.batch_axes, layout.buffer_rank
     k = nb + layout.row_axes  # batch and row axes: the leading axes of u and row
     batch = param.shape[:nb]
@@ -60,7 +59,6 @@ def init_factored(
     # Algorithm 1, line 3: U ~ N(0, 1/√(m r)), V ~ N(0, 1/√(n r)), read as standard deviations.
     u = jax.random.normal(key_u, rows_shape + (r,), dtype) / math.sqrt(layout.rows * r)
     v = jax.random.normal(key_v, cols_shape + (r,), dtype) / math.sqrt(layout.cols * r)
-    place = lambda x, axes: _sharding.place_like(x, param, axes)  # noqa: E731
     u, v = place(u, rows_spec + (None,)), place(v, cols_spec + (None,))
     sigma = jnp.broadcast_to(cfg.eps * jnp.eye(r, dtype=dtype), batch + (r, r))
     sigma = place(sigma, spec[:nb] + (None, None)) if nb else sigma

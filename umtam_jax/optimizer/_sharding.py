@@ -184,13 +184,6 @@ def place_like(x: jax.Array, param: Any, spec: tuple) -> jax.Array:
     return x
 
 
-def place_as_param(x: jax.Array, param: Any) -> jax.Array:
-    """A fresh parameter-shaped state array placed and partitioned like ``param`` (in the
-    spec form a jitted step gives it back, see :func:`place_like`)."""
-    spec = partition_of(param)
-    return x if spec is None else place_like(x, param, spec)
-
-
 def partition_of(param: Any) -> tuple | None:
     """``param``'s per-axis partition (concrete NamedSharding or Explicit type), else None."""
     spec = explicit_spec(param) if isinstance(param, jax.core.Tracer) else None
