@@ -7,6 +7,7 @@ Squares are summed directly; only when ``‖G‖²`` overflows is the gradient r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -118,20 +119,24 @@ def clip(g: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     return (g * half) * half, norm
 
 
-def clipped_square_sums(g: jax.Array, cfg: Config):
-    """Step 1 and the sums of step 5 from one pass over the unclipped ``g`` (m×n).
+def clipped_square_sums(g: jax.Array, cfg: Config, row_axes: int = 1):
+    """Step 1 and the sums of step 5 from one pass over the unclipped ``g`` (m×n, or laid
+    out as ``rows + cols`` with ``row_axes`` row axes).
 
     Returns ``(rows, cols, norm, half)``: ``half`` the square root of the clipping factor
     (:func:`_half_clip_scale`; the clipped gradient is ``(g · half) · half``), ``rows`` and
-    ``cols`` the row/column sums of the clipped gradient squared and ``norm`` its Frobenius
+    ``cols`` the row/column sums of the clipped gradient squared (shaped ``rows`` and
+    ``cols``: sums over the column axes and over the row axes) and ``norm`` its Frobenius
     norm. The clipped gradient itself is never formed: its consumers take ``g`` and
     ``half``. When ``‖g‖²`` overflows, the sums are recomputed from ``g / max|g|``.
     """
     # Two reductions, each squaring in its own fusion: a shared G² would be written out and
     # read twice (measured 4–9× slower than the two fused reductions on CPU); the barrier
     # keeps XLA from merging the two squares.
-    rows = jnp.sum(jnp.square(g), axis=1)
-    cols = jnp.sum(jnp.square(jax.lax.optimization_barrier(g)), axis=0)
+    row_sum = functools.partial(jnp.sum, axis=tuple(range(row_axes, g.ndim)))
+    col_sum = functools.partial(jnp.sum, axis=tuple(range(row_axes)))
+    rows = row_sum(jnp.square(g))
+    cols = col_sum(jnp.square(jax.lax.optimization_barrier(g)))
     # ‖G‖² from the row sums (an m-vector); without the barrier XLA rewrites the nested
     # sum into a third reduction of G² and materialises G² again.
     sum_sq = jnp.sum(jax.lax.optimization_barrier(rows))
@@ -148,7 +153,7 @@ def clipped_square_sums(g: jax.Array, cfg: Config):
     def rescaled():
         peak, unit_g = _divided_by_peak(g)
         unit_sq = jnp.square(unit_g)
-        rows_u, cols_u = jnp.sum(unit_sq, axis=1), jnp.sum(unit_sq, axis=0)
+        rows_u, cols_u = row_sum(unit_sq), col_sum(unit_sq)
         unit = jnp.sqrt(jnp.sum(rows_u))
         # The clipped gradient is (g / peak) · clipped_peak.
         half, clipped_peak = _clip_from_peak(cfg, peak, unit)

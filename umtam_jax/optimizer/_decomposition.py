@@ -28,7 +28,12 @@ COLD_START_POWER_ITERATIONS = 4
 
 
 class FactorRequest(NamedTuple):
-    """What one factored leaf needs from step 3: its momentum and its previous factors."""
+    """What one factored leaf needs from step 3: its momentum and its previous factors.
+
+    The momentum keeps the leaf's layout ``rows + cols`` (after any stack axes); ``u``
+    (m×r) and ``v`` (n×r) are 2-D. ``rank`` and ``row_axes`` are static: the caller adds
+    them (a stacked request comes out of ``jax.vmap``).
+    """
 
     operand: jax.Array | LowRankPlusDense  # M̃ (always materialised for the exact SVD)
     u: jax.Array
@@ -36,12 +41,22 @@ class FactorRequest(NamedTuple):
     mask: jax.Array | None  # adaptive rank: active components
     key: jax.Array
     rank: int | None
+    row_axes: int | None = None  # the operand's row axes when N-D (see _nd), None if 2-D
+
+
+def _as_matrix(req: FactorRequest) -> jax.Array:
+    """The (materialised) momentum of ``req`` as 2-D matrices: the exact SVD's input."""
+    if req.row_axes is None:
+        return req.operand
+    stack = req.u.shape[:-2]
+    return _sharding.reshape(req.operand, stack + (req.u.shape[-2], req.v.shape[-2]))
 
 
 def _decompose_all(cfg: Config, requests: list[FactorRequest], count) -> list[Decomposition]:
     """Step 3 for every factored leaf; the subspace method runs the leaves in lockstep."""
     if cfg.svd_method == "exact":
-        return [exact_svd(req.operand, req.rank) for req in requests]
+        # The reference method decomposes the whole matrix (gathered anyway, see exact_svd).
+        return [exact_svd(_as_matrix(req), req.rank) for req in requests]
 
     def subspace(cold_start=None, power_iterations=cfg.power_iterations):
         return subspace_svd_many(
@@ -52,6 +67,7 @@ def _decompose_all(cfg: Config, requests: list[FactorRequest], count) -> list[De
             power_iterations=power_iterations,
             keys=[req.key for req in requests],
             cold_start=cold_start,
+            row_axes=[req.row_axes for req in requests],
         )
 
     # The first step's warm start V0 is random: COLD_START_POWER_ITERATIONS more iterations
@@ -95,7 +111,7 @@ def new_factors(cfg: Config, requests: list[FactorRequest], count) -> list[tuple
         out = []
         for req in requests:
             # docs/algorithm.md §2.5 / paper Eq. 34: keep U, V; Σ ← Uᵀ M̃ V.
-            core = _sharding.matmul(req.u.mT, matmul_any(req.operand, req.v))
+            core = _sharding.matmul(req.u.mT, matmul_any(req.operand, req.v, req.row_axes))
             if req.mask is not None:
                 core = core * req.mask[..., :, None] * req.mask[..., None, :]
             top = jnp.linalg.norm(core, 2, axis=(-2, -1)) if cfg.adaptive_rank else core[..., 0, 0]

@@ -5,6 +5,12 @@ its update around step 3, which runs for all leaves together (:mod:`._decomposit
 :func:`factored_finish` steps 4–9 (error feedback state, the factored second moments R, C
 and the preconditioner, the direction, saliency and adaptive rank). Both see one matrix;
 stacks of matrices are mapped over with ``jax.vmap`` by the caller.
+
+The m×n arrays (gradient, momentum, deviation, saliency, direction) keep the leaf's N-D
+layout ``rows + cols`` throughout: reshaping them to m×n would merge sharded axes, which an
+Auto mesh can only do by gathering the whole array (see :mod:`._nd`). Only the thin factors
+are reshaped between ``rows + (r,)`` and m×r (``cols + (r,)`` and n×r). A leaf that is one
+2-D matrix takes the plain 2-D operations.
 """
 
 from __future__ import annotations
@@ -84,9 +90,26 @@ def init_factored(
     )
 
 
+def operand_row_axes(layout: Layout, ndim: int) -> int | None:
+    """The number of row axes of a leaf of ``ndim`` axes whose matrices keep an N-D layout
+    (see :class:`._decomposition.FactorRequest`), None when each matrix is 2-D."""
+    return None if ndim - layout.batch_axes == 2 else layout.row_axes
+
+
 def _outer(row: jax.Array, col: jax.Array) -> jax.Array:
-    """``row colᵀ`` by broadcasting (keeps both vectors' shardings)."""
-    return row[:, None] * col[None, :]
+    """``row colᵀ`` by broadcasting, laid out as ``rows + cols`` (keeps both vectors'
+    shardings)."""
+    if row.ndim == col.ndim == 1:
+        return row[:, None] * col[None, :]
+    return jnp.expand_dims(row, tuple(range(row.ndim, row.ndim + col.ndim))) * col
+
+
+def _low_rank(left: jax.Array, v: jax.Array) -> jax.Array:
+    """``left vᵀ`` laid out as ``rows + cols``, for factors shaped ``rows + (r,)`` and
+    ``cols + (r,)``."""
+    if left.ndim == v.ndim == 2:
+        return left @ v.T
+    return _expand(left, v, 0)
 
 
 class FactoredCarry(NamedTuple):
@@ -121,8 +144,8 @@ def factored_request(
     """
     dtype = state.sigma.dtype
     m, n, r = layout.rows, layout.cols, layout.buffer_rank
-    g = _sharding.reshape(g.astype(dtype), (m, n))
-    row_sq, col_sq, g_norm, half_scale = clipped_square_sums(g, cfg)
+    g = g.astype(dtype)  # rows + cols: see the module docstring
+    row_sq, col_sq, g_norm, half_scale = clipped_square_sums(g, cfg, layout.row_axes)
     w = w.astype(dtype)
     eps_t = adaptive_eps(cfg, g_norm, w)
     u, v = _sharding.reshape(state.u, (m, r)), _sharding.reshape(state.v, (n, r))
@@ -138,15 +161,15 @@ def factored_request(
         m_tilde = (g * half_scale) * g_coef
         low_rank_coef = cfg.b1
         if state.dense_momentum is not None:
-            previous = _sharding.reshape(state.dense_momentum.astype(dtype), (m, n))
-            m_tilde = m_tilde + cfg.error_decay * previous
+            m_tilde = m_tilde + cfg.error_decay * state.dense_momentum.astype(dtype)
             low_rank_coef = cfg.b1 - cfg.error_decay
         if not is_static_zero(low_rank_coef):
-            m_tilde = m_tilde + (u @ (low_rank_coef * sigma)) @ v.T
+            m_tilde = m_tilde + _low_rank(state.u @ (low_rank_coef * sigma), state.v)
         operand = m_tilde
     else:
         operand = LowRankPlusDense(g, g_coef, u @ (cfg.b1 * sigma), v, scale_out=half_scale)
-    # The rank is static: the caller adds it (a stacked request comes out of jax.vmap).
+    # The rank and the row axes are static: the caller adds them (a stacked request comes
+    # out of jax.vmap).
     request = FactorRequest(operand, u, v, mask, key, rank=None)
     return request, FactoredCarry(w, state, m_tilde, row_sq, col_sq, eps_t)
 
@@ -157,13 +180,16 @@ def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, 
     w, state, m_tilde, row_sq, col_sq, eps_t = carry
     new_u, new_sigma, new_v, top = factors
     dtype = state.sigma.dtype
-    shape = w.shape
-    m, n, r = layout.rows, layout.cols, layout.buffer_rank
-    momentum = (new_u @ new_sigma) @ new_v.T
+    r = layout.buffer_rank
+    # Back to rows + (r,) and cols + (r,) (thin), partitioned like the state's factors.
+    new_u = _sharding.reshape_like(new_u, state.u)
+    new_v = _sharding.reshape_like(new_v, state.v)
+    momentum = _low_rank(new_u @ new_sigma, new_v)
 
-    # Steps 5–6: factored second moments and the preconditioner Ŝ = R Cᵀ / sum(R).
-    row = cfg.b2 * _sharding.reshape(state.row, (m,)) + (1 - cfg.b2) * row_sq
-    col = cfg.b2 * _sharding.reshape(state.col, (n,)) + (1 - cfg.b2) * col_sq
+    # Steps 5–6: factored second moments and the preconditioner Ŝ = R Cᵀ / sum(R), all
+    # laid out like the leaf (R shaped rows, C shaped cols).
+    row = cfg.b2 * state.row + (1 - cfg.b2) * row_sq
+    col = cfg.b2 * state.col + (1 - cfg.b2) * col_sq
     c1, c2 = bias_corrections(cfg, count, dtype)
     s_hat = _outer(row / jnp.sum(row), col) / c2
     # Step 8: D = (U Σ Vᵀ) ⊙ (Ŝ + ε_t)^(−1/2).
@@ -172,17 +198,17 @@ def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, 
     saliency = None
     if state.saliency is not None:
         # Step 9: S ← α S + (1 − α) (W − W0)² ⊙ sqrt(R_i C_j).
-        deviation = _sharding.reshape(jnp.square(w - state.initial.astype(dtype)), (m, n))
+        deviation = jnp.square(w - state.initial.astype(dtype))
         fresh = deviation * _outer(jnp.sqrt(row), jnp.sqrt(col))  # R Cᵀ may overflow
-        saliency = cfg.saliency_decay * _sharding.reshape(state.saliency.astype(dtype), (m, n))
-        saliency = _sharding.reshape(saliency + (1 - cfg.saliency_decay) * fresh, shape)
+        saliency = cfg.saliency_decay * state.saliency.astype(dtype)
+        saliency = saliency + (1 - cfg.saliency_decay) * fresh
         saliency = saliency.astype(state.saliency.dtype)
 
     dense_momentum = None
     if state.dense_momentum is not None:
         # Step 4, E ← M̃ − U Σ Vᵀ (also between refreshes, docs/algorithm.md §2.5), is kept
         # implicit: the state holds M̃ itself, and E = M̃ − U Σ Vᵀ with the new factors.
-        dense_momentum = _sharding.reshape(m_tilde, shape).astype(state.dense_momentum.dtype)
+        dense_momentum = m_tilde.astype(state.dense_momentum.dtype)
 
     rank = state.rank
     if rank is not None:
@@ -190,13 +216,13 @@ def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, 
         rank = next_rank(cfg, rank, stable_rank(frob_sq, top), r, count)
 
     new_state = state._replace(
-        u=_sharding.reshape(new_u, state.u.shape),
+        u=new_u,
         sigma=new_sigma,
-        v=_sharding.reshape(new_v, state.v.shape),
+        v=new_v,
         dense_momentum=dense_momentum,
-        row=_sharding.reshape(row, state.row.shape),
-        col=_sharding.reshape(col, state.col.shape),
+        row=row,
+        col=col,
         saliency=saliency,
         rank=rank,
     )
-    return _sharding.reshape(direction, shape), new_state
+    return direction, new_state

@@ -4,7 +4,7 @@ leaves (``group_leaves=True``), both with ``jax.vmap``."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,19 +17,65 @@ from umtam_jax.optimizer._config import Config
 from umtam_jax.optimizer._layout import Layout
 
 
-def merge_batch(layout: Layout, x: jax.Array) -> jax.Array:
-    """A batched leaf's array with its leading batch axes merged into one."""
-    return _sharding.reshape(
-        x, (math.prod(x.shape[: layout.batch_axes]),) + x.shape[layout.batch_axes :]
-    )
+def batch_view(layout: Layout, x: jax.Array) -> Layout:
+    """The layout an update maps over for a leaf ``x``: ``layout`` itself, or one merged
+    batch axis (:func:`merge_batch`) for several batch axes under Explicit sharding, where
+    the small linear algebra of step 3 needs its stacks with one batch axis."""
+    if layout.batch_axes > 1 and _sharding.explicit_spec(x) is not None:
+        return dataclasses.replace(layout, batch_axes=1)
+    return layout
+
+
+def merge_batch(layout: Layout, x: Any) -> Any:
+    """A batched leaf's arrays (a pytree) with their leading batch axes merged into one;
+    under Explicit sharding the data moves all-to-all (:func:`._sharding.reshape`)."""
+
+    def merge(a: jax.Array) -> jax.Array:
+        batch = a.shape[: layout.batch_axes]
+        return _sharding.reshape(a, (math.prod(batch),) + a.shape[layout.batch_axes :])
+
+    return jax.tree.map(merge, x)
+
+
+def split_batch(batch: tuple[int, ...], x: Any) -> Any:
+    """The inverse of :func:`merge_batch` for arrays (a pytree) with the batch ``batch``."""
+    return jax.tree.map(lambda a: _sharding.reshape(a, batch + a.shape[1:]), x)
+
+
+def map_batch(layout: Layout, fn: Callable[..., Any], in_axes: tuple) -> Callable[..., Any]:
+    """``fn`` mapped over the leading batch axes of a leaf, one ``jax.vmap`` per axis.
+
+    The batch axes are not merged into one (except as :func:`batch_view` says): that
+    reshape would merge a sharded batch axis into a more major one, which an Auto mesh can
+    only do by gathering the whole leaf.
+    Arguments with ``in_axes`` None are passed unmapped; results carry the batch axes.
+    """
+    for _ in range(layout.batch_axes):
+        fn = jax.vmap(fn, in_axes=in_axes)
+    return fn
+
+
+def batch_keys(layout: Layout, key: jax.Array, like: jax.Array) -> jax.Array:
+    """One PRNG key per matrix of a batched leaf ``like``, shaped like its batch axes and,
+    under Explicit sharding, partitioned like them (``jax.vmap`` needs its mapped axes
+    sharded alike)."""
+    batch = like.shape[: layout.batch_axes]
+    keys = jax.random.split(key, math.prod(batch))
+    if len(batch) > 1:
+        keys = keys.reshape(batch)
+    spec = _sharding.explicit_spec(like)
+    if spec is not None:
+        keys = _sharding.reshard_like(keys, spec[: layout.batch_axes])
+    return keys
 
 
 def on_batch(layout: Layout, fn: Callable[..., Any], args: tuple, count: jax.Array) -> Any:
     """``fn(g, w, state, count)`` mapped over the leading batch axes of a leaf."""
-    batch = args[1].shape[: layout.batch_axes]
-    flat = jax.tree.map(functools.partial(merge_batch, layout), args)
-    out = jax.vmap(fn, in_axes=(0, 0, 0, None))(*flat, count)
-    return jax.tree.map(lambda x: _sharding.reshape(x, batch + x.shape[1:]), out)
+    view = batch_view(layout, args[1])
+    if view is layout:
+        return map_batch(layout, fn, (0, 0, 0, None))(*args, count)
+    out = map_batch(view, fn, (0, 0, 0, None))(*merge_batch(layout, args), count)
+    return split_batch(args[1].shape[: layout.batch_axes], out)
 
 
 def _stackable(cfg: Config, layout: Layout, g: jax.Array, w: jax.Array) -> bool:

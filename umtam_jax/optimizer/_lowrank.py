@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.optimizer import _sharding
+from umtam_jax.optimizer import _nd, _sharding
 
 SVD_METHODS = ("exact", "subspace")
 
@@ -59,6 +59,20 @@ def _tn(q: jax.Array, a: jax.Array) -> jax.Array:
     return _sharding.matmul(jax.lax.optimization_barrier(q.mT), a)
 
 
+def _dense_matmul(a: jax.Array, w: jax.Array, row_axes: int | None) -> jax.Array:
+    """``a @ w`` for a 2-D ``a`` (``row_axes`` None) or an N-D one (:func:`._nd.matmul`)."""
+    if row_axes is None:
+        return _sharding.matmul(a, w)
+    return _nd.matmul(a, w, row_axes)
+
+
+def _dense_rmatmul(q: jax.Array, a: jax.Array, row_axes: int | None) -> jax.Array:
+    """``qᵀ a`` for a 2-D ``a`` (``row_axes`` None) or an N-D one (:func:`._nd.rmatmul`)."""
+    if row_axes is None:
+        return _tn(q, a)
+    return _nd.rmatmul(q, a, row_axes)
+
+
 def _per_matrix(scale: jax.Array | float) -> jax.Array:
     """A scalar, or one scalar per matrix of a stack, broadcastable against the stack."""
     return jnp.asarray(scale)[..., None, None]
@@ -72,6 +86,9 @@ class LowRankPlusDense(NamedTuple):
     matmul and two m×n passes to build ``M̃`` first. ``scale`` multiplies the thin operand
     of a product with ``dense`` and ``scale_out`` its thin result, so a factor too small for
     the dtype (a clip factor of a gradient with ‖G‖ ≳ 1e38) is applied in two halves.
+
+    ``dense`` may keep an N-D layout ``rows + cols`` (see :mod:`._nd`): the products then
+    take its number of row axes, ``row_axes``; ``left`` and ``right`` are always 2-D.
     """
 
     dense: jax.Array
@@ -88,34 +105,40 @@ class LowRankPlusDense(NamedTuple):
     def dtype(self):
         return self.dense.dtype
 
-    def matmul(self, w: jax.Array) -> jax.Array:
+    def matmul(self, w: jax.Array, row_axes: int | None = None) -> jax.Array:
         """``M @ w``."""
         # The scales go on the thin operand and the thin result: ``dense`` may be an
         # unclipped gradient whose products would overflow, while ``scale · scale_out ·
         # dense`` is the clipped one.
-        mm = _sharding.matmul
-        dense = mm(self.dense, _per_matrix(self.scale) * w) * _per_matrix(self.scale_out)
-        return dense + self.left @ mm(self.right.mT, w)
+        scaled = _per_matrix(self.scale) * w
+        dense = _dense_matmul(self.dense, scaled, row_axes) * _per_matrix(self.scale_out)
+        return dense + self.left @ _sharding.matmul(self.right.mT, w)
 
-    def rmatmul(self, q: jax.Array) -> jax.Array:
+    def rmatmul(self, q: jax.Array, row_axes: int | None = None) -> jax.Array:
         """``qᵀ @ M``."""
-        mm = _sharding.matmul
-        dense = _tn(_per_matrix(self.scale) * q, self.dense) * _per_matrix(self.scale_out)
-        return dense + mm(q.mT, self.left) @ self.right.mT
+        scaled = _per_matrix(self.scale) * q
+        dense = _dense_rmatmul(scaled, self.dense, row_axes) * _per_matrix(self.scale_out)
+        return dense + _sharding.matmul(q.mT, self.left) @ self.right.mT
 
 
-def matmul_any(matrix: jax.Array | LowRankPlusDense, w: jax.Array) -> jax.Array:
-    """``matrix @ w`` for an array or a :class:`LowRankPlusDense`."""
+def matmul_any(
+    matrix: jax.Array | LowRankPlusDense, w: jax.Array, row_axes: int | None = None
+) -> jax.Array:
+    """``matrix @ w`` for an array or a :class:`LowRankPlusDense`; ``row_axes`` for a
+    matrix kept in an N-D layout ``rows + cols`` (see :mod:`._nd`), None for a 2-D one."""
     if isinstance(matrix, LowRankPlusDense):
-        return matrix.matmul(w)
-    return _sharding.matmul(matrix, w)
+        return matrix.matmul(w, row_axes)
+    return _dense_matmul(matrix, w, row_axes)
 
 
-def rmatmul_any(matrix: jax.Array | LowRankPlusDense, q: jax.Array) -> jax.Array:
-    """``qᵀ @ matrix`` for an array or a :class:`LowRankPlusDense`."""
+def rmatmul_any(
+    matrix: jax.Array | LowRankPlusDense, q: jax.Array, row_axes: int | None = None
+) -> jax.Array:
+    """``qᵀ @ matrix`` for an array or a :class:`LowRankPlusDense` (``row_axes`` as in
+    :func:`matmul_any`)."""
     if isinstance(matrix, LowRankPlusDense):
-        return matrix.rmatmul(q)
-    return _tn(q, matrix)
+        return matrix.rmatmul(q, row_axes)
+    return _dense_rmatmul(q, matrix, row_axes)
 
 
 def _householder(y: jax.Array) -> jax.Array:
@@ -271,6 +294,7 @@ def subspace_svd_many(
     power_iterations: int = 0,
     keys: list[jax.Array] | None = None,
     cold_start: tuple[jax.Array, int] | None = None,
+    row_axes: list[int | None] | None = None,
 ) -> list[Decomposition]:
     """:func:`subspace_svd` of several matrices in lockstep.
 
@@ -278,23 +302,36 @@ def subspace_svd_many(
     before the next begins, so that the small k×k linear algebra of all matrices of the
     same sketch width is one batched call (see :func:`orthonormalize_many`) and the cold
     start's extra power iterations sit in one ``lax.cond``. Results are those of
-    :func:`subspace_svd` applied to each matrix.
+    :func:`subspace_svd` applied to each matrix. ``row_axes`` gives, per matrix kept in an
+    N-D layout ``rows + cols``, the length of ``rows`` (None for a 2-D matrix; see
+    :mod:`._nd`): every product with it contracts its axes in place, and only the thin
+    matrices are reshaped.
     """
+    splits = row_axes or [None] * len(matrices)
     omegas = []
     for i, (matrix, warm) in enumerate(zip(matrices, warm_starts, strict=True)):
         omega = warm.astype(matrix.dtype)
         if oversampling:
-            shape, dtype = (matrix.shape[-1], oversampling), matrix.dtype
+            shape, dtype = (warm.shape[-2], oversampling), matrix.dtype  # n rows, as V
             normal = functools.partial(jax.random.normal, shape=shape, dtype=dtype)
             for _ in range(keys[i].ndim):  # a stack of matrices draws with a stack of keys
                 normal = jax.vmap(normal)
             omega = jnp.concatenate([omega, normal(keys[i])], axis=-1)
         omegas.append(omega)
-    qs = orthonormalize_many([matmul_any(a, o) for a, o in zip(matrices, omegas, strict=True)])
+
+    def products(fn, thin):
+        """``fn(matrix, thin matrix, row axes)`` for every matrix."""
+        return [fn(a, x, k) for a, x, k in zip(matrices, thin, splits, strict=True)]
+
+    def rmatmul_t(a, q, k):
+        """``(qᵀ M)ᵀ``: the sketch of the row space in a power iteration."""
+        return rmatmul_any(a, q, k).mT
+
+    qs = orthonormalize_many(products(matmul_any, omegas))
 
     def power_iteration(qs):
-        zs = orthonormalize_many([rmatmul_any(a, q).mT for a, q in zip(matrices, qs, strict=True)])
-        return orthonormalize_many([matmul_any(a, z) for a, z in zip(matrices, zs, strict=True)])
+        zs = orthonormalize_many(products(rmatmul_t, qs))
+        return orthonormalize_many(products(matmul_any, zs))
 
     for _ in range(power_iterations):
         qs = power_iteration(qs)
@@ -306,7 +343,7 @@ def subspace_svd_many(
             return qs
 
         qs = jax.lax.cond(cold_start[0], cold, lambda qs: qs, qs)
-    small = _small_svd_many([rmatmul_any(a, q) for a, q in zip(matrices, qs, strict=True)], rank)
+    small = _small_svd_many(products(rmatmul_any, qs), rank)
     return [Decomposition(q @ ub, s, v) for q, (ub, s, v) in zip(qs, small, strict=True)]
 
 

@@ -41,19 +41,57 @@ def explicit_spec(x: Any) -> tuple | None:
     return spec + (None,) * (x.ndim - len(spec))
 
 
+def _distinct(spec: list) -> tuple:
+    """``spec`` with every mesh axis kept on its first axis only (later uses: None)."""
+    out: list[Any] = []
+    used: set[str] = set()
+    for entry in spec:
+        names = entry if isinstance(entry, tuple) else () if entry is None else (entry,)
+        if used.intersection(names):
+            entry, names = None, ()
+        used.update(names)
+        out.append(entry)
+    return tuple(out)
+
+
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` for 2-D operands; with Explicit sharding the result keeps ``a``'s row and
-    ``b``'s column partition, and a contraction over a sharded axis is summed across devices.
+    """``a @ b`` for 2-D operands or stacks of them; with Explicit sharding the result
+    keeps the stack's partition, ``a``'s row and ``b``'s column partition, and a
+    contraction over a sharded axis is summed across devices (the thin result, not the
+    large operand, is then what moves).
     """
     sa, sb = explicit_spec(a), explicit_spec(b)
     if sa is None and sb is None:
         return a @ b
-    rows = sa[0] if sa else None
-    cols = sb[-1] if sb else None
-    if cols is not None and cols == rows:
-        cols = None
-    mesh = _explicit_mesh(a) if sa is not None else _explicit_mesh(b)
-    return jnp.matmul(a, b, out_sharding=NamedSharding(mesh, P(rows, cols)))
+    sa = sa or (None,) * a.ndim
+    sb = sb or (None,) * b.ndim
+    ndim = max(a.ndim, b.ndim)
+    pad_a, pad_b = (None,) * (ndim - a.ndim) + sa, (None,) * (ndim - b.ndim) + sb
+    batch = [x if x is not None else y for x, y in zip(pad_a[:-2], pad_b[:-2], strict=True)]
+    spec = _distinct([*batch, sa[-2], sb[-1]])
+    mesh = _explicit_mesh(a) if explicit_spec(a) is not None else _explicit_mesh(b)
+    return jnp.matmul(a, b, out_sharding=NamedSharding(mesh, P(*spec)))
+
+
+def dot_general(a: jax.Array, b: jax.Array, dimension_numbers) -> jax.Array:
+    """``jax.lax.dot_general(a, b, dimension_numbers)``; under Explicit sharding the result
+    keeps the partition of the batch axes, of ``a``'s free axes and of ``b``'s free axes (a
+    mesh axis that would appear twice stays on the first), and a contraction over sharded
+    axes is summed across devices. On Auto meshes (or none) the plain ``dot_general``.
+    """
+    sa, sb = explicit_spec(a), explicit_spec(b)
+    if sa is None and sb is None:
+        return jax.lax.dot_general(a, b, dimension_numbers)
+    sa = sa or (None,) * a.ndim
+    sb = sb or (None,) * b.ndim
+    (contract_a, contract_b), (batch_a, batch_b) = dimension_numbers
+    free_a = [i for i in range(a.ndim) if i not in contract_a and i not in batch_a]
+    free_b = [j for j in range(b.ndim) if j not in contract_b and j not in batch_b]
+    wanted = [sa[i] if sa[i] is not None else sb[j] for i, j in zip(batch_a, batch_b, strict=True)]
+    wanted += [sa[i] for i in free_a] + [sb[j] for j in free_b]
+    mesh = _explicit_mesh(a) if explicit_spec(a) is not None else _explicit_mesh(b)
+    sharding = NamedSharding(mesh, P(*_distinct(wanted)))
+    return jax.lax.dot_general(a, b, dimension_numbers, out_sharding=sharding)
 
 
 def _reshape_spec(shape: tuple, spec: tuple, new_shape: tuple, mesh) -> tuple:
@@ -107,6 +145,13 @@ def reshape(x: jax.Array, new_shape: tuple) -> jax.Array:
     mesh = _explicit_mesh(x)
     out = _reshape_spec(tuple(x.shape), spec, new_shape, mesh)
     return jax.lax.reshape(x, new_shape, out_sharding=NamedSharding(mesh, P(*out)))
+
+
+def reshape_like(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` reshaped to ``like``'s shape and, under Explicit sharding, partitioned like
+    ``like``: :func:`reshape` alone may put a split axis's partition on another one of the
+    axes it is split into (``32@x → (4@x, 8)`` where ``like`` is ``(4, 8@x)``)."""
+    return reshard_like(reshape(x, like.shape), explicit_spec(like))
 
 
 def replicate(x: jax.Array) -> jax.Array:

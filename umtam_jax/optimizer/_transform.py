@@ -10,7 +10,6 @@ factored ones (:mod:`._factored`), decomposes all factored momenta together
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Literal
 
 import jax
@@ -21,12 +20,21 @@ from umtam_jax.optimizer import _sharding
 from umtam_jax.optimizer._config import Config, as_dtype, validate
 from umtam_jax.optimizer._decomposition import new_factors
 from umtam_jax.optimizer._dense import init_dense, update_dense
-from umtam_jax.optimizer._factored import factored_finish, factored_request, init_factored
+from umtam_jax.optimizer._factored import (
+    factored_finish,
+    factored_request,
+    init_factored,
+    operand_row_axes,
+)
 from umtam_jax.optimizer._grouping import (
+    batch_keys,
+    batch_view,
     leaf_groups,
+    map_batch,
     merge_batch,
     on_batch,
     on_stack,
+    split_batch,
     unstacked,
 )
 from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, layout
@@ -242,29 +250,28 @@ def scale_by_umtam(
             request_fn = functools.partial(factored_request, cfg, leaf_layout)
             if leaf_layout.batch_axes:  # a stack of matrices in one leaf: mapped over its batch
                 ((g, w, leaf_state),) = args
-                batch = w.shape[: leaf_layout.batch_axes]
-                flat = jax.tree.map(functools.partial(merge_batch, leaf_layout), (g, w, leaf_state))
-                keys = jax.random.split(keys[0], math.prod(batch))
-                spec = _sharding.explicit_spec(flat[1])
-                if spec is not None:  # vmap needs its mapped axis sharded alike
-                    keys = _sharding.reshard_like(keys, spec[:1])
-                mapped = jax.vmap(request_fn, in_axes=(0, 0, 0, None, 0))
-                request, carry = mapped(*flat, count, keys)
+                view = batch_view(leaf_layout, w)
+                if view is not leaf_layout:
+                    g, w, leaf_state = merge_batch(leaf_layout, (g, w, leaf_state))
+                keys = batch_keys(view, keys[0], w)
+                mapped = map_batch(view, request_fn, (0, 0, 0, None, 0))
+                request, carry = mapped(g, w, leaf_state, count, keys)
+                leaf_layout = view  # what finishing the leaf maps over
             else:
                 args = [(*a, count, key) for a, key in zip(args, keys, strict=True)]
                 request, carry = on_stack(request_fn, args)
             pending.append((members, leaf_layout, carry))
-            requests.append(request._replace(rank=leaf_layout.buffer_rank))
+            row_axes = operand_row_axes(layouts[members[0]], param_leaves[members[0]].ndim)
+            requests.append(request._replace(rank=leaf_layout.buffer_rank, row_axes=row_axes))
         for (members, leaf_layout, carry), factors in zip(
             pending, new_factors(cfg, requests, count), strict=True
         ):
             finish = functools.partial(factored_finish, cfg, leaf_layout, count=count)
             if leaf_layout.batch_axes:
-                batch = param_leaves[members[0]].shape[: leaf_layout.batch_axes]
-                out = jax.tree.map(
-                    lambda x, b=batch: _sharding.reshape(x, b + x.shape[1:]),
-                    jax.vmap(finish)(carry, factors),
-                )
+                out = map_batch(leaf_layout, finish, (0, 0))(carry, factors)
+                original = layouts[members[0]]
+                if leaf_layout is not original:  # batch axes merged (batch_view)
+                    out = split_batch(param_leaves[members[0]].shape[: original.batch_axes], out)
                 outs = [out]
             elif len(members) == 1:
                 outs = [finish(carry, factors)]
