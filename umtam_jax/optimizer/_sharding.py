@@ -54,22 +54,30 @@ def _distinct(spec: list) -> tuple:
     return tuple(out)
 
 
+def _operand_specs(a: jax.Array, b: jax.Array) -> tuple | None:
+    """``(mesh, spec_a, spec_b)`` of two operands of which one at least is explicitly
+    sharded (an unsharded one gets an all-``None`` spec); None when neither is."""
+    sa, sb = explicit_spec(a), explicit_spec(b)
+    if sa is None and sb is None:
+        return None
+    mesh = _explicit_mesh(a if sa is not None else b)
+    return mesh, sa or (None,) * a.ndim, sb or (None,) * b.ndim
+
+
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ b`` for 2-D operands or stacks of them; with Explicit sharding the result
     keeps the stack's partition, ``a``'s row and ``b``'s column partition, and a
     contraction over a sharded axis is summed across devices (the thin result, not the
     large operand, is then what moves).
     """
-    sa, sb = explicit_spec(a), explicit_spec(b)
-    if sa is None and sb is None:
+    specs = _operand_specs(a, b)
+    if specs is None:
         return a @ b
-    sa = sa or (None,) * a.ndim
-    sb = sb or (None,) * b.ndim
+    mesh, sa, sb = specs
     ndim = max(a.ndim, b.ndim)
     pad_a, pad_b = (None,) * (ndim - a.ndim) + sa, (None,) * (ndim - b.ndim) + sb
     batch = [x if x is not None else y for x, y in zip(pad_a[:-2], pad_b[:-2], strict=True)]
     spec = _distinct([*batch, sa[-2], sb[-1]])
-    mesh = _explicit_mesh(a) if explicit_spec(a) is not None else _explicit_mesh(b)
     return jnp.matmul(a, b, out_sharding=NamedSharding(mesh, P(*spec)))
 
 
@@ -79,17 +87,15 @@ def dot_general(a: jax.Array, b: jax.Array, dimension_numbers) -> jax.Array:
     mesh axis that would appear twice stays on the first), and a contraction over sharded
     axes is summed across devices. On Auto meshes (or none) the plain ``dot_general``.
     """
-    sa, sb = explicit_spec(a), explicit_spec(b)
-    if sa is None and sb is None:
+    specs = _operand_specs(a, b)
+    if specs is None:
         return jax.lax.dot_general(a, b, dimension_numbers)
-    sa = sa or (None,) * a.ndim
-    sb = sb or (None,) * b.ndim
+    mesh, sa, sb = specs
     (contract_a, contract_b), (batch_a, batch_b) = dimension_numbers
     free_a = [i for i in range(a.ndim) if i not in contract_a and i not in batch_a]
     free_b = [j for j in range(b.ndim) if j not in contract_b and j not in batch_b]
     wanted = [sa[i] if sa[i] is not None else sb[j] for i, j in zip(batch_a, batch_b, strict=True)]
     wanted += [sa[i] for i in free_a] + [sb[j] for j in free_b]
-    mesh = _explicit_mesh(a) if explicit_spec(a) is not None else _explicit_mesh(b)
     sharding = NamedSharding(mesh, P(*_distinct(wanted)))
     return jax.lax.dot_general(a, b, dimension_numbers, out_sharding=sharding)
 
