@@ -263,17 +263,18 @@ def main(argv=None) -> int:
             samples=samples, experts_by="adamw", references=("task_arithmetic", "ties"),
             log=log,
         )  # fmt: skip
+    mode_dirs = {mode: Path(f"{args.workdir}-{mode}") for mode in args.memory_modes}
     mtables = {
         mode: evaluate_merges(
             methods=MEMORY_METHODS,
             size=size,
-            workdir=Path(f"{args.workdir}-{mode}"),
+            workdir=mdir,
             samples=samples,
             experts_by=mode,
             references=("umtam", "task_arithmetic"),
             log=log,
-        )  # fmt: skip
-        for mode in args.memory_modes
+        )
+        for mode, mdir in mode_dirs.items()
     }
     results = store.read_json(workdir / "results.json")
     diag = diagnostics_summary(results, [r["method"] for r in table.rows])
@@ -314,12 +315,12 @@ def main(argv=None) -> int:
         md += ["", "### Conflict intensity: task pairs", "", _conflict_md(study)]
         payload["conflict"] = study
     tables = {"UMTAM-trained experts": table}
+    if mtables:
+        md += ["", "### Experts trained in UMTAM's memory modes", ""]
     for mode, mtable in mtables.items():
-        mdir = Path(f"{args.workdir}-{mode}")
+        mdir = mode_dirs[mode]
         mresults = store.read_json(mdir / "results.json")
         vs_default = compare_runs((mdir, "umtam"), (workdir, "umtam"), samples=samples)
-        if mode == args.memory_modes[0]:
-            md += ["", "### Experts trained in UMTAM's memory modes", ""]
         md += [_memory_md(mode, mtable, mresults, vs_default), ""]
         payload.setdefault("memory_modes", {})[mode] = {
             "table": dataclasses.asdict(mtable), "experts": mresults["experts"],
