@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmarks: synthetic pytrees, the environment record and the one
-results writer (:func:`write_results`), which every benchmark uses for its JSON file.
+"""Shared helpers of the benchmarks: synthetic pytrees, the environment record, the
+Student-t interval over seeds (:func:`t_interval`) and the one results writer
+(:func:`write_results`), which every benchmark uses for its JSON file.
 
 Run the benchmarks as modules from the repository root, e.g.
 ``python -m benchmarks.step_time --quick``.
@@ -89,6 +90,29 @@ def tree_size(tree: Any) -> int:
     import jax
 
     return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def t_interval(xs: list[float | None]) -> dict[str, float | int | None]:
+    """Mean of ``xs`` with its 95 % Student-t interval (n − 1 degrees of freedom).
+
+    ``None`` and non-finite values are dropped. With one value the interval's ends are
+    None; with none the estimate is None too.
+
+    Returns:
+        ``{"estimate", "low", "high", "n"}``.
+    """
+    import scipy.stats
+
+    x = np.asarray([v for v in xs if v is not None and math.isfinite(v)], float)
+    n = len(x)
+    if n == 0:
+        return {"estimate": None, "low": None, "high": None, "n": 0}
+    mean = float(x.mean())
+    if n < 2:
+        return {"estimate": mean, "low": None, "high": None, "n": 1}
+    t = float(scipy.stats.t.ppf(0.975, n - 1))
+    half = t * float(x.std(ddof=1)) / math.sqrt(n)
+    return {"estimate": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -10,11 +10,20 @@ matrix that step decomposed is rebuilt from the optimizer state,
 factors hold, ``‖U Σ Vᵀ‖_F² / ‖M̃‖_F²`` at the run's rank, is logged beside it (it equals the
 optimal one with ``--svd-method exact``; with the fast default it can only be lower).
 
-    python -m benchmarks.spectrum --quick
-    python -m benchmarks.spectrum            # the default size of training.py
+The run is repeated for every seed of ``--seeds`` (default 0, 1, 2; the seed draws the
+model initialisation and the training batches, the learning rate is the same for every
+seed). Per seed and r the median and the minimum over (matrix, logged step) are kept; over
+seeds each gets its mean with a 95 % Student-t interval (n − 1 degrees of freedom). Each
+seed's run is written to ``results/spectrum_seeds/<name>_seed<seed>.json`` as it finishes
+and read back when the command is rerun with the same settings, so an interrupted
+invocation resumes at the next seed.
 
-Writes ``benchmarks/results/spectrum.json``, ``spectrum.png`` and the ``spectrum``
-section of ``benchmarks/RESULTS.md``.
+    python -m benchmarks.spectrum --quick
+    python -m benchmarks.spectrum                      # seeds 0, 1, 2 at training.py's size
+    python -m benchmarks.spectrum --bias-correction --name spectrum_bc
+
+Writes ``benchmarks/results/<name>.json`` (default ``spectrum``), ``<name>.png`` (the first
+seed) and the ``<name>`` section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -31,12 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
-from benchmarks.training import DEFAULT, QUICK, base_transform, make_tx, set_lr  # noqa: E402
-from umtam_jax import ScaleByUmtamState  # noqa: E402
-from umtam_jax.experiments.lm_data import lm_token_arrays  # noqa: E402
-from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step  # noqa: E402
-from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState  # noqa: E402
+from benchmarks._common import RESULTS_DIR, environment, t_interval, write_results
+from benchmarks.training import DEFAULT, QUICK, base_transform, make_tx, set_lr
+from umtam_jax import ScaleByUmtamState
+from umtam_jax.experiments.claims import judge
+from umtam_jax.experiments.lm_data import lm_token_arrays
+from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step
+from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState
 
 CLAIM = 0.82
 
@@ -109,7 +119,15 @@ def parse_args(argv=None):
         action="store_true",
         help="factor the embedding tables too (as training.py; slow on CPU)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="comma-separated seeds, one training run each (initialisation and batches); "
+        "the per-matrix table and the plot show the first",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="rerun every seed, ignoring recorded seed runs"
+    )
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--name", default=None)
@@ -132,10 +150,204 @@ def _default_lr(
     return 3e-3, "fixed default 3e-3 (no matching results/training.json)"
 
 
+def _stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, np.float64)
+    return {
+        "median": float(np.median(a)),
+        "min": float(a.min()),
+        "mean": float(a.mean()),
+        "max": float(a.max()),
+    }
+
+
+def run_seed(
+    seed: int,
+    *,
+    size,
+    cfg: GPTConfig,
+    tx,
+    step_fn,
+    lr: float,
+    rank: int,
+    ranks: list[int],
+    log_every: int,
+    train: np.ndarray,
+) -> dict[str, Any]:
+    """Trains one seed's run and measures the captured energy at every logged step.
+
+    Args:
+        seed: Draws the initialisation (``jax.random.key(seed)``) and the batches.
+        size: The training size (``benchmarks.training.DEFAULT`` or ``QUICK``).
+        cfg: The GPT's configuration.
+        tx: The optimizer (lr 1 × schedule × traced lr, as ``benchmarks.training``).
+        step_fn: The jitted training step of ``tx``.
+        lr: Peak learning rate.
+        rank: The rank of the UMTAM run (recorded with its own factors' fraction).
+        ranks: Ranks at which the captured fraction is reported.
+        log_every: Measure every this many steps (and at the first and last).
+        train: The training tokens.
+
+    Returns:
+        The run's record: ``log_steps``, ``summary`` (per r), ``claim_check``,
+        ``own_factors_captured``, ``per_matrix`` and ``wall_s``.
+    """
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, train.size - size.context - 1, size=(size.steps, size.batch))
+    batches = train[starts[..., None] + np.arange(size.context + 1)].astype(np.int32)
+    params = init_gpt(jax.random.key(seed), cfg)
+    opt_state = set_lr(tx.init(params), lr)
+    paths = factored_paths(opt_state)
+    shapes = {
+        jax.tree_util.keystr(k): list(v.shape)
+        for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+        if jax.tree_util.keystr(k) in paths
+    }
+
+    log_steps, losses = [], []
+    # frac[r][matrix] = list over logged steps; own[matrix] = optimizer's own captured fraction
+    frac = {r: {p: [] for p in paths} for r in ranks}
+    own = {p: [] for p in paths}
+    stable_rank = {p: [] for p in paths}
+    t0 = time.perf_counter()
+    for t in tqdm(range(1, size.steps + 1), desc=f"spectrum seed {seed}", mininterval=5):
+        params, opt_state, loss = step_fn(params, opt_state, batches[t - 1])
+        losses.append(float(loss))
+        if t == 1 or t % log_every == 0 or t == size.steps:
+            log_steps.append(t)
+            for p, (sv, low_sq, tot_sq) in zip(paths, spectra(opt_state), strict=True):
+                e = np.asarray(sv, np.float64) ** 2
+                cum = np.cumsum(e) / max(e.sum(), 1e-300)
+                for r in ranks:
+                    frac[r][p].append(float(cum[min(r, cum.size) - 1]))
+                own[p].append(float(low_sq) / max(float(tot_sq), 1e-300))
+                stable_rank[p].append(float(e.sum() / max(e[0], 1e-300)))
+    wall = time.perf_counter() - t0
+
+    summary = {}
+    for r in ranks:
+        final = [frac[r][p][-1] for p in paths]
+        over_time_median = [
+            float(np.median([frac[r][p][i] for p in paths])) for i in range(len(log_steps))
+        ]
+        allv = [x for p in paths for x in frac[r][p]]
+        eff = sorted({min(r, *shapes[p]) for p in paths})
+        nontrivial = [x for p in paths if r < min(shapes[p]) for x in frac[r][p]]
+        summary[str(r)] = {
+            "effective_ranks": eff,
+            "all_steps_matrices_with_r_below_min_dim": _stats(nontrivial) if nontrivial else None,
+            "final_step_over_matrices": _stats(final),
+            "all_steps_and_matrices": _stats(allv),
+            "median_over_matrices_per_step": over_time_median,
+            "fraction_of_matrix_steps_above_claim": float(np.mean(np.asarray(allv) > CLAIM)),
+        }
+    claim = None
+    if "32" in summary:
+        s = summary["32"]
+        claim = {
+            "claim": ">82 % of momentum energy captured at r = 32",
+            "median_final": s["final_step_over_matrices"]["median"],
+            "min_final": s["final_step_over_matrices"]["min"],
+            "median_all": s["all_steps_and_matrices"]["median"],
+            "min_all": s["all_steps_and_matrices"]["min"],
+            "holds_for_median_matrix": bool(s["all_steps_and_matrices"]["median"] > CLAIM),
+            "holds_for_every_matrix_and_step": bool(s["all_steps_and_matrices"]["min"] > CLAIM),
+        }
+    return {
+        "seed": seed,
+        "matrices": shapes,
+        "log_steps": log_steps,
+        "train_loss_first_last": [losses[0], losses[-1]],
+        "summary": summary,
+        "claim_check": claim,
+        "own_factors_captured": {"rank": rank, **_stats([x for p in paths for x in own[p]])},
+        "per_matrix": {
+            p: {
+                "fraction": {str(r): frac[r][p] for r in ranks},
+                "own_factors_captured": own[p],
+                "stable_rank": stable_rank[p],
+            }
+            for p in paths
+        },
+        "wall_s": wall,
+    }
+
+
+def combine_seeds(runs: list[dict[str, Any]], claim_rank: str = "32") -> dict[str, Any]:
+    """Per r, each seed's median and minimum over (matrix, logged step) and their means
+    over seeds with 95 % Student-t intervals (:func:`benchmarks._common.t_interval`).
+
+    Args:
+        runs: One :func:`run_seed` record per seed (only ``seed`` and ``summary`` are read).
+        claim_rank: The r of the paper's claim.
+
+    Returns:
+        ``{"seeds", "interval", "by_rank", "claim_check"}``; ``by_rank[r]`` holds
+        ``by_seed`` (per seed ``median``, ``min`` and ``share_above_claim``, fractions) and
+        the intervals ``median``, ``min`` and ``share_above_claim``; ``claim_check`` (None
+        when ``claim_rank`` was not measured) holds the claimed fraction and the
+        ``median`` and ``min`` intervals at ``claim_rank``.
+    """
+    by_rank: dict[str, Any] = {}
+    for r in runs[0]["summary"]:
+        rows = [
+            {
+                "seed": run["seed"],
+                "median": run["summary"][r]["all_steps_and_matrices"]["median"],
+                "min": run["summary"][r]["all_steps_and_matrices"]["min"],
+                "share_above_claim": run["summary"][r]["fraction_of_matrix_steps_above_claim"],
+            }
+            for run in runs
+        ]
+        by_rank[r] = {
+            "by_seed": rows,
+            **{k: t_interval([row[k] for row in rows]) for k in ("median", "min")},
+            "share_above_claim": t_interval([row["share_above_claim"] for row in rows]),
+        }
+    claim = None
+    if claim_rank in by_rank:
+        b = by_rank[claim_rank]
+        claim = {
+            "rank": int(claim_rank),
+            "claimed": CLAIM,
+            "compared": "each seed's median over (matrix, logged step), mean over seeds",
+            "median": b["median"],
+            "min": b["min"],
+            "by_seed": b["by_seed"],
+        }
+    return {
+        "seeds": [run["seed"] for run in runs],
+        "interval": "95 % Student-t interval over seeds (n − 1 degrees of freedom)",
+        "by_rank": by_rank,
+        "claim_check": claim,
+    }
+
+
+def _seed_run(seed: int, signature: dict[str, Any], path: Path, fresh: bool, run, env) -> dict:
+    """One seed's record: read back from ``path`` when recorded with ``signature``, else
+    ``run(seed)``, written to ``path`` (by :func:`write_results`) as soon as it ends."""
+    if path.exists() and not fresh:
+        try:
+            rec = json.loads(path.read_text())["result"]
+        except (OSError, ValueError, KeyError):
+            rec = None
+        if isinstance(rec, dict) and rec.get("signature") == signature:
+            print(f"[spectrum] seed {seed}: read back {path}", flush=True)
+            return rec
+    rec = {"signature": signature, **run(seed)}
+    title = f"{path.stem} (momentum energy at rank r, one seed)"
+    write_results(path.stem, rec, "", results_dir=path.parent, title=title, env=env)
+    return rec
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if not args.error_decay > 0:
         raise SystemExit("--error-decay must be > 0 (E is the residual used to rebuild M̃)")
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds needs distinct seeds, got {args.seeds!r}")
     size = QUICK if args.quick else DEFAULT
     if args.steps:
         size = dataclasses.replace(size, steps=args.steps)
@@ -150,11 +362,9 @@ def main(argv=None) -> dict[str, Any]:
         if args.lr
         else _default_lr(rdir, size, args.rank, args.factor_embeddings, optimizer)
     )
+    env = environment()
 
     train, _ = lm_token_arrays()
-    rng = np.random.default_rng(args.seed)
-    starts = rng.integers(0, train.size - size.context - 1, size=(size.steps, size.batch))
-    batches = train[starts[..., None] + np.arange(size.context + 1)].astype(np.int32)
     cfg = GPTConfig(
         vocab_size=4096,
         context=size.context,
@@ -162,7 +372,6 @@ def main(argv=None) -> dict[str, Any]:
         n_layers=size.n_layers,
         n_heads=size.n_heads,
     )
-    params = init_gpt(jax.random.key(args.seed), cfg)
     base = base_transform(
         optimizer,
         rank=args.rank,
@@ -172,138 +381,137 @@ def main(argv=None) -> dict[str, Any]:
         factor_embeddings=args.factor_embeddings,
     )
     tx = make_tx(base, size.steps, size.warmup_frac)
-    step_fn = make_gpt_train_step(tx, config=cfg)
-    opt_state = set_lr(tx.init(params), lr)
-    paths = factored_paths(opt_state)
-    shapes = {
-        jax.tree_util.keystr(k): list(v.shape)
-        for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
-        if jax.tree_util.keystr(k) in paths
+    step_fn = make_gpt_train_step(tx, config=cfg)  # compiled once, shared by the seeds
+    opt_conf = {
+        "name": "umtam",
+        "rank": args.rank,
+        "svd_method": args.svd_method,
+        "error_decay": args.error_decay,
+        "bias_correction": args.bias_correction,
+        "lr": lr,
+        "lr_source": lr_source,
+        "min_dim_size_to_factor": size.min_dim_size_to_factor,
+        "embeddings_factored": args.factor_embeddings,
+        "schedule": "lr × warmup_cosine (as training.py)",
+    }
+    signature = {
+        "config": dataclasses.asdict(size),
+        "model": dataclasses.asdict(cfg),
+        "optimizer": opt_conf,
+        "ranks": ranks,
+        "log_every": log_every,
     }
     print(
         f"[spectrum] size {'QUICK' if args.quick else 'DEFAULT'} {dataclasses.asdict(size)}; "
         f"UMTAM rank {args.rank} ({args.svd_method}), lr {lr:g} ({lr_source}), "
         f"error_decay {args.error_decay}, bias_correction {args.bias_correction}; "
-        f"{len(paths)} factored matrices {shapes}",
+        f"seeds {seeds}",
         flush=True,
     )
 
-    from tqdm.auto import tqdm
+    def run(seed: int) -> dict[str, Any]:
+        rec = run_seed(seed, size=size, cfg=cfg, tx=tx, step_fn=step_fn, lr=lr, rank=args.rank,
+                       ranks=ranks, log_every=log_every, train=train)  # fmt: skip
+        print(f"[spectrum] seed {seed}: {rec['wall_s']:.0f} s, {rec['matrices']}", flush=True)
+        return rec
 
-    log_steps, losses = [], []
-    # frac[r][matrix] = list over logged steps; own[matrix] = optimizer's own captured fraction
-    frac = {r: {p: [] for p in paths} for r in ranks}
-    own = {p: [] for p in paths}
-    stable_rank = {p: [] for p in paths}
-    t0 = time.perf_counter()
-    for t in tqdm(range(1, size.steps + 1), desc="spectrum", mininterval=5):
-        params, opt_state, loss = step_fn(params, opt_state, batches[t - 1])
-        losses.append(float(loss))
-        if t == 1 or t % log_every == 0 or t == size.steps:
-            log_steps.append(t)
-            for p, (sv, low_sq, tot_sq) in zip(paths, spectra(opt_state), strict=True):
-                e = np.asarray(sv, np.float64) ** 2
-                cum = np.cumsum(e) / max(e.sum(), 1e-300)
-                for r in ranks:
-                    frac[r][p].append(float(cum[min(r, cum.size) - 1]))
-                own[p].append(float(low_sq) / max(float(tot_sq), 1e-300))
-                stable_rank[p].append(float(e.sum() / max(e[0], 1e-300)))
-    wall = time.perf_counter() - t0
-
-    def stats(values: list[float]) -> dict[str, float]:
-        a = np.asarray(values, np.float64)
-        return {
-            "median": float(np.median(a)),
-            "min": float(a.min()),
-            "mean": float(a.mean()),
-            "max": float(a.max()),
-        }
-
-    summary = {}
-    for r in ranks:
-        final = [frac[r][p][-1] for p in paths]
-        over_time_median = [
-            float(np.median([frac[r][p][i] for p in paths])) for i in range(len(log_steps))
-        ]
-        allv = [x for p in paths for x in frac[r][p]]
-        eff = sorted({min(r, *shapes[p]) for p in paths})
-        nontrivial = [x for p in paths if r < min(shapes[p]) for x in frac[r][p]]
-        summary[str(r)] = {
-            "effective_ranks": eff,
-            "all_steps_matrices_with_r_below_min_dim": stats(nontrivial) if nontrivial else None,
-            "final_step_over_matrices": stats(final),
-            "all_steps_and_matrices": stats(allv),
-            "median_over_matrices_per_step": over_time_median,
-            "fraction_of_matrix_steps_above_claim": float(np.mean(np.asarray(allv) > CLAIM)),
-        }
-    claim_r = "32" if "32" in summary else None
-    claim = None
-    if claim_r:
-        s = summary[claim_r]
-        claim = {
-            "claim": ">82 % of momentum energy captured at r = 32",
-            "median_final": s["final_step_over_matrices"]["median"],
-            "min_final": s["final_step_over_matrices"]["min"],
-            "median_all": s["all_steps_and_matrices"]["median"],
-            "min_all": s["all_steps_and_matrices"]["min"],
-            "holds_for_median_matrix": bool(s["all_steps_and_matrices"]["median"] > CLAIM),
-            "holds_for_every_matrix_and_step": bool(s["all_steps_and_matrices"]["min"] > CLAIM),
-        }
-    own_all = [x for p in paths for x in own[p]]
+    sub = rdir / "spectrum_seeds"
+    runs = [
+        _seed_run(s, {**signature, "seed": s}, sub / f"{name}_seed{s}.json", args.fresh, run, env)
+        for s in seeds
+    ]
+    first = {k: v for k, v in runs[0].items() if k != "signature"}
     payload = {
         "size": "quick" if args.quick else "default",
-        "config": dataclasses.asdict(size),
-        "model": dataclasses.asdict(cfg),
-        "optimizer": {
-            "name": "umtam",
-            "rank": args.rank,
-            "svd_method": args.svd_method,
-            "error_decay": args.error_decay,
-            "bias_correction": args.bias_correction,
-            "lr": lr,
-            "lr_source": lr_source,
-            "min_dim_size_to_factor": size.min_dim_size_to_factor,
-            "embeddings_factored": args.factor_embeddings,
-            "schedule": "lr × warmup_cosine (as training.py)",
-        },
+        "config": signature["config"],
+        "model": signature["model"],
+        "optimizer": opt_conf,
         "definition": "fraction(r) = sum_{i<=r} σ_i² / sum_i σ_i², σ = singular values of "
         "M̃ = UΣVᵀ + E read from the optimizer state after each logged step",
-        "matrices": shapes,
-        "log_steps": log_steps,
-        "train_loss_first_last": [losses[0], losses[-1]],
         "ranks": ranks,
-        "summary": summary,
-        "claim_check": claim,
-        "own_factors_captured": {"rank": args.rank, **stats(own_all)},
-        "per_matrix": {
-            p: {
-                "fraction": {str(r): frac[r][p] for r in ranks},
-                "own_factors_captured": own[p],
-                "stable_rank": stable_rank[p],
-            }
-            for p in paths
-        },
-        "wall_s": wall,
+        **first,
+        "over_seeds": combine_seeds(runs),
+        "seed_records": [str((sub / f"{name}_seed{s}.json").relative_to(rdir)) for s in seeds],
+        "wall_s_by_seed": [run["wall_s"] for run in runs],
         "plot": None if args.no_plot else f"{name}.png",
     }
     if not args.no_plot:
         plot(payload, rdir / f"{name}.png")
     md = markdown(payload)
-    write_results(name, payload, md, results_dir=rdir, title=f"{name} (momentum energy at rank r)")
+    write_results(
+        name, payload, md, results_dir=rdir, env=env, title=f"{name} (momentum energy at rank r)"
+    )
     print(md, flush=True)
     return payload
 
 
+def _ci(c: dict[str, Any]) -> str:
+    """A fraction's interval in %: ``mean [low, high]`` (the mean alone for one seed)."""
+    if c["low"] is None:
+        return f"{100 * c['estimate']:.1f} % (one seed)"
+    return f"{100 * c['estimate']:.1f} % [{100 * c['low']:.1f}, {100 * c['high']:.1f}]"
+
+
+def _over_seeds_markdown(p: dict[str, Any]) -> list[str]:
+    o = p["over_seeds"]
+    seeds = o["seeds"]
+
+    def per_seed(rows: list[dict[str, Any]], key: str, f: str = "{:.1f}") -> str:
+        return " / ".join(f.format(100 * row[key]) for row in rows) + " %"
+
+    out = [
+        f"Over seeds {', '.join(map(str, seeds))} (each seed: its own initialisation and "
+        "training batches, the same lr). Per seed: median and minimum of the captured "
+        "fraction over all (matrix, logged step) pairs; across seeds: their mean with a "
+        f"{o['interval']}.",
+        "",
+        "| r | median by seed | min by seed | mean of the median [95 % CI] | "
+        "mean of the min [95 % CI] | share of (matrix, step) > 82 % by seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r, b in o["by_rank"].items():
+        rows = b["by_seed"]
+        out.append(
+            f"| {r} | {per_seed(rows, 'median')} | {per_seed(rows, 'min')} | "
+            f"{_ci(b['median'])} | {_ci(b['min'])} | "
+            f"{per_seed(rows, 'share_above_claim', '{:.0f}')} |"
+        )
+    cc = o["claim_check"]
+    if cc:
+        claimed = 100 * cc["claimed"]
+        med, mn = cc["median"], cc["min"]
+
+        def reading(c: dict[str, Any]) -> str:
+            lo, hi = (None, None) if c["low"] is None else (100 * c["low"], 100 * c["high"])
+            verdict, why = judge(lo, hi, claimed, "at_least", estimate=100 * c["estimate"])
+            return f"{verdict} ({why})"
+
+        out += [
+            "",
+            f'Paper claim "> 82 % at r = {cc["rank"]}", judged on the median matrix (the '
+            f"momentum as a whole): {_ci(med)}, **{reading(med)}**. The minimum matrix: "
+            f"{_ci(mn)}, which reads {reading(mn)}.",
+        ]
+    return out
+
+
 def markdown(p: dict[str, Any]) -> str:
     o, c, m = p["optimizer"], p["config"], p["model"]
+    seeds = p["over_seeds"]["seeds"]
     out = [
-        f"Size **{p['size']}** (GPT d_model={m['d_model']}, {m['n_layers']} layers, context "
-        f"{m['context']}, batch {c['batch']}, {c['steps']} steps); UMTAM rank {o['rank']} "
+        f"Size **{p['size']}** (GPT d_model={m['d_model']}, "
+        f"{m['n_layers']} layers, context {m['context']}, batch {c['batch']}, {c['steps']} "
+        f"steps); UMTAM rank {o['rank']} "
         f"({o['svd_method']} SVD), error_decay {o['error_decay']}, bias_correction "
         f"{o.get('bias_correction', False)}, lr {o['lr']:g} "
-        f"({o['lr_source']}). {len(p['matrices'])} factored matrices, logged at "
+        f"({o['lr_source']}); seeds {', '.join(map(str, seeds))}. {len(p['matrices'])} "
+        f"factored matrices, logged at "
         f"{len(p['log_steps'])} steps ({p['log_steps'][0]}…{p['log_steps'][-1]}). "
         "Captured fraction = energy of the best rank-r truncation of M̃ = UΣVᵀ + E.",
+        "",
+        *_over_seeds_markdown(p),
+        "",
+        f"Seed {p['seed']} in detail:",
         "",
         "| r | effective r | median / min (all steps, matrices with r < min(m, n)) | "
         "median (final step) | min (final step) | median (all steps) | "
@@ -337,7 +545,7 @@ def markdown(p: dict[str, Any]) -> str:
         )
         out += [
             "",
-            f'Paper claim ">82 % at r = 32": {verdict} here (median '
+            f'Seed {p["seed"]} alone, ">82 % at r = 32": {verdict} (median '
             f"{100 * cc['median_all']:.1f} %, min {100 * cc['min_all']:.1f} % over matrices and "
             "logged steps).",
         ]
@@ -375,7 +583,7 @@ def plot(p: dict[str, Any], path: Path) -> None:
         ax.fill_between(steps, per.min(0), per.max(0), color=line.get_color(), alpha=0.15)
     ax.axhline(CLAIM, color="k", ls=":", lw=1, label="82 % (paper)")
     ax.set(
-        title="energy of M̃ captured at rank r (band: min–max over matrices)",
+        title=f"seed {p['seed']}: energy of M̃ captured at rank r (band: min–max over matrices)",
         xlabel="step",
         ylabel="captured fraction",
         ylim=(0, 1.02),

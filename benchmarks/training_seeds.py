@@ -19,29 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import scipy.stats
-
 from benchmarks import training
-from benchmarks._common import RESULTS_DIR, environment, write_results
-
-
-def t_interval(xs: list[float]) -> dict[str, float | int | None]:
-    """Mean of ``xs`` with its 95 % Student-t interval (None ends for one value)."""
-    x = np.asarray([v for v in xs if v is not None and math.isfinite(v)], float)
-    n = len(x)
-    if n == 0:
-        return {"estimate": None, "low": None, "high": None, "n": 0}
-    mean = float(x.mean())
-    if n < 2:
-        return {"estimate": mean, "low": None, "high": None, "n": 1}
-    t = float(scipy.stats.t.ppf(0.975, n - 1))
-    half = t * float(x.std(ddof=1)) / math.sqrt(n)
-    return {"estimate": mean, "low": mean - half, "high": mean + half, "n": n}
+from benchmarks._common import RESULTS_DIR, environment, t_interval, write_results
 
 
 def _seed_record(seed: int, args: argparse.Namespace, rdir: Path) -> dict[str, Any]:
