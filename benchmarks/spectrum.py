@@ -488,9 +488,10 @@ def _over_seeds_markdown(p: dict[str, Any]) -> list[str]:
 
         out += [
             "",
-            f'Paper claim "> 82 % at r = {cc["rank"]}", judged on the median matrix (the '
-            f"momentum as a whole): {_ci(med)}, **{reading(med)}**. The minimum matrix: "
-            f"{_ci(mn)}, which reads {reading(mn)}.",
+            f'Paper claim "> 82 % at r = {cc["rank"]}", judged on the mean over seeds of the '
+            "median over (matrix, logged step), as the claim is about the momentum as a whole: "
+            f"{_ci(med)}, **{reading(med)}**. The same for the minimum (the worst matrix and "
+            f"step): {_ci(mn)}, which alone would read {reading(mn)}.",
         ]
     return out
 

@@ -276,6 +276,59 @@ def test_training_seeds_intervals_against_a_hand_computation():
     assert out["rank_spread_percent"]["high"] == pytest.approx(2.0 + half)
 
 
+def test_spectrum_seeds_combine_against_a_hand_computation_and_give_claim_6_a_verdict(
+    tmp_path,
+):
+    from benchmarks import spectrum
+    from umtam_jax.experiments import claims
+
+    def run(seed, median, least, share):
+        at32 = {"all_steps_and_matrices": {"median": median, "min": least},
+                "fraction_of_matrix_steps_above_claim": share}  # fmt: skip
+        at8 = {"all_steps_and_matrices": {"median": 0.5, "min": 0.4},
+               "fraction_of_matrix_steps_above_claim": 0.0}  # fmt: skip
+        return {"seed": seed, "summary": {"8": at8, "32": at32}}
+
+    runs = [run(0, 0.95, 0.78, 0.8), run(1, 0.97, 0.80, 0.9), run(2, 0.96, 0.85, 1.0)]
+    out = spectrum.combine_seeds(runs)
+    assert out["seeds"] == [0, 1, 2] and "Student-t" in out["interval"]
+    half = 4.302652729911275 * 0.01 / np.sqrt(3)  # t(0.975, 2) × sd 0.01 / √3
+    check = out["claim_check"]
+    assert check["rank"] == 32 and check["claimed"] == 0.82
+    assert check["median"]["estimate"] == pytest.approx(0.96)
+    assert (check["median"]["low"], check["median"]["high"]) == pytest.approx(
+        (0.96 - half, 0.96 + half)
+    )
+    mins = [0.78, 0.80, 0.85]
+    half_min = 4.302652729911275 * np.std(mins, ddof=1) / np.sqrt(3)
+    assert check["min"]["estimate"] == pytest.approx(np.mean(mins))
+    assert check["min"]["high"] == pytest.approx(np.mean(mins) + half_min)
+    assert [row["median"] for row in check["by_seed"]] == [0.95, 0.97, 0.96]
+    assert out["by_rank"]["32"]["share_above_claim"]["estimate"] == pytest.approx(0.9)
+    assert out["by_rank"]["8"]["median"]["low"] == pytest.approx(0.5)  # no spread
+
+    # Claim 6 reads the median's interval: 96.0 % [93.5, 98.5] lies above 82 %.
+    bdir = tmp_path / "results"
+    bdir.mkdir()
+    result = {"over_seeds": out, "claim_check": {"median_all": 0.95, "min_all": 0.78},
+              "matrices": {"a": [4, 4]}, "log_steps": [1, 2]}  # fmt: skip
+    env = {"cpu": {"affinity": 2}, "backend": "cpu"}
+    (bdir / "spectrum.json").write_text(json.dumps({"date": "2026-01-02", "environment": env,
+                                                    "result": result}))  # fmt: skip
+    energy = claims.paper_claims(None, bdir)[5]
+    assert energy.claim.startswith("Rank 32 captures")
+    assert (energy.estimate, energy.low, energy.high) == pytest.approx(
+        (96.0, 100 * (0.96 - half), 100 * (0.96 + half))
+    )
+    assert energy.verdict == "reproduced" and "above 82" in energy.why
+    assert "minimum 81.0 %" in energy.measurement and "seeds [0, 1, 2]" in energy.setting
+    # One seed has no interval: the row falls back to the single run, inconclusive.
+    result["over_seeds"] = spectrum.combine_seeds(runs[:1])
+    (bdir / "spectrum.json").write_text(json.dumps({"environment": env, "result": result}))
+    energy = claims.paper_claims(None, bdir)[5]
+    assert energy.verdict == "inconclusive" and energy.estimate == pytest.approx(95.0)
+
+
 def test_merging_runs_the_adamw_pipeline_with_the_chosen_methods(tmp_path, monkeypatch):
     """``--adamw-methods`` reaches the AdamW evaluation as its methods (not its tasks);
     ``--memory-modes`` evaluates each mode's experts in its own work directory."""
