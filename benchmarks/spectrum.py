@@ -435,12 +435,13 @@ def main(argv=None) -> dict[str, Any]:
         "wall_s_by_seed": [run["wall_s"] for run in runs],
         "plot": None if args.no_plot else f"{name}.png",
     }
-    if not args.no_plot:
-        plot(payload, rdir / f"{name}.png")
     md = markdown(payload)
     write_results(
         name, payload, md, results_dir=rdir, env=env, title=f"{name} (momentum energy at rank r)"
     )
+    # Drawn after the record, whose provenance (tracked files changed or not) it would alter.
+    if not args.no_plot:
+        plot(payload, rdir / f"{name}.png")
     print(md, flush=True)
     return payload
 
