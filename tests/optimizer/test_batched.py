@@ -4,6 +4,8 @@ to the same model with one leaf per layer."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,38 +29,70 @@ def _opt(hp: Hyper, row_axes, **extra):
 
 
 @pytest.mark.parametrize(
-    "shape,axes,adaptive",
+    "shape,axes,perm,adaptive",
     [
-        ((3, 12, 10), umtam_jax.MatrixAxes(1, 1), False),  # a scanned Dense kernel
-        ((2, 2, 6, 2, 10), umtam_jax.MatrixAxes(2, 2), True),  # two batch axes, N-D matrix
+        ((3, 12, 10), umtam_jax.MatrixAxes(1, 1), (0, 1, 2), False),  # a scanned Dense kernel
+        ((2, 2, 6, 2, 10), umtam_jax.MatrixAxes(2, 2), (0, 1, 2, 3, 4), True),  # N-D matrix
+        # [d_in, L, d_out]: the layer axis second (MaxText's param_scan_axis=1).
+        ((12, 3, 10), umtam_jax.MatrixAxes((1,), (0,)), (1, 0, 2), False),
+        # Columns from two separated axes (0 and 3), batch axis in between.
+        ((2, 6, 3, 10), umtam_jax.MatrixAxes((2,), (1,)), (2, 1, 0, 3), True),
     ],
 )
-def test_each_matrix_of_the_batch_follows_the_reference(shape, axes, adaptive):
+def test_each_matrix_of_the_batch_follows_the_reference(shape, axes, perm, adaptive):
+    """``perm`` takes the leaf to (batch, rows, cols): the matrices are those of
+    ``np.transpose(leaf, perm)``, written out here independently of the layout code."""
     hp = Hyper(adaptive_rank=adaptive, rank=2, max_rank=4, rank_update_every=2)
-    nb = axes.batch
+    r = 4 if adaptive else 2
+    nb, k = (a if isinstance(a, int) else len(a) for a in axes)
+    ndim = len(shape)
+    batch_shape = tuple(shape[i] for i in perm[:nb])
+    reordered = perm != tuple(range(ndim))
+
+    def canonical(x):  # a parameter-shaped array as (batch, rows, cols)
+        return np.transpose(np.asarray(x), perm)
+
+    def per_matrix(x, tail):  # a per-matrix state array (u, v, rank) as batch + tail
+        x = np.asarray(x)
+        if reordered:  # stored with the parameter's axes, size 1 where absent
+            x = np.transpose(x, perm + tuple(range(ndim, x.ndim)))
+        return x.reshape(batch_shape + tail)
+
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
-        scale = np.linspace(0.5, 50.0, int(np.prod(shape[:nb]))).reshape(shape[:nb])
-        scale = scale.reshape(shape[:nb] + (1,) * (len(shape) - nb))
+        scale = np.linspace(0.5, 50.0, int(np.prod(batch_shape))).reshape(batch_shape)
+        scale = np.transpose(
+            scale.reshape(batch_shape + (1,) * (ndim - nb)), tuple(np.argsort(perm))
+        )
         params = {"w": jnp.asarray(rng.normal(size=shape))}
         opt = _opt(hp, lambda path, s: axes)
         state = opt.init(params)
         leaf = state[0].leaves["w"]
-        assert leaf.sigma.shape == shape[:nb] + (4 if adaptive else 2,) * 2
+        if reordered:  # stored with the parameter's axes in its order, size 1 where absent
+            batch, rows, cols = perm[:nb], perm[nb : nb + k], perm[nb + k :]
+
+            def keep(axes):
+                return tuple(d if i in axes else 1 for i, d in enumerate(shape))
+
+            assert leaf.row.shape == keep(batch + rows) and leaf.col.shape == keep(batch + cols)
+            assert leaf.u.shape == leaf.row.shape + (r,) and leaf.v.shape == leaf.col.shape + (r,)
+            assert leaf.sigma.shape == keep(batch) + (r, r)
+        else:
+            assert leaf.sigma.shape == batch_shape + (r, r)
+        u0, v0 = per_matrix(leaf.u, (-1, r)), per_matrix(leaf.v, (-1, r))
         refs = {}
-        for index in np.ndindex(*shape[:nb]):
-            u0 = np.asarray(leaf.u[index]).reshape(-1, leaf.u.shape[-1])
-            v0 = np.asarray(leaf.v[index]).reshape(-1, leaf.v.shape[-1])
-            refs[index] = FactoredReference(u0, v0, np.asarray(params["w"][index]), hp)
+        for index in np.ndindex(*batch_shape):
+            refs[index] = FactoredReference(u0[index], v0[index], canonical(params["w"])[index], hp)
         step = jax.jit(opt.update)
         for _ in range(8):
             # Gradient scales differ per matrix: clipping norms and ε_t must be per matrix.
             g = rng.normal(size=shape) * scale
             w = rng.normal(size=shape)
             updates, state = step({"w": jnp.asarray(g)}, state, {"w": jnp.asarray(w)})
+            assert updates["w"].shape == shape
             for index, ref in refs.items():
-                expected = -ref.step(g[index], w[index])
-                assert _relative_error(updates["w"][index], expected) < 1e-8, index
+                expected = -ref.step(canonical(g)[index], canonical(w)[index])
+                assert _relative_error(canonical(updates["w"])[index], expected) < 1e-8, index
         for quantity, fn in [
             ("saliency", umtam_jax.saliency),
             ("curvature", umtam_jax.curvature),
@@ -67,12 +101,12 @@ def test_each_matrix_of_the_batch_follows_the_reference(shape, axes, adaptive):
             got = fn(state)["w"]
             assert got.shape == shape
             for index, ref in refs.items():
-                assert _relative_error(got[index], getattr(ref, quantity)) < 1e-8, quantity
+                error = _relative_error(canonical(got)[index], getattr(ref, quantity))
+                assert error < 1e-8, quantity
         if adaptive:
-            ranks = np.asarray(state[0].leaves["w"].rank)
-            assert ranks.shape == shape[:nb]
-            want = [refs[index].active for index in np.ndindex(*shape[:nb])]
-            np.testing.assert_array_equal(ranks, np.reshape(want, shape[:nb]))
+            ranks = per_matrix(state[0].leaves["w"].rank, ())
+            want = [refs[index].active for index in np.ndindex(*batch_shape)]
+            np.testing.assert_array_equal(ranks, np.reshape(want, batch_shape))
 
 
 def test_stacked_dense_leaf_clips_each_slice():
@@ -107,6 +141,54 @@ def test_scanned_helper_marks_only_named_subtrees():
         opt.init({"w": jnp.ones((2, 2, 3))})
 
 
+def test_scanned_helper_takes_the_layer_axis_anywhere():
+    fn = umtam_jax.scanned("blocks", axis=1)  # MaxText's param_scan_axis=1
+    blocks = (jax.tree_util.DictKey("blocks"), jax.tree_util.DictKey("kernel"))
+    head = (jax.tree_util.DictKey("head"), jax.tree_util.DictKey("kernel"))
+    assert fn(blocks, (16, 4, 8)) == umtam_jax.MatrixAxes((1,), (0,))
+    assert fn(blocks, (16, 4)) == umtam_jax.MatrixAxes((1,), ())  # a stacked bias [d, L]
+    assert fn(blocks, (16, 4, 2, 8)) == umtam_jax.MatrixAxes((1,), (0, 2))  # [d, L, h, k]
+    assert fn(head, (16, 8)) == 1
+    with pytest.raises(ValueError, match="axis"):
+        umtam_jax.scanned("blocks", axis=-1)
+
+
+@pytest.mark.parametrize(
+    "axes,message",
+    [
+        (umtam_jax.MatrixAxes((0,), (0,)), "named twice"),
+        (umtam_jax.MatrixAxes((3,), (0,)), "outside"),
+        (umtam_jax.MatrixAxes((0,), 3), "exceed"),
+        (umtam_jax.MatrixAxes(1.5, 1), "non-negative ints or tuples"),
+        (umtam_jax.MatrixAxes((0,), ("a",)), "non-negative ints or tuples"),
+    ],
+)
+def test_invalid_matrix_axes_name_the_leaf(axes, message):
+    opt = umtam_jax.umtam(1e-3, row_axes=lambda p, s: axes)
+    with pytest.raises(ValueError, match=message) as err:
+        opt.init({"w": jnp.ones((4, 5, 6))})
+    assert "['w']" in str(err.value) and "(4, 5, 6)" in str(err.value)
+
+
+def test_a_negative_axis_position_counts_from_the_end():
+    params = {"w": jnp.ones((6, 3, 5))}
+    a = umtam_jax.umtam(
+        1e-3,
+        rank=2,
+        min_dim_size_to_factor=2,
+        row_axes=lambda p, s: umtam_jax.MatrixAxes((-2,), (0,)),
+    )
+    b = umtam_jax.umtam(
+        1e-3,
+        rank=2,
+        min_dim_size_to_factor=2,
+        row_axes=lambda p, s: umtam_jax.MatrixAxes((1,), (0,)),
+    )
+    shapes = lambda opt: jax.tree.map(jnp.shape, opt.init(params)[0].leaves["w"])  # noqa: E731
+    assert shapes(a) == shapes(b)
+    assert shapes(a).row == (6, 3, 1) and shapes(a).sigma == (1, 3, 1, 2, 2)
+
+
 # ----------------------------------------------------------------------------- Flax
 
 L, D = 3, 16
@@ -121,18 +203,22 @@ class Block(nnx.Module):
 
 
 class Scanned(nnx.Module):
-    """L blocks whose parameters are stacked along a leading axis, run by nnx.scan."""
+    """L blocks whose parameters are stacked along axis ``axis`` (0: ``[L, d_in, d_out]``;
+    1: ``[d_in, L, d_out]`` kernels and ``[d, L]`` biases, as MaxText's
+    ``param_scan_axis=1``), run by nnx.scan."""
 
-    def __init__(self, rngs: nnx.Rngs):
+    def __init__(self, rngs: nnx.Rngs, axis: int = 0):
+        self.axis = axis
+
         @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=axis)
         def make(rngs):
             return Block(rngs)
 
         self.blocks = make(rngs)
 
     def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.scan(in_axes=(nnx.Carry, self.axis), out_axes=nnx.Carry)
         def body(x, block):
             return block(x)
 
@@ -146,7 +232,7 @@ class Unrolled(nnx.Module):
         state = nnx.state(scanned.blocks, nnx.Param)
         self.layers = nnx.List([Block(nnx.Rngs(0)) for _ in range(L)])
         for i, layer in enumerate(self.layers):
-            nnx.update(layer, jax.tree.map(lambda x, i=i: x[i], state))
+            nnx.update(layer, jax.tree.map(lambda x, i=i: jnp.take(x, i, scanned.axis), state))
 
     def __call__(self, x):
         for layer in self.layers:
@@ -168,7 +254,8 @@ def _train(model, tx, batches):
     return optimizer
 
 
-def test_nnx_scan_model_trains_like_the_unrolled_model():
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nnx_scan_model_trains_like_the_unrolled_model(axis):
     rng = np.random.default_rng(0)
     batches = [
         (
@@ -177,59 +264,83 @@ def test_nnx_scan_model_trains_like_the_unrolled_model():
         )
         for _ in range(4)
     ]
-    scanned = Scanned(nnx.Rngs(0))
+    scanned = Scanned(nnx.Rngs(0), axis)
     unrolled = Unrolled(scanned)
     kwargs = dict(rank=3, min_dim_size_to_factor=4, svd_method="exact")
-    opt_s = _train(
-        scanned, umtam_jax.umtam(1e-2, row_axes=umtam_jax.scanned("blocks"), **kwargs), batches
-    )
+    row_axes = umtam_jax.scanned("blocks", axis=axis)
+    opt_s = _train(scanned, umtam_jax.umtam(1e-2, row_axes=row_axes, **kwargs), batches)
     opt_u = _train(unrolled, umtam_jax.umtam(1e-2, **kwargs), batches)
     got = nnx.state(scanned, nnx.Param)["blocks"]["lin"]
+    layer = lambda x, i: np.take(np.asarray(x), i, axis)  # noqa: E731
     for i in range(L):
         want = nnx.state(unrolled, nnx.Param)["layers"][i]["lin"]
         for name in ("kernel", "bias"):
-            np.testing.assert_allclose(got[name][...][i], want[name][...], rtol=2e-5, atol=2e-6)
+            np.testing.assert_allclose(
+                layer(got[name][...], i), want[name][...], rtol=2e-5, atol=2e-6
+            )
     # The statistics of layer i of the scanned model are those of the unrolled layer i.
-    sal_s = umtam_jax.saliency(opt_s.opt_state)["blocks"]["lin"]["kernel"]
-    sal_u = umtam_jax.saliency(opt_u.opt_state)["layers"]
-    for i in range(L):
-        np.testing.assert_allclose(sal_s[i], sal_u[i]["lin"]["kernel"], rtol=1e-3, atol=1e-12)
+    for fn in (umtam_jax.saliency, umtam_jax.curvature, umtam_jax.momentum):
+        stat_s = fn(opt_s.opt_state)["blocks"]["lin"]
+        stat_u = fn(opt_u.opt_state)["layers"]
+        for i in range(L):
+            for name in ("kernel", "bias"):
+                np.testing.assert_allclose(
+                    layer(stat_s[name], i), stat_u[i]["lin"][name], rtol=1e-3, atol=1e-12
+                )
 
 
-def test_merging_and_checkpoints_take_batched_statistics(tmp_path):
-    from umtam_jax import checkpoint
-
+def _trained_experts(axes, move):
+    """Two experts of a ``(3, 12, 10)`` stack trained from one base by ``umtam`` with the
+    view ``axes``, every array laid out by ``move`` (identity, or the layer axis moved)."""
     rng = np.random.default_rng(2)
-    base = {"w": jnp.asarray(rng.normal(size=(3, 12, 10)), jnp.float32)}
-    opt = umtam_jax.umtam(
-        1e-2, rank=2, min_dim_size_to_factor=4, row_axes=lambda p, s: umtam_jax.MatrixAxes(1, 1)
-    )
+    base = {"w": jnp.asarray(move(rng.normal(size=(3, 12, 10))), jnp.float32)}
+    opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=4, row_axes=lambda p, s: axes)
     experts, stats = [], []
     for seed in range(2):
         params, state = base, opt.init(base)
         g_rng = np.random.default_rng(10 + seed)
         for _ in range(3):
-            g = {"w": jnp.asarray(g_rng.normal(size=(3, 12, 10)), jnp.float32)}
+            g = {"w": jnp.asarray(move(g_rng.normal(size=(3, 12, 10))), jnp.float32)}
             updates, state = opt.update(g, state, params)
             params = optax.apply_updates(params, updates)
         experts.append(params)
         stats.append(umtam_jax.statistics(state))
+    return base, experts, stats
+
+
+@pytest.mark.parametrize("layer_axis", [0, 1])
+def test_merging_and_checkpoints_take_batched_statistics(tmp_path, layer_axis):
+    from umtam_jax import checkpoint
+
+    if layer_axis == 0:
+        axes, move = umtam_jax.MatrixAxes(1, 1), lambda x: x
+    else:  # [d_in, L, d_out]: statistics stored in the parameter's axis order
+        axes, move = umtam_jax.MatrixAxes((1,), (0,)), lambda x: np.moveaxis(x, 0, 1)
+    base, experts, stats = _trained_experts(axes, move)
+    shape = move(np.zeros((3, 12, 10))).shape
     merged = merging.umtam(base, experts, stats, density=0.3)
-    assert merged["w"].shape == (3, 12, 10) and np.all(np.isfinite(merged["w"]))
+    assert merged["w"].shape == shape and np.all(np.isfinite(merged["w"]))
+    if layer_axis:  # the same merge as with the layer axis first, up to float32 rounding
+        lead_inputs = _trained_experts(umtam_jax.MatrixAxes(1, 1), lambda x: x)
+        lead = merging.umtam(*lead_inputs, density=0.3)
+        np.testing.assert_allclose(merged["w"], move(lead["w"]), rtol=1e-5, atol=1e-6)
     # Per-matrix statistics restore from a checkpoint unchanged and merge identically.
     path = checkpoint.save_checkpoint(tmp_path / "e0", experts[0], statistics=stats[0])
     restored = checkpoint.restore_statistics(path)
-    assert restored["w"].sigma.shape == (3, 2, 2)
+    assert restored["w"].sigma.shape == stats[0]["w"].sigma.shape
     again = merging.umtam(base, experts, [restored, stats[1]], density=0.3)
     np.testing.assert_array_equal(np.asarray(again["w"]), np.asarray(merged["w"]))
     # One curvature per matrix: scaling one matrix's gradients leaves the others' alone.
     curv = umtam_jax.curvature(stats[0])["w"]
-    assert curv.shape == (3, 12, 10)
+    assert curv.shape == shape
     for i in range(3):
-        row = np.asarray(stats[0]["w"].row[i], np.float64)
-        col = np.asarray(stats[0]["w"].col[i], np.float64)
-        want = np.outer(row, col) / row.sum()
-        assert _relative_error(curv[i], want) < 1e-6
+        row = np.asarray(stats[0]["w"].row, np.float64)
+        col = np.asarray(stats[0]["w"].col, np.float64)
+        if layer_axis:  # row (12, 3, 1), col (1, 3, 10)
+            row, col, got = row[:, i, 0], col[0, i, :], np.asarray(curv)[:, i, :]
+        else:
+            row, col, got = row[i], col[i], np.asarray(curv)[i]
+        assert _relative_error(got, np.outer(row, col) / row.sum()) < 1e-6
 
 
 def _lowered_ops(blocks: int) -> int:
@@ -254,3 +365,17 @@ def _lowered_ops(blocks: int) -> int:
 
 def test_update_of_a_scanned_model_does_not_grow_with_its_layers():
     assert _lowered_ops(12) == _lowered_ops(2)
+
+
+def test_parameter_ordered_statistics_are_validated_before_merging():
+    axes, move = umtam_jax.MatrixAxes((1,), (0,)), lambda x: np.moveaxis(x, 0, 1)
+    base, experts, stats = _trained_experts(axes, move)
+    node = stats[1]["w"]
+    bad_u = {"w": node._replace(u=node.u[..., :1])}  # rank 1 beside a rank-2 core
+    with pytest.raises(ValueError, match=re.escape("statistics[1]['w'].v: expected (1, 3, 10, 1)")):
+        merging.umtam(base, experts, [stats[0], bad_u], density=0.3)
+    bad_row = {"w": node._replace(row=jnp.ones((12, 2, 1)))}  # 2 layers, not 3
+    with pytest.raises(
+        ValueError, match=re.escape("statistics shape mismatch at statistics[1]['w']")
+    ):
+        merging.umtam(base, experts, [stats[0], bad_row], density=0.3)

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from umtam_jax import _pytrees
+from umtam_jax.optimizer._axis_order import is_keepdims
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics
 
 _FACTORED_FIELDS = frozenset(FactoredStatistics._fields)
@@ -294,25 +295,45 @@ def _check_node(node: Any, shape: tuple[int, ...], where: str) -> None:
     if isinstance(node, FactoredStatistics):
         for name in ("row", "col", "u", "sigma"):
             check(name, getattr(node, name), None)
-        # A leaf holding a stack of matrices has leading batch axes on every field.
-        nb = max(node.sigma.ndim - 2, 0)
-        batch = tuple(node.sigma.shape[:nb])
-        rows, cols = tuple(node.row.shape[nb:]), tuple(node.col.shape[nb:])
-        if batch + rows + cols != shape or tuple(node.col.shape[:nb]) != batch:
-            raise ValueError(
-                f"statistics shape mismatch at {where}: row {tuple(node.row.shape)} and col "
-                f"{tuple(node.col.shape)} (batch {batch}) do not give the parameter's shape "
-                f"{shape}"
-            )
+        fields = _keepdims_shapes if is_keepdims(node) else _compact_shapes
         r = node.u.shape[-1] if node.u.ndim else -1
-        check("u", node.u, batch + rows + (r,))
-        check("v", node.v, batch + cols + (r,))
-        check("sigma", node.sigma, batch + (r, r))
+        for name, expected in fields(node, shape, r, where).items():
+            check(name, getattr(node, name), expected)
     else:
         check("mu", node.mu, shape)
         check("nu", node.nu, shape)
     if node.saliency is not None:
         check("saliency", node.saliency, shape)
+
+
+def _compact_shapes(node: FactoredStatistics, shape: tuple, r: int, where: str) -> dict:
+    """The shapes of ``u``, ``v`` and ``sigma`` in the compact (canonical-order) form:
+    ``row`` shaped ``batch + rows``, ``col`` ``batch + cols`` with ``shape`` their union."""
+    nb = max(node.sigma.ndim - 2, 0)  # leading batch axes: a stack of matrices
+    batch = tuple(node.sigma.shape[:nb])
+    rows, cols = tuple(node.row.shape[nb:]), tuple(node.col.shape[nb:])
+    if batch + rows + cols != shape or tuple(node.col.shape[:nb]) != batch:
+        raise ValueError(
+            f"statistics shape mismatch at {where}: row {tuple(node.row.shape)} and col "
+            f"{tuple(node.col.shape)} (batch {batch}) do not give the parameter's shape {shape}"
+        )
+    return {"u": batch + rows + (r,), "v": batch + cols + (r,), "sigma": batch + (r, r)}
+
+
+def _keepdims_shapes(node: FactoredStatistics, shape: tuple, r: int, where: str) -> dict:
+    """The shapes of ``u``, ``v`` and ``sigma`` in the keepdims (parameter-order) form of a
+    leaf whose axes are not batch, rows, cols in that order: ``row`` and ``col`` have the
+    parameter's axes, each of size 1 or the parameter's size."""
+    row, col = tuple(node.row.shape), tuple(node.col.shape)
+    if len(row) != len(shape) or any(
+        (a, b) not in ((d, d), (d, 1), (1, d)) for a, b, d in zip(row, col, shape, strict=True)
+    ):
+        raise ValueError(
+            f"statistics shape mismatch at {where}: row {row} and col {col} do not give the "
+            f"parameter's shape {shape}"
+        )
+    batch = tuple(a if a == b else 1 for a, b in zip(row, col, strict=True))
+    return {"u": row + (r,), "v": col + (r,), "sigma": batch + (r, r)}
 
 
 def statistics_leaves(stats: Any, prepared: Prepared, what: str) -> list[Any]:

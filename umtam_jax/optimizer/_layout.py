@@ -1,15 +1,23 @@
 """Which axes of a parameter form the matrices UMTAM factors.
 
-UMTAM works on matrices: a leaf of shape ``batch + rows + cols`` is a stack of
-``prod(batch)`` independent ``prod(rows) × prod(cols)`` matrices, each with its own
-low-rank momentum, second moments, clipping norm, ε_t, saliency and adaptive rank. The
-split is chosen per leaf by a callable ``(key_path, shape) -> int | MatrixAxes``:
-an ``int`` k means no batch axes and rows ``shape[:k]`` (the historical form), a
-:class:`MatrixAxes` gives the number of leading batch axes too.
+UMTAM works on matrices: a leaf is a stack of ``prod(batch)`` independent
+``prod(rows) × prod(cols)`` matrices, each with its own low-rank momentum, second moments,
+clipping norm, ε_t, saliency and adaptive rank. The split is chosen per leaf by a callable
+``(key_path, shape) -> int | MatrixAxes``: an ``int`` k means no batch axes and rows
+``shape[:k]``; a :class:`MatrixAxes` names the batch axes and the row axes, either as counts
+of leading axes (``MatrixAxes(1, 1)``: ``[L, d_in, d_out]``) or as axis positions
+(``MatrixAxes(batch=(1,), rows=(0,))``: ``[d_in, L, d_out]``); the other axes are the
+columns.
 
 Layer-stacked models (``flax.nnx.scan``, ``flax.linen.scan``, ``nnx.vmap``-built layers)
-keep the weights of all L layers in one ``[L, d_in, d_out]`` array: :func:`scanned` marks
-those leaves' leading axis as a batch axis, so each layer is factored on its own.
+keep the weights of all L layers in one array, with the layer axis first (``[L, d_in,
+d_out]``) or elsewhere (MaxText's ``param_scan_axis=1``: ``[d_in, L, d_out]``):
+:func:`scanned` marks those leaves' layer axis as a batch axis, so each layer is factored
+on its own.
+
+Internally a leaf is updated in its *canonical* order, batch axes then rows then columns;
+a leaf whose axes are in another order is transposed into it and back (see
+:mod:`._axis_order`), which costs a copy of its m×n arrays per step.
 """
 
 from __future__ import annotations
@@ -23,16 +31,26 @@ import jax
 
 
 class MatrixAxes(NamedTuple):
-    """The axes of one leaf: ``batch`` leading batch axes, then ``rows`` row axes; the
-    remaining trailing axes form the columns.
+    """The axes of one leaf: which index independent matrices (batch) and which form each
+    matrix's rows; the remaining axes form its columns.
+
+    Each field is a count of leading axes or a tuple of axis positions (negative positions
+    count from the end). With counts, the batch axes come first and the row axes follow
+    them; a count of rows with a tuple of batch axes takes the first non-batch axes.
 
     Attributes:
-      batch: how many leading axes index independent matrices (0: one matrix).
-      rows: how many of the following axes form the rows of each matrix.
+      batch: the axes indexing independent matrices (0 or ``()``: one matrix).
+      rows: the axes forming the rows of each matrix.
+
+    Example:
+      >>> MatrixAxes(1, 1)  # [L, d_in, d_out]: one d_in × d_out matrix per layer
+      MatrixAxes(batch=1, rows=1)
+      >>> MatrixAxes(batch=(1,), rows=(0,))  # [d_in, L, d_out] (layer axis second)
+      MatrixAxes(batch=(1,), rows=(0,))
     """
 
-    batch: int
-    rows: int
+    batch: int | tuple[int, ...]
+    rows: int | tuple[int, ...]
 
 
 RowAxesFn = Callable[[tuple[Any, ...], tuple[int, ...]], "int | MatrixAxes"]
@@ -61,19 +79,23 @@ def _key_name(key: Any) -> Any:
 
 
 def scanned(
-    *names: str, batch: int = 1, inner: RowAxesFn = default_row_axes
+    *names: str, batch: int = 1, axis: int = 0, inner: RowAxesFn = default_row_axes
 ) -> Callable[[tuple[Any, ...], tuple[int, ...]], int | MatrixAxes]:
     """A ``row_axes`` callable for layer-stacked (scanned) models.
 
     Leaves whose key path contains one of ``names`` (a module or collection name such as
-    the attribute holding an ``nnx.scan``-built block) have ``batch`` leading layer
-    axes: each layer's matrix is factored on its own, with the view ``inner`` gives for
-    the shape without those axes. Other leaves keep ``inner``'s view.
+    the attribute holding an ``nnx.scan``-built block) have ``batch`` layer axes starting
+    at position ``axis``: each layer's matrix is factored on its own, with the view
+    ``inner`` gives for the shape without those axes. Other leaves keep ``inner``'s view.
 
     Args:
       *names: key names marking the scanned subtrees; none: every leaf with more than
         two axes is treated as scanned.
-      batch: number of leading stacking axes of the scanned leaves.
+      batch: number of stacking axes of the scanned leaves.
+      axis: position of the first stacking axis: 0 for ``nnx.scan`` / ``linen.scan`` with
+        the default ``variable_axes={"params": 0}``, 1 for MaxText's ``param_scan_axis=1``
+        (``[d_in, L, d_out]`` kernels, ``[d, L]`` biases). A leaf with fewer than
+        ``axis + batch`` axes takes its last ``batch`` axes as the stacking axes.
       inner: the view of one layer's weight (default :func:`default_row_axes`).
 
     Returns:
@@ -85,33 +107,62 @@ def scanned(
       >>> opt = umtam_jax.umtam(1e-3, rank=8, row_axes=umtam_jax.scanned("blocks"))
       >>> opt.init(params)[0].leaves["blocks"]["kernel"].sigma.shape  # one core per layer
       (4, 8, 8)
+      >>> umtam_jax.scanned("blocks", axis=1)((jax.tree_util.DictKey("blocks"),), (256, 4, 128))
+      MatrixAxes(batch=(1,), rows=(0,))
 
     References:
-      Flax ``nnx.scan`` / ``linen.scan`` (stacked layer parameters); the batch axes of
-      ``optax.contrib.muon``'s dimension numbers.
+      Flax ``nnx.scan`` / ``linen.scan`` (stacked layer parameters), MaxText's
+      ``param_scan_axis``; the batch axes of ``optax.contrib.muon``'s dimension numbers.
     """
-    if not isinstance(batch, int) or batch < 1:
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if not isinstance(axis, int) or isinstance(axis, bool) or axis < 0:
+        raise ValueError(f"axis must be a non-negative int, got {axis!r}")
     wanted = set(names)
 
     def row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | MatrixAxes:
         hit = any(_key_name(k) in wanted for k in path) if wanted else len(shape) > 2
         if not hit or len(shape) <= batch:
             return inner(path, shape)
-        k = inner(path, shape[batch:])
-        if isinstance(k, MatrixAxes):
-            return MatrixAxes(batch + k.batch, k.rows)
-        return MatrixAxes(batch, k)
+        first = min(axis, len(shape) - batch)
+        stacked = tuple(range(first, first + batch))
+        others = tuple(i for i in range(len(shape)) if i not in stacked)
+        view = inner(path, tuple(shape[i] for i in others))
+        inner_batch, inner_rows = _positions(view, len(others))
+        if first == 0 and inner_batch == () and inner_rows == tuple(range(len(inner_rows))):
+            return MatrixAxes(batch, len(inner_rows))  # the leading layout, in counts
+        return MatrixAxes(
+            stacked + tuple(others[i] for i in inner_batch), tuple(others[i] for i in inner_rows)
+        )
 
     return row_axes
+
+
+def _positions(spec: int | MatrixAxes, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(batch, rows)`` axis positions of a view (``int`` or :class:`MatrixAxes`), as
+    given; validity is checked by :func:`layout`."""
+    if not isinstance(spec, MatrixAxes):
+        return (), tuple(range(spec))
+    batch, rows = spec
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        batch = tuple(range(batch))
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        free = [i for i in range(ndim) if i not in {b % ndim for b in batch}]
+        if rows > len(free):
+            raise ValueError(f"batch + rows exceed the {ndim} axes")
+        rows = tuple(free[:rows])
+    return tuple(batch), tuple(rows)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Static per-leaf layout: batch axes, the matrix view and the buffer rank.
 
-    ``row_axes`` is ``None`` for a dense (Adam-like) leaf; its ``batch_axes`` still make
-    the clipping norm and ε_t per slice (a scanned model's stacked biases).
+    Every field but ``perm`` describes the leaf in canonical order (batch axes, rows,
+    columns). ``row_axes`` is ``None`` for a dense (Adam-like) leaf; its ``batch_axes``
+    still make the clipping norm and ε_t per slice (a scanned model's stacked biases).
+    ``perm`` is ``None`` when the parameter's axes are already in canonical order, else
+    the permutation taking them there (``param.transpose(perm)``).
     """
 
     row_axes: int | None
@@ -119,6 +170,43 @@ class Layout:
     cols: int = 0
     buffer_rank: int = 0
     batch_axes: int = 0
+    perm: tuple[int, ...] | None = None
+
+
+def _validated_positions(
+    spec: Any, shape: tuple[int, ...], where: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The batch and row axis positions of a ``row_axes`` result, checked against
+    ``shape`` (see :func:`layout`)."""
+    ndim = len(shape)
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_axes(x: Any) -> bool:
+        return isinstance(x, tuple) and all(is_int(a) for a in x)
+
+    if isinstance(spec, MatrixAxes):
+        if not all(is_int(f) and f >= 0 or is_axes(f) for f in spec):
+            raise ValueError(
+                f"{where}; MatrixAxes needs non-negative ints or tuples of axis positions"
+            )
+    elif is_int(spec):
+        if not 0 <= spec <= ndim:
+            raise ValueError(f"{where}; expected an int in [0, {ndim}] or a MatrixAxes")
+    else:
+        raise ValueError(f"{where}; expected an int or a MatrixAxes")
+    try:
+        batch, rows = _positions(spec, ndim)
+    except ValueError as e:
+        raise ValueError(f"{where}; {e}") from None
+    if any(not -ndim <= a < ndim for a in batch + rows):
+        raise ValueError(f"{where}; an axis position is outside the {ndim} axes")
+    batch = tuple(a % ndim for a in batch)
+    rows = tuple(a % ndim for a in rows)
+    if len(set(batch + rows)) < len(batch + rows):
+        raise ValueError(f"{where}; an axis is named twice")
+    return batch, rows
 
 
 def layout(
@@ -137,22 +225,18 @@ def layout(
         return Layout(None)
     spec = row_axes(path, shape)
     where = f"row_axes returned {spec!r} for {jax.tree_util.keystr(path)} of shape {shape}"
-    if isinstance(spec, MatrixAxes):
-        nb, k = spec
-        if not (isinstance(nb, int) and isinstance(k, int) and nb >= 0 and k >= 0):
-            raise ValueError(f"{where}; MatrixAxes needs non-negative ints")
-        if nb + k > len(shape):
-            raise ValueError(f"{where}; batch + rows exceed the {len(shape)} axes")
-    elif isinstance(spec, int) and not isinstance(spec, bool):
-        nb, k = 0, spec
-        if not 0 <= k <= len(shape):
-            raise ValueError(f"{where}; expected an int in [0, {len(shape)}] or a MatrixAxes")
-    else:
-        raise ValueError(f"{where}; expected an int or a MatrixAxes")
-    matrix = shape[nb:]
-    if k in (0, len(matrix)):
-        return Layout(None, batch_axes=nb)
-    rows, cols = math.prod(matrix[:k]), math.prod(matrix[k:])
-    if min(rows, cols) < min_dim_size_to_factor:
-        return Layout(None, batch_axes=nb)
-    return Layout(k, rows, cols, min(max_rank, rows, cols), nb)
+    batch, rows = _validated_positions(spec, shape, where)
+    cols = tuple(i for i in range(len(shape)) if i not in batch + rows)
+    nb, k = len(batch), len(rows)
+    identity = tuple(range(len(shape)))
+    # A dense leaf only needs its batch axes first (one clipping norm and ε_t per slice).
+    dense_perm = tuple(sorted(batch)) + tuple(i for i in identity if i not in batch)
+    dense = Layout(None, batch_axes=nb, perm=None if dense_perm == identity else dense_perm)
+    perm = tuple(sorted(batch)) + tuple(sorted(rows)) + cols
+    perm = None if perm == identity else perm
+    if not rows or not cols:
+        return dense
+    m, n = math.prod(shape[i] for i in rows), math.prod(shape[i] for i in cols)
+    if min(m, n) < min_dim_size_to_factor:
+        return dense
+    return Layout(k, m, n, min(max_rank, m, n), nb, perm)

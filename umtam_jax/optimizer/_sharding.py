@@ -20,6 +20,7 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from umtam_jax.optimizer._axis_order import is_keepdims
 from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState, ScaleByUmtamState
 
 
@@ -247,7 +248,8 @@ def partition_of(param: Any) -> tuple | None:
     return None
 
 
-def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, ndim: int) -> Any:
+def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, shape: tuple[int, ...]) -> Any:
+    ndim = len(shape)
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
     # Every spec below has one entry per axis of its state array.
     named = lambda *s: NamedSharding(sharding.mesh, _canonical(sharding.mesh, s, len(s)))  # noqa: E731
@@ -259,6 +261,14 @@ def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, ndim: int) -> Any:
             saliency=None if leaf.saliency is None else full,
             initial=None if leaf.initial is None else full,
         )
+    if is_keepdims(leaf):
+        # Keepdims form (_axis_order): every array has the parameter's axes, size 1 where
+        # it lacks one, then its own trailing axes.
+        def like(x: Any) -> NamedSharding:
+            kept = tuple(a if x.shape[i] == shape[i] else None for i, a in enumerate(spec))
+            return named(*kept, *(None,) * (x.ndim - ndim))
+
+        return jax.tree.map(like, leaf)
     nb = leaf.sigma.ndim - 2  # batch axes: one (r, r) core per matrix
     k = leaf.u.ndim - 1  # u has shape batch + rows + (r,)
     cols = spec[:nb] + spec[k:]
@@ -321,7 +331,7 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
     def convert(node: Any) -> Any:
         if isinstance(node, ScaleByUmtamState):
             leaves = jax.tree.map(
-                lambda leaf, s, p: _leaf_state_shardings(leaf, s, len(p.shape)),
+                lambda leaf, s, p: _leaf_state_shardings(leaf, s, tuple(p.shape)),
                 node.leaves,
                 shardings,
                 params,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from umtam_jax.optimizer._axis_order import canonical_statistics, from_canonical
 from umtam_jax.optimizer._state import (
     DenseLeafState,
     DenseStatistics,
@@ -144,29 +145,49 @@ def _outer(s: FactoredStatistics, row: jax.Array, col: jax.Array) -> jax.Array:
     )
 
 
+def _in_parameter_order(fn):
+    """``fn`` of factored statistics, computed in canonical order (batch, rows, cols) and
+    returned in the parameter's axis order (see :mod:`._axis_order`)."""
+
+    def wrapped(s: FactoredStatistics) -> jax.Array:
+        canonical, perm = canonical_statistics(s)
+        return from_canonical(fn(canonical), perm)
+
+    return wrapped
+
+
+@_in_parameter_order
+def _factored_curvature(s: FactoredStatistics) -> jax.Array:
+    # Ŝ = R Cᵀ / sum(R) per matrix; R Cᵀ itself may overflow.
+    row_sum = jnp.sum(s.row, axis=tuple(range(_batch_axes(s), s.row.ndim)), keepdims=True)
+    return _outer(s, s.row / row_sum, s.col)
+
+
+@_in_parameter_order
+def _factored_momentum(s: FactoredStatistics) -> jax.Array:
+    nb = _batch_axes(s)
+    batch, rows, cols = s.sigma.shape[:nb], s.row.shape[nb:], s.col.shape[nb:]
+    u = s.u.reshape(batch + (-1, s.u.shape[-1]))
+    v = s.v.reshape(batch + (-1, s.v.shape[-1]))
+    return ((u @ s.sigma) @ v.mT).reshape(batch + rows + cols)
+
+
+@_in_parameter_order
+def _factored_root_curvature(s: FactoredStatistics) -> jax.Array:
+    return _outer(s, jnp.sqrt(s.row), jnp.sqrt(s.col))  # R Cᵀ itself may overflow
+
+
 def _leaf_curvature(s: Any) -> jax.Array:
-    if isinstance(s, FactoredStatistics):
-        # Ŝ = R Cᵀ / sum(R) per matrix; R Cᵀ itself may overflow.
-        row_sum = jnp.sum(s.row, axis=tuple(range(_batch_axes(s), s.row.ndim)), keepdims=True)
-        return _outer(s, s.row / row_sum, s.col)
-    return s.nu
+    return _factored_curvature(s) if isinstance(s, FactoredStatistics) else s.nu
 
 
 def _leaf_momentum(s: Any) -> jax.Array:
-    if isinstance(s, FactoredStatistics):
-        nb = _batch_axes(s)
-        batch, rows, cols = s.sigma.shape[:nb], s.row.shape[nb:], s.col.shape[nb:]
-        u = s.u.reshape(batch + (-1, s.u.shape[-1]))
-        v = s.v.reshape(batch + (-1, s.v.shape[-1]))
-        return ((u @ s.sigma) @ v.mT).reshape(batch + rows + cols)
-    return s.mu
+    return _factored_momentum(s) if isinstance(s, FactoredStatistics) else s.mu
 
 
 def _leaf_root_curvature(s: Any) -> jax.Array:
     """``sqrt(R_i C_j)`` (factored) or ``sqrt(v)`` (dense): the saliency's curvature factor."""
-    if isinstance(s, FactoredStatistics):
-        return _outer(s, jnp.sqrt(s.row), jnp.sqrt(s.col))  # R Cᵀ itself may overflow
-    return jnp.sqrt(s.nu)
+    return _factored_root_curvature(s) if isinstance(s, FactoredStatistics) else jnp.sqrt(s.nu)
 
 
 def curvature(x: Any) -> Any:

@@ -17,6 +17,12 @@ import jax.numpy as jnp
 import optax
 
 from umtam_jax.optimizer import _sharding
+from umtam_jax.optimizer._axis_order import (
+    canonical_state,
+    from_canonical,
+    stored_state,
+    to_canonical,
+)
 from umtam_jax.optimizer._config import Config, as_dtype, validate
 from umtam_jax.optimizer._decomposition import new_factors
 from umtam_jax.optimizer._dense import init_dense, update_dense
@@ -194,11 +200,13 @@ def scale_by_umtam(
             param = _concrete_param(cfg, path, param)
             _require_float(path, param.dtype, "parameter")
             leaf_layout = _leaf_layout(cfg, path, param.shape)
+            canonical = to_canonical(param, leaf_layout.perm)
             if leaf_layout.row_axes is None:
-                leaves.append(init_dense(cfg, param))
+                leaf = init_dense(cfg, canonical)
             else:
                 key = jax.random.fold_in(base_key, index)
-                leaves.append(init_factored(cfg, leaf_layout, param, key))
+                leaf = init_factored(cfg, leaf_layout, canonical, key)
+            leaves.append(stored_state(leaf, leaf_layout, param.ndim))
         return ScaleByUmtamState(
             count=jnp.zeros([], jnp.int32), leaves=jax.tree_util.tree_unflatten(treedef, leaves)
         )
@@ -228,7 +236,19 @@ def scale_by_umtam(
                     f"{jax.tree_util.keystr(path)}"
                 )
             layouts.append(_leaf_layout(cfg, path, w.shape))
-        grads = [g for _, g in grads_with_path]
+        # Every leaf is updated in canonical order (batch, rows, cols): see _axis_order.
+        stored_states = leaf_states
+        grads = [
+            to_canonical(g, lay.perm) for (_, g), lay in zip(grads_with_path, layouts, strict=True)
+        ]
+        params_in_order = param_leaves
+        param_leaves = [
+            to_canonical(w, lay.perm) for w, lay in zip(param_leaves, layouts, strict=True)
+        ]
+        leaf_states = [
+            canonical_state(x, lay, w.ndim)
+            for x, lay, w in zip(leaf_states, layouts, param_leaves, strict=True)
+        ]
         directions: list[Any] = [None] * len(grads)
         new_states: list[Any] = [None] * len(grads)
         pending, requests = [], []  # factored leaves wait for step 3, done for all at once
@@ -279,10 +299,17 @@ def scale_by_umtam(
                 outs = unstacked(jax.vmap(finish)(carry, factors), len(members))
             for i, (d, new) in zip(members, outs, strict=True):
                 directions[i], new_states[i] = d.astype(grads[i].dtype), new
+        directions = [
+            from_canonical(d, lay.perm) for d, lay in zip(directions, layouts, strict=True)
+        ]
+        new_states = [
+            stored_state(x, lay, w.ndim)
+            for x, lay, w in zip(new_states, layouts, param_leaves, strict=True)
+        ]
         # Updates keep the parameters' sharding and states their own (Optax's convention),
         # also where an Auto mesh's propagation would lose it (_sharding.keep_like).
-        directions = _sharding.keep_like(directions, param_leaves)
-        new_states = _sharding.keep_like(new_states, leaf_states)
+        directions = _sharding.keep_like(directions, params_in_order)
+        new_states = _sharding.keep_like(new_states, stored_states)
         return (
             jax.tree_util.tree_unflatten(treedef, directions),
             ScaleByUmtamState(

@@ -1,0 +1,163 @@
+"""Leaves whose axes are not in canonical order (batch axes, then rows, then columns).
+
+The update works on every leaf in canonical order (:class:`._layout.Layout`). A leaf in
+another order, such as a ``[d_in, L, d_out]`` kernel stacked along its second axis, is
+transposed into it for the step and its direction transposed back.
+
+Its state is stored in the parameter's own axis order, so that it can be sharded like the
+parameter and read without knowing the layout: the parameter-shaped arrays (``saliency``,
+``initial``, ``dense_momentum``, the dense moments) have the parameter's shape, and every
+per-matrix array keeps all of the parameter's axes, with size 1 on the axes it does not
+have (*keepdims* form). For a ``[d_in, L, d_out]`` kernel with rank r: ``row`` is
+``(d_in, L, 1)``, ``col`` ``(1, L, d_out)``, ``u`` ``(d_in, L, 1, r)``, ``v``
+``(1, L, d_out, r)``, ``sigma`` ``(1, L, 1, r, r)``, ``rank`` ``(1, L, 1)``. An axis is a
+batch axis where ``row`` and ``col`` have the same size, a row axis where only ``col`` is 1
+and a column axis where only ``row`` is 1 (an axis of size 1 may be read as any of them).
+A leaf in canonical order keeps the compact form of :mod:`._state` (``row`` shaped
+``batch + rows``, ``sigma`` ``batch + (r, r)``); the two are told apart by
+``row.ndim == sigma.ndim - 2``, which the compact form never has (it has rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from umtam_jax.optimizer._layout import Layout
+from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState, FactoredStatistics
+
+_PARAMETER_SHAPED = ("dense_momentum", "saliency", "initial", "mu", "nu")
+
+
+def to_canonical(x: jax.Array, perm: tuple[int, ...] | None) -> jax.Array:
+    """A parameter-shaped array in canonical order (``x.transpose(perm)``)."""
+    return x if perm is None else jnp.transpose(x, perm)
+
+
+def from_canonical(x: jax.Array, perm: tuple[int, ...] | None) -> jax.Array:
+    """The inverse of :func:`to_canonical`."""
+    return x if perm is None else jnp.transpose(x, tuple(int(i) for i in np.argsort(perm)))
+
+
+def _spread(x: jax.Array, present: tuple[int, ...], ndim: int) -> jax.Array:
+    """``x`` whose leading axes are the parameter's axes ``present`` (in that order),
+    followed by trailing axes of its own, in keepdims form: the parameter's ``ndim`` axes in
+    their order (size 1 where absent), then the trailing axes."""
+    lead = len(present)
+    order = sorted(range(lead), key=lambda j: present[j])
+    x = jnp.transpose(x, (*order, *range(lead, x.ndim)))
+    missing = tuple(i for i in range(ndim) if i not in present)
+    return jnp.expand_dims(x, missing) if missing else x
+
+
+def _collect(x: jax.Array, present: tuple[int, ...], ndim: int) -> jax.Array:
+    """The inverse of :func:`_spread`."""
+    missing = tuple(i for i in range(ndim) if i not in present)
+    x = jnp.squeeze(x, missing) if missing else x
+    ordered = sorted(present)
+    return jnp.transpose(x, (*(ordered.index(a) for a in present), *range(len(present), x.ndim)))
+
+
+def _map_parameter_shaped(state: Any, fn: Any) -> dict[str, Any]:
+    return {
+        name: fn(getattr(state, name))
+        for name in _PARAMETER_SHAPED
+        if name in state._fields and getattr(state, name) is not None
+    }
+
+
+def _groups(layout: Layout) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The parameter axes of the batch, of ``u``/``row`` and of ``v``/``col``."""
+    perm, nb = layout.perm, layout.batch_axes
+    k = nb + layout.row_axes
+    return perm[:nb], perm[:k], perm[:nb] + perm[k:]
+
+
+def stored_state(state: Any, layout: Layout, ndim: int) -> Any:
+    """A leaf state computed in canonical order, in the stored form (see module doc)."""
+    if layout.perm is None:
+        return state
+    back = _map_parameter_shaped(state, lambda x: from_canonical(x, layout.perm))
+    if isinstance(state, DenseLeafState):
+        return state._replace(**back)
+    batch, rows, cols = _groups(layout)
+    return state._replace(
+        u=_spread(state.u, rows, ndim),
+        sigma=_spread(state.sigma, batch, ndim),
+        v=_spread(state.v, cols, ndim),
+        row=_spread(state.row, rows, ndim),
+        col=_spread(state.col, cols, ndim),
+        rank=None if state.rank is None else _spread(state.rank, batch, ndim),
+        **back,
+    )
+
+
+def canonical_state(state: Any, layout: Layout, ndim: int) -> Any:
+    """The inverse of :func:`stored_state`: a stored leaf state in canonical order."""
+    if layout.perm is None:
+        return state
+    ahead = _map_parameter_shaped(state, lambda x: to_canonical(x, layout.perm))
+    if isinstance(state, DenseLeafState):
+        return state._replace(**ahead)
+    batch, rows, cols = _groups(layout)
+    return state._replace(
+        u=_collect(state.u, rows, ndim),
+        sigma=_collect(state.sigma, batch, ndim),
+        v=_collect(state.v, cols, ndim),
+        row=_collect(state.row, rows, ndim),
+        col=_collect(state.col, cols, ndim),
+        rank=None if state.rank is None else _collect(state.rank, batch, ndim),
+        **ahead,
+    )
+
+
+def is_keepdims(leaf: FactoredLeafState | FactoredStatistics) -> bool:
+    """Whether a factored leaf state or statistics node is in keepdims form."""
+    return np.ndim(leaf.row) == np.ndim(leaf.sigma) - 2
+
+
+def keepdims_axes(
+    row_shape: tuple[int, ...], col_shape: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The parameter's batch, row and column axes read off keepdims ``row``/``col`` shapes
+    (see module doc).
+
+    Raises:
+      ValueError: the shapes are not a keepdims pair (an axis where neither is 1 and they
+        differ).
+    """
+    batch, rows, cols = [], [], []
+    for i, (r, c) in enumerate(zip(row_shape, col_shape, strict=True)):
+        if r == c:
+            batch.append(i)
+        elif c == 1:
+            rows.append(i)
+        elif r == 1:
+            cols.append(i)
+        else:
+            raise ValueError(f"row {row_shape} and col {col_shape} differ on axis {i}")
+    return tuple(batch), tuple(rows), tuple(cols)
+
+
+def canonical_statistics(s: FactoredStatistics) -> tuple[FactoredStatistics, Any]:
+    """Factored statistics in canonical order, with the permutation that took the
+    parameter there (``None`` if the statistics were already canonical)."""
+    if not is_keepdims(s):
+        return s, None
+    ndim = s.row.ndim
+    batch, rows, cols = keepdims_axes(tuple(s.row.shape), tuple(s.col.shape))
+    perm = batch + rows + cols
+    return (
+        FactoredStatistics(
+            u=_collect(s.u, batch + rows, ndim),
+            sigma=_collect(s.sigma, batch, ndim),
+            v=_collect(s.v, batch + cols, ndim),
+            row=_collect(s.row, batch + rows, ndim),
+            col=_collect(s.col, batch + cols, ndim),
+            saliency=None if s.saliency is None else to_canonical(s.saliency, perm),
+        ),
+        perm,
+    )
