@@ -30,6 +30,10 @@ CONFIGS = {
     "exact": dict(_FACTORED, svd_method="exact"),
     "lean": dict(_FACTORED, error_decay=0.0, saliency="final"),
     "batched": dict(_FACTORED, row_axes=umtam_jax.scanned("stack")),
+    # The layer axis second: eight 3 × 6 matrices, updated in (batch, rows, cols) order.
+    "batched_axis1": dict(
+        rank=3, min_dim_size_to_factor=3, row_axes=umtam_jax.scanned("stack", axis=1)
+    ),
 }
 # Which leaf states hold a low-rank momentum in each configuration.
 FACTORED_LEAVES = {
@@ -38,6 +42,7 @@ FACTORED_LEAVES = {
     "exact": {"stack", "kernel"},
     "lean": {"stack", "kernel"},
     "batched": {"stack", "kernel"},
+    "batched_axis1": {"stack", "kernel"},
 }
 
 configs = pytest.mark.parametrize("name", list(CONFIGS))
@@ -155,6 +160,8 @@ def test_factored_leaves_are_the_expected_ones(name):
     sigma = state[0].leaves["stack"].sigma if factored else None
     if name == "batched":
         assert sigma.shape == (3, 3, 3)  # one low-rank core per layer
+    elif name == "batched_axis1":
+        assert sigma.shape == (1, 8, 1, 3, 3)  # one per layer, in the parameter's axis order
     elif factored:
         assert sigma.shape == (3, 3)  # one matrix over the stacked rows
 
