@@ -343,8 +343,9 @@ def test_merging_and_checkpoints_take_batched_statistics(tmp_path, layer_axis):
         assert _relative_error(got, np.outer(row, col) / row.sum()) < 1e-6
 
 
-def _lowered_ops(blocks: int) -> int:
-    """Operations in the update of a scanned model, lowered for a GPU (no GPU needed)."""
+def _lowered_ops(blocks: int, axis: int = 0) -> int:
+    """Operations in the update of a scanned model whose layer axis is ``axis``, lowered for
+    a GPU (no GPU needed)."""
     import re
 
     from jax import export
@@ -352,19 +353,20 @@ def _lowered_ops(blocks: int) -> int:
     d = 128
     params = {
         "blocks": {
-            "kernel": jax.ShapeDtypeStruct((blocks, d, d), jnp.float32),
-            "bias": jax.ShapeDtypeStruct((blocks, d), jnp.float32),
+            "kernel": jax.ShapeDtypeStruct(np.insert([d, d], axis, blocks), jnp.float32),
+            "bias": jax.ShapeDtypeStruct(np.insert([d], axis, blocks), jnp.float32),
         },
         "head": jax.ShapeDtypeStruct((d, 8), jnp.float32),
     }
-    opt = umtam_jax.umtam(1e-3, rank=8, row_axes=umtam_jax.scanned("blocks"))
+    opt = umtam_jax.umtam(1e-3, rank=8, row_axes=umtam_jax.scanned("blocks", axis=axis))
     state = jax.eval_shape(opt.init, params)
     lowered = export.export(jax.jit(opt.update), platforms=("cuda",))(params, state, params)
     return len(re.findall(r"= \"?[a-z_]+\.[a-z_]+", lowered.mlir_module()))
 
 
-def test_update_of_a_scanned_model_does_not_grow_with_its_layers():
-    assert _lowered_ops(12) == _lowered_ops(2)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_update_of_a_scanned_model_does_not_grow_with_its_layers(axis):
+    assert _lowered_ops(12, axis) == _lowered_ops(2, axis)
 
 
 def test_parameter_ordered_statistics_are_validated_before_merging():
