@@ -11,7 +11,9 @@ differences are listed in each docstring. Shared rules:
   tables too). FusionBench merges 2-D tensors only, averaging the rest and the keys in its
   ``exclude_keys`` (which has no counterpart here). The SVD is taken of the matrix as
   stored; TSV-Merge and Iso-C are invariant under transposing it, Iso-CTS takes the layout
-  as a parameter.
+  as a parameter. A stack whose layer axis is not first (MaxText's ``[d_in, L, d_out]``)
+  is merged per matrix of its last two axes like any other leaf, which is not per layer:
+  move the layer axis first (``jnp.moveaxis(x, 1, 0)`` on base and experts) and back.
 - *Other leaves* (biases, norms, scalars): ``w0 + scaling · (1/T) Σ_t Δ_t``, the mean task
   vector, as FusionBench and the authors' code do.
 - *Numerics*: computed in float32 at least (16-bit inputs cast back), per leaf and
