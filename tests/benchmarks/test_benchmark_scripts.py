@@ -329,6 +329,96 @@ def test_spectrum_seeds_combine_against_a_hand_computation_and_give_claim_6_a_ve
     assert energy.verdict == "inconclusive" and energy.estimate == pytest.approx(95.0)
 
 
+def test_efficiency_repeats_interleave_with_a_rotating_start():
+    from benchmarks import efficiency
+
+    class Tx:
+        def init(self, params):
+            return 0
+
+    def step(p, s, batch, rng):
+        return p, s + 1, 0.0
+
+    names = ["a", "adamw", "c"]
+    rec = efficiency.run_repeat(1, dict.fromkeys(names, step), dict.fromkeys(names, Tx()),
+                                0.0, {}, rounds=4, warmup=2)  # fmt: skip
+    assert [len(rec["times_s"][n]) for n in names] == [4, 4, 4]
+    # Round r of repeat i starts at optimizer (i × rounds + r) mod 3: 4 → 1, 5 → 2, 6 → 0.
+    assert [order[0] for order in rec["order"]] == ["adamw", "c", "a", "adamw"]
+    assert all(sorted(order) == sorted(names) for order in rec["order"])
+    assert len(rec["loadavg_before"]) == len(rec["loadavg_after"]) == 3
+
+
+def test_efficiency_combine_repeats_against_a_hand_computation_and_give_claim_7_a_verdict(
+    tmp_path,
+):
+    from benchmarks import efficiency
+    from umtam_jax.experiments import claims
+
+    umtam = efficiency.CLAIM_OPTIMIZER
+    # Per repeat the medians are AdamW 1.0 / 2.0 / 1.0 s and UMTAM 1.1 / 2.2 / 1.25 s.
+    reps = [
+        {"repeat": 0, "times_s": {"adamw": [1.0, 0.9, 1.3], umtam: [1.1, 1.0, 5.0]}},
+        {"repeat": 1, "times_s": {"adamw": [2.0, 2.0, 2.0], umtam: [2.2, 2.1, 2.3]}},
+        {"repeat": 2, "times_s": {"adamw": [1.0, 1.0, 1.0], umtam: [1.25, 1.25, 1.25]}},
+    ]
+    out = efficiency.combine_repeats(reps)
+    assert out["repeats"] == [0, 1, 2] and "Student-t" in out["interval"]
+    u = out["by_optimizer"][umtam]
+    ratios = [1 / 1.1, 2 / 2.2, 0.8]
+    assert u["median_step_s_by_repeat"] == pytest.approx([1.1, 2.2, 1.25])
+    assert u["throughput_ratio_by_repeat"] == pytest.approx(ratios)
+    costs = [100 * (1 - x) for x in ratios]  # 9.09, 9.09, 20.0
+    half = 4.302652729911275 * np.std(costs, ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    c = u["cost_percent"]
+    assert (c["estimate"], c["low"], c["high"], c["n"]) == pytest.approx(
+        (np.mean(costs), np.mean(costs) - half, np.mean(costs) + half, 3)
+    )
+    r = u["throughput_ratio"]
+    assert (r["low"], r["high"]) == pytest.approx((1 - c["high"] / 100, 1 - c["low"] / 100))
+    assert u["time_over_reference"]["estimate"] == pytest.approx(np.mean([1.1, 1.1, 1.25]))
+    a = out["by_optimizer"]["adamw"]["throughput_ratio"]
+    assert a["estimate"] == a["low"] == a["high"] == 1.0
+    # 12.7 % [−2.9, +28.4] covers the paper's 8.3 %: a cost judged reproduced.
+    check = out["claim_check"]
+    assert check["optimizer"] == umtam and check["claimed_cost_percent"] == 8.3
+    assert check["verdict"] == "reproduced" and "not above the paper's 8.3" in check["why"]
+    md = efficiency.markdown(
+        {"over_repeats": out, "claim_check": check, "task": "t", "batch_size": 2,
+         "max_length": 3, "repeats": 3, "rounds": 3, "warmup": 1, "cpu_count": 2,
+         "load": {"by_repeat": [{"before": [1.0] * 3, "after": [2.0] * 3}] * 3,
+                  "min_1min": 1.0, "max_1min": 2.0},
+         "runs": {n: {"median_step_s": 1.0, "tokens_per_s": 6.0, "state_bytes": 0,
+                      "state_over_params": 0.0, "state_over_adamw": 0.0}
+                  for n in ("adamw", umtam)}},
+        n_params=10, param_bytes=40,
+    )  # fmt: skip
+    assert "**reproduced**" in md and "| 2 | 1.00 → 2.00 | 1000 | 0.800 |" in md
+
+    # Claim 7 reads the same interval from the recorded result.
+    bdir = tmp_path / "results"
+    bdir.mkdir()
+    result = {"runs": {"adamw": {"median_step_s": 1.0}, umtam: {"median_step_s": 1.1}},
+              "over_repeats": out, "n_params": 22.6e6, "rounds": 3, "batch_size": 32,
+              "max_length": 48, "load": {"min_1min": 1.5, "max_1min": 3.9}}  # fmt: skip
+    env = {"cpu": {"affinity": 2}, "backend": "cpu"}
+    (bdir / "efficiency.json").write_text(json.dumps({"date": "2026-01-02", "environment": env,
+                                                      "result": result}))  # fmt: skip
+    speed = claims.paper_claims(None, bdir)[6]
+    assert speed.claim.startswith("Throughput cost")
+    assert (speed.estimate, speed.low, speed.high) == pytest.approx(
+        (c["estimate"], c["low"], c["high"])
+    )
+    assert speed.verdict == "reproduced" and "mean over 3 repeats" in speed.measurement
+    assert "2-core CPU" in speed.setting and "CPU instead of a GPU" in speed.setting
+    # One repeat has no interval: a single run, inconclusive.
+    result["over_repeats"] = efficiency.combine_repeats(reps[2:])
+    (bdir / "efficiency.json").write_text(json.dumps({"environment": env, "result": result}))
+    speed = claims.paper_claims(None, bdir)[6]
+    assert speed.verdict == "inconclusive" and speed.estimate == pytest.approx(20.0)
+    assert speed.low is None and "reads not reproduced" in speed.why
+
+
 def test_merging_runs_the_adamw_pipeline_with_the_chosen_methods(tmp_path, monkeypatch):
     """``--adamw-methods`` reaches the AdamW evaluation as its methods (not its tasks);
     ``--memory-modes`` evaluates each mode's experts in its own work directory."""
