@@ -4,21 +4,12 @@ types do not change between init and update (Optax's sharding contract)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-_SCRIPT = textwrap.dedent(
-    """
-    import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax, jax.numpy as jnp, numpy as np
-    import umtam_jax
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from tests.sharding._mesh_script import run_on_devices
 
+# Runs after _mesh_script's prelude (jax, jnp, np, umtam_jax, P, trim, on_mesh, report).
+_SCRIPT = """
     CASES = {
         "3d_middle_axis": ((2, 8, 4), P(None, "x"), None),
         "3d_last_axis": ((2, 4, 8), P(None, None, "x"), None),
@@ -26,13 +17,6 @@ _SCRIPT = textwrap.dedent(
         "batched_batch_axis": ((8, 16, 8), P("x"), umtam_jax.MatrixAxes(1, 1)),
     }
     rng = np.random.default_rng(0)
-    report = {}
-
-    def trim(spec):
-        spec = [str(s) for s in spec]
-        while spec and spec[-1] == "None":
-            spec.pop()
-        return spec
 
     for name, (shape, spec, axes) in CASES.items():
         row_axes = None if axes is None else (lambda p, s, a=axes: a)
@@ -42,11 +26,7 @@ _SCRIPT = textwrap.dedent(
         state = opt.init(jnp.asarray(w))
         want, _ = opt.update(jnp.asarray(g), state, jnp.asarray(w))
         for kind in ("Explicit", "Auto"):
-            mesh = jax.make_mesh((8,), ("x",), axis_types=(getattr(AxisType, kind),))
-            sharding = NamedSharding(mesh, spec)
-            with jax.set_mesh(mesh):
-                params = jax.device_put(jnp.asarray(w), sharding)
-                grads = jax.device_put(jnp.asarray(g), sharding)
+            with on_mesh(kind, spec, w, g) as (params, grads):
                 s0 = opt.init(params)
                 eager, s1 = opt.update(grads, s0, params)
                 step = jax.jit(opt.update)
@@ -72,18 +52,12 @@ _SCRIPT = textwrap.dedent(
                     # the same executable
                     "recompiled": step._cache_size() != compiled or compiled != first,
                 }
-    print(json.dumps(report))
-    """
-)
+"""
 
 
 @pytest.fixture(scope="module")
 def report():
-    out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_on_devices(8, _SCRIPT)
 
 
 @pytest.mark.parametrize(

@@ -10,20 +10,13 @@ axes instead (``umtam_jax.optimizer._nd``). Only thin m×r / n×r arrays may be 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-_SCRIPT = textwrap.dedent(
-    """
-    import json, math, os, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    import jax, jax.numpy as jnp, numpy as np
-    import umtam_jax
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from tests.sharding._mesh_script import run_on_devices
+
+# Runs after _mesh_script's prelude (jax, jnp, np, umtam_jax, P, trim, on_mesh, report).
+_SCRIPT = """
+    import math, re
 
     CASES = {
         "rows_merged": ((2, 8, 4), P(None, "x", None), None),
@@ -49,14 +42,7 @@ _SCRIPT = textwrap.dedent(
                     out.append(result)
         return out
 
-    def trim(spec):
-        spec = [str(s) for s in spec]
-        while spec and spec[-1] == "None":
-            spec.pop()
-        return spec
-
     rng = np.random.default_rng(0)
-    report = {}
     for name, (shape, spec, row_axes) in CASES.items():
         w = rng.normal(size=shape).astype(np.float32)
         g = rng.normal(size=shape).astype(np.float32)
@@ -66,11 +52,7 @@ _SCRIPT = textwrap.dedent(
             state = opt.init(jnp.asarray(w))
             want, _ = jax.jit(opt.update)(jnp.asarray(g), state, jnp.asarray(w))
             for kind in ("Auto", "Explicit"):
-                mesh = jax.make_mesh((4,), ("x",), axis_types=(getattr(AxisType, kind),))
-                sharding = NamedSharding(mesh, spec)
-                with jax.set_mesh(mesh):
-                    params = jax.device_put(jnp.asarray(w), sharding)
-                    grads = jax.device_put(jnp.asarray(g), sharding)
+                with on_mesh(kind, spec, w, g) as (params, grads):
                     s0 = opt.init(params)
                     step = jax.jit(opt.update)
                     hlo = step.lower(grads, s0, params).compile().as_text()
@@ -83,20 +65,14 @@ _SCRIPT = textwrap.dedent(
                     "update_spec": trim(got.sharding.spec),
                     "param_spec": trim(params.sharding.spec),
                 }
-    print(json.dumps(report))
-    """
-)
+"""
 
 _CASES = ["rows_merged", "cols_merged", "scanned_rows", "two_batch_axes"]
 
 
 @pytest.fixture(scope="module")
 def report():
-    out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_on_devices(4, _SCRIPT)
 
 
 @pytest.mark.parametrize("kind", ["Auto", "Explicit"])
