@@ -15,6 +15,10 @@ _SCRIPT = """
         "3d_last_axis": ((2, 4, 8), P(None, None, "x"), None),
         "batched_middle_axis": ((2, 16, 8), P(None, "x"), umtam_jax.MatrixAxes(1, 1)),
         "batched_batch_axis": ((8, 16, 8), P("x"), umtam_jax.MatrixAxes(1, 1)),
+        # [d_in, L, d_out] (the layer axis second): updated in (batch, rows, cols) order,
+        # its state kept in the parameter's order
+        "layer_axis_second": ((4, 8, 8), P(None, "x"), umtam_jax.MatrixAxes((1,), (0,))),
+        "layer_axis_second_rows": ((8, 4, 8), P("x"), umtam_jax.MatrixAxes((1,), (0,))),
     }
     rng = np.random.default_rng(0)
 
@@ -39,6 +43,11 @@ _SCRIPT = """
                 kept = jax.tree.map(
                     lambda a, b: a.sharding.is_equivalent_to(b.sharding, a.ndim), s0, s2
                 )
+                planned = jax.tree.map(
+                    lambda a, s: a.sharding.is_equivalent_to(s, a.ndim),
+                    s0,
+                    umtam_jax.state_shardings(opt, params),
+                )
                 report[f"{name}/{kind}"] = {
                     "eager_err": float(jnp.max(jnp.abs(eager - want))),
                     "jit_err": float(jnp.max(jnp.abs(jitted - want))),
@@ -48,11 +57,23 @@ _SCRIPT = """
                     "param_spec": trim(params.sharding.spec),
                     "types_equal": types[0] == types[1] == types[2],
                     "state_shardings_kept": all(jax.tree.leaves(kept)),
+                    # init places the state as state_shardings plans it
+                    "state_shardings_planned": all(jax.tree.leaves(planned)),
                     # the state from init and states coming out of jitted steps run
                     # the same executable
                     "recompiled": step._cache_size() != compiled or compiled != first,
                 }
 """
+
+
+_CASES = [
+    "3d_middle_axis",
+    "3d_last_axis",
+    "batched_middle_axis",
+    "batched_batch_axis",
+    "layer_axis_second",
+    "layer_axis_second_rows",
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +83,7 @@ def report():
 
 @pytest.mark.parametrize(
     "case",
-    ["3d_middle_axis", "3d_last_axis", "batched_middle_axis", "batched_batch_axis"],
+    _CASES,
 )
 @pytest.mark.parametrize("kind", ["Explicit", "Auto"])
 def test_sharded_nd_leaf_updates_like_one_device(report, case, kind):
@@ -77,26 +98,21 @@ def test_sharded_nd_leaf_updates_like_one_device(report, case, kind):
         # The sharded axis is merged into the rows after an unsharded one: the compiler's
         # propagation cannot carry the partition through that reshape (it used to come back
         # replicated); the optimizer keeps the update and the state alike their inputs.
-        "3d_middle_axis",
-        "3d_last_axis",
-        "batched_middle_axis",
-        "batched_batch_axis",
+        *_CASES,
     ],
 )
 def test_sharded_nd_leaf_updates_keep_the_sharding_on_auto_meshes(report, case):
     entry = report[f"{case}/Auto"]
     assert entry["update_spec"] == entry["param_spec"], entry
-    assert entry["state_shardings_kept"], entry
+    assert entry["state_shardings_kept"] and entry["state_shardings_planned"], entry
     assert not entry["recompiled"], entry
 
 
-@pytest.mark.parametrize(
-    "case", ["3d_middle_axis", "3d_last_axis", "batched_middle_axis", "batched_batch_axis"]
-)
+@pytest.mark.parametrize("case", _CASES)
 def test_sharded_nd_leaf_updates_keep_the_sharding_on_explicit_meshes(report, case):
     entry = report[f"{case}/Explicit"]
     assert entry["update_spec"] == entry["param_spec"], entry
     assert entry["eager_spec"] == entry["param_spec"], entry
     assert entry["types_equal"], entry
-    assert entry["state_shardings_kept"], entry
+    assert entry["state_shardings_kept"] and entry["state_shardings_planned"], entry
     assert not entry["recompiled"], entry

@@ -76,42 +76,35 @@ def _groups(layout: Layout) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int
     return perm[:nb], perm[:k], perm[:nb] + perm[k:]
 
 
-def stored_state(state: Any, layout: Layout, ndim: int) -> Any:
-    """A leaf state computed in canonical order, in the stored form (see module doc)."""
+def _convert(state: Any, layout: Layout, ndim: int, *, to_stored: bool) -> Any:
+    """A leaf state moved between canonical order and the stored form (see module doc)."""
     if layout.perm is None:
         return state
-    back = _map_parameter_shaped(state, lambda x: from_canonical(x, layout.perm))
+    move = from_canonical if to_stored else to_canonical
+    reshape = _spread if to_stored else _collect
+    parameter_shaped = _map_parameter_shaped(state, lambda x: move(x, layout.perm))
     if isinstance(state, DenseLeafState):
-        return state._replace(**back)
+        return state._replace(**parameter_shaped)
     batch, rows, cols = _groups(layout)
     return state._replace(
-        u=_spread(state.u, rows, ndim),
-        sigma=_spread(state.sigma, batch, ndim),
-        v=_spread(state.v, cols, ndim),
-        row=_spread(state.row, rows, ndim),
-        col=_spread(state.col, cols, ndim),
-        rank=None if state.rank is None else _spread(state.rank, batch, ndim),
-        **back,
+        u=reshape(state.u, rows, ndim),
+        sigma=reshape(state.sigma, batch, ndim),
+        v=reshape(state.v, cols, ndim),
+        row=reshape(state.row, rows, ndim),
+        col=reshape(state.col, cols, ndim),
+        rank=None if state.rank is None else reshape(state.rank, batch, ndim),
+        **parameter_shaped,
     )
+
+
+def stored_state(state: Any, layout: Layout, ndim: int) -> Any:
+    """A leaf state computed in canonical order, in the stored form (see module doc)."""
+    return _convert(state, layout, ndim, to_stored=True)
 
 
 def canonical_state(state: Any, layout: Layout, ndim: int) -> Any:
     """The inverse of :func:`stored_state`: a stored leaf state in canonical order."""
-    if layout.perm is None:
-        return state
-    ahead = _map_parameter_shaped(state, lambda x: to_canonical(x, layout.perm))
-    if isinstance(state, DenseLeafState):
-        return state._replace(**ahead)
-    batch, rows, cols = _groups(layout)
-    return state._replace(
-        u=_collect(state.u, rows, ndim),
-        sigma=_collect(state.sigma, batch, ndim),
-        v=_collect(state.v, cols, ndim),
-        row=_collect(state.row, rows, ndim),
-        col=_collect(state.col, cols, ndim),
-        rank=None if state.rank is None else _collect(state.rank, batch, ndim),
-        **ahead,
-    )
+    return _convert(state, layout, ndim, to_stored=False)
 
 
 def is_keepdims(leaf: FactoredLeafState | FactoredStatistics) -> bool:
