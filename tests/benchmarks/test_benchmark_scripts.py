@@ -30,6 +30,7 @@ PRODUCT_BENCHMARKS = (
     "pruning",
     "spectrum",
     "step_time",
+    "train_throughput",
     "training",
     "training_seeds",
     "update_memory",
@@ -417,6 +418,72 @@ def test_efficiency_combine_repeats_against_a_hand_computation_and_give_claim_7_
     speed = claims.paper_claims(None, bdir)[6]
     assert speed.verdict == "inconclusive" and speed.estimate == pytest.approx(20.0)
     assert speed.low is None and "reads not reproduced" in speed.why
+
+
+def test_train_throughput_quick_path_records_ratios_memory_and_targets(tmp_path):
+    from benchmarks import train_throughput as tt
+
+    rdir = tmp_path / "results"
+    argv = ["--quick", "--results-dir", str(rdir), "--workdir", str(tmp_path / "work")]
+    out = tt.main(argv)
+    names = list(tt.optimizers())
+    assert list(out["runs"]) == names and out["repeats"] == 2 and out["rounds"] == 2
+    assert out["backend"] == "cpu" and out["memory_method"].startswith("planned")
+    by = out["over_repeats"]["by_optimizer"]
+    for n in names:
+        run = out["runs"][n]
+        assert run["tokens_per_s"] > 0 and by[n]["throughput_ratio"]["n"] == 2
+        plan = run["planned_memory"]
+        # Parameters and state are donated: the outputs alias them.
+        assert plan["alias"] >= out["model"]["param_bytes"]
+        planned = plan["argument"] + plan["output"] + plan["temp"] - plan["alias"]
+        assert run["memory_bytes"] == planned
+    assert out["runs"]["adamw"]["state_over_params"] == pytest.approx(2.0, abs=1e-3)
+    assert out["model"]["n_params_body"] < out["model"]["n_params"]
+    assert [t["optimizer"] for t in out["targets"]] == list(tt.TARGETED)  # no memory on CPU
+    assert all(r.endswith(".json") for r in out["repeat_records"])
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## end-to-end GPT training throughput" in md and "planned memory" in md
+    # A rerun reads the repeats back: the same ratios.
+    again = tt.main(argv)
+    assert again["over_repeats"]["by_optimizer"] == by
+    assert again["runs"]["adamw"]["planned_memory"] == out["runs"]["adamw"]["planned_memory"]
+    # The GPU path's memory probe runs in a subprocess; on a CPU it reports no peak.
+    probe = tt.measure_peaks(tt.parse_args(argv), ["adamw"])["adamw"]
+    assert probe["peak_bytes_in_use"] is None and probe["backend"] == "cpu"
+    assert probe["planned"] == out["runs"]["adamw"]["planned_memory"]
+
+
+def test_train_throughput_judges_targets_on_the_interval():
+    from benchmarks import train_throughput as tt
+
+    # At least 0.9: met if the low end meets it, not met if the high end misses it.
+    assert tt.judge_target(0.92, 1.0, 0.9, at_most=False)[0] == "met"
+    assert tt.judge_target(0.8, 0.89, 0.9, at_most=False)[0] == "not met"
+    assert tt.judge_target(0.85, 0.95, 0.9, at_most=False)[0] == "inconclusive"
+    # At most 1.35: the high end is the worse one.
+    assert tt.judge_target(1.2, 1.35, 1.35, at_most=True)[0] == "met"
+    assert tt.judge_target(1.4, 1.5, 1.35, at_most=True)[0] == "not met"
+    assert tt.judge_target(1.3, 1.4, 1.35, at_most=True)[0] == "inconclusive"
+    assert tt.judge_target(None, None, 1.35, at_most=True)[0] == "inconclusive"
+
+    def ci(estimate, low, high):
+        return {"throughput_ratio": {"estimate": estimate, "low": low, "high": high, "n": 3}}
+
+    by = {"adamw": ci(1.0, 1.0, 1.0), tt.UMTAM_DEFAULT: ci(0.93, 0.91, 0.95),
+          tt.UMTAM_LEAN: ci(0.9, 0.85, 0.95)}  # fmt: skip
+    rows = tt.check_targets(by, None)
+    assert [(r["optimizer"], r["verdict"]) for r in rows] == [
+        (tt.UMTAM_DEFAULT, "met"),  # 0.91 ≥ 1/1.1 = 0.909
+        (tt.UMTAM_LEAN, "inconclusive"),
+    ]
+    rows = tt.check_targets(by, {"adamw": 1.0, tt.UMTAM_DEFAULT: 1.5, tt.UMTAM_LEAN: 1.1})
+    assert [(r["quantity"], r["verdict"]) for r in rows] == [
+        ("tokens/s ratio", "met"),
+        ("peak memory ratio", "not met"),
+        ("tokens/s ratio", "inconclusive"),
+        ("peak memory ratio", "met"),
+    ]
 
 
 def test_merging_runs_the_adamw_pipeline_with_the_chosen_methods(tmp_path, monkeypatch):

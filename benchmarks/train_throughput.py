@@ -1,0 +1,613 @@
+"""End-to-end GPT training throughput and memory per optimizer (paper Table 8's setting).
+
+On a GPU machine, one prepared command (the token cache of ``lm_token_arrays`` must be
+there: copy ``~/.cache/umtam_jax/lm/`` along and point ``UMTAM_JAX_CACHE`` at its parent;
+the machine needs no network then)::
+
+    UMTAM_JAX_CACHE=.cache/umtam_jax python -m benchmarks.train_throughput --workdir /tmp/tt-work
+
+It writes ``benchmarks/results/train_throughput_gpu.json`` (the backend is appended to the
+default name on any backend but the CPU). Other commands::
+
+    python -m benchmarks.train_throughput --quick       # tiny GPT, 2 repeats × 2 rounds
+    python -m benchmarks.train_throughput               # GPT-2 small body, 8 repeats × 5 rounds
+    python -m benchmarks.train_throughput --blocks 4    # fewer blocks where 12 is too slow
+
+What is measured: one GPT-2-small-sized model (the project's GPT,
+:mod:`umtam_jax.experiments.models.gpt`: ``GPTConfig(d_model=768, n_layers=12,
+n_heads=12, context=256)``), trained on one fixed batch of 4 × 256 tokens of the project's
+offline LM data (:func:`~umtam_jax.experiments.lm_data.lm_token_arrays`, the Python-docs
+corpus with its byte-level BPE of 4,096 tokens; embeddings tied). The vocabulary is the
+data's: GPT-2's 50,257-token vocabulary would make the token embedding 38.6M parameters
+instead of 3.1M, so the model here is 88.4M parameters, 85.1M of them in the body (blocks
+and final norm), against GPT-2 small's 124M. Optimizers, all at learning rate 1e-4 and
+each with its state initialised from the same parameters: ``optax.adamw`` (the
+reference), ``optax.adafactor``, UMTAM with library defaults and lean UMTAM
+(``error_decay=0.0, saliency="final"``).
+
+The training step is the project's ``make_gpt_train_step`` (forward, backward, update in
+one ``jax.jit``). That function has no donation option, so it is wrapped in an outer
+``jax.jit(..., donate_argnums=(0, 1))``: parameters and optimizer state are donated, as a
+training loop would. A repeat's first (untimed, warm-up) step donates copies, so the shared
+starting parameters survive for the next optimizer and repeat.
+
+Timing reuses :mod:`benchmarks.efficiency` (``run_repeat``, ``combine_repeats`` and its
+per-repeat cache): ``--repeats`` repeats, each from fresh optimizer states with
+``--warmup`` untimed steps and ``--rounds`` interleaved rounds (one step of every optimizer
+per round, the starting optimizer rotating, every step followed by
+``jax.block_until_ready``); per repeat the median step time per optimizer gives the
+tokens/s ratio to AdamW; over repeats its mean with a 95 % Student-t interval
+(:func:`benchmarks._common.t_interval`). The load average is recorded before and after each
+repeat. Each repeat is written to ``<results-dir>/<name>_repeats/<name>_repeat<i>.json``
+and read back on rerun with the same settings (``--fresh`` measures again); its log lines
+carry efficiency's ``[efficiency]`` prefix.
+
+Memory: where the device reports ``memory_stats()`` (a GPU), the peak
+``peak_bytes_in_use`` of a few training steps, measured per optimizer in its own
+subprocess (JAX cannot reset the peak; the subprocess runs without preallocation and
+leaves its compiled step in the compilation cache of ``--workdir``); on a CPU, where
+``memory_stats()`` is None, XLA's planned memory of the compiled, donating step (argument
++ output + temporary − aliased bytes of ``compiled.memory_analysis()``). The record says
+which. Also optimizer-state bytes ÷ parameter bytes.
+
+Targets, judged by the script on the interval (met if its worse end meets the target, not
+met if its better end misses it, else inconclusive) for the two UMTAM settings: step time
+≤ 1.10× AdamW's, i.e. tokens/s ratio ≥ 1/1.10 (every backend), and on a GPU peak memory
+≤ 1.35× AdamW's (one measurement per optimizer, judged as it is). The planned CPU memory
+ratio is shown, not judged.
+
+No ``--scanned`` option: the project's GPT unrolls its blocks (``block_0`` …
+``block_{n-1}``) and has no layer-stacked variant, so ``row_axes=umtam_jax.scanned(...)``
+has no stacked parameters to describe.
+
+Writes ``<results-dir>/<name>.json`` (default ``train_throughput``, ``_quick`` with
+``--quick``) and, when the folder is ``benchmarks/results``, its RESULTS.md section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import umtam_jax
+from benchmarks._common import RESULTS_DIR, ROOT, cpu_info, environment, tree_bytes, write_results
+from benchmarks.efficiency import _repeat_run, combine_repeats, run_repeat
+from umtam_jax.experiments.lm_data import lm_token_arrays, sample_lm_batch
+from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step
+from umtam_jax.experiments.pipeline import enable_compilation_cache
+
+LR = 1e-4
+#: The BPE vocabulary of the project's LM data (``lm_token_arrays``' default).
+VOCAB = 4096
+#: GPT-2's vocabulary, for the note on embedding parameters.
+GPT2_VOCAB = 50257
+REFERENCE = "adamw"
+UMTAM_DEFAULT = "umtam (defaults)"
+UMTAM_LEAN = 'umtam lean (error_decay=0, saliency="final")'
+#: The optimizers the targets are judged for.
+TARGETED = (UMTAM_DEFAULT, UMTAM_LEAN)
+#: End-to-end step time at most this multiple of AdamW's (tokens/s ratio ≥ its inverse).
+TIME_TARGET = 1.10
+#: GPU peak memory at most this multiple of AdamW's.
+MEMORY_TARGET = 1.35
+#: Marks the JSON line a memory-probe subprocess prints.
+PROBE_MARK = "TRAIN_THROUGHPUT_MEMORY "
+
+
+def optimizers() -> dict[str, optax.GradientTransformation]:
+    """The timed optimizers by name, all at learning rate :data:`LR`."""
+    return {
+        REFERENCE: optax.adamw(LR),
+        "adafactor": optax.adafactor(LR),
+        UMTAM_DEFAULT: umtam_jax.umtam(LR),
+        UMTAM_LEAN: umtam_jax.umtam(LR, error_decay=0.0, saliency="final"),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny GPT (2 blocks, width 64, 32 tokens), 2 × 2"
+    )
+    ap.add_argument("--repeats", type=int, default=None, help="repeats (default 8 / 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 / 2)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per repeat (≥ 1)")
+    ap.add_argument("--blocks", type=int, default=None, help="transformer blocks (12 / 2)")
+    ap.add_argument("--d-model", type=int, default=None, help="width (768 / 64)")
+    ap.add_argument("--heads", type=int, default=None, help="heads (default d_model / 64)")
+    ap.add_argument("--context", type=int, default=None, help="tokens per sequence (256 / 32)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="parameters and batch")
+    ap.add_argument(
+        "--fresh", action="store_true", help="measure every repeat, ignoring recorded repeats"
+    )
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="result name (default train_throughput[_quick], _<backend> appended off CPU)",
+    )
+    ap.add_argument("--workdir", default="umtam-demo-work", help="holds the compilation cache")
+    ap.add_argument("--results-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.repeats = args.repeats or (2 if q else 8)
+    args.rounds = args.rounds or (2 if q else 5)
+    args.blocks = args.blocks or (2 if q else 12)
+    args.d_model = args.d_model or (64 if q else 768)
+    args.context = args.context or (32 if q else 256)
+    args.heads = args.heads or max(1, args.d_model // 64)
+    if args.repeats < 1 or args.rounds < 1 or args.warmup < 1:
+        ap.error("--repeats, --rounds and --warmup must be ≥ 1")
+    if args.d_model % args.heads:
+        ap.error("--heads must divide --d-model")
+    return args
+
+
+def model_config(args: argparse.Namespace) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=VOCAB,
+        context=args.context,
+        d_model=args.d_model,
+        n_layers=args.blocks,
+        n_heads=args.heads,
+    )
+
+
+def batch_tokens(args: argparse.Namespace) -> np.ndarray:
+    """The fixed training batch: ``batch_size`` windows of ``context + 1`` tokens."""
+    train, _ = lm_token_arrays(vocab_size=VOCAB)
+    tokens = sample_lm_batch(train, args.batch_size, args.context, np.random.default_rng(args.seed))
+    assert int(tokens.max()) < VOCAB
+    return tokens
+
+
+def donating_step(tx: optax.GradientTransformation, cfg: GPTConfig) -> Callable:
+    """``make_gpt_train_step(tx)`` in an outer jit that donates parameters and state."""
+    return jax.jit(make_gpt_train_step(tx, config=cfg), donate_argnums=(0, 1))
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(jnp.copy, tree)
+
+
+def keep_start(compiled: Callable, params0: Any) -> Callable:
+    """The donating ``compiled`` step, called on copies when handed ``params0`` itself (a
+    repeat's first, untimed warm-up step), so ``params0`` is never donated."""
+
+    def step(params, opt_state, tokens, rng):
+        if params is params0:
+            params, opt_state = _copy(params), _copy(opt_state)
+        return compiled(params, opt_state, tokens, rng)
+
+    return step
+
+
+def planned_memory(compiled: Any) -> dict[str, int]:
+    """XLA's memory plan of a compiled step: argument, output, temporary and aliased bytes,
+    and ``planned`` = argument + output + temporary − alias."""
+    m = compiled.memory_analysis()
+    out = {
+        "argument": int(m.argument_size_in_bytes),
+        "output": int(m.output_size_in_bytes),
+        "temp": int(m.temp_size_in_bytes),
+        "alias": int(m.alias_size_in_bytes),
+    }
+    out["planned"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def judge_target(
+    low: float | None, high: float | None, target: float, *, at_most: bool
+) -> tuple[str, str]:
+    """Verdict of an interval ``[low, high]`` against a target.
+
+    ``at_most``: the quantity should be ≤ ``target`` (its worse end is ``high``); else ≥
+    ``target`` (worse end ``low``). Met if the worse end meets the target, not met if the
+    better end misses it, otherwise inconclusive; without an interval (one repeat)
+    inconclusive. A single measurement is judged as the interval ``[x, x]``.
+
+    Returns:
+        ``(verdict, why)`` with verdict ``"met"``, ``"not met"`` or ``"inconclusive"``.
+    """
+    if low is None or high is None:
+        return "inconclusive", "no interval (fewer than 2 repeats)"
+    rel = "≤" if at_most else "≥"
+    worse, better = (high, low) if at_most else (low, high)
+
+    def ok(x: float) -> bool:
+        return x <= target if at_most else x >= target
+
+    if ok(worse):
+        return "met", f"worse end {worse:.3f} {rel} {target:.3f}"
+    if not ok(better):
+        return "not met", f"better end {better:.3f} misses {rel} {target:.3f}"
+    return "inconclusive", f"{target:.3f} lies inside [{low:.3f}, {high:.3f}]"
+
+
+def check_targets(
+    by_optimizer: dict[str, Any],
+    memory_ratio: dict[str, float] | None,
+    *,
+    optimizers: tuple[str, ...] = TARGETED,
+) -> list[dict[str, Any]]:
+    """The targets' verdicts per optimizer.
+
+    Args:
+        by_optimizer: :func:`~benchmarks.efficiency.combine_repeats`' ``by_optimizer``
+            (``throughput_ratio`` is read).
+        memory_ratio: Measured peak memory ÷ AdamW's per optimizer, or None where no peak
+            was measured (a CPU): then only the time target is judged.
+        optimizers: The optimizers judged (those absent from ``by_optimizer`` are skipped).
+
+    Returns:
+        One row per optimizer and target: ``optimizer``, ``target`` (text), ``quantity``,
+        ``bound``, ``estimate``, ``low``, ``high``, ``verdict``, ``why``.
+    """
+    rows = []
+    for name in optimizers:
+        if name not in by_optimizer:
+            continue
+        r = by_optimizer[name]["throughput_ratio"]
+        bound = 1 / TIME_TARGET
+        verdict, why = judge_target(r["low"], r["high"], bound, at_most=False)
+        rows.append({
+            "optimizer": name,
+            "target": f"step time ≤ {TIME_TARGET:.2f}× AdamW (tokens/s ratio ≥ {bound:.3f})",
+            "quantity": "tokens/s ratio", "bound": bound, "estimate": r["estimate"],
+            "low": r["low"], "high": r["high"], "verdict": verdict, "why": why,
+        })  # fmt: skip
+        if memory_ratio is not None and memory_ratio.get(name) is not None:
+            x = memory_ratio[name]
+            verdict, why = judge_target(x, x, MEMORY_TARGET, at_most=True)
+            rows.append({
+                "optimizer": name, "target": f"peak memory ≤ {MEMORY_TARGET:.2f}× AdamW",
+                "quantity": "peak memory ratio", "bound": MEMORY_TARGET, "estimate": x,
+                "low": x, "high": x, "verdict": verdict, "why": why,
+            })  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _size_argv(args: argparse.Namespace) -> list[str]:
+    return [
+        "--blocks", str(args.blocks), "--d-model", str(args.d_model), "--heads",
+        str(args.heads), "--context", str(args.context), "--batch-size", str(args.batch_size),
+        "--seed", str(args.seed), "--warmup", str(args.warmup), "--workdir", args.workdir,
+    ]  # fmt: skip
+
+
+def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """In a fresh process: ``warmup + 2`` donating training steps of one optimizer, from
+    its parameters' initialisation, and the device's ``memory_stats()`` after them."""
+    enable_compilation_cache(Path(args.workdir) / "jax_cache")
+    name = args.memory_probe
+    cfg = model_config(args)
+    tokens = jnp.asarray(batch_tokens(args))
+    tx = optimizers()[name]
+    params = init_gpt(jax.random.key(args.seed), cfg)
+    state = tx.init(params)
+    compiled = donating_step(tx, cfg).lower(params, state, tokens, None).compile()
+    for _ in range(args.warmup + 2):
+        params, state, loss = compiled(params, state, tokens, None)
+    jax.block_until_ready((params, state, loss))
+    stats = jax.devices()[0].memory_stats()
+    out = {
+        "optimizer": name,
+        "backend": jax.default_backend(),
+        "peak_bytes_in_use": None if stats is None else stats.get("peak_bytes_in_use"),
+        "bytes_in_use": None if stats is None else stats.get("bytes_in_use"),
+        "planned": planned_memory(compiled),
+        "steps": args.warmup + 2,
+    }
+    print(PROBE_MARK + json.dumps(out), flush=True)
+    return out
+
+
+def measure_peaks(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each optimizer's :func:`memory_probe` in its own subprocess (no preallocation)."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    out = {}
+    for name in names:
+        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--memory-probe", name]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd + _size_argv(args), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=1800)  # fmt: skip
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(PROBE_MARK)]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout)[-2000:]
+            raise RuntimeError(f"memory probe of {name} failed ({proc.returncode}):\n{tail}")
+        out[name] = json.loads(lines[-1][len(PROBE_MARK) :])
+        peak = out[name]["peak_bytes_in_use"]
+        print(
+            f"[train_throughput] {name}: peak "
+            + ("not reported" if peak is None else f"{peak / 2**20:.0f} MiB")
+            + f" (probe {time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _count(tree: Any) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args)
+    rdir = Path(args.results_dir)
+    rdir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    backend = jax.default_backend()
+    name = args.name or (
+        "train_throughput"
+        + ("_quick" if args.quick else "")
+        + ("" if backend == "cpu" else f"_{backend}")
+    )
+    enable_compilation_cache(Path(args.workdir) / "jax_cache")
+
+    cfg = model_config(args)
+    tokens = jnp.asarray(batch_tokens(args))
+    params0 = init_gpt(jax.random.key(args.seed), cfg)
+    n_params = _count(params0)
+    n_embed = _count(params0["wte"]) + _count(params0["wpe"])
+    param_bytes = tree_bytes(params0)
+    txs = optimizers()
+    names = list(txs)
+    state_bytes = {n: tree_bytes(tx.init(params0)) for n, tx in txs.items()}
+    tokens_per_step = args.batch_size * args.context
+
+    stats = jax.devices()[0].memory_stats()
+    measured = stats is not None and "peak_bytes_in_use" in stats
+    print(
+        f"[train_throughput] {n_params / 1e6:.1f}M parameters ({(n_params - n_embed) / 1e6:.1f}M "
+        f"body), batch {args.batch_size} × {args.context} tokens, {args.repeats} repeats × "
+        f"{args.rounds} rounds, {backend}, {os.cpu_count()} CPUs, load "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    # Peaks first: the probes compile each step into the cache this process then reads.
+    peaks = measure_peaks(args, names) if measured else None
+
+    steps: dict[str, Callable] = {}
+    compile_s: dict[str, float] = {}
+    planned: dict[str, dict[str, int]] = {}
+
+    def compiled() -> dict[str, Callable]:
+        """The donating steps, compiled on first use in this process."""
+        if not steps:
+            for n, tx in txs.items():
+                t = time.perf_counter()
+                c = donating_step(tx, cfg).lower(params0, tx.init(params0), tokens, None).compile()
+                compile_s[n] = time.perf_counter() - t
+                planned[n] = planned_memory(c)
+                steps[n] = keep_start(c, params0)
+                print(f"[train_throughput] {n}: compiled in {compile_s[n]:.1f} s", flush=True)
+        return steps
+
+    def run(index: int) -> dict[str, Any]:
+        rec = run_repeat(index, compiled(), txs, params0, tokens, rounds=args.rounds,
+                         warmup=args.warmup)  # fmt: skip
+        rec["compile_s"] = dict(compile_s)
+        rec["planned_memory"] = dict(planned)
+        med = {n: float(np.median(t)) for n, t in rec["times_s"].items()}
+        print(
+            f"[train_throughput] repeat {index + 1}/{args.repeats} ({rec['wall_s']:.0f} s, load "
+            f"{rec['loadavg_before'][0]:.1f} -> {rec['loadavg_after'][0]:.1f}): "
+            + ", ".join(f"{n.split(' (')[0]} {med[REFERENCE] / m:.3f}" for n, m in med.items())
+            + " × AdamW tokens/s",
+            flush=True,
+        )
+        return rec
+
+    signature = {
+        "model": {"vocab": VOCAB, "context": args.context, "d_model": args.d_model,
+                  "blocks": args.blocks, "heads": args.heads},
+        "batch_size": args.batch_size, "seed": args.seed, "rounds": args.rounds,
+        "warmup": args.warmup, "optimizers": names, "lr": LR, "donated": True,
+        "jax": jax.__version__, "cpu": cpu_info()["model"], "backend": backend,
+        "device_kind": jax.devices()[0].device_kind,
+    }  # fmt: skip
+    sub = rdir / f"{name}_repeats"
+    paths = [sub / f"{name}_repeat{i}.json" for i in range(args.repeats)]
+    repeats = [
+        _repeat_run(i, {**signature, "repeat": i}, paths[i], args.fresh, run, env)
+        for i in range(args.repeats)
+    ]
+    over = combine_repeats(repeats, reference=REFERENCE, claim_optimizer="")
+    over.pop("claim_check", None)
+    if not planned:  # every repeat read back: the plan recorded with them
+        planned.update(
+            next((r["planned_memory"] for r in reversed(repeats) if "planned_memory" in r), {})
+        )
+    compile_rec = next((r["compile_s"] for r in reversed(repeats) if r.get("compile_s")), {})
+
+    if peaks is not None:
+        mem = {n: float(peaks[n]["peak_bytes_in_use"]) for n in names}
+        memory_method = (
+            "measured: peak_bytes_in_use of memory_stats() after "
+            f"{args.warmup + 2} donating training steps, one fresh subprocess per optimizer"
+        )
+    else:
+        mem = {n: float(planned[n]["planned"]) for n in names} if planned else {}
+        memory_method = (
+            "planned: XLA's memory_analysis() of the compiled donating step, argument + "
+            "output + temp − alias bytes (memory_stats() is None on this backend)"
+        )
+    mem_ratio = {n: mem[n] / mem[REFERENCE] for n in mem} if mem else {}
+    targets = check_targets(over["by_optimizer"], mem_ratio if peaks is not None else None)
+
+    runs = {}
+    for n in names:
+        med = float(np.median([t for rep in repeats for t in rep["times_s"][n]]))
+        runs[n] = {
+            "median_step_s": med,
+            "tokens_per_s": tokens_per_step / med,
+            "compile_s": compile_rec.get(n),
+            "memory_bytes": mem.get(n),
+            "memory_over_adamw": mem_ratio.get(n),
+            "planned_memory": planned.get(n),
+            "measured_peak": None if peaks is None else peaks[n],
+            "state_bytes": state_bytes[n],
+            "state_over_params": state_bytes[n] / param_bytes,
+        }
+    loads = [(r["loadavg_before"], r["loadavg_after"]) for r in repeats]
+    d = args.d_model
+    payload = {
+        "model": {
+            "config": {
+                "vocab_size": VOCAB,
+                "context": args.context,
+                "d_model": d,
+                "n_layers": args.blocks,
+                "n_heads": args.heads,
+                "tie_embeddings": True,
+            },
+            "n_params": n_params,
+            "n_params_body": n_params - n_embed,
+            "n_params_embeddings": n_embed,
+            "param_bytes": param_bytes,
+            "vocab_note": f"vocabulary {VOCAB} (the data's BPE); GPT-2's {GPT2_VOCAB} would "
+            f"make the token embedding {GPT2_VOCAB * d / 1e6:.1f}M parameters instead of "
+            f"{VOCAB * d / 1e6:.1f}M",
+        },
+        "data": "lm_token_arrays(vocab_size=4096): Python-docs reST corpus, one fixed batch "
+        f"drawn with seed {args.seed}",
+        "batch_size": args.batch_size,
+        "context": args.context,
+        "tokens_per_step": tokens_per_step,
+        "seed": args.seed,
+        "lr": LR,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "quick": args.quick,
+        "design": "make_gpt_train_step in an outer jit donating parameters and state; steps "
+        "compiled once per process; per repeat fresh optimizer states from the same "
+        "parameters, warm-up steps, then interleaved rounds (one step of every optimizer per "
+        "round, the starting optimizer rotating, jax.block_until_ready after each); per "
+        "repeat the median step time per optimizer (benchmarks.efficiency.run_repeat)",
+        "backend": backend,
+        "device_kind": jax.devices()[0].device_kind,
+        "memory_method": memory_method,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": cpu_info()["affinity"],
+        "load": {
+            "by_repeat": [{"before": b, "after": a} for b, a in loads],
+            "min_1min": min(x[0] for pair in loads for x in pair),
+            "max_1min": max(x[0] for pair in loads for x in pair),
+        },
+        "runs": runs,
+        "over_repeats": over,
+        "targets": targets,
+        "repeat_records": [str(p.relative_to(rdir)) for p in paths],
+        "wall_s_by_repeat": [r["wall_s"] for r in repeats],
+    }
+    md = markdown(payload)
+    write_results(name, payload, md, results_dir=rdir, env=env,
+                  title="end-to-end GPT training throughput and memory")  # fmt: skip
+    print(md, flush=True)
+    return payload
+
+
+def _ci(c: dict[str, Any], fmt: str = "{:.3f}") -> str:
+    if c["low"] is None:
+        return fmt.format(c["estimate"]) + " (one repeat)"
+    return f"{fmt.format(c['estimate'])} [{fmt.format(c['low'])}, {fmt.format(c['high'])}]"
+
+
+def markdown(p: dict[str, Any]) -> str:
+    """The RESULTS.md section: per optimizer, the targets' verdicts, per repeat."""
+    over = p["over_repeats"]
+    by = over["by_optimizer"]
+    load = p["load"]
+    m = p["model"]
+    c = m["config"]
+    gpu = p["runs"][REFERENCE].get("measured_peak") is not None
+    mem_head = "peak memory" if gpu else "planned memory"
+    rows = []
+    for n, run in p["runs"].items():
+        b = by[n]
+        mem = run["memory_bytes"]
+        rows.append(
+            f"| {n} | {run['tokens_per_s']:.0f} | {_ci(b['throughput_ratio'])} | "
+            f"{_ci(b['time_over_reference'])} | "
+            + (f"{mem / 2**20:.0f} | {run['memory_over_adamw']:.3f}" if mem else "– | –")
+            + f" | {run['state_over_params']:.3f} |"
+        )
+    target_rows = [
+        f"| {t['optimizer']} | {t['target']} | "
+        + (_ci(t) if t["quantity"] == "tokens/s ratio" else f"{t['estimate']:.3f}")
+        + f" | **{t['verdict']}** ({t['why']}) |"
+        for t in p["targets"]
+    ]
+    others = [n for n in p["runs"] if n != REFERENCE]
+    rep_rows = []
+    for i, rep in enumerate(load["by_repeat"]):
+        ratios = " | ".join(f"{by[n]['throughput_ratio_by_repeat'][i]:.3f}" for n in others)
+        rep_rows.append(
+            f"| {over['repeats'][i]} | {rep['before'][0]:.2f} → {rep['after'][0]:.2f} | {ratios} |"
+        )
+    where = (
+        f"{p['device_kind']} ({p['backend']})"
+        if p["backend"] != "cpu"
+        else f"CPU, {p['cpu_count']} cores, 1-minute load {load['min_1min']:.2f}–"
+        f"{load['max_1min']:.2f} over the run (shared machine: absolute times are inflated, "
+        "the ratios are the comparable numbers)"
+    )
+    out = [
+        f"GPT ({c['n_layers']} blocks, width {c['d_model']}, {c['n_heads']} heads, context "
+        f"{c['context']}, vocabulary {c['vocab_size']}, tied embeddings): "
+        f"{m['n_params'] / 1e6:.1f}M parameters, {m['n_params_body'] / 1e6:.1f}M in the body "
+        f"(blocks + final norm); {m['vocab_note']}. One fixed batch of {p['batch_size']} × "
+        f"{p['context']} tokens from `lm_token_arrays` (seed {p['seed']}); the full step "
+        "(forward + backward + update: `make_gpt_train_step` in a jit donating parameters "
+        f"and state) on {where}. {p['repeats']} repeats, each from fresh optimizer states "
+        f"with {p['warmup']} warm-up steps and {p['rounds']} interleaved rounds (the starting "
+        "optimizer rotating); per repeat the tokens/s ratio to AdamW (its median step time ÷ "
+        f"the optimizer's); across repeats the mean with a {over['interval']}. tokens/s: "
+        f"median step over all rounds. Memory: {p['memory_method']}.",
+        "",
+        f"| optimizer | tokens/s | tokens/s ÷ AdamW [95 % CI] | step time × AdamW [95 % CI] | "
+        f"{mem_head} MiB | {mem_head} ÷ AdamW | state bytes ÷ parameter bytes |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Targets (met: the interval's worse end meets it; not met: its better end misses it; "
+        "else inconclusive)"
+        + ("" if gpu else f"; peak memory ≤ {MEMORY_TARGET:.2f}× AdamW is judged on a GPU "
+           "only, the planned CPU ratio above is not judged") + ":",
+        "",
+        "| optimizer | target | measured | verdict |",
+        "|---|---|---|---|",
+        *target_rows,
+        "",
+        "Per repeat (tokens/s ÷ AdamW):",
+        "",
+        "| repeat | load (1 min) before → after | " + " | ".join(others) + " |",
+        "|---|---|" + "---|" * len(others),
+        *rep_rows,
+    ]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
