@@ -47,6 +47,7 @@ from umtam_jax.experiments.conflict import conflict_study
 from umtam_jax.experiments.pipeline import enable_compilation_cache
 from umtam_jax.experiments.protocol import EXPERT_RECIPES, SIZES, evaluate_merges
 from umtam_jax.experiments.spaces import PER_TASK
+from umtam_jax.merging.diagnostics import KEPT_DENSITY
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -182,13 +183,14 @@ def _memory_md(mode: str, table: MergeTable, results: dict, vs_default: Any) -> 
 def _conflict_md(study: dict[str, Any]) -> str:
     methods = [m for m in study["methods"] if m != "task_arithmetic"]
     head = ["Task pair", "Sign-conflict rate", "Magnitude at conflicts",
-            *[f"{m} − task arithmetic" for m in methods]]  # fmt: skip
+            "Rate among kept entries", *[f"{m} − task arithmetic" for m in methods]]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in study["pairs"]:
         gains = [r[f"gain_{m}"] for m in methods]
         lines.append(
             f"| {' + '.join(r['tasks'])} | {r['conflict']:.3f} | "
             f"{_fmt(r.get('conflict_mass'), '{:.3f}')} | "
+            f"{_fmt(r.get('conflict_kept'), '{:.3f}')} | "
             + " | ".join(
                 f"{g['estimate']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] {g['verdict']}"
                 for g in gains
@@ -196,11 +198,16 @@ def _conflict_md(study: dict[str, Any]) -> str:
             + " |"
         )
     rho = ", ".join(f"{m} {_fmt(v, '{:+.2f}')}" for m, v in study["spearman"].items())
+    kept = study.get("spearman_kept") or {}
+    rho_kept = ", ".join(f"{m} {_fmt(v, '{:+.2f}')}" for m, v in kept.items())
     return (
         "Every pair of tasks merged under the protocol with the same experts (seeds "
         f"{', '.join(map(str, study['seeds']))}); gains are paired differences of normalized "
-        "test scores with 95 % intervals. Spearman correlation between a pair's conflict "
-        f"rate and each gain over the {len(study['pairs'])} pairs: {rho}.\n\n" + "\n".join(lines)
+        "test scores with 95 % intervals. The rate among kept entries counts only the top "
+        f"{KEPT_DENSITY:.0%} of each task vector's entries by magnitude per leaf (TIES's "
+        "trim). Spearman correlation between a pair's conflict rate and each gain over the "
+        f"{len(study['pairs'])} pairs: {rho}; with the rate among kept entries: "
+        f"{rho_kept or 'not recorded'}.\n\n" + "\n".join(lines)
     )
 
 

@@ -363,25 +363,40 @@ def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(fir
     assert train.calls == 0  # the main run's experts, through the linked cache
     (row,) = study["pairs"]
     assert row["tasks"] == list(TASKS) and study["spearman"] == {"ties": None}
+    assert study["spearman_kept"] == {"ties": None}  # fewer than 3 pairs
     g = row["gain_ties"]
     assert g["low"] <= g["estimate"] <= g["high"] and g["verdict"] in ("better", "worse", "tied")
+
     # The conflict rate against a NumPy count over the two experts' encoders.
-    rates, masses = [], []
+    def top(leaf):  # the top 20 % magnitudes of one leaf (TIES's default trim)
+        kept = np.zeros_like(leaf)
+        order = np.argsort(-np.abs(leaf), kind="stable")[: max(1, int(0.2 * leaf.size))]
+        kept[order] = leaf[order]
+        return kept
+
+    def rate(t0, t1):
+        s0, s1 = np.sign(t0), np.sign(t1)
+        both = (s0 != 0) & (s1 != 0)
+        return np.sum(both & (s0 != s1)) / np.sum(both), both & (s0 != s1)
+
+    rates, masses, kept_rates = [], [], []
     for seed in (0, 1):
         _, _, experts = protocol.seed_inputs(
             protocol.SIZES["tiny"], seed, TASKS, workdir, base, tokenizer
         )
-        taus = [
-            np.concatenate([np.ravel(np.asarray(w, np.float64) - np.asarray(b, np.float64))
-                            for w, b in zip(jax.tree.leaves(e.params["encoder"]),
-                                            jax.tree.leaves(base), strict=True)])
+        leaves = [
+            [np.ravel(np.asarray(w, np.float64) - np.asarray(b, np.float64))
+             for w, b in zip(jax.tree.leaves(e.params["encoder"]), jax.tree.leaves(base),
+                             strict=True)]
             for e in experts
         ]  # fmt: skip
-        s0, s1 = np.sign(taus[0]), np.sign(taus[1])
-        both = (s0 != 0) & (s1 != 0)
-        rates.append(np.sum(both & (s0 != s1)) / np.sum(both))
+        taus = [np.concatenate(t) for t in leaves]
+        r, conflicting = rate(*taus)
+        rates.append(r)
         magnitude = np.abs(taus[0]) + np.abs(taus[1])
-        masses.append(magnitude[both & (s0 != s1)].sum() / magnitude.sum())
+        masses.append(magnitude[conflicting].sum() / magnitude.sum())
+        kept_rates.append(rate(*[np.concatenate([top(x) for x in t]) for t in leaves])[0])
+    assert row["conflict_kept"] == pytest.approx(np.mean(kept_rates))
     assert row["conflict_by_seed"] == pytest.approx(rates)
     assert row["conflict_mass"] == pytest.approx(np.mean(masses))
     assert row["conflict"] == pytest.approx(np.mean(rates))

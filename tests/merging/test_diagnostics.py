@@ -46,8 +46,8 @@ def _sparse_experts(rng, k):
 # ------------------------------------------------------------------------ references
 
 
-def ref_sign_conflict(base, experts):
-    taus = _taus(base, experts)
+def ref_sign_conflict(base, experts, taus=None):
+    taus = _taus(base, experts) if taus is None else taus
     k = len(experts)
     eligible = conflicts = 0
     mass = conflict_mass = 0.0
@@ -119,6 +119,32 @@ def test_sign_conflict_matches_reference():
         assert d["per_leaf"][p] == (None if r is None else pytest.approx(r, rel=1e-12))
     np.testing.assert_allclose(np.array(d["pairwise"], float), pairwise, rtol=1e-12)
     assert 0 < d["rate"] < 1
+
+
+def test_sign_conflict_among_kept_entries_matches_reference():
+    base, experts = _sparse_experts(np.random.default_rng(3), 3)
+    density = 0.3
+
+    def trimmed(tau):  # the top int(density · n) magnitudes of a leaf, the rest zero
+        flat = np.ravel(tau)
+        keep = np.argsort(-np.abs(flat), kind="stable")[: max(1, int(density * flat.size))]
+        out = np.zeros_like(flat)
+        out[keep] = flat[keep]
+        return out.reshape(np.shape(tau))
+
+    taus = [{p: trimmed(t[p]) for p in t} for t in _taus(base, experts)]
+    d = D.sign_conflict(base, experts, density=density)
+    entries, conflicts, mass, per_leaf, pairwise = ref_sign_conflict(base, experts, taus)
+    assert d["density"] == density
+    assert (d["entries"], d["conflicts"]) == (entries, conflicts)
+    assert d["rate"] == pytest.approx(conflicts / entries, rel=1e-12)
+    assert d["mass"] == pytest.approx(mass, rel=1e-12)
+    for p, r in per_leaf.items():
+        assert d["per_leaf"][p] == (None if r is None else pytest.approx(r, rel=1e-12))
+    np.testing.assert_allclose(np.array(d["pairwise"], float), pairwise, rtol=1e-12)
+    assert d["entries"] < D.sign_conflict(base, experts)["entries"]  # fewer entries count
+    with pytest.raises(ValueError, match="density must be a number in"):
+        D.sign_conflict(base, experts, density=0.0)
 
 
 def test_identical_experts_do_not_conflict_and_opposite_ones_always_do():
@@ -312,8 +338,9 @@ def test_diagnose_combines_the_applicable_diagnostics():
     assert d["weight_spread"] == D.importance_spread("umtam", base, experts, stats, of="weights")
     assert d["delta_norms"] == D.delta_norms(base, merged, experts)
     json.dumps(d, allow_nan=False)
+    assert d["sign_conflict_kept"] == D.sign_conflict(base, experts, density=D.KEPT_DENSITY)
     d = D.diagnose("task_arithmetic", base, experts, scaling=0.5)
-    assert sorted(d) == ["experts", "method", "sign_conflict"]
+    assert sorted(d) == ["experts", "method", "sign_conflict", "sign_conflict_kept"]
     d = D.diagnose("prune", base, experts[0], experts[0], density=0.5)
     assert d["experts"] == 1 and d["mask_overlap"]["jaccard"] == [[1.0]]
     assert d["importance_spread"]["entropy"] == 1.0

@@ -40,6 +40,12 @@ def _link_caches(main: Path, pair: Path) -> None:
             os.symlink(os.path.relpath(main / name, pair), link, target_is_directory=True)
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the recorded values (None where a run did not record one)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     if len(x) < 3:
         return None
@@ -73,13 +79,16 @@ def conflict_study(
             (``base_encoder``, ``tokenizer``, ...).
 
     Returns:
-        ``{"pairs": [{"tasks", "conflict", "conflict_by_seed", "conflict_mass", method:
-        {"score", "low", "high"}, "gain_<method>": {"estimate", "low", "high",
-        "verdict"}}...],
-        "spearman": {method: rho or None}, "methods", "seeds"}``: pairs sorted by
+        ``{"pairs": [{"tasks", "conflict", "conflict_by_seed", "conflict_mass",
+        "conflict_kept", method: {"score", "low", "high"}, "gain_<method>": {"estimate",
+        "low", "high", "verdict"}}...], "spearman": {method: rho or None},
+        "spearman_kept": {method: rho or None}, "methods", "seeds"}``: pairs sorted by
         conflict rate (seed mean); gains are paired differences of normalized test scores
         against task arithmetic; ``conflict_mass`` is the seed mean of the share of the
-        task vectors' magnitude at conflicting entries.
+        task vectors' magnitude at conflicting entries; ``conflict_kept`` the seed mean of
+        the rate among the entries each task vector keeps at TIES's default density
+        (:data:`umtam_jax.merging.diagnostics.KEPT_DENSITY`; None for runs recorded
+        without it), with its own rank correlations ``spearman_kept``.
     """
     sz = resolve_size(size)
     tasks = list(tasks or sz.tasks)
@@ -93,18 +102,18 @@ def conflict_study(
         results = run_protocol([a, b], methods, seeds, size=sz, workdir=pair, log=log, **kwargs)
         table = summarize(pair, methods=methods, seeds=seeds, references=("task_arithmetic",),
                           samples=samples or sz.bootstrap_samples)  # fmt: skip
-        found = [
-            (results["runs"]["task_arithmetic"][str(s)].get("diagnostics") or {}).get(
-                "sign_conflict", {}
-            )
-            for s in seeds
+        diagnostics = [
+            results["runs"]["task_arithmetic"][str(s)].get("diagnostics") or {} for s in seeds
         ]
+        found = [d.get("sign_conflict", {}) for d in diagnostics]
+        kept = [d.get("sign_conflict_kept", {}).get("rate") for d in diagnostics]
         rates, masses = [d.get("rate") for d in found], [d.get("mass") for d in found]
         row: dict[str, Any] = {
             "tasks": [a, b],
-            "conflict": float(np.mean([r for r in rates if r is not None])),
+            "conflict": _mean(rates),
             "conflict_by_seed": rates,
-            "conflict_mass": float(np.mean([m for m in masses if m is not None])),
+            "conflict_mass": _mean(masses),
+            "conflict_kept": _mean(kept),
         }
         for m in methods:
             r = table.row(m)
@@ -118,9 +127,21 @@ def conflict_study(
                 }
         rows.append(row)
     rows.sort(key=lambda r: r["conflict"])
-    rho = {
-        m: _spearman([r["conflict"] for r in rows], [r[f"gain_{m}"]["estimate"] for r in rows])
-        for m in methods
-        if m != "task_arithmetic"
+    gains = {
+        m: [r[f"gain_{m}"]["estimate"] for r in rows] for m in methods if m != "task_arithmetic"
     }
-    return store.jsonable({"pairs": rows, "spearman": rho, "methods": methods, "seeds": seeds})
+    rho = {m: _spearman([r["conflict"] for r in rows], g) for m, g in gains.items()}
+    with_kept = [i for i, r in enumerate(rows) if r["conflict_kept"] is not None]
+    rho_kept = {
+        m: _spearman([rows[i]["conflict_kept"] for i in with_kept], [g[i] for i in with_kept])
+        for m, g in gains.items()
+    }
+    return store.jsonable(
+        {
+            "pairs": rows,
+            "spearman": rho,
+            "spearman_kept": rho_kept,
+            "methods": methods,
+            "seeds": seeds,
+        }  # fmt: skip
+    )

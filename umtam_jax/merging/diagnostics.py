@@ -20,6 +20,7 @@ import numpy as np
 
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
+from umtam_jax.merging._select import keep_count
 from umtam_jax.optimizer._statistics import curvature as _curvature
 from umtam_jax.optimizer._statistics import momentum as _momentum
 
@@ -47,7 +48,21 @@ def _plan(method: Any, base: Any, experts: Any, extra: Any, params: dict) -> R.C
 # --------------------------------------------------------------------------- sign conflict
 
 
-def _sign_conflict(prepared: V.Prepared) -> dict[str, Any]:
+KEPT_DENSITY = 0.2
+"""The density at which :func:`diagnose` also counts conflicts among the entries each task
+vector keeps (``sign_conflict_kept``): TIES-Merging's default trim (its top 20 %)."""
+
+
+def _kept(tau: np.ndarray, density: float) -> np.ndarray:
+    """A flat leaf ``tau`` with all but its ``keep_count`` largest magnitudes set to zero
+    (TIES-Merging's trim, in float64; ties towards the lower flat index, as the merges)."""
+    keep = np.argsort(-np.abs(tau), kind="stable")[: keep_count(tau.size, density)]
+    out = np.zeros_like(tau)
+    out[keep] = tau[keep]
+    return out
+
+
+def _sign_conflict(prepared: V.Prepared, density: float | None = None) -> dict[str, Any]:
     k = len(prepared.experts)
     eligible = conflicts = 0
     mass = conflict_mass = 0.0
@@ -56,6 +71,8 @@ def _sign_conflict(prepared: V.Prepared) -> dict[str, Any]:
     for j, path in enumerate(prepared.paths):
         b = _f64(prepared.base[j])
         taus = np.stack([_f64(ws[j]) - b for ws in prepared.experts])
+        if density is not None:
+            taus = np.stack([_kept(tau, density) for tau in taus])
         s = np.sign(taus)
         pos, neg = (s > 0).astype(np.float64), (s < 0).astype(np.float64)
         n_eligible = int(np.sum((pos + neg).sum(0) >= 2))
@@ -70,6 +87,7 @@ def _sign_conflict(prepared: V.Prepared) -> dict[str, Any]:
         per_leaf[path] = _rate(conflict.sum(), n_eligible)
     return {
         "rate": _rate(conflicts, eligible),
+        "density": density,
         "entries": eligible,
         "conflicts": conflicts,
         "mass": _rate(conflict_mass, mass),
@@ -78,7 +96,9 @@ def _sign_conflict(prepared: V.Prepared) -> dict[str, Any]:
     }
 
 
-def sign_conflict(base: Any, experts: Sequence[Any]) -> dict[str, Any]:
+def sign_conflict(
+    base: Any, experts: Sequence[Any], density: float | None = None
+) -> dict[str, Any]:
     """How often the experts' task vectors disagree in sign.
 
     Averaging entries of opposite signs cancels them: TIES-Merging's motivation
@@ -86,13 +106,21 @@ def sign_conflict(base: Any, experts: Sequence[Any]) -> dict[str, Any]:
     intense these conflicts are is the open question of which merge wins (the UMTAM paper,
     arXiv:2512.17109): a mean suffers most when the rate is high, an election least.
 
+    Over all entries, independently fine-tuned experts disagree on about half of them
+    (0.49–0.50 for every task pair of the conflict study in benchmarks/RESULTS.md), most
+    of them small; the conflicts a sign election resolves are among the entries the
+    experts keep, which ``density`` counts alone.
+
     Args:
       base: the base parameters ``θ_0``.
       experts: the fine-tuned parameters ``θ_t``, with the base's structure and dtypes.
+      density: if given, in (0, 1]: each task vector keeps only its top ``density``
+        fraction of entries by magnitude per leaf (TIES-Merging's trim) before counting.
 
     Returns:
       A dict with ``rate``: among the entries where at least two task vectors
-      ``τ_t = θ_t − θ_0`` are non-zero (``entries`` of them), the fraction whose non-zero
+      ``τ_t = θ_t − θ_0`` (trimmed to ``density``, which is returned too) are non-zero
+      (``entries`` of them), the fraction whose non-zero
       ``τ_t`` do not all share one sign (``conflicts`` of them); ``mass``: the share of
       ``Σ_t |τ_t|`` lying at these conflicting entries (how much magnitude is at stake);
       ``per_leaf``: leaf path → rate; ``pairwise``: the K×K matrix whose ``[i][j]`` is the
@@ -110,8 +138,14 @@ def sign_conflict(base: Any, experts: Sequence[Any]) -> dict[str, Any]:
       >>> d = diagnostics.sign_conflict(base, experts)
       >>> d["rate"], d["entries"], d["mass"], d["per_leaf"], d["pairwise"]
       (0.5, 2, 0.2857142857142857, {"['w']": 0.5}, [[0.0, 0.5], [0.5, 0.0]])
+      >>> diagnostics.sign_conflict(base, experts, density=0.67)["rate"]  # top 2 of 3 each
+      0.0
     """
-    return _sign_conflict(V.prepare(base, experts))
+    if density is not None and not (
+        isinstance(density, int | float) and not isinstance(density, bool) and 0 < density <= 1
+    ):
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    return _sign_conflict(V.prepare(base, experts), density)
 
 
 # --------------------------------------------------------------------------- masks
@@ -424,7 +458,8 @@ def diagnose(
       **params: its parameters.
 
     Returns:
-      A dict with ``method``, ``experts`` (K), ``sign_conflict``; ``mask_overlap`` for a
+      A dict with ``method``, ``experts`` (K), ``sign_conflict`` over all entries and
+      ``sign_conflict_kept`` among the entries kept at :data:`KEPT_DENSITY`; ``mask_overlap`` for a
       method with a sparsify step (its masks before sign election); ``importance_spread``
       for one with importances; ``weight_spread`` (``of="weights"``) for UMTAM; and
       ``delta_norms`` when ``merged`` is given.
@@ -446,7 +481,7 @@ def diagnose(
       [0.913, 0.667]
       >>> sorted(d)  # doctest: +NORMALIZE_WHITESPACE
       ['delta_norms', 'experts', 'importance_spread', 'mask_overlap', 'method',
-       'sign_conflict']
+       'sign_conflict', 'sign_conflict_kept']
     """
     call = _plan(method, base, experts, extra, params)
     m, prepared = call.method, call.prepared
@@ -454,6 +489,7 @@ def diagnose(
         "method": m.name,
         "experts": len(prepared.experts),
         "sign_conflict": _sign_conflict(prepared),
+        "sign_conflict_kept": _sign_conflict(prepared, KEPT_DENSITY),
     }
     if m.sparsify is not None:
         out["mask_overlap"] = _mask_overlap(len(prepared.experts), _keep_masks(call))
