@@ -83,7 +83,7 @@ def spectra(opt_state):
             continue
         if s.dense_momentum is None:
             raise ValueError("run with error_decay > 0: the state then keeps M̃")
-        r = s.sigma.shape[0]
+        r = s.sigma.shape[-1]
         u = s.u.reshape(-1, r)
         v = s.v.reshape(-1, r)
         low = (u @ s.sigma) @ v.T

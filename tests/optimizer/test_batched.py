@@ -151,6 +151,11 @@ def test_scanned_helper_takes_the_layer_axis_anywhere():
     assert fn(head, (16, 8)) == 1
     with pytest.raises(ValueError, match="axis"):
         umtam_jax.scanned("blocks", axis=-1)
+    # The inner view is checked against the shape without the stacking axes.
+    for bad in (-1, 3, "1"):
+        fn = umtam_jax.scanned("blocks", axis=1, inner=lambda p, s, bad=bad: bad)
+        with pytest.raises(ValueError, match=r"scanned's inner returned .*\['blocks'\]"):
+            fn(blocks, (16, 4, 8))
 
 
 @pytest.mark.parametrize(

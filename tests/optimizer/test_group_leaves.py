@@ -127,3 +127,29 @@ def test_stacks_only_leaves_of_equal_layout():
 def test_group_leaves_must_be_true_or_false(value):
     with pytest.raises(TypeError, match="group_leaves must be True or False"):
         umtam_jax.umtam(1e-3, group_leaves=value)
+
+
+def test_a_leaf_viewed_transposed_stacks_with_its_canonical_shape():
+    # "b" is the columns-first view of a (32, 48) leaf: canonically (48, 32), like "a".
+    rng = np.random.default_rng(3)
+    params = {"a": jnp.asarray(rng.normal(size=(48, 32)), jnp.float32)}
+    params["b"] = jnp.asarray(rng.normal(size=(32, 48)), jnp.float32)
+    grads = jax.tree.map(lambda p: jnp.sin(3.0 * p), params)
+
+    def row_axes(path, shape):
+        return umtam_jax.MatrixAxes((), (1,)) if path[0].key == "b" else 1
+
+    results = []
+    for group_leaves in (True, False):
+        opt = umtam_jax.umtam(
+            1e-2, rank=4, min_dim_size_to_factor=16, row_axes=row_axes, group_leaves=group_leaves
+        )
+        state = opt.init(params)
+        assert state[0].leaves["b"].u.shape == (1, 48, 4)  # keepdims: rows are axis 1
+        results.append(jax.jit(opt.update)(grads, state, params)[0])
+    trees.assert_trees_close_to_scale(results[0], results[1], rtol=1e-5)
+    # The view of "b" is that of its transpose under the default view.
+    opt = umtam_jax.umtam(1e-2, rank=4, min_dim_size_to_factor=16)
+    flipped = {"a": params["a"], "b": params["b"].T}
+    want, _ = jax.jit(opt.update)({"a": grads["a"], "b": grads["b"].T}, opt.init(flipped), flipped)
+    trees.assert_trees_close_to_scale(results[0]["b"], want["b"].T, rtol=1e-5)

@@ -10,6 +10,7 @@ from tests.sharding._mesh_script import run_on_devices
 
 # Runs after _mesh_script's prelude (jax, jnp, np, umtam_jax, P, trim, on_mesh, report).
 _SCRIPT = """
+    ADAPT = {"adaptive_rank": True, "rank_update_every": 1}
     CASES = {
         "3d_middle_axis": ((2, 8, 4), P(None, "x"), None),
         "3d_last_axis": ((2, 4, 8), P(None, None, "x"), None),
@@ -19,12 +20,18 @@ _SCRIPT = """
         # its state kept in the parameter's order
         "layer_axis_second": ((4, 8, 8), P(None, "x"), umtam_jax.MatrixAxes((1,), (0,))),
         "layer_axis_second_rows": ((8, 4, 8), P("x"), umtam_jax.MatrixAxes((1,), (0,))),
+        # adaptive rank: one int32 rank per matrix, partitioned like the batch axis
+        "batched_batch_axis_adaptive": ((8, 16, 8), P("x"), umtam_jax.MatrixAxes(1, 1), ADAPT),
+        "layer_axis_second_adaptive": (
+            (4, 8, 8), P(None, "x"), umtam_jax.MatrixAxes((1,), (0,)), ADAPT
+        ),
     }
     rng = np.random.default_rng(0)
 
-    for name, (shape, spec, axes) in CASES.items():
+    for name, (shape, spec, axes, *extra) in CASES.items():
         row_axes = None if axes is None else (lambda p, s, a=axes: a)
-        opt = umtam_jax.umtam(1.0, rank=2, min_dim_size_to_factor=1, row_axes=row_axes)
+        kw = extra[0] if extra else {}
+        opt = umtam_jax.umtam(1.0, rank=2, min_dim_size_to_factor=1, row_axes=row_axes, **kw)
         w = rng.normal(size=shape).astype(np.float32)
         g = rng.normal(size=shape).astype(np.float32)
         state = opt.init(jnp.asarray(w))
@@ -73,6 +80,8 @@ _CASES = [
     "batched_batch_axis",
     "layer_axis_second",
     "layer_axis_second_rows",
+    "batched_batch_axis_adaptive",
+    "layer_axis_second_adaptive",
 ]
 
 

@@ -77,6 +77,7 @@ def init_factored(
     rank = None
     if cfg.adaptive_rank:
         rank = jnp.full(batch, min(cfg.rank, r), jnp.int32)
+        rank = place(rank, spec[:nb]) if nb else rank
     return FactoredLeafState(
         u=u,
         sigma=sigma,

@@ -91,10 +91,13 @@ def _stackable(cfg: Config, layout: Layout, g: jax.Array, w: jax.Array) -> bool:
 
 
 def _stack_key(layout: Layout, g: jax.Array, w: jax.Array, leaf_state: Any) -> tuple:
-    """Leaves with equal keys are updated as one stack (see ``group_leaves``)."""
+    """Leaves with equal keys are updated as one stack (see ``group_leaves``). The
+    arguments are in canonical order, so a leaf stored in another axis order stacks with
+    leaves of its canonical shape (the permutation is left out of the key)."""
     arrays = tuple((x.shape, jnp.dtype(x.dtype)) for x in jax.tree.leaves(leaf_state))
     shapes = (g.shape, jnp.dtype(g.dtype), jnp.dtype(w.dtype))
-    return (layout, shapes, jax.tree.structure(leaf_state), arrays)
+    canonical = dataclasses.replace(layout, perm=None)
+    return (canonical, shapes, jax.tree.structure(leaf_state), arrays)
 
 
 def leaf_groups(

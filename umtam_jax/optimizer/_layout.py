@@ -127,8 +127,13 @@ def scanned(
         first = min(axis, len(shape) - batch)
         stacked = tuple(range(first, first + batch))
         others = tuple(i for i in range(len(shape)) if i not in stacked)
-        view = inner(path, tuple(shape[i] for i in others))
-        inner_batch, inner_rows = _positions(view, len(others))
+        inner_shape = tuple(shape[i] for i in others)
+        view = inner(path, inner_shape)
+        where = (
+            f"scanned's inner returned {view!r} for {jax.tree_util.keystr(path)} of shape "
+            f"{shape} without its stacking axes {stacked} ({inner_shape})"
+        )
+        inner_batch, inner_rows = _validated_positions(view, inner_shape, where)
         if first == 0 and inner_batch == () and inner_rows == tuple(range(len(inner_rows))):
             return MatrixAxes(batch, len(inner_rows))  # the leading layout, in counts
         return MatrixAxes(

@@ -290,8 +290,9 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
 
     Every UMTAM state array is sharded like the parameter it belongs to: ``u`` like the
     rows of the parameter's 2-D view, ``v`` like its columns, ``dense_momentum``, ``saliency`` and
-    ``initial`` like the parameter, ``row``/``col`` like the matching axes; the r×r core and
-    the counters are replicated. Parameter-shaped states of other transforms (e.g. Adam
+    ``initial`` like the parameter, ``row``/``col`` like the matching axes; the r×r cores
+    (and adaptive ranks) like the batch axes of a stack of matrices, else replicated, as
+    the step counter. Parameter-shaped states of other transforms (e.g. Adam
     moments in a chain) follow the parameters; everything else is replicated.
 
     Args:

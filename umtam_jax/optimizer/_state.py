@@ -1,11 +1,14 @@
 """State and statistics containers of the UMTAM optimizer.
 
 Every array of a leaf's state keeps the axes of the parameter it belongs to, so it can be
-sharded like that parameter: for a factored parameter of shape ``rows + cols`` (the 2-D view
-splits the shape after its first ``k`` axes), ``u`` has shape ``rows + (r,)``, ``v`` has shape
-``cols + (r,)``, ``row`` has shape ``rows`` and ``col`` has shape ``cols``; ``dense_momentum``,
-``saliency`` and ``initial`` have the parameter's shape. The parameter's shape is therefore
-always ``row.shape + col.shape``, and no static metadata is needed to rebuild dense
+sharded like that parameter. For a factored parameter of shape ``batch + rows + cols`` (its
+stacking axes, then the row and column axes of each matrix), ``u`` has shape
+``batch + rows + (r,)``, ``v`` ``batch + cols + (r,)``, ``sigma`` ``batch + (r, r)``,
+``row`` ``batch + rows``, ``col`` ``batch + cols`` and ``rank`` ``batch``;
+``dense_momentum``, ``saliency`` and ``initial`` have the parameter's shape, which is
+``row.shape + col.shape[len(batch):]``. A parameter whose axes are in another order keeps
+them in its own order instead, each array with size 1 on the axes it lacks (the keepdims
+form of :mod:`._axis_order`). Either way no static metadata is needed to rebuild dense
 statistics.
 """
 
@@ -23,20 +26,20 @@ class FactoredLeafState(NamedTuple):
     """Optimizer state of one factored (matrix-like) parameter, docs/algorithm.md §2.2.
 
     Attributes:
-      u: left factor of the low-rank momentum, shape ``rows + (r,)``.
-      sigma: ``(r, r)`` core of the momentum ``U Σ Vᵀ`` (diagonal right after a
+      u: left factor of the low-rank momentum, shape ``batch + rows + (r,)``.
+      sigma: ``batch + (r, r)`` cores of the momentum ``U Σ Vᵀ`` (diagonal right after a
         decomposition, a full core between refreshes, docs/algorithm.md §2.5).
-      v: right factor, shape ``cols + (r,)``.
+      v: right factor, shape ``batch + cols + (r,)``.
       dense_momentum: the last step's momentum ``M̃`` before its rank-r compression
         (parameter shape), so that the compression error is ``E = M̃ − U Σ Vᵀ``; ``None``
         when ``error_decay == 0``. Keeping ``M̃`` rather than ``E`` (same size) lets the next
         step form ``b1 U Σ Vᵀ + γ E = γ M̃ + (b1 − γ) U Σ Vᵀ`` without expanding ``U Σ Vᵀ``
         when ``b1 == γ`` (the defaults).
-      row: row second moments ``R`` (shape ``rows``).
-      col: column second moments ``C`` (shape ``cols``).
+      row: row second moments ``R`` (shape ``batch + rows``).
+      col: column second moments ``C`` (shape ``batch + cols``).
       saliency: tracked saliency ``S`` (parameter shape), ``None`` with ``saliency="final"``.
       initial: the initial parameter ``W0``, ``None`` with ``saliency="final"``.
-      rank: active rank (int32 scalar) when adaptive rank is on, else ``None``.
+      rank: active rank (int32, shape ``batch``) when adaptive rank is on, else ``None``.
     """
 
     u: Array

@@ -119,7 +119,9 @@ def scale_by_umtam(
         parameter: ``k`` gives one ``(prod(shape[:k]), prod(shape[k:]))`` matrix;
         ``MatrixAxes(batch, rows)`` makes the leading ``batch`` axes a stack of
         independent matrices (layer-stacked models; see :func:`umtam_jax.scanned`), each
-        with its own factors, second moments, clipping norm, ε_t, saliency and rank.
+        with its own factors, second moments, clipping norm, ε_t, saliency and rank;
+        ``MatrixAxes(batch=(1,), rows=(0,))`` names the axes by position (a
+        ``[d_in, L, d_out]`` stack), the columns being the others.
         Default :func:`default_row_axes` (fan-in × fan-out). Rows or columns of size 0
         make a parameter dense.
       bias_correction: divide the momentum by ``1 − b1^t`` and Ŝ (dense: v) by ``1 − b2^t``.
