@@ -11,9 +11,10 @@ TIES-Merging trims). The experts are the protocol's, trained or read back from t
 directory's cache exactly as the merging study uses them; no merge is run.
 
     python -m benchmarks.conflict_rates --workdir protocol-medium --seeds 0 1 2
-    python -m benchmarks.conflict_rates --size tiny --workdir /tmp/cr --tasks a b  # smoke
+    python -m benchmarks.conflict_rates --quick --workdir /tmp/cr   # tiny size, one pair
 
-Writes ``benchmarks/results/<name>.json`` (default ``conflict_rates``) and its RESULTS.md
+Writes ``benchmarks/results/<name>.json`` (default ``conflict_rates``, ``conflict_rates_quick``
+with ``--quick``) and its RESULTS.md
 section; each (pair, seed) is also kept in ``<workdir>/conflict_rates.json`` as it is
 measured, so an interrupted run resumes.
 """
@@ -36,18 +37,25 @@ from umtam_jax.merging.diagnostics import sign_conflict
 DENSITIES = (0.2, 0.1, 0.05)
 #: The distant-domain task (Python source code) added to the size's tasks by default.
 CODE_TASK = "py_package"
+QUICK_TASKS = ("fortune_topic", CODE_TASK)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny size, two tasks, seed 0")
     p.add_argument("--size", default="medium", choices=sorted(SIZES))
     p.add_argument("--workdir", required=True, help="the protocol's work directory")
     p.add_argument("--tasks", nargs="+", help="default: the size's tasks and the code task")
     p.add_argument("--seeds", nargs="+", type=int, help="default: the size's seeds")
     p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
-    p.add_argument("--name", default="conflict_rates")
-    return p.parse_args(argv)
+    p.add_argument("--name")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.seeds = "tiny", args.seeds or [0]
+        args.tasks = args.tasks or list(QUICK_TASKS)
+    args.name = args.name or ("conflict_rates_quick" if args.quick else "conflict_rates")
+    return args
 
 
 def pair_rates(base: Any, a: Any, b: Any, densities: list[float]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Every benchmark whose results the README or docs/performance.md report.
 PRODUCT_BENCHMARKS = (
     "checkpoint_integrity",
+    "conflict_rates",
     "efficiency",
     "merge_memory",
     "merge_time",

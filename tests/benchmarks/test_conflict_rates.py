@@ -17,8 +17,8 @@ TASKS = ["fortune_topic", "kjv_section", "py_package"]
 
 def test_rates_of_every_pair_are_the_experts_and_a_rerun_reads_them_back(tmp_path, monkeypatch):
     workdir, results = tmp_path / "work", tmp_path / "results"
-    argv = ["--size", "tiny", "--workdir", str(workdir), "--tasks", *TASKS, "--seeds", "0",
-            "--densities", "0.2", "0.05", "--results-dir", str(results)]  # fmt: skip
+    argv = ["--quick", "--workdir", str(workdir), "--tasks", *TASKS, "--densities", "0.2",
+            "0.05", "--results-dir", str(results)]  # fmt: skip
     out = cr.main(argv)
     assert [r["tasks"] for r in out["rows"]] == [TASKS[:2], [TASKS[0], TASKS[2]], TASKS[1:]]
     size = protocol.SIZES["tiny"]
@@ -35,7 +35,7 @@ def test_rates_of_every_pair_are_the_experts_and_a_rerun_reads_them_back(tmp_pat
         rates = [r["rates"][key]["rate"] for r in out["rows"]]
         assert out["summary"][key]["min"] == pytest.approx(min(rates))
         assert out["summary"][key]["max"] == pytest.approx(max(rates))
-    record = json.loads((results / "conflict_rates.json").read_text())
+    record = json.loads((results / "conflict_rates_quick.json").read_text())
     assert "| fortune_topic + kjv_section | 0 |" in record["markdown"]
 
     def no_training(*args, **kwargs):
