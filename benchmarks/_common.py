@@ -18,6 +18,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,43 @@ def regenerate_results_md(results_dir: str | os.PathLike | None = None) -> Path:
     out = rdir.parent / "RESULTS.md"
     _atomic_write(out, "\n".join(parts).rstrip() + "\n")
     return out
+
+
+def recorded_run(
+    label: str,
+    signature: dict[str, Any],
+    path: Path,
+    fresh: bool,
+    run: Callable[[], dict[str, Any]],
+    *,
+    title: str,
+    env: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One part of a benchmark (a seed, a repeat) recorded on its own, so that an
+    interrupted benchmark resumes: read back from ``path`` when it was recorded with the
+    same ``signature`` (and ``fresh`` is false), else ``run()``, written to ``path`` by
+    :func:`write_results` as soon as it ends.
+
+    Args:
+        label: How progress lines name the part (``"[spectrum] seed 1"``).
+        signature: The settings the record must match (stored in it).
+        path: The record's JSON file.
+        fresh: Run again even if a matching record exists.
+        run: Computes the part's result (a dict).
+        title: The record's title.
+        env: The environment record (default: measured now).
+
+    Returns:
+        The part's result, ``signature`` included.
+    """
+    if path.exists() and not fresh:
+        try:
+            rec = json.loads(path.read_text())["result"]
+        except (OSError, ValueError, KeyError):
+            rec = None
+        if isinstance(rec, dict) and rec.get("signature") == signature:
+            print(f"{label}: read back {path}", flush=True)
+            return rec
+    rec = {"signature": signature, **run()}
+    write_results(path.stem, rec, "", results_dir=path.parent, title=title, env=env)
+    return rec

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -48,7 +47,14 @@ import numpy as np
 import optax
 
 import umtam_jax
-from benchmarks._common import RESULTS_DIR, cpu_info, environment, t_interval, write_results
+from benchmarks._common import (
+    RESULTS_DIR,
+    cpu_info,
+    environment,
+    recorded_run,
+    t_interval,
+    write_results,
+)
 from umtam_jax import experiments as E
 from umtam_jax.experiments.claims import judge
 from umtam_jax.experiments.data import add_task_import_option, import_task_modules
@@ -237,25 +243,6 @@ def combine_repeats(
     }
 
 
-def _repeat_run(
-    index: int, signature: dict[str, Any], path: Path, fresh: bool, run, env
-) -> dict[str, Any]:
-    """One repeat's record: read back from ``path`` when recorded with ``signature``, else
-    ``run(index)``, written to ``path`` (by :func:`write_results`) as soon as it ends."""
-    if path.exists() and not fresh:
-        try:
-            rec = json.loads(path.read_text())["result"]
-        except (OSError, ValueError, KeyError):
-            rec = None
-        if isinstance(rec, dict) and rec.get("signature") == signature:
-            print(f"[efficiency] repeat {index}: read back {path}", flush=True)
-            return rec
-    rec = {"signature": signature, **run(index)}
-    title = f"{path.stem} (step times of one repeat)"
-    write_results(path.stem, rec, "", results_dir=path.parent, title=title, env=env)
-    return rec
-
-
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     import_task_modules(args.imports)
@@ -324,9 +311,12 @@ def main(argv=None) -> dict[str, Any]:
     sub = rdir / "efficiency_repeats"
     paths = [sub / f"{name}_repeat{i}.json" for i in range(args.repeats)]
     repeats = [
-        _repeat_run(i, {**signature, "repeat": i}, paths[i], args.fresh, run, env)
+        recorded_run(
+            f"[efficiency] repeat {i}", {**signature, "repeat": i}, paths[i], args.fresh,
+            lambda i=i: run(i), title=f"{paths[i].stem} (step times of one repeat)", env=env,
+        )
         for i in range(args.repeats)
-    ]
+    ]  # fmt: skip
     over = combine_repeats(repeats)
     tokens = args.batch_size * args.max_length
     compile_rec = next(

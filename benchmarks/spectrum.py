@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, environment, t_interval, write_results
+from benchmarks._common import RESULTS_DIR, environment, recorded_run, t_interval, write_results
 from benchmarks.training import DEFAULT, QUICK, base_transform, make_tx, set_lr
 from umtam_jax import ScaleByUmtamState
 from umtam_jax.experiments.claims import judge
@@ -324,23 +324,6 @@ def combine_seeds(runs: list[dict[str, Any]], claim_rank: str = "32") -> dict[st
     }
 
 
-def _seed_run(seed: int, signature: dict[str, Any], path: Path, fresh: bool, run, env) -> dict:
-    """One seed's record: read back from ``path`` when recorded with ``signature``, else
-    ``run(seed)``, written to ``path`` (by :func:`write_results`) as soon as it ends."""
-    if path.exists() and not fresh:
-        try:
-            rec = json.loads(path.read_text())["result"]
-        except (OSError, ValueError, KeyError):
-            rec = None
-        if isinstance(rec, dict) and rec.get("signature") == signature:
-            print(f"[spectrum] seed {seed}: read back {path}", flush=True)
-            return rec
-    rec = {"signature": signature, **run(seed)}
-    title = f"{path.stem} (momentum energy at rank r, one seed)"
-    write_results(path.stem, rec, "", results_dir=path.parent, title=title, env=env)
-    return rec
-
-
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if not args.error_decay > 0:
@@ -417,9 +400,13 @@ def main(argv=None) -> dict[str, Any]:
 
     sub = rdir / "spectrum_seeds"
     runs = [
-        _seed_run(s, {**signature, "seed": s}, sub / f"{name}_seed{s}.json", args.fresh, run, env)
+        recorded_run(
+            f"[spectrum] seed {s}", {**signature, "seed": s}, sub / f"{name}_seed{s}.json",
+            args.fresh, lambda s=s: run(s), env=env,
+            title=f"{name}_seed{s} (momentum energy at rank r, one seed)",
+        )
         for s in seeds
-    ]
+    ]  # fmt: skip
     first = {k: v for k, v in runs[0].items() if k != "signature"}
     payload = {
         "size": "quick" if args.quick else "default",

@@ -82,8 +82,16 @@ import numpy as np
 import optax
 
 import umtam_jax
-from benchmarks._common import RESULTS_DIR, ROOT, cpu_info, environment, tree_bytes, write_results
-from benchmarks.efficiency import _repeat_run, combine_repeats, run_repeat
+from benchmarks._common import (
+    RESULTS_DIR,
+    ROOT,
+    cpu_info,
+    environment,
+    recorded_run,
+    tree_bytes,
+    write_results,
+)
+from benchmarks.efficiency import combine_repeats, run_repeat
 from umtam_jax.experiments.lm_data import lm_token_arrays, sample_lm_batch
 from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step
 from umtam_jax.experiments.pipeline import enable_compilation_cache
@@ -429,9 +437,12 @@ def main(argv=None) -> dict[str, Any]:
     sub = rdir / f"{name}_repeats"
     paths = [sub / f"{name}_repeat{i}.json" for i in range(args.repeats)]
     repeats = [
-        _repeat_run(i, {**signature, "repeat": i}, paths[i], args.fresh, run, env)
+        recorded_run(
+            f"[train_throughput] repeat {i}", {**signature, "repeat": i}, paths[i], args.fresh,
+            lambda i=i: run(i), title=f"{paths[i].stem} (step times of one repeat)", env=env,
+        )
         for i in range(args.repeats)
-    ]
+    ]  # fmt: skip
     over = combine_repeats(repeats, reference=REFERENCE, claim_optimizer="")
     over.pop("claim_check", None)
     if not planned:  # every repeat read back: the plan recorded with them

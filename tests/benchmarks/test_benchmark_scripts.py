@@ -514,3 +514,25 @@ def test_merging_runs_the_adamw_pipeline_with_the_chosen_methods(tmp_path, monke
     assert adamw["experts_by"] == "adamw" and adamw["workdir"] == tmp_path / "a"
     assert lean["experts_by"] == "umtam_lean" and lean["workdir"] == tmp_path / "u-umtam_lean"
     assert lean["methods"] == merging.MEMORY_METHODS
+
+
+def test_recorded_run_reads_a_matching_record_back_and_reruns_otherwise(tmp_path):
+    calls = []
+
+    def run():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    path = tmp_path / "parts" / "x_seed0.json"
+    first = _common.recorded_run("[x] seed 0", {"seed": 0}, path, False, run, title="x", env={})
+    assert first == {"signature": {"seed": 0}, "value": 1} and path.exists()
+    again = _common.recorded_run("[x] seed 0", {"seed": 0}, path, False, run, title="x", env={})
+    assert again == first and len(calls) == 1  # read back, not run
+    other = _common.recorded_run("[x] seed 0", {"seed": 1}, path, False, run, title="x", env={})
+    assert other["value"] == 2  # another signature: run again
+    fresh = _common.recorded_run("[x] seed 0", {"seed": 1}, path, True, run, title="x", env={})
+    assert fresh["value"] == 3
+    path.write_text("{not json")
+    assert (
+        _common.recorded_run("[x]", {"seed": 1}, path, False, run, title="x", env={})["value"] == 4
+    )
