@@ -350,11 +350,7 @@ def main(argv=None) -> dict[str, Any]:
         "param_bytes": param_bytes,
         "cpu_count": os.cpu_count(),
         "cpu_affinity": cpu_info()["affinity"],
-        "load": {
-            "by_repeat": [{"before": b, "after": a} for b, a in loads],
-            "min_1min": min(x[0] for pair in loads for x in pair),
-            "max_1min": max(x[0] for pair in loads for x in pair),
-        },
+        "load": load_summary(loads),
         "runs": runs,
         "over_repeats": over,
         "claim_check": over["claim_check"],
@@ -367,7 +363,16 @@ def main(argv=None) -> dict[str, Any]:
     return payload
 
 
-def _ci(c: dict[str, Any], fmt: str = "{:.3f}") -> str:
+def load_summary(loads: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """The load averages before and after each repeat, and the range of the 1-minute one."""
+    return {
+        "by_repeat": [{"before": b, "after": a} for b, a in loads],
+        "min_1min": min(x[0] for pair in loads for x in pair),
+        "max_1min": max(x[0] for pair in loads for x in pair),
+    }
+
+
+def interval_text(c: dict[str, Any], fmt: str = "{:.3f}") -> str:
     """``mean [low, high]`` (the mean alone for one repeat)."""
     if c["low"] is None:
         return fmt.format(c["estimate"]) + " (one repeat)"
@@ -384,8 +389,8 @@ def markdown(p: dict[str, Any], *, n_params: int, param_bytes: int) -> str:
         b = by[n]
         rows.append(
             f"| {n} | {run['median_step_s'] * 1000:.0f} | {run['tokens_per_s']:.0f} | "
-            f"{_ci(b['time_over_reference'])} | {_ci(b['throughput_ratio'])} | "
-            f"{_ci(b['cost_percent'], '{:.1f}')} | {run['state_bytes'] / 2**20:.1f} | "
+            f"{interval_text(b['time_over_reference'])} | {interval_text(b['throughput_ratio'])} | "
+            f"{interval_text(b['cost_percent'], '{:.1f}')} | {run['state_bytes'] / 2**20:.1f} | "
             f"{run['state_over_params']:.2f} | {run['state_over_adamw']:.2f} |"
         )
     umtams = [n for n in p["runs"] if n.startswith("umtam")]
@@ -426,7 +431,7 @@ def markdown(p: dict[str, Any], *, n_params: int, param_bytes: int) -> str:
             "",
             f"Paper claim (Table 8): {cc['claimed_cost_percent']:g} % throughput cost of "
             f"UMTAM versus AdamW (GPT-2 124M on a GPU). Here, {cc['optimizer']}: "
-            f"{_ci(cc['cost_percent'], '{:.1f}')} %, **{cc['verdict']}** ({cc['why']}).",
+            f"{interval_text(cc['cost_percent'], '{:.1f}')} %, **{cc['verdict']}** ({cc['why']}).",
         ]
     return "\n".join(out) + "\n"
 

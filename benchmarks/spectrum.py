@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._common import RESULTS_DIR, environment, recorded_run, t_interval, write_results
-from benchmarks.training import DEFAULT, QUICK, base_transform, make_tx, set_lr
+from benchmarks.training import DEFAULT, QUICK, base_transform, gpt_config, make_tx, set_lr
 from umtam_jax import ScaleByUmtamState
 from umtam_jax.experiments.claims import judge
 from umtam_jax.experiments.lm_data import lm_token_arrays
@@ -348,13 +348,7 @@ def main(argv=None) -> dict[str, Any]:
     env = environment()
 
     train, _ = lm_token_arrays()
-    cfg = GPTConfig(
-        vocab_size=4096,
-        context=size.context,
-        d_model=size.d_model,
-        n_layers=size.n_layers,
-        n_heads=size.n_heads,
-    )
+    cfg = gpt_config(size)
     base = base_transform(
         optimizer,
         rank=args.rank,

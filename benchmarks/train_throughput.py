@@ -91,7 +91,7 @@ from benchmarks._common import (
     tree_bytes,
     write_results,
 )
-from benchmarks.efficiency import combine_repeats, run_repeat
+from benchmarks.efficiency import combine_repeats, interval_text, load_summary, run_repeat
 from umtam_jax.experiments.lm_data import lm_token_arrays, sample_lm_batch
 from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step
 from umtam_jax.experiments.pipeline import enable_compilation_cache
@@ -521,11 +521,7 @@ def main(argv=None) -> dict[str, Any]:
         "memory_method": memory_method,
         "cpu_count": os.cpu_count(),
         "cpu_affinity": cpu_info()["affinity"],
-        "load": {
-            "by_repeat": [{"before": b, "after": a} for b, a in loads],
-            "min_1min": min(x[0] for pair in loads for x in pair),
-            "max_1min": max(x[0] for pair in loads for x in pair),
-        },
+        "load": load_summary(loads),
         "runs": runs,
         "over_repeats": over,
         "targets": targets,
@@ -537,12 +533,6 @@ def main(argv=None) -> dict[str, Any]:
                   title="end-to-end GPT training throughput and memory")  # fmt: skip
     print(md, flush=True)
     return payload
-
-
-def _ci(c: dict[str, Any], fmt: str = "{:.3f}") -> str:
-    if c["low"] is None:
-        return fmt.format(c["estimate"]) + " (one repeat)"
-    return f"{fmt.format(c['estimate'])} [{fmt.format(c['low'])}, {fmt.format(c['high'])}]"
 
 
 def markdown(p: dict[str, Any]) -> str:
@@ -559,14 +549,14 @@ def markdown(p: dict[str, Any]) -> str:
         b = by[n]
         mem = run["memory_bytes"]
         rows.append(
-            f"| {n} | {run['tokens_per_s']:.0f} | {_ci(b['throughput_ratio'])} | "
-            f"{_ci(b['time_over_reference'])} | "
+            f"| {n} | {run['tokens_per_s']:.0f} | {interval_text(b['throughput_ratio'])} | "
+            f"{interval_text(b['time_over_reference'])} | "
             + (f"{mem / 2**20:.0f} | {run['memory_over_adamw']:.3f}" if mem else "– | –")
             + f" | {run['state_over_params']:.3f} |"
         )
     target_rows = [
         f"| {t['optimizer']} | {t['target']} | "
-        + (_ci(t) if t["quantity"] == "tokens/s ratio" else f"{t['estimate']:.3f}")
+        + (interval_text(t) if t["quantity"] == "tokens/s ratio" else f"{t['estimate']:.3f}")
         + f" | **{t['verdict']}** ({t['why']}) |"
         for t in p["targets"]
     ]

@@ -312,6 +312,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def gpt_config(size: Any) -> GPTConfig:
+    """The GPT of a benchmark size (vocabulary of the LM data's tokenizer, 4096)."""
+    return GPTConfig(
+        vocab_size=4096,
+        context=size.context,
+        d_model=size.d_model,
+        n_layers=size.n_layers,
+        n_heads=size.n_heads,
+    )
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     size = QUICK if args.quick else DEFAULT
@@ -342,13 +353,7 @@ def main(argv=None) -> dict[str, Any]:
     )
     val = jnp.asarray(val_tokens[vstarts[:, None] + np.arange(size.context + 1)], jnp.int32)
 
-    cfg = GPTConfig(
-        vocab_size=4096,
-        context=size.context,
-        d_model=size.d_model,
-        n_layers=size.n_layers,
-        n_heads=size.n_heads,
-    )
+    cfg = gpt_config(size)
     params0 = init_gpt(jax.random.key(args.seed), cfg)
     n_params = int(sum(x.size for x in jax.tree.leaves(params0)))
     shapes = {

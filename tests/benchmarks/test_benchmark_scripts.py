@@ -38,6 +38,16 @@ PRODUCT_BENCHMARKS = (
 )
 
 
+def _recorded(tmp_path, name: str, result: dict) -> Path:
+    """A results folder holding one benchmark record ``<name>.json`` (as the claims read)."""
+    bdir = tmp_path / "results"
+    bdir.mkdir(exist_ok=True)
+    env = {"cpu": {"affinity": 2}, "backend": "cpu"}
+    record = {"date": "2026-01-02", "environment": env, "result": result}
+    (bdir / f"{name}.json").write_text(json.dumps(record))
+    return bdir
+
+
 def test_benchmarks_folder_holds_exactly_the_product_benchmarks():
     scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
     assert scripts == set(PRODUCT_BENCHMARKS)
@@ -310,13 +320,9 @@ def test_spectrum_seeds_combine_against_a_hand_computation_and_give_claim_6_a_ve
     assert out["by_rank"]["8"]["median"]["low"] == pytest.approx(0.5)  # no spread
 
     # Claim 6 reads the median's interval: 96.0 % [93.5, 98.5] lies above 82 %.
-    bdir = tmp_path / "results"
-    bdir.mkdir()
     result = {"over_seeds": out, "claim_check": {"median_all": 0.95, "min_all": 0.78},
               "matrices": {"a": [4, 4]}, "log_steps": [1, 2]}  # fmt: skip
-    env = {"cpu": {"affinity": 2}, "backend": "cpu"}
-    (bdir / "spectrum.json").write_text(json.dumps({"date": "2026-01-02", "environment": env,
-                                                    "result": result}))  # fmt: skip
+    bdir = _recorded(tmp_path, "spectrum", result)
     energy = claims.paper_claims(None, bdir)[5]
     assert energy.claim.startswith("Rank 32 captures")
     assert (energy.estimate, energy.low, energy.high) == pytest.approx(
@@ -326,7 +332,7 @@ def test_spectrum_seeds_combine_against_a_hand_computation_and_give_claim_6_a_ve
     assert "minimum 81.0 %" in energy.measurement and "seeds [0, 1, 2]" in energy.setting
     # One seed has no interval: the row falls back to the single run, inconclusive.
     result["over_seeds"] = spectrum.combine_seeds(runs[:1])
-    (bdir / "spectrum.json").write_text(json.dumps({"environment": env, "result": result}))
+    _recorded(tmp_path, "spectrum", result)
     energy = claims.paper_claims(None, bdir)[5]
     assert energy.verdict == "inconclusive" and energy.estimate == pytest.approx(95.0)
 
@@ -398,14 +404,10 @@ def test_efficiency_combine_repeats_against_a_hand_computation_and_give_claim_7_
     assert "**reproduced**" in md and "| 2 | 1.00 → 2.00 | 1000 | 0.800 |" in md
 
     # Claim 7 reads the same interval from the recorded result.
-    bdir = tmp_path / "results"
-    bdir.mkdir()
     result = {"runs": {"adamw": {"median_step_s": 1.0}, umtam: {"median_step_s": 1.1}},
               "over_repeats": out, "n_params": 22.6e6, "rounds": 3, "batch_size": 32,
               "max_length": 48, "load": {"min_1min": 1.5, "max_1min": 3.9}}  # fmt: skip
-    env = {"cpu": {"affinity": 2}, "backend": "cpu"}
-    (bdir / "efficiency.json").write_text(json.dumps({"date": "2026-01-02", "environment": env,
-                                                      "result": result}))  # fmt: skip
+    bdir = _recorded(tmp_path, "efficiency", result)
     speed = claims.paper_claims(None, bdir)[6]
     assert speed.claim.startswith("Throughput cost")
     assert (speed.estimate, speed.low, speed.high) == pytest.approx(
@@ -415,7 +417,7 @@ def test_efficiency_combine_repeats_against_a_hand_computation_and_give_claim_7_
     assert "2-core CPU" in speed.setting and "CPU instead of a GPU" in speed.setting
     # One repeat has no interval: a single run, inconclusive.
     result["over_repeats"] = efficiency.combine_repeats(reps[2:])
-    (bdir / "efficiency.json").write_text(json.dumps({"environment": env, "result": result}))
+    _recorded(tmp_path, "efficiency", result)
     speed = claims.paper_claims(None, bdir)[6]
     assert speed.verdict == "inconclusive" and speed.estimate == pytest.approx(20.0)
     assert speed.low is None and "reads not reproduced" in speed.why
