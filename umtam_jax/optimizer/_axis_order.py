@@ -77,23 +77,25 @@ def _groups(layout: Layout) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int
 
 
 def _convert(state: Any, layout: Layout, ndim: int, *, to_stored: bool) -> Any:
-    """A leaf state moved between canonical order and the stored form (see module doc)."""
+    """A leaf state or statistics node moved between canonical order and the stored form
+    (see module doc)."""
     if layout.perm is None:
         return state
     move = from_canonical if to_stored else to_canonical
     reshape = _spread if to_stored else _collect
-    parameter_shaped = _map_parameter_shaped(state, lambda x: move(x, layout.perm))
+    moved = _map_parameter_shaped(state, lambda x: move(x, layout.perm))
     if isinstance(state, DenseLeafState):
-        return state._replace(**parameter_shaped)
+        return state._replace(**moved)
     batch, rows, cols = _groups(layout)
+    if getattr(state, "rank", None) is not None:  # statistics have no rank
+        moved["rank"] = reshape(state.rank, batch, ndim)
     return state._replace(
         u=reshape(state.u, rows, ndim),
         sigma=reshape(state.sigma, batch, ndim),
         v=reshape(state.v, cols, ndim),
         row=reshape(state.row, rows, ndim),
         col=reshape(state.col, cols, ndim),
-        rank=None if state.rank is None else reshape(state.rank, batch, ndim),
-        **parameter_shaped,
+        **moved,
     )
 
 
@@ -140,17 +142,6 @@ def canonical_statistics(s: FactoredStatistics) -> tuple[FactoredStatistics, Any
     parameter there (``None`` if the statistics were already canonical)."""
     if not is_keepdims(s):
         return s, None
-    ndim = s.row.ndim
     batch, rows, cols = keepdims_axes(tuple(s.row.shape), tuple(s.col.shape))
-    perm = batch + rows + cols
-    return (
-        FactoredStatistics(
-            u=_collect(s.u, batch + rows, ndim),
-            sigma=_collect(s.sigma, batch, ndim),
-            v=_collect(s.v, batch + cols, ndim),
-            row=_collect(s.row, batch + rows, ndim),
-            col=_collect(s.col, batch + cols, ndim),
-            saliency=None if s.saliency is None else to_canonical(s.saliency, perm),
-        ),
-        perm,
-    )
+    layout = Layout(len(rows), batch_axes=len(batch), perm=batch + rows + cols)
+    return canonical_state(s, layout, s.row.ndim), layout.perm
