@@ -176,6 +176,34 @@ def run_repeat(
     }
 
 
+def recorded_repeats(
+    label: str,
+    folder: Path,
+    name: str,
+    count: int,
+    signature: dict[str, Any],
+    fresh: bool,
+    run: Callable[[int], dict[str, Any]],
+    env: dict[str, Any],
+) -> tuple[list[Path], list[dict[str, Any]]]:
+    """``run(i)`` for each of ``count`` repeats, each recorded as
+    ``<folder>/<name>_repeat<i>.json`` and read back when rerun with the same ``signature``
+    (:func:`benchmarks._common.recorded_run`).
+
+    Returns:
+      The records' paths and the repeats' results.
+    """
+    paths = [folder / f"{name}_repeat{i}.json" for i in range(count)]
+    repeats = [
+        recorded_run(
+            f"[{label}] repeat {i}", {**signature, "repeat": i}, paths[i], fresh,
+            lambda i=i: run(i), title=f"{paths[i].stem} (step times of one repeat)", env=env,
+        )
+        for i in range(count)
+    ]  # fmt: skip
+    return paths, repeats
+
+
 def combine_repeats(
     repeats: list[dict[str, Any]],
     *,
@@ -308,15 +336,8 @@ def main(argv=None) -> dict[str, Any]:
         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    sub = rdir / "efficiency_repeats"
-    paths = [sub / f"{name}_repeat{i}.json" for i in range(args.repeats)]
-    repeats = [
-        recorded_run(
-            f"[efficiency] repeat {i}", {**signature, "repeat": i}, paths[i], args.fresh,
-            lambda i=i: run(i), title=f"{paths[i].stem} (step times of one repeat)", env=env,
-        )
-        for i in range(args.repeats)
-    ]  # fmt: skip
+    paths, repeats = recorded_repeats("efficiency", rdir / "efficiency_repeats", name,
+                                      args.repeats, signature, args.fresh, run, env)  # fmt: skip
     over = combine_repeats(repeats)
     tokens = args.batch_size * args.max_length
     compile_rec = next(

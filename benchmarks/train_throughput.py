@@ -87,11 +87,16 @@ from benchmarks._common import (
     ROOT,
     cpu_info,
     environment,
-    recorded_run,
     tree_bytes,
     write_results,
 )
-from benchmarks.efficiency import combine_repeats, interval_text, load_summary, run_repeat
+from benchmarks.efficiency import (
+    combine_repeats,
+    interval_text,
+    load_summary,
+    recorded_repeats,
+    run_repeat,
+)
 from umtam_jax.experiments.lm_data import lm_token_arrays, sample_lm_batch
 from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step
 from umtam_jax.experiments.pipeline import enable_compilation_cache
@@ -434,15 +439,8 @@ def main(argv=None) -> dict[str, Any]:
         "jax": jax.__version__, "cpu": cpu_info()["model"], "backend": backend,
         "device_kind": jax.devices()[0].device_kind,
     }  # fmt: skip
-    sub = rdir / f"{name}_repeats"
-    paths = [sub / f"{name}_repeat{i}.json" for i in range(args.repeats)]
-    repeats = [
-        recorded_run(
-            f"[train_throughput] repeat {i}", {**signature, "repeat": i}, paths[i], args.fresh,
-            lambda i=i: run(i), title=f"{paths[i].stem} (step times of one repeat)", env=env,
-        )
-        for i in range(args.repeats)
-    ]  # fmt: skip
+    paths, repeats = recorded_repeats("train_throughput", rdir / f"{name}_repeats", name,
+                                      args.repeats, signature, args.fresh, run, env)  # fmt: skip
     over = combine_repeats(repeats, reference=REFERENCE, claim_optimizer="")
     over.pop("claim_check", None)
     if not planned:  # every repeat read back: the plan recorded with them
