@@ -220,6 +220,49 @@ def test_custom_tasks_plug_in():
     assert "toy_pair" not in data.available_tasks()
 
 
+def test_mirror_task_reverses_the_labels_of_the_same_examples():
+    spec = data.get_task("wn_defmatch_mirror")
+    assert (spec.mirror_of, spec.labels, spec.kind) == (
+        "wn_defmatch",
+        ("defines", "different"),
+        "pair",
+    )
+
+    def three(seed):
+        rng = np.random.default_rng(seed)
+        return [f"t{i}" for i in range(90)], rng.permutation(np.arange(90) % 3)
+
+    data.register_task("toy3", three, ("x", "y", "z"), "macro_f1")
+    try:
+        mirror = data.register_mirror_task("toy3")
+        assert (mirror.name, mirror.labels, mirror.metric) == (
+            "toy3_mirror",
+            ("z", "y", "x"),
+            "macro_f1",
+        )
+        caps = {"train": 30, "test": 7}
+        task = data.load_task("toy3", seed=2, max_per_split=caps)
+        mirrored = data.load_task("toy3_mirror", seed=2, max_per_split=caps)
+        assert (task.seed_name, mirrored.seed_name, mirrored.name) == (
+            "toy3",
+            "toy3",
+            "toy3_mirror",
+        )
+        assert mirrored.label_names == ("z", "y", "x")
+        for split in data.SPLITS:
+            a, b = getattr(task, split), getattr(mirrored, split)
+            assert a.texts == b.texts  # same examples in the same order
+            np.testing.assert_array_equal(b.labels, 2 - a.labels)
+        with pytest.raises(ValueError, match="already the mirror of 'toy3'"):
+            data.register_mirror_task("toy3_mirror")
+        with pytest.raises(ValueError, match="already registered"):
+            data.register_mirror_task("toy3")
+        assert data.register_mirror_task("toy3", mirror_name="toy3_b").mirror_of == "toy3"
+    finally:
+        for n in ("toy3", "toy3_mirror", "toy3_b"):
+            data.unregister_task(n)
+
+
 def test_metrics():
     y = np.array([0, 0, 1, 1, 2, 2])
     p = np.array([0, 1, 1, 1, 2, 0])

@@ -437,3 +437,36 @@ def test_pipelines_compare_raw_scores_of_two_runs(first, setup, tmp_path):
     assert r["low"] <= r["estimate"] <= r["high"]
     with pytest.raises(ValueError, match="no finished run"):
         comparison.compare_runs((workdir, "umtam"), (adir, "ties"), seeds=[0, 1])
+
+
+def test_a_two_class_mirror_expert_moves_opposite_to_its_task(setup):
+    """The mirror of a two-class task starts from the same head and batches, and its
+    swapped targets push the encoder the opposite way: the constructed high-conflict
+    pair of the conflict study."""
+    from umtam_jax.merging.diagnostics import sign_conflict
+
+    tokenizer, base, _ = setup
+    mirror = data_lib.register_mirror_task(TASKS[1], overwrite=True).name
+    try:
+        cfg = dataclasses.replace(protocol.SIZES["tiny"].config, steps=3)
+        tx = E.optimizer_for("adamw", cfg, {})
+        encoders = []
+        for name in (TASKS[1], mirror):
+            tt = E.prepare_task(name, tokenizer, cfg)
+            assert tt.task.seed_name == TASKS[1]
+            params, _, _ = E.finetune(tt, base, tx, cfg, progress=False)
+            encoders.append(params["encoder"])
+
+        def flat(encoder):
+            leaves = zip(jax.tree.leaves(encoder), jax.tree.leaves(base), strict=True)
+            return np.concatenate([np.ravel(np.asarray(p) - np.asarray(b)) for p, b in leaves])
+
+        a, b = flat(encoders[0]), flat(encoders[1])
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) < -0.5
+        # Every weight matrix disagrees in sign on most entries both moved (the word embedding,
+        # mostly rows neither batch used, is moved the same way by weight decay alone).
+        rates = sign_conflict(base, encoders)["per_leaf"]
+        kernels = [r for path, r in rates.items() if "kernel" in path]
+        assert len(kernels) == 6 and min(kernels) > 0.75, rates
+    finally:
+        data_lib.unregister_task(mirror)

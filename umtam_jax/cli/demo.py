@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_tasks:
         for t in data_lib.available_tasks():
             s = data_lib.get_task(t)
-            print(f"{t:<16} {s.kind:<6} {s.metric:<9} {', '.join(s.labels)}")
+            print(f"{t:<20} {s.kind:<6} {s.metric:<9} {', '.join(s.labels)}")
         return 0
     tasks = (
         [t.strip() for t in args.tasks.split(",") if t.strip()]

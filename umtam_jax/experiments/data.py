@@ -35,6 +35,8 @@ wn_supersense  single animal, plant, food, artifact, person            macro_f1
 py_package     single asyncio, xml, multiprocessing, email             macro_f1
 ============== ====== ================================================ ===========
 
+and ``wn_defmatch_mirror``, the mirror of ``wn_defmatch`` (:func:`register_mirror_task`).
+
 ``wn_defmatch`` is balanced by construction (one positive and one negative per
 synset), hence accuracy; the others have class ratios of 1.7x to 4.5x, hence
 macro-F1. ``py_package`` (Python source, :mod:`~umtam_jax.experiments.code_task`) is
@@ -84,6 +86,7 @@ __all__ = [
     "load_task",
     "macro_f1",
     "register_metric",
+    "register_mirror_task",
     "register_task",
     "stratified_split",
     "stratified_subsample",
@@ -184,6 +187,8 @@ class TaskSpec:
         description: Free text.
         cache: Whether built examples are cached on disk.
         version: Part of the cache key; bump it when the builder changes.
+        mirror_of: For a mirror task (:func:`register_mirror_task`), the task it mirrors;
+            None otherwise.
     """
 
     name: str
@@ -194,6 +199,7 @@ class TaskSpec:
     description: str = ""
     cache: bool = False
     version: int = 1
+    mirror_of: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +214,8 @@ class TaskData:
         train: Training split.
         validation: Validation split.
         test: Test split.
+        seed_name: The name training seeds are drawn from (head initialization, batch
+            order, dropout): the task's own name, or the mirrored task's for a mirror.
     """
 
     name: str
@@ -217,6 +225,11 @@ class TaskData:
     train: Examples
     validation: Examples
     test: Examples
+    seed_name: str = ""
+
+    def __post_init__(self):
+        if not self.seed_name:
+            object.__setattr__(self, "seed_name", self.name)
 
     @property
     def num_labels(self) -> int:
@@ -345,6 +358,52 @@ def register_task(
     )
     _REGISTRY[name] = spec
     return spec
+
+
+def register_mirror_task(
+    name: str, *, mirror_name: str | None = None, overwrite: bool = False
+) -> TaskSpec:
+    """Registers a task's mirror: the same examples with the label order reversed.
+
+    Label ``i`` of the mirror is label ``K - 1 - i`` of ``name`` (``K`` classes), with
+    its label names reversed to match, and :func:`load_task` gives the mirror exactly
+    the examples, splits and order of ``name``. Its expert is seeded like ``name``'s
+    (:attr:`TaskData.seed_name`: same initial head, batches and dropout), so the two
+    experts differ only through the labels. For a two-class task every training
+    target is swapped: from the same start, the two experts' first gradients point in
+    nearly opposite directions (exactly opposite when the initial prediction is
+    uniform), a constructed pair of strongly conflicting experts for merging studies.
+
+    Args:
+        name: A registered task (not itself a mirror).
+        mirror_name: The mirror's name (default ``f"{name}_mirror"``).
+        overwrite: Allow replacing an existing task of that name.
+
+    Returns:
+        The mirror's :class:`TaskSpec`.
+
+    Example:
+        >>> from umtam_jax.experiments import data
+        >>> data.get_task("wn_defmatch_mirror").labels
+        ('defines', 'different')
+    """
+    spec = get_task(name)
+    if spec.mirror_of is not None:
+        raise ValueError(f"task {name!r} is already the mirror of {spec.mirror_of!r}")
+    mirror = TaskSpec(
+        name=mirror_name or f"{name}_mirror",
+        builder=spec.builder,
+        labels=spec.labels[::-1],
+        metric=spec.metric,
+        kind=spec.kind,
+        description=f"{name} with its label order reversed (its mirror).",
+        version=spec.version,
+        mirror_of=name,
+    )
+    if mirror.name in _REGISTRY and not overwrite:
+        raise ValueError(f"task {mirror.name!r} already registered (pass overwrite=True)")
+    _REGISTRY[mirror.name] = mirror
+    return mirror
 
 
 def unregister_task(name: str) -> None:
@@ -598,6 +657,18 @@ def load_task(
         A :class:`TaskData`; each split is shuffled (deterministically).
     """
     spec = get_task(name)
+    if spec.mirror_of is not None:
+        source = load_task(
+            spec.mirror_of,
+            seed=seed,
+            max_per_split=max_per_split,
+            fractions=fractions,
+            use_cache=use_cache,
+            cache_root=cache_root,
+        )
+        top = len(spec.labels) - 1
+        mirrored = {s: Examples(ex.texts, top - ex.labels) for s, ex in source.splits.items()}
+        return dataclasses.replace(source, name=spec.name, label_names=spec.labels, **mirrored)
     root = Path(cache_root) if cache_root is not None else cache_dir()
     built = _build(spec, seed, spec.cache if use_cache is None else use_cache, root)
     if isinstance(built, dict):
@@ -967,6 +1038,7 @@ def _register_builtins() -> None:
         description="Python standard-library function (source) -> its package.",
         **common,
     )
+    register_mirror_task("wn_defmatch", overwrite=True)
 
 
 def _build_py_package(seed: int = 0) -> Examples:

@@ -1,10 +1,11 @@
 """Expert fine-tuning: optimizers, the learning-rate schedule and the training loop.
 
 Every expert starts from the shared pretrained encoder ``w0`` with a fresh head seeded by
-``(seed, task name)`` (:func:`init_expert`); :func:`finetune` trains encoder and head
-together with one Optax transform on batches drawn in a seeded order, either for a fixed
-number of steps or, with :class:`EarlyStopping`, until the validation score stops
-improving (the best checkpoint is kept). Nothing here saves or restores:
+``(seed, task name)`` (:func:`init_expert`; a mirror task is seeded by the name of the task
+it mirrors, :attr:`~umtam_jax.experiments.data.TaskData.seed_name`); :func:`finetune`
+trains encoder and head together with one Optax transform on batches drawn in a seeded
+order, either for a fixed number of steps or, with :class:`EarlyStopping`, until the
+validation score stops improving (the best checkpoint is kept). Nothing here saves or restores:
 :mod:`umtam_jax.experiments.experts` caches the trained experts.
 """
 
@@ -179,7 +180,8 @@ def finetune(
 ) -> tuple[Params, Any, dict[str, Any]]:
     """Fine-tunes encoder + a fresh head on ``ttask``'s training split.
 
-    Batches are drawn epoch by epoch in an order fixed by ``(config.seed, task name)``;
+    Batches are drawn epoch by epoch in an order fixed by ``(config.seed, seed name)``
+    (the task's :attr:`~umtam_jax.experiments.data.TaskData.seed_name`);
     the result is deterministic for a seed. Without ``early_stopping`` it runs
     ``config.steps`` steps and returns the last parameters; with it, at most
     ``config.steps`` steps, stopping when the validation score stops improving, and
@@ -204,11 +206,11 @@ def finetune(
     n = len(train["labels"])
     if n == 0:
         raise ValueError(f"task {ttask.name!r} has no training examples")
-    params = init_expert(base_encoder, ttask.num_labels, config, ttask.name)
+    params = init_expert(base_encoder, ttask.num_labels, config, ttask.task.seed_name)
     opt_state = init_opt_state(tx, params)
     step = _train_step(tx, config.config)
-    rng = np.random.default_rng(seed_for(config.seed, "batches", ttask.name))
-    drop_key = jax.random.key(seed_for(config.seed, "dropout", ttask.name))
+    rng = np.random.default_rng(seed_for(config.seed, "batches", ttask.task.seed_name))
+    drop_key = jax.random.key(seed_for(config.seed, "dropout", ttask.task.seed_name))
     bs = config.batch_size
     order = np.zeros(0, np.int64)
     losses = []
