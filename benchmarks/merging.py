@@ -180,15 +180,17 @@ def _memory_md(mode: str, table: MergeTable, results: dict, vs_default: Any) -> 
     ])  # fmt: skip
 
 
-def _conflict_md(study: dict[str, Any]) -> str:
-    methods = [m for m in study["methods"] if m != "task_arithmetic"]
+def conflict_table_md(pairs: list[dict[str, Any]], methods: list[str]) -> str:
+    """The Markdown table of conflict-study rows: each pair (its ``label`` if it has one)
+    with its rates and each method's gain over task arithmetic, interval and verdict."""
+    methods = [m for m in methods if m != "task_arithmetic"]
     head = ["Task pair", "Sign-conflict rate", "Magnitude at conflicts",
             "Rate among kept entries", *[f"{m} − task arithmetic" for m in methods]]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in study["pairs"]:
+    for r in pairs:
         gains = [r[f"gain_{m}"] for m in methods]
         lines.append(
-            f"| {' + '.join(r['tasks'])} | {r['conflict']:.3f} | "
+            f"| {r.get('label') or ' + '.join(r['tasks'])} | {r['conflict']:.3f} | "
             f"{_fmt(r.get('conflict_mass'), '{:.3f}')} | "
             f"{_fmt(r.get('conflict_kept'), '{:.3f}')} | "
             + " | ".join(
@@ -197,6 +199,10 @@ def _conflict_md(study: dict[str, Any]) -> str:
             )  # fmt: skip
             + " |"
         )
+    return "\n".join(lines)
+
+
+def _conflict_md(study: dict[str, Any]) -> str:
     rho = ", ".join(f"{m} {_fmt(v, '{:+.2f}')}" for m, v in study["spearman"].items())
     kept = study.get("spearman_kept") or {}
     rho_kept = ", ".join(f"{m} {_fmt(v, '{:+.2f}')}" for m, v in kept.items())
@@ -207,7 +213,7 @@ def _conflict_md(study: dict[str, Any]) -> str:
         f"{KEPT_DENSITY:.0%} of each task vector's entries by magnitude per leaf (TIES's "
         "trim). Spearman correlation between a pair's conflict rate and each gain over the "
         f"{len(study['pairs'])} pairs: {rho}; with the rate among kept entries: "
-        f"{rho_kept or 'not recorded'}.\n\n" + "\n".join(lines)
+        f"{rho_kept or 'not recorded'}.\n\n" + conflict_table_md(study["pairs"], study["methods"])
     )
 
 

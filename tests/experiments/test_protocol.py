@@ -439,23 +439,30 @@ def test_pipelines_compare_raw_scores_of_two_runs(first, setup, tmp_path):
         comparison.compare_runs((workdir, "umtam"), (adir, "ties"), seeds=[0, 1])
 
 
-def test_a_two_class_mirror_expert_moves_opposite_to_its_task(setup):
+@pytest.mark.parametrize("train_head", [True, False])
+def test_a_two_class_mirror_expert_moves_opposite_to_its_task(setup, train_head):
     """The mirror of a two-class task starts from the same head and batches, and its
-    swapped targets push the encoder the opposite way: the constructed high-conflict
-    pair of the conflict study."""
+    swapped targets push the encoder the opposite way: the constructed pair of the
+    conflict study (with ``train_head=False`` the shared head stays fixed)."""
     from umtam_jax.merging.diagnostics import sign_conflict
 
     tokenizer, base, _ = setup
     mirror = data_lib.register_mirror_task(TASKS[1], overwrite=True).name
     try:
-        cfg = dataclasses.replace(protocol.SIZES["tiny"].config, steps=3)
+        cfg = dataclasses.replace(protocol.SIZES["tiny"].config, steps=3, train_head=train_head)
         tx = E.optimizer_for("adamw", cfg, {})
+        head = E.init_expert(base, 2, cfg, TASKS[1])["head"]
         encoders = []
         for name in (TASKS[1], mirror):
             tt = E.prepare_task(name, tokenizer, cfg)
             assert tt.task.seed_name == TASKS[1]
             params, _, _ = E.finetune(tt, base, tx, cfg, progress=False)
             encoders.append(params["encoder"])
+            moved = jax.tree.leaves(jax.tree.map(np.array_equal, params["head"], head))
+            assert not all(moved) if train_head else all(moved)
+        flipped = dataclasses.replace(cfg, train_head=not train_head)
+        assert E.expert_fingerprint(tt, cfg) != E.expert_fingerprint(tt, flipped)
+        assert "train_head" not in E.PipelineConfig().training_key()  # older keys unchanged
 
         def flat(encoder):
             leaves = zip(jax.tree.leaves(encoder), jax.tree.leaves(base), strict=True)

@@ -39,6 +39,10 @@ class PipelineConfig:
         dropout: Train with dropout (MiniLM's 0.1); off by default (faster on CPU).
         seed: Seed of data splits, head init, batch order and random merges.
         config: Encoder configuration (the pretrained MiniLM-L6 by default).
+        train_head: Train the classification head with the encoder (default). False keeps
+            each head at its seeded initialization, so only the encoder learns the task:
+            a task and its mirror (:func:`~umtam_jax.experiments.data.\
+register_mirror_task`) then share one fixed head and their encoders must move apart.
     """
 
     max_length: int = 48
@@ -53,6 +57,7 @@ class PipelineConfig:
     dropout: bool = False
     seed: int = 0
     config: minilm.BertConfig = minilm.MINILM_L6
+    train_head: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.max_test, str) and self.max_test != "max_eval":
@@ -77,7 +82,7 @@ class PipelineConfig:
 
     def training_key(self) -> dict[str, Any]:
         """The fields that change a trained expert (part of its checkpoint fingerprint)."""
-        return {
+        key = {
             **self.data_key(),
             "batch_size": self.batch_size,
             "steps": self.steps,
@@ -86,6 +91,9 @@ class PipelineConfig:
             "dropout": self.dropout,
             "config": dataclasses.asdict(self.config),
         }
+        if not self.train_head:  # only then: older keys stay unchanged
+            key["train_head"] = False
+        return key
 
 
 #: Quick preset: sized for about 10 minutes for 4 tasks on 2 idle CPU cores.

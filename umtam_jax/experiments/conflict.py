@@ -25,7 +25,7 @@ from umtam_jax.experiments import store
 from umtam_jax.experiments.comparison import summarize
 from umtam_jax.experiments.protocol import ProtocolSize, resolve_size, run_protocol
 
-__all__ = ["conflict_study"]
+__all__ = ["conflict_study", "rank_correlations"]
 
 #: The shared caches a pair's work directory links to.
 _SHARED = ("experts", "tokens", "jax-cache")
@@ -54,11 +54,36 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return None if not np.isfinite(c) else float(c)
 
 
+def rank_correlations(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
+    """Spearman correlations between the pairs' conflict rates and each method's gain.
+
+    Args:
+        rows: Rows of :func:`conflict_study` (possibly from several studies).
+        methods: The compared methods (``task_arithmetic``, the reference, is skipped).
+
+    Returns:
+        ``{"spearman": {method: rho or None}, "spearman_kept": {method: rho or None}}``:
+        over every row with the rate over all entries, and over the rows that recorded the
+        rate among kept entries with that rate (None with fewer than 3 rows).
+    """
+    out: dict[str, Any] = {"spearman": {}, "spearman_kept": {}}
+    for m in methods:
+        if m == "task_arithmetic":
+            continue
+        gains = [r[f"gain_{m}"]["estimate"] for r in rows]
+        out["spearman"][m] = _spearman([r["conflict"] for r in rows], gains)
+        kept = [(r["conflict_kept"], g) for r, g in zip(rows, gains, strict=True)
+                if r.get("conflict_kept") is not None]  # fmt: skip
+        out["spearman_kept"][m] = _spearman([k for k, _ in kept], [g for _, g in kept])
+    return out
+
+
 def conflict_study(
     workdir: str | Path,
     *,
     size: str | ProtocolSize = "medium",
     tasks: Sequence[str] | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
     methods: Sequence[str] = ("umtam", "ties", "task_arithmetic"),
     seeds: Sequence[int] | None = None,
     samples: int | None = None,
@@ -71,6 +96,7 @@ def conflict_study(
         workdir: The main protocol run's work directory (its experts are reused).
         size: Its protocol size.
         tasks: Its tasks (default: the size's); every pair of them is merged.
+        pairs: The pairs of tasks to merge instead of every pair of ``tasks``.
         methods: Compared methods; ``task_arithmetic`` is the reference and is added.
         seeds: Seeds (default: the size's).
         samples: Bootstrap replicates (default: the size's).
@@ -96,7 +122,7 @@ def conflict_study(
     methods = list(dict.fromkeys([*methods, "task_arithmetic"]))
     workdir = Path(workdir)
     rows = []
-    for a, b in itertools.combinations(tasks, 2):
+    for a, b in pairs or itertools.combinations(tasks, 2):
         pair = workdir / "pairs" / f"{a}+{b}"
         _link_caches(workdir, pair)
         results = run_protocol([a, b], methods, seeds, size=sz, workdir=pair, log=log, **kwargs)
@@ -127,21 +153,6 @@ def conflict_study(
                 }
         rows.append(row)
     rows.sort(key=lambda r: r["conflict"])
-    gains = {
-        m: [r[f"gain_{m}"]["estimate"] for r in rows] for m in methods if m != "task_arithmetic"
-    }
-    rho = {m: _spearman([r["conflict"] for r in rows], g) for m, g in gains.items()}
-    with_kept = [i for i, r in enumerate(rows) if r["conflict_kept"] is not None]
-    rho_kept = {
-        m: _spearman([rows[i]["conflict_kept"] for i in with_kept], [g[i] for i in with_kept])
-        for m, g in gains.items()
-    }
     return store.jsonable(
-        {
-            "pairs": rows,
-            "spearman": rho,
-            "spearman_kept": rho_kept,
-            "methods": methods,
-            "seeds": seeds,
-        }  # fmt: skip
+        {"pairs": rows, **rank_correlations(rows, methods), "methods": methods, "seeds": seeds}
     )

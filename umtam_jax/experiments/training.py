@@ -119,7 +119,9 @@ def optimizer_for(
 _STEP_CACHE: dict[Any, Callable] = {}
 
 
-def _train_step(tx: optax.GradientTransformation, config: minilm.BertConfig) -> Callable:
+def _train_step(
+    tx: optax.GradientTransformation, config: minilm.BertConfig, train_head: bool = True
+) -> Callable:
     """``step(params, opt_state, batch, dropout_rng) -> (params, opt_state, loss)``.
 
     The gradient (which depends on the task's number of labels) and the optimizer update
@@ -127,8 +129,9 @@ def _train_step(tx: optax.GradientTransformation, config: minilm.BertConfig) -> 
     update compiles once for all tasks; ``opt_state`` is ``{"encoder": ..., "head": ...}``,
     the transform applied to each part. For per-leaf transforms (UMTAM, AdamW, SGD) this is
     the same as one update of the whole tree; a global-norm clip would act per part.
+    Without ``train_head`` the head and its state are returned unchanged.
     """
-    key = (id(tx), config)
+    key = (id(tx), config, train_head)
     if key in _STEP_CACHE:
         return _STEP_CACHE[key]
 
@@ -148,6 +151,9 @@ def _train_step(tx: optax.GradientTransformation, config: minilm.BertConfig) -> 
         loss, grads = grad_fn(params, batch, dropout_rng)
         new_params, new_state = {}, {}
         for part in ("encoder", "head"):
+            if part == "head" and not train_head:
+                new_params[part], new_state[part] = params[part], opt_state[part]
+                continue
             new_params[part], new_state[part] = update(grads[part], opt_state[part], params[part])
         return new_params, new_state, loss
 
@@ -178,7 +184,8 @@ def finetune(
     early_stopping: EarlyStopping | None = None,
     validate: Callable[[Params], float] | None = None,
 ) -> tuple[Params, Any, dict[str, Any]]:
-    """Fine-tunes encoder + a fresh head on ``ttask``'s training split.
+    """Fine-tunes encoder + a fresh head on ``ttask``'s training split (the head stays at
+    its initialization when ``config.train_head`` is False).
 
     Batches are drawn epoch by epoch in an order fixed by ``(config.seed, seed name)``
     (the task's :attr:`~umtam_jax.experiments.data.TaskData.seed_name`);
@@ -208,7 +215,7 @@ def finetune(
         raise ValueError(f"task {ttask.name!r} has no training examples")
     params = init_expert(base_encoder, ttask.num_labels, config, ttask.task.seed_name)
     opt_state = init_opt_state(tx, params)
-    step = _train_step(tx, config.config)
+    step = _train_step(tx, config.config, config.train_head)
     rng = np.random.default_rng(seed_for(config.seed, "batches", ttask.task.seed_name))
     drop_key = jax.random.key(seed_for(config.seed, "dropout", ttask.task.seed_name))
     bs = config.batch_size
