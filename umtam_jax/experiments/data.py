@@ -372,7 +372,11 @@ def register_mirror_task(
     experts differ only through the labels. For a two-class task every training
     target is swapped: from the same start, the two experts' first gradients point in
     nearly opposite directions (exactly opposite when the initial prediction is
-    uniform), a constructed pair of strongly conflicting experts for merging studies.
+    uniform). Trained heads can absorb the swap, after which both encoders learn the
+    same features; with the heads kept fixed
+    (:attr:`~umtam_jax.experiments.config.PipelineConfig.train_head`) the two experts
+    share one head and only their encoders can answer oppositely: a constructed pair of
+    opposed experts for merging studies.
 
     Args:
         name: A registered task (not itself a mirror).
