@@ -1,17 +1,18 @@
-"""benchmarks/conflict_intensity.py at ``--quick`` (tiny protocol size, seed 0): the
-constructed pair is merged with fixed heads in its own work directory, set beside the natural pairs
-of a merging record of the same size and seeds (and only such a record), correlated over
-all pairs, and a rerun reads everything back."""
+"""benchmarks/conflict_intensity.py: each constructed pair is studied with learned heads in
+the work directory and with fixed heads in its own, set beside the natural pairs of a
+merging record of the same size and seeds (and only such a record), and correlated over
+all pairs. The study itself (:func:`conflict_study`, run for real in
+tests/experiments/test_protocol.py) is replaced by a recorder here."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks import conflict_intensity as ci
-from umtam_jax.experiments import experts as experts_lib
 from umtam_jax.experiments import store
 
 
@@ -19,9 +20,9 @@ def _gain(x):
     return {"estimate": x, "low": x - 0.1, "high": x + 0.1, "verdict": "tied"}
 
 
-def _natural(tasks, conflict, gain):
-    row = {"tasks": tasks, "conflict": conflict, "conflict_mass": 0.4,
-           "gain_umtam": _gain(gain), "gain_ties": _gain(-gain)}  # fmt: skip
+def _row(tasks, conflict, gain):
+    row = {"tasks": list(tasks), "conflict": conflict, "conflict_mass": 0.4,
+           "conflict_kept": None, "gain_umtam": _gain(gain), "gain_ties": _gain(-gain)}  # fmt: skip
     row.update({m: {"score": 0.9, "low": 0.8, "high": 1.0} for m in ci.METHODS})
     return row
 
@@ -31,18 +32,30 @@ def _spearman(x, y):  # the reference: Pearson correlation of the ranks (no ties
     return float(np.corrcoef(rank(x), rank(y))[0, 1])
 
 
-def test_constructed_pairs_beside_the_natural_ones_and_a_rerun_reads_them(tmp_path, monkeypatch):
-    natural = [_natural(["a", "b"], 0.49, 0.02), _natural(["a", "c"], 0.51, -0.03)]
+def test_both_head_settings_beside_the_natural_pairs(tmp_path, monkeypatch):
+    calls = []
+
+    def study(workdir, *, size, pairs, methods, seeds, log):
+        calls.append((Path(workdir), size, list(pairs), list(methods), list(seeds)))
+        fixed = not size.config.train_head
+        return {"pairs": [_row(p, 0.9 if fixed else 0.4, 0.05 if fixed else 0.01) for p in pairs]}
+
+    monkeypatch.setattr(ci, "conflict_study", study)
+    natural = [_row(["a", "b"], 0.49, 0.02), _row(["a", "c"], 0.51, -0.03)]
     record = tmp_path / "merging.json"
-    study = {"pairs": natural, "seeds": [0]}
-    store.write_json(record, {"result": {"protocol": {"size": "tiny"}, "conflict": study}})
-    results = tmp_path / "results"
-    argv = ["--quick", "--workdir", str(tmp_path / "work"), "--seeds", "0", "--heads", "fixed",
-            "--natural", str(record), "--results-dir", str(results)]  # fmt: skip
-    out = ci.main(argv)
+    payload = {"protocol": {"size": "tiny"}, "conflict": {"pairs": natural, "seeds": [0, 1]}}
+    store.write_json(record, {"result": payload})
+    results, work = tmp_path / "results", tmp_path / "work"
+    out = ci.main(["--quick", "--workdir", str(work), "--natural", str(record),
+                   "--results-dir", str(results)])  # fmt: skip
+    assert [(c[0], c[1].config.train_head) for c in calls] == [
+        (work, True), (tmp_path / "work-fixed-heads", False)
+    ]  # fmt: skip
+    for _, size, pairs, methods, seeds in calls:
+        assert size.name == "tiny" and seeds == [0, 1] and methods == list(ci.METHODS)
+        assert pairs == [("wn_defmatch", "wn_defmatch_mirror")]
     rows = out["constructed"]
-    assert [r["heads"] for r in rows] == ["fixed"]  # the learned-heads run: the same code
-    assert all(r["tasks"] == ["wn_defmatch", "wn_defmatch_mirror"] for r in rows)
+    assert [(r["heads"], r["conflict"]) for r in rows] == [("learned", 0.4), ("fixed", 0.9)]
     assert out["natural"] == natural
     every = rows + natural
     for m in ("umtam", "ties"):
@@ -50,16 +63,11 @@ def test_constructed_pairs_beside_the_natural_ones_and_a_rerun_reads_them(tmp_pa
                              [r[f"gain_{m}"]["estimate"] for r in every])  # fmt: skip
         assert out["spearman"][m] == pytest.approx(expected)
     text = json.loads((results / "conflict_intensity_quick.json").read_text())["markdown"]
-    assert "| wn_defmatch + wn_defmatch_mirror (fixed heads) |" in text and "| a + c |" in text
-    assert (tmp_path / "work-fixed-heads" / "pairs").is_dir()
-    assert not (tmp_path / "work" / "pairs").exists()
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the experts are in the work directories' caches")
-
-    monkeypatch.setattr(experts_lib, "finetune", no_training)
-    again = ci.main(argv)
-    assert again["constructed"] == rows
-    # A record of other seeds is not set beside.
-    assert ci.natural_pairs(str(record), "tiny", [0, 1]) == []
-    assert ci.natural_pairs(str(record), "medium", [0]) == []
+    table = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")][1:]
+    assert table == ["| wn_defmatch + wn_defmatch_mirror (learned heads)", "| a + b",
+                     "| a + c", "| wn_defmatch + wn_defmatch_mirror (fixed heads)"]  # fmt: skip
+    # A record of another size or other seeds is not set beside.
+    assert ci.natural_pairs(str(record), "tiny", [0]) == []
+    assert ci.natural_pairs(str(record), "medium", [0, 1]) == []
+    with pytest.raises(SystemExit):
+        ci.parse_args(["--workdir", "w", "--pairs", "a+b+c"])

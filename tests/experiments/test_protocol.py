@@ -401,6 +401,12 @@ def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(fir
     assert row["conflict_mass"] == pytest.approx(np.mean(masses))
     assert row["conflict"] == pytest.approx(np.mean(rates))
     assert (workdir / "pairs" / "+".join(TASKS) / "experts").is_symlink()
+    # The same pair named explicitly: read back from the pair's cache.
+    again = conflict.conflict_study(
+        workdir, size="tiny", pairs=[TASKS], methods=("ties",), seeds=(0, 1), samples=100,
+        base_encoder=base, tokenizer=tokenizer, log=None,
+    )  # fmt: skip
+    assert again["pairs"] == study["pairs"]
 
 
 def test_pipelines_compare_raw_scores_of_two_runs(first, setup, tmp_path):
