@@ -4,7 +4,8 @@ On a GPU machine, one prepared command (the token cache of ``lm_token_arrays`` m
 there: copy ``~/.cache/umtam_jax/lm/`` along and point ``UMTAM_JAX_CACHE`` at its parent;
 the machine needs no network then)::
 
-    UMTAM_JAX_CACHE=.cache/umtam_jax python -m benchmarks.train_throughput --workdir /tmp/tt-work
+    UMTAM_JAX_CACHE=.cache/umtam_jax python -m benchmarks.train_throughput --grouped \
+        --workdir /tmp/tt-work
 
 It writes ``benchmarks/results/train_throughput_gpu.json`` (the backend is appended to the
 default name on any backend but the CPU). Other commands::
@@ -23,7 +24,9 @@ instead of 3.1M, so the model here is 88.4M parameters, 85.1M of them in the bod
 and final norm), against GPT-2 small's 124M. Optimizers, all at learning rate 1e-4 and
 each with its state initialised from the same parameters: ``optax.adamw`` (the
 reference), ``optax.adafactor``, UMTAM with library defaults and lean UMTAM
-(``error_decay=0.0, saliency="final"``).
+(``error_decay=0.0, saliency="final"``); with ``--grouped`` also both UMTAM settings with
+``group_leaves=True`` (equally shaped leaves updated as one stack), the measurement that
+decides whether grouping pays for its memory on that device.
 
 The training step is the project's ``make_gpt_train_step`` (forward, backward, update in
 one ``jax.jit``). That function has no donation option, so it is wrapped in an outer
@@ -119,14 +122,20 @@ MEMORY_TARGET = 1.35
 PROBE_MARK = "TRAIN_THROUGHPUT_MEMORY "
 
 
-def optimizers() -> dict[str, optax.GradientTransformation]:
-    """The timed optimizers by name, all at learning rate :data:`LR`."""
-    return {
+def optimizers(grouped: bool = False) -> dict[str, optax.GradientTransformation]:
+    """The timed optimizers by name, all at learning rate :data:`LR`; with ``grouped`` also
+    both UMTAM settings with ``group_leaves=True`` (shown, not judged)."""
+    lean = {"error_decay": 0.0, "saliency": "final"}
+    txs = {
         REFERENCE: optax.adamw(LR),
         "adafactor": optax.adafactor(LR),
         UMTAM_DEFAULT: umtam_jax.umtam(LR),
-        UMTAM_LEAN: umtam_jax.umtam(LR, error_decay=0.0, saliency="final"),
+        UMTAM_LEAN: umtam_jax.umtam(LR, **lean),
     }
+    if grouped:
+        txs[f"{UMTAM_DEFAULT}, group_leaves"] = umtam_jax.umtam(LR, group_leaves=True)
+        txs[f"{UMTAM_LEAN}, group_leaves"] = umtam_jax.umtam(LR, **lean, group_leaves=True)
+    return txs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -143,6 +152,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--context", type=int, default=None, help="tokens per sequence (256 / 32)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="parameters and batch")
+    ap.add_argument(
+        "--grouped",
+        action="store_true",
+        help="also both UMTAM settings with group_leaves=True (equally shaped leaves updated "
+        "as one stack: fewer kernel launches, more memory)",
+    )
     ap.add_argument(
         "--fresh", action="store_true", help="measure every repeat, ignoring recorded repeats"
     )
@@ -301,6 +316,7 @@ def _size_argv(args: argparse.Namespace) -> list[str]:
         "--blocks", str(args.blocks), "--d-model", str(args.d_model), "--heads",
         str(args.heads), "--context", str(args.context), "--batch-size", str(args.batch_size),
         "--seed", str(args.seed), "--warmup", str(args.warmup), "--workdir", args.workdir,
+        *(["--grouped"] if args.grouped else []),
     ]  # fmt: skip
 
 
@@ -311,7 +327,7 @@ def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
     name = args.memory_probe
     cfg = model_config(args)
     tokens = jnp.asarray(batch_tokens(args))
-    tx = optimizers()[name]
+    tx = optimizers(args.grouped)[name]
     params = init_gpt(jax.random.key(args.seed), cfg)
     state = tx.init(params)
     compiled = donating_step(tx, cfg).lower(params, state, tokens, None).compile()
@@ -383,7 +399,7 @@ def main(argv=None) -> dict[str, Any]:
     n_params = _count(params0)
     n_embed = _count(params0["wte"]) + _count(params0["wpe"])
     param_bytes = tree_bytes(params0)
-    txs = optimizers()
+    txs = optimizers(args.grouped)
     names = list(txs)
     state_bytes = {n: tree_bytes(tx.init(params0)) for n, tx in txs.items()}
     tokens_per_step = args.batch_size * args.context

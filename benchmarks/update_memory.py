@@ -7,10 +7,18 @@ parameters, state), temporary buffers, and the peak it implies (arguments + temp
 the outputs alias the donated arguments). Used to size the cost of ``group_leaves=True``
 (stacked copies). Compiled for the default backend.
 
+A stacked update's extra buffers matter only if they raise the peak of the whole training
+step, where the forward and backward pass's activations also live. So the same settings
+(and AdamW) are also compiled into the end-to-end GPT training step of
+``benchmarks/train_throughput.py`` (forward + backward + update, parameters and state
+donated, its default size unless ``--train-blocks`` says otherwise) and its planned memory
+(argument + output + temporary − aliased bytes) is shown in multiples of AdamW's.
+
 Usage::
 
     python -m benchmarks.update_memory                  # 4 blocks, this backend
     python -m benchmarks.update_memory --blocks 12 --out benchmarks/results/update_memory_gpu.json
+    python -m benchmarks.update_memory --train-blocks 0   # the update step only
 
 Writes ``benchmarks/results/update_memory.json`` (``--out`` to change, ``--no-write`` to
 skip) and prints a markdown table.
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from benchmarks._common import (
     RESULTS_DIR,
@@ -31,6 +40,47 @@ from benchmarks._common import (
     write_results,
 )
 from benchmarks.step_time import _update_step
+
+LEAN = {"error_decay": 0.0, "saliency": "final"}
+#: The compared UMTAM settings (``umtam_jax.umtam`` options).
+CASES = {
+    "umtam default": {},
+    "umtam default, group_leaves=True": {"group_leaves": True},
+    "umtam lean": LEAN,
+    "umtam lean, group_leaves=True": {**LEAN, "group_leaves": True},
+}
+
+
+def training_step_memory(train_argv: list[str]) -> dict[str, Any]:
+    """Planned memory of train_throughput's donating GPT training step (its size options
+    ``train_argv``, e.g. ``["--blocks", "12"]``) for AdamW and every case of
+    :data:`CASES`, compiled from abstract parameters (nothing is allocated).
+
+    Returns:
+      ``{"model": {"blocks", "d_model", "context", "batch_size"}, "planned": {setting:
+      train_throughput.planned_memory(...)}}``.
+    """
+    import jax
+    import optax
+
+    import umtam_jax
+    from benchmarks import train_throughput as tt
+
+    args = tt.parse_args(train_argv)
+    cfg = tt.model_config(args)
+    tokens = jax.numpy.asarray(tt.batch_tokens(args))
+    params = jax.eval_shape(lambda: tt.init_gpt(jax.random.key(args.seed), cfg))
+    txs = {"adamw": optax.adamw(tt.LR)}
+    txs.update({n: umtam_jax.umtam(tt.LR, **o) for n, o in CASES.items()})
+    out = {}
+    for name, tx in txs.items():
+        step = tt.donating_step(tx, cfg).lower(
+            params, jax.eval_shape(tx.init, params), tokens, None
+        )
+        out[name] = tt.planned_memory(step.compile())
+    model = {"blocks": args.blocks, "d_model": args.d_model, "context": args.context,
+             "batch_size": args.batch_size}  # fmt: skip
+    return {"model": model, "planned": out}
 
 
 def planned_memory(opt, params, grads) -> dict[str, int]:
@@ -47,6 +97,9 @@ def planned_memory(opt, params, grads) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument(
+        "--train-blocks", type=int, default=12, help="blocks of the GPT training step (0: skip)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "update_memory.json")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -58,15 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     params = gpt2_params(args.blocks)
     grads = like(params, seed=1)
     param_bytes = tree_bytes(params)
-    lean = {"error_decay": 0.0, "saliency": "final"}
-    cases = {
-        "umtam default": {},
-        "umtam default, group_leaves=True": {"group_leaves": True},
-        "umtam lean": lean,
-        "umtam lean, group_leaves=True": {**lean, "group_leaves": True},
-    }
     rows, settings = [], []
-    for name, options in cases.items():
+    for name, options in CASES.items():
         memory = planned_memory(umtam_jax.umtam(1e-3, **options), params, grads)
         ratio = {k: v / param_bytes for k, v in memory.items()}
         peak = ratio["arguments"] + ratio["temporaries"]
@@ -81,11 +127,34 @@ def main(argv: list[str] | None = None) -> int:
         "update + apply_updates with parameters and state donated, in multiples of the "
         "parameter bytes.\n\n" + markdown_table(headers, rows)
     )
+    result = {"blocks": args.blocks, "param_bytes": param_bytes, "settings": settings}
+    if args.train_blocks:
+        training = training_step_memory(["--blocks", str(args.train_blocks)])
+        plans, model = training["planned"], training["model"]
+        ref = plans["adamw"]["planned"]
+        result["training_step"] = training
+        train_rows = [
+            [
+                n,
+                f"{p['planned'] / 2**20:.0f}",
+                f"{p['temp'] / 2**20:.0f}",
+                f"{p['planned'] / ref:.2f}",
+            ]
+            for n, p in plans.items()
+        ]
+        markdown += (
+            f"\n\nThe whole GPT training step of `benchmarks/train_throughput.py` "
+            f"({model['blocks']} blocks of width {model['d_model']}, batch "
+            f"{model['batch_size']} × {model['context']} tokens; forward, backward "
+            "and update, parameters and state donated): planned memory (argument + output + "
+            "temporary − aliased bytes), compiled for the same backend.\n\n"
+            + markdown_table(["setting", "planned MiB", "temporaries MiB", "× AdamW"], train_rows)
+        )
     print(markdown)
     if not args.no_write:
         path = write_results(
             args.out.stem,
-            {"blocks": args.blocks, "param_bytes": param_bytes, "settings": settings},
+            result,
             markdown,
             title="planned memory of the update step (group_leaves)",
             results_dir=args.out.parent,

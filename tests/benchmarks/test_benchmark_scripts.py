@@ -205,6 +205,28 @@ def test_update_memory_plans_the_donating_step():
     assert memory["temporaries"] >= 0
 
 
+def test_update_memory_plans_the_whole_training_step_per_setting(monkeypatch):
+    import jax
+
+    from benchmarks import train_throughput as tt
+    from benchmarks import update_memory
+
+    # UMTAM's factored compilations cost 10-25 s each here: one dense-only case stands in.
+    dense = {"min_dim_size_to_factor": 10**6, "saliency": "final"}
+    monkeypatch.setattr(update_memory, "CASES", {"umtam dense": dense})
+    argv = ["--quick", "--blocks", "1"]
+    out = update_memory.training_step_memory(argv)
+    plans = out["planned"]
+    assert list(plans) == ["adamw", "umtam dense"]
+    assert out["model"] == {"blocks": 1, "d_model": 64, "context": 32, "batch_size": 4}
+    cfg = tt.model_config(tt.parse_args(argv))
+    params = jax.eval_shape(lambda: tt.init_gpt(jax.random.key(0), cfg))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    for plan in plans.values():
+        assert plan["alias"] >= param_bytes  # parameters (and state) donated
+        assert plan["planned"] == plan["argument"] + plan["output"] + plan["temp"] - plan["alias"]
+
+
 def test_step_time_records_kernel_time_and_page_faults_per_step():
     import numpy as np
 
@@ -427,9 +449,10 @@ def test_train_throughput_quick_path_records_ratios_memory_and_targets(tmp_path)
     from benchmarks import train_throughput as tt
 
     rdir = tmp_path / "results"
-    argv = ["--quick", "--results-dir", str(rdir), "--workdir", str(tmp_path / "work")]
+    argv = ["--quick", "--grouped", "--results-dir", str(rdir), "--workdir", str(tmp_path / "work")]
     out = tt.main(argv)
-    names = list(tt.optimizers())
+    names = list(tt.optimizers(grouped=True))
+    assert len(names) == 6 and len(tt.optimizers()) == 4
     assert list(out["runs"]) == names and out["repeats"] == 2 and out["rounds"] == 2
     assert out["backend"] == "cpu" and out["memory_method"].startswith("planned")
     by = out["over_repeats"]["by_optimizer"]
