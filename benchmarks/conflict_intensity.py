@@ -71,28 +71,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def natural_pairs(path: str, size: str, seeds: list[int]) -> list[dict[str, Any]]:
-    """The conflict study's rows of a merging record of the same size and seeds ([] if
-    there is none)."""
+def natural_pairs(path: str, size: str, seeds: list[int], samples: int) -> list[dict[str, Any]]:
+    """The natural pairs measured by the merging study, if comparable.
+
+    Args:
+        path: A ``benchmarks/results/merging.json`` record ('' for none).
+        size: The protocol size of this run.
+        seeds: Its seeds.
+        samples: Its bootstrap replicates.
+
+    Returns:
+        The rows of the record's conflict study when it was run at the same size, seeds
+        and number of bootstrap replicates, else [].
+    """
     record = store.read_json(Path(path)) if path else None
     result = (record or {}).get("result") or {}
     study, protocol = result.get("conflict"), result.get("protocol") or {}
-    if not study or protocol.get("size") != size or study.get("seeds") != seeds:
+    same = (protocol.get("size"), (study or {}).get("seeds"), result.get("samples"))
+    if not study or same != (size, seeds, samples):
         return []
     return study["pairs"]
+
+
+def _rho(correlations: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{m} {'–' if v is None else f'{v:+.2f}'}" for m, v in correlations["spearman"].items()
+    )
 
 
 def markdown(
     constructed: list[dict[str, Any]],
     natural: list[dict[str, Any]],
-    correlations: dict[str, Any],
+    correlations: dict[str, dict[str, Any]],
     args: argparse.Namespace,
     seeds: list[int],
 ) -> str:
+    """The RESULTS.md section: how the pairs were made, the constructed pairs' scores, the
+    rank correlations and one table of every pair sorted by conflict rate."""
     rows = sorted(constructed + natural, key=lambda r: r["conflict"])
-    rho = ", ".join(
-        f"{m} {'–' if v is None else f'{v:+.2f}'}" for m, v in correlations["spearman"].items()
-    )
     scores = "; ".join(
         f"{r['label']}: "
         + ", ".join(
@@ -114,8 +130,9 @@ def markdown(
         f"under the protocol, {source}; gains are paired "
         f"differences of normalized test scores with 95 % intervals. Normalized scores of "
         f"the constructed pairs: {scores}. Spearman correlation between a pair's conflict "
-        f"rate and each gain over the {len(rows)} pairs: {rho}.\n\n"
-        + conflict_table_md(rows, list(METHODS))
+        f"rate and each gain over the {len(rows)} pairs: {_rho(correlations['all'])}; over "
+        f"the {correlations['learned']['pairs']} pairs with learned heads: "
+        f"{_rho(correlations['learned'])}.\n\n" + conflict_table_md(rows, list(METHODS))
     )
 
 
@@ -124,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = SIZES[args.size]
     seeds = list(size.seeds if args.seeds is None else args.seeds)
     workdir = Path(args.workdir)
+    samples = size.bootstrap_samples
     env = environment()
     enable_compilation_cache(workdir / "jax-cache")
     pairs = [tuple(p.split("+")) for p in args.pairs]
@@ -136,15 +154,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pairs=pairs,
             methods=METHODS,
             seeds=seeds,
+            samples=samples,
             log=lambda s: print(s, flush=True),
         )
         for row in study["pairs"]:
             label = f"{' + '.join(row['tasks'])} ({heads} heads)"
             constructed.append({**row, "heads": heads, "label": label})
-    natural = natural_pairs(args.natural, args.size, seeds)
-    correlations = rank_correlations(constructed + natural, METHODS)
-    result = {"size": args.size, "seeds": seeds, "constructed": constructed,
-              "natural": natural, **correlations}  # fmt: skip
+    natural = natural_pairs(args.natural, args.size, seeds, samples)
+    learned = [r for r in constructed if r["heads"] == "learned"] + natural
+    correlations = {
+        "all": rank_correlations(constructed + natural, METHODS),
+        "learned": {**rank_correlations(learned, METHODS), "pairs": len(learned)},
+    }
+    result = {"size": args.size, "seeds": seeds, "samples": samples, "constructed": constructed,
+              "natural": natural, "correlations": correlations}  # fmt: skip
     write_results(
         args.name,
         result,

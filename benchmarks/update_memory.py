@@ -54,11 +54,15 @@ CASES = {
 def training_step_memory(train_argv: list[str]) -> dict[str, Any]:
     """Planned memory of train_throughput's donating GPT training step (its size options
     ``train_argv``, e.g. ``["--blocks", "12"]``) for AdamW and every case of
-    :data:`CASES`, compiled from abstract parameters (nothing is allocated).
+    :data:`CASES`, compiled from abstract parameters, state and tokens: no array is
+    allocated and no data is read.
+
+    Args:
+        train_argv: Options of ``benchmarks.train_throughput`` giving the model's size.
 
     Returns:
-      ``{"model": {"blocks", "d_model", "context", "batch_size"}, "planned": {setting:
-      train_throughput.planned_memory(...)}}``.
+        ``{"model": {"blocks", "d_model", "context", "batch_size"}, "planned": {setting:
+        train_throughput.planned_memory(...)}}``.
     """
     import jax
     import optax
@@ -68,7 +72,7 @@ def training_step_memory(train_argv: list[str]) -> dict[str, Any]:
 
     args = tt.parse_args(train_argv)
     cfg = tt.model_config(args)
-    tokens = jax.numpy.asarray(tt.batch_tokens(args))
+    tokens = jax.ShapeDtypeStruct((args.batch_size, args.context + 1), jax.numpy.int32)
     params = jax.eval_shape(lambda: tt.init_gpt(jax.random.key(args.seed), cfg))
     txs = {"adamw": optax.adamw(tt.LR)}
     txs.update({n: umtam_jax.umtam(tt.LR, **o) for n, o in CASES.items()})
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.stem,
             result,
             markdown,
-            title="planned memory of the update step (group_leaves)",
+            title="planned memory of the update step and the training step (group_leaves)",
             results_dir=args.out.parent,
             env=env,
         )

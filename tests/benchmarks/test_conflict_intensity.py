@@ -35,7 +35,8 @@ def _spearman(x, y):  # the reference: Pearson correlation of the ranks (no ties
 def test_both_head_settings_beside_the_natural_pairs(tmp_path, monkeypatch):
     calls = []
 
-    def study(workdir, *, size, pairs, methods, seeds, log):
+    def study(workdir, *, size, pairs, methods, seeds, samples, log):
+        assert samples == size.bootstrap_samples
         calls.append((Path(workdir), size, list(pairs), list(methods), list(seeds)))
         fixed = not size.config.train_head
         return {"pairs": [_row(p, 0.9 if fixed else 0.4, 0.05 if fixed else 0.01) for p in pairs]}
@@ -43,7 +44,8 @@ def test_both_head_settings_beside_the_natural_pairs(tmp_path, monkeypatch):
     monkeypatch.setattr(ci, "conflict_study", study)
     natural = [_row(["a", "b"], 0.49, 0.02), _row(["a", "c"], 0.51, -0.03)]
     record = tmp_path / "merging.json"
-    payload = {"protocol": {"size": "tiny"}, "conflict": {"pairs": natural, "seeds": [0, 1]}}
+    payload = {"protocol": {"size": "tiny"}, "samples": 200,
+               "conflict": {"pairs": natural, "seeds": [0, 1]}}  # fmt: skip
     store.write_json(record, {"result": payload})
     results, work = tmp_path / "results", tmp_path / "work"
     out = ci.main(["--quick", "--workdir", str(work), "--natural", str(record),
@@ -57,17 +59,26 @@ def test_both_head_settings_beside_the_natural_pairs(tmp_path, monkeypatch):
     rows = out["constructed"]
     assert [(r["heads"], r["conflict"]) for r in rows] == [("learned", 0.4), ("fixed", 0.9)]
     assert out["natural"] == natural
-    every = rows + natural
-    for m in ("umtam", "ties"):
-        expected = _spearman([r["conflict"] for r in every],
-                             [r[f"gain_{m}"]["estimate"] for r in every])  # fmt: skip
-        assert out["spearman"][m] == pytest.approx(expected)
+    for key, every in (("all", rows + natural), ("learned", rows[:1] + natural)):
+        for m in ("umtam", "ties"):
+            expected = _spearman([r["conflict"] for r in every],
+                                 [r[f"gain_{m}"]["estimate"] for r in every])  # fmt: skip
+            assert out["correlations"][key]["spearman"][m] == pytest.approx(expected)
+    assert out["correlations"]["learned"]["pairs"] == 3
     text = json.loads((results / "conflict_intensity_quick.json").read_text())["markdown"]
     table = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")][1:]
     assert table == ["| wn_defmatch + wn_defmatch_mirror (learned heads)", "| a + b",
                      "| a + c", "| wn_defmatch + wn_defmatch_mirror (fixed heads)"]  # fmt: skip
-    # A record of another size or other seeds is not set beside.
-    assert ci.natural_pairs(str(record), "tiny", [0]) == []
-    assert ci.natural_pairs(str(record), "medium", [0, 1]) == []
+    # A record of another size, other seeds or other replicates is not set beside.
+    assert ci.natural_pairs(str(record), "tiny", [0, 1], 200) == natural
+    assert ci.natural_pairs(str(record), "tiny", [0], 200) == []
+    assert ci.natural_pairs(str(record), "medium", [0, 1], 200) == []
+    assert ci.natural_pairs(str(record), "tiny", [0, 1], 2000) == []
+    assert ci.natural_pairs("", "tiny", [0, 1], 200) == []
+    # One head setting only, without natural pairs.
+    calls.clear()
+    alone = ci.main(["--quick", "--workdir", str(work), "--heads", "fixed", "--natural", "",
+                     "--results-dir", str(results)])  # fmt: skip
+    assert [c[1].config.train_head for c in calls] == [False] and alone["natural"] == []
     with pytest.raises(SystemExit):
         ci.parse_args(["--workdir", "w", "--pairs", "a+b+c"])

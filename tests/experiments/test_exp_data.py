@@ -258,6 +258,16 @@ def test_mirror_task_reverses_the_labels_of_the_same_examples():
         with pytest.raises(ValueError, match="already registered"):
             data.register_mirror_task("toy3")
         assert data.register_mirror_task("toy3", mirror_name="toy3_b").mirror_of == "toy3"
+        with pytest.raises(ValueError, match="a name of its own"):
+            data.register_mirror_task("toy3", mirror_name="toy3", overwrite=True)
+        # The mirror follows the task as registered now (here replaced by a 2-class one).
+        two = lambda: ([f"t{i}" for i in range(40)], np.arange(40) % 2)  # noqa: E731
+        data.register_task("toy3", two, ("p", "q"), overwrite=True)
+        again = data.load_task("toy3_mirror", seed=2)
+        assert again.label_names == ("q", "p")
+        np.testing.assert_array_equal(
+            again.test.labels, 1 - data.load_task("toy3", seed=2).test.labels
+        )
     finally:
         for n in ("toy3", "toy3_mirror", "toy3_b"):
             data.unregister_task(n)

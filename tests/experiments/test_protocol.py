@@ -401,12 +401,18 @@ def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(fir
     assert row["conflict_mass"] == pytest.approx(np.mean(masses))
     assert row["conflict"] == pytest.approx(np.mean(rates))
     assert (workdir / "pairs" / "+".join(TASKS) / "experts").is_symlink()
-    # The same pair named explicitly: read back from the pair's cache.
-    again = conflict.conflict_study(
-        workdir, size="tiny", pairs=[TASKS], methods=("ties",), seeds=(0, 1), samples=100,
-        base_encoder=base, tokenizer=tokenizer, log=None,
-    )  # fmt: skip
-    assert again["pairs"] == study["pairs"]
+    # The same pair named explicitly (``tasks`` alone would give no pair): read back from
+    # the pair's cache without training or merging again.
+    with pytest.MonkeyPatch.context() as mp:
+        pred = _Counter(seed_run.predict)
+        mp.setattr(experts_lib, "finetune", train)
+        mp.setattr(seed_run, "predict", pred)
+        again = conflict.conflict_study(
+            workdir, size="tiny", tasks=TASKS[:1], pairs=[TASKS], methods=("ties",),
+            seeds=(0, 1), samples=100, base_encoder=base, tokenizer=tokenizer, log=None,
+        )  # fmt: skip
+    assert again["pairs"] == study["pairs"] and train.calls == pred.calls == 0
+    assert conflict.conflict_study(workdir, size="tiny", pairs=[], log=None)["pairs"] == []
 
 
 def test_pipelines_compare_raw_scores_of_two_runs(first, setup, tmp_path):

@@ -2,7 +2,9 @@
 
 The UMTAM paper leaves open how the intensity of sign conflicts between experts changes
 which merge wins. This study answers it on the protocol's own experts, without training
-anything: every *pair* of the protocol's tasks is merged by each compared method under
+anything new for the protocol's tasks (tasks outside the main run, such as a mirror task,
+get their experts trained into the shared cache): every *pair* of tasks (or the given
+``pairs``) is merged by each compared method under
 the protocol (its own work directory ``pairs/<a>+<b>`` whose expert and token caches are
 links to the main run's, so the experts are the same checkpoints), and each pair's
 sign-conflict rate between its two experts (:func:`umtam_jax.merging.diagnostics.\
@@ -122,7 +124,7 @@ def conflict_study(
     methods = list(dict.fromkeys([*methods, "task_arithmetic"]))
     workdir = Path(workdir)
     rows = []
-    for a, b in pairs or itertools.combinations(tasks, 2):
+    for a, b in itertools.combinations(tasks, 2) if pairs is None else pairs:
         pair = workdir / "pairs" / f"{a}+{b}"
         _link_caches(workdir, pair)
         results = run_protocol([a, b], methods, seeds, size=sz, workdir=pair, log=log, **kwargs)

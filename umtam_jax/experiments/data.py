@@ -394,6 +394,8 @@ def register_mirror_task(
     spec = get_task(name)
     if spec.mirror_of is not None:
         raise ValueError(f"task {name!r} is already the mirror of {spec.mirror_of!r}")
+    if mirror_name == name:
+        raise ValueError(f"a mirror of {name!r} needs a name of its own")
     mirror = TaskSpec(
         name=mirror_name or f"{name}_mirror",
         builder=spec.builder,
@@ -670,9 +672,11 @@ def load_task(
             use_cache=use_cache,
             cache_root=cache_root,
         )
-        top = len(spec.labels) - 1
+        # The task mirrored as registered now (a plugin may have replaced it since).
+        top = source.num_labels - 1
         mirrored = {s: Examples(ex.texts, top - ex.labels) for s, ex in source.splits.items()}
-        return dataclasses.replace(source, name=spec.name, label_names=spec.labels, **mirrored)
+        labels = source.label_names[::-1]
+        return dataclasses.replace(source, name=spec.name, label_names=labels, **mirrored)
     root = Path(cache_root) if cache_root is not None else cache_dir()
     built = _build(spec, seed, spec.cache if use_cache is None else use_cache, root)
     if isinstance(built, dict):

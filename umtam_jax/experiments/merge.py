@@ -1,6 +1,6 @@
 """Merge methods of the experiments: the method table, their grids and the encoder merge.
 
-Only the experts' *encoders* are merged (each task keeps its own fine-tuned head), through
+Only the experts' *encoders* are merged (each task keeps its own head), through
 :mod:`umtam_jax.merging`. :data:`MERGE_METHODS` names the methods the experiments run (a
 registry method with experiment defaults), :func:`default_grids` their hyper-parameter
 grids for selection on validation, and :func:`merge_encoders` merges K encoders with one

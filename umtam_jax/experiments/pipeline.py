@@ -7,13 +7,15 @@ time, goes through the same steps. Nothing here names a task except as a default
 Protocol (the standard multi-task merging setup, e.g. TIES / DARE / UMTAM):
 
 1. Every expert starts from the same pretrained MiniLM encoder ``w0`` and gets a fresh,
-   task-specific classification head (seeded from ``(seed, task name)``); encoder and head
-   are fine-tuned together with one Optax transform (UMTAM by default, statistics kept).
+   task-specific classification head (seeded from ``(seed, task name)``, a mirror task's
+   from the name of the task it mirrors); encoder and head are fine-tuned together with
+   one Optax transform (UMTAM by default, statistics kept), or the encoder alone with
+   ``PipelineConfig.train_head=False``.
 2. Each expert is saved as an Orbax checkpoint (parameters, UMTAM statistics, metadata
    with the training config and the expert's validation/test scores) and reused when a
    checkpoint with the same fingerprint already exists.
 3. Only the *encoders* are merged (task vectors ``w_τ − w0`` of the encoder); each task
-   keeps its own fine-tuned head on top of the merged encoder.
+   keeps its own head (as trained) on top of the merged encoder.
 4. Per method, merge hyper-parameters (density, scaling, ...) are chosen from a small grid
    by the mean *normalized* validation score over tasks (merged / expert, both on the
    validation split); the chosen setting is then reported on the test split. Every method

@@ -360,6 +360,14 @@ def run_protocol(
             f"trained by {held[2]!r}; use another work directory for size {sz.name!r} on "
             f"{tasks} with experts trained by {experts_by!r}"
         )
+    config = store.jsonable({**sz.config.training_key(), "max_test": sz.config.test_cap})
+    if previous.get("config", config) != config:
+        changed = sorted(k for k in {*config, *previous["config"]}
+                         if config.get(k) != previous["config"].get(k))  # fmt: skip
+        raise ValueError(
+            f"{workdir} holds a run of size {sz.name!r} whose experts were trained with "
+            f"other settings ({', '.join(changed)} differ); use another work directory"
+        )
     for part in ("experts", "posthoc", "runs", "labels"):
         results.setdefault(part, {})
     results["protocol"] = {
@@ -369,7 +377,7 @@ def run_protocol(
         "methods": list(dict.fromkeys([*previous.get("methods", []), *methods])),
         "budget": sz.budget,
         "early_stopping": sz.early_stopping.key(),
-        "config": {**sz.config.training_key(), "max_test": sz.config.test_cap},
+        "config": config,
         "experts_by": experts_by,
         "optimizer_kwargs": _expert_kwargs(sz, experts_by),
         "excluded": EXCLUDED,

@@ -167,10 +167,12 @@ def init_opt_state(tx: optax.GradientTransformation, params: Params) -> dict[str
 
 
 def init_expert(
-    base_encoder: Params, num_labels: int, config: PipelineConfig, task_name: str
+    base_encoder: Params, num_labels: int, config: PipelineConfig, seed_name: str
 ) -> Params:
-    """The shared pretrained encoder with a fresh head seeded by ``(seed, task name)``."""
-    key = jax.random.key(seed_for(config.seed, "head", task_name))
+    """The shared pretrained encoder with a fresh head seeded by ``(config.seed,
+    seed_name)``: a task's :attr:`~umtam_jax.experiments.data.TaskData.seed_name`, its own
+    name unless it is a mirror task."""
+    key = jax.random.key(seed_for(config.seed, "head", seed_name))
     return minilm.init_classifier(key, num_labels, base_encoder, config=config.config)
 
 
