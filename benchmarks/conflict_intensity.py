@@ -32,6 +32,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks._common import RESULTS_DIR, environment, write_results
 from benchmarks.merging import conflict_table_md
 from umtam_jax.experiments import store
@@ -93,6 +95,19 @@ def natural_pairs(path: str, size: str, seeds: list[int], samples: int) -> list[
     return study["pairs"]
 
 
+def where_they_disagree(row: dict[str, Any], top: int = 3) -> str:
+    """The leaves of a pair with the highest seed-mean conflict rates, and the median
+    over its leaves."""
+    rates = {k: v for k, v in (row.get("conflict_per_leaf") or {}).items() if v is not None}
+    if not rates:
+        return "per-leaf rates not recorded"
+    highest = sorted(rates.items(), key=lambda kv: -kv[1])[:top]
+    return (
+        ", ".join(f"`{k}` {v:.2f}" for k, v in highest)
+        + f"; median over {len(rates)} leaves {float(np.median(list(rates.values()))):.2f}"
+    )
+
+
 def _rho(correlations: dict[str, Any]) -> str:
     return ", ".join(
         f"{m} {'–' if v is None else f'{v:+.2f}'}" for m, v in correlations["spearman"].items()
@@ -116,6 +131,7 @@ def markdown(
         )
         for r in constructed
     )
+    leaves = "; ".join(f"{r['label']}: {where_they_disagree(r)}" for r in constructed)
     source = (
         f"beside the {len(natural)} natural pairs of the merging study's record "
         f"(`{args.natural}`, same size and seeds)"
@@ -129,7 +145,8 @@ def markdown(
         f"fixed at its seeded initialization so that the two experts share it) merged "
         f"under the protocol, {source}; gains are paired "
         f"differences of normalized test scores with 95 % intervals. Normalized scores of "
-        f"the constructed pairs: {scores}. Spearman correlation between a pair's conflict "
+        f"the constructed pairs: {scores}. Their highest per-leaf conflict rates (seed "
+        f"means): {leaves}. Spearman correlation between a pair's conflict "
         f"rate and each gain over the {len(rows)} pairs: {_rho(correlations['all'])}; over "
         f"the {correlations['learned']['pairs']} pairs with learned heads: "
         f"{_rho(correlations['learned'])}.\n\n" + conflict_table_md(rows, list(METHODS))

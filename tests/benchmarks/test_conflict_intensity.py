@@ -24,6 +24,7 @@ def _row(tasks, conflict, gain):
     row = {"tasks": list(tasks), "conflict": conflict, "conflict_mass": 0.4,
            "conflict_kept": None, "gain_umtam": _gain(gain), "gain_ties": _gain(-gain)}  # fmt: skip
     row.update({m: {"score": 0.9, "low": 0.8, "high": 1.0} for m in ci.METHODS})
+    row["conflict_per_leaf"] = {"a": 0.2, "b": conflict, "c": None, "d": 0.3}
     return row
 
 
@@ -67,6 +68,8 @@ def test_both_head_settings_beside_the_natural_pairs(tmp_path, monkeypatch):
     assert out["correlations"]["learned"]["pairs"] == 3
     text = json.loads((results / "conflict_intensity_quick.json").read_text())["markdown"]
     table = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")][1:]
+    assert "(learned heads): `b` 0.40, `d` 0.30, `a` 0.20; median over 3 leaves 0.30" in text
+    assert ci.where_they_disagree({"tasks": ["a", "b"]}) == "per-leaf rates not recorded"
     assert table == ["| wn_defmatch + wn_defmatch_mirror (learned heads)", "| a + b",
                      "| a + c", "| wn_defmatch + wn_defmatch_mirror (fixed heads)"]  # fmt: skip
     # A record of another size, other seeds or other replicates is not set beside.

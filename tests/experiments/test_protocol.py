@@ -379,7 +379,7 @@ def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(fir
         both = (s0 != 0) & (s1 != 0)
         return np.sum(both & (s0 != s1)) / np.sum(both), both & (s0 != s1)
 
-    rates, masses, kept_rates = [], [], []
+    rates, masses, kept_rates, leaf_rates = [], [], [], []
     for seed in (0, 1):
         _, _, experts = protocol.seed_inputs(
             protocol.SIZES["tiny"], seed, TASKS, workdir, base, tokenizer
@@ -396,7 +396,11 @@ def test_conflict_study_reuses_the_experts_and_measures_their_sign_conflicts(fir
         magnitude = np.abs(taus[0]) + np.abs(taus[1])
         masses.append(magnitude[conflicting].sum() / magnitude.sum())
         kept_rates.append(rate(*[np.concatenate([top(x) for x in t]) for t in leaves])[0])
+        with np.errstate(invalid="ignore"):  # a leaf neither expert moved: 0 / 0
+            leaf_rates.append([rate(a, b)[0] for a, b in zip(*leaves, strict=True)])
     assert row["conflict_kept"] == pytest.approx(np.mean(kept_rates))
+    per_leaf = [np.nan if v is None else v for v in row["conflict_per_leaf"].values()]
+    np.testing.assert_allclose(per_leaf, np.mean(leaf_rates, axis=0), rtol=1e-6)
     assert row["conflict_by_seed"] == pytest.approx(rates)
     assert row["conflict_mass"] == pytest.approx(np.mean(masses))
     assert row["conflict"] == pytest.approx(np.mean(rates))

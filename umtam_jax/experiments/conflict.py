@@ -108,15 +108,18 @@ def conflict_study(
 
     Returns:
         ``{"pairs": [{"tasks", "conflict", "conflict_by_seed", "conflict_mass",
-        "conflict_kept", method: {"score", "low", "high"}, "gain_<method>": {"estimate",
+        "conflict_kept", "conflict_per_leaf", method: {"score", "low", "high"},
+        "gain_<method>": {"estimate",
         "low", "high", "verdict"}}...], "spearman": {method: rho or None},
         "spearman_kept": {method: rho or None}, "methods", "seeds"}``: pairs sorted by
         conflict rate (seed mean); gains are paired differences of normalized test scores
         against task arithmetic; ``conflict_mass`` is the seed mean of the share of the
-        task vectors' magnitude at conflicting entries; ``conflict_kept`` the seed mean of
-        the rate among the entries each task vector keeps at TIES's default density
-        (:data:`umtam_jax.merging.diagnostics.KEPT_DENSITY`; None for runs recorded
-        without it), with its own rank correlations ``spearman_kept``.
+        task vectors' magnitude at conflicting entries; ``conflict_per_leaf`` the seed mean
+        of the rate of each encoder leaf (path → rate, None where no entry moved in both);
+        ``conflict_kept`` the seed mean of the rate among the entries each task vector
+        keeps at TIES's default density (:data:`umtam_jax.merging.diagnostics.\
+KEPT_DENSITY`; None for runs recorded without it), with its own rank correlations
+        ``spearman_kept``.
     """
     sz = resolve_size(size)
     tasks = list(tasks or sz.tasks)
@@ -136,12 +139,14 @@ def conflict_study(
         found = [d.get("sign_conflict", {}) for d in diagnostics]
         kept = [d.get("sign_conflict_kept", {}).get("rate") for d in diagnostics]
         rates, masses = [d.get("rate") for d in found], [d.get("mass") for d in found]
+        leaves = [d.get("per_leaf") or {} for d in found]
         row: dict[str, Any] = {
             "tasks": [a, b],
             "conflict": _mean(rates),
             "conflict_by_seed": rates,
             "conflict_mass": _mean(masses),
             "conflict_kept": _mean(kept),
+            "conflict_per_leaf": {k: _mean([p.get(k) for p in leaves]) for k in leaves[0]},
         }
         for m in methods:
             r = table.row(m)
