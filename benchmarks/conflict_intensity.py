@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, environment, write_results
+from benchmarks._common import RESULTS_DIR, ROOT, environment, write_results
 from benchmarks.merging import conflict_table_md
 from umtam_jax.experiments import store
 from umtam_jax.experiments.conflict import conflict_study, rank_correlations
@@ -132,9 +132,12 @@ def markdown(
         for r in constructed
     )
     leaves = "; ".join(f"{r['label']}: {where_they_disagree(r)}" for r in constructed)
+    record = Path(args.natural).resolve()
+    if record.is_relative_to(ROOT):
+        record = record.relative_to(ROOT)
     source = (
         f"beside the {len(natural)} natural pairs of the merging study's record "
-        f"(`{args.natural}`, same size and seeds)"
+        f"(`{record}`, same size, seeds and bootstrap replicates)"
         if natural
         else "(no merging record of the same size and seeds to set beside)"
     )
