@@ -109,7 +109,10 @@ def sign_conflict(
     Over all entries, independently fine-tuned experts disagree on about half of them
     (0.49–0.50 for every task pair of the conflict study in benchmarks/RESULTS.md), most
     of them small; the conflicts a sign election resolves are among the entries the
-    experts keep, which ``density`` counts alone.
+    experts keep, which ``density`` counts alone. The rate does not measure how
+    contradictory two tasks are: experts of a task and of its label-swapped mirror
+    disagree less often (0.44–0.45) than those of unrelated tasks, while no merge of them
+    serves both (the ``conflict_intensity`` benchmark).
 
     Args:
       base: the base parameters ``θ_0``.
