@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -576,3 +577,15 @@ def test_recorded_run_reads_a_matching_record_back_and_reruns_otherwise(tmp_path
     assert (
         _common.recorded_run("[x]", {"seed": 1}, path, False, run, title="x", env={})["value"] == 4
     )
+
+
+def test_gpu_checks_script_names_its_parts(tmp_path):
+    """scripts/gpu_checks.sh (the prepared GPU run) refuses an unknown part by name; its
+    parts were dry-run on this CPU with ``--quick`` (they call the benchmarks above)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/gpu_checks.sh", "bogus"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "unknown part 'bogus'" in proc.stderr
+    script = (ROOT / "scripts" / "gpu_checks.sh").read_text()
+    assert "benchmarks.train_throughput --grouped" in script
+    assert "benchmarks.step_time --apply --scanned --blocks 12" in script
