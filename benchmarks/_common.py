@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Default output folder of :func:`write_results` (``benchmarks/results``).
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
+#: Lean UMTAM (``umtam_jax.umtam`` options): no m×n momentum buffer, saliency computed
+#: from the final state; the low-memory setting every benchmark compares.
+LEAN_UMTAM: dict[str, Any] = {"error_decay": 0.0, "saliency": "final"}
+
 _PACKAGES = ("umtam-jax", "jax", "jaxlib", "optax", "flax", "orbax-checkpoint", "numpy")
 
 

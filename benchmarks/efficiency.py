@@ -48,6 +48,7 @@ import optax
 
 import umtam_jax
 from benchmarks._common import (
+    LEAN_UMTAM,
     RESULTS_DIR,
     cpu_info,
     environment,
@@ -77,12 +78,8 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
         "adamw": optax.adamw(LR),
         "umtam (defaults, svd_every=1)": umtam_jax.umtam(LR),
         "umtam (demo, svd_every=10)": umtam_jax.umtam(LR, svd_every=10),
-        'umtam lean (error_decay=0, saliency="final")': umtam_jax.umtam(
-            LR, error_decay=0.0, saliency="final"
-        ),
-        "umtam lean, svd_every=10": umtam_jax.umtam(
-            LR, error_decay=0.0, saliency="final", svd_every=10
-        ),
+        'umtam lean (error_decay=0, saliency="final")': umtam_jax.umtam(LR, **LEAN_UMTAM),
+        "umtam lean, svd_every=10": umtam_jax.umtam(LR, **LEAN_UMTAM, svd_every=10),
     }
 
 

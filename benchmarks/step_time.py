@@ -64,6 +64,7 @@ import optax
 
 import umtam_jax
 from benchmarks._common import (
+    LEAN_UMTAM,
     RESULTS_DIR,
     environment,
     gpt2_params,
@@ -111,9 +112,9 @@ def optimizers(
     if exact:
         cases["umtam exact SVD"] = lambda: umtam(svd_method="exact")
     cases["umtam default"] = lambda: umtam()
-    cases["umtam lean"] = lambda: umtam(error_decay=0.0, saliency="final")
+    lean = LEAN_UMTAM
+    cases["umtam lean"] = lambda: umtam(**lean)
     if extra:
-        lean = dict(error_decay=0.0, saliency="final")
         cases["umtam default svd_every=4"] = lambda: umtam(svd_every=4)
         cases["umtam default bf16 M̃/S"] = lambda: umtam(buffer_dtype="bfloat16")
         grouped = {"group_leaves": True}

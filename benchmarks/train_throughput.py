@@ -87,6 +87,7 @@ import optax
 
 import umtam_jax
 from benchmarks._common import (
+    LEAN_UMTAM,
     RESULTS_DIR,
     ROOT,
     cpu_info,
@@ -126,16 +127,15 @@ PROBE_MARK = "TRAIN_THROUGHPUT_MEMORY "
 def optimizers(grouped: bool = False) -> dict[str, optax.GradientTransformation]:
     """The timed optimizers by name, all at learning rate :data:`LR`; with ``grouped`` also
     both UMTAM settings with ``group_leaves=True`` (shown, not judged)."""
-    lean = {"error_decay": 0.0, "saliency": "final"}
     txs = {
         REFERENCE: optax.adamw(LR),
         "adafactor": optax.adafactor(LR),
         UMTAM_DEFAULT: umtam_jax.umtam(LR),
-        UMTAM_LEAN: umtam_jax.umtam(LR, **lean),
+        UMTAM_LEAN: umtam_jax.umtam(LR, **LEAN_UMTAM),
     }
     if grouped:
         txs[f"{UMTAM_DEFAULT}, group_leaves"] = umtam_jax.umtam(LR, group_leaves=True)
-        txs[f"{UMTAM_LEAN}, group_leaves"] = umtam_jax.umtam(LR, **lean, group_leaves=True)
+        txs[f"{UMTAM_LEAN}, group_leaves"] = umtam_jax.umtam(LR, **LEAN_UMTAM, group_leaves=True)
     return txs
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import (
+    LEAN_UMTAM,
     RESULTS_DIR,
     environment,
     gpt2_params,
@@ -41,13 +42,12 @@ from benchmarks._common import (
 )
 from benchmarks.step_time import _update_step
 
-LEAN = {"error_decay": 0.0, "saliency": "final"}
 #: The compared UMTAM settings (``umtam_jax.umtam`` options).
 CASES = {
     "umtam default": {},
     "umtam default, group_leaves=True": {"group_leaves": True},
-    "umtam lean": LEAN,
-    "umtam lean, group_leaves=True": {**LEAN, "group_leaves": True},
+    "umtam lean": LEAN_UMTAM,
+    "umtam lean, group_leaves=True": {**LEAN_UMTAM, "group_leaves": True},
 }
 
 
