@@ -342,8 +342,6 @@ def register_task(
     """
     if kind not in ("single", "pair"):
         raise ValueError(f"kind must be 'single' or 'pair', got {kind!r}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"task {name!r} already registered (pass overwrite=True)")
     if metric not in _METRICS:
         raise KeyError(f"unknown metric {metric!r}; known: {sorted(_METRICS)}")
     spec = TaskSpec(
@@ -356,7 +354,14 @@ def register_task(
         cache=cache,
         version=version,
     )
-    _REGISTRY[name] = spec
+    return _add(spec, overwrite)
+
+
+def _add(spec: TaskSpec, overwrite: bool) -> TaskSpec:
+    """Puts ``spec`` in the registry, refusing to replace a task unless ``overwrite``."""
+    if spec.name in _REGISTRY and not overwrite:
+        raise ValueError(f"task {spec.name!r} already registered (pass overwrite=True)")
+    _REGISTRY[spec.name] = spec
     return spec
 
 
@@ -406,10 +411,7 @@ def register_mirror_task(
         version=spec.version,
         mirror_of=name,
     )
-    if mirror.name in _REGISTRY and not overwrite:
-        raise ValueError(f"task {mirror.name!r} already registered (pass overwrite=True)")
-    _REGISTRY[mirror.name] = mirror
-    return mirror
+    return _add(mirror, overwrite)
 
 
 def unregister_task(name: str) -> None:

@@ -149,11 +149,8 @@ def _train_step(
 
     def step(params, opt_state, batch, dropout_rng=None):
         loss, grads = grad_fn(params, batch, dropout_rng)
-        new_params, new_state = {}, {}
-        for part in ("encoder", "head"):
-            if part == "head" and not train_head:
-                new_params[part], new_state[part] = params[part], opt_state[part]
-                continue
+        new_params, new_state = dict(params), dict(opt_state)
+        for part in ("encoder", "head") if train_head else ("encoder",):
             new_params[part], new_state[part] = update(grads[part], opt_state[part], params[part])
         return new_params, new_state, loss
 
