@@ -11,7 +11,7 @@ import pytest
 from tests import trees
 from tests.merging import helpers as H
 from umtam_jax import checkpoint, engine, merging
-from umtam_jax.engine import _global_topk, _merge
+from umtam_jax.engine import _global_topk, _job
 
 # A simulated failure mid-save abandons Orbax coroutines; Python warns when they are collected.
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
@@ -191,7 +191,7 @@ def test_overwrite_refused_then_allowed(ckpts, tmp_path):
 
 def _fail_on_third_leaf(monkeypatch):
     calls = []
-    original = _merge.Job.merge
+    original = _job.Job.merge
 
     def failing(self, call, topk):
         calls.append(call)
@@ -199,7 +199,7 @@ def _fail_on_third_leaf(monkeypatch):
             raise RuntimeError("simulated failure mid-merge")
         return original(self, call, topk)
 
-    monkeypatch.setattr(_merge.Job, "merge", failing)
+    monkeypatch.setattr(_job.Job, "merge", failing)
 
 
 def test_failed_merge_is_atomic(ckpts, tmp_path, monkeypatch, caplog):

@@ -28,18 +28,17 @@ live in a ``umtam_statistics`` safetensors folder inside it, named ``"a.b.weight
 ``"a.b.weight.col"``, ... (see :data:`STATISTICS_FOLDER`).
 """
 
-from umtam_jax.engine._merge import (
-    DEFAULT_GROUP_BYTES,
+from umtam_jax.engine._checkpoints import (
     OUTPUT_FORMATS,
-    Job,
     check_output,
     job_from_paths,
-    merge,
     merge_checkpoints,
     resolve_output_format,
     validate_merge_checkpoints,
     writer,
 )
+from umtam_jax.engine._job import Job
+from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
 from umtam_jax.engine._sources import (
     STATISTICS_FOLDER,
     OrbaxSource,

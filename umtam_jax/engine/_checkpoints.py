@@ -1,0 +1,324 @@
+"""Merging model folders: the engine's entry points on paths.
+
+:func:`merge_checkpoints` merges umtam_jax (Orbax) checkpoints and Hugging Face
+safetensors folders into a new folder; :func:`validate_merge_checkpoints` checks the same
+call from the inputs' metadata alone. The steps they are made of are public too, for
+callers that run them one at a time (the CLI prints a plan and can merge in memory):
+:func:`job_from_paths` checks the arguments, opens the inputs and builds the :class:`Job`;
+:func:`resolve_output_format` and :func:`check_output` choose and check the output;
+:func:`writer` saves it in either format as :func:`umtam_jax.engine.merge` produces it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from umtam_jax.engine._job import Job
+from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
+from umtam_jax.engine._sources import SafetensorsSource, Source, open_source
+from umtam_jax.merging import _registry as R
+
+
+def job_from_paths(
+    method: str,
+    base_dir: Any,
+    expert_dirs: Any,
+    *,
+    statistics: bool | None,
+    fisher_dirs: Sequence[Any] | None = None,
+    curvature_dirs: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any],
+    dtype: Any = None,
+    out_dtype: Any = None,
+) -> Job:
+    """A :class:`Job` over model files, each a umtam_jax checkpoint or a Hugging Face
+    safetensors model (see :func:`merge_checkpoints`)."""
+    m = R.get(method)
+    if isinstance(expert_dirs, str | bytes | os.PathLike) or not isinstance(expert_dirs, Sequence):
+        raise TypeError("expert_dirs must be a sequence of checkpoint directories")
+    expert_dirs = list(expert_dirs)
+    if not expert_dirs:
+        raise ValueError("expert_dirs is empty: at least one expert is required")
+    if m.single_expert and len(expert_dirs) != 1:
+        raise ValueError(f"method {method!r} takes exactly one expert, got {len(expert_dirs)}")
+    if not m.out_of_core:
+        raise ValueError(
+            f"method {method!r} needs each expert's {m.extra}, which the checkpoint engine "
+            f"does not read: merge in memory with umtam_jax.merging.{method}"
+        )
+    if "scores" in kwargs:
+        raise TypeError(
+            "pass statistics=True (saliency scores) or statistics=False (magnitude) "
+            "instead of scores"
+        )
+    extra_dirs, extra_name = None, None
+    for name, dirs, kind in (
+        ("fisher_dirs", fisher_dirs, "fishers"),
+        ("curvature_dirs", curvature_dirs, "curvatures"),
+    ):
+        if dirs is None:
+            continue
+        if m.extra != kind:
+            raise ValueError(f"method {method!r} takes no {name}")
+        extra_dirs, extra_name = list(dirs), name
+        if len(extra_dirs) != len(expert_dirs):
+            raise ValueError(f"got {len(extra_dirs)} {name} for {len(expert_dirs)} experts")
+    if m.extra == "fishers" and extra_dirs is None:
+        raise ValueError(f"method {method!r} needs fisher_dirs, one per expert")
+    takes_statistics = m.extra in ("statistics", "curvatures", "scores")
+    if statistics is None:
+        statistics = takes_statistics and extra_dirs is None
+    if statistics and not takes_statistics:
+        raise ValueError(f"method {method!r} takes no statistics")
+    if statistics and extra_dirs is not None:
+        raise ValueError(f"give either statistics=True or {extra_name}, not both")
+    if m.extra == "statistics" and not statistics:
+        raise ValueError(f"method {method!r} needs the experts' UMTAM statistics")
+    if m.extra == "curvatures" and not statistics and extra_dirs is None:
+        raise ValueError(f"method {method!r} needs the experts' UMTAM statistics or curvature_dirs")
+    if base_dir is None and not m.base_optional:
+        raise ValueError(f"method {method!r} needs a base model")
+    experts = [open_source(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
+    base = experts[0] if base_dir is None else open_source(base_dir, "the base")
+    extras: str | list[Source] | None = "statistics" if statistics else None
+    if extra_dirs is not None:
+        what = "Fisher" if extra_name == "fisher_dirs" else "curvature"
+        extras = [open_source(d, f"expert {i}'s {what}") for i, d in enumerate(extra_dirs)]
+    return Job(
+        m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype,
+        base_input=base_dir is not None,
+    )  # fmt: skip
+
+
+def validate_merge_checkpoints(
+    method: str,
+    base_dir: str | os.PathLike,
+    expert_dirs: Sequence[str | os.PathLike],
+    *,
+    statistics: bool | None = None,
+    fisher_dirs: Sequence[str | os.PathLike] | None = None,
+    curvature_dirs: Sequence[str | os.PathLike] | None = None,
+    dtype: Any = None,
+    out_dtype: Any = None,
+    **method_kwargs: Any,
+) -> Any:
+    """Checks a :func:`merge_checkpoints` call from the inputs' metadata alone.
+
+    Reads no arrays: the merge is validated with ``jax.eval_shape`` of the in-memory
+    method on the inputs' abstract trees.
+
+    Returns:
+      The merged parameters' abstract pytree (``jax.ShapeDtypeStruct`` leaves).
+
+    Raises:
+      FileNotFoundError, ValueError, TypeError: as :func:`merge_checkpoints`.
+
+    Example:
+      >>> from umtam_jax import engine
+      >>> engine.validate_merge_checkpoints(  # doctest: +SKIP
+      ...     "ties", "ckpt/base", ["ckpt/a", "ckpt/b"], density=0.2)
+    """
+    job = job_from_paths(
+        method,
+        base_dir,
+        expert_dirs,
+        statistics=statistics,
+        fisher_dirs=fisher_dirs,
+        curvature_dirs=curvature_dirs,
+        kwargs=method_kwargs,
+        dtype=dtype,
+        out_dtype=out_dtype,
+    )
+    return job.output
+
+
+OUTPUT_FORMATS = ("auto", "orbax", "safetensors")
+
+
+def resolve_output_format(base: Source, output_format: str) -> str:
+    """``"orbax"`` or ``"safetensors"``: ``"auto"`` writes the base's format."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(
+            f"unknown output_format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}"
+        )
+    if output_format != "auto":
+        return output_format
+    return "safetensors" if isinstance(base, SafetensorsSource) else "orbax"
+
+
+def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> None:
+    """Refuses an output that is, contains or lies inside an input, or that may not be
+    written (an existing file or folder not written by umtam_jax in format ``fmt``)."""
+    from umtam_jax.checkpoint import _safetensors, _safety
+
+    inputs = [("the base", job.base.directory)]
+    inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
+    if isinstance(job.extras, list):
+        inputs += [(f"the Fisher or curvature of expert {i}", s.directory)
+                   for i, s in enumerate(job.extras)]  # fmt: skip
+    _safety.check_output_not_input(output, inputs)
+    if fmt == "safetensors":
+        _safety.check_target(output, overwrite=overwrite, is_own=_safetensors._is_own)
+    else:
+        _safety.check_target(output, overwrite=overwrite)
+
+
+def writer(
+    job: Job,
+    output: epath.Path,
+    fmt: str,
+    *,
+    overwrite: bool,
+    metadata: Mapping[str, Any] | None,
+    max_shard_size: int | str = 5 * 10**9,
+) -> Callable[[Any, Callable[[int], np.ndarray]], epath.Path]:
+    """``write(abstract, produce)`` saving the output of ``job`` at ``output`` in ``fmt``
+    (safetensors output gets the base's config and tokenizer files when it has them)."""
+
+    def write(abstract: Any, produce: Callable[[int], np.ndarray]) -> epath.Path:
+        if fmt == "orbax":
+            from umtam_jax.checkpoint import save_params_streaming
+
+            return save_params_streaming(
+                output, abstract, produce, overwrite=overwrite, metadata=metadata
+            )
+        from umtam_jax.checkpoint import save_safetensors
+
+        copy_from = job.base.directory if isinstance(job.base, SafetensorsSource) else None
+        return save_safetensors(
+            output,
+            abstract,
+            produce,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            copy_files_from=copy_from,
+            metadata=metadata,
+        )
+
+    return write
+
+
+def merge_checkpoints(
+    method: str,
+    base_dir: str | os.PathLike,
+    expert_dirs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    statistics: bool | None = None,
+    fisher_dirs: Sequence[str | os.PathLike] | None = None,
+    curvature_dirs: Sequence[str | os.PathLike] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    dtype: Any = None,
+    out_dtype: Any = None,
+    output_format: str = "auto",
+    max_shard_size: int | str = 5 * 10**9,
+    **method_kwargs: Any,
+) -> epath.Path:
+    """Merges models leaf by leaf, out of core, into a new model folder.
+
+    Inputs are umtam_jax (Orbax) checkpoints or Hugging Face safetensors models (a folder
+    with ``model.safetensors`` or an index and shards), in any mix with the same parameter
+    names and shapes. The result equals restoring everything, calling the in-memory
+    merging function ``method`` and saving the merge — the same values, bit for bit — with
+    peak host memory of about one group of leaves per input plus one output leaf instead
+    of K + 1 models. ``scope="global"`` costs extra passes over the inputs (three reads
+    for float32 scores).
+
+    Args:
+      method: a name in :data:`umtam_jax.merging.METHODS` (``"umtam"``, ``"ties"``, ...).
+      base_dir: the base model; None for methods that take none (``linear``, ``karcher``,
+        ...), the first expert then giving the structure and config files.
+      expert_dirs: the experts' models (exactly one for ``prune``).
+      output_dir: the folder to create, written atomically: a umtam_jax checkpoint
+        (params only) or a safetensors folder with the base's config and tokenizer files.
+      statistics: use the experts' UMTAM statistics (a checkpoint's ``statistics`` item; a
+        Hugging Face model's ``umtam_statistics`` folder). Default: yes for ``umtam``,
+        ``ota`` (unless ``curvature_dirs``) and ``prune`` (``False`` prunes by magnitude).
+      fisher_dirs: for ``fisher``, one model per expert holding its diagonal Fisher.
+      curvature_dirs: for ``ota``, one model per expert holding its curvature (e.g. Adam's
+        second moments ``exp_avg_sq`` saved under the parameters' names).
+      overwrite: replace an existing output written by umtam_jax (nothing else is ever
+        replaced).
+      progress: show progress bars over the leaves (one per pass).
+      metadata: JSON-serialisable metadata stored with the output; default: a record of
+        the merge (method, inputs, JSON-serialisable options).
+      group_bytes: leaves are read in consecutive groups of about this many bytes (of the
+        base; at least one leaf per group). Larger groups mean fewer reads.
+      dtype: read the parameters in this dtype (floating leaves; default: as stored).
+      out_dtype: write the output in this dtype (default: ``dtype``, else the merge's).
+      output_format: ``"auto"`` (the base's format), ``"orbax"`` or ``"safetensors"``.
+      max_shard_size: for safetensors output, bytes per shard (an int or ``"5GB"``).
+      **method_kwargs: keyword arguments of the merging function (``density``,
+        ``scaling``, ``weights``, ``scope``, ``key``, ...).
+
+    Returns:
+      The output directory.
+
+    Raises:
+      FileNotFoundError: a missing input (the message names which).
+      FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
+      CheckpointBusyError: another save to ``output_dir`` is in progress.
+      ValueError / TypeError: invalid options, mismatched inputs, missing statistics, an
+        input that fails its checksum or is truncated, PyTorch pickles (never loaded); an
+        ``output_dir`` that is, contains or lies inside an input, or is a file or a folder
+        not written by umtam_jax; messages name the leaf path or file. Nothing is written.
+
+    Example:
+      >>> from umtam_jax import engine
+      >>> engine.merge_checkpoints(  # doctest: +SKIP
+      ...     "ties", "models/base", ["models/a", "models/b"], "models/merged", density=0.2)
+    """
+    from umtam_jax.checkpoint import _checkpoint as C
+
+    output = C._absolute(output_dir)
+    if not isinstance(group_bytes, int) or group_bytes < 1:
+        raise ValueError(f"group_bytes must be a positive integer, got {group_bytes!r}")
+    job = job_from_paths(
+        method,
+        base_dir,
+        expert_dirs,
+        statistics=statistics,
+        fisher_dirs=fisher_dirs,
+        curvature_dirs=curvature_dirs,
+        kwargs=method_kwargs,
+        dtype=dtype,
+        out_dtype=out_dtype,
+    )
+    fmt = resolve_output_format(job.base, output_format)
+    check_output(output, job, fmt, overwrite=overwrite)
+    if metadata is None:
+        metadata = {
+            "merge": {
+                "method": method,
+                "base": None if base_dir is None else os.fspath(base_dir),
+                "experts": [os.fspath(e) for e in expert_dirs],
+                "parameters": _jsonable(method_kwargs),
+                "statistics": job.extras == "statistics",
+                "streaming": True,
+            }
+        }
+
+    write = writer(
+        job, output, fmt, overwrite=overwrite, metadata=metadata, max_shard_size=max_shard_size
+    )
+    return merge(job, write, group_bytes=group_bytes, progress=progress)
+
+
+def _jsonable(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, value in kwargs.items():
+        if isinstance(value, list | tuple):
+            value = [float(v) if isinstance(v, np.generic) else v for v in value]
+        if isinstance(value, bool | int | float | str | list | type(None)):
+            out[name] = value
+        else:
+            out[name] = repr(value) if name != "key" else "<PRNG key>"
+    return out

@@ -1,0 +1,371 @@
+"""The plan of one out-of-core merge: which leaves, read from where, merged how.
+
+A :class:`Job` is built from a method, its sources and the method's options. Building it
+validates the whole merge on the inputs' metadata (``jax.eval_shape`` of the in-memory
+call on abstract trees: the same checks and messages) and fixes the leaf table: each
+leaf's key path, output shape and dtype, and where it sits in every source. After that a
+job reads groups of leaves (:meth:`Job.read`) and merges one leaf at a time
+(:meth:`Job.plan`, :meth:`Job.merge`) or copies a non-floating one (:meth:`Job.copy`).
+Which leaves to read when, and where the output goes, is decided by the caller
+(:func:`umtam_jax.engine.merge`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex
+
+from umtam_jax.engine._global_topk import GlobalTopK
+from umtam_jax.engine._sources import Source
+from umtam_jax.merging import _registry as R
+from umtam_jax.merging import _validation as V
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class _PathNode:
+    """A pytree node with one child under a given key entry (DictKey, SequenceKey, ...).
+
+    A chain of these rebuilds a leaf's exact key path around the leaf alone, so
+    ``keystr`` paths (and hence error messages and DARE's per-leaf keys) are unchanged.
+    """
+
+    def __init__(self, key: Any, child: Any):
+        self.key = key
+        self.child = child
+
+    def tree_flatten_with_keys(self):
+        return ((self.key, self.child),), self.key
+
+    @classmethod
+    def tree_unflatten(cls, key, children):
+        return cls(key, children[0])
+
+
+def _wrap(keypath: tuple[Any, ...], leaf: Any) -> Any:
+    for key in reversed(keypath):
+        leaf = _PathNode(key, leaf)
+    return leaf
+
+
+@dataclasses.dataclass
+class _Leaf:
+    keypath: tuple[Any, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype  # of the merged output (canonical)
+    nbytes: int
+
+
+def _positions(tree: Any) -> dict[str, int]:
+    """``{keystr(path): flattening position}`` of a tree's leaves."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(kp): i for i, (kp, _) in enumerate(flat)}
+
+
+def _to_jax(arrays: list[np.ndarray]) -> list[jax.Array]:
+    """Moves restored NumPy arrays into JAX buffers, dropping each NumPy copy at once (the
+    merging functions would copy them anyway; converting as soon as they are read keeps
+    one copy of the inputs alive instead of two)."""
+    out = []
+    while arrays:
+        out.append(jnp.asarray(arrays.pop(0)))
+    return out
+
+
+class Job:
+    """A validated out-of-core merge: the method, its sources and the leaf table.
+
+    Args:
+      method: a registered method.
+      base: the base's source.
+      experts: one source per expert.
+      extras: where the per-expert input comes from: ``"statistics"`` (each expert's
+        stored statistics), a list of sources (their parameters, e.g. Fishers), or None.
+      kwargs: the method's keyword arguments.
+      dtype: the dtype the parameters are read in (floating leaves; default: as stored).
+      out_dtype: the output's dtype (default: ``dtype``, else the merge's).
+
+    Raises:
+      ValueError / TypeError: as the in-memory call would, with the same messages (the
+        whole merge is validated with ``jax.eval_shape`` on the abstract trees).
+    """
+
+    def __init__(
+        self,
+        method: R.Method,
+        base: Source,
+        experts: list[Source],
+        extras: str | list[Source] | None,
+        kwargs: Mapping[str, Any],
+        *,
+        dtype: Any = None,
+        out_dtype: Any = None,
+        base_input: bool = True,
+    ):
+        self.method, self.base, self.experts, self.extras = method, base, experts, extras
+        # base_input=False: ``base`` only gives the structure (and integer buffers, config
+        # files); the method gets base=None (methods with base_optional).
+        self.base_input = base_input
+        self.kwargs = dict(kwargs)
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        out_dtype = out_dtype if out_dtype is not None else dtype
+        self.out_dtype = None if out_dtype is None else np.dtype(out_dtype)
+        if extras == "statistics":
+            for i, source in enumerate(experts):
+                if not source.has_statistics():
+                    raise ValueError(
+                        f"method {method.name!r} needs UMTAM statistics, but expert {i} "
+                        f"({source.location}) has none"
+                    )
+        # Non-floating leaves (integer buffers such as BERT's position_ids) are not merged:
+        # they must be equal in every model and are copied from the base.
+        base_abs = self._cast(base.abstract())
+        flat, treedef = jax.tree_util.tree_flatten_with_path(base_abs)
+        self.passthrough = {
+            j for j, (_, x) in enumerate(flat) if not jnp.issubdtype(x.dtype, jnp.floating)
+        }
+        self._treedef = treedef
+        experts_abs = [self._cast(s.abstract()) for s in experts]
+        extra_abs = None
+        if extras == "statistics":
+            extra_abs = [s.abstract_statistics() for s in experts]
+        elif extras is not None:
+            extra_abs = [self.floating(s.abstract()) for s in extras]
+        merged = jax.eval_shape(
+            lambda b, e, x: self._run(b, e, x),
+            self.floating(base_abs),
+            [self.floating(e) for e in experts_abs],
+            extra_abs,
+        )
+        out = iter(jax.tree.leaves(merged))
+        leaves = [x if j in self.passthrough else next(out) for j, (_, x) in enumerate(flat)]
+        if self.out_dtype is not None:
+            leaves = [
+                x if j in self.passthrough else jax.ShapeDtypeStruct(x.shape, self.out_dtype)
+                for j, x in enumerate(leaves)
+            ]
+        self.output = jax.tree_util.tree_unflatten(treedef, leaves)
+        self.leaves = []
+        for (keypath, _), x in zip(flat, leaves, strict=True):
+            dtype = np.dtype(x.dtype)
+            n = int(np.prod(x.shape, dtype=np.int64))
+            self.leaves.append(_Leaf(tuple(keypath), tuple(x.shape), dtype, n * dtype.itemsize))
+        # Where each leaf sits in every source (found by path: a source may order or hold
+        # its leaves differently, e.g. a curvature file without the integer buffers).
+        self._where = {
+            id(s): _positions(s.abstract()) for s in [base, *experts, *self._extra_sources()]
+        }
+        self.scope = self.kwargs.get("scope", "tensor")
+        # Checked once here (the abstract merge above validated them with the inputs);
+        # every leaf's plan reuses them.
+        k = 1 if method.single_expert else len(experts)
+        self.options = R.check_options(method, self.kwargs, k)
+        self._stand_ins: dict[Any, list[jax.ShapeDtypeStruct] | None] = {}
+
+    def floating(self, tree: Any) -> Any:
+        """``tree`` without the non-floating leaves (None there), if it has the base's
+        structure; any other tree as it is (validation names the difference)."""
+        if not self.passthrough:
+            return tree
+        leaves, treedef = jax.tree.flatten(tree)
+        if treedef != self._treedef:
+            return tree
+        leaves = [None if j in self.passthrough else x for j, x in enumerate(leaves)]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def _extra_sources(self) -> list[Source]:
+        return self.extras if isinstance(self.extras, list) else []
+
+    def _read(self, source: Source, group: list[int]) -> dict[int, Any]:
+        where = self._where[id(source)]
+        keys = [jax.tree_util.keystr(self.leaves[j].keypath) for j in group]
+        missing = [k for k in keys if k not in where]
+        if missing:
+            raise ValueError(f"{source.location} has no tensor {missing[0]}")
+        arrays = source.read([where[k] for k in keys])
+        out = {}
+        for j in group:  # non-floating leaves stay NumPy arrays (JAX may narrow int64)
+            array = arrays.pop(0)
+            out[j] = array if j in self.passthrough else jnp.asarray(array)
+        return out
+
+    def _cast(self, tree: Any) -> Any:
+        """``tree`` (arrays or abstract leaves) in the read dtype, floating leaves only."""
+        if self.dtype is None:
+            return tree
+
+        def cast(x: Any) -> Any:
+            if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == self.dtype:
+                return x
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(x.shape, self.dtype)
+            return x.astype(self.dtype)
+
+        return jax.tree.map(cast, tree)
+
+    def _run(self, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
+        base = base if self.base_input else None
+        return R.merge(self.method, base, *self._arguments(experts, extra), **self.kwargs)
+
+    def _arguments(self, experts: list[Any], extra: list[Any] | None) -> tuple[Any, Any]:
+        if self.method.single_expert:
+            return experts[0], None if extra is None else extra[0]
+        return experts, extra
+
+    # ---------------------------------------------------------------- reading
+
+    def groups(self, group_bytes: int) -> list[list[int]]:
+        """Consecutive leaves in groups of about ``group_bytes`` (at least one leaf each)."""
+        out, current, size = [], [], 0
+        for j, leaf in enumerate(self.leaves):
+            if current and size + leaf.nbytes > group_bytes:
+                out.append(current)
+                current, size = [], 0
+            current.append(j)
+            size += leaf.nbytes
+        if current:
+            out.append(current)
+        return out
+
+    def read(self, group: list[int]) -> dict[str, Any]:
+        """The group's leaves of every input, as JAX arrays (statistics as nodes), each a
+        dict by leaf index."""
+        data: dict[str, Any] = {"base": self._cast(self._read(self.base, group))}
+        data["experts"] = [self._cast(self._read(s, group)) for s in self.experts]
+        merged = [j for j in group if j not in self.passthrough]
+        if self.extras == "statistics":
+            data["extra"] = []
+            for s in self.experts:
+                where = self._where[id(s)]
+                keys = [where[jax.tree_util.keystr(self.leaves[j].keypath)] for j in merged]
+                data["extra"].append(dict(zip(merged, s.read_statistics(keys), strict=True)))
+        elif self.extras is not None:
+            data["extra"] = [self._read(s, merged) for s in self.extras]
+        return data
+
+    # ---------------------------------------------------------------- merging
+
+    def plan(self, j: int, data: dict[str, Any]) -> R.Call:
+        """The method's validated call on leaf ``j`` alone, with the leaf's full key path."""
+        kp = self.leaves[j].keypath
+        experts = [_wrap(kp, leaves[j]) for leaves in data["experts"]]
+        extra = None
+        if "extra" in data:
+            extra = [_wrap(kp, leaves[j]) for leaves in data["extra"]]
+        base = _wrap(kp, data["base"][j]) if self.base_input else None
+        args = self._arguments(experts, extra)
+        return R.plan(self.method, base, *args, self.options, checked=True)
+
+    def copy(self, j: int, data: dict[str, Any]) -> np.ndarray:
+        """A non-floating leaf: the base's, after checking every expert holds the same."""
+        base = np.asarray(data["base"][j])
+        for i, leaves in enumerate(data["experts"]):
+            if not np.array_equal(np.asarray(leaves[j]), base):
+                raise ValueError(
+                    f"the non-floating leaf {jax.tree_util.keystr(self.leaves[j].keypath)} of "
+                    f"expert {i} differs from the base's; integer tensors are not merged"
+                )
+        return base
+
+    def merge(self, call: R.Call, topk: GlobalTopK | None) -> np.ndarray:
+        """The method's steps on one leaf; ``topk`` replaces the per-tensor masks.
+
+        The steps of ``R.importances``, ``R.masks`` and ``R.combine`` on the leaf (the
+        same values, bit for bit), ordered to hold less at once: each expert's scores are
+        made into its keep mask before the next expert's are computed, and dropped there
+        when the kernel does not read them (TIES: one expert's scores alive instead of K);
+        each mask is waited for, as JAX's CPU runtime would otherwise run the K
+        selections, each with its temporaries, side by side.
+        """
+        m, p = call.method, call.prepared
+        if m.importance is None:
+            keep = R.masks(call, None)
+            return self._finish(call, R.combine(call, keep, None))
+        stand_ins = self._unread_scores(call)  # None: the kernel reads the scores
+        from_scores = m.sparsify == "topk" or topk is not None
+        scores: list[list[Any]] | None = None
+        if stand_ins is None:
+            scores = []
+        elif not from_scores:
+            return self._finish(
+                call, R.combine(call, R.masks(call, None), [[s] for s in stand_ins])
+            )
+        keep: list[list[Any]] = []
+        for t in range(len(p.experts)):
+            extra = None if call.extras is None else call.extras[t][0]
+            s = m.importance(call.options, p.base[0], p.experts[t][0], extra)
+            if from_scores:
+                if topk is None:
+                    mask = R.keep_masks([s], call.options["density"][t], "tensor")[0]
+                else:
+                    mask = topk.mask(t, s)
+                keep.append([jax.block_until_ready(mask)])
+                del mask
+            if scores is not None:
+                scores.append([s])
+            del s
+        if not from_scores:
+            keep = R.masks(call, scores)
+        if scores is None:
+            scores = [[s] for s in stand_ins]
+        return self._finish(call, R.combine(call, keep, scores))
+
+    def _finish(self, call: R.Call, leaves: list[Any]) -> np.ndarray:
+        merged = V.rebuild(call.prepared, leaves)
+        del leaves
+        out = np.asarray(jax.tree.leaves(merged)[0])
+        del merged
+        return out if self.out_dtype is None else out.astype(self.out_dtype)
+
+    def _unread_scores(self, call: R.Call) -> list[jax.ShapeDtypeStruct] | None:
+        """None if the method's kernel reads the importance scores it is given; else their
+        shapes and dtypes, given to it instead of the arrays (TIES's kernel, for one, only
+        needs the masks made from them).
+
+        Decided from the kernel's jaxpr on abstract masks and scores, once per leaf
+        signature: no scores among the inputs of its operations means that nothing but
+        their shapes and dtypes can matter. Any doubt (a trace that fails) answers None.
+        """
+        m, p = call.method, call.prepared
+        b, ws = p.base[0], [w[0] for w in p.experts]
+        extras = None if call.extras is None else [x[0] for x in call.extras]
+        signature = [(tuple(x.shape), str(x.dtype)) for x in [b, *ws]]
+        signature += [
+            (tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(extras)
+        ]
+        key = (str(jax.tree.structure(extras)), tuple(signature))
+        cache = self._stand_ins
+        if key not in cache:
+            cache[key] = None
+            try:
+                scores = [
+                    jax.eval_shape(
+                        lambda b, w, x: m.importance(call.options, b, w, x),
+                        b,
+                        w,
+                        None if extras is None else extras[t],
+                    )
+                    for t, w in enumerate(ws)
+                ]
+                masks = None
+                if m.sparsify == "topk" or self.scope == "global":
+                    masks = [jax.ShapeDtypeStruct(s.shape, jnp.bool_) for s in scores]
+                elif m.sparsify == "bernoulli":
+                    masks = [jax.ShapeDtypeStruct(b.shape, jnp.bool_) for _ in ws]
+                closed = jax.make_jaxpr(
+                    lambda keep, s: m.kernel(call.options, b, ws, keep, s, extras)
+                )(masks, scores)
+                jaxpr = closed.jaxpr
+                score_vars = set(jaxpr.invars[len(jax.tree.leaves(masks)) :])
+                used = {v for e in jaxpr.eqns for v in e.invars if isinstance(v, jex.Var)}
+                used |= {v for v in jaxpr.outvars if isinstance(v, jex.Var)}
+                if len(score_vars) == len(scores) and not score_vars & used:
+                    cache[key] = scores
+            except Exception:  # noqa: BLE001 - when in doubt, the kernel gets the scores
+                pass
+        return cache[key]
