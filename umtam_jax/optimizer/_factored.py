@@ -175,6 +175,27 @@ def factored_request(
     return request, FactoredCarry(w, state, m_tilde, row_sq, col_sq, eps_t)
 
 
+def factored_saliency(
+    cfg: Config,
+    w: jax.Array,
+    saliency: jax.Array,
+    initial: jax.Array,
+    row: jax.Array,
+    col: jax.Array,
+) -> jax.Array:
+    """Step 9 of one factored leaf: ``S ← α S + (1 − α) (W − W0)² ⊙ sqrt(R_i C_j)`` from
+    the new second moments ``row`` (R) and ``col`` (C); returned in ``saliency``'s dtype.
+
+    An elementwise pass of its own, so that a stack of equally shaped leaves
+    (``group_leaves``) can run it leaf by leaf and need not stack ``S`` and ``W0``.
+    """
+    dtype = row.dtype
+    deviation = jnp.square(w.astype(dtype) - initial.astype(dtype))
+    fresh = deviation * _outer(jnp.sqrt(row), jnp.sqrt(col))  # R Cᵀ may overflow
+    new = cfg.saliency_decay * saliency.astype(dtype) + (1 - cfg.saliency_decay) * fresh
+    return new.astype(saliency.dtype)
+
+
 def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, count):
     """Steps 4–9 of one factored leaf from its new factors ``(U, Σ, V, σ₁)``: returns
     ``(direction, new_state)``."""
@@ -198,12 +219,7 @@ def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, 
 
     saliency = None
     if state.saliency is not None:
-        # Step 9: S ← α S + (1 − α) (W − W0)² ⊙ sqrt(R_i C_j).
-        deviation = jnp.square(w - state.initial.astype(dtype))
-        fresh = deviation * _outer(jnp.sqrt(row), jnp.sqrt(col))  # R Cᵀ may overflow
-        saliency = cfg.saliency_decay * state.saliency.astype(dtype)
-        saliency = saliency + (1 - cfg.saliency_decay) * fresh
-        saliency = saliency.astype(state.saliency.dtype)
+        saliency = factored_saliency(cfg, w, state.saliency, state.initial, row, col)
 
     dense_momentum = None
     if state.dense_momentum is not None:

@@ -29,6 +29,7 @@ from umtam_jax.optimizer._dense import init_dense, update_dense
 from umtam_jax.optimizer._factored import (
     factored_finish,
     factored_request,
+    factored_saliency,
     init_factored,
     operand_row_axes,
 )
@@ -144,8 +145,9 @@ def scale_by_umtam(
         update of many parameters is bound by kernel launches (an H100 ran the update
         1.16–1.53× faster on GPT-2-shaped models); not for CPUs, where the copies cost
         more than they save (3.5× slower). Off by default because the copies need memory:
-        XLA plans 2–3.8× the parameter bytes more temporary memory for the update (GPT-2
-        shapes, lean and default settings; per parameter ~1×). Parameters under Explicit
+        XLA plans 2–2.2× the parameter bytes more temporary memory for the update (GPT-2
+        shapes, lean and default settings; per parameter ~1×); the saliency's ``S`` and
+        ``W0`` are not stacked (step 9 runs per parameter). Parameters under Explicit
         sharding, and factored ones with ``svd_method="exact"``, are always updated one by
         one.
 
@@ -280,6 +282,8 @@ def scale_by_umtam(
                 request, carry = mapped(g, w, leaf_state, count, keys)
                 leaf_layout = view  # what finishing the leaf maps over
             else:
+                if len(members) > 1:  # S and W0 stay per leaf: see factored_saliency
+                    args = [(g, w, _without_saliency(x)) for g, w, x in args]
                 args = [(*a, count, key) for a, key in zip(args, keys, strict=True)]
                 request, carry = on_stack(request_fn, args)
             pending.append((members, leaf_layout, carry))
@@ -299,6 +303,10 @@ def scale_by_umtam(
                 outs = [finish(carry, factors)]
             else:
                 outs = unstacked(jax.vmap(finish)(carry, factors), len(members))
+                outs = [
+                    _with_saliency(cfg, d, new, param_leaves[i], leaf_states[i])
+                    for i, (d, new) in zip(members, outs, strict=True)
+                ]
             for i, (d, new) in zip(members, outs, strict=True):
                 directions[i], new_states[i] = d.astype(grads[i].dtype), new
         directions = [
@@ -320,6 +328,23 @@ def scale_by_umtam(
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _without_saliency(state: Any) -> Any:
+    """A factored leaf's state without ``S`` and ``W0`` (parameter-sized, and only read by
+    the elementwise step 9): what a stack of equally shaped leaves stacks."""
+    return state._replace(saliency=None, initial=None)
+
+
+def _with_saliency(cfg: Config, direction, new_state, w, state) -> tuple[Any, Any]:
+    """``(direction, new_state)`` of one member of a stack, completed with step 9 from its
+    own ``S`` and ``W0`` (``state``, before the step) when saliency is tracked."""
+    if state.saliency is None:
+        return direction, new_state
+    saliency = factored_saliency(
+        cfg, w, state.saliency, state.initial, new_state.row, new_state.col
+    )
+    return direction, new_state._replace(saliency=saliency, initial=state.initial)
 
 
 def _concrete_param(cfg: Config, path: tuple[Any, ...], param: Any) -> jax.Array:
