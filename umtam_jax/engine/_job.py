@@ -67,16 +67,6 @@ def _positions(tree: Any) -> dict[str, int]:
     return {jax.tree_util.keystr(kp): i for i, (kp, _) in enumerate(flat)}
 
 
-def _to_jax(arrays: list[np.ndarray]) -> list[jax.Array]:
-    """Moves restored NumPy arrays into JAX buffers, dropping each NumPy copy at once (the
-    merging functions would copy them anyway; converting as soon as they are read keeps
-    one copy of the inputs alive instead of two)."""
-    out = []
-    while arrays:
-        out.append(jnp.asarray(arrays.pop(0)))
-    return out
-
-
 class Job:
     """A validated out-of-core merge: the method, its sources and the leaf table.
 
