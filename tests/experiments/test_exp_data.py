@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from umtam_jax.experiments import data
+from umtam_jax.experiments import builtin_tasks, data
 
 BUILTIN = ("fortune_topic", "kjv_section", "wn_defmatch", "wn_supersense", "py_package")
 CAPS = {"train": 300, "validation": 80, "test": 80}
@@ -100,7 +100,7 @@ def test_defmatch_pairs(full):
         pos = sorted(t[0] for t, y in zip(ex.texts, ex.labels, strict=True) if y == 1)
         neg = sorted(t[0] for t, y in zip(ex.texts, ex.labels, strict=True) if y == 0)
         assert pos == neg
-    synsets = data.read_noun_synsets()
+    synsets = builtin_tasks.read_noun_synsets()
     by_def = {s.definition: s for s in synsets}
     for (lemma, gloss), y in list(zip(task.test.texts, task.test.labels, strict=True))[:500]:
         words = {w.lower() for w in by_def[gloss].words}
@@ -109,7 +109,7 @@ def test_defmatch_pairs(full):
 
 def test_kjv_and_fortune_content(full):
     try:
-        verses = data.kjv_verses()
+        verses = builtin_tasks.kjv_verses()
     except data.MissingDataError as e:
         pytest.skip(str(e))
     assert len(verses) == 31102
@@ -127,15 +127,15 @@ def test_kjv_and_fortune_content(full):
 
 def test_missing_packages_name_apt_command(tmp_path, monkeypatch):
     with pytest.raises(data.MissingDataError, match="apt-get install -y fortunes"):
-        data.fortune_entries("computers", fortune_dir=tmp_path)
+        builtin_tasks.fortune_entries("computers", fortune_dir=tmp_path)
     monkeypatch.setenv("UMTAM_WORDNET_DIR", str(tmp_path))
-    monkeypatch.setattr(data, "WORDNET_DIRS", ())
+    monkeypatch.setattr(builtin_tasks, "WORDNET_DIRS", ())
     with pytest.raises(data.MissingDataError, match="apt-get install -y wordnet-base"):
-        data.wordnet_dir()
-    monkeypatch.setattr(data, "BIBLE_DIRS", ())
+        builtin_tasks.wordnet_dir()
+    monkeypatch.setattr(builtin_tasks, "BIBLE_DIRS", ())
     monkeypatch.delenv("UMTAM_BIBLE_DIR", raising=False)
     with pytest.raises(data.MissingDataError, match="apt-get install -y bible-kjv"):
-        data.kjv_verses()
+        builtin_tasks.kjv_verses()
 
 
 def test_py_package_reads_every_function_of_each_package(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """Real, offline experiments: data, Flax models and the train → merge pipeline.
 
-* :mod:`umtam_jax.experiments.data` -- task registry and the four Debian-packaged
-  classification tasks (``wn_defmatch``, ``kjv_section``, ``fortune_topic``,
-  ``wn_supersense``).
+* :mod:`umtam_jax.experiments.data` -- the task registry, metrics, splits and cache.
+* :mod:`umtam_jax.experiments.builtin_tasks` -- the Debian-packaged classification tasks
+  (``wn_defmatch``, ``kjv_section``, ``fortune_topic``, ``wn_supersense``), registered
+  when ``data`` is imported, and :mod:`umtam_jax.experiments.code_task` (``py_package``).
 * :mod:`umtam_jax.experiments.lm_data` -- the Python-docs LM corpus and BPE tokenizer.
 * :mod:`umtam_jax.experiments.models` -- the pretrained MiniLM-L6 encoder with
   classification heads, and a small GPT.
