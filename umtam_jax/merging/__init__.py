@@ -46,8 +46,15 @@ References:
   arXiv:2412.00081; Iso-C/Iso-CTS, arXiv:2502.04959.
 """
 
-from umtam_jax.merging import diagnostics
-from umtam_jax.merging._baselines import dare, dare_ties, ota, prune, task_arithmetic, ties
+# Each module registers its methods when imported, and METHODS lists them in that order:
+# umtam first (imported here for that), then the modules below (_curvature_baselines
+# imports _baselines, _sce_ram imports _sparsification, _data_free imports _interpolation).
+from umtam_jax.merging import (
+    _umtam,  # noqa: F401
+    diagnostics,
+)
+from umtam_jax.merging._baselines import dare, dare_ties, task_arithmetic, ties
+from umtam_jax.merging._curvature_baselines import ota, prune
 from umtam_jax.merging._data_free import (
     arcee_fusion,
     karcher,
@@ -59,15 +66,8 @@ from umtam_jax.merging._fisher import diagonal_fisher, fisher
 from umtam_jax.merging._interpolation import linear, multislerp, nuslerp, slerp
 from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe, merge
 from umtam_jax.merging._regmean import input_grams, regmean
-from umtam_jax.merging._sparsification import (
-    breadcrumbs,
-    breadcrumbs_ties,
-    della,
-    della_linear,
-    ram,
-    ramplus_tl,
-    sce,
-)
+from umtam_jax.merging._sce_ram import ram, ramplus_tl, sce
+from umtam_jax.merging._sparsification import breadcrumbs, breadcrumbs_ties, della, della_linear
 from umtam_jax.merging._subspace import iso_c, iso_cts, tsv_merge
 from umtam_jax.merging._task_masks import (
     EMRMerged,

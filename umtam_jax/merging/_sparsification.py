@@ -1,10 +1,14 @@
-"""mergekit's sparsification-based merges: Model Breadcrumbs, DELLA, SCE and RAM.
+"""mergekit's magnitude-based sparsifications before task arithmetic: Breadcrumbs and DELLA.
 
-Semantics, parameter names and defaults follow mergekit 0.1.x (``merge_methods/registry.py``,
-``generalized_task_arithmetic.py``, ``sce.py``, ``ram.py``, ``sparsify.py``). Its ``lambda`` is
-``scaling``, a model's ``weight`` is ``weights`` and its ``rescale`` (an L1-norm rescale) is
-``l1_rescale``. Everything is computed per tensor (leaf), so a tree merged whole or leaf by
-leaf (the out-of-core engine) gives the same result. 16-bit inputs are computed in float32.
+:func:`breadcrumbs` and :func:`breadcrumbs_ties` (Model Breadcrumbs, arXiv:2312.06795) keep a
+window of each task vector's magnitudes, dropping the largest outliers and the smallest
+entries; :func:`della` and :func:`della_linear` (DELLA, arXiv:2406.11617) drop entries at
+random with keep probabilities ranked by magnitude and rescale the rest. Then mergekit's
+generalized task arithmetic (:mod:`._baselines`) runs, with or without TIES's sign consensus.
+Semantics, names and defaults follow mergekit 0.1.x (``sparsify.py``, ``registry.py``): its
+``lambda`` is ``scaling``, a model's ``weight`` is ``weights`` and its ``rescale`` (L1 norm)
+is ``l1_rescale``. All is per tensor (leaf), so the out-of-core engine gives the same result;
+16-bit inputs are computed in float32. :mod:`._sce_ram` imports ``_top``, ``_run``, ``_register``.
 """
 
 from __future__ import annotations
@@ -369,168 +373,6 @@ def _della_kernel(consensus: bool):
     return kernel
 
 
-# --------------------------------------------------------------------------- SCE
-
-
-def sce(
-    base: Any, experts: Sequence[Any], *, select_topk: float = 1.0, scaling: float = 1.0
-) -> Any:
-    """SCE: select by variance, calculate weights, erase minority signs (mergekit's ``sce``).
-
-    Per tensor, with ``Δ_τ = w_τ − w0``:
-
-    1. Select (``select_topk < 1``): ``v = Var_τ(Δ_τ)`` (population variance over the
-       experts); the ``k = ⌊n_nz · select_topk⌋`` entries of largest ``v`` (``n_nz``: the
-       nonzero ``v``; the product in float32 as in mergekit; equal ``v``: lower index) are
-       kept in every ``Δ_τ``, the others set to 0.
-    2. Calculate: ``c_τ = mean(Δ_τ²)`` over the tensor, divided by ``Σ c`` (``1/K`` each
-       when ``|Σ c| < 1e-6``, which small task vectors fall under).
-    3. Erase: ``m_τ = [sign(Δ_τ) = vote]``, ``vote = sign(Σ_τ Δ_τ)`` (0 votes +1).
-    4. ``w0 + scaling · Σ_τ c_τ m_τ Δ_τ / max(Σ_τ c_τ m_τ, 1e-6)``.
-
-    mergekit's ``sce`` takes no model weights, densities or ``lambda`` (``scaling = 1``).
-
-    Args:
-      base: the shared initial parameters ``w0``.
-      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
-      select_topk: fraction in [0, 1] of the nonzero-variance entries kept (1: all).
-      scaling: factor on the merged task vector.
-
-    Returns:
-      The merged parameters, a pytree like ``base``.
-
-    Raises:
-      ValueError / TypeError: invalid inputs or options; messages name the leaf path.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from umtam_jax import merging
-      >>> base = {"w": jnp.zeros(2)}
-      >>> experts = [{"w": jnp.array([1., -1.])}, {"w": jnp.array([3., 1.])}]
-      >>> [round(x, 4) for x in merging.sce(base, experts)["w"].tolist()]  # c = 1/6, 5/6
-      [2.6667, 1.0]
-
-    References:
-      Wan et al., "FuseChat: Knowledge Fusion of Chat Models" (SCE), arXiv:2408.07990;
-      mergekit ``sce``.
-    """
-    return _run(SCE, locals())
-
-
-@jax.jit
-def _sce_leaf(base, ws, select_topk, scaling):
-    dt = B._compute_dtype(base)
-    b = base.astype(dt)
-    tv = jnp.stack([w.astype(dt) - b for w in ws])
-    var = jnp.var(tv, axis=0)
-    nonzero = jnp.count_nonzero(var).astype(jnp.float32)
-    k = jnp.floor(nonzero * jnp.asarray(select_topk, jnp.float32)).astype(jnp.int32)
-    tv = jnp.where(jnp.where(select_topk < 1, _top(var, k), True), tv, 0)
-    erase = jnp.sign(tv) == jnp.where(jnp.sum(tv, axis=0) >= 0, 1, -1)
-    c = jnp.mean(tv.reshape(len(ws), -1) ** 2, axis=1)
-    small = jnp.abs(jnp.sum(c)) < 1e-6
-    c = jnp.where(small, 1.0 / len(ws), c / jnp.where(small, 1, jnp.sum(c)))
-    c = jnp.where(erase, c.reshape((-1,) + (1,) * base.ndim), 0)
-    merged = jnp.sum(tv * c, axis=0) / jnp.maximum(jnp.sum(c, axis=0), 1e-6)
-    return (b + scaling * merged).astype(base.dtype)
-
-
-# --------------------------------------------------------------------------- RAM
-
-
-def ram(base: Any, experts: Sequence[Any], *, epsilon: float = 1e-5, scaling: float = 1.0) -> Any:
-    """RAM: entries one expert changes are kept, those several change averaged.
-
-    Per entry, the experts with ``|Δ_τ| > ε`` contribute: one contributor's ``Δ_τ`` is
-    taken as it is, several contributors' are averaged, none gives 0 (mergekit's ``ram``).
-    Result ``w0 + scaling · merged`` (mergekit has no ``lambda``: ``scaling = 1``).
-
-    Args:
-      base: the shared initial parameters ``w0``.
-      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
-      epsilon: ``ε ≥ 0``, the magnitude a change must exceed to count.
-      scaling: factor on the merged task vector.
-
-    Returns:
-      The merged parameters, a pytree like ``base``.
-
-    Raises:
-      ValueError / TypeError: invalid inputs or options; messages name the leaf path.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from umtam_jax import merging
-      >>> base = {"w": jnp.zeros(3)}
-      >>> experts = [{"w": jnp.array([1., 2., 0.])}, {"w": jnp.array([0., 4., 0.])}]
-      >>> merging.ram(base, experts)["w"].tolist()
-      [1.0, 3.0, 0.0]
-
-    References:
-      "Reinforced Agent Merging" (RAM), arXiv:2601.13572; mergekit ``ram``.
-    """
-    return _run(RAM, locals())
-
-
-def ramplus_tl(
-    base: Any,
-    experts: Sequence[Any],
-    *,
-    r: float = 0.1,
-    alpha: float = 0.2,
-    epsilon: float = 1e-5,
-    scaling: float = 1.0,
-) -> Any:
-    """RAM+ (tensor-local): :func:`ram` with each expert's unique entries amplified.
-
-    Per tensor, expert ``τ``'s entries with ``|Δ_τ| > ε`` are counted where it is the only
-    such expert (``u_τ``) and where others are too (``s_τ``); its unique entries are
-    multiplied by ``λ_τ = 1 + r · clip(s_τ / max(u_τ, ε), 0, α)``, shared entries averaged
-    as in :func:`ram` (mergekit's ``ramplus_tl``). Result ``w0 + scaling · merged``.
-
-    Args:
-      base: the shared initial parameters ``w0``.
-      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
-      r: gain of the amplification.
-      alpha: the cap ``α`` on the overlap ratio.
-      epsilon: ``ε ≥ 0``, the magnitude a change must exceed to count.
-      scaling: factor on the merged task vector.
-
-    Returns:
-      The merged parameters, a pytree like ``base``.
-
-    Raises:
-      ValueError / TypeError: invalid inputs or options; messages name the leaf path.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from umtam_jax import merging
-      >>> base = {"w": jnp.zeros(3)}
-      >>> experts = [{"w": jnp.array([1., 2., 0.])}, {"w": jnp.array([0., 4., 0.])}]
-      >>> [round(x, 4) for x in merging.ramplus_tl(base, experts, r=0.5)["w"].tolist()]
-      [1.1, 3.0, 0.0]
-
-    References:
-      "Reinforced Agent Merging" (RAM+), arXiv:2601.13572; mergekit ``ramplus_tl``.
-    """
-    return _run(RAMPLUS_TL, locals())
-
-
-@jax.jit
-def _ram_leaf(base, ws, epsilon, r, alpha, plus, scaling):
-    dt = B._compute_dtype(base)
-    b = base.astype(dt)
-    tv = jnp.stack([w.astype(dt) - b for w in ws])
-    counted = jnp.abs(tv) > epsilon
-    count = jnp.sum(counted, axis=0)
-    unique, shared = counted & (count == 1), counted & (count > 1)
-    u = jnp.sum(unique.reshape(len(ws), -1), axis=1).astype(dt)
-    s = jnp.sum(shared.reshape(len(ws), -1), axis=1).astype(dt)
-    gain = jnp.where(plus, 1 + r * jnp.clip(s / jnp.maximum(u, epsilon), 0, alpha), 1)
-    gain = gain.reshape((-1,) + (1,) * base.ndim)
-    mixed = jnp.where(unique, tv * gain, 0) + jnp.where(shared, tv / jnp.maximum(count, 1), 0)
-    return (b + scaling * jnp.sum(mixed, axis=0)).astype(base.dtype)
-
-
 # --------------------------------------------------------------------------- registry
 
 
@@ -555,7 +397,6 @@ _DELLA = (
     B._L1_RESCALE,
 )
 _DELLA_LAYOUT = (R.LAYOUT,)
-_RAM_EPSILON = Param("epsilon", "number", "magnitude a change must exceed to count", low=0.0)
 
 BREADCRUMBS = _register(
     "breadcrumbs", breadcrumbs, "keep the density of |Δ| below the top gamma, then sum",
@@ -572,20 +413,4 @@ DELLA = _register(
 DELLA_LINEAR = _register(
     "della_linear", della_linear, "DELLA's random drop and rescale, then task arithmetic",
     (*_DELLA, *_DELLA_LAYOUT), _della_kernel(False), _della_check,
-)  # fmt: skip
-SCE = _register(
-    "sce", sce, "keep top-variance entries, weight experts by mean Δ², erase minority signs",
-    (Param("select_topk", "number", "fraction kept by variance", low=0.0, high=1.0), SCALING),
-    lambda opts, b, ws, *_: _sce_leaf(b, ws, opts["select_topk"], opts["scaling"]),
-)  # fmt: skip
-RAM = _register(
-    "ram", ram, "entries one expert changes kept, entries several change averaged",
-    (_RAM_EPSILON, SCALING),
-    lambda opts, b, ws, *_: _ram_leaf(b, ws, opts["epsilon"], 0.0, 0.0, False, opts["scaling"]),
-)  # fmt: skip
-RAMPLUS_TL = _register(
-    "ramplus_tl", ramplus_tl, "RAM, each expert's unique entries scaled up by its overlap",
-    (Param("r", "number", "gain on unique entries"),
-     Param("alpha", "number", "cap on the overlap ratio"), _RAM_EPSILON, SCALING),
-    lambda o, b, ws, *_: _ram_leaf(b, ws, o["epsilon"], o["r"], o["alpha"], True, o["scaling"]),
 )  # fmt: skip
