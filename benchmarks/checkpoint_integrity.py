@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import umtam_jax
     from umtam_jax import checkpoint
-    from umtam_jax.checkpoint import _checkpoint
+    from umtam_jax.checkpoint import _encoding, _save
 
     params = jax.tree.map(jnp.asarray, gpt2_params(blocks))
     opt = umtam_jax.umtam(1e-3, rank=32)
@@ -69,12 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         path = checkpoint.save_checkpoint(work / "ckpt", params, opt_state=state)
         stats = umtam_jax.statistics(state)
-        encoded = [_checkpoint._encode(t, "tree") for t in (params, stats, state)]
+        encoded = [_encoding.encode(t, "tree") for t in (params, stats, state)]
         reader_paths = [
             p
-            for p, _ in _checkpoint._spec_arrays(
-                checkpoint.CheckpointReader(path).structure("params")
-            )
+            for p, _ in _encoding.spec_arrays(checkpoint.CheckpointReader(path).structure("params"))
         ]
 
         cases = {
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                 )
             )
-            crc_times.append(_time(lambda: [_checkpoint._checksums(e) for e in encoded]))
+            crc_times.append(_time(lambda: [_save._checksums(e) for e in encoded]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -19,16 +19,15 @@ Example:
   >>> state = checkpoint.restore_opt_state(path, jax.eval_shape(opt.init, params))
 """
 
-from umtam_jax.checkpoint._checkpoint import (
-    Checkpoint,
+from umtam_jax.checkpoint._format import Checkpoint
+from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+from umtam_jax.checkpoint._restore import (
     read_metadata,
     restore_checkpoint,
     restore_opt_state,
     restore_params,
     restore_statistics,
-    save_checkpoint,
 )
-from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._safetensors import SafetensorsReader, names_from_tree, tree_from_names
 from umtam_jax.checkpoint._safetensors_write import (
     orbax_to_safetensors,
@@ -36,6 +35,7 @@ from umtam_jax.checkpoint._safetensors_write import (
     save_safetensors,
 )
 from umtam_jax.checkpoint._safety import CheckpointBusyError
+from umtam_jax.checkpoint._save import save_checkpoint
 from umtam_jax.checkpoint._streaming import CheckpointReader, save_params_streaming
 
 __all__ = [

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from umtam_jax.checkpoint import _checkpoint as C
+from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _safety
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 
@@ -245,7 +245,7 @@ class SafetensorsReader:
     """
 
     def __init__(self, folder: str | os.PathLike, *, verify: bool = True):
-        path = C._absolute(folder)
+        path = F._absolute(folder)
         if not path.exists():
             _safety.recover(path, _is_own)  # a save killed in the middle of its swap
         if not path.exists():

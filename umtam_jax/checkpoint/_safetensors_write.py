@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from umtam_jax.checkpoint import _checkpoint as C
 from umtam_jax.checkpoint import _encoding as E
+from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _safety
 from umtam_jax.checkpoint._safetensors import (
     _DTYPE_NAMES,
@@ -117,7 +117,7 @@ def save_safetensors(
       >>> sorted(p.name for p in path.iterdir())
       ['model.safetensors', 'umtam_jax_safetensors.json']
     """
-    folder = C._absolute(folder)
+    folder = F._absolute(folder)
     if not os.path.islink(folder) and folder.is_dir() and not _is_own(folder):
         raise ValueError(
             f"refusing to write safetensors folder {folder}: it exists and was not written by "
@@ -149,7 +149,7 @@ def save_safetensors(
         if n == 1
         else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
     )
-    source = None if copy_files_from is None else C._absolute(copy_files_from)
+    source = None if copy_files_from is None else F._absolute(copy_files_from)
     if source is not None and not source.is_dir():
         raise FileNotFoundError(f"copy_files_from {source} is not a folder")
     get = produce if produce is not None else list(leaves.values()).__getitem__
@@ -273,7 +273,7 @@ def orbax_to_safetensors(
       >>> path = orbax_to_safetensors(ckpt, "/tmp/st_from_orbax_doc_st", overwrite=True)
     """
     reader = CheckpointReader(checkpoint_dir)
-    found = list(_spec_names(reader.structure(C.PARAMS)))
+    found = list(_spec_names(reader.structure(F.PARAMS)))
     stored = {name: path for name, path, _ in found}
     abstract = tree_from_names(
         {n: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"])) for n, _, s in found}
@@ -287,7 +287,7 @@ def orbax_to_safetensors(
             group, total = [i], nbytes[i]
             while (j := group[-1] + 1) < len(order) and total + nbytes[j] <= _RESTORE_GROUP_BYTES:
                 group, total = group + [j], total + nbytes[j]
-            arrays = reader.restore_arrays(C.PARAMS, [stored[order[j]] for j in group])
+            arrays = reader.restore_arrays(F.PARAMS, [stored[order[j]] for j in group])
             cache.update(zip(group, arrays, strict=True))
         return cache.pop(i)
 

@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from etils import epath
 
-# Names of the files that identify a umtam_jax checkpoint (see _checkpoint.py).
+# Names of the files that identify a umtam_jax checkpoint (see _format.py).
 _METADATA_FILE = ("umtam_metadata", "metadata")
 _FORMAT_NAME = "umtam_jax.checkpoint"
 _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"

@@ -45,9 +45,9 @@ from orbax.checkpoint import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from umtam_jax.checkpoint import _checkpoint as C
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint import _format as F
+from umtam_jax.checkpoint import _integrity, _restore, _safety, _save
 
 __all__ = ["CheckpointReader", "save_params_streaming"]
 
@@ -78,8 +78,8 @@ class CheckpointReader:
     """
 
     def __init__(self, directory: str | epath.PathLike, *, verify: bool = True):
-        self.directory = C._check_directory(directory)
-        self._meta = C._read_full_metadata(self.directory)
+        self.directory = _restore._check_directory(directory)
+        self._meta = _restore._read_full_metadata(self.directory)
         self._handler = ocp.PyTreeCheckpointHandler()
         self._records = (
             _integrity.read(self.directory, self._meta.get("format_version", 1)) if verify else None
@@ -98,7 +98,7 @@ class CheckpointReader:
         return item in self._meta.get("structures", {})
 
     def structure(self, item: str) -> dict[str, Any]:
-        """The JSON structure record of ``item`` (see ``_checkpoint._encode``).
+        """The JSON structure record of ``item`` (see ``_encoding.encode``).
 
         Raises:
           FileNotFoundError: the checkpoint has no such item.
@@ -174,7 +174,7 @@ class CheckpointReader:
         Args:
           item: the item name.
           paths: stored paths, e.g. ``("dense", "kernel")`` (as yielded by
-            ``_checkpoint._spec_arrays``).
+            ``_encoding.spec_arrays``).
 
         Returns:
           One NumPy array per path, dtypes as saved.
@@ -209,7 +209,8 @@ class CheckpointReader:
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
             raise ValueError(
                 f"cannot restore {len(paths)} array(s) of item {item!r} of checkpoint "
-                f"{self.directory}: the checkpoint is corrupt or incompatible ({C._short(e)})"
+                f"{self.directory}: the checkpoint is corrupt or incompatible "
+                f"({_restore._short(e)})"
             ) from None
         arrays = [np.asarray(E.nested_get(restored, tuple(path))) for path in paths]
         for path, array in zip(paths, arrays, strict=True):
@@ -341,9 +342,9 @@ def _streaming_handler() -> ocp.CompositeCheckpointHandler:
     )
     registry = ocp.DefaultCheckpointHandlerRegistry()
     registry.add(
-        C.PARAMS, ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(type_handler_registry=types)
+        F.PARAMS, ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(type_handler_registry=types)
     )
-    registry.add(C.METADATA, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+    registry.add(F.METADATA, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
     options = ocp.CompositeOptions(
         async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)
     )
@@ -362,7 +363,7 @@ def _write_streaming(
     for i, (path_i, shape, dtype) in enumerate(leaves):
         E.nested_set(arrays, path_i, _LazyArray(i, shape, dtype, channel))
     args = ocp.args.Composite(
-        **{C.PARAMS: ocp.args.PyTreeSave(arrays), C.METADATA: ocp.args.JsonSave(metadata)}
+        **{F.PARAMS: ocp.args.PyTreeSave(arrays), F.METADATA: ocp.args.JsonSave(metadata)}
     )
     errors: list[BaseException] = []
     records: dict[str, Any] = {}
@@ -400,7 +401,7 @@ def _write_streaming(
         logging.getLogger("absl").removeFilter(hide)
     if errors:
         raise errors[0]
-    _integrity.write(path, {C.PARAMS: records})
+    _integrity.write(path, {F.PARAMS: records})
 
 
 def save_params_streaming(
@@ -443,16 +444,16 @@ def save_params_streaming(
       >>> path = save_params_streaming("/tmp/stream_doc", like,
       ...                              lambda i: np.ones((2, 3), np.float32), overwrite=True)
     """
-    directory = C._absolute(directory)
+    directory = F._absolute(directory)
     _safety.check_target(directory, overwrite=overwrite)
-    enc = E.encode(abstract_params, C.PARAMS)
+    enc = E.encode(abstract_params, F.PARAMS)
     if not enc.leaves:
         raise ValueError("abstract_params has no array leaves")
     leaves = [
         (path, tuple(np.shape(leaf)), E.dtype_of(leaf))
         for path, leaf in zip(enc.paths, enc.leaves, strict=True)
     ]
-    meta = C._metadata_record({C.PARAMS: enc}, None, C._user_metadata(metadata))
+    meta = _save._metadata_record({F.PARAMS: enc}, None, _save._user_metadata(metadata))
     with _safety.publishing(directory, overwrite=overwrite) as staging:
         _write_streaming(staging, leaves, produce, meta)
     return directory

@@ -276,9 +276,9 @@ def merge_checkpoints(
       >>> engine.merge_checkpoints(  # doctest: +SKIP
       ...     "ties", "models/base", ["models/a", "models/b"], "models/merged", density=0.2)
     """
-    from umtam_jax.checkpoint import _checkpoint as C
+    from umtam_jax.checkpoint import _format
 
-    output = C._absolute(output_dir)
+    output = _format._absolute(output_dir)
     if not isinstance(group_bytes, int) or group_bytes < 1:
         raise ValueError(f"group_bytes must be a positive integer, got {group_bytes!r}")
     job = job_from_paths(

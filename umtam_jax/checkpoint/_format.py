@@ -1,0 +1,71 @@
+"""The layout, item names and format constants shared by saving and restoring.
+
+Layout of one checkpoint directory (an Orbax composite checkpoint, published at its path
+only once complete: see :mod:`umtam_jax.checkpoint._safety`)::
+
+    <directory>/
+      umtam_metadata/        JSON: format and library versions, the structure of every
+                             item, the statistics' node kinds, the user's metadata
+      params/                Orbax PyTree item: the parameters
+      statistics/            Orbax PyTree item: the merging statistics, if any
+      opt_state/             Orbax PyTree item: the full optimizer state, if saved
+      umtam_checksums.json   dtype, shape and CRC-32 of every array (:mod:`_integrity`)
+
+Each item is stored as nested dicts of its arrays plus a JSON record of its exact
+structure (:mod:`umtam_jax.checkpoint._encoding`). A ``flax.nnx`` Variable is stored as
+the array it wraps: ``nnx.state(model, nnx.Param)`` then saves under the same paths as the
+statistics of the ``nnx.Optimizer`` that trained it, and restores into Variables when
+passed as the ``target``.
+
+Writing lives in :mod:`umtam_jax.checkpoint._save`, reading in
+:mod:`umtam_jax.checkpoint._restore`; this module holds what both need: the format name
+and version, the item names, the :class:`Checkpoint` record and path normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from etils import epath
+
+from umtam_jax.checkpoint import _safety
+
+FORMAT_NAME = _safety._FORMAT_NAME
+# 2: stored names escape '%', '.' and '/'; arrays have checksums (_integrity).
+FORMAT_VERSION = 2
+
+PARAMS = "params"
+STATISTICS = "statistics"
+OPT_STATE = "opt_state"
+METADATA = "umtam_metadata"
+_ARRAY_ITEMS = (PARAMS, STATISTICS, OPT_STATE)
+
+# Orbax's suffix for the temporary directory of an in-progress save (AtomicRenameTemporaryPath).
+_ORBAX_TMP_SUFFIX = _safety._ORBAX_TMP_SUFFIX
+
+
+class Checkpoint(NamedTuple):
+    """Everything :func:`restore_checkpoint` read from one checkpoint directory.
+
+    Attributes:
+      params: the parameters.
+      statistics: the merging statistics (leaves :class:`FactoredStatistics` /
+        :class:`DenseStatistics` / ``optax.MaskedNode``), or ``None`` if none were saved.
+      opt_state: the optimizer state, or ``None`` when no ``opt_state_target`` was given or
+        no optimizer state was saved.
+      metadata: the checkpoint's metadata dictionary: ``format``, ``format_version``,
+        ``library_version``, ``orbax_version``, ``jax_version``, ``created`` (UTC ISO time),
+        ``items`` (the array items present), ``statistics_kinds`` (counts and per-path kinds
+        of the statistics nodes, or ``None``) and ``user`` (the ``metadata`` given to
+        :func:`save_checkpoint`, or ``None``).
+    """
+
+    params: Any
+    statistics: Any
+    opt_state: Any
+    metadata: dict[str, Any]
+
+
+def _absolute(directory: str | epath.PathLike) -> epath.Path:
+    directory = epath.Path(directory)
+    return directory if directory.is_absolute() else epath.Path(directory.absolute())
