@@ -210,12 +210,12 @@ def test_bad_outputs_never_touch_anything(ckpts, capsys, output, in_memory):
 
 @pytest.mark.parametrize("in_memory", [False, True])
 def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatch, in_memory):
-    from umtam_jax.checkpoint import _save, _streaming
+    from umtam_jax.checkpoint import _streaming
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "out")
 
-    monkeypatch.setattr(_save, "_write", full)
+    # The CLI writes its Orbax output, merged streamed or in memory, with this writer.
     monkeypatch.setattr(_streaming, "_write_streaming", full)
     before = _files(ckpts)
     extra = ["--in-memory"] if in_memory else []
