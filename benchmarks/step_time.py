@@ -112,18 +112,17 @@ def optimizers(
     if exact:
         cases["umtam exact SVD"] = lambda: umtam(svd_method="exact")
     cases["umtam default"] = lambda: umtam()
-    lean = LEAN_UMTAM
-    cases["umtam lean"] = lambda: umtam(**lean)
+    cases["umtam lean"] = lambda: umtam(**LEAN_UMTAM)
     if extra:
         cases["umtam default svd_every=4"] = lambda: umtam(svd_every=4)
         cases["umtam default bf16 M̃/S"] = lambda: umtam(buffer_dtype="bfloat16")
         grouped = {"group_leaves": True}
         cases["umtam default grouped"] = lambda: umtam(**grouped)
-        cases["umtam lean grouped"] = lambda: umtam(**lean, **grouped)
-        cases["umtam lean svd_every=4"] = lambda: umtam(svd_every=4, **lean)
-        cases["umtam lean svd_every=16"] = lambda: umtam(svd_every=16, **lean)
-        cases["umtam lean rank=8"] = lambda: umtam(rank=8, **lean)
-        cases["umtam lean rank=8 svd_every=4"] = lambda: umtam(rank=8, svd_every=4, **lean)
+        cases["umtam lean grouped"] = lambda: umtam(**LEAN_UMTAM, **grouped)
+        cases["umtam lean svd_every=4"] = lambda: umtam(svd_every=4, **LEAN_UMTAM)
+        cases["umtam lean svd_every=16"] = lambda: umtam(svd_every=16, **LEAN_UMTAM)
+        cases["umtam lean rank=8"] = lambda: umtam(rank=8, **LEAN_UMTAM)
+        cases["umtam lean rank=8 svd_every=4"] = lambda: umtam(rank=8, svd_every=4, **LEAN_UMTAM)
     return cases
 
 

@@ -146,8 +146,8 @@ def scale_by_umtam(
         1.16–1.53× faster on GPT-2-shaped models); not for CPUs, where the copies cost
         more than they save (3.5× slower). Off by default because the copies need memory:
         XLA plans 2–2.2× the parameter bytes more temporary memory for the update (GPT-2
-        shapes, lean and default settings; per parameter ~1×); the saliency's ``S`` and
-        ``W0`` are not stacked (step 9 runs per parameter). Parameters under Explicit
+        shapes, lean and default settings; per parameter ~1×); a matrix's saliency ``S``
+        and ``W0`` are not stacked (step 9 runs per parameter). Parameters under Explicit
         sharding, and factored ones with ``svd_method="exact"``, are always updated one by
         one.
 
@@ -304,7 +304,7 @@ def scale_by_umtam(
             else:
                 outs = unstacked(jax.vmap(finish)(carry, factors), len(members))
                 outs = [
-                    _with_saliency(cfg, d, new, param_leaves[i], leaf_states[i])
+                    (d, _with_saliency(cfg, new, param_leaves[i], leaf_states[i]))
                     for i, (d, new) in zip(members, outs, strict=True)
                 ]
             for i, (d, new) in zip(members, outs, strict=True):
@@ -336,15 +336,15 @@ def _without_saliency(state: Any) -> Any:
     return state._replace(saliency=None, initial=None)
 
 
-def _with_saliency(cfg: Config, direction, new_state, w, state) -> tuple[Any, Any]:
-    """``(direction, new_state)`` of one member of a stack, completed with step 9 from its
-    own ``S`` and ``W0`` (``state``, before the step) when saliency is tracked."""
+def _with_saliency(cfg: Config, new_state: Any, w: jax.Array, state: Any) -> Any:
+    """The new state of one member of a stack, completed with step 9 from its own ``S`` and
+    ``W0`` (``state``, before the step) when saliency is tracked."""
     if state.saliency is None:
-        return direction, new_state
+        return new_state
     saliency = factored_saliency(
         cfg, w, state.saliency, state.initial, new_state.row, new_state.col
     )
-    return direction, new_state._replace(saliency=saliency, initial=state.initial)
+    return new_state._replace(saliency=saliency, initial=state.initial)
 
 
 def _concrete_param(cfg: Config, path: tuple[Any, ...], param: Any) -> jax.Array:
