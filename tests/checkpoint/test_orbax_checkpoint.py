@@ -36,9 +36,6 @@ from umtam_jax.optimizer._state import (
     ScaleByUmtamState,
 )
 
-# A simulated failure mid-save abandons Orbax coroutines; Python warns when they are collected.
-pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------

@@ -13,9 +13,6 @@ from tests.merging import helpers as H
 from umtam_jax import checkpoint, engine, merging
 from umtam_jax.engine import _global_topk, _job
 
-# A simulated failure mid-save abandons Orbax coroutines; Python warns when they are collected.
-pytestmark = pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-
 K = 3
 
 
