@@ -10,6 +10,7 @@ import pytest
 
 from umtam_jax import experiments as E
 from umtam_jax.experiments import data as data_lib
+from umtam_jax.experiments import task_registry
 from umtam_jax.experiments.models import minilm
 
 TINY = minilm.BertConfig(
@@ -265,7 +266,7 @@ def test_tasks_from_the_entry_point_group_are_registered_on_first_use(monkeypatc
         return [FakeEntryPoint()] if group == data_lib.ENTRY_POINT_GROUP else []
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
-    monkeypatch.setattr(data_lib, "_PLUGINS_LOADED", False)
+    monkeypatch.setattr(task_registry, "_PLUGINS_LOADED", False)
     try:
         assert "entry_point_task" in data_lib.available_tasks()
         assert data_lib.get_task("entry_point_task").labels == ("a", "b")
@@ -284,6 +285,6 @@ def test_a_broken_entry_point_names_itself(monkeypatch):
             raise ModuleNotFoundError("No module named 'nowhere'")
 
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Broken()])
-    monkeypatch.setattr(data_lib, "_PLUGINS_LOADED", False)
+    monkeypatch.setattr(task_registry, "_PLUGINS_LOADED", False)
     with pytest.raises(ImportError, match="broken_plugin"):
         data_lib.available_tasks()

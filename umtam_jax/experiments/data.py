@@ -26,8 +26,11 @@ tools' ``--import MODULE_OR_FILE`` option imports a module that calls
 The built-in tasks (``wn_defmatch``, ``kjv_section``, ``fortune_topic``,
 ``wn_supersense``, ``py_package`` and the mirror ``wn_defmatch_mirror``) are built and
 registered by :mod:`~umtam_jax.experiments.builtin_tasks`, which importing this module
-imports; this module holds what every task shares: the registry, the metrics, the splits,
-loading and the cache.
+imports. This module holds what every task shares: the examples' containers, the splits,
+loading and the cache; it re-exports the registry
+(:mod:`~umtam_jax.experiments.task_registry`) and the metrics
+(:mod:`~umtam_jax.experiments.metrics`), so ``data.register_task`` and
+``data.compute_metric`` are the same functions.
 
 Builders are deterministic given the seed; splits are stratified by label (80/10/10
 by default) and disjoint; ``max_per_split`` subsamples each split with the class
@@ -38,14 +41,9 @@ proportions preserved (for quick runs). Built examples are cached as JSON under
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.metadata
-import importlib.util
 import inspect
 import json
 import os
-import re
-import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -53,8 +51,27 @@ from typing import Any
 
 import numpy as np
 
+from umtam_jax.experiments.metrics import (
+    accuracy,
+    compute_metric,
+    macro_f1,
+    register_metric,
+)
+from umtam_jax.experiments.task_registry import (
+    ENTRY_POINT_GROUP,
+    TaskSpec,
+    add_task_import_option,
+    available_tasks,
+    get_task,
+    import_task_modules,
+    register_mirror_task,
+    register_task,
+    unregister_task,
+)
+
 __all__ = [
     "APT_PACKAGES",
+    "ENTRY_POINT_GROUP",
     "Examples",
     "MissingDataError",
     "SPLITS",
@@ -173,36 +190,6 @@ class Examples:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """A registered task.
-
-    Attributes:
-        name: Registry key.
-        builder: ``builder(seed) -> Examples | Mapping[str, Examples]`` (a mapping must
-            hold all of :data:`SPLITS`: a pre-split task). Builders may also take no
-            argument.
-        labels: Label names; label ``i`` is ``labels[i]``.
-        metric: Name of the metric (see :func:`compute_metric`).
-        kind: ``"single"`` (texts are strings) or ``"pair"`` (texts are 2-tuples).
-        description: Free text.
-        cache: Whether built examples are cached on disk.
-        version: Part of the cache key; bump it when the builder changes.
-        mirror_of: For a mirror task (:func:`register_mirror_task`), the task it mirrors;
-            None otherwise.
-    """
-
-    name: str
-    builder: Callable[..., Any]
-    labels: tuple[str, ...]
-    metric: str = "accuracy"
-    kind: str = "single"
-    description: str = ""
-    cache: bool = False
-    version: int = 1
-    mirror_of: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class TaskData:
     """A loaded task with its splits.
 
@@ -244,274 +231,6 @@ class TaskData:
     def evaluate(self, y_true: np.ndarray, y_pred: np.ndarray) -> float:
         """Computes the task metric."""
         return compute_metric(self.metric, y_true, y_pred, num_labels=self.num_labels)
-
-
-# ---------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------
-
-
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int | None = None) -> float:
-    """Fraction of correct predictions."""
-    del num_labels
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    return float(np.mean(y_true == y_pred)) if y_true.size else 0.0
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int | None = None) -> float:
-    """Unweighted mean of the per-class F1 scores (classes absent from both count 0).
-
-    Args:
-        y_true: True labels.
-        y_pred: Predicted labels.
-        num_labels: Number of classes (default: max label + 1).
-
-    Returns:
-        Macro-F1 in [0, 1], like ``sklearn.metrics.f1_score(average="macro")`` over
-        ``labels=range(num_labels)``.
-    """
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    if num_labels is None:
-        num_labels = int(max(y_true.max(initial=-1), y_pred.max(initial=-1)) + 1)
-    f1 = []
-    for c in range(num_labels):
-        tp = np.sum((y_true == c) & (y_pred == c))
-        fp = np.sum((y_true != c) & (y_pred == c))
-        fn = np.sum((y_true == c) & (y_pred != c))
-        denom = 2 * tp + fp + fn
-        f1.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1)) if f1 else 0.0
-
-
-_METRICS: dict[str, Callable[..., float]] = {"accuracy": accuracy, "macro_f1": macro_f1}
-
-
-def register_metric(name: str, fn: Callable[..., float]) -> None:
-    """Registers ``fn(y_true, y_pred, num_labels=None) -> float`` under ``name``."""
-    _METRICS[name] = fn
-
-
-def compute_metric(
-    name: str, y_true: np.ndarray, y_pred: np.ndarray, num_labels: int | None = None
-) -> float:
-    """Computes the metric ``name`` ("accuracy", "macro_f1" or a registered one)."""
-    if name not in _METRICS:
-        raise KeyError(f"unknown metric {name!r}; known: {sorted(_METRICS)}")
-    return _METRICS[name](y_true, y_pred, num_labels=num_labels)
-
-
-# ---------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------
-
-_REGISTRY: dict[str, TaskSpec] = {}
-
-
-def register_task(
-    name: str,
-    builder: Callable[..., Any],
-    labels: Sequence[str],
-    metric: str = "accuracy",
-    kind: str = "single",
-    *,
-    description: str = "",
-    cache: bool = False,
-    version: int = 1,
-    overwrite: bool = False,
-) -> TaskSpec:
-    """Registers a task.
-
-    Args:
-        name: Task name.
-        builder: ``builder(seed) -> Examples | Mapping[str, Examples]`` (or a
-            zero-argument callable). A mapping gives pre-made train/validation/test
-            splits; otherwise :func:`load_task` splits stratified by label. A
-            ``(texts, labels)`` tuple is accepted in place of :class:`Examples`.
-        labels: Label names, label ``i`` being ``labels[i]``.
-        metric: Metric name ("accuracy", "macro_f1" or one from
-            :func:`register_metric`).
-        kind: "single" or "pair".
-        description: Free text.
-        cache: Cache the built examples as JSON under :func:`cache_dir`.
-        version: Cache-key version.
-        overwrite: Allow replacing an existing task of that name.
-
-    Returns:
-        The registered :class:`TaskSpec`.
-    """
-    if kind not in ("single", "pair"):
-        raise ValueError(f"kind must be 'single' or 'pair', got {kind!r}")
-    if metric not in _METRICS:
-        raise KeyError(f"unknown metric {metric!r}; known: {sorted(_METRICS)}")
-    spec = TaskSpec(
-        name=name,
-        builder=builder,
-        labels=tuple(labels),
-        metric=metric,
-        kind=kind,
-        description=description,
-        cache=cache,
-        version=version,
-    )
-    return _add(spec, overwrite)
-
-
-def _add(spec: TaskSpec, overwrite: bool) -> TaskSpec:
-    """Puts ``spec`` in the registry, refusing to replace a task unless ``overwrite``."""
-    if spec.name in _REGISTRY and not overwrite:
-        raise ValueError(f"task {spec.name!r} already registered (pass overwrite=True)")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def register_mirror_task(
-    name: str, *, mirror_name: str | None = None, overwrite: bool = False
-) -> TaskSpec:
-    """Registers a task's mirror: the same examples with the label order reversed.
-
-    Label ``i`` of the mirror is label ``K - 1 - i`` of ``name`` (``K`` classes), with
-    its label names reversed to match, and :func:`load_task` gives the mirror exactly
-    the examples, splits and order of ``name``. Its expert is seeded like ``name``'s
-    (:attr:`TaskData.seed_name`: same initial head, batches and dropout), so the two
-    experts differ only through the labels. For a two-class task every training
-    target is swapped: from the same start, the two experts' first gradients point in
-    nearly opposite directions (exactly opposite when the initial prediction is
-    uniform). Trained heads can absorb the swap, after which both encoders learn the
-    same features; with the heads kept fixed
-    (:attr:`~umtam_jax.experiments.config.PipelineConfig.train_head`) the two experts
-    share one head and only their encoders can answer oppositely: a constructed pair of
-    opposed experts for merging studies.
-
-    Args:
-        name: A registered task (not itself a mirror).
-        mirror_name: The mirror's name (default ``f"{name}_mirror"``).
-        overwrite: Allow replacing an existing task of that name.
-
-    Returns:
-        The mirror's :class:`TaskSpec`.
-
-    Example:
-        >>> from umtam_jax.experiments import data
-        >>> data.get_task("wn_defmatch_mirror").labels
-        ('defines', 'different')
-    """
-    spec = get_task(name)
-    if spec.mirror_of is not None:
-        raise ValueError(f"task {name!r} is already the mirror of {spec.mirror_of!r}")
-    if mirror_name == name:
-        raise ValueError(f"a mirror of {name!r} needs a name of its own")
-    mirror = TaskSpec(
-        name=mirror_name or f"{name}_mirror",
-        builder=spec.builder,
-        labels=spec.labels[::-1],
-        metric=spec.metric,
-        kind=spec.kind,
-        description=f"{name} with its label order reversed (its mirror).",
-        version=spec.version,
-        mirror_of=name,
-    )
-    return _add(mirror, overwrite)
-
-
-def unregister_task(name: str) -> None:
-    """Removes a task from the registry (no error if absent)."""
-    _REGISTRY.pop(name, None)
-
-
-#: Entry-point group through which installed packages contribute tasks.
-ENTRY_POINT_GROUP = "umtam_jax.tasks"
-_PLUGINS_LOADED = False
-
-
-def _load_entry_point_tasks() -> None:
-    """Imports (and calls, when callable) every ``umtam_jax.tasks`` entry point, once."""
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as e:  # a broken plugin must say which one it is
-            raise ImportError(
-                f"task plugin {ep.name!r} ({ep.value}) of entry-point group "
-                f"{ENTRY_POINT_GROUP!r} failed to load: {e}"
-            ) from e
-        if callable(obj):
-            obj()
-
-
-def import_task_modules(specs: Sequence[str]) -> list[str]:
-    """Imports modules that register tasks; returns the task names they added.
-
-    Args:
-        specs: Each a module name importable from ``sys.path`` (``"my_pkg.tasks"``) or the
-            path of a ``.py`` file.
-
-    Returns:
-        The names newly added to the registry, in registration order.
-
-    Raises:
-        FileNotFoundError: A ``.py`` path that does not exist.
-        ImportError: A module that cannot be imported (the message names it).
-
-    Example:
-        >>> from umtam_jax.experiments import data
-        >>> data.import_task_modules([])
-        []
-    """
-    _load_entry_point_tasks()
-    before = list(_REGISTRY)
-    for spec in specs:
-        if spec.endswith(".py") or os.sep in spec:
-            path = Path(spec)
-            if not path.is_file():
-                raise FileNotFoundError(f"task module file {spec!r} does not exist")
-            name = "umtam_jax_task_module_" + re.sub(r"\W", "_", path.stem)
-            mod_spec = importlib.util.spec_from_file_location(name, path)
-            if mod_spec is None or mod_spec.loader is None:
-                raise ImportError(f"cannot import task module file {spec!r}")
-            module = importlib.util.module_from_spec(mod_spec)
-            # Registered before it runs, as for a normal import (dataclasses, pickling and
-            # relative look-ups in the file need ``sys.modules[name]``).
-            sys.modules[name] = module
-            mod_spec.loader.exec_module(module)
-        else:
-            try:
-                importlib.import_module(spec)
-            except ImportError as e:
-                raise ImportError(f"cannot import task module {spec!r}: {e}") from e
-    return [n for n in _REGISTRY if n not in before]
-
-
-def add_task_import_option(parser: Any) -> None:
-    """Adds ``--import MODULE_OR_FILE`` (repeatable, into ``args.imports``) to an
-    :class:`argparse.ArgumentParser`; pass ``args.imports`` to :func:`import_task_modules`."""
-    parser.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE_OR_FILE",
-        help="import a module or .py file that registers tasks (repeatable); installed "
-        f"packages can also register through the {ENTRY_POINT_GROUP!r} entry-point group",
-    )
-
-
-def get_task(name: str) -> TaskSpec:
-    """Returns the :class:`TaskSpec` registered under ``name``."""
-    _load_entry_point_tasks()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; available: {available_tasks()}") from None
-
-
-def available_tasks() -> list[str]:
-    """Returns the registered task names (built-in, registered, from plugins), sorted."""
-    _load_entry_point_tasks()
-    return sorted(_REGISTRY)
 
 
 # ---------------------------------------------------------------------------
