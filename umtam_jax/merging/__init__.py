@@ -70,17 +70,18 @@ from umtam_jax.merging._sce_ram import ram, ramplus_tl, sce
 from umtam_jax.merging._sparsification import breadcrumbs, breadcrumbs_ties, della, della_linear
 from umtam_jax.merging._subspace import iso_c, iso_cts, tsv_merge
 from umtam_jax.merging._task_masks import (
-    EMRMerged,
     apply_task_mask,
     consensus,
     consensus_ties,
-    emr_merge,
-    emr_task_model,
     pack_mask,
     tall_masks,
     unpack_mask,
 )
 from umtam_jax.merging._umtam import umtam
+
+# isort: split
+# EMR-merging registers nothing; it imports _task_masks, so it comes after that module.
+from umtam_jax.merging._emr import EMRMerged, emr_merge, emr_task_model
 
 __all__ = [
     "METHODS",
