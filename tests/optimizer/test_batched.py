@@ -300,13 +300,14 @@ def _trained_experts(axes, move):
     rng = np.random.default_rng(2)
     base = {"w": jnp.asarray(move(rng.normal(size=(3, 12, 10))), jnp.float32)}
     opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=4, row_axes=lambda p, s: axes)
+    update = jax.jit(opt.update)
     experts, stats = [], []
     for seed in range(2):
         params, state = base, opt.init(base)
         g_rng = np.random.default_rng(10 + seed)
         for _ in range(3):
             g = {"w": jnp.asarray(move(g_rng.normal(size=(3, 12, 10))), jnp.float32)}
-            updates, state = opt.update(g, state, params)
+            updates, state = update(g, state, params)
             params = optax.apply_updates(params, updates)
         experts.append(params)
         stats.append(umtam_jax.statistics(state))
