@@ -37,7 +37,8 @@ The evaluation protocol (seeds, early-stopped experts, equal-budget searches, in
 
 * :mod:`~umtam_jax.experiments.protocol` -- :func:`evaluate_merges` (run or resume, then
   the table), :func:`run_protocol`, :class:`ProtocolSize` and its sizes (``tiny``,
-  ``medium``, ``full``); ``python -m umtam_jax.experiments.protocol`` runs it.
+  ``medium``, ``full``); ``python -m umtam_jax.experiments.protocol`` runs it. Its set-up
+  (sizes, expert recipes, one seed's experts) is :mod:`~umtam_jax.experiments.protocol_setup`.
 * :mod:`~umtam_jax.experiments.spaces` -- :func:`candidates`: every compared method with
   its searched axes (:class:`Candidate`), and the excluded registered methods.
 * :mod:`~umtam_jax.experiments.comparison` -- :func:`summarize` and :class:`MergeTable`
@@ -94,7 +95,8 @@ _EXPORTS = {
     **dict.fromkeys(
         ("enable_compilation_cache", "load_base", "prepare_experts", "run_merging"), "pipeline"
     ),
-    **dict.fromkeys(("ProtocolSize", "evaluate_merges", "run_protocol"), "protocol"),
+    "ProtocolSize": "protocol_setup",
+    **dict.fromkeys(("evaluate_merges", "run_protocol"), "protocol"),
     **dict.fromkeys(("MergeTable", "compare_runs", "summarize"), "comparison"),
     **dict.fromkeys(("run_pruning", "summarize_pruning"), "pruning"),
     "conflict_study": "conflict",
