@@ -21,8 +21,9 @@ Writes ``benchmarks/results/step_time.json`` (``--out`` to change, ``--no-write`
 and prints a markdown table: wall ms per update (median, range), ratio to ``optax.adamw``,
 process CPU ms per update (user + sys, from ``getrusage``: the total work, less sensitive
 than wall time to other processes on a shared machine) and its ratio, the kernel's part of
-that CPU time and the minor page faults per update, state bytes ÷ parameter bytes. The
-targets are checked on the wall-time ratio.
+that CPU time and the minor page faults per update, what the compiled step launches
+(:func:`executable_ops`: kernels, ``while`` loops and conditionals, read from its optimized
+HLO), state bytes ÷ parameter bytes. The targets are checked on the wall-time ratio.
 
 Page faults: glibc hands large freed blocks back to the kernel, so an update that writes a
 fresh buffer (every optimizer's ``updates``) may pay a fault per touched page, depending on
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import resource
 import statistics
 import sys
@@ -184,6 +186,49 @@ def _usage() -> _Usage:
     return _Usage(usage.ru_utime, usage.ru_stime, usage.ru_minflt)
 
 
+# An instruction of an optimized HLO module: ``[ROOT] %name = <shape> opcode(...``.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[^\s=]+ = .*? ([a-z][a-z0-9-]*)\(")
+# Instructions that only name or regroup buffers: no kernel runs for them.
+_NO_KERNEL = frozenset(
+    {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "opt-barrier"}
+)
+
+
+def executable_ops(hlo_text: str) -> dict[str, int]:
+    """What one call of a compiled executable launches, read from its optimized HLO text
+    (``jax.jit(f).lower(...).compile().as_text()``).
+
+    ``kernels``: the instructions of the entry computation that run as a kernel or a
+    library call (fusions, custom calls such as cuBLAS/cuSOLVER, copies, collectives...);
+    a ``while`` loop counts once there, its body running once per iteration. ``loops`` and
+    ``conditionals``: the ``while`` and ``conditional`` instructions of the whole module
+    (a conditional's predicate is read by the host on a GPU).
+
+    Example:
+        >>> lines = ["ENTRY %main {", "  %p = f32[2]{0} parameter(0)",
+        ...          "  ROOT %f = f32[2]{0} fusion(%p), kind=kLoop", "}"]
+        >>> executable_ops("\\n".join(lines))
+        {'kernels': 1, 'loops': 0, 'conditionals': 0}
+    """
+    ops, entry = [], []
+    in_entry = False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY "):
+            in_entry = True
+        elif in_entry and line.startswith("}"):
+            in_entry = False
+        match = _INSTRUCTION.match(line)
+        if match:
+            ops.append(match.group(1))
+            if in_entry:
+                entry.append(match.group(1))
+    return {
+        "kernels": sum(op not in _NO_KERNEL for op in entry),
+        "loops": ops.count("while"),
+        "conditionals": ops.count("conditional"),
+    }
+
+
 def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any, apply: bool = False):
     """A blocking closure running one jitted, state-donating update (``step.lower()`` lowers
     that update); plus the state bytes.
@@ -261,6 +306,7 @@ def run(
             continue
         steps[name], state_bytes = _update_step(opt, params, grads, apply=apply)
         rows[name] = {"state_bytes": state_bytes, "state_ratio": state_bytes / param_bytes}
+        rows[name].update(executable_ops(steps[name].lower().compile().as_text()))
     times, first = time_interleaved(steps, reps=reps, warmup=warmup)
     cpu, sys_time, faults = time_interleaved.cpu, time_interleaved.sys, time_interleaved.faults
     adamw = statistics.median(times["optax.adamw"]) if "optax.adamw" in times else None
@@ -328,6 +374,9 @@ def table(result: dict) -> str:
                 "—" if row["cpu_ratio_to_adamw"] is None else f"{row['cpu_ratio_to_adamw']:.2f}×",
                 f"{row['sys_median_ms']:.0f}" if "sys_median_ms" in row else "—",
                 f"{row['page_faults_median']:.0f}" if "page_faults_median" in row else "—",
+                f"{row['kernels']} / {row['loops']} / {row['conditionals']}"
+                if "kernels" in row
+                else "—",
                 f"{row['state_ratio']:.3f}",
             ]
         )
@@ -349,6 +398,7 @@ def table(result: dict) -> str:
                 "CPU × AdamW",
                 "of it kernel ms",
                 "page faults",
+                "kernels / loops / conds",
                 "state ÷ params",
             ],
             rows,
@@ -468,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "Wall ms per update (median), "
         "ratio to optax.adamw in the same run, process CPU ms (and its kernel part), minor "
-        "page faults per update, state bytes ÷ parameter bytes. "
+        "page faults per update, kernels / while loops / conditionals of the compiled step "
+        "(from its optimized HLO), state bytes ÷ parameter bytes. "
         + malloc_note
         + "The end-to-end fine-tune step is in the efficiency section.\n\n"
         + "\n".join(report)

@@ -8,8 +8,9 @@
 #               settings with group_leaves=True; 3 repeats x 5 rounds
 #               (python -m benchmarks.train_throughput --grouped)
 #   update      the optimizer update + apply_updates alone on the 12-block GPT-2 body as a
-#               layer-stacked (scanned) model, against AdamW, Adafactor and GaLore
-#               (python -m benchmarks.step_time --apply --scanned --blocks 12)
+#               layer-stacked (scanned) model, against AdamW, Adafactor and GaLore, then
+#               the 2-block one: times and the kernels each compiled step launches
+#               (python -m benchmarks.step_time --apply --scanned --blocks 12 2)
 #
 # Before the call, on this machine: copy the LM token cache into the repository (the
 # folder is ignored by git) and carry it:
@@ -42,7 +43,7 @@ case "$part" in
         cmd=(-m benchmarks.train_throughput --grouped --repeats 3 --workdir /tmp/gpu-checks-tt
              --results-dir "$work" "$@") ;;
     update)
-        cmd=(-m benchmarks.step_time --apply --scanned --blocks 12 --reps 7 --no-exact
+        cmd=(-m benchmarks.step_time --apply --scanned --blocks 12 2 --reps 7 --no-exact
              --out "$work/step_time_gpu_scanned.json" "$@") ;;
     *)
         echo "unknown part '$part': use throughput or update" >&2

@@ -265,6 +265,38 @@ def test_step_time_records_kernel_time_and_page_faults_per_step():
     assert max(faults["idle"]) < min(faults["fresh"])
 
 
+def test_step_time_counts_the_kernels_loops_and_conditionals_of_an_executable():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import step_time
+
+    hlo = """HloModule m
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %c = f32[4]{0} conditional(%x, %y, %z), branch_computations={%a, %b}
+}
+ENTRY %main (x: f32[4]) -> (f32[4], f32[4]) {
+  %x = f32[4]{0} parameter(0)
+  %k = f32[] constant(1)
+  %f = f32[4]{0} fusion(%x, %k), kind=kLoop, calls=%g, metadata={op_name="jit(f)/add(x)"}
+  %w = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body
+  %e = f32[4]{0} get-tuple-element(%w), index=1
+  %m = f32[4,4]{1,0} custom-call(%f, %e), custom_call_target="__cublas$gemm"
+  ROOT %r = (f32[4]{0}, f32[4,4]{1,0}) tuple(%e, %m)
+}
+"""
+    assert step_time.executable_ops(hlo) == {"kernels": 3, "loops": 1, "conditionals": 1}
+
+    def loop(x, n):
+        return jax.lax.fori_loop(0, n, lambda i, y: jnp.sin(y) * 2.0, x)
+
+    x = jnp.ones(8)
+    compiled = jax.jit(loop).lower(x, 3).compile()
+    ops = step_time.executable_ops(compiled.as_text())
+    assert ops["kernels"] >= 1 and ops["loops"] == 1 and ops["conditionals"] == 0
+
+
 def test_protocol_script_runs_every_stage_in_order(tmp_path):
     """scripts/protocol.sh with a stand-in interpreter that records its arguments."""
     log = tmp_path / "calls.txt"
