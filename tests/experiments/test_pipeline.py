@@ -12,16 +12,8 @@ from umtam_jax import experiments as E
 from umtam_jax.experiments import data as data_lib
 from umtam_jax.experiments import task_registry
 from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.protocol_setup import TINY_BERT as TINY
 
-TINY = minilm.BertConfig(
-    num_layers=1,
-    hidden_size=32,
-    num_heads=2,
-    intermediate_size=64,
-    max_position=64,
-    dropout_rate=0.0,
-    attention_dropout_rate=0.0,
-)
 CFG = E.PipelineConfig(
     max_length=16,
     batch_size=8,
