@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ from umtam_jax.optimizer._lowrank import (
     LowRankPlusDense,
     exact_svd,
     orthonormalize,
+    orthonormalize_many,
     subspace_svd,
 )
 
@@ -77,6 +80,65 @@ def test_orthonormalize_under_jit_matches_householder_span():
     q, householder = np.asarray(q, np.float64), np.asarray(householder, np.float64)
     # Same column space: the projectors agree.
     np.testing.assert_allclose(q @ q.T, householder @ householder.T, atol=1e-5)
+
+
+def test_the_selected_fallback_of_gpus_equals_the_conditional_of_cpus(monkeypatch):
+    """Off CPU the Householder fallback is selected per matrix instead of taken through a
+    conditional: forced here, it gives the CPU path's bases, fallback and fast ones alike."""
+    rng = np.random.default_rng(4)
+    good = rng.normal(size=(2, 120, 8))
+    deficient = rng.normal(size=(120, 2)) @ rng.normal(size=(2, 8))  # needs the fallback
+    ys = [jnp.asarray(good, jnp.float32), jnp.asarray(deficient, jnp.float32)]
+    cpu = jax.jit(orthonormalize_many)(ys)
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, cpu, default: default(*a))
+    selected = jax.jit(orthonormalize_many)(ys)
+    for a, b, y in zip(cpu, selected, [good[0], deficient], strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+        q = np.asarray(b).reshape(-1, 120, 8)[0]
+        np.testing.assert_allclose(_gram(q), np.eye(8), atol=2e-5)
+        assert _same_span(q, y) < 1e-5
+
+
+def _data_dependent_conditionals(stablehlo: str) -> int:
+    """``stablehlo.case`` ops whose branch index is not the lowering platform's (a constant
+    of an export for one platform, and the cases that derive from it)."""
+    constant = set(re.findall(r"^\s*(%[\w#]+) = stablehlo\.constant", stablehlo, re.M))
+    count = 0
+    case = r"^\s*(%[\w#]+)(?::\d+)? = \"stablehlo\.case\"\((%[\w#]+)\)"
+    for result, index in re.findall(case, stablehlo, re.M):
+        if index in constant:
+            constant.add(result)
+        else:
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize(
+    "settings", [{}, {"error_decay": 0.0, "saliency": "final"}], ids=["default", "lean"]
+)
+def test_the_gpu_update_has_one_conditional_on_device_data_whatever_the_leaves(settings):
+    """Lowered for a GPU (no GPU needed): the only conditional whose predicate is device data
+    is the first step's extra power iterations, however many leaves and widths; on CPU the
+    overflow guards and the Householder fallback add theirs."""
+    from jax import export
+
+    def conditionals(params, platform):
+        opt = umtam_jax.umtam(1e-3, rank=4, min_dim_size_to_factor=8, **settings)
+        state = jax.eval_shape(opt.init, params)
+        exported = export.export(jax.jit(opt.update), platforms=(platform,))
+        return _data_dependent_conditionals(exported(params, state, params).mlir_module())
+
+    spec = jax.ShapeDtypeStruct
+    one = {"w": spec((32, 16), jnp.float32)}
+    many = {
+        **one,
+        "v": spec((24, 16), jnp.float32),
+        "wide": spec((16, 40), jnp.float32),
+        "stack": spec((3, 8, 32), jnp.float32),
+        "bias": spec((16,), jnp.float32),
+    }
+    assert conditionals(one, "cuda") == conditionals(many, "cuda") == 1
+    assert conditionals(many, "cpu") > 1
 
 
 def test_low_rank_plus_dense_products_and_decomposition_match_the_dense_matrix():
