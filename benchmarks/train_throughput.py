@@ -414,9 +414,6 @@ def main(argv=None) -> dict[str, Any]:
         f"{os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    # Peaks first: the probes compile each step into the cache this process then reads.
-    peaks = measure_peaks(args, names) if measured else None
-
     steps: dict[str, Callable] = {}
     compile_s: dict[str, float] = {}
     planned: dict[str, dict[str, int]] = {}
@@ -458,6 +455,9 @@ def main(argv=None) -> dict[str, Any]:
     }  # fmt: skip
     paths, repeats = recorded_repeats("train_throughput", rdir / f"{name}_repeats", name,
                                       args.repeats, signature, args.fresh, run, env)  # fmt: skip
+    # Peaks after the timed repeats (each written as it ends, so a run stopped early keeps
+    # them); the probes read the steps this process compiled from the compilation cache.
+    peaks = measure_peaks(args, names) if measured else None
     over = combine_repeats(repeats, reference=REFERENCE, claim_optimizer="")
     over.pop("claim_check", None)
     if not planned:  # every repeat read back: the plan recorded with them

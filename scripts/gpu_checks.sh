@@ -1,56 +1,78 @@
 #!/usr/bin/env bash
 # The optimizer's GPU measurements, prepared to run on a lent GPU machine whose image
 # already holds JAX with CUDA, Optax, Flax, Orbax and chex, and that cannot download
-# anything. Two parts, each sized to finish within ten minutes on an H100/H200:
+# anything. Parts:
 #
-#   throughput  end-to-end GPT training (88.4M parameters, batch 4 x 256): tokens/s and
-#               peak memory of AdamW, Adafactor, UMTAM default and lean, and both UMTAM
-#               settings with group_leaves=True; 3 repeats x 5 rounds
-#               (python -m benchmarks.train_throughput --grouped)
 #   update      the optimizer update + apply_updates alone on the 12-block GPT-2 body as a
 #               layer-stacked (scanned) model, against AdamW, Adafactor and GaLore, then
 #               the 2-block one: times and the kernels each compiled step launches
 #               (python -m benchmarks.step_time --apply --scanned --blocks 12 2)
+#   throughput  end-to-end GPT training (88.4M parameters, batch 4 x 256): tokens/s and
+#               peak memory of AdamW, Adafactor, UMTAM default and lean, and both UMTAM
+#               settings with group_leaves=True (python -m benchmarks.train_throughput
+#               --grouped); each repeat is written as it ends, so a part stopped at its
+#               time limit keeps the repeats it finished
+#   all         update, then throughput, within one ten-minute device call
+#               (UPDATE_LIMIT_S, default 200 s, and THROUGHPUT_LIMIT_S, default 360 s)
 #
 # Before the call, on this machine: copy the LM token cache into the repository (the
 # folder is ignored by git) and carry it:
 #
 #   mkdir -p .cache/umtam_jax && cp -r ~/.cache/umtam_jax/lm .cache/umtam_jax/
 #
-# then run, on the device, from the repository root (results go to $OUT as one archive,
-# gpu-checks-<part>.tgz, plus the status lines printed at the end):
+# then run, on the device, from the repository root (results go to $OUT as one archive per
+# part, gpu-checks-<part>.tgz, plus the status lines printed at the end):
 #
-#   bash scripts/gpu_checks.sh throughput
-#   bash scripts/gpu_checks.sh update
+#   bash scripts/gpu_checks.sh all
 #
-# Extra arguments go to the benchmark (e.g. `--quick` for a dry run on a CPU).
+# Extra arguments go to the benchmarks (e.g. `--quick` for a dry run on a CPU).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_checks.sh throughput|update [benchmark options]}
+part=${1:?usage: bash scripts/gpu_checks.sh update|throughput|all [benchmark options]}
 shift
 out=${OUT:-gpu-checks-out}
-work=$(mktemp -d)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export UMTAM_JAX_CACHE=${UMTAM_JAX_CACHE:-$PWD/.cache/umtam_jax}
 py=${PYTHON:-python3}
 {
     nvidia-smi -L 2>&1 || true
-    "$py" -c "import jax; print('jax', jax.__version__, jax.devices())"
-} > "$work/device.txt" 2>&1
-cat "$work/device.txt"
+    "$py" -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())"
+} > "$out/device.txt" 2>&1
+cat "$out/device.txt"
+
+# run_part NAME LIMIT_S ARGS...: one benchmark under a time limit, its log and results
+# archived in $out/gpu-checks-NAME.tgz whether it finished or not.
+run_part() {
+    local name=$1 limit=$2 work
+    shift 2
+    work=$(mktemp -d)
+    cp "$out/device.txt" "$work/"
+    case "$name" in
+        throughput)
+            set -- -m benchmarks.train_throughput --grouped --repeats 4 \
+                --workdir /tmp/gpu-checks-tt --results-dir "$work" "$@" ;;
+        update)
+            set -- -m benchmarks.step_time --apply --scanned --blocks 12 2 --reps 7 --no-exact \
+                --no-extra --only optax.adamw optax.adafactor optax.contrib.galore \
+                'umtam default' 'umtam lean' --out "$work/step_time_gpu_scanned.json" "$@" ;;
+    esac
+    timeout "$limit" "$py" "$@" 2>&1 | tee "$work/$name.log"
+    local status=${PIPESTATUS[0]}
+    tar -czf "$out/gpu-checks-$name.tgz" -C "$work" .
+    echo "gpu_checks $name: exit $status; results in $out/gpu-checks-$name.tgz"
+    return "$status"
+}
+
 case "$part" in
-    throughput)
-        cmd=(-m benchmarks.train_throughput --grouped --repeats 3 --workdir /tmp/gpu-checks-tt
-             --results-dir "$work" "$@") ;;
-    update)
-        cmd=(-m benchmarks.step_time --apply --scanned --blocks 12 2 --reps 7 --no-exact
-             --out "$work/step_time_gpu_scanned.json" "$@") ;;
+    update) run_part update 540 "$@" ;;
+    throughput) run_part throughput 540 "$@" ;;
+    all)
+        run_part update "${UPDATE_LIMIT_S:-200}" "$@"
+        first=$?
+        run_part throughput "${THROUGHPUT_LIMIT_S:-360}" "$@"
+        second=$?
+        exit $((first != 0 ? first : second)) ;;
     *)
-        echo "unknown part '$part': use throughput or update" >&2
+        echo "unknown part '$part': use update, throughput or all" >&2
         exit 2 ;;
 esac
-timeout 540 "$py" "${cmd[@]}" 2>&1 | tee "$work/$part.log"
-status=${PIPESTATUS[0]}
-tar -czf "$out/gpu-checks-$part.tgz" -C "$work" .
-echo "gpu_checks $part: exit $status; results in $out/gpu-checks-$part.tgz"
-exit "$status"
