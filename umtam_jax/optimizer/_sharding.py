@@ -16,9 +16,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+try:  # its public home up to JAX 0.10
+    from jax.experimental.shard_alike import shard_alike
+except ImportError:  # JAX 0.11 dropped that module; the function itself remains
+    from jax._src.shard_alike import shard_alike
 
 from umtam_jax.optimizer._axis_order import is_keepdims
 from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState, ScaleByUmtamState
