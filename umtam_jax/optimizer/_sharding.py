@@ -19,10 +19,10 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-try:  # its public home up to JAX 0.10
+try:  # up to JAX 0.10; JAX 0.11 removed it (see keep_like)
     from jax.experimental.shard_alike import shard_alike
-except ImportError:  # JAX 0.11 dropped that module; the function itself remains
-    from jax._src.shard_alike import shard_alike
+except ImportError:
+    shard_alike = None
 
 from umtam_jax.optimizer._axis_order import is_keepdims
 from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState, ScaleByUmtamState
@@ -191,8 +191,12 @@ def keep_like(new: Any, old: Any) -> Any:
     merged axis would be sharded with a stride, which no tiling expresses). Without this the
     update and state of such a leaf came back replicated; ``shard_alike`` puts each output
     in one sharding group with its input, whose partition the compiler then gives both.
-    Under Explicit axes (where the types already agree), or outside a trace, a no-op.
+    Under Explicit axes (where the types already agree), or outside a trace, a no-op; a
+    no-op too on JAX releases without ``shard_alike`` (0.11 and later), where such a leaf
+    on an Auto mesh may come back replicated: Explicit mesh axes keep every layout there.
     """
+    if shard_alike is None:
+        return new
     new_leaves, treedef = jax.tree.flatten(new)
     try:
         old_leaves = treedef.flatten_up_to(old)
