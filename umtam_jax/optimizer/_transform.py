@@ -141,10 +141,10 @@ def scale_by_umtam(
       group_leaves: update parameters of equal shape (and equal state layout) as one
         stack, mapped with ``jax.vmap``: one kernel per operation for all of them instead
         of one per parameter, at the price of copying them into the stack and back.
-        Results equal the per-parameter ones up to rounding. For GPUs and TPUs, where an
-        update of many parameters is bound by kernel launches (an H100 ran the update
-        1.16–1.53× faster on GPT-2-shaped models); not for CPUs, where the copies cost
-        more than they save (3.5× slower). Off by default because the copies need memory:
+        Results equal the per-parameter ones up to rounding. An H100 ran the update alone
+        1.16–1.53× faster on GPT-2-shaped models, but a whole training step on an H200
+        was no faster; on CPUs the copies cost more than they save (3.5× slower). Off by
+        default because the copies need memory:
         XLA plans 2–2.2× the parameter bytes more temporary memory for the update (GPT-2
         shapes, lean and default settings; per parameter ~1×); a matrix's saliency ``S``
         and ``W0`` are not stacked (step 9 runs per parameter). Parameters under Explicit
