@@ -36,6 +36,7 @@ PRODUCT_BENCHMARKS = (
     "train_throughput",
     "training",
     "training_seeds",
+    "update_ablation",
     "update_memory",
 )
 
