@@ -9,7 +9,7 @@ the machine needs no network then)::
 
 It writes ``benchmarks/results/train_throughput_gpu.json`` (the backend is appended to the
 default name on any backend but the CPU); ``bash scripts/gpu_checks.sh throughput`` runs it
-with 3 repeats as a prepared part of the GPU checks. Other commands::
+with 4 repeats, without ``--grouped``, as a prepared part of the GPU checks. Other commands::
 
     python -m benchmarks.train_throughput --quick       # tiny GPT, 2 repeats × 2 rounds
     python -m benchmarks.train_throughput               # GPT-2 small body, 8 repeats × 5 rounds

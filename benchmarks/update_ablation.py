@@ -34,6 +34,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from benchmarks.step_time import _update_step, scanned_params, time_interleaved  # isort: skip
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 import umtam_jax
-from benchmarks._common import environment, like, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, environment, like, markdown_table, write_results
 from umtam_jax.optimizer import _lowrank
 
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="2 blocks, 7 repetitions")
     ap.add_argument("--blocks", type=int, default=None, help="layers of the stack (12 / 2)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (15 / 7)")
-    ap.add_argument("--out", default=None, help="results name")
+    ap.add_argument("--out", default=None, help="results JSON path")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     blocks = args.blocks or (2 if args.quick else 12)
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = markdown(result)
     print(md, flush=True)
     if not args.no_write:
-        name = args.out or "update_ablation" + ("" if backend == "cpu" else f"_{backend}")
-        write_results(name, result, md, env=environment(),
+        name = "update_ablation" + ("" if backend == "cpu" else f"_{backend}")
+        out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
+        write_results(out.stem, result, md, results_dir=out.parent, env=environment(),
                       title="where the update's time goes (ablation)")  # fmt: skip
     return result
 

@@ -8,12 +8,17 @@
 #               the 2-block one: times and the kernels each compiled step launches
 #               (python -m benchmarks.step_time --apply --scanned --blocks 12 2)
 #   throughput  end-to-end GPT training (88.4M parameters, batch 4 x 256): tokens/s and
-#               peak memory of AdamW, Adafactor, UMTAM default and lean, and both UMTAM
-#               settings with group_leaves=True (python -m benchmarks.train_throughput
-#               --grouped); each repeat is written as it ends, so a part stopped at its
-#               time limit keeps the repeats it finished
+#               peak memory of AdamW, Adafactor, UMTAM default and lean
+#               (python -m benchmarks.train_throughput); each repeat is written as it
+#               ends, so a part stopped at its time limit keeps the repeats it finished.
+#               On an H200 compiling the six steps of `--grouped` took 290 s, so
+#               group_leaves (which did not pay there) is left out
 #   all         update, then throughput, within one ten-minute device call
 #               (UPDATE_LIMIT_S, default 200 s, and THROUGHPUT_LIMIT_S, default 360 s)
+#   ablation    where the update's time goes: the small linear algebra at the scanned
+#               model's shapes and the update with one part changed at a time
+#               (python -m benchmarks.update_ablation, ~2 minutes on an H200): a second
+#               call, made at once after `all` while the machine is still warm
 #
 # Before the call, on this machine: copy the LM token cache into the repository (the
 # folder is ignored by git) and carry it:
@@ -27,7 +32,7 @@
 #
 # Extra arguments go to the benchmarks (e.g. `--quick` for a dry run on a CPU).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_checks.sh update|throughput|all [benchmark options]}
+part=${1:?usage: bash scripts/gpu_checks.sh update|throughput|all|ablation [benchmark options]}
 shift
 out=${OUT:-gpu-checks-out}
 mkdir -p "$out"
@@ -49,12 +54,14 @@ run_part() {
     cp "$out/device.txt" "$work/"
     case "$name" in
         throughput)
-            set -- -m benchmarks.train_throughput --grouped --repeats 4 \
+            set -- -m benchmarks.train_throughput --repeats 4 \
                 --workdir /tmp/gpu-checks-tt --results-dir "$work" "$@" ;;
         update)
             set -- -m benchmarks.step_time --apply --scanned --blocks 12 2 --reps 7 --no-exact \
                 --no-extra --only optax.adamw optax.adafactor optax.contrib.galore \
                 'umtam default' 'umtam lean' --out "$work/step_time_gpu_scanned.json" "$@" ;;
+        ablation)
+            set -- -m benchmarks.update_ablation --out "$work/update_ablation_gpu.json" "$@" ;;
     esac
     timeout "$limit" "$py" "$@" 2>&1 | tee "$work/$name.log"
     local status=${PIPESTATUS[0]}
@@ -66,6 +73,7 @@ run_part() {
 case "$part" in
     update) run_part update 540 "$@" ;;
     throughput) run_part throughput 540 "$@" ;;
+    ablation) run_part ablation 540 "$@" ;;
     all)
         run_part update "${UPDATE_LIMIT_S:-200}" "$@"
         first=$?
@@ -73,6 +81,6 @@ case "$part" in
         second=$?
         exit $((first != 0 ? first : second)) ;;
     *)
-        echo "unknown part '$part': use update, throughput or all" >&2
+        echo "unknown part '$part': use update, throughput, all or ablation" >&2
         exit 2 ;;
 esac

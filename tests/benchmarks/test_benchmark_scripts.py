@@ -625,5 +625,6 @@ def test_gpu_checks_script_names_its_parts(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "unknown part 'bogus'" in proc.stderr
     script = (ROOT / "scripts" / "gpu_checks.sh").read_text()
-    assert "benchmarks.train_throughput --grouped" in script
+    assert "benchmarks.train_throughput --repeats" in script
+    assert "benchmarks.update_ablation" in script
     assert "benchmarks.step_time --apply --scanned --blocks 12" in script
