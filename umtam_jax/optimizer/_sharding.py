@@ -193,7 +193,8 @@ def keep_like(new: Any, old: Any) -> Any:
     in one sharding group with its input, whose partition the compiler then gives both.
     Under Explicit axes (where the types already agree), or outside a trace, a no-op; a
     no-op too on JAX releases without ``shard_alike`` (0.11 and later), where such a leaf
-    on an Auto mesh may come back replicated: Explicit mesh axes keep every layout there.
+    on an Auto mesh may come back replicated (Explicit mesh axes, whose layouts are part
+    of the types, do not depend on it; neither case is tested on those releases here).
     """
     if shard_alike is None:
         return new
