@@ -330,3 +330,21 @@ def test_adaptive_eps_follows_step_7_with_or_without_the_prefix_certificate(
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
     if case == "small_tail":
         assert expected > 1e-3 * 100  # the case exercises a ratio above 1
+
+
+def test_without_shard_alike_the_update_is_unchanged(monkeypatch):
+    """JAX 0.11 removed ``shard_alike``: there the sharding hint is skipped and a
+    single-device update is the same, a 3-D leaf (reshaped internally) included."""
+    from umtam_jax.optimizer import _sharding
+
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.normal(size=(2, 8, 4)), jnp.float32)}
+    grads = {"w": jnp.asarray(rng.normal(size=(2, 8, 4)), jnp.float32)}
+    opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=1)
+    state = opt.init(params)
+    want, _ = jax.jit(opt.update)(grads, state, params)
+    monkeypatch.setattr(_sharding, "shard_alike", None)
+    tree = {"a": jnp.ones(3)}
+    assert _sharding.keep_like(tree, tree) is tree
+    got, _ = jax.jit(lambda g, s, p: opt.update(g, s, p))(grads, state, params)  # traced anew
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
