@@ -7,8 +7,7 @@ compete with XLA's thread pool: on a loaded 2-core machine a thin Householder QR
 therefore touches LAPACK only for r×r matrices (symmetric eigendecompositions and one SVD,
 which OpenBLAS runs single-threaded) and does the m×r / n×r work with XLA matmuls; a
 Householder QR remains as a fallback for (near) rank-deficient sketches, taken through
-``lax.cond`` only when the fast orthonormalisation reports it is not accurate (on GPU/TPU,
-where a conditional waits for the device, computed every step and selected).
+``lax.cond`` only when the fast orthonormalisation reports it is not accurate.
 """
 
 from __future__ import annotations
