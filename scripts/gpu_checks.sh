@@ -19,6 +19,10 @@
 #               model's shapes and the update with one part changed at a time
 #               (python -m benchmarks.update_ablation, ~2 minutes on an H200): a second
 #               call, made at once after `all` while the machine is still warm
+#   profile     a trace of AdamW's and UMTAM's steps on the scanned 12-block body, summarised
+#               kernel by kernel and host call by host call (python -m
+#               benchmarks.update_profile), then the same with XLA's command buffers (CUDA
+#               graphs) switched off; each run under PROFILE_LIMIT_S (default 250 s)
 #
 # Before the call, on this machine: copy the LM token cache into the repository (the
 # folder is ignored by git) and carry it:
@@ -32,7 +36,7 @@
 #
 # Extra arguments go to the benchmarks (e.g. `--quick` for a dry run on a CPU).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_checks.sh update|throughput|all|ablation [benchmark options]}
+part=${1:?usage: bash scripts/gpu_checks.sh update|throughput|all|ablation|profile [options]}
 shift
 out=${OUT:-gpu-checks-out}
 mkdir -p "$out"
@@ -62,6 +66,12 @@ run_part() {
                 'umtam default' 'umtam lean' --out "$work/step_time_gpu_scanned.json" "$@" ;;
         ablation)
             set -- -m benchmarks.update_ablation --out "$work/update_ablation_gpu.json" "$@" ;;
+        profile)
+            set -- -m benchmarks.update_profile --out "$work/update_profile_gpu.json" "$@" ;;
+        profile-no-graphs)
+            export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
+            set -- -m benchmarks.update_profile --label "(XLA command buffers off)" \
+                --out "$work/update_profile_gpu_no_command_buffers.json" "$@" ;;
     esac
     timeout "$limit" "$py" "$@" 2>&1 | tee "$work/$name.log"
     local status=${PIPESTATUS[0]}
@@ -74,6 +84,12 @@ case "$part" in
     update) run_part update 540 "$@" ;;
     throughput) run_part throughput 540 "$@" ;;
     ablation) run_part ablation 540 "$@" ;;
+    profile)
+        run_part profile "${PROFILE_LIMIT_S:-250}" "$@"
+        first=$?
+        (run_part profile-no-graphs "${PROFILE_LIMIT_S:-250}" "$@")
+        second=$?
+        exit $((first != 0 ? first : second)) ;;
     all)
         run_part update "${UPDATE_LIMIT_S:-200}" "$@"
         first=$?
@@ -81,6 +97,6 @@ case "$part" in
         second=$?
         exit $((first != 0 ? first : second)) ;;
     *)
-        echo "unknown part '$part': use update, throughput, all or ablation" >&2
+        echo "unknown part '$part': use update, throughput, all, ablation or profile" >&2
         exit 2 ;;
 esac

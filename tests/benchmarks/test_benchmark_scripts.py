@@ -38,6 +38,7 @@ PRODUCT_BENCHMARKS = (
     "training_seeds",
     "update_ablation",
     "update_memory",
+    "update_profile",
 )
 
 
@@ -264,6 +265,30 @@ def test_step_time_records_kernel_time_and_page_faults_per_step():
         assert all(0 <= k <= c + 1e-6 for k, c in zip(kernel[name], cpu[name], strict=True))
     assert min(faults["fresh"]) > 0
     assert max(faults["idle"]) < min(faults["fresh"])
+
+
+def test_update_profile_attributes_a_traced_step_to_its_host_and_its_ops(tmp_path):
+    """A real trace of a small jitted step: the host's busy time per step is within the
+    wall time, and the step's own call appears among the largest entries; the interval
+    union counts overlaps once (hand-computed)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import update_profile
+
+    step_fn = jax.jit(lambda x: jnp.tanh(x @ x))
+    x = jnp.ones((64, 64))
+    step_fn(x).block_until_ready()
+    wall_ms, trace = update_profile.traced(
+        lambda: step_fn(x).block_until_ready(), steps=2, trace_dir=tmp_path
+    )
+    summary = update_profile.summarize_trace(trace, steps=2, top=50)
+    host = summary["/host:CPU"]
+    assert 0 < host["busy_ms"] <= wall_ms * 1.05
+    names = [entry for entry, _, _ in host["top"]]
+    assert any("PjitFunction(<lambda>)" in n for n in names), names
+    assert all(not n.split(": ", 1)[1].startswith("$") for n in names)
+    assert update_profile._union_ms([(0, 1000), (500, 2000), (3000, 3500)]) == 2.5
 
 
 def test_step_time_counts_the_kernels_loops_and_conditionals_of_an_executable():
@@ -627,4 +652,5 @@ def test_gpu_checks_script_names_its_parts(tmp_path):
     script = (ROOT / "scripts" / "gpu_checks.sh").read_text()
     assert "benchmarks.train_throughput --repeats" in script
     assert "benchmarks.update_ablation" in script
+    assert "benchmarks.update_profile" in script and "xla_gpu_enable_command_buffer=" in script
     assert "benchmarks.step_time --apply --scanned --blocks 12" in script
