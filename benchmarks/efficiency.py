@@ -17,7 +17,7 @@ the optimizer's, equal to the ratio of tokens per second) and the throughput cos
 ``100 × (1 − ratio)`` %; over repeats each gets its mean with a 95 % Student-t interval
 (:func:`benchmarks._common.t_interval`). The paper's 8.3 % cost of UMTAM (Table 8) is
 judged on the interval of UMTAM with library defaults by
-:func:`umtam_jax.experiments.claims.judge`.
+:func:`umtam_jax.experiments.verdicts.judge`.
 
 The load average (``os.getloadavg()``) is recorded before and after every repeat, with the
 CPU count: on a shared machine absolute times are inflated, the ratios are the comparable
@@ -57,9 +57,9 @@ from benchmarks._common import (
     write_results,
 )
 from umtam_jax import experiments as E
-from umtam_jax.experiments.claims import judge
 from umtam_jax.experiments.data import add_task_import_option, import_task_modules
 from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.verdicts import judge
 
 LR = 1e-4
 #: The paper's end-to-end throughput cost of UMTAM against AdamW, in % (Table 8: 3,191 vs
@@ -227,7 +227,7 @@ def combine_repeats(
         ``cost_percent_by_repeat`` and the intervals ``throughput_ratio``,
         ``cost_percent`` and ``time_over_reference``; ``claim_check`` (None when
         ``claim_optimizer`` was not timed) the claimed cost, the optimizer, its cost
-        interval and the verdict of :func:`~umtam_jax.experiments.claims.judge` as a
+        interval and the verdict of :func:`~umtam_jax.experiments.verdicts.judge` as a
         ``"cost"`` claim.
     """
     medians = {

@@ -43,9 +43,9 @@ import numpy as np
 from benchmarks._common import RESULTS_DIR, environment, recorded_run, t_interval, write_results
 from benchmarks.training import DEFAULT, QUICK, base_transform, gpt_config, make_tx, set_lr
 from umtam_jax import ScaleByUmtamState
-from umtam_jax.experiments.claims import judge
 from umtam_jax.experiments.lm_data import lm_token_arrays
 from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step
+from umtam_jax.experiments.verdicts import judge
 from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState
 
 CLAIM = 0.82

@@ -50,6 +50,8 @@ from benchmarks._common import (
 
 #: Longest event name kept (kernel names can run to hundreds of characters).
 NAME_CHARS = 90
+#: Names of device-to-host copies in CUDA and XLA traces.
+_TO_HOST = re.compile(r"DtoH|D2H|DeviceToHost", re.IGNORECASE)
 
 
 def _union_ms(intervals: list[tuple[float, float]]) -> float:
@@ -76,7 +78,10 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[st
         top: Entries kept per process.
 
     Returns:
-        ``{process name: {"busy_ms": float, "top": [[entry, ms, calls], ...]}}``, per step.
+        ``{process name: {"busy_ms": float, "events": float, "to_host": float, "top":
+        [[entry, ms, calls], ...]}}``, per step: ``events`` counts its entries (on a GPU
+        stream, kernels and copies), ``to_host`` the device-to-host copies among them
+        (each a wait of the host, e.g. for a conditional's predicate).
 
     Example:
         >>> events = [
@@ -91,6 +96,8 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[st
         0.3
         >>> summary["/device:GPU:0"]["top"][0]
         ['Stream: gemm', 0.3, 1.0]
+        >>> summary["/device:GPU:0"]["events"], summary["/device:GPU:0"]["to_host"]
+        (1.5, 0.0)
     """
     events = trace["traceEvents"]
     meta = [e for e in events if e.get("ph") == "M"]
@@ -112,8 +119,11 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[st
     out = {}
     for process, entries in totals.items():
         ranked = sorted(entries.items(), key=lambda kv: -kv[1][0])[:top]
+        to_host = sum(calls for name, (_, calls) in entries.items() if _TO_HOST.search(name))
         out[process] = {
             "busy_ms": round(_union_ms(spans[process]) / steps, 4),
+            "events": sum(calls for _, calls in entries.values()) / steps,
+            "to_host": to_host / steps,
             "top": [[name, round(ms / steps, 4), calls / steps] for name, (ms, calls) in ranked],
         }
     return out
@@ -159,8 +169,12 @@ def markdown(result: dict[str, Any]) -> str:
     for name, r in result["optimizers"].items():
         busy = {p: v["busy_ms"] for p, v in r["processes"].items()}
         busy_text = "; ".join(f"{p} {ms:.2f}" for p, ms in busy.items())
-        rows.append([name, f"{r['wall_ms']:.2f}", busy_text])
-    parts = [markdown_table(["step", "wall ms", "busy ms per process"], rows)]
+        counts = "; ".join(
+            f"{p} {v['events']:g} / {v['to_host']:g}" for p, v in r["processes"].items()
+        )
+        rows.append([name, f"{r['wall_ms']:.2f}", busy_text, counts])
+    headers = ["step", "wall ms", "busy ms per process", "events / to-host copies per step"]
+    parts = [markdown_table(headers, rows)]
     for name, r in result["optimizers"].items():
         for process, v in r["processes"].items():
             table = [[f"`{e}`", f"{ms:.3f}", f"{calls:g}"] for e, ms, calls in v["top"][:10]]

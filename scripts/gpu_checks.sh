@@ -23,6 +23,9 @@
 #               kernel by kernel and host call by host call (python -m
 #               benchmarks.update_profile), then the same with XLA's command buffers (CUDA
 #               graphs) switched off; each run under PROFILE_LIMIT_S (default 250 s)
+#   diagnose    ablation, then profile (both runs), within one ten-minute call
+#               (ABLATION_LIMIT_S 200 s, PROFILE_LIMIT_S here 170 s each): what to run
+#               first while the update's GPU time is not explained
 #
 # Before the call, on this machine: copy the LM token cache into the repository (the
 # folder is ignored by git) and carry it:
@@ -32,11 +35,12 @@
 # then run, on the device, from the repository root (results go to $OUT as one archive per
 # part, gpu-checks-<part>.tgz, plus the status lines printed at the end):
 #
-#   bash scripts/gpu_checks.sh all
+#   bash scripts/gpu_checks.sh diagnose     # first, while the update's GPU time is unexplained
+#   bash scripts/gpu_checks.sh all          # then, if device time is left
 #
 # Extra arguments go to the benchmarks (e.g. `--quick` for a dry run on a CPU).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_checks.sh update|throughput|all|ablation|profile [options]}
+part=${1:?usage: bash scripts/gpu_checks.sh update|throughput|all|ablation|profile|diagnose [options]}
 shift
 out=${OUT:-gpu-checks-out}
 mkdir -p "$out"
@@ -46,6 +50,18 @@ py=${PYTHON:-python3}
 {
     nvidia-smi -L 2>&1 || true
     "$py" -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())"
+    # Where this JAX keeps shard_alike (the public module is gone from 0.11), for the
+    # optimizer's keep_like on Auto meshes.
+    "$py" -c "
+import importlib, jax
+for name in ('jax.experimental.shard_alike', 'jax._src.shard_alike'):
+    try:
+        print(name, hasattr(importlib.import_module(name), 'shard_alike'))
+    except ImportError as e:
+        print(name, 'missing:', e)
+print('jax.sharding:', [n for n in dir(jax.sharding) if 'alike' in n or 'reshard' in n])
+print('jax.lax:', [n for n in dir(jax.lax) if 'alike' in n or 'shard' in n])
+"
 } > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 
@@ -90,6 +106,14 @@ case "$part" in
         (run_part profile-no-graphs "${PROFILE_LIMIT_S:-250}" "$@")
         second=$?
         exit $((first != 0 ? first : second)) ;;
+    diagnose)
+        run_part ablation "${ABLATION_LIMIT_S:-200}" "$@"
+        first=$?
+        run_part profile "${PROFILE_LIMIT_S:-170}" "$@"
+        second=$?
+        (run_part profile-no-graphs "${PROFILE_LIMIT_S:-170}" "$@")
+        third=$?
+        exit $((first != 0 ? first : second != 0 ? second : third)) ;;
     all)
         run_part update "${UPDATE_LIMIT_S:-200}" "$@"
         first=$?
@@ -97,6 +121,6 @@ case "$part" in
         second=$?
         exit $((first != 0 ? first : second)) ;;
     *)
-        echo "unknown part '$part': use update, throughput, all, ablation or profile" >&2
+        echo "unknown part '$part': use update, throughput, all, ablation, profile or diagnose" >&2
         exit 2 ;;
 esac

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umtam_jax.experiments import claims, store
+from umtam_jax.experiments import claims, store, verdicts
 from umtam_jax.experiments.comparison import MergeTable, summarize
 
 TASKS = ("t_a", "t_b")
@@ -39,18 +39,18 @@ TASKS = ("t_a", "t_b")
     ],
 )
 def test_judge_on_hand_made_intervals(low, high, claimed, kind, verdict):
-    got, why = claims.judge(low, high, claimed, kind)
+    got, why = verdicts.judge(low, high, claimed, kind)
     assert got == verdict, why
     assert why
 
 
 def test_judge_without_an_interval_is_inconclusive_and_says_why():
-    verdict, why = claims.judge(None, None, 82.0, "at_least", estimate=96.8)
+    verdict, why = verdicts.judge(None, None, 82.0, "at_least", estimate=96.8)
     assert verdict == "inconclusive"
     assert why.startswith("single run, no interval") and "reads reproduced" in why
-    assert claims.judge(None, None, 1.6) == ("inconclusive", "single run, no interval")
+    assert verdicts.judge(None, None, 1.6) == ("inconclusive", "single run, no interval")
     with pytest.raises(ValueError, match="unknown kind"):
-        claims.judge(0.0, 1.0, 1.0, "roughly")
+        verdicts.judge(0.0, 1.0, 1.0, "roughly")
 
 
 # ----------------------------------------------------------------------------- merging
@@ -106,7 +106,7 @@ def test_merging_rows_from_a_protocol_work_directory(tmp_path):
         assert row.high == pytest.approx(100 * umtam[f"vs_{ref}_high"] / base)
         assert row.low <= row.estimate <= row.high
         assert "2 of 2 seeds" in row.setting and "≤ 400 test" in row.setting
-        assert row.verdict in claims.VERDICTS
+        assert row.verdict in verdicts.VERDICTS
     # UMTAM ~0.94 vs Linear ~0.61 normalized: +50 % or so, above 0 and past +14.9 %.
     assert rows[0].low > 14.9 and rows[0].verdict == "reproduced"
 

@@ -2,10 +2,10 @@
 
 :func:`paper_claims` reads the recorded results (the benchmarks' JSON files, among them
 the merge protocol's table in ``merging.json``, or a protocol run's work directory when
-given) and returns one :class:`ClaimRow` per claim: the paper's
-number, ours with its 95 % interval where the data has one, the setting that differs and a
-verdict from :func:`judge`. Nothing is estimated that the results do not hold: a missing
-file gives a row saying so, with verdict ``"inconclusive"``.
+given) and returns one :class:`ClaimRow` per claim: the paper's number, ours with its 95 %
+interval where the data has one, the setting that differs and a verdict from
+:func:`~umtam_jax.experiments.verdicts.judge`. Nothing is estimated that the results do not
+hold: a missing file gives a row saying so, with verdict ``"inconclusive"``.
 
 From a shell (the table is written atomically)::
 
@@ -19,17 +19,15 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from umtam_jax.experiments import store
 from umtam_jax.experiments.comparison import MergeTable, summarize
+from umtam_jax.experiments.verdicts import VERDICTS, Kind, judge
 
-__all__ = ["VERDICTS", "ClaimRow", "judge", "main", "paper_claims", "to_markdown"]
-
-Kind = Literal["effect", "cost", "at_least", "at_most"]
-VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+__all__ = ["ClaimRow", "main", "paper_claims", "to_markdown"]
 
 
 class _Claim(NamedTuple):
@@ -85,73 +83,6 @@ class ClaimRow:
     estimate: float | None = None
     low: float | None = None
     high: float | None = None
-
-
-def judge(
-    low: float | None,
-    high: float | None,
-    claimed: float | None,
-    kind: Kind = "effect",
-    *,
-    estimate: float | None = None,
-    no_interval: str = "single run, no interval",
-) -> tuple[str, str]:
-    """The verdict of an interval against the paper's claim.
-
-    Kinds (values in the claim's unit; for ``"effect"`` positive is the paper's direction):
-
-    * ``"effect"``: reproduced when the interval excludes 0 on the positive side and
-      covers or exceeds ``claimed`` (if given); not reproduced when it lies below 0 or
-      below ``claimed``; inconclusive when it covers 0 (and not only values below
-      ``claimed``).
-    * ``"cost"``: a claimed cost; reproduced when the interval covers ``claimed`` or lies
-      below it, not reproduced when it lies above.
-    * ``"at_least"`` / ``"at_most"``: a threshold; reproduced when the whole interval is
-      on the claimed side, not reproduced when it is on the other, else inconclusive.
-
-    Without an interval the verdict is inconclusive (``no_interval``), with what the point
-    ``estimate`` alone would read.
-
-    Returns:
-        ``(verdict, why)``.
-
-    Example:
-        >>> judge(2.0, 20.0, 14.9)
-        ('reproduced', 'the interval is above 0 and reaches 14.9')
-        >>> judge(-1.0, 3.0, 1.6)[0], judge(-5.0, -1.0, 1.6)[0]
-        ('inconclusive', 'not reproduced')
-    """
-    if low is None or high is None:
-        if estimate is None:
-            return "inconclusive", no_interval
-        verdict, why = _read(estimate, estimate, claimed, kind, "the value")
-        return "inconclusive", f"{no_interval}; the point value alone reads {verdict}: {why}"
-    return _read(low, high, claimed, kind, "the interval")
-
-
-def _read(low: float, high: float, claimed: float | None, kind: Kind, it: str) -> tuple[str, str]:
-    if kind == "effect":
-        if high < 0:
-            return "not reproduced", f"{it} is below 0 (the other direction)"
-        if claimed is not None and high < claimed:
-            return "not reproduced", f"{it} is below the paper's {claimed:g}" + (
-                " and covers 0" if low <= 0 else ""
-            )
-        if low <= 0:
-            return "inconclusive", f"{it} covers 0"
-        return "reproduced", f"{it} is above 0" + (f" and reaches {claimed:g}" if claimed else "")
-    if kind == "cost":
-        if low > claimed:
-            return "not reproduced", f"{it} is above the paper's {claimed:g}"
-        return "reproduced", f"{it} is not above the paper's {claimed:g}"
-    if kind not in ("at_least", "at_most"):
-        raise ValueError(f"unknown kind {kind!r}")
-    up = kind == "at_least"
-    if (low > claimed) if up else (high < claimed):
-        return "reproduced", f"{it} is {'above' if up else 'below'} {claimed:g}"
-    if (high < claimed) if up else (low > claimed):
-        return "not reproduced", f"{it} is {'below' if up else 'above'} {claimed:g}"
-    return "inconclusive", f"{it} covers the threshold {claimed:g}"
 
 
 def _row(key: str, measurement: str, setting: str, source: str, est: float | None = None,
