@@ -653,4 +653,5 @@ def test_gpu_checks_script_names_its_parts(tmp_path):
     assert "benchmarks.train_throughput --repeats" in script
     assert "benchmarks.update_ablation" in script
     assert "benchmarks.update_profile" in script and "xla_gpu_enable_command_buffer=" in script
+    assert "    diagnose)" in script
     assert "benchmarks.step_time --apply --scanned --blocks 12" in script

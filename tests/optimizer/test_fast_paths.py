@@ -332,6 +332,23 @@ def test_adaptive_eps_follows_step_7_with_or_without_the_prefix_certificate(
         assert expected > 1e-3 * 100  # the case exercises a ratio above 1
 
 
+def test_shard_alike_is_found_where_jax_keeps_it(monkeypatch):
+    """JAX 0.11 dropped the public module: the one under ``jax._src`` stands in; with
+    neither module, None (keep_like is then a no-op, below)."""
+    import sys
+
+    from jax._src import shard_alike as private
+
+    from umtam_jax.optimizer import _sharding
+
+    assert _sharding.shard_alike is not None
+    monkeypatch.setitem(sys.modules, "jax.experimental.shard_alike", None)  # import fails
+    assert _sharding.find_shard_alike() is private.shard_alike
+    monkeypatch.setitem(sys.modules, "jax._src.shard_alike", None)
+    assert _sharding.find_shard_alike() is None
+    assert _sharding.find_shard_alike(("umtam_jax",)) is None  # a module without it
+
+
 def test_without_shard_alike_the_update_is_unchanged(monkeypatch):
     """JAX 0.11 removed ``shard_alike``: there the sharding hint is skipped and a
     single-device update is the same, a 3-D leaf (reshaped internally) included."""

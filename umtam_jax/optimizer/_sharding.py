@@ -11,6 +11,7 @@ never a whole m×n matrix (except by ``svd_method="exact"``, the reference, docu
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import jax
@@ -19,13 +20,25 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-try:  # up to JAX 0.10; JAX 0.11 removed it (see keep_like)
-    from jax.experimental.shard_alike import shard_alike
-except ImportError:
-    shard_alike = None
-
 from umtam_jax.optimizer._axis_order import is_keepdims
 from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState, ScaleByUmtamState
+
+#: Where JAX keeps ``shard_alike``: the public module up to JAX 0.10; from 0.11 only the
+#: module under ``jax._src`` that implements it.
+SHARD_ALIKE_MODULES = ("jax.experimental.shard_alike", "jax._src.shard_alike")
+
+
+def find_shard_alike(modules: tuple[str, ...] = SHARD_ALIKE_MODULES) -> Any:
+    """JAX's ``shard_alike`` from the first of ``modules`` that has it, or None."""
+    for name in modules:
+        try:
+            return importlib.import_module(name).shard_alike
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+shard_alike = find_shard_alike()
 
 
 def _explicit_mesh(x: Any):
@@ -191,10 +204,12 @@ def keep_like(new: Any, old: Any) -> Any:
     merged axis would be sharded with a stride, which no tiling expresses). Without this the
     update and state of such a leaf came back replicated; ``shard_alike`` puts each output
     in one sharding group with its input, whose partition the compiler then gives both.
-    Under Explicit axes (where the types already agree), or outside a trace, a no-op; a
-    no-op too on JAX releases without ``shard_alike`` (0.11 and later), where such a leaf
-    on an Auto mesh may come back replicated (Explicit mesh axes, whose layouts are part
-    of the types, do not depend on it; neither case is tested on those releases here).
+    Under Explicit axes (where the types already agree), or outside a trace, a no-op.
+    JAX 0.11 dropped the public ``jax.experimental.shard_alike``; its implementation under
+    ``jax._src`` is used then (:func:`find_shard_alike`). Where JAX has neither, this is a
+    no-op too and such a leaf on an Auto mesh may come back replicated (Explicit mesh axes,
+    whose layouts are part of the types, do not depend on it). Only JAX 0.10 is tested
+    here.
     """
     if shard_alike is None:
         return new
