@@ -15,7 +15,8 @@ Each optimizer's step is update + ``apply_updates`` with parameters and state do
 time per step, the time per step during which the device ran anything (the union of its
 trace events) and the trace's largest device and host entries, per step.
 
-Writes ``benchmarks/results/update_profile[_<backend>].json`` (``--out``, ``--no-write``);
+Writes ``benchmarks/results/update_profile[_<backend>].json`` (``--out``, ``--no-write``)
+after each optimizer, so a run stopped early keeps those it finished;
 ``--trace-dir`` keeps the raw traces (TensorBoard / Perfetto) instead of a temporary folder.
 """
 
@@ -29,6 +30,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,10 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[st
 
     Entries are keyed ``thread: name`` (a device's streams and its "XLA Ops" line stay
     apart, the numbered threads of one pool are one thread); Python frames of the host
-    (names starting with ``$``) are left out.
+    (names starting with ``$``) are left out. The busy time and the event counts leave out
+    the summary lines whose thread name starts with ``XLA `` ("XLA Modules", "XLA Ops":
+    one span per module or op, over the kernels it launched), so that the gaps between a
+    device's kernels stay visible and each kernel is counted once.
 
     Args:
         trace: The parsed trace, ``{"traceEvents": [...]}``.
@@ -90,12 +95,15 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[st
         ...     {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 0.0, "dur": 300.0},
         ...     {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 200.0, "dur": 300.0},
         ...     {"ph": "X", "pid": 1, "tid": 7, "name": "eigh", "ts": 1000.0, "dur": 100.0},
+        ...     {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8,
+        ...      "args": {"name": "XLA Modules"}},
+        ...     {"ph": "X", "pid": 1, "tid": 8, "name": "jit_step", "ts": 0.0, "dur": 1100.0},
         ... ]
         >>> summary = summarize_trace({"traceEvents": events}, steps=2)
         >>> summary["/device:GPU:0"]["busy_ms"]
         0.3
-        >>> summary["/device:GPU:0"]["top"][0]
-        ['Stream: gemm', 0.3, 1.0]
+        >>> summary["/device:GPU:0"]["top"][:2]
+        [['XLA Modules: jit_step', 0.55, 0.5], ['Stream: gemm', 0.3, 1.0]]
         >>> summary["/device:GPU:0"]["events"], summary["/device:GPU:0"]["to_host"]
         (1.5, 0.0)
     """
@@ -106,25 +114,31 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[st
                for e in meta if e["name"] == "thread_name"}  # fmt: skip
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     totals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # events, to-host copies
     for e in events:
         if e.get("ph") != "X" or e["name"].startswith("$"):
             continue
         process = processes.get(e["pid"], str(e["pid"]))
+        thread = str(threads.get((e["pid"], e.get("tid")), e.get("tid")))
         start, dur = float(e["ts"]), float(e.get("dur", 0.0))
-        spans[process].append((start, start + dur))
-        entry = f"{threads.get((e['pid'], e.get('tid')), e.get('tid'))}: {e['name']}"
-        total = totals[process][entry[:NAME_CHARS]]
+        if not thread.startswith("XLA "):
+            spans[process].append((start, start + dur))
+            counts[process][0] += 1
+            counts[process][1] += bool(_TO_HOST.search(e["name"]))
+        total = totals[process][f"{thread}: {e['name']}"]
         total[0] += dur / 1e3
         total[1] += 1
     out = {}
     for process, entries in totals.items():
         ranked = sorted(entries.items(), key=lambda kv: -kv[1][0])[:top]
-        to_host = sum(calls for name, (_, calls) in entries.items() if _TO_HOST.search(name))
         out[process] = {
             "busy_ms": round(_union_ms(spans[process]) / steps, 4),
-            "events": sum(calls for _, calls in entries.values()) / steps,
-            "to_host": to_host / steps,
-            "top": [[name, round(ms / steps, 4), calls / steps] for name, (ms, calls) in ranked],
+            "events": counts[process][0] / steps,
+            "to_host": counts[process][1] / steps,
+            "top": [
+                [name[:NAME_CHARS], round(ms / steps, 4), calls / steps]
+                for name, (ms, calls) in ranked
+            ],
         }
     return out
 
@@ -143,8 +157,11 @@ def traced(step, steps: int, trace_dir: Path) -> tuple[float, dict[str, Any]]:
         return wall_ms, json.load(f)
 
 
-def profile(blocks: int, steps: int, trace_root: Path, top: int) -> dict[str, Any]:
-    """Traces AdamW, UMTAM default and lean on the ``blocks``-block scanned GPT-2 body."""
+def profile(
+    blocks: int, steps: int, trace_root: Path, top: int, done: Callable[[dict], None]
+) -> dict[str, Any]:
+    """Traces AdamW, UMTAM default and lean on the ``blocks``-block scanned GPT-2 body;
+    ``done(results so far)`` is called after each one (a run stopped early keeps them)."""
     params = jax.tree.map(jnp.asarray, scanned_params(blocks))
     grads = jax.device_put(like(params, seed=1))
     scanned = umtam_jax.scanned("blocks")
@@ -160,6 +177,7 @@ def profile(blocks: int, steps: int, trace_root: Path, top: int) -> dict[str, An
         step()
         wall_ms, trace = traced(step, steps, trace_root / f"{i}")
         out[name] = {"wall_ms": round(wall_ms, 4), "processes": summarize_trace(trace, steps, top)}
+        done(out)
     return out
 
 
@@ -197,24 +215,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     blocks = args.blocks or (2 if args.quick else 12)
     steps = args.steps or (3 if args.quick else 10)
+    env = environment()
+    result = {
+        "blocks": blocks,
+        "steps": steps,
+        "label": args.label,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "device_kind": jax.devices()[0].device_kind,
+        "optimizers": {},
+    }
+
+    def done(optimizers: dict[str, Any]) -> None:
+        """Prints and writes the results so far."""
+        result["optimizers"] = optimizers
+        md = markdown(result)
+        print(md, flush=True)
+        if not args.no_write:
+            backend = jax.default_backend()
+            name = "update_profile" + ("" if backend == "cpu" else f"_{backend}")
+            out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
+            title = f"where the step's time goes (trace) {args.label}".strip()
+            write_results(out.stem, result, md, results_dir=out.parent, env=env, title=title)
+
     with tempfile.TemporaryDirectory() as tmp:
         trace_root = Path(args.trace_dir) if args.trace_dir else Path(tmp)
-        result = {
-            "blocks": blocks,
-            "steps": steps,
-            "label": args.label,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "device_kind": jax.devices()[0].device_kind,
-            "optimizers": profile(blocks, steps, trace_root, args.top),
-        }
-    md = markdown(result)
-    print(md, flush=True)
-    if not args.no_write:
-        backend = jax.default_backend()
-        name = "update_profile" + ("" if backend == "cpu" else f"_{backend}")
-        out = Path(args.out) if args.out else RESULTS_DIR / f"{name}.json"
-        write_results(out.stem, result, md, results_dir=out.parent, env=environment(),
-                      title=f"where the step's time goes (trace) {args.label}".strip())  # fmt: skip
+        profile(blocks, steps, trace_root, args.top, done)
     return result
 
 

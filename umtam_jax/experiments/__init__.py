@@ -53,8 +53,9 @@ The evaluation protocol (seeds, early-stopped experts, equal-budget searches, in
 Tools for comparing merges, imported from their modules:
 :mod:`~umtam_jax.experiments.search` (an equal-budget validation search that extends grids
 past their edges), :mod:`~umtam_jax.experiments.intervals` (paired bootstrap intervals) and
-:mod:`~umtam_jax.experiments.verdicts` (:func:`judge`: an interval against a claimed
-number); :mod:`~umtam_jax.experiments.claims` sets the paper's claims beside the results.
+:mod:`~umtam_jax.experiments.verdicts` (:func:`~umtam_jax.experiments.verdicts.judge`: an
+interval against a claimed number); :mod:`~umtam_jax.experiments.claims` sets the paper's
+claims beside the results.
 
 The names are loaded on first use, so ``import umtam_jax.experiments.data`` stays light.
 ``install_data.sh`` in this folder installs everything they need (Debian packages,

@@ -1,5 +1,6 @@
-"""Verdicts of a measured interval against a claimed number: the one rule every claim of
-the paper is judged by (:mod:`umtam_jax.experiments.claims`, the benchmarks' targets).
+"""Verdicts of a measured interval against a claimed number: the rule by which the paper's
+claims are judged (:mod:`umtam_jax.experiments.claims`, and the claims' own benchmarks,
+``efficiency`` and ``spectrum``).
 """
 
 from __future__ import annotations
