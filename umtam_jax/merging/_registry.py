@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._select import keep_masks
+from umtam_jax.merging._statistics_validation import arrays_or_statistics, statistics_leaves
 from umtam_jax.optimizer._statistics import curvature as _curvature
 
 REQUIRED = inspect.Parameter.empty
@@ -317,13 +318,13 @@ def _extras(method: Method, extra: Any, prepared: V.Prepared, options: dict) -> 
     if kind == "scores":  # one expert's scores: arrays, statistics or None (magnitude)
         if extra is None:
             return None
-        _, leaves = V.arrays_or_statistics(extra, prepared, "scores")
+        _, leaves = arrays_or_statistics(extra, prepared, "scores")
         return [leaves]
     k = len(prepared.experts)
     items = V.check_sequence(extra, kind)
     V.check_count(items, k, _EXTRA_NAMES[kind])
     if kind == "statistics":
-        return [V.statistics_leaves(s, prepared, f"statistics[{i}]") for i, s in enumerate(items)]
+        return [statistics_leaves(s, prepared, f"statistics[{i}]") for i, s in enumerate(items)]
     if kind == "fishers":
         return [V.leaves_like(f, prepared, f"fishers[{i}]") for i, f in enumerate(items)]
     if kind == "grams":  # Gram matrices at some leaves, None elsewhere
@@ -332,7 +333,7 @@ def _extras(method: Method, extra: Any, prepared: V.Prepared, options: dict) -> 
         return [gram_leaves(g, prepared, f"grams[{i}]") for i, g in enumerate(items)]
     out = []
     for i, c in enumerate(items):  # arrays, or statistics whose curvature Ŝ is used
-        what, leaves = V.arrays_or_statistics(c, prepared, f"curvatures[{i}]")
+        what, leaves = arrays_or_statistics(c, prepared, f"curvatures[{i}]")
         out.append(leaves if what == "arrays" else [_curvature(n) for n in leaves])
     return out
 

@@ -118,7 +118,7 @@ def gram_leaves(tree: Any, prepared: V.Prepared, what: str) -> list[jax.Array | 
         path = jax.tree_util.keystr(keypath)
         if path not in index:
             raise ValueError(f"{what}{path}: the base has no leaf {path} for this Gram")
-        if not V._is_array(x):
+        if not V.is_array(x):
             raise TypeError(f"{what}{path} is a {type(x).__name__}, not an array")
         V.float_dtype(x.dtype, path, what)
         w = prepared.base[index[path]]
@@ -133,7 +133,7 @@ def gram_leaves(tree: Any, prepared: V.Prepared, what: str) -> list[jax.Array | 
                 f"{what}{path}: expected shape {expected} (the inputs' Gram of a kernel of "
                 f"shape {tuple(w.shape)}), got {tuple(x.shape)}"
             )
-        out[index[path]] = V._as_array(x)
+        out[index[path]] = V.as_array(x)
     V.check_finite(
         [(f"{what}{p}", g) for p, g in zip(prepared.paths, out, strict=True) if g is not None]
     )

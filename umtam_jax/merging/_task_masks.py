@@ -45,17 +45,17 @@ _LAMBDAS = Param(
 
 def _mask_leaves(mask: Any, prepared: V.Prepared, what: str) -> list[jax.Array]:
     """The boolean leaves of ``mask`` after checking its paths and shapes against the base."""
-    paths, leaves, _ = V._flatten(mask)
+    paths, leaves, _ = V.flatten(mask)
     if paths != prepared.paths:
-        raise V._structure_error(what, prepared.paths, paths, "base")
+        raise V.structure_error(what, prepared.paths, paths, "base")
     for path, b, m in zip(paths, prepared.base, leaves, strict=True):
-        if not V._is_array(m) or jnp.dtype(m.dtype) != jnp.bool_:
-            raise TypeError(f"{what}{path} must be a boolean array, got {V._describe(m)}")
+        if not V.is_array(m) or jnp.dtype(m.dtype) != jnp.bool_:
+            raise TypeError(f"{what}{path} must be a boolean array, got {V.describe(m)}")
         if tuple(m.shape) != tuple(b.shape):
             raise ValueError(
                 f"shape mismatch at {path}: base has {tuple(b.shape)}, {what} has {tuple(m.shape)}"
             )
-    return [V._as_array(m) for m in leaves]
+    return [V.as_array(m) for m in leaves]
 
 
 def _unflatten(prepared: V.Prepared, leaves: list[Any]) -> Any:

@@ -19,16 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from umtam_jax import _pytrees
-from umtam_jax.optimizer._axis_order import is_keepdims
-from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics
-
-_FACTORED_FIELDS = frozenset(FactoredStatistics._fields)
-_DENSE_FIELDS = frozenset(DenseStatistics._fields)
-_FACTORED_REQUIRED = _FACTORED_FIELDS - {"saliency"}
-_DENSE_REQUIRED = _DENSE_FIELDS - {"saliency"}
 
 
 class Prepared(NamedTuple):
@@ -70,19 +62,19 @@ def rebuild(prepared: Prepared, leaves: list[Any]) -> Any:
     return jax.tree_util.tree_unflatten(prepared.treedef, wrapped)
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return f"array of shape {tuple(x.shape)} and dtype {x.dtype}"
     return type(x).__name__
 
 
-def _is_array(x: Any) -> bool:
+def is_array(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic) or (
         hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
     )
 
 
-def _as_array(x: Any) -> jax.Array:
+def as_array(x: Any) -> jax.Array:
     # jnp.asarray never writes to a NumPy input; it copies (or aliases read-only) its data.
     return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
@@ -97,13 +89,13 @@ def _with_variables(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]
     return [jax.tree_util.keystr(p) for p, _ in with_path], [x for _, x in with_path], treedef
 
 
-def _flatten(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
+def flatten(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
     """Paths, leaves and treedef of ``tree``; a Variable counts as the array it wraps."""
     paths, leaves, treedef = _with_variables(tree, is_leaf)
     return paths, [_pytrees.unwrap(x) for x in leaves], treedef
 
 
-def _structure_error(what: str, ref_paths: list[str], paths: list[str], ref: str) -> ValueError:
+def structure_error(what: str, ref_paths: list[str], paths: list[str], ref: str) -> ValueError:
     missing = [p for p in ref_paths if p not in set(paths)]
     extra = [p for p in paths if p not in set(ref_paths)]
     if missing:
@@ -192,16 +184,16 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
     if not base_leaves:
         raise ValueError("base has no array leaves")
     for path, leaf in zip(paths, base_leaves, strict=True):
-        if not _is_array(leaf):
+        if not is_array(leaf):
             raise TypeError(f"base{path} is a {type(leaf).__name__}, not an array")
         float_dtype(leaf.dtype, path, "base")
     out = []
     for i, expert in enumerate(experts):
-        e_paths, e_leaves, _ = _flatten(expert)
+        e_paths, e_leaves, _ = flatten(expert)
         if e_paths != paths:  # by path: an nnx.State and its pure dict line up
-            raise _structure_error(f"{what}[{i}]", paths, e_paths, "base")
+            raise structure_error(f"{what}[{i}]", paths, e_paths, "base")
         for path, b, e in zip(paths, base_leaves, e_leaves, strict=True):
-            if not _is_array(e):
+            if not is_array(e):
                 raise TypeError(f"{what}[{i}]{path} is a {type(e).__name__}, not an array")
             if tuple(e.shape) != tuple(b.shape):
                 raise ValueError(
@@ -213,8 +205,8 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
                     f"dtype mismatch at {path}: base has {jnp.dtype(b.dtype)}, "
                     f"{what}[{i}] has {jnp.dtype(e.dtype)}"
                 )
-        out.append([_as_array(x) for x in e_leaves])
-    prepared = Prepared(treedef, paths, [_as_array(x) for x in base_leaves], out, variables)
+        out.append([as_array(x) for x in e_leaves])
+    prepared = Prepared(treedef, paths, [as_array(x) for x in base_leaves], out, variables)
     named = [(f"base{path}", b) for path, b in zip(paths, prepared.base, strict=True)]
     for i, leaves in enumerate(out):
         named += [(f"{what}[{i}]{path}", x) for path, x in zip(paths, leaves, strict=True)]
@@ -224,159 +216,20 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
 
 def leaves_like(tree: Any, prepared: Prepared, what: str) -> list:
     """Flattens a params-shaped tree (Fisher, scores, curvatures) after checking it."""
-    paths, leaves, _ = _flatten(tree)
+    paths, leaves, _ = flatten(tree)
     if paths != prepared.paths:
-        raise _structure_error(what, prepared.paths, paths, "base")
+        raise structure_error(what, prepared.paths, paths, "base")
     out = []
     for path, b, x in zip(paths, prepared.base, leaves, strict=True):
-        if not _is_array(x):
+        if not is_array(x):
             raise TypeError(f"{what}{path} is a {type(x).__name__}, not an array")
         if tuple(x.shape) != tuple(b.shape):
             raise ValueError(
                 f"shape mismatch at {path}: base has {tuple(b.shape)}, {what} has {tuple(x.shape)}"
             )
         float_dtype(x.dtype, path, what)
-        out.append(_as_array(x))
+        out.append(as_array(x))
     check_finite([(f"{what}{path}", x) for path, x in zip(paths, out, strict=True)])
-    return out
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def _is_placeholder(x: Any) -> bool:
-    return x is None or isinstance(x, optax.MaskedNode)
-
-
-def _is_stats_dict(x: Any) -> bool:
-    if not isinstance(x, Mapping) or not x:
-        return False
-    keys = frozenset(x)
-    if not all(v is None or _is_array(v) for v in x.values()):
-        return False
-    return (_FACTORED_REQUIRED <= keys <= _FACTORED_FIELDS) or (
-        _DENSE_REQUIRED <= keys <= _DENSE_FIELDS
-    )
-
-
-def is_stats_node(x: Any) -> bool:
-    """A per-parameter statistics node: NamedTuple, checkpoint dict, or placeholder."""
-    return (
-        isinstance(x, FactoredStatistics | DenseStatistics)
-        or _is_stats_dict(x)
-        or (_is_placeholder(x))
-    )
-
-
-def _as_node(x: Any) -> Any:
-    if isinstance(x, FactoredStatistics | DenseStatistics) or _is_placeholder(x):
-        return x
-    if frozenset(x) >= _FACTORED_REQUIRED:
-        return FactoredStatistics(**{f: x.get(f) for f in FactoredStatistics._fields})
-    return DenseStatistics(**{f: x.get(f) for f in DenseStatistics._fields})
-
-
-def has_stats_nodes(tree: Any) -> bool:
-    nodes = jax.tree.leaves(tree, is_leaf=is_stats_node)
-    return bool(nodes) and all(is_stats_node(n) for n in nodes)
-
-
-def _check_node(node: Any, shape: tuple[int, ...], where: str) -> None:
-    def check(name: str, x: Any, expected: tuple[int, ...] | None) -> None:
-        if not _is_array(x):
-            raise TypeError(f"{where}.{name} is a {type(x).__name__}, not an array")
-        float_dtype(x.dtype, "", f"{where}.{name}")
-        if expected is not None and tuple(x.shape) != expected:
-            raise ValueError(
-                f"statistics shape mismatch at {where}.{name}: expected {expected} for a "
-                f"parameter of shape {shape}, got {tuple(x.shape)}"
-            )
-
-    if isinstance(node, FactoredStatistics):
-        for name in ("row", "col", "u", "sigma"):
-            check(name, getattr(node, name), None)
-        fields = _keepdims_shapes if is_keepdims(node) else _compact_shapes
-        r = node.u.shape[-1] if node.u.ndim else -1
-        for name, expected in fields(node, shape, r, where).items():
-            check(name, getattr(node, name), expected)
-    else:
-        check("mu", node.mu, shape)
-        check("nu", node.nu, shape)
-    if node.saliency is not None:
-        check("saliency", node.saliency, shape)
-
-
-def _compact_shapes(node: FactoredStatistics, shape: tuple, r: int, where: str) -> dict:
-    """The shapes of ``u``, ``v`` and ``sigma`` in the compact (canonical-order) form:
-    ``row`` shaped ``batch + rows``, ``col`` ``batch + cols`` with ``shape`` their union."""
-    nb = max(node.sigma.ndim - 2, 0)  # leading batch axes: a stack of matrices
-    batch = tuple(node.sigma.shape[:nb])
-    rows, cols = tuple(node.row.shape[nb:]), tuple(node.col.shape[nb:])
-    if batch + rows + cols != shape or tuple(node.col.shape[:nb]) != batch:
-        raise ValueError(
-            f"statistics shape mismatch at {where}: row {tuple(node.row.shape)} and col "
-            f"{tuple(node.col.shape)} (batch {batch}) do not give the parameter's shape {shape}"
-        )
-    return {"u": batch + rows + (r,), "v": batch + cols + (r,), "sigma": batch + (r, r)}
-
-
-def _keepdims_shapes(node: FactoredStatistics, shape: tuple, r: int, where: str) -> dict:
-    """The shapes of ``u``, ``v`` and ``sigma`` in the keepdims (parameter-order) form of a
-    leaf whose axes are not batch, rows, cols in that order: ``row`` and ``col`` have the
-    parameter's axes, each of size 1 or the parameter's size."""
-    row, col = tuple(node.row.shape), tuple(node.col.shape)
-    if len(row) != len(shape) or any(
-        (a, b) not in ((d, d), (d, 1), (1, d)) for a, b, d in zip(row, col, shape, strict=True)
-    ):
-        raise ValueError(
-            f"statistics shape mismatch at {where}: row {row} and col {col} do not give the "
-            f"parameter's shape {shape}"
-        )
-    batch = tuple(a if a == b else 1 for a, b in zip(row, col, strict=True))
-    return {"u": row + (r,), "v": col + (r,), "sigma": batch + (r, r)}
-
-
-def statistics_leaves(stats: Any, prepared: Prepared, what: str) -> list[Any]:
-    """Flattens one expert's statistics pytree into nodes aligned with the base leaves.
-
-    Accepts a statistics pytree (leaves ``FactoredStatistics`` / ``DenseStatistics``, or
-    dicts with those field names as restored from a checkpoint) or an optimizer state
-    holding an UMTAM state (extracted with ``umtam_jax.optimizer._statistics.statistics``).
-
-    Raises:
-      ValueError: structure or shape mismatch with the base, or a parameter without
-        statistics (the optimizer did not see it); the message names the leaf path.
-    """
-    if not has_stats_nodes(stats):
-        from umtam_jax.optimizer._statistics import statistics as _extract
-
-        try:
-            stats = _extract(stats)
-        except ValueError as err:
-            raise ValueError(f"{what} holds no UMTAM statistics: {err}") from None
-    paths, nodes, _ = _flatten(stats, is_leaf=is_stats_node)
-    if paths != prepared.paths:
-        raise _structure_error(what, prepared.paths, paths, "base")
-    out = []
-    for path, b, node in zip(paths, prepared.base, nodes, strict=True):
-        if not is_stats_node(node):
-            raise TypeError(f"{what}{path} is a {_describe(node)}, not a statistics node")
-        if _is_placeholder(node):
-            raise ValueError(
-                f"{what}{path} has no statistics (the optimizer did not update this "
-                "parameter, e.g. it was masked out); merge it with another method"
-            )
-        node = _as_node(node)
-        _check_node(node, tuple(b.shape), f"{what}{path}")
-        out.append(jax.tree.map(_as_array, node))
-    check_finite(
-        [
-            (f"{what}{path}.{field}", x)
-            for path, node in zip(paths, out, strict=True)
-            for field, x in node._asdict().items()
-            if x is not None
-        ]
-    )
     return out
 
 
@@ -455,27 +308,6 @@ def check_finite_scalars(**values: Any) -> None:
 def check_count(items: list[Any], n: int, what: str) -> None:
     if len(items) != n:
         raise ValueError(f"got {len(items)} {what} for {n} experts (one per expert is needed)")
-
-
-def arrays_or_statistics(x: Any, prepared: Prepared, what: str) -> tuple[str, list[Any]]:
-    """Classifies a per-expert input that may be a params-shaped tree of arrays or UMTAM
-    statistics (or an optimizer state holding them).
-
-    Returns:
-      ``("arrays", leaves)`` or ``("statistics", nodes)``, aligned with the base leaves.
-    """
-    if has_stats_nodes(x):
-        return "statistics", statistics_leaves(x, prepared, what)
-    if _flatten(x)[0] == prepared.paths:
-        return "arrays", leaves_like(x, prepared, what)
-    from umtam_jax.optimizer._statistics import statistics as _extract
-
-    try:
-        stats = _extract(x)
-    except ValueError:
-        paths, _, _ = _flatten(x)
-        raise _structure_error(what, prepared.paths, paths, "base") from None
-    return "statistics", statistics_leaves(stats, prepared, what)
 
 
 def leaf_seed(path: str) -> np.uint32:

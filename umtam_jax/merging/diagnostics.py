@@ -158,16 +158,16 @@ def _mask_leaves(masks: Any) -> list[list[Any]]:
     masks = V.check_sequence(masks, "masks")
     ref, rows = None, []
     for i, mask in enumerate(masks):
-        paths, leaves, _ = V._flatten(mask)
+        paths, leaves, _ = V.flatten(mask)
         if ref is None:
             ref, ref_leaves = paths, leaves
             if not paths:
                 raise ValueError("masks[0] has no array leaves")
         if paths != ref:
-            raise V._structure_error(f"masks[{i}]", ref, paths, "masks[0]")
+            raise V.structure_error(f"masks[{i}]", ref, paths, "masks[0]")
         for path, m, r in zip(paths, leaves, ref_leaves, strict=True):
-            if not V._is_array(m) or np.dtype(m.dtype) != np.bool_:
-                raise TypeError(f"masks[{i}]{path} must be a boolean array, got {V._describe(m)}")
+            if not V.is_array(m) or np.dtype(m.dtype) != np.bool_:
+                raise TypeError(f"masks[{i}]{path} must be a boolean array, got {V.describe(m)}")
             if tuple(m.shape) != tuple(r.shape):
                 raise ValueError(
                     f"shape mismatch at {path}: masks[0] has {tuple(r.shape)}, "
