@@ -267,6 +267,32 @@ def test_step_time_records_kernel_time_and_page_faults_per_step():
     assert max(faults["idle"]) < min(faults["fresh"])
 
 
+def test_update_ablation_without_conditionals_lowers_with_none_for_a_gpu():
+    """The ablation's "no conditionals" variant (the lower bound of a conditional-free step)
+    leaves no data-dependent conditional in the update lowered for CUDA; as shipped has
+    them (the cold start's and the fallbacks')."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    import umtam_jax
+    from benchmarks.update_ablation import VARIANTS
+    from tests.optimizer.test_fast_paths import _data_dependent_conditionals
+
+    spec = jax.ShapeDtypeStruct
+    params = {"w": spec((3, 32, 16), jnp.float32), "b": spec((16,), jnp.float32)}
+    counts = {}
+    for name in ("as shipped", "no conditionals"):
+        # A new optimizer per variant: jit would reuse a trace of the same update function.
+        opt = umtam_jax.umtam(1e-3, rank=4, min_dim_size_to_factor=8,
+                              row_axes=umtam_jax.scanned("w"))  # fmt: skip
+        state = jax.eval_shape(opt.init, params)
+        with VARIANTS[name]():
+            lowered = export.export(jax.jit(opt.update), platforms=("cuda",))(params, state, params)
+        counts[name] = _data_dependent_conditionals(lowered.mlir_module())
+    assert counts == {"as shipped": 11, "no conditionals": 0}
+
+
 def test_update_profile_attributes_a_traced_step_to_its_host_and_its_ops(tmp_path):
     """A real trace of a small jitted step: the host's busy time per step is within the
     wall time, and the step's own call appears among the largest entries; the interval
