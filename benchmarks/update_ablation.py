@@ -8,8 +8,8 @@ its arithmetic; it runs on a CPU too. Usage (from the repository root)::
     python -m benchmarks.update_ablation --quick      # 2 blocks, 7 repetitions
 
 Part 1 times, each in its own jit (median of ``--reps`` calls): ``jnp.linalg.qr`` of a
-stack of L thin m×32 sketches (the Householder fallback of the orthonormalisation) and of
-one; batched 32×32 ``eigh`` and SVD (the Gram passes and the small SVD); and
+stack of L thin m×32 sketches and of one (what a Householder QR of the sketches would
+cost); batched 32×32 ``eigh`` and SVD (the Gram passes and the small SVD); and
 ``orthonormalize_many`` of four such stacks.
 
 Part 2 times update + ``apply_updates`` (parameters and state donated, as
@@ -19,15 +19,12 @@ force (diagnostics, not settings: some give wrong results on inputs that need th
 they remove):
 
 - ``as shipped``;
-- ``no Householder fallback``: the fallback returns its input (a lower bound on what any
-  fallback can cost);
 - ``CPU branches everywhere``: ``lax.platform_dependent`` takes its CPU branch (the
   overflow guards as conditionals that skip work);
 - ``no conditionals``: every ``lax.cond`` is replaced by the branch a step takes in
-  training (no Householder fallback, no cold start, no overflow recomputation), so that
-  the step has no conditional at all: the lower bound of any conditional-free design, and
-  the cost of the conditionals themselves (waits for the device, split CUDA graphs) when
-  set beside ``as shipped``.
+  training (no cold start, no overflow recomputation), so that the step has no
+  conditional at all: the cost of the remaining conditionals themselves (waits for the
+  device, split CUDA graphs) when set beside ``as shipped``.
 
 Writes ``benchmarks/results/update_ablation[_<backend>].json`` (``--out``, ``--no-write``).
 """
@@ -51,7 +48,7 @@ import optax
 
 import umtam_jax
 from benchmarks._common import RESULTS_DIR, environment, like, markdown_table, write_results
-from umtam_jax.optimizer import _lowrank
+from umtam_jax.optimizer import _orthonormalize
 
 
 def median_ms(fn: Callable, *args: Any, reps: int) -> float:
@@ -84,7 +81,7 @@ def linear_algebra(blocks: int, reps: int) -> dict[str, float]:
         )
     ys = [jax.random.normal(key, (blocks, m, 32)) for m in (3072, 768, 768, 768)]
     out[f"orthonormalize_many 4 × ({blocks}, m, 32)"] = median_ms(
-        _lowrank.orthonormalize_many, ys, reps=reps
+        _orthonormalize.orthonormalize_many, ys, reps=reps
     )
     return out
 
@@ -110,7 +107,6 @@ def steady_branch(pred, true_fun, false_fun, *operands):
 #: Part 2's variants: the change in force while each one's update is traced.
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "as shipped": contextlib.nullcontext,
-    "no Householder fallback": lambda: patch.object(_lowrank, "_householder", lambda y: y),
     "CPU branches everywhere": lambda: patch.object(
         jax.lax,
         "platform_dependent",

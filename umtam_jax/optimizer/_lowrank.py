@@ -1,39 +1,28 @@
 """Rank-r decompositions of the momentum matrix (docs/algorithm.md §2.2 step 3 and §2.5).
 
-Performance note (CPU). jaxlib runs LAPACK through SciPy's OpenBLAS, whose own threads
-compete with XLA's thread pool: on a loaded 2-core machine a thin Householder QR of a
-3072×32 matrix, or an SVD of a 32×3072 one, was measured at 40 ms to 1.3 s, against
-~0.2 ms for the matmuls that replace it here. The fast path of :func:`subspace_svd`
-therefore touches LAPACK only for r×r matrices (symmetric eigendecompositions and one SVD,
-which OpenBLAS runs single-threaded) and does the m×r / n×r work with XLA matmuls; a
-Householder QR remains as a fallback for (near) rank-deficient sketches, taken through
-``lax.cond`` only when the fast orthonormalisation reports it is not accurate.
+The fast method, :func:`subspace_svd`, is a warm-started randomized range finder whose
+m×r / n×r work is XLA matmuls and whose orthonormalisations and small SVDs are batched
+k×k LAPACK calls (:mod:`._orthonormalize`); :func:`exact_svd` is the reference.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from umtam_jax.optimizer import _nd, _sharding
+from umtam_jax.optimizer._orthonormalize import (
+    flat_stack,
+    full_precision,
+    group_by_width,
+    orthonormalize_many,
+    unstack,
+)
 
 SVD_METHODS = ("exact", "subspace")
-
-
-def full_precision(fn):
-    """Runs ``fn``'s matmuls in full float32: on GPU/TPU the default precision (TF32/bf16
-    passes) leaves the Gram-based bases ~1e-4 away from orthonormal (measured on an H100)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.default_matmul_precision("highest"):
-            return fn(*args, **kwargs)
-
-    return wrapped
 
 
 class Decomposition(NamedTuple):
@@ -141,112 +130,6 @@ def rmatmul_any(
     return _dense_rmatmul(q, matrix, row_axes)
 
 
-def _householder(y: jax.Array) -> jax.Array:
-    # LAPACK needs the thin y whole: gather it (m×k, never m×n) and shard q back like y.
-    q, _ = jnp.linalg.qr(_sharding.replicate(y))
-    return _sharding.reshard_like(q, _sharding.explicit_spec(y))
-
-
-def _batch_size(x: jax.Array) -> int:
-    """How many matrices ``x`` holds (1 for a matrix, the product of its leading axes for
-    a stack)."""
-    return math.prod(x.shape[:-2])
-
-
-def _unstack(flat: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
-    """Splits ``flat`` (the entries of several stacks of matrices, one after another along
-    axis 0: matrices, vectors, ...) back into arrays with the leading axes of ``like``'s
-    members."""
-    out, start = [], 0
-    for x in like:
-        size = _batch_size(x)
-        out.append(flat[start : start + size].reshape(x.shape[:-2] + flat.shape[1:]))
-        start += size
-    return out
-
-
-def _flat_stack(xs: list[jax.Array]) -> jax.Array:
-    """The matrices of ``xs`` (matrices or stacks of them) as one stack, in order."""
-    return jnp.concatenate([x.reshape((-1,) + x.shape[-2:]) for x in xs])
-
-
-def _batched_gram_pass(ys: list[jax.Array], floor_factor: float):
-    """``y G^{-1/2}`` with ``G = yᵀy`` for every ``y`` (same width, eigenvalues floored at
-    ``floor_factor · max``); the k×k eigendecompositions run as one batched call.
-
-    Returns the new matrices and the eigenvalues, one row per matrix (stacks flattened)."""
-    grams = [_sharding.matmul(y.mT, y) for y in ys]
-    lam, w = jnp.linalg.eigh(_flat_stack(grams))
-    top = lam[:, -1:]
-    floor = jnp.maximum(top * floor_factor, jnp.finfo(lam.dtype).tiny)
-    scale = w * jax.lax.rsqrt(jnp.maximum(lam, floor))[:, None, :]
-    return [y @ s for y, s in zip(ys, _unstack(scale, grams), strict=True)], lam
-
-
-def _group_by_width(ys: list[jax.Array]) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for i, y in enumerate(ys):
-        groups.setdefault((y.shape[-1], jnp.dtype(y.dtype)), []).append(i)
-    return groups
-
-
-@full_precision
-def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
-    """:func:`orthonormalize` of several tall matrices at once.
-
-    Matrices of the same width share their small linear algebra: one batched ``eigh`` per
-    Gram pass and one conditional Householder fallback, instead of one of each per matrix.
-    On a GPU every small ``eigh`` is a library call and every conditional a wait for the
-    device (an H100 spent ~30 ms of a 35 ms UMTAM step in 64 separate 32×32 ``eigh`` and
-    16 SVDs), on a CPU each one is a separate, mostly serial task.
-    Results are those of :func:`orthonormalize` applied to each matrix.
-    """
-    out: list[jax.Array | None] = [None] * len(ys)
-    tall = []
-    for i, y in enumerate(ys):
-        if y.shape[-1] > y.shape[-2]:  # wide: rank-deficient by shape, no Gram shortcut
-            out[i] = _householder(y)
-        else:
-            tall.append(i)
-    for index in _group_by_width([ys[i] for i in tall]).values():
-        index = [tall[j] for j in index]
-        group = [ys[i] for i in index]
-        eps = float(jnp.finfo(group[0].dtype).eps)
-        q1, lam1 = _batched_gram_pass(group, eps)
-        q2, lam2 = _batched_gram_pass(q1, eps)
-        finite = [jnp.all(jnp.isfinite(q), axis=(-2, -1)).reshape(-1) for q in q2]
-        ok = jnp.concatenate(finite)
-        ok = ok & (lam1[:, -1] > 0) & (lam2[:, 0] > 0.05) & (lam2[:, -1] < 20.0)
-
-        def fallback(ok=ok, group=group, q2=q2):
-            oks = _unstack(ok[:, None, None], q2)
-            pairs = zip(oks, q2, group, strict=True)
-            return [jnp.where(ok_q, q, _householder(y)) for ok_q, q, y in pairs]
-
-        # The Householder QRs run only when a matrix of the group needs them. On a GPU the
-        # conditional costs one wait for its predicate; computing the QRs every step instead
-        # (cuSOLVER loops over the stack) was measured at twice the whole update's time.
-        result = jax.lax.cond(jnp.all(ok), lambda q2=q2: q2, fallback)
-        for i, q in zip(index, result, strict=True):
-            out[i] = q
-    return out
-
-
-def orthonormalize(y: jax.Array) -> jax.Array:
-    """An orthonormal basis of the column space of a tall ``y`` (k ≤ m columns).
-
-    Two passes of Gram-matrix (Löwdin) orthogonalisation, ``Q = Y W Λ^{-1/2}`` from the
-    k×k eigendecomposition ``YᵀY = W Λ Wᵀ`` (the eigenvalue analogue of CholeskyQR2): four
-    thin matmuls and two k×k ``eigh``. The second pass restores orthogonality to rounding
-    level whenever the first one left a well-conditioned basis, which it reports through
-    the eigenvalues of its Gram matrix; otherwise (cond(y) beyond ~10³–10⁴ in float32,
-    rank deficiency, non-finite input) the Householder QR of ``y`` is used instead. Either
-    way the result spans the same space, so decompositions built on it agree with the
-    Householder-based ones up to rounding.
-    """
-    return orthonormalize_many([y])[0]
-
-
 @full_precision
 def exact_svd(matrix: jax.Array, rank: int) -> Decomposition:
     """Truncated SVD from a full (thin) SVD of ``matrix``: the reference method."""
@@ -269,16 +152,16 @@ def _small_svd_many(bs: list[jax.Array], rank: list[int]):
             r = rank[i]
             out[i] = ub[..., :r], s[..., :r], vt[..., :r, :].mT
     qs = orthonormalize_many([bs[i].mT for i in wide])
-    for index in _group_by_width(qs).values():
+    for index in group_by_width(qs).values():
         members = [wide[j] for j in index]
         cores = [_sharding.matmul(bs[i], qs[j]) for i, j in zip(members, index, strict=True)]
-        ul, s, vlt = jnp.linalg.svd(_flat_stack(cores), full_matrices=False)
+        ul, s, vlt = jnp.linalg.svd(flat_stack(cores), full_matrices=False)
         parts = zip(
             members,
             index,
-            _unstack(ul, cores),
-            _unstack(s, cores),
-            _unstack(vlt, cores),
+            unstack(ul, cores),
+            unstack(s, cores),
+            unstack(vlt, cores),
             strict=True,
         )
         for i, j, ul_i, s_i, vlt_i in parts:

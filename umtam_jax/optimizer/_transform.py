@@ -45,7 +45,7 @@ from umtam_jax.optimizer._grouping import (
     unstacked,
 )
 from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, layout
-from umtam_jax.optimizer._lowrank import full_precision
+from umtam_jax.optimizer._orthonormalize import full_precision
 from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state, is_leaf_state
 
 
