@@ -50,7 +50,7 @@ import statistics
 import sys
 import time
 
-# jaxlib runs LAPACK (exact SVD, GaLore's projector SVD, UMTAM's rare Householder fallback)
+# jaxlib runs LAPACK (exact SVD, GaLore's projector SVD, UMTAM's QRs of small sketches)
 # through SciPy's OpenBLAS, whose threads fight XLA's thread pool on a small shared CPU (a
 # 768×3072 SVD measured at seconds instead of ~0.3 s). One OpenBLAS thread unless the caller
 # chose otherwise; set before jax/scipy load. Recorded in the JSON.

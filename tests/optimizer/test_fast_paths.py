@@ -79,7 +79,7 @@ def test_orthonormalize_rank_deficient_zero_and_wide_inputs():
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 def test_orthonormalize_tiny_and_huge_inputs(scale):
     """Gram matrices of these would underflow or overflow float32: the input is first
-    scaled by a power of two."""
+    scaled to a unit peak."""
     y = np.random.default_rng(6).normal(size=(300, 12)) * scale
     q = orthonormalize(jnp.asarray(y, jnp.float32))
     np.testing.assert_allclose(_gram(q), np.eye(12), atol=2e-5)

@@ -20,7 +20,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from umtam_jax.optimizer import _sharding
 
@@ -85,23 +84,23 @@ def _unit_peak(y: jax.Array) -> jax.Array:
     return y * (1.0 / jnp.where(usable, peak, 1.0))
 
 
-@functools.lru_cache(maxsize=64)
-def _fill_constant(m: int, k: int, dtype: str) -> np.ndarray:
-    """Fixed, pseudo-random unit columns (m×k), a hash of the row and column index."""
-    row = np.arange(m, dtype=np.uint64)[:, None]
-    col = np.arange(k, dtype=np.uint64)[None, :]
-    h = (row * 0x9E3779B1 ^ (col + 0x7F4A7C15) * 0x85EBCA77) & 0xFFFFFFFF
-    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
-    h = h ^ (h >> 12)
-    x = h.astype(np.float64) * 2.0**-32 - 0.5
-    return (x / np.linalg.norm(x, axis=0, keepdims=True)).astype(dtype)
-
-
 def _fill_columns(like: jax.Array) -> jax.Array:
-    """:func:`_fill_constant` shaped and sharded like ``like``: the directions that
-    complete a basis where the input spans fewer than k."""
+    """Fixed, pseudo-random columns of norm ~1, shaped and sharded like ``like``: the
+    directions that complete a basis where the input spans fewer than k.
+
+    A hash of the row and column index computed in the step (a few integer operations per
+    entry, which XLA computes once per shape; a constant of the sketch's size, 6 MB for a
+    50257-row embedding, would be baked into the program instead).
+    """
     m, k = like.shape[-2:]
-    x = jnp.asarray(_fill_constant(m, k, jnp.dtype(like.dtype).name))
+    row = jax.lax.broadcasted_iota(jnp.uint32, (m, k), 0)
+    col = jax.lax.broadcasted_iota(jnp.uint32, (m, k), 1)
+    h = row * jnp.uint32(0x9E3779B1) + col * jnp.uint32(0x85EBCA77)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x2C1B3C6D)
+    h = h ^ (h >> 13)
+    # Uniform in [-1/2, 1/2): variance 1/12, so columns of norm ~1 after √(12/m).
+    x = (h.astype(jnp.float32) * 2.0**-32 - 0.5) * math.sqrt(12.0 / m)
+    x = x.astype(like.dtype)
     return _sharding.reshard_like(jnp.broadcast_to(x, like.shape), _sharding.explicit_spec(like))
 
 
@@ -130,10 +129,14 @@ def _orthonormalize_tall(ys: list[jax.Array]) -> list[jax.Array]:
        and become fixed pseudo-random columns projected off the others;
     3. on that well-conditioned matrix, which restores orthogonality to rounding level.
 
-    For a well-conditioned ``y`` this is its polar factor ``y (yᵀy)^{-1/2}`` (what two
-    passes give); an ill-conditioned (tested to condition 1e12) or rank-deficient one keeps
-    its span to ~1e-6, completed by the fill directions, as a Householder QR would complete
-    it with directions of its own.
+    A well-conditioned ``y`` gets an orthonormal basis of exactly its span, as two passes
+    give; an ill-conditioned (tested to condition 1e12) or rank-deficient one keeps its span
+    to ~1e-6, completed by the fill directions, as a Householder QR would complete it with
+    directions of its own. Two limits: a sketch whose span holds fill columns themselves
+    (which would take a sketch built from this hash) gets a basis that is not orthonormal in
+    those directions; subnormal entries count as zero (XLA flushes them), so a sketch
+    entirely below ~1e-38 in float32 gets the fill directions. A NaN or infinite entry
+    makes its matrix's basis NaN.
     """
     eps = float(jnp.finfo(ys[0].dtype).eps)
     tiny = float(jnp.finfo(ys[0].dtype).tiny)
