@@ -14,6 +14,7 @@ import optax
 
 from umtam_jax.merging._validation import (
     Prepared,
+    aligned_leaves,
     as_array,
     check_finite,
     describe,
@@ -142,9 +143,8 @@ def statistics_leaves(stats: Any, prepared: Prepared, what: str) -> list[Any]:
             stats = _extract(stats)
         except ValueError as err:
             raise ValueError(f"{what} holds no UMTAM statistics: {err}") from None
-    paths, nodes, _ = flatten(stats, is_leaf=is_stats_node)
-    if paths != prepared.paths:
-        raise structure_error(what, prepared.paths, paths, "base")
+    paths = prepared.paths
+    nodes = aligned_leaves(stats, prepared, what, is_leaf=is_stats_node)
     out = []
     for path, b, node in zip(paths, prepared.base, nodes, strict=True):
         if not is_stats_node(node):

@@ -45,16 +45,11 @@ _LAMBDAS = Param(
 
 def _mask_leaves(mask: Any, prepared: V.Prepared, what: str) -> list[jax.Array]:
     """The boolean leaves of ``mask`` after checking its paths and shapes against the base."""
-    paths, leaves, _ = V.flatten(mask)
-    if paths != prepared.paths:
-        raise V.structure_error(what, prepared.paths, paths, "base")
-    for path, b, m in zip(paths, prepared.base, leaves, strict=True):
+    leaves = V.aligned_leaves(mask, prepared, what)
+    for path, b, m in zip(prepared.paths, prepared.base, leaves, strict=True):
         if not V.is_array(m) or jnp.dtype(m.dtype) != jnp.bool_:
             raise TypeError(f"{what}{path} must be a boolean array, got {V.describe(m)}")
-        if tuple(m.shape) != tuple(b.shape):
-            raise ValueError(
-                f"shape mismatch at {path}: base has {tuple(b.shape)}, {what} has {tuple(m.shape)}"
-            )
+        V.check_shape(m, b, path, what)
     return [V.as_array(m) for m in leaves]
 
 

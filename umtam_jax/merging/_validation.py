@@ -214,19 +214,32 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
     return prepared
 
 
-def leaves_like(tree: Any, prepared: Prepared, what: str) -> list:
-    """Flattens a params-shaped tree (Fisher, scores, curvatures) after checking it."""
-    paths, leaves, _ = flatten(tree)
+def aligned_leaves(tree: Any, prepared: Prepared, what: str, is_leaf=None) -> list[Any]:
+    """The leaves of ``tree`` after checking that it has the base's leaf paths (by path: an
+    ``nnx.State`` lines up with its pure dict); the error names the first difference."""
+    paths, leaves, _ = flatten(tree, is_leaf)
     if paths != prepared.paths:
         raise structure_error(what, prepared.paths, paths, "base")
+    return leaves
+
+
+def check_shape(x: Any, base_leaf: Any, path: str, what: str) -> None:
+    """A leaf of ``what`` at ``path`` must have its base leaf's shape."""
+    if tuple(x.shape) != tuple(base_leaf.shape):
+        raise ValueError(
+            f"shape mismatch at {path}: base has {tuple(base_leaf.shape)}, {what} has "
+            f"{tuple(x.shape)}"
+        )
+
+
+def leaves_like(tree: Any, prepared: Prepared, what: str) -> list:
+    """Flattens a params-shaped tree (Fisher, scores, curvatures) after checking it."""
+    paths = prepared.paths
     out = []
-    for path, b, x in zip(paths, prepared.base, leaves, strict=True):
+    for path, b, x in zip(paths, prepared.base, aligned_leaves(tree, prepared, what), strict=True):
         if not is_array(x):
             raise TypeError(f"{what}{path} is a {type(x).__name__}, not an array")
-        if tuple(x.shape) != tuple(b.shape):
-            raise ValueError(
-                f"shape mismatch at {path}: base has {tuple(b.shape)}, {what} has {tuple(x.shape)}"
-            )
+        check_shape(x, b, path, what)
         float_dtype(x.dtype, path, what)
         out.append(as_array(x))
     check_finite([(f"{what}{path}", x) for path, x in zip(paths, out, strict=True)])

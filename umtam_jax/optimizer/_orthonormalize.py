@@ -8,8 +8,8 @@ compete with XLA's thread pool: on a loaded 2-core machine a thin Householder QR
 touches LAPACK only for r×r matrices (symmetric eigendecompositions and one SVD,
 which OpenBLAS runs single-threaded) and does the m×r / n×r work with XLA matmuls, for
 any sketch, rank-deficient ones included: no conditional chooses a slower method (a
-conditional is a wait for the device on a GPU, and a serialised unit of work that costs
-XLA:CPU ~20 % of a layer-stacked model's update). Only a matrix with fewer than twice as
+conditional is a wait for the device on a GPU, and a serialised unit of work on XLA:CPU).
+Only a matrix with fewer than twice as
 many rows as columns (wide ones included) gets a Householder QR, chosen by its shape.
 """
 
@@ -161,6 +161,7 @@ def _orthonormalize_tall(ys: list[jax.Array]) -> list[jax.Array]:
 
 
 def group_by_width(ys: list[jax.Array]) -> dict[tuple, list[int]]:
+    """Indices of ``ys`` grouped by width and dtype: the matrices whose k×k work batches."""
     groups: dict[tuple, list[int]] = {}
     for i, y in enumerate(ys):
         groups.setdefault((y.shape[-1], jnp.dtype(y.dtype)), []).append(i)
