@@ -18,13 +18,10 @@ row_axes=umtam_jax.scanned("blocks"))`` in variants, each compiled while one cha
 force (diagnostics, not settings: some give wrong results on inputs that need the parts
 they remove):
 
-- ``as shipped``;
+- ``as shipped`` (on a GPU or TPU without any conditional on device data);
 - ``CPU branches everywhere``: ``lax.platform_dependent`` takes its CPU branch (the
-  overflow guards as conditionals that skip work);
-- ``no conditionals``: every ``lax.cond`` is replaced by the branch a step takes in
-  training (no cold start, no overflow recomputation), so that the step has no
-  conditional at all: the cost of the remaining conditionals themselves (waits for the
-  device, split CUDA graphs) when set beside ``as shipped``.
+  overflow guards as conditionals that skip work): the cost of conditionals themselves
+  (waits for the device, split CUDA graphs) when set beside ``as shipped``.
 
 Writes ``benchmarks/results/update_ablation[_<backend>].json`` (``--out``, ``--no-write``).
 """
@@ -86,24 +83,6 @@ def linear_algebra(blocks: int, reps: int) -> dict[str, float]:
     return out
 
 
-def steady_branch(pred, true_fun, false_fun, *operands):
-    """``lax.cond`` without a conditional: the branch a training step takes after the first,
-    on finite, well-conditioned inputs (the first step's extra power iterations, named
-    ``cold``, are the false branch's alternative; every other true branch is the fast one).
-
-    Example:
-        >>> steady_branch(True, lambda x: x + 1, lambda x: x - 1, 1)
-        2
-        >>> def cold(x):
-        ...     return x * 10
-        >>> steady_branch(True, cold, lambda x: x, 3)
-        3
-    """
-    del pred
-    chosen = false_fun if getattr(true_fun, "__name__", "") == "cold" else true_fun
-    return chosen(*operands)
-
-
 #: Part 2's variants: the change in force while each one's update is traced.
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "as shipped": contextlib.nullcontext,
@@ -112,7 +91,6 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
         "platform_dependent",
         lambda *args, cpu=None, default=None, **_: (cpu or default)(*args),
     ),
-    "no conditionals": lambda: patch.object(jax.lax, "cond", steady_branch),
 }
 
 

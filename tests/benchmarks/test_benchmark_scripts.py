@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Every benchmark whose results the README or docs/performance.md report.
 PRODUCT_BENCHMARKS = (
     "checkpoint_integrity",
+    "cold_start",
     "conflict_intensity",
     "conflict_rates",
     "efficiency",
@@ -267,30 +268,23 @@ def test_step_time_records_kernel_time_and_page_faults_per_step():
     assert max(faults["idle"]) < min(faults["fresh"])
 
 
-def test_update_ablation_without_conditionals_lowers_with_none_for_a_gpu():
-    """The ablation's "no conditionals" variant (the lower bound of a conditional-free step)
-    leaves no data-dependent conditional in the update lowered for CUDA; as shipped has
-    one (the first step's extra power iterations)."""
-    import jax
-    import jax.numpy as jnp
-    from jax import export
+def test_cold_start_compares_both_choices_on_the_same_runs():
+    """A three-step run per variant: the extra iterations reach the step (the first
+    decomposition keeps more energy with them, at most the optimal fraction; lean mode's
+    loss differs) and the paired difference is the mean of the per-seed differences."""
+    from benchmarks import cold_start
 
-    import umtam_jax
-    from benchmarks.update_ablation import VARIANTS
-    from tests.optimizer.test_fast_paths import _data_dependent_conditionals
-
-    spec = jax.ShapeDtypeStruct
-    params = {"w": spec((3, 32, 16), jnp.float32), "b": spec((16,), jnp.float32)}
-    counts = {}
-    for name in ("as shipped", "no conditionals"):
-        # A new optimizer per variant: jit would reuse a trace of the same update function.
-        opt = umtam_jax.umtam(1e-3, rank=4, min_dim_size_to_factor=8,
-                              row_axes=umtam_jax.scanned("w"))  # fmt: skip
-        state = jax.eval_shape(opt.init, params)
-        with VARIANTS[name]():
-            lowered = export.export(jax.jit(opt.update), platforms=("cuda",))(params, state, params)
-        counts[name] = _data_dependent_conditionals(lowered.mlir_module())
-    assert counts == {"as shipped": 1, "no conditionals": 0}
+    result = cold_start.main(["--quick", "--seeds", "0", "--steps", "3", "--no-write",
+                              "--configs", "default,lean bias-corrected"])  # fmt: skip
+    first = result["default"]["captured"]["1"]
+    assert first["0"] < first["4"] <= first["optimal"] + 1e-6
+    lean = result["lean bias-corrected"]
+    by_seed = lean["by_seed"]
+    assert by_seed["0"] != by_seed["4"]
+    assert lean["without_minus_with"]["estimate"] == pytest.approx(
+        by_seed["0"][0] - by_seed["4"][0]
+    )
+    assert "captured" not in lean  # no M̃ in the state without error feedback
 
 
 def test_update_profile_attributes_a_traced_step_to_its_host_and_its_ops(tmp_path):

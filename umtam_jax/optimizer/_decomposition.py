@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from umtam_jax.optimizer import _sharding
-from umtam_jax.optimizer._config import Config
+from umtam_jax.optimizer._config import Config, is_static_zero
 from umtam_jax.optimizer._lowrank import (
     Decomposition,
     LowRankPlusDense,
@@ -24,7 +24,24 @@ from umtam_jax.optimizer._lowrank import (
 )
 
 COLD_START_POWER_ITERATIONS = 4
-"""Extra power iterations of the first decomposition, whose warm start V0 is random."""
+"""Extra power iterations of the first decomposition without error feedback (its warm start
+V0 is random); see :func:`cold_start_iterations`."""
+
+
+def cold_start_iterations(cfg: Config) -> int:
+    """How many extra power iterations the first decomposition runs: none with error feedback,
+    :data:`COLD_START_POWER_ITERATIONS` without it (``error_decay=0``, lean).
+
+    The first decomposition starts from a random ``V0``, so it keeps less of the momentum's
+    top-r energy than later ones. With error feedback the part it misses stays in ``M̃`` and
+    the next steps' warm-started iterations catch up (measured: the same captured energy from
+    the third step on and the same final loss, ``benchmarks/cold_start.py``), so the step
+    needs no conditional on the step count. Without error feedback the missed part is lost
+    and the low-rank momentum keeps steering the next sketches towards the poor first
+    subspace (measured: a clearly higher final loss), so lean mode keeps the extra
+    iterations, in a ``lax.cond`` on the step count.
+    """
+    return COLD_START_POWER_ITERATIONS if is_static_zero(cfg.error_decay) else 0
 
 
 class FactorRequest(NamedTuple):
@@ -70,16 +87,18 @@ def _decompose_all(cfg: Config, requests: list[FactorRequest], count) -> list[De
             row_axes=[req.row_axes for req in requests],
         )
 
-    # The first step's warm start V0 is random: COLD_START_POWER_ITERATIONS more iterations
-    # then. Under jit they sit in a lax.cond around those iterations only: a conditional
-    # around the whole decomposition is run by XLA:CPU as one serialised unit (10–15 ms per
-    # step on the 28M-parameter benchmark). Called eagerly (concrete count), the whole
-    # decomposition is one compiled conditional, so eager results equal jitted ones.
+    extra = cold_start_iterations(cfg)
+    if not extra:
+        return subspace()
+    # Under jit the extra iterations sit in a lax.cond around those iterations only: a
+    # conditional around the whole decomposition is run by XLA:CPU as one serialised unit
+    # (10–15 ms per step on the 28M-parameter benchmark). Called eagerly (concrete count),
+    # the whole decomposition is one compiled conditional, so eager results equal jitted ones.
     try:
         int(count)
     except (TypeError, jax.errors.ConcretizationTypeError):
-        return subspace(cold_start=(count == 1, COLD_START_POWER_ITERATIONS))
-    cold = cfg.power_iterations + COLD_START_POWER_ITERATIONS
+        return subspace(cold_start=(count == 1, extra))
+    cold = cfg.power_iterations + extra
     return jax.lax.cond(count == 1, lambda: subspace(power_iterations=cold), subspace)
 
 
