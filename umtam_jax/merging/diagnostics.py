@@ -12,37 +12,36 @@ gives all that apply to one merge.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
+from umtam_jax.merging._method_diagnostics import (
+    f64,
+    importance_spread,
+    importance_spread_of_call,
+    keep_masks,
+    mask_overlap,
+    mask_overlap_of,
+    method_masks,
+    plan,
+    rate,
+    rate_matrix,
+)
 from umtam_jax.merging._select import keep_count
-from umtam_jax.optimizer._statistics import curvature as _curvature
-from umtam_jax.optimizer._statistics import momentum as _momentum
 
-
-def _f64(x: Any) -> np.ndarray:
-    """A leaf as a flat float64 NumPy copy (the input is never written)."""
-    return np.asarray(jax.device_get(x)).astype(np.float64).ravel()
-
-
-def _rate(num: float, den: float) -> float | None:
-    return float(num) / float(den) if den else None
-
-
-def _matrix(num: np.ndarray, den: np.ndarray) -> list[list[float | None]]:
-    return [
-        [_rate(n, d) for n, d in zip(rn, rd, strict=True)] for rn, rd in zip(num, den, strict=True)
-    ]
-
-
-def _plan(method: Any, base: Any, experts: Any, extra: Any, params: dict) -> R.Call:
-    method = method if isinstance(method, R.Method) else R.get(method)
-    return R.plan(method, base, experts, extra, params)
+__all__ = [
+    "KEPT_DENSITY",
+    "delta_norms",
+    "diagnose",
+    "importance_spread",
+    "mask_overlap",
+    "method_masks",
+    "sign_conflict",
+]
 
 
 # --------------------------------------------------------------------------- sign conflict
@@ -69,8 +68,8 @@ def _sign_conflict(prepared: V.Prepared, density: float | None = None) -> dict[s
     both, disagree = np.zeros((k, k)), np.zeros((k, k))
     per_leaf = {}
     for j, path in enumerate(prepared.paths):
-        b = _f64(prepared.base[j])
-        taus = np.stack([_f64(ws[j]) - b for ws in prepared.experts])
+        b = f64(prepared.base[j])
+        taus = np.stack([f64(ws[j]) - b for ws in prepared.experts])
         if density is not None:
             taus = np.stack([_kept(tau, density) for tau in taus])
         s = np.sign(taus)
@@ -84,15 +83,15 @@ def _sign_conflict(prepared: V.Prepared, density: float | None = None) -> dict[s
         conflict_mass += float(magnitude[conflict].sum())
         both += (pos + neg) @ (pos + neg).T
         disagree += pos @ neg.T + neg @ pos.T
-        per_leaf[path] = _rate(conflict.sum(), n_eligible)
+        per_leaf[path] = rate(conflict.sum(), n_eligible)
     return {
-        "rate": _rate(conflicts, eligible),
+        "rate": rate(conflicts, eligible),
         "density": density,
         "entries": eligible,
         "conflicts": conflicts,
-        "mass": _rate(conflict_mass, mass),
+        "mass": rate(conflict_mass, mass),
         "per_leaf": per_leaf,
-        "pairwise": _matrix(disagree, both),
+        "pairwise": rate_matrix(disagree, both),
     }
 
 
@@ -151,230 +150,6 @@ def sign_conflict(
     return _sign_conflict(V.prepare(base, experts), density)
 
 
-# --------------------------------------------------------------------------- masks
-
-
-def _mask_leaves(masks: Any) -> list[list[Any]]:
-    masks = V.check_sequence(masks, "masks")
-    ref, rows = None, []
-    for i, mask in enumerate(masks):
-        paths, leaves, _ = V.flatten(mask)
-        if ref is None:
-            ref, ref_leaves = paths, leaves
-            if not paths:
-                raise ValueError("masks[0] has no array leaves")
-        if paths != ref:
-            raise V.structure_error(f"masks[{i}]", ref, paths, "masks[0]")
-        for path, m, r in zip(paths, leaves, ref_leaves, strict=True):
-            if not V.is_array(m) or np.dtype(m.dtype) != np.bool_:
-                raise TypeError(f"masks[{i}]{path} must be a boolean array, got {V.describe(m)}")
-            if tuple(m.shape) != tuple(r.shape):
-                raise ValueError(
-                    f"shape mismatch at {path}: masks[0] has {tuple(r.shape)}, "
-                    f"masks[{i}] has {tuple(m.shape)}"
-                )
-        rows.append(leaves)
-    return rows
-
-
-def _mask_overlap(k: int, columns: Iterable[list[Any]]) -> dict[str, Any]:
-    """``columns``: per leaf, the K experts' masks (consumed one leaf at a time)."""
-    inter = np.zeros((k, k))
-    kept_by = np.zeros(k + 1)
-    size = 0
-    for column in columns:
-        m = np.stack([_f64(x) for x in column])
-        inter += m @ m.T
-        kept_by += np.bincount(m.sum(0).astype(np.int64), minlength=k + 1)
-        size += m.shape[1]
-    kept = np.diag(inter)
-    union = kept[:, None] + kept[None, :] - inter
-    jaccard = [[r if r is not None else 1.0 for r in row] for row in _matrix(inter, union)]
-    any_kept = kept_by[1:].sum()
-    return {
-        "jaccard": jaccard,
-        "kept_by": [_rate(c, any_kept) for c in kept_by[1:]],
-        "density": [float(c) / size for c in kept],
-    }
-
-
-def mask_overlap(masks: Sequence[Any]) -> dict[str, Any]:
-    """How much the experts' keep masks overlap.
-
-    Disjoint masks (TALL, low densities) keep each expert's entries intact but dilute
-    them; overlapping ones are where sign conflicts and averaging act.
-
-    Args:
-      masks: one boolean pytree per expert, all with the same structure and shapes (e.g.
-        from :func:`method_masks`).
-
-    Returns:
-      A dict with ``jaccard``: the K×K matrix ``|M_i ∧ M_j| / |M_i ∨ M_j|`` (1 for two
-      empty masks); ``kept_by``: K fractions, the ``c``-th the share of the entries kept by
-      some expert that exactly ``c + 1`` experts keep (``None`` if none is kept);
-      ``density``: each mask's fraction of kept entries.
-
-    Raises:
-      TypeError: ``masks`` is not a sequence, or a leaf is not a boolean array.
-      ValueError: no masks, or their structures or shapes differ (naming the leaf path).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from umtam_jax.merging import diagnostics
-      >>> masks = [{"w": jnp.array([True, True, False])}, {"w": jnp.array([False, True, True])}]
-      >>> d = diagnostics.mask_overlap(masks)
-      >>> d["jaccard"][0][1], d["kept_by"]
-      (0.3333333333333333, [0.6666666666666666, 0.3333333333333333])
-    """
-    rows = _mask_leaves(masks)
-    return _mask_overlap(len(rows), zip(*rows, strict=True))
-
-
-def _keep_masks(call: R.Call) -> Iterator[list[Any]]:
-    """Per leaf, the K keep masks (all leaves at once only for a global top-k)."""
-    m = call.method
-    if m.sparsify is None:
-        raise ValueError(f"method {m.name!r} has no sparsify step, so no keep masks")
-    if m.sparsify == "topk" and call.options.get("scope", "tensor") == "global":
-        yield from zip(*R.masks(call, R.importances(call)), strict=True)
-        return
-    for j in range(len(call.prepared.base)):
-        yield R.leaf_masks(call, j, R.leaf_importances(call, j))
-
-
-def method_masks(
-    method: str | R.Method, base: Any, experts: Any, extra: Any = None, **params: Any
-) -> list[Any]:
-    """The per-expert keep masks a registered method's sparsify step draws.
-
-    These are the masks before any sign election (UMTAM's and TIES's step 3 drops more).
-
-    Args:
-      method: a name in ``merging.METHODS`` with a sparsify step (``umtam``, ``ties``,
-        ``dare``, ``dare_ties``, ``prune``, ``consensus_ties``), or a ``Method``.
-      base, experts, extra: the method's inputs, as for ``merging.merge``.
-      **params: the method's parameters (``density``, ``scope``, ``key``, …).
-
-    Returns:
-      One boolean pytree per expert, with the base's structure (Variables unwrapped).
-
-    Raises:
-      ValueError: the method has no sparsify step (the message names it), or as
-        ``merging.merge`` for invalid inputs or parameters.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from umtam_jax.merging import diagnostics
-      >>> base = {"w": jnp.zeros(4)}
-      >>> masks = diagnostics.method_masks("ties", base, [{"w": jnp.array([1., -3., 2., 0.])}],
-      ...                                  density=0.5)
-      >>> masks[0]["w"].tolist()
-      [False, True, True, False]
-    """
-    call = _plan(method, base, experts, extra, params)
-    rows = zip(*_keep_masks(call), strict=True)
-    return [jax.tree_util.tree_unflatten(call.prepared.treedef, list(row)) for row in rows]
-
-
-# --------------------------------------------------------------------------- importances
-
-
-def _columns(call: R.Call, of: str) -> Iterator[list[Any]]:
-    """Per leaf, the K experts' importances, or UMTAM's weights ``λ1 m_t² + λ2 Ŝ_t``."""
-    o = call.options
-    for j, b in enumerate(call.prepared.base):
-        if of == "importances":
-            yield R.leaf_importances(call, j)
-        elif not o["curvature_aggregation"]:
-            yield [np.ones(b.shape)] * len(call.extras)
-        else:
-            lm, lc = float(o["lambda_momentum"]), float(o["lambda_curvature"])
-            nodes = [x[j] for x in call.extras]
-            yield [lm * np.square(_f64(_momentum(n))) + lc * _f64(_curvature(n)) for n in nodes]
-
-
-def _importance_spread(call: R.Call, of: str) -> dict[str, Any]:
-    m, k = call.method, len(call.prepared.experts)
-    if of == "weights" and m.extra != "statistics":
-        raise ValueError(f"method {m.name!r} has no UMTAM weights P̂ (of='weights' needs umtam)")
-    if of == "importances" and m.importance is None:
-        raise ValueError(f"method {m.name!r} has no importance step, so no importances")
-    tv_sum = ent_sum = 0.0
-    entries = undefined = 0
-    per_leaf = {}
-    for path, column in zip(call.prepared.paths, _columns(call, of), strict=True):
-        p = np.stack([_f64(x) for x in column])
-        if np.any(p < 0):
-            raise ValueError(f"{of} at {path} are negative; their shares are undefined")
-        total = p.sum(0)
-        p = p[:, total > 0] / total[total > 0]
-        tv = 0.5 * np.abs(p - 1.0 / k).sum(0)
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-        ent = -plogp.sum(0) / math.log(k) if k > 1 else np.ones(p.shape[1])
-        tv_sum, ent_sum = tv_sum + float(tv.sum()), ent_sum + float(ent.sum())
-        entries, undefined = entries + p.shape[1], undefined + int(np.sum(total <= 0))
-        per_leaf[path] = {
-            "tv": _rate(tv.sum(), p.shape[1]),
-            "entropy": _rate(ent.sum(), p.shape[1]),
-        }
-    return {
-        "tv": _rate(tv_sum, entries),
-        "max_tv": 1.0 - 1.0 / k,
-        "entropy": _rate(ent_sum, entries),
-        "entries": entries,
-        "undefined": undefined,
-        "per_leaf": per_leaf,
-    }
-
-
-def importance_spread(
-    method: str | R.Method,
-    base: Any,
-    experts: Any,
-    extra: Any = None,
-    *,
-    of: str = "importances",
-    **params: Any,
-) -> dict[str, Any]:
-    """How far a method's per-entry expert shares are from uniform.
-
-    With shares ``P̂_t = P_t / Σ_s P_s`` per entry, uniform shares ``1/K`` make a weighted
-    merge a plain mean; the further from uniform, the more the statistics (saliency,
-    curvature) decide which expert an entry follows.
-
-    Args:
-      method: a registered method with an importance step (``umtam``, ``ties``, ``prune``,
-        ``consensus_ties``), or ``"umtam"`` with ``of="weights"``.
-      base, experts, extra: the method's inputs, as for ``merging.merge``.
-      of: ``"importances"``: the scores ``P_t`` its masks rank (UMTAM: the saliency, which
-        also weighs its sign election; TIES: ``|τ_t|``); ``"weights"``: UMTAM's averaging
-        weights ``P_t = λ1 m_t² + λ2 Ŝ_t`` (docs/algorithm.md §4.1 step 4).
-      **params: the method's parameters.
-
-    Returns:
-      A dict with ``tv``: the mean over entries of the total-variation distance
-      ``½ Σ_t |P̂_t − 1/K|`` (0 uniform, at most ``max_tv = 1 − 1/K``); ``entropy``: the
-      mean normalized entropy ``−Σ_t P̂_t log P̂_t / log K`` (1 uniform, 0 one expert);
-      ``entries``: the entries counted; ``undefined``: those where every ``P_t`` is 0,
-      left out; ``per_leaf``: leaf path → ``{"tv", "entropy"}``.
-
-    Raises:
-      ValueError: the method has no importances (or ``of="weights"`` without UMTAM
-        statistics), negative importances, or as ``merging.merge`` (naming the leaf path).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from umtam_jax.merging import diagnostics
-      >>> base = {"w": jnp.zeros(2)}
-      >>> experts = [{"w": jnp.array([1., 3.])}, {"w": jnp.array([1., -1.])}]
-      >>> d = diagnostics.importance_spread("ties", base, experts, density=1.0)
-      >>> d["tv"], round(d["entropy"], 4), d["per_leaf"]["['w']"]["tv"]
-      (0.125, 0.9056, 0.125)
-    """
-    V.check_option("of", of, ("importances", "weights"))
-    return _importance_spread(_plan(method, base, experts, extra, params), of)
-
-
 # --------------------------------------------------------------------------- delta norms
 
 
@@ -383,11 +158,11 @@ def _delta_norms(prepared: V.Prepared, merged: list[Any]) -> dict[str, Any]:
     m_sq, e_sq, dots = 0.0, np.zeros(k), np.zeros(k)
     leaf_sq, leaf_ratio = {}, {}
     for j, path in enumerate(prepared.paths):
-        b = _f64(prepared.base[j])
-        tm = _f64(merged[j]) - b
-        taus = np.stack([_f64(ws[j]) - b for ws in prepared.experts])
+        b = f64(prepared.base[j])
+        tm = f64(merged[j]) - b
+        taus = np.stack([f64(ws[j]) - b for ws in prepared.experts])
         leaf_sq[path] = float(tm @ tm)
-        leaf_ratio[path] = _rate(math.sqrt(leaf_sq[path]), np.sqrt((taus * taus).sum(1)).mean())
+        leaf_ratio[path] = rate(math.sqrt(leaf_sq[path]), np.sqrt((taus * taus).sum(1)).mean())
         m_sq += leaf_sq[path]
         e_sq += (taus * taus).sum(1)
         dots += taus @ tm
@@ -395,12 +170,12 @@ def _delta_norms(prepared: V.Prepared, merged: list[Any]) -> dict[str, Any]:
     return {
         "merged_norm": norm,
         "expert_norms": [float(n) for n in norms],
-        "ratio": _rate(norm, norms.mean()),
+        "ratio": rate(norm, norms.mean()),
         "cosine": [  # clipped: rounding may give 1 + 1e-16
             None if c is None else min(1.0, max(-1.0, c))
-            for c in (_rate(d, norm * n) for d, n in zip(dots, norms, strict=True))
+            for c in (rate(d, norm * n) for d, n in zip(dots, norms, strict=True))
         ],
-        "leaf_share": {p: _rate(s, m_sq) for p, s in leaf_sq.items()},
+        "leaf_share": {p: rate(s, m_sq) for p, s in leaf_sq.items()},
         "leaf_ratio": leaf_ratio,
     }
 
@@ -486,7 +261,7 @@ def diagnose(
       ['delta_norms', 'experts', 'importance_spread', 'mask_overlap', 'method',
        'sign_conflict', 'sign_conflict_kept']
     """
-    call = _plan(method, base, experts, extra, params)
+    call = plan(method, base, experts, extra, params)
     m, prepared = call.method, call.prepared
     out: dict[str, Any] = {
         "method": m.name,
@@ -495,11 +270,11 @@ def diagnose(
         "sign_conflict_kept": _sign_conflict(prepared, KEPT_DENSITY),
     }
     if m.sparsify is not None:
-        out["mask_overlap"] = _mask_overlap(len(prepared.experts), _keep_masks(call))
+        out["mask_overlap"] = mask_overlap_of(len(prepared.experts), keep_masks(call))
     if m.importance is not None:
-        out["importance_spread"] = _importance_spread(call, "importances")
+        out["importance_spread"] = importance_spread_of_call(call, "importances")
     if m.extra == "statistics":
-        out["weight_spread"] = _importance_spread(call, "weights")
+        out["weight_spread"] = importance_spread_of_call(call, "weights")
     if merged is not None:
         out["delta_norms"] = _delta_norms(prepared, V.leaves_like(merged, prepared, "merged"))
     return out
