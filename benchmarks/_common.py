@@ -120,6 +120,21 @@ def t_interval(xs: list[float | None]) -> dict[str, float | int | None]:
     return {"estimate": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
+def format_interval(c: dict[str, Any], f: str = "{:.3f}") -> str:
+    """A :func:`t_interval` as ``mean [low, high]`` with format ``f`` (the mean alone for
+    one value, ``–`` for none).
+
+    Example:
+        >>> format_interval({"estimate": 1.0, "low": 0.5, "high": 1.5, "n": 3}, "{:+.1f}")
+        '+1.0 [+0.5, +1.5]'
+    """
+    if c["estimate"] is None:
+        return "–"
+    if c["low"] is None:
+        return f.format(c["estimate"])
+    return f"{f.format(c['estimate'])} [{f.format(c['low'])}, {f.format(c['high'])}]"
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

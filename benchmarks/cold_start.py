@@ -40,7 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import training
-from benchmarks._common import RESULTS_DIR, environment, t_interval, write_results
+from benchmarks._common import (
+    RESULTS_DIR,
+    environment,
+    format_interval,
+    t_interval,
+    write_results,
+)
 from benchmarks.spectrum import spectra
 from umtam_jax.experiments.lm_data import lm_token_arrays
 from umtam_jax.experiments.models.gpt import gpt_loss, init_gpt, make_gpt_train_step
@@ -57,10 +63,17 @@ LOG_STEPS = (1, 2, 3, 5, 10)
 RANK = 32
 
 
-def train_run(name: str, extra: int, seed: int, size: training.Size) -> dict[str, Any]:
-    """One training run of configuration ``name`` with ``extra`` first-step iterations."""
+def train_run(
+    name: str,
+    extra: int,
+    seed: int,
+    size: training.Size,
+    tokens: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
+    """One training run of configuration ``name`` with ``extra`` first-step iterations on
+    ``tokens`` (the train and validation streams of ``lm_token_arrays``)."""
     variant, decay, lr = CONFIGS[name]
-    train, val_tokens = lm_token_arrays()
+    train, val_tokens = tokens
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, train.size - size.context - 1, size=(size.steps, size.batch))
     batches = train[starts[..., None] + np.arange(size.context + 1)].astype(np.int32)
@@ -123,24 +136,16 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _ci(c: dict[str, Any], f: str = "{:.3f}") -> str:
-    if c["estimate"] is None:
-        return "–"
-    if c["low"] is None:
-        return f.format(c["estimate"])
-    return f"{f.format(c['estimate'])} [{f.format(c['low'])}, {f.format(c['high'])}]"
-
-
 def markdown(result: dict[str, Any], size: training.Size) -> str:
     lines = [
         "| configuration | lr | val loss, 0 extra | val loss, 4 extra | 0 − 4 [95 % CI] | seeds |",
         "|---|---|---|---|---|---|",
     ]
     for name, e in result.items():
+        loss, diff = e["final_val_loss"], format_interval(e["without_minus_with"], "{:+.4f}")
         lines.append(
-            f"| {name} | {CONFIGS[name][2]:g} | {_ci(e['final_val_loss']['0'])} | "
-            f"{_ci(e['final_val_loss']['4'])} | {_ci(e['without_minus_with'], '{:+.4f}')} | "
-            f"{len(e['seeds'])} |"
+            f"| {name} | {CONFIGS[name][2]:g} | {format_interval(loss['0'])} | "
+            f"{format_interval(loss['4'])} | {diff} | {len(e['seeds'])} |"
         )
     energy = ["| configuration | step | captured, 0 extra | captured, 4 extra | optimal |",
               "|---|---|---|---|---|"]  # fmt: skip
@@ -181,6 +186,7 @@ def main(argv=None) -> dict[str, Any]:
     cache = rdir / "cold_start_runs"
     tag = f"{'quick' if args.quick else 'default'}-{size.steps}"
     runs = []
+    tokens = None  # loaded at the first run that is not read back
     for seed in args.seeds:
         for name in names:
             for extra in EXTRA:
@@ -188,7 +194,8 @@ def main(argv=None) -> dict[str, Any]:
                 if path.exists():
                     runs.append(json.loads(path.read_text()))
                     continue
-                run = train_run(name, extra, seed, size)
+                tokens = tokens or lm_token_arrays()
+                run = train_run(name, extra, seed, size, tokens)
                 loss, wall = run["final_val_loss"], run["wall_s"]
                 print(f"[cold_start] {name}, {extra} extra, seed {seed}: val {loss:.4f} "
                       f"({wall:.0f} s)", flush=True)  # fmt: skip

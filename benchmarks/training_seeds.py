@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import training
-from benchmarks._common import RESULTS_DIR, environment, t_interval, write_results
+from benchmarks._common import (
+    RESULTS_DIR,
+    environment,
+    format_interval,
+    t_interval,
+    write_results,
+)
 
 
 def _seed_record(seed: int, args: argparse.Namespace, rdir: Path) -> dict[str, Any]:
@@ -63,21 +69,14 @@ def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _ci(c: dict[str, Any], f: str = "{:.3f}") -> str:
-    if c["estimate"] is None:
-        return "–"
-    if c["low"] is None:
-        return f.format(c["estimate"])
-    return f"{f.format(c['estimate'])} [{f.format(c['low'])}, {f.format(c['high'])}]"
-
-
 def markdown(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
     lines = ["| optimizer | best val loss [95 % CI] | − AdamW [95 % CI] | by seed |",
              "|---|---|---|---|"]  # fmt: skip
     for opt, e in result["optimizers"].items():
         d = e.get("minus_adamw")
         lines.append(
-            f"| {opt} | {_ci(e['final_val_loss'])} | {_ci(d, '{:+.3f}') if d else '—'} | "
+            f"| {opt} | {format_interval(e['final_val_loss'])} | "
+            f"{format_interval(d, '{:+.3f}') if d else '—'} | "
             + ", ".join("–" if x is None else f"{x:.3f}" for x in e["by_seed"])
             + " |"
         )
@@ -94,7 +93,7 @@ def markdown(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
         "paired by seed.\n\n"
         + "\n".join(lines)
         + f"\n\nUMTAM's spread of final validation loss across ranks {ranks} at its best "
-        f"learning rate, (max − min) / min: {_ci(spread, '{:.2f}')} %.\n"
+        f"learning rate, (max − min) / min: {format_interval(spread, '{:.2f}')} %.\n"
     )
 
 
