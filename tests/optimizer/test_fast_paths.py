@@ -1,8 +1,9 @@
 """The performance paths of the optimizer compute the same thing as the plain ones.
 
-- ``orthonormalize`` (Gram/eigh passes, no conditional) returns an orthonormal basis of
-  the same column space as a Householder QR, also for ill-conditioned, rank-deficient,
-  zero, tiny, huge and wide inputs.
+- ``orthonormalize`` returns an orthonormal basis of the same column space as a
+  Householder QR, also for ill-conditioned, rank-deficient, zero, tiny, huge and wide
+  inputs, on both of its paths: CPU's (two Gram/eigh passes, the Householder QR through a
+  conditional where they are not accurate) and GPU/TPU's (three passes, no conditional).
 - ``LowRankPlusDense`` products equal those of the materialised matrix, and
   ``subspace_svd`` gives the same decomposition from either form.
 - Without error buffer (γ = 0) UMTAM keeps M̃ factored; its updates and state equal those of
@@ -44,6 +45,22 @@ def _same_span(q, y):
     return np.linalg.norm(y - q @ (q.T @ y)) / max(np.linalg.norm(y), 1e-300)
 
 
+def _take_default_branches(monkeypatch):
+    """Every ``lax.platform_dependent`` traced from here on takes its ``default`` (GPU/TPU)
+    branch, also on this CPU. Tests jit fresh functions after it, so that no trace made
+    with the CPU branches is reused."""
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default, **_: default(*args))
+
+
+@pytest.fixture(params=["cpu", "gpu_tpu"])
+def orthonormalization_path(request, monkeypatch):
+    """Runs a test on CPU's orthonormalisation and on the conditional-free one of GPU/TPU."""
+    if request.param == "gpu_tpu":
+        _take_default_branches(monkeypatch)
+    return request.param
+
+
+@pytest.mark.usefixtures("orthonormalization_path")
 @pytest.mark.parametrize("condition", [1.0, 1e2, 1e3, 1e5, 1e8, 1e12])
 def test_orthonormalize_is_orthonormal_and_spans_the_input(condition):
     rng = np.random.default_rng(0)
@@ -54,6 +71,7 @@ def test_orthonormalize_is_orthonormal_and_spans_the_input(condition):
     assert _same_span(q, y) < 1e-5
 
 
+@pytest.mark.usefixtures("orthonormalization_path")
 def test_orthonormalize_rank_deficient_zero_and_wide_inputs():
     rng = np.random.default_rng(1)
     rank3 = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 16))
@@ -76,6 +94,7 @@ def test_orthonormalize_rank_deficient_zero_and_wide_inputs():
     assert bad.shape == (50, 4)
 
 
+@pytest.mark.usefixtures("orthonormalization_path")
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 def test_orthonormalize_tiny_and_huge_inputs(scale):
     """Gram matrices of these would underflow or overflow float32: the input is first
@@ -86,16 +105,18 @@ def test_orthonormalize_tiny_and_huge_inputs(scale):
     assert _same_span(q, y) < 1e-5
 
 
+@pytest.mark.usefixtures("orthonormalization_path")
 def test_orthonormalize_under_jit_matches_householder_span():
     rng = np.random.default_rng(2)
     y = jnp.asarray(rng.normal(size=(300, 12)), jnp.float32)
-    q = jax.jit(orthonormalize)(y)
+    q = jax.jit(lambda y: orthonormalize(y))(y)
     householder, _ = jnp.linalg.qr(y)
     q, householder = np.asarray(q, np.float64), np.asarray(householder, np.float64)
     # Same column space: the projectors agree.
     np.testing.assert_allclose(q @ q.T, householder @ householder.T, atol=1e-5)
 
 
+@pytest.mark.usefixtures("orthonormalization_path")
 def test_a_rank_deficient_member_of_a_group_leaves_the_others_unchanged():
     """One matrix of a width group is rank-deficient: it gets a completed basis, and the
     well-conditioned stack beside it keeps the bases it gets alone."""
@@ -103,8 +124,8 @@ def test_a_rank_deficient_member_of_a_group_leaves_the_others_unchanged():
     good = rng.normal(size=(2, 120, 8))
     deficient = rng.normal(size=(120, 2)) @ rng.normal(size=(2, 8))
     ys = [jnp.asarray(good, jnp.float32), jnp.asarray(deficient, jnp.float32)]
-    together = jax.jit(orthonormalize_many)(ys)
-    alone = jax.jit(orthonormalize_many)(ys[:1])[0]
+    together = jax.jit(lambda ys: orthonormalize_many(ys))(ys)
+    alone = jax.jit(lambda ys: orthonormalize_many(ys))(ys[:1])[0]
     np.testing.assert_allclose(np.asarray(together[0]), np.asarray(alone), atol=1e-6)
     for q, y in zip(
         [*np.asarray(together[0]), np.asarray(together[1])], [*good, deficient], strict=True
@@ -136,7 +157,8 @@ def test_the_gpu_update_has_as_many_conditionals_for_one_leaf_as_for_many(settin
     """Lowered for a GPU (no GPU needed), the default update has no conditional whose
     predicate is device data (a wait for the device there), lean mode one (the first step's
     extra power iterations), for one leaf, five leaves of four layouts, a 12- and a 2-layer
-    stack alike; the orthonormalisations have none. On CPU the overflow guards add theirs."""
+    stack alike; the orthonormalisations have none. On CPU the overflow guards and the
+    orthonormalisations' Householder fallback add theirs."""
     from jax import export
 
     def conditionals(params, platform):
@@ -241,9 +263,7 @@ def test_factored_momentum_path_equals_the_materialised_one(svd_every, monkeypat
 def _use_guard(guard, monkeypatch):
     """``"select"``: the branch-free path that GPU/TPU take, forced on CPU; ``"cond"``: CPU's."""
     if guard == "select":
-        monkeypatch.setattr(
-            jax.lax, "platform_dependent", lambda *args, default, **_: default(*args)
-        )
+        _take_default_branches(monkeypatch)
 
 
 @pytest.mark.parametrize("guard", ["cond", "select"])

@@ -8,9 +8,14 @@ compete with XLA's thread pool: on a loaded 2-core machine a thin Householder QR
 touches LAPACK only for r×r matrices (symmetric eigendecompositions and one SVD,
 which OpenBLAS runs single-threaded) and does the m×r / n×r work with XLA matmuls, for
 any sketch, rank-deficient ones included: no conditional chooses a slower method (a
-conditional is a wait for the device on a GPU, and a serialised unit of work on XLA:CPU).
-Only a matrix with fewer than twice as
+conditional is a wait for the device on a GPU). Only a matrix with fewer than twice as
 many rows as columns (wide ones included) gets a Householder QR, chosen by its shape.
+
+On CPU, where a conditional that skips work costs nothing, tall matrices take two Gram
+passes instead of three and the Householder QR only when those report an inaccurate basis
+(:func:`_orthonormalize_tall_checked`): ~10 ms less per default update at 28.4M parameters
+(docs/performance.md). GPU/TPU and explicitly sharded arrays take the conditional-free
+:func:`_orthonormalize_tall`.
 """
 
 from __future__ import annotations
@@ -155,9 +160,48 @@ def _orthonormalize_tall(ys: list[jax.Array]) -> list[jax.Array]:
         fill = _fill_columns(q)
         fill = fill - q @ _sharding.matmul(q.mT, fill)
         filled.append(jnp.where(keep, q, fill))
-    lam, w = _gram_eigh(filled)
-    floor = jnp.maximum(eps * lam[:, -1:], tiny)
-    return _times(filled, w * jax.lax.rsqrt(jnp.maximum(lam, floor))[:, None, :])
+    return _lowdin_pass(filled)[0]
+
+
+def _lowdin_pass(ys: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+    """One Gram (Löwdin) pass ``y W Λ^{-1/2}`` for every ``y``, the eigenvalues floored at
+    ``eps · λ_max``. Returns the new matrices and the eigenvalues (one row per matrix)."""
+    lam, w = _gram_eigh(ys)
+    info = jnp.finfo(ys[0].dtype)
+    floor = jnp.maximum(float(info.eps) * lam[:, -1:], float(info.tiny))
+    return _times(ys, w * jax.lax.rsqrt(jnp.maximum(lam, floor))[:, None, :]), lam
+
+
+#: The second pass's Gram eigenvalues of an accurate basis lie near 1; outside these bounds
+#: the first pass lost directions to rounding (condition beyond ~1e3–1e4 in float32, rank
+#: deficiency) and :func:`_orthonormalize_tall_checked` takes the Householder QR instead.
+_ACCURATE_EIGENVALUES = (0.05, 20.0)
+
+
+def _orthonormalize_tall_checked(ys: list[jax.Array]) -> list[jax.Array]:
+    """Orthonormal bases of tall matrices of one width k, the CPU path: two Löwdin passes
+    (the eigenvalue analogue of CholeskyQR2), and the Householder QR of every matrix of the
+    group through ``lax.cond`` when a basis is not accurate (eigenvalues of the second Gram
+    matrix outside :data:`_ACCURATE_EIGENVALUES`, a zero or non-finite input, a Gram matrix
+    that under- or overflows). Such a basis spans what ``y`` spans, completed by LAPACK's
+    own directions where ``y`` is rank-deficient.
+
+    Unlike :func:`_orthonormalize_tall`, the sketches are not first scaled to a unit peak:
+    on the 2-core CPU of docs/performance.md that scaling alone cost ~7 ms per default
+    update at 28.4M parameters (~120 more kernels), and the inputs it protects (entries
+    beyond ~1e±19 in float32) take the fallback here."""
+    first, lam_first = _lowdin_pass(ys)
+    second, lam_second = _lowdin_pass(first)
+    low, high = _ACCURATE_EIGENVALUES
+    finite = jnp.concatenate([jnp.isfinite(q).all(axis=(-2, -1)).reshape(-1) for q in second])
+    accurate = finite & (lam_first[:, -1] > 0) & (lam_second[:, 0] > low)
+    accurate = accurate & (lam_second[:, -1] < high)
+
+    def fallback():
+        keep = unstack(accurate[:, None, None], second)
+        return [jnp.where(k, q, _householder(y)) for k, q, y in zip(keep, second, ys, strict=True)]
+
+    return jax.lax.cond(jnp.all(accurate), lambda: second, fallback)
 
 
 def group_by_width(ys: list[jax.Array]) -> dict[tuple, list[int]]:
@@ -175,8 +219,8 @@ def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
     Tall matrices of the same width share their small linear algebra: one batched ``eigh``
     per Gram pass for all of them, instead of one per matrix (on a GPU every small
     ``eigh`` is a library call: an H100 spent ~30 ms of a 35 ms UMTAM step in 64 separate
-    32×32 ``eigh`` and 16 SVDs; on a CPU each one is a separate, mostly serial task). No
-    step depends on the data through a conditional. Results are those of
+    32×32 ``eigh`` and 16 SVDs; on a CPU each one is a separate, mostly serial task). Off
+    CPU no step depends on the data through a conditional. Results are those of
     :func:`orthonormalize` applied to each matrix.
     """
     out: list[jax.Array | None] = [None] * len(ys)
@@ -188,7 +232,14 @@ def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
             tall.append(i)
     for index in group_by_width([ys[i] for i in tall]).values():
         index = [tall[j] for j in index]
-        for i, q in zip(index, _orthonormalize_tall([ys[i] for i in index]), strict=True):
+        group = [ys[i] for i in index]
+        if any(_sharding.explicit_spec(y) is not None for y in group):
+            qs = _orthonormalize_tall(group)
+        else:
+            qs = jax.lax.platform_dependent(
+                group, cpu=_orthonormalize_tall_checked, default=_orthonormalize_tall
+            )
+        for i, q in zip(index, qs, strict=True):
             out[i] = q
     return out
 
@@ -201,8 +252,9 @@ def orthonormalize(y: jax.Array) -> jax.Array:
     analogue of CholeskyQR; see :func:`_orthonormalize_tall`): thin matmuls and three k×k
     ``eigh``, no LAPACK call of size m and no conditional, for any input: ill-conditioned,
     rank-deficient and zero ones get a basis holding their span, completed by fixed fill
-    directions. A wide ``y`` (k > m) gets its Householder QR (m columns), and so does one
-    with fewer than 2k rows (k columns). Either way decompositions built on it agree with
-    the Householder-based ones up to rounding.
+    directions. On CPU two passes, and the Householder QR where they are not accurate
+    (:func:`_orthonormalize_tall_checked`). A wide ``y`` (k > m) gets its Householder QR
+    (m columns), and so does one with fewer than 2k rows (k columns). Either way
+    decompositions built on it agree with the Householder-based ones up to rounding.
     """
     return orthonormalize_many([y])[0]
