@@ -23,8 +23,10 @@ from jax.extend import core as jex
 
 from umtam_jax.engine._global_topk import GlobalTopK
 from umtam_jax.engine._sources import Source
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
+from umtam_jax.merging._select import keep_masks
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -154,7 +156,7 @@ class Job:
         # Checked once here (the abstract merge above validated them with the inputs);
         # every leaf's plan reuses them.
         k = 1 if method.single_expert else len(experts)
-        self.options = R.check_options(method, self.kwargs, k)
+        self.options = pipeline.check_options(method, self.kwargs, k)
         self._stand_ins: dict[Any, list[jax.ShapeDtypeStruct] | None] = {}
 
     def floating(self, tree: Any) -> Any:
@@ -200,7 +202,7 @@ class Job:
 
     def _run(self, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
         base = base if self.base_input else None
-        return R.merge(self.method, base, *self._arguments(experts, extra), **self.kwargs)
+        return pipeline.merge(self.method, base, *self._arguments(experts, extra), **self.kwargs)
 
     def _arguments(self, experts: list[Any], extra: list[Any] | None) -> tuple[Any, Any]:
         if self.method.single_expert:
@@ -240,7 +242,7 @@ class Job:
 
     # ---------------------------------------------------------------- merging
 
-    def plan(self, j: int, data: dict[str, Any]) -> R.Call:
+    def plan(self, j: int, data: dict[str, Any]) -> pipeline.Call:
         """The method's validated call on leaf ``j`` alone, with the leaf's full key path."""
         kp = self.leaves[j].keypath
         experts = [_wrap(kp, leaves[j]) for leaves in data["experts"]]
@@ -249,7 +251,7 @@ class Job:
             extra = [_wrap(kp, leaves[j]) for leaves in data["extra"]]
         base = _wrap(kp, data["base"][j]) if self.base_input else None
         args = self._arguments(experts, extra)
-        return R.plan(self.method, base, *args, self.options, checked=True)
+        return pipeline.plan(self.method, base, *args, self.options, checked=True)
 
     def copy(self, j: int, data: dict[str, Any]) -> np.ndarray:
         """A non-floating leaf: the base's, after checking every expert holds the same."""
@@ -262,20 +264,20 @@ class Job:
                 )
         return base
 
-    def merge(self, call: R.Call, topk: GlobalTopK | None) -> np.ndarray:
+    def merge(self, call: pipeline.Call, topk: GlobalTopK | None) -> np.ndarray:
         """The method's steps on one leaf; ``topk`` replaces the per-tensor masks.
 
-        The steps of ``R.importances``, ``R.masks`` and ``R.combine`` on the leaf (the
-        same values, bit for bit), ordered to hold less at once: each expert's scores are
-        made into its keep mask before the next expert's are computed, and dropped there
-        when the kernel does not read them (TIES: one expert's scores alive instead of K);
-        each mask is waited for, as JAX's CPU runtime would otherwise run the K
-        selections, each with its temporaries, side by side.
+        The steps of ``pipeline.importances``, ``pipeline.masks`` and ``pipeline.combine``
+        on the leaf (the same values, bit for bit), ordered to hold less at once: each
+        expert's scores are made into its keep mask before the next expert's are computed,
+        and dropped there when the kernel does not read them (TIES: one expert's scores
+        alive instead of K); each mask is waited for, as JAX's CPU runtime would otherwise
+        run the K selections, each with its temporaries, side by side.
         """
         m, p = call.method, call.prepared
         if m.importance is None:
-            keep = R.masks(call, None)
-            return self._finish(call, R.combine(call, keep, None))
+            keep = pipeline.masks(call, None)
+            return self._finish(call, pipeline.combine(call, keep, None))
         stand_ins = self._unread_scores(call)  # None: the kernel reads the scores
         from_scores = m.sparsify == "topk" or topk is not None
         scores: list[list[Any]] | None = None
@@ -283,7 +285,7 @@ class Job:
             scores = []
         elif not from_scores:
             return self._finish(
-                call, R.combine(call, R.masks(call, None), [[s] for s in stand_ins])
+                call, pipeline.combine(call, pipeline.masks(call, None), [[s] for s in stand_ins])
             )
         keep: list[list[Any]] = []
         for t in range(len(p.experts)):
@@ -291,7 +293,7 @@ class Job:
             s = m.importance(call.options, p.base[0], p.experts[t][0], extra)
             if from_scores:
                 if topk is None:
-                    mask = R.keep_masks([s], call.options["density"][t], "tensor")[0]
+                    mask = keep_masks([s], call.options["density"][t], "tensor")[0]
                 else:
                     mask = topk.mask(t, s)
                 keep.append([jax.block_until_ready(mask)])
@@ -300,19 +302,19 @@ class Job:
                 scores.append([s])
             del s
         if not from_scores:
-            keep = R.masks(call, scores)
+            keep = pipeline.masks(call, scores)
         if scores is None:
             scores = [[s] for s in stand_ins]
-        return self._finish(call, R.combine(call, keep, scores))
+        return self._finish(call, pipeline.combine(call, keep, scores))
 
-    def _finish(self, call: R.Call, leaves: list[Any]) -> np.ndarray:
+    def _finish(self, call: pipeline.Call, leaves: list[Any]) -> np.ndarray:
         merged = V.rebuild(call.prepared, leaves)
         del leaves
         out = np.asarray(jax.tree.leaves(merged)[0])
         del merged
         return out if self.out_dtype is None else out.astype(self.out_dtype)
 
-    def _unread_scores(self, call: R.Call) -> list[jax.ShapeDtypeStruct] | None:
+    def _unread_scores(self, call: pipeline.Call) -> list[jax.ShapeDtypeStruct] | None:
         """None if the method's kernel reads the importance scores it is given; else their
         shapes and dtypes, given to it instead of the arrays (TIES's kernel, for one, only
         needs the masks made from them).

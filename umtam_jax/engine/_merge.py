@@ -15,7 +15,7 @@ import numpy as np
 
 from umtam_jax.engine._global_topk import GlobalTopK
 from umtam_jax.engine._job import Job
-from umtam_jax.merging import _registry as R
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _validation as V
 
 # Default size of the groups of leaves read together (bytes of the base's leaves).
@@ -49,7 +49,9 @@ def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
     """Finds the global thresholds of a ``scope="global"`` merge (extra passes)."""
     from tqdm.auto import tqdm
 
-    densities = V.check_densities(R.options_of(job.method, job.kwargs)["density"], len(job.experts))
+    densities = V.check_densities(
+        pipeline.options_of(job.method, job.kwargs)["density"], len(job.experts)
+    )
     merged = [leaf for j, leaf in enumerate(job.leaves) if j not in job.passthrough]
     topk = GlobalTopK(
         [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in merged],
@@ -72,7 +74,7 @@ def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
                 data = job.read(group)
                 for j in group:
                     if j not in job.passthrough:
-                        scores = R.importances(job.plan(j, data))
+                        scores = pipeline.importances(job.plan(j, data))
                         yield [scores[t][0] for t in active]
                     bar.update(1)
 

@@ -64,7 +64,8 @@ from umtam_jax.merging._data_free import (
 )
 from umtam_jax.merging._fisher import diagonal_fisher, fisher
 from umtam_jax.merging._interpolation import linear, multislerp, nuslerp, slerp
-from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe, merge
+from umtam_jax.merging._pipeline import merge
+from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe
 from umtam_jax.merging._regmean import input_grams, regmean
 from umtam_jax.merging._sce_ram import ram, ramplus_tl, sce
 from umtam_jax.merging._sparsification import breadcrumbs, breadcrumbs_ties, della, della_linear

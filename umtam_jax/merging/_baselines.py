@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, WEIGHTS, Param
 
@@ -125,7 +126,7 @@ def task_arithmetic(
     References:
       Ilharco et al., "Editing Models with Task Arithmetic", arXiv:2212.04089.
     """
-    return R.merge(TASK_ARITHMETIC, base, experts, None, scaling=scaling, weights=weights)
+    return pipeline.merge(TASK_ARITHMETIC, base, experts, None, scaling=scaling, weights=weights)
 
 
 def ties(
@@ -178,7 +179,7 @@ def ties(
       Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
       arXiv:2306.01708; mergekit (arcee-ai/mergekit) ``ties`` method.
     """
-    return R.merge(
+    return pipeline.merge(
         TIES, base, experts, None, density=density, scaling=scaling, weights=weights, scope=scope
     )
 
@@ -237,7 +238,7 @@ def dare(
       Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
       Models as a Free Lunch", arXiv:2311.03099; mergekit ``dare_linear``.
     """
-    return R.merge(
+    return pipeline.merge(
         DARE,
         base,
         experts,
@@ -300,7 +301,7 @@ def dare_ties(
       Yu et al., arXiv:2311.03099 (DARE); Yadav et al., arXiv:2306.01708 (TIES);
       mergekit ``dare_ties``.
     """
-    return R.merge(
+    return pipeline.merge(
         DARE_TIES,
         base,
         experts,

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _abs_delta, _compute_dtype, _sum
 from umtam_jax.merging._registry import SCALING, SCOPE, WEIGHTS, Param
@@ -75,10 +76,12 @@ def ota(
       Mahdavinia et al., "Harnessing Optimization Dynamics for Curvature-Informed Model
       Merging" (OTA merging), arXiv:2509.11167.
     """
-    return R.merge(OTA, base, experts, curvatures, power=power, weights=weights, scaling=scaling)
+    return pipeline.merge(
+        OTA, base, experts, curvatures, power=power, weights=weights, scaling=scaling
+    )
 
 
-def _check_curvature_domain(call: R.Call) -> None:
+def _check_curvature_domain(call: pipeline.Call) -> None:
     """OTA's ``v^power`` is defined for ``v ≥ 0`` (``v > 0`` when ``power < 0``); checked
     outside ``jax.jit`` (one reduction per leaf), as the finite check is."""
     curv, paths, power = call.extras, call.prepared.paths, call.options["power"]
@@ -152,7 +155,7 @@ def prune(
       UMTAM, arXiv:2512.17109, Sec. 4.2 (curvature-aware vs magnitude pruning);
       TIES-Merging's trim step, arXiv:2306.01708.
     """
-    return R.merge(PRUNE, base, expert, scores, density=density, scope=scope)
+    return pipeline.merge(PRUNE, base, expert, scores, density=density, scope=scope)
 
 
 @jax.jit

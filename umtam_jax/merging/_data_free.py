@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _compute_dtype, _sum
 from umtam_jax.merging._interpolation import _count, _require_base, _traced
@@ -69,7 +70,7 @@ def karcher(base: Any, experts: Sequence[Any], *, max_iter: int = 10, tol: float
       Karcher, "Riemannian center of mass and mollifier smoothing", Comm. Pure Appl.
       Math. 30 (1977); mergekit ``karcher`` (which cites arXiv:2603.04972).
     """
-    return R.merge(KARCHER, base, experts, None, max_iter=max_iter, tol=tol)
+    return pipeline.merge(KARCHER, base, experts, None, max_iter=max_iter, tol=tol)
 
 
 @jax.jit
@@ -119,7 +120,7 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
     return out.reshape(ws[0].shape).astype(ws[0].dtype)
 
 
-def _check_karcher(call: R.Call) -> None:
+def _check_karcher(call: pipeline.Call) -> None:
     n = call.options["max_iter"]
     if isinstance(n, bool) or (not _traced(n) and float(n) != int(n)):
         raise TypeError(f"max_iter must be a non-negative integer, got {n!r}")
@@ -162,7 +163,7 @@ def model_stock(base: Any, experts: Sequence[Any], *, filter_wise: bool = False)
       arXiv:2403.19522; mergekit ``model_stock``.
     """
     _require_base(base, "model_stock")
-    return R.merge(MODEL_STOCK, base, experts, None, filter_wise=filter_wise)
+    return pipeline.merge(MODEL_STOCK, base, experts, None, filter_wise=filter_wise)
 
 
 @functools.partial(jax.jit, static_argnames="filter_wise")
@@ -222,7 +223,7 @@ def nearswap(base: Any, expert: Any, *, t: float) -> Any:
       mergekit ``nearswap``.
     """
     _require_base(base, "nearswap")
-    return R.merge(NEARSWAP, base, expert, None, t=t)
+    return pipeline.merge(NEARSWAP, base, expert, None, t=t)
 
 
 @jax.jit
@@ -267,7 +268,7 @@ def arcee_fusion(base: Any, expert: Any) -> Any:
       Arcee AI, "Arcee Fusion" (arcee.ai); mergekit ``arcee_fusion``.
     """
     _require_base(base, "arcee_fusion")
-    return R.merge(ARCEE_FUSION, base, expert, None)
+    return pipeline.merge(ARCEE_FUSION, base, expert, None)
 
 
 @jax.jit
@@ -315,7 +316,7 @@ def passthrough(base: Any, experts: Sequence[Any], *, scale: float = 1.0) -> Any
     References:
       mergekit ``passthrough``.
     """
-    return R.merge(PASSTHROUGH, base, experts, None, scale=scale)
+    return pipeline.merge(PASSTHROUGH, base, experts, None, scale=scale)
 
 
 @jax.jit

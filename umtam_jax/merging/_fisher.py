@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._registry import WEIGHTS, Param
 
@@ -55,7 +56,9 @@ def fisher(
     References:
       Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", arXiv:2111.09832.
     """
-    return R.merge(FISHER, base, experts, fishers, weights=weights, fisher_floor=fisher_floor)
+    return pipeline.merge(
+        FISHER, base, experts, fishers, weights=weights, fisher_floor=fisher_floor
+    )
 
 
 @jax.jit

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _compute_dtype, _sum
 from umtam_jax.merging._registry import WEIGHTS, Param
@@ -36,7 +37,7 @@ def _traced(*values: Any) -> bool:
     return any(isinstance(v, jax.core.Tracer) for v in values)
 
 
-def _count(call: R.Call, low: int, high: int | None = None) -> None:
+def _count(call: pipeline.Call, low: int, high: int | None = None) -> None:
     """Raises ValueError unless the call has ``low`` to ``high`` experts."""
     k, name = len(call.prepared.experts), call.method.name
     if k < low or (high is not None and k > high):
@@ -45,7 +46,7 @@ def _count(call: R.Call, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name} merges {want}, got {k}")
 
 
-def _check_weight_sum(call: R.Call, flag: str) -> None:
+def _check_weight_sum(call: pipeline.Call, flag: str) -> None:
     """Normalizing by Σ weight needs Σ weight ≠ 0 (mergekit would return NaN or inf)."""
     weights = call.options["weights"]
     if call.options[flag] is True and not _traced(*weights) and sum(map(float, weights)) == 0:
@@ -96,7 +97,7 @@ def linear(
     References:
       Wortsman et al., "Model soups", arXiv:2203.05482; mergekit ``linear``.
     """
-    return R.merge(LINEAR, base, experts, None, weights=weights, normalize=normalize)
+    return pipeline.merge(LINEAR, base, experts, None, weights=weights, normalize=normalize)
 
 
 @jax.jit
@@ -147,7 +148,7 @@ def slerp(base: Any, expert: Any, *, t: float) -> Any:
       ``slerp``.
     """
     _require_base(base, "slerp")
-    return R.merge(SLERP, base, expert, None, t=t)
+    return pipeline.merge(SLERP, base, expert, None, t=t)
 
 
 def _require_base(base: Any, name: str) -> None:
@@ -225,7 +226,7 @@ def nuslerp(
     References:
       mergekit ``nuslerp`` (arcee-ai/mergekit); Shoemake, SIGGRAPH 1985 (SLERP).
     """
-    return R.merge(
+    return pipeline.merge(
         NUSLERP,
         base,
         experts,
@@ -319,7 +320,7 @@ def multislerp(
       Buss & Fillmore, "Spherical Averages and Applications to Spherical Splines and
       Interpolation", ACM TOG 2001; mergekit ``multislerp``.
     """
-    return R.merge(
+    return pipeline.merge(
         MULTISLERP,
         base,
         experts,
@@ -368,7 +369,7 @@ def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
     return (out + b).reshape(base.shape).astype(base.dtype)
 
 
-def _check_multislerp(call: R.Call) -> None:
+def _check_multislerp(call: pipeline.Call) -> None:
     _check_weight_sum(call, "normalize_weights")
     opts, p = call.options, call.prepared
     if len(p.experts) < 3 or _traced(*p.base, opts["eps"], *opts["weights"]):

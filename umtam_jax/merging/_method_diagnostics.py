@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
 from umtam_jax.optimizer._statistics import curvature as _curvature
@@ -35,10 +36,10 @@ def rate_matrix(num: np.ndarray, den: np.ndarray) -> list[list[float | None]]:
     ]
 
 
-def plan(method: Any, base: Any, experts: Any, extra: Any, params: dict) -> R.Call:
+def plan(method: Any, base: Any, experts: Any, extra: Any, params: dict) -> pipeline.Call:
     """A registered method's validated call (a name or a ``Method``), as a merge plans it."""
     method = method if isinstance(method, R.Method) else R.get(method)
-    return R.plan(method, base, experts, extra, params)
+    return pipeline.plan(method, base, experts, extra, params)
 
 
 # --------------------------------------------------------------------------- masks
@@ -121,16 +122,16 @@ def mask_overlap(masks: Sequence[Any]) -> dict[str, Any]:
     return mask_overlap_of(len(rows), zip(*rows, strict=True))
 
 
-def keep_masks(call: R.Call) -> Iterator[list[Any]]:
+def keep_masks(call: pipeline.Call) -> Iterator[list[Any]]:
     """Per leaf, the K keep masks (all leaves at once only for a global top-k)."""
     m = call.method
     if m.sparsify is None:
         raise ValueError(f"method {m.name!r} has no sparsify step, so no keep masks")
     if m.sparsify == "topk" and call.options.get("scope", "tensor") == "global":
-        yield from zip(*R.masks(call, R.importances(call)), strict=True)
+        yield from zip(*pipeline.masks(call, pipeline.importances(call)), strict=True)
         return
     for j in range(len(call.prepared.base)):
-        yield R.leaf_masks(call, j, R.leaf_importances(call, j))
+        yield pipeline.leaf_masks(call, j, pipeline.leaf_importances(call, j))
 
 
 def method_masks(
@@ -170,12 +171,12 @@ def method_masks(
 # --------------------------------------------------------------------------- importances
 
 
-def _columns(call: R.Call, of: str) -> Iterator[list[Any]]:
+def _columns(call: pipeline.Call, of: str) -> Iterator[list[Any]]:
     """Per leaf, the K experts' importances, or UMTAM's weights ``λ1 m_t² + λ2 Ŝ_t``."""
     o = call.options
     for j, b in enumerate(call.prepared.base):
         if of == "importances":
-            yield R.leaf_importances(call, j)
+            yield pipeline.leaf_importances(call, j)
         elif not o["curvature_aggregation"]:
             yield [np.ones(b.shape)] * len(call.extras)
         else:
@@ -184,7 +185,7 @@ def _columns(call: R.Call, of: str) -> Iterator[list[Any]]:
             yield [lm * np.square(f64(_momentum(n))) + lc * f64(_curvature(n)) for n in nodes]
 
 
-def importance_spread_of_call(call: R.Call, of: str) -> dict[str, Any]:
+def importance_spread_of_call(call: pipeline.Call, of: str) -> dict[str, Any]:
     """:func:`importance_spread` of a planned call (``of`` already checked)."""
     m, k = call.method, len(call.prepared.experts)
     if of == "weights" and m.extra != "statistics":

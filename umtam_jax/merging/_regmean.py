@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from umtam_jax import _pytrees
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import WEIGHTS, Param
@@ -91,7 +92,7 @@ def regmean(
       Jin, Ren, Preotiuc-Pietro & Cheng, "Dataless Knowledge Fusion by Merging Weights of
       Language Models", ICLR 2023, arXiv:2212.09849.
     """
-    return R.merge(REGMEAN, base, experts, grams, alpha=alpha, weights=weights)
+    return pipeline.merge(REGMEAN, base, experts, grams, alpha=alpha, weights=weights)
 
 
 # --------------------------------------------------------------------------- validation
@@ -140,7 +141,7 @@ def gram_leaves(tree: Any, prepared: V.Prepared, what: str) -> list[jax.Array | 
     return out
 
 
-def _check(call: R.Call) -> None:
+def _check(call: pipeline.Call) -> None:
     """Every expert has Grams at the same leaves; concrete weights are usable."""
     first = call.extras[0]
     for i, leaves in enumerate(call.extras[1:], start=1):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from umtam_jax.merging import _baselines as B
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import DENSITY, SCALING, WEIGHTS, Param
@@ -56,9 +57,9 @@ def _ranks(x: jax.Array) -> jax.Array:
 
 
 def _run(method: R.Method, args: dict[str, Any]) -> Any:
-    """``R.merge`` with a public function's arguments (its ``locals()``)."""
+    """``pipeline.merge`` with a public function's arguments (its ``locals()``)."""
     args = dict(args)
-    return R.merge(method, args.pop("base"), args.pop("experts"), None, **args)
+    return pipeline.merge(method, args.pop("base"), args.pop("experts"), None, **args)
 
 
 def _static(name: str, value: Any) -> float:
@@ -338,7 +339,7 @@ def _magprune(base, w, key, low, spread, layout):
     return jax.random.uniform(key, base.shape, jnp.float32) < p, p
 
 
-def _della_check(call: R.Call) -> None:
+def _della_check(call: pipeline.Call) -> None:
     """Checks ``density ± ε`` in (0, 1) and hands each leaf's keys to the kernel."""
     opts = call.options
     eps = opts["epsilon"]
@@ -380,7 +381,7 @@ def _register(name, fn, summary, params, kernel, check=None) -> R.Method:
     return R.register(R.Method(name, fn, summary, tuple(params), kernel, check=check))
 
 
-def _check_gamma(call: R.Call) -> None:
+def _check_gamma(call: pipeline.Call) -> None:
     _static("gamma", call.options["gamma"])
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _compute_dtype, _sum
 from umtam_jax.merging._interpolation import _traced
@@ -143,7 +144,9 @@ def tsv_merge(
       Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
       Merging", CVPR 2025, arXiv:2412.00081; FusionBench ``TaskSingularVectorMerging``.
     """
-    return R.merge(TSV_MERGE, base, experts, None, scaling=scaling, rank_fraction=rank_fraction)
+    return pipeline.merge(
+        TSV_MERGE, base, experts, None, scaling=scaling, rank_fraction=rank_fraction
+    )
 
 
 @functools.partial(jax.jit, static_argnames="rank_fraction")
@@ -201,7 +204,7 @@ def iso_c(base: Any, experts: Sequence[Any], *, scaling: float = 1.0) -> Any:
       Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
       Task-Specific Subspaces", ICML 2025, arXiv:2502.04959; FusionBench ``ISO_C_Merge``.
     """
-    return R.merge(ISO_C, base, experts, None, scaling=scaling)
+    return pipeline.merge(ISO_C, base, experts, None, scaling=scaling)
 
 
 @jax.jit
@@ -277,7 +280,7 @@ def iso_cts(
       Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
       Task-Specific Subspaces", ICML 2025, arXiv:2502.04959; FusionBench ``ISO_CTS_Merge``.
     """
-    return R.merge(
+    return pipeline.merge(
         ISO_CTS,
         base,
         experts,
@@ -326,7 +329,7 @@ def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) 
 
 
 def _static_fraction(name: str, positive: bool):
-    def check(call: R.Call) -> None:
+    def check(call: pipeline.Call) -> None:
         value = call.options[name]
         if _traced(value):
             raise TypeError(f"{name} must be a Python number, not traced: it sets shapes")

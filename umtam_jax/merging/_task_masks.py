@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from umtam_jax.merging import _baselines as B
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
@@ -262,7 +263,7 @@ def consensus(
       Wang et al., "Localizing Task Information for Improved Model Merging and
       Compression", ICML 2024, arXiv:2405.07813 (Consensus TA).
     """
-    return R.merge(CONSENSUS, base, experts, None, k=k, lambdas=lambdas, scaling=scaling)
+    return pipeline.merge(CONSENSUS, base, experts, None, k=k, lambdas=lambdas, scaling=scaling)
 
 
 def consensus_ties(
@@ -312,7 +313,7 @@ def consensus_ties(
     References:
       Wang et al., arXiv:2405.07813 (Consensus TIES); Yadav et al., arXiv:2306.01708.
     """
-    return R.merge(
+    return pipeline.merge(
         CONSENSUS_TIES, base, experts, None, density=density, k=k, lambdas=lambdas,
         scaling=scaling, normalize=normalize, scope=scope,
     )  # fmt: skip

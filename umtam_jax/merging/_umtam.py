@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
 from umtam_jax.optimizer._statistics import curvature as _curvature
@@ -107,7 +108,7 @@ def umtam(
       TIES-Merging (sign election), arXiv:2306.01708.
       OTA merging (second moments as curvature weights), arXiv:2509.11167.
     """
-    return R.merge(
+    return pipeline.merge(
         UMTAM,
         base,
         experts,
