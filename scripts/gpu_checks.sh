@@ -51,8 +51,8 @@ py=${PYTHON:-python3}
 {
     nvidia-smi -L 2>&1 || true
     "$py" -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())"
-    # Where this JAX keeps shard_alike (the public module is gone from 0.11; the optimizer
-    # then uses the one under jax._src, if this JAX has it), for keep_like on Auto meshes.
+    # Where this JAX keeps shard_alike (without the public module the optimizer uses the
+    # one under jax._src, if this JAX has it), for keep_like on Auto meshes.
     "$py" -c "
 import importlib, jax
 for name in ('jax.experimental.shard_alike', 'jax._src.shard_alike'):

@@ -376,8 +376,8 @@ def test_adaptive_eps_follows_step_7_with_or_without_the_prefix_certificate(
 
 
 def test_shard_alike_is_found_where_jax_keeps_it(monkeypatch):
-    """JAX 0.11 dropped the public module: the one under ``jax._src`` stands in; with
-    neither module, None (keep_like is then a no-op, below)."""
+    """Without the public module the one under ``jax._src`` stands in; with neither
+    module, None (keep_like is then a no-op, below)."""
     import sys
 
     from jax._src import shard_alike as private
@@ -393,7 +393,7 @@ def test_shard_alike_is_found_where_jax_keeps_it(monkeypatch):
 
 
 def test_without_shard_alike_the_update_is_unchanged(monkeypatch):
-    """JAX 0.11 removed ``shard_alike``: there the sharding hint is skipped and a
+    """Where JAX has no ``shard_alike``, the sharding hint is skipped and a
     single-device update is the same, a 3-D leaf (reshaped internally) included."""
     from umtam_jax.optimizer import _sharding
 

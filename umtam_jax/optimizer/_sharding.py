@@ -23,8 +23,9 @@ from jax.sharding import PartitionSpec as P
 from umtam_jax.optimizer._axis_order import is_keepdims
 from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState, ScaleByUmtamState
 
-#: Where JAX keeps ``shard_alike``: the public module up to JAX 0.10 (0.11 dropped it),
-#: then the module under ``jax._src`` that implements it, where a release still has it.
+#: Where JAX keeps ``shard_alike``: the public module (JAX's source still has it at the
+#: v0.11.0 tag; later releases may drop it), else the module under ``jax._src`` that
+#: implements it.
 SHARD_ALIKE_MODULES = ("jax.experimental.shard_alike", "jax._src.shard_alike")
 
 
@@ -205,11 +206,11 @@ def keep_like(new: Any, old: Any) -> Any:
     update and state of such a leaf came back replicated; ``shard_alike`` puts each output
     in one sharding group with its input, whose partition the compiler then gives both.
     Under Explicit axes (where the types already agree), or outside a trace, a no-op.
-    JAX 0.11 dropped the public ``jax.experimental.shard_alike``; its implementation under
-    ``jax._src`` is used then, if the release has it (:func:`find_shard_alike`; not yet
-    checked on a 0.11 release). Where JAX has neither, this is a no-op too and such a leaf
-    on an Auto mesh may come back replicated (Explicit mesh axes, whose layouts are part
-    of the types, do not depend on it). Only JAX 0.10 is tested here.
+    Where a JAX install lacks the public ``jax.experimental.shard_alike``, its
+    implementation under ``jax._src`` is used (:func:`find_shard_alike`). Where JAX has
+    neither, this is a no-op too and such a leaf on an Auto mesh may come back replicated
+    (Explicit mesh axes, whose layouts are part of the types, do not depend on it). Only
+    JAX 0.10 is tested here.
     """
     if shard_alike is None:
         return new
