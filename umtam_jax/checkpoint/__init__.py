@@ -21,6 +21,7 @@ Example:
 
 from umtam_jax.checkpoint._format import Checkpoint
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._restore import (
     read_metadata,
     restore_checkpoint,
@@ -36,7 +37,7 @@ from umtam_jax.checkpoint._safetensors_write import (
 )
 from umtam_jax.checkpoint._safety import CheckpointBusyError
 from umtam_jax.checkpoint._save import save_checkpoint
-from umtam_jax.checkpoint._streaming import CheckpointReader, save_params_streaming
+from umtam_jax.checkpoint._streaming import save_params_streaming
 
 __all__ = [
     "Checkpoint",

@@ -24,6 +24,7 @@ from etils import epath
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._safetensors import (
     _DTYPE_NAMES,
     COPIED_FILES,
@@ -37,7 +38,7 @@ from umtam_jax.checkpoint._safetensors import (
     names_from_tree,
     tree_from_names,
 )
-from umtam_jax.checkpoint._streaming import CheckpointReader, save_params_streaming
+from umtam_jax.checkpoint._streaming import save_params_streaming
 
 _RESTORE_GROUP_BYTES = 256 * 2**20  # bytes restored per Orbax call when converting
 

@@ -1,22 +1,19 @@
-"""Out-of-core access to checkpoints: partial restore and incremental parameter writes.
+"""Incremental parameter writes: a checkpoint whose arrays are produced one at a time.
 
-Two pieces let a model larger than host memory be processed a few arrays at a time, with
-Orbax doing all the I/O:
+With :class:`~umtam_jax.checkpoint._partial_restore.CheckpointReader` (partial restore),
+this lets a model larger than host memory be processed a few arrays at a time, with Orbax
+doing all the I/O.
 
-- :class:`CheckpointReader` restores chosen arrays of one item (``params``,
-  ``statistics``, ...) with Orbax's partial restore
-  (``ocp.args.PyTreeRestore(item=..., partial_restore=True)`` on the item directory): only
-  the requested arrays are read, as NumPy arrays on the host.
-- :func:`save_params_streaming` writes a parameter checkpoint whose arrays are produced
-  one at a time by a callback, during a single Orbax save: each array is computed,
-  written by TensorStore and dropped before the next one is requested, so the host never
-  holds more than one output array (plus Orbax's buffers for it). The result is an
-  ordinary :func:`umtam_jax.checkpoint.save_checkpoint` checkpoint with a ``params`` item
-  (arrays stored like NumPy arrays, restored as ``jax.Array`` by
-  :func:`~umtam_jax.checkpoint.restore_params`) and the same JSON metadata. The save is
-  atomic as Orbax's always is (temporary directory, renamed when complete); with
-  ``overwrite=True`` the new checkpoint is written under a hidden sibling name and swapped
-  in, so a failed write keeps the old one.
+:func:`save_params_streaming` writes a parameter checkpoint whose arrays are produced one
+at a time by a callback, during a single Orbax save: each array is computed, written by
+TensorStore and dropped before the next one is requested, so the host never holds more
+than one output array (plus Orbax's buffers for it). The result is an ordinary
+:func:`umtam_jax.checkpoint.save_checkpoint` checkpoint with a ``params`` item (arrays
+stored like NumPy arrays, restored as ``jax.Array`` by
+:func:`~umtam_jax.checkpoint.restore_params`) and the same JSON metadata. The save is
+atomic as Orbax's always is (temporary directory, renamed when complete); with
+``overwrite=True`` the new checkpoint is written under a hidden sibling name and swapped
+in, so a failed write keeps the old one.
 
 How the incremental write works: the save runs in a background thread and is given a
 tree of lazy placeholders; a TypeHandler registered for them (a subclass of Orbax's
@@ -34,7 +31,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -47,180 +44,9 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _restore, _safety, _save
+from umtam_jax.checkpoint import _integrity, _safety, _save
 
-__all__ = ["CheckpointReader", "save_params_streaming"]
-
-Path = tuple[str, ...]
-
-
-# --------------------------------------------------------------------------------------
-# Partial restore
-# --------------------------------------------------------------------------------------
-
-
-class CheckpointReader:
-    """Restores a few arrays at a time from a checkpoint written by this package.
-
-    Args:
-      directory: the checkpoint directory.
-      verify: check every array read against the checksums recorded at save time (the
-        default); False skips that pass for trusted, fast paths.
-
-    Raises:
-      FileNotFoundError: no checkpoint (or no metadata) at ``directory``.
-      ValueError: the directory is not a complete umtam_jax checkpoint.
-
-    Example:
-      >>> reader = CheckpointReader("/tmp/ckpt_doc")  # doctest: +SKIP
-      >>> spec = reader.structure("params")  # doctest: +SKIP
-      >>> [kernel] = reader.restore_arrays("params", [("dense", "kernel")])  # doctest: +SKIP
-    """
-
-    def __init__(self, directory: str | epath.PathLike, *, verify: bool = True):
-        self.directory = _restore._check_directory(directory)
-        self._meta = _restore._read_full_metadata(self.directory)
-        self._handler = ocp.PyTreeCheckpointHandler()
-        self._records = (
-            _integrity.read(self.directory, self._meta.get("format_version", 1)) if verify else None
-        )
-        for item, spec in self._meta.get("structures", {}).items():
-            leaves = {_integrity.key(p): leaf for p, leaf in E.spec_arrays(spec)}
-            _integrity.check_spec(self.directory, item, leaves, self._records)
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """The checkpoint's metadata (as :func:`~umtam_jax.checkpoint.read_metadata`)."""
-        return {k: v for k, v in self._meta.items() if k != "structures"}
-
-    def has_item(self, item: str) -> bool:
-        """Whether the checkpoint holds ``item`` (``"params"``, ``"statistics"``, ...)."""
-        return item in self._meta.get("structures", {})
-
-    def structure(self, item: str) -> dict[str, Any]:
-        """The JSON structure record of ``item`` (see ``_encoding.encode``).
-
-        Raises:
-          FileNotFoundError: the checkpoint has no such item.
-        """
-        structures = self._meta.get("structures", {})
-        if item not in structures:
-            raise FileNotFoundError(
-                f"checkpoint {self.directory} has no {item!r} item (saved items: "
-                f"{', '.join(sorted(structures)) or 'none'})"
-            )
-        return structures[item]
-
-    def abstract(self, item: str) -> Any:
-        """``item``'s pytree (as restored without target) with ``jax.ShapeDtypeStruct`` leaves."""
-        spec = self.structure(item)
-        arrays: dict[str, Any] = {}
-        for path, leaf in E.spec_arrays(spec):
-            E.nested_set(
-                arrays, path, jax.ShapeDtypeStruct(tuple(leaf["shape"]), np.dtype(leaf["dtype"]))
-            )
-        return E.decode(spec, arrays)
-
-    def leaf_paths(self, item: str) -> list[Path]:
-        """The stored paths of ``item``'s arrays in JAX's flattening order of the restored
-        tree (the order of ``jax.tree.leaves(reader.abstract(item))``)."""
-        spec = self.structure(item)
-        stored = [path for path, _ in E.spec_arrays(spec)]
-        index_tree: dict[str, Any] = {}
-        for i, path in enumerate(stored):
-            E.nested_set(index_tree, path, i)
-        return [stored[i] for i in jax.tree.leaves(E.decode(spec, index_tree))]
-
-    def restore_subtrees(self, item: str, paths: Sequence[Path]) -> list[Any]:
-        """The decoded subtree of ``item`` at each stored path (an array, or e.g. a
-        statistics node as a dict of arrays), reading only the arrays under those paths.
-
-        Raises:
-          ValueError: a path not in the checkpoint; as :meth:`restore_arrays`.
-        """
-        spec = self.structure(item)
-        subspecs = []
-        for path in paths:
-            sub = spec
-            for name in path:
-                children = {c[0]: c[2] for c in sub.get("children", [])}
-                if name not in children:
-                    raise ValueError(
-                        f"checkpoint {self.directory} has no entry {'/'.join(path)} in its "
-                        f"{item!r} item"
-                    )
-                sub = children[name]
-            subspecs.append(sub)
-        full = [
-            [tuple(p) + q for q, _ in E.spec_arrays(sub)] if sub["t"] != "array" else [tuple(p)]
-            for p, sub in zip(paths, subspecs, strict=True)
-        ]
-        flat = self.restore_arrays(item, [q for f in full for q in f])
-        out, start = [], 0
-        for p, sub, f in zip(paths, subspecs, full, strict=True):
-            if sub["t"] == "array":
-                out.append(flat[start])
-            else:
-                arrays: dict[str, Any] = {}
-                for q, a in zip(f, flat[start : start + len(f)], strict=True):
-                    E.nested_set(arrays, q[len(p) :], a)
-                out.append(E.decode(sub, arrays))
-            start += len(f)
-        return out
-
-    def restore_arrays(self, item: str, paths: Sequence[Path]) -> list[np.ndarray]:
-        """Reads only the arrays at ``paths`` (stored paths inside ``item``) from disk.
-
-        Args:
-          item: the item name.
-          paths: stored paths, e.g. ``("dense", "kernel")`` (as yielded by
-            ``_encoding.spec_arrays``).
-
-        Returns:
-          One NumPy array per path, dtypes as saved.
-
-        Raises:
-          FileNotFoundError: missing item.
-          CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
-          ValueError: a path not in the checkpoint, or a corrupt checkpoint.
-        """
-        spec = self.structure(item)
-        if not paths:
-            return []
-        saved = {path for path, _ in E.spec_arrays(spec)}
-        for path in paths:
-            if tuple(path) not in saved:
-                raise ValueError(
-                    f"checkpoint {self.directory} has no array {'/'.join(path)} in its "
-                    f"{item!r} item"
-                )
-        target: dict[str, Any] = {}
-        restore_args: dict[str, Any] = {}
-        for path in paths:
-            E.nested_set(target, tuple(path), 0)
-            E.nested_set(restore_args, tuple(path), ocp.RestoreArgs(restore_type=np.ndarray))
-        try:
-            restored = self._handler.restore(
-                self.directory / item,
-                args=ocp.args.PyTreeRestore(
-                    item=target, restore_args=restore_args, partial_restore=True
-                ),
-            )
-        except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
-            raise ValueError(
-                f"cannot restore {len(paths)} array(s) of item {item!r} of checkpoint "
-                f"{self.directory}: the checkpoint is corrupt or incompatible "
-                f"({_restore._short(e)})"
-            ) from None
-        arrays = [np.asarray(E.nested_get(restored, tuple(path))) for path in paths]
-        for path, array in zip(paths, arrays, strict=True):
-            _integrity.verify(self.directory, item, _integrity.key(path), array, self._records)
-        return arrays
-
-
-# --------------------------------------------------------------------------------------
-# Incremental write
-# --------------------------------------------------------------------------------------
+__all__ = ["save_params_streaming"]
 
 
 class _Aborted(Exception):
