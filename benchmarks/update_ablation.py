@@ -20,8 +20,8 @@ they remove):
 
 - ``as shipped`` (on a GPU or TPU without any conditional on device data);
 - ``CPU branches everywhere``: ``lax.platform_dependent`` takes its CPU branch (the
-  overflow guards and the orthonormalisations' Householder fallback as conditionals that
-  skip work, two Gram passes instead of three): the cost of conditionals themselves
+  overflow guards and the orthonormalisations' three-pass fallback as conditionals that
+  skip work, two Gram passes otherwise): the cost of conditionals themselves
   (waits for the device, split CUDA graphs) when set beside ``as shipped``.
 
 Writes ``benchmarks/results/update_ablation[_<backend>].json`` (``--out``, ``--no-write``).

@@ -2,8 +2,8 @@
 
 - ``orthonormalize`` returns an orthonormal basis of the same column space as a
   Householder QR, also for ill-conditioned, rank-deficient, zero, tiny, huge and wide
-  inputs, on both of its paths: CPU's (two Gram/eigh passes, the Householder QR through a
-  conditional where they are not accurate) and GPU/TPU's (three passes, no conditional).
+  inputs, on both of its paths: CPU's (two Gram/eigh passes, the three through a
+  conditional where those are not accurate) and GPU/TPU's (three passes, no conditional).
 - ``LowRankPlusDense`` products equal those of the materialised matrix, and
   ``subspace_svd`` gives the same decomposition from either form.
 - Without error buffer (γ = 0) UMTAM keeps M̃ factored; its updates and state equal those of
@@ -158,7 +158,7 @@ def test_the_gpu_update_has_as_many_conditionals_for_one_leaf_as_for_many(settin
     predicate is device data (a wait for the device there), lean mode one (the first step's
     extra power iterations), for one leaf, five leaves of four layouts, a 12- and a 2-layer
     stack alike; the orthonormalisations have none. On CPU the overflow guards and the
-    orthonormalisations' Householder fallback add theirs."""
+    orthonormalisations' fallback add theirs."""
     from jax import export
 
     def conditionals(params, platform):
@@ -184,6 +184,22 @@ def test_the_gpu_update_has_as_many_conditionals_for_one_leaf_as_for_many(settin
     }
     assert counts == {expected}
     assert conditionals(many, "cpu") > expected
+
+
+def test_the_cpu_update_has_no_householder_qr_of_a_sketch():
+    """On CPU the orthonormalisation's fallback for inaccurate bases is the conditional-free
+    passes, not LAPACK's QR of an m×k sketch (slow there; a zero momentum takes it every
+    step): the update lowered for CPU calls LAPACK only for k×k eigh and small SVDs."""
+    from jax import export
+
+    spec = jax.ShapeDtypeStruct
+    params = {"w": spec((32, 16), jnp.float32), "stack": spec((3, 64, 24), jnp.float32)}
+    opt = umtam_jax.umtam(1e-3, rank=4, min_dim_size_to_factor=8)
+    state = jax.eval_shape(opt.init, params)
+    exported = export.export(jax.jit(opt.update), platforms=("cpu",))
+    module = exported(params, state, params).mlir_module()
+    calls = set(re.findall(r"custom_call @(\w+)", module))
+    assert calls == {"lapack_ssyevd_ffi", "lapack_sgesdd_ffi"}
 
 
 def test_low_rank_plus_dense_products_and_decomposition_match_the_dense_matrix():

@@ -11,11 +11,11 @@ any sketch, rank-deficient ones included: no conditional chooses a slower method
 conditional is a wait for the device on a GPU). Only a matrix with fewer than twice as
 many rows as columns (wide ones included) gets a Householder QR, chosen by its shape.
 
-On CPU, where a conditional that skips work costs nothing, tall matrices take two Gram
-passes instead of three and the Householder QR only when those report an inaccurate basis
+On CPU, where a conditional that skips work costs nothing, tall matrices take two
+unshifted Gram passes, and the three passes only when those report an inaccurate basis
 (:func:`_orthonormalize_tall_checked`): ~10 ms less per default update at 28.4M parameters
-(docs/performance.md). GPU/TPU and explicitly sharded arrays take the conditional-free
-:func:`_orthonormalize_tall`.
+(docs/performance.md). GPU/TPU and explicitly sharded arrays always take the three
+conditional-free passes, :func:`_orthonormalize_tall`.
 """
 
 from __future__ import annotations
@@ -174,22 +174,25 @@ def _lowdin_pass(ys: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
 
 #: The second pass's Gram eigenvalues of an accurate basis lie near 1; outside these bounds
 #: the first pass lost directions to rounding (condition beyond ~1e3–1e4 in float32, rank
-#: deficiency) and :func:`_orthonormalize_tall_checked` takes the Householder QR instead.
+#: deficiency) and :func:`_orthonormalize_tall_checked` takes the three passes instead.
 _ACCURATE_EIGENVALUES = (0.05, 20.0)
 
 
 def _orthonormalize_tall_checked(ys: list[jax.Array]) -> list[jax.Array]:
-    """Orthonormal bases of tall matrices of one width k, the CPU path: two Löwdin passes
-    (the eigenvalue analogue of CholeskyQR2), and the Householder QR of every matrix of the
-    group through ``lax.cond`` when a basis is not accurate (eigenvalues of the second Gram
-    matrix outside :data:`_ACCURATE_EIGENVALUES`, a zero or non-finite input, a Gram matrix
-    that under- or overflows). Such a basis spans what ``y`` spans, completed by LAPACK's
-    own directions where ``y`` is rank-deficient.
+    """Orthonormal bases of tall matrices of one width k, the CPU path: two unshifted
+    Löwdin passes (the eigenvalue analogue of CholeskyQR2), and, through ``lax.cond`` only
+    when a basis is not accurate (eigenvalues of the second Gram matrix outside
+    :data:`_ACCURATE_EIGENVALUES`, a zero or non-finite input, a Gram matrix that under- or
+    overflows), :func:`_orthonormalize_tall` for the matrices that need it. The others keep
+    their two-pass basis, so a matrix's result does not depend on its group.
 
-    Unlike :func:`_orthonormalize_tall`, the sketches are not first scaled to a unit peak:
-    on the 2-core CPU of docs/performance.md that scaling alone cost ~7 ms per default
-    update at 28.4M parameters (~120 more kernels), and the inputs it protects (entries
-    beyond ~1e±19 in float32) take the fallback here."""
+    The fallback is the conditional-free passes rather than a Householder QR: LAPACK's QR
+    of an m×k matrix is slow here (see the module's note), and a leaf whose momentum is
+    zero or rank-deficient (a parameter the loss does not use) takes the fallback every
+    step. The sketches are not first scaled to a unit peak: on the 2-core CPU of
+    docs/performance.md that scaling alone cost ~7 ms per default update at 28.4M
+    parameters (~120 more kernels), and the inputs it protects take the fallback here.
+    """
     first, lam_first = _lowdin_pass(ys)
     second, lam_second = _lowdin_pass(first)
     low, high = _ACCURATE_EIGENVALUES
@@ -199,7 +202,8 @@ def _orthonormalize_tall_checked(ys: list[jax.Array]) -> list[jax.Array]:
 
     def fallback():
         keep = unstack(accurate[:, None, None], second)
-        return [jnp.where(k, q, _householder(y)) for k, q, y in zip(keep, second, ys, strict=True)]
+        pairs = zip(keep, second, _orthonormalize_tall(ys), strict=True)
+        return [jnp.where(k, q, completed) for k, q, completed in pairs]
 
     return jax.lax.cond(jnp.all(accurate), lambda: second, fallback)
 
@@ -252,7 +256,7 @@ def orthonormalize(y: jax.Array) -> jax.Array:
     analogue of CholeskyQR; see :func:`_orthonormalize_tall`): thin matmuls and three k×k
     ``eigh``, no LAPACK call of size m and no conditional, for any input: ill-conditioned,
     rank-deficient and zero ones get a basis holding their span, completed by fixed fill
-    directions. On CPU two passes, and the Householder QR where they are not accurate
+    directions. On CPU two unshifted passes, and the three where those are not accurate
     (:func:`_orthonormalize_tall_checked`). A wide ``y`` (k > m) gets its Householder QR
     (m columns), and so does one with fewer than 2k rows (k columns). Either way
     decompositions built on it agree with the Householder-based ones up to rounding.
