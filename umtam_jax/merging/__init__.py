@@ -47,28 +47,32 @@ References:
 """
 
 # Each module registers its methods when imported, and METHODS lists them in that order:
-# umtam first (imported here for that), then the modules below (_curvature_baselines
-# imports _baselines, _sce_ram imports _sparsification, _data_free imports _interpolation).
-from umtam_jax.merging import (
-    _umtam,  # noqa: F401
-    diagnostics,
-)
+# the modules are imported here in the order METHODS presents them.
+# isort: off
+from umtam_jax.merging import _umtam, _baselines, _curvature_baselines  # noqa: F401
+from umtam_jax.merging import _interpolation, _spherical_means, _data_free  # noqa: F401
+from umtam_jax.merging import _fisher, _regmean, _sparsification, _sce_ram  # noqa: F401
+from umtam_jax.merging import _subspace, _task_masks  # noqa: F401
+
+# isort: on
+from umtam_jax.merging import diagnostics
 from umtam_jax.merging._baselines import dare, dare_ties, task_arithmetic, ties
 from umtam_jax.merging._curvature_baselines import ota, prune
 from umtam_jax.merging._data_free import (
     arcee_fusion,
-    karcher,
     model_stock,
     nearswap,
     passthrough,
 )
+from umtam_jax.merging._emr import EMRMerged, emr_merge, emr_task_model
 from umtam_jax.merging._fisher import diagonal_fisher, fisher
-from umtam_jax.merging._interpolation import linear, multislerp, nuslerp, slerp
+from umtam_jax.merging._interpolation import linear, nuslerp, slerp
 from umtam_jax.merging._pipeline import merge
 from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe
 from umtam_jax.merging._regmean import input_grams, regmean
 from umtam_jax.merging._sce_ram import ram, ramplus_tl, sce
 from umtam_jax.merging._sparsification import breadcrumbs, breadcrumbs_ties, della, della_linear
+from umtam_jax.merging._spherical_means import karcher, multislerp
 from umtam_jax.merging._subspace import iso_c, iso_cts, tsv_merge
 from umtam_jax.merging._task_masks import (
     apply_task_mask,
@@ -79,10 +83,6 @@ from umtam_jax.merging._task_masks import (
     unpack_mask,
 )
 from umtam_jax.merging._umtam import umtam
-
-# isort: split
-# EMR-merging registers nothing; it imports _task_masks, so it comes after that module.
-from umtam_jax.merging._emr import EMRMerged, emr_merge, emr_task_model
 
 __all__ = [
     "METHODS",

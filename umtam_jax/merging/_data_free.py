@@ -1,6 +1,6 @@
-"""Data-free merges with mergekit's semantics besides the interpolations of
-:mod:`._interpolation`: the Karcher mean, Model Stock, NearSwap, Arcee Fusion and
-passthrough (one model, unchanged).
+"""Data-free merges with mergekit's semantics besides the interpolations
+(:mod:`._interpolation`) and the spherical means (:mod:`._spherical_means`): Model Stock,
+NearSwap, Arcee Fusion and passthrough (one model, unchanged).
 
 Each follows the method of the same name in mergekit 0.1.5 (``mergekit/merge_methods/``),
 with its parameter names and defaults; differences are listed in each docstring. Every
@@ -27,103 +27,6 @@ from umtam_jax.merging._registry import Param
 _STOCK_EPS = 1e-6  # mergekit's model_stock: floor of ‖Δ_i‖‖Δ_j‖ and of |1 + (K−1) cos θ|
 _NEARSWAP_EPS = 1e-6  # mergekit's nearswap: floor of |w − w0|
 _FUSION_EPS = 1e-8  # mergekit's arcee_fusion: added to both softmaxes
-
-
-def karcher(base: Any, experts: Sequence[Any], *, max_iter: int = 10, tol: float = 1e-5) -> Any:
-    """The Karcher (Riemannian) mean of the experts' directions, scaled by their mean norm.
-
-    Per tensor, flattened: ``n_τ = ‖w_τ‖``, ``u_τ = w_τ / n_τ``; experts with ``n_τ ≤ tol``
-    are left out of the direction (all of them: the result is 0). Starting from the
-    normalized mean of the kept ``u_τ`` (the first kept ``u_τ`` if that mean's norm is
-    below ``tol``), each of at most ``max_iter`` steps computes, with equal weights
-    ``α = 1/K'`` over the ``K'`` kept experts and ``θ_τ = arccos⟨m, u_τ⟩``::
-
-        g = Σ_{θ_τ ≥ tol} α · θ_τ / sin θ_τ · (u_τ − cos θ_τ · m)
-
-    stops when ``‖g‖ < tol``, else ``m ← cos‖g‖ · m + sin‖g‖ · g/‖g‖`` (renormalized when
-    its norm exceeds ``tol``). The result is ``(1/K) Σ_τ n_τ · m`` (every expert's norm).
-    One expert is returned unchanged. mergekit's ``karcher`` has no base role: ``base`` is
-    only checked and may be None (in a mergekit configuration a given ``base_model`` is
-    one more input; list it among ``experts`` for that).
-
-    Args:
-      base: parameters with the experts' structure, or None (not used otherwise).
-      experts: a sequence of parameter pytrees with a common structure, shapes and dtypes.
-      max_iter: the most iterations (an integer ≥ 0).
-      tol: the tolerance above (≥ 0).
-
-    Returns:
-      The merged parameters, a pytree like the experts.
-
-    Raises:
-      ValueError / TypeError: invalid inputs (messages name the leaf path), or
-        ``max_iter`` not a non-negative integer.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from umtam_jax import merging
-      >>> experts = [{"w": jnp.array([2., 0.])}, {"w": jnp.array([0., 4.])}]
-      >>> [round(x, 5) for x in merging.karcher(None, experts)["w"].tolist()]
-      [2.12132, 2.12132]
-
-    References:
-      Karcher, "Riemannian center of mass and mollifier smoothing", Comm. Pure Appl.
-      Math. 30 (1977); mergekit ``karcher`` (which cites arXiv:2603.04972).
-    """
-    return pipeline.merge(KARCHER, base, experts, None, max_iter=max_iter, tol=tol)
-
-
-@jax.jit
-def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
-    if len(ws) == 1:
-        return ws[0]
-    dt, k = _compute_dtype(ws[0]), len(ws)
-    tol = jnp.asarray(tol, dt)
-    xs = [w.astype(dt).reshape(-1) for w in ws]
-    norms = [jnp.linalg.norm(x) for x in xs]
-    units = [
-        jnp.where(n == 0, 0, x / jnp.where(n == 0, 1, n)) for x, n in zip(xs, norms, strict=True)
-    ]
-    kept = [n > tol for n in norms]
-    alpha = [jnp.where(v, jnp.asarray(1 / k, dt), 0) for v in kept]
-    total = _sum(alpha)
-    alpha = [a / jnp.where(total == 0, 1, total) for a in alpha]
-    mean = _sum([a * u for a, u in zip(alpha, units, strict=True)])
-    first = units[-1]
-    for v, u in zip(kept[::-1], units[::-1], strict=True):
-        first = jnp.where(v, u, first)
-    norm = jnp.linalg.norm(mean)
-    mean = jnp.where(norm < tol, first, mean / jnp.where(norm < tol, 1, norm))
-
-    def step(carry):
-        i, _, m = carry
-        terms = []
-        for a, u, v in zip(alpha, units, kept, strict=True):
-            dot = jnp.clip(jnp.dot(m, u), -1, 1)
-            theta = jnp.arccos(dot)
-            use = v & (theta >= tol)
-            ratio = theta / jnp.where(use, jnp.sin(theta), 1)
-            terms.append(jnp.where(use, a * ratio * (u - dot * m), 0))
-        g = _sum(terms)
-        gn = jnp.linalg.norm(g)
-        stop = gn < tol
-        new = jnp.cos(gn) * m + jnp.sin(gn) * (g / jnp.where(stop, 1, gn))
-        nn = jnp.linalg.norm(new)
-        new = jnp.where(nn > tol, new / jnp.where(nn > tol, nn, 1), new)
-        return i + 1, stop, jnp.where(stop, m, new)
-
-    init = (jnp.asarray(0, jnp.int32), jnp.asarray(False), mean)
-    cond = lambda c: (c[0] < max_iter) & ~c[1]  # noqa: E731
-    _, _, mean = jax.lax.while_loop(cond, step, init)
-    scale = _sum([n / k for n in norms])
-    out = jnp.where(total == 0, 0, scale * mean)
-    return out.reshape(ws[0].shape).astype(ws[0].dtype)
-
-
-def _check_karcher(call: pipeline.Call) -> None:
-    n = call.options["max_iter"]
-    if isinstance(n, bool) or (not _traced(n) and float(n) != int(n)):
-        raise TypeError(f"max_iter must be a non-negative integer, got {n!r}")
 
 
 def model_stock(base: Any, experts: Sequence[Any], *, filter_wise: bool = False) -> Any:
@@ -334,20 +237,6 @@ def _passthrough_kernel(opts, b, ws, masks, scores, extras) -> jax.Array:
 
 # --------------------------------------------------------------------------- registry
 
-KARCHER = R.register(
-    R.Method(
-        "karcher",
-        karcher,
-        "Karcher mean of the experts' directions times their mean norm (base not used)",
-        (
-            Param("max_iter", "number", "the most iterations (an integer)", low=0),
-            Param("tol", "number", "tolerance on norms, angles and the step", low=0),
-        ),
-        lambda opts, b, ws, masks, scores, extras: _karcher_leaf(ws, opts["max_iter"], opts["tol"]),
-        base_optional=True,
-        check=_check_karcher,
-    )
-)
 MODEL_STOCK = R.register(
     R.Method(
         "model_stock",

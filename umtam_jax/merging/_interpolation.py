@@ -1,15 +1,16 @@
-"""Data-free interpolations with mergekit's semantics: linear, SLERP, NuSLERP and
-Multi-SLERP (the Karcher mean and the other data-free methods: :mod:`._data_free`).
+"""Data-free interpolations with mergekit's semantics: linear, SLERP and NuSLERP (the
+spherical means of K experts: :mod:`._spherical_means`; the other data-free methods:
+:mod:`._data_free`).
 
 Each follows the method of the same name in mergekit 0.1.5 (``mergekit/merge_methods/``),
 with its parameter names and defaults; differences are listed in each docstring. Every
 merge works on one tensor (leaf) at a time, so the out-of-core engine and ``umtam-merge``
 run them too. Inputs in 16-bit floats are computed in float32 and the result cast back
-(mergekit computes ``linear`` and ``slerp`` in float32 too, the others in the inputs' own
+(mergekit computes ``linear`` and ``slerp`` in float32 too, ``nuslerp`` in the inputs' own
 dtype). Methods without a base role in mergekit take ``base=None``; a given base is then
-only checked (structure, shapes, dtypes) and otherwise ignored, or, for ``nuslerp`` and
-``multislerp``, the interpolation runs on the task vectors ``w − w0`` and adds ``w0`` back
-(``base=None`` is the same computation with ``w0 = 0``).
+only checked (structure, shapes, dtypes) and otherwise ignored, or, for ``nuslerp``, the
+interpolation runs on the task vectors ``w − w0`` and adds ``w0`` back (``base=None`` is
+the same computation with ``w0 = 0``).
 """
 
 from __future__ import annotations
@@ -266,127 +267,6 @@ def _nuslerp_leaf(base, w1, w2, weights, flatten: bool, row_wise: bool) -> jax.A
     return (b + out.reshape(b.shape)).astype(base.dtype)
 
 
-# --------------------------------------------------------------------------- multislerp
-
-
-def multislerp(
-    base: Any,
-    experts: Sequence[Any],
-    *,
-    weights: Sequence[float] | None = None,
-    normalize_weights: bool = True,
-    eps: float = 1e-8,
-) -> Any:
-    """Weighted spherical barycenter of K experts (tangent-space interpolation), per tensor.
-
-    With a base the task vectors ``x_τ = w_τ − w0`` (flattened per tensor) are merged and
-    the base added back; without one (``base=None``) the experts themselves. With weights
-    ``c`` (divided by ``Σ c`` when ``normalize_weights``), ``u_τ = x_τ / (‖x_τ‖ + eps)``,
-    ``m = Σ c_τ u_τ / ‖Σ c_τ u_τ‖``, the tangent vector ``g = Σ c_τ (u_τ − ⟨u_τ, m⟩ m)``
-    and ``γ = ‖g‖ + eps``::
-
-        multislerp = (cos γ · m + sin γ / γ · g) · Σ_τ c_τ ‖x_τ‖   (+ w0)
-
-    One expert is returned unchanged. Where ``‖Σ c_τ u_τ‖ < eps`` (antipodal vectors with
-    balancing weights) two experts fall back to ``c₁x₁ + c₂x₂ (+ w0)``, and more raise
-    ValueError, as in mergekit. mergekit requires every model's ``weight``; here they
-    default to 1.0 each.
-
-    Args:
-      base: the base parameters ``w0``, or None.
-      experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
-      weights: one weight per expert (mergekit's per-model ``weight``).
-      normalize_weights: divide the weights by their sum.
-      eps: the stabilizing constant above (≥ 0).
-
-    Returns:
-      The merged parameters, a pytree like the experts.
-
-    Raises:
-      ValueError / TypeError: invalid inputs (messages name the leaf path); weights summing
-        to 0 with ``normalize_weights``; a tensor whose weighted mean direction vanishes
-        with three or more experts.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from umtam_jax import merging
-      >>> experts = [{"w": jnp.array([2., 0.])}, {"w": jnp.array([0., 2.])}]
-      >>> out = merging.multislerp(None, experts)
-      >>> [round(x, 5) for x in out["w"].tolist()]
-      [1.41421, 1.41421]
-
-    References:
-      C. Goddard, "Multi-SLERP" (goddard.blog/posts/multislerp-wow-what-a-cool-idea);
-      Buss & Fillmore, "Spherical Averages and Applications to Spherical Splines and
-      Interpolation", ACM TOG 2001; mergekit ``multislerp``.
-    """
-    return pipeline.merge(
-        MULTISLERP,
-        base,
-        experts,
-        None,
-        weights=weights,
-        normalize_weights=normalize_weights,
-        eps=eps,
-    )
-
-
-def _multislerp_terms(base, ws, weights, normalize_weights, eps):
-    dt = _compute_dtype(base)
-    b = base.astype(dt).reshape(-1)
-    xs = [w.astype(dt).reshape(-1) - b for w in ws]
-    c = [jnp.asarray(w, dt) for w in weights]
-    total = _sum(c)
-    c = [jnp.where(normalize_weights, ci / jnp.where(normalize_weights, total, 1), ci) for ci in c]
-    eps = jnp.asarray(eps, dt)
-    norms = [jnp.linalg.norm(x) for x in xs]
-    units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
-    mean = _sum([ci * u for ci, u in zip(c, units, strict=True)])
-    mean_norm = jnp.linalg.norm(mean)
-    return dt, b, xs, c, eps, norms, units, mean, mean_norm
-
-
-@jax.jit
-def _multislerp_degenerate(base, ws, weights, normalize_weights, eps) -> jax.Array:
-    *_, eps, _, _, _, mean_norm = _multislerp_terms(base, ws, weights, normalize_weights, eps)
-    return mean_norm < eps
-
-
-@jax.jit
-def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
-    if len(ws) == 1:
-        return ws[0]
-    terms = _multislerp_terms(base, ws, weights, normalize_weights, eps)
-    dt, b, xs, c, eps, norms, units, mean, mean_norm = terms
-    degenerate = mean_norm < eps
-    mean = mean / jnp.where(degenerate, 1, mean_norm)
-    g = _sum([ci * (u - jnp.sum(u * mean) * mean) for ci, u in zip(c, units, strict=True)])
-    gamma = jnp.linalg.norm(g) + eps
-    out = mean * jnp.cos(gamma) + g * (jnp.sin(gamma) / gamma)
-    out = out * _sum([n * ci for n, ci in zip(norms, c, strict=True)])
-    fallback = c[0] * xs[0] + c[1] * xs[1] if len(ws) == 2 else jnp.full_like(out, jnp.nan)
-    out = jnp.where(degenerate, fallback, out)
-    return (out + b).reshape(base.shape).astype(base.dtype)
-
-
-def _check_multislerp(call: pipeline.Call) -> None:
-    _check_weight_sum(call, "normalize_weights")
-    opts, p = call.options, call.prepared
-    if len(p.experts) < 3 or _traced(*p.base, opts["eps"], *opts["weights"]):
-        return
-    w, nw, eps = opts["weights"], opts["normalize_weights"], opts["eps"]
-    columns = [[ws[j] for ws in p.experts] for j in range(len(p.base))]
-    flags = jax.device_get(
-        [_multislerp_degenerate(b, col, w, nw, eps) for b, col in zip(p.base, columns, strict=True)]
-    )
-    for path, bad in zip(p.paths, flags, strict=True):
-        if bad:
-            raise ValueError(
-                f"multislerp: at {path} the weighted sum of the experts' unit vectors is 0 "
-                "(antipodal experts whose weights balance out); change the weights"
-            )
-
-
 # --------------------------------------------------------------------------- registry
 
 LINEAR = R.register(
@@ -432,22 +312,5 @@ NUSLERP = R.register(
         ),
         base_optional=True,
         check=lambda call: _count(call, 2, 2),
-    )
-)
-MULTISLERP = R.register(
-    R.Method(
-        "multislerp",
-        multislerp,
-        "weighted spherical barycenter of the experts (or their task vectors), per tensor",
-        (
-            WEIGHTS,
-            Param("normalize_weights", "bool", "divide the weights by their sum"),
-            Param("eps", "number", "stabilizing constant of the norms", low=0),
-        ),
-        lambda opts, b, ws, masks, scores, extras: _multislerp_leaf(
-            b, ws, opts["weights"], opts["normalize_weights"], opts["eps"]
-        ),
-        base_optional=True,
-        check=_check_multislerp,
     )
 )
