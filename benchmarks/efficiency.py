@@ -58,7 +58,7 @@ from benchmarks._common import (
 )
 from umtam_jax import experiments as E
 from umtam_jax.experiments.data import add_task_import_option, import_task_modules
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import classifier, minilm
 from umtam_jax.experiments.verdicts import judge
 
 LR = 1e-4
@@ -305,7 +305,7 @@ def main(argv=None) -> dict[str, Any]:
         """The jitted steps, compiled (with a first step) on first use in this process."""
         if not steps:
             for n, tx in txs.items():
-                step = minilm.make_classifier_train_step(tx)
+                step = classifier.make_classifier_train_step(tx)
                 t = time.perf_counter()
                 _block(step(params0, tx.init(params0), batch, None))
                 compile_s[n] = time.perf_counter() - t

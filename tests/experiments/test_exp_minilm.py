@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import classifier, minilm
 
 HAS_WHEEL = importlib.util.find_spec(minilm.MINILM_PACKAGE) is not None
 needs_wheel = pytest.mark.skipif(
@@ -77,7 +77,7 @@ def test_pair_tokenization(pretrained):
 
 def test_classifier_trains_tiny():
     key = jax.random.key(0)
-    params = minilm.init_classifier(key, 3, config=TINY)
+    params = classifier.init_classifier(key, 3, config=TINY)
     assert params["head"]["kernel"].shape == (16, 3)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 50, (12, 8)).astype(np.int32)
@@ -88,10 +88,11 @@ def test_classifier_trains_tiny():
         "token_type_ids": jnp.zeros_like(ids),
         "labels": jnp.asarray(labels),
     }
-    logits = jax.eval_shape(lambda p, b: minilm.classifier_apply(p, b, config=TINY), params, batch)
+    apply = lambda p, b: classifier.classifier_apply(p, b, config=TINY)  # noqa: E731
+    logits = jax.eval_shape(apply, params, batch)
     assert logits.shape == (12, 3)
     tx = optax.adamw(1e-2)
-    step = minilm.make_classifier_train_step(tx, config=TINY)
+    step = classifier.make_classifier_train_step(tx, config=TINY)
     state = tx.init(params)
     losses = []
     for _ in range(30):
@@ -99,7 +100,7 @@ def test_classifier_trains_tiny():
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
     # Example weights: zero weight removes an example from the mean.
-    loss_fn = jax.jit(lambda p, b: minilm.classifier_loss(p, b, config=TINY)[0])
+    loss_fn = jax.jit(lambda p, b: classifier.classifier_loss(p, b, config=TINY)[0])
     w = jnp.ones(12).at[6:].set(0.0)
     loss_w = loss_fn(params, {**batch, "weights": w})
     loss_u = loss_fn(params, jax.tree.map(lambda x: x[:6], batch))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from umtam_jax.experiments.config import PipelineConfig
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import classifier, minilm
 from umtam_jax.experiments.tasks import TokenizedTask
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def _predict_fn(config: minilm.BertConfig) -> Callable:
 
         @jax.jit
         def f(params, batch):
-            return jnp.argmax(minilm.classifier_apply(params, batch, config=config), -1)
+            return jnp.argmax(classifier.classifier_apply(params, batch, config=config), -1)
 
         _PREDICT_CACHE[config] = f
     return _PREDICT_CACHE[config]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from umtam_jax.experiments.config import PipelineConfig
 from umtam_jax.experiments.experts import ExpertResult
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import classifier, minilm
 from umtam_jax.experiments.tasks import TokenizedTask
 
 __all__ = ["post_hoc_fishers", "post_hoc_grams"]
@@ -64,7 +64,7 @@ def post_hoc_fishers(
     from umtam_jax import merging
 
     def loss(p, b):
-        return minilm.classifier_loss(p, b, config=config.config)[0]
+        return classifier.classifier_loss(p, b, config=config.config)[0]
 
     t0 = time.perf_counter()
     out = []

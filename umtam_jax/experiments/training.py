@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from umtam_jax.experiments._keys import seed_for, stable_hash
 from umtam_jax.experiments.config import PipelineConfig
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import classifier, minilm
 from umtam_jax.experiments.tasks import TokenizedTask
 
 __all__ = [
@@ -137,7 +137,7 @@ def _train_step(
 
     @jax.jit
     def grad_fn(params, batch, dropout_rng):
-        (loss, _), grads = jax.value_and_grad(minilm.classifier_loss, has_aux=True)(
+        (loss, _), grads = jax.value_and_grad(classifier.classifier_loss, has_aux=True)(
             params, batch, config=config, dropout_rng=dropout_rng
         )
         return loss, grads
@@ -170,7 +170,7 @@ def init_expert(
     seed_name)``: a task's :attr:`~umtam_jax.experiments.data.TaskData.seed_name`, its own
     name unless it is a mirror task."""
     key = jax.random.key(seed_for(config.seed, "head", seed_name))
-    return minilm.init_classifier(key, num_labels, base_encoder, config=config.config)
+    return classifier.init_classifier(key, num_labels, base_encoder, config=config.config)
 
 
 def finetune(

