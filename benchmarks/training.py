@@ -40,6 +40,7 @@ import optax  # noqa: E402
 
 import umtam_jax  # noqa: E402
 from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
+from benchmarks._training_report import fmt, markdown, plot, summarize  # noqa: E402
 from umtam_jax.experiments.lm_data import lm_token_arrays  # noqa: E402
 from umtam_jax.experiments.models.gpt import (  # noqa: E402
     GPTConfig,
@@ -256,13 +257,6 @@ def train_one(
     }
 
 
-def steps_to_threshold(run: dict[str, Any], threshold: float) -> int | None:
-    for s, v in zip(run["eval_steps"], run["val_loss"], strict=True):
-        if v is not None and math.isfinite(v) and v <= threshold:
-            return s
-    return None
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, ~100 steps, 2 lrs")
@@ -426,7 +420,7 @@ def main(argv=None) -> dict[str, Any]:
         res = train_one(step_fn, eval_fn, tx, params0, batches, val, lr, size, key, max_seconds)
         res.update(spec, wall_s=time.perf_counter() - t0, signature=signature)
         print(
-            f"[training] {key}: final val {_fmt(res['final_val_loss'])}  "
+            f"[training] {key}: final val {fmt(res['final_val_loss'])}  "
             f"median step {res['step_s_median'] * 1e3:.0f} ms  first step "
             f"{res['first_step_s']:.1f} s  ({res['wall_s']:.0f} s, "
             f"elapsed {time.perf_counter() - t_start:.0f} s)",
@@ -503,82 +497,8 @@ def main(argv=None) -> dict[str, Any]:
         else:
             exact[opt] = run
 
-    # Summaries.
-    finals = {o: (b["final_val_loss"] if b else None) for o, b in best.items()}
-    finite = [v for v in finals.values() if v is not None and math.isfinite(v)]
-    threshold = max(finite) if finite else None
-    summary_rows = []
-    for opt in order:
-        b = best[opt]
-        if b is None:
-            summary_rows.append({"optimizer": opt, "best_lr": None})
-            continue
-        edge = b["lr"] in (min(grids[opt]), max(grids[opt])) and len(grids[opt]) > 1
-        summary_rows.append(
-            {
-                "optimizer": opt,
-                "rank": b["rank"],
-                "best_lr": b["lr"],
-                "best_lr_at_grid_edge": edge,
-                "final_val_loss": b["final_val_loss"],
-                "steps_to_threshold": steps_to_threshold(b, threshold) if threshold else None,
-                "step_ms_median": b["step_s_median"] * 1e3,
-            }
-        )
-    rank_rows = []
-    for r, b in rank_best.items():
-        eff = [min(r, *s) for s in shapes.values()]
-        tried = rank_attempts.get(r, [])
-        abandoned = [x for x in tried if x.get("aborted")]
-        timing = b or (abandoned[0] if abandoned else None)
-        rank_rows.append(
-            {
-                "rank": r,
-                "effective_ranks": sorted(set(eff)),
-                "lr": b["lr"] if b else None,
-                "final_val_loss": b["final_val_loss"] if b else None,
-                "step_ms_median": timing["step_s_median"] * 1e3 if timing else None,
-                "abandoned_over_time_budget": bool(abandoned) and b is None,
-            }
-        )
-    rank_finals = [
-        x["final_val_loss"]
-        for x in rank_rows
-        if x["final_val_loss"] is not None and math.isfinite(x["final_val_loss"])
-    ]
-    spread = (
-        {
-            "min": min(rank_finals),
-            "max": max(rank_finals),
-            "max_minus_min": max(rank_finals) - min(rank_finals),
-            "relative": (max(rank_finals) - min(rank_finals)) / min(rank_finals),
-            "ranks": [
-                x["rank"]
-                for x in rank_rows
-                if x["final_val_loss"] is not None and math.isfinite(x["final_val_loss"])
-            ],
-        }
-        if rank_finals
-        else None
-    )
-    exact_cmp = []
-    for opt, run in exact.items():
-        a, e = best[opt]["final_val_loss"], run["final_val_loss"]
-        rel = abs(e - a) / a if math.isfinite(a) and math.isfinite(e) else float("inf")
-        exact_cmp.append(
-            {
-                "optimizer": opt,
-                "rank": args.rank,
-                "lr": run["lr"],
-                "subspace_final_val_loss": a,
-                "exact_final_val_loss": e,
-                "relative_difference": rel,
-                "within_1_percent": bool(rel <= 0.01),
-                "subspace_step_ms": best[opt]["step_s_median"] * 1e3,
-                "exact_step_ms": run["step_s_median"] * 1e3,
-            }
-        )
-
+    tables = summarize(order, grids, best, rank_best, rank_attempts, exact, shapes, args.rank)
+    threshold = tables["threshold_val_loss"]
     plot_name = f"{name}_curves.png"
     if not args.no_plot:
         plot(runs, best, rank_best, exact, rdir / plot_name, threshold)
@@ -603,9 +523,13 @@ def main(argv=None) -> dict[str, Any]:
         "lr_selection": "lowest final validation loss (no test split is used)",
         "threshold_val_loss": threshold,
         "threshold_rule": "worst best-lr final validation loss among the optimizers",
-        "summary": summary_rows,
-        "rank_sweep": {"lr_policy": args.rank_lrs, "rows": rank_rows, "spread": spread},
-        "exact_vs_subspace": exact_cmp,
+        "summary": tables["summary"],
+        "rank_sweep": {
+            "lr_policy": args.rank_lrs,
+            "rows": tables["rank_rows"],
+            "spread": tables["spread"],
+        },
+        "exact_vs_subspace": tables["exact_vs_subspace"],
         "exact_notes": exact_notes,
         "galore_available": hasattr(optax.contrib, "galore"),
         "galore_update_proj_gap": max(10, size.steps // 5),
@@ -613,171 +537,11 @@ def main(argv=None) -> dict[str, Any]:
         "runs": [{k: v for k, v in r.items() if k != "signature"} for r in runs],
         "plot": None if args.no_plot else plot_name,
     }
-    md = markdown(payload, args)
+    md = markdown(payload, args.rank)
     write_results(name, payload, md, results_dir=rdir, title=f"{name} (small GPT, Python docs)")
     runs_path.unlink(missing_ok=True)
     print(md, flush=True)
     return payload
-
-
-def _fmt(x, spec=".4f"):
-    if x is None:
-        return "—"
-    if isinstance(x, float) and not math.isfinite(x):
-        return "diverged"
-    return format(x, spec)
-
-
-def markdown(p: dict[str, Any], args) -> str:
-    c, m = p["config"], p["model"]
-    out = [
-        f"Size **{p['size']}**: GPT d_model={m['d_model']}, {m['n_layers']} layers, "
-        f"{m['n_heads']} heads, context {m['context']}, vocab {m['vocab_size']}, "
-        f"{m['n_params']:,} params; batch {c['batch']}, {c['steps']} steps "
-        f"({c['steps'] * c['batch'] * c['context']:,} tokens), eval every {c['eval_every']} "
-        f"steps on {p['data']['val_windows']} fixed validation windows. Warmup+cosine schedule, "
-        f"no weight decay, same init and batch order for every run. Matrices factored by "
-        f"UMTAM / projected by GaLore (min_dim_size_to_factor={c['min_dim_size_to_factor']}"
-        + (
-            ""
-            if p["embeddings_factored_by_umtam_and_galore"]
-            else "; the wte/wpe embeddings are kept dense — Adam-like rule — because the QR of "
-            "the 4096×r sketch costs ~0.65 s per step on this CPU"
-        )
-        + "): "
-        + ", ".join(f"{k} {tuple(v)}" for k, v in p["factored_matrix_shapes"].items())
-        + ". `umtam_bc` is UMTAM with `bias_correction=True` (docs/algorithm.md §2.2 option; "
-        "the paper and the library default have none, so with b2 = 0.999 UMTAM's early steps "
-        "are up to 1/sqrt(1 − b2^t) larger than Adam's — still 2.2× at step 240)"
-        + ". Learning rates chosen on validation loss. Step times are wall-clock on a shared, "
-        "loaded CPU (load average in the header) — compare them only within this table.",
-        "",
-        "| optimizer | rank | lr grid | best lr | final val loss | steps to "
-        f"{_fmt(p['threshold_val_loss'])} | median step (ms) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in p["summary"]:
-        if r.get("best_lr") is None:
-            out.append(f"| {r['optimizer']} | | | all diverged | | | |")
-            continue
-        edge = " (grid edge)" if r["best_lr_at_grid_edge"] else ""
-        out.append(
-            f"| {r['optimizer']} | {r['rank'] or '—'} | "
-            f"{', '.join(f'{x:g}' for x in p['lr_grids'][r['optimizer']])} | "
-            f"{r['best_lr']:g}{edge} | {_fmt(r['final_val_loss'])} | "
-            f"{r['steps_to_threshold'] if r['steps_to_threshold'] is not None else 'not reached'}"
-            f" | {_fmt(r['step_ms_median'], '.0f')} |"
-        )
-    out += ["", "Whole grid (final validation loss):", ""]
-    out += ["| run | final val loss | median step (ms) |", "|---|---|---|"]
-    for r in p["runs"]:
-        rank = f" r={r['rank']}" if r["rank"] else ""
-        svd = f" {r['svd_method']}" if r["svd_method"] not in ("-", "subspace") else ""
-        out.append(
-            f"| {r['optimizer']}{rank}{svd} lr={r['lr']:g} | {_fmt(r['final_val_loss'])} | "
-            f"{_fmt(r['step_s_median'] * 1e3 if r['step_s_median'] else None, '.0f')} |"
-        )
-    rs = p["rank_sweep"]
-    if rs["rows"]:
-        out += [
-            "",
-            f"UMTAM rank sweep (lr: {rs['lr_policy']} lr of rank {args.rank}; rank is clipped "
-            "to min(m, n) per matrix):",
-            "",
-            "| rank | effective ranks | lr | final val loss | median step (ms) |",
-            "|---|---|---|---|---|",
-        ]
-        for r in rs["rows"]:
-            final = (
-                "abandoned (projected time over --run-budget-s)"
-                if r.get("abandoned_over_time_budget")
-                else _fmt(r["final_val_loss"])
-            )
-            out.append(
-                f"| {r['rank']} | {r['effective_ranks']} | {_fmt(r['lr'], 'g')} | "
-                f"{final} | {_fmt(r['step_ms_median'], '.0f')} |"
-            )
-        if rs["spread"]:
-            s = rs["spread"]
-            out += [
-                "",
-                f"Spread of final val loss across ranks {s['ranks']}: {s['min']:.4f} – "
-                f"{s['max']:.4f} "
-                f"(max − min {s['max_minus_min']:.4f}, {100 * s['relative']:.2f} % of min).",
-            ]
-    for e in p["exact_vs_subspace"]:
-        verdict = "holds" if e["within_1_percent"] else "does NOT hold"
-        out += [
-            "",
-            f"{e['optimizer']}: exact SVD vs default (subspace) at rank {e['rank']}, lr "
-            f"{e['lr']:g}: final val "
-            f"loss {e['exact_final_val_loss']:.4f} vs {e['subspace_final_val_loss']:.4f} "
-            f"(relative difference {100 * e['relative_difference']:.2f} %; the ≤ 1 % criterion "
-            f"{verdict}); median step {e['exact_step_ms']:.0f} ms vs "
-            f"{e['subspace_step_ms']:.0f} ms.",
-        ]
-    for note in p["exact_notes"]:
-        out += ["", note + "."]
-    if not p["galore_available"]:
-        out += ["", "optax.contrib.galore is not available in this optax version."]
-    if p["plot"]:
-        out += ["", f"![validation curves](results/{p['plot']})"]
-    return "\n".join(out)
-
-
-def plot(runs, best, rank_best, exact, path: Path, threshold) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax = axes[0]
-    for opt, b in best.items():
-        if b:
-            lab = f"{opt}{' r=' + str(b['rank']) if b['rank'] else ''} lr={b['lr']:g}"
-            ax.plot(b["eval_steps"], b["val_loss"], marker=".", label=lab)
-    if threshold:
-        ax.axhline(threshold, color="grey", ls=":", lw=1, label=f"threshold {threshold:.3f}")
-    ax.set(title="best lr per optimizer", xlabel="step", ylabel="validation loss (nats)")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for r, b in rank_best.items():
-        if b:
-            ax.plot(b["eval_steps"], b["val_loss"], marker=".", label=f"rank {r} lr={b['lr']:g}")
-    for (opt, run), style in zip(exact.items(), ("k--", "k:"), strict=False):
-        ax.plot(
-            run["eval_steps"], run["val_loss"], style, label=f"{opt} exact SVD lr={run['lr']:g}"
-        )
-    ax.set(title="UMTAM ranks", xlabel="step", ylabel="validation loss (nats)")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    opts = sorted({r["optimizer"] for r in runs})
-    for opt in opts:
-        rs = sorted(
-            (
-                r
-                for r in runs
-                if r["optimizer"] == opt
-                and r["svd_method"] in ("-", "subspace")
-                and (best.get(opt) is None or r["rank"] == best[opt]["rank"])
-            ),
-            key=lambda r: r["lr"],
-        )
-        ys = [
-            r["final_val_loss"]
-            if r["final_val_loss"] is not None and math.isfinite(r["final_val_loss"])
-            else np.nan
-            for r in rs
-        ]
-        ax.plot([r["lr"] for r in rs], ys, marker="o", label=opt)
-    ax.set(xscale="log", title="lr grid", xlabel="peak learning rate", ylabel="final val loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
