@@ -1,0 +1,101 @@
+"""The targets and the Markdown report of :mod:`benchmarks.step_time`, from its results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks._common import markdown_table
+
+TARGETS = {
+    # name: (max ratio of update time to AdamW, max state bytes / parameter bytes)
+    "umtam default": (2.5, None),
+    "umtam lean": (1.2, 0.15),
+}
+
+
+def check_targets(result: dict) -> dict[str, dict[str, Any]]:
+    """Per targeted optimizer: its time and state ratios, their bounds and whether they hold."""
+    verdicts = {}
+    for name, (max_time, max_state) in TARGETS.items():
+        row = result["results"].get(name)
+        if row is None or row.get("ratio_to_adamw") is None:
+            continue
+        ok_time = row["ratio_to_adamw"] <= max_time
+        ok_state = max_state is None or row["state_ratio"] <= max_state
+        verdicts[name] = {
+            "time_target": max_time,
+            "time_ratio": round(row["ratio_to_adamw"], 3),
+            "time_met": ok_time,
+            "state_target": max_state,
+            "state_ratio": round(row["state_ratio"], 4),
+            "state_met": ok_state,
+        }
+    return verdicts
+
+
+def table(result: dict) -> str:
+    """One run's Markdown table: times, ratios to AdamW, launches and state size."""
+    rows = []
+    for name, row in result["results"].items():
+        if "median_ms" not in row:
+            continue
+        ratio = row["ratio_to_adamw"]
+        rows.append(
+            [
+                name,
+                f"{row['median_ms']:.1f}",
+                f"{row['min_ms']:.1f}–{row['max_ms']:.1f}",
+                "—" if ratio is None else f"{ratio:.2f}×",
+                f"{row['cpu_median_ms']:.0f}",
+                "—" if row["cpu_ratio_to_adamw"] is None else f"{row['cpu_ratio_to_adamw']:.2f}×",
+                f"{row['sys_median_ms']:.0f}" if "sys_median_ms" in row else "—",
+                f"{row['page_faults_median']:.0f}" if "page_faults_median" in row else "—",
+                f"{row['kernels']} / {row['loops']} / {row['conditionals']}"
+                if "kernels" in row
+                else "—",
+                f"{row['state_ratio']:.3f}",
+            ]
+        )
+    header = (
+        f"{result['blocks']} blocks"
+        + (" (scanned: [L, ...] leaves)" if result.get("scanned") else "")
+        + f", {result['param_count'] / 1e6:.1f}M parameters, median of {result['reps']}"
+    )
+    return (
+        header
+        + "\n\n"
+        + markdown_table(
+            [
+                "optimizer",
+                "ms / update",
+                "range (ms)",
+                "× AdamW",
+                "CPU ms",
+                "CPU × AdamW",
+                "of it kernel ms",
+                "page faults",
+                "kernels / loops / conds",
+                "state ÷ params",
+            ],
+            rows,
+        )
+    )
+
+
+def report_lines(result: dict) -> list[str]:
+    """The markdown table of one run and a line per target (met or MISSED)."""
+    lines = [table(result)]
+    for name, v in result["targets"].items():
+        state = (
+            ""
+            if v["state_target"] is None
+            else (
+                f", state {v['state_ratio']} (≤ {v['state_target']}: "
+                f"{'met' if v['state_met'] else 'MISSED'})"
+            )
+        )
+        lines.append(
+            f"- target {name}: {v['time_ratio']}× AdamW (≤ {v['time_target']}: "
+            f"{'met' if v['time_met'] else 'MISSED'}){state}"
+        )
+    return lines
