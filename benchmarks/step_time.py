@@ -224,7 +224,7 @@ def executable_ops(hlo_text: str) -> dict[str, int]:
     }
 
 
-def _update_step(opt: optax.GradientTransformation, params: Any, grads: Any, apply: bool = False):
+def update_step(opt: optax.GradientTransformation, params: Any, grads: Any, apply: bool = False):
     """A blocking closure running one jitted, state-donating update (``step.lower()`` lowers
     that update); plus the state bytes.
 
@@ -299,7 +299,7 @@ def run(
             notes[name] = "not available in the installed optax"
             print(f"[{blocks} blocks] {name}: not available in optax {optax.__version__}")
             continue
-        steps[name], state_bytes = _update_step(opt, params, grads, apply=apply)
+        steps[name], state_bytes = update_step(opt, params, grads, apply=apply)
         rows[name] = {"state_bytes": state_bytes, "state_ratio": state_bytes / param_bytes}
     times, first = time_interleaved(steps, reps=reps, warmup=warmup)
     for name, step in steps.items():

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
-from benchmarks.step_time import _update_step, scanned_params, time_interleaved  # isort: skip
+from benchmarks.step_time import scanned_params, time_interleaved, update_step  # isort: skip
 
 import jax
 import jax.numpy as jnp
@@ -100,11 +100,11 @@ def updates(blocks: int, reps: int) -> dict[str, dict[str, float]]:
     call's seconds (compilation included), interleaved with AdamW's."""
     params = jax.tree.map(jnp.asarray, scanned_params(blocks))
     grads = jax.device_put(like(params, seed=1))
-    steps = {"optax.adamw": _update_step(optax.adamw(1e-3), params, grads, apply=True)[0]}
+    steps = {"optax.adamw": update_step(optax.adamw(1e-3), params, grads, apply=True)[0]}
     compiled_s = {}
     for name, change in VARIANTS.items():
         opt = umtam_jax.umtam(1e-3, row_axes=umtam_jax.scanned("blocks"))
-        step = _update_step(opt, params, grads, apply=True)[0]
+        step = update_step(opt, params, grads, apply=True)[0]
         t0 = time.perf_counter()
         with change():
             step()  # traced and compiled with the change in force

@@ -40,7 +40,7 @@ from benchmarks._common import (
     tree_bytes,
     write_results,
 )
-from benchmarks.step_time import _update_step
+from benchmarks.step_time import update_step
 
 #: The compared UMTAM settings (``umtam_jax.umtam`` options).
 CASES = {
@@ -90,7 +90,7 @@ def training_step_memory(train_argv: list[str]) -> dict[str, Any]:
 def planned_memory(opt, params, grads) -> dict[str, int]:
     """Bytes of arguments and temporaries of the compiled, donating update + apply step
     (the step ``step_time.py --apply`` times)."""
-    step, _ = _update_step(opt, params, grads, apply=True)
+    step, _ = update_step(opt, params, grads, apply=True)
     analysis = step.lower().compile().memory_analysis()
     return {
         "arguments": analysis.argument_size_in_bytes,

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.step_time import _update_step, scanned_params  # isort: skip
+from benchmarks.step_time import scanned_params, update_step  # isort: skip
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +172,7 @@ def profile(
     }
     out = {}
     for i, (name, opt) in enumerate(optimizers.items()):
-        step = _update_step(opt, params, grads, apply=True)[0]
+        step = update_step(opt, params, grads, apply=True)[0]
         step()  # compiled here, outside the trace
         step()
         wall_ms, trace = traced(step, steps, trace_root / f"{i}")

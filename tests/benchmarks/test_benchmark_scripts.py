@@ -187,7 +187,7 @@ def test_step_time_apply_donates_a_copy_of_the_parameters():
 
     params = {"w": jnp.ones((4, 3))}
     grads = {"w": jnp.full((4, 3), 0.5)}
-    step, state_bytes = step_time._update_step(optax.sgd(0.1), params, grads, apply=True)
+    step, state_bytes = step_time.update_step(optax.sgd(0.1), params, grads, apply=True)
     assert state_bytes == 0
     for _ in range(3):
         step()
