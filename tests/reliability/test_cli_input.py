@@ -15,6 +15,7 @@ import pytest
 import umtam_jax
 from umtam_jax import checkpoint
 from umtam_jax.cli import merge as cli
+from umtam_jax.cli._yaml import MAX_CONFIG_BYTES
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def test_yaml_alias_bomb_is_refused_before_expansion(ckpts, capsys, where):
 def test_duplicate_keys_and_oversized_files_are_refused(ckpts, capsys):
     text = "method: ties\nmethod: task_arithmetic\nbase: base\nexperts: [a]\noutput: out\n"
     assert "duplicate key 'method'" in _run(capsys, _config(ckpts, text))
-    big = "method: ties\n" + "#" * (cli.MAX_CONFIG_BYTES + 1)
+    big = "method: ties\n" + "#" * (MAX_CONFIG_BYTES + 1)
     assert "larger than" in _run(capsys, _config(ckpts, big))
 
 

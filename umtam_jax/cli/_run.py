@@ -17,13 +17,12 @@ import jax
 import numpy as np
 
 from umtam_jax import engine, merging
+from umtam_jax.cli._config import PROG, Plan
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 
-PROG = "umtam-merge"
 
-
-def needs_statistics(plan: Any) -> bool:
+def needs_statistics(plan: Plan) -> bool:
     """Whether the plan reads the experts' UMTAM statistics."""
     method = METHODS[plan.method]
     if method.extra == "curvatures":
@@ -33,7 +32,7 @@ def needs_statistics(plan: Any) -> bool:
     )
 
 
-def method_kwargs(plan: Any) -> dict[str, Any]:
+def method_kwargs(plan: Plan) -> dict[str, Any]:
     """The method's keyword arguments: the parameters, and the PRNG key from the seed."""
     kwargs = {k: v for k, v in plan.parameters.items() if k != "scores"}
     if METHODS[plan.method].param("key") is not None:
@@ -41,7 +40,7 @@ def method_kwargs(plan: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _job(plan: Any) -> engine.Job:
+def _job(plan: Plan) -> engine.Job:
     method = METHODS[plan.method]
     extra = {
         "fisher_dirs": [e.fisher for e in plan.experts] if method.extra == "fishers" else None,
@@ -71,7 +70,7 @@ def _job(plan: Any) -> engine.Job:
         raise ConfigError(f"the merge would fail: {err}{hint}") from None
 
 
-def _metadata(plan: Any) -> dict[str, Any]:
+def _metadata(plan: Plan) -> dict[str, Any]:
     return {
         "merge": {
             "method": plan.method,
@@ -83,7 +82,7 @@ def _metadata(plan: Any) -> dict[str, Any]:
     }
 
 
-def _describe(plan: Any, job: engine.Job, fmt: str, max_shard_size: int) -> str:
+def _describe(plan: Plan, job: engine.Job, fmt: str, max_shard_size: int) -> str:
     """The dry run's plan: inputs, tensors and bytes, method, parameters, output."""
     kinds = {engine.SafetensorsSource: "safetensors", engine.OrbaxSource: "umtam_jax checkpoint"}
     total = sum(leaf.nbytes for leaf in job.leaves)
@@ -115,7 +114,7 @@ def _shard_count(sizes: list[int], limit: int) -> int:
     return count
 
 
-def _in_memory(plan: Any, job: engine.Job) -> list[np.ndarray]:
+def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
     """Every input read whole, then the in-memory method on the whole trees; returns the
     output's leaves (non-floating ones copied from the base)."""
     everything = list(range(len(job.leaves)))
@@ -150,7 +149,7 @@ def _in_memory(plan: Any, job: engine.Job) -> list[np.ndarray]:
     ]
 
 
-def execute(plan: Any, args: argparse.Namespace) -> int:
+def execute(plan: Plan, args: argparse.Namespace) -> int:
     """Validates the inputs and the output, then merges (or prints the dry run's plan)."""
     from etils import epath
 

@@ -57,298 +57,17 @@ Exit status: 0 on success, 2 for an invalid command line, configuration, input o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import yaml
 
 from umtam_jax import engine, merging
-from umtam_jax.cli import _mergekit, _run
-from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
+from umtam_jax.cli import _run
+from umtam_jax.cli._config import PROG, build_plan, load_config, one_line
+from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
-
-PROG = "umtam-merge"
-
-_SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key accepts (a C long)
-
-
-# Parameter kinds the CLI fills itself, from the experts' entries or the seed.
-_MANAGED_KINDS = ("weights", "key")
-_TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed", "dtype", "out_dtype"}
-# Per-expert values: the key configuration files use for each per-expert parameter.
-_PER_EXPERT = {
-    p.per_expert: p.name for m in METHODS.values() for p in m.params if p.per_expert is not None
-}
-_EXPERT_KEYS = {"path", "fisher", "curvature", *_PER_EXPERT}
-_PRUNE_SCORES = ("saliency", "magnitude")
-
-
-@dataclasses.dataclass
-class Expert:
-    """One expert entry: its checkpoint, per-expert values (``weight``, ``density``, ...,
-    by configuration key) and per-expert input files."""
-
-    path: str
-    values: dict[str, float] = dataclasses.field(default_factory=dict)
-    fisher: str | None = None
-    curvature: str | None = None
-
-
-@dataclasses.dataclass
-class Plan:
-    """A validated merge request."""
-
-    method: str
-    base: str | None
-    experts: list[Expert]
-    parameters: dict[str, Any]
-    output: str | None
-    seed: int
-    dtype: str | None = None
-    out_dtype: str | None = None
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def _methods_with(name: str) -> list[str]:
-    return [m for m, method in METHODS.items() if method.param(name) is not None]
-
-
-def _check_type(method: str, param: merging.Param, value: Any) -> None:
-    name = param.name
-    if param.kind in ("density", "numbers"):
-        ok = _is_number(value) or (
-            isinstance(value, list) and value and all(_is_number(v) for v in value)
-        )
-        expected = "a number or a list of numbers"
-    elif param.kind == "bool":
-        ok, expected = isinstance(value, bool), "true or false"
-    elif param.kind == "number":
-        ok, expected = _is_number(value), "a number"
-    elif param.kind == "choice":
-        ok, expected = value in param.choices, "one of " + ", ".join(param.choices)
-    else:
-        ok, expected = True, ""
-    if not ok:
-        raise ConfigError(
-            f"parameter {name!r} of method {method!r} must be {expected}, got {value!r}"
-        )
-
-
-def _parse_expert(entry: Any, index: int) -> Expert:
-    if isinstance(entry, str):
-        entry = {"path": entry}
-    if not isinstance(entry, dict):
-        raise ConfigError(f"experts[{index}] must be a path or a mapping with a 'path'")
-    unknown = set(entry) - _EXPERT_KEYS
-    if unknown:
-        raise ConfigError(
-            f"experts[{index}] has unknown keys {sorted(unknown, key=str)}; "
-            f"allowed: {sorted(_EXPERT_KEYS)}"
-        )
-    if not isinstance(entry.get("path"), str) or not entry["path"].strip():
-        raise ConfigError(f"experts[{index}] needs a 'path' (a non-empty string)")
-    for key in _PER_EXPERT:
-        if key in entry and not _is_number(entry[key]):
-            raise ConfigError(f"experts[{index}].{key} must be a number, got {entry[key]!r}")
-    for key in ("fisher", "curvature"):
-        if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
-            raise ConfigError(f"experts[{index}].{key} must be a non-empty path")
-    return Expert(
-        path=entry["path"],
-        values={key: entry[key] for key in _PER_EXPERT if key in entry},
-        fisher=entry.get("fisher"),
-        curvature=entry.get("curvature"),
-    )
-
-
-def _per_expert_values(
-    spec: merging.Method, params: dict[str, Any], experts: list[Expert], key: str, name: str
-) -> None:
-    """Puts the experts' ``key`` values into ``params[name]``, one per expert; an expert
-    without one takes the parameter's value from 'parameters' or its default (1.0 for
-    weights)."""
-    given = [i for i, e in enumerate(experts) if key in e.values]
-    if not given:
-        return
-    param = spec.param(name)
-    if param is None or param.per_expert != key:
-        raise ConfigError(
-            f"experts[{given[0]}].{key}: method {spec.name!r} takes no per-expert {name} "
-            f"(methods that do: {', '.join(_methods_with(name))})"
-        )
-    if param.kind == "weights":
-        fallback = 1.0
-    else:
-        fallback = params.get(name, spec.defaults()[name])
-        if fallback is merging.REQUIRED and len(given) < len(experts):
-            raise ConfigError(f"give a {key} to every expert or a default {name!r} in 'parameters'")
-        if isinstance(fallback, list):
-            raise ConfigError(f"per-expert {key} values need a scalar default {name!r}")
-    values = [e.values.get(key, fallback) for e in experts]
-    params[name] = values[0] if spec.single_expert else values
-
-
-def build_plan(config: dict[str, Any]) -> Plan:
-    """Validates a configuration mapping (file merged with flags) into a :class:`Plan`.
-
-    Raises:
-      ConfigError: unknown keys, method or parameters; wrong types; missing inputs.
-    """
-    if not isinstance(config, dict):
-        raise ConfigError("the configuration must be a YAML mapping")
-    unknown = set(config) - _TOP_LEVEL
-    if unknown:
-        raise ConfigError(
-            f"unknown configuration keys {sorted(unknown, key=str)}; allowed: {sorted(_TOP_LEVEL)}"
-        )
-    method = config.get("method")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    spec = METHODS[method]
-    if not spec.out_of_core:
-        raise ConfigError(
-            f"method {method!r} needs each expert's {spec.extra}, which umtam-merge does not "
-            f"read from checkpoints: merge in memory with umtam_jax.merging.{method}"
-        )
-    defaults = spec.defaults()
-    base = config.get("base")
-    if base is None and not spec.base_optional:
-        raise ConfigError("'base' (the base checkpoint path) is required")
-    if base is not None and (not isinstance(base, str) or not base.strip()):
-        raise ConfigError(
-            f"'base' (the base checkpoint path) must be a non-empty path, got {base!r}"
-        )
-    raw_experts = config.get("experts")
-    if not isinstance(raw_experts, list) or not raw_experts:
-        raise ConfigError("'experts' must be a non-empty list of checkpoint paths or mappings")
-    experts = [_parse_expert(e, i) for i, e in enumerate(raw_experts)]
-    if spec.single_expert and len(experts) != 1:
-        raise ConfigError(f"method {method!r} takes exactly one expert, got {len(experts)}")
-
-    if not isinstance(config.get("parameters") or {}, dict):
-        raise ConfigError("'parameters' must be a mapping")
-    params = dict(config.get("parameters") or {})
-    seed = config.get("seed", params.pop("seed", 0))
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"'seed' must be an integer, got {seed!r}")
-    if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
-        raise ConfigError(f"'seed' must be in [-2**63, 2**63 - 1], got {seed}")
-
-    allowed = {p.name for p in spec.params if p.kind not in _MANAGED_KINDS}
-    if spec.extra == "scores":
-        allowed.add("scores")
-    unknown = set(params) - allowed
-    if unknown:
-        raise ConfigError(
-            f"unknown parameters {sorted(unknown, key=str)} for method {method!r}; allowed: "
-            f"{sorted(allowed)}"
-        )
-    for name, value in params.items():
-        if name == "scores":
-            if value not in _PRUNE_SCORES:
-                raise ConfigError(f"'scores' must be one of {_PRUNE_SCORES}, got {value!r}")
-            continue
-        _check_type(method, spec.param(name), value)
-
-    for key, name in _PER_EXPERT.items():
-        _per_expert_values(spec, params, experts, key, name)
-    if any(e.fisher is not None for e in experts) and spec.extra != "fishers":
-        raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
-    if spec.extra == "fishers" and any(e.fisher is None for e in experts):
-        raise ConfigError(f"method {method!r} needs a 'fisher' checkpoint for every expert")
-    curvatures = [e.curvature is not None for e in experts]
-    if any(curvatures) and spec.extra != "curvatures":
-        raise ConfigError(f"method {method!r} takes no 'curvature' files")
-    if any(curvatures) and not all(curvatures):
-        raise ConfigError("give a 'curvature' to every expert or to none")
-    for p in spec.params:
-        name = p.name
-        if p.kind in _MANAGED_KINDS or defaults[name] is not merging.REQUIRED:
-            continue
-        if name not in params:
-            raise ConfigError(f"method {method!r} requires the parameter {name!r}")
-
-    output = config.get("output")
-    if output is not None and (not isinstance(output, str) or not output.strip()):
-        raise ConfigError(f"'output' must be a non-empty path, got {output!r}")
-    dtypes = [config.get(key) for key in ("dtype", "out_dtype")]
-    for key, value in zip(("dtype", "out_dtype"), dtypes, strict=True):
-        if value is not None and value not in _mergekit.DTYPES:
-            raise ConfigError(
-                f"'{key}' must be one of {', '.join(_mergekit.DTYPES)}, got {value!r}"
-            )
-    return Plan(method, base, experts, params, output, seed, *dtypes)
-
-
-def _parse_value(text: str, flag: str) -> Any:
-    if not text.strip():
-        return ""
-    try:
-        return load_yaml(text, flag)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{flag} value {text!r} is not valid: {_one_line(err)}") from None
-
-
-def _expert_flag(text: str) -> dict[str, Any]:
-    """``PATH[,weight=W][,density=D][,fisher=PATH]``."""
-    path, *options = text.split(",")
-    entry: dict[str, Any] = {"path": path}
-    for opt in options:
-        key, sep, value = opt.partition("=")
-        if not sep:
-            raise ConfigError(f"--expert option {opt!r} is not KEY=VALUE")
-        path_key = key.strip() in ("fisher", "curvature")
-        entry[key.strip()] = value if path_key else _parse_value(value, "--expert")
-    return entry
-
-
-def load_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The YAML file (if any) with the command-line flags applied on top."""
-    config: dict[str, Any] = {}
-    if args.config is not None:
-        try:
-            with open(args.config, "rb") as f:
-                raw = f.read(MAX_CONFIG_BYTES + 1)
-        except OSError as err:
-            raise ConfigError(f"cannot read {args.config}: {err.strerror}") from None
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{args.config} is larger than {MAX_CONFIG_BYTES} bytes")
-        try:
-            config = load_yaml(raw.decode("utf-8"), args.config) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"{args.config} is not UTF-8 text") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{args.config} is not valid YAML: {_one_line(err)}") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{args.config} must hold a YAML mapping")
-        if _mergekit.is_mergekit(config):
-            config = _mergekit.translate(config)
-    for key in ("method", "base", "output", "seed"):
-        value = getattr(args, key)
-        if value is not None:
-            config[key] = value
-    if args.expert:
-        config["experts"] = [_expert_flag(e) for e in args.expert]
-    if args.param:
-        params = dict(config.get("parameters") or {})
-        for item in args.param:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--param {item!r} is not KEY=VALUE")
-            params[key.strip()] = _parse_value(value, "--param")
-        config["parameters"] = params
-    return config
-
-
-# --------------------------------------------------------------------------- merging
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -418,13 +137,6 @@ def run(args: argparse.Namespace) -> int:
     return _run.execute(build_plan(load_config(args)), args)
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    if isinstance(err, OSError) and err.strerror and err.filename and str(err.filename) not in text:
-        text = f"{err.strerror}: {err.filename}"
-    return text or type(err).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of ``umtam-merge``; returns the exit status.
 
@@ -435,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except (ConfigError, ValueError, TypeError, OSError, yaml.YAMLError) as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 
