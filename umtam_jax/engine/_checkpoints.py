@@ -36,8 +36,42 @@ def job_from_paths(
     dtype: Any = None,
     out_dtype: Any = None,
 ) -> Job:
-    """A :class:`Job` over model files, each a umtam_jax checkpoint or a Hugging Face
-    safetensors model (see :func:`merge_checkpoints`)."""
+    """A validated :class:`Job` over model files, ready for :func:`merge`.
+
+    Each path is a umtam_jax checkpoint or a Hugging Face safetensors model. Only the
+    inputs' metadata is read: the whole merge is validated with ``jax.eval_shape`` of the
+    in-memory method, so it fails here, naming the leaf path, where the merge would.
+
+    Args:
+      method: a name in :data:`umtam_jax.merging.METHODS`.
+      base_dir: the base model, or None for methods that take none.
+      expert_dirs: the experts' models.
+      statistics: read the experts' UMTAM statistics; None decides as
+        :func:`merge_checkpoints` does.
+      fisher_dirs: for ``fisher``, one model per expert holding its diagonal Fisher.
+      curvature_dirs: for ``ota``, one model per expert holding its curvature.
+      kwargs: the merging function's keyword arguments.
+      dtype: read the parameters in this dtype (floating leaves; default: as stored).
+      out_dtype: the output's dtype (default: ``dtype``, else the merge's).
+
+    Returns:
+      The job: ``job.output`` is the merged parameters' abstract pytree.
+
+    Raises:
+      FileNotFoundError, ValueError, TypeError: as :func:`merge_checkpoints`.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> for name, w in [("base", [0., 0.]), ("a", [1., -1.]), ("b", [2., 3.])]:
+      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.array(w, "f4")})
+      >>> job = engine.job_from_paths("task_arithmetic", f"{root}/base",
+      ...                             [f"{root}/a", f"{root}/b"], statistics=None,
+      ...                             kwargs={"scaling": 0.5})
+      >>> job.output["w"].shape, job.output["w"].dtype
+      ((2,), dtype('float32'))
+    """
     m = R.get(method)
     if isinstance(expert_dirs, str | bytes | os.PathLike) or not isinstance(expert_dirs, Sequence):
         raise TypeError("expert_dirs must be a sequence of checkpoint directories")
@@ -112,6 +146,10 @@ def validate_merge_checkpoints(
     Reads no arrays: the merge is validated with ``jax.eval_shape`` of the in-memory
     method on the inputs' abstract trees.
 
+    Args:
+      method, base_dir, expert_dirs, statistics, fisher_dirs, curvature_dirs, dtype,
+      out_dtype, **method_kwargs: as :func:`merge_checkpoints`.
+
     Returns:
       The merged parameters' abstract pytree (``jax.ShapeDtypeStruct`` leaves).
 
@@ -141,7 +179,25 @@ OUTPUT_FORMATS = ("auto", "orbax", "safetensors")
 
 
 def resolve_output_format(base: Source, output_format: str) -> str:
-    """``"orbax"`` or ``"safetensors"``: ``"auto"`` writes the base's format."""
+    """The format to write: ``output_format``, or for ``"auto"`` the base's.
+
+    Args:
+      base: the base's source.
+      output_format: one of :data:`OUTPUT_FORMATS`.
+
+    Returns:
+      ``"orbax"`` or ``"safetensors"``.
+
+    Raises:
+      ValueError: an unknown ``output_format``.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> path = checkpoint.save_safetensors(tempfile.mkdtemp() + "/m", {"w": np.ones(2)})
+      >>> engine.resolve_output_format(engine.open_source(path, "the base"), "auto")
+      'safetensors'
+    """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(
             f"unknown output_format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}"
@@ -152,8 +208,37 @@ def resolve_output_format(base: Source, output_format: str) -> str:
 
 
 def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> None:
-    """Refuses an output that is, contains or lies inside an input, or that may not be
-    written (an existing file or folder not written by umtam_jax in format ``fmt``)."""
+    """Refuses an output that may not be written, before anything is.
+
+    Refused: an output that is, contains or lies inside one of the job's inputs; a
+    symbolic link or a path under a file; an existing file or folder that umtam_jax did
+    not write in format ``fmt``; an existing output without ``overwrite``.
+
+    Args:
+      output: the absolute output path.
+      job: the job whose inputs the output must stay clear of.
+      fmt: ``"orbax"`` or ``"safetensors"``.
+      overwrite: whether an earlier umtam_jax output at ``output`` may be replaced.
+
+    Raises:
+      ValueError: an output that is, holds or lies in an input, or is not umtam_jax's.
+      FileExistsError: ``output`` exists and ``overwrite`` is False.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from etils import epath
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> for name in ("base", "a"):
+      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.ones(2)})
+      >>> job = engine.job_from_paths("passthrough", f"{root}/base", [f"{root}/a"],
+      ...                             statistics=None, kwargs={})
+      >>> try:
+      ...     engine.check_output(epath.Path(root), job, "safetensors", overwrite=True)
+      ... except ValueError as err:
+      ...     print("refused:", str(err).split(" (")[0].replace(root, "ROOT"))
+      refused: the output ROOT contains the base
+    """
     from umtam_jax.checkpoint import _safetensors, _safety
 
     inputs = [("the base", job.base.directory)]
@@ -177,8 +262,39 @@ def writer(
     metadata: Mapping[str, Any] | None,
     max_shard_size: int | str = 5 * 10**9,
 ) -> Callable[[Any, Callable[[int], np.ndarray]], epath.Path]:
-    """``write(abstract, produce)`` saving the output of ``job`` at ``output`` in ``fmt``
-    (safetensors output gets the base's config and tokenizer files when it has them)."""
+    """The ``write`` function of :func:`merge` that saves a job's output as a model folder.
+
+    ``write(abstract, produce)`` streams the leaves ``produce(j)`` into a umtam_jax
+    checkpoint (``save_params_streaming``) or a safetensors folder (``save_safetensors``,
+    with the base's config and tokenizer files when the base is a Hugging Face model),
+    written atomically; it returns the folder.
+
+    Args:
+      job: the job whose output is written.
+      output: the absolute output path (check it first with :func:`check_output`).
+      fmt: ``"orbax"`` or ``"safetensors"``.
+      overwrite: replace an earlier umtam_jax output at ``output``.
+      metadata: JSON-serialisable metadata stored with the output.
+      max_shard_size: for safetensors, bytes per shard (an int or a string like ``"5GB"``).
+
+    Returns:
+      The ``write`` function.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from etils import epath
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> for name in ("base", "a"):
+      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.ones(2)})
+      >>> job = engine.job_from_paths("passthrough", f"{root}/base", [f"{root}/a"],
+      ...                             statistics=None, kwargs={"scale": 2.0})
+      >>> write = engine.writer(job, epath.Path(root) / "out", "safetensors",
+      ...                       overwrite=False, metadata=None)
+      >>> out = engine.merge(job, write, progress=False)
+      >>> checkpoint.SafetensorsReader(out).read(["w"])[0].tolist()
+      [2.0, 2.0]
+    """
 
     def write(abstract: Any, produce: Callable[[int], np.ndarray]) -> epath.Path:
         if fmt == "orbax":
@@ -272,9 +388,20 @@ def merge_checkpoints(
         not written by umtam_jax; messages name the leaf path or file. Nothing is written.
 
     Example:
-      >>> from umtam_jax import engine
-      >>> engine.merge_checkpoints(  # doctest: +SKIP
-      ...     "ties", "models/base", ["models/a", "models/b"], "models/merged", density=0.2)
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> for name, w in [("base", [0., 0.]), ("a", [1., -1.]), ("b", [2., 3.])]:
+      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.array(w, "f4")})
+      >>> out = engine.merge_checkpoints("task_arithmetic", f"{root}/base",
+      ...                                [f"{root}/a", f"{root}/b"], f"{root}/merged",
+      ...                                scaling=0.5, progress=False)
+      >>> checkpoint.SafetensorsReader(out).read(["w"])[0].tolist()  # 0.5 · (Δa + Δb)
+      [1.5, 1.0]
+
+    References:
+      Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models",
+      arXiv:2403.13257 (its out-of-core, tensor-at-a-time merging).
     """
     from umtam_jax.checkpoint import _format
 

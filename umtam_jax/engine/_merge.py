@@ -89,8 +89,39 @@ def merge(
     group_bytes: int = DEFAULT_GROUP_BYTES,
     progress: bool = True,
 ) -> Any:
-    """Runs ``job``: ``write(abstract_output, produce)`` writes the output, calling
-    ``produce(j)`` for each leaf ``j`` in flattening order; returns what ``write`` returns."""
+    """Runs ``job`` leaf by leaf and hands the merged leaves to ``write``.
+
+    ``write(abstract_output, produce)`` writes the output, calling ``produce(j)`` for each
+    leaf ``j`` in flattening order; ``produce`` reads the group of leaves holding ``j``
+    from every input (once per group), merges leaf ``j`` and returns it as a NumPy array.
+    A group's inputs are dropped after its last leaf. With ``scope="global"``, the exact
+    global thresholds are found first, in extra passes over the inputs.
+
+    Args:
+      job: a validated job (:func:`job_from_paths` builds one from paths).
+      write: the output's writer, e.g. :func:`writer`'s, or any function of
+        ``(abstract_output, produce)``.
+      group_bytes: leaves are read in consecutive groups of about this many bytes of the
+        base (at least one leaf per group).
+      progress: show progress bars over the leaves.
+
+    Returns:
+      What ``write`` returns.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> for name, w in [("base", [0., 0.]), ("a", [1., -1.]), ("b", [2., 3.])]:
+      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.array(w, "f4")})
+      >>> job = engine.job_from_paths("task_arithmetic", f"{root}/base",
+      ...                             [f"{root}/a", f"{root}/b"], statistics=None,
+      ...                             kwargs={"scaling": 0.5})
+      >>> def to_list(abstract, produce):  # a writer that keeps the leaves in memory
+      ...     return [produce(j).tolist() for j in range(len(job.leaves))]
+      >>> engine.merge(job, to_list, progress=False)
+      [[1.5, 1.0]]
+    """
     from tqdm.auto import tqdm
 
     topk = None

@@ -147,7 +147,26 @@ _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def is_huggingface(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a Hugging Face model (safetensors, or pickles to refuse)."""
+    """Whether ``path`` is a Hugging Face model folder or a ``.safetensors`` file.
+
+    A folder counts when it holds ``model.safetensors``, a safetensors index, a
+    ``config.json`` or PyTorch pickles (which are recognised so that they can be refused
+    with a clear message, never loaded).
+
+    Args:
+      path: a file or folder.
+
+    Returns:
+      True for a Hugging Face model; False otherwise (a umtam_jax checkpoint, a missing
+      path).
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> path = checkpoint.save_safetensors(tempfile.mkdtemp() + "/m", {"w": np.ones(2)})
+      >>> engine.is_huggingface(path), engine.is_huggingface(tempfile.mkdtemp())
+      (True, False)
+    """
     p = os.fspath(path)
     if p.endswith(".safetensors") or any(os.path.isfile(os.path.join(p, f)) for f in _HF_FILES):
         return True
@@ -159,7 +178,28 @@ def is_huggingface(path: str | os.PathLike) -> bool:
 
 
 def open_source(path: str | os.PathLike, what: str) -> Source:
-    """A source for ``path``: a Hugging Face safetensors model, else a umtam_jax checkpoint."""
+    """The :class:`Source` reading ``path``: safetensors for a Hugging Face model, else Orbax.
+
+    Args:
+      path: a Hugging Face model (see :func:`is_huggingface`) or a umtam_jax checkpoint.
+      what: the input's role, named in error messages (``"the base"``, ``"expert 0's"``).
+
+    Returns:
+      A :class:`SafetensorsSource` or an :class:`OrbaxSource`; opening reads metadata only.
+
+    Raises:
+      FileNotFoundError: a missing input, or a folder that is neither kind of model (the
+        message names ``what``).
+      ValueError: PyTorch pickles only, or an invalid safetensors model.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> path = checkpoint.save_safetensors(tempfile.mkdtemp() + "/m", {"w": np.ones(2)})
+      >>> source = engine.open_source(path, "the base")
+      >>> source.abstract()["w"].shape, source.read([0])[0].tolist()
+      ((2,), [1.0, 1.0])
+    """
     if is_huggingface(path):
         return SafetensorsSource(path, what)
     return OrbaxSource(path, what)
