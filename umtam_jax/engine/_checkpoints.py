@@ -157,9 +157,20 @@ def validate_merge_checkpoints(
       FileNotFoundError, ValueError, TypeError: as :func:`merge_checkpoints`.
 
     Example:
-      >>> from umtam_jax import engine
-      >>> engine.validate_merge_checkpoints(  # doctest: +SKIP
-      ...     "ties", "ckpt/base", ["ckpt/a", "ckpt/b"], density=0.2)
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> for name in ("base", "a", "b"):
+      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.ones(4, "f4")})
+      >>> engine.validate_merge_checkpoints("ties", f"{root}/base", [f"{root}/a", f"{root}/b"],
+      ...                                   density=0.5)["w"].shape
+      (4,)
+      >>> try:
+      ...     engine.validate_merge_checkpoints("ties", f"{root}/base", [f"{root}/a"],
+      ...                                       density=1.5)
+      ... except ValueError as err:
+      ...     print(err)
+      density must lie in (0, 1], got 1.5
     """
     job = job_from_paths(
         method,

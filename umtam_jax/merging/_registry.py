@@ -207,7 +207,22 @@ def get(name: Any) -> Method:
 
 
 def describe(method: Method) -> str:
-    """A few lines on ``method``: summary, inputs and parameters with their defaults."""
+    """A few lines on ``method``: summary, inputs and parameters with their defaults.
+
+    ``umtam-merge --list-methods`` prints this for every method.
+
+    Args:
+      method: a registered method (an entry of :data:`METHODS`).
+
+    Returns:
+      The description: a summary line, the inputs, then one line per parameter (kind,
+      default or ``required``, choices, the per-expert configuration key, meaning).
+
+    Example:
+      >>> from umtam_jax import merging
+      >>> print(merging.describe(merging.METHODS["task_arithmetic"]).splitlines()[1])
+        inputs: base, experts
+    """
     inputs = "base, one expert" if method.single_expert else "base, experts"
     if method.extra is not None:
         inputs += f", {method.extra}"

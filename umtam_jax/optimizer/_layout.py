@@ -63,6 +63,13 @@ def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
     Right for Flax ``Dense`` (in, out), ``DenseGeneral`` and ``Conv`` (..., in, out)
     kernels. For layer-stacked (scanned) models use :func:`scanned`.
 
+    Args:
+      path: the leaf's key path (not used).
+      shape: the leaf's shape.
+
+    Returns:
+      The number of leading axes that form the rows: all but the last.
+
     Example:
       >>> default_row_axes((), (3, 3, 16, 32))
       3

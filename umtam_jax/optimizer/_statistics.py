@@ -107,6 +107,9 @@ def statistics(x: Any) -> Any:
       >>> stats = umtam_jax.statistics(opt.init(params))
       >>> stats["w"].nu.shape
       (4, 3)
+
+    References:
+      UMTAM, arXiv:2512.17109 (the statistics Algorithm 2 merges with).
     """
     if _contains_statistics(x):
         return x
@@ -201,6 +204,19 @@ def curvature(x: Any) -> Any:
 
     Returns:
       A pytree of arrays shaped like the parameters.
+
+    Example:
+      >>> import jax.numpy as jnp, umtam_jax
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2, min_dim_size_to_factor=2)
+      >>> _, state = opt.update({"w": jnp.full((4, 3), 0.1)}, opt.init(params), params)
+      >>> curv = umtam_jax.curvature(state)["w"]  # (1 − β2) g² after one step
+      >>> curv.shape, round(float(curv[0, 0]), 7)
+      ((4, 3), 1e-05)
+
+    References:
+      UMTAM, arXiv:2512.17109 (Algorithm 1); Shazeer & Stern, "Adafactor",
+      arXiv:1804.04235.
     """
     return _map_statistics(_leaf_curvature, x)
 
@@ -213,6 +229,18 @@ def momentum(x: Any) -> Any:
 
     Returns:
       A pytree of arrays shaped like the parameters.
+
+    Example:
+      >>> import jax.numpy as jnp, umtam_jax
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2, min_dim_size_to_factor=2)
+      >>> _, state = opt.update({"w": jnp.full((4, 3), 0.1)}, opt.init(params), params)
+      >>> mom = umtam_jax.momentum(state)["w"]  # (1 − β1) g after one step
+      >>> mom.shape, round(float(mom[0, 0]), 6)
+      ((4, 3), 0.01)
+
+    References:
+      UMTAM, arXiv:2512.17109 (Algorithm 1).
     """
     return _map_statistics(_leaf_momentum, x)
 
@@ -221,10 +249,10 @@ def saliency(x: Any, params: Any = None, initial_params: Any = None) -> Any:
     """Per-parameter saliency ``S`` with the parameters' shapes.
 
     With tracked saliency (the default ``saliency="tracked"``) this is the running
-    ``S ← α S + (1 − α)(W − W0)² ⊙ sqrt(R_i C_j)`` of docs/algorithm.md §2.2 step 9. When the
-    optimizer ran
-    with ``saliency="final"`` no ``S`` is stored; pass ``params`` and ``initial_params`` and it
-    is computed once as ``(W − W0)² ⊙ sqrt(R_i C_j)`` (dense leaves: ``⊙ sqrt(v)``).
+    ``S ← α S + (1 − α)(W − W0)² ⊙ sqrt(R_i C_j)`` of docs/algorithm.md §2.2 step 9. When
+    the optimizer ran with ``saliency="final"`` no ``S`` is stored; pass ``params`` and
+    ``initial_params`` and it is computed once as ``(W − W0)² ⊙ sqrt(R_i C_j)`` (dense
+    leaves: ``⊙ sqrt(v)``).
 
     Args:
       x: an optimizer state (possibly wrapped) or a statistics pytree.
@@ -237,6 +265,20 @@ def saliency(x: Any, params: Any = None, initial_params: Any = None) -> Any:
     Raises:
       ValueError: if a leaf has no tracked saliency and ``params``/``initial_params`` are
         missing.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, umtam_jax
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2, min_dim_size_to_factor=2, saliency="final")
+      >>> grads = {"w": jnp.full((4, 3), 0.1)}
+      >>> updates, state = opt.update(grads, opt.init(params), params)
+      >>> trained = optax.apply_updates(params, updates)
+      >>> sal = umtam_jax.saliency(state, trained, params)["w"]  # (W − W0)² ⊙ sqrt(R C)
+      >>> sal.shape, bool((sal > 0).all())
+      ((4, 3), True)
+
+    References:
+      UMTAM, arXiv:2512.17109 (Algorithm 1, saliency accumulation).
     """
     stats = statistics(x)
     if params is None or initial_params is None:
