@@ -9,12 +9,12 @@ verify. Restored arrays are ``jax.Array`` (dtypes preserved, bfloat16 included),
 the first local device or with the shardings of a given target.
 
 Example:
-  >>> import jax, jax.numpy as jnp, umtam_jax
+  >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
   >>> from umtam_jax import checkpoint
   >>> params = {"w": jnp.ones((4, 3))}
   >>> opt = umtam_jax.umtam(1e-2)
-  >>> path = checkpoint.save_checkpoint("/tmp/ckpt_pkg_doc", params,
-  ...                                   opt_state=opt.init(params), overwrite=True)
+  >>> path = checkpoint.save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
+  ...                                   opt_state=opt.init(params))
   >>> stats = checkpoint.restore_statistics(path)
   >>> state = checkpoint.restore_opt_state(path, jax.eval_shape(opt.init, params))
 """

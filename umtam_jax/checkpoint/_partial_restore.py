@@ -38,9 +38,15 @@ class CheckpointReader:
       ValueError: the directory is not a complete umtam_jax checkpoint.
 
     Example:
-      >>> reader = CheckpointReader("/tmp/ckpt_doc")  # doctest: +SKIP
-      >>> spec = reader.structure("params")  # doctest: +SKIP
-      >>> [kernel] = reader.restore_arrays("params", [("dense", "kernel")])  # doctest: +SKIP
+      >>> import tempfile, jax.numpy as jnp
+      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+      >>> reader = CheckpointReader(save_checkpoint(tempfile.mkdtemp() + "/ckpt", params))
+      >>> reader.abstract("params")["dense"]["kernel"].shape
+      (4, 3)
+      >>> [kernel] = reader.restore_arrays("params", [("dense", "kernel")])
+      >>> float(kernel.sum())
+      12.0
     """
 
     def __init__(self, directory: str | epath.PathLike, *, verify: bool = True):

@@ -90,7 +90,13 @@ def read_metadata(directory: str | epath.PathLike) -> dict[str, Any]:
       ValueError: if the metadata is corrupt or from an unknown format.
 
     Example:
-      >>> read_metadata("/tmp/ckpt_doc")["user"]  # doctest: +SKIP
+      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2)
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
+      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> read_metadata(path)["user"]
       {'task': 'demo'}
     """
     meta = _read_full_metadata(_check_directory(directory))
@@ -248,7 +254,14 @@ def restore_params(
       ValueError: if the checkpoint is corrupt or ``target`` does not match it.
 
     Example:
-      >>> params = restore_params("/tmp/ckpt_doc")  # doctest: +SKIP
+      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2)
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
+      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> restore_params(path)["w"].shape
+      (4, 3)
     """
     directory = _check_directory(directory)
     meta = _read_full_metadata(directory)
@@ -279,8 +292,14 @@ def restore_statistics(
       ValueError: if the checkpoint is corrupt or ``target`` does not match it.
 
     Example:
-      >>> stats = restore_statistics("/tmp/ckpt_doc")  # doctest: +SKIP
-      >>> stats["w"].saliency.shape  # doctest: +SKIP
+      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2)
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
+      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> stats = restore_statistics(path)
+      >>> stats["w"].saliency.shape
       (4, 3)
     """
     directory = _check_directory(directory)
@@ -313,8 +332,16 @@ def restore_opt_state(directory: str | epath.PathLike, target: Any, *, verify: b
         from the saved state (the message lists the differing paths).
 
     Example:
-      >>> abstract = jax.eval_shape(opt.init, params)  # doctest: +SKIP
-      >>> opt_state = restore_opt_state("/tmp/ckpt_doc", abstract)  # doctest: +SKIP
+      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2)
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
+      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> abstract = jax.eval_shape(opt.init, params)
+      >>> opt_state = restore_opt_state(path, abstract)
+      >>> int(opt_state[0].count)
+      0
     """
     if target is None:
         raise TypeError("restore_opt_state needs a target, e.g. jax.eval_shape(opt.init, params)")
@@ -354,9 +381,15 @@ def restore_checkpoint(
       ValueError: if the checkpoint is corrupt or a target does not match it.
 
     Example:
-      >>> ckpt = restore_checkpoint("/tmp/ckpt_doc")  # doctest: +SKIP
-      >>> ckpt.metadata["user"]  # doctest: +SKIP
-      {'task': 'demo'}
+      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> opt = umtam_jax.umtam(1e-2)
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
+      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> ckpt = restore_checkpoint(path)
+      >>> ckpt.metadata["user"], ckpt.params["w"].shape
+      ({'task': 'demo'}, (4, 3))
     """
     directory = _check_directory(directory)
     meta = _read_full_metadata(directory)

@@ -24,10 +24,10 @@ folder holds the marker file ``umtam_jax_safetensors.json`` (``{"format":
 only a folder with that marker is ever replaced, with ``overwrite=True``. Local disks only.
 
 Example:
-  >>> import numpy as np, jax.numpy as jnp
+  >>> import tempfile, numpy as np, jax.numpy as jnp
   >>> from umtam_jax.checkpoint import SafetensorsReader, save_safetensors
   >>> tree = {"dense": {"kernel": np.ones((2, 3), jnp.bfloat16)}}
-  >>> path = save_safetensors("/tmp/st_module_doc", tree, overwrite=True)
+  >>> path = save_safetensors(tempfile.mkdtemp() + "/model", tree)
   >>> SafetensorsReader(path).abstract()["dense"]["kernel"].dtype
   dtype(bfloat16)
 
@@ -236,9 +236,9 @@ class SafetensorsReader:
       CheckpointCorruptError: with ``verify``, an unreadable checksum record.
 
     Example:
-      >>> import numpy as np
+      >>> import tempfile, numpy as np
       >>> from umtam_jax.checkpoint import SafetensorsReader, save_safetensors
-      >>> path = save_safetensors("/tmp/st_reader_doc", {"w": np.ones(3)}, overwrite=True)
+      >>> path = save_safetensors(tempfile.mkdtemp() + "/model", {"w": np.ones(3)})
       >>> reader = SafetensorsReader(path)
       >>> reader.names, reader.shape("w"), reader.read(["w"])[0].sum()
       (['w'], (3,), np.float64(3.0))

@@ -113,8 +113,8 @@ def save_safetensors(
       FileExistsError: the folder exists and ``overwrite`` is False.
 
     Example:
-      >>> import numpy as np
-      >>> path = save_safetensors("/tmp/st_save_doc", {"w": np.zeros(2)}, overwrite=True)
+      >>> import tempfile, numpy as np
+      >>> path = save_safetensors(tempfile.mkdtemp() + "/model", {"w": np.zeros(2)})
       >>> sorted(p.name for p in path.iterdir())
       ['model.safetensors', 'umtam_jax_safetensors.json']
     """
@@ -217,9 +217,13 @@ def safetensors_to_orbax(
       As :class:`SafetensorsReader` and :func:`~umtam_jax.checkpoint.save_params_streaming`.
 
     Example:
-      >>> import numpy as np
-      >>> src = save_safetensors("/tmp/st_to_orbax_doc", {"w": np.ones(2)}, overwrite=True)
-      >>> ckpt = safetensors_to_orbax(src, "/tmp/st_to_orbax_doc_ckpt", overwrite=True)
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax.checkpoint import restore_params
+      >>> root = tempfile.mkdtemp()
+      >>> src = save_safetensors(f"{root}/model", {"w": np.ones(2)})
+      >>> ckpt = safetensors_to_orbax(src, f"{root}/ckpt")
+      >>> restore_params(ckpt)["w"].tolist()
+      [1.0, 1.0]
     """
     reader = SafetensorsReader(folder)
     abstract = reader.abstract()
@@ -268,10 +272,13 @@ def orbax_to_safetensors(
       ValueError: params that are not nested dicts, or a key that is empty or has ``"."``.
 
     Example:
-      >>> import numpy as np
-      >>> from umtam_jax.checkpoint import save_checkpoint
-      >>> ckpt = save_checkpoint("/tmp/st_from_orbax_doc", {"w": np.ones(2)}, overwrite=True)
-      >>> path = orbax_to_safetensors(ckpt, "/tmp/st_from_orbax_doc_st", overwrite=True)
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax.checkpoint import SafetensorsReader, save_checkpoint
+      >>> root = tempfile.mkdtemp()
+      >>> ckpt = save_checkpoint(f"{root}/ckpt", {"w": np.ones(2)})
+      >>> path = orbax_to_safetensors(ckpt, f"{root}/model")
+      >>> SafetensorsReader(path).names
+      ['w']
     """
     reader = CheckpointReader(checkpoint_dir)
     found = list(_spec_names(reader.structure(F.PARAMS)))

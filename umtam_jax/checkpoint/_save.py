@@ -182,12 +182,12 @@ def save_checkpoint(
       NotADirectoryError: a parent of ``directory`` is a file.
 
     Example:
-      >>> import jax.numpy as jnp, umtam_jax
+      >>> import tempfile, jax.numpy as jnp, umtam_jax
       >>> from umtam_jax.checkpoint import save_checkpoint, restore_statistics
       >>> params = {"w": jnp.ones((4, 3))}
       >>> opt = umtam_jax.umtam(1e-2)
-      >>> path = save_checkpoint("/tmp/ckpt_doc", params, opt_state=opt.init(params),
-      ...                        metadata={"task": "demo"}, overwrite=True)
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
+      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
       >>> restore_statistics(path)["w"].nu.shape
       (4, 3)
     """

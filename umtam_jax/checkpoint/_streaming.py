@@ -265,10 +265,13 @@ def save_params_streaming(
       ValueError: no array leaves, or ``produce`` returned a wrong shape or dtype.
 
     Example:
-      >>> import jax, numpy as np
+      >>> import tempfile, jax, numpy as np
+      >>> from umtam_jax.checkpoint import restore_params
       >>> like = {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}
-      >>> path = save_params_streaming("/tmp/stream_doc", like,
-      ...                              lambda i: np.ones((2, 3), np.float32), overwrite=True)
+      >>> path = save_params_streaming(tempfile.mkdtemp() + "/ckpt", like,
+      ...                              lambda i: np.ones((2, 3), np.float32))
+      >>> float(restore_params(path)["w"].sum())
+      6.0
     """
     directory = F._absolute(directory)
     _safety.check_target(directory, overwrite=overwrite)
