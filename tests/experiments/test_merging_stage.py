@@ -195,3 +195,20 @@ def test_cache_keys_are_those_of_the_unsplit_pipeline():
     assert E.expert_fingerprint(tt, E.FULL, "adamw") == "99dec1158a57016a"
     assert seed_for(0, "merge") == 1802082137
     assert seed_for(3, "head", "kjv_section") == 1764428371
+
+
+def test_plot_merging_writes_a_png_atomically(tmp_path):
+    result = {
+        "experts": {"a": {"test": 0.9}, "b": {"test": 0.8}},
+        "methods": {
+            "ties": {"method": "ties", "test": {"a": 0.7, "b": 0.6, "norm": 0.76}},
+            "umtam": {
+                "method": "umtam",
+                "test": {"a": 0.8, "b": 0.7, "norm": 0.88},
+                "test_interval": {"low": 0.8, "high": 0.95},
+            },
+        },
+    }
+    path = E.plot_merging(result, tmp_path / "plots" / "merging.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["merging.png"]

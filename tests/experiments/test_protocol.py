@@ -173,6 +173,22 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     np.testing.assert_array_equal(store.read_npz(tmp_path / "x.npz")["a"], np.arange(3))
 
 
+def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "table.md"
+    store.write_atomic(path, lambda f: f.write(b"old"))
+
+    def interrupted(f):
+        f.write(b"half of the new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.write_atomic(path, interrupted)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    store.write_atomic(tmp_path / "new" / "f.txt", lambda f: f.write(b"x"))  # makes the folder
+    assert (tmp_path / "new" / "f.txt").read_bytes() == b"x"
+
+
 def test_early_stopping_stops_with_patience_and_keeps_the_best(setup):
     tokenizer, base, _ = setup
     cfg = dataclasses.replace(protocol.SIZES["tiny"].config, steps=40)

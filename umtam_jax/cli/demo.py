@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from umtam_jax import experiments as E
     from umtam_jax.experiments import data as data_lib
+    from umtam_jax.experiments import store
 
     try:
         data_lib.import_task_modules(args.imports)
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {"fine_tuning": t_train, "total": total},
         "environment": {"python": platform.python_version(), "platform": platform.platform()},
     }
-    (workdir / "demo_results.json").write_text(json.dumps(out, indent=1, default=str))
+    text = json.dumps(out, indent=1, default=str)
+    store.write_atomic(workdir / "demo_results.json", lambda f: f.write(text.encode()))
     png = E.plot_merging(result, workdir / "demo_results.png", title=f"umtam-demo ({mode})")
     print(f"Wrote {workdir / 'demo_results.json'} and {png}")
     return 0

@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     text = to_markdown(paper_claims(args.protocol, args.benchmarks, samples=args.samples)) + "\n"
     if args.out:
-        store._atomic(Path(args.out), lambda f: f.write(text.encode()))  # temp + os.replace
+        store.write_atomic(args.out, lambda f: f.write(text.encode()))
     else:
         print(text, end="")
     return 0

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from umtam_jax.experiments import store
 from umtam_jax.experiments.metrics import (
     accuracy,
     compute_metric,
@@ -340,10 +341,7 @@ def _build(spec: TaskSpec, seed: int, use_cache: bool, root: Path) -> Examples |
         built = _coerce_examples(out)
         payload = _to_json(built)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
+        store.write_atomic(path, lambda f: f.write(json.dumps(payload).encode()))
     return built
 
 

@@ -63,7 +63,17 @@ def predict(
 def evaluate_params(
     params: Params, ttask: TokenizedTask, split: str, config: PipelineConfig
 ) -> float:
-    """The task metric of ``params`` (encoder + head) on one split."""
+    """The task metric of ``params`` (encoder + head) on one split.
+
+    Args:
+        params: classifier parameters ``{"encoder": ..., "head": ...}``.
+        ttask: the tokenized task.
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        config: the experiment's configuration (model and evaluation batch size).
+
+    Returns:
+        The task's metric (accuracy, or its own) on the split.
+    """
     arrays = ttask.arrays[split]
     y = predict(params, arrays, batch_size=config.eval_batch_size, config=config.config)
     return float(ttask.evaluate(arrays["labels"], y))
@@ -76,7 +86,18 @@ def merged_scores(
     split: str,
     config: PipelineConfig,
 ) -> dict[str, float]:
-    """The task metric of ``merged_encoder`` under each expert's own head, by task."""
+    """The task metric of ``merged_encoder`` under each expert's own head, by task.
+
+    Args:
+        merged_encoder: the merged encoder's parameters.
+        experts: the fine-tuned experts, whose heads are reused.
+        ttasks: the tokenized tasks, by name.
+        split: the split evaluated.
+        config: the experiment's configuration.
+
+    Returns:
+        The metric per task name.
+    """
     return {
         e.task: evaluate_params(
             {"encoder": merged_encoder, "head": e.params["head"]}, ttasks[e.task], split, config
@@ -88,6 +109,15 @@ def merged_scores(
 def normalized_score(
     scores: Mapping[str, float], experts: Sequence[ExpertResult], split: str
 ) -> float:
-    """The mean over tasks of ``scores[task] / expert score`` on ``split``."""
+    """The mean over tasks of ``scores[task] / expert score`` on ``split``.
+
+    Args:
+        scores: the merged model's metric per task (:func:`merged_scores`).
+        experts: the experts, whose own scores on ``split`` normalize.
+        split: the split of the scores.
+
+    Returns:
+        The normalized average: 1.0 matches every expert on its own task.
+    """
     vals = [scores[e.task] / max(e.scores[split], 1e-12) for e in experts]
     return float(np.mean(vals))

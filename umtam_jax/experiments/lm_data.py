@@ -16,7 +16,6 @@ default tokenizer and token arrays ahead of time.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from umtam_jax.experiments import store
 from umtam_jax.experiments.data import MissingDataError, cache_dir
 
 __all__ = [
@@ -180,10 +180,8 @@ def train_bpe_tokenizer(
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, path)
+        text = tok.to_str(pretty=True)
+        store.write_atomic(path, lambda f: f.write(text.encode()))
     return tok
 
 
@@ -228,12 +226,9 @@ def lm_token_arrays(
     )
     train_docs, val_docs = split_documents(lm_documents(root), val_fraction, seed)
     train, val = _encode_docs(tok, train_docs), _encode_docs(tok, val_docs)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".tmp{os.getpid()}.npz"
-    np.savez(tmp, train=train, val=val)
-    os.replace(tmp, path)
+    store.write_npz(path, {"train": train, "val": val})
     meta = {"vocab_size": vocab_size, "train_tokens": int(train.size), "val_tokens": int(val.size)}
-    (base / f"tokens-{vocab_size}-seed{seed}-val{val_fraction}.json").write_text(json.dumps(meta))
+    store.write_json(base / f"tokens-{vocab_size}-seed{seed}-val{val_fraction}.json", meta)
     return train.astype(np.int32), val.astype(np.int32)
 
 

@@ -84,6 +84,18 @@ def default_grids(full: bool = False) -> dict[str, list[dict[str, Any]]]:
     summing ones (DARE, DARE-TIES) a scaling from ``1/K``-like to 1 (``None`` scaling for
     DARE is never used). Fisher has no hyper-parameter; RegMean searches the factor
     ``alpha`` on its Grams' off-diagonal entries.
+
+    Args:
+        full: the larger grids (three values per axis) instead of the quick ones.
+
+    Returns:
+        Per method name, the list of keyword-argument settings to try.
+
+    Example:
+        >>> from umtam_jax.experiments import default_grids
+        >>> grids = default_grids()
+        >>> grids["linear"], grids["ties"][0]
+        ([{}], {'density': 0.2, 'scaling': 1.0})
     """
     if full:
         dens = (0.1, 0.2, 0.4)
@@ -111,7 +123,14 @@ def default_grids(full: bool = False) -> dict[str, list[dict[str, Any]]]:
 
 
 def merge_key(config: PipelineConfig) -> jax.Array:
-    """The PRNG key of the random merges (DARE, DARE-TIES) of an experiment."""
+    """The PRNG key of the random merges (DARE, DARE-TIES) of an experiment.
+
+    Args:
+        config: the experiment's configuration; the key derives from ``config.seed``.
+
+    Returns:
+        A typed PRNG key, the same for every run of the experiment.
+    """
     return jax.random.key(seed_for(config.seed, "merge"))
 
 

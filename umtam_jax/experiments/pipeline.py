@@ -53,13 +53,26 @@ Params = dict[str, Any]
 
 
 def load_base(config: PipelineConfig = PipelineConfig()) -> Params:  # noqa: B008
-    """The pretrained MiniLM encoder (the shared start ``w0``)."""
+    """The pretrained MiniLM encoder (the shared start ``w0``).
+
+    Args:
+        config: the experiment's configuration (any: every configuration starts from
+            the same pretrained encoder).
+
+    Returns:
+        The encoder's parameters (a nested dict of arrays).
+    """
     del config
     return minilm.load_minilm()
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
-    """Turns on JAX's persistent compilation cache (reruns skip most compile time)."""
+    """Turns on JAX's persistent compilation cache (reruns skip most compile time).
+
+    Args:
+        directory: the cache folder, created if missing. Programs that take at least a
+            second to compile are cached there.
+    """
     Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(Path(directory).absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -58,6 +58,14 @@ def post_hoc_fishers(
     from training). Per-example squared gradients of the classification loss with the
     true labels over the first ``num_examples`` training examples.
 
+    Args:
+        experts: the fine-tuned experts.
+        ttasks: the tokenized tasks, by name.
+        config: the experiment's configuration.
+        num_examples: training examples per expert.
+        batch_size: examples per gradient batch.
+        progress: show a progress bar.
+
     Returns:
         ``(fishers, seconds)``: one encoder-shaped Fisher per expert and the wall time.
     """

@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=lambda s: print(s, flush=True),
     )
     text = table.to_markdown()
-    (Path(args.workdir) / "table.md").write_text(text + "\n")
+    store.write_atomic(Path(args.workdir) / "table.md", lambda f: f.write(text.encode() + b"\n"))
     print(text)
     print(f"done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return 0

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from umtam_jax.experiments import store
+
 __all__ = ["format_table", "plot_merging", "tree_bytes"]
 
 
@@ -26,7 +28,16 @@ def _norm_cell(r: Mapping[str, Any], split: str) -> str:
 
 def format_table(result: Mapping[str, Any], split: str = "test") -> str:
     """A Markdown table: per-task metric, average, normalized average (merged/expert)
-    with its 95 % interval over the split's examples when the result has one."""
+    with its 95 % interval over the split's examples when the result has one.
+
+    Args:
+        result: a merging run's result (``run_merging``'s), with ``experts``,
+            ``expert_avg`` and ``methods``.
+        split: the split shown.
+
+    Returns:
+        The table, one row for the experts and one per method.
+    """
     tasks = list(result["experts"])
     head = ["Method", *tasks, "Avg", "Norm. avg [95 % CI]", "Chosen (on validation)"]
     rows = [
@@ -59,7 +70,16 @@ def format_table(result: Mapping[str, Any], split: str = "test") -> str:
 
 def plot_merging(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Bar charts of the test metric per task and of the normalized average per method
-    (with its 95 % interval over test examples as error bars, when recorded)."""
+    (with its 95 % interval over test examples as error bars, when recorded).
+
+    Args:
+        result: a merging run's result, as :func:`format_table` takes.
+        path: the PNG file to write (atomically).
+        title: the figure's title.
+
+    Returns:
+        The path written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,11 +112,10 @@ def plot_merging(result: Mapping[str, Any], path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def tree_bytes(tree: Any) -> int:

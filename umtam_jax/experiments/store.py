@@ -48,7 +48,23 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _atomic(path: Path, write: Any) -> Path:
+def write_atomic(path: str | Path, write: Any) -> Path:
+    """Writes a file atomically: ``write(f)`` fills a temporary sibling, then it replaces
+    ``path`` (``os.replace``), so ``path`` holds the old content or the new, never a part.
+
+    Args:
+        path: the file to write; its folder is created if missing.
+        write: called with the temporary file, opened for binary writing.
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"
+        >>> write_atomic(p, lambda f: f.write(b"hello")).read_text()
+        'hello'
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -77,7 +93,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
         {'x': 1}
     """
     data = json.dumps(jsonable(obj), indent=1, sort_keys=True).encode()
-    return _atomic(Path(path), lambda f: f.write(data))
+    return write_atomic(Path(path), lambda f: f.write(data))
 
 
 def read_json(path: str | Path) -> Any:
@@ -91,7 +107,7 @@ def read_json(path: str | Path) -> Any:
 def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
     """Writes named arrays to ``path`` (an ``.npz``) atomically."""
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    return _atomic(Path(path), lambda f: np.savez(f, **arrays))
+    return write_atomic(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:

@@ -75,8 +75,25 @@ class EarlyStopping:
 def make_optimizer(
     name: str = "umtam", learning_rate: float | optax.Schedule = 1e-4, **kwargs: Any
 ) -> optax.GradientTransformation:
-    """Builds an optimizer by name: ``"umtam"`` (kwargs go to :func:`umtam_jax.umtam`),
-    ``"adamw"``, ``"sgd"`` (kwargs go to the Optax constructor)."""
+    """Builds an optimizer by name.
+
+    Args:
+        name: ``"umtam"`` (:func:`umtam_jax.umtam`), ``"adamw"`` or ``"sgd"`` (Optax's).
+        learning_rate: a constant or an Optax schedule.
+        **kwargs: the constructor's other keyword arguments.
+
+    Returns:
+        The Optax transformation.
+
+    Raises:
+        ValueError: an unknown name.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from umtam_jax.experiments import make_optimizer
+        >>> tx = make_optimizer("umtam", 1e-3, rank=2)
+        >>> state = tx.init({"w": jnp.zeros((4, 3))})
+    """
     if name == "umtam":
         import umtam_jax
 
@@ -109,6 +126,14 @@ def optimizer_for(
     """The optimizer ``name`` on :func:`schedule`, one object per setting.
 
     Same optimizer settings -> same transform object -> one compiled step for all tasks.
+
+    Args:
+        name: as :func:`make_optimizer`.
+        config: the experiment's configuration (learning rate, steps, warm-up).
+        kwargs: the optimizer's other keyword arguments.
+
+    Returns:
+        The Optax transformation, shared by every call with the same settings.
     """
     key = stable_hash([name, config.learning_rate, config.steps, config.warmup_fraction, kwargs])
     if key not in _TX_CACHE:
@@ -159,16 +184,33 @@ def _train_step(
 
 
 def init_opt_state(tx: optax.GradientTransformation, params: Params) -> dict[str, Any]:
-    """The optimizer state of :func:`_train_step`: one state per part."""
+    """The optimizer state of :func:`_train_step`: one state per part.
+
+    Args:
+        tx: the optimizer.
+        params: classifier parameters ``{"encoder": ..., "head": ...}``.
+
+    Returns:
+        ``{"encoder": state, "head": state}``.
+    """
     return {part: tx.init(params[part]) for part in ("encoder", "head")}
 
 
 def init_expert(
     base_encoder: Params, num_labels: int, config: PipelineConfig, seed_name: str
 ) -> Params:
-    """The shared pretrained encoder with a fresh head seeded by ``(config.seed,
-    seed_name)``: a task's :attr:`~umtam_jax.experiments.data.TaskData.seed_name`, its own
-    name unless it is a mirror task."""
+    """The shared pretrained encoder with a fresh head seeded by ``(config.seed, seed_name)``.
+
+    Args:
+        base_encoder: the pretrained encoder (shared, not copied).
+        num_labels: the task's number of classes.
+        config: the experiment's configuration.
+        seed_name: a task's :attr:`~umtam_jax.experiments.data.TaskData.seed_name` (its
+            own name unless it is a mirror task).
+
+    Returns:
+        Classifier parameters ``{"encoder": base_encoder, "head": ...}``.
+    """
     key = jax.random.key(seed_for(config.seed, "head", seed_name))
     return classifier.init_classifier(key, num_labels, base_encoder, config=config.config)
 
