@@ -248,13 +248,11 @@ def _jsonable(x: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Imported here: importing umtam_jax loads JAX, which scripts that only read results
+    # (and the memory probes' parents) do not need.
+    from umtam_jax.experiments import store
+
+    store.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ----------------------------------------------------------------------------- the writer

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from umtam_jax.experiments import store
 from umtam_jax.experiments.verdicts import judge
 
 #: The paper's claim: rank 32 captures more than this fraction of the momentum's energy.
@@ -173,7 +173,7 @@ def plot(p: dict[str, Any], path: Path) -> None:
     ax.set(title="per matrix, final step", ylabel="captured fraction", ylim=(0, 1.02))
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    try:
+        store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

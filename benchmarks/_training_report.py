@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from umtam_jax.experiments import store
 
 
 def steps_to_threshold(run: dict[str, Any], threshold: float) -> int | None:
@@ -285,7 +286,7 @@ def plot(runs, best, rank_best, exact, path: Path, threshold) -> None:
     ax.set(xscale="log", title="lr grid", xlabel="peak learning rate", ylabel="final val loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    try:
+        store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

@@ -48,6 +48,7 @@ from benchmarks._common import (
     write_results,
 )
 from benchmarks.spectrum import spectra
+from umtam_jax.experiments import store
 from umtam_jax.experiments.lm_data import lm_token_arrays
 from umtam_jax.experiments.models.gpt import gpt_loss, init_gpt, make_gpt_train_step
 from umtam_jax.optimizer import _decomposition
@@ -201,10 +202,8 @@ def main(argv=None) -> dict[str, Any]:
                       f"({wall:.0f} s)", flush=True)  # fmt: skip
                 runs.append(run)
                 if not args.no_write:
-                    cache.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(run))
-                    tmp.replace(path)
+                    text = json.dumps(run)
+                    store.write_atomic(path, lambda f, text=text: f.write(text.encode()))
     result = combine(runs)
     md = markdown(result, size)
     print(md)
