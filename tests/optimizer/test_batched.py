@@ -283,14 +283,19 @@ def test_nnx_scan_model_trains_like_the_unrolled_model(axis):
             np.testing.assert_allclose(
                 layer(got[name][...], i), want[name][...], rtol=2e-5, atol=2e-6
             )
-    # The statistics of layer i of the scanned model are those of the unrolled layer i.
+    # The statistics of layer i of the scanned model are those of the unrolled layer i, up
+    # to float32 rounding: relative to each statistic's scale, so that an entry near 0 (a
+    # momentum's) is not held to a relative bound that rounding alone can break.
     for fn in (umtam_jax.saliency, umtam_jax.curvature, umtam_jax.momentum):
         stat_s = fn(opt_s.opt_state)["blocks"]["lin"]
         stat_u = fn(opt_u.opt_state)["layers"]
         for i in range(L):
             for name in ("kernel", "bias"):
+                want = np.asarray(stat_u[i]["lin"][name])
+                scale = float(np.abs(want).max())
+                assert scale > 0, (fn.__name__, i, name)
                 np.testing.assert_allclose(
-                    layer(stat_s[name], i), stat_u[i]["lin"][name], rtol=1e-3, atol=1e-12
+                    layer(stat_s[name], i), want, rtol=1e-3, atol=1e-5 * scale
                 )
 
 
