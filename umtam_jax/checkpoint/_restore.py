@@ -90,12 +90,10 @@ def read_metadata(directory: str | epath.PathLike) -> dict[str, Any]:
       ValueError: if the metadata is corrupt or from an unknown format.
 
     Example:
-      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> import tempfile, numpy as np
       >>> from umtam_jax.checkpoint import save_checkpoint
-      >>> params = {"w": jnp.ones((4, 3))}
-      >>> opt = umtam_jax.umtam(1e-2)
-      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
-      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))},
+      ...                        metadata={"task": "demo"})
       >>> read_metadata(path)["user"]
       {'task': 'demo'}
     """
@@ -254,12 +252,9 @@ def restore_params(
       ValueError: if the checkpoint is corrupt or ``target`` does not match it.
 
     Example:
-      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> import tempfile, numpy as np
       >>> from umtam_jax.checkpoint import save_checkpoint
-      >>> params = {"w": jnp.ones((4, 3))}
-      >>> opt = umtam_jax.umtam(1e-2)
-      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
-      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))})
       >>> restore_params(path)["w"].shape
       (4, 3)
     """
@@ -292,12 +287,11 @@ def restore_statistics(
       ValueError: if the checkpoint is corrupt or ``target`` does not match it.
 
     Example:
-      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> import tempfile, jax.numpy as jnp, umtam_jax
       >>> from umtam_jax.checkpoint import save_checkpoint
       >>> params = {"w": jnp.ones((4, 3))}
-      >>> opt = umtam_jax.umtam(1e-2)
-      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
-      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> state = umtam_jax.umtam(1e-2).init(params)
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params, opt_state=state)
       >>> stats = restore_statistics(path)
       >>> stats["w"].saliency.shape
       (4, 3)
@@ -334,10 +328,8 @@ def restore_opt_state(directory: str | epath.PathLike, target: Any, *, verify: b
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
       >>> from umtam_jax.checkpoint import save_checkpoint
-      >>> params = {"w": jnp.ones((4, 3))}
-      >>> opt = umtam_jax.umtam(1e-2)
-      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
-      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> params, opt = {"w": jnp.ones((4, 3))}, umtam_jax.umtam(1e-2)
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/c", params, opt_state=opt.init(params))
       >>> abstract = jax.eval_shape(opt.init, params)
       >>> opt_state = restore_opt_state(path, abstract)
       >>> int(opt_state[0].count)
@@ -381,12 +373,10 @@ def restore_checkpoint(
       ValueError: if the checkpoint is corrupt or a target does not match it.
 
     Example:
-      >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
+      >>> import tempfile, numpy as np
       >>> from umtam_jax.checkpoint import save_checkpoint
-      >>> params = {"w": jnp.ones((4, 3))}
-      >>> opt = umtam_jax.umtam(1e-2)
-      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params,
-      ...                        opt_state=opt.init(params), metadata={"task": "demo"})
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))},
+      ...                        metadata={"task": "demo"})
       >>> ckpt = restore_checkpoint(path)
       >>> ckpt.metadata["user"], ckpt.params["w"].shape
       ({'task': 'demo'}, (4, 3))

@@ -64,13 +64,19 @@ def job_from_paths(
       >>> import tempfile, numpy as np
       >>> from umtam_jax import checkpoint, engine
       >>> root = tempfile.mkdtemp()
-      >>> for name, w in [("base", [0., 0.]), ("a", [1., -1.]), ("b", [2., 3.])]:
-      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.array(w, "f4")})
-      >>> job = engine.job_from_paths("task_arithmetic", f"{root}/base",
-      ...                             [f"{root}/a", f"{root}/b"], statistics=None,
-      ...                             kwargs={"scaling": 0.5})
+      >>> base = checkpoint.save_safetensors(f"{root}/base", {"w": np.zeros(2, "f4")})
+      >>> a = checkpoint.save_checkpoint(f"{root}/a", {"w": np.ones(2, "f4")})
+      >>> job = engine.job_from_paths("ties", base, [a], statistics=None,
+      ...                             kwargs={"density": 0.5})
       >>> job.output["w"].shape, job.output["w"].dtype
       ((2,), dtype('float32'))
+      >>> b = checkpoint.save_safetensors(f"{root}/b", {"w": np.ones(3, "f4")})
+      >>> try:
+      ...     engine.job_from_paths("ties", base, [a, b], statistics=None,
+      ...                           kwargs={"density": 0.5})
+      ... except ValueError as err:
+      ...     print(err)
+      shape mismatch at ['w']: base has (2,), experts[1] has (3,)
     """
     m = R.get(method)
     if isinstance(expert_dirs, str | bytes | os.PathLike) or not isinstance(expert_dirs, Sequence):
@@ -295,13 +301,12 @@ def writer(
       >>> import tempfile, numpy as np
       >>> from etils import epath
       >>> from umtam_jax import checkpoint, engine
-      >>> root = tempfile.mkdtemp()
-      >>> for name in ("base", "a"):
-      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.ones(2)})
-      >>> job = engine.job_from_paths("passthrough", f"{root}/base", [f"{root}/a"],
-      ...                             statistics=None, kwargs={"scale": 2.0})
-      >>> write = engine.writer(job, epath.Path(root) / "out", "safetensors",
-      ...                       overwrite=False, metadata=None)
+      >>> root = epath.Path(tempfile.mkdtemp())
+      >>> model = checkpoint.save_safetensors(root / "model", {"w": np.ones(2)})
+      >>> job = engine.job_from_paths("passthrough", None, [model], statistics=None,
+      ...                             kwargs={"scale": 2.0})
+      >>> write = engine.writer(job, root / "out", "safetensors", overwrite=False,
+      ...                       metadata=None)
       >>> out = engine.merge(job, write, progress=False)
       >>> checkpoint.SafetensorsReader(out).read(["w"])[0].tolist()
       [2.0, 2.0]
@@ -402,12 +407,12 @@ def merge_checkpoints(
       >>> import tempfile, numpy as np
       >>> from umtam_jax import checkpoint, engine
       >>> root = tempfile.mkdtemp()
-      >>> for name, w in [("base", [0., 0.]), ("a", [1., -1.]), ("b", [2., 3.])]:
-      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.array(w, "f4")})
-      >>> out = engine.merge_checkpoints("task_arithmetic", f"{root}/base",
-      ...                                [f"{root}/a", f"{root}/b"], f"{root}/merged",
+      >>> base = checkpoint.save_checkpoint(f"{root}/base", {"w": np.zeros(2, "f4")})
+      >>> a = checkpoint.save_checkpoint(f"{root}/a", {"w": np.array([1., -1.], "f4")})
+      >>> b = checkpoint.save_safetensors(f"{root}/b", {"w": np.array([2., 3.], "f4")})
+      >>> out = engine.merge_checkpoints("task_arithmetic", base, [a, b], f"{root}/merged",
       ...                                scaling=0.5, progress=False)
-      >>> checkpoint.SafetensorsReader(out).read(["w"])[0].tolist()  # 0.5 · (Δa + Δb)
+      >>> checkpoint.restore_params(out)["w"].tolist()  # 0.5 · (Δa + Δb), in Orbax format
       [1.5, 1.0]
 
     References:
