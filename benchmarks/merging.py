@@ -240,9 +240,10 @@ def _plot(tables: dict[str, MergeTable], path: Path) -> None:
         ax.set_title(f"{title}: {len(t.seeds)} seeds, 95 % CI", fontsize=9)
     axes[-1, 0].set_xlabel("normalized test score (merged / expert)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 from benchmarks._common import RESULTS_DIR, environment, write_results
 from umtam_jax.experiments import pruning as study
+from umtam_jax.experiments import store
 from umtam_jax.experiments.pipeline import enable_compilation_cache
 from umtam_jax.experiments.protocol import SIZES
 
@@ -101,9 +102,10 @@ def _plot(run: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel("test score, 95 % CI")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
