@@ -47,6 +47,9 @@ class CheckpointReader:
       >>> [kernel] = reader.restore_arrays("params", [("dense", "kernel")])
       >>> float(kernel.sum())
       12.0
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io (partial restore)
     """
 
     def __init__(self, directory: str | epath.PathLike, *, verify: bool = True):

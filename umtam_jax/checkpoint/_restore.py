@@ -96,6 +96,9 @@ def read_metadata(directory: str | epath.PathLike) -> dict[str, Any]:
       ...                        metadata={"task": "demo"})
       >>> read_metadata(path)["user"]
       {'task': 'demo'}
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
     """
     meta = _read_full_metadata(_check_directory(directory))
     return {k: v for k, v in meta.items() if k != "structures"}
@@ -257,6 +260,9 @@ def restore_params(
       >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))})
       >>> restore_params(path)["w"].shape
       (4, 3)
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
     """
     directory = _check_directory(directory)
     meta = _read_full_metadata(directory)
@@ -295,6 +301,9 @@ def restore_statistics(
       >>> stats = restore_statistics(path)
       >>> stats["w"].saliency.shape
       (4, 3)
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
     """
     directory = _check_directory(directory)
     meta = _read_full_metadata(directory)
@@ -334,6 +343,9 @@ def restore_opt_state(directory: str | epath.PathLike, target: Any, *, verify: b
       >>> opt_state = restore_opt_state(path, abstract)
       >>> int(opt_state[0].count)
       0
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
     """
     if target is None:
         raise TypeError("restore_opt_state needs a target, e.g. jax.eval_shape(opt.init, params)")
@@ -380,6 +392,9 @@ def restore_checkpoint(
       >>> ckpt = restore_checkpoint(path)
       >>> ckpt.metadata["user"], ckpt.params["w"].shape
       ({'task': 'demo'}, (4, 3))
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
     """
     directory = _check_directory(directory)
     meta = _read_full_metadata(directory)

@@ -242,6 +242,9 @@ class SafetensorsReader:
       >>> reader = SafetensorsReader(path)
       >>> reader.names, reader.shape("w"), reader.read(["w"])[0].sum()
       (['w'], (3,), np.float64(3.0))
+
+    References:
+      the safetensors format, https://huggingface.co/docs/safetensors
     """
 
     def __init__(self, folder: str | os.PathLike, *, verify: bool = True):

@@ -117,6 +117,9 @@ def save_safetensors(
       >>> path = save_safetensors(tempfile.mkdtemp() + "/model", {"w": np.zeros(2)})
       >>> sorted(p.name for p in path.iterdir())
       ['model.safetensors', 'umtam_jax_safetensors.json']
+
+    References:
+      the safetensors format, https://huggingface.co/docs/safetensors
     """
     folder = F._absolute(folder)
     if not os.path.islink(folder) and folder.is_dir() and not _is_own(folder):
@@ -224,6 +227,10 @@ def safetensors_to_orbax(
       >>> ckpt = safetensors_to_orbax(src, f"{root}/ckpt")
       >>> restore_params(ckpt)["w"].tolist()
       [1.0, 1.0]
+
+    References:
+      the safetensors format, https://huggingface.co/docs/safetensors
+      Orbax checkpointing, https://orbax.readthedocs.io
     """
     reader = SafetensorsReader(folder)
     abstract = reader.abstract()
@@ -279,6 +286,10 @@ def orbax_to_safetensors(
       >>> path = orbax_to_safetensors(ckpt, f"{root}/model")
       >>> SafetensorsReader(path).names
       ['w']
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
+      the safetensors format, https://huggingface.co/docs/safetensors
     """
     reader = CheckpointReader(checkpoint_dir)
     found = list(_spec_names(reader.structure(F.PARAMS)))

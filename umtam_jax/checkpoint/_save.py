@@ -190,6 +190,9 @@ def save_checkpoint(
       ...                        opt_state=opt.init(params), metadata={"task": "demo"})
       >>> restore_statistics(path)["w"].nu.shape
       (4, 3)
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
     """
     from umtam_jax.optimizer import _statistics  # the optimizer package imports lazily
 

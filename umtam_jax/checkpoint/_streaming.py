@@ -272,6 +272,9 @@ def save_params_streaming(
       ...                              lambda i: np.ones((2, 3), np.float32))
       >>> float(restore_params(path)["w"].sum())
       6.0
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
     """
     directory = F._absolute(directory)
     _safety.check_target(directory, overwrite=overwrite)
