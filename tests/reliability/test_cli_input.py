@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import time
 
 import jax
@@ -18,20 +19,30 @@ from umtam_jax.cli import merge as cli
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES
 
 
-@pytest.fixture
-def ckpts(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture(scope="module")
+def saved_ckpts(tmp_path_factory):
+    """A base and two experts (with their UMTAM states), written once per module."""
+    root = tmp_path_factory.mktemp("saved")
     rng = np.random.default_rng(0)
     base = {"w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}
     opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=4)
-    checkpoint.save_checkpoint("base", base)
+    checkpoint.save_checkpoint(root / "base", base)
     for name in ("a", "b"):
         state = opt.init(base)
         g = {"w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}
         updates, state = opt.update(g, state, base)
         expert = jax.tree.map(lambda p, u: p + u, base, updates)
-        checkpoint.save_checkpoint(name, expert, opt_state=state)
-    return tmp_path
+        checkpoint.save_checkpoint(root / name, expert, opt_state=state)
+    return root
+
+
+@pytest.fixture
+def ckpts(saved_ckpts, tmp_path, monkeypatch):
+    """A private copy of the checkpoints as the working folder: each test may damage it."""
+    work = tmp_path / "work"
+    shutil.copytree(saved_ckpts, work, symlinks=True)
+    monkeypatch.chdir(work)
+    return work
 
 
 def _files(root) -> dict[str, bytes]:
