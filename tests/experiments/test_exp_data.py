@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import numpy as np
 import pytest
 
@@ -167,6 +169,28 @@ def test_py_package_reads_every_function_of_each_package(tmp_path, monkeypatch):
     monkeypatch.setattr(code_task, "STDLIB_DIRS", ())
     with pytest.raises(data.MissingDataError, match="apt-get install -y libpython3.11-stdlib"):
         code_task.build_py_package()
+
+
+def test_py_package_cuts_functions_where_the_parser_puts_them(tmp_path):
+    from umtam_jax.experiments import code_task
+
+    # CRLF and lone-CR line ends, a form feed (not a line end for the parser), non-ASCII
+    # text before and inside a function (columns count UTF-8 bytes), a one-line function
+    # after code on the same line, and an unterminated last line.
+    source = (
+        "s = 'é'; x = 1\r\ndef f(a='ü'):\r\n    return a\r\n\x0c\n"
+        "if True: z = 'ß'; \rclass K:\n    def g(self): return 'ñ'  # é\n"
+        "def h():\n    pass"
+    )
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "m.py").write_bytes(source.encode())
+    want = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            text = ast.get_source_segment(source, node)
+            want.append("\n".join(ln.strip() for ln in text.splitlines() if ln.strip()))
+    assert len(want) == 3
+    assert code_task.stdlib_functions("email", root=tmp_path) == want
 
 
 def test_cache_roundtrip(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from pathlib import Path
 
 from umtam_jax.experiments.data import Examples, _dedupe, _missing
@@ -61,12 +62,31 @@ def stdlib_functions(package: str, root: str | os.PathLike | None = None) -> lis
     for path in sorted((base / package).rglob("*.py")):
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source, filename=str(path))
+        lines = [line.encode() for line in _LINE.findall(source)]
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                text = ast.get_source_segment(source, node, padded=False) or ""
-                lines = [line.strip() for line in text.splitlines() if line.strip()]
-                out.append("\n".join(lines))
+                text = _segment(lines, node)
+                kept = [line.strip() for line in text.splitlines() if line.strip()]
+                out.append("\n".join(kept))
     return out
+
+
+# The parser's lines: ended by \r\n, \r or \n (not by form feeds), the last one possibly open.
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def _segment(lines: list[bytes], node: ast.stmt) -> str:
+    """``ast.get_source_segment`` on lines split and encoded once per file.
+
+    Node columns are UTF-8 byte offsets; splitting the file again for each of its
+    thousands of functions, as ``get_source_segment`` does, dominated the build time.
+    """
+    first, last = node.lineno - 1, (node.end_lineno or node.lineno) - 1
+    start, end = node.col_offset, node.end_col_offset
+    if first == last:
+        return lines[first][start:end].decode()
+    body = [lines[first][start:], *lines[first + 1 : last], lines[last][:end]]
+    return b"".join(body).decode()
 
 
 def build_py_package(seed: int = 0) -> Examples:
