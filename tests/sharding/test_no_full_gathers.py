@@ -57,9 +57,9 @@ _SCRIPT = """
             for kind in ("Auto", "Explicit"):
                 with on_mesh(kind, spec, w, g) as (params, grads):
                     s0 = opt.init(params)
-                    step = jax.jit(opt.update)
-                    hlo = step.lower(grads, s0, params).compile().as_text()
-                    got, _ = step(grads, s0, params)
+                    compiled = jax.jit(opt.update).lower(grads, s0, params).compile()
+                    hlo = compiled.as_text()
+                    got, _ = compiled(grads, s0, params)  # the executable inspected
                 report[f"{name}/{config}/{kind}"] = {
                     "full_gathers": full_gathers(hlo, w.size),
                     "gathers": len(GATHER.findall(hlo)),
