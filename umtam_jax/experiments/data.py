@@ -140,7 +140,17 @@ def _dedupe(texts: list, labels: list[int]) -> Examples:
 
 
 def cache_dir() -> Path:
-    """Returns the cache directory (``$UMTAM_JAX_CACHE`` or ``~/.cache/umtam_jax``)."""
+    """The cache directory of tasks, tokens and pretrained files.
+
+    Returns:
+        ``$UMTAM_JAX_CACHE`` when set, else ``~/.cache/umtam_jax``.
+
+    Example:
+      >>> import os
+      >>> from umtam_jax.experiments import data
+      >>> os.environ.get("UMTAM_JAX_CACHE") is not None or data.cache_dir().name == "umtam_jax"
+      True
+    """
     env = os.environ.get("UMTAM_JAX_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "umtam_jax"
 
@@ -163,6 +173,12 @@ class Examples:
         texts: ``list[str]`` for single-text tasks, ``list[tuple[str, str]]`` for pair
             tasks.
         labels: int64 array of shape ``[len(texts)]``.
+
+    Example:
+      >>> from umtam_jax.experiments import data
+      >>> ex = data.Examples(["a", "b", "c", "d"], [0, 1, 1, 0])
+      >>> len(ex), ex.take([1, 2]).texts, ex.class_counts(2).tolist()
+      (4, ['b', 'c'], [2, 2])
     """
 
     texts: list
@@ -204,6 +220,13 @@ class TaskData:
         test: Test split.
         seed_name: The name training seeds are drawn from (head initialization, batch
             order, dropout): the task's own name, or the mirrored task's for a mirror.
+
+    Example:
+      >>> from umtam_jax.experiments import data
+      >>> split = data.Examples(["x", "y"], [0, 1])
+      >>> task = data.TaskData("toy", "single", ("no", "yes"), "accuracy", split, split, split)
+      >>> task.num_labels, task.seed_name
+      (2, 'toy')
     """
 
     name: str
@@ -251,6 +274,12 @@ def stratified_split(
 
     Returns:
         One sorted index array per split.
+
+    Example:
+      >>> from umtam_jax.experiments import data
+      >>> labels = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+      >>> [p.tolist() for p in data.stratified_split(labels, (0.6, 0.2, 0.2), seed=0)]
+      [[1, 2, 3, 7, 8, 9], [0, 6], [4, 5]]
     """
     labels = np.asarray(labels)
     fr = np.asarray(fractions, dtype=np.float64)
@@ -280,6 +309,11 @@ def stratified_subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarra
 
     Returns:
         Sorted index array.
+
+    Example:
+      >>> from umtam_jax.experiments import data
+      >>> data.stratified_subsample([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 5, seed=0).tolist()
+      [0, 1, 5, 6, 7]
     """
     labels = np.asarray(labels)
     if n >= labels.size:
@@ -380,6 +414,12 @@ def load_task(
 
     Returns:
         A :class:`TaskData`; each split is shuffled (deterministically).
+
+    Example:
+      >>> from umtam_jax.experiments import data
+      >>> task = data.load_task("kjv_section", seed=0, max_per_split=20, use_cache=False)
+      >>> task.label_names, task.metric, len(task.train)
+      (('law', 'prophets', 'gospels_acts', 'epistles_revelation'), 'macro_f1', 20)
     """
     spec = get_task(name)
     if spec.mirror_of is not None:

@@ -39,6 +39,11 @@ class Interval:
       estimate: the statistic on the data as observed.
       low, high: the percentile interval's ends.
       level: its coverage (0.95 by default).
+
+    Example:
+      >>> from umtam_jax.experiments.intervals import Interval
+      >>> Interval(0.02, 0.005, 0.04).verdict(), Interval(-0.01, -0.03, 0.01).verdict()
+      ('better', 'tied')
     """
 
     estimate: float

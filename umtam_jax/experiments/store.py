@@ -97,7 +97,19 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    """The JSON at ``path``, or None when it is missing or unreadable."""
+    """The JSON at ``path``, or None when it is missing or unreadable.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The decoded value, or None (a missing or damaged cache entry is recomputed).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> read_json(pathlib.Path(tempfile.mkdtemp()) / "missing.json") is None
+        True
+    """
     try:
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
@@ -105,13 +117,40 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
-    """Writes named arrays to ``path`` (an ``.npz``) atomically."""
+    """Writes named arrays to ``path`` (an ``.npz``) atomically.
+
+    Args:
+        path: The file written (replaced only once complete).
+        arrays: Name -> array-like.
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.npz"
+        >>> _ = write_npz(p, {"x": [1, 2]}); read_npz(p)["x"].tolist()
+        [1, 2]
+    """
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     return write_atomic(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
-    """The arrays of the ``.npz`` at ``path``, or None when missing or unreadable."""
+    """The arrays of the ``.npz`` at ``path``, or None when missing or unreadable.
+
+    Args:
+        path: The file.
+
+    Returns:
+        Name -> array, read fully (the file is closed), or None.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.npz"
+        >>> _ = p.write_bytes(b"not a zip"); read_npz(p) is None
+        True
+    """
     try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}

@@ -184,7 +184,17 @@ def register_mirror_task(
 
 
 def unregister_task(name: str) -> None:
-    """Removes a task from the registry (no error if absent)."""
+    """Removes a task from the registry (no error if absent).
+
+    Args:
+        name: The task's name.
+
+    Example:
+      >>> from umtam_jax.experiments import data
+      >>> _ = data.register_task("toy", lambda: (["a", "b"], [0, 1]), ["no", "yes"])
+      >>> data.unregister_task("toy"); "toy" in data.available_tasks()
+      False
+    """
     _REGISTRY.pop(name, None)
 
 
@@ -255,8 +265,21 @@ def import_task_modules(specs: Sequence[str]) -> list[str]:
 
 
 def add_task_import_option(parser: Any) -> None:
-    """Adds ``--import MODULE_OR_FILE`` (repeatable, into ``args.imports``) to an
-    :class:`argparse.ArgumentParser`; pass ``args.imports`` to :func:`import_task_modules`."""
+    """Adds ``--import MODULE_OR_FILE`` (repeatable, into ``args.imports``) to a parser.
+
+    Pass ``args.imports`` to :func:`import_task_modules` to register their tasks.
+
+    Args:
+        parser: An :class:`argparse.ArgumentParser`.
+
+    Example:
+      >>> import argparse
+      >>> from umtam_jax.experiments.task_registry import add_task_import_option
+      >>> parser = argparse.ArgumentParser()
+      >>> add_task_import_option(parser)
+      >>> parser.parse_args(["--import", "my_tasks", "--import", "more.py"]).imports
+      ['my_tasks', 'more.py']
+    """
     parser.add_argument(
         "--import",
         dest="imports",
@@ -269,7 +292,23 @@ def add_task_import_option(parser: Any) -> None:
 
 
 def get_task(name: str) -> TaskSpec:
-    """Returns the :class:`TaskSpec` registered under ``name``."""
+    """The :class:`TaskSpec` registered under ``name``.
+
+    Args:
+        name: A task's name (built-in, registered, or from an installed plugin).
+
+    Returns:
+        Its specification.
+
+    Raises:
+        KeyError: no such task, with the available names.
+
+    Example:
+      >>> from umtam_jax.experiments import data
+      >>> spec = data.get_task("wn_defmatch")
+      >>> spec.kind, spec.metric
+      ('pair', 'accuracy')
+    """
     _load_entry_point_tasks()
     try:
         return _REGISTRY[name]
@@ -278,6 +317,15 @@ def get_task(name: str) -> TaskSpec:
 
 
 def available_tasks() -> list[str]:
-    """Returns the registered task names (built-in, registered, from plugins), sorted."""
+    """The registered task names (built-in, registered, from plugins), sorted.
+
+    Returns:
+        The names.
+
+    Example:
+      >>> from umtam_jax.experiments import data
+      >>> {"kjv_section", "py_package"} <= set(data.available_tasks())
+      True
+    """
     _load_entry_point_tasks()
     return sorted(_REGISTRY)
