@@ -43,6 +43,12 @@ class PipelineConfig:
             each head at its seeded initialization, so only the encoder learns the task:
             a task and its mirror (:func:`~umtam_jax.experiments.data.\
 register_mirror_task`) then share one fixed head and their encoders must move apart.
+
+    Example:
+      >>> from umtam_jax.experiments.config import PipelineConfig
+      >>> config = PipelineConfig(steps=10, max_train=64)
+      >>> config.steps, config.max_test, config.config.num_layers
+      (10, 'max_eval', 6)
     """
 
     max_length: int = 48

@@ -118,6 +118,14 @@ def normalized_score(
 
     Returns:
         The normalized average: 1.0 matches every expert on its own task.
+
+    Example:
+      >>> from types import SimpleNamespace
+      >>> from umtam_jax.experiments.evaluation import normalized_score
+      >>> experts = [SimpleNamespace(task="a", scores={"test": 0.8}),
+      ...            SimpleNamespace(task="b", scores={"test": 0.5})]
+      >>> round(normalized_score({"a": 0.6, "b": 0.5}, experts, "test"), 3)  # (0.75 + 1) / 2
+      0.875
     """
     vals = [scores[e.task] / max(e.scores[split], 1e-12) for e in experts]
     return float(np.mean(vals))

@@ -38,6 +38,11 @@ class Axis:
         ratio or gap of the two outermost initial values on that side (2 or 0.1 with
         one value).
       integer: values are rounded to integers (ranks, counts).
+
+    Example:
+      >>> from umtam_jax.experiments.search import Axis
+      >>> Axis("density", (0.4, 0.2, 0.4), low=0.01, high=1.0, log=True).values
+      (0.2, 0.4)
     """
 
     name: str
@@ -100,6 +105,13 @@ class SearchResult:
       trials: every evaluated ``(setting, score)`` in evaluation order.
       open_edges: axes on which the choice still sits on an edge that could be extended
         (the budget ran out first); empty when the search settled.
+
+    Example:
+      >>> from umtam_jax.experiments.search import Axis, grid_search
+      >>> result = grid_search(lambda s: -((s["scale"] - 0.8) ** 2),
+      ...                      [Axis("scale", (0.5, 1.0), low=0.0, log=True)], budget=6)
+      >>> round(result.best["scale"], 2), len(result.trials), result.open_edges
+      (0.77, 6, [])
     """
 
     best: dict[str, Any]

@@ -56,6 +56,12 @@ class Candidate:
             ``"tall_masks"`` for the per-task methods.
         axes: The searched hyper-parameters (none: one evaluation).
         fixed: Parameters passed unchanged with every setting.
+
+    Example:
+      >>> from umtam_jax.experiments.spaces import candidates
+      >>> ties = candidates(2)["ties"]
+      >>> [axis.name for axis in ties.axes], ties.per_task, candidates(2)["emr"].per_task
+      (['density', 'scaling'], False, True)
     """
 
     key: str
