@@ -49,6 +49,11 @@ class GPTConfig:
         tie_embeddings: Output projection is ``wte`` transposed when True.
         dropout_rate: Dropout (used only when a dropout rng is given).
         layer_norm_eps: LayerNorm epsilon.
+
+    Example:
+      >>> from umtam_jax.experiments.models.gpt import GPTConfig
+      >>> GPTConfig(d_model=64).ff
+      256
     """
 
     vocab_size: int = 4096
@@ -114,7 +119,26 @@ class _Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer returning next-token logits ``[B, T, vocab]``."""
+    """Decoder-only transformer returning next-token logits ``[B, T, vocab]``.
+
+    GPT-2's architecture (pre-LayerNorm blocks, learned positions, tied embeddings by
+    default), without its pretrained weights.
+
+    Attributes:
+        config: The model's hyper-parameters.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from umtam_jax.experiments.models.gpt import GPT, GPTConfig
+      >>> model = GPT(GPTConfig(vocab_size=32, context=8, d_model=16, n_layers=1, n_heads=2))
+      >>> tokens = jnp.zeros((2, 8), jnp.int32)
+      >>> variables = jax.jit(model.init)(jax.random.key(0), tokens)  # eager init: slow
+      >>> model.apply(variables, tokens).shape
+      (2, 8, 32)
+
+    References:
+        Radford et al., "Language Models are Unsupervised Multitask Learners", 2019.
+    """
 
     config: GPTConfig
 
@@ -139,7 +163,22 @@ class GPT(nn.Module):
 
 
 def init_gpt(key: jax.Array, config: GPTConfig) -> Params:
-    """Random GPT parameters (a plain nested dict)."""
+    """Random GPT parameters (a plain nested dict).
+
+    Args:
+        key: The initialization's random key.
+        config: Model configuration.
+
+    Returns:
+        ``{"wte", "wpe", "block_0", ..., "ln_f"}`` (and ``"lm_head"`` when untied).
+
+    Example:
+      >>> import jax
+      >>> from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt
+      >>> config = GPTConfig(vocab_size=32, context=8, d_model=16, n_layers=1, n_heads=2)
+      >>> sorted(init_gpt(jax.random.key(0), config))
+      ['block_0', 'ln_f', 'wpe', 'wte']
+    """
     tokens = jnp.zeros((1, min(8, config.context)), jnp.int32)
     # jit: eager linen init compiles every primitive separately (seconds on CPU).
     return dict(jax.jit(GPT(config).init)(key, tokens)["params"])
@@ -155,6 +194,17 @@ def gpt_apply(
         tokens: Token ids, ``T <= config.context``.
         config: Model configuration.
         dropout_rng: Enables dropout when given.
+
+    Returns:
+        The logits.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from umtam_jax.experiments.models.gpt import GPTConfig, gpt_apply, init_gpt
+      >>> config = GPTConfig(vocab_size=32, context=8, d_model=16, n_layers=1, n_heads=2)
+      >>> params = init_gpt(jax.random.key(0), config)
+      >>> gpt_apply(params, jnp.zeros((2, 8), jnp.int32), config=config).shape
+      (2, 8, 32)
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     return GPT(config).apply(
@@ -172,6 +222,18 @@ def gpt_loss(
         tokens: Token windows; inputs are ``tokens[:, :-1]``, targets ``tokens[:, 1:]``.
         config: Model configuration.
         dropout_rng: Enables dropout when given.
+
+    Returns:
+        The scalar loss.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from umtam_jax.experiments.models.gpt import GPTConfig, gpt_loss, init_gpt
+      >>> config = GPTConfig(vocab_size=32, context=8, d_model=16, n_layers=1, n_heads=2)
+      >>> params = init_gpt(jax.random.key(0), config)
+      >>> tokens = jnp.arange(18, dtype=jnp.int32).reshape(2, 9)
+      >>> round(float(gpt_loss(params, tokens, config=config)), 1)  # about log(32) at init
+      3.5
     """
     logits = gpt_apply(params, tokens[:, :-1], config=config, dropout_rng=dropout_rng)
     return optax.softmax_cross_entropy_with_integer_labels(
@@ -185,6 +247,24 @@ def make_gpt_train_step(tx: optax.GradientTransformation, *, config: GPTConfig) 
     Args:
         tx: Any Optax transformation.
         config: Model configuration.
+
+    Returns:
+        The jitted step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step
+      >>> config = GPTConfig(vocab_size=32, context=8, d_model=16, n_layers=1, n_heads=2)
+      >>> params = init_gpt(jax.random.key(0), config)
+      >>> tx = optax.adam(1e-2)  # umtam_jax.umtam(...) alike
+      >>> step, state = make_gpt_train_step(tx, config=config), tx.init(params)
+      >>> tokens = jnp.arange(18, dtype=jnp.int32).reshape(2, 9)
+      >>> losses = []
+      >>> for _ in range(5):
+      ...     params, state, loss = step(params, state, tokens)
+      ...     losses.append(float(loss))
+      >>> losses[-1] < losses[0]
+      True
     """
 
     @jax.jit

