@@ -125,6 +125,12 @@ def split_documents(
 
     Returns:
         ``(train_docs, val_docs)``, each in path order.
+
+    Example:
+      >>> from umtam_jax.experiments.lm_data import split_documents
+      >>> train, val = split_documents([(f"d{i}", "text") for i in range(10)], 0.2, seed=0)
+      >>> len(train), [path for path, _ in val]
+      (8, ['d0', 'd6'])
     """
     rng = np.random.default_rng([seed, zlib.crc32(b"split_documents")])
     perm = rng.permutation(len(docs))
@@ -158,6 +164,12 @@ def train_bpe_tokenizer(
 
     Returns:
         A ``tokenizers.Tokenizer``; ``EOT`` has id 0.
+
+    Example:
+      >>> from umtam_jax.experiments.lm_data import train_bpe_tokenizer
+      >>> tokenizer = train_bpe_tokenizer(["the cat sat on the mat"] * 20, vocab_size=300)
+      >>> tokenizer.decode(tokenizer.encode("the cat").ids)
+      'the cat'
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -245,6 +257,12 @@ def sample_lm_batch(
 
     Returns:
         int32 array ``[batch_size, seq_len + 1]``.
+
+    Example:
+      >>> import numpy as np
+      >>> from umtam_jax.experiments.lm_data import sample_lm_batch
+      >>> sample_lm_batch(np.arange(100), 2, 4, np.random.default_rng(0)).tolist()
+      [[80, 81, 82, 83, 84], [60, 61, 62, 63, 64]]
     """
     starts = rng.integers(0, tokens.size - seq_len - 1, size=batch_size)
     return np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32)

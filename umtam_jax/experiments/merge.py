@@ -42,6 +42,11 @@ class MergeMethod:
         method: The registry key.
         defaults: Experiment defaults for parameters the registry requires (``density``)
             or sets otherwise; ``scaling=None`` means ``1/K``.
+
+    Example:
+      >>> from umtam_jax.experiments.merge import MERGE_METHODS
+      >>> MERGE_METHODS["umtam"].needs, MERGE_METHODS["ties"].defaults
+      ('statistics', {'density': 0.2})
     """
 
     name: str
@@ -130,6 +135,14 @@ def merge_key(config: PipelineConfig) -> jax.Array:
 
     Returns:
         A typed PRNG key, the same for every run of the experiment.
+
+    Example:
+      >>> import jax
+      >>> from umtam_jax.experiments.config import PipelineConfig
+      >>> from umtam_jax.experiments.merge import merge_key
+      >>> a, b = merge_key(PipelineConfig(seed=1)), merge_key(PipelineConfig(seed=1))
+      >>> bool((jax.random.key_data(a) == jax.random.key_data(b)).all())
+      True
     """
     return jax.random.key(seed_for(config.seed, "merge"))
 
@@ -160,6 +173,17 @@ def merge_encoders(
 
     Returns:
         The merged encoder.
+
+    Raises:
+        ValueError: the method needs statistics, Fishers or Grams that were not given.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax.experiments.merge import merge_encoders
+      >>> base = {"w": jnp.zeros(4)}
+      >>> experts = [{"w": jnp.array([1.0, 2, 0, 0])}, {"w": jnp.array([3.0, 0, 0, -2])}]
+      >>> merge_encoders("linear", base, experts)["w"].tolist()  # the mean
+      [2.0, 1.0, 0.0, -1.0]
     """
     from umtam_jax import merging
 

@@ -106,7 +106,21 @@ def make_optimizer(
 
 
 def schedule(config: PipelineConfig) -> optax.Schedule:
-    """Linear warm-up to ``learning_rate`` then linear decay to 0 over ``steps``."""
+    """Linear warm-up to ``learning_rate`` then linear decay to 0 over ``steps``.
+
+    Args:
+        config: The experiment's learning rate, steps and warm-up fraction.
+
+    Returns:
+        The Optax schedule (at least one warm-up step).
+
+    Example:
+      >>> from umtam_jax.experiments.config import PipelineConfig
+      >>> from umtam_jax.experiments.training import schedule
+      >>> lr = schedule(PipelineConfig(steps=10, learning_rate=1e-3, warmup_fraction=0.2))
+      >>> [round(float(lr(step)), 6) for step in (0, 1, 2, 6, 10)]
+      [0.0, 0.0005, 0.001, 0.0005, 0.0]
+    """
     warm = max(1, int(config.warmup_fraction * config.steps))
     return optax.join_schedules(
         [
@@ -134,6 +148,13 @@ def optimizer_for(
 
     Returns:
         The Optax transformation, shared by every call with the same settings.
+
+    Example:
+      >>> from umtam_jax.experiments.config import PipelineConfig
+      >>> from umtam_jax.experiments.training import optimizer_for
+      >>> config = PipelineConfig(steps=10)
+      >>> optimizer_for("adamw", config, {}) is optimizer_for("adamw", config, {})
+      True
     """
     key = stable_hash([name, config.learning_rate, config.steps, config.warmup_fraction, kwargs])
     if key not in _TX_CACHE:
@@ -192,6 +213,13 @@ def init_opt_state(tx: optax.GradientTransformation, params: Params) -> dict[str
 
     Returns:
         ``{"encoder": state, "head": state}``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from umtam_jax.experiments.training import init_opt_state
+      >>> params = {"encoder": {"w": jnp.zeros(3)}, "head": {"b": jnp.zeros(2)}}
+      >>> sorted(init_opt_state(optax.sgd(0.1), params))
+      ['encoder', 'head']
     """
     return {part: tx.init(params[part]) for part in ("encoder", "head")}
 
