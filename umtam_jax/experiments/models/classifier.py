@@ -93,6 +93,9 @@ def classifier_apply(
         batch: Tokenized batch (see :func:`tokenize_batch`).
         config: Model configuration.
         dropout_rng: Enables dropout (encoder and before the head) when given.
+
+    Returns:
+        The logits (the module's example trains through them).
     """
     r1 = r2 = None
     if dropout_rng is not None:
