@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import training
+from benchmarks import _lm_training as lm
 from benchmarks._common import (
     RESULTS_DIR,
     environment,
@@ -68,7 +68,7 @@ def train_run(
     name: str,
     extra: int,
     seed: int,
-    size: training.Size,
+    size: lm.Size,
     tokens: tuple[np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
     """One training run of configuration ``name`` with ``extra`` first-step iterations on
@@ -81,14 +81,14 @@ def train_run(
     vrng = np.random.default_rng(seed + 1_000_003)
     vstarts = vrng.integers(0, val_tokens.size - size.context - 1, size.val_batches * size.batch)
     val = jnp.asarray(val_tokens[vstarts[:, None] + np.arange(size.context + 1)], jnp.int32)
-    cfg = training.gpt_config(size)
+    cfg = lm.gpt_config(size)
     params = init_gpt(jax.random.key(seed), cfg)
-    base = training.base_transform(
+    base = lm.base_transform(
         variant, rank=RANK, min_dim=size.min_dim_size_to_factor, error_decay=decay
     )
-    tx = training.make_tx(base, size.steps, size.warmup_frac)
+    tx = lm.make_tx(base, size.steps, size.warmup_frac)
     step = make_gpt_train_step(tx, config=cfg)
-    state = training.set_lr(tx.init(params), lr)
+    state = lm.set_lr(tx.init(params), lr)
     captured: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     with patch.object(_decomposition, "cold_start_iterations", lambda _cfg: extra):
@@ -137,7 +137,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def markdown(result: dict[str, Any], size: training.Size) -> str:
+def markdown(result: dict[str, Any], size: lm.Size) -> str:
     lines = [
         "| configuration | lr | val loss, 0 extra | val loss, 4 extra | 0 − 4 [95 % CI] | seeds |",
         "|---|---|---|---|---|---|",
@@ -175,7 +175,7 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
     ap.add_argument("--no-write", action="store_true", help="print only, keep no run")
     args = ap.parse_args(argv)
-    size = training.QUICK if args.quick else training.DEFAULT
+    size = lm.QUICK if args.quick else lm.DEFAULT
     if args.steps:
         size = dataclasses.replace(size, steps=args.steps, eval_every=args.steps)
     names = [n for n in args.configs.split(",") if n]

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._common import RESULTS_DIR, environment, recorded_run, t_interval, write_results
+from benchmarks._lm_training import DEFAULT, QUICK, base_transform, gpt_config, make_tx, set_lr
 from benchmarks._spectrum_report import CLAIM, markdown, plot
-from benchmarks.training import DEFAULT, QUICK, base_transform, gpt_config, make_tx, set_lr
 from umtam_jax import ScaleByUmtamState
 from umtam_jax.experiments.lm_data import lm_token_arrays
 from umtam_jax.experiments.models.gpt import GPTConfig, init_gpt, make_gpt_train_step
@@ -174,7 +174,7 @@ def run_seed(
 
     Args:
         seed: Draws the initialisation (``jax.random.key(seed)``) and the batches.
-        size: The training size (``benchmarks.training.DEFAULT`` or ``QUICK``).
+        size: The training size (``benchmarks._lm_training.DEFAULT`` or ``QUICK``).
         cfg: The GPT's configuration.
         tx: The optimizer (lr 1 × schedule × traced lr, as ``benchmarks.training``).
         step_fn: The jitted training step of ``tx``.

@@ -219,13 +219,14 @@ def test_multisteps_accumulates_then_applies_one_step_on_the_mean_gradient(name)
 @configs
 def test_a_schedule_scales_each_step_by_its_value(name):
     params = _params()
-    schedule = optax.linear_schedule(1.0, 0.0, transition_steps=4)
+    schedule = optax.linear_schedule(0.1, 0.0, transition_steps=4)
     scheduled, _, _ = _run(_opt(name, schedule), params, steps=5)
-    constant, _, _ = _run(_opt(name, 1.0), params, steps=5)
+    opt, update = _default(name)  # learning rate 0.1, the schedule's start
+    constant, _, _ = _run(opt, params, steps=5, update=update)
     for t in range(5):
-        factor = float(schedule(t))
+        factor = float(schedule(t)) / 0.1
         want = jax.tree.map(lambda u, f=factor: f * u, constant[t])
-        chex.assert_trees_all_close(scheduled[t], want, rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(scheduled[t], want, rtol=1e-5, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- abstract init
