@@ -174,9 +174,10 @@ def test_py_package_reads_every_function_of_each_package(tmp_path, monkeypatch):
 def test_py_package_cuts_functions_where_the_parser_puts_them(tmp_path):
     from umtam_jax.experiments import code_task
 
-    # CRLF and lone-CR line ends, a form feed (not a line end for the parser), non-ASCII
-    # text before and inside a function (columns count UTF-8 bytes), a one-line function
-    # after code on the same line, and an unterminated last line.
+    # CRLF and lone-CR line ends (the file is read with universal newlines), a form feed
+    # (not a line end for the parser), non-ASCII text before and inside a function
+    # (columns count UTF-8 bytes), a one-line function after code on the same line, and an
+    # unterminated last line.
     source = (
         "s = 'é'; x = 1\r\ndef f(a='ü'):\r\n    return a\r\n\x0c\n"
         "if True: z = 'ß'; \rclass K:\n    def g(self): return 'ñ'  # é\n"
