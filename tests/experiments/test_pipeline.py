@@ -280,3 +280,20 @@ def test_a_broken_entry_point_names_itself(monkeypatch):
     monkeypatch.setattr(task_registry, "_PLUGINS_LOADED", False)
     with pytest.raises(ImportError, match="broken_plugin"):
         data_lib.available_tasks()
+
+
+def test_tokenized_cache_is_written_atomically_and_a_damaged_one_is_rebuilt(
+    custom_tasks, tokenizer, tmp_path
+):
+    first = E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path)
+    (cached,) = tmp_path.iterdir()  # the arrays, and no temporary left beside them
+    assert cached.suffix == ".npz"
+    cached.write_bytes(cached.read_bytes()[:100])  # a write cut short by a crash
+    again = E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path)
+    for split, arrays in first.arrays.items():
+        for field, value in arrays.items():
+            np.testing.assert_array_equal(again.arrays[split][field], value)
+    assert [p.name for p in tmp_path.iterdir()] == [cached.name]
+    assert E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path).arrays.keys() == (
+        first.arrays.keys()
+    )

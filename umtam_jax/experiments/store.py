@@ -13,6 +13,8 @@ import json
 import math
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -154,5 +156,5 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    except (FileNotFoundError, OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
         return None

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from umtam_jax.experiments import data as data_lib
+from umtam_jax.experiments import store
 from umtam_jax.experiments._keys import stable_hash
 from umtam_jax.experiments.config import PipelineConfig
 from umtam_jax.experiments.models import minilm
@@ -81,12 +82,12 @@ load_minilm_tokenizer`).
             [name, spec.version, spec.kind, config.data_key(), digest, len(task.train)]
         )
         path = Path(cache_dir) / f"{name}-{key}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                arrays: dict[str, dict[str, np.ndarray]] = {}
-                for k in z.files:
-                    split, field = k.split("/")
-                    arrays.setdefault(split, {})[field] = z[k]
+        cached = store.read_npz(path)  # None: missing or unreadable, tokenized again
+        if cached is not None:
+            arrays: dict[str, dict[str, np.ndarray]] = {}
+            for k, value in cached.items():
+                split, field = k.split("/")
+                arrays.setdefault(split, {})[field] = value
             return TokenizedTask(name, task, arrays)
     arrays = {}
     for split, ex in task.splits.items():
@@ -100,9 +101,5 @@ load_minilm_tokenizer`).
         enc["labels"] = ex.labels.astype(np.int32)
         arrays[split] = enc
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        flat = {f"{s}/{f}": v for s, d in arrays.items() for f, v in d.items()}
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **flat)
-        tmp.replace(path)
+        store.write_npz(path, {f"{s}/{f}": v for s, d in arrays.items() for f, v in d.items()})
     return TokenizedTask(name, task, arrays)
