@@ -1,8 +1,9 @@
 """Real, offline experiments: data, Flax models and the train → merge pipeline.
 
-* :mod:`umtam_jax.experiments.data` -- examples, splits, loading and the cache of the
-  tasks; it re-exports :mod:`umtam_jax.experiments.task_registry` (registration, mirrors,
-  plugins) and :mod:`umtam_jax.experiments.metrics`.
+* :mod:`umtam_jax.experiments.data` -- examples, loading and the cache of the tasks; it
+  re-exports :mod:`umtam_jax.experiments.task_registry` (registration, mirrors,
+  plugins), :mod:`umtam_jax.experiments.splits` (seeded stratified splits) and
+  :mod:`umtam_jax.experiments.metrics`.
 * :mod:`umtam_jax.experiments.builtin_tasks` -- the Debian-packaged classification tasks
   (``wn_defmatch``, ``kjv_section``, ``fortune_topic``, ``wn_supersense``), registered
   when ``data`` is imported, and :mod:`umtam_jax.experiments.code_task` (``py_package``).

@@ -26,11 +26,11 @@ tools' ``--import MODULE_OR_FILE`` option imports a module that calls
 The built-in tasks (``wn_defmatch``, ``kjv_section``, ``fortune_topic``,
 ``wn_supersense``, ``py_package`` and the mirror ``wn_defmatch_mirror``) are built and
 registered by :mod:`~umtam_jax.experiments.builtin_tasks`, which importing this module
-imports. This module holds what every task shares: the examples' containers, the splits,
-loading and the cache; it re-exports the registry
-(:mod:`~umtam_jax.experiments.task_registry`) and the metrics
-(:mod:`~umtam_jax.experiments.metrics`), so ``data.register_task`` and
-``data.compute_metric`` are the same functions.
+imports. This module holds what every task shares: the examples' containers, loading
+and the cache; it re-exports the registry (:mod:`~umtam_jax.experiments.task_registry`),
+the splits (:mod:`~umtam_jax.experiments.splits`) and the metrics
+(:mod:`~umtam_jax.experiments.metrics`), so ``data.register_task``,
+``data.stratified_split`` and ``data.compute_metric`` are the same functions.
 
 Builders are deterministic given the seed; splits are stratified by label (80/10/10
 by default) and disjoint; ``max_per_split`` subsamples each split with the class
@@ -44,7 +44,6 @@ import dataclasses
 import inspect
 import json
 import os
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,8 @@ from umtam_jax.experiments.metrics import (
     macro_f1,
     register_metric,
 )
+from umtam_jax.experiments.splits import keyed_rng as _rng
+from umtam_jax.experiments.splits import stratified_split, stratified_subsample
 from umtam_jax.experiments.task_registry import (
     ENTRY_POINT_GROUP,
     TaskSpec,
@@ -155,11 +156,6 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "umtam_jax"
 
 
-def _rng(seed: int, *salt: str) -> np.random.Generator:
-    """A generator keyed by seed and stable string salts (never Python's ``hash``)."""
-    return np.random.default_rng([int(seed), *(zlib.crc32(s.encode()) for s in salt)])
-
-
 # ---------------------------------------------------------------------------
 # Containers
 # ---------------------------------------------------------------------------
@@ -255,80 +251,6 @@ class TaskData:
     def evaluate(self, y_true: np.ndarray, y_pred: np.ndarray) -> float:
         """Computes the task metric."""
         return compute_metric(self.metric, y_true, y_pred, num_labels=self.num_labels)
-
-
-# ---------------------------------------------------------------------------
-# Splitting
-# ---------------------------------------------------------------------------
-
-
-def stratified_split(
-    labels: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
-) -> list[np.ndarray]:
-    """Splits indices per class in the given fractions (disjoint, covering all).
-
-    Args:
-        labels: Integer labels (or any integer stratum, e.g. a group's class).
-        fractions: One fraction per split; normalised to sum to 1.
-        seed: Random seed.
-
-    Returns:
-        One sorted index array per split.
-
-    Example:
-      >>> from umtam_jax.experiments import data
-      >>> labels = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
-      >>> [p.tolist() for p in data.stratified_split(labels, (0.6, 0.2, 0.2), seed=0)]
-      [[1, 2, 3, 7, 8, 9], [0, 6], [4, 5]]
-    """
-    labels = np.asarray(labels)
-    fr = np.asarray(fractions, dtype=np.float64)
-    fr = fr / fr.sum()
-    rng = _rng(seed, "stratified_split")
-    parts: list[list[np.ndarray]] = [[] for _ in fr]
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(idx.size)]
-        # Later splits get round(n * f); the first one takes the rest.
-        counts = [int(round(idx.size * f)) for f in fr[1:]]
-        while sum(counts) > idx.size:
-            counts[int(np.argmax(counts))] -= 1
-        bounds = np.cumsum([idx.size - sum(counts), *counts])[:-1]
-        for k, piece in enumerate(np.split(idx, bounds)):
-            parts[k].append(piece)
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
-
-
-def stratified_subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """Picks ``n`` indices with the class proportions kept (largest remainder).
-
-    Args:
-        labels: Integer labels.
-        n: Number of indices wanted (all are returned if ``n >= len(labels)``).
-        seed: Random seed.
-
-    Returns:
-        Sorted index array.
-
-    Example:
-      >>> from umtam_jax.experiments import data
-      >>> data.stratified_subsample([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 5, seed=0).tolist()
-      [0, 1, 5, 6, 7]
-    """
-    labels = np.asarray(labels)
-    if n >= labels.size:
-        return np.arange(labels.size)
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * n / labels.size
-    quota = np.floor(exact).astype(np.int64)
-    order = np.argsort(-(exact - quota), kind="stable")
-    quota[order[: n - quota.sum()]] += 1
-    rng = _rng(seed, "stratified_subsample")
-    picked = []
-    for c, q in zip(classes, quota, strict=True):
-        idx = np.flatnonzero(labels == c)
-        picked.append(idx[rng.permutation(idx.size)[:q]])
-    return np.sort(np.concatenate(picked))
 
 
 # ---------------------------------------------------------------------------
