@@ -283,17 +283,25 @@ def test_a_broken_entry_point_names_itself(monkeypatch):
 
 
 def test_tokenized_cache_is_written_atomically_and_a_damaged_one_is_rebuilt(
-    custom_tasks, tokenizer, tmp_path
+    custom_tasks, tokenizer, tmp_path, monkeypatch
 ):
+    def assert_same(got, want):
+        assert got.arrays.keys() == want.arrays.keys()
+        for split, arrays in want.arrays.items():
+            assert got.arrays[split].keys() == arrays.keys()
+            for field, value in arrays.items():
+                np.testing.assert_array_equal(got.arrays[split][field], value)
+
     first = E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path)
     (cached,) = tmp_path.iterdir()  # the arrays, and no temporary left beside them
     assert cached.suffix == ".npz"
     cached.write_bytes(cached.read_bytes()[:100])  # a write cut short by a crash
-    again = E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path)
-    for split, arrays in first.arrays.items():
-        for field, value in arrays.items():
-            np.testing.assert_array_equal(again.arrays[split][field], value)
+    assert_same(E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path), first)
     assert [p.name for p in tmp_path.iterdir()] == [cached.name]
-    assert E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path).arrays.keys() == (
-        first.arrays.keys()
-    )
+
+    # The rebuilt entry is read back, not tokenized again.
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized although the cache holds the arrays")
+
+    monkeypatch.setattr(minilm, "tokenize_batch", no_tokenizing)
+    assert_same(E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path), first)
