@@ -27,6 +27,7 @@ PRODUCT_BENCHMARKS = (
     "conflict_intensity",
     "conflict_rates",
     "efficiency",
+    "gpu_plan",
     "merge_memory",
     "merge_time",
     "merge_vs_mergekit",

@@ -8,7 +8,8 @@
   ``subspace_svd`` gives the same decomposition from either form.
 - Without error buffer (γ = 0) UMTAM keeps M̃ factored; its updates and state equal those of
   the materialised path (forced here by a negligible γ), with and without ``svd_every``.
-- The one-pass clipped square sums handle overflowing gradients like the two-pass norm.
+- The clipped square sums handle overflowing gradients like the two-pass norm, on CPU's
+  guarded path and on the one-pass path of GPU/TPU.
 - Donating both params and optimizer state to a jitted step works (W0 is its own buffer).
 """
 
@@ -277,12 +278,44 @@ def test_factored_momentum_path_equals_the_materialised_one(svd_every, monkeypat
 
 
 def _use_guard(guard, monkeypatch):
-    """``"select"``: the branch-free path that GPU/TPU take, forced on CPU; ``"cond"``: CPU's."""
-    if guard == "select":
+    """``"one_pass"``: the overflow-safe one-pass sums that GPU/TPU take, forced on CPU;
+    ``"cond"``: CPU's direct sums, recomputed from ``g / max|g|`` on overflow."""
+    if guard == "one_pass":
         _take_default_branches(monkeypatch)
 
 
-@pytest.mark.parametrize("guard", ["cond", "select"])
+@pytest.mark.parametrize("guard", ["cond", "one_pass"])
+@pytest.mark.parametrize(
+    ("magnitude", "clip_threshold"),
+    [(1.0, None), (1.0, 1.0), (1e-15, 1.0), (1e30, 1.0), (1e33, 1.0), (1e15, None)],
+)
+def test_clipped_square_sums_equal_float64_sums(magnitude, clip_threshold, guard, monkeypatch):
+    """Row and column sums of the clipped gradient squared, its norm and the clip factor,
+    for a 3-D leaf with two row axes, rows of scales 1e3 apart and an all-zero row block;
+    with ``magnitude ≥ 1e30`` ``‖G‖²`` overflows float32."""
+    from types import SimpleNamespace
+
+    from umtam_jax.optimizer._clipping import clipped_square_sums
+
+    _use_guard(guard, monkeypatch)
+    g = np.random.default_rng(5).normal(size=(3, 4, 5))
+    g[0, 0] *= 1e3
+    g[1] = 0.0
+    g32 = jnp.asarray(g * magnitude, jnp.float32)
+    cfg = SimpleNamespace(clip_threshold=clip_threshold)
+    rows, cols, norm, half = jax.jit(lambda x: clipped_square_sums(x, cfg, 2))(g32)
+    g64 = np.asarray(g32, np.float64)
+    norm64 = np.linalg.norm(g64)
+    factor = 1.0 if clip_threshold is None else min(1.0, clip_threshold / norm64)
+    clipped = g64 * factor
+    np.testing.assert_allclose(rows, np.sum(clipped**2, axis=2), rtol=2e-5)
+    np.testing.assert_allclose(cols, np.sum(clipped**2, axis=(0, 1)), rtol=2e-5)
+    np.testing.assert_allclose(float(norm), np.linalg.norm(clipped), rtol=2e-5)
+    # The clipped gradient is (g · half) · half.
+    np.testing.assert_allclose(float(half) ** 2, factor, rtol=2e-5)
+
+
+@pytest.mark.parametrize("guard", ["cond", "one_pass"])
 @pytest.mark.parametrize("error_decay", [0.9, 0.0])
 def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay, guard, monkeypatch):
     _use_guard(guard, monkeypatch)
@@ -300,7 +333,7 @@ def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay, gua
     np.testing.assert_allclose(leaf.col, 1e-8 * 0.999 + 0.001 * 16 / 192, rtol=1e-5)
 
 
-@pytest.mark.parametrize("guard", ["cond", "select"])
+@pytest.mark.parametrize("guard", ["cond", "one_pass"])
 @pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("magnitude", [1e30, 1e36, 3e37, 3e38])
 def test_any_finite_gradient_is_clipped_to_the_same_update(magnitude, lean, guard, monkeypatch):
@@ -369,7 +402,7 @@ def _weights(case, rng):
     return w
 
 
-@pytest.mark.parametrize("guard", ["cond", "select"])
+@pytest.mark.parametrize("guard", ["cond", "one_pass"])
 @pytest.mark.parametrize("case", ["trained", "small_tail", "large_tail", "zero"])
 def test_adaptive_eps_follows_step_7_with_or_without_the_prefix_certificate(
     case, guard, monkeypatch

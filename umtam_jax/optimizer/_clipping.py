@@ -1,8 +1,15 @@
 """Per-leaf gradient norms, clipping (step 1) and the adaptive ε_t (step 7), safe from
 overflow: any finite gradient gives a finite norm and a finite clipped gradient.
 
-Squares are summed directly; only when ``‖G‖²`` overflows is the gradient rescaled by
-``max|G|`` and the sums taken again (:func:`_unless_overflow` chooses, per platform, how).
+Two ways to the same sums, chosen per platform by :func:`_per_platform`:
+
+- on CPU the squares are summed directly, and only when ``‖G‖²`` overflows is the gradient
+  rescaled by ``max|G|`` and the sums taken again (a ``lax.cond``: the extra passes run
+  only on overflow);
+- elsewhere (GPU, TPU, and arrays sharded over Explicit mesh axes) one pass computes each
+  sum as ``scale² · ssq`` (:func:`_square_sum_parts`), which cannot overflow. There a
+  conditional costs a device-to-host synchronisation, and computing both ways and
+  selecting would read the gradient twice more.
 """
 
 from __future__ import annotations
@@ -18,35 +25,37 @@ from umtam_jax.optimizer import _sharding
 from umtam_jax.optimizer._config import Config
 
 
-def _unless_overflow(
-    ok: jax.Array, direct: Callable[[], Any], rescaled: Callable[[], Any], like: jax.Array
-):
-    """``direct()`` where ``ok``, else ``rescaled()`` (the overflow-safe recomputation).
+def _per_platform(like: jax.Array, cpu: Callable[[], Any], one_pass: Callable[[], Any]):
+    """``cpu()`` on CPU, ``one_pass()`` on other platforms and for a ``like`` (the leaf)
+    sharded over Explicit mesh axes."""
+    if _sharding.explicit_spec(like) is not None:
+        return one_pass()
+    return jax.lax.platform_dependent(cpu=cpu, default=one_pass)
 
-    On CPU a ``lax.cond``, so the extra passes of ``rescaled`` run only on overflow. On
-    other platforms both are computed and selected: there a conditional costs a
-    device-to-host synchronisation (measured ~0.8 ms each on an H100, one per leaf per
-    guard), far more than the extra memory-bound passes. ``like`` is the leaf's array:
-    under Explicit sharding the selection is always used, with the predicate placed like
-    each result (a ``lax.cond`` mapped over a batch of matrices becomes a select whose
-    predicate JAX leaves unsharded).
+
+def _square_sum_parts(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(scale, ssq)`` with ``Σ x² = scale² · ssq`` over ``axes``, in one pass that cannot
+    overflow: ``scale = max|x|`` and ``ssq = Σ (x / scale)²`` (both 0 where every entry is).
+
+    A variadic reduction whose partial results ``(s, q)`` combine as LAPACK's ``nrm2``
+    accumulates: ``s = max(s₁, s₂)``, ``q = q₁ (s₁/s)² + q₂ (s₂/s)²``. XLA partitions it
+    like any reduction (partial results per shard, then combined): no shard gathers ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> scale, ssq = _square_sum_parts(jnp.array([3e30, 4e30]), (0,))
+      >>> print(f"{float(scale):.0e} {float(ssq):.4f}")  # (3/4)² + 1
+      4e+30 1.5625
     """
 
-    def select():
-        def pick(a, b):
-            which = ok
-            spec = _sharding.explicit_spec(a)
-            if spec is not None and a.ndim:
-                which = _sharding.reshard_like(jnp.broadcast_to(ok, a.shape), spec)
-            return jnp.where(which, a, b)
+    def combine(a, b):
+        (s1, q1), (s2, q2) = a, b
+        s = jnp.maximum(s1, s2)
+        safe = jnp.where(s > 0, s, 1.0)
+        return s, q1 * jnp.square(s1 / safe) + q2 * jnp.square(s2 / safe)
 
-        return jax.tree.map(pick, direct(), rescaled())
-
-    if _sharding.explicit_spec(like) is not None:
-        return select()
-    return jax.lax.platform_dependent(
-        cpu=lambda: jax.lax.cond(ok, direct, rescaled), default=select
-    )
+    zero = jnp.zeros((), x.dtype)
+    return jax.lax.reduce((jnp.abs(x), jnp.ones_like(x)), (zero, zero), combine, axes)
 
 
 def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -58,14 +67,22 @@ def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _norm(x: jax.Array) -> jax.Array:
-    """Frobenius norm that does not overflow: rescales by max|x| only when ‖x‖² overflows."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
+    """Frobenius norm that does not overflow while the norm itself is representable."""
 
-    def rescaled():
-        peak, unit_x = _divided_by_peak(x)
-        return peak * jnp.sqrt(jnp.sum(jnp.square(unit_x)))
+    def cpu():
+        norm = jnp.sqrt(jnp.sum(jnp.square(x)))
 
-    return _unless_overflow(jnp.isfinite(norm), lambda: norm, rescaled, x)
+        def rescaled():
+            peak, unit_x = _divided_by_peak(x)
+            return peak * jnp.sqrt(jnp.sum(jnp.square(unit_x)))
+
+        return jax.lax.cond(jnp.isfinite(norm), lambda: norm, rescaled)
+
+    def one_pass():
+        scale, ssq = _square_sum_parts(x, tuple(range(x.ndim)))
+        return scale * jnp.sqrt(ssq)
+
+    return _per_platform(x, cpu, one_pass)
 
 
 def _half_clip_scale(cfg: Config, peak: jax.Array, unit: jax.Array | float = 1.0) -> jax.Array:
@@ -96,26 +113,36 @@ def _clip_from_peak(cfg: Config, peak: jax.Array, unit: jax.Array):
 def clip(g: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """Per-leaf Frobenius clipping (step 1). Returns the clipped gradient and its norm.
 
-    When ‖g‖² overflows, the norm is taken of ``g / max|g|`` (as :func:`_norm`), and the
-    factor is applied as :func:`_half_clip_scale` describes, so that any finite gradient
-    gives a finite clipped one.
+    When ‖g‖² overflows, the norm is taken as ``max|g| · ‖g / max|g|‖``, and the factor is
+    applied as :func:`_half_clip_scale` describes, so that any finite gradient gives a
+    finite clipped one.
     """
     if cfg.clip_threshold is None:
         return g, _norm(g)
-    sum_sq = jnp.sum(jnp.square(g))
 
-    def direct():
-        norm = jnp.sqrt(sum_sq)
-        half = _half_clip_scale(cfg, norm)
-        return half, (norm * half) * half
-
-    def rescaled():
-        peak, unit_g = _divided_by_peak(g)
-        unit = jnp.sqrt(jnp.sum(jnp.square(unit_g)))
+    def from_parts(peak, unit):
         half, clipped_peak = _clip_from_peak(cfg, peak, unit)
         return half, unit * clipped_peak
 
-    half, norm = _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled, g)
+    def cpu():
+        sum_sq = jnp.sum(jnp.square(g))
+
+        def direct():
+            norm = jnp.sqrt(sum_sq)
+            half = _half_clip_scale(cfg, norm)
+            return half, (norm * half) * half
+
+        def rescaled():
+            peak, unit_g = _divided_by_peak(g)
+            return from_parts(peak, jnp.sqrt(jnp.sum(jnp.square(unit_g))))
+
+        return jax.lax.cond(jnp.isfinite(sum_sq), direct, rescaled)
+
+    def one_pass():
+        scale, ssq = _square_sum_parts(g, tuple(range(g.ndim)))
+        return from_parts(scale, jnp.sqrt(ssq))
+
+    half, norm = _per_platform(g, cpu, one_pass)
     return (g * half) * half, norm
 
 
@@ -128,39 +155,57 @@ def clipped_square_sums(g: jax.Array, cfg: Config, row_axes: int = 1):
     ``cols`` the row/column sums of the clipped gradient squared (shaped ``rows`` and
     ``cols``: sums over the column axes and over the row axes) and ``norm`` its Frobenius
     norm. The clipped gradient itself is never formed: its consumers take ``g`` and
-    ``half``. When ``‖g‖²`` overflows, the sums are recomputed from ``g / max|g|``.
+    ``half``. On CPU the sums are recomputed from ``g / max|g|`` when ``‖g‖²`` overflows;
+    elsewhere they come from :func:`_square_sum_parts`, two reductions in all.
     """
-    # Two reductions, each squaring in its own fusion: a shared G² would be written out and
-    # read twice (measured 4–9× slower than the two fused reductions on CPU); the barrier
-    # keeps XLA from merging the two squares.
-    row_sum = functools.partial(jnp.sum, axis=tuple(range(row_axes, g.ndim)))
-    col_sum = functools.partial(jnp.sum, axis=tuple(range(row_axes)))
-    rows = row_sum(jnp.square(g))
-    cols = col_sum(jnp.square(jax.lax.optimization_barrier(g)))
-    # ‖G‖² from the row sums (an m-vector); without the barrier XLA rewrites the nested
-    # sum into a third reduction of G² and materialises G² again.
-    sum_sq = jnp.sum(jax.lax.optimization_barrier(rows))
+    over_rows, over_cols = tuple(range(row_axes)), tuple(range(row_axes, g.ndim))
+    row_sum = functools.partial(jnp.sum, axis=over_cols)
+    col_sum = functools.partial(jnp.sum, axis=over_rows)
 
-    def direct():
-        norm = jnp.sqrt(sum_sq)
-        half = _half_clip_scale(cfg, norm)
-
-        def times_scale_squared(x):  # x · s², as four representable factors
-            return (((x * half) * half) * half) * half
-
-        return times_scale_squared(rows), times_scale_squared(cols), (norm * half) * half, half
-
-    def rescaled():
-        peak, unit_g = _divided_by_peak(g)
-        unit_sq = jnp.square(unit_g)
-        rows_u, cols_u = row_sum(unit_sq), col_sum(unit_sq)
-        unit = jnp.sqrt(jnp.sum(rows_u))
-        # The clipped gradient is (g / peak) · clipped_peak.
+    def clipped(rows_u, cols_u, peak, unit):
+        """The sums of the clipped gradient ``(g / peak) · clipped_peak`` from those of
+        ``g / peak``: no square of an unclipped entry is formed."""
         half, clipped_peak = _clip_from_peak(cfg, peak, unit)
         factor = jnp.square(clipped_peak)
         return rows_u * factor, cols_u * factor, unit * clipped_peak, half
 
-    return _unless_overflow(jnp.isfinite(sum_sq), direct, rescaled, g)
+    def cpu():
+        # Two reductions, each squaring in its own fusion: a shared G² would be written out
+        # and read twice (measured 4–9× slower than the two fused reductions on CPU); the
+        # barrier keeps XLA from merging the two squares.
+        rows = row_sum(jnp.square(g))
+        cols = col_sum(jnp.square(jax.lax.optimization_barrier(g)))
+        # ‖G‖² from the row sums (an m-vector); without the barrier XLA rewrites the nested
+        # sum into a third reduction of G² and materialises G² again.
+        sum_sq = jnp.sum(jax.lax.optimization_barrier(rows))
+
+        def direct():
+            norm = jnp.sqrt(sum_sq)
+            half = _half_clip_scale(cfg, norm)
+
+            def times_scale_squared(x):  # x · s², as four representable factors
+                return (((x * half) * half) * half) * half
+
+            return times_scale_squared(rows), times_scale_squared(cols), (norm * half) * half, half
+
+        def rescaled():
+            peak, unit_g = _divided_by_peak(g)
+            unit_sq = jnp.square(unit_g)
+            rows_u = row_sum(unit_sq)
+            return clipped(rows_u, col_sum(unit_sq), peak, jnp.sqrt(jnp.sum(rows_u)))
+
+        return jax.lax.cond(jnp.isfinite(sum_sq), direct, rescaled)
+
+    def one_pass():
+        row_scale, row_ssq = _square_sum_parts(g, over_cols)
+        col_scale, col_ssq = _square_sum_parts(g, over_rows)
+        peak = jnp.max(row_scale, initial=0.0)
+        peak = jnp.where(peak > 0, peak, 1.0)
+        rows_u = row_ssq * jnp.square(row_scale / peak)  # Σ_j (g_ij / peak)², at most n
+        cols_u = col_ssq * jnp.square(col_scale / peak)
+        return clipped(rows_u, cols_u, peak, jnp.sqrt(jnp.sum(rows_u)))
+
+    return _per_platform(g, cpu, one_pass)
 
 
 def adaptive_eps(cfg: Config, g_norm: jax.Array, w: jax.Array) -> jax.Array:

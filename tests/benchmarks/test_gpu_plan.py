@@ -1,0 +1,57 @@
+"""The GPU plan benchmark's reading of compiled programs (bytes moved, the floor, products'
+work), checked on programs compiled for this CPU and on hand-written HLO; and its one clear
+error where JAX cannot compile for a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import gpu_plan
+
+
+def test_products_work_and_floor_of_a_compiled_program():
+    a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+    text = jax.jit(lambda a, b: a @ b + 1.0).lower(a, b).compile().as_text()
+    traffic = gpu_plan.kernel_traffic(text)
+    assert traffic["flops"] == 2 * 8 * 16 * 4
+    assert traffic["floor"] == 4 * (8 * 16 + 16 * 4 + 8 * 4)  # inputs read, result written
+    assert traffic["bytes"] >= traffic["floor"]
+
+
+def test_long_tuples_and_control_flow_are_read_right():
+    """XLA marks every fifth element of a long tuple with ``/*index=5*/``; an output that is
+    a parameter passed through is not written; a conditional's operands are not read."""
+    hlo = "\n".join(
+        [
+            "%branch (p: f32[4]) -> f32[4] {",
+            "  ROOT %p = f32[4]{0} parameter(0)",
+            "}",
+            "",
+            "ENTRY %main (a: f32[4], b: f32[4], c: pred[]) -> (f32[4], f32[4], f32[4]) {",
+            "  %a = f32[4]{0} parameter(0)",
+            "  %b = f32[4]{0} parameter(1)",
+            "  %c = pred[] parameter(2)",
+            "  %f = f32[4]{0} fusion(%a, %b), kind=kLoop, calls=%branch",
+            "  %k = f32[4]{0} conditional(%c, %a, %b), true_computation=%branch, "
+            "false_computation=%branch",
+            "  ROOT %t = (f32[4]{0}, f32[4]{0}, /*index=2*/f32[4]{0}) tuple(%f, %k, /*index=2*/%b)",
+            "}",
+        ]
+    )
+    traffic = gpu_plan.kernel_traffic(hlo)
+    assert traffic["bytes"] == 3 * 16  # the fusion: two operands, one result
+    assert traffic["floor"] == 16 + 16 + 1 + 16 + 16  # a, b, c read; f and k written
+    assert traffic["flops"] == 0
+
+
+def test_without_the_cuda_plugin_one_clear_error(monkeypatch):
+    from jax.experimental import topologies
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("Unknown backend cuda")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", unavailable)
+    with pytest.raises(SystemExit, match=r"pip install \"jax\[cuda13\]=="):
+        gpu_plan.main(["--quick"])
