@@ -197,7 +197,7 @@ def run(blocks: int, *, scanned: bool, names: tuple[str, ...] = COMPARED) -> dic
     sharding = h100_sharding()
     shaped = scanned_params(blocks) if scanned else gpt2_params(blocks)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), shaped)
-    factories = optimizers(exact=False, extra=False, scanned=scanned)
+    factories = optimizers(exact=False, extra=True, scanned=scanned)
     rows = {}
     for name in names:
         rows[name] = plan(factories[name](), params, sharding)
