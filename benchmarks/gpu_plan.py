@@ -9,8 +9,9 @@ times it), on the GPT-2-shaped pytree, and reads the optimized program:
 - ``kernels``, ``loops``, ``conditionals``: what one call launches
   (:func:`benchmarks.step_time.executable_ops`);
 - ``bytes``: the device memory the kernels read and write, each kernel counted as its
-  operands plus its results (an upper bound on DRAM traffic: caches are ignored; kernels
-  inside a conditional or a loop are not counted, and the default UMTAM step has none);
+  operands (the slices of those it only slices) plus its results (an upper bound on DRAM
+  traffic: caches are ignored; kernels inside a conditional or a loop are not counted,
+  and the default UMTAM step has none);
 - ``floor``: the bytes no implementation can avoid, the step's inputs read once and its
   changed outputs written once;
 - ``gflop``: the floating-point work of its matrix products.
@@ -113,6 +114,26 @@ def _dot_flops(comps: dict[str, list[str]], name: str) -> int:
     return flops
 
 
+def _sliced_parameters(lines: list[str]) -> dict[int, int]:
+    """Bytes a fused computation reads of each parameter that it only slices (the slices'
+    sizes), by parameter number; the other parameters are read whole."""
+    numbers = {}
+    for m in map(_LINE.match, lines):
+        if m and m.group(3) == "parameter":
+            numbers[m.group(1)] = int(re.search(r"parameter\((\d+)\)", m.group(0)).group(1))
+    reads: dict[str, int] = {}
+    whole: set[str] = set()
+    for m in map(_LINE.match, lines):
+        if not m or m.group(3) == "parameter":
+            continue
+        for used in re.findall(r"%([^\s,)]+)", m.group(4)):
+            if used in numbers and m.group(3) == "slice":
+                reads[used] = reads.get(used, 0) + _array_bytes(m.group(2))
+            elif used in numbers:
+                whole.add(used)
+    return {numbers[p]: size for p, size in reads.items() if p not in whole}
+
+
 def kernel_traffic(hlo_text: str) -> dict[str, int]:
     """Bytes moved and products' work of one call of a compiled executable, from its
     optimized HLO text (any backend).
@@ -122,7 +143,8 @@ def kernel_traffic(hlo_text: str) -> dict[str, int]:
 
     Returns:
         ``bytes``: each kernel of the entry computation, its operands plus its results
-        (the kernels inside conditionals and loops are not counted); ``floor``: the
+        (of an operand the kernel only slices, the slices; the kernels inside
+        conditionals and loops are not counted); ``floor``: the
         entry's parameters plus its results that are not a parameter passed through;
         ``flops``: of every ``dot``, inside fusions too.
 
@@ -148,7 +170,11 @@ def kernel_traffic(hlo_text: str) -> dict[str, int]:
         if op in _NO_KERNEL or op in ("conditional", "while"):
             continue  # control flow: its operands are passed, not read
         named = re.findall(r"%([^\s,)]+)", operands)
-        total += _array_bytes(shape) + sum(_array_bytes(shapes.get(o, "")) for o in named)
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        sliced = _sliced_parameters(comps.get(called.group(1), [])) if called else {}
+        total += _array_bytes(shape) + sum(
+            sliced.get(i, _array_bytes(shapes.get(o, ""))) for i, o in enumerate(named)
+        )
         for called in re.findall(r"(?:calls|to_apply|body)=%([\w.\-]+)", line):
             flops += _dot_flops(comps, called)
     written = [o for o in re.findall(r"%([^\s,)]+)", root) if o in shapes and o not in params]

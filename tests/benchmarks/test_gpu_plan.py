@@ -22,11 +22,22 @@ def test_products_work_and_floor_of_a_compiled_program():
 
 def test_long_tuples_and_control_flow_are_read_right():
     """XLA marks every fifth element of a long tuple with ``/*index=5*/``; an output that is
-    a parameter passed through is not written; a conditional's operands are not read."""
+    a parameter passed through is not written; a conditional's operands are not read; of
+    an operand a fusion only slices, the slices are read."""
     hlo = "\n".join(
         [
             "%branch (p: f32[4]) -> f32[4] {",
             "  ROOT %p = f32[4]{0} parameter(0)",
+            "}",
+            "",
+            "%slicer (q: f32[4], r: f32[4]) -> f32[1] {",
+            "  %q = f32[4]{0} parameter(0)",
+            "  %r = f32[4]{0} parameter(1)",
+            "  %head = f32[1]{0} slice(%q), slice={[0:1]}",
+            "  %first = f32[1]{0} slice(%r), slice={[0:1]}",
+            "  %rest = f32[3]{0} slice(%r), slice={[1:4]}",
+            "  %sum = f32[1]{0} reduce(%rest, %head), dimensions={0}, to_apply=%branch",
+            "  ROOT %out = f32[1]{0} add(%sum, %first)",
             "}",
             "",
             "ENTRY %main (a: f32[4], b: f32[4], c: pred[]) -> (f32[4], f32[4], f32[4]) {",
@@ -36,13 +47,16 @@ def test_long_tuples_and_control_flow_are_read_right():
             "  %f = f32[4]{0} fusion(%a, %b), kind=kLoop, calls=%branch",
             "  %k = f32[4]{0} conditional(%c, %a, %b), true_computation=%branch, "
             "false_computation=%branch",
-            "  ROOT %t = (f32[4]{0}, f32[4]{0}, /*index=2*/f32[4]{0}) tuple(%f, %k, /*index=2*/%b)",
+            "  %s = f32[1]{0} fusion(%a, %b), kind=kInput, calls=%slicer",
+            "  ROOT %t = (f32[4]{0}, f32[4]{0}, f32[1]{0}, /*index=3*/f32[4]{0}) "
+            "tuple(%f, %k, %s, /*index=3*/%b)",
             "}",
         ]
     )
     traffic = gpu_plan.kernel_traffic(hlo)
-    assert traffic["bytes"] == 3 * 16  # the fusion: two operands, one result
-    assert traffic["floor"] == 16 + 16 + 1 + 16 + 16  # a, b, c read; f and k written
+    # %f: two operands and one result; %s: one entry of a and all four of b, one result.
+    assert traffic["bytes"] == 3 * 16 + (4 + 16 + 4)
+    assert traffic["floor"] == 16 + 16 + 1 + 16 + 16 + 4  # a, b, c read; f, k, s written
     assert traffic["flops"] == 0
 
 

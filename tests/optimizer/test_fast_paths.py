@@ -135,6 +135,24 @@ def test_a_rank_deficient_member_of_a_group_leaves_the_others_unchanged():
         assert _same_span(q, y) < 1e-5
 
 
+@pytest.mark.usefixtures("orthonormalization_path")
+def test_equally_shaped_matrices_get_the_bases_they_get_alone():
+    """Off CPU the matrices of one shape are stacked for their products: each, a stack
+    among them, gets back its own basis, in order."""
+    rng = np.random.default_rng(6)
+    shapes = [(96, 8), (64, 8), (96, 8), (3, 96, 8), (64, 8), (40, 8)]
+    ys = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes]
+    together = jax.jit(orthonormalize_many)(ys)
+    for y, q in zip(ys, together, strict=True):
+        assert q.shape == y.shape
+        alone = jax.jit(orthonormalize_many)([y])[0]
+        np.testing.assert_allclose(np.asarray(q), np.asarray(alone), atol=1e-6)
+        matrices = (np.reshape(x, (-1, *x.shape[-2:])) for x in (q, y))
+        for qi, yi in zip(*matrices, strict=True):
+            np.testing.assert_allclose(_gram(qi), np.eye(8), atol=2e-5)
+            assert _same_span(qi, yi) < 1e-5
+
+
 def _data_dependent_conditionals(stablehlo: str) -> int:
     """``stablehlo.case`` ops whose branch index is not the lowering platform's (a constant
     of an export for one platform, and the cases that derive from it)."""

@@ -216,6 +216,24 @@ def group_by_width(ys: list[jax.Array]) -> dict[tuple, list[int]]:
     return groups
 
 
+def _orthonormalize_tall_stacked(ys: list[jax.Array]) -> list[jax.Array]:
+    """:func:`_orthonormalize_tall` with the equally shaped matrices of ``ys`` stacked, so
+    that each pass runs one product per shape rather than one per matrix (a model with one
+    leaf per layer: one per weight kind, not per layer and kind). The stacks copy thin
+    matrices only (m×k, not m×n); each matrix's basis is the one it gets alone."""
+    by_rows: dict[int, list[int]] = {}
+    for i, y in enumerate(ys):
+        by_rows.setdefault(y.shape[-2], []).append(i)
+    members = list(by_rows.values())
+    stacks = [flat_stack([ys[i] for i in m]) if len(m) > 1 else ys[m[0]] for m in members]
+    out: list[jax.Array] = list(ys)
+    for m, q in zip(members, _orthonormalize_tall(stacks), strict=True):
+        parts = unstack(q, [ys[i] for i in m]) if len(m) > 1 else [q]
+        for i, part in zip(m, parts, strict=True):
+            out[i] = part
+    return out
+
+
 @full_precision
 def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
     """:func:`orthonormalize` of several matrices at once.
@@ -224,7 +242,8 @@ def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
     per Gram pass for all of them, instead of one per matrix (on a GPU every small
     ``eigh`` is a library call: an H100 spent ~30 ms of a 35 ms UMTAM step in 64 separate
     32×32 ``eigh`` and 16 SVDs; on a CPU each one is a separate, mostly serial task). Off
-    CPU no step depends on the data through a conditional. Results are those of
+    CPU no step depends on the data through a conditional, and equally shaped matrices
+    are also stacked for their thin products. Results are those of
     :func:`orthonormalize` applied to each matrix.
     """
     out: list[jax.Array | None] = [None] * len(ys)
@@ -241,7 +260,7 @@ def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
             qs = _orthonormalize_tall(group)
         else:
             qs = jax.lax.platform_dependent(
-                group, cpu=_orthonormalize_tall_checked, default=_orthonormalize_tall
+                group, cpu=_orthonormalize_tall_checked, default=_orthonormalize_tall_stacked
             )
         for i, q in zip(index, qs, strict=True):
             out[i] = q
