@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import umtam_jax
+from tests.optimizer.platforms import take_default_branches
 from umtam_jax.optimizer._lowrank import LowRankPlusDense, exact_svd, subspace_svd
 from umtam_jax.optimizer._orthonormalize import orthonormalize, orthonormalize_many
 
@@ -46,18 +47,11 @@ def _same_span(q, y):
     return np.linalg.norm(y - q @ (q.T @ y)) / max(np.linalg.norm(y), 1e-300)
 
 
-def _take_default_branches(monkeypatch):
-    """Every ``lax.platform_dependent`` traced from here on takes its ``default`` (GPU/TPU)
-    branch, also on this CPU. Tests jit fresh functions after it, so that no trace made
-    with the CPU branches is reused."""
-    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default, **_: default(*args))
-
-
 @pytest.fixture(params=["cpu", "gpu_tpu"])
 def orthonormalization_path(request, monkeypatch):
     """Runs a test on CPU's orthonormalisation and on the conditional-free one of GPU/TPU."""
     if request.param == "gpu_tpu":
-        _take_default_branches(monkeypatch)
+        take_default_branches(monkeypatch)
     return request.param
 
 
@@ -299,7 +293,7 @@ def _use_guard(guard, monkeypatch):
     """``"one_pass"``: the overflow-safe one-pass sums that GPU/TPU take, forced on CPU;
     ``"cond"``: CPU's direct sums, recomputed from ``g / max|g|`` on overflow."""
     if guard == "one_pass":
-        _take_default_branches(monkeypatch)
+        take_default_branches(monkeypatch)
 
 
 @pytest.mark.parametrize("guard", ["cond", "one_pass"])

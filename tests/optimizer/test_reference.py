@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import umtam_jax
+from tests.optimizer.platforms import take_default_branches
 from tests.optimizer.reference import DenseReference, FactoredReference, Hyper
 
 STEPS = 24
@@ -140,6 +141,14 @@ def test_clipping_active_matches_reference():
 def test_clipping_inactive_matches_reference():
     run_against_reference(Hyper(clip_threshold=None), grad_scale=3.0)
     run_against_reference(Hyper(clip_threshold=1e6), grad_scale=3.0)
+
+
+@pytest.mark.parametrize("clip_threshold", [1.0, 0.5, None])
+def test_gpu_tpu_code_paths_match_reference(clip_threshold, monkeypatch):
+    """Off CPU every norm and sum of squares is taken in one overflow-safe pass (no
+    conditional): forced on this CPU, updates and statistics still equal the reference."""
+    take_default_branches(monkeypatch)
+    run_against_reference(Hyper(clip_threshold=clip_threshold), grad_scale=3.0)
 
 
 def test_svd_every_projects_the_core_between_refreshes():
