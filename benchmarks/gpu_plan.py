@@ -184,6 +184,18 @@ def kernel_traffic(hlo_text: str) -> dict[str, int]:
     return {"bytes": total, "floor": floor, "flops": flops}
 
 
+def _plugin_version() -> str | None:
+    """The installed version of JAX's CUDA plugin (``jax-cuda13-plugin`` or the CUDA 12 one)."""
+    from importlib import metadata
+
+    for name in ("jax-cuda13-plugin", "jax-cuda12-plugin"):
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def h100_sharding() -> jax.sharding.Sharding:
     """A sharding on one H100 described to XLA (no device needed); a clear error without
     JAX's CUDA plugin."""
@@ -272,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         args.blocks, args.only, args.no_write = 2, ["optax.adamw", "umtam default"], True
     result = run(args.blocks, scanned=not args.per_layer, names=tuple(args.only))
     env["compiled_for"] = "NVIDIA H100 80GB HBM3 (described; no device)"
+    env["cuda_plugin"] = _plugin_version()
     text = table(result)
     print(text)
     if not args.no_write:
