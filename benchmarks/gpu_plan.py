@@ -134,28 +134,12 @@ def _sliced_parameters(lines: list[str]) -> dict[int, int]:
     return {numbers[p]: size for p, size in reads.items() if p not in whole}
 
 
-def kernel_traffic(hlo_text: str) -> dict[str, int]:
-    """Bytes moved and products' work of one call of a compiled executable, from its
-    optimized HLO text (any backend).
-
-    Args:
-        hlo_text: ``jax.jit(f).lower(...).compile().as_text()``.
-
-    Returns:
-        ``bytes``: each kernel of the entry computation, its operands plus its results
-        (of an operand the kernel only slices, the slices; the kernels inside
-        conditionals and loops are not counted); ``floor``: the
-        entry's parameters plus its results that are not a parameter passed through;
-        ``flops``: of every ``dot``, inside fusions too.
-
-    Example:
-        >>> text = jax.jit(lambda x: 2 * x + 1).lower(jnp.ones(256)).compile().as_text()
-        >>> kernel_traffic(text)
-        {'bytes': 2048, 'floor': 2048, 'flops': 0}
-    """
+def _entry_kernels(hlo_text: str) -> tuple[list[tuple[str, int, int]], int]:
+    """Each kernel of the entry computation as ``(instruction line, bytes, flops)`` (see
+    :func:`kernel_traffic`), and the floor."""
     comps = _computations(hlo_text)
     shapes: dict[str, str] = {}
-    total = flops = 0
+    kernels = []
     params, root = [], ""
     for line in comps.get("ENTRY", []):
         m = _LINE.match(line)
@@ -172,16 +156,107 @@ def kernel_traffic(hlo_text: str) -> dict[str, int]:
         named = re.findall(r"%([^\s,)]+)", operands)
         called = re.search(r"calls=%([\w.\-]+)", line)
         sliced = _sliced_parameters(comps.get(called.group(1), [])) if called else {}
-        total += _array_bytes(shape) + sum(
+        moved = _array_bytes(shape) + sum(
             sliced.get(i, _array_bytes(shapes.get(o, ""))) for i, o in enumerate(named)
         )
-        for called in re.findall(r"(?:calls|to_apply|body)=%([\w.\-]+)", line):
-            flops += _dot_flops(comps, called)
+        flops = sum(
+            _dot_flops(comps, c) for c in re.findall(r"(?:calls|to_apply|body)=%([\w.\-]+)", line)
+        )
+        kernels.append((line, moved, flops))
     written = [o for o in re.findall(r"%([^\s,)]+)", root) if o in shapes and o not in params]
     floor = sum(_array_bytes(shapes[p]) for p in params) + sum(
         _array_bytes(shapes[o]) for o in written
     )
-    return {"bytes": total, "floor": floor, "flops": flops}
+    return kernels, floor
+
+
+def kernel_traffic(hlo_text: str) -> dict[str, int]:
+    """Bytes moved and products' work of one call of a compiled executable, from its
+    optimized HLO text (any backend).
+
+    Args:
+        hlo_text: ``jax.jit(f).lower(...).compile().as_text()``.
+
+    Returns:
+        ``bytes``: each kernel of the entry computation, its operands plus its results
+        (of an operand the kernel only slices, the slices; the kernels inside
+        conditionals and loops are not counted); ``floor``: the entry's parameters plus
+        its results that are not a parameter passed through; ``flops``: of every
+        ``dot``, inside fusions too.
+
+    Example:
+        >>> text = jax.jit(lambda x: 2 * x + 1).lower(jnp.ones(256)).compile().as_text()
+        >>> kernel_traffic(text)
+        {'bytes': 2048, 'floor': 2048, 'flops': 0}
+    """
+    kernels, floor = _entry_kernels(hlo_text)
+    return {
+        "bytes": sum(k[1] for k in kernels),
+        "floor": floor,
+        "flops": sum(k[2] for k in kernels),
+    }
+
+
+def _source_lines(hlo_text: str) -> dict[str, list[str]]:
+    """Stack frame id → its call stack as ``file:line (function)``, innermost first, from
+    the module's ``FileNames`` / ``FunctionNames`` / ``FileLocations`` / ``StackFrames``
+    tables."""
+    tables: dict[str, dict[str, str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+        elif not line.strip() or line.startswith(("%", "ENTRY", "HloModule")):
+            current = None
+        elif current is not None:
+            key, _, value = line.partition(" ")
+            current[key] = value
+    files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
+    functions = {k: v.strip('"') for k, v in tables.get("FunctionNames", {}).items()}
+    places = {}
+    for key, value in tables.get("FileLocations", {}).items():
+        fields = dict(re.findall(r"(\w+)=(\d+)", value))
+        file = files.get(fields.get("file_name_id", ""), "?")
+        function = functions.get(fields.get("function_name_id", ""), "?")
+        places[key] = f"{file}:{fields.get('line', '?')} ({function})"
+    stacks: dict[str, list[str]] = {}
+    frames = {
+        k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in tables.get("StackFrames", {}).items()
+    }
+    for key in frames:
+        stack, frame, seen = [], key, set()
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            stack.append(places.get(frames[frame].get("file_location_id", ""), "?"))
+            frame = frames[frame].get("parent_frame_id", "")
+        stacks[key] = stack
+    return stacks
+
+
+def kernel_sources(hlo_text: str, package: str = "umtam_jax", top: int = 12) -> list[dict]:
+    """The source lines whose kernels move the most bytes, from the stack recorded with
+    each kernel of the entry computation: the innermost frame in ``package`` (else the
+    innermost frame), with ``kernels`` and ``bytes`` summed over its kernels. A fusion
+    counts where its root instruction came from, with all the bytes it moves.
+
+    Example:
+        >>> text = jax.jit(lambda x: 2 * x + 1).lower(jnp.ones(256)).compile().as_text()
+        >>> [(s["kernels"], s["bytes"]) for s in kernel_sources(text, package="nothing")]
+        [(1, 2048)]
+    """
+    stacks = _source_lines(hlo_text)
+    totals: dict[str, dict] = {}
+    for line, moved, _ in _entry_kernels(hlo_text)[0]:
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        stack = stacks.get(frame.group(1), []) if frame else []
+        mine = [place for place in stack if f"/{package}/" in place]
+        source = (mine or stack or ["(no source recorded)"])[0]
+        for root in (f"/{package}/", "/site-packages/"):
+            source = source.split(root, 1)[-1]
+        entry = totals.setdefault(source, {"source": source, "kernels": 0, "bytes": 0})
+        entry["kernels"] += 1
+        entry["bytes"] += moved
+    return sorted(totals.values(), key=lambda e: -e["bytes"])[:top]
 
 
 def _plugin_version() -> str | None:
@@ -215,7 +290,8 @@ def h100_sharding() -> jax.sharding.Sharding:
 
 def plan(opt: optax.GradientTransformation, params: Any, sharding: jax.sharding.Sharding) -> dict:
     """Compiles update + ``apply_updates`` (parameters and state donated) for ``sharding``'s
-    device and reads the program: :func:`executable_ops` and :func:`kernel_traffic`."""
+    device and reads the program: :func:`executable_ops`, :func:`kernel_traffic` and, in
+    ``sources``, :func:`kernel_sources`."""
 
     def train(grads, state, p):
         updates, state = opt.update(grads, state, p)
@@ -227,7 +303,7 @@ def plan(opt: optax.GradientTransformation, params: Any, sharding: jax.sharding.
     state = abstract(jax.eval_shape(opt.init, params))
     text = jax.jit(train, donate_argnums=(1, 2)).lower(abstract(params), state, abstract(params))
     text = text.compile().as_text()
-    return {**executable_ops(text), **kernel_traffic(text)}
+    return {**executable_ops(text), **kernel_traffic(text), "sources": kernel_sources(text)}
 
 
 def run(blocks: int, *, scanned: bool, names: tuple[str, ...] = COMPARED) -> dict[str, Any]:
@@ -266,7 +342,13 @@ def table(result: dict[str, Any]) -> str:
     headers += ["ms at 3.35 TB/s", "GFLOP"]
     layout = "layer-stacked" if result["scanned"] else "one leaf per layer"
     head = f"GPT-2 body, {result['blocks']} blocks ({layout}, {result['parameters'] / 1e6:.1f}M)"
-    return f"{head}, compiled for an H100 without a device:\n\n" + markdown_table(headers, rows)
+    text = f"{head}, compiled for an H100 without a device:\n\n" + markdown_table(headers, rows)
+    default = result["rows"].get("umtam default")
+    if default and default.get("sources"):
+        where = [[s["source"], s["kernels"], f"{s['bytes'] / 1e9:.2f}"] for s in default["sources"]]
+        text += "\n\nWhere UMTAM default's bytes go (the innermost `umtam_jax` line of each "
+        text += "kernel):\n\n" + markdown_table(["source", "kernels", "GB"], where)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

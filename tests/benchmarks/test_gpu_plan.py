@@ -69,3 +69,18 @@ def test_without_the_cuda_plugin_one_clear_error(monkeypatch):
     monkeypatch.setattr(topologies, "get_topology_desc", unavailable)
     with pytest.raises(SystemExit, match=r"pip install \"jax\[cuda13\]=="):
         gpu_plan.main(["--quick"])
+
+
+def _affine(x):
+    return 2.0 * x + 1.0
+
+
+def test_kernels_are_traced_to_their_source_line():
+    text = jax.jit(_affine).lower(jnp.ones(256)).compile().as_text()
+    (source,) = gpu_plan.kernel_sources(text, package="tests")
+    line = _affine.__code__.co_firstlineno + 1
+    assert source == {
+        "source": f"benchmarks/test_gpu_plan.py:{line} (_affine)",
+        "kernels": 1,
+        "bytes": 2 * 4 * 256,
+    }
