@@ -346,8 +346,9 @@ def table(result: dict[str, Any]) -> str:
     default = result["rows"].get("umtam default")
     if default and default.get("sources"):
         where = [[s["source"], s["kernels"], f"{s['bytes'] / 1e9:.2f}"] for s in default["sources"]]
-        text += "\n\nWhere UMTAM default's bytes go (the innermost `umtam_jax` line of each "
-        text += "kernel):\n\n" + markdown_table(["source", "kernels", "GB"], where)
+        text += "\n\nWhere UMTAM default's bytes go (each kernel at the innermost `umtam_jax` "
+        text += "line of its stack, else its innermost line; a fusion at its root's line):\n\n"
+        text += markdown_table(["source", "kernels", "GB"], where)
     return text
 
 
