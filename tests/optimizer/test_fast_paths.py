@@ -199,6 +199,27 @@ def test_the_gpu_update_has_as_many_conditionals_for_one_leaf_as_for_many(settin
     assert conditionals(many, "cpu") > expected
 
 
+@pytest.mark.parametrize(
+    "settings", [{}, {"error_decay": 0.0, "saliency": "final"}], ids=["default", "lean"]
+)
+def test_the_gpu_update_reads_a_leaf_three_times_for_its_sums(settings):
+    """Lowered for a GPU (no GPU needed), the update of one factored leaf reduces its m×n
+    arrays three times: the row and the column sums of G² and ‖W‖, each one overflow-safe
+    pass (computing the direct and the rescaled sums and selecting took eight)."""
+    from jax import export
+
+    params = {"w": jax.ShapeDtypeStruct((256, 128), jnp.float32)}
+    opt = umtam_jax.umtam(1e-3, rank=8, **settings)
+    state = jax.eval_shape(opt.init, params)
+    lowered = export.export(jax.jit(opt.update), platforms=("cuda",))(params, state, params)
+    reductions = [
+        line
+        for line in lowered.mlir_module().splitlines()
+        if "stablehlo.reduce" in line and "tensor<256x128xf32>" in line.split("->")[0]
+    ]
+    assert len(reductions) == 3
+
+
 def test_the_cpu_update_has_no_householder_qr_of_a_sketch():
     """On CPU the orthonormalisation's fallback for inaccurate bases is the conditional-free
     passes, not LAPACK's QR of an m×k sketch (slow there; a zero momentum takes it every
