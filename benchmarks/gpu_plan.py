@@ -45,7 +45,13 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks._common import RESULTS_DIR, environment, gpt2_params, markdown_table, write_results
-from benchmarks.step_time import _NO_KERNEL, executable_ops, optimizers, scanned_params
+from benchmarks.step_time import (
+    _NO_KERNEL,
+    apply_step,
+    executable_ops,
+    optimizers,
+    scanned_params,
+)
 
 # The fields XLA reads from an H100 SXM (80 GB HBM3), as ``jax.lib.xla_client.
 # get_topology_for_devices(jax.devices()).target_config`` prints them on one.
@@ -289,20 +295,19 @@ def h100_sharding() -> jax.sharding.Sharding:
 
 
 def plan(opt: optax.GradientTransformation, params: Any, sharding: jax.sharding.Sharding) -> dict:
-    """Compiles update + ``apply_updates`` (parameters and state donated) for ``sharding``'s
-    device and reads the program: :func:`executable_ops`, :func:`kernel_traffic` and, in
-    ``sources``, :func:`kernel_sources`."""
+    """Compiles update + ``apply_updates`` (parameters and state donated: the step
+    ``step_time.py --apply`` times, :func:`benchmarks.step_time.apply_step`) for
+    ``sharding``'s device and reads the program: :func:`executable_ops`,
+    :func:`kernel_traffic` and, in ``sources``, :func:`kernel_sources`."""
 
-    def train(grads, state, p):
-        updates, state = opt.update(grads, state, p)
-        return state, optax.apply_updates(p, updates)
+    def placed(tree):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+        )
 
-    abstract = lambda tree: jax.tree.map(  # noqa: E731
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
-    )
-    state = abstract(jax.eval_shape(opt.init, params))
-    text = jax.jit(train, donate_argnums=(1, 2)).lower(abstract(params), state, abstract(params))
-    text = text.compile().as_text()
+    state = placed(jax.eval_shape(opt.init, params))
+    lowered = apply_step(opt).lower(placed(params), state, placed(params))
+    text = lowered.compile().as_text()
     return {**executable_ops(text), **kernel_traffic(text), "sources": kernel_sources(text)}
 
 

@@ -224,6 +224,18 @@ def executable_ops(hlo_text: str) -> dict[str, int]:
     }
 
 
+def apply_step(opt: optax.GradientTransformation):
+    """The optimizer part of a training step, jitted: ``(grads, state, params) → (state,
+    params)`` with ``params ← optax.apply_updates(params, updates)``, state and parameters
+    donated (every output reuses its input's buffer)."""
+
+    def train(g, s, p):
+        updates, s = opt.update(g, s, p)
+        return s, optax.apply_updates(p, updates)
+
+    return jax.jit(train, donate_argnums=(1, 2))
+
+
 def update_step(opt: optax.GradientTransformation, params: Any, grads: Any, apply: bool = False):
     """A blocking closure running one jitted, state-donating update (``step.lower()`` lowers
     that update); plus the state bytes.
@@ -235,12 +247,7 @@ def update_step(opt: optax.GradientTransformation, params: Any, grads: Any, appl
     output buffers each call, which makes XLA re-record its CUDA graphs every step.
     """
     if apply:
-
-        def train(g, s, p):
-            updates, s = opt.update(g, s, p)
-            return s, optax.apply_updates(p, updates)
-
-        update = jax.jit(train, donate_argnums=(1, 2))
+        update = apply_step(opt)
         holder = {"state": opt.init(params), "params": jax.tree.map(jax.numpy.copy, params)}
     else:
         # Returns (state, updates): JAX pairs donated inputs with outputs of the same shape
