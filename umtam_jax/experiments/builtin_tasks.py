@@ -43,11 +43,10 @@ from umtam_jax.experiments.data import (
     Examples,
     _dedupe,
     _missing,
-    _rng,
     register_mirror_task,
     register_task,
-    stratified_split,
 )
+from umtam_jax.experiments.splits import keyed_rng, stratified_split
 
 __all__ = [
     "BIBLE_DIRS",
@@ -176,7 +175,7 @@ def build_wn_defmatch(seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1
     synsets = list(by_def.values())
     lex = np.array([s.lexfile for s in synsets])
     parts = stratified_split(lex, fractions, seed)
-    rng = _rng(seed, "wn_defmatch")
+    rng = keyed_rng(seed, "wn_defmatch")
     out = {}
     for name, idx in zip(SPLITS, parts, strict=True):
         pool: dict[int, np.ndarray] = {int(c): idx[lex[idx] == c] for c in np.unique(lex[idx])}

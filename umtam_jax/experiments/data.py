@@ -57,8 +57,7 @@ from umtam_jax.experiments.metrics import (
     macro_f1,
     register_metric,
 )
-from umtam_jax.experiments.splits import keyed_rng as _rng
-from umtam_jax.experiments.splits import stratified_split, stratified_subsample
+from umtam_jax.experiments.splits import keyed_rng, stratified_split, stratified_subsample
 from umtam_jax.experiments.task_registry import (
     ENTRY_POINT_GROUP,
     TaskSpec,
@@ -372,7 +371,7 @@ def load_task(
         cap = max_per_split.get(s) if isinstance(max_per_split, Mapping) else max_per_split
         if cap is not None:
             ex = ex.take(stratified_subsample(ex.labels, int(cap), seed))
-        out[s] = ex.take(_rng(seed, "shuffle", s).permutation(len(ex)))
+        out[s] = ex.take(keyed_rng(seed, "shuffle", s).permutation(len(ex)))
     return TaskData(
         name=spec.name,
         kind=spec.kind,
