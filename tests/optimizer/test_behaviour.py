@@ -11,7 +11,6 @@ import optax
 import pytest
 
 import umtam_jax
-from tests.optimizer.platforms import take_default_branches
 from umtam_jax.optimizer._lowrank import exact_svd, subspace_svd
 
 SMALL = dict(rank=4, min_dim_size_to_factor=8)
@@ -284,10 +283,8 @@ def test_unclipped_large_gradients_keep_a_finite_saliency_and_curvature():
     )
 
 
-@pytest.mark.parametrize("path", ["cpu", "gpu_tpu"])
-def test_non_finite_gradients_are_not_absorbed_and_apply_if_finite_skips_them(path, monkeypatch):
-    if path == "gpu_tpu":  # one-pass overflow-safe sums instead of CPU's guarded ones
-        take_default_branches(monkeypatch)
+@pytest.mark.usefixtures("code_path")
+def test_non_finite_gradients_are_not_absorbed_and_apply_if_finite_skips_them():
     params = _params()
     grads = _grads(params, 0)
     grads["dense"]["kernel"] = grads["dense"]["kernel"].at[0, 0].set(jnp.nan)

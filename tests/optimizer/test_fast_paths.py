@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 import umtam_jax
-from tests.optimizer.platforms import take_default_branches
 from umtam_jax.optimizer._lowrank import LowRankPlusDense, exact_svd, subspace_svd
 from umtam_jax.optimizer._orthonormalize import orthonormalize, orthonormalize_many
 
@@ -47,15 +46,7 @@ def _same_span(q, y):
     return np.linalg.norm(y - q @ (q.T @ y)) / max(np.linalg.norm(y), 1e-300)
 
 
-@pytest.fixture(params=["cpu", "gpu_tpu"])
-def orthonormalization_path(request, monkeypatch):
-    """Runs a test on CPU's orthonormalisation and on the conditional-free one of GPU/TPU."""
-    if request.param == "gpu_tpu":
-        take_default_branches(monkeypatch)
-    return request.param
-
-
-@pytest.mark.usefixtures("orthonormalization_path")
+@pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("condition", [1.0, 1e2, 1e3, 1e5, 1e8, 1e12])
 def test_orthonormalize_is_orthonormal_and_spans_the_input(condition):
     rng = np.random.default_rng(0)
@@ -66,7 +57,7 @@ def test_orthonormalize_is_orthonormal_and_spans_the_input(condition):
     assert _same_span(q, y) < 1e-5
 
 
-@pytest.mark.usefixtures("orthonormalization_path")
+@pytest.mark.usefixtures("code_path")
 def test_orthonormalize_rank_deficient_zero_and_wide_inputs():
     rng = np.random.default_rng(1)
     rank3 = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 16))
@@ -89,7 +80,7 @@ def test_orthonormalize_rank_deficient_zero_and_wide_inputs():
     assert bad.shape == (50, 4)
 
 
-@pytest.mark.usefixtures("orthonormalization_path")
+@pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 def test_orthonormalize_tiny_and_huge_inputs(scale):
     """Gram matrices of these would underflow or overflow float32: the input is first
@@ -100,7 +91,7 @@ def test_orthonormalize_tiny_and_huge_inputs(scale):
     assert _same_span(q, y) < 1e-5
 
 
-@pytest.mark.usefixtures("orthonormalization_path")
+@pytest.mark.usefixtures("code_path")
 def test_orthonormalize_under_jit_matches_householder_span():
     rng = np.random.default_rng(2)
     y = jnp.asarray(rng.normal(size=(300, 12)), jnp.float32)
@@ -111,7 +102,7 @@ def test_orthonormalize_under_jit_matches_householder_span():
     np.testing.assert_allclose(q @ q.T, householder @ householder.T, atol=1e-5)
 
 
-@pytest.mark.usefixtures("orthonormalization_path")
+@pytest.mark.usefixtures("code_path")
 def test_a_rank_deficient_member_of_a_group_leaves_the_others_unchanged():
     """One matrix of a width group is rank-deficient: it gets a completed basis, and the
     well-conditioned stack beside it keeps the bases it gets alone."""
@@ -129,7 +120,7 @@ def test_a_rank_deficient_member_of_a_group_leaves_the_others_unchanged():
         assert _same_span(q, y) < 1e-5
 
 
-@pytest.mark.usefixtures("orthonormalization_path")
+@pytest.mark.usefixtures("code_path")
 def test_equally_shaped_matrices_get_the_bases_they_get_alone():
     """Off CPU the matrices of one shape are stacked for their products: each, a stack
     among them, gets back its own basis, in order."""
@@ -310,19 +301,12 @@ def test_factored_momentum_path_equals_the_materialised_one(svd_every, monkeypat
             )
 
 
-def _use_guard(guard, monkeypatch):
-    """``"one_pass"``: the overflow-safe one-pass sums that GPU/TPU take, forced on CPU;
-    ``"cond"``: CPU's direct sums, recomputed from ``g / max|g|`` on overflow."""
-    if guard == "one_pass":
-        take_default_branches(monkeypatch)
-
-
-@pytest.mark.parametrize("guard", ["cond", "one_pass"])
+@pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize(
     ("magnitude", "clip_threshold"),
     [(1.0, None), (1.0, 1.0), (1e-15, 1.0), (1e30, 1.0), (1e33, 1.0), (1e15, None)],
 )
-def test_clipped_square_sums_equal_float64_sums(magnitude, clip_threshold, guard, monkeypatch):
+def test_clipped_square_sums_equal_float64_sums(magnitude, clip_threshold):
     """Row and column sums of the clipped gradient squared, its norm and the clip factor,
     for a 3-D leaf with two row axes, rows of scales 1e3 apart and an all-zero row block;
     with ``magnitude ≥ 1e30`` ``‖G‖²`` overflows float32."""
@@ -330,7 +314,6 @@ def test_clipped_square_sums_equal_float64_sums(magnitude, clip_threshold, guard
 
     from umtam_jax.optimizer._clipping import clipped_square_sums
 
-    _use_guard(guard, monkeypatch)
     g = np.random.default_rng(5).normal(size=(3, 4, 5))
     g[0, 0] *= 1e3
     g[1] = 0.0
@@ -348,10 +331,9 @@ def test_clipped_square_sums_equal_float64_sums(magnitude, clip_threshold, guard
     np.testing.assert_allclose(float(half) ** 2, factor, rtol=2e-5)
 
 
-@pytest.mark.parametrize("guard", ["cond", "one_pass"])
+@pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("error_decay", [0.9, 0.0])
-def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay, guard, monkeypatch):
-    _use_guard(guard, monkeypatch)
+def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay):
     params = {"w": jnp.full((16, 12), 0.5, jnp.float32)}
     opt = umtam_jax.scale_by_umtam(
         rank=2, min_dim_size_to_factor=8, clip_threshold=1.0, error_decay=error_decay
@@ -366,13 +348,12 @@ def test_overflowing_gradient_is_clipped_like_the_two_pass_norm(error_decay, gua
     np.testing.assert_allclose(leaf.col, 1e-8 * 0.999 + 0.001 * 16 / 192, rtol=1e-5)
 
 
-@pytest.mark.parametrize("guard", ["cond", "one_pass"])
+@pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("magnitude", [1e30, 1e36, 3e37, 3e38])
-def test_any_finite_gradient_is_clipped_to_the_same_update(magnitude, lean, guard, monkeypatch):
+def test_any_finite_gradient_is_clipped_to_the_same_update(magnitude, lean):
     """Clipping maps c·G to G/‖G‖ for every c > 0, also where the clip factor τ/‖c·G‖ is
     below float32's smallest normal number (‖c·G‖ ≳ 1e38) or ‖c·G‖ itself overflows."""
-    _use_guard(guard, monkeypatch)
     rng = np.random.default_rng(3)
     # A decaying spectrum, so the rank-2 subspace is well determined.
     direction = rng.normal(size=(16, 2)) @ np.diag([3.0, 1.0]) @ rng.normal(size=(2, 12))
@@ -435,16 +416,13 @@ def _weights(case, rng):
     return w
 
 
-@pytest.mark.parametrize("guard", ["cond", "one_pass"])
+@pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("case", ["trained", "small_tail", "large_tail", "zero"])
-def test_adaptive_eps_follows_step_7_with_or_without_the_prefix_certificate(
-    case, guard, monkeypatch
-):
+def test_adaptive_eps_follows_step_7_with_or_without_the_prefix_certificate(case):
     from types import SimpleNamespace
 
     from umtam_jax.optimizer._clipping import adaptive_eps
 
-    _use_guard(guard, monkeypatch)
     w = _weights(case, np.random.default_rng(3))
     g_norm = 1.0
     w_norm = np.linalg.norm(w)
