@@ -29,16 +29,13 @@ live in a ``umtam_statistics`` safetensors folder inside it, named ``"a.b.weight
 """
 
 from umtam_jax.engine._checkpoints import (
-    OUTPUT_FORMATS,
-    check_output,
     job_from_paths,
     merge_checkpoints,
-    resolve_output_format,
     validate_merge_checkpoints,
-    writer,
 )
 from umtam_jax.engine._job import Job
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
+from umtam_jax.engine._output import OUTPUT_FORMATS, check_output, resolve_output_format, writer
 from umtam_jax.engine._sources import (
     STATISTICS_FOLDER,
     OrbaxSource,

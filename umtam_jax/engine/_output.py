@@ -1,0 +1,160 @@
+"""The output side of a merge on paths: its format, its checks, its writer.
+
+:func:`resolve_output_format` chooses the format (the base's, unless one is asked for),
+:func:`check_output` refuses an output that may not be written before anything is, and
+:func:`writer` saves the merged leaves, as :func:`umtam_jax.engine.merge` produces them,
+into a umtam_jax checkpoint or a Hugging Face safetensors folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from umtam_jax.engine._job import Job
+from umtam_jax.engine._sources import SafetensorsSource, Source
+
+OUTPUT_FORMATS = ("auto", "orbax", "safetensors")
+
+
+def resolve_output_format(base: Source, output_format: str) -> str:
+    """The format to write: ``output_format``, or for ``"auto"`` the base's.
+
+    Args:
+      base: the base's source.
+      output_format: one of :data:`OUTPUT_FORMATS`.
+
+    Returns:
+      ``"orbax"`` or ``"safetensors"``.
+
+    Raises:
+      ValueError: an unknown ``output_format``.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> path = checkpoint.save_safetensors(tempfile.mkdtemp() + "/m", {"w": np.ones(2)})
+      >>> engine.resolve_output_format(engine.open_source(path, "the base"), "auto")
+      'safetensors'
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(
+            f"unknown output_format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}"
+        )
+    if output_format != "auto":
+        return output_format
+    return "safetensors" if isinstance(base, SafetensorsSource) else "orbax"
+
+
+def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> None:
+    """Refuses an output that may not be written, before anything is.
+
+    Refused: an output that is, contains or lies inside one of the job's inputs; a
+    symbolic link or a path under a file; an existing file or folder that umtam_jax did
+    not write in format ``fmt``; an existing output without ``overwrite``.
+
+    Args:
+      output: the absolute output path.
+      job: the job whose inputs the output must stay clear of.
+      fmt: ``"orbax"`` or ``"safetensors"``.
+      overwrite: whether an earlier umtam_jax output at ``output`` may be replaced.
+
+    Raises:
+      ValueError: an output that is, holds or lies in an input, or is not umtam_jax's.
+      FileExistsError: ``output`` exists and ``overwrite`` is False.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from etils import epath
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> for name in ("base", "a"):
+      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.ones(2)})
+      >>> job = engine.job_from_paths("passthrough", f"{root}/base", [f"{root}/a"],
+      ...                             statistics=None, kwargs={})
+      >>> try:
+      ...     engine.check_output(epath.Path(root), job, "safetensors", overwrite=True)
+      ... except ValueError as err:
+      ...     print("refused:", str(err).split(" (")[0].replace(root, "ROOT"))
+      refused: the output ROOT contains the base
+    """
+    from umtam_jax.checkpoint import _safetensors, _safety
+
+    inputs = [("the base", job.base.directory)]
+    inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
+    if isinstance(job.extras, list):
+        inputs += [(f"the Fisher or curvature of expert {i}", s.directory)
+                   for i, s in enumerate(job.extras)]  # fmt: skip
+    _safety.check_output_not_input(output, inputs)
+    if fmt == "safetensors":
+        _safety.check_target(output, overwrite=overwrite, is_own=_safetensors._is_own)
+    else:
+        _safety.check_target(output, overwrite=overwrite)
+
+
+def writer(
+    job: Job,
+    output: epath.Path,
+    fmt: str,
+    *,
+    overwrite: bool,
+    metadata: Mapping[str, Any] | None,
+    max_shard_size: int | str = 5 * 10**9,
+) -> Callable[[Any, Callable[[int], np.ndarray]], epath.Path]:
+    """The ``write`` function of :func:`merge` that saves a job's output as a model folder.
+
+    ``write(abstract, produce)`` streams the leaves ``produce(j)`` into a umtam_jax
+    checkpoint (``save_params_streaming``) or a safetensors folder (``save_safetensors``,
+    with the base's config and tokenizer files when the base is a Hugging Face model),
+    written atomically; it returns the folder.
+
+    Args:
+      job: the job whose output is written.
+      output: the absolute output path (check it first with :func:`check_output`).
+      fmt: ``"orbax"`` or ``"safetensors"``.
+      overwrite: replace an earlier umtam_jax output at ``output``.
+      metadata: JSON-serialisable metadata stored with the output.
+      max_shard_size: for safetensors, bytes per shard (an int or a string like ``"5GB"``).
+
+    Returns:
+      The ``write`` function.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from etils import epath
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = epath.Path(tempfile.mkdtemp())
+      >>> model = checkpoint.save_safetensors(root / "model", {"w": np.ones(2)})
+      >>> job = engine.job_from_paths("passthrough", None, [model], statistics=None,
+      ...                             kwargs={"scale": 2.0})
+      >>> write = engine.writer(job, root / "out", "safetensors", overwrite=False,
+      ...                       metadata=None)
+      >>> out = engine.merge(job, write, progress=False)
+      >>> checkpoint.SafetensorsReader(out).read(["w"])[0].tolist()
+      [2.0, 2.0]
+    """
+
+    def write(abstract: Any, produce: Callable[[int], np.ndarray]) -> epath.Path:
+        if fmt == "orbax":
+            from umtam_jax.checkpoint import save_params_streaming
+
+            return save_params_streaming(
+                output, abstract, produce, overwrite=overwrite, metadata=metadata
+            )
+        from umtam_jax.checkpoint import save_safetensors
+
+        copy_from = job.base.directory if isinstance(job.base, SafetensorsSource) else None
+        return save_safetensors(
+            output,
+            abstract,
+            produce,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            copy_files_from=copy_from,
+            metadata=metadata,
+        )
+
+    return write
