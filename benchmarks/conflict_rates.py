@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks._common import RESULTS_DIR, environment, write_results
 from umtam_jax.experiments import store
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm_pretrained
 from umtam_jax.experiments.protocol import SIZES, seed_inputs, start_encoder
 from umtam_jax.merging.diagnostics import sign_conflict
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache_path = workdir / "conflict_rates.json"
     cache = store.read_json(cache_path) or {}
     base = start_encoder(size)
-    tokenizer = minilm.load_minilm_tokenizer()
+    tokenizer = minilm_pretrained.load_minilm_tokenizer()
     rows = []
     for seed in seeds:
         experts = None

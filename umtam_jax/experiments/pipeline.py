@@ -42,7 +42,7 @@ import numpy as np
 from umtam_jax.experiments.config import PipelineConfig
 from umtam_jax.experiments.experts import ExpertResult, train_expert
 from umtam_jax.experiments.merge import MERGE_METHODS, default_grids, merge_key
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm_pretrained
 from umtam_jax.experiments.posthoc import post_hoc_fishers, post_hoc_grams
 from umtam_jax.experiments.selection import select_on_validation
 from umtam_jax.experiments.tasks import TokenizedTask, prepare_task
@@ -63,7 +63,7 @@ def load_base(config: PipelineConfig = PipelineConfig()) -> Params:  # noqa: B00
         The encoder's parameters (a nested dict of arrays).
     """
     del config
-    return minilm.load_minilm()
+    return minilm_pretrained.load_minilm()
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
@@ -98,9 +98,9 @@ def prepare_experts(
     """
     workdir = Path(workdir)
     if base_encoder is None:
-        base_encoder = minilm.load_minilm()
+        base_encoder = minilm_pretrained.load_minilm()
     if ttasks is None:
-        tok = minilm.load_minilm_tokenizer()
+        tok = minilm_pretrained.load_minilm_tokenizer()
         ttasks = {t: prepare_task(t, tok, config, cache_dir=workdir / "tokens") for t in tasks}
     experts = []
     for t in tasks:

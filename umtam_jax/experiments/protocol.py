@@ -56,7 +56,7 @@ from typing import Any
 
 from umtam_jax.experiments import store
 from umtam_jax.experiments.comparison import MergeTable, summarize
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm_pretrained
 from umtam_jax.experiments.protocol_setup import (
     EXPERT_OPTIMIZERS,
     EXPERT_RECIPES,
@@ -164,7 +164,7 @@ def run_protocol(
     if base_encoder is None:
         base_encoder = start_encoder(sz)
     if tokenizer is None:
-        tokenizer = minilm.load_minilm_tokenizer()
+        tokenizer = minilm_pretrained.load_minilm_tokenizer()
     results_path = workdir / "results.json"
     results = store.read_json(results_path) or {}
     previous = results.get("protocol", {})

@@ -24,7 +24,7 @@ import jax
 
 from umtam_jax.experiments.config import DEFAULT_TASKS, DEMO_UMTAM_KWARGS, PipelineConfig
 from umtam_jax.experiments.experts import ExpertResult, train_expert
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm, minilm_pretrained
 from umtam_jax.experiments.spaces import Candidate
 from umtam_jax.experiments.tasks import TokenizedTask, prepare_task
 from umtam_jax.experiments.training import EarlyStopping
@@ -160,7 +160,7 @@ def resolve_size(size: str | ProtocolSize) -> ProtocolSize:
 def start_encoder(size: ProtocolSize) -> Params:
     """The shared start encoder of a size: pretrained MiniLM-L6 or a random one (seed 0)."""
     if size.pretrained:
-        return minilm.load_minilm()
+        return minilm_pretrained.load_minilm()
     return minilm.init_encoder(jax.random.key(0), size.config.config)
 
 

@@ -91,7 +91,7 @@ def run_pruning(
     Raises:
         ValueError: a density outside (0, 1].
     """
-    from umtam_jax.experiments.models import minilm
+    from umtam_jax.experiments.models import minilm_pretrained
 
     bad = [d for d in densities if not 0 < float(d) <= 1]
     if bad:
@@ -102,7 +102,7 @@ def run_pruning(
     workdir = Path(workdir)
     say = log or (lambda _: None)
     base = start_encoder(sz) if base_encoder is None else base_encoder
-    tokenizer = tokenizer or minilm.load_minilm_tokenizer()
+    tokenizer = tokenizer or minilm_pretrained.load_minilm_tokenizer()
     out: dict[str, Any] = {"size": sz.name, "tasks": tasks, "seeds": seeds,
                            "densities": [float(d) for d in densities], "metrics": {},
                            "experts": {}, "files": {}}  # fmt: skip

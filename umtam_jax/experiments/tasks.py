@@ -20,7 +20,7 @@ from umtam_jax.experiments import data as data_lib
 from umtam_jax.experiments import store
 from umtam_jax.experiments._keys import stable_hash
 from umtam_jax.experiments.config import PipelineConfig
-from umtam_jax.experiments.models import minilm
+from umtam_jax.experiments.models import minilm_pretrained
 
 __all__ = ["TokenizedTask", "prepare_task"]
 
@@ -60,7 +60,7 @@ def prepare_task(
 
     Args:
         name: A registered task name.
-        tokenizer: The MiniLM tokenizer (:func:`~umtam_jax.experiments.models.minilm.\
+        tokenizer: The MiniLM tokenizer (:func:`~umtam_jax.experiments.models.minilm_pretrained.\
 load_minilm_tokenizer`).
         config: Sizes (``max_length``, ``max_train``, ``max_eval``, ``max_test``, ``seed``).
         cache_dir: Where to keep the tokenized arrays (None: no cache).
@@ -92,7 +92,7 @@ load_minilm_tokenizer`).
     arrays = {}
     for split, ex in task.splits.items():
         if len(ex):
-            enc = minilm.tokenize_batch(tokenizer, ex.texts, config.max_length)
+            enc = minilm_pretrained.tokenize_batch(tokenizer, ex.texts, config.max_length)
         else:
             enc = {
                 k: np.zeros((0, config.max_length), np.int32)

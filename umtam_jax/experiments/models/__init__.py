@@ -26,6 +26,8 @@ from umtam_jax.experiments.models.minilm import (
     embed_sentences,
     encoder_apply,
     init_encoder,
+)
+from umtam_jax.experiments.models.minilm_pretrained import (
     load_minilm,
     load_minilm_tokenizer,
     minilm_files,
