@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import ROOT, write_results
+from benchmarks._memory import maxrss_bytes
 
 D = 1024
 
@@ -86,10 +86,6 @@ def _leaves(shapes: dict[str, Any]) -> list[tuple[int, ...]]:
 
 def n_params(shapes: dict[str, Any]) -> int:
     return sum(int(np.prod(s)) for s in _leaves(shapes))
-
-
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 # --------------------------------------------------------------------------- children
@@ -249,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             out = child_compare(args)
         else:
             out = child_merge(args, role)
-        out["maxrss_bytes"] = _rss_bytes()
+        out["maxrss_bytes"] = maxrss_bytes()
         print(json.dumps(out))
         return 0
 

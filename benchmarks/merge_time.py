@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,13 @@ from benchmarks._common import (  # noqa: E402
     gpt2_params,
     markdown_table,
     write_results,
+)
+from benchmarks._memory import (  # noqa: E402
+    PeakSampler,
+    device_fields,
+    device_memory,
+    maxrss_bytes,
+    rss_bytes,
 )
 
 EXPERTS = 4
@@ -144,42 +149,6 @@ def _fishers(base: dict, seed: int) -> list:
     return out
 
 
-def _rss_bytes() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:  # pragma: no cover - psutil is installed in the project venv
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-class _PeakSampler:
-    """Samples the resident set every ``interval`` seconds in a background thread."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, _rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-
 def worker(method: str, blocks: int, seed: int = 0) -> dict[str, Any]:
     """Runs one method in this process and returns its measurements."""
     import jax
@@ -222,10 +191,10 @@ def worker(method: str, blocks: int, seed: int = 0) -> dict[str, Any]:
     }
     call = calls[method]
     input_bytes = tree_bytes((base, experts, extra))
-    rss_before, maxrss_before = _rss_bytes(), _maxrss_bytes()
-    device_before = _device_memory()
+    rss_before, maxrss_before = rss_bytes(), maxrss_bytes()
+    device_before = device_memory()
     times = []
-    with _PeakSampler() as sampler:
+    with PeakSampler() as sampler:
         for _ in range(2):
             t0 = time.perf_counter()
             merged = call()
@@ -247,35 +216,9 @@ def worker(method: str, blocks: int, seed: int = 0) -> dict[str, Any]:
         "peak_rss_sampled_bytes": sampler.peak,
         "peak_over_inputs_bytes": sampler.peak - rss_before,
         "maxrss_before_bytes": maxrss_before,
-        "maxrss_end_bytes": _maxrss_bytes(),
+        "maxrss_end_bytes": maxrss_bytes(),
         "loadavg": list(os.getloadavg()),
-        **_device_fields(device_before, _device_memory()),
-    }
-
-
-def _device_memory() -> dict[str, int] | None:
-    """The accelerator allocator's counters (``None`` on CPU, whose buffers are in the RSS)."""
-    import jax
-
-    device = jax.local_devices()[0]
-    if device.platform == "cpu":
-        return None
-    return device.memory_stats()
-
-
-def _device_fields(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, Any]:
-    """Device memory in use before the merges and the allocator's peak after them.
-
-    The peak counter cannot be reset, so it also covers building the inputs; the merge's
-    own share is at most ``peak - in_use_before``.
-    """
-    if not before or not after:
-        return {}
-    return {
-        "device_in_use_before_bytes": before.get("bytes_in_use"),
-        "device_peak_bytes": after.get("peak_bytes_in_use"),
-        "device_peak_over_inputs_bytes": after.get("peak_bytes_in_use", 0)
-        - before.get("bytes_in_use", 0),
+        **device_fields(device_before, device_memory()),
     }
 
 

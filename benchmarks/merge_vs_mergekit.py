@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from benchmarks._common import (
     markdown_table,
     write_results,
 )
+from benchmarks._memory import maxrss_bytes
 
 EXPERTS = 4
 DENSITY = 0.2
@@ -111,10 +111,6 @@ def boundary_ties(models: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return out
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
 def worker(framework: str, method: str, data: Path, out: Path) -> dict[str, Any]:
     """Loads the saved models, times ``method`` in ``framework``, saves its last output."""
 
@@ -168,7 +164,7 @@ def worker(framework: str, method: str, data: Path, out: Path) -> dict[str, Any]
             "mergekit": version("mergekit"),
             "torch_threads": torch.get_num_threads(),
         }
-    maxrss_loaded = _maxrss_bytes()
+    maxrss_loaded = maxrss_bytes()
     t0 = time.perf_counter()
     result = run()
     warmup = time.perf_counter() - t0
@@ -178,7 +174,7 @@ def worker(framework: str, method: str, data: Path, out: Path) -> dict[str, Any]
         t0 = time.perf_counter()
         result = run()
         times.append(time.perf_counter() - t0)
-    maxrss_end = _maxrss_bytes()
+    maxrss_end = maxrss_bytes()
     np.savez(out, **to_numpy(result))
     return {
         "framework": framework,
