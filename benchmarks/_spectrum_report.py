@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from umtam_jax.experiments import store
+from umtam_jax.experiments.reporting import save_figure
 from umtam_jax.experiments.verdicts import judge
 
 #: The paper's claim: rank 32 captures more than this fraction of the momentum's energy.
@@ -172,8 +172,4 @@ def plot(p: dict[str, Any], path: Path) -> None:
     ax.set_xticks(xs + 0.4 - width / 2, [f"r={r}" for r in p["ranks"]])
     ax.set(title="per matrix, final step", ylabel="captured fraction", ylim=(0, 1.02))
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    try:
-        store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

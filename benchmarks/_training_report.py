@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from umtam_jax.experiments import store
+from umtam_jax.experiments.reporting import save_figure
 
 
 def steps_to_threshold(run: dict[str, Any], threshold: float) -> int | None:
@@ -285,8 +285,4 @@ def plot(runs, best, rank_best, exact, path: Path, threshold) -> None:
         ax.plot([r["lr"] for r in rs], ys, marker="o", label=opt)
     ax.set(xscale="log", title="lr grid", xlabel="peak learning rate", ylabel="final val loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

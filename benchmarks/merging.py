@@ -46,6 +46,7 @@ from umtam_jax.experiments.comparison import MergeTable, compare_runs
 from umtam_jax.experiments.conflict import conflict_study
 from umtam_jax.experiments.pipeline import enable_compilation_cache
 from umtam_jax.experiments.protocol import EXPERT_RECIPES, SIZES, evaluate_merges
+from umtam_jax.experiments.reporting import save_figure
 from umtam_jax.experiments.spaces import PER_TASK
 from umtam_jax.merging.diagnostics import KEPT_DENSITY
 
@@ -239,11 +240,7 @@ def _plot(tables: dict[str, MergeTable], path: Path) -> None:
         ax.axvline(1.0, color="gray", lw=0.6, ls=":")
         ax.set_title(f"{title}: {len(t.seeds)} seeds, 95 % CI", fontsize=9)
     axes[-1, 0].set_xlabel("normalized test score (merged / expert)")
-    fig.tight_layout()
-    try:
-        store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

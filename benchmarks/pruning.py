@@ -22,9 +22,9 @@ from typing import Any
 
 from benchmarks._common import RESULTS_DIR, environment, write_results
 from umtam_jax.experiments import pruning as study
-from umtam_jax.experiments import store
 from umtam_jax.experiments.pipeline import enable_compilation_cache
 from umtam_jax.experiments.protocol import SIZES
+from umtam_jax.experiments.reporting import save_figure
 
 
 def _ci(c: dict[str, Any], signed: bool = False) -> str:
@@ -101,11 +101,7 @@ def _plot(run: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{t} ({metric})", fontsize=9)
     axes[0][0].set_ylabel("test score, 95 % CI")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

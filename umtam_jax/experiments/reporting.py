@@ -2,7 +2,8 @@
 
 :func:`format_table` and :func:`plot_merging` read the result of
 :func:`~umtam_jax.experiments.pipeline.run_merging` (the JSON the demo and the benchmarks
-write is that result as is); :func:`tree_bytes` measures parameters and optimizer states.
+write is that result as is); :func:`save_figure` writes any Matplotlib figure as a PNG,
+atomically; :func:`tree_bytes` measures parameters and optimizer states.
 """
 
 from __future__ import annotations
@@ -111,6 +112,36 @@ def plot_merging(result: Mapping[str, Any], path: str | Path, title: str = "") -
     a2.invert_yaxis()
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lays out a Matplotlib figure, writes it as a PNG atomically, and closes it.
+
+    The file appears whole or not at all (a crash leaves any earlier file as it was), and
+    the figure is closed even when writing fails.
+
+    Args:
+        fig: a ``matplotlib.figure.Figure``.
+        path: the PNG file to write.
+
+    Returns:
+        The path written.
+
+    Example:
+      >>> import os, tempfile
+      >>> import matplotlib
+      >>> matplotlib.use("Agg")
+      >>> import matplotlib.pyplot as plt
+      >>> from umtam_jax.experiments.reporting import save_figure
+      >>> fig, ax = plt.subplots()
+      >>> _ = ax.plot([0, 1], [1, 0])
+      >>> path = save_figure(fig, os.path.join(tempfile.mkdtemp(), "line.png"))
+      >>> path.read_bytes()[:4], plt.fignum_exists(fig.number)
+      (b'\x89PNG', False)
+    """
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         return store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
