@@ -141,6 +141,32 @@ def test_out_dtype_casts_the_merge(tmp_path, models):
     trees.assert_tree_close(got, want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("flags", [(), ("--in-memory",)])
+@pytest.mark.parametrize(
+    "key,needle",
+    [
+        ("out_dtype", "the merged ['w'] (written as float16) holds 80000"),
+        ("dtype", "tensor ['w'] (read as float16) holds 70000"),
+    ],
+)
+def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
+    tmp_path, key, needle, flags, capsys
+):
+    paths = {}
+    for name, value in (("base", 6e4), ("a", 7e4), ("b", 7e4)):
+        paths[name] = checkpoint.save_safetensors(tmp_path / name, {"w": np.full(3, value, "f4")})
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {paths['base']}\n"
+        f"models: [{{model: {paths['a']}}}, {{model: {paths['b']}}}]\n{key}: float16\n"
+    )
+    out = tmp_path / "out"
+    assert main([str(config), "--output", str(out), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "float16's largest finite value 65504" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "body,needle",
     [

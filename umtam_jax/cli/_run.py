@@ -143,10 +143,7 @@ def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
         out = [job.copy(j, data) if j in job.passthrough else next(merged) for j in everything]
     except (ValueError, TypeError) as err:
         raise ConfigError(f"merge failed: {err}") from None
-    return [
-        np.asarray(x).astype(leaf.dtype, copy=False)
-        for x, leaf in zip(out, job.leaves, strict=True)
-    ]
+    return [job.cast_output(j, x) for j, x in zip(everything, out, strict=True)]
 
 
 def execute(plan: Plan, args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ Which leaves to read when, and where the output goes, is decided by the caller
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,6 +54,49 @@ def _wrap(keypath: tuple[Any, ...], leaf: Any) -> Any:
     for key in reversed(keypath):
         leaf = _PathNode(key, leaf)
     return leaf
+
+
+def cast_checked(x: Any, dtype: np.dtype, what: str) -> Any:
+    """``x`` (a NumPy or JAX array) in ``dtype``, refusing a cast that overflows.
+
+    Narrowing a floating array (float32 to float16, say) turns every value beyond the
+    target's range into ±inf; that is an error naming ``what``, never a silent inf.
+
+    Args:
+      x: the array.
+      dtype: the dtype to cast to.
+      what: the array's name in the error (a leaf path, a file).
+
+    Returns:
+      ``x.astype(dtype)``.
+
+    Raises:
+      ValueError: a finite value of ``x`` is out of ``dtype``'s range.
+
+    Example:
+      >>> import numpy as np
+      >>> from umtam_jax.engine._job import cast_checked
+      >>> cast_checked(np.array([1.0, 7e4], "f4"), np.dtype("f2"), "['w']")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: ['w'] holds 70000, beyond float16's largest finite value 65504: ...
+    """
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        out = x.astype(dtype)
+    dtype = np.dtype(dtype)
+    if not (jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating)):
+        return out
+    largest = float(jnp.finfo(dtype).max)
+    if largest >= float(jnp.finfo(x.dtype).max) or x.size == 0:
+        return out
+    xp = np if isinstance(x, np.ndarray) else jnp
+    peak = float(xp.max(xp.abs(x)))
+    if math.isfinite(peak) and not math.isfinite(float(xp.max(xp.abs(out)))):
+        raise ValueError(
+            f"{what} holds {peak:.6g}, beyond {dtype.name}'s largest finite value "
+            f"{largest:.6g}: use a wider dtype (bfloat16 or float32)"
+        )
+    return out
 
 
 @dataclasses.dataclass
@@ -187,18 +231,36 @@ class Job:
         return out
 
     def _cast(self, tree: Any) -> Any:
-        """``tree`` (arrays or abstract leaves) in the read dtype, floating leaves only."""
+        """``tree`` (abstract leaves) in the read dtype, floating leaves only."""
         if self.dtype is None:
             return tree
 
         def cast(x: Any) -> Any:
             if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == self.dtype:
                 return x
-            if isinstance(x, jax.ShapeDtypeStruct):
-                return jax.ShapeDtypeStruct(x.shape, self.dtype)
-            return x.astype(self.dtype)
+            return jax.ShapeDtypeStruct(x.shape, self.dtype)
 
         return jax.tree.map(cast, tree)
+
+    def _cast_read(self, source: Source, arrays: dict[int, Any]) -> dict[int, Any]:
+        """A group's arrays read from ``source`` in the read dtype (floating leaves only)."""
+        if self.dtype is None:
+            return arrays
+        out = {}
+        for j, x in arrays.items():
+            if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == self.dtype:
+                out[j] = x
+                continue
+            what = f"{source.location}'s tensor {jax.tree_util.keystr(self.leaves[j].keypath)}"
+            out[j] = cast_checked(x, self.dtype, f"{what} (read as {self.dtype.name})")
+        return out
+
+    def cast_output(self, j: int, x: Any) -> np.ndarray:
+        """Leaf ``j`` of the merge as a NumPy array in its output dtype; an error naming
+        the leaf where a value is out of that dtype's range."""
+        path = jax.tree_util.keystr(self.leaves[j].keypath)
+        dtype = self.leaves[j].dtype
+        return cast_checked(np.asarray(x), dtype, f"the merged {path} (written as {dtype.name})")
 
     def _run(self, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
         base = base if self.base_input else None
@@ -227,8 +289,8 @@ class Job:
     def read(self, group: list[int]) -> dict[str, Any]:
         """The group's leaves of every input, as JAX arrays (statistics as nodes), each a
         dict by leaf index."""
-        data: dict[str, Any] = {"base": self._cast(self._read(self.base, group))}
-        data["experts"] = [self._cast(self._read(s, group)) for s in self.experts]
+        data: dict[str, Any] = {"base": self._cast_read(self.base, self._read(self.base, group))}
+        data["experts"] = [self._cast_read(s, self._read(s, group)) for s in self.experts]
         merged = [j for j in group if j not in self.passthrough]
         if self.extras == "statistics":
             data["extra"] = []
@@ -266,6 +328,9 @@ class Job:
 
     def merge(self, call: pipeline.Call, topk: GlobalTopK | None) -> np.ndarray:
         """The method's steps on one leaf; ``topk`` replaces the per-tensor masks.
+
+        Returns the merged leaf in the merge's dtype (:meth:`cast_output` makes it the
+        output's).
 
         The steps of ``pipeline.importances``, ``pipeline.masks`` and ``pipeline.combine``
         on the leaf (the same values, bit for bit), ordered to hold less at once: each
@@ -310,9 +375,7 @@ class Job:
     def _finish(self, call: pipeline.Call, leaves: list[Any]) -> np.ndarray:
         merged = V.rebuild(call.prepared, leaves)
         del leaves
-        out = np.asarray(jax.tree.leaves(merged)[0])
-        del merged
-        return out if self.out_dtype is None else out.astype(self.out_dtype)
+        return np.asarray(jax.tree.leaves(merged)[0])
 
     def _unread_scores(self, call: pipeline.Call) -> list[jax.ShapeDtypeStruct] | None:
         """None if the method's kernel reads the importance scores it is given; else their

@@ -141,7 +141,7 @@ def merge(
         if j in job.passthrough:
             out = job.copy(j, state["data"])
         else:
-            out = job.merge(job.plan(j, state["data"]), topk)
+            out = job.cast_output(j, job.merge(job.plan(j, state["data"]), topk))
         if j == groups[g][-1]:
             # The group's inputs go now, not when the next group is read: the writer
             # then writes this leaf (and waits for the next) without them.
