@@ -232,7 +232,7 @@ def test_streaming_writer_produces_each_leaf_once_in_order(tmp_path):
     trees.assert_trees_bitwise_equal(got, names_from_tree(tree))
     assert tree_from_names(got).keys() == tree.keys()
     one = save_safetensors(tmp_path / "one", tree, max_shard_size="1KB")
-    assert sorted(p.name for p in one.iterdir()) == ["model.safetensors", S.MARKER_FILE]
+    assert sorted(p.name for p in one.iterdir()) == [".umtam-contents.json", "model.safetensors", S.MARKER_FILE]
 
 
 @pytest.mark.parametrize("bad", ["shape", "dtype", "raise"])

@@ -76,6 +76,43 @@ def test_existing_checkpoint_needs_overwrite_then_is_replaced(tmp_path):
     assert _hidden_leftovers(path) == []
 
 
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_overwrite_refuses_an_output_holding_what_its_save_did_not_write(tmp_path, fmt):
+    save = checkpoint.save_checkpoint if fmt == "orbax" else checkpoint.save_safetensors
+    path, source = tmp_path / "model", tmp_path / "source"
+    save(source, OLD)
+    save(path, OLD)
+    save(path, NEW, overwrite=True)  # only its own entries: replaced
+    save(path / "umtam_statistics", OLD)  # the statistics folder beside a model's tensors
+    (path / "README.md").write_text("model card")
+    before = _tree_files(tmp_path)
+    with pytest.raises(ValueError, match=r"holds README\.md, umtam_statistics, which umtam_jax"):
+        save(path, OLD, overwrite=True)
+    assert _tree_files(tmp_path) == before  # nothing deleted, nothing written
+    with pytest.raises(ValueError, match="README.md"):
+        engine.check_output(
+            epath.Path(path),
+            engine.job_from_paths("passthrough", None, [source], statistics=None, kwargs={}),
+            fmt,
+            overwrite=True,
+        )  # fmt: skip
+
+
+def test_a_target_name_with_glob_characters_touches_only_its_own_leftovers(tmp_path):
+    # Another job's save in progress, and a stale temporary of a name the pattern matches.
+    others = ["run1.orbax-checkpoint-tmp-17/params/data", ".run1.umtam-new-abc/data"]
+    for name in others:
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).write_text("theirs")
+    for name in ("run[0-9]", "run?", "run*"):
+        checkpoint.save_checkpoint(tmp_path / name, OLD)
+        checkpoint.save_checkpoint(tmp_path / name, NEW, overwrite=True)
+    assert all((tmp_path / name).read_text() == "theirs" for name in others)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["run1.orbax-checkpoint-tmp-17", ".run1.umtam-new-abc", "run[0-9]", "run?", "run*"]
+    )
+
+
 def test_symlinks_and_file_parents_are_refused(tmp_path):
     real = tmp_path / "real"
     checkpoint.save_checkpoint(real, OLD)
@@ -214,10 +251,16 @@ def test_killed_streaming_write_leaves_nothing_at_the_path(tmp_path):
 
 def test_stale_leftovers_removed_and_neighbours_untouched(tmp_path):
     path = tmp_path / "ckpt"
-    for name in (".ckpt.umtam-new-abc", ".ckpt.umtam-trash-abc", "ckpt.orbax-checkpoint-tmp-1"):
+    stale = (
+        ".ckpt.umtam-new-abc",
+        ".ckpt.umtam-trash-abc",
+        ".ckpt.umtam-new-abc.orbax-checkpoint-tmp-1",
+    )
+    for name in stale:
         (tmp_path / name / "params").mkdir(parents=True)
         (tmp_path / name / "params" / "junk").write_bytes(b"0" * 1000)
-    neighbours = [".ckpt2.umtam-new-abc", "ckpt.txt", ".ckpt"]
+    # Not derived from a save of ours to ckpt: never deleted (an Orbax save of another tool).
+    neighbours = [".ckpt2.umtam-new-abc", "ckpt.txt", ".ckpt", "ckpt.orbax-checkpoint-tmp-1"]
     for name in neighbours:
         (tmp_path / name).write_text("mine")
     checkpoint.save_checkpoint(path, OLD)

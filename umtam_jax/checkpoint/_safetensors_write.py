@@ -116,7 +116,7 @@ def save_safetensors(
       >>> import tempfile, numpy as np
       >>> path = save_safetensors(tempfile.mkdtemp() + "/model", {"w": np.zeros(2)})
       >>> sorted(p.name for p in path.iterdir())
-      ['model.safetensors', 'umtam_jax_safetensors.json']
+      ['.umtam-contents.json', 'model.safetensors', 'umtam_jax_safetensors.json']
 
     References:
       the safetensors format, https://huggingface.co/docs/safetensors

@@ -23,9 +23,14 @@ Every save goes through :func:`publishing`, which
 
 The replaced checkpoint is renamed to ``.<name>.umtam-trash-<token>`` before it is
 deleted, so a partly deleted folder is never mistaken for a checkpoint to recover. Staging
-and trash folders of killed saves (and Orbax's own ``<name>.orbax-checkpoint-tmp*``
-folders) are deleted by the next save to the same path. Only these names, all derived
-from the target's, are ever deleted.
+and trash folders of killed saves (with the temporaries Orbax made beside them, named
+after them) are deleted by the next save to the same path. Only these names, all derived
+from the target's and matched literally, are ever deleted.
+
+Every published folder records the names of its entries (``.umtam-contents.json``), and a
+folder is replaced only while it holds nothing else: a file or folder added to an earlier
+output since it was written (a model card, a ``umtam_statistics`` folder saved into it) makes
+``overwrite`` refuse, naming it, rather than delete it with the folder.
 
 The lock and the atomic swap need a local file system; on other ``etils.epath`` back ends
 (cloud buckets) the checks still run but writes are neither locked nor atomically swapped.
@@ -55,6 +60,7 @@ _METADATA_FILE = ("umtam_metadata", "metadata")
 _FORMAT_NAME = "umtam_jax.checkpoint"
 _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
+_CONTENTS_FILE = ".umtam-contents.json"
 _LOCK = "umtam-lock"
 _NEW = "umtam-new-"
 _OLD = "umtam-old-"
@@ -95,12 +101,17 @@ def _hidden(directory: epath.Path, kind: str, token: str = "") -> epath.Path:
     return directory.parent / f".{directory.name}.{kind}{token}"
 
 
-def _siblings(directory: epath.Path, kind: str) -> list[epath.Path]:
-    prefix = f".{directory.name}.{kind}"
+def _with_prefix(folder: epath.Path, prefix: str) -> list[epath.Path]:
+    """The entries of ``folder`` whose names start with ``prefix`` (taken literally, not
+    as a glob pattern: a target named ``run[0-9]`` matches only itself)."""
     try:
-        return sorted(p for p in directory.parent.iterdir() if p.name.startswith(prefix))
+        return sorted(p for p in folder.iterdir() if p.name.startswith(prefix))
     except OSError:
         return []
+
+
+def _siblings(directory: epath.Path, kind: str) -> list[epath.Path]:
+    return _with_prefix(directory.parent, f".{directory.name}.{kind}")
 
 
 def _rmtree(path: epath.Path) -> None:
@@ -180,6 +191,39 @@ def check_target(
         raise FileExistsError(
             f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
         )
+    added = _added_entries(directory)
+    if added:
+        shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+        raise ValueError(
+            f"refusing to replace {directory}: it holds {shown}, which umtam_jax did not write "
+            "there (replacing the folder would delete them); move them out first"
+        )
+
+
+def _record_contents(staging: epath.Path) -> None:
+    """Writes the names of the staged folder's entries into the folder (see
+    :func:`_added_entries`)."""
+    names = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
+    record = staging / _CONTENTS_FILE
+    record.write_text(json.dumps(names))
+    if is_local(record):
+        fd = os.open(os.fspath(record), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _added_entries(directory: epath.Path) -> list[str]:
+    """The entries of an earlier output that its save did not write, by name. A folder
+    without the record (written before it existed) answers none."""
+    try:
+        recorded = json.loads((directory / _CONTENTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(recorded, list):
+        return []
+    return sorted({p.name for p in directory.iterdir()} - set(map(str, recorded)))
 
 
 def _real(path: Any) -> str:
@@ -256,11 +300,9 @@ def _repair(directory: epath.Path, is_own: Callable[[epath.Path], bool] = is_che
             newest = max(olds, key=lambda p: p.stat().mtime)
             newest.rename(directory)
             _fsync_dir(directory.parent)
-    for kind in (_NEW, _TRASH, _OLD):
+    for kind in (_NEW, _TRASH, _OLD):  # with Orbax's temporaries of those names
         for leftover in _siblings(directory, kind):
             _rmtree(leftover)
-    for leftover in directory.parent.glob(f"{directory.name}{_ORBAX_TMP_SUFFIX}*"):
-        _rmtree(leftover)
 
 
 def recover(directory: epath.Path, is_own: Callable[[epath.Path], bool] = is_checkpoint) -> None:
@@ -373,6 +415,7 @@ def publishing(
         staging = _hidden(directory, _NEW, token)
         try:
             yield staging
+            _record_contents(staging)
             _step("staged")
             _publish(staging, directory, token)
         finally:
@@ -381,7 +424,7 @@ def publishing(
 
 def _discard(staging: epath.Path) -> None:
     _rmtree(staging)
-    for leftover in staging.parent.glob(f"{staging.name}{_ORBAX_TMP_SUFFIX}*"):
+    for leftover in _with_prefix(staging.parent, f"{staging.name}{_ORBAX_TMP_SUFFIX}"):
         _rmtree(leftover)
 
 
@@ -427,6 +470,7 @@ def _publishing_collectively(
         yield staging
         _barrier(f"umtam_checkpoint_staged_{token}")
         if _is_primary():
+            _record_contents(staging)
             _publish(staging, directory, token)
         _barrier(f"umtam_checkpoint_published_{token}")
     finally:
