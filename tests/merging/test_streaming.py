@@ -235,6 +235,37 @@ def test_missing_checkpoint_and_statistics(ckpts, tmp_path):
     assert not out.exists()
 
 
+def test_lone_safetensors_files_take_nothing_from_the_folder_they_share(tmp_path):
+    # Three models as lone files in one folder, beside one model's statistics and config.
+    rng = np.random.default_rng(0)
+    base = {"w": rng.standard_normal((4, 3)).astype(np.float32)}
+    experts = [{"w": base["w"] + rng.standard_normal((4, 3)).astype(np.float32)} for _ in "ab"]
+    folder = tmp_path / "models"
+    files = {}
+    for name, tree in zip(("base", "a", "b"), (base, *experts), strict=True):
+        staged = checkpoint.save_safetensors(tmp_path / f"staged_{name}", tree)
+        folder.mkdir(exist_ok=True)
+        files[name] = folder / f"{name}.safetensors"
+        os.rename(staged / "model.safetensors", files[name])
+    stats = {"w": {"mu": np.ones((4, 3), np.float32), "nu": np.ones((4, 3), np.float32),
+                   "saliency": np.ones((4, 3), np.float32)}}  # fmt: skip
+    checkpoint.save_safetensors(folder / engine.STATISTICS_FOLDER, stats)
+    (folder / "config.json").write_text("{}")
+    experts_in = [files["a"], files["b"]]
+    with pytest.raises(ValueError, match=r"a\.safetensors\) has none \(a lone \.safetensors"):
+        engine.merge_checkpoints("umtam", files["base"], experts_in, tmp_path / "out")
+    # An output in the folder beside them is not inside an input; no config is copied.
+    out = engine.merge_checkpoints(
+        "task_arithmetic", files["base"], experts_in, folder / "merged", progress=False
+    )
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "model.safetensors",
+        "umtam_jax_safetensors.json",
+    ]
+    want = merging.task_arithmetic(base, experts)  # the out-of-core merge is the in-memory one
+    trees.assert_trees_bitwise_equal(checkpoint.SafetensorsReader(out).read(["w"])[0], want["w"])
+
+
 def test_invalid_merge_writes_nothing(ckpts, tmp_path):
     p = ckpts["paths"]
     bad = jax.tree.map(lambda x: x, ckpts["experts"][0])

@@ -253,7 +253,8 @@ class SafetensorsReader:
             _safety.recover(path, _is_own)  # a save killed in the middle of its swap
         if not path.exists():
             raise FileNotFoundError(f"no safetensors model at {path}: it does not exist")
-        if path.is_dir():
+        self.is_folder = path.is_dir()
+        if self.is_folder:
             self.folder, shard_of = path, self._shard_map(path)
             files = [MODEL_FILE] if shard_of is None else sorted(set(shard_of.values()))
         elif path.name.endswith(".safetensors"):

@@ -154,9 +154,10 @@ class Job:
         if extras == "statistics":
             for i, source in enumerate(experts):
                 if not source.has_statistics():
+                    lone = " (a lone .safetensors file has none)" if source.folder is None else ""
                     raise ValueError(
                         f"method {method.name!r} needs UMTAM statistics, but expert {i} "
-                        f"({source.location}) has none"
+                        f"({source.location}) has none{lone}"
                     )
         # Non-floating leaves (integer buffers such as BERT's position_ids) are not merged:
         # they must be equal in every model and are copied from the base.

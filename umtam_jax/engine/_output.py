@@ -146,7 +146,7 @@ def writer(
             )
         from umtam_jax.checkpoint import save_safetensors
 
-        copy_from = job.base.directory if isinstance(job.base, SafetensorsSource) else None
+        copy_from = job.base.folder if isinstance(job.base, SafetensorsSource) else None
         return save_safetensors(
             output,
             abstract,

@@ -19,6 +19,8 @@ class Source(Protocol):
     """A model on disk whose parameters (and UMTAM statistics) are read leaf by leaf."""
 
     location: str  # shown in messages
+    directory: Any  # the input (folder or file): outputs must stay clear of it
+    folder: Any  # the model's folder, None for a lone file (which has no statistics)
 
     def abstract(self) -> Any:
         """The parameters' pytree with ``jax.ShapeDtypeStruct`` leaves."""
@@ -52,7 +54,7 @@ class OrbaxSource:
         except FileNotFoundError as err:
             raise FileNotFoundError(f"cannot read {what} checkpoint {directory}: {err}") from None
         self.location = os.fspath(self.reader.directory)
-        self.directory = self.reader.directory
+        self.directory = self.folder = self.reader.directory
         self._paths = self.reader.leaf_paths("params")
         # A bare-array params tree is stored under "value"; its statistics node is the root.
         self._root_array = self.reader.structure("params")["t"] == "root_array"
@@ -85,7 +87,8 @@ them for parameters named like the model's tensors."""
 class SafetensorsSource:
     """A Hugging Face safetensors model (a folder with ``model.safetensors`` or an index
     and shards, or one ``.safetensors`` file), and its UMTAM statistics if it has them
-    (:data:`STATISTICS_FOLDER`).
+    (:data:`STATISTICS_FOLDER`; a folder only: a lone file has no statistics, config or
+    tokenizer, whatever lies beside it, as several files may share that folder).
 
     Args:
       path: the folder or file.
@@ -99,7 +102,10 @@ class SafetensorsSource:
             self.reader = SafetensorsReader(path)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"cannot read {what} model {path}: {err}") from None
-        self.directory = self.reader.folder
+        # The input itself (a folder or a file), what an output must stay clear of; the
+        # model folder its statistics, config and tokenizer are read from (None: a file).
+        self.directory = self.reader.folder if self.reader.is_folder else self.reader.files[0]
+        self.folder = self.reader.folder if self.reader.is_folder else None
         self.location = os.fspath(path)
         self._abstract = self.reader.abstract()
         self._names = list(names_from_tree(self._abstract))  # flattening order
@@ -115,14 +121,19 @@ class SafetensorsSource:
     def _stats_reader(self) -> Any:
         from umtam_jax.checkpoint import SafetensorsReader
 
+        if self.folder is None:
+            raise ValueError(
+                f"{self.location} is a single .safetensors file, which has no UMTAM "
+                f"statistics: put the model in a folder with its {STATISTICS_FOLDER} folder"
+            )
         if self._statistics is None:
-            self._statistics = SafetensorsReader(self.directory / STATISTICS_FOLDER)
+            self._statistics = SafetensorsReader(self.folder / STATISTICS_FOLDER)
             for n in self._statistics.names:  # "<tensor name>.<field>"
                 self._fields.setdefault(n.rpartition(".")[0], []).append(n)
         return self._statistics
 
     def has_statistics(self) -> bool:
-        return (self.directory / STATISTICS_FOLDER).is_dir()
+        return self.folder is not None and (self.folder / STATISTICS_FOLDER).is_dir()
 
     def abstract_statistics(self) -> Any:
         return self._stats_reader().abstract()
