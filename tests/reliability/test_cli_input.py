@@ -262,3 +262,47 @@ def test_corrupt_expert_is_named(ckpts, capsys, in_memory, damage):
     line = _run(capsys, *SUM_A, "-o", "out", *extra)
     assert "corrupt" in line and os.fspath(ckpts / "a") in line
     assert not (ckpts / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "old,new,where",
+    [
+        ('"t"', '"u"', "the entry at the root has no node type"),
+        ('"children"', '"childran"', "the dict at the root has no list of children"),
+        ('"float32"', '"flaat32"', "the array at /w has no valid dtype"),
+        ('"shape": [64', '"shape": [-64', "the array at /w has no valid shape"),
+        ('"format_version": 2', '"format_version": "2"', "format_version '2'"),
+    ],
+)
+def test_damaged_checkpoint_metadata_is_named_corrupt(ckpts, capsys, old, new, where):
+    meta = ckpts / "a" / "umtam_metadata" / "metadata"
+    text = meta.read_text()
+    assert old in text
+    meta.write_text(text.replace(old, new, 1))
+    line = _run(capsys, *SUM_A, "-o", "out")
+    assert f"checkpoint {ckpts / 'a'} has damaged metadata" in line and where in line
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="damaged metadata"):
+        checkpoint.restore_params(ckpts / "a")
+    assert not (ckpts / "out").exists()
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "model.safetensors.index.json"])
+def test_deeply_nested_safetensors_json_gives_one_line(ckpts, capsys, damaged):
+    folder = ckpts / "hf"
+    checkpoint.save_safetensors(folder, {"w": np.ones(4, np.float32)})
+    if damaged == "model.safetensors.index.json":
+        os.rename(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+        (folder / damaged).write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        header = b"[" * 100_000 + b"]" * 100_000
+        (folder / damaged).write_bytes(len(header).to_bytes(8, "little") + header)
+    line = _run(capsys, "--method", "task_arithmetic", "--base", "hf", "--expert", "hf", "-o", "o")
+    assert f"{folder / damaged} is not a valid safetensors" in line
+
+
+def test_a_failed_merge_leaves_no_folder_it_made(ckpts, capsys):
+    checkpoint.save_safetensors(ckpts / "nan", {"w": np.full((64, 48), np.nan, np.float32)})
+    before = _files(ckpts)
+    line = _run(capsys, *SUM_A[:-1], "nan", "-o", "new/deep/out")
+    assert "is not finite" in line
+    assert not (ckpts / "new").exists() and _files(ckpts) == before

@@ -185,6 +185,49 @@ def encode(tree: Any, what: str) -> Encoded:
     return Encoded(spec=spec, arrays=arrays, paths=paths, leaves=leaves)
 
 
+_CONTAINERS = ("dict", "list", "tuple", "namedtuple", "node")
+
+
+def check_spec(spec: Any, at: str = "") -> None:
+    """Raises ValueError, naming where, unless ``spec`` is a well-formed structure spec
+    (what :func:`encode` writes): damaged metadata is refused before it is walked.
+
+    Args:
+      spec: a structure spec read back from JSON.
+      at: where ``spec`` sits in the tree (for the message).
+    """
+    where = at or "the root"
+    if not isinstance(spec, dict) or not isinstance(spec.get("t"), str):
+        raise ValueError(f"the entry at {where} has no node type")
+    t = spec["t"]
+    if t == "root_array" and not at:
+        check_spec(spec.get("leaf"), "value")
+    elif t == "array":
+        shape, dtype = spec.get("shape"), spec.get("dtype")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"the array at {where} has no valid shape ({shape!r})")
+        try:
+            jax.numpy.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"the array at {where} has no valid dtype ({dtype!r})") from None
+    elif t in _CONTAINERS:
+        children = spec.get("children")
+        if not isinstance(children, list):
+            raise ValueError(f"the {t} at {where} has no list of children")
+        for entry in children:
+            if not (
+                isinstance(entry, list)
+                and len(entry) in (3, 4)
+                and all(isinstance(x, str) for x in (entry[0], entry[1], *entry[3:]))
+            ):
+                raise ValueError(f"a child of the {t} at {where} is malformed ({entry!r:.80})")
+            check_spec(entry[2], f"{at}/{entry[0]}")
+        if t == "namedtuple" and not isinstance(spec.get("cls"), str):
+            raise ValueError(f"the namedtuple at {where} names no class")
+    elif t not in ("none", "masked"):
+        raise ValueError(f"the entry at {where} has an unknown node type {t!r}")
+
+
 def spec_arrays(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
     """Yields (path, leaf spec) of every array of a structure spec, in flatten order."""
     t = spec["t"]

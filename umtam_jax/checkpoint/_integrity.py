@@ -99,7 +99,7 @@ def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: its checksum record {path} is missing"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: cannot read its checksum record {path} "
             f"({type(err).__name__}: {err})"

@@ -113,11 +113,32 @@ def _read_full_metadata(directory: epath.Path) -> dict[str, Any]:
     meta = _restore_items(directory, {METADATA: ocp.args.JsonRestore()})[METADATA]
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{directory / METADATA} is not umtam_jax checkpoint metadata")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int):
+        raise _integrity.CheckpointCorruptError(
+            f"checkpoint {directory} has damaged metadata ({directory / METADATA}): "
+            f"format_version {version!r}"
+        )
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"checkpoint {directory} has format version {meta['format_version']}, newer than "
             f"this library's {FORMAT_VERSION}: upgrade umtam_jax"
         )
+    items, structures = meta.get("items"), meta.get("structures")
+    try:
+        if not (isinstance(items, list) and isinstance(structures, dict)):
+            raise ValueError("no list of items with their structures")
+        for item in items:
+            if item not in structures:
+                raise ValueError(f"item {item!r} has no structure")
+            try:
+                E.check_spec(structures[item])
+            except ValueError as err:
+                raise ValueError(f"item {item!r}: {err}") from None
+    except ValueError as err:
+        raise _integrity.CheckpointCorruptError(
+            f"checkpoint {directory} has damaged metadata ({directory / METADATA}): {err}"
+        ) from None
     return meta
 
 

@@ -159,7 +159,7 @@ def _is_own(path: epath.Path) -> bool:
     """Whether ``path`` is a folder written by :func:`save_safetensors` (its marker file)."""
     try:
         return json.loads((path / MARKER_FILE).read_text()) == MARKER
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
 
 
@@ -212,7 +212,7 @@ def _parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
             raise ValueError(f"it is truncated: {last!r} ends at {data + cursor}, file {size} B")
         if data + cursor < size:
             raise ValueError(f"it has {size - data - cursor} stray bytes after its tensors")
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
     return {n: (d, s, data + b, data + e) for b, e, n, d, s in entries}, meta
 
@@ -301,7 +301,7 @@ class SafetensorsReader:
             shard_of = json.loads(index.read_text())["weight_map"]
             if not shard_of or any(os.path.basename(v) != v for v in shard_of.values()):
                 raise ValueError("its weight_map is empty or names a shard outside the folder")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
             raise ValueError(f"{index} is not a valid safetensors index: {err}") from None
         return shard_of
 
@@ -309,7 +309,7 @@ class SafetensorsReader:
     def _checksums(file: str, record: str, tensors: Mapping[str, Any]) -> dict[str, int]:
         try:
             crcs = {n: int(v, 16) for n, v in json.loads(record).items()}
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             crcs = {}
         if crcs.keys() != tensors.keys():
             raise CheckpointCorruptError(f"{file} is corrupt: its {CRC_KEY} record is damaged")

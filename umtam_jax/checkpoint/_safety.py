@@ -92,7 +92,7 @@ def is_checkpoint(path: epath.Path) -> bool:
     meta = path.joinpath(*_METADATA_FILE)
     try:
         record = json.loads(meta.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(record, dict) and record.get("format") == _FORMAT_NAME
 
@@ -219,7 +219,7 @@ def _added_entries(directory: epath.Path) -> list[str]:
     without the record (written before it existed) answers none."""
     try:
         recorded = json.loads((directory / _CONTENTS_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return []
     if not isinstance(recorded, list):
         return []
@@ -400,26 +400,41 @@ def publishing(
       ValueError / FileExistsError / NotADirectoryError: see :func:`check_target`.
     """
     check_target(directory, overwrite=overwrite, is_own=is_own)
-    if is_local(directory) and _is_primary():
-        os.makedirs(os.fspath(directory.parent), exist_ok=True)
-    if _process_count() > 1:
-        with _publishing_collectively(directory, is_own) as staging:
-            yield staging
-        return
-    with _locked(directory):
-        _step("locked")
-        _repair(directory, is_own)
-        # Again: the repair may have put back an old folder.
-        check_target(directory, overwrite=overwrite, is_own=is_own)
-        token = uuid.uuid4().hex[:12]
-        staging = _hidden(directory, _NEW, token)
-        try:
-            yield staging
-            _record_contents(staging)
-            _step("staged")
-            _publish(staging, directory, token)
-        finally:
-            _discard(staging)
+    created = _make_parents(directory) if is_local(directory) and _is_primary() else []
+    try:
+        if _process_count() > 1:
+            with _publishing_collectively(directory, is_own) as staging:
+                yield staging
+            return
+        with _locked(directory):
+            _step("locked")
+            _repair(directory, is_own)
+            # Again: the repair may have put back an old folder.
+            check_target(directory, overwrite=overwrite, is_own=is_own)
+            token = uuid.uuid4().hex[:12]
+            staging = _hidden(directory, _NEW, token)
+            try:
+                yield staging
+                _record_contents(staging)
+                _step("staged")
+                _publish(staging, directory, token)
+            finally:
+                _discard(staging)
+    except BaseException:
+        for folder in created:  # a failed save leaves no folder it made for its output
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+def _make_parents(directory: epath.Path) -> list[str]:
+    """Creates the missing folders above ``directory``; returns them, deepest first."""
+    missing, parent = [], os.fspath(directory.parent)
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(os.fspath(directory.parent), exist_ok=True)
+    return missing
 
 
 def _discard(staging: epath.Path) -> None:
