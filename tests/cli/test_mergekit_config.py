@@ -204,6 +204,27 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\ndtype: int8",
             "dtype",
         ),
+        # Errors name the key as the file spells it, at its index in the file.
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {a}}},"
+            " {{model: {b}, parameters: {{weight: oops}}}}]",
+            "models[2].parameters.weight must be a number, got 'oops'",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{lambda: big}}",
+            "parameters.lambda must be a number, got 'big'",
+        ),
+        (
+            "merge_method: linear\nmodels: [{{parameters: {{weight: 1}}}}, {{model: {b}}}]",
+            "models[0] must be a mapping with a 'model'",
+        ),
+        # linear merges base_model as an input (as mergekit does): it needs a weight.
+        (
+            "merge_method: linear\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
+            "{{weight: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.7}}}}]",
+            "'base_model': merge_method 'linear' merges the base model as one more input",
+        ),
     ],
 )
 def test_unsupported_mergekit_features_are_one_clear_error(tmp_path, models, capsys, body, needle):
@@ -212,6 +233,27 @@ def test_unsupported_mergekit_features_are_one_clear_error(tmp_path, models, cap
     assert status == 2
     assert needle in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(out)
+
+
+def test_valid_mergekit_spellings_run(tmp_path, models):
+    # YAML 1.2 exponent floats, tokenizer_source: null (mergekit's default) and a density
+    # mergekit declares for task_arithmetic without using it.
+    status, out = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: task_arithmetic
+        base_model: {base}
+        models:
+          - {{model: {a}, parameters: {{weight: 7e-1, density: 0.5}}}}
+          - {{model: {b}, parameters: {{weight: 8E-1}}}}
+        parameters: {{lambda: 15e-1}}
+        tokenizer_source: null
+        """,
+    )
+    assert status == 0
+    want = H.ref_task_arithmetic(models["base"], models["experts"], scaling=1.5, weights=[0.7, 0.8])
+    trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
 def test_dry_run_and_mergekit_parameter_names(tmp_path, models, capsys):

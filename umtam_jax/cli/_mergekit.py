@@ -31,13 +31,15 @@ other mergekit methods    the registry method of the same name (``slerp``, ``lin
 
 ``lambda`` is ``scaling``; a model's ``weight`` and ``density`` are the expert's (mergekit's
 defaults: density 1), and given under ``parameters`` they are every model's default;
-``int8_mask`` only changes mergekit's mask dtype and is accepted. A ``models`` entry naming
-the base model is the base, not an expert, except for ``linear``, ``karcher`` and
-``passthrough``, which have no base role: mergekit merges their base model as one more
-input, and so does this. Any method of :data:`umtam_jax.merging.METHODS` may be named
+``int8_mask`` only changes mergekit's mask dtype and is accepted, and so is a ``density``
+for a method that does not sparsify (mergekit declares it, unused, for ``task_arithmetic``).
+A ``models`` entry naming the base model is the base, not an expert, except for ``linear``,
+``karcher`` and ``passthrough``, which have no base role: mergekit merges their base model
+as one more input, and so does this (for ``linear`` the base then needs a weight, listed
+under ``models`` or given as the default, as mergekit requires). Any method of :data:`umtam_jax.merging.METHODS` may be named
 (``merge_method: umtam``), its parameters under ``parameters``. ``dtype`` is the dtype the
 inputs are read in (the merge computes in float32 or wider) and ``out_dtype`` the output's
-(default: ``dtype``, else the inputs'). ``tokenizer_source: base`` is the default: a
+(default: ``dtype``, else the inputs'). ``tokenizer_source: base`` (or null) is the default: a
 Hugging Face output gets the base's config and tokenizer files. mergekit features
 umtam_jax does not have (``slices``, per-layer gradients and filtered parameters,
 tokenizer merging, chat templates, LoRA ``model+lora`` references, other methods) are
@@ -109,6 +111,13 @@ def _scalar(value: Any, where: str) -> Any:
     return value
 
 
+def _number(value: Any, where: str) -> float:
+    value = _scalar(value, where)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    return value
+
+
 def _dtype(config: dict[str, Any], key: str) -> str | None:
     value = config.get(key)
     if value is not None and value not in DTYPES:
@@ -134,7 +143,7 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(name, str) or (name not in _GTA and name not in METHODS):
         known = sorted(set(_GTA) | set(METHODS))
         raise ConfigError(f"merge_method {name!r} is not supported; supported: {', '.join(known)}")
-    if config.get("tokenizer_source", "base") != "base":
+    if config.get("tokenizer_source") not in (None, "base"):  # None: mergekit's default, base
         raise ConfigError("'tokenizer_source': only 'base' is supported")
     registered = METHODS.get(_GTA[name][0] if name in _GTA else name)
     base = config.get("base_model")
@@ -148,16 +157,30 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("'parameters' must be a mapping")
     global_params = {k: _scalar(v, f"parameters.{k}") for k, v in global_params.items()}
     # mergekit's tensor parameters given globally are every model's default.
-    model_defaults = {k: global_params.pop(k) for k in ("weight", "density") if k in global_params}
+    model_defaults = {
+        k: _number(global_params.pop(k), f"parameters.{k}")
+        for k in ("weight", "density")
+        if k in global_params
+    }
+    if "lambda" in global_params:
+        _number(global_params["lambda"], "parameters.lambda")
+    # Each entry with where it is in the file, for messages.
+    entries = [(f"models[{i}]", entry) for i, entry in enumerate(models)]
     if name in _BASE_IS_AN_INPUT and base is not None:
         # These methods have no base role: mergekit merges the base model as one more input.
-        if all(_model(m.get("model") if isinstance(m, dict) else m, "") != base for m in models):
-            models = [{"model": base}, *models]
+        listed = [isinstance(m, dict) and m.get("model") == base or m == base for m in models]
+        if not any(listed):
+            if registered.param("weights") is not None and "weight" not in model_defaults:
+                raise ConfigError(
+                    f"'base_model': merge_method {name!r} merges the base model as one more "
+                    "input, as mergekit does, which needs its weight: list it under 'models' "
+                    "with one, or give a default weight under 'parameters'"
+                )
+            entries.insert(0, ("'base_model'", {"model": base}))
         base = None
 
     experts = []
-    for i, entry in enumerate(models):
-        where = f"models[{i}]"
+    for where, entry in entries:
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
@@ -189,9 +212,10 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
             )
         expert = {"path": path}
         for key in ("weight", "density"):
-            if key in params or key in model_defaults:
-                value = params.get(key, model_defaults.get(key))
-                expert[key] = _scalar(value, f"{where}.parameters.{key}")
+            if key in params:
+                expert[key] = _number(params[key], f"{where}.parameters.{key}")
+            elif key in model_defaults:
+                expert[key] = model_defaults[key]
         experts.append(expert)
     if not experts:
         raise ConfigError("'models' lists no model besides the base model")
@@ -230,6 +254,9 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     if registered.param("density") is not None:  # mergekit's default density
         for e in experts:
             e.setdefault("density", 1.0)
+    else:  # mergekit declares density for every method of the family; unused here
+        for e in experts:
+            e.pop("density", None)
     parameters: dict[str, Any] = {"scaling": scaling, **own}
     if method == "ties":
         if not normalize or rescale:

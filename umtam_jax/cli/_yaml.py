@@ -3,12 +3,15 @@
 Configuration files and ``--param``/``--expert`` values are read with a ``SafeLoader``
 subclass (no tag ever builds an object) that also refuses anchors and aliases (no "billion
 laughs" expansion), merge keys (``<<``), duplicate keys and nesting deeper than
-:data:`MAX_CONFIG_DEPTH`; errors name the file or flag and the line.
+:data:`MAX_CONFIG_DEPTH`; errors name the file or flag and the line. Numbers in exponent
+notation without a decimal point (``5e-1``, ``1e3``) are floats, as in YAML 1.2 and as
+mergekit reads them, not the strings of PyYAML's YAML 1.1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import yaml
@@ -71,6 +74,14 @@ class _Loader(yaml.SafeLoader):
             with contextlib.suppress(TypeError):
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's exponent floats that YAML 1.1 leaves as strings: 5e-1, -2E3, 1_000e-3.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_yaml(text: str, name: str) -> Any:
