@@ -36,14 +36,14 @@ for a method that does not sparsify (mergekit declares it, unused, for ``task_ar
 A ``models`` entry naming the base model is the base, not an expert, except for ``linear``,
 ``karcher`` and ``passthrough``, which have no base role: mergekit merges their base model
 as one more input, and so does this (for ``linear`` the base then needs a weight, listed
-under ``models`` or given as the default, as mergekit requires). Any method of :data:`umtam_jax.merging.METHODS` may be named
-(``merge_method: umtam``), its parameters under ``parameters``. ``dtype`` is the dtype the
-inputs are read in (the merge computes in float32 or wider) and ``out_dtype`` the output's
-(default: ``dtype``, else the inputs'). ``tokenizer_source: base`` (or null) is the default: a
-Hugging Face output gets the base's config and tokenizer files. mergekit features
-umtam_jax does not have (``slices``, per-layer gradients and filtered parameters,
-tokenizer merging, chat templates, LoRA ``model+lora`` references, other methods) are
-refused with one error naming the key.
+under ``models`` or given as the default, as mergekit requires). Any method of
+:data:`umtam_jax.merging.METHODS` may be named (``merge_method: umtam``), its parameters
+under ``parameters``. ``dtype`` is the dtype the inputs are read in (the merge computes in
+float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the inputs').
+``tokenizer_source: base`` (or null) is the default: a Hugging Face output gets the base's
+config and tokenizer files. mergekit features umtam_jax does not have (``slices``,
+per-layer gradients and filtered parameters, tokenizer merging, chat templates, LoRA
+``model+lora`` references, other methods) are refused with one error naming the key.
 """
 
 from __future__ import annotations
