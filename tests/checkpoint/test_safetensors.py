@@ -232,7 +232,11 @@ def test_streaming_writer_produces_each_leaf_once_in_order(tmp_path):
     trees.assert_trees_bitwise_equal(got, names_from_tree(tree))
     assert tree_from_names(got).keys() == tree.keys()
     one = save_safetensors(tmp_path / "one", tree, max_shard_size="1KB")
-    assert sorted(p.name for p in one.iterdir()) == [".umtam-contents.json", "model.safetensors", S.MARKER_FILE]
+    assert sorted(p.name for p in one.iterdir()) == [
+        ".umtam-contents.json",
+        "model.safetensors",
+        S.MARKER_FILE,
+    ]
 
 
 @pytest.mark.parametrize("bad", ["shape", "dtype", "raise"])
@@ -451,8 +455,12 @@ def test_orbax_and_safetensors_convert_both_ways_exactly(tmp_path, monkeypatch):
     config = tmp_path / "cfg"
     config.mkdir()
     (config / "config.json").write_bytes(b'{"hidden_size": 4}\n')
+    (config / "spiece.model").write_bytes(b"\x0a\x07t5 spm")  # T5's tokenizer
+    (config / "notes.txt").write_text("not a model file")
     back = orbax_to_safetensors(ckpt, tmp_path / "back", max_shard_size=64, copy_files_from=config)
     assert (back / "config.json").read_bytes() == b'{"hidden_size": 4}\n'
+    assert (back / "spiece.model").read_bytes() == b"\x0a\x07t5 spm"
+    assert not (back / "notes.txt").exists()
     trees.assert_trees_bitwise_equal(read_all(back), names_from_tree(tree))
     assert sorted(p.name for p in back.glob("*.safetensors")) == sorted(
         p.name for p in src.glob("*.safetensors")

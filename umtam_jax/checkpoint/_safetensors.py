@@ -58,10 +58,14 @@ INDEX_FILE = "model.safetensors.index.json"
 MARKER_FILE = "umtam_jax_safetensors.json"
 MARKER = {"format": "umtam_jax-safetensors", "version": 1}
 CRC_KEY = "umtam_jax.crc32"
+# A model's config and the files its tokenizer or processor is loaded from (GPT-2 and BERT
+# vocabularies, SentencePiece models of Llama, T5, XLM-R and Marian, chat templates).
 COPIED_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
-    "added_tokens.json", "chat_template.jinja",
+    "spiece.model", "sentencepiece.bpe.model", "source.spm", "target.spm",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json",
 )  # fmt: skip
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit
