@@ -297,6 +297,20 @@ def test_slerp_degenerate(x64):
         merging.slerp(None, a, t=0.5)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
+)
+@pytest.mark.parametrize("scale", [-1.0, -3.0, 2.0])
+def test_nuslerp_of_colinear_float32_vectors_interpolates_linearly(options, scale):
+    # In float32 the cosine of opposite vectors rounds away from −1: still colinear.
+    a = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    got = merging.nuslerp(None, [{"w": a}, {"w": scale * a}], weights=[1.0, 2.0], **options)
+    t = 2.0 / 3.0
+    want = (1 - t) * a.astype(np.float64) + t * scale * a.astype(np.float64)  # the lerp
+    np.testing.assert_allclose(np.asarray(got["w"]), want, rtol=1e-5, atol=1e-5)
+
+
 def test_nuslerp_degenerate(x64):
     a, b = _w(1.0, 2.0), _w(3.0, 6.0)
     _close(merging.nuslerp(None, [a, b], weights=[1.0, 3.0]), _w(2.5, 5.0))  # colinear: lerp

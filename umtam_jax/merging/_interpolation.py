@@ -29,7 +29,7 @@ from umtam_jax.merging._registry import WEIGHTS, Param
 
 _SLERP_DOT_THRESHOLD = 0.9995  # mergekit's slerp: |cos θ| above it interpolates linearly
 _SLERP_EPS = 1e-8  # mergekit's slerp: a norm at most this is replaced by 1
-_NUSLERP_EPS = 1e-8  # mergekit's nuslerp: colinear when 1 − cos²θ ≤ eps²
+_NUSLERP_EPS = 1e-8  # mergekit's nuslerp: colinear when sin θ ≤ eps (1 − cos²θ ≤ eps²)
 _NUSLERP_NORM_EPS = 1e-7  # mergekit's nuslerp: norms clamped below at this
 _NUSLERP_ZERO_TOTAL = 1e-6  # mergekit's nuslerp: |Σ weight| below it gives t = 0.5
 
@@ -256,8 +256,17 @@ def _nuslerp_leaf(base, w1, w2, weights, flatten: bool, row_wise: bool) -> jax.A
     def unit(v: jax.Array) -> jax.Array:
         return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), _NUSLERP_NORM_EPS)
 
-    cos = jnp.clip(jnp.sum(unit(v1) * unit(v2), axis=-1, keepdims=True), -1, 1)
-    colinear = (1 - cos**2) <= _NUSLERP_EPS**2
+    u1, u2 = unit(v1), unit(v2)
+    cos = jnp.clip(jnp.sum(u1 * u2, axis=-1, keepdims=True), -1, 1)
+    # Colinear (parallel or opposite) where the angle to u2 or to −u2 is below mergekit's
+    # 1e-8, or below what the dtype resolves: in float32 cos of opposite vectors comes out
+    # as −1 + 2⁻²⁴, never within 1e-8 of −1, but ‖u1 + u2‖ is exactly 0 for them.
+    tol = max(_NUSLERP_EPS, 8 * float(jnp.finfo(dt).eps))
+    gap = jnp.minimum(
+        jnp.linalg.norm(u1 - u2, axis=-1, keepdims=True),
+        jnp.linalg.norm(u1 + u2, axis=-1, keepdims=True),
+    )
+    colinear = gap <= tol
     theta = jnp.arccos(jnp.where(colinear, 0, cos))
     sin = jnp.where(colinear, 1, jnp.sin(theta))
     out = (jnp.sin((1 - t) * theta) * v1 + jnp.sin(t * theta) * v2) / sin

@@ -88,10 +88,8 @@ def breadcrumbs(
     int(gamma · N)`` and ``n_bot = max(0, N − n_keep − n_top)``, the entries of ascending
     rank ``n_bot … n_bot + n_keep − 1`` are kept: the ``n_top`` largest are dropped (fewer
     when needed to keep ``n_keep``; no ``max(1, ·)`` as in TIES), the rest set to 0; at
-    ``density ≥ 1`` nothing is. Difference from mergekit: when ``int(gamma · N) = 0``
-    (``gamma = 0``, or the default 0.01 on a tensor under 100 entries) mergekit's slice
-    ``[n_bot:-0]`` is empty and drops the whole task vector of that tensor; here nothing
-    is dropped from the top and ``n_keep`` entries are kept. ``l1_rescale`` rescales the
+    ``density ≥ 1`` nothing is; with ``int(gamma · N) = 0`` nothing is dropped from the
+    top and ``n_keep`` entries are kept, as in mergekit. ``l1_rescale`` rescales the
     kept vector to the L1 norm of ``Δ_τ`` (skipped when either is below 1e-7). Result
     ``w0 + scaling · Σ_τ weight_τ Δ̃_τ``.
 
