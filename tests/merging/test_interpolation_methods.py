@@ -62,6 +62,20 @@ def _pair_slerp(v1, v2, t):
     return (np.sin((1 - t) * th) * v1 + np.sin(t * th) * v2) / np.sin(th)
 
 
+def _in_out(ref):
+    """``ref``, stated for PyTorch (d_out, d_in) weights, with a ``layout`` argument: a Flax
+    (d_in, d_out) kernel is given to it transposed over its last two axes."""
+
+    def with_layout(base, ws, layout="in_out", **kwargs):
+        if layout == "out_in" or ws[0].ndim < 2:
+            return ref(base, ws, **kwargs)
+        t = lambda x: None if x is None else np.swapaxes(x, -1, -2)  # noqa: E731
+        return t(ref(t(base), [t(w) for w in ws], **kwargs))
+
+    return with_layout
+
+
+@_in_out
 def ref_nuslerp(base, ws, weights=None, nuslerp_flatten=True, nuslerp_row_wise=False):
     c1, c2 = (1.0, 1.0) if weights is None else weights
     t = 0.5 if abs(c1 + c2) < 1e-6 else c2 / (c1 + c2)
@@ -128,6 +142,7 @@ def ref_karcher(base, ws, max_iter=10, tol=1e-5):
     return (np.mean(norms) * m).reshape(ws[0].shape)
 
 
+@_in_out
 def ref_model_stock(base, ws, filter_wise=False):
     k = len(ws)
     shape = (-1, base.shape[-1]) if filter_wise and base.ndim >= 2 else (1, -1)
@@ -185,6 +200,8 @@ CASES = {
             {},
             {"weights": [0.3, 1.1], "nuslerp_flatten": False},
             {"weights": [2.0, 0.5], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+            {"weights": [0.3, 1.1], "nuslerp_flatten": False, "layout": "out_in"},
+            {"nuslerp_flatten": False, "nuslerp_row_wise": True, "layout": "out_in"},
         ],
     ),
     "multislerp": (
@@ -198,7 +215,12 @@ CASES = {
         ],
     ),
     "karcher": (ref_karcher, 3, False, [{}, {"max_iter": 3, "tol": 1e-3}]),
-    "model_stock": (ref_model_stock, 3, False, [{}, {"filter_wise": True}]),
+    "model_stock": (
+        ref_model_stock,
+        3,
+        False,
+        [{}, {"filter_wise": True}, {"filter_wise": True, "layout": "out_in"}],
+    ),
     "nearswap": (ref_nearswap, 1, True, [{"t": 0.05}]),
     "arcee_fusion": (ref_arcee_fusion, 1, True, [{}]),
     "passthrough": (ref_passthrough, 1, False, [{}, {"scale": -0.5}]),
@@ -232,6 +254,7 @@ def test_registered_with_mergekit_names():
         "weights": None,
         "nuslerp_flatten": True,
         "nuslerp_row_wise": False,
+        "layout": "in_out",
     }
     assert merging.METHODS["karcher"].defaults() == {"max_iter": 10, "tol": 1e-5}
 
@@ -442,8 +465,9 @@ def test_out_of_core_equals_in_memory(ckpts, tmp_path, name, variant):
 
 
 def _mergekit_parameters(name, kwargs, k):
-    """mergekit's parameters for umtam_jax's ``kwargs`` (``weights`` → per-model ``weight``)."""
-    params = dict(kwargs)
+    """mergekit's parameters for umtam_jax's ``kwargs`` (``weights`` → per-model ``weight``;
+    no ``layout``: mergekit's tensors are PyTorch weights, ``layout="out_in"`` here)."""
+    params = {key: v for key, v in kwargs.items() if key != "layout"}
     if "weights" in params or name in ("linear", "nuslerp", "multislerp"):
         params["weight"] = params.pop("weights", None) or [1.0] * k
     return params
@@ -479,6 +503,8 @@ def test_mergekit_equality():
         _, k, single, variants = CASES[name]
         kwargs = variants[variant]
         with_base = name not in ("linear", "karcher", "passthrough")
+        if merging.METHODS[name].param("layout") is not None:
+            kwargs = {**kwargs, "layout": "out_in"}  # the tensors below are PyTorch weights
         for use_base in {with_base, False} if name in ("nuslerp", "multislerp") else {with_base}:
             b = base if use_base else None
             got = _call(name, b, experts, kwargs)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _compute_dtype, _sum
-from umtam_jax.merging._interpolation import _count, _require_base, _traced
+from umtam_jax.merging._interpolation import _count, _require_base, _traced, _transposed
 from umtam_jax.merging._registry import Param
 
 _STOCK_EPS = 1e-6  # mergekit's model_stock: floor of ‖Δ_i‖‖Δ_j‖ and of |1 + (K−1) cos θ|
@@ -29,13 +29,17 @@ _NEARSWAP_EPS = 1e-6  # mergekit's nearswap: floor of |w − w0|
 _FUSION_EPS = 1e-8  # mergekit's arcee_fusion: added to both softmaxes
 
 
-def model_stock(base: Any, experts: Sequence[Any], *, filter_wise: bool = False) -> Any:
+def model_stock(
+    base: Any, experts: Sequence[Any], *, filter_wise: bool = False, layout: str = "in_out"
+) -> Any:
     """Model Stock: the experts' average pulled towards the base by their angle.
 
-    Per tensor (or per row along the last axis with ``filter_wise=True``; 0- and 1-D
-    tensors are one row), with task vectors ``Δ_τ = w_τ − w0``, ``cos θ`` the mean over
-    pairs ``τ < σ`` of ``⟨Δ_τ, Δ_σ⟩ / max(‖Δ_τ‖‖Δ_σ‖, 1e-6)`` (each clipped to [-1, 1])
-    and ``K ≥ 2`` experts::
+    Per tensor (or with ``filter_wise=True`` per output filter: per row of a PyTorch
+    ``(d_out, d_in)`` weight, ``layout="out_in"``, as mergekit; per column of a Flax
+    ``(d_in, d_out)`` kernel, ``layout="in_out"``, which is merged as its transpose over its
+    last two axes; 0- and 1-D tensors are one row), with task vectors ``Δ_τ = w_τ − w0``,
+    ``cos θ`` the mean over pairs ``τ < σ`` of ``⟨Δ_τ, Δ_σ⟩ / max(‖Δ_τ‖‖Δ_σ‖, 1e-6)``
+    (each clipped to [-1, 1]) and ``K ≥ 2`` experts::
 
         t = K cos θ / (1 + (K − 1) cos θ),   merged = t · (1/K) Σ_τ w_τ + (1 − t) · w0
 
@@ -44,7 +48,9 @@ def model_stock(base: Any, experts: Sequence[Any], *, filter_wise: bool = False)
     Args:
       base: the base parameters ``w0`` (required).
       experts: two or more parameter pytrees with the base's structure, shapes and dtypes.
-      filter_wise: one ``t`` per row along the last axis instead of per tensor.
+      filter_wise: one ``t`` per output filter instead of per tensor.
+      layout: ``"in_out"`` (Flax/JAX kernels) or ``"out_in"`` (PyTorch / safetensors
+        weights): which axis holds the output filters (``filter_wise`` only).
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -66,13 +72,17 @@ def model_stock(base: Any, experts: Sequence[Any], *, filter_wise: bool = False)
       arXiv:2403.19522; mergekit ``model_stock``.
     """
     _require_base(base, "model_stock")
-    return pipeline.merge(MODEL_STOCK, base, experts, None, filter_wise=filter_wise)
+    return pipeline.merge(MODEL_STOCK, base, experts, None, filter_wise=filter_wise, layout=layout)
 
 
-@functools.partial(jax.jit, static_argnames="filter_wise")
-def _model_stock_leaf(base: jax.Array, ws: list[jax.Array], filter_wise: bool) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("filter_wise", "layout"))
+def _model_stock_leaf(
+    base: jax.Array, ws: list[jax.Array], filter_wise: bool, layout: str
+) -> jax.Array:
     if base.size == 0:
         return base
+    if filter_wise and layout == "in_out" and base.ndim >= 2:
+        return _transposed(_model_stock_leaf, base, ws, filter_wise=True, layout="out_in")
     dt, k = _compute_dtype(base), len(ws)
     rows = (-1, base.shape[-1]) if filter_wise and base.ndim >= 2 else (1, -1)
     w0 = base.astype(dt).reshape(rows)
@@ -242,9 +252,9 @@ MODEL_STOCK = R.register(
         "model_stock",
         model_stock,
         "average of two or more experts, pulled to the base by their task vectors' angle",
-        (Param("filter_wise", "bool", "one ratio per row along the last axis"),),
+        (Param("filter_wise", "bool", "one ratio per output filter"), R.LAYOUT),
         lambda opts, b, ws, masks, scores, extras: _model_stock_leaf(
-            b, ws, filter_wise=opts["filter_wise"]
+            b, ws, filter_wise=opts["filter_wise"], layout=opts["layout"]
         ),
         check=lambda call: _count(call, 2),
     )

@@ -186,6 +186,7 @@ def nuslerp(
     weights: Sequence[float] | None = None,
     nuslerp_flatten: bool = True,
     nuslerp_row_wise: bool = False,
+    layout: str = "in_out",
 ) -> Any:
     """SLERP between two experts with ``t`` from their weights, optionally about a base.
 
@@ -196,18 +197,23 @@ def nuslerp(
 
         nuslerp(v₁, v₂) = (sin((1−t)θ)·v₁ + sin(tθ)·v₂) / sin θ
 
-    and ``(1−t)·v₁ + t·v₂`` where ``1 − cos²θ ≤ 1e-16`` (colinear). The vectors are whole
-    tensors (``nuslerp_flatten=True``, the default), else each row along the last axis, or
-    along the first axis with ``nuslerp_row_wise=True``. mergekit requires both models'
-    ``weight``; here they default to 1.0 each (``t = 0.5``).
+    and ``(1−t)·v₁ + t·v₂`` where the vectors are colinear (the angle to ``u₂`` or ``−u₂``
+    under ``max(1e-8, 8ε)``, ``ε`` the compute dtype's epsilon). The vectors are whole
+    tensors (``nuslerp_flatten=True``, the default), else, as mergekit on a PyTorch
+    ``(d_out, d_in)`` weight, each output's row along the last axis, or each input's column
+    along the first axis with ``nuslerp_row_wise=True``; a Flax ``(d_in, d_out)`` kernel
+    (``layout="in_out"``) is merged as its transpose over its last two axes. mergekit
+    requires both models' ``weight``; here they default to 1.0 each (``t = 0.5``).
 
     Args:
       base: the base parameters ``w0``, or None.
       experts: exactly two parameter pytrees with the base's structure, shapes and dtypes.
       weights: the two weights ``c₁, c₂`` (mergekit's per-model ``weight``).
       nuslerp_flatten: interpolate whole tensors as single vectors.
-      nuslerp_row_wise: without flattening, interpolate along the first axis instead of
-        the last.
+      nuslerp_row_wise: without flattening, interpolate each input's weights instead of
+        each output's (the first axis of a PyTorch weight instead of the last).
+      layout: ``"in_out"`` (Flax/JAX kernels) or ``"out_in"`` (PyTorch / safetensors
+        weights); used without flattening only.
 
     Returns:
       The merged parameters, a pytree like the experts.
@@ -235,11 +241,29 @@ def nuslerp(
         weights=weights,
         nuslerp_flatten=nuslerp_flatten,
         nuslerp_row_wise=nuslerp_row_wise,
+        layout=layout,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("flatten", "row_wise"))
-def _nuslerp_leaf(base, w1, w2, weights, flatten: bool, row_wise: bool) -> jax.Array:
+def _transposed(leaf: Any, base: jax.Array, ws: list[jax.Array], **options: Any) -> jax.Array:
+    """``leaf(base, ws, **options)`` on the tensors transposed over their last two axes,
+    transposed back: a rule stated for PyTorch ``(d_out, d_in)`` weights, applied to Flax
+    ``(d_in, d_out)`` kernels."""
+
+    def swap(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x, -1, -2)
+
+    return swap(leaf(swap(base), [swap(w) for w in ws], **options))
+
+
+@functools.partial(jax.jit, static_argnames=("flatten", "row_wise", "layout"))
+def _nuslerp_leaf(base, ws, weights, flatten: bool, row_wise: bool, layout: str) -> jax.Array:
+    if layout == "in_out" and not flatten and base.ndim >= 2:
+        return _transposed(
+            _nuslerp_leaf, base, ws, weights=weights, flatten=False, row_wise=row_wise,
+            layout="out_in",
+        )  # fmt: skip
+    w1, w2 = ws
     dt = _compute_dtype(base)
     b = base.astype(dt)
     v1, v2 = w1.astype(dt) - b, w2.astype(dt) - b
@@ -309,15 +333,16 @@ NUSLERP = R.register(
         (
             WEIGHTS,
             Param("nuslerp_flatten", "bool", "interpolate whole tensors as one vector"),
-            Param("nuslerp_row_wise", "bool", "unflattened: along the first axis, not the last"),
+            Param("nuslerp_row_wise", "bool", "unflattened: per input feature, not per output"),
+            R.LAYOUT,
         ),
         lambda opts, b, ws, masks, scores, extras: _nuslerp_leaf(
             b,
-            ws[0],
-            ws[1],
+            ws,
             opts["weights"],
             flatten=opts["nuslerp_flatten"],
             row_wise=opts["nuslerp_row_wise"],
+            layout=opts["layout"],
         ),
         base_optional=True,
         check=lambda call: _count(call, 2, 2),
