@@ -69,22 +69,33 @@ def test_ties_with_weights_densities_lambda_and_the_base_among_the_models(tmp_pa
     trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
-def test_task_arithmetic_normalize_divides_by_the_summed_weights(tmp_path, models):
-    status, out = _run(
-        tmp_path,
-        models,
-        """
-        merge_method: task_arithmetic
-        base_model: {base}
-        models:
-          - {{model: {a}, parameters: {{weight: 0.7}}}}
-          - {{model: {b}, parameters: {{weight: 0.8}}}}
-        parameters: {{normalize: true, lambda: 1.5}}
-        """,
-    )
+# normalize: true divides lambda by the summed weights; the second file spells numbers in
+# YAML 1.2 exponent notation, gives tokenizer_source: null (mergekit's default) and a density
+# mergekit declares for task_arithmetic without using it.
+TASK_ARITHMETIC = {
+    "normalize": (
+        "models:\n  - {{model: {a}, parameters: {{weight: 0.7}}}}\n"
+        "  - {{model: {b}, parameters: {{weight: 0.8}}}}\n"
+        "parameters: {{normalize: true, lambda: 1.5}}",
+        1.5 / 1.5,
+    ),
+    "mergekit spellings": (
+        "models:\n  - {{model: {a}, parameters: {{weight: 7e-1, density: 0.5}}}}\n"
+        "  - {{model: {b}, parameters: {{weight: 8E-1}}}}\n"
+        "parameters: {{lambda: 15e-1}}\ntokenizer_source: null",
+        1.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TASK_ARITHMETIC))
+def test_task_arithmetic_weights_and_lambda(tmp_path, models, case):
+    body, scaling = TASK_ARITHMETIC[case]
+    text = "merge_method: task_arithmetic\nbase_model: {base}\n" + body
+    status, out = _run(tmp_path, models, text)
     assert status == 0
     want = H.ref_task_arithmetic(
-        models["base"], models["experts"], scaling=1.5 / 1.5, weights=[0.7, 0.8]
+        models["base"], models["experts"], scaling=scaling, weights=[0.7, 0.8]
     )
     trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
@@ -233,27 +244,6 @@ def test_unsupported_mergekit_features_are_one_clear_error(tmp_path, models, cap
     assert status == 2
     assert needle in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(out)
-
-
-def test_valid_mergekit_spellings_run(tmp_path, models):
-    # YAML 1.2 exponent floats, tokenizer_source: null (mergekit's default) and a density
-    # mergekit declares for task_arithmetic without using it.
-    status, out = _run(
-        tmp_path,
-        models,
-        """
-        merge_method: task_arithmetic
-        base_model: {base}
-        models:
-          - {{model: {a}, parameters: {{weight: 7e-1, density: 0.5}}}}
-          - {{model: {b}, parameters: {{weight: 8E-1}}}}
-        parameters: {{lambda: 15e-1}}
-        tokenizer_source: null
-        """,
-    )
-    assert status == 0
-    want = H.ref_task_arithmetic(models["base"], models["experts"], scaling=1.5, weights=[0.7, 0.8])
-    trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
 def test_dry_run_and_mergekit_parameter_names(tmp_path, models, capsys):
