@@ -305,3 +305,34 @@ def test_tokenized_cache_is_written_atomically_and_a_damaged_one_is_rebuilt(
 
     monkeypatch.setattr(minilm_pretrained, "tokenize_batch", no_tokenizing)
     assert_same(E.prepare_task(custom_tasks[0], tokenizer, CFG, cache_dir=tmp_path), first)
+
+
+def test_the_caches_follow_every_label_and_the_base_encoder(tokenizer, base, tmp_path):
+    # A task re-registered with corrected labels (of any split) is tokenized and trained
+    # again, and an expert is never restored for another base encoder.
+    def labelled(flip):
+        def build(seed):  # given split: only the test split's labels change
+            def split(n, start, flipped=False):
+                texts = [f"this is text number {i}" for i in range(start, start + n)]
+                return data_lib.Examples(texts, [(i % 2) ^ flipped for i in range(n)])
+
+            return {"train": split(24, 0), "validation": split(8, 100), "test": split(8, 200, flip)}
+
+        return build
+
+    name = "pipe_test_relabelled"
+    try:
+        first = []
+        for flip in (False, True):
+            data_lib.register_task(name, labelled(flip), ("a", "b"), overwrite=True)
+            tt = E.prepare_task(name, tokenizer, CFG, cache_dir=tmp_path / "tokens")
+            first.append(tt)
+            want = np.concatenate([tt.task.splits[s].labels for s in tt.arrays])
+            got = np.concatenate([tt.arrays[s]["labels"] for s in tt.arrays])
+            np.testing.assert_array_equal(got, want)
+        assert E.expert_fingerprint(first[0], CFG) != E.expert_fingerprint(first[1], CFG)
+        other = jax.tree.map(lambda x: x + 1e-3, base)
+        keys = {E.expert_fingerprint(first[1], CFG, base_encoder=b) for b in (base, other)}
+        assert len(keys) == 2
+    finally:
+        data_lib.unregister_task(name)

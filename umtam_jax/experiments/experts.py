@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.experiments._keys import stable_hash
+from umtam_jax.experiments._keys import arrays_hash, stable_hash
 from umtam_jax.experiments.config import PipelineConfig
 from umtam_jax.experiments.evaluation import evaluate_params
 from umtam_jax.experiments.tasks import TokenizedTask
@@ -55,16 +55,20 @@ def expert_fingerprint(
     optimizer: str = "umtam",
     optimizer_kwargs: Mapping[str, Any] | None = None,
     early_stopping: EarlyStopping | None = None,
+    base_encoder: Params | None = None,
 ) -> str:
     """The cache key of an expert: a hash of everything that changes its training.
 
     Args:
-        ttask: The tokenized task (its name and split sizes enter the key).
+        ttask: The tokenized task (its name, and every split's tokens and labels, enter
+            the key: an expert of re-registered or corrected data is trained again).
         config: Training config (its :meth:`~PipelineConfig.training_key`).
         optimizer: The optimizer's name.
         optimizer_kwargs: Extra optimizer arguments.
         early_stopping: Early stopping settings; None (fixed steps) leaves the key as it
             was before early stopping existed, so the fixed-step caches stay valid.
+        base_encoder: The encoder the expert starts from (its values enter the key: an
+            expert is never restored for another ``w0``).
 
     Returns:
         16 hex digits, the last part of the checkpoint directory's name.
@@ -75,7 +79,10 @@ def expert_fingerprint(
         "optimizer": optimizer,
         "kwargs": dict(optimizer_kwargs or {}),
         "n": {s: len(a["labels"]) for s, a in ttask.arrays.items()},
+        "data": arrays_hash(ttask.arrays),  # every split's tokens and labels
     }
+    if base_encoder is not None:
+        key["base"] = arrays_hash(base_encoder)
     if early_stopping is not None:
         key["early_stopping"] = early_stopping.key()
     return stable_hash(key)
@@ -97,8 +104,9 @@ def train_expert(
     """Fine-tunes (or restores) the expert of one task and saves it with its statistics.
 
     The checkpoint lives in ``workdir/experts/<task>-<tag>-<fingerprint>``; the
-    fingerprint covers the training config, the optimizer and its kwargs, so a cached
-    expert is reused only when it was trained the same way.
+    fingerprint covers the task's data, the base encoder, the training config, the
+    optimizer and its kwargs, so a cached expert is reused only when it was trained the
+    same way from the same data and start.
 
     Args:
         ttask: The tokenized task.
@@ -120,7 +128,9 @@ def train_expert(
     from umtam_jax import checkpoint
 
     kwargs = dict(optimizer_kwargs or {})
-    fp = expert_fingerprint(ttask, config, optimizer, kwargs, early_stopping)
+    fp = expert_fingerprint(
+        ttask, config, optimizer, kwargs, early_stopping, base_encoder=base_encoder
+    )
     name = "-".join(p for p in (ttask.name, tag, fp) if p)
     path = Path(workdir).absolute() / "experts" / name
     if path.exists():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from umtam_jax.experiments import data as data_lib
 from umtam_jax.experiments import store
-from umtam_jax.experiments._keys import stable_hash
+from umtam_jax.experiments._keys import arrays_hash, stable_hash
 from umtam_jax.experiments.config import PipelineConfig
 from umtam_jax.experiments.models import minilm_pretrained
 
@@ -74,13 +73,13 @@ load_minilm_tokenizer`).
     spec = data_lib.get_task(name)
     path = None
     if cache_dir is not None:
-        # The task's content enters the key, so a re-registered task is re-tokenized.
-        digest = zlib.crc32(
-            json.dumps([task.validation.texts[:50], task.train.texts[:50]], default=str).encode()
-        )
-        key = stable_hash(
-            [name, spec.version, spec.kind, config.data_key(), digest, len(task.train)]
-        )
+        # Every split's texts and labels enter the key: a re-registered or corrected task
+        # is tokenized again.
+        content = {
+            split: [json.dumps(ex.texts), np.asarray(ex.labels)]
+            for split, ex in task.splits.items()
+        }
+        key = stable_hash([name, spec.version, spec.kind, config.data_key(), arrays_hash(content)])
         path = Path(cache_dir) / f"{name}-{key}.npz"
         cached = store.read_npz(path)  # None: missing or unreadable, tokenized again
         if cached is not None:
