@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         )
         for mode, mdir in mode_dirs.items()
     }
-    results = store.read_json(workdir / "results.json")
+    results = store.read_record(workdir / "results.json")
     diag = diagnostics_summary(results, [r["method"] for r in table.rows])
     proto = results["protocol"]
     cap = proto["config"].get("max_test")
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
         md += ["", "### Experts trained in UMTAM's memory modes", ""]
     for mode, mtable in mtables.items():
         mdir = mode_dirs[mode]
-        mresults = store.read_json(mdir / "results.json")
+        mresults = store.read_record(mdir / "results.json")
         vs_default = compare_runs((mdir, "umtam"), (workdir, "umtam"), samples=samples)
         md += [_memory_md(mode, mtable, mresults, vs_default), ""]
         payload.setdefault("memory_modes", {})[mode] = {
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
         }  # fmt: skip
     if args.adamw_workdir:
         adir = Path(args.adamw_workdir)
-        aresults = store.read_json(adir / "results.json")
+        aresults = store.read_record(adir / "results.json")
         rows = _pipelines(workdir, adir, results, aresults, samples)
         tables["AdamW-trained experts"] = atable
         md += [

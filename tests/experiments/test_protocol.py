@@ -154,6 +154,27 @@ def test_resume_after_an_interrupted_write(first, setup):
     assert again.rows == table.rows
 
 
+def test_damaged_predictions_are_computed_again_and_a_damaged_record_is_an_error(first, setup):
+    table, _, _ = first
+    workdir = setup[2]
+    run = next((workdir / "runs" / "seed1").glob("emr-*.json"))
+    preds = run.with_suffix(".npz")
+    preds.write_bytes(preds.read_bytes()[:50])  # a damaged predictions file
+    again, trained, predicted = _evaluate(setup)
+    assert trained == 0 and predicted == len(TASKS)  # that method's test predictions only
+    assert again.rows == table.rows and store.read_npz(preds) is not None
+    results = workdir / "results.json"
+    whole = results.read_bytes()
+    results.write_bytes(whole[: len(whole) // 2])  # the record of both seeds, cut short
+    try:
+        with pytest.raises(ValueError, match=r"results\.json is damaged .* never rebuilt"):
+            _evaluate(setup)
+        with pytest.raises(ValueError, match=r"results\.json is damaged"):
+            E.summarize(workdir)
+    finally:
+        results.write_bytes(whole)
+
+
 def test_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     store.write_json(path, {"a": 1})

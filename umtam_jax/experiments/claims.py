@@ -68,7 +68,7 @@ def _merge_table(protocol_results: Any, samples: int) -> tuple[MergeTable | None
         return t, f"experts of {len(t.seeds)} seeds, tasks {', '.join(t.tasks)}"
     path = Path(protocol_results)
     workdir = path if path.is_dir() else path.parent
-    results = store.read_json(workdir / "results.json")
+    results = store.read_record(workdir / "results.json")
     if not isinstance(results, dict) or "protocol" not in results:
         return None, f"no protocol results yet (`{path}` not found)"
     runs, proto = results.get("runs", {}), results["protocol"]

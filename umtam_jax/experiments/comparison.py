@@ -144,7 +144,7 @@ def summarize(
         FileNotFoundError: ``workdir`` has no ``results.json``.
     """
     workdir = Path(workdir)
-    results = store.read_json(workdir / "results.json")
+    results = store.read_record(workdir / "results.json")
     if results is None:
         raise FileNotFoundError(f"no results.json in {workdir}")
     protocol = results["protocol"]
@@ -221,7 +221,7 @@ def summarize(
 
 
 def _run_predictions(workdir: Path, method: str, seeds: Sequence[int]) -> tuple[Any, list, list]:
-    results = store.read_json(workdir / "results.json")
+    results = store.read_record(workdir / "results.json")
     if results is None:
         raise FileNotFoundError(f"no results.json in {workdir}")
     runs = results["runs"].get(method, {})
@@ -265,7 +265,7 @@ def compare_runs(
     """
     wa, wb = Path(a[0]), Path(b[0])
     if seeds is None:
-        ra, rb = store.read_json(wa / "results.json"), store.read_json(wb / "results.json")
+        ra, rb = store.read_record(wa / "results.json"), store.read_record(wb / "results.json")
         if ra is None or rb is None:
             raise FileNotFoundError(f"no results.json in {wa if ra is None else wb}")
         seeds = sorted(int(s) for s in set(ra["experts"]) & set(rb["experts"]))

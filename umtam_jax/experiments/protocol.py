@@ -166,7 +166,7 @@ def run_protocol(
     if tokenizer is None:
         tokenizer = minilm_pretrained.load_minilm_tokenizer()
     results_path = workdir / "results.json"
-    results = store.read_json(results_path) or {}
+    results = store.read_record(results_path) or {}
     previous = results.get("protocol", {})
     held = (previous.get("size"), previous.get("tasks"), previous.get("experts_by", "umtam"))
     if previous and held != (sz.name, tasks, experts_by):

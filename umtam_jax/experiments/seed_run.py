@@ -184,8 +184,8 @@ class SeedRun:
         path = self.workdir / "runs" / f"seed{self.seed}" / f"{cand.key}-{fp}.json"
         record = store.read_json(path)
         preds_path = path.with_suffix(".npz")
-        if record is not None and preds_path.exists():
-            return record
+        if record is not None and store.read_npz(preds_path) is not None:
+            return record  # done: both files whole (a damaged one is computed again)
         t0 = time.perf_counter()
         if cand.per_task:
             record, test_preds = self._run_per_task(cand, budget)

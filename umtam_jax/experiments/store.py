@@ -118,6 +118,40 @@ def read_json(path: str | Path) -> Any:
         return None
 
 
+def read_record(path: str | Path) -> Any:
+    """The JSON record at ``path`` (a run's results), None when missing; unlike a cache
+    entry (:func:`read_json`) a damaged record is an error, never taken for no record.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The decoded value, or None when the file does not exist.
+
+    Raises:
+        ValueError: the file exists but is not valid JSON (its name and the reason).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "results.json"
+        >>> read_record(p) is None
+        True
+        >>> _ = p.write_text('{"seeds": [0, 1'); read_record(p)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../results.json is damaged (...): ...
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is damaged ({err}): it is a record of earlier runs, never rebuilt "
+            "silently; restore it, or start in another work directory"
+        ) from None
+
+
 def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
     """Writes named arrays to ``path`` (an ``.npz``) atomically.
 
