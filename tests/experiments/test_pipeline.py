@@ -193,6 +193,55 @@ def test_demo_cli_rejects_unknown_task(capsys):
     assert "kjv_section" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--steps", "-1"], "--steps: must be positive, got -1"),
+        (["--max-eval", "0"], "--max-eval: must be positive, got 0"),
+        (["--svd-every", "0"], "--svd-every: must be positive, got 0"),
+        (["--learning-rate", "x"], "--learning-rate: 'x' is not a float"),
+    ],
+)
+def test_demo_cli_rejects_values_that_would_train_nothing(capsys, argv, needle):
+    from umtam_jax.cli import demo
+
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(argv)
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_demo_cli_writes_only_into_its_own_work_directory(tmp_path, monkeypatch, capsys):
+    from umtam_jax.cli import demo
+
+    # Stop after the checks: the stage that would train.
+    def trained(*args, **kwargs):
+        raise AssertionError("the demo went past its checks")
+
+    monkeypatch.setattr(E, "prepare_experts", trained)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "demo_results.json").write_text("mine")
+    (home / "notes.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("mine")
+    for workdir, needle in (
+        (home, "holds files the demo did not write (notes.txt)"),
+        (tmp_path / "a_file", "is a file, not a folder"),
+    ):
+        assert demo.main(["--workdir", str(workdir)]) == 2
+        assert needle in capsys.readouterr().err
+    assert sorted(p.name for p in home.iterdir()) == ["demo_results.json", "notes.txt"]
+    assert demo.main(["--workdir", str(tmp_path / "w"), "--methods", " , "]) == 2
+    assert "--methods names no merge method" in capsys.readouterr().err
+    for workdir in (tmp_path / "new", home / "empty"):  # a new folder, or an empty one
+        workdir.mkdir(exist_ok=workdir.parent == home)
+        with pytest.raises(AssertionError, match="past its checks"):
+            demo.main(["--workdir", str(workdir)])
+        assert (workdir / ".umtam-demo").is_file()
+    (tmp_path / "new" / "notes.txt").write_text("added later")  # a demo folder stays one
+    with pytest.raises(AssertionError, match="past its checks"):
+        demo.main(["--workdir", str(tmp_path / "new")])
+
+
 # A realistic plugin: string annotations and a dataclass need the module in sys.modules.
 _PLUGIN = """
 from __future__ import annotations

@@ -32,6 +32,43 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+# What the demo writes into its work directory: the only entries a folder may hold for the
+# demo to write there (besides its marker, which a new or empty folder gets).
+_MARKER = ".umtam-demo"
+_OWN = {_MARKER, "experts", "tokens", "jax_cache", "demo_results.json", "demo_results.png"}
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _claim_workdir(workdir: Path) -> str | None:
+    """Makes ``workdir`` the demo's (a new or empty folder, or one the demo wrote before);
+    returns why it cannot be, or None. Nothing else's files are ever written over."""
+    if workdir.exists() and not workdir.is_dir():
+        return f"--workdir {workdir} is a file, not a folder"
+    if workdir.is_dir():
+        foreign = sorted(p.name for p in workdir.iterdir() if p.name not in _OWN)
+        if foreign and not (workdir / _MARKER).is_file():
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            return (
+                f"--workdir {workdir} holds files the demo did not write ({shown}); give a "
+                "new or empty folder (the demo writes its checkpoints, caches and results there)"
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / _MARKER).write_text("umtam-demo work directory\n")
+    return None
+
 
 def _parser() -> argparse.ArgumentParser:
     from umtam_jax import experiments as E
@@ -51,12 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     data_lib.add_task_import_option(p)
     p.add_argument("--workdir", default="umtam-demo-work", help="checkpoints, caches, results")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="override fine-tuning steps")
-    p.add_argument("--learning-rate", type=float, default=None, help="override peak LR")
-    p.add_argument("--max-eval", type=int, default=None, help="override eval examples/split")
+    p.add_argument("--steps", type=_positive(int), default=None, help="override fine-tuning steps")
+    p.add_argument("--learning-rate", type=_positive(float), default=None, help="override peak LR")
+    p.add_argument(
+        "--max-eval", type=_positive(int), default=None, help="override eval examples/split"
+    )
     p.add_argument(
         "--svd-every",
-        type=int,
+        type=_positive(int),
         default=None,
         help="UMTAM fresh decomposition period (demo default 10; library default 1)",
     )
@@ -101,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         print("merging needs at least two tasks", file=sys.stderr)
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        print("--methods names no merge method", file=sys.stderr)
+        return 2
     bad = [m for m in methods if m not in E.MERGE_METHODS]
     if bad:
         print(f"unknown method(s) {bad}; known: {list(E.MERGE_METHODS)}", file=sys.stderr)
@@ -119,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.svd_every is not None:
         umtam_kwargs["svd_every"] = args.svd_every
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    refused = _claim_workdir(workdir)
+    if refused:
+        print(f"umtam-demo: {refused}", file=sys.stderr)
+        return 2
     E.enable_compilation_cache(workdir / "jax_cache")
     progress = not args.no_progress
 
