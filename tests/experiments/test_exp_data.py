@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 
 import numpy as np
 import pytest
@@ -206,8 +207,17 @@ def test_cache_roundtrip(tmp_path):
         a = data.load_task("cached_toy", seed=5, cache_root=tmp_path)
         b = data.load_task("cached_toy", seed=5, cache_root=tmp_path)
         assert calls == [5]
-        assert (tmp_path / "tasks" / "cached_toy-v1-seed5.json").exists()
+        path = tmp_path / "tasks" / "cached_toy-v1-seed5.json"
         assert a.test.texts == b.test.texts
+        # A damaged or edited cache is built again, never used (nor a JSON traceback).
+        record = json.loads(path.read_text())
+        record["content"]["labels"] = [0] * 40  # relabelled by hand: valid JSON
+        path.write_text(json.dumps(record))
+        for damage in (lambda: None, lambda: path.write_bytes(path.read_bytes()[:100])):
+            damage()
+            c = data.load_task("cached_toy", seed=5, cache_root=tmp_path)
+            assert c.test.labels.tolist() == a.test.labels.tolist()
+        assert calls == [5, 5, 5]
     finally:
         data.unregister_task("cached_toy")
 

@@ -41,6 +41,7 @@ proportions preserved (for quick runs). Built examples are cached as JSON under
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -281,13 +282,30 @@ def _to_json(ex: Examples) -> dict:
     }
 
 
+def _content_digest(content: Any) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _read_cached(path: Path) -> Examples | dict | None:
+    """A task's cached examples; None (built again) when missing, damaged or edited: the
+    file carries the SHA-256 of its content."""
+    raw = store.read_json(path)
+    if not isinstance(raw, dict) or raw.get("sha256") != _content_digest(raw.get("content")):
+        return None
+    content = raw["content"]
+    try:
+        if isinstance(content, dict) and "splits" in content:
+            return {s: _coerce_examples(content["splits"][s]) for s in SPLITS}
+        return _coerce_examples(content)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _build(spec: TaskSpec, seed: int, use_cache: bool, root: Path) -> Examples | dict:
     path = root / "tasks" / f"{spec.name}-v{spec.version}-seed{seed}.json"
-    if use_cache and path.exists():
-        raw = json.loads(path.read_text())
-        if "splits" in raw:
-            return {s: _coerce_examples(raw["splits"][s]) for s in SPLITS}
-        return _coerce_examples(raw)
+    cached = _read_cached(path) if use_cache else None
+    if cached is not None:
+        return cached
     out = _call_builder(spec.builder, seed)
     if isinstance(out, Mapping) and all(s in out for s in SPLITS):
         built: Examples | dict = {s: _coerce_examples(out[s]) for s in SPLITS}
@@ -296,7 +314,8 @@ def _build(spec: TaskSpec, seed: int, use_cache: bool, root: Path) -> Examples |
         built = _coerce_examples(out)
         payload = _to_json(built)
     if use_cache:
-        store.write_atomic(path, lambda f: f.write(json.dumps(payload).encode()))
+        record = {"content": payload, "sha256": _content_digest(payload)}
+        store.write_atomic(path, lambda f: f.write(json.dumps(record).encode()))
     return built
 
 
