@@ -52,6 +52,29 @@ def test_bpe_roundtrip_and_token_arrays(fake_corpus):
     assert batch.shape == (4, 17) and batch.dtype == np.int32
 
 
+def test_caches_follow_their_inputs_and_damaged_ones_are_rebuilt(fake_corpus, tmp_path):
+    path = tmp_path / "bpe.json"
+    texts = list(DOCS.values())
+    first = lm_data.train_bpe_tokenizer(texts, vocab_size=300, path=path)
+    assert lm_data.train_bpe_tokenizer(texts, vocab_size=300, path=path).to_str() == (
+        first.to_str()
+    )
+    bigger = lm_data.train_bpe_tokenizer(texts, vocab_size=400, path=path)  # another key
+    assert bigger.get_vocab_size() > first.get_vocab_size()
+    other = lm_data.train_bpe_tokenizer(["zebra quagga " * 30] * 20, vocab_size=400, path=path)
+    assert other.encode("zebra").tokens == ["zebra"] and bigger.encode("zebra").tokens != ["zebra"]
+    path.write_text("{ damaged")
+    assert lm_data.train_bpe_tokenizer(texts, vocab_size=300, path=path).to_str() == (
+        first.to_str()
+    )
+    train, val = lm_data.lm_token_arrays(vocab_size=300, val_fraction=0.25, root=fake_corpus)
+    arrays = fake_corpus / "lm" / "tokens-300-seed0-val0.25.npz"
+    arrays.write_bytes(arrays.read_bytes()[:60])  # a truncated cache
+    again = lm_data.lm_token_arrays(vocab_size=300, val_fraction=0.25, root=fake_corpus)
+    np.testing.assert_array_equal(again[0], train)
+    np.testing.assert_array_equal(again[1], val)
+
+
 def test_missing_corpus_names_commands(tmp_path, monkeypatch):
     monkeypatch.delenv("UMTAM_PYDOC_SOURCES", raising=False)
     monkeypatch.setattr(lm_data, "_SOURCES", lm_data.Path("no/such/dir"))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from umtam_jax.experiments import store
+from umtam_jax.experiments._keys import stable_hash
 from umtam_jax.experiments.data import MissingDataError, cache_dir
 
 __all__ = [
@@ -157,7 +158,10 @@ def train_bpe_tokenizer(
         vocab_size: Vocabulary size, special token included.
         path: Where to cache the tokenizer JSON (default:
             ``<cache>/lm/bpe-<vocab>-seed<seed>-val<frac>.json`` when ``texts`` is
-            None; no caching for explicit texts unless ``path`` is given).
+            None; no caching for explicit texts unless ``path`` is given). A cached
+            tokenizer is used only if it was trained on the same texts with the same
+            vocabulary size (recorded beside it in ``<path>.key.json``); a damaged one is
+            trained again.
         root: Cache directory.
         val_fraction: Validation fraction of the default document split.
         seed: Seed of the default document split.
@@ -175,8 +179,15 @@ def train_bpe_tokenizer(
 
     if path is None and texts is None:
         path = _root(root) / "lm" / f"bpe-{vocab_size}-seed{seed}-val{val_fraction}.json"
-    if path is not None and Path(path).exists():
-        return Tokenizer.from_file(str(path))
+    key = stable_hash([vocab_size, texts if texts is not None else [seed, val_fraction]])
+    if path is not None:
+        record = store.read_json(f"{path}.key.json")
+        # A default-path file without a record predates it: its name holds its key.
+        if record == {"key": key} or (record is None and texts is None):
+            try:
+                return Tokenizer.from_file(str(path))
+            except Exception:  # noqa: BLE001 - missing or damaged: trained again
+                pass
     if texts is None:
         train_docs, _ = split_documents(lm_documents(root), val_fraction, seed)
         texts = [t for _, t in train_docs]
@@ -194,6 +205,7 @@ def train_bpe_tokenizer(
     if path is not None:
         text = tok.to_str(pretty=True)
         store.write_atomic(path, lambda f: f.write(text.encode()))
+        store.write_json(f"{path}.key.json", {"key": key})
     return tok
 
 
@@ -230,9 +242,9 @@ def lm_token_arrays(
     """
     base = _root(root) / "lm"
     path = base / f"tokens-{vocab_size}-seed{seed}-val{val_fraction}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            return z["train"].astype(np.int32), z["val"].astype(np.int32)
+    cached = store.read_npz(path)  # None: missing or damaged, built again
+    if cached is not None and {"train", "val"} <= cached.keys():
+        return cached["train"].astype(np.int32), cached["val"].astype(np.int32)
     tok = train_bpe_tokenizer(
         vocab_size=vocab_size, root=root, val_fraction=val_fraction, seed=seed
     )
