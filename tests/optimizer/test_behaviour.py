@@ -1,5 +1,6 @@
-"""UMTAM as an Optax citizen beyond the shared contract: fast SVD, statistics through Optax
-wrappers, memory modes, dtypes, bad input and a Flax model (see test_contract.py)."""
+"""UMTAM as an Optax citizen beyond the shared contract: fast SVD, memory modes, dtypes,
+extreme and empty input (see test_contract.py; statistics and Flax in test_statistics.py,
+validation of hyper-parameters and inputs in test_validation.py)."""
 
 from __future__ import annotations
 
@@ -152,41 +153,6 @@ def test_inject_hyperparams_without_static_args_explains_the_fix():
         optax.inject_hyperparams(umtam_jax.umtam)(learning_rate=0.1, rank=4).init(_params())
 
 
-def test_statistics_through_masked_and_partition():
-    params = _params()
-    masked = optax.masked(umtam_jax.umtam(0.1, **SMALL), {"dense": {"kernel": True}, "bias": False})
-    _, state, _ = _run(masked, params, steps=2, jit=False)
-    stats = umtam_jax.statistics(state)
-    assert isinstance(stats["dense"]["kernel"], umtam_jax.FactoredStatistics)
-    assert isinstance(stats["bias"], optax.MaskedNode)
-    assert umtam_jax.curvature(state)["dense"]["kernel"].shape == (16, 12)
-
-    labels = {"dense": {"kernel": "a"}, "bias": "b"}
-    both = optax.partition(
-        {"a": umtam_jax.umtam(0.1, **SMALL), "b": umtam_jax.umtam(0.2, **SMALL)}, labels
-    )
-    _, state, _ = _run(both, params, steps=2, jit=False)
-    stats = umtam_jax.statistics(state)
-    assert isinstance(stats["dense"]["kernel"], umtam_jax.FactoredStatistics)
-    assert isinstance(stats["bias"], umtam_jax.DenseStatistics)
-
-
-def test_statistics_of_a_chain_match_the_state():
-    params = _params()
-    opt = optax.chain(optax.clip_by_global_norm(1.0), umtam_jax.umtam(0.1, **SMALL))
-    _, state, _ = _run(opt, params, steps=3)
-    leaf = state[1][0].leaves["dense"]["kernel"]
-    stats = umtam_jax.statistics(state)["dense"]["kernel"]
-    np.testing.assert_array_equal(stats.row, leaf.row)
-    np.testing.assert_array_equal(umtam_jax.saliency(state)["dense"]["kernel"], leaf.saliency)
-    assert umtam_jax.statistics(stats) is stats
-
-
-def test_statistics_of_a_foreign_state_is_an_error():
-    with pytest.raises(ValueError, match="no UMTAM optimizer state"):
-        umtam_jax.statistics(optax.adam(1e-3).init(_params()))
-
-
 # ----------------------------------------------------------------------------- memory modes
 
 
@@ -302,80 +268,6 @@ def test_non_finite_gradients_are_not_absorbed_and_apply_if_finite_skips_them():
     assert bool(jnp.all(umtam_jax.saliency(state)["dense"]["kernel"] == 0))
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"rank": 0}, "rank"),
-        ({"b1": 1.0}, "b1"),
-        ({"b1": -0.1}, "b1"),
-        ({"b2": 1.5}, "b2"),
-        ({"eps": -1e-8}, "eps"),
-        ({"eps": 0.0}, "eps"),
-        ({"svd_method": "lanczos"}, "svd_method"),
-        ({"svd_every": 0}, "svd_every"),
-        ({"clip_threshold": 0.0}, "clip_threshold"),
-        ({"saliency_decay": 1.0}, "saliency_decay"),
-        ({"error_decay": 2.0}, "error_decay"),
-        ({"saliency": "never"}, "saliency"),
-        ({"adaptive_rank": True, "max_rank": 2, "rank": 4}, "max_rank"),
-        ({"oversampling": -1}, "oversampling"),
-    ],
-)
-def test_invalid_hyper_parameters_fail_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        umtam_jax.umtam(0.1, **kwargs)
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_learning_rate_or_weight_decay_fails_at_construction(value):
-    with pytest.raises(ValueError, match="learning_rate must be finite"):
-        umtam_jax.umtam(value)
-    with pytest.raises(ValueError, match="weight_decay must be finite"):
-        umtam_jax.umtam(0.1, weight_decay=value)
-    umtam_jax.umtam(optax.constant_schedule(0.1))  # schedules are not evaluated here
-
-
-def test_rank_must_be_a_python_int():
-    with pytest.raises(TypeError, match="rank"):
-        umtam_jax.umtam(0.1, rank=4.0)
-
-
-def test_update_without_params_and_mismatched_shapes_are_explained():
-    params = _params()
-    opt = umtam_jax.umtam(0.1, **SMALL)
-    state = opt.init(params)
-    with pytest.raises(ValueError, match="needs params"):
-        opt.update(_grads(params, 0), state)
-    bad = _grads(params, 0)
-    bad["bias"] = jnp.ones(5)
-    with pytest.raises(ValueError, match=r"\['bias'\]"):
-        opt.update(bad, state, params)
-
-
-def test_mismatched_params_or_state_trees_name_the_argument():
-    params = _params()
-    opt = umtam_jax.umtam(0.1, **SMALL)
-    state = opt.init(params)
-    grads = _grads(params, 0)
-    with pytest.raises(ValueError, match=r"params does not have the tree structure.*'bias'"):
-        opt.update(grads, state, {"dense": params["dense"]})
-    with pytest.raises(ValueError, match=r"optimizer state \(from init\) does not have"):
-        other = {"x": params["bias"]}
-        opt.update(other, state, other)
-    with pytest.raises(ValueError, match=r"gradients PyTreeDef\(\[\*, \*\]\)"):
-        opt.update([grads["bias"], grads["dense"]["kernel"]], state, params)
-
-
-def test_integer_leaves_are_rejected_with_their_path():
-    with pytest.raises(TypeError, match=r"\['step'\]"):
-        umtam_jax.umtam(0.1).init({"step": jnp.zeros((), jnp.int32)})
-
-
-def test_complex_leaves_are_rejected_with_their_path():
-    with pytest.raises(TypeError, match=r"\['z'\].*real floating-point"):
-        umtam_jax.umtam(0.1).init({"z": jnp.zeros((4, 4), jnp.complex64)})
-
-
 def test_empty_leaves_get_empty_updates_and_leave_the_others_unchanged():
     params = _params()
     with_empty = {**params, "empty": jnp.zeros((0, 16)), "no_cols": jnp.zeros((16, 0))}
@@ -392,39 +284,3 @@ def test_empty_leaves_get_empty_updates_and_leave_the_others_unchanged():
             chex.assert_trees_all_equal(updates[name], updates_e[name])
         params = optax.apply_updates(params, updates)
         with_empty = optax.apply_updates(with_empty, updates_e)
-
-
-# ----------------------------------------------------------------------------- Flax
-
-
-def test_trains_a_flax_nnx_model_with_nnx_optimizer():
-    from flax import nnx
-
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.hidden = nnx.Linear(8, 32, rngs=rngs)
-            self.out = nnx.Linear(32, 1, rngs=rngs)
-
-        def __call__(self, x):
-            return self.out(jax.nn.gelu(self.hidden(x)))
-
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(128, 8)), jnp.float32)
-    y = jnp.sin(x[:, :1]) + 0.5 * x[:, 1:2] ** 2
-    model = MLP(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(
-        model, umtam_jax.umtam(3e-3, rank=4, min_dim_size_to_factor=8), wrt=nnx.Param
-    )
-
-    @nnx.jit
-    def train_step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    first = float(train_step(model, optimizer))
-    for _ in range(300):
-        last = float(train_step(model, optimizer))
-    assert last < 0.2 * first
-    stats = umtam_jax.statistics(optimizer.opt_state)
-    assert isinstance(stats["hidden"]["kernel"], umtam_jax.FactoredStatistics)

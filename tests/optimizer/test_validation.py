@@ -1,0 +1,84 @@
+"""Bad hyper-parameters and inputs fail early, with an error naming what is wrong."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import umtam_jax
+from tests.optimizer.test_behaviour import SMALL, _grads, _params
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank"),
+        ({"b1": 1.0}, "b1"),
+        ({"b1": -0.1}, "b1"),
+        ({"b2": 1.5}, "b2"),
+        ({"eps": -1e-8}, "eps"),
+        ({"eps": 0.0}, "eps"),
+        ({"svd_method": "lanczos"}, "svd_method"),
+        ({"svd_every": 0}, "svd_every"),
+        ({"clip_threshold": 0.0}, "clip_threshold"),
+        ({"saliency_decay": 1.0}, "saliency_decay"),
+        ({"error_decay": 2.0}, "error_decay"),
+        ({"saliency": "never"}, "saliency"),
+        ({"adaptive_rank": True, "max_rank": 2, "rank": 4}, "max_rank"),
+        ({"oversampling": -1}, "oversampling"),
+    ],
+)
+def test_invalid_hyper_parameters_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        umtam_jax.umtam(0.1, **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_learning_rate_or_weight_decay_fails_at_construction(value):
+    with pytest.raises(ValueError, match="learning_rate must be finite"):
+        umtam_jax.umtam(value)
+    with pytest.raises(ValueError, match="weight_decay must be finite"):
+        umtam_jax.umtam(0.1, weight_decay=value)
+    umtam_jax.umtam(optax.constant_schedule(0.1))  # schedules are not evaluated here
+
+
+def test_rank_must_be_a_python_int():
+    with pytest.raises(TypeError, match="rank"):
+        umtam_jax.umtam(0.1, rank=4.0)
+
+
+def test_update_without_params_and_mismatched_shapes_are_explained():
+    params = _params()
+    opt = umtam_jax.umtam(0.1, **SMALL)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="needs params"):
+        opt.update(_grads(params, 0), state)
+    bad = _grads(params, 0)
+    bad["bias"] = jnp.ones(5)
+    with pytest.raises(ValueError, match=r"\['bias'\]"):
+        opt.update(bad, state, params)
+
+
+def test_mismatched_params_or_state_trees_name_the_argument():
+    params = _params()
+    opt = umtam_jax.umtam(0.1, **SMALL)
+    state = opt.init(params)
+    grads = _grads(params, 0)
+    with pytest.raises(ValueError, match=r"params does not have the tree structure.*'bias'"):
+        opt.update(grads, state, {"dense": params["dense"]})
+    with pytest.raises(ValueError, match=r"optimizer state \(from init\) does not have"):
+        other = {"x": params["bias"]}
+        opt.update(other, state, other)
+    with pytest.raises(ValueError, match=r"gradients PyTreeDef\(\[\*, \*\]\)"):
+        opt.update([grads["bias"], grads["dense"]["kernel"]], state, params)
+
+
+def test_integer_leaves_are_rejected_with_their_path():
+    with pytest.raises(TypeError, match=r"\['step'\]"):
+        umtam_jax.umtam(0.1).init({"step": jnp.zeros((), jnp.int32)})
+
+
+def test_complex_leaves_are_rejected_with_their_path():
+    with pytest.raises(TypeError, match=r"\['z'\].*real floating-point"):
+        umtam_jax.umtam(0.1).init({"z": jnp.zeros((4, 4), jnp.complex64)})
