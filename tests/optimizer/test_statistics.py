@@ -82,3 +82,87 @@ def test_trains_a_flax_nnx_model_with_nnx_optimizer():
     assert last < 0.2 * first
     stats = umtam_jax.statistics(optimizer.opt_state)
     assert isinstance(stats["hidden"]["kernel"], umtam_jax.FactoredStatistics)
+
+
+# ----------------------------------------------------------------------------- field names
+
+# No clipping and a tiny eps: the statistics after one step are exact sums of squares.
+EXACT = dict(rank=2, min_dim_size_to_factor=4, b2=0.9, eps=1e-30, clip_threshold=None)
+
+
+def _curvature_reference(g, b2=0.9, eps=1e-30):
+    """float64 curvature after one step from zero: Adafactor's R Cᵀ / sum(R) of a matrix,
+    the second moment of anything smaller."""
+    g = np.asarray(g, np.float64)
+    if g.ndim < 2 or min(g.shape) < 4:
+        return b2 * eps + (1 - b2) * g**2
+    row = b2 * eps + (1 - b2) * np.sum(g**2, axis=1)
+    col = b2 * eps + (1 - b2) * np.sum(g**2, axis=0)
+    return np.outer(row, col) / row.sum()
+
+
+def test_parameters_named_like_state_fields_keep_their_own_statistics():
+    # A noisy layer {mu, sigma}, a Student-t "nu" next to a kernel, a Gaussian {mu, nu}.
+    rng = np.random.default_rng(0)
+    shapes = {
+        "noisy": {"mu": (8, 6), "sigma": (8, 6)},
+        "head": {"nu": (), "w": (8, 6)},
+        "gauss": {"mu": (3,), "nu": (3,)},
+    }
+    params = jax.tree.map(lambda s: jnp.ones(s), shapes, is_leaf=lambda s: isinstance(s, tuple))
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    opt = umtam_jax.umtam(0.1, **EXACT)
+    _, state = opt.update(grads, opt.init(params), params)
+    stats = umtam_jax.statistics(state)
+    assert jax.tree.structure(stats, is_leaf=_is_stats) == jax.tree.structure(params)
+    assert isinstance(stats["noisy"]["sigma"], umtam_jax.FactoredStatistics)
+    assert isinstance(stats["head"]["nu"], umtam_jax.DenseStatistics)
+    curvature = umtam_jax.curvature(state)
+    for got, g in zip(jax.tree.leaves(curvature), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(got, _curvature_reference(g), rtol=1e-5)
+
+
+def _is_stats(x):
+    return isinstance(x, umtam_jax.FactoredStatistics | umtam_jax.DenseStatistics)
+
+
+def test_nnx_submodules_named_mu_and_sigma_keep_their_statistics(tmp_path):
+    from flax import nnx
+
+    from umtam_jax import checkpoint
+
+    class Encoder(nnx.Module):  # a VAE encoder's two heads
+        def __init__(self, rngs):
+            self.body = nnx.Linear(4, 8, rngs=rngs)
+            self.mu = nnx.Linear(8, 6, rngs=rngs)
+            self.sigma = nnx.Linear(8, 6, rngs=rngs)
+
+        def __call__(self, x):
+            h = jax.nn.relu(self.body(x))
+            return self.mu(h), jax.nn.softplus(self.sigma(h))
+
+    model = Encoder(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, umtam_jax.umtam(1e-3, **EXACT), wrt=nnx.Param)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 4)), jnp.float32)
+    grads = nnx.grad(lambda m: sum(jnp.sum(jnp.sin(y)) for y in m(x)))(model)
+    optimizer.update(model, grads)
+    stats = umtam_jax.statistics(optimizer.opt_state)
+    for head in ("body", "mu", "sigma"):
+        assert isinstance(stats[head]["kernel"], umtam_jax.FactoredStatistics), head
+        assert isinstance(stats[head]["bias"], umtam_jax.DenseStatistics), head
+    curvature = umtam_jax.curvature(optimizer.opt_state)
+    pure_grads = nnx.to_pure_dict(grads)
+    for head in ("body", "mu", "sigma"):
+        for name in ("kernel", "bias"):
+            want = _curvature_reference(pure_grads[head][name])
+            np.testing.assert_allclose(curvature[head][name], want, rtol=1e-5)
+
+    path = checkpoint.save_checkpoint(
+        str(tmp_path / "c"), nnx.state(model, nnx.Param), opt_state=optimizer.opt_state
+    )
+    restored = checkpoint.restore_statistics(path)
+    assert jax.tree.structure(restored, is_leaf=_is_stats) == jax.tree.structure(
+        stats, is_leaf=_is_stats
+    )
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -110,11 +110,41 @@ LeafState = FactoredLeafState | DenseLeafState
 LeafStatistics = FactoredStatistics | DenseStatistics
 
 
+# The fields a leaf state's mapping form always holds; the others may be dropped when None.
+_REQUIRED_FIELDS = (
+    (FactoredLeafState, frozenset({"u", "sigma", "v", "row", "col"})),
+    (DenseLeafState, frozenset({"mu", "nu"})),
+)
+
+
+def _mapping_kind(x: Any) -> type | None:
+    """The leaf-state class ``x`` is the mapping form of, or ``None``.
+
+    A ``flax.nnx.Optimizer`` holds each leaf state as an ``nnx.State`` of its non-``None``
+    fields. A mapping is taken for one only when its keys are exactly such a field set and
+    its values are arrays, never containers: a parameter sub-tree named ``mu``/``sigma``/
+    ``nu`` maps to the states of its own leaves, so it is never mistaken for one.
+    """
+    if not isinstance(x, Mapping) or any(isinstance(v, Mapping | tuple | list) for v in x.values()):
+        return None
+    keys = set(x)
+    for kind, required in _REQUIRED_FIELDS:
+        if required <= keys <= set(kind._fields):
+            return kind
+    return None
+
+
+def is_mapping_leaf_state(x: Any) -> bool:
+    """True for the mapping form of a leaf state (see :func:`as_leaf_state`)."""
+    return _mapping_kind(x) is not None
+
+
 def as_leaf_state(x: Any) -> Any:
-    """Rebuilds a leaf state from its mapping form (``flax.nnx`` State, Orbax restore)."""
-    if is_leaf_state(x) or not isinstance(x, Mapping):
+    """Rebuilds a leaf state from its mapping form (a ``flax.nnx.Optimizer`` holds each as an
+    ``nnx.State`` of its non-``None`` fields); anything else is returned unchanged."""
+    kind = None if is_leaf_state(x) else _mapping_kind(x)
+    if kind is None:
         return x
-    kind = FactoredLeafState if "sigma" in x else DenseLeafState
     return kind(**{field: x.get(field) for field in kind._fields})
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -19,6 +18,7 @@ from umtam_jax.optimizer._state import (
     as_leaf_state,
     is_leaf_state,
     is_leaf_statistics,
+    is_mapping_leaf_state,
 )
 
 
@@ -69,11 +69,7 @@ def _unwrap_variables(x: Any) -> Any:
 
 
 def _is_state_node(x: Any) -> bool:
-    return is_leaf_state(x) or _is_placeholder(x) or _is_mapping_leaf_state(x)
-
-
-def _is_mapping_leaf_state(x: Any) -> bool:
-    return isinstance(x, Mapping) and ("nu" in x or "sigma" in x)
+    return is_leaf_state(x) or _is_placeholder(x) or is_mapping_leaf_state(x)
 
 
 def _contains_statistics(x: Any) -> bool:
