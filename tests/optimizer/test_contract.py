@@ -201,6 +201,22 @@ def test_inject_hyperparams_gives_the_same_updates(name):
         assert float(state.hyperparams["learning_rate"]) == 0.1
 
 
+def test_inject_hyperparams_with_adaptive_rank_gives_the_same_updates():
+    # The rank thresholds are injected (traced) floats; only concrete ones are validated.
+    options = dict(CONFIGS["factored"], adaptive_rank=True, rank_update_every=2)
+    thresholds = dict(rank_grow_threshold=1.2, rank_shrink_threshold=0.6)
+    with jax.enable_x64(True):
+        params = _params(jnp.float64)
+        injected = optax.inject_hyperparams(
+            umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS
+        )
+        got, state, _ = _run(injected(learning_rate=0.1, **options, **thresholds), params, 4)
+        want, plain, _ = _run(umtam_jax.umtam(0.1, **options, **thresholds), params, 4)
+        chex.assert_trees_all_close(got[-1], want[-1], rtol=1e-12)
+        chex.assert_trees_all_close(state.inner_state[0].leaves, plain[0].leaves, rtol=1e-12)
+        assert float(state.hyperparams["rank_grow_threshold"]) == 1.2
+
+
 @configs
 def test_multisteps_accumulates_then_applies_one_step_on_the_mean_gradient(name):
     params = _params()
@@ -255,3 +271,4 @@ def test_state_sharding_is_stable_across_jitted_updates(name):
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new_state), strict=True):
         assert after.sharding.is_equivalent_to(before.sharding, before.ndim)
+

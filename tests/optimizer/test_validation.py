@@ -26,6 +26,8 @@ from tests.optimizer.test_behaviour import SMALL, _grads, _params
         ({"error_decay": 2.0}, "error_decay"),
         ({"saliency": "never"}, "saliency"),
         ({"adaptive_rank": True, "max_rank": 2, "rank": 4}, "max_rank"),
+        ({"adaptive_rank": True, "rank_grow_threshold": 1.0}, "rank_grow_threshold"),
+        ({"adaptive_rank": True, "rank_shrink_threshold": 1.0}, "rank_shrink_threshold"),
         ({"oversampling": -1}, "oversampling"),
     ],
 )

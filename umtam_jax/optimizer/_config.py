@@ -164,12 +164,13 @@ def validate(cfg: Config) -> None:
             isinstance(cfg.rank_update_every, int) and cfg.rank_update_every >= 1,
             f"rank_update_every must be ≥ 1, got {cfg.rank_update_every!r}",
         )
+        grow, shrink = concrete(cfg.rank_grow_threshold), concrete(cfg.rank_shrink_threshold)
         check(
-            cfg.rank_grow_threshold > 1.0,
+            grow is None or grow > 1.0,
             f"rank_grow_threshold must be > 1, got {cfg.rank_grow_threshold!r}",
         )
         check(
-            0.0 < cfg.rank_shrink_threshold < 1.0,
+            shrink is None or 0.0 < shrink < 1.0,
             f"rank_shrink_threshold must be in (0, 1), got {cfg.rank_shrink_threshold!r}",
         )
 
