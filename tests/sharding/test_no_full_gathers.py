@@ -99,3 +99,58 @@ def test_update_keeps_the_sharding_and_equals_the_unsharded_one(report, case, co
     entry = report[f"{case}/{config}/{kind}"]
     assert entry["update_spec"] == entry["param_spec"], entry
     assert entry["err"] <= 1e-5 * max(entry["scale"], 1.0), entry
+
+
+# A layer-stacked leaf sharded on its layer axis beside a matrix sharded on its rows, on a
+# 2-D Explicit mesh: their k×k Gram matrices and cores, partitioned differently, are
+# batched together (gathered, being small), never the parameters.
+_MIXED_SCRIPT = """
+    import math, re
+
+    GATHER = re.compile(r"= (.*?) all-gather(?:-start)?\\(")
+    SHAPE = re.compile(r"[a-z]+[0-9]*\\[([0-9,]*)\\]")
+    LAYOUT = {"blocks": ((2, 16, 8), P("y", "x", None)), "head": ((16, 8), P("x", None))}
+    rng = np.random.default_rng(0)
+    w = {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in LAYOUT.items()}
+    g = {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in LAYOUT.items()}
+    mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+    for config, extra in {"default": {}, "lean": {"error_decay": 0.0, "svd_every": 2}}.items():
+        opt = umtam_jax.umtam(
+            1.0, rank=2, min_dim_size_to_factor=1, row_axes=umtam_jax.scanned("blocks"), **extra
+        )
+        want, _ = jax.jit(opt.update)(g, opt.init(w), w)  # one device
+        with jax.set_mesh(mesh):
+            sharding = {k: NamedSharding(mesh, s) for k, (_, s) in LAYOUT.items()}
+            params, grads = (jax.device_put(t, sharding) for t in (w, g))
+            s0 = opt.init(params)
+            compiled = jax.jit(opt.update).lower(grads, s0, params).compile()
+            hlo = compiled.as_text()
+            got, s1 = compiled(grads, s0, params)
+        smallest = min(x.size for x in w.values())
+        report[config] = {
+            "full_gathers": [
+                r for r in GATHER.findall(hlo) for dims in SHAPE.findall(r)
+                if math.prod(int(d) for d in dims.split(",") if d) >= smallest
+            ],
+            "err": {k: float(jnp.max(jnp.abs(got[k] - want[k]))) for k in w},
+            "scale": {k: float(jnp.max(jnp.abs(want[k]))) for k in w},
+            "update_spec": {k: trim(got[k].sharding.spec) for k in w},
+            "param_spec": {k: trim(params[k].sharding.spec) for k in w},
+            "types_equal": jax.tree.map(jax.typeof, s0) == jax.tree.map(jax.typeof, s1),
+        }
+"""
+
+
+@pytest.fixture(scope="module")
+def mixed_report():
+    return run_on_devices(8, _MIXED_SCRIPT)
+
+
+@pytest.mark.parametrize("config", ["default", "lean"])
+def test_differently_sharded_stacks_update_together_like_one_device(mixed_report, config):
+    entry = mixed_report[config]
+    assert entry["full_gathers"] == [], entry
+    assert entry["update_spec"] == entry["param_spec"], entry
+    assert entry["types_equal"], entry
+    for name, err in entry["err"].items():
+        assert err <= 1e-5 * max(entry["scale"][name], 1.0), entry

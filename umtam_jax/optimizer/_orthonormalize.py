@@ -60,14 +60,30 @@ def unstack(flat: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
     out, start = [], 0
     for x in like:
         size = _batch_size(x)
-        out.append(flat[start : start + size].reshape(x.shape[:-2] + flat.shape[1:]))
+        part = flat[start : start + size].reshape(x.shape[:-2] + flat.shape[1:])
+        # Under Explicit sharding, partitioned on the stacking axes as ``x`` is (flat_stack
+        # may have gathered the stack).
+        spec = _sharding.explicit_spec(x)
+        if spec is not None:
+            batch = spec[: x.ndim - 2]
+            part = _sharding.reshard_like(part, batch + (None,) * (part.ndim - len(batch)))
+        out.append(part)
         start += size
     return out
 
 
 def flat_stack(xs: list[jax.Array]) -> jax.Array:
-    """The matrices of ``xs`` (matrices or stacks of them) as one stack, in order."""
-    return jnp.concatenate([x.reshape((-1,) + x.shape[-2:]) for x in xs])
+    """The matrices of ``xs`` (matrices or stacks of them) as one stack, in order.
+
+    Under Explicit sharding, stacks partitioned differently (a layer-stacked leaf sharded
+    on its layer axis beside a single matrix) cannot be concatenated as they are: they are
+    gathered first. The callers stack small matrices there (k×k Gram matrices and cores),
+    never an m×n one; :func:`unstack` partitions each part like its input again.
+    """
+    flats = [x.reshape((-1,) + x.shape[-2:]) for x in xs]
+    if len({_sharding.explicit_spec(x) for x in flats}) > 1:
+        flats = [_sharding.replicate(x) for x in flats]
+    return jnp.concatenate(flats)
 
 
 def _gram_eigh(ys: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
