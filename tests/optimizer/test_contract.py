@@ -272,3 +272,26 @@ def test_state_sharding_is_stable_across_jitted_updates(name):
     for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new_state), strict=True):
         assert after.sharding.is_equivalent_to(before.sharding, before.ndim)
 
+
+def test_state_shardings_of_masked_and_partitioned_umtam():
+    mesh = jax.make_mesh((1, 1), ("x", "y"))
+    specs = {"stack": P(None, "x", "y"), "kernel": P("x", "y"), "bias": P("y")}
+    params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in _params().items()}
+    inner = _opt("factored")
+    alone = umtam_jax.state_shardings(inner, {"kernel": params["kernel"]})[0]
+    mask = {"stack": False, "kernel": True, "bias": False}
+    masked = optax.masked(inner, mask)
+    got = umtam_jax.state_shardings(masked, params)
+    assert got.inner_state[0].leaves["kernel"] == alone.leaves["kernel"]
+    assert isinstance(got.inner_state[0].leaves["bias"], optax.MaskedNode)
+    labels = {"stack": "a", "kernel": "u", "bias": "a"}
+    partition = optax.partition({"u": inner, "a": optax.adam(0.1)}, labels)
+    got = umtam_jax.state_shardings(partition, params)
+    assert got.inner_states["u"].inner_state[0].leaves["kernel"] == alone.leaves["kernel"]
+    adam_mu = got.inner_states["a"].inner_state[0].mu  # follows the parameters it holds
+    assert adam_mu["bias"] == params["bias"].sharding
+    assert isinstance(adam_mu["kernel"], optax.MaskedNode)
+    for opt in (masked, partition):  # a valid out_shardings for init
+        shardings = umtam_jax.state_shardings(opt, params)
+        state = jax.jit(opt.init, out_shardings=shardings)(params)
+        chex.assert_trees_all_equal_structs(state, opt.init(params))

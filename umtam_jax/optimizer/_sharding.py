@@ -318,7 +318,9 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
     ``initial`` like the parameter, ``row``/``col`` like the matching axes; the r×r cores
     (and adaptive ranks) like the batch axes of a stack of matrices, else replicated, as
     the step counter. Parameter-shaped states of other transforms (e.g. Adam
-    moments in a chain) follow the parameters; everything else is replicated.
+    moments in a chain) follow the parameters; everything else is replicated. Where a
+    wrapper leaves a parameter out (``optax.masked``, ``optax.partition``) its state holds
+    ``optax.MaskedNode()``, and so do the shardings.
 
     Args:
       optimizer: any Optax transformation containing UMTAM (``umtam_jax.umtam(...)``,
@@ -348,8 +350,11 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
     params_def = jax.tree.structure(params)
     replicated = NamedSharding(mesh, P())
 
+    # optax.masked / optax.partition leave an optax.MaskedNode where a parameter is not theirs.
+    is_masked = lambda n: isinstance(n, optax.MaskedNode)  # noqa: E731
+
     def _is_params_like(n: Any) -> bool:
-        return bool(jax.tree.leaves(n)) and jax.tree.structure(n) == params_def
+        return bool(jax.tree.leaves(n)) and jax.tree.structure(n, is_leaf=is_masked) == params_def
 
     def is_node(n: Any) -> bool:
         return isinstance(n, ScaleByUmtamState) or _is_params_like(n)
@@ -357,15 +362,19 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
     def convert(node: Any) -> Any:
         if isinstance(node, ScaleByUmtamState):
             leaves = jax.tree.map(
-                lambda leaf, s, p: _leaf_state_shardings(leaf, s, tuple(p.shape)),
+                lambda leaf, s, p: (
+                    leaf if is_masked(leaf) else _leaf_state_shardings(leaf, s, tuple(p.shape))
+                ),
                 node.leaves,
                 shardings,
                 params,
-                is_leaf=lambda n: isinstance(n, FactoredLeafState | DenseLeafState),
+                is_leaf=lambda n: isinstance(n, FactoredLeafState | DenseLeafState) or is_masked(n),
             )
             return ScaleByUmtamState(count=replicated, leaves=leaves)
         if _is_params_like(node):
-            return shardings
+            return jax.tree.map(
+                lambda n, s: n if is_masked(n) else s, node, shardings, is_leaf=is_masked
+            )
         return replicated
 
     return jax.tree.map(convert, abstract, is_leaf=is_node)
