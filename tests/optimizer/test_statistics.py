@@ -166,3 +166,28 @@ def test_nnx_submodules_named_mu_and_sigma_keep_their_statistics(tmp_path):
     )
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(stats), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_final_saliency_takes_nnx_state_parameters():
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 6, rngs=nnx.Rngs(1)))
+    w0 = nnx.clone(nnx.state(model, nnx.Param))
+    opt = umtam_jax.umtam(1e-2, saliency="final", **EXACT)
+    optimizer = nnx.Optimizer(model, opt, wrt=nnx.Param)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 4)), jnp.float32)
+    grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(model)
+    optimizer.update(model, grads)
+    got = umtam_jax.saliency(optimizer.opt_state, nnx.state(model, nnx.Param), w0)
+    pure = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(t))  # noqa: E731
+    w, w0, g = pure(nnx.state(model, nnx.Param)), pure(w0), pure(grads)
+    for layer in w["layers"]:
+        for name in ("kernel", "bias"):
+            g2 = g["layers"][layer][name] ** 2
+            if name == "kernel":  # sqrt(R_i C_j) of the factored second moments
+                root = np.sqrt(np.outer(0.1 * g2.sum(axis=1), 0.1 * g2.sum(axis=0)))
+            else:  # sqrt(v)
+                root = np.sqrt(0.1 * g2)
+            delta = w["layers"][layer][name] - w0["layers"][layer][name]
+            want = delta**2 * root
+            np.testing.assert_allclose(got["layers"][layer][name], want, rtol=2e-5)

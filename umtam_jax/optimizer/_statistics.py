@@ -252,7 +252,8 @@ def saliency(x: Any, params: Any = None, initial_params: Any = None) -> Any:
 
     Args:
       x: an optimizer state (possibly wrapped) or a statistics pytree.
-      params: final parameters, needed only for leaves without tracked saliency.
+      params: final parameters (arrays, or a ``flax.nnx`` State), needed only for leaves
+        without tracked saliency.
       initial_params: initial parameters ``W0``, likewise.
 
     Returns:
@@ -299,4 +300,6 @@ def saliency(x: Any, params: Any = None, initial_params: Any = None) -> Any:
         delta = jnp.asarray(w, jnp.float32) - jnp.asarray(w0, jnp.float32)
         return jnp.square(delta) * _leaf_root_curvature(s)
 
+    # nnx.State parameters become nested dicts of arrays, as the state's statistics do.
+    params, initial_params = _unwrap_variables(params), _unwrap_variables(initial_params)
     return jax.tree.map(final, stats, params, initial_params, is_leaf=_is_stat_node)
