@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -84,3 +85,35 @@ def test_integer_leaves_are_rejected_with_their_path():
 def test_complex_leaves_are_rejected_with_their_path():
     with pytest.raises(TypeError, match=r"\['z'\].*real floating-point"):
         umtam_jax.umtam(0.1).init({"z": jnp.zeros((4, 4), jnp.complex64)})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("b1", None),
+        ("eps", None),
+        ("error_decay", None),
+        ("saliency_decay", [0.9]),
+        ("b2", "0.99"),
+        ("weight_decay", "x"),
+        ("clip_threshold", True),
+        ("b1", jnp.asarray([0.9])),
+    ],
+)
+def test_float_hyper_parameters_of_another_type_fail_at_construction(name, value):
+    message = (
+        f"{name} must be a real number (a Python int or float, or a NumPy / JAX scalar), "
+        f"got {value!r} ({type(value).__name__})"
+    )
+    with pytest.raises(TypeError) as error:
+        umtam_jax.umtam(0.1, **{name: value})
+    assert str(error.value) == message
+
+
+def test_float_hyper_parameters_take_numpy_and_jax_scalars():
+    opt = umtam_jax.umtam(
+        np.float32(0.1), b1=np.float64(0.9), eps=jnp.asarray(1e-8), weight_decay=np.int64(0)
+    )
+    params = {"w": jnp.ones((8, 4))}
+    updates, _ = opt.update(params, opt.init(params), params)
+    assert updates["w"].shape == (8, 4)

@@ -102,7 +102,7 @@ def umtam(
     """
     _check_learning_rate(learning_rate)
     for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
-        number = concrete(value)  # None for a schedule or a traced value
+        number = None if callable(value) else concrete(name, value)  # None: traced
         check(number is None or math.isfinite(number), f"{name} must be finite, got {value!r}")
     return optax.chain(
         scale_by_umtam(

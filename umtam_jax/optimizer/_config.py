@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from umtam_jax.optimizer._layout import RowAxesFn
 from umtam_jax.optimizer._lowrank import SVD_METHODS
@@ -74,16 +75,32 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def concrete(value: Any) -> float | None:
-    """The value of a hyper-parameter, or ``None`` when it is traced (inject_hyperparams)."""
-    try:
-        return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+def concrete(name: str, value: Any) -> float | None:
+    """The value of the real-valued hyper-parameter ``name``, or ``None`` when it is traced
+    (``optax.inject_hyperparams``).
+
+    Raises:
+      TypeError: ``value`` is neither a Python int or float nor a NumPy / JAX scalar
+        (0-d, real dtype), traced ones included.
+    """
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    is_scalar = (
+        isinstance(value, jax.Array | np.ndarray | np.generic)
+        and np.ndim(value) == 0
+        and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+    )
+    if not (is_number or is_scalar):
+        raise TypeError(
+            f"{name} must be a real number (a Python int or float, or a NumPy / JAX scalar), "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    if isinstance(value, jax.core.Tracer):
         return None
+    return float(value)
 
 
 def _check_range(name: str, value: Any, low: float, high: float, high_open: bool) -> None:
-    v = concrete(value)
+    v = concrete(name, value)
     if v is None:
         return
     ok = low <= v < high if high_open else low <= v <= high
@@ -105,8 +122,9 @@ def validate(cfg: Config) -> None:
     """Checks every option; traced (injected) float hyper-parameters are skipped.
 
     Raises:
-      TypeError: a static option is not a Python int (``group_leaves``: bool), or
-        ``buffer_dtype`` is not floating-point.
+      TypeError: a static option is not a Python int (``group_leaves``: bool), a float
+        option is not a real number (:func:`concrete`), or ``buffer_dtype`` is not
+        floating-point.
       ValueError: an option is out of its range.
     """
     for name in STATIC_HYPERPARAMS:
@@ -126,12 +144,12 @@ def validate(cfg: Config) -> None:
     for name in ("b1", "b2", "saliency_decay"):
         _check_range(name, getattr(cfg, name), 0.0, 1.0, high_open=True)
     _check_range("error_decay", cfg.error_decay, 0.0, 1.0, high_open=False)
-    eps = concrete(cfg.eps)
+    eps = concrete("eps", cfg.eps)
     check(
         eps is None or (eps > 0.0 and math.isfinite(eps)),
         f"eps must be finite and > 0, got {cfg.eps!r}",
     )
-    clip = None if cfg.clip_threshold is None else concrete(cfg.clip_threshold)
+    clip = None if cfg.clip_threshold is None else concrete("clip_threshold", cfg.clip_threshold)
     check(
         clip is None or (clip > 0.0 and math.isfinite(clip)),
         f"clip_threshold must be finite and > 0, or None, got {cfg.clip_threshold!r}",
@@ -164,7 +182,8 @@ def validate(cfg: Config) -> None:
             isinstance(cfg.rank_update_every, int) and cfg.rank_update_every >= 1,
             f"rank_update_every must be ≥ 1, got {cfg.rank_update_every!r}",
         )
-        grow, shrink = concrete(cfg.rank_grow_threshold), concrete(cfg.rank_shrink_threshold)
+        grow = concrete("rank_grow_threshold", cfg.rank_grow_threshold)
+        shrink = concrete("rank_shrink_threshold", cfg.rank_shrink_threshold)
         check(
             grow is None or grow > 1.0,
             f"rank_grow_threshold must be > 1, got {cfg.rank_grow_threshold!r}",
