@@ -117,3 +117,23 @@ def test_float_hyper_parameters_take_numpy_and_jax_scalars():
     params = {"w": jnp.ones((8, 4))}
     updates, _ = opt.update(params, opt.init(params), params)
     assert updates["w"].shape == (8, 4)
+
+
+@pytest.mark.parametrize("value", [1, 0, umtam_jax.MatrixAxes(1, 1), "scanned"])
+def test_row_axes_must_be_callable_or_none(value):
+    with pytest.raises(TypeError) as error:
+        umtam_jax.umtam(0.1, row_axes=value)
+    assert str(error.value) == (
+        "row_axes must be a callable (key_path, shape) -> int | MatrixAxes (e.g. "
+        f"umtam_jax.scanned(...)) or None, got {value!r} ({type(value).__name__})"
+    )
+    umtam_jax.umtam(0.1, row_axes=None)  # the default view
+    umtam_jax.umtam(0.1, row_axes=lambda path, shape: umtam_jax.MatrixAxes(1, 1))
+
+
+@pytest.mark.parametrize("name", ["bias_correction", "adaptive_rank"])
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_switches_must_be_true_or_false(name, value):
+    with pytest.raises(TypeError) as error:
+        umtam_jax.umtam(0.1, **{name: value})
+    assert str(error.value) == f"{name} must be True or False, got {value!r}"

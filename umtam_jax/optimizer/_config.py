@@ -122,19 +122,26 @@ def validate(cfg: Config) -> None:
     """Checks every option; traced (injected) float hyper-parameters are skipped.
 
     Raises:
-      TypeError: a static option is not a Python int (``group_leaves``: bool), a float
+      TypeError: a static option is not a Python int, ``row_axes`` is not callable,
+        ``bias_correction`` / ``adaptive_rank`` / ``group_leaves`` is not a bool, a float
         option is not a real number (:func:`concrete`), or ``buffer_dtype`` is not
         floating-point.
       ValueError: an option is out of its range.
     """
+    if not callable(cfg.row_axes):
+        raise TypeError(
+            "row_axes must be a callable (key_path, shape) -> int | MatrixAxes (e.g. "
+            f"umtam_jax.scanned(...)) or None, got {cfg.row_axes!r} "
+            f"({type(cfg.row_axes).__name__})"
+        )
+    for name in ("bias_correction", "adaptive_rank", "group_leaves"):
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     for name in STATIC_HYPERPARAMS:
-        if name in ("row_axes", "error_decay"):
+        if name in ("row_axes", "error_decay", "group_leaves"):
             continue
         value = getattr(cfg, name)
-        if name == "group_leaves":
-            if not isinstance(value, bool):
-                raise TypeError(f"group_leaves must be True or False, got {value!r}")
-            continue
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(
                 f"{name} must be a Python int (it fixes array shapes), got {value!r}; with "

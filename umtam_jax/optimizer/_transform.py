@@ -180,7 +180,7 @@ def scale_by_umtam(
         oversampling=oversampling,
         power_iterations=power_iterations,
         min_dim_size_to_factor=min_dim_size_to_factor,
-        row_axes=row_axes or default_row_axes,
+        row_axes=default_row_axes if row_axes is None else row_axes,
         bias_correction=bias_correction,
         track_saliency=saliency == "tracked",
         buffer_dtype=as_dtype(buffer_dtype),
