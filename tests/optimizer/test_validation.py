@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -137,3 +138,31 @@ def test_switches_must_be_true_or_false(name, value):
     with pytest.raises(TypeError) as error:
         umtam_jax.umtam(0.1, **{name: value})
     assert str(error.value) == f"{name} must be True or False, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    "path, old, new, row_axes",
+    [
+        ("['dense']['kernel']", (16, 12), (8, 12), None),  # factored
+        ("['bias']", (12,), (5,), None),  # dense
+        # [d_in, L, d_out] stack stored in keepdims form, one layer more
+        ("['dense']['kernel']", (8, 2, 6), (8, 3, 6), umtam_jax.scanned("dense", axis=1)),
+    ],
+)
+def test_a_state_built_for_other_shapes_names_the_leaf_and_both_shapes(path, old, new, row_axes):
+    opt = umtam_jax.umtam(0.1, row_axes=row_axes, **SMALL)
+    leaf = "bias" if path == "['bias']" else "kernel"
+    shaped = lambda shape: {  # noqa: E731
+        "dense": {"kernel": jnp.ones(shape if leaf == "kernel" else (16, 12))},
+        "bias": jnp.ones(shape if leaf == "bias" else (12,)),
+    }
+    state, params = opt.init(shaped(old)), shaped(new)
+    message = (
+        f"the optimizer state at {path} was built for a parameter of shape {old}, but the "
+        f"parameter has shape {new}: initialise the state with init(params) for these "
+        "parameters"
+    )
+    for update in (opt.update, jax.jit(opt.update)):
+        with pytest.raises(ValueError) as error:
+            update(params, state, params)
+        assert str(error.value) == message

@@ -114,6 +114,38 @@ def is_keepdims(leaf: FactoredLeafState | FactoredStatistics) -> bool:
     return np.ndim(leaf.row) == np.ndim(leaf.sigma) - 2
 
 
+def check_state_shape(path: Any, leaf: Any, shape: tuple[int, ...]) -> None:
+    """Raises ``ValueError`` unless ``leaf`` is the stored state of a parameter of ``shape``
+    (read off its arrays' static shapes: nothing is computed).
+
+    Raises:
+      ValueError: ``leaf`` is no leaf state, or one built for a parameter of another shape
+        (a state from ``init`` on other parameters, a stale checkpoint).
+    """
+    where = jax.tree_util.keystr(tuple(path)) or "the root"
+    if isinstance(leaf, DenseLeafState):
+        built = tuple(np.shape(leaf.mu))
+    elif isinstance(leaf, FactoredLeafState):
+        row, col = tuple(np.shape(leaf.row)), tuple(np.shape(leaf.col))
+        if not is_keepdims(leaf):
+            built = row + col[np.ndim(leaf.sigma) - 2 :]
+        elif len(row) == len(col):
+            built = tuple(max(r, c) for r, c in zip(row, col, strict=True))
+        else:
+            built = None
+    else:
+        raise ValueError(
+            f"the optimizer state at {where} is not an UMTAM leaf state (got "
+            f"{type(leaf).__name__}): pass the state returned by init"
+        )
+    if built != tuple(shape):
+        raise ValueError(
+            f"the optimizer state at {where} was built for a parameter of shape {built}, "
+            f"but the parameter has shape {tuple(shape)}: initialise the state with "
+            "init(params) for these parameters"
+        )
+
+
 def keepdims_axes(
     row_shape: tuple[int, ...], col_shape: tuple[int, ...]
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

@@ -19,6 +19,7 @@ import optax
 from umtam_jax.optimizer import _sharding
 from umtam_jax.optimizer._axis_order import (
     canonical_state,
+    check_state_shape,
     from_canonical,
     stored_state,
     to_canonical,
@@ -232,13 +233,14 @@ def scale_by_umtam(
         state_leaves = _flatten_like(treedef, state.leaves, "the optimizer state (from init)")
         leaf_states = [as_leaf_state(x) for x in state_leaves]
         layouts = []
-        for (path, g), w in zip(grads_with_path, param_leaves, strict=True):
+        for (path, g), w, x in zip(grads_with_path, param_leaves, leaf_states, strict=True):
             _require_float(path, g.dtype, "gradient")
             if g.shape != w.shape:
                 raise ValueError(
                     f"gradient shape {g.shape} differs from parameter shape {w.shape} at "
                     f"{jax.tree_util.keystr(path)}"
                 )
+            check_state_shape(path, x, w.shape)  # static shapes: no cost per step
             layouts.append(_leaf_layout(cfg, path, w.shape))
         # Every leaf is updated in canonical order (batch, rows, cols): see _axis_order.
         stored_states = leaf_states
