@@ -278,6 +278,6 @@ def test_console_scripts_exist():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    used = set(re.findall(r"(?<![\w-])(umtam-[a-z]+)(?![\w-])", README.read_text()))
-    used -= {"umtam-lock", "umtam-new"}  # the hidden file names of checkpoint saves
+    used = set(re.findall(r"(?<![\w.-])(umtam-[a-z]+)(?![\w-])", README.read_text()))
+    used -= {"umtam-lock", "umtam-new"}  # hidden names of checkpoint saves (.NAME.umtam-…)
     assert used <= set(scripts), used - set(scripts)
