@@ -19,6 +19,7 @@ Usage::
     python -m benchmarks.update_memory                  # 4 blocks, this backend
     python -m benchmarks.update_memory --blocks 12 --out benchmarks/results/update_memory_gpu.json
     python -m benchmarks.update_memory --train-blocks 0   # the update step only
+    python -m benchmarks.update_memory --quick --no-write  # 1 block (a smoke run)
 
 Writes ``benchmarks/results/update_memory.json`` (``--out`` to change, ``--no-write`` to
 skip) and prints a markdown table.
@@ -106,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "update_memory.json")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 block, 2 training blocks (a smoke run)"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.blocks, args.train_blocks = 1, min(args.train_blocks, 2)
 
     import umtam_jax
 

@@ -15,7 +15,7 @@ A YAML configuration of its own, or a mergekit configuration unchanged (see
       density: 0.2
       normalize: all
     output: ckpt/merged           # where the merged parameters are written
-    seed: 0                       # PRNG seed of dare / dare_ties (default 0)
+    seed: 0                       # PRNG seed of dare, dare_ties, della, della_linear (default 0)
 
 or the same through flags (which override the file)::
 
@@ -44,7 +44,7 @@ By default the merge is out of core (``umtam_jax.engine.merge_checkpoints``): sm
 groups of leaves are read from every checkpoint with Orbax's partial restore, merged and
 written to the output one array at a time, with a progress bar over the leaves, so peak
 host memory is a few leaves per checkpoint rather than K + 1 models (4 experts of 310M
-float32 parameters: 2.1 GB, 1.7 × one model, against 9.6 GB in memory; see
+float32 parameters: 2.0 GB, 1.6 × one model, against 9.5 GB in memory; see
 ``benchmarks/merge_memory.py``); ``scope: global`` takes two extra passes over the inputs
 to find the exact global threshold. The results are identical to the in-memory merge.
 ``--dry-run`` then reads only the checkpoints' metadata. ``--in-memory`` restores every
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", metavar="KEY=VALUE", help="method parameter (repeat)"
     )
     p.add_argument("--output", "-o", help="output checkpoint directory")
-    p.add_argument("--seed", type=int, help="PRNG seed for dare / dare_ties")
+    p.add_argument("--seed", type=int, help="PRNG seed of dare, dare_ties, della, della_linear")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument(
         "--dry-run", action="store_true", help="load and validate everything, write nothing"

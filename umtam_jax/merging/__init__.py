@@ -13,8 +13,10 @@ Inputs are validated first:
 Errors name the offending leaf path. With their Python options (densities, mode strings,
 flags) static, all merges are jit-compatible. Random methods take an explicit PRNG ``key``.
 
-Keep counts are exact: ``max(1, int(density · N))`` entries per tensor (``scope="tensor"``)
-or per expert (``scope="global"``), equal scores going to the lower flat index.
+Keep counts of the top-k methods (TIES and DARE-TIES's trim, UMTAM, prune, consensus TIES)
+are exact: ``max(1, int(density · N))`` entries per tensor (``scope="tensor"``) or per
+expert (``scope="global"``), equal scores going to the lower flat index; Model Breadcrumbs
+keeps ``int(density · N)``, which may be none.
 
 Methods:
   - :func:`umtam`: curvature-aware merging with the optimizer's statistics (docs/algorithm.md §4).
@@ -25,11 +27,12 @@ Methods:
   - :func:`prune`: keep the top-density entries of one expert's task vector.
   - :func:`regmean` (with :func:`input_grams`): least-squares merging of linear layers
     from their inputs' Gram matrices.
-  - mergekit's other data-free methods, with its parameter names and defaults:
-    :func:`linear`, :func:`slerp`, :func:`nuslerp`, :func:`multislerp`, :func:`karcher`,
-    :func:`model_stock`, :func:`nearswap`, :func:`arcee_fusion`, :func:`passthrough`,
-    :func:`breadcrumbs`, :func:`breadcrumbs_ties`, :func:`della`, :func:`della_linear`,
-    :func:`sce`, :func:`ram`, :func:`ramplus_tl`.
+  - mergekit's other data-free methods, with its parameter names: :func:`linear`,
+    :func:`slerp`, :func:`nuslerp`, :func:`multislerp`, :func:`karcher`,
+    :func:`model_stock`, :func:`nearswap`, :func:`arcee_fusion`, :func:`passthrough`; and
+    its sparsification methods :func:`breadcrumbs`, :func:`breadcrumbs_ties`,
+    :func:`della`, :func:`della_linear`, :func:`sce`, :func:`ram`, :func:`ramplus_tl`
+    (defaults, and where they differ from mergekit's, in docs/methods.md).
   - :func:`tsv_merge`, :func:`iso_c`, :func:`iso_cts`: SVD subspace merges (TSV, isotropic).
   - :func:`consensus`, :func:`consensus_ties` (with :func:`tall_masks`,
     :func:`apply_task_mask`) and :func:`emr_merge` (with :func:`emr_task_model`): mask-based
