@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 
 from etils import epath
 
-from umtam_jax.checkpoint import _safety
+from umtam_jax.checkpoint import _targets
 
-FORMAT_NAME = _safety._FORMAT_NAME
+FORMAT_NAME = _targets._FORMAT_NAME
 # 2: stored names escape '%', '.' and '/'; arrays have checksums (_integrity).
 FORMAT_VERSION = 2
 
@@ -41,7 +41,7 @@ METADATA = "umtam_metadata"
 _ARRAY_ITEMS = (PARAMS, STATISTICS, OPT_STATE)
 
 # Orbax's suffix for the temporary directory of an in-progress save (AtomicRenameTemporaryPath).
-_ORBAX_TMP_SUFFIX = _safety._ORBAX_TMP_SUFFIX
+_ORBAX_TMP_SUFFIX = _targets._ORBAX_TMP_SUFFIX
 
 
 class Checkpoint(NamedTuple):

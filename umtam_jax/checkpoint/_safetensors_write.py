@@ -23,7 +23,7 @@ from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint import _integrity, _safety, _targets
 from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._safetensors import (
     _DTYPE_NAMES,
@@ -127,7 +127,7 @@ def save_safetensors(
             f"refusing to write safetensors folder {folder}: it exists and was not written by "
             f"umtam_jax (it has no {MARKER_FILE}); it is never replaced, even with overwrite"
         )
-    _safety.check_target(folder, overwrite=overwrite, is_own=_is_own)
+    _targets.check_target(folder, overwrite=overwrite, is_own=_is_own)
     if jax.process_count() > 1:
         raise ValueError("save_safetensors writes from a single process only")
     leaves = names_from_tree(tree_or_abstract)

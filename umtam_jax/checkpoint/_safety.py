@@ -2,11 +2,11 @@
 
 Every save goes through :func:`publishing`, which
 
-1. refuses a target it may not write: a symbolic link, a path under a regular file, an
-   existing file or folder that is not a umtam_jax checkpoint (even with ``overwrite``),
-   an existing checkpoint without ``overwrite``. Writers of other formats pass their own
-   ``is_own`` test (e.g. the safetensors writer recognises its marker file), so only
-   their own earlier output is ever replaced;
+1. refuses a target it may not write (:func:`._targets.check_target`): a symbolic link,
+   a path under a regular file, an existing file or folder that is not a umtam_jax
+   checkpoint (even with ``overwrite``), an existing checkpoint without ``overwrite``.
+   Writers of other formats pass their own ``is_own`` test (e.g. the safetensors writer
+   recognises its marker file), so only their own earlier output is ever replaced;
 2. takes an exclusive lock on the target (a hidden ``.<name>.umtam-lock`` file beside it,
    removed when the save ends), so a second writer to the same path fails at once with
    :class:`CheckpointBusyError` instead of mixing its arrays with the first one's;
@@ -48,19 +48,21 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 
-# Names of the files that identify a umtam_jax checkpoint (see _format.py).
-_METADATA_FILE = ("umtam_metadata", "metadata")
-_FORMAT_NAME = "umtam_jax.checkpoint"
-_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+from umtam_jax.checkpoint._targets import (
+    _CONTENTS_FILE,
+    _ORBAX_TMP_SUFFIX,
+    check_target,
+    is_checkpoint,
+    is_local,
+)
 
-_CONTENTS_FILE = ".umtam-contents.json"
 _LOCK = "umtam-lock"
 _NEW = "umtam-new-"
 _OLD = "umtam-old-"
@@ -80,21 +82,6 @@ class CheckpointBusyError(OSError):
 def _step(name: str) -> None:
     if _step_hook is not None:
         _step_hook(name)
-
-
-def is_local(path: epath.Path) -> bool:
-    """Whether ``path`` is on a local (POSIX) file system."""
-    return "://" not in os.fspath(path)
-
-
-def is_checkpoint(path: epath.Path) -> bool:
-    """Whether ``path`` is a folder holding a umtam_jax checkpoint's metadata."""
-    meta = path.joinpath(*_METADATA_FILE)
-    try:
-        record = json.loads(meta.read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(record, dict) and record.get("format") == _FORMAT_NAME
 
 
 def _hidden(directory: epath.Path, kind: str, token: str = "") -> epath.Path:
@@ -137,67 +124,7 @@ def _fsync_dir(path: epath.Path) -> None:
             os.close(fd)
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def check_target(
-    directory: epath.Path,
-    *,
-    overwrite: bool,
-    is_own: Callable[[epath.Path], bool] = is_checkpoint,
-) -> None:
-    """Raises a clear error if a save may not write ``directory``.
-
-    Args:
-      directory: the path to be written.
-      overwrite: whether an existing output of ours at ``directory`` may be replaced.
-      is_own: recognises an existing folder as this writer's own output (the only kind
-        ever replaced); by default a umtam_jax checkpoint.
-
-    Raises:
-      ValueError: an empty name, a symbolic link, a file or a folder that is not a
-        umtam_jax checkpoint (whatever ``overwrite`` says).
-      NotADirectoryError: a component of the parent path is a file.
-      FileExistsError: an existing checkpoint and ``overwrite`` is False.
-    """
-    if directory.name in ("", ".", ".."):
-        raise ValueError(f"not a valid checkpoint path: {directory!s}")
-    if _ORBAX_TMP_SUFFIX in directory.name:
-        raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
-    if is_local(directory):
-        for parent in reversed(directory.parents):
-            if os.path.lexists(parent) and not os.path.isdir(parent):
-                raise NotADirectoryError(
-                    f"cannot write checkpoint {directory}: {parent} is a file, not a folder"
-                )
-        if os.path.islink(directory):
-            raise ValueError(
-                f"refusing to write checkpoint {directory}: it is a symbolic link "
-                f"(to {os.readlink(directory)}); give the real path"
-            )
-    if not directory.exists():
-        return
-    if not directory.is_dir():
-        raise ValueError(
-            f"refusing to write checkpoint {directory}: a file of that name exists and "
-            "is not a umtam_jax checkpoint (it is never replaced)"
-        )
-    if not is_own(directory):
-        raise ValueError(
-            f"refusing to write checkpoint {directory}: the folder exists and is not a "
-            "umtam_jax checkpoint (only a umtam_jax checkpoint is ever replaced)"
-        )
-    if not overwrite:
-        raise FileExistsError(
-            f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
-        )
-    added = _added_entries(directory)
-    if added:
-        shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
-        raise ValueError(
-            f"refusing to replace {directory}: it holds {shown}, which umtam_jax did not write "
-            "there (replacing the folder would delete them); move them out first"
-        )
+# ----------------------------------------------------------------------------- contents
 
 
 def _record_contents(staging: epath.Path) -> None:
@@ -212,40 +139,6 @@ def _record_contents(staging: epath.Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _added_entries(directory: epath.Path) -> list[str]:
-    """The entries of an earlier output that its save did not write, by name. A folder
-    without the record (written before it existed) answers none."""
-    try:
-        recorded = json.loads((directory / _CONTENTS_FILE).read_text())
-    except (OSError, ValueError, RecursionError):
-        return []
-    if not isinstance(recorded, list):
-        return []
-    return sorted({p.name for p in directory.iterdir()} - set(map(str, recorded)))
-
-
-def _real(path: Any) -> str:
-    return os.path.realpath(os.fspath(path))
-
-
-def check_output_not_input(output: Any, inputs: Sequence[tuple[str, Any]]) -> None:
-    """Raises ValueError if ``output`` is, contains or lies inside one of the ``inputs``.
-
-    Args:
-      output: the path to be written.
-      inputs: ``(what, path)`` pairs, e.g. ``("the base", "ckpt/base")``.
-    """
-    out = _real(output)
-    for what, path in inputs:
-        src = _real(path)
-        if out == src:
-            raise ValueError(f"the output {output} is {what} ({path})")
-        if src.startswith(out.rstrip(os.sep) + os.sep):
-            raise ValueError(f"the output {output} contains {what} ({path})")
-        if out.startswith(src.rstrip(os.sep) + os.sep):
-            raise ValueError(f"the output {output} is inside {what} ({path})")
 
 
 # ----------------------------------------------------------------------------- lock

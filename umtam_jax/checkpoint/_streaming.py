@@ -44,7 +44,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _safety, _save
+from umtam_jax.checkpoint import _integrity, _safety, _save, _targets
 
 __all__ = ["save_params_streaming"]
 
@@ -277,7 +277,7 @@ def save_params_streaming(
       Orbax checkpointing, https://orbax.readthedocs.io
     """
     directory = F._absolute(directory)
-    _safety.check_target(directory, overwrite=overwrite)
+    _targets.check_target(directory, overwrite=overwrite)
     enc = E.encode(abstract_params, F.PARAMS)
     if not enc.leaves:
         raise ValueError("abstract_params has no array leaves")

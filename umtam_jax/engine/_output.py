@@ -81,18 +81,18 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
       ...     print("refused:", str(err).split(" (")[0].replace(root, "ROOT"))
       refused: the output ROOT contains the base
     """
-    from umtam_jax.checkpoint import _safetensors, _safety
+    from umtam_jax.checkpoint import _safetensors, _targets
 
     inputs = [("the base", job.base.directory)]
     inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
     if isinstance(job.extras, list):
         inputs += [(f"the Fisher or curvature of expert {i}", s.directory)
                    for i, s in enumerate(job.extras)]  # fmt: skip
-    _safety.check_output_not_input(output, inputs)
+    _targets.check_output_not_input(output, inputs)
     if fmt == "safetensors":
-        _safety.check_target(output, overwrite=overwrite, is_own=_safetensors._is_own)
+        _targets.check_target(output, overwrite=overwrite, is_own=_safetensors._is_own)
     else:
-        _safety.check_target(output, overwrite=overwrite)
+        _targets.check_target(output, overwrite=overwrite)
 
 
 def writer(

@@ -1,0 +1,133 @@
+"""Where a save may write: the checks every writer runs before anything is written.
+
+:func:`check_target` refuses a path that is not the writer's own earlier output (a file, a
+symbolic link, a foreign folder, an output holding entries added since it was written) and
+:func:`check_output_not_input` an output that is, holds or lies in an input;
+:func:`is_checkpoint` recognises a umtam_jax checkpoint. The writing itself is
+:mod:`._safety`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from etils import epath
+
+# Names of the files that identify a umtam_jax checkpoint (see _format.py).
+_METADATA_FILE = ("umtam_metadata", "metadata")
+_FORMAT_NAME = "umtam_jax.checkpoint"
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+_CONTENTS_FILE = ".umtam-contents.json"
+
+
+def is_local(path: epath.Path) -> bool:
+    """Whether ``path`` is on a local (POSIX) file system."""
+    return "://" not in os.fspath(path)
+
+
+def is_checkpoint(path: epath.Path) -> bool:
+    """Whether ``path`` is a folder holding a umtam_jax checkpoint's metadata."""
+    meta = path.joinpath(*_METADATA_FILE)
+    try:
+        record = json.loads(meta.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and record.get("format") == _FORMAT_NAME
+
+
+def check_target(
+    directory: epath.Path,
+    *,
+    overwrite: bool,
+    is_own: Callable[[epath.Path], bool] = is_checkpoint,
+) -> None:
+    """Raises a clear error if a save may not write ``directory``.
+
+    Args:
+      directory: the path to be written.
+      overwrite: whether an existing output of ours at ``directory`` may be replaced.
+      is_own: recognises an existing folder as this writer's own output (the only kind
+        ever replaced); by default a umtam_jax checkpoint.
+
+    Raises:
+      ValueError: an empty name, a symbolic link, a file or a folder that is not a
+        umtam_jax checkpoint (whatever ``overwrite`` says).
+      NotADirectoryError: a component of the parent path is a file.
+      FileExistsError: an existing checkpoint and ``overwrite`` is False.
+    """
+    if directory.name in ("", ".", ".."):
+        raise ValueError(f"not a valid checkpoint path: {directory!s}")
+    if _ORBAX_TMP_SUFFIX in directory.name:
+        raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
+    if is_local(directory):
+        for parent in reversed(directory.parents):
+            if os.path.lexists(parent) and not os.path.isdir(parent):
+                raise NotADirectoryError(
+                    f"cannot write checkpoint {directory}: {parent} is a file, not a folder"
+                )
+        if os.path.islink(directory):
+            raise ValueError(
+                f"refusing to write checkpoint {directory}: it is a symbolic link "
+                f"(to {os.readlink(directory)}); give the real path"
+            )
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(
+            f"refusing to write checkpoint {directory}: a file of that name exists and "
+            "is not a umtam_jax checkpoint (it is never replaced)"
+        )
+    if not is_own(directory):
+        raise ValueError(
+            f"refusing to write checkpoint {directory}: the folder exists and is not a "
+            "umtam_jax checkpoint (only a umtam_jax checkpoint is ever replaced)"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
+        )
+    added = _added_entries(directory)
+    if added:
+        shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+        raise ValueError(
+            f"refusing to replace {directory}: it holds {shown}, which umtam_jax did not write "
+            "there (replacing the folder would delete them); move them out first"
+        )
+
+
+def _added_entries(directory: epath.Path) -> list[str]:
+    """The entries of an earlier output that its save did not write, by name. A folder
+    without the record (written before it existed) answers none."""
+    try:
+        recorded = json.loads((directory / _CONTENTS_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(recorded, list):
+        return []
+    return sorted({p.name for p in directory.iterdir()} - set(map(str, recorded)))
+
+
+def _real(path: Any) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def check_output_not_input(output: Any, inputs: Sequence[tuple[str, Any]]) -> None:
+    """Raises ValueError if ``output`` is, contains or lies inside one of the ``inputs``.
+
+    Args:
+      output: the path to be written.
+      inputs: ``(what, path)`` pairs, e.g. ``("the base", "ckpt/base")``.
+    """
+    out = _real(output)
+    for what, path in inputs:
+        src = _real(path)
+        if out == src:
+            raise ValueError(f"the output {output} is {what} ({path})")
+        if src.startswith(out.rstrip(os.sep) + os.sep):
+            raise ValueError(f"the output {output} contains {what} ({path})")
+        if out.startswith(src.rstrip(os.sep) + os.sep):
+            raise ValueError(f"the output {output} is inside {what} ({path})")
