@@ -235,7 +235,7 @@ def spec_arrays(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
         yield ("value",), spec["leaf"]
     elif t == "array":
         yield prefix, spec
-    elif t in ("dict", "list", "tuple", "namedtuple", "node"):
+    elif t in _CONTAINERS:
         for name, _, child, *_ in spec["children"]:
             yield from spec_arrays(child, prefix + (name,))
 

@@ -20,7 +20,6 @@ recorded nor verified.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+
+from umtam_jax.checkpoint import _safety
 
 CHECKSUMS_FILE = "umtam_checksums.json"
 ALGORITHM = "crc32"
@@ -63,14 +64,7 @@ def record(array: np.ndarray) -> dict[str, Any]:
 def write(directory: epath.Path, records: Mapping[str, Mapping[str, Any]]) -> None:
     """Writes ``{item: {key: record}}`` into ``directory`` (the unpublished staging folder)."""
     text = json.dumps({"algorithm": ALGORITHM, "items": records}, separators=(",", ":"))
-    path = directory / CHECKSUMS_FILE
-    path.write_text(text)
-    if "://" not in os.fspath(path):
-        fd = os.open(os.fspath(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _safety.write_synced(directory / CHECKSUMS_FILE, text)
 
 
 def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]] | None:

@@ -124,21 +124,26 @@ def _fsync_dir(path: epath.Path) -> None:
             os.close(fd)
 
 
+def write_synced(path: epath.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` (a file of an unpublished staging folder) and, on a
+    local disk, flushes it to the disk."""
+    path.write_text(text)
+    if is_local(path):
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 # ----------------------------------------------------------------------------- contents
 
 
 def _record_contents(staging: epath.Path) -> None:
     """Writes the names of the staged folder's entries into the folder (see
-    :func:`_added_entries`)."""
+    :func:`._targets._added_entries`)."""
     names = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
-    record = staging / _CONTENTS_FILE
-    record.write_text(json.dumps(names))
-    if is_local(record):
-        fd = os.open(os.fspath(record), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    write_synced(staging / _CONTENTS_FILE, json.dumps(names))
 
 
 # ----------------------------------------------------------------------------- lock
