@@ -17,7 +17,7 @@ import yaml
 
 from umtam_jax import merging
 from umtam_jax.cli import _mergekit
-from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
+from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, is_number, load_yaml
 from umtam_jax.merging import METHODS
 
 PROG = "umtam-merge"
@@ -61,10 +61,6 @@ class Plan:
     out_dtype: str | None = None
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
 def _methods_with(name: str) -> list[str]:
     return [m for m, method in METHODS.items() if method.param(name) is not None]
 
@@ -72,14 +68,14 @@ def _methods_with(name: str) -> list[str]:
 def _check_type(method: str, param: merging.Param, value: Any) -> None:
     name = param.name
     if param.kind in ("density", "numbers"):
-        ok = _is_number(value) or (
-            isinstance(value, list) and value and all(_is_number(v) for v in value)
+        ok = is_number(value) or (
+            isinstance(value, list) and value and all(is_number(v) for v in value)
         )
         expected = "a number or a list of numbers"
     elif param.kind == "bool":
         ok, expected = isinstance(value, bool), "true or false"
     elif param.kind == "number":
-        ok, expected = _is_number(value), "a number"
+        ok, expected = is_number(value), "a number"
     elif param.kind == "choice":
         ok, expected = value in param.choices, "one of " + ", ".join(param.choices)
     else:
@@ -104,7 +100,7 @@ def _parse_expert(entry: Any, index: int) -> Expert:
     if not isinstance(entry.get("path"), str) or not entry["path"].strip():
         raise ConfigError(f"experts[{index}] needs a 'path' (a non-empty string)")
     for key in _PER_EXPERT:
-        if key in entry and not _is_number(entry[key]):
+        if key in entry and not is_number(entry[key]):
             raise ConfigError(f"experts[{index}].{key} must be a number, got {entry[key]!r}")
     for key in ("fisher", "curvature"):
         if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):

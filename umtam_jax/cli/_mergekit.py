@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from umtam_jax.cli._yaml import ConfigError
+from umtam_jax.cli._yaml import ConfigError, is_number
 from umtam_jax.merging import METHODS
 
 # mergekit method → (registry method, default normalize, default rescale).
@@ -113,7 +113,7 @@ def _scalar(value: Any, where: str) -> Any:
 
 def _number(value: Any, where: str) -> float:
     value = _scalar(value, where)
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if not is_number(value):
         raise ConfigError(f"{where} must be a number, got {value!r}")
     return value
 

@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """An invalid configuration (reported with exit status 2)."""
 
 
+def is_number(x: Any) -> bool:
+    """Whether a configuration value is a number (an int or float; a bool is not)."""
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 MAX_CONFIG_BYTES = 2**20
 """Largest configuration file read (1 MiB)."""
 

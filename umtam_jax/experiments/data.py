@@ -41,7 +41,6 @@ proportions preserved (for quick runs). Built examples are cached as JSON under
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import os
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from umtam_jax.experiments import store
+from umtam_jax.experiments._keys import stable_hash
 from umtam_jax.experiments.metrics import (
     accuracy,
     compute_metric,
@@ -282,15 +282,12 @@ def _to_json(ex: Examples) -> dict:
     }
 
 
-def _content_digest(content: Any) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
 def _read_cached(path: Path) -> Examples | dict | None:
     """A task's cached examples; None (built again) when missing, damaged or edited: the
-    file carries the SHA-256 of its content."""
+    file carries the hash of its content (:func:`~umtam_jax.experiments._keys.stable_hash`,
+    a SHA-256 prefix)."""
     raw = store.read_json(path)
-    if not isinstance(raw, dict) or raw.get("sha256") != _content_digest(raw.get("content")):
+    if not isinstance(raw, dict) or raw.get("content_hash") != stable_hash(raw.get("content")):
         return None
     content = raw["content"]
     try:
@@ -314,7 +311,7 @@ def _build(spec: TaskSpec, seed: int, use_cache: bool, root: Path) -> Examples |
         built = _coerce_examples(out)
         payload = _to_json(built)
     if use_cache:
-        record = {"content": payload, "sha256": _content_digest(payload)}
+        record = {"content": payload, "content_hash": stable_hash(payload)}
         store.write_atomic(path, lambda f: f.write(json.dumps(record).encode()))
     return built
 
