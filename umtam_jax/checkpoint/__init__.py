@@ -21,9 +21,9 @@ Example:
 
 from umtam_jax.checkpoint._format import Checkpoint
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+from umtam_jax.checkpoint._metadata import read_metadata
 from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._restore import (
-    read_metadata,
     restore_checkpoint,
     restore_opt_state,
     restore_params,

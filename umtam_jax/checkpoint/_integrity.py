@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from umtam_jax import _json
 from umtam_jax.checkpoint import _safety
 
 CHECKSUMS_FILE = "umtam_checksums.json"
@@ -77,7 +78,7 @@ def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]
         return None
     path = directory / CHECKSUMS_FILE
     try:
-        data = json.loads(path.read_text())
+        data = _json.loads(path.read_text())
         if data.get("algorithm") != ALGORITHM:
             raise ValueError(f"unknown checksum algorithm {data.get('algorithm')!r}")
         items = data["items"]
@@ -93,7 +94,7 @@ def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: its checksum record {path} is missing"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: cannot read its checksum record {path} "
             f"({type(err).__name__}: {err})"

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _restore
+from umtam_jax.checkpoint import _integrity, _metadata
 
 __all__ = ["CheckpointReader"]
 
@@ -53,8 +53,8 @@ class CheckpointReader:
     """
 
     def __init__(self, directory: str | epath.PathLike, *, verify: bool = True):
-        self.directory = _restore._check_directory(directory)
-        self._meta = _restore._read_full_metadata(self.directory)
+        self.directory = _metadata.check_directory(directory)
+        self._meta = _metadata.read_full_metadata(self.directory)
         self._handler = ocp.PyTreeCheckpointHandler()
         self._records = (
             _integrity.read(self.directory, self._meta.get("format_version", 1)) if verify else None
@@ -185,7 +185,7 @@ class CheckpointReader:
             raise ValueError(
                 f"cannot restore {len(paths)} array(s) of item {item!r} of checkpoint "
                 f"{self.directory}: the checkpoint is corrupt or incompatible "
-                f"({_restore._short(e)})"
+                f"({_metadata.short_error(e)})"
             ) from None
         arrays = [np.asarray(E.nested_get(restored, tuple(path))) for path in paths]
         for path, array in zip(paths, arrays, strict=True):

@@ -1,11 +1,10 @@
 """Restoring the items of a checkpoint written by :mod:`umtam_jax.checkpoint._save`.
 
-Each public function checks the directory (recovering a save killed mid-swap), reads the
-metadata item, then restores the requested array items in one Orbax read: arrays come back
-in their saved dtypes, are checked against the recorded checksums and are then cast and
-placed as the optional target asks (its tree structure, dtypes and shardings), or as the
-saved structure on the first local device. Orbax failures become short
-:class:`CheckpointCorruptError` messages that name the checkpoint and item.
+Each public function opens the checkpoint with :mod:`~umtam_jax.checkpoint._metadata`
+(its directory and metadata item), then restores the requested array items in one Orbax
+read: arrays come back in their saved dtypes, are checked against the recorded checksums
+and are then cast and placed as the optional target asks (its tree structure, dtypes and
+shardings), or as the saved structure on the first local device.
 """
 
 from __future__ import annotations
@@ -19,127 +18,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint import _integrity, _metadata
 from umtam_jax.checkpoint._format import (
-    _ORBAX_TMP_SUFFIX,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    METADATA,
     OPT_STATE,
     PARAMS,
     STATISTICS,
     Checkpoint,
-    _absolute,
 )
-
-
-def _check_directory(directory: str | epath.PathLike) -> epath.Path:
-    directory = _absolute(directory)
-    if not directory.exists():
-        _safety.recover(directory)  # a save killed in the middle of its swap
-    if not directory.exists():
-        raise FileNotFoundError(f"no checkpoint at {directory}: the directory does not exist")
-    if not directory.is_dir():
-        raise ValueError(f"not a checkpoint directory: {directory} is a file")
-    if _ORBAX_TMP_SUFFIX in directory.name:
-        raise ValueError(f"incomplete checkpoint (an unfinished Orbax save): {directory}")
-    return directory
-
-
-def _short(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
-    text = text.split(" See full TensorStore details")[0]
-    if len(text) > 400:
-        text = text[:400] + "..."
-    return f"{type(err).__name__}: {text}"
-
-
-def _restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any]:
-    """Restores the given items; any Orbax failure becomes a short ValueError."""
-    for name in args:
-        if not (directory / name).exists():
-            raise FileNotFoundError(
-                f"checkpoint {directory} is missing its item {name!r} ({directory / name} "
-                "does not exist): the checkpoint is incomplete or corrupt"
-            )
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(directory, args=ocp.args.Composite(**args))
-    except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
-        names = ", ".join(repr(n) for n in args)
-        raise _integrity.CheckpointCorruptError(
-            f"cannot restore item(s) {names} of checkpoint {directory}: the checkpoint is "
-            f"corrupt or incompatible ({_short(e)})"
-        ) from None
-    return {name: restored[name] for name in args}
-
-
-def read_metadata(directory: str | epath.PathLike) -> dict[str, Any]:
-    """Reads the metadata of a checkpoint written by :func:`save_checkpoint`.
-
-    Args:
-      directory: the checkpoint directory.
-
-    Returns:
-      The metadata dictionary described in :class:`Checkpoint` (without the internal
-      structure records).
-
-    Raises:
-      FileNotFoundError: if there is no checkpoint or no metadata item at ``directory``.
-      ValueError: if the metadata is corrupt or from an unknown format.
-
-    Example:
-      >>> import tempfile, numpy as np
-      >>> from umtam_jax.checkpoint import save_checkpoint
-      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))},
-      ...                        metadata={"task": "demo"})
-      >>> read_metadata(path)["user"]
-      {'task': 'demo'}
-
-    References:
-      Orbax checkpointing, https://orbax.readthedocs.io
-    """
-    meta = _read_full_metadata(_check_directory(directory))
-    return {k: v for k, v in meta.items() if k != "structures"}
-
-
-def _read_full_metadata(directory: epath.Path) -> dict[str, Any]:
-    if not (directory / METADATA).exists():
-        raise FileNotFoundError(
-            f"{directory} is not a umtam_jax checkpoint or is incomplete: its item "
-            f"{METADATA!r} ({directory / METADATA}) does not exist"
-        )
-    meta = _restore_items(directory, {METADATA: ocp.args.JsonRestore()})[METADATA]
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{directory / METADATA} is not umtam_jax checkpoint metadata")
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int):
-        raise _integrity.CheckpointCorruptError(
-            f"checkpoint {directory} has damaged metadata ({directory / METADATA}): "
-            f"format_version {version!r}"
-        )
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"checkpoint {directory} has format version {meta['format_version']}, newer than "
-            f"this library's {FORMAT_VERSION}: upgrade umtam_jax"
-        )
-    items, structures = meta.get("items"), meta.get("structures")
-    try:
-        if not (isinstance(items, list) and isinstance(structures, dict)):
-            raise ValueError("no list of items with their structures")
-        for item in items:
-            if item not in structures:
-                raise ValueError(f"item {item!r} has no structure")
-            try:
-                E.check_spec(structures[item])
-            except ValueError as err:
-                raise ValueError(f"item {item!r}: {err}") from None
-    except ValueError as err:
-        raise _integrity.CheckpointCorruptError(
-            f"checkpoint {directory} has damaged metadata ({directory / METADATA}): {err}"
-        ) from None
-    return meta
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -227,7 +112,7 @@ def _restore_array_items(
             E.nested_set(abstract, path, _restore_leaf(leaf, wanted[item][path][1]))
         if item in meta.get("items", []):
             args[item] = ocp.args.StandardRestore(abstract)
-    restored = _restore_items(directory, args) if args else {}
+    restored = _metadata.restore_items(directory, args) if args else {}
     out = {}
     for item in items:
         arrays = restored.get(item, {})
@@ -285,8 +170,8 @@ def restore_params(
     References:
       Orbax checkpointing, https://orbax.readthedocs.io
     """
-    directory = _check_directory(directory)
-    meta = _read_full_metadata(directory)
+    directory = _metadata.check_directory(directory)
+    meta = _metadata.read_full_metadata(directory)
     return _restore_array_items(directory, meta, [PARAMS], {PARAMS: target}, verify=verify)[PARAMS]
 
 
@@ -326,8 +211,8 @@ def restore_statistics(
     References:
       Orbax checkpointing, https://orbax.readthedocs.io
     """
-    directory = _check_directory(directory)
-    meta = _read_full_metadata(directory)
+    directory = _metadata.check_directory(directory)
+    meta = _metadata.read_full_metadata(directory)
     items = _restore_array_items(directory, meta, [STATISTICS], {STATISTICS: target}, verify=verify)
     return items[STATISTICS]
 
@@ -370,8 +255,8 @@ def restore_opt_state(directory: str | epath.PathLike, target: Any, *, verify: b
     """
     if target is None:
         raise TypeError("restore_opt_state needs a target, e.g. jax.eval_shape(opt.init, params)")
-    directory = _check_directory(directory)
-    meta = _read_full_metadata(directory)
+    directory = _metadata.check_directory(directory)
+    meta = _metadata.read_full_metadata(directory)
     items = _restore_array_items(directory, meta, [OPT_STATE], {OPT_STATE: target}, verify=verify)
     return items[OPT_STATE]
 
@@ -417,8 +302,8 @@ def restore_checkpoint(
     References:
       Orbax checkpointing, https://orbax.readthedocs.io
     """
-    directory = _check_directory(directory)
-    meta = _read_full_metadata(directory)
+    directory = _metadata.check_directory(directory)
+    meta = _metadata.read_full_metadata(directory)
     structures = meta.get("structures", {})
     items = [PARAMS]
     if STATISTICS in structures:

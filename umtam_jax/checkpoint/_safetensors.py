@@ -38,7 +38,6 @@ References:
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -49,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from umtam_jax import _json
 from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _safety
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
@@ -162,8 +162,8 @@ def names_from_tree(tree: Any) -> dict[str, Any]:
 def _is_own(path: epath.Path) -> bool:
     """Whether ``path`` is a folder written by :func:`save_safetensors` (its marker file)."""
     try:
-        return json.loads((path / MARKER_FILE).read_text()) == MARKER
-    except (OSError, ValueError, RecursionError):
+        return _json.loads((path / MARKER_FILE).read_text()) == MARKER
+    except (OSError, ValueError):
         return False
 
 
@@ -188,7 +188,7 @@ def _parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
             (length,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (-1,)
             if not 0 < length <= min(size - 8, _MAX_HEADER):
                 raise ValueError(f"its header length {length} does not fit its {size} bytes")
-            header = json.loads(f.read(length).decode("utf-8"))
+            header = _json.loads(f.read(length).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
@@ -216,7 +216,7 @@ def _parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
             raise ValueError(f"it is truncated: {last!r} ends at {data + cursor}, file {size} B")
         if data + cursor < size:
             raise ValueError(f"it has {size - data - cursor} stray bytes after its tensors")
-    except (OSError, ValueError, RecursionError) as err:
+    except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
     return {n: (d, s, data + b, data + e) for b, e, n, d, s in entries}, meta
 
@@ -302,18 +302,18 @@ class SafetensorsReader:
             error = ValueError if note else FileNotFoundError
             raise error(f"no {MODEL_FILE} or {INDEX_FILE} in {folder}{note}")
         try:
-            shard_of = json.loads(index.read_text())["weight_map"]
+            shard_of = _json.loads(index.read_text())["weight_map"]
             if not shard_of or any(os.path.basename(v) != v for v in shard_of.values()):
                 raise ValueError("its weight_map is empty or names a shard outside the folder")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index} is not a valid safetensors index: {err}") from None
         return shard_of
 
     @staticmethod
     def _checksums(file: str, record: str, tensors: Mapping[str, Any]) -> dict[str, int]:
         try:
-            crcs = {n: int(v, 16) for n, v in json.loads(record).items()}
-        except (ValueError, TypeError, AttributeError, RecursionError):
+            crcs = {n: int(v, 16) for n, v in _json.loads(record).items()}
+        except (ValueError, TypeError, AttributeError):
             crcs = {}
         if crcs.keys() != tensors.keys():
             raise CheckpointCorruptError(f"{file} is corrupt: its {CRC_KEY} record is damaged")

@@ -90,7 +90,7 @@ def _user_metadata(metadata: Mapping[str, Any] | None) -> Any:
         return None
     try:
         return json.loads(json.dumps(dict(metadata)))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # too deep: RecursionError
         raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
 
 

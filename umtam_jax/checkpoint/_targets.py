@@ -9,12 +9,13 @@ symbolic link, a foreign folder, an output holding entries added since it was wr
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from etils import epath
+
+from umtam_jax import _json
 
 # Names of the files that identify a umtam_jax checkpoint (see _format.py).
 _METADATA_FILE = ("umtam_metadata", "metadata")
@@ -33,8 +34,8 @@ def is_checkpoint(path: epath.Path) -> bool:
     """Whether ``path`` is a folder holding a umtam_jax checkpoint's metadata."""
     meta = path.joinpath(*_METADATA_FILE)
     try:
-        record = json.loads(meta.read_text())
-    except (OSError, ValueError, RecursionError):
+        record = _json.loads(meta.read_text())
+    except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("format") == _FORMAT_NAME
 
@@ -103,8 +104,8 @@ def _added_entries(directory: epath.Path) -> list[str]:
     """The entries of an earlier output that its save did not write, by name. A folder
     without the record (written before it existed) answers none."""
     try:
-        recorded = json.loads((directory / _CONTENTS_FILE).read_text())
-    except (OSError, ValueError, RecursionError):
+        recorded = _json.loads((directory / _CONTENTS_FILE).read_text())
+    except (OSError, ValueError):
         return []
     if not isinstance(recorded, list):
         return []

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from umtam_jax import _json
+
 __all__ = ["jsonable", "read_json", "read_npz", "write_json", "write_npz"]
 
 
@@ -113,8 +115,8 @@ def read_json(path: str | Path) -> Any:
         True
     """
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return _json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):  # undecodable, bad UTF-8 or too deep
         return None
 
 
@@ -142,10 +144,10 @@ def read_record(path: str | Path) -> Any:
         ValueError: .../results.json is damaged (...): ...
     """
     try:
-        return json.loads(Path(path).read_text())
+        return _json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # undecodable, bad UTF-8 or too deep
         raise ValueError(
             f"{path} is damaged ({err}): it is a record of earlier runs, never rebuilt "
             "silently; restore it, or start in another work directory"

@@ -353,6 +353,7 @@ def _dare_rescale(opts: Any) -> int:
 
 _KEY = Param("key", "key", "JAX PRNG key of the random drop (the CLI derives it from 'seed')")
 _RESCALE = Param("rescale", "bool", "rescale kept entries by 1 / density")
+_NORMALIZE = Param("normalize", "bool", "divide by the summed weights of agreeing experts")
 _L1_RESCALE = Param("l1_rescale", "bool", "rescale to the unmasked L1 norm (mergekit >= 0.1)")
 
 TASK_ARITHMETIC = R.register(
@@ -397,7 +398,7 @@ DARE_TIES = R.register(
             WEIGHTS,
             _RESCALE,
             _L1_RESCALE,
-            Param("normalize", "bool", "divide by the summed weights of agreeing experts"),
+            _NORMALIZE,
         ),
         _gta_kernel(_dare_rescale, True, lambda opts: opts["normalize"]),
         sparsify="bernoulli",

@@ -280,3 +280,17 @@ def merge(method: str | Method, base: Any, experts: Any, extra: Any = None, **kw
         scores = leaf_importances(call, j)
         out.append(leaf_combine(call, j, leaf_masks(call, j, scores), scores))
     return V.rebuild(call.prepared, out)
+
+
+def merge_arguments(method: Method, arguments: Mapping[str, Any]) -> Any:
+    """:func:`merge` with a method's public function's arguments (its ``locals()``).
+
+    Args:
+      method: the method.
+      arguments: ``base``, ``experts`` and the method's parameters by name.
+
+    Returns:
+      The merged parameters.
+    """
+    kwargs = dict(arguments)
+    return merge(method, kwargs.pop("base"), kwargs.pop("experts"), None, **kwargs)

@@ -24,9 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax.merging import _pipeline as pipeline
+from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _compute_dtype
 from umtam_jax.merging._registry import SCALING, Param
-from umtam_jax.merging._sparsification import _register, _run, _top
+from umtam_jax.merging._select import _topk_mask as topk
 
 # --------------------------------------------------------------------------- SCE
 
@@ -73,7 +75,7 @@ def sce(
       Wan et al., "FuseChat: Knowledge Fusion of Chat Models" (SCE), arXiv:2408.07990;
       mergekit ``sce``.
     """
-    return _run(SCE, locals())
+    return pipeline.merge_arguments(SCE, locals())
 
 
 @jax.jit
@@ -84,7 +86,7 @@ def _sce_leaf(base, ws, select_topk, scaling):
     var = jnp.var(tv, axis=0)
     nonzero = jnp.count_nonzero(var).astype(jnp.float32)
     k = jnp.floor(nonzero * jnp.asarray(select_topk, jnp.float32)).astype(jnp.int32)
-    tv = jnp.where(jnp.where(select_topk < 1, _top(var, k), True), tv, 0)
+    tv = jnp.where(jnp.where(select_topk < 1, topk(var, k), True), tv, 0)
     erase = jnp.sign(tv) == jnp.where(jnp.sum(tv, axis=0) >= 0, 1, -1)
     c = jnp.mean(tv.reshape(len(ws), -1) ** 2, axis=1)
     small = jnp.abs(jnp.sum(c)) < 1e-6
@@ -127,7 +129,7 @@ def ram(base: Any, experts: Sequence[Any], *, epsilon: float = 1e-5, scaling: fl
     References:
       "Reinforced Agent Merging" (RAM), arXiv:2601.13572; mergekit ``ram``.
     """
-    return _run(RAM, locals())
+    return pipeline.merge_arguments(RAM, locals())
 
 
 def ramplus_tl(
@@ -171,7 +173,7 @@ def ramplus_tl(
     References:
       "Reinforced Agent Merging" (RAM+), arXiv:2601.13572; mergekit ``ramplus_tl``.
     """
-    return _run(RAMPLUS_TL, locals())
+    return pipeline.merge_arguments(RAMPLUS_TL, locals())
 
 
 @jax.jit
@@ -194,19 +196,19 @@ def _ram_leaf(base, ws, epsilon, r, alpha, plus, scaling):
 
 _RAM_EPSILON = Param("epsilon", "number", "magnitude a change must exceed to count", low=0.0)
 
-SCE = _register(
+SCE = R.register(R.Method(
     "sce", sce, "keep top-variance entries, weight experts by mean Δ², erase minority signs",
     (Param("select_topk", "number", "fraction kept by variance", low=0.0, high=1.0), SCALING),
     lambda opts, b, ws, *_: _sce_leaf(b, ws, opts["select_topk"], opts["scaling"]),
-)  # fmt: skip
-RAM = _register(
+))  # fmt: skip
+RAM = R.register(R.Method(
     "ram", ram, "entries one expert changes kept, entries several change averaged",
     (_RAM_EPSILON, SCALING),
     lambda opts, b, ws, *_: _ram_leaf(b, ws, opts["epsilon"], 0.0, 0.0, False, opts["scaling"]),
-)  # fmt: skip
-RAMPLUS_TL = _register(
+))  # fmt: skip
+RAMPLUS_TL = R.register(R.Method(
     "ramplus_tl", ramplus_tl, "RAM, each expert's unique entries scaled up by its overlap",
     (Param("r", "number", "gain on unique entries"),
      Param("alpha", "number", "cap on the overlap ratio"), _RAM_EPSILON, SCALING),
     lambda o, b, ws, *_: _ram_leaf(b, ws, o["epsilon"], o["r"], o["alpha"], True, o["scaling"]),
-)  # fmt: skip
+))  # fmt: skip

@@ -53,7 +53,7 @@ DIGIT_BITS = 16
 """Bits resolved per histogram pass of the radix select (2 passes for float32)."""
 
 
-def _kth_largest_key(keys: jax.Array, k: int, utype: Any, nbits: int):
+def _kth_largest_key(keys: jax.Array, k: Any, utype: Any, nbits: int):
     """The k-th largest of ``keys`` (unsigned), by most-significant-digit radix select.
 
     Each pass histograms one ``DIGIT_BITS``-bit digit of the keys that share the digits
@@ -82,19 +82,30 @@ def _kth_largest_key(keys: jax.Array, k: int, utype: Any, nbits: int):
     return prefix, rank, hist[chosen]
 
 
-def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
+def _topk_mask(scores: jax.Array, k: Any) -> jax.Array:
+    """The mask of :func:`topk_mask`; ``k`` a Python int or a traced integer.
+
+    A traced ``k`` (one compilation for every count) is clipped to ``[0, N]``; ``k <= 0``
+    keeps nothing.
+    """
     flat = scores.reshape(-1)
     n = flat.shape[0]
-    if k >= n:
+    static = isinstance(k, int)
+    if static and k >= n:
         return jnp.ones(scores.shape, bool)
+    if static and k <= 0:
+        return jnp.zeros(scores.shape, bool)
+    rank = k if static else jnp.clip(k, 0, n)
     keys, utype, nbits = _sortable_keys(flat)
-    t, need, ties = _kth_largest_key(keys, k, utype, nbits)
+    t, need, ties = _kth_largest_key(keys, rank, utype, nbits)
 
     def first_ties():  # more keys equal t than fit: the first ``need`` in flat order
         equal = keys == t
         return (keys > t) | (equal & (jnp.cumsum(equal, dtype=jnp.int32) <= need))
 
     mask = jax.lax.cond(need == ties, lambda: keys >= t, first_ties)
+    if not static:
+        mask = mask & (rank > 0)
     return mask.reshape(scores.shape)
 
 
@@ -102,7 +113,8 @@ def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
 def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     """Boolean mask (shape of ``scores``) with exactly ``k`` True at the largest scores.
 
-    Ties are broken towards the lower flat index; NaN scores count as the largest.
+    Ties are broken towards the lower flat index; NaN scores count as the largest. Inside
+    a traced function, ``_topk_mask`` takes a traced ``k`` as well.
     """
     return _topk_mask(scores, k)
 

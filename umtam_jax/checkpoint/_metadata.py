@@ -1,0 +1,134 @@
+"""Opening a checkpoint for reading: its directory, its metadata item, its Orbax items.
+
+Every reader (:mod:`~umtam_jax.checkpoint._restore` and the partial
+:class:`~umtam_jax.checkpoint._partial_restore.CheckpointReader`) starts here: the directory
+is checked (a save killed mid-swap is recovered first), the metadata is read and checked
+against the format, and Orbax failures become short :class:`CheckpointCorruptError`
+messages naming the checkpoint and item.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from umtam_jax.checkpoint import _encoding as E
+from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint._format import (
+    _ORBAX_TMP_SUFFIX,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METADATA,
+    _absolute,
+)
+
+
+def check_directory(directory: str | epath.PathLike) -> epath.Path:
+    directory = _absolute(directory)
+    if not directory.exists():
+        _safety.recover(directory)  # a save killed in the middle of its swap
+    if not directory.exists():
+        raise FileNotFoundError(f"no checkpoint at {directory}: the directory does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"not a checkpoint directory: {directory} is a file")
+    if _ORBAX_TMP_SUFFIX in directory.name:
+        raise ValueError(f"incomplete checkpoint (an unfinished Orbax save): {directory}")
+    return directory
+
+
+def short_error(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    text = text.split(" See full TensorStore details")[0]
+    if len(text) > 400:
+        text = text[:400] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any]:
+    """Restores the given items; any Orbax failure becomes a short ValueError."""
+    for name in args:
+        if not (directory / name).exists():
+            raise FileNotFoundError(
+                f"checkpoint {directory} is missing its item {name!r} ({directory / name} "
+                "does not exist): the checkpoint is incomplete or corrupt"
+            )
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(directory, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
+        names = ", ".join(repr(n) for n in args)
+        raise _integrity.CheckpointCorruptError(
+            f"cannot restore item(s) {names} of checkpoint {directory}: the checkpoint is "
+            f"corrupt or incompatible ({short_error(e)})"
+        ) from None
+    return {name: restored[name] for name in args}
+
+
+def read_metadata(directory: str | epath.PathLike) -> dict[str, Any]:
+    """Reads the metadata of a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+      directory: the checkpoint directory.
+
+    Returns:
+      The metadata dictionary described in :class:`Checkpoint` (without the internal
+      structure records).
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint or no metadata item at ``directory``.
+      ValueError: if the metadata is corrupt or from an unknown format.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))},
+      ...                        metadata={"task": "demo"})
+      >>> read_metadata(path)["user"]
+      {'task': 'demo'}
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io
+    """
+    meta = read_full_metadata(check_directory(directory))
+    return {k: v for k, v in meta.items() if k != "structures"}
+
+
+def read_full_metadata(directory: epath.Path) -> dict[str, Any]:
+    if not (directory / METADATA).exists():
+        raise FileNotFoundError(
+            f"{directory} is not a umtam_jax checkpoint or is incomplete: its item "
+            f"{METADATA!r} ({directory / METADATA}) does not exist"
+        )
+    meta = restore_items(directory, {METADATA: ocp.args.JsonRestore()})[METADATA]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{directory / METADATA} is not umtam_jax checkpoint metadata")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int):
+        raise _integrity.CheckpointCorruptError(
+            f"checkpoint {directory} has damaged metadata ({directory / METADATA}): "
+            f"format_version {version!r}"
+        )
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {directory} has format version {meta['format_version']}, newer than "
+            f"this library's {FORMAT_VERSION}: upgrade umtam_jax"
+        )
+    items, structures = meta.get("items"), meta.get("structures")
+    try:
+        if not (isinstance(items, list) and isinstance(structures, dict)):
+            raise ValueError("no list of items with their structures")
+        for item in items:
+            if item not in structures:
+                raise ValueError(f"item {item!r} has no structure")
+            try:
+                E.check_spec(structures[item])
+            except ValueError as err:
+                raise ValueError(f"item {item!r}: {err}") from None
+    except ValueError as err:
+        raise _integrity.CheckpointCorruptError(
+            f"checkpoint {directory} has damaged metadata ({directory / METADATA}): {err}"
+        ) from None
+    return meta
