@@ -120,6 +120,27 @@ def test_subspace_svd_with_a_good_warm_start_matches_exact_truncation():
     np.testing.assert_allclose(fast.v.T @ fast.v, np.eye(8), atol=1e-5)
 
 
+def test_oversampling_draws_never_reuse_the_keys_of_the_initial_bases():
+    """``split(k)[1]`` equals ``fold_in(k, 1)``: step 1's oversampling columns, drawn with
+    ``fold_in(leaf key, t)``, were V0 itself (a rank-deficient sketch). The update's stream
+    is now a key of its own."""
+    from umtam_jax.optimizer._transform import _update_stream
+
+    base = jax.random.key(0)
+    data = jax.random.key_data
+    for index in range(3):
+        leaf_key = jax.random.fold_in(base, index)
+        init_keys = [np.asarray(data(k)) for k in jax.random.split(leaf_key)]
+        for t in range(1, 4):
+            drawn = np.asarray(data(jax.random.fold_in(_update_stream(base, index), t)))
+            assert not any(np.array_equal(drawn, k) for k in init_keys), (index, t)
+    # The collision the stream avoids, so this test keeps meaning what it says.
+    leaf_key = jax.random.fold_in(base, 0)
+    assert np.array_equal(
+        data(jax.random.split(leaf_key)[1]), data(jax.random.fold_in(leaf_key, 1))
+    )
+
+
 # ----------------------------------------------------------------------------- Optax citizenship
 
 
@@ -199,6 +220,27 @@ def test_float64_params_in_x64_mode():
         updates, state, _ = _run(umtam_jax.umtam(0.1, **SMALL), params, steps=2)
         assert all(u.dtype == jnp.float64 for u in jax.tree.leaves(updates[-1]))
         assert state[0].leaves["dense"]["kernel"].sigma.dtype == jnp.float64
+
+
+def test_final_saliency_of_float64_params_is_computed_in_float64():
+    """``saliency(state, params, initial)`` with ``saliency="final"``: (W − W0)² √(R_i C_j)
+    in the parameters' precision; a float32 W − W0 of 1 + 1e-9 and 1 would be 0."""
+    with jax.enable_x64(True):
+        initial = jax.tree.map(lambda p: p.astype(jnp.float64) + 1.0, _params())
+        params = jax.tree.map(lambda p: p + 1e-9, initial)
+        opt = umtam_jax.umtam(0.1, saliency="final", **SMALL)
+        _, state = opt.update(_grads(initial, 0), opt.init(initial), initial)
+        got = umtam_jax.saliency(state, params, initial)
+        stats = umtam_jax.statistics(state)
+    kernel = stats["dense"]["kernel"]
+    root = np.sqrt(np.outer(np.asarray(kernel.row), np.asarray(kernel.col)))
+    deviation = np.asarray(params["dense"]["kernel"]) - np.asarray(initial["dense"]["kernel"])
+    assert np.all(np.abs(deviation) > 5e-10)
+    np.testing.assert_allclose(got["dense"]["kernel"], deviation**2 * root, rtol=1e-9)
+    want_bias = (np.asarray(params["bias"]) - np.asarray(initial["bias"])) ** 2 * np.sqrt(
+        np.asarray(stats["bias"].nu)
+    )
+    np.testing.assert_allclose(got["bias"], want_bias, rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from umtam_jax.optimizer._axis_order import canonical_statistics, from_canonical
+from umtam_jax.optimizer._config import compute_dtype
 from umtam_jax.optimizer._state import (
     DenseLeafState,
     DenseStatistics,
@@ -297,7 +298,9 @@ def saliency(x: Any, params: Any = None, initial_params: Any = None) -> Any:
             return s
         if s.saliency is not None:
             return s.saliency
-        delta = jnp.asarray(w, jnp.float32) - jnp.asarray(w0, jnp.float32)
+        w, w0 = jnp.asarray(w), jnp.asarray(w0)
+        dtype = compute_dtype(jnp.result_type(w, w0))  # as tracked: at least float32
+        delta = w.astype(dtype) - w0.astype(dtype)
         return jnp.square(delta) * _leaf_root_curvature(s)
 
     # nnx.State parameters become nested dicts of arrays, as the state's statistics do.

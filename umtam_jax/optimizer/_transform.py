@@ -56,6 +56,17 @@ def _leaf_layout(cfg: Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> 
     return layout(cfg.row_axes, cfg.min_dim_size_to_factor, max_rank, path, shape)
 
 
+def _update_stream(base_key: jax.Array, index: int) -> jax.Array:
+    """The key of leaf ``index``'s oversampling draws, folded with t at each step.
+
+    ``init`` splits ``fold_in(base_key, index)`` into U0's and V0's keys, and
+    ``split(k)[1]`` can be ``fold_in(k, 1)``: folding t into ``fold_in(base_key, index)``
+    itself would draw step 1's columns with V0's key, making them V0 (a rank-deficient
+    sketch). The update's stream is a third key split from the same one.
+    """
+    return jax.random.split(jax.random.fold_in(base_key, index), 3)[2]
+
+
 def scale_by_umtam(
     *,
     rank: int = 32,
@@ -272,7 +283,7 @@ def scale_by_umtam(
                 for i, (d, new) in zip(members, unstacked(out, len(members)), strict=True):
                     directions[i], new_states[i] = d.astype(grads[i].dtype), new
                 continue
-            keys = [jax.random.fold_in(jax.random.fold_in(base_key, i), count) for i in members]
+            keys = [jax.random.fold_in(_update_stream(base_key, i), count) for i in members]
             request_fn = functools.partial(factored_request, cfg, leaf_layout)
             if leaf_layout.batch_axes:  # a stack of matrices in one leaf: mapped over its batch
                 ((g, w, leaf_state),) = args
