@@ -54,11 +54,11 @@ class FactoredReference:
         m, n = self.w0.shape
         r = u0.shape[1]
         self.u, self.v = np.asarray(u0, np.float64), np.asarray(v0, np.float64)
-        self.sigma = hp.eps * np.eye(r)
+        self.active = min(hp.rank, r) if hp.adaptive_rank else r
+        self.sigma = hp.eps * np.diag(np.arange(r) < self.active)  # 0 beyond the active rank
         self.error = np.zeros((m, n))
         self.row, self.col = np.full(m, hp.eps), np.full(n, hp.eps)
         self.saliency_matrix = np.zeros((m, n))
-        self.active = min(hp.rank, r) if hp.adaptive_rank else r
         self.t = 0
 
     def step(self, grad, param):

@@ -4,6 +4,8 @@ validation of hyper-parameters and inputs in test_validation.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -149,6 +151,31 @@ def test_no_recompilation_with_periodic_svd_or_adaptive_rank():
     for kwargs in ({"svd_every": 3}, {"adaptive_rank": True, "rank_update_every": 2}):
         _, _, update = _run(umtam_jax.umtam(1e-2, **SMALL, **kwargs), _params(), steps=7)
         assert update._cache_size() == 1, kwargs
+
+
+def test_eager_updates_compile_once(caplog):
+    """``opt.update`` outside jit (optax's own examples loop that way): steps after the
+    first compile nothing (each lax.cond used to be compiled again at every call)."""
+    params = _params()
+    opt = umtam_jax.umtam(1e-2, svd_every=2, **SMALL)
+    state = opt.init(params)
+    updates, state = opt.update(_grads(params, 0), state, params)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        for t in (1, 2):
+            updates, state = opt.update(_grads(params, t), state, params)
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled[:3]
+    jitted, _ = jax.jit(opt.update)(_grads(params, 2), _run_state(opt, params), params)
+    eager, _ = opt.update(_grads(params, 2), _run_state(opt, params), params)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
+
+
+def _run_state(opt, params):
+    """The state after two updates from ``params``."""
+    state = opt.init(params)
+    for t in (0, 1):
+        _, state = jax.jit(opt.update)(_grads(params, t), state, params)
+    return state
 
 
 def test_learning_rate_one_and_no_weight_decay_gives_minus_the_direction():

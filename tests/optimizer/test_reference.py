@@ -168,15 +168,29 @@ def test_adaptive_rank_matches_reference_and_changes_the_rank():
     assert rank > 2
 
 
+def test_adaptive_rank_initial_core_is_zero_beyond_the_active_rank():
+    hp = Hyper(rank=2, adaptive_rank=True, max_rank=5)
+    params = {"kernel": jnp.ones((12, 10))}
+    stats = umtam_jax.statistics(_optimizer(hp).init(params))["kernel"]
+    np.testing.assert_array_equal(np.diag(np.asarray(stats.sigma)), [hp.eps] * 2 + [0.0] * 3)
+    u, v = np.asarray(stats.u, np.float64), np.asarray(stats.v, np.float64)
+    want = (u[:, :2] * hp.eps) @ v[:, :2].T
+    np.testing.assert_allclose(umtam_jax.momentum({"kernel": stats})["kernel"], want, rtol=1e-5)
+
+
 def test_adaptive_rank_shrinks_on_a_rank_one_signal():
     hp = Hyper(rank=4, adaptive_rank=True, max_rank=6, rank_update_every=2, clip_threshold=None)
     opt = _optimizer(hp)
     params = {"kernel": jnp.ones((12, 10))}
     state = opt.init(params)
     a, b = np.arange(1.0, 13.0), np.arange(1.0, 11.0)
+    ranks = []
     for _ in range(8):
         _, state = opt.update({"kernel": jnp.asarray(np.outer(a, b))}, state, params)
-    assert int(state[0].leaves["kernel"].rank) == hp.min_rank
+        ranks.append(int(state[0].leaves["kernel"].rank))
+    # Eq. 16 shrinks while the stable rank (here 1: a rank-one momentum) is below r / 2:
+    # 4 → 3 → 2 at the decision steps 2 and 4, then never below 2 (1 < 2 / 2 is false).
+    assert ranks == [4, 3, 3, 2, 2, 2, 2, 2]
 
 
 def test_zero_initialised_weight_uses_ratio_one():

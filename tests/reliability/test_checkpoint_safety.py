@@ -98,6 +98,46 @@ def test_overwrite_refuses_an_output_holding_what_its_save_did_not_write(tmp_pat
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_overwrite_refuses_a_copied_output_without_its_contents_record(tmp_path, fmt):
+    """``cp out/* repo/`` copies an output's visible files but not its hidden record of
+    what it wrote: replacing ``repo`` would delete the user's ``.git`` and files."""
+    import shutil
+
+    save = checkpoint.save_checkpoint if fmt == "orbax" else checkpoint.save_safetensors
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    save(out, OLD)
+    (repo / ".git").mkdir(parents=True)
+    (repo / "README.md").write_text("model card")
+    for entry in out.iterdir():
+        if not entry.name.startswith("."):
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, repo / entry.name)
+    before = _tree_files(tmp_path)
+    with pytest.raises(ValueError, match="no readable record of the entries"):
+        save(repo, NEW, overwrite=True)
+    assert _tree_files(tmp_path) == before
+    assert (repo / ".git").is_dir()
+    # A damaged record is no record either.
+    (out / ".umtam-contents.json").write_text("[damaged")
+    with pytest.raises(ValueError, match="missing or damaged"):
+        save(out, NEW, overwrite=True)
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_an_empty_folder_made_for_the_output_is_written(tmp_path, fmt):
+    save = checkpoint.save_checkpoint if fmt == "orbax" else checkpoint.save_safetensors
+    restore = checkpoint.restore_params if fmt == "orbax" else checkpoint.SafetensorsReader
+    path = tmp_path / "merged"
+    path.mkdir()
+    save(path, OLD)  # no overwrite needed: an empty folder holds nothing
+    if fmt == "orbax":
+        chex.assert_trees_all_equal(restore(path), OLD)
+    else:
+        assert (path / "model.safetensors").is_file()
+    assert _hidden_leftovers(path) == []
+
+
 def test_a_target_name_with_glob_characters_touches_only_its_own_leftovers(tmp_path):
     # Another job's save in progress, and a stale temporary of a name the pattern matches.
     others = ["run1.orbax-checkpoint-tmp-17/params/data", ".run1.umtam-new-abc/data"]

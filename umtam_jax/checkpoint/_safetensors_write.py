@@ -122,7 +122,8 @@ def save_safetensors(
       the safetensors format, https://huggingface.co/docs/safetensors
     """
     folder = F._absolute(folder)
-    if not os.path.islink(folder) and folder.is_dir() and not _is_own(folder):
+    foreign = folder.is_dir() and not (_is_own(folder) or _targets.is_empty_folder(folder))
+    if not os.path.islink(folder) and foreign:
         raise ValueError(
             f"refusing to write safetensors folder {folder}: it exists and was not written by "
             f"umtam_jax (it has no {MARKER_FILE}); it is never replaced, even with overwrite"

@@ -60,6 +60,7 @@ from umtam_jax.checkpoint._targets import (
     _ORBAX_TMP_SUFFIX,
     check_target,
     is_checkpoint,
+    is_empty_folder,
     is_local,
 )
 
@@ -248,6 +249,8 @@ def _renameat2(src: epath.Path, dst: epath.Path, flags: int) -> bool:
 
 def _publish(staging: epath.Path, directory: epath.Path, token: str) -> None:
     trash = _hidden(directory, _TRASH, token)
+    if is_empty_folder(directory):
+        os.rmdir(directory)  # made for the output; fails if something was put in since
     if not directory.exists():
         if not _renameat2(staging, directory, _RENAME_NOREPLACE):
             staging.rename(directory)

@@ -75,8 +75,8 @@ def check_target(
                 f"refusing to write checkpoint {directory}: it is a symbolic link "
                 f"(to {os.readlink(directory)}); give the real path"
             )
-    if not directory.exists():
-        return
+    if not directory.exists() or is_empty_folder(directory):
+        return  # an empty folder made for the output holds nothing to lose
     if not directory.is_dir():
         raise ValueError(
             f"refusing to write checkpoint {directory}: a file of that name exists and "
@@ -92,6 +92,13 @@ def check_target(
             f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
         )
     added = _added_entries(directory)
+    if added is None:
+        raise ValueError(
+            f"refusing to replace {directory}: it has no readable record of the entries "
+            f"umtam_jax wrote there ({_CONTENTS_FILE} is missing or damaged: the folder was "
+            "copied, or written by an older version), so whatever else it holds would be "
+            "deleted; delete the folder yourself, or write elsewhere"
+        )
     if added:
         shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
         raise ValueError(
@@ -100,16 +107,24 @@ def check_target(
         )
 
 
-def _added_entries(directory: epath.Path) -> list[str]:
-    """The entries of an earlier output that its save did not write, by name. A folder
-    without the record (written before it existed) answers none."""
+def _added_entries(directory: epath.Path) -> list[str] | None:
+    """The entries of an earlier output that its save did not write, by name; None when
+    the folder has no readable record of them (it cannot be told what is ours)."""
     try:
         recorded = _json.loads((directory / _CONTENTS_FILE).read_text())
     except (OSError, ValueError):
-        return []
+        return None
     if not isinstance(recorded, list):
-        return []
+        return None
     return sorted({p.name for p in directory.iterdir()} - set(map(str, recorded)))
+
+
+def is_empty_folder(path: epath.Path) -> bool:
+    """Whether ``path`` is a local folder (not a link) with no entries."""
+    if not is_local(path) or os.path.islink(path) or not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
 
 
 def _real(path: Any) -> str:

@@ -66,17 +66,20 @@ def init_factored(
     u = jax.random.normal(key_u, rows_shape + (r,), dtype) / math.sqrt(layout.rows * r)
     v = jax.random.normal(key_v, cols_shape + (r,), dtype) / math.sqrt(layout.cols * r)
     u, v = place(u, rows_spec + (None,)), place(v, cols_spec + (None,))
-    sigma = jnp.broadcast_to(cfg.eps * jnp.eye(r, dtype=dtype), batch + (r, r))
+    # Σ0 = eps · I on the active components; with adaptive rank those beyond it are 0.
+    active = min(cfg.rank, r) if cfg.adaptive_rank else r
+    diagonal = cfg.eps * (jnp.arange(r) < active).astype(dtype)
+    sigma = jnp.broadcast_to(jnp.diag(diagonal), batch + (r, r))
     sigma = place(sigma, spec[:nb] + (None, None)) if nb else sigma
     dense_momentum = None
     if not is_static_zero(cfg.error_decay):
         # M̃_0 = U_0 Σ_0 V_0ᵀ + E_0 with E_0 = 0 (see FactoredLeafState.dense_momentum),
         # contracted over r only, so that it is computed sharded like the parameter.
-        expanded = _expand(cfg.eps * u, v, nb)
+        expanded = _expand(u * diagonal, v, nb)
         dense_momentum = place(expanded.astype(buffer_dtype), spec)
     rank = None
     if cfg.adaptive_rank:
-        rank = jnp.full(batch, min(cfg.rank, r), jnp.int32)
+        rank = jnp.full(batch, active, jnp.int32)
         rank = place(rank, spec[:nb]) if nb else rank
     return FactoredLeafState(
         u=u,

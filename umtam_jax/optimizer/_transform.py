@@ -56,6 +56,11 @@ def _leaf_layout(cfg: Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> 
     return layout(cfg.row_axes, cfg.min_dim_size_to_factor, max_rank, path, shape)
 
 
+def _any_tracer(tree: Any) -> bool:
+    """Whether a leaf of ``tree`` is being traced (by jit, grad, vmap, ...)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
 def _update_stream(base_key: jax.Array, index: int) -> jax.Array:
     """The key of leaf ``index``'s oversampling draws, folded with t at each step.
 
@@ -230,7 +235,12 @@ def scale_by_umtam(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("scale_by_umtam needs params: call update(grads, state, params)")
-        return _update(updates, state, params)
+        if _any_tracer((updates, state, params)):  # inside the caller's jit, grad or vmap
+            return _update(updates, state, params)
+        # Called eagerly: compiled once per input shape. Step by step, each lax.cond of the
+        # update would be compiled again at every call (new closures), seconds per step
+        # and memory that is never returned.
+        return _compiled_update(updates, state, params)
 
     # Full float32 products: the default on GPU/TPU would run them as TF32/bf16 passes,
     # whose ~1e-3 rounding breaks the orthonormality of U and V (measured on an H100).
@@ -340,6 +350,7 @@ def scale_by_umtam(
             ),
         )
 
+    _compiled_update = jax.jit(_update)
     return optax.GradientTransformation(init_fn, update_fn)
 
 
