@@ -197,6 +197,25 @@ def test_param_containers_and_scalars(tmp_path):
     trees.assert_trees_bitwise_equal(restored, jax.tree.map(jnp.asarray, params))
 
 
+def test_64_bit_values_beyond_32_bits_are_an_error_without_x64(tmp_path):
+    """Without x64, 64-bit arrays come back 32-bit: where a value does not fit, restoring
+    names the leaf instead of wrapping 2**40 + 1 to 1 or turning 1e300 into inf."""
+    path = save_checkpoint(
+        tmp_path / "c", {"n": np.array([2**40 + 1, 3]), "u": np.array([7], np.uint64)}
+    )
+    with pytest.raises(ValueError, match=r"params leaf n holds 1099511627777, beyond int32"):
+        restore_params(path)
+    path = save_checkpoint(tmp_path / "f", {"f": np.array([1e300])})
+    with pytest.raises(ValueError, match=r"leaf f holds 1e\+300, beyond float32"):
+        restore_params(path)
+    small = save_checkpoint(tmp_path / "s", {"n": np.array([-(2**31), 2**31 - 1])})
+    restored = restore_params(small)["n"]
+    assert restored.dtype == np.int32
+    assert restored.tolist() == [-(2**31), 2**31 - 1]
+    with jax.enable_x64(True):
+        assert restore_params(path)["f"].tolist() == [1e300]
+
+
 def test_inputs_not_modified(tmp_path):
     params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float32(2.0)}
     opt_state = hand_opt_state()

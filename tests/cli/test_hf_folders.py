@@ -281,3 +281,23 @@ def test_dry_run_prints_the_plan(models, capsys):
     out = capsys.readouterr().out
     assert "safetensors" in out and "tensors: " in out and "shard(s)" in out
     assert not os.path.exists("/tmp/never")
+
+
+def test_float64_without_x64_is_refused_not_computed_in_float32(tmp_path, capsys):
+    """Without JAX's x64 mode a float64 merge would compute float32 values (and write them
+    as F64, or as F32): one error naming the tensor or the option instead."""
+    for name, value in (("base", 0.0), ("a", 1.0 + 2.0**-40)):
+        checkpoint.save_safetensors(tmp_path / name, {"w": np.full((2, 3), value)})
+    assert not jax.config.jax_enable_x64
+    text = "method: linear\nbase: {base}\nexperts: [{a}, {base}]\n"
+    paths = {"base": tmp_path / "base", "a": tmp_path / "a"}
+    for extra, message in (("", "tensor ['w'] is float64"), ("dtype: float64\n", "dtype float64")):
+        config = _config(tmp_path, text + extra, **paths)
+        assert main([config, "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+    config = _config(tmp_path, text + "dtype: float32\n", **paths)
+    assert main([config, "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    merged = _load(tmp_path / "out")["w"]
+    assert merged.dtype == np.float32
+    np.testing.assert_array_equal(merged, np.full((2, 3), np.float32(0.5)))

@@ -213,3 +213,16 @@ def test_statistics_dict_with_dense_node():
     a = merging.umtam(base, experts, as_tuple, density=0.5)
     b = merging.umtam(base, experts, as_dict, density=0.5)
     np.testing.assert_array_equal(np.asarray(a["b"]), np.asarray(b["b"]))
+
+
+def test_integer_options_beyond_int32_are_taken_as_numbers():
+    """JAX refuses a Python int beyond int32 (an OverflowError from inside jit): such a
+    scaling or weight is taken as the float it is; one beyond float64 is not finite."""
+    base = {"w": jnp.zeros(3)}
+    experts = [{"w": jnp.array([1.0, -2.0, 0.5])}]
+    got = merging.task_arithmetic(base, experts, scaling=3_000_000_000)["w"]
+    np.testing.assert_allclose(got, 3e9 * np.array([1.0, -2.0, 0.5]), rtol=1e-6)
+    got = merging.linear(base, experts + experts, weights=[2**40, 2**40])["w"]
+    np.testing.assert_allclose(got, [1.0, -2.0, 0.5], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"weights\[0\] must be finite"):
+        merging.task_arithmetic(base, experts, weights=[10**400])

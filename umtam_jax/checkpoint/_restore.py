@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from umtam_jax._cast import cast_checked
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _metadata
 from umtam_jax.checkpoint._format import (
@@ -120,6 +121,9 @@ def _restore_array_items(
             array = E.nested_get(arrays, path)
             _integrity.verify(directory, item, _integrity.key(path), array, records)
             if isinstance(array, np.ndarray):  # 64-bit without x64: JAX's canonical dtype
+                narrow = jax.dtypes.canonicalize_dtype(array.dtype)
+                what = f"checkpoint {directory}'s {item} leaf {'/'.join(path)}"
+                array = cast_checked(array, narrow, what, "restore it with jax_enable_x64 on")
                 array = jax.device_put(array, sharding or _default_sharding())
             if array.dtype != jax.dtypes.canonicalize_dtype(dtype):
                 array = array.astype(dtype)
@@ -141,7 +145,8 @@ def restore_params(
     Without ``target`` the parameters come back with the saved containers (dicts, lists,
     tuples and known NamedTuples; other pytree nodes such as ``FrozenDict`` as plain dicts)
     as ``jax.Array`` on the first local device, dtypes preserved (Python scalar leaves were
-    saved as 0-d NumPy arrays; 64-bit ones come back 32-bit unless ``jax_enable_x64``).
+    saved as 0-d NumPy arrays; 64-bit ones come back 32-bit unless ``jax_enable_x64``,
+    and a value out of the 32-bit range is then an error naming the leaf).
 
     Args:
       directory: the checkpoint directory.
@@ -158,7 +163,8 @@ def restore_params(
     Raises:
       FileNotFoundError: if the checkpoint or its ``params`` item does not exist.
       CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
-      ValueError: if the checkpoint is corrupt or ``target`` does not match it.
+      ValueError: if the checkpoint is corrupt or ``target`` does not match it, or a 64-bit
+        value does not fit 32 bits without ``jax_enable_x64``.
 
     Example:
       >>> import tempfile, numpy as np

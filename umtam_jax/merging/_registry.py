@@ -101,7 +101,7 @@ class Param:
             bounds = f"[{self.low if self.low is not None else '-inf'}, "
             bounds += f"{self.high if self.high is not None else 'inf'}]"
             raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
-        return value
+        return V.as_scalar(value)
 
 
 # Signatures of the steps (``opts``: the validated options by name).

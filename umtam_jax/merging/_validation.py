@@ -299,7 +299,7 @@ def check_weights(weights: Any, n: int, what: str = "weights") -> list[Any]:
         if getattr(w, "ndim", 0) != 0:
             raise ValueError(f"each of {what} must be a scalar, got shape {w.shape}")
     check_finite_scalars(**{f"{what}[{i}]": w for i, w in enumerate(weights)})
-    return weights
+    return [as_scalar(w) for w in weights]
 
 
 def check_finite_scalars(**values: Any) -> None:
@@ -314,8 +314,18 @@ def check_finite_scalars(**values: Any) -> None:
             number = float(value)
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be a number, got {value!r}") from None
+        except OverflowError:  # an integer beyond float64's range
+            number = math.inf
         if not math.isfinite(number):
             raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def as_scalar(value: Any) -> Any:
+    """A checked scalar option as JAX can take it: a Python int beyond int32's range (JAX
+    would refuse it with an OverflowError) as a float; anything else unchanged."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**31) <= value < 2**31:
+        return float(value)
+    return value
 
 
 def check_count(items: list[Any], n: int, what: str) -> None:
