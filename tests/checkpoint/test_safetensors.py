@@ -471,3 +471,19 @@ def test_orbax_and_safetensors_convert_both_ways_exactly(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="nested dicts with string keys; layers is 'list'"):
         orbax_to_safetensors(bad, tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_copied_config_names_the_written_dtype(tmp_path):
+    """``torch_dtype`` (``dtype`` in newer transformers) of the copied config follows the
+    tensors written, as mergekit's does; everything else in it is kept."""
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"model_type": "llama", "torch_dtype": "float32", "dtype": "float32", "n": 2}
+    (model / "config.json").write_text(json.dumps(config))
+    tree = {"w": np.ones((2, 2), jnp.bfloat16), "ids": np.arange(3)}
+    out = save_safetensors(tmp_path / "out", tree, copy_files_from=model)
+    assert json.loads((out / "config.json").read_text()) == {
+        **config, "torch_dtype": "bfloat16", "dtype": "bfloat16"
+    }  # fmt: skip
+    same = save_safetensors(tmp_path / "same", {"w": np.ones(2, np.float32)}, copy_files_from=model)
+    assert (same / "config.json").read_bytes() == (model / "config.json").read_bytes()

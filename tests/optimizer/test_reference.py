@@ -168,6 +168,18 @@ def test_adaptive_rank_matches_reference_and_changes_the_rank():
     assert rank > 2
 
 
+def test_adaptive_rank_between_refreshes_uses_the_top_singular_value_of_the_momentum():
+    """Eq. 16 on a fixed-basis step (svd_every > 1): the stable rank of M̃ itself, not of
+    its projection on the old bases (whose norm is ≤ σ₁(M̃): a larger ratio, other ranks)."""
+    hp = Hyper(
+        rank=2, adaptive_rank=True, max_rank=4, rank_step=1, rank_update_every=2,
+        rank_grow_threshold=1.2, rank_shrink_threshold=0.8, svd_every=3,
+    )  # fmt: skip
+    state, refs = run_against_reference(hp)
+    ranks = {int(state[0].leaves["kernel"].rank), refs["kernel"].active}
+    assert len(ranks) == 1
+
+
 def test_adaptive_rank_initial_core_is_zero_beyond_the_active_rank():
     hp = Hyper(rank=2, adaptive_rank=True, max_rank=5)
     params = {"kernel": jnp.ones((12, 10))}

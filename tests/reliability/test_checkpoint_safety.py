@@ -55,10 +55,10 @@ def test_never_replaces_a_foreign_folder(tmp_path, overwrite):
     (folder / "sub").mkdir(parents=True)
     (folder / "sub" / "x.bin").write_bytes(b"\x00\x01")
     before = _tree_files(folder)
-    with pytest.raises(ValueError, match="not a umtam_jax checkpoint"):
+    with pytest.raises(ValueError, match="not a umtam_jax output"):
         checkpoint.save_checkpoint(folder, OLD, overwrite=overwrite)
     like = {"w": jnp.zeros((2,))}
-    with pytest.raises(ValueError, match="not a umtam_jax checkpoint"):
+    with pytest.raises(ValueError, match="not a umtam_jax output"):
         checkpoint.save_params_streaming(
             folder, like, lambda i: np.zeros(2, np.float32), overwrite=overwrite
         )

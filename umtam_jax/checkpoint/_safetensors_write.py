@@ -18,9 +18,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from umtam_jax import _json
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _safety, _targets
@@ -126,7 +128,8 @@ def save_safetensors(
     if not os.path.islink(folder) and foreign:
         raise ValueError(
             f"refusing to write safetensors folder {folder}: it exists and was not written by "
-            f"umtam_jax (it has no {MARKER_FILE}); it is never replaced, even with overwrite"
+            f"umtam_jax (it has no {MARKER_FILE}); it is never replaced, even with overwrite "
+            "(umtam-merge: --output-format chooses orbax or safetensors)"
         )
     _targets.check_target(folder, overwrite=overwrite, is_own=_is_own)
     if jax.process_count() > 1:
@@ -191,13 +194,35 @@ def save_safetensors(
                 "weight_map": dict(sorted(weight_map.items())),
             }
             _sync(staging / INDEX_FILE, json.dumps(record, indent=2).encode())
+        dtypes = {dtype for shard in shards for _, _, dtype, _, _ in shard}
+        floating = {d for d in dtypes if jnp.issubdtype(d, jnp.floating)}
         for name in COPIED_FILES if source is not None else ():
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)
+                if name == "config.json" and len(floating) == 1:
+                    _set_config_dtype(staging / name, floating.pop())
                 _sync(staging / name)
         _sync(staging / MARKER_FILE, json.dumps(MARKER).encode())
         _safety._fsync_dir(staging)
     return folder
+
+
+def _set_config_dtype(config: epath.Path, dtype: np.dtype) -> None:
+    """Rewrites a copied ``config.json``'s ``torch_dtype`` (``dtype`` in newer
+    transformers) to the tensors' dtype, as mergekit does, so that
+    ``from_pretrained(torch_dtype="auto")`` loads the written precision. A config that is
+    not a JSON object, or names no dtype, stays as it was."""
+    try:
+        record = _json.loads(config.read_text())
+    except (OSError, ValueError):
+        return
+    name = dtype.name  # float32, float16, bfloat16: the names torch uses
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(record, dict) and k in record]
+    if not keys or all(record[k] == name for k in keys):
+        return
+    for k in keys:
+        record[k] = name
+    config.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- converters

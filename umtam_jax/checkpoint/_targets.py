@@ -85,7 +85,8 @@ def check_target(
     if not is_own(directory):
         raise ValueError(
             f"refusing to write checkpoint {directory}: the folder exists and is not a "
-            "umtam_jax checkpoint (only a umtam_jax checkpoint is ever replaced)"
+            "umtam_jax output of this format (only such an output is ever replaced; "
+            "umtam-merge: --output-format chooses orbax or safetensors)"
         )
     if not overwrite:
         raise FileExistsError(

@@ -75,7 +75,7 @@ def _check_wide_floats(job: Job, sources: list[tuple[Source, Any]]) -> None:
     float32 values, silently. One error naming the tensor or option instead."""
     if jax.config.jax_enable_x64:
         return
-    fix = "set dtype: float32 to merge in float32, or run with JAX_ENABLE_X64=1"
+    fix = "merge in float32 (dtype float32), or run with JAX_ENABLE_X64=1"
     for name, dtype in (("dtype", job.dtype), ("out_dtype", job.out_dtype)):
         if dtype is not None and dtype.itemsize == 8:
             raise ValueError(f"{name} {dtype.name} needs JAX's x64 mode: {fix}")

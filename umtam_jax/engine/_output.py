@@ -72,7 +72,7 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
       >>> from umtam_jax import checkpoint, engine
       >>> root = tempfile.mkdtemp()
       >>> for name in ("base", "a"):
-      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.ones(2)})
+      ...     _ = checkpoint.save_safetensors(f"{root}/{name}", {"w": np.ones(2, "f4")})
       >>> job = engine.job_from_paths("passthrough", f"{root}/base", [f"{root}/a"],
       ...                             statistics=None, kwargs={})
       >>> try:
@@ -127,7 +127,7 @@ def writer(
       >>> from etils import epath
       >>> from umtam_jax import checkpoint, engine
       >>> root = epath.Path(tempfile.mkdtemp())
-      >>> model = checkpoint.save_safetensors(root / "model", {"w": np.ones(2)})
+      >>> model = checkpoint.save_safetensors(root / "model", {"w": np.ones(2, "f4")})
       >>> job = engine.job_from_paths("passthrough", None, [model], statistics=None,
       ...                             kwargs={"scale": 2.0})
       >>> write = engine.writer(job, root / "out", "safetensors", overwrite=False,

@@ -203,7 +203,8 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
             if jnp.dtype(e.dtype) != jnp.dtype(b.dtype):
                 raise ValueError(
                     f"dtype mismatch at {path}: base has {jnp.dtype(b.dtype)}, "
-                    f"{what}[{i}] has {jnp.dtype(e.dtype)}"
+                    f"{what}[{i}] has {jnp.dtype(e.dtype)} (cast the inputs to one dtype; "
+                    "umtam-merge reads them all in the dtype its 'dtype' option names)"
                 )
         out.append([as_array(x) for x in e_leaves])
     prepared = Prepared(treedef, paths, [as_array(x) for x in base_leaves], out, variables)

@@ -107,6 +107,24 @@ def _diag(s: jax.Array) -> jax.Array:
     return jnp.vectorize(jnp.diag, signature="(r)->(r,r)")(s)
 
 
+def _decision_tops(cfg: Config, requests: list[FactorRequest], count) -> list[jax.Array]:
+    """σ₁(M̃) of every request on a fixed-basis step, for the adaptive rank.
+
+    Eq. 16 takes the stable rank of ``M̃`` itself, which the projected core (``Uᵀ M̃ V``
+    on the old bases) does not give. The rank changes only every ``rank_update_every``
+    steps: on those steps ``M̃`` is decomposed as on a refresh step (the bases are still
+    kept), on the others the value is not read (zeros, in a ``lax.cond``).
+    """
+
+    def fresh():
+        return [dec.s[..., 0] for dec in _decompose_all(cfg, requests, count)]
+
+    def unused():
+        return [jnp.zeros(req.u.shape[:-2], req.u.dtype) for req in requests]
+
+    return jax.lax.cond(count % cfg.rank_update_every == 0, fresh, unused)
+
+
 def new_factors(cfg: Config, requests: list[FactorRequest], count) -> list[tuple]:
     """``(U, Σ, V, σ₁)`` of every factored leaf: a fresh decomposition (step 3) on refresh
     steps, else the fixed-basis projection ``Σ ← Uᵀ M̃ V`` of docs/algorithm.md §2.5.
@@ -127,15 +145,18 @@ def new_factors(cfg: Config, requests: list[FactorRequest], count) -> list[tuple
         return out
 
     def project():
-        out = []
+        cores = []
         for req in requests:
             # docs/algorithm.md §2.5 / paper Eq. 34: keep U, V; Σ ← Uᵀ M̃ V.
             core = _sharding.matmul(req.u.mT, matmul_any(req.operand, req.v, req.row_axes))
             if req.mask is not None:
                 core = core * req.mask[..., :, None] * req.mask[..., None, :]
-            top = jnp.linalg.norm(core, 2, axis=(-2, -1)) if cfg.adaptive_rank else core[..., 0, 0]
-            out.append((req.u, core, req.v, top))
-        return out
+            cores.append(core)
+        tops = _decision_tops(cfg, requests, count) if cfg.adaptive_rank else None
+        tops = tops or [core[..., 0, 0] for core in cores]
+        return [
+            (req.u, core, req.v, top) for req, core, top in zip(requests, cores, tops, strict=True)
+        ]
 
     if not requests:
         return []
