@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -62,8 +61,9 @@ def cast_checked(
     largest = float(jnp.finfo(dtype).max)
     if largest >= float(jnp.finfo(x.dtype).max) or x.size == 0:
         return out
-    peak = float(xp.max(xp.abs(x)))
-    if math.isfinite(peak) and not math.isfinite(float(xp.max(xp.abs(out)))):
+    overflowed = xp.isfinite(x) & ~xp.isfinite(out)  # entry by entry: x may hold inf, NaN
+    if bool(xp.any(overflowed)):
+        peak = float(xp.max(xp.where(overflowed, xp.abs(x), 0)))
         raise ValueError(
             f"{what} holds {peak:.6g}, beyond {dtype.name}'s largest finite value "
             f"{largest:.6g}: {fix}"

@@ -208,6 +208,9 @@ def test_64_bit_values_beyond_32_bits_are_an_error_without_x64(tmp_path):
     path = save_checkpoint(tmp_path / "f", {"f": np.array([1e300])})
     with pytest.raises(ValueError, match=r"leaf f holds 1e\+300, beyond float32"):
         restore_params(path)
+    nan = save_checkpoint(tmp_path / "nan", {"f": np.array([np.nan, 1e300, -np.inf])})
+    with pytest.raises(ValueError, match=r"leaf f holds 1e\+300"):  # not hidden by the NaN
+        restore_params(nan)
     small = save_checkpoint(tmp_path / "s", {"n": np.array([-(2**31), 2**31 - 1])})
     restored = restore_params(small)["n"]
     assert restored.dtype == np.int32

@@ -138,6 +138,43 @@ def test_an_empty_folder_made_for_the_output_is_written(tmp_path, fmt):
     assert _hidden_leftovers(path) == []
 
 
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+@pytest.mark.parametrize("empty", [True, False])
+def test_a_file_put_into_the_target_during_the_save_is_never_deleted(tmp_path, fmt, empty):
+    """The target is checked again just before the swap: a file put into an empty output
+    folder (or into an earlier output) while the checkpoint was written stays."""
+    save = checkpoint.save_checkpoint if fmt == "orbax" else checkpoint.save_safetensors
+    path = tmp_path / "merged"
+    if empty:
+        path.mkdir()
+    else:
+        save(path, OLD)
+
+    def hook(step):
+        if step == "staged":
+            (path / "README.md").write_text("written meanwhile")
+
+    _safety._step_hook = hook
+    try:
+        with pytest.raises(ValueError, match="README.md|not a umtam_jax output"):
+            save(path, NEW, overwrite=True)
+    finally:
+        _safety._step_hook = None
+    assert (path / "README.md").read_text() == "written meanwhile"
+    assert _hidden_leftovers(path) == []
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_an_empty_working_directory_is_never_taken_as_the_output(tmp_path, fmt, monkeypatch):
+    save = checkpoint.save_checkpoint if fmt == "orbax" else checkpoint.save_safetensors
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for target in (".", os.getcwd()):
+        with pytest.raises(ValueError, match="not a umtam_jax|not written by umtam_jax"):
+            save(target, OLD)
+    assert os.getcwd() == str(tmp_path / "work") and os.listdir(".") == []
+
+
 def test_a_target_name_with_glob_characters_touches_only_its_own_leftovers(tmp_path):
     # Another job's save in progress, and a stale temporary of a name the pattern matches.
     others = ["run1.orbax-checkpoint-tmp-17/params/data", ".run1.umtam-new-abc/data"]

@@ -30,10 +30,7 @@ def check_directory(directory: str | epath.PathLike) -> epath.Path:
     if not directory.exists():
         _safety.recover(directory)  # a save killed in the middle of its swap
     if not directory.exists():
-        raise FileNotFoundError(
-            f"no checkpoint at {directory}: the directory does not exist (models are read "
-            "from local folders; a Hugging Face hub name is not downloaded)"
-        )
+        raise FileNotFoundError(f"no checkpoint at {directory}: the directory does not exist")
     if not directory.is_dir():
         raise ValueError(f"not a checkpoint directory: {directory} is a file")
     if _ORBAX_TMP_SUFFIX in directory.name:

@@ -128,8 +128,7 @@ def save_safetensors(
     if not os.path.islink(folder) and foreign:
         raise ValueError(
             f"refusing to write safetensors folder {folder}: it exists and was not written by "
-            f"umtam_jax (it has no {MARKER_FILE}); it is never replaced, even with overwrite "
-            "(umtam-merge: --output-format chooses orbax or safetensors)"
+            f"umtam_jax (it has no {MARKER_FILE}); it is never replaced, even with overwrite"
         )
     _targets.check_target(folder, overwrite=overwrite, is_own=_is_own)
     if jax.process_count() > 1:

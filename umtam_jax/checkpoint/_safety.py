@@ -247,11 +247,15 @@ def _renameat2(src: epath.Path, dst: epath.Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), os.fspath(dst))
 
 
-def _publish(staging: epath.Path, directory: epath.Path, token: str) -> None:
+def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool) -> None:
+    """Puts ``staging`` at ``directory``: renamed to a free path, swapped with an earlier
+    output, or, where ``directory`` was found ``empty``, renamed there once the empty
+    folder is removed (``rmdir`` fails if anything was put into it since: never swapped
+    away with it)."""
     trash = _hidden(directory, _TRASH, token)
-    if is_empty_folder(directory):
-        os.rmdir(directory)  # made for the output; fails if something was put in since
-    if not directory.exists():
+    if empty:
+        os.rmdir(directory)
+    if empty or not directory.exists():
         if not _renameat2(staging, directory, _RENAME_NOREPLACE):
             staging.rename(directory)
         _step("swapped")
@@ -318,7 +322,10 @@ def publishing(
                 yield staging
                 _record_contents(staging)
                 _step("staged")
-                _publish(staging, directory, token)
+                # Again, just before the swap: the path may have changed while the
+                # checkpoint was written (a folder made there, a file put into it).
+                check_target(directory, overwrite=overwrite, is_own=is_own)
+                _publish(staging, directory, token, empty=is_empty_folder(directory))
             finally:
                 _discard(staging)
     except BaseException:
@@ -387,7 +394,7 @@ def _publishing_collectively(
         _barrier(f"umtam_checkpoint_staged_{token}")
         if _is_primary():
             _record_contents(staging)
-            _publish(staging, directory, token)
+            _publish(staging, directory, token, empty=is_empty_folder(directory))
         _barrier(f"umtam_checkpoint_published_{token}")
     finally:
         if _is_primary():

@@ -85,8 +85,7 @@ def check_target(
     if not is_own(directory):
         raise ValueError(
             f"refusing to write checkpoint {directory}: the folder exists and is not a "
-            "umtam_jax output of this format (only such an output is ever replaced; "
-            "umtam-merge: --output-format chooses orbax or safetensors)"
+            "umtam_jax output of this format (only such an output is ever replaced)"
         )
     if not overwrite:
         raise FileExistsError(
@@ -121,11 +120,17 @@ def _added_entries(directory: epath.Path) -> list[str] | None:
 
 
 def is_empty_folder(path: epath.Path) -> bool:
-    """Whether ``path`` is a local folder (not a link) with no entries."""
+    """Whether ``path`` is a local folder with no entries that a save may take the place
+    of: not a link, a mount point or the working directory, and listable."""
     if not is_local(path) or os.path.islink(path) or not os.path.isdir(path):
         return False
-    with os.scandir(path) as entries:
-        return next(entries, None) is None
+    if os.path.ismount(path) or _real(path) == _real(os.getcwd()):
+        return False
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def _real(path: Any) -> str:

@@ -52,7 +52,10 @@ class OrbaxSource:
         try:
             self.reader = CheckpointReader(directory)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"cannot read {what} checkpoint {directory}: {err}") from None
+            raise FileNotFoundError(
+                f"cannot read {what} checkpoint {directory}: {err} (inputs are local folders; "
+                "a Hugging Face hub name is not downloaded)"
+            ) from None
         self.location = os.fspath(self.reader.directory)
         self.directory = self.folder = self.reader.directory
         self._paths = self.reader.leaf_paths("params")

@@ -113,7 +113,8 @@ def _topk_mask(scores: jax.Array, k: Any) -> jax.Array:
 def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     """Boolean mask (shape of ``scores``) with exactly ``k`` True at the largest scores.
 
-    Ties are broken towards the lower flat index; NaN scores count as the largest. Inside
+    Ties are broken towards the lower flat index; NaN scores count as the largest (the
+    smallest if their sign bit is set). Inside
     a traced function, ``_topk_mask`` takes a traced ``k`` as well.
     """
     return _topk_mask(scores, k)

@@ -90,16 +90,11 @@ def _decompose_all(cfg: Config, requests: list[FactorRequest], count) -> list[De
     extra = cold_start_iterations(cfg)
     if not extra:
         return subspace()
-    # Under jit the extra iterations sit in a lax.cond around those iterations only: a
-    # conditional around the whole decomposition is run by XLA:CPU as one serialised unit
-    # (10–15 ms per step on the 28M-parameter benchmark). Called eagerly (concrete count),
-    # the whole decomposition is one compiled conditional, so eager results equal jitted ones.
-    try:
-        int(count)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return subspace(cold_start=(count == 1, extra))
-    cold = cfg.power_iterations + extra
-    return jax.lax.cond(count == 1, lambda: subspace(power_iterations=cold), subspace)
+    # The extra iterations sit in a lax.cond around those iterations only: a conditional
+    # around the whole decomposition is run by XLA:CPU as one serialised unit (10–15 ms per
+    # step on the 28M-parameter benchmark). The update is always traced (an eager call runs
+    # it compiled), so the count here is never concrete.
+    return subspace(cold_start=(count == 1, extra))
 
 
 def _diag(s: jax.Array) -> jax.Array:
