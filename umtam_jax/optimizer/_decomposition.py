@@ -147,8 +147,10 @@ def new_factors(cfg: Config, requests: list[FactorRequest], count) -> list[tuple
             if req.mask is not None:
                 core = core * req.mask[..., :, None] * req.mask[..., None, :]
             cores.append(core)
-        tops = _decision_tops(cfg, requests, count) if cfg.adaptive_rank else None
-        tops = tops or [core[..., 0, 0] for core in cores]
+        if cfg.adaptive_rank:
+            tops = _decision_tops(cfg, requests, count)
+        else:  # read by nothing: the rank is fixed
+            tops = [core[..., 0, 0] for core in cores]
         return [
             (req.u, core, req.v, top) for req, core, top in zip(requests, cores, tops, strict=True)
         ]

@@ -61,15 +61,19 @@ def _any_tracer(tree: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
+def _leaf_key(base_key: jax.Array, index: int) -> jax.Array:
+    """Leaf ``index``'s key, which ``init`` splits into U0's and V0's keys."""
+    return jax.random.fold_in(base_key, index)
+
+
 def _update_stream(base_key: jax.Array, index: int) -> jax.Array:
     """The key of leaf ``index``'s oversampling draws, folded with t at each step.
 
-    ``init`` splits ``fold_in(base_key, index)`` into U0's and V0's keys, and
-    ``split(k)[1]`` can be ``fold_in(k, 1)``: folding t into ``fold_in(base_key, index)``
-    itself would draw step 1's columns with V0's key, making them V0 (a rank-deficient
-    sketch). The update's stream is a third key split from the same one.
+    ``split(k)[1]`` can be ``fold_in(k, 1)``: folding t into the leaf's key itself would
+    draw step 1's columns with V0's key, making them V0 (a rank-deficient sketch). The
+    update's stream is a third key split from the leaf's key.
     """
-    return jax.random.split(jax.random.fold_in(base_key, index), 3)[2]
+    return jax.random.split(_leaf_key(base_key, index), 3)[2]
 
 
 def scale_by_umtam(
@@ -225,7 +229,7 @@ def scale_by_umtam(
             if leaf_layout.row_axes is None:
                 leaf = init_dense(cfg, canonical)
             else:
-                key = jax.random.fold_in(base_key, index)
+                key = _leaf_key(base_key, index)
                 leaf = init_factored(cfg, leaf_layout, canonical, key)
             leaves.append(stored_state(leaf, leaf_layout, param.ndim))
         return ScaleByUmtamState(
