@@ -306,3 +306,42 @@ def test_a_failed_merge_leaves_no_folder_it_made(ckpts, capsys):
     line = _run(capsys, *SUM_A[:-1], "nan", "-o", "new/deep/out")
     assert "is not finite" in line
     assert not (ckpts / "new").exists() and _files(ckpts) == before
+
+
+@pytest.mark.parametrize(
+    ("base_pos", "expert_pos", "message"),
+    [
+        (np.int64, np.float32, "the base's is int64, e's is float32"),
+        (np.float32, np.int64, "the base's is float32, e's is int64"),
+        (np.int64, np.bool_, "the base's is int64, e's is bool"),
+    ],
+)
+def test_integer_buffer_of_another_kind_is_refused(
+    tmp_path, capsys, monkeypatch, base_pos, expert_pos, message
+):
+    """An integer buffer (BERT's ``position_ids``) is copied from the base: an expert
+    holding it as floats is a different model, refused whichever of the two is the base
+    (the values 0, 1, 2 compare equal as floats, so a value check alone accepted it)."""
+    monkeypatch.chdir(tmp_path)
+    w = np.ones((3, 4), np.float32)
+    checkpoint.save_safetensors("b", {"w": w, "pos": np.arange(2).astype(base_pos)})
+    checkpoint.save_safetensors("e", {"w": 2 * w, "pos": np.arange(2).astype(expert_pos)})
+    line = _run(capsys, "--method", "task_arithmetic", "--base", "b", "--expert", "e", "-o", "o")
+    assert f"dtype mismatch at ['pos']: {message}" in line
+    assert not os.path.exists("o")
+
+
+def test_integer_buffer_of_another_width_is_copied_from_the_base(tmp_path, monkeypatch):
+    """int32 ``position_ids`` (a model saved by JAX without x64) beside the base's int64
+    ones: the values are equal, so the base's int64 buffer is copied."""
+    monkeypatch.chdir(tmp_path)
+    w = np.ones((3, 4), np.float32)
+    checkpoint.save_safetensors("b", {"w": w, "pos": np.arange(5, dtype=np.int64)})
+    checkpoint.save_safetensors("e", {"w": 2 * w, "pos": np.arange(5, dtype=np.int32)})
+    argv = ["--method", "task_arithmetic", "--base", "b", "--expert", "e", "-o", "o"]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    reader = checkpoint.SafetensorsReader("o")
+    out = dict(zip(["pos", "w"], reader.read(["pos", "w"]), strict=True))
+    assert out["pos"].dtype == np.int64
+    np.testing.assert_array_equal(out["pos"], np.arange(5))
+    np.testing.assert_array_equal(out["w"], 2 * w)

@@ -23,6 +23,7 @@ from jax.extend import core as jex
 
 from umtam_jax._cast import cast_checked
 from umtam_jax.engine._global_topk import GlobalTopK
+from umtam_jax.engine._input_checks import check_copied_dtypes, check_wide_floats
 from umtam_jax.engine._sources import Source
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
@@ -68,25 +69,6 @@ def _positions(tree: Any) -> dict[str, int]:
     """``{keystr(path): flattening position}`` of a tree's leaves."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(kp): i for i, (kp, _) in enumerate(flat)}
-
-
-def _check_wide_floats(job: Job, sources: list[tuple[Source, Any]]) -> None:
-    """A float64 merge needs JAX's x64 mode: without it JAX computes (and would write)
-    float32 values, silently. One error naming the tensor or option instead."""
-    if jax.config.jax_enable_x64:
-        return
-    fix = "merge in float32 (dtype float32), or run with JAX_ENABLE_X64=1"
-    for name, dtype in (("dtype", job.dtype), ("out_dtype", job.out_dtype)):
-        if dtype is not None and dtype.itemsize == 8:
-            raise ValueError(f"{name} {dtype.name} needs JAX's x64 mode: {fix}")
-    for source, tree in sources:
-        for keypath, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if jnp.issubdtype(x.dtype, jnp.floating) and np.dtype(x.dtype).itemsize == 8:
-                raise ValueError(
-                    f"{source.location}'s tensor {jax.tree_util.keystr(keypath)} is "
-                    f"{np.dtype(x.dtype).name}, which JAX computes in float32 without x64 "
-                    f"mode: {fix}"
-                )
 
 
 class Job:
@@ -144,7 +126,10 @@ class Job:
         }
         self._treedef = treedef
         experts_abs = [self._cast(s.abstract()) for s in experts]
-        _check_wide_floats(self, [(base, base_abs), *zip(experts, experts_abs, strict=True)])
+        check_wide_floats(
+            self.dtype, self.out_dtype, [(base, base_abs), *zip(experts, experts_abs, strict=True)]
+        )
+        check_copied_dtypes(flat, experts, experts_abs)
         extra_abs = None
         if extras == "statistics":
             extra_abs = [s.abstract_statistics() for s in experts]
