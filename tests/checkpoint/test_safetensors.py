@@ -6,6 +6,7 @@ import importlib.resources
 import json
 import os
 import pickle
+import struct
 import typing
 
 import jax
@@ -322,6 +323,16 @@ def test_truncated_shard_is_refused_naming_the_file(tmp_path):
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(ValueError, match=f"{shard.name} is not a valid safetensors file"):
         SafetensorsReader(out)
+
+
+def test_shape_whose_element_count_overflows_is_refused(tmp_path):
+    """2**32 · 2**32 elements wrap to 0 in int64: a crafted header with that shape and
+    empty data_offsets must not pass as an empty tensor (it failed only at merge time)."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}})
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode())
+    with pytest.raises(ValueError, match="tensor 'w': its data_offsets do not fit shape"):
+        SafetensorsReader(path)
 
 
 def edit_index(folder, edit):

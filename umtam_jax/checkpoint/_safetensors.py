@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -202,7 +203,8 @@ def _parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
                     raise TypeError
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"tensor {name!r} has an invalid entry {e}") from None
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            # Python integers: a crafted shape's element count cannot wrap around.
+            if end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"tensor {name!r}: its data_offsets do not fit shape and dtype")
             entries.append((begin, end, name, dtype, tuple(shape)))
         entries.sort()
