@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
@@ -67,7 +68,18 @@ def _job(plan: Plan) -> engine.Job:
             if method.extra == "scores" and "has none" in str(err)
             else ""
         )
-        raise ConfigError(f"the merge would fail: {err}{hint}") from None
+        raise _failure("the merge would fail", err, plan, hint) from None
+
+
+def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigError:
+    """The one-line error of a failed merge. The library names experts by their index
+    among the experts (``experts[1]``), which is not their place in a mergekit file whose
+    ``models`` list the base too: each expert named is followed by its path."""
+    message = str(err)
+    named = sorted({int(i) for i in re.findall(r"\bexperts\[(\d+)\]", message)})
+    paths = [f"experts[{i}] is {plan.experts[i].path}" for i in named if i < len(plan.experts)]
+    legend = f" ({'; '.join(paths)})" if paths else ""
+    return ConfigError(f"{what}: {message}{hint}{legend}")
 
 
 def _metadata(plan: Plan) -> dict[str, Any]:
@@ -142,7 +154,7 @@ def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
         merged = iter(jax.tree.leaves(merging.merge(method, base, experts, extra, **job.kwargs)))
         out = [job.copy(j, data) if j in job.passthrough else next(merged) for j in everything]
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"merge failed: {err}") from None
+        raise _failure("merge failed", err, plan) from None
     return [job.cast_output(j, x) for j, x in zip(everything, out, strict=True)]
 
 
@@ -177,7 +189,7 @@ def execute(plan: Plan, args: argparse.Namespace) -> int:
         try:
             path = engine.merge(job, write, progress=not args.no_progress)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"merge failed: {err}") from None
+            raise _failure("merge failed", err, plan) from None
         how = "out of core"
     print(f"{PROG}: wrote {path} ({plan.method} of {len(job.experts)} expert(s), {fmt}, {how})")
     return 0

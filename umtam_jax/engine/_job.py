@@ -285,7 +285,7 @@ class Job:
             if not np.array_equal(np.asarray(leaves[j]), base):
                 raise ValueError(
                     f"the non-floating leaf {jax.tree_util.keystr(self.leaves[j].keypath)} of "
-                    f"expert {i} differs from the base's; integer tensors are not merged"
+                    f"experts[{i}] differs from the base's; integer tensors are not merged"
                 )
         return base
 
