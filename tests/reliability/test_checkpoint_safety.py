@@ -170,7 +170,7 @@ def test_an_empty_working_directory_is_never_taken_as_the_output(tmp_path, fmt, 
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     for target in (".", os.getcwd()):
-        with pytest.raises(ValueError, match="not a umtam_jax|not written by umtam_jax"):
+        with pytest.raises(ValueError, match="not a umtam_jax output"):
             save(target, OLD)
     assert os.getcwd() == str(tmp_path / "work") and os.listdir(".") == []
 

@@ -124,13 +124,7 @@ def save_safetensors(
       the safetensors format, https://huggingface.co/docs/safetensors
     """
     folder = F._absolute(folder)
-    foreign = folder.is_dir() and not (_is_own(folder) or _targets.is_empty_folder(folder))
-    if not os.path.islink(folder) and foreign:
-        raise ValueError(
-            f"refusing to write safetensors folder {folder}: it exists and was not written by "
-            f"umtam_jax (it has no {MARKER_FILE}); it is never replaced, even with overwrite"
-        )
-    _targets.check_target(folder, overwrite=overwrite, is_own=_is_own)
+    _targets.check_target(folder, overwrite=overwrite, is_own=_is_own, marker=MARKER_FILE)
     if jax.process_count() > 1:
         raise ValueError("save_safetensors writes from a single process only")
     leaves = names_from_tree(tree_or_abstract)

@@ -45,6 +45,7 @@ def check_target(
     *,
     overwrite: bool,
     is_own: Callable[[epath.Path], bool] = is_checkpoint,
+    marker: str = "/".join(_METADATA_FILE),
 ) -> None:
     """Raises a clear error if a save may not write ``directory``.
 
@@ -53,6 +54,7 @@ def check_target(
       overwrite: whether an existing output of ours at ``directory`` may be replaced.
       is_own: recognises an existing folder as this writer's own output (the only kind
         ever replaced); by default a umtam_jax checkpoint.
+      marker: the entry ``is_own`` looks for, named when a folder lacks it.
 
     Raises:
       ValueError: an empty name, a symbolic link, a file or a folder that is not a
@@ -85,7 +87,8 @@ def check_target(
     if not is_own(directory):
         raise ValueError(
             f"refusing to write checkpoint {directory}: the folder exists and is not a "
-            "umtam_jax output of this format (only such an output is ever replaced)"
+            f"umtam_jax output of this format (it has no valid {marker}; only such an output "
+            "is ever replaced, even with overwrite)"
         )
     if not overwrite:
         raise FileExistsError(
