@@ -45,20 +45,16 @@ from umtam_jax.optimizer._grouping import (
     split_batch,
     unstacked,
 )
+from umtam_jax.optimizer._inputs import any_tracer, concrete_param, flatten_like, require_float
 from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, layout
 from umtam_jax.optimizer._orthonormalize import full_precision
-from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state, is_leaf_state
+from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
 
 
 def _leaf_layout(cfg: Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> Layout:
     """The layout of one leaf; with adaptive rank the buffers hold ``max_rank`` components."""
     max_rank = cfg.max_rank if cfg.adaptive_rank else cfg.rank
     return layout(cfg.row_axes, cfg.min_dim_size_to_factor, max_rank, path, shape)
-
-
-def _any_tracer(tree: Any) -> bool:
-    """Whether a leaf of ``tree`` is being traced (by jit, grad, vmap, ...)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def _leaf_key(base_key: jax.Array, index: int) -> jax.Array:
@@ -222,8 +218,8 @@ def scale_by_umtam(
         paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
         leaves = []
         for index, (path, param) in enumerate(paths_and_leaves):
-            param = _concrete_param(cfg, path, param)
-            _require_float(path, param.dtype, "parameter")
+            param = concrete_param(cfg, path, param)
+            require_float(path, param.dtype, "parameter")
             leaf_layout = _leaf_layout(cfg, path, param.shape)
             canonical = to_canonical(param, leaf_layout.perm)
             if leaf_layout.row_axes is None:
@@ -239,7 +235,7 @@ def scale_by_umtam(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("scale_by_umtam needs params: call update(grads, state, params)")
-        if _any_tracer((updates, state, params)):  # inside the caller's jit, grad or vmap
+        if any_tracer((updates, state, params)):  # inside the caller's jit, grad or vmap
             return _update(updates, state, params)
         # Called eagerly: compiled once per input shape. Step by step, each lax.cond of the
         # update would be compiled again at every call (new closures), seconds per step
@@ -254,12 +250,12 @@ def scale_by_umtam(
         grads_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
         # Python scalar leaves become 0-d arrays, as optax's own transforms treat them.
         grads_with_path = [(path, jnp.asarray(g)) for path, g in grads_with_path]
-        param_leaves = [jnp.asarray(w) for w in _flatten_like(treedef, params, "params")]
-        state_leaves = _flatten_like(treedef, state.leaves, "the optimizer state (from init)")
+        param_leaves = [jnp.asarray(w) for w in flatten_like(treedef, params, "params")]
+        state_leaves = flatten_like(treedef, state.leaves, "the optimizer state (from init)")
         leaf_states = [as_leaf_state(x) for x in state_leaves]
         layouts = []
         for (path, g), w, x in zip(grads_with_path, param_leaves, leaf_states, strict=True):
-            _require_float(path, g.dtype, "gradient")
+            require_float(path, g.dtype, "gradient")
             if g.shape != w.shape:
                 raise ValueError(
                     f"gradient shape {g.shape} differs from parameter shape {w.shape} at "
@@ -373,44 +369,3 @@ def _with_saliency(cfg: Config, new_state: Any, w: jax.Array, state: Any) -> Any
         cfg, w, state.saliency, state.initial, new_state.row, new_state.col
     )
     return new_state._replace(saliency=saliency, initial=state.initial)
-
-
-def _concrete_param(cfg: Config, path: tuple[Any, ...], param: Any) -> jax.Array:
-    """The parameter as an array; an abstract one (``jax.ShapeDtypeStruct``) gives zeros of
-    its shape, dtype and sharding, which is all ``init`` reads without tracked saliency."""
-    if not isinstance(param, jax.ShapeDtypeStruct):
-        return jnp.asarray(param)
-    if cfg.track_saliency:
-        raise ValueError(
-            f"init got an abstract parameter (jax.ShapeDtypeStruct) at "
-            f"{jax.tree_util.keystr(path) or 'the root'}: tracked saliency keeps the "
-            "initial values W0, so pass the parameters themselves, use saliency='final', "
-            "or take shapes with jax.eval_shape(opt.init, params)"
-        )
-    sharding = param.sharding if isinstance(param.sharding, jax.sharding.Sharding) else None
-    return jnp.zeros(param.shape, param.dtype, device=sharding)
-
-
-def _flatten_like(treedef: Any, tree: Any, what: str) -> list[Any]:
-    """``treedef.flatten_up_to(tree)``, with an error that says which argument differs."""
-    try:
-        return treedef.flatten_up_to(tree)
-    except (ValueError, TypeError):
-
-        def short(structure: Any) -> str:
-            text = str(structure)
-            return text if len(text) <= 200 else text[:200] + "…"
-
-        raise ValueError(
-            f"{what} does not have the tree structure of the gradients: gradients "
-            f"{short(treedef)}, {what} {short(jax.tree.structure(tree, is_leaf=is_leaf_state))}"
-        ) from None
-
-
-def _require_float(path, dtype, what: str) -> None:
-    """Raises ``TypeError`` unless ``dtype`` (of ``what`` at ``path``) is real floating-point."""
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{what} at {jax.tree_util.keystr(path)} has dtype {dtype}; UMTAM needs real "
-            "floating-point leaves (freeze the others with optax.masked / optax.partition)"
-        )

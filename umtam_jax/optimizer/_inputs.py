@@ -1,0 +1,58 @@
+"""The transform's inputs: converted and checked before any leaf is touched, with errors
+that name the argument and the leaf path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.optimizer._config import Config
+from umtam_jax.optimizer._state import is_leaf_state
+
+
+def any_tracer(tree: Any) -> bool:
+    """Whether a leaf of ``tree`` is being traced (by jit, grad, vmap, ...)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def concrete_param(cfg: Config, path: tuple[Any, ...], param: Any) -> jax.Array:
+    """The parameter as an array; an abstract one (``jax.ShapeDtypeStruct``) gives zeros of
+    its shape, dtype and sharding, which is all ``init`` reads without tracked saliency."""
+    if not isinstance(param, jax.ShapeDtypeStruct):
+        return jnp.asarray(param)
+    if cfg.track_saliency:
+        raise ValueError(
+            f"init got an abstract parameter (jax.ShapeDtypeStruct) at "
+            f"{jax.tree_util.keystr(path) or 'the root'}: tracked saliency keeps the "
+            "initial values W0, so pass the parameters themselves, use saliency='final', "
+            "or take shapes with jax.eval_shape(opt.init, params)"
+        )
+    sharding = param.sharding if isinstance(param.sharding, jax.sharding.Sharding) else None
+    return jnp.zeros(param.shape, param.dtype, device=sharding)
+
+
+def flatten_like(treedef: Any, tree: Any, what: str) -> list[Any]:
+    """``treedef.flatten_up_to(tree)``, with an error that says which argument differs."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError):
+
+        def short(structure: Any) -> str:
+            text = str(structure)
+            return text if len(text) <= 200 else text[:200] + "…"
+
+        raise ValueError(
+            f"{what} does not have the tree structure of the gradients: gradients "
+            f"{short(treedef)}, {what} {short(jax.tree.structure(tree, is_leaf=is_leaf_state))}"
+        ) from None
+
+
+def require_float(path, dtype, what: str) -> None:
+    """Raises ``TypeError`` unless ``dtype`` (of ``what`` at ``path``) is real floating-point."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{what} at {jax.tree_util.keystr(path)} has dtype {dtype}; UMTAM needs real "
+            "floating-point leaves (freeze the others with optax.masked / optax.partition)"
+        )
