@@ -1,10 +1,10 @@
 """The UMTAM gradient transformation :func:`scale_by_umtam`: validates the options once,
 then initialises and updates every leaf of the parameter tree.
 
-Its update checks the gradients against the parameters and the state, chooses each leaf's
-layout and group (:mod:`._grouping`), runs dense leaves (:mod:`._dense`) and steps 1–2 of
-factored ones (:mod:`._factored`), decomposes all factored momenta together
-(:mod:`._decomposition`), then finishes the factored leaves.
+Its update checks the gradients against the parameters and the state (:mod:`._inputs`),
+chooses each leaf's layout and group (:mod:`._grouping`), runs dense leaves
+(:mod:`._dense`) and steps 1–2 of factored ones (:mod:`._factored`), decomposes all
+factored momenta together (:mod:`._decomposition`), then finishes the factored leaves.
 """
 
 from __future__ import annotations
