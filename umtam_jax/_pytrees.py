@@ -28,3 +28,9 @@ def variable_value(x: Any) -> Any:
 def unwrap(x: Any) -> Any:
     """``x``'s array if it is a ``flax.nnx.Variable``, else ``x`` itself."""
     return variable_value(x) if is_variable(x) else x
+
+
+def is_none_or_variable(x: Any) -> bool:
+    """A leaf test for trees that hold ``None`` (a leaf without a value, e.g. a bias's
+    Gram) and Variables: both count as leaves."""
+    return x is None or is_variable(x)

@@ -71,11 +71,12 @@ from umtam_jax.merging._data_free import (
 from umtam_jax.merging._della import della, della_linear
 from umtam_jax.merging._emr import EMRMerged, emr_merge, emr_task_model
 from umtam_jax.merging._fisher import diagonal_fisher, fisher
+from umtam_jax.merging._input_grams import input_grams
 from umtam_jax.merging._interpolation import linear, nuslerp, slerp
 from umtam_jax.merging._mask_packing import pack_mask, unpack_mask
 from umtam_jax.merging._pipeline import merge
 from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe
-from umtam_jax.merging._regmean import input_grams, regmean
+from umtam_jax.merging._regmean import regmean
 from umtam_jax.merging._sce_ram import ram, ramplus_tl, sce
 from umtam_jax.merging._spherical_means import karcher, multislerp
 from umtam_jax.merging._subspace import iso_c, iso_cts, tsv_merge

@@ -1,4 +1,4 @@
-"""RegMean: merging linear layers by their inputs' Gram matrices, and a pass that collects them.
+"""RegMean: merging linear layers by their inputs' Gram matrices.
 
 RegMean (Jin et al. 2023) merges each linear layer ``y = x W`` (Flax layout: ``W`` is
 ``(d_in, d_out)``) so that the merged layer's outputs stay closest, in least squares, to
@@ -10,18 +10,17 @@ The Gram matrices ``G_i`` are the only statistics of the data that merging needs
 not reveal the examples). Their off-diagonal entries are shrunk, ``G̃_i = α G_i +
 (1 − α) diag(G_i)``, which regularises the solve and interpolates between the exact
 solution (``α = 1``) and a per-input-feature weighted average (``α = 0``). Leaves without a
-Gram (biases, norms, embeddings) are averaged.
+Gram (biases, norms, embeddings) are averaged. :func:`umtam_jax.merging.input_grams`
+collects the Grams.
 """
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from umtam_jax import _pytrees
 from umtam_jax.merging import _pipeline as pipeline
@@ -98,10 +97,6 @@ def regmean(
 # --------------------------------------------------------------------------- validation
 
 
-def _is_none_or_variable(x: Any) -> bool:
-    return x is None or _pytrees.is_variable(x)
-
-
 def gram_leaves(tree: Any, prepared: V.Prepared, what: str) -> list[jax.Array | None]:
     """One expert's Grams, aligned with the base's leaves (None where a leaf has none).
 
@@ -109,7 +104,7 @@ def gram_leaves(tree: Any, prepared: V.Prepared, what: str) -> list[jax.Array | 
       ValueError / TypeError: a Gram at a path the base lacks, not a floating array, of
         the wrong shape or not finite; messages name ``what`` and the leaf path.
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none_or_variable)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_pytrees.is_none_or_variable)
     index = {path: j for j, path in enumerate(prepared.paths)}
     out: list[Any] = [None] * len(prepared.paths)
     for keypath, x in flat:
@@ -203,198 +198,3 @@ REGMEAN = R.register(
         check=_check,
     )
 )
-
-
-# --------------------------------------------------------------------------- Gram pass
-
-
-class _Recorder:
-    """What the forward pass being traced records: each layer's path (by ``id``), the
-    mask's value, and the Grams and row counts by path."""
-
-    def __init__(self, mask: jax.Array | None):
-        self.mask = mask
-        self.paths: dict[int, tuple] = {}
-        self.grams: dict[str, tuple[jax.Array, jax.Array]] = {}
-        self.names: dict[str, tuple] = {}
-
-    def add(self, path: tuple, x: jax.Array) -> None:
-        x = jnp.asarray(x)
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if self.mask is not None:
-            if tuple(self.mask.shape) != tuple(x.shape[:-1]):
-                raise ValueError(
-                    f"mask has shape {tuple(self.mask.shape)} but the inputs of the layer at "
-                    f"{_name(path)} have leading shape {tuple(x.shape[:-1])}"
-                )
-            x = x * self.mask[..., None].astype(x.dtype)
-            count = jnp.sum(self.mask.astype(x.dtype))
-        else:
-            count = jnp.asarray(np.prod(x.shape[:-1]), x.dtype)
-        x = x.reshape(-1, x.shape[-1])
-        gram = jnp.matmul(x.T, x, precision=_HIGHEST)
-        name = _name(path)
-        if name in self.grams:
-            gram, count = self.grams[name][0] + gram, self.grams[name][1] + count
-        self.grams[name], self.names[name] = (gram, count), path
-
-
-# The recorder of the forward pass being traced, and the recording nnx.Linear subclasses.
-_RECORDER: contextvars.ContextVar[_Recorder] = contextvars.ContextVar("regmean_recorder")
-_RECORDING: dict[type, type] = {}
-
-
-def _name(path: tuple) -> str:
-    return "/".join(map(str, path))
-
-
-def _recording_class(cls: type) -> type:
-    """A subclass of an ``nnx.Linear`` class whose calls record their inputs' Gram."""
-    if cls not in _RECORDING:
-
-        def __call__(self, inputs, *args, **kwargs):  # noqa: N807
-            recorder = _RECORDER.get()
-            if id(self) not in recorder.paths:  # a copy made by an nnx transform
-                raise ValueError("input_grams cannot see nnx.Linear layers inside nnx transforms")
-            recorder.add(recorder.paths[id(self)], inputs)
-            return cls.__call__(self, inputs, *args, **kwargs)
-
-        _RECORDING[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
-    return _RECORDING[cls]
-
-
-def _key(entry: Any) -> Any:
-    for name in ("key", "idx", "name"):
-        if hasattr(entry, name):
-            return getattr(entry, name)
-    return entry
-
-
-def input_grams(
-    model: Any,
-    params: Any,
-    batches: Iterable[Any],
-    *,
-    mask: Callable[[Any], jax.Array] | None = None,
-    normalize: bool = False,
-) -> Any:
-    """The Gram matrix ``G = Σ_n x_n x_nᵀ`` of every linear layer's inputs, for :func:`regmean`.
-
-    One streaming pass over ``batches`` (each jitted; no activation outlives its batch):
-    every call of a ``flax.nnx.Linear`` or ``flax.linen.Dense`` layer adds ``XᵀX`` of its
-    inputs ``X`` (all leading axes, e.g. batch and tokens, flattened into rows; in float32
-    at least) to the layer's Gram. A layer called several times sums over its calls. By
-    default the Grams are the paper's sums; ``normalize=True`` divides each by its number
-    of rows (a per-token mean). Only the ratio between experts' Grams matters to RegMean:
-    sums weight each expert by its amount of data, means weight experts equally.
-
-    Args:
-      model: an ``nnx.Module`` (called as ``model(batch)``, or ``model(*batch)`` for a
-        tuple batch; put it in the mode you want, e.g. ``model.eval()``), a
-        ``linen.Module`` (``model.apply({"params": params}, batch)``), or a function
-        ``model(params, batch)`` running linen modules (e.g. a model's ``apply``). Layers
-        inside ``nnx``/``linen`` transforms (``scan``, ``vmap``, ``remat``) are not
-        supported (JAX raises a leaked-tracer error).
-      params: the parameters to evaluate at: for an ``nnx`` model its ``nnx.Param``
-        state (or ``nnx.to_pure_dict`` of it), or ``None`` for the model's own; for
-        linen the ``params`` collection, whose paths must be the modules' paths.
-      batches: an iterable of batches.
-      mask: ``mask(batch)``, a 0/1 weight per input row with the layers' inputs' leading
-        shape (e.g. ``lambda b: b["attention_mask"]`` to leave out padding tokens).
-      normalize: divide each Gram by its number of rows (or the mask's sum).
-
-    Returns:
-      A nested dict shaped like the parameters (``nnx.to_pure_dict`` layout for ``nnx``),
-      with the ``(d_in, d_in)`` Gram at the kernel of every layer that was called and
-      ``None`` elsewhere: one expert's ``grams`` for :func:`regmean`.
-
-    Raises:
-      ValueError: ``batches`` is empty, no linear layer was called, or a layer's kernel
-        is not in ``params``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from flax import nnx
-      >>> from umtam_jax import merging
-      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
-      >>> grams = merging.input_grams(model, None, [jnp.array([[1.0, 2.0]])] * 3)
-      >>> grams["kernel"].tolist(), grams["bias"]
-      ([[3.0, 6.0], [6.0, 12.0]], None)
-
-    References:
-      Jin, Ren, Preotiuc-Pietro & Cheng, "Dataless Knowledge Fusion by Merging Weights of
-      Language Models", ICLR 2023, arXiv:2212.09849.
-    """
-    from flax import nnx
-
-    def args(batch: Any) -> tuple:
-        return batch if isinstance(batch, tuple) else (batch,)
-
-    if isinstance(model, nnx.Module):
-        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-        if params is not None and not isinstance(params, nnx.State):
-            nnx.replace_by_pure_dict(state, params)
-        elif params is not None:
-            state = params
-        layout = nnx.to_pure_dict(state)
-
-        def forward(p: Any, batch: Any) -> None:
-            m = nnx.merge(graphdef, p, rest)
-            recorder = _RECORDER.get()
-            for path, node in nnx.iter_graph(m):
-                if isinstance(node, nnx.Linear):
-                    recorder.paths[id(node)] = tuple(path)
-                    node.__class__ = _recording_class(type(node))
-            m(*args(batch))
-
-    else:
-        import flax.linen as nn
-
-        if params is None:
-            raise TypeError("params are required for a linen model or an apply function")
-        layout, state = params, params
-        apply = model.apply if isinstance(model, nn.Module) else None
-
-        def intercept(next_fun, a, kwargs, context):
-            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-                _RECORDER.get().add(tuple(context.module.path), a[0])
-            return next_fun(*a, **kwargs)
-
-        def forward(p: Any, batch: Any) -> None:
-            with nn.intercept_methods(intercept):
-                if apply is not None:
-                    apply({"params": p}, *args(batch))
-                else:
-                    model(p, batch)
-
-    names: dict[str, tuple] = {}  # filled while tracing
-
-    @jax.jit
-    def step(p: Any, batch: Any) -> dict:
-        recorder = _Recorder(None if mask is None else jnp.asarray(mask(batch)))
-        token = _RECORDER.set(recorder)
-        try:
-            forward(p, batch)
-        finally:
-            _RECORDER.reset(token)
-        names.update(recorder.names)
-        return recorder.grams
-
-    total = None
-    for batch in batches:
-        grams = step(state, batch)
-        total = grams if total is None else jax.tree.map(jnp.add, total, grams)
-    if total is None:
-        raise ValueError("batches is empty: the Grams need at least one batch")
-    if not total:
-        raise ValueError("no nnx.Linear or linen.Dense layer was called on the batches")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(layout, is_leaf=_is_none_or_variable)
-    paths = [tuple(_key(k) for k in kp) for kp, _ in flat]
-    found = {(*names[k], "kernel"): g / n if normalize else g for k, (g, n) in total.items()}
-    missing = [p for p in found if p not in paths]
-    if missing:
-        raise ValueError(
-            f"the layer at {_name(missing[0][:-1])} has no kernel in params "
-            "(params' paths must be the modules' paths)"
-        )
-    return jax.tree_util.tree_unflatten(treedef, [found.get(p) for p in paths])
