@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.efficiency import interval_text
+from benchmarks._efficiency_report import interval_text
 
 REFERENCE = "adamw"
 UMTAM_DEFAULT = "umtam (defaults)"

@@ -510,7 +510,9 @@ def test_efficiency_combine_repeats_against_a_hand_computation_and_give_claim_7_
     check = out["claim_check"]
     assert check["optimizer"] == umtam and check["claimed_cost_percent"] == 8.3
     assert check["verdict"] == "reproduced" and "not above the paper's 8.3" in check["why"]
-    md = efficiency.markdown(
+    from benchmarks._efficiency_report import markdown
+
+    md = markdown(
         {"over_repeats": out, "claim_check": check, "task": "t", "batch_size": 2,
          "max_length": 3, "repeats": 3, "rounds": 3, "warmup": 1, "cpu_count": 2,
          "load": {"by_repeat": [{"before": [1.0] * 3, "after": [2.0] * 3}] * 3,
