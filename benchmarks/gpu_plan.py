@@ -7,7 +7,7 @@ update + ``apply_updates`` with parameters and state donated (as ``step_time.py 
 times it), on the GPT-2-shaped pytree, and reads the optimized program:
 
 - ``kernels``, ``loops``, ``conditionals``: what one call launches
-  (:func:`benchmarks.step_time.executable_ops`);
+  (:func:`benchmarks._hlo.executable_ops`);
 - ``bytes``: the device memory the kernels read and write, each kernel counted as its
   operands (the slices of those it only slices) plus its results (an upper bound on DRAM
   traffic: caches are ignored; kernels inside a conditional or a loop are not counted,
@@ -45,13 +45,8 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks._common import RESULTS_DIR, environment, gpt2_params, markdown_table, write_results
-from benchmarks.step_time import (
-    _NO_KERNEL,
-    apply_step,
-    executable_ops,
-    optimizers,
-    scanned_params,
-)
+from benchmarks._hlo import NO_KERNEL, executable_ops
+from benchmarks.step_time import apply_step, optimizers, scanned_params
 
 # The fields XLA reads from an H100 SXM (80 GB HBM3), as ``jax.lib.xla_client.
 # get_topology_for_devices(jax.devices()).target_config`` prints them on one.
@@ -157,7 +152,7 @@ def _entry_kernels(hlo_text: str) -> tuple[list[tuple[str, int, int]], int]:
             params.append(name)
         if line.lstrip().startswith("ROOT "):
             root = operands if op == "tuple" else f"%{name}"
-        if op in _NO_KERNEL or op in ("conditional", "while"):
+        if op in NO_KERNEL or op in ("conditional", "while"):
             continue  # control flow: its operands are passed, not read
         named = re.findall(r"%([^\s,)]+)", operands)
         called = re.search(r"calls=%([\w.\-]+)", line)

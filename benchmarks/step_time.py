@@ -22,8 +22,9 @@ and prints a markdown table: wall ms per update (median, range), ratio to ``opta
 process CPU ms per update (user + sys, from ``getrusage``: the total work, less sensitive
 than wall time to other processes on a shared machine) and its ratio, the kernel's part of
 that CPU time and the minor page faults per update, what the compiled step launches
-(:func:`executable_ops`: kernels, ``while`` loops and conditionals, read from its optimized
-HLO), state bytes ÷ parameter bytes. The targets are checked on the wall-time ratio.
+(:func:`benchmarks._hlo.executable_ops`: kernels, ``while`` loops and conditionals, read
+from its optimized HLO), state bytes ÷ parameter bytes. The targets are checked on the
+wall-time ratio.
 
 Page faults: glibc hands large freed blocks back to the kernel, so an update that writes a
 fresh buffer (every optimizer's ``updates``) may pay a fault per touched page, depending on
@@ -35,8 +36,8 @@ Targets (this 2-core CPU, see ``docs/performance.md``): ``umtam(1e-3)`` ≤ 2.5�
 (``error_decay=0.0, saliency="final"``) ≤ 1.2× AdamW; lean state ≤ 0.15× parameter bytes.
 
 Hook for an end-to-end comparison (e.g. a MiniLM fine-tune step): :func:`optimizers` gives
-the optimizer factories and :func:`time_interleaved` the timing loop; a caller passes its
-own jitted ``train_step`` closures to :func:`time_interleaved`.
+the optimizer factories and :func:`benchmarks._timing.time_interleaved` the timing loop; a
+caller passes its own jitted ``train_step`` closures to it.
 """
 
 from __future__ import annotations
@@ -44,11 +45,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import re
-import resource
 import statistics
 import sys
-import time
 
 # jaxlib runs LAPACK (exact SVD, GaLore's projector SVD, UMTAM's QRs of small sketches)
 # through SciPy's OpenBLAS, whose threads fight XLA's thread pool on a small shared CPU (a
@@ -58,7 +56,7 @@ if "--openblas-default" not in sys.argv:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -75,7 +73,9 @@ from benchmarks._common import (
     tree_size,
     write_results,
 )
+from benchmarks._hlo import executable_ops
 from benchmarks._step_time_report import check_targets, report_lines
+from benchmarks._timing import time_interleaved
 
 LR = 1e-3
 
@@ -136,92 +136,6 @@ KEEP_FREED_MEMORY = {
 to the kernel, so that no update pays first-touch page faults on fresh memory (measured at
 0 to ~18,000 faults and up to ~30 ms of kernel time per update here, varying between runs
 and optimizers with the allocator's state)."""
-
-
-def time_interleaved(
-    steps: dict[str, Callable[[], Any]], *, reps: int, warmup: int
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Round-robin timing: ``steps[name]()`` runs one blocking step. Returns per-name times
-    (seconds, one per repetition) and the first-call (compile + run) time."""
-    first: dict[str, float] = {}
-    for name, step in steps.items():
-        t0 = time.perf_counter()
-        step()
-        first[name] = time.perf_counter() - t0
-        for _ in range(warmup - 1):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    usage: dict[str, list[_Usage]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            u0 = _usage()
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-            usage[name].append(_usage() - u0)
-    # Per-step process resources, same order as ``times``: CPU seconds (user + sys), the
-    # kernel's share of them and minor page faults (first touches of fresh memory).
-    time_interleaved.cpu = {n: [u.user + u.sys for u in us] for n, us in usage.items()}
-    time_interleaved.sys = {n: [u.sys for u in us] for n, us in usage.items()}
-    time_interleaved.faults = {n: [u.faults for u in us] for n, us in usage.items()}
-    return times, first
-
-
-class _Usage(NamedTuple):
-    user: float
-    sys: float
-    faults: int
-
-    def __sub__(self, other: _Usage) -> _Usage:
-        return _Usage(self.user - other.user, self.sys - other.sys, self.faults - other.faults)
-
-
-def _usage() -> _Usage:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return _Usage(usage.ru_utime, usage.ru_stime, usage.ru_minflt)
-
-
-# An instruction of an optimized HLO module: ``[ROOT] %name = <shape> opcode(...``.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[^\s=]+ = .*? ([a-z][a-z0-9-]*)\(")
-# Instructions that only name or regroup buffers: no kernel runs for them.
-_NO_KERNEL = frozenset(
-    {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "opt-barrier"}
-)
-
-
-def executable_ops(hlo_text: str) -> dict[str, int]:
-    """What one call of a compiled executable launches, read from its optimized HLO text
-    (``jax.jit(f).lower(...).compile().as_text()``).
-
-    ``kernels``: the instructions of the entry computation that run as a kernel or a
-    library call (fusions, custom calls such as cuBLAS/cuSOLVER, copies, collectives...);
-    a ``while`` loop counts once there, its body running once per iteration. ``loops`` and
-    ``conditionals``: the ``while`` and ``conditional`` instructions of the whole module
-    (a conditional's predicate is read by the host on a GPU).
-
-    Example:
-        >>> lines = ["ENTRY %main {", "  %p = f32[2]{0} parameter(0)",
-        ...          "  ROOT %f = f32[2]{0} fusion(%p), kind=kLoop", "}"]
-        >>> executable_ops("\\n".join(lines))
-        {'kernels': 1, 'loops': 0, 'conditionals': 0}
-    """
-    ops, entry = [], []
-    in_entry = False
-    for line in hlo_text.splitlines():
-        if line.startswith("ENTRY "):
-            in_entry = True
-        elif in_entry and line.startswith("}"):
-            in_entry = False
-        match = _INSTRUCTION.match(line)
-        if match:
-            ops.append(match.group(1))
-            if in_entry:
-                entry.append(match.group(1))
-    return {
-        "kernels": sum(op not in _NO_KERNEL for op in entry),
-        "loops": ops.count("while"),
-        "conditionals": ops.count("conditional"),
-    }
 
 
 def apply_step(opt: optax.GradientTransformation):
@@ -308,12 +222,13 @@ def run(
             continue
         steps[name], state_bytes = update_step(opt, params, grads, apply=apply)
         rows[name] = {"state_bytes": state_bytes, "state_ratio": state_bytes / param_bytes}
-    times, first = time_interleaved(steps, reps=reps, warmup=warmup)
+    timings = time_interleaved(steps, reps=reps, warmup=warmup)
+    times, first = timings.times, timings.first
     for name, step in steps.items():
         # After timing: the first call has compiled the step (its time includes that),
         # so this reads the cached executable instead of compiling it ahead of the call.
         rows[name].update(executable_ops(step.lower().compile().as_text()))
-    cpu, sys_time, faults = time_interleaved.cpu, time_interleaved.sys, time_interleaved.faults
+    cpu, sys_time, faults = timings.cpu, timings.sys, timings.faults
     adamw = statistics.median(times["optax.adamw"]) if "optax.adamw" in times else None
     adamw_cpu = statistics.median(cpu["optax.adamw"]) if "optax.adamw" in cpu else None
     for name, ts in times.items():

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
-from benchmarks.step_time import scanned_params, time_interleaved, update_step  # isort: skip
+from benchmarks.step_time import scanned_params, update_step  # isort: skip
+from benchmarks._timing import time_interleaved  # isort: skip
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +58,10 @@ def median_ms(fn: Callable, *args: Any, reps: int) -> float:
         True
     """
     jitted = jax.jit(fn)
-    times, _ = time_interleaved(
+    timings = time_interleaved(
         {"call": lambda: jax.block_until_ready(jitted(*args))}, reps=reps, warmup=2
     )
-    return statistics.median(times["call"]) * 1e3
+    return statistics.median(timings.times["call"]) * 1e3
 
 
 def linear_algebra(blocks: int, reps: int) -> dict[str, float]:
@@ -110,7 +111,8 @@ def updates(blocks: int, reps: int) -> dict[str, dict[str, float]]:
             step()  # traced and compiled with the change in force
         compiled_s[f"umtam, {name}"] = time.perf_counter() - t0
         steps[f"umtam, {name}"] = step
-    times, first = time_interleaved(steps, reps=reps, warmup=2)
+    timings = time_interleaved(steps, reps=reps, warmup=2)
+    times, first = timings.times, timings.first
     first.update(compiled_s)  # the UMTAM steps' first calls came before the timing loop
     adamw = statistics.median(times["optax.adamw"])
     out = {}

@@ -250,7 +250,7 @@ def test_update_memory_plans_the_whole_training_step_per_setting(monkeypatch):
 def test_step_time_records_kernel_time_and_page_faults_per_step():
     import numpy as np
 
-    from benchmarks import step_time
+    from benchmarks._timing import time_interleaved
 
     kept = []
 
@@ -259,9 +259,9 @@ def test_step_time_records_kernel_time_and_page_faults_per_step():
         kept.append(np.ones(8 << 20))
 
     steps = {"fresh": touch_fresh_memory, "idle": lambda: None}
-    times, first = step_time.time_interleaved(steps, reps=3, warmup=1)
-    cpu, kernel = step_time.time_interleaved.cpu, step_time.time_interleaved.sys
-    faults = step_time.time_interleaved.faults
+    timings = time_interleaved(steps, reps=3, warmup=1)
+    times, first, cpu, kernel = timings.times, timings.first, timings.cpu, timings.sys
+    faults = timings.faults
     assert set(first) == set(steps) and all(len(times[n]) == 3 for n in steps)
     for name in steps:
         assert all(0 <= k <= c + 1e-6 for k, c in zip(kernel[name], cpu[name], strict=True))
@@ -318,7 +318,7 @@ def test_step_time_counts_the_kernels_loops_and_conditionals_of_an_executable():
     import jax
     import jax.numpy as jnp
 
-    from benchmarks import step_time
+    from benchmarks import _hlo
 
     hlo = """HloModule m
 %body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
@@ -335,14 +335,14 @@ ENTRY %main (x: f32[4]) -> (f32[4], f32[4]) {
   ROOT %r = (f32[4]{0}, f32[4,4]{1,0}) tuple(%e, %m)
 }
 """
-    assert step_time.executable_ops(hlo) == {"kernels": 3, "loops": 1, "conditionals": 1}
+    assert _hlo.executable_ops(hlo) == {"kernels": 3, "loops": 1, "conditionals": 1}
 
     def loop(x, n):
         return jax.lax.fori_loop(0, n, lambda i, y: jnp.sin(y) * 2.0, x)
 
     x = jnp.ones(8)
     compiled = jax.jit(loop).lower(x, 3).compile()
-    ops = step_time.executable_ops(compiled.as_text())
+    ops = _hlo.executable_ops(compiled.as_text())
     assert ops["kernels"] >= 1 and ops["loops"] == 1 and ops["conditionals"] == 0
 
 
