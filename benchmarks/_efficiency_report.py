@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks._common import format_interval
+
 #: The reference every ratio is taken to.
 REFERENCE = "adamw"
 
 
 def interval_text(c: dict[str, Any], fmt: str = "{:.3f}") -> str:
-    """``mean [low, high]`` (the mean alone for one repeat)."""
-    if c["low"] is None:
-        return fmt.format(c["estimate"]) + " (one repeat)"
-    return f"{fmt.format(c['estimate'])} [{fmt.format(c['low'])}, {fmt.format(c['high'])}]"
+    """:func:`benchmarks._common.format_interval`, saying so where there was one repeat."""
+    one = c["low"] is None and c["estimate"] is not None
+    return format_interval(c, fmt) + (" (one repeat)" if one else "")
 
 
 def markdown(p: dict[str, Any], *, n_params: int, param_bytes: int) -> str:
