@@ -51,7 +51,7 @@ from etils import epath
 
 from umtam_jax import _json
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint import _integrity, _safety, _targets
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 
 MODEL_FILE = "model.safetensors"
@@ -168,6 +168,10 @@ def _is_own(path: epath.Path) -> bool:
         return False
 
 
+#: A folder written by :func:`save_safetensors`.
+SAFETENSORS = _targets.OutputKind(_is_own, MARKER_FILE)
+
+
 def _pickle_note(files: Iterable[str]) -> str:
     if not (pickles := [f for f in files if f.endswith(_PICKLES)]):
         return ""
@@ -256,7 +260,7 @@ class SafetensorsReader:
     def __init__(self, folder: str | os.PathLike, *, verify: bool = True):
         path = F._absolute(folder)
         if not path.exists():
-            _safety.recover(path, _is_own)  # a save killed in the middle of its swap
+            _safety.recover(path, SAFETENSORS)  # a save killed in the middle of its swap
         if not path.exists():
             raise FileNotFoundError(f"no safetensors model at {path}: it does not exist")
         self.is_folder = path.is_dir()

@@ -35,8 +35,8 @@ from umtam_jax.checkpoint._safetensors import (
     MARKER,
     MARKER_FILE,
     MODEL_FILE,
+    SAFETENSORS,
     SafetensorsReader,
-    _is_own,
     names_from_tree,
     tree_from_names,
 )
@@ -124,7 +124,7 @@ def save_safetensors(
       the safetensors format, https://huggingface.co/docs/safetensors
     """
     folder = F._absolute(folder)
-    _targets.check_target(folder, overwrite=overwrite, is_own=_is_own, marker=MARKER_FILE)
+    _targets.check_target(folder, overwrite=overwrite, kind=SAFETENSORS)
     if jax.process_count() > 1:
         raise ValueError("save_safetensors writes from a single process only")
     leaves = names_from_tree(tree_or_abstract)
@@ -156,7 +156,7 @@ def save_safetensors(
     get = produce if produce is not None else list(leaves.values()).__getitem__
     index = iter(range(len(leaves)))
 
-    with _safety.publishing(folder, overwrite=overwrite, is_own=_is_own) as staging:
+    with _safety.publishing(folder, overwrite=overwrite, kind=SAFETENSORS) as staging:
         os.makedirs(staging)
         meta = {"format": "pt", **user}
         for file, tensors in zip(files, shards, strict=True):

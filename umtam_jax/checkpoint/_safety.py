@@ -5,8 +5,8 @@ Every save goes through :func:`publishing`, which
 1. refuses a target it may not write (:func:`._targets.check_target`): a symbolic link,
    a path under a regular file, an existing file or folder that is not a umtam_jax
    checkpoint (even with ``overwrite``), an existing checkpoint without ``overwrite``.
-   Writers of other formats pass their own ``is_own`` test (e.g. the safetensors writer
-   recognises its marker file), so only their own earlier output is ever replaced;
+   Writers of other formats pass their own :class:`._targets.OutputKind` (e.g. the
+   safetensors writer's marker file), so only their own earlier output is ever replaced;
 2. takes an exclusive lock on the target (a hidden ``.<name>.umtam-lock`` file beside it,
    removed when the save ends), so a second writer to the same path fails at once with
    :class:`CheckpointBusyError` instead of mixing its arrays with the first one's;
@@ -58,8 +58,9 @@ from etils import epath
 from umtam_jax.checkpoint._targets import (
     _CONTENTS_FILE,
     _ORBAX_TMP_SUFFIX,
+    CHECKPOINT,
+    OutputKind,
     check_target,
-    is_checkpoint,
     is_empty_folder,
     is_local,
 )
@@ -191,30 +192,30 @@ def _locked(directory: epath.Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------- repair
 
 
-def _repair(directory: epath.Path, is_own: Callable[[epath.Path], bool] = is_checkpoint) -> None:
+def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     """Under the lock: puts back an interrupted swap's old checkpoint, drops leftovers."""
     if not directory.exists():
-        olds = [p for p in _siblings(directory, _OLD) if is_own(p)]
+        olds = [p for p in _siblings(directory, _OLD) if kind.is_own(p)]
         if olds:
             newest = max(olds, key=lambda p: p.stat().mtime)
             newest.rename(directory)
             _fsync_dir(directory.parent)
-    for kind in (_NEW, _TRASH, _OLD):  # with Orbax's temporaries of those names
-        for leftover in _siblings(directory, kind):
+    for prefix in (_NEW, _TRASH, _OLD):  # with Orbax's temporaries of those names
+        for leftover in _siblings(directory, prefix):
             _rmtree(leftover)
 
 
-def recover(directory: epath.Path, is_own: Callable[[epath.Path], bool] = is_checkpoint) -> None:
+def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     """Puts back the checkpoint of a save killed in the middle of a swap, if any.
 
     Called by the restore functions when ``directory`` does not exist; does nothing when
-    there is nothing to recover or another process holds the lock. ``is_own`` as in
+    there is nothing to recover or another process holds the lock. ``kind`` as in
     :func:`check_target`.
     """
     if directory.exists() or not _siblings(directory, _OLD):
         return
     with contextlib.suppress(CheckpointBusyError), _locked(directory):
-        _repair(directory, is_own)
+        _repair(directory, kind)
 
 
 # ----------------------------------------------------------------------------- publish
@@ -286,15 +287,15 @@ def publishing(
     directory: epath.Path,
     *,
     overwrite: bool,
-    is_own: Callable[[epath.Path], bool] = is_checkpoint,
+    kind: OutputKind = CHECKPOINT,
 ) -> Iterator[epath.Path]:
     """Yields a staging folder to write a complete checkpoint into, then publishes it.
 
     Args:
       directory: the final checkpoint path (absolute).
       overwrite: whether an existing umtam_jax checkpoint at ``directory`` may be replaced.
-      is_own: recognises the writer's own earlier output, the only thing ever replaced
-        (and the only old folder a repair puts back); see :func:`check_target`.
+      kind: the writer's own outputs, the only thing ever replaced (and the only old
+        folder a repair puts back); see :func:`check_target`.
 
     Yields:
       A path that does not exist yet; the body must create the checkpoint there. If the
@@ -304,18 +305,18 @@ def publishing(
       CheckpointBusyError: another save to ``directory`` is in progress.
       ValueError / FileExistsError / NotADirectoryError: see :func:`check_target`.
     """
-    check_target(directory, overwrite=overwrite, is_own=is_own)
+    check_target(directory, overwrite=overwrite, kind=kind)
     created = _make_parents(directory) if is_local(directory) and _is_primary() else []
     try:
         if _process_count() > 1:
-            with _publishing_collectively(directory, is_own) as staging:
+            with _publishing_collectively(directory, kind) as staging:
                 yield staging
             return
         with _locked(directory):
             _step("locked")
-            _repair(directory, is_own)
+            _repair(directory, kind)
             # Again: the repair may have put back an old folder.
-            check_target(directory, overwrite=overwrite, is_own=is_own)
+            check_target(directory, overwrite=overwrite, kind=kind)
             token = uuid.uuid4().hex[:12]
             staging = _hidden(directory, _NEW, token)
             try:
@@ -324,7 +325,7 @@ def publishing(
                 _step("staged")
                 # Again, just before the swap: the path may have changed while the
                 # checkpoint was written (a folder made there, a file put into it).
-                check_target(directory, overwrite=overwrite, is_own=is_own)
+                check_target(directory, overwrite=overwrite, kind=kind)
                 _publish(staging, directory, token, empty=is_empty_folder(directory))
             finally:
                 _discard(staging)
@@ -375,7 +376,7 @@ def _shared_token() -> str:
 
 @contextlib.contextmanager
 def _publishing_collectively(
-    directory: epath.Path, is_own: Callable[[epath.Path], bool] = is_checkpoint
+    directory: epath.Path, kind: OutputKind = CHECKPOINT
 ) -> Iterator[epath.Path]:
     """:func:`publishing` when every process of a multi-host run calls the save.
 
@@ -387,7 +388,7 @@ def _publishing_collectively(
     token = _shared_token()
     staging = _hidden(directory, _NEW, token)
     if _is_primary():
-        _repair(directory, is_own)
+        _repair(directory, kind)
     _barrier(f"umtam_checkpoint_start_{token}")
     try:
         yield staging

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from etils import epath
 
@@ -40,21 +40,35 @@ def is_checkpoint(path: epath.Path) -> bool:
     return isinstance(record, dict) and record.get("format") == _FORMAT_NAME
 
 
+class OutputKind(NamedTuple):
+    """How a writer recognises its own earlier output, the only kind it ever replaces.
+
+    Attributes:
+      is_own: whether an existing folder is such an output.
+      marker: the entry ``is_own`` looks for, named when a folder lacks it.
+    """
+
+    is_own: Callable[[epath.Path], bool]
+    marker: str
+
+
+#: A umtam_jax (Orbax) checkpoint.
+CHECKPOINT = OutputKind(is_checkpoint, "/".join(_METADATA_FILE))
+
+
 def check_target(
     directory: epath.Path,
     *,
     overwrite: bool,
-    is_own: Callable[[epath.Path], bool] = is_checkpoint,
-    marker: str = "/".join(_METADATA_FILE),
+    kind: OutputKind = CHECKPOINT,
 ) -> None:
     """Raises a clear error if a save may not write ``directory``.
 
     Args:
       directory: the path to be written.
       overwrite: whether an existing output of ours at ``directory`` may be replaced.
-      is_own: recognises an existing folder as this writer's own output (the only kind
-        ever replaced); by default a umtam_jax checkpoint.
-      marker: the entry ``is_own`` looks for, named when a folder lacks it.
+      kind: the writer's outputs (the only folders ever replaced); by default umtam_jax
+        checkpoints.
 
     Raises:
       ValueError: an empty name, a symbolic link, a file or a folder that is not a
@@ -84,10 +98,10 @@ def check_target(
             f"refusing to write checkpoint {directory}: a file of that name exists and "
             "is not a umtam_jax checkpoint (it is never replaced)"
         )
-    if not is_own(directory):
+    if not kind.is_own(directory):
         raise ValueError(
             f"refusing to write checkpoint {directory}: the folder exists and is not a "
-            f"umtam_jax output of this format (it has no valid {marker}; only such an output "
+            f"umtam_jax output of this format (it has no valid {kind.marker}; only such an output "
             "is ever replaced, even with overwrite)"
         )
     if not overwrite:

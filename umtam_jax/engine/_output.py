@@ -89,15 +89,8 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
         inputs += [(f"the Fisher or curvature of expert {i}", s.directory)
                    for i, s in enumerate(job.extras)]  # fmt: skip
     _targets.check_output_not_input(output, inputs)
-    if fmt == "safetensors":
-        _targets.check_target(
-            output,
-            overwrite=overwrite,
-            is_own=_safetensors._is_own,
-            marker=_safetensors.MARKER_FILE,
-        )
-    else:
-        _targets.check_target(output, overwrite=overwrite)
+    kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _targets.CHECKPOINT
+    _targets.check_target(output, overwrite=overwrite, kind=kind)
 
 
 def writer(
