@@ -216,3 +216,18 @@ def test_a_non_finite_input_is_one_error_naming_its_leaf(name, where):
         ).astype(np.float32)
     with pytest.raises(ValueError, match=r"\['attn'\]\['kernel'\]"):
         _call(name, base, experts, extra)
+
+
+@methods
+def test_inputs_closed_over_by_a_jitted_function_merge_as_outside_it(name):
+    """Models held fixed in a jitted function (only, say, a sweep's value traced): the
+    value checks run on the concrete inputs at trace time instead of failing on a traced
+    flag, and the merge is the eager one."""
+    base, experts, extra = _inputs(name)
+    want = _call(name, base, experts, extra)
+    got = jax.jit(lambda unused: _call(name, base, experts, extra))(0.0)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    bad = jax.tree.map(np.copy, experts)
+    bad[0]["attn"]["kernel"][0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"\['attn'\]\['kernel'\] is not finite"):
+        jax.jit(lambda unused: _call(name, base, bad, extra))(0.0)

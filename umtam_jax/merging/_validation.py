@@ -159,14 +159,16 @@ def check_finite(
     arrays = [x for _, x in named_leaves]
     if any(isinstance(x, jax.core.Tracer) for x in arrays):
         return
-    flags = jax.device_get([_all_finite(x) for x in arrays])  # dispatched first, read once
-    for (name, x), ok in zip(named_leaves, flags, strict=True):
-        if not ok:  # counted where the array lives (it may be sharded or on a device)
-            nans, infs = int(jnp.sum(jnp.isnan(x))), int(jnp.sum(jnp.isinf(x)))
-            raise ValueError(
-                f"{name} is not finite ({nans} NaN and {infs} infinite of {x.size} "
-                f"values): {problem}"
-            )
+    # Concrete inputs closed over by a function being traced are checked at trace time.
+    with jax.ensure_compile_time_eval():
+        flags = jax.device_get([_all_finite(x) for x in arrays])  # dispatched, read once
+        for (name, x), ok in zip(named_leaves, flags, strict=True):
+            if not ok:  # counted where the array lives (it may be sharded or on a device)
+                nans, infs = int(jnp.sum(jnp.isnan(x))), int(jnp.sum(jnp.isinf(x)))
+                raise ValueError(
+                    f"{name} is not finite ({nans} NaN and {infs} infinite of {x.size} "
+                    f"values): {problem}"
+                )
 
 
 def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
