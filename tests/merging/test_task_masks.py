@@ -225,6 +225,21 @@ def test_emr_matches_reference(rescale):
     })  # fmt: skip
 
 
+@pytest.mark.parametrize("rescale", ["sum", "tensor_mean"])
+def test_emr_an_empty_leaf_changes_no_rescaler(rescale):
+    """A (0, 3) tensor holds no parameter: its per-tensor mean (0/0) made every λ 1."""
+    base, experts = H.random_experts(np.random.default_rng(6), 3)
+    want = merging.emr_merge(base, experts, rescale=rescale).rescalers
+    _, _, lam, _ = ref_emr(base, experts, rescale)
+    np.testing.assert_allclose(np.asarray(want), lam, rtol=1e-6)
+    empty = lambda t: {**t, "empty": np.zeros((0, 3), np.float32)}  # noqa: E731
+    emr = merging.emr_merge(empty(base), [empty(e) for e in experts], rescale=rescale)
+    np.testing.assert_array_equal(np.asarray(emr.rescalers), np.asarray(want))
+    assert emr.unified["empty"].shape == (0, 3)
+    got = merging.emr_task_model(empty(base), emr, np.int64(1))  # a NumPy index is an index
+    assert got["empty"].shape == (0, 3)
+
+
 def test_emr_one_or_identical_experts_are_reconstructed_exactly():
     rng = np.random.default_rng(7)
     base = H.build(lambda p, s, _: rng.integers(-8, 8, s) / 4.0)  # dyadic: exact arithmetic
@@ -345,6 +360,8 @@ def test_validation_errors_name_the_parameter_or_leaf():
     emr = merging.emr_merge(base, experts)
     with pytest.raises(ValueError, match=r"task must be an expert index in \[0, 1\]"):
         merging.emr_task_model(base, emr, 2)
+    with pytest.raises(TypeError, match=r"task must be an int expert index or None, got 1.0"):
+        merging.emr_task_model(base, emr, 1.0)
     with pytest.raises(ValueError, match="not finite"):
         nan = jax.tree.map(lambda x: np.full_like(x, np.nan), experts[0])
         merging.consensus(base, [nan, experts[1]])

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._task_masks import _mask_leaves, _reconstruct, _task_vectors, _unflatten
@@ -107,6 +108,8 @@ def emr_merge(base: Any, experts: Sequence[Any], *, rescale: str = "sum") -> EMR
     acc = jnp.result_type(*[uni.dtype for uni, *_ in rows])
     num = den = jnp.zeros(len(prepared.experts), acc)
     for (_, _, before, after), b in zip(rows, prepared.base, strict=True):
+        if b.size == 0:  # an empty tensor adds nothing (its mean would be 0/0)
+            continue
         n = b.size if rescale == "tensor_mean" else 1
         num, den = num + before.astype(acc) / n, den + after.astype(acc) / n
     rescalers = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 1)
@@ -148,8 +151,11 @@ def emr_task_model(base: Any, emr: EMRMerged, task: int | None) -> Any:
     if task is None:
         masks, scale = [True] * len(unified), 1.0
     else:
-        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < k:
+        if isinstance(task, bool | np.bool_) or not isinstance(task, int | np.integer):
+            raise TypeError(f"task must be an int expert index or None, got {task!r}")
+        if not 0 <= task < k:
             raise ValueError(f"task must be an expert index in [0, {k - 1}] or None, got {task!r}")
+        task = int(task)
         masks = _mask_leaves(emr.masks[task], prepared, f"emr.masks[{task}]")
         scale = emr.rescalers[task]
     leaves = zip(prepared.base, unified, masks, strict=True)
