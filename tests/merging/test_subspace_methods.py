@@ -232,6 +232,27 @@ def test_rank_deficient_inputs_are_deterministic():
     np.testing.assert_allclose(got, [s.mean()] * 2 + [0] * 3, atol=1e-5)
 
 
+def test_small_but_resolved_singular_values_are_kept():
+    """σ = 3e-5 beside sixty σ = 1 in a 64 × 64 float32 task vector is four times the
+    SVD's resolution (64 · ε · σ₁ = 7.6e-6): kept. A cutoff scaled by ‖Δ‖_F (5.9e-5,
+    √60 times larger) dropped those four directions of a full-rank input."""
+    rng = np.random.default_rng(11)
+    u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    v, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    s = np.array([1.0] * 60 + [3e-5] * 4)
+    delta = (u * s) @ v.T
+    base, expert = {"w": np.zeros((64, 64), np.float32)}, {"w": delta.astype(np.float32)}
+    np.testing.assert_allclose(merging.tsv_merge(base, [expert])["w"], delta, atol=2e-6)
+    # Iso-C of one task: every direction with the mean σ (of the float32 input). The small
+    # directions' vectors are resolved to ~ε/3e-5 = 4e-3; dropping them moves entries by
+    # up to ~0.05.
+    u, s, vt = np.linalg.svd(expert["w"].astype(np.float64))
+    want = s.mean() * u @ vt
+    got = np.asarray(merging.iso_c(base, [expert])["w"])
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert np.abs(got - want).max() * 20 < np.abs(want - s[:60].mean() * u[:, :60] @ vt[:60]).max()
+
+
 def test_jit_with_traced_scaling():
     base, experts = _random(np.random.default_rng(9), 2, np.float32)
     base = {n: base[n] for n in ("bias", "stack")}

@@ -18,11 +18,15 @@ differences are listed in each docstring. Shared rules:
   vector, as FusionBench and the authors' code do.
 - *Numerics*: computed in float32 at least (16-bit inputs cast back), per leaf and
   jit-compatible (``scaling`` may be traced; the fractions, which set shapes, may not).
-  Singular values ``≤ max(m, n) · ε · Σ_t ‖Δ_t‖_F`` (ε the machine epsilon of the compute
-  dtype) count as zero and their directions are dropped: a rank-deficient input then has
-  a deterministic result instead of arbitrary null-space vectors (full-rank inputs are
-  unaffected). Orthogonalisation is the polar factor ``P Qᵀ`` of ``X = P S Qᵀ`` over the
-  directions with ``s > max(shape) · ε · s_max``, i.e. ``X ((XᵀX)⁺)^{1/2}``.
+  Singular values ``≤ ε · (max(m, n) · σ₁ + ρ)`` count as zero and their directions are
+  dropped (ε the machine epsilon of the compute dtype, σ₁ the largest singular value of
+  the matrix decomposed, ρ the scale of the rounding that formed it: ``Σ_t ‖Δ_t‖_F`` for
+  the sum of the task vectors, ``‖Δ_t‖_F`` for a task vector less its common part, 0 for
+  a task vector itself): a rank-deficient input then has a deterministic result instead
+  of arbitrary null-space vectors. The first term is NumPy's ``matrix_rank`` tolerance,
+  so a direction is only dropped where the SVD cannot tell it from zero.
+  Orthogonalisation is the polar factor ``P Qᵀ`` of ``X = P S Qᵀ`` over the directions
+  with ``s > max(shape) · ε · s_max``, i.e. ``X ((XᵀX)⁺)^{1/2}``.
 """
 
 from __future__ import annotations
@@ -64,24 +68,34 @@ def _mean_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any) -> jax.Array:
     return _finish(base, _sum([w.astype(dt) - b for w in ws]) / len(ws), scaling, dt)
 
 
-def _zero_cutoff(deltas: jax.Array) -> jax.Array:
-    """Per matrix ``(B, 1)``, the singular value at or below which a direction is zero."""
-    eps = max(deltas.shape[-2:]) * jnp.finfo(deltas.dtype).eps
-    return eps * jnp.sum(jnp.linalg.norm(deltas, axis=(-2, -1)), 0)[:, None]
+def _frobenius_sum(deltas: jax.Array) -> jax.Array:
+    """``Σ_t ‖Δ_t‖_F`` per matrix ``(B,)``: the scale of the rounding of ``Σ_t Δ_t``."""
+    return jnp.sum(jnp.linalg.norm(deltas, axis=(-2, -1)), 0)
+
+
+def _numerical_zeros(s: jax.Array, shape: tuple[int, ...], rounding: Any) -> jax.Array:
+    """Which singular values ``s (…, B, r)`` (descending) of matrices of ``shape`` are
+    zero to working precision: at most ``ε · (max(m, n) · σ₁ + rounding)``, the SVD's own
+    error (NumPy's ``matrix_rank`` tolerance) plus that of forming the matrix (``rounding``
+    per matrix, ``(…, B)``: ``Σ_t ‖Δ_t‖_F`` for a sum of task vectors, 0 for an input)."""
+    eps = jnp.finfo(s.dtype).eps
+    cutoff = eps * (max(shape[-2:]) * s[..., 0] + rounding)
+    return s <= cutoff[..., None]
 
 
 def _polar(x: jax.Array) -> jax.Array:
     """The polar factor ``P Qᵀ`` of ``x = P S Qᵀ`` over its nonzero singular values."""
     p, s, qh = jnp.linalg.svd(x, full_matrices=False)
-    keep = s > max(x.shape[-2:]) * jnp.finfo(x.dtype).eps * s[..., :1]
+    keep = ~_numerical_zeros(s, x.shape, 0.0)
     return (p * keep[..., None, :]) @ qh
 
 
-def _top(d: jax.Array, k: int, cutoff: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _top(d: jax.Array, k: int, rounding: Any = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The top ``k`` singular triplets of each matrix ``(..., B, m, n)``, zero-valued ones
-    set to zero: ``U (..., B, m, k)``, ``σ (..., B, k)``, ``Vᵀ (..., B, k, n)``."""
+    (:func:`_numerical_zeros`, with ``rounding``) set to zero: ``U (..., B, m, k)``,
+    ``σ (..., B, k)``, ``Vᵀ (..., B, k, n)``."""
     u, s, vh = jnp.linalg.svd(d, full_matrices=False)
-    keep = s[..., :k] > cutoff
+    keep = ~_numerical_zeros(s, d.shape, rounding)[..., :k]
     u, vh = u[..., :k] * keep[..., None, :], vh[..., :k, :] * keep[..., None]
     return u, jnp.where(keep, s[..., :k], 0), vh
 
@@ -159,7 +173,7 @@ def _tsv_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any, rank_fraction:
     deltas = _deltas(base, ws, dt)
     r = min(base.shape[-2:])
     k = max(1, int(r * (rank_fraction / len(ws))))  # FusionBench: int(r * (1 / T))
-    u, s, vh = _tasks_side_by_side(*_top(deltas, k, _zero_cutoff(deltas)))
+    u, s, vh = _tasks_side_by_side(*_top(deltas, k))
     return _finish(base, (_polar(u) * s[:, None, :]) @ _polar(vh), scaling, dt)
 
 
@@ -216,7 +230,7 @@ def _iso_c_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any) -> jax.Array
     dt = _compute_dtype(base)
     deltas = _deltas(base, ws, dt)
     u, s, vh = jnp.linalg.svd(jnp.sum(deltas, 0), full_matrices=False)
-    keep = s > _zero_cutoff(deltas)
+    keep = ~_numerical_zeros(s, deltas.shape, _frobenius_sum(deltas))
     mean = jnp.mean(jnp.where(keep, s, 0), -1)[:, None, None]
     delta = mean * ((u * keep[:, None, :]) @ vh)
     return _finish(base, delta, scaling, dt)
@@ -311,10 +325,10 @@ def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) 
         deltas = _swap(deltas)
     r = min(base.shape[-2:])
     c, s = _iso_cts_split(common_space_fraction, r, len(ws))
-    cutoff = _zero_cutoff(deltas)
-    uc, sc, vhc = _top(jnp.sum(deltas, 0), c, cutoff)
+    uc, sc, vhc = _top(jnp.sum(deltas, 0), c, _frobenius_sum(deltas))
     if s > 0:  # each task's top directions outside the common subspace
-        own = _top(deltas - uc @ (_swap(uc) @ deltas), s, cutoff)
+        residual = deltas - uc @ (_swap(uc) @ deltas)
+        own = _top(residual, s, jnp.linalg.norm(deltas, axis=(-2, -1)))
         u, sv, vh = _tasks_side_by_side(*own)
         uc, sc, vhc = (
             jnp.concatenate(x, a) for x, a in [((u, uc), -1), ((sv, sc), -1), ((vh, vhc), -2)]
