@@ -386,6 +386,36 @@ def test_any_finite_gradient_is_clipped_to_the_same_update(magnitude, lean):
     np.testing.assert_allclose(state.leaves["b"].mu, 0.1 * bias / np.linalg.norm(bias), rtol=1e-5)
 
 
+@pytest.mark.usefixtures("code_path")
+@pytest.mark.parametrize("magnitude", [1e38, 3e38])
+def test_huge_gradients_of_vmapped_leaves_are_clipped_like_single_leaves(magnitude):
+    """Grouped leaves and the layers of a scanned stack are vmapped: there XLA computed
+    ``x / max|x|`` as ``x · (1 / max|x|)``, whose reciprocal is subnormal (flushed to 0)
+    beyond ~8.5e37, so the update was 0 or NaN and the state inf or NaN."""
+    rng = np.random.default_rng(4)
+    w, b = rng.normal(size=(16, 12)), rng.uniform(0.5, 1.0, size=12)
+    w /= np.abs(w).max()  # entries of magnitude at most `magnitude`: finite in float32
+    grads = {"w1": w * magnitude, "w2": w, "b1": b * magnitude, "b2": b}
+    grads = {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}
+    params = {k: jnp.full(v.shape, 0.5, jnp.float32) for k, v in grads.items()}
+    kwargs = {"rank": 2, "min_dim_size_to_factor": 8, "svd_method": "exact"}
+
+    def run(opt, g, p):
+        return jax.jit(opt.update)(g, opt.init(p), p)[0]
+
+    want = run(umtam_jax.scale_by_umtam(**kwargs), grads, params)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(want))
+    grouped = run(umtam_jax.scale_by_umtam(group_leaves=True, **kwargs), grads, params)
+    stack = lambda t: {"blocks": {n: jnp.stack([t[n + "1"], t[n + "2"]]) for n in "wb"}}  # noqa: E731
+    scanned = umtam_jax.scale_by_umtam(row_axes=umtam_jax.scanned("blocks"), **kwargs)
+    layers = run(scanned, stack(grads), stack(params))["blocks"]
+    for name in ("w1", "w2", "b1", "b2"):
+        atol = 1e-5 * float(np.abs(want[name]).max())  # float32 rounding, not 0 or NaN
+        np.testing.assert_allclose(grouped[name], want[name], rtol=1e-4, atol=atol)
+        got = layers[name[0]][int(name[1]) - 1]
+        np.testing.assert_allclose(got, want[name], rtol=1e-4, atol=atol)
+
+
 def test_params_and_state_can_both_be_donated():
     params = {"w": jnp.ones((16, 12)), "b": jnp.zeros(12)}
     opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=8)

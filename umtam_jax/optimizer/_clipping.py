@@ -59,12 +59,26 @@ def _square_sum_parts(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, j
     return jax.lax.reduce((jnp.abs(x), jnp.ones_like(x)), (zero, zero), combine, axes)
 
 
+def _over(x: jax.Array, peak: jax.Array) -> jax.Array:
+    """``x / peak`` for a positive ``peak``, as two exact multiplications by powers of two
+    and a division by the mantissa of ``peak`` (in [0.5, 1)).
+
+    XLA may compute a division as a product with the reciprocal (it does for vmapped
+    leaves), and ``1 / peak`` is subnormal, flushed to 0, once ``peak ≳ 8.5e37`` in
+    float32. No factor here is below ``2⁻⁶⁴``.
+    """
+    mantissa, exponent = jnp.frexp(peak)
+    low = exponent // 2
+    one = jnp.ones((), x.dtype)
+    return (x * jnp.ldexp(one, -low)) * jnp.ldexp(one, low - exponent) / mantissa
+
+
 def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(peak, x / peak)`` with ``peak = max|x|`` (1 for an all-zero ``x``): the rescaling
     after which squares and their sums cannot overflow."""
     peak = jnp.max(jnp.abs(x), initial=0.0)  # initial: a zero-size leaf has peak 0
     peak = jnp.where(peak > 0, peak, 1.0)
-    return peak, x / peak
+    return peak, _over(x, peak)
 
 
 def _norm(x: jax.Array) -> jax.Array:
@@ -202,8 +216,8 @@ def clipped_square_sums(g: jax.Array, cfg: Config, row_axes: int = 1):
         col_scale, col_ssq = _square_sum_parts(g, over_rows)
         peak = jnp.max(row_scale, initial=0.0)
         peak = jnp.where(peak > 0, peak, 1.0)
-        rows_u = row_ssq * jnp.square(row_scale / peak)  # Σ_j (g_ij / peak)², at most n
-        cols_u = col_ssq * jnp.square(col_scale / peak)
+        rows_u = row_ssq * jnp.square(_over(row_scale, peak))  # Σ_j (g_ij / peak)², ≤ n
+        cols_u = col_ssq * jnp.square(_over(col_scale, peak))
         return clipped(rows_u, cols_u, peak, jnp.sqrt(jnp.sum(rows_u)))
 
     return _per_platform(g, cpu, one_pass)
