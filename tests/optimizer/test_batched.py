@@ -127,6 +127,28 @@ def test_stacked_dense_leaf_clips_each_slice():
                 assert _relative_error(updates["b"][i], expected) < 1e-8
 
 
+def test_a_stacked_per_layer_scalar_is_one_value_per_layer():
+    """A gate per layer, stacked by nnx.scan into ``[L]``: each layer clips and scales its
+    own gradient (float64 reference per layer), as the unscanned model's L scalars do.
+    Vectors used to be one dense leaf whatever ``row_axes`` said."""
+    hp = Hyper()
+    with jax.enable_x64(True):
+        params = {"blocks": {"gate": jnp.asarray([0.5, -0.25, 2.0])}}
+        opt = _opt(hp, umtam_jax.scanned("blocks"))
+        state = opt.init(params)
+        refs = [DenseReference(np.asarray(params["blocks"]["gate"][i]), hp) for i in range(3)]
+        rng = np.random.default_rng(2)
+        for _ in range(3):
+            g = rng.normal(size=3) * np.array([100.0, 1e-4, 2.0])
+            updates, state = opt.update({"blocks": {"gate": jnp.asarray(g)}}, state, params)
+            for i, ref in enumerate(refs):
+                expected = -ref.step(g[i], np.asarray(params["blocks"]["gate"][i]))
+                assert _relative_error(updates["blocks"]["gate"][i], expected) < 1e-8
+    assert umtam_jax.scanned("blocks")((jax.tree_util.DictKey("blocks"),), (3,)) == (
+        umtam_jax.MatrixAxes(1, 0)
+    )
+
+
 def test_scanned_helper_marks_only_named_subtrees():
     fn = umtam_jax.scanned("blocks")
     blocks = (jax.tree_util.DictKey("blocks"), jax.tree_util.DictKey("kernel"))

@@ -102,7 +102,8 @@ def scanned(
       axis: position of the first stacking axis: 0 for ``nnx.scan`` / ``linen.scan`` with
         the default ``variable_axes={"params": 0}``, 1 for MaxText's ``param_scan_axis=1``
         (``[d_in, L, d_out]`` kernels, ``[d, L]`` biases). A leaf with fewer than
-        ``axis + batch`` axes takes its last ``batch`` axes as the stacking axes.
+        ``axis + batch`` axes takes its last ``batch`` axes as the stacking axes; a
+        per-layer scalar (a gate stacked into ``[L]``) is one value per layer.
       inner: the view of one layer's weight (default :func:`default_row_axes`).
 
     Returns:
@@ -129,7 +130,7 @@ def scanned(
 
     def row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | MatrixAxes:
         hit = any(_key_name(k) in wanted for k in path) if wanted else len(shape) > 2
-        if not hit or len(shape) <= batch:
+        if not hit or len(shape) < batch:
             return inner(path, shape)
         first = min(axis, len(shape) - batch)
         stacked = tuple(range(first, first + batch))
@@ -233,7 +234,7 @@ def layout(
     Raises:
       ValueError: ``row_axes`` returned something that is not a valid split of ``shape``.
     """
-    if len(shape) < 2:
+    if not shape:  # a scalar: one value, nothing to split
         return Layout(None)
     spec = row_axes(path, shape)
     where = f"row_axes returned {spec!r} for {jax.tree_util.keystr(path)} of shape {shape}"
