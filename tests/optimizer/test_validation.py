@@ -166,3 +166,39 @@ def test_a_state_built_for_other_shapes_names_the_leaf_and_both_shapes(path, old
         with pytest.raises(ValueError) as error:
             update(params, state, params)
         assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rank": 4}, "has shape (2, 16, 2) for u, but this optimizer keeps shape (2, 16, 4)"),
+        ({"adaptive_rank": True}, "for u, but this optimizer keeps shape (2, 16, 4)"),
+        ({"min_dim_size_to_factor": 64}, "is factored, but this optimizer keeps a dense state"),
+        ({"row_axes": umtam_jax.scanned("blocks")}, "has shape (2, 2) for sigma, but this"),
+        ({"error_decay": 0.0}, "for dense_momentum, but this optimizer keeps no array there"),
+        ({"saliency": "final"}, "for saliency, but this optimizer keeps no array there"),
+    ],
+)
+def test_a_state_built_with_other_options_names_the_leaf_and_the_array(options, message):
+    """Resuming with a changed option: one error naming the leaf and the array that
+    differs, instead of a reshape TypeError or an AttributeError deep in the step (or,
+    for error_decay and saliency, buffers kept silently)."""
+    params = {"blocks": {"k": jnp.ones((2, 16, 12))}, "b": jnp.zeros(12)}
+    state = umtam_jax.umtam(0.1, **{**SMALL, "rank": 2}).init(params)
+    opt = umtam_jax.umtam(0.1, **{**SMALL, "rank": 2, **options})
+    where = "['b']" if "saliency" in options else "['blocks']['k']"
+    for update in (opt.update, jax.jit(opt.update)):
+        with pytest.raises(ValueError) as error:
+            update(params, state, params)
+        assert str(error.value).startswith(f"the optimizer state at {where} ")
+        assert message in str(error.value)
+        assert "built by an optimizer with other options" in str(error.value)
+
+
+def test_state_shardings_names_a_parameter_without_a_named_sharding():
+    opt = umtam_jax.umtam(1e-3)
+    abstract = {"w": jax.ShapeDtypeStruct((256, 128), jnp.float32)}  # no sharding: it crashed
+    with pytest.raises(ValueError, match=r"NamedSharding; \['w'\] has None"):
+        umtam_jax.state_shardings(opt, abstract)
+    with pytest.raises(ValueError, match="at least one parameter"):
+        umtam_jax.state_shardings(opt, {})

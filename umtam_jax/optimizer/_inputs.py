@@ -56,3 +56,35 @@ def require_float(path, dtype, what: str) -> None:
             f"{what} at {jax.tree_util.keystr(path)} has dtype {dtype}; UMTAM needs real "
             "floating-point leaves (freeze the others with optax.masked / optax.partition)"
         )
+
+
+def check_state_options(path: tuple[Any, ...], leaf: Any, built: Any) -> None:
+    """Raises ``ValueError`` unless ``leaf`` (a parameter's stored state) has the arrays
+    this optimizer's ``init`` builds for that parameter (``built``, abstract): a state of
+    an optimizer with other options (rank, row_axes, min_dim_size_to_factor, adaptive
+    rank, error_decay, saliency) would otherwise fail deep in the step, or run silently
+    with buffers the options do not ask for."""
+    where = jax.tree_util.keystr(tuple(path)) or "the root"
+    fix = (
+        "the state was built by an optimizer with other options (rank, max_rank, "
+        "adaptive_rank, row_axes, min_dim_size_to_factor, error_decay, saliency): build it "
+        "with this optimizer's init, or use the options it was built with"
+    )
+    if type(leaf) is not type(built):
+        kind = {"FactoredLeafState": "factored", "DenseLeafState": "dense"}
+        raise ValueError(
+            f"the optimizer state at {where} is {kind.get(type(leaf).__name__, '?')}, but this "
+            f"optimizer keeps a {kind[type(built).__name__]} state for that parameter: {fix}"
+        )
+    for field, got, want in zip(built._fields, leaf, built, strict=True):
+        got_shape = None if got is None else tuple(jnp.shape(got))
+        want_shape = None if want is None else tuple(want.shape)
+        if got_shape != want_shape:
+
+            def text(shape: Any) -> str:
+                return "no array" if shape is None else f"shape {shape}"
+
+            raise ValueError(
+                f"the optimizer state at {where} has {text(got_shape)} for {field}, but this "
+                f"optimizer keeps {text(want_shape)} there: {fix}"
+            )

@@ -342,9 +342,15 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
       ...                          sharding=NamedSharding(mesh, P(None, "model")))
       >>> shardings = state_shardings(umtam(1e-3), {"w": w})
     """
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not isinstance(getattr(p, "sharding", None), NamedSharding):
+            raise ValueError(
+                "state_shardings needs parameters whose .sharding is a NamedSharding; "
+                f"{jax.tree_util.keystr(path) or 'the root'} has {getattr(p, 'sharding', None)!r}"
+            )
     shardings = jax.tree.map(lambda p: p.sharding, params)
-    if not all(isinstance(s, NamedSharding) for s in jax.tree.leaves(shardings)):
-        raise ValueError("state_shardings needs parameters whose .sharding is a NamedSharding")
+    if not jax.tree.leaves(shardings):
+        raise ValueError("state_shardings needs at least one parameter")
     mesh = jax.tree.leaves(shardings)[0].mesh
     abstract = jax.eval_shape(optimizer.init, params)
     params_def = jax.tree.structure(params)

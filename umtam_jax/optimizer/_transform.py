@@ -45,7 +45,13 @@ from umtam_jax.optimizer._grouping import (
     split_batch,
     unstacked,
 )
-from umtam_jax.optimizer._inputs import any_tracer, concrete_param, flatten_like, require_float
+from umtam_jax.optimizer._inputs import (
+    any_tracer,
+    check_state_options,
+    concrete_param,
+    flatten_like,
+    require_float,
+)
 from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, layout
 from umtam_jax.optimizer._orthonormalize import full_precision
 from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
@@ -214,20 +220,23 @@ def scale_by_umtam(
     validate(cfg)
     base_key = jax.random.key(seed)
 
+    def init_leaf(index: int, path: tuple[Any, ...], param: jax.Array) -> Any:
+        """Leaf ``index``'s initial state, in the parameter's axis order."""
+        leaf_layout = _leaf_layout(cfg, path, param.shape)
+        canonical = to_canonical(param, leaf_layout.perm)
+        if leaf_layout.row_axes is None:
+            leaf = init_dense(cfg, canonical)
+        else:
+            leaf = init_factored(cfg, leaf_layout, canonical, _leaf_key(base_key, index))
+        return stored_state(leaf, leaf_layout, param.ndim)
+
     def init_fn(params):
         paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
         leaves = []
         for index, (path, param) in enumerate(paths_and_leaves):
             param = concrete_param(cfg, path, param)
             require_float(path, param.dtype, "parameter")
-            leaf_layout = _leaf_layout(cfg, path, param.shape)
-            canonical = to_canonical(param, leaf_layout.perm)
-            if leaf_layout.row_axes is None:
-                leaf = init_dense(cfg, canonical)
-            else:
-                key = _leaf_key(base_key, index)
-                leaf = init_factored(cfg, leaf_layout, canonical, key)
-            leaves.append(stored_state(leaf, leaf_layout, param.ndim))
+            leaves.append(init_leaf(index, path, param))
         return ScaleByUmtamState(
             count=jnp.zeros([], jnp.int32), leaves=jax.tree_util.tree_unflatten(treedef, leaves)
         )
@@ -262,6 +271,8 @@ def scale_by_umtam(
                     f"{jax.tree_util.keystr(path)}"
                 )
             check_state_shape(path, x, w.shape)  # static shapes: no cost per step
+            built = jax.eval_shape(functools.partial(init_leaf, len(layouts), path), w)
+            check_state_options(path, x, built)
             layouts.append(_leaf_layout(cfg, path, w.shape))
         # Every leaf is updated in canonical order (batch, rows, cols): see _axis_order.
         stored_states = leaf_states
