@@ -84,6 +84,50 @@ def test_trains_a_flax_nnx_model_with_nnx_optimizer():
     assert isinstance(stats["hidden"]["kernel"], umtam_jax.FactoredStatistics)
 
 
+def test_nnx_optimizer_state_keeps_one_structure_and_restores_with_plain_orbax(tmp_path):
+    """Flax's own checkpoint recipe: save ``nnx.state(optimizer)`` with Orbax, restore it
+    into an abstract optimizer's state. Each leaf state sat inside the parameter's Variable
+    until the first update rewrote it as a mapping: the step was traced twice and the
+    restore target no longer matched (Orbax: 'Source: MISSING Target: MISSING')."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    def make():
+        return nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+
+    tx = umtam_jax.umtam(1e-3, rank=2, min_dim_size_to_factor=8)
+    model = make()
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    traces = []
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        traces.append(1)
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+
+    before = jax.tree.structure(nnx.state(optimizer))
+    for _ in range(3):
+        step(model, optimizer, jnp.ones((4, 32)))
+    assert len(traces) == 1 and jax.tree.structure(nnx.state(optimizer)) == before
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", nnx.state(optimizer))
+    checkpointer.wait_until_finished()
+    abstract = nnx.eval_shape(lambda: nnx.Optimizer(make(), tx, wrt=nnx.Param))
+    restored = checkpointer.restore(tmp_path / "ckpt", nnx.state(abstract))
+    resumed = nnx.Optimizer(make(), tx, wrt=nnx.Param)
+    nnx.update(resumed, restored)
+    want = umtam_jax.statistics(optimizer.opt_state)
+    for form in (resumed.opt_state, nnx.state(resumed), nnx.to_pure_dict(nnx.state(resumed))):
+        got = umtam_jax.statistics(form)
+        assert jax.tree.structure(got, is_leaf=_is_stats) == jax.tree.structure(
+            want, is_leaf=_is_stats
+        )
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 # ----------------------------------------------------------------------------- field names
 
 # No clipping and a tiny eps: the statistics after one step are exact sums of squares.

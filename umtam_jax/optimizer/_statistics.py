@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -69,6 +70,16 @@ def _unwrap_variables(x: Any) -> Any:
     )
 
 
+def _is_mapping_umtam_state(x: Any) -> bool:
+    """The mapping form of a :class:`ScaleByUmtamState` (``nnx.state(optimizer)``, or its
+    ``nnx.to_pure_dict``): keys ``count`` and ``leaves``, every node under ``leaves`` a leaf
+    state in mapping form (or a placeholder of a wrapper)."""
+    if not isinstance(x, Mapping) or set(x) != {"count", "leaves"}:
+        return False
+    nodes = jax.tree.leaves(x["leaves"], is_leaf=_is_state_node)
+    return bool(nodes) and all(is_mapping_leaf_state(n) or _is_placeholder(n) for n in nodes)
+
+
 def _is_state_node(x: Any) -> bool:
     return is_leaf_state(x) or _is_placeholder(x) or is_mapping_leaf_state(x)
 
@@ -83,7 +94,9 @@ def statistics(x: Any) -> Any:
 
     Works on the state of :func:`umtam_jax.umtam` / :func:`umtam_jax.scale_by_umtam` and on
     any Optax wrapper around it (``optax.chain``, ``optax.inject_hyperparams``,
-    ``optax.MultiSteps``, ``optax.masked``, ``optax.partition``, ``optax.apply_if_finite``).
+    ``optax.MultiSteps``, ``optax.masked``, ``optax.partition``, ``optax.apply_if_finite``);
+    also on a ``flax.nnx.Optimizer``, its ``opt_state``, ``nnx.state`` of either (as Orbax
+    restores it) and their ``nnx.to_pure_dict``.
 
     Args:
       x: an optimizer state, or a statistics pytree (returned unchanged).
@@ -111,6 +124,11 @@ def statistics(x: Any) -> Any:
     if _contains_statistics(x):
         return x
     x = _unwrap_variables(x)
+    x = jax.tree.map(
+        lambda n: ScaleByUmtamState(**n) if _is_mapping_umtam_state(n) else n,
+        x,
+        is_leaf=_is_mapping_umtam_state,
+    )
     states = [
         s
         for s in jax.tree.leaves(x, is_leaf=lambda n: isinstance(n, ScaleByUmtamState))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from umtam_jax import _pytrees
 from umtam_jax.optimizer import _sharding
 from umtam_jax.optimizer._axis_order import (
     canonical_state,
@@ -55,6 +56,12 @@ from umtam_jax.optimizer._inputs import (
 from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, layout
 from umtam_jax.optimizer._orthonormalize import full_precision
 from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
+
+
+def _flatten_variables(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """``tree_flatten_with_path`` with ``flax.nnx`` Variables as leaves (their paths end
+    at the Variable, as those of the arrays ``nnx.Optimizer`` passes to ``update``)."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_pytrees.is_variable)
 
 
 def _leaf_layout(cfg: Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> Layout:
@@ -231,10 +238,12 @@ def scale_by_umtam(
         return stored_state(leaf, leaf_layout, param.ndim)
 
     def init_fn(params):
-        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        # A flax.nnx Variable counts as the array it holds: its leaf state takes its place
+        # (not inside it), so nnx.Optimizer keeps one structure from step to step.
+        paths_and_leaves, treedef = _flatten_variables(params)
         leaves = []
         for index, (path, param) in enumerate(paths_and_leaves):
-            param = concrete_param(cfg, path, param)
+            param = concrete_param(cfg, path, _pytrees.unwrap(param))
             require_float(path, param.dtype, "parameter")
             leaves.append(init_leaf(index, path, param))
         return ScaleByUmtamState(
@@ -256,12 +265,17 @@ def scale_by_umtam(
     @full_precision
     def _update(updates, state, params):
         count = optax.safe_increment(state.count)
-        grads_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        # Updates keep the gradients' structure (Variables included); the state's leaves
+        # sit where the gradients' arrays or Variables are (see init_fn).
+        treedef = jax.tree.structure(updates)
+        grads_with_path, leaves_def = _flatten_variables(updates)
         # Python scalar leaves become 0-d arrays, as optax's own transforms treat them.
-        grads_with_path = [(path, jnp.asarray(g)) for path, g in grads_with_path]
-        param_leaves = [jnp.asarray(w) for w in flatten_like(treedef, params, "params")]
-        state_leaves = flatten_like(treedef, state.leaves, "the optimizer state (from init)")
-        leaf_states = [as_leaf_state(x) for x in state_leaves]
+        grads_with_path = [(path, jnp.asarray(_pytrees.unwrap(g))) for path, g in grads_with_path]
+        param_leaves = [
+            jnp.asarray(_pytrees.unwrap(w)) for w in flatten_like(leaves_def, params, "params")
+        ]
+        state_leaves = flatten_like(leaves_def, state.leaves, "the optimizer state (from init)")
+        leaf_states = [as_leaf_state(_pytrees.unwrap(x)) for x in state_leaves]
         layouts = []
         for (path, g), w, x in zip(grads_with_path, param_leaves, leaf_states, strict=True):
             require_float(path, g.dtype, "gradient")
@@ -357,7 +371,7 @@ def scale_by_umtam(
         return (
             jax.tree_util.tree_unflatten(treedef, directions),
             ScaleByUmtamState(
-                count=count, leaves=jax.tree_util.tree_unflatten(treedef, new_states)
+                count=count, leaves=jax.tree_util.tree_unflatten(leaves_def, new_states)
             ),
         )
 
