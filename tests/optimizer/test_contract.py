@@ -199,6 +199,18 @@ def test_inject_hyperparams_gives_the_same_updates(name):
         # Static arguments keep the state's layout: no m×n buffer in lean mode either.
         chex.assert_trees_all_equal_shapes_and_dtypes(state.inner_state, plain)
         assert float(state.hyperparams["learning_rate"]) == 0.1
+        assert set(state.hyperparams).isdisjoint(umtam_jax.STATIC_HYPERPARAMS)
+
+
+def test_inject_hyperparams_keeps_buffer_dtype_static():
+    """A dtype is callable: without being static, inject_hyperparams took jnp.bfloat16 for
+    a schedule and kept a 0-valued bf16 array of it among the hyper-parameters."""
+    injected = optax.inject_hyperparams(umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS)
+    opt = injected(learning_rate=0.1, buffer_dtype=jnp.bfloat16, **CONFIGS["factored"])
+    state = opt.init(_params())
+    assert "buffer_dtype" not in state.hyperparams
+    _, state, _ = _run(opt, _params(), 2)
+    assert state.inner_state[0].leaves["kernel"].dense_momentum.dtype == jnp.bfloat16
 
 
 def test_inject_hyperparams_with_adaptive_rank_gives_the_same_updates():
