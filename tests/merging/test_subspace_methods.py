@@ -274,7 +274,7 @@ def test_validation_names_the_parameter_or_leaf():
     base, experts = _random(np.random.default_rng(10), 2, np.float32)
     with pytest.raises(ValueError, match=r"rank_fraction must lie in \(0, 1\], got 0"):
         merging.tsv_merge(base, experts, rank_fraction=0)
-    with pytest.raises(ValueError, match=r"rank_fraction must lie in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"rank_fraction must lie in \(0, 1\], got 1.5"):
         merging.tsv_merge(base, experts, rank_fraction=1.5)
     with pytest.raises(ValueError, match=r"common_space_fraction must lie in \[0, 1\]"):
         merging.iso_cts(base, experts, common_space_fraction=-0.1)

@@ -52,6 +52,26 @@ def test_ota_refuses_negative_curvature_and_zero_with_negative_power():
         merging.ota(base, experts, zero, power=-0.5)
 
 
+def test_fisher_refuses_negative_fishers_floors_and_weights():
+    """A negative Fisher entry was floored silently, a negative floor and weights of any
+    sign (summing to 0: a division by ~0) were accepted."""
+    base = {"w": jnp.zeros(3)}
+    experts = [{"w": jnp.ones(3)}, {"w": jnp.full(3, 2.0)}]
+    fishers = [{"w": jnp.ones(3)}, {"w": jnp.full(3, 3.0)}]
+    negative = [{"w": jnp.array([1.0, -2.0, 1.0])}, {"w": jnp.ones(3)}]
+    with pytest.raises(ValueError, match=r"fishers\[0\]\['w'\] has an entry -2.0: a diagonal"):
+        merging.fisher(base, experts, negative)
+    with pytest.raises(ValueError, match="fisher_floor must be ≥ 0, got -1.0"):
+        merging.fisher(base, experts, fishers, fisher_floor=-1.0)
+    for merge in (merging.fisher, merging.ota):
+        for weights in ([1.0, -1.0], [-1.0, 0.5], [0.0, 0.0]):
+            with pytest.raises(ValueError, match="weights must be non-negative with a positive"):
+                merge(base, experts, fishers, weights=weights)
+    # One expert weighted 0: the other's values (Σ c F w / Σ c F).
+    got = merging.fisher(base, experts, fishers, weights=[0.0, 1.0])
+    np.testing.assert_allclose(got["w"], experts[1]["w"])
+
+
 def test_float64_inputs_need_x64():
     base = {"w": np.zeros((3, 2))}
     experts = [{"w": np.ones((3, 2))}]

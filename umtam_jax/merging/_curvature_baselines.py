@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
+from umtam_jax.merging import _validation as V
 from umtam_jax.merging._baselines import _abs_delta, _compute_dtype, _sum
 from umtam_jax.merging._registry import SCALING, SCOPE, WEIGHTS, Param
 from umtam_jax.merging._umtam import _importance
@@ -81,24 +82,23 @@ def ota(
     )
 
 
-def _check_curvature_domain(call: pipeline.Call) -> None:
-    """OTA's ``v^power`` is defined for ``v ≥ 0`` (``v > 0`` when ``power < 0``); checked
-    outside ``jax.jit`` (one reduction per leaf), as the finite check is."""
-    curv, paths, power = call.extras, call.prepared.paths, call.options["power"]
-    flat = [
-        (i, path, c) for i, leaves in enumerate(curv) for path, c in zip(paths, leaves, strict=True)
-    ]
-    if any(isinstance(c, jax.core.Tracer) for _, _, c in flat):
-        return
+def _check_ota(call: pipeline.Call) -> None:
+    """Non-negative weights with a positive sum; OTA's ``v^power`` is defined for
+    ``v ≥ 0`` (``v > 0`` when ``power < 0``)."""
+    V.check_convex_weights(call.options["weights"])
+    power = call.options["power"]
     strict = not isinstance(power, jax.core.Tracer) and float(power) < 0
-    lows = jax.device_get([jnp.min(c, initial=jnp.inf) for _, _, c in flat])
-    for (i, path, _), low in zip(flat, lows, strict=True):
-        if low < 0 or (strict and low == 0):
-            bound = "> 0 when power < 0" if strict else "≥ 0"
-            raise ValueError(
-                f"curvatures[{i}]{path} has an entry {float(low)}: OTA needs curvatures {bound} "
-                "(v^power is not a real number otherwise)"
-            )
+    named = [
+        (f"curvatures[{i}]{path}", c)
+        for i, leaves in enumerate(call.extras)
+        for path, c in zip(call.prepared.paths, leaves, strict=True)
+    ]
+    bound = "> 0 when power < 0" if strict else "≥ 0"
+    V.check_non_negative(
+        named,
+        f"OTA needs curvatures {bound} (v^power is not a real number otherwise)",
+        strict=strict,
+    )
 
 
 @jax.jit
@@ -179,7 +179,7 @@ OTA = R.register(
             b, ws, curv, opts["weights"], opts["power"], opts["scaling"]
         ),
         extra="curvatures",
-        check=_check_curvature_domain,
+        check=_check_ota,
     )
 )
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
+from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import WEIGHTS, Param
 
 
@@ -61,6 +62,21 @@ def fisher(
     )
 
 
+def _check_fisher(call: pipeline.Call) -> None:
+    """Non-negative weights with a positive sum, Fishers and floor: a Fisher is a mean of
+    squares, and the average divides by ``Σ c F``."""
+    V.check_convex_weights(call.options["weights"])
+    floor = call.options["fisher_floor"]
+    if not isinstance(floor, jax.core.Tracer) and float(floor) < 0:
+        raise ValueError(f"fisher_floor must be ≥ 0, got {float(floor)}")
+    named = [
+        (f"fishers[{i}]{path}", f)
+        for i, leaves in enumerate(call.extras)
+        for path, f in zip(call.prepared.paths, leaves, strict=True)
+    ]
+    V.check_non_negative(named, "a diagonal Fisher is a mean of squares, never negative")
+
+
 @jax.jit
 def _fisher_leaf(base, ws, fishers, weights, fisher_floor):
     dt = jnp.promote_types(base.dtype, jnp.float32)
@@ -86,6 +102,7 @@ FISHER = R.register(
         ),
         extra="fishers",
         base_optional=True,
+        check=_check_fisher,
     )
 )
 

@@ -49,8 +49,9 @@ class Param:
       choices: the allowed strings of a ``"choice"``.
       per_expert: the key under which configuration files give it per expert
         (``weight``, ``density``), or None.
-      low, high: the closed range a ``"number"`` must lie in (None: unbounded); checked
-        when the value is known (not traced).
+      low, high: the range a ``"number"`` must lie in (None: unbounded), closed unless
+        ``low_open``; checked when the value is known (not traced).
+      low_open: whether ``low`` itself is excluded (a fraction in (0, 1]).
     """
 
     name: str
@@ -60,6 +61,7 @@ class Param:
     per_expert: str | None = None
     low: float | None = None
     high: float | None = None
+    low_open: bool = False
 
     def check(self, value: Any, k: int) -> Any:
         """The validated value (densities and weights as one entry per expert)."""
@@ -94,11 +96,12 @@ class Param:
         """A finite scalar within ``[low, high]`` (bounds checked when not traced)."""
         name = self.name if name is None else name
         V.check_finite_scalars(**{name: value})
-        if not isinstance(value, jax.core.Tracer) and (
-            (self.low is not None and float(value) < self.low)
-            or (self.high is not None and float(value) > self.high)
-        ):
-            bounds = f"[{self.low if self.low is not None else '-inf'}, "
+        traced = isinstance(value, jax.core.Tracer)
+        below = not traced and self.low is not None
+        below = below and (float(value) < self.low or self.low_open and float(value) == self.low)
+        if below or not traced and self.high is not None and float(value) > self.high:
+            bounds = "(" if self.low_open else "["
+            bounds += f"{self.low if self.low is not None else '-inf'}, "
             bounds += f"{self.high if self.high is not None else 'inf'}]"
             raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
         return V.as_scalar(value)

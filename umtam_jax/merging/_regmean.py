@@ -147,11 +147,7 @@ def _check(call: pipeline.Call) -> None:
                     f"grams[{lacking}]{path} is missing while grams[{given}]{path} is given: "
                     "every expert needs a Gram at the same leaves"
                 )
-    c = call.options["weights"]
-    if not any(isinstance(w, jax.core.Tracer) for w in c):
-        values = [float(w) for w in c]
-        if min(values) < 0 or sum(values) <= 0:
-            raise ValueError(f"weights must be non-negative with a positive sum, got {values}")
+    V.check_convex_weights(call.options["weights"])
 
 
 # --------------------------------------------------------------------------- kernel

@@ -342,13 +342,11 @@ def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) 
 # --------------------------------------------------------------------------- registry
 
 
-def _static_fraction(name: str, positive: bool):
+def _static_fraction(name: str):
     def check(call: pipeline.Call) -> None:
         value = call.options[name]
         if _traced(value):
             raise TypeError(f"{name} must be a Python number, not traced: it sets shapes")
-        if positive and float(value) <= 0:
-            raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
         call.options[name] = float(value)
 
     return check
@@ -368,12 +366,13 @@ TSV_MERGE = R.register(
                 "fraction of each matrix's rank the tasks share (k = rank·fraction/T each)",
                 low=0,
                 high=1,
+                low_open=True,
             ),
         ),
         lambda opts, b, ws, masks, scores, extras: _tsv_leaf(
             b, ws, opts["scaling"], rank_fraction=opts["rank_fraction"]
         ),
-        check=_static_fraction("rank_fraction", positive=True),
+        check=_static_fraction("rank_fraction"),
     )
 )
 ISO_C = R.register(
@@ -408,6 +407,6 @@ ISO_CTS = R.register(
             common_space_fraction=opts["common_space_fraction"],
             layout=opts["layout"],
         ),
-        check=_static_fraction("common_space_fraction", positive=False),
+        check=_static_fraction("common_space_fraction"),
     )
 )

@@ -171,6 +171,32 @@ def check_finite(
                 )
 
 
+def check_non_negative(
+    named_leaves: Sequence[tuple[str, Any]], need: str, *, strict: bool = False
+) -> None:
+    """Raises ``ValueError`` naming the first array with an entry below 0 (at or below 0
+    with ``strict``); ``need`` ends the message. Skipped for traced arrays, as
+    :func:`check_finite`."""
+    arrays = [x for _, x in named_leaves]
+    if any(isinstance(x, jax.core.Tracer) for x in arrays):
+        return
+    with jax.ensure_compile_time_eval():
+        lows = jax.device_get([jnp.min(x, initial=jnp.inf) for x in arrays])
+    for (name, _), low in zip(named_leaves, lows, strict=True):
+        if low < 0 or (strict and low == 0):
+            raise ValueError(f"{name} has an entry {float(low)}: {need}")
+
+
+def check_convex_weights(weights: Sequence[Any]) -> None:
+    """Concrete per-expert weights of a weighted average must be non-negative with a
+    positive sum (the average divides by a sum of weighted positive terms)."""
+    if any(isinstance(w, jax.core.Tracer) for w in weights):
+        return
+    values = [float(w) for w in weights]
+    if min(values) < 0 or sum(values) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {values}")
+
+
 def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
     """Validates ``base`` and ``experts`` (structure, shapes, dtypes) and flattens them.
 
