@@ -362,6 +362,9 @@ def test_validation_errors_name_the_parameter_or_leaf():
         merging.emr_task_model(base, emr, 2)
     with pytest.raises(TypeError, match=r"task must be an int expert index or None, got 1.0"):
         merging.emr_task_model(base, emr, 1.0)
+    nan = emr._replace(rescalers=emr.rescalers.at[1].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"emr.rescalers\[1\] must be finite"):
+        merging.emr_task_model(base, nan, 1)
     with pytest.raises(ValueError, match="not finite"):
         nan = jax.tree.map(lambda x: np.full_like(x, np.nan), experts[0])
         merging.consensus(base, [nan, experts[1]])

@@ -158,6 +158,7 @@ def emr_task_model(base: Any, emr: EMRMerged, task: int | None) -> Any:
         task = int(task)
         masks = _mask_leaves(emr.masks[task], prepared, f"emr.masks[{task}]")
         scale = emr.rescalers[task]
+        V.check_finite_scalars(**{f"emr.rescalers[{task}]": scale})
     leaves = zip(prepared.base, unified, masks, strict=True)
     out = [_reconstruct(b, u, m, scale) for b, u, m in leaves]
     return V.rebuild(prepared, out)

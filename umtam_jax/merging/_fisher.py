@@ -25,8 +25,10 @@ def fisher(
     """Fisher-weighted averaging: ``Σ_τ c_τ F_τ θ_τ / Σ_τ c_τ F_τ`` elementwise.
 
     ``F_τ`` is the expert's diagonal Fisher, floored at ``fisher_floor`` (so entries where
-    every Fisher is 0 fall back to the ``c``-weighted average, as in Matena & Raffel's
-    implementation), and ``c_τ`` are the optional expert weights (their ``λ_i``). When
+    every Fisher is 0 fall back to the ``c``-weighted average; Matena & Raffel's code
+    floors only the target model's Fisher and normalises each by its L2 norm, see
+    ``docs/algorithm.md`` §5.4), and ``c_τ`` are the optional expert weights (their
+    ``λ_i``, non-negative with a positive sum). When
     ``base`` is given the same average is computed on task vectors,
     ``w0 + Σ c F Δ / Σ c F`` (identical in exact arithmetic, better conditioned in floating
     point), and entries whose denominator is 0 (possible only with ``fisher_floor=0``) keep
