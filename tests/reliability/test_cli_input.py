@@ -235,6 +235,18 @@ def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatc
     assert "No space left on device" in line
     assert _files(ckpts) == before  # no output, no staging left behind
 
+    def full_tensorstore(*args, **kwargs):  # how Orbax reports it
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local file '
+            '"/x/.out.umtam-new-1/params": Failed to write 17 bytes to file 8: No space left '
+            "on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(_streaming, "_write_streaming", full_tensorstore)
+    line = _run(capsys, *TIES, "-o", "out", *extra)
+    assert line.endswith(f"cannot write {ckpts / 'out'}: No space left on device"), line
+    assert _files(ckpts) == before
+
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(ckpts / "locked"))
 

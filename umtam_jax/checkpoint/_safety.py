@@ -46,6 +46,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -308,32 +309,55 @@ def publishing(
     check_target(directory, overwrite=overwrite, kind=kind)
     created = _make_parents(directory) if is_local(directory) and _is_primary() else []
     try:
-        if _process_count() > 1:
-            with _publishing_collectively(directory, kind) as staging:
-                yield staging
-            return
-        with _locked(directory):
-            _step("locked")
-            _repair(directory, kind)
-            # Again: the repair may have put back an old folder.
-            check_target(directory, overwrite=overwrite, kind=kind)
-            token = uuid.uuid4().hex[:12]
-            staging = _hidden(directory, _NEW, token)
-            try:
-                yield staging
-                _record_contents(staging)
-                _step("staged")
-                # Again, just before the swap: the path may have changed while the
-                # checkpoint was written (a folder made there, a file put into it).
+        with _naming_the_target(directory):
+            if _process_count() > 1:
+                with _publishing_collectively(directory, kind) as staging:
+                    yield staging
+                return
+            with _locked(directory):
+                _step("locked")
+                _repair(directory, kind)
+                # Again: the repair may have put back an old folder.
                 check_target(directory, overwrite=overwrite, kind=kind)
-                _publish(staging, directory, token, empty=is_empty_folder(directory))
-            finally:
-                _discard(staging)
+                token = uuid.uuid4().hex[:12]
+                staging = _hidden(directory, _NEW, token)
+                try:
+                    yield staging
+                    _record_contents(staging)
+                    _step("staged")
+                    # Again, just before the swap: the path may have changed while the
+                    # checkpoint was written (a folder made there, a file put into it).
+                    check_target(directory, overwrite=overwrite, kind=kind)
+                    _publish(staging, directory, token, empty=is_empty_folder(directory))
+                finally:
+                    _discard(staging)
     except BaseException:
         for folder in created:  # a failed save leaves no folder it made for its output
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
+
+
+# Tensorstore (under Orbax) reports a failed write as a ValueError carrying the errno.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
+
+
+@contextlib.contextmanager
+def _naming_the_target(directory: epath.Path) -> Iterator[None]:
+    """A write that fails for a system reason (a full disk, a read-only file system) is an
+    ``OSError`` naming ``directory``, not the hidden staging path (and for Orbax outputs
+    not tensorstore's ValueError)."""
+    try:
+        yield
+    except CheckpointBusyError:
+        raise
+    except (OSError, ValueError) as err:
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None and (found := _TENSORSTORE_ERRNO.search(str(err))):
+            code = int(found.group(1))
+        if code is None:
+            raise
+        raise OSError(code, f"cannot write {directory}: {os.strerror(code)}") from None
 
 
 def _make_parents(directory: epath.Path) -> list[str]:
