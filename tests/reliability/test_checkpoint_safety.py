@@ -17,7 +17,7 @@ import pytest
 from etils import epath
 
 from umtam_jax import checkpoint, engine
-from umtam_jax.checkpoint import _safety
+from umtam_jax.checkpoint import _processes, _safety
 
 OLD = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(3, np.float32)}
 NEW = {"w": -np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(3, np.float32)}
@@ -506,9 +506,9 @@ def test_keys_with_separators_round_trip_exactly(tmp_path, tree):
 def test_multiprocess_save_publishes_from_process_zero(tmp_path, monkeypatch):
     """The collective path: a shared staging name, barriers, process 0 publishes."""
     barriers = []
-    monkeypatch.setattr(_safety, "_process_count", lambda: 2)
-    monkeypatch.setattr(_safety, "_shared_token", lambda: "sharedtoken0")
-    monkeypatch.setattr(_safety, "_barrier", barriers.append)
+    monkeypatch.setattr(_processes, "count", lambda: 2)
+    monkeypatch.setattr(_processes, "shared_token", lambda: "sharedtoken0")
+    monkeypatch.setattr(_processes, "barrier", barriers.append)
     path = tmp_path / "ckpt"
     checkpoint.save_checkpoint(path, OLD)
     checkpoint.save_checkpoint(path, NEW, overwrite=True)

@@ -25,7 +25,7 @@ from etils import epath
 from umtam_jax import _json
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _safety, _targets
+from umtam_jax.checkpoint import _integrity, _processes, _safety, _targets
 from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._safetensors import (
     _DTYPE_NAMES,
@@ -125,7 +125,7 @@ def save_safetensors(
     """
     folder = F._absolute(folder)
     _targets.check_target(folder, overwrite=overwrite, kind=SAFETENSORS)
-    if jax.process_count() > 1:
+    if _processes.count() > 1:
         raise ValueError("save_safetensors writes from a single process only")
     leaves = names_from_tree(tree_or_abstract)
     if not leaves:

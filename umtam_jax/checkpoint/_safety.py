@@ -52,10 +52,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jax
-import numpy as np
 from etils import epath
 
+from umtam_jax.checkpoint import _processes
 from umtam_jax.checkpoint._targets import (
     _CONTENTS_FILE,
     _ORBAX_TMP_SUFFIX,
@@ -307,10 +306,10 @@ def publishing(
       ValueError / FileExistsError / NotADirectoryError: see :func:`check_target`.
     """
     check_target(directory, overwrite=overwrite, kind=kind)
-    created = _make_parents(directory) if is_local(directory) and _is_primary() else []
+    created = _make_parents(directory) if is_local(directory) and _processes.is_primary() else []
     try:
         with _naming_the_target(directory):
-            if _process_count() > 1:
+            if _processes.count() > 1:
                 with _publishing_collectively(directory, kind) as staging:
                     yield staging
                 return
@@ -376,28 +375,6 @@ def _discard(staging: epath.Path) -> None:
         _rmtree(leftover)
 
 
-def _process_count() -> int:
-    return jax.process_count()
-
-
-def _is_primary() -> bool:
-    return jax.process_index() == 0
-
-
-def _barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def _shared_token() -> str:
-    """A random token, the same on every process (process 0's)."""
-    from jax.experimental import multihost_utils
-
-    mine = np.frombuffer(uuid.uuid4().hex[:12].encode(), np.uint8)
-    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine))).decode()
-
-
 @contextlib.contextmanager
 def _publishing_collectively(
     directory: epath.Path, kind: OutputKind = CHECKPOINT
@@ -409,18 +386,18 @@ def _publishing_collectively(
     no lock: the processes of one run write together, and Orbax's own synchronisation
     keeps them in step.
     """
-    token = _shared_token()
+    token = _processes.shared_token()
     staging = _hidden(directory, _NEW, token)
-    if _is_primary():
+    if _processes.is_primary():
         _repair(directory, kind)
-    _barrier(f"umtam_checkpoint_start_{token}")
+    _processes.barrier(f"umtam_checkpoint_start_{token}")
     try:
         yield staging
-        _barrier(f"umtam_checkpoint_staged_{token}")
-        if _is_primary():
+        _processes.barrier(f"umtam_checkpoint_staged_{token}")
+        if _processes.is_primary():
             _record_contents(staging)
             _publish(staging, directory, token, empty=is_empty_folder(directory))
-        _barrier(f"umtam_checkpoint_published_{token}")
+        _processes.barrier(f"umtam_checkpoint_published_{token}")
     finally:
-        if _is_primary():
+        if _processes.is_primary():
             _discard(staging)

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _safety, _targets
+from umtam_jax.checkpoint import _integrity, _processes, _safety, _targets
 from umtam_jax.checkpoint._format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -128,7 +128,7 @@ def _write(path: epath.Path, items: dict[str, E.Encoded], metadata: dict[str, An
     args[METADATA] = ocp.args.JsonSave(metadata)
     with ocp.Checkpointer(_composite_handler()) as checkpointer:
         checkpointer.save(path, args=ocp.args.Composite(**args))
-    if jax.process_index() == 0:
+    if _processes.is_primary():
         _integrity.write(path, {name: _checksums(enc) for name, enc in items.items()})
 
 
