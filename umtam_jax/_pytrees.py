@@ -1,4 +1,5 @@
-"""Pytree helpers shared by the checkpoint and merging modules: ``flax.nnx`` Variables.
+"""Pytree helpers shared by the optimizer, checkpoint and merging modules: ``flax.nnx``
+Variables, and the names in key paths.
 
 ``nnx.state(model, nnx.Param)`` holds ``nnx.Variable`` nodes, each wrapping one array
 under the key ``.value``; an optimizer state built by ``nnx.Optimizer`` holds plain arrays
@@ -34,3 +35,12 @@ def is_none_or_variable(x: Any) -> bool:
     """A leaf test for trees that hold ``None`` (a leaf without a value, e.g. a bias's
     Gram) and Variables: both count as leaves."""
     return x is None or is_variable(x)
+
+
+def key_name(entry: Any) -> Any:
+    """The name or index a key-path entry stands for (``DictKey.key``, ``GetAttrKey.name``,
+    ``SequenceKey.idx``); anything else as it is."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry

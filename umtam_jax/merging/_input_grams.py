@@ -75,13 +75,6 @@ def _recording_class(cls: type) -> type:
     return _RECORDING[cls]
 
 
-def _key(entry: Any) -> Any:
-    for name in ("key", "idx", "name"):
-        if hasattr(entry, name):
-            return getattr(entry, name)
-    return entry
-
-
 def input_grams(
     model: Any,
     params: Any,
@@ -203,7 +196,7 @@ def input_grams(
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         layout, is_leaf=_pytrees.is_none_or_variable
     )
-    paths = [tuple(_key(k) for k in kp) for kp, _ in flat]
+    paths = [tuple(_pytrees.key_name(k) for k in kp) for kp, _ in flat]
     found = {(*names[k], "kernel"): g / n if normalize else g for k, (g, n) in total.items()}
     missing = [p for p in found if p not in paths]
     if missing:

@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import jax
 
+from umtam_jax import _pytrees
+
 
 class MatrixAxes(NamedTuple):
     """The axes of one leaf: which index independent matrices (batch) and which form each
@@ -78,13 +80,6 @@ def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
     return max(len(shape) - 1, 0)
 
 
-def _key_name(key: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
-
-
 def scanned(
     *names: str, batch: int = 1, axis: int = 0, inner: RowAxesFn = default_row_axes
 ) -> Callable[[tuple[Any, ...], tuple[int, ...]], int | MatrixAxes]:
@@ -129,7 +124,7 @@ def scanned(
     wanted = set(names)
 
     def row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | MatrixAxes:
-        hit = any(_key_name(k) in wanted for k in path) if wanted else len(shape) > 2
+        hit = any(_pytrees.key_name(k) in wanted for k in path) if wanted else len(shape) > 2
         if not hit or len(shape) < batch:
             return inner(path, shape)
         first = min(axis, len(shape) - batch)
