@@ -4,6 +4,7 @@ standard error and exit status 2, writes nothing and leaves every input as it wa
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import time
@@ -221,7 +222,9 @@ def test_bad_outputs_never_touch_anything(ckpts, capsys, output, in_memory):
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
-def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatch, in_memory):
+def test_full_disk_and_unwritable_folder_give_one_line(
+    ckpts, capsys, monkeypatch, in_memory, caplog
+):
     from umtam_jax.checkpoint import _streaming
 
     def full(*args, **kwargs):
@@ -235,7 +238,8 @@ def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatc
     assert "No space left on device" in line
     assert _files(ckpts) == before  # no output, no staging left behind
 
-    def full_tensorstore(*args, **kwargs):  # how Orbax reports it
+    def full_tensorstore(*args, **kwargs):  # how Orbax reports it: logged, then raised
+        logging.getLogger("absl").error("_SignalingThread.run() raised an exception")
         raise ValueError(
             'RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local file '
             '"/x/.out.umtam-new-1/params": Failed to write 17 bytes to file 8: No space left '
@@ -245,6 +249,7 @@ def test_full_disk_and_unwritable_folder_give_one_line(ckpts, capsys, monkeypatc
     monkeypatch.setattr(_streaming, "_write_streaming", full_tensorstore)
     line = _run(capsys, *TIES, "-o", "out", *extra)
     assert line.endswith(f"cannot write {ckpts / 'out'}: No space left on device"), line
+    assert not [r for r in caplog.records if r.name == "absl"]  # no traceback logged first
     assert _files(ckpts) == before
 
     def denied(*args, **kwargs):

@@ -57,8 +57,10 @@ Exit status: 0 on success, 2 for an invalid command line, configuration, input o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 import yaml
@@ -145,10 +147,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        return run(args)
+        with _orbax_logs_silenced():
+            return run(args)
     except (ConfigError, ValueError, TypeError, OSError, yaml.YAMLError) as err:
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _orbax_logs_silenced() -> Iterator[None]:
+    """Orbax logs (through absl) each failure of its background threads with a
+    traceback, before the save re-raises it: the command reports every failure as its one
+    error line instead. Its progress logs are not for a command-line user either."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":
