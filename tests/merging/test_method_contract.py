@@ -231,3 +231,17 @@ def test_inputs_closed_over_by_a_jitted_function_merge_as_outside_it(name):
     bad[0]["attn"]["kernel"][0, 0] = np.nan
     with pytest.raises(ValueError, match=r"\['attn'\]\['kernel'\] is not finite"):
         jax.jit(lambda unused: _call(name, base, bad, extra))(0.0)
+
+
+@methods
+def test_inputs_passed_to_a_jitted_function_merge_as_outside_it(name):
+    """Every array traced (the usual jit): value checks are skipped, nothing is computed
+    at trace time (a base=None method built its zero base eagerly, as a model-sized
+    constant, and multislerp's check read traced experts)."""
+    base, experts, extra = _inputs(name)
+    method = merging.METHODS[name]
+    bases = [base, None] if method.base_optional else [base]
+    for b in bases:
+        want = _call(name, b, experts, extra)
+        got = jax.jit(lambda b, e, x: _call(name, b, e, x))(b, experts, extra)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)

@@ -104,15 +104,9 @@ def plan(
     TypeError naming the option, the tree or the leaf path.
 
     Inside a traced function (``jax.jit``), inputs it closes over are concrete: their
-    value checks run at trace time; traced inputs are only checked for shape and dtype.
+    value checks run at trace time (``jax.ensure_compile_time_eval`` in each check);
+    traced inputs are only checked for shape and dtype.
     """
-    with jax.ensure_compile_time_eval():
-        return _plan(method, base, experts, extra, kwargs, checked)
-
-
-def _plan(
-    method: Method, base: Any, experts: Any, extra: Any, kwargs: Mapping[str, Any], checked: bool
-) -> Call:
     # Scalar options are checked first: no input is touched for a typo.
     options = dict(kwargs) if checked else check_options(method, kwargs)
     if method.single_expert:

@@ -131,13 +131,18 @@ def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
 def _check_multislerp(call: pipeline.Call) -> None:
     _check_weight_sum(call, "normalize_weights")
     opts, p = call.options, call.prepared
-    if len(p.experts) < 3 or _traced(*p.base, opts["eps"], *opts["weights"]):
+    leaves = [*p.base, *(x for ws in p.experts for x in ws)]
+    if len(p.experts) < 3 or _traced(*leaves, opts["eps"], *opts["weights"]):
         return
     w, nw, eps = opts["weights"], opts["normalize_weights"], opts["eps"]
     columns = [[ws[j] for ws in p.experts] for j in range(len(p.base))]
-    flags = jax.device_get(
-        [_multislerp_degenerate(b, col, w, nw, eps) for b, col in zip(p.base, columns, strict=True)]
-    )
+    with jax.ensure_compile_time_eval():  # concrete inputs closed over by a jitted function
+        flags = jax.device_get(
+            [
+                _multislerp_degenerate(b, col, w, nw, eps)
+                for b, col in zip(p.base, columns, strict=True)
+            ]
+        )
     for path, bad in zip(p.paths, flags, strict=True):
         if bad:
             raise ValueError(

@@ -76,7 +76,12 @@ def is_array(x: Any) -> bool:
 
 def as_array(x: Any) -> jax.Array:
     # jnp.asarray never writes to a NumPy input; it copies (or aliases read-only) its data.
-    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+    # A NumPy input closed over by a traced function stays concrete (not a traced
+    # constant), so its values are still checked.
+    if isinstance(x, jax.Array):
+        return x
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(x)
 
 
 def _with_variables(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
