@@ -232,6 +232,31 @@ def test_rank_deficient_inputs_are_deterministic():
     np.testing.assert_allclose(got, [s.mean()] * 2 + [0] * 3, atol=1e-5)
 
 
+def test_iso_cts_keeps_no_direction_outside_the_tasks_span():
+    """Three rank-2 task vectors: the merge spans their six directions and no more. Each
+    task's residual after the common subspace is rounding noise of the common basis; with
+    a cutoff at the residual's own scale those noise directions were kept at weight σ̄."""
+    rng = np.random.default_rng(12)
+    n = 48
+    tasks = [rng.standard_normal((n, 2)) @ rng.standard_normal((2, n)) * 0.01 for _ in range(3)]
+    base = {"w": np.zeros((n, n), np.float32)}
+    merged = merging.iso_cts(base, [{"w": t.astype(np.float32)} for t in tasks])["w"]
+    s = np.linalg.svd(np.asarray(merged, np.float64), compute_uv=False)
+    assert int(np.sum(s > 1e-3 * s[0])) == 6, s[:8]
+
+
+@pytest.mark.parametrize("name", ["tsv_merge", "iso_c", "iso_cts"])
+def test_products_of_svd_factors_run_at_full_float32_precision(name):
+    """GPU/TPU default float32 matmuls run as TF32/bf16 passes (~1e-3 relative error), far
+    above the cutoffs that tell a direction from rounding noise."""
+    base = {"w": jnp.zeros((8, 6))}
+    experts = [{"w": jnp.ones((8, 6))}, {"w": -jnp.ones((8, 6))}]
+    fn = getattr(merging, name)
+    text = jax.jit(lambda b, e: fn(b, e)).lower(base, experts).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert dots and all("HIGHEST" in line for line in dots)
+
+
 def test_small_but_resolved_singular_values_are_kept():
     """σ = 3e-5 beside sixty σ = 1 in a 64 × 64 float32 task vector is four times the
     SVD's resolution (64 · ε · σ₁ = 7.6e-6): kept. A cutoff scaled by ‖Δ‖_F (5.9e-5,

@@ -21,8 +21,9 @@ differences are listed in each docstring. Shared rules:
   Singular values ``≤ ε · (max(m, n) · σ₁ + ρ)`` count as zero and their directions are
   dropped (ε the machine epsilon of the compute dtype, σ₁ the largest singular value of
   the matrix decomposed, ρ the scale of the rounding that formed it: ``Σ_t ‖Δ_t‖_F`` for
-  the sum of the task vectors, ``‖Δ_t‖_F`` for a task vector less its common part, 0 for
-  a task vector itself): a rank-deficient input then has a deterministic result instead
+  the sum of the task vectors, ``max(m, n) · Σ_t ‖Δ_t‖_F`` for a task vector less its
+  common part (the error of the common basis, from the SVD of the sum), 0 for a task
+  vector itself): a rank-deficient input then has a deterministic result instead
   of arbitrary null-space vectors. The first term is NumPy's ``matrix_rank`` tolerance,
   so a direction is only dropped where the SVD cannot tell it from zero.
   Orthogonalisation is the polar factor ``P Qᵀ`` of ``X = P S Qᵀ`` over the directions
@@ -38,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax._precision import full_precision
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _compute_dtype, _sum
@@ -163,6 +165,7 @@ def tsv_merge(
     )
 
 
+@full_precision
 @functools.partial(jax.jit, static_argnames="rank_fraction")
 def _tsv_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any, rank_fraction: float):
     if base.size == 0:
@@ -221,6 +224,7 @@ def iso_c(base: Any, experts: Sequence[Any], *, scaling: float = 1.0) -> Any:
     return pipeline.merge(ISO_C, base, experts, None, scaling=scaling)
 
 
+@full_precision
 @jax.jit
 def _iso_c_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any) -> jax.Array:
     if base.size == 0:
@@ -313,6 +317,7 @@ def _iso_cts_split(fraction: float, r: int, t: int) -> tuple[int, int]:
     return r - specific, specific // t
 
 
+@full_precision
 @functools.partial(jax.jit, static_argnames=("common_space_fraction", "layout"))
 def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) -> jax.Array:
     if base.size == 0:
@@ -327,8 +332,10 @@ def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) 
     c, s = _iso_cts_split(common_space_fraction, r, len(ws))
     uc, sc, vhc = _top(jnp.sum(deltas, 0), c, _frobenius_sum(deltas))
     if s > 0:  # each task's top directions outside the common subspace
+        # The common basis comes from the SVD of the sum, exact to that SVD's error:
+        # a task inside the common subspace leaves a residual of that size, noise.
         residual = deltas - uc @ (_swap(uc) @ deltas)
-        own = _top(residual, s, jnp.linalg.norm(deltas, axis=(-2, -1)))
+        own = _top(residual, s, max(deltas.shape[-2:]) * _frobenius_sum(deltas))
         u, sv, vh = _tasks_side_by_side(*own)
         uc, sc, vhc = (
             jnp.concatenate(x, a) for x, a in [((u, uc), -1), ((sv, sc), -1), ((vh, vhc), -2)]

@@ -13,10 +13,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from umtam_jax._precision import full_precision
 from umtam_jax.optimizer import _nd, _sharding
 from umtam_jax.optimizer._orthonormalize import (
     flat_stack,
-    full_precision,
     group_by_width,
     orthonormalize_many,
     unstack,

@@ -20,25 +20,13 @@ conditional-free passes, :func:`_orthonormalize_tall`.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from umtam_jax._precision import full_precision
 from umtam_jax.optimizer import _sharding
-
-
-def full_precision(fn):
-    """Runs ``fn``'s matmuls in full float32: on GPU/TPU the default precision (TF32/bf16
-    passes) leaves the Gram-based bases ~1e-4 away from orthonormal (measured on an H100)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.default_matmul_precision("highest"):
-            return fn(*args, **kwargs)
-
-    return wrapped
 
 
 def _householder(y: jax.Array) -> jax.Array:

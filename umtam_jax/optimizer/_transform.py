@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from umtam_jax import _pytrees
+from umtam_jax._precision import full_precision
 from umtam_jax.optimizer import _sharding
 from umtam_jax.optimizer._axis_order import (
     canonical_state,
@@ -54,7 +55,6 @@ from umtam_jax.optimizer._inputs import (
     require_float,
 )
 from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, layout
-from umtam_jax.optimizer._orthonormalize import full_precision
 from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
 
 
