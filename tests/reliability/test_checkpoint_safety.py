@@ -3,6 +3,7 @@ locking, leftovers of killed saves, checksums and exact round trips of awkward k
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import pathlib
@@ -11,6 +12,7 @@ import sys
 import textwrap
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -520,3 +522,34 @@ def test_multiprocess_save_publishes_from_process_zero(tmp_path, monkeypatch):
     assert len(barriers) == 6
     chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW)
     assert _hidden_leftovers(path) == []
+
+
+def test_a_failed_write_names_the_output_and_a_failed_read_keeps_its_own_error(tmp_path):
+    """A full disk while writing is one OSError naming the output (not the hidden staging
+    folder, not tensorstore's ValueError); an input that cannot be read while the output
+    is written keeps its own error, naming the input."""
+    like = {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}
+    out = tmp_path / "out"
+
+    def missing_input(i):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/e1/model")
+
+    with pytest.raises(FileNotFoundError, match="/data/e1/model"):
+        checkpoint.save_params_streaming(out, like, missing_input)
+
+    def full_disk(i):
+        raise ValueError(
+            f'RESOURCE_EXHAUSTED: Error writing "w" at local file "{tmp_path}/.out.umtam-new-'
+            "abc/params\": No space left on device [os_error_code='28']"
+        )
+
+    with pytest.raises(OSError, match=f"cannot write {out}: No space left on device") as err:
+        checkpoint.save_params_streaming(out, like, full_disk)
+    assert err.value.errno == errno.ENOSPC and isinstance(err.value.__cause__, ValueError)
+
+    def denied_in_staging(i):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{tmp_path}/.out.umtam-new-x/a")
+
+    with pytest.raises(PermissionError, match=f"cannot write {out}: Permission denied"):
+        checkpoint.save_params_streaming(out, like, denied_in_staging)
+    assert os.listdir(tmp_path) == []
