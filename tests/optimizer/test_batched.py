@@ -149,6 +149,14 @@ def test_a_stacked_per_layer_scalar_is_one_value_per_layer():
     )
 
 
+def test_a_row_axes_callable_failing_on_a_vector_names_the_leaf():
+    """row_axes sees vectors too: a callable written for matrices (``shape[-2]``) fails
+    there, with the leaf named instead of a bare IndexError."""
+    opt = umtam_jax.umtam(1e-3, row_axes=lambda p, s: 1 if s[-2] > 0 else 0)
+    with pytest.raises(ValueError, match=r"row_axes raised IndexError for \['b'\] of shape \(3,\)"):
+        opt.init({"w": jnp.ones((4, 3)), "b": jnp.ones(3)})
+
+
 def test_scanned_helper_marks_only_named_subtrees():
     fn = umtam_jax.scanned("blocks")
     blocks = (jax.tree_util.DictKey("blocks"), jax.tree_util.DictKey("kernel"))

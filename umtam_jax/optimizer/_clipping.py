@@ -65,7 +65,8 @@ def _over(x: jax.Array, peak: jax.Array) -> jax.Array:
 
     XLA may compute a division as a product with the reciprocal (it does for vmapped
     leaves), and ``1 / peak`` is subnormal, flushed to 0, once ``peak ≳ 8.5e37`` in
-    float32. No factor here is below ``2⁻⁶⁴``.
+    float32. Each factor is at least about ``1 / √peak``, a normal number in any float
+    dtype.
     """
     mantissa, exponent = jnp.frexp(peak)
     low = exponent // 2

@@ -231,8 +231,12 @@ def layout(
     """
     if not shape:  # a scalar: one value, nothing to split
         return Layout(None)
-    spec = row_axes(path, shape)
-    where = f"row_axes returned {spec!r} for {jax.tree_util.keystr(path)} of shape {shape}"
+    leaf = f"{jax.tree_util.keystr(path) or 'the root'} of shape {shape}"
+    try:
+        spec = row_axes(path, shape)
+    except Exception as err:  # a user's callable: name the leaf it failed on
+        raise ValueError(f"row_axes raised {type(err).__name__} for {leaf}: {err}") from err
+    where = f"row_axes returned {spec!r} for {leaf}"
     batch, rows = _validated_positions(spec, shape, where)
     cols = tuple(i for i in range(len(shape)) if i not in batch + rows)
     nb, k = len(batch), len(rows)

@@ -276,7 +276,7 @@ def scale_by_umtam(
         ]
         state_leaves = flatten_like(leaves_def, state.leaves, "the optimizer state (from init)")
         leaf_states = [as_leaf_state(_pytrees.unwrap(x)) for x in state_leaves]
-        layouts = []
+        layouts, built = [], {}
         for (path, g), w, x in zip(grads_with_path, param_leaves, leaf_states, strict=True):
             require_float(path, g.dtype, "gradient")
             if g.shape != w.shape:
@@ -285,9 +285,13 @@ def scale_by_umtam(
                     f"{jax.tree_util.keystr(path)}"
                 )
             check_state_shape(path, x, w.shape)  # static shapes: no cost per step
-            built = jax.eval_shape(functools.partial(init_leaf, len(layouts), path), w)
-            check_state_options(path, x, built)
-            layouts.append(_leaf_layout(cfg, path, w.shape))
+            leaf_layout = _leaf_layout(cfg, path, w.shape)
+            # What init builds for this leaf (abstract; one trace per layout and dtype).
+            like = (leaf_layout, w.shape, w.dtype)
+            if like not in built:
+                built[like] = jax.eval_shape(functools.partial(init_leaf, 0, path), w)
+            check_state_options(path, x, built[like])
+            layouts.append(leaf_layout)
         # Every leaf is updated in canonical order (batch, rows, cols): see _axis_order.
         stored_states = leaf_states
         grads = [
