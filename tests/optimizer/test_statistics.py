@@ -235,3 +235,22 @@ def test_final_saliency_takes_nnx_state_parameters():
             delta = w["layers"][layer][name] - w0["layers"][layer][name]
             want = delta**2 * root
             np.testing.assert_allclose(got["layers"][layer][name], want, rtol=2e-5)
+
+
+def test_state_shardings_line_up_with_an_nnx_optimizer_state():
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("model",))
+    model = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    nnx.update(model, params)
+    tx = umtam_jax.umtam(1e-3, rank=2, min_dim_size_to_factor=8)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    shardings = umtam_jax.state_shardings(tx, nnx.state(model, nnx.Param))
+    pure = nnx.as_pure(optimizer.opt_state)
+    assert jax.tree.structure(shardings) == jax.tree.structure(pure)
+    placed = jax.tree.map(lambda s, x: x.sharding.is_equivalent_to(s, x.ndim), shardings, pure)
+    assert all(jax.tree.leaves(placed))
