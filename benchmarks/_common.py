@@ -328,6 +328,9 @@ def _section(record: dict[str, Any], stem: str) -> str:
     if commit:
         dirty = (record.get("git") or {}).get("dirty")
         meta.append(f"commit {commit[:10]}" + (" with local changes" if dirty else ""))
+    parts = (record.get("result") or {}).get("part_commits") or []
+    if len(parts) > 1:
+        meta.append("its parts measured at commits " + ", ".join(c[:10] for c in parts))
     versions = env.get("packages") or env
     names = ("jax", "optax", "flax")
     if any(versions.get(k) for k in names):
@@ -409,12 +412,20 @@ def recorded_run(
     """
     if path.exists() and not fresh:
         try:
-            rec = json.loads(path.read_text())["result"]
-        except (OSError, ValueError, KeyError):
+            record = json.loads(path.read_text())
+            rec = record["result"]
+        except (OSError, ValueError, KeyError, TypeError):
             rec = None
         if isinstance(rec, dict) and rec.get("signature") == signature:
             print(f"{label}: read back {path}", flush=True)
-            return rec
+            return {**rec, "git": record.get("git")}  # the code that measured it
     rec = {"signature": signature, **run()}
     write_results(path.stem, rec, "", results_dir=path.parent, title=title, env=env)
-    return rec
+    return {**rec, "git": git_commit()}
+
+
+def commits_of(parts: list[dict[str, Any]]) -> list[str]:
+    """The commits the parts returned by :func:`recorded_run` were measured at (a
+    benchmark resumed after the code changed combines several; its summary says so)."""
+    found = {(p.get("git") or {}).get("commit") for p in parts}
+    return sorted(c for c in found if c)

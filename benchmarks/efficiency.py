@@ -50,6 +50,7 @@ import umtam_jax
 from benchmarks._common import (
     LEAN_UMTAM,
     RESULTS_DIR,
+    commits_of,
     cpu_info,
     environment,
     recorded_run,
@@ -372,6 +373,7 @@ def main(argv=None) -> dict[str, Any]:
         "over_repeats": over,
         "claim_check": over["claim_check"],
         "repeat_records": [str(p.relative_to(rdir)) for p in paths],
+        "part_commits": commits_of(repeats),
         "wall_s_by_repeat": [r["wall_s"] for r in repeats],
     }
     md = markdown(payload, n_params=n_params, param_bytes=param_bytes)

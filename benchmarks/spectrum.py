@@ -39,7 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, environment, recorded_run, t_interval, write_results
+from benchmarks._common import (
+    RESULTS_DIR,
+    commits_of,
+    environment,
+    recorded_run,
+    t_interval,
+    write_results,
+)
 from benchmarks._lm_training import DEFAULT, QUICK, base_transform, gpt_config, make_tx, set_lr
 from benchmarks._spectrum_report import CLAIM, markdown, plot
 from umtam_jax import ScaleByUmtamState
@@ -398,7 +405,7 @@ def main(argv=None) -> dict[str, Any]:
         )
         for s in seeds
     ]  # fmt: skip
-    first = {k: v for k, v in runs[0].items() if k != "signature"}
+    first = {k: v for k, v in runs[0].items() if k not in ("signature", "git")}
     payload = {
         "size": "quick" if args.quick else "default",
         "config": signature["config"],
@@ -410,6 +417,7 @@ def main(argv=None) -> dict[str, Any]:
         **first,
         "over_seeds": combine_seeds(runs),
         "seed_records": [str((sub / f"{name}_seed{s}.json").relative_to(rdir)) for s in seeds],
+        "part_commits": commits_of(runs),
         "wall_s_by_seed": [run["wall_s"] for run in runs],
         "plot": None if args.no_plot else f"{name}.png",
     }

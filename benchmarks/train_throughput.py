@@ -90,6 +90,7 @@ from benchmarks._common import (
     LEAN_UMTAM,
     RESULTS_DIR,
     ROOT,
+    commits_of,
     cpu_info,
     environment,
     tree_bytes,
@@ -467,6 +468,7 @@ def main(argv=None) -> dict[str, Any]:
         "over_repeats": over,
         "targets": targets,
         "repeat_records": [str(p.relative_to(rdir)) for p in paths],
+        "part_commits": commits_of(repeats),
         "wall_s_by_repeat": [r["wall_s"] for r in repeats],
     }
     md = markdown(payload)

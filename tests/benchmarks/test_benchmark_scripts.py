@@ -656,9 +656,20 @@ def test_recorded_run_reads_a_matching_record_back_and_reruns_otherwise(tmp_path
 
     path = tmp_path / "parts" / "x_seed0.json"
     first = _common.recorded_run("[x] seed 0", {"seed": 0}, path, False, run, title="x", env={})
-    assert first == {"signature": {"seed": 0}, "value": 1} and path.exists()
+    assert {k: v for k, v in first.items() if k != "git"} == {"signature": {"seed": 0}, "value": 1}
+    assert first["git"] == _common.git_commit() and path.exists()
     again = _common.recorded_run("[x] seed 0", {"seed": 0}, path, False, run, title="x", env={})
     assert again == first and len(calls) == 1  # read back, not run
+    # A part read back names the commit that measured it, and a summary every commit.
+    record = json.loads(path.read_text())
+    record["git"] = {"commit": "0" * 40, "dirty": False}
+    path.write_text(json.dumps(record))
+    older = _common.recorded_run("[x] seed 0", {"seed": 0}, path, False, run, title="x", env={})
+    assert older["git"]["commit"] == "0" * 40
+    if first["git"]["commit"]:  # a git checkout
+        assert _common.commits_of([older, first]) == sorted(["0" * 40, first["git"]["commit"]])
+    section = _common._section({"result": {"part_commits": ["a" * 40, "b" * 40]}}, "x")
+    assert "its parts measured at commits aaaaaaaaaa, bbbbbbbbbb" in section
     other = _common.recorded_run("[x] seed 0", {"seed": 1}, path, False, run, title="x", env={})
     assert other["value"] == 2  # another signature: run again
     fresh = _common.recorded_run("[x] seed 0", {"seed": 1}, path, True, run, title="x", env={})
