@@ -451,6 +451,34 @@ def test_an_interrupted_replacement_is_put_back(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ours"]
 
 
+@pytest.mark.parametrize("opener", ["restore_params", "save_checkpoint"])
+def test_the_other_formats_reader_or_writer_puts_an_interrupted_output_back(
+    tmp_path, monkeypatch, opener
+):
+    """A safetensors replacement killed between its two renames leaves the old folder at a
+    hidden name; an Orbax reader or writer opening the path deleted it (the only copy),
+    as it was not an Orbax checkpoint. It is put back, and the opener refuses it."""
+    ours = save_safetensors(tmp_path / "ours", {"w": np.ones(3)})
+
+    def crash(step):
+        if step == "retired":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_safety, "_use_exchange", False)
+    monkeypatch.setattr(_safety, "_step_hook", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_safetensors(ours, {"w": np.zeros(3)}, overwrite=True)
+    monkeypatch.setattr(_safety, "_step_hook", None)
+    assert not ours.exists()
+    with pytest.raises((ValueError, FileNotFoundError), match="not a umtam_jax"):
+        if opener == "restore_params":
+            restore_params(ours)
+        else:
+            save_checkpoint(ours, {"w": np.zeros(3)}, overwrite=True)
+    trees.assert_trees_bitwise_equal(read_all(ours)["w"], np.ones(3))
+    assert os.listdir(tmp_path) == ["ours"]
+
+
 # ----------------------------------------------------------------------------- converters
 
 

@@ -7,6 +7,8 @@ import errno
 import glob
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -98,6 +100,39 @@ def test_overwrite_refuses_an_output_holding_what_its_save_did_not_write(tmp_pat
             fmt,
             overwrite=True,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_overwrite_refuses_files_added_in_subfolders_or_edited_since(tmp_path, fmt):
+    """The record of what a save wrote covers every file of the output, with its size and
+    modification time: a note put into one of its folders, or a file of it edited by
+    hand (a model card, a config), is not deleted by the next overwrite."""
+    save = checkpoint.save_checkpoint if fmt == "orbax" else checkpoint.save_safetensors
+    path = tmp_path / "model"
+    save(path, OLD)
+    inner = sorted(p for p in path.rglob("*") if p.is_dir())
+    if inner:  # Orbax's item folders
+        (inner[0] / "MY_NOTES.txt").write_text("keep me")
+        shown = f"{inner[0].relative_to(path)}/MY_NOTES.txt"
+    else:  # a safetensors folder has none: make one, it counts as added
+        (path / "notes").mkdir()
+        (path / "notes" / "x.txt").write_text("keep me")
+        shown = "notes"
+    before = _tree_files(tmp_path)
+    with pytest.raises(ValueError, match=f"holds {re.escape(shown)}, which umtam_jax"):
+        save(path, NEW, overwrite=True)
+    assert _tree_files(tmp_path) == before
+    for extra in path.rglob("*"):
+        if extra.name in ("MY_NOTES.txt", "x.txt", "notes"):
+            shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+    ours = next(
+        p
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and "json" in p.name and p.name != ".umtam-contents.json"
+    )
+    ours.write_text(ours.read_text() + " ")  # edited by hand
+    with pytest.raises(ValueError, match=f"holds {re.escape(str(ours.relative_to(path)))}"):
+        save(path, NEW, overwrite=True)
 
 
 @pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
@@ -331,15 +366,22 @@ def test_killed_streaming_write_leaves_nothing_at_the_path(tmp_path):
 def test_stale_leftovers_removed_and_neighbours_untouched(tmp_path):
     path = tmp_path / "ckpt"
     stale = (
-        ".ckpt.umtam-new-abc",
-        ".ckpt.umtam-trash-abc",
-        ".ckpt.umtam-new-abc.orbax-checkpoint-tmp-1",
+        ".ckpt.umtam-new-0123456789ab",
+        ".ckpt.umtam-trash-0123456789ab",
+        ".ckpt.umtam-new-0123456789ab.orbax-checkpoint-tmp-1",
     )
     for name in stale:
         (tmp_path / name / "params").mkdir(parents=True)
         (tmp_path / name / "params" / "junk").write_bytes(b"0" * 1000)
     # Not derived from a save of ours to ckpt: never deleted (an Orbax save of another tool).
-    neighbours = [".ckpt2.umtam-new-abc", "ckpt.txt", ".ckpt", "ckpt.orbax-checkpoint-tmp-1"]
+    # Nor a user's folder that only starts like a leftover (no 12-hex-digit token).
+    neighbours = [
+        ".ckpt2.umtam-new-0123456789ab",
+        "ckpt.txt",
+        ".ckpt",
+        "ckpt.orbax-checkpoint-tmp-1",
+    ]
+    neighbours += [".ckpt.umtam-new-mybackup", ".ckpt.umtam-trash-notes"]
     for name in neighbours:
         (tmp_path / name).write_text("mine")
     checkpoint.save_checkpoint(path, OLD)

@@ -61,6 +61,7 @@ from umtam_jax.checkpoint._targets import (
     CHECKPOINT,
     OutputKind,
     check_target,
+    contents,
     is_empty_folder,
     is_local,
 )
@@ -100,7 +101,15 @@ def _with_prefix(folder: epath.Path, prefix: str) -> list[epath.Path]:
 
 
 def _siblings(directory: epath.Path, kind: str) -> list[epath.Path]:
-    return _with_prefix(directory.parent, f".{directory.name}.{kind}")
+    """The hidden entries a save to ``directory`` names ``kind`` (:func:`_hidden` with a
+    token of 12 hex digits, with Orbax's temporaries of those names): the exact pattern,
+    so a user's ``.ck.umtam-new-backup`` is never taken for one."""
+    pattern = re.compile(
+        rf"\.{re.escape(directory.name)}\.{re.escape(kind)}[0-9a-f]{{12}}"
+        rf"({re.escape(_ORBAX_TMP_SUFFIX)}.*)?"
+    )
+    return [p for p in _with_prefix(directory.parent, f".{directory.name}.{kind}")
+            if pattern.fullmatch(p.name)]  # fmt: skip
 
 
 def _rmtree(path: epath.Path) -> None:
@@ -142,10 +151,12 @@ def write_synced(path: epath.Path, text: str) -> None:
 
 
 def _record_contents(staging: epath.Path) -> None:
-    """Writes the names of the staged folder's entries into the folder (see
-    :func:`._targets._added_entries`)."""
-    names = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
-    write_synced(staging / _CONTENTS_FILE, json.dumps(names))
+    """Writes what the staged folder holds, every file with its size and modification
+    time, into the folder (see :func:`._targets._added_entries`)."""
+    record = {"entries": contents(staging)} if is_local(staging) else None
+    if record is None:  # no lstat on remote file systems: the top-level names
+        record = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
+    write_synced(staging / _CONTENTS_FILE, json.dumps(record, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- lock
@@ -193,14 +204,24 @@ def _locked(directory: epath.Path) -> Iterator[None]:
 
 
 def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
-    """Under the lock: puts back an interrupted swap's old checkpoint, drops leftovers."""
+    """Under the lock: puts back an interrupted swap's old output, drops leftovers.
+
+    The old output is put back whichever writer made it (a reader or writer of the other
+    format finds its path as it was, and refuses it); old copies are deleted only once
+    the path holds an output again, so nothing that was at the path is ever lost.
+    """
     if not directory.exists():
-        olds = [p for p in _siblings(directory, _OLD) if kind.is_own(p)]
+
+        def is_output(p: epath.Path) -> bool:
+            return kind.is_own(p) or (p / _CONTENTS_FILE).is_file()
+
+        olds = [p for p in _siblings(directory, _OLD) if is_output(p)]
         if olds:
             newest = max(olds, key=lambda p: p.stat().mtime)
             newest.rename(directory)
             _fsync_dir(directory.parent)
-    for prefix in (_NEW, _TRASH, _OLD):  # with Orbax's temporaries of those names
+    prefixes = (_NEW, _TRASH, _OLD) if directory.exists() else (_NEW, _TRASH)
+    for prefix in prefixes:  # with Orbax's temporaries of those names
         for leftover in _siblings(directory, prefix):
             _rmtree(leftover)
 

@@ -120,20 +120,49 @@ def check_target(
         shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
         raise ValueError(
             f"refusing to replace {directory}: it holds {shown}, which umtam_jax did not write "
-            "there (replacing the folder would delete them); move them out first"
+            "there or which changed since (replacing the folder would delete them); move them "
+            "out first"
         )
 
 
+def contents(directory: epath.Path) -> dict[str, Any]:
+    """What a local output folder holds, recursively: ``{relative path: [size, mtime_ns]}``
+    of its files and links (``lstat``, a link never followed) and ``None`` for its folders,
+    the contents record itself left out."""
+    root = os.fspath(directory)
+    found: dict[str, Any] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            if rel == _CONTENTS_FILE:
+                continue
+            st = os.lstat(path)
+            is_dir = name in dirs and not os.path.islink(path)
+            found[rel] = None if is_dir else [st.st_size, st.st_mtime_ns]
+    return found
+
+
 def _added_entries(directory: epath.Path) -> list[str] | None:
-    """The entries of an earlier output that its save did not write, by name; None when
-    the folder has no readable record of them (it cannot be told what is ours)."""
+    """The entries of an earlier output that its save did not write, or that changed since
+    (a file edited, replaced or put into one of its subfolders), as relative paths; None
+    when the folder has no readable record (it cannot be told what is ours)."""
     try:
         recorded = _json.loads((directory / _CONTENTS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(recorded, list):
+    if isinstance(recorded, list):  # the record of older versions: top-level names only
+        return sorted({p.name for p in directory.iterdir()} - set(map(str, recorded)))
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("entries"), dict):
         return None
-    return sorted({p.name for p in directory.iterdir()} - set(map(str, recorded)))
+    try:
+        now = contents(directory)
+    except OSError:
+        return None
+    was = recorded["entries"]
+    changed = {k for k, v in now.items() if k not in was or was[k] != v}
+    # An added folder is named once, not with everything in it.
+    return sorted(k for k in changed if os.path.dirname(k) not in changed)
 
 
 def is_empty_folder(path: epath.Path) -> bool:
