@@ -595,3 +595,24 @@ def test_a_failed_write_names_the_output_and_a_failed_read_keeps_its_own_error(t
     with pytest.raises(PermissionError, match=f"cannot write {out}: Permission denied"):
         checkpoint.save_params_streaming(out, like, denied_in_staging)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_that_is_an_input_seen_through_a_bind_mount_is_refused(tmp_path):
+    """``realpath`` cannot see through a bind mount: the output ``m/a`` of a merge whose
+    input is ``d/a`` (``m`` bound to ``d``) overwrote expert a. Compared by identity."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "m").mkdir()
+    base = checkpoint.save_checkpoint(tmp_path / "d" / "base", OLD)
+    a = checkpoint.save_checkpoint(tmp_path / "d" / "a", NEW)
+    bound = subprocess.run(["mount", "--bind", tmp_path / "d", tmp_path / "m"], check=False)
+    if bound.returncode != 0:
+        pytest.skip("bind mounts need root and a mount namespace")
+    try:
+        for output, what in ((tmp_path / "m" / "a", "is expert 0"), (tmp_path / "m", "contains")):
+            with pytest.raises(ValueError, match=f"{what}.*seen through a mount"):
+                engine.merge_checkpoints(
+                    "task_arithmetic", base, [a], output, overwrite=True, progress=False
+                )
+        chex.assert_trees_all_equal(checkpoint.restore_params(a), NEW)
+    finally:
+        subprocess.run(["umount", tmp_path / "m"], check=True)

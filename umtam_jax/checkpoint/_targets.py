@@ -183,6 +183,23 @@ def _real(path: Any) -> str:
     return os.path.realpath(os.fspath(path))
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of an existing local path, else None."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _self_and_parents(path: str) -> list[str]:
+    """``path`` and every folder above it, nearest first."""
+    out = [path]
+    while os.path.dirname(out[-1]) != out[-1]:
+        out.append(os.path.dirname(out[-1]))
+    return out
+
+
 def check_output_not_input(output: Any, inputs: Sequence[tuple[str, Any]]) -> None:
     """Raises ValueError if ``output`` is, contains or lies inside one of the ``inputs``.
 
@@ -199,3 +216,12 @@ def check_output_not_input(output: Any, inputs: Sequence[tuple[str, Any]]) -> No
             raise ValueError(f"the output {output} contains {what} ({path})")
         if out.startswith(src.rstrip(os.sep) + os.sep):
             raise ValueError(f"the output {output} is inside {what} ({path})")
+        # By identity too: a bind mount (or another mount of the same file system) shows
+        # one folder under two real paths.
+        src_id, out_ids = _identity(src), [_identity(p) for p in _self_and_parents(out)]
+        if src_id is not None and src_id in out_ids:
+            where = "is" if out_ids[0] == src_id else "is inside"
+            raise ValueError(f"the output {output} {where} {what} ({path}), seen through a mount")
+        out_id = out_ids[0]
+        if out_id is not None and out_id in [_identity(p) for p in _self_and_parents(src)]:
+            raise ValueError(f"the output {output} contains {what} ({path}), seen through a mount")
