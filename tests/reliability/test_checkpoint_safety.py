@@ -616,3 +616,18 @@ def test_an_output_that_is_an_input_seen_through_a_bind_mount_is_refused(tmp_pat
         chex.assert_trees_all_equal(checkpoint.restore_params(a), NEW)
     finally:
         subprocess.run(["umount", tmp_path / "m"], check=True)
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "safetensors"])
+def test_an_output_keeps_the_permissions_of_the_folder_it_replaces(tmp_path, fmt):
+    """A private (0700) folder made for the output, or a private earlier output, stays
+    private: the new folder was created with the default mode (0755 under umask 022)."""
+    save = checkpoint.save_checkpoint if fmt == "orbax" else checkpoint.save_safetensors
+    path = tmp_path / "private"
+    path.mkdir(mode=0o700)
+    os.chmod(path, 0o700)
+    save(path, OLD)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o700)
+    os.chmod(path, 0o750)
+    save(path, NEW, overwrite=True)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o750)

@@ -48,6 +48,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -273,8 +274,12 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
     """Puts ``staging`` at ``directory``: renamed to a free path, swapped with an earlier
     output, or, where ``directory`` was found ``empty``, renamed there once the empty
     folder is removed (``rmdir`` fails if anything was put into it since: never swapped
-    away with it)."""
+    away with it). The new folder takes the permissions of the folder it replaces (a
+    private output stays private)."""
     trash = _hidden(directory, _TRASH, token)
+    if is_local(directory) and directory.exists():
+        with contextlib.suppress(OSError):
+            os.chmod(staging, stat.S_IMODE(os.stat(directory).st_mode))
     if empty:
         os.rmdir(directory)
     if empty or not directory.exists():
