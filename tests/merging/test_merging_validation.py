@@ -226,3 +226,15 @@ def test_integer_options_beyond_int32_are_taken_as_numbers():
     np.testing.assert_allclose(got, [1.0, -2.0, 0.5], rtol=1e-6)
     with pytest.raises(ValueError, match=r"weights\[0\] must be finite"):
         merging.task_arithmetic(base, experts, weights=[10**400])
+
+
+@pytest.mark.parametrize("name", ["slerp", "nearswap", "prune", "arcee_fusion"])
+def test_a_method_of_one_expert_given_a_list_says_so(name):
+    """It said the list's item lacked a leaf of the base, though the two were alike."""
+    base, expert = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
+    options = {"slerp": {"t": 0.5}, "nearswap": {"t": 0.5}, "prune": {"density": 0.5}}
+    with pytest.raises(TypeError, match=f"method '{name}' merges one expert with the base"):
+        merging.merge(name, base, [expert], **options.get(name, {}))
+    # A model whose parameters are a list is still one expert.
+    as_list = merging.merge(name, [base["w"]], [expert["w"]], **options.get(name, {}))
+    assert isinstance(as_list, list) and as_list[0].shape == (3,)

@@ -17,6 +17,8 @@ engine drives the same steps leaf by leaf (:func:`plan`, :func:`importances`,
 
 Example:
   >>> import jax.numpy as jnp
+
+from umtam_jax import _pytrees
   >>> from umtam_jax.merging import _pipeline
   >>> base, experts = {"w": jnp.zeros(3)}, [{"w": jnp.array([1.0, -2.0, 3.0])}]
   >>> call = _pipeline.plan(_pipeline.get("ties"), base, experts, None, {"density": 0.4})
@@ -34,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax import _pytrees
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import PER_EXPERT_KINDS, REQUIRED, Method, get
 from umtam_jax.merging._select import keep_masks
@@ -110,6 +113,7 @@ def plan(
     # Scalar options are checked first: no input is touched for a typo.
     options = dict(kwargs) if checked else check_options(method, kwargs)
     if method.single_expert:
+        _check_single(method, base, experts)
         prepared = V.prepare(base, [experts], what="expert")
     elif base is None and method.base_optional:
         experts = V.check_sequence(experts, "experts")
@@ -126,6 +130,21 @@ def plan(
     if method.check is not None:
         method.check(call)
     return call
+
+
+def _check_single(method: Method, base: Any, expert: Any) -> None:
+    """A method of one expert given a list of experts: say so (its structure error would
+    name a missing leaf of trees that are alike)."""
+    if base is None or not isinstance(expert, list | tuple) or not expert:
+        return
+    structure = jax.tree.structure(base, is_leaf=_pytrees.is_variable)
+    item = jax.tree.structure(expert[0], is_leaf=_pytrees.is_variable)
+    whole = jax.tree.structure(expert, is_leaf=_pytrees.is_variable)
+    if whole != structure and item == structure:
+        raise TypeError(
+            f"method {method.name!r} merges one expert with the base: pass the expert's "
+            f"pytree, not a list of {len(expert)}"
+        )
 
 
 _EXTRA_NAMES = {
