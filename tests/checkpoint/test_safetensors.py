@@ -6,6 +6,7 @@ import importlib.resources
 import json
 import os
 import pickle
+import re
 import struct
 import typing
 
@@ -333,6 +334,35 @@ def test_shape_whose_element_count_overflows_is_refused(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header.encode())
     with pytest.raises(ValueError, match="tensor 'w': its data_offsets do not fit shape"):
         SafetensorsReader(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "now"),
+    [(b'"dtype":"F32"', b'"dtype":"I32"', "I32 of shape"), (b"[2,3]", b"[3,2]", "(3, 2)")],
+)
+def test_an_edit_of_a_header_dtype_or_shape_is_detected(tmp_path, old, new, now):
+    """One byte of the header turned float32 values into int32 ones, or a 2×3 tensor into
+    a 3×2 one, with the bytes (and their CRC) unchanged: the record holds dtype and shape
+    too. Files recording the CRC alone (earlier versions) still read."""
+    folder = save_safetensors(tmp_path / "m", {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    assert raw.count(old) == 1
+    path.write_bytes(raw.replace(old, new))
+    with pytest.raises(
+        CheckpointCorruptError, match=f"'w' was written as F32 of shape \\(2,3\\).*{re.escape(now)}"
+    ):
+        SafetensorsReader(folder)
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + length])
+    record = json.loads(header["__metadata__"][S.CRC_KEY])
+    header["__metadata__"][S.CRC_KEY] = json.dumps({n: v.split(" ")[0] for n, v in record.items()})
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    np.testing.assert_array_equal(
+        SafetensorsReader(folder).read(["w"])[0], np.arange(6).reshape(2, 3)
+    )
 
 
 def edit_index(folder, edit):

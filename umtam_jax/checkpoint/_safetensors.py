@@ -17,7 +17,8 @@ sequence indices and attribute names are the components; an empty component, one
 mapping is exact both ways.
 
 Integrity and safety: files written here record each tensor's CRC-32 in ``__metadata__``
-under ``"umtam_jax.crc32"`` (a JSON string ``{name: 8 hex digits}``), checked on read with
+under ``"umtam_jax.crc32"`` (a JSON string ``{name: "CRC DTYPE SHAPE"}``, the CRC in 8 hex
+digits; files of earlier versions record the CRC alone), checked on read with
 ``verify=True``; foreign files have no checksum, only their structure is checked. A written
 folder holds the marker file ``umtam_jax_safetensors.json`` (``{"format":
 "umtam_jax-safetensors", "version": 1}``). Writes are atomic and locked (``_safety``) and
@@ -317,12 +318,24 @@ class SafetensorsReader:
 
     @staticmethod
     def _checksums(file: str, record: str, tensors: Mapping[str, Any]) -> dict[str, int]:
+        """Each tensor's recorded CRC-32, after checking its recorded dtype and shape (files
+        of earlier versions record the CRC alone) against the header's."""
         try:
-            crcs = {n: int(v, 16) for n, v in _json.loads(record).items()}
+            fields = {n: v.split(" ") for n, v in _json.loads(record).items()}
+            crcs = {n: int(f[0], 16) for n, f in fields.items()}
         except (ValueError, TypeError, AttributeError):
-            crcs = {}
+            fields, crcs = {}, {}
         if crcs.keys() != tensors.keys():
             raise CheckpointCorruptError(f"{file} is corrupt: its {CRC_KEY} record is damaged")
+        for name, f in fields.items():
+            dtype, shape = tensors[name][0], tensors[name][1]
+            actual = [_DTYPE_NAMES[dtype], ",".join(map(str, shape))]
+            if len(f) > 1 and f[1:] != actual:
+                raise CheckpointCorruptError(
+                    f"{file} is corrupt: tensor {name!r} was written as {f[1]} of shape "
+                    f"({f[2] if len(f) > 2 else '?'}), its header now says {actual[0]} of "
+                    f"shape {shape}"
+                )
         return crcs
 
     def _entry(self, name: str) -> tuple:

@@ -60,8 +60,16 @@ def _parse_size(size: int | str) -> int:
 
 
 def _header(tensors: list, crcs: Mapping[str, int], metadata: Mapping[str, str]) -> bytes:
-    """One shard's padded header; its length does not depend on the CRC values."""
-    record = json.dumps({t[0]: f"{crcs.get(t[0], 0):08x}" for t in tensors}, separators=(",", ":"))
+    """One shard's padded header; its length does not depend on the CRC values. Each
+    tensor's record is its CRC-32, dtype and shape (``"0123abcd F32 2,3"``): an edit of
+    the header's dtype or shape is detected like one of the bytes."""
+    record = json.dumps(
+        {
+            name: f"{crcs.get(name, 0):08x} {_DTYPE_NAMES[dtype]} {','.join(map(str, shape))}"
+            for name, shape, dtype, _, _ in tensors
+        },
+        separators=(",", ":"),
+    )
     header: dict[str, Any] = {"__metadata__": {**metadata, CRC_KEY: record}}
     for name, shape, dtype, begin, end in tensors:
         header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [begin, end]}
