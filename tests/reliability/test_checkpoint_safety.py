@@ -519,7 +519,8 @@ def test_edited_metadata_dtype_and_missing_checksums(tmp_path):
     text = meta.read_text()
     for edited in ("float16", "int32"):
         meta.write_text(text.replace('"float32"', f'"{edited}"'))
-        with pytest.raises(checkpoint.CheckpointCorruptError, match=f"params/w dtype {edited}"):
+        # The metadata's own CRC catches the edit first (older records: the dtype check).
+        with pytest.raises(checkpoint.CheckpointCorruptError, match="metadata does not match"):
             checkpoint.restore_params(path)
     meta.write_text(text)
     (path / "umtam_checksums.json").unlink()
@@ -631,3 +632,22 @@ def test_an_output_keeps_the_permissions_of_the_folder_it_replaces(tmp_path, fmt
     os.chmod(path, 0o750)
     save(path, NEW, overwrite=True)
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o750)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [('"step": 5000', '"step": 4000'), ("lr.scale", "lr.scalf")]
+)
+def test_an_edit_of_the_metadata_that_still_parses_is_detected(tmp_path, old, new):
+    """One changed character of the metadata record (a user value, the original name of
+    an escaped key) parsed and was restored silently: its CRC is in the checksum record."""
+    path = checkpoint.save_checkpoint(
+        tmp_path / "ck", {"lr.scale": np.ones(3, np.float32)}, metadata={"step": 5000}
+    )
+    meta = path / "umtam_metadata" / "metadata"
+    text = meta.read_text()
+    edited = text.replace(old, new).replace(old.replace(" ", ""), new.replace(" ", ""))
+    assert edited != text  # with or without the space JSON may put after the colon
+    meta.write_text(edited)
+    for read in (checkpoint.read_metadata, checkpoint.restore_params):
+        with pytest.raises(checkpoint.CheckpointCorruptError, match="metadata does not match"):
+            read(path)

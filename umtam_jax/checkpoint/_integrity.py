@@ -62,10 +62,38 @@ def record(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": str(array.dtype), "shape": list(array.shape), ALGORITHM: crc32(array)}
 
 
-def write(directory: epath.Path, records: Mapping[str, Mapping[str, Any]]) -> None:
-    """Writes ``{item: {key: record}}`` into ``directory`` (the unpublished staging folder)."""
-    text = json.dumps({"algorithm": ALGORITHM, "items": records}, separators=(",", ":"))
-    _safety.write_synced(directory / CHECKSUMS_FILE, text)
+def metadata_crc32(metadata: Mapping[str, Any]) -> int:
+    """CRC-32 of the metadata record in a canonical JSON form (sorted keys)."""
+    return zlib.crc32(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write(
+    directory: epath.Path,
+    records: Mapping[str, Mapping[str, Any]],
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes ``{item: {key: record}}``, and the CRC of the ``metadata`` record, into
+    ``directory`` (the unpublished staging folder)."""
+    data: dict[str, Any] = {"algorithm": ALGORITHM, "items": records}
+    if metadata is not None:
+        data["metadata"] = metadata_crc32(metadata)
+    _safety.write_synced(directory / CHECKSUMS_FILE, json.dumps(data, separators=(",", ":")))
+
+
+def check_metadata(directory: epath.Path, metadata: Mapping[str, Any]) -> None:
+    """Raises :class:`CheckpointCorruptError` when the checksum record holds a CRC of the
+    metadata and the restored metadata does not match it (a flipped byte in a key name
+    or a user value, which the JSON still parses). A missing or unreadable record is left
+    to the array verification (:func:`read`)."""
+    try:
+        recorded = _json.loads((directory / CHECKSUMS_FILE).read_text()).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(recorded, int) and recorded != metadata_crc32(metadata):
+        raise CheckpointCorruptError(
+            f"checkpoint {directory} is corrupt: its metadata does not match its checksum "
+            f"record ({CHECKSUMS_FILE}): a key name, key kind or user value was changed"
+        )
 
 
 def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]] | None:

@@ -131,4 +131,5 @@ def read_full_metadata(directory: epath.Path) -> dict[str, Any]:
         raise _integrity.CheckpointCorruptError(
             f"checkpoint {directory} has damaged metadata ({directory / METADATA}): {err}"
         ) from None
+    _integrity.check_metadata(directory, meta)
     return meta

@@ -129,7 +129,8 @@ def _write(path: epath.Path, items: dict[str, E.Encoded], metadata: dict[str, An
     with ocp.Checkpointer(_composite_handler()) as checkpointer:
         checkpointer.save(path, args=ocp.args.Composite(**args))
     if _processes.is_primary():
-        _integrity.write(path, {name: _checksums(enc) for name, enc in items.items()})
+        records = {name: _checksums(enc) for name, enc in items.items()}
+        _integrity.write(path, records, metadata)
 
 
 def save_checkpoint(

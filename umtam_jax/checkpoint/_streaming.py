@@ -227,7 +227,7 @@ def _write_streaming(
         logging.getLogger("absl").removeFilter(hide)
     if errors:
         raise errors[0]
-    _integrity.write(path, {F.PARAMS: records})
+    _integrity.write(path, {F.PARAMS: records}, metadata)
 
 
 def save_params_streaming(
