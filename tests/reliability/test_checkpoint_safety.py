@@ -651,3 +651,16 @@ def test_an_edit_of_the_metadata_that_still_parses_is_detected(tmp_path, old, ne
     for read in (checkpoint.read_metadata, checkpoint.restore_params):
         with pytest.raises(checkpoint.CheckpointCorruptError, match="metadata does not match"):
             read(path)
+
+
+def test_a_partial_restore_of_damaged_data_is_a_corrupt_error_naming_the_leaf(tmp_path):
+    """CheckpointReader raised a plain ValueError for a deleted data file, unlike
+    restore_params, and named no leaf."""
+    path = checkpoint.save_checkpoint(tmp_path / "ck", {"w": np.ones((64, 48), np.float32)})
+    reader = checkpoint.CheckpointReader(path)
+    for data in glob.glob(f"{path}/params/**/d/*", recursive=True):
+        os.unlink(data)
+    with pytest.raises(
+        checkpoint.CheckpointCorruptError, match="cannot restore w of item 'params'"
+    ):
+        reader.restore_arrays("params", [("w",)])

@@ -4,9 +4,10 @@ Every array a save writes is recorded in ``umtam_checksums.json`` at the checkpo
 root: its dtype, shape and the CRC-32 of its bytes (C order), keyed by item and stored
 path. Restores read the arrays back, check them against the record and raise
 :class:`CheckpointCorruptError` naming the checkpoint, item and leaf on any difference:
-a flipped byte, a truncated file, an edited dtype or shape. The record is written into
-the staging folder after the arrays and before the checkpoint is published, so a
-checkpoint at its final path always has one.
+a flipped byte, a truncated file, an edited dtype or shape. It also holds a CRC-32 of the
+metadata record (in sorted-key JSON), checked whenever the metadata is read. The record is
+written into the staging folder after the arrays and before the checkpoint is published,
+so a checkpoint at its final path always has one.
 
 CRC-32 (``zlib.crc32``) detects every error burst of up to 32 bits and any other
 corruption with probability 1 − 2⁻³²; it runs at about 3 GB/s on one core, about twice

@@ -182,8 +182,10 @@ class CheckpointReader:
                 ),
             )
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
-            raise ValueError(
-                f"cannot restore {len(paths)} array(s) of item {item!r} of checkpoint "
+            shown = ", ".join("/".join(map(str, p)) for p in paths[:3])
+            more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+            raise _integrity.CheckpointCorruptError(
+                f"cannot restore {shown}{more} of item {item!r} of checkpoint "
                 f"{self.directory}: the checkpoint is corrupt or incompatible "
                 f"({_metadata.short_error(e)})"
             ) from None
