@@ -664,3 +664,16 @@ def test_a_partial_restore_of_damaged_data_is_a_corrupt_error_naming_the_leaf(tm
         checkpoint.CheckpointCorruptError, match="cannot restore w of item 'params'"
     ):
         reader.restore_arrays("params", [("w",)])
+
+
+def test_dot_dot_after_a_link_is_resolved_as_the_file_system_does(tmp_path, monkeypatch):
+    """``sl/../ck`` with ``sl -> deep/sub`` is ``deep/ck`` (as ``ls`` and the shell see
+    it); text normalisation wrote ``./ck``, and with overwrite replaced that other one."""
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    os.symlink(tmp_path / "deep" / "sub", tmp_path / "sl")
+    monkeypatch.chdir(tmp_path)
+    other = checkpoint.save_checkpoint("ck", OLD)  # the one text normalisation points at
+    checkpoint.save_checkpoint("sl/../ck", NEW)
+    chex.assert_trees_all_equal(checkpoint.restore_params(tmp_path / "deep" / "ck"), NEW)
+    chex.assert_trees_all_equal(checkpoint.restore_params(other), OLD)
+    chex.assert_trees_all_equal(checkpoint.restore_params("sl/../ck"), NEW)

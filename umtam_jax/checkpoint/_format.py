@@ -24,6 +24,7 @@ and version, the item names, the :class:`Checkpoint` record and path normalisati
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 from etils import epath
@@ -67,5 +68,12 @@ class Checkpoint(NamedTuple):
 
 
 def _absolute(directory: str | epath.PathLike) -> epath.Path:
+    """The absolute path; on a local disk a ``..`` is resolved as the file system does
+    (``link/..`` is the parent of the link's target, where a shell's ``cd`` would take
+    it), the last component is kept as given (a link there is refused by the writers)."""
+    text = os.fspath(directory)
+    if "://" not in text and ".." in text.split(os.sep):  # before epath normalises it
+        parent, name = os.path.split(os.path.join(os.getcwd(), text).rstrip(os.sep))
+        return epath.Path(os.path.join(os.path.realpath(parent), name))
     directory = epath.Path(directory)
     return directory if directory.is_absolute() else epath.Path(directory.absolute())

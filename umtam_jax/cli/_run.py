@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 
 from umtam_jax import engine, merging
+from umtam_jax.checkpoint import _format
 from umtam_jax.cli._config import PROG, Plan
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
@@ -160,7 +160,6 @@ def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
 
 def execute(plan: Plan, args: argparse.Namespace) -> int:
     """Validates the inputs and the output, then merges (or prints the dry run's plan)."""
-    from etils import epath
 
     if plan.output is None and not args.dry_run:
         raise ConfigError("'output' is required (or use --dry-run)")
@@ -168,7 +167,7 @@ def execute(plan: Plan, args: argparse.Namespace) -> int:
     fmt = engine.resolve_output_format(job.base, args.output_format)
     limit = _shard_limit(args.max_shard_size)
     if plan.output is not None:
-        output = epath.Path(os.path.abspath(plan.output))
+        output = _format._absolute(plan.output)
         try:
             engine.check_output(output, job, fmt, overwrite=args.force)
         except FileExistsError:
