@@ -66,6 +66,7 @@ from umtam_jax.checkpoint._targets import (
     is_empty_folder,
     is_local,
 )
+from umtam_jax.checkpoint._write_errors import CheckpointBusyError, naming_the_target
 
 _LOCK = "umtam-lock"
 _NEW = "umtam-new-"
@@ -77,10 +78,6 @@ _TRASH = "umtam-trash-"
 _step_hook: Callable[[str], None] | None = None
 # Whether renameat2(RENAME_EXCHANGE) may be tried (tests turn it off for the fallback).
 _use_exchange = True
-
-
-class CheckpointBusyError(OSError):
-    """Another process (or thread) is writing the same checkpoint path right now."""
 
 
 def _step(name: str) -> None:
@@ -334,7 +331,7 @@ def publishing(
     check_target(directory, overwrite=overwrite, kind=kind)
     created = _make_parents(directory) if is_local(directory) and _processes.is_primary() else []
     try:
-        with _naming_the_target(directory):
+        with naming_the_target(directory):
             if _processes.count() > 1:
                 with _publishing_collectively(directory, kind) as staging:
                     yield staging
@@ -361,34 +358,6 @@ def publishing(
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
-
-
-# Tensorstore (under Orbax) reports a failed write as a ValueError carrying the errno.
-_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
-# Errors only a write raises (a read of an input never does).
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-
-
-@contextlib.contextmanager
-def _naming_the_target(directory: epath.Path) -> Iterator[None]:
-    """A write into the output that fails for a system reason (a full disk, a read-only
-    file system, a permission) is an ``OSError`` naming ``directory``, not the hidden
-    staging path (and for Orbax outputs not tensorstore's ValueError). Other errors, such
-    as a failed read of an input while the output is written, pass unchanged."""
-    ours = f"{directory.parent}{os.sep}.{directory.name}.umtam-"
-    try:
-        yield
-    except CheckpointBusyError:
-        raise
-    except (OSError, ValueError) as err:
-        if isinstance(err, OSError):
-            code, names = err.errno, [str(err.filename or ""), str(err.filename2 or "")]
-        else:
-            found = _TENSORSTORE_ERRNO.search(str(err))
-            code, names = (int(found.group(1)) if found else None), [str(err)]
-        if code is None or not (code in _WRITE_ERRNOS or any(ours in n for n in names)):
-            raise
-        raise OSError(code, f"cannot write {directory}: {os.strerror(code)}") from err
 
 
 def _make_parents(directory: epath.Path) -> list[str]:
