@@ -35,9 +35,9 @@ from umtam_jax.checkpoint._safetensors_write import (
     safetensors_to_orbax,
     save_safetensors,
 )
-from umtam_jax.checkpoint._safety import CheckpointBusyError
 from umtam_jax.checkpoint._save import save_checkpoint
 from umtam_jax.checkpoint._streaming import save_params_streaming
+from umtam_jax.checkpoint._write_errors import CheckpointBusyError
 
 __all__ = [
     "Checkpoint",
