@@ -17,8 +17,6 @@ engine drives the same steps leaf by leaf (:func:`plan`, :func:`importances`,
 
 Example:
   >>> import jax.numpy as jnp
-
-from umtam_jax import _pytrees
   >>> from umtam_jax.merging import _pipeline
   >>> base, experts = {"w": jnp.zeros(3)}, [{"w": jnp.array([1.0, -2.0, 3.0])}]
   >>> call = _pipeline.plan(_pipeline.get("ties"), base, experts, None, {"density": 0.4})
