@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
+from umtam_jax.merging import _validation as V
 from umtam_jax.merging._baselines import _compute_dtype, _sum
 from umtam_jax.merging._interpolation import _check_weight_sum, _traced
 from umtam_jax.merging._registry import WEIGHTS, Param
@@ -131,19 +132,18 @@ def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
 def _check_multislerp(call: pipeline.Call) -> None:
     _check_weight_sum(call, "normalize_weights")
     opts, p = call.options, call.prepared
-    leaves = [*p.base, *(x for ws in p.experts for x in ws)]
-    if len(p.experts) < 3 or _traced(*leaves, opts["eps"], *opts["weights"]):
+    if len(p.experts) < 3:
         return
     w, nw, eps = opts["weights"], opts["normalize_weights"], opts["eps"]
     columns = [[ws[j] for ws in p.experts] for j in range(len(p.base))]
-    with jax.ensure_compile_time_eval():  # concrete inputs closed over by a jitted function
-        flags = jax.device_get(
-            [
-                _multislerp_degenerate(b, col, w, nw, eps)
-                for b, col in zip(p.base, columns, strict=True)
-            ]
-        )
-    for path, bad in zip(p.paths, flags, strict=True):
+    flags = V.read_concrete(
+        [*p.base, *(x for ws in p.experts for x in ws), eps, *w],
+        lambda: [
+            _multislerp_degenerate(b, col, w, nw, eps)
+            for b, col in zip(p.base, columns, strict=True)
+        ],
+    )
+    for path, bad in zip(p.paths, flags or [], strict=False):
         if bad:
             raise ValueError(
                 f"multislerp: at {path} the weighted sum of the experts' unit vectors is 0 "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -150,6 +150,16 @@ def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.isfinite(jnp.sum(x * 0))
 
 
+def read_concrete(inputs: Sequence[Any], compute: Callable[[], list[Any]]) -> list[Any] | None:
+    """``compute()`` read to the host, or None when one of ``inputs`` is traced (its values
+    are unknown). Concrete inputs closed over by a function being traced are computed on at
+    trace time, so the value checks built on this still apply to them."""
+    if any(isinstance(x, jax.core.Tracer) for x in inputs):
+        return None
+    with jax.ensure_compile_time_eval():
+        return jax.device_get(compute())  # every result dispatched first, read once
+
+
 def check_finite(
     named_leaves: Sequence[tuple[str, Any]],
     *,
@@ -162,18 +172,16 @@ def check_finite(
     where values are unknown.
     """
     arrays = [x for _, x in named_leaves]
-    if any(isinstance(x, jax.core.Tracer) for x in arrays):
-        return
-    # Concrete inputs closed over by a function being traced are checked at trace time.
-    with jax.ensure_compile_time_eval():
-        flags = jax.device_get([_all_finite(x) for x in arrays])  # dispatched, read once
-        for (name, x), ok in zip(named_leaves, flags, strict=True):
-            if not ok:  # counted where the array lives (it may be sharded or on a device)
-                nans, infs = int(jnp.sum(jnp.isnan(x))), int(jnp.sum(jnp.isinf(x)))
-                raise ValueError(
-                    f"{name} is not finite ({nans} NaN and {infs} infinite of {x.size} "
-                    f"values): {problem}"
-                )
+    flags = read_concrete(arrays, lambda: [_all_finite(x) for x in arrays])
+    for (name, x), ok in zip(named_leaves, flags or [], strict=False):
+        if not ok:  # counted where the array lives (it may be sharded or on a device)
+            nans, infs = read_concrete(
+                [x], lambda x=x: [jnp.sum(jnp.isnan(x)), jnp.sum(jnp.isinf(x))]
+            )
+            raise ValueError(
+                f"{name} is not finite ({int(nans)} NaN and {int(infs)} infinite of {x.size} "
+                f"values): {problem}"
+            )
 
 
 def check_non_negative(
@@ -183,11 +191,8 @@ def check_non_negative(
     with ``strict``); ``need`` ends the message. Skipped for traced arrays, as
     :func:`check_finite`."""
     arrays = [x for _, x in named_leaves]
-    if any(isinstance(x, jax.core.Tracer) for x in arrays):
-        return
-    with jax.ensure_compile_time_eval():
-        lows = jax.device_get([jnp.min(x, initial=jnp.inf) for x in arrays])
-    for (name, _), low in zip(named_leaves, lows, strict=True):
+    lows = read_concrete(arrays, lambda: [jnp.min(x, initial=jnp.inf) for x in arrays])
+    for (name, _), low in zip(named_leaves, lows or [], strict=False):
         if low < 0 or (strict and low == 0):
             raise ValueError(f"{name} has an entry {float(low)}: {need}")
 
