@@ -2,8 +2,11 @@
 
 The model sizes (``DEFAULT``, ``QUICK``), the compared optimizers at learning rate 1 with
 the shared warmup-cosine shape and a traced per-run learning rate, and one training run
-with its curves and timings. ``benchmarks.training`` runs the learning-rate grids and rank
-sweeps; ``cold_start`` and ``spectrum`` train the same models with the same optimizers.
+with its curves and timings, and the run's data: the training batches and two disjoint
+held-out sets — validation windows, on which learning rates are chosen, and test windows,
+on which the chosen runs are reported (:func:`lm_run_data`). ``benchmarks.training`` runs
+the learning-rate grids and rank sweeps; ``cold_start`` and ``spectrum`` train the same
+models with the same optimizers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import optax
 
 import umtam_jax
-from umtam_jax.experiments.models.gpt import GPTConfig
+from umtam_jax.experiments.models.gpt import GPTConfig, gpt_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Size:
     eval_every: int
     val_batches: int
     min_dim_size_to_factor: int
+    test_batches: int
     warmup_frac: float = 0.1
 
 
@@ -50,6 +54,7 @@ DEFAULT = Size(
     eval_every=20,
     val_batches=8,
     min_dim_size_to_factor=64,
+    test_batches=32,
 )
 QUICK = Size(
     d_model=64,
@@ -61,6 +66,7 @@ QUICK = Size(
     eval_every=20,
     val_batches=4,
     min_dim_size_to_factor=32,
+    test_batches=4,
 )
 
 #: ``umtam_bc`` is ``umtam(..., bias_correction=True)``: the paper (and the library default,
@@ -160,6 +166,86 @@ def set_lr(opt_state, lr: float):
     return (*opt_state[:-1], inj._replace(hyperparams=hp))
 
 
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The data of one seed's runs: the same for every optimizer and learning rate.
+
+    Attributes:
+        batches: Training windows, ``[steps, batch, context + 1]`` int32.
+        val: Validation windows (learning-rate selection), ``[val_batches·batch,
+            context + 1]``.
+        test: Test windows (the reported loss), ``[test_batches·batch, context + 1]``.
+    """
+
+    batches: np.ndarray
+    val: jax.Array
+    test: jax.Array
+
+
+def split_held_out(tokens: np.ndarray, eot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out stream cut in two at the document end nearest its middle.
+
+    Args:
+        tokens: Held-out documents, each followed by the end-of-text token ``eot``.
+        eot: The end-of-text id (``lm_token_arrays``' tokenizer: 0).
+
+    Returns:
+        ``(validation, test)``: no document has tokens in both.
+
+    Example:
+        >>> v, t = split_held_out(np.array([5, 6, 0, 7, 0, 8, 9, 9, 0]))
+        >>> v.tolist(), t.tolist()
+        ([5, 6, 0, 7, 0], [8, 9, 9, 0])
+    """
+    ends = np.flatnonzero(tokens == eot) + 1
+    if ends.size < 2:
+        raise ValueError("the held-out stream needs at least two documents to split")
+    cut = int(ends[np.argmin(np.abs(ends[:-1] - tokens.size / 2))])
+    return tokens[:cut], tokens[cut:]
+
+
+def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generator):
+    starts = rng.integers(0, tokens.size - length, size=count)
+    return tokens[starts[:, None] + np.arange(length)].astype(np.int32)
+
+
+def lm_run_data(train: np.ndarray, held_out: np.ndarray, size: Size, seed: int) -> RunData:
+    """Training batches, validation and test windows of one seed (see :class:`RunData`).
+
+    Args:
+        train: The training token stream of ``lm_token_arrays``.
+        held_out: Its held-out stream, split by :func:`split_held_out`.
+        size: The run size (steps, batch, context, validation and test batches).
+        seed: Draws the training windows; ``seed + 1_000_003`` the validation and
+            ``seed + 2_000_003`` the test windows.
+
+    Returns:
+        A :class:`RunData`.
+    """
+    length = size.context + 1
+    starts = np.random.default_rng(seed).integers(
+        0, train.size - length, size=(size.steps, size.batch)
+    )
+    batches = train[starts[..., None] + np.arange(length)].astype(np.int32)
+    val_tokens, test_tokens = split_held_out(held_out)
+    val = _windows(val_tokens, size.val_batches * size.batch, length,
+                   np.random.default_rng(seed + 1_000_003))  # fmt: skip
+    test = _windows(test_tokens, size.test_batches * size.batch, length,
+                    np.random.default_rng(seed + 2_000_003))  # fmt: skip
+    return RunData(batches, jnp.asarray(val), jnp.asarray(test))
+
+
+def make_eval_fn(config: GPTConfig, size: Size):
+    """A jitted mean loss of ``params`` over windows, one batch of ``size.batch`` at a time."""
+
+    @jax.jit
+    def eval_fn(params, windows):
+        vb = windows.reshape(-1, size.batch, size.context + 1)
+        return jax.lax.map(lambda b: gpt_loss(params, b, config=config), vb).mean()
+
+    return eval_fn
+
+
 def run_key(r: dict[str, Any]) -> str:
     """The identity of a run: optimizer, rank, SVD method and learning rate."""
     return f"{r['optimizer']}|r{r.get('rank')}|{r.get('svd_method', '-')}|lr{r['lr']:.3g}"
@@ -170,8 +256,7 @@ def train_one(
     eval_fn,
     tx,
     params0,
-    batches: np.ndarray,
-    val: np.ndarray,
+    data: RunData,
     lr: float,
     size: Size,
     label: str,
@@ -179,6 +264,9 @@ def train_one(
 ) -> dict[str, Any]:
     """One training run; returns curves and timings.
 
+    The validation loss is evaluated every ``size.eval_every`` steps (the curves, and the
+    loss learning rates are chosen on); the test loss once, after the last step
+    (``final_test_loss``: None for an abandoned run, inf for a diverged one).
     With ``max_seconds``, the run is abandoned after 4 steps when the projected time of
     the remaining steps exceeds it (``aborted`` is then set).
     """
@@ -186,12 +274,12 @@ def train_one(
 
     params = params0
     opt_state = set_lr(tx.init(params0), lr)
-    eval_steps, val_losses, train_losses, times = [0], [float(eval_fn(params, val))], [], []
+    eval_steps, val_losses, train_losses, times = [0], [float(eval_fn(params, data.val))], [], []
     diverged = aborted = False
     bar = tqdm(range(1, size.steps + 1), desc=label, leave=False, mininterval=5)
     for t in bar:
         t0 = time.perf_counter()
-        params, opt_state, loss = step_fn(params, opt_state, batches[t - 1])
+        params, opt_state, loss = step_fn(params, opt_state, data.batches[t - 1])
         loss = float(loss)
         times.append(time.perf_counter() - t0)
         train_losses.append(loss)
@@ -209,7 +297,7 @@ def train_one(
                 aborted = True
                 break
         if t % size.eval_every == 0 or t == size.steps:
-            vl = float(eval_fn(params, val))
+            vl = float(eval_fn(params, data.val))
             eval_steps.append(t)
             val_losses.append(vl)
             bar.set_postfix(val=f"{vl:.3f}")
@@ -218,11 +306,15 @@ def train_one(
                 break
     bar.close()
     steady = times[1:] if len(times) > 1 else times
+    final_test = None if aborted else float("inf")
+    if not (aborted or diverged):
+        final_test = float(eval_fn(params, data.test))
     return {
         "eval_steps": eval_steps,
         "val_loss": val_losses,
         "train_loss": train_losses,
         "final_val_loss": (None if aborted else val_losses[-1] if not diverged else float("inf")),
+        "final_test_loss": final_test,
         "diverged": diverged,
         "aborted": aborted,
         "first_step_s": times[0] if times else None,

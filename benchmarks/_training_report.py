@@ -19,6 +19,10 @@ def steps_to_threshold(run: dict[str, Any], threshold: float) -> int | None:
     return None
 
 
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def summarize(
     order: list[str],
     grids: dict[str, list[float]],
@@ -42,9 +46,9 @@ def summarize(
       rank: The rank of the learning-rate grid (``--rank``).
 
     Returns:
-      ``threshold_val_loss`` (the worst best-lr final loss), ``summary`` (one row per
-      optimizer), ``rank_rows``, ``spread`` (of final loss across ranks, or None) and
-      ``exact_vs_subspace``.
+      ``threshold_val_loss`` (the worst best-lr final validation loss), ``summary`` (one
+      row per optimizer), ``rank_rows``, ``spread`` (of the final test loss across ranks,
+      or None) and ``exact_vs_subspace`` (on test loss).
     """
     finals = {o: (b["final_val_loss"] if b else None) for o, b in best.items()}
     finite = [v for v in finals.values() if v is not None and math.isfinite(v)]
@@ -63,6 +67,7 @@ def summarize(
                 "best_lr": b["lr"],
                 "best_lr_at_grid_edge": edge,
                 "final_val_loss": b["final_val_loss"],
+                "final_test_loss": b.get("final_test_loss"),
                 "steps_to_threshold": steps_to_threshold(b, threshold) if threshold else None,
                 "step_ms_median": b["step_s_median"] * 1e3,
             }
@@ -79,41 +84,34 @@ def summarize(
                 "effective_ranks": sorted(set(eff)),
                 "lr": b["lr"] if b else None,
                 "final_val_loss": b["final_val_loss"] if b else None,
+                "final_test_loss": b.get("final_test_loss") if b else None,
                 "step_ms_median": timing["step_s_median"] * 1e3 if timing else None,
                 "abandoned_over_time_budget": bool(abandoned) and b is None,
             }
         )
-    rank_finals = [
-        x["final_val_loss"]
-        for x in rank_rows
-        if x["final_val_loss"] is not None and math.isfinite(x["final_val_loss"])
-    ]
+    rank_finals = [x["final_test_loss"] for x in rank_rows if _finite(x["final_test_loss"])]
     spread = (
         {
             "min": min(rank_finals),
             "max": max(rank_finals),
             "max_minus_min": max(rank_finals) - min(rank_finals),
             "relative": (max(rank_finals) - min(rank_finals)) / min(rank_finals),
-            "ranks": [
-                x["rank"]
-                for x in rank_rows
-                if x["final_val_loss"] is not None and math.isfinite(x["final_val_loss"])
-            ],
+            "ranks": [x["rank"] for x in rank_rows if _finite(x["final_test_loss"])],
         }
         if rank_finals
         else None
     )
     exact_cmp = []
     for opt, run in exact.items():
-        a, e = best[opt]["final_val_loss"], run["final_val_loss"]
-        rel = abs(e - a) / a if math.isfinite(a) and math.isfinite(e) else float("inf")
+        a, e = best[opt].get("final_test_loss"), run.get("final_test_loss")
+        rel = abs(e - a) / a if _finite(a) and _finite(e) else float("inf")
         exact_cmp.append(
             {
                 "optimizer": opt,
                 "rank": rank,
                 "lr": run["lr"],
-                "subspace_final_val_loss": a,
-                "exact_final_val_loss": e,
+                "subspace_final_test_loss": a,
+                "exact_final_test_loss": e,
                 "relative_difference": rel,
                 "within_1_percent": bool(rel <= 0.01),
                 "subspace_step_ms": best[opt]["step_s_median"] * 1e3,
@@ -146,7 +144,9 @@ def markdown(p: dict[str, Any], grid_rank: int) -> str:
         f"{m['n_heads']} heads, context {m['context']}, vocab {m['vocab_size']}, "
         f"{m['n_params']:,} params; batch {c['batch']}, {c['steps']} steps "
         f"({c['steps'] * c['batch'] * c['context']:,} tokens), eval every {c['eval_every']} "
-        f"steps on {p['data']['val_windows']} fixed validation windows. Warmup+cosine schedule, "
+        f"steps on {p['data']['val_windows']} fixed validation windows; the test loss once, after "
+        f"the last step, on {p['data']['test_windows']} test windows of other held-out "
+        "documents. Warmup+cosine schedule, "
         f"no weight decay, same init and batch order for every run. Matrices factored by "
         f"UMTAM / projected by GaLore (min_dim_size_to_factor={c['min_dim_size_to_factor']}"
         + (
@@ -160,32 +160,35 @@ def markdown(p: dict[str, Any], grid_rank: int) -> str:
         + ". `umtam_bc` is UMTAM with `bias_correction=True` (docs/algorithm.md §2.2 option; "
         "the paper and the library default have none, so with b2 = 0.999 UMTAM's early steps "
         "are up to 1/sqrt(1 − b2^t) larger than Adam's — still 2.2× at step 240)"
-        + ". Learning rates chosen on validation loss. Step times are wall-clock on a shared, "
+        + ". Learning rates (and each rank's run) chosen on validation loss only; the test "
+        "loss is reported. Step times are wall-clock on a shared, "
         "loaded CPU (load average in the header) — compare them only within this table.",
         "",
-        "| optimizer | rank | lr grid | best lr | final val loss | steps to "
-        f"{fmt(p['threshold_val_loss'])} | median step (ms) |",
-        "|---|---|---|---|---|---|---|",
+        "| optimizer | rank | lr grid | best lr | final val loss | final test loss | "
+        f"steps to val {fmt(p['threshold_val_loss'])} | median step (ms) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in p["summary"]:
         if r.get("best_lr") is None:
-            out.append(f"| {r['optimizer']} | | | all diverged | | | |")
+            out.append(f"| {r['optimizer']} | | | all diverged | | | | |")
             continue
         edge = " (grid edge)" if r["best_lr_at_grid_edge"] else ""
         out.append(
             f"| {r['optimizer']} | {r['rank'] or '—'} | "
             f"{', '.join(f'{x:g}' for x in p['lr_grids'][r['optimizer']])} | "
             f"{r['best_lr']:g}{edge} | {fmt(r['final_val_loss'])} | "
+            f"{fmt(r.get('final_test_loss'))} | "
             f"{r['steps_to_threshold'] if r['steps_to_threshold'] is not None else 'not reached'}"
             f" | {fmt(r['step_ms_median'], '.0f')} |"
         )
-    out += ["", "Whole grid (final validation loss):", ""]
-    out += ["| run | final val loss | median step (ms) |", "|---|---|---|"]
+    out += ["", "Whole grid:", ""]
+    out += ["| run | final val loss | final test loss | median step (ms) |", "|---|---|---|---|"]
     for r in p["runs"]:
         rank = f" r={r['rank']}" if r["rank"] else ""
         svd = f" {r['svd_method']}" if r["svd_method"] not in ("-", "subspace") else ""
         out.append(
             f"| {r['optimizer']}{rank}{svd} lr={r['lr']:g} | {fmt(r['final_val_loss'])} | "
+            f"{fmt(r.get('final_test_loss'))} | "
             f"{fmt(r['step_s_median'] * 1e3 if r['step_s_median'] else None, '.0f')} |"
         )
     rs = p["rank_sweep"]
@@ -195,14 +198,14 @@ def markdown(p: dict[str, Any], grid_rank: int) -> str:
             f"UMTAM rank sweep (lr: {rs['lr_policy']} lr of rank {grid_rank}; rank is clipped "
             "to min(m, n) per matrix):",
             "",
-            "| rank | effective ranks | lr | final val loss | median step (ms) |",
-            "|---|---|---|---|---|",
+            "| rank | effective ranks | lr | final val loss | final test loss | median step (ms) |",
+            "|---|---|---|---|---|---|",
         ]
         for r in rs["rows"]:
             final = (
-                "abandoned (projected time over --run-budget-s)"
+                "abandoned (projected time over --run-budget-s) | —"
                 if r.get("abandoned_over_time_budget")
-                else fmt(r["final_val_loss"])
+                else f"{fmt(r['final_val_loss'])} | {fmt(r.get('final_test_loss'))}"
             )
             out.append(
                 f"| {r['rank']} | {r['effective_ranks']} | {fmt(r['lr'], 'g')} | "
@@ -212,7 +215,7 @@ def markdown(p: dict[str, Any], grid_rank: int) -> str:
             s = rs["spread"]
             out += [
                 "",
-                f"Spread of final val loss across ranks {s['ranks']}: {s['min']:.4f} – "
+                f"Spread of final test loss across ranks {s['ranks']}: {s['min']:.4f} – "
                 f"{s['max']:.4f} "
                 f"(max − min {s['max_minus_min']:.4f}, {100 * s['relative']:.2f} % of min).",
             ]
@@ -221,8 +224,8 @@ def markdown(p: dict[str, Any], grid_rank: int) -> str:
         out += [
             "",
             f"{e['optimizer']}: exact SVD vs default (subspace) at rank {e['rank']}, lr "
-            f"{e['lr']:g}: final val "
-            f"loss {e['exact_final_val_loss']:.4f} vs {e['subspace_final_val_loss']:.4f} "
+            f"{e['lr']:g}: final test "
+            f"loss {e['exact_final_test_loss']:.4f} vs {e['subspace_final_test_loss']:.4f} "
             f"(relative difference {100 * e['relative_difference']:.2f} %; the ≤ 1 % criterion "
             f"{verdict}); median step {e['exact_step_ms']:.0f} ms vs "
             f"{e['subspace_step_ms']:.0f} ms.",

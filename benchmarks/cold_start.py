@@ -12,11 +12,12 @@ For each configuration (UMTAM as in ``benchmarks/training.py``: the default; wit
 ``benchmarks/training.py`` is trained twice on the same initialisation and batches: with
 0 and with 4 extra power iterations on the first step (the library's choice is replaced
 by ``_decomposition.cold_start_iterations`` while the run's step is traced). Reported per
-configuration: the final validation loss of both, their paired difference (without −
+configuration: the final test loss of both, their paired difference (without −
 with) with a 95 % Student-t interval over seeds, and, with error feedback (the state keeps
 M̃), the fraction ‖UΣVᵀ‖² / ‖M̃‖² of the momentum's energy the optimizer's own factors hold
 at steps 1, 2, 3, 5 and 10, beside the optimal rank-r fraction. Learning rates are each
-configuration's best on validation loss in ``results/training.json`` (no test split).
+configuration's best on validation loss in ``results/training.json``; the loss reported is
+on the test windows, held-out documents apart from the validation ones.
 
     python -m benchmarks.cold_start                 # 5 seeds at training.py's size
     python -m benchmarks.cold_start --quick --seeds 0 --steps 6 --no-write   # smoke run
@@ -50,7 +51,7 @@ from benchmarks._common import (
 from benchmarks.spectrum import spectra
 from umtam_jax.experiments import store
 from umtam_jax.experiments.lm_data import lm_token_arrays
-from umtam_jax.experiments.models.gpt import gpt_loss, init_gpt, make_gpt_train_step
+from umtam_jax.experiments.models.gpt import init_gpt, make_gpt_train_step
 from umtam_jax.optimizer import _decomposition
 
 #: name → (optimizer of ``benchmarks.training``, error_decay, learning rate).
@@ -72,15 +73,10 @@ def train_run(
     tokens: tuple[np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
     """One training run of configuration ``name`` with ``extra`` first-step iterations on
-    ``tokens`` (the train and validation streams of ``lm_token_arrays``)."""
+    ``tokens`` (the train and held-out streams of ``lm_token_arrays``); its final loss on
+    the test windows of :func:`benchmarks._lm_training.lm_run_data`."""
     variant, decay, lr = CONFIGS[name]
-    train, val_tokens = tokens
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, train.size - size.context - 1, size=(size.steps, size.batch))
-    batches = train[starts[..., None] + np.arange(size.context + 1)].astype(np.int32)
-    vrng = np.random.default_rng(seed + 1_000_003)
-    vstarts = vrng.integers(0, val_tokens.size - size.context - 1, size.val_batches * size.batch)
-    val = jnp.asarray(val_tokens[vstarts[:, None] + np.arange(size.context + 1)], jnp.int32)
+    data = lm.lm_run_data(*tokens, size, seed)
     cfg = lm.gpt_config(size)
     params = init_gpt(jax.random.key(seed), cfg)
     base = lm.base_transform(
@@ -93,16 +89,15 @@ def train_run(
     t0 = time.perf_counter()
     with patch.object(_decomposition, "cold_start_iterations", lambda _cfg: extra):
         for t in range(1, size.steps + 1):
-            params, state, _ = step(params, state, batches[t - 1])
+            params, state, _ = step(params, state, data.batches[t - 1])
             if decay > 0 and t in LOG_STEPS:
                 sp = spectra(state)
                 own = [float(low / total) for _, low, total in sp]
                 best = [float(jnp.sum(sv[:RANK] ** 2) / jnp.sum(sv**2)) for sv, _, _ in sp]
                 captured[str(t)] = [float(np.mean(own)), float(np.mean(best))]
-    vb = val.reshape(size.val_batches, size.batch, size.context + 1)
-    loss = jax.lax.map(lambda b: gpt_loss(params, b, config=cfg), vb).mean()
+    loss = lm.make_eval_fn(cfg, size)(params, data.test)
     return {"config": name, "extra": extra, "seed": seed, "lr": lr, "error_decay": decay,
-            "final_val_loss": float(loss), "captured": captured,
+            "final_test_loss": float(loss), "captured": captured,
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -114,10 +109,10 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         seeds = sorted(s for e, s in by if e == EXTRA[0] and (EXTRA[1], s) in by)
         if not seeds:
             continue
-        loss = {e: [by[(e, s)]["final_val_loss"] for s in seeds] for e in EXTRA}
+        loss = {e: [by[(e, s)]["final_test_loss"] for s in seeds] for e in EXTRA}
         entry: dict[str, Any] = {
             "seeds": seeds,
-            "final_val_loss": {str(e): t_interval(loss[e]) for e in EXTRA},
+            "final_test_loss": {str(e): t_interval(loss[e]) for e in EXTRA},
             "by_seed": {str(e): loss[e] for e in EXTRA},
             "without_minus_with": t_interval([a - b for a, b in zip(*loss.values(), strict=True)]),
         }
@@ -139,11 +134,12 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], size: lm.Size) -> str:
     lines = [
-        "| configuration | lr | val loss, 0 extra | val loss, 4 extra | 0 − 4 [95 % CI] | seeds |",
+        "| configuration | lr | test loss, 0 extra | test loss, 4 extra | 0 − 4 [95 % CI] "
+        "| seeds |",
         "|---|---|---|---|---|---|",
     ]
     for name, e in result.items():
-        loss, diff = e["final_val_loss"], format_interval(e["without_minus_with"], "{:+.4f}")
+        loss, diff = e["final_test_loss"], format_interval(e["without_minus_with"], "{:+.4f}")
         lines.append(
             f"| {name} | {CONFIGS[name][2]:g} | {format_interval(loss['0'])} | "
             f"{format_interval(loss['4'])} | {diff} | {len(e['seeds'])} |"
@@ -156,7 +152,7 @@ def markdown(result: dict[str, Any], size: lm.Size) -> str:
     return (
         f"GPT d={size.d_model}, {size.n_layers} layers, {size.steps} steps × batch "
         f"{size.batch} × {size.context} tokens, rank {RANK}; per seed the same initialisation, "
-        "batches and validation windows for both variants. Final validation loss (mean "
+        "batches and test windows for both variants. Final test loss (mean "
         "[95 % Student-t interval] over seeds; the difference paired by seed):\n\n"
         + "\n".join(lines)
         + "\n\nMean fraction of the momentum's energy held by the optimizer's rank-r factors "
@@ -185,7 +181,8 @@ def main(argv=None) -> dict[str, Any]:
     env = environment()
     rdir = Path(args.results_dir)
     cache = rdir / "cold_start_runs"
-    tag = f"{'quick' if args.quick else 'default'}-{size.steps}"
+    # Runs recorded before the test split ("<size>-<steps>-…") hold validation losses.
+    tag = f"{'quick' if args.quick else 'default'}-{size.steps}-test"
     runs = []
     tokens = None  # loaded at the first run that is not read back
     for seed in args.seeds:
@@ -197,8 +194,8 @@ def main(argv=None) -> dict[str, Any]:
                     continue
                 tokens = tokens or lm_token_arrays()
                 run = train_run(name, extra, seed, size, tokens)
-                loss, wall = run["final_val_loss"], run["wall_s"]
-                print(f"[cold_start] {name}, {extra} extra, seed {seed}: val {loss:.4f} "
+                loss, wall = run["final_test_loss"], run["wall_s"]
+                print(f"[cold_start] {name}, {extra} extra, seed {seed}: test {loss:.4f} "
                       f"({wall:.0f} s)", flush=True)  # fmt: skip
                 runs.append(run)
                 if not args.no_write:

@@ -1,10 +1,12 @@
 """Small-GPT language modelling on the Python-docs corpus: UMTAM vs AdamW, Adafactor, GaLore.
 
 Reproduces the shape of the paper's training tables (4–7, 11) at a size that runs on a
-2-core CPU: validation-loss curves, a learning-rate grid per optimizer (chosen on the
-validation split only; there is no test split here), UMTAM at ranks 8/16/32/128 and the
-spread of final validation loss across ranks, steps to a threshold loss, wall time per
-step, and UMTAM with ``svd_method="exact"`` vs the default fast method at one rank.
+2-core CPU: validation-loss curves, a learning-rate grid per optimizer, UMTAM at ranks
+8/16/32/128 and the spread of final test loss across ranks, steps to a threshold
+validation loss, wall time per step, and UMTAM with ``svd_method="exact"`` vs the default
+fast method at one rank. The held-out documents are split in two: learning rates (and each
+rank's best run) are chosen on the validation windows only; the tables report the chosen
+runs' loss on the test windows, evaluated once per run after its last step.
 
 Every run sees the same model initialisation and the same sequence of training batches;
 the learning rate follows the same warmup + cosine shape for every optimizer. The
@@ -33,8 +35,6 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
@@ -49,6 +49,8 @@ from benchmarks._lm_training import (  # noqa: E402
     UMTAM_VARIANTS,
     base_transform,
     gpt_config,
+    lm_run_data,
+    make_eval_fn,
     make_tx,
     run_key,
     top_key,
@@ -57,7 +59,6 @@ from benchmarks._lm_training import (  # noqa: E402
 from benchmarks._training_report import fmt, markdown, plot, summarize  # noqa: E402
 from umtam_jax.experiments.lm_data import lm_token_arrays  # noqa: E402
 from umtam_jax.experiments.models.gpt import (  # noqa: E402
-    gpt_loss,
     init_gpt,
     make_gpt_train_step,
 )
@@ -131,16 +132,10 @@ def main(argv=None) -> dict[str, Any]:
         grids = {k: tuple(float(x) for x in args.lrs.split(",")) for k in OPTIMIZERS}
     ranks = [int(x) for x in args.ranks.split(",") if x]
 
-    # Data: the same batches (order and content) for every run; a fixed validation set.
-    train, val_tokens = lm_token_arrays()
-    rng = np.random.default_rng(args.seed)
-    starts = rng.integers(0, train.size - size.context - 1, size=(size.steps, size.batch))
-    batches = train[starts[..., None] + np.arange(size.context + 1)].astype(np.int32)
-    vrng = np.random.default_rng(args.seed + 1_000_003)
-    vstarts = vrng.integers(
-        0, val_tokens.size - size.context - 1, size=size.val_batches * size.batch
-    )
-    val = jnp.asarray(val_tokens[vstarts[:, None] + np.arange(size.context + 1)], jnp.int32)
+    # Data: the same batches (order and content) for every run; fixed validation windows
+    # (learning rates are chosen on them) and test windows (the loss reported).
+    train, held_out = lm_token_arrays()
+    data = lm_run_data(train, held_out, size, args.seed)
 
     cfg = gpt_config(size)
     params0 = init_gpt(jax.random.key(args.seed), cfg)
@@ -153,10 +148,7 @@ def main(argv=None) -> dict[str, Any]:
         and (args.factor_embeddings or top_key(k) not in EMBEDDINGS)
     }
 
-    @jax.jit
-    def eval_fn(params, val):
-        vb = val.reshape(size.val_batches, size.batch, size.context + 1)
-        return jax.lax.map(lambda b: gpt_loss(params, b, config=cfg), vb).mean()
+    eval_fn = make_eval_fn(cfg, size)
 
     print(
         f"[training] size: {'QUICK' if args.quick else 'DEFAULT'} {dataclasses.asdict(size)}; "
@@ -212,10 +204,11 @@ def main(argv=None) -> dict[str, Any]:
             compiled[ckey] = (tx, make_gpt_train_step(tx, config=cfg))
         tx, step_fn = compiled[ckey]
         t0 = time.perf_counter()
-        res = train_one(step_fn, eval_fn, tx, params0, batches, val, lr, size, key, max_seconds)
+        res = train_one(step_fn, eval_fn, tx, params0, data, lr, size, key, max_seconds)
         res.update(spec, wall_s=time.perf_counter() - t0, signature=signature)
         print(
-            f"[training] {key}: final val {fmt(res['final_val_loss'])}  "
+            f"[training] {key}: final val {fmt(res['final_val_loss'])}, test "
+            f"{fmt(res['final_test_loss'])}  "
             f"median step {res['step_s_median'] * 1e3:.0f} ms  first step "
             f"{res['first_step_s']:.1f} s  ({res['wall_s']:.0f} s, "
             f"elapsed {time.perf_counter() - t_start:.0f} s)",
@@ -306,8 +299,10 @@ def main(argv=None) -> dict[str, Any]:
         "data": {
             "corpus": "python3.11-doc reST sources, byte-level BPE 4096 (lm_token_arrays)",
             "train_tokens": int(train.size),
-            "val_tokens": int(val_tokens.size),
+            "held_out_tokens": int(held_out.size),
+            "held_out_split": "validation | test, cut at the document end nearest the middle",
             "val_windows": int(size.val_batches * size.batch),
+            "test_windows": int(size.test_batches * size.batch),
             "seed": args.seed,
             "same_batches_for_every_run": True,
         },
@@ -315,7 +310,7 @@ def main(argv=None) -> dict[str, Any]:
         "weight_decay": 0.0,
         "embeddings_factored_by_umtam_and_galore": args.factor_embeddings,
         "lr_grids": {o: list(grids[o]) for o in order},
-        "lr_selection": "lowest final validation loss (no test split is used)",
+        "lr_selection": "lowest final validation loss; the test loss is reported",
         "threshold_val_loss": threshold,
         "threshold_rule": "worst best-lr final validation loss among the optimizers",
         "summary": tables["summary"],

@@ -1,13 +1,14 @@
-"""Small-GPT training over several seeds: each optimizer's best validation loss, the
-differences to AdamW and UMTAM's spread across ranks, with 95 % intervals over seeds.
+"""Small-GPT training over several seeds: each optimizer's test loss at its chosen
+learning rate, the differences to AdamW and UMTAM's spread across ranks, with 95 %
+intervals over seeds.
 
 Runs :mod:`benchmarks.training` once per seed (the seed draws the model initialisation,
-the training batches and the validation windows; each run chooses its learning rates on
-validation loss, as that benchmark does) and combines the runs: per quantity the mean over
-seeds with a Student-t interval (n − 1 degrees of freedom), per optimizer the paired
-difference to AdamW (the same seed's data and initialisation). Seed 0 reuses
-``results/training.json`` when it was run at the same size; the other seeds' records go
-to ``results/training_seeds/`` (resumable: a finished seed is read back).
+the training batches, the validation and the test windows; each run chooses its learning
+rates on validation loss and reports the test loss, as that benchmark does) and combines
+the runs: per quantity the mean over seeds with a Student-t interval (n − 1 degrees of
+freedom), per optimizer the paired difference to AdamW (the same seed's data and
+initialisation). Every seed's record goes to ``results/training_seeds/`` (resumable: a
+finished seed, and each finished run of an interrupted seed, is read back).
 
     python -m benchmarks.training_seeds --seeds 0 1 2
     python -m benchmarks.training_seeds --quick --seeds 0 1 --no-write   # smoke run
@@ -33,31 +34,32 @@ from benchmarks._common import (
 
 
 def _seed_record(seed: int, args: argparse.Namespace, rdir: Path) -> dict[str, Any]:
-    """One seed's training result: read back when recorded at this size, else run."""
+    """One seed's training result: read back when recorded at this size with a test
+    split, else run."""
     size = "quick" if args.quick else "default"
-    base = rdir / ("training_quick.json" if args.quick else "training.json")
     sub = rdir / "training_seeds"
     name = f"training_{size}_seed{seed}"
-    for path in ([base] if seed == 0 else []) + [sub / f"{name}.json"]:
-        if path.exists():
-            rec = json.loads(path.read_text())["result"]
-            if rec.get("size") == size and rec["data"]["seed"] == seed:
-                return rec
+    path = sub / f"{name}.json"
+    if path.exists():
+        rec = json.loads(path.read_text())["result"]
+        data = rec["data"]
+        if rec.get("size") == size and data["seed"] == seed and "test_windows" in data:
+            return rec
     argv = ["--seed", str(seed), "--name", name, "--results-dir", str(sub), "--skip-exact",
             "--no-plot", *(["--quick"] if args.quick else [])]  # fmt: skip
     return training.main(argv)
 
 
 def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per optimizer the best validation loss and its difference to AdamW, and UMTAM's
-    spread across ranks, each over the seeds of ``records``."""
+    """Per optimizer the test loss of its chosen run and the difference to AdamW, and
+    UMTAM's spread across ranks, each over the seeds of ``records``."""
     best: dict[str, list[float]] = {}
     for rec in records:
         for row in rec["summary"]:
-            best.setdefault(row["optimizer"], []).append(row.get("final_val_loss"))
+            best.setdefault(row["optimizer"], []).append(row.get("final_test_loss"))
     out: dict[str, Any] = {"seeds": [r["data"]["seed"] for r in records], "optimizers": {}}
     for opt, xs in best.items():
-        entry = {"final_val_loss": t_interval(xs), "by_seed": xs}
+        entry = {"final_test_loss": t_interval(xs), "by_seed": xs}
         if opt != "adamw" and "adamw" in best:
             diffs = [a - b for a, b in zip(xs, best["adamw"], strict=True)
                      if a is not None and b is not None]  # fmt: skip
@@ -70,12 +72,12 @@ def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    lines = ["| optimizer | best val loss [95 % CI] | − AdamW [95 % CI] | by seed |",
+    lines = ["| optimizer | test loss [95 % CI] | − AdamW [95 % CI] | by seed |",
              "|---|---|---|---|"]  # fmt: skip
     for opt, e in result["optimizers"].items():
         d = e.get("minus_adamw")
         lines.append(
-            f"| {opt} | {format_interval(e['final_val_loss'])} | "
+            f"| {opt} | {format_interval(e['final_test_loss'])} | "
             f"{format_interval(d, '{:+.3f}') if d else '—'} | "
             + ", ".join("–" if x is None else f"{x:.3f}" for x in e["by_seed"])
             + " |"
@@ -87,13 +89,13 @@ def markdown(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
     return (
         f"GPT d={model['d_model']}, {model['n_layers']} layers ({model['n_params'] / 1e6:.1f}M), "
         f"Python docs, {cfg['steps']} steps × batch {cfg['batch']} × {cfg['context']} tokens; "
-        f"seeds {', '.join(map(str, result['seeds']))} (each: initialisation, batches and "
-        "validation windows); learning rates chosen per seed on validation loss, which is also "
-        "the loss reported (no test split); 95 % Student-t intervals over seeds, differences "
-        "paired by seed.\n\n"
+        f"seeds {', '.join(map(str, result['seeds']))} (each: initialisation, batches, "
+        "validation and test windows); learning rates chosen per seed on validation loss, "
+        "the final loss reported on test windows of other held-out documents; 95 % Student-t "
+        "intervals over seeds, differences paired by seed.\n\n"
         + "\n".join(lines)
-        + f"\n\nUMTAM's spread of final validation loss across ranks {ranks} at its best "
-        f"learning rate, (max − min) / min: {format_interval(spread, '{:.2f}')} %.\n"
+        + f"\n\nUMTAM's spread of final test loss across ranks {ranks} at the learning "
+        f"rate chosen on validation, (max − min) / min: {format_interval(spread, '{:.2f}')} %.\n"
     )
 
 

@@ -5,6 +5,7 @@ tiny size; step_time's timing harness and donation."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -140,6 +141,9 @@ def test_training_and_spectrum_quick_path(tmp_path):
     assert out["size"] == "quick"
     (row,) = out["summary"]
     assert row["optimizer"] == "umtam" and math.isfinite(row["final_val_loss"])
+    # chosen on validation, reported on test: two different held-out losses
+    assert math.isfinite(row["final_test_loss"]) and row["final_test_loss"] != row["final_val_loss"]
+    assert out["data"]["test_windows"] == 16
     assert out["rank_sweep"]["rows"][0]["rank"] == 8
     assert (rdir / "training_quick.json").exists()
     assert not (rdir / "training_quick.runs.jsonl").exists()
@@ -382,6 +386,33 @@ def test_protocol_script_runs_every_stage_in_order(tmp_path):
                 module.main(line.split()[2:])
 
 
+def test_run_data_splits_the_held_out_documents_between_validation_and_test():
+    """Validation and test windows come from different documents, each window from one
+    side of the cut (document ids encoded in the tokens), drawn per seed."""
+    from benchmarks import _lm_training as lm
+
+    lengths = (5, 40, 7, 30, 50, 9, 33, 21)
+    docs = [np.array([d] * n + [0]) for d, n in enumerate(lengths, start=1)]
+    held = np.concatenate(docs)
+    val, test = lm.split_held_out(held)
+    cut = val.size
+    assert held[cut - 1] == 0 and abs(cut - held.size / 2) <= 26  # an end near the middle
+    assert not (set(val.tolist()) - {0}) & set(test.tolist())
+    train = np.arange(1000) % 7 + 1
+    size = dataclasses.replace(lm.QUICK, context=3, steps=5)
+    data = lm.lm_run_data(train, held, size, seed=0)
+    assert data.batches.shape == (5, size.batch, 4)
+    assert data.val.shape == (size.val_batches * size.batch, 4)
+    assert data.test.shape == (size.test_batches * size.batch, 4)
+    side = {int(d): int(d) in set(val.tolist()) for d in range(1, 9)}
+    assert all(side[int(x)] for x in np.asarray(data.val).ravel() if x)
+    assert not any(side[int(x)] for x in np.asarray(data.test).ravel() if x)
+    other = lm.lm_run_data(train, held, size, seed=1)
+    assert not np.array_equal(np.asarray(other.test), np.asarray(data.test))
+    with pytest.raises(ValueError, match="two documents"):
+        lm.split_held_out(np.array([3, 3, 0]))
+
+
 def test_training_seeds_intervals_against_a_hand_computation():
     from benchmarks import training_seeds as ts
 
@@ -394,8 +425,8 @@ def test_training_seeds_intervals_against_a_hand_computation():
 
     def record(seed, adamw, umtam, spread):
         return {"data": {"seed": seed},
-                "summary": [{"optimizer": "adamw", "final_val_loss": adamw},
-                            {"optimizer": "umtam", "final_val_loss": umtam}],
+                "summary": [{"optimizer": "adamw", "final_test_loss": adamw},
+                            {"optimizer": "umtam", "final_test_loss": umtam}],
                 "rank_sweep": {"spread": {"relative": spread, "ranks": [8, 32]}}}  # fmt: skip
 
     out = ts.combine([record(0, 6.0, 6.2, 0.03), record(1, 6.1, 6.2, 0.01)])
