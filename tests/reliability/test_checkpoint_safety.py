@@ -677,3 +677,37 @@ def test_dot_dot_after_a_link_is_resolved_as_the_file_system_does(tmp_path, monk
     chex.assert_trees_all_equal(checkpoint.restore_params(tmp_path / "deep" / "ck"), NEW)
     chex.assert_trees_all_equal(checkpoint.restore_params(other), OLD)
     chex.assert_trees_all_equal(checkpoint.restore_params("sl/../ck"), NEW)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system of its own (a tmpfs; needs root and a mount namespace)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk], check=False, capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root and a mount namespace")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_real_full_disk_is_one_error_naming_the_output_and_no_logged_traceback(
+    small_disk, caplog, streaming
+):
+    """Saving 4 MiB onto a 1 MiB disk: the caller gets one OSError naming the output;
+    Orbax's threads log no traceback of it first (through absl); nothing is left."""
+    big = {"w": np.random.default_rng(0).standard_normal((1024, 1024), np.float32)}
+    out = small_disk / "out"
+    with pytest.raises(OSError, match=f"cannot write {out}: No space left on device"):
+        if streaming:
+            like = {"w": jax.ShapeDtypeStruct((1024, 1024), np.float32)}
+            checkpoint.save_params_streaming(out, like, lambda i: big["w"])
+        else:
+            checkpoint.save_checkpoint(out, big)
+    assert not [r for r in caplog.records if r.name == "absl" and r.exc_info]
+    assert os.listdir(small_disk) == []

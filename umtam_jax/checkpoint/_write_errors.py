@@ -2,15 +2,17 @@
 
 A save writes into a hidden staging folder beside its output; a system error there (a full
 disk, a read-only file system, a permission) would name that hidden path, and Orbax
-reports it as tensorstore's ValueError. :func:`naming_the_target` turns it into one
-``OSError`` naming the output. :class:`CheckpointBusyError` (another save holds the
-output's lock) is never renamed.
+reports it as tensorstore's ValueError after logging its traceback.
+:func:`naming_the_target` turns it into one ``OSError`` naming the output, without the
+logged traceback. :class:`CheckpointBusyError` (another save holds the output's lock) is
+never renamed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -28,23 +30,53 @@ _TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
+def _write_failure(err: BaseException, directory: epath.Path) -> int | None:
+    """The errno of ``err`` when it is a system failure to write ``directory``'s output
+    (an errno only writes raise, or any errno on its staging path), else None."""
+    ours = f"{directory.parent}{os.sep}.{directory.name}.umtam-"
+    if isinstance(err, CheckpointBusyError):
+        return None
+    if isinstance(err, OSError):
+        code, names = err.errno, [str(err.filename or ""), str(err.filename2 or "")]
+    elif isinstance(err, ValueError):
+        found = _TENSORSTORE_ERRNO.search(str(err))
+        code, names = (int(found.group(1)) if found else None), [str(err)]
+    else:
+        return None
+    if code is None or not (code in _WRITE_ERRNOS or any(ours in n for n in names)):
+        return None
+    return code
+
+
+class _HideWriteFailures(logging.Filter):
+    """Drops the tracebacks Orbax's threads log (through absl) for a write failure before
+    the save re-raises it: the caller gets the failure once, as the ``OSError``."""
+
+    def __init__(self, directory: epath.Path):
+        super().__init__()
+        self.directory = directory
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        return err is None or _write_failure(err, self.directory) is None
+
+
 @contextlib.contextmanager
 def naming_the_target(directory: epath.Path) -> Iterator[None]:
     """A write into the output that fails for a system reason (a full disk, a read-only
     file system, a permission) is an ``OSError`` naming ``directory``, not the hidden
-    staging path (and for Orbax outputs not tensorstore's ValueError). Other errors, such
-    as a failed read of an input while the output is written, pass unchanged."""
-    ours = f"{directory.parent}{os.sep}.{directory.name}.umtam-"
+    staging path (and for Orbax outputs not tensorstore's ValueError), and Orbax's logged
+    tracebacks of it are dropped. Other errors, such as a failed read of an input while
+    the output is written, pass unchanged."""
+    hide = _HideWriteFailures(directory)
+    absl_logger = logging.getLogger("absl")  # Orbax logs through absl
+    absl_logger.addFilter(hide)
     try:
         yield
-    except CheckpointBusyError:
-        raise
     except (OSError, ValueError) as err:
-        if isinstance(err, OSError):
-            code, names = err.errno, [str(err.filename or ""), str(err.filename2 or "")]
-        else:
-            found = _TENSORSTORE_ERRNO.search(str(err))
-            code, names = (int(found.group(1)) if found else None), [str(err)]
-        if code is None or not (code in _WRITE_ERRNOS or any(ours in n for n in names)):
+        code = _write_failure(err, directory)
+        if code is None:
             raise
         raise OSError(code, f"cannot write {directory}: {os.strerror(code)}") from err
+    finally:
+        absl_logger.removeFilter(hide)
