@@ -213,6 +213,27 @@ def test_inject_hyperparams_keeps_buffer_dtype_static():
     assert state.inner_state[0].leaves["kernel"].dense_momentum.dtype == jnp.bfloat16
 
 
+def test_inject_hyperparams_keeps_a_callable_weight_decay_mask():
+    """A callable mask is static: otherwise inject_hyperparams called it with the step
+    count, stored its False and weight decay was silently off."""
+    mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    options = dict(CONFIGS["factored"], weight_decay=0.5, mask=mask)
+    injected = optax.inject_hyperparams(umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS)
+    with jax.enable_x64(True):  # injected floats are float64 like Python's: same arithmetic
+        params64 = _params(jnp.float64)
+        got, state, _ = _run(injected(learning_rate=0.1, **options), params64, 2)
+        want, _, _ = _run(umtam_jax.umtam(0.1, **options), params64, 2)
+        chex.assert_trees_all_close(got[-1], want[-1], rtol=1e-12)
+    assert "mask" not in state.hyperparams
+    params = _params()
+    # Weight decay reaches the masked-in kernel: zero gradients leave only −lr·wd·w.
+    zero = jax.tree.map(jnp.zeros_like, params)
+    opt = injected(learning_rate=1.0, **options)
+    updates, _ = opt.update(zero, opt.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.5 * params["kernel"], atol=1e-4)
+    np.testing.assert_allclose(updates["bias"], 0.0, atol=1e-4)
+
+
 def test_inject_hyperparams_with_adaptive_rank_gives_the_same_updates():
     # The rank thresholds are injected (traced) floats; only concrete ones are validated.
     options = dict(CONFIGS["factored"], adaptive_rank=True, rank_update_every=2)

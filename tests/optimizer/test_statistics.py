@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +83,49 @@ def test_trains_a_flax_nnx_model_with_nnx_optimizer():
     assert last < 0.2 * first
     stats = umtam_jax.statistics(optimizer.opt_state)
     assert isinstance(stats["hidden"]["kernel"], umtam_jax.FactoredStatistics)
+
+
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
+def test_nnx_optimizer_with_a_frozen_submodule(wrapper):
+    """``optax.masked`` / ``multi_transform`` hand UMTAM a State whose frozen Variables
+    hold ``MaskedNode()``: they have no state (not a shape-(0,) one), the update runs, the
+    trained leaves follow a plain-dict run and the frozen ones do not move."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.body = nnx.Linear(8, 16, rngs=nnx.Rngs(0))
+            self.head = nnx.Linear(16, 2, rngs=nnx.Rngs(1))
+
+    def trained(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "head" not in jax.tree_util.keystr(p), tree
+        )
+
+    inner = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=8)
+    if wrapper == "masked":
+        tx = optax.masked(inner, trained)
+    else:
+        labels = lambda t: jax.tree.map(lambda m: "u" if m else "z", trained(t))  # noqa: E731
+        tx = optax.multi_transform({"u": inner, "z": optax.set_to_zero()}, labels)
+    model = Net()
+    before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    for _ in range(2):
+        optimizer.update(model, grads)
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # The same two steps on plain dicts, UMTAM on the trained leaves only.
+    pure, pure_grads = before["body"], jax.tree.map(jnp.ones_like, before["body"])
+    state = inner.init(pure)
+    for _ in range(2):
+        updates, state = inner.update(pure_grads, state, pure)
+        pure = optax.apply_updates(pure, updates)
+    chex.assert_trees_all_close(after["body"], pure, rtol=1e-6)
+    if wrapper == "masked":  # masked passes the frozen gradients through unchanged
+        chex.assert_trees_all_close(after["head"]["bias"], before["head"]["bias"] + 2.0)
+    else:
+        chex.assert_trees_all_equal(after["head"], before["head"])
 
 
 def test_nnx_optimizer_state_keeps_one_structure_and_restores_with_plain_orbax(tmp_path):
@@ -254,3 +298,30 @@ def test_state_shardings_line_up_with_an_nnx_optimizer_state():
     assert jax.tree.structure(shardings) == jax.tree.structure(pure)
     placed = jax.tree.map(lambda s, x: x.sharding.is_equivalent_to(s, x.ndim), shardings, pure)
     assert all(jax.tree.leaves(placed))
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_state_shardings_of_an_nnx_model_with_partitioned_params(chained):
+    """``nnx.with_partitioning`` gives each Param sharding metadata (``mesh=None`` unless
+    one is named): ``state_shardings`` reads the arrays' shardings, not the Variables'
+    metadata, and matches ``nnx.as_pure(optimizer.opt_state)`` (also with Adam's
+    parameter-shaped moments in the chain)."""
+    from flax import nnx
+
+    mesh = jax.make_mesh((1,), ("model",))
+    with jax.set_mesh(mesh):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model"))
+        model = nnx.Linear(32, 16, kernel_init=init, rngs=nnx.Rngs(0))
+        tx = umtam_jax.umtam(1e-3, rank=2, min_dim_size_to_factor=8)
+        if chained:
+            tx = optax.chain(optax.scale_by_adam(), tx)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        shardings = umtam_jax.state_shardings(tx, nnx.state(model, nnx.Param))
+    pure = nnx.as_pure(optimizer.opt_state)
+    assert jax.tree.structure(shardings) == jax.tree.structure(pure)
+    placed = jax.tree.map(lambda s, x: x.sharding.is_equivalent_to(s, x.ndim), shardings, pure)
+    assert all(jax.tree.leaves(placed))
+    umtam_leaves = (shardings[1] if chained else shardings)[0].leaves
+    kernel = umtam_leaves["kernel"]
+    assert tuple(kernel.v.spec)[:1] == ("model",)  # v (cols × r): the kernel's columns
+    assert tuple(kernel.u.spec) in ((), (None,), (None, None))  # u (rows × r): replicated

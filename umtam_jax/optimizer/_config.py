@@ -64,11 +64,13 @@ STATIC_HYPERPARAMS = (
     "group_leaves",
     "buffer_dtype",
     "error_decay",
+    "mask",
 )
 """Arguments that fix array shapes, dtypes or control flow (integers, the ``row_axes``
-callable, ``buffer_dtype`` (a dtype is callable, so ``inject_hyperparams`` would take it for
-a schedule) and ``error_decay``, whose value 0 drops the m×n momentum buffer from the
-state): pass ``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
+callable, ``buffer_dtype`` and a callable weight-decay ``mask`` (``inject_hyperparams``
+would take any callable for a schedule of the step), and ``error_decay``, whose value 0
+drops the m×n momentum buffer from the state): pass
+``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
 
 
 def check(condition: bool, message: str) -> None:
@@ -141,7 +143,7 @@ def validate(cfg: Config) -> None:
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
     for name in STATIC_HYPERPARAMS:
-        if name in ("row_axes", "error_decay", "group_leaves", "buffer_dtype"):
+        if name in ("row_axes", "error_decay", "group_leaves", "buffer_dtype", "mask"):
             continue
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool):

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from umtam_jax import _pytrees
 from umtam_jax.optimizer._axis_order import is_keepdims
 from umtam_jax.optimizer._state import DenseLeafState, FactoredLeafState, ScaleByUmtamState
 
@@ -342,6 +343,9 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
       ...                          sharding=NamedSharding(mesh, P(None, "model")))
       >>> shardings = state_shardings(umtam(1e-3), {"w": w})
     """
+    # A flax.nnx Variable stands for its array (nnx.as_pure's layout); its own metadata
+    # (e.g. mesh=None from nnx.with_partitioning) is not the array's sharding.
+    params = jax.tree.map(_pytrees.unwrap, params, is_leaf=_pytrees.is_variable)
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not isinstance(getattr(p, "sharding", None), NamedSharding):
             raise ValueError(

@@ -58,10 +58,16 @@ from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, lay
 from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
 
 
+def _is_array_variable(x: Any) -> bool:
+    """A ``flax.nnx`` Variable holding an array: not one that ``optax.masked`` or
+    ``optax.multi_transform`` emptied (``Param(MaskedNode())``), which has no leaf."""
+    return _pytrees.is_variable(x) and not isinstance(_pytrees.unwrap(x), optax.MaskedNode)
+
+
 def _flatten_variables(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
     """``tree_flatten_with_path`` with ``flax.nnx`` Variables as leaves (their paths end
     at the Variable, as those of the arrays ``nnx.Optimizer`` passes to ``update``)."""
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_pytrees.is_variable)
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array_variable)
 
 
 def _leaf_layout(cfg: Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> Layout:
