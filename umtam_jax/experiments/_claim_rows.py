@@ -163,7 +163,8 @@ def rank_row(bdir: Path) -> ClaimRow:
         first = (seeds.get("rank_spread_by_seed") or [{}])[0]
         ranks = ", ".join(map(str, first.get("ranks", [])))
         text = (f"{spread['estimate']:.2f} % [{spread['low']:.2f}, {spread['high']:.2f}] at "
-                f"ranks {ranks}, mean over {spread['n']} seeds (Student-t interval)")  # fmt: skip
+                f"ranks {ranks} (final test loss), mean over {spread['n']} seeds (Student-t "
+                "interval)")  # fmt: skip
         setting = (f"small GPT (2.6M), Python docs, seeds {seeds.get('seeds')}, "
                    f"{seeds['device']}; paper: GPT-2 124M on FineWeb, 1000 steps, GPU")  # fmt: skip
         return claim_row("rank", text, setting, seeds_source, spread["estimate"], spread["low"],
@@ -173,7 +174,7 @@ def rank_row(bdir: Path) -> ClaimRow:
         return missing_row("rank", source, f"no rank sweep in {source}")
     s, cfg, model = r["rank_sweep"]["spread"], r.get("config", {}), r.get("model", {})
     text = (f"{100 * s['relative']:.2f} % ({s['min']:.3f}–{s['max']:.3f} at ranks "
-            f"{', '.join(map(str, s['ranks']))})")  # fmt: skip
+            f"{', '.join(map(str, s['ranks']))}, final test loss)")  # fmt: skip
     setting = (f"GPT d={model.get('d_model')}, {model.get('n_layers')} layers "
                f"({model.get('n_params', 0) / 1e6:.1f}M), Python docs, {cfg.get('steps')} "
                f"steps, {r['device']}; paper: GPT-2 124M on FineWeb, 1000 steps, GPU")  # fmt: skip
