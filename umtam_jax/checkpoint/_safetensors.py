@@ -69,6 +69,16 @@ COPIED_FILES = (
     "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "preprocessor_config.json", "processor_config.json",
 )  # fmt: skip
+#: (output, input) embedding names of Hugging Face models whose output embedding may be
+#: tied to the input one (``tie_word_embeddings``); a tied model's files leave the output
+#: one out. Llama-family decoders, Gemma 3, GPT-2, OPT, Mamba.
+TIED_EMBEDDINGS = (
+    ("lm_head.weight", "model.embed_tokens.weight"),
+    ("lm_head.weight", "model.language_model.embed_tokens.weight"),
+    ("lm_head.weight", "transformer.wte.weight"),
+    ("lm_head.weight", "model.decoder.embed_tokens.weight"),
+    ("lm_head.weight", "backbone.embeddings.weight"),
+)
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit
 _TYPES = {

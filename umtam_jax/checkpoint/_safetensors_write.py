@@ -36,6 +36,7 @@ from umtam_jax.checkpoint._safetensors import (
     MARKER_FILE,
     MODEL_FILE,
     SAFETENSORS,
+    TIED_EMBEDDINGS,
     SafetensorsReader,
     names_from_tree,
     tree_from_names,
@@ -200,30 +201,42 @@ def save_safetensors(
         for name in COPIED_FILES if source is not None else ():
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)
-                if name == "config.json" and len(floating) == 1:
-                    _set_config_dtype(staging / name, floating.pop())
+                if name == "config.json":
+                    dtype = floating.pop() if len(floating) == 1 else None
+                    _adjust_config(staging / name, dtype, set(leaves))
                 _sync(staging / name)
         _sync(staging / MARKER_FILE, json.dumps(MARKER).encode())
         _safety._fsync_dir(staging)
     return folder
 
 
-def _set_config_dtype(config: epath.Path, dtype: np.dtype) -> None:
-    """Rewrites a copied ``config.json``'s ``torch_dtype`` (``dtype`` in newer
-    transformers) to the tensors' dtype, as mergekit does, so that
-    ``from_pretrained(torch_dtype="auto")`` loads the written precision. A config that is
-    not a JSON object, or names no dtype, stays as it was."""
+def _adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) -> None:
+    """Rewrites a copied ``config.json`` for the tensors written beside it.
+
+    ``torch_dtype`` (``dtype`` in newer transformers) becomes the tensors' one floating
+    dtype, as mergekit does, so that ``from_pretrained(torch_dtype="auto")`` loads the
+    written precision. A config that ties the output embedding to the input one
+    (``tie_word_embeddings`` true, or absent: transformers' default) while both are
+    written (a merge of a tied base with untied experts) gets ``tie_word_embeddings:
+    false``: tied, transformers would replace the written output embedding by the input
+    one when loading. A config that is not a JSON object stays as it was.
+    """
     try:
         record = _json.loads(config.read_text())
     except (OSError, ValueError):
         return
-    name = dtype.name  # float32, float16, bfloat16: the names torch uses
-    keys = [k for k in ("torch_dtype", "dtype") if isinstance(record, dict) and k in record]
-    if not keys or all(record[k] == name for k in keys):
+    if not isinstance(record, dict):
         return
-    for k in keys:
-        record[k] = name
-    config.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    changed = False
+    if dtype is not None:
+        for k in ("torch_dtype", "dtype"):
+            if k in record and record[k] != dtype.name:  # float32, float16, bfloat16
+                record[k], changed = dtype.name, True
+    written = any(out in names and inp in names for out, inp in TIED_EMBEDDINGS)
+    if written and record.get("tie_word_embeddings", True) is not False:
+        record["tie_word_embeddings"], changed = False, True
+    if changed:
+        config.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- converters

@@ -43,6 +43,7 @@ from umtam_jax.engine._sources import (
     Source,
     is_huggingface,
     open_source,
+    untie_embeddings,
 )
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "resolve_output_format",
     "merge",
     "merge_checkpoints",
+    "untie_embeddings",
     "validate_merge_checkpoints",
     "writer",
 ]

@@ -20,7 +20,7 @@ from etils import epath
 from umtam_jax.engine._job import Job
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
 from umtam_jax.engine._output import check_output, resolve_output_format, writer
-from umtam_jax.engine._sources import Source, open_source
+from umtam_jax.engine._sources import Source, open_source, untie_embeddings
 from umtam_jax.merging import _registry as R
 
 
@@ -125,6 +125,7 @@ def job_from_paths(
         raise ValueError(f"method {method!r} needs a base model")
     experts = [open_source(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
     base = experts[0] if base_dir is None else open_source(base_dir, "the base")
+    untie_embeddings([base, *experts])
     extras: str | list[Source] | None = "statistics" if statistics else None
     if extra_dirs is not None:
         what = "Fisher" if extra_name == "fisher_dirs" else "curvature"

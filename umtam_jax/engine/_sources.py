@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from umtam_jax import _json
+
 
 class Source(Protocol):
     """A model on disk whose parameters (and UMTAM statistics) are read leaf by leaf."""
@@ -112,6 +114,7 @@ class SafetensorsSource:
         self.location = os.fspath(path)
         self._abstract = self.reader.abstract()
         self._names = list(names_from_tree(self._abstract))  # flattening order
+        self._tied: dict[str, str] = {}  # output embedding → the input one read for it
         self._statistics: Any = None
         self._fields: dict[str, list[str]] = {}
 
@@ -119,7 +122,31 @@ class SafetensorsSource:
         return self._abstract
 
     def read(self, leaves: Sequence[int]) -> list[np.ndarray]:
-        return self.reader.read([self._names[j] for j in leaves])
+        return self.reader.read([self._tied.get(self._names[j], self._names[j]) for j in leaves])
+
+    def ties(self, output: str, input_: str) -> bool:
+        """Whether this model ties embedding ``output`` to ``input_``: it stores ``input_``
+        but not ``output``, and its ``config.json`` (if any) does not say
+        ``tie_word_embeddings: false``."""
+        if output in self._names or input_ not in self._names:
+            return False
+        config = None if self.folder is None else self.folder / "config.json"
+        try:
+            record = _json.loads(config.read_text()) if config and config.is_file() else {}
+        except (OSError, ValueError):
+            return False
+        return not (isinstance(record, dict) and record.get("tie_word_embeddings") is False)
+
+    def tie(self, output: str, input_: str) -> None:
+        """Serves the output embedding ``output`` by reading ``input_``, as transformers
+        ties them when loading the model."""
+        from umtam_jax.checkpoint import names_from_tree, tree_from_names
+
+        entries = names_from_tree(self._abstract)
+        entries[output] = entries[input_]
+        self._abstract = tree_from_names(entries)
+        self._names = list(names_from_tree(self._abstract))
+        self._tied[output] = input_
 
     def _stats_reader(self) -> Any:
         from umtam_jax.checkpoint import SafetensorsReader
@@ -145,7 +172,7 @@ class SafetensorsSource:
         reader = self._stats_reader()
         out = []
         for j in leaves:
-            name = self._names[j]
+            name = self._tied.get(self._names[j], self._names[j])  # a tied one: the same
             fields = self._fields.get(name)
             if not fields:
                 raise ValueError(
@@ -154,6 +181,43 @@ class SafetensorsSource:
             arrays = reader.read(fields)
             out.append({f.rpartition(".")[2]: a for f, a in zip(fields, arrays, strict=True)})
         return out
+
+
+def untie_embeddings(sources: Sequence[Source]) -> None:
+    """Where some Hugging Face models of a merge store an output embedding (``lm_head``)
+    and others tie it to their input embedding (and leave it out of their files), the
+    latter read their input embedding in its place, as mergekit and transformers do; the
+    merged model then stores both (and its config says ``tie_word_embeddings: false``).
+
+    Args:
+      sources: the merge's inputs; only :class:`SafetensorsSource` ones are changed.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> emb = {"model": {"embed_tokens": {"weight": np.ones((3, 2), "f4")}}}
+      >>> tied = checkpoint.save_safetensors(f"{root}/tied", emb)
+      >>> head = {"lm_head": {"weight": np.zeros((3, 2), "f4")}}
+      >>> untied = checkpoint.save_safetensors(f"{root}/untied", {**emb, **head})
+      >>> a, b = engine.open_source(tied, "a"), engine.open_source(untied, "b")
+      >>> engine.untie_embeddings([a, b])
+      >>> sorted(a.abstract()), a.read([0])[0].sum()
+      (['lm_head', 'model'], np.float32(6.0))
+
+    References:
+      transformers' ``tie_word_embeddings``,
+      https://huggingface.co/docs/transformers/main_classes/configuration
+    """
+    from umtam_jax.checkpoint._safetensors import TIED_EMBEDDINGS
+
+    safetensors = [s for s in dict.fromkeys(sources) if isinstance(s, SafetensorsSource)]
+    for output, input_ in TIED_EMBEDDINGS:
+        if not any(output in s._names for s in safetensors):
+            continue
+        for source in safetensors:
+            if source.ties(output, input_):
+                source.tie(output, input_)
 
 
 _HF_FILES = ("model.safetensors", "model.safetensors.index.json")

@@ -1,0 +1,79 @@
+"""Merging Hugging Face models whose output embedding is tied in some and stored in
+others (a tied Llama-3.2/Qwen2.5 base whose fine-tunes saved ``lm_head``), as mergekit
+does: a tied model's ``lm_head`` is its input embedding; the output stores both and says
+``tie_word_embeddings: false``, so that transformers loads the merged ``lm_head``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from umtam_jax import engine
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _model(path, tensors, tie):
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {"model_type": "llama", "torch_dtype": "float32"}
+    if tie is not None:
+        config["tie_word_embeddings"] = tie
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _tensors(rng, head):
+    out = {EMBED: rng.normal(size=(6, 4)).astype(np.float32),
+           "model.norm.weight": rng.normal(size=(4,)).astype(np.float32)}  # fmt: skip
+    if head:
+        out[HEAD] = rng.normal(size=(6, 4)).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("base_tied", [True, False])
+def test_task_arithmetic_over_tied_and_untied_models(tmp_path, base_tied):
+    rng = np.random.default_rng(0)
+    base = _tensors(rng, head=not base_tied)
+    e0, e1 = _tensors(rng, head=True), _tensors(rng, head=False)  # e1 tied
+    paths = [
+        _model(tmp_path / "base", base, base_tied),
+        _model(tmp_path / "e0", e0, False),
+        _model(tmp_path / "e1", e1, None),  # no key: transformers' default ties
+    ]
+    out = engine.merge_checkpoints("task_arithmetic", paths[0], paths[1:], tmp_path / "out",
+                                   weights=[0.5, 0.25], progress=False)  # fmt: skip
+
+    def head(t):  # a tied model's lm_head is its input embedding
+        return t.get(HEAD, t[EMBED]).astype(np.float64)
+
+    got = load_file(str(out / "model.safetensors"))
+    for name, of in ((EMBED, lambda t: t[EMBED].astype(np.float64)), (HEAD, head)):
+        want = of(base) + 0.5 * (of(e0) - of(base)) + 0.25 * (of(e1) - of(base))
+        np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-6)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert {p.name for p in tmp_path.iterdir()} == {"base", "e0", "e1", "out"}
+    assert HEAD not in load_file(str(paths[2] / "model.safetensors"))  # inputs untouched
+
+
+def test_a_model_that_says_it_is_untied_but_lacks_lm_head_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    base = _model(tmp_path / "base", _tensors(rng, head=True), False)
+    broken = _model(tmp_path / "e0", _tensors(rng, head=False), False)
+    with pytest.raises(ValueError, match=r"lm_head"):
+        engine.merge_checkpoints("task_arithmetic", base, [broken], tmp_path / "out",
+                                 progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_tied_models_stay_tied(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = [_model(tmp_path / n, _tensors(rng, head=False), True) for n in ("b", "e0", "e1")]
+    out = engine.merge_checkpoints("task_arithmetic", paths[0], paths[1:], tmp_path / "out",
+                                   progress=False)  # fmt: skip
+    assert HEAD not in load_file(str(out / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
