@@ -134,15 +134,16 @@ def test_dare_methods_use_mergekit_rescale_defaults(tmp_path, models, method, re
     trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
-def test_out_dtype_casts_the_merge(tmp_path, models):
+@pytest.mark.parametrize("name", ["bfloat16", "torch.bfloat16"])  # mergekit takes both
+def test_out_dtype_casts_the_merge(tmp_path, models, name):
     status, out = _run(
         tmp_path,
         models,
-        """
+        f"""
         merge_method: task_arithmetic
-        base_model: {base}
-        models: [{{model: {a}}}, {{model: {b}}}]
-        out_dtype: bfloat16
+        base_model: {{base}}
+        models: [{{{{model: {{a}}}}}}, {{{{model: {{b}}}}}}]
+        out_dtype: {name}
         """,
     )
     assert status == 0
@@ -230,6 +231,33 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
             "merge_method: linear\nmodels: [{{parameters: {{weight: 1}}}}, {{model: {b}}}]",
             "models[0] must be a mapping with a 'model'",
         ),
+        # A library message naming an expert, or its per-expert value, by index among
+        # the experts names the file's models[k] (the base listed first) and its path.
+        (
+            "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, "
+            "{{model: {a}, parameters: {{weight: 1.0}}}}]\nparameters: {{t: 0.5}}",
+            "models[1].parameters.weight: method 'slerp' takes no per-expert weights",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {a}}},"
+            " {{model: {b}, parameters: {{density: 1.5}}}}]",
+            "models[2].parameters.density must lie in (0, 1], got 1.5 (models[2] is {b})",
+        ),
+        (
+            "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {a}, "
+            "parameters: {{weight: .nan}}}}, {{model: {b}}}]",
+            "models[0].parameters.weight must be finite, got nan (models[0] is {a})",
+        ),
+        (
+            "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{normalize: 'yes'}}",
+            "parameters.normalize must be true or false, got 'yes'",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}, "
+            "{{model: {a}}}]",
+            "models[2].model repeats models[0].model",
+        ),
         # linear merges base_model as an input (as mergekit does): it needs a weight.
         (
             "merge_method: linear\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
@@ -242,7 +270,7 @@ def test_unsupported_mergekit_features_are_one_clear_error(tmp_path, models, cap
     status, out = _run(tmp_path, models, body)
     err = capsys.readouterr().err.strip()
     assert status == 2
-    assert needle in err and len(err.splitlines()) == 1, err
+    assert needle.format(**models["paths"]) in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(out)
 
 
@@ -280,7 +308,11 @@ def test_any_registry_method_in_mergekit_syntax_keeps_its_own_parameters():
         }
     )
     assert config["method"] == "umtam"
-    assert config["experts"] == [{"path": "x", "density": 0.3}, {"path": "y"}]
+    key = _mergekit.KEY  # each expert's place in the file, for messages
+    assert config["experts"] == [
+        {"path": "x", "density": 0.3, key: "models[1]"},
+        {"path": "y", key: "models[2]"},
+    ]
     assert config["parameters"] == {"normalize": "selected", "scope": "global"}
 
 

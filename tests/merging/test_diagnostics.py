@@ -365,7 +365,7 @@ def test_validation_errors_name_the_leaf_path():
         D.mask_overlap([m, {"a": jnp.ones(2)}])
     with pytest.raises(ValueError, match=r"shape mismatch at \['a'\]"):
         D.mask_overlap([m, {"a": jnp.ones(3, bool)}])
-    with pytest.raises(ValueError, match=r"masks\[1\].*leaf \['a'\] of masks\[0\] is missing"):
+    with pytest.raises(ValueError, match=r"masks\[1\].*lacks masks\[0\]'s leaf \['a'\]"):
         D.mask_overlap([m, {"b": jnp.ones(2, bool)}])
     with pytest.raises(ValueError, match="empty"):
         D.mask_overlap([])

@@ -366,7 +366,8 @@ def test_integer_buffer_of_another_width_is_copied_from_the_base(tmp_path, monke
 
 def test_errors_give_the_path_of_each_expert_they_name(tmp_path, capsys, monkeypatch):
     """A mergekit file lists the base among its ``models``, so the library's index among
-    the experts (``experts[1]``) is not the entry's place there: the path follows it."""
+    the experts (``experts[1]``) is not the entry's place there: the message names the
+    entry as the file does (``models[2]``), and its path follows."""
     monkeypatch.chdir(tmp_path)
     for name, rows in (("b", 3), ("e1", 3), ("e2", 4)):
         checkpoint.save_safetensors(name, {"w": np.ones((rows, 4), np.float32)})
@@ -376,4 +377,4 @@ def test_errors_give_the_path_of_each_expert_they_name(tmp_path, capsys, monkeyp
         "models: [{model: b}, {model: e1}, {model: e2}]\n",
     )
     line = _run(capsys, config, "-o", "o")
-    assert line.endswith("base has (3, 4), experts[1] has (4, 4) (experts[1] is e2)"), line
+    assert line.endswith("base has (3, 4), models[2] has (4, 4) (models[2] is e2)"), line

@@ -29,10 +29,10 @@ _SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key accepts (a C long)
 _MANAGED_KINDS = ("weights", "key")
 _TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed", "dtype", "out_dtype"}
 # Per-expert values: the key configuration files use for each per-expert parameter.
-_PER_EXPERT = {
+PER_EXPERT = {
     p.per_expert: p.name for m in METHODS.values() for p in m.params if p.per_expert is not None
 }
-_EXPERT_KEYS = {"path", "fisher", "curvature", *_PER_EXPERT}
+_EXPERT_KEYS = {"path", "fisher", "curvature", *PER_EXPERT}
 _PRUNE_SCORES = ("saliency", "magnitude")
 
 
@@ -45,6 +45,15 @@ class Expert:
     values: dict[str, float] = dataclasses.field(default_factory=dict)
     fisher: str | None = None
     curvature: str | None = None
+    key: str = "experts[0]"  # where the file gives it: experts[i], or mergekit's models[k]
+
+    def value_key(self, name: str) -> str:
+        """The configuration key of this expert's per-expert value ``name`` (``weight``)."""
+        return (
+            f"{self.key}.parameters.{name}"
+            if self.key.startswith("models[")
+            else (f"{self.key}.{name}")
+        )
 
 
 @dataclasses.dataclass
@@ -89,6 +98,10 @@ def _check_type(method: str, param: merging.Param, value: Any) -> None:
 def _parse_expert(entry: Any, index: int) -> Expert:
     if isinstance(entry, str):
         entry = {"path": entry}
+    where = f"experts[{index}]"
+    if isinstance(entry, dict) and _mergekit.KEY in entry:  # translated from mergekit
+        entry = dict(entry)
+        where = entry.pop(_mergekit.KEY)
     if not isinstance(entry, dict):
         raise ConfigError(f"experts[{index}] must be a path or a mapping with a 'path'")
     unknown = set(entry) - _EXPERT_KEYS
@@ -99,7 +112,7 @@ def _parse_expert(entry: Any, index: int) -> Expert:
         )
     if not isinstance(entry.get("path"), str) or not entry["path"].strip():
         raise ConfigError(f"experts[{index}] needs a 'path' (a non-empty string)")
-    for key in _PER_EXPERT:
+    for key in PER_EXPERT:
         if key in entry and not is_number(entry[key]):
             raise ConfigError(f"experts[{index}].{key} must be a number, got {entry[key]!r}")
     for key in ("fisher", "curvature"):
@@ -107,9 +120,10 @@ def _parse_expert(entry: Any, index: int) -> Expert:
             raise ConfigError(f"experts[{index}].{key} must be a non-empty path")
     return Expert(
         path=entry["path"],
-        values={key: entry[key] for key in _PER_EXPERT if key in entry},
+        values={key: entry[key] for key in PER_EXPERT if key in entry},
         fisher=entry.get("fisher"),
         curvature=entry.get("curvature"),
+        key=where,
     )
 
 
@@ -125,7 +139,7 @@ def _per_expert_values(
     param = spec.param(name)
     if param is None or param.per_expert != key:
         raise ConfigError(
-            f"experts[{given[0]}].{key}: method {spec.name!r} takes no per-expert {name} "
+            f"{experts[given[0]].value_key(key)}: method {spec.name!r} takes no per-expert {name} "
             f"(methods that do: {', '.join(_methods_with(name))})"
         )
     if param.kind == "weights":
@@ -202,7 +216,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
             continue
         _check_type(method, spec.param(name), value)
 
-    for key, name in _PER_EXPERT.items():
+    for key, name in PER_EXPERT.items():
         _per_expert_values(spec, params, experts, key, name)
     if any(e.fisher is not None for e in experts) and spec.extra != "fishers":
         raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")

@@ -120,9 +120,16 @@ def _number(value: Any, where: str) -> float:
 
 def _dtype(config: dict[str, Any], key: str) -> str | None:
     value = config.get(key)
+    if isinstance(value, str) and value.startswith("torch."):  # mergekit takes torch's names
+        value = value.removeprefix("torch.")
     if value is not None and value not in DTYPES:
         raise ConfigError(f"'{key}' must be one of {', '.join(DTYPES)}, got {value!r}")
     return value
+
+
+#: The key under which a translated expert entry keeps its place in the mergekit file
+#: (``models[2]``), for messages.
+KEY = "_mergekit_key"
 
 
 def translate(config: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +186,7 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
             entries.insert(0, ("'base_model'", {"model": base}))
         base = None
 
-    experts = []
+    experts, seen = [], {}
     for where, entry in entries:
         if isinstance(entry, str):
             entry = {"model": entry}
@@ -191,6 +198,9 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         path = _model(entry["model"], f"{where}.model")
         if base is not None and path == base:  # the base listed among the models: no expert
             continue
+        if path in seen:  # as mergekit: the same model twice would count it twice
+            raise ConfigError(f"{where}.model repeats {seen[path]}.model ({path!r})")
+        seen[path] = where
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.parameters must be a mapping")
@@ -210,7 +220,7 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
                 f"{where}.parameters: {sorted(unknown, key=str)} not supported per model "
                 f"(only weight, density, {', '.join(_SHARED_PER_MODEL)})"
             )
-        expert = {"path": path}
+        expert = {"path": path, KEY: where}
         for key in ("weight", "density"):
             if key in params:
                 expert[key] = _number(params[key], f"{where}.parameters.{key}")
@@ -249,8 +259,9 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     unknown = [k for k in own if registered.param(k) is None]
     if unknown:
         raise ConfigError(f"merge_method {name!r} takes no {unknown[0]!r}")
-    if not isinstance(normalize, bool) or not isinstance(rescale, bool):
-        raise ConfigError("'normalize' and 'rescale' must be true or false")
+    for key, value in (("normalize", normalize), ("rescale", rescale)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"parameters.{key} must be true or false, got {value!r}")
     if registered.param("density") is not None:  # mergekit's default density
         for e in experts:
             e.setdefault("density", 1.0)

@@ -18,9 +18,12 @@ import numpy as np
 
 from umtam_jax import engine, merging
 from umtam_jax.checkpoint import _format
-from umtam_jax.cli._config import PROG, Plan
+from umtam_jax.cli._config import PER_EXPERT, PROG, Plan
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
+
+# Per-expert parameter → its key in an expert's entry (weights → weight).
+_PER_EXPERT_KEY = {name: key for key, name in PER_EXPERT.items()}
 
 
 def needs_statistics(plan: Plan) -> bool:
@@ -72,12 +75,26 @@ def _job(plan: Plan) -> engine.Job:
 
 
 def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigError:
-    """The one-line error of a failed merge. The library names experts by their index
-    among the experts (``experts[1]``), which is not their place in a mergekit file whose
-    ``models`` list the base too: each expert named is followed by its path."""
-    message = str(err)
-    named = sorted({int(i) for i in re.findall(r"\bexperts\[(\d+)\]", message)})
-    paths = [f"experts[{i}] is {plan.experts[i].path}" for i in named if i < len(plan.experts)]
+    """The one-line error of a failed merge, naming experts as the file does.
+
+    The library names an expert by its index among the experts (``experts[1]``) and its
+    per-expert values by parameter (``weights[1]``, ``density[1]``); a mergekit file lists
+    them as ``models[2]`` (its base may come first) and ``models[2].parameters.weight``.
+    Each expert named is followed by its path.
+    """
+    named: dict[int, None] = {}
+
+    def rename(match: re.Match) -> str:
+        name, i = match.group(1), int(match.group(2))
+        if i >= len(plan.experts):
+            return match.group(0)
+        named[i] = None
+        expert = plan.experts[i]
+        return expert.key if name == "experts" else expert.value_key(_PER_EXPERT_KEY[name])
+
+    names = "|".join(["experts", *map(re.escape, _PER_EXPERT_KEY)])
+    message = re.sub(rf"\b({names})\[(\d+)\]", rename, str(err))
+    paths = [f"{plan.experts[i].key} is {plan.experts[i].path}" for i in sorted(named)]
     legend = f" ({'; '.join(paths)})" if paths else ""
     return ConfigError(f"{what}: {message}{hint}{legend}")
 

@@ -179,7 +179,7 @@ def _della_check(call: pipeline.Call) -> None:
         if not isinstance(eps, jax.core.Tracer) and d < 1 and not (d - eps > 0 and d + eps < 1):
             raise ValueError(
                 "epsilon must be chosen such that density ± epsilon lies in (0, 1); got "
-                f"density {d} (expert {i}) and epsilon {eps}"
+                f"density[{i}] = {d} and epsilon {eps}"
             )
     # The registry's only per-leaf random step is the Bernoulli one: the kernel gets each
     # expert's key for its leaf as the call's (otherwise unused) extras.

@@ -115,7 +115,7 @@ def plan(
         prepared = V.prepare(base, [experts], what="expert")
     elif base is None and method.base_optional:
         experts = V.check_sequence(experts, "experts")
-        prepared = V.prepare(jax.tree.map(jnp.zeros_like, experts[0]), experts)
+        prepared = V.prepare(jax.tree.map(jnp.zeros_like, experts[0]), experts, ref="experts[0]")
     else:
         prepared = V.prepare(base, experts)
     k = len(prepared.experts)

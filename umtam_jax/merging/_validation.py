@@ -104,7 +104,7 @@ def structure_error(what: str, ref_paths: list[str], paths: list[str], ref: str)
     missing = [p for p in ref_paths if p not in set(paths)]
     extra = [p for p in paths if p not in set(ref_paths)]
     if missing:
-        detail = f"leaf {missing[0]} of {ref} is missing"
+        detail = f"it lacks {ref}'s leaf {missing[0]}"
     elif extra:
         detail = f"it has an extra leaf {extra[0]} that {ref} lacks"
     else:
@@ -207,8 +207,11 @@ def check_convex_weights(weights: Sequence[Any]) -> None:
         raise ValueError(f"weights must be non-negative with a positive sum, got {values}")
 
 
-def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
+def prepare(base: Any, experts: Any, *, what: str = "experts", ref: str = "base") -> Prepared:
     """Validates ``base`` and ``experts`` (structure, shapes, dtypes) and flattens them.
+
+    ``ref`` is how messages name the tree the experts are compared with (``"experts[0]"``
+    where a method without a base was given none: ``base`` then has its shapes).
 
     Raises:
       TypeError: ``experts`` is not a sequence, or a leaf is not a floating-point array.
@@ -220,33 +223,33 @@ def prepare(base: Any, experts: Any, *, what: str = "experts") -> Prepared:
     variables = [x if _pytrees.is_variable(x) else None for x in wrapped]
     base_leaves = [_pytrees.unwrap(x) for x in wrapped]
     if not base_leaves:
-        raise ValueError("base has no array leaves")
+        raise ValueError(f"{ref} has no array leaves")
     for path, leaf in zip(paths, base_leaves, strict=True):
         if not is_array(leaf):
-            raise TypeError(f"base{path} is a {type(leaf).__name__}, not an array")
-        float_dtype(leaf.dtype, path, "base")
+            raise TypeError(f"{ref}{path} is a {type(leaf).__name__}, not an array")
+        float_dtype(leaf.dtype, path, ref)
     out = []
     for i, expert in enumerate(experts):
         e_paths, e_leaves, _ = flatten(expert)
         if e_paths != paths:  # by path: an nnx.State and its pure dict line up
-            raise structure_error(f"{what}[{i}]", paths, e_paths, "base")
+            raise structure_error(f"{what}[{i}]", paths, e_paths, ref)
         for path, b, e in zip(paths, base_leaves, e_leaves, strict=True):
             if not is_array(e):
                 raise TypeError(f"{what}[{i}]{path} is a {type(e).__name__}, not an array")
             if tuple(e.shape) != tuple(b.shape):
                 raise ValueError(
-                    f"shape mismatch at {path}: base has {tuple(b.shape)}, "
+                    f"shape mismatch at {path}: {ref} has {tuple(b.shape)}, "
                     f"{what}[{i}] has {tuple(e.shape)}"
                 )
             if jnp.dtype(e.dtype) != jnp.dtype(b.dtype):
                 raise ValueError(
-                    f"dtype mismatch at {path}: base has {jnp.dtype(b.dtype)}, "
+                    f"dtype mismatch at {path}: {ref} has {jnp.dtype(b.dtype)}, "
                     f"{what}[{i}] has {jnp.dtype(e.dtype)} (cast the inputs to one dtype; "
                     "umtam-merge reads them all in the dtype its 'dtype' option names)"
                 )
         out.append([as_array(x) for x in e_leaves])
     prepared = Prepared(treedef, paths, [as_array(x) for x in base_leaves], out, variables)
-    named = [(f"base{path}", b) for path, b in zip(paths, prepared.base, strict=True)]
+    named = [(f"{ref}{path}", b) for path, b in zip(paths, prepared.base, strict=True)]
     for i, leaves in enumerate(out):
         named += [(f"{what}[{i}]{path}", x) for path, x in zip(paths, leaves, strict=True)]
     check_finite(named)
@@ -316,8 +319,8 @@ def check_densities(density: Any, n: int) -> list[float]:
                 f"density must be a static Python float (mark it static under jit), got {d!r}"
             ) from None
         if not 0.0 < f <= 1.0:
-            which = "" if len(set(map(float, values))) == 1 else f" (expert {i})"
-            raise ValueError(f"density must lie in (0, 1], got {d!r}{which}")
+            which = "density" if len(set(map(float, values))) == 1 else f"density[{i}]"
+            raise ValueError(f"{which} must lie in (0, 1], got {d!r}")
         out.append(f)
     return out
 
