@@ -20,7 +20,7 @@ from . import helpers as H
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 seeds = st.integers(0, 2**31 - 1)
 densities = st.sampled_from([0.05, 0.2, 0.5, 0.9, 1.0])
-scopes = st.sampled_from(["tensor", "global"])
+scopes = st.sampled_from(["tensor", "matrix", "global"])
 bools = st.booleans()
 
 

@@ -321,7 +321,8 @@ class Job:
             s = m.importance(call.options, p.base[0], p.experts[t][0], extra)
             if from_scores:
                 if topk is None:
-                    mask = keep_masks([s], call.options["density"][t], "tensor")[0]
+                    scope = pipeline.leaf_scope(call.options)
+                    mask = keep_masks([s], call.options["density"][t], scope)[0]
                 else:
                     mask = topk.mask(t, s)
                 keep.append([jax.block_until_ready(mask)])

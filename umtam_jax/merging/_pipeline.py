@@ -193,18 +193,23 @@ def leaf_importances(call: Call, j: int) -> list[jax.Array] | None:
 
 
 def leaf_masks(call: Call, j: int, scores: list[jax.Array] | None) -> list[jax.Array] | None:
-    """Step 3 on leaf ``j`` alone (per-tensor keep counts): each expert's keep mask."""
+    """Step 3 on leaf ``j`` alone (keep counts per tensor, or per matrix with
+    ``scope="matrix"``): each expert's keep mask."""
     m, opts, p = call.method, call.options, call.prepared
     if m.sparsify == "topk":
-        return [
-            keep_masks([s], d, "tensor")[0] for s, d in zip(scores, opts["density"], strict=True)
-        ]
+        scope = leaf_scope(opts)
+        return [keep_masks([s], d, scope)[0] for s, d in zip(scores, opts["density"], strict=True)]
     if m.sparsify == "bernoulli":
         return [
             _bernoulli_mask(opts["key"], t, p.paths[j], p.base[j].shape, d)
             for t, d in enumerate(opts["density"])
         ]
     return None
+
+
+def leaf_scope(options: dict[str, Any]) -> str:
+    """The keep-count scope of a leaf's own top-k: ``"matrix"`` or ``"tensor"``."""
+    return "matrix" if options.get("scope") == "matrix" else "tensor"
 
 
 def _bernoulli_mask(key: jax.Array, t: int, path: str, shape: tuple, p_keep: float) -> jax.Array:

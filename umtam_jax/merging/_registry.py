@@ -187,8 +187,9 @@ LAYOUT = Param(
 SCOPE = Param(
     "scope",
     "choice",
-    "where the keep count is exact: per tensor or over the whole expert",
-    choices=("tensor", "global"),
+    "where the keep count is exact: per tensor, per matrix of a stacked tensor (its last "
+    "two axes; a scanned model's layers), or over the whole expert",
+    choices=("tensor", "matrix", "global"),
 )
 
 

@@ -1,7 +1,9 @@
 """Top-k keep masks with exact counts (docs/algorithm.md §4.2: UMTAM, TIES trim, prune).
 
 A mask keeps exactly ``max(1, int(density * N))`` entries with the largest scores, ``N`` the
-size of one tensor (``scope="tensor"``) or of the whole expert (``scope="global"``). Equal
+size of one tensor (``scope="tensor"``), of one matrix of a tensor with three or more axes
+(``scope="matrix"``: each slice over its last two axes, e.g. each layer of a scanned
+``(L, m, n)`` leaf, as if unrolled) or of the whole expert (``scope="global"``). Equal
 scores are broken deterministically in favour of the lower flat index (row-major order; for
 ``scope="global"`` the leaves are concatenated in ``jax.tree_util`` flattening order), so the
 count is exact even when many scores tie (e.g. all-zero saliencies).
@@ -120,6 +122,15 @@ def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     return _topk_mask(scores, k)
 
 
+def _matrix_masks(scores: jax.Array, density: float) -> jax.Array:
+    """Exact counts per matrix (the last two axes) of a leaf with three or more axes."""
+    if scores.ndim < 3 or scores.size == 0:
+        return topk_mask(scores, keep_count(scores.size, density))
+    rows = scores.reshape(-1, scores.shape[-2] * scores.shape[-1])
+    k = keep_count(rows.shape[1], density)
+    return jax.vmap(lambda row: topk_mask(row, k))(rows).reshape(scores.shape)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def global_masks(scores: list[jax.Array], k: int) -> list[jax.Array]:
     """Masks keeping exactly ``k`` entries over all the score leaves together."""
@@ -139,12 +150,15 @@ def keep_masks(scores: list[jax.Array], density: float, scope: str) -> list[jax.
     Args:
       scores: one score array per leaf (floating point; compared as float32 or wider).
       density: fraction in (0, 1] of entries to keep.
-      scope: ``"tensor"`` (exact count per leaf) or ``"global"`` (exact count over all the
-        leaves together).
+      scope: ``"tensor"`` (exact count per leaf), ``"matrix"`` (per matrix over the last
+        two axes of a leaf with three or more, per leaf otherwise) or ``"global"`` (exact
+        count over all the leaves together).
 
     Returns:
       One boolean mask per leaf.
     """
     if scope == "tensor":
         return [topk_mask(s, keep_count(s.size, density)) for s in scores]
+    if scope == "matrix":
+        return [_matrix_masks(s, density) for s in scores]
     return global_masks(list(scores), keep_count(sum(s.size for s in scores), density))
