@@ -281,6 +281,17 @@ def test_final_saliency_takes_nnx_state_parameters():
             np.testing.assert_allclose(got["layers"][layer][name], want, rtol=2e-5)
 
 
+def _assert_placed_as_planned(shardings, optimizer):
+    """``shardings`` has the structure of ``nnx.as_pure(optimizer.opt_state)`` and places
+    each of its arrays as it is."""
+    from flax import nnx
+
+    pure = nnx.as_pure(optimizer.opt_state)
+    assert jax.tree.structure(shardings) == jax.tree.structure(pure)
+    placed = jax.tree.map(lambda s, x: x.sharding.is_equivalent_to(s, x.ndim), shardings, pure)
+    assert all(jax.tree.leaves(placed))
+
+
 def test_state_shardings_line_up_with_an_nnx_optimizer_state():
     from flax import nnx
     from jax.sharding import NamedSharding
@@ -294,10 +305,7 @@ def test_state_shardings_line_up_with_an_nnx_optimizer_state():
     tx = umtam_jax.umtam(1e-3, rank=2, min_dim_size_to_factor=8)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     shardings = umtam_jax.state_shardings(tx, nnx.state(model, nnx.Param))
-    pure = nnx.as_pure(optimizer.opt_state)
-    assert jax.tree.structure(shardings) == jax.tree.structure(pure)
-    placed = jax.tree.map(lambda s, x: x.sharding.is_equivalent_to(s, x.ndim), shardings, pure)
-    assert all(jax.tree.leaves(placed))
+    _assert_placed_as_planned(shardings, optimizer)
 
 
 @pytest.mark.parametrize("chained", [False, True])
@@ -317,10 +325,7 @@ def test_state_shardings_of_an_nnx_model_with_partitioned_params(chained):
             tx = optax.chain(optax.scale_by_adam(), tx)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         shardings = umtam_jax.state_shardings(tx, nnx.state(model, nnx.Param))
-    pure = nnx.as_pure(optimizer.opt_state)
-    assert jax.tree.structure(shardings) == jax.tree.structure(pure)
-    placed = jax.tree.map(lambda s, x: x.sharding.is_equivalent_to(s, x.ndim), shardings, pure)
-    assert all(jax.tree.leaves(placed))
+    _assert_placed_as_planned(shardings, optimizer)
     umtam_leaves = (shardings[1] if chained else shardings)[0].leaves
     kernel = umtam_leaves["kernel"]
     assert tuple(kernel.v.spec)[:1] == ("model",)  # v (cols × r): the kernel's columns
