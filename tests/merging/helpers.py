@@ -109,8 +109,8 @@ def ref_masks(score_trees, densities, scope):
         d = densities[t]
         if scope == "tensor":
             out.append({p: ref_keep(scores[p], ref_count(np.size(scores[p]), d)) for p in PATHS})
-        elif scope == "matrix":  # each matrix (last two axes) of a leaf with >= 3 axes
-            out.append({p: _ref_keep_per_matrix(np.asarray(scores[p]), d) for p in PATHS})
+        elif scope == "layer":  # each slice of the first axis of a leaf with >= 3 axes
+            out.append({p: _ref_keep_per_layer(np.asarray(scores[p]), d) for p in PATHS})
         else:
             flat = np.concatenate([np.ravel(scores[p]) for p in PATHS])
             m = ref_keep(flat, ref_count(flat.size, d))
@@ -123,12 +123,11 @@ def ref_masks(score_trees, densities, scope):
     return out
 
 
-def _ref_keep_per_matrix(scores, density):
+def _ref_keep_per_layer(scores, density):
     if scores.ndim < 3:
         return ref_keep(scores, ref_count(scores.size, density))
-    mats = scores.reshape((-1,) + scores.shape[-2:])
-    k = ref_count(mats[0].size, density)
-    return np.stack([ref_keep(m, k) for m in mats]).reshape(scores.shape)
+    k = ref_count(scores[0].size, density)
+    return np.stack([ref_keep(layer, k) for layer in scores])
 
 
 def f64(x):

@@ -20,7 +20,7 @@ from . import helpers as H
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 seeds = st.integers(0, 2**31 - 1)
 densities = st.sampled_from([0.05, 0.2, 0.5, 0.9, 1.0])
-scopes = st.sampled_from(["tensor", "matrix", "global"])
+scopes = st.sampled_from(["tensor", "layer", "global"])
 bools = st.booleans()
 
 
@@ -295,3 +295,25 @@ def test_topk_mask_on_large_tensors_with_ties_nan_and_signed_zeros(dtype, k):
         got = np.asarray(topk_mask(jnp.asarray(scores), k))
     assert got.sum() == k
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("sorted_up_to", [1 << 16, 4])  # sorted per layer / radix, mapped
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_masks_match_topk_per_layer_with_ties_nan_and_signed_zeros(
+    monkeypatch, sorted_up_to, dtype
+):
+    """``scope="layer"`` keeps, per layer of a stacked leaf, the mask ``topk_mask`` gives
+    that layer alone (NaN first, −0.0 below +0.0, ties to the lower index), by either of
+    its two selections."""
+    from umtam_jax.merging import _select
+
+    monkeypatch.setattr(_select, "_SORTED_LAYER_SIZE", sorted_up_to)
+    rng = np.random.default_rng(3)
+    pool = np.asarray([np.nan, np.inf, 3.5, 0.0, -0.0, -2.0], dtype)
+    scores = pool[rng.integers(0, len(pool), (2, 3, 4, 5))]
+    scores[0, 0] = rng.normal(size=(4, 5)).astype(dtype)
+    with jax.enable_x64(dtype == np.float64):
+        got = np.asarray(_select._layer_masks(jnp.asarray(scores), 0.3))
+        want = np.stack([np.asarray(_select.topk_mask(jnp.asarray(x), 18)) for x in scores])
+    np.testing.assert_array_equal(got, want)
+    assert (got.reshape(2, -1).sum(axis=1) == 18).all()

@@ -46,7 +46,7 @@ def test_umtam_matches_reference_all_flag_combinations(pruning, election, aggreg
     assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(lambda x: x.dtype, base)
 
 
-@pytest.mark.parametrize("scope", ["tensor", "matrix", "global"])
+@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
 @pytest.mark.parametrize("density", [0.05, 0.3, 1.0, (0.2, 0.6, 0.9)])
 def test_umtam_scope_and_density(scope, density):
     rng = np.random.default_rng(7)
@@ -109,7 +109,7 @@ def test_task_arithmetic(weights):
     H.assert_tree_close(got, H.ref_task_arithmetic(base, experts, scaling=0.7, weights=weights))
 
 
-@pytest.mark.parametrize("scope", ["tensor", "matrix", "global"])
+@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0, [0.3, 0.8, 0.5]])
 @pytest.mark.parametrize("weights", [None, [0.5, 2.0, 1.0], [1.0, -1.0, 1.0]])
 def test_ties(scope, density, weights):
@@ -219,7 +219,7 @@ def test_ota_with_arrays_and_statistics(power):
     H.assert_tree_close(got, H.ref_ota(base, experts, curv, **kw))
 
 
-@pytest.mark.parametrize("scope", ["tensor", "matrix", "global"])
+@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
 @pytest.mark.parametrize("density", [0.01, 0.25, 1.0])
 def test_prune(scope, density):
     rng = np.random.default_rng(10)
@@ -270,15 +270,15 @@ def test_bfloat16_computed_in_float32_and_cast_back():
 
 
 @pytest.mark.parametrize("method", ["ties", "umtam", "prune"])
-def test_matrix_scope_merges_a_scanned_leaf_as_its_unrolled_layers(method):
+def test_layer_scope_merges_a_scanned_leaf_as_its_unrolled_layers(method):
     """A scanned ``(L, m, n)`` leaf whose layer 0 moved 10× more: per tensor, layer 0 takes
-    most of the one keep count (whole layers are dropped); ``scope="matrix"`` gives the
+    most of the one keep count (whole layers are dropped); ``scope="layer"`` gives the
     merge of the unrolled model, whose layers have a count each."""
     rng = np.random.default_rng(0)
-    base = {"w": rng.normal(size=(3, 8, 6))}
-    scale = np.array([10.0, 1.0, 1.0])[:, None, None]
-    experts = [{"w": base["w"] + scale * rng.normal(size=(3, 8, 6))} for _ in range(2)]
-    positive = lambda: rng.random((3, 8, 6)) + 0.1  # noqa: E731
+    base = {"w": rng.normal(size=(3, 8, 2, 3))}  # a scanned DenseGeneral kernel
+    scale = np.array([10.0, 1.0, 1.0])[:, None, None, None]
+    experts = [{"w": base["w"] + scale * rng.normal(size=(3, 8, 2, 3))} for _ in range(2)]
+    positive = lambda: rng.random((3, 8, 2, 3)) + 0.1  # noqa: E731
     stats = [{"w": DenseStatistics(mu=positive(), nu=positive(), saliency=scale**2 * positive())}
              for _ in range(2)]  # fmt: skip
 
@@ -292,7 +292,7 @@ def test_matrix_scope_merges_a_scanned_leaf_as_its_unrolled_layers(method):
     def unrolled(tree):
         return {str(i): jax.tree.map(lambda x, i=i: x[i], tree["w"]) for i in range(3)}
 
-    stacked = run(base, experts, stats, "matrix")["w"]
+    stacked = run(base, experts, stats, "layer")["w"]
     layers = run(unrolled(base), [unrolled(e) for e in experts],
                  [unrolled(s) for s in stats], "tensor")  # fmt: skip
     np.testing.assert_array_equal(stacked, np.stack([layers[str(i)] for i in range(3)]))

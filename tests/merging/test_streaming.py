@@ -99,7 +99,7 @@ def test_tensor_scope_equals_in_memory(ckpts, tmp_path, method, extra, kwargs):
 
 
 @pytest.mark.parametrize("statistics", [True, False])
-@pytest.mark.parametrize("scope", ["tensor", "matrix", "global"])
+@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
 def test_prune_equals_in_memory(ckpts, tmp_path, statistics, scope):
     p = ckpts["paths"]
     out = tmp_path / "out"

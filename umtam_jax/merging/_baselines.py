@@ -159,7 +159,7 @@ def ties(
       density: fraction in (0, 1] of entries each task vector keeps, or one per expert.
       scaling: factor on the merged task vector.
       weights: one weight per expert (default 1.0 each).
-      scope: ``"tensor"``, ``"matrix"`` (per layer of a stacked leaf) or ``"global"``,
+      scope: ``"tensor"``, ``"layer"`` (per layer of a stacked leaf) or ``"global"``,
         where the keep count is exact.
 
     Returns:

@@ -135,7 +135,7 @@ def prune(
         the expert, the base, ``R`` and ``C`` when not tracked); or ``None`` for magnitude
         pruning by ``|w − w0|``.
       density: fraction in (0, 1] of entries to keep.
-      scope: ``"tensor"``, ``"matrix"`` (per layer of a stacked leaf) or ``"global"``.
+      scope: ``"tensor"``, ``"layer"`` (per layer of a stacked leaf) or ``"global"``.
 
     Returns:
       The pruned parameters, a pytree like ``base``.

@@ -193,8 +193,8 @@ def leaf_importances(call: Call, j: int) -> list[jax.Array] | None:
 
 
 def leaf_masks(call: Call, j: int, scores: list[jax.Array] | None) -> list[jax.Array] | None:
-    """Step 3 on leaf ``j`` alone (keep counts per tensor, or per matrix with
-    ``scope="matrix"``): each expert's keep mask."""
+    """Step 3 on leaf ``j`` alone (keep counts per tensor, or per layer with
+    ``scope="layer"``): each expert's keep mask."""
     m, opts, p = call.method, call.options, call.prepared
     if m.sparsify == "topk":
         scope = leaf_scope(opts)
@@ -208,8 +208,8 @@ def leaf_masks(call: Call, j: int, scores: list[jax.Array] | None) -> list[jax.A
 
 
 def leaf_scope(options: dict[str, Any]) -> str:
-    """The keep-count scope of a leaf's own top-k: ``"matrix"`` or ``"tensor"``."""
-    return "matrix" if options.get("scope") == "matrix" else "tensor"
+    """The keep-count scope of a leaf's own top-k: ``"layer"`` or ``"tensor"``."""
+    return "layer" if options.get("scope") == "layer" else "tensor"
 
 
 def _bernoulli_mask(key: jax.Array, t: int, path: str, shape: tuple, p_keep: float) -> jax.Array:

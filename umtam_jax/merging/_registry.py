@@ -187,9 +187,10 @@ LAYOUT = Param(
 SCOPE = Param(
     "scope",
     "choice",
-    "where the keep count is exact: per tensor, per matrix of a stacked tensor (its last "
-    "two axes; a scanned model's layers), or over the whole expert",
-    choices=("tensor", "matrix", "global"),
+    "where the keep count is exact: per tensor, per layer of a stacked tensor (each slice "
+    "of the first axis of a tensor with three or more: a scanned model's layers), or over "
+    "the whole expert",
+    choices=("tensor", "layer", "global"),
 )
 
 

@@ -1,8 +1,8 @@
 """Top-k keep masks with exact counts (docs/algorithm.md §4.2: UMTAM, TIES trim, prune).
 
 A mask keeps exactly ``max(1, int(density * N))`` entries with the largest scores, ``N`` the
-size of one tensor (``scope="tensor"``), of one matrix of a tensor with three or more axes
-(``scope="matrix"``: each slice over its last two axes, e.g. each layer of a scanned
+size of one tensor (``scope="tensor"``), of one layer of a tensor with three or more axes
+(``scope="layer"``: each slice of its first axis, e.g. each layer of a scanned
 ``(L, m, n)`` leaf, as if unrolled) or of the whole expert (``scope="global"``). Equal
 scores are broken deterministically in favour of the lower flat index (row-major order; for
 ``scope="global"`` the leaves are concatenated in ``jax.tree_util`` flattening order), so the
@@ -122,13 +122,27 @@ def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     return _topk_mask(scores, k)
 
 
-def _matrix_masks(scores: jax.Array, density: float) -> jax.Array:
-    """Exact counts per matrix (the last two axes) of a leaf with three or more axes."""
+#: Layers up to this many entries are selected by sorting each (every layer of a leaf at
+#: once, memory linear in the leaf); larger ones by the radix select, one at a time (its
+#: histogram of 2**16 bins per layer would dwarf small layers).
+_SORTED_LAYER_SIZE = 1 << 16
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _layer_masks(scores: jax.Array, density: float) -> jax.Array:
+    """Exact counts per layer (each slice of the first axis) of a leaf with three or more
+    axes; the same mask per layer as :func:`topk_mask` (ties to the lower flat index)."""
     if scores.ndim < 3 or scores.size == 0:
-        return topk_mask(scores, keep_count(scores.size, density))
-    rows = scores.reshape(-1, scores.shape[-2] * scores.shape[-1])
+        return _topk_mask(scores, keep_count(scores.size, density))
+    rows = scores.reshape(scores.shape[0], -1)
     k = keep_count(rows.shape[1], density)
-    return jax.vmap(lambda row: topk_mask(row, k))(rows).reshape(scores.shape)
+    if rows.shape[1] > _SORTED_LAYER_SIZE:
+        return jax.lax.map(lambda row: _topk_mask(row, k), rows).reshape(scores.shape)
+    keys, _, _ = _sortable_keys(rows)
+    # Largest key first, equal keys in index order (a stable sort of the complement).
+    order = jnp.argsort(~keys, axis=1, stable=True)
+    rank = jnp.argsort(order, axis=1)
+    return (rank < k).reshape(scores.shape)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -150,8 +164,8 @@ def keep_masks(scores: list[jax.Array], density: float, scope: str) -> list[jax.
     Args:
       scores: one score array per leaf (floating point; compared as float32 or wider).
       density: fraction in (0, 1] of entries to keep.
-      scope: ``"tensor"`` (exact count per leaf), ``"matrix"`` (per matrix over the last
-        two axes of a leaf with three or more, per leaf otherwise) or ``"global"`` (exact
+      scope: ``"tensor"`` (exact count per leaf), ``"layer"`` (per slice of the first
+        axis of a leaf with three or more, per leaf otherwise) or ``"global"`` (exact
         count over all the leaves together).
 
     Returns:
@@ -159,6 +173,6 @@ def keep_masks(scores: list[jax.Array], density: float, scope: str) -> list[jax.
     """
     if scope == "tensor":
         return [topk_mask(s, keep_count(s.size, density)) for s in scores]
-    if scope == "matrix":
-        return [_matrix_masks(s, density) for s in scores]
+    if scope == "layer":
+        return [_layer_masks(s, density) for s in scores]
     return global_masks(list(scores), keep_count(sum(s.size for s in scores), density))

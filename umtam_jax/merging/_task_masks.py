@@ -294,7 +294,7 @@ def consensus_ties(
       lambdas: TALL mask threshold ``λ ≥ 0``, one or one per expert.
       scaling: factor on the kept multi-task vector.
       normalize: average the agreeing entries instead of summing them.
-      scope: ``"tensor"``, ``"matrix"`` or ``"global"``, where TIES's keep count is exact.
+      scope: ``"tensor"``, ``"layer"`` or ``"global"``, where TIES's keep count is exact.
 
     Returns:
       The merged parameters, a pytree like ``base``.
