@@ -77,3 +77,45 @@ def test_all_tied_models_stay_tied(tmp_path):
                                    progress=False)  # fmt: skip
     assert HEAD not in load_file(str(out / "model.safetensors"))
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_umtam_statistics_of_a_tied_expert_serve_its_lm_head(tmp_path):
+    """A tied expert's saved statistics have no lm_head entry: its input embedding's
+    statistics (one parameter) serve, as its values do."""
+    from umtam_jax import checkpoint, merging
+    from umtam_jax.optimizer import DenseStatistics
+
+    rng = np.random.default_rng(1)
+
+    def stats(tensors):
+        node = lambda x: DenseStatistics(  # noqa: E731
+            mu=rng.normal(size=x.shape).astype(np.float32),
+            nu=rng.random(x.shape).astype(np.float32) + 0.1,
+            saliency=rng.random(x.shape).astype(np.float32),
+        )
+        return {name: node(x) for name, x in tensors.items()}
+
+    models = {"base": _tensors(rng, head=True), "e0": _tensors(rng, head=True),
+              "e1": _tensors(rng, head=False)}  # fmt: skip
+    paths, node_stats, ties = {}, {}, {"base": False, "e0": False, "e1": None}
+    for name, tensors in models.items():
+        paths[name] = _model(tmp_path / name, tensors, ties[name])
+        if name != "base":
+            node_stats[name] = stats(tensors)
+            checkpoint.save_safetensors(
+                paths[name] / "umtam_statistics", checkpoint.tree_from_names(node_stats[name])
+            )
+    out = engine.merge_checkpoints("umtam", paths["base"], [paths["e0"], paths["e1"]],
+                                   tmp_path / "out", density=0.5, progress=False)  # fmt: skip
+    tree = checkpoint.tree_from_names
+    tied = {**models["e1"], HEAD: models["e1"][EMBED]}
+    tied_stats = {**node_stats["e1"], HEAD: node_stats["e1"][EMBED]}
+    want = merging.umtam(tree(models["base"]), [tree(models["e0"]), tree(tied)],
+                         [tree(node_stats["e0"]), tree(tied_stats)], density=0.5)  # fmt: skip
+    got = checkpoint.tree_from_names(load_file(str(out / "model.safetensors")))
+    for name in (EMBED, HEAD):
+        keys = name.split(".")
+        a, b = got, want
+        for k in keys:
+            a, b = a[k], b[k]
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-7)

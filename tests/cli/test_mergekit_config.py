@@ -255,7 +255,7 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
         ),
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}, "
-            "{{model: {a}}}]",
+            "{{model: {a}/.}}]",
             "models[2].model repeats models[0].model",
         ),
         # linear merges base_model as an input (as mergekit does): it needs a weight.

@@ -234,6 +234,16 @@ def test_inject_hyperparams_keeps_a_callable_weight_decay_mask():
     np.testing.assert_allclose(updates["bias"], 0.0, atol=1e-4)
 
 
+def test_inject_hyperparams_of_scale_by_umtam_takes_the_static_names_but_mask():
+    static = [n for n in umtam_jax.STATIC_HYPERPARAMS if n != "mask"]
+    injected = optax.inject_hyperparams(umtam_jax.scale_by_umtam, static_args=static)
+    with jax.enable_x64(True):  # injected floats are float64 like Python's: same arithmetic
+        params = _params(jnp.float64)
+        got, _, _ = _run(injected(b1=0.8, **CONFIGS["factored"]), params, 2)
+        want, _, _ = _run(umtam_jax.scale_by_umtam(b1=0.8, **CONFIGS["factored"]), params, 2)
+        chex.assert_trees_all_close(got[-1], want[-1], rtol=1e-12)
+
+
 def test_inject_hyperparams_with_adaptive_rank_gives_the_same_updates():
     # The rank thresholds are injected (traced) floats; only concrete ones are validated.
     options = dict(CONFIGS["factored"], adaptive_rank=True, rank_update_every=2)

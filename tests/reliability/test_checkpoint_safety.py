@@ -711,3 +711,24 @@ def test_a_real_full_disk_is_one_error_naming_the_output_and_no_logged_traceback
             checkpoint.save_checkpoint(out, big)
     assert not [r for r in caplog.records if r.name == "absl" and r.exc_info]
     assert os.listdir(small_disk) == []
+
+
+def test_a_save_keeps_other_threads_logged_tracebacks(tmp_path, caplog):
+    """Only a failure in this save's staging folder is dropped from the absl log: another
+    thread's full disk elsewhere, logged while the save runs, is kept."""
+    import logging
+    import threading
+
+    from umtam_jax.checkpoint._write_errors import naming_the_target
+
+    def other():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/var/log/other.db")
+        except OSError:
+            logging.getLogger("absl").exception("a background job failed")
+
+    with naming_the_target(epath.Path(tmp_path / "out")):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["a background job failed"]

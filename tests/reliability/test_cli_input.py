@@ -378,3 +378,15 @@ def test_errors_give_the_path_of_each_expert_they_name(tmp_path, capsys, monkeyp
     )
     line = _run(capsys, config, "-o", "o")
     assert line.endswith("base has (3, 4), models[2] has (4, 4) (models[2] is e2)"), line
+    # A list under the native 'parameters' is named there, not as an expert's own value.
+    native = _config(tmp_path, "method: ties\nbase: b\nexperts: [e1, e1]\n"
+                               "parameters: {density: [0.5, 2.0]}\n")  # fmt: skip
+    line = _run(capsys, native, "-o", "o")
+    assert "parameters.density[1] must lie in (0, 1], got 2.0" in line, line
+    # A tensor named like a per-expert value keeps its name in a leaf path.
+    for name, rows in (("b2", 3), ("c2", 4)):
+        checkpoint.save_safetensors(name, {"blocks": {"density[1]": np.ones((rows, 4), "f4")}})
+    config = _config(tmp_path, "merge_method: ties\nbase_model: b2\nparameters: {density: 0.5}"
+                               "\nmodels: [{model: b2}, {model: c2}]\n")  # fmt: skip
+    line = _run(capsys, config, "-o", "o")
+    assert "shape mismatch at ['blocks']['density[1]']: base has (3, 4), models[1]" in line, line

@@ -30,9 +30,12 @@ _TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def _write_failure(err: BaseException, directory: epath.Path) -> int | None:
+def _write_failure(
+    err: BaseException, directory: epath.Path, *, on_staging: bool = False
+) -> int | None:
     """The errno of ``err`` when it is a system failure to write ``directory``'s output
-    (an errno only writes raise, or any errno on its staging path), else None."""
+    (an errno only writes raise, or any errno on its staging path; with ``on_staging``,
+    only an error that names the staging path), else None."""
     ours = f"{directory.parent}{os.sep}.{directory.name}.umtam-"
     if isinstance(err, CheckpointBusyError):
         return None
@@ -43,14 +46,17 @@ def _write_failure(err: BaseException, directory: epath.Path) -> int | None:
         code, names = (int(found.group(1)) if found else None), [str(err)]
     else:
         return None
-    if code is None or not (code in _WRITE_ERRNOS or any(ours in n for n in names)):
+    named = any(ours in n for n in names)
+    if code is None or not (named or (code in _WRITE_ERRNOS and not on_staging)):
         return None
     return code
 
 
 class _HideWriteFailures(logging.Filter):
-    """Drops the tracebacks Orbax's threads log (through absl) for a write failure before
-    the save re-raises it: the caller gets the failure once, as the ``OSError``."""
+    """Drops the tracebacks Orbax's threads log (through absl) for a write failure in this
+    save's staging folder before the save re-raises it: the caller gets the failure once,
+    as the ``OSError``. Records of other errors (another thread's full disk elsewhere)
+    pass."""
 
     def __init__(self, directory: epath.Path):
         super().__init__()
@@ -58,7 +64,7 @@ class _HideWriteFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         err = record.exc_info[1] if record.exc_info else None
-        return err is None or _write_failure(err, self.directory) is None
+        return err is None or _write_failure(err, self.directory, on_staging=True) is None
 
 
 @contextlib.contextmanager

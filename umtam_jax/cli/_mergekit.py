@@ -48,6 +48,7 @@ per-layer gradients and filtered parameters, tokenizer merging, chat templates, 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from umtam_jax.cli._yaml import ConfigError, is_number
@@ -198,9 +199,10 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         path = _model(entry["model"], f"{where}.model")
         if base is not None and path == base:  # the base listed among the models: no expert
             continue
-        if path in seen:  # as mergekit: the same model twice would count it twice
-            raise ConfigError(f"{where}.model repeats {seen[path]}.model ({path!r})")
-        seen[path] = where
+        same = os.path.realpath(path)  # "a" and "./a" are one model
+        if same in seen:  # as mergekit: the same model twice would count it twice
+            raise ConfigError(f"{where}.model repeats {seen[same]}.model ({path!r})")
+        seen[same] = where
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.parameters must be a mapping")

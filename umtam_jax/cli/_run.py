@@ -88,12 +88,16 @@ def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigErr
         name, i = match.group(1), int(match.group(2))
         if i >= len(plan.experts):
             return match.group(0)
-        named[i] = None
         expert = plan.experts[i]
+        if name != "experts" and _PER_EXPERT_KEY[name] not in expert.values:
+            # a list under 'parameters', not the expert's own value
+            return f"parameters.{match.group(0)}" if name in plan.parameters else match.group(0)
+        named[i] = None
         return expert.key if name == "experts" else expert.value_key(_PER_EXPERT_KEY[name])
 
+    # Not inside a quoted leaf name (a tensor may be called "density[1]").
     names = "|".join(["experts", *map(re.escape, _PER_EXPERT_KEY)])
-    message = re.sub(rf"\b({names})\[(\d+)\]", rename, str(err))
+    message = re.sub(rf"(?<![\w'.])({names})\[(\d+)\]", rename, str(err))
     paths = [f"{plan.experts[i].key} is {plan.experts[i].path}" for i in sorted(named)]
     legend = f" ({'; '.join(paths)})" if paths else ""
     return ConfigError(f"{what}: {message}{hint}{legend}")

@@ -125,11 +125,11 @@ def job_from_paths(
         raise ValueError(f"method {method!r} needs a base model")
     experts = [open_source(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
     base = experts[0] if base_dir is None else open_source(base_dir, "the base")
-    untie_embeddings([base, *experts])
     extras: str | list[Source] | None = "statistics" if statistics else None
     if extra_dirs is not None:
         what = "Fisher" if extra_name == "fisher_dirs" else "curvature"
         extras = [open_source(d, f"expert {i}'s {what}") for i, d in enumerate(extra_dirs)]
+    untie_embeddings([base, *experts, *(extras if isinstance(extras, list) else [])])
     return Job(
         m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype,
         base_input=base_dir is not None,

@@ -166,7 +166,18 @@ class SafetensorsSource:
         return self.folder is not None and (self.folder / STATISTICS_FOLDER).is_dir()
 
     def abstract_statistics(self) -> Any:
-        return self._stats_reader().abstract()
+        from umtam_jax.checkpoint import names_from_tree, tree_from_names
+
+        abstract = self._stats_reader().abstract()
+        if not self._tied:
+            return abstract
+        # A tied output embedding's statistics are its input embedding's (one parameter).
+        entries = names_from_tree(abstract)
+        for output, input_ in self._tied.items():
+            for name in list(entries):
+                if name.startswith(input_ + "."):
+                    entries[output + name[len(input_) :]] = entries[name]
+        return tree_from_names(entries)
 
     def read_statistics(self, leaves: Sequence[int]) -> list[Any]:
         reader = self._stats_reader()

@@ -70,7 +70,8 @@ STATIC_HYPERPARAMS = (
 callable, ``buffer_dtype`` and a callable weight-decay ``mask`` (``inject_hyperparams``
 would take any callable for a schedule of the step), and ``error_decay``, whose value 0
 drops the m×n momentum buffer from the state): pass
-``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``."""
+``optax.inject_hyperparams(umtam, static_args=STATIC_HYPERPARAMS)``. ``scale_by_umtam``
+takes no weight decay: for it, ``[n for n in STATIC_HYPERPARAMS if n != "mask"]``."""
 
 
 def check(condition: bool, message: str) -> None:
@@ -149,7 +150,8 @@ def validate(cfg: Config) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(
                 f"{name} must be a Python int (it fixes array shapes), got {value!r}; with "
-                "optax.inject_hyperparams pass static_args=umtam_jax.STATIC_HYPERPARAMS"
+                "optax.inject_hyperparams pass static_args=umtam_jax.STATIC_HYPERPARAMS "
+                "(for scale_by_umtam, those of them but 'mask')"
             )
     check(cfg.rank >= 1, f"rank must be ≥ 1, got {cfg.rank!r}")
     for name in ("b1", "b2", "saliency_decay"):
