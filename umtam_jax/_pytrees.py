@@ -13,6 +13,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import jax
+import optax
+
 
 def is_variable(x: Any) -> bool:
     """True for a ``flax.nnx.Variable`` (never imports Flax: without ``flax.nnx`` loaded
@@ -29,6 +32,19 @@ def variable_value(x: Any) -> Any:
 def unwrap(x: Any) -> Any:
     """``x``'s array if it is a ``flax.nnx.Variable``, else ``x`` itself."""
     return variable_value(x) if is_variable(x) else x
+
+
+def is_array_variable(x: Any) -> bool:
+    """A ``flax.nnx`` Variable holding an array: not one that ``optax.masked`` or
+    ``optax.multi_transform`` emptied (``Param(MaskedNode())``), which has no leaf."""
+    return is_variable(x) and not isinstance(unwrap(x), optax.MaskedNode)
+
+
+def flatten_with_variables(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """``tree_flatten_with_path`` with ``flax.nnx`` Variables holding arrays as leaves
+    (their paths end at the Variable, as those of the arrays ``nnx.Optimizer`` passes to
+    an optimizer's ``update``)."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_array_variable)
 
 
 def is_none_or_variable(x: Any) -> bool:

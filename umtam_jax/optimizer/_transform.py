@@ -58,18 +58,6 @@ from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, lay
 from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
 
 
-def _is_array_variable(x: Any) -> bool:
-    """A ``flax.nnx`` Variable holding an array: not one that ``optax.masked`` or
-    ``optax.multi_transform`` emptied (``Param(MaskedNode())``), which has no leaf."""
-    return _pytrees.is_variable(x) and not isinstance(_pytrees.unwrap(x), optax.MaskedNode)
-
-
-def _flatten_variables(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
-    """``tree_flatten_with_path`` with ``flax.nnx`` Variables as leaves (their paths end
-    at the Variable, as those of the arrays ``nnx.Optimizer`` passes to ``update``)."""
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array_variable)
-
-
 def _leaf_layout(cfg: Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> Layout:
     """The layout of one leaf; with adaptive rank the buffers hold ``max_rank`` components."""
     max_rank = cfg.max_rank if cfg.adaptive_rank else cfg.rank
@@ -246,7 +234,7 @@ def scale_by_umtam(
     def init_fn(params):
         # A flax.nnx Variable counts as the array it holds: its leaf state takes its place
         # (not inside it), so nnx.Optimizer keeps one structure from step to step.
-        paths_and_leaves, treedef = _flatten_variables(params)
+        paths_and_leaves, treedef = _pytrees.flatten_with_variables(params)
         leaves = []
         for index, (path, param) in enumerate(paths_and_leaves):
             param = concrete_param(cfg, path, _pytrees.unwrap(param))
@@ -274,7 +262,7 @@ def scale_by_umtam(
         # Updates keep the gradients' structure (Variables included); the state's leaves
         # sit where the gradients' arrays or Variables are (see init_fn).
         treedef = jax.tree.structure(updates)
-        grads_with_path, leaves_def = _flatten_variables(updates)
+        grads_with_path, leaves_def = _pytrees.flatten_with_variables(updates)
         # Python scalar leaves become 0-d arrays, as optax's own transforms treat them.
         grads_with_path = [(path, jnp.asarray(_pytrees.unwrap(g))) for path, g in grads_with_path]
         param_leaves = [
