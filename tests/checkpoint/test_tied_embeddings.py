@@ -16,12 +16,14 @@ from umtam_jax import engine
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-def _model(path, tensors, tie):
+def _model(path, tensors, tie, text_config=None):
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"))
     config = {"model_type": "llama", "torch_dtype": "float32"}
     if tie is not None:
         config["tie_word_embeddings"] = tie
+    if text_config is not None:  # multimodal configs (Gemma 3) nest the text model's
+        config["text_config"] = text_config
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -40,7 +42,7 @@ def test_task_arithmetic_over_tied_and_untied_models(tmp_path, base_tied):
     base = _tensors(rng, head=not base_tied)
     e0, e1 = _tensors(rng, head=True), _tensors(rng, head=False)  # e1 tied
     paths = [
-        _model(tmp_path / "base", base, base_tied),
+        _model(tmp_path / "base", base, base_tied, {"tie_word_embeddings": base_tied}),
         _model(tmp_path / "e0", e0, False),
         _model(tmp_path / "e1", e1, None),  # no key: transformers' default ties
     ]
@@ -56,6 +58,7 @@ def test_task_arithmetic_over_tied_and_untied_models(tmp_path, base_tied):
         np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-6)
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
+    assert config["text_config"]["tie_word_embeddings"] is False
     assert {p.name for p in tmp_path.iterdir()} == {"base", "e0", "e1", "out"}
     assert HEAD not in load_file(str(paths[2] / "model.safetensors"))  # inputs untouched
 

@@ -233,8 +233,11 @@ def _adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) 
             if k in record and record[k] != dtype.name:  # float32, float16, bfloat16
                 record[k], changed = dtype.name, True
     written = any(out in names and inp in names for out, inp in TIED_EMBEDDINGS)
-    if written and record.get("tie_word_embeddings", True) is not False:
-        record["tie_word_embeddings"], changed = False, True
+    # Multimodal configs (Gemma 3) may say it again in their text_config.
+    text = record.get("text_config")
+    for part in [record] + ([text] if isinstance(text, dict) else []):
+        if written and part.get("tie_word_embeddings", True) is not False:
+            part["tie_word_embeddings"], changed = False, True
     if changed:
         config.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 

@@ -135,7 +135,11 @@ class SafetensorsSource:
             record = _json.loads(config.read_text()) if config and config.is_file() else {}
         except (OSError, ValueError):
             return False
-        return not (isinstance(record, dict) and record.get("tie_word_embeddings") is False)
+        if not isinstance(record, dict):
+            return True
+        text = record.get("text_config")
+        parts = [record] + ([text] if isinstance(text, dict) else [])
+        return all(part.get("tie_word_embeddings") is not False for part in parts)
 
     def tie(self, output: str, input_: str) -> None:
         """Serves the output embedding ``output`` by reading ``input_``, as transformers

@@ -27,7 +27,8 @@ def concrete_param(cfg: Config, path: tuple[Any, ...], param: Any) -> jax.Array:
             f"init got an abstract parameter (jax.ShapeDtypeStruct) at "
             f"{jax.tree_util.keystr(path) or 'the root'}: tracked saliency keeps the "
             "initial values W0, so pass the parameters themselves, use saliency='final', "
-            "or take shapes with jax.eval_shape(opt.init, params)"
+            "or take shapes with jax.eval_shape(opt.init, params) (with flax.nnx: build "
+            "the model inside the function given to nnx.eval_shape, not outside it)"
         )
     sharding = param.sharding if isinstance(param.sharding, jax.sharding.Sharding) else None
     return jnp.zeros(param.shape, param.dtype, device=sharding)
