@@ -165,8 +165,8 @@ def test_unknown_options(inputs):
     base, experts, stats = inputs
     with pytest.raises(ValueError, match="unknown normalize='mean'"):
         merging.umtam(base, experts, stats, normalize="mean")
-    with pytest.raises(ValueError, match="unknown scope='layer'"):
-        merging.umtam(base, experts, stats, scope="layer")
+    with pytest.raises(ValueError, match="unknown scope='layers'"):
+        merging.umtam(base, experts, stats, scope="layers")
     with pytest.raises(ValueError, match="unknown scope"):
         merging.ties(base, experts, density=0.5, scope="model")
     with pytest.raises(ValueError, match="unknown scope"):
