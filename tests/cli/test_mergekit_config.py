@@ -316,6 +316,22 @@ def test_any_registry_method_in_mergekit_syntax_keeps_its_own_parameters():
     assert config["parameters"] == {"normalize": "selected", "scope": "global"}
 
 
+def test_the_base_is_found_among_the_models_by_real_path():
+    """``base_model: ./a`` and a models entry ``a`` are one model: not an expert (a zero
+    task vector), and for linear the listed base with its weight."""
+    from umtam_jax.cli import _mergekit
+
+    ties = _mergekit.translate({"merge_method": "ties", "base_model": "./a",
+                                "models": [{"model": "a"}, {"model": "b"}]})  # fmt: skip
+    assert [e["path"] for e in ties["experts"]] == ["b"]
+    linear = _mergekit.translate({
+        "merge_method": "linear", "base_model": "./a",
+        "models": [{"model": "a", "parameters": {"weight": 0.3}},
+                   {"model": "b", "parameters": {"weight": 0.7}}],
+    })  # fmt: skip
+    assert [(e["path"], e["weight"]) for e in linear["experts"]] == [("a", 0.3), ("b", 0.7)]
+
+
 def _restored(out):
     return jax.tree.map(np.asarray, checkpoint.restore_params(out))
 

@@ -732,3 +732,20 @@ def test_a_save_keeps_other_threads_logged_tracebacks(tmp_path, caplog):
         thread.start()
         thread.join()
     assert [r.getMessage() for r in caplog.records if r.exc_info] == ["a background job failed"]
+
+
+def test_only_this_saves_staging_folder_counts_as_its_write_failure():
+    """``/scratch/x/.out.umtam-new-1`` is another save's staging folder, not ``/x/out``'s,
+    though its name ends the same way."""
+    from umtam_jax.checkpoint._write_errors import _write_failure
+
+    out = epath.Path("/x/out")
+    ours = OSError(errno.ENOENT, "gone", "/x/.out.umtam-new-1/f")
+    other = OSError(errno.ENOENT, "gone", "/scratch/x/.out.umtam-new-1/f")
+    assert _write_failure(ours, out, on_staging=True) == errno.ENOENT
+    assert _write_failure(other, out, on_staging=True) is None
+    assert _write_failure(other, out) is None
+    quoted = ValueError("""writing local file "/x/.out.umtam-new-1/p" [os_error_code='28']""")
+    assert _write_failure(quoted, out, on_staging=True) == errno.ENOSPC
+    elsewhere = ValueError("""local file "/scratch/x/.out.umtam-new-1/p" [os_error_code='2']""")
+    assert _write_failure(elsewhere, out, on_staging=True) is None

@@ -46,7 +46,10 @@ def _write_failure(
         code, names = (int(found.group(1)) if found else None), [str(err)]
     else:
         return None
-    named = any(ours in n for n in names)
+    # The staging prefix begins the path (an OSError's file name) or a quoted path in
+    # tensorstore's message: not the tail of another folder's name.
+    staged = re.compile(r"(?:^|[\"'\s]|file://)" + re.escape(ours))
+    named = any(staged.search(n) for n in names)
     if code is None or not (named or (code in _WRITE_ERRNOS and not on_staging)):
         return None
     return code

@@ -119,6 +119,11 @@ def _number(value: Any, where: str) -> float:
     return value
 
 
+def _same(a: str, b: str) -> bool:
+    """Whether two model paths name one model (``a`` and ``./a``)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _dtype(config: dict[str, Any], key: str) -> str | None:
     value = config.get(key)
     if isinstance(value, str) and value.startswith("torch."):  # mergekit takes torch's names
@@ -176,7 +181,8 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     entries = [(f"models[{i}]", entry) for i, entry in enumerate(models)]
     if name in _BASE_IS_AN_INPUT and base is not None:
         # These methods have no base role: mergekit merges the base model as one more input.
-        listed = [isinstance(m, dict) and m.get("model") == base or m == base for m in models]
+        names = [m.get("model") if isinstance(m, dict) else m for m in models]
+        listed = [isinstance(n, str) and _same(n, base) for n in names]
         if not any(listed):
             if registered.param("weights") is not None and "weight" not in model_defaults:
                 raise ConfigError(
@@ -197,7 +203,7 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         if extra:
             raise ConfigError(f"{where} has unsupported keys {sorted(extra, key=str)}")
         path = _model(entry["model"], f"{where}.model")
-        if base is not None and path == base:  # the base listed among the models: no expert
+        if base is not None and _same(path, base):  # the base among the models: no expert
             continue
         same = os.path.realpath(path)  # "a" and "./a" are one model
         if same in seen:  # as mergekit: the same model twice would count it twice

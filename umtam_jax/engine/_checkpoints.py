@@ -20,7 +20,7 @@ from etils import epath
 from umtam_jax.engine._job import Job
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
 from umtam_jax.engine._output import check_output, resolve_output_format, writer
-from umtam_jax.engine._sources import Source, open_source, untie_embeddings
+from umtam_jax.engine._sources import SafetensorsSource, Source, open_source, untie_embeddings
 from umtam_jax.merging import _registry as R
 
 
@@ -129,7 +129,10 @@ def job_from_paths(
     if extra_dirs is not None:
         what = "Fisher" if extra_name == "fisher_dirs" else "curvature"
         extras = [open_source(d, f"expert {i}'s {what}") for i, d in enumerate(extra_dirs)]
-    untie_embeddings([base, *experts, *(extras if isinstance(extras, list) else [])])
+    untie_embeddings([base, *experts])
+    for expert, extra in zip(experts, extras if isinstance(extras, list) else [], strict=False):
+        if isinstance(extra, SafetensorsSource):  # a tied expert's Fishers or curvatures
+            extra.tie_like(expert)
     return Job(
         m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype,
         base_input=base_dir is not None,

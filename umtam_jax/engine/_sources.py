@@ -141,6 +141,13 @@ class SafetensorsSource:
         parts = [record] + ([text] if isinstance(text, dict) else [])
         return all(part.get("tie_word_embeddings") is not False for part in parts)
 
+    def tie_like(self, other: Source) -> None:
+        """Ties what ``other`` (the expert this source holds Fishers or curvatures of)
+        ties, where this source lacks the same output embedding."""
+        for output, input_ in getattr(other, "_tied", {}).items():
+            if self.ties(output, input_):
+                self.tie(output, input_)
+
     def tie(self, output: str, input_: str) -> None:
         """Serves the output embedding ``output`` by reading ``input_``, as transformers
         ties them when loading the model."""
