@@ -204,9 +204,11 @@ def split_held_out(tokens: np.ndarray, eot: int = 0) -> tuple[np.ndarray, np.nda
     return tokens[:cut], tokens[cut:]
 
 
-def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generator):
-    starts = rng.integers(0, tokens.size - length, size=count)
-    return tokens[starts[:, None] + np.arange(length)].astype(np.int32)
+def windows(tokens: np.ndarray, shape: tuple[int, ...], length: int, seed: int) -> np.ndarray:
+    """Windows of ``length`` tokens at uniform starts drawn by ``default_rng(seed)``:
+    ``shape + (length,)`` int32 (training batches: ``(steps, batch)``)."""
+    starts = np.random.default_rng(seed).integers(0, tokens.size - length, size=shape)
+    return tokens[starts[..., None] + np.arange(length)].astype(np.int32)
 
 
 def lm_run_data(train: np.ndarray, held_out: np.ndarray, size: Size, seed: int) -> RunData:
@@ -223,15 +225,10 @@ def lm_run_data(train: np.ndarray, held_out: np.ndarray, size: Size, seed: int) 
         A :class:`RunData`.
     """
     length = size.context + 1
-    starts = np.random.default_rng(seed).integers(
-        0, train.size - length, size=(size.steps, size.batch)
-    )
-    batches = train[starts[..., None] + np.arange(length)].astype(np.int32)
+    batches = windows(train, (size.steps, size.batch), length, seed)
     val_tokens, test_tokens = split_held_out(held_out)
-    val = _windows(val_tokens, size.val_batches * size.batch, length,
-                   np.random.default_rng(seed + 1_000_003))  # fmt: skip
-    test = _windows(test_tokens, size.test_batches * size.batch, length,
-                    np.random.default_rng(seed + 2_000_003))  # fmt: skip
+    val = windows(val_tokens, (size.val_batches * size.batch,), length, seed + 1_000_003)
+    test = windows(test_tokens, (size.test_batches * size.batch,), length, seed + 2_000_003)
     return RunData(batches, jnp.asarray(val), jnp.asarray(test))
 
 

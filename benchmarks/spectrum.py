@@ -47,7 +47,15 @@ from benchmarks._common import (
     t_interval,
     write_results,
 )
-from benchmarks._lm_training import DEFAULT, QUICK, base_transform, gpt_config, make_tx, set_lr
+from benchmarks._lm_training import (
+    DEFAULT,
+    QUICK,
+    base_transform,
+    gpt_config,
+    make_tx,
+    set_lr,
+    windows,
+)
 from benchmarks._spectrum_report import CLAIM, markdown, plot
 from umtam_jax import ScaleByUmtamState
 from umtam_jax.experiments.lm_data import lm_token_arrays
@@ -197,9 +205,7 @@ def run_seed(
     """
     from tqdm.auto import tqdm
 
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, train.size - size.context - 1, size=(size.steps, size.batch))
-    batches = train[starts[..., None] + np.arange(size.context + 1)].astype(np.int32)
+    batches = windows(train, (size.steps, size.batch), size.context + 1, seed)
     params = init_gpt(jax.random.key(seed), cfg)
     opt_state = set_lr(tx.init(params), lr)
     paths = factored_paths(opt_state)

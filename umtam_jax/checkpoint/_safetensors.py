@@ -79,6 +79,18 @@ TIED_EMBEDDINGS = (
     ("lm_head.weight", "model.decoder.embed_tokens.weight"),
     ("lm_head.weight", "backbone.embeddings.weight"),
 )
+
+
+def tie_settings(config: Any) -> list[dict[str, Any]]:
+    """The mappings of a Hugging Face ``config.json`` record that may set
+    ``tie_word_embeddings``: the record and its ``text_config`` (multimodal models such as
+    Gemma 3); none for a record that is not a mapping."""
+    if not isinstance(config, dict):
+        return []
+    text = config.get("text_config")
+    return [config] + ([text] if isinstance(text, dict) else [])
+
+
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit
 _TYPES = {

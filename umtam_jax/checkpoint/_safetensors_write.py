@@ -39,6 +39,7 @@ from umtam_jax.checkpoint._safetensors import (
     TIED_EMBEDDINGS,
     SafetensorsReader,
     names_from_tree,
+    tie_settings,
     tree_from_names,
 )
 from umtam_jax.checkpoint._streaming import save_params_streaming
@@ -233,9 +234,7 @@ def _adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) 
             if k in record and record[k] != dtype.name:  # float32, float16, bfloat16
                 record[k], changed = dtype.name, True
     written = any(out in names and inp in names for out, inp in TIED_EMBEDDINGS)
-    # Multimodal configs (Gemma 3) may say it again in their text_config.
-    text = record.get("text_config")
-    for part in [record] + ([text] if isinstance(text, dict) else []):
+    for part in tie_settings(record):
         if written and part.get("tie_word_embeddings", True) is not False:
             part["tie_word_embeddings"], changed = False, True
     if changed:

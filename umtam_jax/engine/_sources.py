@@ -128,6 +128,8 @@ class SafetensorsSource:
         """Whether this model ties embedding ``output`` to ``input_``: it stores ``input_``
         but not ``output``, and its ``config.json`` (if any) does not say
         ``tie_word_embeddings: false``."""
+        from umtam_jax.checkpoint._safetensors import tie_settings
+
         if output in self._names or input_ not in self._names:
             return False
         config = None if self.folder is None else self.folder / "config.json"
@@ -135,11 +137,7 @@ class SafetensorsSource:
             record = _json.loads(config.read_text()) if config and config.is_file() else {}
         except (OSError, ValueError):
             return False
-        if not isinstance(record, dict):
-            return True
-        text = record.get("text_config")
-        parts = [record] + ([text] if isinstance(text, dict) else [])
-        return all(part.get("tie_word_embeddings") is not False for part in parts)
+        return all(part.get("tie_word_embeddings") is not False for part in tie_settings(record))
 
     def tie_like(self, other: Source) -> None:
         """Ties what ``other`` (the expert this source holds Fishers or curvatures of)
@@ -151,13 +149,25 @@ class SafetensorsSource:
     def tie(self, output: str, input_: str) -> None:
         """Serves the output embedding ``output`` by reading ``input_``, as transformers
         ties them when loading the model."""
+        from umtam_jax.checkpoint import names_from_tree
+
+        self._tied[output] = input_
+        self._abstract = self._with_tied(self.reader.abstract())
+        self._names = list(names_from_tree(self._abstract))
+
+    def _with_tied(self, abstract: Any) -> Any:
+        """``abstract`` (named by tensor, or by tensor and statistics field) with each tied
+        output embedding's entries those of its input embedding (one parameter)."""
         from umtam_jax.checkpoint import names_from_tree, tree_from_names
 
-        entries = names_from_tree(self._abstract)
-        entries[output] = entries[input_]
-        self._abstract = tree_from_names(entries)
-        self._names = list(names_from_tree(self._abstract))
-        self._tied[output] = input_
+        if not self._tied:
+            return abstract
+        entries = names_from_tree(abstract)
+        for output, input_ in self._tied.items():
+            for name in list(entries):
+                if name == input_ or name.startswith(input_ + "."):
+                    entries[output + name[len(input_) :]] = entries[name]
+        return tree_from_names(entries)
 
     def _stats_reader(self) -> Any:
         from umtam_jax.checkpoint import SafetensorsReader
@@ -177,18 +187,7 @@ class SafetensorsSource:
         return self.folder is not None and (self.folder / STATISTICS_FOLDER).is_dir()
 
     def abstract_statistics(self) -> Any:
-        from umtam_jax.checkpoint import names_from_tree, tree_from_names
-
-        abstract = self._stats_reader().abstract()
-        if not self._tied:
-            return abstract
-        # A tied output embedding's statistics are its input embedding's (one parameter).
-        entries = names_from_tree(abstract)
-        for output, input_ in self._tied.items():
-            for name in list(entries):
-                if name.startswith(input_ + "."):
-                    entries[output + name[len(input_) :]] = entries[name]
-        return tree_from_names(entries)
+        return self._with_tied(self._stats_reader().abstract())
 
     def read_statistics(self, leaves: Sequence[int]) -> list[Any]:
         reader = self._stats_reader()
