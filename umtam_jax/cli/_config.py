@@ -49,11 +49,9 @@ class Expert:
 
     def value_key(self, name: str) -> str:
         """The configuration key of this expert's per-expert value ``name`` (``weight``)."""
-        return (
-            f"{self.key}.parameters.{name}"
-            if self.key.startswith("models[")
-            else (f"{self.key}.{name}")
-        )
+        if self.key.startswith("models["):  # mergekit: under the model's 'parameters'
+            return f"{self.key}.parameters.{name}"
+        return f"{self.key}.{name}"
 
 
 @dataclasses.dataclass

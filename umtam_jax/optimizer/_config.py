@@ -49,7 +49,8 @@ class Config:
     group_leaves: bool = False
 
 
-STATIC_HYPERPARAMS = (
+# The integer options: each fixes array shapes or a loop.
+_INTEGERS = (
     "rank",
     "svd_every",
     "min_dim_size_to_factor",
@@ -60,6 +61,9 @@ STATIC_HYPERPARAMS = (
     "rank_step",
     "rank_update_every",
     "seed",
+)
+STATIC_HYPERPARAMS = (
+    *_INTEGERS,
     "row_axes",
     "group_leaves",
     "buffer_dtype",
@@ -143,9 +147,7 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
-    for name in STATIC_HYPERPARAMS:
-        if name in ("row_axes", "error_decay", "group_leaves", "buffer_dtype", "mask"):
-            continue
+    for name in _INTEGERS:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(
