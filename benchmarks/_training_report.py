@@ -11,16 +11,16 @@ import numpy as np
 from umtam_jax.experiments.reporting import save_figure
 
 
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def steps_to_threshold(run: dict[str, Any], threshold: float) -> int | None:
     """The first evaluation step whose validation loss is at most ``threshold``, or None."""
     for s, v in zip(run["eval_steps"], run["val_loss"], strict=True):
-        if v is not None and math.isfinite(v) and v <= threshold:
+        if _finite(v) and v <= threshold:
             return s
     return None
-
-
-def _finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
 
 
 def summarize(
@@ -51,7 +51,7 @@ def summarize(
       or None) and ``exact_vs_subspace`` (on test loss).
     """
     finals = {o: (b["final_val_loss"] if b else None) for o, b in best.items()}
-    finite = [v for v in finals.values() if v is not None and math.isfinite(v)]
+    finite = [v for v in finals.values() if _finite(v)]
     threshold = max(finite) if finite else None
     summary_rows = []
     for opt in order:
@@ -279,12 +279,7 @@ def plot(runs, best, rank_best, exact, path: Path, threshold) -> None:
             ),
             key=lambda r: r["lr"],
         )
-        ys = [
-            r["final_val_loss"]
-            if r["final_val_loss"] is not None and math.isfinite(r["final_val_loss"])
-            else np.nan
-            for r in rs
-        ]
+        ys = [r["final_val_loss"] if _finite(r["final_val_loss"]) else np.nan for r in rs]
         ax.plot([r["lr"] for r in rs], ys, marker="o", label=opt)
     ax.set(xscale="log", title="lr grid", xlabel="peak learning rate", ylabel="final val loss")
     ax.legend(fontsize=8)
