@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+import umtam_jax
 from tests import trees
 from tests.merging import helpers as H
 from umtam_jax import merging
@@ -234,6 +235,33 @@ def test_fisher_ota_prune(ckpts, tmp_path):
     )
 
 
+def test_scanned_scope_from_yaml(ckpts, tmp_path):
+    """``scope: {scanned: [names], axis: A}`` counts per layer of those leaves, as
+    ``scope=umtam_jax.scanned(*names, axis=A)`` does in memory (and is recorded as written)."""
+    p = ckpts["paths"]
+    out = tmp_path / "merged"
+    cfg = _write(
+        tmp_path,
+        f"""
+        method: ties
+        base: {p["base"]}
+        experts: [{p["e0"]}, {p["e1"]}]
+        parameters:
+          density: 0.3
+          scope: {{scanned: [conv], axis: 2}}
+        output: {out}
+        """,
+    )
+    assert main([cfg, "--no-progress"]) == 0
+    scope = umtam_jax.scanned("conv", axis=2)
+    want = merging.ties(ckpts["base"], ckpts["experts"][:2], density=0.3, scope=scope)
+    trees.assert_trees_close_typed(checkpoint.restore_params(str(out)), want, **TOL)
+    per_tensor = merging.ties(ckpts["base"], ckpts["experts"][:2], density=0.3)
+    assert not np.array_equal(want["conv"]["kernel"], per_tensor["conv"]["kernel"])
+    recorded = checkpoint.read_metadata(str(out))["user"]["merge"]["parameters"]["scope"]
+    assert recorded == {"scanned": ["conv"], "axis": 2}
+
+
 def test_dry_run_and_overwrite(ckpts, tmp_path, capsys):
     p = ckpts["paths"]
     out = tmp_path / "out"
@@ -332,6 +360,25 @@ def test_dry_run_reports_shape_mismatch(ckpts, tmp_path, capsys):
         ("method: ties\nmodel: x\n", "unknown configuration keys ['model']"),
         ("!!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),
         ("method: ties\nbase: b\nexperts: []\n", "non-empty list"),
+        (
+            "method: ties\nbase: b\nexperts: [a]\nparameters: {density: 0.2, scope: layers}\n",
+            "'scope' of method 'ties' must be one of tensor, layer, global or a mapping",
+        ),
+        (
+            "method: ties\nbase: b\nexperts: [a]\n"
+            "parameters: {density: 0.2, scope: {scaned: [blocks]}}\n",
+            "parameters.scope as a mapping takes 'scanned'",
+        ),
+        (
+            "method: ties\nbase: b\nexperts: [a]\n"
+            "parameters: {density: 0.2, scope: {scanned: blocks, axis: -1}}\n",
+            "parameters.scope: axis must be a non-negative int, got -1",
+        ),
+        (
+            "method: ties\nbase: b\nexperts: [a]\n"
+            "parameters: {density: 0.2, scope: {scanned: [1]}}\n",
+            "parameters.scope.scanned must be a list of key names, got [1]",
+        ),
     ],
 )
 def test_config_errors(tmp_path, capsys, config, message):

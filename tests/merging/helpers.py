@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from tests import trees
+from umtam_jax.optimizer import MatrixAxes
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics
 
 # Leaf name -> (shape, split of the shape into rows/cols for factored statistics or None).
@@ -110,7 +111,14 @@ def ref_masks(score_trees, densities, scope):
         if scope == "tensor":
             out.append({p: ref_keep(scores[p], ref_count(np.size(scores[p]), d)) for p in PATHS})
         elif scope == "layer":  # each slice of the first axis of a leaf with >= 3 axes
-            out.append({p: _ref_keep_per_layer(np.asarray(scores[p]), d) for p in PATHS})
+            out.append(
+                {
+                    p: _ref_keep_sliced(scores[p], d, (0,) if np.ndim(scores[p]) >= 3 else ())
+                    for p in PATHS
+                }  # fmt: skip
+            )
+        elif scope is sliced_scope:
+            out.append({p: _ref_keep_sliced(scores[p], d, SLICED[p]) for p in PATHS})
         else:
             flat = np.concatenate([np.ravel(scores[p]) for p in PATHS])
             m = ref_keep(flat, ref_count(flat.size, d))
@@ -123,11 +131,29 @@ def ref_masks(score_trees, densities, scope):
     return out
 
 
-def _ref_keep_per_layer(scores, density):
-    if scores.ndim < 3:
-        return ref_keep(scores, ref_count(scores.size, density))
-    k = ref_count(scores[0].size, density)
-    return np.stack([ref_keep(layer, k) for layer in scores])
+def _ref_keep_sliced(scores, density, batch):
+    """Each slice over the ``batch`` axes keeps its own count, as a tensor of its own."""
+    scores = np.asarray(scores)
+    mask = np.zeros(scores.shape, bool)
+    sizes = [scores.shape[a] for a in batch]
+    for index in np.ndindex(*sizes):
+        where = [slice(None)] * scores.ndim
+        for a, i in zip(batch, index, strict=True):
+            where[a] = i
+        part = scores[tuple(where)]
+        mask[tuple(where)] = ref_keep(part, ref_count(part.size, density))
+    return mask
+
+
+#: The batch axes :func:`sliced_scope` gives each leaf: counts per column of a matrix, per
+#: slice of a 3-D leaf's first and last axes.
+SLICED = {("attn", "bias"): (), ("attn", "kernel"): (1,), ("conv", "kernel"): (0, 2),
+          ("norm", "scale"): ()}  # fmt: skip
+
+
+def sliced_scope(path, shape):
+    """A layout callable ``scope``: the batch axes of ``SLICED`` (rows do not matter)."""
+    return MatrixAxes(batch=SLICED[tuple(k.key for k in path)], rows=0)
 
 
 def f64(x):

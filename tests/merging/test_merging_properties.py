@@ -20,7 +20,7 @@ from . import helpers as H
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 seeds = st.integers(0, 2**31 - 1)
 densities = st.sampled_from([0.05, 0.2, 0.5, 0.9, 1.0])
-scopes = st.sampled_from(["tensor", "layer", "global"])
+scopes = st.sampled_from(["tensor", "layer", "global", H.sliced_scope])
 bools = st.booleans()
 
 
@@ -160,20 +160,18 @@ def test_keep_counts_exact_with_tied_scores(seed, density, scope, levels):
     scores = H.build(lambda p, s, _: rng.integers(0, levels, s).astype(np.float32))
     out = merging.prune(base, expert, scores, density=density, scope=scope)
     kept = {p: np.asarray(H.get(out, p)) != H.get(base, p) for p in H.PATHS}
-    if scope == "tensor":
-        for p in H.PATHS:
-            assert kept[p].sum() == max(1, int(density * kept[p].size))
-    else:
-        n = sum(v.size for v in kept.values())
-        assert sum(v.sum() for v in kept.values()) == max(1, int(density * n))
-    # Ties go to the lower flat index: the kept set is a prefix of the stable order.
-    ties_out = merging.ties(base, [expert], density=density, scope=scope)  # all |Δ| equal
+    # Exact counts (per tensor, slice or expert), ties to the lower flat index.
+    (want,) = H.ref_masks([{p: H.get(scores, p) for p in H.PATHS}], [density], scope)
     for p in H.PATHS:
-        t_kept = np.asarray(H.get(ties_out, p)).ravel() != H.get(base, p).ravel()
-        if scope == "tensor":
-            want = np.zeros(t_kept.size, bool)
-            want[: max(1, int(density * t_kept.size))] = True
-            np.testing.assert_array_equal(t_kept, want)
+        np.testing.assert_array_equal(kept[p], want[p], err_msg=str(p))
+    # All |Δ| equal: TIES keeps a prefix of the stable order in each counted unit.
+    ties_out = merging.ties(base, [expert], density=density, scope=scope)
+    (want,) = H.ref_masks([{p: np.ones(np.shape(H.get(base, p))) for p in H.PATHS}], [density],
+                          scope)  # fmt: skip
+    for p in H.PATHS:
+        np.testing.assert_array_equal(
+            np.asarray(H.get(ties_out, p)) != H.get(base, p), want[p], err_msg=str(p)
+        )
 
 
 @settings(max_examples=4, deadline=None, derandomize=True)
@@ -297,23 +295,29 @@ def test_topk_mask_on_large_tensors_with_ties_nan_and_signed_zeros(dtype, k):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("sorted_up_to", [1 << 16, 4])  # sorted per layer / radix, mapped
+@pytest.mark.parametrize("sorted_up_to", [1 << 16, 4])  # sorted per slice / radix, mapped
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_layer_masks_match_topk_per_layer_with_ties_nan_and_signed_zeros(
-    monkeypatch, sorted_up_to, dtype
+@pytest.mark.parametrize("batch", [(0,), (1,), (0, 2), (3,)])
+def test_sliced_masks_match_topk_per_slice_with_ties_nan_and_signed_zeros(
+    monkeypatch, sorted_up_to, dtype, batch
 ):
-    """``scope="layer"`` keeps, per layer of a stacked leaf, the mask ``topk_mask`` gives
-    that layer alone (NaN first, −0.0 below +0.0, ties to the lower index), by either of
-    its two selections."""
+    """A layout ``scope`` keeps, per slice over its batch axes (a layer of a stacked leaf),
+    the mask ``topk_mask`` gives that slice alone (NaN first, −0.0 below +0.0, ties to the
+    lower index within the slice), by either of its two selections."""
     from umtam_jax.merging import _select
 
-    monkeypatch.setattr(_select, "_SORTED_LAYER_SIZE", sorted_up_to)
+    monkeypatch.setattr(_select, "_SORTED_SLICE_SIZE", sorted_up_to)
     rng = np.random.default_rng(3)
     pool = np.asarray([np.nan, np.inf, 3.5, 0.0, -0.0, -2.0], dtype)
     scores = pool[rng.integers(0, len(pool), (2, 3, 4, 5))]
     scores[0, 0] = rng.normal(size=(4, 5)).astype(dtype)
+    rest = [a for a in range(4) if a not in batch]
+    moved = np.moveaxis(scores, batch, range(len(batch)))  # slices first, then the rest
+    slices = moved.reshape(-1, *[scores.shape[a] for a in rest])
+    k = max(1, int(0.3 * slices[0].size))
     with jax.enable_x64(dtype == np.float64):
-        got = np.asarray(_select._layer_masks(jnp.asarray(scores), 0.3))
-        want = np.stack([np.asarray(_select.topk_mask(jnp.asarray(x), 18)) for x in scores])
-    np.testing.assert_array_equal(got, want)
-    assert (got.reshape(2, -1).sum(axis=1) == 18).all()
+        got = np.asarray(_select.sliced_mask(jnp.asarray(scores), 0.3, batch))
+        want = np.stack([np.asarray(_select.topk_mask(jnp.asarray(x), k)) for x in slices])
+    got_slices = np.moveaxis(got, batch, range(len(batch))).reshape(want.shape)
+    np.testing.assert_array_equal(got_slices, want)
+    assert (got_slices.reshape(len(slices), -1).sum(axis=1) == k).all()

@@ -10,10 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import umtam_jax
 from umtam_jax import merging
 from umtam_jax.optimizer import DenseStatistics
 
 from . import helpers as H
+
+#: Every keep-count scope: per tensor, per layer, over the expert, per slice of the batch
+#: axes a layout callable gives each leaf.
+SCOPES = ["tensor", "layer", "global", pytest.param(H.sliced_scope, id="sliced")]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +51,7 @@ def test_umtam_matches_reference_all_flag_combinations(pruning, election, aggreg
     assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(lambda x: x.dtype, base)
 
 
-@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("density", [0.05, 0.3, 1.0, (0.2, 0.6, 0.9)])
 def test_umtam_scope_and_density(scope, density):
     rng = np.random.default_rng(7)
@@ -109,7 +114,7 @@ def test_task_arithmetic(weights):
     H.assert_tree_close(got, H.ref_task_arithmetic(base, experts, scaling=0.7, weights=weights))
 
 
-@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0, [0.3, 0.8, 0.5]])
 @pytest.mark.parametrize("weights", [None, [0.5, 2.0, 1.0], [1.0, -1.0, 1.0]])
 def test_ties(scope, density, weights):
@@ -219,7 +224,7 @@ def test_ota_with_arrays_and_statistics(power):
     H.assert_tree_close(got, H.ref_ota(base, experts, curv, **kw))
 
 
-@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("density", [0.01, 0.25, 1.0])
 def test_prune(scope, density):
     rng = np.random.default_rng(10)
@@ -267,6 +272,56 @@ def test_bfloat16_computed_in_float32_and_cast_back():
             np.testing.assert_allclose(
                 np.asarray(leaf, np.float64), want[p], rtol=2.0**-8, atol=1e-6, err_msg=str(p)
             )
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("method", ["ties", "umtam", "prune", "consensus_ties"])
+def test_scanned_scope_merges_a_scanned_model_as_its_unrolled_layers(method, axis):
+    """``scope=umtam_jax.scanned("blocks", axis=a)``: a model whose blocks are stacked on
+    axis a (0: ``nnx.scan``; 1: MaxText's ``[d_in, L, d_out]`` kernels and ``[d, L]``
+    biases) merges as its unrolled twin, stacked biases included, while a 4-D convolution
+    kernel outside the blocks keeps one count (``scope="layer"`` would slice it)."""
+    rng = np.random.default_rng(4)
+    L = 3
+    shapes = {"kernel": (L, 6, 5), "bias": (L, 5)}
+    if axis == 1:
+        shapes = {"kernel": (6, L, 5), "bias": (5, L)}
+    layers = np.array([10.0, 1.0, 1.0])  # layer 0 moves 10x more
+
+    def tree(scale_layers):
+        out = {}
+        for name, shape in shapes.items():
+            scale = np.moveaxis(layers.reshape(-1, *[1] * (len(shape) - 1)), 0, axis)
+            out[name] = (scale if scale_layers else 1.0) * rng.normal(size=shape)
+        return {"blocks": out, "conv": rng.normal(size=(2, 2, 3, 4))}
+
+    base = tree(False)
+    experts = [jax.tree.map(np.add, base, tree(True)) for _ in range(2)]
+    stats = [jax.tree.map(lambda x: DenseStatistics(mu=x, nu=x * x + 0.1, saliency=x * x + 0.1),
+                          tree(True)) for _ in range(2)]  # fmt: skip
+
+    def run(b, es, st, scope):
+        if method == "prune":
+            return merging.prune(b, es[0], st[0], density=0.2, scope=scope)
+        if method == "umtam":
+            return merging.umtam(b, es, st, density=0.2, scope=scope)
+        return getattr(merging, method)(b, es, density=0.2, scope=scope)
+
+    def layer(t, i):
+        return {
+            "blocks": jax.tree.map(lambda x: np.take(np.asarray(x), i, axis=axis), t["blocks"]),
+            "conv": t["conv"],
+        }
+
+    stacked = run(base, experts, stats, umtam_jax.scanned("blocks", axis=axis))
+    for i in range(L):
+        alone = run(layer(base, i), [layer(e, i) for e in experts],
+                    [layer(s, i) for s in stats], "tensor")  # fmt: skip
+        chex.assert_trees_all_equal(layer(stacked, i), alone)
+    per_tensor = run(base, experts, stats, "tensor")
+    np.testing.assert_array_equal(stacked["conv"], per_tensor["conv"])
+    by_shape = run(base, experts, stats, "layer")["conv"]
+    assert not np.array_equal(by_shape, per_tensor["conv"])
 
 
 @pytest.mark.parametrize("method", ["ties", "umtam", "prune"])

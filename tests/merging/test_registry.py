@@ -27,7 +27,16 @@ def test_every_public_method_is_registered_with_its_signature():
         for p in method.params:
             assert signature[p.name].kind is inspect.Parameter.KEYWORD_ONLY
             assert method.defaults()[p.name] == signature[p.name].default
-            assert p.kind in ("number", "numbers", "density", "weights", "bool", "choice", "key")
+            assert p.kind in (
+                "number",
+                "numbers",
+                "density",
+                "weights",
+                "bool",
+                "choice",
+                "scope",
+                "key",
+            )
 
 
 def test_merge_by_name_equals_the_function_and_checks_its_parameters():

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import umtam_jax
 from tests import trees
 from tests.merging import helpers as H
 from umtam_jax import checkpoint, engine, merging
@@ -99,7 +100,10 @@ def test_tensor_scope_equals_in_memory(ckpts, tmp_path, method, extra, kwargs):
 
 
 @pytest.mark.parametrize("statistics", [True, False])
-@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
+@pytest.mark.parametrize(
+    "scope",
+    ["tensor", "layer", "global", pytest.param(umtam_jax.scanned("conv", axis=2), id="scanned")],
+)
 def test_prune_equals_in_memory(ckpts, tmp_path, statistics, scope):
     p = ckpts["paths"]
     out = tmp_path / "out"
@@ -116,6 +120,8 @@ def test_prune_equals_in_memory(ckpts, tmp_path, statistics, scope):
     scores = ckpts["stats"][1] if statistics else None
     want = merging.prune(ckpts["base"], ckpts["experts"][1], scores, density=0.3, scope=scope)
     trees.assert_trees_equal(checkpoint.restore_params(out), want)
+    recorded = checkpoint.read_metadata(out)["user"]["merge"]["parameters"]["scope"]
+    assert recorded == (scope if isinstance(scope, str) else "scanned('conv', batch=1, axis=2)")
 
 
 @pytest.mark.parametrize("group_bytes", [1, 10**9])

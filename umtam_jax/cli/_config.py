@@ -85,12 +85,45 @@ def _check_type(method: str, param: merging.Param, value: Any) -> None:
         ok, expected = is_number(value), "a number"
     elif param.kind == "choice":
         ok, expected = value in param.choices, "one of " + ", ".join(param.choices)
+    elif param.kind == "scope":
+        if isinstance(value, dict):
+            layer_scope(value)  # names what is wrong in it
+            return
+        ok = isinstance(value, str) and value in param.choices
+        expected = "one of " + ", ".join(param.choices) + " or a mapping with 'scanned'"
     else:
         ok, expected = True, ""
     if not ok:
         raise ConfigError(
             f"parameter {name!r} of method {method!r} must be {expected}, got {value!r}"
         )
+
+
+_SCANNED_KEYS = ("scanned", "axis", "batch")
+
+
+def layer_scope(value: dict[str, Any]) -> Any:
+    """The layout callable of a ``scope: {scanned: [names], axis: A, batch: B}`` mapping:
+    ``umtam_jax.scanned(*names, axis=A, batch=B)`` (counts per layer of the leaves under
+    those keys; ``scanned: []`` every leaf with three or more axes)."""
+    from umtam_jax.optimizer import scanned
+
+    where = "parameters.scope"
+    unknown = sorted(set(value) - set(_SCANNED_KEYS), key=str)
+    if unknown or "scanned" not in value:
+        raise ConfigError(
+            f"{where} as a mapping takes 'scanned' (a list of key names) and optionally "
+            f"'axis' and 'batch', got keys {sorted(value, key=str)}"
+        )
+    names = value["scanned"]
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{where}.scanned must be a list of key names, got {names!r}")
+    options = {k: value[k] for k in ("axis", "batch") if k in value}
+    try:
+        return scanned(*names, **options)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _parse_expert(entry: Any, index: int) -> Expert:

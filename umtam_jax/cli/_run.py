@@ -18,7 +18,7 @@ import numpy as np
 
 from umtam_jax import engine, merging
 from umtam_jax.checkpoint import _format
-from umtam_jax.cli._config import PER_EXPERT, PROG, Plan
+from umtam_jax.cli._config import PER_EXPERT, PROG, Plan, layer_scope
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 
@@ -39,6 +39,8 @@ def needs_statistics(plan: Plan) -> bool:
 def method_kwargs(plan: Plan) -> dict[str, Any]:
     """The method's keyword arguments: the parameters, and the PRNG key from the seed."""
     kwargs = {k: v for k, v in plan.parameters.items() if k != "scores"}
+    if isinstance(kwargs.get("scope"), dict):
+        kwargs["scope"] = layer_scope(kwargs["scope"])
     if METHODS[plan.method].param("key") is not None:
         kwargs["key"] = jax.random.key(plan.seed)
     return kwargs

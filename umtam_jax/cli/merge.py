@@ -14,6 +14,7 @@ A YAML configuration of its own, or a mergekit configuration unchanged (see
     parameters:                   # keyword arguments of the merging function
       density: 0.2
       normalize: all
+      scope: {scanned: [blocks], axis: 0}   # keep counts per layer of scanned leaves
     output: ckpt/merged           # where the merged parameters are written
     seed: 0                       # PRNG seed of dare, dare_ties, della, della_linear (default 0)
 
@@ -26,7 +27,11 @@ Statistics for ``umtam`` (and the curvature for ``ota``, the saliency for ``prun
 restored from each expert's checkpoint (``umtam_jax.checkpoint``); ``fisher`` takes a
 ``fisher: PATH`` per expert, a checkpoint whose parameters hold that expert's diagonal
 Fisher. ``prune`` takes exactly one expert and a ``scores`` parameter, ``saliency``
-(default) or ``magnitude``. Relative paths are taken from the working directory.
+(default) or ``magnitude``. ``scope`` (``umtam``, ``ties``, ``prune``, ``consensus_ties``)
+is ``tensor``, ``layer``, ``global`` or ``{scanned: [key names], axis: A, batch: B}``:
+exact keep counts per layer of the leaves under those keys, their layers stacked on axis
+A (``umtam_jax.scanned``; ``scanned: []`` takes every leaf with three or more axes).
+Relative paths are taken from the working directory.
 
 The configuration is read with a safe YAML loader (no tags that build objects) that
 also refuses anchors and aliases (so no "billion laughs" expansion), merge keys (``<<``),

@@ -28,7 +28,7 @@ from umtam_jax.engine._sources import Source
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
-from umtam_jax.merging._select import keep_masks
+from umtam_jax.merging._select import sliced_mask
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -321,8 +321,8 @@ class Job:
             s = m.importance(call.options, p.base[0], p.experts[t][0], extra)
             if from_scores:
                 if topk is None:
-                    scope = pipeline.leaf_scope(call.options)
-                    mask = keep_masks([s], call.options["density"][t], scope)[0]
+                    batch = pipeline.leaf_batch_axes(call.options, p.key_paths[0], s.shape)
+                    mask = sliced_mask(s, call.options["density"][t], batch)
                 else:
                     mask = topk.mask(t, s)
                 keep.append([jax.block_until_ready(mask)])

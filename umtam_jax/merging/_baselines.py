@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, WEIGHTS, Param
+from umtam_jax.optimizer._layout import RowAxesFn
 
 # mergekit's guard in its L1 rescale (``rescaled_masked_tensor``): tiny norms skip rescaling.
 _L1_EPS = 1e-7
@@ -136,7 +137,7 @@ def ties(
     density: float | Sequence[float],
     scaling: float = 1.0,
     weights: Sequence[float] | None = None,
-    scope: str = "tensor",
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """TIES merging with mergekit's ``ties`` semantics (docs/algorithm.md §5.2).
 
@@ -159,8 +160,9 @@ def ties(
       density: fraction in (0, 1] of entries each task vector keeps, or one per expert.
       scaling: factor on the merged task vector.
       weights: one weight per expert (default 1.0 each).
-      scope: ``"tensor"``, ``"layer"`` (per layer of a stacked leaf) or ``"global"``,
-        where the keep count is exact.
+      scope: where the keep count is exact: ``"tensor"``, ``"layer"`` (each slice of the
+        first axis of a leaf with three or more), ``"global"``, or a layout callable
+        such as ``umtam_jax.scanned("blocks")`` (each slice over its batch axes).
 
     Returns:
       The merged parameters, a pytree like ``base``.

@@ -27,6 +27,7 @@ from umtam_jax.merging import _validation as V
 from umtam_jax.merging._baselines import _abs_delta, _compute_dtype, _sum
 from umtam_jax.merging._registry import SCALING, SCOPE, WEIGHTS, Param
 from umtam_jax.merging._umtam import _importance
+from umtam_jax.optimizer._layout import RowAxesFn
 
 
 def ota(
@@ -118,7 +119,7 @@ def prune(
     scores: Any = None,
     *,
     density: float,
-    scope: str = "tensor",
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """Keeps the top-``density`` task-vector entries of one expert, reverting the rest.
 
@@ -135,7 +136,9 @@ def prune(
         the expert, the base, ``R`` and ``C`` when not tracked); or ``None`` for magnitude
         pruning by ``|w − w0|``.
       density: fraction in (0, 1] of entries to keep.
-      scope: ``"tensor"``, ``"layer"`` (per layer of a stacked leaf) or ``"global"``.
+      scope: ``"tensor"``, ``"layer"`` (each slice of the first axis of a leaf with three
+        or more), ``"global"``, or a layout callable such as ``umtam_jax.scanned("blocks")``
+        (each slice over its batch axes).
 
     Returns:
       The pruned parameters, a pytree like ``base``.

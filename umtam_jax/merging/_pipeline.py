@@ -37,8 +37,9 @@ import jax.numpy as jnp
 from umtam_jax import _pytrees
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import PER_EXPERT_KINDS, REQUIRED, Method, get
-from umtam_jax.merging._select import keep_masks
+from umtam_jax.merging._select import global_masks, keep_count, sliced_mask
 from umtam_jax.merging._statistics_validation import arrays_or_statistics, statistics_leaves
+from umtam_jax.optimizer._layout import matrix_view, scanned
 from umtam_jax.optimizer._statistics import curvature as _curvature
 
 
@@ -193,12 +194,12 @@ def leaf_importances(call: Call, j: int) -> list[jax.Array] | None:
 
 
 def leaf_masks(call: Call, j: int, scores: list[jax.Array] | None) -> list[jax.Array] | None:
-    """Step 3 on leaf ``j`` alone (keep counts per tensor, or per layer with
-    ``scope="layer"``): each expert's keep mask."""
+    """Step 3 on leaf ``j`` alone (keep counts per tensor, or per slice over the batch
+    axes ``scope`` gives the leaf): each expert's keep mask."""
     m, opts, p = call.method, call.options, call.prepared
     if m.sparsify == "topk":
-        scope = leaf_scope(opts)
-        return [keep_masks([s], d, scope)[0] for s, d in zip(scores, opts["density"], strict=True)]
+        batch = leaf_batch_axes(opts, p.key_paths[j], p.base[j].shape)
+        return [sliced_mask(s, d, batch) for s, d in zip(scores, opts["density"], strict=True)]
     if m.sparsify == "bernoulli":
         return [
             _bernoulli_mask(opts["key"], t, p.paths[j], p.base[j].shape, d)
@@ -207,9 +208,20 @@ def leaf_masks(call: Call, j: int, scores: list[jax.Array] | None) -> list[jax.A
     return None
 
 
-def leaf_scope(options: dict[str, Any]) -> str:
-    """The keep-count scope of a leaf's own top-k: ``"layer"`` or ``"tensor"``."""
-    return "layer" if options.get("scope") == "layer" else "tensor"
+#: ``scope="layer"``: the first axis of every leaf with three or more axes is its layers.
+_FIRST_AXIS_LAYERS = scanned()
+
+
+def leaf_batch_axes(options: dict[str, Any], path: tuple[Any, ...], shape: tuple) -> tuple:
+    """The sorted axes over whose slices a leaf's keep count is exact (``()``: the whole
+    leaf), from the ``scope`` option: a layout callable, ``"layer"`` or a string naming
+    no slicing (``"tensor"``, and ``"global"``, which is not per leaf)."""
+    scope = options.get("scope", "tensor")
+    if scope == "layer":
+        scope = _FIRST_AXIS_LAYERS
+    if not callable(scope) or not shape:
+        return ()
+    return tuple(sorted(matrix_view(scope, path, tuple(shape), "scope")[0]))
 
 
 def _bernoulli_mask(key: jax.Array, t: int, path: str, shape: tuple, p_keep: float) -> jax.Array:
@@ -246,7 +258,10 @@ def masks(call: Call, scores: list[list[jax.Array]] | None) -> list[list[jax.Arr
     ``scope="global"`` the keep count is exact over all the leaves together."""
     m, opts = call.method, call.options
     if m.sparsify == "topk" and opts.get("scope", "tensor") == "global":
-        return [keep_masks(s, d, "global") for s, d in zip(scores, opts["density"], strict=True)]
+        return [
+            global_masks(list(s), keep_count(sum(x.size for x in s), d))
+            for s, d in zip(scores, opts["density"], strict=True)
+        ]
     if m.sparsify is None:
         return None
     n = len(call.prepared.base)

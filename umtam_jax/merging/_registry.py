@@ -44,9 +44,11 @@ class Param:
       kind: ``"number"`` (a finite scalar, possibly traced), ``"numbers"`` (a
         ``"number"`` for every expert, or one per expert), ``"density"`` (a float in
         (0, 1], or one per expert), ``"weights"`` (one finite number per expert),
-        ``"bool"``, ``"choice"`` (one of ``choices``) or ``"key"`` (a JAX PRNG key).
+        ``"bool"``, ``"choice"`` (one of ``choices``), ``"scope"`` (one of ``choices`` or
+        a layout callable ``(key_path, shape) -> int | MatrixAxes``) or ``"key"`` (a JAX
+        PRNG key).
       doc: one line on what it does.
-      choices: the allowed strings of a ``"choice"``.
+      choices: the allowed strings of a ``"choice"`` or ``"scope"``.
       per_expert: the key under which configuration files give it per expert
         (``weight``, ``density``), or None.
       low, high: the range a ``"number"`` must lie in (None: unbounded), closed unless
@@ -82,6 +84,8 @@ class Param:
             return V.check_weights(value, k, self.name)
         if self.kind == "choice":
             return V.check_option(self.name, value, self.choices)
+        if self.kind == "scope":
+            return value if callable(value) else V.check_option(self.name, value, self.choices)
         if self.kind == "bool":
             if not isinstance(value, bool | jnp.bool_):
                 raise TypeError(f"{self.name} must be True or False, got {value!r}")
@@ -186,10 +190,11 @@ LAYOUT = Param(
 )
 SCOPE = Param(
     "scope",
-    "choice",
+    "scope",
     "where the keep count is exact: per tensor, per layer of a stacked tensor (each slice "
-    "of the first axis of a tensor with three or more: a scanned model's layers), or over "
-    "the whole expert",
+    "of the first axis of a tensor with three or more), over the whole expert, or per "
+    "layer of the leaves a layout names (umtam_jax.scanned(...) in Python, "
+    "{scanned: [key names], axis: A} in a configuration)",
     choices=("tensor", "layer", "global"),
 )
 
@@ -236,7 +241,7 @@ def describe(method: Method) -> str:
     lines = [f"{method.name}: {method.summary}", f"  inputs: {inputs}"]
     for p, default in zip(method.params, method.defaults().values(), strict=True):
         shown = "required" if default is REQUIRED else f"default {default!r}"
-        if p.kind == "choice":
+        if p.kind in ("choice", "scope"):
             shown += f", one of {', '.join(p.choices)}"
         per = f"; per expert as '{p.per_expert}'" if p.per_expert else ""
         lines.append(f"  {p.name} ({p.kind}, {shown}{per}): {p.doc}")

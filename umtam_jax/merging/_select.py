@@ -1,9 +1,9 @@
 """Top-k keep masks with exact counts (docs/algorithm.md §4.2: UMTAM, TIES trim, prune).
 
 A mask keeps exactly ``max(1, int(density * N))`` entries with the largest scores, ``N`` the
-size of one tensor (``scope="tensor"``), of one layer of a tensor with three or more axes
-(``scope="layer"``: each slice of its first axis, e.g. each layer of a scanned
-``(L, m, n)`` leaf, as if unrolled) or of the whole expert (``scope="global"``). Equal
+size of one tensor (``scope="tensor"``), of one slice of a tensor over its batch axes
+(``scope="layer"`` or a layout callable: each layer of a scanned ``(L, m, n)`` leaf, as if
+unrolled) or of the whole expert (``scope="global"``). Equal
 scores are broken deterministically in favour of the lower flat index (row-major order; for
 ``scope="global"`` the leaves are concatenated in ``jax.tree_util`` flattening order), so the
 count is exact even when many scores tie (e.g. all-zero saliencies).
@@ -27,10 +27,12 @@ first).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def keep_count(n: int, density: float) -> int:
@@ -122,27 +124,48 @@ def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     return _topk_mask(scores, k)
 
 
-#: Layers up to this many entries are selected by sorting each (every layer of a leaf at
+#: Slices up to this many entries are selected by sorting each (every slice of a leaf at
 #: once, memory linear in the leaf); larger ones by the radix select, one at a time (its
-#: histogram of 2**16 bins per layer would dwarf small layers).
-_SORTED_LAYER_SIZE = 1 << 16
+#: histogram of 2**16 bins per slice would dwarf small slices).
+_SORTED_SLICE_SIZE = 1 << 16
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _layer_masks(scores: jax.Array, density: float) -> jax.Array:
-    """Exact counts per layer (each slice of the first axis) of a leaf with three or more
-    axes; the same mask per layer as :func:`topk_mask` (ties to the lower flat index)."""
-    if scores.ndim < 3 or scores.size == 0:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) -> jax.Array:
+    """Keep mask of one leaf with an exact count per slice over the ``batch`` axes.
+
+    Each slice (the entries sharing their indices on ``batch``: one layer of a scanned
+    leaf) keeps ``keep_count(slice size, density)`` entries, the same mask as
+    :func:`topk_mask` on that slice alone (ties to the lower flat index within it);
+    ``batch=()`` is one count for the whole leaf.
+
+    Args:
+      scores: the leaf's scores.
+      density: fraction in (0, 1] kept per slice.
+      batch: distinct axis positions indexing the slices.
+
+    Returns:
+      A boolean mask shaped like ``scores``.
+
+    Example:
+      >>> sliced_mask(jnp.array([[1.0, 3.0, 2.0], [6.0, 5.0, 4.0]]), 0.5, (0,)).tolist()
+      [[False, True, False], [True, False, False]]
+    """
+    if not batch or scores.size == 0:
         return _topk_mask(scores, keep_count(scores.size, density))
-    rows = scores.reshape(scores.shape[0], -1)
+    rest = tuple(a for a in range(scores.ndim) if a not in batch)
+    order = tuple(batch) + rest
+    moved = scores.transpose(order)
+    rows = moved.reshape(math.prod(scores.shape[a] for a in batch), -1)
     k = keep_count(rows.shape[1], density)
-    if rows.shape[1] > _SORTED_LAYER_SIZE:
-        return jax.lax.map(lambda row: _topk_mask(row, k), rows).reshape(scores.shape)
-    keys, _, _ = _sortable_keys(rows)
-    # Largest key first, equal keys in index order (a stable sort of the complement).
-    order = jnp.argsort(~keys, axis=1, stable=True)
-    rank = jnp.argsort(order, axis=1)
-    return (rank < k).reshape(scores.shape)
+    if rows.shape[1] > _SORTED_SLICE_SIZE:
+        mask = jax.lax.map(lambda row: _topk_mask(row, k), rows)
+    else:
+        keys, _, _ = _sortable_keys(rows)
+        # Largest key first, equal keys in index order (a stable sort of the complement).
+        rank = jnp.argsort(jnp.argsort(~keys, axis=1, stable=True), axis=1)
+        mask = rank < k
+    return mask.reshape(moved.shape).transpose(tuple(int(a) for a in np.argsort(order)))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -156,23 +179,3 @@ def global_masks(scores: list[jax.Array], k: int) -> list[jax.Array]:
         out.append(mask[start : start + s.size].reshape(s.shape))
         start += s.size
     return out
-
-
-def keep_masks(scores: list[jax.Array], density: float, scope: str) -> list[jax.Array]:
-    """Keep masks for one expert's score leaves.
-
-    Args:
-      scores: one score array per leaf (floating point; compared as float32 or wider).
-      density: fraction in (0, 1] of entries to keep.
-      scope: ``"tensor"`` (exact count per leaf), ``"layer"`` (per slice of the first
-        axis of a leaf with three or more, per leaf otherwise) or ``"global"`` (exact
-        count over all the leaves together).
-
-    Returns:
-      One boolean mask per leaf.
-    """
-    if scope == "tensor":
-        return [topk_mask(s, keep_count(s.size, density)) for s in scores]
-    if scope == "layer":
-        return [_layer_masks(s, density) for s in scores]
-    return global_masks(list(scores), keep_count(sum(s.size for s in scores), density))

@@ -31,6 +31,7 @@ from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
+from umtam_jax.optimizer._layout import RowAxesFn
 
 # --------------------------------------------------------------------------- options
 
@@ -275,7 +276,7 @@ def consensus_ties(
     lambdas: float | Sequence[float] = 0.4,
     scaling: float = 1.0,
     normalize: bool = False,
-    scope: str = "tensor",
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """Consensus TIES: :func:`consensus` with TIES's merged task vector as ``τ_MTL``.
 
@@ -294,7 +295,8 @@ def consensus_ties(
       lambdas: TALL mask threshold ``λ ≥ 0``, one or one per expert.
       scaling: factor on the kept multi-task vector.
       normalize: average the agreeing entries instead of summing them.
-      scope: ``"tensor"``, ``"layer"`` or ``"global"``, where TIES's keep count is exact.
+      scope: where TIES's keep count is exact: ``"tensor"``, ``"layer"``, ``"global"`` or
+        a layout callable such as ``umtam_jax.scanned("blocks")`` (as :func:`ties`).
 
     Returns:
       The merged parameters, a pytree like ``base``.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
+from umtam_jax.optimizer._layout import RowAxesFn
 from umtam_jax.optimizer._statistics import curvature as _curvature
 from umtam_jax.optimizer._statistics import momentum as _momentum
 from umtam_jax.optimizer._statistics import saliency as _saliency
@@ -31,7 +32,7 @@ def umtam(
     curvature_aggregation: bool = True,
     normalize: str = "all",
     scaling: float = 1.0,
-    scope: str = "tensor",
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """Merges experts with UMTAM's curvature-aware merging (Algorithm 2, docs/algorithm.md §4).
 
@@ -80,8 +81,10 @@ def umtam(
       curvature_aggregation: weight experts by ``P̂`` (True) or uniformly (False).
       normalize: ``"all"`` or ``"selected"``, the denominator of step 5.
       scaling: factor on the merged task vector.
-      scope: ``"tensor"``, ``"layer"`` (per layer of a stacked leaf) or ``"global"``,
-        where the keep count is exact.
+      scope: where the keep count is exact: ``"tensor"``, ``"layer"`` (each slice of the
+        first axis of a leaf with three or more), ``"global"``, or a layout callable
+        ``(key_path, shape) -> int | MatrixAxes`` such as ``umtam_jax.scanned("blocks")``
+        (each slice over the batch axes it gives a leaf).
 
     Returns:
       The merged parameters, a pytree like ``base``.

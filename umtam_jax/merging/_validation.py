@@ -34,6 +34,8 @@ class Prepared(NamedTuple):
       base: the base leaves as JAX arrays.
       experts: one list of leaves per expert, aligned with ``base``.
       variables: the base's Variable at each leaf, or ``None`` for a plain array.
+      key_paths: the key path of every leaf (``paths`` before ``keystr``), as a layout
+        callable (``scope``) receives it.
     """
 
     treedef: Any
@@ -41,6 +43,7 @@ class Prepared(NamedTuple):
     base: list[jax.Array]
     experts: list[list[jax.Array]]
     variables: list[Any]
+    key_paths: list[tuple[Any, ...]]
 
 
 def rebuild(prepared: Prepared, leaves: list[Any]) -> Any:
@@ -84,19 +87,20 @@ def as_array(x: Any) -> jax.Array:
         return jnp.asarray(x)
 
 
-def _with_variables(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
-    """Flattens ``tree`` with ``flax.nnx`` Variables as leaves: paths, leaves, treedef."""
+def _with_variables(tree: Any, is_leaf=None) -> tuple[list[tuple], list[Any], Any]:
+    """Flattens ``tree`` with ``flax.nnx`` Variables as leaves: key paths, leaves, treedef."""
 
     def leaf(x: Any) -> bool:
         return _pytrees.is_variable(x) or (is_leaf is not None and is_leaf(x))
 
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)
-    return [jax.tree_util.keystr(p) for p, _ in with_path], [x for _, x in with_path], treedef
+    return [tuple(p) for p, _ in with_path], [x for _, x in with_path], treedef
 
 
 def flatten(tree: Any, is_leaf=None) -> tuple[list[str], list[Any], Any]:
     """Paths, leaves and treedef of ``tree``; a Variable counts as the array it wraps."""
-    paths, leaves, treedef = _with_variables(tree, is_leaf)
+    key_paths, leaves, treedef = _with_variables(tree, is_leaf)
+    paths = [jax.tree_util.keystr(p) for p in key_paths]
     return paths, [_pytrees.unwrap(x) for x in leaves], treedef
 
 
@@ -219,7 +223,8 @@ def prepare(base: Any, experts: Any, *, what: str = "experts", ref: str = "base"
         base's; the message names the leaf path.
     """
     experts = check_sequence(experts, what)
-    paths, wrapped, treedef = _with_variables(base)
+    key_paths, wrapped, treedef = _with_variables(base)
+    paths = [jax.tree_util.keystr(p) for p in key_paths]
     variables = [x if _pytrees.is_variable(x) else None for x in wrapped]
     base_leaves = [_pytrees.unwrap(x) for x in wrapped]
     if not base_leaves:
@@ -248,7 +253,8 @@ def prepare(base: Any, experts: Any, *, what: str = "experts", ref: str = "base"
                     "umtam-merge reads them all in the dtype its 'dtype' option names)"
                 )
         out.append([as_array(x) for x in e_leaves])
-    prepared = Prepared(treedef, paths, [as_array(x) for x in base_leaves], out, variables)
+    base_arrays = [as_array(x) for x in base_leaves]
+    prepared = Prepared(treedef, paths, base_arrays, out, variables, key_paths)
     named = [(f"{ref}{path}", b) for path, b in zip(paths, prepared.base, strict=True)]
     for i, leaves in enumerate(out):
         named += [(f"{what}[{i}]{path}", x) for path, x in zip(paths, leaves, strict=True)]

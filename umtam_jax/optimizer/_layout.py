@@ -121,13 +121,33 @@ def scanned(
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if not isinstance(axis, int) or isinstance(axis, bool) or axis < 0:
         raise ValueError(f"axis must be a non-negative int, got {axis!r}")
-    wanted = set(names)
+    return _Scanned(tuple(names), batch, axis, inner)
 
-    def row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | MatrixAxes:
-        hit = any(_pytrees.key_name(k) in wanted for k in path) if wanted else len(shape) > 2
+
+@dataclasses.dataclass(frozen=True)
+class _Scanned:
+    """The callable :func:`scanned` returns: equal for equal arguments (one compilation
+    for two equal layouts) and shown as the call that made it (in errors and records)."""
+
+    names: tuple[str, ...]
+    batch: int
+    axis: int
+    inner: RowAxesFn
+
+    def __repr__(self) -> str:
+        args = [repr(n) for n in self.names] + [f"batch={self.batch}", f"axis={self.axis}"]
+        if self.inner is not default_row_axes:
+            args.append(f"inner={self.inner!r}")
+        return f"scanned({', '.join(args)})"
+
+    def __call__(self, path: tuple[Any, ...], shape: tuple[int, ...]) -> int | MatrixAxes:
+        batch, inner = self.batch, self.inner
+        hit = (
+            any(_pytrees.key_name(k) in self.names for k in path) if self.names else len(shape) > 2
+        )
         if not hit or len(shape) < batch:
             return inner(path, shape)
-        first = min(axis, len(shape) - batch)
+        first = min(self.axis, len(shape) - batch)
         stacked = tuple(range(first, first + batch))
         others = tuple(i for i in range(len(shape)) if i not in stacked)
         inner_shape = tuple(shape[i] for i in others)
@@ -142,8 +162,6 @@ def scanned(
         return MatrixAxes(
             stacked + tuple(others[i] for i in inner_batch), tuple(others[i] for i in inner_rows)
         )
-
-    return row_axes
 
 
 def _positions(spec: int | MatrixAxes, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -217,6 +235,36 @@ def _validated_positions(
     return batch, rows
 
 
+def matrix_view(
+    row_axes: RowAxesFn, path: tuple[Any, ...], shape: tuple[int, ...], name: str = "row_axes"
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The batch and row axis positions ``row_axes`` gives one leaf, checked.
+
+    Args:
+      row_axes: a ``(key_path, shape) -> int | MatrixAxes`` callable.
+      path: the leaf's key path.
+      shape: the leaf's shape.
+      name: what errors call the callable (the keyword it was given as).
+
+    Returns:
+      ``(batch, rows)``: non-negative axis positions, as returned (not sorted).
+
+    Raises:
+      ValueError: naming the leaf, when ``row_axes`` raises or returns something that is
+        not a valid split of ``shape``.
+
+    Example:
+      >>> matrix_view(scanned("blocks", axis=1), (jax.tree_util.DictKey("blocks"),), (8, 4, 2))
+      ((1,), (0,))
+    """
+    leaf = f"{jax.tree_util.keystr(path) or 'the root'} of shape {shape}"
+    try:
+        spec = row_axes(path, shape)
+    except Exception as err:  # a user's callable: name the leaf it failed on
+        raise ValueError(f"{name} raised {type(err).__name__} for {leaf}: {err}") from err
+    return _validated_positions(spec, shape, f"{name} returned {spec!r} for {leaf}")
+
+
 def layout(
     row_axes: RowAxesFn,
     min_dim_size_to_factor: int,
@@ -231,13 +279,7 @@ def layout(
     """
     if not shape:  # a scalar: one value, nothing to split
         return Layout(None)
-    leaf = f"{jax.tree_util.keystr(path) or 'the root'} of shape {shape}"
-    try:
-        spec = row_axes(path, shape)
-    except Exception as err:  # a user's callable: name the leaf it failed on
-        raise ValueError(f"row_axes raised {type(err).__name__} for {leaf}: {err}") from err
-    where = f"row_axes returned {spec!r} for {leaf}"
-    batch, rows = _validated_positions(spec, shape, where)
+    batch, rows = matrix_view(row_axes, path, shape)
     cols = tuple(i for i in range(len(shape)) if i not in batch + rows)
     nb, k = len(batch), len(rows)
     identity = tuple(range(len(shape)))
