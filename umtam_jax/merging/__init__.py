@@ -55,7 +55,7 @@ References:
 from umtam_jax.merging import _umtam, _baselines, _curvature_baselines  # noqa: F401
 from umtam_jax.merging import _interpolation, _spherical_means, _data_free  # noqa: F401
 from umtam_jax.merging import _fisher, _regmean, _breadcrumbs, _della, _sce_ram  # noqa: F401
-from umtam_jax.merging import _subspace, _task_masks  # noqa: F401
+from umtam_jax.merging import _subspace, _isotropic, _task_masks  # noqa: F401
 
 # isort: on
 from umtam_jax.merging import diagnostics
@@ -73,13 +73,14 @@ from umtam_jax.merging._emr import EMRMerged, emr_merge, emr_task_model
 from umtam_jax.merging._fisher import diagonal_fisher, fisher
 from umtam_jax.merging._input_grams import input_grams
 from umtam_jax.merging._interpolation import linear, nuslerp, slerp
+from umtam_jax.merging._isotropic import iso_c, iso_cts
 from umtam_jax.merging._mask_packing import pack_mask, unpack_mask
 from umtam_jax.merging._pipeline import merge
 from umtam_jax.merging._registry import METHODS, REQUIRED, Method, Param, describe
 from umtam_jax.merging._regmean import regmean
 from umtam_jax.merging._sce_ram import ram, ramplus_tl, sce
 from umtam_jax.merging._spherical_means import karcher, multislerp
-from umtam_jax.merging._subspace import iso_c, iso_cts, tsv_merge
+from umtam_jax.merging._subspace import tsv_merge
 from umtam_jax.merging._task_masks import apply_task_mask, consensus, consensus_ties, tall_masks
 from umtam_jax.merging._umtam import umtam
 
