@@ -362,6 +362,28 @@ def test_multislerp_degenerate(x64):
         merging.multislerp(None, [a, a], eps=-1.0)
 
 
+def test_multislerp_leaves_a_leaf_no_expert_moved_as_it_is():
+    """A frozen leaf (every task vector 0) and an empty leaf come back unchanged with three
+    experts, eagerly, under ``jit`` and with a finite gradient over the weights; the leaves
+    the experts moved are merged as before."""
+    base = {"frozen": jnp.ones((3,)), "empty": jnp.zeros((0, 2)), "w": jnp.zeros(2)}
+    moved = [jnp.array([1.0, 2.0]), jnp.array([2.0, -1.0]), jnp.array([0.5, 0.5])]
+    experts = [{**base, "w": w} for w in moved]
+    want = merging.multislerp({"w": base["w"]}, [{"w": w} for w in moved])["w"]
+    for fn in (merging.multislerp, jax.jit(merging.multislerp)):
+        got = fn(base, experts)
+        np.testing.assert_array_equal(got["frozen"], base["frozen"])
+        assert got["empty"].shape == (0, 2)
+        np.testing.assert_allclose(got["w"], want, rtol=1e-6)
+
+    def loss(weights):
+        out = merging.multislerp(base, experts, weights=weights)
+        return jnp.sum(out["frozen"]) + jnp.sum(out["w"] ** 2)
+
+    grad = jax.grad(loss)(jnp.array([1.0, 2.0, 3.0]))
+    assert np.isfinite(np.asarray(grad)).all()
+
+
 def test_karcher_degenerate(x64):
     a = _w(3.0, 4.0)
     _close(merging.karcher(None, [a]), _w(3.0, 4.0))

@@ -47,10 +47,11 @@ def multislerp(
 
         multislerp = (cos γ · m + sin γ / γ · g) · Σ_τ c_τ ‖x_τ‖   (+ w0)
 
-    One expert is returned unchanged. Where ``‖Σ c_τ u_τ‖ < eps`` (antipodal vectors with
-    balancing weights) two experts fall back to ``c₁x₁ + c₂x₂ (+ w0)``, and more raise
-    ValueError, as in mergekit. mergekit requires every model's ``weight``; here they
-    default to 1.0 each.
+    One expert is returned unchanged. A tensor no expert moved (every ``x_τ = 0``, e.g. a
+    frozen layer, or an empty tensor) comes back as it is (mergekit raises there). Where
+    ``‖Σ c_τ u_τ‖ < eps`` otherwise (antipodal vectors with balancing weights) two experts
+    fall back to ``c₁x₁ + c₂x₂ (+ w0)``, and more raise ValueError, as in mergekit.
+    mergekit requires every model's ``weight``; here they default to 1.0 each.
 
     Args:
       base: the base parameters ``w0``, or None.
@@ -91,6 +92,14 @@ def multislerp(
     )
 
 
+def _norm(x: jax.Array) -> jax.Array:
+    """``‖x‖`` with a zero gradient at ``x = 0`` (``jnp.linalg.norm``'s is NaN there, which
+    a ``jnp.where`` choosing another branch would still carry into ``jax.grad``)."""
+    square = jnp.sum(x * x)
+    positive = square > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1)), 0)
+
+
 def _multislerp_terms(base, ws, weights, normalize_weights, eps):
     dt = _compute_dtype(base)
     b = base.astype(dt).reshape(-1)
@@ -99,17 +108,24 @@ def _multislerp_terms(base, ws, weights, normalize_weights, eps):
     total = _sum(c)
     c = [jnp.where(normalize_weights, ci / jnp.where(normalize_weights, total, 1), ci) for ci in c]
     eps = jnp.asarray(eps, dt)
-    norms = [jnp.linalg.norm(x) for x in xs]
+    norms = [_norm(x) for x in xs]
     units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
     mean = _sum([ci * u for ci, u in zip(c, units, strict=True)])
-    mean_norm = jnp.linalg.norm(mean)
+    mean_norm = _norm(mean)
     return dt, b, xs, c, eps, norms, units, mean, mean_norm
+
+
+def _unmoved_and_degenerate(norms, mean_norm, eps) -> tuple[jax.Array, jax.Array]:
+    """Whether no expert moved the tensor (every ``x_τ = 0``; an empty tensor too), and
+    whether, otherwise, the weighted mean direction vanishes."""
+    unmoved = jnp.all(jnp.stack(norms) == 0)
+    return unmoved, (mean_norm < eps) & ~unmoved
 
 
 @jax.jit
 def _multislerp_degenerate(base, ws, weights, normalize_weights, eps) -> jax.Array:
-    *_, eps, _, _, _, mean_norm = _multislerp_terms(base, ws, weights, normalize_weights, eps)
-    return mean_norm < eps
+    *_, eps, norms, _, _, mean_norm = _multislerp_terms(base, ws, weights, normalize_weights, eps)
+    return _unmoved_and_degenerate(norms, mean_norm, eps)[1]
 
 
 @jax.jit
@@ -118,14 +134,14 @@ def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
         return ws[0]
     terms = _multislerp_terms(base, ws, weights, normalize_weights, eps)
     dt, b, xs, c, eps, norms, units, mean, mean_norm = terms
-    degenerate = mean_norm < eps
-    mean = mean / jnp.where(degenerate, 1, mean_norm)
+    unmoved, degenerate = _unmoved_and_degenerate(norms, mean_norm, eps)
+    mean = mean / jnp.where(mean_norm < eps, 1, mean_norm)
     g = _sum([ci * (u - jnp.sum(u * mean) * mean) for ci, u in zip(c, units, strict=True)])
-    gamma = jnp.linalg.norm(g) + eps
+    gamma = _norm(g) + eps
     out = mean * jnp.cos(gamma) + g * (jnp.sin(gamma) / gamma)
     out = out * _sum([n * ci for n, ci in zip(norms, c, strict=True)])
     fallback = c[0] * xs[0] + c[1] * xs[1] if len(ws) == 2 else jnp.full_like(out, jnp.nan)
-    out = jnp.where(degenerate, fallback, out)
+    out = jnp.where(unmoved, 0, jnp.where(degenerate, fallback, out))
     return (out + b).reshape(base.shape).astype(base.dtype)
 
 
