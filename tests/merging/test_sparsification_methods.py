@@ -293,8 +293,24 @@ def test_della_degenerate_cases():
         merging.della_linear(base, experts, density=[0.5, 0.9, 0.5], epsilon=0.1, key=key)
     with pytest.raises(ValueError, match=r"epsilon must lie in \[0.0, inf\]"):
         merging.della(base, experts, density=0.5, epsilon=-0.1, key=key)
-    with pytest.raises(TypeError, match="PRNG key is required"):
-        merging.della(base, experts, density=0.5, key=None)
+    # Anything but one key (an int seed, a batch of keys) is named as the key's error.
+    for bad in (None, 0, jax.random.split(key, 2)):
+        with pytest.raises(TypeError, match="key must be one JAX PRNG key"):
+            merging.della(base, experts, density=0.5, key=bad)
+    legacy = jax.random.PRNGKey(0)  # raw uint32 keys are keys too
+    merging.della(base, experts, density=0.5, epsilon=0.05, key=legacy)
+
+
+def test_traced_options_must_be_scalars():
+    """Under ``jit`` an option's value is unknown but its shape is not: an array where a
+    number belongs is an error naming it, not a broadcast merged leaf of another shape."""
+    base, experts = {"w": jnp.zeros(4)}, [{"w": jnp.ones(4)}, {"w": -jnp.ones(4)}]
+    merge = jax.jit(lambda s: merging.task_arithmetic(base, experts, scaling=s))
+    assert merge(jnp.float32(0.5))["w"].shape == (4,)
+    with pytest.raises(TypeError, match=r"scaling must be a scalar, got a traced array of shape"):
+        merge(jnp.ones((2, 1)))
+    with pytest.raises(TypeError, match=r"t must be a scalar"):
+        jax.jit(lambda t: merging.slerp(base, experts, t=t))(jnp.ones((3, 1)))
 
 
 def test_della_with_zero_epsilon_draws_dare_masks():

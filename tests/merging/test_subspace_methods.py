@@ -4,6 +4,8 @@ properties, degenerate inputs, jit, validation and the out-of-core engine."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +60,7 @@ def _per_matrix(fn):
 @_per_matrix
 def ref_tsv(deltas, rank_fraction=1.0):
     t, r = len(deltas), min(deltas[0].shape)
-    k = max(1, int(r * (rank_fraction / t)))
+    k = max(1, int(r * Fraction(str(rank_fraction)) // t))  # the decimal fraction, exactly
     svds = [np.linalg.svd(d, full_matrices=False) for d in deltas]
     u = np.concatenate([u[:, :k] for u, _, _ in svds], 1)
     s = np.concatenate([s[:k] for _, s, _ in svds])
@@ -110,6 +112,19 @@ def _reference(name, base, experts, kwargs):
 def _assert_close(got, want, rtol, atol):
     for n in want:
         np.testing.assert_allclose(np.asarray(got[n]), want[n], rtol=rtol, atol=atol, err_msg=n)
+
+
+def test_tsv_rank_fraction_counts_as_written(x64):
+    """``k = ⌊r · rank_fraction / T⌋`` with the decimal fraction: r = 10, T = 3 and
+    ``rank_fraction=0.6`` keep 2 directions per task (``10 * (0.6 / 3)`` is 1.999…), so
+    the merged task vector has rank 6, as the float64 reference."""
+    rng = np.random.default_rng(0)
+    base = {"w": rng.standard_normal((10, 12))}
+    experts = [{"w": base["w"] + rng.standard_normal((10, 12))} for _ in range(3)]
+    got = np.asarray(merging.tsv_merge(base, experts, rank_fraction=0.6)["w"]) - base["w"]
+    assert np.linalg.matrix_rank(got) == 6
+    want = ref_tsv(base["w"], [e["w"] for e in experts], rank_fraction=0.6) - base["w"]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,k,kwargs", CASES)

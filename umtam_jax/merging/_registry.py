@@ -91,8 +91,14 @@ class Param:
                 raise TypeError(f"{self.name} must be True or False, got {value!r}")
             return bool(value)
         if self.kind == "key":
-            if value is None:
-                raise TypeError("a PRNG key is required (e.g. key=jax.random.key(0))")
+            dtype = getattr(value, "dtype", None)
+            typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+            raw = dtype == jnp.uint32 and tuple(getattr(value, "shape", ())) == (2,)
+            if not (typed and value.shape == () or raw):
+                raise TypeError(
+                    f"{self.name} must be one JAX PRNG key (e.g. key=jax.random.key(0)), "
+                    f"got {value!r}"
+                )
             return value
         raise AssertionError(self.kind)
 

@@ -33,6 +33,7 @@ differences are listed in each docstring. Shared rules:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,6 +166,19 @@ def tsv_merge(
     )
 
 
+def tsv_rank(r: int, rank_fraction: float, t: int) -> int:
+    """Each task's kept rank ``max(1, ⌊r · rank_fraction / T⌋)``, the product rounded to 9
+    decimals before the floor, so that a fraction written in decimal counts as itself
+    (``0.6``, whose binary value is just below it: r = 10, T = 3 keep 2, not 1) and
+    ``⌊r/T⌋`` is exact (FusionBench's ``int(r * (1 / T))`` loses one at r = 98, T = 49).
+
+    Example:
+      >>> tsv_rank(10, 0.6, 3), tsv_rank(98, 1.0, 49), tsv_rank(4, 1.0, 9)
+      (2, 2, 1)
+    """
+    return max(1, math.floor(round(r * rank_fraction / t, 9)))
+
+
 @full_precision
 @functools.partial(jax.jit, static_argnames="rank_fraction")
 def _tsv_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any, rank_fraction: float):
@@ -175,7 +189,7 @@ def _tsv_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any, rank_fraction:
     dt = _compute_dtype(base)
     deltas = _deltas(base, ws, dt)
     r = min(base.shape[-2:])
-    k = max(1, int(r * (rank_fraction / len(ws))))  # FusionBench: int(r * (1 / T))
+    k = tsv_rank(r, rank_fraction, len(ws))
     u, s, vh = _tasks_side_by_side(*_top(deltas, k))
     return _finish(base, (_polar(u) * s[:, None, :]) @ _polar(vh), scaling, dt)
 

@@ -352,9 +352,13 @@ def check_weights(weights: Any, n: int, what: str = "weights") -> list[Any]:
 
 def check_finite_scalars(**values: Any) -> None:
     """Checks that scalar options (``scaling=...``, weights) are finite numbers; traced
-    values are not known and pass."""
+    values are only checked to be scalars (their values are not known)."""
     for name, value in values.items():
-        if isinstance(value, jax.core.Tracer):
+        if isinstance(value, jax.core.Tracer):  # its shape is known: a scalar, or an error
+            if value.ndim != 0:
+                raise TypeError(
+                    f"{name} must be a scalar, got a traced array of shape {value.shape}"
+                )
             continue
         if isinstance(value, str | bytes):
             raise TypeError(f"{name} must be a number, got {value!r}")
