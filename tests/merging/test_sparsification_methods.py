@@ -580,3 +580,13 @@ def test_mergekit_ram(mk_models, epsilon):
             "ramplus_tl", base, experts, {"r": r, "alpha": alpha, "epsilon": epsilon}
         )
         trees.assert_close_by_name(ours, theirs, **MK_TOL)
+
+
+def test_dare_with_a_density_below_float32_keeps_nothing_instead_of_nan():
+    """``density=1e-50`` is valid but 0 in float32: nothing is kept (the base comes back),
+    eagerly and under ``jit``, instead of 0 / 0 in the dropped entries' rescale."""
+    w = jnp.ones(64, jnp.float32)
+    base, experts = {"w": 0 * w}, [{"w": w}, {"w": -2 * w}]
+    key = jax.random.key(0)
+    for fn in (merging.dare, jax.jit(merging.dare, static_argnames="density")):
+        np.testing.assert_array_equal(fn(base, experts, density=1e-50, key=key)["w"], base["w"])

@@ -72,7 +72,8 @@ def _gta(
             before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
             ok = (before >= _L1_EPS) & (after >= _L1_EPS)
             l1 = jnp.where(ok, kept * (before / jnp.where(ok, after, 1)), kept)
-            inverse = kept / jnp.asarray(densities[t], dt)
+            # Dropped entries stay 0 even where the density rounds to 0 in ``dt`` (0 / 0).
+            inverse = jnp.where(masks[t], d / jnp.asarray(densities[t], dt), 0)
             d = jnp.where(rescale == _L1, l1, jnp.where(rescale == _INVERSE, inverse, kept))
         deltas.append(d)
     wts = [jnp.asarray(w, dt) for w in weights]
