@@ -148,6 +148,8 @@ def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) 
       A boolean mask shaped like ``scores``.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax.merging._select import sliced_mask
       >>> sliced_mask(jnp.array([[1.0, 3.0, 2.0], [6.0, 5.0, 4.0]]), 0.5, (0,)).tolist()
       [[False, True, False], [True, False, False]]
     """

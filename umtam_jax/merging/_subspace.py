@@ -173,6 +173,7 @@ def tsv_rank(r: int, rank_fraction: float, t: int) -> int:
     ``⌊r/T⌋`` is exact (FusionBench's ``int(r * (1 / T))`` loses one at r = 98, T = 49).
 
     Example:
+      >>> from umtam_jax.merging._subspace import tsv_rank
       >>> tsv_rank(10, 0.6, 3), tsv_rank(98, 1.0, 49), tsv_rank(4, 1.0, 9)
       (2, 2, 1)
     """

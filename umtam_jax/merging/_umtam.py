@@ -42,9 +42,10 @@ def umtam(
        ``(w_τ − w0)² ⊙ sqrt(R_i C_j)`` when it ran with ``saliency="final"``); with
        ``curvature_pruning=False``, ``I_τ = |Δ_τ|``;
     2. mask ``M_τ`` keeping exactly ``max(1, int(density · N))`` entries of largest ``I_τ``
-       (``N`` the leaf size for ``scope="tensor"``, one layer's for ``"layer"`` (each
-       slice of the first axis of a leaf with three or more), the expert size for
-       ``"global"``; ties go to the lower flat index);
+       (``N`` the leaf size for ``scope="tensor"``, one layer's for a layout such as
+       ``umtam_jax.scanned("blocks")`` or for ``"layer"`` (each slice of the first axis of
+       a leaf with three or more), the expert size for ``"global"``; ties go to the lower
+       flat index);
     3. sign election (``sign_election=True``): ``s± = Σ_{τ: M_τ, Δ_τ ≷ 0} |Δ_τ| I_τ``,
        ``elected = sign(s+ − s−)``, ``M_τ ← M_τ ∧ (sign Δ_τ = elected)``; an elected sign of
        0 drops every expert at that entry;

@@ -105,7 +105,7 @@ def scanned(
       A callable for ``umtam(..., row_axes=...)``.
 
     Example:
-      >>> import jax.numpy as jnp, umtam_jax
+      >>> import jax, jax.numpy as jnp, umtam_jax
       >>> params = {"blocks": {"kernel": jnp.ones((4, 256, 128))}, "head": jnp.ones((256, 8))}
       >>> opt = umtam_jax.umtam(1e-3, rank=8, row_axes=umtam_jax.scanned("blocks"))
       >>> opt.init(params)[0].leaves["blocks"]["kernel"].sigma.shape  # one core per layer
@@ -254,6 +254,8 @@ def matrix_view(
         not a valid split of ``shape``.
 
     Example:
+      >>> import jax
+      >>> from umtam_jax.optimizer._layout import matrix_view, scanned
       >>> matrix_view(scanned("blocks", axis=1), (jax.tree_util.DictKey("blocks"),), (8, 4, 2))
       ((1,), (0,))
     """
