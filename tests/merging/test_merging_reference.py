@@ -324,6 +324,26 @@ def test_scanned_scope_merges_a_scanned_model_as_its_unrolled_layers(method, axi
     assert not np.array_equal(by_shape, per_tensor["conv"])
 
 
+def test_scope_errors_name_the_accepted_forms():
+    base, experts = {"w": np.zeros((2, 3, 4))}, [{"w": np.ones((2, 3, 4))}] * 2
+    for bad in ("layers", 3, {"scanned": ["blocks"]}):  # the mapping is the CLI's form
+        with pytest.raises(ValueError, match=r"or a layout callable such as umtam_jax.scanned"):
+            merging.ties(base, experts, density=0.5, scope=bad)
+    with pytest.raises(TypeError, match=r"key names as separate strings .* got \['blocks'\]"):
+        umtam_jax.scanned(["blocks"])  # would match no key: per tensor, silently
+
+    class Inner:  # a callable that does not hash
+        __hash__ = None
+
+        def __call__(self, path, shape):
+            return max(len(shape) - 1, 0)
+
+    scope = umtam_jax.scanned("w", inner=Inner())
+    jitted = jax.jit(merging.ties, static_argnames=("density", "scope"))
+    got = jitted(base, experts, density=0.5, scope=scope)  # a static argument: hashable
+    chex.assert_trees_all_equal(got, merging.ties(base, experts, density=0.5, scope=scope))
+
+
 @pytest.mark.parametrize("method", ["ties", "umtam", "prune"])
 def test_layer_scope_merges_a_scanned_leaf_as_its_unrolled_layers(method):
     """A scanned ``(L, m, n)`` leaf whose layer 0 moved 10× more: per tensor, layer 0 takes

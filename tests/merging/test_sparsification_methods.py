@@ -299,6 +299,8 @@ def test_della_degenerate_cases():
             merging.della(base, experts, density=0.5, key=bad)
     legacy = jax.random.PRNGKey(0)  # raw uint32 keys are keys too
     merging.della(base, experts, density=0.5, epsilon=0.05, key=legacy)
+    with jax.default_prng_impl("rbg"):  # uint32[4] (a TPU setting)
+        merging.della(base, experts, density=0.5, epsilon=0.05, key=jax.random.PRNGKey(0))
 
 
 def test_traced_options_must_be_scalars():

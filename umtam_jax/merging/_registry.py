@@ -85,7 +85,13 @@ class Param:
         if self.kind == "choice":
             return V.check_option(self.name, value, self.choices)
         if self.kind == "scope":
-            return value if callable(value) else V.check_option(self.name, value, self.choices)
+            if callable(value) or isinstance(value, str) and value in self.choices:
+                return value
+            raise ValueError(
+                f"unknown {self.name}={value!r}; expected one of "
+                + ", ".join(repr(a) for a in self.choices)
+                + " or a layout callable such as umtam_jax.scanned('blocks')"
+            )
         if self.kind == "bool":
             if not isinstance(value, bool | jnp.bool_):
                 raise TypeError(f"{self.name} must be True or False, got {value!r}")
@@ -93,7 +99,10 @@ class Param:
         if self.kind == "key":
             dtype = getattr(value, "dtype", None)
             typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-            raw = dtype == jnp.uint32 and tuple(getattr(value, "shape", ())) == (2,)
+            # A raw key is the key data of the configured implementation (uint32[2] for
+            # threefry, uint32[4] for rbg).
+            raw_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+            raw = dtype == jnp.uint32 and tuple(getattr(value, "shape", ())) == raw_shape
             if not (typed and value.shape == () or raw):
                 raise TypeError(
                     f"{self.name} must be one JAX PRNG key (e.g. key=jax.random.key(0)), "
@@ -249,6 +258,8 @@ def describe(method: Method) -> str:
         shown = "required" if default is REQUIRED else f"default {default!r}"
         if p.kind in ("choice", "scope"):
             shown += f", one of {', '.join(p.choices)}"
+        if p.kind == "scope":
+            shown += " or a layout"
         per = f"; per expert as '{p.per_expert}'" if p.per_expert else ""
         lines.append(f"  {p.name} ({p.kind}, {shown}{per}): {p.doc}")
     return "\n".join(lines)

@@ -121,6 +121,11 @@ def scanned(
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if not isinstance(axis, int) or isinstance(axis, bool) or axis < 0:
         raise ValueError(f"axis must be a non-negative int, got {axis!r}")
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise TypeError(
+            f"scanned takes key names as separate strings (scanned('a', 'b')), got {bad[0]!r}"
+        )
     return _Scanned(tuple(names), batch, axis, inner)
 
 
@@ -132,7 +137,7 @@ class _Scanned:
     names: tuple[str, ...]
     batch: int
     axis: int
-    inner: RowAxesFn
+    inner: RowAxesFn = dataclasses.field(hash=False)  # a user's callable may not hash
 
     def __repr__(self) -> str:
         args = [repr(n) for n in self.names] + [f"batch={self.batch}", f"axis={self.axis}"]
