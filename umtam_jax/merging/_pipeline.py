@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from umtam_jax import _pytrees
 from umtam_jax.merging import _validation as V
@@ -128,7 +129,36 @@ def plan(
     call = Call(method, prepared, options, extras)
     if method.check is not None:
         method.check(call)
-    return call
+    return _behind_barrier(call)
+
+
+def _behind_barrier(call: Call) -> Call:
+    """Inside ``jax.jit``, the call with its concrete input arrays (models closed over by
+    the traced function) passed through one ``lax.optimization_barrier``, after every
+    value check has read them: as constants, XLA would fold the selections over them at
+    compile time (3 experts of four 8×8 leaves: TIES compiled in 10 s instead of 0.5 s).
+    Eagerly (and under a bare ``grad``/``vmap``) the call is returned as it is."""
+    if not isinstance(jnp.zeros(()), jax.core.Tracer):  # not staged: no compile to spare
+        return call
+    trees = (call.prepared.base, call.prepared.experts, call.extras)
+    leaves, treedef = jax.tree.flatten(trees)
+
+    def constant(x: Any) -> bool:
+        return (
+            isinstance(x, jax.Array | np.ndarray)
+            and not isinstance(x, jax.core.Tracer)
+            and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+        )
+
+    where = [i for i, x in enumerate(leaves) if constant(x)]
+    if not where:
+        return call
+    hidden = jax.lax.optimization_barrier([leaves[i] for i in where])
+    for i, x in zip(where, hidden, strict=True):
+        leaves[i] = x
+    base, experts, extras = jax.tree.unflatten(treedef, leaves)
+    prepared = call.prepared._replace(base=base, experts=experts)
+    return dataclasses.replace(call, prepared=prepared, extras=extras)
 
 
 def _check_single(method: Method, base: Any, expert: Any) -> None:
