@@ -275,7 +275,9 @@ def test_bfloat16_computed_in_float32_and_cast_back():
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("method", ["ties", "umtam", "prune", "consensus_ties"])
+@pytest.mark.parametrize(
+    "method", ["ties", "umtam", "prune", "consensus_ties", "breadcrumbs", "breadcrumbs_ties", "sce"]
+)
 def test_scanned_scope_merges_a_scanned_model_as_its_unrolled_layers(method, axis):
     """``scope=umtam_jax.scanned("blocks", axis=a)``: a model whose blocks are stacked on
     axis a (0: ``nnx.scan``; 1: MaxText's ``[d_in, L, d_out]`` kernels and ``[d, L]``
@@ -305,6 +307,10 @@ def test_scanned_scope_merges_a_scanned_model_as_its_unrolled_layers(method, axi
             return merging.prune(b, es[0], st[0], density=0.2, scope=scope)
         if method == "umtam":
             return merging.umtam(b, es, st, density=0.2, scope=scope)
+        if method == "sce":  # per layer: its variance selection and expert weights
+            return merging.sce(b, es, select_topk=0.5, scope=scope)
+        if method.startswith("breadcrumbs"):  # per layer: its top and bottom cuts
+            return getattr(merging, method)(b, es, density=0.3, gamma=0.1, scope=scope)
         return getattr(merging, method)(b, es, density=0.2, scope=scope)
 
     def layer(t, i):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import umtam_jax
 from tests import trees
 from tests.merging import helpers as H
 from umtam_jax import checkpoint, engine, merging
@@ -394,6 +395,11 @@ CASES = [
     ("della", {"density": 0.5, "key": jax.random.key(3), "epsilon": 0.1}),
     ("della_linear", {"density": [0.4, 0.6, 1.0], "key": jax.random.key(4), "l1_rescale": True}),
     ("sce", {"select_topk": 0.4}),
+    ("sce", {"select_topk": 0.4, "scope": "layer"}),  # per slice of conv's first axis
+    (
+        "breadcrumbs_ties",
+        {"density": 0.6, "gamma": 0.2, "scope": umtam_jax.scanned("conv", axis=2)},
+    ),
     ("ram", {"epsilon": 0.05}),
     ("ramplus_tl", {"r": 0.3, "alpha": 0.5, "epsilon": 0.05}),
 ]

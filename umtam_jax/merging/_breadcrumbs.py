@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from umtam_jax.merging import _baselines as B
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._registry import DENSITY, SCALING, WEIGHTS, Param
+from umtam_jax.merging._registry import DENSITY, SCALING, SLICES, WEIGHTS, Param
 from umtam_jax.merging._select import _topk_mask as topk
+from umtam_jax.optimizer._layout import RowAxesFn
 
 
 def _static(name: str, value: Any) -> float:
@@ -39,6 +40,7 @@ def breadcrumbs(
     scaling: float = 1.0,
     weights: Sequence[float] | None = None,
     l1_rescale: bool = False,
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """Model Breadcrumbs: drop each task vector's largest outliers and smallest entries.
 
@@ -60,6 +62,10 @@ def breadcrumbs(
       scaling: factor on the merged task vector (mergekit's ``lambda``).
       weights: one weight per expert (default 1.0 each).
       l1_rescale: mergekit's ``rescale: true``.
+      scope: ``"tensor"``, ``"layer"`` (each slice of the first axis of a leaf with three
+        or more merged as a tensor of its own) or a layout callable such as
+        ``umtam_jax.scanned("blocks")`` (each slice over its batch axes): a scanned
+        model then merges as its unrolled twin.
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -92,6 +98,7 @@ def breadcrumbs_ties(
     weights: Sequence[float] | None = None,
     l1_rescale: bool = False,
     normalize: bool = False,
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """Model Breadcrumbs, then TIES's sign consensus (mergekit's ``breadcrumbs_ties``).
 
@@ -109,6 +116,7 @@ def breadcrumbs_ties(
       weights: one weight per expert (default 1.0 each).
       l1_rescale: mergekit's ``rescale: true``.
       normalize: divide by the summed weights of the agreeing experts.
+      scope: ``"tensor"``, ``"layer"`` or a layout callable, as in :func:`breadcrumbs`.
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -168,9 +176,9 @@ _BC = (DENSITY, _GAMMA, SCALING, WEIGHTS, B._L1_RESCALE)
 
 BREADCRUMBS = R.register(R.Method(
     "breadcrumbs", breadcrumbs, "keep the density of |Δ| below the top gamma, then sum",
-    _BC, _breadcrumbs_kernel(False), check=_check_gamma,
+    (*_BC, SLICES), _breadcrumbs_kernel(False), check=_check_gamma,
 ))  # fmt: skip
 BREADCRUMBS_TIES = R.register(R.Method(
     "breadcrumbs_ties", breadcrumbs_ties, "Model Breadcrumbs' drop, then TIES's sign consensus",
-    (*_BC, B._NORMALIZE), _breadcrumbs_kernel(True), check=_check_gamma,
+    (*_BC, B._NORMALIZE, SLICES), _breadcrumbs_kernel(True), check=_check_gamma,
 ))  # fmt: skip

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -265,16 +266,31 @@ def _bernoulli_mask(key: jax.Array, t: int, path: str, shape: tuple, p_keep: flo
 
 
 def leaf_combine(call: Call, j: int, keep: list | None, scores: list | None) -> jax.Array:
-    """Step 4: the kernel on leaf ``j``."""
-    p, extras = call.prepared, call.extras
-    return call.method.kernel(
-        call.options,
-        p.base[j],
-        [ws[j] for ws in p.experts],
-        keep,
-        scores,
-        None if extras is None else [x[j] for x in extras],
+    """Step 4: the kernel on leaf ``j`` (on each of its slices for a method whose
+    ``scope`` slices its kernel)."""
+    m, p, extras = call.method, call.prepared, call.extras
+    base, ws = p.base[j], [w[j] for w in p.experts]
+    batch = leaf_batch_axes(call.options, p.key_paths[j], base.shape) if m.sliced_kernel else ()
+    if batch:  # kernels that slice read no masks, scores or extras
+        return _per_slice(lambda b, xs: m.kernel(call.options, b, xs, None, None, None), batch,
+                          base, ws)  # fmt: skip
+    return m.kernel(
+        call.options, base, ws, keep, scores, None if extras is None else [x[j] for x in extras]
     )
+
+
+def _per_slice(kernel: Any, batch: tuple[int, ...], base: jax.Array, ws: list) -> jax.Array:
+    """``kernel(base, ws)`` on each slice over the ``batch`` axes, one after the other,
+    as on tensors of their own."""
+    order = batch + tuple(a for a in range(base.ndim) if a not in batch)
+    moved_shape = tuple(base.shape[a] for a in order)
+    slices = math.prod(moved_shape[: len(batch)])
+
+    def stacked(x: jax.Array) -> jax.Array:
+        return x.transpose(order).reshape(slices, *moved_shape[len(batch) :])
+
+    out = jax.lax.map(lambda xs: kernel(xs[0], list(xs[1:])), [stacked(base), *map(stacked, ws)])
+    return out.reshape(moved_shape).transpose(tuple(int(a) for a in np.argsort(order)))
 
 
 def importances(call: Call) -> list[list[jax.Array]] | None:

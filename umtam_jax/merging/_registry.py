@@ -184,7 +184,15 @@ class Method:
     @property
     def global_scope(self) -> bool:
         """Whether the method takes ``scope="global"``."""
-        return self.param("scope") is not None
+        scope = self.param("scope")
+        return scope is not None and "global" in scope.choices
+
+    @property
+    def sliced_kernel(self) -> bool:
+        """Whether a layout ``scope`` runs the kernel on each slice of a leaf (a method
+        whose kernel ranks or averages over the whole leaf); a top-k method only makes
+        its masks per slice."""
+        return self.param("scope") is not None and self.sparsify != "topk"
 
 
 METHODS: dict[str, Method] = {}
@@ -211,6 +219,16 @@ SCOPE = Param(
     "layer of the leaves a layout names (umtam_jax.scanned(...) in Python, "
     "{scanned: [key names], axis: A} in a configuration)",
     choices=("tensor", "layer", "global"),
+)
+
+SLICES = Param(
+    "scope",
+    "scope",
+    "per tensor, or each layer of a stacked tensor merged as a tensor of its own (each "
+    "slice of the first axis of a tensor with three or more, or of the leaves a layout "
+    "names: umtam_jax.scanned(...) in Python, {scanned: [key names], axis: A} in a "
+    "configuration)",
+    choices=("tensor", "layer"),
 )
 
 

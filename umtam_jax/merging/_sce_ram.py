@@ -27,14 +27,20 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _compute_dtype
-from umtam_jax.merging._registry import SCALING, Param
+from umtam_jax.merging._registry import SCALING, SLICES, Param
 from umtam_jax.merging._select import _topk_mask as topk
+from umtam_jax.optimizer._layout import RowAxesFn
 
 # --------------------------------------------------------------------------- SCE
 
 
 def sce(
-    base: Any, experts: Sequence[Any], *, select_topk: float = 1.0, scaling: float = 1.0
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    select_topk: float = 1.0,
+    scaling: float = 1.0,
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """SCE: select by variance, calculate weights, erase minority signs (mergekit's ``sce``).
 
@@ -56,6 +62,10 @@ def sce(
       experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
       select_topk: fraction in [0, 1] of the nonzero-variance entries kept (1: all).
       scaling: factor on the merged task vector.
+      scope: ``"tensor"``, ``"layer"`` (each slice of the first axis of a leaf with three
+        or more merged as a tensor of its own: its selection and weights ``c_τ``) or a
+        layout callable such as ``umtam_jax.scanned("blocks")`` (each slice over its batch
+        axes): a scanned model then merges as its unrolled twin.
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -198,7 +208,8 @@ _RAM_EPSILON = Param("epsilon", "number", "magnitude a change must exceed to cou
 
 SCE = R.register(R.Method(
     "sce", sce, "keep top-variance entries, weight experts by mean Δ², erase minority signs",
-    (Param("select_topk", "number", "fraction kept by variance", low=0.0, high=1.0), SCALING),
+    (Param("select_topk", "number", "fraction kept by variance", low=0.0, high=1.0), SCALING,
+     SLICES),
     lambda opts, b, ws, *_: _sce_leaf(b, ws, opts["select_topk"], opts["scaling"]),
 ))  # fmt: skip
 RAM = R.register(R.Method(
