@@ -12,12 +12,14 @@ For each configuration (UMTAM as in ``benchmarks/training.py``: the default; wit
 ``benchmarks/training.py`` is trained twice on the same initialisation and batches: with
 0 and with 4 extra power iterations on the first step (the library's choice is replaced
 by ``_decomposition.cold_start_iterations`` while the run's step is traced). Reported per
-configuration: the final test loss of both, their paired difference (without −
-with) with a 95 % Student-t interval over seeds, and, with error feedback (the state keeps
-M̃), the fraction ‖UΣVᵀ‖² / ‖M̃‖² of the momentum's energy the optimizer's own factors hold
-at steps 1, 2, 3, 5 and 10, beside the optimal rank-r fraction. Learning rates are each
-configuration's best on validation loss in ``results/training.json``; the loss reported is
-on the test windows, held-out documents apart from the validation ones.
+configuration: the final validation and test losses of both, their paired differences
+(without − with) with 95 % Student-t intervals over seeds (the library's choice is read
+from the validation difference; test is reported beside it), and, with error feedback
+(the state keeps M̃), the fraction ‖UΣVᵀ‖² / ‖M̃‖² of the momentum's energy the
+optimizer's own factors hold at steps 1, 2, 3, 5 and 10, beside the optimal rank-r
+fraction. Learning rates are each
+configuration's best on validation loss in ``results/training.json``; the test windows
+are held-out documents apart from the validation ones.
 
     python -m benchmarks.cold_start                 # 5 seeds at training.py's size
     python -m benchmarks.cold_start --quick --seeds 0 --steps 6 --no-write   # smoke run
@@ -74,7 +76,7 @@ def train_run(
 ) -> dict[str, Any]:
     """One training run of configuration ``name`` with ``extra`` first-step iterations on
     ``tokens`` (the train and held-out streams of ``lm_token_arrays``); its final loss on
-    the test windows of :func:`benchmarks._lm_training.lm_run_data`."""
+    the validation and the test windows of :func:`benchmarks._lm_training.lm_run_data`."""
     variant, decay, lr = CONFIGS[name]
     data = lm.lm_run_data(*tokens, size, seed)
     cfg = lm.gpt_config(size)
@@ -95,9 +97,10 @@ def train_run(
                 own = [float(low / total) for _, low, total in sp]
                 best = [float(jnp.sum(sv[:RANK] ** 2) / jnp.sum(sv**2)) for sv, _, _ in sp]
                 captured[str(t)] = [float(np.mean(own)), float(np.mean(best))]
-    loss = lm.make_eval_fn(cfg, size)(params, data.test)
+    evaluate = lm.make_eval_fn(cfg, size)
     return {"config": name, "extra": extra, "seed": seed, "lr": lr, "error_decay": decay,
-            "final_test_loss": float(loss), "captured": captured,
+            "final_val_loss": float(evaluate(params, data.val)),
+            "final_test_loss": float(evaluate(params, data.test)), "captured": captured,
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -109,13 +112,13 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         seeds = sorted(s for e, s in by if e == EXTRA[0] and (EXTRA[1], s) in by)
         if not seeds:
             continue
-        loss = {e: [by[(e, s)]["final_test_loss"] for s in seeds] for e in EXTRA}
-        entry: dict[str, Any] = {
-            "seeds": seeds,
-            "final_test_loss": {str(e): t_interval(loss[e]) for e in EXTRA},
-            "by_seed": {str(e): loss[e] for e in EXTRA},
-            "without_minus_with": t_interval([a - b for a, b in zip(*loss.values(), strict=True)]),
-        }
+        entry: dict[str, Any] = {"seeds": seeds}
+        for split in ("val", "test"):
+            loss = {e: [by[(e, s)][f"final_{split}_loss"] for s in seeds] for e in EXTRA}
+            differences = [a - b for a, b in zip(*loss.values(), strict=True)]
+            entry[f"final_{split}_loss"] = {str(e): t_interval(loss[e]) for e in EXTRA}
+            entry[f"{split}_by_seed"] = {str(e): loss[e] for e in EXTRA}
+            entry[f"{split}_without_minus_with"] = t_interval(differences)
         if by[(EXTRA[0], seeds[0])]["captured"]:
             entry["captured"] = {
                 t: {
@@ -134,16 +137,17 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], size: lm.Size) -> str:
     lines = [
-        "| configuration | lr | test loss, 0 extra | test loss, 4 extra | 0 − 4 [95 % CI] "
-        "| seeds |",
-        "|---|---|---|---|---|---|",
+        "| configuration | lr | split | loss, 0 extra | loss, 4 extra | 0 − 4 [95 % CI] | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, e in result.items():
-        loss, diff = e["final_test_loss"], format_interval(e["without_minus_with"], "{:+.4f}")
-        lines.append(
-            f"| {name} | {CONFIGS[name][2]:g} | {format_interval(loss['0'])} | "
-            f"{format_interval(loss['4'])} | {diff} | {len(e['seeds'])} |"
-        )
+        for split in ("val", "test"):
+            loss = e[f"final_{split}_loss"]
+            diff = format_interval(e[f"{split}_without_minus_with"], "{:+.4f}")
+            lines.append(
+                f"| {name} | {CONFIGS[name][2]:g} | {split} | {format_interval(loss['0'])} | "
+                f"{format_interval(loss['4'])} | {diff} | {len(e['seeds'])} |"
+            )
     energy = ["| configuration | step | captured, 0 extra | captured, 4 extra | optimal |",
               "|---|---|---|---|---|"]  # fmt: skip
     for name, e in result.items():
@@ -152,8 +156,10 @@ def markdown(result: dict[str, Any], size: lm.Size) -> str:
     return (
         f"GPT d={size.d_model}, {size.n_layers} layers, {size.steps} steps × batch "
         f"{size.batch} × {size.context} tokens, rank {RANK}; per seed the same initialisation, "
-        "batches and test windows for both variants. Final test loss (mean "
-        "[95 % Student-t interval] over seeds; the difference paired by seed):\n\n"
+        "batches and evaluation windows for both variants. Final loss on the validation "
+        "windows (what the library's choice is read from) and on the test windows (held-out "
+        "documents apart from them, reported only): mean [95 % Student-t interval] over "
+        "seeds, the difference paired by seed:\n\n"
         + "\n".join(lines)
         + "\n\nMean fraction of the momentum's energy held by the optimizer's rank-r factors "
         "(with error feedback; the optimal fraction is that of the exact rank-r SVD):\n\n"
@@ -181,8 +187,8 @@ def main(argv=None) -> dict[str, Any]:
     env = environment()
     rdir = Path(args.results_dir)
     cache = rdir / "cold_start_runs"
-    # Runs recorded before the test split ("<size>-<steps>-…") hold validation losses.
-    tag = f"{'quick' if args.quick else 'default'}-{size.steps}-test"
+    # Earlier runs ("<size>-<steps>-…", "…-test-…") hold one loss each, not both splits.
+    tag = f"{'quick' if args.quick else 'default'}-{size.steps}-valtest"
     runs = []
     tokens = None  # loaded at the first run that is not read back
     for seed in args.seeds:
@@ -194,9 +200,9 @@ def main(argv=None) -> dict[str, Any]:
                     continue
                 tokens = tokens or lm_token_arrays()
                 run = train_run(name, extra, seed, size, tokens)
-                loss, wall = run["final_test_loss"], run["wall_s"]
-                print(f"[cold_start] {name}, {extra} extra, seed {seed}: test {loss:.4f} "
-                      f"({wall:.0f} s)", flush=True)  # fmt: skip
+                val, loss, wall = run["final_val_loss"], run["final_test_loss"], run["wall_s"]
+                print(f"[cold_start] {name}, {extra} extra, seed {seed}: validation {val:.4f}, "
+                      f"test {loss:.4f} ({wall:.0f} s)", flush=True)  # fmt: skip
                 runs.append(run)
                 if not args.no_write:
                     text = json.dumps(run)

@@ -248,6 +248,28 @@ def _single_session_cost(r: dict[str, Any], name: str) -> float | None:
     return float(100 * (1 - ref / own))
 
 
+def _gpu_throughput_note(bdir: Path, name: str) -> str:
+    """The GPU end-to-end runs beside the CPU record (``train_throughput_gpu_repeats/``):
+    mean over repeats of AdamW's median step time ÷ ``name``'s, its device and commit;
+    empty without them."""
+    ratios, device, commits = [], None, set()
+    for path in sorted((bdir / "train_throughput_gpu_repeats").glob("*.json")):
+        record = store.read_json(path)
+        times = ((record or {}).get("result") or {}).get("times_s") or {}
+        if "adamw" not in times or name not in times:
+            continue
+        ratios.append(float(np.median(times["adamw"]) / np.median(times[name])))
+        device = (record.get("environment") or {}).get("device_kind")
+        commits.add(((record.get("git") or {}).get("commit") or "?")[:7])
+    if not ratios:
+        return ""
+    mean = float(np.mean(ratios))
+    return (f"; on an {device} (GPT-2-shaped model, batch 4 × 256, commit "
+            f"{', '.join(sorted(commits))}: older GPU code), throughput ÷ AdamW {mean:.3f}, a "
+            f"{100 * (1 - mean):.0f} % cost (mean of {len(ratios)} repeats, "
+            "`train_throughput_gpu_repeats/`): the verdict reads the CPU record")  # fmt: skip
+
+
 def throughput_row(bdir: Path) -> ClaimRow:
     """The end-to-end throughput cost versus AdamW."""
     r, source = load_result(bdir, "efficiency")
@@ -282,6 +304,7 @@ def throughput_row(bdir: Path) -> ClaimRow:
             f"times, Student-t interval; by repeat {by_repeat} %)")  # fmt: skip
     if demo and (by.get(demo) or {}).get("cost_percent", {}).get("low") is not None:
         text += f"; {demo}: {ci(by[demo]['cost_percent'])} %"
+    text += _gpu_throughput_note(bdir, "umtam (defaults)")
     load = r.get("load") or {}
     loads = (f", 1-min load {load['min_1min']:.1f}–{load['max_1min']:.1f}"
              if load.get("min_1min") is not None else "")  # fmt: skip

@@ -157,8 +157,9 @@ _HEADER = (
     "hand. Relative numbers are in %. Verdicts: **reproduced** = the 95 % interval excludes "
     "0 in the paper's direction and covers or exceeds its number (a cost: covers it or lies "
     "below; a threshold: lies wholly on its side); **not reproduced** = the interval "
-    "excludes the paper's effect or points the other way; **inconclusive** = the interval "
-    "covers 0, or there is no interval (single run) or no data yet."
+    "excludes the paper's effect or points the other way (also when it covers 0); "
+    "**inconclusive** = the interval covers 0 and the paper's number, or there is no "
+    "interval (single run) or no data yet."
 )
 
 
