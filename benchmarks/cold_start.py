@@ -187,7 +187,7 @@ def main(argv=None) -> dict[str, Any]:
     env = environment()
     rdir = Path(args.results_dir)
     cache = rdir / "cold_start_runs"
-    # Earlier runs ("<size>-<steps>-…", "…-test-…") hold one loss each, not both splits.
+    # The tag names what a run holds: both splits ("valtest"); a change of it reruns all.
     tag = f"{'quick' if args.quick else 'default'}-{size.steps}-valtest"
     runs = []
     tokens = None  # loaded at the first run that is not read back

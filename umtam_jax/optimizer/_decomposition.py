@@ -35,10 +35,10 @@ def cold_start_iterations(cfg: Config) -> int:
     The first decomposition starts from a random ``V0``, so it keeps less of the momentum's
     top-r energy than later ones. With error feedback the part it misses stays in ``M̃`` and
     the next steps' warm-started iterations catch up (measured: the same captured energy from
-    the third step on and the same final loss, ``benchmarks/cold_start.py``), so the step
-    needs no conditional on the step count. Without error feedback the missed part is lost
+    the third step on and the same final validation loss, ``benchmarks/cold_start.py``), so
+    the step needs no conditional on the step count. Without error feedback the missed part is lost
     and the low-rank momentum keeps steering the next sketches towards the poor first
-    subspace (measured: a clearly higher final loss), so lean mode keeps the extra
+    subspace (measured: a clearly higher final validation loss), so lean mode keeps the extra
     iterations, in a ``lax.cond`` on the step count.
     """
     return COLD_START_POWER_ITERATIONS if is_static_zero(cfg.error_decay) else 0
