@@ -249,6 +249,27 @@ def test_throughput_row_of_one_session_has_no_interval(tmp_path):
     assert "one session" in speed.measurement and "svd_every=10): 9.1 %" in speed.measurement
 
 
+def test_throughput_row_shows_the_gpu_runs_it_finds(tmp_path):
+    """GPU end-to-end repeats beside the CPU record: their mean throughput ratio (AdamW's
+    median step time ÷ UMTAM's), the devices, models, batches and commits they record."""
+    bdir = _benchmarks(tmp_path / "b")
+    assert "GPU runs" not in claims.paper_claims(None, bdir)[6].measurement
+    gpu = bdir / "train_throughput_gpu_repeats"
+    gpu.mkdir()
+    model = {"context": 256, "d_model": 768, "blocks": 12}
+    for i, (device, slower) in enumerate([("H200", 2.0), ("H200", 4.0), ("H100", 4.0)]):
+        times = {"adamw": [1.0, 1.2, 0.8], "umtam (defaults)": [slower, slower, slower]}
+        result = {"times_s": times, "signature": {"model": model, "batch_size": 4}}
+        record = {"environment": {"device_kind": device}, "git": {"commit": f"{i}abcdef99"},
+                  "result": result}  # fmt: skip
+        (gpu / f"repeat{i}.json").write_text(json.dumps(record))
+    speed = claims.paper_claims(None, bdir)[6]
+    assert "throughput ÷ AdamW 0.333, a 67 % cost (mean of 3 repeats)" in speed.measurement
+    assert "H100, GPT 12 × 768, batch 4 × 256; H200, GPT 12 × 768" in speed.measurement
+    assert "commit 0abcdef, 1abcdef, 2abcdef" in speed.measurement
+    assert speed.verdict == "not reproduced"  # from the CPU record alone
+
+
 def test_missing_benchmark_files_give_no_data_rows(tmp_path):
     rows = claims.paper_claims(None, tmp_path)
     assert len(rows) == 7

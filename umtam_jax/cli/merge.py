@@ -27,10 +27,12 @@ Statistics for ``umtam`` (and the curvature for ``ota``, the saliency for ``prun
 restored from each expert's checkpoint (``umtam_jax.checkpoint``); ``fisher`` takes a
 ``fisher: PATH`` per expert, a checkpoint whose parameters hold that expert's diagonal
 Fisher. ``prune`` takes exactly one expert and a ``scores`` parameter, ``saliency``
-(default) or ``magnitude``. ``scope`` (``umtam``, ``ties``, ``prune``, ``consensus_ties``)
-is ``tensor``, ``layer``, ``global`` or ``{scanned: [key names], axis: A, batch: B}``:
-exact keep counts per layer of the leaves under those keys, their layers stacked on axis
-A (``umtam_jax.scanned``; ``scanned: []`` takes every leaf with three or more axes).
+(default) or ``magnitude``. ``scope`` is ``tensor``, ``layer`` or ``{scanned: [key names],
+axis: A, batch: B}`` (each layer of the leaves under those keys, stacked on axis A:
+``umtam_jax.scanned``; ``scanned: []`` takes every leaf with three or more axes): exact
+keep counts per layer for ``umtam``, ``ties``, ``prune`` and ``consensus_ties``, which
+also take ``global`` (one count over the whole expert); each layer merged as a tensor
+of its own for ``breadcrumbs``, ``breadcrumbs_ties`` and ``sce``.
 Relative paths are taken from the working directory.
 
 The configuration is read with a safe YAML loader (no tags that build objects) that

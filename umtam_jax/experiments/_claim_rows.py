@@ -250,24 +250,31 @@ def _single_session_cost(r: dict[str, Any], name: str) -> float | None:
 
 def _gpu_throughput_note(bdir: Path, name: str) -> str:
     """The GPU end-to-end runs beside the CPU record (``train_throughput_gpu_repeats/``):
-    mean over repeats of AdamW's median step time ÷ ``name``'s, its device and commit;
-    empty without them."""
-    ratios, device, commits = [], None, set()
+    the mean over repeats of AdamW's median step time ÷ ``name``'s, with the devices,
+    models, batches and commits the records name; empty without them."""
+    ratios: list[float] = []
+    settings: set[str] = set()
+    commits: set[str] = set()
     for path in sorted((bdir / "train_throughput_gpu_repeats").glob("*.json")):
         record = store.read_json(path)
-        times = ((record or {}).get("result") or {}).get("times_s") or {}
+        result = (record or {}).get("result") or {}
+        times = result.get("times_s") or {}
         if "adamw" not in times or name not in times:
             continue
         ratios.append(float(np.median(times["adamw"]) / np.median(times[name])))
-        device = (record.get("environment") or {}).get("device_kind")
+        sig = result.get("signature") or {}
+        model = sig.get("model") or {}
+        device = (record.get("environment") or {}).get("device_kind") or "?"
+        settings.add(f"{device}, GPT {model.get('blocks')} × {model.get('d_model')}, batch "
+                     f"{sig.get('batch_size')} × {model.get('context')}")  # fmt: skip
         commits.add(((record.get("git") or {}).get("commit") or "?")[:7])
     if not ratios:
         return ""
     mean = float(np.mean(ratios))
-    return (f"; on an {device} (GPT-2-shaped model, batch 4 × 256, commit "
-            f"{', '.join(sorted(commits))}: older GPU code), throughput ÷ AdamW {mean:.3f}, a "
-            f"{100 * (1 - mean):.0f} % cost (mean of {len(ratios)} repeats, "
-            "`train_throughput_gpu_repeats/`): the verdict reads the CPU record")  # fmt: skip
+    return (f"; GPU runs ({'; '.join(sorted(settings))}; commit {', '.join(sorted(commits))}, "
+            f"`train_throughput_gpu_repeats/`): throughput ÷ AdamW {mean:.3f}, a "
+            f"{100 * (1 - mean):.0f} % cost (mean of {len(ratios)} repeats); the verdict "
+            "reads the CPU record")  # fmt: skip
 
 
 def throughput_row(bdir: Path) -> ClaimRow:

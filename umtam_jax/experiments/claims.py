@@ -158,8 +158,8 @@ _HEADER = (
     "0 in the paper's direction and covers or exceeds its number (a cost: covers it or lies "
     "below; a threshold: lies wholly on its side); **not reproduced** = the interval "
     "excludes the paper's effect or points the other way (also when it covers 0); "
-    "**inconclusive** = the interval covers 0 and the paper's number, or there is no "
-    "interval (single run) or no data yet."
+    "**inconclusive** = the interval covers 0 and the paper's number (a threshold: covers "
+    "it), or there is no interval (single run) or no data yet."
 )
 
 
