@@ -14,6 +14,7 @@ repository root with ``mk`` a virtual environment holding them and the test depe
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import zlib
 
@@ -104,17 +105,28 @@ def della_probs(x, density, epsilon, layout="out_in"):
     return p.reshape(x.shape)
 
 
-def della_uniforms(key, t, keystr, shape):
-    """The documented draw of expert ``t`` on the leaf ``keystr`` (``"['attn']['bias']"``)."""
+def della_uniforms(key, t, keystr, shape, piece=None):
+    """The documented draw of expert ``t`` on the leaf ``keystr`` (``"['attn']['bias']"``),
+    or on slice ``piece`` of it (``fold_in(leaf_key, piece)``)."""
     leaf_key = jax.random.fold_in(
         jax.random.fold_in(key, t), np.uint32(zlib.crc32(keystr.encode()))
     )
+    if piece is not None:
+        leaf_key = jax.random.fold_in(leaf_key, piece)
     return np.asarray(jax.random.uniform(leaf_key, shape, jnp.float32))
+
+
+def _della_drop(x, d, epsilon, layout, draw, rescale, l1_rescale):
+    prob = della_probs(x, d, epsilon, layout)
+    kept = np.where(draw(x.shape) < prob, x, 0.0)
+    return _l1(x, kept) if l1_rescale else (kept / prob if rescale else kept)
 
 
 def ref_della(base, experts, key, *, density, epsilon=0.15, scaling=1.0, weights=None,
               rescale=True, l1_rescale=False, consensus=True, normalize=False,
-              layout="in_out"):  # fmt: skip
+              layout="in_out", sliced=False):  # fmt: skip
+    """``sliced``: each slice over ``H.SLICED``'s batch axes is a leaf of its own, slice i
+    (row-major over those axes) drawn with ``fold_in(leaf_key, i)``."""
     k = len(experts)
     dens = density if isinstance(density, list | tuple) else [density] * k
     dropped = []
@@ -125,10 +137,20 @@ def ref_della(base, experts, key, *, density, epsilon=0.15, scaling=1.0, weights
             if d >= 1:
                 out[p] = x
                 continue
-            prob = della_probs(x, d, epsilon, layout)
             keystr = "".join(f"[{k!r}]" for k in p)
-            kept = np.where(della_uniforms(key, t, keystr, x.shape) < prob, x, 0.0)
-            out[p] = _l1(x, kept) if l1_rescale else (kept / prob if rescale else kept)
+            batch = H.SLICED[p] if sliced else ()
+            if not batch:
+                draw = functools.partial(della_uniforms, key, t, keystr)
+                out[p] = _della_drop(x, d, epsilon, layout, draw, rescale, l1_rescale)
+                continue
+            out[p] = np.zeros_like(x)
+            for i, index in enumerate(np.ndindex(*[x.shape[a] for a in batch])):
+                where = [slice(None)] * x.ndim
+                for a, j in zip(batch, index, strict=True):
+                    where[a] = j
+                draw = functools.partial(della_uniforms, key, t, keystr, piece=i)
+                part = _della_drop(x[tuple(where)], d, epsilon, layout, draw, rescale, l1_rescale)
+                out[p][tuple(where)] = part
         dropped.append(out)
     return H._ref_gta(base, dropped, weights or [1.0] * k, consensus, normalize, scaling)
 
@@ -256,6 +278,19 @@ def test_della_matches_reference_given_the_documented_draws(linear, kwargs, layo
         got = merging.della(base, experts, key=key, normalize=normalize, **kwargs)
         want = ref_della(base, experts, key, normalize=normalize, **kwargs)
         H.assert_tree_close(got, want)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_della_per_slice_matches_reference_given_the_documented_draws(linear):
+    """A layout ``scope``: each slice ranked and drawn as a leaf of its own, slice i with
+    ``fold_in(leaf_key, i)`` (a stacked ``(L, d)`` bias ranked per layer)."""
+    base, experts = H.random_experts(np.random.default_rng(4), 3)
+    key, kwargs = jax.random.key(8), {"density": 0.5, "epsilon": 0.2}
+    fn = merging.della_linear if linear else merging.della
+    got = fn(base, experts, key=key, scope=H.sliced_scope, **kwargs)
+    want = ref_della(base, experts, key, consensus=not linear, normalize=not linear,
+                     sliced=True, **kwargs)  # fmt: skip
+    H.assert_tree_close(got, want)
 
 
 def test_della_keep_rates_follow_the_magnitude_ranks():
@@ -393,6 +428,7 @@ CASES = [
     ("breadcrumbs", {"density": [0.5, 0.8, 0.3], "gamma": 0.1, "weights": [1.0, 2.0, 0.5]}),
     ("breadcrumbs_ties", {"density": 0.6, "l1_rescale": True, "normalize": True}),
     ("della", {"density": 0.5, "key": jax.random.key(3), "epsilon": 0.1}),
+    ("della", {"density": 0.5, "key": jax.random.key(3), "scope": "layer"}),
     ("della_linear", {"density": [0.4, 0.6, 1.0], "key": jax.random.key(4), "l1_rescale": True}),
     ("sce", {"select_topk": 0.4}),
     ("sce", {"select_topk": 0.4, "scope": "layer"}),  # per slice of conv's first axis

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import umtam_jax
 from umtam_jax import checkpoint, engine, merging
 
 SHAPES = {"bias": (5,), "kernel": (6, 5), "wide": (3, 4), "stack": (2, 6, 5), "scale": ()}
@@ -331,12 +333,18 @@ def test_validation_names_the_parameter_or_leaf():
 
 
 def test_registered():
-    assert merging.METHODS["tsv_merge"].defaults() == {"scaling": 1.0, "rank_fraction": 1.0}
-    assert merging.METHODS["iso_c"].defaults() == {"scaling": 1.0}
+    tensor = {"scope": "tensor"}
+    assert merging.METHODS["tsv_merge"].defaults() == {
+        "scaling": 1.0,
+        "rank_fraction": 1.0,
+        **tensor,
+    }
+    assert merging.METHODS["iso_c"].defaults() == {"scaling": 1.0, **tensor}
     assert merging.METHODS["iso_cts"].defaults() == {
         "scaling": 1.0,
         "common_space_fraction": 0.8,
         "layout": "in_out",
+        **tensor,
     }
     for name in REFS:
         assert merging.METHODS[name].fn is getattr(merging, name)
@@ -358,8 +366,9 @@ def test_out_of_core_equals_in_memory(tmp_path):
         checkpoint.save_checkpoint(dirs[-1], e)
     restored = checkpoint.restore_params(str(tmp_path / "base"))
     restored_experts = [checkpoint.restore_params(d) for d in dirs]
-    for name, kwargs in FLOAT32:
-        out = tmp_path / name
+    scoped = ("iso_c", {"scope": umtam_jax.scanned("stack", axis=1)})  # per slice of axis 1
+    for i, (name, kwargs) in enumerate([*FLOAT32, scoped]):
+        out = tmp_path / f"out{i}"
         engine.merge_checkpoints(
             name, str(tmp_path / "base"), dirs, out, progress=False, group_bytes=100, **kwargs
         )
@@ -369,3 +378,32 @@ def test_out_of_core_equals_in_memory(tmp_path):
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert np.asarray(x).dtype == np.asarray(y).dtype
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("tsv_merge", {"rank_fraction": 0.6}),
+        ("iso_c", {}),
+        ("iso_cts", {"common_space_fraction": 0.5}),
+    ],
+)
+def test_scanned_scope_merges_a_layer_axis_not_first_as_the_unrolled_model(x64, name, kwargs):
+    """A ``[d_in, L, d_out]`` stack (MaxText's layer axis second) and its ``[d, L]`` bias:
+    with ``scope=umtam_jax.scanned("blocks", axis=1)`` each layer is merged as its own
+    matrix (by default the stack's last two axes, ``(L, d_out)``, would be the matrices)."""
+    rng = np.random.default_rng(5)
+    shapes = {"kernel": (6, 3, 5), "bias": (5, 3)}
+    base = {"blocks": {n: rng.standard_normal(s) for n, s in shapes.items()}}
+    experts = [jax.tree.map(lambda x: x + rng.standard_normal(x.shape), base) for _ in range(3)]
+    merge = getattr(merging, name)
+    got = merge(base, experts, scope=umtam_jax.scanned("blocks", axis=1), **kwargs)
+    for i in range(3):
+
+        def layer(t, i=i):
+            return jax.tree.map(lambda x: np.take(np.asarray(x), i, axis=1), t)
+
+        alone = merge(layer(base), [layer(e) for e in experts], **kwargs)
+        chex.assert_trees_all_close(layer(got), alone, rtol=1e-10, atol=1e-12)
+    per_stack = merge(base, experts, **kwargs)["blocks"]["kernel"]
+    assert not np.allclose(per_stack, got["blocks"]["kernel"])

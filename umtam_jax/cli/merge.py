@@ -32,7 +32,8 @@ axis: A, batch: B}`` (each layer of the leaves under those keys, stacked on axis
 ``umtam_jax.scanned``; ``scanned: []`` takes every leaf with three or more axes): exact
 keep counts per layer for ``umtam``, ``ties``, ``prune`` and ``consensus_ties``, which
 also take ``global`` (one count over the whole expert); each layer merged as a tensor
-of its own for ``breadcrumbs``, ``breadcrumbs_ties`` and ``sce``.
+of its own for ``breadcrumbs``, ``breadcrumbs_ties``, ``sce``, ``della``, ``della_linear``,
+``tsv_merge``, ``iso_c`` and ``iso_cts``.
 Relative paths are taken from the working directory.
 
 The configuration is read with a safe YAML loader (no tags that build objects) that

@@ -23,6 +23,7 @@ from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import DENSITY, SCALING, WEIGHTS, Param
+from umtam_jax.optimizer._layout import RowAxesFn
 
 
 def _ranks(x: jax.Array) -> jax.Array:
@@ -48,6 +49,7 @@ def della(
     l1_rescale: bool = False,
     normalize: bool = True,
     layout: str = "in_out",
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """DELLA: magnitude-ranked random drop (MagPrune), rescale, then TIES's sign consensus.
 
@@ -79,6 +81,9 @@ def della(
       normalize: divide by the summed weights of the agreeing experts.
       layout: ``"in_out"`` (Flax/JAX kernels) or ``"out_in"`` (PyTorch / safetensors
         weights, as mergekit ranks them).
+      scope: ``"tensor"``, or ``"layer"`` / a layout such as ``umtam_jax.scanned("blocks")``:
+        each slice over the batch axes ranked and drawn as a tensor of its own (a stacked
+        ``(L, d)`` bias per layer), slice i with ``fold_in(leaf_key, i)``.
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -114,6 +119,7 @@ def della_linear(
     rescale: bool = True,
     l1_rescale: bool = False,
     layout: str = "in_out",
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """DELLA's MagPrune and rescale, then task arithmetic (mergekit's ``della_linear``).
 
@@ -132,6 +138,9 @@ def della_linear(
       l1_rescale: rescale to the unmasked L1 norm instead (mergekit ≥ 0.1).
       layout: ``"in_out"`` (Flax/JAX kernels) or ``"out_in"`` (PyTorch / safetensors
         weights, as mergekit ranks them).
+      scope: ``"tensor"``, or ``"layer"`` / a layout such as ``umtam_jax.scanned("blocks")``:
+        each slice over the batch axes ranked and drawn as a tensor of its own (a stacked
+        ``(L, d)`` bias per layer), slice i with ``fold_in(leaf_key, i)``.
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -220,9 +229,9 @@ _DELLA = (
 
 DELLA = R.register(R.Method(
     "della", della, "random drop, keep probabilities ranked by |Δ|, rescale, sign consensus",
-    (*_DELLA, B._NORMALIZE, R.LAYOUT), _della_kernel(True), check=_della_check,
+    (*_DELLA, B._NORMALIZE, R.LAYOUT, R.SLICES), _della_kernel(True), check=_della_check,
 ))  # fmt: skip
 DELLA_LINEAR = R.register(R.Method(
     "della_linear", della_linear, "DELLA's random drop and rescale, then task arithmetic",
-    (*_DELLA, R.LAYOUT), _della_kernel(False), check=_della_check,
+    (*_DELLA, R.LAYOUT, R.SLICES), _della_kernel(False), check=_della_check,
 ))  # fmt: skip

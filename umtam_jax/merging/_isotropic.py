@@ -31,9 +31,12 @@ from umtam_jax.merging._subspace import (
     _tasks_side_by_side,
     _top,
 )
+from umtam_jax.optimizer._layout import RowAxesFn
 
 
-def iso_c(base: Any, experts: Sequence[Any], *, scaling: float = 1.0) -> Any:
+def iso_c(
+    base: Any, experts: Sequence[Any], *, scaling: float = 1.0, scope: str | RowAxesFn = "tensor"
+) -> Any:
     """Iso-C: the summed task vectors with a flat (isotropic) spectrum, per matrix.
 
     For each matrix, the task arithmetic sum ``Δ_TA = Σ_t Δ_t = U Σ Vᵀ`` keeps its
@@ -52,6 +55,10 @@ def iso_c(base: Any, experts: Sequence[Any], *, scaling: float = 1.0) -> Any:
       experts: a sequence of parameter pytrees with the base's structure, shapes and dtypes.
       scaling: factor α on the merged task vector (FusionBench's ``scaling_factor``; the
         paper selects it on validation data, FusionBench's examples use 1.5).
+      scope: ``"tensor"`` (each leaf's stack of matrices over its last two axes) or
+        ``"layer"`` / a layout such as ``umtam_jax.scanned("blocks", axis=1)``: each slice
+        over the batch axes merged as a tensor of its own (a ``[d_in, L, d_out]`` stack
+        as its L matrices).
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -71,7 +78,7 @@ def iso_c(base: Any, experts: Sequence[Any], *, scaling: float = 1.0) -> Any:
       Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
       Task-Specific Subspaces", ICML 2025, arXiv:2502.04959; FusionBench ``ISO_C_Merge``.
     """
-    return pipeline.merge(ISO_C, base, experts, None, scaling=scaling)
+    return pipeline.merge(ISO_C, base, experts, None, scaling=scaling, scope=scope)
 
 
 @full_precision
@@ -100,6 +107,7 @@ def iso_cts(
     scaling: float = 1.0,
     common_space_fraction: float = 0.8,
     layout: str = "in_out",
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """Iso-CTS: Iso-C on a common subspace plus each task's own top directions, per matrix.
 
@@ -129,6 +137,10 @@ def iso_cts(
         number: it sets shapes). FusionBench's default, 0.8.
       layout: the matrices' last two axes: ``"in_out"`` (Flax/JAX kernels, ``(d_in,
         d_out)``) or ``"out_in"`` (PyTorch/safetensors weights, ``(d_out, d_in)``).
+      scope: ``"tensor"`` (each leaf's stack of matrices over its last two axes) or
+        ``"layer"`` / a layout such as ``umtam_jax.scanned("blocks", axis=1)``: each slice
+        over the batch axes merged as a tensor of its own (a ``[d_in, L, d_out]`` stack
+        as its L matrices).
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -156,6 +168,7 @@ def iso_cts(
         scaling=scaling,
         common_space_fraction=common_space_fraction,
         layout=layout,
+        scope=scope,
     )
 
 
@@ -204,7 +217,7 @@ ISO_C = R.register(
         "iso_c",
         iso_c,
         "per matrix, the summed task vectors' singular vectors with their mean singular value",
-        (SCALING,),
+        (SCALING, R.SLICES),
         lambda opts, b, ws, masks, scores, extras: _iso_c_leaf(b, ws, opts["scaling"]),
     )
 )
@@ -223,6 +236,7 @@ ISO_CTS = R.register(
                 high=1,
             ),
             R.LAYOUT,
+            R.SLICES,
         ),
         lambda opts, b, ws, masks, scores, extras: _iso_cts_leaf(
             b,

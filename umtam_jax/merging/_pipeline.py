@@ -270,18 +270,20 @@ def leaf_combine(call: Call, j: int, keep: list | None, scores: list | None) -> 
     ``scope`` slices its kernel)."""
     m, p, extras = call.method, call.prepared, call.extras
     base, ws = p.base[j], [w[j] for w in p.experts]
+    extra = None if extras is None else [x[j] for x in extras]
     batch = leaf_batch_axes(call.options, p.key_paths[j], base.shape) if m.sliced_kernel else ()
-    if batch:  # kernels that slice read no masks, scores or extras
-        return _per_slice(lambda b, xs: m.kernel(call.options, b, xs, None, None, None), batch,
-                          base, ws)  # fmt: skip
-    return m.kernel(
-        call.options, base, ws, keep, scores, None if extras is None else [x[j] for x in extras]
-    )
+    if batch:  # kernels that slice read no masks or scores
+        return _per_slice(lambda b, xs, ex: m.kernel(call.options, b, xs, None, None, ex), batch,
+                          base, ws, extra)  # fmt: skip
+    return m.kernel(call.options, base, ws, keep, scores, extra)
 
 
-def _per_slice(kernel: Any, batch: tuple[int, ...], base: jax.Array, ws: list) -> jax.Array:
-    """``kernel(base, ws)`` on each slice over the ``batch`` axes, one after the other,
-    as on tensors of their own."""
+def _per_slice(
+    kernel: Any, batch: tuple[int, ...], base: jax.Array, ws: list, keys: list | None
+) -> jax.Array:
+    """``kernel(base, ws, keys)`` on each slice over the ``batch`` axes, one after the
+    other, as on tensors of their own; slice i of a leaf drawn with PRNG key k (DELLA)
+    draws with ``fold_in(k, i)``."""
     order = batch + tuple(a for a in range(base.ndim) if a not in batch)
     moved_shape = tuple(base.shape[a] for a in order)
     slices = math.prod(moved_shape[: len(batch)])
@@ -289,7 +291,18 @@ def _per_slice(kernel: Any, batch: tuple[int, ...], base: jax.Array, ws: list) -
     def stacked(x: jax.Array) -> jax.Array:
         return x.transpose(order).reshape(slices, *moved_shape[len(batch) :])
 
-    out = jax.lax.map(lambda xs: kernel(xs[0], list(xs[1:])), [stacked(base), *map(stacked, ws)])
+    inputs = [stacked(base), *map(stacked, ws)]
+    if keys is not None:
+        if not all(jnp.issubdtype(k.dtype, jax.dtypes.prng_key) for k in keys):
+            raise AssertionError("a sliced kernel's only per-expert input is a PRNG key")
+        index = jnp.arange(slices)
+        inputs += [jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, index) for k in keys]
+    n = len(ws)
+
+    def one(parts: list) -> jax.Array:
+        return kernel(parts[0], list(parts[1 : n + 1]), None if keys is None else parts[n + 1 :])
+
+    out = jax.lax.map(one, inputs)
     return out.reshape(moved_shape).transpose(tuple(int(a) for a in np.argsort(order)))
 
 

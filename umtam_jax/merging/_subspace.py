@@ -13,7 +13,7 @@ differences are listed in each docstring. Shared rules:
   stored; TSV-Merge and Iso-C are invariant under transposing it, Iso-CTS takes the layout
   as a parameter. A stack whose layer axis is not first (MaxText's ``[d_in, L, d_out]``)
   is merged per matrix of its last two axes like any other leaf, which is not per layer:
-  move the layer axis first (``jnp.moveaxis(x, 1, 0)`` on base and experts) and back.
+  ``scope=umtam_jax.scanned("blocks", axis=1)`` merges each layer as a leaf of its own.
 - *Other leaves* (biases, norms, scalars): ``w0 + scaling · (1/T) Σ_t Δ_t``, the mean task
   vector, as FusionBench and the authors' code do.
 - *Numerics*: computed in float32 at least (16-bit inputs cast back), per leaf and
@@ -46,6 +46,7 @@ from umtam_jax.merging import _registry as R
 from umtam_jax.merging._baselines import _compute_dtype, _sum
 from umtam_jax.merging._interpolation import _traced
 from umtam_jax.merging._registry import SCALING, Param
+from umtam_jax.optimizer._layout import RowAxesFn
 
 
 def _swap(x: jax.Array) -> jax.Array:
@@ -115,7 +116,12 @@ def _tasks_side_by_side(u, s, vh):
 
 
 def tsv_merge(
-    base: Any, experts: Sequence[Any], *, scaling: float = 1.0, rank_fraction: float = 1.0
+    base: Any,
+    experts: Sequence[Any],
+    *,
+    scaling: float = 1.0,
+    rank_fraction: float = 1.0,
+    scope: str | RowAxesFn = "tensor",
 ) -> Any:
     """TSV-Merge: each task's top singular vectors, decorrelated across tasks, per matrix.
 
@@ -142,6 +148,10 @@ def tsv_merge(
         finds 1.0 needs no tuning).
       rank_fraction: fraction in (0, 1] of each matrix's rank shared by the tasks (a
         Python number: it sets shapes).
+      scope: ``"tensor"`` (each leaf's stack of matrices over its last two axes) or
+        ``"layer"`` / a layout such as ``umtam_jax.scanned("blocks", axis=1)``: each slice
+        over the batch axes merged as a tensor of its own (a ``[d_in, L, d_out]`` stack
+        as its L matrices).
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -162,7 +172,7 @@ def tsv_merge(
       Merging", CVPR 2025, arXiv:2412.00081; FusionBench ``TaskSingularVectorMerging``.
     """
     return pipeline.merge(
-        TSV_MERGE, base, experts, None, scaling=scaling, rank_fraction=rank_fraction
+        TSV_MERGE, base, experts, None, scaling=scaling, rank_fraction=rank_fraction, scope=scope
     )
 
 
@@ -224,6 +234,7 @@ TSV_MERGE = R.register(
                 high=1,
                 low_open=True,
             ),
+            R.SLICES,
         ),
         lambda opts, b, ws, masks, scores, extras: _tsv_leaf(
             b, ws, opts["scaling"], rank_fraction=opts["rank_fraction"]
