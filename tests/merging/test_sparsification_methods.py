@@ -291,6 +291,8 @@ def test_della_per_slice_matches_reference_given_the_documented_draws(linear):
     want = ref_della(base, experts, key, consensus=not linear, normalize=not linear,
                      sliced=True, **kwargs)  # fmt: skip
     H.assert_tree_close(got, want)
+    raw = jax.random.key_data(key)  # a raw uint32 key draws the same
+    H.assert_tree_close(fn(base, experts, key=raw, scope=H.sliced_scope, **kwargs), want)
 
 
 def test_della_keep_rates_follow_the_magnitude_ranks():

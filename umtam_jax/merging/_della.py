@@ -82,8 +82,9 @@ def della(
       layout: ``"in_out"`` (Flax/JAX kernels) or ``"out_in"`` (PyTorch / safetensors
         weights, as mergekit ranks them).
       scope: ``"tensor"``, or ``"layer"`` / a layout such as ``umtam_jax.scanned("blocks")``:
-        each slice over the batch axes ranked and drawn as a tensor of its own (a stacked
-        ``(L, d)`` bias per layer), slice i with ``fold_in(leaf_key, i)``.
+        each slice over the batch axes ranked and drawn as a tensor of its own (with a
+        layout naming it, a stacked ``(L, d)`` bias per layer), slice i with
+        ``fold_in(leaf_key, i)``.
 
     Returns:
       The merged parameters, a pytree like ``base``.
@@ -139,8 +140,9 @@ def della_linear(
       layout: ``"in_out"`` (Flax/JAX kernels) or ``"out_in"`` (PyTorch / safetensors
         weights, as mergekit ranks them).
       scope: ``"tensor"``, or ``"layer"`` / a layout such as ``umtam_jax.scanned("blocks")``:
-        each slice over the batch axes ranked and drawn as a tensor of its own (a stacked
-        ``(L, d)`` bias per layer), slice i with ``fold_in(leaf_key, i)``.
+        each slice over the batch axes ranked and drawn as a tensor of its own (with a
+        layout naming it, a stacked ``(L, d)`` bias per layer), slice i with
+        ``fold_in(leaf_key, i)``.
 
     Returns:
       The merged parameters, a pytree like ``base``.

@@ -292,9 +292,7 @@ def _per_slice(
         return x.transpose(order).reshape(slices, *moved_shape[len(batch) :])
 
     inputs = [stacked(base), *map(stacked, ws)]
-    if keys is not None:
-        if not all(jnp.issubdtype(k.dtype, jax.dtypes.prng_key) for k in keys):
-            raise AssertionError("a sliced kernel's only per-expert input is a PRNG key")
+    if keys is not None:  # a sliced kernel's only per-expert input: keys, typed or raw
         index = jnp.arange(slices)
         inputs += [jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, index) for k in keys]
     n = len(ws)
