@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +38,13 @@ import numpy as np
 from umtam_jax import _pytrees
 from umtam_jax.merging import _validation as V
 from umtam_jax.merging._registry import PER_EXPERT_KINDS, REQUIRED, Method, get
-from umtam_jax.merging._select import global_masks, keep_count, sliced_mask
+from umtam_jax.merging._select import (
+    global_masks,
+    keep_count,
+    sliced_mask,
+    stack_slices,
+    unstack_slices,
+)
 from umtam_jax.merging._statistics_validation import arrays_or_statistics, statistics_leaves
 from umtam_jax.optimizer._layout import matrix_view, scanned
 from umtam_jax.optimizer._statistics import curvature as _curvature
@@ -284,24 +289,16 @@ def _per_slice(
     """``kernel(base, ws, keys)`` on each slice over the ``batch`` axes, one after the
     other, as on tensors of their own; slice i of a leaf drawn with PRNG key k (DELLA)
     draws with ``fold_in(k, i)``."""
-    order = batch + tuple(a for a in range(base.ndim) if a not in batch)
-    moved_shape = tuple(base.shape[a] for a in order)
-    slices = math.prod(moved_shape[: len(batch)])
-
-    def stacked(x: jax.Array) -> jax.Array:
-        return x.transpose(order).reshape(slices, *moved_shape[len(batch) :])
-
-    inputs = [stacked(base), *map(stacked, ws)]
+    inputs = [stack_slices(x, batch) for x in (base, *ws)]
     if keys is not None:  # a sliced kernel's only per-expert input: keys, typed or raw
-        index = jnp.arange(slices)
+        index = jnp.arange(inputs[0].shape[0])
         inputs += [jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, index) for k in keys]
     n = len(ws)
 
     def one(parts: list) -> jax.Array:
         return kernel(parts[0], list(parts[1 : n + 1]), None if keys is None else parts[n + 1 :])
 
-    out = jax.lax.map(one, inputs)
-    return out.reshape(moved_shape).transpose(tuple(int(a) for a in np.argsort(order)))
+    return unstack_slices(jax.lax.map(one, inputs), base.shape, batch)
 
 
 def importances(call: Call) -> list[list[jax.Array]] | None:

@@ -98,12 +98,13 @@ class Param:
             return bool(value)
         if self.kind == "key":
             dtype = getattr(value, "dtype", None)
-            typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-            # A raw key is the key data of the configured implementation (uint32[2] for
-            # threefry, uint32[4] for rbg).
-            raw_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
-            raw = dtype == jnp.uint32 and tuple(getattr(value, "shape", ())) == raw_shape
-            if not (typed and value.shape == () or raw):
+            if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+                ok = value.shape == ()
+            else:  # a raw key: the key data of the configured implementation (uint32[2]
+                # for threefry, uint32[4] for rbg)
+                raw = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+                ok = dtype == jnp.uint32 and tuple(getattr(value, "shape", ())) == raw
+            if not ok:
                 raise TypeError(
                     f"{self.name} must be one JAX PRNG key (e.g. key=jax.random.key(0)), "
                     f"got {value!r}"

@@ -32,7 +32,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from umtam_jax.optimizer._axis_order import from_canonical, to_canonical
 
 
 def keep_count(n: int, density: float) -> int:
@@ -124,6 +125,24 @@ def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     return _topk_mask(scores, k)
 
 
+def stack_slices(x: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+    """``x`` with its ``batch`` axes moved first and merged into one: ``(slices, *rest)``,
+    slice i the i-th index over them in row-major order; :func:`unstack_slices` undoes it."""
+    order = _slices_first(x.ndim, batch)
+    moved = to_canonical(x, order)
+    return moved.reshape(math.prod(moved.shape[: len(batch)]), *moved.shape[len(batch) :])
+
+
+def unstack_slices(y: jax.Array, shape: tuple[int, ...], batch: tuple[int, ...]) -> jax.Array:
+    """The array of ``shape`` whose :func:`stack_slices` is ``y`` (reshaped as needed)."""
+    order = _slices_first(len(shape), batch)
+    return from_canonical(y.reshape(tuple(shape[a] for a in order)), order)
+
+
+def _slices_first(ndim: int, batch: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(batch) + tuple(a for a in range(ndim) if a not in batch)
+
+
 #: Slices up to this many entries are selected by sorting each (every slice of a leaf at
 #: once, memory linear in the leaf); larger ones by the radix select, one at a time (its
 #: histogram of 2**16 bins per slice would dwarf small slices).
@@ -155,10 +174,8 @@ def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) 
     """
     if not batch or scores.size == 0:
         return _topk_mask(scores, keep_count(scores.size, density))
-    rest = tuple(a for a in range(scores.ndim) if a not in batch)
-    order = tuple(batch) + rest
-    moved = scores.transpose(order)
-    rows = moved.reshape(math.prod(scores.shape[a] for a in batch), -1)
+    stacked = stack_slices(scores, batch)
+    rows = stacked.reshape(stacked.shape[0], -1)
     k = keep_count(rows.shape[1], density)
     if rows.shape[1] > _SORTED_SLICE_SIZE:
         mask = jax.lax.map(lambda row: _topk_mask(row, k), rows)
@@ -167,7 +184,7 @@ def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) 
         # Largest key first, equal keys in index order (a stable sort of the complement).
         rank = jnp.argsort(jnp.argsort(~keys, axis=1, stable=True), axis=1)
         mask = rank < k
-    return mask.reshape(moved.shape).transpose(tuple(int(a) for a in np.argsort(order)))
+    return unstack_slices(mask, scores.shape, batch)
 
 
 @functools.partial(jax.jit, static_argnums=1)
