@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from umtam_jax.experiments import intervals
+
 #: The repository root (the folder holding ``benchmarks/``).
 ROOT = Path(__file__).resolve().parent.parent
 #: Default output folder of :func:`write_results` (``benchmarks/results``).
@@ -106,18 +108,12 @@ def t_interval(xs: list[float | None]) -> dict[str, float | int | None]:
     Returns:
         ``{"estimate", "low", "high", "n"}``.
     """
-    import scipy.stats
-
-    x = np.asarray([v for v in xs if v is not None and math.isfinite(v)], float)
-    n = len(x)
-    if n == 0:
-        return {"estimate": None, "low": None, "high": None, "n": 0}
-    mean = float(x.mean())
-    if n < 2:
-        return {"estimate": mean, "low": None, "high": None, "n": 1}
-    t = float(scipy.stats.t.ppf(0.975, n - 1))
-    half = t * float(x.std(ddof=1)) / math.sqrt(n)
-    return {"estimate": mean, "low": mean - half, "high": mean + half, "n": n}
+    x = [v for v in xs if v is not None and math.isfinite(v)]
+    if len(x) < 2:
+        mean = float(x[0]) if x else None
+        return {"estimate": mean, "low": None, "high": None, "n": len(x)}
+    c = intervals.student_t(x)
+    return {"estimate": c.estimate, "low": c.low, "high": c.high, "n": len(x)}
 
 
 def format_interval(c: dict[str, Any], f: str = "{:.3f}") -> str:

@@ -299,8 +299,8 @@ def main(argv=None) -> int:
         f"improving ({proto['early_stopping']}), {'all' if cap is None else f'≤ {cap}'} test "
         f"examples per task. Every method's hyper-parameters chosen on validation only "
         f"(budget {proto['budget']} evaluations each, grids extended at open edges). "
-        f"Normalized = merged ÷ expert test score, mean over seeds and tasks; 95 % paired "
-        f"bootstrap intervals over seeds and test examples ({samples} replicates).",
+        f"Normalized = merged ÷ expert test score, mean over seeds and tasks; 95 % Student-t "
+        f"intervals over the seeds (of each seed's mean, paired differences per seed).",
         "",
         _experts_md(results),
         "",

@@ -66,7 +66,8 @@ def _markdown(run: dict[str, Any], summary: dict[str, Any], size: str) -> str:
         "per tensor to the density by the saliency S saved during training or by |Δ|; the "
         "rest reverts to the pretrained encoder; the task keeps its head. Test split only "
         "(nothing is tuned). Normalized = score ÷ the seed's expert score, averaged over "
-        "seeds and tasks; 95 % paired bootstrap intervals over seeds and test examples.\n\n"
+        "seeds and tasks; 95 % Student-t intervals over the seeds (paired differences per "
+        "seed).\n\n"
         + "\n".join(lines)
         + f"\n\nPretrained encoder with the fine-tuned heads (0 %): {_ci(base)} normalized.\n\n"
         "Per task (raw metric, saliency vs magnitude, difference in % of magnitude's "

@@ -107,8 +107,9 @@ def test_merging_rows_from_a_protocol_work_directory(tmp_path):
         assert row.low <= row.estimate <= row.high
         assert "2 of 2 seeds" in row.setting and "≤ 400 test" in row.setting
         assert row.verdict in verdicts.VERDICTS
-    # UMTAM ~0.94 vs Linear ~0.61 normalized: +50 % or so, above 0 and past +14.9 %.
-    assert rows[0].low > 14.9 and rows[0].verdict == "reproduced"
+    # UMTAM ~0.94 vs Linear ~0.61 normalized: +50 % or so; two seeds give a wide Student-t
+    # interval (t = 12.7), above 0 and reaching +14.9 %.
+    assert 0 < rows[0].low < 14.9 < rows[0].high and rows[0].verdict == "reproduced"
 
 
 def test_merging_rows_from_a_ready_table_with_either_orientation(tmp_path):

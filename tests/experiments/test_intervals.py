@@ -1,12 +1,20 @@
-"""Paired hierarchical bootstrap: estimates, interval widths against the normal theory,
-pairing, seed resampling, normalization, verdicts and input errors."""
+"""Merge-comparison intervals: Student-t over seeds against a float64 reference and its
+coverage, the one-seed paired bootstrap against the normal theory, pairing,
+normalization, verdicts and input errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from umtam_jax.experiments.intervals import Interval, paired_difference, score_interval
+from umtam_jax.experiments.intervals import (
+    Interval,
+    paired_difference,
+    score_interval,
+    student_t,
+)
+
+T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student-t quantiles, 2 and 3 df
 
 
 def accuracy(y, p):
@@ -80,18 +88,62 @@ def test_identical_methods_are_tied_with_a_zero_interval():
     assert (got.estimate, got.low, got.high, got.verdict()) == (0.0, 0.0, 0.0, "tied")
 
 
-def test_seeds_are_resampled_so_seed_to_seed_spread_widens_the_interval():
+def test_several_seeds_give_a_student_t_interval_over_the_per_seed_differences():
+    labels = _labels(300, seeds=3, tasks=("a", "b"))
+    a, b = _noisy(labels, 0.2, 1), _noisy(labels, 0.3, 2)
+    norms = [{"a": 0.9, "b": 0.7}, {"a": 0.8, "b": 0.6}, {"a": 0.95, "b": 0.75}]
+    per_seed = np.array(
+        [
+            np.mean([(accuracy(y[t], pa[t]) - accuracy(y[t], pb[t])) / n[t] for t in "ab"])
+            for y, pa, pb, n in zip(labels, a, b, norms, strict=True)
+        ],
+        dtype=np.float64,
+    )
+    half = T_975[2] * per_seed.std(ddof=1) / np.sqrt(3)
+    got = paired_difference(accuracy, labels, a, b, normalizers=norms)
+    np.testing.assert_allclose(got.per_seed, per_seed, rtol=1e-9)
+    np.testing.assert_allclose(
+        [got.estimate, got.low, got.high],
+        [per_seed.mean(), per_seed.mean() - half, per_seed.mean() + half],
+        rtol=1e-9,
+    )
+    own = score_interval(accuracy, labels, a, normalizers=norms)
+    assert len(own.per_seed) == 3 and own.low < own.estimate < own.high
+
+
+def test_seed_to_seed_spread_widens_the_interval_past_the_test_examples_noise():
     # Seed 0 is far better than seed 1 for A only: the examples alone would give a narrow
-    # interval; resampling seeds must cover both seeds' differences.
+    # interval; the seeds' interval covers both seeds' differences.
     labels = _labels(2000, seeds=2)
     a = [_noisy(labels[:1], 0.1, 1)[0], _noisy(labels[1:], 0.5, 2)[0]]
     b = _noisy(labels, 0.3, 3)
-    got = paired_difference(accuracy, labels, a, b, samples=2000)
+    got = paired_difference(accuracy, labels, a, b)
     per_seed = [
         accuracy(labels[s]["a"], a[s]["a"]) - accuracy(labels[s]["a"], b[s]["a"]) for s in range(2)
     ]
-    assert got.low < min(per_seed) + 0.02 and got.high > max(per_seed) - 0.02
+    assert got.low < min(per_seed) and got.high > max(per_seed)
     assert got.verdict() == "tied"
+
+
+def test_student_t_covers_the_mean_at_its_level_where_seed_resampling_does_not():
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.3, 1.0, size=(4000, 3))
+    covered = [c.low < 0.3 < c.high for c in map(student_t, draws)]
+    within_range = (draws.min(1) < 0.3) & (draws.max(1) > 0.3)
+    assert abs(np.mean(covered) - 0.95) < 0.015
+    assert abs(np.mean(within_range) - 0.75) < 0.03  # what resampled seeds could reach
+    c = student_t([0.1, 0.4, 0.2, 0.7], level=0.95)
+    x = np.array([0.1, 0.4, 0.2, 0.7])
+    half = T_975[3] * x.std(ddof=1) / 2
+    np.testing.assert_allclose([c.low, c.high], [x.mean() - half, x.mean() + half], rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"), [([1.0], "at least two"), ([1.0, np.nan], "finite")]
+)
+def test_student_t_refuses_what_it_cannot_estimate(values, message):
+    with pytest.raises(ValueError, match=message):
+        student_t(values)
 
 
 def test_normalizers_divide_each_seed_and_task():
@@ -109,6 +161,7 @@ def test_verdicts_and_dict():
     assert Interval(0.1, 0.01, 0.2).verdict() == "better"
     assert Interval(-0.1, -0.2, -0.01).verdict() == "worse"
     assert Interval(0.0, -0.1, 0.1).as_dict()["verdict"] == "tied"
+    assert Interval(0.1, 0.0, 0.2, 0.95, (0.1, 0.1)).as_dict()["per_seed"] == [0.1, 0.1]
 
 
 @pytest.mark.parametrize(

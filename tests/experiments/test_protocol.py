@@ -356,7 +356,7 @@ def test_pruning_study_reuses_the_protocol_experts_and_caches_predictions(first,
     full = summary["mean"]["1"]
     assert full["saliency"]["estimate"] == pytest.approx(1.0)
     assert full["difference"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "level": 0.95,
-                                  "verdict": "tied"}  # fmt: skip
+                                  "per_seed": [0.0, 0.0], "verdict": "tied"}  # fmt: skip
     # The normalized mean against a hand computation from the stored predictions.
     metrics = {t: (run["metrics"][t]["metric"], run["metrics"][t]["num_labels"]) for t in TASKS}
     ref = []

@@ -43,7 +43,7 @@ The evaluation protocol (seeds, early-stopped experts, equal-budget searches, in
 * :mod:`~umtam_jax.experiments.spaces` -- :func:`candidates`: every compared method with
   its searched axes (:class:`Candidate`), and the excluded registered methods.
 * :mod:`~umtam_jax.experiments.comparison` -- :func:`summarize` and :class:`MergeTable`
-  (normalized scores and paired differences with bootstrap intervals), :func:`compare_runs`
+  (normalized scores and paired differences with their intervals), :func:`compare_runs`
   (two pipelines, e.g. UMTAM- vs AdamW-trained experts, on raw scores).
 * :mod:`~umtam_jax.experiments.pruning` -- :func:`run_pruning` and
   :func:`summarize_pruning`: saliency vs magnitude pruning of the protocol's experts.
@@ -53,7 +53,8 @@ The evaluation protocol (seeds, early-stopped experts, equal-budget searches, in
 
 Tools for comparing merges, imported from their modules:
 :mod:`~umtam_jax.experiments.search` (an equal-budget validation search that extends grids
-past their edges), :mod:`~umtam_jax.experiments.intervals` (paired bootstrap intervals) and
+past their edges), :mod:`~umtam_jax.experiments.intervals` (Student-t over seeds; a paired
+bootstrap over one seed's test examples) and
 :mod:`~umtam_jax.experiments.verdicts` (:func:`~umtam_jax.experiments.verdicts.judge`: an
 interval against a claimed number); :mod:`~umtam_jax.experiments.claims` sets the paper's
 claims beside the results.

@@ -1,4 +1,4 @@
-"""The protocol's table: normalized scores and paired differences with bootstrap intervals.
+"""The protocol's table: normalized scores and paired differences with their intervals.
 
 :func:`summarize` reads what :func:`~umtam_jax.experiments.protocol.run_protocol` stored
 in a work directory (the test labels, every (seed, method)'s test predictions, the
@@ -133,9 +133,9 @@ def summarize(
         seeds: Seeds (default: every seed whose experts were trained); a method is
             summarized only when it finished for all of them.
         references: Reference methods of the paired differences.
-        samples: Bootstrap replicates.
+        samples: Bootstrap replicates (one seed only; several give Student-t intervals).
         level: Interval coverage.
-        bootstrap_seed: The resampling's seed.
+        bootstrap_seed: The resampling's seed (one seed only).
 
     Returns:
         A :class:`MergeTable`.
@@ -186,6 +186,7 @@ def summarize(
             "score": ci.estimate,
             "low": ci.low,
             "high": ci.high,
+            "per_seed": list(ci.per_seed),
             "raw_score": float(raw),
             "validation_score": float(np.mean([r["validation_norm"] for r in recs])),
             "budget": recs[0]["budget"],
@@ -198,7 +199,8 @@ def summarize(
         }
         for ref in references:
             if ref == m or ref not in preds:
-                row.update({f"vs_{ref}{x}": None for x in ("", "_low", "_high", "_verdict")})
+                keys = ("", "_low", "_high", "_verdict", "_per_seed")
+                row.update({f"vs_{ref}{x}": None for x in keys})
                 continue
             d = intervals.paired_difference(metric, labels, p, preds[ref], **kw)
             row.update(
@@ -207,6 +209,7 @@ def summarize(
                     f"vs_{ref}_low": d.low,
                     f"vs_{ref}_high": d.high,
                     f"vs_{ref}_verdict": d.verdict(),
+                    f"vs_{ref}_per_seed": list(d.per_seed),
                 }
             )
         rows.append(row)

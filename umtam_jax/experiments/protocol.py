@@ -265,13 +265,13 @@ def evaluate_merges(
     """Runs (or resumes) the protocol and returns the table of intervals.
 
     Per method: the mean normalized test score (merged / expert, per seed and task) with
-    its bootstrap interval over seeds and test examples; per method and reference, the
+    its Student-t interval over the seeds; per method and reference, the
     paired difference with its interval and verdict (better / worse / tied).
 
     Args:
         tasks, methods, seeds, size, workdir: As :func:`run_protocol`.
         references: Methods every other one is compared with (those that were run).
-        samples: Bootstrap replicates (default: the size's).
+        samples: Bootstrap replicates of a one-seed run (default: the size's).
         level: Interval coverage.
         **kwargs: Passed to :func:`run_protocol` (``progress``, ``log``, ...).
 
