@@ -365,6 +365,24 @@ def test_an_edit_of_a_header_dtype_or_shape_is_detected(tmp_path, old, new, now)
     )
 
 
+def test_a_file_of_our_folder_without_its_crc_record_is_corrupt(tmp_path):
+    """One flipped bit in the record's key name (``crc32`` -> ``crc33``) plus a flipped
+    data byte: a folder with the marker holds CRCs in every file, so the missing record is
+    damage; without the marker (a foreign folder) the same file reads unverified."""
+    folder = save_safetensors(tmp_path / "m", {"w": np.arange(6, dtype=np.float32)})
+    path = folder / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    at = raw.find(S.CRC_KEY.encode())
+    raw[at + len(S.CRC_KEY) - 1] ^= 0x01  # '2' -> '3'
+    raw[-1] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors is corrupt.*no 'umtam"):
+        SafetensorsReader(folder)
+    assert SafetensorsReader(folder, verify=False).read(["w"])[0][-1] != 5.0
+    (folder / S.MARKER_FILE).unlink()
+    assert SafetensorsReader(folder).read(["w"])[0].shape == (6,)
+
+
 def edit_index(folder, edit):
     path = folder / "model.safetensors.index.json"
     index = json.loads(path.read_text())
@@ -542,6 +560,29 @@ def test_orbax_and_safetensors_convert_both_ways_exactly(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="nested dicts with string keys; layers is 'list'"):
         orbax_to_safetensors(bad, tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_conversion_never_writes_into_or_over_its_input(tmp_path):
+    src = save_safetensors(tmp_path / "src", {"w": np.ones(3, np.float32)})
+    ckpt = safetensors_to_orbax(src, tmp_path / "ckpt")
+
+    def everything():
+        return {p: p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))}
+
+    before = everything()
+    for call, match in [
+        (lambda: safetensors_to_orbax(src, src / "ckpt"), "is inside the safetensors input"),
+        (lambda: safetensors_to_orbax(src, tmp_path), "contains the safetensors input"),
+        (lambda: orbax_to_safetensors(ckpt, ckpt / "hf"), "is inside the checkpoint"),
+        (lambda: orbax_to_safetensors(ckpt, ckpt, overwrite=True), "is the checkpoint"),
+        (
+            lambda: orbax_to_safetensors(ckpt, src / "hf", copy_files_from=src),
+            "is inside copy_files_from",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert everything() == before
 
 
 def test_copied_config_names_the_written_dtype(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import pathlib
 import re
@@ -21,7 +22,7 @@ import pytest
 from etils import epath
 
 from umtam_jax import checkpoint, engine
-from umtam_jax.checkpoint import _processes, _safety
+from umtam_jax.checkpoint import _processes, _safety, _save
 
 OLD = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(3, np.float32)}
 NEW = {"w": -np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(3, np.float32)}
@@ -332,6 +333,55 @@ def test_overwrite_killed_at_each_step_keeps_old_or_new(tmp_path, exchange, step
     assert _hidden_leftovers(path) == []
 
 
+@pytest.mark.parametrize("then", ["restore", "save", "save_fails"])
+def test_an_empty_folder_made_after_a_killed_swap_gets_the_old_checkpoint_back(
+    tmp_path, then, monkeypatch
+):
+    """Killed between retiring the old checkpoint and publishing the new one (no atomic
+    exchange), then a script makes the output folder again before its next call."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    assert _run_killed(path, "retired", False) == -9
+    assert not path.exists()
+    path.mkdir()
+    if then == "restore":
+        chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+    elif then == "save":  # without overwrite: the old checkpoint is back and kept
+        with pytest.raises(FileExistsError):
+            checkpoint.save_checkpoint(path, NEW)
+        chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+    else:  # a save that fails after its repair never leaves less than the old one
+        monkeypatch.setattr(_save, "_write", _raise_oserror)
+        with pytest.raises(OSError, match="disk on fire"):
+            checkpoint.save_checkpoint(path, NEW, overwrite=True)
+        chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+
+
+def _raise_oserror(*args, **kwargs):
+    raise OSError(errno.EIO, "disk on fire")
+
+
+def test_a_killed_swaps_old_copy_is_kept_while_a_foreign_folder_holds_the_path(tmp_path):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    assert _run_killed(path, "retired", False) == -9
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    olds = [n for n in _hidden_leftovers(path) if ".umtam-old-" in n]
+    with pytest.raises(ValueError, match="not a umtam_jax"):
+        checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    assert [n for n in _hidden_leftovers(path) if ".umtam-old-" in n] == olds != []
+    assert (path / "notes.txt").read_text() == "mine"
+
+
+def test_a_lock_name_planted_as_a_link_is_never_followed(tmp_path):
+    path, victim = tmp_path / "ckpt", tmp_path / "victim"
+    os.symlink(victim, tmp_path / ".ckpt.umtam-lock")
+    with pytest.raises(OSError, match="lock file .*ckpt.umtam-lock is a symbolic link"):
+        checkpoint.save_checkpoint(path, OLD)
+    assert not victim.exists() and not path.exists()
+
+
 def test_killed_streaming_write_leaves_nothing_at_the_path(tmp_path):
     path = tmp_path / "merged"
     script = textwrap.dedent(
@@ -528,6 +578,61 @@ def test_edited_metadata_dtype_and_missing_checksums(tmp_path):
         checkpoint.restore_params(path)
 
 
+def _edit_record(path, edit):
+    record = path / "umtam_checksums.json"
+    data = json.loads(record.read_text())
+    edit(data)
+    record.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["items"]["params"].clear(),  # an emptied item
+        lambda d: d["items"].update(paraos=d["items"].pop("params")),  # a flipped key bit
+        lambda d: d["items"]["params"].pop("w"),  # one array's entry
+    ],
+)
+def test_an_array_missing_from_the_checksum_record_is_damage(tmp_path, edit):
+    """With the data damaged too, a record that skipped the array would let it through."""
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", {"w": np.arange(64.0, dtype=np.float32)})
+    data = _data_files(path)[-1]
+    blob = bytearray(pathlib.Path(data).read_bytes())
+    blob[len(blob) // 2] ^= 0x40
+    pathlib.Path(data).write_bytes(blob)
+    _edit_record(path, edit)
+    for restore in (
+        lambda: checkpoint.restore_params(path),
+        lambda: checkpoint.CheckpointReader(path).restore_arrays("params", [("w",)]),
+    ):
+        with pytest.raises(checkpoint.CheckpointCorruptError, match="params/w has no entry"):
+            restore()
+
+
+def test_a_checksum_record_without_the_metadata_crc_is_damage(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", {"w": np.ones(3, np.float32)})
+    _edit_record(path, lambda d: d.pop("metadata"))
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="no checksum of its metadata"):
+        checkpoint.restore_params(path)
+
+
+def test_a_version_2_record_may_leave_arrays_out_and_a_null_crc_is_not_verified():
+    """Format 2 recorded only arrays the saving process could see (multi-host sharding);
+    format 3 records those with a null CRC."""
+    from umtam_jax.checkpoint import _integrity
+
+    leaves = {"w": {"dtype": "float32", "shape": [3]}}
+    old = _integrity.Records({"params": {}})
+    _integrity.check_spec(pathlib.Path("ck"), "params", leaves, old)  # no error
+    new = _integrity.Records({"params": {"w": {**leaves["w"], "crc32": None}}})
+    new.complete = True
+    _integrity.check_spec(pathlib.Path("ck"), "params", leaves, new)
+    _integrity.verify(pathlib.Path("ck"), "params", "w", np.zeros(3, np.float32), new)
+    new["params"]["w"]["crc32"] = 0
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="does not match its checksum"):
+        _integrity.verify(pathlib.Path("ck"), "params", "w", np.ones(3, np.float32), new)
+
+
 @pytest.mark.parametrize(
     "tree",
     [
@@ -565,6 +670,30 @@ def test_multiprocess_save_publishes_from_process_zero(tmp_path, monkeypatch):
     assert len(barriers) == 6
     chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW)
     assert _hidden_leftovers(path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_multiprocess_save_checks_the_path_again_before_publishing(
+    tmp_path, monkeypatch, overwrite
+):
+    """A folder made at a free path, or a file put into the checkpoint being replaced,
+    while the processes write: every process refuses, nothing is swapped away."""
+    path = tmp_path / "ckpt"
+    if overwrite:
+        checkpoint.save_checkpoint(path, OLD)
+    monkeypatch.setattr(_processes, "count", lambda: 2)
+    monkeypatch.setattr(_processes, "shared_token", lambda: "sharedtoken0")
+
+    def barrier(name):
+        if name.startswith("umtam_checkpoint_staged"):
+            path.mkdir(exist_ok=True)
+            (path / "thesis.tex").write_text("mine")
+
+    monkeypatch.setattr(_processes, "barrier", barrier)
+    with pytest.raises((ValueError, FileExistsError), match="thesis.tex|not a umtam_jax"):
+        checkpoint.save_checkpoint(path, NEW, overwrite=overwrite)
+    assert (path / "thesis.tex").read_text() == "mine"
+    assert [n for n in _hidden_leftovers(path) if "umtam-new" in n] == []
 
 
 def test_a_failed_write_names_the_output_and_a_failed_read_keeps_its_own_error(tmp_path):

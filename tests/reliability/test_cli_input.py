@@ -288,7 +288,7 @@ def test_corrupt_expert_is_named(ckpts, capsys, in_memory, damage):
         ('"children"', '"childran"', "the dict at the root has no list of children"),
         ('"float32"', '"flaat32"', "the array at /w has no valid dtype"),
         ('"shape": [64', '"shape": [-64', "the array at /w has no valid shape"),
-        ('"format_version": 2', '"format_version": "2"', "format_version '2'"),
+        ('"format_version": 3', '"format_version": "3"', "format_version '3'"),
     ],
 )
 def test_damaged_checkpoint_metadata_is_named_corrupt(ckpts, capsys, old, new, where):

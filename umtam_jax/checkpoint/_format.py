@@ -33,7 +33,8 @@ from umtam_jax.checkpoint import _targets
 
 FORMAT_NAME = _targets._FORMAT_NAME
 # 2: stored names escape '%', '.' and '/'; arrays have checksums (_integrity).
-FORMAT_VERSION = 2
+# 3: the checksum record lists every array (a missing entry is damage) and the metadata's.
+FORMAT_VERSION = 3
 
 PARAMS = "params"
 STATISTICS = "statistics"

@@ -14,8 +14,11 @@ corruption with probability 1 − 2⁻³²; it runs at about 3 GB/s on one core,
 SHA-256. It guards against damaged files, not against deliberate tampering.
 
 Checkpoints of format version 1 (written before checksums existed) restore unverified.
-An array that is not fully addressable by this process (multi-host sharding) is neither
-recorded nor verified.
+An array that is not fully addressable by the saving process (multi-host sharding) is
+recorded with its dtype and shape and no CRC, and is not verified. From format version 3
+on, the record lists every array and holds the metadata's CRC, so an entry or item
+missing from it (a damaged key name, an emptied item) is itself reported as damage;
+version 2 records left unaddressable arrays out and are read as before.
 """
 
 from __future__ import annotations
@@ -58,9 +61,12 @@ def crc32(array: np.ndarray) -> int:
     return zlib.crc32(flat)
 
 
-def record(array: np.ndarray) -> dict[str, Any]:
-    """The checksum record of one array."""
-    return {"dtype": str(array.dtype), "shape": list(array.shape), ALGORITHM: crc32(array)}
+def record(array: Any) -> dict[str, Any]:
+    """The checksum record of one array (its CRC None when this process cannot see all
+    of it)."""
+    host = host_array(array)
+    crc = None if host is None else crc32(host)
+    return {"dtype": str(np.dtype(array.dtype)), "shape": list(array.shape), ALGORITHM: crc}
 
 
 def metadata_crc32(metadata: Mapping[str, Any]) -> int:
@@ -82,22 +88,34 @@ def write(
 
 
 def check_metadata(directory: epath.Path, metadata: Mapping[str, Any]) -> None:
-    """Raises :class:`CheckpointCorruptError` when the checksum record holds a CRC of the
-    metadata and the restored metadata does not match it (a flipped byte in a key name
-    or a user value, which the JSON still parses). A missing or unreadable record is left
-    to the array verification (:func:`read`)."""
+    """Raises :class:`CheckpointCorruptError` when the restored metadata does not match
+    the CRC in the checksum record (a flipped byte in a key name or a user value, which
+    the JSON still parses), or, from format version 3 on, the record has none. A missing
+    or unreadable record is left to the array verification (:func:`read`)."""
     try:
         recorded = _json.loads((directory / CHECKSUMS_FILE).read_text()).get("metadata")
     except (OSError, ValueError, AttributeError):
         return
-    if isinstance(recorded, int) and recorded != metadata_crc32(metadata):
+    if recorded is None and metadata.get("format_version", 1) >= 3:
+        raise CheckpointCorruptError(
+            f"checkpoint {directory} is corrupt: its checksum record ({CHECKSUMS_FILE}) "
+            "holds no checksum of its metadata"
+        )
+    if recorded is not None and recorded != metadata_crc32(metadata):
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: its metadata does not match its checksum "
             f"record ({CHECKSUMS_FILE}): a key name, key kind or user value was changed"
         )
 
 
-def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]] | None:
+class Records(dict):
+    """``{item: {key: record}}`` as read by :func:`read`; ``complete`` when every saved
+    array must have an entry (format version 3 on)."""
+
+    complete: bool = False
+
+
+def read(directory: epath.Path, format_version: int) -> Records | None:
     """The checkpoint's records, or None for a checkpoint older than checksums.
 
     Raises:
@@ -116,7 +134,7 @@ def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]
                 if not (
                     isinstance(rec["dtype"], str)
                     and isinstance(rec["shape"], list)
-                    and isinstance(rec[ALGORITHM], int)
+                    and (isinstance(rec[ALGORITHM], int) or rec[ALGORITHM] is None)
                 ):
                     raise ValueError("malformed record")
     except FileNotFoundError:
@@ -128,7 +146,9 @@ def read(directory: epath.Path, format_version: int) -> dict[str, dict[str, Any]
             f"checkpoint {directory} is corrupt: cannot read its checksum record {path} "
             f"({type(err).__name__}: {err})"
         ) from None
-    return items
+    out = Records(items)
+    out.complete = format_version >= 3
+    return out
 
 
 def check_spec(
@@ -147,8 +167,13 @@ def check_spec(
     saved = records.get(item, {})
     for k, leaf in leaves.items():
         rec = saved.get(k)
+        if rec is None and records.complete:
+            raise CheckpointCorruptError(
+                f"checkpoint {directory} is corrupt: array {item}/{k} has no entry in its "
+                f"checksum record ({CHECKSUMS_FILE})"
+            )
         if rec is None:
-            continue  # not fully addressable when saved
+            continue  # format 2: not fully addressable when saved
         if rec["dtype"] != leaf["dtype"] or list(rec["shape"]) != list(leaf["shape"]):
             raise CheckpointCorruptError(
                 f"checkpoint {directory} is corrupt: its metadata gives {item}/{k} dtype "
@@ -167,7 +192,7 @@ def verify(directory: epath.Path, item: str, k: str, array: Any, records: Any) -
         return
     rec = records.get(item, {}).get(k)
     host = host_array(array)
-    if rec is None or host is None:
+    if rec is None or rec[ALGORITHM] is None or host is None:
         return
     where = f"checkpoint {directory} is corrupt: array {item}/{k}"
     if str(host.dtype) != rec["dtype"] or list(host.shape) != list(rec["shape"]):

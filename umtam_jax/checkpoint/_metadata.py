@@ -27,8 +27,7 @@ from umtam_jax.checkpoint._format import (
 
 def check_directory(directory: str | epath.PathLike) -> epath.Path:
     directory = _absolute(directory)
-    if not directory.exists():
-        _safety.recover(directory)  # a save killed in the middle of its swap
+    _safety.recover(directory)  # a save killed in the middle of its swap
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoint at {directory}: the directory does not exist")
     if not directory.is_dir():

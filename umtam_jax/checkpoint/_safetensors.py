@@ -282,8 +282,7 @@ class SafetensorsReader:
 
     def __init__(self, folder: str | os.PathLike, *, verify: bool = True):
         path = F._absolute(folder)
-        if not path.exists():
-            _safety.recover(path, SAFETENSORS)  # a save killed in the middle of its swap
+        _safety.recover(path, SAFETENSORS)  # a save killed in the middle of its swap
         if not path.exists():
             raise FileNotFoundError(f"no safetensors model at {path}: it does not exist")
         self.is_folder = path.is_dir()
@@ -301,6 +300,7 @@ class SafetensorsReader:
         self._crcs: dict[str, int] = {}
         headers = [(os.fspath(f), *_parse_header(os.fspath(f))) for f in self.files]
         self.metadata: dict[str, str] = headers[0][2]
+        own = verify and _is_own(self.folder)  # its files all carry CRCs
         for file, tensors, meta in headers:
             for name, entry in tensors.items():
                 if name in self._entries:
@@ -309,6 +309,11 @@ class SafetensorsReader:
                 self._entries[name] = (file, *entry)
             if verify and CRC_KEY in meta:
                 self._crcs.update(self._checksums(file, meta[CRC_KEY], tensors))
+            elif own:
+                raise CheckpointCorruptError(
+                    f"{file} is corrupt: its header has no {CRC_KEY!r} record, which every "
+                    f"file of a folder written by save_safetensors ({MARKER_FILE}) holds"
+                )
         for name, shard in (shard_of or {}).items():
             if name not in self._entries:
                 raise ValueError(

@@ -259,6 +259,7 @@ def safetensors_to_orbax(
       The checkpoint directory, for :func:`~umtam_jax.checkpoint.restore_params`.
 
     Raises:
+      ValueError: ``checkpoint_dir`` is, contains or lies inside ``folder``.
       As :class:`SafetensorsReader` and :func:`~umtam_jax.checkpoint.save_params_streaming`.
 
     Example:
@@ -274,6 +275,7 @@ def safetensors_to_orbax(
       the safetensors format, https://huggingface.co/docs/safetensors
       Orbax checkpointing, https://orbax.readthedocs.io
     """
+    _targets.check_output_not_input(checkpoint_dir, [("the safetensors input", folder)])
     reader = SafetensorsReader(folder)
     abstract = reader.abstract()
     order = list(names_from_tree(abstract))
@@ -318,7 +320,8 @@ def orbax_to_safetensors(
       The folder.
 
     Raises:
-      ValueError: params that are not nested dicts, or a key that is empty or has ``"."``.
+      ValueError: params that are not nested dicts, or a key that is empty or has ``"."``;
+        ``folder`` is, contains or lies inside ``checkpoint_dir`` or ``copy_files_from``.
 
     Example:
       >>> import tempfile, numpy as np
@@ -333,6 +336,10 @@ def orbax_to_safetensors(
       Orbax checkpointing, https://orbax.readthedocs.io
       the safetensors format, https://huggingface.co/docs/safetensors
     """
+    inputs = [("the checkpoint", checkpoint_dir)]
+    if copy_files_from is not None:
+        inputs.append(("copy_files_from", copy_files_from))
+    _targets.check_output_not_input(folder, inputs)
     reader = CheckpointReader(checkpoint_dir)
     found = list(_spec_names(reader.structure(F.PARAMS)))
     stored = {name: path for name, path, _ in found}

@@ -169,8 +169,15 @@ def _locked(directory: epath.Path) -> Iterator[None]:
     lock_path = os.fspath(_hidden(directory, _LOCK))
     while True:
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            # never through a link planted at the lock's name
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise OSError(
+                    err.errno,
+                    f"cannot write checkpoint {directory}: its lock file {lock_path} is a "
+                    "symbolic link (delete it if no save to this path is running)",
+                ) from None
             raise OSError(
                 err.errno, f"cannot write checkpoint {directory}: {err.strerror}", lock_path
             ) from None
@@ -205,20 +212,24 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     """Under the lock: puts back an interrupted swap's old output, drops leftovers.
 
     The old output is put back whichever writer made it (a reader or writer of the other
-    format finds its path as it was, and refuses it); old copies are deleted only once
-    the path holds an output again, so nothing that was at the path is ever lost.
+    format finds its path as it was, and refuses it) where the path is free or holds an
+    empty folder (one made for the output since); old copies are deleted only once the
+    path holds an output again, so nothing that was at the path is ever lost.
     """
-    if not directory.exists():
 
-        def is_output(p: epath.Path) -> bool:
-            return kind.is_own(p) or (p / _CONTENTS_FILE).is_file()
+    def is_output(p: epath.Path) -> bool:
+        return kind.is_own(p) or (p / _CONTENTS_FILE).is_file()
 
+    empty = is_empty_folder(directory)
+    if empty or not directory.exists():
         olds = [p for p in _siblings(directory, _OLD) if is_output(p)]
         if olds:
             newest = max(olds, key=lambda p: p.stat().mtime)
+            if empty:
+                os.rmdir(directory)  # fails if anything was put into it meanwhile
             newest.rename(directory)
             _fsync_dir(directory.parent)
-    prefixes = (_NEW, _TRASH, _OLD) if directory.exists() else (_NEW, _TRASH)
+    prefixes = (_NEW, _TRASH, _OLD) if is_output(directory) else (_NEW, _TRASH)
     for prefix in prefixes:  # with Orbax's temporaries of those names
         for leftover in _siblings(directory, prefix):
             _rmtree(leftover)
@@ -227,14 +238,22 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
 def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     """Puts back the checkpoint of a save killed in the middle of a swap, if any.
 
-    Called by the restore functions when ``directory`` does not exist; does nothing when
-    there is nothing to recover or another process holds the lock. ``kind`` as in
-    :func:`check_target`.
+    Called by the restore functions when ``directory`` does not exist or is an empty
+    folder; does nothing when there is nothing to recover or another process holds the
+    lock. ``kind`` as in :func:`check_target`.
     """
-    if directory.exists() or not _siblings(directory, _OLD):
+    olds = _siblings(directory, _OLD)
+    if (directory.exists() and not is_empty_folder(directory)) or not olds:
         return
-    with contextlib.suppress(CheckpointBusyError), _locked(directory):
-        _repair(directory, kind)
+    try:
+        with contextlib.suppress(CheckpointBusyError), _locked(directory):
+            _repair(directory, kind)
+    except OSError as err:  # e.g. read-only media
+        raise OSError(
+            err.errno,
+            f"{directory} is missing or empty and the copy a killed save left at {olds[-1]} "
+            f"cannot be put back: {err.strerror}",
+        ) from None
 
 
 # ----------------------------------------------------------------------------- publish
@@ -333,7 +352,7 @@ def publishing(
     try:
         with naming_the_target(directory):
             if _processes.count() > 1:
-                with _publishing_collectively(directory, kind) as staging:
+                with _publishing_collectively(directory, overwrite, kind) as staging:
                     yield staging
                 return
             with _locked(directory):
@@ -378,7 +397,7 @@ def _discard(staging: epath.Path) -> None:
 
 @contextlib.contextmanager
 def _publishing_collectively(
-    directory: epath.Path, kind: OutputKind = CHECKPOINT
+    directory: epath.Path, overwrite: bool, kind: OutputKind = CHECKPOINT
 ) -> Iterator[epath.Path]:
     """:func:`publishing` when every process of a multi-host run calls the save.
 
@@ -393,8 +412,12 @@ def _publishing_collectively(
         _repair(directory, kind)
     _processes.barrier(f"umtam_checkpoint_start_{token}")
     try:
+        # Every process checks (the same shared path), so all of them stop together: the
+        # repair may have put back an old folder, and the path may change during the save.
+        check_target(directory, overwrite=overwrite, kind=kind)
         yield staging
         _processes.barrier(f"umtam_checkpoint_staged_{token}")
+        check_target(directory, overwrite=overwrite, kind=kind)
         if _processes.is_primary():
             _record_contents(staging)
             _publish(staging, directory, token, empty=is_empty_folder(directory))

@@ -114,12 +114,8 @@ def _metadata_record(
 
 def _checksums(enc: E.Encoded) -> dict[str, Any]:
     """Checksum records of an encoded item's arrays (see :mod:`_integrity`)."""
-    records = {}
-    for path, leaf in zip(enc.paths, enc.leaves, strict=True):
-        host = _integrity.host_array(leaf)
-        if host is not None:
-            records[_integrity.key(path)] = _integrity.record(host)
-    return records
+    paths = zip(enc.paths, enc.leaves, strict=True)
+    return {_integrity.key(path): _integrity.record(leaf) for path, leaf in paths}
 
 
 def _write(path: epath.Path, items: dict[str, E.Encoded], metadata: dict[str, Any]) -> None:
