@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -37,7 +36,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RESULTS_DIR,
+    append_journal,
+    read_journal,
+    write_results,
+)
 from benchmarks._lm_training import (  # noqa: E402
     DEFAULT,
     DEFAULT_LRS,
@@ -163,9 +167,8 @@ def main(argv=None) -> dict[str, Any]:
     if args.factor_embeddings:
         signature["factor_embeddings"] = True
     done: dict[str, dict[str, Any]] = {}
-    if runs_path.exists() and not args.fresh:
-        for line in runs_path.read_text().splitlines():
-            rec = json.loads(line)
+    if not args.fresh:
+        for rec in read_journal(runs_path):
             if rec.get("signature") == signature:
                 done[run_key(rec)] = rec
     runs: list[dict[str, Any]] = []
@@ -214,8 +217,7 @@ def main(argv=None) -> dict[str, Any]:
             f"elapsed {time.perf_counter() - t_start:.0f} s)",
             flush=True,
         )
-        with runs_path.open("a") as f:
-            f.write(json.dumps(res, allow_nan=True) + "\n")
+        append_journal(runs_path, res)
         runs.append(res)
         return res
 

@@ -113,6 +113,42 @@ def test_write_results_records_provenance_and_regenerates_all_sections(tmp_path)
     assert "gamma" not in (tmp_path / "RESULTS.md").read_text()
 
 
+def test_write_results_never_replaces_a_users_files(tmp_path):
+    """A hand-written RESULTS.md beside a ``results`` folder, a JSON file of the user's at
+    a record's name, and other JSON files in the folder stay as they are."""
+    rdir = tmp_path / "results"
+    rdir.mkdir()
+    (tmp_path / "RESULTS.md").write_text("# My notes\n")
+    (rdir / "mine.json").write_text('{"name": "mine"}')
+    (rdir / "alpha.json").write_text('{"my": "data"}')
+    with pytest.raises(FileExistsError, match="alpha.json exists and is not a benchmark record"):
+        _common.write_results("alpha", {}, "", results_dir=rdir)
+    _common.write_results("beta", {}, "beta body", results_dir=rdir)
+    assert (tmp_path / "RESULTS.md").read_text() == "# My notes\n"
+    assert (rdir / "alpha.json").read_text() == '{"my": "data"}'
+    with pytest.raises(FileExistsError, match="RESULTS.md was not generated here"):
+        _common.regenerate_results_md(rdir)
+    (tmp_path / "RESULTS.md").unlink()
+    md = _common.regenerate_results_md(rdir).read_text()
+    assert "beta body" in md and "mine" not in md and "alpha" not in md
+
+
+def test_a_journal_drops_a_cut_off_last_line_and_names_other_damage(tmp_path):
+    path = tmp_path / "t.runs.jsonl"
+    assert _common.read_journal(path) == []
+    _common.append_journal(path, {"a": 1})
+    _common.append_journal(path, {"b": float("nan")})
+    with path.open("a") as f:
+        f.write('{"c": 3, "hal')  # a killed append
+    got = _common.read_journal(path)
+    assert got[0] == {"a": 1} and np.isnan(got[1]["b"]) and len(got) == 2
+    _common.append_journal(path, {"c": 3})  # starts on its own line
+    assert [list(r) for r in _common.read_journal(path)] == [["a"], ["b"], ["c"]]
+    path.write_text('{"a": 1}\n{damaged\n{"c": 3}\n')
+    with pytest.raises(ValueError, match="t.runs.jsonl, line 2, is damaged"):
+        _common.read_journal(path)
+
+
 def test_training_and_spectrum_quick_path(tmp_path):
     training = importlib.import_module("benchmarks.training")
     spectrum = importlib.import_module("benchmarks.spectrum")

@@ -296,6 +296,24 @@ def test_dry_run_and_mergekit_parameter_names(tmp_path, models, capsys):
     assert status == 2  # mergekit's task_arithmetic names it lambda
 
 
+@pytest.mark.parametrize(
+    ("file_density", "own", "want"),
+    [(None, None, [0.3, 0.3]), (0.5, None, [0.3, 0.3]), (0.5, 0.7, [0.7, 0.3])],
+)
+def test_a_density_flag_replaces_the_files_default_density(
+    tmp_path, models, file_density, own, want
+):
+    """``--param density=…`` overrides the file: mergekit's default density (1) and the
+    file's global one; a model's own density still wins, as in the file."""
+    a = f"{{{{model: {{a}}, parameters: {{{{density: {own}}}}}}}}}" if own else "{{model: {a}}}"
+    head = f"parameters: {{{{density: {file_density}}}}}\n" if file_density else ""
+    text = f"merge_method: ties\nbase_model: {{base}}\n{head}models: [{a}, {{{{model: {{b}}}}}}]\n"
+    status, out = _run(tmp_path, models, text, "--param", "density=0.3")
+    assert status == 0
+    ref = H.ref_ties(models["base"], models["experts"], density=want)
+    trees.assert_tree_close(checkpoint.restore_params(out), ref, **TOL)
+
+
 def test_any_registry_method_in_mergekit_syntax_keeps_its_own_parameters():
     from umtam_jax.cli import _mergekit
 

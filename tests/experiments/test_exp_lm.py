@@ -67,6 +67,11 @@ def test_caches_follow_their_inputs_and_damaged_ones_are_rebuilt(fake_corpus, tm
     assert lm_data.train_bpe_tokenizer(texts, vocab_size=300, path=path).to_str() == (
         first.to_str()
     )
+    # A crash between the two writes: another tokenizer beside this one's record.
+    path.write_text(other.to_str(pretty=True))
+    assert lm_data.train_bpe_tokenizer(texts, vocab_size=300, path=path).to_str() == (
+        first.to_str()
+    )
     train, val = lm_data.lm_token_arrays(vocab_size=300, val_fraction=0.25, root=fake_corpus)
     arrays = fake_corpus / "lm" / "tokens-300-seed0-val0.25.npz"
     arrays.write_bytes(arrays.read_bytes()[:60])  # a truncated cache

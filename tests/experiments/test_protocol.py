@@ -4,7 +4,11 @@ stopping, atomic caches, and the search spaces of every compared method."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import re
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -210,6 +214,32 @@ def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_temporary(
     assert (tmp_path / "new" / "f.txt").read_bytes() == b"x"
 
 
+def test_an_atomic_write_keeps_permissions_flushes_the_folder_and_names_its_file(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "private.json"
+    store.write_atomic(path, lambda f: f.write(b"old"))
+    os.chmod(path, 0o600)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: synced.append(os.path.isdir(f"/proc/self/fd/{fd}")) or real_fsync(fd),
+    )
+    store.write_atomic(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert synced == [False, True]  # the data, then the folder's entry
+    monkeypatch.undo()
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(path))}: No space left"):
+        store.write_atomic(path, full)
+    assert path.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [path]
+
+
 def test_early_stopping_stops_with_patience_and_keeps_the_best(setup):
     tokenizer, base, _ = setup
     cfg = dataclasses.replace(protocol.SIZES["tiny"].config, steps=40)
@@ -331,6 +361,11 @@ def test_adamw_experts_leave_out_the_methods_that_need_umtam_statistics(setup, t
     assert all(e.info["restored"] for e in experts)  # the run's experts, not retrained
     with pytest.raises(ValueError, match="experts trained by 'adamw'"):
         protocol.run_protocol(TASKS, ["ties"], [0], workdir=tmp_path / "a", **kw)
+    # A second process in the same work directory would overwrite the first's results.
+    busy = pytest.raises(BlockingIOError, match="in use by another process")
+    with store.exclusive(tmp_path / "a", "a test"), busy:
+        protocol.run_protocol(TASKS, ["ties"], [0], experts_by="adamw",
+                              workdir=tmp_path / "a", **kw)  # fmt: skip
 
 
 def test_pruning_study_reuses_the_protocol_experts_and_caches_predictions(first, setup):

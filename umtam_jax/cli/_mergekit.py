@@ -232,8 +232,8 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         for key in ("weight", "density"):
             if key in params:
                 expert[key] = _number(params[key], f"{where}.parameters.{key}")
-            elif key in model_defaults:
-                expert[key] = model_defaults[key]
+        if "weight" not in expert and "weight" in model_defaults:
+            expert["weight"] = model_defaults["weight"]
         experts.append(expert)
     if not experts:
         raise ConfigError("'models' lists no model besides the base model")
@@ -248,8 +248,15 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     layout = {}
     if registered.param("layout") is not None:
         layout["layout"] = global_params.pop("layout", "out_in")
+    # The file's default density (mergekit's own is 1) is the method's parameter, which a
+    # model's own density overrides and umtam-merge's --param flag replaces.
+    density = {}
+    if "density" in model_defaults and registered.param("density") is not None:
+        density["density"] = model_defaults["density"]
+    elif "density" in model_defaults and name not in _GTA:
+        raise ConfigError(f"parameters.density: merge_method {name!r} takes no density")
     if name not in _GTA:
-        out["method"], out["parameters"] = name, {**global_params, **layout}
+        out["method"], out["parameters"] = name, {**global_params, **density, **layout}
         return out
     method, normalize, rescale = _GTA[name]
     registered = METHODS[method]
@@ -270,13 +277,12 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in (("normalize", normalize), ("rescale", rescale)):
         if not isinstance(value, bool):
             raise ConfigError(f"parameters.{key} must be true or false, got {value!r}")
-    if registered.param("density") is not None:  # mergekit's default density
-        for e in experts:
-            e.setdefault("density", 1.0)
+    parameters: dict[str, Any] = {"scaling": scaling, **own}
+    if registered.param("density") is not None:
+        parameters["density"] = density.get("density", 1.0)  # mergekit's default density
     else:  # mergekit declares density for every method of the family; unused here
         for e in experts:
             e.pop("density", None)
-    parameters: dict[str, Any] = {"scaling": scaling, **own}
     if method == "ties":
         if not normalize or rescale:
             raise ConfigError(

@@ -16,6 +16,7 @@ default tokenizer and token arrays ahead of time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -160,8 +161,9 @@ def train_bpe_tokenizer(
             ``<cache>/lm/bpe-<vocab>-seed<seed>-val<frac>.json`` when ``texts`` is
             None; no caching for explicit texts unless ``path`` is given). A cached
             tokenizer is used only if it was trained on the same texts with the same
-            vocabulary size (recorded beside it in ``<path>.key.json``); a damaged one is
-            trained again.
+            vocabulary size (recorded beside it in ``<path>.key.json`` with the file's
+            SHA-256); a damaged one, or one the record does not describe, is trained
+            again.
         root: Cache directory.
         val_fraction: Validation fraction of the default document split.
         seed: Seed of the default document split.
@@ -182,12 +184,16 @@ def train_bpe_tokenizer(
     key = stable_hash([vocab_size, texts if texts is not None else [seed, val_fraction]])
     if path is not None:
         record = store.read_json(f"{path}.key.json")
-        # A default-path file without a record predates it: its name holds its key.
-        if record == {"key": key} or (record is None and texts is None):
-            try:
-                return Tokenizer.from_file(str(path))
-            except Exception:  # noqa: BLE001 - missing or damaged: trained again
-                pass
+        try:
+            cached = Path(path).read_text(encoding="utf-8")
+            # The record names the file's content: a tokenizer written by another call
+            # whose record was not (a crash between the two writes) is not taken for it.
+            # A default-path file without a record predates it: its name holds its key.
+            digest = hashlib.sha256(cached.encode()).hexdigest()
+            if record == {"key": key, "sha256": digest} or (record is None and texts is None):
+                return Tokenizer.from_str(cached)
+        except Exception:  # noqa: BLE001 - missing or damaged: trained again
+            pass
     if texts is None:
         train_docs, _ = split_documents(lm_documents(root), val_fraction, seed)
         texts = [t for _, t in train_docs]
@@ -205,7 +211,8 @@ def train_bpe_tokenizer(
     if path is not None:
         text = tok.to_str(pretty=True)
         store.write_atomic(path, lambda f: f.write(text.encode()))
-        store.write_json(f"{path}.key.json", {"key": key})
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        store.write_json(f"{path}.key.json", {"key": key, "sha256": digest})
     return tok
 
 

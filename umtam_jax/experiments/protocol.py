@@ -160,94 +160,105 @@ def run_protocol(
         )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda _: None)
-    if base_encoder is None:
-        base_encoder = start_encoder(sz)
-    if tokenizer is None:
-        tokenizer = minilm_pretrained.load_minilm_tokenizer()
-    results_path = workdir / "results.json"
-    results = store.read_record(results_path) or {}
-    previous = results.get("protocol", {})
-    held = (previous.get("size"), previous.get("tasks"), previous.get("experts_by", "umtam"))
-    if previous and held != (sz.name, tasks, experts_by):
-        raise ValueError(
-            f"{workdir} holds a run of size {held[0]!r} on tasks {held[1]} with experts "
-            f"trained by {held[2]!r}; use another work directory for size {sz.name!r} on "
-            f"{tasks} with experts trained by {experts_by!r}"
-        )
-    config = store.jsonable({**sz.config.training_key(), "max_test": sz.config.test_cap})
-    if previous.get("config", config) != config:
-        changed = sorted(k for k in {*config, *previous["config"]}
-                         if config.get(k) != previous["config"].get(k))  # fmt: skip
-        raise ValueError(
-            f"{workdir} holds a run of size {sz.name!r} whose experts were trained with "
-            f"other settings ({', '.join(changed)} differ); use another work directory"
-        )
-    for part in ("experts", "posthoc", "runs", "labels"):
-        results.setdefault(part, {})
-    results["protocol"] = {
-        "size": sz.name,
-        "tasks": tasks,
-        "seeds": sorted({*map(int, previous.get("seeds", [])), *seeds}),
-        "methods": list(dict.fromkeys([*previous.get("methods", []), *methods])),
-        "budget": sz.budget,
-        "early_stopping": sz.early_stopping.key(),
-        "config": config,
-        "experts_by": experts_by,
-        "optimizer_kwargs": _expert_kwargs(sz, experts_by),
-        "excluded": EXCLUDED,
-        "metrics": {},
-    }
-    for seed in seeds:
-        t0 = time.perf_counter()
-        cfg, ttasks, experts = seed_inputs(
-            sz, seed, tasks, workdir, base_encoder, tokenizer, experts=experts_by, progress=progress
-        )
-        say(f"seed {seed}: {len(experts)} experts ready in {time.perf_counter() - t0:.0f}s")
-        results["protocol"]["metrics"] = {
-            t: {"metric": tt.task.metric, "num_labels": tt.num_labels} for t, tt in ttasks.items()
-        }
-        labels_path = workdir / "labels" / f"seed{seed}.npz"
-        store.write_npz(labels_path, {t: tt.arrays["test"]["labels"] for t, tt in ttasks.items()})
-        results["labels"][str(seed)] = str(labels_path.relative_to(workdir))
-        results["experts"][str(seed)] = {
-            e.task: {
-                **e.scores,
-                "n_test": len(ttasks[e.task].arrays["test"]["labels"]),
-                "n_validation": len(ttasks[e.task].arrays["validation"]["labels"]),
-                "checkpoint": e.path.name,
-                **{
-                    k: e.info.get(k)
-                    for k in ("best_step", "stopped_step", "stopped_early", "seconds")
-                },
-            }
-            for e in experts
-        }
-        store.write_json(results_path, results)
-        runner = SeedRun(
-            seed,
-            base_encoder,
-            ttasks,
-            experts,
-            cfg,
-            dataclasses.replace(sz, optimizer_kwargs=_expert_kwargs(sz, experts_by)),
-            workdir,
-            progress=progress,
-            diagnostics=diagnostics,
-        )
-        for m in methods:
-            t1 = time.perf_counter()
-            record = runner.run(pool[m])
-            results["runs"].setdefault(m, {})[str(seed)] = record
-            if runner.posthoc:
-                results["posthoc"].setdefault(str(seed), {}).update(runner.posthoc)
-            store.write_json(results_path, results)
-            edges = f" open edges {record['open_edges']}" if record["open_edges"] else ""
-            say(
-                f"seed {seed} {m:<32} val {record['validation_norm']:.3f} "
-                f"test {record['test_norm']:.3f} ({time.perf_counter() - t1:.0f}s){edges}"
+    with store.exclusive(workdir, "a protocol run"):
+        say = log or (lambda _: None)
+        if base_encoder is None:
+            base_encoder = start_encoder(sz)
+        if tokenizer is None:
+            tokenizer = minilm_pretrained.load_minilm_tokenizer()
+        results_path = workdir / "results.json"
+        results = store.read_record(results_path) or {}
+        previous = results.get("protocol", {})
+        held = (previous.get("size"), previous.get("tasks"), previous.get("experts_by", "umtam"))
+        if previous and held != (sz.name, tasks, experts_by):
+            raise ValueError(
+                f"{workdir} holds a run of size {held[0]!r} on tasks {held[1]} with experts "
+                f"trained by {held[2]!r}; use another work directory for size {sz.name!r} on "
+                f"{tasks} with experts trained by {experts_by!r}"
             )
-    return results
+        config = store.jsonable({**sz.config.training_key(), "max_test": sz.config.test_cap})
+        if previous.get("config", config) != config:
+            changed = sorted(k for k in {*config, *previous["config"]}
+                             if config.get(k) != previous["config"].get(k))  # fmt: skip
+            raise ValueError(
+                f"{workdir} holds a run of size {sz.name!r} whose experts were trained with "
+                f"other settings ({', '.join(changed)} differ); use another work directory"
+            )
+        for part in ("experts", "posthoc", "runs", "labels"):
+            results.setdefault(part, {})
+        results["protocol"] = {
+            "size": sz.name,
+            "tasks": tasks,
+            "seeds": sorted({*map(int, previous.get("seeds", [])), *seeds}),
+            "methods": list(dict.fromkeys([*previous.get("methods", []), *methods])),
+            "budget": sz.budget,
+            "early_stopping": sz.early_stopping.key(),
+            "config": config,
+            "experts_by": experts_by,
+            "optimizer_kwargs": _expert_kwargs(sz, experts_by),
+            "excluded": EXCLUDED,
+            "metrics": {},
+        }
+        for seed in seeds:
+            t0 = time.perf_counter()
+            cfg, ttasks, experts = seed_inputs(
+                sz,
+                seed,
+                tasks,
+                workdir,
+                base_encoder,
+                tokenizer,
+                experts=experts_by,
+                progress=progress,
+            )
+            say(f"seed {seed}: {len(experts)} experts ready in {time.perf_counter() - t0:.0f}s")
+            results["protocol"]["metrics"] = {
+                t: {"metric": tt.task.metric, "num_labels": tt.num_labels}
+                for t, tt in ttasks.items()
+            }
+            labels_path = workdir / "labels" / f"seed{seed}.npz"
+            store.write_npz(
+                labels_path, {t: tt.arrays["test"]["labels"] for t, tt in ttasks.items()}
+            )
+            results["labels"][str(seed)] = str(labels_path.relative_to(workdir))
+            results["experts"][str(seed)] = {
+                e.task: {
+                    **e.scores,
+                    "n_test": len(ttasks[e.task].arrays["test"]["labels"]),
+                    "n_validation": len(ttasks[e.task].arrays["validation"]["labels"]),
+                    "checkpoint": e.path.name,
+                    **{
+                        k: e.info.get(k)
+                        for k in ("best_step", "stopped_step", "stopped_early", "seconds")
+                    },
+                }
+                for e in experts
+            }
+            store.write_json(results_path, results)
+            runner = SeedRun(
+                seed,
+                base_encoder,
+                ttasks,
+                experts,
+                cfg,
+                dataclasses.replace(sz, optimizer_kwargs=_expert_kwargs(sz, experts_by)),
+                workdir,
+                progress=progress,
+                diagnostics=diagnostics,
+            )
+            for m in methods:
+                t1 = time.perf_counter()
+                record = runner.run(pool[m])
+                results["runs"].setdefault(m, {})[str(seed)] = record
+                if runner.posthoc:
+                    results["posthoc"].setdefault(str(seed), {}).update(runner.posthoc)
+                store.write_json(results_path, results)
+                edges = f" open edges {record['open_edges']}" if record["open_edges"] else ""
+                say(
+                    f"seed {seed} {m:<32} val {record['validation_norm']:.3f} "
+                    f"test {record['test_norm']:.3f} ({time.perf_counter() - t1:.0f}s){edges}"
+                )
+        return results
 
 
 def evaluate_merges(

@@ -9,13 +9,17 @@ plain JSON values.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
+import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,8 @@ def jsonable(value: Any) -> Any:
 def write_atomic(path: str | Path, write: Any) -> Path:
     """Writes a file atomically: ``write(f)`` fills a temporary sibling, then it replaces
     ``path`` (``os.replace``), so ``path`` holds the old content or the new, never a part.
+    The data and then the folder are flushed to the disk; a replaced file keeps its
+    permissions. A system error of the write is an ``OSError`` naming ``path``.
 
     Args:
         path: the file to write; its folder is created if missing.
@@ -70,21 +76,69 @@ def write_atomic(path: str | Path, write: Any) -> Path:
         'hello'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (mkstemp makes it 0600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its mode
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # as a plain open() would (mkstemp makes it 0600)
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _fsync_folder(path.parent)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (None, tmp, os.fspath(path.parent)):
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
         raise
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flushes a rename in ``folder`` to the disk (where the OS can open folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path, what: str) -> Iterator[None]:
+    """Holds an exclusive lock on ``folder`` (its ``.umtam-lock`` file) for ``what``, so a
+    second process working in the same folder fails at once instead of overwriting the
+    first one's records with its own.
+
+    Raises:
+        BlockingIOError: another process holds the lock.
+    """
+    lock = os.path.join(folder, ".umtam-lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlockingIOError(
+                errno.EWOULDBLOCK,
+                f"{folder} is in use by another process ({what}): wait "
+                "for it to finish or use another folder",
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
