@@ -170,6 +170,30 @@ def test_eager_updates_compile_once(caplog):
     chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("wrap", ["inject_hyperparams", "rebuilt"])
+def test_eager_updates_compile_once_per_configuration(caplog, wrap):
+    """``optax.inject_hyperparams`` builds a new transform at every step (its numeric
+    hyper-parameters as arrays), as does code that rebuilds the optimizer: eager steps
+    after the first still compile nothing, and equal the jitted step."""
+    params = _params()
+    schedule = optax.linear_schedule(1e-2, 1e-3, 10)
+    if wrap == "inject_hyperparams":
+        inject = optax.inject_hyperparams(umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS)
+        make = lambda: inject(learning_rate=schedule, b1=0.9, **SMALL)  # noqa: E731
+    else:
+        make = lambda: umtam_jax.umtam(1e-2, **SMALL)  # noqa: E731
+    state = make().init(params)
+    updates, state = make().update(_grads(params, 0), state, params)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        for t in (1, 2):
+            updates, state = make().update(_grads(params, t), state, params)
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled[:3]
+    jitted, _ = jax.jit(make().update)(_grads(params, 3), state, params)
+    eager, _ = make().update(_grads(params, 3), state, params)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
+
+
 def _run_state(opt, params):
     """The state after two updates from ``params``."""
     state = opt.init(params)

@@ -498,3 +498,72 @@ def test_without_shard_alike_the_update_is_unchanged(monkeypatch):
     assert _sharding.keep_like(tree, tree) is tree
     got, _ = jax.jit(lambda g, s, p: opt.update(g, s, p))(grads, state, params)  # traced anew
     np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e30])
+@pytest.mark.parametrize("axes", [(0, 1), (1,)])
+def test_the_one_pass_square_sums_have_the_derivatives_of_the_plain_ones(magnitude, axes):
+    """JAX cannot differentiate the variadic reduction itself: its rule gives d‖x‖ = x/‖x‖
+    (also where ‖x‖² overflows) and d(scale² · ssq) = 2x, against float64 NumPy."""
+    from umtam_jax.optimizer._clipping import _square_sum_parts
+
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32) * magnitude
+
+    def norm(v):
+        scale, ssq = _square_sum_parts(v, axes)
+        return jnp.sum(scale * jnp.sqrt(ssq))
+
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt(np.sum(x64**2, axis=axes, keepdims=True))
+    np.testing.assert_allclose(jax.grad(norm)(jnp.asarray(x)), want, rtol=2e-5, atol=1e-7)
+    if magnitude == 1.0:
+
+        def square_sum(v):
+            scale, ssq = _square_sum_parts(v, axes)
+            return jnp.sum(jnp.square(scale) * ssq)
+
+        np.testing.assert_allclose(jax.grad(square_sum)(jnp.asarray(x)), 2 * x64, rtol=2e-5)
+
+
+@pytest.mark.usefixtures("code_path")
+@pytest.mark.parametrize("svd_method", ["exact", "subspace"])
+@pytest.mark.parametrize("clip_threshold", [1.0, None])
+def test_the_update_is_differentiable_with_respect_to_the_params(svd_method, clip_threshold):
+    """Meta-learning through a step: the derivative of the update with respect to the
+    parameters (which also give the gradient) matches central finite differences."""
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    direction = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    opt = umtam_jax.scale_by_umtam(rank=1, min_dim_size_to_factor=1, svd_method=svd_method,
+                                   clip_threshold=clip_threshold)  # fmt: skip
+
+    def loss(p):
+        params = {"w": p}
+        g = {"w": jnp.sin(3 * p) + 0.2}
+        updates, _ = opt.update(g, opt.init(params), params)
+        return jnp.sum(updates["w"] * probe)
+
+    grad = jax.jit(jax.grad(loss))(w)
+    assert np.all(np.isfinite(grad))
+    h = 1e-2
+    fd = (loss(w + h * direction) - loss(w - h * direction)) / (2 * h)
+    np.testing.assert_allclose(float(jnp.sum(grad * direction)), float(fd), rtol=3e-2)
+
+
+@pytest.mark.usefixtures("code_path")
+@pytest.mark.parametrize("magnitude", [1e19, 1e30])
+def test_without_clipping_an_overflowing_gradient_leaves_finite_updates_and_state(magnitude):
+    """Sums of G² overflow float32 here (‖G‖ does not); R, C and a dense v saturate
+    instead of making Ŝ = inf / inf, so neither this step nor the following ones are NaN."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "b": jnp.ones(4)}
+    opt = umtam_jax.scale_by_umtam(rank=2, min_dim_size_to_factor=1, clip_threshold=None)
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    grads = [{"w": jnp.full((8, 4), magnitude), "b": jnp.full((4,), magnitude)}]
+    grads += [jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), params)] * 3
+    for g in grads:
+        updates, state = step(g, state, params)
+        for leaf in jax.tree.leaves((updates, state)):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float64)))

@@ -34,6 +34,7 @@ def _per_platform(like: jax.Array, cpu: Callable[[], Any], one_pass: Callable[[]
     return jax.lax.platform_dependent(cpu=cpu, default=one_pass)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _square_sum_parts(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``(scale, ssq)`` with ``Σ x² = scale² · ssq`` over ``axes``, in one pass that cannot
     overflow: ``scale = max|x|`` and ``ssq = Σ (x / scale)²`` (both 0 where every entry is).
@@ -57,6 +58,19 @@ def _square_sum_parts(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, j
 
     zero = jnp.zeros((), x.dtype)
     return jax.lax.reduce((jnp.abs(x), jnp.ones_like(x)), (zero, zero), combine, axes)
+
+
+@_square_sum_parts.defjvp
+def _square_sum_parts_jvp(axes, primals, tangents):
+    """Derivatives of ``(scale, ssq)`` from ordinary reductions (JAX cannot differentiate a
+    variadic ``lax.reduce``): ``dscale`` is ``max|x|``'s, and ``dssq = 2 Σ (x/s)(dx/s) −
+    2 ssq · dscale / s``, formed from ratios so it cannot overflow either."""
+    (x,), (dx,) = primals, tangents
+    scale, ssq = _square_sum_parts(x, axes)
+    _, dscale = jax.jvp(lambda v: jnp.max(jnp.abs(v), axis=axes, initial=0.0), (x,), (dx,))
+    s = jnp.expand_dims(jnp.where(scale > 0, scale, 1.0), axes)
+    dssq = 2 * jnp.sum((x / s) * (dx / s), axis=axes) - 2 * ssq * dscale / jnp.squeeze(s, axes)
+    return (scale, ssq), (dscale, jnp.where(scale > 0, dssq, 0.0))
 
 
 def _over(x: jax.Array, peak: jax.Array) -> jax.Array:

@@ -44,7 +44,8 @@ def update_dense(
     w = w.astype(dtype)
     eps_t = adaptive_eps(cfg, g_norm, w)
     mu = cfg.b1 * state.mu + (1 - cfg.b1) * g
-    nu = cfg.b2 * state.nu + (1 - cfg.b2) * jnp.square(g)
+    # Saturated, as the factored R and C: an overflowing g² gives a finite step and saliency.
+    nu = jnp.minimum(cfg.b2 * state.nu + (1 - cfg.b2) * jnp.square(g), jnp.finfo(dtype).max)
     c1, c2 = bias_corrections(cfg, count, dtype)
     direction = (mu / c1) * jax.lax.rsqrt(nu / c2 + eps_t)
     saliency = None

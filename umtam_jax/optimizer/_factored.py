@@ -16,7 +16,7 @@ are reshaped between ``rows + (r,)`` and m×r (``cols + (r,)`` and n×r). A leaf
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -213,10 +213,13 @@ def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, 
 
     # Steps 5–6: factored second moments and the preconditioner Ŝ = R Cᵀ / sum(R), all
     # laid out like the leaf (R shaped rows, C shaped cols).
-    row = cfg.b2 * state.row + (1 - cfg.b2) * row_sq
-    col = cfg.b2 * state.col + (1 - cfg.b2) * col_sq
+    # Saturated at the largest float: without clipping, sums of G² overflow for entries
+    # near 1.8e19/√n, and inf / inf would make the update and every later one NaN.
+    big = jnp.finfo(dtype).max
+    row = jnp.minimum(cfg.b2 * state.row + (1 - cfg.b2) * row_sq, big)
+    col = jnp.minimum(cfg.b2 * state.col + (1 - cfg.b2) * col_sq, big)
     c1, c2 = bias_corrections(cfg, count, dtype)
-    s_hat = _outer(row / jnp.sum(row), col) / c2
+    s_hat = _outer(row / jnp.minimum(jnp.sum(row), big), col) / c2
     # Step 8: D = (U Σ Vᵀ) ⊙ (Ŝ + ε_t)^(−1/2).
     direction = (momentum / c1) * jax.lax.rsqrt(s_hat + eps_t)
 
@@ -246,3 +249,20 @@ def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, 
         rank=rank,
     )
     return direction, new_state
+
+
+def without_saliency(state: Any) -> Any:
+    """A factored leaf's state without ``S`` and ``W0`` (parameter-sized, and only read by
+    the elementwise step 9): what a stack of equally shaped leaves stacks."""
+    return state._replace(saliency=None, initial=None)
+
+
+def with_saliency(cfg: Config, new_state: Any, w: jax.Array, state: Any) -> Any:
+    """The new state of one member of a stack, completed with step 9 from its own ``S`` and
+    ``W0`` (``state``, before the step) when saliency is tracked."""
+    if state.saliency is None:
+        return new_state
+    saliency = factored_saliency(
+        cfg, w, state.saliency, state.initial, new_state.row, new_state.col
+    )
+    return new_state._replace(saliency=saliency, initial=state.initial)

@@ -9,11 +9,13 @@ factored momenta together (:mod:`._decomposition`), then finishes the factored l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from umtam_jax import _pytrees
@@ -32,9 +34,10 @@ from umtam_jax.optimizer._dense import init_dense, update_dense
 from umtam_jax.optimizer._factored import (
     factored_finish,
     factored_request,
-    factored_saliency,
     init_factored,
     operand_row_axes,
+    with_saliency,
+    without_saliency,
 )
 from umtam_jax.optimizer._grouping import (
     batch_keys,
@@ -219,17 +222,6 @@ def scale_by_umtam(
         group_leaves=group_leaves,
     )
     validate(cfg)
-    base_key = jax.random.key(seed)
-
-    def init_leaf(index: int, path: tuple[Any, ...], param: jax.Array) -> Any:
-        """Leaf ``index``'s initial state, in the parameter's axis order."""
-        leaf_layout = _leaf_layout(cfg, path, param.shape)
-        canonical = to_canonical(param, leaf_layout.perm)
-        if leaf_layout.row_axes is None:
-            leaf = init_dense(cfg, canonical)
-        else:
-            leaf = init_factored(cfg, leaf_layout, canonical, _leaf_key(base_key, index))
-        return stored_state(leaf, leaf_layout, param.ndim)
 
     def init_fn(params):
         # A flax.nnx Variable counts as the array it holds: its leaf state takes its place
@@ -239,7 +231,7 @@ def scale_by_umtam(
         for index, (path, param) in enumerate(paths_and_leaves):
             param = concrete_param(cfg, path, _pytrees.unwrap(param))
             require_float(path, param.dtype, "parameter")
-            leaves.append(init_leaf(index, path, param))
+            leaves.append(_init_leaf(cfg, index, path, param))
         return ScaleByUmtamState(
             count=jnp.zeros([], jnp.int32), leaves=jax.tree_util.tree_unflatten(treedef, leaves)
         )
@@ -248,147 +240,160 @@ def scale_by_umtam(
         if params is None:
             raise ValueError("scale_by_umtam needs params: call update(grads, state, params)")
         if any_tracer((updates, state, params)):  # inside the caller's jit, grad or vmap
-            return _update(updates, state, params)
-        # Called eagerly: compiled once per input shape. Step by step, each lax.cond of the
-        # update would be compiled again at every call (new closures), seconds per step
-        # and memory that is never returned.
-        return _compiled_update(updates, state, params)
+            return _update(cfg, updates, state, params)
+        # Called eagerly: compiled once per configuration and input shape. Step by step,
+        # each lax.cond of the update would be compiled again at every call (new
+        # closures), seconds per step and memory that is never returned.
+        return _eager_call(cfg, updates, state, params)
 
-    # Full float32 products: the default on GPU/TPU would run them as TF32/bf16 passes,
-    # whose ~1e-3 rounding breaks the orthonormality of U and V (measured on an H100).
-    @full_precision
-    def _update(updates, state, params):
-        count = optax.safe_increment(state.count)
-        # Updates keep the gradients' structure (Variables included); the state's leaves
-        # sit where the gradients' arrays or Variables are (see init_fn).
-        treedef = jax.tree.structure(updates)
-        grads_with_path, leaves_def = _pytrees.flatten_with_variables(updates)
-        # Python scalar leaves become 0-d arrays, as optax's own transforms treat them.
-        grads_with_path = [(path, jnp.asarray(_pytrees.unwrap(g))) for path, g in grads_with_path]
-        param_leaves = [
-            jnp.asarray(_pytrees.unwrap(w)) for w in flatten_like(leaves_def, params, "params")
-        ]
-        state_leaves = flatten_like(leaves_def, state.leaves, "the optimizer state (from init)")
-        leaf_states = [as_leaf_state(_pytrees.unwrap(x)) for x in state_leaves]
-        layouts, built = [], {}
-        for (path, g), w, x in zip(grads_with_path, param_leaves, leaf_states, strict=True):
-            require_float(path, g.dtype, "gradient")
-            if g.shape != w.shape:
-                raise ValueError(
-                    f"gradient shape {g.shape} differs from parameter shape {w.shape} at "
-                    f"{jax.tree_util.keystr(path)}"
-                )
-            check_state_shape(path, x, w.shape)  # static shapes: no cost per step
-            leaf_layout = _leaf_layout(cfg, path, w.shape)
-            # What init builds for this leaf (abstract; one trace per layout and dtype).
-            like = (leaf_layout, w.shape, w.dtype)
-            if like not in built:
-                built[like] = jax.eval_shape(functools.partial(init_leaf, 0, path), w)
-            check_state_options(path, x, built[like])
-            layouts.append(leaf_layout)
-        # Every leaf is updated in canonical order (batch, rows, cols): see _axis_order.
-        stored_states = leaf_states
-        grads = [
-            to_canonical(g, lay.perm) for (_, g), lay in zip(grads_with_path, layouts, strict=True)
-        ]
-        params_in_order = param_leaves
-        param_leaves = [
-            to_canonical(w, lay.perm) for w, lay in zip(param_leaves, layouts, strict=True)
-        ]
-        leaf_states = [
-            canonical_state(x, lay, w.ndim)
-            for x, lay, w in zip(leaf_states, layouts, param_leaves, strict=True)
-        ]
-        directions: list[Any] = [None] * len(grads)
-        new_states: list[Any] = [None] * len(grads)
-        pending, requests = [], []  # factored leaves wait for step 3, done for all at once
-        for members in leaf_groups(cfg, layouts, grads, param_leaves, leaf_states):
-            leaf_layout = layouts[members[0]]
-            args = [(grads[i], param_leaves[i], leaf_states[i]) for i in members]
-            if leaf_layout.row_axes is None:
-                dense = functools.partial(update_dense, cfg)
-                if leaf_layout.batch_axes:  # one clipping norm and ε_t per slice
-                    out = on_batch(leaf_layout, dense, args[0], count)
-                    directions[members[0]] = out[0].astype(grads[members[0]].dtype)
-                    new_states[members[0]] = out[1]
-                    continue
-                out = on_stack(dense, [(*a, count) for a in args])
-                for i, (d, new) in zip(members, unstacked(out, len(members)), strict=True):
-                    directions[i], new_states[i] = d.astype(grads[i].dtype), new
-                continue
-            keys = [jax.random.fold_in(_update_stream(base_key, i), count) for i in members]
-            request_fn = functools.partial(factored_request, cfg, leaf_layout)
-            if leaf_layout.batch_axes:  # a stack of matrices in one leaf: mapped over its batch
-                ((g, w, leaf_state),) = args
-                view = batch_view(leaf_layout, w)
-                if view is not leaf_layout:
-                    g, w, leaf_state = merge_batch(leaf_layout, (g, w, leaf_state))
-                keys = batch_keys(view, keys[0], w)
-                mapped = map_batch(view, request_fn, (0, 0, 0, None, 0))
-                request, carry = mapped(g, w, leaf_state, count, keys)
-                leaf_layout = view  # what finishing the leaf maps over
-            else:
-                if len(members) > 1:  # S and W0 stay per leaf: see factored_saliency
-                    args = [(g, w, _without_saliency(x)) for g, w, x in args]
-                args = [(*a, count, key) for a, key in zip(args, keys, strict=True)]
-                request, carry = on_stack(request_fn, args)
-            pending.append((members, leaf_layout, carry))
-            row_axes = operand_row_axes(layouts[members[0]], param_leaves[members[0]].ndim)
-            requests.append(request._replace(rank=leaf_layout.buffer_rank, row_axes=row_axes))
-        for (members, leaf_layout, carry), factors in zip(
-            pending, new_factors(cfg, requests, count), strict=True
-        ):
-            finish = functools.partial(factored_finish, cfg, leaf_layout, count=count)
-            if leaf_layout.batch_axes:
-                out = map_batch(leaf_layout, finish, (0, 0))(carry, factors)
-                original = layouts[members[0]]
-                if leaf_layout is not original:  # batch axes merged (batch_view)
-                    out = split_batch(param_leaves[members[0]].shape[: original.batch_axes], out)
-                outs = [out]
-            elif len(members) == 1:
-                outs = [finish(carry, factors)]
-            else:
-                outs = unstacked(jax.vmap(finish)(carry, factors), len(members))
-                outs = [
-                    (d, _with_saliency(cfg, new, param_leaves[i], leaf_states[i]))
-                    for i, (d, new) in zip(members, outs, strict=True)
-                ]
-            for i, (d, new) in zip(members, outs, strict=True):
-                directions[i], new_states[i] = d.astype(grads[i].dtype), new
-        directions = [
-            from_canonical(d, lay.perm) for d, lay in zip(directions, layouts, strict=True)
-        ]
-        new_states = [
-            stored_state(x, lay, w.ndim)
-            for x, lay, w in zip(new_states, layouts, param_leaves, strict=True)
-        ]
-        # Updates keep the parameters' sharding and states their own (Optax's convention),
-        # also where an Auto mesh's propagation would lose it (_sharding.keep_like).
-        directions = _sharding.keep_like(directions, params_in_order)
-        new_states = _sharding.keep_like(new_states, stored_states)
-        return (
-            jax.tree_util.tree_unflatten(treedef, directions),
-            ScaleByUmtamState(
-                count=count, leaves=jax.tree_util.tree_unflatten(leaves_def, new_states)
-            ),
-        )
-
-    _compiled_update = jax.jit(_update)
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _without_saliency(state: Any) -> Any:
-    """A factored leaf's state without ``S`` and ``W0`` (parameter-sized, and only read by
-    the elementwise step 9): what a stack of equally shaped leaves stacks."""
-    return state._replace(saliency=None, initial=None)
+def _init_leaf(cfg: Config, index: int, path: tuple[Any, ...], param: jax.Array) -> Any:
+    """Leaf ``index``'s initial state, in the parameter's axis order."""
+    leaf_layout = _leaf_layout(cfg, path, param.shape)
+    canonical = to_canonical(param, leaf_layout.perm)
+    if leaf_layout.row_axes is None:
+        leaf = init_dense(cfg, canonical)
+    else:
+        base_key = jax.random.key(cfg.seed)
+        leaf = init_factored(cfg, leaf_layout, canonical, _leaf_key(base_key, index))
+    return stored_state(leaf, leaf_layout, param.ndim)
 
 
-def _with_saliency(cfg: Config, new_state: Any, w: jax.Array, state: Any) -> Any:
-    """The new state of one member of a stack, completed with step 9 from its own ``S`` and
-    ``W0`` (``state``, before the step) when saliency is tracked."""
-    if state.saliency is None:
-        return new_state
-    saliency = factored_saliency(
-        cfg, w, state.saliency, state.initial, new_state.row, new_state.col
+# Full float32 products: the default on GPU/TPU would run them as TF32/bf16 passes,
+# whose ~1e-3 rounding breaks the orthonormality of U and V (measured on an H100).
+@full_precision
+def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    """One step of every leaf (traced: inside the caller's transformation or
+    :func:`_eager_update`)."""
+    base_key = jax.random.key(cfg.seed)
+    count = optax.safe_increment(state.count)
+    # Updates keep the gradients' structure (Variables included); the state's leaves
+    # sit where the gradients' arrays or Variables are (see init_fn).
+    treedef = jax.tree.structure(updates)
+    grads_with_path, leaves_def = _pytrees.flatten_with_variables(updates)
+    # Python scalar leaves become 0-d arrays, as optax's own transforms treat them.
+    grads_with_path = [(path, jnp.asarray(_pytrees.unwrap(g))) for path, g in grads_with_path]
+    param_leaves = [
+        jnp.asarray(_pytrees.unwrap(w)) for w in flatten_like(leaves_def, params, "params")
+    ]
+    state_leaves = flatten_like(leaves_def, state.leaves, "the optimizer state (from init)")
+    leaf_states = [as_leaf_state(_pytrees.unwrap(x)) for x in state_leaves]
+    layouts, built = [], {}
+    for (path, g), w, x in zip(grads_with_path, param_leaves, leaf_states, strict=True):
+        require_float(path, g.dtype, "gradient")
+        if g.shape != w.shape:
+            raise ValueError(
+                f"gradient shape {g.shape} differs from parameter shape {w.shape} at "
+                f"{jax.tree_util.keystr(path)}"
+            )
+        check_state_shape(path, x, w.shape)  # static shapes: no cost per step
+        leaf_layout = _leaf_layout(cfg, path, w.shape)
+        # What init builds for this leaf (abstract; one trace per layout and dtype).
+        like = (leaf_layout, w.shape, w.dtype)
+        if like not in built:
+            built[like] = jax.eval_shape(functools.partial(_init_leaf, cfg, 0, path), w)
+        check_state_options(path, x, built[like])
+        layouts.append(leaf_layout)
+    # Every leaf is updated in canonical order (batch, rows, cols): see _axis_order.
+    stored_states = leaf_states
+    grads = [
+        to_canonical(g, lay.perm) for (_, g), lay in zip(grads_with_path, layouts, strict=True)
+    ]
+    params_in_order = param_leaves
+    param_leaves = [to_canonical(w, lay.perm) for w, lay in zip(param_leaves, layouts, strict=True)]
+    leaf_states = [
+        canonical_state(x, lay, w.ndim)
+        for x, lay, w in zip(leaf_states, layouts, param_leaves, strict=True)
+    ]
+    directions: list[Any] = [None] * len(grads)
+    new_states: list[Any] = [None] * len(grads)
+    pending, requests = [], []  # factored leaves wait for step 3, done for all at once
+    for members in leaf_groups(cfg, layouts, grads, param_leaves, leaf_states):
+        leaf_layout = layouts[members[0]]
+        args = [(grads[i], param_leaves[i], leaf_states[i]) for i in members]
+        if leaf_layout.row_axes is None:
+            dense = functools.partial(update_dense, cfg)
+            if leaf_layout.batch_axes:  # one clipping norm and ε_t per slice
+                out = on_batch(leaf_layout, dense, args[0], count)
+                directions[members[0]] = out[0].astype(grads[members[0]].dtype)
+                new_states[members[0]] = out[1]
+                continue
+            out = on_stack(dense, [(*a, count) for a in args])
+            for i, (d, new) in zip(members, unstacked(out, len(members)), strict=True):
+                directions[i], new_states[i] = d.astype(grads[i].dtype), new
+            continue
+        keys = [jax.random.fold_in(_update_stream(base_key, i), count) for i in members]
+        request_fn = functools.partial(factored_request, cfg, leaf_layout)
+        if leaf_layout.batch_axes:  # a stack of matrices in one leaf: mapped over its batch
+            ((g, w, leaf_state),) = args
+            view = batch_view(leaf_layout, w)
+            if view is not leaf_layout:
+                g, w, leaf_state = merge_batch(leaf_layout, (g, w, leaf_state))
+            keys = batch_keys(view, keys[0], w)
+            mapped = map_batch(view, request_fn, (0, 0, 0, None, 0))
+            request, carry = mapped(g, w, leaf_state, count, keys)
+            leaf_layout = view  # what finishing the leaf maps over
+        else:
+            if len(members) > 1:  # S and W0 stay per leaf: see factored_saliency
+                args = [(g, w, without_saliency(x)) for g, w, x in args]
+            args = [(*a, count, key) for a, key in zip(args, keys, strict=True)]
+            request, carry = on_stack(request_fn, args)
+        pending.append((members, leaf_layout, carry))
+        row_axes = operand_row_axes(layouts[members[0]], param_leaves[members[0]].ndim)
+        requests.append(request._replace(rank=leaf_layout.buffer_rank, row_axes=row_axes))
+    for (members, leaf_layout, carry), factors in zip(
+        pending, new_factors(cfg, requests, count), strict=True
+    ):
+        finish = functools.partial(factored_finish, cfg, leaf_layout, count=count)
+        if leaf_layout.batch_axes:
+            out = map_batch(leaf_layout, finish, (0, 0))(carry, factors)
+            original = layouts[members[0]]
+            if leaf_layout is not original:  # batch axes merged (batch_view)
+                out = split_batch(param_leaves[members[0]].shape[: original.batch_axes], out)
+            outs = [out]
+        elif len(members) == 1:
+            outs = [finish(carry, factors)]
+        else:
+            outs = unstacked(jax.vmap(finish)(carry, factors), len(members))
+            outs = [
+                (d, with_saliency(cfg, new, param_leaves[i], leaf_states[i]))
+                for i, (d, new) in zip(members, outs, strict=True)
+            ]
+        for i, (d, new) in zip(members, outs, strict=True):
+            directions[i], new_states[i] = d.astype(grads[i].dtype), new
+    directions = [from_canonical(d, lay.perm) for d, lay in zip(directions, layouts, strict=True)]
+    new_states = [
+        stored_state(x, lay, w.ndim)
+        for x, lay, w in zip(new_states, layouts, param_leaves, strict=True)
+    ]
+    # Updates keep the parameters' sharding and states their own (Optax's convention),
+    # also where an Auto mesh's propagation would lose it (_sharding.keep_like).
+    directions = _sharding.keep_like(directions, params_in_order)
+    new_states = _sharding.keep_like(new_states, stored_states)
+    return (
+        jax.tree_util.tree_unflatten(treedef, directions),
+        ScaleByUmtamState(count=count, leaves=jax.tree_util.tree_unflatten(leaves_def, new_states)),
     )
-    return new_state._replace(saliency=saliency, initial=state.initial)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eager_update(static: tuple, dynamic: dict[str, Any], updates, state, params):
+    """:func:`_update` compiled once per configuration and input shapes, shared by every
+    transform built with it: ``static`` holds the configuration's hashable fields,
+    ``dynamic`` those given as arrays (``optax.inject_hyperparams`` passes its numeric
+    hyper-parameters so, and builds a new transform at every step)."""
+    return _update(Config(**dict(static), **dynamic), updates, state, params)
+
+
+def _eager_call(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    """:func:`_update` for an eager call (see :func:`_eager_update`)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    dynamic = {k: v for k, v in fields.items() if isinstance(v, jax.Array | np.ndarray)}
+    static = tuple((k, v) for k, v in fields.items() if k not in dynamic)
+    try:
+        hash(static)
+    except TypeError:  # e.g. an unhashable row_axes callable: compiled for this call
+        return jax.jit(functools.partial(_update, cfg))(updates, state, params)
+    return _eager_update(static, dynamic, updates, state, params)
