@@ -208,7 +208,7 @@ def test_an_empty_working_directory_is_never_taken_as_the_output(tmp_path, fmt, 
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     for target in (".", os.getcwd()):
-        with pytest.raises(ValueError, match="not a umtam_jax output"):
+        with pytest.raises(ValueError, match="empty folder, but the working directory.*inside"):
             save(target, OLD)
     assert os.getcwd() == str(tmp_path / "work") and os.listdir(".") == []
 
@@ -822,6 +822,13 @@ def small_disk(tmp_path):
         yield disk
     finally:
         subprocess.run(["umount", disk], check=True)
+
+
+def test_an_empty_mount_point_is_refused_with_the_reason(small_disk):
+    with pytest.raises(ValueError, match="empty folder, but a mount point.*inside it"):
+        checkpoint.save_checkpoint(small_disk, OLD)
+    assert os.listdir(small_disk) == []
+    checkpoint.save_checkpoint(small_disk / "ckpt", OLD)  # a folder inside it is written
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -317,10 +317,13 @@ class SafetensorsReader:
         for name, shard in (shard_of or {}).items():
             if name not in self._entries:
                 raise ValueError(
-                    f"tensor {name!r} is listed in {INDEX_FILE} but absent from {shard}"
+                    f"tensor {name!r} is listed in {INDEX_FILE} in {path} but absent from "
+                    f"{shard}"
                 )
             if os.path.basename(found := self._entries[name][0]) != shard:
-                raise ValueError(f"{INDEX_FILE} maps {name!r} to {shard}, but it is in {found}")
+                raise ValueError(
+                    f"{INDEX_FILE} in {path} maps {name!r} to {shard}, but it is in {found}"
+                )
         if shard_of is not None and (unlisted := self._entries.keys() - shard_of.keys()):
             raise ValueError(f"{INDEX_FILE} in {path} does not list tensor {min(unlisted)!r}")
         self.names = list(self._entries)
