@@ -22,7 +22,7 @@ import pytest
 from etils import epath
 
 from umtam_jax import checkpoint, engine
-from umtam_jax.checkpoint import _processes, _safety, _save
+from umtam_jax.checkpoint import _filesystem, _processes, _safety, _save
 
 OLD = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(3, np.float32)}
 NEW = {"w": -np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(3, np.float32)}
@@ -443,7 +443,7 @@ def test_stale_leftovers_removed_and_neighbours_untouched(tmp_path):
 
 def test_second_writer_fails_at_once(tmp_path):
     path = tmp_path / "ckpt"
-    with _safety._locked(epath.Path(path)):
+    with _filesystem.locked(epath.Path(path)):
         with pytest.raises(checkpoint.CheckpointBusyError, match="being written"):
             checkpoint.save_checkpoint(path, OLD)
         with pytest.raises(checkpoint.CheckpointBusyError):

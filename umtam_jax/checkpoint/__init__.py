@@ -22,6 +22,7 @@ Example:
 from umtam_jax.checkpoint._format import Checkpoint
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._metadata import read_metadata
+from umtam_jax.checkpoint._names import names_from_tree, tree_from_names
 from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._restore import (
     restore_checkpoint,
@@ -29,7 +30,7 @@ from umtam_jax.checkpoint._restore import (
     restore_params,
     restore_statistics,
 )
-from umtam_jax.checkpoint._safetensors import SafetensorsReader, names_from_tree, tree_from_names
+from umtam_jax.checkpoint._safetensors import SafetensorsReader
 from umtam_jax.checkpoint._safetensors_write import (
     orbax_to_safetensors,
     safetensors_to_orbax,

@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from umtam_jax import _json
-from umtam_jax.checkpoint import _safety
+from umtam_jax.checkpoint import _filesystem
 
 CHECKSUMS_FILE = "umtam_checksums.json"
 ALGORITHM = "crc32"
@@ -84,7 +84,7 @@ def write(
     data: dict[str, Any] = {"algorithm": ALGORITHM, "items": records}
     if metadata is not None:
         data["metadata"] = metadata_crc32(metadata)
-    _safety.write_synced(directory / CHECKSUMS_FILE, json.dumps(data, separators=(",", ":")))
+    _filesystem.write_synced(directory / CHECKSUMS_FILE, json.dumps(data, separators=(",", ":")))
 
 
 def check_metadata(directory: epath.Path, metadata: Mapping[str, Any]) -> None:

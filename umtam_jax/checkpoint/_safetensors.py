@@ -54,6 +54,7 @@ from umtam_jax import _json
 from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _safety, _targets
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+from umtam_jax.checkpoint._names import split_name, tree_from_names
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -101,83 +102,6 @@ _TYPES = {
 }  # fmt: skip
 _DTYPES = {name: np.dtype(t) for name, t in _TYPES.items()}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-
-
-# ----------------------------------------------------------------------------- names
-
-
-def _split(name: str) -> tuple[str, ...]:
-    keys = tuple(name.split(".")) if isinstance(name, str) else ("",)
-    if "" in keys:
-        raise ValueError(f"tensor name {name!r} is not a string of non-empty, dot-separated keys")
-    return keys
-
-
-def tree_from_names(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """Nests ``{tensor name: leaf}`` into dicts split on ``"."``.
-
-    Args:
-      mapping: tensor names to leaves (arrays, ``jax.ShapeDtypeStruct``, ...).
-
-    Returns:
-      Nested dicts with string keys; :func:`names_from_tree` inverts it.
-
-    Raises:
-      ValueError: an empty component, or a name that is also the prefix of another.
-
-    Example:
-      >>> tree_from_names({"a.b": 1, "a.c": 2})
-      {'a': {'b': 1, 'c': 2}}
-    """
-    tree: dict[str, Any] = {}
-    for name, value in mapping.items():
-        keys, node = _split(name), tree
-        for i, k in enumerate(keys[:-1]):
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                prefix = ".".join(keys[: i + 1])
-                raise ValueError(f"tensor {prefix!r} is also the prefix of tensor {name!r}")
-        if isinstance(node.get(keys[-1]), dict):
-            other = next(iter(names_from_tree(node[keys[-1]])))
-            raise ValueError(f"tensor {name!r} is also the prefix of tensor '{name}.{other}'")
-        node[keys[-1]] = value
-    return tree
-
-
-def _component(key: Any) -> str:
-    """A jax key path entry as a name component (dict key, sequence index, attribute)."""
-    return str(next((getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)), key))
-
-
-def names_from_tree(tree: Any) -> dict[str, Any]:
-    """Flattens a pytree into ``{tensor name: leaf}``, in ``jax.tree.leaves`` order.
-
-    Args:
-      tree: a pytree; dict keys become ``str(key)``, sequence indices ``str(index)`` and
-        attributes their names.
-
-    Returns:
-      The dot-joined key path of each leaf, mapped to the leaf.
-
-    Raises:
-      ValueError: a key that is empty or contains ``"."`` (naming its path), or a name that
-        is also the prefix of another.
-
-    Example:
-      >>> names_from_tree({"a": {"b": 1}, "c": [2]})
-      {'a.b': 1, 'c.0': 2}
-    """
-    names: dict[str, Any] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [_component(k) for k in path]
-        if not keys or any(k == "" or "." in k for k in keys):
-            where = jax.tree_util.keystr(path) or "the root"
-            raise ValueError(f"the leaf at {where} has no tensor name (empty key or '.' in it)")
-        if (name := ".".join(keys)) in names:
-            raise ValueError(f"two leaves are named {name!r}")
-        names[name] = leaf
-    tree_from_names(names)  # refuses a name that is also a prefix
-    return names
 
 
 # ----------------------------------------------------------------------------- reading
@@ -317,8 +241,7 @@ class SafetensorsReader:
         for name, shard in (shard_of or {}).items():
             if name not in self._entries:
                 raise ValueError(
-                    f"tensor {name!r} is listed in {INDEX_FILE} in {path} but absent from "
-                    f"{shard}"
+                    f"tensor {name!r} is listed in {INDEX_FILE} in {path} but absent from {shard}"
                 )
             if os.path.basename(found := self._entries[name][0]) != shard:
                 raise ValueError(
@@ -383,7 +306,7 @@ class SafetensorsReader:
 
     def paths(self) -> dict[str, tuple[str, ...]]:
         """``{tensor name: its key path in abstract()}``."""
-        return {name: _split(name) for name in self.names}
+        return {name: split_name(name) for name in self.names}
 
     def abstract(self) -> dict[str, Any]:
         """The tensors as a nested-dict pytree of ``jax.ShapeDtypeStruct``."""

@@ -24,8 +24,9 @@ from etils import epath
 
 from umtam_jax import _json
 from umtam_jax.checkpoint import _encoding as E
+from umtam_jax.checkpoint import _filesystem, _integrity, _processes, _safety, _targets
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _processes, _safety, _targets
+from umtam_jax.checkpoint._names import names_from_tree, tree_from_names
 from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._safetensors import (
     _DTYPE_NAMES,
@@ -38,9 +39,7 @@ from umtam_jax.checkpoint._safetensors import (
     SAFETENSORS,
     TIED_EMBEDDINGS,
     SafetensorsReader,
-    names_from_tree,
     tie_settings,
-    tree_from_names,
 )
 from umtam_jax.checkpoint._streaming import save_params_streaming
 
@@ -207,7 +206,7 @@ def save_safetensors(
                     _adjust_config(staging / name, dtype, set(leaves))
                 _sync(staging / name)
         _sync(staging / MARKER_FILE, json.dumps(MARKER).encode())
-        _safety._fsync_dir(staging)
+        _filesystem.fsync_dir(staging)
     return folder
 
 

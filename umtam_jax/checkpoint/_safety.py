@@ -43,11 +43,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import re
-import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterator
@@ -56,6 +54,7 @@ from typing import Any
 from etils import epath
 
 from umtam_jax.checkpoint import _processes
+from umtam_jax.checkpoint._filesystem import fsync_dir, locked, rmtree, write_synced
 from umtam_jax.checkpoint._targets import (
     _CONTENTS_FILE,
     _ORBAX_TMP_SUFFIX,
@@ -68,7 +67,6 @@ from umtam_jax.checkpoint._targets import (
 )
 from umtam_jax.checkpoint._write_errors import CheckpointBusyError, naming_the_target
 
-_LOCK = "umtam-lock"
 _NEW = "umtam-new-"
 _OLD = "umtam-old-"
 _TRASH = "umtam-trash-"
@@ -110,41 +108,6 @@ def _siblings(directory: epath.Path, kind: str) -> list[epath.Path]:
             if pattern.fullmatch(p.name)]  # fmt: skip
 
 
-def _rmtree(path: epath.Path) -> None:
-    """Deletes ``path`` (a folder, file or link; a link, never what it points to)."""
-    with contextlib.suppress(OSError):
-        if not is_local(path):
-            if path.exists():
-                path.rmtree()
-        elif os.path.islink(path) or os.path.isfile(path):
-            os.unlink(path)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
-
-
-def _fsync_dir(path: epath.Path) -> None:
-    if not is_local(path):
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(os.fspath(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_synced(path: epath.Path, text: str) -> None:
-    """Writes ``text`` to ``path`` (a file of an unpublished staging folder) and, on a
-    local disk, flushes it to the disk."""
-    path.write_text(text)
-    if is_local(path):
-        fd = os.open(os.fspath(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # ----------------------------------------------------------------------------- contents
 
 
@@ -155,54 +118,6 @@ def _record_contents(staging: epath.Path) -> None:
     if record is None:  # no lstat on remote file systems: the top-level names
         record = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
     write_synced(staging / _CONTENTS_FILE, json.dumps(record, sort_keys=True))
-
-
-# ----------------------------------------------------------------------------- lock
-
-
-@contextlib.contextmanager
-def _locked(directory: epath.Path) -> Iterator[None]:
-    """Holds an exclusive, non-blocking lock on ``directory`` for a save."""
-    if not is_local(directory):
-        yield
-        return
-    lock_path = os.fspath(_hidden(directory, _LOCK))
-    while True:
-        try:
-            # never through a link planted at the lock's name
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise OSError(
-                    err.errno,
-                    f"cannot write checkpoint {directory}: its lock file {lock_path} is a "
-                    "symbolic link (delete it if no save to this path is running)",
-                ) from None
-            raise OSError(
-                err.errno, f"cannot write checkpoint {directory}: {err.strerror}", lock_path
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CheckpointBusyError(
-                errno.EBUSY,
-                f"checkpoint {directory} is being written by another process right now "
-                f"(lock file {lock_path}); wait for it to finish",
-            ) from None
-        try:  # the holder before us may have removed the file after we opened it
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- repair
@@ -228,11 +143,11 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
             if empty:
                 os.rmdir(directory)  # fails if anything was put into it meanwhile
             newest.rename(directory)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
     prefixes = (_NEW, _TRASH, _OLD) if is_output(directory) else (_NEW, _TRASH)
     for prefix in prefixes:  # with Orbax's temporaries of those names
         for leftover in _siblings(directory, prefix):
-            _rmtree(leftover)
+            rmtree(leftover)
 
 
 def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
@@ -246,7 +161,7 @@ def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     if (directory.exists() and not is_empty_folder(directory)) or not olds:
         return
     try:
-        with contextlib.suppress(CheckpointBusyError), _locked(directory):
+        with contextlib.suppress(CheckpointBusyError), locked(directory):
             _repair(directory, kind)
     except OSError as err:  # e.g. read-only media
         raise OSError(
@@ -302,7 +217,7 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
         if not _renameat2(staging, directory, _RENAME_NOREPLACE):
             staging.rename(directory)
         _step("swapped")
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
         return
     if _renameat2(staging, directory, _RENAME_EXCHANGE):
         _step("swapped")  # the old checkpoint now sits at the staging name
@@ -310,7 +225,7 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
     else:
         retired = _hidden(directory, _OLD, token)
         directory.rename(retired)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
         _step("retired")
         try:
             staging.rename(directory)
@@ -319,9 +234,9 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
             raise
         _step("swapped")
         retired.rename(trash)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     _step("trashed")
-    _rmtree(trash)
+    rmtree(trash)
 
 
 @contextlib.contextmanager
@@ -355,7 +270,7 @@ def publishing(
                 with _publishing_collectively(directory, overwrite, kind) as staging:
                     yield staging
                 return
-            with _locked(directory):
+            with locked(directory):
                 _step("locked")
                 _repair(directory, kind)
                 # Again: the repair may have put back an old folder.
@@ -390,9 +305,9 @@ def _make_parents(directory: epath.Path) -> list[str]:
 
 
 def _discard(staging: epath.Path) -> None:
-    _rmtree(staging)
+    rmtree(staging)
     for leftover in _with_prefix(staging.parent, f"{staging.name}{_ORBAX_TMP_SUFFIX}"):
-        _rmtree(leftover)
+        rmtree(leftover)
 
 
 @contextlib.contextmanager
