@@ -63,6 +63,25 @@ def test_task_arithmetic_over_tied_and_untied_models(tmp_path, base_tied):
     assert HEAD not in load_file(str(paths[2] / "model.safetensors"))  # inputs untouched
 
 
+def test_an_orbax_expert_that_stores_lm_head_unties_a_tied_safetensors_base(tmp_path):
+    """A merge written as an Orbax checkpoint (both embeddings) merged again with its tied
+    Hugging Face base: the base's lm_head is its input embedding, as with a folder."""
+    from umtam_jax import checkpoint
+
+    rng = np.random.default_rng(1)
+    base, expert = _tensors(rng, head=False), _tensors(rng, head=True)
+    base_path = _model(tmp_path / "base", base, None)
+    expert_path = checkpoint.save_checkpoint(
+        tmp_path / "expert", checkpoint.tree_from_names(expert)
+    )
+    out = engine.merge_checkpoints("task_arithmetic", base_path, [expert_path],
+                                   tmp_path / "out", weights=[0.5], progress=False)  # fmt: skip
+    got = load_file(str(out / "model.safetensors"))
+    for name, of_base in ((EMBED, base[EMBED]), (HEAD, base[EMBED])):
+        want = of_base + 0.5 * (expert[name] - of_base)
+        np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-6)
+
+
 def test_a_model_that_says_it_is_untied_but_lacks_lm_head_is_refused(tmp_path):
     rng = np.random.default_rng(0)
     base = _model(tmp_path / "base", _tensors(rng, head=True), False)

@@ -211,7 +211,9 @@ def untie_embeddings(sources: Sequence[Source]) -> None:
     merged model then stores both (and its config says ``tie_word_embeddings: false``).
 
     Args:
-      sources: the merge's inputs; only :class:`SafetensorsSource` ones are changed.
+      sources: the merge's inputs; only :class:`SafetensorsSource` ones are changed
+        (untied where any input, of either format, stores the output embedding: an
+        expert merged before and written as an Orbax checkpoint stores both).
 
     Example:
       >>> import tempfile, numpy as np
@@ -232,13 +234,26 @@ def untie_embeddings(sources: Sequence[Source]) -> None:
     """
     from umtam_jax.checkpoint._safetensors import TIED_EMBEDDINGS
 
-    safetensors = [s for s in dict.fromkeys(sources) if isinstance(s, SafetensorsSource)]
+    unique = list(dict.fromkeys(sources))
+    safetensors = [s for s in unique if isinstance(s, SafetensorsSource)]
     for output, input_ in TIED_EMBEDDINGS:
-        if not any(output in s._names for s in safetensors):
+        if not any(_stores(s, output) for s in unique):
             continue
         for source in safetensors:
             if source.ties(output, input_):
                 source.tie(output, input_)
+
+
+def _stores(source: Source, name: str) -> bool:
+    """Whether ``source`` holds the tensor ``name`` (a dotted path into its parameters)."""
+    from umtam_jax.checkpoint import names_from_tree
+
+    if isinstance(source, SafetensorsSource):
+        return name in source._names
+    try:
+        return name in names_from_tree(source.abstract())
+    except (ValueError, TypeError):  # parameters that are not nested dicts of names
+        return False
 
 
 _HF_FILES = ("model.safetensors", "model.safetensors.index.json")
