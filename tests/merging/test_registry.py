@@ -74,3 +74,8 @@ def test_list_methods_prints_the_registry(capsys):
             assert f"  {p.name} (" in out
     assert "density (density, required; per expert as 'density')" in out
     assert "normalize (choice, default 'all', one of all, selected)" in out
+    # What umtam-merge also accepts: prune's scores, and no base where it is optional.
+    assert "scores (choice, default 'saliency', one of saliency, magnitude)" in out
+    for name, method in merging.METHODS.items():
+        described = merging.describe(method).splitlines()[1]
+        assert described.startswith("  inputs: optional base") == method.base_optional, name

@@ -267,7 +267,8 @@ def describe(method: Method) -> str:
       >>> print(merging.describe(merging.METHODS["task_arithmetic"]).splitlines()[1])
         inputs: base, experts
     """
-    inputs = "base, one expert" if method.single_expert else "base, experts"
+    base = "optional base" if method.base_optional else "base"
+    inputs = f"{base}, one expert" if method.single_expert else f"{base}, experts"
     if method.extra is not None:
         inputs += f", {method.extra}"
     if not method.out_of_core:
@@ -281,4 +282,9 @@ def describe(method: Method) -> str:
             shown += " or a layout"
         per = f"; per expert as '{p.per_expert}'" if p.per_expert else ""
         lines.append(f"  {p.name} ({p.kind}, {shown}{per}): {p.doc}")
+    if method.extra == "scores":  # chosen by umtam-merge, which reads them from checkpoints
+        lines.append(
+            "  scores (choice, default 'saliency', one of saliency, magnitude): umtam-merge "
+            "ranks by the saliency saved with the expert, or by |Δ|"
+        )
     return "\n".join(lines)
