@@ -121,6 +121,8 @@ def test_write_results_never_replaces_a_users_files(tmp_path):
     (tmp_path / "RESULTS.md").write_text("# My notes\n")
     (rdir / "mine.json").write_text('{"name": "mine"}')
     (rdir / "alpha.json").write_text('{"my": "data"}')
+    # A record of the earlier writer (no "result") is still a record and a section.
+    (rdir / "old.json").write_text('{"name": "old", "markdown": "old body"}')
     with pytest.raises(FileExistsError, match="alpha.json exists and is not a benchmark record"):
         _common.write_results("alpha", {}, "", results_dir=rdir)
     _common.write_results("beta", {}, "beta body", results_dir=rdir)
@@ -130,7 +132,8 @@ def test_write_results_never_replaces_a_users_files(tmp_path):
         _common.regenerate_results_md(rdir)
     (tmp_path / "RESULTS.md").unlink()
     md = _common.regenerate_results_md(rdir).read_text()
-    assert "beta body" in md and "mine" not in md and "alpha" not in md
+    assert "beta body" in md and "mine" not in md and "alpha" not in md and "old body" in md
+    _common.write_results("old", {}, "new body", results_dir=rdir)  # replaced: a record
 
 
 def test_a_journal_drops_a_cut_off_last_line_and_names_other_damage(tmp_path):

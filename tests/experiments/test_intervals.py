@@ -182,3 +182,19 @@ def test_bad_inputs_are_named(change, message):
     labels, preds, norms = change(labels, preds, norms)
     with pytest.raises(ValueError, match=message):
         score_interval(accuracy, labels, preds, normalizers=norms, samples=5)
+
+
+def test_a_seed_without_a_finite_score_gives_an_undefined_interval_not_an_error():
+    """An empty split scores NaN (task_metrics): that method's row is undefined, the
+    table around it is still built."""
+    labels = _labels(20, seeds=2)
+    preds = _noisy(labels, 0.3, 1)
+    calls = []
+
+    def second_seed_undefined(y, p):
+        calls.append(None)
+        return float("nan") if len(calls) == 2 else accuracy(y, p)
+
+    got = score_interval(second_seed_undefined, labels, preds)
+    assert np.isnan(got.low) and np.isnan(got.high) and got.verdict() == "tied"
+    assert np.isfinite(got.per_seed[0]) and np.isnan(got.per_seed[1])

@@ -170,6 +170,26 @@ def test_eager_updates_compile_once(caplog):
     chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
 
 
+def test_a_transform_with_an_unhashable_layout_compiles_its_eager_update_once(caplog):
+    class RowAxes:  # a mutable dataclass-like callable: __eq__ without __hash__
+        __hash__ = None
+
+        def __eq__(self, other):
+            return isinstance(other, RowAxes)
+
+        def __call__(self, path, shape):
+            return 1 if len(shape) >= 2 else 0
+
+    params = _params()
+    opt = umtam_jax.umtam(1e-2, row_axes=RowAxes(), **SMALL)
+    state = opt.init(params)
+    _, state = opt.update(_grads(params, 0), state, params)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        for t in (1, 2):
+            _, state = opt.update(_grads(params, t), state, params)
+    assert [r for r in caplog.records if "Compiling" in r.getMessage()] == []
+
+
 @pytest.mark.parametrize("wrap", ["inject_hyperparams", "rebuilt"])
 def test_eager_updates_compile_once_per_configuration(caplog, wrap):
     """``optax.inject_hyperparams`` builds a new transform at every step (its numeric

@@ -530,7 +530,9 @@ def test_the_one_pass_square_sums_have_the_derivatives_of_the_plain_ones(magnitu
 @pytest.mark.parametrize("clip_threshold", [1.0, None])
 def test_the_update_is_differentiable_with_respect_to_the_params(svd_method, clip_threshold):
     """Meta-learning through a step: the derivative of the update with respect to the
-    parameters (which also give the gradient) matches central finite differences."""
+    parameters (which also give the gradient) matches central finite differences. Rank 1:
+    at higher ranks the orthonormalisation's eigh has repeated eigenvalues, where its
+    derivative is undefined (docs/algorithm.md §2.8)."""
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
     probe = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)

@@ -90,17 +90,12 @@ def write(
 def check_metadata(directory: epath.Path, metadata: Mapping[str, Any]) -> None:
     """Raises :class:`CheckpointCorruptError` when the restored metadata does not match
     the CRC in the checksum record (a flipped byte in a key name or a user value, which
-    the JSON still parses), or, from format version 3 on, the record has none. A missing
-    or unreadable record is left to the array verification (:func:`read`)."""
+    the JSON still parses). A missing or unreadable record, or one without the CRC, is
+    left to the verification of the arrays (:func:`read`)."""
     try:
         recorded = _json.loads((directory / CHECKSUMS_FILE).read_text()).get("metadata")
     except (OSError, ValueError, AttributeError):
         return
-    if recorded is None and metadata.get("format_version", 1) >= 3:
-        raise CheckpointCorruptError(
-            f"checkpoint {directory} is corrupt: its checksum record ({CHECKSUMS_FILE}) "
-            "holds no checksum of its metadata"
-        )
     if recorded is not None and recorded != metadata_crc32(metadata):
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: its metadata does not match its checksum "
@@ -129,6 +124,8 @@ def read(directory: epath.Path, format_version: int) -> Records | None:
         if data.get("algorithm") != ALGORITHM:
             raise ValueError(f"unknown checksum algorithm {data.get('algorithm')!r}")
         items = data["items"]
+        if format_version >= 3 and not isinstance(data.get("metadata"), int):
+            raise ValueError("it holds no checksum of the metadata")
         for records in items.values():
             for rec in records.values():
                 if not (

@@ -331,8 +331,10 @@ def _publishing_collectively(
         # repair may have put back an old folder, and the path may change during the save.
         check_target(directory, overwrite=overwrite, kind=kind)
         yield staging
-        _processes.barrier(f"umtam_checkpoint_staged_{token}")
+        # Before the barrier: after it, process 0 publishes, and a later check elsewhere
+        # would find the new output.
         check_target(directory, overwrite=overwrite, kind=kind)
+        _processes.barrier(f"umtam_checkpoint_staged_{token}")
         if _processes.is_primary():
             _record_contents(staging)
             _publish(staging, directory, token, empty=is_empty_folder(directory))

@@ -190,6 +190,9 @@ def _interval(
         raise ValueError(f"no metric for tasks {sorted(set(tasks) - set(metric))}")
     first, *second = [_per_seed(metric, labels, r, normalizers, tasks) for r in runs]
     values = first - second[0] if second else first
+    if len(labels) > 1 and not np.all(np.isfinite(values)):  # e.g. an empty split's NaN
+        nan = float("nan")
+        return Interval(float(np.mean(values)), nan, nan, level, tuple(map(float, values)))
     if len(labels) > 1:
         return student_t(values, level)
     reps = _example_bootstrap(metric, labels, runs, normalizers, tasks, samples, seed)

@@ -14,8 +14,8 @@ interrupted run resumes and other experts never read them.
 :func:`summarize_pruning` turns the predictions into, per density, each ranking's mean
 normalized score (score ÷ the expert's) with its interval and the paired difference
 saliency − magnitude with its verdict, and the same difference per (task, density) on the
-task's raw metric — the paired hierarchical bootstrap of
-:mod:`~umtam_jax.experiments.intervals` over seeds and test examples.
+task's raw metric — the intervals of :mod:`~umtam_jax.experiments.intervals`
+(Student-t over the seeds; one seed: a paired bootstrap over its test examples).
 
 From a shell (the benchmark front end writes the results file and the figure)::
 
@@ -149,16 +149,17 @@ def summarize_pruning(
     Args:
         workdir: The work directory of the run.
         run: What :func:`run_pruning` returned.
-        samples: Bootstrap replicates.
+        samples: Bootstrap replicates (one seed only).
         level: Interval coverage.
-        bootstrap_seed: The resampling's seed.
+        bootstrap_seed: The resampling's seed (one seed only).
 
     Returns:
         ``{"mean": {density: {"saliency", "magnitude", "difference"}}, "per_task":
         {task: {density: {"saliency", "magnitude", "difference", "relative"}}},
         "reference": {"expert", "base"}, "counts": {"better", "tied", "worse"}}``:
-        intervals as ``{"estimate", "low", "high", "level", "verdict"}``; ``mean`` scores
-        are normalized by each seed's expert, ``per_task`` ones are raw metrics;
+        intervals as ``{"estimate", "low", "high", "level", "per_seed", "verdict"}``;
+        ``mean`` scores are normalized by each seed's expert, ``per_task`` ones are raw
+        metrics;
         ``relative`` is the difference in % of the magnitude ranking's score; ``counts``
         tallies the per-(task, density) verdicts of saliency against magnitude.
     """

@@ -77,7 +77,8 @@ def select_on_validation(
         "test_interval", "test_predictions", "grid": [{"hparams", "val_norm"}...],
         "merge_seconds"}`` where ``avg`` is the mean task metric, ``norm`` the mean of
         merged/expert per task, ``test_interval`` the 95 % bootstrap interval of the test
-        ``norm`` over test examples (one seed: the noise of the test sample only) and
+        ``norm`` over test examples (one seed: the noise of the test sample only; with
+        ``per_seed``, its one value) and
         ``test_predictions`` the predicted labels by task.
     """
     m = MERGE_METHODS[method] if isinstance(method, str) else method

@@ -244,8 +244,9 @@ def scale_by_umtam(
         # Called eagerly: compiled once per configuration and input shape. Step by step,
         # each lax.cond of the update would be compiled again at every call (new
         # closures), seconds per step and memory that is never returned.
-        return _eager_call(cfg, updates, state, params)
+        return _eager_call(cfg, fallback, updates, state, params)
 
+    fallback = jax.jit(functools.partial(_update, cfg))  # compiled on first use only
     return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -387,13 +388,16 @@ def _eager_update(static: tuple, dynamic: dict[str, Any], updates, state, params
     return _update(Config(**dict(static), **dynamic), updates, state, params)
 
 
-def _eager_call(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, Any]:
-    """:func:`_update` for an eager call (see :func:`_eager_update`)."""
+def _eager_call(
+    cfg: Config, fallback: Any, updates: Any, state: Any, params: Any
+) -> tuple[Any, Any]:
+    """:func:`_update` for an eager call (see :func:`_eager_update`); ``fallback``, the
+    transform's own compiled update, serves a configuration that cannot be hashed."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     dynamic = {k: v for k, v in fields.items() if isinstance(v, jax.Array | np.ndarray)}
     static = tuple((k, v) for k, v in fields.items() if k not in dynamic)
     try:
         hash(static)
-    except TypeError:  # e.g. an unhashable row_axes callable: compiled for this call
-        return jax.jit(functools.partial(_update, cfg))(updates, state, params)
+    except TypeError:  # e.g. an unhashable row_axes callable
+        return fallback(updates, state, params)
     return _eager_update(static, dynamic, updates, state, params)
