@@ -196,5 +196,5 @@ def test_a_seed_without_a_finite_score_gives_an_undefined_interval_not_an_error(
         return float("nan") if len(calls) == 2 else accuracy(y, p)
 
     got = score_interval(second_seed_undefined, labels, preds)
-    assert np.isnan(got.low) and np.isnan(got.high) and got.verdict() == "tied"
+    assert np.isnan(got.low) and np.isnan(got.high) and got.verdict() == "undefined"
     assert np.isfinite(got.per_seed[0]) and np.isnan(got.per_seed[1])

@@ -17,7 +17,7 @@ share cancels.
   another seed.
 
 A difference is called ``"better"`` when its interval lies above 0, ``"worse"`` when it
-lies below, ``"tied"`` otherwise.
+lies below, ``"tied"`` otherwise (``"undefined"`` where a seed has no finite score).
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ class Interval:
     per_seed: tuple[float, ...] = ()
 
     def verdict(self) -> str:
-        """``"better"`` (interval above 0), ``"worse"`` (below 0) or ``"tied"``."""
+        """``"better"`` (interval above 0), ``"worse"`` (below 0), ``"tied"``, or
+        ``"undefined"`` when the interval has no ends (a seed without a finite score)."""
+        if math.isnan(self.low) or math.isnan(self.high):
+            return "undefined"
         if self.low > 0:
             return "better"
         if self.high < 0:
