@@ -263,6 +263,7 @@ def write_results(
     results_dir: str | os.PathLike | None = None,
     env: dict[str, Any] | None = None,
     command_line: str | None = None,
+    replace_damaged: bool = False,
 ) -> Path:
     """Writes ``<results_dir>/<name>.json`` atomically (temporary file + ``os.replace``).
 
@@ -284,6 +285,8 @@ def write_results(
         env: An :func:`environment` record taken at the benchmark's start (default: taken
             now), possibly extended by the benchmark.
         command_line: The command to record (default: :func:`command`).
+        replace_damaged: Whether a file at the record's path that is not JSON (a damaged
+            record) may be replaced; any other file that is not a record never is.
 
     Returns:
         The path of the JSON file.
@@ -302,20 +305,23 @@ def write_results(
         "result": result,
     }
     path = rdir / f"{name}.json"
-    _check_own_record(path)
+    _check_own_record(path, replace_damaged)
     _atomic_write(path, json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n")
     if rdir.resolve().name == "results" and _is_generated(rdir.parent / "RESULTS.md"):
         regenerate_results_md(rdir)
     return path
 
 
-def _check_own_record(path: Path) -> None:
-    """Refuses to replace a file at ``path`` that is not a benchmark record."""
+def _check_own_record(path: Path, replace_damaged: bool = False) -> None:
+    """Refuses to replace a file at ``path`` that is not a benchmark record (with
+    ``replace_damaged``, one that is not JSON at all may be: a damaged record)."""
     if not path.exists() and not path.is_symlink():
         return
     try:
         ours = path.is_file() and _is_record(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
+    except ValueError:
+        ours = replace_damaged and path.is_file() and not path.is_symlink()
+    except OSError:
         ours = False
     if not ours:
         raise FileExistsError(f"{path} exists and is not a benchmark record; not replaced")
@@ -479,13 +485,17 @@ def recorded_run(
         try:
             record = json.loads(path.read_text())
             rec = record["result"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except ValueError as err:
+            print(f"{label}: {path} is damaged ({err}); running the part again", flush=True)
+            rec = None
+        except (OSError, KeyError, TypeError):
             rec = None
         if isinstance(rec, dict) and rec.get("signature") == signature:
             print(f"{label}: read back {path}", flush=True)
             return {**rec, "git": record.get("git")}  # the code that measured it
     rec = {"signature": signature, **run()}
-    write_results(path.stem, rec, "", results_dir=path.parent, title=title, env=env)
+    write_results(path.stem, rec, "", results_dir=path.parent, title=title, env=env,
+                  replace_damaged=True)  # fmt: skip
     return {**rec, "git": git_commit()}
 
 
