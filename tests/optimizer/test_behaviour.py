@@ -180,30 +180,14 @@ def test_a_transform_with_an_unhashable_layout_compiles_its_eager_update_once(ca
         def __call__(self, path, shape):
             return 1 if len(shape) >= 2 else 0
 
-    params, row_axes = _params(), RowAxes()
-    inject = optax.inject_hyperparams(umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS)
-    for opt in (
-        umtam_jax.umtam(1e-2, row_axes=row_axes, **SMALL),
-        inject(learning_rate=1e-2, row_axes=row_axes, **SMALL),  # a new transform each step
-    ):
-        state = opt.init(params)
-        _, state = opt.update(_grads(params, 0), state, params)
-        with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
-            for t in (1, 2):
-                _, state = opt.update(_grads(params, t), state, params)
-        assert [r for r in caplog.records if "Compiling" in r.getMessage()] == []
-
-
-def test_equal_options_of_other_types_do_not_share_an_eager_compilation():
-    """``np.float32(0.9) == 0.9``, yet the two compute differently: each configuration's
-    eager update equals its own jitted one, whichever ran first."""
     params = _params()
-    for b1 in (0.9, np.float32(0.9)):
-        opt = umtam_jax.umtam(1e-2, b1=b1, **SMALL)
-        state = opt.init(params)
-        eager, _ = opt.update(_grads(params, 0), state, params)
-        jitted, _ = jax.jit(opt.update)(_grads(params, 0), state, params)
-        chex.assert_trees_all_equal(eager, jitted)
+    opt = umtam_jax.umtam(1e-2, row_axes=RowAxes(), **SMALL)
+    state = opt.init(params)
+    _, state = opt.update(_grads(params, 0), state, params)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        for t in (1, 2):
+            _, state = opt.update(_grads(params, t), state, params)
+    assert [r for r in caplog.records if "Compiling" in r.getMessage()] == []
 
 
 @pytest.mark.parametrize("wrap", ["inject_hyperparams", "rebuilt"])

@@ -244,8 +244,9 @@ def scale_by_umtam(
         # Called eagerly: compiled once per configuration and input shape. Step by step,
         # each lax.cond of the update would be compiled again at every call (new
         # closures), seconds per step and memory that is never returned.
-        return _eager_call(cfg, updates, state, params)
+        return _eager_call(cfg, fallback, updates, state, params)
 
+    fallback = jax.jit(functools.partial(_update, cfg))  # compiled on first use only
     return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -378,44 +379,25 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
     )
 
 
-class _Static:
-    """One static option as a key of :func:`_eager_update`'s compilations: equal only for
-    the same type and value (``np.float32(0.9) == 0.9``, but they compute differently),
-    or, for a value that cannot be hashed (a mutable callable as ``row_axes``), the same
-    object."""
-
-    def __init__(self, value: Any):
-        self.value = value
-        try:
-            self._key: Any = (type(value), value)
-            self._hash = hash(self._key)
-        except TypeError:
-            self._key, self._hash = None, id(value)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Static):
-            return NotImplemented
-        if self._key is None or other._key is None:
-            return self.value is other.value
-        return self._key == other._key
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _eager_update(static: tuple, dynamic: dict[str, Any], updates, state, params):
     """:func:`_update` compiled once per configuration and input shapes, shared by every
-    transform built with it: ``static`` holds the configuration's other fields,
+    transform built with it: ``static`` holds the configuration's hashable fields,
     ``dynamic`` those given as arrays (``optax.inject_hyperparams`` passes its numeric
     hyper-parameters so, and builds a new transform at every step)."""
-    fixed = {k: v.value for k, v in static}
-    return _update(Config(**fixed, **dynamic), updates, state, params)
+    return _update(Config(**dict(static), **dynamic), updates, state, params)
 
 
-def _eager_call(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, Any]:
-    """:func:`_update` for an eager call (see :func:`_eager_update`)."""
+def _eager_call(
+    cfg: Config, fallback: Any, updates: Any, state: Any, params: Any
+) -> tuple[Any, Any]:
+    """:func:`_update` for an eager call (see :func:`_eager_update`); ``fallback``, the
+    transform's own compiled update, serves a configuration that cannot be hashed."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     dynamic = {k: v for k, v in fields.items() if isinstance(v, jax.Array | np.ndarray)}
-    static = tuple((k, _Static(v)) for k, v in fields.items() if k not in dynamic)
+    static = tuple((k, v) for k, v in fields.items() if k not in dynamic)
+    try:
+        hash(static)
+    except TypeError:  # e.g. an unhashable row_axes callable
+        return fallback(updates, state, params)
     return _eager_update(static, dynamic, updates, state, params)
