@@ -157,8 +157,10 @@ def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     folder; does nothing when there is nothing to recover or another process holds the
     lock. ``kind`` as in :func:`check_target`.
     """
+    if directory.exists() and not is_empty_folder(directory):
+        return  # the common case: no listing of the parent folder
     olds = _siblings(directory, _OLD)
-    if (directory.exists() and not is_empty_folder(directory)) or not olds:
+    if not olds:
         return
     try:
         with contextlib.suppress(CheckpointBusyError), locked(directory):
