@@ -19,6 +19,8 @@ cover this process, where ``jax`` may already have been imported.
 
 import os
 
+import pytest
+
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
 
@@ -26,3 +28,13 @@ import jax  # noqa: E402  (after the environment variables, for a first import o
 
 jax.config.update("jax_enable_compilation_cache", False)
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compilations():
+    """Drops JAX's compilation caches after each test file. A worker process runs hundreds
+    of files, and on XLA:CPU every kept executable holds memory maps of its machine code
+    (about a hundred for an optimizer update): kept for the worker's life, they pass Linux's
+    limit of 65,530 maps per process, and the next compile crashes (segmentation fault)."""
+    yield
+    jax.clear_caches()

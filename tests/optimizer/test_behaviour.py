@@ -4,7 +4,9 @@ validation of hyper-parameters and inputs in test_validation.py)."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import chex
 import jax
@@ -14,6 +16,7 @@ import optax
 import pytest
 
 import umtam_jax
+from umtam_jax.optimizer import _transform
 from umtam_jax.optimizer._lowrank import exact_svd, subspace_svd
 
 SMALL = dict(rank=4, min_dim_size_to_factor=8)
@@ -188,6 +191,30 @@ def test_a_transform_with_an_unhashable_layout_compiles_its_eager_update_once(ca
         for t in (1, 2):
             _, state = opt.update(_grads(params, t), state, params)
     assert [r for r in caplog.records if "Compiling" in r.getMessage()] == []
+
+
+def test_eager_compilations_are_bounded_and_dropped_ones_freed(monkeypatch):
+    """A long eager process (a notebook stepping many models) keeps a bounded number of
+    compiled updates: each holds an executable, and XLA:CPU's hold about a hundred memory
+    maps each (Linux allows a process 65,530; past that, compiling crashes)."""
+    cached = _transform._eager_update
+    cached.cache_clear()
+    made = []
+
+    def spy(static, signature):
+        compiled = cached(static, signature)
+        made.append(weakref.ref(compiled))
+        return compiled
+
+    monkeypatch.setattr(_transform, "_eager_update", spy)
+    opt = umtam_jax.umtam(1e-2)
+    for n in range(1, _transform._EAGER_CACHE_SIZE + 2):  # one more shape than it keeps
+        params = {"b": jnp.ones((n,))}
+        opt.update(params, opt.init(params), params)
+    gc.collect()
+    assert cached.cache_info().currsize == _transform._EAGER_CACHE_SIZE
+    assert made[0]() is None  # the least recently used compilation is gone
+    assert made[-1]() is not None
 
 
 @pytest.mark.parametrize("wrap", ["inject_hyperparams", "rebuilt"])

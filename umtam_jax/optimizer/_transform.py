@@ -241,7 +241,7 @@ def scale_by_umtam(
             raise ValueError("scale_by_umtam needs params: call update(grads, state, params)")
         if any_tracer((updates, state, params)):  # inside the caller's jit, grad or vmap
             return _update(cfg, updates, state, params)
-        # Called eagerly: compiled once per configuration and input shape. Step by step,
+        # Called eagerly: compiled once per configuration and input signature. Step by step,
         # each lax.cond of the update would be compiled again at every call (new
         # closures), seconds per step and memory that is never returned.
         return _eager_call(cfg, fallback, updates, state, params)
@@ -379,13 +379,32 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
     )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eager_update(static: tuple, dynamic: dict[str, Any], updates, state, params):
-    """:func:`_update` compiled once per configuration and input shapes, shared by every
-    transform built with it: ``static`` holds the configuration's hashable fields,
-    ``dynamic`` those given as arrays (``optax.inject_hyperparams`` passes its numeric
-    hyper-parameters so, and builds a new transform at every step)."""
+# Eager compilations kept for reuse: each holds its executable, and on XLA:CPU every
+# executable holds about a hundred memory maps of machine code (Linux allows a process
+# 65,530), so an unbounded cache runs a long process out of them.
+_EAGER_CACHE_SIZE = 32
+
+
+def _update_from_fields(static: tuple, dynamic: dict[str, Any], updates, state, params):
+    """:func:`_update` of the configuration whose hashable fields are ``static`` and whose
+    array fields are ``dynamic`` (``optax.inject_hyperparams`` passes its numeric
+    hyper-parameters as arrays, and builds a new transform at every step)."""
     return _update(Config(**dict(static), **dynamic), updates, state, params)
+
+
+@functools.lru_cache(maxsize=_EAGER_CACHE_SIZE)
+def _eager_update(static: tuple, signature: tuple) -> Any:
+    """The compiled update of one configuration and input signature (structure, shapes,
+    dtypes), shared by every transform built with those options. Least recently used
+    entries are dropped, and with them their executables."""
+    del signature  # the cache key only: one jit, hence one executable, per signature
+    return jax.jit(functools.partial(_update_from_fields, static))
+
+
+def _signature(tree: Any) -> tuple:
+    """The structure, shapes and dtypes of ``tree`` (a hashable key)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)
 
 
 def _eager_call(
@@ -396,8 +415,9 @@ def _eager_call(
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     dynamic = {k: v for k, v in fields.items() if isinstance(v, jax.Array | np.ndarray)}
     static = tuple((k, v) for k, v in fields.items() if k not in dynamic)
+    inputs = (dynamic, updates, state, params)
     try:
-        hash(static)
+        compiled = _eager_update(static, _signature(inputs))
     except TypeError:  # e.g. an unhashable row_axes callable
         return fallback(updates, state, params)
-    return _eager_update(static, dynamic, updates, state, params)
+    return compiled(*inputs)
