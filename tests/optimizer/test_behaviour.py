@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import umtam_jax
-from umtam_jax.optimizer import _transform
+from umtam_jax.optimizer import _eager
 from umtam_jax.optimizer._lowrank import exact_svd, subspace_svd
 
 SMALL = dict(rank=4, min_dim_size_to_factor=8)
@@ -183,36 +183,55 @@ def test_a_transform_with_an_unhashable_layout_compiles_its_eager_update_once(ca
         def __call__(self, path, shape):
             return 1 if len(shape) >= 2 else 0
 
-    params = _params()
-    opt = umtam_jax.umtam(1e-2, row_axes=RowAxes(), **SMALL)
-    state = opt.init(params)
-    _, state = opt.update(_grads(params, 0), state, params)
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
-        for t in (1, 2):
-            _, state = opt.update(_grads(params, t), state, params)
-    assert [r for r in caplog.records if "Compiling" in r.getMessage()] == []
+    params, row_axes = _params(), RowAxes()
+    inject = optax.inject_hyperparams(umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS)
+    for opt in (
+        umtam_jax.umtam(1e-2, row_axes=row_axes, **SMALL),
+        inject(learning_rate=1e-2, row_axes=row_axes, **SMALL),  # a new transform each step
+    ):
+        state = opt.init(params)
+        _, state = opt.update(_grads(params, 0), state, params)
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+            for t in (1, 2):
+                _, state = opt.update(_grads(params, t), state, params)
+        assert [r for r in caplog.records if "Compiling" in r.getMessage()] == []
+
+
+def test_equal_options_of_other_types_do_not_share_an_eager_compilation():
+    """``np.float64(0.5) == 0.5`` (same hash), yet under x64 the first makes the state
+    float64 and the second keeps it float32: each configuration's eager update equals its
+    own jitted one, dtypes included, whichever ran first."""
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda x: x.astype(jnp.float32), _params())
+        for b2 in (0.5, np.float64(0.5)):
+            opt = umtam_jax.umtam(1e-2, b2=b2, **SMALL)
+            state = opt.init(params)
+            eager = opt.update(_grads(params, 0), state, params)
+            jitted = jax.jit(opt.update)(_grads(params, 0), state, params)
+            chex.assert_trees_all_equal(eager, jitted)
+            chex.assert_trees_all_equal_dtypes(eager, jitted)
 
 
 def test_eager_compilations_are_bounded_and_dropped_ones_freed(monkeypatch):
     """A long eager process (a notebook stepping many models) keeps a bounded number of
     compiled updates: each holds an executable, and XLA:CPU's hold about a hundred memory
     maps each (Linux allows a process 65,530; past that, compiling crashes)."""
-    cached = _transform._eager_update
+    cached = _eager.compiled
     cached.cache_clear()
     made = []
 
-    def spy(static, signature):
-        compiled = cached(static, signature)
+    def spy(*key):
+        compiled = cached(*key)
         made.append(weakref.ref(compiled))
         return compiled
 
-    monkeypatch.setattr(_transform, "_eager_update", spy)
+    monkeypatch.setattr(_eager, "compiled", spy)
     opt = umtam_jax.umtam(1e-2)
-    for n in range(1, _transform._EAGER_CACHE_SIZE + 2):  # one more shape than it keeps
+    for n in range(1, _eager.CACHE_SIZE + 2):  # one more shape than it keeps
         params = {"b": jnp.ones((n,))}
         opt.update(params, opt.init(params), params)
     gc.collect()
-    assert cached.cache_info().currsize == _transform._EAGER_CACHE_SIZE
+    assert cached.cache_info().currsize == _eager.CACHE_SIZE
     assert made[0]() is None  # the least recently used compilation is gone
     assert made[-1]() is not None
 

@@ -9,13 +9,11 @@ factored momenta together (:mod:`._decomposition`), then finishes the factored l
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from umtam_jax import _pytrees
@@ -31,6 +29,7 @@ from umtam_jax.optimizer._axis_order import (
 from umtam_jax.optimizer._config import Config, as_dtype, validate
 from umtam_jax.optimizer._decomposition import new_factors
 from umtam_jax.optimizer._dense import init_dense, update_dense
+from umtam_jax.optimizer._eager import eager_update
 from umtam_jax.optimizer._factored import (
     factored_finish,
     factored_request,
@@ -241,10 +240,9 @@ def scale_by_umtam(
             raise ValueError("scale_by_umtam needs params: call update(grads, state, params)")
         if any_tracer((updates, state, params)):  # inside the caller's jit, grad or vmap
             return _update(cfg, updates, state, params)
-        # Called eagerly: compiled once per configuration and input signature. Step by step,
-        # each lax.cond of the update would be compiled again at every call (new
-        # closures), seconds per step and memory that is never returned.
-        return _eager_call(cfg, fallback, updates, state, params)
+        # Called eagerly: one compilation per configuration and input signature, shared
+        # by transforms built again with the same options (see _eager).
+        return eager_update(_update, cfg, fallback, updates, state, params)
 
     fallback = jax.jit(functools.partial(_update, cfg))  # compiled on first use only
     return optax.GradientTransformation(init_fn, update_fn)
@@ -267,7 +265,7 @@ def _init_leaf(cfg: Config, index: int, path: tuple[Any, ...], param: jax.Array)
 @full_precision
 def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, Any]:
     """One step of every leaf (traced: inside the caller's transformation or
-    :func:`_eager_update`)."""
+    :mod:`._eager`)."""
     base_key = jax.random.key(cfg.seed)
     count = optax.safe_increment(state.count)
     # Updates keep the gradients' structure (Variables included); the state's leaves
@@ -377,47 +375,3 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
         jax.tree_util.tree_unflatten(treedef, directions),
         ScaleByUmtamState(count=count, leaves=jax.tree_util.tree_unflatten(leaves_def, new_states)),
     )
-
-
-# Eager compilations kept for reuse: each holds its executable, and on XLA:CPU every
-# executable holds about a hundred memory maps of machine code (Linux allows a process
-# 65,530), so an unbounded cache runs a long process out of them.
-_EAGER_CACHE_SIZE = 32
-
-
-def _update_from_fields(static: tuple, dynamic: dict[str, Any], updates, state, params):
-    """:func:`_update` of the configuration whose hashable fields are ``static`` and whose
-    array fields are ``dynamic`` (``optax.inject_hyperparams`` passes its numeric
-    hyper-parameters as arrays, and builds a new transform at every step)."""
-    return _update(Config(**dict(static), **dynamic), updates, state, params)
-
-
-@functools.lru_cache(maxsize=_EAGER_CACHE_SIZE)
-def _eager_update(static: tuple, signature: tuple) -> Any:
-    """The compiled update of one configuration and input signature (structure, shapes,
-    dtypes), shared by every transform built with those options. Least recently used
-    entries are dropped, and with them their executables."""
-    del signature  # the cache key only: one jit, hence one executable, per signature
-    return jax.jit(functools.partial(_update_from_fields, static))
-
-
-def _signature(tree: Any) -> tuple:
-    """The structure, shapes and dtypes of ``tree`` (a hashable key)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)
-
-
-def _eager_call(
-    cfg: Config, fallback: Any, updates: Any, state: Any, params: Any
-) -> tuple[Any, Any]:
-    """:func:`_update` for an eager call (see :func:`_eager_update`); ``fallback``, the
-    transform's own compiled update, serves a configuration that cannot be hashed."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    dynamic = {k: v for k, v in fields.items() if isinstance(v, jax.Array | np.ndarray)}
-    static = tuple((k, v) for k, v in fields.items() if k not in dynamic)
-    inputs = (dynamic, updates, state, params)
-    try:
-        compiled = _eager_update(static, _signature(inputs))
-    except TypeError:  # e.g. an unhashable row_axes callable
-        return fallback(updates, state, params)
-    return compiled(*inputs)
