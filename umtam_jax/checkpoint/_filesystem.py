@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 from collections.abc import Iterator
 
 from etils import epath
 
+from umtam_jax import _files
 from umtam_jax.checkpoint._targets import is_local
 from umtam_jax.checkpoint._write_errors import CheckpointBusyError
 
@@ -35,14 +35,9 @@ def rmtree(path: epath.Path) -> None:
 
 
 def fsync_dir(path: epath.Path) -> None:
-    if not is_local(path):
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(os.fspath(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Flushes the entries of ``path`` (a local folder) to the disk."""
+    if is_local(path):
+        _files.fsync_dir(path)
 
 
 def write_synced(path: epath.Path, text: str) -> None:
@@ -59,44 +54,16 @@ def write_synced(path: epath.Path, text: str) -> None:
 
 @contextlib.contextmanager
 def locked(directory: epath.Path) -> Iterator[None]:
-    """Holds an exclusive, non-blocking lock on ``directory`` for a save."""
+    """Holds an exclusive, non-blocking lock on ``directory`` for a save (a hidden
+    ``.<name>.umtam-lock`` file beside it, on a local disk)."""
     if not is_local(directory):
         yield
         return
     lock_path = os.fspath(directory.parent / f".{directory.name}.{LOCK}")
-    while True:
-        try:
-            # never through a link planted at the lock's name
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise OSError(
-                    err.errno,
-                    f"cannot write checkpoint {directory}: its lock file {lock_path} is a "
-                    "symbolic link (delete it if no save to this path is running)",
-                ) from None
-            raise OSError(
-                err.errno, f"cannot write checkpoint {directory}: {err.strerror}", lock_path
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CheckpointBusyError(
-                errno.EBUSY,
-                f"checkpoint {directory} is being written by another process right now "
-                f"(lock file {lock_path}); wait for it to finish",
-            ) from None
-        try:  # the holder before us may have removed the file after we opened it
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
+    busy = lambda: CheckpointBusyError(  # noqa: E731
+        errno.EBUSY,
+        f"checkpoint {directory} is being written by another process right now "
+        f"(lock file {lock_path}); wait for it to finish",
+    )
+    with _files.exclusive_lock(lock_path, cannot=f"cannot write checkpoint {directory}", busy=busy):
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
-        os.close(fd)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from umtam_jax import _json
+from umtam_jax import _files, _json
 
 __all__ = ["jsonable", "read_json", "read_npz", "write_json", "write_npz"]
 
@@ -92,7 +91,7 @@ def write_atomic(path: str | Path, write: Any) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_folder(path.parent)
+        _files.fsync_dir(path.parent)
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -100,20 +99,6 @@ def write_atomic(path: str | Path, write: Any) -> Path:
             raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
         raise
     return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flushes a rename in ``folder`` to the disk (where the OS can open folders)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -125,20 +110,14 @@ def exclusive(folder: str | Path, what: str) -> Iterator[None]:
     Raises:
         BlockingIOError: another process holds the lock.
     """
+    busy = lambda: BlockingIOError(  # noqa: E731
+        errno.EWOULDBLOCK,
+        f"{folder} is in use by another process ({what}): wait for it to finish or use "
+        "another folder",
+    )
     lock = os.path.join(folder, ".umtam-lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BlockingIOError(
-                errno.EWOULDBLOCK,
-                f"{folder} is in use by another process ({what}): wait "
-                "for it to finish or use another folder",
-            ) from None
+    with _files.exclusive_lock(lock, cannot=f"cannot lock {folder} for {what}", busy=busy):
         yield
-    finally:
-        os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

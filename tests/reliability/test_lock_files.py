@@ -1,0 +1,39 @@
+"""The lock file shared by checkpoint saves and protocol work directories."""
+
+import os
+
+import pytest
+
+from umtam_jax import _files
+from umtam_jax.experiments import store
+
+
+def _busy():
+    return BlockingIOError("held")
+
+
+def test_a_second_holder_is_refused_and_the_lock_file_goes_with_the_last_holder(tmp_path):
+    lock = os.fspath(tmp_path / ".work.lock")
+    with _files.exclusive_lock(lock, cannot="cannot use work", busy=_busy):
+        assert os.path.exists(lock)
+        with (
+            pytest.raises(BlockingIOError, match="held"),
+            _files.exclusive_lock(lock, cannot="cannot use work", busy=_busy),
+        ):
+            pass
+        assert os.path.exists(lock)  # the refused second holder left it in place
+    assert not os.path.exists(lock)
+    with _files.exclusive_lock(lock, cannot="cannot use work", busy=_busy):  # free again
+        pass
+
+
+def test_a_link_at_a_work_directory_lock_is_named_and_never_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    (tmp_path / "work").mkdir()
+    os.symlink(victim, tmp_path / "work" / ".umtam-lock")
+    with (
+        pytest.raises(OSError, match=r"cannot lock .*work for a test: its lock file .* is a symb"),
+        store.exclusive(tmp_path / "work", "a test"),
+    ):
+        pass
+    assert not victim.exists()
