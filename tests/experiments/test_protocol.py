@@ -407,6 +407,10 @@ def test_pruning_study_reuses_the_protocol_experts_and_caches_predictions(first,
     assert sum(summary["counts"].values()) == len(TASKS) * 2
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         pruning.run_pruning(workdir, **{**kw, "densities": (0.0,)})
+    # A protocol run in the same work directory writes its experts there meanwhile.
+    busy = pytest.raises(BlockingIOError, match="in use by another process")
+    with store.exclusive(workdir, "a protocol run"), busy:
+        pruning.run_pruning(workdir, **kw)
 
 
 def test_expert_recipes_add_the_memory_modes_to_the_size_settings():

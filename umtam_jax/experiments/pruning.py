@@ -90,6 +90,7 @@ def run_pruning(
 
     Raises:
         ValueError: a density outside (0, 1].
+        BlockingIOError: another process works in ``workdir``.
     """
     from umtam_jax.experiments.models import minilm_pretrained
 
@@ -107,31 +108,35 @@ def run_pruning(
                            "densities": [float(d) for d in densities], "metrics": {},
                            "experts": {}, "files": {}}  # fmt: skip
     t0 = time.perf_counter()
-    for seed in seeds:
-        cfg, ttasks, experts = seed_inputs(sz, seed, tasks, workdir, base, tokenizer)
-        path = workdir / "pruning" / f"seed{seed}-{stable_hash([e.path.name for e in experts])}.npz"
-        have = store.read_npz(path) or {}
-        for e in experts:
-            tt, head, enc = ttasks[e.task], e.params["head"], e.params["encoder"]
-            test = tt.arrays["test"]
-            wanted = {_key(e.task, "labels"), _key(e.task, "base")}
-            wanted |= {_key(e.task, r, d) for r in RANKINGS for d in densities}
-            if wanted <= have.keys():
-                continue
-            have[_key(e.task, "labels")] = np.asarray(test["labels"])
-            have[_key(e.task, "base")] = _predict(base, head, test, cfg)
-            for d in densities:
-                for ranking in RANKINGS:
-                    scores = e.statistics["encoder"] if ranking == "saliency" else None
-                    pruned = merging.prune(base, enc, scores, density=float(d))
-                    have[_key(e.task, ranking, d)] = _predict(pruned, head, test, cfg)
-            store.write_npz(path, have)
-            say(f"seed {seed} {e.task}: pruned and predicted ({time.perf_counter() - t0:.0f}s)")
-        out["metrics"] = {
-            t: {"metric": tt.task.metric, "num_labels": tt.num_labels} for t, tt in ttasks.items()
-        }
-        out["experts"][str(seed)] = {e.task: float(e.scores["test"]) for e in experts}
-        out["files"][str(seed)] = str(path.relative_to(workdir))
+    workdir.mkdir(parents=True, exist_ok=True)
+    with store.exclusive(workdir, "a pruning study"):  # a protocol run writes there too
+        for seed in seeds:
+            cfg, ttasks, experts = seed_inputs(sz, seed, tasks, workdir, base, tokenizer)
+            expert_names = stable_hash([e.path.name for e in experts])
+            path = workdir / "pruning" / f"seed{seed}-{expert_names}.npz"
+            have = store.read_npz(path) or {}
+            for e in experts:
+                tt, head, enc = ttasks[e.task], e.params["head"], e.params["encoder"]
+                test = tt.arrays["test"]
+                wanted = {_key(e.task, "labels"), _key(e.task, "base")}
+                wanted |= {_key(e.task, r, d) for r in RANKINGS for d in densities}
+                if wanted <= have.keys():
+                    continue
+                have[_key(e.task, "labels")] = np.asarray(test["labels"])
+                have[_key(e.task, "base")] = _predict(base, head, test, cfg)
+                for d in densities:
+                    for ranking in RANKINGS:
+                        scores = e.statistics["encoder"] if ranking == "saliency" else None
+                        pruned = merging.prune(base, enc, scores, density=float(d))
+                        have[_key(e.task, ranking, d)] = _predict(pruned, head, test, cfg)
+                store.write_npz(path, have)
+                say(f"seed {seed} {e.task}: pruned and predicted ({time.perf_counter() - t0:.0f}s)")
+            out["metrics"] = {
+                t: {"metric": tt.task.metric, "num_labels": tt.num_labels}
+                for t, tt in ttasks.items()
+            }
+            out["experts"][str(seed)] = {e.task: float(e.scores["test"]) for e in experts}
+            out["files"][str(seed)] = str(path.relative_to(workdir))
     out["seconds"] = time.perf_counter() - t0
     return out
 
