@@ -1,11 +1,10 @@
 """mergekit's generalized task arithmetic: task arithmetic, TIES, DARE and DARE-TIES.
 
-All four (docs/algorithm.md §5) configure one per-leaf kernel, :func:`_gta`: sparsify each
-task vector (top-density magnitudes or a Bernoulli draw), rescale it, optionally keep the
-entries agreeing with the elected sign, and add ``scaling`` times the weighted sum to
+All four (docs/algorithm.md §5) configure one per-leaf kernel, :func:`._gta.gta`: sparsify
+each task vector (top-density magnitudes or a Bernoulli draw), rescale it, optionally keep
+the entries agreeing with the elected sign, and add ``scaling`` times the weighted sum to
 ``w0``. They follow mergekit 0.1.x (``merge_methods/generalized_task_arithmetic.py``,
-``sparsify.py``); differences are listed in each docstring. The kernel, its rescale modes
-and parameters, and the dtype helpers are shared with the other merging modules.
+``sparsify.py``); differences are listed in each docstring.
 
 References:
   Task arithmetic, arXiv:2212.04089; TIES, arXiv:2306.01708; DARE, arXiv:2311.03099.
@@ -17,79 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
+from umtam_jax.merging import _gta as G
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, WEIGHTS, Param
+from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, WEIGHTS
 from umtam_jax.optimizer._layout import RowAxesFn
-
-# mergekit's guard in its L1 rescale (``rescaled_masked_tensor``): tiny norms skip rescaling.
-_L1_EPS = 1e-7
-
-
-def _compute_dtype(x: jax.Array) -> jnp.dtype:
-    return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def _sum(terms: list[jax.Array]) -> jax.Array:
-    return sum(terms[1:], terms[0])
-
-
-# Rescale modes of _gta (traced, so switching them does not recompile).
-_NO_RESCALE, _INVERSE, _L1 = 0, 1, 2
-
-
-@jax.jit
-def _gta(
-    base: jax.Array,
-    ws: list[jax.Array],
-    masks: list[jax.Array] | None,
-    weights: list[Any],
-    scaling: Any,
-    densities: list[Any],
-    rescale: Any,
-    consensus: Any,
-    normalize: Any,
-) -> jax.Array:
-    """mergekit's generalized task arithmetic for one leaf.
-
-    Compiled once per leaf shape, dtype and number of experts (``masks=None`` aside); the
-    options are traced. ``masks`` sparsify the task vectors (``None``: keep all);
-    ``rescale`` is ``_NO_RESCALE``, ``_INVERSE`` (divide by the density) or ``_L1`` (match
-    the unmasked L1 norm, skipped when either norm is below 1e-7); ``consensus`` is
-    mergekit's ``get_mask(method="sum")``: keep entries whose sign matches that of the sum
-    of the weighted deltas (a zero sum votes +1, zeros never match); ``normalize`` divides
-    by the summed weights of the kept experts (0 → 1).
-    """
-    dt = _compute_dtype(base)
-    b = base.astype(dt)
-    deltas = []
-    for t, w in enumerate(ws):
-        d = w.astype(dt) - b
-        if masks is not None:
-            kept = jnp.where(masks[t], d, 0)
-            before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
-            ok = (before >= _L1_EPS) & (after >= _L1_EPS)
-            l1 = jnp.where(ok, kept * (before / jnp.where(ok, after, 1)), kept)
-            # Dropped entries stay 0 even where the density rounds to 0 in ``dt`` (0 / 0).
-            inverse = jnp.where(masks[t], d / jnp.asarray(densities[t], dt), 0)
-            d = jnp.where(rescale == _L1, l1, jnp.where(rescale == _INVERSE, inverse, kept))
-        deltas.append(d)
-    wts = [jnp.asarray(w, dt) for w in weights]
-    weighted = [w * d for w, d in zip(wts, deltas, strict=True)]
-    vote = jnp.where(_sum(weighted) >= 0, 1, -1)
-    keep = [(jnp.sign(x) == vote) | jnp.logical_not(consensus) for x in weighted]
-    mixed = _sum([jnp.where(m, x, 0) for m, x in zip(keep, weighted, strict=True)])
-    divisor = _sum([jnp.where(m, w, 0) for m, w in zip(keep, wts, strict=True)])
-    mixed = jnp.where(normalize, mixed / jnp.where(divisor == 0, 1, divisor), mixed)
-    return (b + scaling * mixed).astype(base.dtype)
-
-
-@jax.jit
-def _abs_delta(base: jax.Array, w: jax.Array) -> jax.Array:
-    dt = _compute_dtype(base)
-    return jnp.abs(w.astype(dt) - base.astype(dt))
 
 
 def task_arithmetic(
@@ -320,53 +252,13 @@ def dare_ties(
     )
 
 
-# --------------------------------------------------------------------------- registry
-
-
-def _magnitude(opts: Any, b: jax.Array, w: jax.Array, x: Any) -> jax.Array:
-    return _abs_delta(b, w)
-
-
-def _gta_kernel(rescale: Any, consensus: Any, normalize: Any):
-    """A ``_gta`` configuration as a registry kernel; each of ``rescale``, ``consensus``,
-    ``normalize`` is a value or a function of the options."""
-
-    def value(x: Any, opts: Any) -> Any:
-        return x(opts) if callable(x) else x
-
-    def kernel(opts, b, ws, masks, scores, extras):
-        k = len(ws)
-        return _gta(
-            b,
-            ws,
-            masks,
-            opts["weights"],
-            opts["scaling"],
-            opts.get("density", [1.0] * k),
-            rescale=value(rescale, opts),
-            consensus=value(consensus, opts),
-            normalize=value(normalize, opts),
-        )
-
-    return kernel
-
-
-def _dare_rescale(opts: Any) -> int:
-    return _L1 if opts["l1_rescale"] else (_INVERSE if opts["rescale"] else _NO_RESCALE)
-
-
-_KEY = Param("key", "key", "JAX PRNG key of the random drop (the CLI derives it from 'seed')")
-_RESCALE = Param("rescale", "bool", "rescale kept entries by 1 / density")
-_NORMALIZE = Param("normalize", "bool", "divide by the summed weights of agreeing experts")
-_L1_RESCALE = Param("l1_rescale", "bool", "rescale to the unmasked L1 norm (mergekit >= 0.1)")
-
 TASK_ARITHMETIC = R.register(
     R.Method(
         "task_arithmetic",
         task_arithmetic,
         "w0 + scaling · Σ weight · (w − w0)",
         (SCALING, WEIGHTS),
-        _gta_kernel(_NO_RESCALE, False, False),
+        G.gta_kernel(G.NO_RESCALE, False, False),
     )
 )
 TIES = R.register(
@@ -375,8 +267,8 @@ TIES = R.register(
         ties,
         "trim to the top-density |Δ|, elect signs, average the agreeing entries",
         (DENSITY, SCALING, WEIGHTS, SCOPE),
-        _gta_kernel(_NO_RESCALE, True, True),
-        importance=_magnitude,
+        G.gta_kernel(G.NO_RESCALE, True, True),
+        importance=G.magnitude,
         sparsify="topk",
     )
 )
@@ -385,8 +277,8 @@ DARE = R.register(
         "dare",
         dare,
         "random drop with keep probability density, rescale, then task arithmetic",
-        (DENSITY, _KEY, SCALING, WEIGHTS, _RESCALE, _L1_RESCALE),
-        _gta_kernel(_dare_rescale, False, False),
+        (DENSITY, G.KEY, SCALING, WEIGHTS, G.RESCALE, G.L1_RESCALE),
+        G.gta_kernel(G.dare_rescale, False, False),
         sparsify="bernoulli",
     )
 )
@@ -397,14 +289,14 @@ DARE_TIES = R.register(
         "DARE's random drop and rescale, then TIES's sign consensus",
         (
             DENSITY,
-            _KEY,
+            G.KEY,
             SCALING,
             WEIGHTS,
-            _RESCALE,
-            _L1_RESCALE,
-            _NORMALIZE,
+            G.RESCALE,
+            G.L1_RESCALE,
+            G.NORMALIZE,
         ),
-        _gta_kernel(_dare_rescale, True, lambda opts: opts["normalize"]),
+        G.gta_kernel(G.dare_rescale, True, lambda opts: opts["normalize"]),
         sparsify="bernoulli",
     )
 )

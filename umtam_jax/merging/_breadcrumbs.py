@@ -2,7 +2,7 @@
 
 :func:`breadcrumbs` and :func:`breadcrumbs_ties` (Model Breadcrumbs, arXiv:2312.06795) keep
 a window of each task vector's magnitudes, dropping the largest outliers and the smallest
-entries; then mergekit's generalized task arithmetic (:mod:`._baselines`) runs, with or
+entries; then mergekit's generalized task arithmetic (:mod:`._gta`) runs, with or
 without TIES's sign consensus. Semantics, names and defaults follow mergekit 0.1.x
 (``sparsify.py``, ``registry.py``): its ``lambda`` is ``scaling``, a model's ``weight`` is
 ``weights`` and its ``rescale`` (L1 norm) is ``l1_rescale``. All is per tensor (leaf), so
@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.merging import _baselines as B
+from umtam_jax.merging import _gta as G
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._registry import DENSITY, SCALING, SLICES, WEIGHTS, Param
@@ -142,7 +142,7 @@ def breadcrumbs_ties(
 @jax.jit
 def _window(base: jax.Array, w: jax.Array, lo: Any, hi: Any) -> jax.Array:
     """Keeps the entries of descending ``|w − base|`` rank in ``[lo, hi)``."""
-    dt = B._compute_dtype(base)
+    dt = G.compute_dtype(base)
     mag = jnp.abs(w.astype(dt) - base.astype(dt))
     return topk(mag, hi) & ~topk(mag, lo)
 
@@ -157,9 +157,9 @@ def _breadcrumbs_kernel(consensus: bool):
             n_keep, n_top = int(d * n), int(gamma * n)
             hi = n - max(0, n - n_keep - n_top)
             masks.append(_window(b, w, hi - n_keep, hi))
-        rescale = B._L1 if opts["l1_rescale"] else B._NO_RESCALE
+        rescale = G.L1 if opts["l1_rescale"] else G.NO_RESCALE
         normalize = opts.get("normalize", False)
-        return B._gta(b, ws, masks, opts["weights"], opts["scaling"], opts["density"],
+        return G.gta(b, ws, masks, opts["weights"], opts["scaling"], opts["density"],
                     rescale, consensus, normalize)  # fmt: skip
 
     return kernel
@@ -172,7 +172,7 @@ def _check_gamma(call: pipeline.Call) -> None:
 # --------------------------------------------------------------------------- registry
 
 _GAMMA = Param("gamma", "number", "fraction of the largest |Δ| dropped", low=0.0, high=1.0)
-_BC = (DENSITY, _GAMMA, SCALING, WEIGHTS, B._L1_RESCALE)
+_BC = (DENSITY, _GAMMA, SCALING, WEIGHTS, G.L1_RESCALE)
 
 BREADCRUMBS = R.register(R.Method(
     "breadcrumbs", breadcrumbs, "keep the density of |Δ| below the top gamma, then sum",
@@ -180,5 +180,5 @@ BREADCRUMBS = R.register(R.Method(
 ))  # fmt: skip
 BREADCRUMBS_TIES = R.register(R.Method(
     "breadcrumbs_ties", breadcrumbs_ties, "Model Breadcrumbs' drop, then TIES's sign consensus",
-    (*_BC, B._NORMALIZE, SLICES), _breadcrumbs_kernel(True), check=_check_gamma,
+    (*_BC, G.NORMALIZE, SLICES), _breadcrumbs_kernel(True), check=_check_gamma,
 ))  # fmt: skip

@@ -6,7 +6,7 @@
   saliency (curvature-aware pruning), by given scores, or by magnitude, and reverts the rest.
 
 Both run per leaf through the registry, in memory and in the out-of-core engine; the dtype
-helpers come from :mod:`._baselines`.
+helpers come from :mod:`._gta`.
 
 References:
   Mahdavinia et al., OTA merging, arXiv:2509.11167; UMTAM, arXiv:2512.17109, Sec. 4.2;
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
-from umtam_jax.merging._baselines import _abs_delta, _compute_dtype, _sum
+from umtam_jax.merging._gta import abs_delta, compute_dtype, sum_terms
 from umtam_jax.merging._registry import SCALING, SCOPE, WEIGHTS, Param
 from umtam_jax.merging._umtam import _importance
 from umtam_jax.optimizer._layout import RowAxesFn
@@ -104,11 +104,11 @@ def _check_ota(call: pipeline.Call) -> None:
 
 @jax.jit
 def _ota_leaf(base, ws, curv, weights, power, scaling):
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     b = base.astype(dt)
     coef = [jnp.asarray(w, dt) * c.astype(dt) ** power for w, c in zip(weights, curv, strict=True)]
-    num = _sum([c * (w.astype(dt) - b) for c, w in zip(coef, ws, strict=True)])
-    den = _sum(coef)
+    num = sum_terms([c * (w.astype(dt) - b) for c, w in zip(coef, ws, strict=True)])
+    den = sum_terms(coef)
     delta = jnp.where(den == 0, 0, num / jnp.where(den == 0, 1, den))
     return (b + scaling * delta).astype(base.dtype)
 
@@ -189,7 +189,7 @@ OTA = R.register(
 
 def _prune_importance(opts: Any, b: jax.Array, w: jax.Array, x: Any) -> jax.Array:
     if x is None:
-        return _abs_delta(b, w)
+        return abs_delta(b, w)
     if hasattr(x, "saliency"):  # a statistics node: its saliency
         return _importance(b, w, x, True)
     return x

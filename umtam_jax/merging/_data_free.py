@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._baselines import _compute_dtype, _sum
+from umtam_jax.merging._gta import compute_dtype, sum_terms
 from umtam_jax.merging._interpolation import _count, _require_base, _traced, _transposed
 from umtam_jax.merging._registry import Param
 
@@ -83,7 +83,7 @@ def _model_stock_leaf(
         return base
     if filter_wise and layout == "in_out" and base.ndim >= 2:
         return _transposed(_model_stock_leaf, base, ws, filter_wise=True, layout="out_in")
-    dt, k = _compute_dtype(base), len(ws)
+    dt, k = compute_dtype(base), len(ws)
     rows = (-1, base.shape[-1]) if filter_wise and base.ndim >= 2 else (1, -1)
     w0 = base.astype(dt).reshape(rows)
     xs = [w.astype(dt).reshape(rows) for w in ws]
@@ -98,11 +98,11 @@ def _model_stock_leaf(
         for i in range(k)
         for j in range(i + 1, k)
     ]
-    cos = (_sum(cosines) / len(cosines))[:, None]
+    cos = (sum_terms(cosines) / len(cosines))[:, None]
     den = 1 + (k - 1) * cos
     singular = jnp.abs(den) < _STOCK_EPS
     t = jnp.where(singular, 0, k * cos / jnp.where(singular, 1, den))
-    out = t * (_sum(xs) / k) + (1 - t) * w0
+    out = t * (sum_terms(xs) / k) + (1 - t) * w0
     return out.reshape(base.shape).astype(base.dtype)
 
 
@@ -141,7 +141,7 @@ def nearswap(base: Any, expert: Any, *, t: float) -> Any:
 
 @jax.jit
 def _nearswap_leaf(base: jax.Array, expert: jax.Array, t: Any) -> jax.Array:
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     a, b = base.astype(dt), expert.astype(dt)
     s = jnp.clip(jnp.asarray(t, dt) / jnp.maximum(jnp.abs(a - b), _NEARSWAP_EPS), 0, 1)
     return (s * b + (1 - s) * a).astype(base.dtype)
@@ -188,7 +188,7 @@ def arcee_fusion(base: Any, expert: Any) -> Any:
 def _arcee_fusion_leaf(base: jax.Array, expert: jax.Array) -> jax.Array:
     if base.size == 0:
         return base
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     shape = base.shape or (1,)  # a scalar is a row of one
     a, b = base.astype(dt).reshape(shape), expert.astype(dt).reshape(shape)
     p = jax.nn.softmax(b, axis=-1) + _FUSION_EPS
@@ -234,7 +234,7 @@ def passthrough(base: Any, experts: Sequence[Any], *, scale: float = 1.0) -> Any
 
 @jax.jit
 def _scale_leaf(x: jax.Array, scale: Any) -> jax.Array:
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     return (x.astype(dt) * jnp.asarray(scale, dt)).astype(x.dtype)
 
 

@@ -2,7 +2,7 @@
 
 :func:`della` and :func:`della_linear` (DELLA, arXiv:2406.11617) drop entries at random with
 keep probabilities ranked by magnitude and rescale the rest; then mergekit's generalized
-task arithmetic (:mod:`._baselines`) runs, with TIES's sign consensus (``della``) or without
+task arithmetic (:mod:`._gta`) runs, with TIES's sign consensus (``della``) or without
 (``della_linear``). Semantics, names and defaults follow mergekit 0.1.x (``sparsify.py``,
 ``registry.py``): its ``lambda`` is ``scaling``, a model's ``weight`` is ``weights`` and its
 ``rescale`` (L1 norm) is ``l1_rescale``. All is per tensor (leaf), so the out-of-core engine
@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.merging import _baselines as B
+from umtam_jax.merging import _gta as G
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
@@ -168,7 +168,7 @@ def della_linear(
 @functools.partial(jax.jit, static_argnames="layout")
 def _magprune(base, w, key, low, spread, layout):
     """DELLA's keep mask and probabilities ``low + spread · r / (m − 1)`` (one leaf)."""
-    dt = B._compute_dtype(base)
+    dt = G.compute_dtype(base)
     mag = jnp.abs(w.astype(dt) - base.astype(dt))
     if mag.ndim < 2:
         rows = mag.reshape(1, -1)
@@ -211,8 +211,8 @@ def _della_kernel(consensus: bool):
             masks.append(m)
             probs.append(p)
         normalize = opts.get("normalize", False)
-        return B._gta(b, ws, masks, opts["weights"], opts["scaling"], probs,
-                    B._dare_rescale(opts), consensus, normalize)  # fmt: skip
+        return G.gta(b, ws, masks, opts["weights"], opts["scaling"], probs,
+                    G.dare_rescale(opts), consensus, normalize)  # fmt: skip
 
     return kernel
 
@@ -221,17 +221,17 @@ def _della_kernel(consensus: bool):
 
 _DELLA = (
     DENSITY,
-    B._KEY,
+    G.KEY,
     Param("epsilon", "number", "half the spread of the keep probabilities", low=0.0),
     SCALING,
     WEIGHTS,
     Param("rescale", "bool", "divide kept entries by their keep probability"),
-    B._L1_RESCALE,
+    G.L1_RESCALE,
 )
 
 DELLA = R.register(R.Method(
     "della", della, "random drop, keep probabilities ranked by |Δ|, rescale, sign consensus",
-    (*_DELLA, B._NORMALIZE, R.LAYOUT, R.SLICES), _della_kernel(True), check=_della_check,
+    (*_DELLA, G.NORMALIZE, R.LAYOUT, R.SLICES), _della_kernel(True), check=_della_check,
 ))  # fmt: skip
 DELLA_LINEAR = R.register(R.Method(
     "della_linear", della_linear, "DELLA's random drop and rescale, then task arithmetic",

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._baselines import _compute_dtype, _sum
+from umtam_jax.merging._gta import compute_dtype, sum_terms
 from umtam_jax.merging._registry import WEIGHTS, Param
 
 _SLERP_DOT_THRESHOLD = 0.9995  # mergekit's slerp: |cos θ| above it interpolates linearly
@@ -103,10 +103,10 @@ def linear(
 
 @jax.jit
 def _linear_leaf(ws: list[jax.Array], weights: list[Any], normalize: Any) -> jax.Array:
-    dt = _compute_dtype(ws[0])
+    dt = compute_dtype(ws[0])
     c = [jnp.asarray(w, dt) for w in weights]
-    total = _sum([ci * w.astype(dt) for ci, w in zip(c, ws, strict=True)])
-    return (total / jnp.where(normalize, _sum(c), 1)).astype(ws[0].dtype)
+    total = sum_terms([ci * w.astype(dt) for ci, w in zip(c, ws, strict=True)])
+    return (total / jnp.where(normalize, sum_terms(c), 1)).astype(ws[0].dtype)
 
 
 # --------------------------------------------------------------------------- slerp
@@ -161,7 +161,7 @@ def _require_base(base: Any, name: str) -> None:
 def _slerp_leaf(base: jax.Array, expert: jax.Array, t: Any) -> jax.Array:
     if base.size == 0:
         return base
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     a, b = base.astype(dt).reshape(-1), expert.astype(dt).reshape(-1)
     t = jnp.asarray(t, dt)
     na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
@@ -264,7 +264,7 @@ def _nuslerp_leaf(base, ws, weights, flatten: bool, row_wise: bool, layout: str)
             layout="out_in",
         )  # fmt: skip
     w1, w2 = ws
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     b = base.astype(dt)
     v1, v2 = w1.astype(dt) - b, w2.astype(dt) - b
     c1, c2 = (jnp.asarray(c, dt) for c in weights)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from umtam_jax._precision import full_precision
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._baselines import _compute_dtype
+from umtam_jax.merging._gta import compute_dtype
 from umtam_jax.merging._registry import SCALING, Param
 from umtam_jax.merging._subspace import (
     _deltas,
@@ -88,7 +88,7 @@ def _iso_c_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any) -> jax.Array
         return base
     if base.ndim < 2:
         return _mean_leaf(base, ws, scaling)
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     deltas = _deltas(base, ws, dt)
     u, s, vh = jnp.linalg.svd(jnp.sum(deltas, 0), full_matrices=False)
     keep = ~_numerical_zeros(s, deltas.shape, _frobenius_sum(deltas))
@@ -187,7 +187,7 @@ def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) 
         return base
     if base.ndim < 2:
         return _mean_leaf(base, ws, scaling)
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     deltas = _deltas(base, ws, dt)
     if layout == "in_out":  # the paper's orientation: rows are the layer's outputs
         deltas = _swap(deltas)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._baselines import _compute_dtype
+from umtam_jax.merging._gta import compute_dtype
 from umtam_jax.merging._registry import SCALING, SLICES, Param
 from umtam_jax.merging._select import _topk_mask as topk
 from umtam_jax.optimizer._layout import RowAxesFn
@@ -90,7 +90,7 @@ def sce(
 
 @jax.jit
 def _sce_leaf(base, ws, select_topk, scaling):
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     b = base.astype(dt)
     tv = jnp.stack([w.astype(dt) - b for w in ws])
     var = jnp.var(tv, axis=0)
@@ -188,7 +188,7 @@ def ramplus_tl(
 
 @jax.jit
 def _ram_leaf(base, ws, epsilon, r, alpha, plus, scaling):
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     b = base.astype(dt)
     tv = jnp.stack([w.astype(dt) - b for w in ws])
     counted = jnp.abs(tv) > epsilon

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
-from umtam_jax.merging._baselines import _compute_dtype, _sum
+from umtam_jax.merging._gta import compute_dtype, sum_terms
 from umtam_jax.merging._interpolation import _check_weight_sum, _traced
 from umtam_jax.merging._registry import WEIGHTS, Param
 
@@ -101,16 +101,16 @@ def _norm(x: jax.Array) -> jax.Array:
 
 
 def _multislerp_terms(base, ws, weights, normalize_weights, eps):
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     b = base.astype(dt).reshape(-1)
     xs = [w.astype(dt).reshape(-1) - b for w in ws]
     c = [jnp.asarray(w, dt) for w in weights]
-    total = _sum(c)
+    total = sum_terms(c)
     c = [jnp.where(normalize_weights, ci / jnp.where(normalize_weights, total, 1), ci) for ci in c]
     eps = jnp.asarray(eps, dt)
     norms = [_norm(x) for x in xs]
     units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
-    mean = _sum([ci * u for ci, u in zip(c, units, strict=True)])
+    mean = sum_terms([ci * u for ci, u in zip(c, units, strict=True)])
     mean_norm = _norm(mean)
     return dt, b, xs, c, eps, norms, units, mean, mean_norm
 
@@ -136,10 +136,10 @@ def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
     dt, b, xs, c, eps, norms, units, mean, mean_norm = terms
     unmoved, degenerate = _unmoved_and_degenerate(norms, mean_norm, eps)
     mean = mean / jnp.where(mean_norm < eps, 1, mean_norm)
-    g = _sum([ci * (u - jnp.sum(u * mean) * mean) for ci, u in zip(c, units, strict=True)])
+    g = sum_terms([ci * (u - jnp.sum(u * mean) * mean) for ci, u in zip(c, units, strict=True)])
     gamma = _norm(g) + eps
     out = mean * jnp.cos(gamma) + g * (jnp.sin(gamma) / gamma)
-    out = out * _sum([n * ci for n, ci in zip(norms, c, strict=True)])
+    out = out * sum_terms([n * ci for n, ci in zip(norms, c, strict=True)])
     fallback = c[0] * xs[0] + c[1] * xs[1] if len(ws) == 2 else jnp.full_like(out, jnp.nan)
     out = jnp.where(unmoved, 0, jnp.where(degenerate, fallback, out))
     return (out + b).reshape(base.shape).astype(base.dtype)
@@ -218,7 +218,7 @@ def karcher(base: Any, experts: Sequence[Any], *, max_iter: int = 10, tol: float
 def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
     if len(ws) == 1:
         return ws[0]
-    dt, k = _compute_dtype(ws[0]), len(ws)
+    dt, k = compute_dtype(ws[0]), len(ws)
     tol = jnp.asarray(tol, dt)
     xs = [w.astype(dt).reshape(-1) for w in ws]
     norms = [jnp.linalg.norm(x) for x in xs]
@@ -227,9 +227,9 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
     ]
     kept = [n > tol for n in norms]
     alpha = [jnp.where(v, jnp.asarray(1 / k, dt), 0) for v in kept]
-    total = _sum(alpha)
+    total = sum_terms(alpha)
     alpha = [a / jnp.where(total == 0, 1, total) for a in alpha]
-    mean = _sum([a * u for a, u in zip(alpha, units, strict=True)])
+    mean = sum_terms([a * u for a, u in zip(alpha, units, strict=True)])
     first = units[-1]
     for v, u in zip(kept[::-1], units[::-1], strict=True):
         first = jnp.where(v, u, first)
@@ -245,7 +245,7 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
             use = v & (theta >= tol)
             ratio = theta / jnp.where(use, jnp.sin(theta), 1)
             terms.append(jnp.where(use, a * ratio * (u - dot * m), 0))
-        g = _sum(terms)
+        g = sum_terms(terms)
         gn = jnp.linalg.norm(g)
         stop = gn < tol
         new = jnp.cos(gn) * m + jnp.sin(gn) * (g / jnp.where(stop, 1, gn))
@@ -256,7 +256,7 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
     init = (jnp.asarray(0, jnp.int32), jnp.asarray(False), mean)
     cond = lambda c: (c[0] < max_iter) & ~c[1]  # noqa: E731
     _, _, mean = jax.lax.while_loop(cond, step, init)
-    scale = _sum([n / k for n in norms])
+    scale = sum_terms([n / k for n in norms])
     out = jnp.where(total == 0, 0, scale * mean)
     return out.reshape(ws[0].shape).astype(ws[0].dtype)
 

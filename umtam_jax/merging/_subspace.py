@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from umtam_jax._precision import full_precision
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._baselines import _compute_dtype, _sum
+from umtam_jax.merging._gta import compute_dtype, sum_terms
 from umtam_jax.merging._interpolation import _traced
 from umtam_jax.merging._registry import SCALING, Param
 from umtam_jax.optimizer._layout import RowAxesFn
@@ -67,9 +67,9 @@ def _finish(base: jax.Array, delta: jax.Array, scaling: Any, dt: jnp.dtype) -> j
 
 def _mean_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any) -> jax.Array:
     """A non-matrix leaf: ``w0 + scaling · (1/T) Σ_t Δ_t``."""
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     b = base.astype(dt)
-    return _finish(base, _sum([w.astype(dt) - b for w in ws]) / len(ws), scaling, dt)
+    return _finish(base, sum_terms([w.astype(dt) - b for w in ws]) / len(ws), scaling, dt)
 
 
 def _frobenius_sum(deltas: jax.Array) -> jax.Array:
@@ -197,7 +197,7 @@ def _tsv_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any, rank_fraction:
         return base
     if base.ndim < 2:
         return _mean_leaf(base, ws, scaling)
-    dt = _compute_dtype(base)
+    dt = compute_dtype(base)
     deltas = _deltas(base, ws, dt)
     r = min(base.shape[-2:])
     k = tsv_rank(r, rank_fraction, len(ws))

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.merging import _baselines as B
+from umtam_jax.merging import _gta as G
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
@@ -72,7 +72,7 @@ def _tall(taus: list[jax.Array], mtl: jax.Array, lambdas: list[Any]) -> list[jax
 
 
 def _task_vectors(base: jax.Array, ws: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
-    dt = B._compute_dtype(base)
+    dt = G.compute_dtype(base)
     b = base.astype(dt)
     return b, [w.astype(dt) - b for w in ws]
 
@@ -81,7 +81,7 @@ def _task_vectors(base: jax.Array, ws: list[jax.Array]) -> tuple[jax.Array, list
 def _tall_leaf(base, ws, merged, lambdas):
     b, taus = _task_vectors(base, ws)
     if merged is None:
-        mtl = B._sum(taus)
+        mtl = G.sum_terms(taus)
     else:
         dt = jnp.promote_types(b.dtype, merged.dtype)
         b, taus, mtl = b.astype(dt), [t.astype(dt) for t in taus], merged.astype(dt) - b
@@ -97,10 +97,10 @@ def _consensus_leaf(base, ws, trims, lambdas, k, scaling, ties, normalize):
     n = len(ws)
     if ties:  # _gta on task vectors over a zero base: exactly TIES's merged task vector
         zero = jnp.zeros_like(b)
-        mtl = B._gta(zero, taus, trims, [1.0] * n, 1.0, [1.0] * n, B._NO_RESCALE, True, normalize)
+        mtl = G.gta(zero, taus, trims, [1.0] * n, 1.0, [1.0] * n, G.NO_RESCALE, True, normalize)
     else:
-        mtl = B._sum(taus)
-    count = B._sum([m.astype(jnp.int32) for m in _tall(taus, mtl, lambdas)])
+        mtl = G.sum_terms(taus)
+    count = G.sum_terms([m.astype(jnp.int32) for m in _tall(taus, mtl, lambdas)])
     keep = count >= k
     return (b + scaling * jnp.where(keep, mtl, 0)).astype(base.dtype)
 
@@ -108,14 +108,14 @@ def _consensus_leaf(base, ws, trims, lambdas, k, scaling, ties, normalize):
 @jax.jit
 def _reconstruct(base, delta, mask, scale):
     """``θ_0 + scale · mask ∘ Δ`` in the wider of the compute and ``Δ`` dtypes."""
-    dt = jnp.promote_types(B._compute_dtype(base), delta.dtype)
+    dt = jnp.promote_types(G.compute_dtype(base), delta.dtype)
     out = base.astype(dt) + jnp.asarray(scale, dt) * jnp.where(mask, delta.astype(dt), 0)
     return out.astype(base.dtype)
 
 
 @jax.jit
 def _apply_leaf(base, merged, mask):
-    dt = jnp.promote_types(B._compute_dtype(base), merged.dtype)
+    dt = jnp.promote_types(G.compute_dtype(base), merged.dtype)
     return _reconstruct(base, merged.astype(dt) - base.astype(dt), mask, 1.0)
 
 
@@ -351,7 +351,7 @@ CONSENSUS_TIES = R.register(
          Param("normalize", "bool", "average the agreeing entries (TIES) instead of summing"),
          SCOPE),
         _consensus_kernel(True),
-        importance=B._magnitude,
+        importance=G.magnitude,
         sparsify="topk",
     )
 )  # fmt: skip

@@ -1,0 +1,127 @@
+"""mergekit's generalized task arithmetic as one per-leaf kernel, :func:`gta`, and the
+pieces the merging methods build from it: rescale modes, the registry kernel, the
+magnitude importance, shared parameters and dtype helpers.
+
+Each method of :mod:`._baselines` (task arithmetic, TIES, DARE, DARE-TIES) and of
+:mod:`._task_masks`, :mod:`._della`, :mod:`._breadcrumbs` is a configuration of
+:func:`gta`: sparsify each task vector, rescale it, optionally keep the entries agreeing
+with the elected sign, and add ``scaling`` times the weighted sum to ``w0``, as mergekit
+0.1.x does (``merge_methods/generalized_task_arithmetic.py``, ``sparsify.py``).
+
+References:
+  Task arithmetic, arXiv:2212.04089; TIES, arXiv:2306.01708; DARE, arXiv:2311.03099.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from umtam_jax.merging._registry import Param
+
+# mergekit's guard in its L1 rescale (``rescaled_masked_tensor``): tiny norms skip rescaling.
+L1_EPS = 1e-7
+
+
+def compute_dtype(x: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def sum_terms(terms: list[jax.Array]) -> jax.Array:
+    return sum(terms[1:], terms[0])
+
+
+# Rescale modes of gta (traced, so switching them does not recompile).
+NO_RESCALE, INVERSE, L1 = 0, 1, 2
+
+
+@jax.jit
+def gta(
+    base: jax.Array,
+    ws: list[jax.Array],
+    masks: list[jax.Array] | None,
+    weights: list[Any],
+    scaling: Any,
+    densities: list[Any],
+    rescale: Any,
+    consensus: Any,
+    normalize: Any,
+) -> jax.Array:
+    """mergekit's generalized task arithmetic for one leaf.
+
+    Compiled once per leaf shape, dtype and number of experts (``masks=None`` aside); the
+    options are traced. ``masks`` sparsify the task vectors (``None``: keep all);
+    ``rescale`` is ``NO_RESCALE``, ``INVERSE`` (divide by the density) or ``L1`` (match
+    the unmasked L1 norm, skipped when either norm is below 1e-7); ``consensus`` is
+    mergekit's ``get_mask(method="sum")``: keep entries whose sign matches that of the sum
+    of the weighted deltas (a zero sum votes +1, zeros never match); ``normalize`` divides
+    by the summed weights of the kept experts (0 → 1).
+    """
+    dt = compute_dtype(base)
+    b = base.astype(dt)
+    deltas = []
+    for t, w in enumerate(ws):
+        d = w.astype(dt) - b
+        if masks is not None:
+            kept = jnp.where(masks[t], d, 0)
+            before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
+            ok = (before >= L1_EPS) & (after >= L1_EPS)
+            l1 = jnp.where(ok, kept * (before / jnp.where(ok, after, 1)), kept)
+            # Dropped entries stay 0 even where the density rounds to 0 in ``dt`` (0 / 0).
+            inverse = jnp.where(masks[t], d / jnp.asarray(densities[t], dt), 0)
+            d = jnp.where(rescale == L1, l1, jnp.where(rescale == INVERSE, inverse, kept))
+        deltas.append(d)
+    wts = [jnp.asarray(w, dt) for w in weights]
+    weighted = [w * d for w, d in zip(wts, deltas, strict=True)]
+    vote = jnp.where(sum_terms(weighted) >= 0, 1, -1)
+    keep = [(jnp.sign(x) == vote) | jnp.logical_not(consensus) for x in weighted]
+    mixed = sum_terms([jnp.where(m, x, 0) for m, x in zip(keep, weighted, strict=True)])
+    divisor = sum_terms([jnp.where(m, w, 0) for m, w in zip(keep, wts, strict=True)])
+    mixed = jnp.where(normalize, mixed / jnp.where(divisor == 0, 1, divisor), mixed)
+    return (b + scaling * mixed).astype(base.dtype)
+
+
+@jax.jit
+def abs_delta(base: jax.Array, w: jax.Array) -> jax.Array:
+    dt = compute_dtype(base)
+    return jnp.abs(w.astype(dt) - base.astype(dt))
+
+
+def magnitude(opts: Any, b: jax.Array, w: jax.Array, x: Any) -> jax.Array:
+    return abs_delta(b, w)
+
+
+def gta_kernel(rescale: Any, consensus: Any, normalize: Any):
+    """A ``gta`` configuration as a registry kernel; each of ``rescale``, ``consensus``,
+    ``normalize`` is a value or a function of the options."""
+
+    def value(x: Any, opts: Any) -> Any:
+        return x(opts) if callable(x) else x
+
+    def kernel(opts, b, ws, masks, scores, extras):
+        k = len(ws)
+        return gta(
+            b,
+            ws,
+            masks,
+            opts["weights"],
+            opts["scaling"],
+            opts.get("density", [1.0] * k),
+            rescale=value(rescale, opts),
+            consensus=value(consensus, opts),
+            normalize=value(normalize, opts),
+        )
+
+    return kernel
+
+
+def dare_rescale(opts: Any) -> int:
+    return L1 if opts["l1_rescale"] else (INVERSE if opts["rescale"] else NO_RESCALE)
+
+
+KEY = Param("key", "key", "JAX PRNG key of the random drop (the CLI derives it from 'seed')")
+RESCALE = Param("rescale", "bool", "rescale kept entries by 1 / density")
+NORMALIZE = Param("normalize", "bool", "divide by the summed weights of agreeing experts")
+L1_RESCALE = Param("l1_rescale", "bool", "rescale to the unmasked L1 norm (mergekit >= 0.1)")
