@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import gpt2_params, tree_bytes, tree_size, write_results
+from benchmarks._common import gpt2_params, tree_bytes, tree_size
+from benchmarks._records import write_results
 
 
 def _time(fn) -> float:

@@ -43,13 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _lm_training as lm
-from benchmarks._common import (
-    RESULTS_DIR,
-    environment,
-    format_interval,
-    t_interval,
-    write_results,
-)
+from benchmarks._common import RESULTS_DIR, environment, format_interval, t_interval
+from benchmarks._records import write_results
 from benchmarks.spectrum import spectra
 from umtam_jax.experiments import store
 from umtam_jax.experiments.lm_data import lm_token_arrays

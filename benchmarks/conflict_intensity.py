@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, ROOT, environment, write_results
+from benchmarks._common import RESULTS_DIR, ROOT, environment
+from benchmarks._records import write_results
 from benchmarks.merging import conflict_table_md
 from umtam_jax.experiments import store
 from umtam_jax.experiments.conflict import conflict_study, rank_correlations

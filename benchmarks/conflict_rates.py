@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, environment, write_results
+from benchmarks._common import RESULTS_DIR, environment
+from benchmarks._records import write_results
 from umtam_jax.experiments import store
 from umtam_jax.experiments.models import minilm_pretrained
 from umtam_jax.experiments.protocol import SIZES, seed_inputs, start_encoder

@@ -47,17 +47,9 @@ import numpy as np
 import optax
 
 import umtam_jax
-from benchmarks._common import (
-    LEAN_UMTAM,
-    RESULTS_DIR,
-    commits_of,
-    cpu_info,
-    environment,
-    recorded_run,
-    t_interval,
-    write_results,
-)
+from benchmarks._common import LEAN_UMTAM, RESULTS_DIR, cpu_info, environment, t_interval
 from benchmarks._efficiency_report import REFERENCE, markdown
+from benchmarks._records import commits_of, recorded_run, write_results
 from umtam_jax import experiments as E
 from umtam_jax.experiments.data import add_task_import_option, import_task_modules
 from umtam_jax.experiments.models import classifier, minilm_pretrained
@@ -185,7 +177,7 @@ def recorded_repeats(
 ) -> tuple[list[Path], list[dict[str, Any]]]:
     """``run(i)`` for each of ``count`` repeats, each recorded as
     ``<folder>/<name>_repeat<i>.json`` and read back when rerun with the same ``signature``
-    (:func:`benchmarks._common.recorded_run`).
+    (:func:`benchmarks._records.recorded_run`).
 
     Returns:
       The records' paths and the repeats' results.

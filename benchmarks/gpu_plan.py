@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks._common import RESULTS_DIR, environment, gpt2_params, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, environment, gpt2_params, markdown_table
 from benchmarks._hlo import NO_KERNEL, executable_ops
+from benchmarks._records import write_results
 from benchmarks.step_time import apply_step, optimizers, scanned_params
 
 # The fields XLA reads from an H100 SXM (80 GB HBM3), as ``jax.lib.xla_client.

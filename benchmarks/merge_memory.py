@@ -51,8 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import ROOT, write_results
+from benchmarks._common import ROOT
 from benchmarks._memory import maxrss_bytes
+from benchmarks._records import write_results
 
 D = 1024
 

@@ -40,14 +40,7 @@ from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see step_time.py
 
-from benchmarks._common import (  # noqa: E402
-    RESULTS_DIR,
-    ROOT,
-    environment,
-    gpt2_params,
-    markdown_table,
-    write_results,
-)
+from benchmarks._common import RESULTS_DIR, ROOT, environment, gpt2_params, markdown_table  # noqa: E402
 from benchmarks._memory import (  # noqa: E402
     PeakSampler,
     device_fields,
@@ -55,6 +48,7 @@ from benchmarks._memory import (  # noqa: E402
     maxrss_bytes,
     rss_bytes,
 )
+from benchmarks._records import write_results  # noqa: E402
 
 EXPERTS = 4
 DENSITY = 0.2

@@ -46,15 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import (
-    RESULTS_DIR,
-    ROOT,
-    environment,
-    gpt2_params,
-    markdown_table,
-    write_results,
-)
+from benchmarks._common import RESULTS_DIR, ROOT, environment, gpt2_params, markdown_table
 from benchmarks._memory import maxrss_bytes
+from benchmarks._records import write_results
 
 EXPERTS = 4
 DENSITY = 0.2

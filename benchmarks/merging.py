@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, environment, write_results
+from benchmarks._common import RESULTS_DIR, environment
+from benchmarks._records import write_results
 from umtam_jax.experiments import store
 from umtam_jax.experiments.comparison import MergeTable, compare_runs
 from umtam_jax.experiments.conflict import conflict_study

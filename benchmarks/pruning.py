@@ -20,7 +20,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS_DIR, environment, write_results
+from benchmarks._common import RESULTS_DIR, environment
+from benchmarks._records import write_results
 from umtam_jax.experiments import pruning as study
 from umtam_jax.experiments.pipeline import enable_compilation_cache
 from umtam_jax.experiments.protocol import SIZES

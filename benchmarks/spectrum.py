@@ -39,14 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import (
-    RESULTS_DIR,
-    commits_of,
-    environment,
-    recorded_run,
-    t_interval,
-    write_results,
-)
+from benchmarks._common import RESULTS_DIR, environment, t_interval
 from benchmarks._lm_training import (
     DEFAULT,
     QUICK,
@@ -56,6 +49,7 @@ from benchmarks._lm_training import (
     set_lr,
     windows,
 )
+from benchmarks._records import commits_of, recorded_run, write_results
 from benchmarks._spectrum_report import CLAIM, markdown, plot
 from umtam_jax import ScaleByUmtamState
 from umtam_jax.experiments.lm_data import lm_token_arrays

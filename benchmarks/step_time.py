@@ -71,9 +71,9 @@ from benchmarks._common import (
     like,
     tree_bytes,
     tree_size,
-    write_results,
 )
 from benchmarks._hlo import executable_ops
+from benchmarks._records import write_results
 from benchmarks._step_time_report import check_targets, report_lines
 from benchmarks._timing import time_interleaved
 

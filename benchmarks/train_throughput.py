@@ -86,16 +86,8 @@ import numpy as np
 import optax
 
 import umtam_jax
-from benchmarks._common import (
-    LEAN_UMTAM,
-    RESULTS_DIR,
-    ROOT,
-    commits_of,
-    cpu_info,
-    environment,
-    tree_bytes,
-    write_results,
-)
+from benchmarks._common import LEAN_UMTAM, RESULTS_DIR, ROOT, cpu_info, environment, tree_bytes
+from benchmarks._records import commits_of, write_results
 from benchmarks._throughput_report import (
     REFERENCE,
     UMTAM_DEFAULT,

@@ -36,12 +36,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks._common import (  # noqa: E402
-    RESULTS_DIR,
-    append_journal,
-    read_journal,
-    write_results,
-)
+from benchmarks._common import RESULTS_DIR  # noqa: E402
 from benchmarks._lm_training import (  # noqa: E402
     DEFAULT,
     DEFAULT_LRS,
@@ -60,6 +55,7 @@ from benchmarks._lm_training import (  # noqa: E402
     top_key,
     train_one,
 )
+from benchmarks._records import append_journal, read_journal, write_results  # noqa: E402
 from benchmarks._training_report import fmt, markdown, plot, summarize  # noqa: E402
 from umtam_jax.experiments.lm_data import lm_token_arrays  # noqa: E402
 from umtam_jax.experiments.models.gpt import (  # noqa: E402

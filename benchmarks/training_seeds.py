@@ -24,13 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import training
-from benchmarks._common import (
-    RESULTS_DIR,
-    environment,
-    format_interval,
-    t_interval,
-    write_results,
-)
+from benchmarks._common import RESULTS_DIR, environment, format_interval, t_interval
+from benchmarks._records import write_results
 
 
 def _seed_record(seed: int, args: argparse.Namespace, rdir: Path) -> dict[str, Any]:

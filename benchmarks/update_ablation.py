@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import optax
 
 import umtam_jax
-from benchmarks._common import RESULTS_DIR, environment, like, markdown_table, write_results
+from benchmarks._common import RESULTS_DIR, environment, like, markdown_table
+from benchmarks._records import write_results
 from umtam_jax.optimizer import _orthonormalize
 
 

@@ -39,8 +39,8 @@ from benchmarks._common import (
     like,
     markdown_table,
     tree_bytes,
-    write_results,
 )
+from benchmarks._records import write_results
 from benchmarks.step_time import update_step
 
 #: The compared UMTAM settings (``umtam_jax.umtam`` options).

@@ -41,14 +41,8 @@ import jax.numpy as jnp
 import optax
 
 import umtam_jax
-from benchmarks._common import (
-    LEAN_UMTAM,
-    RESULTS_DIR,
-    environment,
-    like,
-    markdown_table,
-    write_results,
-)
+from benchmarks._common import LEAN_UMTAM, RESULTS_DIR, environment, like, markdown_table
+from benchmarks._records import write_results
 
 #: Longest event name kept (kernel names can run to hundreds of characters).
 NAME_CHARS = 90
