@@ -189,6 +189,11 @@ def git_commit() -> dict[str, Any]:
     return {"commit": head, "dirty": None if status is None else bool(status)}
 
 
+#: The checkout's commit when the benchmarks were imported: the code this process runs,
+#: whatever the checkout holds by the time a long run writes its record.
+CODE_GIT = git_commit()
+
+
 def _versions() -> dict[str, str | None]:
     out = {}
     for name in _PACKAGES:

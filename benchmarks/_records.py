@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS_DIR, command, environment, git_commit
+from benchmarks._common import CODE_GIT, RESULTS_DIR, command, environment, git_commit
 
 
 def _jsonable(x: Any) -> Any:
@@ -61,10 +61,12 @@ def write_results(
     """Writes ``<results_dir>/<name>.json`` atomically (temporary file + ``os.replace``).
 
     The record holds ``name``, ``title``, ``command`` (this process's, as run from the
-    repository root), ``date`` (UTC), ``git`` (commit, and whether tracked files differed
-    from it), ``environment`` (machine, device, package versions, load average at the start
-    and at the end), ``markdown`` (the human-readable summary) and ``result`` (the data;
-    NumPy values converted, non-finite floats as null). When ``results_dir`` is a folder
+    repository root), ``date`` (UTC), ``git`` (the commit of the code that ran, read when
+    the benchmarks were imported, and whether tracked files differed from it; also
+    ``git_at_write`` where the checkout changed before the write), ``environment``
+    (machine, device, package versions, load average at the start and at the end),
+    ``markdown`` (the human-readable summary) and ``result`` (the data; NumPy values
+    converted, non-finite floats as null). When ``results_dir`` is a folder
     named ``results`` (``benchmarks/results`` by default), ``RESULTS.md`` beside it is
     regenerated from all of its JSON files.
 
@@ -92,11 +94,14 @@ def write_results(
         "title": title or name,
         "command": command_line or command(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git": git_commit(),
+        "git": CODE_GIT,
         "environment": env,
         "markdown": markdown,
         "result": result,
     }
+    at_write = git_commit()
+    if at_write != CODE_GIT:  # the checkout changed while this ran
+        record["git_at_write"] = at_write
     path = rdir / f"{name}.json"
     _check_own_record(path, replace_damaged)
     _atomic_write(path, json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n")
@@ -192,6 +197,8 @@ def _section(record: dict[str, Any], stem: str) -> str:
     if commit:
         dirty = (record.get("git") or {}).get("dirty")
         meta.append(f"commit {commit[:10]}" + (" with local changes" if dirty else ""))
+    if record.get("git_at_write"):
+        meta.append("the checkout changed while it ran")
     parts = (record.get("result") or {}).get("part_commits") or []
     if len(parts) > 1:
         meta.append("its parts measured at commits " + ", ".join(c[:10] for c in parts))
@@ -292,7 +299,7 @@ def recorded_run(
     rec = {"signature": signature, **run()}
     write_results(path.stem, rec, "", results_dir=path.parent, title=title, env=env,
                   replace_damaged=True)  # fmt: skip
-    return {**rec, "git": git_commit()}
+    return {**rec, "git": CODE_GIT}
 
 
 def commits_of(parts: list[dict[str, Any]]) -> list[str]:

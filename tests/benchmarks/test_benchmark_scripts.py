@@ -103,6 +103,7 @@ def test_write_results_records_provenance_and_regenerates_all_sections(tmp_path)
     assert rec["date"].endswith("+00:00")
     assert {"commit", "dirty"} <= set(rec["git"])
     env = rec["environment"]
+    assert ("git_at_write" in rec) == (_common.git_commit() != _common.CODE_GIT)
     assert {"jax", "jaxlib", "optax", "numpy"} <= set(env["packages"])
     assert {"cpu", "backend", "device_kind", "loadavg_start", "loadavg_end"} <= set(env)
     md = (tmp_path / "RESULTS.md").read_text()
@@ -111,6 +112,17 @@ def test_write_results_records_provenance_and_regenerates_all_sections(tmp_path)
     # Written elsewhere than a ``results`` folder, a file touches nothing else.
     _records.write_results("gamma", {}, "", results_dir=tmp_path / "other")
     assert "gamma" not in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_a_record_names_the_commit_of_the_code_that_ran(tmp_path, monkeypatch):
+    """A long run's checkout may change before it writes: the record keeps the commit
+    the process loaded, and says the checkout changed."""
+    later = {"commit": "f" * 40, "dirty": False}
+    monkeypatch.setattr(_records, "git_commit", lambda: later)
+    path = _records.write_results("alpha", {}, "body", results_dir=tmp_path / "results")
+    rec = json.loads(path.read_text())
+    assert rec["git"] == _common.CODE_GIT and rec["git_at_write"] == later
+    assert "the checkout changed while it ran" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_write_results_never_replaces_a_users_files(tmp_path):
@@ -734,7 +746,7 @@ def test_recorded_run_reads_a_matching_record_back_and_reruns_otherwise(tmp_path
     path = tmp_path / "parts" / "x_seed0.json"
     first = _records.recorded_run("[x] seed 0", {"seed": 0}, path, False, run, title="x", env={})
     assert {k: v for k, v in first.items() if k != "git"} == {"signature": {"seed": 0}, "value": 1}
-    assert first["git"] == _common.git_commit() and path.exists()
+    assert first["git"] == _common.CODE_GIT and path.exists()
     again = _records.recorded_run("[x] seed 0", {"seed": 0}, path, False, run, title="x", env={})
     assert again == first and len(calls) == 1  # read back, not run
     # A part read back names the commit that measured it, and a summary every commit.
