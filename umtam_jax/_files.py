@@ -63,16 +63,23 @@ def exclusive_lock(lock_path: str, *, cannot: str, busy: Callable[[], OSError]) 
         except BlockingIOError:
             os.close(fd)
             raise busy() from None
-        try:  # the holder before us may have removed the file after we opened it
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _names_file(lock_path, fd):  # else the holder before us removed it meanwhile
             break
         os.close(fd)
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
+        # Only our file: one removed under us (by hand) may since be another holder's.
+        if _names_file(lock_path, fd):
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
         os.close(fd)
+
+
+def _names_file(path: str, fd: int) -> bool:
+    """Whether ``path`` is the file open as ``fd``."""
+    try:
+        at_path, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)

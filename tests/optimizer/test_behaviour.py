@@ -236,6 +236,17 @@ def test_eager_compilations_are_bounded_and_dropped_ones_freed(monkeypatch):
     assert made[-1]() is not None
 
 
+def test_an_array_option_of_numpy_computes_eagerly_as_under_jit():
+    """A NumPy option is a constant of ``jax.jit(opt.update)`` (folded in float64 on the
+    host): eagerly too, not a float32 argument (7e-7 apart)."""
+    params = _params()
+    opt = umtam_jax.umtam(1e-2, b1=np.array(0.9), **SMALL)
+    state = opt.init(params)
+    eager, _ = opt.update(_grads(params, 0), state, params)
+    jitted, _ = jax.jit(opt.update)(_grads(params, 0), state, params)
+    chex.assert_trees_all_equal(eager, jitted)
+
+
 @pytest.mark.parametrize("wrap", ["inject_hyperparams", "rebuilt"])
 def test_eager_updates_compile_once_per_configuration(caplog, wrap):
     """``optax.inject_hyperparams`` builds a new transform at every step (its numeric

@@ -27,6 +27,21 @@ def test_a_second_holder_is_refused_and_the_lock_file_goes_with_the_last_holder(
         pass
 
 
+def test_a_holder_whose_file_was_removed_leaves_the_next_holders_file(tmp_path):
+    lock = os.fspath(tmp_path / ".work.lock")
+    first = _files.exclusive_lock(lock, cannot="cannot use work", busy=_busy)
+    first.__enter__()
+    os.unlink(lock)  # removed by hand while held
+    with _files.exclusive_lock(lock, cannot="cannot use work", busy=_busy):
+        first.__exit__(None, None, None)  # must not remove the second holder's file
+        assert os.path.exists(lock)
+        with (
+            pytest.raises(BlockingIOError, match="held"),
+            _files.exclusive_lock(lock, cannot="cannot use work", busy=_busy),
+        ):
+            pass
+
+
 def test_a_link_at_a_work_directory_lock_is_named_and_never_followed(tmp_path):
     victim = tmp_path / "victim.txt"
     (tmp_path / "work").mkdir()

@@ -192,8 +192,31 @@ def grouped_on_meshes() -> dict:
     return report
 
 
+def eager_on_devices() -> dict:
+    """Eager updates of one configuration with inputs on two devices (one compilation
+    each), and inputs split between devices (the error)."""
+    from umtam_jax.optimizer import _eager
+
+    d0, d1 = jax.devices()[:2]
+    params = {"b": jnp.ones(6)}
+    opt = umtam_jax.scale_by_umtam()
+    _eager.compiled.cache_clear()
+    for device in (d0, d1, d0):
+        p = jax.device_put(params, device)
+        opt.update(p, opt.init(p), p)
+    entries = _eager.compiled.cache_info().currsize
+    p = jax.device_put(params, d1)
+    try:
+        opt.update(jax.device_put(params, d0), opt.init(p), p)
+        message = ""
+    except ValueError as err:
+        message = str(err)
+    return {"entries": entries, "message": message}
+
+
 if __name__ == "__main__":
     report = main(sys.argv[1])
+    report["eager"] = eager_on_devices()
     report["grouped"] = grouped_on_meshes()
     if len(sys.argv) > 2:
         report["checkpoint"] = checkpoint_to_another_mesh(sys.argv[2])

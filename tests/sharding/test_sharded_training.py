@@ -86,3 +86,12 @@ def test_stacked_leaves_on_a_mesh_equal_single_device_steps(report, axes):
     assert entry["param_rel_err"] < 1e-4
     assert entry["update_specs"]["a2"] == ["data", "model"]
     assert entry["update_specs"]["bias2"] == ["model"]
+
+
+def test_eager_updates_compile_per_placement_and_name_their_arguments(report):
+    """One kept compilation per placement of the inputs (each holds one executable); an
+    error about the inputs names them as the user passed them."""
+    entry = report["eager"]
+    assert entry["entries"] == 2
+    assert "updates['b']" in entry["message"] and "_Option" not in entry["message"]
+    assert len(entry["message"]) < 1500

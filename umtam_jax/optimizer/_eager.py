@@ -3,11 +3,12 @@ and input signature, and shared by every transform built with the same options.
 
 Step by step without it, each ``lax.cond`` of the update would be compiled again at every
 call (new closures). ``optax.inject_hyperparams`` builds a new transform at every step,
-passing its numeric hyper-parameters as arrays: those are arguments of the compiled update,
-the other options are part of its key. The most recently used compilations are kept; each
-holds an executable, and on XLA:CPU every executable holds memory maps of its machine code
-(about a hundred for an update; Linux allows a process 65,530), so an unbounded cache runs
-a long process out of them.
+passing its numeric hyper-parameters as JAX arrays: those are arguments of the compiled
+update, the other options are part of its key. The most recently used compilations are
+kept, one executable each (the signature holds what a jit would compile again for: each
+leaf's shape, dtype, weak type and placement); on XLA:CPU every executable holds memory
+maps of its machine code (about a hundred for an update; Linux allows a process 65,530),
+so an unbounded cache runs a long process out of them.
 """
 
 from __future__ import annotations
@@ -29,15 +30,19 @@ Update = Callable[[Config, Any, Any, Any], tuple[Any, Any]]
 
 
 class _Option:
-    """One static option as part of a compilation's key: equal only for the same type and
-    value (``np.float32(0.9) == 0.9``, but they compute differently) or, for a value that
-    cannot be hashed (a mutable callable as ``row_axes``), the same object, which the key
-    keeps alive (so its identity is never reused while the compilation is kept)."""
+    """One fixed option as part of a compilation's key: equal only for the same type and
+    value (``np.float64(0.5) == 0.5``, yet under x64 the first makes the state float64), a
+    NumPy array by its dtype, shape and bytes, and a value that cannot be hashed (a
+    mutable callable as ``row_axes``) by identity, kept alive by the key so that its
+    identity is never reused while the compilation is kept."""
 
     def __init__(self, value: Any):
         self.value = value
+        if isinstance(value, np.ndarray):
+            self._key: Any = (np.ndarray, value.dtype.str, value.shape, value.tobytes())
+        else:
+            self._key = (type(value), value)
         try:
-            self._key: Any = (type(value), value)
             self._hash = hash(self._key)
         except TypeError:
             self._key, self._hash = None, id(value)
@@ -52,12 +57,8 @@ class _Option:
             return self.value is other.value
         return self._key == other._key
 
-
-def _from_options(update: Update, static: tuple, dynamic: dict[str, Any], *inputs: Any):
-    """``update`` of the configuration whose fixed options are ``static`` and whose array
-    options are ``dynamic``."""
-    fixed = {name: option.value for name, option in static}
-    return update(Config(**fixed, **dynamic), *inputs)
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
@@ -65,38 +66,37 @@ def compiled(update: Update, static: tuple, signature: tuple) -> Callable[..., A
     """The compiled ``update`` of one configuration (its fixed options ``static``) and one
     input signature: a jit of its own, whose executable goes with it when it is dropped."""
     del signature  # part of the key only: one signature per jit, hence one executable
-    return jax.jit(functools.partial(_from_options, update, static))
+    fixed = {name: option.value for name, option in static}
+
+    def scale_by_umtam_update(options, updates, state, params):
+        return update(Config(**fixed, **options), updates, state, params)
+
+    return jax.jit(scale_by_umtam_update)
 
 
 def _signature(tree: Any) -> tuple:
-    """The structure, shapes and dtypes of ``tree`` (hashable)."""
+    """What a jit's executable depends on in ``tree``: its structure and each leaf's type
+    (shape, dtype, weak type) and placement."""
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)
+    return treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
 
 
-def eager_update(
-    update: Update, cfg: Config, fallback: Callable[..., Any], *inputs: Any
-) -> tuple[Any, Any]:
+def eager_update(update: Update, cfg: Config, *inputs: Any) -> tuple[Any, Any]:
     """``update(cfg, *inputs)`` through the shared compilation of ``cfg`` and the inputs'
-    signature; ``fallback`` (the transform's own jit) serves inputs whose structure cannot
-    be hashed.
+    signature.
 
     Args:
       update: the update function of a configuration, ``update(cfg, updates, state,
         params)``; a module-level function (it is part of the key).
       cfg: the transform's configuration.
-      fallback: ``update`` of ``cfg``, jit-compiled by the transform.
       *inputs: ``updates, state, params``.
 
     Returns:
       What ``update`` returns.
     """
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    dynamic = {k: v for k, v in fields.items() if isinstance(v, jax.Array | np.ndarray)}
-    static = tuple((k, _Option(v)) for k, v in fields.items() if k not in dynamic)
-    try:
-        signature = _signature((dynamic, *inputs))
-        hash(signature)
-    except TypeError:  # a pytree node whose auxiliary data cannot be hashed
-        return fallback(*inputs)
-    return compiled(update, static, signature)(dynamic, *inputs)
+    # optax.inject_hyperparams passes its numeric hyper-parameters as JAX arrays.
+    options = {k: v for k, v in fields.items() if isinstance(v, jax.Array)}
+    static = tuple((k, _Option(v)) for k, v in fields.items() if k not in options)
+    signature = _signature((options, *inputs))
+    return compiled(update, static, signature)(options, *inputs)

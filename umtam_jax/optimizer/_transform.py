@@ -242,9 +242,8 @@ def scale_by_umtam(
             return _update(cfg, updates, state, params)
         # Called eagerly: one compilation per configuration and input signature, shared
         # by transforms built again with the same options (see _eager).
-        return eager_update(_update, cfg, fallback, updates, state, params)
+        return eager_update(_update, cfg, updates, state, params)
 
-    fallback = jax.jit(functools.partial(_update, cfg))  # compiled on first use only
     return optax.GradientTransformation(init_fn, update_fn)
 
 
