@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import chex
 import jax
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import umtam_jax
 from umtam_jax import merging
 
 from . import helpers as H
@@ -321,3 +323,19 @@ def test_sliced_masks_match_topk_per_slice_with_ties_nan_and_signed_zeros(
     got_slices = np.moveaxis(got, batch, range(len(batch))).reshape(want.shape)
     np.testing.assert_array_equal(got_slices, want)
     assert (got_slices.reshape(len(slices), -1).sum(axis=1) == k).all()
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global", umtam_jax.scanned()])
+def test_a_density_sweep_compiles_once(caplog, scope):
+    """Each density is a new keep count, an argument of the compiled selection: a sweep
+    (or a server merging with each request's density) compiles nothing after its first
+    merge (each new count was compiled again, and kept, for the process's life)."""
+    base = {"w": jnp.zeros((3, 8, 6)), "b": jnp.zeros((7,))}
+    experts = [jax.tree.map(lambda x, i=i: x + jnp.sin(jnp.arange(x.size) + i).reshape(x.shape),
+                            base) for i in range(2)]  # fmt: skip
+    merging.ties(base, experts, density=0.2, scope=scope)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        for density in (0.3, 0.45, 0.6):
+            merging.ties(base, experts, density=density, scope=scope)
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled[:3]

@@ -4,6 +4,7 @@ properties, degenerate inputs, jit, validation and the out-of-core engine."""
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 
 import chex
@@ -407,3 +408,24 @@ def test_scanned_scope_merges_a_layer_axis_not_first_as_the_unrolled_model(x64, 
         chex.assert_trees_all_close(layer(got), alone, rtol=1e-10, atol=1e-12)
     per_stack = merge(base, experts, **kwargs)["blocks"]["kernel"]
     assert not np.allclose(per_stack, got["blocks"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    "merge, option, values",
+    [
+        (merging.tsv_merge, "rank_fraction", (0.7, 0.72, 0.74)),  # 1 direction per task
+        (merging.iso_cts, "common_space_fraction", (0.8, 0.82, 0.84)),  # one split
+    ],
+)
+def test_fractions_of_one_rank_share_a_compilation(caplog, merge, option, values):
+    """The compiled kernel takes the ranks a fraction gives, not the fraction: a sweep
+    over fractions giving the same ranks compiles once."""
+    base = {"w": jnp.zeros((4, 3))}
+    experts = [{"w": jnp.sin(jnp.arange(12.0) + i).reshape(4, 3)} for i in range(2)]
+    first = merge(base, experts, **{option: values[0]})
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        for value in values[1:]:
+            again = merge(base, experts, **{option: value})
+            chex.assert_trees_all_equal(again, first)
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled[:3]

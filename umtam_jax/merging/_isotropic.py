@@ -180,9 +180,20 @@ def _iso_cts_split(fraction: float, r: int, t: int) -> tuple[int, int]:
     return r - specific, specific // t
 
 
+def _iso_cts_kernel(opts, b, ws, masks, scores, extras):
+    # Static sizes, not the fraction: fractions giving one split share a compilation.
+    split = (0, 0)
+    if b.ndim >= 2:
+        split = _iso_cts_split(opts["common_space_fraction"], min(b.shape[-2:]), len(ws))
+    common, specific = split
+    return _iso_cts_leaf(b, ws, opts["scaling"], common, specific, layout=opts["layout"])
+
+
 @full_precision
-@functools.partial(jax.jit, static_argnames=("common_space_fraction", "layout"))
-def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("common", "specific", "layout"))
+def _iso_cts_leaf(base, ws, scaling, common: int, specific: int, layout: str) -> jax.Array:
+    """One leaf of :func:`iso_cts`: ``common`` shared and ``specific`` directions per task
+    (:func:`_iso_cts_split`)."""
     if base.size == 0:
         return base
     if base.ndim < 2:
@@ -191,8 +202,7 @@ def _iso_cts_leaf(base, ws, scaling, common_space_fraction: float, layout: str) 
     deltas = _deltas(base, ws, dt)
     if layout == "in_out":  # the paper's orientation: rows are the layer's outputs
         deltas = _swap(deltas)
-    r = min(base.shape[-2:])
-    c, s = _iso_cts_split(common_space_fraction, r, len(ws))
+    c, s = common, specific
     uc, sc, vhc = _top(jnp.sum(deltas, 0), c, _frobenius_sum(deltas))
     if s > 0:  # each task's top directions outside the common subspace
         # The common basis comes from the SVD of the sum, exact to that SVD's error:
@@ -238,13 +248,7 @@ ISO_CTS = R.register(
             R.LAYOUT,
             R.SLICES,
         ),
-        lambda opts, b, ws, masks, scores, extras: _iso_cts_leaf(
-            b,
-            ws,
-            opts["scaling"],
-            common_space_fraction=opts["common_space_fraction"],
-            layout=opts["layout"],
-        ),
+        _iso_cts_kernel,
         check=_static_fraction("common_space_fraction"),
     )
 )

@@ -149,14 +149,14 @@ def _slices_first(ndim: int, batch: tuple[int, ...]) -> tuple[int, ...]:
 _SORTED_SLICE_SIZE = 1 << 16
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
 def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) -> jax.Array:
     """Keep mask of one leaf with an exact count per slice over the ``batch`` axes.
 
     Each slice (the entries sharing their indices on ``batch``: one layer of a scanned
     leaf) keeps ``keep_count(slice size, density)`` entries, the same mask as
     :func:`topk_mask` on that slice alone (ties to the lower flat index within it);
-    ``batch=()`` is one count for the whole leaf.
+    ``batch=()`` is one count for the whole leaf. The count is an argument of the compiled
+    selection, so a sweep over densities compiles once per leaf shape.
 
     Args:
       scores: the leaf's scores.
@@ -172,11 +172,21 @@ def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) 
       >>> sliced_mask(jnp.array([[1.0, 3.0, 2.0], [6.0, 5.0, 4.0]]), 0.5, (0,)).tolist()
       [[False, True, False], [True, False, False]]
     """
-    if not batch or scores.size == 0:
-        return _topk_mask(scores, keep_count(scores.size, density))
+    batch = tuple(batch)
+    size = math.prod(n for axis, n in enumerate(scores.shape) if axis not in batch)
+    k = keep_count(size, density)
+    if k >= size or k <= 0:  # every entry, or none: nothing to select
+        return jnp.full(scores.shape, k > 0, bool)
+    return _sliced_mask(scores, k, batch)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _sliced_mask(scores: jax.Array, k: Any, batch: tuple[int, ...]) -> jax.Array:
+    """:func:`sliced_mask` keeping ``k`` (traced, in ``[1, slice size)``) per slice."""
+    if not batch:
+        return _topk_mask(scores, k)
     stacked = stack_slices(scores, batch)
     rows = stacked.reshape(stacked.shape[0], -1)
-    k = keep_count(rows.shape[1], density)
     if rows.shape[1] > _SORTED_SLICE_SIZE:
         mask = jax.lax.map(lambda row: _topk_mask(row, k), rows)
     else:
@@ -187,9 +197,17 @@ def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) 
     return unstack_slices(mask, scores.shape, batch)
 
 
-@functools.partial(jax.jit, static_argnums=1)
 def global_masks(scores: list[jax.Array], k: int) -> list[jax.Array]:
-    """Masks keeping exactly ``k`` entries over all the score leaves together."""
+    """Masks keeping exactly ``k`` entries over all the score leaves together (``k`` an
+    argument of the compiled selection: one compilation per list of shapes)."""
+    total = sum(s.size for s in scores)
+    if k >= total or k <= 0:
+        return [jnp.full(s.shape, k > 0, bool) for s in scores]
+    return _global_masks(scores, k)
+
+
+@jax.jit
+def _global_masks(scores: list[jax.Array], k: Any) -> list[jax.Array]:
     dtype = jnp.result_type(*[s.dtype for s in scores])
     flat = jnp.concatenate([s.reshape(-1).astype(dtype) for s in scores])
     mask = _topk_mask(flat, k)

@@ -191,21 +191,26 @@ def tsv_rank(r: int, rank_fraction: float, t: int) -> int:
 
 
 @full_precision
-@functools.partial(jax.jit, static_argnames="rank_fraction")
-def _tsv_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any, rank_fraction: float):
+@functools.partial(jax.jit, static_argnames="k")
+def _tsv_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any, k: int):
+    """One leaf of :func:`tsv_merge`, ``k`` directions per task (:func:`_tsv_kernel`)."""
     if base.size == 0:
         return base
     if base.ndim < 2:
         return _mean_leaf(base, ws, scaling)
     dt = compute_dtype(base)
     deltas = _deltas(base, ws, dt)
-    r = min(base.shape[-2:])
-    k = tsv_rank(r, rank_fraction, len(ws))
     u, s, vh = _tasks_side_by_side(*_top(deltas, k))
     return _finish(base, (_polar(u) * s[:, None, :]) @ _polar(vh), scaling, dt)
 
 
 # --------------------------------------------------------------------------- registry
+
+
+def _tsv_kernel(opts, b, ws, masks, scores, extras):
+    # The static rank, not the fraction: fractions giving one rank share a compilation.
+    k = tsv_rank(min(b.shape[-2:]), opts["rank_fraction"], len(ws)) if b.ndim >= 2 else 0
+    return _tsv_leaf(b, ws, opts["scaling"], k=k)
 
 
 def _static_fraction(name: str):
@@ -236,9 +241,7 @@ TSV_MERGE = R.register(
             ),
             R.SLICES,
         ),
-        lambda opts, b, ws, masks, scores, extras: _tsv_leaf(
-            b, ws, opts["scaling"], rank_fraction=opts["rank_fraction"]
-        ),
+        _tsv_kernel,
         check=_static_fraction("rank_fraction"),
     )
 )
