@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +106,30 @@ def test_classifier_trains_tiny():
     loss_w = loss_fn(params, {**batch, "weights": w})
     loss_u = loss_fn(params, jax.tree.map(lambda x: x[:6], batch))
     np.testing.assert_allclose(loss_w, loss_u, rtol=1e-5)
+
+
+def test_the_finetune_step_compiles_its_gradient_once_for_all_optimizers(caplog):
+    """The forward and backward pass is compiled once per model, whatever the optimizer
+    (it was compiled again, and kept, for every new transform); steps equal a plain
+    step of the whole classifier."""
+    from umtam_jax.experiments import training
+
+    params = classifier.init_classifier(jax.random.key(0), 3, config=TINY)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, (4, 8)), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+             "token_type_ids": jnp.zeros_like(ids), "labels": ids[:, 1] % 3}  # fmt: skip
+    for lr in (1e-2, 2e-2):
+        tx = optax.sgd(lr)  # a new transform: a new compiled update, the same gradient
+        step = training._train_step(tx, TINY)
+        state = training.init_opt_state(tx, params)
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+            got, _, _ = step(params, state, batch)
+        want, _, _ = classifier.make_classifier_train_step(tx, config=TINY)(
+            params, tx.init(params), batch
+        )
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     got, want)  # fmt: skip
+    compiled = [
+        r.getMessage() for r in caplog.records if "Compiling jit(grad_fn)" in r.getMessage()
+    ]
+    assert len(compiled) == 1, compiled

@@ -12,6 +12,7 @@ validation score stops improving (the best checkpoint is kept). Nothing here sav
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -131,13 +132,17 @@ def schedule(config: PipelineConfig) -> optax.Schedule:
     )
 
 
+#: How many optimizers, and compiled steps of each kind, are kept (every compiled step
+#: holds executables; a long process trying many settings would otherwise keep them all).
+_KEPT = 8
 _TX_CACHE: dict[str, optax.GradientTransformation] = {}
 
 
 def optimizer_for(
     name: str, config: PipelineConfig, kwargs: Mapping[str, Any]
 ) -> optax.GradientTransformation:
-    """The optimizer ``name`` on :func:`schedule`, one object per setting.
+    """The optimizer ``name`` on :func:`schedule`, one object per setting (the last few
+    settings are kept).
 
     Same optimizer settings -> same transform object -> one compiled step for all tasks.
 
@@ -158,11 +163,37 @@ def optimizer_for(
     """
     key = stable_hash([name, config.learning_rate, config.steps, config.warmup_fraction, kwargs])
     if key not in _TX_CACHE:
+        if len(_TX_CACHE) >= _KEPT:
+            del _TX_CACHE[next(iter(_TX_CACHE))]  # the oldest setting
         _TX_CACHE[key] = make_optimizer(name, schedule(config), **kwargs)
     return _TX_CACHE[key]
 
 
-_STEP_CACHE: dict[Any, Callable] = {}
+@functools.lru_cache(maxsize=_KEPT)
+def _grad_fn(config: minilm.BertConfig) -> Callable:
+    """The jitted loss and gradient of a classifier (one per model configuration, whatever
+    the optimizer)."""
+
+    @jax.jit
+    def grad_fn(params, batch, dropout_rng):
+        (loss, _), grads = jax.value_and_grad(classifier.classifier_loss, has_aux=True)(
+            params, batch, config=config, dropout_rng=dropout_rng
+        )
+        return loss, grads
+
+    return grad_fn
+
+
+@functools.lru_cache(maxsize=_KEPT)
+def _update_fn(tx: optax.GradientTransformation) -> Callable:
+    """The jitted update and ``apply_updates`` of ``tx`` (one per transform object)."""
+
+    @jax.jit
+    def update(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return update
 
 
 def _train_step(
@@ -172,26 +203,13 @@ def _train_step(
 
     The gradient (which depends on the task's number of labels) and the optimizer update
     of the encoder (which does not) are compiled separately, so the expensive encoder
-    update compiles once for all tasks; ``opt_state`` is ``{"encoder": ..., "head": ...}``,
-    the transform applied to each part. For per-leaf transforms (UMTAM, AdamW, SGD) this is
-    the same as one update of the whole tree; a global-norm clip would act per part.
-    Without ``train_head`` the head and its state are returned unchanged.
+    update compiles once for all tasks and the gradient once for all optimizers;
+    ``opt_state`` is ``{"encoder": ..., "head": ...}``, the transform applied to each part.
+    For per-leaf transforms (UMTAM, AdamW, SGD) this is the same as one update of the whole
+    tree; a global-norm clip would act per part. Without ``train_head`` the head and its
+    state are returned unchanged.
     """
-    key = (id(tx), config, train_head)
-    if key in _STEP_CACHE:
-        return _STEP_CACHE[key]
-
-    @jax.jit
-    def grad_fn(params, batch, dropout_rng):
-        (loss, _), grads = jax.value_and_grad(classifier.classifier_loss, has_aux=True)(
-            params, batch, config=config, dropout_rng=dropout_rng
-        )
-        return loss, grads
-
-    @jax.jit
-    def update(grads, state, params):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+    grad_fn, update = _grad_fn(config), _update_fn(tx)
 
     def step(params, opt_state, batch, dropout_rng=None):
         loss, grads = grad_fn(params, batch, dropout_rng)
@@ -200,7 +218,6 @@ def _train_step(
             new_params[part], new_state[part] = update(grads[part], opt_state[part], params[part])
         return new_params, new_state, loss
 
-    _STEP_CACHE[key] = step
     return step
 
 
