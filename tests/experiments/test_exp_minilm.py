@@ -133,3 +133,13 @@ def test_the_finetune_step_compiles_its_gradient_once_for_all_optimizers(caplog)
         r.getMessage() for r in caplog.records if "Compiling jit(grad_fn)" in r.getMessage()
     ]
     assert len(compiled) == 1, compiled
+
+
+def test_a_setting_in_use_stays_among_the_kept_optimizers():
+    from umtam_jax.experiments import training
+    from umtam_jax.experiments.config import PipelineConfig
+
+    hot = training.optimizer_for("sgd", PipelineConfig(steps=10), {})
+    for steps in range(11, 11 + 2 * training._KEPT):  # other settings, the hot one in use
+        training.optimizer_for("sgd", PipelineConfig(steps=steps), {})
+        assert training.optimizer_for("sgd", PipelineConfig(steps=10), {}) is hot

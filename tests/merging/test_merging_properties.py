@@ -339,3 +339,11 @@ def test_a_density_sweep_compiles_once(caplog, scope):
             merging.ties(base, experts, density=density, scope=scope)
     compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiled == [], compiled[:3]
+
+
+def test_a_stack_of_no_layers_merges_to_itself():
+    """A scanned leaf with 0 layers: nothing to select, per layer or at all."""
+    base = {"w": jnp.zeros((0, 4, 4))}
+    experts = [{"w": jnp.zeros((0, 4, 4))}] * 2
+    merged = merging.ties(base, experts, density=0.5, scope="layer")
+    assert merged["w"].shape == (0, 4, 4)

@@ -11,6 +11,7 @@ validation score stops improving (the best checkpoint is kept). Nothing here sav
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -135,7 +136,7 @@ def schedule(config: PipelineConfig) -> optax.Schedule:
 #: How many optimizers, and compiled steps of each kind, are kept (every compiled step
 #: holds executables; a long process trying many settings would otherwise keep them all).
 _KEPT = 8
-_TX_CACHE: dict[str, optax.GradientTransformation] = {}
+_TX_CACHE: collections.OrderedDict[str, optax.GradientTransformation] = collections.OrderedDict()
 
 
 def optimizer_for(
@@ -162,9 +163,11 @@ def optimizer_for(
       True
     """
     key = stable_hash([name, config.learning_rate, config.steps, config.warmup_fraction, kwargs])
-    if key not in _TX_CACHE:
+    if key in _TX_CACHE:
+        _TX_CACHE.move_to_end(key)  # the most recently used setting
+    else:
         if len(_TX_CACHE) >= _KEPT:
-            del _TX_CACHE[next(iter(_TX_CACHE))]  # the oldest setting
+            _TX_CACHE.popitem(last=False)  # the least recently used one
         _TX_CACHE[key] = make_optimizer(name, schedule(config), **kwargs)
     return _TX_CACHE[key]
 

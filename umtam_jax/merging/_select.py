@@ -175,7 +175,7 @@ def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) 
     batch = tuple(batch)
     size = math.prod(n for axis, n in enumerate(scores.shape) if axis not in batch)
     k = keep_count(size, density)
-    if k >= size or k <= 0:  # every entry, or none: nothing to select
+    if scores.size == 0 or k >= size or k <= 0:  # nothing to select
         return jnp.full(scores.shape, k > 0, bool)
     return _sliced_mask(scores, k, batch)
 
