@@ -178,7 +178,10 @@ def git_commit() -> dict[str, Any]:
     def git(*args: str) -> str | None:
         try:
             proc = subprocess.run(
-                ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30
+                ["git", "--no-optional-locks", "-C", str(ROOT), *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
         except (OSError, subprocess.SubprocessError):
             return None

@@ -44,8 +44,8 @@ import numpy as np
 
 from benchmarks import _lm_training as lm
 from benchmarks._common import RESULTS_DIR, environment, format_interval, t_interval
+from benchmarks._momentum_energy import spectra
 from benchmarks._records import write_results
-from benchmarks.spectrum import spectra
 from umtam_jax.experiments import store
 from umtam_jax.experiments.lm_data import lm_token_arrays
 from umtam_jax.experiments.models.gpt import init_gpt, make_gpt_train_step

@@ -635,6 +635,7 @@ def test_efficiency_combine_repeats_against_a_hand_computation_and_give_claim_7_
 
 def test_train_throughput_quick_path_records_ratios_memory_and_targets(tmp_path):
     from benchmarks import train_throughput as tt
+    from benchmarks._throughput_step import _size_argv
 
     rdir = tmp_path / "results"
     argv = ["--quick", "--results-dir", str(rdir), "--workdir", str(tmp_path / "work")]
@@ -646,7 +647,7 @@ def test_train_throughput_quick_path_records_ratios_memory_and_targets(tmp_path)
     grouped = tt.optimizers(grouped=True)
     assert list(grouped)[:4] == names and len(grouped) == 6
     assert all(tx is not None for tx in grouped.values())
-    assert "--grouped" in tt._size_argv(tt.parse_args([*argv, "--grouped"]))
+    assert "--grouped" in _size_argv(tt.parse_args([*argv, "--grouped"]))
     assert out["backend"] == "cpu" and out["memory_method"].startswith("planned")
     by = out["over_repeats"]["by_optimizer"]
     for n in names:

@@ -234,9 +234,9 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
         # A library message naming an expert, or its per-expert value, by index among
         # the experts names the file's models[k] (the base listed first) and its path.
         (
-            "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, "
-            "{{model: {a}, parameters: {{weight: 1.0}}}}]\nparameters: {{t: 0.5}}",
-            "models[1].parameters.weight: method 'slerp' takes no per-expert weights",
+            "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: '0.5'}}}}, "
+            "{{model: {b}, parameters: {{weight: .inf}}}}]",
+            "models[1].parameters.weight must be finite, got inf (models[1] is {b})",
         ),
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {a}}},"
@@ -287,13 +287,6 @@ def test_dry_run_and_mergekit_parameter_names(tmp_path, models, capsys):
     )
     assert status == 0
     assert "dry run OK: ties of 2 expert(s)" in capsys.readouterr().out
-    status, _ = _run(
-        tmp_path,
-        models,
-        "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
-        "parameters: {{scaling: 0.5}}",
-    )
-    assert status == 2  # mergekit's task_arithmetic names it lambda
 
 
 @pytest.mark.parametrize(
@@ -464,3 +457,62 @@ def test_int8_mask_and_layout_for_methods_passed_by_name():
     assert own["parameters"] == {"layout": "in_out"}
     della = translate({**config, "merge_method": "della", "parameters": {"epsilon": 0.1}})
     assert della["parameters"]["layout"] == "out_in"
+
+
+def test_quoted_numbers_are_numbers_as_in_mergekit(tmp_path, models):
+    """mergekit's configuration reads a quoted number as the number."""
+    status, out = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: ties
+        base_model: {base}
+        models:
+          - {{model: {a}, parameters: {{weight: "0.7", density: " 0.5"}}}}
+          - {{model: {b}, parameters: {{weight: '1', density: "5e-1"}}}}
+        parameters: {{lambda: "0.8"}}
+        """,
+    )
+    assert status == 0
+    want = H.ref_ties(
+        models["base"], models["experts"], density=[0.5, 0.5], scaling=0.8, weights=[0.7, 1.0]
+    )
+    trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
+
+
+def test_keys_mergekit_does_not_read_are_ignored_with_one_warning(tmp_path, models, capsys):
+    """mergekit keeps, unread, what its method does not declare (a top-level key, a
+    per-model weight for slerp, a global density for it): the merge runs as mergekit's,
+    and one warning names each ignored key where the file has it."""
+    status, out = _run(
+        tmp_path,
+        models,
+        """
+        merge_method: slerp
+        base_model: {base}
+        models:
+          - {{model: {base}}}
+          - {{model: {a}, parameters: {{weight: 1.0, normalize: true}}}}
+        parameters: {{t: 0.3, density: 0.5, scaling: 2}}
+        comment: from a model card
+        """,
+    )
+    from umtam_jax import merging
+
+    assert status == 0
+    assert capsys.readouterr().err.strip() == (
+        "umtam-merge: warning: ignoring 'comment', parameters.density, parameters.scaling, "
+        "models[1].parameters.weight, models[1].parameters.normalize: merge_method 'slerp' "
+        "does not read them (mergekit ignores them too)"
+    )
+    want = merging.slerp(models["base"], models["experts"][0], t=0.3)
+    chex.assert_trees_all_equal(_restored(out), want)
+    status, _ = _run(
+        tmp_path / "typo" if (tmp_path / "typo").mkdir() is None else tmp_path,
+        models,
+        "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+        "parameters: {{scaling: 0.5}}",
+        "--dry-run",
+    )
+    assert status == 0  # mergekit's task_arithmetic names it lambda: scaling is unread
+    assert "ignoring parameters.scaling" in capsys.readouterr().err

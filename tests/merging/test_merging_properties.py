@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 
 import chex
 import jax
@@ -14,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import umtam_jax
+from tests.compilations import compilations
 from umtam_jax import merging
 
 from . import helpers as H
@@ -334,10 +334,9 @@ def test_a_density_sweep_compiles_once(caplog, scope):
     experts = [jax.tree.map(lambda x, i=i: x + jnp.sin(jnp.arange(x.size) + i).reshape(x.shape),
                             base) for i in range(2)]  # fmt: skip
     merging.ties(base, experts, density=0.2, scope=scope)
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compilations(caplog) as compiled:
         for density in (0.3, 0.45, 0.6):
             merging.ties(base, experts, density=density, scope=scope)
-    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiled == [], compiled[:3]
 
 

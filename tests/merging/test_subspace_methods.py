@@ -4,7 +4,6 @@ properties, degenerate inputs, jit, validation and the out-of-core engine."""
 
 from __future__ import annotations
 
-import logging
 from fractions import Fraction
 
 import chex
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 import umtam_jax
+from tests.compilations import compilations
 from umtam_jax import checkpoint, engine, merging
 
 SHAPES = {"bias": (5,), "kernel": (6, 5), "wide": (3, 4), "stack": (2, 6, 5), "scale": ()}
@@ -423,9 +423,8 @@ def test_fractions_of_one_rank_share_a_compilation(caplog, merge, option, values
     base = {"w": jnp.zeros((4, 3))}
     experts = [{"w": jnp.sin(jnp.arange(12.0) + i).reshape(4, 3)} for i in range(2)]
     first = merge(base, experts, **{option: values[0]})
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compilations(caplog) as compiled:
         for value in values[1:]:
             again = merge(base, experts, **{option: value})
             chex.assert_trees_all_equal(again, first)
-    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiled == [], compiled[:3]

@@ -5,7 +5,6 @@ validation of hyper-parameters and inputs in test_validation.py)."""
 from __future__ import annotations
 
 import gc
-import logging
 import weakref
 
 import chex
@@ -16,6 +15,7 @@ import optax
 import pytest
 
 import umtam_jax
+from tests.compilations import compilations
 from umtam_jax.optimizer import _eager
 from umtam_jax.optimizer._lowrank import exact_svd, subspace_svd
 
@@ -163,10 +163,9 @@ def test_eager_updates_compile_once(caplog):
     opt = umtam_jax.umtam(1e-2, svd_every=2, **SMALL)
     state = opt.init(params)
     updates, state = opt.update(_grads(params, 0), state, params)
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compilations(caplog) as compiled:
         for t in (1, 2):
             updates, state = opt.update(_grads(params, t), state, params)
-    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiled == [], compiled[:3]
     jitted, _ = jax.jit(opt.update)(_grads(params, 2), _run_state(opt, params), params)
     eager, _ = opt.update(_grads(params, 2), _run_state(opt, params), params)
@@ -191,10 +190,10 @@ def test_a_transform_with_an_unhashable_layout_compiles_its_eager_update_once(ca
     ):
         state = opt.init(params)
         _, state = opt.update(_grads(params, 0), state, params)
-        with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        with compilations(caplog) as compiled:
             for t in (1, 2):
                 _, state = opt.update(_grads(params, t), state, params)
-        assert [r for r in caplog.records if "Compiling" in r.getMessage()] == []
+        assert compiled == [], compiled[:3]
 
 
 def test_equal_options_of_other_types_do_not_share_an_eager_compilation():
@@ -212,28 +211,49 @@ def test_equal_options_of_other_types_do_not_share_an_eager_compilation():
             chex.assert_trees_all_equal_dtypes(eager, jitted)
 
 
+def _spy_compilations(monkeypatch) -> list:
+    """Weak references to the eager updates compiled from now on."""
+    _eager.clear()
+    made, compile_update = [], _eager.compile_update
+
+    def spy(*key):
+        compiled = compile_update(*key)
+        made.append(weakref.ref(compiled))
+        return compiled
+
+    monkeypatch.setattr(_eager, "compile_update", spy)
+    return made
+
+
 def test_eager_compilations_are_bounded_and_dropped_ones_freed(monkeypatch):
     """A long eager process (a notebook stepping many models) keeps a bounded number of
     compiled updates: each holds an executable, and XLA:CPU's hold about a hundred memory
     maps each (Linux allows a process 65,530; past that, compiling crashes)."""
-    cached = _eager.compiled
-    cached.cache_clear()
-    made = []
-
-    def spy(*key):
-        compiled = cached(*key)
-        made.append(weakref.ref(compiled))
-        return compiled
-
-    monkeypatch.setattr(_eager, "compiled", spy)
-    opt = umtam_jax.umtam(1e-2)
-    for n in range(1, _eager.CACHE_SIZE + 2):  # one more shape than it keeps
-        params = {"b": jnp.ones((n,))}
+    made = _spy_compilations(monkeypatch)
+    params = {"b": jnp.ones((3,))}
+    for n in range(_eager.CACHE_SIZE + 1):  # one more configuration than it keeps
+        opt = umtam_jax.umtam(1e-2, b1=0.5 + n / 100)
         opt.update(params, opt.init(params), params)
     gc.collect()
-    assert cached.cache_info().currsize == _eager.CACHE_SIZE
-    assert made[0]() is None  # the least recently used compilation is gone
+    assert len(made) == _eager.CACHE_SIZE + 1
+    assert made[0]() is None  # the least recently used configuration is gone
     assert made[-1]() is not None
+    assert _eager.kept_executables() == _eager.CACHE_SIZE
+
+
+def test_eager_input_signatures_are_bounded_per_configuration(monkeypatch):
+    made = _spy_compilations(monkeypatch)
+    opt = umtam_jax.umtam(1e-2)
+    for n in range(1, _eager.SIGNATURES + 1):
+        params = {"b": jnp.ones((n,))}
+        opt.update(params, opt.init(params), params)
+    assert len(made) == 1 and _eager.kept_executables() == _eager.SIGNATURES
+    params = {"b": jnp.ones((_eager.SIGNATURES + 1,))}  # one more shape than it keeps
+    opt.update(params, opt.init(params), params)
+    gc.collect()
+    assert made[0]() is None and _eager.kept_executables() == 0
+    opt.update(params, opt.init(params), params)  # compiled afresh
+    assert len(made) == 2 and _eager.kept_executables() == 1
 
 
 def test_an_array_option_of_numpy_computes_eagerly_as_under_jit():
@@ -261,10 +281,9 @@ def test_eager_updates_compile_once_per_configuration(caplog, wrap):
         make = lambda: umtam_jax.umtam(1e-2, **SMALL)  # noqa: E731
     state = make().init(params)
     updates, state = make().update(_grads(params, 0), state, params)
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compilations(caplog) as compiled:
         for t in (1, 2):
             updates, state = make().update(_grads(params, t), state, params)
-    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiled == [], compiled[:3]
     jitted, _ = jax.jit(make().update)(_grads(params, 3), state, params)
     eager, _ = make().update(_grads(params, 3), state, params)

@@ -243,6 +243,11 @@ def test_symlinks_and_file_parents_are_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         checkpoint.save_checkpoint(tmp_path / "file" / "ckpt", OLD)
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    for parent in (tmp_path / "loop_a", dangling):
+        with pytest.raises(NotADirectoryError, match=f"{parent} is a symbolic link that leads"):
+            checkpoint.save_checkpoint(parent / "ckpt", OLD)
     for bad in ("", "."):
         with pytest.raises(ValueError):
             checkpoint.save_checkpoint(bad, OLD, overwrite=True)

@@ -200,11 +200,11 @@ def eager_on_devices() -> dict:
     d0, d1 = jax.devices()[:2]
     params = {"b": jnp.ones(6)}
     opt = umtam_jax.scale_by_umtam()
-    _eager.compiled.cache_clear()
+    _eager.clear()
     for device in (d0, d1, d0):
         p = jax.device_put(params, device)
         opt.update(p, opt.init(p), p)
-    entries = _eager.compiled.cache_info().currsize
+    entries = _eager.kept_executables()
     p = jax.device_put(params, d1)
     try:
         opt.update(jax.device_put(params, d0), opt.init(p), p)

@@ -83,9 +83,12 @@ def check_target(
     if is_local(directory):
         for parent in reversed(directory.parents):
             if os.path.lexists(parent) and not os.path.isdir(parent):
-                raise NotADirectoryError(
-                    f"cannot write checkpoint {directory}: {parent} is a file, not a folder"
+                what = (
+                    "a symbolic link that leads to no folder (a loop or a missing target)"
+                    if os.path.islink(parent)
+                    else "a file, not a folder"
                 )
+                raise NotADirectoryError(f"cannot write checkpoint {directory}: {parent} is {what}")
         if os.path.islink(directory):
             raise ValueError(
                 f"refusing to write checkpoint {directory}: it is a symbolic link "

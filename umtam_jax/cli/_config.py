@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any
 
 import yaml
@@ -21,6 +22,12 @@ from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, is_number, load_y
 from umtam_jax.merging import METHODS
 
 PROG = "umtam-merge"
+
+
+def _warn(message: str) -> None:
+    """One warning line on standard error."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
 
 _SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key accepts (a C long)
 
@@ -319,7 +326,7 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(config, dict):
             raise ConfigError(f"{args.config} must hold a YAML mapping")
         if _mergekit.is_mergekit(config):
-            config = _mergekit.translate(config)
+            config = _mergekit.translate(config, warn=_warn)
     for key in ("method", "base", "output", "seed"):
         value = getattr(args, key)
         if value is not None:

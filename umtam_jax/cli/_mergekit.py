@@ -44,11 +44,15 @@ float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the i
 config and tokenizer files. mergekit features umtam_jax does not have (``slices``,
 per-layer gradients and filtered parameters, tokenizer merging, chat templates, LoRA
 ``model+lora`` references, other methods) are refused with one error naming the key.
+A quoted number (``weight: "0.5"``) is the number, and keys mergekit never reads (an
+unknown top-level key, a parameter its method does not declare, a typo) are ignored, as
+in mergekit, with one warning naming them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from umtam_jax.cli._yaml import ConfigError, is_number
@@ -68,6 +72,31 @@ _GTA = {
 # Tensor parameters mergekit takes per model that are one number per merge here: given per
 # model, every model must give the same value.
 _SHARED_PER_MODEL = ("gamma", "epsilon")
+# The parameters mergekit's methods read: (global, per model). mergekit never reads any
+# other (its configuration keeps them, unchecked), so they are ignored here too, with a
+# warning; a per-model one given globally is every model's default, as in mergekit.
+_GTA_GLOBAL = ("int8_mask", "normalize", "rescale", "lambda")
+_READ: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    **{m: (_GTA_GLOBAL, ("weight", "density")) for m in _GTA},
+    "breadcrumbs": (_GTA_GLOBAL, ("weight", "density", "gamma")),
+    "breadcrumbs_ties": (_GTA_GLOBAL, ("weight", "density", "gamma")),
+    "della": (_GTA_GLOBAL, ("weight", "density", "epsilon")),
+    "della_linear": (_GTA_GLOBAL, ("weight", "density", "epsilon")),
+    "linear": (("normalize",), ("weight",)),
+    "slerp": (("t",), ()),
+    "nearswap": (("t",), ()),
+    "nuslerp": (("nuslerp_row_wise", "nuslerp_flatten"), ("weight",)),
+    "multislerp": (("normalize_weights", "eps"), ("weight",)),
+    "model_stock": (("filter_wise",), ()),
+    "karcher": (("max_iter", "tol"), ()),
+    "arcee_fusion": ((), ()),
+    "passthrough": ((), ("scale",)),
+    "sce": (("int8_mask", "select_topk"), ()),
+    "ram": (("epsilon",), ()),
+    "ramplus_tl": (("r", "alpha", "epsilon"), ()),
+}
+# umtam-merge's own additions, read by every method that takes them.
+_ADDED_GLOBAL = ("layout",)
 _TOP_LEVEL = {
     "merge_method",
     "base_model",
@@ -112,6 +141,34 @@ def _scalar(value: Any, where: str) -> Any:
     return value
 
 
+def _quoted_number(value: Any) -> Any:
+    """A string that spells a number, as that number (mergekit's configuration reads
+    ``weight: "0.5"`` as 0.5); any other value unchanged."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value.strip())
+            except ValueError:
+                pass
+    return value
+
+
+def _read_params(
+    params: Any, where: str, read: tuple[str, ...] | None, ignored: list[str]
+) -> dict[str, Any]:
+    """A ``parameters`` mapping at ``where``, its quoted numbers read as numbers, without
+    the keys that mergekit does not ``read`` (listed in ``ignored``; None: keep all)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    out = {}
+    for key, value in params.items():
+        if read is not None and key not in read:
+            ignored.append(f"{where}.{key}")
+        else:
+            out[key] = _quoted_number(_scalar(value, f"{where}.{key}"))
+    return out
+
+
 def _number(value: Any, where: str) -> float:
     value = _scalar(value, where)
     if not is_number(value):
@@ -138,20 +195,21 @@ def _dtype(config: dict[str, Any], key: str) -> str | None:
 KEY = "_mergekit_key"
 
 
-def translate(config: dict[str, Any]) -> dict[str, Any]:
+def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The native configuration (``method``, ``base``, ``experts``, ...) of a mergekit one.
 
+    Args:
+      config: the mergekit configuration, as read from its YAML file.
+      warn: called with one message listing the keys mergekit would not read (which are
+        ignored, as mergekit ignores them); None: no message.
+
     Raises:
-      ConfigError: an unsupported or unknown key or method, naming it.
+      ConfigError: an unsupported key or method, naming it.
     """
     for key, what in _UNSUPPORTED.items():
         if key in config:
             raise ConfigError(f"'{key}': {what} are not supported by umtam-merge")
-    unknown = set(config) - _TOP_LEVEL - {"output", "seed"}
-    if unknown:
-        raise ConfigError(
-            f"unknown mergekit keys {sorted(unknown, key=str)}; supported: {sorted(_TOP_LEVEL)}"
-        )
+    ignored = [repr(k) for k in config if k not in _TOP_LEVEL | {"output", "seed"}]
     name = config["merge_method"]
     if not isinstance(name, str) or (name not in _GTA and name not in METHODS):
         known = sorted(set(_GTA) | set(METHODS))
@@ -165,10 +223,13 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     models = config.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError("'models' must be a non-empty list of {model, parameters} entries")
-    global_params = config.get("parameters") or {}
-    if not isinstance(global_params, dict):
-        raise ConfigError("'parameters' must be a mapping")
-    global_params = {k: _scalar(v, f"parameters.{k}") for k, v in global_params.items()}
+    read_global, read_per_model = _READ.get(name, (None, None))
+    global_params = _read_params(
+        config.get("parameters") or {},
+        "parameters",
+        None if read_global is None else read_global + read_per_model + _ADDED_GLOBAL,
+        ignored,
+    )
     # mergekit's tensor parameters given globally are every model's default.
     model_defaults = {
         k: _number(global_params.pop(k), f"parameters.{k}")
@@ -209,9 +270,8 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         if same in seen:  # as mergekit: the same model twice would count it twice
             raise ConfigError(f"{where}.model repeats {seen[same]}.model ({path!r})")
         seen[same] = where
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}.parameters must be a mapping")
+        params = _read_params(entry.get("parameters") or {}, f"{where}.parameters",
+                              read_per_model, ignored)  # fmt: skip
         if name == "passthrough" and "scale" in params:  # its one model's scale
             global_params["scale"] = _scalar(params.pop("scale"), f"{where}.parameters.scale")
         for key in _SHARED_PER_MODEL:
@@ -237,6 +297,11 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         experts.append(expert)
     if not experts:
         raise ConfigError("'models' lists no model besides the base model")
+    if ignored and warn is not None:
+        warn(
+            f"ignoring {', '.join(ignored)}: merge_method {name!r} does not read "
+            f"{'it' if len(ignored) == 1 else 'them'} (mergekit ignores them too)"
+        )
 
     out: dict[str, Any] = {"base": base, "experts": experts}
     for key in ("output", "seed"):

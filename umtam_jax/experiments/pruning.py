@@ -24,6 +24,7 @@ From a shell (the benchmark front end writes the results file and the figure)::
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,6 +57,39 @@ def _key(task: str, ranking: str, density: float | None = None) -> str:
 def _predict(encoder: Params, head: Params, test: Any, cfg: PipelineConfig) -> np.ndarray:
     params = {"encoder": encoder, "head": head}
     return predict(params, test, batch_size=cfg.eval_batch_size, config=cfg.config)
+
+
+def _prune_seed(
+    sz: ProtocolSize,
+    seed: int,
+    tasks: Sequence[str],
+    densities: Sequence[float],
+    workdir: Path,
+    base: Params,
+    tokenizer: Any,
+    say: Callable[[str], None],
+) -> tuple[dict[str, Any], list[Any], Path]:
+    """Prunes and predicts the experts of one seed, adding what is missing to its cached
+    file; returns the seed's tasks, its experts and the file."""
+    cfg, ttasks, experts = seed_inputs(sz, seed, tasks, workdir, base, tokenizer)
+    expert_names = stable_hash([e.path.name for e in experts])
+    path = workdir / "pruning" / f"seed{seed}-{expert_names}.npz"
+    have = store.read_npz(path) or {}
+    for e in experts:
+        wanted = {_key(e.task, "labels"), _key(e.task, "base")}
+        wanted |= {_key(e.task, r, d) for r in RANKINGS for d in densities}
+        if wanted <= have.keys():
+            continue
+        test, head, enc = ttasks[e.task].arrays["test"], e.params["head"], e.params["encoder"]
+        have[_key(e.task, "labels")] = np.asarray(test["labels"])
+        have[_key(e.task, "base")] = _predict(base, head, test, cfg)
+        for d, ranking in itertools.product(densities, RANKINGS):
+            scores = e.statistics["encoder"] if ranking == "saliency" else None
+            pruned = merging.prune(base, enc, scores, density=float(d))
+            have[_key(e.task, ranking, d)] = _predict(pruned, head, test, cfg)
+        store.write_npz(path, have)
+        say(f"seed {seed} {e.task}: pruned and predicted")
+    return ttasks, experts, path
 
 
 def run_pruning(
@@ -111,26 +145,10 @@ def run_pruning(
     workdir.mkdir(parents=True, exist_ok=True)
     with store.exclusive(workdir, "a pruning study"):  # a protocol run writes there too
         for seed in seeds:
-            cfg, ttasks, experts = seed_inputs(sz, seed, tasks, workdir, base, tokenizer)
-            expert_names = stable_hash([e.path.name for e in experts])
-            path = workdir / "pruning" / f"seed{seed}-{expert_names}.npz"
-            have = store.read_npz(path) or {}
-            for e in experts:
-                tt, head, enc = ttasks[e.task], e.params["head"], e.params["encoder"]
-                test = tt.arrays["test"]
-                wanted = {_key(e.task, "labels"), _key(e.task, "base")}
-                wanted |= {_key(e.task, r, d) for r in RANKINGS for d in densities}
-                if wanted <= have.keys():
-                    continue
-                have[_key(e.task, "labels")] = np.asarray(test["labels"])
-                have[_key(e.task, "base")] = _predict(base, head, test, cfg)
-                for d in densities:
-                    for ranking in RANKINGS:
-                        scores = e.statistics["encoder"] if ranking == "saliency" else None
-                        pruned = merging.prune(base, enc, scores, density=float(d))
-                        have[_key(e.task, ranking, d)] = _predict(pruned, head, test, cfg)
-                store.write_npz(path, have)
-                say(f"seed {seed} {e.task}: pruned and predicted ({time.perf_counter() - t0:.0f}s)")
+            ttasks, experts, path = _prune_seed(
+                sz, seed, tasks, densities, workdir, base, tokenizer,
+                lambda msg: say(f"{msg} ({time.perf_counter() - t0:.0f}s)"),
+            )  # fmt: skip
             out["metrics"] = {
                 t: {"metric": tt.task.metric, "num_labels": tt.num_labels}
                 for t, tt in ttasks.items()

@@ -202,13 +202,12 @@ def _iso_cts_leaf(base, ws, scaling, common: int, specific: int, layout: str) ->
     deltas = _deltas(base, ws, dt)
     if layout == "in_out":  # the paper's orientation: rows are the layer's outputs
         deltas = _swap(deltas)
-    c, s = common, specific
-    uc, sc, vhc = _top(jnp.sum(deltas, 0), c, _frobenius_sum(deltas))
-    if s > 0:  # each task's top directions outside the common subspace
+    uc, sc, vhc = _top(jnp.sum(deltas, 0), common, _frobenius_sum(deltas))
+    if specific > 0:  # each task's top directions outside the common subspace
         # The common basis comes from the SVD of the sum, exact to that SVD's error:
         # a task inside the common subspace leaves a residual of that size, noise.
         residual = deltas - uc @ (_swap(uc) @ deltas)
-        own = _top(residual, s, max(deltas.shape[-2:]) * _frobenius_sum(deltas))
+        own = _top(residual, specific, max(deltas.shape[-2:]) * _frobenius_sum(deltas))
         u, sv, vh = _tasks_side_by_side(*own)
         uc, sc, vhc = (
             jnp.concatenate(x, a) for x, a in [((u, uc), -1), ((sv, sc), -1), ((vh, vhc), -2)]

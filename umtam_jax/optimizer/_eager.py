@@ -4,17 +4,18 @@ and input signature, and shared by every transform built with the same options.
 Step by step without it, each ``lax.cond`` of the update would be compiled again at every
 call (new closures). ``optax.inject_hyperparams`` builds a new transform at every step,
 passing its numeric hyper-parameters as JAX arrays: those are arguments of the compiled
-update, the other options are part of its key. The most recently used compilations are
-kept, one executable each (the signature holds what a jit would compile again for: each
-leaf's shape, dtype, weak type and placement); on XLA:CPU every executable holds memory
-maps of its machine code (about a hundred for an update; Linux allows a process 65,530),
-so an unbounded cache runs a long process out of them.
+update, the other options are part of its key. Each configuration gets a ``jax.jit`` of its
+own, whose C++ dispatch checks the inputs' signature (shape, dtype, weak type, placement);
+the most recently used configurations are kept, each with a few signatures. On XLA:CPU
+every executable holds memory maps of its machine code (about a hundred for an update;
+Linux allows a process 65,530), so an unbounded cache runs a long process out of them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,13 @@ import numpy as np
 
 from umtam_jax.optimizer._config import Config
 
-CACHE_SIZE = 32
-"""How many eager compilations are kept (least recently used ones are dropped)."""
+CACHE_SIZE = 16
+"""How many configurations' compiled updates are kept (least recently used ones are
+dropped, with their executables)."""
+
+SIGNATURES = 4
+"""How many input signatures one configuration's compiled update keeps: past that, it is
+compiled afresh (its executables dropped)."""
 
 Update = Callable[[Config, Any, Any, Any], tuple[Any, Any]]
 
@@ -61,11 +67,13 @@ class _Option:
         return repr(self.value)
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
-def compiled(update: Update, static: tuple, signature: tuple) -> Callable[..., Any]:
-    """The compiled ``update`` of one configuration (its fixed options ``static``) and one
-    input signature: a jit of its own, whose executable goes with it when it is dropped."""
-    del signature  # part of the key only: one signature per jit, hence one executable
+_kept: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+_kept_lock = threading.Lock()
+
+
+def compile_update(update: Update, static: tuple) -> Callable[..., Any]:
+    """A new jit of ``update`` for one configuration (its fixed options ``static``):
+    a closure of its own, so that its executables go with it when it is dropped."""
     fixed = {name: option.value for name, option in static}
 
     def scale_by_umtam_update(options, updates, state, params):
@@ -74,16 +82,40 @@ def compiled(update: Update, static: tuple, signature: tuple) -> Callable[..., A
     return jax.jit(scale_by_umtam_update)
 
 
-def _signature(tree: Any) -> tuple:
-    """What a jit's executable depends on in ``tree``: its structure and each leaf's type
-    (shape, dtype, weak type) and placement."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+def _kept_update(key: tuple) -> Callable[..., Any]:
+    """The kept compiled update of ``key`` (made if missing), now the most recently used."""
+    with _kept_lock:
+        compiled = _kept.pop(key, None)
+        if compiled is None:
+            compiled = compile_update(*key)
+        _kept[key] = compiled
+        while len(_kept) > CACHE_SIZE:
+            _kept.popitem(last=False)
+    return compiled
+
+
+def _bound_signatures(key: tuple, compiled: Callable[..., Any]) -> None:
+    """Compile ``key`` afresh next time if its jit keeps more than :data:`SIGNATURES`."""
+    if compiled._cache_size() > SIGNATURES:  # type: ignore[attr-defined]
+        with _kept_lock:
+            if _kept.get(key) is compiled:
+                del _kept[key]
+
+
+def kept_executables() -> int:
+    """How many compiled executables the eager updates keep (all configurations)."""
+    with _kept_lock:
+        return sum(compiled._cache_size() for compiled in _kept.values())
+
+
+def clear() -> None:
+    """Drops every kept compiled update (their executables go with them)."""
+    with _kept_lock:
+        _kept.clear()
 
 
 def eager_update(update: Update, cfg: Config, *inputs: Any) -> tuple[Any, Any]:
-    """``update(cfg, *inputs)`` through the shared compilation of ``cfg`` and the inputs'
-    signature.
+    """``update(cfg, *inputs)`` through the shared compilation of ``cfg``.
 
     Args:
       update: the update function of a configuration, ``update(cfg, updates, state,
@@ -97,6 +129,8 @@ def eager_update(update: Update, cfg: Config, *inputs: Any) -> tuple[Any, Any]:
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     # optax.inject_hyperparams passes its numeric hyper-parameters as JAX arrays.
     options = {k: v for k, v in fields.items() if isinstance(v, jax.Array)}
-    static = tuple((k, _Option(v)) for k, v in fields.items() if k not in options)
-    signature = _signature((options, *inputs))
-    return compiled(update, static, signature)(options, *inputs)
+    key = (update, tuple((k, _Option(v)) for k, v in fields.items() if k not in options))
+    compiled = _kept_update(key)
+    result = compiled(options, *inputs)
+    _bound_signatures(key, compiled)
+    return result
