@@ -83,7 +83,9 @@ def table(result: dict) -> str:
 
 
 def report_lines(result: dict) -> list[str]:
-    """The markdown table of one run and a line per target (met or MISSED)."""
+    """The markdown table of one run and a line per target. A time ratio is one run's, with
+    no interval, so the line says on which side of its bound it fell, not that the target
+    is met; the state ratio is exact (met or MISSED)."""
     lines = [table(result)]
     for name, v in result["targets"].items():
         state = (
@@ -94,8 +96,9 @@ def report_lines(result: dict) -> list[str]:
                 f"{'met' if v['state_met'] else 'MISSED'})"
             )
         )
+        side = "below it" if v["time_met"] else "above it"
         lines.append(
-            f"- target {name}: {v['time_ratio']}× AdamW (≤ {v['time_target']}: "
-            f"{'met' if v['time_met'] else 'MISSED'}){state}"
+            f"- target {name}: {v['time_ratio']}× AdamW (target ≤ {v['time_target']}; "
+            f"one run, no interval: {side}){state}"
         )
     return lines

@@ -257,6 +257,20 @@ def test_params_target_gives_structure_and_sharding(tmp_path):
     assert all(x.sharding == sharding for x in jax.tree.leaves(restored))
 
 
+def test_a_target_dtype_is_a_cast_that_keeps_the_values(tmp_path):
+    """A wider or same-kind target dtype casts; one that truncates (float to int) or
+    overflows (to ±inf) is refused naming the leaf: both were silent."""
+    path = save_checkpoint(tmp_path / "ckpt", {"w": jnp.array([1.5, 7e4]), "n": jnp.arange(2)})
+    like = {"w": jnp.zeros(2, jnp.bfloat16), "n": jnp.zeros(2, jnp.float32)}
+    restored = restore_params(path, target=like)
+    np.testing.assert_array_equal(restored["n"], [0.0, 1.0])
+    assert restored["w"].dtype == jnp.bfloat16 and restored["n"].dtype == jnp.float32
+    with pytest.raises(TypeError, match="params leaf w is float32; the target asks int32"):
+        restore_params(path, target={**like, "w": jnp.zeros(2, jnp.int32)})
+    with pytest.raises(ValueError, match="params leaf w holds 70000, beyond float16"):
+        restore_params(path, target={**like, "w": jnp.zeros(2, jnp.float16)})
+
+
 # ------------------------------------------------------------------------------------------
 # with the real optimizer
 # ------------------------------------------------------------------------------------------
@@ -448,6 +462,14 @@ def test_empty_array_is_refused_with_its_path_and_writes_nothing(tmp_path):
     opt = umtam_jax.umtam(0.1, rank=1, min_dim_size_to_factor=1)
     with pytest.raises(ValueError, match=r"\['extra_tokens'\].*is empty"):
         save_checkpoint(tmp_path / "ckpt", {"w": params["w"]}, opt_state=opt.init(params))
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_array_of_objects_or_strings_is_refused_with_its_path_and_writes_nothing(tmp_path):
+    """It reached TensorStore, whose threads printed tracebacks before its own error."""
+    for bad in (np.array([object()]), np.array(["a", "b"])):
+        with pytest.raises(TypeError, match=r"params: the array at \['tokens'\] has dtype"):
+            save_checkpoint(tmp_path / "ckpt", {"w": jnp.ones(3), "tokens": bad})
     assert os.listdir(tmp_path) == []
 
 

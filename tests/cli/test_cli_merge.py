@@ -262,6 +262,27 @@ def test_scanned_scope_from_yaml(ckpts, tmp_path):
     assert recorded == {"scanned": ["conv"], "axis": 2}
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_scanned_scope_naming_no_leaf_is_refused(ckpts, tmp_path, capsys, in_memory):
+    """A misspelt name merged every leaf per tensor, silently."""
+    p = ckpts["paths"]
+    out = tmp_path / "merged"
+    cfg = _write(
+        tmp_path,
+        f"""
+        method: ties
+        base: {p["base"]}
+        experts: [{p["e0"]}, {p["e1"]}]
+        parameters: {{density: 0.3, scope: {{scanned: [cnov]}}}}
+        output: {out}
+        """,
+    )
+    assert main([cfg, "--no-progress", *(["--in-memory"] if in_memory else [])]) == 2
+    err = capsys.readouterr().err
+    assert "scope=scanned('cnov', batch=1, axis=0): no leaf's key path contains 'cnov'" in err
+    assert not out.exists()
+
+
 def test_dry_run_and_overwrite(ckpts, tmp_path, capsys):
     p = ckpts["paths"]
     out = tmp_path / "out"
@@ -328,6 +349,22 @@ def test_dry_run_reports_shape_mismatch(ckpts, tmp_path, capsys):
     )
     assert rc == 2
     assert "['attn']['kernel']" in capsys.readouterr().err
+
+
+def test_a_density_every_expert_gives_is_named_by_its_key(ckpts, tmp_path, capsys):
+    """The same bad density in every entry was reported as a bare 'density', as the one
+    density of 'parameters' still is."""
+    p = ckpts["paths"]
+    for experts, key in (
+        (f"[{{path: {p['e0']}, density: 2}}]", "experts[0].density"),
+        (f"[{{path: {p['e0']}, density: 2}}, {{path: {p['e1']}, density: 2}}]",
+         "experts[0].density"),
+        (f"[{p['e0']}, {p['e1']}]\nparameters: {{density: 2}}", "density"),
+    ):  # fmt: skip
+        config = _write(tmp_path, f"method: ties\nbase: {p['base']}\nexperts: {experts}\n")
+        assert main([config, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert f"fail: {key} must lie in (0, 1], got 2" in err, err
 
 
 @pytest.mark.parametrize(

@@ -243,6 +243,12 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
             " {{model: {b}, parameters: {{density: 1.5}}}}]",
             "models[2].parameters.density must lie in (0, 1], got 1.5 (models[2] is {b})",
         ),
+        # Every model giving the same bad density: still its key, not a bare 'density'.
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
+            "{{density: 2}}}}, {{model: {b}, parameters: {{density: 2}}}}]",
+            "models[0].parameters.density must lie in (0, 1], got 2 (models[0] is {a})",
+        ),
         (
             "merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {a}, "
             "parameters: {{weight: .nan}}}}, {{model: {b}}}]",

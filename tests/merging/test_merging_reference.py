@@ -208,6 +208,17 @@ def test_diagonal_fisher_per_example_and_per_batch():
         merging.diagonal_fisher(loss, {"w": jnp.asarray(w)}, [])
 
 
+@pytest.mark.parametrize("per_example", [True, False])
+def test_diagonal_fisher_names_a_batch_whose_gradient_is_not_finite(per_example):
+    """A NaN in one batch made the whole Fisher NaN, silently."""
+    loss = lambda p, b: jnp.mean((b["x"] * p["w"]) ** 2)  # noqa: E731
+    batches = [{"x": jnp.ones(2)}, {"x": jnp.array([1.0, jnp.nan])}]
+    with pytest.raises(ValueError, match=r"at \['w'\] is not finite for batch 1"):
+        merging.diagonal_fisher(loss, {"w": jnp.ones(())}, batches, per_example=per_example)
+    with pytest.raises(TypeError, match="per_example must be True or False"):
+        merging.diagonal_fisher(loss, {"w": jnp.ones(())}, batches[:1], per_example="no")
+
+
 @pytest.mark.parametrize("power", [0.5, 1.0])
 def test_ota_with_arrays_and_statistics(power):
     rng = np.random.default_rng(9)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import umtam_jax
 from umtam_jax import merging
 from umtam_jax.optimizer._state import DenseStatistics
 
@@ -85,6 +86,23 @@ def test_density_out_of_range(inputs, method, density):
         ALL[method](base, experts, stats, density=density)
 
 
+def test_densities_name_the_expert_and_refuse_strings(inputs):
+    """A list of densities names its entry even when every entry is the same bad value
+    (umtam-merge then names the file's key); strings and bools are not densities."""
+    base, experts, _ = inputs
+    with pytest.raises(ValueError, match=r"^density\[0\] must lie in \(0, 1\], got 2$"):
+        merging.ties(base, experts, density=[2, 2])
+    with pytest.raises(ValueError, match=r"^density\[1\] must lie in \(0, 1\], got 0.0$"):
+        merging.ties(base, experts, density=[0.5, 0.0])
+    with pytest.raises(ValueError, match=r"^density must lie in \(0, 1\], got 2$"):
+        merging.ties(base, experts, density=2)
+    for bad, name in (("0.5", "density"), (b"0.5", "density"), (np.str_("0.5"), "density"),
+                      (True, "density"), (["0.5", "0.5"], r"density\[0\]"),
+                      ([0.5, np.bool_(True)], r"density\[1\]")):  # fmt: skip
+        with pytest.raises(TypeError, match=rf"^{name} must be a number in \(0, 1\], got "):
+            merging.ties(base, experts, density=bad)
+
+
 def _with_value(tree, path, value):
     leaf = np.array(tree[path[0]][path[1]])  # a copy: the caller's tree stays as it was
     leaf.flat[0] = value
@@ -121,6 +139,21 @@ def test_non_finite_statistics_curvatures_fishers_and_scores_are_refused(inputs)
         merging.fisher(base, experts, [ones, nan_fisher])
     with pytest.raises(ValueError, match=re.escape("scores['norm']['scale'] is not finite")):
         merging.prune(base, experts[0], nan_fisher, density=0.5)
+
+
+@pytest.mark.parametrize("field", ["row", "col", "saliency"])
+def test_negative_second_moments_or_saliency_are_refused(inputs, field):
+    """They are means of squares and magnitudes: a negative entry is not an optimizer's
+    statistic (a sign flipped in a conversion), and the merge took it as it was."""
+    base, experts, stats = inputs
+    node = stats[0]["attn"]["kernel"]
+    value = np.array(getattr(node, field))
+    value.flat[0] = -1.0
+    bad = jax.tree.map(lambda x: x, stats[0], is_leaf=lambda x: hasattr(x, "_fields"))
+    bad["attn"]["kernel"] = node._replace(**{field: value})
+    where = f"statistics[0]['attn']['kernel'].{field} has an entry -1.0"
+    with pytest.raises(ValueError, match=re.escape(where)):
+        merging.umtam(base, experts, [bad, stats[1]])
 
 
 @pytest.mark.parametrize(
@@ -238,3 +271,12 @@ def test_a_method_of_one_expert_given_a_list_says_so(name):
     # A model whose parameters are a list is still one expert.
     as_list = merging.merge(name, [base["w"]], [expert["w"]], **options.get(name, {}))
     assert isinstance(as_list, list) and as_list[0].shape == (3,)
+
+
+def test_a_scanned_scope_naming_no_leaf_is_refused():
+    """A misspelt name merged the stacked leaves per tensor, silently."""
+    base = {"blocks": {"kernel": jnp.zeros((2, 4, 3))}, "head": jnp.zeros((4, 3))}
+    experts = [jax.tree.map(lambda x, i=i: x + i, base) for i in (1.0, 2.0)]
+    with pytest.raises(ValueError, match=r"no leaf's key path contains 'blokcs' \(the key names"):
+        merging.ties(base, experts, density=0.5, scope=umtam_jax.scanned("blocks", "blokcs"))
+    merging.ties(base, experts, density=0.5, scope=umtam_jax.scanned("blocks"))

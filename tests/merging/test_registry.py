@@ -55,6 +55,25 @@ def test_merge_by_name_equals_the_function_and_checks_its_parameters():
         merging.merge("umtam", base, experts, [None, None], sign_election="yes")
 
 
+def test_merge_refuses_a_per_expert_input_the_method_takes_none():
+    """It was ignored: ``extra`` given to a method without one is an error naming it."""
+    base, experts = {"w": jnp.zeros(2)}, [{"w": jnp.ones(2)}, {"w": -jnp.ones(2)}]
+    with pytest.raises(
+        TypeError,
+        match=r"method 'task_arithmetic' takes no per-expert input "
+        r"besides the experts, but got extra\[1\]\['junk'\]",
+    ):
+        merging.merge("task_arithmetic", base, experts, [None, {"junk": 1}])
+    with pytest.raises(
+        TypeError,
+        match=r"method 'slerp' takes no per-expert input .* got extra "
+        r"\(a dict\)",
+    ):
+        merging.merge("slerp", base, experts[0], {}, t=0.5)
+    got = merging.merge("fisher", base, experts, [{"w": jnp.ones(2)}] * 2)  # takes Fishers
+    np.testing.assert_array_equal(np.asarray(got["w"]), [0.0, 0.0])
+
+
 def test_prune_by_name_takes_one_expert_and_optional_scores():
     base = {"w": jnp.zeros(4)}
     expert = {"w": jnp.array([1.0, -3.0, 2.0, 0.5])}

@@ -223,6 +223,25 @@ def test_validation_errors_name_the_expert_and_the_path():
         merging.regmean(None, ws, [good, good], weights=[1.0, -1.0])
 
 
+def test_a_singular_summed_gram_is_named_as_the_cause():
+    """With alpha=1 Grams of too few examples sum to a singular matrix: the error said the
+    merge overflowed; a finite but overflowing merge still says so."""
+    base = {"a": np.zeros((6, 3), np.float32), "b": np.zeros(3, np.float32)}
+    ws = [{"a": np.ones((6, 3), np.float32), "b": np.ones(3, np.float32)}] * 2
+    grams = [{"a": np.ones((6, 6), np.float32)}] * 2  # rank 1
+    with pytest.raises(
+        ValueError,
+        match=r"leaf \['a'\] is not finite .*: its summed Gram matrix "
+        r".* is singular \(not invertible\).*use alpha < 1",
+    ):
+        merging.regmean(base, ws, grams, alpha=1.0)
+    got = merging.regmean(base, ws, grams, alpha=0.9)  # G̃ = 0.9 G + 0.1 diag(G): invertible
+    np.testing.assert_allclose(np.asarray(got["a"]), 1.0, rtol=1e-5)
+    big = [{"a": w["a"], "b": np.full(3, 3e38, np.float32)} for w in ws]
+    with pytest.raises(ValueError, match=r"leaf \['b'\] is not finite .*overflowed although"):
+        merging.regmean(base, big, grams, alpha=0.9)
+
+
 def test_the_engine_and_the_cli_refuse_regmean_before_reading_anything(capsys):
     from umtam_jax.cli.merge import main
 

@@ -257,6 +257,21 @@ def test_emr_one_or_identical_experts_are_reconstructed_exactly():
     jax.tree.map(np.testing.assert_array_equal, merging.emr_task_model(base, emr, 0), base)
 
 
+def test_emr_sums_that_overflow_are_an_error_not_a_nan_rescaler():
+    """Finite float32 task vectors whose Σ|τ_t| overflows gave NaN (or 0) rescalers, and
+    emr_task_model then the base."""
+    base = {"a": jnp.zeros((6, 4), jnp.float32)}
+    big = {"a": jnp.full((6, 4), 2e37, jnp.float32)}
+    for experts in ([big, big], [big, {"a": big["a"] / 2}]):
+        with pytest.raises(
+            ValueError, match=r"Σ\|τ_t\| .*overflowed although every input is finite"
+        ):
+            merging.emr_merge(base, experts)
+    half = {"a": jnp.full((6, 4), -2e38, jnp.float32)}  # τ = 2e38 − (−2e38) overflows
+    with pytest.raises(ValueError, match=r"τ_uni\['a'\] is not finite .*overflowed"):
+        merging.emr_merge(half, [{"a": -half["a"]}])
+
+
 def test_emr_zero_sum_entries_elect_nothing():
     base = {"w": jnp.zeros(3)}
     experts = [{"w": jnp.array([1.0, 2.0, -1.0])}, {"w": jnp.array([-1.0, 1.0, 3.0])}]
@@ -274,6 +289,35 @@ def test_pack_and_unpack_mask_round_trip():
         n = np.size(H.get(base, p))
         assert H.get(packed, p).dtype == jnp.uint8 and H.get(packed, p).size == -(-n // 8)
     jax.tree.map(np.testing.assert_array_equal, merging.unpack_mask(packed, base), mask)
+
+
+def test_pack_and_unpack_mask_refuse_what_they_cannot_invert():
+    """A mask of numbers, a tree or shape unlike the packed one: one error naming the leaf,
+    never a mask unpacked to the wrong size."""
+    mask = {"a": jnp.array([[True, False, True, True], [False, True, False, False]])}
+    packed = merging.pack_mask(mask)  # 8 entries: 1 byte
+    with pytest.raises(TypeError, match=r"mask\['a'\] must be a boolean array, got array of"):
+        merging.pack_mask({"a": jnp.array([0.0, 0.5, jnp.nan])})
+    with pytest.raises(TypeError, match=r"mask\['b'\] must be a boolean array, got int"):
+        merging.pack_mask({"a": mask["a"], "b": 1})
+    need = r"packed\['a'\] holds 8 bits \(length 1\), but like\['a'\] has shape \(5, 5\): its 25"
+    with pytest.raises(ValueError, match=need + " entries need length 4"):
+        merging.unpack_mask(packed, {"a": jnp.ones((5, 5))})
+    beyond = r"packed\['a'\] has bits set beyond the 4 entries of like\['a'\] \(shape \(2, 2\)\)"
+    with pytest.raises(ValueError, match=beyond):
+        merging.unpack_mask(packed, {"a": jnp.ones((2, 2))})
+    with pytest.raises(
+        ValueError, match=r"packed does not .* of like: it lacks like's leaf \['b'\]"
+    ):
+        merging.unpack_mask(packed, {"b": jnp.ones((2, 4))})
+    with pytest.raises(TypeError, match=r"packed\['a'\] must be pack_mask's 1-D uint8 array, got"):
+        merging.unpack_mask(mask, {"a": jnp.ones((2, 4))})
+    # Bits beyond the entries that are 0 cannot tell 8 entries from 5: those unpack.
+    five = merging.pack_mask({"a": jnp.array([True, False, True, True, False])})
+    got = merging.unpack_mask(five, {"a": jax.ShapeDtypeStruct((2, 2), jnp.float32)})
+    np.testing.assert_array_equal(np.asarray(got["a"]), [[True, False], [True, True]])
+    assert packed["a"].tolist() == [180]  # the inputs are unchanged
+    np.testing.assert_array_equal(np.asarray(mask["a"][1]), [False, True, False, False])
 
 
 # ------------------------------------------------------------------------ contract

@@ -31,6 +31,14 @@ from tests.optimizer.test_behaviour import SMALL, _grads, _params
         ({"adaptive_rank": True, "rank_grow_threshold": 1.0}, "rank_grow_threshold"),
         ({"adaptive_rank": True, "rank_shrink_threshold": 1.0}, "rank_shrink_threshold"),
         ({"oversampling": -1}, "oversampling"),
+        # Checked with adaptive_rank off too: a wrong value is a mistake either way.
+        ({"max_rank": -5}, "max_rank must be ≥ 1"),
+        ({"min_rank": 0}, "min_rank must be ≥ 1"),
+        ({"rank_grow_threshold": 0.5}, "rank_grow_threshold"),
+        # Compared with the int32 step counter, or a JAX key's 64 bits.
+        ({"svd_every": 2**31}, r"svd_every must be < 2\*\*31"),
+        ({"adaptive_rank": True, "rank_update_every": 2**31}, "rank_update_every"),
+        ({"seed": 2**63}, "seed must fit in a 64-bit"),
     ],
 )
 def test_invalid_hyper_parameters_fail_at_construction(kwargs, message):
@@ -86,6 +94,42 @@ def test_integer_leaves_are_rejected_with_their_path():
 def test_complex_leaves_are_rejected_with_their_path():
     with pytest.raises(TypeError, match=r"\['z'\].*real floating-point"):
         umtam_jax.umtam(0.1).init({"z": jnp.zeros((4, 4), jnp.complex64)})
+
+
+def test_float8_parameters_and_buffers_are_refused_by_name():
+    """float8 takes part in no implicit promotion: it failed inside the step."""
+    with pytest.raises(TypeError, match=r"\['w'\] has dtype float8_e4m3fn.* 16 bits or more"):
+        umtam_jax.umtam(0.1).init({"w": jnp.zeros((4, 4), jnp.float8_e4m3fn)})
+    for dtype in (jnp.float8_e4m3fn, jnp.complex64):
+        with pytest.raises(TypeError, match="buffer_dtype must be a real floating-point"):
+            umtam_jax.umtam(0.1, buffer_dtype=dtype)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_update_checks_params_and_state_by_name(jit):
+    """What update gets besides the gradients: parameters of another dtype (a complex
+    one lost its imaginary part in the saliency), a missing parameter, a state that is
+    not init's or has a counter or buffer of another kind."""
+    params = _params()
+    opt = umtam_jax.scale_by_umtam(**SMALL)
+    state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
+    grads = _grads(params, 0)
+    for dtype in (jnp.complex64, jnp.int32):
+        bad = {**params, "bias": params["bias"].astype(dtype)}
+        with pytest.raises(TypeError, match=rf"parameter at \['bias'\] has dtype {dtype.__name__}"):
+            update(grads, state, bad)
+    if not jit:  # a None leaf is an empty subtree under jit: a tree mismatch there
+        with pytest.raises(TypeError, match=r"params at \['bias'\] is NoneType"):
+            update(grads, state, {**params, "bias": None})
+    with pytest.raises(TypeError, match="state must be what this optimizer's init returned"):
+        opt.update(grads, {"count": 0}, params)
+    with pytest.raises(TypeError, match=r"step counter \(count\) must be an integer"):
+        update(grads, state._replace(count=jnp.float32(3.5)), params)
+    bias = state.leaves["bias"]
+    bad = state._replace(leaves={**state.leaves, "bias": bias._replace(mu=bias.mu.astype(int))})
+    with pytest.raises(TypeError, match=r"state at \['bias'\] has dtype int32 for mu"):
+        update(grads, bad, params)
 
 
 @pytest.mark.parametrize(
@@ -202,3 +246,15 @@ def test_state_shardings_names_a_parameter_without_a_named_sharding():
         umtam_jax.state_shardings(opt, abstract)
     with pytest.raises(ValueError, match="at least one parameter"):
         umtam_jax.state_shardings(opt, {})
+
+
+def test_a_scanned_layout_naming_no_leaf_is_refused_at_init():
+    """A misspelt name left the stacked leaves factored as one tall matrix, silently."""
+    params = {"blocks": {"kernel": jnp.ones((2, 4, 4))}, "head": jnp.ones((4, 3))}
+    with pytest.raises(
+        ValueError,
+        match=r"row_axes=scanned\('blocks', 'blokcs'.*contains 'blokcs' \(the key names are "
+        r"blocks, head, kernel\)",
+    ):
+        umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks", "blokcs")).init(params)
+    umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks")).init(params)

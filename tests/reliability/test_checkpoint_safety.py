@@ -896,3 +896,12 @@ def test_only_this_saves_staging_folder_counts_as_its_write_failure():
     assert _write_failure(quoted, out, on_staging=True) == errno.ENOSPC
     elsewhere = ValueError("""local file "/scratch/x/.out.umtam-new-1/p" [os_error_code='2']""")
     assert _write_failure(elsewhere, out, on_staging=True) is None
+
+
+def test_overwrite_must_be_a_bool(tmp_path):
+    """overwrite="no" is truthy: it would have replaced the folder."""
+    checkpoint.save_checkpoint(tmp_path / "ckpt", OLD)
+    for save in (checkpoint.save_checkpoint, checkpoint.save_safetensors):
+        with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
+            save(tmp_path / "ckpt", NEW, overwrite="no")
+    chex.assert_trees_all_equal(checkpoint.restore_params(tmp_path / "ckpt"), OLD)

@@ -110,6 +110,9 @@ def test_duplicate_keys_and_oversized_files_are_refused(ckpts, capsys):
     assert "duplicate key 'method'" in _run(capsys, _config(ckpts, text))
     big = "method: ties\n" + "#" * (MAX_CONFIG_BYTES + 1)
     assert "larger than" in _run(capsys, _config(ckpts, big))
+    twice = ["--param", "density=0.5", "--param", "density=0.7"]  # the last one was kept
+    line = _run(capsys, "--method", "ties", "--base", "base", "--expert", "a", *twice, "-o", "out")
+    assert "--param density is given twice" in line
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -160,6 +161,12 @@ def encode(tree: Any, what: str) -> Encoded:
                 raise TypeError(
                     f"{what}: leaf at {jax.tree_util.keystr(jax_path)} is a "
                     f"{type(x).__name__}, not an array or scalar"
+                )
+            dtype = dtype_of(x)
+            if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+                raise TypeError(
+                    f"{what}: the array at {jax.tree_util.keystr(jax_path)} has dtype "
+                    f"{dtype}; only numeric and boolean arrays are stored"
                 )
             if 0 in np.shape(x):
                 raise ValueError(

@@ -120,13 +120,18 @@ def _restore_array_items(
         for path, (dtype, sharding) in wanted[item].items():
             array = E.nested_get(arrays, path)
             _integrity.verify(directory, item, _integrity.key(path), array, records)
+            what = f"checkpoint {directory}'s {item} leaf {'/'.join(path)}"
             if isinstance(array, np.ndarray):  # 64-bit without x64: JAX's canonical dtype
                 narrow = jax.dtypes.canonicalize_dtype(array.dtype)
-                what = f"checkpoint {directory}'s {item} leaf {'/'.join(path)}"
                 array = cast_checked(array, narrow, what, "restore it with jax_enable_x64 on")
                 array = jax.device_put(array, sharding or _default_sharding())
             if array.dtype != jax.dtypes.canonicalize_dtype(dtype):
-                array = array.astype(dtype)
+                if not np.can_cast(array.dtype, np.dtype(dtype), casting="same_kind"):
+                    raise TypeError(
+                        f"{what} is {array.dtype}; the target asks {np.dtype(dtype)}, a cast "
+                        "that would lose its values: give the target that leaf's dtype"
+                    )
+                array = cast_checked(array, np.dtype(dtype), what, "give the target a wider dtype")
             E.nested_set(arrays, path, array)
         if item in encodings:  # rebuild with the target's own tree structure
             enc = encodings[item]

@@ -71,11 +71,14 @@ def check_target(
         checkpoints.
 
     Raises:
+      TypeError: ``overwrite`` is not a bool.
       ValueError: an empty name, a symbolic link, a file or a folder that is not a
         umtam_jax checkpoint (whatever ``overwrite`` says).
       NotADirectoryError: a component of the parent path is a file.
       FileExistsError: an existing checkpoint and ``overwrite`` is False.
     """
+    if not isinstance(overwrite, bool):  # "no" would replace the folder, being truthy
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     if directory.name in ("", ".", ".."):
         raise ValueError(f"not a valid checkpoint path: {directory!s}")
     if _ORBAX_TMP_SUFFIX in directory.name:

@@ -334,11 +334,14 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.expert:
         config["experts"] = [_expert_flag(e) for e in args.expert]
     if args.param:
-        params = dict(config.get("parameters") or {})
+        params, given = dict(config.get("parameters") or {}), set()
         for item in args.param:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"--param {item!r} is not KEY=VALUE")
+            if key.strip() in given:  # as a duplicate key in the file is refused
+                raise ConfigError(f"--param {key.strip()} is given twice")
+            given.add(key.strip())
             params[key.strip()] = _parse_value(value, "--param")
         config["parameters"] = params
     return config

@@ -112,8 +112,17 @@ def emr_merge(base: Any, experts: Sequence[Any], *, rescale: str = "sum") -> EMR
             continue
         n = b.size if rescale == "tensor_mean" else 1
         num, den = num + before.astype(acc) / n, den + after.astype(acc) / n
+    # Finite inputs can still overflow (τ_t = θ_t − θ_0, or the sums): an error, as every
+    # merge's result, not an infinite τ_uni or a NaN (or 0) λ_t.
+    unified = [uni for uni, *_ in rows]
+    named = [
+        (f"the unified task vector τ_uni{p}", u)
+        for p, u in zip(prepared.paths, unified, strict=True)
+    ]
+    named += [("the rescalers' numerator Σ|τ_t|", num), ("their denominator Σ|M_t ∘ τ_uni|", den)]
+    V.check_finite(named, problem=V.OVERFLOW)
     rescalers = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 1)
-    unified = _unflatten(prepared, [uni for uni, *_ in rows])
+    unified = _unflatten(prepared, unified)
     masks = [_unflatten(prepared, [row[1][t] for row in rows]) for t in range(len(num))]
     return EMRMerged(unified, masks, rescalers)
 

@@ -139,7 +139,9 @@ def diagonal_fisher(
       A params-shaped pytree of float32 (float64 for float64 params) Fisher values.
 
     Raises:
-      ValueError: if ``batches`` is empty.
+      ValueError: if ``batches`` is empty, or a batch's squared gradient is not finite
+        (naming the leaf and the batch).
+      TypeError: ``per_example`` is not a bool.
 
     Example:
       >>> import jax.numpy as jnp
@@ -169,11 +171,21 @@ def diagonal_fisher(
             g = grad(p, batch)
             sq = jax.tree.map(lambda x: jnp.square(as_float(x)), g)
             n = 1
-        return sq, jnp.asarray(n, jnp.float32)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(sq)]))
+        return sq, jnp.asarray(n, jnp.float32), finite
 
+    if not isinstance(per_example, bool):
+        raise TypeError(f"per_example must be True or False, got {per_example!r}")
     total, count = None, 0.0
-    for batch in batches:
-        sq, n = batch_sq(params, batch)
+    for index, batch in enumerate(batches):
+        sq, n, finite = batch_sq(params, batch)
+        if not finite:
+            bad = next(p for p, x in jax.tree_util.tree_leaves_with_path(sq)
+                       if not jnp.all(jnp.isfinite(x)))  # fmt: skip
+            raise ValueError(
+                f"the squared gradient at {jax.tree_util.keystr(bad)} is not finite for "
+                f"batch {index}: the loss or its gradient is NaN or infinite there"
+            )
         total = sq if total is None else jax.tree.map(jnp.add, total, sq)
         count += float(n)
     if total is None:

@@ -46,7 +46,7 @@ from umtam_jax.merging._select import (
     unstack_slices,
 )
 from umtam_jax.merging._statistics_validation import arrays_or_statistics, statistics_leaves
-from umtam_jax.optimizer._layout import matrix_view, scanned
+from umtam_jax.optimizer._layout import check_names_found, matrix_view, scanned
 from umtam_jax.optimizer._statistics import curvature as _curvature
 
 
@@ -128,7 +128,8 @@ def plan(
         prepared = V.prepare(base, experts)
     k = len(prepared.experts)
     extras = _extras(method, extra, prepared, options)
-    if not checked:
+    if not checked:  # the whole tree (an engine plans one group of leaves at a time)
+        check_names_found(options.get("scope"), prepared.key_paths, "scope")
         for p in method.params:
             if p.kind in PER_EXPERT_KINDS:
                 options[p.name] = p.check(options[p.name], k)
@@ -193,6 +194,17 @@ _EXTRA_NAMES = {
 def _extras(method: Method, extra: Any, prepared: V.Prepared, options: dict) -> Any:
     kind = method.extra
     if kind is None:
+        if extra is not None:  # refused, not ignored: it may be meant for another method
+            items = enumerate(extra) if isinstance(extra, list | tuple) else []
+            keys = [
+                f"extra[{i}]{jax.tree_util.keystr(path)}"
+                for i, x in items
+                for path, _ in jax.tree_util.tree_leaves_with_path(x)
+            ]
+            raise TypeError(
+                f"method {method.name!r} takes no per-expert input besides the experts, but "
+                f"got {keys[0] if keys else f'extra (a {type(extra).__name__})'}: pass extra=None"
+            )
         return None
     if kind == "scores":  # one expert's scores: arrays, statistics or None (magnitude)
         if extra is None:
@@ -367,14 +379,15 @@ def merge(method: str | Method, base: Any, experts: Any, extra: Any = None, **kw
     if not isinstance(method, Method):
         method = get(method)
     call = plan(method, base, experts, extra, kwargs)
+    explain = None if method.explain is None else lambda j: method.explain(call, j)
     if method.sparsify == "topk" and call.options.get("scope", "tensor") == "global":
         scores = importances(call)
-        return V.rebuild(call.prepared, combine(call, masks(call, scores), scores))
+        return V.rebuild(call.prepared, combine(call, masks(call, scores), scores), explain)
     out = []  # one leaf at a time: no more than one leaf's scores and masks alive
     for j in range(len(call.prepared.base)):
         scores = leaf_importances(call, j)
         out.append(leaf_combine(call, j, leaf_masks(call, j, scores), scores))
-    return V.rebuild(call.prepared, out)
+    return V.rebuild(call.prepared, out, explain)
 
 
 def merge_arguments(method: Method, arguments: Mapping[str, Any]) -> Any:

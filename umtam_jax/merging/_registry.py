@@ -154,6 +154,8 @@ class Method:
       single_expert: takes one expert (positional ``expert``) instead of a sequence.
       base_optional: ``base=None`` is allowed (the experts are then averaged directly).
       check: a last check of the validated call (e.g. a domain the kernel needs), or None.
+      explain: ``explain(call, j)``, why leaf ``j`` merged to a value that is not finite
+        from finite inputs (None: an overflow, the default message), or None.
     """
 
     name: str
@@ -167,6 +169,7 @@ class Method:
     single_expert: bool = False
     base_optional: bool = False
     check: Callable[[Call], None] | None = None
+    explain: Callable[[Call, int], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

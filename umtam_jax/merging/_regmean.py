@@ -153,8 +153,9 @@ def _check(call: pipeline.Call) -> None:
 # --------------------------------------------------------------------------- kernel
 
 
-@jax.jit
-def _regmean_leaf(base, ws, grams, weights, alpha):
+def _normal_equations(base, ws, grams, weights, alpha):
+    """``w0``, the weighted mean task vector, and the system ``lhs · Δ = rhs`` of a leaf
+    with Grams (traced helper)."""
     dt = jnp.promote_types(base.dtype, jnp.float32)
     if grams[0] is not None:
         dt = jnp.promote_types(dt, grams[0].dtype)
@@ -163,7 +164,7 @@ def _regmean_leaf(base, ws, grams, weights, alpha):
     deltas = [w.astype(dt) - w0 for w in ws]
     mean = sum(ci * d for ci, d in zip(c, deltas, strict=True)) / sum(c)
     if grams[0] is None:
-        return (w0 + mean).astype(base.dtype)
+        return w0, mean, None, None
     n = base.shape[-2]
     shrink = alpha + (1 - alpha) * jnp.eye(n, dtype=dt)  # α off the diagonal, 1 on it
     tilde = [ci * g.astype(dt) * shrink for ci, g in zip(c, grams, strict=True)]
@@ -173,8 +174,42 @@ def _regmean_leaf(base, ws, grams, weights, alpha):
     # solution is free, so it is pinned to the weighted average (1 on the diagonal).
     unseen = jnp.diagonal(lhs, axis1=-2, axis2=-1) == 0
     lhs = lhs + jnp.eye(n, dtype=dt) * unseen[..., None, :]
-    rhs = jnp.where(unseen[..., :, None], mean, rhs)
+    return w0, mean, lhs, jnp.where(unseen[..., :, None], mean, rhs)
+
+
+@jax.jit
+def _regmean_leaf(base, ws, grams, weights, alpha):
+    w0, mean, lhs, rhs = _normal_equations(base, ws, grams, weights, alpha)
+    if lhs is None:
+        return (w0 + mean).astype(base.dtype)
     return (w0 + jnp.linalg.solve(lhs, rhs)).astype(base.dtype)
+
+
+@jax.jit
+def _finite_system(base, ws, grams, weights, alpha):
+    _, _, lhs, rhs = _normal_equations(base, ws, grams, weights, alpha)
+    return jnp.isfinite(lhs).all() & jnp.isfinite(rhs).all()
+
+
+def _explain(call: pipeline.Call, j: int) -> str | None:
+    """A leaf with Grams whose system is finite but whose solution is not: the summed
+    Gram is singular (with alpha=1, fewer examples than input features)."""
+    grams = [g[j] for g in call.extras]
+    if grams[0] is None:
+        return None
+    ws, alpha = [w[j] for w in call.prepared.experts], call.options["alpha"]
+    if not _finite_system(call.prepared.base[j], ws, grams, call.options["weights"], alpha):
+        return None  # the sums overflowed
+    fix = (
+        "use alpha < 1 (the default 0.9), which shrinks the Grams' off-diagonal entries and "
+        "makes the sum invertible when every input feature is seen"
+        if float(alpha) == 1
+        else "each Gram must be positive semi-definite (X_iᵀ X_i)"
+    )
+    return (
+        f"its summed Gram matrix Σ c_i G̃_i is singular (not invertible) with alpha={alpha}, "
+        f"so the least-squares merge has no unique solution: {fix}"
+    )
 
 
 REGMEAN = R.register(
@@ -192,5 +227,6 @@ REGMEAN = R.register(
         extra="grams",
         base_optional=True,
         check=_check,
+        explain=_explain,
     )
 )

@@ -17,6 +17,7 @@ from umtam_jax.merging._validation import (
     aligned_leaves,
     as_array,
     check_finite,
+    check_non_negative,
     describe,
     flatten,
     float_dtype,
@@ -165,7 +166,20 @@ def statistics_leaves(stats: Any, prepared: Prepared, what: str) -> list[Any]:
             if x is not None
         ]
     )
+    check_non_negative(
+        [
+            (f"{what}{path}.{field}", getattr(node, field))
+            for path, node in zip(paths, out, strict=True)
+            for field in _NON_NEGATIVE
+            if getattr(node, field, None) is not None
+        ],
+        "second moments and saliency are never negative: these are not an optimizer's statistics",
+    )
     return out
+
+
+#: The statistics that are means of squares (or products of magnitudes).
+_NON_NEGATIVE = ("row", "col", "nu", "saliency")
 
 
 def arrays_or_statistics(x: Any, prepared: Prepared, what: str) -> tuple[str, list[Any]]:

@@ -30,6 +30,7 @@ from umtam_jax.merging import _gta as G
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
+from umtam_jax.merging._mask_packing import check_boolean
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
 from umtam_jax.optimizer._layout import RowAxesFn
 
@@ -49,8 +50,7 @@ def _mask_leaves(mask: Any, prepared: V.Prepared, what: str) -> list[jax.Array]:
     """The boolean leaves of ``mask`` after checking its paths and shapes against the base."""
     leaves = V.aligned_leaves(mask, prepared, what)
     for path, b, m in zip(prepared.paths, prepared.base, leaves, strict=True):
-        if not V.is_array(m) or jnp.dtype(m.dtype) != jnp.bool_:
-            raise TypeError(f"{what}{path} must be a boolean array, got {V.describe(m)}")
+        check_boolean(m, path, what)
         V.check_shape(m, b, path, what)
     return [V.as_array(m) for m in leaves]
 

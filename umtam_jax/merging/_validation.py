@@ -46,17 +46,25 @@ class Prepared(NamedTuple):
     key_paths: list[tuple[Any, ...]]
 
 
-def rebuild(prepared: Prepared, leaves: list[Any]) -> Any:
+#: Why a result computed from finite inputs is not finite, unless a method knows better.
+OVERFLOW = (
+    "overflowed although every input is finite: scale the inputs down or merge in a wider dtype"
+)
+
+
+def rebuild(
+    prepared: Prepared, leaves: list[Any], explain: Callable[[int], str | None] | None = None
+) -> Any:
     """The merged tree: ``leaves`` in the base's structure (and Variables).
 
     Outside ``jax.jit`` every merged leaf is checked to be finite: finite inputs whose
     merge overflows (values near the dtype's maximum) raise ``ValueError`` naming the
-    leaf instead of returning an infinity or a NaN.
+    leaf instead of returning an infinity or a NaN. ``explain(j)``, called only then, may
+    give another cause for leaf ``j`` (RegMean: a singular Gram); None means an overflow.
     """
     check_finite(
         [(f"the merged leaf {path}", x) for path, x in zip(prepared.paths, leaves, strict=True)],
-        problem="overflowed although every input is finite: scale the inputs down or "
-        "merge in a wider dtype",
+        problem=OVERFLOW if explain is None else lambda j: explain(j) or OVERFLOW,
     )
     wrapped = [
         x if v is None else v.replace(value=x)
@@ -167,24 +175,24 @@ def read_concrete(inputs: Sequence[Any], compute: Callable[[], list[Any]]) -> li
 def check_finite(
     named_leaves: Sequence[tuple[str, Any]],
     *,
-    problem: str = "merging needs finite inputs",
+    problem: str | Callable[[int], str] = "merging needs finite inputs",
 ) -> None:
     """Raises ``ValueError`` naming the first array that holds a NaN or an infinity.
 
     ``named_leaves`` pairs each array with its name in messages (``experts[1]['w']``);
-    ``problem`` ends the message. Skipped under tracing (``jax.jit``, ``jax.eval_shape``),
-    where values are unknown.
+    ``problem`` ends the message (or ``problem(i)`` for the ``i``-th array). Skipped under
+    tracing (``jax.jit``, ``jax.eval_shape``), where values are unknown.
     """
     arrays = [x for _, x in named_leaves]
     flags = read_concrete(arrays, lambda: [_all_finite(x) for x in arrays])
-    for (name, x), ok in zip(named_leaves, flags or [], strict=False):
+    for i, ((name, x), ok) in enumerate(zip(named_leaves, flags or [], strict=False)):
         if not ok:  # counted where the array lives (it may be sharded or on a device)
             nans, infs = read_concrete(
                 [x], lambda x=x: [jnp.sum(jnp.isnan(x)), jnp.sum(jnp.isinf(x))]
             )
             raise ValueError(
                 f"{name} is not finite ({int(nans)} NaN and {int(infs)} infinite of {x.size} "
-                f"values): {problem}"
+                f"values): {problem(i) if callable(problem) else problem}"
             )
 
 
@@ -307,25 +315,27 @@ def check_option(name: str, value: Any, allowed: Sequence[str]) -> str:
 
 
 def check_densities(density: Any, n: int) -> list[float]:
-    """One density per expert from a float or a sequence; each must lie in (0, 1]."""
-    if isinstance(density, Sequence) and not isinstance(density, str | bytes):
-        values = list(density)
-        if len(values) != n:
-            raise ValueError(f"got {len(values)} densities for {n} experts")
-    else:
-        values = [density] * n
+    """One density per expert from a number or a sequence; each must lie in (0, 1].
+
+    Messages name ``density``, or ``density[i]`` for an entry of a sequence (``umtam-merge``
+    names the file's key from the index). Strings and bools are refused, not converted.
+    """
+    per_expert = isinstance(density, Sequence) and not isinstance(density, str | bytes)
+    values = list(density) if per_expert else [density] * n
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} densities for {n} experts")
     out = []
     for i, d in enumerate(values):
-        if isinstance(d, bool):
-            raise TypeError(f"density must be a float in (0, 1], got {d!r}")
+        which = f"density[{i}]" if per_expert else "density"
+        if isinstance(d, str | bytes | bool) or jnp.issubdtype(getattr(d, "dtype", float), bool):
+            raise TypeError(f"{which} must be a number in (0, 1], got {d!r}")
         try:
             f = float(d)
         except (TypeError, ValueError):
             raise TypeError(
-                f"density must be a static Python float (mark it static under jit), got {d!r}"
+                f"{which} must be a static Python float (mark it static under jit), got {d!r}"
             ) from None
         if not 0.0 < f <= 1.0:
-            which = "density" if len(set(map(float, values))) == 1 else f"density[{i}]"
             raise ValueError(f"{which} must lie in (0, 1], got {d!r}")
         out.append(f)
     return out

@@ -155,6 +155,10 @@ def validate(cfg: Config) -> None:
                 "optax.inject_hyperparams pass static_args=umtam_jax.STATIC_HYPERPARAMS "
                 "(for scale_by_umtam, those of them but 'mask')"
             )
+    check(-(2**63) <= cfg.seed < 2**63, f"seed must fit in a 64-bit signed int, got {cfg.seed!r}")
+    for name in _INTEGERS:  # compared with the int32 step counter, or array sizes
+        value = getattr(cfg, name)
+        check(name == "seed" or value < 2**31, f"{name} must be < 2**31, got {value!r}")
     check(cfg.rank >= 1, f"rank must be ≥ 1, got {cfg.rank!r}")
     for name in ("b1", "b2", "saliency_decay"):
         _check_range(name, getattr(cfg, name), 0.0, 1.0, high_open=True)
@@ -169,11 +173,11 @@ def validate(cfg: Config) -> None:
         clip is None or (clip > 0.0 and math.isfinite(clip)),
         f"clip_threshold must be finite and > 0, or None, got {cfg.clip_threshold!r}",
     )
-    if cfg.buffer_dtype is not None and not jnp.issubdtype(cfg.buffer_dtype, jnp.floating):
+    if cfg.buffer_dtype is not None and not is_wide_float(cfg.buffer_dtype):
         raise TypeError(
-            f"buffer_dtype must be a floating-point dtype (e.g. jnp.bfloat16), got "
-            f"{cfg.buffer_dtype}: an integer buffer would silently zero the momentum and "
-            "saliency"
+            f"buffer_dtype must be a real floating-point dtype of 16 bits or more (e.g. "
+            f"jnp.bfloat16), got {jnp.dtype(cfg.buffer_dtype)}: the momentum and saliency "
+            "buffers are stored in it"
         )
     check(
         cfg.svd_method in SVD_METHODS,
@@ -186,27 +190,32 @@ def validate(cfg: Config) -> None:
         cfg.min_dim_size_to_factor >= 1,
         f"min_dim_size_to_factor must be ≥ 1, got {cfg.min_dim_size_to_factor!r}",
     )
+    # The adaptive-rank options are checked whether or not adaptive_rank is on: a wrong
+    # one is a mistake either way.
+    for name in ("min_rank", "max_rank", "rank_step", "rank_update_every"):
+        check(getattr(cfg, name) >= 1, f"{name} must be ≥ 1, got {getattr(cfg, name)!r}")
     if cfg.adaptive_rank:
         check(
-            1 <= cfg.min_rank <= cfg.rank <= cfg.max_rank,
+            cfg.min_rank <= cfg.rank <= cfg.max_rank,
             "adaptive rank needs 1 ≤ min_rank ≤ rank ≤ max_rank, got "
             f"min_rank={cfg.min_rank}, rank={cfg.rank}, max_rank={cfg.max_rank}",
         )
-        check(cfg.rank_step >= 1, f"rank_step must be ≥ 1, got {cfg.rank_step!r}")
-        check(
-            isinstance(cfg.rank_update_every, int) and cfg.rank_update_every >= 1,
-            f"rank_update_every must be ≥ 1, got {cfg.rank_update_every!r}",
-        )
-        grow = concrete("rank_grow_threshold", cfg.rank_grow_threshold)
-        shrink = concrete("rank_shrink_threshold", cfg.rank_shrink_threshold)
-        check(
-            grow is None or grow > 1.0,
-            f"rank_grow_threshold must be > 1, got {cfg.rank_grow_threshold!r}",
-        )
-        check(
-            shrink is None or 0.0 < shrink < 1.0,
-            f"rank_shrink_threshold must be in (0, 1), got {cfg.rank_shrink_threshold!r}",
-        )
+    grow = concrete("rank_grow_threshold", cfg.rank_grow_threshold)
+    shrink = concrete("rank_shrink_threshold", cfg.rank_shrink_threshold)
+    check(
+        grow is None or grow > 1.0,
+        f"rank_grow_threshold must be > 1, got {cfg.rank_grow_threshold!r}",
+    )
+    check(
+        shrink is None or 0.0 < shrink < 1.0,
+        f"rank_shrink_threshold must be in (0, 1), got {cfg.rank_shrink_threshold!r}",
+    )
+
+
+def is_wide_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is a real floating-point dtype of 16 bits or more (float8 and
+    narrower types take part in no implicit promotion, and hold no optimizer statistics)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize >= 2
 
 
 def is_static_zero(value: Any) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from umtam_jax.optimizer._config import Config
+from umtam_jax.optimizer._config import Config, is_wide_float
 from umtam_jax.optimizer._state import is_leaf_state
 
 
@@ -51,11 +51,13 @@ def flatten_like(treedef: Any, tree: Any, what: str) -> list[Any]:
 
 
 def require_float(path, dtype, what: str) -> None:
-    """Raises ``TypeError`` unless ``dtype`` (of ``what`` at ``path``) is real floating-point."""
-    if not jnp.issubdtype(dtype, jnp.floating):
+    """Raises ``TypeError`` unless ``dtype`` (of ``what`` at ``path``) is real floating-point
+    of 16 bits or more."""
+    if not is_wide_float(dtype):
         raise TypeError(
             f"{what} at {jax.tree_util.keystr(path)} has dtype {dtype}; UMTAM needs real "
-            "floating-point leaves (freeze the others with optax.masked / optax.partition)"
+            "floating-point leaves of 16 bits or more (freeze the others with optax.masked "
+            "/ optax.partition)"
         )
 
 
@@ -89,3 +91,44 @@ def check_state_options(path: tuple[Any, ...], leaf: Any, built: Any) -> None:
                 f"the optimizer state at {where} has {text(got_shape)} for {field}, but this "
                 f"optimizer keeps {text(want_shape)} there: {fix}"
             )
+        if got is not None and not _same_kind(jnp.result_type(got), want.dtype):
+            raise TypeError(
+                f"the optimizer state at {where} has dtype {jnp.result_type(got)} for "
+                f"{field}, but this optimizer keeps {want.dtype} there: build the state with "
+                "this optimizer's init"
+            )
+
+
+def _same_kind(got: Any, want: Any) -> bool:
+    """Whether a stored state array's dtype can stand for ``want`` (the same kind: a
+    floating state saved in another float width is still read)."""
+    kinds = (jnp.floating, jnp.integer, jnp.bool_, jnp.complexfloating)
+    return any(jnp.issubdtype(got, k) and jnp.issubdtype(want, k) for k in kinds)
+
+
+def param_array(path: tuple[Any, ...], value: Any) -> jax.Array:
+    """A parameter leaf as an array, with an error naming its path when it is none."""
+    try:
+        param = jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"params at {jax.tree_util.keystr(tuple(path)) or 'the root'} is "
+            f"{type(value).__name__}, not an array"
+        ) from None
+    require_float(path, param.dtype, "parameter")
+    return param
+
+
+def check_state(state: Any) -> None:
+    """Raises ``TypeError`` unless ``state`` looks like what ``init`` returned: a step
+    counter of integer dtype and per-parameter leaves."""
+    if not (hasattr(state, "count") and hasattr(state, "leaves")):
+        raise TypeError(
+            "state must be what this optimizer's init returned (a ScaleByUmtamState), got "
+            f"{type(state).__name__}"
+        )
+    if not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
+        raise TypeError(
+            f"the optimizer state's step counter (count) must be an integer, got dtype "
+            f"{jnp.result_type(state.count)}"
+        )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -166,6 +166,30 @@ class _Scanned:
             return MatrixAxes(batch, len(inner_rows))  # the leading layout, in counts
         return MatrixAxes(
             stacked + tuple(others[i] for i in inner_batch), tuple(others[i] for i in inner_rows)
+        )
+
+
+def check_names_found(layout: Any, paths: Iterable[tuple[Any, ...]], what: str) -> None:
+    """Raises ``ValueError`` when ``layout`` is a :func:`scanned` layout naming a key that
+    no path of ``paths`` contains (a misspelt name would leave the stacked leaves
+    unsliced, silently).
+
+    Args:
+      layout: a ``row_axes`` or ``scope`` value (anything but :func:`scanned`'s is not
+        checked).
+      paths: the key paths of every leaf it is applied to.
+      what: the argument's name, for the message.
+    """
+    if not isinstance(layout, _Scanned) or not layout.names:
+        return
+    found = {_pytrees.key_name(k) for path in paths for k in path}
+    missing = [n for n in layout.names if n not in found]
+    if missing:
+        names = sorted(n for n in found if isinstance(n, str))
+        raise ValueError(
+            f"{what}={layout!r}: no leaf's key path contains {', '.join(map(repr, missing))} "
+            f"(the key names are {', '.join(names[:20]) or 'none'}"
+            f"{', ...' if len(names) > 20 else ''})"
         )
 
 

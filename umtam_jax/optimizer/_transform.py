@@ -51,12 +51,20 @@ from umtam_jax.optimizer._grouping import (
 )
 from umtam_jax.optimizer._inputs import (
     any_tracer,
+    check_state,
     check_state_options,
     concrete_param,
     flatten_like,
+    param_array,
     require_float,
 )
-from umtam_jax.optimizer._layout import Layout, RowAxesFn, default_row_axes, layout
+from umtam_jax.optimizer._layout import (
+    Layout,
+    RowAxesFn,
+    check_names_found,
+    default_row_axes,
+    layout,
+)
 from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
 
 
@@ -226,6 +234,7 @@ def scale_by_umtam(
         # A flax.nnx Variable counts as the array it holds: its leaf state takes its place
         # (not inside it), so nnx.Optimizer keeps one structure from step to step.
         paths_and_leaves, treedef = _pytrees.flatten_with_variables(params)
+        check_names_found(cfg.row_axes, [path for path, _ in paths_and_leaves], "row_axes")
         leaves = []
         for index, (path, param) in enumerate(paths_and_leaves):
             param = concrete_param(cfg, path, _pytrees.unwrap(param))
@@ -238,6 +247,7 @@ def scale_by_umtam(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("scale_by_umtam needs params: call update(grads, state, params)")
+        check_state(state)
         if any_tracer((updates, state, params)):  # inside the caller's jit, grad or vmap
             return _update(cfg, updates, state, params)
         # Called eagerly: one compilation per configuration and input signature, shared
@@ -274,7 +284,10 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
     # Python scalar leaves become 0-d arrays, as optax's own transforms treat them.
     grads_with_path = [(path, jnp.asarray(_pytrees.unwrap(g))) for path, g in grads_with_path]
     param_leaves = [
-        jnp.asarray(_pytrees.unwrap(w)) for w in flatten_like(leaves_def, params, "params")
+        param_array(path, _pytrees.unwrap(w))
+        for (path, _), w in zip(
+            grads_with_path, flatten_like(leaves_def, params, "params"), strict=True
+        )
     ]
     state_leaves = flatten_like(leaves_def, state.leaves, "the optimizer state (from init)")
     leaf_states = [as_leaf_state(_pytrees.unwrap(x)) for x in state_leaves]
