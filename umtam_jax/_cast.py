@@ -56,10 +56,16 @@ def cast_checked(
                 f"{what} holds {value}, beyond {dtype.name}'s range [{info.min}, {info.max}]: {fix}"
             )
         return out
-    if not (jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating)):
+    if not jnp.issubdtype(dtype, jnp.floating):
         return out
     largest = float(jnp.finfo(dtype).max)
-    if largest >= float(jnp.finfo(x.dtype).max) or x.size == 0:
+    if jnp.issubdtype(x.dtype, jnp.integer):  # an int beyond a narrow float's range: ±inf
+        source_largest = float(np.iinfo(x.dtype).max)
+    elif jnp.issubdtype(x.dtype, jnp.floating):
+        source_largest = float(jnp.finfo(x.dtype).max)
+    else:
+        return out
+    if largest >= source_largest or x.size == 0:
         return out
     overflowed = xp.isfinite(x) & ~xp.isfinite(out)  # entry by entry: x may hold inf, NaN
     if bool(xp.any(overflowed)):

@@ -269,6 +269,9 @@ def test_a_target_dtype_is_a_cast_that_keeps_the_values(tmp_path):
         restore_params(path, target={**like, "w": jnp.zeros(2, jnp.int32)})
     with pytest.raises(ValueError, match="params leaf w holds 70000, beyond float16"):
         restore_params(path, target={**like, "w": jnp.zeros(2, jnp.float16)})
+    big = save_checkpoint(tmp_path / "int", {"n": jnp.array([100_000], jnp.int32)})
+    with pytest.raises(ValueError, match="params leaf n holds 100000, beyond float16"):
+        restore_params(big, target={"n": jnp.zeros(1, jnp.float16)})
 
 
 # ------------------------------------------------------------------------------------------

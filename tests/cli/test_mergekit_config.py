@@ -456,6 +456,9 @@ def test_int8_mask_and_layout_for_methods_passed_by_name():
         "parameters": {"int8_mask": True, "select_topk": 0.5},
     }
     assert translate(config)["parameters"] == {"select_topk": 0.5}
+    # The registry's own parameters of a method passed by name are read too.
+    own = {**config, "parameters": {"select_topk": 0.5, "scaling": 0.5, "scope": "layer"}}
+    assert translate(own)["parameters"] == {"select_topk": 0.5, "scaling": 0.5, "scope": "layer"}
     # mergekit files name PyTorch-layout weights: methods taking a layout read it so
     iso = translate({**config, "merge_method": "iso_cts", "parameters": {}})
     assert iso["parameters"] == {"layout": "out_in"}
@@ -508,8 +511,8 @@ def test_keys_mergekit_does_not_read_are_ignored_with_one_warning(tmp_path, mode
     assert status == 0
     assert capsys.readouterr().err.strip() == (
         "umtam-merge: warning: ignoring 'comment', parameters.density, parameters.scaling, "
-        "models[1].parameters.weight, models[1].parameters.normalize: merge_method 'slerp' "
-        "does not read them (mergekit ignores them too)"
+        "models[1].parameters.weight, models[1].parameters.normalize: not read by "
+        "merge_method 'slerp' in a mergekit file (mergekit ignores such keys too)"
     )
     want = merging.slerp(models["base"], models["experts"][0], t=0.3)
     chex.assert_trees_all_equal(_restored(out), want)

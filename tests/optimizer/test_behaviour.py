@@ -241,19 +241,24 @@ def test_eager_compilations_are_bounded_and_dropped_ones_freed(monkeypatch):
     assert _eager.kept_executables() == _eager.CACHE_SIZE
 
 
-def test_eager_input_signatures_are_bounded_per_configuration(monkeypatch):
+def test_eager_executables_are_bounded_in_total(monkeypatch):
+    """Signatures of one configuration (optax.multi_transform's groups, each its own tree)
+    stay compiled while the kept executables are few; past the bound the least recently
+    used configuration goes."""
+    monkeypatch.setattr(_eager, "MAX_EXECUTABLES", 3)
     made = _spy_compilations(monkeypatch)
     opt = umtam_jax.umtam(1e-2)
-    for n in range(1, _eager.SIGNATURES + 1):
-        params = {"b": jnp.ones((n,))}
-        opt.update(params, opt.init(params), params)
-    assert len(made) == 1 and _eager.kept_executables() == _eager.SIGNATURES
-    params = {"b": jnp.ones((_eager.SIGNATURES + 1,))}  # one more shape than it keeps
-    opt.update(params, opt.init(params), params)
+    trees = [{"b": jnp.ones((n,))} for n in (1, 2, 3)]
+    for _ in range(2):  # three signatures in turn: compiled once
+        for params in trees:
+            opt.update(params, opt.init(params), params)
+    assert len(made) == 1 and _eager.kept_executables() == 3
+    other = umtam_jax.umtam(1e-2, b1=0.5)  # one more executable than the bound
+    other.update(trees[0], other.init(trees[0]), trees[0])
     gc.collect()
-    assert made[0]() is None and _eager.kept_executables() == 0
-    opt.update(params, opt.init(params), params)  # compiled afresh
-    assert len(made) == 2 and _eager.kept_executables() == 1
+    assert made[0]() is None and _eager.kept_executables() == 1
+    opt.update(trees[0], opt.init(trees[0]), trees[0])  # compiled afresh
+    assert len(made) == 3
 
 
 def test_an_array_option_of_numpy_computes_eagerly_as_under_jit():

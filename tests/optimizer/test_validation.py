@@ -249,12 +249,15 @@ def test_state_shardings_names_a_parameter_without_a_named_sharding():
 
 
 def test_a_scanned_layout_naming_no_leaf_is_refused_at_init():
-    """A misspelt name left the stacked leaves factored as one tall matrix, silently."""
+    """A misspelt name left the stacked leaves factored as one tall matrix, silently. A
+    name matching nothing is fine where no stacked leaf is left out (a transform of
+    optax.multi_transform given only the unstacked parameters)."""
     params = {"blocks": {"kernel": jnp.ones((2, 4, 4))}, "head": jnp.ones((4, 3))}
     with pytest.raises(
         ValueError,
-        match=r"row_axes=scanned\('blocks', 'blokcs'.*contains 'blokcs' \(the key names are "
-        r"blocks, head, kernel\)",
+        match=r"row_axes=scanned\('blokcs'.*: no leaf's key path contains 'blokcs', and "
+        r"\['blocks'\]\['kernel'\] \(more than two axes\) is left unstacked",
     ):
-        umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks", "blokcs")).init(params)
-    umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks")).init(params)
+        umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blokcs")).init(params)
+    umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks", "unused")).init(params)
+    umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks")).init({"head": params["head"]})

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 from etils import epath
 
 from umtam_jax import _json
@@ -77,7 +78,7 @@ def check_target(
       NotADirectoryError: a component of the parent path is a file.
       FileExistsError: an existing checkpoint and ``overwrite`` is False.
     """
-    if not isinstance(overwrite, bool):  # "no" would replace the folder, being truthy
+    if not isinstance(overwrite, bool | np.bool_):  # "no" would replace the folder
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     if directory.name in ("", ".", ".."):
         raise ValueError(f"not a valid checkpoint path: {directory!s}")

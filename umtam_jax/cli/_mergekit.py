@@ -224,6 +224,8 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     if not isinstance(models, list) or not models:
         raise ConfigError("'models' must be a non-empty list of {model, parameters} entries")
     read_global, read_per_model = _READ.get(name, (None, None))
+    if read_global is not None and name not in _GTA:  # passed by name: the registry's too
+        read_global += tuple(p.name for p in registered.params)
     global_params = _read_params(
         config.get("parameters") or {},
         "parameters",
@@ -299,8 +301,8 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         raise ConfigError("'models' lists no model besides the base model")
     if ignored and warn is not None:
         warn(
-            f"ignoring {', '.join(ignored)}: merge_method {name!r} does not read "
-            f"{'it' if len(ignored) == 1 else 'them'} (mergekit ignores them too)"
+            f"ignoring {', '.join(ignored)}: not read by merge_method {name!r} in a mergekit "
+            "file (mergekit ignores such keys too)"
         )
 
     out: dict[str, Any] = {"base": base, "experts": experts}

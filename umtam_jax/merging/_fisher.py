@@ -184,7 +184,8 @@ def diagonal_fisher(
                        if not jnp.all(jnp.isfinite(x)))  # fmt: skip
             raise ValueError(
                 f"the squared gradient at {jax.tree_util.keystr(bad)} is not finite for "
-                f"batch {index}: the loss or its gradient is NaN or infinite there"
+                f"batch {index}: the loss or its gradient is NaN or infinite there, or the "
+                "gradient's square overflows"
             )
         total = sq if total is None else jax.tree.map(jnp.add, total, sq)
         count += float(n)

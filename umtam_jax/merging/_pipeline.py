@@ -129,7 +129,8 @@ def plan(
     k = len(prepared.experts)
     extras = _extras(method, extra, prepared, options)
     if not checked:  # the whole tree (an engine plans one group of leaves at a time)
-        check_names_found(options.get("scope"), prepared.key_paths, "scope")
+        shapes = [(p, b.shape) for p, b in zip(prepared.key_paths, prepared.base, strict=True)]
+        check_names_found(options.get("scope"), shapes, "scope")
         for p in method.params:
             if p.kind in PER_EXPERT_KINDS:
                 options[p.name] = p.check(options[p.name], k)

@@ -156,9 +156,11 @@ def validate(cfg: Config) -> None:
                 "(for scale_by_umtam, those of them but 'mask')"
             )
     check(-(2**63) <= cfg.seed < 2**63, f"seed must fit in a 64-bit signed int, got {cfg.seed!r}")
-    for name in _INTEGERS:  # compared with the int32 step counter, or array sizes
+    # Compared with the int32 step counter, or array sizes; max_rank defaults to 2 · rank,
+    # read only with adaptive_rank.
+    for name in set(_INTEGERS) - {"seed", *(() if cfg.adaptive_rank else ("max_rank",))}:
         value = getattr(cfg, name)
-        check(name == "seed" or value < 2**31, f"{name} must be < 2**31, got {value!r}")
+        check(value < 2**31, f"{name} must be < 2**31, got {value!r}")
     check(cfg.rank >= 1, f"rank must be ≥ 1, got {cfg.rank!r}")
     for name in ("b1", "b2", "saliency_decay"):
         _check_range(name, getattr(cfg, name), 0.0, 1.0, high_open=True)
@@ -200,8 +202,14 @@ def validate(cfg: Config) -> None:
             "adaptive rank needs 1 ≤ min_rank ≤ rank ≤ max_rank, got "
             f"min_rank={cfg.min_rank}, rank={cfg.rank}, max_rank={cfg.max_rank}",
         )
-    grow = concrete("rank_grow_threshold", cfg.rank_grow_threshold)
-    shrink = concrete("rank_shrink_threshold", cfg.rank_shrink_threshold)
+
+    def threshold(name: str) -> float | None:
+        value = getattr(cfg, name)
+        if value is None and not cfg.adaptive_rank:
+            return None  # left out: only adaptive_rank reads it
+        return concrete(name, value)
+
+    grow, shrink = threshold("rank_grow_threshold"), threshold("rank_shrink_threshold")
     check(
         grow is None or grow > 1.0,
         f"rank_grow_threshold must be > 1, got {cfg.rank_grow_threshold!r}",

@@ -5,10 +5,11 @@ Step by step without it, each ``lax.cond`` of the update would be compiled again
 call (new closures). ``optax.inject_hyperparams`` builds a new transform at every step,
 passing its numeric hyper-parameters as JAX arrays: those are arguments of the compiled
 update, the other options are part of its key. Each configuration gets a ``jax.jit`` of its
-own, whose C++ dispatch checks the inputs' signature (shape, dtype, weak type, placement);
-the most recently used configurations are kept, each with a few signatures. On XLA:CPU
-every executable holds memory maps of its machine code (about a hundred for an update;
-Linux allows a process 65,530), so an unbounded cache runs a long process out of them.
+own, whose C++ dispatch checks the inputs' signature (structure, shape, dtype, weak type,
+placement); the most recently used configurations are kept, within a bound on the
+executables they hold together. On XLA:CPU every executable holds memory maps of its
+machine code (about a hundred for an update; Linux allows a process 65,530), so an
+unbounded cache runs a long process out of them.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ CACHE_SIZE = 16
 """How many configurations' compiled updates are kept (least recently used ones are
 dropped, with their executables)."""
 
-SIGNATURES = 4
-"""How many input signatures one configuration's compiled update keeps: past that, it is
-compiled afresh (its executables dropped)."""
+MAX_EXECUTABLES = 64
+"""How many executables (one per configuration and input signature) the kept updates may
+hold together: past that, the least recently used configurations are dropped."""
 
 Update = Callable[[Config, Any, Any, Any], tuple[Any, Any]]
 
@@ -94,12 +95,15 @@ def _kept_update(key: tuple) -> Callable[..., Any]:
     return compiled
 
 
-def _bound_signatures(key: tuple, compiled: Callable[..., Any]) -> None:
-    """Compile ``key`` afresh next time if its jit keeps more than :data:`SIGNATURES`."""
-    if compiled._cache_size() > SIGNATURES:  # type: ignore[attr-defined]
-        with _kept_lock:
-            if _kept.get(key) is compiled:
-                del _kept[key]
+def _bound_executables() -> None:
+    """Drops the least recently used configurations while the kept updates hold more than
+    :data:`MAX_EXECUTABLES` executables (the last used one too, if it alone does)."""
+    with _kept_lock:
+        sizes = {key: compiled._cache_size() for key, compiled in _kept.items()}
+        total = sum(sizes.values())
+        while total > MAX_EXECUTABLES:
+            key, _ = _kept.popitem(last=False)
+            total -= sizes[key]
 
 
 def kept_executables() -> int:
@@ -130,7 +134,6 @@ def eager_update(update: Update, cfg: Config, *inputs: Any) -> tuple[Any, Any]:
     # optax.inject_hyperparams passes its numeric hyper-parameters as JAX arrays.
     options = {k: v for k, v in fields.items() if isinstance(v, jax.Array)}
     key = (update, tuple((k, _Option(v)) for k, v in fields.items() if k not in options))
-    compiled = _kept_update(key)
-    result = compiled(options, *inputs)
-    _bound_signatures(key, compiled)
+    result = _kept_update(key)(options, *inputs)
+    _bound_executables()
     return result

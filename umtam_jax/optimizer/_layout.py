@@ -169,27 +169,36 @@ class _Scanned:
         )
 
 
-def check_names_found(layout: Any, paths: Iterable[tuple[Any, ...]], what: str) -> None:
-    """Raises ``ValueError`` when ``layout`` is a :func:`scanned` layout naming a key that
-    no path of ``paths`` contains (a misspelt name would leave the stacked leaves
-    unsliced, silently).
+def check_names_found(
+    layout: Any, leaves: Iterable[tuple[tuple[Any, ...], tuple[int, ...]]], what: str
+) -> None:
+    """Raises ``ValueError`` when ``layout`` is a :func:`scanned` layout with a name that no
+    key path contains while a leaf of more than two axes is left outside every name: a
+    misspelt name would leave that stacked leaf unsliced, silently. (A name matching
+    nothing is fine where no such leaf is left, e.g. a transform of
+    ``optax.multi_transform`` given only the unstacked parameters.)
 
     Args:
       layout: a ``row_axes`` or ``scope`` value (anything but :func:`scanned`'s is not
         checked).
-      paths: the key paths of every leaf it is applied to.
+      leaves: ``(key path, shape)`` of every leaf it is applied to.
       what: the argument's name, for the message.
     """
     if not isinstance(layout, _Scanned) or not layout.names:
         return
-    found = {_pytrees.key_name(k) for path in paths for k in path}
+    leaves = list(leaves)
+    found = {_pytrees.key_name(k) for path, _ in leaves for k in path}
     missing = [n for n in layout.names if n not in found]
-    if missing:
-        names = sorted(n for n in found if isinstance(n, str))
+    outside = [
+        path
+        for path, shape in leaves
+        if len(shape) > 2 and not any(_pytrees.key_name(k) in layout.names for k in path)
+    ]
+    if missing and outside:
         raise ValueError(
-            f"{what}={layout!r}: no leaf's key path contains {', '.join(map(repr, missing))} "
-            f"(the key names are {', '.join(names[:20]) or 'none'}"
-            f"{', ...' if len(names) > 20 else ''})"
+            f"{what}={layout!r}: no leaf's key path contains {', '.join(map(repr, missing))}, "
+            f"and {jax.tree_util.keystr(outside[0])} (more than two axes) is left unstacked; "
+            "name the key that holds the stacked layers"
         )
 
 

@@ -234,7 +234,8 @@ def scale_by_umtam(
         # A flax.nnx Variable counts as the array it holds: its leaf state takes its place
         # (not inside it), so nnx.Optimizer keeps one structure from step to step.
         paths_and_leaves, treedef = _pytrees.flatten_with_variables(params)
-        check_names_found(cfg.row_axes, [path for path, _ in paths_and_leaves], "row_axes")
+        shapes = [(path, jnp.shape(_pytrees.unwrap(x))) for path, x in paths_and_leaves]
+        check_names_found(cfg.row_axes, shapes, "row_axes")
         leaves = []
         for index, (path, param) in enumerate(paths_and_leaves):
             param = concrete_param(cfg, path, _pytrees.unwrap(param))

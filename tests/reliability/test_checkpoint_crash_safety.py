@@ -1,0 +1,302 @@
+"""Checkpoint saves survive being killed and running concurrently: a save killed at any
+step leaves the complete old or new checkpoint, the next save removes the leftovers (only
+its own), a lock refuses a second writer, and a save of several processes checks the path
+again and publishes once, from process 0."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import numpy as np
+import pytest
+from etils import epath
+
+from tests.reliability.checkpoint_helpers import NEW, OLD, _hidden_leftovers
+from umtam_jax import checkpoint, engine
+from umtam_jax.checkpoint import _filesystem, _processes, _save
+
+# ----------------------------------------------------------------------------- crashes
+
+_KILL_AT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from umtam_jax import checkpoint
+    from umtam_jax.checkpoint import _safety
+
+    path, step, exchange = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    _safety._use_exchange = exchange
+    def hook(name):
+        if name == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    _safety._step_hook = hook
+    new = {"w": -np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.zeros(3, np.float32)}
+    checkpoint.save_checkpoint(path, new, overwrite=True)
+    """
+)
+
+
+def _run_killed(path, step, exchange) -> int:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT, os.fspath(path), step, "1" if exchange else "0"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    return proc.returncode
+
+
+@pytest.mark.parametrize(
+    "exchange,step",
+    [
+        (True, "locked"),
+        (True, "staged"),
+        (True, "swapped"),
+        (True, "trashed"),
+        (False, "staged"),
+        (False, "retired"),
+        (False, "swapped"),
+        (False, "trashed"),
+    ],
+)
+def test_overwrite_killed_at_each_step_keeps_old_or_new(tmp_path, exchange, step):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    assert _run_killed(path, step, exchange) == -9
+    # Right after the kill, or after the automatic recovery of the next call, the final
+    # path holds the complete old or the complete new checkpoint.
+    got = checkpoint.restore_params(path)
+    is_new = np.array_equal(np.asarray(got["w"]), NEW["w"])
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW if is_new else OLD)
+    if step in ("locked", "staged", "retired"):
+        assert not is_new
+    if step in ("swapped", "trashed"):
+        assert is_new
+    # The next save cleans up everything the killed one left and still works.
+    checkpoint.save_checkpoint(path, OLD, overwrite=True)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+    assert _hidden_leftovers(path) == []
+
+
+@pytest.mark.parametrize("then", ["restore", "save", "save_fails"])
+def test_an_empty_folder_made_after_a_killed_swap_gets_the_old_checkpoint_back(
+    tmp_path, then, monkeypatch
+):
+    """Killed between retiring the old checkpoint and publishing the new one (no atomic
+    exchange), then a script makes the output folder again before its next call."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    assert _run_killed(path, "retired", False) == -9
+    assert not path.exists()
+    path.mkdir()
+    if then == "restore":
+        chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+    elif then == "save":  # without overwrite: the old checkpoint is back and kept
+        with pytest.raises(FileExistsError):
+            checkpoint.save_checkpoint(path, NEW)
+        chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+    else:  # a save that fails after its repair never leaves less than the old one
+        monkeypatch.setattr(_save, "_write", _raise_oserror)
+        with pytest.raises(OSError, match="disk on fire"):
+            checkpoint.save_checkpoint(path, NEW, overwrite=True)
+        chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+
+
+def _raise_oserror(*args, **kwargs):
+    raise OSError(errno.EIO, "disk on fire")
+
+
+def test_a_killed_swaps_old_copy_is_kept_while_a_foreign_folder_holds_the_path(tmp_path):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    assert _run_killed(path, "retired", False) == -9
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    olds = [n for n in _hidden_leftovers(path) if ".umtam-old-" in n]
+    with pytest.raises(ValueError, match="not a umtam_jax"):
+        checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    assert [n for n in _hidden_leftovers(path) if ".umtam-old-" in n] == olds != []
+    assert (path / "notes.txt").read_text() == "mine"
+
+
+def test_a_lock_name_planted_as_a_link_is_never_followed(tmp_path):
+    path, victim = tmp_path / "ckpt", tmp_path / "victim"
+    os.symlink(victim, tmp_path / ".ckpt.umtam-lock")
+    with pytest.raises(OSError, match="lock file .*ckpt.umtam-lock is a symbolic link"):
+        checkpoint.save_checkpoint(path, OLD)
+    assert not victim.exists() and not path.exists()
+
+
+def test_killed_streaming_write_leaves_nothing_at_the_path(tmp_path):
+    path = tmp_path / "merged"
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        import jax, numpy as np
+        from umtam_jax import checkpoint
+        like = {f"w{i}": jax.ShapeDtypeStruct((64,), np.float32) for i in range(4)}
+        def produce(i):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return np.full((64,), i, np.float32)
+        checkpoint.save_params_streaming(sys.argv[1], like, produce)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, os.fspath(path)],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9
+    assert not path.exists()
+    assert _hidden_leftovers(path)  # the killed run's staging folder is still there ...
+    with pytest.raises(FileNotFoundError):
+        checkpoint.restore_params(path)
+    checkpoint.save_checkpoint(path, OLD)
+    assert _hidden_leftovers(path) == []  # ... until the next save to that path
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+
+
+def test_stale_leftovers_removed_and_neighbours_untouched(tmp_path):
+    path = tmp_path / "ckpt"
+    stale = (
+        ".ckpt.umtam-new-0123456789ab",
+        ".ckpt.umtam-trash-0123456789ab",
+        ".ckpt.umtam-new-0123456789ab.orbax-checkpoint-tmp-1",
+    )
+    for name in stale:
+        (tmp_path / name / "params").mkdir(parents=True)
+        (tmp_path / name / "params" / "junk").write_bytes(b"0" * 1000)
+    # Not derived from a save of ours to ckpt: never deleted (an Orbax save of another tool).
+    # Nor a user's folder that only starts like a leftover (no 12-hex-digit token).
+    neighbours = [
+        ".ckpt2.umtam-new-0123456789ab",
+        "ckpt.txt",
+        ".ckpt",
+        "ckpt.orbax-checkpoint-tmp-1",
+    ]
+    neighbours += [".ckpt.umtam-new-mybackup", ".ckpt.umtam-trash-notes"]
+    for name in neighbours:
+        (tmp_path / name).write_text("mine")
+    checkpoint.save_checkpoint(path, OLD)
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", *neighbours])
+
+
+# ----------------------------------------------------------------------------- locking
+
+
+def test_second_writer_fails_at_once(tmp_path):
+    path = tmp_path / "ckpt"
+    with _filesystem.locked(epath.Path(path)):
+        with pytest.raises(checkpoint.CheckpointBusyError, match="being written"):
+            checkpoint.save_checkpoint(path, OLD)
+        with pytest.raises(checkpoint.CheckpointBusyError):
+            engine.merge_checkpoints(
+                "task_arithmetic",
+                checkpoint.save_checkpoint(tmp_path / "base", OLD),
+                [checkpoint.save_checkpoint(tmp_path / "e", NEW)],
+                path,
+                progress=False,
+            )
+    assert not path.exists()
+    checkpoint.save_checkpoint(path, OLD)  # the lock is gone with its holder
+    assert _hidden_leftovers(path) == []
+
+
+def test_concurrent_processes_never_mix(tmp_path):
+    """A writer paused after staging holds the lock; a second process is refused."""
+    path = tmp_path / "ckpt"
+    ready = tmp_path / "ready"
+    go = tmp_path / "go"
+    slow = textwrap.dedent(
+        """
+        import os, sys, time
+        import numpy as np
+        from umtam_jax import checkpoint
+        from umtam_jax.checkpoint import _safety
+        def hook(name):
+            if name == "staged":
+                open(sys.argv[2], "w").close()
+                while not os.path.exists(sys.argv[3]):
+                    time.sleep(0.05)
+        _safety._step_hook = hook
+        checkpoint.save_checkpoint(sys.argv[1], {"w": np.full(8, 1.0, np.float32)})
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    first = subprocess.Popen(
+        [sys.executable, "-c", slow, os.fspath(path), os.fspath(ready), os.fspath(go)], env=env
+    )
+    try:
+        for _ in range(1200):
+            if ready.exists() or first.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert ready.exists()
+        with pytest.raises(checkpoint.CheckpointBusyError):
+            checkpoint.save_checkpoint(path, {"w": np.full(8, 2.0, np.float32)})
+    finally:
+        go.touch()
+        first.wait(timeout=120)
+    assert first.returncode == 0
+    np.testing.assert_array_equal(np.asarray(checkpoint.restore_params(path)["w"]), 1.0)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def test_multiprocess_save_publishes_from_process_zero(tmp_path, monkeypatch):
+    """The collective path: a shared staging name, barriers, process 0 publishes."""
+    barriers = []
+    monkeypatch.setattr(_processes, "count", lambda: 2)
+    monkeypatch.setattr(_processes, "shared_token", lambda: "sharedtoken0")
+    monkeypatch.setattr(_processes, "barrier", barriers.append)
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    assert [b.rsplit("_", 1)[0] for b in barriers[:3]] == [
+        "umtam_checkpoint_start",
+        "umtam_checkpoint_staged",
+        "umtam_checkpoint_published",
+    ]
+    assert len(barriers) == 6
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW)
+    assert _hidden_leftovers(path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_multiprocess_save_checks_the_path_again_before_publishing(
+    tmp_path, monkeypatch, overwrite
+):
+    """A folder made at a free path, or a file put into the checkpoint being replaced,
+    while the processes write: every process refuses, nothing is swapped away."""
+    path = tmp_path / "ckpt"
+    if overwrite:
+        checkpoint.save_checkpoint(path, OLD)
+    monkeypatch.setattr(_processes, "count", lambda: 2)
+    monkeypatch.setattr(_processes, "shared_token", lambda: "sharedtoken0")
+    barriers = []
+    monkeypatch.setattr(_processes, "barrier", barriers.append)
+    write = _save._write
+
+    def write_then_the_user_writes(*args, **kwargs):
+        write(*args, **kwargs)
+        path.mkdir(exist_ok=True)
+        (path / "thesis.tex").write_text("mine")
+
+    monkeypatch.setattr(_save, "_write", write_then_the_user_writes)
+    with pytest.raises((ValueError, FileExistsError), match="thesis.tex|not a umtam_jax"):
+        checkpoint.save_checkpoint(path, NEW, overwrite=overwrite)
+    assert (path / "thesis.tex").read_text() == "mine"
+    assert [n for n in _hidden_leftovers(path) if "umtam-new" in n] == []
+    # Every process stops before the barrier after which process 0 publishes.
+    assert not any(b.startswith("umtam_checkpoint_staged") for b in barriers)
