@@ -69,7 +69,9 @@ def cast_checked(
         return out
     overflowed = xp.isfinite(x) & ~xp.isfinite(out)  # entry by entry: x may hold inf, NaN
     if bool(xp.any(overflowed)):
-        peak = float(xp.max(xp.where(overflowed, xp.abs(x), 0)))
+        wide = np.float64 if xp is np else jnp.promote_types(x.dtype, jnp.float32)
+        magnitude = xp.abs(x.astype(wide))  # abs of an int's minimum would wrap around
+        peak = float(xp.max(xp.where(overflowed, magnitude, 0)))
         raise ValueError(
             f"{what} holds {peak:.6g}, beyond {dtype.name}'s largest finite value "
             f"{largest:.6g}: {fix}"

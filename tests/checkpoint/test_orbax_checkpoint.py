@@ -257,7 +257,7 @@ def test_params_target_gives_structure_and_sharding(tmp_path):
     assert all(x.sharding == sharding for x in jax.tree.leaves(restored))
 
 
-def test_a_target_dtype_is_a_cast_that_keeps_the_values(tmp_path):
+def test_a_target_dtype_casts_within_its_kind_and_never_overflows(tmp_path):
     """A wider or same-kind target dtype casts; one that truncates (float to int) or
     overflows (to ±inf) is refused naming the leaf: both were silent."""
     path = save_checkpoint(tmp_path / "ckpt", {"w": jnp.array([1.5, 7e4]), "n": jnp.arange(2)})

@@ -457,8 +457,14 @@ def test_int8_mask_and_layout_for_methods_passed_by_name():
     }
     assert translate(config)["parameters"] == {"select_topk": 0.5}
     # The registry's own parameters of a method passed by name are read too.
-    own = {**config, "parameters": {"select_topk": 0.5, "scaling": 0.5, "scope": "layer"}}
-    assert translate(own)["parameters"] == {"select_topk": 0.5, "scaling": 0.5, "scope": "layer"}
+    scope = {"scanned": ["blocks"]}
+    own = {**config, "parameters": {"select_topk": 0.5, "scaling": 0.5, "scope": scope}}
+    assert translate(own)["parameters"] == {"select_topk": 0.5, "scaling": 0.5, "scope": scope}
+    warned = []  # a per-expert registry parameter is not a global one
+    linear = {**config, "merge_method": "linear", "base_model": None, "parameters": {
+        "weights": [1, 2]}}  # fmt: skip
+    translate(linear, warn=warned.append)
+    assert warned and "parameters.weights" in warned[0]
     # mergekit files name PyTorch-layout weights: methods taking a layout read it so
     iso = translate({**config, "merge_method": "iso_cts", "parameters": {}})
     assert iso["parameters"] == {"layout": "out_in"}

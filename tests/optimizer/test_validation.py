@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,16 +250,19 @@ def test_state_shardings_names_a_parameter_without_a_named_sharding():
         umtam_jax.state_shardings(opt, {})
 
 
-def test_a_scanned_layout_naming_no_leaf_is_refused_at_init():
-    """A misspelt name left the stacked leaves factored as one tall matrix, silently. A
-    name matching nothing is fine where no stacked leaf is left out (a transform of
-    optax.multi_transform given only the unstacked parameters)."""
-    params = {"blocks": {"kernel": jnp.ones((2, 4, 4))}, "head": jnp.ones((4, 3))}
-    with pytest.raises(
-        ValueError,
-        match=r"row_axes=scanned\('blokcs'.*: no leaf's key path contains 'blokcs', and "
-        r"\['blocks'\]\['kernel'\] \(more than two axes\) is left unstacked",
-    ):
+def test_a_scanned_layout_naming_no_leaf_warns_at_init():
+    """A misspelt name left the stacked leaves factored as one tall matrix, silently: it
+    warns. Not an error, for a transform may see only part of a model (optax.masked,
+    optax.multi_transform) without the stacked leaves."""
+    params = {"blocks": {"kernel": jnp.ones((2, 4, 4))}, "stem": jnp.ones((3, 3, 2, 4))}
+    with pytest.warns(UserWarning, match=r"row_axes=scanned\('blokcs'.*no parameter's key "
+                      r"path contains 'blokcs', so every leaf is factored unstacked"):  # fmt: skip
         umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blokcs")).init(params)
-    umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks", "unused")).init(params)
-    umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks")).init({"head": params["head"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks", "unused")).init(params)
+        frozen_blocks = optax.masked(
+            umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks")),
+            {"blocks": {"kernel": False}, "stem": False},
+        )
+        frozen_blocks.init({"blocks": params["blocks"], "stem": jnp.ones((4, 3))})

@@ -45,8 +45,9 @@ config and tokenizer files. mergekit features umtam_jax does not have (``slices`
 per-layer gradients and filtered parameters, tokenizer merging, chat templates, LoRA
 ``model+lora`` references, other methods) are refused with one error naming the key.
 A quoted number (``weight: "0.5"``) is the number, and keys mergekit never reads (an
-unknown top-level key, a parameter its method does not declare, a typo) are ignored, as
-in mergekit, with one warning naming them.
+unknown top-level key, a parameter neither mergekit's method nor, for a method passed by
+name, the registry's declares, a typo) are ignored, as in mergekit, with one warning
+naming them.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from typing import Any
 
 from umtam_jax.cli._yaml import ConfigError, is_number
 from umtam_jax.merging import METHODS
+from umtam_jax.merging._registry import PER_EXPERT_KINDS
 
 # mergekit method → (registry method, default normalize, default rescale).
 _GTA = {
@@ -164,6 +166,8 @@ def _read_params(
     for key, value in params.items():
         if read is not None and key not in read:
             ignored.append(f"{where}.{key}")
+        elif key == "scope" and isinstance(value, dict):  # {scanned: [names], ...}
+            out[key] = value
         else:
             out[key] = _quoted_number(_scalar(value, f"{where}.{key}"))
     return out
@@ -225,7 +229,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         raise ConfigError("'models' must be a non-empty list of {model, parameters} entries")
     read_global, read_per_model = _READ.get(name, (None, None))
     if read_global is not None and name not in _GTA:  # passed by name: the registry's too
-        read_global += tuple(p.name for p in registered.params)
+        read_global += tuple(p.name for p in registered.params if p.kind not in PER_EXPERT_KINDS)
     global_params = _read_params(
         config.get("parameters") or {},
         "parameters",

@@ -46,7 +46,7 @@ from umtam_jax.merging._select import (
     unstack_slices,
 )
 from umtam_jax.merging._statistics_validation import arrays_or_statistics, statistics_leaves
-from umtam_jax.optimizer._layout import check_names_found, matrix_view, scanned
+from umtam_jax.optimizer._layout import check_scope_names, matrix_view, scanned
 from umtam_jax.optimizer._statistics import curvature as _curvature
 
 
@@ -129,8 +129,7 @@ def plan(
     k = len(prepared.experts)
     extras = _extras(method, extra, prepared, options)
     if not checked:  # the whole tree (an engine plans one group of leaves at a time)
-        shapes = [(p, b.shape) for p, b in zip(prepared.key_paths, prepared.base, strict=True)]
-        check_names_found(options.get("scope"), shapes, "scope")
+        check_scope_names(options.get("scope"), prepared.key_paths)
         for p in method.params:
             if p.kind in PER_EXPERT_KINDS:
                 options[p.name] = p.check(options[p.name], k)

@@ -14,7 +14,6 @@ unbounded cache runs a long process out of them.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -68,7 +67,27 @@ class _Option:
         return repr(self.value)
 
 
-_kept: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+class _Key:
+    """A kept update's key: the update function and its fixed options, hashed once."""
+
+    def __init__(self, update: Update, static: tuple):
+        self.update, self.static = update, static
+        self._hash = hash((update, static))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Key):
+            return NotImplemented
+        return self._hash == other._hash and (self.update, self.static) == (
+            other.update,
+            other.static,
+        )
+
+
+# Insertion-ordered: a used key is moved to the end, the first is the least recently used.
+_kept: dict[_Key, Any] = {}
 _kept_lock = threading.Lock()
 
 
@@ -83,15 +102,15 @@ def compile_update(update: Update, static: tuple) -> Callable[..., Any]:
     return jax.jit(scale_by_umtam_update)
 
 
-def _kept_update(key: tuple) -> Callable[..., Any]:
+def _kept_update(key: _Key) -> Callable[..., Any]:
     """The kept compiled update of ``key`` (made if missing), now the most recently used."""
     with _kept_lock:
         compiled = _kept.pop(key, None)
         if compiled is None:
-            compiled = compile_update(*key)
+            compiled = compile_update(key.update, key.static)
         _kept[key] = compiled
         while len(_kept) > CACHE_SIZE:
-            _kept.popitem(last=False)
+            del _kept[next(iter(_kept))]
     return compiled
 
 
@@ -99,11 +118,9 @@ def _bound_executables() -> None:
     """Drops the least recently used configurations while the kept updates hold more than
     :data:`MAX_EXECUTABLES` executables (the last used one too, if it alone does)."""
     with _kept_lock:
-        sizes = {key: compiled._cache_size() for key, compiled in _kept.items()}
-        total = sum(sizes.values())
+        total = sum(compiled._cache_size() for compiled in _kept.values())
         while total > MAX_EXECUTABLES:
-            key, _ = _kept.popitem(last=False)
-            total -= sizes[key]
+            total -= _kept.pop(next(iter(_kept)))._cache_size()
 
 
 def kept_executables() -> int:
@@ -133,7 +150,7 @@ def eager_update(update: Update, cfg: Config, *inputs: Any) -> tuple[Any, Any]:
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     # optax.inject_hyperparams passes its numeric hyper-parameters as JAX arrays.
     options = {k: v for k, v in fields.items() if isinstance(v, jax.Array)}
-    key = (update, tuple((k, _Option(v)) for k, v in fields.items() if k not in options))
+    key = _Key(update, tuple((k, _Option(v)) for k, v in fields.items() if k not in options))
     result = _kept_update(key)(options, *inputs)
     _bound_executables()
     return result

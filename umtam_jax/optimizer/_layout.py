@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -169,37 +170,52 @@ class _Scanned:
         )
 
 
-def check_names_found(
-    layout: Any, leaves: Iterable[tuple[tuple[Any, ...], tuple[int, ...]]], what: str
-) -> None:
-    """Raises ``ValueError`` when ``layout`` is a :func:`scanned` layout with a name that no
-    key path contains while a leaf of more than two axes is left outside every name: a
-    misspelt name would leave that stacked leaf unsliced, silently. (A name matching
-    nothing is fine where no such leaf is left, e.g. a transform of
-    ``optax.multi_transform`` given only the unstacked parameters.)
+def missing_names(layout: Any, paths: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The names of a :func:`scanned` layout that no key path of ``paths`` contains (a
+    misspelt name leaves the stacked leaves unsliced); ``[]`` for any other layout.
 
     Args:
-      layout: a ``row_axes`` or ``scope`` value (anything but :func:`scanned`'s is not
-        checked).
-      leaves: ``(key path, shape)`` of every leaf it is applied to.
-      what: the argument's name, for the message.
+      layout: a ``row_axes`` or ``scope`` value.
+      paths: the key paths of the leaves it is applied to.
     """
-    if not isinstance(layout, _Scanned) or not layout.names:
-        return
-    leaves = list(leaves)
-    found = {_pytrees.key_name(k) for path, _ in leaves for k in path}
-    missing = [n for n in layout.names if n not in found]
-    outside = [
-        path
-        for path, shape in leaves
-        if len(shape) > 2 and not any(_pytrees.key_name(k) in layout.names for k in path)
-    ]
-    if missing and outside:
-        raise ValueError(
-            f"{what}={layout!r}: no leaf's key path contains {', '.join(map(repr, missing))}, "
-            f"and {jax.tree_util.keystr(outside[0])} (more than two axes) is left unstacked; "
-            "name the key that holds the stacked layers"
+    if not isinstance(layout, _Scanned):
+        return []
+    found = {_pytrees.key_name(k) for path in paths for k in path}
+    return [n for n in layout.names if n not in found]
+
+
+def warn_unstacked(row_axes: Any, paths_and_leaves: list[tuple[Any, Any]]) -> None:
+    """Warns when ``row_axes`` is a :func:`scanned` layout none of whose names a key path
+    holds while a leaf has more than two axes: most likely a misspelt name, which factors
+    each stack as one matrix. (It is right where a transform sees only part of a model,
+    e.g. under ``optax.masked``, so it is no error.)"""
+    missing = missing_names(row_axes, [path for path, _ in paths_and_leaves])
+    if (
+        missing
+        and len(missing) == len(row_axes.names)
+        and any(len(_shape(x)) > 2 for _, x in paths_and_leaves)
+    ):
+        warnings.warn(
+            f"row_axes={row_axes!r}: no parameter's key path contains "
+            f"{', '.join(map(repr, missing))}, so every leaf is factored unstacked; name "
+            "the key that holds the stacked layers (ignore this where the transform sees "
+            "only part of the model)",
+            stacklevel=4,
         )
+
+
+def check_scope_names(scope: Any, paths: Iterable[tuple[Any, ...]]) -> None:
+    """Raises ``ValueError`` when ``scope`` is a :func:`scanned` layout with a name that no
+    key path of ``paths`` (a whole merged tree) contains."""
+    missing = missing_names(scope, paths)
+    if missing:  # a misspelt name would leave the stacked leaves unsliced
+        raise ValueError(
+            f"scope={scope!r}: no leaf's key path contains {', '.join(map(repr, missing))}"
+        )
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(_pytrees.unwrap(x), "shape", ()))
 
 
 def _positions(spec: int | MatrixAxes, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

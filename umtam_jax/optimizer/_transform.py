@@ -61,9 +61,9 @@ from umtam_jax.optimizer._inputs import (
 from umtam_jax.optimizer._layout import (
     Layout,
     RowAxesFn,
-    check_names_found,
     default_row_axes,
     layout,
+    warn_unstacked,
 )
 from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
 
@@ -234,8 +234,7 @@ def scale_by_umtam(
         # A flax.nnx Variable counts as the array it holds: its leaf state takes its place
         # (not inside it), so nnx.Optimizer keeps one structure from step to step.
         paths_and_leaves, treedef = _pytrees.flatten_with_variables(params)
-        shapes = [(path, jnp.shape(_pytrees.unwrap(x))) for path, x in paths_and_leaves]
-        check_names_found(cfg.row_axes, shapes, "row_axes")
+        warn_unstacked(cfg.row_axes, paths_and_leaves)
         leaves = []
         for index, (path, param) in enumerate(paths_and_leaves):
             param = concrete_param(cfg, path, _pytrees.unwrap(param))
