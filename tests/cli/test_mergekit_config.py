@@ -507,7 +507,7 @@ def test_keys_mergekit_does_not_read_are_ignored_with_one_warning(tmp_path, mode
         base_model: {base}
         models:
           - {{model: {base}}}
-          - {{model: {a}, parameters: {{weight: 1.0, normalize: true}}}}
+          - {{model: {a}, parameters: {{weight: 1.0, normalize: true}}, note: tuned}}
         parameters: {{t: 0.3, density: 0.5, scaling: 2}}
         comment: from a model card
         """,
@@ -517,7 +517,7 @@ def test_keys_mergekit_does_not_read_are_ignored_with_one_warning(tmp_path, mode
     assert status == 0
     assert capsys.readouterr().err.strip() == (
         "umtam-merge: warning: ignoring 'comment', parameters.density, parameters.scaling, "
-        "models[1].parameters.weight, models[1].parameters.normalize: not read by "
+        "models[1].note, models[1].parameters.weight, models[1].parameters.normalize: not read by "
         "merge_method 'slerp' in a mergekit file (mergekit ignores such keys too)"
     )
     want = merging.slerp(models["base"], models["experts"][0], t=0.3)

@@ -266,9 +266,8 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise ConfigError(f"{where} must be a mapping with a 'model'")
-        extra = set(entry) - {"model", "parameters"}
-        if extra:
-            raise ConfigError(f"{where} has unsupported keys {sorted(extra, key=str)}")
+        # mergekit's model entry keeps only these: any other key is dropped, as there.
+        ignored += [f"{where}.{k}" for k in entry if k not in ("model", "parameters")]
         path = _model(entry["model"], f"{where}.model")
         if base is not None and _same(path, base):  # the base among the models: no expert
             continue
