@@ -20,6 +20,7 @@ from umtam_jax import merging
 from umtam_jax.cli import _mergekit
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, is_number, load_yaml
 from umtam_jax.merging import METHODS
+from umtam_jax.optimizer._config import SEED_RANGE
 
 PROG = "umtam-merge"
 
@@ -27,9 +28,6 @@ PROG = "umtam-merge"
 def _warn(message: str) -> None:
     """One warning line on standard error."""
     print(f"{PROG}: warning: {message}", file=sys.stderr)
-
-
-_SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key accepts (a C long)
 
 
 # Parameter kinds the CLI fills itself, from the experts' entries or the seed.
@@ -235,7 +233,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     seed = config.get("seed", params.pop("seed", 0))
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"'seed' must be an integer, got {seed!r}")
-    if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ConfigError(f"'seed' must be in [-2**63, 2**63 - 1], got {seed}")
 
     allowed = {p.name for p in spec.params if p.kind not in _MANAGED_KINDS}

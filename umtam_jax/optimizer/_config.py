@@ -49,6 +49,9 @@ class Config:
     group_leaves: bool = False
 
 
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""The seeds ``jax.random.key`` accepts (a C long)."""
+
 # The integer options: each fixes array shapes or a loop.
 _INTEGERS = (
     "rank",
@@ -155,7 +158,8 @@ def validate(cfg: Config) -> None:
                 "optax.inject_hyperparams pass static_args=umtam_jax.STATIC_HYPERPARAMS "
                 "(for scale_by_umtam, those of them but 'mask')"
             )
-    check(-(2**63) <= cfg.seed < 2**63, f"seed must fit in a 64-bit signed int, got {cfg.seed!r}")
+    low, high = SEED_RANGE
+    check(low <= cfg.seed <= high, f"seed must fit in a 64-bit signed int, got {cfg.seed!r}")
     # Compared with the int32 step counter, or array sizes; max_rank defaults to 2 · rank,
     # read only with adaptive_rank.
     for name in set(_INTEGERS) - {"seed", *(() if cfg.adaptive_rank else ("max_rank",))}:

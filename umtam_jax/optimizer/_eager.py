@@ -118,15 +118,20 @@ def _bound_executables() -> None:
     """Drops the least recently used configurations while the kept updates hold more than
     :data:`MAX_EXECUTABLES` executables (the last used one too, if it alone does)."""
     with _kept_lock:
-        total = sum(compiled._cache_size() for compiled in _kept.values())
+        total = _executables()
         while total > MAX_EXECUTABLES:
             total -= _kept.pop(next(iter(_kept)))._cache_size()
+
+
+def _executables() -> int:
+    """The executables the kept updates hold (call with the lock held)."""
+    return sum(compiled._cache_size() for compiled in _kept.values())
 
 
 def kept_executables() -> int:
     """How many compiled executables the eager updates keep (all configurations)."""
     with _kept_lock:
-        return sum(compiled._cache_size() for compiled in _kept.values())
+        return _executables()
 
 
 def clear() -> None:
