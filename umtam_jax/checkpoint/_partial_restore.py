@@ -175,12 +175,13 @@ class CheckpointReader:
             E.nested_set(target, tuple(path), 0)
             E.nested_set(restore_args, tuple(path), ocp.RestoreArgs(restore_type=np.ndarray))
         try:
-            restored = self._handler.restore(
-                self.directory / item,
-                args=ocp.args.PyTreeRestore(
-                    item=target, restore_args=restore_args, partial_restore=True
-                ),
-            )
+            with _metadata.orbax_reading():
+                restored = self._handler.restore(
+                    self.directory / item,
+                    args=ocp.args.PyTreeRestore(
+                        item=target, restore_args=restore_args, partial_restore=True
+                    ),
+                )
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
             shown = ", ".join("/".join(map(str, p)) for p in paths[:3])
             more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
