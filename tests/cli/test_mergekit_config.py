@@ -264,6 +264,83 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
             "{{model: {a}/.}}]",
             "models[2].model repeats models[0].model",
         ),
+        # A value out of the registry's range names the key it came from: under a model
+        # for the per-model parameters, under 'parameters' for the global ones.
+        (
+            "merge_method: breadcrumbs\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
+            "{{gamma: 5}}}}, {{model: {b}, parameters: {{gamma: 5}}}}]",
+            "models[0].parameters.gamma must lie in [0.0, 1.0], got 5",
+        ),
+        (
+            "merge_method: della\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}, "
+            "parameters: {{epsilon: -1}}}}]",
+            "models[1].parameters.epsilon must lie in [0.0, inf], got -1",
+        ),
+        (
+            "merge_method: passthrough\nmodels: [{{model: {a}, parameters: {{scale: .nan}}}}]",
+            "models[0].parameters.scale must be finite, got nan",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{lambda: .inf}}",
+            "parameters.lambda must be finite, got inf",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{density: 2}}",
+            "parameters.density must lie in (0, 1], got 2",
+        ),
+        (
+            "merge_method: consensus\nbase_model: {base}\nmodels: [{{model: {a}}}, "
+            "{{model: {b}}}]\nparameters: {{k: -1}}",
+            "parameters.k must lie in [0.0, inf], got -1",
+        ),
+        (
+            "merge_method: sce\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+            "parameters: {{select_topk: '5'}}",
+            "parameters.select_topk must lie in [0.0, 1.0], got 5",
+        ),
+        # A string that is not a number, for a parameter mergekit reads as a number or a
+        # bool, is refused as mergekit's configuration refuses it.
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{int8_mask: 'yes'}}",
+            "parameters.int8_mask must be true or false, got 'yes'",
+        ),
+        (
+            "merge_method: linear\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+            "parameters: {{normalize: maybe}}",
+            "parameters.normalize must be true or false, got 'maybe'",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}, "
+            "parameters: {{density: abc}}}}]",
+            "models[1].parameters.density must be a number, got 'abc'",
+        ),
+        (
+            "merge_method: breadcrumbs\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
+            "{{gamma: abc}}}}]",
+            "models[0].parameters.gamma must be a number, got 'abc'",
+        ),
+        (
+            "merge_method: passthrough\nmodels: [{{model: {a}, parameters: {{scale: big}}}}]",
+            "models[0].parameters.scale must be a number, got 'big'",
+        ),
+        (
+            "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{t: half}}",
+            "parameters.t must be a number, got 'half'",
+        ),
+        (
+            "merge_method: karcher\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+            "parameters: {{max_iter: 2.5}}",
+            "parameters.max_iter must be a whole number, got 2.5",
+        ),
+        (
+            "merge_method: model_stock\nbase_model: {base}\nmodels: [{{model: {a}}}, "
+            "{{model: {b}}}]\nparameters: {{filter_wise: 2}}",
+            "parameters.filter_wise must be true or false, got 2",
+        ),
         # linear merges base_model as an input (as mergekit does): it needs a weight.
         (
             "merge_method: linear\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
@@ -493,6 +570,25 @@ def test_quoted_numbers_are_numbers_as_in_mergekit(tmp_path, models):
         models["base"], models["experts"], density=[0.5, 0.5], scaling=0.8, weights=[0.7, 1.0]
     )
     trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
+
+
+def test_bools_and_ints_are_read_as_mergekit_reads_them():
+    """mergekit's configuration reads every parameter value as a number (pydantic, lax:
+    a quoted number is the number), then its method as a bool (0 or 1), an int (a whole
+    number) or a float."""
+    from umtam_jax.cli._mergekit import translate
+
+    two = [{"model": "x"}, {"model": "y"}]
+    linear = translate({"merge_method": "linear", "models": two, "parameters": {
+        "normalize": "0"}})  # fmt: skip
+    assert linear["parameters"] == {"normalize": False}
+    ta = translate({"merge_method": "task_arithmetic", "base_model": "b", "models": two,
+                    "parameters": {"normalize": 1, "int8_mask": "1", "lambda": "3"}})  # fmt: skip
+    assert ta["parameters"] == {"scaling": 1.5}  # normalize: 3 / (1 + 1)
+    karcher = translate({"merge_method": "karcher", "models": two, "parameters": {
+        "max_iter": "10", "tol": 1e-6}})  # fmt: skip
+    assert karcher["parameters"] == {"max_iter": 10, "tol": 1e-6}
+    assert type(karcher["parameters"]["max_iter"]) is int
 
 
 def test_keys_mergekit_does_not_read_are_ignored_with_one_warning(tmp_path, models, capsys):

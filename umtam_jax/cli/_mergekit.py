@@ -44,10 +44,13 @@ float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the i
 config and tokenizer files. mergekit features umtam_jax does not have (``slices``,
 per-layer gradients and filtered parameters, tokenizer merging, chat templates, LoRA
 ``model+lora`` references, other methods) are refused with one error naming the key.
-A quoted number (``weight: "0.5"``) is the number, and keys mergekit never reads (an
-unknown top-level key, a parameter neither mergekit's method nor, for a method passed by
-name, the registry's declares, a typo) are ignored, as in mergekit, with one warning
-naming them.
+A quoted number (``weight: "0.5"``) is the number; another string, for a parameter
+mergekit reads as a number or a bool, is refused as mergekit refuses it (its values as
+mergekit reads them: :mod:`umtam_jax.cli._mergekit_values`). A value the method's
+registry check refuses is one error naming its key (``models[1].parameters.gamma``,
+``parameters.lambda``). Keys mergekit never reads (an unknown top-level key, a parameter
+neither mergekit's method nor, for a method passed by name, the registry's declares, a
+typo) are ignored, as in mergekit, with one warning naming them.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from umtam_jax.cli._yaml import ConfigError, is_number
+from umtam_jax.cli._mergekit_values import check_parameters, number, read_params, scalar
+from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 from umtam_jax.merging._registry import PER_EXPERT_KINDS
 
@@ -78,6 +82,8 @@ _SHARED_PER_MODEL = ("gamma", "epsilon")
 # other (its configuration keeps them, unchecked), so they are ignored here too, with a
 # warning; a per-model one given globally is every model's default, as in mergekit.
 _GTA_GLOBAL = ("int8_mask", "normalize", "rescale", "lambda")
+# Their registry names, where the registry's differs.
+_GTA_NAMES = {"lambda": "scaling", "rescale": "l1_rescale"}
 _READ: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     **{m: (_GTA_GLOBAL, ("weight", "density")) for m in _GTA},
     "breadcrumbs": (_GTA_GLOBAL, ("weight", "density", "gamma")),
@@ -135,51 +141,6 @@ def _model(value: Any, where: str) -> str:
     return value
 
 
-def _scalar(value: Any, where: str) -> Any:
-    if isinstance(value, list):
-        raise ConfigError(f"{where}: per-layer gradients (lists) are not supported")
-    if isinstance(value, dict):
-        raise ConfigError(f"{where}: filtered parameters are not supported")
-    return value
-
-
-def _quoted_number(value: Any) -> Any:
-    """A string that spells a number, as that number (mergekit's configuration reads
-    ``weight: "0.5"`` as 0.5); any other value unchanged."""
-    if isinstance(value, str):
-        for kind in (int, float):
-            try:
-                return kind(value.strip())
-            except ValueError:
-                pass
-    return value
-
-
-def _read_params(
-    params: Any, where: str, read: tuple[str, ...] | None, ignored: list[str]
-) -> dict[str, Any]:
-    """A ``parameters`` mapping at ``where``, its quoted numbers read as numbers, without
-    the keys that mergekit does not ``read`` (listed in ``ignored``; None: keep all)."""
-    if not isinstance(params, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    out = {}
-    for key, value in params.items():
-        if read is not None and key not in read:
-            ignored.append(f"{where}.{key}")
-        elif key == "scope" and isinstance(value, dict):  # {scanned: [names], ...}
-            out[key] = value
-        else:
-            out[key] = _quoted_number(_scalar(value, f"{where}.{key}"))
-    return out
-
-
-def _number(value: Any, where: str) -> float:
-    value = _scalar(value, where)
-    if not is_number(value):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    return value
-
-
 def _same(a: str, b: str) -> bool:
     """Whether two model paths name one model (``a`` and ``./a``)."""
     return os.path.realpath(a) == os.path.realpath(b)
@@ -228,22 +189,24 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     if not isinstance(models, list) or not models:
         raise ConfigError("'models' must be a non-empty list of {model, parameters} entries")
     read_global, read_per_model = _READ.get(name, (None, None))
+    typed = (read_global or ()) + (read_per_model or ())  # read as mergekit reads them
     if read_global is not None and name not in _GTA:  # passed by name: the registry's too
         read_global += tuple(p.name for p in registered.params if p.kind not in PER_EXPERT_KINDS)
-    global_params = _read_params(
+    global_params = read_params(
         config.get("parameters") or {},
         "parameters",
         None if read_global is None else read_global + read_per_model + _ADDED_GLOBAL,
         ignored,
+        typed,
     )
+    # Where the file gives each parameter, by the method's name for it, for messages.
+    keys = {k: f"parameters.{k}" for k in global_params}
     # mergekit's tensor parameters given globally are every model's default.
     model_defaults = {
-        k: _number(global_params.pop(k), f"parameters.{k}")
+        k: number(global_params.pop(k), f"parameters.{k}")
         for k in ("weight", "density")
         if k in global_params
     }
-    if "lambda" in global_params:
-        _number(global_params["lambda"], "parameters.lambda")
     # Each entry with where it is in the file, for messages.
     entries = [(f"models[{i}]", entry) for i, entry in enumerate(models)]
     if name in _BASE_IS_AN_INPUT and base is not None:
@@ -275,13 +238,15 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         if same in seen:  # as mergekit: the same model twice would count it twice
             raise ConfigError(f"{where}.model repeats {seen[same]}.model ({path!r})")
         seen[same] = where
-        params = _read_params(entry.get("parameters") or {}, f"{where}.parameters",
-                              read_per_model, ignored)  # fmt: skip
+        params = read_params(entry.get("parameters") or {}, f"{where}.parameters",
+                             read_per_model, ignored, typed)  # fmt: skip
         if name == "passthrough" and "scale" in params:  # its one model's scale
-            global_params["scale"] = _scalar(params.pop("scale"), f"{where}.parameters.scale")
+            global_params["scale"] = scalar(params.pop("scale"), f"{where}.parameters.scale")
+            keys["scale"] = f"{where}.parameters.scale"
         for key in _SHARED_PER_MODEL:
             if key in params:
-                value = _scalar(params.pop(key), f"{where}.parameters.{key}")
+                value = scalar(params.pop(key), f"{where}.parameters.{key}")
+                keys.setdefault(key, f"{where}.parameters.{key}")  # the first giving it
                 if global_params.setdefault(key, value) != value:
                     raise ConfigError(
                         f"{where}.parameters.{key}: every model must give the same {key} "
@@ -296,7 +261,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         expert = {"path": path, KEY: where}
         for key in ("weight", "density"):
             if key in params:
-                expert[key] = _number(params[key], f"{where}.parameters.{key}")
+                expert[key] = number(params[key], f"{where}.parameters.{key}")
         if "weight" not in expert and "weight" in model_defaults:
             expert["weight"] = model_defaults["weight"]
         experts.append(expert)
@@ -327,6 +292,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         raise ConfigError(f"parameters.density: merge_method {name!r} takes no density")
     if name not in _GTA:
         out["method"], out["parameters"] = name, {**global_params, **density, **layout}
+        check_parameters(registered, out["parameters"], keys, len(experts))
         return out
     method, normalize, rescale = _GTA[name]
     registered = METHODS[method]
@@ -344,9 +310,6 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     unknown = [k for k in own if registered.param(k) is None]
     if unknown:
         raise ConfigError(f"merge_method {name!r} takes no {unknown[0]!r}")
-    for key, value in (("normalize", normalize), ("rescale", rescale)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"parameters.{key} must be true or false, got {value!r}")
     parameters: dict[str, Any] = {"scaling": scaling, **own}
     if registered.param("density") is not None:
         parameters["density"] = density.get("density", 1.0)  # mergekit's default density
@@ -372,4 +335,6 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         if registered.param("rescale") is not None:
             parameters["rescale"] = False
     out["method"], out["parameters"] = method, {**parameters, **layout}
+    keys = {_GTA_NAMES.get(k, k): key for k, key in keys.items()}  # lambda: scaling, ...
+    check_parameters(registered, out["parameters"], keys, len(experts))
     return out
