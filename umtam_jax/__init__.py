@@ -5,6 +5,9 @@ factored second moments and saliency; ``statistics``/``saliency``/``curvature``/
 read them back for merging (``umtam_jax.merging``) and checkpoints (``umtam_jax.checkpoint``).
 """
 
+import types
+from typing import TYPE_CHECKING
+
 from umtam_jax.optimizer import (
     STATIC_HYPERPARAMS,
     DenseLeafState,
@@ -29,7 +32,11 @@ __version__ = "0.1.0"
 _SUBMODULES = ("checkpoint", "engine", "experiments", "merging")
 
 
-def __getattr__(name: str):
+if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers
+    from umtam_jax import checkpoint, engine, experiments, merging  # noqa: F401
+
+
+def __getattr__(name: str) -> types.ModuleType:
     # Lazy submodules: ``import umtam_jax`` stays light (no Orbax import) until used.
     if name in _SUBMODULES:
         import importlib

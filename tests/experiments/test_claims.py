@@ -51,6 +51,10 @@ def test_judge_without_an_interval_is_inconclusive_and_says_why():
     assert verdicts.judge(None, None, 1.6) == ("inconclusive", "single run, no interval")
     with pytest.raises(ValueError, match="unknown kind"):
         verdicts.judge(0.0, 1.0, 1.0, "roughly")
+    for kind in ("cost", "at_least", "at_most"):  # a TypeError comparing with None before
+        with pytest.raises(ValueError, match=f"'{kind}' claim needs its claimed value"):
+            verdicts.judge(1.0, 2.0, None, kind)
+    assert verdicts.judge(1.0, 2.0, None)[0] == "reproduced"  # an effect needs no size
 
 
 # ----------------------------------------------------------------------------- merging

@@ -443,3 +443,11 @@ def test_options_are_checked_once_per_merge_not_per_leaf(ckpts, tmp_path, monkey
     assert len(calls) == 2 * n_params, (len(calls), n_params, n_leaves)
     want = merging.ties(ckpts["base"], ckpts["experts"], **kwargs)
     trees.assert_trees_equal(checkpoint.restore_params(tmp_path / "o"), want)
+
+
+def test_a_job_names_extras_it_cannot_read(ckpts):
+    """A string other than "statistics" was iterated as sources, one per character."""
+    p = ckpts["paths"]
+    base, expert = (engine.OrbaxSource(p[k], k) for k in ("base", "e0"))
+    with pytest.raises(ValueError, match="extras must be 'statistics'.*not 'fisher'"):
+        engine.Job(merging.METHODS["fisher"], base, [expert], "fisher", {})  # type: ignore[arg-type]

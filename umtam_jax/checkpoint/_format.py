@@ -68,7 +68,7 @@ class Checkpoint(NamedTuple):
     metadata: dict[str, Any]
 
 
-def _absolute(directory: str | epath.PathLike) -> epath.Path:
+def _absolute(directory: str | os.PathLike[str]) -> epath.Path:
     """The absolute path; on a local disk a ``..`` is resolved as the file system does
     (``link/..`` is the parent of the link's target, where a shell's ``cd`` would take
     it), the last component is kept as given (a link there is refused by the writers)."""

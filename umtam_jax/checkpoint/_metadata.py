@@ -10,6 +10,7 @@ messages naming the checkpoint and item. :func:`orbax_reading` wraps every Orbax
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import traceback
@@ -30,7 +31,7 @@ from umtam_jax.checkpoint._format import (
 )
 
 
-def check_directory(directory: str | epath.PathLike) -> epath.Path:
+def check_directory(directory: str | os.PathLike[str]) -> epath.Path:
     directory = _absolute(directory)
     _safety.recover(directory)  # a save killed in the middle of its swap
     if not directory.exists():
@@ -123,7 +124,7 @@ def restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any]
     return {name: restored[name] for name in args}
 
 
-def read_metadata(directory: str | epath.PathLike) -> dict[str, Any]:
+def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Reads the metadata of a checkpoint written by :func:`save_checkpoint`.
 
     Args:

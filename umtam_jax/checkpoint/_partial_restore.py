@@ -9,13 +9,13 @@ memory is processed a few arrays at a time.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _metadata
@@ -52,7 +52,7 @@ class CheckpointReader:
       Orbax checkpointing, https://orbax.readthedocs.io (partial restore)
     """
 
-    def __init__(self, directory: str | epath.PathLike, *, verify: bool = True):
+    def __init__(self, directory: str | os.PathLike[str], *, verify: bool = True):
         self.directory = _metadata.check_directory(directory)
         self._meta = _metadata.read_full_metadata(self.directory)
         self._handler = ocp.PyTreeCheckpointHandler()

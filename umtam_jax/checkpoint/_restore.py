@@ -9,6 +9,7 @@ shardings), or as the saved structure on the first local device.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,7 +144,7 @@ def _restore_array_items(
 
 
 def restore_params(
-    directory: str | epath.PathLike, *, target: Any = None, verify: bool = True
+    directory: str | os.PathLike[str], *, target: Any = None, verify: bool = True
 ) -> Any:
     """Restores the parameters of a checkpoint.
 
@@ -187,7 +188,7 @@ def restore_params(
 
 
 def restore_statistics(
-    directory: str | epath.PathLike, *, target: Any = None, verify: bool = True
+    directory: str | os.PathLike[str], *, target: Any = None, verify: bool = True
 ) -> Any:
     """Restores the UMTAM merging statistics of a checkpoint, without any optimizer.
 
@@ -228,7 +229,9 @@ def restore_statistics(
     return items[STATISTICS]
 
 
-def restore_opt_state(directory: str | epath.PathLike, target: Any, *, verify: bool = True) -> Any:
+def restore_opt_state(
+    directory: str | os.PathLike[str], target: Any, *, verify: bool = True
+) -> Any:
     """Restores the full optimizer state of a checkpoint into the structure of ``target``.
 
     The restored state has ``target``'s tree structure (so its NamedTuples, ``None`` fields
@@ -273,7 +276,7 @@ def restore_opt_state(directory: str | epath.PathLike, target: Any, *, verify: b
 
 
 def restore_checkpoint(
-    directory: str | epath.PathLike,
+    directory: str | os.PathLike[str],
     *,
     opt_state_target: Any = None,
     params_target: Any = None,

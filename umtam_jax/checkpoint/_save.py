@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -130,7 +131,7 @@ def _write(path: epath.Path, items: dict[str, E.Encoded], metadata: dict[str, An
 
 
 def save_checkpoint(
-    directory: str | epath.PathLike,
+    directory: str | os.PathLike[str],
     params: Any,
     *,
     opt_state: Any = None,

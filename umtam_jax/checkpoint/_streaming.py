@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Mapping
@@ -231,7 +232,7 @@ def _write_streaming(
 
 
 def save_params_streaming(
-    directory: str | epath.PathLike,
+    directory: str | os.PathLike[str],
     abstract_params: Any,
     produce: Callable[[int], Any],
     *,

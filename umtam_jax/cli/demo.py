@@ -28,7 +28,9 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -38,8 +40,8 @@ _MARKER = ".umtam-demo"
 _OWN = {_MARKER, "experts", "tokens", "jax_cache", "demo_results.json", "demo_results.png"}
 
 
-def _positive(kind: type) -> object:
-    def parse(text: str) -> object:
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from etils import epath
@@ -125,7 +125,7 @@ def job_from_paths(
         raise ValueError(f"method {method!r} needs a base model")
     experts = [open_source(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
     base = experts[0] if base_dir is None else open_source(base_dir, "the base")
-    extras: str | list[Source] | None = "statistics" if statistics else None
+    extras: Literal["statistics"] | list[Source] | None = "statistics" if statistics else None
     if extra_dirs is not None:
         what = "Fisher" if extra_name == "fisher_dirs" else "curvature"
         extras = [open_source(d, f"expert {i}'s {what}") for i, d in enumerate(extra_dirs)]

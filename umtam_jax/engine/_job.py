@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +94,17 @@ class Job:
         method: R.Method,
         base: Source,
         experts: list[Source],
-        extras: str | list[Source] | None,
+        extras: Literal["statistics"] | list[Source] | None,
         kwargs: Mapping[str, Any],
         *,
         dtype: Any = None,
         out_dtype: Any = None,
         base_input: bool = True,
     ):
+        if isinstance(extras, str) and extras != "statistics":
+            raise ValueError(
+                f"extras must be 'statistics', a list of sources or None, not {extras!r}"
+            )
         self.method, self.base, self.experts, self.extras = method, base, experts, extras
         # base_input=False: ``base`` only gives the structure (and integer buffers, config
         # files); the method gets base=None (methods with base_optional).

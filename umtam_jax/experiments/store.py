@@ -55,7 +55,7 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_atomic(path: str | Path, write: Any) -> Path:
+def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     """Writes a file atomically: ``write(f)`` fills a temporary sibling, then it replaces
     ``path`` (``os.replace``), so ``path`` holds the old content or the new, never a part.
     The data and then the folder are flushed to the disk; a replaced file keeps its

@@ -43,6 +43,10 @@ def judge(
     Returns:
         ``(verdict, why)``.
 
+    Raises:
+        ValueError: ``claimed`` is None for a kind other than ``"effect"``, or ``kind`` is
+            unknown.
+
     Example:
         >>> judge(2.0, 20.0, 14.9)
         ('reproduced', 'the interval is above 0 and reaches 14.9')
@@ -68,6 +72,8 @@ def _read(low: float, high: float, claimed: float | None, kind: Kind, it: str) -
         if low <= 0:
             return "inconclusive", f"{it} covers 0"
         return "reproduced", f"{it} is above 0" + (f" and reaches {claimed:g}" if claimed else "")
+    if claimed is None:
+        raise ValueError(f"a {kind!r} claim needs its claimed value (got None)")
     if kind == "cost":
         if low > claimed:
             return "not reproduced", f"{it} is above the paper's {claimed:g}"

@@ -161,7 +161,7 @@ def diagonal_fisher(
         return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
     @jax.jit
-    def batch_sq(p: Any, batch: Any) -> tuple[Any, jax.Array]:
+    def batch_sq(p: Any, batch: Any) -> tuple[Any, jax.Array, jax.Array]:
         if per_example:
             one = lambda ex: grad(p, jax.tree.map(lambda x: x[None], ex))  # noqa: E731
             g = jax.vmap(one)(batch)

@@ -21,6 +21,7 @@ conditional-free passes, :func:`_orthonormalize_tall`.
 from __future__ import annotations
 
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -268,7 +269,7 @@ def orthonormalize_many(ys: list[jax.Array]) -> list[jax.Array]:
             )
         for i, q in zip(index, qs, strict=True):
             out[i] = q
-    return out
+    return typing.cast(list[jax.Array], out)  # every index is filled above
 
 
 def orthonormalize(y: jax.Array) -> jax.Array:
