@@ -14,8 +14,13 @@ corruption with probability 1 − 2⁻³²; it runs at about 3 GB/s on one core,
 SHA-256. It guards against damaged files, not against deliberate tampering.
 
 Checkpoints of format version 1 (written before checksums existed) restore unverified.
-An array that is not fully addressable by the saving process (multi-host sharding) is
-recorded with its dtype and shape and no CRC, and is not verified. From format version 3
+An array that no process sees whole (sharded across the processes of a multi-host run) has
+no CRC of its own; the CRC-32 of each of its shards is recorded instead, with the shard's
+``[start, stop)`` on every axis (``shards``), gathered from the processes that wrote
+them. A restore checks every restored shard with the same bounds, and, where the process
+sees the whole array, every recorded shard (an array restored with another sharding
+across processes is not verified). Records written before shard checksums existed hold
+neither, and such arrays restore unverified. From format version 3
 on, the record lists every array and holds the metadata's CRC, so an entry or item
 missing from it (a damaged key name, an emptied item) is itself reported as damage;
 version 2 records left unaddressable arrays out and are read as before.
@@ -67,6 +72,24 @@ def record(array: Any) -> dict[str, Any]:
     host = host_array(array)
     crc = None if host is None else crc32(host)
     return {"dtype": str(np.dtype(array.dtype)), "shape": list(array.shape), ALGORITHM: crc}
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[list[int]]:
+    """A shard's ``[start, stop)`` on every axis."""
+    return [list(s.indices(n)[:2]) for s, n in zip(index, shape, strict=True)]
+
+
+def shard_records(array: Any) -> list[dict[str, Any]]:
+    """The CRC-32 of each shard of ``array`` this process holds the first replica of,
+    with its bounds (``[]`` for an array this process sees whole: :func:`record` has its
+    CRC)."""
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return []
+    return [
+        {"index": _bounds(shard.index, array.shape), ALGORITHM: crc32(np.asarray(shard.data))}
+        for shard in array.addressable_shards
+        if shard.replica_id == 0
+    ]
 
 
 def metadata_crc32(metadata: Mapping[str, Any]) -> int:
@@ -134,6 +157,15 @@ def read(directory: epath.Path, format_version: int) -> Records | None:
                     and (isinstance(rec[ALGORITHM], int) or rec[ALGORITHM] is None)
                 ):
                     raise ValueError("malformed record")
+                for shard in rec.get("shards", []):
+                    bounds = shard["index"]
+                    if not (
+                        isinstance(shard[ALGORITHM], int)
+                        and isinstance(bounds, list)
+                        and len(bounds) == len(rec["shape"])
+                        and all(len(b) == 2 and all(isinstance(i, int) for i in b) for b in bounds)
+                    ):
+                        raise ValueError("malformed shard record")
     except FileNotFoundError:
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: its checksum record {path} is missing"
@@ -188,17 +220,37 @@ def verify(directory: epath.Path, item: str, k: str, array: Any, records: Any) -
     if records is None:
         return
     rec = records.get(item, {}).get(k)
-    host = host_array(array)
-    if rec is None or rec[ALGORITHM] is None or host is None:
+    if rec is None:
         return
     where = f"checkpoint {directory} is corrupt: array {item}/{k}"
-    if str(host.dtype) != rec["dtype"] or list(host.shape) != list(rec["shape"]):
+    if str(np.dtype(array.dtype)) != rec["dtype"] or list(array.shape) != list(rec["shape"]):
         raise CheckpointCorruptError(
-            f"{where} reads back as {host.dtype}{tuple(host.shape)}, but "
+            f"{where} reads back as {np.dtype(array.dtype)}{tuple(array.shape)}, but "
             f"{rec['dtype']}{tuple(rec['shape'])} was saved"
         )
-    if crc32(host) != rec[ALGORITHM]:
-        raise CheckpointCorruptError(
-            f"{where} does not match its checksum: its data file was damaged or edited "
-            "after the save"
-        )
+    host = host_array(array)
+    if rec[ALGORITHM] is not None:
+        checks = [] if host is None else [(host, rec[ALGORITHM])]
+    elif host is not None:  # saved in shards, seen whole here: every recorded shard
+        checks = [(host[_slices(s["index"])], s[ALGORITHM]) for s in rec.get("shards", [])]
+    else:  # the restored shards this process holds that were saved with the same bounds
+        saved = {_key_of(s["index"]): s[ALGORITHM] for s in rec.get("shards", [])}
+        checks = [
+            (np.asarray(shard.data), saved[bounds])
+            for shard in array.addressable_shards
+            if (bounds := _key_of(_bounds(shard.index, array.shape))) in saved
+        ]
+    for data, expected in checks:
+        if crc32(data) != expected:
+            raise CheckpointCorruptError(
+                f"{where} does not match its checksum: its data file was damaged or edited "
+                "after the save"
+            )
+
+
+def _slices(bounds: list[list[int]]) -> tuple[slice, ...]:
+    return tuple(slice(start, stop) for start, stop in bounds)
+
+
+def _key_of(bounds: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(b) for b in bounds)

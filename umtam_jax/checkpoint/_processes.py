@@ -1,5 +1,5 @@
 """The processes of a multi-host JAX run, as a save sees them: how many, which one
-publishes, a barrier, and a token every process shares."""
+publishes, a barrier, a token every process shares, and data gathered from all."""
 
 from __future__ import annotations
 
@@ -32,3 +32,14 @@ def shared_token() -> str:
 
     mine = np.frombuffer(uuid.uuid4().hex[:12].encode(), np.uint8)
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine))).decode()
+
+
+def gather(data: bytes) -> list[bytes]:
+    """Every process's ``data``, in process order (each process calls it)."""
+    from jax.experimental import multihost_utils
+
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    buffer = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(buffer)).reshape(len(sizes), -1)
+    return [bytes(row[:size]) for row, size in zip(everyone, sizes, strict=True)]

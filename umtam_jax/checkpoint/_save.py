@@ -125,9 +125,28 @@ def _write(path: epath.Path, items: dict[str, E.Encoded], metadata: dict[str, An
     args[METADATA] = ocp.args.JsonSave(metadata)
     with ocp.Checkpointer(_composite_handler()) as checkpointer:
         checkpointer.save(path, args=ocp.args.Composite(**args))
+    shards = _shard_checksums(items) if _processes.count() > 1 else {}
     if _processes.is_primary():
         records = {name: _checksums(enc) for name, enc in items.items()}
+        for (name, k), recorded in shards.items():
+            records[name][k]["shards"] = recorded
         _integrity.write(path, records, metadata)
+
+
+def _shard_checksums(items: dict[str, E.Encoded]) -> dict[tuple[str, str], list[Any]]:
+    """The shard checksums of the arrays no process sees whole, gathered from every
+    process (each calls this): ``{(item, key): [shard record, ...]}`` in bounds order."""
+    mine = [
+        [name, _integrity.key(path), shard]
+        for name, enc in items.items()
+        for path, leaf in zip(enc.paths, enc.leaves, strict=True)
+        for shard in _integrity.shard_records(leaf)
+    ]
+    gathered: dict[tuple[str, str], list[Any]] = {}
+    for data in _processes.gather(json.dumps(mine).encode()):
+        for name, k, shard in json.loads(data):
+            gathered.setdefault((name, k), []).append(shard)
+    return {where: sorted(found, key=lambda s: s["index"]) for where, found in gathered.items()}
 
 
 def save_checkpoint(
