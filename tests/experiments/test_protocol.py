@@ -214,6 +214,33 @@ def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_temporary(
     assert (tmp_path / "new" / "f.txt").read_bytes() == b"x"
 
 
+def test_a_killed_atomic_writes_temporary_is_deleted_by_the_next_write(tmp_path):
+    """A process killed while writing left its temporary sibling for ever; the next write
+    of the path deletes it when the process no longer runs on this host, and keeps a
+    running process's, another host's, another file's and any other file."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f".table.md.{host}-{dead.pid}.abcd_123.tmp"
+    kept = [
+        tmp_path / f".table.md.{host}-1.abcd_123.tmp",  # pid 1 runs
+        tmp_path / f".table.md.{host}x-{dead.pid}.abcd_123.tmp",  # another host
+        tmp_path / f".other.md.{host}-{dead.pid}.abcd_123.tmp",  # another file's
+        tmp_path / f".table.md.{host}-{dead.pid}.abcd_123.tmp.keep",  # not the pattern
+    ]
+    for p in [killed, *kept]:
+        p.write_bytes(b"partial")
+    store.write_atomic(tmp_path / "table.md", lambda f: f.write(b"new"))
+    assert not killed.exists() and all(p.exists() for p in kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["table.md", *(p.name for p in kept)]
+    )
+
+
 def test_an_atomic_write_keeps_permissions_flushes_the_folder_and_names_its_file(
     tmp_path, monkeypatch
 ):

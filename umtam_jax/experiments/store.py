@@ -14,6 +14,8 @@ import errno
 import json
 import math
 import os
+import re
+import socket
 import stat
 import tempfile
 import zipfile
@@ -59,7 +61,9 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     """Writes a file atomically: ``write(f)`` fills a temporary sibling, then it replaces
     ``path`` (``os.replace``), so ``path`` holds the old content or the new, never a part.
     The data and then the folder are flushed to the disk; a replaced file keeps its
-    permissions. A system error of the write is an ``OSError`` naming ``path``.
+    permissions. A system error of the write is an ``OSError`` naming ``path``. The
+    temporary file is named after this host and process (``.NAME.HOST-PID.*.tmp``); one
+    left by a killed process of this host is deleted by the next write of ``path``.
 
     Args:
         path: the file to write; its folder is created if missing.
@@ -78,7 +82,9 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _delete_killed_writes(path)
+        prefix = f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its mode
         except FileNotFoundError:
@@ -99,6 +105,29 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
             raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
         raise
     return path
+
+
+def _delete_killed_writes(path: Path) -> None:
+    """Deletes the temporary files of :func:`write_atomic` calls for ``path`` whose process,
+    on this host, no longer runs (a process of another host sharing the folder, or one
+    still running, keeps its file)."""
+    mine = re.compile(
+        re.escape(f".{path.name}.{socket.gethostname()}-") + r"(\d+)\.[A-Za-z0-9_]{8}\.tmp"
+    )
+    for entry in path.parent.iterdir():
+        found = mine.fullmatch(entry.name)
+        if found and not _runs(int(found.group(1))):
+            entry.unlink(missing_ok=True)
+
+
+def _runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
