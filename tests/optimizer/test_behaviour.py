@@ -5,6 +5,7 @@ validation of hyper-parameters and inputs in test_validation.py)."""
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import chex
@@ -259,6 +260,21 @@ def test_eager_executables_are_bounded_in_total(monkeypatch):
     assert made[0]() is None and _eager.kept_executables() == 1
     opt.update(trees[0], opt.init(trees[0]), trees[0])  # compiled afresh
     assert len(made) == 3
+
+
+def test_one_configuration_past_the_executable_bound_warns(monkeypatch):
+    """One configuration cycling more signatures than the bound compiles at every call:
+    that was silent."""
+    monkeypatch.setattr(_eager, "MAX_EXECUTABLES", 2)
+    opt = umtam_jax.umtam(1e-2, b1=0.61)
+    trees = [{"b": jnp.ones((n,))} for n in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for params in trees:  # at the bound: no warning
+            opt.update(params, opt.init(params), params)
+    third = {"b": jnp.ones((3,))}
+    with pytest.warns(RuntimeWarning, match="more than 2 input signatures"):
+        opt.update(third, opt.init(third), third)
 
 
 def test_an_array_option_of_numpy_computes_eagerly_as_under_jit():

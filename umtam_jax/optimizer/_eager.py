@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +121,16 @@ def _bound_executables() -> None:
     with _kept_lock:
         total = _executables()
         while total > MAX_EXECUTABLES:
+            if len(_kept) == 1:
+                warnings.warn(
+                    f"UMTAM's eager update of one configuration has compiled more than "
+                    f"{MAX_EXECUTABLES} input signatures (the shapes, dtypes or placements of "
+                    "its inputs change between calls): its compilations are dropped, so "
+                    "each new signature compiles again. Call the update inside your own "
+                    "jax.jit, or keep its inputs' signatures fixed.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             total -= _kept.pop(next(iter(_kept)))._cache_size()
 
 
