@@ -410,6 +410,16 @@ def test_ram_matches_reference(epsilon):
         H.assert_tree_close(got, ref_ram(base, experts, epsilon=epsilon, r=r, alpha=alpha))
 
 
+def test_ramplus_tl_with_zero_epsilon_and_an_expert_that_changed_nothing():
+    """mergekit's s/max(u, 0) is 0/0 for an expert with no counted entries, and its whole
+    merged tensor NaN; here that expert's λ is 1 (it scales no entry anyway)."""
+    base = {"w": np.zeros(3)}
+    experts = [{"w": np.array([1.0, 2.0, 0.0])}, {"w": np.array([0.0, 4.0, 0.0])}, base]
+    got = merging.ramplus_tl(base, experts, r=0.1, alpha=0.2, epsilon=0.0)
+    # entry 0: expert 0's alone, λ = 1 + 0.1·min(1/1, 0.2); entry 1 shared: the mean
+    np.testing.assert_allclose(np.asarray(got["w"]), [1.02, 3.0, 0.0], rtol=1e-6)
+
+
 def test_option_errors():
     base, experts = H.random_experts(np.random.default_rng(10), 2)
     with pytest.raises(ValueError, match=r"gamma must lie in \[0.0, 1.0\]"):
