@@ -16,6 +16,7 @@ import pytest
 
 import umtam_jax
 from umtam_jax import checkpoint
+from umtam_jax.checkpoint._format import FORMAT_VERSION_WITHOUT_KEYS as VERSION
 from umtam_jax.cli import merge as cli
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES
 
@@ -291,7 +292,11 @@ def test_corrupt_expert_is_named(ckpts, capsys, in_memory, damage):
         ('"children"', '"childran"', "the dict at the root has no list of children"),
         ('"float32"', '"flaat32"', "the array at /w has no valid dtype"),
         ('"shape": [64', '"shape": [-64', "the array at /w has no valid shape"),
-        ('"format_version": 3', '"format_version": "3"', "format_version '3'"),
+        (
+            f'"format_version": {VERSION}',
+            f'"format_version": "{VERSION}"',
+            f"format_version '{VERSION}'",
+        ),
     ],
 )
 def test_damaged_checkpoint_metadata_is_named_corrupt(ckpts, capsys, old, new, where):

@@ -8,7 +8,8 @@ therefore stored as a nested dictionary of its arrays (lists and tuples keyed ``
 exact structure is recorded as JSON, from which it is rebuilt on restore. Orbax joins
 nested names with ``.``, so stored names escape ``%``, ``.`` and ``/``: a key ``"a.b"`` and a
 nested ``a → b`` stay two arrays. A ``flax.nnx`` Variable is stored as the array it wraps
-(the layout of ``nnx.to_pure_dict``).
+(the layout of ``nnx.to_pure_dict``). A typed PRNG key array is stored as its key data,
+its record naming the implementation (:mod:`umtam_jax.checkpoint._keys`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 
 from umtam_jax import _pytrees
+from umtam_jax.checkpoint import _keys
 from umtam_jax.optimizer import _state
 
 # NamedTuple classes rebuilt by name when restoring without a target.
@@ -48,7 +50,9 @@ class Encoded:
     spec: dict[str, Any]
     arrays: dict[str, Any]  # nested dicts of arrays; empty subtrees omitted
     paths: list[tuple[str, ...]]  # array paths inside ``arrays``, in jax flatten order
-    leaves: list[Any]  # the arrays, same order
+    leaves: list[Any]  # the arrays, same order (a typed key's: its key data)
+    # the paths of typed PRNG keys → their implementation's name
+    keys: dict[tuple[str, ...], str] = dataclasses.field(default_factory=dict)
 
 
 _VALUE_KEY = jax.tree_util.GetAttrKey("value")
@@ -94,9 +98,25 @@ def leaf_spec(x: Any) -> dict[str, Any]:
     return {"t": "array", "shape": [int(d) for d in np.shape(x)], "dtype": str(dtype_of(x))}
 
 
-def dtype_of(x: Any) -> np.dtype:
+def dtype_of(x: Any) -> Any:
+    """The NumPy dtype of an array leaf; a dtype NumPy cannot represent (a JAX extended
+    dtype such as a PRNG key's ``key<fry>``) is returned as it is, for the caller to store
+    or refuse with its own message."""
     dtype = getattr(x, "dtype", None)
-    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+    if dtype is None:
+        return np.asarray(x).dtype
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return dtype
+
+
+def _is_numeric(dtype: Any) -> bool:
+    """Whether arrays of ``dtype`` are stored as they are (numbers and booleans)."""
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+    except TypeError:
+        return False
 
 
 def _as_saveable(x: Any) -> Any:
@@ -109,6 +129,7 @@ def encode(tree: Any, what: str) -> Encoded:
     """Splits ``tree`` into a JSON structure spec and a nested dict of arrays."""
     paths: list[tuple[str, ...]] = []
     leaves: list[Any] = []
+    key_impls: dict[tuple[str, ...], str] = {}  # typed keys' paths → implementations
 
     def children(entries, prefix, jax_path):
         """entries: (stored name, key kind, child, jax key entry) in jax flatten order."""
@@ -162,8 +183,14 @@ def encode(tree: Any, what: str) -> Encoded:
                     f"{what}: leaf at {jax.tree_util.keystr(jax_path)} is a "
                     f"{type(x).__name__}, not an array or scalar"
                 )
+            node: dict[str, Any] | None = None  # a typed key's record around its data's
+            if _keys.is_key(x):
+                where = f"{what}: the PRNG key at {jax.tree_util.keystr(jax_path)}"
+                impl, x = _keys.split(x, where)  # stored as its uint32 key data
+                node = {"t": "key", "impl": impl}
+                key_impls[prefix] = impl
             dtype = dtype_of(x)
-            if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+            if not _is_numeric(dtype):
                 raise TypeError(
                     f"{what}: the array at {jax.tree_util.keystr(jax_path)} has dtype "
                     f"{dtype}; only numeric and boolean arrays are stored"
@@ -176,6 +203,8 @@ def encode(tree: Any, what: str) -> Encoded:
                 )
             paths.append(prefix)
             leaves.append(_as_saveable(x))
+            if node is not None:
+                return {**node, "leaf": leaf_spec(x)}, leaves[-1]
             return leaf_spec(x), leaves[-1]
         # Any other registered pytree node (FrozenDict, nnx.State, dataclasses, ...): one
         # level of jax's own flattening; restored without a target as a plain dict.
@@ -189,7 +218,8 @@ def encode(tree: Any, what: str) -> Encoded:
         arrays = {"value": arrays}
         paths[:] = [("value",)]
         spec = {"t": "root_array", "leaf": spec}
-    return Encoded(spec=spec, arrays=arrays, paths=paths, leaves=leaves)
+        key_impls = {("value",): key_impls[()]} if key_impls else {}  # a key as the tree
+    return Encoded(spec=spec, arrays=arrays, paths=paths, leaves=leaves, keys=key_impls)
 
 
 _CONTAINERS = ("dict", "list", "tuple", "namedtuple", "node")
@@ -209,6 +239,12 @@ def check_spec(spec: Any, at: str = "") -> None:
     t = spec["t"]
     if t == "root_array" and not at:
         check_spec(spec.get("leaf"), "value")
+    elif t == "key":  # a typed PRNG key: its implementation's name and its data's record
+        if not (isinstance(spec.get("impl"), str) and spec["impl"]):
+            raise ValueError(f"the PRNG key at {where} names no PRNG implementation")
+        check_spec(spec.get("leaf"), at)
+        if spec["leaf"]["t"] != "array":
+            raise ValueError(f"the data of the PRNG key at {where} is not an array")
     elif t == "array":
         shape, dtype = spec.get("shape"), spec.get("dtype")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
@@ -235,16 +271,28 @@ def check_spec(spec: Any, at: str = "") -> None:
         raise ValueError(f"the entry at {where} has an unknown node type {t!r}")
 
 
-def spec_arrays(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
-    """Yields (path, leaf spec) of every array of a structure spec, in flatten order."""
+def _spec_leaves(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
+    """Yields (path, node) of every array and PRNG key node, in flatten order."""
     t = spec["t"]
     if t == "root_array":
-        yield ("value",), spec["leaf"]
-    elif t == "array":
+        yield from _spec_leaves(spec["leaf"], ("value",))
+    elif t in ("array", "key"):
         yield prefix, spec
     elif t in _CONTAINERS:
         for name, _, child, *_ in spec["children"]:
-            yield from spec_arrays(child, prefix + (name,))
+            yield from _spec_leaves(child, prefix + (name,))
+
+
+def spec_arrays(spec: dict[str, Any], prefix: tuple[str, ...] = ()):
+    """Yields (path, leaf spec) of every stored array of a structure spec, in flatten
+    order; a typed PRNG key's is that of its stored key data."""
+    for path, node in _spec_leaves(spec, prefix):
+        yield path, node["leaf"] if node["t"] == "key" else node
+
+
+def spec_keys(spec: dict[str, Any]) -> dict[tuple[str, ...], str]:
+    """The stored paths of a structure spec's typed PRNG keys → their implementations."""
+    return {path: node["impl"] for path, node in _spec_leaves(spec) if node["t"] == "key"}
 
 
 def _namedtuple_class(name: str) -> type | None:
@@ -278,6 +326,8 @@ def decode(spec: dict[str, Any], arrays: Any) -> Any:
             return optax.MaskedNode()
         if t == "array":
             return a
+        if t == "key":
+            return _keys.wrap(a, s["impl"])
         a = a if isinstance(a, Mapping) else {}
         values = [  # entry: stored name, kind, child spec(, original name)
             (e[3] if len(e) > 3 else e[0], e[1], walk(e[2], a.get(e[0], {}))) for e in s["children"]
@@ -293,7 +343,7 @@ def decode(spec: dict[str, Any], arrays: Any) -> Any:
         return {key(name, kind): v for name, kind, v in values}  # dict, node, unknown tuple
 
     if spec["t"] == "root_array":
-        return arrays["value"]
+        return walk(spec["leaf"], arrays["value"])
     return walk(spec, arrays)
 
 

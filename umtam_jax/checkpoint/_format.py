@@ -34,7 +34,11 @@ from umtam_jax.checkpoint import _targets
 FORMAT_NAME = _targets._FORMAT_NAME
 # 2: stored names escape '%', '.' and '/'; arrays have checksums (_integrity).
 # 3: the checksum record lists every array (a missing entry is damage) and the metadata's.
-FORMAT_VERSION = 3
+# 4: typed PRNG keys are stored as their key data under a "key" structure node; an older
+#    reader refuses it as "newer than this library's: upgrade" rather than as damage.
+FORMAT_VERSION = 4
+# A checkpoint without typed keys is written as version 3, which older readers restore.
+FORMAT_VERSION_WITHOUT_KEYS = 3
 
 PARAMS = "params"
 STATISTICS = "statistics"

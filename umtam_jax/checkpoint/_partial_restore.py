@@ -87,7 +87,8 @@ class CheckpointReader:
         return structures[item]
 
     def abstract(self, item: str) -> Any:
-        """``item``'s pytree (as restored without target) with ``jax.ShapeDtypeStruct`` leaves."""
+        """``item``'s pytree (as restored without target) with ``jax.ShapeDtypeStruct``
+        leaves (of a key dtype for typed PRNG keys)."""
         spec = self.structure(item)
         arrays: dict[str, Any] = {}
         for path, leaf in E.spec_arrays(spec):
@@ -109,6 +110,7 @@ class CheckpointReader:
     def restore_subtrees(self, item: str, paths: Sequence[Path]) -> list[Any]:
         """The decoded subtree of ``item`` at each stored path (an array, or e.g. a
         statistics node as a dict of arrays), reading only the arrays under those paths.
+        Typed PRNG keys are rebuilt from their key data (as ``jax.Array`` key arrays).
 
         Raises:
           ValueError: a path not in the checkpoint; as :meth:`restore_arrays`.
@@ -126,15 +128,16 @@ class CheckpointReader:
                     )
                 sub = children[name]
             subspecs.append(sub)
+        leaf_nodes = ("array", "key")  # one stored array: a typed key's is its key data
         full = [
-            [tuple(p) + q for q, _ in E.spec_arrays(sub)] if sub["t"] != "array" else [tuple(p)]
+            [tuple(p)] if sub["t"] in leaf_nodes else [tuple(p) + q for q, _ in E.spec_arrays(sub)]
             for p, sub in zip(paths, subspecs, strict=True)
         ]
         flat = self.restore_arrays(item, [q for f in full for q in f])
         out, start = [], 0
         for p, sub, f in zip(paths, subspecs, full, strict=True):
-            if sub["t"] == "array":
-                out.append(flat[start])
+            if sub["t"] in leaf_nodes:
+                out.append(E.decode(sub, flat[start]))  # the array; a key rebuilt from it
             else:
                 arrays: dict[str, Any] = {}
                 for q, a in zip(f, flat[start : start + len(f)], strict=True):
@@ -152,7 +155,11 @@ class CheckpointReader:
             ``_encoding.spec_arrays``).
 
         Returns:
-          One NumPy array per path, dtypes as saved.
+          One NumPy array per path, dtypes as saved. A typed PRNG key leaf is stored as its
+          key data, and comes back as that ``uint32`` data (``jax.random.key_data``):
+          ``jax.random.wrap_key_data(data, impl=...)`` with the implementation named in
+          :meth:`structure` (``{"t": "key", "impl": ...}``) rebuilds the key, as
+          :meth:`restore_subtrees` does.
 
         Raises:
           FileNotFoundError: missing item.

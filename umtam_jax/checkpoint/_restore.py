@@ -4,7 +4,10 @@ Each public function opens the checkpoint with :mod:`~umtam_jax.checkpoint._meta
 (its directory and metadata item), then restores the requested array items in one Orbax
 read: arrays come back in their saved dtypes, are checked against the recorded checksums
 and are then cast and placed as the optional target asks (its tree structure, dtypes and
-shardings), or as the saved structure on the first local device.
+shardings), or as the saved structure on the first local device. Typed PRNG keys are read
+as their stored key data and rebuilt (:mod:`~umtam_jax.checkpoint._keys`). A target
+sharding that does not fit a saved shape is refused before anything is read: it is the
+caller's configuration, not damage (:class:`CheckpointCorruptError`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from etils import epath
 
 from umtam_jax._cast import cast_checked
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _metadata
+from umtam_jax.checkpoint import _integrity, _keys, _metadata
 from umtam_jax.checkpoint._format import (
     OPT_STATE,
     PARAMS,
@@ -52,6 +55,7 @@ def _match_target(
     """Checks ``target`` against the saved structure and shapes; returns its encoding."""
     enc = E.encode(target, f"{item} target")
     saved = {path: leaf for path, leaf in E.spec_arrays(saved_spec)}
+    saved_keys = E.spec_keys(saved_spec)
     wanted = {path: E.leaf_spec(x) for path, x in zip(enc.paths, enc.leaves, strict=True)}
     problems = []
     for path in wanted.keys() - saved.keys():
@@ -59,10 +63,16 @@ def _match_target(
     for path in saved.keys() - wanted.keys():
         problems.append(f"{'/'.join(path)}: in the checkpoint but not in the target")
     for path in wanted.keys() & saved.keys():
-        if wanted[path]["shape"] != saved[path]["shape"]:
+        if saved_keys.get(path) != enc.keys.get(path):  # a key of another kind, or none
+            problems.append(
+                f"{'/'.join(path)}: {_kind(saved_keys.get(path))} in the checkpoint, "
+                f"{_kind(enc.keys.get(path))} in the target"
+            )
+        elif wanted[path]["shape"] != saved[path]["shape"]:
+            of_key = " (of the PRNG key data)" if path in enc.keys else ""
             problems.append(
                 f"{'/'.join(path)}: shape {tuple(saved[path]['shape'])} in the checkpoint, "
-                f"{tuple(wanted[path]['shape'])} in the target"
+                f"{tuple(wanted[path]['shape'])} in the target{of_key}"
             )
     if problems:
         shown = "; ".join(sorted(problems)[:8])
@@ -71,6 +81,47 @@ def _match_target(
             f"the {item} target does not match checkpoint {directory / item}: {shown}{more}"
         )
     return enc
+
+
+def _kind(impl: str | None) -> str:
+    """A leaf's kind in a message: a plain array, or a typed key of implementation ``impl``."""
+    return "an array" if impl is None else f"a {impl} key"
+
+
+def _check_sharding(
+    directory: epath.Path,
+    item: str,
+    path: tuple[str, ...],
+    leaf: dict[str, Any],
+    sharding: jax.sharding.Sharding,
+    is_key: bool,
+) -> None:
+    """Raises ValueError, naming the leaf, when ``sharding`` cannot hold the saved array.
+
+    Run before Orbax reads: Orbax would fail the whole read, reported as damage
+    (:class:`CheckpointCorruptError`), but such a sharding is the caller's configuration.
+
+    Args:
+      directory: the checkpoint (for the message).
+      item: the item name.
+      path: the leaf's stored path.
+      leaf: the leaf's array record (the key data's for a typed key).
+      sharding: the target's sharding for the leaf.
+      is_key: the leaf is a typed PRNG key, stored as its key data.
+    """
+    shape = tuple(leaf["shape"])
+    try:  # (a target leaf's rank always fits: jax checks it when the leaf is made)
+        sharding.shard_shape(shape)  # IndivisibleError (a ValueError): uneven partitions
+    except ValueError as err:
+        spec = getattr(sharding, "spec", sharding)
+        mesh = getattr(sharding, "mesh", None)
+        axes = f" over mesh axes {dict(mesh.shape)}" if mesh is not None else ""
+        data = " (the data of a PRNG key array)" if is_key else ""
+        raise ValueError(
+            f"cannot restore checkpoint {directory}'s {item} leaf {'/'.join(path)}{data} "
+            f"with shape {shape} onto the target's sharding {spec}{axes}: give that leaf "
+            f"a sharding that fits its shape ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _restore_array_items(
@@ -107,8 +158,13 @@ def _restore_array_items(
                 p: (E.dtype_of(x), getattr(x, "sharding", None))
                 for p, x in zip(enc.paths, enc.leaves, strict=True)
             }
+            for p, (_, sharding) in wanted[item].items():
+                if sharding is not None:
+                    _check_sharding(directory, item, p, saved[p], sharding, p in enc.keys)
         else:
             wanted[item] = {p: (np.dtype(leaf["dtype"]), None) for p, leaf in saved.items()}
+            for p, impl in E.spec_keys(structures[item]).items():  # rebuilt by decode
+                _keys.check_impl(impl, f"checkpoint {directory}'s {item} leaf {'/'.join(p)}")
         abstract: dict[str, Any] = {}
         for path, leaf in saved.items():
             E.nested_set(abstract, path, _restore_leaf(leaf, wanted[item][path][1]))
@@ -137,6 +193,10 @@ def _restore_array_items(
         if item in encodings:  # rebuild with the target's own tree structure
             enc = encodings[item]
             leaves = [E.nested_get(arrays, p) for p in enc.paths]
+            leaves = [  # typed keys from their key data, as the target's implementation
+                jax.random.wrap_key_data(x, impl=enc.keys[p]) if p in enc.keys else x
+                for p, x in zip(enc.paths, leaves, strict=True)
+            ]
             out[item] = jax.tree.unflatten(jax.tree.structure(targets[item]), leaves)
         else:
             out[item] = E.decode(structures[item], arrays)
@@ -152,7 +212,8 @@ def restore_params(
     tuples and known NamedTuples; other pytree nodes such as ``FrozenDict`` as plain dicts)
     as ``jax.Array`` on the first local device, dtypes preserved (Python scalar leaves were
     saved as 0-d NumPy arrays; 64-bit ones come back 32-bit unless ``jax_enable_x64``,
-    and a value out of the 32-bit range is then an error naming the leaf).
+    and a value out of the 32-bit range is then an error naming the leaf). Typed PRNG keys
+    (``jax.random.key``, ``nnx.Rngs``) come back as keys of their saved implementation.
 
     Args:
       directory: the checkpoint directory.
@@ -169,8 +230,9 @@ def restore_params(
     Raises:
       FileNotFoundError: if the checkpoint or its ``params`` item does not exist.
       CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
-      ValueError: if the checkpoint is corrupt or ``target`` does not match it, or a 64-bit
-        value does not fit 32 bits without ``jax_enable_x64``.
+      ValueError: if the checkpoint is corrupt or ``target`` does not match it (or a leaf's
+        sharding does not divide its shape), or a 64-bit value does not fit 32 bits
+        without ``jax_enable_x64``.
 
     Example:
       >>> import tempfile, numpy as np
@@ -302,7 +364,8 @@ def restore_checkpoint(
     Raises:
       FileNotFoundError: if the checkpoint does not exist, or ``opt_state_target`` is given
         but no optimizer state was saved.
-      ValueError: if the checkpoint is corrupt or a target does not match it.
+      ValueError: if the checkpoint is corrupt or a target does not match it (or a leaf's
+        sharding does not divide its shape).
 
     Example:
       >>> import tempfile, numpy as np

@@ -26,6 +26,7 @@ from umtam_jax.checkpoint import _integrity, _processes, _safety, _targets
 from umtam_jax.checkpoint._format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    FORMAT_VERSION_WITHOUT_KEYS,
     METADATA,
     OPT_STATE,
     PARAMS,
@@ -101,7 +102,11 @@ def _metadata_record(
     """The ``umtam_metadata`` item of a checkpoint holding the ``encoded`` items."""
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": (
+            FORMAT_VERSION
+            if any(E.spec_keys(enc.spec) for enc in encoded.values())
+            else FORMAT_VERSION_WITHOUT_KEYS
+        ),
         "library_version": _library_version(),
         "orbax_version": importlib.metadata.version("orbax-checkpoint"),
         "jax_version": jax.__version__,
