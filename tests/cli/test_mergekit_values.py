@@ -296,3 +296,14 @@ def test_keys_mergekit_does_not_read_are_ignored_with_one_warning(tmp_path, mode
     )
     assert status == 0  # mergekit's task_arithmetic names it lambda: scaling is unread
     assert "ignoring parameters.scaling" in capsys.readouterr().err
+
+
+def test_a_flag_replaces_a_file_value_out_of_range(tmp_path, models, capsys):
+    """``--param`` replaces the file's value, so the file's is not checked: an out-of-range
+    density in the file with ``--param density=0.5`` merges (it was refused)."""
+    text = "merge_method: dare_linear\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+    text += "parameters: {{density: 0}}\n"
+    status, _ = run(tmp_path, models, text, "--dry-run")
+    assert status == 2 and "parameters.density must lie in (0, 1], got 0" in capsys.readouterr().err
+    status, _ = run(tmp_path, models, text, "--param", "density=0.5", "--dry-run")
+    assert status == 0, capsys.readouterr().err

@@ -98,3 +98,17 @@ def test_list_methods_prints_the_registry(capsys):
     for name, method in merging.METHODS.items():
         described = merging.describe(method).splitlines()[1]
         assert described.startswith("  inputs: optional base") == method.base_optional, name
+
+
+def test_a_method_is_checked_when_it_is_made():
+    """A top-k method without an importance, or an unknown sparsify step, crashed inside a
+    merge (a NoneType error)."""
+    import dataclasses
+
+    from umtam_jax.merging import METHODS
+
+    ties = METHODS["ties"]
+    with pytest.raises(TypeError, match="'custom' has sparsify='topk' but no importance"):
+        dataclasses.replace(ties, name="custom", importance=None)
+    with pytest.raises(ValueError, match="sparsify must be 'topk', 'bernoulli' or None"):
+        dataclasses.replace(ties, name="custom", sparsify="random")

@@ -22,7 +22,7 @@ import pytest
 from etils import epath
 
 from umtam_jax import checkpoint
-from umtam_jax.checkpoint import _metadata
+from umtam_jax.checkpoint import _closed_loop
 
 # ----------------------------------------------------------------------------- integrity
 
@@ -307,7 +307,8 @@ def test_a_failed_read_prints_no_closed_event_loop_callbacks(tmp_path, capfd, mo
     (in about a third of such reads). Other unraisable exceptions still reach the hook."""
     seen: list = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)  # both restored after the test
-    monkeypatch.setattr(_metadata, "_previous_hook", None, raising=False)
+    monkeypatch.setattr(_closed_loop, "_previous_hook", None)
+    monkeypatch.setattr(_closed_loop, "_first_previous", None)
     paths = []
     for k in range(12):
         params = {f"w{i}": np.ones((64, 48), np.float32) for i in range(8)}
@@ -336,3 +337,13 @@ def test_a_failed_read_prints_no_closed_event_loop_callbacks(tmp_path, capfd, mo
     other = ValueError("another library's")
     sys.unraisablehook(SimpleNamespace(exc_value=other, exc_traceback=None))
     assert [u.exc_value for u in seen] == [other]
+    # A hook installed later that calls its predecessor (this one), then another read: the
+    # hook is chained again on top. Each other exception reaches both hooks once (it
+    # looped between them until RecursionError).
+    wrapped, previous = [], sys.unraisablehook
+    sys.unraisablehook = lambda u: (wrapped.append(u), previous(u))
+    with pytest.raises(checkpoint.CheckpointCorruptError):
+        checkpoint.restore_params(paths[0])
+    seen.clear()
+    sys.unraisablehook(SimpleNamespace(exc_value=other, exc_traceback=None))
+    assert [u.exc_value for u in wrapped] == [other] and [u.exc_value for u in seen] == [other]

@@ -80,5 +80,5 @@ def _absolute(directory: str | os.PathLike[str]) -> epath.Path:
     if "://" not in text and ".." in text.split(os.sep):  # before epath normalises it
         parent, name = os.path.split(os.path.join(os.getcwd(), text).rstrip(os.sep))
         return epath.Path(os.path.join(os.path.realpath(parent), name))
-    directory = epath.Path(directory)
-    return directory if directory.is_absolute() else epath.Path(directory.absolute())
+    path = epath.Path(directory)
+    return path if path.is_absolute() else epath.Path(path.absolute())

@@ -63,7 +63,7 @@ def host_array(x: Any) -> np.ndarray | None:
 def crc32(array: np.ndarray) -> int:
     """CRC-32 of the array's bytes in C order."""
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    return zlib.crc32(flat)
+    return zlib.crc32(flat)  # type: ignore[arg-type]  # ndarrays are buffers
 
 
 def record(array: Any) -> dict[str, Any]:

@@ -4,17 +4,12 @@ Every reader (:mod:`~umtam_jax.checkpoint._restore` and the partial
 :class:`~umtam_jax.checkpoint._partial_restore.CheckpointReader`) starts here: the directory
 is checked (a save killed mid-swap is recovered first), the metadata is read and checked
 against the format, and Orbax failures become short :class:`CheckpointCorruptError`
-messages naming the checkpoint and item. :func:`orbax_reading` wraps every Orbax read.
+messages naming the checkpoint and item.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-import threading
-import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -22,6 +17,7 @@ from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint._closed_loop import orbax_reading
 from umtam_jax.checkpoint._format import (
     _ORBAX_TMP_SUFFIX,
     FORMAT_NAME,
@@ -32,15 +28,15 @@ from umtam_jax.checkpoint._format import (
 
 
 def check_directory(directory: str | os.PathLike[str]) -> epath.Path:
-    directory = _absolute(directory)
-    _safety.recover(directory)  # a save killed in the middle of its swap
-    if not directory.exists():
-        raise FileNotFoundError(f"no checkpoint at {directory}: the directory does not exist")
-    if not directory.is_dir():
-        raise ValueError(f"not a checkpoint directory: {directory} is a file")
-    if _ORBAX_TMP_SUFFIX in directory.name:
-        raise ValueError(f"incomplete checkpoint (an unfinished Orbax save): {directory}")
-    return directory
+    path = _absolute(directory)
+    _safety.recover(path)  # a save killed in the middle of its swap
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: the directory does not exist")
+    if not path.is_dir():
+        raise ValueError(f"not a checkpoint directory: {path} is a file")
+    if _ORBAX_TMP_SUFFIX in path.name:
+        raise ValueError(f"incomplete checkpoint (an unfinished Orbax save): {path}")
+    return path
 
 
 def short_error(err: BaseException) -> str:
@@ -50,58 +46,6 @@ def short_error(err: BaseException) -> str:
     if len(text) > 400:
         text = text[:400] + "..."
     return f"{type(err).__name__}: {text}"
-
-
-# Orbax reads the arrays of an item concurrently on an event loop it closes when the read
-# ends. When one array fails (a damaged file), the read ends at once while tensorstore
-# still reads the others; their completions then call the closed loop's
-# ``call_soon_threadsafe`` from a tensorstore thread, and Python prints each
-# "RuntimeError: Event loop is closed" as an unraisable exception after the caller's clean
-# error. Those callbacks cannot do anything: the hook below drops exactly them.
-_hook_lock = threading.Lock()
-_hook_users = 0
-_hook_sticky = False
-_previous_hook: Any = None
-
-
-def _is_closed_loop_callback(unraisable: Any) -> bool:
-    err = unraisable.exc_value
-    if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
-        return False
-    frames = traceback.extract_tb(unraisable.exc_traceback)
-    return any(frame.name == "call_soon_threadsafe" for frame in frames)
-
-
-def _drop_closed_loop_callbacks(unraisable: Any) -> None:
-    if not _is_closed_loop_callback(unraisable):
-        (_previous_hook or sys.__unraisablehook__)(unraisable)
-
-
-@contextlib.contextmanager
-def orbax_reading() -> Iterator[None]:
-    """Drops the "Event loop is closed" callbacks of a failed Orbax read (see above).
-
-    ``sys.unraisablehook`` is chained while reads run (every other unraisable exception
-    reaches the previous hook). After a failed read it stays chained: reads Orbax left
-    running may complete later, after the caller has its error.
-    """
-    global _hook_users, _hook_sticky, _previous_hook
-    with _hook_lock:
-        if sys.unraisablehook is not _drop_closed_loop_callbacks:
-            _previous_hook, sys.unraisablehook = sys.unraisablehook, _drop_closed_loop_callbacks
-        _hook_users += 1
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        with _hook_lock:
-            _hook_users -= 1
-            _hook_sticky = _hook_sticky or failed
-            if not (_hook_users or _hook_sticky) and (
-                sys.unraisablehook is _drop_closed_loop_callbacks
-            ):
-                sys.unraisablehook, _previous_hook = _previous_hook, None
 
 
 def restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _metadata
+from umtam_jax.checkpoint._closed_loop import orbax_reading
 
 __all__ = ["CheckpointReader"]
 
@@ -182,7 +183,7 @@ class CheckpointReader:
             E.nested_set(target, tuple(path), 0)
             E.nested_set(restore_args, tuple(path), ocp.RestoreArgs(restore_type=np.ndarray))
         try:
-            with _metadata.orbax_reading():
+            with orbax_reading():
                 restored = self._handler.restore(
                     self.directory / item,
                     args=ocp.args.PyTreeRestore(

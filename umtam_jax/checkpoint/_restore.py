@@ -24,6 +24,7 @@ from etils import epath
 from umtam_jax._cast import cast_checked
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _keys, _metadata
+from umtam_jax.checkpoint import _restore_checks as C
 from umtam_jax.checkpoint._format import (
     OPT_STATE,
     PARAMS,
@@ -47,81 +48,6 @@ def _restore_leaf(leaf: dict[str, Any], sharding: jax.sharding.Sharding | None) 
     return jax.ShapeDtypeStruct(
         tuple(leaf["shape"]), dtype, sharding=sharding or _default_sharding()
     )
-
-
-def _match_target(
-    directory: epath.Path, item: str, saved_spec: dict[str, Any], target: Any
-) -> E.Encoded:
-    """Checks ``target`` against the saved structure and shapes; returns its encoding."""
-    enc = E.encode(target, f"{item} target")
-    saved = {path: leaf for path, leaf in E.spec_arrays(saved_spec)}
-    saved_keys = E.spec_keys(saved_spec)
-    wanted = {path: E.leaf_spec(x) for path, x in zip(enc.paths, enc.leaves, strict=True)}
-    problems = []
-    for path in wanted.keys() - saved.keys():
-        problems.append(f"{'/'.join(path)}: in the target but not in the checkpoint")
-    for path in saved.keys() - wanted.keys():
-        problems.append(f"{'/'.join(path)}: in the checkpoint but not in the target")
-    for path in wanted.keys() & saved.keys():
-        if saved_keys.get(path) != enc.keys.get(path):  # a key of another kind, or none
-            problems.append(
-                f"{'/'.join(path)}: {_kind(saved_keys.get(path))} in the checkpoint, "
-                f"{_kind(enc.keys.get(path))} in the target"
-            )
-        elif wanted[path]["shape"] != saved[path]["shape"]:
-            of_key = " (of the PRNG key data)" if path in enc.keys else ""
-            problems.append(
-                f"{'/'.join(path)}: shape {tuple(saved[path]['shape'])} in the checkpoint, "
-                f"{tuple(wanted[path]['shape'])} in the target{of_key}"
-            )
-    if problems:
-        shown = "; ".join(sorted(problems)[:8])
-        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise ValueError(
-            f"the {item} target does not match checkpoint {directory / item}: {shown}{more}"
-        )
-    return enc
-
-
-def _kind(impl: str | None) -> str:
-    """A leaf's kind in a message: a plain array, or a typed key of implementation ``impl``."""
-    return "an array" if impl is None else f"a {impl} key"
-
-
-def _check_sharding(
-    directory: epath.Path,
-    item: str,
-    path: tuple[str, ...],
-    leaf: dict[str, Any],
-    sharding: jax.sharding.Sharding,
-    is_key: bool,
-) -> None:
-    """Raises ValueError, naming the leaf, when ``sharding`` cannot hold the saved array.
-
-    Run before Orbax reads: Orbax would fail the whole read, reported as damage
-    (:class:`CheckpointCorruptError`), but such a sharding is the caller's configuration.
-
-    Args:
-      directory: the checkpoint (for the message).
-      item: the item name.
-      path: the leaf's stored path.
-      leaf: the leaf's array record (the key data's for a typed key).
-      sharding: the target's sharding for the leaf.
-      is_key: the leaf is a typed PRNG key, stored as its key data.
-    """
-    shape = tuple(leaf["shape"])
-    try:  # (a target leaf's rank always fits: jax checks it when the leaf is made)
-        sharding.shard_shape(shape)  # IndivisibleError (a ValueError): uneven partitions
-    except ValueError as err:
-        spec = getattr(sharding, "spec", sharding)
-        mesh = getattr(sharding, "mesh", None)
-        axes = f" over mesh axes {dict(mesh.shape)}" if mesh is not None else ""
-        data = " (the data of a PRNG key array)" if is_key else ""
-        raise ValueError(
-            f"cannot restore checkpoint {directory}'s {item} leaf {'/'.join(path)}{data} "
-            f"with shape {shape} onto the target's sharding {spec}{axes}: give that leaf "
-            f"a sharding that fits its shape ({type(err).__name__}: {err})"
-        ) from None
 
 
 def _restore_array_items(
@@ -153,14 +79,14 @@ def _restore_array_items(
         )
         target = targets.get(item)
         if target is not None:
-            encodings[item] = enc = _match_target(directory, item, structures[item], target)
+            encodings[item] = enc = C.match_target(directory, item, structures[item], target)
             wanted[item] = {
                 p: (E.dtype_of(x), getattr(x, "sharding", None))
                 for p, x in zip(enc.paths, enc.leaves, strict=True)
             }
             for p, (_, sharding) in wanted[item].items():
                 if sharding is not None:
-                    _check_sharding(directory, item, p, saved[p], sharding, p in enc.keys)
+                    C.check_sharding(directory, item, p, saved[p], sharding, p in enc.keys)
         else:
             wanted[item] = {p: (np.dtype(leaf["dtype"]), None) for p, leaf in saved.items()}
             for p, impl in E.spec_keys(structures[item]).items():  # rebuilt by decode
@@ -170,13 +96,21 @@ def _restore_array_items(
             E.nested_set(abstract, path, _restore_leaf(leaf, wanted[item][path][1]))
         if item in meta.get("items", []):
             args[item] = ocp.args.StandardRestore(abstract)
-    restored = _metadata.restore_items(directory, args) if args else {}
+    damage = None
+    try:
+        restored = _metadata.restore_items(directory, args) if args else {}
+        for item in items:
+            for path in wanted[item]:
+                array = E.nested_get(restored.get(item, {}), path)
+                _integrity.verify(directory, item, _integrity.key(path), array, records)
+    except _integrity.CheckpointCorruptError as err:
+        damage = err
+    C.raise_damage_found_anywhere(directory, damage)
     out = {}
     for item in items:
         arrays = restored.get(item, {})
         for path, (dtype, sharding) in wanted[item].items():
             array = E.nested_get(arrays, path)
-            _integrity.verify(directory, item, _integrity.key(path), array, records)
             what = f"checkpoint {directory}'s {item} leaf {'/'.join(path)}"
             if isinstance(array, np.ndarray):  # 64-bit without x64: JAX's canonical dtype
                 narrow = jax.dtypes.canonicalize_dtype(array.dtype)

@@ -334,7 +334,7 @@ class SafetensorsReader:
             try:
                 with open(file, "rb") as f:
                     f.seek(begin)
-                    if f.readinto(buf) != buf.size:
+                    if f.readinto(buf) != buf.size:  # type: ignore[arg-type]  # a buffer
                         raise OSError("the file is shorter than when it was opened")
             except OSError as err:
                 raise ValueError(f"cannot read tensor {name!r} from {file}: {err}") from None

@@ -142,7 +142,8 @@ def save_safetensors(
     user = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     if CRC_KEY in user:
         raise ValueError(f"metadata key {CRC_KEY!r} is reserved")
-    limit, shards, sizes = _parse_size(max_shard_size), [[]], [0]
+    limit, sizes = _parse_size(max_shard_size), [0]
+    shards: list[list[Any]] = [[]]
     for name, leaf in leaves.items():
         if (dtype := E.dtype_of(leaf)) not in _DTYPE_NAMES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
@@ -198,8 +199,8 @@ def save_safetensors(
             _sync(staging / INDEX_FILE, json.dumps(record, indent=2).encode())
         dtypes = {dtype for shard in shards for _, _, dtype, _, _ in shard}
         floating = {d for d in dtypes if jnp.issubdtype(d, jnp.floating)}
-        for name in COPIED_FILES if source is not None else ():
-            if (source / name).is_file():
+        for name in COPIED_FILES:
+            if source is not None and (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)
                 if name == "config.json":
                     dtype = floating.pop() if len(floating) == 1 else None

@@ -114,7 +114,7 @@ def _siblings(directory: epath.Path, kind: str) -> list[epath.Path]:
 def _record_contents(staging: epath.Path) -> None:
     """Writes what the staged folder holds, every file with its size and modification
     time, into the folder (see :func:`._targets._added_entries`)."""
-    record = {"entries": contents(staging)} if is_local(staging) else None
+    record: Any = {"entries": contents(staging)} if is_local(staging) else None
     if record is None:  # no lstat on remote file systems: the top-level names
         record = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
     write_synced(staging / _CONTENTS_FILE, json.dumps(record, sort_keys=True))

@@ -106,8 +106,11 @@ def check_target(
             "is not a umtam_jax checkpoint (it is never replaced)"
         )
     if is_local(directory) and os.path.isdir(directory) and not os.listdir(directory):
-        what = "the working directory" if _real(directory) == _real(os.getcwd()) else None
-        what = what or ("a mount point" if os.path.ismount(directory) else "not replaceable")
+        what = (
+            "the working directory"
+            if _real(directory) == _real(os.getcwd())
+            else ("a mount point" if os.path.ismount(directory) else "not replaceable")
+        )
         raise ValueError(
             f"refusing to write checkpoint {directory}: it is an empty folder, but {what} "
             "(a save puts its output in place by renaming a finished folder there, which "

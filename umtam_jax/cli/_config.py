@@ -250,7 +250,9 @@ def build_plan(config: dict[str, Any]) -> Plan:
             if value not in _PRUNE_SCORES:
                 raise ConfigError(f"'scores' must be one of {_PRUNE_SCORES}, got {value!r}")
             continue
-        _check_type(method, spec.param(name), value)
+        param = spec.param(name)
+        assert param is not None  # unknown parameters were refused above
+        _check_type(method, param, value)
 
     for key, name in PER_EXPERT.items():
         _per_expert_values(spec, params, experts, key, name)
@@ -324,7 +326,8 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(config, dict):
             raise ConfigError(f"{args.config} must hold a YAML mapping")
         if _mergekit.is_mergekit(config):
-            config = _mergekit.translate(config, warn=_warn)
+            replaced = {item.partition("=")[0].strip() for item in args.param or ()}
+            config = _mergekit.translate(config, warn=_warn, replaced=replaced)
     for key in ("method", "base", "output", "seed"):
         value = getattr(args, key)
         if value is not None:

@@ -56,7 +56,7 @@ typo) are ignored, as in mergekit, with one warning naming them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from umtam_jax.cli._mergekit_values import check_parameters, number, read_params, scalar
@@ -160,13 +160,19 @@ def _dtype(config: dict[str, Any], key: str) -> str | None:
 KEY = "_mergekit_key"
 
 
-def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+def translate(
+    config: dict[str, Any],
+    warn: Callable[[str], None] | None = None,
+    replaced: Collection[str] = (),
+) -> dict[str, Any]:
     """The native configuration (``method``, ``base``, ``experts``, ...) of a mergekit one.
 
     Args:
       config: the mergekit configuration, as read from its YAML file.
       warn: called with one message listing the keys mergekit would not read (which are
         ignored, as mergekit ignores them); None: no message.
+      replaced: parameters (by the registry's names) whose file values the command line
+        replaces: their range is not checked here, the merge checks the values it gets.
 
     Raises:
       ConfigError: an unsupported key or method, naming it.
@@ -181,7 +187,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         raise ConfigError(f"merge_method {name!r} is not supported; supported: {', '.join(known)}")
     if config.get("tokenizer_source") not in (None, "base"):  # None: mergekit's default, base
         raise ConfigError("'tokenizer_source': only 'base' is supported")
-    registered = METHODS.get(_GTA[name][0] if name in _GTA else name)
+    registered = METHODS[_GTA[name][0] if name in _GTA else name]  # checked just above
     base = config.get("base_model")
     if base is not None or not registered.base_optional:
         base = _model(base, "'base_model'")
@@ -192,12 +198,11 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     typed = (read_global or ()) + (read_per_model or ())  # read as mergekit reads them
     if read_global is not None and name not in _GTA:  # passed by name: the registry's too
         read_global += tuple(p.name for p in registered.params if p.kind not in PER_EXPERT_KINDS)
+    read_top = None  # the keys read under 'parameters' (both None: every key, see _READ)
+    if read_global is not None and read_per_model is not None:
+        read_top = read_global + read_per_model + _ADDED_GLOBAL
     global_params = read_params(
-        config.get("parameters") or {},
-        "parameters",
-        None if read_global is None else read_global + read_per_model + _ADDED_GLOBAL,
-        ignored,
-        typed,
+        config.get("parameters") or {}, "parameters", read_top, ignored, typed
     )
     # Where the file gives each parameter, by the method's name for it, for messages.
     keys = {k: f"parameters.{k}" for k in global_params}
@@ -223,7 +228,8 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
             entries.insert(0, ("'base_model'", {"model": base}))
         base = None
 
-    experts, seen = [], {}
+    experts: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}  # realpath → where the file first names it
     for where, entry in entries:
         if isinstance(entry, str):
             entry = {"model": entry}
@@ -258,7 +264,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
                 f"{where}.parameters: {sorted(unknown, key=str)} not supported per model "
                 f"(only weight, density, {', '.join(_SHARED_PER_MODEL)})"
             )
-        expert = {"path": path, KEY: where}
+        expert: dict[str, Any] = {"path": path, KEY: where}
         for key in ("weight", "density"):
             if key in params:
                 expert[key] = number(params[key], f"{where}.parameters.{key}")
@@ -292,7 +298,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         raise ConfigError(f"parameters.density: merge_method {name!r} takes no density")
     if name not in _GTA:
         out["method"], out["parameters"] = name, {**global_params, **density, **layout}
-        check_parameters(registered, out["parameters"], keys, len(experts))
+        check_parameters(registered, out["parameters"], _unreplaced(keys, replaced), len(experts))
         return out
     method, normalize, rescale = _GTA[name]
     registered = METHODS[method]
@@ -307,9 +313,9 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
             + "".join(f", {k}" for k in _SHARED_PER_MODEL if registered.param(k))
             + ")"
         )
-    unknown = [k for k in own if registered.param(k) is None]
-    if unknown:
-        raise ConfigError(f"merge_method {name!r} takes no {unknown[0]!r}")
+    not_taken = [k for k in own if registered.param(k) is None]
+    if not_taken:
+        raise ConfigError(f"merge_method {name!r} takes no {not_taken[0]!r}")
     parameters: dict[str, Any] = {"scaling": scaling, **own}
     if registered.param("density") is not None:
         parameters["density"] = density.get("density", 1.0)  # mergekit's default density
@@ -336,5 +342,10 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
             parameters["rescale"] = False
     out["method"], out["parameters"] = method, {**parameters, **layout}
     keys = {_GTA_NAMES.get(k, k): key for k, key in keys.items()}  # lambda: scaling, ...
-    check_parameters(registered, out["parameters"], keys, len(experts))
+    check_parameters(registered, out["parameters"], _unreplaced(keys, replaced), len(experts))
     return out
+
+
+def _unreplaced(keys: dict[str, str], replaced: Collection[str]) -> dict[str, str]:
+    """The file keys of the parameters the command line does not replace."""
+    return {name: key for name, key in keys.items() if name not in replaced}

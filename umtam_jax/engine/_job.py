@@ -176,7 +176,7 @@ class Job:
         if not self.passthrough:
             return tree
         leaves, treedef = jax.tree.flatten(tree)
-        if treedef != self._treedef:
+        if treedef != self._treedef:  # type: ignore[operator]
             return tree
         leaves = [None if j in self.passthrough else x for j, x in enumerate(leaves)]
         return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -242,7 +242,9 @@ class Job:
 
     def groups(self, group_bytes: int) -> list[list[int]]:
         """Consecutive leaves in groups of about ``group_bytes`` (at least one leaf each)."""
-        out, current, size = [], [], 0
+        out: list[list[int]] = []
+        current: list[int] = []
+        size = 0
         for j, leaf in enumerate(self.leaves):
             if current and size + leaf.nbytes > group_bytes:
                 out.append(current)
@@ -307,6 +309,7 @@ class Job:
         run the K selections, each with its temporaries, side by side.
         """
         m, p = call.method, call.prepared
+        keep: list[list[Any]] | None
         if m.importance is None:
             keep = pipeline.masks(call, None)
             return self._finish(call, pipeline.combine(call, keep, None))
@@ -319,7 +322,7 @@ class Job:
             return self._finish(
                 call, pipeline.combine(call, pipeline.masks(call, None), [[s] for s in stand_ins])
             )
-        keep: list[list[Any]] = []
+        keep = []
         for t in range(len(p.experts)):
             extra = None if call.extras is None else call.extras[t][0]
             s = m.importance(call.options, p.base[0], p.experts[t][0], extra)
@@ -337,6 +340,7 @@ class Job:
         if not from_scores:
             keep = pipeline.masks(call, scores)
         if scores is None:
+            assert stand_ins is not None  # scores is None only where stand-ins replace them
             scores = [[s] for s in stand_ins]
         return self._finish(call, pipeline.combine(call, keep, scores))
 
@@ -355,6 +359,8 @@ class Job:
         their shapes and dtypes can matter. Any doubt (a trace that fails) answers None.
         """
         m, p = call.method, call.prepared
+        importance = m.importance
+        assert importance is not None  # merge asks only for a method with an importance
         b, ws = p.base[0], [w[0] for w in p.experts]
         extras = None if call.extras is None else [x[0] for x in call.extras]
         signature = [(tuple(x.shape), str(x.dtype)) for x in [b, *ws]]
@@ -368,7 +374,7 @@ class Job:
             try:
                 scores = [
                     jax.eval_shape(
-                        lambda b, w, x: m.importance(call.options, b, w, x),
+                        lambda b, w, x: importance(call.options, b, w, x),
                         b,
                         w,
                         None if extras is None else extras[t],

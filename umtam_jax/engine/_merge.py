@@ -75,6 +75,7 @@ def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
                 for j in group:
                     if j not in job.passthrough:
                         scores = pipeline.importances(job.plan(j, data))
+                        assert scores is not None  # global scope: top-k, with importance
                         yield [scores[t][0] for t in active]
                     bar.update(1)
 

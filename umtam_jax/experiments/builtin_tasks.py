@@ -35,6 +35,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -339,7 +340,7 @@ def build_fortune_topic(seed: int = 0) -> Examples:
 
 
 def _register_builtins() -> None:
-    common = {"cache": True, "version": _BUILTIN_VERSION, "overwrite": True}
+    common: dict[str, Any] = {"cache": True, "version": _BUILTIN_VERSION, "overwrite": True}
     register_task(
         "wn_defmatch",
         build_wn_defmatch,

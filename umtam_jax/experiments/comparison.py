@@ -171,7 +171,12 @@ def summarize(
             missing.append(m)
             continue
         preds[m] = [{t: x[t] for t in tasks} for x in loaded if x is not None]
-    kw = {"normalizers": normalizers, "samples": samples, "level": level, "seed": bootstrap_seed}
+    kw: dict[str, Any] = {
+        "normalizers": normalizers,
+        "samples": samples,
+        "level": level,
+        "seed": bootstrap_seed,
+    }
     rows = []
     for m, p in preds.items():
         recs = [results["runs"][m][str(s)] for s in seeds]

@@ -305,8 +305,9 @@ def _build(spec: TaskSpec, seed: int, use_cache: bool, root: Path) -> Examples |
         return cached
     out = _call_builder(spec.builder, seed)
     if isinstance(out, Mapping) and all(s in out for s in SPLITS):
-        built: Examples | dict = {s: _coerce_examples(out[s]) for s in SPLITS}
-        payload = {"splits": {s: _to_json(built[s]) for s in SPLITS}}
+        splits = {s: _coerce_examples(out[s]) for s in SPLITS}
+        built: Examples | dict = splits
+        payload = {"splits": {s: _to_json(splits[s]) for s in SPLITS}}
     else:
         built = _coerce_examples(out)
         payload = _to_json(built)
@@ -370,7 +371,9 @@ def load_task(
         )
         # The task mirrored as registered now (a plugin may have replaced it since).
         top = source.num_labels - 1
-        mirrored = {s: Examples(ex.texts, top - ex.labels) for s, ex in source.splits.items()}
+        mirrored: dict[str, Any] = {
+            s: Examples(ex.texts, top - ex.labels) for s, ex in source.splits.items()
+        }
         labels = source.label_names[::-1]
         return dataclasses.replace(source, name=spec.name, label_names=labels, **mirrored)
     root = Path(cache_root) if cache_root is not None else cache_dir()

@@ -80,7 +80,7 @@ class Interval:
                 "verdict": self.verdict()}  # fmt: skip
 
 
-def student_t(values: Sequence[float], level: float = 0.95) -> Interval:
+def student_t(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Interval:
     """The mean of independent values with its Student-t interval (n − 1 degrees of
     freedom), e.g. of one statistic over seeds.
 

@@ -25,7 +25,7 @@ __all__ = ["MERGE_METHODS", "MergeMethod", "default_grids", "merge_encoders", "m
 Params = dict[str, Any]
 
 #: What :attr:`MergeMethod.needs` calls each registry extra kind.
-_NEEDS = {
+_NEEDS: dict[str | None, str] = {
     "statistics": "statistics",
     "curvatures": "statistics",
     "fishers": "fisher",
@@ -102,6 +102,11 @@ def default_grids(full: bool = False) -> dict[str, list[dict[str, Any]]]:
         >>> grids["linear"], grids["ties"][0]
         ([{}], {'density': 0.2, 'scaling': 1.0})
     """
+    dens: tuple[float, ...]
+    norm_scale: tuple[float, ...]
+    sum_scale: tuple[float, ...]
+    dare_dens: tuple[float, ...]
+    alphas: tuple[float, ...]
     if full:
         dens = (0.1, 0.2, 0.4)
         norm_scale = (1.0, 1.5, 2.0)

@@ -198,7 +198,7 @@ def summarize_pruning(
         return [{t: a[_key(t, ranking, d)] for t in only} for a in arrays if a is not None]
 
     norm = [{t: max(run["experts"][s][t], 1e-12) for t in tasks} for s in seeds]
-    kw = {"samples": samples, "level": level, "seed": bootstrap_seed}
+    kw: dict[str, Any] = {"samples": samples, "level": level, "seed": bootstrap_seed}
     out: dict[str, Any] = {"mean": {}, "per_task": {t: {} for t in tasks}}
     for d in run["densities"]:
         sal, mag = preds("saliency", d), preds("magnitude", d)

@@ -67,8 +67,8 @@ load_minilm_tokenizer`).
     Returns:
         The :class:`TokenizedTask`.
     """
-    caps = {"train": config.max_train, "validation": config.max_eval, "test": config.test_cap}
-    caps = {k: v for k, v in caps.items() if v is not None}
+    limits = {"train": config.max_train, "validation": config.max_eval, "test": config.test_cap}
+    caps = {k: v for k, v in limits.items() if v is not None}
     task = data_lib.load_task(name, seed=config.seed, max_per_split=caps or None)
     spec = data_lib.get_task(name)
     path = None

@@ -89,6 +89,7 @@ def _check_ota(call: pipeline.Call) -> None:
     V.check_convex_weights(call.options["weights"])
     power = call.options["power"]
     strict = not isinstance(power, jax.core.Tracer) and float(power) < 0
+    assert call.extras is not None  # plan requires the curvatures
     named = [
         (f"curvatures[{i}]{path}", c)
         for i, leaves in enumerate(call.extras)

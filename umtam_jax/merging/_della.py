@@ -31,8 +31,8 @@ def _ranks(x: jax.Array) -> jax.Array:
     rows = jnp.moveaxis(x, 1, -1)
     flat = rows.reshape(-1, rows.shape[-1])
     order = jnp.argsort(flat, axis=1, stable=True)
-    rank = jnp.zeros(flat.shape, jnp.int32).at[jnp.arange(flat.shape[0])[:, None], order]
-    rank = rank.set(jnp.arange(flat.shape[1], dtype=jnp.int32)[None, :], unique_indices=True)
+    slots = jnp.zeros(flat.shape, jnp.int32).at[jnp.arange(flat.shape[0])[:, None], order]
+    rank = slots.set(jnp.arange(flat.shape[1], dtype=jnp.int32)[None, :], unique_indices=True)
     return jnp.moveaxis(rank.reshape(rows.shape), -1, 1)
 
 

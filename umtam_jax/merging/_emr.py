@@ -157,6 +157,8 @@ def emr_task_model(base: Any, emr: EMRMerged, task: int | None) -> Any:
     prepared = V.prepare(base, [base], what="base")  # the base, flattened and checked
     unified = V.leaves_like(emr.unified, prepared, "emr.unified")
     k = len(emr.masks)
+    masks: list[Any]  # all True (the unified vector) or one task's mask leaves
+    scale: float | jax.Array
     if task is None:
         masks, scale = [True] * len(unified), 1.0
     else:

@@ -71,6 +71,7 @@ def _check_fisher(call: pipeline.Call) -> None:
     floor = call.options["fisher_floor"]
     if not isinstance(floor, jax.core.Tracer) and float(floor) < 0:
         raise ValueError(f"fisher_floor must be ≥ 0, got {float(floor)}")
+    assert call.extras is not None  # plan requires the Fishers
     named = [
         (f"fishers[{i}]{path}", f)
         for i, leaves in enumerate(call.extras)

@@ -136,7 +136,7 @@ def input_grams(
         return batch if isinstance(batch, tuple) else (batch,)
 
     if isinstance(model, nnx.Module):
-        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+        graphdef, state, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
         if params is not None and not isinstance(params, nnx.State):
             nnx.replace_by_pure_dict(state, params)
         elif params is not None:

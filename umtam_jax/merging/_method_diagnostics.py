@@ -68,7 +68,7 @@ def _mask_leaves(masks: Any) -> list[list[Any]]:
     return rows
 
 
-def mask_overlap_of(k: int, columns: Iterable[list[Any]]) -> dict[str, Any]:
+def mask_overlap_of(k: int, columns: Iterable[Sequence[Any]]) -> dict[str, Any]:
     """:func:`mask_overlap` of ``columns``: per leaf, the K experts' masks (consumed one
     leaf at a time)."""
     inter = np.zeros((k, k))
@@ -122,16 +122,20 @@ def mask_overlap(masks: Sequence[Any]) -> dict[str, Any]:
     return mask_overlap_of(len(rows), zip(*rows, strict=True))
 
 
-def keep_masks(call: pipeline.Call) -> Iterator[list[Any]]:
+def keep_masks(call: pipeline.Call) -> Iterator[Sequence[Any]]:
     """Per leaf, the K keep masks (all leaves at once only for a global top-k)."""
     m = call.method
     if m.sparsify is None:
         raise ValueError(f"method {m.name!r} has no sparsify step, so no keep masks")
     if m.sparsify == "topk" and call.options.get("scope", "tensor") == "global":
-        yield from zip(*pipeline.masks(call, pipeline.importances(call)), strict=True)
+        every = pipeline.masks(call, pipeline.importances(call))
+        assert every is not None  # a top-k method always has masks
+        yield from zip(*every, strict=True)
         return
     for j in range(len(call.prepared.base)):
-        yield pipeline.leaf_masks(call, j, pipeline.leaf_importances(call, j))
+        leaf = pipeline.leaf_masks(call, j, pipeline.leaf_importances(call, j))
+        assert leaf is not None  # sparsify is "topk" or "bernoulli" (Method checks it)
+        yield leaf
 
 
 def method_masks(
@@ -176,8 +180,13 @@ def _columns(call: pipeline.Call, of: str) -> Iterator[list[Any]]:
     o = call.options
     for j, b in enumerate(call.prepared.base):
         if of == "importances":
-            yield pipeline.leaf_importances(call, j)
-        elif not o["curvature_aggregation"]:
+            scores = pipeline.leaf_importances(call, j)
+            assert scores is not None  # importance_spread_of_call checked the method has them
+            yield scores
+            continue
+        # of="weights": importance_spread_of_call checked the method takes UMTAM statistics.
+        assert call.extras is not None
+        if not o["curvature_aggregation"]:
             yield [np.ones(b.shape)] * len(call.extras)
         else:
             lm, lc = float(o["lambda_momentum"]), float(o["lambda_curvature"])

@@ -176,7 +176,7 @@ def _check_single(method: Method, base: Any, expert: Any) -> None:
     structure = jax.tree.structure(base, is_leaf=_pytrees.is_variable)
     item = jax.tree.structure(expert[0], is_leaf=_pytrees.is_variable)
     whole = jax.tree.structure(expert, is_leaf=_pytrees.is_variable)
-    if whole != structure and item == structure:
+    if whole != structure and item == structure:  # type: ignore[operator]
         raise TypeError(
             f"method {method.name!r} merges one expert with the base: pass the expert's "
             f"pytree, not a list of {len(expert)}"
@@ -246,6 +246,7 @@ def leaf_masks(call: Call, j: int, scores: list[jax.Array] | None) -> list[jax.A
     axes ``scope`` gives the leaf): each expert's keep mask."""
     m, opts, p = call.method, call.options, call.prepared
     if m.sparsify == "topk":
+        assert scores is not None  # a top-k Method has an importance (Method checks it)
         batch = leaf_batch_axes(opts, p.key_paths[j], p.base[j].shape)
         return [sliced_mask(s, d, batch) for s, d in zip(scores, opts["density"], strict=True)]
     if m.sparsify == "bernoulli":
@@ -324,6 +325,7 @@ def masks(call: Call, scores: list[list[jax.Array]] | None) -> list[list[jax.Arr
     ``scope="global"`` the keep count is exact over all the leaves together."""
     m, opts = call.method, call.options
     if m.sparsify == "topk" and opts.get("scope", "tensor") == "global":
+        assert scores is not None  # a top-k Method has an importance (Method checks it)
         return [
             global_masks(list(s), keep_count(sum(x.size for x in s), d))
             for s, d in zip(scores, opts["density"], strict=True)
@@ -379,14 +381,15 @@ def merge(method: str | Method, base: Any, experts: Any, extra: Any = None, **kw
     if not isinstance(method, Method):
         method = get(method)
     call = plan(method, base, experts, extra, kwargs)
-    explain = None if method.explain is None else lambda j: method.explain(call, j)
+    explain_fn = method.explain
+    explain = None if explain_fn is None else lambda j: explain_fn(call, j)
     if method.sparsify == "topk" and call.options.get("scope", "tensor") == "global":
         scores = importances(call)
         return V.rebuild(call.prepared, combine(call, masks(call, scores), scores), explain)
     out = []  # one leaf at a time: no more than one leaf's scores and masks alive
     for j in range(len(call.prepared.base)):
-        scores = leaf_importances(call, j)
-        out.append(leaf_combine(call, j, leaf_masks(call, j, scores), scores))
+        leaf_scores = leaf_importances(call, j)
+        out.append(leaf_combine(call, j, leaf_masks(call, j, leaf_scores), leaf_scores))
     return V.rebuild(call.prepared, out, explain)
 
 

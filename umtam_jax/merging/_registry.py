@@ -117,8 +117,11 @@ class Param:
         name = self.name if name is None else name
         V.check_finite_scalars(**{name: value})
         traced = isinstance(value, jax.core.Tracer)
-        below = not traced and self.low is not None
-        below = below and (float(value) < self.low or self.low_open and float(value) == self.low)
+        below = (
+            not traced
+            and self.low is not None
+            and (float(value) < self.low or self.low_open and float(value) == self.low)
+        )
         if below or not traced and self.high is not None and float(value) > self.high:
             bounds = "(" if self.low_open else "["
             bounds += f"{self.low if self.low is not None else '-inf'}, "
@@ -170,6 +173,15 @@ class Method:
     base_optional: bool = False
     check: Callable[[Call], None] | None = None
     explain: Callable[[Call, int], str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsify not in (None, "topk", "bernoulli"):
+            raise ValueError(
+                f"method {self.name!r}: sparsify must be 'topk', 'bernoulli' or None, got "
+                f"{self.sparsify!r}"
+            )
+        if self.sparsify == "topk" and self.importance is None:
+            raise TypeError(f"method {self.name!r} has sparsify='topk' but no importance to rank")
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

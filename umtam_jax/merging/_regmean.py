@@ -138,6 +138,7 @@ def gram_leaves(tree: Any, prepared: V.Prepared, what: str) -> list[jax.Array | 
 
 def _check(call: pipeline.Call) -> None:
     """Every expert has Grams at the same leaves; concrete weights are usable."""
+    assert call.extras is not None  # plan requires RegMean's grams
     first = call.extras[0]
     for i, leaves in enumerate(call.extras[1:], start=1):
         for path, g0, g in zip(call.prepared.paths, first, leaves, strict=True):
@@ -194,6 +195,7 @@ def _finite_system(base, ws, grams, weights, alpha):
 def _explain(call: pipeline.Call, j: int) -> str | None:
     """A leaf with Grams whose system is finite but whose solution is not: the summed
     Gram is singular (with alpha=1, fewer examples than input features)."""
+    assert call.extras is not None  # plan requires RegMean's grams
     grams = [g[j] for g in call.extras]
     if grams[0] is None:
         return None

@@ -187,9 +187,13 @@ def check_finite(
     flags = read_concrete(arrays, lambda: [_all_finite(x) for x in arrays])
     for i, ((name, x), ok) in enumerate(zip(named_leaves, flags or [], strict=False)):
         if not ok:  # counted where the array lives (it may be sharded or on a device)
-            nans, infs = read_concrete(
-                [x], lambda x=x: [jnp.sum(jnp.isnan(x)), jnp.sum(jnp.isinf(x))]
-            )
+
+            def counts(x: Any = x) -> list[Any]:
+                return [jnp.sum(jnp.isnan(x)), jnp.sum(jnp.isinf(x))]
+
+            read = read_concrete([x], counts)
+            assert read is not None  # x is concrete: its flags were read just above
+            nans, infs = read
             raise ValueError(
                 f"{name} is not finite ({int(nans)} NaN and {int(infs)} infinite of {x.size} "
                 f"values): {problem(i) if callable(problem) else problem}"

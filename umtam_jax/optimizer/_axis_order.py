@@ -72,6 +72,9 @@ def _map_parameter_shaped(state: Any, fn: Any) -> dict[str, Any]:
 def _groups(layout: Layout) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """The parameter axes of the batch, of ``u``/``row`` and of ``v``/``col``."""
     perm, nb = layout.perm, layout.batch_axes
+    # Only factored leaves (row_axes set) kept out of canonical order (perm set) are
+    # regrouped: see _convert.
+    assert perm is not None and layout.row_axes is not None
     k = nb + layout.row_axes
     return perm[:nb], perm[:k], perm[:nb] + perm[k:]
 

@@ -63,6 +63,8 @@ class FactorRequest(NamedTuple):
 
 def _as_matrix(req: FactorRequest) -> jax.Array:
     """The (materialised) momentum of ``req`` as 2-D matrices: the exact SVD's input."""
+    # The exact SVD's requests always carry the materialised M̃ (see factored_request).
+    assert not isinstance(req.operand, LowRankPlusDense)
     if req.row_axes is None:
         return req.operand
     stack = req.u.shape[:-2]

@@ -22,12 +22,15 @@ def init_dense(cfg: Config, param: jax.Array) -> DenseLeafState:
     saliency = jnp.zeros_like(param, buffer_dtype) if cfg.track_saliency else None
     # State arrays live where the parameter lives, partitioned like it.
     spec = _sharding.partition_of(param) or (None,) * param.ndim
-    place = lambda x: None if x is None else _sharding.place_like(x, param, spec)  # noqa: E731
+
+    def place(x: jax.Array) -> jax.Array:
+        return _sharding.place_like(x, param, spec)
+
     return DenseLeafState(
         mu=place(jnp.zeros_like(param, dtype)),
         nu=place(jnp.full_like(param, cfg.eps, dtype)),
-        saliency=place(saliency),
-        initial=place(initial),
+        saliency=None if saliency is None else place(saliency),
+        initial=None if initial is None else place(initial),
     )
 
 
@@ -50,6 +53,8 @@ def update_dense(
     direction = (mu / c1) * jax.lax.rsqrt(nu / c2 + eps_t)
     saliency = None
     if state.saliency is not None:
+        # Saliency and W0 are kept together (check_state_options matches the state to init).
+        assert state.initial is not None
         deviation = jnp.square(w - state.initial.astype(dtype))
         fresh = deviation * jnp.sqrt(nu)
         saliency = (cfg.saliency_decay * state.saliency + (1 - cfg.saliency_decay) * fresh).astype(

@@ -57,6 +57,7 @@ def init_factored(
     initial = place(jnp.array(param, copy=True), spec) if cfg.track_saliency else None
     saliency = place(jnp.zeros_like(param, buffer_dtype), spec) if cfg.track_saliency else None
     nb, r = layout.batch_axes, layout.buffer_rank
+    assert layout.row_axes is not None  # a factored leaf's layout has row axes
     k = nb + layout.row_axes  # batch and row axes: the leading axes of u and row
     batch = param.shape[:nb]
     rows_shape, cols_shape = param.shape[:k], batch + param.shape[k:]
@@ -149,6 +150,7 @@ def factored_request(
     dtype = state.sigma.dtype
     m, n, r = layout.rows, layout.cols, layout.buffer_rank
     g = g.astype(dtype)  # rows + cols: see the module docstring
+    assert layout.row_axes is not None  # a factored leaf's layout has row axes
     row_sq, col_sq, g_norm, half_scale = clipped_square_sums(g, cfg, layout.row_axes)
     w = w.astype(dtype)
     eps_t = adaptive_eps(cfg, g_norm, w)
@@ -225,16 +227,22 @@ def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, 
 
     saliency = None
     if state.saliency is not None:
+        # Saliency and W0 are kept together (check_state_options matches the state to init).
+        assert state.initial is not None
         saliency = factored_saliency(cfg, w, state.saliency, state.initial, row, col)
 
     dense_momentum = None
     if state.dense_momentum is not None:
         # Step 4, E ← M̃ − U Σ Vᵀ (also between refreshes, docs/algorithm.md §2.5), is kept
         # implicit: the state holds M̃ itself, and E = M̃ − U Σ Vᵀ with the new factors.
+        assert m_tilde is not None  # factored_request materialises M̃ with a buffer
         dense_momentum = m_tilde.astype(state.dense_momentum.dtype)
 
     rank = state.rank
     if rank is not None:
+        # A rank is kept only with adaptive_rank (check_state_options matches the state to
+        # init), for which factored_request materialises M̃.
+        assert m_tilde is not None
         frob_sq = jnp.sum(jnp.square(m_tilde))
         rank = next_rank(cfg, rank, stable_rank(frob_sq, top), r, count)
 

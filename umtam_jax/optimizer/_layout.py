@@ -26,7 +26,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import jax
 
@@ -226,11 +226,15 @@ def _positions(spec: int | MatrixAxes, ndim: int) -> tuple[tuple[int, ...], tupl
     batch, rows = spec
     if isinstance(batch, int) and not isinstance(batch, bool):
         batch = tuple(range(batch))
+    # _validated_positions, the only caller, has rejected bools: each field is a count
+    # (made a tuple here) or a tuple of positions.
+    assert isinstance(batch, tuple)
     if isinstance(rows, int) and not isinstance(rows, bool):
         free = [i for i in range(ndim) if i not in {b % ndim for b in batch}]
         if rows > len(free):
             raise ValueError(f"batch + rows exceed the {ndim} axes")
         rows = tuple(free[:rows])
+    assert isinstance(rows, tuple)
     return tuple(batch), tuple(rows)
 
 
@@ -260,7 +264,7 @@ def _validated_positions(
     ``shape`` (see :func:`layout`)."""
     ndim = len(shape)
 
-    def is_int(x: Any) -> bool:
+    def is_int(x: Any) -> TypeGuard[int]:
         return isinstance(x, int) and not isinstance(x, bool)
 
     def is_axes(x: Any) -> bool:
@@ -342,7 +346,7 @@ def layout(
     # A dense leaf only needs its batch axes first (one clipping norm and ε_t per slice).
     dense_perm = tuple(sorted(batch)) + tuple(i for i in identity if i not in batch)
     dense = Layout(None, batch_axes=nb, perm=None if dense_perm == identity else dense_perm)
-    perm = tuple(sorted(batch)) + tuple(sorted(rows)) + cols
+    perm: tuple[int, ...] | None = tuple(sorted(batch)) + tuple(sorted(rows)) + cols
     perm = None if perm == identity else perm
     if not rows or not cols:
         return dense

@@ -198,6 +198,8 @@ def subspace_svd_many(
     for i, (matrix, warm) in enumerate(zip(matrices, warm_starts, strict=True)):
         omega = warm.astype(matrix.dtype)
         if oversampling:
+            if keys is None:
+                raise ValueError("oversampling > 0 needs PRNG keys for the fresh sketch columns")
             shape, dtype = (warm.shape[-2], oversampling), matrix.dtype  # n rows, as V
             normal = functools.partial(jax.random.normal, shape=shape, dtype=dtype)
             for _ in range(keys[i].ndim):  # a stack of matrices draws with a stack of keys

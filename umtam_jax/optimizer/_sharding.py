@@ -55,7 +55,12 @@ def explicit_spec(x: Any) -> tuple | None:
     """The per-axis partition of ``x`` when it is sharded over Explicit mesh axes, else None."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+    if (
+        sharding is None
+        or mesh is None
+        or mesh.empty
+        or AxisType.Explicit not in tuple(mesh.axis_types)
+    ):
         return None
     spec = tuple(sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))
@@ -217,7 +222,7 @@ def keep_like(new: Any, old: Any) -> Any:
         return new
     new_leaves, treedef = jax.tree.flatten(new)
     try:
-        old_leaves = treedef.flatten_up_to(old)
+        old_leaves = treedef.flatten_up_to(old)  # type: ignore[attr-defined]
     except (ValueError, TypeError):  # not alike: nothing to keep
         return new
     out = []
@@ -253,8 +258,8 @@ def place_like(x: jax.Array, param: Any, spec: tuple) -> jax.Array:
     if isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer):
         sharding = getattr(param, "sharding", None)
         if isinstance(sharding, NamedSharding):
-            spec = _canonical(sharding.mesh, spec, x.ndim)
-            return jax.device_put(x, NamedSharding(sharding.mesh, spec))
+            pspec = _canonical(sharding.mesh, spec, x.ndim)
+            return jax.device_put(x, NamedSharding(sharding.mesh, pspec))
         return x
     mesh = _explicit_mesh(param)
     if mesh is not None:
@@ -277,8 +282,13 @@ def partition_of(param: Any) -> tuple | None:
 def _leaf_state_shardings(leaf: Any, sharding: NamedSharding, shape: tuple[int, ...]) -> Any:
     ndim = len(shape)
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    # Every spec below has one entry per axis of its state array.
-    named = lambda *s: NamedSharding(sharding.mesh, _canonical(sharding.mesh, s, len(s)))  # noqa: E731
+
+    # Every spec below has one entry per axis of its state array. The result is typed Any:
+    # a sharding stands in for its state array, in the state's own NamedTuple (a pytree of
+    # the same structure), whose fields are annotated as arrays.
+    def named(*s: Any) -> Any:
+        return NamedSharding(sharding.mesh, _canonical(sharding.mesh, s, len(s)))
+
     full = named(*spec)
     if isinstance(leaf, DenseLeafState):
         return DenseLeafState(
@@ -358,13 +368,16 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
     mesh = jax.tree.leaves(shardings)[0].mesh
     abstract = jax.eval_shape(optimizer.init, params)
     params_def = jax.tree.structure(params)
-    replicated = NamedSharding(mesh, P())
+    # Any: it also stands in for the step counter in ScaleByUmtamState (see named above).
+    replicated: Any = NamedSharding(mesh, P())
 
     # optax.masked / optax.partition leave an optax.MaskedNode where a parameter is not theirs.
     is_masked = lambda n: isinstance(n, optax.MaskedNode)  # noqa: E731
 
     def _is_params_like(n: Any) -> bool:
-        return bool(jax.tree.leaves(n)) and jax.tree.structure(n, is_leaf=is_masked) == params_def
+        if not jax.tree.leaves(n):
+            return False
+        return jax.tree.structure(n, is_leaf=is_masked) == params_def  # type: ignore[operator]
 
     def is_node(n: Any) -> bool:
         return isinstance(n, ScaleByUmtamState) or _is_params_like(n)

@@ -78,7 +78,8 @@ class ScaleByUmtamState(NamedTuple):
         :class:`FactoredLeafState` or :class:`DenseLeafState`.
     """
 
-    count: Array
+    # The field shadows tuple.count (a method), which mypy reports; the public name stays.
+    count: Array  # type: ignore[assignment]
     leaves: Any
 
 
@@ -111,13 +112,13 @@ LeafStatistics = FactoredStatistics | DenseStatistics
 
 
 # The fields a leaf state's mapping form always holds; the others may be dropped when None.
-_REQUIRED_FIELDS = (
+_REQUIRED_FIELDS: tuple[tuple[type[LeafState], frozenset[str]], ...] = (
     (FactoredLeafState, frozenset({"u", "sigma", "v", "row", "col"})),
     (DenseLeafState, frozenset({"mu", "nu"})),
 )
 
 
-def _mapping_kind(x: Any) -> type | None:
+def _mapping_kind(x: Any) -> type[LeafState] | None:
     """The leaf-state class ``x`` is the mapping form of, or ``None``.
 
     A ``flax.nnx.Optimizer`` holds each leaf state as an ``nnx.State`` of its non-``None``

@@ -65,7 +65,7 @@ from umtam_jax.optimizer._layout import (
     layout,
     warn_unstacked,
 )
-from umtam_jax.optimizer._state import ScaleByUmtamState, as_leaf_state
+from umtam_jax.optimizer._state import LeafState, ScaleByUmtamState, as_leaf_state
 
 
 def _leaf_layout(cfg: Config, path: tuple[Any, ...], shape: tuple[int, ...]) -> Layout:
@@ -261,6 +261,7 @@ def _init_leaf(cfg: Config, index: int, path: tuple[Any, ...], param: jax.Array)
     """Leaf ``index``'s initial state, in the parameter's axis order."""
     leaf_layout = _leaf_layout(cfg, path, param.shape)
     canonical = to_canonical(param, leaf_layout.perm)
+    leaf: LeafState
     if leaf_layout.row_axes is None:
         leaf = init_dense(cfg, canonical)
     else:
@@ -323,7 +324,7 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
     pending, requests = [], []  # factored leaves wait for step 3, done for all at once
     for members in leaf_groups(cfg, layouts, grads, param_leaves, leaf_states):
         leaf_layout = layouts[members[0]]
-        args = [(grads[i], param_leaves[i], leaf_states[i]) for i in members]
+        args: list[tuple[Any, ...]] = [(grads[i], param_leaves[i], leaf_states[i]) for i in members]
         if leaf_layout.row_axes is None:
             dense = functools.partial(update_dense, cfg)
             if leaf_layout.batch_axes:  # one clipping norm and ε_t per slice
@@ -342,9 +343,9 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
             view = batch_view(leaf_layout, w)
             if view is not leaf_layout:
                 g, w, leaf_state = merge_batch(leaf_layout, (g, w, leaf_state))
-            keys = batch_keys(view, keys[0], w)
+            stacked_keys = batch_keys(view, keys[0], w)
             mapped = map_batch(view, request_fn, (0, 0, 0, None, 0))
-            request, carry = mapped(g, w, leaf_state, count, keys)
+            request, carry = mapped(g, w, leaf_state, count, stacked_keys)
             leaf_layout = view  # what finishing the leaf maps over
         else:
             if len(members) > 1:  # S and W0 stay per leaf: see factored_saliency

@@ -207,7 +207,8 @@ def gpt_apply(
       (2, 8, 32)
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    return GPT(config).apply(
+    # No mutable collections: apply returns the output alone, not (output, variables).
+    return GPT(config).apply(  # type: ignore[return-value]
         {"params": params}, tokens, deterministic=dropout_rng is None, rngs=rngs
     )
 

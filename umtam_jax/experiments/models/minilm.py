@@ -245,7 +245,8 @@ def encoder_apply(
       (1, 6, 16)
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    return BertEncoder(config).apply(
+    # No mutable collections: apply returns the output alone, not (output, variables).
+    return BertEncoder(config).apply(  # type: ignore[return-value]
         {"params": _to_module_params(params)},
         batch["input_ids"],
         batch["attention_mask"],
