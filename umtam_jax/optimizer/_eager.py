@@ -118,20 +118,22 @@ def _kept_update(key: _Key) -> Callable[..., Any]:
 def _bound_executables() -> None:
     """Drops the least recently used configurations while the kept updates hold more than
     :data:`MAX_EXECUTABLES` executables (the last used one too, if it alone does)."""
+    alone = False  # the last used configuration alone holds too many
     with _kept_lock:
         total = _executables()
         while total > MAX_EXECUTABLES:
-            if len(_kept) == 1:
-                warnings.warn(
-                    f"UMTAM's eager update of one configuration has compiled more than "
-                    f"{MAX_EXECUTABLES} input signatures (the shapes, dtypes or placements of "
-                    "its inputs change between calls): its compilations are dropped, so "
-                    "each new signature compiles again. Call the update inside your own "
-                    "jax.jit, or keep its inputs' signatures fixed.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+            alone = alone or len(_kept) == 1
             total -= _kept.pop(next(iter(_kept)))._cache_size()
+    if alone:  # outside the lock: a warning turned into an error leaves the cache whole
+        warnings.warn(
+            f"UMTAM's eager update of one configuration has compiled more than "
+            f"{MAX_EXECUTABLES} input signatures (the shapes, dtypes or placements of its "
+            "inputs change between calls): its compilations are dropped, so each new "
+            "signature compiles again. Call the update inside your own jax.jit, or keep "
+            "its inputs' signatures fixed.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _executables() -> int:
