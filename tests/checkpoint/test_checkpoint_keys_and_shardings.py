@@ -189,6 +189,24 @@ def test_non_numeric_leaves_are_still_refused_naming_the_leaf(tmp_path):
     assert E.dtype_of(jax.random.key(0)) == jax.random.key(0).dtype  # no NumPy TypeError
 
 
+def test_a_streaming_save_refuses_a_key_up_front_naming_the_leaf(tmp_path):
+    """save_params_streaming stores numeric arrays: a key leaf of abstract_params (abstract
+    or an array) is one TypeError before anything is produced or written (a key produced
+    was JAX's TypeError naming no leaf)."""
+    key = jax.random.key(3)
+    produced = []
+
+    def produce(i):
+        produced.append(i)
+        return key if i == 0 else np.ones(2, np.float32)
+
+    for k in (jax.ShapeDtypeStruct((), key.dtype), key):
+        like = {"k": k, "w": jax.ShapeDtypeStruct((2,), np.float32)}
+        with pytest.raises(TypeError, match=r"leaf \['k'\] .* is a PRNG key.*save_checkpoint"):
+            checkpoint.save_params_streaming(tmp_path / "ck", like, produce)
+    assert produced == [] and not (tmp_path / "ck").exists()
+
+
 def _edit_metadata(path, edit):
     """Edits the metadata record and its CRC in the checksum record to match: a
     checkpoint written so, not a damaged one."""

@@ -214,31 +214,93 @@ def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_temporary(
     assert (tmp_path / "new" / "f.txt").read_bytes() == b"x"
 
 
-def test_a_killed_atomic_writes_temporary_is_deleted_by_the_next_write(tmp_path):
+def test_a_killed_atomic_writes_temporary_is_deleted_by_the_next_write(tmp_path, monkeypatch):
     """A process killed while writing left its temporary sibling for ever; the next write
-    of the path deletes it when the process no longer runs on this host, and keeps a
-    running process's, another host's, another file's and any other file."""
-    import socket
+    of the path deletes it when nobody holds its lock (the writer's lock died with it, in
+    whatever PID namespace or container it ran), and keeps a live writer's (locked), one
+    it cannot delete, another file's and any other name."""
+    import fcntl
     import subprocess
     import sys
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    host = socket.gethostname()
-    killed = tmp_path / f".table.md.{host}-{dead.pid}.abcd_123.tmp"
+    path = tmp_path / "table.md"
+    unlocked = tmp_path / ".table.md.abcd_123.tmp"  # never locked
+    killed = tmp_path / ".table.md.k1lled_9.tmp"  # its writer locked it and exited
+    live = tmp_path / ".table.md.live_123.tmp"  # a running writer holds its lock
+    stuck = tmp_path / ".table.md.stuck_12.tmp"  # cannot be deleted (EPERM)
     kept = [
-        tmp_path / f".table.md.{host}-1.abcd_123.tmp",  # pid 1 runs
-        tmp_path / f".table.md.{host}x-{dead.pid}.abcd_123.tmp",  # another host
-        tmp_path / f".other.md.{host}-{dead.pid}.abcd_123.tmp",  # another file's
-        tmp_path / f".table.md.{host}-{dead.pid}.abcd_123.tmp.keep",  # not the pattern
+        live,
+        stuck,
+        tmp_path / ".table.md.ABCD_123.tmp",  # not mkstemp's characters
+        tmp_path / ".table.md.abc_123.tmp",  # 7 characters
+        tmp_path / ".other.md.abcd_123.tmp",  # another file's
+        tmp_path / ".table.md.abcd_123.tmp.keep",  # not the pattern
     ]
-    for p in [killed, *kept]:
+    for p in [unlocked, killed, *kept]:
         p.write_bytes(b"partial")
-    store.write_atomic(tmp_path / "table.md", lambda f: f.write(b"new"))
-    assert not killed.exists() and all(p.exists() for p in kept)
+    lock_and_exit = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'rb+'), fcntl.LOCK_EX)"
+    subprocess.run([sys.executable, "-c", lock_and_exit, os.fspath(killed)], check=True)
+    # flock locks belong to an open file description: a second open conflicts with this
+    # one as another process's would.
+    held = os.open(live, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    real_unlink = os.unlink
+
+    def unlink(p, *args, **kwargs):
+        if os.fspath(p).endswith(stuck.name):
+            raise PermissionError(errno.EPERM, "Operation not permitted", os.fspath(p))
+        return real_unlink(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    try:
+        store.write_atomic(path, lambda f: f.write(b"new"))
+    finally:
+        os.close(held)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["table.md", *(p.name for p in kept)]
     )
+    store.write_atomic(path, lambda f: f.write(b"newer"))  # its writer is gone now
+    assert not live.exists() and path.read_bytes() == b"newer"
+
+
+def test_an_atomic_write_survives_a_cleaner_and_writes_a_long_name(tmp_path, monkeypatch):
+    """A cleaner deleting the new temporary file before the writer locked it makes the
+    writer start again with a new one; a 240-character name (the temporary file's adds 14)
+    is written."""
+    import tempfile
+
+    real_mkstemp, made = tempfile.mkstemp, []
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        made.append(name)
+        if len(made) == 1:
+            os.unlink(name)  # as another write's cleanup would, before our lock
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    store.write_atomic(tmp_path / "r.json", lambda f: f.write(b"{}"))
+    monkeypatch.undo()
+    assert len(made) == 2 and (tmp_path / "r.json").read_bytes() == b"{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    long = tmp_path / ("n" * 236 + ".txt")
+    store.write_atomic(long, lambda f: f.write(b"x"))
+    store.write_atomic(long, lambda f: f.write(b"y"))
+    assert long.read_bytes() == b"y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", long.name])
+    assert not store._WRITING  # forgotten once written
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    store.write_atomic(tmp_path / "r.json", lambda f: f.write(b"[]"))
+    monkeypatch.undo()
+    assert re.fullmatch(r".*/\.r\.json\.u[a-z0-9_]{8}\.tmp", made[-1])  # no cleanup's
+    assert (tmp_path / "r.json").read_bytes() == b"[]" and len(list(tmp_path.iterdir())) == 2
 
 
 def test_an_atomic_write_keeps_permissions_flushes_the_folder_and_names_its_file(

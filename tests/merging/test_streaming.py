@@ -451,3 +451,28 @@ def test_a_job_names_extras_it_cannot_read(ckpts):
     base, expert = (engine.OrbaxSource(p[k], k) for k in ("base", "e0"))
     with pytest.raises(ValueError, match="extras must be 'statistics'.*not 'fisher'"):
         engine.Job(merging.METHODS["fisher"], base, [expert], "fisher", {})  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_holding_a_prng_key_is_refused_naming_the_leaf(tmp_path, capsys):
+    """A typed PRNG key (savable since format version 4) has nothing to merge: opening
+    such a checkpoint is one error naming it and the leaf (it was NumPy's TypeError
+    "Cannot interpret 'key<fry>' as a data type", naming neither), in every mode."""
+    from umtam_jax.cli.merge import main
+
+    w = {"w": np.ones(4, np.float32)}
+    base = checkpoint.save_checkpoint(tmp_path / "base", w)
+    keyed = checkpoint.save_checkpoint(tmp_path / "keyed", {**w, "rng": jax.random.key(0)})
+    out = tmp_path / "out"
+    refused = rf"cannot merge expert 0's checkpoint {keyed}: its leaf \['rng'\] is a PRNG key"
+    for fmt in ("orbax", "safetensors"):
+        with pytest.raises(ValueError, match=refused):
+            engine.merge_checkpoints("task_arithmetic", base, [keyed], out, output_format=fmt)
+    with pytest.raises(ValueError, match=r"the base checkpoint .*: its leaf \['rng'\]"):
+        engine.merge_checkpoints("task_arithmetic", keyed, [base], out)
+    assert not out.exists()
+    common = ["--method", "task_arithmetic", "--base", str(base), "--expert", str(keyed)]
+    for mode in ([], ["--in-memory"], ["--dry-run"]):
+        assert main([*common, *mode, "--no-progress", "-o", str(out)]) != 0
+        err = capsys.readouterr().err
+        assert "its leaf ['rng'] is a PRNG key" in err and str(keyed) in err, err
+    assert not out.exists()

@@ -45,7 +45,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _safety, _save, _targets
+from umtam_jax.checkpoint import _integrity, _keys, _safety, _save, _targets
 
 __all__ = ["save_params_streaming"]
 
@@ -246,7 +246,9 @@ def save_params_streaming(
     that leaf's shape and dtype. While it computes leaf ``i + 1``, Orbax (in a background
     thread) writes leaf ``i``; at most one more produced array waits, so about two output
     leaves are held at a time. An exception raised by ``produce`` aborts the save (nothing
-    is left at ``directory``) and is re-raised.
+    is left at ``directory``) and is re-raised. The leaves are numeric arrays: a typed PRNG
+    key (``jax.random.key``) is refused before anything is produced; a tree holding keys
+    is saved with :func:`~umtam_jax.checkpoint.save_checkpoint`.
 
     Args:
       directory: the checkpoint directory to create.
@@ -262,7 +264,8 @@ def save_params_streaming(
 
     Raises:
       FileExistsError: ``directory`` exists and ``overwrite`` is False.
-      TypeError: unserialisable metadata or non-array leaves.
+      TypeError: unserialisable metadata, non-array leaves, or a typed PRNG key leaf
+        (named).
       ValueError: no array leaves, or ``produce`` returned a wrong shape or dtype.
 
     Example:
@@ -278,6 +281,13 @@ def save_params_streaming(
       Orbax checkpointing, https://orbax.readthedocs.io
     """
     directory = F._absolute(directory)
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        if _keys.is_key(leaf):
+            raise TypeError(
+                f"leaf {jax.tree_util.keystr(keypath)} of abstract_params is a PRNG key "
+                f"({leaf.dtype}): a streaming save stores numeric arrays; save a tree "
+                "with keys with save_checkpoint (or stream the parameters without it)"
+            )
     _targets.check_target(directory, overwrite=overwrite)
     enc = E.encode(abstract_params, F.PARAMS)
     if not enc.leaves:

@@ -17,7 +17,7 @@ def check_wide_floats(
 ) -> None:
     """A float64 merge needs JAX's x64 mode: without it JAX computes (and would write)
     float32 values, silently. One error naming the tensor or option instead."""
-    if jax.config.jax_enable_x64:
+    if jax.config.jax_enable_x64:  # type: ignore[attr-defined]
         return
     fix = "merge in float32 (dtype float32), or run with JAX_ENABLE_X64=1"
     for name, option in (("dtype", dtype), ("out_dtype", out_dtype)):

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import jax
 import numpy as np
 
 from umtam_jax import _json
@@ -46,6 +47,12 @@ class OrbaxSource:
     Args:
       directory: the checkpoint directory.
       what: how messages name it (``"the base"``, ``"expert 1"``).
+
+    Raises:
+      FileNotFoundError: no checkpoint at ``directory``.
+      ValueError: its parameters hold a typed PRNG key (``jax.random.key``, e.g. an
+        ``nnx.Rngs`` stream of ``nnx.state(model)``), which has nothing to merge; the
+        message names the leaf.
     """
 
     def __init__(self, directory: str | os.PathLike, what: str):
@@ -60,9 +67,26 @@ class OrbaxSource:
             ) from None
         self.location = os.fspath(self.reader.directory)
         self.directory = self.folder = self.reader.directory
+        self._refuse_keys(what)
         self._paths = self.reader.leaf_paths("params")
         # A bare-array params tree is stored under "value"; its statistics node is the root.
         self._root_array = self.reader.structure("params")["t"] == "root_array"
+
+    def _refuse_keys(self, what: str) -> None:
+        """Raises ValueError naming the first typed PRNG key leaf of the parameters: the
+        reader gives its abstract leaf a key dtype but reads its ``uint32`` key data, and
+        a key is no number to merge."""
+        from umtam_jax.checkpoint import _keys
+
+        flat = jax.tree_util.tree_flatten_with_path(self.reader.abstract("params"))[0]
+        keys = [jax.tree_util.keystr(kp) for kp, x in flat if _keys.is_key(x)]
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ValueError(
+                f"cannot merge {what} checkpoint {self.location}: its leaf {keys[0]}{more} "
+                "is a PRNG key (jax.random.key), which has nothing to merge; merge the "
+                "parameters without it, e.g. save nnx.state(model, nnx.Param)"
+            )
 
     def abstract(self) -> Any:
         return self.reader.abstract("params")

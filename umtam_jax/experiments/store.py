@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
 import re
-import socket
 import stat
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -61,9 +62,17 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     """Writes a file atomically: ``write(f)`` fills a temporary sibling, then it replaces
     ``path`` (``os.replace``), so ``path`` holds the old content or the new, never a part.
     The data and then the folder are flushed to the disk; a replaced file keeps its
-    permissions. A system error of the write is an ``OSError`` naming ``path``. The
-    temporary file is named after this host and process (``.NAME.HOST-PID.*.tmp``); one
-    left by a killed process of this host is deleted by the next write of ``path``.
+    permissions. A system error of the write is an ``OSError`` naming ``path``.
+
+    The temporary file, ``.NAME.XXXXXXXX.tmp`` (8 random characters of
+    :func:`tempfile.mkstemp`), is locked by its writer (``fcntl.flock``) from its creation
+    to the replace. Before writing, the temporary files of ``path`` that nobody locks are
+    deleted: a killed writer's lock died with it, whatever host, container or PID
+    namespace it ran in, so these are the leftovers of killed writes, never the file of a
+    write in progress (even one that shares a host name but not the PID namespace). A
+    leftover that cannot be deleted (another user's in a shared folder) is kept and does
+    not fail the write. Where the file system refuses locks, the temporary file is named
+    ``.NAME.uXXXXXXXX.tmp``, which no cleanup deletes.
 
     Args:
         path: the file to write; its folder is created if missing.
@@ -83,51 +92,125 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _delete_killed_writes(path)
-        prefix = f".{path.name}.{socket.gethostname()}-{os.getpid()}."
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        fd, tmp = _locked_temporary(path)
+        made = tmp
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its mode
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask  # as a plain open() would (mkstemp makes it 0600)
-        os.chmod(tmp, mode)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            with os.fdopen(fd, "wb") as f:  # closed, so unlocked, after the replace
+                try:
+                    mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps it
+                except FileNotFoundError:
+                    umask = os.umask(0)
+                    os.umask(umask)
+                    mode = 0o666 & ~umask  # as a plain open() would (mkstemp makes 0600)
+                os.fchmod(fd, mode)
+                write(f)
+                f.flush()
+                os.fsync(fd)
+                os.replace(tmp, path)
+                tmp = None
+        finally:
+            _WRITING.discard(made)
         _files.fsync_dir(path.parent)
     except BaseException as err:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename in (None, tmp, os.fspath(path.parent)):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and (
+            err.filename in (None, tmp, os.fspath(path.parent))
+            or _is_temporary_of(path, err.filename)
+        ):
             raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
         raise
     return path
 
 
-def _delete_killed_writes(path: Path) -> None:
-    """Deletes the temporary files of :func:`write_atomic` calls for ``path`` whose process,
-    on this host, no longer runs (a process of another host sharing the folder, or one
-    still running, keeps its file)."""
-    mine = re.compile(
-        re.escape(f".{path.name}.{socket.gethostname()}-") + r"(\d+)\.[A-Za-z0-9_]{8}\.tmp"
+# The temporary files this process is writing: its other threads' cleanups skip them (on
+# NFS a flock is a POSIX lock, which does not keep out the process that holds it).
+_WRITING: set[str] = set()
+# Held while a thread makes and locks a temporary file, or checks and deletes one.
+_IN_PROCESS = threading.Lock()
+
+
+def _is_temporary_of(path: Path, name: Any) -> bool:
+    """Whether ``name`` (an error's file name) is a temporary sibling of ``path``."""
+    return (
+        isinstance(name, str)
+        and os.path.dirname(name) == os.fspath(path.parent)
+        and os.path.basename(name).startswith(f".{path.name}.")
+        and name.endswith(".tmp")
     )
-    for entry in path.parent.iterdir():
-        found = mine.fullmatch(entry.name)
-        if found and not _runs(int(found.group(1))):
-            entry.unlink(missing_ok=True)
 
 
-def _runs(pid: int) -> bool:
+def _locked_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary sibling of ``path``: its descriptor, locked, and its name.
+
+    A cleanup may delete the file between its creation and the lock (nobody held it yet):
+    then another one is made. Where the file system refuses the lock, the file is made
+    again under a name no cleanup matches (``.NAME.uXXXXXXXX.tmp``), unlocked.
+    """
+    prefix, folder = f".{path.name}.", path.parent
+    while True:
+        with _IN_PROCESS:
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits only for a cleanup that holds it
+            except OSError:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                fd, tmp = tempfile.mkstemp(prefix=f"{prefix}u", suffix=".tmp", dir=folder)
+                return fd, tmp
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            if os.fstat(fd).st_nlink > 0:
+                tmp = os.path.abspath(tmp)
+                _WRITING.add(tmp)
+                return fd, tmp
+        os.close(fd)  # a cleanup deleted it before we locked it: make another
+
+
+def _delete_killed_writes(path: Path) -> None:
+    """Deletes the temporary files of :func:`write_atomic` calls for ``path``
+    (``.NAME.XXXXXXXX.tmp``) that no writer locks, their writers having been killed. Each
+    is deleted while this process holds its lock, and only if its name still refers to the
+    locked file (not to one a write since moved into place, nor to a new write's). One
+    another process locks, or that cannot be opened, locked or deleted, is kept: the
+    cleanup never fails the write."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp", re.DOTALL)
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            name = os.path.abspath(entry.path)
+            if pattern.fullmatch(entry.name) and name not in _WRITING:
+                with contextlib.suppress(OSError), _IN_PROCESS:
+                    if name not in _WRITING:
+                        _delete_unlocked(name)
+
+
+def _delete_unlocked(name: str) -> None:
+    """Deletes the regular file ``name`` if no process locks it (``flock``)."""
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never a link's target; no wait
+    fd = os.open(name, os.O_RDONLY | flags)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno != errno.EBADF:
+                return  # its writer holds the lock (EWOULDBLOCK), or there are no locks
+            # NFS takes an exclusive flock only on a file open for writing.
+            os.close(fd)
+            fd = -1
+            fd = os.open(name, os.O_RDWR | flags)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _files._names_file(name, fd):  # else moved into place, or a new write's
+            os.unlink(name)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 @contextlib.contextmanager
