@@ -224,17 +224,18 @@ def test_a_killed_atomic_writes_temporary_is_deleted_by_the_next_write(tmp_path,
     import sys
 
     path = tmp_path / "table.md"
-    unlocked = tmp_path / ".table.md.abcd_123.tmp"  # never locked
-    killed = tmp_path / ".table.md.k1lled_9.tmp"  # its writer locked it and exited
-    live = tmp_path / ".table.md.live_123.tmp"  # a running writer holds its lock
-    stuck = tmp_path / ".table.md.stuck_12.tmp"  # cannot be deleted (EPERM)
+    unlocked = tmp_path / ".table.md.umtam-abcd_123.tmp"  # never locked
+    killed = tmp_path / ".table.md.umtam-k1lled_9.tmp"  # its writer locked it and exited
+    live = tmp_path / ".table.md.umtam-live_123.tmp"  # a running writer holds its lock
+    stuck = tmp_path / ".table.md.umtam-stuck_12.tmp"  # cannot be deleted (EPERM)
     kept = [
         live,
         stuck,
-        tmp_path / ".table.md.ABCD_123.tmp",  # not mkstemp's characters
-        tmp_path / ".table.md.abc_123.tmp",  # 7 characters
-        tmp_path / ".other.md.abcd_123.tmp",  # another file's
-        tmp_path / ".table.md.abcd_123.tmp.keep",  # not the pattern
+        tmp_path / ".table.md.umtam-ABCD_123.tmp",  # not mkstemp's characters
+        tmp_path / ".table.md.umtam-abc_123.tmp",  # 7 characters
+        tmp_path / ".table.md.backup01.tmp",  # a user's own: no marker
+        tmp_path / ".other.md.umtam-abcd_123.tmp",  # another file's
+        tmp_path / ".table.md.umtam-abcd_123.tmp.keep",  # not the pattern
     ]
     for p in [unlocked, killed, *kept]:
         p.write_bytes(b"partial")
@@ -267,7 +268,7 @@ def test_a_killed_atomic_writes_temporary_is_deleted_by_the_next_write(tmp_path,
 
 def test_an_atomic_write_survives_a_cleaner_and_writes_a_long_name(tmp_path, monkeypatch):
     """A cleaner deleting the new temporary file before the writer locked it makes the
-    writer start again with a new one; a 240-character name (the temporary file's adds 14)
+    writer start again with a new one; a 235-character name (the temporary file's adds 20)
     is written."""
     import tempfile
 
@@ -285,7 +286,7 @@ def test_an_atomic_write_survives_a_cleaner_and_writes_a_long_name(tmp_path, mon
     monkeypatch.undo()
     assert len(made) == 2 and (tmp_path / "r.json").read_bytes() == b"{}"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
-    long = tmp_path / ("n" * 236 + ".txt")
+    long = tmp_path / ("n" * 231 + ".txt")
     store.write_atomic(long, lambda f: f.write(b"x"))
     store.write_atomic(long, lambda f: f.write(b"y"))
     assert long.read_bytes() == b"y"
@@ -299,7 +300,7 @@ def test_an_atomic_write_survives_a_cleaner_and_writes_a_long_name(tmp_path, mon
     monkeypatch.setattr(store.fcntl, "flock", no_locks)
     store.write_atomic(tmp_path / "r.json", lambda f: f.write(b"[]"))
     monkeypatch.undo()
-    assert re.fullmatch(r".*/\.r\.json\.u[a-z0-9_]{8}\.tmp", made[-1])  # no cleanup's
+    assert re.fullmatch(r".*/\.r\.json\.umtam-u[a-z0-9_]{8}\.tmp", made[-1])  # no cleanup's
     assert (tmp_path / "r.json").read_bytes() == b"[]" and len(list(tmp_path.iterdir())) == 2
 
 

@@ -93,7 +93,8 @@ def raise_damage_found_anywhere(
 ) -> None:
     """Raises ``damage``, or, in a multi-process run, the damage any process found (each
     process checks only the shards it reads; one that found none would go on alone and
-    wait for the others at its next collective). Every process calls it."""
+    wait for the others at its next collective). Every process calls it, after the
+    checksums of the arrays it read (all of them got past Orbax's read and its barrier)."""
     if _processes.count() > 1:
         found = _processes.gather(b"" if damage is None else str(damage).encode())
         where = [i for i, message in enumerate(found) if message]

@@ -64,7 +64,7 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     The data and then the folder are flushed to the disk; a replaced file keeps its
     permissions. A system error of the write is an ``OSError`` naming ``path``.
 
-    The temporary file, ``.NAME.XXXXXXXX.tmp`` (8 random characters of
+    The temporary file, ``.NAME.umtam-XXXXXXXX.tmp`` (8 random characters of
     :func:`tempfile.mkstemp`), is locked by its writer (``fcntl.flock``) from its creation
     to the replace. Before writing, the temporary files of ``path`` that nobody locks are
     deleted: a killed writer's lock died with it, whatever host, container or PID
@@ -72,7 +72,8 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     write in progress (even one that shares a host name but not the PID namespace). A
     leftover that cannot be deleted (another user's in a shared folder) is kept and does
     not fail the write. Where the file system refuses locks, the temporary file is named
-    ``.NAME.uXXXXXXXX.tmp``, which no cleanup deletes.
+    ``.NAME.umtam-uXXXXXXXX.tmp``, which no cleanup deletes. (The marker keeps a user's
+    own ``.NAME.backup01.tmp`` out of the cleanup's pattern.)
 
     Args:
         path: the file to write; its folder is created if missing.
@@ -129,6 +130,18 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
 _WRITING: set[str] = set()
 # Held while a thread makes and locks a temporary file, or checks and deletes one.
 _IN_PROCESS = threading.Lock()
+# In the temporary files' names, between the file's name and the random characters.
+_MARKER = "umtam-"
+
+
+def _reset_after_fork() -> None:
+    """A forked child starts with this lock free (its holder thread was not copied)."""
+    global _IN_PROCESS
+    _IN_PROCESS = threading.Lock()
+    _WRITING.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _is_temporary_of(path: Path, name: Any) -> bool:
@@ -146,14 +159,19 @@ def _locked_temporary(path: Path) -> tuple[int, str]:
 
     A cleanup may delete the file between its creation and the lock (nobody held it yet):
     then another one is made. Where the file system refuses the lock, the file is made
-    again under a name no cleanup matches (``.NAME.uXXXXXXXX.tmp``), unlocked.
+    again under a name no cleanup matches (``.NAME.umtam-uXXXXXXXX.tmp``), unlocked. The
+    lock is never waited for (a cleanup holding it for an instant makes this try another
+    file), so no thread waits on another process while it holds this process's lock.
     """
-    prefix, folder = f".{path.name}.", path.parent
+    prefix, folder = f".{path.name}.{_MARKER}", path.parent
     while True:
         with _IN_PROCESS:
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # waits only for a cleanup that holds it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a cleanup holds it: it deletes it, make another
+                os.close(fd)
+                continue
             except OSError:
                 os.close(fd)
                 with contextlib.suppress(OSError):
@@ -174,12 +192,12 @@ def _locked_temporary(path: Path) -> tuple[int, str]:
 
 def _delete_killed_writes(path: Path) -> None:
     """Deletes the temporary files of :func:`write_atomic` calls for ``path``
-    (``.NAME.XXXXXXXX.tmp``) that no writer locks, their writers having been killed. Each
+    (``.NAME.umtam-XXXXXXXX.tmp``) that no writer locks, their writers having been killed. Each
     is deleted while this process holds its lock, and only if its name still refers to the
     locked file (not to one a write since moved into place, nor to a new write's). One
     another process locks, or that cannot be opened, locked or deleted, is kept: the
     cleanup never fails the write."""
-    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp", re.DOTALL)
+    pattern = re.compile(re.escape(f".{path.name}.{_MARKER}") + r"[a-z0-9_]{8}\.tmp", re.DOTALL)
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
         for entry in entries:
             name = os.path.abspath(entry.path)
