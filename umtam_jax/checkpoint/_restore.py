@@ -157,7 +157,9 @@ def restore_params(
       target: optional pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. from
         ``jax.eval_shape``) with the saved structure and shapes: the result takes its tree
         structure, dtypes and shardings (leaves without a sharding go to the first local
-        device).
+        device). A narrower dtype of the same kind rounds, as Orbax does (a float32 leaf
+        into a bfloat16 target); another kind (float into int) is refused, and so is a
+        value the target's dtype cannot hold (an int into float16 past its largest).
       verify: check every array against the checksums recorded at save time (the
         default); False skips that pass for trusted, fast paths.
 
