@@ -307,8 +307,8 @@ def test_a_failed_read_prints_no_closed_event_loop_callbacks(tmp_path, capfd, mo
     (in about a third of such reads). Other unraisable exceptions still reach the hook."""
     seen: list = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)  # both restored after the test
-    monkeypatch.setattr(_closed_loop, "_previous_hook", None)
-    monkeypatch.setattr(_closed_loop, "_first_previous", None)
+    monkeypatch.setattr(_closed_loop, "_installed", False)
+    monkeypatch.setattr(_closed_loop, "_wrapped", None)
     paths = []
     for k in range(12):
         params = {f"w{i}": np.ones((64, 48), np.float32) for i in range(8)}
@@ -337,9 +337,9 @@ def test_a_failed_read_prints_no_closed_event_loop_callbacks(tmp_path, capfd, mo
     other = ValueError("another library's")
     sys.unraisablehook(SimpleNamespace(exc_value=other, exc_traceback=None))
     assert [u.exc_value for u in seen] == [other]
-    # A hook installed later that calls its predecessor (this one), then another read: the
-    # hook is chained again on top. Each other exception reaches both hooks once (it
-    # looped between them until RecursionError).
+    # A hook installed later that calls its predecessor (this one), then another read:
+    # each other exception reaches both hooks once (it looped between them until
+    # RecursionError when a read chained this hook again on top).
     wrapped, previous = [], sys.unraisablehook
     sys.unraisablehook = lambda u: (wrapped.append(u), previous(u))
     with pytest.raises(checkpoint.CheckpointCorruptError):

@@ -19,11 +19,8 @@ from collections.abc import Iterator
 from typing import Any
 
 _lock = threading.Lock()
-_readers = 0  # reads running now
-_sticky = False  # a read has failed: its callbacks may come at any later time
-_previous_hook: Any = None  # the hook this one passes the others to
-_first_previous: Any = None  # the hook it wrapped when first installed
-_passing = threading.local()
+_installed = False
+_wrapped: Any = None  # the hook that was current when this one was chained
 
 
 def _is_closed_loop_callback(unraisable: Any) -> bool:
@@ -35,42 +32,21 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
 
 
 def _drop_closed_loop_callbacks(unraisable: Any) -> None:
-    if _is_closed_loop_callback(unraisable):
-        return
-    if getattr(_passing, "on", False):
-        # Back here through a hook installed after this one that calls its predecessor
-        # (this hook): pass it to the hook this one first wrapped, ending the chain.
-        (_first_previous or sys.__unraisablehook__)(unraisable)
-        return
-    _passing.on = True
-    try:
-        (_previous_hook or sys.__unraisablehook__)(unraisable)
-    finally:
-        _passing.on = False
+    if not _is_closed_loop_callback(unraisable):
+        (_wrapped or sys.__unraisablehook__)(unraisable)
 
 
 @contextlib.contextmanager
 def orbax_reading() -> Iterator[None]:
     """Runs an Orbax read with the hook chained (see the module's docstring).
 
-    The hook is chained while reads run and removed after the last one, unless one has
-    failed: reads Orbax left running may complete after the caller has its error, so it
-    then stays chained. A hook installed later that calls its predecessor (this one)
-    reaches the hook this one wrapped first, once.
+    The hook is chained once per process, at its first read, over the hook current then,
+    and stays: the callbacks of a failed read may come at any later time. A hook
+    installed later replaces it, or chains it by calling its predecessor.
     """
-    global _readers, _sticky, _previous_hook, _first_previous
+    global _installed, _wrapped
     with _lock:
-        if sys.unraisablehook is not _drop_closed_loop_callbacks:
-            _previous_hook, sys.unraisablehook = sys.unraisablehook, _drop_closed_loop_callbacks
-            _first_previous = _first_previous or _previous_hook
-        _readers += 1
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        with _lock:
-            _readers -= 1
-            _sticky = _sticky or failed
-            if not (_readers or _sticky) and sys.unraisablehook is _drop_closed_loop_callbacks:
-                sys.unraisablehook, _previous_hook = _previous_hook, None
+        if not _installed:
+            _wrapped, sys.unraisablehook = sys.unraisablehook, _drop_closed_loop_callbacks
+            _installed = True
+    yield
