@@ -1,7 +1,9 @@
 """One process of a two-process CPU "pod" (2 devices each) saving and restoring a
 checkpoint whose arrays no process sees whole: run by test_checkpoint_multiprocess.py.
 
-Usage: ``python multiprocess_worker.py PROCESS_ID PORT DIRECTORY {save,restore}``.
+Usage: ``python multiprocess_worker.py PROCESS_ID PORT DIRECTORY MODE``, MODE one of
+``save``, ``restore`` (the saved sharding) and ``restore_coarse`` (column blocks twice
+as wide, each holding two saved shards).
 """
 
 import os
@@ -24,6 +26,8 @@ def main(process: int, port: str, directory: str, mode: str) -> None:
     from umtam_jax import checkpoint
 
     mesh = jax.make_mesh((4,), ("model",))
+    if mode == "restore_coarse":  # one device of each process: 2 column blocks of 16
+        mesh = jax.sharding.Mesh(np.array(jax.devices())[[0, 2]], ("model",))
     shardings = {"w": NamedSharding(mesh, P(None, "model")), "b": NamedSharding(mesh, P())}
     values = {
         "w": np.arange(64 * 32, dtype=np.float32).reshape(64, 32),

@@ -90,6 +90,9 @@ def test_a_flipped_byte_in_a_pod_checkpoint_is_never_silently_wrong(pod_checkpoi
         assert all("CORRUPT" in out or "RESTORED" in out for out in outputs), outputs
         # Damage one process found is every process's error (the other went on alone).
         assert len({"CORRUPT" in out for out in outputs}) == 1, outputs
+        # Onto column blocks twice as wide, each holds two saved shards: checked too.
+        coarse = _run_pod(path, "restore_coarse")
+        assert [("CORRUPT" in out) for out in coarse] == [("CORRUPT" in out) for out in outputs]
     try:
         got = checkpoint.restore_params(path)
     except checkpoint.CheckpointCorruptError:

@@ -17,9 +17,10 @@ Checkpoints of format version 1 (written before checksums existed) restore unver
 An array that no process sees whole (sharded across the processes of a multi-host run) has
 no CRC of its own; the CRC-32 of each of its shards is recorded instead, with the shard's
 ``[start, stop)`` on every axis (``shards``), gathered from the processes that wrote
-them. A restore checks every restored shard with the same bounds, and, where the process
-sees the whole array, every recorded shard (an array restored with another sharding
-across processes is not verified). Records written before shard checksums existed hold
+them. A restore checks every recorded shard that lies within a part of the array the
+process holds: all of them on the same or a coarser sharding, or where it sees the whole
+array (a recorded shard that the restore's sharding divides across processes is not
+verified). Records written before shard checksums existed hold
 neither, and such arrays restore unverified. From format version 3
 on, the record lists every array and holds the metadata's CRC, so an entry or item
 missing from it (a damaged key name, an emptied item) is itself reported as damage;
@@ -231,15 +232,21 @@ def verify(directory: epath.Path, item: str, k: str, array: Any, records: Any) -
     host = host_array(array)
     if rec[ALGORITHM] is not None:
         checks = [] if host is None else [(host, rec[ALGORITHM])]
-    elif host is not None:  # saved in shards, seen whole here: every recorded shard
-        checks = [(host[_slices(s["index"])], s[ALGORITHM]) for s in rec.get("shards", [])]
-    else:  # the restored shards this process holds that were saved with the same bounds
-        saved = {_key_of(s["index"]): s[ALGORITHM] for s in rec.get("shards", [])}
-        checks = [
-            (np.asarray(shard.data), saved[bounds])
-            for shard in array.addressable_shards
-            if (bounds := _key_of(_bounds(shard.index, array.shape))) in saved
-        ]
+    else:  # saved in shards: each saved shard within a part this process holds
+        held = (
+            [(_bounds((slice(None),) * host.ndim, host.shape), host)]
+            if host is not None
+            else [(_bounds(s.index, array.shape), s.data) for s in array.addressable_shards]
+        )
+        checks = []
+        for saved in rec.get("shards", []):
+            part = next(((b, d) for b, d in held if _within(saved["index"], b)), None)
+            if part is not None:  # the saved shard's place inside that part
+                inner = [
+                    slice(start - low, stop - low)
+                    for (start, stop), (low, _) in zip(saved["index"], part[0], strict=True)
+                ]
+                checks.append((np.asarray(part[1])[tuple(inner)], saved[ALGORITHM]))
     for data, expected in checks:
         if crc32(data) != expected:
             raise CheckpointCorruptError(
@@ -248,9 +255,6 @@ def verify(directory: epath.Path, item: str, k: str, array: Any, records: Any) -
             )
 
 
-def _slices(bounds: list[list[int]]) -> tuple[slice, ...]:
-    return tuple(slice(start, stop) for start, stop in bounds)
-
-
-def _key_of(bounds: list[list[int]]) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(b) for b in bounds)
+def _within(inner: list[list[int]], outer: list[list[int]]) -> bool:
+    """Whether the bounds ``inner`` lie within ``outer`` on every axis."""
+    return all(o0 <= i0 and i1 <= o1 for (i0, i1), (o0, o1) in zip(inner, outer, strict=True))
