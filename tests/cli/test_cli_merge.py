@@ -459,3 +459,24 @@ def test_module_entry_point():
     )
     assert res.returncode == 0
     assert "umtam-merge" in res.stdout
+
+
+def test_an_interruption_a_missing_method_and_a_seed_nothing_draws_are_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C printed a KeyboardInterrupt traceback; no method read "unknown method None";
+    a seed for a method that draws nothing was ignored."""
+    from umtam_jax.cli import merge as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert cli.main(["--method", "ties", "--base", "b", "--expert", "e"]) == 130
+    assert capsys.readouterr().err == "umtam-merge: interrupted\n"
+    monkeypatch.undo()
+    assert cli.main(["--base", "b", "--expert", "e", "--dry-run"]) == 2
+    assert "'method' is required" in capsys.readouterr().err
+    args = ["--method", "ties", "--base", "b", "--expert", "e", "--seed", "3", "--dry-run"]
+    assert cli.main([*args, "--param", "density=0.5"]) == 2
+    assert "method 'ties' draws nothing at random: it takes no 'seed'" in capsys.readouterr().err

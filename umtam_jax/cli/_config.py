@@ -204,6 +204,8 @@ def build_plan(config: dict[str, Any]) -> Plan:
             f"unknown configuration keys {sorted(unknown, key=str)}; allowed: {sorted(_TOP_LEVEL)}"
         )
     method = config.get("method")
+    if method is None:
+        raise ConfigError(f"'method' is required; choose one of {', '.join(METHODS)}")
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
@@ -235,6 +237,8 @@ def build_plan(config: dict[str, Any]) -> Plan:
         raise ConfigError(f"'seed' must be an integer, got {seed!r}")
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ConfigError(f"'seed' must be in [-2**63, 2**63 - 1], got {seed}")
+    if "seed" in config and not any(p.kind == "key" for p in spec.params):
+        raise ConfigError(f"method {method!r} draws nothing at random: it takes no 'seed'")
 
     allowed = {p.name for p in spec.params if p.kind not in _MANAGED_KINDS}
     if spec.extra == "scores":

@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of ``umtam-merge``; returns the exit status.
 
     Every problem the user can fix (configuration, inputs, output, disk) is reported as
-    one line on standard error with exit status 2; programming errors propagate.
+    one line on standard error with exit status 2, an interruption (Ctrl-C) as one line
+    with status 130; programming errors propagate.
     """
     args = _parser().parse_args(argv)
     try:
@@ -160,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, TypeError, OSError, yaml.YAMLError) as err:
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the output is published whole or not at all
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 @contextlib.contextmanager
