@@ -480,3 +480,15 @@ def test_an_interruption_a_missing_method_and_a_seed_nothing_draws_are_one_line(
     args = ["--method", "ties", "--base", "b", "--expert", "e", "--seed", "3", "--dry-run"]
     assert cli.main([*args, "--param", "density=0.5"]) == 2
     assert "method 'ties' draws nothing at random: it takes no 'seed'" in capsys.readouterr().err
+
+
+def test_flag_options_given_twice_or_without_a_key_are_refused(capsys):
+    from umtam_jax.cli import merge as cli
+
+    for flags, needle in [
+        (["--expert", "e,weight=1,weight=2"], "--expert e: weight is given twice"),
+        (["--expert", "e", "--param", "=0.3"], "--param '=0.3' is not KEY=VALUE"),
+        (["--expert", "e,=2"], "--expert option '=2' is not KEY=VALUE"),
+    ]:
+        assert cli.main(["--method", "ties", "--base", "b", *flags, "--dry-run"]) == 2
+        assert needle in capsys.readouterr().err

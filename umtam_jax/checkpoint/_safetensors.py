@@ -263,6 +263,10 @@ class SafetensorsReader:
             raise error(f"no {MODEL_FILE} or {INDEX_FILE} in {folder}{note}")
         try:
             shard_of = _json.loads(index.read_text())["weight_map"]
+            if not isinstance(shard_of, dict) or not all(
+                isinstance(v, str) for v in shard_of.values()
+            ):
+                raise ValueError("its weight_map is not a mapping of tensor names to files")
             if not shard_of or any(os.path.basename(v) != v for v in shard_of.values()):
                 raise ValueError("its weight_map is empty or names a shard outside the folder")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

@@ -303,8 +303,10 @@ def _expert_flag(text: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": path}
     for opt in options:
         key, sep, value = opt.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ConfigError(f"--expert option {opt!r} is not KEY=VALUE")
+        if key.strip() in entry:  # as a duplicate key in the file is refused
+            raise ConfigError(f"--expert {path}: {key.strip()} is given twice")
         path_key = key.strip() in ("fisher", "curvature")
         entry[key.strip()] = value if path_key else _parse_value(value, "--expert")
     return entry
@@ -342,7 +344,7 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         params, given = dict(config.get("parameters") or {}), set()
         for item in args.param:
             key, sep, value = item.partition("=")
-            if not sep:
+            if not sep or not key.strip():
                 raise ConfigError(f"--param {item!r} is not KEY=VALUE")
             if key.strip() in given:  # as a duplicate key in the file is refused
                 raise ConfigError(f"--param {key.strip()} is given twice")
