@@ -492,3 +492,12 @@ def test_flag_options_given_twice_or_without_a_key_are_refused(capsys):
     ]:
         assert cli.main(["--method", "ties", "--base", "b", *flags, "--dry-run"]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_a_native_parameter_out_of_range_names_its_key(capsys):
+    """It read 'the merge would fail: gamma must lie ...' without the key."""
+    from umtam_jax.cli import merge as cli
+
+    args = ["--method", "breadcrumbs", "--base", "b", "--expert", "e", "--dry-run"]
+    assert cli.main([*args, "--param", "density=0.5", "--param", "gamma=7"]) == 2
+    assert "error: parameters.gamma must lie in [0.0, 1.0], got 7\n" in capsys.readouterr().err

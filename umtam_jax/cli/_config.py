@@ -18,6 +18,7 @@ import yaml
 
 from umtam_jax import merging
 from umtam_jax.cli import _mergekit
+from umtam_jax.cli._mergekit_values import check_parameters
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, is_number, load_yaml
 from umtam_jax.merging import METHODS
 from umtam_jax.optimizer._config import SEED_RANGE
@@ -257,6 +258,14 @@ def build_plan(config: dict[str, Any]) -> Plan:
         param = spec.param(name)
         assert param is not None  # unknown parameters were refused above
         _check_type(method, param, value)
+    # Ranges, by the registry's own checks, naming the key (as for a mergekit file);
+    # per-expert values are named by expert where they are read.
+    named = {
+        name: f"parameters.{name}"
+        for name in params
+        if name != "scores" and getattr(spec.param(name), "per_expert", None) is None
+    }
+    check_parameters(spec, params, named, len(experts))
 
     for key, name in PER_EXPERT.items():
         _per_expert_values(spec, params, experts, key, name)
