@@ -346,4 +346,7 @@ def test_a_failed_read_prints_no_closed_event_loop_callbacks(tmp_path, capfd, mo
         checkpoint.restore_params(paths[0])
     seen.clear()
     sys.unraisablehook(SimpleNamespace(exc_value=other, exc_traceback=None))
-    assert [u.exc_value for u in wrapped] == [other] and [u.exc_value for u in seen] == [other]
+    # (The hook on top also sees the failed read's callbacks before this one drops them.)
+    mine = [u.exc_value for u in wrapped if not _closed_loop._is_closed_loop_callback(u)]
+    assert mine == [other] and [u.exc_value for u in seen] == [other]
+    time.sleep(0.3)  # the last read's callbacks land before the hooks are put back
