@@ -310,19 +310,32 @@ def _expert_flag(text: str) -> dict[str, Any]:
     """``PATH[,weight=W][,density=D][,fisher=PATH]``."""
     path, *options = text.split(",")
     entry: dict[str, Any] = {"path": path}
-    for opt in options:
-        key, sep, value = opt.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--expert option {opt!r} is not KEY=VALUE")
-        if key.strip() in entry:  # as a duplicate key in the file is refused
-            raise ConfigError(f"--expert {path}: {key.strip()} is given twice")
-        path_key = key.strip() in ("fisher", "curvature")
-        entry[key.strip()] = value if path_key else _parse_value(value, "--expert")
+    options_given = _key_values(options, "--expert option", f"--expert {path}: ")
+    if "path" in options_given:
+        raise ConfigError(f"--expert {path}: path is given twice")
+    for key, value in options_given.items():
+        path_key = key in ("fisher", "curvature")
+        entry[key] = value if path_key else _parse_value(value, "--expert")
     return entry
+
+
+def _key_values(items: list[str], what: str, owner: str) -> dict[str, str]:
+    """``KEY=VALUE`` items as ``{key: value text}``; ``what`` names an item and ``owner``
+    begins the message for a key given twice (as a duplicate key in a file is refused)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {item!r} is not KEY=VALUE")
+        if key.strip() in out:
+            raise ConfigError(f"{owner}{key.strip()} is given twice")
+        out[key.strip()] = value
+    return out
 
 
 def load_config(args: argparse.Namespace) -> dict[str, Any]:
     """The YAML file (if any) with the command-line flags applied on top."""
+    flag_params = _key_values(args.param or [], "--param", "--param ")
     config: dict[str, Any] = {}
     if args.config is not None:
         try:
@@ -341,24 +354,16 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(config, dict):
             raise ConfigError(f"{args.config} must hold a YAML mapping")
         if _mergekit.is_mergekit(config):
-            replaced = {item.partition("=")[0].strip() for item in args.param or ()}
-            config = _mergekit.translate(config, warn=_warn, replaced=replaced)
+            config = _mergekit.translate(config, warn=_warn, replaced=set(flag_params))
     for key in ("method", "base", "output", "seed"):
         value = getattr(args, key)
         if value is not None:
             config[key] = value
     if args.expert:
         config["experts"] = [_expert_flag(e) for e in args.expert]
-    if args.param:
-        params, given = dict(config.get("parameters") or {}), set()
-        for item in args.param:
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--param {item!r} is not KEY=VALUE")
-            if key.strip() in given:  # as a duplicate key in the file is refused
-                raise ConfigError(f"--param {key.strip()} is given twice")
-            given.add(key.strip())
-            params[key.strip()] = _parse_value(value, "--param")
+    if flag_params:
+        params = dict(config.get("parameters") or {})
+        params.update({k: _parse_value(v, "--param") for k, v in flag_params.items()})
         config["parameters"] = params
     return config
 
