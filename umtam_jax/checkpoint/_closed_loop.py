@@ -5,17 +5,15 @@ ends. When one array fails (a damaged file), the read ends at once while tensors
 reads the others; their completions then call the closed loop's ``call_soon_threadsafe``
 from a tensorstore thread, and Python prints each "RuntimeError: Event loop is closed" as
 an unraisable exception after the caller's clean error. Those callbacks can do nothing:
-:func:`orbax_reading` chains a ``sys.unraisablehook`` that drops exactly them (that
+:func:`drop_closed_loop_callbacks` chains a ``sys.unraisablehook`` that drops exactly them (that
 exception, raised in ``call_soon_threadsafe``) and passes every other one on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 _lock = threading.Lock()
@@ -36,9 +34,8 @@ def _drop_closed_loop_callbacks(unraisable: Any) -> None:
         (_wrapped or sys.__unraisablehook__)(unraisable)
 
 
-@contextlib.contextmanager
-def orbax_reading() -> Iterator[None]:
-    """Runs an Orbax read with the hook chained (see the module's docstring).
+def drop_closed_loop_callbacks() -> None:
+    """Chains the hook (see the module's docstring); called before every Orbax read.
 
     The hook is chained once per process, at its first read, over the hook current then,
     and stays: the callbacks of a failed read may come at any later time. A hook
@@ -49,4 +46,3 @@ def orbax_reading() -> Iterator[None]:
         if not _installed:
             _wrapped, sys.unraisablehook = sys.unraisablehook, _drop_closed_loop_callbacks
             _installed = True
-    yield

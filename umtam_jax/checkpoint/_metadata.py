@@ -17,7 +17,7 @@ from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _safety
-from umtam_jax.checkpoint._closed_loop import orbax_reading
+from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
 from umtam_jax.checkpoint._format import (
     _ORBAX_TMP_SUFFIX,
     FORMAT_NAME,
@@ -57,7 +57,8 @@ def restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any]
                 "does not exist): the checkpoint is incomplete or corrupt"
             )
     try:
-        with orbax_reading(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        drop_closed_loop_callbacks()
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(directory, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
         names = ", ".join(repr(n) for n in args)

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _metadata
-from umtam_jax.checkpoint._closed_loop import orbax_reading
+from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
 
 __all__ = ["CheckpointReader"]
 
@@ -183,13 +183,13 @@ class CheckpointReader:
             E.nested_set(target, tuple(path), 0)
             E.nested_set(restore_args, tuple(path), ocp.RestoreArgs(restore_type=np.ndarray))
         try:
-            with orbax_reading():
-                restored = self._handler.restore(
-                    self.directory / item,
-                    args=ocp.args.PyTreeRestore(
-                        item=target, restore_args=restore_args, partial_restore=True
-                    ),
-                )
+            drop_closed_loop_callbacks()
+            restored = self._handler.restore(
+                self.directory / item,
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
             shown = ", ".join("/".join(map(str, p)) for p in paths[:3])
             more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
