@@ -328,6 +328,15 @@ def test_dry_run_and_overwrite(ckpts, tmp_path, capsys):
         == 2
     )
     assert "is expert 0" in capsys.readouterr().err
+    # A training checkpoint (statistics or an optimizer state) is never replaced.
+    for held, kwargs in (("statistics", {"statistics": ckpts["stats"][0]}),
+                         ("opt_state", {"opt_state": {"count": np.zeros((), np.int32)}})):  # fmt: skip
+        trained = tmp_path / f"trained_{held}"
+        checkpoint.save_checkpoint(trained, ckpts["experts"][0], **kwargs)
+        before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+        assert main([*args[:-1], str(trained), "--force"]) == 2
+        assert f"it is a training checkpoint (it holds {held}" in capsys.readouterr().err
+        assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
 
 def test_dry_run_reports_shape_mismatch(ckpts, tmp_path, capsys):
@@ -415,6 +424,14 @@ def test_a_density_every_expert_gives_is_named_by_its_key(ckpts, tmp_path, capsy
             "method: ties\nbase: b\nexperts: [a]\n"
             "parameters: {density: 0.2, scope: {scanned: [1]}}\n",
             "parameters.scope.scanned must be a list of key names, got [1]",
+        ),
+        (
+            "method: ties\nbase: b\nexperts: [a, b/../a]\nparameters: {density: 0.2}\n",
+            "experts[1] ('b/../a') repeats experts[0]: a model merged twice counts twice",
+        ),
+        (
+            "method: task_arithmetic\nbase: b\nexperts: [a, ./b]\n",
+            "experts[1] ('./b') is the base: method 'task_arithmetic' merges task vectors",
         ),
     ],
 )

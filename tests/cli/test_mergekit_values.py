@@ -125,7 +125,7 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}, "
             "{{model: {a}/.}}]",
-            "models[2].model repeats models[0].model",
+            "models[2] ('{a}/.') repeats models[0]",
         ),
         # A value out of the registry's range names the key it came from: under a model
         # for the per-model parameters, under 'parameters' for the global ones.

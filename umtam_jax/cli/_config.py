@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -227,6 +228,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     if not isinstance(raw_experts, list) or not raw_experts:
         raise ConfigError("'experts' must be a non-empty list of checkpoint paths or mappings")
     experts = [_parse_expert(e, i) for i, e in enumerate(raw_experts)]
+    _refuse_repeated_models(spec, base, experts)
     if spec.single_expert and len(experts) != 1:
         raise ConfigError(f"method {method!r} takes exactly one expert, got {len(experts)}")
 
@@ -295,6 +297,28 @@ def build_plan(config: dict[str, Any]) -> Plan:
                 f"'{key}' must be one of {', '.join(_mergekit.DTYPES)}, got {value!r}"
             )
     return Plan(method, base, experts, params, output, seed, *dtypes)
+
+
+def _refuse_repeated_models(spec: merging.Method, base: str | None, experts: list[Expert]) -> None:
+    """Refuses an expert listed twice (it would count twice) and, for a method that always
+    merges task vectors, the base as an expert (its task vector is zero); ``a`` and ``./a``
+    are one model. (Averaging the base with an expert, as ``linear`` does, is allowed.)"""
+    base_path = None if base is None else os.path.realpath(base)
+    seen: dict[str, str] = {}
+    for expert in experts:
+        same = os.path.realpath(expert.path)
+        if same == base_path and not spec.base_optional:
+            raise ConfigError(
+                f"{expert.key} ({expert.path!r}) is the base: method {spec.name!r} merges "
+                "task vectors from the base, and the base's is zero; list only the "
+                "fine-tuned models"
+            )
+        if same in seen:
+            raise ConfigError(
+                f"{expert.key} ({expert.path!r}) repeats {seen[same]}: a model merged twice "
+                "counts twice (give it a weight instead)"
+            )
+        seen[same] = expert.key
 
 
 def _parse_value(text: str, flag: str) -> Any:

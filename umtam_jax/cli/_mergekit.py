@@ -229,7 +229,6 @@ def translate(
         base = None
 
     experts: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}  # realpath → where the file first names it
     for where, entry in entries:
         if isinstance(entry, str):
             entry = {"model": entry}
@@ -240,10 +239,6 @@ def translate(
         path = _model(entry["model"], f"{where}.model")
         if base is not None and _same(path, base):  # the base among the models: no expert
             continue
-        same = os.path.realpath(path)  # "a" and "./a" are one model
-        if same in seen:  # as mergekit: the same model twice would count it twice
-            raise ConfigError(f"{where}.model repeats {seen[same]}.model ({path!r})")
-        seen[same] = where
         params = read_params(entry.get("parameters") or {}, f"{where}.parameters",
                              read_per_model, ignored, typed)  # fmt: skip
         if name == "passthrough" and "scale" in params:  # its one model's scale

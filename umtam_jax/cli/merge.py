@@ -34,7 +34,9 @@ keep counts per layer for ``umtam``, ``ties``, ``prune`` and ``consensus_ties``,
 also take ``global`` (one count over the whole expert); each layer merged as a tensor
 of its own for ``breadcrumbs``, ``breadcrumbs_ties``, ``sce``, ``della``, ``della_linear``,
 ``tsv_merge``, ``iso_c`` and ``iso_cts``.
-Relative paths are taken from the working directory.
+Relative paths are taken from the working directory. An expert listed twice is refused (it
+would count twice: give it a weight), and so is the base as an expert of a method that
+merges task vectors (its task vector is zero; ``linear`` may average the base with experts).
 
 The configuration is read with a safe YAML loader (no tags that build objects) that
 also refuses anchors and aliases (so no "billion laughs" expansion), merge keys (``<<``),
@@ -45,8 +47,9 @@ The method, the parameter names and their types are checked against the method's
 ``umtam_jax.merging.METHODS`` before anything is loaded (``--list-methods`` prints them).
 ``--dry-run`` validates the whole merge (structures, shapes, dtypes, statistics, options)
 with ``jax.eval_shape``, without computing or writing anything. An existing output is
-replaced only with ``--force`` and only if it is a umtam_jax checkpoint; the output may
-not be, contain or lie inside an input.
+replaced only with ``--force`` and only if it is an earlier umtam_jax merge output (a
+training checkpoint, holding statistics or an optimizer state, is never replaced); the
+output may not be, contain or lie inside an input.
 
 By default the merge is out of core (``umtam_jax.engine.merge_checkpoints``): small
 groups of leaves are read from every checkpoint with Orbax's partial restore, merged and

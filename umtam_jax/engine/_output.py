@@ -54,7 +54,9 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
 
     Refused: an output that is, contains or lies inside one of the job's inputs; a
     symbolic link or a path under a file; an existing file or folder that umtam_jax did
-    not write in format ``fmt``; an existing output without ``overwrite``.
+    not write in format ``fmt``; a training checkpoint (one holding statistics or an
+    optimizer state, which no merge writes), even with ``overwrite``; an existing output
+    without ``overwrite``.
 
     Args:
       output: the absolute output path.
@@ -63,7 +65,8 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
       overwrite: whether an earlier umtam_jax output at ``output`` may be replaced.
 
     Raises:
-      ValueError: an output that is, holds or lies in an input, or is not umtam_jax's.
+      ValueError: an output that is, holds or lies in an input, is not umtam_jax's, or
+        is a training checkpoint.
       FileExistsError: ``output`` exists and ``overwrite`` is False.
 
     Example:
@@ -89,8 +92,26 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
         inputs += [(f"the Fisher or curvature of expert {i}", s.directory)
                    for i, s in enumerate(job.extras)]  # fmt: skip
     _targets.check_output_not_input(output, inputs)
+    if fmt == "orbax":
+        _refuse_training_checkpoint(output)
     kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _targets.CHECKPOINT
     _targets.check_target(output, overwrite=overwrite, kind=kind)
+
+
+def _refuse_training_checkpoint(output: epath.Path) -> None:
+    """Refuses to replace a checkpoint holding what training saves and a merge never
+    writes (statistics, an optimizer state): it would be lost for good."""
+    from umtam_jax.checkpoint import _format, _targets
+
+    if not _targets.is_checkpoint(output):
+        return
+    held = [item for item in (_format.STATISTICS, _format.OPT_STATE) if (output / item).exists()]
+    if held:
+        raise ValueError(
+            f"refusing to replace {output}: it is a training checkpoint (it holds "
+            f"{' and '.join(held)}, which a merge never writes), and a merge replaces only an "
+            "earlier merge output; write elsewhere, or delete it yourself"
+        )
 
 
 def writer(
