@@ -360,6 +360,19 @@ def test_dry_run_reports_shape_mismatch(ckpts, tmp_path, capsys):
     assert "['attn']['kernel']" in capsys.readouterr().err
 
 
+def test_dry_run_refuses_a_leaf_a_safetensors_output_cannot_name(tmp_path, capsys):
+    """A key holding '.' has no safetensors tensor name: the dry run says so, as the run."""
+    for name, value in (("base", 0.0), ("a", 1.0)):
+        checkpoint.save_checkpoint(tmp_path / name, {"a.b": np.full(3, value, np.float32)})
+    argv = ["--method", "task_arithmetic", "--base", str(tmp_path / "base"), "--expert",
+            str(tmp_path / "a"), "-o", str(tmp_path / "out"), "--output-format", "safetensors"]  # fmt: skip
+    for extra in (["--dry-run"], ["--no-progress"]):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write the safetensors output" in err and "['a.b'] has no tensor name" in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_density_every_expert_gives_is_named_by_its_key(ckpts, tmp_path, capsys):
     """The same bad density in every entry was reported as a bare 'density', as the one
     density of 'parameters' still is."""
@@ -506,6 +519,8 @@ def test_flag_options_given_twice_or_without_a_key_are_refused(capsys):
         (["--expert", "e,weight=1,weight=2"], "--expert e: weight is given twice"),
         (["--expert", "e", "--param", "=0.3"], "--param '=0.3' is not KEY=VALUE"),
         (["--expert", "e,=2"], "--expert option '=2' is not KEY=VALUE"),
+        # A comma without '=' after it belongs to the path.
+        (["--expert", "e,v2,weight=2", "--param", "density=0.5"], "checkpoint e,v2: no checkpoint"),
     ]:
         assert cli.main(["--method", "ties", "--base", "b", *flags, "--dry-run"]) == 2
         assert needle in capsys.readouterr().err

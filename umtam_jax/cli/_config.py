@@ -331,8 +331,13 @@ def _parse_value(text: str, flag: str) -> Any:
 
 
 def _expert_flag(text: str) -> dict[str, Any]:
-    """``PATH[,weight=W][,density=D][,fisher=PATH]``."""
-    path, *options = text.split(",")
+    """``PATH[,weight=W][,density=D][,fisher=PATH]``: the options are the trailing
+    comma-separated pieces holding ``=``, so a path may hold commas."""
+    pieces = text.split(",")
+    first = len(pieces)
+    while first > 1 and "=" in pieces[first - 1]:
+        first -= 1
+    path, options = ",".join(pieces[:first]), pieces[first:]
     entry: dict[str, Any] = {"path": path}
     options_given = _key_values(options, "--expert option", f"--expert {path}: ")
     if "path" in options_given:

@@ -34,9 +34,11 @@ keep counts per layer for ``umtam``, ``ties``, ``prune`` and ``consensus_ties``,
 also take ``global`` (one count over the whole expert); each layer merged as a tensor
 of its own for ``breadcrumbs``, ``breadcrumbs_ties``, ``sce``, ``della``, ``della_linear``,
 ``tsv_merge``, ``iso_c`` and ``iso_cts``.
-Relative paths are taken from the working directory. An expert listed twice is refused (it
-would count twice: give it a weight), and so is the base as an expert of a method that
-merges task vectors (its task vector is zero; ``linear`` may average the base with experts).
+Relative paths are taken from the working directory; in ``--expert PATH,KEY=VALUE,...``
+the options are the trailing pieces holding ``=``, so a path may hold commas. An expert
+listed twice is refused (it would count twice: give it a weight), and so is the base as
+an expert of a method that merges task vectors (its task vector is zero; ``linear`` may
+average the base with experts).
 
 The configuration is read with a safe YAML loader (no tags that build objects) that
 also refuses anchors and aliases (so no "billion laughs" expansion), merge keys (``<<``),

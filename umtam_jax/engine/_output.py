@@ -54,7 +54,8 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
 
     Refused: an output that is, contains or lies inside one of the job's inputs; a
     symbolic link or a path under a file; an existing file or folder that umtam_jax did
-    not write in format ``fmt``; a training checkpoint (one holding statistics or an
+    not write in format ``fmt``; for safetensors, a leaf without a tensor name (an empty
+    key, or a '.' in one); a training checkpoint (one holding statistics or an
     optimizer state, which no merge writes), even with ``overwrite``; an existing output
     without ``overwrite``.
 
@@ -84,7 +85,7 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
       ...     print("refused:", str(err).split(" (")[0].replace(root, "ROOT"))
       refused: the output ROOT contains the base
     """
-    from umtam_jax.checkpoint import _safetensors, _targets
+    from umtam_jax.checkpoint import _safetensors, _safetensors_write, _targets
 
     inputs = [("the base", job.base.directory)]
     inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
@@ -94,6 +95,11 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
     _targets.check_output_not_input(output, inputs)
     if fmt == "orbax":
         _refuse_training_checkpoint(output)
+    else:  # every leaf needs a tensor name ('.'-joined keys)
+        try:
+            _safetensors_write.names_from_tree(job.output)
+        except ValueError as err:
+            raise ValueError(f"cannot write the safetensors output {output}: {err}") from None
     kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _targets.CHECKPOINT
     _targets.check_target(output, overwrite=overwrite, kind=kind)
 
