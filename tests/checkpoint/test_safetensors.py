@@ -416,6 +416,18 @@ def test_inconsistent_indexes_are_refused(tmp_path):
         SafetensorsReader(out)
 
 
+def test_a_single_file_beside_an_index_is_read_with_a_warning(tmp_path):
+    """transformers reads model.safetensors when both are present: so do we, saying so."""
+    folder = tmp_path / "both"
+    folder.mkdir()
+    save_file({"a": np.ones(2, np.float32)}, folder / "model.safetensors")
+    weight_map = {"a": "model-00001-of-00002.safetensors"}  # a shard that is not there
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.warns(UserWarning, match="holds both model.safetensors and .*index.json"):
+        got = read_all(folder)
+    trees.assert_trees_bitwise_equal(got, {"a": np.ones(2, np.float32)})
+
+
 def test_a_tensor_in_two_shards_is_refused(tmp_path):
     folder = tmp_path / "dup"
     folder.mkdir()

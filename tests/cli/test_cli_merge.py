@@ -329,8 +329,9 @@ def test_dry_run_and_overwrite(ckpts, tmp_path, capsys):
     )
     assert "is expert 0" in capsys.readouterr().err
     # A training checkpoint (statistics or an optimizer state) is never replaced.
+    opt_state = {"count": np.zeros((), np.int32)}
     for held, kwargs in (("statistics", {"statistics": ckpts["stats"][0]}),
-                         ("opt_state", {"opt_state": {"count": np.zeros((), np.int32)}})):  # fmt: skip
+                         ("opt_state", {"opt_state": opt_state})):  # fmt: skip
         trained = tmp_path / f"trained_{held}"
         checkpoint.save_checkpoint(trained, ckpts["experts"][0], **kwargs)
         before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
@@ -364,8 +365,9 @@ def test_dry_run_refuses_a_leaf_a_safetensors_output_cannot_name(tmp_path, capsy
     """A key holding '.' has no safetensors tensor name: the dry run says so, as the run."""
     for name, value in (("base", 0.0), ("a", 1.0)):
         checkpoint.save_checkpoint(tmp_path / name, {"a.b": np.full(3, value, np.float32)})
+    out = str(tmp_path / "out")
     argv = ["--method", "task_arithmetic", "--base", str(tmp_path / "base"), "--expert",
-            str(tmp_path / "a"), "-o", str(tmp_path / "out"), "--output-format", "safetensors"]  # fmt: skip
+            str(tmp_path / "a"), "-o", out, "--output-format", "safetensors"]  # fmt: skip
     for extra in (["--dry-run"], ["--no-progress"]):
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err
@@ -533,3 +535,16 @@ def test_a_native_parameter_out_of_range_names_its_key(capsys):
     args = ["--method", "breadcrumbs", "--base", "b", "--expert", "e", "--dry-run"]
     assert cli.main([*args, "--param", "density=0.5", "--param", "gamma=7"]) == 2
     assert "error: parameters.gamma must lie in [0.0, 1.0], got 7\n" in capsys.readouterr().err
+
+
+def test_python_warnings_are_one_line_each(ckpts, tmp_path, capsys):
+    """A warning raised during the run (here NumPy's overflow of scaling=1e39 cast to
+    float32) is one 'umtam-merge: warning:' line, not a file, line and source dump."""
+    p = ckpts["paths"]
+    argv = ["--method", "task_arithmetic", "--base", p["base"], "--expert", p["e0"],
+            "--param", "scaling=1e39", "-o", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "umtam-merge: warning: overflow encountered in cast", lines
+    assert len(lines) == 2 and "overflowed although every input is finite" in lines[1], lines
+    assert not (tmp_path / "out").exists()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -254,9 +255,15 @@ class SafetensorsReader:
     @staticmethod
     def _shard_map(folder: epath.Path) -> dict[str, str] | None:
         """``{name: shard file}`` from the index, or None for a single ``model.safetensors``."""
-        if (folder / MODEL_FILE).is_file():
-            return None
         index = folder / INDEX_FILE
+        if (folder / MODEL_FILE).is_file():
+            if index.is_file():
+                warnings.warn(
+                    f"{folder} holds both {MODEL_FILE} and {INDEX_FILE}: reading {MODEL_FILE} "
+                    "alone, as transformers does (the index and its shards are not read)",
+                    stacklevel=2,
+                )
+            return None
         if not index.is_file():
             note = _pickle_note(sorted(p.name for p in folder.iterdir()))
             error = ValueError if note else FileNotFoundError

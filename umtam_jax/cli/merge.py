@@ -73,8 +73,9 @@ import argparse
 import contextlib
 import logging
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import yaml
 
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        with _orbax_logs_silenced():
+        with _orbax_logs_silenced(), _warnings_as_lines():
             return run(args)
     except (ConfigError, ValueError, TypeError, OSError, yaml.YAMLError) as err:
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
@@ -169,6 +170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # the output is published whole or not at all
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Each Python warning raised while the command runs (a library's, NumPy's) as one
+    ``umtam-merge: warning:`` line, without the file, line and source of the default."""
+
+    def show(message: Warning | str, *_: Any, **__: Any) -> None:
+        print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager
