@@ -376,19 +376,21 @@ def test_dry_run_refuses_a_leaf_a_safetensors_output_cannot_name(tmp_path, capsy
 
 
 def test_a_density_every_expert_gives_is_named_by_its_key(ckpts, tmp_path, capsys):
-    """The same bad density in every entry was reported as a bare 'density', as the one
-    density of 'parameters' still is."""
+    """The same bad density in every entry was reported as a bare 'density'; the one
+    density of 'parameters' is named by its key before anything is read."""
     p = ckpts["paths"]
     for experts, key in (
         (f"[{{path: {p['e0']}, density: 2}}]", "experts[0].density"),
         (f"[{{path: {p['e0']}, density: 2}}, {{path: {p['e1']}, density: 2}}]",
          "experts[0].density"),
-        (f"[{p['e0']}, {p['e1']}]\nparameters: {{density: 2}}", "density"),
+        (f"[{p['e0']}, {p['e1']}]\nparameters: {{density: 2}}", "error: parameters.density"),
+        # The default every expert replaces is not read.
+        (f"[{{path: {p['e0']}, density: 3}}]\nparameters: {{density: 2}}", "experts[0].density"),
     ):  # fmt: skip
         config = _write(tmp_path, f"method: ties\nbase: {p['base']}\nexperts: {experts}\n")
         assert main([config, "--dry-run"]) == 2
         err = capsys.readouterr().err
-        assert f"fail: {key} must lie in (0, 1], got 2" in err, err
+        assert f"{key} must lie in (0, 1], got {2 + ('3' in experts)}" in err, err
 
 
 @pytest.mark.parametrize(
@@ -534,7 +536,7 @@ def test_a_native_parameter_out_of_range_names_its_key(capsys):
 
     args = ["--method", "breadcrumbs", "--base", "b", "--expert", "e", "--dry-run"]
     assert cli.main([*args, "--param", "density=0.5", "--param", "gamma=7"]) == 2
-    assert "error: parameters.gamma must lie in [0.0, 1.0], got 7\n" in capsys.readouterr().err
+    assert "error: --param gamma must lie in [0.0, 1.0], got 7\n" in capsys.readouterr().err
 
 
 def test_python_warnings_are_one_line_each(ckpts, tmp_path, capsys):

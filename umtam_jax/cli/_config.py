@@ -165,6 +165,11 @@ def _parse_expert(entry: Any, index: int) -> Expert:
     )
 
 
+def _replaced_by_every_expert(param: merging.Param | None, experts: list[Expert]) -> bool:
+    key = getattr(param, "per_expert", None)
+    return key is not None and all(key in e.values for e in experts)
+
+
 def _per_expert_values(
     spec: merging.Method, params: dict[str, Any], experts: list[Expert], key: str, name: str
 ) -> None:
@@ -200,7 +205,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     """
     if not isinstance(config, dict):
         raise ConfigError("the configuration must be a YAML mapping")
-    unknown = set(config) - _TOP_LEVEL
+    unknown = set(config) - _TOP_LEVEL - {_mergekit.PARAMETER_KEYS}
     if unknown:
         raise ConfigError(
             f"unknown configuration keys {sorted(unknown, key=str)}; allowed: {sorted(_TOP_LEVEL)}"
@@ -260,12 +265,14 @@ def build_plan(config: dict[str, Any]) -> Plan:
         param = spec.param(name)
         assert param is not None  # unknown parameters were refused above
         _check_type(method, param, value)
-    # Ranges, by the registry's own checks, naming the key (as for a mergekit file);
-    # per-expert values are named by expert where they are read.
+    # Ranges, by the registry's own checks, naming the key that gave the value (the
+    # mergekit file's, a --param flag); experts' own values are named where they are read,
+    # and a default that every expert replaces is not read.
+    given = config.get(_mergekit.PARAMETER_KEYS) or {}
     named = {
-        name: f"parameters.{name}"
+        name: given.get(name, f"parameters.{name}")
         for name in params
-        if name != "scores" and getattr(spec.param(name), "per_expert", None) is None
+        if name != "scores" and not _replaced_by_every_expert(spec.param(name), experts)
     }
     check_parameters(spec, params, named, len(experts))
 
@@ -383,7 +390,7 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(config, dict):
             raise ConfigError(f"{args.config} must hold a YAML mapping")
         if _mergekit.is_mergekit(config):
-            config = _mergekit.translate(config, warn=_warn, replaced=set(flag_params))
+            config = _mergekit.translate(config, warn=_warn)
     for key in ("method", "base", "output", "seed"):
         value = getattr(args, key)
         if value is not None:
@@ -394,6 +401,8 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         params = dict(config.get("parameters") or {})
         params.update({k: _parse_value(v, "--param") for k, v in flag_params.items()})
         config["parameters"] = params
+        keys = dict(config.get(_mergekit.PARAMETER_KEYS) or {})
+        config[_mergekit.PARAMETER_KEYS] = keys | {k: f"--param {k}" for k in flag_params}
     return config
 
 

@@ -56,10 +56,10 @@ typo) are ignored, as in mergekit, with one warning naming them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
-from umtam_jax.cli._mergekit_values import check_parameters, number, read_params, scalar
+from umtam_jax.cli._mergekit_values import number, read_params, scalar
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 from umtam_jax.merging._registry import PER_EXPERT_KINDS
@@ -158,21 +158,22 @@ def _dtype(config: dict[str, Any], key: str) -> str | None:
 #: The key under which a translated expert entry keeps its place in the mergekit file
 #: (``models[2]``), for messages.
 KEY = "_mergekit_key"
+#: The key under which a translated configuration maps each parameter (by the registry's
+#: name) to the file's key that gave it (``scaling``: ``parameters.lambda``), for messages.
+PARAMETER_KEYS = "_mergekit_parameter_keys"
 
 
-def translate(
-    config: dict[str, Any],
-    warn: Callable[[str], None] | None = None,
-    replaced: Collection[str] = (),
-) -> dict[str, Any]:
+def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The native configuration (``method``, ``base``, ``experts``, ...) of a mergekit one.
+
+    The parameters' values are checked where the native configuration's are, which names
+    the file's keys from the map under :data:`PARAMETER_KEYS` (and each expert's place in
+    the file under :data:`KEY`).
 
     Args:
       config: the mergekit configuration, as read from its YAML file.
       warn: called with one message listing the keys mergekit would not read (which are
         ignored, as mergekit ignores them); None: no message.
-      replaced: parameters (by the registry's names) whose file values the command line
-        replaces: their range is not checked here, the merge checks the values it gets.
 
     Raises:
       ConfigError: an unsupported key or method, naming it.
@@ -293,7 +294,7 @@ def translate(
         raise ConfigError(f"parameters.density: merge_method {name!r} takes no density")
     if name not in _GTA:
         out["method"], out["parameters"] = name, {**global_params, **density, **layout}
-        check_parameters(registered, out["parameters"], _unreplaced(keys, replaced), len(experts))
+        out[PARAMETER_KEYS] = keys
         return out
     method, normalize, rescale = _GTA[name]
     registered = METHODS[method]
@@ -336,11 +337,5 @@ def translate(
         if registered.param("rescale") is not None:
             parameters["rescale"] = False
     out["method"], out["parameters"] = method, {**parameters, **layout}
-    keys = {_GTA_NAMES.get(k, k): key for k, key in keys.items()}  # lambda: scaling, ...
-    check_parameters(registered, out["parameters"], _unreplaced(keys, replaced), len(experts))
+    out[PARAMETER_KEYS] = {_GTA_NAMES.get(k, k): key for k, key in keys.items()}  # lambda: scaling
     return out
-
-
-def _unreplaced(keys: dict[str, str], replaced: Collection[str]) -> dict[str, str]:
-    """The file keys of the parameters the command line does not replace."""
-    return {name: key for name, key in keys.items() if name not in replaced}

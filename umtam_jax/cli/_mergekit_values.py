@@ -120,13 +120,14 @@ def read_params(
 def check_parameters(
     method: Method, parameters: dict[str, Any], keys: dict[str, str], k: int
 ) -> None:
-    """Checks each parameter the file gives with the registry's own check of it.
+    """Checks each parameter a configuration gives with the registry's own check of it.
 
     Args:
-      method: the registry method the file runs.
+      method: the registry method the configuration runs.
       parameters: its parameters, by the method's names.
-      keys: for each parameter the file gives, its key there (``parameters.lambda`` for
-        ``scaling``, ``models[0].parameters.gamma``).
+      keys: for each parameter to check, the key that gave it (``parameters.density``,
+        a mergekit file's ``parameters.lambda`` for ``scaling`` or
+        ``models[0].parameters.gamma``, ``--param gamma``).
       k: the number of experts.
 
     Raises:
