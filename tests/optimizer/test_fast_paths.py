@@ -569,3 +569,34 @@ def test_without_clipping_an_overflowing_gradient_leaves_finite_updates_and_stat
         updates, state = step(g, state, params)
         for leaf in jax.tree.leaves((updates, state)):
             assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+
+
+@pytest.mark.usefixtures("code_path")
+def test_without_clipping_a_gradient_whose_row_sums_pass_8e37_matches_the_reference():
+    """sum(R) = 4.8e38 here (each R_i 6e37): Ŝ's shares R_i / sum(R) were computed as
+    products with 1 / sum(R), which float32 flushes to 0 past about 8.5e37, so Ŝ was 0 and
+    this step and the following ones were ~1e4 times the momentum (9e20 at unit
+    gradients). Every step equals the float64 reference of the equations."""
+    from tests.optimizer.reference import DenseReference, FactoredReference, Hyper
+
+    hp = Hyper(rank=2, clip_threshold=None)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32), "b": jnp.ones(6)}
+    opt = umtam_jax.scale_by_umtam(
+        rank=2, min_dim_size_to_factor=1, clip_threshold=None, svd_method="exact"
+    )
+    state = opt.init(params)
+    leaf = state.leaves["w"]
+    refs = {
+        "w": FactoredReference(np.asarray(leaf.u), np.asarray(leaf.v), params["w"], hp),
+        "b": DenseReference(params["b"], hp),
+    }
+    step = jax.jit(opt.update)
+    grads = [jax.tree.map(lambda x: jnp.full_like(x, 1e20), params)]
+    grads += [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)] * 3
+    for g in grads:
+        updates, state = step(g, state, params)
+        for name, ref in refs.items():
+            want = ref.step(np.asarray(g[name], np.float64), np.asarray(params[name], np.float64))
+            got = np.asarray(updates[name], np.float64)
+            assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), (name, got, want)

@@ -62,6 +62,20 @@ def test_rank_must_be_a_python_int():
         umtam_jax.umtam(0.1, rank=4.0)
 
 
+def test_numpy_integers_and_bools_stand_for_python_ones():
+    """As optax.adafactor takes np.int64(64) for min_dim_size_to_factor."""
+    params = {"w": jnp.ones((8, 6))}
+    numpy_opt = umtam_jax.scale_by_umtam(
+        rank=np.int64(2), min_dim_size_to_factor=np.int32(4), bias_correction=np.True_
+    )
+    python_opt = umtam_jax.scale_by_umtam(rank=2, min_dim_size_to_factor=4, bias_correction=True)
+    g = {"w": jnp.full((8, 6), 0.1)}
+    got, _ = numpy_opt.update(g, numpy_opt.init(params), params)
+    want, _ = python_opt.update(g, python_opt.init(params), params)
+    np.testing.assert_array_equal(got["w"], want["w"])
+    assert numpy_opt.init(params).leaves["w"].u.shape == (8, 2)
+
+
 def test_update_without_params_and_mismatched_shapes_are_explained():
     params = _params()
     opt = umtam_jax.umtam(0.1, **SMALL)

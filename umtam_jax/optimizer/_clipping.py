@@ -16,6 +16,7 @@ Two ways to the same sums, chosen per platform by :func:`_per_platform`:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +87,18 @@ def _over(x: jax.Array, peak: jax.Array) -> jax.Array:
     low = exponent // 2
     one = jnp.ones((), x.dtype)
     return (x * jnp.ldexp(one, -low)) * jnp.ldexp(one, low - exponent) / mantissa
+
+
+def shares(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+    """``x / sum(x)`` over ``axis`` (kept) for a non-negative ``x``, without overflow.
+
+    The sum is taken of ``x / size`` (a mean: at most the largest entry, so finite while
+    ``x`` is), and the division is :func:`_over`'s: a product with ``1 / sum`` flushes to
+    0 once the sum passes about 8.5e37 in float32, which would make every share 0.
+    """
+    size = math.prod(x.shape[a] for a in axis)
+    scaled = x / max(size, 1)
+    return _over(scaled, jnp.sum(scaled, axis=axis, keepdims=True))
 
 
 def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -176,14 +189,16 @@ def clip(g: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     return (g * half) * half, norm
 
 
-def clipped_square_sums(g: jax.Array, cfg: Config, row_axes: int = 1):
+def clipped_square_sums(g: jax.Array, cfg: Config, row_axes: int = 1, weight: Any = 1.0):
     """Step 1 and the sums of step 5 from one pass over the unclipped ``g`` (m×n, or laid
     out as ``rows + cols`` with ``row_axes`` row axes).
 
     Returns ``(rows, cols, norm, half)``: ``half`` the square root of the clipping factor
     (:func:`_half_clip_scale`; the clipped gradient is ``(g · half) · half``), ``rows`` and
-    ``cols`` the row/column sums of the clipped gradient squared (shaped ``rows`` and
-    ``cols``: sums over the column axes and over the row axes) and ``norm`` its Frobenius
+    ``cols`` the row/column sums of the clipped gradient squared times ``weight`` (step 5's
+    ``1 − b2``, applied before the scale comes back, so that a weighted sum that is
+    representable is finite even where the sum itself would overflow), shaped ``rows`` and
+    ``cols`` (sums over the column axes and over the row axes), and ``norm`` its Frobenius
     norm. The clipped gradient itself is never formed: its consumers take ``g`` and
     ``half``. On CPU the sums are recomputed from ``g / max|g|`` when ``‖g‖²`` overflows;
     elsewhere they come from :func:`_square_sum_parts`, two reductions in all.
@@ -196,8 +211,10 @@ def clipped_square_sums(g: jax.Array, cfg: Config, row_axes: int = 1):
         """The sums of the clipped gradient ``(g / peak) · clipped_peak`` from those of
         ``g / peak``: no square of an unclipped entry is formed."""
         half, clipped_peak = _clip_from_peak(cfg, peak, unit)
-        factor = jnp.square(clipped_peak)
-        return rows_u * factor, cols_u * factor, unit * clipped_peak, half
+        # Times a twice, not a²: a² may overflow where the product does not (and XLA
+        # rewrites a square of a product with a constant into a product of squares).
+        a = clipped_peak * jnp.sqrt(weight)
+        return (rows_u * a) * a, (cols_u * a) * a, unit * clipped_peak, half
 
     def cpu():
         # Two reductions, each squaring in its own fusion: a shared G² would be written out
@@ -213,10 +230,10 @@ def clipped_square_sums(g: jax.Array, cfg: Config, row_axes: int = 1):
             norm = jnp.sqrt(sum_sq)
             half = _half_clip_scale(cfg, norm)
 
-            def times_scale_squared(x):  # x · s², as four representable factors
-                return (((x * half) * half) * half) * half
+            def weighted(x):  # weight · x · s², as four representable factors of s
+                return ((((x * half) * half) * half) * half) * weight
 
-            return times_scale_squared(rows), times_scale_squared(cols), (norm * half) * half, half
+            return weighted(rows), weighted(cols), (norm * half) * half, half
 
         def rescaled():
             peak, unit_g = _divided_by_peak(g)

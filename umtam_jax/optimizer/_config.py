@@ -48,6 +48,13 @@ class Config:
     seed: int
     group_leaves: bool = False
 
+    def __post_init__(self) -> None:
+        # NumPy integers and bools stand for Python ones (as optax's options take them).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.integer | np.bool_):
+                object.__setattr__(self, field.name, value.item())
+
 
 SEED_RANGE = (-(2**63), 2**63 - 1)
 """The seeds ``jax.random.key`` accepts (a C long)."""

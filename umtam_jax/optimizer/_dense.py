@@ -48,7 +48,9 @@ def update_dense(
     eps_t = adaptive_eps(cfg, g_norm, w)
     mu = cfg.b1 * state.mu + (1 - cfg.b1) * g
     # Saturated, as the factored R and C: an overflowing g² gives a finite step and saliency.
-    nu = jnp.minimum(cfg.b2 * state.nu + (1 - cfg.b2) * jnp.square(g), jnp.finfo(dtype).max)
+    # (1 − b2) g² as (√(1 − b2) g)²: finite wherever the product is representable.
+    nu = cfg.b2 * state.nu + jnp.square(jnp.sqrt(1 - cfg.b2) * g)
+    nu = jnp.minimum(nu, jnp.finfo(dtype).max)
     c1, c2 = bias_corrections(cfg, count, dtype)
     direction = (mu / c1) * jax.lax.rsqrt(nu / c2 + eps_t)
     saliency = None

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from umtam_jax.optimizer import _sharding
-from umtam_jax.optimizer._clipping import adaptive_eps, clipped_square_sums
+from umtam_jax.optimizer._clipping import adaptive_eps, clipped_square_sums, shares
 from umtam_jax.optimizer._config import Config, bias_corrections, compute_dtype, is_static_zero
 from umtam_jax.optimizer._decomposition import FactorRequest
 from umtam_jax.optimizer._layout import Layout
@@ -151,7 +151,9 @@ def factored_request(
     m, n, r = layout.rows, layout.cols, layout.buffer_rank
     g = g.astype(dtype)  # rows + cols: see the module docstring
     assert layout.row_axes is not None  # a factored leaf's layout has row axes
-    row_sq, col_sq, g_norm, half_scale = clipped_square_sums(g, cfg, layout.row_axes)
+    row_sq, col_sq, g_norm, half_scale = clipped_square_sums(
+        g, cfg, layout.row_axes, weight=1 - cfg.b2
+    )
     w = w.astype(dtype)
     eps_t = adaptive_eps(cfg, g_norm, w)
     u, v = _sharding.reshape(state.u, (m, r)), _sharding.reshape(state.v, (n, r))
@@ -218,10 +220,10 @@ def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, 
     # Saturated at the largest float: without clipping, sums of G² overflow for entries
     # near 1.8e19/√n, and inf / inf would make the update and every later one NaN.
     big = jnp.finfo(dtype).max
-    row = jnp.minimum(cfg.b2 * state.row + (1 - cfg.b2) * row_sq, big)
-    col = jnp.minimum(cfg.b2 * state.col + (1 - cfg.b2) * col_sq, big)
+    row = jnp.minimum(cfg.b2 * state.row + row_sq, big)  # row_sq: (1 − b2) Σ_j G_ij²
+    col = jnp.minimum(cfg.b2 * state.col + col_sq, big)
     c1, c2 = bias_corrections(cfg, count, dtype)
-    s_hat = _outer(row / jnp.minimum(jnp.sum(row), big), col) / c2
+    s_hat = _outer(shares(row, tuple(range(row.ndim))), col) / c2
     # Step 8: D = (U Σ Vᵀ) ⊙ (Ŝ + ε_t)^(−1/2).
     direction = (momentum / c1) * jax.lax.rsqrt(s_hat + eps_t)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from umtam_jax.optimizer._axis_order import canonical_statistics, from_canonical
+from umtam_jax.optimizer._clipping import shares
 from umtam_jax.optimizer._config import compute_dtype
 from umtam_jax.optimizer._state import (
     DenseLeafState,
@@ -177,8 +178,7 @@ def _in_parameter_order(fn):
 @_in_parameter_order
 def _factored_curvature(s: FactoredStatistics) -> jax.Array:
     # Ŝ = R Cᵀ / sum(R) per matrix; R Cᵀ itself may overflow.
-    row_sum = jnp.sum(s.row, axis=tuple(range(_batch_axes(s), s.row.ndim)), keepdims=True)
-    return _outer(s, s.row / row_sum, s.col)
+    return _outer(s, shares(s.row, tuple(range(_batch_axes(s), s.row.ndim))), s.col)
 
 
 @_in_parameter_order
