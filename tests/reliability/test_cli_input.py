@@ -321,7 +321,7 @@ def test_deeply_nested_safetensors_json_gives_one_line(ckpts, capsys, damaged):
     else:
         header = b"[" * 100_000 + b"]" * 100_000
         (folder / damaged).write_bytes(len(header).to_bytes(8, "little") + header)
-    line = _run(capsys, "--method", "task_arithmetic", "--base", "hf", "--expert", "hf", "-o", "o")
+    line = _run(capsys, "--method", "linear", "--expert", "hf", "-o", "o")
     assert f"{folder / damaged} is not a valid safetensors" in line
 
 
@@ -377,7 +377,7 @@ def test_errors_give_the_path_of_each_expert_they_name(tmp_path, capsys, monkeyp
     the experts (``experts[1]``) is not the entry's place there: the message names the
     entry as the file does (``models[2]``), and its path follows."""
     monkeypatch.chdir(tmp_path)
-    for name, rows in (("b", 3), ("e1", 3), ("e2", 4)):
+    for name, rows in (("b", 3), ("e1", 3), ("e2", 4), ("e3", 3)):
         checkpoint.save_safetensors(name, {"w": np.ones((rows, 4), np.float32)})
     config = _config(
         tmp_path,
@@ -387,7 +387,7 @@ def test_errors_give_the_path_of_each_expert_they_name(tmp_path, capsys, monkeyp
     line = _run(capsys, config, "-o", "o")
     assert line.endswith("base has (3, 4), models[2] has (4, 4) (models[2] is e2)"), line
     # A list under the native 'parameters' is named there, not as an expert's own value.
-    native = _config(tmp_path, "method: ties\nbase: b\nexperts: [e1, e1]\n"
+    native = _config(tmp_path, "method: ties\nbase: b\nexperts: [e1, e3]\n"
                                "parameters: {density: [0.5, 2.0]}\n")  # fmt: skip
     line = _run(capsys, native, "-o", "o")
     assert "parameters.density[1] must lie in (0, 1], got 2.0" in line, line

@@ -146,8 +146,8 @@ def check_parameters(
 
 
 def renamed(message: str, name: str, key: str) -> str:
-    """A library message about parameter ``name`` naming the file's ``key`` instead
-    (``gamma must lie in ...`` → ``models[0].parameters.gamma must lie in ...``), as
-    umtam-merge names the per-expert ``density[i]``; ``key: message`` if it names none."""
-    out, count = re.subn(rf"(?<![\w.\[]){re.escape(name)}(?![\w\[])", key, message, count=1)
+    """A library message about parameter ``name`` naming the configuration's ``key``
+    instead (``gamma must lie in ...`` → ``models[0].parameters.gamma must lie in ...``,
+    ``density[1] ...`` → ``parameters.density[1] ...``); ``key: message`` if it names none."""
+    out, count = re.subn(rf"(?<![\w.\[]){re.escape(name)}(?!\w)", key, message, count=1)
     return out if count else f"{key}: {message}"

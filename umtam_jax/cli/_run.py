@@ -18,7 +18,8 @@ import numpy as np
 
 from umtam_jax import engine, merging
 from umtam_jax.checkpoint import _format
-from umtam_jax.cli._config import PER_EXPERT, PROG, Plan, layer_scope
+from umtam_jax.cli._config import PER_EXPERT, Plan, layer_scope
+from umtam_jax.cli._load import PROG
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 

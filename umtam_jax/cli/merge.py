@@ -81,7 +81,8 @@ import yaml
 
 from umtam_jax import engine, merging
 from umtam_jax.cli import _run
-from umtam_jax.cli._config import PROG, build_plan, load_config, one_line
+from umtam_jax.cli._config import build_plan
+from umtam_jax.cli._load import PROG, load_config, one_line, warn
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 
@@ -178,7 +179,7 @@ def _warnings_as_lines() -> Iterator[None]:
     ``umtam-merge: warning:`` line, without the file, line and source of the default."""
 
     def show(message: Warning | str, *_: Any, **__: Any) -> None:
-        print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        warn(" ".join(str(message).split()))
 
     with warnings.catch_warnings():
         warnings.showwarning = show

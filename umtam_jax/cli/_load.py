@@ -1,0 +1,108 @@
+"""The ``umtam-merge`` configuration as given: a YAML file (the project's schema, or a
+mergekit file translated by :mod:`umtam_jax.cli._mergekit`) with the command-line flags
+applied on top, as a dictionary that :func:`umtam_jax.cli._config.build_plan` checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from umtam_jax.cli import _mergekit
+from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
+
+PROG = "umtam-merge"
+
+
+def warn(message: str) -> None:
+    """One warning line on standard error."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _parse_value(text: str, flag: str) -> Any:
+    if not text.strip():
+        return ""
+    try:
+        return load_yaml(text, flag)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{flag} value {text!r} is not valid: {one_line(err)}") from None
+
+
+def _expert_flag(text: str) -> dict[str, Any]:
+    """``PATH[,weight=W][,density=D][,fisher=PATH]``: the options are the trailing
+    comma-separated pieces holding ``=``, so a path may hold commas."""
+    pieces = text.split(",")
+    first = len(pieces)
+    while first > 1 and "=" in pieces[first - 1]:
+        first -= 1
+    path, options = ",".join(pieces[:first]), pieces[first:]
+    entry: dict[str, Any] = {"path": path}
+    options_given = _key_values(options, "--expert option", f"--expert {path}: ")
+    if "path" in options_given:
+        raise ConfigError(f"--expert {path}: path is given twice")
+    for key, value in options_given.items():
+        path_key = key in ("fisher", "curvature")
+        entry[key] = value if path_key else _parse_value(value, "--expert")
+    return entry
+
+
+def _key_values(items: list[str], what: str, owner: str) -> dict[str, str]:
+    """``KEY=VALUE`` items as ``{key: value text}``; ``what`` names an item and ``owner``
+    begins the message for a key given twice (as a duplicate key in a file is refused)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {item!r} is not KEY=VALUE")
+        if key.strip() in out:
+            raise ConfigError(f"{owner}{key.strip()} is given twice")
+        out[key.strip()] = value
+    return out
+
+
+def load_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The YAML file (if any) with the command-line flags applied on top."""
+    flag_params = _key_values(args.param or [], "--param", "--param ")
+    config: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            with open(args.config, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as err:
+            raise ConfigError(f"cannot read {args.config}: {err.strerror}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{args.config} is larger than {MAX_CONFIG_BYTES} bytes")
+        try:
+            config = load_yaml(raw.decode("utf-8"), args.config) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{args.config} is not UTF-8 text") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{args.config} is not valid YAML: {one_line(err)}") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{args.config} must hold a YAML mapping")
+        if _mergekit.is_mergekit(config):
+            config = _mergekit.translate(config, warn=warn)
+    for key in ("method", "base", "output", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            config[key] = value
+    if args.expert:
+        config["experts"] = [_expert_flag(e) for e in args.expert]
+    if flag_params:
+        params = dict(config.get("parameters") or {})
+        params.update({k: _parse_value(v, "--param") for k, v in flag_params.items()})
+        config["parameters"] = params
+        keys = dict(config.get(_mergekit.PARAMETER_KEYS) or {})
+        config[_mergekit.PARAMETER_KEYS] = keys | {k: f"--param {k}" for k in flag_params}
+    return config
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (an OSError's reason and file)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror and err.filename and str(err.filename) not in text:
+        text = f"{err.strerror}: {err.filename}"
+    return text or type(err).__name__
