@@ -255,6 +255,14 @@ def test_a_state_built_with_other_options_names_the_leaf_and_the_array(options, 
         assert "built by an optimizer with other options" in str(error.value)
 
 
+def test_tree_map_params_is_refused_with_what_to_use_instead():
+    """It applied f to every array of the per-leaf states (U, Σ, V, R, C, ...)."""
+    params = {"w": jnp.ones((8, 6)), "b": jnp.ones(6)}
+    opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=4)
+    with pytest.raises(TypeError, match="tree_map_params cannot map a UMTAM state.*shardings"):
+        optax.tree_utils.tree_map_params(opt, lambda x: x, opt.init(params))
+
+
 def test_state_shardings_names_a_parameter_without_a_named_sharding():
     opt = umtam_jax.umtam(1e-3)
     abstract = {"w": jax.ShapeDtypeStruct((256, 128), jnp.float32)}  # no sharding: it crashed

@@ -17,6 +17,18 @@ def any_tracer(tree: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
+def refuse_params_placeholder(params: Any) -> None:
+    """Refuses the placeholder ``optax.tree_utils.tree_map_params`` initialises with: a
+    UMTAM state holds no parameter-shaped trees, so it would map every state array."""
+    if type(params).__name__ == "_ParamsPlaceholder":
+        raise TypeError(
+            "optax.tree_utils.tree_map_params cannot map a UMTAM state: it holds one "
+            "NamedTuple of factors per parameter leaf, not parameter-shaped trees; use "
+            "umtam_jax.state_shardings for its shardings and umtam_jax.statistics, "
+            "saliency, curvature or momentum for parameter-shaped views"
+        )
+
+
 def concrete_param(cfg: Config, path: tuple[Any, ...], param: Any) -> jax.Array:
     """The parameter as an array; an abstract one (``jax.ShapeDtypeStruct``) gives zeros of
     its shape, dtype and sharding, which is all ``init`` reads without tracked saliency."""

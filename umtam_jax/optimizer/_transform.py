@@ -56,6 +56,7 @@ from umtam_jax.optimizer._inputs import (
     concrete_param,
     flatten_like,
     param_array,
+    refuse_params_placeholder,
     require_float,
 )
 from umtam_jax.optimizer._layout import (
@@ -160,6 +161,8 @@ def scale_by_umtam(
         Default :func:`default_row_axes` (fan-in × fan-out). Rows or columns of size 0
         make a parameter dense.
       bias_correction: divide the momentum by ``1 − b1^t`` and Ŝ (dense: v) by ``1 − b2^t``.
+        The second moments start at ``eps``, so the corrected ones hold
+        ``eps · b2^t / (1 − b2^t)`` of it (1e-5 at t = 1 with the defaults, 1e-7 at t = 100).
       saliency: ``"tracked"`` keeps W0 and S in the state; ``"final"`` keeps neither (merge
         code computes S once from the expert, the base and R, C).
       buffer_dtype: dtype of the m×n buffers (the momentum M̃ kept for error feedback, and
@@ -231,6 +234,7 @@ def scale_by_umtam(
     validate(cfg)
 
     def init_fn(params):
+        refuse_params_placeholder(params)
         # A flax.nnx Variable counts as the array it holds: its leaf state takes its place
         # (not inside it), so nnx.Optimizer keeps one structure from step to step.
         paths_and_leaves, treedef = _pytrees.flatten_with_variables(params)
