@@ -19,16 +19,14 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex
 
 from umtam_jax._cast import cast_checked
 from umtam_jax.engine._global_topk import GlobalTopK
 from umtam_jax.engine._input_checks import check_copied_dtypes, check_wide_floats
+from umtam_jax.engine._leaf_merge import merge_leaf
 from umtam_jax.engine._sources import Source
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging import _validation as V
-from umtam_jax.merging._select import sliced_mask
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -306,95 +304,7 @@ class Job:
         expert's scores are made into its keep mask before the next expert's are computed,
         and dropped there when the kernel does not read them (TIES: one expert's scores
         alive instead of K); each mask is waited for, as JAX's CPU runtime would otherwise
-        run the K selections, each with its temporaries, side by side.
+        run the K selections, each with its temporaries, side by side
+        (:func:`._leaf_merge.merge_leaf`).
         """
-        m, p = call.method, call.prepared
-        keep: list[list[Any]] | None
-        if m.importance is None:
-            keep = pipeline.masks(call, None)
-            return self._finish(call, pipeline.combine(call, keep, None))
-        stand_ins = self._unread_scores(call)  # None: the kernel reads the scores
-        from_scores = m.sparsify == "topk" or topk is not None
-        scores: list[list[Any]] | None = None
-        if stand_ins is None:
-            scores = []
-        elif not from_scores:
-            return self._finish(
-                call, pipeline.combine(call, pipeline.masks(call, None), [[s] for s in stand_ins])
-            )
-        keep = []
-        for t in range(len(p.experts)):
-            extra = None if call.extras is None else call.extras[t][0]
-            s = m.importance(call.options, p.base[0], p.experts[t][0], extra)
-            if from_scores:
-                if topk is None:
-                    batch = pipeline.leaf_batch_axes(call.options, p.key_paths[0], s.shape)
-                    mask = sliced_mask(s, call.options["density"][t], batch)
-                else:
-                    mask = topk.mask(t, s)
-                keep.append([jax.block_until_ready(mask)])
-                del mask
-            if scores is not None:
-                scores.append([s])
-            del s
-        if not from_scores:
-            keep = pipeline.masks(call, scores)
-        if scores is None:
-            assert stand_ins is not None  # scores is None only where stand-ins replace them
-            scores = [[s] for s in stand_ins]
-        return self._finish(call, pipeline.combine(call, keep, scores))
-
-    def _finish(self, call: pipeline.Call, leaves: list[Any]) -> np.ndarray:
-        merged = V.rebuild(call.prepared, leaves)
-        del leaves
-        return np.asarray(jax.tree.leaves(merged)[0])
-
-    def _unread_scores(self, call: pipeline.Call) -> list[jax.ShapeDtypeStruct] | None:
-        """None if the method's kernel reads the importance scores it is given; else their
-        shapes and dtypes, given to it instead of the arrays (TIES's kernel, for one, only
-        needs the masks made from them).
-
-        Decided from the kernel's jaxpr on abstract masks and scores, once per leaf
-        signature: no scores among the inputs of its operations means that nothing but
-        their shapes and dtypes can matter. Any doubt (a trace that fails) answers None.
-        """
-        m, p = call.method, call.prepared
-        importance = m.importance
-        assert importance is not None  # merge asks only for a method with an importance
-        b, ws = p.base[0], [w[0] for w in p.experts]
-        extras = None if call.extras is None else [x[0] for x in call.extras]
-        signature = [(tuple(x.shape), str(x.dtype)) for x in [b, *ws]]
-        signature += [
-            (tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(extras)
-        ]
-        key = (str(jax.tree.structure(extras)), tuple(signature))
-        cache = self._stand_ins
-        if key not in cache:
-            cache[key] = None
-            try:
-                scores = [
-                    jax.eval_shape(
-                        lambda b, w, x: importance(call.options, b, w, x),
-                        b,
-                        w,
-                        None if extras is None else extras[t],
-                    )
-                    for t, w in enumerate(ws)
-                ]
-                masks = None
-                if m.sparsify == "topk" or self.scope == "global":
-                    masks = [jax.ShapeDtypeStruct(s.shape, jnp.bool_) for s in scores]
-                elif m.sparsify == "bernoulli":
-                    masks = [jax.ShapeDtypeStruct(b.shape, jnp.bool_) for _ in ws]
-                closed = jax.make_jaxpr(
-                    lambda keep, s: m.kernel(call.options, b, ws, keep, s, extras)
-                )(masks, scores)
-                jaxpr = closed.jaxpr
-                score_vars = set(jaxpr.invars[len(jax.tree.leaves(masks)) :])
-                used = {v for e in jaxpr.eqns for v in e.invars if isinstance(v, jex.Var)}
-                used |= {v for v in jaxpr.outvars if isinstance(v, jex.Var)}
-                if len(score_vars) == len(scores) and not score_vars & used:
-                    cache[key] = scores
-            except Exception:  # noqa: BLE001 - when in doubt, the kernel gets the scores
-                pass
-        return cache[key]
+        return merge_leaf(call, topk, self.scope, self._stand_ins)
