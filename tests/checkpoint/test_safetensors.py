@@ -332,7 +332,7 @@ def test_shape_whose_element_count_overflows_is_refused(tmp_path):
     header = json.dumps({"w": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}})
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header.encode())
-    with pytest.raises(ValueError, match="tensor 'w': its data_offsets do not fit shape"):
+    with pytest.raises(ValueError, match="tensor 'w': its shape .* is too large for an array"):
         SafetensorsReader(path)
 
 

@@ -52,8 +52,8 @@ import numpy as np
 from etils import epath
 
 from umtam_jax import _json
+from umtam_jax.checkpoint import _filesystem, _integrity, _safety, _targets
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _safety, _targets
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._names import split_name, tree_from_names
 
@@ -95,6 +95,9 @@ def tie_settings(config: Any) -> list[dict[str, Any]]:
 
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+_MAX_INDEX = 64 * 2**20  # an index lists each tensor once: ~100 kB for a 70B model
+_MAX_SMALL_FILE = 2**16  # the marker file
+_MAX_DIMS = 64  # NumPy's
 _TYPES = {
     "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
     "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
@@ -111,8 +114,9 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 def _is_own(path: epath.Path) -> bool:
     """Whether ``path`` is a folder written by :func:`save_safetensors` (its marker file)."""
     try:
-        return _json.loads((path / MARKER_FILE).read_text()) == MARKER
-    except (OSError, ValueError):
+        marker = _filesystem.read_bounded(path / MARKER_FILE, _MAX_SMALL_FILE, "marker")
+        return _json.loads(marker.decode("utf-8")) == MARKER
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return False
 
 
@@ -136,6 +140,8 @@ def _parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
       ValueError: naming the file (and tensor): malformed, truncated or unsupported.
     """
     try:
+        if not os.path.isfile(path):  # a FIFO's read may never return, a device's never ends
+            raise ValueError("it is not a regular file")
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (-1,)
@@ -151,10 +157,15 @@ def _parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
         for name, e in header.items():
             try:
                 dtype, shape, (begin, end) = _DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
+                if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+                    raise TypeError
                 if not all(type(i) is int and i >= 0 for i in [*shape, begin, end]):
                     raise TypeError
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"tensor {name!r} has an invalid entry {e}") from None
+            # NumPy's limit on an array's extent, zero-size arrays included.
+            if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= 2**63:
+                raise ValueError(f"tensor {name!r}: its shape {shape} is too large for an array")
             # Python integers: a crafted shape's element count cannot wrap around.
             if end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"tensor {name!r}: its data_offsets do not fit shape and dtype")
@@ -219,7 +230,7 @@ class SafetensorsReader:
         else:
             raise ValueError(f"{path} is not a .safetensors file{_pickle_note([path.name])}")
         self.files = [self.folder / f for f in files]
-        if missing := [f for f in self.files if not f.is_file()]:
+        if missing := [f for f in self.files if not f.exists()]:
             raise FileNotFoundError(f"{INDEX_FILE} in {path} names missing shard {missing[0]}")
         self._entries: dict[str, tuple] = {}
         self._crcs: dict[str, int] = {}
@@ -250,26 +261,29 @@ class SafetensorsReader:
                 )
         if shard_of is not None and (unlisted := self._entries.keys() - shard_of.keys()):
             raise ValueError(f"{INDEX_FILE} in {path} does not list tensor {min(unlisted)!r}")
+        if not self._entries:
+            raise ValueError(f"the safetensors model at {path} holds no tensors")
         self.names = list(self._entries)
 
     @staticmethod
     def _shard_map(folder: epath.Path) -> dict[str, str] | None:
         """``{name: shard file}`` from the index, or None for a single ``model.safetensors``."""
         index = folder / INDEX_FILE
-        if (folder / MODEL_FILE).is_file():
-            if index.is_file():
+        if (folder / MODEL_FILE).exists():
+            if index.exists():
                 warnings.warn(
                     f"{folder} holds both {MODEL_FILE} and {INDEX_FILE}: reading {MODEL_FILE} "
                     "alone, as transformers does (the index and its shards are not read)",
                     stacklevel=2,
                 )
             return None
-        if not index.is_file():
+        if not index.exists():
             note = _pickle_note(sorted(p.name for p in folder.iterdir()))
             error = ValueError if note else FileNotFoundError
             raise error(f"no {MODEL_FILE} or {INDEX_FILE} in {folder}{note}")
         try:
-            shard_of = _json.loads(index.read_text())["weight_map"]
+            text = _filesystem.read_bounded(index, _MAX_INDEX, "the index").decode("utf-8")
+            shard_of = _json.loads(text)["weight_map"]
             if not isinstance(shard_of, dict) or not all(
                 isinstance(v, str) for v in shard_of.values()
             ):

@@ -49,6 +49,10 @@ _RESTORE_GROUP_BYTES = 256 * 2**20  # bytes restored per Orbax call when convert
 # ----------------------------------------------------------------------------- writing
 
 
+#: The largest configuration or tokenizer file copied beside the tensors.
+_MAX_COPIED = 2**30
+
+
 def _parse_size(size: int | str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -163,6 +167,7 @@ def save_safetensors(
     source = None if copy_files_from is None else F._absolute(copy_files_from)
     if source is not None and not source.is_dir():
         raise FileNotFoundError(f"copy_files_from {source} is not a folder")
+    copied = [] if source is None else files_to_copy(source)
     get = produce if produce is not None else list(leaves.values()).__getitem__
     index = iter(range(len(leaves)))
 
@@ -199,16 +204,47 @@ def save_safetensors(
             _sync(staging / INDEX_FILE, json.dumps(record, indent=2).encode())
         dtypes = {dtype for shard in shards for _, _, dtype, _, _ in shard}
         floating = {d for d in dtypes if jnp.issubdtype(d, jnp.floating)}
-        for name in COPIED_FILES:
-            if source is not None and (source / name).is_file():
-                shutil.copyfile(source / name, staging / name)
-                if name == "config.json":
-                    dtype = floating.pop() if len(floating) == 1 else None
-                    _adjust_config(staging / name, dtype, set(leaves))
-                _sync(staging / name)
+        for name in copied:
+            assert source is not None  # nothing is copied without one
+            with (source / name).open("rb") as src, open(staging / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            if name == "config.json":
+                dtype = floating.pop() if len(floating) == 1 else None
+                _adjust_config(staging / name, dtype, set(leaves))
+            _sync(staging / name)
         _sync(staging / MARKER_FILE, json.dumps(MARKER).encode())
         _filesystem.fsync_dir(staging)
     return folder
+
+
+def files_to_copy(source: epath.Path) -> list[str]:
+    """The names of :data:`COPIED_FILES` that ``source`` holds, each checked: a regular
+    file of at most :data:`_MAX_COPIED` bytes whose real path lies in ``source`` (or in the
+    ``blobs`` folder of a Hugging Face cache, whose ``snapshots/<revision>`` files link
+    there). A link elsewhere would copy a file the model does not own (a private key, a
+    process's environment) into an output that may be published.
+
+    Raises:
+      ValueError: naming the first file that may not be copied and why.
+    """
+    names = [n for n in COPIED_FILES if os.path.lexists(source / n) or (source / n).exists()]
+    if not _targets.is_local(source):
+        return [n for n in names if (source / n).is_file()]
+    root = os.path.realpath(source)
+    cache_blobs = os.path.realpath(os.path.join(source, os.pardir, os.pardir, "blobs"))
+    for name in names:
+        path = os.path.join(source, name)
+        real = os.path.realpath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"refusing to copy {path}: it is not a regular file")
+        if os.path.commonpath([root, real]) != root and os.path.dirname(real) != cache_blobs:
+            raise ValueError(
+                f"refusing to copy {path}: it links to {real}, outside the model folder "
+                "(such a file would be written into the output); copy it into the folder"
+            )
+        if os.path.getsize(path) > _MAX_COPIED:
+            raise ValueError(f"refusing to copy {path}: it is larger than {_MAX_COPIED} bytes")
+    return names
 
 
 def _adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) -> None:

@@ -100,6 +100,8 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
             _safetensors_write.names_from_tree(job.output)
         except ValueError as err:
             raise ValueError(f"cannot write the safetensors output {output}: {err}") from None
+        if isinstance(job.base, SafetensorsSource) and job.base.folder is not None:
+            _safetensors_write.files_to_copy(job.base.folder)  # the base's config, tokenizer
     kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _targets.CHECKPOINT
     _targets.check_target(output, overwrite=overwrite, kind=kind)
 

@@ -152,13 +152,15 @@ class SafetensorsSource:
         """Whether this model ties embedding ``output`` to ``input_``: it stores ``input_``
         but not ``output``, and its ``config.json`` (if any) does not say
         ``tie_word_embeddings: false``."""
+        from umtam_jax.checkpoint._filesystem import read_bounded
         from umtam_jax.checkpoint._safetensors import tie_settings
 
         if output in self._names or input_ not in self._names:
             return False
         config = None if self.folder is None else self.folder / "config.json"
         try:
-            record = _json.loads(config.read_text()) if config and config.is_file() else {}
+            text = read_bounded(config, 2**26, "config") if config and config.exists() else b"{}"
+            record = _json.loads(text.decode("utf-8"))
         except (OSError, ValueError):
             return False
         return all(part.get("tie_word_embeddings") is not False for part in tie_settings(record))
