@@ -45,7 +45,7 @@ def test_a_fifo_or_device_is_never_opened_as_a_shard_or_index(tmp_path):
     endless_index = tmp_path / "zero"
     endless_index.mkdir()
     os.symlink("/dev/zero", endless_index / "model.safetensors.index.json")
-    with pytest.raises(ValueError, match="index.json is not a regular file"):
+    with pytest.raises(ValueError, match="index.json is a character device, not a regular file"):
         SafetensorsReader(endless_index)
 
 

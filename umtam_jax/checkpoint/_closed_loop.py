@@ -1,16 +1,29 @@
-"""Silencing the callbacks a failed Orbax read leaves behind.
+"""Silencing the leftovers of a failed Orbax read.
 
 Orbax reads the arrays of an item concurrently on an event loop it closes when the read
-ends. When one array fails (a damaged file), the read ends at once while tensorstore still
-reads the others; their completions then call the closed loop's ``call_soon_threadsafe``
-from a tensorstore thread, and Python prints each "RuntimeError: Event loop is closed" as
-an unraisable exception after the caller's clean error. Those callbacks can do nothing:
-:func:`drop_closed_loop_callbacks` chains a ``sys.unraisablehook`` that drops exactly them (that
-exception, raised in ``call_soon_threadsafe``) and passes every other one on.
+ends. When one array fails (a damaged file), the read ends at once while the others are
+still under way, and Python later reports two kinds of leftovers of those abandoned reads
+as unraisable exceptions, printed after the caller's clean error:
+
+* tensorstore's completions of the other reads call the closed loop's
+  ``call_soon_threadsafe`` from a tensorstore thread: "RuntimeError: Event loop is
+  closed";
+* the unfinished read coroutines (Orbax's ``_read_array_index_and_device_put``) are
+  closed when they are garbage collected, by a ``GeneratorExit`` thrown in at their
+  ``await``; Orbax's ``except BaseException`` around that read turns it into an
+  ``Exception("Encountered error while reading array index ...")``, which ``close``
+  raises: "Exception ignored in: <coroutine object _read_array_index_and_device_put>",
+  with a TensorStore spec of some sixty lines.
+
+Neither can do anything (the caller already has the read's error):
+:func:`drop_closed_loop_callbacks` chains a ``sys.unraisablehook`` that drops exactly these
+two and passes every other unraisable exception on.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 import sys
 import threading
 import traceback
@@ -19,6 +32,11 @@ from typing import Any
 _lock = threading.Lock()
 _installed = False
 _wrapped: Any = None  # the hook that was current when this one was chained
+
+# Orbax's coroutine that reads one array index (orbax/checkpoint/.../serialization.py),
+# and the start of the message its ``except BaseException`` raises.
+_READ_COROUTINE = "_read_array_index_and_device_put"
+_READ_ERROR = "Encountered error while reading array index"
 
 
 def _is_closed_loop_callback(unraisable: Any) -> bool:
@@ -29,8 +47,24 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
     return any(frame.name == "call_soon_threadsafe" for frame in frames)
 
 
+def _is_abandoned_read(unraisable: Any) -> bool:
+    """Whether ``unraisable`` is an unfinished Orbax read coroutine's ``GeneratorExit``,
+    turned into Orbax's read error when the coroutine was closed (see the module's
+    docstring)."""
+    coroutine, err = getattr(unraisable, "object", None), unraisable.exc_value
+    if not (inspect.iscoroutine(coroutine) and coroutine.cr_code.co_name == _READ_COROUTINE):
+        return False
+    if "orbax" not in os.path.normpath(coroutine.cr_code.co_filename).split(os.sep):
+        return False
+    return (
+        type(err) is Exception
+        and isinstance(err.__cause__, GeneratorExit)
+        and str(err).startswith(_READ_ERROR)
+    )
+
+
 def _drop_closed_loop_callbacks(unraisable: Any) -> None:
-    if not _is_closed_loop_callback(unraisable):
+    if not (_is_closed_loop_callback(unraisable) or _is_abandoned_read(unraisable)):
         (_wrapped or sys.__unraisablehook__)(unraisable)
 
 
@@ -38,7 +72,7 @@ def drop_closed_loop_callbacks() -> None:
     """Chains the hook (see the module's docstring); called before every Orbax read.
 
     The hook is chained once per process, at its first read, over the hook current then,
-    and stays: the callbacks of a failed read may come at any later time. A hook
+    and stays: the leftovers of a failed read may come at any later time. A hook
     installed later replaces it, or chains it by calling its predecessor.
     """
     global _installed, _wrapped

@@ -265,10 +265,32 @@ def check_spec(spec: Any, at: str = "") -> None:
             ):
                 raise ValueError(f"a child of the {t} at {where} is malformed ({entry!r:.80})")
             check_spec(entry[2], f"{at}/{entry[0]}")
-        if t == "namedtuple" and not isinstance(spec.get("cls"), str):
-            raise ValueError(f"the namedtuple at {where} names no class")
+        if t == "namedtuple":
+            _check_namedtuple(spec.get("cls"), children, where)
     elif t not in ("none", "masked"):
         raise ValueError(f"the entry at {where} has an unknown node type {t!r}")
+
+
+def _check_namedtuple(name: Any, children: list[Any], where: str) -> None:
+    """Raises ValueError unless a namedtuple node names a class and, where that class is
+    rebuilt on restore (:func:`_namedtuple_class`), its children are that class's fields:
+    each at most once, none unknown, every field without a default present."""
+    if not isinstance(name, str):
+        raise ValueError(f"the namedtuple at {where} names no class")
+    cls = _namedtuple_class(name)
+    if cls is None:
+        return  # restored as a dict
+    fields = getattr(cls, "_fields", None)
+    if not (isinstance(fields, tuple) and all(isinstance(f, str) for f in fields)):
+        raise ValueError(f"the namedtuple at {where} names {name}, which is not a NamedTuple")
+    names = [entry[3] if len(entry) > 3 else entry[0] for entry in children]
+    required = set(fields) - set(getattr(cls, "_field_defaults", {}))
+    if len(set(names)) != len(names) or not set(fields) >= set(names) >= required:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(
+            f"the namedtuple at {where} is a {name} with the fields ({shown:.200}), not "
+            f"that class's ({', '.join(fields)})"
+        )
 
 
 def _spec_leaves(spec: dict[str, Any], prefix: tuple[str, ...] = ()):

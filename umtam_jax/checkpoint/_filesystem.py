@@ -67,26 +67,3 @@ def locked(directory: epath.Path) -> Iterator[None]:
     )
     with _files.exclusive_lock(lock_path, cannot=f"cannot write checkpoint {directory}", busy=busy):
         yield
-
-
-def is_regular_file(path: epath.Path) -> bool:
-    """Whether ``path`` is a regular file, links followed. etils' ``is_file`` also accepts
-    a FIFO (whose read may never return) and a device such as ``/dev/zero`` (whose read
-    never ends)."""
-    return os.path.isfile(path) if is_local(path) else path.is_file()
-
-
-def read_bounded(path: epath.Path, limit: int, what: str) -> bytes:
-    """The bytes of the regular file ``path``, which must hold at most ``limit`` bytes.
-
-    Raises:
-      ValueError: ``path`` is not a regular file, or is larger; ``what`` names it.
-      OSError: it cannot be read.
-    """
-    if not is_regular_file(path):
-        raise ValueError(f"{what} {path} is not a regular file")
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{what} {path} is larger than {limit} bytes")
-    return data

@@ -44,6 +44,8 @@ PARAMS = "params"
 STATISTICS = "statistics"
 OPT_STATE = "opt_state"
 METADATA = "umtam_metadata"
+# The file Orbax's JSON handler writes the metadata into: ("umtam_metadata", "metadata").
+METADATA_FILE = _targets._METADATA_FILE
 _ARRAY_ITEMS = (PARAMS, STATISTICS, OPT_STATE)
 
 # Orbax's suffix for the temporary directory of an in-progress save (AtomicRenameTemporaryPath).

@@ -15,16 +15,19 @@ SHA-256. It guards against damaged files, not against deliberate tampering.
 
 Checkpoints of format version 1 (written before checksums existed) restore unverified.
 An array that no process sees whole (sharded across the processes of a multi-host run) has
-no CRC of its own; the CRC-32 of each of its shards is recorded instead, with the shard's
-``[start, stop)`` on every axis (``shards``), gathered from the processes that wrote
-them. A restore checks every recorded shard that lies within a part of the array the
+no CRC of its own (a null one); the CRC-32 of each of its shards is recorded instead, with
+the shard's ``[start, stop)`` on every axis (``shards``), gathered from the processes that
+wrote them. A restore checks every recorded shard that lies within a part of the array the
 process holds: all of them on the same or a coarser sharding, or where it sees the whole
 array (a recorded shard that the restore's sharding divides across processes is not
-verified). Records written before shard checksums existed hold
-neither, and such arrays restore unverified. From format version 3
+verified). An entry with neither an integer CRC nor a list of shard records is damage: it
+would leave its array unverified. From format version 3
 on, the record lists every array and holds the metadata's CRC, so an entry or item
 missing from it (a damaged key name, an emptied item) is itself reported as damage;
 version 2 records left unaddressable arrays out and are read as before.
+
+A local record must be a regular file of at most :data:`MAX_RECORD_BYTES` (a FIFO or a
+device is refused unopened: see :func:`._targets.read_record`).
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ import numpy as np
 from etils import epath
 
 from umtam_jax import _json
-from umtam_jax.checkpoint import _filesystem
+from umtam_jax.checkpoint import _filesystem, _targets
 
 CHECKSUMS_FILE = "umtam_checksums.json"
 ALGORITHM = "crc32"
+# The most bytes the checksum record may hold: about 100 per array (more with shards),
+# so millions of arrays fit.
+MAX_RECORD_BYTES = 256 * 2**20
 
 
 class CheckpointCorruptError(ValueError):
@@ -117,7 +123,8 @@ def check_metadata(directory: epath.Path, metadata: Mapping[str, Any]) -> None:
     the JSON still parses). A missing or unreadable record, or one without the CRC, is
     left to the verification of the arrays (:func:`read`)."""
     try:
-        recorded = _json.loads((directory / CHECKSUMS_FILE).read_text()).get("metadata")
+        text = _targets.read_record(directory / CHECKSUMS_FILE, MAX_RECORD_BYTES)
+        recorded = _json.loads(text).get("metadata")
     except (OSError, ValueError, AttributeError):
         return
     if recorded is not None and recorded != metadata_crc32(metadata):
@@ -144,32 +151,22 @@ def read(directory: epath.Path, format_version: int) -> Records | None:
         return None
     path = directory / CHECKSUMS_FILE
     try:
-        data = _json.loads(path.read_text())
+        data = _json.loads(_targets.read_record(path, MAX_RECORD_BYTES))
         if data.get("algorithm") != ALGORITHM:
             raise ValueError(f"unknown checksum algorithm {data.get('algorithm')!r}")
         items = data["items"]
-        if format_version >= 3 and not isinstance(data.get("metadata"), int):
+        if format_version >= 3 and not _is_int(data.get("metadata")):
             raise ValueError("it holds no checksum of the metadata")
-        for records in items.values():
-            for rec in records.values():
-                if not (
-                    isinstance(rec["dtype"], str)
-                    and isinstance(rec["shape"], list)
-                    and (isinstance(rec[ALGORITHM], int) or rec[ALGORITHM] is None)
-                ):
-                    raise ValueError("malformed record")
-                for shard in rec.get("shards", []):
-                    bounds = shard["index"]
-                    if not (
-                        isinstance(shard[ALGORITHM], int)
-                        and isinstance(bounds, list)
-                        and len(bounds) == len(rec["shape"])
-                        and all(len(b) == 2 and all(isinstance(i, int) for i in b) for b in bounds)
-                    ):
-                        raise ValueError("malformed shard record")
+        for item, records in items.items():
+            for k, rec in records.items():
+                _check_entry(rec, f"{item}/{k}")
     except FileNotFoundError:
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: its checksum record {path} is missing"
+        ) from None
+    except _targets.UnsafeFileError as err:
+        raise CheckpointCorruptError(
+            f"checkpoint {directory} is corrupt: its checksum record {path} {err}"
         ) from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointCorruptError(
@@ -179,6 +176,38 @@ def read(directory: epath.Path, format_version: int) -> Records | None:
     out = Records(items)
     out.complete = format_version >= 3
     return out
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # JSON true/false are not CRCs or bounds
+
+
+def _check_entry(rec: Any, where: str) -> None:
+    """Raises ValueError, naming the array, unless ``rec`` is a well-formed entry: dtype,
+    shape and either an integer CRC or a null one with a non-empty list of shard records
+    (an entry with neither would leave its array unverified)."""
+    if not (
+        isinstance(rec["dtype"], str)
+        and isinstance(rec["shape"], list)
+        and all(_is_int(d) for d in rec["shape"])
+    ):
+        raise ValueError(f"malformed record of {where}")
+    shards = rec.get("shards", [])
+    if not isinstance(shards, list):
+        raise ValueError(f"malformed shard records of {where}")
+    if not (_is_int(rec[ALGORITHM]) or (rec[ALGORITHM] is None and shards)):
+        raise ValueError(f"the record of {where} has neither a CRC nor shard checksums")
+    for shard in shards:
+        bounds = shard["index"]
+        if not (
+            _is_int(shard[ALGORITHM])
+            and isinstance(bounds, list)
+            and len(bounds) == len(rec["shape"])
+            and all(
+                isinstance(b, list) and len(b) == 2 and all(_is_int(i) for i in b) for b in bounds
+            )
+        ):
+            raise ValueError(f"malformed shard record of {where}")
 
 
 def check_spec(

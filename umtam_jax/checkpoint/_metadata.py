@@ -16,13 +16,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _safety
+from umtam_jax.checkpoint import _integrity, _safety, _targets
 from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
 from umtam_jax.checkpoint._format import (
     _ORBAX_TMP_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
     METADATA,
+    METADATA_FILE,
     _absolute,
 )
 
@@ -98,20 +99,36 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k != "structures"}
 
 
+def _check_metadata_file(directory: epath.Path) -> None:
+    """Raises :class:`CheckpointCorruptError` when the metadata file (read by Orbax's
+    JSON handler, which reads whatever is there) is a FIFO, a device or larger than
+    :data:`._targets.MAX_METADATA_BYTES`; a missing one is left to that read's error."""
+    path = directory.joinpath(*METADATA_FILE)
+    try:
+        _targets.check_regular_file(path, _targets.MAX_METADATA_BYTES)
+    except _targets.UnsafeFileError as err:
+        raise _integrity.CheckpointCorruptError(
+            f"checkpoint {directory} has damaged metadata: {path} {err}"
+        ) from None
+    except OSError:
+        pass  # missing or unreadable: reported by the read
+
+
 def read_full_metadata(directory: epath.Path) -> dict[str, Any]:
     if not (directory / METADATA).exists():
         raise FileNotFoundError(
             f"{directory} is not a umtam_jax checkpoint or is incomplete: its item "
             f"{METADATA!r} ({directory / METADATA}) does not exist"
         )
+    _check_metadata_file(directory)
     meta = restore_items(directory, {METADATA: ocp.args.JsonRestore()})[METADATA]
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{directory / METADATA} is not umtam_jax checkpoint metadata")
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int):
+    version = meta.get("format_version")
+    if not (type(version) is int and version >= 1):  # every version wrote one; not a bool
         raise _integrity.CheckpointCorruptError(
             f"checkpoint {directory} has damaged metadata ({directory / METADATA}): "
-            f"format_version {version!r}"
+            f"format_version {version!r} (a whole number from 1 on)"
         )
     if version > FORMAT_VERSION:
         raise ValueError(

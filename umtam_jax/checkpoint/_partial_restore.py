@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _metadata
+from umtam_jax.checkpoint import _integrity, _keys, _metadata
 from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
 
 __all__ = ["CheckpointReader"]
@@ -87,9 +87,24 @@ class CheckpointReader:
             )
         return structures[item]
 
+    def _check_keys(self, item: str, under: Sequence[Path] = ((),)) -> None:
+        """Raises ValueError, naming the leaf, for a typed PRNG key (at or below one of the
+        stored paths ``under``) of an implementation this JAX cannot rebuild: checked
+        before a decode would fail inside JAX."""
+        for path, impl in E.spec_keys(self.structure(item)).items():
+            if any(path[: len(p)] == tuple(p) for p in under):
+                what = f"checkpoint {self.directory}'s {item} leaf {'/'.join(path)}"
+                _keys.check_impl(impl, what)
+
     def abstract(self, item: str) -> Any:
         """``item``'s pytree (as restored without target) with ``jax.ShapeDtypeStruct``
-        leaves (of a key dtype for typed PRNG keys)."""
+        leaves (of a key dtype for typed PRNG keys).
+
+        Raises:
+          FileNotFoundError: the checkpoint has no such item.
+          ValueError: a typed PRNG key of an implementation this JAX cannot rebuild.
+        """
+        self._check_keys(item)
         spec = self.structure(item)
         arrays: dict[str, Any] = {}
         for path, leaf in E.spec_arrays(spec):
@@ -114,8 +129,10 @@ class CheckpointReader:
         Typed PRNG keys are rebuilt from their key data (as ``jax.Array`` key arrays).
 
         Raises:
-          ValueError: a path not in the checkpoint; as :meth:`restore_arrays`.
+          ValueError: a path not in the checkpoint, a typed PRNG key of an implementation
+            this JAX cannot rebuild; as :meth:`restore_arrays`.
         """
+        self._check_keys(item, paths)
         spec = self.structure(item)
         subspecs = []
         for path in paths:

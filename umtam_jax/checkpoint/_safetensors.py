@@ -52,8 +52,8 @@ import numpy as np
 from etils import epath
 
 from umtam_jax import _json
-from umtam_jax.checkpoint import _filesystem, _integrity, _safety, _targets
 from umtam_jax.checkpoint import _format as F
+from umtam_jax.checkpoint import _integrity, _safety, _targets
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._names import split_name, tree_from_names
 
@@ -114,8 +114,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 def _is_own(path: epath.Path) -> bool:
     """Whether ``path`` is a folder written by :func:`save_safetensors` (its marker file)."""
     try:
-        marker = _filesystem.read_bounded(path / MARKER_FILE, _MAX_SMALL_FILE, "marker")
-        return _json.loads(marker.decode("utf-8")) == MARKER
+        return _json.loads(_targets.read_record(path / MARKER_FILE, _MAX_SMALL_FILE)) == MARKER
     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return False
 
@@ -282,14 +281,15 @@ class SafetensorsReader:
             error = ValueError if note else FileNotFoundError
             raise error(f"no {MODEL_FILE} or {INDEX_FILE} in {folder}{note}")
         try:
-            text = _filesystem.read_bounded(index, _MAX_INDEX, "the index").decode("utf-8")
-            shard_of = _json.loads(text)["weight_map"]
+            shard_of = _json.loads(_targets.read_record(index, _MAX_INDEX))["weight_map"]
             if not isinstance(shard_of, dict) or not all(
                 isinstance(v, str) for v in shard_of.values()
             ):
                 raise ValueError("its weight_map is not a mapping of tensor names to files")
             if not shard_of or any(os.path.basename(v) != v for v in shard_of.values()):
                 raise ValueError("its weight_map is empty or names a shard outside the folder")
+        except _targets.UnsafeFileError as err:  # "is a FIFO, not a regular file"
+            raise ValueError(f"the index {index} {err}") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index} is not a valid safetensors index: {err}") from None
         return shard_of

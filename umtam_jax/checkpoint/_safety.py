@@ -64,6 +64,7 @@ from umtam_jax.checkpoint._targets import (
     contents,
     is_empty_folder,
     is_local,
+    is_regular_file,
 )
 from umtam_jax.checkpoint._write_errors import CheckpointBusyError, naming_the_target
 
@@ -133,7 +134,7 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     """
 
     def is_output(p: epath.Path) -> bool:
-        return kind.is_own(p) or (p / _CONTENTS_FILE).is_file()
+        return kind.is_own(p) or is_regular_file(p / _CONTENTS_FILE)
 
     empty = is_empty_folder(directory)
     if empty or not directory.exists():

@@ -10,6 +10,7 @@ symbolic link, a foreign folder, an output holding entries added since it was wr
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -25,17 +26,113 @@ _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 _CONTENTS_FILE = ".umtam-contents.json"
 
+# The most bytes a reader takes from the JSON records of a checkpoint folder: generous
+# bounds (the metadata holds one structure entry per array, the contents record one entry
+# per file), so that a damaged or hostile file cannot exhaust the memory.
+MAX_METADATA_BYTES = 64 * 2**20
+MAX_CONTENTS_BYTES = 64 * 2**20
+
 
 def is_local(path: epath.Path) -> bool:
     """Whether ``path`` is on a local (POSIX) file system."""
     return "://" not in os.fspath(path)
 
 
+class UnsafeFileError(ValueError):
+    """A file of a checkpoint folder that a reader refuses to read: not a regular file (a
+    FIFO, whose read may never return; a device such as ``/dev/zero``, whose read never
+    ends), or larger than the bound for what it records. The message completes a
+    sentence whose subject is the file ("<path> is a FIFO, not a regular file")."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _check_stat(st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFileError(f"is {_file_kind(st.st_mode)}, not a regular file")
+    if st.st_size > limit:
+        raise UnsafeFileError(f"holds {st.st_size} bytes, more than the {limit} it may hold")
+
+
+def check_regular_file(path: epath.Path, limit: int) -> None:
+    """Raises unless the local file ``path`` is a regular file (links followed) of at most
+    ``limit`` bytes; a path on another back end is not checked. Nothing is opened.
+
+    Raises:
+      FileNotFoundError: it does not exist (or is a link to nothing).
+      UnsafeFileError: it is not a regular file, or is larger than ``limit``.
+      OSError: it cannot be examined.
+    """
+    if is_local(path):
+        _check_stat(os.stat(os.fspath(path)), limit)
+
+
+def read_record(path: epath.Path, limit: int) -> str:
+    """The text (UTF-8) of a record file of a checkpoint folder, read with a size bound.
+
+    A local file must be a regular file of at most ``limit`` bytes
+    (:func:`check_regular_file`): it is checked before it is opened, and the file opened
+    (without blocking, so a FIFO put there meanwhile cannot hang the open) is checked
+    again. A path on another back end is read as it is.
+
+    Args:
+      path: the file.
+      limit: the most bytes it may hold.
+
+    Raises:
+      FileNotFoundError: it does not exist.
+      UnsafeFileError: it is not a regular file, or is larger than ``limit``.
+      UnicodeDecodeError: it is not UTF-8 (a ``ValueError``).
+      OSError: it cannot be read.
+
+    Example:
+      >>> import os, tempfile
+      >>> folder = epath.Path(tempfile.mkdtemp())
+      >>> _ = (folder / "record.json").write_text("{}")
+      >>> read_record(folder / "record.json", 1024)
+      '{}'
+      >>> os.mkfifo(folder / "fifo")
+      >>> read_record(folder / "fifo", 1024)
+      Traceback (most recent call last):
+      ...
+      umtam_jax.checkpoint._targets.UnsafeFileError: is a FIFO, not a regular file
+    """
+    if not is_local(path):
+        return path.read_text()
+    check_regular_file(path, limit)  # a device or FIFO is never opened
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    with os.fdopen(os.open(os.fspath(path), flags), "rb") as f:
+        _check_stat(os.fstat(f.fileno()), limit)  # the file may have been replaced since
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UnsafeFileError(f"holds more than the {limit} bytes it may hold")
+    return data.decode("utf-8")
+
+
+def is_regular_file(path: epath.Path) -> bool:
+    """Whether ``path`` is a regular file (links followed); etils' ``is_file`` also
+    accepts a FIFO or a device. On another back end, ``is_file``."""
+    return os.path.isfile(os.fspath(path)) if is_local(path) else path.is_file()
+
+
 def is_checkpoint(path: epath.Path) -> bool:
-    """Whether ``path`` is a folder holding a umtam_jax checkpoint's metadata."""
+    """Whether ``path`` is a folder holding a umtam_jax checkpoint's metadata (a probe:
+    False for metadata that is not a regular file of at most
+    :data:`MAX_METADATA_BYTES`, which is never opened)."""
     meta = path.joinpath(*_METADATA_FILE)
     try:
-        record = _json.loads(meta.read_text())
+        record = _json.loads(read_record(meta, MAX_METADATA_BYTES))
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("format") == _FORMAT_NAME
@@ -166,7 +263,7 @@ def _added_entries(directory: epath.Path) -> list[str] | None:
     (a file edited, replaced or put into one of its subfolders), as relative paths; None
     when the folder has no readable record (it cannot be told what is ours)."""
     try:
-        recorded = _json.loads((directory / _CONTENTS_FILE).read_text())
+        recorded = _json.loads(read_record(directory / _CONTENTS_FILE, MAX_CONTENTS_BYTES))
     except (OSError, ValueError):
         return None
     if isinstance(recorded, list):  # the record of older versions: top-level names only

@@ -152,15 +152,15 @@ class SafetensorsSource:
         """Whether this model ties embedding ``output`` to ``input_``: it stores ``input_``
         but not ``output``, and its ``config.json`` (if any) does not say
         ``tie_word_embeddings: false``."""
-        from umtam_jax.checkpoint._filesystem import read_bounded
         from umtam_jax.checkpoint._safetensors import tie_settings
+        from umtam_jax.checkpoint._targets import read_record
 
         if output in self._names or input_ not in self._names:
             return False
         config = None if self.folder is None else self.folder / "config.json"
         try:
-            text = read_bounded(config, 2**26, "config") if config and config.exists() else b"{}"
-            record = _json.loads(text.decode("utf-8"))
+            text = read_record(config, 2**26) if config and config.exists() else "{}"
+            record = _json.loads(text)
         except (OSError, ValueError):
             return False
         return all(part.get("tie_word_embeddings") is not False for part in tie_settings(record))
