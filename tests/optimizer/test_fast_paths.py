@@ -600,3 +600,15 @@ def test_without_clipping_a_gradient_whose_row_sums_pass_8e37_matches_the_refere
             want = ref.step(np.asarray(g[name], np.float64), np.asarray(params[name], np.float64))
             got = np.asarray(updates[name], np.float64)
             assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), (name, got, want)
+
+
+@pytest.mark.parametrize("scale", [1e-36, 1.0, 3e37])
+def test_the_shares_of_r_equal_float64_ones_at_any_scale(scale):
+    """R_i / sum(R) from entries near float32's smallest normal (R of a leaf whose
+    gradients have been zero for ~60,000 steps) to sums past its largest."""
+    from umtam_jax.optimizer._clipping import shares
+
+    r = scale * np.random.default_rng(0).uniform(0.5, 8.0, size=(2, 1024))
+    got = jax.jit(lambda x: shares(x, (1,)))(jnp.asarray(r, jnp.float32))
+    want = r / r.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-6)

@@ -83,12 +83,22 @@ def test_links_inside_the_folder_and_into_a_hub_cache_blob_are_copied(tmp_path):
     snapshot = _foreign(repo / "snapshots" / "rev", vocab_txt="[PAD]\n")
     os.symlink("../../blobs/a1b2", os.path.join(snapshot, "config.json"))
     os.symlink("vocab.txt", os.path.join(snapshot, "merges.txt"))  # inside the folder
-    out = save_safetensors(
-        tmp_path / "out", {"w": np.ones(2, np.float32)}, copy_files_from=snapshot
-    )
+    tree = {"w": np.ones(2, np.float32)}
+    out = save_safetensors(tmp_path / "out", tree, copy_files_from=snapshot)
     assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
     assert (out / "merges.txt").read_text() == "[PAD]\n"
     assert not os.path.islink(out / "config.json")
+    # A model in a subfolder of a snapshot; a 'blobs' folder outside a cache is not one.
+    nested = _foreign(repo / "snapshots" / "rev" / "sub")
+    os.symlink("../../../blobs/a1b2", os.path.join(nested, "config.json"))
+    out = save_safetensors(tmp_path / "out2", tree, copy_files_from=nested)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "x").write_text("SECRET")
+    other = _foreign(tmp_path / "d" / "m")
+    os.symlink(tmp_path / "blobs" / "x", os.path.join(other, "vocab.txt"))
+    with pytest.raises(ValueError, match="vocab.txt: it links to .*blobs/x, outside"):
+        save_safetensors(tmp_path / "out3", tree, copy_files_from=other)
 
 
 @pytest.mark.parametrize(

@@ -219,10 +219,11 @@ def save_safetensors(
 
 def files_to_copy(source: epath.Path) -> list[str]:
     """The names of :data:`COPIED_FILES` that ``source`` holds, each checked: a regular
-    file of at most :data:`_MAX_COPIED` bytes whose real path lies in ``source`` (or in the
-    ``blobs`` folder of a Hugging Face cache, whose ``snapshots/<revision>`` files link
-    there). A link elsewhere would copy a file the model does not own (a private key, a
-    process's environment) into an output that may be published.
+    file of at most :data:`_MAX_COPIED` bytes whose real path lies in ``source`` or in a
+    Hugging Face cache's ``models--…/blobs`` folder (where the files of its snapshots, and
+    of folders downloaded with links into it, lie). A link elsewhere would copy a file the
+    model does not own (a private key, a process's environment) into an output that may
+    be published.
 
     Raises:
       ValueError: naming the first file that may not be copied and why.
@@ -231,13 +232,12 @@ def files_to_copy(source: epath.Path) -> list[str]:
     if not _targets.is_local(source):
         return [n for n in names if (source / n).is_file()]
     root = os.path.realpath(source)
-    cache_blobs = os.path.realpath(os.path.join(source, os.pardir, os.pardir, "blobs"))
     for name in names:
         path = os.path.join(source, name)
         real = os.path.realpath(path)
         if not os.path.isfile(path):
             raise ValueError(f"refusing to copy {path}: it is not a regular file")
-        if os.path.commonpath([root, real]) != root and os.path.dirname(real) != cache_blobs:
+        if os.path.commonpath([root, real]) != root and not _in_hub_cache(real):
             raise ValueError(
                 f"refusing to copy {path}: it links to {real}, outside the model folder "
                 "(such a file would be written into the output); copy it into the folder"
@@ -245,6 +245,16 @@ def files_to_copy(source: epath.Path) -> list[str]:
         if os.path.getsize(path) > _MAX_COPIED:
             raise ValueError(f"refusing to copy {path}: it is larger than {_MAX_COPIED} bytes")
     return names
+
+
+def _in_hub_cache(real: str) -> bool:
+    """Whether ``real`` is a blob of a Hugging Face hub cache: ``…/models--org--name/blobs/
+    <hash>`` (or a dataset's or a space's)."""
+    blobs = os.path.dirname(real)
+    repo = os.path.basename(os.path.dirname(blobs))
+    return os.path.basename(blobs) == "blobs" and repo.startswith(
+        ("models--", "datasets--", "spaces--")
+    )
 
 
 def _adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) -> None:

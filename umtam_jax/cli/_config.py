@@ -28,7 +28,7 @@ _TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed", "dtyp
 PER_EXPERT = {
     p.per_expert: p.name for m in METHODS.values() for p in m.params if p.per_expert is not None
 }
-_EXPERT_KEYS = {"path", "fisher", "curvature", *PER_EXPERT}
+EXPERT_KEYS = {"path", "fisher", "curvature", *PER_EXPERT}
 _PRUNE_SCORES = ("saliency", "magnitude")
 
 
@@ -131,11 +131,11 @@ def _parse_expert(entry: Any, index: int) -> Expert:
         where = entry.pop(_mergekit.KEY)
     if not isinstance(entry, dict):
         raise ConfigError(f"experts[{index}] must be a path or a mapping with a 'path'")
-    unknown = set(entry) - _EXPERT_KEYS
+    unknown = set(entry) - EXPERT_KEYS
     if unknown:
         raise ConfigError(
             f"experts[{index}] has unknown keys {sorted(unknown, key=str)}; "
-            f"allowed: {sorted(_EXPERT_KEYS)}"
+            f"allowed: {sorted(EXPERT_KEYS)}"
         )
     if not isinstance(entry.get("path"), str) or not entry["path"].strip():
         raise ConfigError(f"experts[{index}] needs a 'path' (a non-empty string)")
@@ -305,9 +305,9 @@ def _refuse_repeated_models(spec: merging.Method, base: str | None, experts: lis
         same = os.path.realpath(expert.path)
         if same == base_path and not spec.base_optional:
             raise ConfigError(
-                f"{expert.key} ({expert.path!r}) is the base: method {spec.name!r} merges "
-                "task vectors from the base, and the base's is zero; list only the "
-                "fine-tuned models"
+                f"{expert.key} ({expert.path!r}) is the base: method {spec.name!r} reads the "
+                "base as the base, not as an expert too (as a task vector, it is zero); list "
+                "only the fine-tuned models"
             )
         if same in seen:
             raise ConfigError(

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from umtam_jax.cli import _mergekit
+from umtam_jax.cli._config import EXPERT_KEYS
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
 
 PROG = "umtam-merge"
@@ -36,7 +37,7 @@ def _expert_flag(text: str) -> dict[str, Any]:
     comma-separated pieces holding ``=``, so a path may hold commas."""
     pieces = text.split(",")
     first = len(pieces)
-    while first > 1 and "=" in pieces[first - 1]:
+    while first > 1 and ("=" in pieces[first - 1] or _is_option_name(pieces[first - 1])):
         first -= 1
     path, options = ",".join(pieces[:first]), pieces[first:]
     entry: dict[str, Any] = {"path": path}
@@ -47,6 +48,12 @@ def _expert_flag(text: str) -> dict[str, Any]:
         path_key = key in ("fisher", "curvature")
         entry[key] = value if path_key else _parse_value(value, "--expert")
     return entry
+
+
+def _is_option_name(piece: str) -> bool:
+    """Whether a piece after a comma is an --expert option without its value (or empty),
+    which is an error to report rather than a part of the path."""
+    return not piece.strip() or piece.strip() in EXPERT_KEYS
 
 
 def _key_values(items: list[str], what: str, owner: str) -> dict[str, str]:
@@ -85,6 +92,8 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{args.config} must hold a YAML mapping")
         if _mergekit.is_mergekit(config):
             config = _mergekit.translate(config, warn=warn)
+        else:
+            _refuse_internal_keys(config)
     for key in ("method", "base", "output", "seed"):
         value = getattr(args, key)
         if value is not None:
@@ -98,6 +107,19 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         keys = dict(config.get(_mergekit.PARAMETER_KEYS) or {})
         config[_mergekit.PARAMETER_KEYS] = keys | {k: f"--param {k}" for k in flag_params}
     return config
+
+
+def _refuse_internal_keys(config: dict[str, Any]) -> None:
+    """Refuses, in a native file, the keys a translated mergekit file carries for messages
+    (they would rename the keys that errors name)."""
+    experts = config.get("experts")
+    entries = experts if isinstance(experts, list) else []
+    for where, entry in [("", config)] + [(f"experts[{i}]", e) for i, e in enumerate(entries)]:
+        internal = {_mergekit.PARAMETER_KEYS, _mergekit.KEY} & set(
+            entry if isinstance(entry, dict) else ()
+        )
+        if internal:
+            raise ConfigError(f"unknown configuration key {where}{sorted(internal)}")
 
 
 def one_line(err: BaseException) -> str:

@@ -16,7 +16,6 @@ Two ways to the same sums, chosen per platform by :func:`_per_platform`:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -90,15 +89,18 @@ def _over(x: jax.Array, peak: jax.Array) -> jax.Array:
 
 
 def shares(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
-    """``x / sum(x)`` over ``axis`` (kept) for a non-negative ``x``, without overflow.
+    """``x / sum(x)`` over ``axis`` (kept) for a non-negative ``x``, without overflow or
+    underflow.
 
-    The sum is taken of ``x / size`` (a mean: at most the largest entry, so finite while
-    ``x`` is), and the division is :func:`_over`'s: a product with ``1 / sum`` flushes to
-    0 once the sum passes about 8.5e37 in float32, which would make every share 0.
+    ``x`` is first divided by its largest entry (:func:`_over`: exact scalings by powers
+    of two and a division by a mantissa), so the sum lies in [1, size] and the final
+    division cannot overflow, nor flush to 0 as a product with ``1 / sum(x)`` does once
+    the sum passes about 8.5e37 in float32; dividing by the size instead would flush small
+    entries (below ~1e-38 · size) to 0 first.
     """
-    size = math.prod(x.shape[a] for a in axis)
-    scaled = x / max(size, 1)
-    return _over(scaled, jnp.sum(scaled, axis=axis, keepdims=True))
+    peak = jnp.max(x, axis=axis, keepdims=True, initial=0.0)
+    unit = _over(x, jnp.where(peak > 0, peak, 1.0))
+    return unit / jnp.sum(unit, axis=axis, keepdims=True)
 
 
 def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
