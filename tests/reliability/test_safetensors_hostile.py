@@ -99,6 +99,10 @@ def test_links_inside_the_folder_and_into_a_hub_cache_blob_are_copied(tmp_path):
     os.symlink(tmp_path / "blobs" / "x", os.path.join(other, "vocab.txt"))
     with pytest.raises(ValueError, match="vocab.txt: it links to .*blobs/x, outside"):
         save_safetensors(tmp_path / "out3", tree, copy_files_from=other)
+    os.remove(os.path.join(other, "vocab.txt"))
+    os.symlink(tmp_path / "missing", os.path.join(other, "vocab.txt"))  # skipped, as before
+    out = save_safetensors(tmp_path / "out4", tree, copy_files_from=other)
+    assert not os.path.lexists(out / "vocab.txt")
 
 
 @pytest.mark.parametrize(

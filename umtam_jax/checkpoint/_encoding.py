@@ -265,31 +265,27 @@ def check_spec(spec: Any, at: str = "") -> None:
             ):
                 raise ValueError(f"a child of the {t} at {where} is malformed ({entry!r:.80})")
             check_spec(entry[2], f"{at}/{entry[0]}")
-        if t == "namedtuple":
-            _check_namedtuple(spec.get("cls"), children, where)
+        if t == "namedtuple" and not isinstance(spec.get("cls"), str):
+            raise ValueError(f"the namedtuple at {where} names no class")
     elif t not in ("none", "masked"):
         raise ValueError(f"the entry at {where} has an unknown node type {t!r}")
 
 
-def _check_namedtuple(name: Any, children: list[Any], where: str) -> None:
-    """Raises ValueError unless a namedtuple node names a class and, where that class is
-    rebuilt on restore (:func:`_namedtuple_class`), its children are that class's fields:
-    each at most once, none unknown, every field without a default present."""
-    if not isinstance(name, str):
-        raise ValueError(f"the namedtuple at {where} names no class")
-    cls = _namedtuple_class(name)
-    if cls is None:
-        return  # restored as a dict
+def _namedtuple_fields(cls: type, name: str, names: list[str], where: str) -> None:
+    """Raises ValueError unless ``names`` (the stored children of a namedtuple node) can
+    rebuild ``cls``: each at most once, none unknown, every field without a default
+    present. A mismatch is a class changed since the save (a library upgrade) or edited
+    metadata; it is reported when that item is rebuilt, so other items still read."""
     fields = getattr(cls, "_fields", None)
     if not (isinstance(fields, tuple) and all(isinstance(f, str) for f in fields)):
         raise ValueError(f"the namedtuple at {where} names {name}, which is not a NamedTuple")
-    names = [entry[3] if len(entry) > 3 else entry[0] for entry in children]
     required = set(fields) - set(getattr(cls, "_field_defaults", {}))
     if len(set(names)) != len(names) or not set(fields) >= set(names) >= required:
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ValueError(
-            f"the namedtuple at {where} is a {name} with the fields ({shown:.200}), not "
-            f"that class's ({', '.join(fields)})"
+            f"cannot rebuild the namedtuple at {where} as {name}: the checkpoint records the "
+            f"fields ({shown:.200}), the class has ({', '.join(fields)}) (the class changed "
+            "since the save, or the metadata was edited)"
         )
 
 
@@ -340,7 +336,7 @@ def decode(spec: dict[str, Any], arrays: Any) -> Any:
     def key(name, kind):
         return int(name) if kind == "i" else name
 
-    def walk(s, a):
+    def walk(s, a, at=""):
         t = s["t"]
         if t == "none":
             return None
@@ -352,7 +348,8 @@ def decode(spec: dict[str, Any], arrays: Any) -> Any:
             return _keys.wrap(a, s["impl"])
         a = a if isinstance(a, Mapping) else {}
         values = [  # entry: stored name, kind, child spec(, original name)
-            (e[3] if len(e) > 3 else e[0], e[1], walk(e[2], a.get(e[0], {}))) for e in s["children"]
+            (e[3] if len(e) > 3 else e[0], e[1], walk(e[2], a.get(e[0], {}), f"{at}/{e[0]}"))
+            for e in s["children"]
         ]
         if t == "list":
             return [v for _, _, v in values]
@@ -361,6 +358,8 @@ def decode(spec: dict[str, Any], arrays: Any) -> Any:
         if t == "namedtuple":
             cls = _namedtuple_class(s["cls"])
             if cls is not None:
+                names = [name for name, _, _ in values]
+                _namedtuple_fields(cls, s["cls"], names, at or "the root")
                 return cls(**{name: v for name, _, v in values})
         return {key(name, kind): v for name, kind, v in values}  # dict, node, unknown tuple
 

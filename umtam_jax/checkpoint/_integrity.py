@@ -20,8 +20,8 @@ the shard's ``[start, stop)`` on every axis (``shards``), gathered from the proc
 wrote them. A restore checks every recorded shard that lies within a part of the array the
 process holds: all of them on the same or a coarser sharding, or where it sees the whole
 array (a recorded shard that the restore's sharding divides across processes is not
-verified). An entry with neither an integer CRC nor a list of shard records is damage: it
-would leave its array unverified. From format version 3
+verified). Records written before shard checksums existed hold
+neither, and such arrays restore unverified. From format version 3
 on, the record lists every array and holds the metadata's CRC, so an entry or item
 missing from it (a damaged key name, an emptied item) is itself reported as damage;
 version 2 records left unaddressable arrays out and are read as before.
@@ -184,8 +184,7 @@ def _is_int(x: Any) -> bool:
 
 def _check_entry(rec: Any, where: str) -> None:
     """Raises ValueError, naming the array, unless ``rec`` is a well-formed entry: dtype,
-    shape and either an integer CRC or a null one with a non-empty list of shard records
-    (an entry with neither would leave its array unverified)."""
+    shape, an integer CRC or a null one, and well-formed shard records if any."""
     if not (
         isinstance(rec["dtype"], str)
         and isinstance(rec["shape"], list)
@@ -195,8 +194,10 @@ def _check_entry(rec: Any, where: str) -> None:
     shards = rec.get("shards", [])
     if not isinstance(shards, list):
         raise ValueError(f"malformed shard records of {where}")
-    if not (_is_int(rec[ALGORITHM]) or (rec[ALGORITHM] is None and shards)):
-        raise ValueError(f"the record of {where} has neither a CRC nor shard checksums")
+    # A null CRC without shard records is an array that no process of a multi-process
+    # save saw whole, written before shard checksums existed: restored unverified.
+    if not (_is_int(rec[ALGORITHM]) or rec[ALGORITHM] is None):
+        raise ValueError(f"the record of {where} has no valid CRC")
     for shard in shards:
         bounds = shard["index"]
         if not (

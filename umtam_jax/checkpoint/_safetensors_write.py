@@ -228,7 +228,7 @@ def files_to_copy(source: epath.Path) -> list[str]:
     Raises:
       ValueError: naming the first file that may not be copied and why.
     """
-    names = [n for n in COPIED_FILES if os.path.lexists(source / n) or (source / n).exists()]
+    names = [n for n in COPIED_FILES if (source / n).exists()]  # a dangling link: skipped
     if not _targets.is_local(source):
         return [n for n in names if (source / n).is_file()]
     root = os.path.realpath(source)
