@@ -22,24 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from umtam_jax import _json
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _filesystem, _integrity, _processes, _safety, _targets
 from umtam_jax.checkpoint import _format as F
+from umtam_jax.checkpoint._model_files import adjust_config, files_to_copy
 from umtam_jax.checkpoint._names import names_from_tree, tree_from_names
 from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._safetensors import (
     _DTYPE_NAMES,
-    COPIED_FILES,
     CRC_KEY,
     INDEX_FILE,
     MARKER,
     MARKER_FILE,
     MODEL_FILE,
     SAFETENSORS,
-    TIED_EMBEDDINGS,
     SafetensorsReader,
-    tie_settings,
 )
 from umtam_jax.checkpoint._streaming import save_params_streaming
 
@@ -47,10 +44,6 @@ _RESTORE_GROUP_BYTES = 256 * 2**20  # bytes restored per Orbax call when convert
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-#: The largest configuration or tokenizer file copied beside the tensors.
-_MAX_COPIED = 2**30
 
 
 def _parse_size(size: int | str) -> int:
@@ -210,81 +203,11 @@ def save_safetensors(
                 shutil.copyfileobj(src, dst)
             if name == "config.json":
                 dtype = floating.pop() if len(floating) == 1 else None
-                _adjust_config(staging / name, dtype, set(leaves))
+                adjust_config(staging / name, dtype, set(leaves))
             _sync(staging / name)
         _sync(staging / MARKER_FILE, json.dumps(MARKER).encode())
         _filesystem.fsync_dir(staging)
     return folder
-
-
-def files_to_copy(source: epath.Path) -> list[str]:
-    """The names of :data:`COPIED_FILES` that ``source`` holds, each checked: a regular
-    file of at most :data:`_MAX_COPIED` bytes whose real path lies in ``source`` or in a
-    Hugging Face cache's ``models--…/blobs`` folder (where the files of its snapshots, and
-    of folders downloaded with links into it, lie). A link elsewhere would copy a file the
-    model does not own (a private key, a process's environment) into an output that may
-    be published.
-
-    Raises:
-      ValueError: naming the first file that may not be copied and why.
-    """
-    names = [n for n in COPIED_FILES if (source / n).exists()]  # a dangling link: skipped
-    if not _targets.is_local(source):
-        return [n for n in names if (source / n).is_file()]
-    root = os.path.realpath(source)
-    for name in names:
-        path = os.path.join(source, name)
-        real = os.path.realpath(path)
-        if not os.path.isfile(path):
-            raise ValueError(f"refusing to copy {path}: it is not a regular file")
-        if os.path.commonpath([root, real]) != root and not _in_hub_cache(real):
-            raise ValueError(
-                f"refusing to copy {path}: it links to {real}, outside the model folder "
-                "(such a file would be written into the output); copy it into the folder"
-            )
-        if os.path.getsize(path) > _MAX_COPIED:
-            raise ValueError(f"refusing to copy {path}: it is larger than {_MAX_COPIED} bytes")
-    return names
-
-
-def _in_hub_cache(real: str) -> bool:
-    """Whether ``real`` is a blob of a Hugging Face hub cache: ``…/models--org--name/blobs/
-    <hash>`` (or a dataset's or a space's)."""
-    blobs = os.path.dirname(real)
-    repo = os.path.basename(os.path.dirname(blobs))
-    return os.path.basename(blobs) == "blobs" and repo.startswith(
-        ("models--", "datasets--", "spaces--")
-    )
-
-
-def _adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) -> None:
-    """Rewrites a copied ``config.json`` for the tensors written beside it.
-
-    ``torch_dtype`` (``dtype`` in newer transformers) becomes the tensors' one floating
-    dtype, as mergekit does, so that ``from_pretrained(torch_dtype="auto")`` loads the
-    written precision. A config that ties the output embedding to the input one
-    (``tie_word_embeddings`` true, or absent: transformers' default) while both are
-    written (a merge of a tied base with untied experts) gets ``tie_word_embeddings:
-    false``: tied, transformers would replace the written output embedding by the input
-    one when loading. A config that is not a JSON object stays as it was.
-    """
-    try:
-        record = _json.loads(config.read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(record, dict):
-        return
-    changed = False
-    if dtype is not None:
-        for k in ("torch_dtype", "dtype"):
-            if k in record and record[k] != dtype.name:  # float32, float16, bfloat16
-                record[k], changed = dtype.name, True
-    written = any(out in names and inp in names for out, inp in TIED_EMBEDDINGS)
-    for part in tie_settings(record):
-        if written and part.get("tie_word_embeddings", True) is not False:
-            part["tie_word_embeddings"], changed = False, True
-    if changed:
-        config.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- converters

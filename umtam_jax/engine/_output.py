@@ -85,7 +85,7 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
       ...     print("refused:", str(err).split(" (")[0].replace(root, "ROOT"))
       refused: the output ROOT contains the base
     """
-    from umtam_jax.checkpoint import _safetensors, _safetensors_write, _targets
+    from umtam_jax.checkpoint import _model_files, _safetensors, _safetensors_write, _targets
 
     inputs = [("the base", job.base.directory)]
     inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
@@ -101,7 +101,7 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
         except ValueError as err:
             raise ValueError(f"cannot write the safetensors output {output}: {err}") from None
         if isinstance(job.base, SafetensorsSource) and job.base.folder is not None:
-            _safetensors_write.files_to_copy(job.base.folder)  # the base's config, tokenizer
+            _model_files.files_to_copy(job.base.folder)  # the base's config, tokenizer
     kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _targets.CHECKPOINT
     _targets.check_target(output, overwrite=overwrite, kind=kind)
 

@@ -1,0 +1,88 @@
+"""The configuration and tokenizer files a safetensors output takes from its base:
+which may be copied (:func:`files_to_copy`) and how a copied ``config.json`` is updated
+for the tensors written beside it (:func:`adjust_config`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from etils import epath
+
+from umtam_jax import _json
+from umtam_jax.checkpoint import _targets
+from umtam_jax.checkpoint._safetensors import COPIED_FILES, TIED_EMBEDDINGS, tie_settings
+
+#: The largest configuration or tokenizer file copied beside the tensors.
+_MAX_COPIED = 2**30
+
+
+def files_to_copy(source: epath.Path) -> list[str]:
+    """The names of :data:`COPIED_FILES` that ``source`` holds, each checked: a regular
+    file of at most :data:`_MAX_COPIED` bytes whose real path lies in ``source`` or in a
+    Hugging Face cache's ``models--…/blobs`` folder (where the files of its snapshots, and
+    of folders downloaded with links into it, lie). A link elsewhere would copy a file the
+    model does not own (a private key, a process's environment) into an output that may
+    be published.
+
+    Raises:
+      ValueError: naming the first file that may not be copied and why.
+    """
+    names = [n for n in COPIED_FILES if (source / n).exists()]  # a dangling link: skipped
+    if not _targets.is_local(source):
+        return [n for n in names if (source / n).is_file()]
+    root = os.path.realpath(source)
+    for name in names:
+        path = os.path.join(source, name)
+        real = os.path.realpath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"refusing to copy {path}: it is not a regular file")
+        if os.path.commonpath([root, real]) != root and not _in_hub_cache(real):
+            raise ValueError(
+                f"refusing to copy {path}: it links to {real}, outside the model folder "
+                "(such a file would be written into the output); copy it into the folder"
+            )
+        if os.path.getsize(path) > _MAX_COPIED:
+            raise ValueError(f"refusing to copy {path}: it is larger than {_MAX_COPIED} bytes")
+    return names
+
+
+def _in_hub_cache(real: str) -> bool:
+    """Whether ``real`` is a blob of a Hugging Face hub cache: ``…/models--org--name/blobs/
+    <hash>`` (or a dataset's or a space's)."""
+    blobs = os.path.dirname(real)
+    repo = os.path.basename(os.path.dirname(blobs))
+    return os.path.basename(blobs) == "blobs" and repo.startswith(
+        ("models--", "datasets--", "spaces--")
+    )
+
+
+def adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) -> None:
+    """Rewrites a copied ``config.json`` for the tensors written beside it.
+
+    ``torch_dtype`` (``dtype`` in newer transformers) becomes the tensors' one floating
+    dtype, as mergekit does, so that ``from_pretrained(torch_dtype="auto")`` loads the
+    written precision. A config that ties the output embedding to the input one
+    (``tie_word_embeddings`` true, or absent: transformers' default) while both are
+    written (a merge of a tied base with untied experts) gets ``tie_word_embeddings:
+    false``: tied, transformers would replace the written output embedding by the input
+    one when loading. A config that is not a JSON object stays as it was.
+    """
+    try:
+        record = _json.loads(config.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict):
+        return
+    changed = False
+    if dtype is not None:
+        for k in ("torch_dtype", "dtype"):
+            if k in record and record[k] != dtype.name:  # float32, float16, bfloat16
+                record[k], changed = dtype.name, True
+    written = any(out in names and inp in names for out, inp in TIED_EMBEDDINGS)
+    for part in tie_settings(record):
+        if written and part.get("tie_word_embeddings", True) is not False:
+            part["tie_word_embeddings"], changed = False, True
+    if changed:
+        config.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
