@@ -89,18 +89,17 @@ def _over(x: jax.Array, peak: jax.Array) -> jax.Array:
 
 
 def shares(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
-    """``x / sum(x)`` over ``axis`` (kept) for a non-negative ``x``, without overflow or
-    underflow.
+    """``x / sum(x)`` over ``axis`` (kept) for a non-negative ``x``, without overflow.
 
-    ``x`` is first divided by its largest entry (:func:`_over`: exact scalings by powers
-    of two and a division by a mantissa), so the sum lies in [1, size] and the final
-    division cannot overflow, nor flush to 0 as a product with ``1 / sum(x)`` does once
-    the sum passes about 8.5e37 in float32; dividing by the size instead would flush small
-    entries (below ~1e-38 · size) to 0 first.
+    Where the sum passes 2**100 (or overflows), ``x`` is first scaled by 2**-64 (exact), so
+    that the sum is finite and far below float32's largest: a product with ``1 / sum(x)``,
+    which XLA may compute for the division, flushes to 0 once the sum passes about 8.5e37.
+    Elsewhere the shares are ``x / sum(x)`` as written (entries near the smallest normal
+    included). The scale is a select on data, not a branch.
     """
-    peak = jnp.max(x, axis=axis, keepdims=True, initial=0.0)
-    unit = _over(x, jnp.where(peak > 0, peak, 1.0))
-    return unit / jnp.sum(unit, axis=axis, keepdims=True)
+    total = jnp.sum(x, axis=axis, keepdims=True)
+    scaled = x * jnp.where(total < 2.0**100, 1.0, 2.0**-64).astype(x.dtype)
+    return scaled / jnp.sum(scaled, axis=axis, keepdims=True)
 
 
 def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
