@@ -34,17 +34,17 @@ def files_to_copy(source: epath.Path) -> list[str]:
         return [n for n in names if (source / n).is_file()]
     root = os.path.realpath(source)
     for name in names:
-        path = os.path.join(source, name)
+        path = source / name
+        try:
+            _targets.check_regular_file(path, _MAX_COPIED)
+        except _targets.UnsafeFileError as err:  # "is a FIFO, not a regular file"
+            raise ValueError(f"refusing to copy {path}: it {err}") from None
         real = os.path.realpath(path)
-        if not os.path.isfile(path):
-            raise ValueError(f"refusing to copy {path}: it is not a regular file")
         if os.path.commonpath([root, real]) != root and not _in_hub_cache(real):
             raise ValueError(
                 f"refusing to copy {path}: it links to {real}, outside the model folder "
                 "(such a file would be written into the output); copy it into the folder"
             )
-        if os.path.getsize(path) > _MAX_COPIED:
-            raise ValueError(f"refusing to copy {path}: it is larger than {_MAX_COPIED} bytes")
     return names
 
 
