@@ -48,7 +48,9 @@ def update_dense(
     eps_t = adaptive_eps(cfg, g_norm, w)
     mu = cfg.b1 * state.mu + (1 - cfg.b1) * g
     # Saturated, as the factored R and C: an overflowing g² gives a finite step and saliency.
-    # (1 − b2) g² as (√(1 − b2) g)²: finite wherever the product is representable.
+    # (1 − b2) g² as (√(1 − b2) g)²: finite wherever the product is representable, except
+    # in a one-element leaf, where XLA rewrites the square of a product with a constant
+    # into a product of squares (g² overflows there and v saturates below).
     nu = cfg.b2 * state.nu + jnp.square(jnp.sqrt(1 - cfg.b2) * g)
     nu = jnp.minimum(nu, jnp.finfo(dtype).max)
     c1, c2 = bias_corrections(cfg, count, dtype)
