@@ -576,12 +576,18 @@ def test_without_clipping_a_gradient_whose_row_sums_pass_8e37_matches_the_refere
     """sum(R) = 4.8e38 here (each R_i 6e37): Ŝ's shares R_i / sum(R) were computed as
     products with 1 / sum(R), which float32 flushes to 0 past about 8.5e37, so Ŝ was 0 and
     this step and the following ones were ~1e4 times the momentum (9e20 at unit
-    gradients). Every step equals the float64 reference of the equations."""
+    gradients). Every step equals the float64 reference of the equations, in a scalar leaf
+    too (there XLA rewrote (√(1 − b2)·g)² into (1 − b2)·g², which overflowed, and v
+    saturated: the steps were 0.54 instead of 3.16)."""
     from tests.optimizer.reference import DenseReference, FactoredReference, Hyper
 
     hp = Hyper(rank=2, clip_threshold=None)
     rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32), "b": jnp.ones(6)}
+    params = {
+        "w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+        "b": jnp.ones(6),
+        "s": jnp.ones(()),
+    }
     opt = umtam_jax.scale_by_umtam(
         rank=2, min_dim_size_to_factor=1, clip_threshold=None, svd_method="exact"
     )
@@ -590,6 +596,7 @@ def test_without_clipping_a_gradient_whose_row_sums_pass_8e37_matches_the_refere
     refs = {
         "w": FactoredReference(np.asarray(leaf.u), np.asarray(leaf.v), params["w"], hp),
         "b": DenseReference(params["b"], hp),
+        "s": DenseReference(params["s"], hp),
     }
     step = jax.jit(opt.update)
     grads = [jax.tree.map(lambda x: jnp.full_like(x, 1e20), params)]

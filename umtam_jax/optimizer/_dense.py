@@ -48,10 +48,13 @@ def update_dense(
     eps_t = adaptive_eps(cfg, g_norm, w)
     mu = cfg.b1 * state.mu + (1 - cfg.b1) * g
     # Saturated, as the factored R and C: an overflowing g² gives a finite step and saliency.
-    # (1 − b2) g² as (√(1 − b2) g)²: finite wherever the product is representable, except
-    # in a one-element leaf, where XLA rewrites the square of a product with a constant
-    # into a product of squares (g² overflows there and v saturates below).
-    nu = cfg.b2 * state.nu + jnp.square(jnp.sqrt(1 - cfg.b2) * g)
+    # (1 − b2) g² as h² with h = √(1 − b2) g: finite wherever the product is representable.
+    # In a one-element leaf XLA rewrites h² into (1 − b2)·g², where g² overflows first; the
+    # barrier keeps h whole there (a static shape test: larger leaves keep one fusion).
+    h = jnp.sqrt(1 - cfg.b2) * g
+    if g.size == 1:
+        h = jax.lax.optimization_barrier(h)
+    nu = cfg.b2 * state.nu + jnp.square(h)
     nu = jnp.minimum(nu, jnp.finfo(dtype).max)
     c1, c2 = bias_corrections(cfg, count, dtype)
     direction = (mu / c1) * jax.lax.rsqrt(nu / c2 + eps_t)
