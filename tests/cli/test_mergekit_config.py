@@ -222,7 +222,7 @@ def test_karcher_takes_the_base_model_as_one_more_input(tmp_path, models):
     assert status == 0
     from umtam_jax import merging
 
-    want = merging.karcher(None, [models["base"], *models["experts"]])
+    want = merging.karcher(None, [*models["experts"], models["base"]])  # appended, as there
     chex.assert_trees_all_equal(restored(out), want)
 
 

@@ -63,7 +63,12 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
             "parameters: {{lambda: [{{filter: mlp, value: 1}}]}}",
-            "gradients",
+            "parameters.lambda: filtered parameters (a list of filter/value mappings) are not",
+        ),
+        (
+            "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
+            "parameters: {{lambda: {{filter: mlp, value: 1}}}}",
+            "parameters.lambda: a mapping is not a parameter value",
         ),
         ("merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}+lora}}]", "LoRA"),
         (
@@ -245,6 +250,7 @@ def test_bools_and_ints_are_read_as_mergekit_reads_them():
     """mergekit's configuration reads every parameter value as a number (pydantic, lax:
     a quoted number is the number), then its method as a bool (0 or 1), an int (a whole
     number) or a float."""
+    from umtam_jax.cli._config import build_plan
     from umtam_jax.cli._mergekit import translate
 
     two = [{"model": "x"}, {"model": "y"}]
@@ -253,7 +259,8 @@ def test_bools_and_ints_are_read_as_mergekit_reads_them():
     assert linear["parameters"] == {"normalize": False}
     ta = translate({"merge_method": "task_arithmetic", "base_model": "b", "models": two,
                     "parameters": {"normalize": 1, "int8_mask": "1", "lambda": "3"}})  # fmt: skip
-    assert ta["parameters"] == {"scaling": 1.5}  # normalize: 3 / (1 + 1)
+    assert ta["parameters"] == {"scaling": 3}  # normalize: 3 / (1 + 1), in build_plan
+    assert build_plan(ta).parameters["scaling"] == 1.5
     karcher = translate({"merge_method": "karcher", "models": two, "parameters": {
         "max_iter": "10", "tol": 1e-6}})  # fmt: skip
     assert karcher["parameters"] == {"max_iter": 10, "tol": 1e-6}

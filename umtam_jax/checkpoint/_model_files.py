@@ -58,7 +58,9 @@ def _in_hub_cache(real: str) -> bool:
     )
 
 
-def adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) -> None:
+def adjust_config(
+    config: epath.Path, dtype: np.dtype | None, names: set[str], keep_tied: bool = False
+) -> None:
     """Rewrites a copied ``config.json`` for the tensors written beside it.
 
     ``torch_dtype`` (``dtype`` in newer transformers) becomes the tensors' one floating
@@ -67,7 +69,8 @@ def adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) -
     (``tie_word_embeddings`` true, or absent: transformers' default) while both are
     written (a merge of a tied base with untied experts) gets ``tie_word_embeddings:
     false``: tied, transformers would replace the written output embedding by the input
-    one when loading. A config that is not a JSON object stays as it was.
+    one when loading (unless ``keep_tied``: the written one is a copy not to be read). A
+    config that is not a JSON object stays as it was.
     """
     try:
         record = _json.loads(config.read_text())
@@ -80,7 +83,7 @@ def adjust_config(config: epath.Path, dtype: np.dtype | None, names: set[str]) -
         for k in ("torch_dtype", "dtype"):
             if k in record and record[k] != dtype.name:  # float32, float16, bfloat16
                 record[k], changed = dtype.name, True
-    written = any(out in names and inp in names for out, inp in TIED_EMBEDDINGS)
+    written = not keep_tied and any(out in names and inp in names for out, inp in TIED_EMBEDDINGS)
     for part in tie_settings(record):
         if written and part.get("tie_word_embeddings", True) is not False:
             part["tie_word_embeddings"], changed = False, True

@@ -94,6 +94,7 @@ def save_safetensors(
     overwrite: bool = False,
     copy_files_from: str | os.PathLike | None = None,
     metadata: Mapping[str, Any] | None = None,
+    keep_tied_embeddings: bool = False,
 ) -> epath.Path:
     """Writes a pytree as a Hugging Face safetensors folder, one tensor at a time.
 
@@ -109,8 +110,13 @@ def save_safetensors(
         one produced array is held at a time.
       max_shard_size: bytes per shard: an int, or a string like ``"5GB"`` or ``"500MiB"``.
       overwrite: replace a folder written earlier by this function.
-      copy_files_from: a model folder whose config and tokenizer files are copied.
+      copy_files_from: a model folder whose config and tokenizer files are copied; the
+        copied ``config.json`` gets the written floating dtype, and ``tie_word_embeddings:
+        false`` where it ties the output embedding to the input one and both are written.
       metadata: extra ``__metadata__`` entries (non-string values are JSON-encoded).
+      keep_tied_embeddings: leave a tying config tied even where both embeddings are
+        written (the written output embedding is then a copy that transformers does not
+        read, as in a model saved tied with both).
 
     Returns:
       The absolute folder path.
@@ -203,7 +209,7 @@ def save_safetensors(
                 shutil.copyfileobj(src, dst)
             if name == "config.json":
                 dtype = floating.pop() if len(floating) == 1 else None
-                adjust_config(staging / name, dtype, set(leaves))
+                adjust_config(staging / name, dtype, set(leaves), keep_tied_embeddings)
             _sync(staging / name)
         _sync(staging / MARKER_FILE, json.dumps(MARKER).encode())
         _filesystem.fsync_dir(staging)

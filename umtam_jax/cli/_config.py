@@ -194,7 +194,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     """
     if not isinstance(config, dict):
         raise ConfigError("the configuration must be a YAML mapping")
-    unknown = set(config) - _TOP_LEVEL - {_mergekit.PARAMETER_KEYS}
+    unknown = set(config) - _TOP_LEVEL - _mergekit.INTERNAL_KEYS
     if unknown:
         raise ConfigError(
             f"unknown configuration keys {sorted(unknown, key=str)}; allowed: {sorted(_TOP_LEVEL)}"
@@ -267,6 +267,9 @@ def build_plan(config: dict[str, Any]) -> Plan:
 
     for key, name in PER_EXPERT.items():
         _per_expert_values(spec, params, experts, key, name)
+    if config.get(_mergekit.NORMALIZE):  # a mergekit file's normalize: true
+        weights = params.get("weights") or [1.0] * len(experts)
+        params["scaling"] = _mergekit.normalized_scaling(params.get("scaling", 1.0), weights)
     if any(e.fisher is not None for e in experts) and spec.extra != "fishers":
         raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
     if spec.extra == "fishers" and any(e.fisher is None for e in experts):

@@ -99,6 +99,11 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             config[key] = value
     if args.expert:
+        if _merges_the_base(config):
+            warn(
+                f"--expert replaces the file's models, base_model {config['base']!r} among "
+                f"them: merge_method {config['method']!r} merges it only if an --expert names it"
+            )
         config["experts"] = [_expert_flag(e) for e in args.expert]
     if flag_params:
         params = dict(config.get("parameters") or {})
@@ -109,15 +114,22 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def _merges_the_base(config: dict[str, Any]) -> bool:
+    """Whether a translated mergekit configuration merges its base model as one of the
+    experts (``linear``, ``karcher``, ``passthrough``, which have no base role)."""
+    base, experts = config.get("base"), config.get("experts")
+    if _mergekit.PARAMETER_KEYS not in config or not isinstance(experts, list):
+        return False  # a native configuration
+    return any(isinstance(e, dict) and _mergekit.same_model(e.get("path"), base) for e in experts)
+
+
 def _refuse_internal_keys(config: dict[str, Any]) -> None:
     """Refuses, in a native file, the keys a translated mergekit file carries for messages
     (they would rename the keys that errors name)."""
     experts = config.get("experts")
     entries = experts if isinstance(experts, list) else []
     for where, entry in [("", config)] + [(f"experts[{i}]", e) for i, e in enumerate(entries)]:
-        internal = {_mergekit.PARAMETER_KEYS, _mergekit.KEY} & set(
-            entry if isinstance(entry, dict) else ()
-        )
+        internal = _mergekit.INTERNAL_KEYS & set(entry if isinstance(entry, dict) else ())
         if internal:
             raise ConfigError(f"unknown configuration key {where}{sorted(internal)}")
 

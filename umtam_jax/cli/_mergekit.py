@@ -19,6 +19,7 @@ It runs unchanged, with mergekit's semantics for the methods both support:
 mergekit                  umtam_jax
 ========================  =====================================================
 ``task_arithmetic``       ``task_arithmetic``; ``normalize: true`` divides by Σ weight
+                          (of the weights merged, after ``--param``/``--expert``)
 ``ties``                  ``ties`` (``normalize: true``, the default, only)
 ``dare_linear``           ``dare`` with mergekit's L1 ``rescale`` (default true)
 ``dare_ties``             ``dare_ties`` with mergekit's L1 ``rescale`` (default true)
@@ -35,8 +36,9 @@ defaults: density 1), and given under ``parameters`` they are every model's defa
 for a method that does not sparsify (mergekit declares it, unused, for ``task_arithmetic``).
 A ``models`` entry naming the base model is the base, not an expert, except for ``linear``,
 ``karcher`` and ``passthrough``, which have no base role: mergekit merges their base model
-as one more input, and so does this (for ``linear`` the base then needs a weight, listed
-under ``models`` or given as the default, as mergekit requires). Any method of
+as one more input (appended when ``models`` does not list it), and so does this (for
+``linear`` the base then needs a weight, listed under ``models`` or given as the default,
+as mergekit requires); it still gives the output's config and tokenizer files. Any method of
 :data:`umtam_jax.merging.METHODS` may be named (``merge_method: umtam``), its parameters
 under ``parameters``. ``dtype`` is the dtype the inputs are read in (the merge computes in
 float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the inputs').
@@ -141,9 +143,9 @@ def _model(value: Any, where: str) -> str:
     return value
 
 
-def _same(a: str, b: str) -> bool:
+def same_model(a: Any, b: Any) -> bool:
     """Whether two model paths name one model (``a`` and ``./a``)."""
-    return os.path.realpath(a) == os.path.realpath(b)
+    return isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def _dtype(config: dict[str, Any], key: str) -> str | None:
@@ -161,6 +163,19 @@ KEY = "_mergekit_key"
 #: The key under which a translated configuration maps each parameter (by the registry's
 #: name) to the file's key that gave it (``scaling``: ``parameters.lambda``), for messages.
 PARAMETER_KEYS = "_mergekit_parameter_keys"
+#: Set in a translated configuration whose ``normalize: true`` divides ``scaling`` by the
+#: experts' Σ weight (see :func:`normalized_scaling`).
+NORMALIZE = "_mergekit_normalize"
+#: Every key a translated configuration may carry besides the native ones.
+INTERNAL_KEYS = frozenset({KEY, PARAMETER_KEYS, NORMALIZE})
+
+
+def normalized_scaling(scaling: Any, weights: list[Any]) -> Any:
+    """mergekit's ``normalize: true`` of the task-arithmetic family: the weighted sum of
+    task vectors divided by Σ weight, unless ``|Σ weight| < 1e-8``; applied to ``scaling``
+    once the command line has replaced any weights or experts."""
+    total = sum(weights)
+    return scaling / total if abs(total) >= 1e-8 else scaling
 
 
 def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -215,10 +230,13 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     }
     # Each entry with where it is in the file, for messages.
     entries = [(f"models[{i}]", entry) for i, entry in enumerate(models)]
-    if name in _BASE_IS_AN_INPUT and base is not None:
-        # These methods have no base role: mergekit merges the base model as one more input.
+    base_is_input = name in _BASE_IS_AN_INPUT and base is not None
+    if base_is_input:
+        # These methods have no base role: mergekit merges the base model as one more input
+        # (appended when 'models' does not list it). It stays the base too, which these
+        # methods only check: the output's config, tokenizer and integer buffers are its.
         names = [m.get("model") if isinstance(m, dict) else m for m in models]
-        listed = [isinstance(n, str) and _same(n, base) for n in names]
+        listed = [isinstance(n, str) and same_model(n, base) for n in names]
         if not any(listed):
             if registered.param("weights") is not None and "weight" not in model_defaults:
                 raise ConfigError(
@@ -226,8 +244,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
                     "input, as mergekit does, which needs its weight: list it under 'models' "
                     "with one, or give a default weight under 'parameters'"
                 )
-            entries.insert(0, ("'base_model'", {"model": base}))
-        base = None
+            entries.append(("'base_model'", {"model": base}))
 
     experts: list[dict[str, Any]] = []
     for where, entry in entries:
@@ -238,7 +255,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         # mergekit's model entry keeps only these: any other key is dropped, as there.
         ignored += [f"{where}.{k}" for k in entry if k not in ("model", "parameters")]
         path = _model(entry["model"], f"{where}.model")
-        if base is not None and _same(path, base):  # the base among the models: no expert
+        if base is not None and not base_is_input and same_model(path, base):  # the base: no expert
             continue
         params = read_params(entry.get("parameters") or {}, f"{where}.parameters",
                              read_per_model, ignored, typed)  # fmt: skip
@@ -325,13 +342,8 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
             )
     elif registered.param("normalize") is not None:
         parameters["normalize"] = normalize
-    elif normalize:  # mergekit divides the weighted sum by Σ weight (unless |Σ| < 1e-8)
-        weights = [e.get("weight", 1.0) for e in experts]
-        if not all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
-            raise ConfigError("with normalize: true every model's weight must be a number")
-        total = sum(weights)
-        if abs(total) >= 1e-8:
-            parameters["scaling"] = scaling / total
+    elif normalize:  # Σ weight is read once the flags have replaced weights or experts
+        out[NORMALIZE] = True
     if registered.param("l1_rescale") is not None:  # mergekit's rescale is an L1 rescale
         parameters["l1_rescale"] = rescale
         if registered.param("rescale") is not None:

@@ -2,7 +2,7 @@
 checked by the registry, every error naming the key where the file gives the value.
 
 mergekit's configuration validates every parameter value with pydantic as a number (or a
-list, or a filtered mapping: refused here), in lax mode: a string that spells a number is
+list, or filtered values: refused here), in lax mode: a string that spells a number is
 that number, any other string an error. Its method then reads the value as a bool, an int
 or a float. pydantic's bool takes 0 and 1 (and 0.0, 1.0); it would take the strings
 ``'yes'``, ``'true'``, ``'on'``, ... too, but none reaches it, since the configuration
@@ -36,12 +36,17 @@ _QUOTED_BOOLS = ("true", "false", "yes", "no", "on", "off")
 
 
 def scalar(value: Any, where: str) -> Any:
-    """``value``, refusing the per-layer gradients (lists) and filtered parameters
-    (mappings) of mergekit, which umtam-merge does not have."""
+    """``value``, refusing the per-layer gradients (lists of values) and filtered
+    parameters (lists of ``{filter, value}`` mappings) of mergekit, which umtam-merge does
+    not have, and a lone mapping (no parameter value in mergekit either)."""
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        raise ConfigError(
+            f"{where}: filtered parameters (a list of filter/value mappings) are not supported"
+        )
     if isinstance(value, list):
         raise ConfigError(f"{where}: per-layer gradients (lists) are not supported")
     if isinstance(value, dict):
-        raise ConfigError(f"{where}: filtered parameters are not supported")
+        raise ConfigError(f"{where}: a mapping is not a parameter value")
     return value
 
 

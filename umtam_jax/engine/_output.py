@@ -15,7 +15,7 @@ import numpy as np
 from etils import epath
 
 from umtam_jax.engine._job import Job
-from umtam_jax.engine._sources import SafetensorsSource, Source
+from umtam_jax.engine._sources import SafetensorsSource, Source, keeps_tied
 
 OUTPUT_FORMATS = ("auto", "orbax", "safetensors")
 
@@ -182,6 +182,7 @@ def writer(
             overwrite=overwrite,
             copy_files_from=copy_from,
             metadata=metadata,
+            keep_tied_embeddings=keeps_tied([job.base, *job.experts]),
         )
 
     return write

@@ -8,6 +8,7 @@ sees a format's own names.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -152,18 +153,33 @@ class SafetensorsSource:
         """Whether this model ties embedding ``output`` to ``input_``: it stores ``input_``
         but not ``output``, and its ``config.json`` (if any) does not say
         ``tie_word_embeddings: false``."""
+        if output in self._names or input_ not in self._names or self._tie_settings is None:
+            return False
+        return all(part.get("tie_word_embeddings") is not False for part in self._tie_settings)
+
+    def declares_tied(self, output: str) -> bool:
+        """Whether transformers would load this model with the output embedding ``output``
+        replaced by the input one: it does not store it (it is tied by :meth:`tie`), or
+        its ``config.json`` says ``tie_word_embeddings: true`` (an explicit true: many
+        architectures default to false), so a stored copy is not read."""
+        if output in self._tied:
+            return True
+        values = [part.get("tie_word_embeddings") for part in self._tie_settings or ()]
+        return True in values and False not in values
+
+    @functools.cached_property
+    def _tie_settings(self) -> list[dict[str, Any]] | None:
+        """The mappings of ``config.json`` that may set ``tie_word_embeddings`` (none
+        without a config; None for one that cannot be read)."""
         from umtam_jax.checkpoint._safetensors import tie_settings
         from umtam_jax.checkpoint._targets import read_record
 
-        if output in self._names or input_ not in self._names:
-            return False
         config = None if self.folder is None else self.folder / "config.json"
         try:
             text = read_record(config, 2**26) if config and config.exists() else "{}"
-            record = _json.loads(text)
+            return tie_settings(_json.loads(text))
         except (OSError, ValueError):
-            return False
-        return all(part.get("tie_word_embeddings") is not False for part in tie_settings(record))
+            return None
 
     def tie_like(self, other: Source) -> None:
         """Ties what ``other`` (the expert this source holds Fishers or curvatures of)
@@ -268,6 +284,31 @@ def untie_embeddings(sources: Sequence[Source]) -> None:
         for source in safetensors:
             if source.ties(output, input_):
                 source.tie(output, input_)
+
+
+def keeps_tied(sources: Sequence[Source]) -> bool:
+    """Whether a merge of ``sources`` stays tied: some store an output embedding
+    (``lm_head``), and every one that does is a Hugging Face model that ties it
+    (:meth:`SafetensorsSource.declares_tied`), so transformers never read those copies.
+    The merged output embedding is then written, as mergekit writes it, and the copied
+    config keeps ``tie_word_embeddings: true``; otherwise a config that ties is untied
+    where both embeddings are written (:func:`umtam_jax.checkpoint.save_safetensors`).
+
+    Args:
+      sources: the merge's inputs (the base and the experts).
+
+    Returns:
+      Whether the output's config is to keep its tied embeddings.
+    """
+    from umtam_jax.checkpoint._safetensors import TIED_EMBEDDINGS
+
+    storing = [
+        (s, output) for s in dict.fromkeys(sources) for output, _ in TIED_EMBEDDINGS
+        if _stores(s, output)
+    ]  # fmt: skip
+    return bool(storing) and all(
+        isinstance(s, SafetensorsSource) and s.declares_tied(output) for s, output in storing
+    )
 
 
 def _stores(source: Source, name: str) -> bool:
