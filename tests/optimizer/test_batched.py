@@ -188,6 +188,41 @@ def test_scanned_helper_takes_the_layer_axis_anywhere():
             fn(blocks, (16, 4, 8))
 
 
+def test_flax_attention_query_key_value_kernels_are_fan_in_by_heads_times_head_dim():
+    """nnx.MultiHeadAttention's (in, heads, head_dim) projections were viewed as
+    (in · heads, head_dim), splitting the fan-out, and a head_dim below
+    min_dim_size_to_factor left them dense (Adam's rule, no low-rank momentum). They are
+    in × (heads · head_dim) matrices that follow the float64 reference; the output
+    projection (heads, head_dim, out) keeps (heads · head_dim) × out."""
+    mha = nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=nnx.Rngs(0)
+    )
+    params = nnx.state(mha, nnx.Param)
+    opt = umtam_jax.scale_by_umtam(rank=2, min_dim_size_to_factor=8, svd_method="exact")
+    state = opt.init(params)
+    for name in ("query", "key", "value"):
+        leaf = state.leaves[name]["kernel"]
+        assert (leaf.row.shape, leaf.col.shape) == ((8,), (2, 4)), name
+    assert (state.leaves["out"]["kernel"].row.shape, state.leaves["out"]["kernel"].col.shape) == (
+        (2, 4),
+        (8,),
+    )
+    leaf = state.leaves["query"]["kernel"]
+    w = np.asarray(params["query"]["kernel"][...], np.float64)
+    ref = FactoredReference(
+        np.asarray(leaf.u), np.asarray(leaf.v).reshape(8, 2), w.reshape(8, 8), Hyper(rank=2)
+    )
+    rng = np.random.default_rng(0)
+    step = jax.jit(opt.update)
+    for _ in range(3):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+        updates, state = step(grads, state, params)
+        g = np.asarray(grads["query"]["kernel"][...], np.float64).reshape(8, 8)
+        want = ref.step(g, w.reshape(8, 8))
+        got = np.asarray(updates["query"]["kernel"][...], np.float64).reshape(8, 8)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "axes,message",
     [

@@ -86,7 +86,7 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
     Example:
       >>> import tempfile, numpy as np
-      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> from umtam_jax.checkpoint import read_metadata, save_checkpoint
       >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))},
       ...                        metadata={"task": "demo"})
       >>> read_metadata(path)["user"]

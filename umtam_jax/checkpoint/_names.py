@@ -32,6 +32,7 @@ def tree_from_names(mapping: Mapping[str, Any]) -> dict[str, Any]:
       ValueError: an empty component, or a name that is also the prefix of another.
 
     Example:
+      >>> from umtam_jax.checkpoint import tree_from_names
       >>> tree_from_names({"a.b": 1, "a.c": 2})
       {'a': {'b': 1, 'c': 2}}
     """
@@ -70,6 +71,7 @@ def names_from_tree(tree: Any) -> dict[str, Any]:
         is also the prefix of another.
 
     Example:
+      >>> from umtam_jax.checkpoint import names_from_tree
       >>> names_from_tree({"a": {"b": 1}, "c": [2]})
       {'a.b': 1, 'c.0': 2}
     """

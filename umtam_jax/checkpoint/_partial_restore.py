@@ -40,7 +40,7 @@ class CheckpointReader:
 
     Example:
       >>> import tempfile, jax.numpy as jnp
-      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> from umtam_jax.checkpoint import CheckpointReader, save_checkpoint
       >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
       >>> reader = CheckpointReader(save_checkpoint(tempfile.mkdtemp() + "/ckpt", params))
       >>> reader.abstract("params")["dense"]["kernel"].shape

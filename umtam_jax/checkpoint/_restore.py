@@ -175,7 +175,7 @@ def restore_params(
 
     Example:
       >>> import tempfile, numpy as np
-      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> from umtam_jax.checkpoint import restore_params, save_checkpoint
       >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))})
       >>> restore_params(path)["w"].shape
       (4, 3)
@@ -213,7 +213,7 @@ def restore_statistics(
 
     Example:
       >>> import tempfile, jax.numpy as jnp, umtam_jax
-      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> from umtam_jax.checkpoint import restore_statistics, save_checkpoint
       >>> params = {"w": jnp.ones((4, 3))}
       >>> state = umtam_jax.umtam(1e-2).init(params)
       >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", params, opt_state=state)
@@ -257,7 +257,7 @@ def restore_opt_state(
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
-      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> from umtam_jax.checkpoint import restore_opt_state, save_checkpoint
       >>> params, opt = {"w": jnp.ones((4, 3))}, umtam_jax.umtam(1e-2)
       >>> path = save_checkpoint(tempfile.mkdtemp() + "/c", params, opt_state=opt.init(params))
       >>> abstract = jax.eval_shape(opt.init, params)
@@ -308,7 +308,7 @@ def restore_checkpoint(
 
     Example:
       >>> import tempfile, numpy as np
-      >>> from umtam_jax.checkpoint import save_checkpoint
+      >>> from umtam_jax.checkpoint import restore_checkpoint, save_checkpoint
       >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", {"w": np.ones((4, 3))},
       ...                        metadata={"task": "demo"})
       >>> ckpt = restore_checkpoint(path)

@@ -128,6 +128,7 @@ def save_safetensors(
 
     Example:
       >>> import tempfile, numpy as np
+      >>> from umtam_jax.checkpoint import save_safetensors
       >>> path = save_safetensors(tempfile.mkdtemp() + "/model", {"w": np.zeros(2)})
       >>> sorted(p.name for p in path.iterdir())
       ['.umtam-contents.json', 'model.safetensors', 'umtam_jax_safetensors.json']
@@ -239,7 +240,7 @@ def safetensors_to_orbax(
 
     Example:
       >>> import tempfile, numpy as np
-      >>> from umtam_jax.checkpoint import restore_params
+      >>> from umtam_jax.checkpoint import restore_params, safetensors_to_orbax, save_safetensors
       >>> root = tempfile.mkdtemp()
       >>> src = save_safetensors(f"{root}/model", {"w": np.ones(2)})
       >>> ckpt = safetensors_to_orbax(src, f"{root}/ckpt")
@@ -300,7 +301,7 @@ def orbax_to_safetensors(
 
     Example:
       >>> import tempfile, numpy as np
-      >>> from umtam_jax.checkpoint import SafetensorsReader, save_checkpoint
+      >>> from umtam_jax.checkpoint import SafetensorsReader, orbax_to_safetensors, save_checkpoint
       >>> root = tempfile.mkdtemp()
       >>> ckpt = save_checkpoint(f"{root}/ckpt", {"w": np.ones(2)})
       >>> path = orbax_to_safetensors(ckpt, f"{root}/model")

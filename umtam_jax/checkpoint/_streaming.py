@@ -270,7 +270,7 @@ def save_params_streaming(
 
     Example:
       >>> import tempfile, jax, numpy as np
-      >>> from umtam_jax.checkpoint import restore_params
+      >>> from umtam_jax.checkpoint import restore_params, save_params_streaming
       >>> like = {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}
       >>> path = save_params_streaming(tempfile.mkdtemp() + "/ckpt", like,
       ...                              lambda i: np.ones((2, 3), np.float32))

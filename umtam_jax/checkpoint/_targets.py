@@ -98,6 +98,8 @@ def read_record(path: epath.Path, limit: int) -> str:
 
     Example:
       >>> import os, tempfile
+      >>> from etils import epath
+      >>> from umtam_jax.checkpoint._targets import read_record
       >>> folder = epath.Path(tempfile.mkdtemp())
       >>> _ = (folder / "record.json").write_text("{}")
       >>> read_record(folder / "record.json", 1024)

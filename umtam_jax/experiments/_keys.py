@@ -30,6 +30,7 @@ def stable_hash(obj: Any) -> str:
         The hash, stable across processes and machines.
 
     Example:
+        >>> from umtam_jax.experiments._keys import stable_hash
         >>> stable_hash({"b": 1, "a": [2, 3]}) == stable_hash({"a": [2, 3], "b": 1})
         True
     """
@@ -48,6 +49,7 @@ def arrays_hash(tree: Any) -> str:
 
     Example:
         >>> import numpy as np
+        >>> from umtam_jax.experiments._keys import arrays_hash
         >>> a = {"x": np.arange(3), "y": np.zeros(2)}
         >>> arrays_hash(a) == arrays_hash({"y": np.zeros(2), "x": np.arange(3)})
         True
@@ -74,6 +76,7 @@ def seed_for(seed: int, *salt: str) -> int:
         A seed in ``[0, 2**31)``.
 
     Example:
+        >>> from umtam_jax.experiments._keys import seed_for
         >>> seed_for(0, "merge") == seed_for(0, "merge") != seed_for(1, "merge")
         True
     """

@@ -64,6 +64,7 @@ class MergeTable:
         """A Markdown table (best normalized score first when ``sort``).
 
         Example:
+            >>> from umtam_jax.experiments import MergeTable
             >>> t = MergeTable(
             ...     [{"method": "m", "name": "M", "score": 0.9, "low": 0.8, "high": 0.95,
             ...       "budget": 1, "evaluations": 1, "open_edges": [], "merge_seconds": 0.1}],

@@ -236,6 +236,7 @@ def score_interval(
     Example:
       >>> import numpy as np
       >>> accuracy = lambda y, p: float(np.mean(y == p))
+      >>> from umtam_jax.experiments.intervals import score_interval
       >>> labels = [{"a": np.array([0, 1, 1, 0])}]
       >>> score_interval(accuracy, labels, [{"a": np.array([0, 1, 0, 0])}]).estimate
       0.75
@@ -283,6 +284,7 @@ def paired_difference(
       >>> import numpy as np
       >>> accuracy = lambda y, p: float(np.mean(y == p))
       >>> y = np.arange(200) % 2
+      >>> from umtam_jax.experiments.intervals import paired_difference
       >>> good, bad = y.copy(), np.where(np.arange(200) < 120, y, 1 - y)
       >>> paired_difference(accuracy, [{"t": y}], [{"t": good}], [{"t": bad}]).verdict()
       'better'

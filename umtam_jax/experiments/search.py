@@ -142,6 +142,7 @@ def grid_search(
       ValueError: the initial grid is larger than the budget, or duplicate axes.
 
     Example:
+      >>> from umtam_jax.experiments.search import Axis, grid_search
       >>> score = lambda hp: -((hp["scaling"] - 3.5) ** 2)
       >>> axes = [Axis("scaling", (0.5, 1.0), low=0.0, log=True)]
       >>> short = grid_search(score, axes, budget=4)  # 0.5, 1, then 2 and 4 past the edge

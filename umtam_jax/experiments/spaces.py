@@ -110,6 +110,7 @@ def candidates(k: int) -> dict[str, Candidate]:
 
     Example:
         >>> from umtam_jax import merging
+        >>> from umtam_jax.experiments.spaces import EXCLUDED, candidates
         >>> c = candidates(4)
         >>> c["umtam"].axes[1].values, c["fisher"].axes
         ((2.0, 4.0), ())

@@ -40,6 +40,7 @@ def jsonable(value: Any) -> Any:
 
     Example:
         >>> import numpy as np
+        >>> from umtam_jax.experiments.store import jsonable
         >>> jsonable({"a": np.float32(0.5), "b": np.arange(2), "c": (1, float("nan"))})
         {'a': 0.5, 'b': [0, 1], 'c': [1, None]}
     """
@@ -84,6 +85,7 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
 
     Example:
         >>> import tempfile, pathlib
+        >>> from umtam_jax.experiments.store import write_atomic
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"
         >>> write_atomic(p, lambda f: f.write(b"hello")).read_text()
         'hello'
@@ -255,6 +257,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
     Example:
         >>> import tempfile, pathlib
+        >>> from umtam_jax.experiments.store import read_json, write_json
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.json"
         >>> _ = write_json(p, {"x": 1}); read_json(p)
         {'x': 1}
@@ -274,6 +277,7 @@ def read_json(path: str | Path) -> Any:
 
     Example:
         >>> import tempfile, pathlib
+        >>> from umtam_jax.experiments.store import read_json
         >>> read_json(pathlib.Path(tempfile.mkdtemp()) / "missing.json") is None
         True
     """
@@ -298,6 +302,7 @@ def read_record(path: str | Path) -> Any:
 
     Example:
         >>> import tempfile, pathlib
+        >>> from umtam_jax.experiments.store import read_record
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "results.json"
         >>> read_record(p) is None
         True
@@ -329,6 +334,7 @@ def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
 
     Example:
         >>> import tempfile, pathlib
+        >>> from umtam_jax.experiments.store import read_npz, write_npz
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.npz"
         >>> _ = write_npz(p, {"x": [1, 2]}); read_npz(p)["x"].tolist()
         [1, 2]
@@ -348,6 +354,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
 
     Example:
         >>> import tempfile, pathlib
+        >>> from umtam_jax.experiments.store import read_npz
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.npz"
         >>> _ = p.write_bytes(b"not a zip"); read_npz(p) is None
         True

@@ -57,6 +57,7 @@ class EarlyStopping:
         min_delta: The improvement an evaluation must exceed to count.
 
     Example:
+        >>> from umtam_jax.experiments import EarlyStopping
         >>> EarlyStopping(eval_every=25, patience=3).key()
         {'eval_every': 25, 'patience': 3, 'min_delta': 0.0}
     """

@@ -48,6 +48,7 @@ def judge(
             unknown.
 
     Example:
+        >>> from umtam_jax.experiments.verdicts import judge
         >>> judge(2.0, 20.0, 14.9)
         ('reproduced', 'the interval is above 0 and reaches 14.9')
         >>> judge(-1.0, 3.0, 1.6)[0], judge(-5.0, -1.0, 1.6)[0]

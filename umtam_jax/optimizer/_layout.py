@@ -46,6 +46,7 @@ class MatrixAxes(NamedTuple):
       rows: the axes forming the rows of each matrix.
 
     Example:
+      >>> from umtam_jax import MatrixAxes
       >>> MatrixAxes(1, 1)  # [L, d_in, d_out]: one d_in × d_out matrix per layer
       MatrixAxes(batch=1, rows=1)
       >>> MatrixAxes(batch=(1,), rows=(0,))  # [d_in, L, d_out] (layer axis second)
@@ -60,24 +61,43 @@ RowAxesFn = Callable[[tuple[Any, ...], tuple[int, ...]], "int | MatrixAxes"]
 """``(key_path, shape) -> k | MatrixAxes``: the matrix view of a leaf (see module doc)."""
 
 
-def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
-    """Default view: one matrix, fan-in × fan-out = ``(prod(shape[:-1]), shape[-1])``.
+#: The attention projections whose 3-axis kernels are ``(in, heads, head_dim)``.
+_ATTENTION_INPUTS = frozenset({"query", "key", "value"})
 
-    Right for Flax ``Dense`` (in, out), ``DenseGeneral`` and ``Conv`` (..., in, out)
-    kernels. For layer-stacked (scanned) models use :func:`scanned`.
+
+def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
+    """Default view: one matrix, fan-in × fan-out.
+
+    All axes but the last are the rows, ``(prod(shape[:-1]), shape[-1])``: right for Flax
+    ``Dense`` (in, out), ``Conv`` (..., in, out) and ``DenseGeneral`` kernels with one
+    output axis (an attention output projection, ``(heads, head_dim, out)``), except the
+    query, key and value projections of Flax attention (``nnx.MultiHeadAttention``,
+    ``linen.MultiHeadDotProductAttention``, MaxText): a 3-axis ``kernel`` under a
+    ``query``, ``key`` or ``value`` key is ``(in, heads, head_dim)``, one row axis (viewed
+    as ``(in · heads, head_dim)`` it would split the fan-out, and its usually small
+    ``head_dim`` would leave it dense). Other ``DenseGeneral`` layouts with several output
+    axes need their own ``row_axes``. For layer-stacked (scanned) models use
+    :func:`scanned`, which applies this view to each layer.
 
     Args:
-      path: the leaf's key path (not used).
+      path: the leaf's key path.
       shape: the leaf's shape.
 
     Returns:
-      The number of leading axes that form the rows: all but the last.
+      The number of leading axes that form the rows.
 
     Example:
-      >>> default_row_axes((), (3, 3, 16, 32))
+      >>> import jax
+      >>> from umtam_jax import default_row_axes
+      >>> default_row_axes((), (3, 3, 16, 32))  # a Conv kernel
       3
+      >>> query = (jax.tree_util.DictKey("query"), jax.tree_util.DictKey("kernel"))
+      >>> default_row_axes(query, (512, 8, 64))  # (in, heads, head_dim)
+      1
     """
-    del path
+    names = [_pytrees.key_name(k) for k in path[-2:]]
+    if len(shape) == 3 and names[-1:] == ["kernel"] and str(names[0]) in _ATTENTION_INPUTS:
+        return 1
     return max(len(shape) - 1, 0)
 
 
