@@ -42,6 +42,7 @@ def exclusive_lock(lock_path: str, *, cannot: str, busy: Callable[[], OSError]) 
 
     Example:
       >>> import os, tempfile
+      >>> from umtam_jax._files import exclusive_lock
       >>> lock = os.path.join(tempfile.mkdtemp(), ".work.lock")
       >>> with exclusive_lock(lock, cannot="cannot use work", busy=lambda: OSError("busy")):
       ...     os.path.exists(lock)

@@ -25,6 +25,7 @@ def loads(text: str | bytes) -> Any:
       ValueError: ``text`` is not JSON, not UTF-8, or nested too deeply to decode.
 
     Example:
+      >>> from umtam_jax._json import loads
       >>> loads('{"a": [1, 2]}')
       {'a': [1, 2]}
       >>> loads("[" * 100_000)

@@ -14,6 +14,7 @@ def full_precision(fn):
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from umtam_jax._precision import full_precision
       >>> full_precision(jnp.matmul)(jnp.eye(2), jnp.ones((2, 1))).tolist()
       [[1.0], [1.0]]
     """

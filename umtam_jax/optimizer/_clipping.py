@@ -45,6 +45,7 @@ def _square_sum_parts(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, j
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> from umtam_jax.optimizer._clipping import _square_sum_parts
       >>> scale, ssq = _square_sum_parts(jnp.array([3e30, 4e30]), (0,))
       >>> print(f"{float(scale):.0e} {float(ssq):.4f}")  # (3/4)² + 1
       4e+30 1.5625
