@@ -547,6 +547,10 @@ def test_target_mismatch_names_paths(saved):
     msg = str(info.value)
     assert "0/leaves/w/u: shape (4, 2) in the checkpoint, (4, 3) in the target" in msg
     assert "2/count: in the checkpoint but not in the target" in msg
+    assert "build the target with the rank, row_axes, min_dim_size_to_factor" in msg
+    with pytest.raises(ValueError, match="does not match") as info:  # params: no such hint
+        restore_params(saved, target={"w": jnp.ones((2, 2))})
+    assert "row_axes" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------

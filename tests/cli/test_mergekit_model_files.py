@@ -99,6 +99,29 @@ def test_expert_flags_on_a_file_that_merges_its_base_model_warn(tmp_path, capsys
     err = capsys.readouterr().err
     assert "warning: --expert replaces the file's models, base_model" in err, err
     assert "merges it only if an --expert names it" in err
+    # --base replaces the base, not the file's base_model among the models it merged.
+    _model(tmp_path, "other", 3)
+    flags = ("--base", f"{tmp_path}/other", "--expert", f"{tmp_path}/x", "--force")
+    status, _ = _run(tmp_path, text, *flags)
+    assert status == 0
+    assert f"base_model '{tmp_path}/base' among them" in capsys.readouterr().err
+
+
+def test_a_normalized_scaling_that_overflows_names_its_key(tmp_path, capsys):
+    for seed, name in enumerate(["base", "a"]):
+        _model(tmp_path, name, seed)
+    text = """
+        merge_method: task_arithmetic
+        base_model: {root}/base
+        models: [{{model: {root}/a, parameters: {{weight: 0.25}}}}]
+        parameters: {{normalize: true, lambda: 1.0e+308}}
+        """
+    assert _run(tmp_path, text, "--dry-run")[0] == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: parameters.lambda divided by the weights' sum (normalize: true) must be "
+        "finite, got inf" in err
+    ), err
 
 
 def test_normalize_divides_the_scaling_and_weights_the_flags_give(tmp_path):

@@ -207,6 +207,11 @@ def test_flax_attention_query_key_value_kernels_are_fan_in_by_heads_times_head_d
         (2, 4),
         (8,),
     )
+    # A layer-stacked [L, in, out] query kernel (fewer layers than inputs) keeps the
+    # all-but-last view, as any stacked kernel without scanned().
+    query = (jax.tree_util.DictKey("query"), jax.tree_util.DictKey("kernel"))
+    assert umtam_jax.default_row_axes(query, (12, 768, 768)) == 2
+    assert umtam_jax.default_row_axes(query, (768, 12, 64)) == 1
     leaf = state.leaves["query"]["kernel"]
     w = np.asarray(params["query"]["kernel"][...], np.float64)
     ref = FactoredReference(

@@ -41,8 +41,15 @@ def match_target(
     if problems:
         shown = "; ".join(sorted(problems)[:8])
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        hint = ""
+        if item == "opt_state":
+            hint = (
+                " (an optimizer state's shapes follow the optimizer's options: build the "
+                "target with the rank, row_axes, min_dim_size_to_factor, error_decay and "
+                "saliency it was saved with)"
+            )
         raise ValueError(
-            f"the {item} target does not match checkpoint {directory / item}: {shown}{more}"
+            f"the {item} target does not match checkpoint {directory / item}: {shown}{more}" + hint
         )
     return enc
 

@@ -11,6 +11,7 @@ raises one :class:`~umtam_jax.cli._yaml.ConfigError` naming the key or flag.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -270,6 +271,11 @@ def build_plan(config: dict[str, Any]) -> Plan:
     if config.get(_mergekit.NORMALIZE):  # a mergekit file's normalize: true
         weights = params.get("weights") or [1.0] * len(experts)
         params["scaling"] = _mergekit.normalized_scaling(params.get("scaling", 1.0), weights)
+        if not math.isfinite(params["scaling"]):
+            raise ConfigError(
+                f"{given.get('scaling', 'parameters.scaling')} divided by the weights' sum "
+                f"(normalize: true) must be finite, got {params['scaling']!r}"
+            )
     if any(e.fisher is not None for e in experts) and spec.extra != "fishers":
         raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
     if spec.extra == "fishers" and any(e.fisher is None for e in experts):

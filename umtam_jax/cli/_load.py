@@ -94,16 +94,16 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
             config = _mergekit.translate(config, warn=warn)
         else:
             _refuse_internal_keys(config)
+    if args.expert and _merges_the_base(config):
+        warn(
+            f"--expert replaces the file's models, base_model {config['base']!r} among them: "
+            f"merge_method {config['method']!r} merges it only if an --expert names it"
+        )
     for key in ("method", "base", "output", "seed"):
         value = getattr(args, key)
         if value is not None:
             config[key] = value
     if args.expert:
-        if _merges_the_base(config):
-            warn(
-                f"--expert replaces the file's models, base_model {config['base']!r} among "
-                f"them: merge_method {config['method']!r} merges it only if an --expert names it"
-            )
         config["experts"] = [_expert_flag(e) for e in args.expert]
     if flag_params:
         params = dict(config.get("parameters") or {})

@@ -73,11 +73,14 @@ def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
     output axis (an attention output projection, ``(heads, head_dim, out)``), except the
     query, key and value projections of Flax attention (``nnx.MultiHeadAttention``,
     ``linen.MultiHeadDotProductAttention``, MaxText): a 3-axis ``kernel`` under a
-    ``query``, ``key`` or ``value`` key is ``(in, heads, head_dim)``, one row axis (viewed
-    as ``(in · heads, head_dim)`` it would split the fan-out, and its usually small
-    ``head_dim`` would leave it dense). Other ``DenseGeneral`` layouts with several output
-    axes need their own ``row_axes``. For layer-stacked (scanned) models use
-    :func:`scanned`, which applies this view to each layer.
+    ``query``, ``key`` or ``value`` key whose first axis is longer than its second is
+    ``(in, heads, head_dim)``, one row axis (viewed as ``(in · heads, head_dim)`` it would
+    split the fan-out, and its usually small ``head_dim`` would leave it dense); a
+    layer-stacked ``[L, in, out]`` kernel of that name (fewer layers than inputs) keeps
+    the all-but-last view unless :func:`scanned` gives it one per layer. Other
+    ``DenseGeneral`` layouts with several output axes need their own ``row_axes``. For
+    layer-stacked (scanned) models use :func:`scanned`, which applies this view to each
+    layer.
 
     Args:
       path: the leaf's key path.
@@ -96,7 +99,8 @@ def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
       1
     """
     names = [_pytrees.key_name(k) for k in path[-2:]]
-    if len(shape) == 3 and names[-1:] == ["kernel"] and str(names[0]) in _ATTENTION_INPUTS:
+    attention = names[-1:] == ["kernel"] and str(names[0]) in _ATTENTION_INPUTS
+    if attention and len(shape) == 3 and shape[0] > shape[1]:
         return 1
     return max(len(shape) - 1, 0)
 
