@@ -145,6 +145,11 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
             "models[1].parameters.epsilon must lie in [0.0, inf], got -1",
         ),
         (
+            "merge_method: passthrough\nbase_model: {base}\nmodels: [{{model: {a}}}]",
+            "'base_model': merge_method 'passthrough' takes one model, and mergekit merges a "
+            "base model that 'models' does not list as one more",
+        ),
+        (
             "merge_method: passthrough\nmodels: [{{model: {a}, parameters: {{scale: .nan}}}}]",
             "models[0].parameters.scale must be finite, got nan",
         ),

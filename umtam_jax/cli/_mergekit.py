@@ -244,6 +244,12 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
                     "input, as mergekit does, which needs its weight: list it under 'models' "
                     "with one, or give a default weight under 'parameters'"
                 )
+            if registered.single_expert:
+                raise ConfigError(
+                    f"'base_model': merge_method {name!r} takes one model, and mergekit "
+                    "merges a base model that 'models' does not list as one more: drop "
+                    "'base_model' or list only it"
+                )
             entries.append(("'base_model'", {"model": base}))
 
     experts: list[dict[str, Any]] = []
