@@ -176,3 +176,19 @@ def test_models_that_all_tie_their_stored_output_embedding_stay_tied(tmp_path):
     status, out = _run(tmp_path, text.replace("/x,", "/untied,"), "--force")
     assert status == 0
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_a_mergekit_parameter_name_on_the_command_line_names_the_native_one(tmp_path, capsys):
+    for seed, name in enumerate(["base", "a"]):
+        _model(tmp_path, name, seed)
+    text = """
+        merge_method: task_arithmetic
+        base_model: {root}/base
+        models: [{{model: {root}/a, parameters: {{weight: 1}}}}]
+        """
+    assert _run(tmp_path, text, "--dry-run", "--param", "lambda=2")[0] == 2
+    err = capsys.readouterr().err
+    assert (
+        "unknown parameters ['lambda'] for method 'task_arithmetic'; allowed: ['scaling'] "
+        "(mergekit's lambda is scaling)" in err
+    ), err

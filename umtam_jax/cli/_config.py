@@ -245,7 +245,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     if unknown:
         raise ConfigError(
             f"unknown parameters {sorted(unknown, key=str)} for method {method!r}; allowed: "
-            f"{sorted(allowed)}"
+            f"{sorted(allowed)}{_mergekit.native_names(unknown, allowed)}"
         )
     for name, value in params.items():
         if name == "scores":

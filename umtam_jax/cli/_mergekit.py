@@ -86,6 +86,15 @@ _SHARED_PER_MODEL = ("gamma", "epsilon")
 _GTA_GLOBAL = ("int8_mask", "normalize", "rescale", "lambda")
 # Their registry names, where the registry's differs.
 _GTA_NAMES = {"lambda": "scaling", "rescale": "l1_rescale"}
+
+
+def native_names(names: set[Any], allowed: set[str]) -> str:
+    """A hint for parameters given by their mergekit names where the registry's are
+    meant (``--param lambda=2``: ``scaling``), or ``""``."""
+    hints = [f"{k} is {v}" for k, v in _GTA_NAMES.items() if k in names and v in allowed]
+    return f" (mergekit's {', '.join(hints)})" if hints else ""
+
+
 _READ: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     **{m: (_GTA_GLOBAL, ("weight", "density")) for m in _GTA},
     "breadcrumbs": (_GTA_GLOBAL, ("weight", "density", "gamma")),
