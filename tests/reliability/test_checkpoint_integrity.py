@@ -331,12 +331,16 @@ def test_a_failed_read_prints_no_closed_event_loop_callbacks(tmp_path, capfd, mo
         loop.call_soon_threadsafe(print)
     except RuntimeError as err:
         closed_loop = err
-    sys.unraisablehook(
-        SimpleNamespace(exc_value=closed_loop, exc_traceback=closed_loop.__traceback__)
-    )
+    # As tensorstore's threads call it: the traceback starts in call_soon_threadsafe.
+    native = closed_loop.__traceback__.tb_next
+    sys.unraisablehook(SimpleNamespace(exc_value=closed_loop, exc_traceback=native))
     other = ValueError("another library's")
     sys.unraisablehook(SimpleNamespace(exc_value=other, exc_traceback=None))
-    assert [u.exc_value for u in seen] == [other]
+    # Called from Python code (another library's callback): passed on.
+    from_python = SimpleNamespace(exc_value=closed_loop, exc_traceback=closed_loop.__traceback__)
+    sys.unraisablehook(from_python)
+    assert [u.exc_value for u in seen] == [other, closed_loop]
+    seen.remove(from_python)
     # A hook installed later that calls its predecessor (this one), then another read:
     # each other exception reaches both hooks once (it looped between them until
     # RecursionError when a read chained this hook again on top).

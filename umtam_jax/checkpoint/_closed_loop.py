@@ -7,7 +7,7 @@ as unraisable exceptions, printed after the caller's clean error:
 
 * tensorstore's completions of the other reads call the closed loop's
   ``call_soon_threadsafe`` from a tensorstore thread: "RuntimeError: Event loop is
-  closed";
+  closed", with a traceback that holds only asyncio's frames (the caller is native);
 * the unfinished read coroutines (Orbax's ``_read_array_index_and_device_put``) are
   closed when they are garbage collected, by a ``GeneratorExit`` thrown in at their
   ``await``; Orbax's ``except BaseException`` around that read turns it into an
@@ -40,11 +40,18 @@ _READ_ERROR = "Encountered error while reading array index"
 
 
 def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """Whether ``unraisable`` is a closed loop's ``call_soon_threadsafe`` called from
+    native code (tensorstore's completion threads): its traceback starts in that asyncio
+    method, with no Python caller of it."""
     err = unraisable.exc_value
     if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
         return False
     frames = traceback.extract_tb(unraisable.exc_traceback)
-    return any(frame.name == "call_soon_threadsafe" for frame in frames)
+    return (
+        bool(frames)
+        and frames[0].name == "call_soon_threadsafe"
+        and all("asyncio" in os.path.normpath(f.filename).split(os.sep) for f in frames)
+    )
 
 
 def _is_abandoned_read(unraisable: Any) -> bool:
