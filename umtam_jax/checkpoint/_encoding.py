@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,6 +85,12 @@ _ESCAPES = str.maketrans({"%": "%25", ".": "%2E", "/": "%2F"})
 
 def _stored_name(name: str) -> str:
     return name.translate(_ESCAPES)
+
+
+def display_path(path: tuple[str, ...]) -> str:
+    """A stored path as messages show it: the user's own key names (escapes undone),
+    joined with ``/``."""
+    return "/".join(urllib.parse.unquote(name) for name in path)
 
 
 def _generic_key(key: Any) -> tuple[str, str]:

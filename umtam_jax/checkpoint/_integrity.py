@@ -33,6 +33,7 @@ device is refused unopened: see :func:`._targets.read_record`).
 from __future__ import annotations
 
 import json
+import urllib.parse
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,7 @@ from etils import epath
 
 from umtam_jax import _json
 from umtam_jax.checkpoint import _filesystem, _targets
+from umtam_jax.checkpoint._write_errors import CheckpointBusyError
 
 CHECKSUMS_FILE = "umtam_checksums.json"
 ALGORITHM = "crc32"
@@ -139,6 +141,7 @@ class Records(dict):
     array must have an entry (format version 3 on)."""
 
     complete: bool = False
+    metadata: int | None = None  # the metadata's CRC-32 (format version 3 on)
 
 
 def read(directory: epath.Path, format_version: int) -> Records | None:
@@ -175,7 +178,30 @@ def read(directory: epath.Path, format_version: int) -> Records | None:
         ) from None
     out = Records(items)
     out.complete = format_version >= 3
+    out.metadata = data.get("metadata")
     return out
+
+
+def raise_if_replaced(
+    directory: epath.Path, metadata: Mapping[str, Any], records: Records | None
+) -> None:
+    """Raises :class:`CheckpointBusyError` where a read that found damage read a
+    checkpoint that a save replaced meanwhile (an overwrite swaps the whole folder: the
+    metadata, records and arrays read before and after the swap belong to different
+    checkpoints), not damage: the checksum record at ``directory`` is no longer ``records``,
+    or no longer names ``metadata``. Returns where neither changed (real damage)."""
+    if records is None:
+        return
+    try:
+        now = read(directory, metadata.get("format_version", 1))
+    except CheckpointCorruptError:  # gone in the middle of a swap
+        now = None
+    stale = records.metadata is not None and records.metadata != metadata_crc32(metadata)
+    if stale or now is None or now != records or now.metadata != records.metadata:
+        raise CheckpointBusyError(
+            f"checkpoint {directory} was replaced by a save while it was read (an overwrite "
+            "swaps the whole folder): read it again"
+        )
 
 
 def _is_int(x: Any) -> bool:
@@ -253,7 +279,7 @@ def verify(directory: epath.Path, item: str, k: str, array: Any, records: Any) -
     rec = records.get(item, {}).get(k)
     if rec is None:
         return
-    where = f"checkpoint {directory} is corrupt: array {item}/{k}"
+    where = f"checkpoint {directory} is corrupt: array {item}/{urllib.parse.unquote(k)}"
     if str(np.dtype(array.dtype)) != rec["dtype"] or list(array.shape) != list(rec["shape"]):
         raise CheckpointCorruptError(
             f"{where} reads back as {np.dtype(array.dtype)}{tuple(array.shape)}, but "

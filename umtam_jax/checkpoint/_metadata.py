@@ -118,7 +118,9 @@ def read_full_metadata(directory: epath.Path) -> dict[str, Any]:
     if not (directory / METADATA).exists():
         raise FileNotFoundError(
             f"{directory} is not a umtam_jax checkpoint or is incomplete: its item "
-            f"{METADATA!r} ({directory / METADATA}) does not exist"
+            f"{METADATA!r} ({directory / METADATA}) does not exist (a plain Orbax "
+            "checkpoint, e.g. a CheckpointManager step: restore it with Orbax and write "
+            "it once with umtam_jax.checkpoint.save_checkpoint)"
         )
     _check_metadata_file(directory)
     meta = restore_items(directory, {METADATA: ocp.args.JsonRestore()})[METADATA]

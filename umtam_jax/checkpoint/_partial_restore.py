@@ -93,7 +93,7 @@ class CheckpointReader:
         before a decode would fail inside JAX."""
         for path, impl in E.spec_keys(self.structure(item)).items():
             if any(path[: len(p)] == tuple(p) for p in under):
-                what = f"checkpoint {self.directory}'s {item} leaf {'/'.join(path)}"
+                what = f"checkpoint {self.directory}'s {item} leaf {E.display_path(path)}"
                 _keys.check_impl(impl, what)
 
     def abstract(self, item: str) -> Any:
@@ -141,7 +141,7 @@ class CheckpointReader:
                 children = {c[0]: c[2] for c in sub.get("children", [])}
                 if name not in children:
                     raise ValueError(
-                        f"checkpoint {self.directory} has no entry {'/'.join(path)} in its "
+                        f"checkpoint {self.directory} has no entry {E.display_path(path)} in its "
                         f"{item!r} item"
                     )
                 sub = children[name]
@@ -182,6 +182,8 @@ class CheckpointReader:
         Raises:
           FileNotFoundError: missing item.
           CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
+          CheckpointBusyError: a save replaced the checkpoint since this reader opened it
+            (an ``OSError``): open a new reader.
           ValueError: a path not in the checkpoint, or a corrupt checkpoint.
         """
         spec = self.structure(item)
@@ -191,7 +193,7 @@ class CheckpointReader:
         for path in paths:
             if tuple(path) not in saved:
                 raise ValueError(
-                    f"checkpoint {self.directory} has no array {'/'.join(path)} in its "
+                    f"checkpoint {self.directory} has no array {E.display_path(path)} in its "
                     f"{item!r} item"
                 )
         target: dict[str, Any] = {}
@@ -208,7 +210,8 @@ class CheckpointReader:
                 ),
             )
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
-            shown = ", ".join("/".join(map(str, p)) for p in paths[:3])
+            _integrity.raise_if_replaced(self.directory, self._meta, self._records)
+            shown = ", ".join(E.display_path(tuple(map(str, p))) for p in paths[:3])
             more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
             raise _integrity.CheckpointCorruptError(
                 f"cannot restore {shown}{more} of item {item!r} of checkpoint "
@@ -216,8 +219,13 @@ class CheckpointReader:
                 f"({_metadata.short_error(e)})"
             ) from None
         arrays = [np.asarray(E.nested_get(restored, tuple(path))) for path in paths]
-        for path, array in zip(paths, arrays, strict=True):
-            _integrity.verify(self.directory, item, _integrity.key(path), array, self._records)
+        try:
+            for path, array in zip(paths, arrays, strict=True):
+                k = _integrity.key(path)
+                _integrity.verify(self.directory, item, k, array, self._records)
+        except _integrity.CheckpointCorruptError:
+            _integrity.raise_if_replaced(self.directory, self._meta, self._records)
+            raise
         return arrays
 
 

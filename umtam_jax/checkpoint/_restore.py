@@ -71,6 +71,22 @@ def _restore_array_items(
                 f"{', '.join(sorted(structures)) or 'none'})"
             )
     records = _integrity.read(directory, meta.get("format_version", 1)) if verify else None
+    try:
+        return _read_items(directory, meta, items, targets, records)
+    except _integrity.CheckpointCorruptError:
+        _integrity.raise_if_replaced(directory, meta, records)  # an overwrite, not damage
+        raise
+
+
+def _read_items(
+    directory: epath.Path,
+    meta: dict[str, Any],
+    items: list[str],
+    targets: Mapping[str, Any],
+    records: _integrity.Records | None,
+) -> dict[str, Any]:
+    """:func:`_restore_array_items` once the checksum records are read."""
+    structures = meta.get("structures", {})
     args, encodings, wanted = {}, {}, {}
     for item in items:
         saved = dict(E.spec_arrays(structures[item]))
@@ -90,7 +106,7 @@ def _restore_array_items(
         else:
             wanted[item] = {p: (np.dtype(leaf["dtype"]), None) for p, leaf in saved.items()}
             for p, impl in E.spec_keys(structures[item]).items():  # rebuilt by decode
-                _keys.check_impl(impl, f"checkpoint {directory}'s {item} leaf {'/'.join(p)}")
+                _keys.check_impl(impl, f"checkpoint {directory}'s {item} leaf {E.display_path(p)}")
         abstract: dict[str, Any] = {}
         for path, leaf in saved.items():
             E.nested_set(abstract, path, _restore_leaf(leaf, wanted[item][path][1]))
@@ -114,7 +130,7 @@ def _restore_array_items(
         arrays = restored.get(item, {})
         for path, (dtype, sharding) in wanted[item].items():
             array = E.nested_get(arrays, path)
-            what = f"checkpoint {directory}'s {item} leaf {'/'.join(path)}"
+            what = f"checkpoint {directory}'s {item} leaf {E.display_path(path)}"
             if isinstance(array, np.ndarray):  # 64-bit without x64: JAX's canonical dtype
                 narrow = jax.dtypes.canonicalize_dtype(array.dtype)
                 array = cast_checked(array, narrow, what, "restore it with jax_enable_x64 on")
@@ -169,6 +185,8 @@ def restore_params(
     Raises:
       FileNotFoundError: if the checkpoint or its ``params`` item does not exist.
       CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
+      CheckpointBusyError: a save replaced the checkpoint while it was read (an
+        ``OSError``): read it again.
       ValueError: if the checkpoint is corrupt or ``target`` does not match it (or a leaf's
         sharding does not divide its shape), or a 64-bit value does not fit 32 bits
         without ``jax_enable_x64``.
@@ -209,6 +227,8 @@ def restore_statistics(
     Raises:
       FileNotFoundError: if the checkpoint does not exist or was saved without statistics.
       CheckpointCorruptError: an array differs from what was saved (a ``ValueError``).
+      CheckpointBusyError: a save replaced the checkpoint while it was read (an
+        ``OSError``): read it again.
       ValueError: if the checkpoint is corrupt or ``target`` does not match it.
 
     Example:
@@ -254,6 +274,8 @@ def restore_opt_state(
       FileNotFoundError: if the checkpoint does not exist or was saved without ``opt_state``.
       ValueError: if the checkpoint is corrupt or ``target``'s structure or shapes differ
         from the saved state (the message lists the differing paths).
+      CheckpointBusyError: a save replaced the checkpoint while it was read (an
+        ``OSError``): read it again.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, umtam_jax
@@ -305,6 +327,8 @@ def restore_checkpoint(
         but no optimizer state was saved.
       ValueError: if the checkpoint is corrupt or a target does not match it (or a leaf's
         sharding does not divide its shape).
+      CheckpointBusyError: a save replaced the checkpoint while it was read (an
+        ``OSError``): read it again.
 
     Example:
       >>> import tempfile, numpy as np

@@ -23,19 +23,19 @@ def match_target(
     wanted = {path: E.leaf_spec(x) for path, x in zip(enc.paths, enc.leaves, strict=True)}
     problems = []
     for path in wanted.keys() - saved.keys():
-        problems.append(f"{'/'.join(path)}: in the target but not in the checkpoint")
+        problems.append(f"{E.display_path(path)}: in the target but not in the checkpoint")
     for path in saved.keys() - wanted.keys():
-        problems.append(f"{'/'.join(path)}: in the checkpoint but not in the target")
+        problems.append(f"{E.display_path(path)}: in the checkpoint but not in the target")
     for path in wanted.keys() & saved.keys():
         if saved_keys.get(path) != enc.keys.get(path):  # a key of another kind, or none
             problems.append(
-                f"{'/'.join(path)}: {_kind(saved_keys.get(path))} in the checkpoint, "
+                f"{E.display_path(path)}: {_kind(saved_keys.get(path))} in the checkpoint, "
                 f"{_kind(enc.keys.get(path))} in the target"
             )
         elif wanted[path]["shape"] != saved[path]["shape"]:
             of_key = " (of the PRNG key data)" if path in enc.keys else ""
             problems.append(
-                f"{'/'.join(path)}: shape {tuple(saved[path]['shape'])} in the checkpoint, "
+                f"{E.display_path(path)}: shape {tuple(saved[path]['shape'])} in the checkpoint, "
                 f"{tuple(wanted[path]['shape'])} in the target{of_key}"
             )
     if problems:
@@ -81,6 +81,14 @@ def check_sharding(
       is_key: the leaf is a typed PRNG key, stored as its key data.
     """
     shape = tuple(leaf["shape"])
+    if isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
+        raise ValueError(
+            f"cannot restore checkpoint {directory}'s {item} leaf {E.display_path(path)} onto "
+            f"a sharding over an abstract mesh ({getattr(sharding, 'spec', sharding)}), which "
+            "names no devices: give the target concrete shardings (a NamedSharding over a "
+            "jax.sharding.Mesh, e.g. nnx.get_named_sharding(state, mesh) for an abstract "
+            "nnx state)"
+        )
     try:  # (a target leaf's rank always fits: jax checks it when the leaf is made)
         sharding.shard_shape(shape)  # IndivisibleError (a ValueError): uneven partitions
     except ValueError as err:
@@ -89,7 +97,7 @@ def check_sharding(
         axes = f" over mesh axes {dict(mesh.shape)}" if mesh is not None else ""
         data = " (the data of a PRNG key array)" if is_key else ""
         raise ValueError(
-            f"cannot restore checkpoint {directory}'s {item} leaf {'/'.join(path)}{data} "
+            f"cannot restore checkpoint {directory}'s {item} leaf {E.display_path(path)}{data} "
             f"with shape {shape} onto the target's sharding {spec}{axes}: give that leaf "
             f"a sharding that fits its shape ({type(err).__name__}: {err})"
         ) from None
