@@ -107,17 +107,24 @@ def test_expert_flags_on_a_file_that_merges_its_base_model_warn(tmp_path, capsys
     assert f"base_model '{tmp_path}/base' among them" in capsys.readouterr().err
 
 
-def test_a_normalized_scaling_that_overflows_names_its_key(tmp_path, capsys):
+def _refused_task_arithmetic(tmp_path, capsys, weight, extra, *flags):
+    """The error line of a dry run of a task-arithmetic file merging model ``a`` (of the
+    given ``weight``) into ``base``, with ``extra`` appended to the file."""
     for seed, name in enumerate(["base", "a"]):
         _model(tmp_path, name, seed)
-    text = """
+    text = f"""
         merge_method: task_arithmetic
-        base_model: {root}/base
-        models: [{{model: {root}/a, parameters: {{weight: 0.25}}}}]
-        parameters: {{normalize: true, lambda: 1.0e+308}}
+        base_model: {{root}}/base
+        models: [{{{{model: {{root}}/a, parameters: {{{{weight: {weight}}}}}}}}}]
+        {extra}
         """
-    assert _run(tmp_path, text, "--dry-run")[0] == 2
-    err = capsys.readouterr().err
+    assert _run(tmp_path, text, "--dry-run", *flags)[0] == 2
+    return capsys.readouterr().err
+
+
+def test_a_normalized_scaling_that_overflows_names_its_key(tmp_path, capsys):
+    extra = "parameters: {{normalize: true, lambda: 1.0e+308}}"
+    err = _refused_task_arithmetic(tmp_path, capsys, 0.25, extra)
     assert (
         "error: parameters.lambda divided by the weights' sum (normalize: true) must be "
         "finite, got inf" in err
@@ -179,15 +186,7 @@ def test_models_that_all_tie_their_stored_output_embedding_stay_tied(tmp_path):
 
 
 def test_a_mergekit_parameter_name_on_the_command_line_names_the_native_one(tmp_path, capsys):
-    for seed, name in enumerate(["base", "a"]):
-        _model(tmp_path, name, seed)
-    text = """
-        merge_method: task_arithmetic
-        base_model: {root}/base
-        models: [{{model: {root}/a, parameters: {{weight: 1}}}}]
-        """
-    assert _run(tmp_path, text, "--dry-run", "--param", "lambda=2")[0] == 2
-    err = capsys.readouterr().err
+    err = _refused_task_arithmetic(tmp_path, capsys, 1, "", "--param", "lambda=2")
     assert (
         "unknown parameters ['lambda'] for method 'task_arithmetic'; allowed: ['scaling'] "
         "(mergekit's lambda is scaling)" in err
