@@ -332,3 +332,19 @@ def test_a_null_crc_without_shard_records_restores_unverified(tmp_path):
     path = _save(tmp_path)
     _edit(path, sums_edit=lambda s: s["items"]["params"]["b"].update({"crc32": None}))
     np.testing.assert_array_equal(checkpoint.restore_params(path)["b"], np.ones(2))
+
+
+def test_damage_is_reported_under_the_key_the_user_wrote(tmp_path):
+    """Stored names escape ``.``, ``/`` and ``%``; messages undo the escapes."""
+    path = checkpoint.save_checkpoint(tmp_path / "ck", {"a.b/c%": np.ones(2, np.float32)})
+    stored = "a%2Eb%2Fc%25"
+    _edit(path, sums_edit=lambda s: s["items"]["params"][stored].update({"shape": [True]}))
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="record of params/a.b/c%"):
+        checkpoint.restore_params(path)
+    crc = _integrity.crc32(np.ones(2, np.float32)) ^ 1
+    _edit(path, sums_edit=lambda s: s["items"]["params"][stored].update(shape=[2], crc32=crc))
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="array params/a.b/c% does not"):
+        checkpoint.restore_params(path)
+    _edit(path, sums_edit=lambda s: s["items"]["params"][stored].update(shape=[3]))
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="gives params/a.b/c% dtype"):
+        checkpoint.restore_params(path)

@@ -33,7 +33,6 @@ device is refused unopened: see :func:`._targets.read_record`).
 from __future__ import annotations
 
 import json
-import urllib.parse
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -43,7 +42,7 @@ import numpy as np
 from etils import epath
 
 from umtam_jax import _json
-from umtam_jax.checkpoint import _filesystem, _targets
+from umtam_jax.checkpoint import _encoding, _filesystem, _targets
 from umtam_jax.checkpoint._write_errors import CheckpointBusyError
 
 CHECKSUMS_FILE = "umtam_checksums.json"
@@ -60,6 +59,11 @@ class CheckpointCorruptError(ValueError):
 def key(path: tuple[str, ...]) -> str:
     """The record key of a stored path (stored names never contain ``/``)."""
     return "/".join(path)
+
+
+def _shown(item: str, k: str) -> str:
+    """How messages name record key ``k`` of ``item``: the user's own key names."""
+    return f"{item}/{_encoding.display_path(tuple(k.split('/')))}"
 
 
 def host_array(x: Any) -> np.ndarray | None:
@@ -162,7 +166,7 @@ def read(directory: epath.Path, format_version: int) -> Records | None:
             raise ValueError("it holds no checksum of the metadata")
         for item, records in items.items():
             for k, rec in records.items():
-                _check_entry(rec, f"{item}/{k}")
+                _check_entry(rec, _shown(item, k))
     except FileNotFoundError:
         raise CheckpointCorruptError(
             f"checkpoint {directory} is corrupt: its checksum record {path} is missing"
@@ -255,14 +259,14 @@ def check_spec(
         rec = saved.get(k)
         if rec is None and records.complete:
             raise CheckpointCorruptError(
-                f"checkpoint {directory} is corrupt: array {item}/{k} has no entry in its "
+                f"checkpoint {directory} is corrupt: array {_shown(item, k)} has no entry in its "
                 f"checksum record ({CHECKSUMS_FILE})"
             )
         if rec is None:
             continue  # format 2: not fully addressable when saved
         if rec["dtype"] != leaf["dtype"] or list(rec["shape"]) != list(leaf["shape"]):
             raise CheckpointCorruptError(
-                f"checkpoint {directory} is corrupt: its metadata gives {item}/{k} dtype "
+                f"checkpoint {directory} is corrupt: its metadata gives {_shown(item, k)} dtype "
                 f"{leaf['dtype']} and shape {tuple(leaf['shape'])}, but {rec['dtype']} and "
                 f"{tuple(rec['shape'])} were saved"
             )
@@ -279,7 +283,7 @@ def verify(directory: epath.Path, item: str, k: str, array: Any, records: Any) -
     rec = records.get(item, {}).get(k)
     if rec is None:
         return
-    where = f"checkpoint {directory} is corrupt: array {item}/{urllib.parse.unquote(k)}"
+    where = f"checkpoint {directory} is corrupt: array {_shown(item, k)}"
     if str(np.dtype(array.dtype)) != rec["dtype"] or list(array.shape) != list(rec["shape"]):
         raise CheckpointCorruptError(
             f"{where} reads back as {np.dtype(array.dtype)}{tuple(array.shape)}, but "

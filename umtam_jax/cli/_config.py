@@ -224,8 +224,10 @@ def build_plan(config: dict[str, Any]) -> Plan:
         raise ConfigError("'experts' must be a non-empty list of checkpoint paths or mappings")
     experts = [_parse_expert(e, i) for i, e in enumerate(raw_experts)]
     _refuse_repeated_models(spec, base, experts)
-    if spec.single_expert and len(experts) != 1:
-        raise ConfigError(f"method {method!r} takes exactly one expert, got {len(experts)}")
+    try:
+        spec.check_expert_count(len(experts))
+    except ValueError as e:
+        raise ConfigError(f"'experts': {e}") from None
 
     if not isinstance(config.get("parameters") or {}, dict):
         raise ConfigError("'parameters' must be a mapping")

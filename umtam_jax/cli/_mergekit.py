@@ -253,7 +253,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
                     "input, as mergekit does, which needs its weight: list it under 'models' "
                     "with one, or give a default weight under 'parameters'"
                 )
-            if name == "passthrough":  # its one model
+            if registered.experts[1] == 1:
                 raise ConfigError(
                     f"'base_model': merge_method {name!r} takes one model, and mergekit "
                     "merges a base model that 'models' does not list as one more: drop "

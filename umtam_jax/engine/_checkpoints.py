@@ -84,8 +84,7 @@ def job_from_paths(
     expert_dirs = list(expert_dirs)
     if not expert_dirs:
         raise ValueError("expert_dirs is empty: at least one expert is required")
-    if m.single_expert and len(expert_dirs) != 1:
-        raise ValueError(f"method {method!r} takes exactly one expert, got {len(expert_dirs)}")
+    m.check_expert_count(len(expert_dirs))
     if not m.out_of_core:
         raise ValueError(
             f"method {method!r} needs each expert's {m.extra}, which the checkpoint engine "

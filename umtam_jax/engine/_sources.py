@@ -277,9 +277,10 @@ def untie_embeddings(sources: Sequence[Source]) -> None:
     from umtam_jax.checkpoint._safetensors import TIED_EMBEDDINGS
 
     unique = list(dict.fromkeys(sources))
+    stored = [_stored_names(s) for s in unique]
     safetensors = [s for s in unique if isinstance(s, SafetensorsSource)]
     for output, input_ in TIED_EMBEDDINGS:
-        if not any(_stores(s, output) for s in unique):
+        if not any(output in names for names in stored):
             continue
         for source in safetensors:
             if source.ties(output, input_):
@@ -303,24 +304,28 @@ def keeps_tied(sources: Sequence[Source]) -> bool:
     from umtam_jax.checkpoint._safetensors import TIED_EMBEDDINGS
 
     storing = [
-        (s, output) for s in dict.fromkeys(sources) for output, _ in TIED_EMBEDDINGS
-        if _stores(s, output)
-    ]  # fmt: skip
+        (s, output)
+        for s in dict.fromkeys(sources)
+        for names in [_stored_names(s)]
+        for output, _ in TIED_EMBEDDINGS
+        if output in names
+    ]
     return bool(storing) and all(
         isinstance(s, SafetensorsSource) and s.declares_tied(output) for s, output in storing
     )
 
 
-def _stores(source: Source, name: str) -> bool:
-    """Whether ``source`` holds the tensor ``name`` (a dotted path into its parameters)."""
+def _stored_names(source: Source) -> frozenset[str]:
+    """The tensors ``source`` holds, as dotted paths into its parameters (none where its
+    parameters are not nested dicts of names)."""
     from umtam_jax.checkpoint import names_from_tree
 
     if isinstance(source, SafetensorsSource):
-        return name in source._names
+        return frozenset(source._names)
     try:
-        return name in names_from_tree(source.abstract())
-    except (ValueError, TypeError):  # parameters that are not nested dicts of names
-        return False
+        return frozenset(names_from_tree(source.abstract()))
+    except (ValueError, TypeError):
+        return frozenset()
 
 
 _HF_FILES = ("model.safetensors", "model.safetensors.index.json")

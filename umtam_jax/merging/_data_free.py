@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._gta import compute_dtype, sum_terms
-from umtam_jax.merging._interpolation import _count, _require_base, _traced, _transposed
+from umtam_jax.merging._interpolation import _require_base, _traced, _transposed
 from umtam_jax.merging._registry import Param
 
 _STOCK_EPS = 1e-6  # mergekit's model_stock: floor of ‖Δ_i‖‖Δ_j‖ and of |1 + (K−1) cos θ|
@@ -256,7 +256,7 @@ MODEL_STOCK = R.register(
         lambda opts, b, ws, masks, scores, extras: _model_stock_leaf(
             b, ws, filter_wise=opts["filter_wise"], layout=opts["layout"]
         ),
-        check=lambda call: _count(call, 2),
+        experts=(2, None),
     )
 )
 NEARSWAP = R.register(
@@ -287,6 +287,6 @@ PASSTHROUGH = R.register(
         (Param("scale", "number", "factor on every tensor"),),
         _passthrough_kernel,
         base_optional=True,
-        check=lambda call: _count(call, 1, 1),
+        experts=(1, 1),
     )
 )

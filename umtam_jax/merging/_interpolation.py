@@ -38,15 +38,6 @@ def _traced(*values: Any) -> bool:
     return any(isinstance(v, jax.core.Tracer) for v in values)
 
 
-def _count(call: pipeline.Call, low: int, high: int | None = None) -> None:
-    """Raises ValueError unless the call has ``low`` to ``high`` experts."""
-    k, name = len(call.prepared.experts), call.method.name
-    if k < low or (high is not None and k > high):
-        want = f"exactly {low}" if low == high else f"at least {low}"
-        want = "exactly one expert" if want == "exactly 1" else f"{want} experts"
-        raise ValueError(f"{name} merges {want}, got {k}")
-
-
 def _check_weight_sum(call: pipeline.Call, flag: str) -> None:
     """Normalizing by Σ weight needs Σ weight ≠ 0 (mergekit would return NaN or inf)."""
     weights = call.options["weights"]
@@ -345,6 +336,6 @@ NUSLERP = R.register(
             layout=opts["layout"],
         ),
         base_optional=True,
-        check=lambda call: _count(call, 2, 2),
+        experts=(2, 2),
     )
 )

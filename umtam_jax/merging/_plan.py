@@ -102,6 +102,7 @@ def plan(
     else:
         prepared = V.prepare(base, experts)
     k = len(prepared.experts)
+    method.check_expert_count(k)
     extras = _extras(method, extra, prepared, options)
     if not checked:  # the whole tree (an engine plans one group of leaves at a time)
         check_scope_names(options.get("scope"), prepared.key_paths)

@@ -155,6 +155,8 @@ class Method:
       sparsify: ``"topk"`` (by importance, ``density`` and ``scope``), ``"bernoulli"``
         (``density`` and ``key``) or None.
       single_expert: takes one expert (positional ``expert``) instead of a sequence.
+      experts: the least and the most experts it merges (None: no most); ``(1, 1)``
+        for a ``single_expert`` method.
       base_optional: ``base=None`` is allowed (the experts are then averaged directly).
       check: a last check of the validated call (e.g. a domain the kernel needs), or None.
       explain: ``explain(call, j)``, why leaf ``j`` merged to a value that is not finite
@@ -170,6 +172,7 @@ class Method:
     importance: Importance | None = None
     sparsify: str | None = None
     single_expert: bool = False
+    experts: tuple[int, int | None] = (1, None)
     base_optional: bool = False
     check: Callable[[Call], None] | None = None
     explain: Callable[[Call, int], str | None] | None = None
@@ -182,6 +185,16 @@ class Method:
             )
         if self.sparsify == "topk" and self.importance is None:
             raise TypeError(f"method {self.name!r} has sparsify='topk' but no importance to rank")
+        if self.single_expert:
+            object.__setattr__(self, "experts", (1, 1))
+
+    def check_expert_count(self, k: int) -> None:
+        """Raises ValueError unless the method merges ``k`` experts."""
+        low, high = self.experts
+        if k < low or (high is not None and k > high):
+            want = f"exactly {low}" if low == high else f"at least {low}"
+            want = "exactly one expert" if want == "exactly 1" else f"{want} experts"
+            raise ValueError(f"{self.name} merges {want}, got {k}")
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
