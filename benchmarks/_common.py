@@ -173,7 +173,8 @@ def command() -> str:
 
 def git_commit() -> dict[str, Any]:
     """The checkout's commit, and whether tracked files differ from it (``None`` outside a
-    git checkout)."""
+    git checkout). The benchmarks' own outputs (``benchmarks/results``, ``RESULTS.md``)
+    do not count: a run that has written its figure is still running committed code."""
 
     def git(*args: str) -> str | None:
         try:
@@ -188,7 +189,12 @@ def git_commit() -> dict[str, Any]:
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     head = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if head else None
+    outputs = [
+        f":(exclude){p.relative_to(ROOT)}" for p in (RESULTS_DIR, RESULTS_DIR.parent / "RESULTS.md")
+    ]
+    status = (
+        git("status", "--porcelain", "--untracked-files=no", "--", ".", *outputs) if head else None
+    )
     return {"commit": head, "dirty": None if status is None else bool(status)}
 
 

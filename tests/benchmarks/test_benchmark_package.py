@@ -187,6 +187,26 @@ def test_write_results_records_provenance_and_regenerates_all_sections(tmp_path)
     assert "gamma" not in (tmp_path / "RESULTS.md").read_text()
 
 
+def test_the_benchmarks_own_outputs_do_not_make_the_code_dirty(tmp_path, monkeypatch):
+    """A run writes its figure before its record: that is no change to the code."""
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    files = [tmp_path / "code.py", results / "fig.png", tmp_path / "benchmarks" / "RESULTS.md"]
+    for f in files:
+        f.write_text("a")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(_common, "ROOT", tmp_path)
+    monkeypatch.setattr(_common, "RESULTS_DIR", results)
+    files[1].write_text("b")
+    files[2].write_text("b")
+    assert _common.git_commit()["dirty"] is False
+    files[0].write_text("b")
+    assert _common.git_commit()["dirty"] is True
+
+
 def test_a_record_names_the_commit_of_the_code_that_ran(tmp_path, monkeypatch):
     """A long run's checkout may change before it writes: the record keeps the commit
     the process loaded, and says the checkout changed."""
