@@ -476,6 +476,22 @@ def test_an_array_of_objects_or_strings_is_refused_with_its_path_and_writes_noth
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("dtype", "why"),
+    [(">f4", "byte order is not the machine's"), (">i8", "byte order"),
+     (np.longdouble, "no such dtype"), (np.clongdouble, "no such dtype")],
+)  # fmt: skip
+def test_an_array_no_restore_could_read_is_refused_before_writing(tmp_path, dtype, why):
+    """A big-endian array (np.fromfile, FITS, HDF5) was saved and then every restore called
+    the checkpoint corrupt; float128 reached TensorStore, which printed tracebacks."""
+    wide = np.dtype(dtype).itemsize > (16 if np.dtype(dtype).kind == "c" else 8)
+    if why == "no such dtype" and not wide:
+        pytest.skip("this platform's long double is a float64")
+    with pytest.raises(TypeError, match=rf"params: the array at \['a'\]\['w'\] .*{why}"):
+        save_checkpoint(tmp_path / "ckpt", {"a": {"w": np.ones(3, dtype)}})
+    assert os.listdir(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------------
 # missing or corrupt checkpoints
 # ------------------------------------------------------------------------------------------

@@ -223,8 +223,12 @@ def test_demo_cli_writes_only_into_its_own_work_directory(tmp_path, monkeypatch,
     (home / "demo_results.json").write_text("mine")
     (home / "notes.txt").write_text("mine")
     (tmp_path / "a_file").write_text("mine")
+    named_like_the_demos = tmp_path / "results"  # only names the demo writes, no marker
+    (named_like_the_demos / "experts").mkdir(parents=True)
+    (named_like_the_demos / "demo_results.json").write_text("mine")
     for workdir, needle in (
-        (home, "holds files the demo did not write (notes.txt)"),
+        (home, "holds files the demo did not write (demo_results.json, notes.txt)"),
+        (named_like_the_demos, "did not write (demo_results.json, experts)"),
         (tmp_path / "a_file", "is a file, not a folder"),
     ):
         assert demo.main(["--workdir", str(workdir)]) == 2

@@ -281,3 +281,10 @@ def test_a_scanned_scope_naming_no_leaf_is_refused():
         with pytest.raises(ValueError, match=r"no leaf's key path contains 'blokcs'$"):
             merging.ties(base, experts, density=0.5, scope=umtam_jax.scanned(*names))
     merging.ties(base, experts, density=0.5, scope=umtam_jax.scanned("blocks"))
+
+
+def test_a_big_endian_input_is_refused_naming_its_leaf():
+    """JAX cannot hold such arrays: its promotion error named no leaf."""
+    base, expert = {"w": np.zeros(3, ">f4")}, {"w": np.ones(3, ">f4")}
+    with pytest.raises(TypeError, match=r"base\['w'\] has dtype >f4, whose byte order"):
+        merging.task_arithmetic(base, [expert, expert])

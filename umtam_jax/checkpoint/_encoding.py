@@ -118,12 +118,20 @@ def dtype_of(x: Any) -> Any:
         return dtype
 
 
-def _is_numeric(dtype: Any) -> bool:
-    """Whether arrays of ``dtype`` are stored as they are (numbers and booleans)."""
+def _unstorable(dtype: Any) -> str | None:
+    """Why arrays of ``dtype`` cannot be stored as they are, or None: numbers and booleans
+    in the machine's byte order and of a width JAX and tensorstore know are."""
     try:
-        return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+        numeric = jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
     except TypeError:
-        return False
+        numeric = False
+    if not numeric:
+        return "only numeric and boolean arrays are stored"
+    if isinstance(dtype, np.dtype) and not dtype.isnative:
+        return "its byte order is not the machine's: store x.astype(x.dtype.newbyteorder('='))"
+    if isinstance(dtype, np.dtype) and dtype.itemsize > (16 if dtype.kind == "c" else 8):
+        return "JAX and Orbax have no such dtype: cast it to float64 or complex128"
+    return None
 
 
 def _as_saveable(x: Any) -> Any:
@@ -197,10 +205,11 @@ def encode(tree: Any, what: str) -> Encoded:
                 node = {"t": "key", "impl": impl}
                 key_impls[prefix] = impl
             dtype = dtype_of(x)
-            if not _is_numeric(dtype):
+            refusal = _unstorable(dtype)
+            if refusal is not None:
                 raise TypeError(
                     f"{what}: the array at {jax.tree_util.keystr(jax_path)} has dtype "
-                    f"{dtype}; only numeric and boolean arrays are stored"
+                    f"{dtype}; {refusal}"
                 )
             if 0 in np.shape(x):
                 raise ValueError(

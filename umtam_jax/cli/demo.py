@@ -34,10 +34,9 @@ from typing import Any
 
 __all__ = ["main"]
 
-# What the demo writes into its work directory: the only entries a folder may hold for the
-# demo to write there (besides its marker, which a new or empty folder gets).
+# The file that makes a folder the demo's work directory: written into a new or empty
+# folder before anything else, so a folder without it holds only the user's files.
 _MARKER = ".umtam-demo"
-_OWN = {_MARKER, "experts", "tokens", "jax_cache", "demo_results.json", "demo_results.png"}
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -59,9 +58,10 @@ def _claim_workdir(workdir: Path) -> str | None:
     returns why it cannot be, or None. Nothing else's files are ever written over."""
     if workdir.exists() and not workdir.is_dir():
         return f"--workdir {workdir} is a file, not a folder"
-    if workdir.is_dir():
-        foreign = sorted(p.name for p in workdir.iterdir() if p.name not in _OWN)
-        if foreign and not (workdir / _MARKER).is_file():
+    if workdir.is_dir() and not (workdir / _MARKER).is_file():
+        # Without the demo's marker every name is the user's, the demo's own names too.
+        foreign = sorted(p.name for p in workdir.iterdir())
+        if foreign:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             return (
                 f"--workdir {workdir} holds files the demo did not write ({shown}); give a "

@@ -149,10 +149,15 @@ def float_dtype(dtype: Any, path: str, what: str) -> jnp.dtype:
     """The dtype merges compute in: float32 for 16-bit floats, else the leaf's own.
 
     Raises:
-      TypeError: a non-floating dtype, or a 64-bit one JAX would silently compute in 32
-        bits (``jax_enable_x64`` off).
+      TypeError: a non-floating dtype, one in another byte order than the machine's, or a
+        64-bit one JAX would silently compute in 32 bits (``jax_enable_x64`` off).
     """
     dtype = jnp.dtype(dtype)
+    if not dtype.isnative:  # a NumPy array read from a big-endian file
+        raise TypeError(
+            f"{what}{path} has dtype {dtype}, whose byte order is not the machine's, which "
+            "JAX cannot hold: convert it with x.astype(x.dtype.newbyteorder('='))"
+        )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{what}{path} has dtype {dtype}; merging needs floating-point leaves")
     if jax.dtypes.canonicalize_dtype(dtype) != dtype:
