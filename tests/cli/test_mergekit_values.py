@@ -62,8 +62,8 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
         ),
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"
-            "parameters: {{lambda: [{{filter: mlp, value: 1}}]}}",
-            "parameters.lambda: filtered parameters (a list of filter/value mappings) are not",
+            "parameters: {{normalize: [{{filter: mlp, value: true}}]}}",
+            "parameters.normalize: per-layer gradients and filtered values are supported for",
         ),
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"

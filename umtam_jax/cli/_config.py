@@ -17,6 +17,7 @@ from typing import Any
 
 from umtam_jax import merging
 from umtam_jax.cli import _mergekit
+from umtam_jax.cli._mergekit_settings import TensorSetting
 from umtam_jax.cli._mergekit_values import check_parameters
 from umtam_jax.cli._yaml import ConfigError, is_number
 from umtam_jax.merging import METHODS
@@ -63,6 +64,9 @@ class Plan:
     seed: int
     dtype: str | None = None
     out_dtype: str | None = None
+    #: Parameters whose value varies by tensor (a mergekit file's gradients and filtered
+    #: values), by name; ``parameters`` holds one of their values.
+    tensor_parameters: dict[str, TensorSetting] = dataclasses.field(default_factory=dict)
 
 
 def _methods_with(name: str) -> list[str]:
@@ -267,12 +271,23 @@ def build_plan(config: dict[str, Any]) -> Plan:
         if name != "scores" and not _replaced_by_every_expert(spec.param(name), experts)
     }
     check_parameters(spec, params, named, len(experts))
+    varying = dict(config.get(_mergekit.TENSOR_SETTINGS) or {})
+    for name, setting in varying.items():
+        param = spec.param(name)
+        assert param is not None  # the translation reads only the method's parameters
+        for value in setting.values():
+            _check_type(method, param, value)
+            check_parameters(spec, {name: value}, {name: setting.key}, len(experts))
 
     for key, name in PER_EXPERT.items():
         _per_expert_values(spec, params, experts, key, name)
     if config.get(_mergekit.NORMALIZE):  # a mergekit file's normalize: true
         weights = params.get("weights") or [1.0] * len(experts)
         params["scaling"] = _mergekit.normalized_scaling(params.get("scaling", 1.0), weights)
+        if "scaling" in varying:
+            varying["scaling"] = varying["scaling"].mapped(
+                lambda v: _mergekit.normalized_scaling(v, weights)
+            )
         if not math.isfinite(params["scaling"]):
             raise ConfigError(
                 f"{given.get('scaling', 'parameters.scaling')} divided by the weights' sum "
@@ -303,7 +318,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
             raise ConfigError(
                 f"'{key}' must be one of {', '.join(_mergekit.DTYPES)}, got {value!r}"
             )
-    return Plan(method, base, experts, params, output, seed, *dtypes)
+    return Plan(method, base, experts, params, output, seed, dtypes[0], dtypes[1], varying)
 
 
 def _refuse_repeated_models(spec: merging.Method, base: str | None, experts: list[Expert]) -> None:

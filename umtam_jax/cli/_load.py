@@ -111,6 +111,10 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         config["parameters"] = params
         keys = dict(config.get(_mergekit.PARAMETER_KEYS) or {})
         config[_mergekit.PARAMETER_KEYS] = keys | {k: f"--param {k}" for k in flag_params}
+        varying = config.get(_mergekit.TENSOR_SETTINGS) or {}
+        config[_mergekit.TENSOR_SETTINGS] = {
+            k: v for k, v in varying.items() if k not in flag_params
+        }
     return config
 
 

@@ -43,9 +43,13 @@ as mergekit requires); it still gives the output's config and tokenizer files. A
 under ``parameters``. ``dtype`` is the dtype the inputs are read in (the merge computes in
 float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the inputs').
 ``tokenizer_source: base`` (or null) is the default: a Hugging Face output gets the base's
-config and tokenizer files. mergekit features umtam_jax does not have (``slices``,
-per-layer gradients and filtered parameters, tokenizer merging, chat templates, LoRA
-``model+lora`` references, other methods) are refused with one error naming the key.
+config and tokenizer files. The method's own numbers under ``parameters`` (``t``,
+``lambda``, ``epsilon``, ...) may vary by tensor, as per-layer gradients and filtered values
+(:mod:`umtam_jax.cli._mergekit_settings`), and ``slices`` that take whole models are the
+same as ``models`` (:mod:`umtam_jax.cli._mergekit_slices`). mergekit features umtam_jax does
+not have (other slices, gradients or filters of a model's ``weight`` or ``density`` or of a
+true/false option, tokenizer merging, chat templates, LoRA ``model+lora`` references, other
+methods) are refused with one error naming the key.
 A quoted number (``weight: "0.5"``) is the number; another string, for a parameter
 mergekit reads as a number or a bool, is refused as mergekit refuses it (its values as
 mergekit reads them: :mod:`umtam_jax.cli._mergekit_values`). A value the method's
@@ -61,7 +65,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from umtam_jax.cli._mergekit_values import number, read_params, scalar
+from umtam_jax.cli._mergekit_settings import TensorSetting
+from umtam_jax.cli._mergekit_slices import whole_model_slices
+from umtam_jax.cli._mergekit_values import BOOLS, number, read_params, scalar
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 from umtam_jax.merging._registry import PER_EXPERT_KINDS
@@ -127,7 +133,6 @@ _TOP_LEVEL = {
     "name",
 }
 _UNSUPPORTED = {
-    "slices": "layer slices",
     "tokenizer": "tokenizer merging",
     "chat_template": "chat templates",
     "modules": "per-module configurations",
@@ -175,8 +180,12 @@ PARAMETER_KEYS = "_mergekit_parameter_keys"
 #: Set in a translated configuration whose ``normalize: true`` divides ``scaling`` by the
 #: experts' Σ weight (see :func:`normalized_scaling`).
 NORMALIZE = "_mergekit_normalize"
+#: The key under which a translated configuration keeps the parameters that vary by
+#: tensor (gradients, filtered values), by the registry's name, as
+#: :class:`~umtam_jax.cli._mergekit_settings.TensorSetting`.
+TENSOR_SETTINGS = "_mergekit_tensor_settings"
 #: Every key a translated configuration may carry besides the native ones.
-INTERNAL_KEYS = frozenset({KEY, PARAMETER_KEYS, NORMALIZE})
+INTERNAL_KEYS = frozenset({KEY, PARAMETER_KEYS, NORMALIZE, TENSOR_SETTINGS})
 
 
 def normalized_scaling(scaling: Any, weights: list[Any]) -> Any:
@@ -202,6 +211,9 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     Raises:
       ConfigError: an unsupported key or method, naming it.
     """
+    if "slices" in config:
+        config = {**config, "models": whole_model_slices(config)}
+        del config["slices"]
     for key, what in _UNSUPPORTED.items():
         if key in config:
             raise ConfigError(f"'{key}': {what} are not supported by umtam-merge")
@@ -226,9 +238,17 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     read_top = None  # the keys read under 'parameters' (both None: every key, see _READ)
     if read_global is not None and read_per_model is not None:
         read_top = read_global + read_per_model + _ADDED_GLOBAL
+    varying: dict[str, TensorSetting] = {}
     global_params = read_params(
-        config.get("parameters") or {}, "parameters", read_top, ignored, typed
+        config.get("parameters") or {}, "parameters", read_top, ignored, typed, varying
     )
+    for key, value in varying.items():
+        if key in ("weight", "density", "layout") or key in BOOLS:
+            raise ConfigError(
+                f"{value.key}: per-layer gradients and filtered values are supported for "
+                "the method's own numbers (t, lambda, epsilon, ...), not for weight, density "
+                "or a true/false option"
+            )
     # Where the file gives each parameter, by the method's name for it, for messages.
     keys = {k: f"parameters.{k}" for k in global_params}
     # mergekit's tensor parameters given globally are every model's default.
@@ -324,6 +344,8 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         density["density"] = model_defaults["density"]
     elif "density" in model_defaults and name not in _GTA:
         raise ConfigError(f"parameters.density: merge_method {name!r} takes no density")
+    if varying:
+        out[TENSOR_SETTINGS] = {_GTA_NAMES.get(k, k): v for k, v in varying.items()}
     if name not in _GTA:
         out["method"], out["parameters"] = name, {**global_params, **density, **layout}
         out[PARAMETER_KEYS] = keys

@@ -2,13 +2,14 @@
 checked by the registry, every error naming the key where the file gives the value.
 
 mergekit's configuration validates every parameter value with pydantic as a number (or a
-list, or filtered values: refused here), in lax mode: a string that spells a number is
-that number, any other string an error. Its method then reads the value as a bool, an int
-or a float. pydantic's bool takes 0 and 1 (and 0.0, 1.0); it would take the strings
-``'yes'``, ``'true'``, ``'on'``, ... too, but none reaches it, since the configuration
-has refused them before, so they are refused here too. An int takes a whole number
-(``10``, ``10.0``, ``"10"``); a float any number. A YAML boolean (``true``, unquoted
-``yes``) is a bool; for a number it is refused, not read as 1 as pydantic would.
+gradient, or filtered values: :mod:`umtam_jax.cli._mergekit_settings`), in lax mode: a
+string that spells a number is that number, any other string an error. Its method then
+reads the value as a bool, an int or a float. pydantic's bool takes 0 and 1 (and 0.0,
+1.0); it would take the strings ``'yes'``, ``'true'``, ``'on'``, ... too, but none reaches
+it, since the configuration has refused them before, so they are refused here too. An int
+takes a whole number (``10``, ``10.0``, ``"10"``); a float any number. A YAML boolean
+(``true``, unquoted ``yes``) is a bool; for a number it is refused, not read as 1 as
+pydantic would.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from umtam_jax.cli._mergekit_settings import TensorSetting, setting
 from umtam_jax.cli._yaml import ConfigError, is_number
 from umtam_jax.merging._registry import Method
 
@@ -36,15 +38,15 @@ _QUOTED_BOOLS = ("true", "false", "yes", "no", "on", "off")
 
 
 def scalar(value: Any, where: str) -> Any:
-    """``value``, refusing the per-layer gradients (lists of values) and filtered
-    parameters (lists of ``{filter, value}`` mappings) of mergekit, which umtam-merge does
-    not have, and a lone mapping (no parameter value in mergekit either)."""
-    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
-        raise ConfigError(
-            f"{where}: filtered parameters (a list of filter/value mappings) are not supported"
-        )
+    """``value``, refusing a list (mergekit's per-layer gradients and filtered values,
+    read only where :func:`read_params` collects them) and a lone mapping (no parameter
+    value in mergekit either)."""
     if isinstance(value, list):
-        raise ConfigError(f"{where}: per-layer gradients (lists) are not supported")
+        what = "filtered values" if any(isinstance(v, dict) for v in value) else "gradients"
+        raise ConfigError(
+            f"{where}: per-layer {what} are supported only for the method's own numbers "
+            "under the file's 'parameters' (t, lambda, epsilon, ...)"
+        )
     if isinstance(value, dict):
         raise ConfigError(f"{where}: a mapping is not a parameter value")
     return value
@@ -101,24 +103,31 @@ def read_params(
     read: tuple[str, ...] | None,
     ignored: list[str],
     typed: tuple[str, ...] = (),
+    varying: dict[str, TensorSetting] | None = None,
 ) -> dict[str, Any]:
     """A ``parameters`` mapping at ``where``, without the keys that mergekit does not
     ``read`` (listed in ``ignored``; None: keep all): those mergekit's method reads
     (``typed``) as :func:`mergekit_value` reads them, any other quoted number as the
-    number."""
+    number. Where ``varying`` is given, a list (a gradient or filtered values) is put
+    there as a :class:`TensorSetting` and its first value kept in the result."""
     if not isinstance(params, dict):
         raise ConfigError(f"{where} must be a mapping")
     out = {}
     for key, value in params.items():
         at = f"{where}.{key}"
+
+        def one(v: Any, w: str, key: str = key) -> Any:
+            return mergekit_value(v, key, w) if key in typed else quoted_number(scalar(v, w))
+
         if read is not None and key not in read:
             ignored.append(at)
-        elif key in typed:
-            out[key] = mergekit_value(value, key, at)
         elif key == "scope" and isinstance(value, dict):  # {scanned: [names], ...}
             out[key] = value
+        elif isinstance(value, list) and varying is not None:
+            varying[key] = setting(value, at, one)
+            out[key] = varying[key].values()[0]
         else:
-            out[key] = quoted_number(scalar(value, at))
+            out[key] = one(value, at)
     return out
 
 

@@ -20,6 +20,7 @@ from umtam_jax import engine, merging
 from umtam_jax.checkpoint import _format
 from umtam_jax.cli._config import PER_EXPERT, Plan, layer_scope
 from umtam_jax.cli._load import PROG
+from umtam_jax.cli._mergekit_settings import resolver
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 
@@ -64,6 +65,11 @@ def _job(plan: Plan) -> engine.Job:
             kwargs=method_kwargs(plan),
             dtype=plan.dtype,
             out_dtype=plan.out_dtype,
+            tensor_kwargs=(
+                resolver(plan.tensor_parameters, METHODS[plan.method].defaults())
+                if plan.tensor_parameters
+                else None
+            ),
             **extra,
         )
     except FileNotFoundError as err:
@@ -113,6 +119,7 @@ def _metadata(plan: Plan) -> dict[str, Any]:
             "base": plan.base,
             "experts": [dataclasses.asdict(e) for e in plan.experts],
             "parameters": plan.parameters,
+            "tensor_parameters": {k: v.as_json() for k, v in plan.tensor_parameters.items()},
             "seed": plan.seed,
         }
     }
@@ -129,8 +136,14 @@ def _describe(plan: Plan, job: engine.Job, fmt: str, max_shard_size: int) -> str
         lines.append("  base: none (the method takes none; expert 0 gives the structure)")
     for i, e in enumerate(plan.experts):
         lines.append(f"  expert {i}: {e.path} ({kinds[type(job.experts[i])]})")
-    shown = {k: v for k, v in plan.parameters.items()}
+    shown = {k: v for k, v in plan.parameters.items() if k not in plan.tensor_parameters}
     lines.append(f"  parameters: {shown}" + (f", seed {plan.seed}" if "key" in job.kwargs else ""))
+    for name, setting in plan.tensor_parameters.items():
+        values = sorted({float(o[name]) for o in job.leaf_options.values()})
+        lines.append(
+            f"  {name} by tensor ({setting.key}): {len(values)} value(s) from {values[0]:g} "
+            f"to {values[-1]:g} over {len(job.leaf_options)} tensor(s)"
+        )
     lines.append(f"  tensors: {len(job.leaves)}, {total:,} bytes merged")
     if plan.output is not None:
         where = f"  output: {plan.output} ({fmt}"
@@ -165,18 +178,33 @@ def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
             for whole, more in zip(data.get(key, []), part.get(key, []), strict=True):
                 whole.update(more)
 
-    def tree(leaves: dict[int, Any]) -> Any:
-        values = [None if j in job.passthrough else leaves[j] for j in everything]
-        return jax.tree_util.tree_unflatten(job._treedef, values)
-
-    base, experts = tree(data["base"]), [tree(e) for e in data["experts"]]
-    extra = [tree(x) for x in data["extra"]] if "extra" in data else None
+    # Merged in groups of leaves that take the same arguments (all of them at once unless
+    # some differ by tensor), the other leaves None.
+    groups: dict[str, list[int]] = {}
+    for j in everything:
+        if j not in job.passthrough:
+            given = job.leaf_options.get(j, {})
+            varying = sorted((k, repr(given.get(k))) for k in plan.tensor_parameters)
+            groups.setdefault(repr(varying), []).append(j)
     method = METHODS[plan.method]
-    if method.single_expert:
-        experts, extra = experts[0], None if extra is None else extra[0]
+    merged: dict[int, Any] = {}
     try:
-        merged = iter(jax.tree.leaves(merging.merge(method, base, experts, extra, **job.kwargs)))
-        out = [job.copy(j, data) if j in job.passthrough else next(merged) for j in everything]
+        for members in groups.values():
+
+            def tree(leaves: dict[int, Any], members: list[int] = members) -> Any:
+                values = [leaves[j] if j in members else None for j in everything]
+                return jax.tree_util.tree_unflatten(job._treedef, values)
+
+            base, experts = tree(data["base"]), [tree(e) for e in data["experts"]]
+            extra = [tree(x) for x in data["extra"]] if "extra" in data else None
+            if method.single_expert:
+                experts, extra = experts[0], None if extra is None else extra[0]
+            kwargs = {**job.kwargs}
+            kwargs.update({k: v for k, v in job.leaf_options.get(members[0], {}).items()
+                           if k in plan.tensor_parameters})  # fmt: skip
+            result = merging.merge(method, base, experts, extra, **kwargs)
+            merged.update(zip(members, jax.tree.leaves(result), strict=True))
+        out = [job.copy(j, data) if j in job.passthrough else merged[j] for j in everything]
     except (ValueError, TypeError) as err:
         raise _failure("merge failed", err, plan) from None
     return [job.cast_output(j, x) for j, x in zip(everything, out, strict=True)]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from etils import epath
 
-from umtam_jax.engine._job import Job
+from umtam_jax.engine._job import Job, TensorKwargs
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
 from umtam_jax.engine._output import check_output, resolve_output_format, writer
 from umtam_jax.engine._sources import SafetensorsSource, Source, open_source, untie_embeddings
@@ -35,6 +35,7 @@ def job_from_paths(
     kwargs: Mapping[str, Any],
     dtype: Any = None,
     out_dtype: Any = None,
+    tensor_kwargs: TensorKwargs | None = None,
 ) -> Job:
     """A validated :class:`Job` over model files, ready for :func:`merge`.
 
@@ -53,6 +54,7 @@ def job_from_paths(
       kwargs: the merging function's keyword arguments.
       dtype: read the parameters in this dtype (floating leaves; default: as stored).
       out_dtype: the output's dtype (default: ``dtype``, else the merge's).
+      tensor_kwargs: keyword arguments that differ by tensor (see :class:`Job`).
 
     Returns:
       The job: ``job.output`` is the merged parameters' abstract pytree.
@@ -134,7 +136,7 @@ def job_from_paths(
             extra.tie_like(expert)
     return Job(
         m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype,
-        base_input=base_dir is not None,
+        base_input=base_dir is not None, tensor_kwargs=tensor_kwargs,
     )  # fmt: skip
 
 

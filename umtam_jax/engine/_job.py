@@ -13,7 +13,7 @@ Which leaves to read when, and where the output goes, is decided by the caller
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -27,6 +27,9 @@ from umtam_jax.engine._leaf_merge import merge_leaf
 from umtam_jax.engine._sources import Source
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
+
+#: Keyword arguments that differ by tensor: the merged tensors' names → each one's.
+TensorKwargs = Callable[[Sequence[str]], Sequence[Mapping[str, Any]]]
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -81,6 +84,12 @@ class Job:
       kwargs: the method's keyword arguments.
       dtype: the dtype the parameters are read in (floating leaves; default: as stored).
       out_dtype: the output's dtype (default: ``dtype``, else the merge's).
+      base_input: False: ``base`` only gives the structure (and integer buffers, config
+        files); the method gets ``base=None`` (methods with ``base_optional``).
+      tensor_kwargs: keyword arguments that differ by tensor: called once with the
+        merged tensors' dotted names (``model.layers.0.mlp.up_proj.weight``, in leaf
+        order), it returns each tensor's arguments that replace ``kwargs`` there (a
+        mergekit file's layer gradients and filtered values); None: none.
 
     Raises:
       ValueError / TypeError: as the in-memory call would, with the same messages (the
@@ -98,14 +107,13 @@ class Job:
         dtype: Any = None,
         out_dtype: Any = None,
         base_input: bool = True,
+        tensor_kwargs: TensorKwargs | None = None,
     ):
         if isinstance(extras, str) and extras != "statistics":
             raise ValueError(
                 f"extras must be 'statistics', a list of sources or None, not {extras!r}"
             )
         self.method, self.base, self.experts, self.extras = method, base, experts, extras
-        # base_input=False: ``base`` only gives the structure (and integer buffers, config
-        # files); the method gets base=None (methods with base_optional).
         self.base_input = base_input
         self.kwargs = dict(kwargs)
         self.dtype = None if dtype is None else np.dtype(dtype)
@@ -166,7 +174,41 @@ class Job:
         # every leaf's plan reuses them.
         k = 1 if method.single_expert else len(experts)
         self.options = pipeline.check_options(method, self.kwargs, k)
+        self.leaf_options = self._per_tensor(tensor_kwargs, k)
         self._stand_ins: dict[Any, list[jax.ShapeDtypeStruct] | None] = {}
+
+    def _per_tensor(self, tensor_kwargs: TensorKwargs | None, k: int) -> dict[int, Any]:
+        """Each merged leaf's checked options where ``tensor_kwargs`` changes them."""
+        if tensor_kwargs is None:
+            return {}
+        if self.scope == "global":
+            raise ValueError("keyword arguments that differ by tensor need a per-tensor scope")
+        merged = [j for j in range(len(self.leaves)) if j not in self.passthrough]
+        names = self.tensor_names()
+        per_tensor = list(tensor_kwargs([names[j] for j in merged]))
+        checked: dict[str, Any] = {}
+        out = {}
+        for j, given in zip(merged, per_tensor, strict=True):
+            if not given:
+                continue
+            key = repr(sorted(given.items()))
+            if key not in checked:
+                try:
+                    options = {**self.kwargs, **given}
+                    checked[key] = pipeline.check_options(self.method, options, k)
+                except (ValueError, TypeError) as err:
+                    raise type(err)(f"tensor {names[j]}: {err}") from None
+            out[j] = checked[key]
+        return out
+
+    def tensor_names(self) -> list[str]:
+        """Each leaf's dotted name (``a.b.0``), in leaf order."""
+        from umtam_jax.checkpoint import names_from_tree
+
+        try:
+            return list(names_from_tree(self.output))
+        except ValueError:  # a key with "." in it: the key path as JAX writes it
+            return [jax.tree_util.keystr(leaf.keypath) for leaf in self.leaves]
 
     def floating(self, tree: Any) -> Any:
         """``tree`` without the non-floating leaves (None there), if it has the base's
@@ -280,7 +322,8 @@ class Job:
             extra = [_wrap(kp, leaves[j]) for leaves in data["extra"]]
         base = _wrap(kp, data["base"][j]) if self.base_input else None
         args = self._arguments(experts, extra)
-        return pipeline.plan(self.method, base, *args, self.options, checked=True)
+        options = self.leaf_options.get(j, self.options)
+        return pipeline.plan(self.method, base, *args, options, checked=True)
 
     def copy(self, j: int, data: dict[str, Any]) -> np.ndarray:
         """A non-floating leaf: the base's, after checking every expert holds the same."""

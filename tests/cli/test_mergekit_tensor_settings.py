@@ -1,0 +1,235 @@
+"""mergekit's parameter values that vary by tensor (layer gradients, filtered values) and
+whole-model ``slices``, against float64 NumPy references of mergekit's formulas: the
+classic SLERP file (``slices`` of two whole models, ``t`` filtered by ``self_attn`` and
+``mlp`` with gradients), a TIES ``lambda`` by filter, and a task-arithmetic gradient
+under ``normalize: true``; out of core and in memory alike."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+
+import numpy as np
+import pytest
+
+from umtam_jax import checkpoint
+from umtam_jax.cli._mergekit_settings import layer_positions, setting
+from umtam_jax.cli._yaml import ConfigError
+from umtam_jax.cli.merge import main
+
+pytest.importorskip("safetensors.numpy")
+
+LAYERS = 4
+
+
+def _evaluate(value, name, x):
+    """mergekit's ``evaluate_setting``, written out for the references."""
+    if not isinstance(value, list):
+        return value
+    if all(isinstance(v, dict) for v in value):
+        for cond in value:
+            if cond.get("filter") in (None, "*") or cond["filter"] in name:
+                return _evaluate(cond["value"], name, x)
+        return None
+    scaled = x * (len(value) - 1)
+    i0 = int(np.floor(scaled))
+    i1 = min(len(value) - 1, i0 + 1)
+    return (1 - (scaled - i0)) * value[i0] + (scaled - i0) * value[i1]
+
+
+def _x(name):
+    """The layer position mergekit plans a tensor at: i / (N − 1), 0 outside the layers."""
+    for i in range(LAYERS):
+        if f".layers.{i}." in name:
+            return i / (LAYERS - 1)
+    return 0.0
+
+
+def _model(root, name, seed):
+    rng = np.random.default_rng(seed)
+    names = {"model.embed_tokens.weight": (6, 4), "model.norm.weight": (4,)}
+    for i in range(LAYERS):
+        names[f"model.layers.{i}.self_attn.q_proj.weight"] = (4, 4)
+        names[f"model.layers.{i}.mlp.up_proj.weight"] = (5, 4)
+    flat = {k: rng.normal(size=s).astype(np.float32) for k, s in names.items()}
+    source = root / f"{name}-files"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"num_hidden_layers": LAYERS}))
+    checkpoint.save_safetensors(
+        root / name, checkpoint.tree_from_names(flat), copy_files_from=source
+    )
+    return flat
+
+
+def _merge(tmp_path, text, *flags, out="out"):
+    config = tmp_path / "merge.yaml"
+    config.write_text(textwrap.dedent(text).replace("{root}", str(tmp_path)))
+    status = main([str(config), "-o", str(tmp_path / out), "--no-progress", *flags])
+    assert status == 0
+    reader = checkpoint.SafetensorsReader(tmp_path / out)
+    names = list(checkpoint.names_from_tree(reader.abstract()))
+    return dict(zip(names, reader.read(names), strict=True))
+
+
+def _slerp(t, v0, v1):
+    """mergekit's ``slerp`` in float64."""
+    a, b = v0.astype(np.float64), v1.astype(np.float64)
+    dot = np.sum(a / np.linalg.norm(a) * b / np.linalg.norm(b))
+    if abs(dot) > 0.9995:
+        return (1 - t) * a + t * b
+    theta = np.arccos(dot)
+    return (np.sin(theta * (1 - t)) * a + np.sin(theta * t) * b) / np.sin(theta)
+
+
+SLERP_T = [
+    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+]
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_the_classic_slerp_file_matches_mergekits_formulas(tmp_path, in_memory):
+    a, b = _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
+    merged = _merge(
+        tmp_path,
+        f"""
+        slices:
+          - sources:
+              - model: {{root}}/a
+                layer_range: [0, {LAYERS}]
+              - model: {{root}}/b
+                layer_range: [0, {LAYERS}]
+        merge_method: slerp
+        base_model: {{root}}/a
+        parameters:
+          t: {json.dumps(SLERP_T)}
+        """,
+        *(["--in-memory"] if in_memory else []),
+    )
+    ts = set()
+    for name in a:
+        t = _evaluate(SLERP_T, name, _x(name))
+        ts.add(t)
+        np.testing.assert_allclose(merged[name], _slerp(t, a[name], b[name]), atol=2e-6)
+    # Both gradients between their steps (13/30 at layer 1 of 4) and the fallback.
+    assert 0.5 in ts and any(abs(t - 13 / 30) < 1e-12 for t in ts) and len(ts) >= 6
+
+
+def test_a_filtered_lambda_and_a_gradient_under_normalize(tmp_path):
+    base, e1, e2 = (_model(tmp_path, n, s) for n, s in (("base", 0), ("e1", 1), ("e2", 2)))
+    lam = [{"filter": "mlp", "value": [0.5, 2.0]}, {"filter": "norm", "value": 3}, {"value": 1}]
+    models = textwrap.dedent("""
+        models:
+          - model: {root}/e1
+            parameters: {weight: 1.0}
+          - model: {root}/e2
+            parameters: {weight: 0.5}
+        base_model: {root}/base
+        dtype: float32
+        """)
+    merged = _merge(
+        tmp_path,
+        models + "merge_method: task_arithmetic\nparameters: {normalize: true, "
+        "lambda: [1.0, 0.2, 1.5]}\n",
+    )
+    for name in base:
+        scaling = _evaluate([1.0, 0.2, 1.5], name, _x(name)) / 1.5
+        tau = 1.0 * (e1[name] - base[name].astype(np.float64)) + 0.5 * (e2[name] - base[name])
+        np.testing.assert_allclose(merged[name], base[name] + scaling * tau, atol=2e-6)
+    # TIES at density 1 is task arithmetic with sign election: check the lambda by filter.
+    merged = _merge(
+        tmp_path,
+        models + f"merge_method: ties\nparameters: {{density: 1.0, lambda: {json.dumps(lam)}}}\n",
+        out="ties",
+    )
+    weights = np.array([1.0, 0.5])
+    for name in base:
+        w = weights.reshape(2, *[1] * base[name].ndim)
+        weighted = np.stack([e1[name] - base[name], e2[name] - base[name]]) * w
+        sign = np.where(weighted.sum(0) > 0, 1.0, -1.0)  # mergekit's "sum" election
+        keep = np.sign(weighted) == sign
+        divisor = (w * keep).sum(0)
+        divisor[np.abs(divisor) < 1e-8] = 1.0
+        want = base[name] + _evaluate(lam, name, _x(name)) * (weighted * keep).sum(0) / divisor
+        np.testing.assert_allclose(merged[name], want, atol=2e-6)
+
+
+def test_setting_values_follow_mergekits_evaluation():
+    grad = setting([0.0, 1.0, 0.0], "parameters.t")
+    assert [grad.at("x", x) for x in (0.0, 0.25, 0.5, 1.0)] == [0.0, 0.5, 1.0, 0.0]
+    first = setting([{"filter": "mlp", "value": 1}, {"filter": "mlp.up", "value": 2}], "p.t")
+    assert first.at("model.layers.0.mlp.up_proj.weight", 0.0) == 1  # the first match
+    assert first.at("model.layers.0.self_attn.q_proj.weight", 0.0) is None
+    assert setting([True, False], "p.normalize").at("x", 0.99) is True  # the step below
+    names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.2.mlp.c_fc.weight",
+             "transformer.wte.weight", "bert.encoder.layer.1.output.dense.weight"]  # fmt: skip
+    assert layer_positions(names) == [0.0, 1.0, 0.0, 0.5]
+    assert layer_positions(["model.layers.0.w"]) == [1.0]  # one layer: x = 1, as mergekit
+    for bad, message in (
+        ([], "an empty list"),
+        ([{"filter": "a"}], r"p.t\[0\] must be a mapping with 'value'"),
+        ([[1, 2]], "a gradient is a list of values"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            setting(bad, "p.t")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "slices:\n  - sources:\n      - {model: {root}/a, layer_range: [0, 2]}\n"
+            "      - {model: {root}/b, layer_range: [0, 2]}\n"
+            "merge_method: slerp\nbase_model: {root}/a\nparameters: {t: 0.5}\n",
+            r"slices\[0\].sources\[0\].layer_range' is \[0, 2\], but only whole models are "
+            r"supported: \[0, 4\]",
+        ),
+        (
+            "slices:\n  - sources: [{model: {root}/a, layer_range: [0, 4]}]\n"
+            "  - sources: [{model: {root}/b, layer_range: [0, 4]}]\n"
+            "merge_method: slerp\nbase_model: {root}/a\nparameters: {t: 0.5}\n",
+            "only one slice of whole models",
+        ),
+        (
+            "models: [{model: {root}/b}]\nmerge_method: task_arithmetic\n"
+            "base_model: {root}/a\nparameters: {weight: [0, 1]}\n",
+            "parameters.weight: per-layer gradients and filtered values are supported for",
+        ),
+        (
+            "models: [{model: {root}/b}]\nmerge_method: slerp\nbase_model: {root}/a\n"
+            "parameters: {t: [{filter: mlp, value: 0.5}]}\n",
+            "parameters.t: no filter matches tensor 'model.embed_tokens.weight'",
+        ),
+        (
+            "models: [{model: {root}/b}]\nmerge_method: slerp\nbase_model: {root}/a\n"
+            "parameters: {t: [{filter: mlp, value: abc}, {value: 0.5}]}\n",
+            r"parameters.t\[0\].value must be a number, got 'abc'",
+        ),
+    ],
+)
+def test_what_is_not_supported_or_wrong_is_one_error_naming_its_key(
+    tmp_path, capsys, text, message
+):
+    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
+    config = tmp_path / "merge.yaml"
+    config.write_text(text.replace("{root}", str(tmp_path)))
+    assert main([str(config), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_param_flag_replaces_the_files_gradient(tmp_path):
+    a, b = _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
+    text = """
+        models: [{model: {root}/b}]
+        merge_method: slerp
+        base_model: {root}/a
+        parameters: {t: [0, 1]}
+        """
+    merged = _merge(tmp_path, text, "--param", "t=0.3")
+    for name in a:
+        np.testing.assert_allclose(merged[name], _slerp(0.3, a[name], b[name]), atol=2e-6)

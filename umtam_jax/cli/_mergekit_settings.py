@@ -1,0 +1,203 @@
+"""mergekit's parameter values that vary by tensor: layer gradients and filtered values.
+
+A method-wide parameter of a mergekit file (``t``, ``lambda``, ``epsilon``, ...) may be,
+besides one value:
+
+- a **gradient**, a list of numbers interpolated over the model's layers: layer ``i`` of
+  ``N`` sits at ``x = i / (N − 1)`` (``x = 1`` when ``N = 1``) and takes the piecewise
+  linear interpolation of the list at ``x`` (``[0, 0.5, 1]`` gives 0.25 at a quarter of
+  the depth); a tensor outside the layers (embeddings, final norm, ``lm_head``) takes the
+  value at ``x = 0``, as mergekit plans them;
+- a list of **filtered values**, ``{filter: substring, value: v}`` mappings tried in order:
+  the first whose ``filter`` is in the tensor's name (or that has none, or ``"*"``) gives
+  the value, itself one value or a gradient; where none matches, the method's default.
+
+A tensor's layer is the number after ``layers``, ``layer``, ``h``, ``blocks`` or ``block``
+in its dotted name (``model.layers.3.mlp.up_proj.weight``, ``transformer.h.3.attn.c_attn
+.weight``, ``encoder.layer.3.output.dense.weight``), ``N`` the number of layers the merged
+model has.
+
+Example:
+  >>> from umtam_jax.cli._mergekit_settings import layer_positions, setting
+  >>> t = setting([{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}], "parameters.t")
+  >>> names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+  ...          "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+  >>> [t.at(n, x) for n, x in zip(names, layer_positions(names))]
+  [0.5, 0.0, 1.0, 0.5]
+
+References:
+  mergekit's ``evaluate_setting`` and ``MergePlanner.plan_slice``,
+  https://github.com/arcee-ai/mergekit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from umtam_jax.cli._yaml import ConfigError
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One filtered value: ``filter`` (None: every tensor) and its value."""
+
+    filter: str | None
+    value: Any  # one value, or a tuple (a gradient)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSetting:
+    """A parameter value that varies by tensor (see the module's docstring).
+
+    Attributes:
+      value: a tuple of values (a gradient) or a tuple of :class:`Condition`.
+      key: where the file gives it (``parameters.t``), for messages.
+    """
+
+    value: tuple[Any, ...]
+    key: str
+
+    def at(self, name: str, x: float) -> Any:
+        """The value for tensor ``name`` at layer position ``x`` (None: no filter matches)."""
+        if self.value and isinstance(self.value[0], Condition):
+            for cond in self.value:
+                if cond.filter in (None, "*") or cond.filter in name:
+                    return _evaluate(cond.value, x)
+            return None
+        return _evaluate(self.value, x)
+
+    def values(self) -> list[Any]:
+        """Every value it may give, once each (for checks)."""
+        parts = (
+            [c.value for c in self.value] if isinstance(self.value[0], Condition) else [self.value]
+        )
+        out: list[Any] = []
+        for part in parts:
+            for v in part if isinstance(part, tuple) else (part,):
+                if v not in out:
+                    out.append(v)
+        return out
+
+    def as_json(self) -> Any:
+        """The setting as the file gives it (a list of values or of filter/value maps)."""
+        if isinstance(self.value[0], Condition):
+            return [
+                {
+                    "filter": c.filter,
+                    "value": list(c.value) if isinstance(c.value, tuple) else c.value,
+                }
+                for c in self.value
+            ]
+        return list(self.value)
+
+    def mapped(self, fn: Callable[[Any], Any]) -> TensorSetting:
+        """The setting with ``fn`` applied to every value it gives."""
+
+        def apply(v: Any) -> Any:
+            return tuple(map(fn, v)) if isinstance(v, tuple) else fn(v)
+
+        if isinstance(self.value[0], Condition):
+            conds = tuple(Condition(c.filter, apply(c.value)) for c in self.value)
+            return dataclasses.replace(self, value=conds)
+        return dataclasses.replace(self, value=apply(self.value))
+
+
+def _evaluate(value: Any, x: float) -> Any:
+    if not isinstance(value, tuple):
+        return value
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        scaled = x * (len(value) - 1)
+        i0 = int(scaled)
+        i1 = min(len(value) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * value[i0] + frac * value[i1]
+    return value[int(x * (len(value) - 1))]  # bools or strings: the nearest step below
+
+
+def setting(
+    raw: list[Any], where: str, read: Callable[[Any, str], Any] = lambda v, w: v
+) -> TensorSetting:
+    """A file's list value at ``where`` as a :class:`TensorSetting`, each value read by
+    ``read(value, key)`` (as the method reads one value).
+
+    Raises:
+      ConfigError: an empty list, a mapping that is not ``{filter, value}``, or a value
+        that is neither one value nor a list of them, naming its key.
+    """
+    if not raw:
+        raise ConfigError(f"{where}: an empty list gives no value")
+    if not any(isinstance(v, dict) for v in raw):
+        return TensorSetting(_gradient(raw, where, read), where)
+    conds = []
+    for i, entry in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, dict) or "value" not in entry or set(entry) - {"filter", "value"}:
+            raise ConfigError(f"{at} must be a mapping with 'value' and optionally 'filter'")
+        filt = entry.get("filter")
+        if filt is not None and not isinstance(filt, str):
+            raise ConfigError(f"{at}.filter must be a string, got {filt!r}")
+        value = entry["value"]
+        if isinstance(value, list):
+            value = _gradient(value, f"{at}.value", read) if value else None
+            if value is None:
+                raise ConfigError(f"{at}.value: an empty list gives no value")
+        else:
+            value = read(value, f"{at}.value")
+        conds.append(Condition(filt, value))
+    return TensorSetting(tuple(conds), where)
+
+
+def _gradient(raw: list[Any], where: str, read: Callable[[Any, str], Any]) -> tuple[Any, ...]:
+    if any(isinstance(v, list | dict) for v in raw):
+        raise ConfigError(f"{where}: a gradient is a list of values, not of lists or mappings")
+    return tuple(read(v, f"{where}[{i}]") for i, v in enumerate(raw))
+
+
+def layer_positions(names: Sequence[str]) -> list[float]:
+    """Each tensor's layer position ``x`` in [0, 1] (0 outside the layers)."""
+    layers = [_layer(n) for n in names]
+    indices = [i for i in layers if i is not None]
+    count = max(indices) + 1 if indices else 0
+    return [0.0 if i is None else (i / (count - 1) if count > 1 else 1.0) for i in layers]
+
+
+def _layer(name: str) -> int | None:
+    found = _LAYER.search(name)
+    return None if found is None else int(found.group(1))
+
+
+def resolver(
+    settings: dict[str, TensorSetting], defaults: dict[str, Any]
+) -> Callable[[Sequence[str]], list[dict[str, Any]]]:
+    """The per-tensor keyword arguments of a merge: for the merged tensors' names, each
+    one's value of every varying parameter (``defaults[name]`` where no filter matches).
+
+    Raises (when called):
+      ValueError: no filter matches a tensor and the parameter has no default, naming
+        both.
+    """
+    from umtam_jax.merging import REQUIRED
+
+    def per_tensor(names: Sequence[str]) -> list[dict[str, Any]]:
+        out = []
+        for name, x in zip(names, layer_positions(names), strict=True):
+            values = {}
+            for param, s in settings.items():
+                value = s.at(name, x)
+                if value is None:
+                    value = defaults.get(param, REQUIRED)
+                    if value is REQUIRED:
+                        raise ValueError(
+                            f"{s.key}: no filter matches tensor {name!r}, and {param} has no "
+                            "default: add a {value: ...} entry without a filter"
+                        )
+                values[param] = value
+            out.append(values)
+        return out
+
+    return per_tensor
