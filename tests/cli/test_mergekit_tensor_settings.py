@@ -193,9 +193,9 @@ def test_setting_values_follow_mergekits_evaluation():
             "only one slice of whole models",
         ),
         (
-            "models: [{model: {root}/b}]\nmerge_method: task_arithmetic\n"
-            "base_model: {root}/a\nparameters: {weight: [0, 1]}\n",
-            "parameters.weight: per-layer gradients and filtered values are supported for",
+            "models: [{model: {root}/b, parameters: {gamma: [0.01, 0.02]}}]\n"
+            "merge_method: breadcrumbs\nbase_model: {root}/a\n",
+            r"models\[0\].parameters.gamma: per-layer gradients and filtered values of a model",
         ),
         (
             "models: [{model: {root}/b}]\nmerge_method: slerp\nbase_model: {root}/a\n"
@@ -233,3 +233,67 @@ def test_a_param_flag_replaces_the_files_gradient(tmp_path):
     merged = _merge(tmp_path, text, "--param", "t=0.3")
     for name in a:
         np.testing.assert_allclose(merged[name], _slerp(0.3, a[name], b[name]), atol=2e-6)
+
+
+def _ties_reference(base, deltas, weights, densities):
+    """mergekit's TIES on one tensor in float64: magnitude trim (``max(1, int(d·n))``
+    entries kept), "sum" sign election, mean over the agreeing weights."""
+    kept = []
+    for delta, density in zip(deltas, densities, strict=True):
+        flat = np.abs(delta).reshape(-1)
+        keep = np.zeros(flat.size, bool)
+        if density >= 1:
+            keep[:] = True
+        else:
+            keep[np.argsort(-flat, kind="stable")[: max(1, int(density * flat.size))]] = True
+        kept.append(delta * keep.reshape(delta.shape))
+    w = np.array(weights).reshape(-1, *[1] * base.ndim)
+    weighted = np.stack(kept).astype(np.float64) * w
+    sign = np.where(weighted.sum(0) > 0, 1.0, -1.0)
+    agree = np.sign(weighted) == sign
+    divisor = (w * agree).sum(0)
+    divisor[np.abs(divisor) < 1e-8] = 1.0
+    return base + (weighted * agree).sum(0) / divisor
+
+
+def test_mergekits_readme_ties_file_with_per_model_gradients(tmp_path):
+    """The TIES example of mergekit's README: a density gradient, a weight gradient and a
+    filtered weight without a fallback (the file's default weight, itself a gradient)."""
+    models = [_model(tmp_path, n, s) for n, s in (("base", 0), ("e1", 1), ("e2", 2), ("e3", 3))]
+    density = [[1, 0.7, 0.1], 0.5, 0.33]
+    weight = [1.0, [0, 0.3, 0.7, 1], [{"filter": "mlp", "value": 0.5}]]
+    default_weight = [1.0, 0.0]
+    entries = "".join(
+        f"  - model: {{root}}/e{i + 1}\n    parameters: {{density: {json.dumps(d)}, "
+        f"weight: {json.dumps(w)}}}\n"
+        for i, (d, w) in enumerate(zip(density, weight, strict=True))
+    )
+    text = (
+        f"models:\n{entries}merge_method: ties\nbase_model: {{root}}/base\n"
+        f"parameters: {{normalize: true, int8_mask: true, weight: {default_weight}}}\n"
+    )
+    for flags in ((), ("--in-memory",)):
+        merged = _merge(tmp_path, text, *flags, out=f"out{len(flags)}")
+        base, experts = models[0], models[1:]
+        for name in base:
+            x = _x(name)
+            ws = [_evaluate(w, name, x) for w in weight]
+            ws = [_evaluate(default_weight, name, x) if w is None else w for w in ws]
+            ds = [_evaluate(d, name, x) for d in density]
+            deltas = [e[name].astype(np.float64) - base[name] for e in experts]
+            want = _ties_reference(base[name], deltas, ws, ds)
+            np.testing.assert_allclose(merged[name], want, atol=2e-6, err_msg=name)
+
+
+def test_a_weight_that_no_filter_gives_without_a_default_names_the_model(tmp_path, capsys):
+    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"models:\n  - model: {tmp_path}/b\n    parameters:\n      weight: "
+        "[{filter: mlp, value: 0.5}]\nmerge_method: task_arithmetic\n"
+        f"base_model: {tmp_path}/a\n"
+    )
+    assert main([str(config), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "models[0].parameters.weight: no filter matches tensor 'model.embed_tokens" in err
+    assert len(err.strip().splitlines()) == 1

@@ -56,9 +56,9 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
             "tokenizer_source",
         ),
         (
-            "merge_method: ties\nbase_model: {base}\n"
-            "models: [{{model: {a}, parameters: {{density: [0.1, 0.9]}}}}]",
-            "gradients",
+            "merge_method: breadcrumbs\nbase_model: {base}\n"
+            "models: [{{model: {a}, parameters: {{gamma: [0.1, 0.9]}}}}]",
+            "models[0].parameters.gamma: per-layer gradients and filtered values of a model",
         ),
         (
             "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n"

@@ -17,7 +17,7 @@ from typing import Any
 
 from umtam_jax import merging
 from umtam_jax.cli import _mergekit
-from umtam_jax.cli._mergekit_settings import TensorSetting
+from umtam_jax.cli._mergekit_settings import NormalizedScaling, PerExpert, TensorSetting
 from umtam_jax.cli._mergekit_values import check_parameters
 from umtam_jax.cli._yaml import ConfigError, is_number
 from umtam_jax.merging import METHODS
@@ -44,6 +44,9 @@ class Expert:
     fisher: str | None = None
     curvature: str | None = None
     key: str = "experts[0]"  # where the file gives it: experts[i], or mergekit's models[k]
+    #: A mergekit model's values that vary by tensor, by key (``weight``): the values
+    #: tried in order (:func:`umtam_jax.cli._mergekit_settings.model_chains`).
+    varying: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
     def value_key(self, name: str) -> str:
         """The configuration key of this expert's per-expert value ``name`` (``weight``)."""
@@ -131,9 +134,11 @@ def _parse_expert(entry: Any, index: int) -> Expert:
     if isinstance(entry, str):
         entry = {"path": entry}
     where = f"experts[{index}]"
+    varying: dict[str, tuple[Any, ...]] = {}
     if isinstance(entry, dict) and _mergekit.KEY in entry:  # translated from mergekit
         entry = dict(entry)
         where = entry.pop(_mergekit.KEY)
+        varying = entry.pop(_mergekit.VARYING, {})
     if not isinstance(entry, dict):
         raise ConfigError(f"experts[{index}] must be a path or a mapping with a 'path'")
     unknown = set(entry) - EXPERT_KEYS
@@ -156,6 +161,7 @@ def _parse_expert(entry: Any, index: int) -> Expert:
         fisher=entry.get("fisher"),
         curvature=entry.get("curvature"),
         key=where,
+        varying=varying,
     )
 
 
@@ -189,6 +195,26 @@ def _per_expert_values(
             raise ConfigError(f"per-expert {key} values need a scalar default {name!r}")
     values = [e.values.get(key, fallback) for e in experts]
     params[name] = values[0] if spec.single_expert else values
+
+
+def _varying_per_expert(
+    spec: merging.Method, params: dict[str, Any], experts: list[Expert], key: str, name: str
+) -> PerExpert:
+    """The per-expert parameter ``name`` where some expert's ``key`` varies by tensor,
+    each value it may take checked by the registry, naming its key."""
+    values = params[name]
+    chains = tuple(e.varying.get(key, (values[i],)) for i, e in enumerate(experts))
+    for i, chain in enumerate(chains):
+        for entry in chain:
+            for value in entry.values() if isinstance(entry, TensorSetting) else [entry]:
+                trial = [value if j == i else v for j, v in enumerate(values)]
+                at = entry.key if isinstance(entry, TensorSetting) else experts[i].value_key(key)
+                check_parameters(spec, {name: trial}, {name: at}, len(experts))
+    param = spec.param(name)
+    fallback = (
+        merging.REQUIRED if param is None or param.kind == "weights" else spec.defaults()[name]
+    )
+    return PerExpert(chains, fallback, tuple(e.value_key(key) for e in experts))
 
 
 def build_plan(config: dict[str, Any]) -> Plan:
@@ -271,7 +297,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
         if name != "scores" and not _replaced_by_every_expert(spec.param(name), experts)
     }
     check_parameters(spec, params, named, len(experts))
-    varying = dict(config.get(_mergekit.TENSOR_SETTINGS) or {})
+    varying: dict[str, Any] = dict(config.get(_mergekit.TENSOR_SETTINGS) or {})
     for name, setting in varying.items():
         param = spec.param(name)
         assert param is not None  # the translation reads only the method's parameters
@@ -281,7 +307,16 @@ def build_plan(config: dict[str, Any]) -> Plan:
 
     for key, name in PER_EXPERT.items():
         _per_expert_values(spec, params, experts, key, name)
-    if config.get(_mergekit.NORMALIZE):  # a mergekit file's normalize: true
+        if any(key in e.varying for e in experts):
+            varying[name] = _varying_per_expert(spec, params, experts, key, name)
+    if config.get(_mergekit.NORMALIZE) and "weights" in varying:  # Σ weight by tensor
+        varying["scaling"] = NormalizedScaling(
+            varying.get("scaling", params.get("scaling", 1.0)),
+            varying["weights"],
+            _mergekit.normalized_scaling,
+            given.get("scaling", "parameters.scaling"),
+        )
+    elif config.get(_mergekit.NORMALIZE):  # a mergekit file's normalize: true
         weights = params.get("weights") or [1.0] * len(experts)
         params["scaling"] = _mergekit.normalized_scaling(params.get("scaling", 1.0), weights)
         if "scaling" in varying:

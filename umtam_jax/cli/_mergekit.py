@@ -43,13 +43,11 @@ as mergekit requires); it still gives the output's config and tokenizer files. A
 under ``parameters``. ``dtype`` is the dtype the inputs are read in (the merge computes in
 float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the inputs').
 ``tokenizer_source: base`` (or null) is the default: a Hugging Face output gets the base's
-config and tokenizer files. The method's own numbers under ``parameters`` (``t``,
-``lambda``, ``epsilon``, ...) may vary by tensor, as per-layer gradients and filtered values
-(:mod:`umtam_jax.cli._mergekit_settings`), and ``slices`` that take whole models are the
-same as ``models`` (:mod:`umtam_jax.cli._mergekit_slices`). mergekit features umtam_jax does
-not have (other slices, gradients or filters of a model's ``weight`` or ``density`` or of a
-true/false option, tokenizer merging, chat templates, LoRA ``model+lora`` references, other
-methods) are refused with one error naming the key.
+config and tokenizer files. Numbers may vary by tensor (per-layer gradients and filtered
+values, :mod:`umtam_jax.cli._mergekit_settings`); ``slices`` of whole models are
+``models`` (:mod:`umtam_jax.cli._mergekit_slices`). What umtam_jax does not have (other
+slices, varying true/false options, tokenizer merging, chat templates, LoRA ``model+lora``
+references, other methods) is refused with one error naming the key.
 A quoted number (``weight: "0.5"``) is the number; another string, for a parameter
 mergekit reads as a number or a bool, is refused as mergekit refuses it (its values as
 mergekit reads them: :mod:`umtam_jax.cli._mergekit_values`). A value the method's
@@ -65,7 +63,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from umtam_jax.cli._mergekit_settings import TensorSetting
+from umtam_jax.cli._mergekit_settings import TensorSetting, model_chains
 from umtam_jax.cli._mergekit_slices import whole_model_slices
 from umtam_jax.cli._mergekit_values import BOOLS, number, read_params, scalar
 from umtam_jax.cli._yaml import ConfigError
@@ -180,12 +178,12 @@ PARAMETER_KEYS = "_mergekit_parameter_keys"
 #: Set in a translated configuration whose ``normalize: true`` divides ``scaling`` by the
 #: experts' Σ weight (see :func:`normalized_scaling`).
 NORMALIZE = "_mergekit_normalize"
-#: The key under which a translated configuration keeps the parameters that vary by
-#: tensor (gradients, filtered values), by the registry's name, as
-#: :class:`~umtam_jax.cli._mergekit_settings.TensorSetting`.
+#: The method's parameters that vary by tensor, by the registry's name (TensorSetting).
 TENSOR_SETTINGS = "_mergekit_tensor_settings"
+#: An expert entry's weight and density chains where they vary by tensor (model_chains).
+VARYING = "_mergekit_varying"
 #: Every key a translated configuration may carry besides the native ones.
-INTERNAL_KEYS = frozenset({KEY, PARAMETER_KEYS, NORMALIZE, TENSOR_SETTINGS})
+INTERNAL_KEYS = frozenset({KEY, PARAMETER_KEYS, NORMALIZE, TENSOR_SETTINGS, VARYING})
 
 
 def normalized_scaling(scaling: Any, weights: list[Any]) -> Any:
@@ -242,17 +240,19 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     global_params = read_params(
         config.get("parameters") or {}, "parameters", read_top, ignored, typed, varying
     )
+    default_varying: dict[str, TensorSetting] = {  # every model's default, as below
+        k: varying.pop(k) for k in ("weight", "density") if k in varying
+    }
     for key, value in varying.items():
-        if key in ("weight", "density", "layout") or key in BOOLS:
+        if key == "layout" or key in BOOLS:
             raise ConfigError(
                 f"{value.key}: per-layer gradients and filtered values are supported for "
-                "the method's own numbers (t, lambda, epsilon, ...), not for weight, density "
-                "or a true/false option"
+                "numbers (t, lambda, weight, density, ...), not for a true/false option"
             )
     # Where the file gives each parameter, by the method's name for it, for messages.
     keys = {k: f"parameters.{k}" for k in global_params}
     # mergekit's tensor parameters given globally are every model's default.
-    model_defaults = {
+    model_defaults: dict[str, Any] = {
         k: number(global_params.pop(k), f"parameters.{k}")
         for k in ("weight", "density")
         if k in global_params
@@ -292,8 +292,15 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         path = _model(entry["model"], f"{where}.model")
         if base is not None and not base_is_input and same_model(path, base):  # the base: no expert
             continue
+        own_varying: dict[str, TensorSetting] = {}
         params = read_params(entry.get("parameters") or {}, f"{where}.parameters",
-                             read_per_model, ignored, typed)  # fmt: skip
+                             read_per_model, ignored, typed, own_varying)  # fmt: skip
+        for key, value in own_varying.items():
+            if key not in ("weight", "density"):
+                raise ConfigError(
+                    f"{value.key}: per-layer gradients and filtered values of a model are "
+                    "supported for its weight and density"
+                )
         if name == "passthrough" and "scale" in params:  # its one model's scale
             global_params["scale"] = scalar(params.pop("scale"), f"{where}.parameters.scale")
             keys["scale"] = f"{where}.parameters.scale"
@@ -318,6 +325,9 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
                 expert[key] = number(params[key], f"{where}.parameters.{key}")
         if "weight" not in expert and "weight" in model_defaults:
             expert["weight"] = model_defaults["weight"]
+        chains = model_chains(params, own_varying, model_defaults, default_varying)
+        if chains:
+            expert[VARYING] = chains
         experts.append(expert)
     if not experts:
         raise ConfigError("'models' lists no model besides the base model")

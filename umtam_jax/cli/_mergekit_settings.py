@@ -1,7 +1,7 @@
 """mergekit's parameter values that vary by tensor: layer gradients and filtered values.
 
-A method-wide parameter of a mergekit file (``t``, ``lambda``, ``epsilon``, ...) may be,
-besides one value:
+A number of a mergekit file (``t``, ``lambda``, ``epsilon``, ... under ``parameters``, and a
+model's ``weight`` and ``density``) may be, besides one value:
 
 - a **gradient**, a list of numbers interpolated over the model's layers: layer ``i`` of
   ``N`` sits at ``x = i / (N − 1)`` (``x = 1`` when ``N = 1``) and takes the piecewise
@@ -10,7 +10,8 @@ besides one value:
   value at ``x = 0``, as mergekit plans them;
 - a list of **filtered values**, ``{filter: substring, value: v}`` mappings tried in order:
   the first whose ``filter`` is in the tensor's name (or that has none, or ``"*"``) gives
-  the value, itself one value or a gradient; where none matches, the method's default.
+  the value, itself one value or a gradient; where none matches, a model's value falls
+  back to the file's default, then to the method's default.
 
 A tensor's layer is the number after ``layers``, ``layer``, ``h``, ``blocks`` or ``block``
 in its dotted name (``model.layers.3.mlp.up_proj.weight``, ``transformer.h.3.attn.c_attn
@@ -171,11 +172,119 @@ def _layer(name: str) -> int | None:
     return None if found is None else int(found.group(1))
 
 
+def first_value(chain: Sequence[Any], name: str, x: float, fallback: Any, key: str) -> Any:
+    """The first value a tensor gets from ``chain`` (settings and plain values, tried in
+    order, as mergekit tries a model's own value, then the file's default), else
+    ``fallback``.
+
+    Raises:
+      ValueError: nothing gives one and ``fallback`` is the registry's ``REQUIRED``.
+    """
+    from umtam_jax.merging import REQUIRED
+
+    for entry in chain:
+        value = entry.at(name, x) if isinstance(entry, TensorSetting) else entry
+        if value is not None:
+            return value
+    if fallback is REQUIRED:
+        raise ValueError(
+            f"{key}: no filter matches tensor {name!r}, and it has no default: add a "
+            "{value: ...} entry without a filter"
+        )
+    return fallback
+
+
+def model_chains(
+    own: dict[str, Any],
+    own_varying: dict[str, TensorSetting],
+    defaults: dict[str, Any],
+    default_varying: dict[str, TensorSetting],
+) -> dict[str, tuple[Any, ...]]:
+    """A mergekit model's ``weight`` and ``density`` where some value it may take varies by
+    tensor: the values tried in order, its own, then the file's default.
+
+    Args:
+      own: the model's own values (one value for those in ``own_varying``).
+      own_varying: its own values that vary by tensor.
+      defaults: the file's defaults under ``parameters`` (one value for those in
+        ``default_varying``).
+      default_varying: the defaults that vary by tensor.
+
+    Returns:
+      By key (``weight``, ``density``), the chain of values; only keys where one varies.
+    """
+    out = {}
+    for key in ("weight", "density"):
+        chain = [own_varying.get(key, own.get(key)), default_varying.get(key, defaults.get(key))]
+        if any(isinstance(c, TensorSetting) for c in chain):
+            out[key] = tuple(c for c in chain if c is not None)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PerExpert:
+    """A per-expert parameter (``weights``, ``density``) some of whose values vary by
+    tensor: each expert's chain of values (see :func:`first_value`).
+
+    Attributes:
+      chains: per expert, its settings and plain values in the order tried.
+      fallback: the value where none gives one (the method's default or ``REQUIRED``).
+      keys: per expert, where the file gives its value, for messages.
+    """
+
+    chains: tuple[tuple[Any, ...], ...]
+    fallback: Any
+    keys: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """Where the file gives the values that vary by tensor."""
+        varying = [c.key for chain in self.chains for c in chain if isinstance(c, TensorSetting)]
+        return ", ".join(dict.fromkeys(varying))
+
+    def at(self, name: str, x: float) -> list[Any]:
+        return [
+            first_value(chain, name, x, self.fallback, key)
+            for chain, key in zip(self.chains, self.keys, strict=True)
+        ]
+
+    def as_json(self) -> Any:
+        return [[c.as_json() if isinstance(c, TensorSetting) else c for c in chain]
+                for chain in self.chains]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizedScaling:
+    """mergekit's ``normalize: true`` of task arithmetic where the weights vary by tensor:
+    ``scaling`` (one value or a setting) divided by each tensor's Σ weight."""
+
+    scaling: Any
+    weights: PerExpert
+    normalize: Callable[[Any, list[Any]], Any]
+    key: str
+
+    def at(self, name: str, x: float) -> Any:
+        scaling = first_value((self.scaling,), name, x, 1.0, self.key)
+        return self.normalize(scaling, self.weights.at(name, x))
+
+    def as_json(self) -> Any:
+        s = self.scaling
+        return {"normalized": s.as_json() if isinstance(s, TensorSetting) else s}
+
+
 def resolver(
-    settings: dict[str, TensorSetting], defaults: dict[str, Any]
+    settings: dict[str, Any], defaults: dict[str, Any]
 ) -> Callable[[Sequence[str]], list[dict[str, Any]]]:
     """The per-tensor keyword arguments of a merge: for the merged tensors' names, each
     one's value of every varying parameter (``defaults[name]`` where no filter matches).
+
+    Args:
+      settings: by parameter, a :class:`TensorSetting`, :class:`PerExpert` or
+        :class:`NormalizedScaling`.
+      defaults: the method's defaults by parameter (``REQUIRED`` where it has none).
+
+    Returns:
+      A function of the merged tensors' names giving each tensor's keyword arguments.
 
     Raises (when called):
       ValueError: no filter matches a tensor and the parameter has no default, naming
@@ -188,15 +297,10 @@ def resolver(
         for name, x in zip(names, layer_positions(names), strict=True):
             values = {}
             for param, s in settings.items():
-                value = s.at(name, x)
-                if value is None:
-                    value = defaults.get(param, REQUIRED)
-                    if value is REQUIRED:
-                        raise ValueError(
-                            f"{s.key}: no filter matches tensor {name!r}, and {param} has no "
-                            "default: add a {value: ...} entry without a filter"
-                        )
-                values[param] = value
+                if isinstance(s, TensorSetting):
+                    values[param] = first_value((s,), name, x, defaults.get(param, REQUIRED), s.key)
+                else:
+                    values[param] = s.at(name, x)
             out.append(values)
         return out
 

@@ -139,10 +139,13 @@ def _describe(plan: Plan, job: engine.Job, fmt: str, max_shard_size: int) -> str
     shown = {k: v for k, v in plan.parameters.items() if k not in plan.tensor_parameters}
     lines.append(f"  parameters: {shown}" + (f", seed {plan.seed}" if "key" in job.kwargs else ""))
     for name, setting in plan.tensor_parameters.items():
-        values = sorted({float(o[name]) for o in job.leaf_options.values()})
+        values = {repr(o[name]): o[name] for o in job.leaf_options.values()}
+        span = ""
+        if all(isinstance(v, int | float) for v in values.values()):
+            span = f" from {min(values.values()):g} to {max(values.values()):g}"
         lines.append(
-            f"  {name} by tensor ({setting.key}): {len(values)} value(s) from {values[0]:g} "
-            f"to {values[-1]:g} over {len(job.leaf_options)} tensor(s)"
+            f"  {name} by tensor ({setting.key}): {len(values)} value(s){span} over "
+            f"{len(job.leaf_options)} tensor(s)"
         )
     lines.append(f"  tensors: {len(job.leaves)}, {total:,} bytes merged")
     if plan.output is not None:
