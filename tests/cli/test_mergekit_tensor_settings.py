@@ -297,3 +297,69 @@ def test_a_weight_that_no_filter_gives_without_a_default_names_the_model(tmp_pat
     err = capsys.readouterr().err
     assert "models[0].parameters.weight: no filter matches tensor 'model.embed_tokens" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters", "message"),
+    [
+        # density ± epsilon leaves (0, 1) at layer 3 only: refused before any write,
+        # naming the first tensor whose merge would fail.
+        ("della", "{density: 0.5, epsilon: [0.1, 0.6]}", "tensor model.layers.3."),
+        ("consensus_ties", "{density: 0.5, scope: [tensor, global]}", "parameters.scope: per-"),
+        ("consensus", "{lambdas: [0.5, 1.0], k: 2}", "parameters.lambdas: per-layer"),
+    ],
+)
+def test_values_by_tensor_are_checked_before_anything_is_written(
+    tmp_path, capsys, method, parameters, message
+):
+    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+        _model(tmp_path, name, seed)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: {method}\nbase_model: {tmp_path}/a\nmodels: [{{model: {tmp_path}/b, "
+        f"parameters: {{weight: 1.0}}}}, {{model: {tmp_path}/c, parameters: {{weight: 0.5}}}}]\n"
+        f"parameters: {parameters}\n"
+    )
+    for flags in (["--dry-run"], ["-o", str(tmp_path / "out")]):
+        assert main([str(config), "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_of_a_checkpoint_whose_keys_hold_dots_are_found(tmp_path):
+    """Such a tree has no safetensors names; its tensors' dotted paths still give layers."""
+    rng = np.random.default_rng(0)
+    trees = {}
+    for name in ("a", "b"):
+        layers = {str(i): {"mlp": {"w": rng.normal(size=(3, 2)).astype(np.float32)}}
+                  for i in range(3)}  # fmt: skip
+        trees[name] = {
+            "model": {"layers": layers},
+            "head.proj": rng.normal(size=(2,)).astype(np.float32),
+        }
+        checkpoint.save_checkpoint(tmp_path / name, trees[name])
+    text = "models: [{model: {root}/b}]\nmerge_method: slerp\nbase_model: {root}/a\n"
+    merged = checkpoint.restore_params(_merge_path(tmp_path, text + "parameters: {t: [0, 1]}"))
+    for i, t in enumerate((0.0, 0.5, 1.0)):
+        a, b = (trees[n]["model"]["layers"][str(i)]["mlp"]["w"] for n in ("a", "b"))
+        got = merged["model"]["layers"][str(i)]["mlp"]["w"]
+        np.testing.assert_allclose(got, _slerp(t, a, b), atol=2e-6)
+    np.testing.assert_allclose(merged["head.proj"], trees["a"]["head.proj"], atol=1e-7)  # x = 0
+
+
+def _merge_path(tmp_path, text):
+    config = tmp_path / "merge.yaml"
+    config.write_text(text.replace("{root}", str(tmp_path)))
+    assert main([str(config), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    return tmp_path / "out"
+
+
+def test_an_expert_count_error_names_the_files_key(tmp_path, capsys):
+    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: model_stock\nbase_model: {tmp_path}/a\nmodels: [{{model: {tmp_path}/b}}]\n"
+    )
+    assert main([str(config), "--dry-run"]) == 2
+    assert "'models': model_stock merges at least 2 experts, got 1" in capsys.readouterr().err

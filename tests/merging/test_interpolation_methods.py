@@ -487,9 +487,16 @@ def test_out_of_core_equals_in_memory(ckpts, tmp_path, name, variant):
     ("name", "k", "error"),
     [("nuslerp", 3, "exactly 2 experts, got 3"), ("model_stock", 1, "at least 2 experts, got 1")],
 )
-def test_out_of_core_refuses_a_wrong_expert_count_before_reading(ckpts, tmp_path, name, k, error):
+def test_out_of_core_refuses_a_wrong_expert_count_before_reading(
+    ckpts, tmp_path, monkeypatch, name, k, error
+):
     paths, _, _ = ckpts
     dirs = [paths[f"e{i}"] for i in range(k)]
+
+    def opened(*args, **kwargs):
+        raise AssertionError("an input was opened before the count was checked")
+
+    monkeypatch.setattr(engine._checkpoints, "open_source", opened)
     with pytest.raises(ValueError, match=f"{name} merges {error}"):
         engine.merge_checkpoints(name, paths["base"], dirs, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ def tree_from_names(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _component(key: Any) -> str:
+def component(key: Any) -> str:
     """A jax key path entry as a name component (dict key, sequence index, attribute)."""
     return str(next((getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)), key))
 
@@ -77,7 +77,7 @@ def names_from_tree(tree: Any) -> dict[str, Any]:
     """
     names: dict[str, Any] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [_component(k) for k in path]
+        keys = [component(k) for k in path]
         if not keys or any(k == "" or "." in k for k in keys):
             where = jax.tree_util.keystr(path) or "the root"
             raise ValueError(f"the leaf at {where} has no tensor name (empty key or '.' in it)")

@@ -257,7 +257,8 @@ def build_plan(config: dict[str, Any]) -> Plan:
     try:
         spec.check_expert_count(len(experts))
     except ValueError as e:
-        raise ConfigError(f"'experts': {e}") from None
+        key = "models" if _mergekit.PARAMETER_KEYS in config else "experts"  # as the file
+        raise ConfigError(f"'{key}': {e}") from None
 
     if not isinstance(config.get("parameters") or {}, dict):
         raise ConfigError("'parameters' must be a mapping")

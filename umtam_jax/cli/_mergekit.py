@@ -65,7 +65,7 @@ from typing import Any
 
 from umtam_jax.cli._mergekit_settings import TensorSetting, model_chains
 from umtam_jax.cli._mergekit_slices import whole_model_slices
-from umtam_jax.cli._mergekit_values import BOOLS, number, read_params, scalar
+from umtam_jax.cli._mergekit_values import number, read_params, scalar
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 from umtam_jax.merging._registry import PER_EXPERT_KINDS
@@ -244,10 +244,11 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         k: varying.pop(k) for k in ("weight", "density") if k in varying
     }
     for key, value in varying.items():
-        if key == "layout" or key in BOOLS:
+        param = registered.param(_GTA_NAMES.get(key, key))
+        if param is None or param.kind != "number":  # a flag, a choice, one value per model
             raise ConfigError(
                 f"{value.key}: per-layer gradients and filtered values are supported for "
-                "numbers (t, lambda, weight, density, ...), not for a true/false option"
+                "single numbers (t, lambda, epsilon, weight, density, ...)"
             )
     # Where the file gives each parameter, by the method's name for it, for messages.
     keys = {k: f"parameters.{k}" for k in global_params}

@@ -123,8 +123,15 @@ def _evaluate(value: Any, x: float) -> Any:
 def setting(
     raw: list[Any], where: str, read: Callable[[Any, str], Any] = lambda v, w: v
 ) -> TensorSetting:
-    """A file's list value at ``where`` as a :class:`TensorSetting`, each value read by
-    ``read(value, key)`` (as the method reads one value).
+    """A file's list value as a :class:`TensorSetting`.
+
+    Args:
+      raw: the list the file gives (a gradient, or ``{filter, value}`` mappings).
+      where: its key in the file (``parameters.t``), for messages.
+      read: reads one value at a key, as the method reads one value (a number, a bool).
+
+    Returns:
+      The setting.
 
     Raises:
       ConfigError: an empty list, a mapping that is not ``{filter, value}``, or a value
@@ -160,7 +167,15 @@ def _gradient(raw: list[Any], where: str, read: Callable[[Any, str], Any]) -> tu
 
 
 def layer_positions(names: Sequence[str]) -> list[float]:
-    """Each tensor's layer position ``x`` in [0, 1] (0 outside the layers)."""
+    """Each tensor's layer position ``x`` in [0, 1].
+
+    Args:
+      names: the merged tensors' dotted names.
+
+    Returns:
+      Per name, ``i / (N − 1)`` for layer ``i`` of ``N`` (1 when ``N = 1``), 0 outside the
+      layers.
+    """
     layers = [_layer(n) for n in names]
     indices = [i for i in layers if i is not None]
     count = max(indices) + 1 if indices else 0

@@ -36,6 +36,12 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 def whole_model_slices(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``models`` entries of a file whose ``slices`` take whole models.
 
+    Args:
+      config: the mergekit file, with ``slices``.
+
+    Returns:
+      One ``{model, parameters}`` entry per source of its one slice.
+
     Raises:
       ConfigError: ``slices`` beside ``models``, more than one slice, a slice key other
         than ``sources``, or a source that is not a whole model, naming the key.

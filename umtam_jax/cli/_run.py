@@ -3,7 +3,8 @@
 Both paths open the inputs as :mod:`umtam_jax.engine` sources (umtam_jax checkpoints or
 Hugging Face safetensors models), validate the whole merge on their metadata first, and
 write through the same writer; ``--in-memory`` only reads every input whole and calls the
-in-memory method on the whole trees instead of merging leaf by leaf.
+in-memory method on the whole trees (on each group of tensors that take the same
+arguments, where a mergekit file's values vary by tensor) instead of merging leaf by leaf.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def _shard_count(sizes: list[int], limit: int) -> int:
 
 
 def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
-    """Every input read whole, then the in-memory method on the whole trees; returns the
+    """Every input read whole, then the in-memory method on the whole trees (on each group
+    of leaves that takes the same arguments, where some vary by tensor); returns the
     output's leaves (non-floating ones copied from the base)."""
     everything = list(range(len(job.leaves)))
     data: dict[str, Any] = {}
@@ -181,31 +183,22 @@ def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
             for whole, more in zip(data.get(key, []), part.get(key, []), strict=True):
                 whole.update(more)
 
-    # Merged in groups of leaves that take the same arguments (all of them at once unless
-    # some differ by tensor), the other leaves None.
-    groups: dict[str, list[int]] = {}
-    for j in everything:
-        if j not in job.passthrough:
-            given = job.leaf_options.get(j, {})
-            varying = sorted((k, repr(given.get(k))) for k in plan.tensor_parameters)
-            groups.setdefault(repr(varying), []).append(j)
+    def tree(leaves: dict[int, Any]) -> Any:
+        values = [None if j in job.passthrough else leaves[j] for j in everything]
+        return jax.tree_util.tree_unflatten(job._treedef, values)
+
     method = METHODS[plan.method]
     merged: dict[int, Any] = {}
-    try:
-        for members in groups.values():
-
-            def tree(leaves: dict[int, Any], members: list[int] = members) -> Any:
-                values = [leaves[j] if j in members else None for j in everything]
-                return jax.tree_util.tree_unflatten(job._treedef, values)
-
-            base, experts = tree(data["base"]), [tree(e) for e in data["experts"]]
-            extra = [tree(x) for x in data["extra"]] if "extra" in data else None
+    try:  # in groups of leaves that take the same arguments (one group unless some vary)
+        for given, members in job.option_groups:
+            base = job.subset(tree(data["base"]), members)
+            experts = [job.subset(tree(e), members) for e in data["experts"]]
+            extra = (
+                [job.subset(tree(x), members) for x in data["extra"]] if "extra" in data else None
+            )
             if method.single_expert:
                 experts, extra = experts[0], None if extra is None else extra[0]
-            kwargs = {**job.kwargs}
-            kwargs.update({k: v for k, v in job.leaf_options.get(members[0], {}).items()
-                           if k in plan.tensor_parameters})  # fmt: skip
-            result = merging.merge(method, base, experts, extra, **kwargs)
+            result = merging.merge(method, base, experts, extra, **{**job.kwargs, **given})
             merged.update(zip(members, jax.tree.leaves(result), strict=True))
         out = [job.copy(j, data) if j in job.passthrough else merged[j] for j in everything]
     except (ValueError, TypeError) as err:

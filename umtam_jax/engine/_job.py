@@ -13,6 +13,7 @@ Which leaves to read when, and where the output goes, is decided by the caller
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -145,12 +146,8 @@ class Job:
             extra_abs = [s.abstract_statistics() for s in experts]
         elif extras is not None:
             extra_abs = [self.floating(s.abstract()) for s in extras]
-        merged = jax.eval_shape(
-            lambda b, e, x: self._run(b, e, x),
-            self.floating(base_abs),
-            [self.floating(e) for e in experts_abs],
-            extra_abs,
-        )
+        abstract = (self.floating(base_abs), [self.floating(e) for e in experts_abs], extra_abs)
+        merged = jax.eval_shape(lambda b, e, x: self._run(b, e, x, self.kwargs), *abstract)
         out = iter(jax.tree.leaves(merged))
         leaves = [x if j in self.passthrough else next(out) for j, (_, x) in enumerate(flat)]
         if self.out_dtype is not None:
@@ -174,41 +171,57 @@ class Job:
         # every leaf's plan reuses them.
         k = 1 if method.single_expert else len(experts)
         self.options = pipeline.check_options(method, self.kwargs, k)
-        self.leaf_options = self._per_tensor(tensor_kwargs, k)
+        #: The merged leaves in groups that take the same keyword arguments: (the
+        #: arguments ``tensor_kwargs`` gives them, their leaf indices); one group without.
+        self.option_groups = self._per_tensor(tensor_kwargs, abstract)
+        #: Each merged leaf's checked options where ``tensor_kwargs`` changes them.
+        self.leaf_options = {}
+        for given, members in self.option_groups:
+            options = pipeline.check_options(method, {**self.kwargs, **given}, k) if given else None
+            self.leaf_options.update({j: options for j in members if options is not None})
         self._stand_ins: dict[Any, list[jax.ShapeDtypeStruct] | None] = {}
 
-    def _per_tensor(self, tensor_kwargs: TensorKwargs | None, k: int) -> dict[int, Any]:
-        """Each merged leaf's checked options where ``tensor_kwargs`` changes them."""
+    def _per_tensor(
+        self, tensor_kwargs: TensorKwargs | None, abstract: tuple[Any, Any, Any]
+    ) -> list[tuple[dict[str, Any], list[int]]]:
+        """The merged leaves grouped by the arguments ``tensor_kwargs`` gives them, each
+        group's merge validated as the whole merge was (its first tensor named)."""
+        merged = [j for j in range(len(self.leaves)) if j not in self.passthrough]
         if tensor_kwargs is None:
-            return {}
+            return [({}, merged)]
         if self.scope == "global":
             raise ValueError("keyword arguments that differ by tensor need a per-tensor scope")
-        merged = [j for j in range(len(self.leaves)) if j not in self.passthrough]
         names = self.tensor_names()
-        per_tensor = list(tensor_kwargs([names[j] for j in merged]))
-        checked: dict[str, Any] = {}
-        out = {}
-        for j, given in zip(merged, per_tensor, strict=True):
-            if not given:
-                continue
-            key = repr(sorted(given.items()))
-            if key not in checked:
-                try:
-                    options = {**self.kwargs, **given}
-                    checked[key] = pipeline.check_options(self.method, options, k)
-                except (ValueError, TypeError) as err:
-                    raise type(err)(f"tensor {names[j]}: {err}") from None
-            out[j] = checked[key]
-        return out
+        groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
+        for j, given in zip(merged, tensor_kwargs([names[j] for j in merged]), strict=True):
+            groups.setdefault(repr(sorted(given.items())), (dict(given), []))[1].append(j)
+        for given, members in groups.values():
+            try:
+                trees = [self.subset(t, members) for t in (abstract[0], *abstract[1])]
+                extra = (
+                    None if abstract[2] is None else [self.subset(t, members) for t in abstract[2]]
+                )
+                kwargs = {**self.kwargs, **given}
+                jax.eval_shape(
+                    functools.partial(self._run, kwargs=kwargs), trees[0], trees[1:], extra
+                )
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"tensor {names[members[0]]}: {err}") from None
+        return list(groups.values())
+
+    def subset(self, tree: Any, members: list[int]) -> Any:
+        """``tree`` (with the base's structure, any subtree at a leaf) with None at every
+        leaf but ``members``."""
+        keep = set(members)
+        index = jax.tree_util.tree_unflatten(self._treedef, range(len(self.leaves)))
+        return jax.tree.map(lambda j, x: x if j in keep else None, index, tree)
 
     def tensor_names(self) -> list[str]:
-        """Each leaf's dotted name (``a.b.0``), in leaf order."""
-        from umtam_jax.checkpoint import names_from_tree
+        """Each leaf's dotted name (``a.b.0``, keys that hold ``.`` as they are), in leaf
+        order."""
+        from umtam_jax.checkpoint._names import component
 
-        try:
-            return list(names_from_tree(self.output))
-        except ValueError:  # a key with "." in it: the key path as JAX writes it
-            return [jax.tree_util.keystr(leaf.keypath) for leaf in self.leaves]
+        return [".".join(component(k) for k in leaf.keypath) for leaf in self.leaves]
 
     def floating(self, tree: Any) -> Any:
         """``tree`` without the non-floating leaves (None there), if it has the base's
@@ -269,9 +282,11 @@ class Job:
         dtype = self.leaves[j].dtype
         return cast_checked(np.asarray(x), dtype, f"the merged {path} (written as {dtype.name})")
 
-    def _run(self, base: Any, experts: list[Any], extra: list[Any] | None) -> Any:
+    def _run(
+        self, base: Any, experts: list[Any], extra: list[Any] | None, kwargs: Mapping[str, Any]
+    ) -> Any:
         base = base if self.base_input else None
-        return pipeline.merge(self.method, base, *self._arguments(experts, extra), **self.kwargs)
+        return pipeline.merge(self.method, base, *self._arguments(experts, extra), **kwargs)
 
     def _arguments(self, experts: list[Any], extra: list[Any] | None) -> tuple[Any, Any]:
         if self.method.single_expert:

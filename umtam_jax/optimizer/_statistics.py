@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -185,8 +186,9 @@ def _factored_curvature(s: FactoredStatistics) -> jax.Array:
 def _factored_momentum(s: FactoredStatistics) -> jax.Array:
     nb = _batch_axes(s)
     batch, rows, cols = s.sigma.shape[:nb], s.row.shape[nb:], s.col.shape[nb:]
-    u = s.u.reshape(batch + (-1, s.u.shape[-1]))
-    v = s.v.reshape(batch + (-1, s.v.shape[-1]))
+    # Sizes, not -1: a stack of no matrices has no size to infer them from.
+    u = s.u.reshape(batch + (math.prod(rows), s.u.shape[-1]))
+    v = s.v.reshape(batch + (math.prod(cols), s.v.shape[-1]))
     return ((u @ s.sigma) @ v.mT).reshape(batch + rows + cols)
 
 
