@@ -149,6 +149,21 @@ def test_a_stacked_per_layer_scalar_is_one_value_per_layer():
     )
 
 
+def test_the_statistics_of_a_stack_of_no_matrices_are_empty():
+    """momentum() inferred the matrix size from an empty array (division by zero)."""
+    params = {"blocks": {"k": jnp.ones((1, 2, 3)), "e": jnp.ones((0, 4, 4))}}
+    opt = umtam_jax.umtam(
+        1.0, rank=2, min_dim_size_to_factor=1, row_axes=umtam_jax.scanned("blocks")
+    )
+    state = opt.init(params)
+    _, state = opt.update(jax.tree.map(lambda x: 0.5 * x, params), state, params)
+    stats = umtam_jax.statistics(state)
+    for extract in (umtam_jax.momentum, umtam_jax.curvature, umtam_jax.saliency):
+        out = extract(stats)
+        assert out["blocks"]["e"].shape == (0, 4, 4)
+        assert out["blocks"]["k"].shape == (1, 2, 3)
+
+
 def test_a_row_axes_callable_failing_on_a_vector_names_the_leaf():
     """row_axes sees vectors too: a callable written for matrices (``shape[-2]``) fails
     there, with the leaf named instead of a bare IndexError."""
