@@ -138,6 +138,18 @@ def test_a_filtered_lambda_and_a_gradient_under_normalize(tmp_path):
         scaling = _evaluate([1.0, 0.2, 1.5], name, _x(name)) / 1.5
         tau = 1.0 * (e1[name] - base[name].astype(np.float64)) + 0.5 * (e2[name] - base[name])
         np.testing.assert_allclose(merged[name], base[name] + scaling * tau, atol=2e-6)
+    # A filtered lambda that gives some tensors no value: mergekit's λ = 1 there, still
+    # divided by Σ weight.
+    merged = _merge(
+        tmp_path,
+        models + "merge_method: task_arithmetic\nparameters: {normalize: true, "
+        "lambda: [{filter: mlp, value: [0.5, 2.0]}]}\n",
+        out="filtered",
+    )
+    for name in base:
+        scaling = (_evaluate([0.5, 2.0], name, _x(name)) if "mlp" in name else 1.0) / 1.5
+        tau = 1.0 * (e1[name] - base[name].astype(np.float64)) + 0.5 * (e2[name] - base[name])
+        np.testing.assert_allclose(merged[name], base[name] + scaling * tau, atol=2e-6)
     # TIES at density 1 is task arithmetic with sign election: check the lambda by filter.
     merged = _merge(
         tmp_path,
@@ -164,8 +176,9 @@ def test_setting_values_follow_mergekits_evaluation():
     assert first.at("model.layers.0.self_attn.q_proj.weight", 0.0) is None
     assert setting([True, False], "p.normalize").at("x", 0.99) is True  # the step below
     names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.2.mlp.c_fc.weight",
-             "transformer.wte.weight", "bert.encoder.layer.1.output.dense.weight"]  # fmt: skip
-    assert layer_positions(names) == [0.0, 1.0, 0.0, 0.5]
+             "transformer.wte.weight", "bert.encoder.layer.1.output.dense.weight",
+             "params.layers_1.kernel", "model.h_norm.weight"]  # fmt: skip
+    assert layer_positions(names) == [0.0, 1.0, 0.0, 0.5, 0.5, 0.0]
     assert layer_positions(["model.layers.0.w"]) == [1.0]  # one layer: x = 1, as mergekit
     for bad, message in (
         ([], "an empty list"),

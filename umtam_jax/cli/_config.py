@@ -310,20 +310,16 @@ def build_plan(config: dict[str, Any]) -> Plan:
         _per_expert_values(spec, params, experts, key, name)
         if any(key in e.varying for e in experts):
             varying[name] = _varying_per_expert(spec, params, experts, key, name)
-    if config.get(_mergekit.NORMALIZE) and "weights" in varying:  # Σ weight by tensor
-        varying["scaling"] = NormalizedScaling(
+    if config.get(_mergekit.NORMALIZE) and ("weights" in varying or "scaling" in varying):
+        varying["scaling"] = NormalizedScaling(  # Σ weight and the scaling by tensor
             varying.get("scaling", params.get("scaling", 1.0)),
-            varying["weights"],
+            varying.get("weights") or params.get("weights") or [1.0] * len(experts),
             _mergekit.normalized_scaling,
             given.get("scaling", "parameters.scaling"),
         )
     elif config.get(_mergekit.NORMALIZE):  # a mergekit file's normalize: true
         weights = params.get("weights") or [1.0] * len(experts)
         params["scaling"] = _mergekit.normalized_scaling(params.get("scaling", 1.0), weights)
-        if "scaling" in varying:
-            varying["scaling"] = varying["scaling"].mapped(
-                lambda v: _mergekit.normalized_scaling(v, weights)
-            )
         if not math.isfinite(params["scaling"]):
             raise ConfigError(
                 f"{given.get('scaling', 'parameters.scaling')} divided by the weights' sum "

@@ -14,9 +14,11 @@ model's ``weight`` and ``density``) may be, besides one value:
   back to the file's default, then to the method's default.
 
 A tensor's layer is the number after ``layers``, ``layer``, ``h``, ``blocks`` or ``block``
-in its dotted name (``model.layers.3.mlp.up_proj.weight``, ``transformer.h.3.attn.c_attn
-.weight``, ``encoder.layer.3.output.dense.weight``), ``N`` the number of layers the merged
-model has.
+and a ``.`` or ``_`` in its dotted name (``model.layers.3.mlp.up_proj.weight``,
+``transformer.h.3.attn.c_attn.weight``, ``encoder.layer.3.output.dense.weight``, Flax's
+``layers_3``), ``N`` the number of layers the merged model has. Filters match the names
+as the files store them; mergekit matches its architecture's names, which differ for
+some files (GPT-2 stored without the ``transformer.`` prefix: write ``filter: wte``).
 
 Example:
   >>> from umtam_jax.cli._mergekit_settings import layer_positions, setting
@@ -40,7 +42,7 @@ from typing import Any
 
 from umtam_jax.cli._yaml import ConfigError
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)[._](\d+)(?:\.|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +97,6 @@ class TensorSetting:
                 for c in self.value
             ]
         return list(self.value)
-
-    def mapped(self, fn: Callable[[Any], Any]) -> TensorSetting:
-        """The setting with ``fn`` applied to every value it gives."""
-
-        def apply(v: Any) -> Any:
-            return tuple(map(fn, v)) if isinstance(v, tuple) else fn(v)
-
-        if isinstance(self.value[0], Condition):
-            conds = tuple(Condition(c.filter, apply(c.value)) for c in self.value)
-            return dataclasses.replace(self, value=conds)
-        return dataclasses.replace(self, value=apply(self.value))
 
 
 def _evaluate(value: Any, x: float) -> Any:
@@ -270,17 +261,19 @@ class PerExpert:
 
 @dataclasses.dataclass(frozen=True)
 class NormalizedScaling:
-    """mergekit's ``normalize: true`` of task arithmetic where the weights vary by tensor:
-    ``scaling`` (one value or a setting) divided by each tensor's Σ weight."""
+    """mergekit's ``normalize: true`` of task arithmetic where the weights or the scaling
+    vary by tensor: ``scaling`` (one value or a setting; 1 where no filter matches) divided
+    by each tensor's Σ weight."""
 
     scaling: Any
-    weights: PerExpert
+    weights: PerExpert | list[Any]
     normalize: Callable[[Any, list[Any]], Any]
     key: str
 
     def at(self, name: str, x: float) -> Any:
-        scaling = first_value((self.scaling,), name, x, 1.0, self.key)
-        return self.normalize(scaling, self.weights.at(name, x))
+        scaling = first_value((self.scaling,), name, x, 1.0, self.key)  # 1: mergekit's λ
+        weights = self.weights.at(name, x) if isinstance(self.weights, PerExpert) else self.weights
+        return self.normalize(scaling, weights)
 
     def as_json(self) -> Any:
         s = self.scaling

@@ -206,7 +206,8 @@ class Job:
                     functools.partial(self._run, kwargs=kwargs), trees[0], trees[1:], extra
                 )
             except (ValueError, TypeError) as err:
-                raise type(err)(f"tensor {names[members[0]]}: {err}") from None
+                there = ", ".join(f"{k}={v!r}" for k, v in given.items())
+                raise type(err)(f"tensor {names[members[0]]} ({there}): {err}") from None
         return list(groups.values())
 
     def subset(self, tree: Any, members: list[int]) -> Any:

@@ -201,9 +201,10 @@ def reshard_like(x: jax.Array, spec: tuple | None) -> jax.Array:
     return jax.sharding.reshard(x, NamedSharding(_explicit_mesh(x), P(*spec)))
 
 
-def keep_like(new: Any, old: Any) -> Any:
+def keep_like(new: Any, old: Any, which: list[bool] | None = None) -> Any:
     """``new`` (a pytree of arrays) sharded like ``old`` (the same tree, leaf shapes equal),
-    under ``jax.jit`` on Auto (or no) mesh axes; the values are not touched.
+    under ``jax.jit`` on Auto (or no) mesh axes; the values are not touched. ``which``: per
+    top-level entry of ``new`` (a list), whether to keep it (None: all).
 
     Auto axes are not part of the types, so a tracer does not know its parameter's
     partition, and the compiler's propagation cannot carry a partition through a reshape
@@ -220,6 +221,8 @@ def keep_like(new: Any, old: Any) -> Any:
     """
     if shard_alike is None:
         return new
+    if which is not None:
+        return [keep_like(n, o) if w else n for n, o, w in zip(new, old, which, strict=True)]
     new_leaves, treedef = jax.tree.flatten(new)
     try:
         old_leaves = treedef.flatten_up_to(old)  # type: ignore[attr-defined]

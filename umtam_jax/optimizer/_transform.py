@@ -385,9 +385,13 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
         for x, lay, w in zip(new_states, layouts, param_leaves, strict=True)
     ]
     # Updates keep the parameters' sharding and states their own (Optax's convention),
-    # also where an Auto mesh's propagation would lose it (_sharding.keep_like).
-    directions = _sharding.keep_like(directions, params_in_order)
-    new_states = _sharding.keep_like(new_states, stored_states)
+    # also where an Auto mesh's propagation would lose it through a factored leaf's
+    # reshapes (_sharding.keep_like). Dense leaves are not reshaped, and tying them to
+    # their inputs let a neighbouring stack's partition win the group (a stacked bias came
+    # back sharded like the stacked kernel beside it).
+    factored = [lay.row_axes is not None for lay in layouts]
+    directions = _sharding.keep_like(directions, params_in_order, factored)
+    new_states = _sharding.keep_like(new_states, stored_states, factored)
     return (
         jax.tree_util.tree_unflatten(treedef, directions),
         ScaleByUmtamState(count=count, leaves=jax.tree_util.tree_unflatten(leaves_def, new_states)),
