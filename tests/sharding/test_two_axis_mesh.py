@@ -67,3 +67,36 @@ def test_out_shardings_from_state_shardings_keep_a_two_axis_layout(report, case)
                                    ["None", "data", "model"]), entry  # fmt: skip
     assert entry["state_kept"], entry
     assert entry["executables"] == 1, entry
+
+
+_STACK_SCRIPT = """
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    layout = {
+        "kernel": ((4, 16, 8), P("data", "model")),
+        "bias": ((4, 8), P(None, ("data", "model"))),
+    }
+    rng = np.random.default_rng(0)
+    blocks = umtam_jax.scanned("blocks")
+    opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=4, row_axes=blocks)
+    with jax.set_mesh(mesh):
+        put = lambda: {"blocks": {
+            k: jax.device_put(rng.normal(size=s).astype(np.float32), NamedSharding(mesh, spec))
+            for k, (s, spec) in layout.items()
+        }}
+        p, g = put(), put()
+        s = jax.jit(opt.init, out_shardings=umtam_jax.state_shardings(opt, p))(p)
+        u, s2 = jax.jit(opt.update)(g, s, p)
+        report["update"] = {k: trim(u["blocks"][k].sharding.spec) for k in layout}
+        report["bias_state"] = sorted({
+            str(trim(x.sharding.spec)) for path, x in jax.tree_util.tree_flatten_with_path(s2)[0]
+            if "bias" in jax.tree_util.keystr(path) and x.ndim == 2
+        })
+"""
+
+
+def test_a_stacked_bias_keeps_its_sharding_beside_a_layer_sharded_stacked_kernel():
+    """The stacked kernel's layer-axis partition used to win the bias's sharding group on
+    an Auto mesh: its update and state came back sharded over the layers, gathered whole."""
+    report = run_on_devices(4, _STACK_SCRIPT)
+    assert report["update"] == {"kernel": ["data", "model"], "bias": ["None", "('data', 'model')"]}
+    assert report["bias_state"] == ["['None', \"('data', 'model')\"]"], report
