@@ -376,3 +376,55 @@ def test_an_expert_count_error_names_the_files_key(tmp_path, capsys):
     )
     assert main([str(config), "--dry-run"]) == 2
     assert "'models': model_stock merges at least 2 experts, got 1" in capsys.readouterr().err
+
+
+def test_values_by_tensor_with_the_experts_statistics(tmp_path, capsys):
+    """UMTAM reads each expert's statistics: a lambda_momentum gradient merges each layer
+    as merging.umtam does with that layer's value; --in-memory refuses it in one line."""
+    import jax
+    import optax
+
+    import umtam_jax
+    from umtam_jax import merging
+
+    trees, stats = {}, {}
+    for seed, name in enumerate(("base", "e1", "e2")):
+        keys = jax.random.split(jax.random.key(seed), 3)
+        params = {f"layers_{i}": {"kernel": jax.random.normal(keys[i], (6, 4))} for i in range(3)}
+        opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=2)
+        state = opt.init(params)
+        for _ in range(2):
+            grads = jax.tree.map(lambda x, s=seed: np.sin(x * (s + 1)), params)
+            updates, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        checkpoint.save_checkpoint(tmp_path / name, params, opt_state=state)
+        trees[name], stats[name] = params, umtam_jax.statistics(state)
+    text = (
+        "models: [{model: {root}/e1}, {model: {root}/e2}]\nmerge_method: umtam\n"
+        "base_model: {root}/base\nparameters: {lambda_momentum: [0.0, 0.5, 1.0]}\n"
+    )
+    merged = checkpoint.restore_params(_merge_path(tmp_path, text))
+    for i, lam in enumerate((0.0, 0.5, 1.0)):
+        want = merging.umtam(
+            trees["base"], [trees["e1"], trees["e2"]], [stats["e1"], stats["e2"]],
+            lambda_momentum=lam,
+        )  # fmt: skip
+        leaf = f"layers_{i}"
+        np.testing.assert_allclose(merged[leaf]["kernel"], want[leaf]["kernel"], atol=1e-6)
+    config = tmp_path / "merge.yaml"
+    assert main([str(config), "-o", str(tmp_path / "mem"), "--in-memory", "--no-progress"]) == 2
+    assert "values that vary by tensor are merged out of core only" in capsys.readouterr().err
+
+
+def test_in_memory_merges_without_a_base_as_out_of_core(tmp_path):
+    """--in-memory gave multislerp without base_model the first model as its base."""
+    a = _model(tmp_path, "a", 0)
+    _model(tmp_path, "b", 1)
+    text = (
+        "merge_method: multislerp\nmodels:\n  - {model: {root}/a, parameters: {weight: 0.3}}\n"
+        "  - {model: {root}/b, parameters: {weight: 0.7}}\n"
+    )
+    out = _merge(tmp_path, text, out="out")
+    mem = _merge(tmp_path, text, "--in-memory", out="mem")
+    for name in a:
+        np.testing.assert_array_equal(out[name], mem[name])

@@ -188,10 +188,15 @@ def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
         return jax.tree_util.tree_unflatten(job._treedef, values)
 
     method = METHODS[plan.method]
+    if "extra" in data and len(job.option_groups) > 1:
+        raise ConfigError(
+            f"--in-memory: method {plan.method!r} reads each expert's {method.extra}, and "
+            "values that vary by tensor are merged out of core only: drop --in-memory"
+        )
     merged: dict[int, Any] = {}
     try:  # in groups of leaves that take the same arguments (one group unless some vary)
         for given, members in job.option_groups:
-            base = job.subset(tree(data["base"]), members)
+            base = job.subset(tree(data["base"]), members) if job.base_input else None
             experts = [job.subset(tree(e), members) for e in data["experts"]]
             extra = (
                 [job.subset(tree(x), members) for x in data["extra"]] if "extra" in data else None

@@ -136,6 +136,7 @@ class Job:
             j for j, (_, x) in enumerate(flat) if not jnp.issubdtype(x.dtype, jnp.floating)
         }
         self._treedef = treedef
+        self._index = jax.tree_util.tree_unflatten(treedef, range(len(flat)))  # leaf numbers
         experts_abs = [self._cast(s.abstract()) for s in experts]
         check_wide_floats(
             self.dtype, self.out_dtype, [(base, base_abs), *zip(experts, experts_abs, strict=True)]
@@ -185,7 +186,9 @@ class Job:
         self, tensor_kwargs: TensorKwargs | None, abstract: tuple[Any, Any, Any]
     ) -> list[tuple[dict[str, Any], list[int]]]:
         """The merged leaves grouped by the arguments ``tensor_kwargs`` gives them, each
-        group's merge validated as the whole merge was (its first tensor named)."""
+        group's merge validated as the whole merge was (its first tensor named); where
+        the method reads per-expert inputs (statistics, curvatures), only the arguments
+        are checked here and the method's own checks run as each tensor is merged."""
         merged = [j for j in range(len(self.leaves)) if j not in self.passthrough]
         if tensor_kwargs is None:
             return [({}, merged)]
@@ -195,7 +198,15 @@ class Job:
         groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
         for j, given in zip(merged, tensor_kwargs([names[j] for j in merged]), strict=True):
             groups.setdefault(repr(sorted(given.items())), (dict(given), []))[1].append(j)
+        k = 1 if self.method.single_expert else len(self.experts)
         for given, members in groups.values():
+            if abstract[2] is not None:  # statistics trees: their placeholders are not absences
+                try:
+                    pipeline.check_options(self.method, {**self.kwargs, **given}, k)
+                except (ValueError, TypeError) as err:
+                    there = ", ".join(f"{key}={v!r}" for key, v in given.items())
+                    raise type(err)(f"tensor {names[members[0]]} ({there}): {err}") from None
+                continue
             try:
                 trees = [self.subset(t, members) for t in (abstract[0], *abstract[1])]
                 extra = (
@@ -214,8 +225,7 @@ class Job:
         """``tree`` (with the base's structure, any subtree at a leaf) with None at every
         leaf but ``members``."""
         keep = set(members)
-        index = jax.tree_util.tree_unflatten(self._treedef, range(len(self.leaves)))
-        return jax.tree.map(lambda j, x: x if j in keep else None, index, tree)
+        return jax.tree.map(lambda j, x: x if j in keep else None, self._index, tree)
 
     def tensor_names(self) -> list[str]:
         """Each leaf's dotted name (``a.b.0``, keys that hold ``.`` as they are), in leaf
