@@ -211,6 +211,12 @@ def test_setting_values_follow_mergekits_evaluation():
             r"models\[0\].parameters.gamma: per-layer gradients and filtered values of a model",
         ),
         (
+            "models: [{model: {root}/b, parameters: {gamma: 0.1}}]\n"
+            "merge_method: breadcrumbs\nbase_model: {root}/a\nparameters: {gamma: [0, 0.2]}\n",
+            r"models\[0\].parameters.gamma: every model must give the same gamma "
+            r"\(parameters.gamma elsewhere, 0.1 here\)",
+        ),
+        (
             "models: [{model: {root}/b}]\nmerge_method: slerp\nbase_model: {root}/a\n"
             "parameters: {t: [{filter: mlp, value: 0.5}]}\n",
             "parameters.t: no filter matches tensor 'model.embed_tokens.weight'",

@@ -240,9 +240,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     global_params = read_params(
         config.get("parameters") or {}, "parameters", read_top, ignored, typed, varying
     )
-    default_varying: dict[str, TensorSetting] = {  # every model's default, as below
-        k: varying.pop(k) for k in ("weight", "density") if k in varying
-    }
+    default_varying = {k: varying.pop(k) for k in ["weight", "density"] if k in varying}
     for key, value in varying.items():
         param = registered.param(_GTA_NAMES.get(key, key))
         if param is None or param.kind != "number":  # a flag, a choice, one value per model
@@ -309,10 +307,11 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
             if key in params:
                 value = scalar(params.pop(key), f"{where}.parameters.{key}")
                 keys.setdefault(key, f"{where}.parameters.{key}")  # the first giving it
-                if global_params.setdefault(key, value) != value:
+                shared = varying[key].key if key in varying else repr(global_params.get(key))
+                if key in varying or global_params.setdefault(key, value) != value:
                     raise ConfigError(
                         f"{where}.parameters.{key}: every model must give the same {key} "
-                        f"({global_params[key]!r} elsewhere, {value!r} here)"
+                        f"({shared} elsewhere, {value!r} here)"
                     )
         unknown = set(params) - {"weight", "density"}
         if unknown:
