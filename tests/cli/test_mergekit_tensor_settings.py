@@ -418,8 +418,22 @@ def test_values_by_tensor_with_the_experts_statistics(tmp_path, capsys):
         leaf = f"layers_{i}"
         np.testing.assert_allclose(merged[leaf]["kernel"], want[leaf]["kernel"], atol=1e-6)
     config = tmp_path / "merge.yaml"
-    assert main([str(config), "-o", str(tmp_path / "mem"), "--in-memory", "--no-progress"]) == 2
-    assert "values that vary by tensor are merged out of core only" in capsys.readouterr().err
+    for flags in (["--dry-run"], ["-o", str(tmp_path / "mem")]):  # refused before any read
+        assert main([str(config), "--in-memory", "--no-progress", *flags]) == 2
+        assert "values that vary by tensor are merged out of core only" in capsys.readouterr().err
+    # A check of the method's that fails at one tensor names it (ota's convex weights).
+    config.write_text(
+        text.replace("{root}", str(tmp_path)).replace("umtam", "ota")
+        .replace("lambda_momentum: [0.0, 0.5, 1.0]", "power: 0.5")
+        .replace("{model: " + str(tmp_path) + "/e2}",
+                 "{model: " + str(tmp_path) + "/e2, parameters: {weight: [1.0, 0.0]}}")
+        .replace("{model: " + str(tmp_path) + "/e1}",
+                 "{model: " + str(tmp_path) + "/e1, parameters: {weight: [1.0, 0.0]}}")
+    )  # fmt: skip
+    assert main([str(config), "-o", str(tmp_path / "ota"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor layers_2.kernel: weights must be non-negative" in err, err
+    assert not (tmp_path / "ota").exists()
 
 
 def test_in_memory_merges_without_a_base_as_out_of_core(tmp_path):
@@ -434,3 +448,19 @@ def test_in_memory_merges_without_a_base_as_out_of_core(tmp_path):
     mem = _merge(tmp_path, text, "--in-memory", out="mem")
     for name in a:
         np.testing.assert_array_equal(out[name], mem[name])
+
+
+def test_a_file_wide_density_gradient_is_every_models(tmp_path):
+    """No model gives its own density: each takes the file's gradient (it crashed)."""
+    base, e1, e2 = (_model(tmp_path, n, s) for n, s in (("base", 0), ("e1", 1), ("e2", 2)))
+    text = (
+        "models: [{model: {root}/e1, parameters: {weight: 1.0}}, "
+        "{model: {root}/e2, parameters: {weight: 0.7}}]\nmerge_method: ties\n"
+        "base_model: {root}/base\nparameters: {density: [0.3, 0.9]}\n"
+    )
+    merged = _merge(tmp_path, text)
+    for name in base:
+        d = _evaluate([0.3, 0.9], name, _x(name))
+        deltas = [e[name].astype(np.float64) - base[name] for e in (e1, e2)]
+        want = _ties_reference(base[name], deltas, [1.0, 0.7], [d, d])
+        np.testing.assert_allclose(merged[name], want, atol=2e-6, err_msg=name)

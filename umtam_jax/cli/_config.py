@@ -202,8 +202,12 @@ def _varying_per_expert(
 ) -> PerExpert:
     """The per-expert parameter ``name`` where some expert's ``key`` varies by tensor,
     each value it may take checked by the registry, naming its key."""
-    values = params[name]
-    chains = tuple(e.varying.get(key, (values[i],)) for i, e in enumerate(experts))
+    values = params[name] if isinstance(params.get(name), list) else None
+    if values is None:  # no model gives its own: every one takes the file's default chain
+        values = [params.get(name, spec.defaults()[name])] * len(experts)
+    chains = tuple(
+        e.varying[key] if key in e.varying else (values[i],) for i, e in enumerate(experts)
+    )
     for i, chain in enumerate(chains):
         for entry in chain:
             for value in entry.values() if isinstance(entry, TensorSetting) else [entry]:

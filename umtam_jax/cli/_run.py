@@ -188,11 +188,6 @@ def _in_memory(plan: Plan, job: engine.Job) -> list[np.ndarray]:
         return jax.tree_util.tree_unflatten(job._treedef, values)
 
     method = METHODS[plan.method]
-    if "extra" in data and len(job.option_groups) > 1:
-        raise ConfigError(
-            f"--in-memory: method {plan.method!r} reads each expert's {method.extra}, and "
-            "values that vary by tensor are merged out of core only: drop --in-memory"
-        )
     merged: dict[int, Any] = {}
     try:  # in groups of leaves that take the same arguments (one group unless some vary)
         for given, members in job.option_groups:
@@ -227,6 +222,12 @@ def execute(plan: Plan, args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"the output {plan.output} exists; pass --force to replace it"
             ) from None
+    if args.in_memory and job.extras is not None and len(job.option_groups) > 1:
+        raise ConfigError(
+            f"--in-memory: method {plan.method!r} reads each expert's "
+            f"{METHODS[plan.method].extra}, and values that vary by tensor are merged out of "
+            "core only: drop --in-memory"
+        )
     if args.dry_run:
         print(_describe(plan, job, fmt, limit))
         return 0

@@ -45,6 +45,16 @@ def _release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def _merged(job: Job, j: int, data: dict[str, Any], topk: GlobalTopK | None) -> Any:
+    """Leaf ``j`` merged; where its arguments vary by tensor, an error names the tensor."""
+    if j not in job.leaf_options:
+        return job.merge(job.plan(j, data), topk)
+    try:
+        return job.merge(job.plan(j, data), topk)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"tensor {job.tensor_names()[j]}: {err}") from None
+
+
 def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
     """Finds the global thresholds of a ``scope="global"`` merge (extra passes)."""
     from tqdm.auto import tqdm
@@ -142,7 +152,7 @@ def merge(
         if j in job.passthrough:
             out = job.copy(j, state["data"])
         else:
-            out = job.cast_output(j, job.merge(job.plan(j, state["data"]), topk))
+            out = job.cast_output(j, _merged(job, j, state["data"], topk))
         if j == groups[g][-1]:
             # The group's inputs go now, not when the next group is read: the writer
             # then writes this leaf (and waits for the next) without them.
