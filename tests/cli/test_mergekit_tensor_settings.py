@@ -200,6 +200,11 @@ def test_setting_values_follow_mergekits_evaluation():
             r"supported: \[0, 4\]",
         ),
         (
+            "slices:\n  - sources: [{model: {root}/b, layer_range: [0, 4]}]\n"
+            "merge_method: ties\nbase_model: {root}/a\n",
+            "'base_model' .* is not among 'slices\\[0\\].sources'",
+        ),
+        (
             "slices:\n  - sources: [{model: {root}/a, layer_range: [0, 4]}]\n"
             "  - sources: [{model: {root}/b, layer_range: [0, 4]}]\n"
             "merge_method: slerp\nbase_model: {root}/a\nparameters: {t: 0.5}\n",

@@ -44,7 +44,8 @@ def whole_model_slices(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     Raises:
       ConfigError: ``slices`` beside ``models``, more than one slice, a slice key other
-        than ``sources``, or a source that is not a whole model, naming the key.
+        than ``sources``, a source that is not a whole model, or a ``base_model`` that is
+        not a source, naming the key.
     """
     if "models" in config:
         raise ConfigError("'slices' and 'models' are given: give one of them")
@@ -77,6 +78,15 @@ def whole_model_slices(config: dict[str, Any]) -> list[dict[str, Any]]:
                 f"[0, {layers}] for {source['model']!r}"
             )
         models.append({k: v for k, v in source.items() if k != "layer_range"})
+    base = config.get("base_model")
+    if isinstance(base, str) and not any(
+        isinstance(m["model"], str) and os.path.realpath(m["model"]) == os.path.realpath(base)
+        for m in models
+    ):
+        raise ConfigError(
+            f"'base_model' {base!r} is not among 'slices[0].sources': mergekit merges a "
+            "slice's sources only, so list the base model there too"
+        )
     return models
 
 
