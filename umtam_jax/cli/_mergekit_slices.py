@@ -78,11 +78,10 @@ def whole_model_slices(config: dict[str, Any]) -> list[dict[str, Any]]:
                 f"[0, {layers}] for {source['model']!r}"
             )
         models.append({k: v for k, v in source.items() if k != "layer_range"})
+    from umtam_jax.cli._mergekit import same_model  # which imports this module
+
     base = config.get("base_model")
-    if isinstance(base, str) and not any(
-        isinstance(m["model"], str) and os.path.realpath(m["model"]) == os.path.realpath(base)
-        for m in models
-    ):
+    if isinstance(base, str) and not any(same_model(m["model"], base) for m in models):
         raise ConfigError(
             f"'base_model' {base!r} is not among 'slices[0].sources': mergekit merges a "
             "slice's sources only, so list the base model there too"

@@ -174,21 +174,17 @@ class Job:
         self.options = pipeline.check_options(method, self.kwargs, k)
         #: The merged leaves in groups that take the same keyword arguments: (the
         #: arguments ``tensor_kwargs`` gives them, their leaf indices); one group without.
-        self.option_groups = self._per_tensor(tensor_kwargs, abstract)
+        self.option_groups = self._groups(tensor_kwargs)
         #: Each merged leaf's checked options where ``tensor_kwargs`` changes them.
         self.leaf_options = {}
         for given, members in self.option_groups:
-            options = pipeline.check_options(method, {**self.kwargs, **given}, k) if given else None
-            self.leaf_options.update({j: options for j in members if options is not None})
+            if given:
+                options = self._checked_group(given, members, abstract, k)
+                self.leaf_options.update(dict.fromkeys(members, options))
         self._stand_ins: dict[Any, list[jax.ShapeDtypeStruct] | None] = {}
 
-    def _per_tensor(
-        self, tensor_kwargs: TensorKwargs | None, abstract: tuple[Any, Any, Any]
-    ) -> list[tuple[dict[str, Any], list[int]]]:
-        """The merged leaves grouped by the arguments ``tensor_kwargs`` gives them, each
-        group's merge validated as the whole merge was (its first tensor named); where
-        the method reads per-expert inputs (statistics, curvatures), only the arguments
-        are checked here and the method's own checks run as each tensor is merged."""
+    def _groups(self, tensor_kwargs: TensorKwargs | None) -> list[tuple[dict[str, Any], list[int]]]:
+        """The merged leaves grouped by the arguments ``tensor_kwargs`` gives them."""
         merged = [j for j in range(len(self.leaves)) if j not in self.passthrough]
         if tensor_kwargs is None:
             return [({}, merged)]
@@ -198,28 +194,33 @@ class Job:
         groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
         for j, given in zip(merged, tensor_kwargs([names[j] for j in merged]), strict=True):
             groups.setdefault(repr(sorted(given.items())), (dict(given), []))[1].append(j)
-        k = 1 if self.method.single_expert else len(self.experts)
-        for given, members in groups.values():
-            if abstract[2] is not None:  # statistics trees: their placeholders are not absences
-                try:
-                    pipeline.check_options(self.method, {**self.kwargs, **given}, k)
-                except (ValueError, TypeError) as err:
-                    there = ", ".join(f"{key}={v!r}" for key, v in given.items())
-                    raise type(err)(f"tensor {names[members[0]]} ({there}): {err}") from None
-                continue
-            try:
-                trees = [self.subset(t, members) for t in (abstract[0], *abstract[1])]
-                extra = (
-                    None if abstract[2] is None else [self.subset(t, members) for t in abstract[2]]
-                )
-                kwargs = {**self.kwargs, **given}
-                jax.eval_shape(
-                    functools.partial(self._run, kwargs=kwargs), trees[0], trees[1:], extra
-                )
-            except (ValueError, TypeError) as err:
-                there = ", ".join(f"{k}={v!r}" for k, v in given.items())
-                raise type(err)(f"tensor {names[members[0]]} ({there}): {err}") from None
         return list(groups.values())
+
+    def _checked_group(
+        self, given: dict[str, Any], members: list[int], abstract: tuple[Any, Any, Any], k: int
+    ) -> Any:
+        """A group's checked options, its merge validated as the whole merge was; where the
+        method reads per-expert inputs (statistics, curvatures), whose trees a subset
+        cannot express, only the options are checked here and the method's own checks run
+        as each tensor is merged. Errors name the group's first tensor."""
+        kwargs = {**self.kwargs, **given}
+        try:
+            options = pipeline.check_options(self.method, kwargs, k)
+            if abstract[2] is None:
+                trees = [self.subset(t, members) for t in (abstract[0], *abstract[1])]
+                run = functools.partial(self._run, kwargs=kwargs)
+                jax.eval_shape(run, trees[0], trees[1:], None)
+        except (ValueError, TypeError) as err:
+            raise self.tensor_error(members[0], err, given) from None
+        return options
+
+    def tensor_error(
+        self, j: int, err: Exception, given: Mapping[str, Any] | None = None
+    ) -> Exception:
+        """``err`` (a ValueError or TypeError) naming tensor ``j``, and the arguments
+        ``given`` to it by tensor where known."""
+        there = f" ({', '.join(f'{k}={v!r}' for k, v in given.items())})" if given else ""
+        return type(err)(f"tensor {self.tensor_names()[j]}{there}: {err}")
 
     def subset(self, tree: Any, members: list[int]) -> Any:
         """``tree`` (with the base's structure, any subtree at a leaf) with None at every

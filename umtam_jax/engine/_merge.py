@@ -52,7 +52,7 @@ def _merged(job: Job, j: int, data: dict[str, Any], topk: GlobalTopK | None) -> 
     try:
         return job.merge(job.plan(j, data), topk)
     except (ValueError, TypeError) as err:
-        raise type(err)(f"tensor {job.tensor_names()[j]}: {err}") from None
+        raise job.tensor_error(j, err) from None
 
 
 def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
