@@ -44,8 +44,8 @@ def scalar(value: Any, where: str) -> Any:
     if isinstance(value, list):
         what = "filtered values" if any(isinstance(v, dict) for v in value) else "gradients"
         raise ConfigError(
-            f"{where}: per-layer {what} are supported only for the method's own numbers "
-            "under the file's 'parameters' (t, lambda, epsilon, ...)"
+            f"{where}: per-layer {what} are not read here: one value is (they are for "
+            "numbers under 'parameters' and a model's weight and density)"
         )
     if isinstance(value, dict):
         raise ConfigError(f"{where}: a mapping is not a parameter value")
