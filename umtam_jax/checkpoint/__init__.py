@@ -23,6 +23,7 @@ from umtam_jax.checkpoint._format import Checkpoint
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._metadata import read_metadata
 from umtam_jax.checkpoint._names import names_from_tree, tree_from_names
+from umtam_jax.checkpoint._orbax_folders import OrbaxFolderReader, is_orbax_folder
 from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._restore import (
     restore_checkpoint,
@@ -45,7 +46,9 @@ __all__ = [
     "CheckpointBusyError",
     "CheckpointCorruptError",
     "CheckpointReader",
+    "OrbaxFolderReader",
     "SafetensorsReader",
+    "is_orbax_folder",
     "names_from_tree",
     "orbax_to_safetensors",
     "read_metadata",

@@ -1,8 +1,9 @@
 """Running a validated ``umtam-merge`` plan: out of core through the engine, or in memory.
 
-Both paths open the inputs as :mod:`umtam_jax.engine` sources (umtam_jax checkpoints or
-Hugging Face safetensors models), validate the whole merge on their metadata first, and
-write through the same writer; ``--in-memory`` only reads every input whole and calls the
+Both paths open the inputs as :mod:`umtam_jax.engine` sources (umtam_jax checkpoints,
+Orbax's own checkpoints such as a CheckpointManager step, or Hugging Face safetensors
+models), validate the whole merge on their metadata first, and write through the same
+writer; ``--in-memory`` only reads every input whole and calls the
 in-memory method on the whole trees (on each group of tensors that take the same
 arguments, where a mergekit file's values vary by tensor) instead of merging leaf by leaf.
 """
@@ -128,7 +129,11 @@ def _metadata(plan: Plan) -> dict[str, Any]:
 
 def _describe(plan: Plan, job: engine.Job, fmt: str, max_shard_size: int) -> str:
     """The dry run's plan: inputs, tensors and bytes, method, parameters, output."""
-    kinds = {engine.SafetensorsSource: "safetensors", engine.OrbaxSource: "umtam_jax checkpoint"}
+    kinds = {
+        engine.SafetensorsSource: "safetensors",
+        engine.OrbaxSource: "umtam_jax checkpoint",
+        engine.PlainOrbaxSource: "Orbax checkpoint",
+    }
     total = sum(leaf.nbytes for leaf in job.leaves)
     lines = [f"{PROG}: dry run OK: {plan.method} of {len(job.experts)} expert(s)"]
     if plan.base is not None:

@@ -24,7 +24,8 @@ or the same through flags (which override the file)::
         --param density=0.2 --output ckpt/merged
 
 Statistics for ``umtam`` (and the curvature for ``ota``, the saliency for ``prune``) are
-restored from each expert's checkpoint (``umtam_jax.checkpoint``); ``fisher`` takes a
+restored from each expert's checkpoint (``umtam_jax.checkpoint``, or the optimizer state
+saved beside the parameters in an Orbax ``CheckpointManager`` step); ``fisher`` takes a
 ``fisher: PATH`` per expert, a checkpoint whose parameters hold that expert's diagonal
 Fisher. ``prune`` takes exactly one expert and a ``scores`` parameter, ``saliency``
 (default) or ``magnitude``. ``scope`` is ``tensor``, ``layer`` or ``{scanned: [key names],

@@ -1,12 +1,13 @@
 """The out-of-core merge engine: any merging method, model files in, model files out.
 
-:func:`merge_checkpoints` merges umtam_jax (Orbax) checkpoints and Hugging Face safetensors
-models (folders with ``model.safetensors`` or shards and an index; never PyTorch pickles)
-into either format without ever holding K + 1 models: it reads a small group of leaves at
-a time from the base, the experts (and their statistics, Fishers or curvatures), runs the
-method's steps (:data:`umtam_jax.merging.METHODS`) on each leaf alone and streams the
-merged leaf to the output. Peak host memory is a few
-leaves of each input plus one output leaf, whatever the model size.
+:func:`merge_checkpoints` merges umtam_jax (Orbax) checkpoints, checkpoints Orbax wrote
+itself (a ``CheckpointManager`` step, a ``StandardCheckpointer`` folder) and Hugging Face
+safetensors models (folders with ``model.safetensors`` or shards and an index; never
+PyTorch pickles) into either format without ever holding K + 1 models: it reads a small
+group of leaves at a time from the base, the experts (and their statistics, Fishers or
+curvatures), runs the method's steps (:data:`umtam_jax.merging.METHODS`) on each leaf
+alone and streams the merged leaf to the output. Peak host memory is a few leaves of
+each input plus one output leaf, whatever the model size.
 
 Semantics are those of the in-memory functions, exactly:
 
@@ -21,7 +22,8 @@ Semantics are those of the in-memory functions, exactly:
 
 The engine sits above :mod:`umtam_jax.merging` (pure functions on pytrees) and
 :mod:`umtam_jax.checkpoint` (files); it reads models through a small :class:`Source`
-interface with two implementations, :class:`OrbaxSource` and :class:`SafetensorsSource`,
+interface with three implementations, :class:`OrbaxSource`, :class:`PlainOrbaxSource`
+(folders a training loop wrote with Orbax itself) and :class:`SafetensorsSource`,
 and writes with ``save_params_streaming`` or ``save_safetensors``. A Hugging Face model's
 tensor ``"a.b.weight"`` is the pytree leaf ``["a"]["b"]["weight"]``; its UMTAM statistics
 live in a ``umtam_statistics`` safetensors folder inside it, named ``"a.b.weight.row"``,
@@ -36,6 +38,7 @@ from umtam_jax.engine._checkpoints import (
 from umtam_jax.engine._job import Job
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
 from umtam_jax.engine._output import OUTPUT_FORMATS, check_output, resolve_output_format, writer
+from umtam_jax.engine._plain_orbax import PlainOrbaxSource
 from umtam_jax.engine._sources import (
     STATISTICS_FOLDER,
     OrbaxSource,
@@ -52,6 +55,7 @@ __all__ = [
     "STATISTICS_FOLDER",
     "Job",
     "OrbaxSource",
+    "PlainOrbaxSource",
     "SafetensorsSource",
     "Source",
     "check_output",

@@ -218,13 +218,14 @@ def merge_checkpoints(
 ) -> epath.Path:
     """Merges models leaf by leaf, out of core, into a new model folder.
 
-    Inputs are umtam_jax (Orbax) checkpoints or Hugging Face safetensors models (a folder
-    with ``model.safetensors`` or an index and shards), in any mix with the same parameter
-    names and shapes. The result equals restoring everything, calling the in-memory
-    merging function ``method`` and saving the merge — the same values, bit for bit — with
-    peak host memory of about one group of leaves per input plus one output leaf instead
-    of K + 1 models. ``scope="global"`` costs extra passes over the inputs (three reads
-    for float32 scores).
+    Inputs are umtam_jax (Orbax) checkpoints, checkpoints Orbax wrote itself (a
+    ``CheckpointManager`` step: see :class:`~umtam_jax.engine.PlainOrbaxSource`) or Hugging
+    Face safetensors models (a folder with ``model.safetensors`` or an index and shards),
+    in any mix with the same parameter names and shapes. The result equals restoring
+    everything, calling the in-memory merging function ``method`` and saving the merge —
+    the same values, bit for bit — with peak host memory of about one group of leaves per
+    input plus one output leaf instead of K + 1 models. ``scope="global"`` costs extra
+    passes over the inputs (three reads for float32 scores).
 
     Args:
       method: a name in :data:`umtam_jax.merging.METHODS` (``"umtam"``, ``"ties"``, ...).

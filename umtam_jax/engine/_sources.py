@@ -367,11 +367,14 @@ def open_source(path: str | os.PathLike, what: str) -> Source:
     """The :class:`Source` reading ``path``: safetensors for a Hugging Face model, else Orbax.
 
     Args:
-      path: a Hugging Face model (see :func:`is_huggingface`) or a umtam_jax checkpoint.
+      path: a Hugging Face model (see :func:`is_huggingface`), a umtam_jax checkpoint, or
+        a checkpoint Orbax wrote itself (see
+        :func:`umtam_jax.checkpoint.is_orbax_folder`).
       what: the input's role, named in error messages (``"the base"``, ``"expert 0's"``).
 
     Returns:
-      A :class:`SafetensorsSource` or an :class:`OrbaxSource`; opening reads metadata only.
+      A :class:`SafetensorsSource`, an :class:`OrbaxSource` or a
+      :class:`~umtam_jax.engine.PlainOrbaxSource`; opening reads metadata only.
 
     Raises:
       FileNotFoundError: a missing input, or a folder that is neither kind of model (the
@@ -386,6 +389,11 @@ def open_source(path: str | os.PathLike, what: str) -> Source:
       >>> source.abstract()["w"].shape, source.read([0])[0].tolist()
       ((2,), [1.0, 1.0])
     """
+    from umtam_jax.checkpoint import is_orbax_folder
+    from umtam_jax.engine._plain_orbax import PlainOrbaxSource
+
     if is_huggingface(path):
         return SafetensorsSource(path, what)
+    if is_orbax_folder(path):
+        return PlainOrbaxSource(path, what)
     return OrbaxSource(path, what)

@@ -25,6 +25,8 @@ from umtam_jax.optimizer._state import (
     is_mapping_leaf_state,
 )
 
+NO_STATE = "no UMTAM optimizer state found"  # how statistics() says there is none
+
 
 def _is_placeholder(x: Any) -> bool:
     return x is None or isinstance(x, optax.MaskedNode)
@@ -138,8 +140,8 @@ def statistics(x: Any) -> Any:
     ]
     if not states:
         raise ValueError(
-            "no UMTAM optimizer state found: pass the state of umtam_jax.umtam(...) "
-            "(possibly wrapped by optax), or a statistics pytree"
+            f"{NO_STATE}: pass the state of umtam_jax.umtam(...) (possibly wrapped by "
+            "optax), or a statistics pytree"
         )
     leaves = _combine([s.leaves for s in states]) if len(states) > 1 else states[0].leaves
     return jax.tree.map(_to_statistics, leaves, is_leaf=_is_state_node)

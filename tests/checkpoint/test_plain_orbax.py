@@ -1,0 +1,244 @@
+"""Merging checkpoints that Orbax wrote itself: CheckpointManager steps, StandardCheckpointer
+folders, Composite items and ``flax.nnx`` states, read leaf by leaf."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import umtam_jax
+from umtam_jax import checkpoint, engine, merging
+from umtam_jax.cli.merge import main
+
+
+def _train(params, tx, seed, steps=3):
+    """A few steps on random gradients: the expert and its optimizer state."""
+    state = tx.init(params)
+    for t in range(steps):
+        keys = jax.random.split(jax.random.key(100 * seed + t), len(jax.tree.leaves(params)))
+        leaves, treedef = jax.tree.flatten(params)
+        grads = treedef.unflatten(
+            [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+        )
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _digest(folder) -> str:
+    """A hash of every file (name and bytes) under ``folder``."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(folder)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, folder).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A base saved with StandardCheckpointer and two experts trained with
+    ``chain(clip, umtam)``, each saved by a CheckpointManager as one ``default`` item."""
+    root = tmp_path_factory.mktemp("plain_orbax")
+    base = {
+        "dense": {"kernel": jnp.linspace(-1, 1, 48).reshape(8, 6), "bias": jnp.zeros(6)},
+        "head": {"kernel": jnp.ones((6, 3))},
+    }
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0), umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=2)
+    )
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(root / "base", base)
+    experts, states = [], []
+    for i in range(2):
+        params, state = _train(base, tx, seed=i)
+        experts.append(params)
+        states.append(state)
+        with ocp.CheckpointManager(root / f"run{i}") as manager:
+            tree = {"params": params, "opt_state": state, "step": 3}
+            manager.save(3, args=ocp.args.StandardSave(tree))
+            manager.wait_until_finished()
+    return {"root": root, "base": base, "experts": experts, "states": states}
+
+
+def test_umtam_merge_of_manager_steps_equals_the_in_memory_merge(runs, tmp_path):
+    root = runs["root"]
+    before = _digest(root)
+    # A step folder and an item folder of a step both name a checkpoint.
+    out = engine.merge_checkpoints(
+        "umtam",
+        root / "base",
+        [root / "run0" / "3", root / "run1" / "3" / "default"],
+        tmp_path / "merged",
+        density=0.5,
+        progress=False,
+    )
+    stats = [umtam_jax.statistics(s) for s in runs["states"]]
+    want = merging.umtam(runs["base"], runs["experts"], stats, density=0.5)
+    got = checkpoint.restore_params(out)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert _digest(root) == before  # the inputs are read, never written
+
+
+def test_source_reads_the_saved_arrays_and_statistics(runs):
+    source = engine.open_source(runs["root"] / "run1" / "3", "expert 1's")
+    assert isinstance(source, engine.PlainOrbaxSource)
+    abstract = source.abstract()
+    assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(
+        lambda x: x.shape, runs["experts"][1]
+    )
+    names = [
+        jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    ]
+    want = dict(zip(names, jax.tree.leaves(runs["experts"][1]), strict=True))
+    order = list(reversed(range(len(names))))  # any subset, in any order
+    for j, array in zip(order, source.read(order), strict=True):
+        np.testing.assert_array_equal(array, want[names[j]])
+    stats = umtam_jax.statistics(runs["states"][1])
+    flat = jax.tree_util.tree_flatten_with_path(
+        stats, is_leaf=lambda n: isinstance(n, tuple) and hasattr(n, "_fields")
+    )[0]
+    by_name = {jax.tree_util.keystr(kp): node for kp, node in flat}
+    for j, node in enumerate(source.read_statistics(range(len(names)))):
+        saved = by_name[names[j]]
+        assert type(node) is type(saved)
+        for field in saved._fields:
+            np.testing.assert_array_equal(getattr(node, field), getattr(saved, field))
+
+
+def test_composite_items_params_and_opt_state(tmp_path):
+    params = {"w": jnp.arange(12.0).reshape(4, 3)}
+    tx = umtam_jax.umtam(1e-2, min_dim_size_to_factor=2)
+    params, state = _train(params, tx, seed=5, steps=2)
+    with ocp.CheckpointManager(tmp_path / "run", item_names=("params", "opt_state")) as manager:
+        manager.save(
+            1,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(state)
+            ),
+        )
+        manager.wait_until_finished()
+    source = engine.open_source(tmp_path / "run" / "1", "expert 0's")
+    np.testing.assert_array_equal(source.read([0])[0], params["w"])
+    [node] = source.read_statistics([0])
+    np.testing.assert_array_equal(node.row, umtam_jax.statistics(state)["w"].row)
+
+
+def test_nnx_model_and_optimizer_states(tmp_path):
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(8, 4, rngs=rngs)
+
+    base = nnx.state(Model(nnx.Rngs(0)), nnx.Param)
+    experts, stats = [], []
+    for i in range(2):
+        model = Model(nnx.Rngs(0))
+        tx = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=2)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        for t in range(2):
+            grads = jax.tree.map(
+                lambda x, t=t, i=i: jax.random.normal(jax.random.key(7 * i + t), x.shape),
+                nnx.state(model, nnx.Param),
+            )
+            optimizer.update(model, grads)
+        experts.append(nnx.state(model, nnx.Param))
+        stats.append(umtam_jax.statistics(optimizer))
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = {"model": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+            ckptr.save(tmp_path / f"e{i}", tree)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "base", base)
+    source = engine.open_source(tmp_path / "e0", "expert 0's")
+    assert sorted(source.abstract()["lin"]) == ["bias", "kernel"]  # Variables read as arrays
+    out = engine.merge_checkpoints(
+        "umtam", tmp_path / "base", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "m",
+        density=0.5, progress=False,
+    )  # fmt: skip
+    want = nnx.to_pure_dict(merging.umtam(base, experts, stats, density=0.5))
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.restore_params(out), want)
+
+
+def test_umtam_merge_cli_reads_manager_steps(runs, tmp_path):
+    root = runs["root"]
+    config = tmp_path / "ties.yaml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {root / 'base'}\nmodels:\n"
+        f"  - model: {root / 'run0' / '3'}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+        f"  - model: {root / 'run1' / '3'}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+    )
+    assert main([str(config), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    want = merging.ties(runs["base"], runs["experts"], density=0.5)
+    got = checkpoint.restore_params(str(tmp_path / "out"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+
+
+def test_a_manager_folder_names_its_steps(runs):
+    with pytest.raises(FileNotFoundError, match=r"CheckpointManager's folder.*steps \(3\)"):
+        engine.open_source(runs["root"] / "run0", "expert 0's")
+
+
+def test_unclear_parameters_are_refused(tmp_path):
+    params = {"w": jnp.ones((2, 2))}
+    state = umtam_jax.umtam(1e-2).init(params)
+    with ocp.CheckpointManager(tmp_path / "a", item_names=("weights", "opt")) as manager:
+        args = {"weights": ocp.args.StandardSave(params), "opt": ocp.args.StandardSave(state)}
+        manager.save(0, args=ocp.args.Composite(**args))
+        manager.wait_until_finished()
+    with pytest.raises(ValueError, match=r"items 'opt', 'weights' and none is 'params'"):
+        engine.open_source(tmp_path / "a" / "0", "expert 0's")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "b", {"weights": params, "opt_state": state})
+    with pytest.raises(ValueError, match=r"holds 'opt_state' but no 'params'"):
+        engine.open_source(tmp_path / "b", "expert 0's")
+
+
+def _damage(folder) -> None:
+    """Overwrites 32 bytes of every data file Orbax wrote under ``folder``."""
+    data = [
+        os.path.join(d, f)
+        for d, _, files in os.walk(folder)
+        for f in files
+        if os.path.basename(d) == "d" and os.path.getsize(os.path.join(d, f)) > 64
+    ]
+    assert data
+    for path in data:
+        with open(path, "r+b") as f:
+            f.seek(16)
+            f.write(b"\xff" * 32)
+
+
+def test_damage_and_unfinished_saves_are_reported(runs, tmp_path):
+    for name, saved in [("base", runs["root"] / "base"), ("3", runs["root"] / "run0" / "3")]:
+        copy = tmp_path / name
+        shutil.copytree(saved, copy)
+        _damage(copy)
+        # Orbax reads its array index with the metadata: damage shows on opening at the latest.
+        with pytest.raises(checkpoint.CheckpointCorruptError, match=f"{copy}.*damaged"):
+            source = engine.open_source(copy, "expert 0's")
+            source.read(range(len(jax.tree.leaves(source.abstract()))))
+    unfinished = tmp_path / "4.orbax-checkpoint-tmp-17"
+    shutil.copytree(runs["root"] / "run0" / "3", unfinished)
+    with pytest.raises(ValueError, match="unfinished Orbax save"):
+        engine.open_source(unfinished, "expert 0's")
+
+
+def test_only_orbax_folders_are_taken(runs, tmp_path):
+    ours = checkpoint.save_checkpoint(tmp_path / "ours", {"w": np.ones(2, "f4")})
+    hf = checkpoint.save_safetensors(tmp_path / "hf", {"w": np.ones(2, "f4")})
+    assert not checkpoint.is_orbax_folder(ours)
+    assert not checkpoint.is_orbax_folder(hf)
+    assert not checkpoint.is_orbax_folder(tmp_path / "missing")
+    assert checkpoint.is_orbax_folder(runs["root"] / "base")
+    assert isinstance(engine.open_source(ours, "the base"), engine.OrbaxSource)

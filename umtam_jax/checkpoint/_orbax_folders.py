@@ -1,0 +1,249 @@
+"""Reading folders that Orbax wrote itself, a few arrays at a time.
+
+Training runs save with Orbax directly: ``ocp.StandardCheckpointer().save(path, tree)``,
+or a ``CheckpointManager`` whose step folders (``runs/3``) hold one folder per item
+(``runs/3/default``; ``params`` and ``opt_state`` with ``ocp.args.Composite``).
+:class:`OrbaxFolderReader` reads such a folder's PyTree items as they are stored: their
+structure from Orbax's metadata (containers as Orbax restores them without a target:
+dicts and lists), and chosen arrays with Orbax's partial restore, as NumPy arrays in their
+saved dtypes. Nothing is written. A plain Orbax folder carries no checksums: damage that
+Orbax itself does not notice cannot be detected (a umtam_jax checkpoint can).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from umtam_jax.checkpoint import _targets
+from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
+from umtam_jax.checkpoint._format import _ORBAX_TMP_SUFFIX, METADATA, _absolute
+from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+from umtam_jax.checkpoint._metadata import short_error
+
+__all__ = ["OrbaxFolderReader", "is_orbax_folder"]
+
+Path = tuple[str | int, ...]
+
+_TREE_METADATA = "_METADATA"  # the file of a PyTree item folder that describes its tree
+
+
+def _is_tree_item(path: epath.Path) -> bool:
+    return (path / _TREE_METADATA).is_file()
+
+
+def is_orbax_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder Orbax wrote that is not a umtam_jax checkpoint.
+
+    Args:
+      path: a folder: a PyTree item (it holds Orbax's ``_METADATA``), a step of a
+        ``CheckpointManager`` (a folder of such items) or the manager's folder (of steps;
+        :class:`OrbaxFolderReader` refuses it, naming its steps).
+
+    Returns:
+      True for such a folder; False otherwise (a umtam_jax checkpoint, which has its own
+      reader; a missing path; a file).
+
+    Example:
+      >>> import tempfile, numpy as np, orbax.checkpoint as ocp
+      >>> from umtam_jax.checkpoint import is_orbax_folder
+      >>> path = tempfile.mkdtemp() + "/run"
+      >>> with ocp.StandardCheckpointer() as ckptr:
+      ...     ckptr.save(path, {"w": np.ones(3, "f4")})
+      >>> is_orbax_folder(path), is_orbax_folder(tempfile.mkdtemp())
+      (True, False)
+    """
+    return _kind(epath.Path(path)) is not None
+
+
+def _kind(folder: epath.Path, depth: int = 0) -> str | None:
+    """``"item"``, ``"step"`` or ``"manager"`` for a folder Orbax wrote, else None."""
+    try:
+        if not folder.is_dir() or (folder / METADATA).exists():
+            return None
+        if _is_tree_item(folder):
+            return "item"
+        children = [c for c in folder.iterdir() if c.is_dir()]
+        if any(_is_tree_item(c) for c in children):
+            return "step"
+        if depth == 0 and any(_kind(c, 1) == "step" for c in children):
+            return "manager"
+    except OSError:
+        pass
+    return None
+
+
+def _leaf_struct(meta: Any) -> Any:
+    """Orbax's metadata of one leaf as a ``jax.ShapeDtypeStruct``; other leaves (strings)
+    are returned as they are."""
+    if isinstance(meta, ocp.metadata.ArrayMetadata | ocp.metadata.ScalarMetadata):
+        return jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(meta.dtype))
+    return meta
+
+
+def _template(node: Any, paths: list[Path]) -> Any:
+    """The partial-restore target holding only ``paths`` below ``node``: mappings keep the
+    keys asked for, lists keep their length with ``None`` where nothing is asked."""
+    if paths == [()]:
+        return 0
+    heads: dict[Any, list[Path]] = {}
+    for p in paths:
+        heads.setdefault(p[0], []).append(p[1:])
+    if isinstance(node, list):
+        return [_template(node[i], heads[i]) if i in heads else None for i in range(len(node))]
+    return {k: _template(node[k], rest) for k, rest in heads.items()}
+
+
+def _get(tree: Any, path: Path) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def shown(path: Path) -> str:
+    """A stored path as messages show it, ``a/0/kernel``."""
+    return "/".join(map(str, path))
+
+
+class OrbaxFolderReader:
+    """Reads the PyTree items of a folder Orbax wrote, a few arrays at a time.
+
+    Args:
+      directory: a PyTree item folder (``StandardCheckpointer().save(path, tree)``, or a
+        step's item such as ``runs/3/default``) or a ``CheckpointManager`` step folder.
+
+    Raises:
+      FileNotFoundError: ``directory`` does not exist or holds no PyTree item.
+      ValueError: an unfinished save (Orbax's temporary folder), a file, or metadata
+        Orbax cannot read (:class:`CheckpointCorruptError`).
+
+    Example:
+      >>> import tempfile, numpy as np, orbax.checkpoint as ocp
+      >>> from umtam_jax.checkpoint import OrbaxFolderReader
+      >>> path = tempfile.mkdtemp() + "/run"
+      >>> with ocp.StandardCheckpointer() as ckptr:
+      ...     ckptr.save(path, {"dense": {"kernel": np.ones((4, 3), "f4")}})
+      >>> reader = OrbaxFolderReader(path)
+      >>> reader.items, reader.abstract("")["dense"]["kernel"].shape
+      (('',), (4, 3))
+      >>> [kernel] = reader.read("", [("dense", "kernel")])
+      >>> float(kernel.sum())
+      12.0
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io (partial restore)
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = _absolute(directory)
+        if _ORBAX_TMP_SUFFIX in self.directory.name:
+            raise ValueError(f"{self.directory} is an unfinished Orbax save (a temporary folder)")
+        if not self.directory.exists():
+            raise FileNotFoundError(f"{self.directory} does not exist")
+        if not self.directory.is_dir():
+            raise ValueError(f"{self.directory} is a file, not an Orbax checkpoint folder")
+        if _is_tree_item(self.directory):
+            folders = {"": self.directory}
+        else:
+            folders = {
+                c.name: c
+                for c in sorted(self.directory.iterdir())
+                if c.is_dir() and _ORBAX_TMP_SUFFIX not in c.name and _is_tree_item(c)
+            }
+        if not folders:
+            steps = sorted(
+                (c.name for c in self.directory.iterdir() if _kind(c, 1) == "step"),
+                key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name),
+            )
+            if steps:
+                raise FileNotFoundError(
+                    f"{self.directory} is a CheckpointManager's folder, not one of its "
+                    f"checkpoints: give one of its steps ({', '.join(steps)})"
+                )
+            raise FileNotFoundError(
+                f"{self.directory} holds no Orbax PyTree item (no {_TREE_METADATA} file in it "
+                "or in a folder of it)"
+            )
+        self._folders = folders
+        #: The item names: ``""`` for a PyTree item folder itself, else its subfolders'.
+        self.items = tuple(folders)
+        self._trees: dict[str, Any] = {}
+        self._handler = ocp.PyTreeCheckpointHandler()
+
+    def _where(self, item: str) -> str:
+        return f"Orbax checkpoint {self.directory}" + (f" (item {item!r})" if item else "")
+
+    def _tree(self, item: str) -> Any:
+        """Orbax's metadata tree of ``item`` (read once)."""
+        if item not in self._trees:
+            folder = self._folders[item]
+            try:
+                _targets.check_regular_file(folder / _TREE_METADATA, _targets.MAX_METADATA_BYTES)
+                self._trees[item] = self._handler.metadata(folder).tree
+            except Exception as e:  # noqa: BLE001 - Orbax raises many types for bad files
+                raise CheckpointCorruptError(
+                    f"cannot read the metadata of {self._where(item)}: the checkpoint is damaged "
+                    f"or incompatible ({short_error(e)})"
+                ) from None
+        return self._trees[item]
+
+    def abstract(self, item: str) -> Any:
+        """``item``'s tree with ``jax.ShapeDtypeStruct`` leaves (strings as Orbax's
+        metadata describes them), dicts and lists as Orbax restores them."""
+        return jax.tree.map(_leaf_struct, self._tree(item))
+
+    def read(self, item: str, paths: Sequence[Path]) -> list[np.ndarray]:
+        """Reads only the arrays at ``paths`` (keys and list positions inside ``item``).
+
+        Returns:
+          One NumPy array per path, in its saved dtype and shape.
+
+        Raises:
+          ValueError: a path that is no array of the item.
+          CheckpointCorruptError: Orbax cannot read an array, or reads one of another
+            shape or dtype than its metadata says.
+        """
+        if not paths:
+            return []
+        tree = self._tree(item)
+        expected = []
+        for path in paths:
+            try:
+                leaf = _leaf_struct(_get(tree, path))
+            except (KeyError, IndexError, TypeError):
+                leaf = None
+            if not isinstance(leaf, jax.ShapeDtypeStruct):
+                raise ValueError(f"{self._where(item)} has no array {shown(path)}")
+            expected.append(leaf)
+        target = _template(tree, [tuple(p) for p in dict.fromkeys(map(tuple, paths))])
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        try:
+            drop_closed_loop_callbacks()
+            restored = self._handler.restore(
+                self._folders[item],
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                ),
+            )
+            arrays = [np.asarray(_get(restored, path)) for path in paths]
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
+            names = ", ".join(shown(p) for p in paths[:3])
+            more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+            raise CheckpointCorruptError(
+                f"cannot read {names}{more} of {self._where(item)}: the checkpoint is "
+                f"damaged or incompatible ({short_error(e)})"
+            ) from None
+        for path, array, leaf in zip(paths, arrays, expected, strict=True):
+            if array.shape != leaf.shape or array.dtype != leaf.dtype:
+                raise CheckpointCorruptError(
+                    f"{self._where(item)} holds {shown(path)} as {array.dtype}{list(array.shape)}"
+                    f", its metadata says {leaf.dtype}{list(leaf.shape)}: the checkpoint is "
+                    "damaged"
+                )
+        return arrays

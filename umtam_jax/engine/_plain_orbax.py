@@ -1,0 +1,225 @@
+"""The merge engine's source for folders Orbax wrote itself (a training run's checkpoints).
+
+:class:`PlainOrbaxSource` finds the parameters in what a training loop saved with Orbax
+and the UMTAM statistics in the optimizer state saved beside them, and reads both a few
+arrays at a time (:class:`umtam_jax.checkpoint.OrbaxFolderReader`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from umtam_jax.checkpoint._orbax_folders import OrbaxFolderReader, shown
+
+# A subtree of the saved tree that holds the parameters, and the keys beside it that say
+# it is a training state (``model`` names a submodule of many models on its own).
+_PARAMETER_KEYS = (("params", ()), ("model", ("opt_state", "optimizer")))
+_OPTIMIZER_KEYS = ("opt_state", "optimizer")
+
+
+class _Stored:
+    """A leaf of the saved tree: its item, its stored path and its abstract array."""
+
+    __slots__ = ("item", "path", "struct")
+
+    def __init__(self, item: str, path: tuple[str | int, ...], struct: Any):
+        self.item, self.path, self.struct = item, path, struct
+
+
+def _stored_tree(reader: OrbaxFolderReader, item: str) -> Any:
+    def stored(keypath: Any, struct: Any) -> _Stored:
+        path = tuple(k.key if hasattr(k, "key") else k.idx for k in keypath)
+        return _Stored(item, path, struct)
+
+    return jax.tree_util.tree_map_with_path(stored, reader.abstract(item))
+
+
+def _is_value_wrapper(node: Any) -> bool:
+    wrapper = isinstance(node, Mapping) and set(node) == {"value"}
+    return wrapper and isinstance(node["value"], _Stored)
+
+
+def _without_value_wrappers(tree: Any) -> Any:
+    """A ``flax.nnx`` state as Orbax stores it (every array under a ``value`` key of its
+    Variable) with each Variable replaced by its array, as ``nnx.to_pure_dict`` does; any
+    other tree unchanged."""
+    nodes = jax.tree.leaves(tree, is_leaf=_is_value_wrapper)
+    if nodes and all(_is_value_wrapper(n) for n in nodes):
+        return jax.tree.map(lambda n: n["value"], tree, is_leaf=_is_value_wrapper)
+    return tree
+
+
+def _struct(tree: Any) -> Any:
+    return jax.tree.map(lambda s: s.struct, tree, is_leaf=lambda n: isinstance(n, _Stored))
+
+
+class PlainOrbaxSource:
+    """A model saved with Orbax by a training loop, and its UMTAM statistics if the
+    optimizer state saved beside it holds an UMTAM state.
+
+    Where the parameters are: the item ``params`` of a step with several items
+    (``ocp.args.Composite(params=..., opt_state=...)``); otherwise the one saved tree, or
+    its ``params`` entry (a ``{"params": ..., "opt_state": ...}`` dict, a Flax
+    ``TrainState``, Linen variables), or its ``model`` entry beside an ``optimizer`` or
+    ``opt_state`` one (``{"model": nnx.state(model), "optimizer": nnx.state(optimizer)}``).
+    ``flax.nnx`` states are read as their pure dicts (``nnx.to_pure_dict``). The
+    statistics are those :func:`umtam_jax.statistics` finds in the rest of the saved
+    trees (any Optax wrapper, an ``nnx.Optimizer``).
+
+    Args:
+      directory: a ``CheckpointManager`` step (``runs/3``) or one of its item folders, or
+        a folder written by ``StandardCheckpointer().save``.
+      what: how messages name it.
+
+    Raises:
+      FileNotFoundError: no Orbax checkpoint at ``directory``.
+      ValueError: the parameters cannot be told apart (several items, none ``params``; an
+        optimizer state in the one tree without a ``params`` entry), or they hold
+        something that is not an array.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, optax, orbax.checkpoint as ocp
+      >>> import umtam_jax
+      >>> from umtam_jax import engine
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), umtam_jax.umtam(1e-2))
+      >>> state = {"params": params, "opt_state": tx.init(params)}
+      >>> with ocp.CheckpointManager(tempfile.mkdtemp() + "/run") as manager:
+      ...     _ = manager.save(100, args=ocp.args.StandardSave(state))
+      ...     manager.wait_until_finished()
+      ...     step = manager.directory / "100"
+      >>> source = engine.open_source(step, "expert 0's")
+      >>> type(source).__name__, source.abstract()["w"].shape, source.has_statistics()
+      ('PlainOrbaxSource', (4, 3), True)
+      >>> source.read_statistics([0])[0].nu.shape
+      (4, 3)
+
+    References:
+      Orbax checkpointing, https://orbax.readthedocs.io; Flax NNX checkpointing,
+      https://flax.readthedocs.io/en/latest/guides/checkpointing.html
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str):
+        try:
+            self.reader = OrbaxFolderReader(directory)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"cannot read {what} checkpoint {directory}: {err}") from None
+        self.location = os.fspath(self.reader.directory)
+        self.directory = self.folder = self.reader.directory
+        trees = {item: _stored_tree(self.reader, item) for item in self.reader.items}
+        params, rest = self._split(trees, what)
+        self._params = _without_value_wrappers(params)
+        flat = jax.tree_util.tree_flatten_with_path(
+            self._params, is_leaf=lambda n: isinstance(n, _Stored)
+        )[0]
+        for keypath, leaf in flat:
+            if not isinstance(getattr(leaf, "struct", None), jax.ShapeDtypeStruct):
+                kind = type(getattr(leaf, "struct", leaf)).__name__
+                raise ValueError(
+                    f"cannot merge {what} checkpoint {self.location}: its parameter "
+                    f"{jax.tree_util.keystr(keypath)} is not an array ({kind})"
+                )
+        self._leaves = [leaf for _, leaf in flat]
+        self._statistics = self._find_statistics(rest)
+        self._nodes: dict[str, Any] = {}
+        if self._statistics is not None:
+            self._nodes = {
+                jax.tree_util.keystr(kp): node
+                for kp, node in jax.tree_util.tree_flatten_with_path(
+                    self._statistics, is_leaf=_is_statistics_node
+                )[0]
+            }
+        self._keys = [jax.tree_util.keystr(kp) for kp, _ in flat]
+
+    def _split(self, trees: dict[str, Any], what: str) -> tuple[Any, Any]:
+        """(the parameters, the rest of the checkpoint) as trees of :class:`_Stored`."""
+        if len(trees) > 1:
+            if "params" not in trees:
+                raise ValueError(
+                    f"cannot merge {what} checkpoint {self.location}: it holds the items "
+                    f"{', '.join(repr(i) for i in trees)} and none is 'params': give the folder "
+                    "of the item that holds the parameters"
+                )
+            return trees["params"], {k: v for k, v in trees.items() if k != "params"}
+        [tree] = trees.values()
+        if isinstance(tree, Mapping):
+            for key, beside in _PARAMETER_KEYS:
+                if key in tree and (not beside or any(b in tree for b in beside)):
+                    return tree[key], {k: v for k, v in tree.items() if k != key}
+            found = [k for k in _OPTIMIZER_KEYS if k in tree]
+            if found:
+                raise ValueError(
+                    f"cannot merge {what} checkpoint {self.location}: its tree holds "
+                    f"{found[0]!r} but no 'params' (or 'model') entry beside it, so which part "
+                    f"is the parameters is unknown (its keys: {', '.join(map(str, tree))})"
+                )
+        return tree, None
+
+    def _find_statistics(self, rest: Any) -> Any:
+        """The statistics tree (leaves :class:`_Stored`) of the UMTAM state in ``rest``."""
+        from umtam_jax.optimizer._statistics import NO_STATE, statistics
+
+        if rest is None:
+            return None
+        rest = {k: _without_value_wrappers(v) for k, v in rest.items()}
+        try:
+            return statistics(rest)
+        except ValueError as err:
+            if str(err).startswith(NO_STATE):
+                return None
+            raise ValueError(f"the optimizer state of {self.location}: {err}") from None
+
+    def abstract(self) -> Any:
+        return _struct(self._params)
+
+    def read(self, leaves: Sequence[int]) -> list[np.ndarray]:
+        stored = [self._leaves[j] for j in leaves]
+        return self._read_stored(stored)
+
+    def _read_stored(self, stored: list[_Stored]) -> list[np.ndarray]:
+        """The arrays of ``stored``, one partial restore per item."""
+        out: list[Any] = [None] * len(stored)
+        for item in dict.fromkeys(s.item for s in stored):
+            positions = [i for i, s in enumerate(stored) if s.item == item]
+            arrays = self.reader.read(item, [stored[i].path for i in positions])
+            for i, array in zip(positions, arrays, strict=True):
+                out[i] = array
+        return out
+
+    def has_statistics(self) -> bool:
+        return self._statistics is not None
+
+    def abstract_statistics(self) -> Any:
+        if self._statistics is None:
+            raise ValueError(f"{self.location} holds no UMTAM optimizer state")
+        return _struct(self._statistics)
+
+    def read_statistics(self, leaves: Sequence[int]) -> list[Any]:
+        nodes = []
+        for j in leaves:
+            node = self._nodes.get(self._keys[j])
+            if node is None or not hasattr(node, "_fields"):
+                raise ValueError(
+                    f"the optimizer state of {self.location} holds no UMTAM statistics for "
+                    f"parameter {self._keys[j]} ({shown(self._leaves[j].path)})"
+                )
+            nodes.append(node)
+        fields = [(n, f) for n in nodes for f in n._fields if getattr(n, f) is not None]
+        arrays = iter(self._read_stored([getattr(n, f) for n, f in fields]))
+        read = {(id(n), f): next(arrays) for n, f in fields}
+        return [
+            type(n)(**{f: read.get((id(n), f)) for f in n._fields})  # None stays None
+            for n in nodes
+        ]
+
+
+def _is_statistics_node(node: Any) -> bool:
+    from umtam_jax.optimizer._state import is_leaf_statistics
+
+    return node is None or isinstance(node, optax.MaskedNode) or is_leaf_statistics(node)
