@@ -428,3 +428,29 @@ def test_fractions_of_one_rank_share_a_compilation(caplog, merge, option, values
             again = merge(base, experts, **{option: value})
             chex.assert_trees_all_equal(again, first)
     assert compiled == [], compiled[:3]
+
+
+@pytest.mark.parametrize("name,k,kwargs", CASES)
+def test_flax_attention_kernels_are_merged_as_their_projection_matrices(x64, name, k, kwargs):
+    """``nnx.MultiHeadAttention``'s ``query`` kernel ``(in, heads, head_dim)`` is the
+    matrix ``(in, heads·head_dim)`` and its ``out`` kernel ``(heads, head_dim, out)`` the
+    matrix ``(heads·head_dim, out)``, as FusionBench decomposes ``q_proj``/``o_proj``;
+    per layer of a scanned stack of them with a scanned scope."""
+    rng = np.random.default_rng(11)
+    shapes = {"query": ((6, 2, 3), (6, 6)), "out": ((2, 3, 6), (6, 6))}
+    base = {"attn": {n: {"kernel": rng.standard_normal(s)} for n, (s, _) in shapes.items()}}
+    experts = [jax.tree.map(lambda x: x + rng.standard_normal(x.shape), base) for _ in range(k)]
+    merge = getattr(merging, name)
+    got = merge(base, experts, **kwargs)
+    for n, (shape, matrix) in shapes.items():
+        ws = [e["attn"][n]["kernel"].reshape(matrix) for e in experts]
+        want = REFS[name](base["attn"][n]["kernel"].reshape(matrix), ws, **kwargs)
+        np.testing.assert_allclose(
+            got["attn"][n]["kernel"], want.reshape(shape), rtol=1e-9, atol=1e-10, err_msg=n
+        )
+    stacked = [jax.tree.map(lambda *xs: np.stack(xs), t, t) for t in (base, *experts)]
+    layers = merge(stacked[0], stacked[1:], scope=umtam_jax.scanned("attn"), **kwargs)
+    for i in range(2):
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x, i=i: x[i], layers), got, rtol=1e-10, atol=1e-12
+        )

@@ -228,6 +228,7 @@ ISO_C = R.register(
         "per matrix, the summed task vectors' singular vectors with their mean singular value",
         (SCALING, R.SLICES),
         lambda opts, b, ws, masks, scores, extras: _iso_c_leaf(b, ws, opts["scaling"]),
+        matrices=True,
     )
 )
 ISO_CTS = R.register(
@@ -248,6 +249,7 @@ ISO_CTS = R.register(
             R.SLICES,
         ),
         _iso_cts_kernel,
+        matrices=True,
         check=_static_fraction("common_space_fraction"),
     )
 )

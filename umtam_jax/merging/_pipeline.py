@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ from umtam_jax.merging._select import (
     stack_slices,
     unstack_slices,
 )
-from umtam_jax.optimizer._layout import matrix_view, scanned
+from umtam_jax.optimizer._layout import attention_rows, matrix_view, scanned
 
 
 def leaf_importances(call: Call, j: int) -> list[jax.Array] | None:
@@ -105,15 +106,38 @@ def _bernoulli_mask(key: jax.Array, t: int, path: str, shape: tuple, p_keep: flo
 
 def leaf_combine(call: Call, j: int, keep: list | None, scores: list | None) -> jax.Array:
     """Step 4: the kernel on leaf ``j`` (on each of its slices for a method whose
-    ``scope`` slices its kernel)."""
+    ``scope`` slices its kernel; on an attention kernel's matrix for a method that
+    decomposes matrices)."""
     m, p, extras = call.method, call.prepared, call.extras
     base, ws = p.base[j], [w[j] for w in p.experts]
     extra = None if extras is None else [x[j] for x in extras]
     batch = leaf_batch_axes(call.options, p.key_paths[j], base.shape) if m.sliced_kernel else ()
-    if batch:  # kernels that slice read no masks or scores
-        return _per_slice(lambda b, xs, ex: m.kernel(call.options, b, xs, None, None, ex), batch,
-                          base, ws, extra)  # fmt: skip
-    return m.kernel(call.options, base, ws, keep, scores, extra)
+
+    def kernel(b: jax.Array, xs: list, ex: list | None) -> jax.Array:
+        if batch:  # kernels that slice read no masks or scores
+            return m.kernel(call.options, b, xs, None, None, ex)
+        return m.kernel(call.options, b, xs, keep, scores, ex)
+
+    if m.matrices:
+        shape = tuple(n for i, n in enumerate(base.shape) if i not in batch)
+        rows = attention_rows(p.key_paths[j], shape)
+        if rows is not None:
+            kernel = _on_matrix(kernel, shape, rows)
+    if batch:
+        return _per_slice(kernel, batch, base, ws, extra)
+    return kernel(base, ws, extra)
+
+
+def _on_matrix(kernel: Any, shape: tuple[int, ...], rows: int) -> Any:
+    """``kernel`` on tensors of ``shape`` given as matrices of their first ``rows`` axes
+    by the others (their ``extra`` inputs, PRNG keys, as they are)."""
+    matrix = (math.prod(shape[:rows]), math.prod(shape[rows:]))
+
+    def on_matrix(b: jax.Array, xs: list, ex: list | None) -> jax.Array:
+        out = kernel(b.reshape(matrix), [x.reshape(matrix) for x in xs], ex)
+        return out.reshape(shape)
+
+    return on_matrix
 
 
 def _per_slice(

@@ -158,6 +158,9 @@ class Method:
       experts: the least and the most experts it merges (None: no most); ``(1, 1)``
         for a ``single_expert`` method.
       base_optional: ``base=None`` is allowed (the experts are then averaged directly).
+      matrices: the kernel decomposes matrices (the last two axes of what it is given):
+        a Flax attention projection's 3-axis kernel is given to it as its projection's
+        matrix (:func:`umtam_jax.optimizer._layout.attention_rows`).
       check: a last check of the validated call (e.g. a domain the kernel needs), or None.
       explain: ``explain(call, j)``, why leaf ``j`` merged to a value that is not finite
         from finite inputs (None: an overflow, the default message), or None.
@@ -174,6 +177,7 @@ class Method:
     single_expert: bool = False
     experts: tuple[int, int | None] = (1, None)
     base_optional: bool = False
+    matrices: bool = False
     check: Callable[[Call], None] | None = None
     explain: Callable[[Call, int], str | None] | None = None
 

@@ -8,7 +8,11 @@ differences are listed in each docstring. Shared rules:
 - *Matrices*: every leaf with two or more axes is a stack of matrices over its last two
   axes, each merged on its own (a 2-D kernel is one matrix; a scanned ``(L, m, n)`` leaf
   L of them; a convolution kernel ``(kh, kw, d_in, d_out)`` kh·kw of them; embedding
-  tables too). FusionBench merges 2-D tensors only, averaging the rest and the keys in its
+  tables too), except the 3-axis kernels of Flax attention projections, each one matrix
+  as PyTorch stores it: ``query``/``key``/``value`` ``(in, heads, head_dim)`` as
+  ``(in, heads · head_dim)``, ``out`` ``(heads, head_dim, out)`` as
+  ``(heads · head_dim, out)`` (``umtam_jax.optimizer._layout.attention_rows``; per layer
+  of a scanned model with ``scope=umtam_jax.scanned(...)``). FusionBench merges 2-D tensors only, averaging the rest and the keys in its
   ``exclude_keys`` (which has no counterpart here). The SVD is taken of the matrix as
   stored; TSV-Merge and Iso-C are invariant under transposing it, Iso-CTS takes the layout
   as a parameter. A stack whose layer axis is not first (MaxText's ``[d_in, L, d_out]``)
@@ -242,6 +246,7 @@ TSV_MERGE = R.register(
             R.SLICES,
         ),
         _tsv_kernel,
+        matrices=True,
         check=_static_fraction("rank_fraction"),
     )
 )

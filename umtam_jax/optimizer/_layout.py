@@ -63,6 +63,46 @@ RowAxesFn = Callable[[tuple[Any, ...], tuple[int, ...]], "int | MatrixAxes"]
 
 #: The attention projections whose 3-axis kernels are ``(in, heads, head_dim)``.
 _ATTENTION_INPUTS = frozenset({"query", "key", "value"})
+#: The attention projection whose 3-axis kernel is ``(heads, head_dim, out)``.
+_ATTENTION_OUTPUT = "out"
+
+
+def attention_rows(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | None:
+    """The row axes of a Flax attention projection's kernel viewed as one matrix.
+
+    ``nnx.MultiHeadAttention`` and ``linen.MultiHeadDotProductAttention`` (and MaxText)
+    keep each projection as a ``DenseGeneral`` kernel with three axes: a ``kernel`` under
+    ``query``, ``key`` or ``value`` is ``(in, heads, head_dim)`` when its first axis is
+    longer than its second (a layer-stacked ``[L, in, out]`` kernel of that name, with
+    fewer layers than inputs, is not), one matrix ``(in, heads · head_dim)``; a ``kernel``
+    under ``out`` is ``(heads, head_dim, out)``, one matrix ``(heads · head_dim, out)``.
+
+    Args:
+      path: the leaf's key path.
+      shape: the leaf's shape.
+
+    Returns:
+      1 or 2 (the leading axes forming the rows) for such a kernel; None otherwise.
+
+    Example:
+      >>> import jax
+      >>> from umtam_jax.optimizer._layout import attention_rows
+      >>> key = lambda *names: tuple(jax.tree_util.DictKey(n) for n in names)
+      >>> attention_rows(key("attn", "query", "kernel"), (512, 8, 64))
+      1
+      >>> attention_rows(key("attn", "out", "kernel"), (8, 64, 512))
+      2
+      >>> attention_rows(key("mlp", "kernel"), (8, 64, 512)) is None
+      True
+    """
+    if len(shape) != 3 or len(path) < 2:
+        return None
+    module, leaf = (str(_pytrees.key_name(k)) for k in path[-2:])
+    if leaf != "kernel":
+        return None
+    if module in _ATTENTION_INPUTS and shape[0] > shape[1]:
+        return 1
+    return 2 if module == _ATTENTION_OUTPUT else None
 
 
 def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
@@ -98,11 +138,8 @@ def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
       >>> default_row_axes(query, (512, 8, 64))  # (in, heads, head_dim)
       1
     """
-    names = [_pytrees.key_name(k) for k in path[-2:]]
-    attention = names[-1:] == ["kernel"] and str(names[0]) in _ATTENTION_INPUTS
-    if attention and len(shape) == 3 and shape[0] > shape[1]:
-        return 1
-    return max(len(shape) - 1, 0)
+    rows = attention_rows(path, shape)
+    return max(len(shape) - 1, 0) if rows is None else rows
 
 
 def scanned(
