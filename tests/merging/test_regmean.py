@@ -366,3 +366,83 @@ def test_nnx_experts_merge_with_their_grams():
     )
     bias = (states[0]["first"]["bias"][...] + states[1]["first"]["bias"][...]) / 2
     np.testing.assert_allclose(np.asarray(pure["first"]["bias"]), bias, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ attention projections
+
+
+def test_general_kernels_with_their_inputs_gram_match_the_reference(x64):
+    """A ``DenseGeneral`` kernel ``(*in, *out)`` with the ``(F, F)`` Gram of its flattened
+    inputs is merged as the ``(F, ·)`` matrix: a query kernel ``(6, 2, 3)`` (F = 6) and an
+    output projection ``(2, 3, 6)`` (F = 6 from its first two axes)."""
+    rng = np.random.default_rng(12)
+    shapes = {"query": ((6, 2, 3), 1), "out": ((2, 3, 6), 2)}
+    base = {n: {"kernel": rng.standard_normal(s)} for n, (s, _) in shapes.items()}
+    experts = [jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape), base)]
+    experts.append(jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape), base))
+    grams = []
+    for _ in experts:
+        g = {}
+        for n, (s, r) in shapes.items():
+            x = rng.standard_normal((9, int(np.prod(s[:r]))))
+            g[n] = {"kernel": x.T @ x}
+        grams.append(g)
+    got = merging.regmean(base, experts, grams, alpha=0.7)
+    for n, (s, r) in shapes.items():
+        f = int(np.prod(s[:r]))
+        lhs = rhs = 0.0
+        for e, g in zip(experts, grams, strict=True):
+            tilde = 0.7 * g[n]["kernel"] + 0.3 * np.diag(np.diag(g[n]["kernel"]))
+            lhs, rhs = lhs + tilde, rhs + tilde @ e[n]["kernel"].reshape(f, -1)
+        want = np.linalg.solve(lhs, rhs).reshape(s)
+        np.testing.assert_allclose(got[n]["kernel"], want, rtol=1e-9, atol=1e-10, err_msg=n)
+    bad = [{"query": {"kernel": np.eye(5)}, "out": {"kernel": None}}] * 2
+    with pytest.raises(ValueError, match=r"\(F, F\) for F in \[6, 12\]"):
+        merging.regmean(base, experts, bad)
+
+
+def _attention_by_hand(xs, q_kernel, heads_out):
+    """The Grams of the query projection's inputs ``x`` and of the output projection's
+    inputs (the attention's per-head outputs, flattened to heads·head_dim)."""
+    x = np.concatenate([np.asarray(b, np.float64).reshape(-1, q_kernel.shape[0]) for b in xs])
+    h = np.concatenate([np.asarray(o, np.float64).reshape(len(o), -1) for o in heads_out])
+    return x.T @ x, h.T @ h
+
+
+def test_nnx_attention_grams_and_merge():
+    rng = np.random.default_rng(13)
+    batches = [jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32) for _ in range(2)]
+
+    def model(seed):
+        return nnx.MultiHeadAttention(
+            num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=nnx.Rngs(seed)
+        )
+
+    attention = model(0)
+    grams = merging.input_grams(attention, None, batches)
+    assert grams["query"]["kernel"].shape == (8, 8) and grams["out"]["kernel"].shape == (8, 8)
+    heads_out = []  # what the output projection receives: (tokens, heads, head_dim)
+    for b in batches:
+        q, k, v = (attention.query(b), attention.key(b), attention.value(b))
+        heads_out.append(nnx.dot_product_attention(q, k, v).reshape(-1, 2, 4))
+    gq, go = _attention_by_hand(batches, attention.query.kernel[...], heads_out)
+    np.testing.assert_allclose(np.asarray(grams["query"]["kernel"]), gq, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grams["out"]["kernel"]), go, rtol=1e-4, atol=1e-4)
+    models = [model(1), model(2)]
+    states = [nnx.state(m, nnx.Param) for m in models]
+    merged = merging.regmean(None, states, [merging.input_grams(m, None, batches) for m in models])
+    assert merged["out"]["kernel"][...].shape == (2, 4, 8)
+
+
+def test_linen_attention_grams():
+    module = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+    rng = np.random.default_rng(14)
+    batches = [jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32) for _ in range(2)]
+    params = module.init(jax.random.key(0), batches[0])["params"]
+    grams = merging.input_grams(module, params, batches)
+    x = np.concatenate([np.asarray(b, np.float64).reshape(-1, 8) for b in batches])
+    np.testing.assert_allclose(np.asarray(grams["key"]["kernel"]), x.T @ x, rtol=1e-5)
+    assert grams["out"]["kernel"].shape == (8, 8)
+    experts = [jax.tree.map(lambda p, i=i: p + 0.01 * i, params) for i in range(2)]
+    merged = merging.regmean(None, experts, [grams, grams])
+    assert merged["out"]["kernel"].shape == params["out"]["kernel"].shape

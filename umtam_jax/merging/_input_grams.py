@@ -1,13 +1,15 @@
 """The Gram pass of RegMean: the input Gram matrix of every linear layer of a Flax model.
 
-:func:`input_grams` traces the model's forward pass with each ``flax.nnx.Linear`` (or
-``flax.linen.Dense``) call recording ``XᵀX`` of its inputs, and returns the Grams in the
-parameters' layout, one expert's ``grams`` for :func:`umtam_jax.merging.regmean`.
+:func:`input_grams` traces the model's forward pass with each ``flax.nnx.Linear`` or
+``LinearGeneral`` (``flax.linen.Dense`` or ``DenseGeneral``) call recording ``XᵀX`` of
+its inputs, and returns the Grams in the parameters' layout, one expert's ``grams`` for
+:func:`umtam_jax.merging.regmean`.
 """
 
 from __future__ import annotations
 
 import contextvars
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,9 +32,14 @@ class _Recorder:
         self.grams: dict[str, tuple[jax.Array, jax.Array]] = {}
         self.names: dict[str, tuple] = {}
 
-    def add(self, path: tuple, x: jax.Array) -> None:
+    def add(self, path: tuple, x: jax.Array, axes: tuple[int, ...] = (-1,)) -> None:
+        """Adds ``XᵀX`` of the inputs ``x`` of the layer at ``path``, whose features are
+        the ``axes`` it contracts (in the order of its kernel's input axes)."""
         x = jnp.asarray(x)
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        k = len(axes)
+        x = jnp.moveaxis(x, [a % x.ndim for a in axes], list(range(x.ndim - k, x.ndim)))
+        x = x.reshape((*x.shape[:-k], math.prod(x.shape[-k:])))
         if self.mask is not None:
             if tuple(self.mask.shape) != tuple(x.shape[:-1]):
                 raise ValueError(
@@ -60,15 +67,29 @@ def _name(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
+def _contracted_axes(layer: Any) -> tuple[int, ...]:
+    """The input axes a linear layer contracts: the last for ``nnx.Linear`` and
+    ``linen.Dense``, ``axis`` for ``nnx.LinearGeneral`` and ``linen.DenseGeneral``, whose
+    batch axes (a kernel per index) are refused."""
+    if getattr(layer, "batch_axis", None) or getattr(layer, "batch_dims", None):
+        raise ValueError(
+            f"input_grams cannot record {type(layer).__name__} layers with batch axes "
+            "(one kernel per batch index)"
+        )
+    axis = getattr(layer, "axis", -1)
+    return tuple(axis) if isinstance(axis, tuple | list) else (axis,)
+
+
 def _recording_class(cls: type) -> type:
-    """A subclass of an ``nnx.Linear`` class whose calls record their inputs' Gram."""
+    """A subclass of an ``nnx.Linear`` (or ``nnx.LinearGeneral``) class whose calls record
+    their inputs' Gram."""
     if cls not in _RECORDING:
 
         def __call__(self, inputs, *args, **kwargs):  # noqa: N807
             recorder = _RECORDER.get()
             if id(self) not in recorder.paths:  # a copy made by an nnx transform
-                raise ValueError("input_grams cannot see nnx.Linear layers inside nnx transforms")
-            recorder.add(recorder.paths[id(self)], inputs)
+                raise ValueError("input_grams cannot see linear layers inside nnx transforms")
+            recorder.add(recorder.paths[id(self)], inputs, _contracted_axes(self))
             return cls.__call__(self, inputs, *args, **kwargs)
 
         _RECORDING[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
@@ -86,12 +107,16 @@ def input_grams(
     """The Gram matrix ``G = Σ_n x_n x_nᵀ`` of every linear layer's inputs, for :func:`regmean`.
 
     One streaming pass over ``batches`` (each jitted; no activation outlives its batch):
-    every call of a ``flax.nnx.Linear`` or ``flax.linen.Dense`` layer adds ``XᵀX`` of its
-    inputs ``X`` (all leading axes, e.g. batch and tokens, flattened into rows; in float32
-    at least) to the layer's Gram. A layer called several times sums over its calls. By
-    default the Grams are the paper's sums; ``normalize=True`` divides each by its number
-    of rows (a per-token mean). Only the ratio between experts' Grams matters to RegMean:
-    sums weight each expert by its amount of data, means weight experts equally.
+    every call of a ``flax.nnx.Linear``, ``nnx.LinearGeneral``, ``flax.linen.Dense`` or
+    ``linen.DenseGeneral`` layer (the attention projections of ``nnx.MultiHeadAttention``
+    and ``linen.MultiHeadDotProductAttention`` included) adds ``XᵀX`` of its inputs ``X``
+    to the layer's Gram: the axes the layer contracts are the features (several, as the
+    ``(heads, head_dim)`` inputs of an attention output projection, flattened in the
+    kernel's order), all other axes (batch, tokens) the rows; in float32 at least. A
+    layer called several times sums over its calls. By default the Grams are the paper's
+    sums; ``normalize=True`` divides each by its number of rows (a per-token mean). Only
+    the ratio between experts' Grams matters to RegMean: sums weight each expert by its
+    amount of data, means weight experts equally.
 
     Args:
       model: an ``nnx.Module`` (called as ``model(batch)``, or ``model(*batch)`` for a
@@ -110,8 +135,9 @@ def input_grams(
 
     Returns:
       A nested dict shaped like the parameters (``nnx.to_pure_dict`` layout for ``nnx``),
-      with the ``(d_in, d_in)`` Gram at the kernel of every layer that was called and
-      ``None`` elsewhere: one expert's ``grams`` for :func:`regmean`.
+      with the ``(d_in, d_in)`` Gram at the kernel of every layer that was called
+      (``d_in`` the product of the contracted axes' sizes) and ``None`` elsewhere: one
+      expert's ``grams`` for :func:`regmean`.
 
     Raises:
       ValueError: ``batches`` is empty, no linear layer was called, or a layer's kernel
@@ -147,7 +173,7 @@ def input_grams(
             m = nnx.merge(graphdef, p, rest)
             recorder = _RECORDER.get()
             for path, node in nnx.iter_graph(m):
-                if isinstance(node, nnx.Linear):
+                if isinstance(node, nnx.Linear | nnx.LinearGeneral):
                     recorder.paths[id(node)] = tuple(path)
                     node.__class__ = _recording_class(type(node))
             m(*args(batch))
@@ -161,8 +187,10 @@ def input_grams(
         apply = model.apply if isinstance(model, nn.Module) else None
 
         def intercept(next_fun, a, kwargs, context):
-            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-                _RECORDER.get().add(tuple(context.module.path), a[0])
+            linear = isinstance(context.module, nn.Dense | nn.DenseGeneral)
+            if linear and context.method_name == "__call__":
+                layer = context.module
+                _RECORDER.get().add(tuple(layer.path), a[0], _contracted_axes(layer))
             return next_fun(*a, **kwargs)
 
         def forward(p: Any, batch: Any) -> None:
@@ -192,7 +220,7 @@ def input_grams(
     if total is None:
         raise ValueError("batches is empty: the Grams need at least one batch")
     if not total:
-        raise ValueError("no nnx.Linear or linen.Dense layer was called on the batches")
+        raise ValueError("no linear layer (nnx.Linear, linen.Dense, ...) was called on the batches")
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         layout, is_leaf=_pytrees.is_none_or_variable
     )

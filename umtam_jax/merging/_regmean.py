@@ -16,6 +16,7 @@ collects the Grams.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,9 +66,12 @@ def regmean(
       base: the shared initial parameters, or ``None``.
       experts: a sequence of parameter pytrees with a common structure, shapes and dtypes.
       grams: one pytree per expert holding the Gram matrix ``X_iᵀ X_i`` of a leaf's
-        inputs at that leaf's path (shape ``kernel.shape[:-1] + (d_in,)``) and ``None``
-        (or nothing) at the other paths, e.g. from :func:`input_grams`. Every expert must
-        give Grams for the same leaves.
+        inputs at that leaf's path (shape ``kernel.shape[:-1] + (d_in,)``; for a kernel
+        with three or more axes whose first axes are its inputs, a ``DenseGeneral``
+        kernel such as an attention projection's, ``(F, F)`` with ``F`` their product,
+        the kernel then merged as one ``(F, ·)`` matrix) and ``None`` (or nothing) at the
+        other paths, e.g. from :func:`input_grams`. Every expert must give Grams for the
+        same leaves.
       alpha: the factor ``α`` in [0, 1] on the Grams' off-diagonal entries (FusionBench's
         ``reduce_non_diagonal_ratio``).
       weights: one non-negative weight per expert, with a positive sum (default 1.0 each).
@@ -124,16 +128,30 @@ def gram_leaves(tree: Any, prepared: V.Prepared, what: str) -> list[jax.Array | 
                 f"leaf has shape {tuple(w.shape)}"
             )
         expected = (*w.shape[:-1], w.shape[-2])
-        if tuple(x.shape) != expected:
+        if tuple(x.shape) != expected and general_rows(w.shape, x.shape) is None:
+            general = ""
+            if w.ndim > 2:
+                sizes = sorted({math.prod(w.shape[:r]) for r in range(1, w.ndim)})
+                general = f", or (F, F) for F in {sizes} (its first axes as its inputs)"
             raise ValueError(
                 f"{what}{path}: expected shape {expected} (the inputs' Gram of a kernel of "
-                f"shape {tuple(w.shape)}), got {tuple(x.shape)}"
+                f"shape {tuple(w.shape)}, one per matrix of its last two axes){general}, got "
+                f"{tuple(x.shape)}"
             )
         out[index[path]] = V.as_array(x)
     V.check_finite(
         [(f"{what}{p}", g) for p, g in zip(prepared.paths, out, strict=True) if g is not None]
     )
     return out
+
+
+def general_rows(kernel: tuple[int, ...], gram: tuple[int, ...]) -> int | None:
+    """The number of leading axes of a kernel with three or more axes that are the inputs
+    of its ``(F, F)`` Gram (a ``DenseGeneral`` kernel ``(*in, *out)``, e.g. an attention
+    projection's), the fewest that multiply to ``F``; None for any other Gram."""
+    if len(kernel) < 3 or len(gram) != 2 or gram[0] != gram[1]:
+        return None
+    return next((r for r in range(1, len(kernel)) if math.prod(kernel[:r]) == gram[0]), None)
 
 
 def _check(call: pipeline.Call) -> None:
@@ -214,6 +232,16 @@ def _explain(call: pipeline.Call, j: int) -> str | None:
     )
 
 
+def _regmean_kernel(opts, b, ws, masks, scores, grams):
+    rows = None if grams[0] is None else general_rows(b.shape, grams[0].shape)
+    if rows is None:
+        return _regmean_leaf(b, ws, grams, opts["weights"], opts["alpha"])
+    matrix = (math.prod(b.shape[:rows]), math.prod(b.shape[rows:]))
+    ws = [w.reshape(matrix) for w in ws]
+    out = _regmean_leaf(b.reshape(matrix), ws, grams, opts["weights"], opts["alpha"])
+    return out.reshape(b.shape)
+
+
 REGMEAN = R.register(
     R.Method(
         "regmean",
@@ -223,9 +251,7 @@ REGMEAN = R.register(
             Param("alpha", "number", "factor on the Grams' off-diagonal entries", low=0, high=1),
             WEIGHTS,
         ),
-        lambda opts, b, ws, masks, scores, grams: _regmean_leaf(
-            b, ws, grams, opts["weights"], opts["alpha"]
-        ),
+        _regmean_kernel,
         extra="grams",
         base_optional=True,
         check=_check,

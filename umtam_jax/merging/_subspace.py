@@ -12,8 +12,9 @@ differences are listed in each docstring. Shared rules:
   as PyTorch stores it: ``query``/``key``/``value`` ``(in, heads, head_dim)`` as
   ``(in, heads · head_dim)``, ``out`` ``(heads, head_dim, out)`` as
   ``(heads · head_dim, out)`` (``umtam_jax.optimizer._layout.attention_rows``; per layer
-  of a scanned model with ``scope=umtam_jax.scanned(...)``). FusionBench merges 2-D tensors only, averaging the rest and the keys in its
-  ``exclude_keys`` (which has no counterpart here). The SVD is taken of the matrix as
+  of a scanned model with ``scope=umtam_jax.scanned(...)``). FusionBench merges 2-D
+  tensors only, averaging the rest and the keys in its ``exclude_keys`` (which has no
+  counterpart here). The SVD is taken of the matrix as
   stored; TSV-Merge and Iso-C are invariant under transposing it, Iso-CTS takes the layout
   as a parameter. A stack whose layer axis is not first (MaxText's ``[d_in, L, d_out]``)
   is merged per matrix of its last two axes like any other leaf, which is not per layer:
