@@ -200,7 +200,7 @@ def test_unclear_parameters_are_refused(tmp_path):
         engine.open_source(tmp_path / "a" / "0", "expert 0's")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "b", {"weights": params, "opt_state": state})
-    with pytest.raises(ValueError, match=r"holds 'opt_state' but no 'params'"):
+    with pytest.raises(ValueError, match=r"optimizer state but no 'params' entry"):
         engine.open_source(tmp_path / "b", "expert 0's")
 
 
@@ -242,3 +242,82 @@ def test_only_orbax_folders_are_taken(runs, tmp_path):
     assert not checkpoint.is_orbax_folder(tmp_path / "missing")
     assert checkpoint.is_orbax_folder(runs["root"] / "base")
     assert isinstance(engine.open_source(ours, "the base"), engine.OrbaxSource)
+
+
+def test_a_umtam_jax_checkpoint_missing_its_metadata_is_not_taken_for_plain_orbax(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path / "ours", {"w": np.ones(2, "f4")})
+    shutil.rmtree(path / "umtam_metadata")
+    assert not checkpoint.is_orbax_folder(path)
+    with pytest.raises(FileNotFoundError, match="'umtam_metadata'.*does not exist"):
+        engine.open_source(path, "expert 0's")
+
+
+def test_saved_layouts_without_a_params_entry(tmp_path):
+    params = {"w": jnp.ones((4, 3))}
+    tx = umtam_jax.umtam(1e-2, min_dim_size_to_factor=2)
+    params, state = _train(params, tx, seed=6, steps=1)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "pair", (params, state))  # a tuple: which part is which?
+        ckptr.save(tmp_path / "nested", {"state": {"params": params, "opt_state": state}})
+    with pytest.raises(ValueError, match="holds an optimizer state but no 'params' entry"):
+        engine.open_source(tmp_path / "pair", "expert 0's")
+    source = engine.open_source(tmp_path / "nested", "expert 0's")  # one level down
+    np.testing.assert_array_equal(source.read([0])[0], params["w"])
+    np.testing.assert_array_equal(
+        source.read_statistics([0])[0].row, umtam_jax.statistics(state)["w"].row
+    )
+
+
+def test_value_keys_of_a_plain_tree_are_kept(tmp_path):
+    """Only an nnx state (its optimizer state saved as Variables too) loses its
+    ``value`` keys: a plain tree whose leaves are named ``value`` keeps them."""
+    params = {"attn": {"value": jnp.ones((4, 3))}}
+    tx = umtam_jax.umtam(1e-2, min_dim_size_to_factor=2)
+    params, state = _train(params, tx, seed=7, steps=1)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "e", {"params": params, "opt_state": state})
+    source = engine.open_source(tmp_path / "e", "expert 0's")
+    assert source.abstract()["attn"]["value"].shape == (4, 3)
+    assert source.read_statistics([0])[0].saliency.shape == (4, 3)
+
+
+def test_an_nnx_list_expert_merges_with_a_umtam_jax_base(tmp_path):
+    """Orbax saves an ``nnx.List``'s integer keys as strings; merged with a umtam_jax
+    checkpoint (which keeps them) they take its integers."""
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(11)])
+
+    base = nnx.to_pure_dict(nnx.state(Model(nnx.Rngs(0)), nnx.Param))
+    expert = jax.tree.map(lambda x: x + 1.0, base)
+    checkpoint.save_checkpoint(tmp_path / "base", base)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "e", expert)
+    out = engine.merge_checkpoints(
+        "task_arithmetic", tmp_path / "base", [tmp_path / "e"], tmp_path / "m", progress=False
+    )
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.restore_params(out), expert)
+
+
+def test_nothing_is_written_into_a_checkpoint_managers_folder(runs, tmp_path):
+    """A merge written as a new step of an expert's CheckpointManager folder would be
+    restored by a resumed run and deleted past max_to_keep: refused."""
+    root = runs["root"]
+    with pytest.raises(ValueError, match="folder of an Orbax CheckpointManager"):
+        engine.merge_checkpoints(
+            "task_arithmetic", root / "base", [root / "run0" / "3"], root / "run0" / "4",
+            progress=False,
+        )  # fmt: skip
+    assert sorted(os.listdir(root / "run0")) == ["3"]
+    with pytest.raises(ValueError, match="folder of an Orbax CheckpointManager"):
+        checkpoint.save_checkpoint(root / "run1" / "7", {"w": np.ones(2, "f4")})
+
+
+def test_a_link_into_an_unfinished_save_is_refused(runs, tmp_path):
+    unfinished = tmp_path / "5.orbax-checkpoint-tmp-1"
+    shutil.copytree(runs["root"] / "run0" / "3", unfinished)
+    os.symlink(unfinished, tmp_path / "link")
+    for path in (unfinished / "default", tmp_path / "link"):
+        with pytest.raises(ValueError, match="unfinished Orbax save"):
+            engine.open_source(path, "expert 0's")

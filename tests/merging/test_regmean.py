@@ -446,3 +446,30 @@ def test_linen_attention_grams():
     experts = [jax.tree.map(lambda p, i=i: p + 0.01 * i, params) for i in range(2)]
     merged = merging.regmean(None, experts, [grams, grams])
     assert merged["out"]["kernel"].shape == params["out"]["kernel"].shape
+
+
+def test_dense_general_contracting_axes_in_any_order():
+    """``DenseGeneral(axis=(-1, -2))`` contracts its inputs' last two axes in their own
+    order (Flax sorts them): the Gram's features follow the kernel's rows."""
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(3, axis=(-1, -2), name="proj")(x)
+
+    module = Model()
+    rng = np.random.default_rng(15)
+    batches = [jnp.asarray(rng.standard_normal((4, 2, 5)), jnp.float32) for _ in range(2)]
+    params = module.init(jax.random.key(0), batches[0])["params"]
+    assert params["proj"]["kernel"].shape == (2, 5, 3)
+    grams = merging.input_grams(module, params, batches)
+    x = np.concatenate([np.asarray(b, np.float64).reshape(len(b), -1) for b in batches])
+    np.testing.assert_allclose(np.asarray(grams["proj"]["kernel"]), x.T @ x, rtol=1e-5)
+
+
+def test_experts_giving_a_leaf_grams_of_different_forms_are_refused():
+    base = {"w": np.zeros((4, 2, 2), "f4")}
+    experts = [{"w": np.ones((4, 2, 2), "f4")}, {"w": np.full((4, 2, 2), 2.0, "f4")}]
+    stacked, general = np.stack([np.eye(2, dtype="f4")] * 4), np.eye(4, dtype="f4")
+    with pytest.raises(ValueError, match=r"grams\[1\]\['w'\] has shape \(4, 4\)"):
+        merging.regmean(base, experts, [{"w": stacked}, {"w": general}])

@@ -439,9 +439,15 @@ def test_flax_attention_kernels_are_merged_as_their_projection_matrices(x64, nam
     rng = np.random.default_rng(11)
     shapes = {"query": ((6, 2, 3), (6, 6)), "out": ((2, 3, 6), (6, 6))}
     base = {"attn": {n: {"kernel": rng.standard_normal(s)} for n, (s, _) in shapes.items()}}
+    base["attn"]["query"]["bias"] = rng.standard_normal((2, 3))  # (heads, head_dim)
     experts = [jax.tree.map(lambda x: x + rng.standard_normal(x.shape), base) for _ in range(k)]
     merge = getattr(merging, name)
     got = merge(base, experts, **kwargs)
+    b0 = base["attn"]["query"]["bias"]
+    mean = sum(e["attn"]["query"]["bias"] - b0 for e in experts) / k  # a vector: the mean
+    np.testing.assert_allclose(
+        got["attn"]["query"]["bias"], b0 + kwargs.get("scaling", 1.0) * mean, rtol=1e-12
+    )
     for n, (shape, matrix) in shapes.items():
         ws = [e["attn"][n]["kernel"].reshape(matrix) for e in experts]
         want = REFS[name](base["attn"][n]["kernel"].reshape(matrix), ws, **kwargs)

@@ -34,6 +34,12 @@ Path = tuple[str | int, ...]
 _TREE_METADATA = "_METADATA"  # the file of a PyTree item folder that describes its tree
 
 
+_STEP_METADATA = "_CHECKPOINT_METADATA"  # the file Orbax writes into every saved folder
+# Files only umtam_jax checkpoints hold (a checkpoint that lost its metadata item is
+# still ours: its own reader names what is missing).
+_OURS = (METADATA, "umtam_checksums.json", ".umtam-contents.json")
+
+
 def _is_tree_item(path: epath.Path) -> bool:
     return (path / _TREE_METADATA).is_file()
 
@@ -63,19 +69,47 @@ def is_orbax_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def _kind(folder: epath.Path, depth: int = 0) -> str | None:
-    """``"item"``, ``"step"`` or ``"manager"`` for a folder Orbax wrote, else None."""
+    """``"item"`` (a PyTree item: Orbax's ``_METADATA``), ``"step"`` (a saved folder of
+    items: ``_CHECKPOINT_METADATA`` and item subfolders) or ``"manager"`` (a folder of
+    steps) for a folder Orbax wrote and umtam_jax did not, else None."""
     try:
-        if not folder.is_dir() or (folder / METADATA).exists():
+        if not folder.is_dir() or any((folder / name).exists() for name in _OURS):
             return None
         if _is_tree_item(folder):
             return "item"
-        children = [c for c in folder.iterdir() if c.is_dir()]
-        if any(_is_tree_item(c) for c in children):
-            return "step"
-        if depth == 0 and any(_kind(c, 1) == "step" for c in children):
+        if (folder / _STEP_METADATA).is_file():
+            if any(c.is_dir() and _is_tree_item(c) for c in folder.iterdir()):
+                return "step"
+        elif depth == 0 and any(_kind(c, 1) == "step" for c in folder.iterdir()):
             return "manager"
     except OSError:
         pass
+    return None
+
+
+def manager_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is the folder of an Orbax ``CheckpointManager`` (a folder of its
+    steps), where a new folder would be taken for one of its steps.
+
+    Example:
+      >>> import tempfile, numpy as np, orbax.checkpoint as ocp
+      >>> from umtam_jax.checkpoint._orbax_folders import manager_folder
+      >>> root = tempfile.mkdtemp()
+      >>> with ocp.CheckpointManager(root + "/run") as manager:
+      ...     _ = manager.save(0, args=ocp.args.StandardSave({"w": np.ones(2, "f4")}))
+      >>> manager_folder(root + "/run"), manager_folder(root + "/run/0")
+      (True, False)
+    """
+    return _kind(epath.Path(path)) == "manager"
+
+
+def _unfinished(path: epath.Path) -> epath.Path | None:
+    """The folder of ``path`` (itself or a parent, links resolved) that is an unfinished
+    Orbax save (a temporary folder), or None."""
+    resolved = epath.Path(os.path.realpath(path)) if "://" not in str(path) else path
+    for folder in (path, *path.parents, resolved, *resolved.parents):
+        if _ORBAX_TMP_SUFFIX in folder.name:
+            return folder
     return None
 
 
@@ -142,33 +176,43 @@ class OrbaxFolderReader:
 
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = _absolute(directory)
-        if _ORBAX_TMP_SUFFIX in self.directory.name:
-            raise ValueError(f"{self.directory} is an unfinished Orbax save (a temporary folder)")
+        unfinished = _unfinished(self.directory)
+        if unfinished is not None:
+            raise ValueError(
+                f"{self.directory} is part of an unfinished Orbax save ({unfinished} is a "
+                "temporary folder)"
+            )
         if not self.directory.exists():
             raise FileNotFoundError(f"{self.directory} does not exist")
         if not self.directory.is_dir():
             raise ValueError(f"{self.directory} is a file, not an Orbax checkpoint folder")
-        if _is_tree_item(self.directory):
+        kind = _kind(self.directory)
+        if kind == "item":
             folders = {"": self.directory}
-        else:
+        elif kind == "step":
             folders = {
                 c.name: c
                 for c in sorted(self.directory.iterdir())
                 if c.is_dir() and _ORBAX_TMP_SUFFIX not in c.name and _is_tree_item(c)
             }
-        if not folders:
+        elif kind == "manager":
             steps = sorted(
-                (c.name for c in self.directory.iterdir() if _kind(c, 1) == "step"),
+                (
+                    c.name
+                    for c in self.directory.iterdir()
+                    if _ORBAX_TMP_SUFFIX not in c.name and _kind(c, 1) == "step"
+                ),
                 key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name),
             )
-            if steps:
-                raise FileNotFoundError(
-                    f"{self.directory} is a CheckpointManager's folder, not one of its "
-                    f"checkpoints: give one of its steps ({', '.join(steps)})"
-                )
             raise FileNotFoundError(
-                f"{self.directory} holds no Orbax PyTree item (no {_TREE_METADATA} file in it "
-                "or in a folder of it)"
+                f"{self.directory} is a CheckpointManager's folder, not one of its "
+                f"checkpoints: give one of its steps ({', '.join(steps)})"
+            )
+        else:
+            raise FileNotFoundError(
+                f"{self.directory} is not an Orbax checkpoint (no {_TREE_METADATA} file in it, "
+                f"nor {_STEP_METADATA} and folders holding one; a umtam_jax checkpoint has "
+                "its own reader)"
             )
         self._folders = folders
         #: The item names: ``""`` for a PyTree item folder itself, else its subfolders'.

@@ -173,7 +173,8 @@ def check_target(
     Raises:
       TypeError: ``overwrite`` is not a bool.
       ValueError: an empty name, a symbolic link, a file or a folder that is not a
-        umtam_jax checkpoint (whatever ``overwrite`` says).
+        umtam_jax checkpoint (whatever ``overwrite`` says), a folder inside an Orbax
+        ``CheckpointManager``'s folder.
       NotADirectoryError: a component of the parent path is a file.
       FileExistsError: an existing checkpoint and ``overwrite`` is False.
     """
@@ -196,6 +197,14 @@ def check_target(
             raise ValueError(
                 f"refusing to write checkpoint {directory}: it is a symbolic link "
                 f"(to {os.readlink(directory)}); give the real path"
+            )
+        from umtam_jax.checkpoint._orbax_folders import manager_folder
+
+        if manager_folder(directory.parent):
+            raise ValueError(
+                f"refusing to write checkpoint {directory}: {directory.parent} is the folder "
+                "of an Orbax CheckpointManager, which would take it for one of its steps (a "
+                "resumed run would restore it; max_to_keep would delete it); write elsewhere"
             )
     if not directory.exists() or is_empty_folder(directory):
         return  # an empty folder made for the output holds nothing to lose

@@ -20,6 +20,7 @@ from etils import epath
 from umtam_jax.engine._job import Job, TensorKwargs
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
 from umtam_jax.engine._output import check_output, resolve_output_format, writer
+from umtam_jax.engine._plain_orbax import align_keys
 from umtam_jax.engine._sources import SafetensorsSource, Source, open_source, untie_embeddings
 from umtam_jax.merging import _registry as R
 
@@ -131,6 +132,7 @@ def job_from_paths(
         what = "Fisher" if extra_name == "fisher_dirs" else "curvature"
         extras = [open_source(d, f"expert {i}'s {what}") for i, d in enumerate(extra_dirs)]
     untie_embeddings([base, *experts])
+    align_keys([base, *experts, *(extras if isinstance(extras, list) else [])])
     for expert, extra in zip(experts, extras if isinstance(extras, list) else [], strict=False):
         if isinstance(extra, SafetensorsSource):  # a tied expert's Fishers or curvatures
             extra.tie_like(expert)

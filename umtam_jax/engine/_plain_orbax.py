@@ -55,6 +55,68 @@ def _without_value_wrappers(tree: Any) -> Any:
     return tree
 
 
+def _without_value_wrappers_each(rest: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _without_value_wrappers(v) for k, v in rest.items()}
+
+
+def _is_stored(node: Any) -> bool:
+    return isinstance(node, _Stored)
+
+
+def _flat(tree: Any) -> list[tuple[Any, Any]]:
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stored)[0]
+
+
+def _replaced(tree: Any, part: Any) -> Any:
+    """``tree`` with the subtree ``part`` (found by identity) replaced by None."""
+    if tree is part:
+        return None
+    if isinstance(tree, Mapping):
+        return {k: _replaced(v, part) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_replaced(v, part) for v in tree]
+    return tree
+
+
+def _holds_optimizer(tree: Any) -> bool:
+    """Whether a saved tree looks like it holds an optimizer state: an UMTAM state, an
+    ``opt_state``/``optimizer`` entry, or Adam-like ``mu`` and ``nu`` moments."""
+    from umtam_jax.optimizer._statistics import NO_STATE, statistics
+
+    def walk(node: Any) -> bool:
+        if isinstance(node, Mapping):
+            keys = set(map(str, node))
+            if keys & set(_OPTIMIZER_KEYS) or {"mu", "nu"} <= keys:
+                return True
+            return any(walk(v) for v in node.values())
+        return isinstance(node, list) and any(walk(v) for v in node)
+
+    if walk(tree):
+        return True
+    for candidate in (tree, _without_value_wrappers(tree)):
+        try:
+            statistics(candidate)
+            return True
+        except ValueError as err:
+            if not str(err).startswith(NO_STATE):
+                return True
+    return False
+
+
+def _rekeyed(tree: Any, like: Any) -> Any:
+    """``tree`` with each string key that is a number where ``like`` has that number as
+    an integer key (and not the string) renamed to the integer."""
+    if not isinstance(tree, Mapping) or not isinstance(like, Mapping):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        new = key
+        if isinstance(key, str) and key.isdigit() and key not in like and int(key) in like:
+            new = int(key)
+        out[new] = _rekeyed(value, like.get(new))
+    return out
+
+
 def _struct(tree: Any) -> Any:
     return jax.tree.map(lambda s: s.struct, tree, is_leaf=lambda n: isinstance(n, _Stored))
 
@@ -114,28 +176,31 @@ class PlainOrbaxSource:
         self.directory = self.folder = self.reader.directory
         trees = {item: _stored_tree(self.reader, item) for item in self.reader.items}
         params, rest = self._split(trees, what)
-        self._params = _without_value_wrappers(params)
-        flat = jax.tree_util.tree_flatten_with_path(
-            self._params, is_leaf=lambda n: isinstance(n, _Stored)
-        )[0]
-        for keypath, leaf in flat:
+        # nnx Variables are saved as {"value": array}: the parameters are read as arrays
+        # when the optimizer state beside them (if any) is saved that way too.
+        self._statistics, wrapped = self._find_statistics(rest)
+        self._params = _without_value_wrappers(params) if wrapped is not False else params
+        for keypath, leaf in _flat(self._params):
             if not isinstance(getattr(leaf, "struct", None), jax.ShapeDtypeStruct):
                 kind = type(getattr(leaf, "struct", leaf)).__name__
                 raise ValueError(
                     f"cannot merge {what} checkpoint {self.location}: its parameter "
                     f"{jax.tree_util.keystr(keypath)} is not an array ({kind})"
                 )
+        self._index()
+
+    def _index(self) -> None:
+        """The parameters' leaves and key strings in flattening order, and the statistics
+        node of each key string."""
+        flat = _flat(self._params)
         self._leaves = [leaf for _, leaf in flat]
-        self._statistics = self._find_statistics(rest)
+        self._keys = [jax.tree_util.keystr(kp) for kp, _ in flat]
         self._nodes: dict[str, Any] = {}
         if self._statistics is not None:
-            self._nodes = {
-                jax.tree_util.keystr(kp): node
-                for kp, node in jax.tree_util.tree_flatten_with_path(
-                    self._statistics, is_leaf=_is_statistics_node
-                )[0]
-            }
-        self._keys = [jax.tree_util.keystr(kp) for kp, _ in flat]
+            nodes = jax.tree_util.tree_flatten_with_path(
+                self._statistics, is_leaf=_is_statistics_node
+            )[0]
+            self._nodes = {jax.tree_util.keystr(kp): node for kp, node in nodes}
 
     def _split(self, trees: dict[str, Any], what: str) -> tuple[Any, Any]:
         """(the parameters, the rest of the checkpoint) as trees of :class:`_Stored`."""
@@ -148,32 +213,48 @@ class PlainOrbaxSource:
                 )
             return trees["params"], {k: v for k, v in trees.items() if k != "params"}
         [tree] = trees.values()
-        if isinstance(tree, Mapping):
+        # The parameters' entry, in the saved tree or one level down ({"state": TrainState}).
+        nodes = [tree] + [v for v in tree.values() if isinstance(v, Mapping)] if isinstance(
+            tree, Mapping
+        ) else []  # fmt: skip
+        for node in nodes:
             for key, beside in _PARAMETER_KEYS:
-                if key in tree and (not beside or any(b in tree for b in beside)):
-                    return tree[key], {k: v for k, v in tree.items() if k != key}
-            found = [k for k in _OPTIMIZER_KEYS if k in tree]
-            if found:
-                raise ValueError(
-                    f"cannot merge {what} checkpoint {self.location}: its tree holds "
-                    f"{found[0]!r} but no 'params' (or 'model') entry beside it, so which part "
-                    f"is the parameters is unknown (its keys: {', '.join(map(str, tree))})"
-                )
+                if key in node and (not beside or any(b in node for b in beside)):
+                    params = node[key]
+                    return params, {"": _replaced(tree, params)}
+        if _holds_optimizer(tree):
+            keys = f" (its keys: {', '.join(map(str, tree))})" if isinstance(tree, Mapping) else ""
+            raise ValueError(
+                f"cannot merge {what} checkpoint {self.location}: its saved tree holds an "
+                "optimizer state but no 'params' entry, so which part is the parameters is "
+                f"unknown{keys}; save them as {{'params': ..., 'opt_state': ...}}"
+            )
         return tree, None
 
-    def _find_statistics(self, rest: Any) -> Any:
-        """The statistics tree (leaves :class:`_Stored`) of the UMTAM state in ``rest``."""
+    def _find_statistics(self, rest: Any) -> tuple[Any, bool | None]:
+        """The statistics tree (leaves :class:`_Stored`) of the UMTAM state in ``rest``
+        (or None), and whether it was saved as an nnx state (``{"value": array}``
+        Variables; None without one)."""
         from umtam_jax.optimizer._statistics import NO_STATE, statistics
 
         if rest is None:
-            return None
-        rest = {k: _without_value_wrappers(v) for k, v in rest.items()}
-        try:
-            return statistics(rest)
-        except ValueError as err:
-            if str(err).startswith(NO_STATE):
-                return None
-            raise ValueError(f"the optimizer state of {self.location}: {err}") from None
+            return None, None
+        for wrapped, tree in ((False, rest), (True, _without_value_wrappers_each(rest))):
+            try:
+                return statistics(tree), wrapped
+            except ValueError as err:
+                if not str(err).startswith(NO_STATE):
+                    raise ValueError(f"the optimizer state of {self.location}: {err}") from None
+        return None, None
+
+    def align_keys(self, like: Any) -> None:
+        """Orbax saves integer keys (the layers of an ``nnx.List``) as strings: where
+        ``like`` (the parameters of an input that kept them) has the integer, this source
+        takes it too."""
+        self._params = _rekeyed(self._params, like)
+        if self._statistics is not None:
+            self._statistics = _rekeyed(self._statistics, like)
+        self._index()
 
     def abstract(self) -> Any:
         return _struct(self._params)
@@ -217,6 +298,27 @@ class PlainOrbaxSource:
             type(n)(**{f: read.get((id(n), f)) for f in n._fields})  # None stays None
             for n in nodes
         ]
+
+
+def align_keys(sources: Sequence[Any]) -> None:
+    """Gives the plain Orbax inputs of a merge the integer keys another input kept.
+
+    Orbax saves a dict's integer keys (the layers of an ``nnx.List`` or
+    ``nnx.Sequential``) as strings; a umtam_jax checkpoint keeps them. Where a merge mixes
+    both, each :class:`PlainOrbaxSource` renames its numeric string keys that the first
+    umtam_jax checkpoint among ``sources`` has as integers.
+
+    Args:
+      sources: the merge's inputs (base, experts and per-expert inputs), any kinds.
+    """
+    from umtam_jax.engine._sources import OrbaxSource
+
+    like = next((s.abstract() for s in sources if isinstance(s, OrbaxSource)), None)
+    if like is None:
+        return
+    for source in dict.fromkeys(sources):
+        if isinstance(source, PlainOrbaxSource):
+            source.align_keys(like)
 
 
 def _is_statistics_node(node: Any) -> bool:

@@ -38,7 +38,9 @@ class _Recorder:
         x = jnp.asarray(x)
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         k = len(axes)
-        x = jnp.moveaxis(x, [a % x.ndim for a in axes], list(range(x.ndim - k, x.ndim)))
+        # Flax orders a layer's contracted axes as they lie in its inputs (its kernel's rows).
+        axes = tuple(sorted(a % x.ndim for a in axes))
+        x = jnp.moveaxis(x, axes, list(range(x.ndim - k, x.ndim)))
         x = x.reshape((*x.shape[:-k], math.prod(x.shape[-k:])))
         if self.mask is not None:
             if tuple(self.mask.shape) != tuple(x.shape[:-1]):

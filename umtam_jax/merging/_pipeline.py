@@ -47,7 +47,12 @@ from umtam_jax.merging._select import (
     stack_slices,
     unstack_slices,
 )
-from umtam_jax.optimizer._layout import attention_rows, matrix_view, scanned
+from umtam_jax.optimizer._layout import (
+    attention_rows,
+    is_attention_bias,
+    matrix_view,
+    scanned,
+)
 
 
 def leaf_importances(call: Call, j: int) -> list[jax.Array] | None:
@@ -106,8 +111,8 @@ def _bernoulli_mask(key: jax.Array, t: int, path: str, shape: tuple, p_keep: flo
 
 def leaf_combine(call: Call, j: int, keep: list | None, scores: list | None) -> jax.Array:
     """Step 4: the kernel on leaf ``j`` (on each of its slices for a method whose
-    ``scope`` slices its kernel; on an attention kernel's matrix for a method that
-    decomposes matrices)."""
+    ``scope`` slices its kernel; on an attention projection's matrix or vector for a
+    method that decomposes matrices)."""
     m, p, extras = call.method, call.prepared, call.extras
     base, ws = p.base[j], [w[j] for w in p.experts]
     extra = None if extras is None else [x[j] for x in extras]
@@ -120,24 +125,33 @@ def leaf_combine(call: Call, j: int, keep: list | None, scores: list | None) -> 
 
     if m.matrices:
         shape = tuple(n for i, n in enumerate(base.shape) if i not in batch)
-        rows = attention_rows(p.key_paths[j], shape)
-        if rows is not None:
-            kernel = _on_matrix(kernel, shape, rows)
+        view = _attention_view(p.key_paths[j], shape)
+        if view is not None:
+            kernel = _reshaped(kernel, shape, view)
     if batch:
         return _per_slice(kernel, batch, base, ws, extra)
     return kernel(base, ws, extra)
 
 
-def _on_matrix(kernel: Any, shape: tuple[int, ...], rows: int) -> Any:
-    """``kernel`` on tensors of ``shape`` given as matrices of their first ``rows`` axes
-    by the others (their ``extra`` inputs, PRNG keys, as they are)."""
-    matrix = (math.prod(shape[:rows]), math.prod(shape[rows:]))
+def _attention_view(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape a Flax attention projection's leaf is merged as by a method that
+    decomposes matrices, as PyTorch stores it: a 3-axis kernel as one matrix
+    (:func:`~umtam_jax.optimizer._layout.attention_rows`), a ``(heads, head_dim)``
+    query/key/value bias as one vector; None for other leaves."""
+    rows = attention_rows(path, shape)
+    if rows is not None:
+        return (math.prod(shape[:rows]), math.prod(shape[rows:]))
+    return (math.prod(shape),) if is_attention_bias(path, shape) else None
 
-    def on_matrix(b: jax.Array, xs: list, ex: list | None) -> jax.Array:
-        out = kernel(b.reshape(matrix), [x.reshape(matrix) for x in xs], ex)
-        return out.reshape(shape)
 
-    return on_matrix
+def _reshaped(kernel: Any, shape: tuple[int, ...], view: tuple[int, ...]) -> Any:
+    """``kernel`` on tensors of ``shape`` given in the shape ``view`` (their ``extra``
+    inputs, PRNG keys, as they are)."""
+
+    def on_view(b: jax.Array, xs: list, ex: list | None) -> jax.Array:
+        return kernel(b.reshape(view), [x.reshape(view) for x in xs], ex).reshape(shape)
+
+    return on_view
 
 
 def _per_slice(

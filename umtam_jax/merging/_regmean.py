@@ -166,6 +166,11 @@ def _check(call: pipeline.Call) -> None:
                     f"grams[{lacking}]{path} is missing while grams[{given}]{path} is given: "
                     "every expert needs a Gram at the same leaves"
                 )
+            if g is not None and tuple(g.shape) != tuple(g0.shape):
+                raise ValueError(
+                    f"grams[{i}]{path} has shape {tuple(g.shape)} but grams[0]{path} has "
+                    f"{tuple(g0.shape)}: every expert's Gram of a leaf has one form"
+                )
     V.check_convex_weights(call.options["weights"])
 
 

@@ -12,7 +12,8 @@ differences are listed in each docstring. Shared rules:
   as PyTorch stores it: ``query``/``key``/``value`` ``(in, heads, head_dim)`` as
   ``(in, heads · head_dim)``, ``out`` ``(heads, head_dim, out)`` as
   ``(heads · head_dim, out)`` (``umtam_jax.optimizer._layout.attention_rows``; per layer
-  of a scanned model with ``scope=umtam_jax.scanned(...)``). FusionBench merges 2-D
+  of a scanned model with ``scope=umtam_jax.scanned(...)``), and a query/key/value
+  ``(heads, head_dim)`` bias, one vector. FusionBench merges 2-D
   tensors only, averaging the rest and the keys in its ``exclude_keys`` (which has no
   counterpart here). The SVD is taken of the matrix as
   stored; TSV-Merge and Iso-C are invariant under transposing it, Iso-CTS takes the layout

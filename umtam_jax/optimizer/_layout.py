@@ -105,6 +105,23 @@ def attention_rows(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | None:
     return 2 if module == _ATTENTION_OUTPUT else None
 
 
+def is_attention_bias(path: tuple[Any, ...], shape: tuple[int, ...]) -> bool:
+    """Whether a leaf is the ``(heads, head_dim)`` bias of a Flax attention ``query``,
+    ``key`` or ``value`` projection (one vector of ``heads · head_dim`` entries).
+
+    Example:
+      >>> import jax
+      >>> from umtam_jax.optimizer._layout import is_attention_bias
+      >>> path = tuple(jax.tree_util.DictKey(n) for n in ("attn", "query", "bias"))
+      >>> is_attention_bias(path, (8, 64)), is_attention_bias(path[1:], (64,))
+      (True, False)
+    """
+    if len(shape) != 2 or len(path) < 2:
+        return False
+    module, leaf = (str(_pytrees.key_name(k)) for k in path[-2:])
+    return leaf == "bias" and module in _ATTENTION_INPUTS
+
+
 def default_row_axes(path: tuple[Any, ...], shape: tuple[int, ...]) -> int:
     """Default view: one matrix, fan-in × fan-out.
 
