@@ -494,3 +494,62 @@ def test_empty_leaves_get_empty_updates_and_leave_the_others_unchanged():
             chex.assert_trees_all_equal(updates[name], updates_e[name])
         params = optax.apply_updates(params, updates)
         with_empty = optax.apply_updates(with_empty, updates_e)
+
+
+# ------------------------------------------------------------------ hyper-parameter dtypes
+
+
+def _inject(**kwargs):
+    return optax.inject_hyperparams(
+        umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS, **kwargs
+    )(learning_rate=1e-2, **SMALL)
+
+
+def test_injected_16_bit_hyper_parameters_are_refused_naming_the_fix():
+    """``inject_hyperparams`` gives hyper-parameters the parameters' dtype: in bfloat16
+    ``b2=0.999`` is 1.0 (the second moments would freeze), so it is refused, under jit
+    too; ``hyperparam_dtype=jnp.float32`` gives the updates of the plain transform."""
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+    for init in (_inject().init, jax.jit(_inject().init)):
+        with pytest.raises(TypeError, match="hyperparam_dtype=jnp.float32"):
+            init(params)
+    injected, _, _ = _run(_inject(hyperparam_dtype=jnp.float32), params, steps=3)
+    plain, _, _ = _run(umtam_jax.umtam(1e-2, **SMALL), params, steps=3)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x.astype(jnp.float32), injected[-1]),
+        jax.tree.map(lambda x: x.astype(jnp.float32), plain[-1]),
+        rtol=2e-2,
+        atol=1e-4,
+    )
+
+
+def test_float64_hyper_parameters_of_float32_leaves_in_x64_mode():
+    """NumPy float64 options, and ``inject_hyperparams`` on a tree with a float64 leaf
+    (which makes every injected value float64), keep a float32 leaf's state float32."""
+    with jax.enable_x64(True):
+        params = _params()
+        numpy_opts = umtam_jax.umtam(1e-2, clip_threshold=np.float64(1.0), eps=np.float64(1e-8))
+        plain = umtam_jax.umtam(1e-2, clip_threshold=1.0, eps=1e-8)
+        got, _, _ = _run(numpy_opts, params, steps=2)
+        want, _, _ = _run(plain, params, steps=2)
+        chex.assert_trees_all_equal(got[-1], want[-1])
+        mixed = {**params, "wide": jnp.ones((16, 12), jnp.float64)}
+        opt = _inject()
+        state = opt.init(mixed)
+        for t in range(2):
+            _, new = jax.jit(opt.update)(_grads(mixed, t), state, mixed)
+            chex.assert_trees_all_equal_dtypes(new, state)
+            state = new
+
+
+def test_oversampling_wider_than_the_matrix_is_capped():
+    """Lean mode with ``rank + oversampling`` above the smaller side: the sketch keeps
+    min(m, n) columns, which span the whole row space, so the subspace method's factors
+    are the exact SVD's (they failed to trace: the cold start's branches had two widths)."""
+    params = {"w": jnp.asarray(np.random.default_rng(3).normal(size=(9, 4)), jnp.float32)}
+    common = dict(rank=3, error_decay=0.0, min_dim_size_to_factor=2)
+    sub = umtam_jax.umtam(1e-2, oversampling=2, svd_method="subspace", **common)
+    exact = umtam_jax.umtam(1e-2, svd_method="exact", **common)
+    got, _, _ = _run(sub, params, steps=3)
+    want, _, _ = _run(exact, params, steps=3)
+    chex.assert_trees_all_close(got[-1], want[-1], rtol=1e-4, atol=1e-7)

@@ -49,11 +49,45 @@ class Config:
     group_leaves: bool = False
 
     def __post_init__(self) -> None:
-        # NumPy integers and bools stand for Python ones (as optax's options take them).
+        # NumPy integers, bools and reals stand for Python ones (as optax's options take
+        # them): a float64 one would otherwise turn float32 computations into float64
+        # ones under jax_enable_x64. 16-bit reals are left to validate, which refuses them.
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, np.integer | np.bool_):
                 object.__setattr__(self, field.name, value.item())
+            elif (
+                isinstance(value, np.generic | np.ndarray)
+                and np.ndim(value) == 0
+                and np.issubdtype(value.dtype, np.floating)
+                and value.dtype.itemsize >= 4
+            ):
+                object.__setattr__(self, field.name, float(value))
+
+
+#: The real-valued hyper-parameters (``optax.inject_hyperparams`` may trace them).
+FLOAT_HYPERPARAMS = (
+    "b1",
+    "b2",
+    "eps",
+    "error_decay",
+    "clip_threshold",
+    "saliency_decay",
+    "rank_grow_threshold",
+    "rank_shrink_threshold",
+)
+
+
+def in_dtype(cfg: Config, dtype: Any) -> Config:
+    """``cfg`` with its array-valued real hyper-parameters (injected ones) in ``dtype``,
+    a leaf's compute dtype: a float64 one injected for a mixed tree would otherwise make
+    a float32 leaf's computations float64 (and the branches of its conditionals differ)."""
+    changes: dict[str, Any] = {
+        name: jnp.asarray(value, dtype)
+        for name in FLOAT_HYPERPARAMS
+        if isinstance(value := getattr(cfg, name), jax.Array | np.ndarray | np.generic)
+    }
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 SEED_RANGE = (-(2**63), 2**63 - 1)
@@ -112,6 +146,13 @@ def concrete(name: str, value: Any) -> float | None:
         raise TypeError(
             f"{name} must be a real number (a Python int or float, or a NumPy / JAX scalar), "
             f"got {value!r} ({type(value).__name__})"
+        )
+    if is_scalar and jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize < 4:
+        raise TypeError(
+            f"{name} is a {value.dtype} scalar: 16-bit floats are too coarse for UMTAM's "
+            "hyper-parameters (b2=0.999 rounds to 1.0 in bfloat16, eps=1e-8 to 0.0 in "
+            "float16); optax.inject_hyperparams gives them the parameters' dtype: pass it "
+            "hyperparam_dtype=jnp.float32"
         )
     if isinstance(value, jax.core.Tracer):
         return None

@@ -197,10 +197,14 @@ def subspace_svd_many(
     omegas = []
     for i, (matrix, warm) in enumerate(zip(matrices, warm_starts, strict=True)):
         omega = warm.astype(matrix.dtype)
-        if oversampling:
+        # At most min(m, n) columns in all: a wider sketch would lose columns to the QR
+        # (its basis has min(m, n)), and the sketch's width would change between steps.
+        m = jax.eval_shape(matmul_any, matrix, omega, splits[i]).shape[-2]
+        extra = max(0, min(oversampling, min(m, warm.shape[-2]) - warm.shape[-1]))
+        if extra:
             if keys is None:
                 raise ValueError("oversampling > 0 needs PRNG keys for the fresh sketch columns")
-            shape, dtype = (warm.shape[-2], oversampling), matrix.dtype  # n rows, as V
+            shape, dtype = (warm.shape[-2], extra), matrix.dtype  # n rows, as V
             normal = functools.partial(jax.random.normal, shape=shape, dtype=dtype)
             for _ in range(keys[i].ndim):  # a stack of matrices draws with a stack of keys
                 normal = jax.vmap(normal)

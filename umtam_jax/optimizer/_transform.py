@@ -26,7 +26,7 @@ from umtam_jax.optimizer._axis_order import (
     stored_state,
     to_canonical,
 )
-from umtam_jax.optimizer._config import Config, as_dtype, validate
+from umtam_jax.optimizer._config import Config, as_dtype, compute_dtype, in_dtype, validate
 from umtam_jax.optimizer._decomposition import new_factors
 from umtam_jax.optimizer._dense import init_dense, update_dense
 from umtam_jax.optimizer._eager import eager_update
@@ -263,6 +263,7 @@ def scale_by_umtam(
 
 def _init_leaf(cfg: Config, index: int, path: tuple[Any, ...], param: jax.Array) -> Any:
     """Leaf ``index``'s initial state, in the parameter's axis order."""
+    cfg = in_dtype(cfg, compute_dtype(param.dtype))
     leaf_layout = _leaf_layout(cfg, path, param.shape)
     canonical = to_canonical(param, leaf_layout.perm)
     leaf: LeafState
@@ -326,11 +327,14 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
     directions: list[Any] = [None] * len(grads)
     new_states: list[Any] = [None] * len(grads)
     pending, requests = [], []  # factored leaves wait for step 3, done for all at once
+    group_cfgs = {}  # the options in each group's compute dtype (injected ones cast)
     for members in leaf_groups(cfg, layouts, grads, param_leaves, leaf_states):
         leaf_layout = layouts[members[0]]
+        group_cfg = in_dtype(cfg, compute_dtype(param_leaves[members[0]].dtype))
+        group_cfgs[members[0]] = group_cfg
         args: list[tuple[Any, ...]] = [(grads[i], param_leaves[i], leaf_states[i]) for i in members]
         if leaf_layout.row_axes is None:
-            dense = functools.partial(update_dense, cfg)
+            dense = functools.partial(update_dense, group_cfg)
             if leaf_layout.batch_axes:  # one clipping norm and ε_t per slice
                 out = on_batch(leaf_layout, dense, args[0], count)
                 directions[members[0]] = out[0].astype(grads[members[0]].dtype)
@@ -341,7 +345,7 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
                 directions[i], new_states[i] = d.astype(grads[i].dtype), new
             continue
         keys = [jax.random.fold_in(_update_stream(base_key, i), count) for i in members]
-        request_fn = functools.partial(factored_request, cfg, leaf_layout)
+        request_fn = functools.partial(factored_request, group_cfg, leaf_layout)
         if leaf_layout.batch_axes:  # a stack of matrices in one leaf: mapped over its batch
             ((g, w, leaf_state),) = args
             view = batch_view(leaf_layout, w)
@@ -362,7 +366,8 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
     for (members, leaf_layout, carry), factors in zip(
         pending, new_factors(cfg, requests, count), strict=True
     ):
-        finish = functools.partial(factored_finish, cfg, leaf_layout, count=count)
+        group_cfg = group_cfgs[members[0]]
+        finish = functools.partial(factored_finish, group_cfg, leaf_layout, count=count)
         if leaf_layout.batch_axes:
             out = map_batch(leaf_layout, finish, (0, 0))(carry, factors)
             original = layouts[members[0]]
@@ -374,7 +379,7 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
         else:
             outs = unstacked(jax.vmap(finish)(carry, factors), len(members))
             outs = [
-                (d, with_saliency(cfg, new, param_leaves[i], leaf_states[i]))
+                (d, with_saliency(group_cfg, new, param_leaves[i], leaf_states[i]))
                 for i, (d, new) in zip(members, outs, strict=True)
             ]
         for i, (d, new) in zip(members, outs, strict=True):
