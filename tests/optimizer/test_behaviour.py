@@ -198,9 +198,9 @@ def test_a_transform_with_an_unhashable_layout_compiles_its_eager_update_once(ca
 
 
 def test_equal_options_of_other_types_do_not_share_an_eager_compilation():
-    """``np.float64(0.5) == 0.5`` (same hash), yet under x64 the first makes the state
-    float64 and the second keeps it float32: each configuration's eager update equals its
-    own jitted one, dtypes included, whichever ran first."""
+    """``np.float64(0.5) == 0.5`` (same hash): under x64 both keep a float32 leaf's state
+    float32 (the NumPy option is read as the Python float), and each configuration's
+    eager update equals its own jitted one, dtypes included, whichever ran first."""
     with jax.enable_x64(True):
         params = jax.tree.map(lambda x: x.astype(jnp.float32), _params())
         for b2 in (0.5, np.float64(0.5)):
@@ -210,6 +210,7 @@ def test_equal_options_of_other_types_do_not_share_an_eager_compilation():
             jitted = jax.jit(opt.update)(_grads(params, 0), state, params)
             chex.assert_trees_all_equal(eager, jitted)
             chex.assert_trees_all_equal_dtypes(eager, jitted)
+            chex.assert_trees_all_equal_dtypes(eager[1], state)
 
 
 def _spy_compilations(monkeypatch) -> list:

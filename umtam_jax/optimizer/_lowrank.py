@@ -8,6 +8,7 @@ k×k LAPACK calls (:mod:`._orthonormalize`); :func:`exact_svd` is the reference.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -199,7 +200,8 @@ def subspace_svd_many(
         omega = warm.astype(matrix.dtype)
         # At most min(m, n) columns in all: a wider sketch would lose columns to the QR
         # (its basis has min(m, n)), and the sketch's width would change between steps.
-        m = jax.eval_shape(matmul_any, matrix, omega, splits[i]).shape[-2]
+        stack, k = warm.ndim - 2, splits[i]  # stacked matrices; N-D layout's row axes
+        m = matrix.shape[-2] if k is None else math.prod(matrix.shape[stack : stack + k])
         extra = max(0, min(oversampling, min(m, warm.shape[-2]) - warm.shape[-1]))
         if extra:
             if keys is None:
