@@ -300,18 +300,26 @@ def test_an_nnx_list_expert_merges_with_a_umtam_jax_base(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, checkpoint.restore_params(out), expert)
 
 
-def test_nothing_is_written_into_a_checkpoint_managers_folder(runs, tmp_path):
-    """A merge written as a new step of an expert's CheckpointManager folder would be
-    restored by a resumed run and deleted past max_to_keep: refused."""
+def test_nothing_is_written_as_a_step_or_inside_an_orbax_checkpoint(runs, tmp_path):
+    """A merge written as a new step beside an expert's CheckpointManager steps would be
+    restored by a resumed run and deleted past max_to_keep, one written inside a step is
+    deleted with it: both refused. Other names in the manager's folder are not steps."""
     root = runs["root"]
-    with pytest.raises(ValueError, match="folder of an Orbax CheckpointManager"):
+    with pytest.raises(ValueError, match="is a step of the CheckpointManager"):
         engine.merge_checkpoints(
             "task_arithmetic", root / "base", [root / "run0" / "3"], root / "run0" / "4",
             progress=False,
         )  # fmt: skip
     assert sorted(os.listdir(root / "run0")) == ["3"]
-    with pytest.raises(ValueError, match="folder of an Orbax CheckpointManager"):
-        checkpoint.save_checkpoint(root / "run1" / "7", {"w": np.ones(2, "f4")})
+    with pytest.raises(ValueError, match="inside the Orbax checkpoint"):
+        checkpoint.save_checkpoint(root / "run1" / "3" / "merged", {"w": np.ones(2, "f4")})
+    with pytest.raises(ValueError, match="inside the Orbax checkpoint"):
+        checkpoint.save_checkpoint(root / "base" / "merged", {"w": np.ones(2, "f4")})
+    shutil.copytree(root / "run0", tmp_path / "run")
+    merged = checkpoint.save_checkpoint(tmp_path / "run" / "merged", {"w": np.ones(2, "f4")})
+    with ocp.CheckpointManager(tmp_path / "run") as manager:
+        assert manager.all_steps() == [3]  # not taken for a step
+    assert merged.exists()
 
 
 def test_a_link_into_an_unfinished_save_is_refused(runs, tmp_path):

@@ -473,3 +473,18 @@ def test_experts_giving_a_leaf_grams_of_different_forms_are_refused():
     stacked, general = np.stack([np.eye(2, dtype="f4")] * 4), np.eye(4, dtype="f4")
     with pytest.raises(ValueError, match=r"grams\[1\]\['w'\] has shape \(4, 4\)"):
         merging.regmean(base, experts, [{"w": stacked}, {"w": general}])
+
+
+def test_a_layer_with_batch_axes_gets_no_gram_and_the_others_do():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.per_head = nnx.LinearGeneral(3, 2, batch_axis={0: 4}, rngs=rngs)
+            self.head = nnx.Linear(2, 1, rngs=rngs)
+
+        def __call__(self, x):  # x: (4, batch, 3)
+            return self.head(self.per_head(x))
+
+    batches = [jnp.ones((4, 5, 3))]
+    grams = merging.input_grams(Model(nnx.Rngs(0)), None, batches)
+    assert grams["per_head"]["kernel"] is None
+    assert grams["head"]["kernel"].shape == (2, 2)

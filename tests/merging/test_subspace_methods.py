@@ -460,3 +460,19 @@ def test_flax_attention_kernels_are_merged_as_their_projection_matrices(x64, nam
         chex.assert_trees_all_close(
             jax.tree.map(lambda x, i=i: x[i], layers), got, rtol=1e-10, atol=1e-12
         )
+
+
+def test_a_stacked_kernel_named_out_is_merged_per_layer():
+    """``(L, in, out)`` under ``out`` with ``L · in ≠ out`` is a stack (an ``nn.scan``-ned
+    Dense), merged per layer as other stacks, not as one attention matrix."""
+    rng = np.random.default_rng(16)
+    base = {"blocks": {"out": {"kernel": rng.standard_normal((3, 4, 5)).astype("f4")}}}
+    experts = [jax.tree.map(lambda x: x + rng.standard_normal(x.shape).astype("f4"), base)]
+    experts.append(jax.tree.map(lambda x: x + rng.standard_normal(x.shape).astype("f4"), base))
+    got = merging.iso_c(base, experts)["blocks"]["out"]["kernel"]
+    for i in range(3):
+        alone = merging.iso_c(
+            {"w": base["blocks"]["out"]["kernel"][i]},
+            [{"w": e["blocks"]["out"]["kernel"][i]} for e in experts],
+        )["w"]
+        np.testing.assert_allclose(got[i], alone, rtol=1e-6, atol=1e-6)

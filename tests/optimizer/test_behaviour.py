@@ -514,6 +514,8 @@ def test_injected_16_bit_hyper_parameters_are_refused_naming_the_fix():
     for init in (_inject().init, jax.jit(_inject().init)):
         with pytest.raises(TypeError, match="hyperparam_dtype=jnp.float32"):
             init(params)
+    plain_16 = umtam_jax.umtam(jnp.bfloat16(1e-2), **SMALL)  # applied by Optax: allowed
+    plain_16.update(_grads(params, 0), plain_16.init(params), params)
     injected, _, _ = _run(_inject(hyperparam_dtype=jnp.float32), params, steps=3)
     plain, _, _ = _run(umtam_jax.umtam(1e-2, **SMALL), params, steps=3)
     chex.assert_trees_all_close(

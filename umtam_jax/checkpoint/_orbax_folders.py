@@ -13,6 +13,7 @@ Orbax itself does not notice cannot be detected (a umtam_jax checkpoint can).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,20 +88,48 @@ def _kind(folder: epath.Path, depth: int = 0) -> str | None:
     return None
 
 
-def manager_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is the folder of an Orbax ``CheckpointManager`` (a folder of its
-    steps), where a new folder would be taken for one of its steps.
+_STEP_NAME = re.compile(r"(?:(.*)_)?(\d+)")  # a CheckpointManager's step: [prefix_]number
+
+
+def orbax_conflict(path: epath.Path) -> str | None:
+    """Why writing ``path`` would put it in Orbax's hands, or None.
+
+    A folder inside a checkpoint Orbax wrote (an item or a step, which Orbax replaces and
+    deletes whole: a ``CheckpointManager`` past ``max_to_keep``), or a folder named as the
+    ``CheckpointManager`` whose steps lie beside it names its steps (``7``,
+    ``checkpoint_7``), which it would take for one of them (a resumed run would restore
+    it). Only the parents are looked at, and the siblings of a step-like name.
 
     Example:
       >>> import tempfile, numpy as np, orbax.checkpoint as ocp
-      >>> from umtam_jax.checkpoint._orbax_folders import manager_folder
-      >>> root = tempfile.mkdtemp()
-      >>> with ocp.CheckpointManager(root + "/run") as manager:
+      >>> from etils import epath
+      >>> from umtam_jax.checkpoint._orbax_folders import orbax_conflict
+      >>> run = epath.Path(tempfile.mkdtemp()) / "run"
+      >>> with ocp.CheckpointManager(run) as manager:
       ...     _ = manager.save(0, args=ocp.args.StandardSave({"w": np.ones(2, "f4")}))
-      >>> manager_folder(root + "/run"), manager_folder(root + "/run/0")
-      (True, False)
+      >>> orbax_conflict(run / "merged") is None, orbax_conflict(run / "1") is not None
+      (True, True)
+      >>> "inside" in orbax_conflict(run / "0" / "merged")
+      True
     """
-    return _kind(epath.Path(path)) == "manager"
+    for parent in path.parents:
+        if (parent / _STEP_METADATA).is_file() or _is_tree_item(parent):
+            return (
+                f"it would lie inside the Orbax checkpoint {parent}, which Orbax replaces "
+                "and deletes whole"
+            )
+    step = _STEP_NAME.fullmatch(path.name)
+    if step is None or not path.parent.is_dir():
+        return None
+    for sibling in path.parent.iterdir():
+        other = _STEP_NAME.fullmatch(sibling.name)
+        if other and other.group(1) == step.group(1) and _kind(sibling, 1) == "step":
+            return (
+                f"its name is a step of the CheckpointManager whose steps lie beside it "
+                f"({sibling}), which would take it for one (a resumed run would restore it, "
+                "max_to_keep would delete it)"
+            )
+    return None
 
 
 def _unfinished(path: epath.Path) -> epath.Path | None:

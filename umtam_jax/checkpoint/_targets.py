@@ -173,8 +173,8 @@ def check_target(
     Raises:
       TypeError: ``overwrite`` is not a bool.
       ValueError: an empty name, a symbolic link, a file or a folder that is not a
-        umtam_jax checkpoint (whatever ``overwrite`` says), a folder inside an Orbax
-        ``CheckpointManager``'s folder.
+        umtam_jax checkpoint (whatever ``overwrite`` says), a folder inside a checkpoint
+        Orbax wrote or named as a step beside a ``CheckpointManager``'s steps.
       NotADirectoryError: a component of the parent path is a file.
       FileExistsError: an existing checkpoint and ``overwrite`` is False.
     """
@@ -198,13 +198,12 @@ def check_target(
                 f"refusing to write checkpoint {directory}: it is a symbolic link "
                 f"(to {os.readlink(directory)}); give the real path"
             )
-        from umtam_jax.checkpoint._orbax_folders import manager_folder
+        from umtam_jax.checkpoint._orbax_folders import orbax_conflict
 
-        if manager_folder(directory.parent):
+        conflict = orbax_conflict(directory)
+        if conflict is not None:
             raise ValueError(
-                f"refusing to write checkpoint {directory}: {directory.parent} is the folder "
-                "of an Orbax CheckpointManager, which would take it for one of its steps (a "
-                "resumed run would restore it; max_to_keep would delete it); write elsewhere"
+                f"refusing to write checkpoint {directory}: {conflict}; write elsewhere"
             )
     if not directory.exists() or is_empty_folder(directory):
         return  # an empty folder made for the output holds nothing to lose

@@ -69,15 +69,13 @@ def _name(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
-def _contracted_axes(layer: Any) -> tuple[int, ...]:
+def _contracted_axes(layer: Any) -> tuple[int, ...] | None:
     """The input axes a linear layer contracts: the last for ``nnx.Linear`` and
-    ``linen.Dense``, ``axis`` for ``nnx.LinearGeneral`` and ``linen.DenseGeneral``, whose
-    batch axes (a kernel per index) are refused."""
+    ``linen.Dense``, ``axis`` for ``nnx.LinearGeneral`` and ``linen.DenseGeneral``; None
+    for one with batch axes (a kernel per batch index), which gets no Gram (RegMean then
+    averages it)."""
     if getattr(layer, "batch_axis", None) or getattr(layer, "batch_dims", None):
-        raise ValueError(
-            f"input_grams cannot record {type(layer).__name__} layers with batch axes "
-            "(one kernel per batch index)"
-        )
+        return None
     axis = getattr(layer, "axis", -1)
     return tuple(axis) if isinstance(axis, tuple | list) else (axis,)
 
@@ -91,7 +89,9 @@ def _recording_class(cls: type) -> type:
             recorder = _RECORDER.get()
             if id(self) not in recorder.paths:  # a copy made by an nnx transform
                 raise ValueError("input_grams cannot see linear layers inside nnx transforms")
-            recorder.add(recorder.paths[id(self)], inputs, _contracted_axes(self))
+            axes = _contracted_axes(self)
+            if axes is not None:
+                recorder.add(recorder.paths[id(self)], inputs, axes)
             return cls.__call__(self, inputs, *args, **kwargs)
 
         _RECORDING[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
@@ -191,8 +191,9 @@ def input_grams(
         def intercept(next_fun, a, kwargs, context):
             linear = isinstance(context.module, nn.Dense | nn.DenseGeneral)
             if linear and context.method_name == "__call__":
-                layer = context.module
-                _RECORDER.get().add(tuple(layer.path), a[0], _contracted_axes(layer))
+                layer, axes = context.module, _contracted_axes(context.module)
+                if axes is not None:
+                    _RECORDER.get().add(tuple(layer.path), a[0], axes)
             return next_fun(*a, **kwargs)
 
         def forward(p: Any, batch: Any) -> None:

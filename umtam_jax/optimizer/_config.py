@@ -147,7 +147,8 @@ def concrete(name: str, value: Any) -> float | None:
             f"{name} must be a real number (a Python int or float, or a NumPy / JAX scalar), "
             f"got {value!r} ({type(value).__name__})"
         )
-    if is_scalar and jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize < 4:
+    coarse = is_scalar and jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize < 4
+    if coarse and name in FLOAT_HYPERPARAMS:  # the learning rate is applied by Optax
         raise TypeError(
             f"{name} is a {value.dtype} scalar: 16-bit floats are too coarse for UMTAM's "
             "hyper-parameters (b2=0.999 rounds to 1.0 in bfloat16, eps=1e-8 to 0.0 in "

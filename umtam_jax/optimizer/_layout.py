@@ -75,7 +75,9 @@ def attention_rows(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | None:
     ``query``, ``key`` or ``value`` is ``(in, heads, head_dim)`` when its first axis is
     longer than its second (a layer-stacked ``[L, in, out]`` kernel of that name, with
     fewer layers than inputs, is not), one matrix ``(in, heads · head_dim)``; a ``kernel``
-    under ``out`` is ``(heads, head_dim, out)``, one matrix ``(heads · head_dim, out)``.
+    under ``out`` is ``(heads, head_dim, out)`` when ``heads · head_dim = out`` (the
+    default of both layers; a stacked ``[L, in, out]`` kernel of that name is not), one
+    matrix ``(heads · head_dim, out)``.
 
     Args:
       path: the leaf's key path.
@@ -92,6 +94,8 @@ def attention_rows(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | None:
       1
       >>> attention_rows(key("attn", "out", "kernel"), (8, 64, 512))
       2
+      >>> attention_rows(key("blocks", "out", "kernel"), (12, 512, 2048)) is None  # [L, in, out]
+      True
       >>> attention_rows(key("mlp", "kernel"), (8, 64, 512)) is None
       True
     """
@@ -102,7 +106,7 @@ def attention_rows(path: tuple[Any, ...], shape: tuple[int, ...]) -> int | None:
         return None
     if module in _ATTENTION_INPUTS and shape[0] > shape[1]:
         return 1
-    return 2 if module == _ATTENTION_OUTPUT else None
+    return 2 if module == _ATTENTION_OUTPUT and shape[0] * shape[1] == shape[2] else None
 
 
 def is_attention_bias(path: tuple[Any, ...], shape: tuple[int, ...]) -> bool:
