@@ -305,7 +305,7 @@ def test_nothing_is_written_as_a_step_or_inside_an_orbax_checkpoint(runs, tmp_pa
     restored by a resumed run and deleted past max_to_keep, one written inside a step is
     deleted with it: both refused. Other names in the manager's folder are not steps."""
     root = runs["root"]
-    with pytest.raises(ValueError, match="is a step of the CheckpointManager"):
+    with pytest.raises(ValueError, match="is that of a step of the CheckpointManager"):
         engine.merge_checkpoints(
             "task_arithmetic", root / "base", [root / "run0" / "3"], root / "run0" / "4",
             progress=False,
@@ -329,3 +329,22 @@ def test_a_link_into_an_unfinished_save_is_refused(runs, tmp_path):
     for path in (unfinished / "default", tmp_path / "link"):
         with pytest.raises(ValueError, match="unfinished Orbax save"):
             engine.open_source(path, "expert 0's")
+
+
+def test_prefixed_and_padded_steps_and_links_into_a_step(tmp_path):
+    options = ocp.CheckpointManagerOptions(step_prefix="checkpoint", step_format_fixed_length=4)
+    with ocp.CheckpointManager(tmp_path / "run", options=options) as manager:
+        manager.save(3, args=ocp.args.StandardSave({"w": np.ones(2, "f4")}))
+        manager.wait_until_finished()
+    assert os.listdir(tmp_path / "run") == ["checkpoint_0003"]
+    params = {"w": np.ones(2, "f4")}
+    with pytest.raises(ValueError, match="is that of a step"):
+        checkpoint.save_checkpoint(tmp_path / "run" / "checkpoint_0004", params)
+    checkpoint.save_checkpoint(tmp_path / "run" / "other_0004", params)  # another prefix
+    os.symlink(tmp_path / "run" / "checkpoint_0003" / "default", tmp_path / "link")
+    with pytest.raises(ValueError, match="inside the Orbax checkpoint"):
+        checkpoint.save_checkpoint(tmp_path / "link" / "merged", params)
+    ours = checkpoint.save_checkpoint(tmp_path / "ours", params)
+    assert not checkpoint.is_orbax_folder(ours / "params")  # an item of a umtam_jax one
+    with pytest.raises(ValueError, match="inside the umtam_jax checkpoint"):
+        checkpoint.save_checkpoint(ours / "params" / "x", params)

@@ -35,7 +35,8 @@ Path = tuple[str | int, ...]
 _TREE_METADATA = "_METADATA"  # the file of a PyTree item folder that describes its tree
 
 
-_STEP_METADATA = "_CHECKPOINT_METADATA"  # the file Orbax writes into every saved folder
+# The file Orbax writes into every folder it saves (umtam_jax checkpoints included).
+_STEP_METADATA = "_CHECKPOINT_METADATA"
 # Files only umtam_jax checkpoints hold (a checkpoint that lost its metadata item is
 # still ours: its own reader names what is missing).
 _OURS = (METADATA, "umtam_checksums.json", ".umtam-contents.json")
@@ -74,8 +75,11 @@ def _kind(folder: epath.Path, depth: int = 0) -> str | None:
     items: ``_CHECKPOINT_METADATA`` and item subfolders) or ``"manager"`` (a folder of
     steps) for a folder Orbax wrote and umtam_jax did not, else None."""
     try:
-        if not folder.is_dir() or any((folder / name).exists() for name in _OURS):
+        if not folder.is_dir():
             return None
+        for ours in (folder, folder.parent):  # a umtam_jax checkpoint, or one of its items
+            if any((ours / name).exists() for name in _OURS):
+                return None
         if _is_tree_item(folder):
             return "item"
         if (folder / _STEP_METADATA).is_file():
@@ -92,13 +96,14 @@ _STEP_NAME = re.compile(r"(?:(.*)_)?(\d+)")  # a CheckpointManager's step: [pref
 
 
 def orbax_conflict(path: epath.Path) -> str | None:
-    """Why writing ``path`` would put it in Orbax's hands, or None.
+    """Why writing a folder at ``path`` would hand it to Orbax, or None.
 
-    A folder inside a checkpoint Orbax wrote (an item or a step, which Orbax replaces and
-    deletes whole: a ``CheckpointManager`` past ``max_to_keep``), or a folder named as the
-    ``CheckpointManager`` whose steps lie beside it names its steps (``7``,
-    ``checkpoint_7``), which it would take for one of them (a resumed run would restore
-    it). Only the parents are looked at, and the siblings of a step-like name.
+    Refused: a path inside a saved checkpoint (an Orbax item or step, or a umtam_jax
+    checkpoint, which is written through Orbax: each is replaced and deleted whole, a
+    ``CheckpointManager``'s steps past ``max_to_keep``), links resolved; and a step's
+    name (``7``, ``checkpoint_7``) beside the steps of a ``CheckpointManager``, which would
+    take the folder for one of its steps (a resumed run would restore it). Only the parents
+    are looked at, and the siblings of a step-like name.
 
     Example:
       >>> import tempfile, numpy as np, orbax.checkpoint as ocp
@@ -112,22 +117,29 @@ def orbax_conflict(path: epath.Path) -> str | None:
       >>> "inside" in orbax_conflict(run / "0" / "merged")
       True
     """
-    for parent in path.parents:
+    resolved = epath.Path(os.path.realpath(path))
+    outermost_first = [*reversed(path.parents), *reversed(resolved.parents)]
+    for parent in dict.fromkeys(outermost_first):
         if (parent / _STEP_METADATA).is_file() or _is_tree_item(parent):
+            ours = any((parent / name).exists() for name in _OURS)
             return (
-                f"it would lie inside the Orbax checkpoint {parent}, which Orbax replaces "
-                "and deletes whole"
+                f"it would lie inside the {'umtam_jax' if ours else 'Orbax'} checkpoint "
+                f"{parent}, which is replaced and deleted whole"
             )
     step = _STEP_NAME.fullmatch(path.name)
-    if step is None or not path.parent.is_dir():
+    if step is None:
         return None
-    for sibling in path.parent.iterdir():
+    try:
+        siblings = list(path.parent.iterdir()) if path.parent.is_dir() else []
+    except OSError:  # a folder one may write into but not list: no steps to see
+        return None
+    for sibling in siblings:
         other = _STEP_NAME.fullmatch(sibling.name)
         if other and other.group(1) == step.group(1) and _kind(sibling, 1) == "step":
             return (
-                f"its name is a step of the CheckpointManager whose steps lie beside it "
-                f"({sibling}), which would take it for one (a resumed run would restore it, "
-                "max_to_keep would delete it)"
+                "its name is that of a step of the CheckpointManager whose steps lie beside "
+                f"it ({sibling}), which would take it for one (a resumed run would restore "
+                "it, max_to_keep would delete it)"
             )
     return None
 

@@ -17,8 +17,9 @@ import optax
 
 from umtam_jax.checkpoint._orbax_folders import OrbaxFolderReader, shown
 
-# A subtree of the saved tree that holds the parameters, and the keys beside it that say
-# it is a training state (``model`` names a submodule of many models on its own).
+# The entries of a saved tree that hold the parameters, each with the entries one of which
+# must lie beside it (none: it is enough alone). ``model`` counts only beside an optimizer
+# state: many models have a submodule of that name.
 _PARAMETER_KEYS = (("params", ()), ("model", ("opt_state", "optimizer")))
 _OPTIMIZER_KEYS = ("opt_state", "optimizer")
 
@@ -173,6 +174,7 @@ class PlainOrbaxSource:
         except FileNotFoundError as err:
             raise FileNotFoundError(f"cannot read {what} checkpoint {directory}: {err}") from None
         self.location = os.fspath(self.reader.directory)
+        # What outputs must stay clear of, and the model's folder (Source's two roles).
         self.directory = self.folder = self.reader.directory
         trees = {item: _stored_tree(self.reader, item) for item in self.reader.items}
         params, rest = self._split(trees, what)
@@ -214,9 +216,9 @@ class PlainOrbaxSource:
             return trees["params"], {k: v for k, v in trees.items() if k != "params"}
         [tree] = trees.values()
         # The parameters' entry, in the saved tree or one level down ({"state": TrainState}).
-        nodes = [tree] + [v for v in tree.values() if isinstance(v, Mapping)] if isinstance(
-            tree, Mapping
-        ) else []  # fmt: skip
+        nodes = []
+        if isinstance(tree, Mapping):
+            nodes = [tree, *(v for v in tree.values() if isinstance(v, Mapping))]
         for node in nodes:
             for key, beside in _PARAMETER_KEYS:
                 if key in node and (not beside or any(b in node for b in beside)):
