@@ -98,9 +98,10 @@ _STEP_NAME = re.compile(r"(?:(.*)_)?(\d+)")  # a CheckpointManager's step: [pref
 def orbax_conflict(path: epath.Path) -> str | None:
     """Why writing a folder at ``path`` would hand it to Orbax, or None.
 
-    Refused: a path inside a saved checkpoint (an Orbax item or step, or a umtam_jax
-    checkpoint, which is written through Orbax: each is replaced and deleted whole, a
-    ``CheckpointManager``'s steps past ``max_to_keep``), links resolved; and a step's
+    Refused: a path inside a checkpoint Orbax saved (an item or a step, which Orbax
+    replaces and deletes whole, a ``CheckpointManager``'s steps past ``max_to_keep``;
+    not a umtam_jax checkpoint, whose overwrite keeps what it did not write), links
+    resolved; and a step's
     name (``7``, ``checkpoint_7``) beside the steps of a ``CheckpointManager``, which would
     take the folder for one of its steps (a resumed run would restore it). Only the parents
     are looked at, and the siblings of a step-like name.
@@ -118,14 +119,15 @@ def orbax_conflict(path: epath.Path) -> str | None:
       True
     """
     resolved = epath.Path(os.path.realpath(path))
-    outermost_first = [*reversed(path.parents), *reversed(resolved.parents)]
-    for parent in dict.fromkeys(outermost_first):
-        if (parent / _STEP_METADATA).is_file() or _is_tree_item(parent):
-            ours = any((parent / name).exists() for name in _OURS)
-            return (
-                f"it would lie inside the {'umtam_jax' if ours else 'Orbax'} checkpoint "
-                f"{parent}, which is replaced and deleted whole"
-            )
+    for parents in (path.parents, resolved.parents):
+        for parent in reversed(parents):  # the outermost first
+            if any((parent / name).exists() for name in _OURS):
+                break  # a umtam_jax checkpoint: its overwrite keeps what it did not write
+            if (parent / _STEP_METADATA).is_file() or _is_tree_item(parent):
+                return (
+                    f"it would lie inside the Orbax checkpoint {parent}, which Orbax "
+                    "replaces and deletes whole"
+                )
     step = _STEP_NAME.fullmatch(path.name)
     if step is None:
         return None
