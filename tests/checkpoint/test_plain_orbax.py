@@ -346,3 +346,35 @@ def test_prefixed_and_padded_steps_and_links_into_a_step(tmp_path):
         checkpoint.save_checkpoint(tmp_path / "link" / "merged", params)
     ours = checkpoint.save_checkpoint(tmp_path / "ours", params)
     assert not checkpoint.is_orbax_folder(ours / "params")  # an item of a umtam_jax one
+
+
+def test_two_models_in_one_tree_are_refused_and_nnx_beside_plain_entries_read(tmp_path):
+    params = {"w": jnp.ones((4, 3))}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(
+            tmp_path / "gan", {"generator": {"params": params}, "critic": {"params": params}}
+        )
+    with pytest.raises(ValueError, match="entries 'critic', 'generator' each hold parameters"):
+        engine.open_source(tmp_path / "gan", "expert 0's")
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 3, rngs=rngs)
+
+    model = Model(nnx.Rngs(0))
+    tx = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=2)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+    tree = {
+        "model": nnx.state(model, nnx.Param),
+        "optimizer": nnx.state(optimizer),
+        "epoch": jnp.asarray(3),  # a plain entry beside the nnx ones
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "nnx", tree)
+    source = engine.open_source(tmp_path / "nnx", "expert 0's")
+    assert source.has_statistics()
+    want = umtam_jax.statistics(optimizer)["lin"]["kernel"].row
+    j = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(
+        source.abstract())[0]].index("['lin']['kernel']")  # fmt: skip
+    np.testing.assert_array_equal(source.read_statistics([j])[0].row, want)

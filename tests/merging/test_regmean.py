@@ -442,7 +442,15 @@ def test_linen_attention_grams():
     grams = merging.input_grams(module, params, batches)
     x = np.concatenate([np.asarray(b, np.float64).reshape(-1, 8) for b in batches])
     np.testing.assert_allclose(np.asarray(grams["key"]["kernel"]), x.T @ x, rtol=1e-5)
-    assert grams["out"]["kernel"].shape == (8, 8)
+    heads_out = []  # what the output projection receives: (tokens, heads, head_dim)
+    for b in batches:
+        q, k, v = (
+            jnp.einsum("btd,dhk->bthk", b, params[n]["kernel"]) + params[n]["bias"]
+            for n in ("query", "key", "value")
+        )
+        heads_out.append(nn.dot_product_attention(q, k, v).reshape(-1, 8))
+    h = np.concatenate([np.asarray(o, np.float64) for o in heads_out])
+    np.testing.assert_allclose(np.asarray(grams["out"]["kernel"]), h.T @ h, rtol=1e-4, atol=1e-4)
     experts = [jax.tree.map(lambda p, i=i: p + 0.01 * i, params) for i in range(2)]
     merged = merging.regmean(None, experts, [grams, grams])
     assert merged["out"]["kernel"].shape == params["out"]["kernel"].shape

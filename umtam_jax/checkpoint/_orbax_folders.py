@@ -25,7 +25,7 @@ from etils import epath
 from umtam_jax.checkpoint import _targets
 from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
 from umtam_jax.checkpoint._format import _ORBAX_TMP_SUFFIX, METADATA, _absolute
-from umtam_jax.checkpoint._integrity import CheckpointCorruptError
+from umtam_jax.checkpoint._integrity import CHECKSUMS_FILE, CheckpointCorruptError
 from umtam_jax.checkpoint._metadata import short_error
 
 __all__ = ["OrbaxFolderReader", "is_orbax_folder"]
@@ -39,7 +39,7 @@ _TREE_METADATA = "_METADATA"  # the file of a PyTree item folder that describes 
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 # Files only umtam_jax checkpoints hold (a checkpoint that lost its metadata item is
 # still ours: its own reader names what is missing).
-_OURS = (METADATA, "umtam_checksums.json", ".umtam-contents.json")
+_OURS = (METADATA, CHECKSUMS_FILE, _targets._CONTENTS_FILE)
 
 
 def _is_tree_item(path: epath.Path) -> bool:
@@ -118,7 +118,7 @@ def orbax_conflict(path: epath.Path) -> str | None:
       >>> "inside" in orbax_conflict(run / "0" / "merged")
       True
     """
-    resolved = epath.Path(os.path.realpath(path))
+    resolved = epath.Path(os.path.realpath(path)) if "://" not in str(path) else path
     for parents in (path.parents, resolved.parents):
         for parent in reversed(parents):  # the outermost first
             if any((parent / name).exists() for name in _OURS):

@@ -56,8 +56,36 @@ def _without_value_wrappers(tree: Any) -> Any:
     return tree
 
 
-def _without_value_wrappers_each(rest: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _without_value_wrappers(v) for k, v in rest.items()}
+def _unwrapped(tree: Any) -> Any:
+    """Each largest subtree of a saved tree that is an nnx state (every array under a
+    ``value`` key) unwrapped by :func:`_without_value_wrappers`: an nnx optimizer state
+    beside a plain step counter."""
+    unwrapped = _without_value_wrappers(tree)
+    if unwrapped is not tree:
+        return unwrapped
+    if isinstance(tree, Mapping):
+        return {k: _unwrapped(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_unwrapped(v) for v in tree]
+    return tree
+
+
+def _statistics_in(tree: Any) -> tuple[Any, bool] | None:
+    """The statistics (leaves :class:`_Stored`) of the UMTAM state in a saved tree, read
+    as saved or with its nnx Variables unwrapped, and whether they were; None where it
+    holds no UMTAM state.
+
+    Raises:
+      ValueError: a state :func:`umtam_jax.statistics` refuses (two for one parameter).
+    """
+    from umtam_jax.optimizer._statistics import NoUmtamStateError, statistics
+
+    for wrapped, candidate in ((False, tree), (True, _unwrapped(tree))):
+        try:
+            return statistics(candidate), wrapped
+        except NoUmtamStateError:
+            continue
+    return None
 
 
 def _is_stored(node: Any) -> bool:
@@ -82,7 +110,6 @@ def _replaced(tree: Any, part: Any) -> Any:
 def _holds_optimizer(tree: Any) -> bool:
     """Whether a saved tree looks like it holds an optimizer state: an UMTAM state, an
     ``opt_state``/``optimizer`` entry, or Adam-like ``mu`` and ``nu`` moments."""
-    from umtam_jax.optimizer._statistics import NO_STATE, statistics
 
     def walk(node: Any) -> bool:
         if isinstance(node, Mapping):
@@ -92,16 +119,10 @@ def _holds_optimizer(tree: Any) -> bool:
             return any(walk(v) for v in node.values())
         return isinstance(node, list) and any(walk(v) for v in node)
 
-    if walk(tree):
+    try:
+        return walk(tree) or _statistics_in(tree) is not None
+    except ValueError:  # a UMTAM state statistics() refuses is a state all the same
         return True
-    for candidate in (tree, _without_value_wrappers(tree)):
-        try:
-            statistics(candidate)
-            return True
-        except ValueError as err:
-            if not str(err).startswith(NO_STATE):
-                return True
-    return False
 
 
 def _rekeyed(tree: Any, like: Any) -> Any:
@@ -215,15 +236,22 @@ class PlainOrbaxSource:
                 )
             return trees["params"], {k: v for k, v in trees.items() if k != "params"}
         [tree] = trees.values()
-        # The parameters' entry, in the saved tree or one level down ({"state": TrainState}).
-        nodes = []
+        # The parameters' entry: in the saved tree, or in the one entry of it that holds
+        # one ({"state": TrainState}); two such entries (a GAN, EMA weights beside the
+        # live ones) are refused.
         if isinstance(tree, Mapping):
-            nodes = [tree, *(v for v in tree.values() if isinstance(v, Mapping))]
-        for node in nodes:
-            for key, beside in _PARAMETER_KEYS:
-                if key in node and (not beside or any(b in node for b in beside)):
-                    params = node[key]
-                    return params, {"": _replaced(tree, params)}
+            found = _parameters_entry(tree)
+            inner = {k: _parameters_entry(v) for k, v in tree.items() if isinstance(v, Mapping)}
+            inner = {k: v for k, v in inner.items() if v is not None}
+            if found is None and len(inner) > 1:
+                raise ValueError(
+                    f"cannot merge {what} checkpoint {self.location}: its entries "
+                    f"{', '.join(map(repr, inner))} each hold parameters; give a checkpoint "
+                    "holding one model"
+                )
+            params = found if found is not None else next(iter(inner.values()), None)
+            if params is not None:
+                return params, {"": _replaced(tree, params)}
         if _holds_optimizer(tree):
             keys = f" (its keys: {', '.join(map(str, tree))})" if isinstance(tree, Mapping) else ""
             raise ValueError(
@@ -237,17 +265,13 @@ class PlainOrbaxSource:
         """The statistics tree (leaves :class:`_Stored`) of the UMTAM state in ``rest``
         (or None), and whether it was saved as an nnx state (``{"value": array}``
         Variables; None without one)."""
-        from umtam_jax.optimizer._statistics import NO_STATE, statistics
-
         if rest is None:
             return None, None
-        for wrapped, tree in ((False, rest), (True, _without_value_wrappers_each(rest))):
-            try:
-                return statistics(tree), wrapped
-            except ValueError as err:
-                if not str(err).startswith(NO_STATE):
-                    raise ValueError(f"the optimizer state of {self.location}: {err}") from None
-        return None, None
+        try:
+            found = _statistics_in(rest)
+        except ValueError as err:
+            raise ValueError(f"the optimizer state of {self.location}: {err}") from None
+        return (None, None) if found is None else found
 
     def align_keys(self, like: Any) -> None:
         """Orbax saves integer keys (the layers of an ``nnx.List``) as strings: where
@@ -321,6 +345,14 @@ def align_keys(sources: Sequence[Any]) -> None:
     for source in dict.fromkeys(sources):
         if isinstance(source, PlainOrbaxSource):
             source.align_keys(like)
+
+
+def _parameters_entry(node: Mapping[str, Any]) -> Any:
+    """The parameters' entry of a saved mapping (see ``_PARAMETER_KEYS``), or None."""
+    for key, beside in _PARAMETER_KEYS:
+        if key in node and (not beside or any(b in node for b in beside)):
+            return node[key]
+    return None
 
 
 def _is_statistics_node(node: Any) -> bool:

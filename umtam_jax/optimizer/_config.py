@@ -152,8 +152,8 @@ def concrete(name: str, value: Any) -> float | None:
         raise TypeError(
             f"{name} is a {value.dtype} scalar: 16-bit floats are too coarse for UMTAM's "
             "hyper-parameters (b2=0.999 rounds to 1.0 in bfloat16, eps=1e-8 to 0.0 in "
-            "float16); optax.inject_hyperparams gives them the parameters' dtype: pass it "
-            "hyperparam_dtype=jnp.float32"
+            "float16); pass a Python float, and to optax.inject_hyperparams, which gives "
+            "them the parameters' dtype, hyperparam_dtype=jnp.float32"
         )
     if isinstance(value, jax.core.Tracer):
         return None

@@ -203,9 +203,9 @@ def subspace_svd_many(
         stack, k = warm.ndim - 2, splits[i]  # stacked matrices; N-D layout's row axes
         m = matrix.shape[-2] if k is None else math.prod(matrix.shape[stack : stack + k])
         extra = max(0, min(oversampling, min(m, warm.shape[-2]) - warm.shape[-1]))
+        if oversampling and keys is None:
+            raise ValueError("oversampling > 0 needs PRNG keys for the fresh sketch columns")
         if extra:
-            if keys is None:
-                raise ValueError("oversampling > 0 needs PRNG keys for the fresh sketch columns")
             shape, dtype = (warm.shape[-2], extra), matrix.dtype  # n rows, as V
             normal = functools.partial(jax.random.normal, shape=shape, dtype=dtype)
             for _ in range(keys[i].ndim):  # a stack of matrices draws with a stack of keys

@@ -25,7 +25,9 @@ from umtam_jax.optimizer._state import (
     is_mapping_leaf_state,
 )
 
-NO_STATE = "no UMTAM optimizer state found"  # how statistics() says there is none
+
+class NoUmtamStateError(ValueError):
+    """:func:`statistics` found no UMTAM optimizer state in what it was given."""
 
 
 def _is_placeholder(x: Any) -> bool:
@@ -139,9 +141,9 @@ def statistics(x: Any) -> Any:
         if isinstance(s, ScaleByUmtamState)
     ]
     if not states:
-        raise ValueError(
-            f"{NO_STATE}: pass the state of umtam_jax.umtam(...) (possibly wrapped by "
-            "optax), or a statistics pytree"
+        raise NoUmtamStateError(
+            "no UMTAM optimizer state found: pass the state of umtam_jax.umtam(...) "
+            "(possibly wrapped by optax), or a statistics pytree"
         )
     leaves = _combine([s.leaves for s in states]) if len(states) > 1 else states[0].leaves
     return jax.tree.map(_to_statistics, leaves, is_leaf=_is_state_node)
