@@ -356,6 +356,14 @@ def test_two_models_in_one_tree_are_refused_and_nnx_beside_plain_entries_read(tm
         )
     with pytest.raises(ValueError, match="entries 'critic', 'generator' each hold parameters"):
         engine.open_source(tmp_path / "gan", "expert 0's")
+    state = umtam_jax.umtam(1e-2).init(params)
+    hparams = {"model": {"depth": 4}, "optimizer": {"lr": 1e-3}}  # no optimizer state
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(
+            tmp_path / "run", {"state": {"params": params, "opt_state": state}, "hp": hparams}
+        )
+    source = engine.open_source(tmp_path / "run", "expert 0's")
+    assert list(source.abstract()) == ["w"] and source.has_statistics()
 
     class Model(nnx.Module):
         def __init__(self, rngs):

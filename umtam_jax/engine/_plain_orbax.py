@@ -348,9 +348,12 @@ def align_keys(sources: Sequence[Any]) -> None:
 
 
 def _parameters_entry(node: Mapping[str, Any]) -> Any:
-    """The parameters' entry of a saved mapping (see ``_PARAMETER_KEYS``), or None."""
+    """The parameters' entry of a saved mapping (see ``_PARAMETER_KEYS``: an entry beside
+    it must hold an optimizer state, not hyper-parameters named alike), or None."""
     for key, beside in _PARAMETER_KEYS:
-        if key in node and (not beside or any(b in node for b in beside)):
+        if key not in node:
+            continue
+        if not beside or any(b in node and _holds_optimizer(node[b]) for b in beside):
             return node[key]
     return None
 

@@ -12,7 +12,13 @@ from umtam_jax.optimizer._state import (
     FactoredStatistics,
     ScaleByUmtamState,
 )
-from umtam_jax.optimizer._statistics import curvature, momentum, saliency, statistics
+from umtam_jax.optimizer._statistics import (
+    NoUmtamStateError,
+    curvature,
+    momentum,
+    saliency,
+    statistics,
+)
 from umtam_jax.optimizer._transform import scale_by_umtam
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "FactoredLeafState",
     "FactoredStatistics",
     "MatrixAxes",
+    "NoUmtamStateError",
     "ScaleByUmtamState",
     "curvature",
     "default_row_axes",

@@ -205,7 +205,7 @@ def subspace_svd_many(
         extra = max(0, min(oversampling, min(m, warm.shape[-2]) - warm.shape[-1]))
         if oversampling and keys is None:
             raise ValueError("oversampling > 0 needs PRNG keys for the fresh sketch columns")
-        if extra:
+        if extra and keys is not None:  # keys are given whenever oversampling is
             shape, dtype = (warm.shape[-2], extra), matrix.dtype  # n rows, as V
             normal = functools.partial(jax.random.normal, shape=shape, dtype=dtype)
             for _ in range(keys[i].ndim):  # a stack of matrices draws with a stack of keys

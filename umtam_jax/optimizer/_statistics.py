@@ -114,7 +114,8 @@ def statistics(x: Any) -> Any:
       ``optax.MaskedNode()``. Statistics are the raw (not bias-corrected) accumulators.
 
     Raises:
-      ValueError: if ``x`` holds no UMTAM state.
+      NoUmtamStateError: ``x`` holds no UMTAM state (a ``ValueError``).
+      ValueError: two UMTAM states hold statistics for one parameter.
 
     Example:
       >>> import jax.numpy as jnp, umtam_jax
