@@ -47,12 +47,8 @@ from umtam_jax.merging._select import (
     stack_slices,
     unstack_slices,
 )
-from umtam_jax.optimizer._layout import (
-    attention_rows,
-    is_attention_bias,
-    matrix_view,
-    scanned,
-)
+from umtam_jax.optimizer._attention import attention_rows, is_attention_bias
+from umtam_jax.optimizer._layout import matrix_view, scanned
 
 
 def leaf_importances(call: Call, j: int) -> list[jax.Array] | None:
@@ -136,7 +132,7 @@ def leaf_combine(call: Call, j: int, keep: list | None, scores: list | None) -> 
 def _attention_view(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The shape a Flax attention projection's leaf is merged as by a method that
     decomposes matrices, as PyTorch stores it: a 3-axis kernel as one matrix
-    (:func:`~umtam_jax.optimizer._layout.attention_rows`), a ``(heads, head_dim)``
+    (:func:`~umtam_jax.optimizer._attention.attention_rows`), a ``(heads, head_dim)``
     query/key/value bias as one vector; None for other leaves."""
     rows = attention_rows(path, shape)
     if rows is not None:

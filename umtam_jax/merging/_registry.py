@@ -160,7 +160,7 @@ class Method:
       base_optional: ``base=None`` is allowed (the experts are then averaged directly).
       matrices: the kernel decomposes matrices (the last two axes of what it is given):
         a Flax attention projection's 3-axis kernel is given to it as its projection's
-        matrix (:func:`umtam_jax.optimizer._layout.attention_rows`), its 2-axis
+        matrix (:func:`umtam_jax.optimizer._attention.attention_rows`), its 2-axis
         query/key/value bias as a vector.
       check: a last check of the validated call (e.g. a domain the kernel needs), or None.
       explain: ``explain(call, j)``, why leaf ``j`` merged to a value that is not finite

@@ -11,7 +11,7 @@ differences are listed in each docstring. Shared rules:
   tables too), except the 3-axis kernels of Flax attention projections, each one matrix
   as PyTorch stores it: ``query``/``key``/``value`` ``(in, heads, head_dim)`` as
   ``(in, heads · head_dim)``, ``out`` ``(heads, head_dim, out)`` as
-  ``(heads · head_dim, out)`` (``umtam_jax.optimizer._layout.attention_rows``; per layer
+  ``(heads · head_dim, out)`` (``umtam_jax.optimizer._attention.attention_rows``; per layer
   of a scanned model with ``scope=umtam_jax.scanned(...)``), and a query/key/value
   ``(heads, head_dim)`` bias, one vector. FusionBench merges 2-D
   tensors only, averaging the rest and the keys in its ``exclude_keys`` (which has no

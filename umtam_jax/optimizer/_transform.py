@@ -279,8 +279,7 @@ def _init_leaf(cfg: Config, index: int, path: tuple[Any, ...], param: jax.Array)
 # whose ~1e-3 rounding breaks the orthonormality of U and V (measured on an H100).
 @full_precision
 def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, Any]:
-    """One step of every leaf (traced: inside the caller's transformation or
-    :mod:`._eager`)."""
+    """One step of every leaf (traced in the caller's transformation or :mod:`._eager`)."""
     base_key = jax.random.key(cfg.seed)
     count = optax.safe_increment(state.count)
     # Updates keep the gradients' structure (Variables included); the state's leaves
@@ -327,11 +326,10 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
     directions: list[Any] = [None] * len(grads)
     new_states: list[Any] = [None] * len(grads)
     pending, requests = [], []  # factored leaves wait for step 3, done for all at once
-    group_cfgs = {}  # the options in each group's compute dtype (injected ones cast)
     for members in leaf_groups(cfg, layouts, grads, param_leaves, leaf_states):
         leaf_layout = layouts[members[0]]
+        # The options in the group's compute dtype (injected float64 ones cast).
         group_cfg = in_dtype(cfg, compute_dtype(param_leaves[members[0]].dtype))
-        group_cfgs[members[0]] = group_cfg
         args: list[tuple[Any, ...]] = [(grads[i], param_leaves[i], leaf_states[i]) for i in members]
         if leaf_layout.row_axes is None:
             dense = functools.partial(update_dense, group_cfg)
@@ -360,13 +358,12 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
                 args = [(g, w, without_saliency(x)) for g, w, x in args]
             args = [(*a, count, key) for a, key in zip(args, keys, strict=True)]
             request, carry = on_stack(request_fn, args)
-        pending.append((members, leaf_layout, carry))
+        pending.append((members, leaf_layout, carry, group_cfg))
         row_axes = operand_row_axes(layouts[members[0]], param_leaves[members[0]].ndim)
         requests.append(request._replace(rank=leaf_layout.buffer_rank, row_axes=row_axes))
-    for (members, leaf_layout, carry), factors in zip(
+    for (members, leaf_layout, carry, group_cfg), factors in zip(
         pending, new_factors(cfg, requests, count), strict=True
     ):
-        group_cfg = group_cfgs[members[0]]
         finish = functools.partial(factored_finish, group_cfg, leaf_layout, count=count)
         if leaf_layout.batch_axes:
             out = map_batch(leaf_layout, finish, (0, 0))(carry, factors)
