@@ -390,7 +390,8 @@ def nested_set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def nested_get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+def nested_get(tree: Any, path: tuple[Any, ...]) -> Any:
+    """The node of ``tree`` at ``path`` (keys of mappings, positions of lists)."""
     for name in path:
         tree = tree[name]
     return tree

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _targets
 from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
 from umtam_jax.checkpoint._format import _ORBAX_TMP_SUFFIX, METADATA, _absolute
@@ -44,6 +45,16 @@ _OURS = (METADATA, CHECKSUMS_FILE, _targets._CONTENTS_FILE)
 
 def _is_tree_item(path: epath.Path) -> bool:
     return (path / _TREE_METADATA).is_file()
+
+
+def _is_ours(folder: epath.Path) -> bool:
+    """Whether ``folder`` is a umtam_jax checkpoint (its own files, whole or not)."""
+    return any((folder / name).exists() for name in _OURS)
+
+
+def _resolved(path: epath.Path) -> epath.Path:
+    """``path`` with its links resolved (a remote path as it is)."""
+    return epath.Path(os.path.realpath(path)) if "://" not in str(path) else path
 
 
 def is_orbax_folder(path: str | os.PathLike[str]) -> bool:
@@ -77,9 +88,8 @@ def _kind(folder: epath.Path, depth: int = 0) -> str | None:
     try:
         if not folder.is_dir():
             return None
-        for ours in (folder, folder.parent):  # a umtam_jax checkpoint, or one of its items
-            if any((ours / name).exists() for name in _OURS):
-                return None
+        if _is_ours(folder) or _is_ours(folder.parent):  # a umtam_jax checkpoint or item
+            return None
         if _is_tree_item(folder):
             return "item"
         if (folder / _STEP_METADATA).is_file():
@@ -101,10 +111,10 @@ def orbax_conflict(path: epath.Path) -> str | None:
     Refused: a path inside a checkpoint Orbax saved (an item or a step, which Orbax
     replaces and deletes whole, a ``CheckpointManager``'s steps past ``max_to_keep``;
     not a umtam_jax checkpoint, whose overwrite keeps what it did not write), links
-    resolved; and a step's
-    name (``7``, ``checkpoint_7``) beside the steps of a ``CheckpointManager``, which would
-    take the folder for one of its steps (a resumed run would restore it). Only the parents
-    are looked at, and the siblings of a step-like name.
+    resolved; and a step's name (``7``, ``checkpoint_7``) beside the steps of a
+    ``CheckpointManager``, which would take the folder for one of its steps (a resumed
+    run would restore it). Only the parents are looked at, and the siblings of a
+    step-like name.
 
     Example:
       >>> import tempfile, numpy as np, orbax.checkpoint as ocp
@@ -118,10 +128,9 @@ def orbax_conflict(path: epath.Path) -> str | None:
       >>> "inside" in orbax_conflict(run / "0" / "merged")
       True
     """
-    resolved = epath.Path(os.path.realpath(path)) if "://" not in str(path) else path
-    for parents in (path.parents, resolved.parents):
+    for parents in (path.parents, _resolved(path).parents):
         for parent in reversed(parents):  # the outermost first
-            if any((parent / name).exists() for name in _OURS):
+            if _is_ours(parent):
                 break  # a umtam_jax checkpoint: its overwrite keeps what it did not write
             if (parent / _STEP_METADATA).is_file() or _is_tree_item(parent):
                 return (
@@ -149,7 +158,7 @@ def orbax_conflict(path: epath.Path) -> str | None:
 def _unfinished(path: epath.Path) -> epath.Path | None:
     """The folder of ``path`` (itself or a parent, links resolved) that is an unfinished
     Orbax save (a temporary folder), or None."""
-    resolved = epath.Path(os.path.realpath(path)) if "://" not in str(path) else path
+    resolved = _resolved(path)
     for folder in (path, *path.parents, resolved, *resolved.parents):
         if _ORBAX_TMP_SUFFIX in folder.name:
             return folder
@@ -175,12 +184,6 @@ def _template(node: Any, paths: list[Path]) -> Any:
     if isinstance(node, list):
         return [_template(node[i], heads[i]) if i in heads else None for i in range(len(node))]
     return {k: _template(node[k], rest) for k, rest in heads.items()}
-
-
-def _get(tree: Any, path: Path) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 def shown(path: Path) -> str:
@@ -302,13 +305,13 @@ class OrbaxFolderReader:
         expected = []
         for path in paths:
             try:
-                leaf = _leaf_struct(_get(tree, path))
+                leaf = _leaf_struct(E.nested_get(tree, path))
             except (KeyError, IndexError, TypeError):
                 leaf = None
             if not isinstance(leaf, jax.ShapeDtypeStruct):
                 raise ValueError(f"{self._where(item)} has no array {shown(path)}")
             expected.append(leaf)
-        target = _template(tree, [tuple(p) for p in dict.fromkeys(map(tuple, paths))])
+        target = _template(tree, list(dict.fromkeys(map(tuple, paths))))
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
         try:
             drop_closed_loop_callbacks()
@@ -318,7 +321,7 @@ class OrbaxFolderReader:
                     item=target, restore_args=restore_args, partial_restore=True
                 ),
             )
-            arrays = [np.asarray(_get(restored, path)) for path in paths]
+            arrays = [np.asarray(E.nested_get(restored, path)) for path in paths]
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
             names = ", ".join(shown(p) for p in paths[:3])
             more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""

@@ -13,15 +13,16 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
+from umtam_jax import _pytrees
 from umtam_jax.checkpoint._orbax_folders import OrbaxFolderReader, shown
+from umtam_jax.optimizer._statistics import NoUmtamStateError, _is_stat_node, statistics
 
 # The entries of a saved tree that hold the parameters, each with the entries one of which
 # must lie beside it (none: it is enough alone). ``model`` counts only beside an optimizer
 # state: many models have a submodule of that name.
-_PARAMETER_KEYS = (("params", ()), ("model", ("opt_state", "optimizer")))
 _OPTIMIZER_KEYS = ("opt_state", "optimizer")
+_PARAMETER_KEYS = (("params", ()), ("model", _OPTIMIZER_KEYS))
 
 
 class _Stored:
@@ -35,8 +36,7 @@ class _Stored:
 
 def _stored_tree(reader: OrbaxFolderReader, item: str) -> Any:
     def stored(keypath: Any, struct: Any) -> _Stored:
-        path = tuple(k.key if hasattr(k, "key") else k.idx for k in keypath)
-        return _Stored(item, path, struct)
+        return _Stored(item, tuple(_pytrees.key_name(k) for k in keypath), struct)
 
     return jax.tree_util.tree_map_with_path(stored, reader.abstract(item))
 
@@ -78,8 +78,6 @@ def _statistics_in(tree: Any) -> tuple[Any, bool] | None:
     Raises:
       ValueError: a state :func:`umtam_jax.statistics` refuses (two for one parameter).
     """
-    from umtam_jax.optimizer._statistics import NoUmtamStateError, statistics
-
     for wrapped, candidate in ((False, tree), (True, _unwrapped(tree))):
         try:
             return statistics(candidate), wrapped
@@ -140,7 +138,7 @@ def _rekeyed(tree: Any, like: Any) -> Any:
 
 
 def _struct(tree: Any) -> Any:
-    return jax.tree.map(lambda s: s.struct, tree, is_leaf=lambda n: isinstance(n, _Stored))
+    return jax.tree.map(lambda s: s.struct, tree, is_leaf=_is_stored)
 
 
 class PlainOrbaxSource:
@@ -203,14 +201,14 @@ class PlainOrbaxSource:
         # when the optimizer state beside them (if any) is saved that way too.
         self._statistics, wrapped = self._find_statistics(rest)
         self._params = _without_value_wrappers(params) if wrapped is not False else params
-        for keypath, leaf in _flat(self._params):
+        self._index()
+        for key, leaf in zip(self._keys, self._leaves, strict=True):
             if not isinstance(getattr(leaf, "struct", None), jax.ShapeDtypeStruct):
                 kind = type(getattr(leaf, "struct", leaf)).__name__
                 raise ValueError(
                     f"cannot merge {what} checkpoint {self.location}: its parameter "
-                    f"{jax.tree_util.keystr(keypath)} is not an array ({kind})"
+                    f"{key} is not an array ({kind})"
                 )
-        self._index()
 
     def _index(self) -> None:
         """The parameters' leaves and key strings in flattening order, and the statistics
@@ -220,9 +218,7 @@ class PlainOrbaxSource:
         self._keys = [jax.tree_util.keystr(kp) for kp, _ in flat]
         self._nodes: dict[str, Any] = {}
         if self._statistics is not None:
-            nodes = jax.tree_util.tree_flatten_with_path(
-                self._statistics, is_leaf=_is_statistics_node
-            )[0]
+            nodes = jax.tree_util.tree_flatten_with_path(self._statistics, is_leaf=_is_stat_node)[0]
             self._nodes = {jax.tree_util.keystr(kp): node for kp, node in nodes}
 
     def _split(self, trees: dict[str, Any], what: str) -> tuple[Any, Any]:
@@ -356,9 +352,3 @@ def _parameters_entry(node: Mapping[str, Any]) -> Any:
         if not beside or any(b in node and _holds_optimizer(node[b]) for b in beside):
             return node[key]
     return None
-
-
-def _is_statistics_node(node: Any) -> bool:
-    from umtam_jax.optimizer._state import is_leaf_statistics
-
-    return node is None or isinstance(node, optax.MaskedNode) or is_leaf_statistics(node)

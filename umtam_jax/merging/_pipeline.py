@@ -123,7 +123,7 @@ def leaf_combine(call: Call, j: int, keep: list | None, scores: list | None) -> 
         shape = tuple(n for i, n in enumerate(base.shape) if i not in batch)
         view = _attention_view(p.key_paths[j], shape)
         if view is not None:
-            kernel = _reshaped(kernel, shape, view)
+            kernel = in_view(kernel, shape, view)
     if batch:
         return _per_slice(kernel, batch, base, ws, extra)
     return kernel(base, ws, extra)
@@ -136,13 +136,18 @@ def _attention_view(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int,
     query/key/value bias as one vector; None for other leaves."""
     rows = attention_rows(path, shape)
     if rows is not None:
-        return (math.prod(shape[:rows]), math.prod(shape[rows:]))
+        return matrix_of(shape, rows)
     return (math.prod(shape),) if is_attention_bias(path, shape) else None
 
 
-def _reshaped(kernel: Any, shape: tuple[int, ...], view: tuple[int, ...]) -> Any:
-    """``kernel`` on tensors of ``shape`` given in the shape ``view`` (their ``extra``
-    inputs, PRNG keys, as they are)."""
+def matrix_of(shape: tuple[int, ...], rows: int) -> tuple[int, int]:
+    """The matrix a tensor of ``shape`` stands for: its first ``rows`` axes by the others."""
+    return (math.prod(shape[:rows]), math.prod(shape[rows:]))
+
+
+def in_view(kernel: Any, shape: tuple[int, ...], view: tuple[int, ...]) -> Any:
+    """``kernel(b, xs, extra)`` on tensors of ``shape`` given in the shape ``view`` (their
+    ``extra`` inputs, PRNG keys or Grams, as they are), its result back in ``shape``."""
 
     def on_view(b: jax.Array, xs: list, ex: list | None) -> jax.Array:
         return kernel(b.reshape(view), [x.reshape(view) for x in xs], ex).reshape(shape)

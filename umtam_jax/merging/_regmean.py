@@ -238,13 +238,13 @@ def _explain(call: pipeline.Call, j: int) -> str | None:
 
 
 def _regmean_kernel(opts, b, ws, masks, scores, grams):
+    def solve(b, ws, grams):
+        return _regmean_leaf(b, ws, grams, opts["weights"], opts["alpha"])
+
     rows = None if grams[0] is None else general_rows(b.shape, grams[0].shape)
     if rows is None:
-        return _regmean_leaf(b, ws, grams, opts["weights"], opts["alpha"])
-    matrix = (math.prod(b.shape[:rows]), math.prod(b.shape[rows:]))
-    ws = [w.reshape(matrix) for w in ws]
-    out = _regmean_leaf(b.reshape(matrix), ws, grams, opts["weights"], opts["alpha"])
-    return out.reshape(b.shape)
+        return solve(b, ws, grams)
+    return pipeline.in_view(solve, b.shape, pipeline.matrix_of(b.shape, rows))(b, ws, grams)
 
 
 REGMEAN = R.register(
