@@ -272,6 +272,10 @@ def test_a_target_dtype_casts_within_its_kind_and_never_overflows(tmp_path):
     big = save_checkpoint(tmp_path / "int", {"n": jnp.array([100_000], jnp.int32)})
     with pytest.raises(ValueError, match="params leaf n holds 100000, beyond float16"):
         restore_params(big, target={"n": jnp.zeros(1, jnp.float16)})
+    # An integer a float target would round (2**24 + 1 in float32) is refused too.
+    odd = save_checkpoint(tmp_path / "odd", {"n": jnp.array([3, 2**24 + 1], jnp.int32)})
+    with pytest.raises(TypeError, match="leaf n holds integers that float32 .* cannot represent"):
+        restore_params(odd, target={"n": jnp.zeros(2, jnp.float32)})
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from tests import trees
+from umtam_jax import engine
 from umtam_jax.checkpoint import (
+    CheckpointBusyError,
     CheckpointCorruptError,
     CheckpointReader,
     SafetensorsReader,
@@ -416,6 +418,30 @@ def test_inconsistent_indexes_are_refused(tmp_path):
         SafetensorsReader(out)
 
 
+def test_a_shard_deleted_with_its_index_entries_is_detected_in_our_folders(tmp_path):
+    """The folder's record of what its save wrote still names the shard: without that
+    check the folder would read as a smaller model."""
+    out = sharded(tmp_path)
+    last = sorted(out.glob("model-*.safetensors"))[-1]
+    edit_index(out, lambda m: [m.pop(k) for k in [k for k, v in m.items() if v == last.name]])
+    with pytest.raises(CheckpointCorruptError, match=f"{last.name}, which its index omits"):
+        SafetensorsReader(out)
+    last.unlink()
+    with pytest.raises(CheckpointCorruptError, match=f"{last.name}, which is now missing"):
+        SafetensorsReader(out)
+    (out / S.MARKER_FILE).unlink()  # a foreign folder: its index says what it holds
+    assert last.name not in {os.path.basename(f) for f in map(str, SafetensorsReader(out).files)}
+
+
+def test_a_folder_replaced_by_a_save_after_opening_is_named_as_such(tmp_path):
+    out = save_safetensors(tmp_path / "m", {"a": np.zeros(4, np.float32), "b": np.zeros(2)})
+    reader = SafetensorsReader(out)
+    save_safetensors(out, {"a": np.ones(4, np.float32), "b": np.ones(2)}, overwrite=True)
+    with pytest.raises(CheckpointBusyError, match="model.safetensors was replaced while it"):
+        reader.read(["b"])
+    assert SafetensorsReader(out).read(["b"])[0].tolist() == [1.0, 1.0]
+
+
 def test_a_single_file_beside_an_index_is_read_with_a_warning(tmp_path):
     """transformers reads model.safetensors when both are present: so do we, saying so."""
     folder = tmp_path / "both"
@@ -491,8 +517,8 @@ def test_only_our_own_output_is_ever_replaced(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf_model", "notes.txt", "ours"]
 
 
-def test_an_interrupted_replacement_is_put_back(tmp_path, monkeypatch):
-    ours = save_safetensors(tmp_path / "ours", {"w": np.ones(3)})
+def _interrupted_replacement(tmp_path, monkeypatch):
+    ours = save_safetensors(tmp_path / "ours", {"w": np.ones(3, np.float32)})
 
     def crash(step):
         if step == "retired":
@@ -504,11 +530,22 @@ def test_an_interrupted_replacement_is_put_back(tmp_path, monkeypatch):
         save_safetensors(ours, {"w": np.zeros(3)}, overwrite=True)
     monkeypatch.setattr(_safety, "_step_hook", None)
     assert not ours.exists() and any(".umtam-old-" in p for p in os.listdir(tmp_path))
+    return ours
+
+
+def test_an_interrupted_replacement_is_put_back(tmp_path, monkeypatch):
+    ours = _interrupted_replacement(tmp_path, monkeypatch)
     # The next save repairs first: the old folder is ours, so it is put back, not deleted.
     with pytest.raises(FileExistsError):
         save_safetensors(ours, {"w": np.zeros(3)})
-    trees.assert_trees_bitwise_equal(read_all(ours)["w"], np.ones(3))
+    trees.assert_trees_bitwise_equal(read_all(ours)["w"], np.ones(3, np.float32))
     assert os.listdir(tmp_path) == ["ours"]
+
+
+def test_a_merge_reads_an_input_whose_replacement_was_interrupted(tmp_path, monkeypatch):
+    ours = _interrupted_replacement(tmp_path / "in", monkeypatch)
+    out = engine.merge_checkpoints("linear", None, [ours], tmp_path / "out", progress=False)
+    trees.assert_trees_bitwise_equal(read_all(out)["w"], np.ones(3, np.float32))
 
 
 @pytest.mark.parametrize("opener", ["restore_params", "save_checkpoint"])

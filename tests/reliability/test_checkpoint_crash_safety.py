@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from etils import epath
 
+import umtam_jax
 from tests.reliability.checkpoint_helpers import NEW, OLD, _hidden_leftovers
 from umtam_jax import checkpoint, engine
-from umtam_jax.checkpoint import _filesystem, _processes, _save
+from umtam_jax.checkpoint import _filesystem, _processes, _safety, _save
 
 # ----------------------------------------------------------------------------- crashes
 
@@ -123,6 +124,44 @@ def test_a_killed_swaps_old_copy_is_kept_while_a_foreign_folder_holds_the_path(t
         checkpoint.save_checkpoint(path, NEW, overwrite=True)
     assert [n for n in _hidden_leftovers(path) if ".umtam-old-" in n] == olds != []
     assert (path / "notes.txt").read_text() == "mine"
+
+
+def test_a_merge_never_replaces_a_training_checkpoint_a_killed_swap_put_aside(tmp_path):
+    """The old folder of a killed fallback swap is put back under the merge's lock, and
+    checked again there: it is a training checkpoint, so the merge refuses it."""
+    path, expert = tmp_path / "train", tmp_path / "expert"
+    state = umtam_jax.umtam(1e-2).init(OLD)
+    checkpoint.save_checkpoint(path, OLD, opt_state=state)
+    checkpoint.save_checkpoint(expert, NEW)
+    assert _run_killed(path, "retired", False) == -9
+    assert not path.exists()
+    with pytest.raises(ValueError, match="it is a training checkpoint"):
+        engine.merge_checkpoints("linear", None, [expert], path, overwrite=True, progress=False)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+    chex.assert_trees_all_equal(checkpoint.restore_opt_state(path, state), state)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_save_that_published_succeeds_even_if_the_old_copy_stays(tmp_path, monkeypatch, exchange):
+    """Once the new checkpoint is at the path the save has succeeded: an old copy that
+    cannot be moved aside for deletion is left to the next save, not reported as a
+    failure (the caller would believe the old checkpoint still stood)."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    rename = os.rename
+
+    def no_trash(src, dst, *args, **kwargs):
+        if ".umtam-trash-" in os.fspath(dst):
+            raise OSError(errno.EIO, "simulated failure")
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(_safety, "_use_exchange", exchange)
+    monkeypatch.setattr(os, "rename", no_trash)
+    checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    monkeypatch.undo()
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW)
+    checkpoint.save_checkpoint(path, OLD, overwrite=True)
+    assert _hidden_leftovers(path) == []
 
 
 def test_a_lock_name_planted_as_a_link_is_never_followed(tmp_path):

@@ -208,12 +208,30 @@ def test_a_target_name_with_glob_characters_touches_only_its_own_leftovers(tmp_p
     for name in others:
         (tmp_path / name).parent.mkdir(parents=True)
         (tmp_path / name).write_text("theirs")
-    for name in ("run[0-9]", "run?", "run*"):
+    for name in ("run?", "run*"):
         checkpoint.save_checkpoint(tmp_path / name, OLD)
         checkpoint.save_checkpoint(tmp_path / name, NEW, overwrite=True)
+        chex.assert_trees_all_equal(checkpoint.restore_params(tmp_path / name), NEW)
     assert all((tmp_path / name).read_text() == "theirs" for name in others)
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["run1.orbax-checkpoint-tmp-17", ".run1.umtam-new-abc", "run[0-9]", "run?", "run*"]
+        ["run1.orbax-checkpoint-tmp-17", ".run1.umtam-new-abc", "run?", "run*"]
+    )
+
+
+@pytest.mark.parametrize("target", ["run[0-9]", "runs[lr=0.1]/ck"])
+def test_a_checkpoint_path_with_a_bracket_is_refused_before_anything_is_written(tmp_path, target):
+    # Orbax finds the arrays it wrote by globbing the folder's path: under "[" it would
+    # publish a checkpoint without them (and an overwrite would lose the old one).
+    (tmp_path / "runs[lr=0.1]").mkdir()
+    with pytest.raises(ValueError, match=r"contains '\['.*without '\['"):
+        checkpoint.save_checkpoint(tmp_path / target, OLD)
+    assert sorted(os.listdir(tmp_path)) == ["runs[lr=0.1]"]
+    assert os.listdir(tmp_path / "runs[lr=0.1]") == []
+    # A safetensors folder (no Orbax) may be named so.
+    checkpoint.save_safetensors(tmp_path / target, OLD)
+    reader = checkpoint.SafetensorsReader(tmp_path / target)
+    chex.assert_trees_all_equal(
+        dict(zip(reader.names, reader.read(reader.names), strict=True)), OLD
     )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -141,7 +142,15 @@ def _read_items(
                         f"{what} is {array.dtype}; the target asks {np.dtype(dtype)}, a cast "
                         "that would lose its values: give the target that leaf's dtype"
                     )
-                array = cast_checked(array, np.dtype(dtype), what, "give the target a wider dtype")
+                cast = cast_checked(array, np.dtype(dtype), what, "give the target a wider dtype")
+                if jnp.issubdtype(array.dtype, jnp.integer) and bool(
+                    jnp.any(cast.astype(array.dtype) != array)  # rounded to a float
+                ):
+                    raise TypeError(
+                        f"{what} holds integers that {np.dtype(dtype)} (the target's dtype) "
+                        "cannot represent exactly: give the target that leaf's dtype"
+                    )
+                array = cast
             E.nested_set(arrays, path, array)
         if item in encodings:  # rebuild with the target's own tree structure
             enc = encodings[item]
@@ -175,7 +184,8 @@ def restore_params(
         structure, dtypes and shardings (leaves without a sharding go to the first local
         device). A narrower dtype of the same kind rounds, as Orbax does (a float32 leaf
         into a bfloat16 target); another kind (float into int) is refused, and so is a
-        value the target's dtype cannot hold (an int into float16 past its largest).
+        value the target's dtype cannot hold (an int into float16 past its largest, or
+        an int a float target would round, 2**24 + 1 into float32).
       verify: check every array against the checksums recorded at save time (the
         default); False skips that pass for trusted, fast paths.
 

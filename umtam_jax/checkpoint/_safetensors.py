@@ -56,6 +56,7 @@ from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _safety, _targets
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._names import split_name, tree_from_names
+from umtam_jax.checkpoint._write_errors import CheckpointBusyError
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -121,6 +122,12 @@ def _is_own(path: epath.Path) -> bool:
 
 #: A folder written by :func:`save_safetensors`.
 SAFETENSORS = _targets.OutputKind(_is_own, MARKER_FILE)
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, int]:
+    """Which file a path leads to: a save writes new files and swaps folders, so a file
+    it replaced has another identity (a file edited in place keeps its own)."""
+    return st.st_dev, st.st_ino
 
 
 def _pickle_note(files: Iterable[str]) -> str:
@@ -233,9 +240,14 @@ class SafetensorsReader:
             raise FileNotFoundError(f"{INDEX_FILE} in {path} names missing shard {missing[0]}")
         self._entries: dict[str, tuple] = {}
         self._crcs: dict[str, int] = {}
+        # Which file each name was when opened: a save that replaces the folder meanwhile
+        # makes a later read fail as such, not as damage (or read a mix of both).
+        self._opened = {os.fspath(f): _file_identity(os.stat(f)) for f in self.files}
         headers = [(os.fspath(f), *_parse_header(os.fspath(f))) for f in self.files]
         self.metadata: dict[str, str] = headers[0][2]
         own = verify and _is_own(self.folder)  # its files all carry CRCs
+        if own and self.is_folder:
+            self._check_recorded_files(files)
         for file, tensors, meta in headers:
             for name, entry in tensors.items():
                 if name in self._entries:
@@ -294,6 +306,19 @@ class SafetensorsReader:
             raise ValueError(f"{index} is not a valid safetensors index: {err}") from None
         return shard_of
 
+    def _check_recorded_files(self, files: list[str]) -> None:
+        """Raises where a weights file the folder's save recorded (its contents record) is
+        not among ``files``, those the index names: a shard deleted with its index entries
+        would otherwise read as a smaller model."""
+        recorded = _targets.recorded_contents(self.folder) or ()
+        written = [n for n in recorded if n.endswith(".safetensors") and "/" not in n]
+        if lost := sorted(set(written) - set(files)):
+            how = "is now missing" if not (self.folder / lost[0]).exists() else "its index omits"
+            raise CheckpointCorruptError(
+                f"{self.folder} is corrupt: it was written with the weights file {lost[0]}, "
+                f"which {how}"
+            )
+
     @staticmethod
     def _checksums(file: str, record: str, tensors: Mapping[str, Any]) -> dict[str, int]:
         """Each tensor's recorded CRC-32, after checking its recorded dtype and shape (files
@@ -350,6 +375,7 @@ class SafetensorsReader:
 
         Raises:
           ValueError: an unknown name, or a file that cannot be read (changed since opened).
+          CheckpointBusyError: a save replaced the file since the reader was opened.
           CheckpointCorruptError: with ``verify``, a tensor that differs from its CRC-32.
         """
         out = []
@@ -358,9 +384,16 @@ class SafetensorsReader:
             buf = np.empty(end - begin, np.uint8)
             try:
                 with open(file, "rb") as f:
+                    if _file_identity(os.fstat(f.fileno())) != self._opened[file]:
+                        raise CheckpointBusyError(
+                            f"{file} was replaced while it was read (a save overwrote "
+                            f"{self.folder}): open it again"
+                        )
                     f.seek(begin)
                     if f.readinto(buf) != buf.size:  # type: ignore[arg-type]  # a buffer
                         raise OSError("the file is shorter than when it was opened")
+            except CheckpointBusyError:
+                raise
             except OSError as err:
                 raise ValueError(f"cannot read tensor {name!r} from {file}: {err}") from None
             array = buf.view(dtype).reshape(shape)

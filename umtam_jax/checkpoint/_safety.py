@@ -223,23 +223,25 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
         fsync_dir(directory.parent)
         return
     if _renameat2(staging, directory, _RENAME_EXCHANGE):
-        _step("swapped")  # the old checkpoint now sits at the staging name
-        staging.rename(trash)
+        old = staging  # the old checkpoint now sits at the staging name
     else:
-        retired = _hidden(directory, _OLD, token)
-        directory.rename(retired)
+        old = _hidden(directory, _OLD, token)
+        directory.rename(old)
         fsync_dir(directory.parent)
         _step("retired")
         try:
             staging.rename(directory)
         except BaseException:
-            retired.rename(directory)
+            old.rename(directory)
             raise
-        _step("swapped")
-        retired.rename(trash)
+    _step("swapped")
     fsync_dir(directory.parent)
-    _step("trashed")
-    rmtree(trash)
+    # Published: an old copy that cannot be deleted now is left for the next save to
+    # delete (by its name), not reported as a failed save.
+    with contextlib.suppress(OSError):
+        old.rename(trash)
+        _step("trashed")
+        rmtree(trash)
 
 
 @contextlib.contextmanager

@@ -280,6 +280,19 @@ def save_params_streaming(
     References:
       Orbax checkpointing, https://orbax.readthedocs.io
     """
+    return stream_params(directory, abstract_params, produce, overwrite, metadata)
+
+
+def stream_params(
+    directory: str | os.PathLike[str],
+    abstract_params: Any,
+    produce: Callable[[int], Any],
+    overwrite: bool,
+    metadata: Mapping[str, Any] | None,
+    kind: _targets.OutputKind = _targets.CHECKPOINT,
+) -> epath.Path:
+    """:func:`save_params_streaming`, replacing only the outputs ``kind`` accepts (see
+    :func:`._targets.check_target`)."""
     directory = F._absolute(directory)
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         if _keys.is_key(leaf):
@@ -288,7 +301,7 @@ def save_params_streaming(
                 f"({leaf.dtype}): a streaming save stores numeric arrays; save a tree "
                 "with keys with save_checkpoint (or stream the parameters without it)"
             )
-    _targets.check_target(directory, overwrite=overwrite)
+    _targets.check_target(directory, overwrite=overwrite, kind=kind)
     enc = E.encode(abstract_params, F.PARAMS)
     if not enc.leaves:
         raise ValueError("abstract_params has no array leaves")
@@ -297,6 +310,6 @@ def save_params_streaming(
         for path, leaf in zip(enc.paths, enc.leaves, strict=True)
     ]
     meta = _save._metadata_record({F.PARAMS: enc}, None, _save._user_metadata(metadata))
-    with _safety.publishing(directory, overwrite=overwrite) as staging:
+    with _safety.publishing(directory, overwrite=overwrite, kind=kind) as staging:
         _write_streaming(staging, leaves, produce, meta)
     return directory

@@ -146,10 +146,13 @@ class OutputKind(NamedTuple):
     Attributes:
       is_own: whether an existing folder is such an output.
       marker: the entry ``is_own`` looks for, named when a folder lacks it.
+      refuse: raises where an output of this kind must still not be replaced by this
+        writer (a merge never replaces a training checkpoint); None: none refused.
     """
 
     is_own: Callable[[epath.Path], bool]
     marker: str
+    refuse: Callable[[epath.Path], None] | None = None
 
 
 #: A umtam_jax (Orbax) checkpoint.
@@ -172,7 +175,8 @@ def check_target(
 
     Raises:
       TypeError: ``overwrite`` is not a bool.
-      ValueError: an empty name, a symbolic link, a file or a folder that is not a
+      ValueError: an empty name, a path with '[' (a checkpoint: Orbax would lose its
+        arrays), a symbolic link, a file or a folder that is not a
         umtam_jax checkpoint (whatever ``overwrite`` says), a folder inside a checkpoint
         Orbax wrote or named as a step beside a ``CheckpointManager``'s steps.
       NotADirectoryError: a component of the parent path is a file.
@@ -184,6 +188,15 @@ def check_target(
         raise ValueError(f"not a valid checkpoint path: {directory!s}")
     if _ORBAX_TMP_SUFFIX in directory.name:
         raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
+    full = os.path.abspath(directory) if is_local(directory) else os.fspath(directory)
+    if kind is CHECKPOINT and "[" in full:
+        # Orbax finds the arrays it wrote with a glob of the folder's path: under a "["
+        # it finds none and publishes a checkpoint without them.
+        raise ValueError(
+            f"cannot write checkpoint {directory}: its path {full} contains '[', which "
+            "Orbax reads as a pattern (the arrays it writes would not be found); choose a "
+            "path without '['"
+        )
     if is_local(directory):
         for parent in reversed(directory.parents):
             if os.path.lexists(parent) and not os.path.isdir(parent):
@@ -229,6 +242,8 @@ def check_target(
             f"umtam_jax output of this format (it has no valid {kind.marker}; only such an output "
             "is ever replaced, even with overwrite)"
         )
+    if kind.refuse is not None:
+        kind.refuse(directory)
     if not overwrite:
         raise FileExistsError(
             f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
@@ -268,23 +283,33 @@ def contents(directory: epath.Path) -> dict[str, Any]:
     return found
 
 
-def _added_entries(directory: epath.Path) -> list[str] | None:
-    """The entries of an earlier output that its save did not write, or that changed since
-    (a file edited, replaced or put into one of its subfolders), as relative paths; None
-    when the folder has no readable record (it cannot be told what is ours)."""
+def recorded_contents(directory: epath.Path) -> dict[str, Any] | list[str] | None:
+    """What an output's save recorded it wrote (:func:`contents`; a list of top-level
+    names from older versions), or None where the record is missing or unreadable."""
     try:
         recorded = _json.loads(read_record(directory / _CONTENTS_FILE, MAX_CONTENTS_BYTES))
     except (OSError, ValueError):
         return None
-    if isinstance(recorded, list):  # the record of older versions: top-level names only
-        return sorted({p.name for p in directory.iterdir()} - set(map(str, recorded)))
+    if isinstance(recorded, list):
+        return list(map(str, recorded))
     if not isinstance(recorded, dict) or not isinstance(recorded.get("entries"), dict):
         return None
+    return recorded["entries"]
+
+
+def _added_entries(directory: epath.Path) -> list[str] | None:
+    """The entries of an earlier output that its save did not write, or that changed since
+    (a file edited, replaced or put into one of its subfolders), as relative paths; None
+    when the folder has no readable record (it cannot be told what is ours)."""
+    was = recorded_contents(directory)
+    if was is None:
+        return None
+    if isinstance(was, list):  # the record of older versions: top-level names only
+        return sorted({p.name for p in directory.iterdir()} - set(was))
     try:
         now = contents(directory)
     except OSError:
         return None
-    was = recorded["entries"]
     changed = {k for k, v in now.items() if k not in was or was[k] != v}
     # An added folder is named once, not with everything in it.
     return sorted(k for k in changed if os.path.dirname(k) not in changed)

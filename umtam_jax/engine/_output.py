@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from umtam_jax.checkpoint._targets import CHECKPOINT
 from umtam_jax.engine._job import Job
 from umtam_jax.engine._sources import SafetensorsSource, Source, keeps_tied
 
@@ -93,26 +94,22 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
         inputs += [(f"the Fisher or curvature of expert {i}", s.directory)
                    for i, s in enumerate(job.extras)]  # fmt: skip
     _targets.check_output_not_input(output, inputs)
-    if fmt == "orbax":
-        _refuse_training_checkpoint(output)
-    else:  # every leaf needs a tensor name ('.'-joined keys)
+    if fmt == "safetensors":  # every leaf needs a tensor name ('.'-joined keys)
         try:
             _safetensors_write.names_from_tree(job.output)
         except ValueError as err:
             raise ValueError(f"cannot write the safetensors output {output}: {err}") from None
         if isinstance(job.base, SafetensorsSource) and job.base.folder is not None:
             _model_files.files_to_copy(job.base.folder)  # the base's config, tokenizer
-    kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _targets.CHECKPOINT
+    kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _MERGED_CHECKPOINT
     _targets.check_target(output, overwrite=overwrite, kind=kind)
 
 
 def _refuse_training_checkpoint(output: epath.Path) -> None:
     """Refuses to replace a checkpoint holding what training saves and a merge never
     writes (statistics, an optimizer state): it would be lost for good."""
-    from umtam_jax.checkpoint import _format, _targets
+    from umtam_jax.checkpoint import _format
 
-    if not _targets.is_checkpoint(output):
-        return
     held = [item for item in (_format.STATISTICS, _format.OPT_STATE) if (output / item).exists()]
     if held:
         raise ValueError(
@@ -120,6 +117,11 @@ def _refuse_training_checkpoint(output: epath.Path) -> None:
             f"{' and '.join(held)}, which a merge never writes), and a merge replaces only an "
             "earlier merge output; write elsewhere, or delete it yourself"
         )
+
+
+#: The umtam_jax checkpoints a merge may replace: earlier merge outputs, checked again
+#: under the save's lock (a killed save's old folder may be put back there).
+_MERGED_CHECKPOINT = CHECKPOINT._replace(refuse=_refuse_training_checkpoint)
 
 
 def writer(
@@ -166,10 +168,10 @@ def writer(
 
     def write(abstract: Any, produce: Callable[[int], np.ndarray]) -> epath.Path:
         if fmt == "orbax":
-            from umtam_jax.checkpoint import save_params_streaming
+            from umtam_jax.checkpoint._streaming import stream_params
 
-            return save_params_streaming(
-                output, abstract, produce, overwrite=overwrite, metadata=metadata
+            return stream_params(
+                output, abstract, produce, overwrite, metadata, kind=_MERGED_CHECKPOINT
             )
         from umtam_jax.checkpoint import save_safetensors
 

@@ -389,9 +389,12 @@ def open_source(path: str | os.PathLike, what: str) -> Source:
       >>> source.abstract()["w"].shape, source.read([0])[0].tolist()
       ((2,), [1.0, 1.0])
     """
-    from umtam_jax.checkpoint import is_orbax_folder
+    from umtam_jax.checkpoint import _format, _safety, is_orbax_folder
     from umtam_jax.engine._plain_orbax import PlainOrbaxSource
 
+    # A save killed in the middle of its swap: its output is put back before the format
+    # is told from what the folder holds.
+    _safety.recover(_format._absolute(path))
     if is_huggingface(path):
         return SafetensorsSource(path, what)
     if is_orbax_folder(path):
