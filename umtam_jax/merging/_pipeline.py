@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
 
 from umtam_jax.merging import _validation as V
 
@@ -47,6 +48,7 @@ from umtam_jax.merging._select import (
     stack_slices,
     unstack_slices,
 )
+from umtam_jax.optimizer import _sharding
 from umtam_jax.optimizer._attention import attention_rows, is_attention_bias
 from umtam_jax.optimizer._layout import matrix_view, scanned
 
@@ -239,6 +241,18 @@ def merge(method: str | Method, base: Any, experts: Any, extra: Any = None, **kw
     """
     if not isinstance(method, Method):
         method = get(method)
+    explicit = _sharding.explicit_concrete_mesh((base, experts, extra))
+    if explicit is not None:
+        # Selections flatten and gather entries across a leaf, which Explicit mesh axes
+        # refuse without a partition for every step: the merge runs on the same devices
+        # with Auto axes (the compiler places the data), the result is sharded as the
+        # base (or the first expert) on the Explicit mesh.
+        auto = _sharding.with_axis_types(explicit, AxisType.Auto)
+        inputs = _sharding.moved_to((base, experts, extra), explicit, auto)
+        with jax.set_mesh(auto):
+            merged = merge(method, *inputs, **kwargs)
+        like = base if base is not None else experts if method.single_expert else experts[0]
+        return _sharding.placed_like(_sharding.moved_to(merged, auto, explicit), like)
     call = plan(method, base, experts, extra, kwargs)
     explain_fn = method.explain
     explain = None if explain_fn is None else lambda j: explain_fn(call, j)

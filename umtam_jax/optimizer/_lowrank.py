@@ -210,7 +210,10 @@ def subspace_svd_many(
             normal = functools.partial(jax.random.normal, shape=shape, dtype=dtype)
             for _ in range(keys[i].ndim):  # a stack of matrices draws with a stack of keys
                 normal = jax.vmap(normal)
-            omega = jnp.concatenate([omega, normal(keys[i])], axis=-1)
+            # The fresh columns are laid out as the warm start's (an Explicit mesh
+            # refuses to join differently sharded arrays).
+            fresh = _sharding.reshard_like(normal(keys[i]), _sharding.explicit_spec(warm))
+            omega = jnp.concatenate([omega, fresh], axis=-1)
         omegas.append(omega)
 
     def products(fn, thin):

@@ -268,3 +268,48 @@ def partition_of(param: Any) -> tuple | None:
         spec = tuple(sharding.spec)
         return spec + (None,) * (len(param.shape) - len(spec))
     return None
+
+
+def explicit_concrete_mesh(tree: Any) -> Any:
+    """The mesh of the first concrete array of ``tree`` sharded over Explicit mesh axes,
+    or None."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        mesh = getattr(sharding, "mesh", None)
+        if isinstance(mesh, jax.sharding.Mesh) and AxisType.Explicit in mesh.axis_types:
+            return mesh
+    return None
+
+
+def with_axis_types(mesh: jax.sharding.Mesh, axis_type: AxisType) -> jax.sharding.Mesh:
+    """``mesh`` (its devices and axis names) with every axis of ``axis_type``."""
+    return jax.sharding.Mesh(
+        mesh.devices, mesh.axis_names, axis_types=(axis_type,) * len(mesh.axis_names)
+    )
+
+
+def moved_to(tree: Any, source: jax.sharding.Mesh, target: jax.sharding.Mesh) -> Any:
+    """``tree`` with each array sharded on ``source`` given the same partition on
+    ``target`` (a mesh of the same devices: the shards stay where they are)."""
+
+    def move(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        if not isinstance(sharding, NamedSharding) or sharding.mesh != source:
+            return x
+        return jax.device_put(x, NamedSharding(target, sharding.spec))
+
+    return jax.tree.map(move, tree)
+
+
+def placed_like(tree: Any, like: Any) -> Any:
+    """``tree`` with each array put where the array of ``like`` at its place (the same
+    structure) is, where that one is a concrete array of the same shape."""
+
+    def place(x: Any, ref: Any) -> Any:
+        if isinstance(x, jax.Array) and isinstance(ref, jax.Array) and x.shape == ref.shape:
+            return jax.device_put(x, ref.sharding)
+        return x
+
+    if jax.tree.structure(tree) != jax.tree.structure(like):  # type: ignore[operator]
+        return tree
+    return jax.tree.map(place, tree, like)

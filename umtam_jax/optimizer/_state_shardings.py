@@ -128,10 +128,19 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any
     # optax.masked / optax.partition leave an optax.MaskedNode where a parameter is not theirs.
     is_masked = lambda n: isinstance(n, optax.MaskedNode)  # noqa: E731
 
+    shapes = [tuple(p.shape) for p in jax.tree.leaves(params)]
+
     def _is_params_like(n: Any) -> bool:
+        """A subtree of the parameters' structure and shapes (Adam's ``mu``): with one
+        array for parameters, the step counter has their structure too."""
         if not jax.tree.leaves(n):
             return False
-        return jax.tree.structure(n, is_leaf=is_masked) == params_def  # type: ignore[operator]
+        if jax.tree.structure(n, is_leaf=is_masked) != params_def:  # type: ignore[operator]
+            return False
+        leaves = jax.tree.leaves(n, is_leaf=is_masked)
+        return all(
+            is_masked(a) or tuple(a.shape) == shape for a, shape in zip(leaves, shapes, strict=True)
+        )
 
     def is_node(n: Any) -> bool:
         return isinstance(n, ScaleByUmtamState) or _is_params_like(n)

@@ -13,6 +13,7 @@ import optax
 from umtam_jax.optimizer._axis_order import canonical_statistics, from_canonical
 from umtam_jax.optimizer._clipping import shares
 from umtam_jax.optimizer._config import compute_dtype
+from umtam_jax.optimizer._sharding import reshape
 from umtam_jax.optimizer._state import (
     DenseLeafState,
     DenseStatistics,
@@ -192,9 +193,11 @@ def _factored_momentum(s: FactoredStatistics) -> jax.Array:
     nb = _batch_axes(s)
     batch, rows, cols = s.sigma.shape[:nb], s.row.shape[nb:], s.col.shape[nb:]
     # Sizes, not -1: a stack of no matrices has no size to infer them from.
-    u = s.u.reshape(batch + (math.prod(rows), s.u.shape[-1]))
-    v = s.v.reshape(batch + (math.prod(cols), s.v.shape[-1]))
-    return ((u @ s.sigma) @ v.mT).reshape(batch + rows + cols)
+    # Reshaped as the update does: under Explicit sharding a sharded inner axis merged
+    # into the rows (or columns) needs its partition given.
+    u = reshape(s.u, batch + (math.prod(rows), s.u.shape[-1]))
+    v = reshape(s.v, batch + (math.prod(cols), s.v.shape[-1]))
+    return reshape((u @ s.sigma) @ v.mT, batch + rows + cols)
 
 
 @_in_parameter_order
