@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def full_precision(fn):
@@ -25,3 +27,20 @@ def full_precision(fn):
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def at_least_float32(dtype: Any) -> Any:
+    """The dtype to compute in for arrays of ``dtype``: float32 for narrower floats (8-
+    and 16-bit: JAX promotes no 8-bit float implicitly, so it is done here), else
+    ``jnp.promote_types(dtype, float32)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax._precision import at_least_float32
+      >>> [at_least_float32(d).name for d in (jnp.float8_e4m3fn, jnp.bfloat16, jnp.float32)]
+      ['float32', 'float32', 'float32']
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32)

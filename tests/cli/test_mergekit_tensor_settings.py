@@ -176,9 +176,16 @@ def test_setting_values_follow_mergekits_evaluation():
     assert first.at("model.layers.0.self_attn.q_proj.weight", 0.0) is None
     assert setting([True, False], "p.normalize").at("x", 0.99) is True  # the step below
     names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.2.mlp.c_fc.weight",
-             "transformer.wte.weight", "bert.encoder.layer.1.output.dense.weight",
-             "params.layers_1.kernel", "model.h_norm.weight"]  # fmt: skip
-    assert layer_positions(names) == [0.0, 1.0, 0.0, 0.5, 0.5, 0.0]
+             "transformer.wte.weight", "transformer.h.1.ln_1.weight",
+             "model.h_norm.weight"]  # fmt: skip
+    assert layer_positions(names) == [0.0, 1.0, 0.0, 0.5, 0.0]
+    assert layer_positions(["bert.encoder.layer.1.output.dense.weight", "params.layers_1.kernel",
+                            "params.layers_0.kernel"]) == [1.0, 1.0, 0.0]  # fmt: skip
+    # A multimodal model: 2 text layers and 4 vision blocks, each stack its own depth (the
+    # last text layer is at x = 1, as mergekit places it, not at 1/3).
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(2)]
+    names += [f"visual.blocks.{i}.attn.qkv.weight" for i in range(4)]
+    assert layer_positions(names) == [0.0, 1.0, 0.0, 1 / 3, 2 / 3, 1.0]
     assert layer_positions(["model.layers.0.w"]) == [1.0]  # one layer: x = 1, as mergekit
     for bad, message in (
         ([], "an empty list"),

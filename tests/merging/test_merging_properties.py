@@ -245,6 +245,36 @@ def test_float16_roundtrip_dtype():
     assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(out))
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "fisher", "regmean", "umtam"])
+def test_float8_inputs_merge_in_float32_and_cast_back(method):
+    """JAX promotes no 8-bit float implicitly: the merge computes in float32 explicitly,
+    as for 16-bit floats, and returns the base's float8 dtype."""
+    rng = np.random.default_rng(0)
+    f8 = jnp.float8_e4m3fn
+    base = {"w": rng.normal(size=(4, 3)).astype(f8)}
+    experts = [{"w": rng.normal(size=(4, 3)).astype(f8)} for _ in range(2)]
+    wide = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
+    m = merging.METHODS[method]
+    extra = None
+    if m.extra == "statistics":
+        extra = [umtam_jax.statistics(_trained_state(e)) for e in experts]
+    elif m.extra in ("fishers", "curvatures"):
+        extra = [{"w": jnp.ones((4, 3), jnp.float32)} for _ in experts]
+    elif m.extra == "grams":
+        extra = [{"w": jnp.eye(4, dtype=jnp.float32)} for _ in experts]
+    kwargs = {"density": 0.5} if method in ("ties", "umtam") else {}
+    got = merging.merge(method, base, experts, extra, **kwargs)
+    want = merging.merge(method, wide(base), [wide(e) for e in experts], extra, **kwargs)
+    assert got["w"].dtype == f8
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]).astype(f8))
+
+
+def _trained_state(params):
+    opt = umtam_jax.umtam(1e-2, rank=1, min_dim_size_to_factor=2)
+    wide = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return opt.update(wide, opt.init(wide), wide)[1]
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     data=st.data(),

@@ -210,10 +210,13 @@ def _varying_per_expert(
     )
     for i, chain in enumerate(chains):
         for entry in chain:
-            for value in entry.values() if isinstance(entry, TensorSetting) else [entry]:
-                trial = [value if j == i else v for j, v in enumerate(values)]
-                at = entry.key if isinstance(entry, TensorSetting) else experts[i].value_key(key)
-                check_parameters(spec, {name: trial}, {name: at}, len(experts))
+            located = (
+                entry.located()
+                if isinstance(entry, TensorSetting)
+                else [(entry, experts[i].value_key(key))]
+            )
+            for value, at in located:  # one value, as every expert's: the message names it
+                check_parameters(spec, {name: value}, {name: at}, len(experts))
     param = spec.param(name)
     fallback = (
         merging.REQUIRED if param is None or param.kind == "weights" else spec.defaults()[name]
@@ -306,9 +309,9 @@ def build_plan(config: dict[str, Any]) -> Plan:
     for name, setting in varying.items():
         param = spec.param(name)
         assert param is not None  # the translation reads only the method's parameters
-        for value in setting.values():
+        for value, at in setting.located():
             _check_type(method, param, value)
-            check_parameters(spec, {name: value}, {name: setting.key}, len(experts))
+            check_parameters(spec, {name: value}, {name: at}, len(experts))
 
     for key, name in PER_EXPERT.items():
         _per_expert_values(spec, params, experts, key, name)

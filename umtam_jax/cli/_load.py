@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from umtam_jax.cli import _mergekit
-from umtam_jax.cli._config import EXPERT_KEYS
+from umtam_jax.cli._config import EXPERT_KEYS, PER_EXPERT
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
 
 PROG = "umtam-merge"
@@ -115,7 +115,28 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         config[_mergekit.TENSOR_SETTINGS] = {
             k: v for k, v in varying.items() if k not in flag_params
         }
+        _warn_of_own_values(config, flag_params)
     return config
+
+
+def _warn_of_own_values(config: dict[str, Any], flag_params: dict[str, str]) -> None:
+    """Warns where a --param flag sets a per-expert parameter that models give their own
+    values of: the flag is the default of the others (as the file's 'parameters' is),
+    not a replacement of theirs."""
+    experts = config.get("experts")
+    for name in flag_params:
+        keys = [key for key, param in PER_EXPERT.items() if param == name]
+        own = [
+            str(e.get(_mergekit.KEY, f"experts[{i}]"))
+            for i, e in enumerate(experts if isinstance(experts, list) else [])
+            if isinstance(e, dict)
+            and any(k in e or k in (e.get(_mergekit.VARYING) or {}) for k in keys)
+        ]
+        if own:
+            warn(
+                f"--param {name} is the default of the models without their own {keys[0]}; "
+                f"{', '.join(own)} give theirs, which it does not replace"
+            )
 
 
 def _merges_the_base(config: dict[str, Any]) -> bool:

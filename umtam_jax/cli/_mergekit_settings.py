@@ -16,7 +16,10 @@ model's ``weight`` and ``density``) may be, besides one value:
 A tensor's layer is the number after ``layers``, ``layer``, ``h``, ``blocks`` or ``block``
 and a ``.`` or ``_`` in its dotted name (``model.layers.3.mlp.up_proj.weight``,
 ``transformer.h.3.attn.c_attn.weight``, ``encoder.layer.3.output.dense.weight``, Flax's
-``layers_3``), ``N`` the number of layers the merged model has. Filters match the names
+``layers_3``), ``N`` the number of layers of its stack (the name up to the number: the
+text and vision layers of a multimodal model are counted apart, as mergekit does; a
+tensor mergekit's architecture file places in a layer under another name, such as a
+vision projector's ``mlp.2``, is outside the layers here). Filters match the names
 as the files store them; mergekit matches its architecture's names, which differ for
 some files (GPT-2 stored without the ``transformer.`` prefix: write ``filter: wte``).
 
@@ -74,16 +77,27 @@ class TensorSetting:
             return None
         return _evaluate(self.value, x)
 
+    def located(self) -> list[tuple[Any, str]]:
+        """Every value it gives with its key in the file (``parameters.t[2]``,
+        ``parameters.t[1].value[0]``), for checks that name it."""
+        if isinstance(self.value[0], Condition):
+            parts = [(c.value, f"{self.key}[{i}].value") for i, c in enumerate(self.value)]
+        else:
+            parts = [(self.value, self.key)]
+        out = []
+        for part, key in parts:
+            if isinstance(part, tuple):
+                out += [(v, f"{key}[{j}]") for j, v in enumerate(part)]
+            else:
+                out.append((part, key))
+        return out
+
     def values(self) -> list[Any]:
-        """Every value it may give, once each (for checks)."""
-        parts = (
-            [c.value for c in self.value] if isinstance(self.value[0], Condition) else [self.value]
-        )
+        """Every value it may give, once each."""
         out: list[Any] = []
-        for part in parts:
-            for v in part if isinstance(part, tuple) else (part,):
-                if v not in out:
-                    out.append(v)
+        for v, _ in self.located():
+            if v not in out:
+                out.append(v)
         return out
 
     def as_json(self) -> Any:
@@ -164,18 +178,30 @@ def layer_positions(names: Sequence[str]) -> list[float]:
       names: the merged tensors' dotted names.
 
     Returns:
-      Per name, ``i / (N − 1)`` for layer ``i`` of ``N`` (1 when ``N = 1``), 0 outside the
-      layers.
+      Per name, ``i / (N − 1)`` for layer ``i`` of a stack of ``N`` (1 when ``N = 1``), 0
+      outside the layers. Each stack (the name up to the layer number:
+      ``model.layers.``, ``visual.blocks.``) has its own ``N``, as mergekit counts the
+      text and vision layers of a multimodal model apart.
     """
     layers = [_layer(n) for n in names]
-    indices = [i for i in layers if i is not None]
-    count = max(indices) + 1 if indices else 0
-    return [0.0 if i is None else (i / (count - 1) if count > 1 else 1.0) for i in layers]
+    counts: dict[str, int] = {}
+    for found in layers:
+        if found is not None:
+            counts[found[0]] = max(counts.get(found[0], 0), found[1] + 1)
+
+    def position(found: tuple[str, int] | None) -> float:
+        if found is None:
+            return 0.0
+        count = counts[found[0]]
+        return found[1] / (count - 1) if count > 1 else 1.0
+
+    return [position(found) for found in layers]
 
 
-def _layer(name: str) -> int | None:
+def _layer(name: str) -> tuple[str, int] | None:
+    """(the layer stack, the layer's index) of a tensor's name, or None outside them."""
     found = _LAYER.search(name)
-    return None if found is None else int(found.group(1))
+    return None if found is None else (name[: found.start(1)], int(found.group(1)))
 
 
 def first_value(chain: Sequence[Any], name: str, x: float, fallback: Any, key: str) -> Any:

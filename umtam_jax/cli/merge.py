@@ -18,7 +18,8 @@ A YAML configuration of its own, or a mergekit configuration unchanged (see
     output: ckpt/merged           # where the merged parameters are written
     seed: 0                       # PRNG seed of dare, dare_ties, della, della_linear (default 0)
 
-or the same through flags (which override the file)::
+or the same through flags (which override the file; a ``--param`` is, like the file's
+``parameters``, the default of the experts that give no value of their own)::
 
     umtam-merge --method ties --base ckpt/base --expert ckpt/a --expert ckpt/b,weight=0.5 \\
         --param density=0.2 --output ckpt/merged
@@ -112,7 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         help="expert checkpoint (repeat; replaces the file's experts)",
     )
     p.add_argument(
-        "--param", action="append", metavar="KEY=VALUE", help="method parameter (repeat)"
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method parameter (repeat); a per-model one (weight, density) is the default of "
+        "the models without their own",
     )
     p.add_argument("--output", "-o", help="output checkpoint directory")
     p.add_argument("--seed", type=int, help="PRNG seed of dare, dare_ties, della, della_linear")

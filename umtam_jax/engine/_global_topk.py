@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from umtam_jax._precision import at_least_float32
 from umtam_jax.merging._select import DIGIT_BITS, _sortable_keys, keep_count
 
 _CHUNK = 1 << 22  # entries per slice in the NumPy histogram and mask steps
@@ -84,7 +85,7 @@ class GlobalTopK:
         total = sum(sizes)
         self.keep = [keep_count(total, d) for d in densities]
         self.everything = [kt >= total for kt in self.keep]
-        dtype = jnp.result_type(*[jnp.promote_types(d, jnp.float32) for d in dtypes])
+        dtype = jnp.result_type(*[at_least_float32(d) for d in dtypes])
         self.like = jnp.zeros((), dtype)
         self.nbits = 64 if dtype == jnp.float64 else 32
         k = len(densities)

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax._precision import at_least_float32
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
@@ -82,7 +83,7 @@ def _check_fisher(call: pipeline.Call) -> None:
 
 @jax.jit
 def _fisher_leaf(base, ws, fishers, weights, fisher_floor):
-    dt = jnp.promote_types(base.dtype, jnp.float32)
+    dt = at_least_float32(base.dtype)
     w0 = base.astype(dt)
     coef = [
         jnp.asarray(c, dt) * jnp.maximum(f.astype(dt), fisher_floor)
@@ -159,7 +160,7 @@ def diagonal_fisher(
 
     def as_float(x: Any) -> jax.Array:
         x = jnp.asarray(x)
-        return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        return x.astype(at_least_float32(x.dtype))
 
     @jax.jit
     def batch_sq(p: Any, batch: Any) -> tuple[Any, jax.Array, jax.Array]:

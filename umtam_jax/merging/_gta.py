@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax._precision import at_least_float32
 from umtam_jax.merging._registry import Param
 
 # mergekit's guard in its L1 rescale (``rescaled_masked_tensor``): tiny norms skip rescaling.
@@ -26,7 +27,7 @@ L1_EPS = 1e-7
 
 
 def compute_dtype(x: jax.Array) -> jnp.dtype:
-    return jnp.promote_types(x.dtype, jnp.float32)
+    return at_least_float32(x.dtype)
 
 
 def sum_terms(terms: list[jax.Array]) -> jax.Array:

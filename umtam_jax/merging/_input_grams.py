@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from umtam_jax import _pytrees
+from umtam_jax._precision import at_least_float32
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -36,7 +37,7 @@ class _Recorder:
         """Adds ``XᵀX`` of the inputs ``x`` of the layer at ``path``, whose features are
         the ``axes`` it contracts (in the order of its kernel's input axes)."""
         x = jnp.asarray(x)
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        x = x.astype(at_least_float32(x.dtype))
         k = len(axes)
         # Flax orders a layer's contracted axes as they lie in its inputs (its kernel's rows).
         axes = tuple(sorted(a % x.ndim for a in axes))

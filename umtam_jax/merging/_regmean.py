@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from umtam_jax import _pytrees
+from umtam_jax._precision import at_least_float32
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
@@ -180,7 +181,7 @@ def _check(call: pipeline.Call) -> None:
 def _normal_equations(base, ws, grams, weights, alpha):
     """``w0``, the weighted mean task vector, and the system ``lhs · Δ = rhs`` of a leaf
     with Grams (traced helper)."""
-    dt = jnp.promote_types(base.dtype, jnp.float32)
+    dt = at_least_float32(base.dtype)
     if grams[0] is not None:
         dt = jnp.promote_types(dt, grams[0].dtype)
     w0 = base.astype(dt)

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from umtam_jax._precision import at_least_float32
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
@@ -132,7 +133,7 @@ def umtam(
 
 
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
-    return jnp.promote_types(x.dtype, jnp.float32)
+    return at_least_float32(x.dtype)
 
 
 # The kernels below are jit-compiled once per leaf shape, dtype and number of experts; the

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from umtam_jax import _pytrees
+from umtam_jax._precision import at_least_float32
 
 # The option checks, reached through this module by the methods and the engine.
 from umtam_jax.merging._option_checks import (  # noqa: F401
@@ -146,7 +147,7 @@ def check_sequence(x: Any, what: str, *, allow_empty: bool = False) -> list[Any]
 
 
 def float_dtype(dtype: Any, path: str, what: str) -> jnp.dtype:
-    """The dtype merges compute in: float32 for 16-bit floats, else the leaf's own.
+    """The dtype merges compute in: float32 for 8- and 16-bit floats, else the leaf's own.
 
     Raises:
       TypeError: a non-floating dtype, one in another byte order than the machine's, or a
@@ -166,7 +167,7 @@ def float_dtype(dtype: Any, path: str, what: str) -> jnp.dtype:
             f"{jax.dtypes.canonicalize_dtype(dtype)}: cast the inputs to float32, or enable "
             "x64 (jax.config.update('jax_enable_x64', True))"
         )
-    return jnp.promote_types(dtype, jnp.float32)
+    return at_least_float32(dtype)
 
 
 @jax.jit

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from umtam_jax._precision import at_least_float32
 from umtam_jax.optimizer._layout import RowAxesFn
 from umtam_jax.optimizer._lowrank import SVD_METHODS
 
@@ -286,7 +287,7 @@ def is_static_zero(value: Any) -> bool:
 
 def compute_dtype(dtype: Any) -> Any:
     """The dtype a parameter's statistics are computed in: at least float32."""
-    return jnp.promote_types(dtype, jnp.float32)
+    return at_least_float32(dtype)
 
 
 def bias_corrections(cfg: Config, count: jax.Array, dtype: Any) -> tuple[Any, Any]:
