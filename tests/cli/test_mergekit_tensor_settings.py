@@ -238,6 +238,17 @@ def test_setting_values_follow_mergekits_evaluation():
             "parameters: {t: [{filter: mlp, value: abc}, {value: 0.5}]}\n",
             r"parameters.t\[0\].value must be a number, got 'abc'",
         ),
+        (  # the position within the gradient, not the expert's index
+            "models: [{model: {root}/b, parameters: {density: [0.5, 0.6, 1.5]}}]\n"
+            "merge_method: ties\nbase_model: {root}/a\n",
+            r"models\[0\].parameters.density\[2\] must lie in \(0, 1\], got 1.5",
+        ),
+        (
+            "models: [{model: {root}/b, "
+            "parameters: {density: [{filter: mlp, value: 0.5}, {value: [0.3, 2.0]}]}}]\n"
+            "merge_method: ties\nbase_model: {root}/a\n",
+            r"models\[0\].parameters.density\[1\].value\[1\] must lie in \(0, 1\], got 2.0",
+        ),
     ],
 )
 def test_what_is_not_supported_or_wrong_is_one_error_naming_its_key(
@@ -251,6 +262,20 @@ def test_what_is_not_supported_or_wrong_is_one_error_naming_its_key(
     assert len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_param_flag_of_a_per_model_value_warns_that_it_is_only_their_default(tmp_path, capsys):
+    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1), _model(tmp_path, "c", 2)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {tmp_path}/a\nmodels: [{{model: {tmp_path}/b, "
+        f"parameters: {{density: 0.5}}}}, {{model: {tmp_path}/c}}]\n"
+    )
+    assert main([str(config), "--dry-run", "--param", "density=0.9"]) == 0
+    out = capsys.readouterr()
+    assert "--param density is the default of the models without their own density; " in out.err
+    assert "models[0] give theirs" in out.err
+    assert "'density': [0.5, 0.9]" in out.out
 
 
 def test_a_param_flag_replaces_the_files_gradient(tmp_path):

@@ -27,7 +27,8 @@ TASKS = ("t_a", "t_b")
         (-5.0, -1.0, 1.6, "effect", "not reproduced"),  # other direction
         (-1.0, 3.0, 1.6, "effect", "inconclusive"),  # covers 0 and the claim
         (-1.0, 3.0, None, "effect", "inconclusive"),
-        (6.0, 10.0, 8.3, "cost", "reproduced"),  # covers the paper's cost
+        (6.0, 10.0, 8.3, "cost", "inconclusive"),  # covers the paper's cost
+        (-1.2, 11.0, 8.3, "cost", "inconclusive"),  # a wide interval proves nothing
         (1.0, 5.0, 8.3, "cost", "reproduced"),  # cheaper
         (10.0, 13.2, 8.3, "cost", "not reproduced"),  # dearer
         (90.0, 97.0, 82.0, "at_least", "reproduced"),

@@ -225,6 +225,10 @@ def test_a_checkpoint_path_with_a_bracket_is_refused_before_anything_is_written(
     (tmp_path / "runs[lr=0.1]").mkdir()
     with pytest.raises(ValueError, match=r"contains '\['.*without '\['"):
         checkpoint.save_checkpoint(tmp_path / target, OLD)
+    expert = checkpoint.save_checkpoint(tmp_path / "expert", OLD)
+    with pytest.raises(ValueError, match=r"contains '\['"):  # a merge's Orbax output too
+        engine.merge_checkpoints("linear", None, [expert], tmp_path / target, progress=False)
+    shutil.rmtree(expert)
     assert sorted(os.listdir(tmp_path)) == ["runs[lr=0.1]"]
     assert os.listdir(tmp_path / "runs[lr=0.1]") == []
     # A safetensors folder (no Orbax) may be named so.

@@ -13,6 +13,7 @@ from tests.sharding._mesh_script import run_on_devices
 _SCRIPT = """
     import optax
     from tests.merging import test_method_contract as C
+    from umtam_jax import merging
 
     mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Explicit,))
 
@@ -39,6 +40,17 @@ _SCRIPT = """
             continue
         kept = jax.tree.map(lambda g, b: trim(g.sharding.spec) == trim(spec_of(b)), got, base)
         report[name] = {"gap": gap(got, want), "kept": all(jax.tree.leaves(kept))}
+
+    # A key and a weight made under the mesh (Explicit arrays among the options), and a
+    # jitted merge closing over sharded inputs (the mesh cannot change under jit).
+    base, experts, _ = C._inputs("ties")
+    want_dare = merging.merge("dare_ties", base, experts, density=0.5, key=jax.random.key(1))
+    want_sum = merging.merge("task_arithmetic", base, experts, scaling=0.5)
+    with jax.set_mesh(mesh):
+        b, e = put(base), put(experts)
+        dare = merging.merge("dare_ties", b, e, density=0.5, key=jax.random.key(1))
+        summed = jax.jit(lambda: merging.merge("task_arithmetic", b, e, scaling=jnp.float32(0.5)))()
+    report["options_and_jit"] = {"gap": max(gap(dare, want_dare), gap(summed, want_sum))}
 
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
@@ -81,6 +93,10 @@ def test_a_merge_of_explicitly_sharded_inputs_is_the_one_device_merge_sharded_li
 ):
     entry = report[name]
     assert "error" not in entry and entry["gap"] <= 1e-5 and entry["kept"], entry
+
+
+def test_array_options_made_under_the_mesh_and_a_jitted_merge(report):
+    assert report["options_and_jit"]["gap"] <= 1e-5, report["options_and_jit"]
 
 
 def test_momentum_of_a_conv_kernel_sharded_on_an_inner_axis(report):

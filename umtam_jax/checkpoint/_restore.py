@@ -199,7 +199,9 @@ def restore_params(
         ``OSError``): read it again.
       ValueError: if the checkpoint is corrupt or ``target`` does not match it (or a leaf's
         sharding does not divide its shape), or a 64-bit value does not fit 32 bits
-        without ``jax_enable_x64``.
+        without ``jax_enable_x64``, or a value overflows the target's dtype.
+      TypeError: a target dtype of another kind (float into int), or one a saved
+        integer would be rounded in.
 
     Example:
       >>> import tempfile, numpy as np

@@ -19,7 +19,8 @@ Every save goes through :func:`publishing`, which
    exchange is unavailable (another OS, a file system without it) the old checkpoint is
    first renamed to ``.<name>.umtam-old-<token>``; a process killed between that rename
    and the next leaves no checkpoint at the final path, and the next save to, or restore
-   from, that path renames the old checkpoint back.
+   from, that path renames the old checkpoint back (only while the killed save's staging
+   folder is beside it: the swap never finished).
 
 The replaced checkpoint is renamed to ``.<name>.umtam-trash-<token>`` before it is
 deleted, so a partly deleted folder is never mistaken for a checkpoint to recover. Staging
@@ -48,6 +49,7 @@ import os
 import re
 import stat
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -138,7 +140,7 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
 
     empty = is_empty_folder(directory)
     if empty or not directory.exists():
-        olds = [p for p in _siblings(directory, _OLD) if is_output(p)]
+        olds = [p for p in _siblings(directory, _OLD) if is_output(p) and _interrupted(p)]
         if olds:
             newest = max(olds, key=lambda p: p.stat().mtime)
             if empty:
@@ -149,6 +151,14 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     for prefix in prefixes:  # with Orbax's temporaries of those names
         for leftover in _siblings(directory, prefix):
             rmtree(leftover)
+
+
+def _interrupted(old: epath.Path) -> bool:
+    """Whether the old output ``old`` was set aside by a swap that never finished: its
+    save's staging folder (the same token) is still there. Once the new output is in
+    place, an old copy left behind (it could not be deleted) is never put back."""
+    token = old.name.rsplit(_OLD, 1)[1][:12]
+    return old.parent.joinpath(old.name.rsplit(_OLD, 1)[0] + _NEW + token).exists()
 
 
 def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
@@ -227,9 +237,9 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
     else:
         old = _hidden(directory, _OLD, token)
         directory.rename(old)
-        fsync_dir(directory.parent)
-        _step("retired")
-        try:
+        try:  # interrupted (not killed) before the new output is in place: the old back
+            fsync_dir(directory.parent)
+            _step("retired")
             staging.rename(directory)
         except BaseException:
             old.rename(directory)
@@ -237,11 +247,21 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
     _step("swapped")
     fsync_dir(directory.parent)
     # Published: an old copy that cannot be deleted now is left for the next save to
-    # delete (by its name), not reported as a failed save.
-    with contextlib.suppress(OSError):
+    # delete (by its name), not reported as a failed save; without its staging folder
+    # beside it, it is never taken for an interrupted swap's.
+    try:
         old.rename(trash)
-        _step("trashed")
-        rmtree(trash)
+    except OSError as err:
+        if old != staging:  # the staging name is deleted by the caller
+            warnings.warn(
+                f"{directory} was written, but the output it replaced could not be moved "
+                f"aside for deletion ({err.strerror}): it is left at {old}; the next save "
+                "to that path deletes it, or delete it yourself",
+                stacklevel=4,
+            )
+        return
+    _step("trashed")
+    rmtree(trash)
 
 
 @contextlib.contextmanager

@@ -189,7 +189,7 @@ def check_target(
     if _ORBAX_TMP_SUFFIX in directory.name:
         raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
     full = os.path.abspath(directory) if is_local(directory) else os.fspath(directory)
-    if kind is CHECKPOINT and "[" in full:
+    if kind.is_own is is_checkpoint and "[" in full:  # any writer of Orbax checkpoints
         # Orbax finds the arrays it wrote with a glob of the folder's path: under a "["
         # it finds none and publishes a checkpoint without them.
         raise ValueError(

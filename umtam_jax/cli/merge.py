@@ -116,8 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         "--param",
         action="append",
         metavar="KEY=VALUE",
-        help="method parameter (repeat); a per-model one (weight, density) is the default of "
-        "the models without their own",
+        help="method parameter (repeat); a per-model one (density) is the default of the "
+        "models without their own",
     )
     p.add_argument("--output", "-o", help="output checkpoint directory")
     p.add_argument("--seed", type=int, help="PRNG seed of dare, dare_ties, della, della_linear")

@@ -32,8 +32,9 @@ def judge(
       covers or exceeds ``claimed`` (if given); not reproduced when it lies below 0 or
       below ``claimed``; inconclusive when it covers 0 (and not only values below
       ``claimed``).
-    * ``"cost"``: a claimed cost; reproduced when the interval covers ``claimed`` or lies
-      below it, not reproduced when it lies above.
+    * ``"cost"``: a claimed (small) cost; reproduced when the whole interval lies at or
+      below ``claimed`` (the cost is shown no larger), not reproduced when it lies above,
+      inconclusive when it covers ``claimed`` (a wide interval proves nothing).
     * ``"at_least"`` / ``"at_most"``: a threshold; reproduced when the whole interval is
       on the claimed side, not reproduced when it is on the other, else inconclusive.
 
@@ -78,6 +79,8 @@ def _read(low: float, high: float, claimed: float | None, kind: Kind, it: str) -
     if kind == "cost":
         if low > claimed:
             return "not reproduced", f"{it} is above the paper's {claimed:g}"
+        if high > claimed:
+            return "inconclusive", f"{it} covers the paper's {claimed:g}"
         return "reproduced", f"{it} is not above the paper's {claimed:g}"
     if kind not in ("at_least", "at_most"):
         raise ValueError(f"unknown kind {kind!r}")

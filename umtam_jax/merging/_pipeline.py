@@ -242,15 +242,16 @@ def merge(method: str | Method, base: Any, experts: Any, extra: Any = None, **kw
     if not isinstance(method, Method):
         method = get(method)
     explicit = _sharding.explicit_concrete_mesh((base, experts, extra))
-    if explicit is not None:
+    if explicit is not None and not isinstance(jnp.zeros(()), jax.core.Tracer):
         # Selections flatten and gather entries across a leaf, which Explicit mesh axes
         # refuse without a partition for every step: the merge runs on the same devices
         # with Auto axes (the compiler places the data), the result is sharded as the
         # base (or the first expert) on the Explicit mesh.
+        # (Under jax.jit, which cannot change the mesh, arrays closed over stay as they are.)
         auto = _sharding.with_axis_types(explicit, AxisType.Auto)
-        inputs = _sharding.moved_to((base, experts, extra), explicit, auto)
+        inputs, options = _sharding.moved_to(((base, experts, extra), kwargs), explicit, auto)
         with jax.set_mesh(auto):
-            merged = merge(method, *inputs, **kwargs)
+            merged = merge(method, *inputs, **options)
         like = base if base is not None else experts if method.single_expert else experts[0]
         return _sharding.placed_like(_sharding.moved_to(merged, auto, explicit), like)
     call = plan(method, base, experts, extra, kwargs)
