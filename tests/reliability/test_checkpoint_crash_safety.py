@@ -165,13 +165,66 @@ def test_a_save_that_published_succeeds_even_if_the_old_copy_stays(tmp_path, mon
             checkpoint.save_checkpoint(path, NEW, overwrite=True)
     monkeypatch.undo()
     chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW)
-    if not exchange:  # the copy left behind is never taken for a killed swap's
+    if not exchange:  # the copy left behind is never taken for a killed swap's, but named
         shutil.rmtree(path)
-        with pytest.raises(FileNotFoundError):
+        left = "a copy of an earlier .*umtam-old-.*: rename it to ckpt to use it"
+        with (
+            pytest.warns(UserWarning, match="it is not put back"),
+            pytest.raises(FileNotFoundError, match=left),
+        ):
             checkpoint.restore_params(path)
-        checkpoint.save_checkpoint(path, NEW)
+        with pytest.warns(UserWarning, match="holds no output, and a copy of an earlier one"):
+            checkpoint.save_checkpoint(path, NEW)
     checkpoint.save_checkpoint(path, OLD, overwrite=True)  # deletes the copy left
     assert _hidden_leftovers(path) == []
+
+
+def test_an_interrupt_right_after_the_old_output_is_set_aside_puts_it_back(tmp_path, monkeypatch):
+    """Ctrl-C arrives as the rename that sets the old output aside returns (no atomic
+    exchange): the old output is back at the path when the exception leaves the save."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    rename = os.rename
+
+    def interrupted_rename(src, dst, *args, **kwargs):
+        rename(src, dst, *args, **kwargs)
+        if ".umtam-old-" in os.fspath(dst):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_safety, "_use_exchange", False)
+    monkeypatch.setattr(os, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt"]
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+
+
+def test_an_old_output_that_cannot_go_back_at_once_goes_back_once_the_path_is_free(
+    tmp_path, monkeypatch
+):
+    """Another program takes the path while the old output is set aside, and the save is
+    interrupted: the old output and the save's staging folder stay (named in a warning)
+    until the path is free, then a restore puts the old output back."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+
+    def take_the_path(step):
+        if step == "retired":
+            (path / "logs").mkdir(parents=True)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_safety, "_use_exchange", False)
+    monkeypatch.setattr(_safety, "_step_hook", take_the_path)
+    with (
+        pytest.warns(UserWarning, match="putting it back failed too.*kept at .*umtam-old-"),
+        pytest.raises(KeyboardInterrupt),
+    ):
+        checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    monkeypatch.undo()
+    shutil.rmtree(path)  # the other program's folder goes
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+    assert os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_a_lock_name_planted_as_a_link_is_never_followed(tmp_path):

@@ -139,26 +139,43 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
         return kind.is_own(p) or is_regular_file(p / _CONTENTS_FILE)
 
     empty = is_empty_folder(directory)
-    if empty or not directory.exists():
-        olds = [p for p in _siblings(directory, _OLD) if is_output(p) and _interrupted(p)]
-        if olds:
-            newest = max(olds, key=lambda p: p.stat().mtime)
-            if empty:
-                os.rmdir(directory)  # fails if anything was put into it meanwhile
-            newest.rename(directory)
-            fsync_dir(directory.parent)
-    prefixes = (_NEW, _TRASH, _OLD) if is_output(directory) else (_NEW, _TRASH)
-    for prefix in prefixes:  # with Orbax's temporaries of those names
-        for leftover in _siblings(directory, prefix):
-            rmtree(leftover)
+    pending = [p for p in _siblings(directory, _OLD) if is_output(p) and _interrupted(p)]
+    if pending and (empty or not directory.exists()):
+        newest = max(pending, key=lambda p: p.stat().mtime)
+        if empty:
+            os.rmdir(directory)  # fails if anything was put into it meanwhile
+        newest.rename(directory)
+        fsync_dir(directory.parent)
+        pending.remove(newest)
+    # Once an output is at the path every old copy is superseded by it; until then an
+    # interrupted swap's pair (its old output and staging folder) is kept for a repair.
+    output = is_output(directory)
+    keep = set() if output else {_staging_of(p) for p in pending}
+    if not output and not pending and (olds := _siblings(directory, _OLD)):
+        warnings.warn(
+            f"{directory} holds no output, and a copy of an earlier one is at {olds[-1]} "
+            "(one a finished save could not delete, or one an interrupted save of an older "
+            f"version left): it is not put back; rename it to {directory.name} to use it, "
+            "before a save replaces what is written there now (which deletes it)",
+            stacklevel=2,
+        )
+    for prefix in (_NEW, _TRASH, _OLD) if output else (_NEW, _TRASH):
+        for leftover in _siblings(directory, prefix):  # with Orbax's temporaries
+            if leftover not in keep:
+                rmtree(leftover)
+
+
+def _staging_of(old: epath.Path) -> epath.Path:
+    """The staging folder of the save that set the old output ``old`` aside."""
+    name, token = old.name.rsplit(_OLD, 1)
+    return old.parent / f"{name}{_NEW}{token[:12]}"
 
 
 def _interrupted(old: epath.Path) -> bool:
     """Whether the old output ``old`` was set aside by a swap that never finished: its
-    save's staging folder (the same token) is still there. Once the new output is in
-    place, an old copy left behind (it could not be deleted) is never put back."""
-    token = old.name.rsplit(_OLD, 1)[1][:12]
-    return old.parent.joinpath(old.name.rsplit(_OLD, 1)[0] + _NEW + token).exists()
+    save's staging folder is still there (kept until the old output is back). Once the
+    new output is in place, an old copy left behind is never put back."""
+    return _staging_of(old).exists()
 
 
 def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
@@ -182,6 +199,13 @@ def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
             f"{directory} is missing or empty and the copy a killed save left at {olds[-1]} "
             f"cannot be put back: {err.strerror}",
         ) from None
+    left = [p for p in _siblings(directory, _OLD) if p.exists()]
+    if left and not directory.exists():  # not an interrupted swap's: never put back unasked
+        raise FileNotFoundError(
+            f"no checkpoint at {directory}; a copy of an earlier output is at {left[-1]} (one "
+            "a finished save could not delete, or one an interrupted save of an older "
+            f"version left): rename it to {directory.name} to use it"
+        )
 
 
 # ----------------------------------------------------------------------------- publish
@@ -236,13 +260,14 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
         old = staging  # the old checkpoint now sits at the staging name
     else:
         old = _hidden(directory, _OLD, token)
-        directory.rename(old)
-        try:  # interrupted (not killed) before the new output is in place: the old back
+        try:
+            directory.rename(old)
             fsync_dir(directory.parent)
             _step("retired")
             staging.rename(directory)
-        except BaseException:
-            old.rename(directory)
+        except BaseException:  # interrupted (not killed) before the new output is in place
+            if old.exists() and staging.exists():
+                _put_back(old, directory)
             raise
     _step("swapped")
     fsync_dir(directory.parent)
@@ -329,8 +354,28 @@ def _make_parents(directory: epath.Path) -> list[str]:
     return missing
 
 
+def _put_back(old: epath.Path, directory: epath.Path) -> None:
+    """Renames the old output of an unfinished swap back; where that fails (something
+    took the path meanwhile), the pair stays for the next save or restore to finish."""
+    try:
+        old.rename(directory)
+        fsync_dir(directory.parent)
+    except OSError as err:
+        warnings.warn(
+            f"the save to {directory} failed after moving the output it replaces aside, "
+            f"and putting it back failed too ({err.strerror or err}): it is kept at {old}, and "
+            f"the next save to, or restore from, {directory} puts it back once the path "
+            "is free or an empty folder",
+            stacklevel=5,
+        )
+
+
 def _discard(staging: epath.Path) -> None:
-    rmtree(staging)
+    """Deletes a save's staging folder, unless an unfinished swap's old output of the
+    same save is still set aside (the staging folder marks it for the repair)."""
+    name, token = staging.name.rsplit(_NEW, 1)
+    if not (staging.parent / f"{name}{_OLD}{token}").exists():
+        rmtree(staging)
     for leftover in _with_prefix(staging.parent, f"{staging.name}{_ORBAX_TMP_SUFFIX}"):
         rmtree(leftover)
 

@@ -242,12 +242,12 @@ def merge(method: str | Method, base: Any, experts: Any, extra: Any = None, **kw
     if not isinstance(method, Method):
         method = get(method)
     explicit = _sharding.explicit_concrete_mesh((base, experts, extra))
-    if explicit is not None and not isinstance(jnp.zeros(()), jax.core.Tracer):
+    if explicit is not None and not _sharding.tracing():
         # Selections flatten and gather entries across a leaf, which Explicit mesh axes
         # refuse without a partition for every step: the merge runs on the same devices
         # with Auto axes (the compiler places the data), the result is sharded as the
         # base (or the first expert) on the Explicit mesh.
-        # (Under jax.jit, which cannot change the mesh, arrays closed over stay as they are.)
+        # (Under a transformation, which cannot change the mesh, they stay as they are.)
         auto = _sharding.with_axis_types(explicit, AxisType.Auto)
         inputs, options = _sharding.moved_to(((base, experts, extra), kwargs), explicit, auto)
         with jax.set_mesh(auto):

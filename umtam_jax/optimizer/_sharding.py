@@ -270,6 +270,17 @@ def partition_of(param: Any) -> tuple | None:
     return None
 
 
+def tracing() -> bool:
+    """Whether a JAX transformation (``jit``, ``vmap``, ``grad``, ...) is tracing the
+    caller, where the mesh cannot be changed."""
+    try:
+        from jax._src import core as jax_core
+
+        return not jax_core.trace_state_clean()
+    except (ImportError, AttributeError):  # a JAX without it: jit's tracing at least
+        return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
 def explicit_concrete_mesh(tree: Any) -> Any:
     """The mesh of the first concrete array of ``tree`` sharded over Explicit mesh axes,
     or None."""
