@@ -59,22 +59,26 @@ def exclusive_lock(lock_path: str, *, cannot: str, busy: Callable[[], OSError]) 
                     "no other process is using it)",
                 ) from None
             raise OSError(err.errno, f"{cannot}: {err.strerror}", lock_path) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        try:  # the file is closed on any exception (Ctrl-C too): it holds the lock
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy() from None
+            if _names_file(lock_path, fd):  # else the holder before us removed it meanwhile
+                break
+        except BaseException:
             os.close(fd)
-            raise busy() from None
-        if _names_file(lock_path, fd):  # else the holder before us removed it meanwhile
-            break
+            raise
         os.close(fd)
     try:
         yield
     finally:
-        # Only our file: one removed under us (by hand) may since be another holder's.
-        if _names_file(lock_path, fd):
-            with contextlib.suppress(OSError):
-                os.unlink(lock_path)
-        os.close(fd)
+        try:  # only our file: one removed under us (by hand) may since be another holder's
+            if _names_file(lock_path, fd):
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+        finally:
+            os.close(fd)
 
 
 def _names_file(path: str, fd: int) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -225,6 +226,41 @@ def test_an_old_output_that_cannot_go_back_at_once_goes_back_once_the_path_is_fr
     shutil.rmtree(path)  # the other program's folder goes
     chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_a_restore_during_another_saves_unfinished_swap_is_told_to_read_again(tmp_path):
+    """The old output set aside by a save running right now (its lock held) is that
+    save's, not a copy to rename back by hand."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    with _filesystem.locked(epath.Path(path)):  # the other save, between its renames
+        os.rename(path, tmp_path / ".ckpt.umtam-old-0123456789ab")
+        os.mkdir(tmp_path / ".ckpt.umtam-new-0123456789ab")
+        with pytest.raises(checkpoint.CheckpointBusyError, match="being replaced by a save"):
+            checkpoint.restore_params(path)
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)  # put back
+
+
+def test_an_interrupted_save_into_an_empty_folder_leaves_the_folder(tmp_path, monkeypatch):
+    path = tmp_path / "out"
+    path.mkdir(mode=0o750)
+    os.chmod(path, 0o750)
+
+    def interrupted(step):
+        if step == "staged":  # the next steps remove the empty folder, then rename
+            monkeypatch.setattr(_safety, "_renameat2", _interrupt)
+            monkeypatch.setattr(_safety, "_use_exchange", True)
+
+    monkeypatch.setattr(_safety, "_step_hook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, NEW)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(path) == []
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o750
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
 
 
 def test_a_lock_name_planted_as_a_link_is_never_followed(tmp_path):

@@ -52,3 +52,30 @@ def test_a_link_at_a_work_directory_lock_is_named_and_never_followed(tmp_path):
     ):
         pass
     assert not victim.exists()
+
+
+@pytest.mark.parametrize("at_call", [1, 2])  # taking the lock, releasing it
+def test_an_interrupt_while_the_lock_is_taken_or_released_never_keeps_it(
+    tmp_path, monkeypatch, at_call
+):
+    """Ctrl-C between opening the lock file and the code that closes it kept the lock
+    held until the process exited: every later save to the path was refused as busy."""
+    lock = str(tmp_path / ".x.lock")
+    names_file, calls = _files._names_file, []
+
+    def interrupted(path, fd):
+        calls.append(path)
+        found = names_file(path, fd)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return found
+
+    monkeypatch.setattr(_files, "_names_file", interrupted)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        _files.exclusive_lock(lock, cannot="cannot", busy=lambda: OSError("busy")),
+    ):
+        pass
+    monkeypatch.undo()
+    with _files.exclusive_lock(lock, cannot="cannot", busy=lambda: OSError("busy")):
+        pass  # free again

@@ -190,9 +190,12 @@ def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     olds = _siblings(directory, _OLD)
     if not olds:
         return
+    busy = False
     try:
-        with contextlib.suppress(CheckpointBusyError), locked(directory):
+        with locked(directory):
             _repair(directory, kind)
+    except CheckpointBusyError:
+        busy = True  # a save to it is running: its old output may be set aside right now
     except OSError as err:  # e.g. read-only media
         raise OSError(
             err.errno,
@@ -200,12 +203,19 @@ def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
             f"cannot be put back: {err.strerror}",
         ) from None
     left = [p for p in _siblings(directory, _OLD) if p.exists()]
-    if left and not directory.exists():  # not an interrupted swap's: never put back unasked
-        raise FileNotFoundError(
-            f"no checkpoint at {directory}; a copy of an earlier output is at {left[-1]} (one "
-            "a finished save could not delete, or one an interrupted save of an older "
-            f"version left): rename it to {directory.name} to use it"
+    if not left or (directory.exists() and not is_empty_folder(directory)):
+        return
+    if busy:
+        raise CheckpointBusyError(
+            f"{directory} is being replaced by a save right now (its old output is set "
+            f"aside at {left[-1]}): read it again"
         )
+    # Not an interrupted swap's (that was put back): never put back unasked.
+    raise FileNotFoundError(
+        f"no checkpoint at {directory}; a copy of an earlier output is at {left[-1]} (one "
+        "a finished save could not delete, or one an interrupted save of an older "
+        f"version left): rename it to {directory.name} to use it"
+    )
 
 
 # ----------------------------------------------------------------------------- publish
@@ -245,14 +255,23 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
     away with it). The new folder takes the permissions of the folder it replaces (a
     private output stays private)."""
     trash = _hidden(directory, _TRASH, token)
+    mode = None
     if is_local(directory) and directory.exists():
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
         with contextlib.suppress(OSError):
-            os.chmod(staging, stat.S_IMODE(os.stat(directory).st_mode))
-    if empty:
-        os.rmdir(directory)
+            os.chmod(staging, mode)
     if empty or not directory.exists():
-        if not _renameat2(staging, directory, _RENAME_NOREPLACE):
-            staging.rename(directory)
+        try:
+            if empty:
+                os.rmdir(directory)
+            if not _renameat2(staging, directory, _RENAME_NOREPLACE):
+                staging.rename(directory)
+        except BaseException:  # the empty folder made for the output goes back
+            if empty and is_local(directory) and not os.path.lexists(directory):
+                with contextlib.suppress(OSError):
+                    os.mkdir(directory)
+                    os.chmod(directory, mode if mode is not None else 0o755)
+            raise
         _step("swapped")
         fsync_dir(directory.parent)
         return
