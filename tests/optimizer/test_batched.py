@@ -129,8 +129,8 @@ def test_stacked_dense_leaf_clips_each_slice():
 
 def test_a_stacked_per_layer_scalar_is_one_value_per_layer():
     """A gate per layer, stacked by nnx.scan into ``[L]``: each layer clips and scales its
-    own gradient (float64 reference per layer), as the unscanned model's L scalars do.
-    Vectors used to be one dense leaf whatever ``row_axes`` said."""
+    own gradient (float64 reference per layer), as the unscanned model's L scalars do:
+    a vector leaf follows ``row_axes`` too, not one dense leaf."""
     hp = Hyper()
     with jax.enable_x64(True):
         params = {"blocks": {"gate": jnp.asarray([0.5, -0.25, 2.0])}}

@@ -159,7 +159,7 @@ def test_no_recompilation_with_periodic_svd_or_adaptive_rank():
 
 def test_eager_updates_compile_once(caplog):
     """``opt.update`` outside jit (optax's own examples loop that way): steps after the
-    first compile nothing (each lax.cond used to be compiled again at every call)."""
+    first compile nothing (no lax.cond is compiled again at each call)."""
     params = _params()
     opt = umtam_jax.umtam(1e-2, svd_every=2, **SMALL)
     state = opt.init(params)

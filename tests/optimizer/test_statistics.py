@@ -130,9 +130,10 @@ def test_nnx_optimizer_with_a_frozen_submodule(wrapper):
 
 def test_nnx_optimizer_state_keeps_one_structure_and_restores_with_plain_orbax(tmp_path):
     """Flax's own checkpoint recipe: save ``nnx.state(optimizer)`` with Orbax, restore it
-    into an abstract optimizer's state. Each leaf state sat inside the parameter's Variable
-    until the first update rewrote it as a mapping: the step was traced twice and the
-    restore target no longer matched (Orbax: 'Source: MISSING Target: MISSING')."""
+    into an abstract optimizer's state. Each leaf state must keep one layout from init on:
+    a leaf state inside the parameter's Variable that the first update rewrote as a
+    mapping would trace the step twice and fail the restore target (Orbax: 'Source:
+    MISSING Target: MISSING')."""
     import orbax.checkpoint as ocp
     from flax import nnx
 

@@ -94,7 +94,7 @@ def test_orbax_read_errors_not_from_a_closed_coroutine_are_passed_on(seen):
 
 
 def test_a_failed_restore_leaves_no_read_coroutines_to_print(tmp_path, seen, capfd):
-    """The review's case: one leaf's recorded shape differs from the stored one, so
+    """One leaf's recorded shape differs from the stored one, so
     Orbax's read fails at once while the other leaf's read is left unfinished (in about
     half of such reads)."""
     params = {"a": {"w": np.ones(3, np.float32)}, "b": np.ones(2, np.float32)}

@@ -1,4 +1,4 @@
-"""UMTAM on a simulated 8-device mesh equals single-device training (issue: scale out).
+"""UMTAM on a simulated 8-device mesh equals single-device training.
 
 The mesh runs in a subprocess (the device count must be set before JAX starts), for
 several partitions of a dict of two matrices and a bias, with Auto and Explicit axes.

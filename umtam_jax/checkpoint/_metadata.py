@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _safety, _targets
+from umtam_jax.checkpoint import _integrity, _leftovers, _targets
 from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
 from umtam_jax.checkpoint._format import (
     _ORBAX_TMP_SUFFIX,
@@ -30,7 +30,7 @@ from umtam_jax.checkpoint._format import (
 
 def check_directory(directory: str | os.PathLike[str]) -> epath.Path:
     path = _absolute(directory)
-    _safety.recover(path)  # a save killed in the middle of its swap
+    _leftovers.recover(path)  # a save killed in the middle of its swap
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: the directory does not exist")
     if not path.is_dir():

@@ -6,13 +6,44 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 from etils import epath
 
 from umtam_jax import _json
 from umtam_jax.checkpoint import _targets
-from umtam_jax.checkpoint._safetensors import COPIED_FILES, TIED_EMBEDDINGS, tie_settings
+
+# A model's config and the files its tokenizer or processor is loaded from (GPT-2 and BERT
+# vocabularies, SentencePiece models of Llama, T5, XLM-R and Marian, chat templates).
+COPIED_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model", "source.spm", "target.spm",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json",
+)  # fmt: skip
+#: (output, input) embedding names of Hugging Face models whose output embedding may be
+#: tied to the input one (``tie_word_embeddings``); a tied model's files leave the output
+#: one out. Llama-family decoders, Gemma 3, GPT-2, OPT, Mamba.
+TIED_EMBEDDINGS = (
+    ("lm_head.weight", "model.embed_tokens.weight"),
+    ("lm_head.weight", "model.language_model.embed_tokens.weight"),
+    ("lm_head.weight", "transformer.wte.weight"),
+    ("lm_head.weight", "model.decoder.embed_tokens.weight"),
+    ("lm_head.weight", "backbone.embeddings.weight"),
+)
+
+
+def tie_settings(config: Any) -> list[dict[str, Any]]:
+    """The mappings of a Hugging Face ``config.json`` record that may set
+    ``tie_word_embeddings``: the record and its ``text_config`` (multimodal models such as
+    Gemma 3); none for a record that is not a mapping."""
+    if not isinstance(config, dict):
+        return []
+    text = config.get("text_config")
+    return [config] + ([text] if isinstance(text, dict) else [])
+
 
 #: The largest configuration or tokenizer file copied beside the tensors.
 _MAX_COPIED = 2**30

@@ -53,7 +53,7 @@ from etils import epath
 
 from umtam_jax import _json
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _safety, _targets
+from umtam_jax.checkpoint import _integrity, _leftovers, _targets
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._names import split_name, tree_from_names
 from umtam_jax.checkpoint._write_errors import CheckpointBusyError
@@ -63,38 +63,7 @@ INDEX_FILE = "model.safetensors.index.json"
 MARKER_FILE = "umtam_jax_safetensors.json"
 MARKER = {"format": "umtam_jax-safetensors", "version": 1}
 CRC_KEY = "umtam_jax.crc32"
-# A model's config and the files its tokenizer or processor is loaded from (GPT-2 and BERT
-# vocabularies, SentencePiece models of Llama, T5, XLM-R and Marian, chat templates).
-COPIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
-    "spiece.model", "sentencepiece.bpe.model", "source.spm", "target.spm",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json", "processor_config.json",
-)  # fmt: skip
-#: (output, input) embedding names of Hugging Face models whose output embedding may be
-#: tied to the input one (``tie_word_embeddings``); a tied model's files leave the output
-#: one out. Llama-family decoders, Gemma 3, GPT-2, OPT, Mamba.
-TIED_EMBEDDINGS = (
-    ("lm_head.weight", "model.embed_tokens.weight"),
-    ("lm_head.weight", "model.language_model.embed_tokens.weight"),
-    ("lm_head.weight", "transformer.wte.weight"),
-    ("lm_head.weight", "model.decoder.embed_tokens.weight"),
-    ("lm_head.weight", "backbone.embeddings.weight"),
-)
-
-
-def tie_settings(config: Any) -> list[dict[str, Any]]:
-    """The mappings of a Hugging Face ``config.json`` record that may set
-    ``tie_word_embeddings``: the record and its ``text_config`` (multimodal models such as
-    Gemma 3); none for a record that is not a mapping."""
-    if not isinstance(config, dict):
-        return []
-    text = config.get("text_config")
-    return [config] + ([text] if isinstance(text, dict) else [])
-
-
-_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit
 _MAX_INDEX = 64 * 2**20  # an index lists each tensor once: ~100 kB for a 70B model
 _MAX_SMALL_FILE = 2**16  # the marker file
@@ -131,7 +100,7 @@ def _file_identity(st: os.stat_result) -> tuple[int, int]:
 
 
 def _pickle_note(files: Iterable[str]) -> str:
-    if not (pickles := [f for f in files if f.endswith(_PICKLES)]):
+    if not (pickles := [f for f in files if f.endswith(PICKLES)]):
         return ""
     return (
         f"; it holds pickled weights ({', '.join(pickles)}), which are never loaded "
@@ -224,7 +193,7 @@ class SafetensorsReader:
 
     def __init__(self, folder: str | os.PathLike, *, verify: bool = True):
         path = F._absolute(folder)
-        _safety.recover(path, SAFETENSORS)  # a save killed in the middle of its swap
+        _leftovers.recover(path, SAFETENSORS)  # a save killed in the middle of its swap
         if not path.exists():
             raise FileNotFoundError(f"no safetensors model at {path}: it does not exist")
         self.is_folder = path.is_dir()

@@ -46,8 +46,8 @@ from umtam_jax.engine._sources import (
     Source,
     is_huggingface,
     open_source,
-    untie_embeddings,
 )
+from umtam_jax.engine._tied_embeddings import untie_embeddings
 
 __all__ = [
     "DEFAULT_GROUP_BYTES",

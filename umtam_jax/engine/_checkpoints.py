@@ -21,7 +21,8 @@ from umtam_jax.engine._job import Job, TensorKwargs
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
 from umtam_jax.engine._output import check_output, resolve_output_format, writer
 from umtam_jax.engine._plain_orbax import align_keys
-from umtam_jax.engine._sources import SafetensorsSource, Source, open_source, untie_embeddings
+from umtam_jax.engine._sources import SafetensorsSource, Source, open_source
+from umtam_jax.engine._tied_embeddings import untie_embeddings
 from umtam_jax.merging import _registry as R
 
 
@@ -144,7 +145,7 @@ def job_from_paths(
 
 def validate_merge_checkpoints(
     method: str,
-    base_dir: str | os.PathLike,
+    base_dir: str | os.PathLike | None,
     expert_dirs: Sequence[str | os.PathLike],
     *,
     statistics: bool | None = None,
@@ -201,7 +202,7 @@ def validate_merge_checkpoints(
 
 def merge_checkpoints(
     method: str,
-    base_dir: str | os.PathLike,
+    base_dir: str | os.PathLike | None,
     expert_dirs: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
     *,

@@ -16,7 +16,8 @@ from etils import epath
 
 from umtam_jax.checkpoint._targets import CHECKPOINT
 from umtam_jax.engine._job import Job
-from umtam_jax.engine._sources import SafetensorsSource, Source, keeps_tied
+from umtam_jax.engine._sources import SafetensorsSource, Source
+from umtam_jax.engine._tied_embeddings import keeps_tied
 
 OUTPUT_FORMATS = ("auto", "orbax", "safetensors")
 

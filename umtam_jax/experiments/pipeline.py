@@ -202,7 +202,7 @@ def run_merging(
 
 
 def __getattr__(name: str) -> Any:
-    # The stages used to live in this module: their names still resolve here.
+    # The stages' names resolve here too (they are defined in their own modules).
     import umtam_jax.experiments as experiments
 
     if name in experiments.__all__:

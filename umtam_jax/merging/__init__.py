@@ -13,7 +13,7 @@ Inputs are validated first:
 Errors name the offending leaf path. With their Python options (densities, mode strings,
 flags) static, all merges are jit-compatible. Random methods take an explicit PRNG ``key``.
 
-Keep counts of the top-k methods (TIES and DARE-TIES's trim, UMTAM, prune, consensus TIES)
+Keep counts of the top-k methods (TIES's trim, UMTAM, prune, consensus TIES)
 are exact: ``max(1, int(density · N))`` entries per tensor (``scope="tensor"``) or per
 expert (``scope="global"``), equal scores going to the lower flat index; Model Breadcrumbs
 keeps ``int(density · N)``, which may be none.

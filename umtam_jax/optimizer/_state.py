@@ -84,10 +84,18 @@ class ScaleByUmtamState(NamedTuple):
 
 
 class FactoredStatistics(NamedTuple):
-    """Merging statistics of one factored parameter (docs/algorithm.md §3).
+    """Merging statistics of one factored parameter (docs/algorithm.md §3), the fields of
+    its :class:`FactoredLeafState` that merging reads.
 
-    ``saliency`` is ``None`` when the optimizer ran with ``saliency="final"``; merging then
-    computes it from the expert, the base and ``row``/``col``.
+    Attributes:
+      u: left factor of the momentum ``U Σ Vᵀ``, shape ``batch + rows + (r,)``.
+      sigma: ``batch + (r, r)`` cores of the momentum.
+      v: right factor (not a second moment), shape ``batch + cols + (r,)``.
+      row: row second moments ``R`` (shape ``batch + rows``).
+      col: column second moments ``C`` (shape ``batch + cols``).
+      saliency: tracked saliency ``S`` (parameter shape); ``None`` when the optimizer ran
+        with ``saliency="final"``, and merging computes it from the expert, the base and
+        ``row``/``col``.
     """
 
     u: Array
@@ -99,8 +107,14 @@ class FactoredStatistics(NamedTuple):
 
 
 class DenseStatistics(NamedTuple):
-    """Merging statistics of one dense parameter (docs/algorithm.md §3): ``mu`` (m), ``nu`` (v),
-    saliency."""
+    """Merging statistics of one dense parameter (docs/algorithm.md §3).
+
+    Attributes:
+      mu: first moment ``m`` (parameter shape).
+      nu: second moment ``v`` (parameter shape; not the factored leaves' right factor).
+      saliency: tracked saliency ``S`` (parameter shape), ``None`` with
+        ``saliency="final"``.
+    """
 
     mu: Array
     nu: Array
