@@ -15,7 +15,7 @@ The main job of the project, on real offline data:
 4. prints the table, writes it with all numbers to ``<workdir>/demo_results.json`` and a
    plot to ``<workdir>/demo_results.png``.
 
-The quick default takes about 8 minutes on 2 CPU cores (measured 7 min 41 s); ``--full`` runs the
+The quick default takes about 5 minutes on 2 CPU cores (measured 4 min 21 s); ``--full`` runs the
 full-size experiment (all training data, 600 steps, up to 2,000 evaluation examples per
 split and larger merge grids: hours on a CPU). Runs are deterministic for a ``--seed``.
 """
