@@ -88,6 +88,9 @@ def umtam(
     Returns:
       An ``optax.GradientTransformation``.
 
+    Raises:
+      TypeError / ValueError: an invalid option, at construction (the message names it).
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, umtam_jax
       >>> params = {"w": jnp.ones((256, 128))}

@@ -230,6 +230,9 @@ def curvature(x: Any) -> Any:
     Returns:
       A pytree of arrays shaped like the parameters.
 
+    Raises:
+      NoUmtamStateError: ``x`` holds no UMTAM state (as :func:`statistics`).
+
     Example:
       >>> import jax.numpy as jnp, umtam_jax
       >>> params = {"w": jnp.ones((4, 3))}
@@ -254,6 +257,9 @@ def momentum(x: Any) -> Any:
 
     Returns:
       A pytree of arrays shaped like the parameters.
+
+    Raises:
+      NoUmtamStateError: ``x`` holds no UMTAM state (as :func:`statistics`).
 
     Example:
       >>> import jax.numpy as jnp, umtam_jax
@@ -289,6 +295,7 @@ def saliency(x: Any, params: Any = None, initial_params: Any = None) -> Any:
       A pytree of arrays shaped like the parameters.
 
     Raises:
+      NoUmtamStateError: ``x`` holds no UMTAM state (as :func:`statistics`).
       ValueError: if a leaf has no tracked saliency and ``params``/``initial_params`` are
         missing.
 
