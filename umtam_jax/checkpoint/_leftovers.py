@@ -88,7 +88,7 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     # Once an output is at the path every old copy is superseded by it; until then an
     # interrupted swap's pair (its old output and staging folder) is kept for a repair.
     output = is_output(directory)
-    keep = set() if output else {_staging_of(p) for p in pending}
+    keep = set() if output else {_same_save(p, _OLD, _NEW) for p in pending}
     if not output and not pending and (olds := _siblings(directory, _OLD)):
         warnings.warn(
             f"{directory} holds no output, and a copy of an earlier one is at {olds[-1]} "
@@ -103,17 +103,18 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
                 rmtree(leftover)
 
 
-def _staging_of(old: epath.Path) -> epath.Path:
-    """The staging folder of the save that set the old output ``old`` aside."""
-    name, token = old.name.rsplit(_OLD, 1)
-    return old.parent / f"{name}{_NEW}{token[:12]}"
+def _same_save(entry: epath.Path, kind: str, other: str) -> epath.Path:
+    """The hidden entry named ``other`` of the save whose entry named ``kind`` is
+    ``entry`` (the same target and token): an old output's staging folder, and back."""
+    name, token = entry.name.rsplit(kind, 1)
+    return entry.parent / f"{name}{other}{token[:12]}"
 
 
 def _interrupted(old: epath.Path) -> bool:
     """Whether the old output ``old`` was set aside by a swap that never finished: its
     save's staging folder is still there (kept until the old output is back). Once the
     new output is in place, an old copy left behind is never put back."""
-    return _staging_of(old).exists()
+    return _same_save(old, _OLD, _NEW).exists()
 
 
 def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
@@ -175,8 +176,7 @@ def _put_back(old: epath.Path, directory: epath.Path) -> None:
 def _discard(staging: epath.Path) -> None:
     """Deletes a save's staging folder, unless an unfinished swap's old output of the
     same save is still set aside (the staging folder marks it for the repair)."""
-    name, token = staging.name.rsplit(_NEW, 1)
-    if not (staging.parent / f"{name}{_OLD}{token}").exists():
+    if not _same_save(staging, _NEW, _OLD).exists():
         rmtree(staging)
     for leftover in _with_prefix(staging.parent, f"{staging.name}{_ORBAX_TMP_SUFFIX}"):
         rmtree(leftover)

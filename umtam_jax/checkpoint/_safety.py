@@ -177,7 +177,7 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
         if old != staging:  # the staging name is deleted by the caller
             warnings.warn(
                 f"{directory} was written, but the output it replaced could not be moved "
-                f"aside for deletion ({err.strerror}): it is left at {old}; the next save "
+                f"aside for deletion ({err.strerror or err}): it is left at {old}; the next save "
                 "to that path deletes it, or delete it yourself",
                 stacklevel=4,
             )

@@ -125,9 +125,9 @@ def _warn_of_own_values(config: dict[str, Any], flag_params: dict[str, str]) -> 
     not a replacement of theirs."""
     experts = config.get("experts")
     for name in flag_params:
-        keys = [key for key, param in PER_EXPERT.items() if param == name]
         if name == "weights":  # not a --param (an expert's weight): refused by the plan
             continue
+        keys = [key for key, param in PER_EXPERT.items() if param == name]
         own = [
             str(e.get(_mergekit.KEY, f"experts[{i}]"))
             for i, e in enumerate(experts if isinstance(experts, list) else [])
