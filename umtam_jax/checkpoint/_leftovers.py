@@ -64,13 +64,17 @@ def _siblings(directory: epath.Path, kind: str) -> list[epath.Path]:
             if pattern.fullmatch(p.name)]  # fmt: skip
 
 
-def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
+def _repair(
+    directory: epath.Path, kind: OutputKind = CHECKPOINT, *, warn_of_copy: bool = True
+) -> None:
     """Under the lock: puts back an interrupted swap's old output, drops leftovers.
 
     The old output is put back whichever writer made it (a reader or writer of the other
     format finds its path as it was, and refuses it) where the path is free or holds an
     empty folder (one made for the output since); old copies are deleted only once the
-    path holds an output again, so nothing that was at the path is ever lost.
+    path holds an output again, so nothing that was at the path is ever lost. With
+    ``warn_of_copy`` (a save's repair), an old copy left without an output at the path is
+    named in a warning; a restore raises naming it instead.
     """
 
     def is_output(p: epath.Path) -> bool:
@@ -89,7 +93,7 @@ def _repair(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     # interrupted swap's pair (its old output and staging folder) is kept for a repair.
     output = is_output(directory)
     keep = set() if output else {_same_save(p, _OLD, _NEW) for p in pending}
-    if not output and not pending and (olds := _siblings(directory, _OLD)):
+    if warn_of_copy and not output and not pending and (olds := _siblings(directory, _OLD)):
         warnings.warn(
             f"{directory} holds no output, and a copy of an earlier one is at {olds[-1]} "
             "(one a finished save could not delete, or one an interrupted save of an older "
@@ -132,7 +136,7 @@ def recover(directory: epath.Path, kind: OutputKind = CHECKPOINT) -> None:
     busy = False
     try:
         with locked(directory):
-            _repair(directory, kind)
+            _repair(directory, kind, warn_of_copy=False)
     except CheckpointBusyError:
         busy = True  # a save to it is running: its old output may be set aside right now
     except OSError as err:  # e.g. read-only media

@@ -148,15 +148,18 @@ class OutputKind(NamedTuple):
       marker: the entry ``is_own`` looks for, named when a folder lacks it.
       refuse: raises where an output of this kind must still not be replaced by this
         writer (a merge never replaces a training checkpoint); None: none refused.
+      written_by_orbax: whether Orbax writes it (its path must then hold no '[': Orbax
+        finds the arrays it wrote with a glob of the folder's path).
     """
 
     is_own: Callable[[epath.Path], bool]
     marker: str
     refuse: Callable[[epath.Path], None] | None = None
+    written_by_orbax: bool = False
 
 
 #: A umtam_jax (Orbax) checkpoint.
-CHECKPOINT = OutputKind(is_checkpoint, "/".join(_METADATA_FILE))
+CHECKPOINT = OutputKind(is_checkpoint, "/".join(_METADATA_FILE), written_by_orbax=True)
 
 
 def check_target(
@@ -189,9 +192,9 @@ def check_target(
     if _ORBAX_TMP_SUFFIX in directory.name:
         raise ValueError(f"checkpoint name must not contain {_ORBAX_TMP_SUFFIX!r}: {directory}")
     full = os.path.abspath(directory) if is_local(directory) else os.fspath(directory)
-    if kind.is_own is is_checkpoint and "[" in full:  # any writer of Orbax checkpoints
-        # Orbax finds the arrays it wrote with a glob of the folder's path: under a "["
-        # it finds none and publishes a checkpoint without them.
+    if kind.written_by_orbax and "[" in full:
+        # Under a "[" Orbax's glob finds none of the arrays it wrote and publishes a
+        # checkpoint without them.
         raise ValueError(
             f"cannot write checkpoint {directory}: its path {full} contains '[', which "
             "Orbax reads as a pattern (the arrays it writes would not be found); choose a "

@@ -29,7 +29,27 @@ from umtam_jax.merging import _validation as V
 if TYPE_CHECKING:
     from umtam_jax.merging._pipeline import Call
 
-REQUIRED = inspect.Parameter.empty
+
+class _Required:
+    """The type of :data:`REQUIRED` (one instance; prints as its name)."""
+
+    _instance: _Required | None = None
+
+    def __new__(cls) -> _Required:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+    def __reduce__(self) -> str:
+        return "REQUIRED"
+
+
+#: What :meth:`Method.defaults` gives for a parameter without a default (the caller must
+#: give a value).
+REQUIRED = _Required()
 
 #: Parameter kinds whose check needs the number of experts.
 PER_EXPERT_KINDS = ("density", "weights", "numbers")
@@ -207,7 +227,11 @@ class Method:
     def defaults(self) -> dict[str, Any]:
         """Each parameter's default from the public function's signature (or REQUIRED)."""
         signature = inspect.signature(self.fn).parameters
-        return {p.name: signature[p.name].default for p in self.params}
+        return {
+            p.name: REQUIRED if d is inspect.Parameter.empty else d
+            for p in self.params
+            for d in [signature[p.name].default]
+        }
 
     @property
     def out_of_core(self) -> bool:
