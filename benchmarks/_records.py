@@ -145,6 +145,31 @@ def _is_generated(md: Path) -> bool:
     return text.startswith((_GENERATED, _GENERATED_BEFORE))
 
 
+def reword_record(path: Path, markdown: str, why: str) -> None:
+    """Replaces the markdown of the record at ``path`` (measured earlier, by older report
+    code) and regenerates ``RESULTS.md``; the measurement's fields (date, commit, command,
+    result) stay, and ``reworded`` records when, by which code and why.
+
+    Args:
+        path: A benchmark record (refused if it is not one).
+        markdown: Its new summary, computed from the record alone.
+        why: What changed in the wording.
+    """
+    _check_own_record(path)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("markdown") == markdown:
+        return
+    record["markdown"] = markdown
+    record["reworded"] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": git_commit(),
+        "why": why,
+    }
+    _atomic_write(path, json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n")
+    if path.parent.resolve().name == "results" and _is_generated(path.parent.parent / "RESULTS.md"):
+        regenerate_results_md(path.parent)
+
+
 # ----------------------------------------------------------------------------- journals
 
 
@@ -199,6 +224,10 @@ def _section(record: dict[str, Any], stem: str) -> str:
         meta.append(f"commit {commit[:10]}" + (" with local changes" if dirty else ""))
     if record.get("git_at_write"):
         meta.append("the checkout changed while it ran")
+    if record.get("reworded"):
+        meta.append(
+            f"summary reworded {record['reworded']['date'][:10]}: {record['reworded']['why']}"
+        )
     parts = (record.get("result") or {}).get("part_commits") or []
     if len(parts) > 1:
         meta.append("its parts measured at commits " + ", ".join(c[:10] for c in parts))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 from benchmarks._common import markdown_table
+from benchmarks._records import reword_record
 
 TARGETS = {
     # name: (max ratio of update time to AdamW, max state bytes / parameter bytes)
@@ -102,3 +107,39 @@ def report_lines(result: dict) -> list[str]:
             f"one run, no interval: {side}){state}"
         )
     return lines
+
+
+#: A target line as reports before the current wording wrote it: "met" from one median.
+_ONE_MEDIAN_VERDICT = re.compile(
+    r"^- target (.+?): ([0-9.]+)× AdamW \(≤ ([0-9.]+): (?:met|MISSED)\)", re.M
+)
+
+
+def reword_one_median_verdicts(markdown: str) -> str:
+    """Rewrites the target lines of an older report, which called a time target met or
+    missed from one run's median, as :func:`report_lines` words them now."""
+
+    def line(m: re.Match[str]) -> str:
+        side = "below it" if float(m[2]) <= float(m[3]) else "above it"
+        return f"- target {m[1]}: {m[2]}× AdamW (target ≤ {m[3]}; one run, no interval: {side})"
+
+    return _ONE_MEDIAN_VERDICT.sub(line, markdown)
+
+
+def main(paths: list[str]) -> None:
+    """Rewords the target lines of the step-time records at ``paths``.
+
+    Example: ``python -m benchmarks._step_time_report benchmarks/results/step_time*.json``
+    """
+    for path in map(Path, paths):
+        markdown = json.loads(path.read_text(encoding="utf-8"))["markdown"]
+        reword_record(
+            path,
+            reword_one_median_verdicts(markdown),
+            "a time target's line says on which side of it one run's median fell "
+            "(it said met/MISSED)",
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

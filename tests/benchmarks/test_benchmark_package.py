@@ -293,3 +293,33 @@ def test_recorded_run_reads_a_matching_record_back_and_reruns_otherwise(tmp_path
     assert (
         _records.recorded_run("[x]", {"seed": 1}, path, False, run, title="x", env={})["value"] == 4
     )
+
+
+def test_rewording_a_record_keeps_its_measurement_and_words_one_median_as_a_side(tmp_path):
+    """An older step-time summary called a time target "met" from one run's median: the
+    rewording says on which side of the bound it fell, and keeps the record's data."""
+    from benchmarks import _step_time_report
+
+    rdir = tmp_path / "results"
+    old = (
+        "| table |\n- target umtam default: 2.369× AdamW (≤ 2.5: met)\n"
+        "- target umtam lean: 1.578× AdamW (≤ 1.2: MISSED), state 0.0607 (≤ 0.15: met)\n"
+    )
+    path = _records.write_results("step_time", {"runs": [1, 2]}, old, results_dir=rdir)
+    before = json.loads(path.read_text())
+    _step_time_report.main([str(path)])
+    after = json.loads(path.read_text())
+    assert after["markdown"] == (
+        "| table |\n"
+        "- target umtam default: 2.369× AdamW (target ≤ 2.5; one run, no interval: below it)\n"
+        "- target umtam lean: 1.578× AdamW (target ≤ 1.2; one run, no interval: above it), "
+        "state 0.0607 (≤ 0.15: met)\n"
+    )
+    assert {k: v for k, v in after.items() if k not in ("markdown", "reworded")} == {
+        k: v for k, v in before.items() if k != "markdown"
+    }
+    assert "one run, no interval: below it" in (tmp_path / "RESULTS.md").read_text()
+    assert "summary reworded" in (tmp_path / "RESULTS.md").read_text()
+    (tmp_path / "user.json").write_text("[1, 2]")  # not a record: never rewritten
+    with pytest.raises(FileExistsError, match="not a benchmark record"):
+        _records.reword_record(tmp_path / "user.json", "x", "why")
