@@ -159,7 +159,7 @@ def test_a_density_flag_replaces_the_files_default_density(
 
 
 def test_any_registry_method_in_mergekit_syntax_keeps_its_own_parameters():
-    from umtam_jax.cli import _mergekit
+    from umtam_jax.cli import _mergekit, _mergekit_models
 
     config = _mergekit.translate(
         {
@@ -170,7 +170,7 @@ def test_any_registry_method_in_mergekit_syntax_keeps_its_own_parameters():
         }
     )
     assert config["method"] == "umtam"
-    key = _mergekit.KEY  # each expert's place in the file, for messages
+    key = _mergekit_models.KEY  # each expert's place in the file, for messages
     assert config["experts"] == [
         {"path": "x", "density": 0.3, key: "models[1]"},
         {"path": "y", key: "models[2]"},

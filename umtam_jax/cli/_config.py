@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from umtam_jax import merging
-from umtam_jax.cli import _mergekit
+from umtam_jax.cli import _mergekit, _mergekit_models
 from umtam_jax.cli._mergekit_settings import NormalizedScaling, PerExpert, TensorSetting
 from umtam_jax.cli._mergekit_values import check_parameters
 from umtam_jax.cli._yaml import ConfigError, is_number
@@ -135,10 +135,10 @@ def _parse_expert(entry: Any, index: int) -> Expert:
         entry = {"path": entry}
     where = f"experts[{index}]"
     varying: dict[str, tuple[Any, ...]] = {}
-    if isinstance(entry, dict) and _mergekit.KEY in entry:  # translated from mergekit
+    if isinstance(entry, dict) and _mergekit_models.KEY in entry:  # translated from mergekit
         entry = dict(entry)
-        where = entry.pop(_mergekit.KEY)
-        varying = entry.pop(_mergekit.VARYING, {})
+        where = entry.pop(_mergekit_models.KEY)
+        varying = entry.pop(_mergekit_models.VARYING, {})
     if not isinstance(entry, dict):
         raise ConfigError(f"experts[{index}] must be a path or a mapping with a 'path'")
     unknown = set(entry) - EXPERT_KEYS

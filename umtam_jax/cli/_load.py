@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from umtam_jax.cli import _mergekit
+from umtam_jax.cli import _mergekit, _mergekit_models
 from umtam_jax.cli._config import EXPERT_KEYS, PER_EXPERT
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
 
@@ -129,10 +129,10 @@ def _warn_of_own_values(config: dict[str, Any], flag_params: dict[str, str]) -> 
             continue
         keys = [key for key, param in PER_EXPERT.items() if param == name]
         own = [
-            str(e.get(_mergekit.KEY, f"experts[{i}]"))
+            str(e.get(_mergekit_models.KEY, f"experts[{i}]"))
             for i, e in enumerate(experts if isinstance(experts, list) else [])
             if isinstance(e, dict)
-            and any(k in e or k in (e.get(_mergekit.VARYING) or {}) for k in keys)
+            and any(k in e or k in (e.get(_mergekit_models.VARYING) or {}) for k in keys)
         ]
         if own:
             warn(
@@ -147,7 +147,9 @@ def _merges_the_base(config: dict[str, Any]) -> bool:
     base, experts = config.get("base"), config.get("experts")
     if _mergekit.PARAMETER_KEYS not in config or not isinstance(experts, list):
         return False  # a native configuration
-    return any(isinstance(e, dict) and _mergekit.same_model(e.get("path"), base) for e in experts)
+    return any(
+        isinstance(e, dict) and _mergekit_models.same_model(e.get("path"), base) for e in experts
+    )
 
 
 def _refuse_internal_keys(config: dict[str, Any]) -> None:

@@ -59,13 +59,21 @@ typo) are ignored, as in mergekit, with one warning naming them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
-from umtam_jax.cli._mergekit_settings import TensorSetting, model_chains
+from umtam_jax.cli._mergekit_models import (
+    KEY,
+    SHARED_PER_MODEL,
+    VARYING,
+    FileParameters,
+    entries,
+    expert,
+    model_path,
+)
+from umtam_jax.cli._mergekit_settings import TensorSetting
 from umtam_jax.cli._mergekit_slices import whole_model_slices
-from umtam_jax.cli._mergekit_values import number, read_params, scalar
+from umtam_jax.cli._mergekit_values import number, read_params
 from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.merging import METHODS
 from umtam_jax.merging._registry import PER_EXPERT_KINDS
@@ -81,9 +89,6 @@ _GTA = {
     "della": ("della", True, True),
     "della_linear": ("della_linear", False, True),
 }
-# Tensor parameters mergekit takes per model that are one number per merge here: given per
-# model, every model must give the same value.
-_SHARED_PER_MODEL = ("gamma", "epsilon")
 # The parameters mergekit's methods read: (global, per model). mergekit never reads any
 # other (its configuration keeps them, unchecked), so they are ignored here too, with a
 # warning; a per-model one given globally is every model's default, as in mergekit.
@@ -136,28 +141,11 @@ _UNSUPPORTED = {
     "modules": "per-module configurations",
 }
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-# Methods for which mergekit has no base role: a base_model given is one more input.
-_BASE_IS_AN_INPUT = ("linear", "karcher", "passthrough")
 
 
 def is_mergekit(config: Any) -> bool:
     """Whether ``config`` is a mergekit configuration (it has ``merge_method``)."""
     return isinstance(config, dict) and "merge_method" in config
-
-
-def _model(value: Any, where: str) -> str:
-    if isinstance(value, dict) and set(value) == {"model"}:
-        value = value["model"]
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where} must be a model path")
-    if "+" in value:
-        raise ConfigError(f"{where}: LoRA references (model+lora) are not supported: {value!r}")
-    return value
-
-
-def same_model(a: Any, b: Any) -> bool:
-    """Whether two model paths name one model (``a`` and ``./a``)."""
-    return isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def _dtype(config: dict[str, Any], key: str) -> str | None:
@@ -169,9 +157,6 @@ def _dtype(config: dict[str, Any], key: str) -> str | None:
     return value
 
 
-#: The key under which a translated expert entry keeps its place in the mergekit file
-#: (``models[2]``), for messages.
-KEY = "_mergekit_key"
 #: The key under which a translated configuration maps each parameter (by the registry's
 #: name) to the file's key that gave it (``scaling``: ``parameters.lambda``), for messages.
 PARAMETER_KEYS = "_mergekit_parameter_keys"
@@ -180,8 +165,6 @@ PARAMETER_KEYS = "_mergekit_parameter_keys"
 NORMALIZE = "_mergekit_normalize"
 #: The method's parameters that vary by tensor, by the registry's name (TensorSetting).
 TENSOR_SETTINGS = "_mergekit_tensor_settings"
-#: An expert entry's weight and density chains where they vary by tensor (model_chains).
-VARYING = "_mergekit_varying"
 #: Every key a translated configuration may carry besides the native ones.
 INTERNAL_KEYS = frozenset({KEY, PARAMETER_KEYS, NORMALIZE, TENSOR_SETTINGS, VARYING})
 
@@ -206,12 +189,39 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
       warn: called with one message listing the keys mergekit would not read (which are
         ignored, as mergekit ignores them); None: no message.
 
+    Returns:
+      The native configuration, with the internal keys of :data:`INTERNAL_KEYS`.
+
     Raises:
       ConfigError: an unsupported key or method, naming it.
     """
     if "slices" in config:
         config = {**config, "models": whole_model_slices(config)}
         del config["slices"]
+    file = _file_parameters(config)
+    models = config.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError("'models' must be a non-empty list of {model, parameters} entries")
+    experts = [e for where, entry in entries(file, models) if (e := expert(file, where, entry))]
+    if not experts:
+        raise ConfigError("'models' lists no model besides the base model")
+    if file.ignored and warn is not None:
+        warn(
+            f"ignoring {', '.join(file.ignored)}: not read by merge_method {file.name!r} in a "
+            "mergekit file (mergekit ignores such keys too)"
+        )
+    out: dict[str, Any] = {"base": file.base, "experts": experts}
+    for key in ("output", "seed"):
+        if key in config:
+            out[key] = config[key]
+    out["dtype"], out["out_dtype"] = _dtype(config, "dtype"), _dtype(config, "out_dtype")
+    if file.varying:
+        out[TENSOR_SETTINGS] = {_GTA_NAMES.get(k, k): v for k, v in file.varying.items()}
+    return _parameters(file, out)
+
+
+def _file_parameters(config: dict[str, Any]) -> FileParameters:
+    """The method, the base model and the ``parameters`` of a mergekit file, checked."""
     for key, what in _UNSUPPORTED.items():
         if key in config:
             raise ConfigError(f"'{key}': {what} are not supported by umtam-merge")
@@ -225,10 +235,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     registered = METHODS[_GTA[name][0] if name in _GTA else name]  # checked just above
     base = config.get("base_model")
     if base is not None or not registered.base_optional:
-        base = _model(base, "'base_model'")
-    models = config.get("models")
-    if not isinstance(models, list) or not models:
-        raise ConfigError("'models' must be a non-empty list of {model, parameters} entries")
+        base = model_path(base, "'base_model'")
     read_global, read_per_model = _READ.get(name, (None, None))
     typed = (read_global or ()) + (read_per_model or ())  # read as mergekit reads them
     if read_global is not None and name not in _GTA:  # passed by name: the registry's too
@@ -248,7 +255,6 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
                 f"{value.key}: per-layer gradients and filtered values are supported for "
                 "single numbers (t, lambda, epsilon, weight, density, ...)"
             )
-    # Where the file gives each parameter, by the method's name for it, for messages.
     keys = {k: f"parameters.{k}" for k in global_params}
     # mergekit's tensor parameters given globally are every model's default.
     model_defaults: dict[str, Any] = {
@@ -256,92 +262,25 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         for k in ("weight", "density")
         if k in global_params
     }
-    # Each entry with where it is in the file, for messages.
-    entries = [(f"models[{i}]", entry) for i, entry in enumerate(models)]
-    base_is_input = name in _BASE_IS_AN_INPUT and base is not None
-    if base_is_input:
-        # These methods have no base role: mergekit merges the base model as one more input
-        # (appended when 'models' does not list it). It stays the base too, which these
-        # methods only check: the output's config, tokenizer and integer buffers are its.
-        names = [m.get("model") if isinstance(m, dict) else m for m in models]
-        listed = [isinstance(n, str) and same_model(n, base) for n in names]
-        if not any(listed):
-            if registered.param("weights") is not None and "weight" not in model_defaults:
-                raise ConfigError(
-                    f"'base_model': merge_method {name!r} merges the base model as one more "
-                    "input, as mergekit does, which needs its weight: list it under 'models' "
-                    "with one, or give a default weight under 'parameters'"
-                )
-            if registered.experts[1] == 1:
-                raise ConfigError(
-                    f"'base_model': merge_method {name!r} takes one model, and mergekit "
-                    "merges a base model that 'models' does not list as one more: drop "
-                    "'base_model' or list only it"
-                )
-            entries.append(("'base_model'", {"model": base}))
+    return FileParameters(
+        name=name,
+        registered=registered,
+        base=base,
+        read_per_model=read_per_model,
+        typed=typed,
+        ignored=ignored,
+        keys=keys,
+        model_defaults=model_defaults,
+        global_params=global_params,
+        varying=varying,
+        default_varying=default_varying,
+    )
 
-    experts: list[dict[str, Any]] = []
-    for where, entry in entries:
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{where} must be a mapping with a 'model'")
-        # mergekit's model entry keeps only these: any other key is dropped, as there.
-        ignored += [f"{where}.{k}" for k in entry if k not in ("model", "parameters")]
-        path = _model(entry["model"], f"{where}.model")
-        if base is not None and not base_is_input and same_model(path, base):  # the base: no expert
-            continue
-        own_varying: dict[str, TensorSetting] = {}
-        params = read_params(entry.get("parameters") or {}, f"{where}.parameters",
-                             read_per_model, ignored, typed, own_varying)  # fmt: skip
-        for key, value in own_varying.items():
-            if key not in ("weight", "density"):
-                raise ConfigError(
-                    f"{value.key}: per-layer gradients and filtered values of a model are "
-                    "supported for its weight and density"
-                )
-        if name == "passthrough" and "scale" in params:  # its one model's scale
-            global_params["scale"] = scalar(params.pop("scale"), f"{where}.parameters.scale")
-            keys["scale"] = f"{where}.parameters.scale"
-        for key in _SHARED_PER_MODEL:
-            if key in params:
-                value = scalar(params.pop(key), f"{where}.parameters.{key}")
-                keys.setdefault(key, f"{where}.parameters.{key}")  # the first giving it
-                shared = varying[key].key if key in varying else repr(global_params.get(key))
-                if key in varying or global_params.setdefault(key, value) != value:
-                    raise ConfigError(
-                        f"{where}.parameters.{key}: every model must give the same {key} "
-                        f"({shared} elsewhere, {value!r} here)"
-                    )
-        unknown = set(params) - {"weight", "density"}
-        if unknown:
-            raise ConfigError(
-                f"{where}.parameters: {sorted(unknown, key=str)} not supported per model "
-                f"(only weight, density, {', '.join(_SHARED_PER_MODEL)})"
-            )
-        expert: dict[str, Any] = {"path": path, KEY: where}
-        for key in ("weight", "density"):
-            if key in params:
-                expert[key] = number(params[key], f"{where}.parameters.{key}")
-        if "weight" not in expert and "weight" in model_defaults:
-            expert["weight"] = model_defaults["weight"]
-        chains = model_chains(params, own_varying, model_defaults, default_varying)
-        if chains:
-            expert[VARYING] = chains
-        experts.append(expert)
-    if not experts:
-        raise ConfigError("'models' lists no model besides the base model")
-    if ignored and warn is not None:
-        warn(
-            f"ignoring {', '.join(ignored)}: not read by merge_method {name!r} in a mergekit "
-            "file (mergekit ignores such keys too)"
-        )
 
-    out: dict[str, Any] = {"base": base, "experts": experts}
-    for key in ("output", "seed"):
-        if key in config:
-            out[key] = config[key]
-    out["dtype"], out["out_dtype"] = _dtype(config, "dtype"), _dtype(config, "out_dtype")
+def _parameters(file: FileParameters, out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` with the method and its parameters: a method passed by name takes them as
+    they are; the task-arithmetic family's are mergekit's, translated."""
+    name, registered, global_params = file.name, file.registered, file.global_params
     global_params.pop("int8_mask", None)  # only mergekit's mask dtype, in any method
     # mergekit reads PyTorch (d_out, d_in) weights: methods that depend on the layout say so.
     layout = {}
@@ -350,27 +289,24 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     # The file's default density (mergekit's own is 1) is the method's parameter, which a
     # model's own density overrides and umtam-merge's --param flag replaces.
     density = {}
-    if "density" in model_defaults and registered.param("density") is not None:
-        density["density"] = model_defaults["density"]
-    elif "density" in model_defaults and name not in _GTA:
+    if "density" in file.model_defaults and registered.param("density") is not None:
+        density["density"] = file.model_defaults["density"]
+    elif "density" in file.model_defaults and name not in _GTA:
         raise ConfigError(f"parameters.density: merge_method {name!r} takes no density")
-    if varying:
-        out[TENSOR_SETTINGS] = {_GTA_NAMES.get(k, k): v for k, v in varying.items()}
     if name not in _GTA:
         out["method"], out["parameters"] = name, {**global_params, **density, **layout}
-        out[PARAMETER_KEYS] = keys
+        out[PARAMETER_KEYS] = file.keys
         return out
     method, normalize, rescale = _GTA[name]
-    registered = METHODS[method]
     normalize = global_params.pop("normalize", normalize)
     rescale = global_params.pop("rescale", rescale)
     scaling = global_params.pop("lambda", 1.0)
-    own = {k: global_params.pop(k) for k in _SHARED_PER_MODEL if k in global_params}
+    own = {k: global_params.pop(k) for k in SHARED_PER_MODEL if k in global_params}
     if global_params:
         raise ConfigError(
             f"parameters {sorted(global_params)} are not supported for merge_method {name!r} "
             "(supported: lambda, normalize, rescale, int8_mask"
-            + "".join(f", {k}" for k in _SHARED_PER_MODEL if registered.param(k))
+            + "".join(f", {k}" for k in SHARED_PER_MODEL if registered.param(k))
             + ")"
         )
     not_taken = [k for k in own if registered.param(k) is None]
@@ -380,7 +316,7 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     if registered.param("density") is not None:
         parameters["density"] = density.get("density", 1.0)  # mergekit's default density
     else:  # mergekit declares density for every method of the family; unused here
-        for e in experts:
+        for e in out["experts"]:
             e.pop("density", None)
     if method == "ties":
         if not normalize or rescale:
@@ -396,5 +332,6 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
         if registered.param("rescale") is not None:
             parameters["rescale"] = False
     out["method"], out["parameters"] = method, {**parameters, **layout}
-    out[PARAMETER_KEYS] = {_GTA_NAMES.get(k, k): key for k, key in keys.items()}  # lambda: scaling
+    # By the registry's names (lambda: scaling).
+    out[PARAMETER_KEYS] = {_GTA_NAMES.get(k, k): key for k, key in file.keys.items()}
     return out

@@ -78,7 +78,7 @@ def whole_model_slices(config: dict[str, Any]) -> list[dict[str, Any]]:
                 f"[0, {layers}] for {source['model']!r}"
             )
         models.append({k: v for k, v in source.items() if k != "layer_range"})
-    from umtam_jax.cli._mergekit import same_model  # which imports this module
+    from umtam_jax.cli._mergekit_models import same_model
 
     base = config.get("base_model")
     if isinstance(base, str) and not any(same_model(m["model"], base) for m in models):
