@@ -17,7 +17,15 @@ from typing import Any
 
 from umtam_jax import merging
 from umtam_jax.cli import _mergekit, _mergekit_models
-from umtam_jax.cli._mergekit_settings import NormalizedScaling, PerExpert, TensorSetting
+from umtam_jax.cli._config_parameters import (
+    PER_EXPERT,
+    Expert,
+    check_type,
+    per_expert_values,
+    replaced_by_every_expert,
+    varying_per_expert,
+)
+from umtam_jax.cli._mergekit_settings import NormalizedScaling, TensorSetting
 from umtam_jax.cli._mergekit_values import check_parameters
 from umtam_jax.cli._yaml import ConfigError, is_number
 from umtam_jax.merging import METHODS
@@ -26,33 +34,8 @@ from umtam_jax.optimizer._config import SEED_RANGE
 # Parameter kinds the CLI fills itself, from the experts' entries or the seed.
 _MANAGED_KINDS = ("weights", "key")
 _TOP_LEVEL = {"method", "base", "experts", "parameters", "output", "seed", "dtype", "out_dtype"}
-# Per-expert values: the key configuration files use for each per-expert parameter.
-PER_EXPERT = {
-    p.per_expert: p.name for m in METHODS.values() for p in m.params if p.per_expert is not None
-}
 EXPERT_KEYS = {"path", "fisher", "curvature", *PER_EXPERT}
 _PRUNE_SCORES = ("saliency", "magnitude")
-
-
-@dataclasses.dataclass
-class Expert:
-    """One expert entry: its checkpoint, per-expert values (``weight``, ``density``, ...,
-    by configuration key) and per-expert input files."""
-
-    path: str
-    values: dict[str, float] = dataclasses.field(default_factory=dict)
-    fisher: str | None = None
-    curvature: str | None = None
-    key: str = "experts[0]"  # where the file gives it: experts[i], or mergekit's models[k]
-    #: A mergekit model's values that vary by tensor, by key (``weight``): the values
-    #: tried in order (:func:`umtam_jax.cli._mergekit_settings.model_chains`).
-    varying: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
-
-    def value_key(self, name: str) -> str:
-        """The configuration key of this expert's per-expert value ``name`` (``weight``)."""
-        if self.key.startswith("models["):  # mergekit: under the model's 'parameters'
-            return f"{self.key}.parameters.{name}"
-        return f"{self.key}.{name}"
 
 
 @dataclasses.dataclass
@@ -70,64 +53,6 @@ class Plan:
     #: Parameters whose value varies by tensor (a mergekit file's gradients and filtered
     #: values), by name; ``parameters`` holds one of their values.
     tensor_parameters: dict[str, TensorSetting] = dataclasses.field(default_factory=dict)
-
-
-def _methods_with(name: str) -> list[str]:
-    return [m for m, method in METHODS.items() if method.param(name) is not None]
-
-
-def _check_type(method: str, param: merging.Param, value: Any) -> None:
-    name = param.name
-    if param.kind in ("density", "numbers"):
-        ok = is_number(value) or (
-            isinstance(value, list) and value and all(is_number(v) for v in value)
-        )
-        expected = "a number or a list of numbers"
-    elif param.kind == "bool":
-        ok, expected = isinstance(value, bool), "true or false"
-    elif param.kind == "number":
-        ok, expected = is_number(value), "a number"
-    elif param.kind == "choice":
-        ok, expected = value in param.choices, "one of " + ", ".join(param.choices)
-    elif param.kind == "scope":
-        if isinstance(value, dict):
-            layer_scope(value)  # names what is wrong in it
-            return
-        ok = isinstance(value, str) and value in param.choices
-        expected = "one of " + ", ".join(param.choices) + " or a mapping with 'scanned'"
-    else:
-        ok, expected = True, ""
-    if not ok:
-        raise ConfigError(
-            f"parameter {name!r} of method {method!r} must be {expected}, got {value!r}"
-        )
-
-
-_SCANNED_KEYS = ("scanned", "axis", "batch")
-
-
-def layer_scope(value: dict[str, Any]) -> Any:
-    """The layout callable of a ``scope: {scanned: [names], axis: A, batch: B}`` mapping:
-    ``umtam_jax.scanned(*names, axis=A, batch=B)`` (counts per layer of the leaves under
-    those keys; ``scanned: []`` every leaf with three or more axes)."""
-    from umtam_jax.optimizer import scanned
-
-    where = "parameters.scope"
-    unknown = sorted(set(value) - set(_SCANNED_KEYS), key=str)
-    if unknown or "scanned" not in value:
-        raise ConfigError(
-            f"{where} as a mapping takes 'scanned' (a list of key names) and optionally "
-            f"'axis' and 'batch', got keys {sorted(value, key=str)}"
-        )
-    names = value["scanned"]
-    names = [names] if isinstance(names, str) else names
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"{where}.scanned must be a list of key names, got {names!r}")
-    options = {k: value[k] for k in ("axis", "batch") if k in value}
-    try:
-        return scanned(*names, **options)
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
 
 
 def _parse_expert(entry: Any, index: int) -> Expert:
@@ -165,71 +90,45 @@ def _parse_expert(entry: Any, index: int) -> Expert:
     )
 
 
-def _replaced_by_every_expert(param: merging.Param | None, experts: list[Expert]) -> bool:
-    key = getattr(param, "per_expert", None)
-    return key is not None and all(key in e.values for e in experts)
-
-
-def _per_expert_values(
-    spec: merging.Method, params: dict[str, Any], experts: list[Expert], key: str, name: str
-) -> None:
-    """Puts the experts' ``key`` values into ``params[name]``, one per expert; an expert
-    without one takes the parameter's value from 'parameters' or its default (1.0 for
-    weights)."""
-    given = [i for i, e in enumerate(experts) if key in e.values]
-    if not given:
-        return
-    param = spec.param(name)
-    if param is None or param.per_expert != key:
-        raise ConfigError(
-            f"{experts[given[0]].value_key(key)}: method {spec.name!r} takes no per-expert {name} "
-            f"(methods that do: {', '.join(_methods_with(name))})"
-        )
-    if param.kind == "weights":
-        fallback = 1.0
-    else:
-        fallback = params.get(name, spec.defaults()[name])
-        if fallback is merging.REQUIRED and len(given) < len(experts):
-            raise ConfigError(f"give a {key} to every expert or a default {name!r} in 'parameters'")
-        if isinstance(fallback, list):
-            raise ConfigError(f"per-expert {key} values need a scalar default {name!r}")
-    values = [e.values.get(key, fallback) for e in experts]
-    params[name] = values[0] if spec.single_expert else values
-
-
-def _varying_per_expert(
-    spec: merging.Method, params: dict[str, Any], experts: list[Expert], key: str, name: str
-) -> PerExpert:
-    """The per-expert parameter ``name`` where some expert's ``key`` varies by tensor,
-    each value it may take checked by the registry, naming its key."""
-    values = params[name] if isinstance(params.get(name), list) else None
-    if values is None:  # no model gives its own: every one takes the file's default chain
-        values = [params.get(name, spec.defaults()[name])] * len(experts)
-    chains = tuple(
-        e.varying[key] if key in e.varying else (values[i],) for i, e in enumerate(experts)
-    )
-    for i, chain in enumerate(chains):
-        for entry in chain:
-            located = (
-                entry.located()
-                if isinstance(entry, TensorSetting)
-                else [(entry, experts[i].value_key(key))]
-            )
-            for value, at in located:  # one value, as every expert's: the message names it
-                check_parameters(spec, {name: value}, {name: at}, len(experts))
-    param = spec.param(name)
-    fallback = (
-        merging.REQUIRED if param is None or param.kind == "weights" else spec.defaults()[name]
-    )
-    return PerExpert(chains, fallback, tuple(e.value_key(key) for e in experts))
-
-
 def build_plan(config: dict[str, Any]) -> Plan:
     """Validates a configuration mapping (file merged with flags) into a :class:`Plan`.
+
+    Args:
+      config: the configuration: the native schema's keys, or a translated mergekit
+        file's (with the internal keys of ``_mergekit.INTERNAL_KEYS``).
+
+    Returns:
+      The plan the merge runs.
 
     Raises:
       ConfigError: unknown keys, method or parameters; wrong types; missing inputs.
     """
+    spec = _method(config)
+    base, experts = _inputs(config, spec)
+    if not isinstance(config.get("parameters") or {}, dict):
+        raise ConfigError("'parameters' must be a mapping")
+    params = dict(config.get("parameters") or {})
+    seed = _seed(config, params, spec)
+    _check_parameters(config, spec, params, experts)
+    varying = _per_tensor_and_per_expert(config, spec, params, experts)
+    for p in spec.params:
+        required = p.kind not in _MANAGED_KINDS and spec.defaults()[p.name] is merging.REQUIRED
+        if required and p.name not in params:
+            raise ConfigError(f"method {spec.name!r} requires the parameter {p.name!r}")
+    output = config.get("output")
+    if output is not None and (not isinstance(output, str) or not output.strip()):
+        raise ConfigError(f"'output' must be a non-empty path, got {output!r}")
+    dtypes = [config.get(key) for key in ("dtype", "out_dtype")]
+    for key, value in zip(("dtype", "out_dtype"), dtypes, strict=True):
+        if value is not None and value not in _mergekit.DTYPES:
+            raise ConfigError(
+                f"'{key}' must be one of {', '.join(_mergekit.DTYPES)}, got {value!r}"
+            )
+    return Plan(spec.name, base, experts, params, output, seed, dtypes[0], dtypes[1], varying)
+
+
+def _method(config: Any) -> merging.Method:
+    """The registry method a configuration names, checked to run out of core."""
     if not isinstance(config, dict):
         raise ConfigError("the configuration must be a YAML mapping")
     unknown = set(config) - _TOP_LEVEL - _mergekit.INTERNAL_KEYS
@@ -248,7 +147,11 @@ def build_plan(config: dict[str, Any]) -> Plan:
             f"method {method!r} needs each expert's {spec.extra}, which umtam-merge does not "
             f"read from checkpoints: merge in memory with umtam_jax.merging.{method}"
         )
-    defaults = spec.defaults()
+    return spec
+
+
+def _inputs(config: dict[str, Any], spec: merging.Method) -> tuple[str | None, list[Expert]]:
+    """The base path and the experts' entries, checked against the method."""
     base = config.get("base")
     if base is None and not spec.base_optional:
         raise ConfigError("'base' (the base checkpoint path) is required")
@@ -266,18 +169,38 @@ def build_plan(config: dict[str, Any]) -> Plan:
     except ValueError as e:
         key = "models" if _mergekit.PARAMETER_KEYS in config else "experts"  # as the file
         raise ConfigError(f"'{key}': {e}") from None
+    method = spec.name
+    if any(e.fisher is not None for e in experts) and spec.extra != "fishers":
+        raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
+    if spec.extra == "fishers" and any(e.fisher is None for e in experts):
+        raise ConfigError(f"method {method!r} needs a 'fisher' checkpoint for every expert")
+    curvatures = [e.curvature is not None for e in experts]
+    if any(curvatures) and spec.extra != "curvatures":
+        raise ConfigError(f"method {method!r} takes no 'curvature' files")
+    if any(curvatures) and not all(curvatures):
+        raise ConfigError("give a 'curvature' to every expert or to none")
+    return base, experts
 
-    if not isinstance(config.get("parameters") or {}, dict):
-        raise ConfigError("'parameters' must be a mapping")
-    params = dict(config.get("parameters") or {})
+
+def _seed(config: dict[str, Any], params: dict[str, Any], spec: merging.Method) -> int:
+    """The seed (top-level, or under 'parameters', which loses it), checked."""
     seed = config.get("seed", params.pop("seed", 0))
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"'seed' must be an integer, got {seed!r}")
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ConfigError(f"'seed' must be in [-2**63, 2**63 - 1], got {seed}")
     if "seed" in config and not any(p.kind == "key" for p in spec.params):
-        raise ConfigError(f"method {method!r} draws nothing at random: it takes no 'seed'")
+        raise ConfigError(f"method {spec.name!r} draws nothing at random: it takes no 'seed'")
+    return seed
 
+
+def _check_parameters(
+    config: dict[str, Any], spec: merging.Method, params: dict[str, Any], experts: list[Expert]
+) -> None:
+    """The parameters' names, types and ranges, each error naming the key that gave the
+    value (the mergekit file's, a --param flag); experts' own values are named where they
+    are read, and a default that every expert replaces is not read."""
+    method = spec.name
     allowed = {p.name for p in spec.params if p.kind not in _MANAGED_KINDS}
     if spec.extra == "scores":
         allowed.add("scores")
@@ -294,29 +217,34 @@ def build_plan(config: dict[str, Any]) -> Plan:
             continue
         param = spec.param(name)
         assert param is not None  # unknown parameters were refused above
-        _check_type(method, param, value)
-    # Ranges, by the registry's own checks, naming the key that gave the value (the
-    # mergekit file's, a --param flag); experts' own values are named where they are read,
-    # and a default that every expert replaces is not read.
+        check_type(method, param, value)
     given = config.get(_mergekit.PARAMETER_KEYS) or {}
     named = {
         name: given.get(name, f"parameters.{name}")
         for name in params
-        if name != "scores" and not _replaced_by_every_expert(spec.param(name), experts)
+        if name != "scores" and not replaced_by_every_expert(spec.param(name), experts)
     }
     check_parameters(spec, params, named, len(experts))
+
+
+def _per_tensor_and_per_expert(
+    config: dict[str, Any], spec: merging.Method, params: dict[str, Any], experts: list[Expert]
+) -> dict[str, Any]:
+    """Puts the experts' values into ``params`` and returns the parameters that vary by
+    tensor (a mergekit file's gradients and filtered values, the experts' own included),
+    each value they may take checked; applies a mergekit file's ``normalize: true``."""
+    given = config.get(_mergekit.PARAMETER_KEYS) or {}
     varying: dict[str, Any] = dict(config.get(_mergekit.TENSOR_SETTINGS) or {})
     for name, setting in varying.items():
         param = spec.param(name)
         assert param is not None  # the translation reads only the method's parameters
         for value, at in setting.located():
-            _check_type(method, param, value)
+            check_type(spec.name, param, value)
             check_parameters(spec, {name: value}, {name: at}, len(experts))
-
     for key, name in PER_EXPERT.items():
-        _per_expert_values(spec, params, experts, key, name)
+        per_expert_values(spec, params, experts, key, name)
         if any(key in e.varying for e in experts):
-            varying[name] = _varying_per_expert(spec, params, experts, key, name)
+            varying[name] = varying_per_expert(spec, params, experts, key, name)
     if config.get(_mergekit.NORMALIZE) and ("weights" in varying or "scaling" in varying):
         varying["scaling"] = NormalizedScaling(  # Σ weight and the scaling by tensor
             varying.get("scaling", params.get("scaling", 1.0)),
@@ -332,32 +260,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
                 f"{given.get('scaling', 'parameters.scaling')} divided by the weights' sum "
                 f"(normalize: true) must be finite, got {params['scaling']!r}"
             )
-    if any(e.fisher is not None for e in experts) and spec.extra != "fishers":
-        raise ConfigError(f"method {method!r} takes no 'fisher' checkpoints")
-    if spec.extra == "fishers" and any(e.fisher is None for e in experts):
-        raise ConfigError(f"method {method!r} needs a 'fisher' checkpoint for every expert")
-    curvatures = [e.curvature is not None for e in experts]
-    if any(curvatures) and spec.extra != "curvatures":
-        raise ConfigError(f"method {method!r} takes no 'curvature' files")
-    if any(curvatures) and not all(curvatures):
-        raise ConfigError("give a 'curvature' to every expert or to none")
-    for p in spec.params:
-        name = p.name
-        if p.kind in _MANAGED_KINDS or defaults[name] is not merging.REQUIRED:
-            continue
-        if name not in params:
-            raise ConfigError(f"method {method!r} requires the parameter {name!r}")
-
-    output = config.get("output")
-    if output is not None and (not isinstance(output, str) or not output.strip()):
-        raise ConfigError(f"'output' must be a non-empty path, got {output!r}")
-    dtypes = [config.get(key) for key in ("dtype", "out_dtype")]
-    for key, value in zip(("dtype", "out_dtype"), dtypes, strict=True):
-        if value is not None and value not in _mergekit.DTYPES:
-            raise ConfigError(
-                f"'{key}' must be one of {', '.join(_mergekit.DTYPES)}, got {value!r}"
-            )
-    return Plan(method, base, experts, params, output, seed, dtypes[0], dtypes[1], varying)
+    return varying
 
 
 def _refuse_repeated_models(spec: merging.Method, base: str | None, experts: list[Expert]) -> None:

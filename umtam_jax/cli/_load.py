@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from umtam_jax.cli import _mergekit, _mergekit_models
-from umtam_jax.cli._config import EXPERT_KEYS, PER_EXPERT
+from umtam_jax.cli._config import EXPERT_KEYS
+from umtam_jax.cli._config_parameters import PER_EXPERT
 from umtam_jax.cli._yaml import MAX_CONFIG_BYTES, ConfigError, load_yaml
 
 PROG = "umtam-merge"

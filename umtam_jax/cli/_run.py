@@ -20,7 +20,8 @@ import numpy as np
 
 from umtam_jax import engine, merging
 from umtam_jax.checkpoint import _format
-from umtam_jax.cli._config import PER_EXPERT, Plan, layer_scope
+from umtam_jax.cli._config import Plan
+from umtam_jax.cli._config_parameters import PER_EXPERT, layer_scope
 from umtam_jax.cli._load import PROG
 from umtam_jax.cli._mergekit_settings import resolver
 from umtam_jax.cli._yaml import ConfigError
