@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -145,21 +146,27 @@ def _is_generated(md: Path) -> bool:
     return text.startswith((_GENERATED, _GENERATED_BEFORE))
 
 
-def reword_record(path: Path, markdown: str, why: str) -> None:
+def reword_record(
+    path: Path, markdown: str, why: str, result: dict[str, Any] | None = None
+) -> None:
     """Replaces the markdown of the record at ``path`` (measured earlier, by older report
     code) and regenerates ``RESULTS.md``; the measurement's fields (date, commit, command,
-    result) stay, and ``reworded`` records when, by which code and why.
+    environment) stay, and ``reworded`` records when, by which code and why.
 
     Args:
         path: A benchmark record (refused if it is not one).
         markdown: Its new summary, computed from the record alone.
-        why: What changed in the wording.
+        why: What changed in the wording (or in the judgement).
+        result: The record's result judged again by the current code from its own data
+            (None: unchanged).
     """
     _check_own_record(path)
     record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("markdown") == markdown:
+    if record.get("markdown") == markdown and result in (None, record.get("result")):
         return
     record["markdown"] = markdown
+    if result is not None:
+        record["result"] = result
     record["reworded"] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git": git_commit(),
@@ -209,11 +216,19 @@ def append_journal(path: Path, record: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- RESULTS.md
 
 
+#: A command of the benchmarks' script form (``python benchmarks/step_time.py``).
+_SCRIPT_FORM = re.compile(r"^python3? benchmarks/(\w+)\.py\b")
+
+
 def _section(record: dict[str, Any], stem: str) -> str:
     env = record.get("environment") or {}
     lines = [f"## {record.get('title') or record.get('name') or stem}", ""]
-    if record.get("command"):
-        lines += [f"Command: `{record['command']}`", ""]
+    command = record.get("command")
+    if command and (today := _SCRIPT_FORM.sub(r"python -m benchmarks.\1", command)) != command:
+        # Run as a script before the benchmarks became a package: as a module today.
+        lines += [f"Command: `{command}` (as run then; today `{today}`)", ""]
+    elif command:
+        lines += [f"Command: `{command}`", ""]
     meta = []
     date = record.get("date") or env.get("date")
     if date:

@@ -177,12 +177,23 @@ def recorded_repeats(
 ) -> tuple[list[Path], list[dict[str, Any]]]:
     """``run(i)`` for each of ``count`` repeats, each recorded as
     ``<folder>/<name>_repeat<i>.json`` and read back when rerun with the same ``signature``
-    (:func:`benchmarks._records.recorded_run`).
+    (:func:`benchmarks._records.recorded_run`). With ``fresh``, the records of an earlier
+    run's further repeats move to ``<folder>/superseded/``, so that a later run with more
+    repeats measures them again instead of reading the earlier run's back.
 
     Returns:
       The records' paths and the repeats' results.
     """
     paths = [folder / f"{name}_repeat{i}.json" for i in range(count)]
+    if fresh:
+        for stale in sorted(folder.glob(f"{name}_repeat*.json")):
+            index = stale.stem.removeprefix(f"{name}_repeat")
+            if index.isdigit() and int(index) >= count:
+                (folder / "superseded").mkdir(exist_ok=True)
+                target = folder / "superseded" / stale.name
+                while target.exists():  # an older superseded run's: both are kept
+                    target = target.with_name(f"{target.stem}_{target.suffix}")
+                stale.rename(target)
     repeats = [
         recorded_run(
             f"[{label}] repeat {i}", {**signature, "repeat": i}, paths[i], fresh,

@@ -207,11 +207,14 @@ def run(
     apply: bool = False,
     scanned: bool = False,
 ) -> dict:
+    cases = optimizers(exact=exact, extra=extra, scanned=scanned)
+    unmatched = [o for o in only or () if not any(_selected(n, [o], cases) for n in cases)]
+    if unmatched:  # a renamed or misspelt optimizer would silently leave its row out
+        raise SystemExit(f"--only {unmatched} selects no optimizer; the names: {list(cases)}")
     params = jax.device_put(scanned_params(blocks) if scanned else gpt2_params(blocks))
     grads = jax.device_put(like(params, seed=1))
     param_bytes = tree_bytes(params)
     steps, rows, notes = {}, {}, {}
-    cases = optimizers(exact=exact, extra=extra, scanned=scanned)
     for name, factory in cases.items():
         if only and not _selected(name, only, cases):
             continue

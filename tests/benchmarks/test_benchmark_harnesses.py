@@ -15,6 +15,10 @@ def test_step_time_only_selects_whole_names_exactly_and_substrings_otherwise():
     names = ["umtam default", "umtam default per-leaf", "umtam lean", "optax.adamw"]
     picked = [n for n in names if step_time._selected(n, ["umtam default", "adamw"], names)]
     assert picked == ["umtam default", "optax.adamw"]
+    # An entry that selects nothing (a renamed optimizer) is refused, naming it.
+    with pytest.raises(SystemExit, match=r"--only \['umtam lean per-leaf'\] selects no"):
+        step_time.run(4, reps=7, warmup=0, exact=False, extra=False,
+                      only=["umtam default", "umtam lean per-leaf"])  # fmt: skip
 
 
 def test_step_time_apply_donates_a_copy_of_the_parameters():

@@ -323,3 +323,23 @@ def test_rewording_a_record_keeps_its_measurement_and_words_one_median_as_a_side
     (tmp_path / "user.json").write_text("[1, 2]")  # not a record: never rewritten
     with pytest.raises(FileExistsError, match="not a benchmark record"):
         _records.reword_record(tmp_path / "user.json", "x", "why")
+
+
+def test_a_fresh_run_with_fewer_repeats_sets_the_earlier_runs_further_repeats_aside(tmp_path):
+    """Otherwise a later run with more repeats would read the earlier run's back."""
+    from benchmarks.efficiency import recorded_repeats
+
+    folder = tmp_path / "x_repeats"
+    folder.mkdir()
+    calls: list[int] = []
+
+    def run(i):
+        calls.append(i)
+        return {"value": i}
+
+    recorded_repeats("x", folder, "x", 3, {"a": 1}, False, run, {})
+    recorded_repeats("x", folder, "x", 2, {"a": 1}, True, run, {})  # fresh, fewer
+    assert sorted(p.name for p in folder.glob("*.json")) == ["x_repeat0.json", "x_repeat1.json"]
+    assert [p.name for p in (folder / "superseded").iterdir()] == ["x_repeat2.json"]
+    recorded_repeats("x", folder, "x", 3, {"a": 1}, False, run, {})
+    assert calls == [0, 1, 2, 0, 1, 2]  # repeat 2 measured again, not read back

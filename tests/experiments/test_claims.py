@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from umtam_jax.experiments import claims, store, verdicts
 from umtam_jax.experiments.comparison import MergeTable, summarize
@@ -255,11 +256,17 @@ def test_throughput_row_of_one_session_has_no_interval(tmp_path):
     assert "one session" in speed.measurement and "svd_every=10): 9.1 %" in speed.measurement
 
 
-def test_throughput_row_shows_the_gpu_runs_it_finds(tmp_path):
-    """GPU end-to-end repeats beside the CPU record: their mean throughput ratio (AdamW's
-    median step time ÷ UMTAM's), the devices, models, batches and commits they record."""
+def test_throughput_row_reads_the_gpu_runs_it_finds(tmp_path):
+    """GPU end-to-end repeats beside the CPU record (the paper's setting): their cost over
+    repeats with a Student-t interval, each repeat 100 × (1 − AdamW's median step time ÷
+    UMTAM's), the devices, models, batches and commits they record; the verdict reads
+    them, the CPU record's own verdict is stated beside."""
     bdir = _benchmarks(tmp_path / "b")
-    assert "GPU runs" not in claims.paper_claims(None, bdir)[6].measurement
+    record = json.loads((bdir / "efficiency.json").read_text())
+    by = record["result"]["over_repeats"]["by_optimizer"]["umtam (defaults, svd_every=1)"]
+    by["cost_percent"] = {"estimate": 5.0, "low": -1.0, "high": 11.0, "n": 3}  # covers 8.3
+    (bdir / "efficiency.json").write_text(json.dumps(record))
+    assert claims.paper_claims(None, bdir)[6].verdict == "inconclusive"
     gpu = bdir / "train_throughput_gpu_repeats"
     gpu.mkdir()
     model = {"context": 256, "d_model": 768, "blocks": 12}
@@ -269,11 +276,21 @@ def test_throughput_row_shows_the_gpu_runs_it_finds(tmp_path):
         record = {"environment": {"device_kind": device}, "git": {"commit": f"{i}abcdef99"},
                   "result": result}  # fmt: skip
         (gpu / f"repeat{i}.json").write_text(json.dumps(record))
-    speed = claims.paper_claims(None, bdir)[6]
-    assert "throughput ÷ AdamW 0.333, a 67 % cost (mean of 3 repeats)" in speed.measurement
+        speed = claims.paper_claims(None, bdir)[6]
+        if i == 0:  # one repeat gives no interval: the CPU record alone
+            assert "GPU runs" not in speed.measurement and speed.verdict == "inconclusive"
+    # Costs 50, 75, 75 %: mean 66.7, half-width t(0.975, 2) · s / √3.
+    costs = np.array([50.0, 75.0, 75.0])
+    half = scipy.stats.t.ppf(0.975, 2) * costs.std(ddof=1) / np.sqrt(3)
+    assert (speed.estimate, speed.low, speed.high) == pytest.approx(
+        (costs.mean(), costs.mean() - half, costs.mean() + half)
+    )
+    assert "66.7 [30.8, 102.5] %" in speed.measurement
     assert "H100, GPT 12 × 768, batch 4 × 256; H200, GPT 12 × 768" in speed.measurement
     assert "commit 0abcdef, 1abcdef, 2abcdef" in speed.measurement
-    assert speed.verdict == "not reproduced"  # from the CPU record alone
+    assert "CPU (inconclusive on its own): 5.0 [-1.0, 11.0] %" in speed.measurement
+    assert speed.verdict == "not reproduced"  # from the GPU runs
+    assert "train_throughput_gpu_repeats" in speed.source
 
 
 def test_missing_benchmark_files_give_no_data_rows(tmp_path):
