@@ -111,61 +111,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Refused(Exception):
+    """A command line the demo refuses (its message is printed, the exit status is 2)."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``umtam-demo`` with the arguments ``argv`` (default: the command line's).
+
+    Args:
+      argv: the command-line arguments, without the program name.
+
+    Returns:
+      The exit status: 0, or 2 for a command line it refuses (the reason on stderr).
+    """
     args = _parser().parse_args(argv)
     from umtam_jax import experiments as E
     from umtam_jax.experiments import data as data_lib
-    from umtam_jax.experiments import store
 
     try:
         data_lib.import_task_modules(args.imports)
-    except (ImportError, FileNotFoundError) as e:
+        if args.list_tasks:
+            for t in data_lib.available_tasks():
+                s = data_lib.get_task(t)
+                print(f"{t:<20} {s.kind:<6} {s.metric:<9} {', '.join(s.labels)}")
+            return 0
+        tasks, methods = _tasks_and_methods(args)
+        config = E.FULL if args.full else E.QUICK
+        over = {"seed": args.seed, "steps": args.steps, "learning_rate": args.learning_rate,
+                "max_eval": args.max_eval}  # fmt: skip
+        config = dataclasses.replace(config, **{k: v for k, v in over.items() if v is not None})
+        umtam_kwargs = dict(E.DEMO_UMTAM_KWARGS)
+        if args.svd_every is not None:
+            umtam_kwargs["svd_every"] = args.svd_every
+        workdir = Path(args.workdir)
+        refused = _claim_workdir(workdir)
+        if refused:
+            raise _Refused(refused)
+    except (_Refused, ImportError, FileNotFoundError) as e:
         print(f"umtam-demo: {e}", file=sys.stderr)
-        return 2
-    if args.list_tasks:
-        for t in data_lib.available_tasks():
-            s = data_lib.get_task(t)
-            print(f"{t:<20} {s.kind:<6} {s.metric:<9} {', '.join(s.labels)}")
-        return 0
-    tasks = (
-        [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if args.tasks
-        else list(E.DEFAULT_TASKS)
-    )
-    unknown = [t for t in tasks if t not in data_lib.available_tasks()]
-    if unknown:
-        print(
-            f"unknown task(s) {unknown}; registered: {data_lib.available_tasks()}", file=sys.stderr
-        )
-        return 2
-    if len(tasks) < 2:
-        print("merging needs at least two tasks", file=sys.stderr)
-        return 2
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        print("--methods names no merge method", file=sys.stderr)
-        return 2
-    bad = [m for m in methods if m not in E.MERGE_METHODS]
-    if bad:
-        print(f"unknown method(s) {bad}; known: {list(E.MERGE_METHODS)}", file=sys.stderr)
-        return 2
-
-    config = E.FULL if args.full else E.QUICK
-    over = {"seed": args.seed}
-    if args.steps is not None:
-        over["steps"] = args.steps
-    if args.learning_rate is not None:
-        over["learning_rate"] = args.learning_rate
-    if args.max_eval is not None:
-        over["max_eval"] = args.max_eval
-    config = dataclasses.replace(config, **over)
-    umtam_kwargs = dict(E.DEMO_UMTAM_KWARGS)
-    if args.svd_every is not None:
-        umtam_kwargs["svd_every"] = args.svd_every
-    workdir = Path(args.workdir)
-    refused = _claim_workdir(workdir)
-    if refused:
-        print(f"umtam-demo: {refused}", file=sys.stderr)
         return 2
     E.enable_compilation_cache(workdir / "jax_cache")
     progress = not args.no_progress
@@ -179,30 +162,78 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("1) fine-tuning experts with UMTAM (checkpoints with statistics)")
     base, ttasks, experts = E.prepare_experts(
-        tasks,
-        config,
-        workdir,
-        optimizer="umtam",
-        optimizer_kwargs=umtam_kwargs,
+        tasks, config, workdir, optimizer="umtam", optimizer_kwargs=umtam_kwargs,
         progress=progress,
-    )
+    )  # fmt: skip
     t_train = time.perf_counter() - t_start
     print(
         "2) merging encoders (each task keeps its head); hyper-parameters chosen on "
         "validation, reported on test"
     )
-    grids = E.default_grids(full=args.full)
     result = E.run_merging(
-        experts,
-        ttasks,
-        base,
-        config,
-        methods=methods,
-        grids=grids,
-        fisher_examples=256 if args.full else 64,
-        progress=progress,
+        experts, ttasks, base, config, methods=methods, grids=E.default_grids(full=args.full),
+        fisher_examples=256 if args.full else 64, progress=progress,
+    )  # fmt: skip
+    seconds = {"fine_tuning": t_train, "total": time.perf_counter() - t_start}
+    _report(result, ttasks, tasks, config, mode, seconds)
+    out = {
+        "command": "umtam-demo " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "mode": mode,
+        "config": {**dataclasses.asdict(config), "config": None},
+        "umtam_kwargs": umtam_kwargs,
+        "tasks": tasks,
+        "metrics": {t: ttasks[t].task.metric for t in tasks},
+        "experts_info": {
+            e.task: {
+                "path": str(e.path),
+                "train_seconds": e.info.get("seconds"),
+                "restored": e.info.get("restored"),
+            }
+            for e in experts
+        },
+        "result": result,
+        "seconds": seconds,
+        "environment": {"python": platform.python_version(), "platform": platform.platform()},
+    }
+    _write(out, result, workdir, mode)
+    return 0
+
+
+def _tasks_and_methods(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The tasks and merge methods the command line selects, checked."""
+    from umtam_jax import experiments as E
+    from umtam_jax.experiments import data as data_lib
+
+    tasks = (
+        [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if args.tasks
+        else list(E.DEFAULT_TASKS)
     )
-    total = time.perf_counter() - t_start
+    unknown = [t for t in tasks if t not in data_lib.available_tasks()]
+    if unknown:
+        raise _Refused(f"unknown task(s) {unknown}; registered: {data_lib.available_tasks()}")
+    if len(tasks) < 2:
+        raise _Refused("merging needs at least two tasks")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise _Refused("--methods names no merge method")
+    bad = [m for m in methods if m not in E.MERGE_METHODS]
+    if bad:
+        raise _Refused(f"unknown method(s) {bad}; known: {list(E.MERGE_METHODS)}")
+    return tasks, methods
+
+
+def _report(
+    result: dict[str, Any],
+    ttasks: dict[str, Any],
+    tasks: list[str],
+    config: Any,
+    mode: str,
+    seconds: dict[str, float],
+) -> None:
+    """Prints the test table and what it rests on: metrics, sizes, post-hoc passes, time."""
+    from umtam_jax import experiments as E
+
     print()
     print(E.format_table(result, "test"))
     print()
@@ -221,31 +252,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     if result.get("gram_seconds") is not None:
         print(f"RegMean's post-hoc Gram pass took {result['gram_seconds']:.1f}s extra.")
-    print(f"Time: fine-tuning {t_train:.0f}s, total {total:.0f}s.")
-    out = {
-        "command": "umtam-demo " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "mode": mode,
-        "config": {**dataclasses.asdict(config), "config": None},
-        "umtam_kwargs": umtam_kwargs,
-        "tasks": tasks,
-        "metrics": {t: ttasks[t].task.metric for t in tasks},
-        "experts_info": {
-            e.task: {
-                "path": str(e.path),
-                "train_seconds": e.info.get("seconds"),
-                "restored": e.info.get("restored"),
-            }
-            for e in experts
-        },
-        "result": result,
-        "seconds": {"fine_tuning": t_train, "total": total},
-        "environment": {"python": platform.python_version(), "platform": platform.platform()},
-    }
+    print(f"Time: fine-tuning {seconds['fine_tuning']:.0f}s, total {seconds['total']:.0f}s.")
+
+
+def _write(out: dict[str, Any], result: dict[str, Any], workdir: Path, mode: str) -> None:
+    """Writes ``<workdir>/demo_results.json`` (atomically) and the plot beside it."""
+    from umtam_jax import experiments as E
+    from umtam_jax.experiments import store
+
     text = json.dumps(out, indent=1, default=str)
     store.write_atomic(workdir / "demo_results.json", lambda f: f.write(text.encode()))
     png = E.plot_merging(result, workdir / "demo_results.png", title=f"umtam-demo ({mode})")
     print(f"Wrote {workdir / 'demo_results.json'} and {png}")
-    return 0
 
 
 if __name__ == "__main__":
