@@ -30,7 +30,6 @@ def test_ties_with_weights_densities_lambda_and_the_base_among_the_models(tmp_pa
             parameters: {{weight: 0.5, density: 0.3}}
         parameters: {{normalize: true, int8_mask: true, lambda: 0.8}}
         dtype: float32
-        tokenizer_source: base
         """,
         *flags,
     )
@@ -285,6 +284,38 @@ def test_della_uses_mergekit_rescale_and_shared_epsilon(tmp_path, models):
         """,
     )
     assert status == 2
+
+
+def test_each_models_gamma_is_its_own_else_the_files_else_the_methods_default():
+    """As mergekit reads them: a model's own gamma/epsilon overrides the file's value (or
+    gradient), which overrides the method's default; umtam-merge merges with one value
+    for every model, so the values the models get must agree."""
+    from umtam_jax.cli._mergekit import translate
+    from umtam_jax.cli._yaml import ConfigError
+
+    def config(method, top, *own):
+        models = [{"model": f"m{i}", "parameters": {**p, "density": 0.5}} for i, p in
+                  enumerate(own)]  # fmt: skip
+        return {"merge_method": method, "base_model": "b", "models": models, "parameters": top}
+
+    every = translate(config("breadcrumbs", {"gamma": 0.05}, {"gamma": 0.2}, {"gamma": 0.2}))
+    assert every["parameters"]["gamma"] == 0.2  # each model's own overrides the file's
+    gradient = {"gamma": [0.0, 0.1, 0.3]}
+    every = translate(config("breadcrumbs", gradient, {"gamma": 0.2}, {"gamma": 0.2}))
+    assert every["parameters"]["gamma"] == 0.2 and "_mergekit_tensor_settings" not in every
+    same = translate(config("breadcrumbs", {"gamma": 0.2}, {"gamma": 0.2}, {}))
+    assert same["parameters"]["gamma"] == 0.2  # the other model takes the file's 0.2
+    default = translate(config("della", {}, {"epsilon": 0.15}, {}))
+    assert default["parameters"]["epsilon"] == 0.15  # the method's default: mergekit's too
+    for top, own, other in [
+        ({}, {"gamma": 0.2}, r"models\[1\] the method's default for gamma \(0.01\)"),
+        ({"gamma": 0.05}, {"gamma": 0.2}, r"models\[1\] parameters.gamma \(0.05\)"),
+        (gradient, {"gamma": 0.2}, r"models\[1\] parameters.gamma, which varies by tensor"),
+    ]:
+        with pytest.raises(ConfigError, match=r"models\[0\] 0.2; " + other):
+            translate(config("breadcrumbs", top, own, {}))
+    with pytest.raises(ConfigError, match=r"models\[0\] 0.1; models\[1\] 0.2\)"):
+        translate(config("della", {}, {"epsilon": 0.1}, {"epsilon": 0.2}))
 
 
 def test_int8_mask_and_layout_for_methods_passed_by_name():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import chex
 import numpy as np
 import pytest
 
@@ -191,3 +192,42 @@ def test_a_mergekit_parameter_name_on_the_command_line_names_the_native_one(tmp_
         "unknown parameters ['lambda'] for method 'task_arithmetic'; allowed: ['scaling'] "
         "(mergekit's lambda is scaling)" in err
     ), err
+
+
+def _tokenizer(folder, tokens, added=()):
+    record = {"model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}},
+              "added_tokens": [{"id": i, "content": t} for i, t in added]}  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(record))
+
+
+def test_tokenizer_source_base_needs_the_bases_token_ids(tmp_path, capsys):
+    """mergekit's ``tokenizer_source: base`` aligns embedding rows by token; umtam-merge
+    merges them by id, so it accepts the key only where every model's token ids are the
+    base's (the two then agree) and refuses otherwise, naming a token that differs."""
+    for name, seed in [("base", 0), ("a", 1), ("b", 2)]:
+        _model(tmp_path, name, seed)
+    tokens = ["<s>", "a", "b", "c", "d", "e"]
+    for name in ("base", "a", "b"):
+        _tokenizer(tmp_path / name, tokens, added=[(6, "<pad>")])
+    text = """
+        merge_method: ties
+        base_model: {root}/base
+        models:
+          - {{model: {root}/a, parameters: {{weight: 1.0, density: 0.5}}}}
+          - {{model: {root}/b, parameters: {{weight: 0.5, density: 0.5}}}}
+        """
+    (tmp_path / "by_id").mkdir()
+    assert _run(tmp_path / "by_id", text.replace("{root}", str(tmp_path)))[0] == 0
+    status, out = _run(tmp_path, text + "tokenizer_source: base\n")
+    assert status == 0  # the same ids: the merge by id is mergekit's alignment
+    chex.assert_trees_all_equal(_read(out), _read(tmp_path / "by_id" / "out"))
+    _tokenizer(tmp_path / "b", ["<s>", "b", "a", "c", "d", "e"], added=[(6, "<pad>")])
+    capsys.readouterr()
+    status, _ = _run(tmp_path, text + "tokenizer_source: base\n", "--force")
+    err = capsys.readouterr().err
+    assert status == 2 and "the token ids of models[1]" in err, err
+    assert "token 'a' has id 1 in the base and 2 in the model" in err
+    for name in ("base", "a", "b"):  # a model without tokenizer files cannot be checked
+        (tmp_path / name / "tokenizer.json").unlink()
+    assert _run(tmp_path, text + "tokenizer_source: base\n", "--force")[0] == 2
+    assert "has no tokenizer files to compare" in capsys.readouterr().err

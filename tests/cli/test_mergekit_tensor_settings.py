@@ -222,11 +222,12 @@ def test_setting_values_follow_mergekits_evaluation():
             "merge_method: breadcrumbs\nbase_model: {root}/a\n",
             r"models\[0\].parameters.gamma: per-layer gradients and filtered values of a model",
         ),
-        (
-            "models: [{model: {root}/b, parameters: {gamma: 0.1}}]\n"
+        (  # the model without its own gamma takes the gradient: not one value for all
+            "models: [{model: {root}/b, parameters: {gamma: 0.1}}, {model: {root}/c}]\n"
             "merge_method: breadcrumbs\nbase_model: {root}/a\nparameters: {gamma: [0, 0.2]}\n",
-            r"models\[0\].parameters.gamma: every model must give the same gamma "
-            r"\(parameters.gamma elsewhere, 0.1 here\)",
+            r"models\[0\].parameters.gamma: umtam-merge merges with one gamma for every model, "
+            r"and the models would get different ones \(models\[0\] 0.1; models\[1\] "
+            r"parameters.gamma, which varies by tensor\)",
         ),
         (
             "models: [{model: {root}/b}]\nmerge_method: slerp\nbase_model: {root}/a\n"

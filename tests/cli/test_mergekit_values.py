@@ -140,9 +140,9 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
             "models[0].parameters.gamma must lie in [0.0, 1.0], got 5",
         ),
         (
-            "merge_method: della\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}, "
-            "parameters: {{epsilon: -1}}}}]",
-            "models[1].parameters.epsilon must lie in [0.0, inf], got -1",
+            "merge_method: della\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
+            "{{epsilon: -1}}}}, {{model: {b}, parameters: {{epsilon: -1}}}}]",
+            "models[0].parameters.epsilon must lie in [0.0, inf], got -1",
         ),
         (
             "merge_method: passthrough\nbase_model: {base}\nmodels: [{{model: {a}}}]",

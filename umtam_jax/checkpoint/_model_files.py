@@ -120,3 +120,50 @@ def adjust_config(
             part["tie_word_embeddings"], changed = False, True
     if changed:
         config.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+#: The files a tokenizer's vocabulary is read from, tokenizer.json first.
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                     "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")  # fmt: skip
+
+
+def vocabulary(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What decides a model folder's token ids: the token → id map of its
+    ``tokenizer.json`` (its model's vocabulary and its added tokens), else the contents of
+    its other vocabulary files, by name; None where it has none of them.
+
+    Raises:
+      ValueError: a vocabulary file that cannot be read, naming it.
+    """
+    names = [n for n in _VOCABULARY_FILES if os.path.isfile(os.path.join(folder, n))]
+    if not names:
+        return None
+    path = os.path.join(folder, names[0])
+    try:
+        _targets.check_regular_file(epath.Path(path), _MAX_COPIED)
+        if names[0] != "tokenizer.json":
+            return {n: epath.Path(folder, n).read_bytes() for n in names}
+        record = _json.loads(epath.Path(path).read_text())
+        vocab = record["model"]["vocab"]
+        ids = dict(vocab) if isinstance(vocab, dict) else {v[0]: i for i, v in enumerate(vocab)}
+        ids.update({t["content"]: t["id"] for t in record.get("added_tokens") or []})
+    except (OSError, ValueError, KeyError, TypeError, IndexError, _targets.UnsafeFileError) as e:
+        raise ValueError(f"cannot read the vocabulary of {folder} from {path}: {e}") from None
+    return {"tokenizer.json": ids}
+
+
+def vocabulary_difference(base: str, model: str) -> str | None:
+    """Why ``model``'s token ids may not be ``base``'s (a token both have at different
+    ids, a token one lacks, other vocabulary files), or None where they are the same."""
+    ours, theirs = vocabulary(base), vocabulary(model)
+    if ours is None or theirs is None:
+        return f"{base if ours is None else model} has no tokenizer files to compare"
+    if ours.keys() != theirs.keys():
+        return f"their vocabularies are in different files ({sorted(ours)}, {sorted(theirs)})"
+    if ours == theirs:
+        return None
+    if "tokenizer.json" not in ours:
+        return "their vocabulary files differ"
+    a, b = ours["tokenizer.json"], theirs["tokenizer.json"]
+    token = next((t for t in a if a[t] != b.get(t)), None) or next(t for t in b if t not in a)
+    return f"token {token!r} has id {a.get(token)} in the base and {b.get(token)} in the model"

@@ -117,7 +117,40 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
             k: v for k, v in varying.items() if k not in flag_params
         }
         _warn_of_own_values(config, flag_params)
+    if config.pop(_mergekit.SAME_VOCABULARY, False):
+        _check_vocabularies(config)
     return config
+
+
+def _check_vocabularies(config: dict[str, Any]) -> None:
+    """``tokenizer_source: base``: refuses a model whose token ids are not the base's
+    (mergekit would align its embedding rows by token; umtam-merge merges them by id)."""
+    from umtam_jax.checkpoint._model_files import vocabulary_difference
+
+    base, experts = config.get("base"), config.get("experts")
+    if not isinstance(base, str):
+        raise ConfigError("'tokenizer_source: base' needs a 'base_model'")
+    for i, entry in enumerate(experts if isinstance(experts, list) else []):
+        path = entry.get("path") if isinstance(entry, dict) else entry
+        if not isinstance(path, str) or _mergekit_models.same_model(path, base):
+            continue  # refused with its key by the plan / the base itself
+        try:
+            why = vocabulary_difference(base, path)
+        except ValueError as err:
+            raise ConfigError(f"'tokenizer_source: base': {err}") from None
+        if why is not None:
+            where = (
+                entry.get(_mergekit_models.KEY, f"experts[{i}]")
+                if isinstance(entry, dict)
+                else f"experts[{i}]"
+            )
+            raise ConfigError(
+                f"'tokenizer_source: base': the token ids of {where} ({path}) may not be the "
+                f"base's ({why}); mergekit would align the embedding rows by token, "
+                "umtam-merge merges them by id and does not align them: give models that "
+                "share the base's tokenizer (or leave out tokenizer_source to merge by id, "
+                "as mergekit then does)"
+            )
 
 
 def _warn_of_own_values(config: dict[str, Any], flag_params: dict[str, str]) -> None:

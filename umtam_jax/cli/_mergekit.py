@@ -42,8 +42,11 @@ as mergekit requires); it still gives the output's config and tokenizer files. A
 :data:`umtam_jax.merging.METHODS` may be named (``merge_method: umtam``), its parameters
 under ``parameters``. ``dtype`` is the dtype the inputs are read in (the merge computes in
 float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the inputs').
-``tokenizer_source: base`` (or null) is the default: a Hugging Face output gets the base's
-config and tokenizer files. Numbers may vary by tensor (per-layer gradients and filtered
+A Hugging Face output gets the base's config and tokenizer files. Without
+``tokenizer_source`` embedding rows are merged by token id, as in mergekit; with
+``tokenizer_source: base`` mergekit aligns them by token, which umtam-merge does not: it
+checks that every model's token ids are the base's (then the two agree) and refuses
+otherwise, naming a token that differs. Numbers may vary by tensor (per-layer gradients and filtered
 values, :mod:`umtam_jax.cli._mergekit_settings`); ``slices`` of whole models are
 ``models`` (:mod:`umtam_jax.cli._mergekit_slices`). What umtam_jax does not have (other
 slices, varying true/false options, tokenizer merging, chat templates, LoRA ``model+lora``
@@ -70,6 +73,7 @@ from umtam_jax.cli._mergekit_models import (
     entries,
     expert,
     model_path,
+    settle_shared,
 )
 from umtam_jax.cli._mergekit_settings import TensorSetting
 from umtam_jax.cli._mergekit_slices import whole_model_slices
@@ -165,8 +169,13 @@ PARAMETER_KEYS = "_mergekit_parameter_keys"
 NORMALIZE = "_mergekit_normalize"
 #: The method's parameters that vary by tensor, by the registry's name (TensorSetting).
 TENSOR_SETTINGS = "_mergekit_tensor_settings"
+#: Set in a translated configuration with ``tokenizer_source: base``: every model's token
+#: ids must be the base's (checked once the command line has replaced any models).
+SAME_VOCABULARY = "_mergekit_same_vocabulary"
 #: Every key a translated configuration may carry besides the native ones.
-INTERNAL_KEYS = frozenset({KEY, PARAMETER_KEYS, NORMALIZE, TENSOR_SETTINGS, VARYING})
+INTERNAL_KEYS = frozenset(
+    {KEY, PARAMETER_KEYS, NORMALIZE, TENSOR_SETTINGS, VARYING, SAME_VOCABULARY}
+)
 
 
 def normalized_scaling(scaling: Any, weights: list[Any]) -> Any:
@@ -205,12 +214,15 @@ def translate(config: dict[str, Any], warn: Callable[[str], None] | None = None)
     experts = [e for where, entry in entries(file, models) if (e := expert(file, where, entry))]
     if not experts:
         raise ConfigError("'models' lists no model besides the base model")
+    settle_shared(file, experts)
     if file.ignored and warn is not None:
         warn(
             f"ignoring {', '.join(file.ignored)}: not read by merge_method {file.name!r} in a "
             "mergekit file (mergekit ignores such keys too)"
         )
     out: dict[str, Any] = {"base": file.base, "experts": experts}
+    if config.get("tokenizer_source") == "base":
+        out[SAME_VOCABULARY] = True
     for key in ("output", "seed"):
         if key in config:
             out[key] = config[key]

@@ -56,6 +56,7 @@ class FileParameters:
       varying: the method's parameters that vary by tensor.
       model_defaults: every model's default weight and density.
       default_varying: those defaults where they vary by tensor.
+      own_shared: the models' own ``gamma``/``epsilon``, by key and model (``models[1]``).
     """
 
     name: str
@@ -69,6 +70,7 @@ class FileParameters:
     varying: dict[str, TensorSetting]
     model_defaults: dict[str, Any]
     default_varying: dict[str, TensorSetting]
+    own_shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def base_is_input(self) -> bool:
@@ -106,8 +108,8 @@ def entries(file: FileParameters, models: list[Any]) -> list[tuple[str, Any]]:
 def expert(file: FileParameters, where: str, entry: Any) -> dict[str, Any] | None:
     """The native expert entry of one ``models`` entry (None: the base model's entry).
 
-    A per-model ``gamma``/``epsilon`` (or passthrough's ``scale``) goes into
-    ``file.global_params``, which every model must then give alike.
+    A per-model ``gamma``/``epsilon`` goes into ``file.own_shared`` (see
+    :func:`settle_shared`), passthrough's ``scale`` into ``file.global_params``.
     """
     if isinstance(entry, str):
         entry = {"model": entry}
@@ -132,7 +134,8 @@ def expert(file: FileParameters, where: str, entry: Any) -> dict[str, Any] | Non
         file.keys["scale"] = f"{where}.parameters.scale"
     for key in SHARED_PER_MODEL:
         if key in params:
-            _share(file, key, scalar(params.pop(key), f"{where}.parameters.{key}"), where)
+            value = scalar(params.pop(key), f"{where}.parameters.{key}")
+            file.own_shared.setdefault(key, {})[where] = value
     unknown = set(params) - {"weight", "density"}
     if unknown:
         raise ConfigError(
@@ -151,12 +154,41 @@ def expert(file: FileParameters, where: str, entry: Any) -> dict[str, Any] | Non
     return out
 
 
-def _share(file: FileParameters, key: str, value: Any, where: str) -> None:
-    """Records a model's ``gamma``/``epsilon``, which every model must give alike."""
-    file.keys.setdefault(key, f"{where}.parameters.{key}")  # the first giving it
-    shared = file.varying[key].key if key in file.varying else repr(file.global_params.get(key))
-    if key in file.varying or file.global_params.setdefault(key, value) != value:
-        raise ConfigError(
-            f"{where}.parameters.{key}: every model must give the same {key} "
-            f"({shared} elsewhere, {value!r} here)"
-        )
+def settle_shared(file: FileParameters, experts: list[dict[str, Any]]) -> None:
+    """Every model's ``gamma``/``epsilon`` as mergekit reads it (its own, else the file's
+    ``parameters`` value or gradient, else the method's default), which umtam-merge
+    takes once for all models: the one value goes into ``file.global_params``.
+
+    Raises:
+      ConfigError: the models would get different values, naming them.
+    """
+    for key, own in file.own_shared.items():
+        first = next(iter(own))
+        if file.registered.param(key) is None:  # refused by name with the method's others
+            file.global_params[key] = own[first]
+            file.keys.setdefault(key, f"{first}.parameters.{key}")
+            continue
+        others = [e[KEY] for e in experts if e[KEY] not in own]
+        if key in file.varying:
+            fallback: Any = file.varying[key]
+            given = f"{file.varying[key].key}, which varies by tensor"
+        elif key in file.global_params:
+            fallback, given = file.global_params[key], f"parameters.{key}"
+        else:
+            fallback = file.registered.defaults()[key]
+            given = f"the method's default for {key}"
+        values = [*own.values(), *([fallback] if others else [])]
+        if any(isinstance(v, TensorSetting) or v != values[0] for v in values):
+            gets = [f"{where} {value!r}" for where, value in own.items()]
+            if others:
+                gets.append(f"{', '.join(others)} {given}" + (
+                    "" if isinstance(fallback, TensorSetting) else f" ({fallback!r})"))  # fmt: skip
+            raise ConfigError(
+                f"{first}.parameters.{key}: umtam-merge merges with one {key} for every "
+                f"model, and the models would get different ones ({'; '.join(gets)}): give "
+                f"every model the same {key}, or give it once under 'parameters'"
+            )
+        file.global_params[key] = values[0]
+        file.varying.pop(key, None)  # every model gives its own
+        if not others:
+            file.keys[key] = f"{first}.parameters.{key}"
