@@ -140,7 +140,8 @@ def vocabulary(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     path = os.path.join(folder, names[0])
     try:
-        _targets.check_regular_file(epath.Path(path), _MAX_COPIED)
+        for name in names:  # read whole: each a regular file of a bounded size
+            _targets.check_regular_file(epath.Path(folder, name), _MAX_COPIED)
         if names[0] != "tokenizer.json":
             return {n: epath.Path(folder, n).read_bytes() for n in names}
         record = _json.loads(epath.Path(path).read_text())
