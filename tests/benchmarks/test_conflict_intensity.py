@@ -2,7 +2,7 @@
 the work directory and with fixed heads in its own, set beside the natural pairs of a
 merging record of the same size and seeds (and only such a record), and correlated over
 all pairs. The study itself (:func:`conflict_study`, run for real in
-tests/experiments/test_protocol.py) is replaced by a recorder here."""
+tests/experiments/test_protocol_evaluation.py) is replaced by a recorder here."""
 
 from __future__ import annotations
 
