@@ -121,6 +121,16 @@ def test_float8_parameters_and_buffers_are_refused_by_name():
             umtam_jax.umtam(0.1, buffer_dtype=dtype)
 
 
+def test_float16_buffers_are_refused_as_too_narrow_for_the_saliency():
+    """A fine-tuning run's saliency (ΔW² · √(R C), often below 1e-8) is 0 in float16,
+    whose smallest value is ~6e-8, and its momentum overflows past 65504."""
+    assert np.float16(1e-9) == 0 and np.isinf(np.float16(1e5))
+    with pytest.raises(TypeError, match="buffer_dtype float16 has a narrower range"):
+        umtam_jax.umtam(0.1, buffer_dtype=jnp.float16)
+    for dtype in (jnp.bfloat16, jnp.float32):  # float32's range
+        umtam_jax.umtam(0.1, buffer_dtype=dtype)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_update_checks_params_and_state_by_name(jit):
     """What update gets besides the gradients: parameters of another dtype (a complex
@@ -189,6 +199,11 @@ def test_row_axes_must_be_callable_or_none(value):
         f"umtam_jax.scanned(...)) or None, got {value!r} ({type(value).__name__})"
     )
     umtam_jax.umtam(0.1, row_axes=None)  # the default view
+    # NumPy integers are integers (as the constructor's options read them).
+    leaf = {"w": jnp.ones((4, 8, 6))}
+    umtam_jax.umtam(0.1, row_axes=lambda path, shape: np.int64(len(shape) - 1)).init(leaf)
+    as_axes = lambda path, shape: umtam_jax.MatrixAxes(np.int64(1), np.int64(1))  # noqa: E731
+    umtam_jax.umtam(0.1, row_axes=as_axes).init(leaf)
     umtam_jax.umtam(0.1, row_axes=lambda path, shape: umtam_jax.MatrixAxes(1, 1))
 
 
@@ -277,9 +292,17 @@ def test_a_scanned_layout_naming_no_leaf_warns_at_init():
     warns. Not an error, for a transform may see only part of a model (optax.masked,
     optax.multi_transform) without the stacked leaves."""
     params = {"blocks": {"kernel": jnp.ones((2, 4, 4))}, "stem": jnp.ones((3, 3, 2, 4))}
-    with pytest.warns(UserWarning, match=r"row_axes=scanned\('blokcs'.*no parameter's key "
-                      r"path contains 'blokcs', so every leaf is factored unstacked"):  # fmt: skip
+    expected = (r"row_axes=scanned\('blokcs'.*no parameter's key path contains 'blokcs', "
+                "so every leaf is factored unstacked")  # fmt: skip
+    with pytest.warns(UserWarning, match=expected) as seen:
         umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blokcs")).init(params)
+    assert seen[0].filename == __file__  # the user's call, not optax.chain's
+    with pytest.warns(UserWarning, match="no parameter's key path") as seen:
+        injected = optax.inject_hyperparams(
+            umtam_jax.umtam, static_args=umtam_jax.STATIC_HYPERPARAMS
+        )
+        injected(0.1, row_axes=umtam_jax.scanned("x")).init(params)
+    assert seen[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         umtam_jax.umtam(0.1, row_axes=umtam_jax.scanned("blocks", "unused")).init(params)

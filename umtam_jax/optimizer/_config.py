@@ -235,6 +235,12 @@ def validate(cfg: Config) -> None:
             f"jnp.bfloat16), got {jnp.dtype(cfg.buffer_dtype)}: the momentum and saliency "
             "buffers are stored in it"
         )
+    if cfg.buffer_dtype is not None and jnp.finfo(cfg.buffer_dtype).nexp < 8:
+        raise TypeError(
+            f"buffer_dtype {jnp.dtype(cfg.buffer_dtype)} has a narrower range than float32: "
+            "the saliency of a fine-tuning run (often below 1e-8) would round to 0 and a "
+            "large momentum overflow to inf; use jnp.bfloat16 (float32's range) or float32"
+        )
     check(
         cfg.svd_method in SVD_METHODS,
         f"unknown svd_method {cfg.svd_method!r}; expected one of {SVD_METHODS}",

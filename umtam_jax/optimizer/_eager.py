@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from umtam_jax._callers import user_stacklevel
 from umtam_jax.optimizer._config import Config
 
 CACHE_SIZE = 16
@@ -132,7 +133,7 @@ def _bound_executables() -> None:
             "signature compiles again. Call the update inside your own jax.jit, or keep "
             "its inputs' signatures fixed.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, TypeGuard
 
 import jax
+import numpy as np
 
 from umtam_jax import _pytrees
+from umtam_jax._callers import user_stacklevel
 from umtam_jax.optimizer._attention import attention_rows
 
 
@@ -218,7 +220,7 @@ def warn_unstacked(row_axes: Any, paths_and_leaves: list[tuple[Any, Any]]) -> No
             f"{', '.join(map(repr, missing))}, so every leaf is factored unstacked; name "
             "the key that holds the stacked layers (ignore this where the transform sees "
             "only part of the model)",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -275,12 +277,23 @@ class Layout:
     perm: tuple[int, ...] | None = None
 
 
+def _plain_ints(x: Any) -> Any:
+    """``x`` with NumPy integers (alone or in a tuple) as Python ints."""
+    if isinstance(x, tuple):
+        return tuple(int(a) if isinstance(a, np.integer) else a for a in x)
+    return int(x) if isinstance(x, np.integer) else x
+
+
 def _validated_positions(
     spec: Any, shape: tuple[int, ...], where: str
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The batch and row axis positions of a ``row_axes`` result, checked against
     ``shape`` (see :func:`layout`)."""
     ndim = len(shape)
+    if isinstance(spec, MatrixAxes):  # NumPy integers as Python ones
+        spec = MatrixAxes(*(_plain_ints(f) for f in spec))
+    else:
+        spec = _plain_ints(spec)
 
     def is_int(x: Any) -> TypeGuard[int]:
         return isinstance(x, int) and not isinstance(x, bool)
