@@ -1,26 +1,24 @@
 """mergekit's parameter values that vary by tensor (layer gradients, filtered values) and
-whole-model ``slices``, against float64 NumPy references of mergekit's formulas: the
-classic SLERP file (``slices`` of two whole models, ``t`` filtered by ``self_attn`` and
-``mlp`` with gradients), a TIES ``lambda`` by filter, and a task-arithmetic gradient
-under ``normalize: true``; out of core and in memory alike."""
+whole-model ``slices``, merged and checked against float64 NumPy references of mergekit's
+formulas: the classic SLERP file (``slices`` of two whole models, ``t`` filtered by
+``self_attn`` and ``mlp`` with gradients), a TIES ``lambda`` by filter, a task-arithmetic
+gradient under ``normalize: true``, per-model gradients of mergekit's README TIES file,
+checkpoints whose keys hold dots, and UMTAM with the experts' statistics; out of core and
+in memory alike."""
 
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 
 import numpy as np
 import pytest
 
+from tests.cli.mergekit_settings_helpers import LAYERS, _model
 from umtam_jax import checkpoint
-from umtam_jax.cli._mergekit_settings import layer_positions, setting
-from umtam_jax.cli._yaml import ConfigError
 from umtam_jax.cli.merge import main
 
 pytest.importorskip("safetensors.numpy")
-
-LAYERS = 4
 
 
 def _evaluate(value, name, x):
@@ -44,22 +42,6 @@ def _x(name):
         if f".layers.{i}." in name:
             return i / (LAYERS - 1)
     return 0.0
-
-
-def _model(root, name, seed):
-    rng = np.random.default_rng(seed)
-    names = {"model.embed_tokens.weight": (6, 4), "model.norm.weight": (4,)}
-    for i in range(LAYERS):
-        names[f"model.layers.{i}.self_attn.q_proj.weight"] = (4, 4)
-        names[f"model.layers.{i}.mlp.up_proj.weight"] = (5, 4)
-    flat = {k: rng.normal(size=s).astype(np.float32) for k, s in names.items()}
-    source = root / f"{name}-files"
-    source.mkdir()
-    (source / "config.json").write_text(json.dumps({"num_hidden_layers": LAYERS}))
-    checkpoint.save_safetensors(
-        root / name, checkpoint.tree_from_names(flat), copy_files_from=source
-    )
-    return flat
 
 
 def _merge(tmp_path, text, *flags, out="out"):
@@ -168,117 +150,6 @@ def test_a_filtered_lambda_and_a_gradient_under_normalize(tmp_path):
         np.testing.assert_allclose(merged[name], want, atol=2e-6)
 
 
-def test_setting_values_follow_mergekits_evaluation():
-    grad = setting([0.0, 1.0, 0.0], "parameters.t")
-    assert [grad.at("x", x) for x in (0.0, 0.25, 0.5, 1.0)] == [0.0, 0.5, 1.0, 0.0]
-    first = setting([{"filter": "mlp", "value": 1}, {"filter": "mlp.up", "value": 2}], "p.t")
-    assert first.at("model.layers.0.mlp.up_proj.weight", 0.0) == 1  # the first match
-    assert first.at("model.layers.0.self_attn.q_proj.weight", 0.0) is None
-    assert setting([True, False], "p.normalize").at("x", 0.99) is True  # the step below
-    names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.2.mlp.c_fc.weight",
-             "transformer.wte.weight", "transformer.h.1.ln_1.weight",
-             "model.h_norm.weight"]  # fmt: skip
-    assert layer_positions(names) == [0.0, 1.0, 0.0, 0.5, 0.0]
-    assert layer_positions(["bert.encoder.layer.1.output.dense.weight", "params.layers_1.kernel",
-                            "params.layers_0.kernel"]) == [1.0, 1.0, 0.0]  # fmt: skip
-    # A multimodal model: 2 text layers and 4 vision blocks, each stack its own depth (the
-    # last text layer is at x = 1, as mergekit places it, not at 1/3).
-    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(2)]
-    names += [f"visual.blocks.{i}.attn.qkv.weight" for i in range(4)]
-    assert layer_positions(names) == [0.0, 1.0, 0.0, 1 / 3, 2 / 3, 1.0]
-    assert layer_positions(["model.layers.0.w"]) == [1.0]  # one layer: x = 1, as mergekit
-    for bad, message in (
-        ([], "an empty list"),
-        ([{"filter": "a"}], r"p.t\[0\] must be a mapping with 'value'"),
-        ([[1, 2]], "a gradient is a list of values"),
-    ):
-        with pytest.raises(ConfigError, match=message):
-            setting(bad, "p.t")
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            "slices:\n  - sources:\n      - {model: {root}/a, layer_range: [0, 2]}\n"
-            "      - {model: {root}/b, layer_range: [0, 2]}\n"
-            "merge_method: slerp\nbase_model: {root}/a\nparameters: {t: 0.5}\n",
-            r"slices\[0\].sources\[0\].layer_range' is \[0, 2\], but only whole models are "
-            r"supported: \[0, 4\]",
-        ),
-        (
-            "slices:\n  - sources: [{model: {root}/b, layer_range: [0, 4]}]\n"
-            "merge_method: ties\nbase_model: {root}/a\n",
-            "'base_model' .* is not among 'slices\\[0\\].sources'",
-        ),
-        (
-            "slices:\n  - sources: [{model: {root}/a, layer_range: [0, 4]}]\n"
-            "  - sources: [{model: {root}/b, layer_range: [0, 4]}]\n"
-            "merge_method: slerp\nbase_model: {root}/a\nparameters: {t: 0.5}\n",
-            "only one slice of whole models",
-        ),
-        (
-            "models: [{model: {root}/b, parameters: {gamma: [0.01, 0.02]}}]\n"
-            "merge_method: breadcrumbs\nbase_model: {root}/a\n",
-            r"models\[0\].parameters.gamma: per-layer gradients and filtered values of a model",
-        ),
-        (  # the model without its own gamma takes the gradient: not one value for all
-            "models: [{model: {root}/b, parameters: {gamma: 0.1}}, {model: {root}/c}]\n"
-            "merge_method: breadcrumbs\nbase_model: {root}/a\nparameters: {gamma: [0, 0.2]}\n",
-            r"models\[0\].parameters.gamma: umtam-merge merges with one gamma for every model, "
-            r"and the models would get different ones \(models\[0\] 0.1; models\[1\] "
-            r"parameters.gamma, which varies by tensor\)",
-        ),
-        (
-            "models: [{model: {root}/b}]\nmerge_method: slerp\nbase_model: {root}/a\n"
-            "parameters: {t: [{filter: mlp, value: 0.5}]}\n",
-            "parameters.t: no filter matches tensor 'model.embed_tokens.weight'",
-        ),
-        (
-            "models: [{model: {root}/b}]\nmerge_method: slerp\nbase_model: {root}/a\n"
-            "parameters: {t: [{filter: mlp, value: abc}, {value: 0.5}]}\n",
-            r"parameters.t\[0\].value must be a number, got 'abc'",
-        ),
-        (  # the position within the gradient, not the expert's index
-            "models: [{model: {root}/b, parameters: {density: [0.5, 0.6, 1.5]}}]\n"
-            "merge_method: ties\nbase_model: {root}/a\n",
-            r"models\[0\].parameters.density\[2\] must lie in \(0, 1\], got 1.5",
-        ),
-        (
-            "models: [{model: {root}/b, "
-            "parameters: {density: [{filter: mlp, value: 0.5}, {value: [0.3, 2.0]}]}}]\n"
-            "merge_method: ties\nbase_model: {root}/a\n",
-            r"models\[0\].parameters.density\[1\].value\[1\] must lie in \(0, 1\], got 2.0",
-        ),
-    ],
-)
-def test_what_is_not_supported_or_wrong_is_one_error_naming_its_key(
-    tmp_path, capsys, text, message
-):
-    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
-    config = tmp_path / "merge.yaml"
-    config.write_text(text.replace("{root}", str(tmp_path)))
-    assert main([str(config), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1, err
-    assert re.search(message, err), err
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_param_flag_of_a_per_model_value_warns_that_it_is_only_their_default(tmp_path, capsys):
-    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1), _model(tmp_path, "c", 2)
-    config = tmp_path / "merge.yaml"
-    config.write_text(
-        f"merge_method: ties\nbase_model: {tmp_path}/a\nmodels: [{{model: {tmp_path}/b, "
-        f"parameters: {{density: 0.5}}}}, {{model: {tmp_path}/c}}]\n"
-    )
-    assert main([str(config), "--dry-run", "--param", "density=0.9"]) == 0
-    out = capsys.readouterr()
-    assert "--param density is the default of the models without their own density; " in out.err
-    assert "models[0] give theirs" in out.err
-    assert "'density': [0.5, 0.9]" in out.out
-
-
 def test_a_param_flag_replaces_the_files_gradient(tmp_path):
     a, b = _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
     text = """
@@ -342,48 +213,6 @@ def test_mergekits_readme_ties_file_with_per_model_gradients(tmp_path):
             np.testing.assert_allclose(merged[name], want, atol=2e-6, err_msg=name)
 
 
-def test_a_weight_that_no_filter_gives_without_a_default_names_the_model(tmp_path, capsys):
-    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
-    config = tmp_path / "merge.yaml"
-    config.write_text(
-        f"models:\n  - model: {tmp_path}/b\n    parameters:\n      weight: "
-        "[{filter: mlp, value: 0.5}]\nmerge_method: task_arithmetic\n"
-        f"base_model: {tmp_path}/a\n"
-    )
-    assert main([str(config), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "models[0].parameters.weight: no filter matches tensor 'model.embed_tokens" in err
-    assert len(err.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize(
-    ("method", "parameters", "message"),
-    [
-        # density ± epsilon leaves (0, 1) at layer 3 only: refused before any write,
-        # naming the first tensor whose merge would fail.
-        ("della", "{density: 0.5, epsilon: [0.1, 0.6]}", "tensor model.layers.3."),
-        ("consensus_ties", "{density: 0.5, scope: [tensor, global]}", "parameters.scope: per-"),
-        ("consensus", "{lambdas: [0.5, 1.0], k: 2}", "parameters.lambdas: per-layer"),
-    ],
-)
-def test_values_by_tensor_are_checked_before_anything_is_written(
-    tmp_path, capsys, method, parameters, message
-):
-    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
-        _model(tmp_path, name, seed)
-    config = tmp_path / "merge.yaml"
-    config.write_text(
-        f"merge_method: {method}\nbase_model: {tmp_path}/a\nmodels: [{{model: {tmp_path}/b, "
-        f"parameters: {{weight: 1.0}}}}, {{model: {tmp_path}/c, parameters: {{weight: 0.5}}}}]\n"
-        f"parameters: {parameters}\n"
-    )
-    for flags in (["--dry-run"], ["-o", str(tmp_path / "out")]):
-        assert main([str(config), "--no-progress", *flags]) == 2
-        err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "out").exists()
-
-
 def test_layers_of_a_checkpoint_whose_keys_hold_dots_are_found(tmp_path):
     """Such a tree has no safetensors names; its tensors' dotted paths still give layers."""
     rng = np.random.default_rng(0)
@@ -410,16 +239,6 @@ def _merge_path(tmp_path, text):
     config.write_text(text.replace("{root}", str(tmp_path)))
     assert main([str(config), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     return tmp_path / "out"
-
-
-def test_an_expert_count_error_names_the_files_key(tmp_path, capsys):
-    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
-    config = tmp_path / "merge.yaml"
-    config.write_text(
-        f"merge_method: model_stock\nbase_model: {tmp_path}/a\nmodels: [{{model: {tmp_path}/b}}]\n"
-    )
-    assert main([str(config), "--dry-run"]) == 2
-    assert "'models': model_stock merges at least 2 experts, got 1" in capsys.readouterr().err
 
 
 def test_values_by_tensor_with_the_experts_statistics(tmp_path, capsys):
