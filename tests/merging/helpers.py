@@ -2,7 +2,8 @@
 
 The reference never calls ``umtam_jax.merging``; it follows docs/algorithm.md §4–§5
 literally, entry by entry where that is clearer, with NumPy's stable argsort for the top-k
-selection.
+selection. The references of one statistics node's momentum, curvature and saliency are in
+``statistics_helpers`` (imported here, so ``helpers.f64`` etc. keep working).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 
 from tests import trees
+from tests.merging.statistics_helpers import f64, ref_curvature, ref_momentum, ref_saliency
 from umtam_jax.optimizer import MatrixAxes
 from umtam_jax.optimizer._state import DenseStatistics, FactoredStatistics
 
@@ -154,37 +156,6 @@ SLICED = {("attn", "bias"): (), ("attn", "kernel"): (1,), ("conv", "kernel"): (0
 def sliced_scope(path, shape):
     """A layout callable ``scope``: the batch axes of ``SLICED`` (rows do not matter)."""
     return MatrixAxes(batch=SLICED[tuple(k.key for k in path)], rows=0)
-
-
-def f64(x):
-    return np.asarray(x, np.float64)
-
-
-def ref_curvature(node):
-    if isinstance(node, FactoredStatistics):
-        r, c = f64(node.row), f64(node.col)
-        return np.multiply.outer(r, c) / r.sum()
-    return f64(node.nu)
-
-
-def ref_momentum(node):
-    if isinstance(node, FactoredStatistics):
-        u, v = f64(node.u), f64(node.v)
-        rows, cols = u.shape[:-1], v.shape[:-1]
-        m = u.reshape(-1, u.shape[-1]) @ f64(node.sigma) @ v.reshape(-1, v.shape[-1]).T
-        return m.reshape(rows + cols)
-    return f64(node.mu)
-
-
-def ref_saliency(node, w, w0):
-    if node.saliency is not None:
-        return f64(node.saliency)
-    delta = f64(w) - f64(w0)
-    if isinstance(node, FactoredStatistics):
-        root = np.sqrt(np.multiply.outer(f64(node.row), f64(node.col)))
-    else:
-        root = np.sqrt(f64(node.nu))
-    return delta**2 * root
 
 
 def _deltas(base, experts):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import umtam_jax
-from tests.optimizer.test_behaviour import SMALL, _params, _run
+from tests.optimizer.behaviour_helpers import SMALL, _params, _run
 
 
 def test_statistics_through_masked_and_partition():

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import umtam_jax
-from tests.optimizer.test_behaviour import SMALL, _grads, _params
+from tests.optimizer.behaviour_helpers import SMALL, _grads, _params
 
 
 @pytest.mark.parametrize(
