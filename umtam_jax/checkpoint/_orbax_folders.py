@@ -284,17 +284,35 @@ class OrbaxFolderReader:
         return self._trees[item]
 
     def abstract(self, item: str) -> Any:
-        """``item``'s tree with ``jax.ShapeDtypeStruct`` leaves (strings as Orbax's
-        metadata describes them), dicts and lists as Orbax restores them."""
+        """An item's structure, read from Orbax's metadata alone.
+
+        Args:
+          item: one of :attr:`items`.
+
+        Returns:
+          The item's tree, dicts and lists as Orbax restores them, with a
+          ``jax.ShapeDtypeStruct`` for each array or scalar and Orbax's own metadata for
+          other leaves (strings).
+
+        Raises:
+          KeyError: ``item`` is not one of :attr:`items`.
+          CheckpointCorruptError: metadata Orbax cannot read (a ``ValueError``).
+        """
         return jax.tree.map(_leaf_struct, self._tree(item))
 
     def read(self, item: str, paths: Sequence[Path]) -> list[np.ndarray]:
         """Reads only the arrays at ``paths`` (keys and list positions inside ``item``).
 
+        Args:
+          item: one of :attr:`items`.
+          paths: the arrays' paths in :meth:`abstract`'s tree, e.g. ``("dense", "kernel")``
+            or ``("layers", 0, "w")``.
+
         Returns:
           One NumPy array per path, in its saved dtype and shape.
 
         Raises:
+          KeyError: ``item`` is not one of :attr:`items`.
           ValueError: a path that is no array of the item.
           CheckpointCorruptError: Orbax cannot read an array, or reads one of another
             shape or dtype than its metadata says.

@@ -66,15 +66,31 @@ class CheckpointReader:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The checkpoint's metadata (as :func:`~umtam_jax.checkpoint.read_metadata`)."""
+        """The checkpoint's metadata, without the items' structure records (as
+        :func:`~umtam_jax.checkpoint.read_metadata` gives it)."""
         return {k: v for k, v in self._meta.items() if k != "structures"}
 
     def has_item(self, item: str) -> bool:
-        """Whether the checkpoint holds ``item`` (``"params"``, ``"statistics"``, ...)."""
+        """Whether the checkpoint holds an item.
+
+        Args:
+          item: the item name (``"params"``, ``"statistics"``, ...).
+
+        Returns:
+          True when the checkpoint's metadata records that item.
+        """
         return item in self._meta.get("structures", {})
 
     def structure(self, item: str) -> dict[str, Any]:
-        """The JSON structure record of ``item`` (see ``_encoding.encode``).
+        """The JSON structure record of an item, as saved (see ``_encoding.encode``).
+
+        Args:
+          item: the item name.
+
+        Returns:
+          The record: ``{"t": kind, ...}`` with ``"children"`` entries ``[stored name,
+          key kind, child record(, original name)]`` for containers, ``"shape"`` and
+          ``"dtype"`` for an array, ``"impl"`` for a typed PRNG key.
 
         Raises:
           FileNotFoundError: the checkpoint has no such item.
@@ -97,8 +113,14 @@ class CheckpointReader:
                 _keys.check_impl(impl, what)
 
     def abstract(self, item: str) -> Any:
-        """``item``'s pytree (as restored without target) with ``jax.ShapeDtypeStruct``
-        leaves (of a key dtype for typed PRNG keys).
+        """An item's structure, read from the metadata alone.
+
+        Args:
+          item: the item name.
+
+        Returns:
+          The item's pytree (as restored without target) with ``jax.ShapeDtypeStruct``
+          leaves (of a key dtype for typed PRNG keys).
 
         Raises:
           FileNotFoundError: the checkpoint has no such item.
@@ -114,8 +136,18 @@ class CheckpointReader:
         return E.decode(spec, arrays)
 
     def leaf_paths(self, item: str) -> list[Path]:
-        """The stored paths of ``item``'s arrays in JAX's flattening order of the restored
-        tree (the order of ``jax.tree.leaves(reader.abstract(item))``)."""
+        """The stored paths of an item's arrays, in the restored tree's flattening order.
+
+        Args:
+          item: the item name.
+
+        Returns:
+          One stored path per array, in the order of
+          ``jax.tree.leaves(reader.abstract(item))``: what :meth:`restore_arrays` takes.
+
+        Raises:
+          FileNotFoundError: the checkpoint has no such item.
+        """
         spec = self.structure(item)
         stored = [path for path, _ in E.spec_arrays(spec)]
         index_tree: dict[str, Any] = {}
@@ -124,11 +156,20 @@ class CheckpointReader:
         return [stored[i] for i in jax.tree.leaves(E.decode(spec, index_tree))]
 
     def restore_subtrees(self, item: str, paths: Sequence[Path]) -> list[Any]:
-        """The decoded subtree of ``item`` at each stored path (an array, or e.g. a
-        statistics node as a dict of arrays), reading only the arrays under those paths.
-        Typed PRNG keys are rebuilt from their key data (as ``jax.Array`` key arrays).
+        """Restores the subtrees of an item at some stored paths, reading only their arrays.
+
+        Args:
+          item: the item name.
+          paths: stored paths of subtrees (or arrays) inside ``item``, e.g. those of
+            :meth:`leaf_paths` for the statistics nodes of the parameters' leaves.
+
+        Returns:
+          The decoded subtree at each path (an array, or e.g. a statistics NamedTuple),
+          arrays as NumPy arrays; typed PRNG keys rebuilt from their key data (as
+          ``jax.Array`` key arrays).
 
         Raises:
+          FileNotFoundError: the checkpoint has no such item.
           ValueError: a path not in the checkpoint, a typed PRNG key of an implementation
             this JAX cannot rebuild; as :meth:`restore_arrays`.
         """

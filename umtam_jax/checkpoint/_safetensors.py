@@ -39,15 +39,12 @@ References:
 
 from __future__ import annotations
 
-import math
 import os
-import struct
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -56,6 +53,7 @@ from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _leftovers, _targets
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._names import split_name, tree_from_names
+from umtam_jax.checkpoint._safetensors_header import DTYPE_NAMES, parse_header
 from umtam_jax.checkpoint._write_errors import CheckpointBusyError
 
 MODEL_FILE = "model.safetensors"
@@ -64,18 +62,8 @@ MARKER_FILE = "umtam_jax_safetensors.json"
 MARKER = {"format": "umtam_jax-safetensors", "version": 1}
 CRC_KEY = "umtam_jax.crc32"
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_MAX_HEADER = 100 * 2**20  # the reference implementation's limit
 _MAX_INDEX = 64 * 2**20  # an index lists each tensor once: ~100 kB for a 70B model
 _MAX_SMALL_FILE = 2**16  # the marker file
-_MAX_DIMS = 64  # NumPy's
-_TYPES = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
-    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
-    "F16": np.float16, "BF16": jnp.bfloat16, "F32": np.float32, "F64": np.float64,
-    "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2,
-}  # fmt: skip
-_DTYPES = {name: np.dtype(t) for name, t in _TYPES.items()}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -106,59 +94,6 @@ def _pickle_note(files: Iterable[str]) -> str:
         f"; it holds pickled weights ({', '.join(pickles)}), which are never loaded "
         "(unpickling can run arbitrary code): convert them to safetensors first"
     )
-
-
-def _parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
-    """``({name: (dtype, shape, begin, end)}``, ``__metadata__)``, offsets in the file.
-
-    Raises:
-      ValueError: naming the file (and tensor): malformed, truncated or unsupported.
-    """
-    try:
-        if not os.path.isfile(path):  # a FIFO's read may never return, a device's never ends
-            raise ValueError("it is not a regular file")
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (-1,)
-            if not 0 < length <= min(size - 8, _MAX_HEADER):
-                raise ValueError(f"its header length {length} does not fit its {size} bytes")
-            header = _json.loads(f.read(length).decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("its header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-            raise ValueError("its __metadata__ is not a mapping of strings")
-        entries = []
-        for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = _DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
-                if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
-                    raise TypeError
-                if not all(type(i) is int and i >= 0 for i in [*shape, begin, end]):
-                    raise TypeError
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"tensor {name!r} has an invalid entry {e}") from None
-            # NumPy's limit on an array's extent, zero-size arrays included.
-            if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= 2**63:
-                raise ValueError(f"tensor {name!r}: its shape {shape} is too large for an array")
-            # Python integers: a crafted shape's element count cannot wrap around.
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {name!r}: its data_offsets do not fit shape and dtype")
-            entries.append((begin, end, name, dtype, tuple(shape)))
-        entries.sort()
-        cursor, data = 0, 8 + length
-        for begin, end, name, _, _ in entries:
-            if begin != cursor:
-                raise ValueError(f"tensor {name!r} does not start where the previous one ends")
-            cursor = end
-        if data + cursor > size:
-            last = entries[-1][2]
-            raise ValueError(f"it is truncated: {last!r} ends at {data + cursor}, file {size} B")
-        if data + cursor < size:
-            raise ValueError(f"it has {size - data - cursor} stray bytes after its tensors")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
-    return {n: (d, s, data + b, data + e) for b, e, n, d, s in entries}, meta
 
 
 class SafetensorsReader:
@@ -212,7 +147,7 @@ class SafetensorsReader:
         # Which file each name was when opened: a save that replaces the folder meanwhile
         # makes a later read fail as such, not as damage (or read a mix of both).
         self._opened = {os.fspath(f): _file_identity(os.stat(f)) for f in self.files}
-        headers = [(os.fspath(f), *_parse_header(os.fspath(f))) for f in self.files]
+        headers = [(os.fspath(f), *parse_header(os.fspath(f))) for f in self.files]
         self.metadata: dict[str, str] = headers[0][2]
         own = verify and _is_own(self.folder)  # its files all carry CRCs
         if own and self.is_folder:
@@ -301,7 +236,7 @@ class SafetensorsReader:
             raise CheckpointCorruptError(f"{file} is corrupt: its {CRC_KEY} record is damaged")
         for name, f in fields.items():
             dtype, shape = tensors[name][0], tensors[name][1]
-            actual = [_DTYPE_NAMES[dtype], ",".join(map(str, shape))]
+            actual = [DTYPE_NAMES[dtype], ",".join(map(str, shape))]
             if len(f) > 1 and f[1:] != actual:
                 raise CheckpointCorruptError(
                     f"{file} is corrupt: tensor {name!r} was written as {f[1]} of shape "
@@ -316,19 +251,55 @@ class SafetensorsReader:
         return self._entries[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """The shape of tensor ``name``."""
+        """The shape of a tensor, from its header.
+
+        Args:
+          name: the tensor's name.
+
+        Returns:
+          Its shape.
+
+        Raises:
+          ValueError: no tensor of that name.
+        """
         return self._entry(name)[2]
 
     def dtype(self, name: str) -> np.dtype:
-        """The NumPy dtype of tensor ``name`` (BF16 is ``ml_dtypes.bfloat16``)."""
+        """The NumPy dtype of a tensor, from its header.
+
+        Args:
+          name: the tensor's name.
+
+        Returns:
+          Its dtype (BF16 is ``ml_dtypes.bfloat16``).
+
+        Raises:
+          ValueError: no tensor of that name.
+        """
         return self._entry(name)[1]
 
     def paths(self) -> dict[str, tuple[str, ...]]:
-        """``{tensor name: its key path in abstract()}``."""
+        """Each tensor's key path in :meth:`abstract`.
+
+        Returns:
+          ``{tensor name: its name split on "."}``, in :attr:`names` order.
+
+        Raises:
+          ValueError: a name with an empty component.
+        """
         return {name: split_name(name) for name in self.names}
 
     def abstract(self) -> dict[str, Any]:
-        """The tensors as a nested-dict pytree of ``jax.ShapeDtypeStruct``."""
+        """The tensors' structure, from the headers alone.
+
+        Returns:
+          Nested dicts keyed by the names' ``.``-separated components, with a
+          ``jax.ShapeDtypeStruct`` per tensor.
+
+        Raises:
+          ValueError: names that do not nest (an empty component, or a name that is
+            another's prefix).
+        """
         return tree_from_names(
             {n: jax.ShapeDtypeStruct(e[2], e[1]) for n, e in self._entries.items()}
         )

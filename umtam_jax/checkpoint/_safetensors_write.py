@@ -29,7 +29,6 @@ from umtam_jax.checkpoint._model_files import adjust_config, files_to_copy
 from umtam_jax.checkpoint._names import names_from_tree, tree_from_names
 from umtam_jax.checkpoint._partial_restore import CheckpointReader
 from umtam_jax.checkpoint._safetensors import (
-    _DTYPE_NAMES,
     CRC_KEY,
     INDEX_FILE,
     MARKER,
@@ -38,6 +37,7 @@ from umtam_jax.checkpoint._safetensors import (
     SAFETENSORS,
     SafetensorsReader,
 )
+from umtam_jax.checkpoint._safetensors_header import DTYPE_NAMES
 from umtam_jax.checkpoint._streaming import save_params_streaming
 
 _RESTORE_GROUP_BYTES = 256 * 2**20  # bytes restored per Orbax call when converting
@@ -63,14 +63,14 @@ def _header(tensors: list, crcs: Mapping[str, int], metadata: Mapping[str, str])
     the header's dtype or shape is detected like one of the bytes."""
     record = json.dumps(
         {
-            name: f"{crcs.get(name, 0):08x} {_DTYPE_NAMES[dtype]} {','.join(map(str, shape))}"
+            name: f"{crcs.get(name, 0):08x} {DTYPE_NAMES[dtype]} {','.join(map(str, shape))}"
             for name, shape, dtype, _, _ in tensors
         },
         separators=(",", ":"),
     )
     header: dict[str, Any] = {"__metadata__": {**metadata, CRC_KEY: record}}
     for name, shape, dtype, begin, end in tensors:
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [begin, end]}
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [begin, end]}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
@@ -149,7 +149,7 @@ def save_safetensors(
     limit, sizes = _parse_size(max_shard_size), [0]
     shards: list[list[Any]] = [[]]
     for name, leaf in leaves.items():
-        if (dtype := E.dtype_of(leaf)) not in _DTYPE_NAMES:
+        if (dtype := E.dtype_of(leaf)) not in DTYPE_NAMES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
         shape = [int(d) for d in np.shape(leaf)]
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -12,7 +12,6 @@ Which leaves to read when, and where the output goes, is decided by the caller
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from umtam_jax._cast import cast_checked
+from umtam_jax.engine import _leaf_table as T
 from umtam_jax.engine._global_topk import GlobalTopK
 from umtam_jax.engine._input_checks import check_copied_dtypes, check_wide_floats
 from umtam_jax.engine._leaf_merge import merge_leaf
@@ -31,46 +31,6 @@ from umtam_jax.merging import _registry as R
 
 #: Keyword arguments that differ by tensor: the merged tensors' names → each one's.
 TensorKwargs = Callable[[Sequence[str]], Sequence[Mapping[str, Any]]]
-
-
-@jax.tree_util.register_pytree_with_keys_class
-class _PathNode:
-    """A pytree node with one child under a given key entry (DictKey, SequenceKey, ...).
-
-    A chain of these rebuilds a leaf's exact key path around the leaf alone, so
-    ``keystr`` paths (and hence error messages and DARE's per-leaf keys) are unchanged.
-    """
-
-    def __init__(self, key: Any, child: Any):
-        self.key = key
-        self.child = child
-
-    def tree_flatten_with_keys(self):
-        return ((self.key, self.child),), self.key
-
-    @classmethod
-    def tree_unflatten(cls, key, children):
-        return cls(key, children[0])
-
-
-def _wrap(keypath: tuple[Any, ...], leaf: Any) -> Any:
-    for key in reversed(keypath):
-        leaf = _PathNode(key, leaf)
-    return leaf
-
-
-@dataclasses.dataclass
-class _Leaf:
-    keypath: tuple[Any, ...]
-    shape: tuple[int, ...]
-    dtype: np.dtype  # of the merged output (canonical)
-    nbytes: int
-
-
-def _positions(tree: Any) -> dict[str, int]:
-    """``{keystr(path): flattening position}`` of a tree's leaves."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(kp): i for i, (kp, _) in enumerate(flat)}
 
 
 class Job:
@@ -130,14 +90,14 @@ class Job:
                     )
         # Non-floating leaves (integer buffers such as BERT's position_ids) are not merged:
         # they must be equal in every model and are copied from the base.
-        base_abs = self._cast(base.abstract())
+        base_abs = T.cast_abstract(base.abstract(), self.dtype)
         flat, treedef = jax.tree_util.tree_flatten_with_path(base_abs)
         self.passthrough = {
             j for j, (_, x) in enumerate(flat) if not jnp.issubdtype(x.dtype, jnp.floating)
         }
         self._treedef = treedef
         self._index = jax.tree_util.tree_unflatten(treedef, range(len(flat)))  # leaf numbers
-        experts_abs = [self._cast(s.abstract()) for s in experts]
+        experts_abs = [T.cast_abstract(s.abstract(), self.dtype) for s in experts]
         check_wide_floats(
             self.dtype, self.out_dtype, [(base, base_abs), *zip(experts, experts_abs, strict=True)]
         )
@@ -161,11 +121,11 @@ class Job:
         for (keypath, _), x in zip(flat, leaves, strict=True):
             dtype = np.dtype(x.dtype)
             n = int(np.prod(x.shape, dtype=np.int64))
-            self.leaves.append(_Leaf(tuple(keypath), tuple(x.shape), dtype, n * dtype.itemsize))
+            self.leaves.append(T.Leaf(tuple(keypath), tuple(x.shape), dtype, n * dtype.itemsize))
         # Where each leaf sits in every source (found by path: a source may order or hold
         # its leaves differently, e.g. a curvature file without the integer buffers).
         self._where = {
-            id(s): _positions(s.abstract()) for s in [base, *experts, *self._extra_sources()]
+            id(s): T.positions(s.abstract()) for s in [base, *experts, *self._extra_sources()]
         }
         self.scope = self.kwargs.get("scope", "tensor")
         # Checked once here (the abstract merge above validated them with the inputs);
@@ -217,27 +177,55 @@ class Job:
     def tensor_error(
         self, j: int, err: Exception, given: Mapping[str, Any] | None = None
     ) -> Exception:
-        """``err`` (a ValueError or TypeError) naming tensor ``j``, and the arguments
-        ``given`` to it by tensor where known."""
+        """An error like ``err`` that names tensor ``j`` (returned, not raised).
+
+        Args:
+          j: the leaf's index.
+          err: the ValueError or TypeError raised on it.
+          given: the arguments ``tensor_kwargs`` gave the tensor, shown in the message.
+
+        Returns:
+          A new exception of ``err``'s type: ``tensor <dotted name> (k=v, ...): <err>``.
+        """
         there = f" ({', '.join(f'{k}={v!r}' for k, v in given.items())})" if given else ""
         return type(err)(f"tensor {self.tensor_names()[j]}{there}: {err}")
 
     def subset(self, tree: Any, members: list[int]) -> Any:
-        """``tree`` (with the base's structure, any subtree at a leaf) with None at every
-        leaf but ``members``."""
+        """``tree`` with None at every leaf but ``members``.
+
+        Args:
+          tree: a tree with the base's structure (any subtree at a leaf).
+          members: the leaf indices kept.
+
+        Returns:
+          The tree with the base's structure: ``tree``'s entry at each member, else None.
+
+        Raises:
+          ValueError: ``tree`` does not have the base's structure.
+        """
         keep = set(members)
         return jax.tree.map(lambda j, x: x if j in keep else None, self._index, tree)
 
     def tensor_names(self) -> list[str]:
-        """Each leaf's dotted name (``a.b.0``, keys that hold ``.`` as they are), in leaf
-        order."""
+        """Each leaf's dotted name, in leaf order.
+
+        Returns:
+          One name per leaf, its keys joined by ``.`` (``a.b.0``; a key holding ``.`` as is).
+        """
         from umtam_jax.checkpoint._names import component
 
         return [".".join(component(k) for k in leaf.keypath) for leaf in self.leaves]
 
     def floating(self, tree: Any) -> Any:
-        """``tree`` without the non-floating leaves (None there), if it has the base's
-        structure; any other tree as it is (validation names the difference)."""
+        """``tree`` without the non-floating leaves.
+
+        Args:
+          tree: a pytree, usually with the base's structure.
+
+        Returns:
+          ``tree`` with None at the base's non-floating leaves; a tree of another
+          structure as it is (validation names the difference).
+        """
         if not self.passthrough:
             return tree
         leaves, treedef = jax.tree.flatten(tree)
@@ -262,34 +250,23 @@ class Job:
             out[j] = array if j in self.passthrough else jnp.asarray(array)
         return out
 
-    def _cast(self, tree: Any) -> Any:
-        """``tree`` (abstract leaves) in the read dtype, floating leaves only."""
-        if self.dtype is None:
-            return tree
-
-        def cast(x: Any) -> Any:
-            if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == self.dtype:
-                return x
-            return jax.ShapeDtypeStruct(x.shape, self.dtype)
-
-        return jax.tree.map(cast, tree)
-
     def _cast_read(self, source: Source, arrays: dict[int, Any]) -> dict[int, Any]:
         """A group's arrays read from ``source`` in the read dtype (floating leaves only)."""
-        if self.dtype is None:
-            return arrays
-        out = {}
-        for j, x in arrays.items():
-            if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == self.dtype:
-                out[j] = x
-                continue
-            what = f"{source.location}'s tensor {jax.tree_util.keystr(self.leaves[j].keypath)}"
-            out[j] = cast_checked(x, self.dtype, f"{what} (read as {self.dtype.name})")
-        return out
+        return T.cast_arrays(arrays, self.dtype, source.location, self.leaves)
 
     def cast_output(self, j: int, x: Any) -> np.ndarray:
-        """Leaf ``j`` of the merge as a NumPy array in its output dtype; an error naming
-        the leaf where a value is out of that dtype's range."""
+        """Leaf ``j`` of the merge in its output dtype.
+
+        Args:
+          j: the leaf's index.
+          x: the merged leaf (a NumPy or JAX array).
+
+        Returns:
+          ``x`` as a NumPy array of the leaf's output dtype.
+
+        Raises:
+          ValueError: a finite value beyond that dtype's range (naming the leaf).
+        """
         path = jax.tree_util.keystr(self.leaves[j].keypath)
         dtype = self.leaves[j].dtype
         return cast_checked(np.asarray(x), dtype, f"the merged {path} (written as {dtype.name})")
@@ -308,23 +285,32 @@ class Job:
     # ---------------------------------------------------------------- reading
 
     def groups(self, group_bytes: int) -> list[list[int]]:
-        """Consecutive leaves in groups of about ``group_bytes`` (at least one leaf each)."""
-        out: list[list[int]] = []
-        current: list[int] = []
-        size = 0
-        for j, leaf in enumerate(self.leaves):
-            if current and size + leaf.nbytes > group_bytes:
-                out.append(current)
-                current, size = [], 0
-            current.append(j)
-            size += leaf.nbytes
-        if current:
-            out.append(current)
-        return out
+        """Every leaf, in order, cut into groups of consecutive leaves.
+
+        Args:
+          group_bytes: the most output bytes a group holds, unless one leaf alone is more.
+
+        Returns:
+          Lists of leaf indices, each non-empty.
+        """
+        return T.byte_groups(self.leaves, group_bytes)
 
     def read(self, group: list[int]) -> dict[str, Any]:
-        """The group's leaves of every input, as JAX arrays (statistics as nodes), each a
-        dict by leaf index."""
+        """Reads a group's leaves from every input.
+
+        Args:
+          group: leaf indices (one list of :meth:`groups`).
+
+        Returns:
+          ``{"base": {j: array}, "experts": [{j: array}, ...]}``, floating leaves as JAX
+          arrays in the read dtype and the others as NumPy arrays; with ``extras``, also
+          ``"extra"``: per expert, ``{j: statistics node}`` or its extra source's
+          ``{j: array}``, for the group's floating leaves.
+
+        Raises:
+          ValueError: an input lacks one of the leaves or holds a value beyond the read
+            dtype's range; and whatever the sources' reads raise.
+        """
         data: dict[str, Any] = {"base": self._cast_read(self.base, self._read(self.base, group))}
         data["experts"] = [self._cast_read(s, self._read(s, group)) for s in self.experts]
         merged = [j for j in group if j not in self.passthrough]
@@ -341,19 +327,41 @@ class Job:
     # ---------------------------------------------------------------- merging
 
     def plan(self, j: int, data: dict[str, Any]) -> pipeline.Call:
-        """The method's validated call on leaf ``j`` alone, with the leaf's full key path."""
+        """The method's validated call on leaf ``j`` alone, with the leaf's full key path.
+
+        Args:
+          j: a floating leaf's index.
+          data: what :meth:`read` returned for a group holding ``j``.
+
+        Returns:
+          The :class:`~umtam_jax.merging._pipeline.Call` :meth:`merge` runs.
+
+        Raises:
+          ValueError / TypeError: the inputs fail the method's checks on this leaf.
+        """
         kp = self.leaves[j].keypath
-        experts = [_wrap(kp, leaves[j]) for leaves in data["experts"]]
+        experts = [T.wrap(kp, leaves[j]) for leaves in data["experts"]]
         extra = None
         if "extra" in data:
-            extra = [_wrap(kp, leaves[j]) for leaves in data["extra"]]
-        base = _wrap(kp, data["base"][j]) if self.base_input else None
+            extra = [T.wrap(kp, leaves[j]) for leaves in data["extra"]]
+        base = T.wrap(kp, data["base"][j]) if self.base_input else None
         args = self._arguments(experts, extra)
         options = self.leaf_options.get(j, self.options)
         return pipeline.plan(self.method, base, *args, options, checked=True)
 
     def copy(self, j: int, data: dict[str, Any]) -> np.ndarray:
-        """A non-floating leaf: the base's, after checking every expert holds the same."""
+        """A non-floating leaf: the base's, after checking every expert holds the same.
+
+        Args:
+          j: a non-floating leaf's index.
+          data: what :meth:`read` returned for a group holding ``j``.
+
+        Returns:
+          The base's leaf as a NumPy array.
+
+        Raises:
+          ValueError: an expert's leaf differs from the base's.
+        """
         base = np.asarray(data["base"][j])
         for i, leaves in enumerate(data["experts"]):
             if not np.array_equal(np.asarray(leaves[j]), base):
@@ -364,17 +372,25 @@ class Job:
         return base
 
     def merge(self, call: pipeline.Call, topk: GlobalTopK | None) -> np.ndarray:
-        """The method's steps on one leaf; ``topk`` replaces the per-tensor masks.
-
-        Returns the merged leaf in the merge's dtype (:meth:`cast_output` makes it the
-        output's).
+        """Runs the method's steps on one leaf.
 
         The steps of ``pipeline.importances``, ``pipeline.masks`` and ``pipeline.combine``
-        on the leaf (the same values, bit for bit), ordered to hold less at once: each
-        expert's scores are made into its keep mask before the next expert's are computed,
-        and dropped there when the kernel does not read them (TIES: one expert's scores
-        alive instead of K); each mask is waited for, as JAX's CPU runtime would otherwise
-        run the K selections, each with its temporaries, side by side
-        (:func:`._leaf_merge.merge_leaf`).
+        (the same values, bit for bit), ordered to hold less at once: each expert's scores
+        become its keep mask before the next expert's are computed, and are dropped there
+        when the kernel does not read them (TIES: one expert's scores alive instead of
+        K); each mask is waited for, as JAX's CPU runtime would otherwise run the K
+        selections side by side (:func:`._leaf_merge.merge_leaf`).
+
+        Args:
+          call: the leaf's :meth:`plan`.
+          topk: the global top-k of ``scope="global"``, whose masks replace the
+            per-tensor ones; None: none.
+
+        Returns:
+          The merged leaf as a NumPy array in the merge's dtype (:meth:`cast_output`
+          makes it the output's).
+
+        Raises:
+          ValueError: the merged leaf is not finite although its inputs are (an overflow).
         """
         return merge_leaf(call, topk, self.scope, self._stand_ins)

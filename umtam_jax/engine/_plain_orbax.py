@@ -270,9 +270,15 @@ class PlainOrbaxSource:
         return (None, None) if found is None else found
 
     def align_keys(self, like: Any) -> None:
-        """Orbax saves integer keys (the layers of an ``nnx.List``) as strings: where
-        ``like`` (the parameters of an input that kept them) has the integer, this source
-        takes it too."""
+        """Renames the numeric string keys that ``like`` has as integers to those integers.
+
+        Orbax saves integer keys (the layers of an ``nnx.List``) as strings; the
+        parameters and statistics are renamed, and the leaves indexed again.
+
+        Args:
+          like: the parameters' pytree of an input that kept its integer keys (a umtam_jax
+            checkpoint's :meth:`abstract`), matched key by key from the root.
+        """
         self._params = _rekeyed(self._params, like)
         if self._statistics is not None:
             self._statistics = _rekeyed(self._statistics, like)

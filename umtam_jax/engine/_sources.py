@@ -27,19 +27,61 @@ class Source(Protocol):
     folder: Any  # the model's folder, None for a lone file (which has no statistics)
 
     def abstract(self) -> Any:
-        """The parameters' pytree with ``jax.ShapeDtypeStruct`` leaves."""
+        """The parameters' structure, read from metadata only.
+
+        Returns:
+          The parameters' pytree with ``jax.ShapeDtypeStruct`` leaves; its flattening
+          order numbers the leaves :meth:`read` takes.
+        """
 
     def read(self, leaves: Sequence[int]) -> list[np.ndarray]:
-        """The parameters at these flattening positions."""
+        """Reads the parameters at some flattening positions, and nothing else.
+
+        Args:
+          leaves: positions in the flattening order of :meth:`abstract`.
+
+        Returns:
+          One NumPy array per position, in its stored dtype.
+
+        Raises:
+          ValueError: an array that cannot be read or fails its checksum
+            (``CheckpointCorruptError`` is a ValueError).
+          CheckpointBusyError: a save replaced the input since it was opened.
+        """
 
     def has_statistics(self) -> bool:
-        """Whether UMTAM statistics are stored with the parameters."""
+        """Whether UMTAM statistics are stored with the parameters.
+
+        Returns:
+          True when :meth:`abstract_statistics` and :meth:`read_statistics` can read them.
+        """
 
     def abstract_statistics(self) -> Any:
-        """The statistics' pytree with ``jax.ShapeDtypeStruct`` leaves."""
+        """The statistics' structure, read from metadata only.
+
+        Returns:
+          The statistics' pytree with ``jax.ShapeDtypeStruct`` leaves, its nodes (a
+          ``FactoredStatistics`` or ``DenseStatistics``, or a dict by field name) at the
+          parameters' places.
+
+        Raises:
+          ValueError / FileNotFoundError: the source holds no statistics.
+        """
 
     def read_statistics(self, leaves: Sequence[int]) -> list[Any]:
-        """The statistics node (a dict of arrays, or an array) of each of these leaves."""
+        """Reads the statistics of some parameters, and nothing else.
+
+        Args:
+          leaves: the parameters' positions in the flattening order of :meth:`abstract`.
+
+        Returns:
+          Each parameter's statistics node, its arrays NumPy arrays.
+
+        Raises:
+          ValueError: no statistics for one of the parameters; as
+            :meth:`abstract_statistics` without any, as :meth:`read` for an array that
+            cannot be read.
+        """
 
 
 class OrbaxSource:
@@ -150,18 +192,34 @@ class SafetensorsSource:
         return self.reader.read([self._tied.get(self._names[j], self._names[j]) for j in leaves])
 
     def ties(self, output: str, input_: str) -> bool:
-        """Whether this model ties embedding ``output`` to ``input_``: it stores ``input_``
-        but not ``output``, and its ``config.json`` (if any) does not say
-        ``tie_word_embeddings: false``."""
+        """Whether this model ties the output embedding ``output`` to ``input_``.
+
+        Args:
+          output: the output embedding's tensor name (``lm_head.weight``).
+          input_: the input embedding's (``model.embed_tokens.weight``).
+
+        Returns:
+          True when the model stores ``input_`` but not ``output`` and its ``config.json``
+          (if any, and its ``text_config``) does not say ``tie_word_embeddings: false``;
+          False for a ``config.json`` that cannot be read.
+        """
         if output in self._names or input_ not in self._names or self._tie_settings is None:
             return False
         return all(part.get("tie_word_embeddings") is not False for part in self._tie_settings)
 
     def declares_tied(self, output: str) -> bool:
-        """Whether transformers would load this model with the output embedding ``output``
-        replaced by the input one: it does not store it (it is tied by :meth:`tie`), or
-        its ``config.json`` says ``tie_word_embeddings: true`` (an explicit true: many
-        architectures default to false), so a stored copy is not read."""
+        """Whether transformers would load this model with ``output`` replaced by the
+        input embedding.
+
+        Args:
+          output: the output embedding's tensor name (``lm_head.weight``).
+
+        Returns:
+          True when it does not store ``output`` (tied by :meth:`tie`), or its
+          ``config.json`` says ``tie_word_embeddings: true`` and nowhere false (an
+          explicit true: many architectures default to false), so a stored copy is not
+          read.
+        """
         if output in self._tied:
             return True
         values = [part.get("tie_word_embeddings") for part in self._tie_settings or ()]
@@ -182,15 +240,26 @@ class SafetensorsSource:
             return None
 
     def tie_like(self, other: Source) -> None:
-        """Ties what ``other`` (the expert this source holds Fishers or curvatures of)
-        ties, where this source lacks the same output embedding."""
+        """Ties what ``other`` ties, where this source lacks the same output embedding.
+
+        Args:
+          other: the expert this source holds Fishers or curvatures of (only a
+            :class:`SafetensorsSource` ties anything).
+        """
         for output, input_ in getattr(other, "_tied", {}).items():
             if self.ties(output, input_):
                 self.tie(output, input_)
 
     def tie(self, output: str, input_: str) -> None:
-        """Serves the output embedding ``output`` by reading ``input_``, as transformers
-        ties them when loading the model."""
+        """Serves ``output`` by reading ``input_``, as transformers ties them on loading.
+
+        :meth:`abstract` then holds ``output`` (with ``input_``'s shape and dtype), which
+        may change the leaves' flattening positions.
+
+        Args:
+          output: the output embedding's tensor name (``lm_head.weight``).
+          input_: the stored input embedding's (``model.embed_tokens.weight``).
+        """
         from umtam_jax.checkpoint import names_from_tree
 
         self._tied[output] = input_

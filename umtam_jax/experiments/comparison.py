@@ -54,14 +54,33 @@ class MergeTable:
     level: float = 0.95
 
     def row(self, method: str) -> dict[str, Any]:
-        """The row of ``method``."""
+        """The row of one method.
+
+        Args:
+            method: the method's key (its ``method`` entry).
+
+        Returns:
+            The row itself (not a copy).
+
+        Raises:
+            KeyError: no row for ``method``.
+        """
         for r in self.rows:
             if r["method"] == method:
                 return r
         raise KeyError(method)
 
     def to_markdown(self, sort: bool = True) -> str:
-        """A Markdown table (best normalized score first when ``sort``).
+        """The table in Markdown.
+
+        Args:
+            sort: rows by normalized test score, best first; False: in :attr:`rows` order.
+
+        Returns:
+            A header and one line per method: its name, normalized test score and
+            interval, per reference the difference, interval and verdict (``—`` for the
+            reference itself), budget, number of open edges and merge seconds; then a
+            line naming the :attr:`missing` methods, if any.
 
         Example:
             >>> from umtam_jax.experiments import MergeTable

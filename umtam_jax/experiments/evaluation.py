@@ -46,7 +46,20 @@ def predict(
     batch_size: int = 50,
     config: minilm.BertConfig = minilm.MINILM_L6,
 ) -> np.ndarray:
-    """Predicted labels, with a jitted forward pass over fixed-size (padded) batches."""
+    """Predicted labels, with a jitted forward pass over fixed-size (padded) batches.
+
+    Args:
+        params: classifier parameters ``{"encoder": ..., "head": ...}``.
+        arrays: a split's arrays: ``input_ids``, ``attention_mask`` and
+            ``token_type_ids`` of shape ``(n, length)``, and ``labels`` (only its length
+            is read).
+        batch_size: the examples per forward pass; the last batch is padded to it, so
+            one compiled program serves every batch.
+        config: the encoder's architecture.
+
+    Returns:
+        The arg-max class of each example, an integer array of shape ``(n,)``.
+    """
     n = len(arrays["labels"])
     f = _predict_fn(config)
     keys = ("input_ids", "attention_mask", "token_type_ids")

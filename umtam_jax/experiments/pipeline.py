@@ -93,8 +93,27 @@ def prepare_experts(
 ) -> tuple[Params, dict[str, TokenizedTask], list[ExpertResult]]:
     """Loads the base and tokenizer, prepares the tasks and trains (or restores) experts.
 
+    Args:
+        tasks: registered task names, one expert each.
+        config: the experiment's configuration (data sizes, training).
+        workdir: the work directory (tokenized tasks in ``tokens/``, experts in
+            ``experts/``).
+        optimizer: ``"umtam"``, ``"adamw"`` or ``"sgd"``
+            (:func:`~umtam_jax.experiments.experts.train_expert`).
+        optimizer_kwargs: the optimizer's other arguments.
+        tag: a free label in the experts' folder names.
+        base_encoder: the shared start ``w0`` (None: the pretrained MiniLM encoder).
+        ttasks: tokenized tasks by name, covering ``tasks`` (None: each task tokenized,
+            and cached, here).
+        progress: show progress bars.
+        log: called with one line per expert (None: silent).
+
     Returns:
         ``(base_encoder, tokenized tasks by name, experts in task order)``.
+
+    Raises:
+        KeyError: an unregistered task, or one missing from ``ttasks``.
+        ValueError: an unknown ``optimizer``.
     """
     workdir = Path(workdir)
     if base_encoder is None:
@@ -143,10 +162,26 @@ def run_merging(
     Grams (RegMean) on ``gram_examples`` training examples per task; the wall time of a
     post-hoc pass is recorded as ``extra_seconds`` of the methods that need it.
 
+    Args:
+        experts: the fine-tuned experts (:func:`prepare_experts`).
+        ttasks: the tokenized tasks by name (those of the experts at least).
+        base_encoder: the shared start ``w0``.
+        config: the experiment's configuration.
+        methods: keys of :data:`~umtam_jax.experiments.merge.MERGE_METHODS`.
+        grids: each method's hyper-parameter settings to select from (None:
+            :func:`~umtam_jax.experiments.merge.default_grids`).
+        fisher_examples: training examples per task of the post-hoc Fishers.
+        gram_examples: training examples per task of RegMean's input Grams.
+        progress: show progress bars.
+
     Returns:
         ``{"experts": {task: {"validation", "test"}}, "expert_avg": {...}, "methods":
         {key: select_on_validation(...)}, "fisher_seconds": float | None,
         "gram_seconds": float | None}``.
+
+    Raises:
+        KeyError: a method that is not in ``MERGE_METHODS`` or has no grid.
+        ValueError: a method needs UMTAM statistics and an expert has none.
     """
     grids = dict(grids or default_grids())
     needs = {m: MERGE_METHODS[m].needs for m in methods}

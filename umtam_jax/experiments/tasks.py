@@ -41,10 +41,22 @@ class TokenizedTask:
 
     @property
     def num_labels(self) -> int:
+        """The number of classes (the task's label names)."""
         return self.task.num_labels
 
     def evaluate(self, y_true: np.ndarray, y_pred: np.ndarray) -> float:
-        """The task's own metric."""
+        """The task's own metric of some predictions.
+
+        Args:
+            y_true: The true labels.
+            y_pred: The predicted labels.
+
+        Returns:
+            The metric the task names (accuracy, macro-F1 or a registered one).
+
+        Raises:
+            KeyError: the task's metric is not registered.
+        """
         return self.task.evaluate(y_true, y_pred)
 
 

@@ -86,7 +86,25 @@ class Param:
     low_open: bool = False
 
     def check(self, value: Any, k: int) -> Any:
-        """The validated value (densities and weights as one entry per expert)."""
+        """Validates a value given for this parameter.
+
+        Args:
+          value: the value given (``"number"``, ``"numbers"`` and ``"weights"`` entries may
+            be traced).
+          k: the number of experts; read only by :data:`PER_EXPERT_KINDS`.
+
+        Returns:
+          The value to use: for ``"density"``, ``"weights"`` and ``"numbers"`` a list of
+          ``k`` entries (a single density or number repeated; ``weights=None`` as 1.0
+          each); a ``"bool"`` as a Python bool; a ``"number"`` as JAX takes it (an int
+          beyond int32 as a float); any other kind as given.
+
+        Raises:
+          ValueError: a number out of range or not finite, a weight that is not a scalar, a
+            per-expert sequence without ``k`` entries, or an unknown choice or scope.
+          TypeError: a value of the wrong type (a string for a number, a non-bool for a
+            ``"bool"``, anything but one PRNG key for a ``"key"``).
+        """
         if self.kind == "number":
             return self._one_number(value)
         if self.kind == "numbers":
@@ -214,7 +232,14 @@ class Method:
             object.__setattr__(self, "experts", (1, 1))
 
     def check_expert_count(self, k: int) -> None:
-        """Raises ValueError unless the method merges ``k`` experts."""
+        """Checks that the method merges ``k`` experts.
+
+        Args:
+          k: the number of experts given.
+
+        Raises:
+          ValueError: ``k`` is outside :attr:`experts` (the message says how many it takes).
+        """
         low, high = self.experts
         if k < low or (high is not None and k > high):
             want = f"exactly {low}" if low == high else f"at least {low}"
@@ -222,10 +247,23 @@ class Method:
             raise ValueError(f"{self.name} merges {want}, got {k}")
 
     def param(self, name: str) -> Param | None:
+        """The parameter named ``name``.
+
+        Args:
+          name: a keyword parameter's name.
+
+        Returns:
+          Its :class:`Param`, or None when the method has no such parameter.
+        """
         return next((p for p in self.params if p.name == name), None)
 
     def defaults(self) -> dict[str, Any]:
-        """Each parameter's default from the public function's signature (or REQUIRED)."""
+        """Each parameter's default, from the public function's signature.
+
+        Returns:
+          ``{name: default}`` in :attr:`params` order; :data:`REQUIRED` for a parameter
+          without a default.
+        """
         signature = inspect.signature(self.fn).parameters
         return {
             p.name: REQUIRED if d is inspect.Parameter.empty else d
