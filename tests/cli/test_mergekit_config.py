@@ -318,6 +318,22 @@ def test_each_models_gamma_is_its_own_else_the_files_else_the_methods_default():
         translate(config("della", {}, {"epsilon": 0.1}, {"epsilon": 0.2}))
 
 
+def test_a_density_gradient_is_accepted_and_unused_by_task_arithmetic():
+    """mergekit declares density for task_arithmetic and never reads it: a gradient of it
+    (global or a model's) crashed the configuration check with a KeyError."""
+    from umtam_jax.cli._config import build_plan
+    from umtam_jax.cli._mergekit import translate
+
+    config = translate({
+        "merge_method": "task_arithmetic", "base_model": "b",
+        "models": [{"model": "x", "parameters": {"density": [0.1, 0.5]}}, {"model": "y"}],
+        "parameters": {"density": [0.2, 0.8]},
+    })  # fmt: skip
+    plan = build_plan(config)
+    assert plan.parameters == {"scaling": 1.0} and plan.tensor_parameters == {}
+    assert [e.varying for e in plan.experts] == [{}, {}]
+
+
 def test_int8_mask_and_layout_for_methods_passed_by_name():
     from umtam_jax.cli._mergekit import translate
 

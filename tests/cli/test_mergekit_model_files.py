@@ -226,8 +226,42 @@ def test_tokenizer_source_base_needs_the_bases_token_ids(tmp_path, capsys):
     status, _ = _run(tmp_path, text + "tokenizer_source: base\n", "--force")
     err = capsys.readouterr().err
     assert status == 2 and "the token ids of models[1]" in err, err
-    assert "token 'a' has id 1 in the base and 2 in the model" in err
-    for name in ("base", "a", "b"):  # a model without tokenizer files cannot be checked
-        (tmp_path / name / "tokenizer.json").unlink()
+    assert "token 'a' has id 1 in the reference and 2 here" in err
+    # A token the reference lacks (the empty string is a token too).
+    _tokenizer(tmp_path / "b", ["", "a", "b", "c", "d", "e"], added=[(6, "<pad>")])
     assert _run(tmp_path, text + "tokenizer_source: base\n", "--force")[0] == 2
-    assert "has no tokenizer files to compare" in capsys.readouterr().err
+    assert "token '<s>' has id 0 in the reference and None here" in capsys.readouterr().err
+    _tokenizer(tmp_path / "base", ["", "a", "b", "c", "d", "e"], added=[(6, "<pad>")])
+    _tokenizer(tmp_path / "a", ["a", "", "b", "c", "d", "e"], added=[(6, "<pad>")])
+    assert _run(tmp_path, text + "tokenizer_source: base\n", "--force")[0] == 2
+    assert "token '' has id 0 in the reference and 1 here" in capsys.readouterr().err
+    # A model without tokenizer files counts as the same, as in mergekit.
+    (tmp_path / "a" / "tokenizer.json").unlink()
+    assert _run(tmp_path, text + "tokenizer_source: base\n", "--force")[0] == 0
+    # Embeddings padded past the tokenizer (config.json's vocab_size): mergekit cuts them.
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "vocab_size": 8}))
+    assert _run(tmp_path, text + "tokenizer_source: base\n", "--force")[0] == 2
+    err = capsys.readouterr().err
+    assert "its config.json has vocab_size 8 and its tokenizer 7 tokens" in err, err
+    (tmp_path / "base" / "tokenizer.json").unlink()  # the reference needs a tokenizer
+    assert _run(tmp_path, text + "tokenizer_source: base\n", "--force")[0] == 2
+    assert "base has no tokenizer files" in capsys.readouterr().err
+
+
+def test_tokenizer_source_base_without_a_base_model_reads_the_first_models(tmp_path, capsys):
+    """mergekit takes the first model's tokenizer where there is no base model."""
+    for name, seed in [("a", 1), ("b", 2)]:
+        _model(tmp_path, name, seed)
+        _tokenizer(tmp_path / name, ["x", "y"] if name == "a" else ["y", "x"])
+    text = """
+        merge_method: linear
+        models: [{{model: {root}/a, parameters: {{weight: 1}}}}, {{model: {root}/b,
+                  parameters: {{weight: 1}}}}]
+        tokenizer_source: base
+        """
+    assert _run(tmp_path, text)[0] == 2
+    err = capsys.readouterr().err
+    assert f"of models[1] ({tmp_path}/b) may not be those of {tmp_path}/a" in err, err
+    _tokenizer(tmp_path / "b", ["x", "y"])
+    assert _run(tmp_path, text)[0] == 0

@@ -128,6 +128,27 @@ def test_a_param_flag_of_a_per_model_value_warns_that_it_is_only_their_default(t
     assert "'density': [0.5, 0.9]" in out.out
 
 
+def test_flags_replacing_the_models_own_gamma_warn(tmp_path, capsys):
+    """The merge takes one gamma, which every model of the file gives: a --param flag
+    replaces it, and --expert flags replacing the models still merge with it (both warn)."""
+    _model(tmp_path, "a", 0), _model(tmp_path, "b", 1), _model(tmp_path, "c", 2)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: breadcrumbs\nbase_model: {tmp_path}/a\nparameters: {{gamma: 0.05}}\n"
+        f"models: [{{model: {tmp_path}/b, parameters: {{density: 0.5, gamma: 0.2}}}}, "
+        f"{{model: {tmp_path}/c, parameters: {{density: 0.5, gamma: 0.2}}}}]\n"
+    )
+    assert main([str(config), "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "'gamma': 0.2" in out.out and "warning" not in out.err
+    assert main([str(config), "--dry-run", "--param", "gamma=0.1"]) == 0
+    out = capsys.readouterr()
+    assert "--param gamma replaces the gamma every model of the file gives (0.2)" in out.err
+    assert "'gamma': 0.1" in out.out
+    assert main([str(config), "--dry-run", "--expert", f"{tmp_path}/c"]) == 0
+    assert "but the merge still takes the gamma they give (0.2)" in capsys.readouterr().err
+
+
 def test_a_weight_that_no_filter_gives_without_a_default_names_the_model(tmp_path, capsys):
     _model(tmp_path, "a", 0), _model(tmp_path, "b", 1)
     config = tmp_path / "merge.yaml"

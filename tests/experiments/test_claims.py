@@ -270,7 +270,7 @@ def test_throughput_row_reads_the_gpu_runs_it_finds(tmp_path):
     gpu = bdir / "train_throughput_gpu_repeats"
     gpu.mkdir()
     model = {"context": 256, "d_model": 768, "blocks": 12}
-    for i, (device, slower) in enumerate([("H200", 2.0), ("H200", 4.0), ("H100", 4.0)]):
+    for i, (device, slower) in enumerate([("H200", 2.0), ("H200", 4.0), ("H200", 4.0)]):
         times = {"adamw": [1.0, 1.2, 0.8], "umtam (defaults)": [slower, slower, slower]}
         result = {"times_s": times, "signature": {"model": model, "batch_size": 4}}
         record = {"environment": {"device_kind": device}, "git": {"commit": f"{i}abcdef99"},
@@ -286,11 +286,19 @@ def test_throughput_row_reads_the_gpu_runs_it_finds(tmp_path):
         (costs.mean(), costs.mean() - half, costs.mean() + half)
     )
     assert "66.7 [30.8, 102.5] %" in speed.measurement
-    assert "H100, GPT 12 × 768, batch 4 × 256; H200, GPT 12 × 768" in speed.measurement
-    assert "commit 0abcdef, 1abcdef, 2abcdef" in speed.measurement
+    assert "H200, GPT 12 × 768, batch 4 × 256, commit 0abcdef, 1abcdef, 2abcdef" in (
+        speed.measurement
+    )
+    assert speed.setting.startswith("the GPU runs: H200, GPT 12 × 768, batch 4 × 256")
     assert "CPU (inconclusive on its own): 5.0 [-1.0, 11.0] %" in speed.measurement
     assert speed.verdict == "not reproduced"  # from the GPU runs
     assert "train_throughput_gpu_repeats" in speed.source
+    # Repeats of different settings (another device) describe no one setting: not pooled.
+    record = json.loads((gpu / "repeat2.json").read_text())
+    record["environment"]["device_kind"] = "H100"
+    (gpu / "repeat2.json").write_text(json.dumps(record))
+    speed = claims.paper_claims(None, bdir)[6]
+    assert "GPU runs" not in speed.measurement and speed.verdict == "inconclusive"
 
 
 def test_missing_benchmark_files_give_no_data_rows(tmp_path):

@@ -204,6 +204,9 @@ def test_row_axes_must_be_callable_or_none(value):
     umtam_jax.umtam(0.1, row_axes=lambda path, shape: np.int64(len(shape) - 1)).init(leaf)
     as_axes = lambda path, shape: umtam_jax.MatrixAxes(np.int64(1), np.int64(1))  # noqa: E731
     umtam_jax.umtam(0.1, row_axes=as_axes).init(leaf)
+    huge = lambda path, shape: umtam_jax.MatrixAxes(2**63, 1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"MatrixAxes needs counts in \[0, 3\]"):
+        umtam_jax.umtam(0.1, row_axes=huge).init(leaf)  # not an OverflowError from NumPy
     umtam_jax.umtam(0.1, row_axes=lambda path, shape: umtam_jax.MatrixAxes(1, 1))
 
 

@@ -6,6 +6,7 @@ applied on top, as a dictionary that :func:`umtam_jax.cli._config.build_plan` ch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -95,6 +96,18 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
             config = _mergekit.translate(config, warn=warn)
         else:
             _refuse_internal_keys(config)
+    given_by_models = [  # gamma/epsilon that every model of the file gives as its own
+        k for k, at in (config.get(_mergekit.PARAMETER_KEYS) or {}).items()
+        if k in _mergekit_models.SHARED_PER_MODEL and at.startswith("models[")
+    ]  # fmt: skip
+    for key in given_by_models:
+        value = (config.get("parameters") or {}).get(key)
+        if key in flag_params:
+            warn(f"--param {key} replaces the {key} every model of the file gives ({value!r}): "
+                 f"the merge takes one {key} for every model")  # fmt: skip
+        elif args.expert:
+            warn(f"--expert replaces the file's models, but the merge still takes the {key} "
+                 f"they give ({value!r}); give --param {key} to choose another")  # fmt: skip
     if args.expert and _merges_the_base(config):
         warn(
             f"--expert replaces the file's models, base_model {config['base']!r} among them: "
@@ -123,33 +136,46 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_vocabularies(config: dict[str, Any]) -> None:
-    """``tokenizer_source: base``: refuses a model whose token ids are not the base's
-    (mergekit would align its embedding rows by token; umtam-merge merges them by id)."""
-    from umtam_jax.checkpoint._model_files import vocabulary_difference
+    """``tokenizer_source: base``: mergekit aligns the models' embedding rows to the base's
+    tokenizer (``models[0]``'s without a base) by token, umtam-merge merges them by id,
+    which is the same only where each model's token ids are the reference's and the
+    embeddings have as many rows as the tokenizer has tokens; refuses the others. A model
+    without tokenizer files counts as the same (as in mergekit); a path that is no folder
+    is left to the merge's own check."""
+    from umtam_jax.checkpoint._model_files import padded_embeddings, vocabulary_difference
 
-    base, experts = config.get("base"), config.get("experts")
-    if not isinstance(base, str):
-        raise ConfigError("'tokenizer_source: base' needs a 'base_model'")
-    for i, entry in enumerate(experts if isinstance(experts, list) else []):
-        path = entry.get("path") if isinstance(entry, dict) else entry
-        if not isinstance(path, str) or _mergekit_models.same_model(path, base):
-            continue  # refused with its key by the plan / the base itself
+    experts = config.get("experts")
+    entries: list[Any] = experts if isinstance(experts, list) else []
+    paths = [(e.get(_mergekit_models.KEY, f"experts[{i}]"), e.get("path")) if isinstance(e, dict)
+             else (f"experts[{i}]", e) for i, e in enumerate(entries)]  # fmt: skip
+    reference = config.get("base")
+    if not isinstance(reference, str):  # mergekit: the first model's tokenizer
+        reference = paths[0][1] if paths else None
+    if not isinstance(reference, str) or not os.path.isdir(reference):
+        return
+    refused = "'tokenizer_source: base'"
+    why = padded_embeddings(reference)
+    if why is not None:
+        raise ConfigError(
+            f"{refused}: {reference}'s embeddings have padding rows ({why}), which mergekit "
+            "cuts to the tokenizer's length when it aligns the rows by token; umtam-merge "
+            "merges the rows by id and keeps them: leave out tokenizer_source to merge by "
+            "id, as mergekit then does"
+        )
+    for where, path in paths:
+        if not isinstance(path, str) or not os.path.isdir(path):
+            continue
         try:
-            why = vocabulary_difference(base, path)
+            why = vocabulary_difference(reference, path)
         except ValueError as err:
-            raise ConfigError(f"'tokenizer_source: base': {err}") from None
+            raise ConfigError(f"{refused}: {err}") from None
         if why is not None:
-            where = (
-                entry.get(_mergekit_models.KEY, f"experts[{i}]")
-                if isinstance(entry, dict)
-                else f"experts[{i}]"
-            )
             raise ConfigError(
-                f"'tokenizer_source: base': the token ids of {where} ({path}) may not be the "
-                f"base's ({why}); mergekit would align the embedding rows by token, "
+                f"{refused}: the token ids of {where} ({path}) may not be those of "
+                f"{reference} ({why}); mergekit would align the embedding rows by token, "
                 "umtam-merge merges them by id and does not align them: give models that "
-                "share the base's tokenizer (or leave out tokenizer_source to merge by id, "
-                "as mergekit then does)"
+                "share the tokenizer (or leave out tokenizer_source to merge by id, as "
+                "mergekit then does)"
             )
 
 

@@ -330,6 +330,10 @@ def _parameters(file: FileParameters, out: dict[str, Any]) -> dict[str, Any]:
     else:  # mergekit declares density for every method of the family; unused here
         for e in out["experts"]:
             e.pop("density", None)
+            if "density" in e.get(VARYING, {}):  # a gradient or filtered values of it
+                e[VARYING] = {k: v for k, v in e[VARYING].items() if k != "density"}
+                if not e[VARYING]:
+                    del e[VARYING]
     if method == "ties":
         if not normalize or rescale:
             raise ConfigError(

@@ -186,7 +186,7 @@ def settle_shared(file: FileParameters, experts: list[dict[str, Any]]) -> None:
             raise ConfigError(
                 f"{first}.parameters.{key}: umtam-merge merges with one {key} for every "
                 f"model, and the models would get different ones ({'; '.join(gets)}): give "
-                f"every model the same {key}, or give it once under 'parameters'"
+                f"every model the same {key} in the file, or give it once under 'parameters'"
             )
         file.global_params[key] = values[0]
         file.varying.pop(key, None)  # every model gives its own

@@ -248,16 +248,18 @@ def _single_session_cost(r: dict[str, Any], name: str) -> float | None:
     return float(100 * (1 - ref / own))
 
 
-def _gpu_throughput(bdir: Path, name: str) -> tuple[Any, str] | None:
+def _gpu_throughput(bdir: Path, name: str) -> tuple[Any, str, str] | None:
     """The GPU end-to-end runs (``train_throughput_gpu_repeats/``): ``name``'s cost (%)
     over repeats with its Student-t interval (each repeat: 100 × (1 − AdamW's median step
-    time ÷ ``name``'s)), and a note naming the devices, models, batches and commits; None
-    with fewer than two repeats."""
+    time ÷ ``name``'s)), a note naming the device, model, batch and commits, and that
+    setting; None with fewer than two repeats or repeats of different settings (their
+    interval would not describe one)."""
     from umtam_jax.experiments.intervals import student_t
 
     costs: list[float] = []
     settings: set[str] = set()
     commits: set[str] = set()
+    dates: list[str] = []
     for path in sorted((bdir / "train_throughput_gpu_repeats").glob("*.json")):
         record = store.read_json(path)
         result = (record or {}).get("result") or {}
@@ -271,13 +273,27 @@ def _gpu_throughput(bdir: Path, name: str) -> tuple[Any, str] | None:
         settings.add(f"{device}, GPT {model.get('blocks')} × {model.get('d_model')}, batch "
                      f"{sig.get('batch_size')} × {model.get('context')}")  # fmt: skip
         commits.add(((record.get("git") or {}).get("commit") or "?")[:7])
-    if len(costs) < 2:
+        dates.append(str(record.get("date") or ""))
+    if len(costs) < 2 or len(settings) != 1:
         return None
     cost = student_t(costs)
-    return cost, (
-        f"GPU runs ({'; '.join(sorted(settings))}; commit {', '.join(sorted(commits))}, "
-        f"`train_throughput_gpu_repeats/`): {cost.estimate:.1f} [{cost.low:.1f}, "
-        f"{cost.high:.1f}] % ({name}; mean over {len(costs)} repeats, Student-t interval)"
+    one_day = len({d[:10] for d in dates}) == 1 and all(dates)
+    setting = f"{settings.pop()}, commit {', '.join(sorted(commits))}"
+    return (
+        cost,
+        (
+            f"GPU runs ({setting}, `train_throughput_gpu_repeats/`): {cost.estimate:.1f} "
+            f"[{cost.low:.1f}, {cost.high:.1f}] % ({name}; mean over {len(costs)} repeats, "
+            "Student-t interval"
+            + (
+                "; the repeats ran on one day on one machine, so the "
+                "interval leaves out day-to-day variation"
+                if one_day
+                else ""
+            )
+            + ")"
+        ),
+        setting,
     )
 
 
@@ -325,13 +341,12 @@ def throughput_row(bdir: Path) -> ClaimRow:
     if gpu is None:
         return claim_row("speed", text, setting, source, cost["estimate"], cost["low"],
                          cost["high"])  # fmt: skip
-    # The GPU runs are the paper's model size, batch and device class: the verdict reads
-    # them, and the CPU record's own verdict is stated beside.
+    # GPU runs are the paper's device class (and the benchmark runs the paper's model size
+    # and batch): the verdict reads them, and the CPU record's own verdict is stated beside.
     on_cpu, _ = judge(cost["low"], cost["high"], _CLAIMS["speed"].claimed, "cost",
                       estimate=cost["estimate"])  # fmt: skip
-    gpu_cost, note = gpu
+    gpu_cost, note, gpu_setting = gpu
     text = f"{note}; CPU ({on_cpu} on its own): {text}"
-    setting = (f"the GPU runs: the paper's model size, batch and device class, at an older "
-               f"commit; the CPU record: {setting}")  # fmt: skip
+    setting = f"the GPU runs: {gpu_setting}; the CPU record: {setting}"
     return claim_row("speed", text, setting, f"{source}, `train_throughput_gpu_repeats/`",
                      gpu_cost.estimate, gpu_cost.low, gpu_cost.high)  # fmt: skip

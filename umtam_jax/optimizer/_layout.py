@@ -302,9 +302,9 @@ def _validated_positions(
         return isinstance(x, tuple) and all(is_int(a) for a in x)
 
     if isinstance(spec, MatrixAxes):
-        if not all(is_int(f) and f >= 0 or is_axes(f) for f in spec):
+        if not all(is_int(f) and 0 <= f <= ndim or is_axes(f) for f in spec):
             raise ValueError(
-                f"{where}; MatrixAxes needs non-negative ints or tuples of axis positions"
+                f"{where}; MatrixAxes needs counts in [0, {ndim}] or tuples of axis positions"
             )
     elif is_int(spec):
         if not 0 <= spec <= ndim:
