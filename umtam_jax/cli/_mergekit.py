@@ -44,12 +44,15 @@ under ``parameters``. ``dtype`` is the dtype the inputs are read in (the merge c
 float32 or wider) and ``out_dtype`` the output's (default: ``dtype``, else the inputs').
 A Hugging Face output gets the base's config and tokenizer files. Without
 ``tokenizer_source`` embedding rows are merged by token id, as in mergekit; with
-``tokenizer_source: base`` mergekit aligns them by token, which umtam-merge does not: it
-checks that every model's token ids are the base's (then the two agree) and refuses
-otherwise, naming a token that differs. Numbers may vary by tensor (per-layer gradients and filtered
-values, :mod:`umtam_jax.cli._mergekit_settings`); ``slices`` of whole models are
-``models`` (:mod:`umtam_jax.cli._mergekit_slices`). What umtam_jax does not have (other
-slices, varying true/false options, tokenizer merging, chat templates, LoRA ``model+lora``
+``tokenizer_source: base`` mergekit aligns them to the base's tokenizer by token, which
+umtam-merge does not: it checks that every model's token ids are the base's and that the
+base's embeddings have no padding rows past its tokenizer (then the two agree), and
+refuses otherwise, naming a token that differs.
+
+Numbers may vary by tensor (per-layer gradients and filtered values,
+:mod:`umtam_jax.cli._mergekit_settings`); ``slices`` of whole models are ``models``
+(:mod:`umtam_jax.cli._mergekit_slices`). What umtam_jax does not have (other slices,
+varying true/false options, tokenizer merging, chat templates, LoRA ``model+lora``
 references, other methods) is refused with one error naming the key.
 A quoted number (``weight: "0.5"``) is the number; another string, for a parameter
 mergekit reads as a number or a bool, is refused as mergekit refuses it (its values as
