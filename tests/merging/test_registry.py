@@ -26,7 +26,11 @@ def test_every_public_method_is_registered_with_its_signature():
         signature = inspect.signature(method.fn).parameters
         for p in method.params:
             assert signature[p.name].kind is inspect.Parameter.KEYWORD_ONLY
-            assert method.defaults()[p.name] == signature[p.name].default
+            default = signature[p.name].default
+            if default is inspect.Parameter.empty:
+                assert method.defaults()[p.name] is merging.REQUIRED
+            else:
+                assert method.defaults()[p.name] == default
             assert p.kind in (
                 "number",
                 "numbers",
