@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +15,14 @@ from tests import trees
 from tests.checkpoint.safetensors_helpers import read_all, small_tree
 from umtam_jax.checkpoint import (
     CheckpointReader,
+    SafetensorsReader,
     names_from_tree,
     orbax_to_safetensors,
     restore_params,
     safetensors_to_orbax,
     save_checkpoint,
     save_safetensors,
+    tree_from_names,
 )
 from umtam_jax.checkpoint import _safetensors_write as W
 
@@ -53,7 +56,9 @@ def test_orbax_and_safetensors_convert_both_ways_exactly(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):
         safetensors_to_orbax(src, ckpt)
     bad = save_checkpoint(tmp_path / "list", {"layers": [np.ones(2), np.ones(3)]})
-    with pytest.raises(ValueError, match="nested dicts with string keys; layers is 'list'"):
+    with pytest.raises(
+        ValueError, match="nested mappings with string or integer keys; layers is a 'list'"
+    ):
         orbax_to_safetensors(bad, tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
 
@@ -95,3 +100,25 @@ def test_copied_config_names_the_written_dtype(tmp_path):
     }  # fmt: skip
     same = save_safetensors(tmp_path / "same", {"w": np.ones(2, np.float32)}, copy_files_from=model)
     assert (same / "config.json").read_bytes() == (model / "config.json").read_bytes()
+
+
+def test_an_nnx_state_exports_under_its_parameters_names(tmp_path):
+    """``nnx.state(model, nnx.Param)`` (Variables, integer layer keys of nnx.Sequential)
+    is written under the names of ``nnx.to_pure_dict``: without the Variables' ``.value``,
+    directly and through a checkpoint; and reads back into the model."""
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.relu,
+                           nnx.Linear(3, 1, rngs=nnx.Rngs(1)))  # fmt: skip
+    state = nnx.state(model, nnx.Param)
+    want = ["layers.0.bias", "layers.0.kernel", "layers.2.bias", "layers.2.kernel"]
+    direct = save_safetensors(tmp_path / "direct", state)
+    assert SafetensorsReader(direct).names == want
+    ckpt = save_checkpoint(tmp_path / "ckpt", state)
+    converted = orbax_to_safetensors(ckpt, tmp_path / "converted")
+    assert SafetensorsReader(converted).names == want
+    reader = SafetensorsReader(converted)
+    tree = tree_from_names(dict(zip(reader.names, reader.read(reader.names), strict=True)))
+    back = nnx.state(model, nnx.Param)
+    back.replace_by_pure_dict(tree)  # the docs' way into a model with integer keys
+    chex.assert_trees_all_equal(nnx.to_pure_dict(back), nnx.to_pure_dict(state))

@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 
+from umtam_jax import _pytrees
+
 
 def split_name(name: str) -> tuple[str, ...]:
     keys = tuple(name.split(".")) if isinstance(name, str) else ("",)
@@ -61,7 +63,8 @@ def names_from_tree(tree: Any) -> dict[str, Any]:
 
     Args:
       tree: a pytree; dict keys become ``str(key)``, sequence indices ``str(index)`` and
-        attributes their names.
+        attributes their names; a ``flax.nnx`` Variable is named and given as the array it
+        wraps (the layout of ``nnx.to_pure_dict``).
 
     Returns:
       The dot-joined key path of each leaf, mapped to the leaf.
@@ -76,7 +79,8 @@ def names_from_tree(tree: Any) -> dict[str, Any]:
       {'a.b': 1, 'c.0': 2}
     """
     names: dict[str, Any] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for path, leaf in _pytrees.flatten_with_variables(tree)[0]:
+        leaf = _pytrees.unwrap(leaf)  # an nnx Variable is named as its array (to_pure_dict)
         keys = [component(k) for k in path]
         if not keys or any(k == "" or "." in k for k in keys):
             where = jax.tree_util.keystr(path) or "the root"

@@ -260,14 +260,24 @@ def safetensors_to_orbax(
     )
 
 
+#: The node types of a structure record that are mappings of names to subtrees.
+_MAPPINGS = ("State", "FrozenDict")
+
+
 def _spec_names(spec: dict[str, Any], stored: tuple = (), names: tuple = ()):
-    """Yields (tensor name, stored path, leaf spec) of a structure record of nested dicts."""
+    """Yields (tensor name, stored path, leaf spec) of a structure record of nested
+    mappings."""
     where = ".".join(names) or "the root"
     if spec["t"] == "array":
         yield ".".join(names), stored, spec
         return
-    if spec["t"] != "dict" or any(kind != "s" for _, kind, *_ in spec["children"]):
-        raise ValueError(f"params must be nested dicts with string keys; {where} is {spec['t']!r}")
+    # Dicts, and mappings saved as nodes (an nnx.State, a FrozenDict), with string keys
+    # or integer ones (nnx.Sequential's layers), which name tensors as their digits.
+    mapping = spec["t"] == "dict" or (spec["t"] == "node" and spec.get("type") in _MAPPINGS)
+    if not mapping or any(kind not in ("s", "i") for _, kind, *_ in spec["children"]):
+        what = spec.get("type") or spec["t"]
+        raise ValueError(f"params must be nested mappings with string or integer keys; "
+                         f"{where} is a {what!r}")  # fmt: skip
     for safe, _, child, *original in spec["children"]:
         if (key := original[0] if original else safe) == "" or "." in key:
             raise ValueError(f"params key {key!r} in {where} cannot be part of a tensor name")
@@ -285,8 +295,9 @@ def orbax_to_safetensors(
     """Converts a checkpoint's ``params`` to a safetensors folder, a few arrays at a time.
 
     Args:
-      checkpoint_dir: a umtam_jax checkpoint whose ``params`` are nested dicts with string
-        keys (each array is verified against its checksum as it is restored).
+      checkpoint_dir: a umtam_jax checkpoint whose ``params`` are nested mappings (dicts,
+        an ``nnx.State``) with string or integer keys (each array is verified against its
+        checksum as it is restored).
       folder: the safetensors folder to create.
       overwrite: as for :func:`save_safetensors`.
       max_shard_size: as for :func:`save_safetensors`.
@@ -296,8 +307,9 @@ def orbax_to_safetensors(
       The folder.
 
     Raises:
-      ValueError: params that are not nested dicts, or a key that is empty or has ``"."``;
-        ``folder`` is, contains or lies inside ``checkpoint_dir`` or ``copy_files_from``.
+      ValueError: params that are not nested mappings, or a key that is empty or has
+        ``"."``; ``folder`` is, contains or lies inside ``checkpoint_dir`` or
+        ``copy_files_from``.
 
     Example:
       >>> import tempfile, numpy as np
