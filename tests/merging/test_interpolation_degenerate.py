@@ -166,6 +166,10 @@ def test_linear_degenerate(x64):
     _close(merging.linear(a, [a, b], weights=[1.0, -1.0], normalize=False), _w(-2.0, -3.0))
     with pytest.raises(ValueError, match="normalize=True divides by the sum of the weights"):
         merging.linear(None, [a, b], weights=[1.0, -1.0])
+    # A sum that is 0 but not in floating point (1.5e-8 in float32) is refused too.
+    for merge, flag in ((merging.linear, "normalize"), (merging.multislerp, "normalize_weights")):
+        with pytest.raises(ValueError, match=f"{flag}=True divides by the sum of the weights"):
+            merge(None, [a, b, a], weights=[0.3, -0.1, -0.2])
     _close(merging.merge("linear", None, [a, b]), _w(2.0, 3.5))
 
 

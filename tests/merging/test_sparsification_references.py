@@ -219,6 +219,22 @@ def test_sce_degenerate_cases():
         merging.sce(base, experts, select_topk=1.5)
 
 
+@pytest.mark.parametrize("k", [3, 5, 6, 7])
+def test_sce_counts_entries_where_every_expert_agrees_as_zero_variance(k):
+    """Where every expert moved an entry alike its variance is 0, so the selection never
+    keeps it and counts only the others (float32's variance of k equal values is not 0
+    for these k)."""
+    rng = np.random.default_rng(k)
+    base = np.zeros(1000, np.float32)
+    shared = rng.normal(size=1000).astype(np.float32)
+    experts = [base + shared for _ in range(k)]
+    for e in experts:  # they disagree on the first 200 entries only
+        e[:200] += rng.normal(size=200).astype(np.float32)
+    out = np.asarray(merging.sce({"x": base}, [{"x": e} for e in experts], select_topk=0.5)["x"])
+    np.testing.assert_array_equal(out[200:], base[200:])  # never selected
+    assert np.count_nonzero(out[:200]) <= 100  # ⌊200 · 0.5⌋ of the nonzero variances
+
+
 @pytest.mark.parametrize("epsilon", [1e-5, 0.05, 10.0])
 def test_ram_matches_reference(epsilon):
     rng = np.random.default_rng(9)
