@@ -248,6 +248,33 @@ def test_bare_array_params_with_statistics(tmp_path):
     trees.assert_trees_equal(checkpoint.restore_params(tmp_path / "o"), want)
 
 
+def test_statistics_of_a_model_with_an_integer_buffer_merge_out_of_core(tmp_path):
+    """optax.masked keeps an integer buffer from the optimizer: its statistics hold an
+    empty MaskedNode there, which the engine refused as "an extra leaf ['i']"."""
+    import optax
+
+    rng = np.random.default_rng(1)
+    base = {"w": rng.standard_normal((4, 4)).astype(np.float32), "i": np.arange(3)}
+    mask = {"w": True, "i": False}
+    dirs = []
+    for k in range(2):
+        params = {**base, "w": base["w"] + rng.standard_normal((4, 4)).astype(np.float32)}
+        opt = optax.masked(umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=2), mask)
+        state = opt.init(params)
+        grads = {"w": rng.standard_normal((4, 4)).astype(np.float32), "i": np.zeros(3, int)}
+        _, state = opt.update(grads, state, params)
+        dirs.append(tmp_path / f"e{k}")
+        checkpoint.save_checkpoint(dirs[-1], params, statistics=umtam_jax.statistics(state))
+    checkpoint.save_checkpoint(tmp_path / "b", base)
+    engine.merge_checkpoints("umtam", tmp_path / "b", dirs, tmp_path / "o", density=0.5,
+                             progress=False)  # fmt: skip
+    weights = [{"w": checkpoint.restore_params(d)["w"]} for d in dirs]
+    stats = [{"w": checkpoint.restore_statistics(d)["w"]} for d in dirs]
+    want = merging.umtam({"w": base["w"]}, weights, stats, density=0.5)  # the buffer: copied
+    copied = checkpoint.restore_params(tmp_path / "b")["i"]
+    trees.assert_trees_equal(checkpoint.restore_params(tmp_path / "o"), {**want, "i": copied})
+
+
 def test_chunked_histogram_and_mask(monkeypatch):
     monkeypatch.setattr(_global_topk, "_CHUNK", 7)  # many slices on a small array
     rng = np.random.default_rng(1)

@@ -104,7 +104,7 @@ class Job:
         check_copied_dtypes(flat, experts, experts_abs)
         extra_abs = None
         if extras == "statistics":
-            extra_abs = [s.abstract_statistics() for s in experts]
+            extra_abs = [self.floating(s.abstract_statistics(), per_leaf=True) for s in experts]
         elif extras is not None:
             extra_abs = [self.floating(s.abstract()) for s in extras]
         abstract = (self.floating(base_abs), [self.floating(e) for e in experts_abs], extra_abs)
@@ -216,23 +216,19 @@ class Job:
 
         return [".".join(component(k) for k in leaf.keypath) for leaf in self.leaves]
 
-    def floating(self, tree: Any) -> Any:
+    def floating(self, tree: Any, per_leaf: bool = False) -> Any:
         """``tree`` without the non-floating leaves.
 
         Args:
-          tree: a pytree, usually with the base's structure.
+          tree: a pytree with the base's structure (``per_leaf``: with a subtree at each
+            base leaf, e.g. statistics, an ``optax.MaskedNode`` at an unoptimized buffer).
+          per_leaf: see ``tree``.
 
         Returns:
           ``tree`` with None at the base's non-floating leaves; a tree of another
           structure as it is (validation names the difference).
         """
-        if not self.passthrough:
-            return tree
-        leaves, treedef = jax.tree.flatten(tree)
-        if treedef != self._treedef:  # type: ignore[operator]
-            return tree
-        leaves = [None if j in self.passthrough else x for j, x in enumerate(leaves)]
-        return jax.tree_util.tree_unflatten(treedef, leaves)
+        return T.without_buffers(tree, self._treedef, self.passthrough, per_leaf)
 
     def _extra_sources(self) -> list[Source]:
         return self.extras if isinstance(self.extras, list) else []
@@ -249,10 +245,6 @@ class Job:
             array = arrays.pop(0)
             out[j] = array if j in self.passthrough else jnp.asarray(array)
         return out
-
-    def _cast_read(self, source: Source, arrays: dict[int, Any]) -> dict[int, Any]:
-        """A group's arrays read from ``source`` in the read dtype (floating leaves only)."""
-        return T.cast_arrays(arrays, self.dtype, source.location, self.leaves)
 
     def cast_output(self, j: int, x: Any) -> np.ndarray:
         """Leaf ``j`` of the merge in its output dtype.
@@ -311,8 +303,12 @@ class Job:
           ValueError: an input lacks one of the leaves or holds a value beyond the read
             dtype's range; and whatever the sources' reads raise.
         """
-        data: dict[str, Any] = {"base": self._cast_read(self.base, self._read(self.base, group))}
-        data["experts"] = [self._cast_read(s, self._read(s, group)) for s in self.experts]
+
+        def read_cast(s: Source) -> dict[int, Any]:  # in the read dtype, floating leaves only
+            return T.cast_arrays(self._read(s, group), self.dtype, s.location, self.leaves)
+
+        data: dict[str, Any] = {"base": read_cast(self.base)}
+        data["experts"] = [read_cast(s) for s in self.experts]
         merged = [j for j in group if j not in self.passthrough]
         if self.extras == "statistics":
             data["extra"] = []

@@ -155,3 +155,21 @@ def byte_groups(leaves: list[Leaf], group_bytes: int) -> list[list[int]]:
     if current:
         out.append(current)
     return out
+
+
+def without_buffers(tree: Any, treedef: Any, passthrough: set[int], per_leaf: bool) -> Any:
+    """``tree`` with None at the leaves numbered ``passthrough`` of ``treedef`` (the base's
+    structure; with ``per_leaf``, a subtree at each of its leaves); a tree of another
+    structure as it is (validation names the difference)."""
+    if not passthrough:
+        return tree
+    try:
+        leaves, own = (treedef.flatten_up_to(tree), treedef) if per_leaf else jax.tree.flatten(tree)
+    except (ValueError, TypeError):
+        return tree
+    if own != treedef:
+        return tree
+    # An empty subtree at a per-leaf tree's buffer: None would read as a missing node.
+    empty = () if per_leaf else None
+    leaves = [empty if j in passthrough else x for j, x in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
