@@ -57,6 +57,14 @@ def test_a_singular_summed_gram_is_named_as_the_cause():
         merging.regmean(base, ws, grams, alpha=1.0)
     got = merging.regmean(base, ws, grams, alpha=0.9)  # G̃ = 0.9 G + 0.1 diag(G): invertible
     np.testing.assert_allclose(np.asarray(got["a"]), 1.0, rtol=1e-5)
+    # Rank 20 of 64 features in float32: singular only to working precision, where the
+    # solve returned a finite answer ~1e4 times the experts' entries.
+    rng = np.random.default_rng(0)
+    wide = [{"k": rng.normal(size=(64, 3)).astype(np.float32)} for _ in range(2)]
+    xs = [rng.normal(size=(10, 64)).astype(np.float32) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"leaf \['k'\] is not finite .* is singular"):
+        merging.regmean({"k": np.zeros((64, 3), np.float32)}, wide, [{"k": x.T @ x} for x in xs],
+                        alpha=1.0)  # fmt: skip
     big = [{"a": w["a"], "b": np.full(3, 3e38, np.float32)} for w in ws]
     with pytest.raises(ValueError, match=r"leaf \['b'\] is not finite .*overflowed although"):
         merging.regmean(base, big, grams, alpha=0.9)

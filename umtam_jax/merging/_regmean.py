@@ -207,7 +207,16 @@ def _regmean_leaf(base, ws, grams, weights, alpha):
     w0, mean, lhs, rhs = _normal_equations(base, ws, grams, weights, alpha)
     if lhs is None:
         return (w0 + mean).astype(base.dtype)
-    return (w0 + jnp.linalg.solve(lhs, rhs)).astype(base.dtype)
+    lu, pivots = jax.scipy.linalg.lu_factor(lhs)
+    delta = jax.scipy.linalg.lu_solve((lu, pivots), rhs)
+    # A sum singular to working precision (fewer examples than features with alpha = 1)
+    # leaves a pivot at rounding level, and a finite but meaningless solution: NaN, so the
+    # merge's finiteness check names the leaf and explains (_explain).
+    u = jnp.abs(jnp.diagonal(lu, axis1=-2, axis2=-1))
+    eps = jnp.finfo(lhs.dtype).eps
+    singular = ~(u.min(-1) > lhs.shape[-1] * eps * u.max(-1))
+    delta = jnp.where(singular[..., None, None], jnp.nan, delta)
+    return (w0 + delta).astype(base.dtype)
 
 
 @jax.jit
