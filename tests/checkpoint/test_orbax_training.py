@@ -13,6 +13,7 @@ import pytest
 import umtam_jax
 from tests import trees
 from tests.checkpoint.orbax_helpers import tiny_params
+from umtam_jax import engine, merging
 from umtam_jax.checkpoint import (
     read_metadata,
     restore_checkpoint,
@@ -188,3 +189,27 @@ def test_flax_nnx_state_is_stored_as_its_arrays_and_lines_up_with_its_statistics
     stats = restore_statistics(tmp_path / "expert")
     expected = merging.umtam(restore_params(tmp_path / "base"), [restored], [stats])
     chex.assert_trees_all_equal(merged, expected)
+
+
+def test_linen_variables_saved_whole_keep_their_statistics_under_params(tmp_path):
+    """Linen variables saved whole ({"params": x}) with the state of an optimizer of x:
+    the statistics, keyed like x, were saved beside them unwrapped, and every merge
+    refused them ("lacks base's leaf ['params']..."); they are saved under "params"."""
+    rng = np.random.default_rng(0)
+    base = {"Dense_0": {"kernel": rng.normal(size=(4, 4)).astype(np.float32),
+                        "bias": np.zeros(4, np.float32)}}  # fmt: skip
+    dirs, experts, stats = [], [], []
+    for k in range(2):
+        x = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(np.float32), base)
+        opt = umtam_jax.umtam(1e-2, rank=2, min_dim_size_to_factor=2)
+        _, state = opt.update(x, opt.init(x), x)
+        dirs.append(tmp_path / f"e{k}")
+        save_checkpoint(dirs[-1], {"params": x}, opt_state=state)
+        experts.append(x)
+        stats.append(umtam_jax.statistics(state))
+    assert list(restore_statistics(dirs[0])) == ["params"]
+    save_checkpoint(tmp_path / "b", {"params": base})
+    engine.merge_checkpoints("umtam", tmp_path / "b", dirs, tmp_path / "o", density=0.5,
+                             progress=False)  # fmt: skip
+    want = merging.umtam(base, experts, stats, density=0.5)
+    chex.assert_trees_all_close(restore_params(tmp_path / "o"), {"params": want}, rtol=1e-6)

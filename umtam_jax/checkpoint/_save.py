@@ -40,6 +40,20 @@ from umtam_jax.optimizer import _state
 # --------------------------------------------------------------------------------------
 
 
+def _under_params(params: Any, stats: Any) -> Any:
+    """The statistics of Linen variables saved whole (``{"params": x}``) by an optimizer of
+    ``x``: keyed like ``x``, they are saved under ``"params"`` so that they line up with
+    the saved parameters (as merges read them); any other statistics as they are."""
+    if stats is None or not (isinstance(params, dict) and set(params) == {"params"}):
+        return stats
+    try:
+        treedef = jax.tree.structure(params["params"])
+        treedef.flatten_up_to(stats)  # type: ignore[attr-defined]  # a node per leaf of x
+    except (ValueError, TypeError):
+        return stats
+    return {"params": stats}
+
+
 def _statistics_kinds(stats: Any) -> dict[str, Any]:
     def is_node(x):
         return _state.is_leaf_statistics(x) or x is None or isinstance(x, optax.MaskedNode)
@@ -232,6 +246,7 @@ def save_checkpoint(
     else:
         stats = None
 
+    stats = _under_params(params, stats)
     trees = {PARAMS: params, STATISTICS: stats, OPT_STATE: opt_state}
     encoded = {name: E.encode(tree, name) for name, tree in trees.items() if tree is not None}
     kinds = _statistics_kinds(stats) if stats is not None else None
