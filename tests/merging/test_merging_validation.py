@@ -71,6 +71,17 @@ def test_structure_mismatch_names_leaf(inputs, method):
         ALL[method](base, [experts[0], bad], stats)
 
 
+def test_integer_and_string_keys_of_the_same_names_are_told_apart_in_the_error():
+    """An nnx.Sequential saved with Orbax (integer layer keys) beside safetensors experts
+    (string names): the paths looked alike but for the quotes."""
+    base = {"layers": {0: {"w": np.ones(2, np.float32)}}}
+    expert = {"layers": {"0": {"w": np.ones(2, np.float32)}}}
+    with pytest.raises(ValueError, match=re.escape(
+        "it lacks base's leaf ['layers'][0]['w'] (it has ['layers']['0']['w']: the same "
+        "names, one with integer keys, the other with strings")):  # fmt: skip
+        merging.task_arithmetic(base, [expert])
+
+
 @pytest.mark.parametrize("method", sorted(ALL))
 def test_no_experts(inputs, method):
     base, _, _ = inputs

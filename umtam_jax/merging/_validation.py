@@ -12,6 +12,7 @@ methods' options are in :mod:`._option_checks` (re-exported here).
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -131,7 +132,19 @@ def structure_error(what: str, ref_paths: list[str], paths: list[str], ref: str)
         detail = f"it has an extra leaf {extra[0]} that {ref} lacks"
     else:
         detail = "it has the same leaf paths in a different order"
+    if missing and sorted(map(_as_names, paths)) == sorted(map(_as_names, ref_paths)):
+        detail += (
+            f" (it has {extra[0]}: the same names, one with integer keys, the other with "
+            "strings, as an nnx.Sequential's layers and a safetensors folder's names are: "
+            "give every input in one format, e.g. converted by "
+            "umtam_jax.checkpoint.orbax_to_safetensors)"
+        )
     return ValueError(f"{what} does not have the tree structure of {ref}: {detail}")
+
+
+def _as_names(path: str) -> str:
+    """A ``keystr`` path with its integer keys written as strings (``[0]`` → ``['0']``)."""
+    return re.sub(r"\[(\d+)\]", r"['\1']", path)
 
 
 def check_sequence(x: Any, what: str, *, allow_empty: bool = False) -> list[Any]:
