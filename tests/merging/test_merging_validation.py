@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +108,9 @@ def test_densities_name_the_expert_and_refuse_strings(inputs):
         merging.ties(base, experts, density=[0.5, 0.0])
     with pytest.raises(ValueError, match=r"^density must lie in \(0, 1\], got 2$"):
         merging.ties(base, experts, density=2)
+    # A 1-D array is one density per expert, as a list is (as weights take arrays).
+    listed = merging.ties(base, experts, density=[0.3, 0.6])
+    chex.assert_trees_all_equal(merging.ties(base, experts, density=np.array([0.3, 0.6])), listed)
     for bad, name in (("0.5", "density"), (b"0.5", "density"), (np.str_("0.5"), "density"),
                       (True, "density"), (["0.5", "0.5"], r"density\[0\]"),
                       ([0.5, np.bool_(True)], r"density\[1\]")):  # fmt: skip

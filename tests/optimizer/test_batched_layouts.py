@@ -99,8 +99,8 @@ def test_flax_attention_query_key_value_kernels_are_fan_in_by_heads_times_head_d
         (umtam_jax.MatrixAxes((0,), (0,)), "named twice"),
         (umtam_jax.MatrixAxes((3,), (0,)), "outside"),
         (umtam_jax.MatrixAxes((0,), 3), "exceed"),
-        (umtam_jax.MatrixAxes(1.5, 1), "non-negative ints or tuples"),
-        (umtam_jax.MatrixAxes((0,), ("a",)), "non-negative ints or tuples"),
+        (umtam_jax.MatrixAxes(1.5, 1), "counts in \\[0, 3\\] or tuples"),
+        (umtam_jax.MatrixAxes((0,), ("a",)), "counts in \\[0, 3\\] or tuples"),
     ],
 )
 def test_invalid_matrix_axes_name_the_leaf(axes, message):

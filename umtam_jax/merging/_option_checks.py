@@ -31,7 +31,9 @@ def check_densities(density: Any, n: int) -> list[float]:
     Messages name ``density``, or ``density[i]`` for an entry of a sequence (``umtam-merge``
     names the file's key from the index). Strings and bools are refused, not converted.
     """
-    per_expert = isinstance(density, Sequence) and not isinstance(density, str | bytes)
+    per_expert = (isinstance(density, Sequence) and not isinstance(density, str | bytes)) or (
+        getattr(density, "ndim", 0) == 1  # an array of one density per expert
+    )
     values = list(density) if per_expert else [density] * n
     if len(values) != n:
         raise ValueError(f"got {len(values)} densities for {n} experts")
