@@ -151,3 +151,15 @@ def test_small_but_resolved_singular_values_are_kept():
     got = np.asarray(merging.iso_c(base, [expert])["w"])
     np.testing.assert_allclose(got, want, atol=1e-3)
     assert np.abs(got - want).max() * 20 < np.abs(want - s[:60].mean() * u[:, :60] @ vt[:60]).max()
+
+
+@pytest.mark.parametrize("name", ["iso_c", "iso_cts"])
+def test_task_vectors_beyond_float32_squares_merge_as_scaled_ones(name):
+    """The rounding scale Σ‖Δ‖_F overflowed for entries beyond ~1e19 (their squares pass
+    float32's range), every singular value then counted as zero and the merge returned the
+    base; the merge of scaled task vectors is the scaled merge."""
+    base = {"w": jnp.zeros((2, 2))}
+    small = [{"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}, {"w": jnp.array([[2.0, 0.0], [0.0, 1.0]])}]
+    big = [jax.tree.map(lambda x: x * 1e20, e) for e in small]
+    want = np.asarray(getattr(merging, name)(base, small)["w"], np.float64) * 1e20
+    np.testing.assert_allclose(getattr(merging, name)(base, big)["w"], want, rtol=1e-5)
