@@ -153,43 +153,42 @@ def vocabulary(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     return {"tokenizer.json": ids}
 
 
-def vocabulary_difference(reference: str, model: str) -> str | None:
-    """Why ``model``'s token ids may not be ``reference``'s (a token both have at
-    different ids, a token one lacks, other vocabulary files), or None where they are the
-    same or ``model`` has no tokenizer files (mergekit then takes them to be the same).
+def vocabulary_difference(reference: dict[str, Any], model: str) -> str | None:
+    """Why ``model``'s token ids may not be those of the :func:`vocabulary` ``reference``
+    (a token both have at different ids, a token one lacks, other vocabulary files), or
+    None where they are the same or ``model`` has no tokenizer files (mergekit then takes
+    them to be the same).
 
     Raises:
-      ValueError: ``reference`` has no tokenizer files, or one cannot be read.
+      ValueError: a vocabulary file of ``model`` that cannot be read.
     """
-    ours, theirs = vocabulary(reference), vocabulary(model)
-    if ours is None:
-        raise ValueError(f"{reference} has no tokenizer files")
-    if theirs is None or ours == theirs:
+    theirs = vocabulary(model)
+    if theirs is None or reference == theirs:
         return None
-    if ours.keys() != theirs.keys():
-        return f"their vocabularies are in different files ({sorted(ours)}, {sorted(theirs)})"
-    if "tokenizer.json" not in ours:
+    if reference.keys() != theirs.keys():
+        return f"their vocabularies are in different files ({sorted(reference)}, {sorted(theirs)})"
+    if "tokenizer.json" not in reference:
         return "their vocabulary files differ"
-    a, b = ours["tokenizer.json"], theirs["tokenizer.json"]
+    a, b = reference["tokenizer.json"], theirs["tokenizer.json"]
     token = next((t for t in a if a[t] != b.get(t)), None)
     if token is None:  # every token of the reference at its id: the model has more
         token = next(t for t in b if t not in a)
     return f"token {token!r} has id {a.get(token)} in the reference and {b.get(token)} here"
 
 
-def padded_embeddings(folder: str) -> str | None:
-    """Why aligning embedding rows to ``folder``'s tokenizer would change their number:
-    its ``config.json`` gives a ``vocab_size`` other than its ``tokenizer.json``'s token
-    count (embeddings padded past the tokenizer, as Qwen2.5's); None where they agree or
-    either is unknown."""
-    vocab = (vocabulary(folder) or {}).get("tokenizer.json")
+def padded_embeddings(folder: str, vocab: dict[str, Any]) -> str | None:
+    """Why aligning embedding rows to ``folder``'s tokenizer (its :func:`vocabulary`
+    ``vocab``) would change their number: its ``config.json`` gives a ``vocab_size`` other
+    than its ``tokenizer.json``'s token count (embeddings padded past the tokenizer, as
+    Qwen2.5's); None where they agree or either is unknown."""
+    ids = vocab.get("tokenizer.json")
     try:
         record = _json.loads(epath.Path(folder, "config.json").read_text())
     except (OSError, ValueError):
         return None
     sizes = [part.get("vocab_size") for part in tie_settings(record)]
     size = next((n for n in sizes if type(n) is int), None)
-    tokens = max(vocab.values(), default=-1) + 1 if vocab else None
+    tokens = max(ids.values(), default=-1) + 1 if ids else None
     if size is None or tokens is None or size == tokens:
         return None
     return f"its config.json has vocab_size {size} and its tokenizer {tokens} tokens"

@@ -142,41 +142,54 @@ def _check_vocabularies(config: dict[str, Any]) -> None:
     embeddings have as many rows as the tokenizer has tokens; refuses the others. A model
     without tokenizer files counts as the same (as in mergekit); a path that is no folder
     is left to the merge's own check."""
-    from umtam_jax.checkpoint._model_files import padded_embeddings, vocabulary_difference
+    from umtam_jax.checkpoint import _model_files as M
 
     experts = config.get("experts")
     entries: list[Any] = experts if isinstance(experts, list) else []
-    paths = [(e.get(_mergekit_models.KEY, f"experts[{i}]"), e.get("path")) if isinstance(e, dict)
-             else (f"experts[{i}]", e) for i, e in enumerate(entries)]  # fmt: skip
+    paths = [(_entry_key(e, i), e.get("path") if isinstance(e, dict) else e)
+             for i, e in enumerate(entries)]  # fmt: skip
     reference = config.get("base")
     if not isinstance(reference, str):  # mergekit: the first model's tokenizer
         reference = paths[0][1] if paths else None
     if not isinstance(reference, str) or not os.path.isdir(reference):
         return
     refused = "'tokenizer_source: base'"
-    why = padded_embeddings(reference)
-    if why is not None:
-        raise ConfigError(
-            f"{refused}: {reference}'s embeddings have padding rows ({why}), which mergekit "
-            "cuts to the tokenizer's length when it aligns the rows by token; umtam-merge "
-            "merges the rows by id and keeps them: leave out tokenizer_source to merge by "
-            "id, as mergekit then does"
-        )
-    for where, path in paths:
-        if not isinstance(path, str) or not os.path.isdir(path):
-            continue
-        try:
-            why = vocabulary_difference(reference, path)
-        except ValueError as err:
-            raise ConfigError(f"{refused}: {err}") from None
+    try:
+        ours = M.vocabulary(reference)  # read once, compared with every model's
+        if ours is None:
+            raise ValueError(f"{reference} has no tokenizer files")
+        why = M.padded_embeddings(reference, ours)
         if why is not None:
             raise ConfigError(
-                f"{refused}: the token ids of {where} ({path}) may not be those of "
-                f"{reference} ({why}); mergekit would align the embedding rows by token, "
-                "umtam-merge merges them by id and does not align them: give models that "
-                "share the tokenizer (or leave out tokenizer_source to merge by id, as "
-                "mergekit then does)"
+                f"{refused}: {reference}'s embeddings have padding rows ({why}), which "
+                "mergekit cuts to the tokenizer's length when it aligns the rows by token; "
+                "umtam-merge merges the rows by id and keeps them: leave out "
+                "tokenizer_source to merge by id, as mergekit then does"
             )
+        for where, path in paths:
+            if not isinstance(path, str) or not os.path.isdir(path):
+                continue
+            why = None if _mergekit_models.same_model(path, reference) else (
+                M.vocabulary_difference(ours, path))  # fmt: skip
+            if why is not None:
+                raise ConfigError(
+                    f"{refused}: the token ids of {where} ({path}) may not be those of "
+                    f"{reference} ({why}); mergekit would align the embedding rows by token, "
+                    "umtam-merge merges them by id and does not align them: give models "
+                    "that share the tokenizer (or leave out tokenizer_source to merge by "
+                    "id, as mergekit then does)"
+                )
+    except ConfigError:
+        raise
+    except ValueError as err:  # a vocabulary file that cannot be read, or none
+        raise ConfigError(f"{refused}: {err}") from None
+
+
+def _entry_key(entry: Any, index: int) -> str:
+    """Where an expert entry stands in the file: a mergekit file's ``models[k]``, else
+    ``experts[index]``."""
+    default = f"experts[{index}]"
+    return str(entry.get(_mergekit_models.KEY, default)) if isinstance(entry, dict) else default
 
 
 def _warn_of_own_values(config: dict[str, Any], flag_params: dict[str, str]) -> None:
@@ -189,7 +202,7 @@ def _warn_of_own_values(config: dict[str, Any], flag_params: dict[str, str]) -> 
             continue
         keys = [key for key, param in PER_EXPERT.items() if param == name]
         own = [
-            str(e.get(_mergekit_models.KEY, f"experts[{i}]"))
+            _entry_key(e, i)
             for i, e in enumerate(experts if isinstance(experts, list) else [])
             if isinstance(e, dict)
             and any(k in e or k in (e.get(_mergekit_models.VARYING) or {}) for k in keys)

@@ -3,7 +3,8 @@
 Each leaf's record (:class:`Leaf`), where a source holds each leaf (:func:`positions`),
 a leaf's key path rebuilt around it alone (:func:`wrap`), the casts of abstract and read
 leaves to the dtype a merge reads in (:func:`cast_abstract`, :func:`cast_arrays`), and
-the leaves cut into groups read together (:func:`byte_groups`).
+the leaves cut into groups read together (:func:`byte_groups`), and a tree without the
+leaves copied from the base (:func:`without_buffers`).
 """
 
 from __future__ import annotations
