@@ -105,10 +105,17 @@ def write_results(
         record["git_at_write"] = at_write
     path = rdir / f"{name}.json"
     _check_own_record(path, replace_damaged)
+    _write_record(path, record)
+    return path
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """Writes ``record`` to ``path`` atomically; beside a ``results`` folder's records,
+    regenerates ``RESULTS.md`` from them."""
     _atomic_write(path, json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n")
+    rdir = path.parent
     if rdir.resolve().name == "results" and _is_generated(rdir.parent / "RESULTS.md"):
         regenerate_results_md(rdir)
-    return path
 
 
 def _check_own_record(path: Path, replace_damaged: bool = False) -> None:
@@ -172,9 +179,7 @@ def reword_record(
         "git": git_commit(),
         "why": why,
     }
-    _atomic_write(path, json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n")
-    if path.parent.resolve().name == "results" and _is_generated(path.parent.parent / "RESULTS.md"):
-        regenerate_results_md(path.parent)
+    _write_record(path, record)
 
 
 # ----------------------------------------------------------------------------- journals

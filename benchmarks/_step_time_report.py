@@ -101,12 +101,14 @@ def report_lines(result: dict) -> list[str]:
                 f"{'met' if v['state_met'] else 'MISSED'})"
             )
         )
-        side = "below it" if v["time_met"] else "above it"
-        lines.append(
-            f"- target {name}: {v['time_ratio']}× AdamW (target ≤ {v['time_target']}; "
-            f"one run, no interval: {side}){state}"
-        )
+        lines.append(_time_line(name, v["time_ratio"], v["time_target"], v["time_met"]) + state)
     return lines
+
+
+def _time_line(name: str, ratio: Any, target: Any, below: bool) -> str:
+    """A time target's line: one run's ratio, with no interval, on one side of it."""
+    side = "below it" if below else "above it"
+    return f"- target {name}: {ratio}× AdamW (target ≤ {target}; one run, no interval: {side})"
 
 
 #: A target line as reports before the current wording wrote it: "met" from one median.
@@ -120,8 +122,7 @@ def reword_one_median_verdicts(markdown: str) -> str:
     missed from one run's median, as :func:`report_lines` words them now."""
 
     def line(m: re.Match[str]) -> str:
-        side = "below it" if float(m[2]) <= float(m[3]) else "above it"
-        return f"- target {m[1]}: {m[2]}× AdamW (target ≤ {m[3]}; one run, no interval: {side})"
+        return _time_line(m[1], m[2], m[3], float(m[2]) <= float(m[3]))
 
     return _ONE_MEDIAN_VERDICT.sub(line, markdown)
 
