@@ -17,8 +17,8 @@ from umtam_jax.merging import Method
 KEY = "_mergekit_key"
 #: An expert entry's weight and density chains where they vary by tensor (model_chains).
 VARYING = "_mergekit_varying"
-# Tensor parameters mergekit takes per model that are one number per merge here: given per
-# model, every model must give the same value.
+# Tensor parameters mergekit takes per model that are one number per merge here: every
+# model must get the same value (see settle_shared).
 SHARED_PER_MODEL = ("gamma", "epsilon")
 # Methods for which mergekit has no base role: a base_model given is one more input.
 BASE_IS_AN_INPUT = ("linear", "karcher", "passthrough")

@@ -278,23 +278,12 @@ def _gpu_throughput(bdir: Path, name: str) -> tuple[Any, str, str] | None:
         return None
     cost = student_t(costs)
     one_day = len({d[:10] for d in dates}) == 1 and all(dates)
+    caveat = "; the repeats ran on one day, so it leaves out day-to-day variation"
     setting = f"{settings.pop()}, commit {', '.join(sorted(commits))}"
-    return (
-        cost,
-        (
-            f"GPU runs ({setting}, `train_throughput_gpu_repeats/`): {cost.estimate:.1f} "
+    note = (f"GPU runs ({setting}, `train_throughput_gpu_repeats/`): {cost.estimate:.1f} "
             f"[{cost.low:.1f}, {cost.high:.1f}] % ({name}; mean over {len(costs)} repeats, "
-            "Student-t interval"
-            + (
-                "; the repeats ran on one day on one machine, so the "
-                "interval leaves out day-to-day variation"
-                if one_day
-                else ""
-            )
-            + ")"
-        ),
-        setting,
-    )
+            f"Student-t interval{caveat if one_day else ''})")  # fmt: skip
+    return cost, note, setting
 
 
 def throughput_row(bdir: Path) -> ClaimRow:
