@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-#: The packages whose frames a warning skips (the library and the wrappers it runs in).
-_LIBRARIES = ("umtam_jax", "optax", "jax", "jaxlib", "flax", "chex")
+#: The packages whose frames a warning skips (the library and the wrappers it runs in,
+#: ``contextlib``'s included: the library's own ``with`` blocks run through it).
+_LIBRARIES = ("umtam_jax", "optax", "jax", "jaxlib", "flax", "chex", "contextlib")
 
 
 def user_stacklevel() -> int:

@@ -95,3 +95,44 @@ def test_an_array_no_restore_could_read_is_refused_before_writing(tmp_path, dtyp
     with pytest.raises(TypeError, match=rf"params: the array at \['a'\]\['w'\] .*{why}"):
         save_checkpoint(tmp_path / "ckpt", {"a": {"w": np.ones(3, dtype)}})
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("writer", ["orbax", "safetensors"])
+def test_every_file_is_on_the_disk_before_an_older_output_is_replaced(
+    tmp_path, monkeypatch, writer
+):
+    """Orbax flushes its data files, not its metadata (``_METADATA``, ``metadata``,
+    ``commit_success.txt``): published over an older checkpoint, whose copy is deleted
+    right after, a crash of the machine could leave neither readable. Every file of the
+    new output is flushed before the swap."""
+    from umtam_jax.checkpoint import _safety, save_safetensors
+
+    def save(overwrite):
+        if writer == "orbax":
+            save_checkpoint(str(tmp_path / "c"), tiny_params(), overwrite=overwrite)
+        else:
+            save_safetensors(tmp_path / "c", {"w": np.ones(3, np.float32)}, overwrite=overwrite)
+
+    save(False)
+    synced, published = set(), []
+    real_fsync, real_publish = os.fsync, _safety._publish
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def publish(staging, directory, *args, **kwargs):
+        published.append(
+            {
+                os.path.realpath(os.path.join(root, f))
+                for root, _, fs in os.walk(staging)
+                for f in fs
+            }
+        )
+        return real_publish(staging, directory, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(_safety, "_publish", publish)
+    save(True)
+    assert len(published) == 1 and published[0], published
+    assert not published[0] - synced, sorted(published[0] - synced)

@@ -42,6 +42,20 @@ def test_a_lock_name_planted_as_a_link_is_never_followed(tmp_path):
     assert not victim.exists() and not path.exists()
 
 
+def test_a_writer_that_sees_another_saves_swap_half_done_is_told_it_is_busy(tmp_path):
+    """The check before the lock compares the output's record with its files: another
+    save's swap in between made them disagree, and the second writer was told to move
+    the library's own files out of the way."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    (path / "stray.txt").write_text("seen mid-swap")
+    busy = pytest.raises(checkpoint.CheckpointBusyError, match="being written")
+    with _filesystem.locked(epath.Path(path)), busy:
+        checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    with pytest.raises(ValueError, match="umtam_jax did not write"):  # no save running
+        checkpoint.save_checkpoint(path, NEW, overwrite=True)
+
+
 def test_second_writer_fails_at_once(tmp_path):
     path = tmp_path / "ckpt"
     with _filesystem.locked(epath.Path(path)):

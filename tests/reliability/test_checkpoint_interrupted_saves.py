@@ -55,6 +55,29 @@ def test_a_save_that_published_succeeds_even_if_the_old_copy_stays(tmp_path, mon
     assert _hidden_leftovers(path) == []
 
 
+def test_an_old_copy_that_cannot_be_deleted_is_named_at_each_save(tmp_path, monkeypatch):
+    """A copy set aside for deletion that cannot be deleted (its permissions) stayed
+    beside the output with no word, save after save."""
+    from umtam_jax.checkpoint import _filesystem
+
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, OLD)
+    monkeypatch.setattr(_filesystem, "rmtree", lambda p: None)  # as an undeletable folder
+    with pytest.warns(UserWarning, match="output it replaced could not be deleted: .*trash"):
+        checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint.save_checkpoint(path, OLD, overwrite=True)
+    messages = [str(w.message) for w in caught]
+    assert [w.filename for w in caught] == [__file__] * 2, caught  # the user's call
+    assert "a leftover of an earlier save to" in messages[0], messages
+    assert "output it replaced could not be deleted" in messages[1], messages
+    monkeypatch.undo()
+    checkpoint.save_checkpoint(path, NEW, overwrite=True)  # deletes both copies left
+    assert _hidden_leftovers(path) == []
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), NEW)
+
+
 def test_an_interrupt_right_after_the_old_output_is_set_aside_puts_it_back(tmp_path, monkeypatch):
     """Ctrl-C arrives as the rename that sets the old output aside returns (no atomic
     exchange): the old output is back at the path when the exception leaves the save."""

@@ -10,11 +10,14 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
+import warnings
 from collections.abc import Iterator
 
 from etils import epath
 
 from umtam_jax import _files
+from umtam_jax._callers import user_stacklevel
 from umtam_jax.checkpoint._targets import is_local
 from umtam_jax.checkpoint._write_errors import CheckpointBusyError
 
@@ -34,10 +37,43 @@ def rmtree(path: epath.Path) -> None:
             shutil.rmtree(path)
 
 
+def delete_leftover(path: epath.Path, what: str) -> None:
+    """Deletes ``path``, a writer's own leftover; where it cannot be deleted (its
+    permissions), says so in a warning, ``what`` naming it, rather than leaving it
+    behind unnoticed."""
+    rmtree(path)
+    if is_local(path) and os.path.lexists(path):
+        warnings.warn(
+            f"{what} could not be deleted: it is left at {path}; delete it yourself "
+            "(check its permissions)",
+            stacklevel=user_stacklevel(),
+        )
+
+
 def fsync_dir(path: epath.Path) -> None:
     """Flushes the entries of ``path`` (a local folder) to the disk."""
     if is_local(path):
         _files.fsync_dir(path)
+
+
+def sync_tree(path: epath.Path) -> None:
+    """Flushes every file and folder under ``path`` (a local staging folder) to the disk,
+    deepest first: what a writer left unflushed (Orbax flushes its data files, not its
+    metadata) is on the disk before the folder takes an older output's place, whose copy
+    is deleted right after."""
+    if not is_local(path):
+        return
+    for root, _, files in os.walk(os.fspath(path), topdown=False):
+        for name in files:
+            file = os.path.join(root, name)
+            if not stat.S_ISREG(os.lstat(file).st_mode):  # a link: its target is not ours
+                continue
+            fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _files.fsync_dir(root)
 
 
 def write_synced(path: epath.Path, text: str) -> None:

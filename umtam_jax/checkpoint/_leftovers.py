@@ -23,7 +23,7 @@ import warnings
 
 from etils import epath
 
-from umtam_jax.checkpoint._filesystem import fsync_dir, locked, rmtree
+from umtam_jax.checkpoint._filesystem import delete_leftover, fsync_dir, locked, rmtree
 from umtam_jax.checkpoint._targets import (
     _CONTENTS_FILE,
     _ORBAX_TMP_SUFFIX,
@@ -104,7 +104,7 @@ def _repair(
     for prefix in (_NEW, _TRASH, _OLD) if output else (_NEW, _TRASH):
         for leftover in _siblings(directory, prefix):  # with Orbax's temporaries
             if leftover not in keep:
-                rmtree(leftover)
+                delete_leftover(leftover, f"a leftover of an earlier save to {directory}")
 
 
 def _same_save(entry: epath.Path, kind: str, other: str) -> epath.Path:

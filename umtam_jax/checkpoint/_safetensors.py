@@ -81,10 +81,12 @@ def _is_own(path: epath.Path) -> bool:
 SAFETENSORS = _targets.OutputKind(_is_own, MARKER_FILE)
 
 
-def _file_identity(st: os.stat_result) -> tuple[int, int]:
-    """Which file a path leads to: a save writes new files and swaps folders, so a file
-    it replaced has another identity (a file edited in place keeps its own)."""
-    return st.st_dev, st.st_ino
+def _file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """Which file a path leads to, as it was: a save writes new files and swaps folders,
+    and the file it replaced is deleted, so its inode number may be the next new file's
+    (ext4 reuses them at once); the change time tells the two apart, and an edit in place
+    changes it too."""
+    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size
 
 
 def _pickle_note(files: Iterable[str]) -> str:
@@ -315,7 +317,8 @@ class SafetensorsReader:
 
         Raises:
           ValueError: an unknown name, or a file that cannot be read (changed since opened).
-          CheckpointBusyError: a save replaced the file since the reader was opened.
+          CheckpointBusyError: a save replaced the file (or it was changed) since the
+            reader was opened.
           CheckpointCorruptError: with ``verify``, a tensor that differs from its CRC-32.
         """
         out = []
@@ -327,7 +330,7 @@ class SafetensorsReader:
                     if _file_identity(os.fstat(f.fileno())) != self._opened[file]:
                         raise CheckpointBusyError(
                             f"{file} was replaced while it was read (a save overwrote "
-                            f"{self.folder}): open it again"
+                            f"{self.folder}, or the file was changed): open it again"
                         )
                     f.seek(begin)
                     if f.readinto(buf) != buf.size:  # type: ignore[arg-type]  # a buffer

@@ -137,7 +137,7 @@ def save_safetensors(
       the safetensors format, https://huggingface.co/docs/safetensors
     """
     folder = F._absolute(folder)
-    _targets.check_target(folder, overwrite=overwrite, kind=SAFETENSORS)
+    _safety.check_output(folder, overwrite=overwrite, kind=SAFETENSORS)
     if _processes.count() > 1:
         raise ValueError("save_safetensors writes from a single process only")
     leaves = names_from_tree(tree_or_abstract)

@@ -51,7 +51,14 @@ from typing import Any
 from etils import epath
 
 from umtam_jax.checkpoint import _processes
-from umtam_jax.checkpoint._filesystem import fsync_dir, locked, rmtree, write_synced
+from umtam_jax.checkpoint._filesystem import (
+    LOCK,
+    delete_leftover,
+    fsync_dir,
+    locked,
+    sync_tree,
+    write_synced,
+)
 from umtam_jax.checkpoint._leftovers import (
     _NEW,
     _OLD,
@@ -70,7 +77,7 @@ from umtam_jax.checkpoint._targets import (
     is_empty_folder,
     is_local,
 )
-from umtam_jax.checkpoint._write_errors import naming_the_target
+from umtam_jax.checkpoint._write_errors import CheckpointBusyError, naming_the_target
 
 # Test hook: called with the name of each step of a save ("locked", "staged", "retired",
 # "swapped", "trashed"), so a test can kill the process between any two of them.
@@ -183,7 +190,7 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
             )
         return
     _step("trashed")
-    rmtree(trash)
+    delete_leftover(trash, f"{directory} was written, but the output it replaced")
 
 
 @contextlib.contextmanager
@@ -209,7 +216,7 @@ def publishing(
       CheckpointBusyError: another save to ``directory`` is in progress.
       ValueError / FileExistsError / NotADirectoryError: see :func:`check_target`.
     """
-    check_target(directory, overwrite=overwrite, kind=kind)
+    check_output(directory, overwrite=overwrite, kind=kind)
     created = _make_parents(directory) if is_local(directory) and _processes.is_primary() else []
     try:
         with naming_the_target(directory):
@@ -227,6 +234,7 @@ def publishing(
                 try:
                     yield staging
                     _record_contents(staging)
+                    sync_tree(staging)
                     _step("staged")
                     # Again, just before the swap: the path may have changed while the
                     # checkpoint was written (a folder made there, a file put into it).
@@ -239,6 +247,41 @@ def publishing(
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
+
+
+def check_output(directory: epath.Path, *, overwrite: bool, kind: OutputKind = CHECKPOINT) -> None:
+    """:func:`check_target`, done before a writer takes the path's lock (to fail before
+    any work), where another save may be in the middle of its swap: a refusal is then
+    that save's half-done state, reported as :class:`CheckpointBusyError`.
+
+    Args:
+      directory: the output path (absolute).
+      overwrite: whether an existing output of ``kind`` may be replaced.
+      kind: the writer's own outputs.
+
+    Raises:
+      CheckpointBusyError: the path is refused while another save holds its lock.
+      ValueError / FileExistsError / NotADirectoryError: see :func:`check_target`.
+    """
+    try:
+        check_target(directory, overwrite=overwrite, kind=kind)
+    except (ValueError, OSError):
+        _raise_if_busy(directory)
+        raise
+
+
+def _raise_if_busy(directory: epath.Path) -> None:
+    """Raises :class:`CheckpointBusyError` where another process holds ``directory``'s
+    save lock now (its lock file exists only while a save holds it, or after a crash)."""
+    lock_file = directory.parent / f".{directory.name}.{LOCK}"
+    if is_local(directory) and _processes.count() == 1 and os.path.lexists(lock_file):
+        try:
+            with locked(directory):
+                pass
+        except CheckpointBusyError:
+            raise
+        except OSError:  # a lock file that cannot be opened: the first error stands
+            pass
 
 
 def _make_parents(directory: epath.Path) -> list[str]:
@@ -278,6 +321,7 @@ def _publishing_collectively(
         _processes.barrier(f"umtam_checkpoint_staged_{token}")
         if _processes.is_primary():
             _record_contents(staging)
+            sync_tree(staging)
             _publish(staging, directory, token, empty=is_empty_folder(directory))
         _processes.barrier(f"umtam_checkpoint_published_{token}")
     finally:

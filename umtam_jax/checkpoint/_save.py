@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
-from umtam_jax.checkpoint import _integrity, _processes, _safety, _targets
+from umtam_jax.checkpoint import _integrity, _processes, _safety
 from umtam_jax.checkpoint._format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -233,7 +233,7 @@ def save_checkpoint(
     from umtam_jax.optimizer import _statistics  # the optimizer package imports lazily
 
     directory = _absolute(directory)
-    _targets.check_target(directory, overwrite=overwrite)
+    _safety.check_output(directory, overwrite=overwrite)
 
     # Everything is validated before anything is written.
     if statistics is None and opt_state is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -56,6 +57,8 @@ def _positive(kind: type) -> Callable[[str], Any]:
 def _claim_workdir(workdir: Path) -> str | None:
     """Makes ``workdir`` the demo's (a new or empty folder, or one the demo wrote before);
     returns why it cannot be, or None. Nothing else's files are ever written over."""
+    if workdir.is_symlink() and not workdir.exists():
+        return f"--workdir {workdir} is a link to {os.readlink(workdir)}, which does not exist"
     if workdir.exists() and not workdir.is_dir():
         return f"--workdir {workdir} is a file, not a folder"
     if workdir.is_dir() and not (workdir / _MARKER).is_file():
@@ -67,8 +70,11 @@ def _claim_workdir(workdir: Path) -> str | None:
                 f"--workdir {workdir} holds files the demo did not write ({shown}); give a "
                 "new or empty folder (the demo writes its checkpoints, caches and results there)"
             )
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / _MARKER).write_text("umtam-demo work directory\n")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / _MARKER).write_text("umtam-demo work directory\n")
+    except OSError as err:  # a file above it, a read-only folder
+        return f"--workdir {workdir} cannot be made the demo's folder: {err.strerror or err}"
     return None
 
 

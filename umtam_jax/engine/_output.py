@@ -87,7 +87,13 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
       ...     print("refused:", str(err).split(" (")[0].replace(root, "ROOT"))
       refused: the output ROOT contains the base
     """
-    from umtam_jax.checkpoint import _model_files, _safetensors, _safetensors_write, _targets
+    from umtam_jax.checkpoint import (
+        _model_files,
+        _safetensors,
+        _safetensors_write,
+        _safety,
+        _targets,
+    )
 
     inputs = [("the base", job.base.directory)]
     inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
@@ -103,7 +109,7 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
         if isinstance(job.base, SafetensorsSource) and job.base.folder is not None:
             _model_files.files_to_copy(job.base.folder)  # the base's config, tokenizer
     kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _MERGED_CHECKPOINT
-    _targets.check_target(output, overwrite=overwrite, kind=kind)
+    _safety.check_output(output, overwrite=overwrite, kind=kind)
 
 
 def _refuse_training_checkpoint(output: epath.Path) -> None:
