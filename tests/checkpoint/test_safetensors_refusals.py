@@ -258,3 +258,20 @@ def test_a_reader_never_mixes_versions_when_saves_reuse_the_inode(tmp_path):
         with pytest.raises(CheckpointBusyError, match="was replaced while it was read"):
             reader.read(["b"])
         save_safetensors(out, tree(0), overwrite=True)
+
+
+def test_an_unreadable_shard_is_an_os_error_naming_it_not_an_invalid_file(tmp_path, monkeypatch):
+    """A shard the process may not read was reported as "not a valid safetensors file"."""
+    from umtam_jax.checkpoint import _safetensors_header
+
+    out = sharded(tmp_path)
+    shard = sorted(out.glob("*.safetensors"))[1]
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(shard):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(_safetensors_header, "open", denied, raising=False)
+    with pytest.raises(PermissionError, match=f"cannot read .*{shard.name}: Permission denied"):
+        SafetensorsReader(out)

@@ -42,6 +42,7 @@ def parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
     Raises:
       ValueError: naming the file (and tensor): not a regular file, malformed,
         truncated, tensors that do not tile the data exactly, or an unsupported dtype.
+      OSError: naming the file, which cannot be read (its permissions, a disk error).
     """
     try:
         if not os.path.isfile(path):  # a FIFO's read may never return, a device's never ends
@@ -85,6 +86,8 @@ def parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
             raise ValueError(f"it is truncated: {last!r} ends at {data + cursor}, file {size} B")
         if data + cursor < size:
             raise ValueError(f"it has {size - data - cursor} stray bytes after its tensors")
-    except (OSError, ValueError) as err:
+    except OSError as err:  # unreadable, not malformed: its permissions, a disk error
+        raise OSError(err.errno, f"cannot read {path}: {err.strerror or err}") from None
+    except ValueError as err:
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
     return {n: (d, s, data + b, data + e) for b, e, n, d, s in entries}, meta
