@@ -239,6 +239,15 @@ def test_statistics_errors_name_leaf(inputs):
         merging.umtam(base, experts, [stats[0], missing])
     with pytest.raises(ValueError, match="holds no UMTAM statistics"):
         merging.umtam(base, experts, [stats[0], {"foo": np.zeros(3)}])
+    # A checkpoint's dict form of the statistics with a field missing is named as such.
+    as_dicts = H.as_dict_statistics(stats[1])
+    del as_dicts["attn"]["bias"]["nu"]
+    with pytest.raises(ValueError, match=re.escape("statistics[1]['attn']['bias'] lacks ['nu']")):
+        merging.umtam(base, experts, [stats[0], as_dicts])
+    del as_dicts["attn"]["bias"]
+    del as_dicts["attn"]["kernel"]["row"]
+    with pytest.raises(ValueError, match=re.escape("['attn']['kernel'] lacks ['row']")):
+        merging.umtam(base, experts, [stats[0], as_dicts])
 
 
 def test_type_errors(inputs):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -331,3 +333,20 @@ def test_state_shardings_of_an_nnx_model_with_partitioned_params(chained):
     kernel = umtam_leaves["kernel"]
     assert tuple(kernel.v.spec)[:1] == ("model",)  # v (cols × r): the kernel's columns
     assert tuple(kernel.u.spec) in ((), (None,), (None, None))  # u (rows × r): replicated
+
+
+def test_factored_curvature_of_an_all_zero_row_factor_is_zero():
+    """``R Cᵀ / sum(R)`` with ``R = 0`` (hand-made statistics; the optimizer's R is never 0)
+    is the curvature of a zero second moment, 0, not 0 / 0: a merge that weighs by it
+    stays finite."""
+    rng = np.random.default_rng(3)
+    f32 = functools.partial(np.asarray, dtype=np.float32)
+    row, col = f32([0.0, 0.0, 0.0]), f32(rng.random(4) + 0.1)
+    zero = umtam_jax.FactoredStatistics(
+        u=f32(rng.standard_normal((3, 1))), sigma=f32([[1.0]]),
+        v=f32(rng.standard_normal((4, 1))), row=row, col=col, saliency=None,
+    )  # fmt: skip
+    nonzero = zero._replace(row=f32([1.0, 2.0, 5.0]))
+    np.testing.assert_array_equal(umtam_jax.curvature({"w": zero})["w"], np.zeros((3, 4)))
+    want = np.outer(nonzero.row, col) / nonzero.row.sum()
+    np.testing.assert_allclose(umtam_jax.curvature({"w": nonzero})["w"], want, rtol=1e-6)

@@ -11,6 +11,7 @@ run them too. Inputs in 16-bit floats are computed in float32 and the result cas
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -252,7 +253,11 @@ MODEL_STOCK = R.register(
         "model_stock",
         model_stock,
         "average of two or more experts, pulled to the base by their task vectors' angle",
-        (Param("filter_wise", "bool", "one ratio per output filter"), R.LAYOUT),
+        (
+            Param("filter_wise", "bool", "one ratio per output filter"),
+            # Read only per filter (a value that varies by tensor may be per filter).
+            dataclasses.replace(R.LAYOUT, read_when=lambda o: o["filter_wise"] is not False),
+        ),
         lambda opts, b, ws, masks, scores, extras: _model_stock_leaf(
             b, ws, filter_wise=opts["filter_wise"], layout=opts["layout"]
         ),

@@ -1,6 +1,6 @@
 """mergekit's generalized task arithmetic as one per-leaf kernel, :func:`gta`, and the
 pieces the merging methods build from it: rescale modes, the registry kernel, the
-magnitude importance, shared parameters and dtype helpers.
+magnitude importance, shared parameters, dtype helpers and an overflow-safe norm.
 
 Each method of :mod:`._baselines` (task arithmetic, TIES, DARE, DARE-TIES) and of
 :mod:`._task_masks`, :mod:`._della`, :mod:`._breadcrumbs` is a configuration of
@@ -32,6 +32,37 @@ def compute_dtype(x: jax.Array) -> jnp.dtype:
 
 def sum_terms(terms: list[jax.Array]) -> jax.Array:
     return sum(terms[1:], terms[0])
+
+
+def power_of_two_peak(x: jax.Array, axis: Any = None) -> jax.Array:
+    """The power of two at or above ``max|x|`` along ``axis`` (kept as size-1 axes; 1
+    where ``x`` is all zeros), without gradient. Dividing by it is exact (short of
+    underflow), brings every entry within [-1, 1] and leaves ratios, signs and comparisons
+    as they were, so squares and products of the scaled values cannot overflow."""
+    peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0)
+    _, exponent = jnp.frexp(jnp.where(peak > 0, peak, 1))
+    return jax.lax.stop_gradient(jnp.ldexp(jnp.ones_like(peak), exponent))
+
+
+def scaled_norm(x: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Array:
+    """``‖x‖₂`` along ``axis`` (all axes by default) that does not overflow while the norm
+    is representable (``jnp.linalg.norm`` is ``inf`` for float32 entries beyond ~1e19),
+    equal to it bit for bit otherwise, and with a zero gradient at ``x = 0`` (where
+    ``jnp.linalg.norm``'s is NaN, which a ``jnp.where`` choosing another branch would still
+    carry into ``jax.grad``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from umtam_jax.merging._gta import scaled_norm
+      >>> x = jnp.array([3e30, 4e30])
+      >>> float(scaled_norm(x)), float(jnp.linalg.norm(x))
+      (4.9999999241216036e+30, inf)
+    """
+    scale = power_of_two_peak(x, axis)
+    square = jnp.sum(jnp.square(x / scale), axis=axis, keepdims=True)
+    positive = square > 0
+    norm = scale * jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1)), 0)
+    return norm if keepdims else jnp.squeeze(norm, axis=axis)
 
 
 # Rescale modes of gta (traced, so switching them does not recompile).

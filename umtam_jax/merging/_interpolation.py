@@ -15,6 +15,7 @@ the same computation with ``w0 = 0``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._gta import compute_dtype, sum_terms
+from umtam_jax.merging._gta import compute_dtype, scaled_norm, sum_terms
 from umtam_jax.merging._registry import WEIGHTS, Param
 
 _SLERP_DOT_THRESHOLD = 0.9995  # mergekit's slerp: |cos θ| above it interpolates linearly
@@ -166,7 +167,7 @@ def _slerp_leaf(base: jax.Array, expert: jax.Array, t: Any) -> jax.Array:
     dt = compute_dtype(base)
     a, b = base.astype(dt).reshape(-1), expert.astype(dt).reshape(-1)
     t = jnp.asarray(t, dt)
-    na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+    na, nb = scaled_norm(a), scaled_norm(b)
     na = jnp.where(na > _SLERP_EPS, na, 1)
     nb = jnp.where(nb > _SLERP_EPS, nb, 1)
     dot = jnp.clip(jnp.sum((a / na) * (b / nb)), -1, 1)
@@ -280,7 +281,7 @@ def _nuslerp_leaf(base, ws, weights, flatten: bool, row_wise: bool, layout: str)
         v1, v2 = jnp.swapaxes(v1, 0, -1), jnp.swapaxes(v2, 0, -1)
 
     def unit(v: jax.Array) -> jax.Array:
-        return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), _NUSLERP_NORM_EPS)
+        return v / jnp.maximum(scaled_norm(v, axis=-1, keepdims=True), _NUSLERP_NORM_EPS)
 
     u1, u2 = unit(v1), unit(v2)
     cos = jnp.clip(jnp.sum(u1 * u2, axis=-1, keepdims=True), -1, 1)
@@ -336,7 +337,8 @@ NUSLERP = R.register(
             WEIGHTS,
             Param("nuslerp_flatten", "bool", "interpolate whole tensors as one vector"),
             Param("nuslerp_row_wise", "bool", "unflattened: per input feature, not per output"),
-            R.LAYOUT,
+            # Read only without flattening (a value that varies by tensor may not flatten).
+            dataclasses.replace(R.LAYOUT, read_when=lambda o: o["nuslerp_flatten"] is not True),
         ),
         lambda opts, b, ws, masks, scores, extras: _nuslerp_leaf(
             b,

@@ -74,6 +74,9 @@ class Param:
       low, high: the range a ``"number"`` must lie in (None: unbounded), closed unless
         ``low_open``; checked when the value is known (not traced).
       low_open: whether ``low`` itself is excluded (a fraction in (0, 1]).
+      read_when: for a parameter only some settings of the others read (a weight layout
+        read without flattening), whether the options given (defaults filled in) read
+        it; None: always read.
     """
 
     name: str
@@ -84,6 +87,12 @@ class Param:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    read_when: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def is_read(self, options: Mapping[str, Any]) -> bool:
+        """Whether a merge with ``options`` (every parameter's value, defaults filled in)
+        reads this parameter."""
+        return self.read_when is None or bool(self.read_when(options))
 
     def check(self, value: Any, k: int) -> Any:
         """Validates a value given for this parameter.

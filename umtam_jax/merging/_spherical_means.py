@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging import _validation as V
-from umtam_jax.merging._gta import compute_dtype, sum_terms
+from umtam_jax.merging._gta import compute_dtype, scaled_norm, sum_terms
 from umtam_jax.merging._interpolation import _check_weight_sum, _traced
 from umtam_jax.merging._registry import WEIGHTS, Param
 
@@ -92,14 +92,6 @@ def multislerp(
     )
 
 
-def _norm(x: jax.Array) -> jax.Array:
-    """``‖x‖`` with a zero gradient at ``x = 0`` (``jnp.linalg.norm``'s is NaN there, which
-    a ``jnp.where`` choosing another branch would still carry into ``jax.grad``)."""
-    square = jnp.sum(x * x)
-    positive = square > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1)), 0)
-
-
 def _multislerp_terms(base, ws, weights, normalize_weights, eps):
     dt = compute_dtype(base)
     b = base.astype(dt).reshape(-1)
@@ -108,10 +100,10 @@ def _multislerp_terms(base, ws, weights, normalize_weights, eps):
     total = sum_terms(c)
     c = [jnp.where(normalize_weights, ci / jnp.where(normalize_weights, total, 1), ci) for ci in c]
     eps = jnp.asarray(eps, dt)
-    norms = [_norm(x) for x in xs]
+    norms = [scaled_norm(x) for x in xs]
     units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
     mean = sum_terms([ci * u for ci, u in zip(c, units, strict=True)])
-    mean_norm = _norm(mean)
+    mean_norm = scaled_norm(mean)
     return dt, b, xs, c, eps, norms, units, mean, mean_norm
 
 
@@ -137,7 +129,7 @@ def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
     unmoved, degenerate = _unmoved_and_degenerate(norms, mean_norm, eps)
     mean = mean / jnp.where(mean_norm < eps, 1, mean_norm)
     g = sum_terms([ci * (u - jnp.sum(u * mean) * mean) for ci, u in zip(c, units, strict=True)])
-    gamma = _norm(g) + eps
+    gamma = scaled_norm(g) + eps
     out = mean * jnp.cos(gamma) + g * (jnp.sin(gamma) / gamma)
     out = out * sum_terms([n * ci for n, ci in zip(norms, c, strict=True)])
     fallback = c[0] * xs[0] + c[1] * xs[1] if len(ws) == 2 else jnp.full_like(out, jnp.nan)
@@ -221,7 +213,7 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
     dt, k = compute_dtype(ws[0]), len(ws)
     tol = jnp.asarray(tol, dt)
     xs = [w.astype(dt).reshape(-1) for w in ws]
-    norms = [jnp.linalg.norm(x) for x in xs]
+    norms = [scaled_norm(x) for x in xs]
     units = [
         jnp.where(n == 0, 0, x / jnp.where(n == 0, 1, n)) for x, n in zip(xs, norms, strict=True)
     ]
@@ -233,7 +225,7 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
     first = units[-1]
     for v, u in zip(kept[::-1], units[::-1], strict=True):
         first = jnp.where(v, u, first)
-    norm = jnp.linalg.norm(mean)
+    norm = scaled_norm(mean)
     mean = jnp.where(norm < tol, first, mean / jnp.where(norm < tol, 1, norm))
 
     def step(carry):
@@ -246,10 +238,10 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
             ratio = theta / jnp.where(use, jnp.sin(theta), 1)
             terms.append(jnp.where(use, a * ratio * (u - dot * m), 0))
         g = sum_terms(terms)
-        gn = jnp.linalg.norm(g)
+        gn = scaled_norm(g)
         stop = gn < tol
         new = jnp.cos(gn) * m + jnp.sin(gn) * (g / jnp.where(stop, 1, gn))
-        nn = jnp.linalg.norm(new)
+        nn = scaled_norm(new)
         new = jnp.where(nn > tol, new / jnp.where(nn > tol, nn, 1), new)
         return i + 1, stop, jnp.where(stop, m, new)
 

@@ -126,6 +126,34 @@ def _keepdims_shapes(node: FactoredStatistics, shape: tuple, r: int, where: str)
     return {"u": row + (r,), "v": col + (r,), "sigma": batch + (r, r)}
 
 
+def _partial_stats_dict(x: Any) -> bool:
+    """A mapping of arrays named only by statistics fields that is not a whole node."""
+    return (
+        isinstance(x, Mapping)
+        and bool(x)
+        and all(v is None or is_array(v) for v in x.values())
+        and frozenset(x) <= _FACTORED_FIELDS | _DENSE_FIELDS
+        and not _is_stats_dict(x)
+    )
+
+
+def _check_complete_nodes(stats: Any, what: str) -> None:
+    """Raises naming the first node given as a mapping of statistics fields that lacks
+    some (a checkpoint's dict without ``nu``, say), where the tree is otherwise not read
+    as statistics at all."""
+    found = jax.tree_util.tree_flatten_with_path(stats, is_leaf=_partial_stats_dict)[0]
+    for path, node in found:
+        if _partial_stats_dict(node):
+            keys = frozenset(node)
+            factored = bool(keys & (_FACTORED_FIELDS - _DENSE_FIELDS))
+            missing = sorted((_FACTORED_REQUIRED if factored else _DENSE_REQUIRED) - keys)
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)} lacks {missing}: a statistics node holds "
+                f"{sorted(_FACTORED_REQUIRED)} (factored) or {sorted(_DENSE_REQUIRED)} "
+                "(dense), with an optional 'saliency'"
+            )
+
+
 def statistics_leaves(stats: Any, prepared: Prepared, what: str) -> list[Any]:
     """Flattens one expert's statistics pytree into nodes aligned with the base leaves.
 
@@ -143,6 +171,7 @@ def statistics_leaves(stats: Any, prepared: Prepared, what: str) -> list[Any]:
         try:
             stats = _extract(stats)
         except ValueError as err:
+            _check_complete_nodes(stats, what)
             raise ValueError(f"{what} holds no UMTAM statistics: {err}") from None
     paths = prepared.paths
     nodes = aligned_leaves(stats, prepared, what, is_leaf=is_stats_node)

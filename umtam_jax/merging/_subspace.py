@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from umtam_jax._precision import full_precision
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._gta import compute_dtype, sum_terms
+from umtam_jax.merging._gta import compute_dtype, scaled_norm, sum_terms
 from umtam_jax.merging._interpolation import _traced
 from umtam_jax.merging._registry import SCALING, Param
 from umtam_jax.optimizer._layout import RowAxesFn
@@ -79,12 +79,9 @@ def _mean_leaf(base: jax.Array, ws: list[jax.Array], scaling: Any) -> jax.Array:
 
 
 def _frobenius_sum(deltas: jax.Array) -> jax.Array:
-    """``Σ_t ‖Δ_t‖_F`` per matrix ``(B,)``: the scale of the rounding of ``Σ_t Δ_t``. Each
-    norm is taken of the matrix divided by its largest magnitude, so that the squares do
-    not overflow (float32 entries beyond ~1e19)."""
-    peak = jnp.max(jnp.abs(deltas), axis=(-2, -1), keepdims=True)
-    peak = jnp.where(peak > 0, peak, 1)
-    return jnp.sum(peak[..., 0, 0] * jnp.linalg.norm(deltas / peak, axis=(-2, -1)), 0)
+    """``Σ_t ‖Δ_t‖_F`` per matrix ``(B,)``: the scale of the rounding of ``Σ_t Δ_t``
+    (norms that do not overflow for float32 entries beyond ~1e19)."""
+    return jnp.sum(scaled_norm(deltas, axis=(-2, -1)), 0)
 
 
 def _numerical_zeros(s: jax.Array, shape: tuple[int, ...], rounding: Any) -> jax.Array:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from umtam_jax._precision import at_least_float32
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
+from umtam_jax.merging._gta import power_of_two_peak
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
 from umtam_jax.optimizer._layout import RowAxesFn
 from umtam_jax.optimizer._statistics import curvature as _curvature
@@ -153,6 +154,11 @@ def _importance(w0: jax.Array, w: jax.Array, node: Any, curvature_pruning: Any) 
     return jnp.where(curvature_pruning, sal, jnp.abs(w.astype(dt) - w0.astype(dt)))
 
 
+def _common_scale(xs: list[jax.Array]) -> jax.Array:
+    """The power of two at or above the largest magnitude of all of ``xs``."""
+    return power_of_two_peak(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in xs]))[0]
+
+
 @jax.jit
 def _combine(
     base: jax.Array,
@@ -172,8 +178,11 @@ def _combine(
     k = len(ws)
     b = base.astype(dt)
     d = [w.astype(dt) - b for w in ws]
-    # Step 3: importance-weighted sign election.
-    support = [jnp.abs(d[t]) * imps[t] for t in range(k)]
+    # Step 3: importance-weighted sign election. Task vectors and importances are divided
+    # by powers of two common to the experts, which leaves the election as it was and keeps
+    # |Δ| · I from overflowing where both are large.
+    d_scale, i_scale = _common_scale(d), _common_scale(imps)
+    support = [(jnp.abs(d[t]) / d_scale) * (imps[t] / i_scale) for t in range(k)]
     s_pos = sum(jnp.where(masks[t] & (d[t] > 0), support[t], 0) for t in range(k))
     s_neg = sum(jnp.where(masks[t] & (d[t] < 0), support[t], 0) for t in range(k))
     elected = jnp.sign(s_pos - s_neg)

@@ -96,11 +96,14 @@ def shares(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
     that the sum is finite and far below float32's largest: a product with ``1 / sum(x)``,
     which XLA may compute for the division, flushes to 0 once the sum passes about 8.5e37.
     Elsewhere the shares are ``x / sum(x)`` as written (entries near the smallest normal
-    included). The scale is a select on data, not a branch.
+    included). The scale is a select on data, not a branch. An all-zero ``x`` (statistics
+    of a second moment that is exactly 0, which the optimizer itself never stores) has
+    zero shares, not 0 / 0.
     """
     total = jnp.sum(x, axis=axis, keepdims=True)
     scaled = x * jnp.where(total < 2.0**100, 1.0, 2.0**-64).astype(x.dtype)
-    return scaled / jnp.sum(scaled, axis=axis, keepdims=True)
+    scaled_total = jnp.sum(scaled, axis=axis, keepdims=True)
+    return scaled / jnp.where(scaled_total > 0, scaled_total, 1)
 
 
 def _divided_by_peak(x: jax.Array) -> tuple[jax.Array, jax.Array]:
