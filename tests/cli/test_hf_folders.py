@@ -248,7 +248,7 @@ def test_integer_buffers_that_differ_are_refused(models, tmp_path, capsys):
     ]
     assert main([*argv, "-o", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "['embeddings']['position_ids'] of experts[0] differs" in err
+    assert "tensor embeddings.position_ids of experts[0] differs" in err
     assert f"(experts[0] is {tmp_path / 'changed'})" in err
     assert not (tmp_path / "out").exists()
 

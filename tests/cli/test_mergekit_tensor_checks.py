@@ -99,6 +99,12 @@ def test_setting_values_follow_mergekits_evaluation():
             "merge_method: ties\nbase_model: {root}/a\n",
             r"models\[0\].parameters.density\[1\].value\[1\] must lie in \(0, 1\], got 2.0",
         ),
+        (  # a value the gradient gives between its integers: the key and the tensor
+            "models: [{model: {root}/b}, {model: {root}/a}]\nmerge_method: karcher\n"
+            "parameters: {max_iter: [5, 6]}\n",
+            r"tensor model.layers.1.mlp.up_proj.weight \(max_iter=5.3+\d\): max_iter must "
+            r"be a non-negative integer, got 5.3+\d \(max_iter is from parameters.max_iter\)",
+        ),
     ],
 )
 def test_what_is_not_supported_or_wrong_is_one_error_naming_its_key(
@@ -199,3 +205,34 @@ def test_an_expert_count_error_names_the_files_key(tmp_path, capsys):
     )
     assert main([str(config), "--dry-run"]) == 2
     assert "'models': model_stock merges at least 2 experts, got 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters", "refused"),
+    [
+        ("della", "{density: 0.5}", True),
+        ("iso_cts", "{}", True),
+        ("nuslerp", "{}", False),  # flattened: no layout read
+        ("nuslerp", "{nuslerp_flatten: false}", True),
+        ("model_stock", "{}", False),
+        ("model_stock", "{filter_wise: true}", True),
+        ("della", "{density: 0.5, layout: out_in}", False),
+    ],
+)
+def test_a_native_file_on_hugging_face_folders_names_the_layout(
+    tmp_path, capsys, method, parameters, refused
+):
+    """The default layout, Flax's (d_in, d_out), silently merged PyTorch (d_out, d_in)
+    weights along the wrong axis where a method reads it: a native file must name it."""
+    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+        _model(tmp_path, name, seed)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"method: {method}\nbase: {tmp_path}/a\nexperts: [{tmp_path}/b, {tmp_path}/c]\n"
+        f"parameters: {parameters}\n"
+    )
+    assert main([str(config), "--dry-run"]) == (2 if refused else 0)
+    err = capsys.readouterr().err
+    if refused:
+        assert f"parameters.layout: method {method!r} reads the weights' layout" in err, err
+        assert "'layout: out_in' for PyTorch (d_out, d_in) weights" in err

@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from umtam_jax import merging
+from umtam_jax import engine, merging
 from umtam_jax.cli import _mergekit, _mergekit_models
 from umtam_jax.cli._config_parameters import (
     PER_EXPERT,
@@ -111,6 +111,7 @@ def build_plan(config: dict[str, Any]) -> Plan:
     seed = _seed(config, params, spec)
     _check_parameters(config, spec, params, experts)
     varying = _per_tensor_and_per_expert(config, spec, params, experts)
+    _require_layout(spec, {**params, **varying}, base, experts)
     for p in spec.params:
         required = p.kind not in _MANAGED_KINDS and spec.defaults()[p.name] is merging.REQUIRED
         if required and p.name not in params:
@@ -125,6 +126,26 @@ def build_plan(config: dict[str, Any]) -> Plan:
                 f"'{key}' must be one of {', '.join(_mergekit.DTYPES)}, got {value!r}"
             )
     return Plan(spec.name, base, experts, params, output, seed, dtypes[0], dtypes[1], varying)
+
+
+def _require_layout(
+    spec: merging.Method, given: dict[str, Any], base: str | None, experts: list[Expert]
+) -> None:
+    """Refuses a merge that reads the weights' layout, does not name it, and reads a
+    Hugging Face folder, whose matrices may be PyTorch's ``(d_out, d_in)`` (what
+    transformers saves) or Flax's ``(d_in, d_out)`` (a Flax tree saved as safetensors): the
+    default, Flax's, would silently be wrong for the first. A mergekit file names it."""
+    layout = spec.param("layout")
+    if layout is None or "layout" in given or not layout.is_read({**spec.defaults(), **given}):
+        return
+    folders = [p for p in (base, *(e.path for e in experts)) if p and engine.is_huggingface(p)]
+    if folders:
+        raise ConfigError(
+            f"parameters.layout: method {spec.name!r} reads the weights' layout and "
+            f"{folders[0]} is a Hugging Face folder: set 'layout: out_in' for PyTorch "
+            "(d_out, d_in) weights (what transformers saves; a mergekit file gets it) or "
+            "'layout: in_out' for Flax/JAX (d_in, d_out) kernels"
+        )
 
 
 def _method(config: Any) -> merging.Method:

@@ -86,13 +86,25 @@ def _job(plan: Plan) -> engine.Job:
         raise _failure("the merge would fail", err, plan, hint) from None
 
 
+# A pytree path of string keys, ['model']['layers']['0']['mlp']['weight'], as the library
+# names a leaf; Hugging Face models' users know it as the tensor model.layers.0.mlp.weight.
+_TREE_PATH = re.compile(r"(?:\['[^'\[\]]*'\]){2,}")
+
+
+def _tensor_name(match: re.Match) -> str:
+    return "tensor " + ".".join(re.findall(r"\['([^']*)'\]", match.group(0)))
+
+
 def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigError:
     """The one-line error of a failed merge, naming experts as the file does.
 
     The library names an expert by its index among the experts (``experts[1]``) and its
     per-expert values by parameter (``weights[1]``, ``density[1]``); a mergekit file lists
     them as ``models[2]`` (its base may come first) and ``models[2].parameters.weight``.
-    Each expert named is followed by its path.
+    Each expert named is followed by its path, and each value a tensor got from a
+    setting that varies by tensor (a gradient, filtered values) by its key in the file.
+    Where every input is a Hugging Face model, a leaf's pytree path is given as its tensor
+    name.
     """
     named: dict[int, None] = {}
 
@@ -110,7 +122,17 @@ def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigErr
     # Not inside a quoted leaf name (a tensor may be called "density[1]").
     names = "|".join(["experts", *map(re.escape, _PER_EXPERT_KEY)])
     message = re.sub(rf"(?<![\w'.])({names})\[(\d+)\]", rename, str(err))
+    if all(engine.is_huggingface(p) for p in (plan.base, *(e.path for e in plan.experts)) if p):
+        message = _TREE_PATH.sub(_tensor_name, message)
     paths = [f"{plan.experts[i].key} is {plan.experts[i].path}" for i in sorted(named)]
+    # The values a tensor got from settings that vary by tensor, shown by the engine as
+    # "tensor NAME (max_iter=5.5, ...)": where the file gives each.
+    shown = re.match(r"tensor \S+ \(([^)]*)\)", str(err))
+    paths += [
+        f"{param} is from {setting.key}"
+        for param, setting in plan.tensor_parameters.items()
+        if shown and re.search(rf"(?:^|, ){re.escape(param)}=", shown.group(1))
+    ]
     legend = f" ({'; '.join(paths)})" if paths else ""
     return ConfigError(f"{what}: {message}{hint}{legend}")
 
