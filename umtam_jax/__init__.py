@@ -57,6 +57,7 @@ __all__ = [
     "ScaleByUmtamState",
     "checkpoint",
     "engine",
+    "experiments",
     "curvature",
     "default_row_axes",
     "merging",

@@ -1,4 +1,9 @@
-"""``umtam-merge``: merge Orbax checkpoints with any ``umtam_jax.merging`` method.
+"""``umtam-merge``: merge models with any ``umtam_jax.merging`` method.
+
+Every model (base, experts, ``fisher`` and ``curvature`` inputs) is a umtam_jax checkpoint,
+an Orbax ``CheckpointManager`` step or a Hugging Face safetensors folder (PyTorch pickles
+are refused, never unpickled); the output is a umtam_jax checkpoint or a safetensors folder
+(``--output-format``, default: the base's).
 
 A YAML configuration of its own, or a mergekit configuration unchanged (see
 :mod:`umtam_jax.cli._mergekit` for what carries over)::
@@ -11,6 +16,7 @@ A YAML configuration of its own, or a mergekit configuration unchanged (see
         density: 0.3              # per-expert density (methods with `density`)
         tall_lambda: 0.4          # per-expert TALL threshold (consensus methods)
       - ckpt/task_b               # a bare path is fine too
+      # per expert too: fisher: PATH (method fisher), curvature: PATH (method ota)
     parameters:                   # keyword arguments of the merging function
       density: 0.2
       normalize: all
@@ -25,17 +31,20 @@ or the same through flags (which override the file; a ``--param`` is, like the f
         --param density=0.2 --output ckpt/merged
 
 Statistics for ``umtam`` (and the curvature for ``ota``, the saliency for ``prune``) are
-restored from each expert's checkpoint (``umtam_jax.checkpoint``, or the optimizer state
-saved beside the parameters in an Orbax ``CheckpointManager`` step); ``fisher`` takes a
-``fisher: PATH`` per expert, a checkpoint whose parameters hold that expert's diagonal
-Fisher. ``prune`` takes exactly one expert and a ``scores`` parameter, ``saliency``
-(default) or ``magnitude``. ``scope`` is ``tensor``, ``layer`` or ``{scanned: [key names],
-axis: A, batch: B}`` (each layer of the leaves under those keys, stacked on axis A:
-``umtam_jax.scanned``; ``scanned: []`` takes every leaf with three or more axes): exact
-keep counts per layer for ``umtam``, ``ties``, ``prune`` and ``consensus_ties``, which
-also take ``global`` (one count over the whole expert); each layer merged as a tensor
-of its own for ``breadcrumbs``, ``breadcrumbs_ties``, ``sce``, ``della``, ``della_linear``,
-``tsv_merge``, ``iso_c`` and ``iso_cts``.
+restored from each expert's checkpoint (``umtam_jax.checkpoint``, the optimizer state saved
+beside the parameters in an Orbax ``CheckpointManager`` step, or a safetensors model's
+``umtam_statistics`` folder); ``fisher`` takes a ``fisher: PATH`` per expert, a checkpoint
+whose parameters hold that expert's diagonal Fisher; ``ota`` may take a ``curvature: PATH``
+per expert (every expert or none), a model holding that expert's curvature (Adam second
+moments) under the parameters' names, in place of its UMTAM statistics. ``prune`` takes
+exactly one expert and a ``scores`` parameter, ``saliency`` (default) or ``magnitude``.
+``scope`` is ``tensor``, ``layer`` or ``{scanned: [key names], axis: A, batch: B}`` (each
+layer of the leaves under those keys, stacked on axis A: ``umtam_jax.scanned``; ``scanned:
+[]`` takes every leaf with three or more axes): exact keep counts per layer for ``umtam``,
+``ties``, ``prune`` and ``consensus_ties``, which also take ``global`` (one count over the
+whole expert); each layer merged as a tensor of its own for ``breadcrumbs``,
+``breadcrumbs_ties``, ``sce``, ``della``, ``della_linear``, ``tsv_merge``, ``iso_c`` and
+``iso_cts``.
 Relative paths are taken from the working directory; in ``--expert PATH,KEY=VALUE,...``
 the options are the trailing pieces holding ``=``, so a path may hold commas. An expert
 listed twice is refused (it would count twice: give it a weight), and so is the base as
@@ -99,18 +108,22 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(
         prog=PROG,
-        description="Merge Orbax checkpoints with UMTAM (Algorithm 2) or a baseline method.",
+        description="Merge models (umtam_jax or Orbax checkpoints, Hugging Face safetensors "
+        "folders) with UMTAM (Algorithm 2) or another umtam_jax.merging method.",
         epilog=f"Methods: {', '.join(METHODS)}. See the module docstring of "
         "umtam_jax.cli.merge for the YAML schema.",
     )
-    p.add_argument("config", nargs="?", help="YAML configuration file")
+    p.add_argument(
+        "config", nargs="?", help="YAML configuration file: umtam-merge's own or mergekit's"
+    )
     p.add_argument("--method", choices=list(METHODS), help="merging method")
-    p.add_argument("--base", help="base checkpoint directory")
+    p.add_argument("--base", help="base model: a checkpoint or a safetensors folder")
     p.add_argument(
         "--expert",
         action="append",
-        metavar="PATH[,weight=W][,density=D][,fisher=PATH][,curvature=PATH]",
-        help="expert checkpoint (repeat; replaces the file's experts)",
+        metavar="PATH[,weight=W][,density=D][,tall_lambda=L][,fisher=PATH][,curvature=PATH]",
+        help="expert model, a checkpoint or a safetensors folder, and its own values (repeat; "
+        "replaces the file's experts)",
     )
     p.add_argument(
         "--param",
@@ -119,7 +132,9 @@ def _parser() -> argparse.ArgumentParser:
         help="method parameter (repeat); a per-model one (density) is the default of the "
         "models without their own",
     )
-    p.add_argument("--output", "-o", help="output checkpoint directory")
+    p.add_argument(
+        "--output", "-o", help="output: a checkpoint or a safetensors folder (--output-format)"
+    )
     p.add_argument("--seed", type=int, help="PRNG seed of dare, dare_ties, della, della_linear")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument(

@@ -14,9 +14,11 @@ Errors name the offending leaf path. With their Python options (densities, mode 
 flags) static, all merges are jit-compatible. Random methods take an explicit PRNG ``key``.
 
 Keep counts of the top-k methods (TIES's trim, UMTAM, prune, consensus TIES)
-are exact: ``max(1, int(density · N))`` entries per tensor (``scope="tensor"``) or per
-expert (``scope="global"``), equal scores going to the lower flat index; Model Breadcrumbs
-keeps ``int(density · N)``, which may be none.
+are exact: ``max(1, int(density · N))`` entries per tensor (``scope="tensor"``), per
+layer of a stacked tensor (``scope="layer"``: each slice of the first axis of a tensor with
+three or more; or a layout such as ``scope=umtam_jax.scanned("blocks")``: each layer of the
+leaves it names) or per expert (``scope="global"``), equal scores going to the lower flat
+index; Model Breadcrumbs keeps ``int(density · N)``, which may be none.
 
 Methods:
   - :func:`umtam`: curvature-aware merging with the optimizer's statistics (docs/algorithm.md §4).

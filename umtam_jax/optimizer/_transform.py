@@ -179,14 +179,15 @@ def scale_by_umtam(
         stack, mapped with ``jax.vmap``: one kernel per operation for all of them instead
         of one per parameter, at the price of copying them into the stack and back.
         Results equal the per-parameter ones up to rounding. An H100 ran the update alone
-        1.16–1.53× faster on GPT-2-shaped models, but a whole training step on an H200
-        was no faster; on CPUs the copies cost more than they save (docs/performance.md). Off by
-        default because the copies need memory:
-        XLA plans 2–2.2× the parameter bytes more temporary memory for the update (GPT-2
-        shapes, lean and default settings; per parameter ~1×); a matrix's saliency ``S``
-        and ``W0`` are not stacked (the saliency step runs per parameter). Parameters under Explicit
-        sharding, and factored ones with ``svd_method="exact"``, are always updated one by
-        one.
+        1.16–1.53× faster on GPT-2-shaped models (older code, whose stacks also held ``S``
+        and ``W0``), but a whole training step on an H200 was no faster; on CPUs the copies
+        cost more than they save (docs/performance.md). Off by default because the copies
+        need memory: XLA plans 2–2.2× the parameter bytes more temporary memory for the
+        update (GPT-2 shapes, lean and default settings; per parameter ~1×); a matrix's
+        saliency ``S`` and ``W0`` are not stacked (the saliency step runs per parameter).
+        Parameters under Explicit sharding, parameters with batch axes (layer-stacked
+        leaves: ``MatrixAxes`` with ``batch``, ``scanned``), and factored ones with
+        ``svd_method="exact"``, are always updated one by one.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`ScaleByUmtamState`.
