@@ -235,4 +235,4 @@ def test_a_native_file_on_hugging_face_folders_names_the_layout(
     err = capsys.readouterr().err
     if refused:
         assert f"parameters.layout: method {method!r} reads the weights' layout" in err, err
-        assert "'layout: out_in' for PyTorch (d_out, d_in) weights" in err
+        assert "set layout: 'out_in' for PyTorch (d_out, d_in) weights" in err

@@ -4,6 +4,8 @@ input is read."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,18 @@ def test_out_of_core_refuses_a_wrong_expert_count_before_reading(
     with pytest.raises(ValueError, match=f"{name} merges {error}"):
         engine.merge_checkpoints(name, paths["base"], dirs, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_method_reading_the_layout_must_be_told_it_for_safetensors_folders(tmp_path):
+    """The default layout, Flax's (d_in, d_out), silently merged the PyTorch (d_out, d_in)
+    weights a Hugging Face folder usually holds along the wrong axis."""
+    w = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    paths = [checkpoint.save_safetensors(tmp_path / n, {"w": w["w"] + i}) for n, i in
+             (("a", 0), ("b", 1), ("c", 2))]  # fmt: skip
+    job = functools.partial(engine.job_from_paths, statistics=None)
+    with pytest.raises(ValueError, match="pass layout='out_in' for PyTorch"):
+        job("nuslerp", None, paths[:2], kwargs={"nuslerp_flatten": False})
+    for kwargs in ({}, {"nuslerp_flatten": False, "layout": "out_in"}):  # not read, or named
+        job("nuslerp", None, paths[:2], kwargs=kwargs)
+    with pytest.raises(ValueError, match=r"method 'della' reads the weights' layout and .*/a"):
+        job("della", paths[0], paths[1:], kwargs={"density": 0.5})

@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from umtam_jax import engine, merging
+from umtam_jax import merging
 from umtam_jax.cli import _mergekit, _mergekit_models
 from umtam_jax.cli._config_parameters import (
     PER_EXPERT,
@@ -28,6 +28,7 @@ from umtam_jax.cli._config_parameters import (
 from umtam_jax.cli._mergekit_settings import NormalizedScaling, TensorSetting
 from umtam_jax.cli._mergekit_values import check_parameters
 from umtam_jax.cli._yaml import ConfigError, is_number
+from umtam_jax.engine._checkpoints import require_layout
 from umtam_jax.merging import METHODS
 from umtam_jax.optimizer._config import SEED_RANGE
 
@@ -131,21 +132,12 @@ def build_plan(config: dict[str, Any]) -> Plan:
 def _require_layout(
     spec: merging.Method, given: dict[str, Any], base: str | None, experts: list[Expert]
 ) -> None:
-    """Refuses a merge that reads the weights' layout, does not name it, and reads a
-    Hugging Face folder, whose matrices may be PyTorch's ``(d_out, d_in)`` (what
-    transformers saves) or Flax's ``(d_in, d_out)`` (a Flax tree saved as safetensors): the
-    default, Flax's, would silently be wrong for the first. A mergekit file names it."""
-    layout = spec.param("layout")
-    if layout is None or "layout" in given or not layout.is_read({**spec.defaults(), **given}):
-        return
-    folders = [p for p in (base, *(e.path for e in experts)) if p and engine.is_huggingface(p)]
-    if folders:
-        raise ConfigError(
-            f"parameters.layout: method {spec.name!r} reads the weights' layout and "
-            f"{folders[0]} is a Hugging Face folder: set 'layout: out_in' for PyTorch "
-            "(d_out, d_in) weights (what transformers saves; a mergekit file gets it) or "
-            "'layout: in_out' for Flax/JAX (d_in, d_out) kernels"
-        )
+    """The engine's check that the layout is named (``require_layout``) on the file's
+    parameters, before anything is read; a mergekit file names the layout itself."""
+    try:
+        require_layout(spec, given, [base, *(e.path for e in experts)], "set layout: ")
+    except ValueError as err:
+        raise ConfigError(f"parameters.layout: {err}") from None
 
 
 def _method(config: Any) -> merging.Method:

@@ -21,9 +21,40 @@ from umtam_jax.engine._job import Job, TensorKwargs
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
 from umtam_jax.engine._output import check_output, resolve_output_format, writer
 from umtam_jax.engine._plain_orbax import align_keys
-from umtam_jax.engine._sources import SafetensorsSource, Source, open_source
+from umtam_jax.engine._sources import SafetensorsSource, Source, is_huggingface, open_source
 from umtam_jax.engine._tied_embeddings import untie_embeddings
 from umtam_jax.merging import _registry as R
+
+
+def require_layout(
+    method: R.Method, given: Mapping[str, Any], paths: Sequence[Any], how: str
+) -> None:
+    """Refuses a merge that reads the weights' layout without being told it, where an
+    input is a Hugging Face folder: its matrices may be PyTorch's ``(d_out, d_in)`` (what
+    transformers saves) or Flax's ``(d_in, d_out)`` (a Flax tree saved as safetensors),
+    which the files do not tell apart, and the default, Flax's, silently merges the first
+    along the wrong axis.
+
+    Args:
+      method: the merging method.
+      given: the parameters given (a value that varies by tensor counts as given).
+      paths: the inputs' paths (None entries skipped).
+      how: how the caller names the parameter in the message (``"pass layout="``).
+
+    Raises:
+      ValueError: the method reads ``layout``, ``given`` lacks it, and an input is a
+        Hugging Face folder.
+    """
+    layout = method.param("layout")
+    if layout is None or "layout" in given or not layout.is_read({**method.defaults(), **given}):
+        return
+    if folders := [p for p in paths if p is not None and is_huggingface(p)]:
+        raise ValueError(
+            f"method {method.name!r} reads the weights' layout and {os.fspath(folders[0])} is "
+            f"a Hugging Face folder: {how}'out_in' for PyTorch (d_out, d_in) weights (what "
+            f"transformers saves; a mergekit file gets it) or {how}'in_out' for Flax/JAX "
+            "(d_in, d_out) kernels"
+        )
 
 
 def job_from_paths(
@@ -126,6 +157,7 @@ def job_from_paths(
         raise ValueError(f"method {method!r} needs the experts' UMTAM statistics or curvature_dirs")
     if base_dir is None and not m.base_optional:
         raise ValueError(f"method {method!r} needs a base model")
+    require_layout(m, kwargs, [base_dir, *expert_dirs], "pass layout=")
     experts = [open_source(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
     base = experts[0] if base_dir is None else open_source(base_dir, "the base")
     extras: Literal["statistics"] | list[Source] | None = "statistics" if statistics else None
