@@ -136,3 +136,34 @@ def test_sharded_nd_leaf_updates_keep_the_sharding_on_explicit_meshes(report, ca
     assert entry["types_equal"], entry
     assert entry["state_shardings_kept"] and entry["state_shardings_planned"], entry
     assert not entry["recompiled"], entry
+
+
+_REPLICATED_GRADIENT = """
+    mesh = jax.make_mesh((jax.device_count(),), ("x",), axis_types=(AxisType.Explicit,))
+    rng = np.random.default_rng(1)
+    shapes = {"kernel": (4, 16, 8), "bias": (4, 8)}  # a scanned stack's kernel and bias
+    w = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    g = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    opt = umtam_jax.umtam(1.0, rank=2, min_dim_size_to_factor=1, row_axes=umtam_jax.scanned())
+    want, _ = jax.jit(opt.update)(g, opt.init(w), w)
+    with jax.set_mesh(mesh):
+        params = jax.device_put(w, NamedSharding(mesh, P("x")))
+        grads = jax.device_put(g, NamedSharding(mesh, P()))  # replicated, e.g. all-reduced
+        got, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+        for k in shapes:
+            report[k] = {
+                "err": float(jnp.max(jnp.abs(got[k] - want[k]))),
+                "scale": float(jnp.max(jnp.abs(want[k]))),
+                "spec": trim(got[k].sharding.spec),
+            }
+"""
+
+
+def test_a_replicated_gradient_of_a_sharded_scanned_leaf_on_an_explicit_mesh():
+    """vmap over the layers refused a gradient partitioned unlike its parameter ("Mapped
+    away dimension ... should be sharded the same"), where Optax's own transforms and
+    unscanned leaves take it: the gradient is resharded like the parameter first."""
+    report = run_on_devices(4, _REPLICATED_GRADIENT)
+    for name, entry in report.items():
+        assert entry["err"] <= 1e-5 * max(entry["scale"], 1.0), (name, entry)
+        assert entry["spec"] == ["x"], (name, entry)

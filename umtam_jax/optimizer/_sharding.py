@@ -201,6 +201,17 @@ def reshard_like(x: jax.Array, spec: tuple | None) -> jax.Array:
     return jax.sharding.reshard(x, NamedSharding(_explicit_mesh(x), P(*spec)))
 
 
+def batched_like_params(grads: list[Any], params: list[Any], layouts: list[Any]) -> list[Any]:
+    """The gradients, each of a leaf with batch axes (a ``Layout`` with ``batch_axes``)
+    partitioned as its parameter over Explicit mesh axes: ``vmap`` maps only equally
+    partitioned axes (a replicated gradient of a layer-sharded stack was refused), where
+    elsewhere JAX reshards as it goes."""
+    return [
+        reshard_like(g, explicit_spec(w)) if layout.batch_axes else g
+        for g, w, layout in zip(grads, params, layouts, strict=True)
+    ]
+
+
 def keep_like(new: Any, old: Any, which: list[bool] | None = None) -> Any:
     """``new`` (a pytree of arrays) sharded like ``old`` (the same tree, leaf shapes equal),
     under ``jax.jit`` on Auto (or no) mesh axes; the values are not touched. ``which``: per

@@ -320,6 +320,7 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
     ]
     params_in_order = param_leaves
     param_leaves = [to_canonical(w, lay.perm) for w, lay in zip(param_leaves, layouts, strict=True)]
+    grads = _sharding.batched_like_params(grads, param_leaves, layouts)
     leaf_states = [
         canonical_state(x, lay, w.ndim)
         for x, lay, w in zip(leaf_states, layouts, param_leaves, strict=True)
@@ -388,10 +389,8 @@ def _update(cfg: Config, updates: Any, state: Any, params: Any) -> tuple[Any, An
         for x, lay, w in zip(new_states, layouts, param_leaves, strict=True)
     ]
     # Updates keep the parameters' sharding and states their own (Optax's convention),
-    # also where an Auto mesh's propagation would lose it through a factored leaf's
-    # reshapes (_sharding.keep_like). Dense leaves are not reshaped, and tying them to
-    # their inputs let a neighbouring stack's partition win the group (a stacked bias came
-    # back sharded like the stacked kernel beside it).
+    # where an Auto mesh would lose it through a factored leaf's reshapes (keep_like);
+    # dense leaves are not tied (a stacked bias took the stacked kernel's partition).
     factored = [lay.row_axes is not None for lay in layouts]
     directions = _sharding.keep_like(directions, params_in_order, factored)
     new_states = _sharding.keep_like(new_states, stored_states, factored)
