@@ -99,6 +99,21 @@ def test_setting_values_follow_mergekits_evaluation():
             "merge_method: ties\nbase_model: {root}/a\n",
             r"models\[0\].parameters.density\[1\].value\[1\] must lie in \(0, 1\], got 2.0",
         ),
+        (
+            "models: [{model: {root}/b}]\nmerge_method: ties\nbase_model: {root}/a\n"
+            "tokenizer: {source: union}\n",
+            "'tokenizer': tokenizer merging is not supported by umtam-merge",
+        ),
+        (
+            "models: [{model: {root}/b}]\nmerge_method: ties\nbase_model: {root}/a\n"
+            "chat_template: chatml\n",
+            "'chat_template': setting a chat template is not supported by umtam-merge",
+        ),
+        (
+            "models: [{model: {root}/b, parameters: {density: 0.5}}]\nmerge_method: ties\n"
+            "base_model: {root}/a\nparameters: {normalize: false}\n",
+            "parameters.normalize: merge_method 'ties' is supported with normalize: true",
+        ),
         (  # a value the gradient gives between its integers: the key and the tensor
             "models: [{model: {root}/b}, {model: {root}/a}]\nmerge_method: karcher\n"
             "parameters: {max_iter: [5, 6]}\n",

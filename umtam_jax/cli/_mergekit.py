@@ -144,8 +144,8 @@ _TOP_LEVEL = {
 }
 _UNSUPPORTED = {
     "tokenizer": "tokenizer merging",
-    "chat_template": "chat templates",
-    "modules": "per-module configurations",
+    "chat_template": "setting a chat template",
+    "modules": "a configuration per module",
 }
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -239,7 +239,7 @@ def _file_parameters(config: dict[str, Any]) -> FileParameters:
     """The method, the base model and the ``parameters`` of a mergekit file, checked."""
     for key, what in _UNSUPPORTED.items():
         if key in config:
-            raise ConfigError(f"'{key}': {what} are not supported by umtam-merge")
+            raise ConfigError(f"'{key}': {what} is not supported by umtam-merge")
     ignored = [repr(k) for k in config if k not in _TOP_LEVEL | {"output", "seed"}]
     name = config["merge_method"]
     if not isinstance(name, str) or (name not in _GTA and name not in METHODS):
@@ -339,8 +339,10 @@ def _parameters(file: FileParameters, out: dict[str, Any]) -> dict[str, Any]:
                     del e[VARYING]
     if method == "ties":
         if not normalize or rescale:
+            key = "rescale" if normalize else "normalize"
             raise ConfigError(
-                "merge_method 'ties' is supported with normalize: true and rescale: false only"
+                f"parameters.{key}: merge_method 'ties' is supported with normalize: true and "
+                "rescale: false only"
             )
     elif registered.param("normalize") is not None:
         parameters["normalize"] = normalize
