@@ -24,7 +24,8 @@ def cast_checked(
       fix: what the error suggests.
 
     Returns:
-      ``x.astype(dtype)``.
+      ``x.astype(dtype)``; ``x`` itself where it has that dtype already (no copy: a merged
+      embedding is hundreds of MB).
 
     Raises:
       ValueError: a finite value of ``x`` is out of ``dtype``'s range.
@@ -41,6 +42,8 @@ def cast_checked(
       ...
       ValueError: ['n'] holds 1099511627776, beyond int32's range [-2147483648, 2147483647]: ...
     """
+    if np.dtype(x.dtype) == np.dtype(dtype):
+        return x
     with np.errstate(over="ignore"):  # an overflow is reported below, by name
         out = x.astype(dtype)
     dtype = np.dtype(dtype)

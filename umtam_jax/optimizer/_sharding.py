@@ -294,9 +294,11 @@ def tracing() -> bool:
 
 def explicit_concrete_mesh(tree: Any) -> Any:
     """The mesh of the first concrete array of ``tree`` sharded over Explicit mesh axes,
-    or None."""
+    or None. Tracers are passed over unasked: a tracer's ``.sharding`` raises an error
+    whose message walks everything traced so far (quadratic over a model's leaves)."""
     for x in jax.tree.leaves(tree):
-        sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+        sharding = getattr(x, "sharding", None) if concrete else None
         mesh = getattr(sharding, "mesh", None)
         if isinstance(mesh, jax.sharding.Mesh) and AxisType.Explicit in mesh.axis_types:
             return mesh
