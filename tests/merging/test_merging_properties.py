@@ -296,12 +296,19 @@ def test_topk_mask_matches_stable_argsort(data, n, pool):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 333])  # one pass, or chunks (the last overlaps)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k", [1, 37, 500, 999, 1000, "boundary"])
-def test_topk_mask_on_large_tensors_with_ties_nan_and_signed_zeros(dtype, k):
+def test_topk_mask_on_large_tensors_with_ties_nan_and_signed_zeros(dtype, k, chunk):
     # 1000 scores from a few values: both the exact-fit path (every key equal to the k-th
     # largest is kept) and the tie-breaking path (only the first ones in flat order) occur.
-    from umtam_jax.merging._select import topk_mask
+    # Leaves beyond ``_CHUNK`` entries are read in chunks: small chunks take that path here.
+    from umtam_jax.merging import _select
+
+    def topk_mask(x, k):
+        if chunk is None:
+            return _select.topk_mask(x, k)
+        return jax.jit(_select._topk_mask, static_argnums=(1, 2))(x, k, chunk)
 
     rng = np.random.default_rng(7)
     pool = np.asarray([np.nan, np.inf, 3.5, 1e-30, 0.0, -0.0, -2.0, -np.inf], dtype)

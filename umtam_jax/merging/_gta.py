@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -65,11 +66,11 @@ def scaled_norm(x: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.A
     return norm if keepdims else jnp.squeeze(norm, axis=axis)
 
 
-# Rescale modes of gta (traced, so switching them does not recompile).
+# Rescale modes of gta (static: a traced mode computed every mode's temporaries).
 NO_RESCALE, INVERSE, L1 = 0, 1, 2
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("rescale", "consensus", "normalize"))
 def gta(
     base: jax.Array,
     ws: list[jax.Array],
@@ -77,18 +78,20 @@ def gta(
     weights: list[Any],
     scaling: Any,
     densities: list[Any],
-    rescale: Any,
-    consensus: Any,
-    normalize: Any,
+    rescale: int,
+    consensus: bool,
+    normalize: bool,
 ) -> jax.Array:
     """mergekit's generalized task arithmetic for one leaf.
 
-    Compiled once per leaf shape, dtype and number of experts (``masks=None`` aside); the
-    options are traced. ``masks`` sparsify the task vectors (``None``: keep all);
-    ``rescale`` is ``NO_RESCALE``, ``INVERSE`` (divide by the density) or ``L1`` (match
-    the unmasked L1 norm, skipped when either norm is below 1e-7); ``consensus`` is
-    mergekit's ``get_mask(method="sum")``: keep entries whose sign matches that of the sum
-    of the weighted deltas (a zero sum votes +1, zeros never match); ``normalize`` divides
+    Compiled once per leaf shape, dtype, number of experts and mode (``masks=None``
+    aside); weights, scaling and densities are traced, the modes static (a traced mode
+    computed every mode's temporaries: three leaves' worth more memory). ``masks``
+    sparsify the task vectors (``None``: keep all); ``rescale`` is ``NO_RESCALE``,
+    ``INVERSE`` (divide by the density) or ``L1`` (match the unmasked L1 norm, skipped
+    when either norm is below 1e-7); ``consensus`` is mergekit's
+    ``get_mask(method="sum")``: keep entries whose sign matches that of the sum of the
+    weighted deltas (a zero sum votes +1, zeros never match); ``normalize`` divides
     by the summed weights of the kept experts (0 → 1).
     """
     dt = compute_dtype(base)
@@ -98,20 +101,26 @@ def gta(
         d = w.astype(dt) - b
         if masks is not None:
             kept = jnp.where(masks[t], d, 0)
-            before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
-            ok = (before >= L1_EPS) & (after >= L1_EPS)
-            l1 = jnp.where(ok, kept * (before / jnp.where(ok, after, 1)), kept)
-            # Dropped entries stay 0 even where the density rounds to 0 in ``dt`` (0 / 0).
-            inverse = jnp.where(masks[t], d / jnp.asarray(densities[t], dt), 0)
-            d = jnp.where(rescale == L1, l1, jnp.where(rescale == INVERSE, inverse, kept))
+            if rescale == L1:
+                before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
+                ok = (before >= L1_EPS) & (after >= L1_EPS)
+                kept = jnp.where(ok, kept * (before / jnp.where(ok, after, 1)), kept)
+            elif rescale == INVERSE:
+                # Dropped entries stay 0 even where the density rounds to 0 in ``dt``.
+                kept = jnp.where(masks[t], d / jnp.asarray(densities[t], dt), 0)
+            d = kept
         deltas.append(d)
     wts = [jnp.asarray(w, dt) for w in weights]
     weighted = [w * d for w, d in zip(wts, deltas, strict=True)]
-    vote = jnp.where(sum_terms(weighted) >= 0, 1, -1)
-    keep = [(jnp.sign(x) == vote) | jnp.logical_not(consensus) for x in weighted]
+    if consensus:
+        vote = jnp.where(sum_terms(weighted) >= 0, 1, -1)
+        keep = [jnp.sign(x) == vote for x in weighted]
+    else:
+        keep = [jnp.ones((), bool)] * len(weighted)
     mixed = sum_terms([jnp.where(m, x, 0) for m, x in zip(keep, weighted, strict=True)])
-    divisor = sum_terms([jnp.where(m, w, 0) for m, w in zip(keep, wts, strict=True)])
-    mixed = jnp.where(normalize, mixed / jnp.where(divisor == 0, 1, divisor), mixed)
+    if normalize:
+        divisor = sum_terms([jnp.where(m, w, 0) for m, w in zip(keep, wts, strict=True)])
+        mixed = mixed / jnp.where(divisor == 0, 1, divisor)
     return (b + scaling * mixed).astype(base.dtype)
 
 

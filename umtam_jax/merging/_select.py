@@ -58,28 +58,86 @@ DIGIT_BITS = 16
 """Bits resolved per histogram pass of the radix select (2 passes for float32)."""
 
 
-def _kth_largest_key(keys: jax.Array, k: Any, utype: Any, nbits: int):
-    """The k-th largest of ``keys`` (unsigned), by most-significant-digit radix select.
+#: Entries per step of a histogram pass: the pass's temporaries (keys, digits) are this
+#: many, not the leaf's size (a 150k × 4096 embedding's would be gigabytes).
+_CHUNK = 1 << 22
+
+
+def _chunks(n: int, chunk: int) -> tuple[int, Any]:
+    """How many chunks of ``min(chunk, n)`` entries cover ``n``, and chunk ``i``'s start
+    and which of its entries are its own: the last chunk ends at ``n``, overlapping the
+    one before, whose entries it does not count again."""
+    size = min(chunk, n)
+
+    def chunk_at(i: Any) -> tuple[Any, jax.Array]:
+        start = jnp.minimum(i * size, n - size)
+        return start, start + jnp.arange(size) >= i * size
+
+    return -(-n // size), chunk_at
+
+
+def _histogram(flat: jax.Array, digit_of: Any, bins: int, chunk: int) -> jax.Array:
+    """``bincount(digit_of(flat), length=bins + 1)`` as int32, summed chunk by chunk."""
+    count, chunk_at = _chunks(flat.shape[0], chunk)
+
+    def step(i: Any, hist: jax.Array) -> jax.Array:
+        start, own = chunk_at(i)
+        part = jax.lax.dynamic_slice_in_dim(flat, start, own.shape[0])
+        digits = jnp.where(own, digit_of(part), bins)
+        return hist + jnp.bincount(digits, length=bins + 1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, count, step, jnp.zeros(bins + 1, jnp.int32))
+
+
+def _end_of_first(flat: jax.Array, t: Any, need: Any, chunk: int) -> jax.Array:
+    """The flat index just past the ``need``-th key equal to ``t`` (``need >= 1``), found
+    chunk by chunk: a cumulative count over the whole leaf would be as large as it."""
+    count, chunk_at = _chunks(flat.shape[0], chunk)
+
+    def step(i: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+        seen, end = carry
+        start, own = chunk_at(i)
+        part = jax.lax.dynamic_slice_in_dim(flat, start, own.shape[0])
+        equal = (_sortable_keys(part)[0] == t) & own
+        running = seen + jnp.cumsum(equal, dtype=jnp.int32)
+        here = (seen < need) & (running[-1] >= need)
+        found = (start + jnp.argmax(running >= need) + 1).astype(jnp.int32)
+        end = jnp.where(here, found, end)
+        return running[-1], end
+
+    return jax.lax.fori_loop(0, count, step, (jnp.int32(0), jnp.int32(0)))[1]
+
+
+def _kth_largest_key(flat: jax.Array, k: Any, chunk: int = _CHUNK):
+    """The k-th largest of the keys of ``flat`` (:func:`_sortable_keys`), by
+    most-significant-digit radix select.
 
     Each pass histograms one ``DIGIT_BITS``-bit digit of the keys that share the digits
     found so far (a scatter-add into ``2**DIGIT_BITS`` bins, the other keys go to an extra
-    bin) and picks the digit that holds the k-th largest: ``nbits / DIGIT_BITS`` passes.
+    bin) and picks the digit that holds the k-th largest: ``nbits / DIGIT_BITS`` passes,
+    each over the scores in chunks of ``_CHUNK`` (their keys are never all in memory).
 
     Returns:
       ``(t, need, ties)``: the key ``t``, how many keys equal to ``t`` belong to the top k
       (``k − count(keys > t)``) and how many keys equal ``t``.
     """
+    _, utype, nbits = _sortable_keys(flat[:0])
     bins = 1 << DIGIT_BITS
     digit_mask = utype(bins - 1)
     prefix = utype(0)
     rank = jnp.asarray(k, jnp.int32)  # wanted rank among the keys matching ``prefix``
     for level in range(nbits // DIGIT_BITS):
         shift = utype(nbits - (level + 1) * DIGIT_BITS)
-        digit = ((keys >> shift) & digit_mask).astype(jnp.int32)
-        if level:
-            high = shift + utype(DIGIT_BITS)
-            digit = jnp.where((keys >> high) == (prefix >> high), digit, bins)
-        hist = jnp.bincount(digit, length=bins + 1)[:bins].astype(jnp.int32)
+
+        def digit_of(x: jax.Array, shift: Any = shift, level: int = level, prefix: Any = prefix):
+            keys = _sortable_keys(x)[0]
+            digit = ((keys >> shift) & digit_mask).astype(jnp.int32)
+            if level:
+                high = shift + utype(DIGIT_BITS)
+                digit = jnp.where((keys >> high) == (prefix >> high), digit, bins)
+            return digit
+
+        hist = _histogram(flat, digit_of, bins, chunk)[:bins]
         at_least = jnp.cumsum(hist[::-1])[::-1]  # matching keys with digit >= d
         chosen = jnp.max(jnp.where(at_least >= rank, jnp.arange(bins), -1))
         rank = rank - (at_least[chosen] - hist[chosen])  # minus those with a larger digit
@@ -87,11 +145,11 @@ def _kth_largest_key(keys: jax.Array, k: Any, utype: Any, nbits: int):
     return prefix, rank, hist[chosen]
 
 
-def _topk_mask(scores: jax.Array, k: Any) -> jax.Array:
+def _topk_mask(scores: jax.Array, k: Any, chunk: int = _CHUNK) -> jax.Array:
     """The mask of :func:`topk_mask`; ``k`` a Python int or a traced integer.
 
     A traced ``k`` (one compilation for every count) is clipped to ``[0, N]``; ``k <= 0``
-    keeps nothing.
+    keeps nothing. Its temporaries are ``chunk`` entries, not ``N``.
     """
     flat = scores.reshape(-1)
     n = flat.shape[0]
@@ -101,14 +159,13 @@ def _topk_mask(scores: jax.Array, k: Any) -> jax.Array:
     if static and k <= 0:
         return jnp.zeros(scores.shape, bool)
     rank = k if static else jnp.clip(k, 0, n)
-    keys, utype, nbits = _sortable_keys(flat)
-    t, need, ties = _kth_largest_key(keys, rank, utype, nbits)
-
-    def first_ties():  # more keys equal t than fit: the first ``need`` in flat order
-        equal = keys == t
-        return (keys > t) | (equal & (jnp.cumsum(equal, dtype=jnp.int32) <= need))
-
-    mask = jax.lax.cond(need == ties, lambda: keys >= t, first_ties)
+    t, need, ties = _kth_largest_key(flat, rank, chunk)
+    # More keys equal t than fit: the first ``need`` of them in flat order.
+    end = jax.lax.cond(
+        need == ties, lambda: jnp.int32(n), lambda: _end_of_first(flat, t, need, chunk)
+    )
+    keys = _sortable_keys(flat)[0]  # fused into the comparisons
+    mask = (keys > t) | ((keys == t) & (jnp.arange(n) < end))
     if not static:
         mask = mask & (rank > 0)
     return mask.reshape(scores.shape)

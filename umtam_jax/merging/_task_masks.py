@@ -88,7 +88,7 @@ def _tall_leaf(base, ws, merged, lambdas):
     return _tall(taus, mtl, lambdas)
 
 
-@functools.partial(jax.jit, static_argnames="ties")
+@functools.partial(jax.jit, static_argnames=("ties", "normalize"))
 def _consensus_leaf(base, ws, trims, lambdas, k, scaling, ties, normalize):
     """Consensus TA (``ties`` False: ``τ_MTL = Σ τ_t``) or TIES (``τ_MTL``: TIES on the
     ``trims``-masked task vectors, mergekit's sign vote, summed or with ``normalize``
