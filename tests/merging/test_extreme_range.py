@@ -55,3 +55,14 @@ def test_scaled_inputs_give_the_scaled_merge(name):
     small = merge(base, experts, stats)
     big = merge(_scaled(base, scale), [_scaled(e, scale) for e in experts], stats)
     _assert_scaled(small, big, scale)
+
+
+def test_norms_of_entries_near_float32s_largest_are_exact():
+    """The scale of the overflow-safe norm is a power of two at or below the largest
+    entry: the one above overflows (2**128) for entries beyond 1.7e38, which gave NaN."""
+    from umtam_jax.merging._gta import scaled_norm
+
+    x = np.array([2e38, 1.0, -1e38], np.float32)
+    want = np.sqrt(np.sum(x.astype(np.float64) ** 2))  # 2.2e38: still a float32
+    np.testing.assert_allclose(float(scaled_norm(x)), want, rtol=1e-6)
+    np.testing.assert_allclose(scaled_norm(x[None], axis=-1), [want], rtol=1e-6)

@@ -36,12 +36,17 @@ def sum_terms(terms: list[jax.Array]) -> jax.Array:
 
 
 def power_of_two_peak(x: jax.Array, axis: Any = None) -> jax.Array:
-    """The power of two at or above ``max|x|`` along ``axis`` (kept as size-1 axes; 1
-    where ``x`` is all zeros), without gradient. Dividing by it is exact (short of
-    underflow), brings every entry within [-1, 1] and leaves ratios, signs and comparisons
-    as they were, so squares and products of the scaled values cannot overflow."""
+    """The power of two at or below ``max|x|`` along ``axis`` (kept as size-1 axes; 1
+    where ``x`` is all zeros), without gradient, its exponent kept where it and its
+    reciprocal are normal numbers (float32: 2**-126 to 2**126; XLA divides by
+    multiplying with the reciprocal, and flushes subnormals to zero). Dividing by it is
+    exact (short of underflow), brings every entry within (-4, 4) and leaves ratios,
+    signs and comparisons as they were, so squares and products of the scaled values
+    cannot overflow."""
     peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0)
     _, exponent = jnp.frexp(jnp.where(peak > 0, peak, 1))
+    info = jnp.finfo(peak.dtype)
+    exponent = jnp.clip(exponent - 1, info.minexp, info.maxexp - 2)
     return jax.lax.stop_gradient(jnp.ldexp(jnp.ones_like(peak), exponent))
 
 

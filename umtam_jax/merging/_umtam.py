@@ -155,7 +155,7 @@ def _importance(w0: jax.Array, w: jax.Array, node: Any, curvature_pruning: Any) 
 
 
 def _common_scale(xs: list[jax.Array]) -> jax.Array:
-    """The power of two at or above the largest magnitude of all of ``xs``."""
+    """The power of two at or below the largest magnitude of all of ``xs``."""
     return power_of_two_peak(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in xs]))[0]
 
 
