@@ -67,12 +67,12 @@ output may not be, contain or lie inside an input.
 By default the merge is out of core (``umtam_jax.engine.merge_checkpoints``): small
 groups of leaves are read from every checkpoint with Orbax's partial restore, merged and
 written to the output one array at a time, with a progress bar over the leaves, so peak
-host memory is a few leaves per checkpoint rather than K + 1 models (4 experts of 310M
-float32 parameters: 2.0 GB, 1.6 × one model, against 9.5 GB in memory; see
-``benchmarks/merge_memory.py``); ``scope: global`` takes two extra passes over the inputs
-to find the exact global threshold. The results are identical to the in-memory merge.
-``--dry-run`` then reads only the checkpoints' metadata. ``--in-memory`` restores every
-checkpoint whole (``--dry-run`` too) and calls the in-memory method on the whole trees.
+host memory is set by the largest tensor, about (K + 3) times it, rather than K + 1
+models (see ``benchmarks/merge_memory.py`` and docs/performance.md); ``scope: global``
+takes two extra passes over the inputs to find the exact global threshold. The results
+are identical to the in-memory merge. ``--dry-run`` then reads only the checkpoints'
+metadata. ``--in-memory`` restores every checkpoint whole (``--dry-run`` too) and calls
+the in-memory method on the whole trees.
 
 Exit status: 0 on success, 2 for an invalid command line, configuration, input or output
 (one line on standard error naming the flag, key, file or leaf; nothing is written).

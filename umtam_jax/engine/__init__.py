@@ -6,8 +6,10 @@ safetensors models (folders with ``model.safetensors`` or shards and an index; n
 PyTorch pickles) into either format without ever holding K + 1 models: it reads a small
 group of leaves at a time from the base, the experts (and their statistics, Fishers or
 curvatures), runs the method's steps (:data:`umtam_jax.merging.METHODS`) on each leaf
-alone and streams the merged leaf to the output. Peak host memory is a few leaves of
-each input plus one output leaf, whatever the model size.
+alone and streams the merged leaf to the output. Peak host memory is set by the largest
+tensor, not the model: each input's copy of it, the merged one and a selection's scores,
+about (K + 3) times it for K experts, plus the process's fixed cost (an LLM whose
+embedding is a third of it: about 2 models; ``benchmarks/merge_memory.py``).
 
 Semantics are those of the in-memory functions, exactly:
 
