@@ -258,6 +258,11 @@ def test_a_reader_never_mixes_versions_when_saves_reuse_the_inode(tmp_path):
         with pytest.raises(CheckpointBusyError, match="was replaced while it was read"):
             reader.read(["b"])
         save_safetensors(out, tree(0), overwrite=True)
+    # A hard link to an input or a chmod of it (a backup, a cache) changes no byte.
+    reader = SafetensorsReader(out)
+    os.link(out / S.MODEL_FILE, tmp_path / "backup.safetensors")
+    os.chmod(out / S.MODEL_FILE, 0o444)
+    assert reader.read(["b"])[0][0] == 0
 
 
 def test_an_unreadable_shard_is_an_os_error_naming_it_not_an_invalid_file(tmp_path, monkeypatch):

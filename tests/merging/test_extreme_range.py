@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import umtam_jax
 from umtam_jax import merging
 
 from . import helpers as H
@@ -66,3 +67,16 @@ def test_norms_of_entries_near_float32s_largest_are_exact():
     want = np.sqrt(np.sum(x.astype(np.float64) ** 2))  # 2.2e38: still a float32
     np.testing.assert_allclose(float(scaled_norm(x)), want, rtol=1e-6)
     np.testing.assert_allclose(scaled_norm(x[None], axis=-1), [want], rtol=1e-6)
+
+
+def test_the_sign_election_keeps_small_entries_beside_huge_ones():
+    """Scaled by the tensor's peak, the support of an entry 1e25 times smaller than it
+    flushed to 0 (elected sign 0): both experts agreed, and the merge kept the base."""
+    base = {"w": np.zeros(2, np.float32)}
+    experts = [{"w": np.array([1e15, 1e-10], np.float32)},
+               {"w": np.array([1e15, 2e-10], np.float32)}]  # fmt: skip
+    ones = np.ones(2, np.float32)
+    node = {"w": umtam_jax.DenseStatistics(mu=0 * ones, nu=ones, saliency=None)}
+    merged = merging.umtam(base, experts, [node, node], density=1.0,
+                           curvature_pruning=False, curvature_aggregation=False)  # fmt: skip
+    np.testing.assert_allclose(merged["w"], [1e15, 1.5e-10], rtol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import numpy as np
 import pytest
 
@@ -77,5 +78,16 @@ def test_a_method_reading_the_layout_must_be_told_it_for_safetensors_folders(tmp
         job("nuslerp", None, paths[:2], kwargs={"nuslerp_flatten": False})
     for kwargs in ({}, {"nuslerp_flatten": False, "layout": "out_in"}):  # not read, or named
         job("nuslerp", None, paths[:2], kwargs=kwargs)
+    della = {"density": 0.5, "key": jax.random.key(0)}
     with pytest.raises(ValueError, match=r"method 'della' reads the weights' layout and .*/a"):
-        job("della", paths[0], paths[1:], kwargs={"density": 0.5})
+        job("della", paths[0], paths[1:], kwargs=della)
+
+    # What tensor_kwargs gives each tensor counts: a layout given there, an option there
+    # that makes the method read it.
+    def by_tensor(given):
+        return lambda names: [given] * len(names)
+
+    job("della", paths[0], paths[1:], kwargs=della, tensor_kwargs=by_tensor({"layout": "out_in"}))
+    with pytest.raises(ValueError, match="pass layout='out_in'"):
+        job("nuslerp", None, paths[:2], kwargs={},
+            tensor_kwargs=by_tensor({"nuslerp_flatten": False}))  # fmt: skip

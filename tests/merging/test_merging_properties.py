@@ -296,6 +296,21 @@ def test_topk_mask_matches_stable_argsort(data, n, pool):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_an_empty_leaf_keeps_nothing_with_a_traced_count():
+    """sce and breadcrumbs select with a traced count: an empty leaf divided by zero chunks."""
+    from umtam_jax.merging import _select
+
+    assert jax.jit(_select._topk_mask)(jnp.zeros((0, 3)), jnp.int32(2)).shape == (0, 3)
+    base = {"w": jnp.zeros((0, 3)), "v": jnp.zeros(2)}
+    experts = [{"w": jnp.zeros((0, 3)), "v": jnp.array([1.0, 2.0])},
+               {"w": jnp.zeros((0, 3)), "v": jnp.array([3.0, -1.0])}]  # fmt: skip
+    for merged in (
+        merging.sce(base, experts, select_topk=0.5),
+        merging.breadcrumbs(base, experts, density=0.5),
+    ):
+        assert merged["w"].shape == (0, 3)
+
+
 @pytest.mark.parametrize("chunk", [None, 7, 333])  # one pass, or chunks (the last overlaps)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k", [1, 37, 500, 999, 1000, "boundary"])

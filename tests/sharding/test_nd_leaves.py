@@ -148,21 +148,23 @@ _REPLICATED_GRADIENT = """
     want, _ = jax.jit(opt.update)(g, opt.init(w), w)
     with jax.set_mesh(mesh):
         params = jax.device_put(w, NamedSharding(mesh, P("x")))
-        grads = jax.device_put(g, NamedSharding(mesh, P()))  # replicated, e.g. all-reduced
-        got, _ = jax.jit(opt.update)(grads, opt.init(params), params)
-        for k in shapes:
-            report[k] = {
-                "err": float(jnp.max(jnp.abs(got[k] - want[k]))),
-                "scale": float(jnp.max(jnp.abs(want[k]))),
-                "spec": trim(got[k].sharding.spec),
-            }
+        replicated = jax.device_put(g, NamedSharding(mesh, P()))  # e.g. all-reduced
+        for how, grads in (("replicated", replicated), ("numpy", g)):
+            got, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+            for k in shapes:
+                report[f"{how}/{k}"] = {
+                    "err": float(jnp.max(jnp.abs(got[k] - want[k]))),
+                    "scale": float(jnp.max(jnp.abs(want[k]))),
+                    "spec": trim(got[k].sharding.spec),
+                }
 """
 
 
 def test_a_replicated_gradient_of_a_sharded_scanned_leaf_on_an_explicit_mesh():
-    """vmap over the layers refused a gradient partitioned unlike its parameter ("Mapped
-    away dimension ... should be sharded the same"), where Optax's own transforms and
-    unscanned leaves take it: the gradient is resharded like the parameter first."""
+    """vmap over the layers refused a gradient partitioned unlike its parameter (replicated,
+    or a NumPy array: "Mapped away dimension ... should be sharded the same"), where
+    Optax's own transforms and unscanned leaves take it: it is resharded like the
+    parameter first."""
     report = run_on_devices(4, _REPLICATED_GRADIENT)
     for name, entry in report.items():
         assert entry["err"] <= 1e-5 * max(entry["scale"], 1.0), (name, entry)

@@ -84,9 +84,10 @@ SAFETENSORS = _targets.OutputKind(_is_own, MARKER_FILE)
 def _file_identity(st: os.stat_result) -> tuple[int, ...]:
     """Which file a path leads to, as it was: a save writes new files and swaps folders,
     and the file it replaced is deleted, so its inode number may be the next new file's
-    (ext4 reuses them at once); the change time tells the two apart, and an edit in place
-    changes it too."""
-    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size
+    (ext4 reuses them at once); the modification time and size tell the two apart, and an
+    edit in place changes them too. (Not the change time: a hard link or a chmod of an
+    input changes it, not the file.)"""
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 #: The alignment of the arrays a reader returns: JAX on CPU takes a NumPy array aligned

@@ -157,7 +157,6 @@ def job_from_paths(
         raise ValueError(f"method {method!r} needs the experts' UMTAM statistics or curvature_dirs")
     if base_dir is None and not m.base_optional:
         raise ValueError(f"method {method!r} needs a base model")
-    require_layout(m, kwargs, [base_dir, *expert_dirs], "pass layout=")
     experts = [open_source(d, f"expert {i}'s") for i, d in enumerate(expert_dirs)]
     base = experts[0] if base_dir is None else open_source(base_dir, "the base")
     extras: Literal["statistics"] | list[Source] | None = "statistics" if statistics else None
@@ -169,10 +168,13 @@ def job_from_paths(
     for expert, extra in zip(experts, extras if isinstance(extras, list) else [], strict=False):
         if isinstance(extra, SafetensorsSource):  # a tied expert's Fishers or curvatures
             extra.tie_like(expert)
-    return Job(
+    job = Job(
         m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype,
         base_input=base_dir is not None, tensor_kwargs=tensor_kwargs,
     )  # fmt: skip
+    for given, _ in job.option_groups:  # what tensor_kwargs gives a group counts too
+        require_layout(m, {**kwargs, **given}, [base_dir, *expert_dirs], "pass layout=")
+    return job
 
 
 def validate_merge_checkpoints(

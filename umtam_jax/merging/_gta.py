@@ -43,7 +43,12 @@ def power_of_two_peak(x: jax.Array, axis: Any = None) -> jax.Array:
     exact (short of underflow), brings every entry within (-4, 4) and leaves ratios,
     signs and comparisons as they were, so squares and products of the scaled values
     cannot overflow."""
-    peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0)
+    return power_of_two_below(jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0))
+
+
+def power_of_two_below(peak: jax.Array) -> jax.Array:
+    """Elementwise, the scale :func:`power_of_two_peak` gives a peak magnitude ``peak``
+    (1 where it is 0)."""
     _, exponent = jnp.frexp(jnp.where(peak > 0, peak, 1))
     info = jnp.finfo(peak.dtype)
     exponent = jnp.clip(exponent - 1, info.minexp, info.maxexp - 2)

@@ -158,6 +158,8 @@ def _topk_mask(scores: jax.Array, k: Any, chunk: int = _CHUNK) -> jax.Array:
         return jnp.ones(scores.shape, bool)
     if static and k <= 0:
         return jnp.zeros(scores.shape, bool)
+    if n == 0:  # nothing to keep, whatever a traced k is
+        return jnp.zeros(scores.shape, bool)
     rank = k if static else jnp.clip(k, 0, n)
     t, need, ties = _kth_largest_key(flat, rank, chunk)
     # More keys equal t than fit: the first ``need`` of them in flat order.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 from umtam_jax._precision import at_least_float32
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-from umtam_jax.merging._gta import power_of_two_peak
+from umtam_jax.merging._gta import power_of_two_below
 from umtam_jax.merging._registry import DENSITY, SCALING, SCOPE, Param
 from umtam_jax.optimizer._layout import RowAxesFn
 from umtam_jax.optimizer._statistics import curvature as _curvature
@@ -155,8 +156,10 @@ def _importance(w0: jax.Array, w: jax.Array, node: Any, curvature_pruning: Any) 
 
 
 def _common_scale(xs: list[jax.Array]) -> jax.Array:
-    """The power of two at or below the largest magnitude of all of ``xs``."""
-    return power_of_two_peak(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in xs]))[0]
+    """Entry by entry, the power of two at or below the largest magnitude over ``xs``
+    (the experts): dividing by it leaves each entry's comparison across the experts as it
+    was, without crushing the tensor's small entries under its largest."""
+    return power_of_two_below(functools.reduce(jnp.maximum, [jnp.abs(x) for x in xs]))
 
 
 @jax.jit
@@ -178,9 +181,9 @@ def _combine(
     k = len(ws)
     b = base.astype(dt)
     d = [w.astype(dt) - b for w in ws]
-    # Step 3: importance-weighted sign election. Task vectors and importances are divided
-    # by powers of two common to the experts, which leaves the election as it was and keeps
-    # |Δ| · I from overflowing where both are large.
+    # Step 3: importance-weighted sign election. Each entry's task vectors and importances
+    # are divided by powers of two common to the experts, which leaves the election as it
+    # was and keeps |Δ| · I from overflowing where both are large.
     d_scale, i_scale = _common_scale(d), _common_scale(imps)
     support = [(jnp.abs(d[t]) / d_scale) * (imps[t] / i_scale) for t in range(k)]
     s_pos = sum(jnp.where(masks[t] & (d[t] > 0), support[t], 0) for t in range(k))

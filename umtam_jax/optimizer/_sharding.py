@@ -206,10 +206,13 @@ def batched_like_params(grads: list[Any], params: list[Any], layouts: list[Any])
     partitioned as its parameter over Explicit mesh axes: ``vmap`` maps only equally
     partitioned axes (a replicated gradient of a layer-sharded stack was refused), where
     elsewhere JAX reshards as it goes."""
-    return [
-        reshard_like(g, explicit_spec(w)) if layout.batch_axes else g
-        for g, w, layout in zip(grads, params, layouts, strict=True)
-    ]
+    out = []
+    for g, w, layout in zip(grads, params, layouts, strict=True):
+        spec = explicit_spec(w) if layout.batch_axes else None
+        if spec is not None and explicit_spec(g) != spec:  # a NumPy gradient has none
+            g = jax.sharding.reshard(g, NamedSharding(_explicit_mesh(w), P(*spec)))
+        out.append(g)
+    return out
 
 
 def keep_like(new: Any, old: Any, which: list[bool] | None = None) -> Any:
