@@ -76,6 +76,12 @@ def _chunks(n: int, chunk: int) -> tuple[int, Any]:
     return -(-n // size), chunk_at
 
 
+def _loop(count: int, step: Any, init: Any) -> Any:
+    """``fori_loop(0, count, step, init)``, straight-line code for one chunk (most
+    leaves): no loop to compile."""
+    return step(0, init) if count == 1 else jax.lax.fori_loop(0, count, step, init)
+
+
 def _histogram(flat: jax.Array, digit_of: Any, bins: int, chunk: int) -> jax.Array:
     """``bincount(digit_of(flat), length=bins + 1)`` as int32, summed chunk by chunk."""
     count, chunk_at = _chunks(flat.shape[0], chunk)
@@ -86,7 +92,7 @@ def _histogram(flat: jax.Array, digit_of: Any, bins: int, chunk: int) -> jax.Arr
         digits = jnp.where(own, digit_of(part), bins)
         return hist + jnp.bincount(digits, length=bins + 1).astype(jnp.int32)
 
-    return jax.lax.fori_loop(0, count, step, jnp.zeros(bins + 1, jnp.int32))
+    return _loop(count, step, jnp.zeros(bins + 1, jnp.int32))
 
 
 def _end_of_first(flat: jax.Array, t: Any, need: Any, chunk: int) -> jax.Array:
@@ -105,7 +111,7 @@ def _end_of_first(flat: jax.Array, t: Any, need: Any, chunk: int) -> jax.Array:
         end = jnp.where(here, found, end)
         return running[-1], end
 
-    return jax.lax.fori_loop(0, count, step, (jnp.int32(0), jnp.int32(0)))[1]
+    return _loop(count, step, (jnp.int32(0), jnp.int32(0)))[1]
 
 
 def _kth_largest_key(flat: jax.Array, k: Any, chunk: int = _CHUNK):
