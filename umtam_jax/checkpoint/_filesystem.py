@@ -88,6 +88,11 @@ def write_synced(path: epath.Path, text: str) -> None:
             os.close(fd)
 
 
+def lock_file(directory: epath.Path) -> epath.Path:
+    """The lock file of saves to ``directory``: ``.<name>.umtam-lock`` beside it."""
+    return directory.parent / f".{directory.name}.{LOCK}"
+
+
 @contextlib.contextmanager
 def locked(directory: epath.Path) -> Iterator[None]:
     """Holds an exclusive, non-blocking lock on ``directory`` for a save (a hidden
@@ -95,7 +100,7 @@ def locked(directory: epath.Path) -> Iterator[None]:
     if not is_local(directory):
         yield
         return
-    lock_path = os.fspath(directory.parent / f".{directory.name}.{LOCK}")
+    lock_path = os.fspath(lock_file(directory))
     busy = lambda: CheckpointBusyError(  # noqa: E731
         errno.EBUSY,
         f"checkpoint {directory} is being written by another process right now "

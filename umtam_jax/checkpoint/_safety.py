@@ -52,9 +52,9 @@ from etils import epath
 
 from umtam_jax.checkpoint import _processes
 from umtam_jax.checkpoint._filesystem import (
-    LOCK,
     delete_leftover,
     fsync_dir,
+    lock_file,
     locked,
     sync_tree,
     write_synced,
@@ -273,8 +273,7 @@ def check_output(directory: epath.Path, *, overwrite: bool, kind: OutputKind = C
 def _raise_if_busy(directory: epath.Path) -> None:
     """Raises :class:`CheckpointBusyError` where another process holds ``directory``'s
     save lock now (its lock file exists only while a save holds it, or after a crash)."""
-    lock_file = directory.parent / f".{directory.name}.{LOCK}"
-    if is_local(directory) and _processes.count() == 1 and os.path.lexists(lock_file):
+    if is_local(directory) and _processes.count() == 1 and os.path.lexists(lock_file(directory)):
         try:
             with locked(directory):
                 pass

@@ -135,7 +135,7 @@ def _require_layout(
     """The engine's check that the layout is named (``require_layout``) on the file's
     parameters, before anything is read; a mergekit file names the layout itself."""
     try:
-        require_layout(spec, given, [base, *(e.path for e in experts)], "set layout: ")
+        require_layout(spec, [given], [base, *(e.path for e in experts)], "set layout: ")
     except ValueError as err:
         raise ConfigError(f"parameters.layout: {err}") from None
 

@@ -27,7 +27,7 @@ from umtam_jax.merging import _registry as R
 
 
 def require_layout(
-    method: R.Method, given: Mapping[str, Any], paths: Sequence[Any], how: str
+    method: R.Method, givens: Sequence[Mapping[str, Any]], paths: Sequence[Any], how: str
 ) -> None:
     """Refuses a merge that reads the weights' layout without being told it, where an
     input is a Hugging Face folder: its matrices may be PyTorch's ``(d_out, d_in)`` (what
@@ -37,16 +37,19 @@ def require_layout(
 
     Args:
       method: the merging method.
-      given: the parameters given (a value that varies by tensor counts as given).
+      givens: the parameters given, once per group of tensors given the same (a value
+        that varies by tensor counts as given).
       paths: the inputs' paths (None entries skipped).
       how: how the caller names the parameter in the message (``"pass layout="``).
 
     Raises:
-      ValueError: the method reads ``layout``, ``given`` lacks it, and an input is a
-        Hugging Face folder.
+      ValueError: the method reads ``layout``, one of ``givens`` lacks it, and an input
+        is a Hugging Face folder.
     """
     layout = method.param("layout")
-    if layout is None or "layout" in given or not layout.is_read({**method.defaults(), **given}):
+    if layout is None or all(
+        "layout" in given or not layout.is_read({**method.defaults(), **given}) for given in givens
+    ):
         return
     if folders := [p for p in paths if p is not None and is_huggingface(p)]:
         raise ValueError(
@@ -172,8 +175,9 @@ def job_from_paths(
         m, base, experts, extras, kwargs, dtype=dtype, out_dtype=out_dtype,
         base_input=base_dir is not None, tensor_kwargs=tensor_kwargs,
     )  # fmt: skip
-    for given, _ in job.option_groups:  # what tensor_kwargs gives a group counts too
-        require_layout(m, {**kwargs, **given}, [base_dir, *expert_dirs], "pass layout=")
+    # What tensor_kwargs gives a group of tensors counts too.
+    givens = [{**kwargs, **given} for given, _ in job.option_groups]
+    require_layout(m, givens, [base_dir, *expert_dirs], "pass layout=")
     return job
 
 
