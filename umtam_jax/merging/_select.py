@@ -12,14 +12,15 @@ Implementation: an exact radix select. Scores are mapped to unsigned integers wi
 order (the IEEE-754 bit pattern, sign-flipped), the k-th largest key ``t`` is found 16 bits
 at a time from the most significant digit (one histogram pass per digit: 2 for float32, 4
 for float64), and the mask is ``key > t`` plus the first ``k − count(key > t)`` entries
-equal to ``t`` in flat order (a cumulative sum). This is the same mask as ``jax.lax.top_k`` on the
-flattened scores scattered into a boolean array (``top_k`` also returns the lower index
-first among equal values), but it streams over the scores instead of sorting them: with jit
-on the project's 2-core CPU, k = 0.2 N, float32, N = 1M / 10M / 38.6M, 0.005 / 0.073 /
-0.49 s, against 0.014 / 0.20 / 1.06 s for the previous 1-bit radix select (32 counting
-passes) and 0.12 / 3.2 s for ``top_k`` + scatter at 1M / 10M
-(``benchmarks/merge_time.py``). The tie-breaking cumulative sum runs only when more keys
-equal ``t`` than fit.
+equal to ``t`` in flat order (a cumulative count). This is the same mask as
+``jax.lax.top_k`` on the flattened scores scattered into a boolean array (``top_k`` also
+returns the lower index first among equal values), but it streams over the scores instead
+of sorting them, in chunks of ``_CHUNK`` entries, so that its temporaries are a chunk's,
+not the leaf's. Before the chunks (whole-leaf passes), with jit on the project's 2-core
+CPU, k = 0.2 N, float32, N = 1M / 10M / 38.6M: 0.005 / 0.073 / 0.49 s, against 0.014 /
+0.20 / 1.06 s for an earlier 1-bit radix select (32 counting passes) and 0.12 / 3.2 s for
+``top_k`` + scatter at 1M / 10M (``benchmarks/merge_time.py``). The tie-breaking count
+runs only when more keys equal ``t`` than fit.
 Bit patterns order ``-0.0`` below ``+0.0`` and NaN above ``+inf`` (NaN scores are kept
 first).
 """
