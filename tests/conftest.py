@@ -38,3 +38,16 @@ def _release_compilations():
     limit of 65,530 maps per process, and the next compile crashes (segmentation fault)."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture
+def retrace(monkeypatch):
+    """``monkeypatch.setattr`` for a constant read while tracing: JAX's caches are dropped
+    after each change and after the test, so no trace made with another value is reused."""
+
+    def setattr(target, name, value):
+        monkeypatch.setattr(target, name, value)
+        jax.clear_caches()
+
+    yield setattr
+    jax.clear_caches()

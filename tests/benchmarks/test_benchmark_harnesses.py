@@ -261,3 +261,16 @@ def test_train_throughput_judges_targets_on_the_interval():
         ("tokens/s ratio", "inconclusive"),
         ("peak memory ratio", "met"),
     ]
+
+
+def test_merge_overhead_times_each_row_on_both_models_and_restores_the_select(tmp_path):
+    from benchmarks import merge_overhead
+    from umtam_jax.merging import _select
+
+    narrow_up_to = _select._NARROW_DIGITS_UP_TO
+    result = merge_overhead.run(4, 1, 1, str(tmp_path))
+    assert [r["row"] for r in result["rows"]] == list(merge_overhead.ROWS)
+    for r in result["rows"]:
+        assert len(r["many_s"]) == len(r["few_s"]) == 1 and r["few_median_s"] > 0
+    assert narrow_up_to == _select._NARROW_DIGITS_UP_TO
+    assert list(tmp_path.iterdir()) == []  # the models were temporary

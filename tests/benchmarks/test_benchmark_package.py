@@ -30,6 +30,7 @@ PRODUCT_BENCHMARKS = (
     "efficiency",
     "gpu_plan",
     "merge_memory",
+    "merge_overhead",
     "merge_time",
     "merge_vs_mergekit",
     "merging",

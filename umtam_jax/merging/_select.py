@@ -9,20 +9,22 @@ scores are broken deterministically in favour of the lower flat index (row-major
 count is exact even when many scores tie (e.g. all-zero saliencies).
 
 Implementation: an exact radix select. Scores are mapped to unsigned integers with the same
-order (the IEEE-754 bit pattern, sign-flipped), the k-th largest key ``t`` is found 16 bits
-at a time from the most significant digit (one histogram pass per digit: 2 for float32, 4
-for float64), and the mask is ``key > t`` plus the first ``k − count(key > t)`` entries
-equal to ``t`` in flat order (a cumulative count). This is the same mask as
-``jax.lax.top_k`` on the flattened scores scattered into a boolean array (``top_k`` also
-returns the lower index first among equal values), but it streams over the scores instead
-of sorting them, in chunks of ``_CHUNK`` entries, so that its temporaries are a chunk's,
-not the leaf's. Before the chunks (whole-leaf passes), with jit on the project's 2-core
-CPU, k = 0.2 N, float32, N = 1M / 10M / 38.6M: 0.005 / 0.073 / 0.49 s, against 0.014 /
-0.20 / 1.06 s for an earlier 1-bit radix select (32 counting passes) and 0.12 / 3.2 s for
-``top_k`` + scatter at 1M / 10M (``benchmarks/merge_time.py``). The tie-breaking count
-runs only when more keys equal ``t`` than fit.
-Bit patterns order ``-0.0`` below ``+0.0`` and NaN above ``+inf`` (NaN scores are kept
-first).
+order (the IEEE-754 bit pattern, sign-flipped), the k-th largest key ``t`` is found one
+digit at a time from the most significant (one histogram pass per digit: 16-bit digits, 2
+passes for float32 and 4 for float64; 8-bit digits up to ``_NARROW_DIGITS_UP_TO`` scores,
+whose 256 bins cost less than the 65,536 of wide ones), and the mask is ``key > t`` plus
+the first ``k − count(key > t)`` entries equal to ``t`` in flat order (a cumulative
+count). This is the same mask as ``jax.lax.top_k`` on the flattened scores scattered into
+a boolean array (``top_k`` also returns the lower index first among equal values), but it
+streams over the scores instead of sorting them, in chunks of ``_CHUNK`` entries, so that
+its temporaries are a chunk's, not the leaf's. Before the chunks (whole-leaf passes), with
+jit on the project's 2-core CPU, k = 0.2 N, float32, N = 1M / 10M / 38.6M: 0.005 / 0.073 /
+0.49 s, against 0.014 / 0.20 / 1.06 s for an earlier 1-bit radix select (32 counting
+passes) and 0.12 / 3.2 s for ``top_k`` + scatter at 1M / 10M
+(``benchmarks/merge_time.py``); a 64 × 64 leaf takes 0.1 ms with 8-bit digits against 0.8
+ms with 16-bit ones (``benchmarks/merge_overhead.py``). The tie-breaking count runs only
+when more keys equal ``t`` than fit. Bit patterns order ``-0.0`` below ``+0.0`` and NaN
+above ``+inf`` (NaN scores are kept first).
 """
 
 from __future__ import annotations
@@ -56,7 +58,18 @@ def _sortable_keys(x: jax.Array) -> tuple[jax.Array, Any, int]:
 
 
 DIGIT_BITS = 16
-"""Bits resolved per histogram pass of the radix select (2 passes for float32)."""
+"""Bits resolved per histogram pass of the radix select over more than
+``_NARROW_DIGITS_UP_TO`` scores (2 passes for float32)."""
+
+#: Up to this many scores, the radix select takes 8-bit digits (4 passes of 256 bins for
+#: float32): the 65,536 bins of a 16-bit pass cost more than the scores themselves (a
+#: 64 × 64 leaf: 0.1 ms against 0.8 ms; at 2**19 scores 16 bits are ahead; jit, 2-core CPU).
+_NARROW_DIGITS_UP_TO = 1 << 18
+
+
+def _digit_bits(n: int) -> int:
+    """Bits per histogram pass of the radix select over ``n`` scores."""
+    return 8 if n <= _NARROW_DIGITS_UP_TO else DIGIT_BITS
 
 
 #: Entries per step of a histogram pass: the pass's temporaries (keys, digits) are this
@@ -119,28 +132,30 @@ def _kth_largest_key(flat: jax.Array, k: Any, chunk: int = _CHUNK):
     """The k-th largest of the keys of ``flat`` (:func:`_sortable_keys`), by
     most-significant-digit radix select.
 
-    Each pass histograms one ``DIGIT_BITS``-bit digit of the keys that share the digits
-    found so far (a scatter-add into ``2**DIGIT_BITS`` bins, the other keys go to an extra
-    bin) and picks the digit that holds the k-th largest: ``nbits / DIGIT_BITS`` passes,
-    each over the scores in chunks of ``_CHUNK`` (their keys are never all in memory).
+    Each pass histograms one digit (:func:`_digit_bits` bits) of the keys that share the
+    digits found so far (a scatter-add into one bin per digit value, the other keys go to
+    an extra bin) and picks the digit that holds the k-th largest: ``nbits / bits``
+    passes, each over the scores in chunks of ``_CHUNK`` (their keys are never all in
+    memory).
 
     Returns:
       ``(t, need, ties)``: the key ``t``, how many keys equal to ``t`` belong to the top k
       (``k − count(keys > t)``) and how many keys equal ``t``.
     """
     _, utype, nbits = _sortable_keys(flat[:0])
-    bins = 1 << DIGIT_BITS
+    bits = _digit_bits(flat.shape[0])
+    bins = 1 << bits
     digit_mask = utype(bins - 1)
     prefix = utype(0)
     rank = jnp.asarray(k, jnp.int32)  # wanted rank among the keys matching ``prefix``
-    for level in range(nbits // DIGIT_BITS):
-        shift = utype(nbits - (level + 1) * DIGIT_BITS)
+    for level in range(nbits // bits):
+        shift = utype(nbits - (level + 1) * bits)
 
         def digit_of(x: jax.Array, shift: Any = shift, level: int = level, prefix: Any = prefix):
             keys = _sortable_keys(x)[0]
             digit = ((keys >> shift) & digit_mask).astype(jnp.int32)
             if level:
-                high = shift + utype(DIGIT_BITS)
+                high = shift + utype(bits)
                 digit = jnp.where((keys >> high) == (prefix >> high), digit, bins)
             return digit
 
@@ -210,9 +225,10 @@ def _slices_first(ndim: int, batch: tuple[int, ...]) -> tuple[int, ...]:
 
 
 #: Slices up to this many entries are selected by sorting each (every slice of a leaf at
-#: once, memory linear in the leaf); larger ones by the radix select, one at a time (its
-#: histogram of 2**16 bins per slice would dwarf small slices).
-_SORTED_SLICE_SIZE = 1 << 16
+#: once); larger ones by the radix select, one at a time. On a 2-core CPU (jit), 1000
+#: slices of 16: 2.2 ms sorted, 9.6 ms by radix; of 64: 13 / 7.5 ms; 12 of 4096: 23 /
+#: 0.5 ms (sorting is O(n log n) and XLA's CPU sort is slow).
+_SORTED_SLICE_SIZE = 32
 
 
 def sliced_mask(scores: jax.Array, density: float, batch: tuple[int, ...] = ()) -> jax.Array:
