@@ -57,9 +57,19 @@ def test_failed_overwrite_keeps_old_checkpoint(tmp_path, monkeypatch):
     np.testing.assert_array_equal(restore_params(target)["w"], np.zeros(3))
 
 
-def test_bad_metadata_writes_nothing(tmp_path):
-    with pytest.raises(TypeError, match="JSON"):
-        save_checkpoint(tmp_path / "ckpt", {"w": jnp.zeros(3)}, metadata={"f": object()})
+@pytest.mark.parametrize(
+    ("metadata", "named"),
+    [
+        ({"f": object()}, r"metadata\['f'\] is a object"),
+        ({"run": {"steps": [1, np.int64(2)]}}, r"metadata\['run'\]\['steps'\]\[1\] is a int64"),
+        ({"lr": {1: "x"}}, r"metadata\['lr'\] has the key 1 \(int\).* come back as \"1\""),
+    ],
+)
+def test_bad_metadata_is_named_and_writes_nothing(tmp_path, metadata, named):
+    """Metadata JSON would not give back as it is: the part named (an int key came back
+    as a string, with no word)."""
+    with pytest.raises(TypeError, match=named):
+        save_checkpoint(tmp_path / "ckpt", {"w": jnp.zeros(3)}, metadata=metadata)
     assert os.listdir(tmp_path) == []
 
 

@@ -253,6 +253,21 @@ def test_integer_buffers_that_differ_are_refused(models, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_non_finite_expert_tensor_is_named_apart_from_the_expert(models, tmp_path, capsys):
+    bad = jax.tree.map(np.asarray, models["experts"][1])
+    bad["pooler"]["dense"]["bias"] = bad["pooler"]["dense"]["bias"].copy()
+    bad["pooler"]["dense"]["bias"][3] = np.nan
+    checkpoint.save_safetensors(tmp_path / "nan", bad)
+    p = models["paths"]
+    argv = ["--method", "ties", "--base", p["base"], "--expert", p["e0"]]
+    argv += ["--expert", str(tmp_path / "nan"), "--param", "density=0.3"]
+    assert main([*argv, "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "experts[1] tensor pooler.dense.bias is not finite (1 NaN" in err, err
+    assert f"(experts[1] is {tmp_path / 'nan'})" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_pickled_weights_are_refused_unopened(models, tmp_path, capsys):
     folder = tmp_path / "torch_model"
     folder.mkdir()

@@ -88,7 +88,7 @@ def ref_emr(base, experts, rescale="sum"):
         uni[p] = u
         n = u.size if rescale == "tensor_mean" else 1
         for t in range(k):
-            masks[t][p] = taus[t][p] * u > 0
+            masks[t][p] = np.sign(taus[t][p]) * np.sign(u) > 0  # the signs agree
             num[t] += np.abs(taus[t][p]).sum() / n
             den[t] += np.abs(np.where(masks[t][p], u, 0.0)).sum() / n
     lam = np.array([a / b if b > 0 else 1.0 for a, b in zip(num, den, strict=True)])

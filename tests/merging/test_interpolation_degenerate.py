@@ -91,6 +91,10 @@ def test_multislerp_degenerate(x64):
     _close(merging.multislerp(None, [a, a], weights=[1.0, -1.0], normalize_weights=False), _w(0, 0))
     with pytest.raises(ValueError, match=r"eps must lie in \[0"):
         merging.multislerp(None, [a, a], eps=-1.0)
+    # eps = 0 with an expert that did not move the leaf: its direction is 0 (not 0 / 0),
+    # and sin γ / γ → 1 where the tangent g vanishes; the same as a tiny eps.
+    unmoved = [_w(1.0, 2.0), _w(0.0, 0.0)]
+    _close(merging.multislerp(_w(0.0, 0.0), unmoved, eps=0.0), _w(0.5, 1.0))
 
 
 def test_multislerp_leaves_a_leaf_no_expert_moved_as_it_is():
@@ -122,6 +126,12 @@ def test_karcher_degenerate(x64):
     # A zero expert is left out of the direction but counts in the mean norm.
     _close(merging.karcher(None, [a, _w(0.0, 0.0)]), _w(1.5, 2.0))
     _close(merging.karcher(None, [a, _w(6.0, 8.0)]), _w(4.5, 6.0))  # parallel
+    # tol = 0: equal directions (θ = 0, θ / sin θ → 1) and a vanishing step or mean divide
+    # by nothing; opposite experts give what a tiny tol gives.
+    _close(merging.karcher(None, [a, _w(6.0, 8.0)], tol=0.0), _w(4.5, 6.0))
+    _close(merging.karcher(None, [a, a], tol=0.0), a)
+    opposite = [a, _w(-3.0, -4.0)]
+    _close(merging.karcher(None, opposite, tol=0.0), merging.karcher(None, opposite, tol=1e-12))
     got = merging.karcher(None, [_w(1.0, 0.0), _w(0.0, 1.0)], max_iter=0)
     _close(got, _w(np.sqrt(0.5), np.sqrt(0.5)))
     with pytest.raises(TypeError, match="max_iter must be a non-negative integer"):

@@ -245,6 +245,10 @@ def test_statistics_errors_name_leaf(inputs):
     with pytest.raises(ValueError, match=re.escape("statistics[1]['attn']['bias'] lacks ['nu']")):
         merging.umtam(base, experts, [stats[0], as_dicts])
     del as_dicts["attn"]["bias"]
+    as_dicts["attn"]["kernel"]["mu"] = np.zeros(3, np.float32)  # a dense field too
+    mixed = "['attn']['kernel'] mixes the factored fields with ['mu']"
+    with pytest.raises(ValueError, match=re.escape(mixed)):
+        merging.umtam(base, experts, [stats[0], as_dicts])
     del as_dicts["attn"]["kernel"]["row"]
     with pytest.raises(ValueError, match=re.escape("['attn']['kernel'] lacks ['row']")):
         merging.umtam(base, experts, [stats[0], as_dicts])

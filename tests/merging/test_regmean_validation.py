@@ -4,6 +4,7 @@ checkpoint engine and the CLI, which read no Grams."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -86,3 +87,13 @@ def test_experts_giving_a_leaf_grams_of_different_forms_are_refused():
     stacked, general = np.stack([np.eye(2, dtype="f4")] * 4), np.eye(4, dtype="f4")
     with pytest.raises(ValueError, match=r"grams\[1\]\['w'\] has shape \(4, 4\)"):
         merging.regmean(base, experts, [{"w": stacked}, {"w": general}])
+
+
+def test_regmean_a_kernel_without_input_features_comes_back_unchanged():
+    """A (2, 0, 3) kernel has no input features: an empty system, not a min over none."""
+    base = {"k": jnp.zeros((2, 0, 3)), "w": jnp.zeros((2, 2))}
+    grams = {"k": jnp.zeros((2, 0, 0)), "w": jnp.eye(2)}
+    experts = [{"k": jnp.zeros((2, 0, 3)), "w": jnp.full((2, 2), float(i))} for i in (1, 3)]
+    got = merging.regmean(base, experts, [grams, grams])
+    assert got["k"].shape == (2, 0, 3)
+    np.testing.assert_allclose(got["w"], jnp.full((2, 2), 2.0), rtol=1e-6)

@@ -94,3 +94,21 @@ def test_emr_zero_sum_entries_elect_nothing():
     np.testing.assert_array_equal(np.asarray(emr.unified["w"]), [0.0, 2.0, 3.0])
     np.testing.assert_array_equal(np.asarray(emr.masks[0]["w"]), [False, True, False])
     np.testing.assert_allclose(np.asarray(emr.rescalers), [4.0 / 2.0, 5.0 / 5.0])
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e15])
+def test_emr_masks_and_rescalers_do_not_depend_on_the_scale(scale):
+    """Masks compare signs: the product τ_t · τ_uni of float32 entries near 1e-20
+    underflowed to 0, which left every mask empty and every λ at 1."""
+    base = {"w": jnp.zeros(3, jnp.float32)}
+    taus = [np.array([1.0, -2.0, 1.0]), np.array([3.0, 1.0, 1.0])]
+    want = merging.emr_merge(base, [{"w": jnp.asarray(t, jnp.float32)} for t in taus])
+    got = merging.emr_merge(base, [{"w": jnp.asarray(t * scale, jnp.float32)} for t in taus])
+    for g, w in zip(got.masks, want.masks, strict=True):
+        np.testing.assert_array_equal(g["w"], w["w"])
+    assert np.asarray(got.masks[1]["w"]).tolist() == [True, False, True]
+    np.testing.assert_allclose(np.asarray(got.rescalers), [2 / 3, 1.25], rtol=1e-6)
+    # A restored result (a tuple, a dict) rebuilds the task models too.
+    model = merging.emr_task_model(base, got, 1)
+    for restored in (tuple(got), got._asdict()):
+        np.testing.assert_array_equal(merging.emr_task_model(base, restored, 1)["w"], model["w"])

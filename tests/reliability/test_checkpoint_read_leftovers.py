@@ -7,8 +7,10 @@ unraisable exception on."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
+import logging
 import sys
 import textwrap
 import types
@@ -112,3 +114,25 @@ def test_a_failed_restore_leaves_no_read_coroutines_to_print(tmp_path, seen, cap
         gc.collect()
     assert "Exception ignored" not in capfd.readouterr().err
     assert seen == []
+
+
+def test_asyncio_reports_of_a_failed_reads_other_errors_are_dropped(tmp_path, caplog):
+    """The other arrays' reads of a damaged checkpoint fail too, and nothing retrieves
+    their errors: asyncio logged each ("Future exception was never retrieved") with
+    TensorStore's error. Those naming a failed read's folder are dropped, others pass."""
+    folder = tmp_path / "ck" / "params"
+    _closed_loop.note_failed_read(folder)
+    loop = asyncio.new_event_loop()
+
+    def abandon(message):  # a future whose error nobody retrieves, collected
+        loop.create_future().set_exception(ValueError(message))
+        gc.collect()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        abandon(f'DATA_LOSS: Error reading "w/.zarray" in OCDBT database at local file "{folder}/"')
+        assert caplog.records == []
+        abandon(f'DATA_LOSS: Error reading "w/.zarray" at local file "{folder}2/"')
+    loop.close()
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == [
+        "Future exception was never retrieved"
+    ]

@@ -18,11 +18,20 @@ as unraisable exceptions, printed after the caller's clean error:
 Neither can do anything (the caller already has the read's error):
 :func:`drop_closed_loop_callbacks` chains a ``sys.unraisablehook`` that drops exactly these
 two and passes every other unraisable exception on.
+
+A third kind goes through asyncio's logger: the failed reads of the other arrays (each
+file of a damaged checkpoint fails in turn), whose errors nobody retrieves once the first
+one ended the read, are logged when garbage collected as "Future exception was never
+retrieved" or "Task exception was never retrieved", with TensorStore's error naming the
+checkpoint's files. :func:`note_failed_read` adds the folder of a read that failed to
+those whose such reports a filter on the ``asyncio`` logger drops; every other record
+passes.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 import threading
@@ -87,3 +96,33 @@ def drop_closed_loop_callbacks() -> None:
         if not _installed:
             _wrapped, sys.unraisablehook = sys.unraisablehook, _drop_closed_loop_callbacks
             _installed = True
+
+
+#: Folders (absolute, with a trailing separator) of Orbax reads that failed in this process.
+_failed_folders: set[str] = set()
+_NEVER_RETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+
+class _AbandonedReadReports(logging.Filter):
+    """Drops asyncio's reports of unretrieved errors that name a failed read's folder."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_NEVER_RETRIEVED) or not record.exc_info:
+            return True
+        text = str(record.exc_info[1])
+        return not any(folder in text for folder in list(_failed_folders))
+
+
+_filter = _AbandonedReadReports()
+
+
+def note_failed_read(folder: str | os.PathLike[str]) -> None:
+    """Marks ``folder``'s Orbax read as failed: asyncio's later reports of its other
+    arrays' unretrieved errors are dropped (see the module's docstring). Called where
+    the failure is raised to the caller as the library's own error."""
+    with _lock:
+        for path in {os.path.abspath(folder), os.path.realpath(folder)}:
+            _failed_folders.add(path.rstrip(os.sep) + os.sep)
+        logger = logging.getLogger("asyncio")
+        if _filter not in logger.filters:
+            logger.addFilter(_filter)

@@ -17,7 +17,7 @@ from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _leftovers, _targets
-from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
+from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks, note_failed_read
 from umtam_jax.checkpoint._format import (
     _ORBAX_TMP_SUFFIX,
     FORMAT_NAME,
@@ -62,6 +62,7 @@ def restore_items(directory: epath.Path, args: dict[str, Any]) -> dict[str, Any]
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(directory, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
+        note_failed_read(directory)
         names = ", ".join(repr(n) for n in args)
         raise _integrity.CheckpointCorruptError(
             f"cannot restore item(s) {names} of checkpoint {directory}: the checkpoint is "

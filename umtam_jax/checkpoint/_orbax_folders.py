@@ -24,7 +24,7 @@ from etils import epath
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _targets
-from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
+from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks, note_failed_read
 from umtam_jax.checkpoint._format import _ORBAX_TMP_SUFFIX, METADATA, _absolute
 from umtam_jax.checkpoint._integrity import CHECKSUMS_FILE, CheckpointCorruptError
 from umtam_jax.checkpoint._metadata import short_error
@@ -341,6 +341,7 @@ class OrbaxFolderReader:
             )
             arrays = [np.asarray(E.nested_get(restored, path)) for path in paths]
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
+            note_failed_read(self._folders[item])
             names = ", ".join(shown(p) for p in paths[:3])
             more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
             raise CheckpointCorruptError(

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _keys, _metadata
-from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks
+from umtam_jax.checkpoint._closed_loop import drop_closed_loop_callbacks, note_failed_read
 
 __all__ = ["CheckpointReader"]
 
@@ -251,6 +251,7 @@ class CheckpointReader:
                 ),
             )
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for corrupt files
+            note_failed_read(self.directory / item)
             _integrity.raise_if_replaced(self.directory, self._meta, self._records)
             shown = ", ".join(E.display_path(tuple(map(str, p))) for p in paths[:3])
             more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""

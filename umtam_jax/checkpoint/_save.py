@@ -105,9 +105,32 @@ def _user_metadata(metadata: Mapping[str, Any] | None) -> Any:
     if metadata is None:
         return None
     try:
+        _check_json(dict(metadata), "metadata")
         return json.loads(json.dumps(dict(metadata)))
-    except (TypeError, ValueError, RecursionError) as e:  # too deep: RecursionError
+    except (ValueError, RecursionError) as e:  # too deep: RecursionError
         raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+
+
+def _check_json(x: Any, where: str) -> None:
+    """Raises TypeError naming the first part of ``x`` that JSON would not give back as it
+    is: a key that is not a string (``json`` writes ``1`` as ``"1"``), a value of another
+    type than a string, number, bool, None, list, tuple or dict."""
+    if isinstance(x, Mapping):
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise TypeError(
+                    f"{where} has the key {k!r} ({type(k).__name__}): JSON keys are strings, "
+                    f"so it would come back as {json.dumps(str(k))}"
+                )
+            _check_json(v, f"{where}[{k!r}]")
+    elif isinstance(x, list | tuple):
+        for i, v in enumerate(x):
+            _check_json(v, f"{where}[{i}]")
+    elif not (x is None or isinstance(x, bool | int | float | str)):
+        raise TypeError(
+            f"{where} is a {type(x).__name__}: metadata must be JSON (strings, numbers, "
+            "bools, None, lists and dicts with string keys)"
+        )
 
 
 def _metadata_record(

@@ -92,7 +92,9 @@ _TREE_PATH = re.compile(r"(?:\['[^'\[\]]*'\]){2,}")
 
 
 def _tensor_name(match: re.Match) -> str:
-    return "tensor " + ".".join(re.findall(r"\['([^']*)'\]", match.group(0)))
+    glued = match.start() > 0 and not match.string[match.start() - 1].isspace()
+    name = "tensor " + ".".join(re.findall(r"\['([^']*)'\]", match.group(0)))
+    return f" {name}" if glued else name  # experts[1]['a']['w'] → experts[1] tensor a.w
 
 
 def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigError:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
 from umtam_jax.merging._gta import compute_dtype, sum_terms
-from umtam_jax.merging._interpolation import _require_base, _traced, _transposed
+from umtam_jax.merging._interpolation import _traced, _transposed
 from umtam_jax.merging._registry import Param
 
 _STOCK_EPS = 1e-6  # mergekit's model_stock: floor of ‖Δ_i‖‖Δ_j‖ and of |1 + (K−1) cos θ|
@@ -72,7 +72,6 @@ def model_stock(
       Jang et al., "Model Stock: All we need is just a few fine-tuned models",
       arXiv:2403.19522; mergekit ``model_stock``.
     """
-    _require_base(base, "model_stock")
     return pipeline.merge(MODEL_STOCK, base, experts, None, filter_wise=filter_wise, layout=layout)
 
 
@@ -136,7 +135,6 @@ def nearswap(base: Any, expert: Any, *, t: float) -> Any:
       alchemonaut, "QuartetAnemoi-70B-t0.0001" (Hugging Face model card, NearSwap);
       mergekit ``nearswap``.
     """
-    _require_base(base, "nearswap")
     return pipeline.merge(NEARSWAP, base, expert, None, t=t)
 
 
@@ -181,7 +179,6 @@ def arcee_fusion(base: Any, expert: Any) -> Any:
     References:
       Arcee AI, "Arcee Fusion" (arcee.ai); mergekit ``arcee_fusion``.
     """
-    _require_base(base, "arcee_fusion")
     return pipeline.merge(ARCEE_FUSION, base, expert, None)
 
 

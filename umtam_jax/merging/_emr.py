@@ -33,7 +33,7 @@ def _emr_leaf(base, ws):
     gamma = jnp.sign(jnp.sum(tv, axis=0))
     eps = jnp.max(jnp.where(tv * gamma > 0, jnp.abs(tv), 0), axis=0)
     uni = gamma * eps
-    masks = tv * uni > 0
+    masks = jnp.sign(tv) * jnp.sign(uni) > 0  # signs: tv · uni underflows for tiny entries
     axes = tuple(range(1, tv.ndim))
     before = jnp.sum(jnp.abs(tv), axis=axes)
     after = jnp.sum(jnp.where(masks, jnp.abs(uni), 0), axis=axes)
@@ -134,7 +134,8 @@ def emr_task_model(base: Any, emr: EMRMerged, task: int | None) -> Any:
 
     Args:
       base: the shared initial parameters ``θ_0``.
-      emr: :func:`emr_merge`'s output for this base.
+      emr: :func:`emr_merge`'s output for this base (or its three fields in order, e.g.
+        as a restored checkpoint gives them back: a tuple, a list or a dict of them).
       task: the expert's index ``t`` in ``0 … K − 1``, or None.
 
     Returns:
@@ -154,6 +155,7 @@ def emr_task_model(base: Any, emr: EMRMerged, task: int | None) -> Any:
     References:
       Huang et al., arXiv:2405.17461, Eq. 7.
     """
+    emr = _as_emr(emr)
     prepared = V.prepare(base, [base], what="base")  # the base, flattened and checked
     unified = V.leaves_like(emr.unified, prepared, "emr.unified")
     k = len(emr.masks)
@@ -173,3 +175,19 @@ def emr_task_model(base: Any, emr: EMRMerged, task: int | None) -> Any:
     leaves = zip(prepared.base, unified, masks, strict=True)
     out = [_reconstruct(b, u, m, scale) for b, u, m in leaves]
     return V.rebuild(prepared, out)
+
+
+def _as_emr(emr: Any) -> EMRMerged:
+    """``emr`` as an :class:`EMRMerged`: a restored one comes back as a plain tuple, list
+    or dict of its fields."""
+    if isinstance(emr, EMRMerged):
+        return emr
+    if isinstance(emr, dict) and set(emr) == set(EMRMerged._fields):
+        return EMRMerged(**emr)
+    if isinstance(emr, tuple | list) and len(emr) == len(EMRMerged._fields):
+        return EMRMerged(*emr)
+    raise TypeError(
+        "emr must be emr_merge's output (unified, masks, rescalers), got "
+        f"{type(emr).__name__}"
+        + (f" with {len(emr)} fields" if isinstance(emr, tuple | list | dict) else "")
+    )

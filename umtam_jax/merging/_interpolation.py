@@ -151,13 +151,7 @@ def slerp(base: Any, expert: Any, *, t: float) -> Any:
       Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985; mergekit
       ``slerp``.
     """
-    _require_base(base, "slerp")
     return pipeline.merge(SLERP, base, expert, None, t=t)
-
-
-def _require_base(base: Any, name: str) -> None:
-    if base is None:
-        raise TypeError(f"{name} needs the base model (base=None is not allowed)")
 
 
 @jax.jit

@@ -93,6 +93,8 @@ def plan(
     """
     # Scalar options are checked first: no input is touched for a typo.
     options = dict(kwargs) if checked else check_options(method, kwargs)
+    if base is None and not method.base_optional:
+        raise TypeError(f"{method.name} needs the base model (base=None is not allowed)")
     if method.single_expert:
         _check_single(method, base, experts)
         prepared = V.prepare(base, [experts], what="expert")

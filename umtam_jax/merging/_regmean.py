@@ -205,7 +205,7 @@ def _normal_equations(base, ws, grams, weights, alpha):
 @jax.jit
 def _regmean_leaf(base, ws, grams, weights, alpha):
     w0, mean, lhs, rhs = _normal_equations(base, ws, grams, weights, alpha)
-    if lhs is None:
+    if lhs is None or lhs.shape[-1] == 0:  # no Grams, or no input features: nothing to solve
         return (w0 + mean).astype(base.dtype)
     lu, pivots = jax.scipy.linalg.lu_factor(lhs)
     delta = jax.scipy.linalg.lu_solve((lu, pivots), rhs)

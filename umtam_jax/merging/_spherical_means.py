@@ -101,7 +101,12 @@ def _multislerp_terms(base, ws, weights, normalize_weights, eps):
     c = [jnp.where(normalize_weights, ci / jnp.where(normalize_weights, total, 1), ci) for ci in c]
     eps = jnp.asarray(eps, dt)
     norms = [scaled_norm(x) for x in xs]
-    units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
+    # An expert that did not move the tensor has no direction: its unit is 0 (x / eps
+    # with eps > 0; not 0 / 0 with eps = 0).
+    units = [
+        jnp.where(n + eps == 0, 0, x / jnp.where(n + eps == 0, 1, n + eps))
+        for x, n in zip(xs, norms, strict=True)
+    ]
     mean = sum_terms([ci * u for ci, u in zip(c, units, strict=True)])
     mean_norm = scaled_norm(mean)
     return dt, b, xs, c, eps, norms, units, mean, mean_norm
@@ -130,7 +135,8 @@ def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
     mean = mean / jnp.where(mean_norm < eps, 1, mean_norm)
     g = sum_terms([ci * (u - jnp.sum(u * mean) * mean) for ci, u in zip(c, units, strict=True)])
     gamma = scaled_norm(g) + eps
-    out = mean * jnp.cos(gamma) + g * (jnp.sin(gamma) / gamma)
+    sinc = jnp.where(gamma == 0, 1, jnp.sin(gamma) / jnp.where(gamma == 0, 1, gamma))
+    out = mean * jnp.cos(gamma) + g * sinc  # sin γ / γ → 1 (g = 0 with eps = 0)
     out = out * sum_terms([n * ci for n, ci in zip(norms, c, strict=True)])
     fallback = c[0] * xs[0] + c[1] * xs[1] if len(ws) == 2 else jnp.full_like(out, jnp.nan)
     out = jnp.where(unmoved, 0, jnp.where(degenerate, fallback, out))
@@ -225,8 +231,12 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
     first = units[-1]
     for v, u in zip(kept[::-1], units[::-1], strict=True):
         first = jnp.where(v, u, first)
+
+    def small(x: jax.Array) -> jax.Array:  # below tol, or 0 (tol = 0 divides by none)
+        return (x < tol) | (x == 0)
+
     norm = scaled_norm(mean)
-    mean = jnp.where(norm < tol, first, mean / jnp.where(norm < tol, 1, norm))
+    mean = jnp.where(small(norm), first, mean / jnp.where(small(norm), 1, norm))
 
     def step(carry):
         i, _, m = carry
@@ -235,11 +245,11 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
             dot = jnp.clip(jnp.dot(m, u), -1, 1)
             theta = jnp.arccos(dot)
             use = v & (theta >= tol)
-            ratio = theta / jnp.where(use, jnp.sin(theta), 1)
+            ratio = jnp.where(theta > 0, theta / jnp.where(use & (theta > 0), jnp.sin(theta), 1), 1)
             terms.append(jnp.where(use, a * ratio * (u - dot * m), 0))
         g = sum_terms(terms)
         gn = scaled_norm(g)
-        stop = gn < tol
+        stop = small(gn)
         new = jnp.cos(gn) * m + jnp.sin(gn) * (g / jnp.where(stop, 1, gn))
         nn = scaled_norm(new)
         new = jnp.where(nn > tol, new / jnp.where(nn > tol, nn, 1), new)

@@ -147,8 +147,11 @@ def _check_complete_nodes(stats: Any, what: str) -> None:
             keys = frozenset(node)
             factored = bool(keys & (_FACTORED_FIELDS - _DENSE_FIELDS))
             missing = sorted((_FACTORED_REQUIRED if factored else _DENSE_REQUIRED) - keys)
+            wrong = f"lacks {missing}"
+            if not missing:  # every factored field, and some only a dense node has
+                wrong = f"mixes the factored fields with {sorted(keys - _FACTORED_FIELDS)}"
             raise ValueError(
-                f"{what}{jax.tree_util.keystr(path)} lacks {missing}: a statistics node holds "
+                f"{what}{jax.tree_util.keystr(path)} {wrong}: a statistics node holds "
                 f"{sorted(_FACTORED_REQUIRED)} (factored) or {sorted(_DENSE_REQUIRED)} "
                 "(dense), with an optional 'saliency'"
             )

@@ -258,11 +258,14 @@ def prepare(base: Any, experts: Any, *, what: str = "experts", ref: str = "base"
     where a method without a base was given none: ``base`` then has its shapes).
 
     Raises:
-      TypeError: ``experts`` is not a sequence, or a leaf is not a floating-point array.
+      TypeError: ``base`` is None, ``experts`` is not a sequence, or a leaf is not a
+        floating-point array.
       ValueError: no experts, or an expert's structure, shapes or dtypes differ from the
         base's; the message names the leaf path.
     """
     experts = check_sequence(experts, what)
+    if base is None:
+        raise TypeError(f"{ref} is None: this merge needs the base model")
     key_paths, wrapped, treedef = _with_variables(base)
     paths = [jax.tree_util.keystr(p) for p in key_paths]
     variables = [x if _pytrees.is_variable(x) else None for x in wrapped]
