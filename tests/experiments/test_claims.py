@@ -273,8 +273,8 @@ def test_throughput_row_reads_the_gpu_runs_it_finds(tmp_path):
     for i, (device, slower) in enumerate([("H200", 2.0), ("H200", 4.0), ("H200", 4.0)]):
         times = {"adamw": [1.0, 1.2, 0.8], "umtam (defaults)": [slower, slower, slower]}
         result = {"times_s": times, "signature": {"model": model, "batch_size": 4}}
-        record = {"environment": {"device_kind": device}, "git": {"commit": f"{i}abcdef99"},
-                  "result": result}  # fmt: skip
+        git = {"commit": f"{i}abcdef99", "dirty": i == 2}  # the last ran with local changes
+        record = {"environment": {"device_kind": device}, "git": git, "result": result}
         (gpu / f"repeat{i}.json").write_text(json.dumps(record))
         speed = claims.paper_claims(None, bdir)[6]
         if i == 0:  # one repeat gives no interval: the CPU record alone
@@ -286,7 +286,7 @@ def test_throughput_row_reads_the_gpu_runs_it_finds(tmp_path):
         (costs.mean(), costs.mean() - half, costs.mean() + half)
     )
     assert "66.7 [30.8, 102.5] %" in speed.measurement
-    assert "H200, GPT 12 × 768, batch 4 × 256, commit 0abcdef, 1abcdef, 2abcdef" in (
+    assert "batch 4 × 256, commit 0abcdef, 1abcdef, 2abcdef with local changes" in (
         speed.measurement
     )
     assert speed.setting.startswith("the GPU runs: H200, GPT 12 × 768, batch 4 × 256")

@@ -272,7 +272,10 @@ def _gpu_throughput(bdir: Path, name: str) -> tuple[Any, str, str] | None:
         device = (record.get("environment") or {}).get("device_kind") or "?"
         settings.add(f"{device}, GPT {model.get('blocks')} × {model.get('d_model')}, batch "
                      f"{sig.get('batch_size')} × {model.get('context')}")  # fmt: skip
-        commits.add(((record.get("git") or {}).get("commit") or "?")[:7])
+        git = record.get("git") or {}
+        commits.add(
+            (git.get("commit") or "?")[:7] + (" with local changes" if git.get("dirty") else "")
+        )
         dates.append(str(record.get("date") or ""))
     if len(costs) < 2 or len(settings) != 1:
         return None
