@@ -110,6 +110,27 @@ def test_global_ties_exact_with_many_ties(ckpts, tmp_path, group_bytes, density)
     trees.assert_trees_equal(checkpoint.restore_params(out), want)
 
 
+def test_global_thresholds_hold_one_experts_scores_at_a_time(ckpts, tmp_path, monkeypatch):
+    """The threshold passes compute an expert's scores when its histogram is taken (every
+    expert's at once held K leaves of scores beside the inputs)."""
+    from umtam_jax.merging import _pipeline
+
+    events = []
+    importance, keys = _pipeline.expert_importance, _global_topk.GlobalTopK.keys
+    monkeypatch.setattr(_pipeline, "expert_importance",
+                        lambda *a: events.append("scores") or importance(*a))  # fmt: skip
+    monkeypatch.setattr(_global_topk.GlobalTopK, "keys",
+                        lambda self, s: events.append("keys") or keys(self, s))  # fmt: skip
+    p = ckpts["paths"]
+    engine.merge_checkpoints("ties", p["base"], _experts(p), tmp_path / "out", density=0.3,
+                             scope="global", progress=False)  # fmt: skip
+    # From the first pass on (the job's abstract validation traces every expert before).
+    passes = " ".join(events[events.index("keys") - 1 :])
+    assert passes.count("scores") > 6 and "scores scores" not in passes
+    want = merging.ties(ckpts["base"], ckpts["experts"], density=0.3, scope="global")
+    trees.assert_trees_equal(checkpoint.restore_params(tmp_path / "out"), want)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -198,6 +198,12 @@ class OrbaxFolderReader:
       directory: a PyTree item folder (``StandardCheckpointer().save(path, tree)``, or a
         step's item such as ``runs/3/default``) or a ``CheckpointManager`` step folder.
 
+    Attributes:
+      directory: ``directory``, absolute (an ``epath.Path``).
+      items: the names of its PyTree items, the ``item`` that :meth:`abstract` and
+        :meth:`read` take: ``("",)`` for a PyTree item folder itself, else a step's item
+        folders by name (``("opt_state", "params")``).
+
     Raises:
       FileNotFoundError: ``directory`` does not exist or holds no PyTree item.
       ValueError: an unfinished save (Orbax's temporary folder), a file, or metadata
@@ -261,7 +267,6 @@ class OrbaxFolderReader:
                 "its own reader)"
             )
         self._folders = folders
-        #: The item names: ``""`` for a PyTree item folder itself, else its subfolders'.
         self.items = tuple(folders)
         self._trees: dict[str, Any] = {}
         self._handler = ocp.PyTreeCheckpointHandler()

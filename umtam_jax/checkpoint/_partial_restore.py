@@ -34,6 +34,10 @@ class CheckpointReader:
       verify: check every array read against the checksums recorded at save time (the
         default); False skips that pass for trusted, fast paths.
 
+    Attributes:
+      directory: the checkpoint directory, absolute (an ``epath.Path``).
+      metadata: the checkpoint's metadata, without the items' structure records.
+
     Raises:
       FileNotFoundError: no checkpoint (or no metadata) at ``directory``.
       ValueError: the directory is not a complete umtam_jax checkpoint.

@@ -116,14 +116,22 @@ def _pickle_note(files: Iterable[str]) -> str:
 class SafetensorsReader:
     """Reads tensors one at a time from a Hugging Face safetensors folder (or file).
 
-    Opening reads only the headers. ``names`` lists tensors by shard file name, then by
-    position in the file; ``metadata`` is the first shard's ``__metadata__``.
+    Opening reads only the headers.
 
     Args:
       folder: a folder with ``model.safetensors``, or ``model.safetensors.index.json`` and
         its shards; or one ``.safetensors`` file.
       verify: check the tensors of files written by :func:`save_safetensors` against their
         recorded CRC-32 as they are read.
+
+    Attributes:
+      names: every tensor's name, by shard file name, then by position in the file.
+      metadata: the first shard's ``__metadata__`` (a dict of strings; empty without).
+      is_folder: whether ``folder`` is a folder rather than one file.
+      folder: the model's folder, absolute (an ``epath.Path``): ``folder`` itself, or
+        the folder holding the file.
+      files: the weight files read (``epath.Path``): ``model.safetensors``, the shards in
+        name order, or the one file.
 
     Raises:
       FileNotFoundError: no such path, no safetensors weights, or a missing shard.

@@ -39,16 +39,10 @@ from umtam_jax.engine._checkpoints import (
 )
 from umtam_jax.engine._job import Job
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
+from umtam_jax.engine._open import is_huggingface, open_source
 from umtam_jax.engine._output import OUTPUT_FORMATS, check_output, resolve_output_format, writer
 from umtam_jax.engine._plain_orbax import PlainOrbaxSource
-from umtam_jax.engine._sources import (
-    STATISTICS_FOLDER,
-    OrbaxSource,
-    SafetensorsSource,
-    Source,
-    is_huggingface,
-    open_source,
-)
+from umtam_jax.engine._sources import STATISTICS_FOLDER, OrbaxSource, SafetensorsSource, Source
 from umtam_jax.engine._tied_embeddings import untie_embeddings
 
 __all__ = [

@@ -17,11 +17,13 @@ from typing import Any, Literal
 import numpy as np
 from etils import epath
 
-from umtam_jax.engine._job import Job, TensorKwargs
+from umtam_jax.engine._job import Job
 from umtam_jax.engine._merge import DEFAULT_GROUP_BYTES, merge
+from umtam_jax.engine._open import is_huggingface, open_source
+from umtam_jax.engine._option_groups import TensorKwargs
 from umtam_jax.engine._output import check_output, resolve_output_format, writer
 from umtam_jax.engine._plain_orbax import align_keys
-from umtam_jax.engine._sources import SafetensorsSource, Source, is_huggingface, open_source
+from umtam_jax.engine._sources import SafetensorsSource, Source
 from umtam_jax.engine._tied_embeddings import untie_embeddings
 from umtam_jax.merging import _registry as R
 
@@ -196,11 +198,20 @@ def validate_merge_checkpoints(
     """Checks a :func:`merge_checkpoints` call from the inputs' metadata alone.
 
     Reads no arrays: the merge is validated with ``jax.eval_shape`` of the in-memory
-    method on the inputs' abstract trees.
+    method on the inputs' abstract trees. Its arguments are those of
+    :func:`merge_checkpoints` that say what to merge, with the same meaning.
 
     Args:
-      method, base_dir, expert_dirs, statistics, fisher_dirs, curvature_dirs, dtype,
-      out_dtype, **method_kwargs: as :func:`merge_checkpoints`.
+      method: a name in :data:`umtam_jax.merging.METHODS`.
+      base_dir: the base model; None for methods that take none.
+      expert_dirs: the experts' models.
+      statistics: use the experts' UMTAM statistics; None: the method's default (yes
+        for ``umtam``, ``ota`` without ``curvature_dirs`` and ``prune``).
+      fisher_dirs: for ``fisher``, one model per expert holding its diagonal Fisher.
+      curvature_dirs: for ``ota``, one model per expert holding its curvature.
+      dtype: the dtype the parameters would be read in (default: as stored).
+      out_dtype: the output's dtype (default: ``dtype``, else the merge's).
+      **method_kwargs: keyword arguments of the merging function.
 
     Returns:
       The merged parameters' abstract pytree (``jax.ShapeDtypeStruct`` leaves).

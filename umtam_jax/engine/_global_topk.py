@@ -109,8 +109,9 @@ class GlobalTopK:
         """Runs the histogram passes.
 
         Args:
-          scan: ``scan(p)`` yields, for every leaf in flattening order, the scores of the
-            active experts on that leaf (pass ``p``; the inputs are read again each pass).
+          scan: ``scan(p)`` yields, for every leaf in flattening order, an iterable of the
+            active experts' scores on that leaf (pass ``p``; the inputs are read again each
+            pass); a generator that computes each when it is reached holds one at a time.
           progress: called with the pass index before each pass.
         """
         active = self.active()
@@ -125,6 +126,7 @@ class GlobalTopK:
             for scores in scan(p):
                 for t, s in zip(active, scores, strict=True):
                     hist[t] += _histogram(self.keys(s), shift, prefix[t] if p > 0 else None)
+                    del s  # before the next expert's scores are computed
             for t in active:
                 # Largest digit d with count(digit >= d) >= need: the k-th largest's digit.
                 above = np.cumsum(hist[t][::-1])  # above[i] = count(digit >= 65535 - i)

@@ -12,8 +12,7 @@ Which leaves to read when, and where the output goes, is decided by the caller
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -25,12 +24,10 @@ from umtam_jax.engine import _leaf_table as T
 from umtam_jax.engine._global_topk import GlobalTopK
 from umtam_jax.engine._input_checks import check_copied_dtypes, check_wide_floats
 from umtam_jax.engine._leaf_merge import merge_leaf
+from umtam_jax.engine._option_groups import TensorKwargs, checked_group, option_groups
 from umtam_jax.engine._sources import Source
 from umtam_jax.merging import _pipeline as pipeline
 from umtam_jax.merging import _registry as R
-
-#: Keyword arguments that differ by tensor: the merged tensors' names → each one's.
-TensorKwargs = Callable[[Sequence[str]], Sequence[Mapping[str, Any]]]
 
 
 class Job:
@@ -52,9 +49,50 @@ class Job:
         order), it returns each tensor's arguments that replace ``kwargs`` there (a
         mergekit file's layer gradients and filtered values); None: none.
 
+    Attributes:
+      method: the method, as given.
+      base: the base's source.
+      experts: the experts' sources.
+      extras: ``extras``, as given (``"statistics"``, a list of sources or None).
+      base_input: ``base_input``, as given.
+      kwargs: the method's keyword arguments (a copy of ``kwargs``).
+      dtype: the read dtype as a ``np.dtype``; None: as stored.
+      out_dtype: the output's dtype as a ``np.dtype`` (``dtype`` when not given); None:
+        the merge's.
+      output: the merged parameters' abstract pytree: the base's structure with a
+        ``jax.ShapeDtypeStruct`` per leaf, in its output dtype (a non-floating leaf as
+        the base's).
+      leaves: the leaf table, one ``Leaf`` per leaf in the base's flattening order: its
+        ``keypath``, and the output's ``shape``, ``dtype`` and ``nbytes``. A leaf's
+        index in it is the ``j`` the methods take.
+      passthrough: the set of indices of the non-floating leaves (integer buffers such
+        as BERT's ``position_ids``): not merged but copied from the base
+        (:meth:`copy`), and equal in every expert.
+      scope: ``kwargs``'s ``scope`` (``"tensor"`` when not given).
+      options: the method's options, defaults filled in and checked for the number of
+        experts, which :meth:`plan` gives each leaf that ``leaf_options`` does not name.
+      option_groups: the merged leaves in groups that take the same keyword arguments:
+        ``(the arguments tensor_kwargs gives them, their leaf indices)`` pairs;
+        ``[({}, every merged leaf)]`` without ``tensor_kwargs``.
+      leaf_options: each merged leaf's checked options where ``tensor_kwargs`` changes
+        them, by leaf index (empty without ``tensor_kwargs``).
+
     Raises:
       ValueError / TypeError: as the in-memory call would, with the same messages (the
         whole merge is validated with ``jax.eval_shape`` on the abstract trees).
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> tree = {"w": np.ones(2, "f4"), "ids": np.arange(2)}
+      >>> paths = [checkpoint.save_safetensors(f"{root}/{n}", tree) for n in ("base", "a")]
+      >>> job = engine.job_from_paths("ties", paths[0], paths[1:], statistics=None,
+      ...                             kwargs={"density": 0.5})
+      >>> job.tensor_names(), job.passthrough, job.option_groups, job.options["density"]
+      (['ids', 'w'], {0}, [({}, [1])], [0.5])
+      >>> job.leaves[1].shape, job.leaves[1].dtype, job.leaves[1].nbytes
+      ((2,), dtype('float32'), 8)
     """
 
     def __init__(
@@ -132,47 +170,13 @@ class Job:
         # every leaf's plan reuses them.
         k = 1 if method.single_expert else len(experts)
         self.options = pipeline.check_options(method, self.kwargs, k)
-        #: The merged leaves in groups that take the same keyword arguments: (the
-        #: arguments ``tensor_kwargs`` gives them, their leaf indices); one group without.
-        self.option_groups = self._groups(tensor_kwargs)
-        #: Each merged leaf's checked options where ``tensor_kwargs`` changes them.
+        self.option_groups = option_groups(self, tensor_kwargs)
         self.leaf_options = {}
         for given, members in self.option_groups:
             if given:
-                options = self._checked_group(given, members, abstract, k)
+                options = checked_group(self, given, members, abstract, k)
                 self.leaf_options.update(dict.fromkeys(members, options))
         self._stand_ins: dict[Any, list[jax.ShapeDtypeStruct] | None] = {}
-
-    def _groups(self, tensor_kwargs: TensorKwargs | None) -> list[tuple[dict[str, Any], list[int]]]:
-        """The merged leaves grouped by the arguments ``tensor_kwargs`` gives them."""
-        merged = [j for j in range(len(self.leaves)) if j not in self.passthrough]
-        if tensor_kwargs is None:
-            return [({}, merged)]
-        if self.scope == "global":
-            raise ValueError("keyword arguments that differ by tensor need a per-tensor scope")
-        names = self.tensor_names()
-        groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
-        for j, given in zip(merged, tensor_kwargs([names[j] for j in merged]), strict=True):
-            groups.setdefault(repr(sorted(given.items())), (dict(given), []))[1].append(j)
-        return list(groups.values())
-
-    def _checked_group(
-        self, given: dict[str, Any], members: list[int], abstract: tuple[Any, Any, Any], k: int
-    ) -> Any:
-        """A group's checked options, its merge validated as the whole merge was; where the
-        method reads per-expert inputs (statistics, curvatures), whose trees a subset
-        cannot express, only the options are checked here and the method's own checks run
-        as each tensor is merged. Errors name the group's first tensor."""
-        kwargs = {**self.kwargs, **given}
-        try:
-            options = pipeline.check_options(self.method, kwargs, k)
-            if abstract[2] is None:
-                trees = [self.subset(t, members) for t in (abstract[0], *abstract[1])]
-                run = functools.partial(self._run, kwargs=kwargs)
-                jax.eval_shape(run, trees[0], trees[1:], None)
-        except (ValueError, TypeError) as err:
-            raise self.tensor_error(members[0], err, given) from None
-        return options
 
     def tensor_error(
         self, j: int, err: Exception, given: Mapping[str, Any] | None = None

@@ -45,8 +45,7 @@ def merge_leaf(
         )
     keep = []
     for t in range(len(p.experts)):
-        extra = None if call.extras is None else call.extras[t][0]
-        s = m.importance(call.options, p.base[0], p.experts[t][0], extra)
+        s = pipeline.expert_importance(call, 0, t)
         if from_scores:
             if topk is None:
                 batch = pipeline.leaf_batch_axes(call.options, p.key_paths[0], s.shape)

@@ -84,9 +84,9 @@ def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
                 data = job.read(group)
                 for j in group:
                     if j not in job.passthrough:
-                        scores = pipeline.importances(job.plan(j, data))
-                        assert scores is not None  # global scope: top-k, with importance
-                        yield [scores[t][0] for t in active]
+                        # One expert's scores at a time, each computed when it is read.
+                        call = job.plan(j, data)
+                        yield (pipeline.expert_importance(call, 0, t) for t in active)
                     bar.update(1)
 
     topk.find_thresholds(scan, lambda p: None)

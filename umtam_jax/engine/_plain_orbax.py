@@ -16,6 +16,7 @@ import numpy as np
 
 from umtam_jax import _pytrees
 from umtam_jax.checkpoint._orbax_folders import OrbaxFolderReader, shown
+from umtam_jax.engine._sources import Source
 from umtam_jax.optimizer._statistics import NoUmtamStateError, _is_stat_node, statistics
 
 # The entries of a saved tree that hold the parameters, each with the entries one of which
@@ -141,7 +142,7 @@ def _struct(tree: Any) -> Any:
     return jax.tree.map(lambda s: s.struct, tree, is_leaf=_is_stored)
 
 
-class PlainOrbaxSource:
+class PlainOrbaxSource(Source):
     """A model saved with Orbax by a training loop, and its UMTAM statistics if the
     optimizer state saved beside it holds an UMTAM state.
 
@@ -158,6 +159,12 @@ class PlainOrbaxSource:
       directory: a ``CheckpointManager`` step (``runs/3``) or one of its item folders, or
         a folder written by ``StandardCheckpointer().save``.
       what: how messages name it.
+
+    Attributes:
+      reader: the :class:`~umtam_jax.checkpoint.OrbaxFolderReader` of the folder.
+      location: the folder's absolute path, as messages give it.
+      directory: the folder (an ``epath.Path``): what outputs must stay clear of.
+      folder: the same folder, the model's.
 
     Raises:
       FileNotFoundError: no Orbax checkpoint at ``directory``.
@@ -193,7 +200,6 @@ class PlainOrbaxSource:
         except FileNotFoundError as err:
             raise FileNotFoundError(f"cannot read {what} checkpoint {directory}: {err}") from None
         self.location = os.fspath(self.reader.directory)
-        # What outputs must stay clear of, and the model's folder (Source's two roles).
         self.directory = self.folder = self.reader.directory
         trees = {item: _stored_tree(self.reader, item) for item in self.reader.items}
         params, rest = self._split(trees, what)

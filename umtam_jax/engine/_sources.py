@@ -3,7 +3,7 @@
 A :class:`Source` is a model on disk, read a few leaves at a time. Its leaves are indexed
 by their position in JAX's flattening order of :meth:`Source.abstract` (the same order for
 every input of a merge, whose structures are checked equal first), so the engine never
-sees a format's own names.
+sees a format's own names. :func:`~umtam_jax.engine.open_source` picks the class for a path.
 """
 
 from __future__ import annotations
@@ -20,11 +20,41 @@ from umtam_jax import _json
 
 
 class Source(Protocol):
-    """A model on disk whose parameters (and UMTAM statistics) are read leaf by leaf."""
+    """A model on disk whose parameters (and UMTAM statistics) are read leaf by leaf.
 
-    location: str  # shown in messages
-    directory: Any  # the input (folder or file): outputs must stay clear of it
-    folder: Any  # the model's folder, None for a lone file (which has no statistics)
+    Every input of an out-of-core merge is read through this interface: :meth:`abstract`
+    and :meth:`abstract_statistics` from metadata alone, :meth:`read` and
+    :meth:`read_statistics` a few leaves at a time. :class:`OrbaxSource`,
+    :class:`~umtam_jax.engine.PlainOrbaxSource` and :class:`SafetensorsSource` implement
+    it; :func:`~umtam_jax.engine.open_source` opens the one for a path.
+
+    Attributes:
+      location: the input's path as error messages show it.
+      directory: the input itself, a folder or a lone ``.safetensors`` file (an
+        ``epath.Path``): an output may not be it, lie inside it or contain it.
+      folder: the model's folder (an ``epath.Path``), where its UMTAM statistics, and a
+        Hugging Face model's ``config.json`` and tokenizer, are read from; None for a
+        lone ``.safetensors`` file, which has no statistics.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> root = tempfile.mkdtemp()
+      >>> hf = checkpoint.save_safetensors(f"{root}/hf", {"w": np.ones(2, "f4")})
+      >>> ours = checkpoint.save_checkpoint(f"{root}/ours", {"w": np.ones(2, "f4")})
+      >>> for path in (hf, ours, f"{hf}/model.safetensors"):
+      ...     source = engine.open_source(path, "the base")
+      ...     print(type(source).__name__, source.abstract()["w"].shape,
+      ...           source.read([0])[0].tolist(), source.folder is None,
+      ...           source.directory.name, source.has_statistics())
+      SafetensorsSource (2,) [1.0, 1.0] False hf False
+      OrbaxSource (2,) [1.0, 1.0] False ours False
+      SafetensorsSource (2,) [1.0, 1.0] True model.safetensors False
+    """
+
+    location: str
+    directory: Any
+    folder: Any
 
     def abstract(self) -> Any:
         """The parameters' structure, read from metadata only.
@@ -84,18 +114,37 @@ class Source(Protocol):
         """
 
 
-class OrbaxSource:
+class OrbaxSource(Source):
     """A umtam_jax (Orbax) checkpoint: its ``params`` item, and ``statistics`` if saved.
 
     Args:
       directory: the checkpoint directory.
       what: how messages name it (``"the base"``, ``"expert 1"``).
 
+    Attributes:
+      reader: the :class:`~umtam_jax.checkpoint.CheckpointReader` it reads with.
+      location: the checkpoint directory's absolute path (a string).
+      directory: the checkpoint directory (an ``epath.Path``; see :class:`Source`).
+      folder: the same directory, where its ``statistics`` item lies.
+
     Raises:
       FileNotFoundError: no checkpoint at ``directory``.
       ValueError: its parameters hold a typed PRNG key (``jax.random.key``, e.g. an
         ``nnx.Rngs`` stream of ``nnx.state(model)``), which has nothing to merge; the
         message names the leaf.
+
+    Example:
+      >>> import tempfile, numpy as np, umtam_jax
+      >>> from umtam_jax import checkpoint, engine
+      >>> stats = {"w": umtam_jax.DenseStatistics(mu=np.zeros(2, "f4"),
+      ...                                         nu=np.ones(2, "f4"), saliency=None)}
+      >>> path = checkpoint.save_checkpoint(tempfile.mkdtemp() + "/ckpt",
+      ...                                   {"w": np.ones(2, "f4")}, statistics=stats)
+      >>> source = engine.OrbaxSource(path, "expert 0's")
+      >>> source.abstract()["w"].shape, source.read([0])[0].tolist(), source.has_statistics()
+      ((2,), [1.0, 1.0], True)
+      >>> source.read_statistics([0])[0].nu.tolist()
+      [1.0, 1.0]
     """
 
     def __init__(self, directory: str | os.PathLike, what: str):
@@ -156,7 +205,7 @@ inside it, each tensor named ``<parameter name>.<field>`` (``row``, ``col``, ``u
 them for parameters named like the model's tensors."""
 
 
-class SafetensorsSource:
+class SafetensorsSource(Source):
     """A Hugging Face safetensors model (a folder with ``model.safetensors`` or an index
     and shards, or one ``.safetensors`` file), and its UMTAM statistics if it has them
     (:data:`STATISTICS_FOLDER`; a folder only: a lone file has no statistics, config or
@@ -165,6 +214,31 @@ class SafetensorsSource:
     Args:
       path: the folder or file.
       what: how messages name it.
+
+    Attributes:
+      reader: the :class:`~umtam_jax.checkpoint.SafetensorsReader` of the model's tensors.
+      location: ``path`` as given (a string).
+      directory: the input itself: the model's folder, or the lone file.
+      folder: the model's folder, which its statistics, config and tokenizer are read
+        from; None for a lone file.
+
+    Raises:
+      FileNotFoundError: no safetensors model at ``path``.
+      ValueError: as :class:`~umtam_jax.checkpoint.SafetensorsReader` (pickled weights
+        only, an invalid index or header, ...).
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from umtam_jax import checkpoint, engine
+      >>> path = checkpoint.save_safetensors(tempfile.mkdtemp() + "/m",
+      ...                                    {"a": {"w": np.ones(2, "f4")}})
+      >>> source = engine.SafetensorsSource(path, "the base")
+      >>> source.abstract()["a"]["w"].shape, source.read([0])[0].tolist()
+      ((2,), [1.0, 1.0])
+      >>> _ = checkpoint.save_safetensors(f"{path}/{engine.STATISTICS_FOLDER}",
+      ...                                 {"a": {"w": {"nu": np.ones(2, "f4")}}})
+      >>> source.has_statistics(), source.read_statistics([0])[0]["nu"].tolist()
+      (True, [1.0, 1.0])
     """
 
     def __init__(self, path: str | os.PathLike, what: str):
@@ -174,8 +248,6 @@ class SafetensorsSource:
             self.reader = SafetensorsReader(path)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"cannot read {what} model {path}: {err}") from None
-        # The input itself (a folder or a file), what an output must stay clear of; the
-        # model folder its statistics, config and tokenizer are read from (None: a file).
         self.directory = self.reader.folder if self.reader.is_folder else self.reader.files[0]
         self.folder = self.reader.folder if self.reader.is_folder else None
         self.location = os.fspath(path)
@@ -313,77 +385,3 @@ class SafetensorsSource:
             arrays = reader.read(fields)
             out.append({f.rpartition(".")[2]: a for f, a in zip(fields, arrays, strict=True)})
         return out
-
-
-def is_huggingface(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a Hugging Face model folder or a ``.safetensors`` file.
-
-    A folder counts when it holds ``model.safetensors``, a safetensors index, a
-    ``config.json`` or PyTorch pickles (which are recognised so that they can be refused
-    with a clear message, never loaded).
-
-    Args:
-      path: a file or folder.
-
-    Returns:
-      True for a Hugging Face model; False otherwise (a umtam_jax checkpoint, a missing
-      path).
-
-    Example:
-      >>> import tempfile, numpy as np
-      >>> from umtam_jax import checkpoint, engine
-      >>> path = checkpoint.save_safetensors(tempfile.mkdtemp() + "/m", {"w": np.ones(2)})
-      >>> engine.is_huggingface(path), engine.is_huggingface(tempfile.mkdtemp())
-      (True, False)
-    """
-    from umtam_jax.checkpoint._safetensors import INDEX_FILE, MODEL_FILE, PICKLES
-
-    p = os.fspath(path)
-    if p.endswith(".safetensors") or any(
-        os.path.isfile(os.path.join(p, f)) for f in (MODEL_FILE, INDEX_FILE)
-    ):
-        return True
-    try:
-        names = os.listdir(p)
-    except OSError:
-        return False
-    return "config.json" in names or any(n.endswith(PICKLES) for n in names)
-
-
-def open_source(path: str | os.PathLike, what: str) -> Source:
-    """The :class:`Source` reading ``path``: safetensors for a Hugging Face model, else Orbax.
-
-    Args:
-      path: a Hugging Face model (see :func:`is_huggingface`), a umtam_jax checkpoint, or
-        a checkpoint Orbax wrote itself (see
-        :func:`umtam_jax.checkpoint.is_orbax_folder`).
-      what: the input's role, named in error messages (``"the base"``, ``"expert 0's"``).
-
-    Returns:
-      A :class:`SafetensorsSource`, an :class:`OrbaxSource` or a
-      :class:`~umtam_jax.engine.PlainOrbaxSource`; opening reads metadata only.
-
-    Raises:
-      FileNotFoundError: a missing input, or a folder that is neither kind of model (the
-        message names ``what``).
-      ValueError: PyTorch pickles only, or an invalid safetensors model.
-
-    Example:
-      >>> import tempfile, numpy as np
-      >>> from umtam_jax import checkpoint, engine
-      >>> path = checkpoint.save_safetensors(tempfile.mkdtemp() + "/m", {"w": np.ones(2)})
-      >>> source = engine.open_source(path, "the base")
-      >>> source.abstract()["w"].shape, source.read([0])[0].tolist()
-      ((2,), [1.0, 1.0])
-    """
-    from umtam_jax.checkpoint import _format, _leftovers, is_orbax_folder
-    from umtam_jax.engine._plain_orbax import PlainOrbaxSource
-
-    # A save killed in the middle of its swap: its output is put back before the format
-    # is told from what the folder holds.
-    _leftovers.recover(_format._absolute(path))
-    if is_huggingface(path):
-        return SafetensorsSource(path, what)
-    if is_orbax_folder(path):
-        return PlainOrbaxSource(path, what)
-    return OrbaxSource(path, what)

@@ -69,7 +69,37 @@ def select_on_validation(
 ) -> dict[str, Any]:
     """Grid-searches one method on validation and reports the chosen setting on test.
 
+    Each setting of ``grid`` is merged by
+    :func:`~umtam_jax.experiments.merge.merge_encoders` and scored on the validation
+    split; the setting of highest validation ``norm`` is then scored once on test.
+
     Args:
+        method: A key of :data:`~umtam_jax.experiments.merge.MERGE_METHODS` (the
+            result's ``"method"`` is then that key) or a
+            :class:`~umtam_jax.experiments.merge.MergeMethod` (its ``name`` is).
+        grid: The settings tried, in order, at least one: each a mapping of the method's
+            keyword arguments, which override its experiment defaults
+            (``MergeMethod.defaults``). A setting replaces the best so far only when its
+            validation ``norm`` is higher by more than 1e-12, so a tie goes to the
+            earlier setting.
+        base_encoder: The shared pretrained encoder's parameters, the merge's base.
+        experts: The fine-tuned experts: their encoders are merged, and the merged encoder
+            is scored on each expert's task under that expert's head, normalized by the
+            expert's own score on the split.
+        ttasks: The tokenized tasks by name, each expert's with its ``"validation"`` and
+            ``"test"`` splits.
+        config: The experiment's configuration (its encoder ``config`` and
+            ``eval_batch_size``).
+        statistics: The experts' encoder UMTAM statistics, for the methods that read them
+            (UMTAM, OTA); the other methods ignore them.
+        fishers: The experts' encoder Fishers, for Fisher merging; ignored otherwise.
+        grams: The experts' encoder input Gram matrices, for RegMean; ignored otherwise.
+        key: The PRNG key of the methods that draw at random (DARE, DARE-TIES), the same
+            for every setting; None: ``jax.random.key(0)``. Ignored by the other methods.
+        fixed: Keyword arguments given to every setting, and reported with the chosen
+            one in ``"hparams"``; none of them may also be in a setting of ``grid`` (a
+            TypeError).
+        progress: Show a progress bar over the settings.
         samples: Bootstrap replicates of the test interval.
 
     Returns:
@@ -80,6 +110,10 @@ def select_on_validation(
         ``norm`` over test examples (one seed: the noise of the test sample only; with
         ``per_seed``, its one value) and
         ``test_predictions`` the predicted labels by task.
+
+    Raises:
+        ValueError: the method needs statistics, Fishers or Gram matrices that were not
+            given.
     """
     m = MERGE_METHODS[method] if isinstance(method, str) else method
     fixed = dict(fixed or {})

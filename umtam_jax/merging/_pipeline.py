@@ -55,14 +55,17 @@ from umtam_jax.optimizer._layout import matrix_view, scanned
 
 def leaf_importances(call: Call, j: int) -> list[jax.Array] | None:
     """Step 2 on leaf ``j``: each expert's importance (None for methods that rank nothing)."""
-    m, p = call.method, call.prepared
-    if m.importance is None:
+    if call.method.importance is None:
         return None
-    extras = call.extras
-    return [
-        m.importance(call.options, p.base[j], ws[j], None if extras is None else extras[t][j])
-        for t, ws in enumerate(p.experts)
-    ]
+    return [expert_importance(call, j, t) for t in range(len(call.prepared.experts))]
+
+
+def expert_importance(call: Call, j: int, t: int) -> jax.Array:
+    """Step 2 on leaf ``j`` for expert ``t`` alone (a method with an importance)."""
+    m, p, extras = call.method, call.prepared, call.extras
+    assert m.importance is not None  # asked only of a method that ranks entries
+    extra = None if extras is None else extras[t][j]
+    return m.importance(call.options, p.base[j], p.experts[t][j], extra)
 
 
 def leaf_masks(call: Call, j: int, scores: list[jax.Array] | None) -> list[jax.Array] | None:

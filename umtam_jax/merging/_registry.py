@@ -90,8 +90,14 @@ class Param:
     read_when: Callable[[Mapping[str, Any]], bool] | None = None
 
     def is_read(self, options: Mapping[str, Any]) -> bool:
-        """Whether a merge with ``options`` (every parameter's value, defaults filled in)
-        reads this parameter."""
+        """Whether a merge with ``options`` reads this parameter.
+
+        Args:
+          options: every parameter's value by name, defaults filled in.
+
+        Returns:
+          True without ``read_when``; else ``read_when(options)`` as a bool.
+        """
         return self.read_when is None or bool(self.read_when(options))
 
     def check(self, value: Any, k: int) -> Any:

@@ -101,12 +101,12 @@ def umtam(
 
     Example:
       >>> import jax.numpy as jnp
+      >>> import umtam_jax
       >>> from umtam_jax import merging
-      >>> from umtam_jax.optimizer._state import DenseStatistics
       >>> base = {"b": jnp.zeros(4)}
       >>> experts = [{"b": jnp.array([1., -1., 2., 0.])}, {"b": jnp.array([1., 1., -1., 0.])}]
-      >>> stats = [{"b": DenseStatistics(mu=jnp.zeros(4), nu=jnp.ones(4), saliency=None)}
-      ...          for _ in experts]
+      >>> stats = [{"b": umtam_jax.DenseStatistics(mu=jnp.zeros(4), nu=jnp.ones(4),
+      ...                                          saliency=None)} for _ in experts]
       >>> merged = merging.umtam(base, experts, stats, density=1.0)
       >>> merged["b"].tolist()
       [1.0, 0.0, 1.0, 0.0]

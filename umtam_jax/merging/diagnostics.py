@@ -142,6 +142,11 @@ def sign_conflict(
       (0.5, 2, 0.2857142857142857, {"['w']": 0.5}, [[0.0, 0.5], [0.5, 0.0]])
       >>> diagnostics.sign_conflict(base, experts, density=0.67)["rate"]  # top 2 of 3 each
       0.0
+
+    References:
+      Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS
+      2023, arXiv:2306.01708 (sign conflicts between task vectors; the trim to the top
+      ``density`` of magnitudes).
     """
     if density is not None and not (
         isinstance(density, int | float) and not isinstance(density, bool) and 0 < density <= 1
@@ -260,6 +265,11 @@ def diagnose(
       >>> sorted(d)  # doctest: +NORMALIZE_WHITESPACE
       ['delta_norms', 'experts', 'importance_spread', 'mask_overlap', 'method',
        'sign_conflict', 'sign_conflict_kept']
+
+    References:
+      Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS
+      2023, arXiv:2306.01708 (sign conflicts; ``sign_conflict_kept`` after its trim to the
+      top 20 % of magnitudes).
     """
     call = plan(method, base, experts, extra, params)
     m, prepared = call.method, call.prepared
