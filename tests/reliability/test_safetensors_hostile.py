@@ -127,3 +127,25 @@ def test_a_file_without_tensors_is_refused(tmp_path):
     _raw(path, {"__metadata__": {"format": "pt"}})
     with pytest.raises(ValueError, match=f"the safetensors model at {path} holds no tensors"):
         SafetensorsReader(path)
+
+
+def test_a_tensor_named_twice_in_a_header_or_index_is_named(tmp_path):
+    """JSON keeps the last of two equal keys: a repeated tensor name hid the other entry,
+    and the header was refused for its offsets, or the index for a shard it never named."""
+
+    def entry(begin):
+        return json.dumps({"dtype": "F32", "shape": [1], "data_offsets": [begin, begin + 4]})
+
+    text = f'{{"w": {entry(0)}, "w": {entry(4)}}}'.encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(8))
+    with pytest.raises(ValueError, match=f"{path} is not a valid .*the key 'w' is given twice"):
+        SafetensorsReader(path)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    _raw(folder / "a.safetensors", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+         bytes(4))  # fmt: skip
+    index = '{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}'
+    (folder / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match="the key 'w' is given twice"):
+        SafetensorsReader(folder)

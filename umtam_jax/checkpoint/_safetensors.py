@@ -222,7 +222,8 @@ class SafetensorsReader:
             error = ValueError if note else FileNotFoundError
             raise error(f"no {MODEL_FILE} or {INDEX_FILE} in {folder}{note}")
         try:
-            shard_of = _json.loads(_targets.read_record(index, _MAX_INDEX))["weight_map"]
+            record = _targets.read_record(index, _MAX_INDEX)
+            shard_of = _json.loads(record, unique_keys=True)["weight_map"]
             if not isinstance(shard_of, dict) or not all(
                 isinstance(v, str) for v in shard_of.values()
             ):

@@ -52,7 +52,7 @@ def parse_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
             (length,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (-1,)
             if not 0 < length <= min(size - 8, _MAX_HEADER):
                 raise ValueError(f"its header length {length} does not fit its {size} bytes")
-            header = _json.loads(f.read(length).decode("utf-8"))
+            header = _json.loads(f.read(length).decode("utf-8"), unique_keys=True)
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
