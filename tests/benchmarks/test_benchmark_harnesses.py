@@ -263,14 +263,29 @@ def test_train_throughput_judges_targets_on_the_interval():
     ]
 
 
-def test_merge_overhead_times_each_row_on_both_models_and_restores_the_select(tmp_path):
+def test_merge_overhead_times_each_row_on_both_models_and_restores_the_select(
+    tmp_path, monkeypatch
+):
     from benchmarks import merge_overhead
     from umtam_jax.merging import _select
 
     narrow_up_to = _select._NARROW_DIGITS_UP_TO
-    result = merge_overhead.run(4, 1, 1, str(tmp_path))
-    assert [r["row"] for r in result["rows"]] == list(merge_overhead.ROWS)
+    seen = []
+
+    def fake_merge(folders, out, row):  # which model, row and digit setting each time ran
+        seen.append((folders[0].parent.name, row, _select._NARROW_DIGITS_UP_TO))
+        return 1.0 if folders[0].parent.name == "many" else 0.5
+
+    monkeypatch.setattr(merge_overhead, "time_merge", fake_merge)
+    result = merge_overhead.run(4, 3, 2, str(tmp_path))
+    rows = list(merge_overhead.ROWS)
+    assert [r["row"] for r in result["rows"]] == rows
+    assert len(seen) == len(rows) * 3 * 2  # a warm-up and 2 repeats, each on both models
+    assert {model for model, _, _ in seen} == {"many", "few"}
+    for _, row, narrow in seen:
+        assert narrow == (0 if row == "ties, 16-bit digits only" else narrow_up_to), row
     for r in result["rows"]:
-        assert len(r["many_s"]) == len(r["few_s"]) == 1 and r["few_median_s"] > 0
+        assert r["many_s"] == [1.0, 1.0] and r["few_s"] == [0.5, 0.5]  # warm-ups dropped
+        assert r["ms_per_tensor"] == 1e3 * 0.5 / 4
     assert narrow_up_to == _select._NARROW_DIGITS_UP_TO
     assert list(tmp_path.iterdir()) == []  # the models were temporary
