@@ -52,10 +52,15 @@ def test_an_empty_leaf_keeps_nothing_with_a_traced_count():
         assert merged["w"].shape == (0, 3)
 
 
-@pytest.mark.parametrize("chunk", [None, 7])  # one pass, or chunks (the last overlaps)
+# (k, chunk, narrow_up_to): one pass, or chunks (the last overlaps); the 8-bit digits of
+# 1000 scores, or (narrow_up_to=0) the 16-bit ones of large leaves.
+_KS = [1, 37, 500, 999, 1000, "boundary"]
+_LARGE_CASES = [(k, chunk, 1 << 18) for k in _KS for chunk in [None, 7]]
+_LARGE_CASES += [(k, None, 0) for k in [1, 500, 1000, "boundary"]]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("k", [1, 37, 500, 999, 1000, "boundary"])
-@pytest.mark.parametrize("narrow_up_to", [1 << 18, 0])  # 8-bit digits here, or 16-bit
+@pytest.mark.parametrize(("k", "chunk", "narrow_up_to"), _LARGE_CASES)
 def test_topk_mask_on_large_tensors_with_ties_nan_and_signed_zeros(
     retrace, dtype, k, chunk, narrow_up_to
 ):
