@@ -4,6 +4,7 @@ the old checkpoint), and arrays no restore could read refused before writing."""
 from __future__ import annotations
 
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,8 @@ def test_failed_overwrite_keeps_old_checkpoint(tmp_path, monkeypatch):
         ({"f": object()}, r"metadata\['f'\] is a object"),
         ({"run": {"steps": [1, np.int64(2)]}}, r"metadata\['run'\]\['steps'\]\[1\] is a int64"),
         ({"lr": {1: "x"}}, r"metadata\['lr'\] has the key 1 \(int\).* come back as \"1\""),
+        ({"cfg": types.MappingProxyType({"a": 1})}, r"metadata\['cfg'\] is a mappingproxy"),
+        (5, "metadata must be a mapping, not a int"),
     ],
 )
 def test_bad_metadata_is_named_and_writes_nothing(tmp_path, metadata, named):

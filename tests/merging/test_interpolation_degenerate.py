@@ -95,6 +95,9 @@ def test_multislerp_degenerate(x64):
     # and sin γ / γ → 1 where the tangent g vanishes; the same as a tiny eps.
     unmoved = [_w(1.0, 2.0), _w(0.0, 0.0)]
     _close(merging.multislerp(_w(0.0, 0.0), unmoved, eps=0.0), _w(0.5, 1.0))
+    # ... and a mean direction of exactly 0: the two experts' linear fallback, as eps > 0.
+    opposite = [_w(1.0, 0.0), _w(-3.0, 0.0)]
+    _close(merging.multislerp(_w(0.0, 0.0), opposite, eps=0.0), _w(-1.0, 0.0))
 
 
 def test_multislerp_leaves_a_leaf_no_expert_moved_as_it_is():

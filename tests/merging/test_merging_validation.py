@@ -316,3 +316,17 @@ def test_a_big_endian_input_is_refused_naming_its_leaf():
     base, expert = {"w": np.zeros(3, ">f4")}, {"w": np.ones(3, ">f4")}
     with pytest.raises(TypeError, match=r"base\['w'\] has dtype >f4, whose byte order"):
         merging.task_arithmetic(base, [expert, expert])
+
+
+def test_a_missing_base_or_expert_is_named():
+    e = {"w": jnp.ones(3)}
+    for merge in (
+        lambda: merging.ties(None, [e, e], density=0.5),
+        lambda: merging.tsv_merge(None, [e, e]),
+        lambda: merging.emr_merge(None, [e, e]),  # outside the registry
+    ):
+        with pytest.raises(TypeError, match="needs the base model"):
+            merge()
+    with pytest.raises(TypeError, match=r"^experts\[0\] is None$"):
+        merging.linear(None, [None, e])
+    np.testing.assert_array_equal(merging.linear(None, [e, e])["w"], e["w"])  # base optional

@@ -5,6 +5,8 @@ merge; and the reader, streaming writer and histogram it builds on."""
 
 from __future__ import annotations
 
+import weakref
+
 import jax
 import numpy as np
 import pytest
@@ -115,15 +117,25 @@ def test_global_thresholds_hold_one_experts_scores_at_a_time(ckpts, tmp_path, mo
     expert's at once held K leaves of scores beside the inputs)."""
     from umtam_jax.merging import _pipeline
 
-    events = []
+    events, made = [], []
     importance, keys = _pipeline.expert_importance, _global_topk.GlobalTopK.keys
-    monkeypatch.setattr(_pipeline, "expert_importance",
-                        lambda *a: events.append("scores") or importance(*a))  # fmt: skip
+
+    def scores(*args):  # from the first pass on, no earlier expert's scores are alive
+        if "keys" in events:
+            assert [r() for r in made if r() is not None] == []
+        events.append("scores")
+        out = importance(*args)
+        if "keys" in events:
+            made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(_pipeline, "expert_importance", scores)
     monkeypatch.setattr(_global_topk.GlobalTopK, "keys",
                         lambda self, s: events.append("keys") or keys(self, s))  # fmt: skip
     p = ckpts["paths"]
     engine.merge_checkpoints("ties", p["base"], _experts(p), tmp_path / "out", density=0.3,
                              scope="global", progress=False)  # fmt: skip
+    monkeypatch.undo()  # the in-memory merge below computes every expert's scores at once
     # From the first pass on (the job's abstract validation traces every expert before).
     passes = " ".join(events[events.index("keys") - 1 :])
     assert passes.count("scores") > 6 and "scores scores" not in passes

@@ -132,7 +132,8 @@ def test_asyncio_reports_of_a_failed_reads_other_errors_are_dropped(tmp_path, ca
         abandon(f'DATA_LOSS: Error reading "w/.zarray" in OCDBT database at local file "{folder}/"')
         assert caplog.records == []
         abandon(f'DATA_LOSS: Error reading "w/.zarray" at local file "{folder}2/"')
+        abandon(f'DATA_LOSS: Error reading "w/.zarray" at local file "/elsewhere{folder}/"')
     loop.close()
     assert [r.getMessage().splitlines()[0] for r in caplog.records] == [
         "Future exception was never retrieved"
-    ]
+    ] * 2  # another folder, and one that only ends like the failed one

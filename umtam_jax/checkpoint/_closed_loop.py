@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import sys
 import threading
 import traceback
@@ -110,7 +111,8 @@ class _AbandonedReadReports(logging.Filter):
         if not str(record.msg).startswith(_NEVER_RETRIEVED) or not record.exc_info:
             return True
         text = str(record.exc_info[1])
-        return not any(folder in text for folder in list(_failed_folders))
+        return not any(re.search(rf"(?:^|[\s\"'(=]){re.escape(folder)}", text)
+                       for folder in list(_failed_folders))  # fmt: skip
 
 
 _filter = _AbandonedReadReports()

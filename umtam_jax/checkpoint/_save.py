@@ -104,10 +104,12 @@ def _composite_handler() -> ocp.CompositeCheckpointHandler:
 def _user_metadata(metadata: Mapping[str, Any] | None) -> Any:
     if metadata is None:
         return None
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping, not a {type(metadata).__name__}")
     try:
         _check_json(dict(metadata), "metadata")
         return json.loads(json.dumps(dict(metadata)))
-    except (ValueError, RecursionError) as e:  # too deep: RecursionError
+    except (TypeError, ValueError, RecursionError) as e:  # too deep: RecursionError
         raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
 
 
@@ -116,6 +118,8 @@ def _check_json(x: Any, where: str) -> None:
     is: a key that is not a string (``json`` writes ``1`` as ``"1"``), a value of another
     type than a string, number, bool, None, list, tuple or dict."""
     if isinstance(x, Mapping):
+        if not isinstance(x, dict):  # a FrozenDict, a mappingproxy: JSON writes dicts only
+            raise TypeError(f"{where} is a {type(x).__name__}: metadata must be JSON (a dict)")
         for k, v in x.items():
             if not isinstance(k, str):
                 raise TypeError(

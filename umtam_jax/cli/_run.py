@@ -92,7 +92,8 @@ _TREE_PATH = re.compile(r"(?:\['[^'\[\]]*'\]){2,}")
 
 
 def _tensor_name(match: re.Match) -> str:
-    glued = match.start() > 0 and not match.string[match.start() - 1].isspace()
+    before = match.string[match.start() - 1] if match.start() else " "
+    glued = before.isalnum() or before == "]"
     name = "tensor " + ".".join(re.findall(r"\['([^']*)'\]", match.group(0)))
     return f" {name}" if glued else name  # experts[1]['a']['w'] → experts[1] tensor a.w
 

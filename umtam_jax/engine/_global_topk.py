@@ -124,9 +124,13 @@ class GlobalTopK:
             shift = self.nbits - DIGIT_BITS * (p + 1)
             hist = {t: np.zeros(2**DIGIT_BITS, np.int64) for t in active}
             for scores in scan(p):
-                for t, s in zip(active, scores, strict=True):
+                each = iter(scores)  # not zip: its reused tuple would hold the last scores
+                for t in active:
+                    s = next(each)
                     hist[t] += _histogram(self.keys(s), shift, prefix[t] if p > 0 else None)
                     del s  # before the next expert's scores are computed
+                if next(each, None) is not None:
+                    raise ValueError("scan yielded more scores than active experts")
             for t in active:
                 # Largest digit d with count(digit >= d) >= need: the k-th largest's digit.
                 above = np.cumsum(hist[t][::-1])  # above[i] = count(digit >= 65535 - i)

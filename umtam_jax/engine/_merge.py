@@ -87,6 +87,7 @@ def _global_topk(job: Job, group_bytes: int, progress: bool) -> GlobalTopK:
                         # One expert's scores at a time, each computed when it is read.
                         call = job.plan(j, data)
                         yield (pipeline.expert_importance(call, 0, t) for t in active)
+                        del call  # its inputs, before the next group is read
                     bar.update(1)
 
     topk.find_thresholds(scan, lambda p: None)

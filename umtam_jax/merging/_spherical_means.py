@@ -116,7 +116,12 @@ def _unmoved_and_degenerate(norms, mean_norm, eps) -> tuple[jax.Array, jax.Array
     """Whether no expert moved the tensor (every ``x_τ = 0``; an empty tensor too), and
     whether, otherwise, the weighted mean direction vanishes."""
     unmoved = jnp.all(jnp.stack(norms) == 0)
-    return unmoved, (mean_norm < eps) & ~unmoved
+    return unmoved, _vanishes(mean_norm, eps) & ~unmoved
+
+
+def _vanishes(x: jax.Array, eps: jax.Array) -> jax.Array:
+    """Below ``eps``, or 0 (``eps = 0`` divides by no zero)."""
+    return (x < eps) | (x == 0)
 
 
 @jax.jit
@@ -132,7 +137,7 @@ def _multislerp_leaf(base, ws, weights, normalize_weights, eps) -> jax.Array:
     terms = _multislerp_terms(base, ws, weights, normalize_weights, eps)
     dt, b, xs, c, eps, norms, units, mean, mean_norm = terms
     unmoved, degenerate = _unmoved_and_degenerate(norms, mean_norm, eps)
-    mean = mean / jnp.where(mean_norm < eps, 1, mean_norm)
+    mean = mean / jnp.where(_vanishes(mean_norm, eps), 1, mean_norm)
     g = sum_terms([ci * (u - jnp.sum(u * mean) * mean) for ci, u in zip(c, units, strict=True)])
     gamma = scaled_norm(g) + eps
     sinc = jnp.where(gamma == 0, 1, jnp.sin(gamma) / jnp.where(gamma == 0, 1, gamma))

@@ -265,7 +265,8 @@ def prepare(base: Any, experts: Any, *, what: str = "experts", ref: str = "base"
     """
     experts = check_sequence(experts, what)
     if base is None:
-        raise TypeError(f"{ref} is None: this merge needs the base model")
+        need = ": this merge needs the base model" if ref == "base" else ""
+        raise TypeError(f"{ref} is None{need}")
     key_paths, wrapped, treedef = _with_variables(base)
     paths = [jax.tree_util.keystr(p) for p in key_paths]
     variables = [x if _pytrees.is_variable(x) else None for x in wrapped]
