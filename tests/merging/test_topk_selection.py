@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import umtam_jax
 from tests.compilations import compilations
+from tests.optimizer.platforms import take_default_branches
 from umtam_jax import merging
 
 
@@ -100,18 +101,21 @@ def test_topk_mask_on_large_tensors_with_ties_nan_and_signed_zeros(
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("sorted_up_to", [1 << 16, 4])  # sorted per slice / radix, mapped
+@pytest.mark.parametrize("selection", ["sorted", "mapped", "vmapped"])  # per slice
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch", [(0,), (1,), (0, 2), (3,)])
 def test_sliced_masks_match_topk_per_slice_with_ties_nan_and_signed_zeros(
-    retrace, sorted_up_to, dtype, batch
+    monkeypatch, retrace, selection, dtype, batch
 ):
     """A layout ``scope`` keeps, per slice over its batch axes (a layer of a stacked leaf),
     the mask ``topk_mask`` gives that slice alone (NaN first, −0.0 below +0.0, ties to the
-    lower index within the slice), by either of its two selections."""
+    lower index within the slice), by each of its selections: sorted, or by the radix
+    select one slice at a time (CPU) or all at once (GPU/TPU)."""
     from umtam_jax.merging import _select
 
-    retrace(_select, "_SORTED_SLICE_SIZE", sorted_up_to)
+    if selection == "vmapped":  # the radix select's GPU/TPU branch
+        take_default_branches(monkeypatch)
+    retrace(_select, "_SORTED_SLICE_SIZE", 1 << 16 if selection == "sorted" else 4)
     rng = np.random.default_rng(3)
     pool = np.asarray([np.nan, np.inf, 3.5, 0.0, -0.0, -2.0], dtype)
     scores = pool[rng.integers(0, len(pool), (2, 3, 4, 5))]
