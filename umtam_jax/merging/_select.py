@@ -17,12 +17,12 @@ the first ``k − count(key > t)`` entries equal to ``t`` in flat order (a cumul
 count). This is the same mask as ``jax.lax.top_k`` on the flattened scores scattered into
 a boolean array (``top_k`` also returns the lower index first among equal values), but it
 streams over the scores instead of sorting them, in chunks of ``_CHUNK`` entries, so that
-its temporaries are a chunk's, not the leaf's. Before the chunks (whole-leaf passes), with
-jit on the project's 2-core CPU, k = 0.2 N, float32, N = 1M / 10M / 38.6M: 0.005 / 0.073 /
-0.49 s, against 0.014 / 0.20 / 1.06 s for an earlier 1-bit radix select (32 counting
-passes) and 0.12 / 3.2 s for ``top_k`` + scatter at 1M / 10M
-(``benchmarks/merge_time.py``); a 64 × 64 leaf takes 0.1 ms with 8-bit digits against 0.8
-ms with 16-bit ones (``benchmarks/merge_overhead.py``). The tie-breaking count runs only
+its temporaries are a chunk's, not the leaf's. With jit on the project's 2-core CPU,
+k = 0.2 N, float32, N = 1M / 10M / 38.6M: 0.009 / 0.057 / 0.20 s, against 0.16 / 4.1 s for
+``top_k`` + scatter and 0.31 / 3.1 s for a full sort at 1M / 10M
+(``benchmarks/merge_time.py``; an earlier 1-bit radix select of 32 counting passes took
+0.014 / 0.20 / 1.06 s); a 64 × 64 leaf takes 0.1 ms with 8-bit digits against 0.8 ms with
+16-bit ones (``benchmarks/merge_overhead.py``). The tie-breaking count runs only
 when more keys equal ``t`` than fit. Bit patterns order ``-0.0`` below ``+0.0`` and NaN
 above ``+inf`` (NaN scores are kept first).
 """
