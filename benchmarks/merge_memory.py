@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             r["maxrss_gb"] = r["maxrss_bytes"] / gb
             r["maxrss_over_model"] = r["maxrss_bytes"] / model_bytes
     streaming_ratio = rows["streaming"]["maxrss_over_model"]
-    largest = 4 * max(int(np.prod(s)) for s in _leaves(shapes))
+    largest, compared = 4 * max(int(np.prod(s)) for s in _leaves(shapes)), rows.get("comparison")
     payload = {
         "quick": args.quick,
         "parameters_per_model": n,
@@ -353,9 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         # The target is for the ~300M-parameter run; at --quick size the process's fixed
         # cost (interpreter, JAX, Orbax, compiled kernels) alone exceeds 2 models.
         "target_met": None if args.quick else streaming_ratio <= 2.0,
-        "identical_outputs": rows.get("comparison", {}).get("differing_leaves") == 0
-        if "comparison" in rows
-        else None,
+        "identical_outputs": None if compared is None else compared["differing_leaves"] == 0,
         "available_memory_bytes_before_in_memory": _mem_available(),
     }
     lines = [
@@ -388,10 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if not args.no_write:
         name = "merge_memory_quick" if args.quick else "merge_memory"
-        if args.scope == "global":
-            name += "_global"
-        if args.format == "safetensors":
-            name += "_safetensors"
+        name += ("_global" if args.scope == "global" else "") + (
+            "_safetensors" if args.format == "safetensors" else ""
+        )
         if args.vocab:
             name += f"_vocab{args.vocab}"
         path = write_results(name, payload, table, title=f"Merge peak memory ({name})")
