@@ -120,7 +120,7 @@ def _unmoved_and_degenerate(norms, mean_norm, eps) -> tuple[jax.Array, jax.Array
 
 
 def _vanishes(x: jax.Array, eps: jax.Array) -> jax.Array:
-    """Below ``eps``, or 0 (``eps = 0`` divides by no zero)."""
+    """Below ``eps`` (a tolerance), or 0: a tolerance of 0 divides by no zero."""
     return (x < eps) | (x == 0)
 
 
@@ -237,11 +237,9 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
     for v, u in zip(kept[::-1], units[::-1], strict=True):
         first = jnp.where(v, u, first)
 
-    def small(x: jax.Array) -> jax.Array:  # below tol, or 0 (tol = 0 divides by none)
-        return (x < tol) | (x == 0)
-
     norm = scaled_norm(mean)
-    mean = jnp.where(small(norm), first, mean / jnp.where(small(norm), 1, norm))
+    small = _vanishes(norm, tol)
+    mean = jnp.where(small, first, mean / jnp.where(small, 1, norm))
 
     def step(carry):
         i, _, m = carry
@@ -254,7 +252,7 @@ def _karcher_leaf(ws: list[jax.Array], max_iter: Any, tol: Any) -> jax.Array:
             terms.append(jnp.where(use, a * ratio * (u - dot * m), 0))
         g = sum_terms(terms)
         gn = scaled_norm(g)
-        stop = small(gn)
+        stop = _vanishes(gn, tol)
         new = jnp.cos(gn) * m + jnp.sin(gn) * (g / jnp.where(stop, 1, gn))
         nn = scaled_norm(new)
         new = jnp.where(nn > tol, new / jnp.where(nn > tol, nn, 1), new)
