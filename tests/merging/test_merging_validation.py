@@ -320,12 +320,13 @@ def test_a_big_endian_input_is_refused_naming_its_leaf():
 
 def test_a_missing_base_or_expert_is_named():
     e = {"w": jnp.ones(3)}
-    for merge in (
-        lambda: merging.ties(None, [e, e], density=0.5),
-        lambda: merging.tsv_merge(None, [e, e]),
-        lambda: merging.emr_merge(None, [e, e]),  # outside the registry
+    for merge, named in (
+        (lambda: merging.ties(None, [e, e], density=0.5), "ties needs"),
+        (lambda: merging.tsv_merge(None, [e, e]), "tsv_merge needs"),
+        (lambda: merging.ties(None, e, density=0.5), "ties needs"),  # before the experts
+        (lambda: merging.emr_merge(None, [e, e]), "base is None: this merge needs"),  # unnamed
     ):
-        with pytest.raises(TypeError, match="needs the base model"):
+        with pytest.raises(TypeError, match=f"^{named} the base model"):
             merge()
     with pytest.raises(TypeError, match=r"^experts\[0\] is None$"):
         merging.linear(None, [None, e])

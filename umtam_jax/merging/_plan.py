@@ -93,16 +93,14 @@ def plan(
     """
     # Scalar options are checked first: no input is touched for a typo.
     options = dict(kwargs) if checked else check_options(method, kwargs)
-    if base is None and not method.base_optional:
-        raise TypeError(f"{method.name} needs the base model (base=None is not allowed)")
     if method.single_expert:
         _check_single(method, base, experts)
-        prepared = V.prepare(base, [experts], what="expert")
+        prepared = V.prepare(base, [experts], what="expert", method=method.name)
     elif base is None and method.base_optional:
         experts = V.check_sequence(experts, "experts")
         prepared = V.prepare(jax.tree.map(jnp.zeros_like, experts[0]), experts, ref="experts[0]")
     else:
-        prepared = V.prepare(base, experts)
+        prepared = V.prepare(base, experts, method=method.name)
     k = len(prepared.experts)
     method.check_expert_count(k)
     extras = _extras(method, extra, prepared, options)

@@ -251,11 +251,19 @@ def check_convex_weights(weights: Sequence[Any]) -> None:
         raise ValueError(f"weights must be non-negative with a positive sum, got {values}")
 
 
-def prepare(base: Any, experts: Any, *, what: str = "experts", ref: str = "base") -> Prepared:
+def prepare(
+    base: Any,
+    experts: Any,
+    *,
+    what: str = "experts",
+    ref: str = "base",
+    method: str | None = None,
+) -> Prepared:
     """Validates ``base`` and ``experts`` (structure, shapes, dtypes) and flattens them.
 
     ``ref`` is how messages name the tree the experts are compared with (``"experts[0]"``
-    where a method without a base was given none: ``base`` then has its shapes).
+    where a method without a base was given none: ``base`` then has its shapes);
+    ``method``, the merging method that a missing base is reported for.
 
     Raises:
       TypeError: ``base`` is None, ``experts`` is not a sequence, or a leaf is not a
@@ -263,10 +271,12 @@ def prepare(base: Any, experts: Any, *, what: str = "experts", ref: str = "base"
       ValueError: no experts, or an expert's structure, shapes or dtypes differ from the
         base's; the message names the leaf path.
     """
-    experts = check_sequence(experts, what)
+    if base is None and method is not None:
+        raise TypeError(f"{method} needs the base model (base=None is not allowed)")
     if base is None:
         need = ": this merge needs the base model" if ref == "base" else ""
         raise TypeError(f"{ref} is None{need}")
+    experts = check_sequence(experts, what)
     key_paths, wrapped, treedef = _with_variables(base)
     paths = [jax.tree_util.keystr(p) for p in key_paths]
     variables = [x if _pytrees.is_variable(x) else None for x in wrapped]
