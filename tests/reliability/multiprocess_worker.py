@@ -11,7 +11,9 @@ import sys
 
 
 def main(process: int, port: str, directory: str, mode: str) -> None:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 

@@ -43,7 +43,10 @@ report = {}
 def run_on_devices(devices: int, script: str) -> dict:
     """Runs ``script`` (indented as in a test module: it is dedented) after the prelude on
     ``devices`` fake CPU devices and returns its ``report``."""
-    env = f'import os\nos.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={devices}"'
+    env = (
+        "import os\nos.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + "
+        f"' --xla_force_host_platform_device_count={devices}'"
+    )
     source = env + _PRELUDE + textwrap.dedent(script) + "\nprint(json.dumps(report))\n"
     out = subprocess.run(
         [sys.executable, "-c", source], capture_output=True, text=True, timeout=600

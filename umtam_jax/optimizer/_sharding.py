@@ -193,25 +193,30 @@ def replicate(x: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, NamedSharding(_explicit_mesh(x), P()))
 
 
+def _resharded(x: Any, spec: tuple, mesh: Any) -> Any:
+    """``x`` partitioned as ``spec`` over the Explicit ``mesh`` (a no-op where it is)."""
+    if explicit_spec(x) == spec:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, P(*spec)))
+
+
 def reshard_like(x: jax.Array, spec: tuple | None) -> jax.Array:
     """Reshards ``x`` to ``spec`` when it is explicitly sharded (``spec`` from
     :func:`explicit_spec` of the array it should match); a no-op otherwise."""
-    if spec is None or explicit_spec(x) is None or explicit_spec(x) == spec:
+    if spec is None or explicit_spec(x) is None:
         return x
-    return jax.sharding.reshard(x, NamedSharding(_explicit_mesh(x), P(*spec)))
+    return _resharded(x, spec, _explicit_mesh(x))
 
 
 def batched_like_params(grads: list[Any], params: list[Any], layouts: list[Any]) -> list[Any]:
     """The gradients, each of a leaf with batch axes (a ``Layout`` with ``batch_axes``)
-    partitioned as its parameter over Explicit mesh axes: ``vmap`` maps only equally
-    partitioned axes (a replicated gradient of a layer-sharded stack was refused), where
-    elsewhere JAX reshards as it goes."""
+    partitioned as its parameter over Explicit mesh axes, a NumPy gradient included:
+    ``vmap`` maps only equally partitioned axes (a replicated gradient of a layer-sharded
+    stack was refused), where elsewhere JAX reshards as it goes."""
     out = []
     for g, w, layout in zip(grads, params, layouts, strict=True):
         spec = explicit_spec(w) if layout.batch_axes else None
-        if spec is not None and explicit_spec(g) != spec:  # a NumPy gradient has none
-            g = jax.sharding.reshard(g, NamedSharding(_explicit_mesh(w), P(*spec)))
-        out.append(g)
+        out.append(g if spec is None else _resharded(g, spec, _explicit_mesh(w)))
     return out
 
 
