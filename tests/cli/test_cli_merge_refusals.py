@@ -98,6 +98,15 @@ def test_dry_run_and_overwrite(ckpts, tmp_path, capsys):
         assert main([*args[:-1], str(trained), "--force"]) == 2
         assert f"it is a training checkpoint (it holds {held}" in capsys.readouterr().err
         assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+    # Nor is a model saved by save_checkpoint or save_safetensors: only a merge's output.
+    saved = {"orbax": tmp_path / "my_model", "safetensors": tmp_path / "my_model_st"}
+    checkpoint.save_checkpoint(saved["orbax"], ckpts["experts"][0])
+    checkpoint.save_safetensors(saved["safetensors"], ckpts["experts"][0])
+    for fmt, folder in saved.items():
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        assert main([*args[:-1], str(folder), "--output-format", fmt, "--force"]) == 2
+        assert "is a umtam_jax output that no merge wrote" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
 def test_dry_run_reports_shape_mismatch(ckpts, tmp_path, capsys):

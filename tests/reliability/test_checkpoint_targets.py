@@ -83,13 +83,15 @@ def test_overwrite_refuses_an_output_holding_what_its_save_did_not_write(tmp_pat
     with pytest.raises(ValueError, match=r"holds README\.md, umtam_statistics, which umtam_jax"):
         save(path, OLD, overwrite=True)
     assert _tree_files(tmp_path) == before  # nothing deleted, nothing written
+    # A merge's own output, with a file added since: refused, naming it.
+    job = engine.job_from_paths("passthrough", None, [source], statistics=None, kwargs={})
+    merged = epath.Path(tmp_path / "merged")
+    engine.merge(job, engine.writer(job, merged, fmt, overwrite=False, metadata=None),
+                 progress=False)  # fmt: skip
+    engine.check_output(merged, job, fmt, overwrite=True)
+    (merged / "README.md").write_text("model card")
     with pytest.raises(ValueError, match="README.md"):
-        engine.check_output(
-            epath.Path(path),
-            engine.job_from_paths("passthrough", None, [source], statistics=None, kwargs={}),
-            fmt,
-            overwrite=True,
-        )  # fmt: skip
+        engine.check_output(merged, job, fmt, overwrite=True)
 
 
 @pytest.mark.parametrize("fmt", ["orbax", "safetensors"])

@@ -136,8 +136,35 @@ def save_safetensors(
     References:
       the safetensors format, https://huggingface.co/docs/safetensors
     """
+    return write_safetensors(
+        folder,
+        tree_or_abstract,
+        produce,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        copy_files_from=copy_files_from,
+        metadata=metadata,
+        keep_tied_embeddings=keep_tied_embeddings,
+        kind=SAFETENSORS,
+    )
+
+
+def write_safetensors(
+    folder: str | os.PathLike,
+    tree_or_abstract: Any,
+    produce: Callable[[int], Any] | None,
+    *,
+    max_shard_size: int | str,
+    overwrite: bool,
+    copy_files_from: str | os.PathLike | None,
+    metadata: Mapping[str, Any] | None,
+    keep_tied_embeddings: bool,
+    kind: _targets.OutputKind,
+) -> epath.Path:
+    """:func:`save_safetensors`, replacing only the outputs ``kind`` accepts (see
+    :func:`._targets.check_target`)."""
     folder = F._absolute(folder)
-    _safety.check_output(folder, overwrite=overwrite, kind=SAFETENSORS)
+    _safety.check_output(folder, overwrite=overwrite, kind=kind)
     if _processes.count() > 1:
         raise ValueError("save_safetensors writes from a single process only")
     leaves = names_from_tree(tree_or_abstract)
@@ -171,7 +198,7 @@ def save_safetensors(
     get = produce if produce is not None else list(leaves.values()).__getitem__
     index = iter(range(len(leaves)))
 
-    with _safety.publishing(folder, overwrite=overwrite, kind=SAFETENSORS) as staging:
+    with _safety.publishing(folder, overwrite=overwrite, kind=kind) as staging:
         os.makedirs(staging)
         meta = {"format": "pt", **user}
         for file, tensors in zip(files, shards, strict=True):

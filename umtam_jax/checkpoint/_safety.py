@@ -74,6 +74,7 @@ from umtam_jax.checkpoint._targets import (
     OutputKind,
     check_target,
     contents,
+    contents_record,
     is_empty_folder,
     is_local,
 )
@@ -94,12 +95,13 @@ def _step(name: str) -> None:
 # ----------------------------------------------------------------------------- contents
 
 
-def _record_contents(staging: epath.Path) -> None:
+def _record_contents(staging: epath.Path, kind: OutputKind) -> None:
     """Writes what the staged folder holds, every file with its size and modification
-    time, into the folder (see :func:`._targets._added_entries`)."""
-    record: Any = {"entries": contents(staging)} if is_local(staging) else None
-    if record is None:  # no lstat on remote file systems: the top-level names
-        record = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
+    time, into the folder (see :func:`._targets._added_entries`), with ``kind``'s stamp."""
+    entries: Any = contents(staging) if is_local(staging) else None
+    if entries is None:  # no lstat on remote file systems: the top-level names
+        entries = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
+    record = contents_record(entries, kind.stamp)
     write_synced(staging / _CONTENTS_FILE, json.dumps(record, sort_keys=True))
 
 
@@ -233,7 +235,7 @@ def publishing(
                 staging = _hidden(directory, _NEW, token)
                 try:
                     yield staging
-                    _record_contents(staging)
+                    _record_contents(staging, kind)
                     sync_tree(staging)
                     _step("staged")
                     # Again, just before the swap: the path may have changed while the
@@ -319,7 +321,7 @@ def _publishing_collectively(
         check_target(directory, overwrite=overwrite, kind=kind)
         _processes.barrier(f"umtam_checkpoint_staged_{token}")
         if _processes.is_primary():
-            _record_contents(staging)
+            _record_contents(staging, kind)
             sync_tree(staging)
             _publish(staging, directory, token, empty=is_empty_folder(directory))
         _processes.barrier(f"umtam_checkpoint_published_{token}")

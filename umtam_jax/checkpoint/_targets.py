@@ -150,12 +150,15 @@ class OutputKind(NamedTuple):
         writer (a merge never replaces a training checkpoint); None: none refused.
       written_by_orbax: whether Orbax writes it (its path must then hold no '[': Orbax
         finds the arrays it wrote with a glob of the folder's path).
+      stamp: what wrote the output (``"merge"``), recorded in it: only an output with
+        this stamp is replaced; None: every output of the format.
     """
 
     is_own: Callable[[epath.Path], bool]
     marker: str
     refuse: Callable[[epath.Path], None] | None = None
     written_by_orbax: bool = False
+    stamp: str | None = None
 
 
 #: A umtam_jax (Orbax) checkpoint.
@@ -247,6 +250,12 @@ def check_target(
         )
     if kind.refuse is not None:
         kind.refuse(directory)
+    if kind.stamp is not None and recorded_stamp(directory) != kind.stamp:
+        raise ValueError(
+            f"refusing to replace {directory}: it is a umtam_jax output that no {kind.stamp} "
+            f"wrote, and a {kind.stamp} replaces only its own earlier output, even with "
+            "overwrite; write elsewhere, or delete it yourself"
+        )
     if not overwrite:
         raise FileExistsError(
             f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
@@ -286,18 +295,37 @@ def contents(directory: epath.Path) -> dict[str, Any]:
     return found
 
 
-def recorded_contents(directory: epath.Path) -> dict[str, Any] | list[str] | None:
-    """What an output's save recorded it wrote (:func:`contents`; a list of top-level
-    names from older versions), or None where the record is missing or unreadable."""
+def contents_record(entries: dict[str, Any] | list[str], stamp: str | None) -> dict[str, Any]:
+    """The contents record of an output: its ``entries`` (:func:`contents`, or on a remote
+    file system the top-level names) and its ``stamp`` (see :class:`OutputKind`)."""
+    record = {"entries" if isinstance(entries, dict) else "names": entries}
+    return record if stamp is None else {**record, "written_by": stamp}
+
+
+def _read_contents_record(directory: epath.Path) -> Any:
     try:
-        recorded = _json.loads(read_record(directory / _CONTENTS_FILE, MAX_CONTENTS_BYTES))
+        return _json.loads(read_record(directory / _CONTENTS_FILE, MAX_CONTENTS_BYTES))
     except (OSError, ValueError):
         return None
-    if isinstance(recorded, list):
-        return list(map(str, recorded))
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("entries"), dict):
+
+
+def recorded_contents(directory: epath.Path) -> dict[str, Any] | list[str] | None:
+    """What an output's save recorded it wrote (:func:`contents`, or a list of top-level
+    names), or None where the record is missing or unreadable."""
+    recorded = _read_contents_record(directory)
+    if isinstance(recorded, list):  # the record of older versions
+        recorded = {"names": recorded}
+    if not isinstance(recorded, dict):
         return None
-    return recorded["entries"]
+    if isinstance(recorded.get("names"), list):
+        return list(map(str, recorded["names"]))
+    return recorded["entries"] if isinstance(recorded.get("entries"), dict) else None
+
+
+def recorded_stamp(directory: epath.Path) -> str | None:
+    """The stamp an output's save recorded (see :class:`OutputKind`), or None."""
+    recorded = _read_contents_record(directory)
+    return recorded.get("written_by") if isinstance(recorded, dict) else None
 
 
 def _added_entries(directory: epath.Path) -> list[str] | None:
@@ -307,7 +335,7 @@ def _added_entries(directory: epath.Path) -> list[str] | None:
     was = recorded_contents(directory)
     if was is None:
         return None
-    if isinstance(was, list):  # the record of older versions: top-level names only
+    if isinstance(was, list):  # top-level names only (a remote file system)
         return sorted({p.name for p in directory.iterdir()} - set(was))
     try:
         now = contents(directory)

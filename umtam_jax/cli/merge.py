@@ -60,8 +60,8 @@ The method, the parameter names and their types are checked against the method's
 ``umtam_jax.merging.METHODS`` before anything is loaded (``--list-methods`` prints them).
 ``--dry-run`` validates the whole merge (structures, shapes, dtypes, statistics, options)
 with ``jax.eval_shape``, without computing or writing anything. An existing output is
-replaced only with ``--force`` and only if it is an earlier umtam_jax merge output (a
-training checkpoint, holding statistics or an optimizer state, is never replaced); the
+replaced only with ``--force`` and only if it is an earlier merge's output (never a model
+saved with ``save_checkpoint`` or ``save_safetensors``, nor a training checkpoint); the
 output may not be, contain or lie inside an input.
 
 By default the merge is out of core (``umtam_jax.engine.merge_checkpoints``): small

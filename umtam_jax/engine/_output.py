@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from umtam_jax.checkpoint._safetensors import SAFETENSORS
 from umtam_jax.checkpoint._targets import CHECKPOINT
 from umtam_jax.engine._job import Job
 from umtam_jax.engine._sources import SafetensorsSource, Source
@@ -55,8 +56,9 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
     """Refuses an output that may not be written, before anything is.
 
     Refused: an output that is, contains or lies inside one of the job's inputs; a
-    symbolic link or a path under a file; an existing file or folder that umtam_jax did
-    not write in format ``fmt``; for safetensors, a leaf without a tensor name (an empty
+    symbolic link or a path under a file; an existing file or folder that no merge
+    wrote in format ``fmt`` (a model saved by ``save_checkpoint`` or ``save_safetensors``
+    included); for safetensors, a leaf without a tensor name (an empty
     key, or a '.' in one); a training checkpoint (one holding statistics or an
     optimizer state, which no merge writes), even with ``overwrite``; an existing output
     without ``overwrite``.
@@ -65,7 +67,7 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
       output: the absolute output path.
       job: the job whose inputs the output must stay clear of.
       fmt: ``"orbax"`` or ``"safetensors"``.
-      overwrite: whether an earlier umtam_jax output at ``output`` may be replaced.
+      overwrite: whether an earlier merge output at ``output`` may be replaced.
 
     Raises:
       ValueError: an output that is, holds or lies in an input, is not umtam_jax's, or
@@ -87,13 +89,7 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
       ...     print("refused:", str(err).split(" (")[0].replace(root, "ROOT"))
       refused: the output ROOT contains the base
     """
-    from umtam_jax.checkpoint import (
-        _model_files,
-        _safetensors,
-        _safetensors_write,
-        _safety,
-        _targets,
-    )
+    from umtam_jax.checkpoint import _model_files, _safetensors_write, _safety, _targets
 
     inputs = [("the base", job.base.directory)]
     inputs += [(f"expert {i}", s.directory) for i, s in enumerate(job.experts)]
@@ -108,7 +104,7 @@ def check_output(output: epath.Path, job: Job, fmt: str, *, overwrite: bool) -> 
             raise ValueError(f"cannot write the safetensors output {output}: {err}") from None
         if isinstance(job.base, SafetensorsSource) and job.base.folder is not None:
             _model_files.files_to_copy(job.base.folder)  # the base's config, tokenizer
-    kind = _safetensors.SAFETENSORS if fmt == "safetensors" else _MERGED_CHECKPOINT
+    kind = _MERGED_SAFETENSORS if fmt == "safetensors" else _MERGED_CHECKPOINT
     _safety.check_output(output, overwrite=overwrite, kind=kind)
 
 
@@ -126,9 +122,10 @@ def _refuse_training_checkpoint(output: epath.Path) -> None:
         )
 
 
-#: The umtam_jax checkpoints a merge may replace: earlier merge outputs, checked again
+#: The outputs a merge may replace: its own earlier ones (stamped "merge"), checked again
 #: under the save's lock (a killed save's old folder may be put back there).
-_MERGED_CHECKPOINT = CHECKPOINT._replace(refuse=_refuse_training_checkpoint)
+_MERGED_CHECKPOINT = CHECKPOINT._replace(refuse=_refuse_training_checkpoint, stamp="merge")
+_MERGED_SAFETENSORS = SAFETENSORS._replace(stamp="merge")
 
 
 def writer(
@@ -151,7 +148,7 @@ def writer(
       job: the job whose output is written.
       output: the absolute output path (check it first with :func:`check_output`).
       fmt: ``"orbax"`` or ``"safetensors"``.
-      overwrite: replace an earlier umtam_jax output at ``output``.
+      overwrite: replace an earlier merge output at ``output``.
       metadata: JSON-serialisable metadata stored with the output.
       max_shard_size: for safetensors, bytes per shard (an int or a string like ``"5GB"``).
 
@@ -180,10 +177,10 @@ def writer(
             return stream_params(
                 output, abstract, produce, overwrite, metadata, kind=_MERGED_CHECKPOINT
             )
-        from umtam_jax.checkpoint import save_safetensors
+        from umtam_jax.checkpoint._safetensors_write import write_safetensors
 
         copy_from = job.base.folder if isinstance(job.base, SafetensorsSource) else None
-        return save_safetensors(
+        return write_safetensors(
             output,
             abstract,
             produce,
@@ -192,6 +189,7 @@ def writer(
             copy_files_from=copy_from,
             metadata=metadata,
             keep_tied_embeddings=keeps_tied([job.base, *job.experts]),
+            kind=_MERGED_SAFETENSORS,
         )
 
     return write
