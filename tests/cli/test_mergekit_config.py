@@ -360,3 +360,27 @@ def test_int8_mask_and_layout_for_methods_passed_by_name():
     assert own["parameters"] == {"layout": "in_out"}
     della = translate({**config, "merge_method": "della", "parameters": {"epsilon": 0.1}})
     assert della["parameters"]["layout"] == "out_in"
+
+
+def test_method_and_base_flags_translate_the_file_for_the_merge_that_runs(tmp_path, models):
+    """``--method`` on a mergekit file merges as if the file named that ``merge_method``
+    (its normalize and rescale defaults too; the file's own were applied as well), and
+    ``--base`` gives a file without ``base_model`` its base."""
+    text = (
+        "merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: 0.8}}\n"
+        "models: [{{model: {a}, parameters: {{weight: 0.5}}}}, "
+        "{{model: {b}, parameters: {{weight: 1.5}}}}]\n"
+    )
+    for sub in ("w", "n"):
+        (tmp_path / sub).mkdir()
+    status, out = run(tmp_path, models, text, "--method", "ties", "--param", "density=1")
+    assert status == 0
+    status, want = run(tmp_path / "w", models, text.replace("task_arithmetic", "ties"),
+                       "--param", "density=1")  # fmt: skip
+    assert status == 0
+    trees.assert_tree_close(restored(out), restored(want), rtol=0, atol=0)
+    no_base = text.replace("base_model: {base}\n", "")
+    status, out = run(tmp_path / "n", models, no_base, "--base", models["paths"]["base"])
+    assert status == 0
+    ref = H.ref_task_arithmetic(models["base"], models["experts"], scaling=0.8, weights=[0.5, 1.5])
+    trees.assert_tree_close(restored(out), ref, **TOL)

@@ -321,3 +321,24 @@ def test_a_file_wide_density_gradient_is_every_models(tmp_path):
         deltas = [e[name].astype(np.float64) - base[name] for e in (e1, e2)]
         want = _ties_reference(base[name], deltas, [1.0, 0.7], [d, d])
         np.testing.assert_allclose(merged[name], want, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("where", ["model", "file"])
+def test_a_filtered_density_without_a_fallback_is_mergekits_default_1_elsewhere(tmp_path, where):
+    """A density filter that matches some tensors only: the others take mergekit's
+    default density, 1 (they were refused as having none)."""
+    base, e1, e2 = (_model(tmp_path, n, s) for n, s in (("base", 0), ("e1", 1), ("e2", 2)))
+    filtered = "[{filter: mlp, value: 0.5}]"
+    own, file_wide = (f", density: {filtered}", "") if where == "model" else ("", filtered)
+    text = (
+        f"models: [{{model: {{root}}/e1, parameters: {{weight: 1.0{own}}}}}, "
+        "{model: {root}/e2, parameters: {weight: 0.8}}]\nmerge_method: ties\n"
+        "base_model: {root}/base\n" + (f"parameters: {{density: {file_wide}}}\n" * bool(file_wide))
+    )
+    merged = _merge(tmp_path, text)
+    for name in base:
+        d = 0.5 if "mlp" in name else 1.0
+        ds = [d, d if where == "file" else 1.0]
+        deltas = [e[name].astype(np.float64) - base[name] for e in (e1, e2)]
+        want = _ties_reference(base[name], deltas, [1.0, 0.8], ds)
+        np.testing.assert_allclose(merged[name], want, atol=2e-6, err_msg=name)

@@ -139,6 +139,16 @@ def test_a_narrowing_dtype_that_overflows_is_an_error_naming_the_leaf(
             "{{gamma: 5}}}}, {{model: {b}, parameters: {{gamma: 5}}}}]",
             "models[0].parameters.gamma must lie in [0.0, 1.0], got 5",
         ),
+        # NaN is one value, not a difference between the models: its own check names it.
+        (
+            "merge_method: breadcrumbs\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
+            "{{gamma: .nan}}}}, {{model: {b}, parameters: {{gamma: .nan}}}}]",
+            "models[0].parameters.gamma must be finite, got nan",
+        ),
+        (
+            "merge_method: task_arithmetic\nmodels: [{{model: {a}}}, {{model: {b}}}]",
+            "'base_model' is required by merge_method 'task_arithmetic'",
+        ),
         (
             "merge_method: della\nbase_model: {base}\nmodels: [{{model: {a}, parameters: "
             "{{epsilon: -1}}}}, {{model: {b}, parameters: {{epsilon: -1}}}}]",

@@ -255,9 +255,10 @@ def _per_tensor_and_per_expert(
             check_type(spec.name, param, value)
             check_parameters(spec, {name: value}, {name: at}, len(experts))
     for key, name in PER_EXPERT.items():
+        default = params.get(name)  # the file's, before the experts' own values
         per_expert_values(spec, params, experts, key, name)
         if any(key in e.varying for e in experts):
-            varying[name] = varying_per_expert(spec, params, experts, key, name)
+            varying[name] = varying_per_expert(spec, params, experts, key, name, default)
     if config.get(_mergekit.NORMALIZE) and ("weights" in varying or "scaling" in varying):
         varying["scaling"] = NormalizedScaling(  # Σ weight and the scaling by tensor
             varying.get("scaling", params.get("scaling", 1.0)),

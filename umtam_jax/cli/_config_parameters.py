@@ -130,10 +130,16 @@ def per_expert_values(
 
 
 def varying_per_expert(
-    spec: merging.Method, params: dict[str, Any], experts: list[Expert], key: str, name: str
+    spec: merging.Method,
+    params: dict[str, Any],
+    experts: list[Expert],
+    key: str,
+    name: str,
+    default: Any,
 ) -> PerExpert:
     """The per-expert parameter ``name`` where some expert's ``key`` varies by tensor,
-    each value it may take checked by the registry, naming its key."""
+    each value it may take checked by the registry, naming its key; ``default`` is the
+    file's value of ``name`` before :func:`per_expert_values` (where no filter matches)."""
     values = params[name] if isinstance(params.get(name), list) else None
     if values is None:  # no model gives its own: every one takes the file's default chain
         values = [params.get(name, spec.defaults()[name])] * len(experts)
@@ -149,8 +155,13 @@ def varying_per_expert(
             )
             for value, at in located:  # one value, as every expert's: the message names it
                 check_parameters(spec, {name: value}, {name: at}, len(experts))
+    # Where no filter matches: the file's plain value (a mergekit file's density is 1,
+    # mergekit's default), else the method's default; a weight is always given.
     param = spec.param(name)
-    fallback = (
-        merging.REQUIRED if param is None or param.kind == "weights" else spec.defaults()[name]
-    )
+    if param is None or param.kind == "weights":
+        fallback = merging.REQUIRED
+    elif default is not None and not isinstance(default, list | TensorSetting):
+        fallback = default
+    else:
+        fallback = spec.defaults()[name]
     return PerExpert(chains, fallback, tuple(e.value_key(key) for e in experts))

@@ -93,6 +93,13 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(config, dict):
             raise ConfigError(f"{args.config} must hold a YAML mapping")
         if _mergekit.is_mergekit(config):
+            # Translated for the method that runs; --base is the base_model of a file
+            # without one (else it replaces the base only, not the file's base_model among
+            # the models it merges).
+            if args.method is not None:
+                config = {**config, "merge_method": args.method}
+            if args.base is not None and config.get("base_model") is None:
+                config = {**config, "base_model": args.base}
             config = _mergekit.translate(config, warn=warn)
         else:
             _refuse_internal_keys(config)

@@ -249,7 +249,9 @@ def _file_parameters(config: dict[str, Any]) -> FileParameters:
         raise ConfigError("'tokenizer_source': only 'base' is supported")
     registered = METHODS[_GTA[name][0] if name in _GTA else name]  # checked just above
     base = config.get("base_model")
-    if base is not None or not registered.base_optional:
+    if base is None and not registered.base_optional:
+        raise ConfigError(f"'base_model' is required by merge_method {name!r}")
+    if base is not None:
         base = model_path(base, "'base_model'")
     read_global, read_per_model = _READ.get(name, (None, None))
     typed = (read_global or ()) + (read_per_model or ())  # read as mergekit reads them
@@ -304,7 +306,9 @@ def _parameters(file: FileParameters, out: dict[str, Any]) -> dict[str, Any]:
     # The file's default density (mergekit's own is 1) is the method's parameter, which a
     # model's own density overrides and umtam-merge's --param flag replaces.
     density = {}
-    if "density" in file.model_defaults and registered.param("density") is not None:
+    if "density" in file.default_varying and registered.param("density") is not None:
+        density["density"] = 1.0  # where no filter matches: mergekit's default
+    elif "density" in file.model_defaults and registered.param("density") is not None:
         density["density"] = file.model_defaults["density"]
     elif "density" in file.model_defaults and name not in _GTA:
         raise ConfigError(f"parameters.density: merge_method {name!r} takes no density")

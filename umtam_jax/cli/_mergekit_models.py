@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -33,6 +34,13 @@ def model_path(value: Any, where: str) -> str:
     if "+" in value:
         raise ConfigError(f"{where}: LoRA references (model+lora) are not supported: {value!r}")
     return value
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two parameter values are one (two NaNs too: the value's own check then
+    names it, not a difference between the models)."""
+    nans = [isinstance(v, float) and math.isnan(v) for v in (a, b)]
+    return all(nans) or (not any(nans) and a == b)
 
 
 def same_model(a: Any, b: Any) -> bool:
@@ -178,7 +186,7 @@ def settle_shared(file: FileParameters, experts: list[dict[str, Any]]) -> None:
             fallback = file.registered.defaults()[key]
             given = f"the method's default for {key}"
         values = [*own.values(), *([fallback] if others else [])]
-        if any(isinstance(v, TensorSetting) or v != values[0] for v in values):
+        if any(isinstance(v, TensorSetting) or not _same_value(v, values[0]) for v in values):
             gets = [f"{where} {value!r}" for where, value in own.items()]
             if others:
                 gets.append(f"{', '.join(others)} {given}" + (

@@ -218,10 +218,11 @@ def first_value(chain: Sequence[Any], name: str, x: float, fallback: Any, key: s
         value = entry.at(name, x) if isinstance(entry, TensorSetting) else entry
         if value is not None:
             return value
-    if fallback is REQUIRED:
+    if fallback is REQUIRED:  # named where the filters are (the file's or the model's)
+        where = [e.key for e in chain if isinstance(e, TensorSetting)]
         raise ValueError(
-            f"{key}: no filter matches tensor {name!r}, and it has no default: add a "
-            "{value: ...} entry without a filter"
+            f"{' and '.join(dict.fromkeys(where)) or key}: no filter matches tensor {name!r}, "
+            "and it has no default: add a {value: ...} entry without a filter"
         )
     return fallback
 

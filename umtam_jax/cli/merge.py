@@ -116,8 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "config", nargs="?", help="YAML configuration file: umtam-merge's own or mergekit's"
     )
-    p.add_argument("--method", choices=list(METHODS), help="merging method")
-    p.add_argument("--base", help="base model: a checkpoint or a safetensors folder")
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        help="merging method (a mergekit file is read as if its merge_method named it)",
+    )
+    p.add_argument(
+        "--base",
+        help="base model: a checkpoint or a safetensors folder (the base_model of a mergekit "
+        "file without one)",
+    )
     p.add_argument(
         "--expert",
         action="append",
