@@ -350,3 +350,16 @@ def test_overwrite_must_be_a_bool(tmp_path):
         with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
             save(tmp_path / "ckpt", NEW, overwrite="no")
     chex.assert_trees_all_equal(checkpoint.restore_params(tmp_path / "ckpt"), OLD)
+
+
+def test_a_local_path_holding_a_scheme_separator_is_one_clear_error(tmp_path):
+    """etils reads ``a://`` as a file system scheme and raised a bare KeyError."""
+    path = f"{tmp_path}/run://1"
+    for call in (
+        lambda: checkpoint.save_checkpoint(path, OLD),
+        lambda: checkpoint.save_safetensors(path, OLD),
+        lambda: checkpoint.restore_params(path),
+    ):
+        with pytest.raises(ValueError, match=r"run://' is not a file system scheme"):
+            call()
+    assert os.listdir(tmp_path) == []

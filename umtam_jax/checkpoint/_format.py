@@ -82,5 +82,12 @@ def _absolute(directory: str | os.PathLike[str]) -> epath.Path:
     if "://" not in text and ".." in text.split(os.sep):  # before epath normalises it
         parent, name = os.path.split(os.path.join(os.getcwd(), text).rstrip(os.sep))
         return epath.Path(os.path.join(os.path.realpath(parent), name))
-    path = epath.Path(directory)
+    try:
+        path = epath.Path(directory)
+    except KeyError:  # etils names the unknown scheme only
+        scheme = text.split("://")[0]
+        raise ValueError(
+            f"{text}: '{scheme}://' is not a file system scheme etils knows (gs://, s3://, "
+            "...); a local path may not contain '://'"
+        ) from None
     return path if path.is_absolute() else epath.Path(path.absolute())
