@@ -363,3 +363,25 @@ def test_a_local_path_holding_a_scheme_separator_is_one_clear_error(tmp_path):
         with pytest.raises(ValueError, match=r"run://' is not a file system scheme"):
             call()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_file_put_into_the_old_output_just_before_the_swap_is_kept(
+    tmp_path, monkeypatch, exchange
+):
+    """After the last check, before the swap (an exchange, or two renames where the file
+    system has none): the old output goes back, the file in it."""
+    monkeypatch.setattr(_safety, "_use_exchange", exchange)
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", OLD)
+    is_empty = _safety.is_empty_folder
+
+    def racing(folder):  # runs between the last check and the swap
+        (tmp_path / "ckpt" / "notes.txt").write_text("an evaluation job's notes")
+        return is_empty(folder)
+
+    monkeypatch.setattr(_safety, "is_empty_folder", racing)
+    with pytest.raises(ValueError, match="notes.txt appeared in it while the new output"):
+        checkpoint.save_checkpoint(path, NEW, overwrite=True)
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "an evaluation job's notes"
+    chex.assert_trees_all_equal(checkpoint.restore_params(path), OLD)
+    assert _hidden_leftovers(path) == []

@@ -72,6 +72,7 @@ from umtam_jax.checkpoint._targets import (
     _CONTENTS_FILE,
     CHECKPOINT,
     OutputKind,
+    _added_entries,
     check_target,
     contents,
     contents_record,
@@ -135,6 +136,28 @@ def _renameat2(src: epath.Path, dst: epath.Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), os.fspath(dst))
 
 
+def _keep_if_added(old: epath.Path, staging: epath.Path, directory: epath.Path) -> None:
+    """Swaps the replaced output ``old`` back into ``directory`` (the new one to
+    ``staging``, which the caller deletes) and raises, where an entry was put into it
+    between the last check and the swap: it is never deleted with the folder."""
+    if not is_local(directory):
+        return
+    added = _added_entries(old)
+    if added == []:
+        return
+    if old == staging:  # exchanged: exchange again
+        _renameat2(staging, directory, _RENAME_EXCHANGE)
+    else:
+        directory.rename(staging)
+        _put_back(old, directory)
+    fsync_dir(directory.parent)
+    what = ", ".join(added[:5]) if added else "entries"
+    raise ValueError(
+        f"refusing to replace {directory}: {what} appeared in it while the new output was "
+        "being written (replacing the folder would delete them); it is left as it was"
+    )
+
+
 def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool) -> None:
     """Puts ``staging`` at ``directory``: renamed to a free path, swapped with an earlier
     output, or, where ``directory`` was found ``empty``, renamed there once the empty
@@ -177,6 +200,7 @@ def _publish(staging: epath.Path, directory: epath.Path, token: str, empty: bool
             raise
     _step("swapped")
     fsync_dir(directory.parent)
+    _keep_if_added(old, staging, directory)
     # Published: an old copy that cannot be deleted now is left for the next save to
     # delete (by its name), not reported as a failed save; without its staging folder
     # beside it, it is never taken for an interrupted swap's.
