@@ -172,4 +172,4 @@ def plot(p: dict[str, Any], path: Path) -> None:
     ax.set_xticks(xs + 0.4 - width / 2, [f"r={r}" for r in p["ranks"]])
     ax.set(title="per matrix, final step", ylabel="captured fraction", ylim=(0, 1.02))
     ax.legend(fontsize=6, ncol=2)
-    save_figure(fig, path)
+    save_figure(fig, path, overwrite=True)  # this benchmark's own figure

@@ -283,4 +283,4 @@ def plot(runs, best, rank_best, exact, path: Path, threshold) -> None:
         ax.plot([r["lr"] for r in rs], ys, marker="o", label=opt)
     ax.set(xscale="log", title="lr grid", xlabel="peak learning rate", ylabel="final val loss")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    save_figure(fig, path, overwrite=True)  # this benchmark's own figure

@@ -241,7 +241,7 @@ def _plot(tables: dict[str, MergeTable], path: Path) -> None:
         ax.axvline(1.0, color="gray", lw=0.6, ls=":")
         ax.set_title(f"{title}: {len(t.seeds)} seeds, 95 % CI", fontsize=9)
     axes[-1, 0].set_xlabel("normalized test score (merged / expert)")
-    save_figure(fig, path)
+    save_figure(fig, path, overwrite=True)  # this benchmark's own figure
 
 
 def main(argv=None) -> int:

@@ -103,7 +103,7 @@ def _plot(run: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{t} ({metric})", fontsize=9)
     axes[0][0].set_ylabel("test score, 95 % CI")
     axes[0][0].legend(fontsize=7)
-    save_figure(fig, path)
+    save_figure(fig, path, overwrite=True)  # this benchmark's own figure
 
 
 def main(argv=None) -> int:

@@ -268,7 +268,9 @@ def _write(out: dict[str, Any], result: dict[str, Any], workdir: Path, mode: str
 
     text = json.dumps(out, indent=1, default=str)
     store.write_atomic(workdir / "demo_results.json", lambda f: f.write(text.encode()))
-    png = E.plot_merging(result, workdir / "demo_results.png", title=f"umtam-demo ({mode})")
+    png = E.plot_merging(
+        result, workdir / "demo_results.png", title=f"umtam-demo ({mode})", overwrite=True
+    )  # in the claimed work directory: the demo's own
     print(f"Wrote {workdir / 'demo_results.json'} and {png}")
 
 

@@ -88,17 +88,44 @@ def missing_row(key: str, source: str, why: str) -> ClaimRow:
     return ClaimRow(c.claim, c.paper, f"no data: {why}", "—", "inconclusive", "no data yet", source)
 
 
+def read_benchmark(path: Path) -> dict[str, Any] | None:
+    """The benchmark record at ``path``, None when there is none (no data yet).
+
+    Raises:
+        ValueError: the file is damaged, or is not a benchmark record (an object whose
+            ``result``, ``environment`` and ``git``, where present, are objects): a claim
+            is never judged as if its data were missing.
+    """
+    record = store.read_record(path)
+    if record is None:
+        return None
+    parts = ("result", "environment", "git")
+    if not isinstance(record, dict) or any(
+        not isinstance(record.get(k) or {}, dict) for k in parts
+    ):
+        raise ValueError(
+            f"{path} is not a benchmark record (an object whose 'result', 'environment' "
+            "and 'git' are objects): restore it, or move it out of the results folder"
+        )
+    return record
+
+
 def load_result(bdir: Path, name: str) -> tuple[dict[str, Any], str]:
-    """The ``result`` of ``bdir/name.json`` ({} when missing) and its source label."""
-    record = store.read_json(bdir / f"{name}.json")
-    if not isinstance(record, dict) or not isinstance(record.get("result"), dict):
-        return {}, f"`{name}.json` (missing)"
+    """The ``result`` of ``bdir/name.json`` ({} when missing) and its source label.
+
+    Raises:
+        ValueError: the file is damaged or not a benchmark record (:func:`read_benchmark`).
+    """
+    record = read_benchmark(bdir / f"{name}.json")
+    if record is None or not record.get("result"):
+        return {}, f"`{name}.json` ({'missing' if record is None else 'no result'})"
     env = record.get("environment") or {}
     backend = env.get("backend") or env.get("jax_backend")
     cpu = env.get("cpu")
     cores = cpu.get("affinity") if isinstance(cpu, dict) else env.get("cpu_count")
     device = env.get("device_kind") if backend not in (None, "cpu") else f"{cores}-core CPU"
-    return {**record["result"], "device": device}, f"`{name}.json` ({record.get('date', '?')[:10]})"
+    date = str(record.get("date") or "?")[:10]
+    return {**record["result"], "device": device}, f"`{name}.json` ({date})"
 
 
 def percent(x: float) -> str:
@@ -261,8 +288,8 @@ def _gpu_throughput(bdir: Path, name: str) -> tuple[Any, str, str] | None:
     commits: set[str] = set()
     dates: list[str] = []
     for path in sorted((bdir / "train_throughput_gpu_repeats").glob("*.json")):
-        record = store.read_json(path)
-        result = (record or {}).get("result") or {}
+        record = read_benchmark(path) or {}
+        result = record.get("result") or {}
         times = result.get("times_s") or {}
         if "adamw" not in times or name not in times:
             continue

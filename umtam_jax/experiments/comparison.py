@@ -25,7 +25,7 @@ import numpy as np
 from umtam_jax.experiments import intervals, store
 from umtam_jax.experiments.data import compute_metric
 
-__all__ = ["MergeTable", "compare_runs", "summarize", "task_metrics"]
+__all__ = ["MergeTable", "compare_runs", "read_results", "summarize", "task_metrics"]
 
 
 @dataclasses.dataclass
@@ -125,6 +125,40 @@ class MergeTable:
             return method
 
 
+_PARTS = ("experts", "posthoc", "runs", "labels")
+
+
+def read_results(path: str | Path) -> dict[str, Any] | None:
+    """The ``results.json`` of a protocol run (:func:`~umtam_jax.experiments.protocol.
+    run_protocol`) at ``path``, None when there is none.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The record: an object with a ``protocol`` object (and ``experts``, ``posthoc``,
+        ``runs`` and ``labels`` objects), or None when the file does not exist.
+
+    Raises:
+        ValueError: the file is damaged, or is not a protocol run's record (a file of
+            its own in the work directory, never taken over).
+    """
+    results = store.read_record(path)
+    if results is None:
+        return None
+    if not (
+        isinstance(results, dict)
+        and isinstance(results.get("protocol"), dict)
+        and all(isinstance(results.get(p, {}), dict) for p in _PARTS)
+    ):
+        raise ValueError(
+            f"{path} is not the record of a protocol run (an object with a 'protocol' "
+            f"object and {', '.join(repr(p) for p in _PARTS)} objects): move it out of "
+            "the work directory, or use another work directory"
+        )
+    return results
+
+
 def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """Each task's metric function from ``{task: {"metric", "num_labels"}}`` (as the
     protocol records them); an empty split scores NaN."""
@@ -161,10 +195,12 @@ def summarize(
         A :class:`MergeTable`.
 
     Raises:
-        FileNotFoundError: ``workdir`` has no ``results.json``.
+        FileNotFoundError: ``workdir`` has no ``results.json``, or a seed's test labels.
+        ValueError: ``results.json`` or a labels or predictions file is damaged (never
+            taken for a method that did not finish).
     """
     workdir = Path(workdir)
-    results = store.read_record(workdir / "results.json")
+    results = read_results(workdir / "results.json")
     if results is None:
         raise FileNotFoundError(f"no results.json in {workdir}")
     protocol = results["protocol"]
@@ -173,7 +209,7 @@ def summarize(
     methods = list(methods or protocol["methods"])
     labels, normalizers = [], []
     for s in seeds:
-        arrays = store.read_npz(workdir / results["labels"][str(s)])
+        arrays = store.read_npz_record(workdir / results["labels"][str(s)])
         if arrays is None:
             raise FileNotFoundError(f"test labels of seed {s} missing in {workdir}")
         labels.append({t: arrays[t] for t in tasks})
@@ -185,8 +221,8 @@ def summarize(
     missing = []
     for m in methods:
         runs = results["runs"].get(m, {})
-        loaded = [store.read_npz(workdir / runs[str(s)]["predictions"]) if str(s) in runs else None
-                  for s in seeds]  # fmt: skip
+        loaded = [store.read_npz_record(workdir / runs[str(s)]["predictions"])
+                  if str(s) in runs else None for s in seeds]  # fmt: skip
         if any(x is None for x in loaded):
             missing.append(m)
             continue
@@ -249,15 +285,15 @@ def summarize(
 
 
 def _run_predictions(workdir: Path, method: str, seeds: Sequence[int]) -> tuple[Any, list, list]:
-    results = store.read_record(workdir / "results.json")
+    results = read_results(workdir / "results.json")
     if results is None:
         raise FileNotFoundError(f"no results.json in {workdir}")
     runs = results["runs"].get(method, {})
     missing = [s for s in seeds if str(s) not in runs]
     if missing:
         raise ValueError(f"{method!r} has no finished run for seeds {missing} in {workdir}")
-    labels = [store.read_npz(workdir / results["labels"][str(s)]) for s in seeds]
-    preds = [store.read_npz(workdir / runs[str(s)]["predictions"]) for s in seeds]
+    labels = [store.read_npz_record(workdir / results["labels"][str(s)]) for s in seeds]
+    preds = [store.read_npz_record(workdir / runs[str(s)]["predictions"]) for s in seeds]
     if any(x is None for x in labels + preds):
         raise FileNotFoundError(f"test labels or predictions of {method!r} missing in {workdir}")
     return results["protocol"], labels, preds
@@ -293,7 +329,7 @@ def compare_runs(
     """
     wa, wb = Path(a[0]), Path(b[0])
     if seeds is None:
-        ra, rb = store.read_record(wa / "results.json"), store.read_record(wb / "results.json")
+        ra, rb = read_results(wa / "results.json"), read_results(wb / "results.json")
         if ra is None or rb is None:
             raise FileNotFoundError(f"no results.json in {wa if ra is None else wb}")
         seeds = sorted(int(s) for s in set(ra["experts"]) & set(rb["experts"]))

@@ -134,21 +134,9 @@ def train_expert(
     name = "-".join(p for p in (ttask.name, tag, fp) if p)
     path = Path(workdir).absolute() / "experts" / name
     if path.exists():
-        try:
-            ck = checkpoint.restore_checkpoint(path)
-            user = ck.metadata["user"]
-            if user.get("fingerprint") == fp:
-                params = jax.tree.map(jnp.asarray, ck.params)
-                return ExpertResult(
-                    ttask.name,
-                    path,
-                    params,
-                    ck.statistics,
-                    user["scores"],
-                    {**user["info"], "restored": True},
-                )
-        except (FileNotFoundError, ValueError, KeyError):
-            pass  # incomplete or foreign: retrain and overwrite
+        restored = _restore(path, fp, ttask.name)
+        if restored is not None:
+            return restored
     tx = optimizer_for(optimizer, config, kwargs)
     params, opt_state, info = finetune(
         ttask, base_encoder, tx, config, progress=progress, early_stopping=early_stopping
@@ -172,3 +160,50 @@ def train_expert(
     if stats is not None:  # what a later run restores (keeps reruns bit-identical)
         stats = checkpoint.restore_statistics(path)
     return ExpertResult(ttask.name, path, params, stats, scores, info)
+
+
+def _restore(path: Path, fp: str, task: str) -> ExpertResult | None:
+    """The expert saved at ``path``, or None when its checkpoint holds another fingerprint
+    (then it is trained again and replaced).
+
+    Args:
+        path: The expert's checkpoint directory (it exists).
+        fp: The fingerprint of the expert asked for.
+        task: The task's name (for messages).
+
+    Returns:
+        The restored :class:`ExpertResult`, or None.
+
+    Raises:
+        CheckpointCorruptError: the checkpoint is damaged or incomplete (a flipped byte,
+            a missing file): it is never retrained over silently.
+        ValueError: ``path`` holds a checkpoint that is not an expert of this library.
+    """
+    from umtam_jax import checkpoint
+
+    def damaged(err: Exception) -> checkpoint.CheckpointCorruptError:
+        return checkpoint.CheckpointCorruptError(
+            f"the expert checkpoint {path} of task {task!r} is damaged ({err}): it is "
+            f"never retrained over silently; restore it, or delete {path} to train the "
+            "expert again"
+        )
+
+    try:
+        user = checkpoint.read_metadata(path).get("user")
+    except (FileNotFoundError, ValueError) as err:  # CheckpointCorruptError included
+        raise damaged(err) from None
+    if not isinstance(user, dict) or not isinstance(user.get("fingerprint"), str):
+        raise ValueError(
+            f"{path} is not an expert checkpoint of this library (its metadata holds no "
+            "expert fingerprint): move it out of the work directory's experts folder"
+        )
+    if user["fingerprint"] != fp:
+        return None  # another expert's (a name clash): trained again and replaced
+    try:
+        ck = checkpoint.restore_checkpoint(path)
+        user = ck.metadata["user"]
+        scores, info = user["scores"], user["info"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+        raise damaged(err) from None
+    params = jax.tree.map(jnp.asarray, ck.params)
+    return ExpertResult(task, path, params, ck.statistics, scores, {**info, "restored": True})

@@ -23,11 +23,13 @@ import subprocess
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from umtam_jax.experiments import store
 from umtam_jax.experiments._keys import stable_hash
+from umtam_jax.experiments._outputs import check_replaceable
 from umtam_jax.experiments.data import MissingDataError, cache_dir
 
 __all__ = [
@@ -151,6 +153,7 @@ def train_bpe_tokenizer(
     root: str | os.PathLike | None = None,
     val_fraction: float = 0.05,
     seed: int = 0,
+    overwrite: bool = False,
 ):
     """Trains (or loads from cache) a byte-level BPE tokenizer.
 
@@ -163,13 +166,19 @@ def train_bpe_tokenizer(
             tokenizer is used only if it was trained on the same texts with the same
             vocabulary size (recorded beside it in ``<path>.key.json`` with the file's
             SHA-256); a damaged one, or one the record does not describe, is trained
-            again.
+            again. A file at ``path`` without such a record (one this function did not
+            write) is never replaced unless ``overwrite``.
         root: Cache directory.
         val_fraction: Validation fraction of the default document split.
         seed: Seed of the default document split.
+        overwrite: Replace a file at ``path`` that this function did not write.
 
     Returns:
         A ``tokenizers.Tokenizer``; ``EOT`` has id 0.
+
+    Raises:
+        FileExistsError: ``path`` holds a file this function did not write (and not
+            ``overwrite``), or is a symbolic link.
 
     Example:
       >>> from umtam_jax.experiments.lm_data import train_bpe_tokenizer
@@ -179,21 +188,25 @@ def train_bpe_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if path is None and texts is None:
+    if path is None and texts is None:  # the cache's own file: replaced when damaged
         path = _root(root) / "lm" / f"bpe-{vocab_size}-seed{seed}-val{val_fraction}.json"
+        overwrite = True
     key = stable_hash([vocab_size, texts if texts is not None else [seed, val_fraction]])
     if path is not None:
         record = store.read_json(f"{path}.key.json")
         try:
             cached = Path(path).read_text(encoding="utf-8")
-            # The record names the file's content: a tokenizer written by another call
-            # whose record was not (a crash between the two writes) is not taken for it.
+            # The record names the file's content: a file it does not describe (a crash
+            # between the two writes) is not taken for this tokenizer.
             # A default-path file without a record predates it: its name holds its key.
             digest = hashlib.sha256(cached.encode()).hexdigest()
             if record == {"key": key, "sha256": digest} or (record is None and texts is None):
                 return Tokenizer.from_str(cached)
         except Exception:  # noqa: BLE001 - missing or damaged: trained again
             pass
+        for p in (Path(path), Path(f"{path}.key.json")):  # refused before the training
+            check_replaceable(p, lambda _: _is_key_record(record), overwrite=overwrite,
+                              what="the tokenizer", how="pass overwrite=True")  # fmt: skip
     if texts is None:
         train_docs, _ = split_documents(lm_documents(root), val_fraction, seed)
         texts = [t for _, t in train_docs]
@@ -210,10 +223,17 @@ def train_bpe_tokenizer(
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     if path is not None:
         text = tok.to_str(pretty=True)
-        store.write_atomic(path, lambda f: f.write(text.encode()))
         digest = hashlib.sha256(text.encode()).hexdigest()
+        # The record first: a crash before the tokenizer's write leaves a record that
+        # marks the file as this cache's (so it is replaced) but does not describe it.
         store.write_json(f"{path}.key.json", {"key": key, "sha256": digest})
+        store.write_atomic(path, lambda f: f.write(text.encode()))
     return tok
+
+
+def _is_key_record(record: Any) -> bool:
+    """Whether ``record`` is what :func:`train_bpe_tokenizer` writes beside its file."""
+    return isinstance(record, dict) and set(record) == {"key", "sha256"}
 
 
 def _encode_docs(tok, docs: list[tuple[str, str]]) -> np.ndarray:

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from umtam_jax.experiments import store
-from umtam_jax.experiments.comparison import MergeTable, summarize
+from umtam_jax.experiments.comparison import MergeTable, read_results, summarize
 from umtam_jax.experiments.models import minilm_pretrained
 from umtam_jax.experiments.protocol_setup import (
     EXPERT_OPTIMIZERS,
@@ -134,8 +134,8 @@ def run_protocol(
 
     Raises:
         ValueError: an unknown method, a method that needs UMTAM statistics with AdamW
-            experts, or ``workdir`` holds a run of another size, task list or expert
-            optimizer.
+            experts, ``workdir`` holds a run of another size, task list or expert
+            optimizer, or its ``results.json`` is damaged or not a protocol run's record.
 
     Example (trains models, so not run as a doctest)::
 
@@ -167,7 +167,7 @@ def run_protocol(
         if tokenizer is None:
             tokenizer = minilm_pretrained.load_minilm_tokenizer()
         results_path = workdir / "results.json"
-        results = store.read_record(results_path) or {}
+        results = read_results(results_path) or {}
         previous = results.get("protocol", {})
         held = (previous.get("size"), previous.get("tasks"), previous.get("experts_by", "umtam"))
         if previous and held != (sz.name, tasks, experts_by):

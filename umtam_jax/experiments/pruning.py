@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,10 @@ def _prune_seed(
     cfg, ttasks, experts = seed_inputs(sz, seed, tasks, workdir, base, tokenizer)
     expert_names = stable_hash([e.path.name for e in experts])
     path = workdir / "pruning" / f"seed{seed}-{expert_names}.npz"
-    have = store.read_npz(path) or {}
+    have = store.read_npz(path)
+    if have is None and path.exists():
+        warnings.warn(f"{path} is damaged: its predictions are computed again", stacklevel=2)
+    have = have or {}
     for e in experts:
         wanted = {_key(e.task, "labels"), _key(e.task, "base")}
         wanted |= {_key(e.task, r, d) for r in RANKINGS for d in densities}
@@ -185,11 +189,15 @@ def summarize_pruning(
         metrics;
         ``relative`` is the difference in % of the magnitude ranking's score; ``counts``
         tallies the per-(task, density) verdicts of saliency against magnitude.
+
+    Raises:
+        FileNotFoundError: a seed's predictions file is missing.
+        ValueError: a seed's predictions file is damaged (never summarized without it).
     """
     workdir = Path(workdir)
     tasks, seeds = run["tasks"], [str(s) for s in run["seeds"]]
     metric = task_metrics(run["metrics"])
-    arrays = [store.read_npz(workdir / run["files"][s]) for s in seeds]
+    arrays = [store.read_npz_record(workdir / run["files"][s]) for s in seeds]
     if any(a is None for a in arrays):
         raise FileNotFoundError(f"pruning predictions missing in {workdir / 'pruning'}")
     labels = [{t: a[_key(t, "labels")] for t in tasks} for a in arrays if a is not None]

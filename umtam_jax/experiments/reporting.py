@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from umtam_jax.experiments import store
+from umtam_jax.experiments._outputs import check_replaceable, holds
 
 __all__ = ["format_table", "plot_merging", "tree_bytes"]
 
@@ -69,17 +70,24 @@ def format_table(result: Mapping[str, Any], split: str = "test") -> str:
     return "\n".join(lines)
 
 
-def plot_merging(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+def plot_merging(
+    result: Mapping[str, Any], path: str | Path, title: str = "", *, overwrite: bool = False
+) -> Path:
     """Bar charts of the test metric per task and of the normalized average per method
     (with its 95 % interval over test examples as error bars, when recorded).
 
     Args:
         result: a merging run's result, as :func:`format_table` takes.
-        path: the PNG file to write (atomically).
+        path: the PNG file to write (atomically; see :func:`save_figure`).
         title: the figure's title.
+        overwrite: Replace a file at ``path`` that :func:`save_figure` did not write.
 
     Returns:
         The path written.
+
+    Raises:
+        FileExistsError: ``path`` holds a file :func:`save_figure` did not write (and not
+            ``overwrite``), or is a symbolic link.
     """
     import matplotlib
 
@@ -112,21 +120,32 @@ def plot_merging(result: Mapping[str, Any], path: str | Path, title: str = "") -
     a2.invert_yaxis()
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, overwrite=overwrite)
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
+# Written into every figure's PNG metadata: marks a file as one (an existing file without
+# it is not replaced unless asked).
+_FIGURE_SOURCE = "umtam_jax.experiments.reporting.save_figure"
+
+
+def save_figure(fig: Any, path: str | Path, *, overwrite: bool = False) -> Path:
     """Lays out a Matplotlib figure, writes it as a PNG atomically, and closes it.
 
     The file appears whole or not at all (a crash leaves any earlier file as it was), and
-    the figure is closed even when writing fails.
+    the figure is closed even when writing fails. The PNG's metadata names this function
+    (``Source``): a file there that does not is not replaced unless ``overwrite``.
 
     Args:
         fig: a ``matplotlib.figure.Figure``.
         path: the PNG file to write.
+        overwrite: Replace a file at ``path`` that this function did not write.
 
     Returns:
         The path written.
+
+    Raises:
+        FileExistsError: ``path`` holds a file this function did not write (and not
+            ``overwrite``), or is a symbolic link.
 
     Example:
       >>> import os, tempfile
@@ -142,9 +161,15 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     """
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    meta = {"Source": _FIGURE_SOURCE}
     try:
-        return store.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+        ours = holds(b"tEXtSource\x00" + _FIGURE_SOURCE.encode())
+        check_replaceable(path, ours, overwrite=overwrite, what="the figure",
+                          how="pass overwrite=True")  # fmt: skip
+        fig.tight_layout()
+        return store.write_atomic(
+            path, lambda f: fig.savefig(f, dpi=110, format="png", metadata=meta)
+        )
     finally:
         plt.close(fig)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from umtam_jax import _files, _json
 
-__all__ = ["jsonable", "read_json", "read_npz", "write_json", "write_npz"]
+__all__ = ["jsonable", "read_json", "read_npz", "read_npz_record", "write_json", "write_npz"]
 
 
 def jsonable(value: Any) -> Any:
@@ -63,7 +63,8 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     """Writes a file atomically: ``write(f)`` fills a temporary sibling, then it replaces
     ``path`` (``os.replace``), so ``path`` holds the old content or the new, never a part.
     The data and then the folder are flushed to the disk; a replaced file keeps its
-    permissions. A system error of the write is an ``OSError`` naming ``path``.
+    permissions. A system error of the write is an ``OSError`` naming ``path``; a symbolic
+    link at ``path`` is refused (``FileExistsError``), never replaced by a regular file.
 
     The temporary file, ``.NAME.umtam-XXXXXXXX.tmp`` (8 random characters of
     :func:`tempfile.mkstemp`), is locked by its writer (``fcntl.flock``) from its creation
@@ -91,6 +92,12 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
         'hello'
     """
     path = Path(path)
+    if path.is_symlink():  # os.replace would put a regular file in the link's place
+        raise FileExistsError(
+            f"refusing to write {path}: it is a symbolic link (to {os.readlink(path)}), "
+            "which this write would replace with a regular file; write to the link's "
+            "target, or remove the link",
+        )
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,8 +350,14 @@ def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
     return write_atomic(Path(path), lambda f: np.savez(f, **arrays))
 
 
+# NumPy's and zipfile's errors on a damaged .npz (even "encrypted" or "unknown method")
+_NPZ_DAMAGE = (OSError, ValueError, EOFError, KeyError, RuntimeError, NotImplementedError,
+               zipfile.BadZipFile, zlib.error)  # fmt: skip
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
-    """The arrays of the ``.npz`` at ``path``, or None when missing or unreadable.
+    """The arrays of the ``.npz`` cache entry at ``path``, or None when missing or
+    unreadable (it is computed again; a run's records use :func:`read_npz_record`).
 
     Args:
         path: The file.
@@ -360,7 +373,26 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
         True
     """
     try:
+        return read_npz_record(path)
+    except ValueError:  # damaged: computed again
+        return None
+
+
+def read_npz_record(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The arrays of the ``.npz`` record at ``path`` (a run's labels or predictions), None
+    when missing; unlike a cache entry (:func:`read_npz`) a damaged one is an error.
+
+    Raises:
+        ValueError: the file exists but cannot be read whole (its name and the reason).
+    """
+    try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+    except FileNotFoundError:
         return None
+    except _NPZ_DAMAGE as err:
+        raise ValueError(
+            f"{path} is damaged or unreadable ({type(err).__name__}: {err}): it is a "
+            "record of earlier runs, never rebuilt silently; restore it, or start in "
+            "another work directory"
+        ) from None
