@@ -116,6 +116,10 @@ def test_other_dtypes_round_trip_and_reads_are_fresh_writable_arrays(tmp_path):
     reader = SafetensorsReader(out)
     assert reader.metadata["format"] == "pt" and reader.metadata["note"] == "hi"
     assert reader.metadata["n"] == "3" and S.CRC_KEY in reader.metadata
+    # transformers loads only "pt" files: another format is refused, before any write.
+    with pytest.raises(ValueError, match="metadata key 'format' is 'pt' here, got 'tf'"):
+        save_safetensors(tmp_path / "tf", tree, metadata={"format": "tf"})
+    assert not (tmp_path / "tf").exists()
     for got in (read_all(out), load_all(out)):
         trees.assert_trees_bitwise_equal(got, tree)
     first = reader.read(["f32"])[0]

@@ -271,9 +271,9 @@ def test_a_non_finite_expert_tensor_is_named_apart_from_the_expert(models, tmp_p
 def test_a_tree_path_becomes_a_tensor_name_spaced_from_a_label_only():
     from umtam_jax.cli._run import _TREE_PATH, _tensor_name
 
-    text = "(['a']['w']) experts[1]['a']['w'] and 'x' ['b']['c']"
+    text = "(['a']['w']) experts[1]['a']['w'] and 'x' ['b']['c'], a's tensor ['d']['e']"
     got = _TREE_PATH.sub(_tensor_name, text)
-    assert got == "(tensor a.w) experts[1] tensor a.w and 'x' tensor b.c"
+    assert got == "(tensor a.w) experts[1] tensor a.w and 'x' tensor b.c, a's tensor d.e"
 
 
 def test_pickled_weights_are_refused_unopened(models, tmp_path, capsys):

@@ -113,7 +113,8 @@ def save_safetensors(
       copy_files_from: a model folder whose config and tokenizer files are copied; the
         copied ``config.json`` gets the written floating dtype, and ``tie_word_embeddings:
         false`` where it ties the output embedding to the input one and both are written.
-      metadata: extra ``__metadata__`` entries (non-string values are JSON-encoded).
+      metadata: extra ``__metadata__`` entries (non-string values are JSON-encoded;
+        ``format`` is ``"pt"``, which transformers requires).
       keep_tied_embeddings: leave a tying config tied even where both embeddings are
         written (the written output embedding is then a copy that transformers does not
         read, as in a model saved tied with both).
@@ -173,6 +174,8 @@ def write_safetensors(
     user = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     if CRC_KEY in user:
         raise ValueError(f"metadata key {CRC_KEY!r} is reserved")
+    if user.get("format", "pt") != "pt":  # transformers loads only "pt" files into PyTorch
+        raise ValueError(f"metadata key 'format' is 'pt' here, got {user['format']!r}")
     limit, sizes = _parse_size(max_shard_size), [0]
     shards: list[list[Any]] = [[]]
     for name, leaf in leaves.items():

@@ -94,8 +94,10 @@ _TREE_PATH = re.compile(r"(?:\['[^'\[\]]*'\]){2,}")
 def _tensor_name(match: re.Match) -> str:
     before = match.string[match.start() - 1] if match.start() else " "
     glued = before.isalnum() or before == "]"
-    name = "tensor " + ".".join(re.findall(r"\['([^']*)'\]", match.group(0)))
-    return f" {name}" if glued else name  # experts[1]['a']['w'] → experts[1] tensor a.w
+    name = ".".join(re.findall(r"\['([^']*)'\]", match.group(0)))
+    if match.string[: match.start()].endswith("tensor "):  # "a's tensor ['w']": named so
+        return name
+    return f" tensor {name}" if glued else f"tensor {name}"  # experts[1] tensor a.w
 
 
 def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigError:

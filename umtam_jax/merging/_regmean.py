@@ -173,6 +173,30 @@ def _check(call: pipeline.Call) -> None:
                     f"{tuple(g0.shape)}: every expert's Gram of a leaf has one form"
                 )
     V.check_convex_weights(call.options["weights"])
+    _check_diagonals(call)
+
+
+def _check_diagonals(call: pipeline.Call) -> None:
+    """A concrete Gram with a negative diagonal entry is no ``Xᵀ X`` (whose diagonal holds
+    sums of squares): its solve would be meaningless, so it is refused, naming it."""
+    assert call.extras is not None  # plan requires RegMean's grams
+    named = [
+        (f"grams[{i}]{path}", g)
+        for i, leaves in enumerate(call.extras)
+        for path, g in zip(call.prepared.paths, leaves, strict=True)
+        if g is not None
+    ]
+    grams = [g for _, g in named]
+    lows = V.read_concrete(
+        grams,
+        lambda: [jnp.min(jnp.diagonal(g, axis1=-2, axis2=-1), initial=jnp.inf) for g in grams],
+    )
+    for (name, _), low in zip(named, lows or [], strict=False):
+        if low < 0:
+            raise ValueError(
+                f"{name} has a negative diagonal entry ({float(low)}): a Gram matrix Xᵀ X has "
+                "none (each is a sum of squares)"
+            )
 
 
 # --------------------------------------------------------------------------- kernel
