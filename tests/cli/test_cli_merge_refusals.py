@@ -105,7 +105,7 @@ def test_dry_run_and_overwrite(ckpts, tmp_path, capsys):
     for fmt, folder in saved.items():
         before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         assert main([*args[:-1], str(folder), "--output-format", fmt, "--force"]) == 2
-        assert "is a umtam_jax output that no merge wrote" in capsys.readouterr().err
+        assert "it is a umtam_jax output that records no writer" in capsys.readouterr().err
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 

@@ -210,6 +210,16 @@ def test_linear_without_a_base_model_and_global_weight_defaults(tmp_path, models
     a, b = models["experts"]
     want = {p: (3.0 * H.f64(H.get(a, p)) + H.f64(H.get(b, p))) / 4.0 for p in H.PATHS}
     trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
+    # --base gives linear, which reads no base, the structure only: it is not merged in.
+    (tmp_path / "flag").mkdir()
+    text = (
+        "merge_method: linear\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+        "parameters: {{weight: 1.0}}\n"
+    )
+    status, out = run(tmp_path / "flag", models, text, "--base", models["paths"]["base"])
+    assert status == 0
+    want = {p: (H.f64(H.get(a, p)) + H.f64(H.get(b, p))) / 2.0 for p in H.PATHS}
+    trees.assert_tree_close(checkpoint.restore_params(out), want, **TOL)
 
 
 def test_karcher_takes_the_base_model_as_one_more_input(tmp_path, models):

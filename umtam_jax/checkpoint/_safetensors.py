@@ -49,8 +49,8 @@ import numpy as np
 from etils import epath
 
 from umtam_jax import _json
+from umtam_jax.checkpoint import _contents, _integrity, _leftovers, _targets
 from umtam_jax.checkpoint import _format as F
-from umtam_jax.checkpoint import _integrity, _leftovers, _targets
 from umtam_jax.checkpoint._integrity import CheckpointCorruptError
 from umtam_jax.checkpoint._names import split_name, tree_from_names
 from umtam_jax.checkpoint._safetensors_header import DTYPE_NAMES, parse_header
@@ -240,7 +240,7 @@ class SafetensorsReader:
         """Raises where a weights file the folder's save recorded (its contents record) is
         not among ``files``, those the index names: a shard deleted with its index entries
         would otherwise read as a smaller model."""
-        recorded = _targets.recorded_contents(self.folder) or ()
+        recorded = _contents.recorded_contents(self.folder) or ()
         written = [n for n in recorded if n.endswith(".safetensors") and "/" not in n]
         if lost := sorted(set(written) - set(files)):
             how = "is now missing" if not (self.folder / lost[0]).exists() else "its index omits"

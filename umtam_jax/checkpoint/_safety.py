@@ -51,6 +51,7 @@ from typing import Any
 from etils import epath
 
 from umtam_jax.checkpoint import _processes
+from umtam_jax.checkpoint._contents import _added_entries, contents
 from umtam_jax.checkpoint._filesystem import (
     delete_leftover,
     fsync_dir,
@@ -72,10 +73,7 @@ from umtam_jax.checkpoint._targets import (
     _CONTENTS_FILE,
     CHECKPOINT,
     OutputKind,
-    _added_entries,
     check_target,
-    contents,
-    contents_record,
     is_empty_folder,
     is_local,
 )
@@ -96,9 +94,16 @@ def _step(name: str) -> None:
 # ----------------------------------------------------------------------------- contents
 
 
+def contents_record(entries: dict[str, Any] | list[str], stamp: str | None) -> dict[str, Any]:
+    """The contents record of an output: its ``entries`` (:func:`contents`, or on a remote
+    file system the top-level names) and its ``stamp`` (see :class:`OutputKind`)."""
+    record = {"entries" if isinstance(entries, dict) else "names": entries}
+    return record if stamp is None else {**record, "written_by": stamp}
+
+
 def _record_contents(staging: epath.Path, kind: OutputKind) -> None:
     """Writes what the staged folder holds, every file with its size and modification
-    time, into the folder (see :func:`._targets._added_entries`), with ``kind``'s stamp."""
+    time, into the folder (see :func:`._contents._added_entries`), with ``kind``'s stamp."""
     entries: Any = contents(staging) if is_local(staging) else None
     if entries is None:  # no lstat on remote file systems: the top-level names
         entries = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
@@ -140,7 +145,7 @@ def _keep_if_added(old: epath.Path, staging: epath.Path, directory: epath.Path) 
     """Swaps the replaced output ``old`` back into ``directory`` (the new one to
     ``staging``, which the caller deletes) and raises, where an entry was put into it
     between the last check and the swap: it is never deleted with the folder."""
-    if not is_local(directory):
+    if not is_local(directory) or _processes.count() > 1:  # one process publishes there
         return
     added = _added_entries(old)
     if added == []:
@@ -151,7 +156,7 @@ def _keep_if_added(old: epath.Path, staging: epath.Path, directory: epath.Path) 
         directory.rename(staging)
         _put_back(old, directory)
     fsync_dir(directory.parent)
-    what = ", ".join(added[:5]) if added else "entries"
+    what = ", ".join(added[:5]) if added else "changes (its contents record is unreadable)"
     raise ValueError(
         f"refusing to replace {directory}: {what} appeared in it while the new output was "
         "being written (replacing the folder would delete them); it is left as it was"

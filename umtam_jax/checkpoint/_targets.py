@@ -186,6 +186,7 @@ def check_target(
         umtam_jax checkpoint (whatever ``overwrite`` says), a folder inside a checkpoint
         Orbax wrote or named as a step beside a ``CheckpointManager``'s steps.
       NotADirectoryError: a component of the parent path is a file.
+        Also an output of this format that ``kind.stamp`` does not mark as the writer's.
       FileExistsError: an existing checkpoint and ``overwrite`` is False.
     """
     if not isinstance(overwrite, bool | np.bool_):  # "no" would replace the folder
@@ -250,11 +251,15 @@ def check_target(
         )
     if kind.refuse is not None:
         kind.refuse(directory)
-    if kind.stamp is not None and recorded_stamp(directory) != kind.stamp:
+    from umtam_jax.checkpoint._contents import _added_entries, recorded_stamp
+
+    if kind.stamp is not None and (stamp := recorded_stamp(directory)) != kind.stamp:
+        by = f"records {stamp!r} as its writer" if stamp else "records no writer (saved by "
+        by += "" if stamp else f"save_checkpoint or save_safetensors, or an older {kind.stamp})"
         raise ValueError(
-            f"refusing to replace {directory}: it is a umtam_jax output that no {kind.stamp} "
-            f"wrote, and a {kind.stamp} replaces only its own earlier output, even with "
-            "overwrite; write elsewhere, or delete it yourself"
+            f"refusing to replace {directory}: it is a umtam_jax output that {by}, and a "
+            f"{kind.stamp} replaces only its own output, even with overwrite; write elsewhere, "
+            "or delete it yourself"
         )
     if not overwrite:
         raise FileExistsError(
@@ -275,75 +280,6 @@ def check_target(
             "there or which changed since (replacing the folder would delete them); move them "
             "out first"
         )
-
-
-def contents(directory: epath.Path) -> dict[str, Any]:
-    """What a local output folder holds, recursively: ``{relative path: [size, mtime_ns]}``
-    of its files and links (``lstat``, a link never followed) and ``None`` for its folders,
-    the contents record itself left out."""
-    root = os.fspath(directory)
-    found: dict[str, Any] = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, root)
-            if rel == _CONTENTS_FILE:
-                continue
-            st = os.lstat(path)
-            is_dir = name in dirs and not os.path.islink(path)
-            found[rel] = None if is_dir else [st.st_size, st.st_mtime_ns]
-    return found
-
-
-def contents_record(entries: dict[str, Any] | list[str], stamp: str | None) -> dict[str, Any]:
-    """The contents record of an output: its ``entries`` (:func:`contents`, or on a remote
-    file system the top-level names) and its ``stamp`` (see :class:`OutputKind`)."""
-    record = {"entries" if isinstance(entries, dict) else "names": entries}
-    return record if stamp is None else {**record, "written_by": stamp}
-
-
-def _read_contents_record(directory: epath.Path) -> Any:
-    try:
-        return _json.loads(read_record(directory / _CONTENTS_FILE, MAX_CONTENTS_BYTES))
-    except (OSError, ValueError):
-        return None
-
-
-def recorded_contents(directory: epath.Path) -> dict[str, Any] | list[str] | None:
-    """What an output's save recorded it wrote (:func:`contents`, or a list of top-level
-    names), or None where the record is missing or unreadable."""
-    recorded = _read_contents_record(directory)
-    if isinstance(recorded, list):  # the record of older versions
-        recorded = {"names": recorded}
-    if not isinstance(recorded, dict):
-        return None
-    if isinstance(recorded.get("names"), list):
-        return list(map(str, recorded["names"]))
-    return recorded["entries"] if isinstance(recorded.get("entries"), dict) else None
-
-
-def recorded_stamp(directory: epath.Path) -> str | None:
-    """The stamp an output's save recorded (see :class:`OutputKind`), or None."""
-    recorded = _read_contents_record(directory)
-    return recorded.get("written_by") if isinstance(recorded, dict) else None
-
-
-def _added_entries(directory: epath.Path) -> list[str] | None:
-    """The entries of an earlier output that its save did not write, or that changed since
-    (a file edited, replaced or put into one of its subfolders), as relative paths; None
-    when the folder has no readable record (it cannot be told what is ours)."""
-    was = recorded_contents(directory)
-    if was is None:
-        return None
-    if isinstance(was, list):  # top-level names only (a remote file system)
-        return sorted({p.name for p in directory.iterdir()} - set(was))
-    try:
-        now = contents(directory)
-    except OSError:
-        return None
-    changed = {k for k, v in now.items() if k not in was or was[k] != v}
-    # An added folder is named once, not with everything in it.
-    return sorted(k for k in changed if os.path.dirname(k) not in changed)
 
 
 def is_empty_folder(path: epath.Path) -> bool:

@@ -94,11 +94,12 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{args.config} must hold a YAML mapping")
         if _mergekit.is_mergekit(config):
             # Translated for the method that runs; --base is the base_model of a file
-            # without one (else it replaces the base only, not the file's base_model among
-            # the models it merges).
+            # without one, where the method reads a base (linear, karcher and passthrough
+            # would merge a base_model as one more model: --base only gives the structure).
             if args.method is not None:
                 config = {**config, "merge_method": args.method}
-            if args.base is not None and config.get("base_model") is None:
+            base_input = config["merge_method"] in _mergekit_models.BASE_IS_AN_INPUT
+            if args.base is not None and config.get("base_model") is None and not base_input:
                 config = {**config, "base_model": args.base}
             config = _mergekit.translate(config, warn=warn)
         else:

@@ -144,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
         "--output", "-o", help="output: a checkpoint or a safetensors folder (--output-format)"
     )
     p.add_argument("--seed", type=int, help="PRNG seed of dare, dare_ties, della, della_linear")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--force", action="store_true", help="replace an earlier merge's output at --output"
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="load and validate everything, write nothing"
     )

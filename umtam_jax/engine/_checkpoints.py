@@ -292,8 +292,8 @@ def merge_checkpoints(
       fisher_dirs: for ``fisher``, one model per expert holding its diagonal Fisher.
       curvature_dirs: for ``ota``, one model per expert holding its curvature (e.g. Adam's
         second moments ``exp_avg_sq`` saved under the parameters' names).
-      overwrite: replace an existing output written by umtam_jax (nothing else is ever
-        replaced).
+      overwrite: replace an earlier merge's output (nothing else is ever replaced: not a
+        model saved by ``save_checkpoint`` or ``save_safetensors``).
       progress: show progress bars over the leaves (one per pass).
       metadata: JSON-serialisable metadata stored with the output; default: a record of
         the merge (method, inputs, JSON-serialisable options).
