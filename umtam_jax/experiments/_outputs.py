@@ -79,6 +79,7 @@ def check_replaceable(
     if overwrite or ours(path):
         return
     raise FileExistsError(
-        f"refusing to write {what} to {path}: the file exists and was not written by "
-        f"umtam_jax, so it may be yours; move it away, choose another path, or {how}"
+        f"refusing to write {what} to {path}: the file exists and holds no mark that "
+        "umtam_jax wrote it (or an older version did), so it may be yours; move it away, "
+        f"choose another path, or {how}"
     )
