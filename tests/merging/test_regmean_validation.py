@@ -37,7 +37,9 @@ def test_validation_errors_name_the_expert_and_the_path():
     with pytest.raises(ValueError, match=r"grams\[1\]\['layer'\]\['kernel'\] is missing"):
         merging.regmean(None, ws, [good, {"layer": {"kernel": None}}])
     negative = {"layer": {"kernel": np.diag(np.array([1, -0.5, 1, 1], np.float32))}}
-    with pytest.raises(ValueError, match=r"grams\[1\]\['layer'\]\['kernel'\] has a negative diag"):
+    with pytest.raises(
+        ValueError, match=r"grams\[1\]\['layer'\]\['kernel'\]'s diagonal has an entry -0\.5"
+    ):
         merging.regmean(None, ws, [good, negative])
     with pytest.raises(TypeError, match=r"grams\[0\]\['layer'\]\['kernel'\] has dtype int32"):
         merging.regmean(None, ws, [{"layer": {"kernel": np.eye(4, dtype=np.int32)}}, good])

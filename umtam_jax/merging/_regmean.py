@@ -180,23 +180,13 @@ def _check_diagonals(call: pipeline.Call) -> None:
     """A concrete Gram with a negative diagonal entry is no ``Xᵀ X`` (whose diagonal holds
     sums of squares): its solve would be meaningless, so it is refused, naming it."""
     assert call.extras is not None  # plan requires RegMean's grams
-    named = [
-        (f"grams[{i}]{path}", g)
+    diagonals = [
+        (f"grams[{i}]{path}'s diagonal", jnp.diagonal(g, axis1=-2, axis2=-1))
         for i, leaves in enumerate(call.extras)
         for path, g in zip(call.prepared.paths, leaves, strict=True)
         if g is not None
     ]
-    grams = [g for _, g in named]
-    lows = V.read_concrete(
-        grams,
-        lambda: [jnp.min(jnp.diagonal(g, axis1=-2, axis2=-1), initial=jnp.inf) for g in grams],
-    )
-    for (name, _), low in zip(named, lows or [], strict=False):
-        if low < 0:
-            raise ValueError(
-                f"{name} has a negative diagonal entry ({float(low)}): a Gram matrix Xᵀ X has "
-                "none (each is a sum of squares)"
-            )
+    V.check_non_negative(diagonals, "a Gram matrix Xᵀ X has none below 0 (sums of squares)")
 
 
 # --------------------------------------------------------------------------- kernel
