@@ -38,11 +38,9 @@ def _contents_record(directory: epath.Path) -> dict[str, Any]:
         recorded = _json.loads(read_record(directory / _CONTENTS_FILE, MAX_CONTENTS_BYTES))
     except (OSError, ValueError):
         return {}
-    return {"names": recorded} if isinstance(recorded, list) else _dict_or_empty(recorded)
-
-
-def _dict_or_empty(x: Any) -> dict[str, Any]:
-    return x if isinstance(x, dict) else {}
+    if isinstance(recorded, list):
+        recorded = {"names": recorded}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def recorded_contents(directory: epath.Path) -> dict[str, Any] | list[str] | None:

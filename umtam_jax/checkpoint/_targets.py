@@ -184,9 +184,9 @@ def check_target(
       ValueError: an empty name, a path with '[' (a checkpoint: Orbax would lose its
         arrays), a symbolic link, a file or a folder that is not a
         umtam_jax checkpoint (whatever ``overwrite`` says), a folder inside a checkpoint
-        Orbax wrote or named as a step beside a ``CheckpointManager``'s steps.
+        Orbax wrote or named as a step beside a ``CheckpointManager``'s steps, or an
+        output of this format that ``kind.stamp`` does not mark as the writer's.
       NotADirectoryError: a component of the parent path is a file.
-        Also an output of this format that ``kind.stamp`` does not mark as the writer's.
       FileExistsError: an existing checkpoint and ``overwrite`` is False.
     """
     if not isinstance(overwrite, bool | np.bool_):  # "no" would replace the folder
@@ -254,8 +254,12 @@ def check_target(
     from umtam_jax.checkpoint._contents import _added_entries, recorded_stamp
 
     if kind.stamp is not None and (stamp := recorded_stamp(directory)) != kind.stamp:
-        by = f"records {stamp!r} as its writer" if stamp else "records no writer (saved by "
-        by += "" if stamp else f"save_checkpoint or save_safetensors, or an older {kind.stamp})"
+        by = (
+            f"records {stamp!r} as its writer"
+            if stamp
+            else f"records no writer (saved by save_checkpoint or save_safetensors, or an "
+            f"older {kind.stamp})"
+        )
         raise ValueError(
             f"refusing to replace {directory}: it is a umtam_jax output that {by}, and a "
             f"{kind.stamp} replaces only its own output, even with overwrite; write elsewhere, "
