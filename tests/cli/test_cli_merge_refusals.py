@@ -186,3 +186,23 @@ def test_missing_statistics_and_checkpoint(ckpts, tmp_path, capsys):
         == 2
     )
     assert "cannot read the base" in capsys.readouterr().err
+
+
+def test_a_refusal_of_a_mergekit_file_under_method_names_the_flag(ckpts, tmp_path, capsys):
+    """``--method linear`` on a task_arithmetic file with a base_model: linear would merge
+    the base as one more model, which needs its weight; the refusal named a merge_method
+    'linear' the file does not hold."""
+    p = ckpts["paths"]
+    cfg = _write(
+        tmp_path,
+        f"""
+        merge_method: task_arithmetic
+        base_model: {p["base"]}
+        models: [{{model: {p["e0"]}, parameters: {{weight: 0.5}}}}]
+        """,
+    )
+    out = tmp_path / "merged"
+    assert main([cfg, "--method", "linear", "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "merge_method 'linear' from --method; the file names 'task_arithmetic'" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -96,12 +96,20 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
             # Translated for the method that runs; --base is the base_model of a file
             # without one, where the method reads a base (linear, karcher and passthrough
             # would merge a base_model as one more model: --base only gives the structure).
+            named, note = config.get("merge_method"), ""
             if args.method is not None:
                 config = {**config, "merge_method": args.method}
+                if args.method != named:  # messages naming merge_method say where it is
+                    note = (
+                        f" (merge_method {args.method!r} from --method; the file names {named!r})"
+                    )
             base_input = config["merge_method"] in _mergekit_models.BASE_IS_AN_INPUT
             if args.base is not None and config.get("base_model") is None and not base_input:
                 config = {**config, "base_model": args.base}
-            config = _mergekit.translate(config, warn=warn)
+            try:
+                config = _mergekit.translate(config, warn=lambda message: warn(message + note))
+            except ConfigError as err:
+                raise ConfigError(f"{err}{note}") from None
         else:
             _refuse_internal_keys(config)
     given_by_models = [  # gamma/epsilon that every model of the file gives as its own

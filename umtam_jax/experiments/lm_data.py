@@ -98,8 +98,8 @@ def python_docs_dir(root: str | os.PathLike | None = None, download: bool = True
             subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True)
         except (subprocess.CalledProcessError, StopIteration) as e:
             raise MissingDataError(f"{hint}\n(automatic fetch failed: {e})") from e
-        if dest.exists():
-            shutil.rmtree(dest)
+        if dest.exists():  # an incomplete copy: moved aside, deleted with ``tmp``
+            os.replace(dest, Path(tmp) / "old")
         os.replace(unpacked, dest)
     return dest / _SOURCES
 
