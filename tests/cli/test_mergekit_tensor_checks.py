@@ -5,6 +5,7 @@ flag that only sets the default of per-model values."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -251,3 +252,17 @@ def test_a_native_file_on_hugging_face_folders_names_the_layout(
     if refused:
         assert f"parameters.layout: method {method!r} reads the weights' layout" in err, err
         assert "set layout: 'out_in' for PyTorch (d_out, d_in) weights" in err
+
+
+def test_slices_read_a_models_layer_count_from_a_regular_config_json_only(tmp_path):
+    """A FIFO at config.json hung the read; JSON nested too deeply raised RecursionError."""
+    from umtam_jax.cli._mergekit_slices import whole_model_slices
+
+    fifo, deep = tmp_path / "fifo", tmp_path / "deep"
+    fifo.mkdir(), deep.mkdir()
+    os.mkfifo(fifo / "config.json")
+    (deep / "config.json").write_text("[" * 100_000)
+    for model, reason in ((fifo, "is a FIFO"), (deep, "JSON nested too deeply")):
+        source = {"model": str(model), "layer_range": [0, 2]}
+        with pytest.raises(ConfigError, match=rf"sources\[0\]': cannot read .*\({reason}"):
+            whole_model_slices({"slices": [{"sources": [source]}]})

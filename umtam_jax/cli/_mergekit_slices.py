@@ -23,14 +23,15 @@ References:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+from umtam_jax import _json
 from umtam_jax.cli._yaml import ConfigError
 
 # config.json keys giving the number of layers (Llama/Mistral/BERT, GPT-2, T5-like).
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_MAX_CONFIG_BYTES = 2**26
 
 
 def whole_model_slices(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -93,10 +94,13 @@ def _layer_count(model: Any, where: str) -> int:
     """The number of layers a model folder's ``config.json`` gives."""
     if not isinstance(model, str):
         raise ConfigError(f"'{where}.model' must be a model path")
+    from etils import epath
+
+    from umtam_jax.checkpoint._targets import read_record
+
     path = os.path.join(model, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+    try:  # a regular file of a sane size (a FIFO would hang a plain open), valid JSON
+        config = _json.loads(read_record(epath.Path(path), _MAX_CONFIG_BYTES))
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"'{where}': cannot read the number of layers of {model!r} from {path} ({err})"
