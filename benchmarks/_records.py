@@ -4,7 +4,9 @@ benchmark recorded on their own so that it resumes (:func:`recorded_run`); and t
 append-only journals of long runs.
 
 Nothing here replaces a file it did not write: a JSON file that is not a record, or a
-``RESULTS.md`` that is not generated, is refused.
+``RESULTS.md`` that is not generated, is refused. A record carries the library's integrity
+checksum (:mod:`umtam_jax.experiments._sealed`): one read back whose content no longer
+matches it is damaged, never taken as measured.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ def _atomic_write(path: Path, text: str) -> None:
     from umtam_jax.experiments import store
 
     store.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _read_record(path: Path) -> Any:
+    """The JSON at ``path``, its ``"checksum"`` entry verified and removed (one written
+    before records had it is read as it is).
+
+    Raises:
+        OSError: it cannot be read.
+        ValueError: it is not UTF-8 JSON, or its content does not match its checksum (the
+            reason alone: the callers name the file, or not, as their output needs).
+    """
+    from umtam_jax.experiments import _sealed  # imported here: see _atomic_write
+
+    return _sealed.unseal(json.loads(path.read_text(encoding="utf-8")))
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -110,9 +126,13 @@ def write_results(
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
-    """Writes ``record`` to ``path`` atomically; beside a ``results`` folder's records,
-    regenerates ``RESULTS.md`` from them."""
-    _atomic_write(path, json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n")
+    """Writes ``record`` to ``path`` atomically, with its checksum; beside a ``results``
+    folder's records, regenerates ``RESULTS.md`` from them."""
+    from umtam_jax.experiments import _sealed  # imported here: see _atomic_write
+
+    # The checksum covers the record as written; strict JSON (no NaN) in the file.
+    sealed = _sealed.seal(_jsonable(record))
+    _atomic_write(path, json.dumps(sealed, indent=1, allow_nan=False) + "\n")
     rdir = path.parent
     if rdir.resolve().name == "results" and _is_generated(rdir.parent / "RESULTS.md"):
         regenerate_results_md(rdir)
@@ -166,9 +186,17 @@ def reword_record(
         why: What changed in the wording (or in the judgement).
         result: The record's result judged again by the current code from its own data
             (None: unchanged).
+
+    Raises:
+        FileExistsError: ``path`` is not a benchmark record.
+        ValueError: the record is damaged (not JSON, or its content does not match its
+            checksum): rewording it would give the damage a valid checksum.
     """
     _check_own_record(path)
-    record = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        record = _read_record(path)
+    except ValueError as err:
+        raise ValueError(f"{path} is damaged ({err}); not reworded") from None
     if record.get("markdown") == markdown and result in (None, record.get("result")):
         return
     record["markdown"] = markdown
@@ -295,8 +323,8 @@ def regenerate_results_md(results_dir: str | os.PathLike | None = None) -> Path:
     ]
     for path in sorted(rdir.glob("*.json")):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+            record = _read_record(path)
+        except (OSError, ValueError) as e:  # not JSON, or fails its checksum
             parts.append(f"## {path.stem}\n\n(unreadable: {e})\n")
             continue
         if _is_record(record):  # other JSON files in the folder are not sections
@@ -335,9 +363,9 @@ def recorded_run(
     """
     if path.exists() and not fresh:
         try:
-            record = json.loads(path.read_text())
+            record = _read_record(path)
             rec = record["result"]
-        except ValueError as err:
+        except ValueError as err:  # not JSON, or fails its checksum
             print(f"{label}: {path} is damaged ({err}); running the part again", flush=True)
             rec = None
         except (OSError, KeyError, TypeError):

@@ -4,7 +4,7 @@ Every file is written to a hidden temporary sibling and moved into place with
 :func:`os.replace`, so a reader sees either the old file or the complete new one, never a
 half-written one; a temporary file left behind by an interrupted write is never read
 (readers only open the final names). :func:`jsonable` turns NumPy and JAX values into
-plain JSON values.
+plain JSON values; a JSON object carries a checksum (:mod:`~umtam_jax.experiments._sealed`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from umtam_jax import _files, _json
+from umtam_jax.experiments import _sealed
 
 __all__ = ["jsonable", "read_json", "read_npz", "read_npz_record", "write_json", "write_npz"]
 
@@ -70,12 +71,11 @@ def write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     :func:`tempfile.mkstemp`), is locked by its writer (``fcntl.flock``) from its creation
     to the replace. Before writing, the temporary files of ``path`` that nobody locks are
     deleted: a killed writer's lock died with it, whatever host, container or PID
-    namespace it ran in, so these are the leftovers of killed writes, never the file of a
-    write in progress (even one that shares a host name but not the PID namespace). A
-    leftover that cannot be deleted (another user's in a shared folder) is kept and does
-    not fail the write. Where the file system refuses locks, the temporary file is named
-    ``.NAME.umtam-uXXXXXXXX.tmp``, which no cleanup deletes. (The marker keeps a user's
-    own ``.NAME.backup01.tmp`` out of the cleanup's pattern.)
+    namespace it ran in, so these are leftovers of killed writes, never a write in
+    progress. A leftover that cannot be deleted (another user's in a shared folder) is
+    kept and does not fail the write. Where the file system refuses locks, the temporary
+    file is named ``.NAME.umtam-uXXXXXXXX.tmp``, which no cleanup deletes. (The marker
+    keeps a user's own ``.NAME.backup01.tmp`` out of the cleanup's pattern.)
 
     Args:
         path: the file to write; its folder is created if missing.
@@ -260,7 +260,11 @@ def exclusive(folder: str | Path, what: str) -> Iterator[None]:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Writes ``jsonable(obj)`` to ``path`` atomically (temporary file + ``os.replace``).
+    """Writes ``jsonable(obj)`` to ``path`` atomically (temporary file + ``os.replace``),
+    an object with a ``"checksum"`` entry (SHA-256) that the readers verify and remove.
+
+    Raises:
+        ValueError: ``obj`` is a mapping with a ``"checksum"`` key (reserved).
 
     Example:
         >>> import tempfile, pathlib
@@ -269,18 +273,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
         >>> _ = write_json(p, {"x": 1}); read_json(p)
         {'x': 1}
     """
-    data = json.dumps(jsonable(obj), indent=1, sort_keys=True).encode()
+    data = json.dumps(_sealed.seal(jsonable(obj)), indent=1, sort_keys=True).encode()
     return write_atomic(Path(path), lambda f: f.write(data))
 
 
 def read_json(path: str | Path) -> Any:
-    """The JSON at ``path``, or None when it is missing or unreadable.
+    """The JSON at ``path``; None when it is missing, unreadable or fails its checksum.
 
     Args:
         path: The file.
 
     Returns:
-        The decoded value, or None (a missing or damaged cache entry is recomputed).
+        The value, its ``"checksum"`` removed; or None (a damaged cache entry is recomputed).
 
     Example:
         >>> import tempfile, pathlib
@@ -289,8 +293,8 @@ def read_json(path: str | Path) -> Any:
         True
     """
     try:
-        return _json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError):  # undecodable, bad UTF-8 or too deep
+        return _sealed.unseal(_json.loads(Path(path).read_text()))
+    except (FileNotFoundError, ValueError):  # undecodable, bad UTF-8, too deep, checksum
         return None
 
 
@@ -302,10 +306,10 @@ def read_record(path: str | Path) -> Any:
         path: The file.
 
     Returns:
-        The decoded value, or None when the file does not exist.
+        The value, its ``"checksum"`` removed; or None when the file does not exist.
 
     Raises:
-        ValueError: the file exists but is not valid JSON (its name and the reason).
+        ValueError: the file exists but is not JSON or fails its checksum (name, reason).
 
     Example:
         >>> import tempfile, pathlib
@@ -319,14 +323,11 @@ def read_record(path: str | Path) -> Any:
         ValueError: .../results.json is damaged (...): ...
     """
     try:
-        return _json.loads(Path(path).read_text())
+        return _sealed.unseal(_json.loads(Path(path).read_text()))
     except FileNotFoundError:
         return None
-    except ValueError as err:  # undecodable, bad UTF-8 or too deep
-        raise ValueError(
-            f"{path} is damaged ({err}): it is a record of earlier runs, never rebuilt "
-            "silently; restore it, or start in another work directory"
-        ) from None
+    except ValueError as err:  # undecodable, bad UTF-8, too deep, or checksum
+        raise ValueError(f"{path} is damaged ({err}): {_KEPT}") from None
 
 
 def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
@@ -353,6 +354,9 @@ def write_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
 # NumPy's and zipfile's errors on a damaged .npz (even "encrypted" or "unknown method")
 _NPZ_DAMAGE = (OSError, ValueError, EOFError, KeyError, RuntimeError, NotImplementedError,
                zipfile.BadZipFile, zlib.error)  # fmt: skip
+# How the error on a damaged record (JSON or .npz) ends: what it is, what to do.
+_KEPT = ("it is a record of earlier runs, never rebuilt silently; restore it, or start in "
+         "another work directory")  # fmt: skip
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
@@ -392,7 +396,5 @@ def read_npz_record(path: str | Path) -> dict[str, np.ndarray] | None:
         return None
     except _NPZ_DAMAGE as err:
         raise ValueError(
-            f"{path} is damaged or unreadable ({type(err).__name__}: {err}): it is a "
-            "record of earlier runs, never rebuilt silently; restore it, or start in "
-            "another work directory"
+            f"{path} is damaged or unreadable ({type(err).__name__}: {err}): {_KEPT}"
         ) from None
