@@ -47,7 +47,7 @@ def _atomic_write(path: Path, text: str) -> None:
     store.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _read_record(path: Path) -> Any:
+def read_record(path: Path) -> Any:
     """The JSON at ``path``, its ``"checksum"`` entry verified and removed (one written
     before records had it is read as it is).
 
@@ -194,7 +194,7 @@ def reword_record(
     """
     _check_own_record(path)
     try:
-        record = _read_record(path)
+        record = read_record(path)
     except ValueError as err:
         raise ValueError(f"{path} is damaged ({err}); not reworded") from None
     if record.get("markdown") == markdown and result in (None, record.get("result")):
@@ -323,7 +323,7 @@ def regenerate_results_md(results_dir: str | os.PathLike | None = None) -> Path:
     ]
     for path in sorted(rdir.glob("*.json")):
         try:
-            record = _read_record(path)
+            record = read_record(path)
         except (OSError, ValueError) as e:  # not JSON, or fails its checksum
             parts.append(f"## {path.stem}\n\n(unreadable: {e})\n")
             continue
@@ -363,7 +363,7 @@ def recorded_run(
     """
     if path.exists() and not fresh:
         try:
-            record = _read_record(path)
+            record = read_record(path)
             rec = record["result"]
         except ValueError as err:  # not JSON, or fails its checksum
             print(f"{label}: {path} is damaged ({err}); running the part again", flush=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from benchmarks._lm_training import (
     make_tx,
 )
 from benchmarks._momentum_energy import run_seed
-from benchmarks._records import commits_of, recorded_run, write_results
+from benchmarks._records import commits_of, read_record, recorded_run, write_results
 from benchmarks._spectrum_report import CLAIM, markdown, plot
 from umtam_jax.experiments.lm_data import lm_token_arrays
 from umtam_jax.experiments.models.gpt import make_gpt_train_step
@@ -95,13 +94,15 @@ def _default_lr(
 ) -> tuple[float, str]:
     path = rdir / "training.json"
     try:
-        rec = json.loads(path.read_text())["result"]
+        rec = read_record(path)["result"]
         same_embeddings = rec.get("embeddings_factored_by_umtam_and_galore") == factor_embeddings
         if rec["config"] == dataclasses.asdict(size) and same_embeddings:
             for row in rec["summary"]:
                 if row["optimizer"] == optimizer and row.get("rank") == rank and row.get("best_lr"):
                     return float(row["best_lr"]), f"best {optimizer} lr of results/training.json"
-    except (OSError, KeyError, ValueError, TypeError):
+    except ValueError as err:  # damaged: never a silent fall back to another rate
+        raise ValueError(f"{path} is damaged ({err}): restore it, or move it away") from None
+    except (OSError, KeyError, TypeError):
         pass
     return 3e-3, "fixed default 3e-3 (no matching results/training.json)"
 

@@ -19,13 +19,12 @@ Writes ``benchmarks/results/training_seeds.json`` and its RESULTS.md section.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from benchmarks import training
 from benchmarks._common import RESULTS_DIR, environment, format_interval, t_interval
-from benchmarks._records import write_results
+from benchmarks._records import read_record, write_results
 
 
 def _seed_record(seed: int, args: argparse.Namespace, rdir: Path) -> dict[str, Any]:
@@ -36,7 +35,12 @@ def _seed_record(seed: int, args: argparse.Namespace, rdir: Path) -> dict[str, A
     name = f"training_{size}_seed{seed}"
     path = sub / f"{name}.json"
     if path.exists():
-        rec = json.loads(path.read_text())["result"]
+        try:
+            rec = read_record(path)["result"]
+        except ValueError as err:  # not JSON, or fails its checksum: never taken as measured
+            raise ValueError(
+                f"{path} is damaged ({err}): restore it, or delete it to run the seed again"
+            ) from None
         data = rec["data"]
         if rec.get("size") == size and data["seed"] == seed and "test_windows" in data:
             return rec

@@ -4,6 +4,7 @@ without one (older, or edited by hand with the entry deleted) read as before."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -164,3 +165,25 @@ def test_the_benchmark_writers_readers_refuse_a_damaged_record(tmp_path, capsys)
     assert "125.4566" in path.read_text()  # untouched
     md = _records.regenerate_results_md(path.parent).read_text()
     assert "## part\n\n(unreadable: its content does not match its checksum" in md
+
+
+def test_records_read_back_by_the_training_benchmarks_are_checked(tmp_path):
+    """spectrum's default learning rate (from training.json) and training_seeds' recorded
+    seeds read the records with plain json: a damaged one gave another number, or
+    (spectrum) silently the fixed default rate."""
+    from benchmarks import spectrum, training_seeds
+
+    rdir = tmp_path / "results"
+    path = _records.write_results("training", {"config": {}, "summary": [],
+                                  "lr": 0.0123}, "body", results_dir=rdir, env={},
+                                  command_line="python -m benchmarks.training")  # fmt: skip
+    assert spectrum._default_lr(rdir, None, 32, False)[0] == 3e-3  # no matching config
+    _flip_digit(path, "0.0123")
+    with pytest.raises(ValueError, match=f"{path} is damaged .*checksum"):
+        spectrum._default_lr(rdir, None, 32, False)
+    seed = rdir / "training_seeds" / "training_quick_seed0.json"
+    seed.parent.mkdir()
+    seed.write_bytes(path.read_bytes())
+    args = argparse.Namespace(quick=True)
+    with pytest.raises(ValueError, match=f"{seed} is damaged .*checksum"):
+        training_seeds._seed_record(0, args, rdir)
