@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -190,8 +189,9 @@ def main(argv=None) -> dict[str, Any]:
         for name in names:
             for extra in EXTRA:
                 path = cache / f"{tag}-{name.replace(' ', '_')}-extra{extra}-seed{seed}.json"
-                if path.exists():
-                    runs.append(json.loads(path.read_text()))
+                cached = store.read_json(path)  # None: not run yet, or damaged (run again)
+                if cached is not None:
+                    runs.append(cached)
                     continue
                 tokens = tokens or lm_token_arrays()
                 run = train_run(name, extra, seed, size, tokens)
@@ -200,8 +200,7 @@ def main(argv=None) -> dict[str, Any]:
                       f"test {loss:.4f} ({wall:.0f} s)", flush=True)  # fmt: skip
                 runs.append(run)
                 if not args.no_write:
-                    text = json.dumps(run)
-                    store.write_atomic(path, lambda f, text=text: f.write(text.encode()))
+                    store.write_json(path, run)
     result = combine(runs)
     md = markdown(result, size)
     print(md)
