@@ -22,10 +22,16 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
+#: What a lock file made by :func:`exclusive_lock` holds: the mark of a file it may remove.
+LOCK_MARK = b"umtam_jax lock file\n"
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str, *, cannot: str, busy: Callable[[], OSError]) -> Iterator[None]:
-    """Holds an exclusive, non-blocking lock on the file ``lock_path`` (made if missing,
-    removed on release; never opened through a symbolic link).
+    """Holds an exclusive, non-blocking lock on the file ``lock_path`` (never opened
+    through a symbolic link). A missing file is made holding :data:`LOCK_MARK`, and one
+    holding it is removed on release; any other file at that name (a user's) serves as the
+    lock unchanged and is kept.
 
     Args:
       lock_path: the lock file.
@@ -50,7 +56,7 @@ def exclusive_lock(lock_path: str, *, cannot: str, busy: Callable[[], OSError]) 
     """
     while True:
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = _open_lock_file(lock_path)
         except OSError as err:
             if err.errno == errno.ELOOP:
                 raise OSError(
@@ -74,11 +80,35 @@ def exclusive_lock(lock_path: str, *, cannot: str, busy: Callable[[], OSError]) 
         yield
     finally:
         try:  # only our file: one removed under us (by hand) may since be another holder's
-            if _names_file(lock_path, fd):
+            if _names_file(lock_path, fd) and _holds_mark(fd):
                 with contextlib.suppress(OSError):
                     os.unlink(lock_path)
         finally:
             os.close(fd)
+
+
+def _open_lock_file(path: str) -> int:
+    """Opens the lock file at ``path`` for reading and writing, made holding
+    :data:`LOCK_MARK` when missing (an existing file is opened as it is)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):  # removed since: made next time
+                return os.open(path, flags)
+            continue
+        with contextlib.suppress(OSError):  # unmarked (a full disk): kept on release
+            os.write(fd, LOCK_MARK)
+        return fd
+
+
+def _holds_mark(fd: int) -> bool:
+    """Whether the file open as ``fd`` holds :data:`LOCK_MARK` alone."""
+    try:
+        return os.pread(fd, len(LOCK_MARK) + 1, 0) == LOCK_MARK
+    except OSError:  # not a regular file (a FIFO): not one this made
+        return False
 
 
 def _names_file(path: str, fd: int) -> bool:

@@ -79,3 +79,21 @@ def test_an_interrupt_while_the_lock_is_taken_or_released_never_keeps_it(
     monkeypatch.undo()
     with _files.exclusive_lock(lock, cannot="cannot", busy=lambda: OSError("busy")):
         pass  # free again
+
+
+@pytest.mark.parametrize("content", [b"", b"my notes\n"])
+def test_a_users_file_at_the_lock_name_serves_as_the_lock_and_is_kept(tmp_path, content):
+    """A file the library did not make at the lock's name was deleted on release."""
+    lock = tmp_path / ".work.lock"
+    lock.write_bytes(content)
+    with _files.exclusive_lock(os.fspath(lock), cannot="cannot use work", busy=_busy):
+        with (
+            pytest.raises(BlockingIOError, match="held"),
+            _files.exclusive_lock(os.fspath(lock), cannot="cannot use work", busy=_busy),
+        ):
+            pass
+    assert lock.read_bytes() == content  # kept, unchanged
+    os.unlink(lock)
+    with _files.exclusive_lock(os.fspath(lock), cannot="cannot use work", busy=_busy):
+        assert lock.read_bytes() == _files.LOCK_MARK  # made here: marked, removed after
+    assert not lock.exists()
