@@ -68,6 +68,16 @@ def test_an_expert_of_another_fingerprint_is_retrained(fake_training, tmp_path):
     assert checkpoint.restore_params(path)["w"].tolist() == [9.0] * 4
 
 
+def test_a_checkpoint_without_a_fingerprint_is_refused_naming_it(fake_training, tmp_path):
+    """An older version's expert, or a user's checkpoint, is never trained over."""
+    path = tmp_path / "experts" / "t-fp0"
+    checkpoint.save_checkpoint(path, {"w": np.zeros(4, "f4")}, metadata={"task": "t"})
+    with pytest.raises(ValueError, match="holds no expert fingerprint") as err:
+        _train(tmp_path)
+    assert str(path) in str(err.value) and "delete it to train the expert again" in str(err.value)
+    assert fake_training == [] and checkpoint.restore_params(path)["w"].tolist() == [0.0] * 4
+
+
 # ----------------------------------------------------------------------------- .npz records
 
 

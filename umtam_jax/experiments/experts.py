@@ -177,7 +177,8 @@ def _restore(path: Path, fp: str, task: str) -> ExpertResult | None:
     Raises:
         CheckpointCorruptError: the checkpoint is damaged or incomplete (a flipped byte,
             a missing file): it is never retrained over silently.
-        ValueError: ``path`` holds a checkpoint that is not an expert of this library.
+        ValueError: ``path`` holds a checkpoint without an expert fingerprint (not an
+            expert of this library, or one written before fingerprints).
     """
     from umtam_jax import checkpoint
 
@@ -194,8 +195,9 @@ def _restore(path: Path, fp: str, task: str) -> ExpertResult | None:
         raise damaged(err) from None
     if not isinstance(user, dict) or not isinstance(user.get("fingerprint"), str):
         raise ValueError(
-            f"{path} is not an expert checkpoint of this library (its metadata holds no "
-            "expert fingerprint): move it out of the work directory's experts folder"
+            f"{path} holds no expert fingerprint (a checkpoint this library's experiments "
+            "did not write, or wrote before they had fingerprints): move it out of the work "
+            "directory's experts folder, or delete it to train the expert again"
         )
     if user["fingerprint"] != fp:
         return None  # another expert's (a name clash): trained again and replaced
