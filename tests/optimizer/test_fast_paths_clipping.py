@@ -256,3 +256,41 @@ def test_the_shares_of_r_equal_float64_ones_at_any_scale(scale):
     got = jax.jit(lambda x: shares(x, (1,)))(jnp.asarray(r, jnp.float32))
     want = r / r.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("buffer_dtype", [None, jnp.bfloat16])
+def test_without_clipping_the_saliency_of_moved_weights_saturates_instead_of_overflowing(
+    buffer_dtype,
+):
+    """Where R and C saturate, (W − W0)² · sqrt(R_i C_j) passed float32's largest value as
+    soon as |W − W0| > 1, and every saliency entry was inf (the merge then refused the
+    expert); the average saturates there, as R, C and v do. Each step's saliency equals the
+    float64 equation from the state's own moments, clamped to the largest float."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32), "b": jnp.ones(8)}
+    opt = umtam_jax.scale_by_umtam(rank=2, min_dim_size_to_factor=1, clip_threshold=None,
+                                   buffer_dtype=buffer_dtype)  # fmt: skip
+    state, w0 = opt.init(params), jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    step = jax.jit(opt.update)
+    alpha = 0.9  # the default saliency_decay
+    saliency, clamped = {k: np.zeros(v.shape) for k, v in w0.items()}, []
+    for magnitude in (1e22, 1e22, 1.0):
+        grads = jax.tree.map(lambda x, m=magnitude: jnp.full_like(x, m), params)
+        updates, state = step(grads, state, params)  # the saliency reads these params
+        stored = state.leaves["w"].saliency.dtype
+        top = min(float(np.finfo(np.float32).max), float(jnp.finfo(stored).max))
+        for name, leaf in state.leaves.items():
+            dev = np.square(np.asarray(params[name], np.float64) - w0[name])
+            if name == "w":
+                r, c = (np.asarray(x, np.float64) for x in (leaf.row, leaf.col))
+                fresh = dev * np.sqrt(r)[:, None] * np.sqrt(c)[None, :]
+            else:
+                fresh = dev * np.sqrt(np.asarray(leaf.nu, np.float64))
+            want = np.minimum(alpha * saliency[name] + (1 - alpha) * np.minimum(fresh, top), top)
+            got = np.asarray(leaf.saliency, np.float64)
+            assert np.all(np.isfinite(got)), name
+            np.testing.assert_allclose(got, want, rtol=1e-2 if buffer_dtype else 1e-5)
+            saliency[name] = got
+            clamped.append(name == "w" and fresh.max() > top)
+        params = jax.tree.map(lambda p, u: p - 3.0 * u, params, updates)  # |W − W0| > 1
+    assert any(clamped)  # the factored leaf's (W − W0)² · sqrt(R_i C_j) passed it

@@ -1,5 +1,6 @@
-"""Per-leaf gradient norms, clipping (step 1) and the adaptive ε_t (step 7), safe from
-overflow: any finite gradient gives a finite norm and a finite clipped gradient.
+"""Per-leaf gradient norms, clipping (step 1), the adaptive ε_t (step 7) and the saliency's
+average (step 9), safe from overflow: any finite gradient gives a finite norm, a finite
+clipped gradient and a finite saliency.
 
 Two ways to the same sums, chosen per platform by :func:`_per_platform`:
 
@@ -289,3 +290,14 @@ def adaptive_eps(cfg: Config, g_norm: jax.Array, w: jax.Array) -> jax.Array:
 
 _NORM_PREFIX = 8
 """:func:`adaptive_eps` first reads the leading 1/_NORM_PREFIX of the rows of ``W``."""
+
+
+def saturated_ema(decay: float, average: jax.Array, fresh: jax.Array) -> jax.Array:
+    """``decay · average + (1 − decay) · fresh``, saturated at the largest float of both
+    dtypes (as R, C and v are), in ``average``'s dtype: where R and C saturate,
+    ``(W − W0)² · sqrt(R_i C_j)`` passes it for any ``|W − W0| > 1``, and the saliency
+    stays finite instead of becoming inf (also when kept in bfloat16 or float16)."""
+    top = min(float(jnp.finfo(fresh.dtype).max), float(jnp.finfo(average.dtype).max))
+    fresh = jnp.minimum(fresh, top)
+    new = jnp.minimum(decay * average.astype(fresh.dtype) + (1 - decay) * fresh, top)
+    return new.astype(average.dtype)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from umtam_jax.optimizer import _sharding
-from umtam_jax.optimizer._clipping import adaptive_eps, clip
+from umtam_jax.optimizer._clipping import adaptive_eps, clip, saturated_ema
 from umtam_jax.optimizer._config import Config, bias_corrections, compute_dtype
 from umtam_jax.optimizer._state import DenseLeafState
 
@@ -63,8 +63,5 @@ def update_dense(
         # Saliency and W0 are kept together (check_state_options matches the state to init).
         assert state.initial is not None
         deviation = jnp.square(w - state.initial.astype(dtype))
-        fresh = deviation * jnp.sqrt(nu)
-        saliency = (cfg.saliency_decay * state.saliency + (1 - cfg.saliency_decay) * fresh).astype(
-            state.saliency.dtype
-        )
+        saliency = saturated_ema(cfg.saliency_decay, state.saliency, deviation * jnp.sqrt(nu))
     return direction, state._replace(mu=mu, nu=nu, saliency=saliency)

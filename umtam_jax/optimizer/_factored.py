@@ -22,7 +22,12 @@ import jax
 import jax.numpy as jnp
 
 from umtam_jax.optimizer import _sharding
-from umtam_jax.optimizer._clipping import adaptive_eps, clipped_square_sums, shares
+from umtam_jax.optimizer._clipping import (
+    adaptive_eps,
+    clipped_square_sums,
+    saturated_ema,
+    shares,
+)
 from umtam_jax.optimizer._config import Config, bias_corrections, compute_dtype, is_static_zero
 from umtam_jax.optimizer._decomposition import FactorRequest
 from umtam_jax.optimizer._layout import Layout
@@ -199,8 +204,7 @@ def factored_saliency(
     dtype = row.dtype
     deviation = jnp.square(w.astype(dtype) - initial.astype(dtype))
     fresh = deviation * _outer(jnp.sqrt(row), jnp.sqrt(col))  # R Cᵀ may overflow
-    new = cfg.saliency_decay * saliency.astype(dtype) + (1 - cfg.saliency_decay) * fresh
-    return new.astype(saliency.dtype)
+    return saturated_ema(cfg.saliency_decay, saliency, fresh)
 
 
 def factored_finish(cfg: Config, layout: Layout, carry: FactoredCarry, factors, count):
