@@ -46,6 +46,30 @@ def test_statistics_of_a_chain_match_the_state():
     assert umtam_jax.statistics(stats) is stats
 
 
+def test_statistics_in_mapping_form_as_a_safetensors_folder_holds_them(tmp_path):
+    """Statistics read back from a ``umtam_statistics`` folder are nested dicts of their
+    fields: the merges took them, but statistics/saliency/curvature raised NoUmtamState."""
+    from umtam_jax import checkpoint
+
+    opt = optax.masked(umtam_jax.umtam(0.1, **SMALL), {"dense": {"kernel": True, "bias": False}})
+    params = {"dense": {"kernel": jnp.ones((16, 8)), "bias": jnp.ones(8)}}
+    _, state, _ = _run(opt, params, steps=3)
+    stats = umtam_jax.statistics(state)
+    checkpoint.save_safetensors(tmp_path / "s", {"dense": {"kernel": stats["dense"]["kernel"]}})
+    reader = checkpoint.SafetensorsReader(tmp_path / "s")
+    names = list(reader.names)
+    read = checkpoint.tree_from_names(dict(zip(names, reader.read(names), strict=True)))
+    assert set(read["dense"]["kernel"]) == {"u", "sigma", "v", "row", "col", "saliency"}
+    read["dense"]["bias"] = optax.MaskedNode()  # a parameter the optimizer did not see
+    for fn in (umtam_jax.saliency, umtam_jax.curvature, umtam_jax.momentum):
+        got, want = fn(read)["dense"], fn(stats)["dense"]
+        np.testing.assert_allclose(got["kernel"], want["kernel"], rtol=1e-4, atol=1e-9)
+        assert isinstance(got["bias"], optax.MaskedNode)
+    kernel = umtam_jax.statistics(read)["dense"]["kernel"]
+    assert type(kernel) is type(stats["dense"]["kernel"])
+    chex.assert_trees_all_equal(kernel, stats["dense"]["kernel"])
+
+
 def test_statistics_of_a_foreign_state_is_an_error():
     with pytest.raises(ValueError, match="no UMTAM optimizer state"):
         umtam_jax.statistics(optax.adam(1e-3).init(_params()))

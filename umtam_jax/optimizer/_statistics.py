@@ -91,6 +91,14 @@ def _is_state_node(x: Any) -> bool:
     return is_leaf_state(x) or _is_placeholder(x) or is_mapping_leaf_state(x)
 
 
+def _is_mapping_statistics(x: Any) -> bool:
+    """A params-shaped tree of statistics (or leaf states) in mapping form: every node a
+    mapping of a leaf's fields or a placeholder, at least one of them a mapping."""
+    nodes = jax.tree.leaves(x, is_leaf=_is_state_node)
+    mappings = [n for n in nodes if is_mapping_leaf_state(n)]
+    return bool(mappings) and len(mappings) + sum(map(_is_placeholder, nodes)) == len(nodes)
+
+
 def _contains_statistics(x: Any) -> bool:
     nodes = jax.tree.leaves(x, is_leaf=is_leaf_statistics)
     return bool(nodes) and all(is_leaf_statistics(n) for n in nodes)
@@ -106,7 +114,9 @@ def statistics(x: Any) -> Any:
     restores it) and their ``nnx.to_pure_dict``.
 
     Args:
-      x: an optimizer state, or a statistics pytree (returned unchanged).
+      x: an optimizer state, or a statistics pytree (returned unchanged), also with its
+        nodes as mappings of their fields (``{"u": ..., "row": ..., ...}``, as a
+        ``umtam_statistics`` safetensors folder read with ``tree_from_names`` holds them).
 
     Returns:
       A pytree shaped like the parameters whose leaves are :class:`FactoredStatistics`
@@ -143,6 +153,8 @@ def statistics(x: Any) -> Any:
         if isinstance(s, ScaleByUmtamState)
     ]
     if not states:
+        if _is_mapping_statistics(x):  # as read from a checkpoint or safetensors folder
+            return jax.tree.map(_to_statistics, x, is_leaf=_is_state_node)
         raise NoUmtamStateError(
             "no UMTAM optimizer state found: pass the state of umtam_jax.umtam(...) "
             "(possibly wrapped by optax), or a statistics pytree"
