@@ -127,7 +127,7 @@ def input_grams(
         ``linen.Module`` (``model.apply({"params": params}, batch)``), or a function
         ``model(params, batch)`` running linen modules (e.g. a model's ``apply``). Layers
         inside ``nnx``/``linen`` transforms (``scan``, ``vmap``, ``remat``) are not
-        supported (JAX raises a leaked-tracer error).
+        supported (a ``ValueError`` says so).
       params: the parameters to evaluate at: for an ``nnx`` model its ``nnx.Param``
         state (or ``nnx.to_pure_dict`` of it), or ``None`` for the model's own; for
         linen the ``params`` collection, whose paths must be the modules' paths.
@@ -143,8 +143,8 @@ def input_grams(
       expert's ``grams`` for :func:`regmean`.
 
     Raises:
-      ValueError: ``batches`` is empty, no linear layer was called, or a layer's kernel
-        is not in ``params``.
+      ValueError: ``batches`` is empty, no linear layer was called, a layer's kernel
+        is not in ``params``, or a layer is inside an ``nnx``/``linen`` transform.
 
     Example:
       >>> import jax.numpy as jnp
@@ -193,6 +193,14 @@ def input_grams(
             linear = isinstance(context.module, nn.Dense | nn.DenseGeneral)
             if linear and context.method_name == "__call__":
                 layer, axes = context.module, _contracted_axes(context.module)
+                scope = layer.scope
+                while scope.parent is not None:
+                    scope = scope.parent
+                if scope.path:  # a lifted transform's scopes start at its own path
+                    raise ValueError(
+                        f"input_grams cannot see the linen layer at {_name(layer.path)}: "
+                        "layers inside nnx/linen transforms (scan, vmap, remat) are not supported"
+                    )
                 if axes is not None:
                     _RECORDER.get().add(tuple(layer.path), a[0], axes)
             return next_fun(*a, **kwargs)

@@ -319,6 +319,8 @@ def prepare(
 def aligned_leaves(tree: Any, prepared: Prepared, what: str, is_leaf=None) -> list[Any]:
     """The leaves of ``tree`` after checking that it has the base's leaf paths (by path: an
     ``nnx.State`` lines up with its pure dict); the error names the first difference."""
+    if tree is None:
+        raise ValueError(f"{what} is None: give a pytree with the base's leaf paths")
     paths, leaves, _ = flatten(tree, is_leaf)
     if paths != prepared.paths:
         raise structure_error(what, prepared.paths, paths, "base")
@@ -348,9 +350,36 @@ def leaves_like(tree: Any, prepared: Prepared, what: str) -> list:
     return out
 
 
+# A per-expert input's count name → its argument name and what to do when one is None.
+_MISSING = {
+    "statistics pytrees": (
+        "statistics",
+        "that expert has no UMTAM statistics (e.g. it was trained with AdamW): use a merge "
+        "method that needs no statistics (e.g. ties or dare_ties), or train it with umtam",
+    ),
+    "Fisher pytrees": (
+        "fishers",
+        "compute that expert's Fisher (merging.diagonal_fisher), or use a merge method "
+        "that needs none (e.g. task_arithmetic)",
+    ),
+    "curvature pytrees": (
+        "curvatures",
+        "give that expert's curvature (Adam's v, or its UMTAM statistics), or use a merge "
+        "method that needs none (e.g. task_arithmetic)",
+    ),
+    "Gram pytrees": ("grams", "every expert needs Grams (merging.input_grams) when one has"),
+}
+
+
 def check_count(items: list[Any], n: int, what: str) -> None:
+    """One per-expert input (``what``: e.g. ``"statistics pytrees"``) per expert, none of
+    them ``None`` (for Grams: unless all are); the error names the missing one."""
     if len(items) != n:
         raise ValueError(f"got {len(items)} {what} for {n} experts (one per expert is needed)")
+    name, hint = _MISSING.get(what, (what, "give one for every expert"))
+    missing = [i for i, x in enumerate(items) if x is None]
+    if missing and not (name == "grams" and len(missing) == n):
+        raise ValueError(f"{name}[{missing[0]}] is None: {hint}")
 
 
 def leaf_seed(path: str) -> np.uint32:

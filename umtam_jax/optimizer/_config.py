@@ -188,7 +188,8 @@ def validate(cfg: Config) -> None:
         ``bias_correction`` / ``adaptive_rank`` / ``group_leaves`` is not a bool, a float
         option is not a real number (:func:`concrete`), or ``buffer_dtype`` is not
         floating-point.
-      ValueError: an option is out of its range.
+      ValueError: an option is out of its range, or ``min_rank`` / ``max_rank`` is given
+        without ``adaptive_rank``.
     """
     if not callable(cfg.row_axes):
         raise TypeError(
@@ -262,6 +263,16 @@ def validate(cfg: Config) -> None:
             "adaptive rank needs 1 ≤ min_rank ≤ rank ≤ max_rank, got "
             f"min_rank={cfg.min_rank}, rank={cfg.rank}, max_rank={cfg.max_rank}",
         )
+    else:  # refused, not ignored; max_rank is resolved already (its default is 2 · rank)
+        for name, value, default in (
+            ("min_rank", cfg.min_rank, 1),
+            ("max_rank", cfg.max_rank, 2 * cfg.rank),
+        ):
+            check(
+                value == default,
+                f"{name}={value!r} given without adaptive_rank=True: min_rank/max_rank "
+                "take effect only with adaptive_rank=True (pass it, or leave them out)",
+            )
 
     def threshold(name: str) -> float | None:
         value = getattr(cfg, name)

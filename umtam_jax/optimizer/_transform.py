@@ -168,8 +168,8 @@ def scale_by_umtam(
       buffer_dtype: dtype of the m×n buffers (the momentum M̃ kept for error feedback, and
         S; default: the compute dtype).
       adaptive_rank: adapt the rank with Eq. 16 (buffers sized ``max_rank``).
-      max_rank: buffer rank with adaptive rank (default ``2 * rank``).
-      min_rank: lower bound of the adaptive rank.
+      max_rank: buffer rank with adaptive rank (default ``2 * rank``; refused without it).
+      min_rank: lower bound of the adaptive rank (refused without it).
       rank_step: Δr of Eq. 16.
       rank_update_every: T_adapt of Algorithm 1.
       rank_grow_threshold: α > 1 of Eq. 16.
