@@ -109,8 +109,8 @@ def test_64_bit_values_beyond_32_bits_are_an_error_without_x64(tmp_path):
 
 
 def test_inputs_not_modified(tmp_path):
-    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float32(2.0)}
-    opt_state = hand_opt_state()
+    params = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(3, np.float32)}
+    opt_state = hand_opt_state()  # of these parameters' shapes
     before = jax.tree.map(np.array, (params, opt_state))
     save_checkpoint(tmp_path / "ckpt", params, opt_state=opt_state)
     trees.assert_trees_bitwise_equal((params, opt_state), before)

@@ -43,7 +43,8 @@ def _fail_metadata_write(monkeypatch):
 def test_failed_save_leaves_no_directory(tmp_path, monkeypatch):
     _fail_metadata_write(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        save_checkpoint(tmp_path / "ckpt", tiny_params(), opt_state=hand_opt_state())
+        params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}  # hand_opt_state's shapes
+        save_checkpoint(tmp_path / "ckpt", params, opt_state=hand_opt_state())
     assert os.listdir(tmp_path) == []
 
 

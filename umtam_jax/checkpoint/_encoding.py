@@ -181,10 +181,13 @@ def encode(tree: Any, what: str) -> Encoded:
         if type(x) is dict:
             try:
                 keys = sorted(x)
-            except TypeError as e:
+            except TypeError:
+                types = ", ".join(sorted({type(k).__name__ for k in x}))
+                at = jax.tree_util.keystr(jax_path) or "the top level"
                 raise TypeError(
-                    f"{what}: unsortable keys at {jax.tree_util.keystr(jax_path)}"
-                ) from e
+                    f"{what}: the dict at {at} has keys that cannot be sorted (of types "
+                    f"{types}): use keys of one type (all str or all int)"
+                ) from None
             entries = [(*_key_to_str(k), x[k], jax.tree_util.DictKey(k)) for k in keys]
             spec_children, stored = children(entries, prefix, jax_path)
             return {"t": "dict", "children": spec_children}, stored

@@ -115,7 +115,41 @@ def _check_metadata_file(directory: epath.Path) -> None:
         pass  # missing or unreadable: reported by the read
 
 
+def _is_safetensors_folder(directory: epath.Path) -> bool:
+    """Whether ``directory`` holds Hugging Face safetensors weights (``*.safetensors``
+    files or a ``model.safetensors.index.json``); listed, not globbed, so that a ``[`` in
+    its path does not hide them."""
+    try:
+        names = [p.name for p in directory.iterdir()]
+    except OSError:
+        return False
+    return any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
+
+
 def read_full_metadata(directory: epath.Path) -> dict[str, Any]:
+    """The checked metadata item of the checkpoint ``directory``.
+
+    Args:
+      directory: an existing directory (as :func:`check_directory` returns it).
+
+    Returns:
+      The metadata record, its format, version and item structures checked.
+
+    Raises:
+      FileNotFoundError: ``directory`` has no metadata item: a safetensors folder (the
+        message says how to read it), a plain Orbax checkpoint or an incomplete one.
+      ValueError: the metadata is not umtam_jax's, or of a newer format version.
+      CheckpointCorruptError: the metadata is damaged.
+    """
+    if not (directory / METADATA).exists() and _is_safetensors_folder(directory):
+        raise FileNotFoundError(
+            f"{directory} is a Hugging Face safetensors folder, not a umtam_jax checkpoint: "
+            "read it with umtam_jax.checkpoint.SafetensorsReader(folder) (arrays = "
+            "reader.read(reader.names); tree_from_names(dict(zip(reader.names, arrays)))), "
+            "or convert it once with umtam_jax.checkpoint.safetensors_to_orbax(folder, "
+            "checkpoint_dir) and restore that; the merge engine and umtam-merge read it as "
+            "it is"
+        )
     if not (directory / METADATA).exists():
         raise FileNotFoundError(
             f"{directory} is not a umtam_jax checkpoint or is incomplete: its item "

@@ -13,6 +13,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,6 +53,69 @@ def _under_params(params: Any, stats: Any) -> Any:
     except (ValueError, TypeError):
         return stats
     return {"params": stats}
+
+
+def _check_statistics_fit(params: Any, stats: Any, what: str) -> None:
+    """Raises ValueError naming the first leaf where the statistics to save do not line up
+    with ``params`` (as a merge would find them): another tree structure, or a statistics
+    node whose arrays do not fit its parameter's shape. Placeholders (``MaskedNode`` of a
+    parameter masked out of the optimizer, ``None``) fit any parameter.
+
+    Args:
+      params: the parameters to save (``flax.nnx`` Variables count as their arrays).
+      stats: their statistics, as :func:`_under_params` gives them.
+      what: how messages name the statistics.
+    """
+    from umtam_jax.merging import _statistics_validation as SV
+    from umtam_jax.merging import _validation as V
+
+    paths, leaves, _ = V.flatten(params)
+    s_paths, nodes, _ = V.flatten(stats, is_leaf=SV.is_stats_node)
+    known = set(paths)  # a placeholder carries no data: one without a parameter is kept
+    pairs = zip(s_paths, nodes, strict=True)
+    kept = [(p, n) for p, n in pairs if p in known or not isinstance(n, optax.MaskedNode | None)]
+    if [p for p, _ in kept] != paths:
+        err = V.structure_error(what, paths, [p for p, _ in kept], "params")
+        raise ValueError(f"{err} (the optimizer state of other parameters?)") from None
+    for path, leaf, (_, node) in zip(paths, leaves, kept, strict=True):
+        if SV.is_stats_node(node) and not isinstance(node, optax.MaskedNode | None):
+            shape = tuple(leaf.shape) if hasattr(leaf, "shape") else ()
+            try:
+                SV._check_node(SV._as_node(node), shape, path)
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"{what} do not fit params: {err} (the optimizer state of other parameters?)"
+                ) from None
+
+
+def _check_no_flax_graphs(trees: Mapping[str, Any]) -> None:
+    """Raises TypeError naming where a tree to save holds a Flax NNX Module or Optimizer
+    (not its state). Never imports Flax: without ``flax.nnx`` loaded there is none."""
+    nnx = sys.modules.get("flax.nnx")
+    graph = getattr(nnx, "Pytree", None) or getattr(nnx, "Object", None)
+    if graph is None:
+        return
+    for name, tree in trees.items():
+        try:
+            found, _ = jax.tree_util.tree_flatten_with_path(
+                tree, is_leaf=lambda x: isinstance(x, graph)
+            )
+        except (TypeError, ValueError):  # unsortable keys...: left to the encoding's message
+            continue
+        for path, x in found:
+            if not isinstance(x, graph):
+                continue
+            give = (  # as the README's checkpoint section says
+                "optimizer.opt_state as opt_state (optimizer.opt_state = "
+                "restore_opt_state(path, optimizer.opt_state) resumes it)"
+                if isinstance(x, getattr(nnx, "Optimizer", ()))
+                else "nnx.state(model, nnx.Param) as params (restore_params(path, "
+                "target=nnx.state(model, nnx.Param)) gives it back)"
+            )
+            raise TypeError(
+                f"{name}{jax.tree_util.keystr(path)} is a Flax NNX {type(x).__name__} object, "
+                f"not a pytree of arrays: save {give}"
+            )
 
 
 def _statistics_kinds(stats: Any) -> dict[str, Any]:
@@ -239,9 +303,11 @@ def save_checkpoint(
       FileExistsError: if ``directory`` is a checkpoint and ``overwrite`` is False.
       CheckpointBusyError: another save to ``directory`` is in progress.
       TypeError: if ``metadata`` is not JSON-serialisable, or a tree holds a leaf that is
-        not an array or scalar.
-      ValueError: if ``statistics`` holds no UMTAM statistics, or ``directory`` is a
-        symbolic link, a file or a folder that is not a umtam_jax checkpoint.
+        not an array or scalar, or a Flax NNX Module or Optimizer (not its state).
+      ValueError: if ``statistics`` holds no UMTAM statistics, the statistics in
+        ``opt_state`` do not have the tree structure or shapes of ``params`` (an optimizer
+        state of other parameters), or ``directory`` is a symbolic link, a file or a
+        folder that is not a umtam_jax checkpoint.
       NotADirectoryError: a parent of ``directory`` is a file.
 
     Example:
@@ -263,6 +329,7 @@ def save_checkpoint(
     _safety.check_output(directory, overwrite=overwrite)
 
     # Everything is validated before anything is written.
+    _check_no_flax_graphs({PARAMS: params, OPT_STATE: opt_state, STATISTICS: statistics})
     if statistics is None and opt_state is not None:
         try:
             stats = _statistics.statistics(opt_state)
@@ -276,6 +343,8 @@ def save_checkpoint(
     stats = _under_params(params, stats)
     trees = {PARAMS: params, STATISTICS: stats, OPT_STATE: opt_state}
     encoded = {name: E.encode(tree, name) for name, tree in trees.items() if tree is not None}
+    if stats is not None and statistics is None:  # given statistics are saved as they are
+        _check_statistics_fit(params, stats, "the UMTAM statistics of opt_state")
     kinds = _statistics_kinds(stats) if stats is not None else None
     meta = _metadata_record(encoded, kinds, _user_metadata(metadata))
     # Orbax does not store empty trees: items without arrays live in the metadata only.
