@@ -81,7 +81,7 @@ def _check_statistics_fit(params: Any, stats: Any, what: str) -> None:
         if SV.is_stats_node(node) and not isinstance(node, optax.MaskedNode | None):
             shape = tuple(leaf.shape) if hasattr(leaf, "shape") else ()
             try:
-                SV._check_node(SV._as_node(node), shape, path)
+                SV.check_node(SV.as_node(node), shape, path)
             except (TypeError, ValueError) as err:
                 raise type(err)(
                     f"{what} do not fit params: {err} (the optimizer state of other parameters?)"

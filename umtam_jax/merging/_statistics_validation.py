@@ -58,7 +58,8 @@ def is_stats_node(x: Any) -> bool:
     )
 
 
-def _as_node(x: Any) -> Any:
+def as_node(x: Any) -> Any:
+    """A statistics node as its NamedTuple (a checkpoint's mapping form converted)."""
     if isinstance(x, FactoredStatistics | DenseStatistics) or _is_placeholder(x):
         return x
     if frozenset(x) >= _FACTORED_REQUIRED:
@@ -71,7 +72,10 @@ def has_stats_nodes(tree: Any) -> bool:
     return bool(nodes) and all(is_stats_node(n) for n in nodes)
 
 
-def _check_node(node: Any, shape: tuple[int, ...], where: str) -> None:
+def check_node(node: Any, shape: tuple[int, ...], where: str) -> None:
+    """Raises naming ``where`` if a statistics node's arrays do not fit a parameter of
+    ``shape`` (TypeError: not an array or not floating-point; ValueError: a shape)."""
+
     def check(name: str, x: Any, expected: tuple[int, ...] | None) -> None:
         if not is_array(x):
             raise TypeError(f"{where}.{name} is a {type(x).__name__}, not an array")
@@ -187,8 +191,8 @@ def statistics_leaves(stats: Any, prepared: Prepared, what: str) -> list[Any]:
                 f"{what}{path} has no statistics (the optimizer did not update this "
                 "parameter, e.g. it was masked out); merge it with another method"
             )
-        node = _as_node(node)
-        _check_node(node, tuple(b.shape), f"{what}{path}")
+        node = as_node(node)
+        check_node(node, tuple(b.shape), f"{what}{path}")
         out.append(jax.tree.map(as_array, node))
     check_finite(
         [
