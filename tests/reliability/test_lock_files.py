@@ -86,12 +86,12 @@ def test_a_users_file_at_the_lock_name_serves_as_the_lock_and_is_kept(tmp_path, 
     """A file the library did not make at the lock's name was deleted on release."""
     lock = tmp_path / ".work.lock"
     lock.write_bytes(content)
-    with _files.exclusive_lock(os.fspath(lock), cannot="cannot use work", busy=_busy):
-        with (
-            pytest.raises(BlockingIOError, match="held"),
-            _files.exclusive_lock(os.fspath(lock), cannot="cannot use work", busy=_busy),
-        ):
-            pass
+    with (
+        _files.exclusive_lock(os.fspath(lock), cannot="cannot use work", busy=_busy),
+        pytest.raises(BlockingIOError, match="held"),
+        _files.exclusive_lock(os.fspath(lock), cannot="cannot use work", busy=_busy),
+    ):
+        pass
     assert lock.read_bytes() == content  # kept, unchanged
     os.unlink(lock)
     with _files.exclusive_lock(os.fspath(lock), cannot="cannot use work", busy=_busy):
