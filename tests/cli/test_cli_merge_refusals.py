@@ -206,3 +206,28 @@ def test_a_refusal_of_a_mergekit_file_under_method_names_the_flag(ckpts, tmp_pat
     err = capsys.readouterr().err
     assert "merge_method 'linear' from --method; the file names 'task_arithmetic'" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_an_experts_statistics_or_fisher_of_other_parameters_names_its_path(
+    ckpts, tmp_path, capsys
+):
+    """The library's ``statistics[1]`` / ``fishers[0]`` reached the user without the path
+    they were read from."""
+    p = ckpts["paths"]
+    first = next(iter(ckpts["base"]))  # statistics lacking one of the base's leaves
+    other = {k: v for k, v in ckpts["stats"][1].items() if k != first}
+    checkpoint.save_checkpoint(tmp_path / "e1", ckpts["experts"][1], statistics=other)
+    args = ["--base", p["base"], "--expert", p["e0"], "--no-progress", "--dry-run"]
+    assert main(["--method", "umtam", *args, "--expert", str(tmp_path / "e1")]) == 2
+    err = capsys.readouterr().err
+    want = "experts[1]'s statistics does not have the tree structure of base: it lacks"
+    assert f"{want} base's leaf ['{first}']" in err
+    assert f"(experts[1] is {tmp_path / 'e1'})" in err and "statistics[1]" not in err
+    fisher = {k: v for k, v in ckpts["fishers"][0].items() if k != first}
+    checkpoint.save_checkpoint(tmp_path / "f0", fisher)
+    args = ["--base", p["base"], "--expert", f"{p['e0']},fisher={tmp_path / 'f0'}", "--expert",
+            f"{p['e1']},fisher={p['f1']}", "--no-progress", "--dry-run"]  # fmt: skip
+    assert main(["--method", "fisher", *args]) == 2
+    err = capsys.readouterr().err
+    assert "experts[0]'s Fisher does not have the tree structure of base" in err, err
+    assert f"experts[0]'s Fisher is {tmp_path / 'f0'}" in err

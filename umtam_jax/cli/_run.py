@@ -29,6 +29,8 @@ from umtam_jax.merging import METHODS
 
 # Per-expert parameter → its key in an expert's entry (weights → weight).
 _PER_EXPERT_KEY = {name: key for key, name in PER_EXPERT.items()}
+# Per-expert inputs the library names by index (statistics[1]) → what they are of an expert.
+_EXPERT_INPUTS = {"statistics": "statistics", "fishers": "Fisher", "curvatures": "curvature"}
 
 
 def needs_statistics(plan: Plan) -> bool:
@@ -118,6 +120,9 @@ def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigErr
         if i >= len(plan.experts):
             return match.group(0)
         expert = plan.experts[i]
+        if name in _EXPERT_INPUTS:  # read from the expert's folder or its own path
+            named[i] = None
+            return f"{expert.key}'s {_EXPERT_INPUTS[name]}"
         if name != "experts" and _PER_EXPERT_KEY[name] not in expert.values:
             # a list under 'parameters', not the expert's own value
             return f"parameters.{match.group(0)}" if name in plan.parameters else match.group(0)
@@ -125,11 +130,17 @@ def _failure(what: str, err: Exception, plan: Plan, hint: str = "") -> ConfigErr
         return expert.key if name == "experts" else expert.value_key(_PER_EXPERT_KEY[name])
 
     # Not inside a quoted leaf name (a tensor may be called "density[1]").
-    names = "|".join(["experts", *map(re.escape, _PER_EXPERT_KEY)])
+    names = "|".join(["experts", *_EXPERT_INPUTS, *map(re.escape, _PER_EXPERT_KEY)])
     message = re.sub(rf"(?<![\w'.])({names})\[(\d+)\]", rename, str(err))
     if all(engine.is_huggingface(p) for p in (plan.base, *(e.path for e in plan.experts)) if p):
         message = _TREE_PATH.sub(_tensor_name, message)
     paths = [f"{plan.experts[i].key} is {plan.experts[i].path}" for i in sorted(named)]
+    paths += [  # a Fisher or curvature read from a path of its own
+        f"{plan.experts[i].key}'s {label} is {getattr(plan.experts[i], attr)}"
+        for i in sorted(named)
+        for attr, label in (("fisher", "Fisher"), ("curvature", "curvature"))
+        if getattr(plan.experts[i], attr) and f"{plan.experts[i].key}'s {label}" in message
+    ]
     # The values a tensor got from settings that vary by tensor, shown by the engine as
     # "tensor NAME (max_iter=5.5, ...)": where the file gives each.
     shown = re.match(r"tensor \S+ \(([^)]*)\)", str(err))
