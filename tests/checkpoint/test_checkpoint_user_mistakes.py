@@ -100,13 +100,25 @@ def test_opt_state_of_another_tree_is_refused_before_writing(tmp_path):
     params = {"w": jnp.ones((4, 3))}
     other = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
     state = umtam_jax.umtam(1e-2).init(other)
-    with pytest.raises(ValueError, match=re.escape("extra leaf ['b']")):
+    with pytest.raises(ValueError, match=re.escape("statistics at ['b'], a leaf params lacks")):
         checkpoint.save_checkpoint(tmp_path / "m", params, opt_state=state)
     assert not (tmp_path / "m").exists()
-    with pytest.raises(ValueError, match=re.escape("lacks params's leaf ['b']")):
-        checkpoint.save_checkpoint(
-            tmp_path / "m", other, opt_state=umtam_jax.umtam(1e-2).init(params)
-        )
+
+
+def test_an_optimizer_of_part_of_the_parameters_still_saves(tmp_path):
+    """Parameters without statistics are not an optimizer state of other parameters: an
+    optimizer of a LoRA-like subset, or of Linen variables' ``params`` beside
+    ``batch_stats`` (their statistics keyed like ``params``)."""
+    lora = {"base": jnp.ones((4, 3)), "lora": jnp.ones((4, 2))}
+    state = umtam_jax.umtam(1e-2).init({"lora": lora["lora"]})
+    checkpoint.save_checkpoint(tmp_path / "lora", lora, opt_state=state)
+    assert set(checkpoint.restore_statistics(tmp_path / "lora")) == {"lora"}
+    variables = {"params": {"dense": jnp.ones((4, 3))}, "batch_stats": {"mean": jnp.ones(3)}}
+    state = umtam_jax.umtam(1e-2).init(variables["params"])
+    checkpoint.save_checkpoint(tmp_path / "linen", variables, opt_state=state)
+    wrong = umtam_jax.umtam(1e-2).init({"dense": jnp.ones((5, 3))})
+    with pytest.raises(ValueError, match="do not fit params"):
+        checkpoint.save_checkpoint(tmp_path / "bad", variables, opt_state=wrong)
 
 
 @pytest.mark.parametrize("shape, other", [((4, 3), (5, 3)), ((3,), (4,))])

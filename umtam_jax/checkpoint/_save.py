@@ -56,10 +56,11 @@ def _under_params(params: Any, stats: Any) -> Any:
 
 
 def _check_statistics_fit(params: Any, stats: Any, what: str) -> None:
-    """Raises ValueError naming the first leaf where the statistics to save do not line up
-    with ``params`` (as a merge would find them): another tree structure, or a statistics
-    node whose arrays do not fit its parameter's shape. Placeholders (``MaskedNode`` of a
-    parameter masked out of the optimizer, ``None``) fit any parameter.
+    """Raises ValueError naming the first statistics node that has no parameter in
+    ``params`` or whose arrays do not fit its parameter's shape (an optimizer state of
+    other parameters). Parameters without statistics (an optimizer of part of them: Linen
+    ``batch_stats``, a LoRA subset) and placeholders (``MaskedNode``, ``None``) are fine;
+    a node is looked up as it is, or under ``params["params"]`` (Linen variables).
 
     Args:
       params: the parameters to save (``flax.nnx`` Variables count as their arrays).
@@ -70,22 +71,18 @@ def _check_statistics_fit(params: Any, stats: Any, what: str) -> None:
     from umtam_jax.merging import _validation as V
 
     paths, leaves, _ = V.flatten(params)
-    s_paths, nodes, _ = V.flatten(stats, is_leaf=SV.is_stats_node)
-    known = set(paths)  # a placeholder carries no data: one without a parameter is kept
-    pairs = zip(s_paths, nodes, strict=True)
-    kept = [(p, n) for p, n in pairs if p in known or not isinstance(n, optax.MaskedNode | None)]
-    if [p for p, _ in kept] != paths:
-        err = V.structure_error(what, paths, [p for p, _ in kept], "params")
-        raise ValueError(f"{err} (the optimizer state of other parameters?)") from None
-    for path, leaf, (_, node) in zip(paths, leaves, kept, strict=True):
-        if SV.is_stats_node(node) and not isinstance(node, optax.MaskedNode | None):
-            shape = tuple(leaf.shape) if hasattr(leaf, "shape") else ()
-            try:
-                SV.check_node(SV.as_node(node), shape, path)
-            except (TypeError, ValueError) as err:
-                raise type(err)(
-                    f"{what} do not fit params: {err} (the optimizer state of other parameters?)"
-                ) from None
+    shapes = {p: tuple(getattr(x, "shape", ())) for p, x in zip(paths, leaves, strict=True)}
+    hint = "(the optimizer state of other parameters? statistics= saves them as they are)"
+    for path, node in zip(*V.flatten(stats, is_leaf=SV.is_stats_node)[:2], strict=True):
+        if isinstance(node, optax.MaskedNode | None):
+            continue
+        at = path if path in shapes else f"['params']{path}"
+        if at not in shapes:
+            raise ValueError(f"{what} holds statistics at {path}, a leaf params lacks {hint}")
+        try:
+            SV.check_node(SV.as_node(node), shapes[at], path)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{what} do not fit params: {err} {hint}") from None
 
 
 def _check_no_flax_graphs(trees: Mapping[str, Any]) -> None:
@@ -305,7 +302,7 @@ def save_checkpoint(
       TypeError: if ``metadata`` is not JSON-serialisable, or a tree holds a leaf that is
         not an array or scalar, or a Flax NNX Module or Optimizer (not its state).
       ValueError: if ``statistics`` holds no UMTAM statistics, the statistics in
-        ``opt_state`` do not have the tree structure or shapes of ``params`` (an optimizer
+        ``opt_state`` hold a leaf ``params`` lacks or do not fit its shape (an optimizer
         state of other parameters), or ``directory`` is a symbolic link, a file or a
         folder that is not a umtam_jax checkpoint.
       NotADirectoryError: a parent of ``directory`` is a file.
