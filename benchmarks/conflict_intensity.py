@@ -85,9 +85,13 @@ def natural_pairs(path: str, size: str, seeds: list[int], samples: int) -> list[
 
     Returns:
         The rows of the record's conflict study when it was run at the same size, seeds
-        and number of bootstrap replicates, else [].
+        and number of bootstrap replicates, else [] (also without the file).
+
+    Raises:
+        ValueError: the record is damaged (not JSON, or its content does not match its
+            checksum): its pairs are never taken as missing.
     """
-    record = store.read_json(Path(path)) if path else None
+    record = store.read_record(Path(path)) if path else None  # damaged: an error naming it
     result = (record or {}).get("result") or {}
     study, protocol = result.get("conflict"), result.get("protocol") or {}
     same = (protocol.get("size"), (study or {}).get("seeds"), result.get("samples"))

@@ -78,6 +78,12 @@ def test_both_head_settings_beside_the_natural_pairs(tmp_path, monkeypatch):
     assert ci.natural_pairs(str(record), "medium", [0, 1], 200) == []
     assert ci.natural_pairs(str(record), "tiny", [0, 1], 2000) == []
     assert ci.natural_pairs("", "tiny", [0, 1], 200) == []
+    assert ci.natural_pairs(str(tmp_path / "none.json"), "tiny", [0, 1], 200) == []
+    # A damaged record is an error, never taken for one without natural pairs.
+    text = record.read_text()
+    record.write_text(text.replace('"samples": 200', '"samples": 201'))
+    with pytest.raises(ValueError, match=f"{record} is damaged"):
+        ci.natural_pairs(str(record), "tiny", [0, 1], 200)
     # One head setting only, without natural pairs.
     calls.clear()
     alone = ci.main(["--quick", "--workdir", str(work), "--heads", "fixed", "--natural", "",
