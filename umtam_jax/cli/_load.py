@@ -100,9 +100,8 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
             if args.method is not None:
                 config = {**config, "merge_method": args.method}
                 if args.method != named:  # messages naming merge_method say where it is
-                    note = (
-                        f" (merge_method {args.method!r} from --method; the file names {named!r})"
-                    )
+                    names = f"; the file names {named!r}" if named is not None else ""
+                    note = f" (merge_method {args.method!r} from --method{names})"
             base_input = config["merge_method"] in _mergekit_models.BASE_IS_AN_INPUT
             if args.base is not None and config.get("base_model") is None and not base_input:
                 config = {**config, "base_model": args.base}
