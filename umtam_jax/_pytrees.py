@@ -11,6 +11,7 @@ tree line up.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -60,3 +61,37 @@ def key_name(entry: Any) -> Any:
         if hasattr(entry, attr):
             return getattr(entry, attr)
     return entry
+
+
+def check_no_flax_objects(trees: Mapping[str, Any]) -> None:
+    """Raises TypeError naming where a tree to save (or a restore's target) holds a Flax
+    NNX Module or Optimizer, not its state (checkpoints hold pytrees of arrays). Never
+    imports Flax: without ``flax.nnx`` loaded there is none.
+
+    Args:
+      trees: name -> tree, the names used in the message (``params``, ``target``).
+    """
+    nnx = sys.modules.get("flax.nnx")
+    graph = getattr(nnx, "Pytree", None) or getattr(nnx, "Object", None)
+    if graph is None:
+        return
+    for name, tree in trees.items():
+        try:
+            found, _ = jax.tree_util.tree_flatten_with_path(
+                tree, is_leaf=lambda x: isinstance(x, graph)
+            )
+        except (TypeError, ValueError):  # unsortable keys...: left to the encoding's message
+            continue
+        for path, x in found:
+            if not isinstance(x, graph):
+                continue
+            give = (  # as the README's checkpoint section says
+                "optimizer.opt_state (save_checkpoint's opt_state, restore_opt_state's target)"
+                if isinstance(x, getattr(nnx, "Optimizer", ()))
+                else "nnx.state(model, nnx.Param) (save_checkpoint's params, restore_params' "
+                "target; nnx.update(model, restored) puts them back)"
+            )
+            raise TypeError(
+                f"{name}{jax.tree_util.keystr(path)} is a Flax NNX {type(x).__name__} object, "
+                f"not a pytree of arrays: pass {give}"
+            )

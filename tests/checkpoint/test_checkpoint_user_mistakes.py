@@ -58,6 +58,15 @@ def test_an_nnx_module_as_params_is_refused_naming_nnx_state(tmp_path):
     with pytest.raises(TypeError, match=re.escape("params['model'] is a Flax NNX Linear")):
         checkpoint.save_checkpoint(tmp_path / "o", {"model": model})
     assert not (tmp_path / "o").exists()
+    with pytest.raises(TypeError, match="abstract_params is a Flax NNX Linear"):
+        checkpoint.save_params_streaming(tmp_path / "o", model, lambda i: None)
+    assert not (tmp_path / "o").exists()
+    path = checkpoint.save_checkpoint(tmp_path / "s", nnx.state(model, nnx.Param))
+    with pytest.raises(TypeError, match="the params target is a Flax NNX Linear") as info:
+        checkpoint.restore_params(path, target=model)
+    assert "restore_params' target" in str(info.value)
+    restored = checkpoint.restore_params(path, target=nnx.state(model, nnx.Param))
+    nnx.update(model, restored)  # what the message says to do works
 
 
 def test_an_nnx_optimizer_as_opt_state_is_refused_naming_its_opt_state(tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from umtam_jax import _pytrees
 from umtam_jax._cast import cast_checked
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _keys, _metadata
@@ -64,6 +65,9 @@ def _restore_array_items(
     Arrays are read in their saved dtypes, checked against the checksum record (unless
     ``verify`` is False), then cast to the target's dtypes.
     """
+    _pytrees.check_no_flax_objects(
+        {f"the {k} target": t for k, t in targets.items() if t is not None}
+    )
     structures = meta.get("structures", {})
     for item in items:
         if item not in structures:

@@ -13,7 +13,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from umtam_jax import _pytrees
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _integrity, _processes, _safety
 from umtam_jax.checkpoint._format import (
@@ -83,36 +83,6 @@ def _check_statistics_fit(params: Any, stats: Any, what: str) -> None:
             SV.check_node(SV.as_node(node), shapes[at], path)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{what} do not fit params: {err} {hint}") from None
-
-
-def _check_no_flax_graphs(trees: Mapping[str, Any]) -> None:
-    """Raises TypeError naming where a tree to save holds a Flax NNX Module or Optimizer
-    (not its state). Never imports Flax: without ``flax.nnx`` loaded there is none."""
-    nnx = sys.modules.get("flax.nnx")
-    graph = getattr(nnx, "Pytree", None) or getattr(nnx, "Object", None)
-    if graph is None:
-        return
-    for name, tree in trees.items():
-        try:
-            found, _ = jax.tree_util.tree_flatten_with_path(
-                tree, is_leaf=lambda x: isinstance(x, graph)
-            )
-        except (TypeError, ValueError):  # unsortable keys...: left to the encoding's message
-            continue
-        for path, x in found:
-            if not isinstance(x, graph):
-                continue
-            give = (  # as the README's checkpoint section says
-                "optimizer.opt_state as opt_state (optimizer.opt_state = "
-                "restore_opt_state(path, optimizer.opt_state) resumes it)"
-                if isinstance(x, getattr(nnx, "Optimizer", ()))
-                else "nnx.state(model, nnx.Param) as params (restore_params(path, "
-                "target=nnx.state(model, nnx.Param)) gives it back)"
-            )
-            raise TypeError(
-                f"{name}{jax.tree_util.keystr(path)} is a Flax NNX {type(x).__name__} object, "
-                f"not a pytree of arrays: save {give}"
-            )
 
 
 def _statistics_kinds(stats: Any) -> dict[str, Any]:
@@ -326,7 +296,7 @@ def save_checkpoint(
     _safety.check_output(directory, overwrite=overwrite)
 
     # Everything is validated before anything is written.
-    _check_no_flax_graphs({PARAMS: params, OPT_STATE: opt_state, STATISTICS: statistics})
+    _pytrees.check_no_flax_objects({PARAMS: params, OPT_STATE: opt_state, STATISTICS: statistics})
     if statistics is None and opt_state is not None:
         try:
             stats = _statistics.statistics(opt_state)

@@ -43,6 +43,7 @@ from orbax.checkpoint import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from umtam_jax import _pytrees
 from umtam_jax.checkpoint import _encoding as E
 from umtam_jax.checkpoint import _format as F
 from umtam_jax.checkpoint import _integrity, _keys, _safety, _save, _targets
@@ -294,6 +295,7 @@ def stream_params(
     """:func:`save_params_streaming`, replacing only the outputs ``kind`` accepts (see
     :func:`._targets.check_target`)."""
     directory = F._absolute(directory)
+    _pytrees.check_no_flax_objects({"abstract_params": abstract_params})
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         if _keys.is_key(leaf):
             raise TypeError(
