@@ -141,16 +141,16 @@ def read_full_metadata(directory: epath.Path) -> dict[str, Any]:
       ValueError: the metadata is not umtam_jax's, or of a newer format version.
       CheckpointCorruptError: the metadata is damaged.
     """
-    if not (directory / METADATA).exists() and _is_safetensors_folder(directory):
-        raise FileNotFoundError(
-            f"{directory} is a Hugging Face safetensors folder, not a umtam_jax checkpoint: "
-            "read it with umtam_jax.checkpoint.SafetensorsReader(folder) (arrays = "
-            "reader.read(reader.names); tree_from_names(dict(zip(reader.names, arrays)))), "
-            "or convert it once with umtam_jax.checkpoint.safetensors_to_orbax(folder, "
-            "checkpoint_dir) and restore that; the merge engine and umtam-merge read it as "
-            "it is"
-        )
     if not (directory / METADATA).exists():
+        if _is_safetensors_folder(directory):
+            raise FileNotFoundError(
+                f"{directory} is a Hugging Face safetensors folder, not a umtam_jax "
+                "checkpoint: read it with umtam_jax.checkpoint.SafetensorsReader(folder) "
+                "(arrays = reader.read(reader.names); tree_from_names(dict(zip(reader.names, "
+                "arrays)))), or convert it once with umtam_jax.checkpoint.safetensors_to_orbax("
+                "folder, checkpoint_dir) and restore that; the merge engine and umtam-merge "
+                "read it as it is"
+            )
         raise FileNotFoundError(
             f"{directory} is not a umtam_jax checkpoint or is incomplete: its item "
             f"{METADATA!r} ({directory / METADATA}) does not exist (a plain Orbax "

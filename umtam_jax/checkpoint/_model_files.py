@@ -35,6 +35,23 @@ TIED_EMBEDDINGS = (
 )
 
 
+#: The most bytes a model folder's ``config.json`` may hold (it is read whole).
+MAX_CONFIG_BYTES = 2**26
+
+
+def read_config(folder: str | os.PathLike[str]) -> Any:
+    """The decoded ``config.json`` of a model folder, read as a record (a regular file of
+    at most :data:`MAX_CONFIG_BYTES`, opened without blocking: see
+    :func:`._targets.read_record`).
+
+    Raises:
+      FileNotFoundError: there is none.
+      ValueError: it is not a regular file, too large, not UTF-8 or not JSON.
+      OSError: it cannot be read.
+    """
+    return _json.loads(_targets.read_record(epath.Path(folder, "config.json"), MAX_CONFIG_BYTES))
+
+
 def tie_settings(config: Any) -> list[dict[str, Any]]:
     """The mappings of a Hugging Face ``config.json`` record that may set
     ``tie_word_embeddings``: the record and its ``text_config`` (multimodal models such as
@@ -183,7 +200,7 @@ def padded_embeddings(folder: str, vocab: dict[str, Any]) -> str | None:
     Qwen2.5's); None where they agree or either is unknown."""
     ids = vocab.get("tokenizer.json")
     try:
-        record = _json.loads(epath.Path(folder, "config.json").read_text())
+        record = read_config(folder)
     except (OSError, ValueError):
         return None
     sizes = [part.get("vocab_size") for part in tie_settings(record)]

@@ -26,12 +26,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from umtam_jax import _json
 from umtam_jax.cli._yaml import ConfigError
 
 # config.json keys giving the number of layers (Llama/Mistral/BERT, GPT-2, T5-like).
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-_MAX_CONFIG_BYTES = 2**26
 
 
 def whole_model_slices(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,13 +92,11 @@ def _layer_count(model: Any, where: str) -> int:
     """The number of layers a model folder's ``config.json`` gives."""
     if not isinstance(model, str):
         raise ConfigError(f"'{where}.model' must be a model path")
-    from etils import epath
-
-    from umtam_jax.checkpoint._targets import read_record
+    from umtam_jax.checkpoint._model_files import read_config
 
     path = os.path.join(model, "config.json")
-    try:  # a regular file of a sane size (a FIFO would hang a plain open), valid JSON
-        config = _json.loads(read_record(epath.Path(path), _MAX_CONFIG_BYTES))
+    try:  # a regular file of a bounded size (a FIFO would hang a plain open), valid JSON
+        config = read_config(model)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"'{where}': cannot read the number of layers of {model!r} from {path} ({err})"

@@ -16,8 +16,6 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from umtam_jax import _json
-
 
 class Source(Protocol):
     """A model on disk whose parameters (and UMTAM statistics) are read leaf by leaf.
@@ -301,13 +299,13 @@ class SafetensorsSource(Source):
     def _tie_settings(self) -> list[dict[str, Any]] | None:
         """The mappings of ``config.json`` that may set ``tie_word_embeddings`` (none
         without a config; None for one that cannot be read)."""
-        from umtam_jax.checkpoint._model_files import tie_settings
-        from umtam_jax.checkpoint._targets import read_record
+        from umtam_jax.checkpoint._model_files import read_config, tie_settings
 
-        config = None if self.folder is None else self.folder / "config.json"
+        folder = self.folder
         try:
-            text = read_record(config, 2**26) if config and config.exists() else "{}"
-            return tie_settings(_json.loads(text))
+            if folder is None or not (folder / "config.json").exists():
+                return tie_settings({})
+            return tie_settings(read_config(folder))
         except (OSError, ValueError):
             return None
 
