@@ -1,6 +1,6 @@
 """What an output records it holds: its contents record (``.umtam-contents.json``, every
 file with its size and modification time, and the writer's stamp), read back to tell the
-entries a save wrote from those added since (:func:`_added_entries`)."""
+entries a save wrote from those added since (:func:`added_entries`)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def recorded_stamp(directory: epath.Path) -> str | None:
     return _contents_record(directory).get("written_by")
 
 
-def _added_entries(directory: epath.Path) -> list[str] | None:
+def added_entries(directory: epath.Path) -> list[str] | None:
     """The entries of an earlier output that its save did not write, or that changed since
     (a file edited, replaced or put into one of its subfolders), as relative paths; None
     when the folder has no readable record (it cannot be told what is ours)."""

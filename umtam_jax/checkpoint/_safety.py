@@ -51,7 +51,7 @@ from typing import Any
 from etils import epath
 
 from umtam_jax.checkpoint import _processes
-from umtam_jax.checkpoint._contents import _added_entries, contents
+from umtam_jax.checkpoint._contents import added_entries, contents
 from umtam_jax.checkpoint._filesystem import (
     delete_leftover,
     fsync_dir,
@@ -103,7 +103,7 @@ def contents_record(entries: dict[str, Any] | list[str], stamp: str | None) -> d
 
 def _record_contents(staging: epath.Path, kind: OutputKind) -> None:
     """Writes what the staged folder holds, every file with its size and modification
-    time, into the folder (see :func:`._contents._added_entries`), with ``kind``'s stamp."""
+    time, into the folder (see :func:`._contents.added_entries`), with ``kind``'s stamp."""
     entries: Any = contents(staging) if is_local(staging) else None
     if entries is None:  # no lstat on remote file systems: the top-level names
         entries = sorted([p.name for p in staging.iterdir()] + [_CONTENTS_FILE])
@@ -147,7 +147,7 @@ def _keep_if_added(old: epath.Path, staging: epath.Path, directory: epath.Path) 
     between the last check and the swap: it is never deleted with the folder."""
     if not is_local(directory) or _processes.count() > 1:  # one process publishes there
         return
-    added = _added_entries(old)
+    added = added_entries(old)
     if added == []:
         return
     if old == staging:  # exchanged: exchange again

@@ -251,7 +251,7 @@ def check_target(
         )
     if kind.refuse is not None:
         kind.refuse(directory)
-    from umtam_jax.checkpoint._contents import _added_entries, recorded_stamp
+    from umtam_jax.checkpoint._contents import added_entries, recorded_stamp
 
     if kind.stamp is not None and (stamp := recorded_stamp(directory)) != kind.stamp:
         by = (
@@ -269,7 +269,7 @@ def check_target(
         raise FileExistsError(
             f"checkpoint directory {directory} already exists; pass overwrite=True to replace it"
         )
-    added = _added_entries(directory)
+    added = added_entries(directory)
     if added is None:
         raise ValueError(
             f"refusing to replace {directory}: it has no readable record of the entries "
